@@ -1,0 +1,187 @@
+"""Weights bundles: one self-describing folder per model version.
+
+A bundle folder holds ``model.pt`` (a plain state dict, loaded with ``weights_only=True``) and
+``manifest.json``: the findings in output order, the model configuration, the preprocessing,
+the patient-data encoding, per-finding thresholds, what the weights were trained on, their
+measured metrics, and the sha256 of ``model.pt``. Loading verifies the sha256 and refuses a
+bundle whose weights do not match their manifest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .findings import FINDINGS
+from .model import ARCHITECTURE, CxrFusionNet, ModelConfig
+from .patient import PatientEncoding
+from .preprocess import Preprocessing
+
+FORMAT_VERSION = 1
+WEIGHTS_FILE = "model.pt"
+MANIFEST_FILE = "manifest.json"
+DEFAULT_BUNDLE = Path(__file__).resolve().parent.parent / "weights" / "cxr-fpn-v1"
+
+
+class BundleError(Exception):
+    """A weights bundle that is missing, malformed or altered."""
+
+
+@dataclass
+class Bundle:
+    model: CxrFusionNet
+    name: str
+    version: str
+    preprocessing: Preprocessing
+    encoding: PatientEncoding
+    thresholds: dict[str, float]
+    sha256: str
+    manifest: dict = field(repr=False, default_factory=dict)
+    path: Path | None = None
+
+    @property
+    def label(self) -> str:
+        """Short model identification for result rows: ``name@version``."""
+        return f"{self.name}@{self.version}"
+
+    def threshold_vector(self) -> list[float]:
+        return [self.thresholds[f] for f in FINDINGS]
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def atomic_write_bytes(path: Path, data: bytes, mode: int = 0o644) -> None:
+    """Write ``data`` to ``path`` via a temp file in the same folder and a rename."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_bundle(
+    folder: Path,
+    model: CxrFusionNet,
+    *,
+    name: str,
+    version: str,
+    preprocessing: Preprocessing,
+    encoding: PatientEncoding,
+    thresholds: dict[str, float],
+    training: dict | None = None,
+    metrics: dict | None = None,
+    half: bool = False,
+) -> Path:
+    """Write a bundle folder. ``half`` stores floating-point weights as float16 (half the size;
+    loading casts back to float32). Returns the folder."""
+    missing = [f for f in FINDINGS if f not in thresholds]
+    if missing:
+        raise BundleError(f"thresholds missing for {missing}")
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {
+        k: (v.detach().cpu().half() if half and v.is_floating_point() else v.detach().cpu())
+        for k, v in model.state_dict().items()
+    }
+    weights_path = folder / WEIGHTS_FILE
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".model.", suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(state, tmp)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, weights_path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "name": name,
+        "version": version,
+        "architecture": ARCHITECTURE,
+        "model_config": model.config.to_dict(),
+        "findings": list(FINDINGS),
+        "output": "logits [B, 14] in the order of 'findings'; probability = sigmoid(logit)",
+        "preprocessing": preprocessing.to_dict(),
+        "patient_encoding": encoding.to_dict(),
+        "thresholds": {f: float(thresholds[f]) for f in FINDINGS},
+        "training": training or {},
+        "metrics": metrics or {},
+        "weights_file": WEIGHTS_FILE,
+        "weights_dtype": "float16" if half else "float32",
+        "sha256": sha256_file(weights_path),
+    }
+    atomic_write_bytes(folder / MANIFEST_FILE, (json.dumps(manifest, indent=2) + "\n").encode())
+    return folder
+
+
+def read_manifest(folder: Path) -> dict:
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise BundleError(f"weights bundle {folder} is not a folder")
+    try:
+        manifest = json.loads((folder / MANIFEST_FILE).read_text())
+    except FileNotFoundError:
+        raise BundleError(f"weights bundle {folder} has no {MANIFEST_FILE}") from None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise BundleError(f"{folder / MANIFEST_FILE} is not valid JSON: {e}") from None
+    for key in ("findings", "model_config", "preprocessing", "patient_encoding", "thresholds", "sha256"):
+        if key not in manifest:
+            raise BundleError(f"{folder / MANIFEST_FILE} lacks '{key}'")
+    if manifest.get("architecture", ARCHITECTURE) != ARCHITECTURE:
+        raise BundleError(f"bundle architecture {manifest['architecture']!r} is not {ARCHITECTURE!r}")
+    if list(manifest["findings"]) != list(FINDINGS):
+        raise BundleError(f"bundle findings {manifest['findings']} differ from this version's {list(FINDINGS)}")
+    return manifest
+
+
+def load_bundle(folder: Path | str | None = None) -> Bundle:
+    """Load and verify a bundle (default: the bundled weights). Raises BundleError."""
+    folder = Path(folder) if folder is not None else DEFAULT_BUNDLE
+    manifest = read_manifest(folder)
+    weights_path = folder / manifest.get("weights_file", WEIGHTS_FILE)
+    if not weights_path.is_file():
+        raise BundleError(f"weights file {weights_path} is missing")
+    actual = sha256_file(weights_path)
+    if actual != manifest["sha256"]:
+        raise BundleError(
+            f"weights file {weights_path} fails its checksum: manifest sha256 {manifest['sha256']}, "
+            f"file sha256 {actual}. The weights were altered or corrupted; refusing to use them."
+        )
+    try:
+        state = torch.load(weights_path, map_location="cpu", weights_only=True)
+        model = CxrFusionNet(ModelConfig.from_dict(manifest["model_config"]))
+        model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
+    except Exception as e:  # a bad pickle or a shape mismatch: the bundle is unusable
+        raise BundleError(f"weights file {weights_path} cannot be loaded into the model: {e}") from None
+    model.eval()
+    thresholds = {f: float(manifest["thresholds"][f]) for f in FINDINGS}
+    return Bundle(
+        model=model,
+        name=manifest.get("name", folder.name),
+        version=str(manifest.get("version", "")),
+        preprocessing=Preprocessing.from_dict(manifest["preprocessing"]),
+        encoding=PatientEncoding.from_dict(manifest["patient_encoding"]),
+        thresholds=thresholds,
+        sha256=actual,
+        manifest=manifest,
+        path=folder,
+    )

@@ -1,0 +1,103 @@
+"""The ``cxr-batch`` command line: a thin layer over scan, merge, watch and train.
+
+Exit codes: 0 every file scored or deliberately skipped; 3 some files failed but the rest
+were written; 2 usage error; 1 nothing could be done (bad weights, metadata or device).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import click
+
+from .findings import DEFAULT_URGENT, check_findings
+from .scan import EXIT_FATAL, EXIT_USAGE
+
+log = logging.getLogger("cxr_batch")
+
+
+def setup_logging(quiet: bool, debug: bool) -> None:
+    level = logging.DEBUG if debug else (logging.WARNING if quiet else logging.INFO)
+    logging.basicConfig(level=level, format="cxr-batch: %(message)s", stream=sys.stderr, force=True)
+
+
+def fail(message: str, debug: bool, code: int = EXIT_FATAL):
+    if debug:
+        raise
+    click.echo(f"cxr-batch: error: {message}", err=True)
+    sys.exit(code)
+
+
+def parse_shard(_ctx, _param, value):
+    if value is None:
+        return None
+    try:
+        i, n = (int(x) for x in value.split("/"))
+        if n < 1 or not 0 <= i < n:
+            raise ValueError
+    except ValueError:
+        raise click.BadParameter(f"{value!r}: expected i/N with 0 <= i < N, e.g. 0/4") from None
+    return i, n
+
+
+def parse_urgent(_ctx, _param, value):
+    names = [v.strip() for v in value.split(",") if v.strip()]
+    try:
+        return tuple(check_findings(names))
+    except ValueError as e:
+        raise click.BadParameter(str(e)) from None
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="cxr-batch")
+def main():
+    """Chest X-ray triage: score frontal radiographs for the 14 NIH ChestX-ray14 findings."""
+
+
+@main.command()
+@click.argument("studies", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--out", "-o", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Results folder (results.csv, run.json, reports/).")
+@click.option("--weights", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="Weights bundle folder (default: the bundled weights).")
+@click.option("--metadata", "metadata_csv", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="NIH Data_Entry-style CSV with patient data for PNG/JPEG files.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--precision", default="auto", show_default=True,
+              type=click.Choice(["auto", "fp32", "bf16", "fp16"]), help="Inference precision.")
+@click.option("--batch-size", default=16, show_default=True, type=click.IntRange(1, 4096))
+@click.option("--workers", default=None, type=click.IntRange(0, 64),
+              help="DataLoader worker processes (default: chosen for this machine).")
+@click.option("--urgent", default=",".join(DEFAULT_URGENT), show_default=True, callback=parse_urgent,
+              help="Comma-separated findings that make a study urgent.")
+@click.option("--shard", default=None, callback=parse_shard,
+              help="Process only shard i of N (i/N): a deterministic 1/N of the files.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar, warnings only.")
+@click.option("--debug", is_flag=True, help="Show tracebacks.")
+def scan(studies, out, weights, metadata_csv, device, precision, batch_size, workers, urgent, shard, quiet, debug):
+    """Score every frontal chest radiograph under STUDIES into OUT/results.csv."""
+    from .bundle import BundleError
+    from .inference import ScanOptions
+    from .metadata import MetadataError
+    from .runtime import DeviceError
+    from .scan import run_scan
+
+    setup_logging(quiet, debug)
+    options = ScanOptions(batch_size=batch_size, workers=workers, urgent=urgent, progress=not quiet)
+    try:
+        summary = run_scan(studies, out, weights=weights, metadata_csv=metadata_csv, device=device,
+                           precision=precision, options=options, shard=shard)
+    except DeviceError as e:
+        fail(str(e), debug, EXIT_USAGE)
+    except (BundleError, MetadataError) as e:
+        fail(str(e), debug)
+    except OSError as e:
+        fail(f"{e.filename or ''}: {e.strerror or e}", debug)
+    click.echo(summary.line(), err=True)
+    sys.exit(summary.exit_code)
+
+
+if __name__ == "__main__":
+    main()

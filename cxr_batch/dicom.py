@@ -1,0 +1,263 @@
+"""DICOM reading: what is scored, patient data from the header, pixels to the model's grey scale.
+
+Pixel decoding is pydicom's, with the pylibjpeg plugins (JPEG baseline/extended/lossless,
+JPEG 2000, RLE) and pyjpegls (JPEG-LS) installed as dependencies. Grey scale follows the
+DICOM display pipeline a viewer uses: Modality LUT (or RescaleSlope/Intercept), then the VOI LUT
+or the first WindowCenter/WindowWidth pair, then MONOCHROME1 inversion, giving 8-bit
+MONOCHROME2 like the NIH PNGs the model learned from. Without a VOI transform, 8-bit data are
+taken as they are and deeper data are mapped from their robust range.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pydicom
+from pydicom.errors import InvalidDicomError
+from pydicom.uid import UID
+
+from .greyscale import robust_range, window_to_uint8
+from .patient import PatientData, patient_from_values
+from .readers import ReadError, ScoringRules, SkipStudy, StudyImage, check_view
+
+# SOP classes that hold no radiograph (checked before anything else is read).
+_NON_IMAGE_PREFIXES = {
+    "1.2.840.10008.5.1.4.1.1.88.": "structured report",
+    "1.2.840.10008.5.1.4.1.1.11.": "presentation state",
+    "1.2.840.10008.5.1.4.1.1.104.": "encapsulated document",
+    "1.2.840.10008.5.1.4.1.1.9.": "waveform",
+    "1.2.840.10008.5.1.4.1.1.66": "registration/segmentation object",
+    "1.2.840.10008.5.1.4.1.1.481.": "radiotherapy object",
+}
+_KEY_OBJECT_SELECTION = "1.2.840.10008.5.1.4.1.1.88.59"
+
+# Keywords searched, in order, for the view when ViewPosition is empty.
+_VIEW_TEXT_TAGS = ("SeriesDescription", "ProtocolName", "AcquisitionDeviceProcessingDescription",
+                   "PerformedProcedureStepDescription", "ImageComments")
+_DATE_TAGS = ("StudyDate", "AcquisitionDate", "ContentDate", "SeriesDate")
+
+
+def looks_like_dicom(path: Path) -> bool:
+    """True for a DICOM file without the 128-byte preamble: it starts with a group 0002 or
+    0008 element (little endian) and pydicom finds an image or SOP class in it."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+        if len(head) < 8 or head[1] != 0 or head[0] not in (0x02, 0x08) or head[3] != 0:
+            return False
+        ds = pydicom.dcmread(path, force=True, stop_before_pixels=True, specific_tags=["SOPClassUID", "Modality"])
+        return "SOPClassUID" in ds or "Modality" in ds
+    except Exception:
+        return False
+
+
+def _text(ds, keyword: str) -> str:
+    try:
+        value = ds.get(keyword)
+    except Exception:  # a malformed element: treat as absent
+        return ""
+    if value is None:
+        return ""
+    if isinstance(value, pydicom.multival.MultiValue):
+        value = "\\".join(str(v) for v in value)
+    return str(value).strip().replace("\x00", "")
+
+
+def _date(text: str) -> dt.date | None:
+    try:
+        return dt.datetime.strptime(text[:8], "%Y%m%d").date() if len(text) >= 8 else None
+    except ValueError:
+        return None
+
+
+def patient_from_header(ds) -> PatientData:
+    """Age, sex and view from the header, each with its source and a note when unusable."""
+    view_raw, view_tag = _text(ds, "ViewPosition"), "ViewPosition"
+    if not view_raw:
+        try:
+            seq = ds.get("ViewCodeSequence")
+            if seq:
+                view_raw, view_tag = str(seq[0].get("CodeMeaning", "")).strip(), "ViewCodeSequence"
+        except Exception:
+            pass
+    data = patient_from_values(_text(ds, "PatientAge") or None, _text(ds, "PatientSex") or None,
+                               view_raw or None, "header")
+    if data.view is not None:
+        data.view_source = f"header:{view_tag}"
+    else:
+        for tag in _VIEW_TEXT_TAGS:
+            text = _text(ds, tag)
+            if not text:
+                continue
+            found = patient_from_values(None, None, text, f"header:{tag}")
+            if found.view is not None:
+                data.view, data.view_source = found.view, found.view_source
+                break
+    if data.age is not None:
+        data.age_source = "header:PatientAge"
+    else:
+        birth = _date(_text(ds, "PatientBirthDate"))
+        on = next((d for d in (_date(_text(ds, t)) for t in _DATE_TAGS) if d), None)
+        if birth and on:
+            years = (on - birth).days / 365.25
+            from_dates = patient_from_values(round(years, 2), None, None, "header:PatientBirthDate")
+            if from_dates.age is not None:
+                data.age, data.age_source = from_dates.age, from_dates.age_source
+            else:
+                data.notes.append(f"age from birth date {birth} to {on} is implausible: treated as unknown")
+    if data.sex is not None:
+        data.sex_source = "header:PatientSex"
+    return data
+
+
+def identifiers(ds) -> dict:
+    return {
+        "patient_id": _text(ds, "PatientID"),
+        "patient_name": _text(ds, "PatientName").replace("^", " ").strip(),
+        "study_uid": _text(ds, "StudyInstanceUID"),
+        "series_uid": _text(ds, "SeriesInstanceUID"),
+        "sop_uid": _text(ds, "SOPInstanceUID"),
+        "accession_number": _text(ds, "AccessionNumber"),
+        "study_date": _text(ds, "StudyDate"),
+        "institution": _text(ds, "InstitutionName"),
+    }
+
+
+def check_scored(ds, rules: ScoringRules) -> None:
+    """Raise SkipStudy for objects the model is not meant for."""
+    sop_class = _text(ds, "SOPClassUID")
+    for prefix, what in _NON_IMAGE_PREFIXES.items():
+        if sop_class.startswith(prefix) or sop_class == _KEY_OBJECT_SELECTION:
+            raise SkipStudy(f"not an image: {what} ({UID(sop_class).name})")
+    if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
+        name = UID(sop_class).name if sop_class else "no SOP class"
+        raise SkipStudy(f"not an image: no pixel data ({name})")
+    modality = _text(ds, "Modality").upper()
+    if modality and modality not in rules.modalities:
+        raise SkipStudy(f"modality {modality} is not a projection radiograph (scored: {', '.join(rules.modalities)})")
+    frames = ds.get("NumberOfFrames", 1)
+    try:
+        frames = int(frames or 1)
+    except (TypeError, ValueError):
+        frames = 1
+    if frames > 1:
+        raise SkipStudy(f"multi-frame object ({frames} frames); only single radiographs are scored")
+    body = _text(ds, "BodyPartExamined").upper()
+    if body and body not in rules.body_parts:
+        raise SkipStudy(f"body part {body} is not the chest")
+    if not body and not rules.allow_missing_body_part:
+        raise SkipStudy("body part not stated (scoring without BodyPartExamined is turned off)")
+
+
+def _check_size(ds, rules: ScoringRules) -> None:
+    try:
+        rows, cols = int(ds.Rows), int(ds.Columns)
+        samples = int(ds.get("SamplesPerPixel", 1) or 1)
+    except (AttributeError, TypeError, ValueError):
+        raise ReadError("header lacks a valid Rows/Columns: not a readable image") from None
+    if rows <= 0 or cols <= 0:
+        raise ReadError(f"header claims an empty image ({rows} x {cols})")
+    if rows * cols * samples > rules.max_pixels:
+        raise ReadError(f"header claims a {cols} x {rows} image, over the limit of {rules.max_pixels:,} pixels")
+
+
+def _decode(ds) -> np.ndarray:
+    ts = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return ds.pixel_array
+    except (NotImplementedError, RuntimeError) as e:
+        msg = str(e)
+        if ts is not None and ("decod" in msg.lower() or "not supported" in msg.lower() or "plugin" in msg.lower()):
+            raise ReadError(f"cannot decode transfer syntax {UID(ts).name} ({ts}): no decoder for it") from None
+        raise ReadError(f"pixel data cannot be decoded: {msg.splitlines()[0][:200]}") from None
+    except Exception as e:  # short pixel data, corrupt codestreams, bad attributes
+        raise ReadError(f"pixel data cannot be decoded: {str(e).splitlines()[0][:200] if str(e) else type(e).__name__}") from None
+
+
+def to_display_grey(ds, arr: np.ndarray) -> np.ndarray:
+    """Stored pixel values -> uint8 MONOCHROME2 the way a viewer displays them."""
+    from pydicom.pixels import apply_modality_lut, apply_voi
+
+    photometric = _text(ds, "PhotometricInterpretation").upper() or "MONOCHROME2"
+    if arr.ndim == 3:
+        if photometric.startswith("MONOCHROME"):
+            raise ReadError(f"unexpected pixel array shape {arr.shape} for {photometric}")
+        spread = np.abs(arr.astype(np.int32) - arr.astype(np.int32).mean(axis=2, keepdims=True)).max()
+        if spread > 8:
+            raise ReadError(f"colour image ({photometric}); a radiograph is grey")
+        arr, photometric = arr[..., 0], "MONOCHROME2"
+    elif not photometric.startswith("MONOCHROME"):
+        raise ReadError(f"unsupported photometric interpretation {photometric}")
+    values = apply_modality_lut(arr, ds)
+    if "VOILUTSequence" in ds and len(ds.VOILUTSequence):
+        item = ds.VOILUTSequence[0]
+        out = apply_voi(values, ds, index=0)
+        bits = int(item.LUTDescriptor[2]) if "LUTDescriptor" in item else 16
+        grey = window_to_uint8(out, 0, max(1, 2**bits - 1))
+    elif "WindowCenter" in ds and "WindowWidth" in ds:
+        grey = _window(ds, values)
+    else:
+        bits = int(ds.get("BitsStored", 8) or 8)
+        slope = float(ds.get("RescaleSlope", 1) or 1)
+        intercept = float(ds.get("RescaleIntercept", 0) or 0)
+        if bits <= 8 and int(ds.get("PixelRepresentation", 0) or 0) == 0:
+            # 8-bit data are display values already (as the NIH PNGs): map the full range.
+            grey = window_to_uint8(values, intercept, intercept + slope * 255) if slope > 0 else \
+                window_to_uint8(values, intercept + slope * 255, intercept)
+        else:
+            grey = window_to_uint8(values, *robust_range(values))
+    if photometric == "MONOCHROME1":
+        grey = 255 - grey
+    return grey
+
+
+def _window(ds, values: np.ndarray) -> np.ndarray:
+    def first(v):
+        return float(v[0] if isinstance(v, pydicom.multival.MultiValue) else v)
+
+    try:
+        center, width = first(ds.WindowCenter), first(ds.WindowWidth)
+    except (TypeError, ValueError, IndexError):
+        return window_to_uint8(values, *robust_range(values))
+    if width < 1:
+        return window_to_uint8(values, *robust_range(values))
+    function = _text(ds, "VOILUTFunction").upper() or "LINEAR"
+    if function == "SIGMOID":
+        y = 255.0 / (1.0 + np.exp(-4.0 * (values.astype(np.float32) - center) / width))
+        return np.clip(y + 0.5, 0, 255).astype(np.uint8)
+    if function == "LINEAR_EXACT":
+        return window_to_uint8(values, center - width / 2, center + width / 2)
+    # PS3.3 C.11.2.1.2.1: the linear window spans center - 0.5 +- (width - 1) / 2.
+    return window_to_uint8(values, center - 0.5 - (width - 1) / 2, center - 0.5 + (width - 1) / 2)
+
+
+def read_dicom(path: Path, rules: ScoringRules) -> StudyImage:
+    """Read a DICOM file: scoring rules, header data, then pixels. Raises ReadError/SkipStudy."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ds = pydicom.dcmread(path, force=True, defer_size=1 << 16)
+    except (InvalidDicomError, EOFError) as e:
+        raise ReadError(f"not a readable DICOM file: {e}") from None
+    except Exception as e:
+        raise ReadError(f"DICOM header cannot be parsed: {str(e).splitlines()[0][:200] if str(e) else type(e).__name__}") from None
+    if len(ds) == 0:
+        raise ReadError("DICOM file holds no data elements (preamble only, or truncated)")
+    ids = identifiers(ds)
+    patient = patient_from_header(ds)
+    try:
+        check_scored(ds, rules)
+        check_view(patient, rules)
+        _check_size(ds, rules)
+        grey = to_display_grey(ds, _decode(ds))
+    except (ReadError, SkipStudy) as e:
+        e.ids, e.patient = ids, patient  # so the row still says which study it was
+        raise
+    if grey.ndim != 2:
+        raise ReadError(f"unexpected decoded shape {grey.shape}")
+    return StudyImage(grey=grey, kind="dicom", patient=patient, ids=ids)

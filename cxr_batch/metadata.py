@@ -1,0 +1,96 @@
+"""Patient data and identifiers for PNG/JPEG studies: JSON sidecars and NIH-style CSV tables.
+
+A sidecar is ``<image stem>.json`` next to the image, e.g.
+``{"PatientID": "17", "PatientAge": "057Y", "PatientSex": "F", "ViewPosition": "PA"}``
+(DICOM keywords; ``age``/``sex``/``view``/``patient_id`` are accepted too). A metadata CSV has
+the NIH Data_Entry_2017 columns Image Index, Patient ID, Patient Age, Patient Gender and View
+Position, matched to images by file name.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from .patient import PatientData, patient_from_values
+
+NIH_COLUMNS = {"Image Index": "file", "Patient ID": "patient_id", "Patient Age": "age",
+               "Patient Gender": "sex", "View Position": "view"}
+_SIDECAR_KEYS = {
+    "age": ("PatientAge", "age", "Patient Age"),
+    "sex": ("PatientSex", "sex", "Patient Gender", "gender"),
+    "view": ("ViewPosition", "view", "View Position"),
+    "patient_id": ("PatientID", "patient_id", "Patient ID"),
+    "patient_name": ("PatientName", "patient_name"),
+    "study_date": ("StudyDate", "study_date"),
+    "accession_number": ("AccessionNumber", "accession_number"),
+    "study_uid": ("StudyInstanceUID", "study_uid"),
+}
+
+
+class MetadataError(Exception):
+    """A metadata table that cannot be used (missing file or columns)."""
+
+
+@dataclass(frozen=True)
+class MetadataRow:
+    patient_id: str
+    age: object
+    sex: object
+    view: object
+
+
+def load_metadata_csv(path: Path, only: set[str] | None = None) -> dict[str, MetadataRow]:
+    """Read an NIH-style table into {image file name: row}. ``only`` keeps just those names
+    (a scan needs the rows of its own files, not all 112,120 of the NIH table)."""
+    path = Path(path)
+    try:
+        table = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except FileNotFoundError:
+        raise MetadataError(f"metadata file {path} does not exist") from None
+    except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as e:
+        raise MetadataError(f"metadata file {path} is not a readable CSV: {e}") from None
+    table.columns = [c.strip() for c in table.columns]
+    missing = [c for c in NIH_COLUMNS if c not in table.columns]
+    if missing:
+        raise MetadataError(f"metadata file {path} lacks column(s) {missing}; expected the NIH Data_Entry columns")
+    table = table[list(NIH_COLUMNS)].rename(columns=NIH_COLUMNS)
+    table["file"] = table["file"].str.strip()
+    if only is not None:
+        table = table[table["file"].isin(only)]
+    rows = {}
+    for rec in table.itertuples(index=False):
+        rows[rec.file] = MetadataRow(rec.patient_id.strip(), rec.age.strip() or None, rec.sex.strip() or None,
+                                     rec.view.strip() or None)
+    return rows
+
+
+def patient_from_metadata(row: MetadataRow) -> PatientData:
+    return patient_from_values(row.age, row.sex, row.view, "metadata")
+
+
+def read_sidecar(image_path: Path) -> tuple[PatientData, dict] | None:
+    """Patient data and identifiers from ``<stem>.json`` beside the image, or None if absent.
+    A sidecar that is not valid JSON yields a note, not a failure."""
+    path = Path(image_path).with_suffix(".json")
+    if not path.is_file():
+        return None
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(raw, dict):
+            raise ValueError("not a JSON object")
+    except (OSError, ValueError) as e:
+        data = PatientData()
+        data.notes.append(f"sidecar {path.name} unreadable ({e}): ignored")
+        return data, {}
+
+    def pick(name):
+        return next((raw[k] for k in _SIDECAR_KEYS[name] if raw.get(k) not in (None, "")), None)
+
+    data = patient_from_values(pick("age"), pick("sex"), pick("view"), "sidecar")
+    ids = {k: str(pick(k)) for k in ("patient_id", "patient_name", "study_date", "accession_number", "study_uid")
+           if pick(k) is not None}
+    return data, ids

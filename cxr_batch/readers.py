@@ -1,0 +1,142 @@
+"""Reading one study file into a grey image plus what its header says.
+
+The seam: :func:`read_study` recognises a file by its content (PNG and JPEG signatures, the
+DICOM preamble or a DICOM parse), never by its name, and dispatches to the reader for that
+kind. Every reader returns a :class:`StudyImage` or raises :class:`SkipStudy` (deliberately
+not scored, e.g. a lateral view) or :class:`ReadError` (could not be read), each with a reason
+a person understands.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from .greyscale import to_uint8
+from .patient import PatientData
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+JPEG_SIGNATURE = b"\xff\xd8\xff"
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".dcm", ".dicom", ".dic"}
+
+
+class ReadError(Exception):
+    """The file could not be read as a study; the message is the row's reason."""
+
+
+class SkipStudy(Exception):
+    """The file was read but is deliberately not scored; the message is the row's reason."""
+
+
+@dataclass(frozen=True)
+class ScoringRules:
+    """Which files are scored. Everything else gets a `skipped` row with the reason."""
+
+    modalities: tuple[str, ...] = ("CR", "DX", "DR", "RG", "OT")  # OT: secondary capture of a radiograph
+    body_parts: tuple[str, ...] = ("CHEST", "THORAX", "LUNG", "TORAX", "THORAX_CHEST")
+    allow_missing_body_part: bool = True
+    views: tuple[str, ...] = ("PA", "AP")
+    allow_unknown_view: bool = True
+    max_pixels: int = 40_000_000  # about 6300 x 6300: larger is refused before decoding
+    max_file_bytes: int = 1 << 30
+
+
+@dataclass
+class StudyImage:
+    """A decoded radiograph: uint8 grey [H, W] (MONOCHROME2, windowed) and its header data."""
+
+    grey: np.ndarray
+    kind: str
+    patient: PatientData = field(default_factory=PatientData)
+    ids: dict = field(default_factory=dict)
+
+
+ID_FIELDS = ("patient_id", "patient_name", "study_uid", "series_uid", "sop_uid", "accession_number",
+             "study_date", "institution")
+
+
+def sniff(head: bytes) -> str | None:
+    """Name the kind of a file from its first 132 bytes: 'png', 'jpeg', 'dicom' or None."""
+    if head.startswith(PNG_SIGNATURE):
+        return "png"
+    if head.startswith(JPEG_SIGNATURE):
+        return "jpeg"
+    if len(head) >= 132 and head[128:132] == b"DICM":
+        return "dicom"
+    return None
+
+
+def check_view(patient: PatientData, rules: ScoringRules) -> None:
+    """Skip views the model is not meant for (laterals), and unknown views if configured."""
+    if patient.view is None:
+        if not rules.allow_unknown_view:
+            raise SkipStudy("view position unknown (scoring of unknown views is turned off)")
+        return
+    if patient.view not in rules.views:
+        raise SkipStudy(f"{patient.view.lower()} view ({patient.view_source}); only {'/'.join(rules.views)} are scored")
+
+
+def read_pil(path: Path, rules: ScoringRules) -> np.ndarray:
+    """Decode a PNG/JPEG to a uint8 grey array, refusing oversized and colour images."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                w, h = im.size
+                if w * h > rules.max_pixels:
+                    raise ReadError(f"image is {w} x {h} pixels, over the limit of {rules.max_pixels:,}")
+                im.load()
+                return pil_to_grey(im)
+    except ReadError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ReadError(f"refused as a decompression bomb: {e}") from None
+    except (OSError, SyntaxError, ValueError) as e:  # PIL's errors for truncated/corrupt files
+        raise ReadError(f"corrupt or truncated image: {e}") from None
+
+
+def pil_to_grey(im: Image.Image) -> np.ndarray:
+    if im.mode == "L":
+        return np.asarray(im, dtype=np.uint8)
+    if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+        return to_uint8(np.asarray(im).astype(np.int32))
+    if im.mode == "LA":
+        return np.asarray(im.getchannel("L"), dtype=np.uint8)
+    if im.mode in ("RGB", "RGBA", "P", "CMYK", "YCbCr"):
+        rgb = np.asarray(im.convert("RGB"), dtype=np.int16)
+        spread = np.abs(rgb - rgb.mean(axis=2, keepdims=True)).max()
+        if spread > 8:  # grey content saved as RGB is fine; real colour is not a radiograph
+            raise ReadError(f"colour image ({im.mode}); a radiograph is grey")
+        return rgb[..., 0].astype(np.uint8)
+    if im.mode == "1":
+        raise ReadError("1-bit image; a radiograph needs grey levels")
+    return to_uint8(np.asarray(im.convert("F")))
+
+
+def read_study(path: Path, rules: ScoringRules = ScoringRules()) -> StudyImage:
+    """Read one file. Raises ReadError or SkipStudy with the reason for its row."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        if size == 0:
+            raise ReadError("empty file (0 bytes)")
+        if size > rules.max_file_bytes:
+            raise ReadError(f"file is {size:,} bytes, over the limit of {rules.max_file_bytes:,}")
+        with open(path, "rb") as f:
+            head = f.read(132)
+    except OSError as e:
+        raise ReadError(f"cannot read file: {e.strerror or e}") from None
+    kind = sniff(head)
+    if kind in ("png", "jpeg"):
+        return StudyImage(grey=read_pil(path, rules), kind=kind)
+    from . import dicom  # pydicom is only imported when a DICOM file is met
+
+    if kind == "dicom" or dicom.looks_like_dicom(path):
+        return dicom.read_dicom(path, rules)
+    if path.suffix.lower() in IMAGE_SUFFIXES:
+        raise ReadError(f"not a valid {path.suffix.lstrip('.').upper()} or DICOM file (content not recognised)")
+    raise SkipStudy("not an image or DICOM file")

@@ -1,0 +1,93 @@
+"""results.csv: its schema, row building, and an atomic streaming writer.
+
+Rows are written to a temporary file beside results.csv as they are produced (memory stays
+flat on any number of studies) and renamed over results.csv only when the run completes, so
+a reader never sees a half-written file.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import tempfile
+from pathlib import Path
+
+from .findings import FINDINGS
+
+ID_COLUMNS = ("patient_id", "study_uid", "series_uid", "sop_uid", "accession_number", "study_date")
+PATIENT_COLUMNS = ("age", "age_source", "sex", "sex_source", "view", "view_source")
+COLUMNS: tuple[str, ...] = (
+    ("file", "status", "reason")
+    + ID_COLUMNS
+    + PATIENT_COLUMNS
+    + ("notes",)
+    + tuple(f"p_{f}" for f in FINDINGS)
+    + tuple(f"flag_{f}" for f in FINDINGS)
+    + ("findings", "priority", "triage_score", "model", "weights_sha256")
+)
+STATUSES = ("ok", "skipped", "error")
+FILE_MODE = 0o640  # results hold patient identifiers: owner read/write, group read, others nothing
+
+
+def format_row(row: dict) -> dict:
+    """Stringify a row for the CSV: probabilities to 6 decimals, None to empty."""
+    out = {}
+    for col in COLUMNS:
+        value = row.get(col)
+        if value is None:
+            out[col] = ""
+        elif isinstance(value, float):
+            out[col] = f"{value:.6f}" if col.startswith("p_") or col == "triage_score" else f"{value:g}"
+        else:
+            out[col] = str(value)
+    return out
+
+
+class AtomicCsvWriter:
+    """Write rows to ``<path>.tmp`` and move it over ``path`` on :meth:`commit`.
+
+    Used as a context manager: leaving the block by an exception removes the temp file and
+    leaves any earlier ``path`` untouched.
+    """
+
+    def __init__(self, path: Path, columns=COLUMNS, mode: int = FILE_MODE):
+        self.path = Path(path)
+        self.mode = mode
+        fd, self.tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
+        self._file = os.fdopen(fd, "w", newline="", encoding="utf-8")
+        self._writer = csv.DictWriter(self._file, fieldnames=list(columns), extrasaction="ignore")
+        self._writer.writeheader()
+        self.count = 0
+
+    def write(self, row: dict) -> None:
+        self._writer.writerow(format_row(row))
+        self.count += 1
+
+    def commit(self) -> Path:
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        os.chmod(self.tmp, self.mode)
+        os.replace(self.tmp, self.path)
+        return self.path
+
+    def abort(self) -> None:
+        if not self._file.closed:
+            self._file.close()
+        Path(self.tmp).unlink(missing_ok=True)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is not None:
+            self.abort()
+        elif not self._file.closed:
+            self.commit()
+        return False
+
+
+def read_results(path: Path) -> list[dict]:
+    """Read a results.csv back as a list of dicts of strings (for merge, reports and tests)."""
+    with open(path, newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
