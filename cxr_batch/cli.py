@@ -99,5 +99,43 @@ def scan(studies, out, weights, metadata_csv, device, precision, batch_size, wor
     sys.exit(summary.exit_code)
 
 
+@main.command()
+@click.option("--images", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="Folder of NIH ChestX-ray14 PNGs.")
+@click.option("--metadata", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Data_Entry_2017.csv (or .csv.gz).")
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Run folder.")
+@click.option("--split-lists", nargs=2, type=click.Path(exists=True, dir_okay=False),
+              help="Official train_val_list.txt and test_list.txt.")
+@click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="TOML file of training options (see training/config.py).")
+@click.option("--epochs", type=click.IntRange(1))
+@click.option("--image-size", type=click.IntRange(32))
+@click.option("--batch-size", type=click.IntRange(1))
+@click.option("--limit", type=click.IntRange(1), help="Use only the first N images of the metadata.")
+@click.option("--device", default=None, help="auto, cpu, cuda or cuda:N.")
+@click.option("--resume", is_flag=True, help="Continue an interrupted run in --out.")
+@click.option("--imagenet", default=None, help="Initialise the backbone from ImageNet: 'torchvision' or a file.")
+@click.option("--debug", is_flag=True)
+def train(images, metadata, out, split_lists, config_file, epochs, image_size, batch_size, limit, device, resume,
+          imagenet, debug):
+    """Train a model from NIH ChestX-ray14 and export a weights bundle to OUT/bundle."""
+    from training.config import TrainConfig
+    from training.train import main as train_main
+
+    setup_logging(False, debug)
+    logging.getLogger("cxr_batch.train").setLevel(logging.INFO)
+    overrides = dict(images=str(images), metadata=str(metadata), out=str(out),
+                     split_lists=tuple(split_lists) if split_lists else None, epochs=epochs, image_size=image_size,
+                     batch_size=batch_size, limit=limit, device=device, imagenet=imagenet)
+    try:
+        cfg = (TrainConfig.from_toml(config_file, **overrides) if config_file
+               else TrainConfig.from_dict({k: v for k, v in overrides.items() if v is not None}))
+        run = train_main(cfg, resume=resume)
+    except (ValueError, OSError) as e:
+        fail(str(e), debug)
+    click.echo(f"run written to {run}; bundle: {run / 'bundle'}", err=True)
+
+
 if __name__ == "__main__":
     main()

@@ -185,7 +185,7 @@ def score_batches(candidates: list[Candidate], engine: Engine, options: ScanOpti
     """Read, preprocess and score ``candidates`` in order, one batch at a time."""
     if not candidates:
         return
-    workers = default_workers() if options.workers is None else options.workers
+    workers = default_workers(engine.policy.device) if options.workers is None else options.workers
     dataset = StudyDataset(candidates, engine.bundle, options.rules, metadata)
     loader = DataLoader(
         dataset,

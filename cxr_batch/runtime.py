@@ -86,8 +86,15 @@ def make_policy(device: str = "auto", precision: str = "auto") -> RunPolicy:
     return RunPolicy(dev, pick_precision(dev, precision))
 
 
-def default_workers() -> int:
-    """DataLoader workers: on few cores one worker decodes while the main process computes;
-    with more cores, a quarter of them (decoding a radiograph costs far less than the model)."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+def available_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def default_workers(device: torch.device | None = None) -> int:
+    """DataLoader workers. On CPU the model needs the cores: one worker decodes while the main
+    process computes, more only on big machines (a quarter of the cores). On a GPU the model is
+    fast and decoding is the limit: every core but one decodes."""
+    cores = available_cores()
+    if device is not None and device.type == "cuda":
+        return max(1, min(32, cores - 1))
     return max(1, min(8, cores // 4))

@@ -1,0 +1,199 @@
+"""Stage 1, prepare: metadata -> a table of targets, patient data, split and balancing copies.
+
+Writes ``prepared.csv`` (one row per training example, mirrored and replicated copies
+included) that the trainer only reads. Pure functions below take and return DataFrames or
+arrays so each rule is tested on hand-made cases.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from sklearn.model_selection import GroupShuffleSplit, StratifiedGroupKFold
+
+from cxr_batch.findings import FINDINGS, NO_FINDING
+from cxr_batch.metadata import NIH_COLUMNS
+
+from .config import TrainConfig
+
+
+def read_nih_metadata(path: Path) -> pd.DataFrame:
+    """The NIH Data_Entry table (.csv or .csv.gz) -> columns image, labels, patient_id, age, sex, view."""
+    table = pd.read_csv(path, dtype=str, keep_default_na=False)
+    table.columns = [c.strip() for c in table.columns]
+    need = ["Image Index", "Finding Labels", "Patient ID", "Patient Age", "Patient Gender", "View Position"]
+    missing = [c for c in need if c not in table.columns]
+    if missing:
+        raise ValueError(f"{path}: missing column(s) {missing}")
+    out = table[need].rename(columns={**NIH_COLUMNS, "Image Index": "image", "Finding Labels": "labels"})
+    return out.reset_index(drop=True)
+
+
+def multi_hot(labels: pd.Series) -> np.ndarray:
+    """'A|B' label strings -> [N, 14] uint8 in FINDINGS order; 'No Finding' is all zeros."""
+    index = {f: i for i, f in enumerate(FINDINGS)}
+    y = np.zeros((len(labels), len(FINDINGS)), dtype=np.uint8)
+    for row, text in enumerate(labels):
+        for name in str(text).split("|"):
+            name = name.strip()
+            if name and name != NO_FINDING:
+                if name not in index:
+                    raise ValueError(f"unknown finding {name!r} in labels {text!r}")
+                y[row, index[name]] = 1
+    return y
+
+
+def undersample(df: pd.DataFrame, keep_no_finding: float, keep_only: dict, rng: np.random.Generator) -> pd.DataFrame:
+    """Keep a fraction of 'No Finding' images and of images whose *only* finding is one of
+    ``keep_only`` (images with those findings plus others are all kept)."""
+    keep = np.ones(len(df), dtype=bool)
+    rules = {NO_FINDING: keep_no_finding, **keep_only}
+    labels = df["labels"].str.strip().to_numpy()
+    for name, fraction in rules.items():
+        rows = np.flatnonzero(labels == name)
+        if fraction < 1.0 and len(rows):
+            drop = rng.permutation(rows)[round(len(rows) * fraction):]
+            keep[drop] = False
+    return df[keep].reset_index(drop=True)
+
+
+def split_by_patient(df: pd.DataFrame, test_fraction: float, val_fraction: float, seed: int) -> pd.Series:
+    """'train'/'val'/'test' per row, no patient on two sides, stratified on the label string
+    as far as grouping allows (StratifiedGroupKFold; GroupShuffleSplit when too few rows)."""
+    split = pd.Series("train", index=df.index)
+    groups = df["patient_id"].to_numpy()
+    strata = df["labels"].to_numpy()
+
+    def carve(index: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+        if fraction <= 0 or len(index) < 2:
+            return np.array([], dtype=int)
+        n_splits = max(2, round(1 / fraction))
+        try:
+            sgkf = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
+            with warnings.catch_warnings():  # rare label strings cannot be in every fold: expected
+                warnings.simplefilter("ignore", UserWarning)
+                _, held = next(sgkf.split(index, strata[index], groups[index]))
+        except ValueError:  # fewer groups than folds
+            gss = GroupShuffleSplit(n_splits=1, test_size=fraction, random_state=seed)
+            _, held = next(gss.split(index, groups=groups[index]))
+        return index[held]
+
+    everything = np.arange(len(df))
+    test = carve(everything, test_fraction, seed)
+    rest = np.setdiff1d(everything, test)
+    val = carve(rest, val_fraction / max(1e-9, 1 - test_fraction), seed + 1)
+    split.iloc[test] = "test"
+    split.iloc[val] = "val"
+    return split
+
+
+def split_from_lists(df: pd.DataFrame, train_val: set[str], test: set[str], val_fraction: float, seed: int) -> pd.Series:
+    """Official NIH split: test from test_list.txt; validation carved by patient from train_val."""
+    split = pd.Series("unused", index=df.index)
+    split[df["image"].isin(test)] = "test"
+    tv = np.flatnonzero(df["image"].isin(train_val).to_numpy())
+    split.iloc[tv] = "train"
+    if len(tv):
+        inner = split_by_patient(df.iloc[tv].reset_index(drop=True), 0.0, val_fraction, seed)
+        split.iloc[tv[inner.to_numpy() == "val"]] = "val"
+    return split
+
+
+def assert_patient_disjoint(df: pd.DataFrame) -> None:
+    sides = df[df["split"].isin(["train", "val", "test"])].groupby("patient_id")["split"].nunique()
+    crossing = sides[sides > 1]
+    if len(crossing):
+        raise AssertionError(f"{len(crossing)} patient(s) on more than one side of the split, e.g. {list(crossing.index[:5])}")
+
+
+def finding_counts(y: np.ndarray) -> np.ndarray:
+    return y.sum(axis=0)
+
+
+def balance_train(train: pd.DataFrame, y: np.ndarray, mirror_below: int, replicate_to: int,
+                  keep_no_finding: float, keep_atelectasis: float, rng: np.random.Generator) -> pd.DataFrame:
+    """The study's train-only balancing, in its order:
+
+    1. add a left-right mirrored copy of every image that has a finding with fewer than
+       ``mirror_below`` occurrences;
+    2. replicate images of findings with fewer than ``replicate_to`` occurrences (counted
+       after step 1) until they reach it;
+    3. keep ``keep_no_finding`` of 'No Finding' rows and ``keep_atelectasis`` of rows whose
+       only finding is Atelectasis.
+
+    ``train`` rows align with ``y`` [N, 14]; returns rows with a ``mirror`` column (0/1).
+    """
+    base = train.assign(mirror=0).reset_index(drop=True)
+    counts = finding_counts(y)
+    rare = counts < mirror_below
+    to_mirror = (y[:, rare].sum(axis=1) > 0) if rare.any() else np.zeros(len(y), dtype=bool)
+    rows = pd.concat([base, base[to_mirror].assign(mirror=1)], ignore_index=True)
+    ys = np.concatenate([y, y[to_mirror]])
+    counts = finding_counts(ys)
+    extra = []
+    for k, name in enumerate(FINDINGS):
+        have = np.flatnonzero(ys[:, k])
+        if 0 < counts[k] < replicate_to:
+            extra.append(rng.choice(have, size=replicate_to - counts[k], replace=True))
+    if extra:
+        picks = np.concatenate(extra)
+        rows = pd.concat([rows, rows.iloc[picks]], ignore_index=True)
+        ys = np.concatenate([ys, ys[picks]])
+    labels = rows["labels"].str.strip().to_numpy()
+    keep = np.ones(len(rows), dtype=bool)
+    for name, fraction in ((NO_FINDING, keep_no_finding), ("Atelectasis", keep_atelectasis)):
+        idx = np.flatnonzero(labels == name)
+        if fraction < 1.0 and len(idx):
+            keep[rng.permutation(idx)[round(len(idx) * fraction):]] = False
+    return rows[keep].reset_index(drop=True)
+
+
+def scaled_balance_counts(cfg: TrainConfig, n_train: int) -> tuple[int, int]:
+    """The balancing counts for a training split of ``n_train`` images: the study's counts
+    scaled by n_train / balance_reference (or as given when balance_reference is 0)."""
+    if not cfg.balance_reference:
+        return cfg.mirror_below, cfg.replicate_to
+    factor = n_train / cfg.balance_reference
+    return max(1, round(cfg.mirror_below * factor)), max(1, round(cfg.replicate_to * factor))
+
+
+def prepare(cfg: TrainConfig, out: Path) -> pd.DataFrame:
+    """Run the stage and write ``out/prepared.csv`` and ``out/prepare.json``."""
+    rng = np.random.default_rng(cfg.seed)
+    df = read_nih_metadata(Path(cfg.metadata))
+    present = {p.name for p in Path(cfg.images).iterdir() if p.suffix.lower() == ".png"}
+    df = df[df["image"].isin(present)].reset_index(drop=True)
+    if df.empty:
+        raise ValueError(f"no image of {cfg.metadata} is in {cfg.images}")
+    if cfg.limit:
+        df = df.iloc[: cfg.limit].reset_index(drop=True)
+    n_read = len(df)
+    df = undersample(df, cfg.keep_no_finding, cfg.keep_only, rng)
+    if cfg.split_lists:
+        lists = [set(Path(p).read_text().split()) for p in cfg.split_lists]
+        df["split"] = split_from_lists(df, lists[0], lists[1], cfg.val_fraction, cfg.seed)
+        split_kind = "official lists"
+    else:
+        df["split"] = split_by_patient(df, cfg.test_fraction, cfg.val_fraction, cfg.seed)
+        split_kind = f"by patient, seed {cfg.seed}"
+    assert_patient_disjoint(df)
+    train = df[df["split"] == "train"].reset_index(drop=True)
+    mirror_below, replicate_to = scaled_balance_counts(cfg, len(train))
+    balanced = balance_train(train, multi_hot(train["labels"]), mirror_below, replicate_to,
+                             cfg.balance_keep_no_finding, cfg.balance_keep_atelectasis, rng)
+    others = df[df["split"].isin(["val", "test"])].assign(mirror=0)
+    table = pd.concat([balanced, others], ignore_index=True)
+    out.mkdir(parents=True, exist_ok=True)
+    table.to_csv(out / "prepared.csv", index=False)
+    info = {
+        "rows_read": n_read, "after_undersampling": len(df), "split": split_kind,
+        "images": {s: int((df["split"] == s).sum()) for s in ("train", "val", "test")},
+        "patients": {s: int(df.loc[df["split"] == s, "patient_id"].nunique()) for s in ("train", "val", "test")},
+        "train_examples_after_balancing": len(balanced), "mirror_below": mirror_below, "replicate_to": replicate_to,
+    }
+    (out / "prepare.json").write_text(json.dumps(info, indent=2) + "\n")
+    return table
