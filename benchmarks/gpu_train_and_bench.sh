@@ -17,9 +17,9 @@ fi
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null
   python3 -c "import torch, torchvision; print('torch', torch.__version__, 'torchvision', torchvision.__version__)"
   nproc; } > "$RUNS/machine.txt" 2>&1
-timeout 150 python3 benchmarks/scan_throughput.py --images "$IMAGES" "${bench[@]}" > "$RUNS/bench_scan.log" 2>&1
+[ "${SKIP_BENCH:-0}" = 1 ] || timeout 150 python3 benchmarks/scan_throughput.py --images "$IMAGES" "${bench[@]}" > "$RUNS/bench_scan.log" 2>&1
 pids=()
-for cfg in bundled ablation/no_skip ablation/size160 ablation/no_ema; do
+for cfg in bundled ablation/no_skip ablation/skip_random ablation/select_last; do
   name=$(basename "$cfg")
   timeout "${TRAIN_TIMEOUT:-400}" python3 -m cxr_batch train --images "$IMAGES" --metadata "$LABELS" --out "$RUNS/$name" \
     --config "training/configs/$cfg.toml" "${extra[@]}" > "$RUNS/train_$name.log" 2>&1 &
@@ -27,7 +27,7 @@ for cfg in bundled ablation/no_skip ablation/size160 ablation/no_ema; do
 done
 for p in "${pids[@]}"; do wait "$p"; done
 tar -czf "$OUT/runs.tar.gz" -C "$RUNS" --exclude='*.pt' --exclude='*.u8' --exclude='prepared.csv' .
-for name in bundled size160 no_skip; do
+for name in bundled select_last skip_random; do
   b="$RUNS/$name/bundle"
   [ -f "$b/model.pt" ] || continue
   split -b 15000000 -d "$b/model.pt" "$OUT/${name}_model.pt.part"

@@ -109,16 +109,18 @@ def scan(studies, out, weights, metadata_csv, device, precision, batch_size, wor
               help="Official train_val_list.txt and test_list.txt.")
 @click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="TOML file of training options (see training/config.py).")
-@click.option("--epochs", type=click.IntRange(1))
+@click.option("--epochs", type=click.IntRange(0))
 @click.option("--image-size", type=click.IntRange(32))
 @click.option("--batch-size", type=click.IntRange(1))
 @click.option("--limit", type=click.IntRange(1), help="Use only the first N images of the metadata.")
 @click.option("--device", default=None, help="auto, cpu, cuda or cuda:N.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run in --out.")
 @click.option("--imagenet", default=None, help="Initialise the backbone from ImageNet: 'torchvision' or a file.")
+@click.option("--init-weights", type=click.Path(exists=True, path_type=Path),
+              help="Start from these weights (bundle folder or state dict); with --epochs 0, evaluate and export only.")
 @click.option("--debug", is_flag=True)
 def train(images, metadata, out, split_lists, config_file, epochs, image_size, batch_size, limit, device, resume,
-          imagenet, debug):
+          imagenet, init_weights, debug):
     """Train a model from NIH ChestX-ray14 and export a weights bundle to OUT/bundle."""
     from training.config import TrainConfig
     from training.train import main as train_main
@@ -126,6 +128,7 @@ def train(images, metadata, out, split_lists, config_file, epochs, image_size, b
     setup_logging(False, debug)
     logging.getLogger("cxr_batch.train").setLevel(logging.INFO)
     overrides = dict(images=str(images), metadata=str(metadata), out=str(out),
+                     init_weights=str(init_weights) if init_weights else None,
                      split_lists=tuple(split_lists) if split_lists else None, epochs=epochs, image_size=image_size,
                      batch_size=batch_size, limit=limit, device=device, imagenet=imagenet)
     try:

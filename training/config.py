@@ -34,6 +34,9 @@ class TrainConfig:
     dropout: float = 0.3
     hidden_dim: int = 128
     tabular_skip: bool = False
+    skip_init: str = "random"  # "logistic": start the patient-data path at a logistic regression fit
+    patient_prior: str = "none"  # "logistic": after training, add a patient-data logistic regression to the logits
+    init_weights: str | None = None  # start from a bundle folder or state dict (epochs = 0: evaluate/export only)
     imagenet: str | None = None  # "torchvision" (download) or a local DenseNet-121 state dict
     # optimisation
     epochs: int = 15  # study: 3 cycles x 5 epochs
@@ -46,7 +49,8 @@ class TrainConfig:
     pos_weight_max: float = 10.0
     unknown_rate: float = 0.0  # chance that each patient value is replaced by "unknown" in training
     ema_decay: float = 0.0  # 0: off; else weights averaged over steps, evaluated and exported
-    select_metric: str = "macro_f1"  # or "mean_auc"
+    select_metric: str = "macro_f1"  # or "mean_auc", or "last" (the final, averaged weights)
+    time_limit_minutes: float = 0.0  # 0: none; else stop after the epoch that passes it, then evaluate
     # thresholds and evaluation
     threshold_method: str = "dynamic"  # "youden", "precision_f1" or "dynamic"
     precision_min: float = 0.30

@@ -49,6 +49,21 @@ def patient_only_baseline(train: pd.DataFrame, test: pd.DataFrame, encoding, see
     return out
 
 
+def compare_threshold_methods(cfg, y_val, p_val, y_test, p_test) -> dict:
+    """Each threshold search tuned on validation, scored on test: macro F1 and how often a
+    study gets flagged (a triage list that flags nearly every study is no triage)."""
+    urgent = FINDINGS.index("Pneumothorax")
+    out = {}
+    for method in ("youden", "precision_f1", "dynamic"):
+        t = thresholds.choose(method, y_val, p_val, cfg)
+        pred = (p_test >= t).astype(int)
+        s = metrics.summary(y_test, p_test, pred)
+        out[method] = {"f1_macro": s["f1_macro"], "exact_match": s["exact_match"], "hamming_loss": s["hamming_loss"],
+                       "studies_flagged": float(pred.any(axis=1).mean()),
+                       "studies_flagged_pneumothorax": float(pred[:, urgent].mean())}
+    return out
+
+
 def metrics_table(s: dict) -> pd.DataFrame:
     """The study's validation_metrics_<model>.csv: one row per finding plus the overall row."""
     rows = []
@@ -66,11 +81,12 @@ def evaluate_and_export(cfg, ctx, model, val_loader, test_loader, parts: dict, h
     from .train import predict
 
     p_val, y_val, _ = predict(model, val_loader, ctx)
+    p_test, y_test, _ = predict(model, test_loader, ctx)
+    compared = compare_threshold_methods(cfg, y_val, p_val, y_test, p_test)
     chosen = thresholds.choose(cfg.threshold_method, y_val, p_val, cfg)
     thr = {f: float(t) for f, t in zip(FINDINGS, chosen)}
     (out / "thresholds.json").write_text(json.dumps({"method": cfg.threshold_method, "thresholds": thr}, indent=2) + "\n")
 
-    p_test, y_test, _ = predict(model, test_loader, ctx)
     pred = (p_test >= chosen).astype(int)
     test = metrics.summary(y_test, p_test, pred)
     ci = metrics.bootstrap_ci(y_test, p_test, pred, n=cfg.bootstrap, seed=cfg.seed)
@@ -87,7 +103,7 @@ def evaluate_and_export(cfg, ctx, model, val_loader, test_loader, parts: dict, h
         "test": {k: v for k, v in test.items() if k != "confusion"}, "test_ci95": ci,
         "test_image_only": {"mean_auc": image_only["mean_auc"], "f1_macro": image_only["f1_macro"],
                             "auc": image_only["auc"], "ci95": image_only_ci},
-        "patient_only_logistic_regression": baseline, "by_group": groups, "validation_n": int(len(y_val)), "history": history,
+        "patient_only_logistic_regression": baseline, "threshold_methods": compared, "by_group": groups, "validation_n": int(len(y_val)), "history": history,
     }
     name = f"{cfg.model_name}"
     metrics_table(test).to_csv(out / f"validation_metrics_{name}.csv", index=False)

@@ -11,6 +11,7 @@ import copy
 import json
 import logging
 import os
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -85,6 +86,51 @@ def pos_weights(y: np.ndarray, overrides: dict, cap: float) -> np.ndarray:
     for name, value in overrides.items():
         w[FINDINGS.index(name)] = float(value)
     return w.astype(np.float32)
+
+
+def fit_patient_logistic(tabular: np.ndarray, y: np.ndarray, pos_weight: np.ndarray | None = None,
+                         seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """One logistic regression per finding on patient vectors [N, 3] -> (coef [14, 3], bias [14]).
+    ``pos_weight`` weights positives as the loss does; a class with one label value gets zeros."""
+    from sklearn.linear_model import LogisticRegression
+
+    coef = np.zeros((y.shape[1], tabular.shape[1]), dtype=np.float32)
+    bias = np.zeros(y.shape[1], dtype=np.float32)
+    for c in range(y.shape[1]):
+        if len(np.unique(y[:, c])) == 2:
+            weight = {0: 1.0, 1: float(pos_weight[c])} if pos_weight is not None else None
+            lr = LogisticRegression(class_weight=weight, max_iter=1000, random_state=seed).fit(tabular, y[:, c])
+            coef[c], bias[c] = lr.coef_[0], lr.intercept_[0]
+    return coef, bias
+
+
+def init_skip_from_logistic(model, coef: np.ndarray, bias: np.ndarray) -> None:
+    """skip_init "logistic": the patient-data path starts as the fitted logistic regression and
+    the deep head's last layer at zero, so step 0 predicts what patient data alone predict."""
+    with torch.no_grad():
+        model.tabular_skip.weight.copy_(torch.from_numpy(coef))
+        model.tabular_skip.bias.copy_(torch.from_numpy(bias))
+        model.head[-1].weight.zero_()
+        model.head[-1].bias.zero_()
+
+
+def add_patient_prior(model, coef: np.ndarray, bias: np.ndarray) -> None:
+    """patient_prior "logistic": add a patient-data-only logistic regression to the trained
+    model's logits (through ``tabular_skip``), i.e. combine the image model's evidence and the
+    population prior as a sum of log-odds. With patient data unknown the added term is the same
+    constant for every image, so image-only rankings are unchanged."""
+    with torch.no_grad():
+        model.tabular_skip.weight.add_(torch.from_numpy(coef).to(model.tabular_skip.weight))
+        model.tabular_skip.bias.add_(torch.from_numpy(bias).to(model.tabular_skip.bias))
+
+
+def load_initial_weights(model, source: str) -> None:
+    """Weights from a bundle folder (verified) or a state dict file."""
+    from cxr_batch.bundle import load_bundle
+
+    path = Path(source)
+    state = load_bundle(path).model.state_dict() if path.is_dir() else torch.load(path, map_location="cpu", weights_only=True)
+    model.load_state_dict(state)
 
 
 # ---------------------------------------------------------------- one epoch / evaluation
@@ -208,6 +254,17 @@ def main(cfg: TrainConfig, resume: bool = False) -> Path:
     unique_train = parts["train"][parts["train"]["mirror"] == 0].drop_duplicates("image")
     weights = pos_weights(multi_hot(unique_train["labels"]), cfg.pos_weight_overrides, cfg.pos_weight_max)
     criterion = nn.BCEWithLogitsLoss(pos_weight=torch.from_numpy(weights).to(device))
+    if (cfg.skip_init == "logistic" or cfg.patient_prior == "logistic") and not cfg.tabular_skip:
+        raise ValueError("skip_init/patient_prior 'logistic' need tabular_skip = true")
+    if cfg.init_weights:
+        load_initial_weights(model, cfg.init_weights)
+    elif cfg.skip_init == "logistic":
+        # fitted on the patients as training shows them: some values replaced by 'unknown'
+        rng = np.random.default_rng(cfg.seed)
+        tab = encode_patients(unique_train, encoding)
+        masked = np.where(rng.random(tab.shape) < cfg.unknown_rate, encoding.unknown_value, tab)
+        y2 = np.tile(multi_hot(unique_train["labels"]), (2, 1))
+        init_skip_from_logistic(model, *fit_patient_logistic(np.concatenate([tab, masked]), y2, weights, cfg.seed))
     train_model = nn.parallel.DistributedDataParallel(model) if world > 1 else model
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=cfg.plateau_factor,
@@ -232,18 +289,20 @@ def main(cfg: TrainConfig, resume: bool = False) -> Path:
             log.info("resumed after epoch %d", ckpt["epoch"] + 1)
 
     # epoch loop
+    started = time.monotonic()
     for epoch in range(start_epoch, cfg.epochs):
         if sampler is not None:
             sampler.set_epoch(epoch)
         t0 = time.perf_counter()
-        train_loss = train_one_epoch(train_model, train_loader, criterion, optimizer, ctx, ema, progress=is_main)
+        train_loss = train_one_epoch(train_model, train_loader, criterion, optimizer, ctx, ema,
+                                     progress=is_main and sys.stderr.isatty())
         scored = ema.module if ema is not None else model
         p_val, y_val, val_loss = predict(scored, val_loader, ctx, criterion)
         scheduler.step(val_loss)
         row = {"epoch": epoch + 1, "train_loss": train_loss, "val_loss": val_loss, **epoch_metrics(y_val, p_val),
                "lr": optimizer.param_groups[0]["lr"], "seconds": time.perf_counter() - t0}
         history.append(row)
-        key = row["f1_macro"] if cfg.select_metric == "macro_f1" else row["mean_auc"]
+        key = {"macro_f1": row["f1_macro"], "mean_auc": row["mean_auc"], "last": epoch}[cfg.select_metric]
         improved = np.nan_to_num(key, nan=-np.inf) > best
         if improved:
             best = float(np.nan_to_num(key, nan=-np.inf))
@@ -252,11 +311,20 @@ def main(cfg: TrainConfig, resume: bool = False) -> Path:
                      "recall %(recall_macro).3f  F1 %(f1_macro).3f  AUC %(mean_auc).3f  lr %(lr).2g  %(seconds).1fs" % row
                      + ("  *best*" if improved else ""))
             if improved:
-                torch.save(scored.state_dict() if ema is None else ema.module.state_dict(), out / "model_classification.pt")
+                torch.save(scored.state_dict(), out / "model_classification.pt")
             torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                         "lr_scheduler": scheduler.state_dict(), "ema": ema.state_dict() if ema is not None else None,
                         "epoch": epoch, "best": best, "history": history, "args": cfg.to_dict()}, ckpt_path)
             torch.save(optimizer.state_dict(), out / "optimizer_classification.pt")
+        out_of_time = cfg.time_limit_minutes and time.monotonic() - started > 60 * cfg.time_limit_minutes
+        if world > 1:  # every rank must leave the loop together
+            flag = torch.tensor([float(bool(out_of_time))], device=device if device.type == "cuda" else "cpu")
+            dist.all_reduce(flag)
+            out_of_time = flag.item() > 0
+        if out_of_time:
+            if is_main:
+                log.info("time limit of %.1f minutes reached after epoch %d", cfg.time_limit_minutes, epoch + 1)
+            break
     if world > 1:
         dist.barrier()
     if not is_main:
@@ -267,7 +335,12 @@ def main(cfg: TrainConfig, resume: bool = False) -> Path:
     from .evaluate import evaluate_and_export
 
     best_model = copy.deepcopy(model)
+    if not (out / "model_classification.pt").exists():  # epochs = 0: evaluate/export the initial weights
+        torch.save((ema.module if ema is not None else model).state_dict(), out / "model_classification.pt")
     best_model.load_state_dict(torch.load(out / "model_classification.pt", map_location=device, weights_only=True))
+    if cfg.patient_prior == "logistic":
+        add_patient_prior(best_model, *fit_patient_logistic(encode_patients(unique_train, encoding),
+                                                             multi_hot(unique_train["labels"]), seed=cfg.seed))
     evaluate_and_export(cfg, ctx, best_model, val_loader, test_loader, parts, history, out)
     if world > 1:
         dist.destroy_process_group()

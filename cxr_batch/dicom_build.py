@@ -1,0 +1,107 @@
+"""Building DICOM objects with pydicom: radiographs (for examples and tests) and encapsulated
+PDF reports (``--dicom-pdf``), each with proper file meta and new UIDs."""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+
+import numpy as np
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import (
+    UID,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    generate_uid,
+)
+
+DX_FOR_PRESENTATION = UID("1.2.840.10008.5.1.4.1.1.1.1")
+CR_IMAGE = UID("1.2.840.10008.5.1.4.1.1.1")
+SECONDARY_CAPTURE = UID("1.2.840.10008.5.1.4.1.1.7")
+ENCAPSULATED_PDF = UID("1.2.840.10008.5.1.4.1.1.104.1")
+_SOP_BY_MODALITY = {"DX": DX_FOR_PRESENTATION, "CR": CR_IMAGE, "OT": SECONDARY_CAPTURE}
+# Keywords copied from a study's image into a report object so the PACS files it with the study.
+STUDY_KEYWORDS = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "PatientAge", "StudyInstanceUID",
+                  "StudyDate", "StudyTime", "AccessionNumber", "StudyID", "ReferringPhysicianName", "StudyDescription")
+
+
+def _file_meta(sop_class: UID, sop_instance: UID, transfer_syntax: UID) -> FileMetaDataset:
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = sop_class
+    meta.MediaStorageSOPInstanceUID = sop_instance
+    meta.TransferSyntaxUID = transfer_syntax
+    meta.ImplementationClassUID = UID("1.2.826.0.1.3680043.8.498.1")
+    return meta
+
+
+def radiograph(pixels: np.ndarray, *, modality: str = "DX", photometric: str = "MONOCHROME2",
+               bits_stored: int | None = None, **header) -> Dataset:
+    """A single-frame grey radiograph from ``pixels`` (uint8 or uint16 [rows, cols]).
+
+    ``header`` gives any DICOM keyword (PatientID="17", PatientAge="057Y", ViewPosition="PA",
+    WindowCenter=..., BodyPartExamined="CHEST", ...). Stored values are written as given:
+    for MONOCHROME1 pass already inverted pixels.
+    """
+    if pixels.ndim != 2 or pixels.dtype not in (np.uint8, np.uint16):
+        raise ValueError("pixels must be a 2-D uint8 or uint16 array")
+    sop_class = _SOP_BY_MODALITY.get(modality, SECONDARY_CAPTURE)
+    ds = Dataset()
+    ds.SOPClassUID, ds.SOPInstanceUID = sop_class, generate_uid()
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+    today = dt.date.today().strftime("%Y%m%d")
+    ds.Modality, ds.StudyDate, ds.SeriesNumber, ds.InstanceNumber = modality, today, 1, 1
+    ds.PatientName, ds.PatientID = "ANONYMOUS^PATIENT", "UNKNOWN"
+    ds.BodyPartExamined = "CHEST"
+    bits = 8 if pixels.dtype == np.uint8 else 16
+    ds.Rows, ds.Columns = pixels.shape
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, photometric
+    ds.BitsAllocated, ds.BitsStored = bits, bits_stored or bits
+    ds.HighBit, ds.PixelRepresentation = ds.BitsStored - 1, 0
+    ds.PixelData = np.ascontiguousarray(pixels).tobytes()
+    for keyword, value in header.items():
+        if value is None:
+            if keyword in ds:
+                delattr(ds, keyword)
+        else:
+            setattr(ds, keyword, value)
+    ds.file_meta = _file_meta(ds.SOPClassUID, ds.SOPInstanceUID, ExplicitVRLittleEndian)
+    return ds
+
+
+def save(ds: Dataset, path: Path, transfer_syntax: UID = ExplicitVRLittleEndian) -> Path:
+    """Write ``ds`` in ``transfer_syntax``: the three uncompressed ones natively, RLE, JPEG-LS
+    and JPEG 2000 through pydicom's encoders (pylibjpeg/pyjpegls plugins)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds = ds.copy()
+    transfer_syntax = UID(transfer_syntax)
+    if transfer_syntax.is_compressed and transfer_syntax != DeflatedExplicitVRLittleEndian:
+        ds.compress(transfer_syntax)
+    else:
+        ds.file_meta.TransferSyntaxUID = transfer_syntax
+    ds.save_as(path, enforce_file_format=True, implicit_vr=transfer_syntax == ImplicitVRLittleEndian,
+               little_endian=True)
+    return path
+
+
+def encapsulated_pdf(pdf: bytes, study: dict, title: str) -> Dataset:
+    """An Encapsulated PDF object carrying the study's identifiers (``study``: keyword -> value)."""
+    ds = Dataset()
+    ds.SOPClassUID, ds.SOPInstanceUID = ENCAPSULATED_PDF, generate_uid()
+    ds.SeriesInstanceUID = generate_uid()
+    for keyword in STUDY_KEYWORDS:
+        if study.get(keyword):
+            setattr(ds, keyword, study[keyword])
+    if "StudyInstanceUID" not in ds:
+        ds.StudyInstanceUID = generate_uid()
+    now = dt.datetime.now()
+    ds.Modality, ds.SeriesNumber, ds.InstanceNumber = "DOC", 999, 1
+    ds.ContentDate, ds.ContentTime = now.strftime("%Y%m%d"), now.strftime("%H%M%S")
+    ds.ConversionType, ds.BurnedInAnnotation = "WSD", "YES"
+    ds.DocumentTitle, ds.MIMETypeOfEncapsulatedDocument = title[:64], "application/pdf"
+    ds.SeriesDescription = "cxr-batch triage report (decision support)"
+    ds.EncapsulatedDocument = pdf + (b"\x00" if len(pdf) % 2 else b"")
+    ds.EncapsulatedDocumentLength = len(pdf)
+    ds.file_meta = _file_meta(ds.SOPClassUID, ds.SOPInstanceUID, ExplicitVRLittleEndian)
+    return ds

@@ -1,0 +1,52 @@
+"""Shared fixtures: the real NIH images (tests skip cleanly without them) and small bundles."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from cxr_batch.bundle import save_bundle
+from cxr_batch.findings import FINDINGS
+from cxr_batch.model import ModelConfig, build_model
+from cxr_batch.patient import PatientEncoding
+from cxr_batch.preprocess import Preprocessing
+
+REPO = Path(__file__).resolve().parent.parent
+NIH = REPO.parent / "shared" / "data" / "nih"
+BUNDLED = REPO / "weights" / "cxr-fpn-v1"
+
+
+@pytest.fixture(scope="session")
+def nih() -> Path:
+    if not (NIH / "images").is_dir() or not (NIH / "labels.csv").is_file():
+        pytest.skip("real NIH data (../shared/data/nih) not present")
+    return NIH
+
+
+@pytest.fixture(scope="session")
+def nih_images(nih) -> list[Path]:
+    return sorted((nih / "images").glob("*.png"))
+
+
+@pytest.fixture(scope="session")
+def small_bundle(tmp_path_factory) -> Path:
+    """A random-weights bundle at 96 px: fast, and every code path of a real bundle."""
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(tabular_skip=True))
+    folder = tmp_path_factory.mktemp("bundle") / "small"
+    thresholds = {f: 0.5 for f in FINDINGS}
+    return save_bundle(folder, model, name="small", version="test", preprocessing=Preprocessing(image_size=96),
+                       encoding=PatientEncoding(), thresholds=thresholds)
+
+
+@pytest.fixture()
+def studies(tmp_path, nih_images) -> Path:
+    """A folder of 6 real NIH images."""
+    folder = tmp_path / "studies"
+    folder.mkdir()
+    for p in nih_images[:6]:
+        shutil.copy(p, folder / p.name)
+    return folder

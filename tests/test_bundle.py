@@ -1,0 +1,71 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from cxr_batch.bundle import BundleError, load_bundle, save_bundle
+from cxr_batch.findings import FINDINGS
+from cxr_batch.model import build_model
+from cxr_batch.patient import PatientEncoding
+from cxr_batch.preprocess import Preprocessing, eval_transform
+from cxr_batch.readers import ScoringRules, read_pil
+
+
+def test_manifest_is_self_describing(small_bundle):
+    manifest = json.loads((small_bundle / "manifest.json").read_text())
+    assert manifest["findings"] == list(FINDINGS)
+    assert manifest["preprocessing"]["image_size"] == 96
+    assert manifest["patient_encoding"]["unknown_value"] == 0.5
+    assert set(manifest["thresholds"]) == set(FINDINGS)
+    assert len(manifest["sha256"]) == 64
+
+
+def test_round_trip_gives_same_outputs(tmp_path):
+    torch.manual_seed(3)
+    model = build_model().eval()
+    save_bundle(tmp_path / "b", model, name="rt", version="1", preprocessing=Preprocessing(),
+                encoding=PatientEncoding(), thresholds={f: 0.4 for f in FINDINGS})
+    loaded = load_bundle(tmp_path / "b")
+    x, t = torch.randn(2, 3, 64, 64), torch.rand(2, 3)
+    with torch.no_grad():
+        assert torch.equal(model(x, t), loaded.model(x, t))
+    assert loaded.thresholds["Hernia"] == 0.4 and loaded.label == "rt@1"
+
+
+def test_tampered_weights_are_refused(small_bundle, tmp_path):
+    import shutil
+
+    copy = tmp_path / "tampered"
+    shutil.copytree(small_bundle, copy)
+    data = bytearray((copy / "model.pt").read_bytes())
+    data[-100] ^= 0xFF
+    (copy / "model.pt").write_bytes(bytes(data))
+    with pytest.raises(BundleError, match="checksum"):
+        load_bundle(copy)
+
+
+def test_missing_or_broken_manifest_is_refused(tmp_path):
+    with pytest.raises(BundleError, match="not a folder"):
+        load_bundle(tmp_path / "nope")
+    (tmp_path / "b").mkdir()
+    with pytest.raises(BundleError, match="manifest"):
+        load_bundle(tmp_path / "b")
+    (tmp_path / "b" / "manifest.json").write_text("{not json")
+    with pytest.raises(BundleError, match="not valid JSON"):
+        load_bundle(tmp_path / "b")
+
+
+def test_half_precision_storage_keeps_probabilities(tmp_path, nih_images):
+    torch.manual_seed(5)
+    model = build_model().eval()
+    common = dict(name="h", version="1", preprocessing=Preprocessing(image_size=128), encoding=PatientEncoding(),
+                  thresholds={f: 0.5 for f in FINDINGS})
+    full = load_bundle(save_bundle(tmp_path / "f32", model, **common))
+    half = load_bundle(save_bundle(tmp_path / "f16", model, half=True, **common))
+    assert (tmp_path / "f16" / "model.pt").stat().st_size < 0.6 * (tmp_path / "f32" / "model.pt").stat().st_size
+    x = torch.stack([eval_transform(read_pil(p, ScoringRules()), full.preprocessing) for p in nih_images[:4]])
+    t = torch.tensor([[0.5, 0.0, 1.0]] * 4)
+    with torch.no_grad():
+        p32, p16 = torch.sigmoid(full.model(x, t)), torch.sigmoid(half.model(x, t))
+    assert np.abs((p32 - p16).numpy()).max() < 5e-3

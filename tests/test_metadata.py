@@ -1,0 +1,45 @@
+import json
+
+import pandas as pd
+import pytest
+
+from cxr_batch.metadata import MetadataError, load_metadata_csv, patient_from_metadata, read_sidecar
+
+
+def test_nih_csv_rows_match_the_table(nih):
+    rows = load_metadata_csv(nih / "labels.csv")
+    table = pd.read_csv(nih / "labels.csv")
+    assert len(rows) == len(table) == 480
+    first = table.iloc[0]
+    row = rows[first["Image Index"]]
+    p = patient_from_metadata(row)
+    assert (p.age, p.sex, p.view) == (float(first["Patient Age"]), first["Patient Gender"], first["View Position"])
+    assert p.age_source == p.sex_source == p.view_source == "metadata"
+    assert row.patient_id == str(first["Patient ID"])
+
+
+def test_full_nih_table_gz_can_be_filtered(nih):
+    rows = load_metadata_csv(nih / "metadata" / "Data_Entry_2017_v2020.csv.gz", only={"00000001_000.png"})
+    assert list(rows) == ["00000001_000.png"]
+
+
+def test_csv_without_nih_columns_is_refused(tmp_path):
+    (tmp_path / "m.csv").write_text("a,b\n1,2\n")
+    with pytest.raises(MetadataError, match="lacks column"):
+        load_metadata_csv(tmp_path / "m.csv")
+
+
+def test_sidecar_dicom_keywords_and_sources(tmp_path):
+    (tmp_path / "x.png").write_bytes(b"")
+    (tmp_path / "x.json").write_text(json.dumps({"PatientID": "P9", "PatientAge": "063Y", "PatientSex": "F",
+                                                 "ViewPosition": "AP"}))
+    patient, ids = read_sidecar(tmp_path / "x.png")
+    assert (patient.age, patient.sex, patient.view) == (63.0, "F", "AP")
+    assert patient.age_source == "sidecar" and ids["patient_id"] == "P9"
+
+
+def test_broken_sidecar_is_a_note_not_a_failure(tmp_path):
+    (tmp_path / "x.json").write_text("{oops")
+    patient, ids = read_sidecar(tmp_path / "x.png")
+    assert patient.age is None and ids == {} and "unreadable" in patient.notes[0]
+    assert read_sidecar(tmp_path / "absent.png") is None

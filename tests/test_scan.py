@@ -1,0 +1,116 @@
+"""A scan of real images: schema, patient data, row states, batching invariance, exit codes."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from cxr_batch.findings import FINDINGS
+from cxr_batch.inference import ScanOptions
+from cxr_batch.results import COLUMNS, read_results
+from cxr_batch.scan import run_scan
+
+
+def scan(studies, out, bundle, **kw):
+    options = ScanOptions(batch_size=kw.pop("batch_size", 4), workers=kw.pop("workers", 0), progress=False)
+    return run_scan(studies, out, weights=bundle, device="cpu", options=options, **kw)
+
+
+def test_scan_real_images_with_nih_metadata(studies, tmp_path, small_bundle, nih):
+    summary = scan(studies, tmp_path / "out", small_bundle, metadata_csv=nih / "labels.csv")
+    rows = read_results(tmp_path / "out" / "results.csv")
+    assert list(rows[0]) == list(COLUMNS)
+    assert summary.exit_code == 0 and summary.counts["ok"] == 6
+    truth = pd.read_csv(nih / "labels.csv").set_index("Image Index")
+    for row in rows:
+        t = truth.loc[row["file"]]
+        assert row["status"] == "ok" and row["reason"] == ""
+        assert float(row["age"]) == t["Patient Age"] and row["sex"] == t["Patient Gender"]
+        assert row["view"] == t["View Position"] and row["patient_id"] == str(t["Patient ID"])
+        assert row["age_source"] == row["sex_source"] == row["view_source"] == "metadata"
+        probs = np.array([float(row[f"p_{f}"]) for f in FINDINGS])
+        assert np.all((probs >= 0) & (probs <= 1))
+        flags = [int(row[f"flag_{f}"]) for f in FINDINGS]
+        assert flags == [int(p >= 0.5) for p in probs]  # the bundle's thresholds are all 0.5
+        assert row["findings"] == ";".join(f for f, on in zip(FINDINGS, flags) if on)
+        expected = "urgent" if row["flag_Pneumothorax"] == "1" else ("abnormal" if any(flags) else "normal")
+        assert row["priority"] == expected
+        assert row["model"] == "small@test" and len(row["weights_sha256"]) == 64
+    assert [r["file"] for r in rows] == sorted(r["file"] for r in rows)
+    assert not [p for p in (tmp_path / "out").iterdir() if p.name.endswith(".tmp")]
+    run = json.loads((tmp_path / "out" / "run.json").read_text())
+    assert run["counts"] == {"ok": 6}
+
+
+def test_unknown_patient_data_are_reported_not_zero(studies, tmp_path, small_bundle):
+    scan(studies, tmp_path / "out", small_bundle)
+    row = read_results(tmp_path / "out" / "results.csv")[0]
+    assert row["age"] == "" and row["age_source"] == "unknown"
+    assert row["sex_source"] == row["view_source"] == "unknown"
+
+
+def test_same_image_same_probabilities_alone_and_in_a_batch(studies, tmp_path, small_bundle):
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    first = sorted(studies.iterdir())[0]
+    shutil.copy(first, alone / first.name)
+    scan(alone, tmp_path / "o1", small_bundle, batch_size=1)
+    scan(studies, tmp_path / "o2", small_bundle, batch_size=6, workers=1)
+    a = read_results(tmp_path / "o1" / "results.csv")[0]
+    b = next(r for r in read_results(tmp_path / "o2" / "results.csv") if r["file"] == first.name)
+    pa = np.array([float(a[f"p_{f}"]) for f in FINDINGS])
+    pb = np.array([float(b[f"p_{f}"]) for f in FINDINGS])
+    assert np.abs(pa - pb).max() < 2e-3  # bf16 kernels may pick other blockings for other batch sizes
+
+
+def test_bad_files_get_error_rows_and_the_scan_goes_on(studies, tmp_path, small_bundle):
+    (studies / "empty.png").write_bytes(b"")
+    (studies / "random.png").write_bytes(np.random.default_rng(0).bytes(5000))
+    good = sorted(studies.glob("0*.png"))[0].read_bytes()
+    (studies / "truncated.png").write_bytes(good[: len(good) // 3])
+    (studies / "readme.txt").write_text("not an image")
+    (studies / "sub").mkdir()
+    shutil.copy(sorted(studies.glob("0*.png"))[1], studies / "sub" / "nested.png")
+    summary = scan(studies, tmp_path / "out", small_bundle)
+    rows = {r["file"]: r for r in read_results(tmp_path / "out" / "results.csv")}
+    assert rows["empty.png"]["status"] == "error" and "empty" in rows["empty.png"]["reason"]
+    assert rows["random.png"]["status"] == "error" and "not a valid PNG" in rows["random.png"]["reason"]
+    assert rows["truncated.png"]["status"] == "error" and "truncated" in rows["truncated.png"]["reason"]
+    assert rows["readme.txt"]["status"] == "skipped"
+    assert rows["sub/nested.png"]["status"] == "ok"
+    assert rows["empty.png"]["p_Hernia"] == ""
+    assert summary.exit_code == 3 and summary.counts["ok"] == 7
+
+
+def test_lateral_view_from_sidecar_is_skipped(studies, tmp_path, small_bundle):
+    first = sorted(studies.glob("*.png"))[0]
+    first.with_suffix(".json").write_text(json.dumps({"ViewPosition": "LL", "PatientAge": "50"}))
+    scan(studies, tmp_path / "out", small_bundle)
+    rows = {r["file"]: r for r in read_results(tmp_path / "out" / "results.csv")}
+    assert rows[first.name]["status"] == "skipped" and "lateral" in rows[first.name]["reason"]
+    assert first.with_suffix(".json").name not in rows
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "cxr_batch", *map(str, args)], capture_output=True, text=True)
+
+
+def test_cli_exit_codes(studies, tmp_path, small_bundle):
+    ok = run_cli("scan", studies, "--out", tmp_path / "o", "--weights", small_bundle, "--device", "cpu", "--quiet")
+    assert ok.returncode == 0, ok.stderr
+    assert "6 scored" in ok.stderr
+    usage = run_cli("scan", studies, "--batch-size", "0", "--out", tmp_path / "o")
+    assert usage.returncode == 2
+    shutil.copytree(small_bundle, tmp_path / "bad")
+    with open(tmp_path / "bad" / "model.pt", "r+b") as f:
+        f.seek(200)
+        f.write(b"\x00\x01\x02")
+    bad = run_cli("scan", studies, "--out", tmp_path / "o2", "--weights", tmp_path / "bad", "--device", "cpu")
+    assert bad.returncode == 1 and "checksum" in bad.stderr and "Traceback" not in bad.stderr
+    assert not (tmp_path / "o2" / "results.csv").exists()
+    nodev = run_cli("scan", studies, "--out", tmp_path / "o3", "--weights", small_bundle, "--device", "cuda:7")
+    assert nodev.returncode == 2 and "cuda" in nodev.stderr.lower()
