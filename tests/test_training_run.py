@@ -1,0 +1,53 @@
+"""Tiny real training runs: all artifacts, a bundle that scans, resume, and 2-process DDP."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from cxr_batch.inference import ScanOptions
+from cxr_batch.results import read_results
+from cxr_batch.scan import run_scan
+
+from .conftest import REPO
+
+QUICK = REPO / "training" / "configs" / "quick.toml"
+ARTIFACTS = ("validation_metrics_cxr-fpn.csv", "configuration.txt", "optimizer_classification.pt",
+             "model_classification.pt", "thresholds.json", "figures/roc_test.png",
+             "figures/training_curves.png", "figures/example_predictions.png", "bundle/manifest.json")
+
+
+def train(nih, out, *extra, launcher=()):
+    cmd = [*launcher, "-m", "cxr_batch", "train", "--images", str(nih / "images"), "--metadata",
+           str(nih / "labels.csv"), "--out", str(out), "--config", str(QUICK), "--device", "cpu", *extra]
+    return subprocess.run([sys.executable, *cmd] if not launcher else cmd, capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.slow
+def test_quick_run_writes_all_artifacts_and_a_bundle_that_scans(nih, tmp_path, studies):
+    run = tmp_path / "run"
+    proc = train(nih, run)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    for name in ARTIFACTS:
+        assert (run / name).exists(), name
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert {"test", "test_ci95", "test_image_only", "by_group", "patient_only_logistic_regression"} <= set(metrics)
+    summary = run_scan(studies, tmp_path / "out", weights=run / "bundle", device="cpu",
+                       options=ScanOptions(batch_size=4, workers=0, progress=False))
+    assert summary.counts["ok"] == 6
+    assert read_results(tmp_path / "out" / "results.csv")[0]["model"] == "cxr-fpn@quick"
+
+    again = train(nih, run, "--epochs", "2", "--resume")
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "resumed after epoch 1" in again.stderr
+    assert len(json.loads((run / "metrics.json").read_text())["history"]) == 2
+
+
+@pytest.mark.slow
+def test_two_process_ddp_on_cpu(nih, tmp_path):
+    launcher = (sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517")
+    proc = train(nih, tmp_path / "ddp", "--limit", "32", launcher=launcher)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "ddp" / "bundle" / "manifest.json").exists()
+    assert "epoch 1" in proc.stderr
