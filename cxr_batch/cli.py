@@ -50,6 +50,24 @@ def parse_urgent(_ctx, _param, value):
         raise click.BadParameter(str(e)) from None
 
 
+def load_rules(config_file: Path | None):
+    """ScoringRules from the [scoring] table of a TOML file (defaults without one)."""
+    import tomllib
+    from dataclasses import fields
+
+    from .readers import ScoringRules
+
+    if config_file is None:
+        return ScoringRules()
+    with open(config_file, "rb") as f:
+        table = tomllib.load(f).get("scoring", {})
+    known = {f.name for f in fields(ScoringRules)}
+    unknown = set(table) - known
+    if unknown:
+        raise ValueError(f"unknown [scoring] option(s) {sorted(unknown)}; known: {sorted(known)}")
+    return ScoringRules(**{k: tuple(v) if isinstance(v, list) else v for k, v in table.items()})
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="cxr-batch")
 def main():
@@ -72,11 +90,15 @@ def main():
               help="DataLoader worker processes (default: chosen for this machine).")
 @click.option("--urgent", default=",".join(DEFAULT_URGENT), show_default=True, callback=parse_urgent,
               help="Comma-separated findings that make a study urgent.")
+@click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="TOML file; its [scoring] table sets what is scored (modalities, body_parts, views, "
+                   "allow_unknown_view, allow_missing_body_part, max_pixels, max_file_bytes).")
 @click.option("--shard", default=None, callback=parse_shard,
               help="Process only shard i of N (i/N): a deterministic 1/N of the files.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar, warnings only.")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
-def scan(studies, out, weights, metadata_csv, device, precision, batch_size, workers, urgent, shard, quiet, debug):
+def scan(studies, out, weights, metadata_csv, device, precision, batch_size, workers, urgent, config_file, shard,
+         quiet, debug):
     """Score every frontal chest radiograph under STUDIES into OUT/results.csv."""
     from .bundle import BundleError
     from .inference import ScanOptions
@@ -85,7 +107,11 @@ def scan(studies, out, weights, metadata_csv, device, precision, batch_size, wor
     from .scan import run_scan
 
     setup_logging(quiet, debug)
-    options = ScanOptions(batch_size=batch_size, workers=workers, urgent=urgent, progress=not quiet)
+    try:
+        rules = load_rules(config_file)
+    except (ValueError, TypeError) as e:
+        fail(f"{config_file}: {e}", debug, EXIT_USAGE)
+    options = ScanOptions(batch_size=batch_size, workers=workers, urgent=urgent, rules=rules, progress=not quiet)
     try:
         summary = run_scan(studies, out, weights=weights, metadata_csv=metadata_csv, device=device,
                            precision=precision, options=options, shard=shard)

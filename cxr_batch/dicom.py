@@ -4,8 +4,8 @@ Pixel decoding is pydicom's, with the pylibjpeg plugins (JPEG baseline/extended/
 JPEG 2000, RLE) and pyjpegls (JPEG-LS) installed as dependencies. Grey scale follows the
 DICOM display pipeline a viewer uses: Modality LUT (or RescaleSlope/Intercept), then the VOI LUT
 or the first WindowCenter/WindowWidth pair, then MONOCHROME1 inversion, giving 8-bit
-MONOCHROME2 like the NIH PNGs the model learned from. Without a VOI transform, 8-bit data are
-taken as they are and deeper data are mapped from their robust range.
+MONOCHROME2 like the NIH PNGs the model learned from. Without a VOI transform the stored bit
+range is mapped when the data fill it, else the robust range of the values (see _unwindowed).
 """
 
 from __future__ import annotations
@@ -202,18 +202,26 @@ def to_display_grey(ds, arr: np.ndarray) -> np.ndarray:
     elif "WindowCenter" in ds and "WindowWidth" in ds:
         grey = _window(ds, values)
     else:
-        bits = int(ds.get("BitsStored", 8) or 8)
-        slope = float(ds.get("RescaleSlope", 1) or 1)
-        intercept = float(ds.get("RescaleIntercept", 0) or 0)
-        if bits <= 8 and int(ds.get("PixelRepresentation", 0) or 0) == 0:
-            # 8-bit data are display values already (as the NIH PNGs): map the full range.
-            grey = window_to_uint8(values, intercept, intercept + slope * 255) if slope > 0 else \
-                window_to_uint8(values, intercept + slope * 255, intercept)
-        else:
-            grey = window_to_uint8(values, *robust_range(values))
+        grey = _unwindowed(ds, arr, values)
     if photometric == "MONOCHROME1":
         grey = 255 - grey
     return grey
+
+
+def _unwindowed(ds, stored: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """Grey scale without a VOI transform. The stored bit range is mapped linearly when the
+    data fill it (8-bit data always; deeper data whose maximum reaches the upper half of
+    BitsStored, e.g. 8-bit images scaled to 12 or 16 bits, which then come back unchanged);
+    otherwise, e.g. 14-bit detector values in 16 stored bits, the robust range of the values."""
+    bits = int(ds.get("BitsStored", 8) or 8)
+    signed = int(ds.get("PixelRepresentation", 0) or 0) == 1
+    slope = float(ds.get("RescaleSlope", 1) or 1)
+    intercept = float(ds.get("RescaleIntercept", 0) or 0)
+    top = 2**bits - 1
+    if not signed and (bits <= 8 or stored.max() >= (top + 1) // 2) and "ModalityLUTSequence" not in ds:
+        low, high = sorted((intercept, intercept + slope * top))
+        return window_to_uint8(values, low, high)
+    return window_to_uint8(values, *robust_range(values))
 
 
 def _window(ds, values: np.ndarray) -> np.ndarray:

@@ -138,5 +138,6 @@ def read_study(path: Path, rules: ScoringRules = ScoringRules()) -> StudyImage:
     if kind == "dicom" or dicom.looks_like_dicom(path):
         return dicom.read_dicom(path, rules)
     if path.suffix.lower() in IMAGE_SUFFIXES:
-        raise ReadError(f"not a valid {path.suffix.lstrip('.').upper()} or DICOM file (content not recognised)")
+        claimed = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG"}.get(path.suffix.lower(), "DICOM")
+        raise ReadError(f"not a valid {claimed} file (content not recognised)")
     raise SkipStudy("not an image or DICOM file")

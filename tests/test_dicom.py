@@ -1,0 +1,161 @@
+"""Real-world DICOM: codecs, grey scale, header patient data, what is scored."""
+
+import numpy as np
+import pytest
+import torch
+from pydicom.uid import (DeflatedExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEG2000Lossless,
+                         JPEGLSLossless, RLELossless)
+
+from cxr_batch.bundle import load_bundle
+from cxr_batch.dicom import read_dicom
+from cxr_batch.preprocess import eval_transform
+from cxr_batch.readers import ReadError, ScoringRules, SkipStudy, read_pil, read_study
+
+from .conftest import BUNDLED
+from .dicomgen import grey, have, run, write
+
+RULES = ScoringRules()
+
+
+@pytest.fixture(scope="module")
+def bundle():
+    return load_bundle(BUNDLED)
+
+
+def probs(bundle, g, tab=(0.57, 0.0, 1.0)):
+    x = eval_transform(g, bundle.preprocessing)[None]
+    with torch.inference_mode():
+        return torch.sigmoid(bundle.model(x, torch.tensor([tab]))).numpy()[0]
+
+
+@pytest.mark.parametrize("ts", [None, ImplicitVRLittleEndian, DeflatedExplicitVRLittleEndian, RLELossless,
+                                JPEGLSLossless, JPEG2000Lossless], ids=lambda t: "explicit" if t is None else t.name)
+def test_lossless_codecs_decode_to_the_source_pixels(tmp_path, nih_images, ts):
+    src = grey(nih_images[0])
+    study = read_study(write(tmp_path / "im", src, ts), RULES)
+    assert study.kind == "dicom" and np.array_equal(study.grey, src)
+    assert (study.patient.age, study.patient.sex, study.patient.view) == (57.0, "F", "PA")
+    assert study.ids["patient_id"] == "P001" and study.ids["accession_number"] == "A123"
+
+
+def test_16_bit_and_monochrome1_give_the_png_probabilities(tmp_path, nih_images, bundle):
+    src = grey(nih_images[1])
+    reference = probs(bundle, read_pil(nih_images[1], RULES))
+    deep = read_study(write(tmp_path / "w16", src.astype(np.uint16) * 257, WindowCenter=32767.5, WindowWidth=65536),
+                      RULES).grey
+    twelve = read_study(write(tmp_path / "b12", src.astype(np.uint16) * 16, bits_stored=12), RULES).grey
+    mono1 = read_study(write(tmp_path / "m1", 255 - src, photometric="MONOCHROME1"), RULES).grey
+    mono1_deep = read_study(write(tmp_path / "m1d", 4095 - src.astype(np.uint16) * 16, bits_stored=12,
+                                  photometric="MONOCHROME1"), RULES).grey
+    assert np.array_equal(mono1, src)
+    assert np.abs(deep.astype(int) - src).max() <= 1
+    for g in (deep, twelve, mono1, mono1_deep):
+        assert np.abs(probs(bundle, g) - reference).max() < 0.01
+    assert np.abs(probs(bundle, mono1_deep) - probs(bundle, twelve)).max() < 1e-6
+
+
+def test_rescale_and_first_window_are_applied(tmp_path, nih_images):
+    src = grey(nih_images[2])
+    stored = src.astype(np.uint16) * 4 + 1000  # values 1000..2020
+    path = write(tmp_path / "r", stored, RescaleSlope=0.5, RescaleIntercept=-500,
+                 WindowCenter=[255.0, 0.0], WindowWidth=[511.0, 10.0])  # modality values 0..510
+    out = read_study(path, RULES).grey
+    assert np.abs(out.astype(int) - src).max() <= 1
+
+
+def test_header_patient_data_variants(tmp_path, nih_images):
+    src = grey(nih_images[0])
+    s = read_study(write(tmp_path / "a", src, PatientAge=None, PatientBirthDate="19700301", StudyDate="20240301",
+                        PatientSex="", ViewPosition=None, SeriesDescription="THORAX AP SUPINE"), RULES)
+    assert s.patient.age == pytest.approx(54.0, abs=0.01) and s.patient.age_source == "header:PatientBirthDate"
+    assert s.patient.sex is None and s.patient.sex_source == "unknown"
+    assert s.patient.view == "AP" and s.patient.view_source == "header:SeriesDescription"
+    s = read_study(write(tmp_path / "b", src, PatientAge="006M", PatientSex="O"), RULES)
+    assert s.patient.age == 0.5 and s.patient.sex is None
+    s = read_study(write(tmp_path / "c", src, PatientAge="150Y"), RULES)
+    assert s.patient.age is None and "implausible" in s.patient.notes[0]
+
+
+def test_view_code_sequence(tmp_path, nih_images):
+    from pydicom.dataset import Dataset
+    from pydicom.sequence import Sequence
+
+    code = Dataset()
+    code.CodeValue, code.CodingSchemeDesignator, code.CodeMeaning = "R-10214", "SRT", "postero-anterior"
+    s = read_study(write(tmp_path / "v", grey(nih_images[0]), ViewPosition=None, ViewCodeSequence=Sequence([code])),
+                   RULES)
+    assert s.patient.view == "PA" and s.patient.view_source == "header:ViewCodeSequence"
+
+
+@pytest.mark.parametrize("header, reason", [
+    (dict(ViewPosition="LL"), "lateral"),
+    (dict(BodyPartExamined="KNEE"), "body part KNEE"),
+    (dict(Modality="CT"), "modality CT"),
+    (dict(NumberOfFrames=2), "multi-frame"),
+])
+def test_objects_not_meant_for_the_model_are_skipped(tmp_path, nih_images, header, reason):
+    src = grey(nih_images[0])
+    if "NumberOfFrames" in header:
+        src = np.concatenate([src, src])
+    with pytest.raises(SkipStudy, match=reason):
+        read_dicom(write(tmp_path / "x", src, **header), RULES)
+
+
+def test_scoring_rules_are_configurable(tmp_path, nih_images):
+    path = write(tmp_path / "x", grey(nih_images[0]), BodyPartExamined="KNEE", ViewPosition=None)
+    assert read_dicom(path, ScoringRules(body_parts=("KNEE",))).patient.view is None
+    with pytest.raises(SkipStudy, match="view position unknown"):
+        read_dicom(path, ScoringRules(body_parts=("KNEE",), allow_unknown_view=False))
+
+
+def test_encapsulated_pdf_is_skipped_as_not_an_image(tmp_path):
+    from cxr_batch.dicom_build import encapsulated_pdf, save
+
+    ds = encapsulated_pdf(b"%PDF-1.4 test", {"PatientID": "P1"}, "report")
+    with pytest.raises(SkipStudy, match="encapsulated document"):
+        read_study(save(ds, tmp_path / "pdf"), RULES)
+
+
+def test_undecodable_transfer_syntax_is_named(tmp_path, nih_images):
+    path = write(tmp_path / "x", grey(nih_images[0]), JPEGLSLossless)
+    import pydicom
+
+    ds = pydicom.dcmread(path)
+    ds.file_meta.TransferSyntaxUID = "1.2.3.4.5.6.7.8.9"  # a private, unknown syntax
+    ds.save_as(tmp_path / "private", enforce_file_format=False)
+    with pytest.raises(ReadError, match=r"transfer syntax|cannot be decoded"):
+        read_study(tmp_path / "private", RULES)
+
+
+@pytest.mark.skipif(not have("dcmcjpeg", "dcmcjpls", "dcmcrle", "dcmdjpeg"), reason="dcmtk not installed")
+@pytest.mark.parametrize("tool, option", [("dcmcjpeg", "+e1"), ("dcmcjpeg", "+el"), ("dcmcjpls", "+el"),
+                                          ("dcmcrle", "")])
+def test_dcmtk_lossless_codecs(tmp_path, nih_images, tool, option):
+    src = grey(nih_images[3])
+    plain = write(tmp_path / "plain.dcm", src)
+    args = [tool, option, plain, tmp_path / "out.dcm"] if option else [tool, plain, tmp_path / "out.dcm"]
+    run(*args)
+    assert np.array_equal(read_study(tmp_path / "out.dcm", RULES).grey, src)
+
+
+@pytest.mark.skipif(not have("img2dcm"), reason="dcmtk not installed")
+def test_dcmtk_img2dcm_jpeg_baseline_matches_png_probabilities(tmp_path, nih_images, bundle):
+    from PIL import Image
+
+    Image.open(nih_images[4]).convert("L").save(tmp_path / "x.jpg", quality=95)
+    run("img2dcm", "-k", "PatientAge=045Y", "-k", "PatientSex=M", "-k", "ViewPosition=PA",
+        tmp_path / "x.jpg", tmp_path / "x.dcm")
+    study = read_study(tmp_path / "x.dcm", RULES)
+    assert study.patient.age == 45.0
+    reference = probs(bundle, read_pil(nih_images[4], RULES))
+    assert np.abs(probs(bundle, study.grey) - reference).max() < 0.02  # lossy JPEG, quality 95
+
+
+@pytest.mark.skipif(not have("gdcmconv"), reason="gdcm not installed")
+@pytest.mark.parametrize("option", ["--j2k", "--jpegls", "--rle", "--deflated", "--jpeg"])
+def test_gdcm_codecs(tmp_path, nih_images, option):
+    src = grey(nih_images[5])
+    run("gdcmconv", option, write(tmp_path / "plain.dcm", src), tmp_path / "out.dcm")
+    out = read_study(tmp_path / "out.dcm", RULES).grey
+    # gdcm's --jpeg and --j2k default to lossless for 8-bit input
+    assert np.abs(out.astype(int) - src).max() <= (2 if option == "--jpeg" else 0)

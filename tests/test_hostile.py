@@ -1,0 +1,106 @@
+"""Hostile and broken files: each gets a clear row, the scan goes on, nothing is exhausted."""
+
+import os
+import shutil
+import zlib
+import struct
+
+import numpy as np
+import pydicom
+import pytest
+
+from cxr_batch.inference import ScanOptions
+from cxr_batch.results import read_results
+from cxr_batch.scan import run_scan
+
+from .dicomgen import grey, write
+
+
+def png_bomb(path, side=30000):
+    """A valid PNG header claiming side x side grey pixels, with a tiny compressed body."""
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+    raw = zlib.compress(b"\x00" * (side + 1) * 16, 9)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0))
+                     + chunk(b"IDAT", raw) + chunk(b"IEND", b""))
+
+
+@pytest.fixture()
+def corpus(tmp_path, nih_images):
+    d = tmp_path / "corpus"
+    d.mkdir()
+    src = grey(nih_images[0])
+    good = write(d / "good.dcm", src)
+    data = good.read_bytes()
+    (d / "zero.dcm").write_bytes(b"")
+    (d / "truncated.dcm").write_bytes(data[: len(data) // 2])
+    (d / "random.dcm").write_bytes(np.random.default_rng(1).bytes(4096))
+    (d / "random.png").write_bytes(np.random.default_rng(2).bytes(4096))
+    (d / "preamble_only.dcm").write_bytes(b"\x00" * 128 + b"DICM")
+    ds = pydicom.dcmread(good)
+    ds.PixelData = ds.PixelData[: len(ds.PixelData) // 4]
+    ds.save_as(d / "short_pixels.dcm")
+    ds = pydicom.dcmread(good)
+    ds.Rows = ds.Columns = 65535
+    ds.save_as(d / "huge_header.dcm")
+    png_bomb(d / "bomb.png")
+    (d / "notes.txt").write_text("patient list\n")
+    from PIL import Image
+
+    colour = np.stack([src, np.roll(src, 40, axis=0), src // 2], axis=-1)
+    Image.fromarray(colour.astype(np.uint8)).save(d / "colour.png")
+    from cxr_batch.dicom_build import radiograph, save
+
+    rgb = radiograph(src, PatientID="RGB")
+    rgb.SamplesPerPixel, rgb.PhotometricInterpretation, rgb.PlanarConfiguration = 3, "RGB", 0
+    rgb.PixelData = colour.astype(np.uint8).tobytes()
+    save(rgb, d / "rgb.dcm")
+    # PACS layout: patient/study/series/instance without extensions, plus a folder named like a file
+    nested = d / "PAT1" / "ST1" / "SE1"
+    nested.mkdir(parents=True)
+    shutil.copy(good, nested / "1.2.3.4")
+    (d / "folder.dcm").mkdir()
+    os.symlink(d, d / "folder.dcm" / "loop")
+    os.symlink(d / "missing-target", d / "dangling")
+    return d
+
+
+EXPECT = {
+    "good.dcm": ("ok", ""),
+    "PAT1/ST1/SE1/1.2.3.4": ("ok", ""),
+    "zero.dcm": ("error", "empty file"),
+    "truncated.dcm": ("error", "pixel data"),
+    "random.dcm": ("error", "not a valid DICOM"),
+    "random.png": ("error", "not a valid PNG"),
+    "preamble_only.dcm": ("error", "no data elements"),
+    "short_pixels.dcm": ("error", "pixel data"),
+    "huge_header.dcm": ("error", "65535 x 65535"),
+    "bomb.png": ("error", "decompression bomb"),
+    "notes.txt": ("skipped", "not an image"),
+    "colour.png": ("error", "colour"),
+    "rgb.dcm": ("error", "colour"),
+    "folder.dcm/loop": ("error", "link loop"),
+    "dangling": ("error", "broken symbolic link"),
+}
+
+
+def test_hostile_corpus_rows_and_exit_code(corpus, tmp_path, small_bundle):
+    summary = run_scan(corpus, tmp_path / "out", weights=small_bundle, device="cpu",
+                       options=ScanOptions(batch_size=4, workers=1, progress=False))
+    rows = {r["file"]: r for r in read_results(tmp_path / "out" / "results.csv")}
+    assert set(rows) == set(EXPECT)
+    for name, (status, reason) in EXPECT.items():
+        assert rows[name]["status"] == status, (name, rows[name]["reason"])
+        assert reason in rows[name]["reason"], (name, rows[name]["reason"])
+    assert summary.exit_code == 3
+
+
+def test_cli_shows_no_traceback_without_debug(corpus, tmp_path, small_bundle):
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "cxr_batch", "scan", str(corpus), "--out", str(tmp_path / "o"),
+                           "--weights", str(small_bundle), "--device", "cpu", "--quiet"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 3 and "Traceback" not in proc.stderr
+    assert "DOE" not in proc.stderr  # no patient names in the default log
