@@ -95,10 +95,15 @@ def main():
                    "allow_unknown_view, allow_missing_body_part, max_pixels, max_file_bytes).")
 @click.option("--shard", default=None, callback=parse_shard,
               help="Process only shard i of N (i/N): a deterministic 1/N of the files.")
+@click.option("--pdf/--no-pdf", default=True, show_default=True, help="PDF reports and worklist in OUT/reports.")
+@click.option("--heatmaps/--no-heatmaps", default=True, show_default=True, help="Grad-CAM for flagged findings.")
+@click.option("--dicom-pdf", is_flag=True, help="Also write each report as a DICOM Encapsulated PDF.")
+@click.option("--title", default="Chest X-ray triage report", show_default=True, help="Report title.")
+@click.option("--institution", default="", help="Institution name printed on reports.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar, warnings only.")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
 def scan(studies, out, weights, metadata_csv, device, precision, batch_size, workers, urgent, config_file, shard,
-         quiet, debug):
+         pdf, heatmaps, dicom_pdf, title, institution, quiet, debug):
     """Score every frontal chest radiograph under STUDIES into OUT/results.csv."""
     from .bundle import BundleError
     from .inference import ScanOptions
@@ -112,15 +117,22 @@ def scan(studies, out, weights, metadata_csv, device, precision, batch_size, wor
     except (ValueError, TypeError) as e:
         fail(f"{config_file}: {e}", debug, EXIT_USAGE)
     options = ScanOptions(batch_size=batch_size, workers=workers, urgent=urgent, rules=rules, progress=not quiet)
+    reports = None
+    if pdf:
+        from .reports import ReportOptions
+
+        reports = ReportOptions(title=title, institution=institution, heatmaps=heatmaps, dicom_pdf=dicom_pdf)
     try:
         summary = run_scan(studies, out, weights=weights, metadata_csv=metadata_csv, device=device,
-                           precision=precision, options=options, shard=shard)
+                           precision=precision, options=options, shard=shard, reports=reports)
     except DeviceError as e:
         fail(str(e), debug, EXIT_USAGE)
     except (BundleError, MetadataError) as e:
         fail(str(e), debug)
     except OSError as e:
         fail(f"{e.filename or ''}: {e.strerror or e}", debug)
+    except Exception as e:  # a bug: say so plainly; --debug shows the traceback
+        fail(f"unexpected {type(e).__name__}: {e} (run with --debug for details)", debug)
     click.echo(summary.line(), err=True)
     sys.exit(summary.exit_code)
 

@@ -74,6 +74,11 @@ def normalise(image: torch.Tensor, prep: Preprocessing) -> torch.Tensor:
     return (image.expand(shape) - mean) / std
 
 
+def denormalise(image: torch.Tensor, prep: Preprocessing) -> np.ndarray:
+    """A normalised model input [3, S, S] -> the grey image the model saw, [S, S] in [0, 1]."""
+    return (image[0].float() * prep.std[0] + prep.mean[0]).clamp(0, 1).cpu().numpy()
+
+
 def model_view(grey: np.ndarray, prep: Preprocessing) -> torch.Tensor:
     """The radiograph as the model sees it, before normalisation: [1, S, S] in [0, 1]."""
     return resize(center_crop(to_unit_tensor(grey), prep.crop_fraction), prep.image_size).clamp_(0.0, 1.0)

@@ -23,7 +23,7 @@ COLUMNS: tuple[str, ...] = (
     + ("notes",)
     + tuple(f"p_{f}" for f in FINDINGS)
     + tuple(f"flag_{f}" for f in FINDINGS)
-    + ("findings", "priority", "triage_score", "model", "weights_sha256")
+    + ("findings", "priority", "triage_score", "report", "model", "weights_sha256")
 )
 STATUSES = ("ok", "skipped", "error")
 FILE_MODE = 0o640  # results hold patient identifiers: owner read/write, group read, others nothing

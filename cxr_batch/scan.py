@@ -29,6 +29,7 @@ class ScanSummary:
     priorities: Counter = field(default_factory=Counter)
     seconds: float = 0.0
     device: str = ""
+    worklist: Path | None = None
 
     @property
     def exit_code(self) -> int:
@@ -53,8 +54,10 @@ def run_scan(
     options: ScanOptions = ScanOptions(),
     on_batch: Callable[[ScoredBatch], None] | None = None,
     shard: tuple[int, int] | None = None,
+    reports: "ReportOptions | None" = None,
 ) -> ScanSummary:
-    """Scan ``studies`` into ``out/results.csv``. ``on_batch`` sees each scored batch (reports).
+    """Scan ``studies`` into ``out/results.csv``, and PDF reports into ``out/reports`` unless
+    ``reports`` is None. ``on_batch`` sees each scored batch before its rows are written.
 
     Raises BundleError, MetadataError or DeviceError when nothing can be done.
     """
@@ -74,9 +77,18 @@ def run_scan(
 
     summary = ScanSummary(results=out / "results.csv", device=policy.describe())
     engine = Engine(bundle, policy)
+    writer_pdf = None
+    if reports is not None:
+        from .reports import ReportWriter
+
+        writer_pdf = ReportWriter(out / "reports", bundle, reports)
     start = time.perf_counter()
     with AtomicCsvWriter(summary.results) as writer:
         for scored in score_batches(candidates, engine, options, metadata):
+            if writer_pdf is not None:
+                writer_pdf.add_batch(scored)
+            if on_batch is not None:
+                on_batch(scored)
             for row in scored.rows:
                 writer.write(row)
                 summary.counts[row["status"]] += 1
@@ -84,8 +96,8 @@ def run_scan(
                     summary.priorities[row["priority"]] += 1
                 else:
                     log.warning("%s: %s: %s", row["file"], row["status"], row["reason"])
-            if on_batch is not None:
-                on_batch(scored)
+        if writer_pdf is not None:
+            summary.worklist = writer_pdf.write_worklist()
     summary.seconds = time.perf_counter() - start
     run_info = {
         "studies": str(studies), "model": bundle.label, "weights_sha256": bundle.sha256,
