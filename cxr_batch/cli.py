@@ -138,6 +138,46 @@ def scan(studies, out, weights, metadata_csv, device, precision, batch_size, wor
 
 
 @main.command()
+@click.argument("watch_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--out", "-o", required=True, type=click.Path(file_okay=False, path_type=Path), help="Results folder.")
+@click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="TOML file: a [watch] table (every option, see cxr_batch/watch.py) and [scoring].")
+@click.option("--weights", default=None, help="Weights bundle folder.")
+@click.option("--metadata", default=None, help="NIH-style CSV with patient data for PNG/JPEG files.")
+@click.option("--device", default=None, help="auto, cpu, cuda or cuda:N.")
+@click.option("--batch-size", type=click.IntRange(1, 4096), default=None)
+@click.option("--max-wait", type=float, default=None, help="Seconds a ready study waits for its batch to fill.")
+@click.option("--settle", type=float, default=None, help="Seconds a file must stay unchanged to count as complete.")
+@click.option("--polling", is_flag=True, default=None, help="Poll the folder (network shares without inotify).")
+@click.option("--archive-dir", default=None, help="Move processed files here (default: leave them in place).")
+@click.option("--quarantine-dir", default=None, help="Move files that failed here.")
+@click.option("--no-heatmaps", "heatmaps", flag_value=False, default=None, help="Skip Grad-CAM in reports.")
+@click.option("--no-pdf", "pdf", flag_value=False, default=None, help="No PDF reports.")
+@click.option("--debug", is_flag=True)
+def watch(watch_dir, out, config_file, weights, metadata, device, batch_size, max_wait, settle, polling, archive_dir,
+          quarantine_dir, heatmaps, pdf, debug):
+    """Watch WATCH_DIR (a PACS export folder) and report every new study once, until SIGTERM."""
+    from .bundle import BundleError
+    from .runtime import DeviceError
+    from .watch import WatchConfig, Watcher
+
+    setup_logging(False, debug)
+    try:
+        cfg = WatchConfig.from_toml(config_file, weights=weights, metadata=metadata, device=device,
+                                    batch_size=batch_size, max_wait=max_wait, settle=settle, polling=polling,
+                                    archive_dir=archive_dir, quarantine_dir=quarantine_dir, heatmaps=heatmaps, pdf=pdf)
+    except (ValueError, TypeError) as e:
+        fail(str(e), debug, EXIT_USAGE)
+    try:
+        code = Watcher(watch_dir, out, cfg).run()
+    except DeviceError as e:
+        fail(str(e), debug, EXIT_USAGE)
+    except BundleError as e:
+        fail(str(e), debug)
+    sys.exit(code)
+
+
+@main.command()
 @click.option("--images", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="Folder of NIH ChestX-ray14 PNGs.")
 @click.option("--metadata", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
