@@ -1,6 +1,6 @@
 """End-to-end scan throughput against model-only throughput, decode rate and peak memory.
 
-    python benchmarks/scan_throughput.py [--n 256] [--batch-size 32] [--device auto]
+    python benchmarks/scan_throughput.py [--n 100] [--batch-size 32] [--device auto]
                                          [--memory-n 2000] [--images DIR] [--weights BUNDLE]
 
 Prints, for one process on the same real NIH images and batch size:
@@ -61,7 +61,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--images", type=Path)
     ap.add_argument("--weights")
-    ap.add_argument("--n", type=int, default=256)
+    ap.add_argument("--n", type=int, default=100)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--precision", default="auto")

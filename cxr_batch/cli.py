@@ -138,6 +138,21 @@ def scan(studies, out, weights, metadata_csv, device, precision, batch_size, wor
 
 
 @main.command()
+@click.argument("inputs", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--out", "-o", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="Merged results.csv to write.")
+def merge(inputs, out):
+    """Merge the results.csv files of a sharded scan (scan --shard i/N) into one."""
+    from .results import MergeError, merge_results
+
+    try:
+        n = merge_results(list(inputs), out)
+    except MergeError as e:
+        fail(str(e), False)
+    click.echo(f"{n} rows from {len(inputs)} files -> {out}", err=True)
+
+
+@main.command()
 @click.argument("watch_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--out", "-o", required=True, type=click.Path(file_okay=False, path_type=Path), help="Results folder.")
 @click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),

@@ -91,3 +91,31 @@ def read_results(path: Path) -> list[dict]:
     """Read a results.csv back as a list of dicts of strings (for merge, reports and tests)."""
     with open(path, newline="", encoding="utf-8") as f:
         return list(csv.DictReader(f))
+
+
+class MergeError(Exception):
+    """Shard results that cannot be merged (different schemas, one file in two shards)."""
+
+
+def merge_results(inputs: list[Path], output: Path) -> int:
+    """Merge the results.csv of shards (``scan --shard i/N``) into one, sorted by file like a
+    single scan. Refuses files of another schema and a file scored in two shards (the shards
+    then overlapped: the same --shard i/N twice, or folders that differ between machines).
+    Returns the number of rows written."""
+    rows, seen = [], {}
+    for path in inputs:
+        with open(path, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            if reader.fieldnames != list(COLUMNS):
+                raise MergeError(f"{path}: not a cxr-batch results.csv of this version (columns differ)")
+            for row in reader:
+                if row["file"] in seen:
+                    raise MergeError(f"{row['file']} is in both {seen[row['file']]} and {path}: shards overlap")
+                seen[row["file"]] = path
+                rows.append(row)
+    rows.sort(key=lambda r: r["file"])
+    with AtomicCsvWriter(output) as writer:
+        for row in rows:
+            writer._writer.writerow(row)
+            writer.count += 1
+    return len(rows)

@@ -91,10 +91,16 @@ def available_cores() -> int:
 
 
 def default_workers(device: torch.device | None = None) -> int:
-    """DataLoader workers. On CPU the model needs the cores: one worker decodes while the main
-    process computes, more only on big machines (a quarter of the cores). On a GPU the model is
-    fast and decoding is the limit: every core but one decodes."""
+    """DataLoader worker processes.
+
+    On a GPU the model is fast and decoding is the limit: every core but one decodes. On a CPU
+    the model's threads need every core, and a worker decoding at the same time stalls its
+    parallel kernels (measured on 2 cores: 17.0 images/s with one worker against 20.1 with
+    none, benchmarks/scan_vs_peer.py era); so on up to 8 cores batches are decoded in the main
+    process by a thread pool between forward passes (``StudyDataset.__getitems__``), and larger
+    machines give a quarter of their cores to workers.
+    """
     cores = available_cores()
     if device is not None and device.type == "cuda":
         return max(1, min(32, cores - 1))
-    return max(1, min(8, cores // 4))
+    return 0 if cores <= 8 else min(8, cores // 4)

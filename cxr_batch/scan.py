@@ -104,6 +104,7 @@ def run_scan(
         "device": policy.describe(), "precision": policy.precision, "batch_size": options.batch_size,
         "shard": list(shard) if shard else None, "counts": dict(summary.counts),
         "priorities": dict(summary.priorities), "seconds": round(summary.seconds, 3),
+        "refined_in_fp32": engine.refined,
     }
     atomic_write_bytes(out / "run.json", (json.dumps(run_info, indent=2) + "\n").encode(), mode=0o640)
     return summary

@@ -1,0 +1,59 @@
+"""The fast paths: reduced precision against float32 on real images, sharding and merging."""
+
+import numpy as np
+import pytest
+import torch
+
+from cxr_batch.bundle import load_bundle
+from cxr_batch.inference import Engine, ScanOptions
+from cxr_batch.preprocess import eval_transform
+from cxr_batch.readers import ScoringRules, read_pil
+from cxr_batch.results import MergeError, merge_results, read_results
+from cxr_batch.runtime import RunPolicy, cpu_has_native_bf16, default_workers, pick_precision
+from cxr_batch.scan import run_scan
+
+
+@pytest.fixture(scope="module")
+def real_batch(nih_images):
+    bundle = load_bundle()
+    x = torch.stack([eval_transform(read_pil(p, ScoringRules()), bundle.preprocessing) for p in nih_images[:64]])
+    t = torch.tensor([[0.5, 0.0, 1.0], [0.6, 1.0, 0.0]]).repeat(32, 1)
+    return bundle, x, t
+
+
+def test_bf16_probabilities_close_to_fp32_and_flags_identical(real_batch):
+    bundle, x, t = real_batch
+    p32 = Engine(bundle, RunPolicy(torch.device("cpu"), "fp32")).probabilities(x, t)
+    raw = Engine(bundle, RunPolicy(torch.device("cpu"), "bf16"), refine_margin=0.0).probabilities(x, t)
+    fast = Engine(bundle, RunPolicy(torch.device("cpu"), "bf16"))
+    p16 = fast.probabilities(x, t)
+    assert np.abs(raw - p32).max() <= 0.01  # the accuracy target without refinement
+    thr = np.array(bundle.threshold_vector())
+    assert ((p16 >= thr) == (p32 >= thr)).all()  # with refinement: exactly the fp32 flags
+    assert np.abs(p16 - p32).max() <= 0.01 and fast.refined < len(x)
+
+
+def test_precision_policy():
+    cpu = torch.device("cpu")
+    assert pick_precision(cpu, "auto") == ("bf16" if cpu_has_native_bf16() else "fp32")
+    assert pick_precision(cpu, "fp32") == "fp32"
+    assert default_workers(torch.device("cuda")) >= 1 and default_workers(cpu) >= 0
+
+
+def test_shards_partition_the_files_and_merge_back(studies, tmp_path, small_bundle):
+    options = ScanOptions(batch_size=4, workers=0, progress=False)
+    run_scan(studies, tmp_path / "all", weights=small_bundle, device="cpu", precision="fp32", options=options)
+    parts = []
+    for i in range(3):
+        run_scan(studies, tmp_path / f"s{i}", weights=small_bundle, device="cpu", precision="fp32", options=options,
+                 shard=(i, 3))
+        parts.append(tmp_path / f"s{i}" / "results.csv")
+    sizes = [len(read_results(p)) for p in parts]
+    assert sum(sizes) == 6 and all(s == 2 for s in sizes)
+    assert merge_results(parts, tmp_path / "merged.csv") == 6
+    merged = read_results(tmp_path / "merged.csv")
+    single = read_results(tmp_path / "all" / "results.csv")
+    assert [r["file"] for r in merged] == [r["file"] for r in single]
+    assert [r["p_Effusion"] for r in merged] == [r["p_Effusion"] for r in single]
+    with pytest.raises(MergeError, match="overlap"):
+        merge_results([parts[0], parts[0]], tmp_path / "bad.csv")
