@@ -95,8 +95,8 @@ def default_workers(device: torch.device | None = None) -> int:
 
     On a GPU the model is fast and decoding is the limit: every core but one decodes. On a CPU
     the model's threads need every core, and a worker decoding at the same time stalls its
-    parallel kernels (measured on 2 cores: 17.0 images/s with one worker against 20.1 with
-    none, benchmarks/scan_vs_peer.py era); so on up to 8 cores batches are decoded in the main
+    parallel kernels (compare ``benchmarks/scan_throughput.py --workers 1`` with the default);
+    so on up to 8 cores batches are decoded in the main
     process by a thread pool between forward passes (``StudyDataset.__getitems__``), and larger
     machines give a quarter of their cores to workers.
     """
