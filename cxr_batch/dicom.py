@@ -173,7 +173,9 @@ def _decode(ds) -> np.ndarray:
     except (NotImplementedError, RuntimeError) as e:
         msg = str(e)
         if ts is not None and ("decod" in msg.lower() or "not supported" in msg.lower() or "plugin" in msg.lower()):
-            raise ReadError(f"cannot decode transfer syntax {UID(ts).name} ({ts}): no decoder for it") from None
+            name = UID(ts).name
+            what = f"{name} ({ts})" if name != str(ts) else f"{ts} (unknown or private)"
+            raise ReadError(f"cannot decode transfer syntax {what}: no decoder for it") from None
         raise ReadError(f"pixel data cannot be decoded: {msg.splitlines()[0][:200]}") from None
     except Exception as e:  # short pixel data, corrupt codestreams, bad attributes
         raise ReadError(f"pixel data cannot be decoded: {str(e).splitlines()[0][:200] if str(e) else type(e).__name__}") from None
