@@ -1,6 +1,6 @@
 """End-to-end scan throughput against model-only throughput, decode rate and peak memory.
 
-    python benchmarks/scan_throughput.py [--n 100] [--batch-size 32] [--device auto]
+    python benchmarks/scan_throughput.py [--n 100] [--batch-size 16] [--device auto]
                                          [--memory-n 2000] [--images DIR] [--weights BUNDLE]
 
 Prints, for one process on the same real NIH images and batch size:
@@ -64,7 +64,7 @@ def main() -> None:
     ap.add_argument("--images", type=Path)
     ap.add_argument("--weights")
     ap.add_argument("--n", type=int, default=100)
-    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--precision", default="auto")
     ap.add_argument("--workers", type=int, default=None)

@@ -1,7 +1,7 @@
 """cxr-batch scan against the loop a user would write with TorchXRayVision, on the same images.
 
     pip install torchxrayvision scikit-image      # optional benchmark dependencies
-    python benchmarks/scan_vs_peer.py [--images DIR] [--n 64] [--batch-size 32]
+    python benchmarks/scan_vs_peer.py [--images DIR] [--n 64] [--batch-size 16]
 
 (a) the peer: TorchXRayVision's documented per-image loop: ``skimage.io.imread``,
     ``xrv.datasets.normalize(img, 255)``, ``XRayCenterCrop`` + ``XRayResizer(224)``,
@@ -61,7 +61,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--images", type=Path, default=NIH / "full_res")
     ap.add_argument("--n", type=int, default=64)
-    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--weights")
     args = ap.parse_args()
     images = real_images(args.images)
