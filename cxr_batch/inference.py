@@ -165,9 +165,9 @@ def _worker_init(_):
 class Engine:
     """The bundle's model on a device under a precision policy.
 
-    Reduced precision (bf16/fp16) moves probabilities by up to about 0.005 near the
-    thresholds (measured on real NIH images, float32 reference), enough to flip a flag where a
-    probability sits right at its threshold. So images with any probability within
+    Reduced precision (bf16/fp16) moves probabilities by a few thousandths (benchmarks/
+    scan_vs_peer.py prints the largest difference on real images), enough to flip a flag where
+    a probability sits right at its threshold. So images with any probability within
     ``refine_margin`` of its threshold are scored again in float32: the fast path then flags
     exactly what the float32 path flags, at the cost of re-running those images only.
     """
