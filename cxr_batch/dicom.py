@@ -219,10 +219,13 @@ def _unwindowed(ds, stored: np.ndarray, values: np.ndarray) -> np.ndarray:
     signed = int(ds.get("PixelRepresentation", 0) or 0) == 1
     slope = float(ds.get("RescaleSlope", 1) or 1)
     intercept = float(ds.get("RescaleIntercept", 0) or 0)
-    top = 2**bits - 1
-    if not signed and (bits <= 8 or stored.max() >= (top + 1) // 2) and "ModalityLUTSequence" not in ds:
-        low, high = sorted((intercept, intercept + slope * top))
-        return window_to_uint8(values, low, high)
+    levels = 2**bits
+    if (not signed and slope > 0 and (bits <= 8 or stored.max() >= levels // 2)
+            and "ModalityLUTSequence" not in ds):
+        # floor(v * 256 / 2^bits): exactly undoes 8-bit data scaled by 2^(bits-8) (x * 16 in
+        # 12 bits) and by 257 (x * 257 in 16 bits), and is the identity on 8-bit data
+        scaled = np.floor((values.astype(np.float64) - intercept) * (256.0 / (slope * levels)))
+        return np.clip(scaled, 0, 255).astype(np.uint8)
     return window_to_uint8(values, *robust_range(values))
 
 

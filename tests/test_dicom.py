@@ -47,7 +47,9 @@ def test_16_bit_and_monochrome1_give_the_png_probabilities(tmp_path, nih_images,
     mono1 = read_study(write(tmp_path / "m1", 255 - src, photometric="MONOCHROME1"), RULES).grey
     mono1_deep = read_study(write(tmp_path / "m1d", 4095 - src.astype(np.uint16) * 16, bits_stored=12,
                                   photometric="MONOCHROME1"), RULES).grey
-    assert np.array_equal(mono1, src)
+    plain16 = read_study(write(tmp_path / "p16", src.astype(np.uint16) * 257), RULES).grey
+    assert np.array_equal(mono1, src) and np.array_equal(twelve, src) and np.array_equal(plain16, src)
+    assert np.array_equal(mono1_deep, src)
     assert np.abs(deep.astype(int) - src).max() <= 1
     for g in (deep, twelve, mono1, mono1_deep):
         assert np.abs(probs(bundle, g) - reference).max() < 0.01

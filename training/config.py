@@ -36,6 +36,8 @@ class TrainConfig:
     tabular_skip: bool = False
     skip_init: str = "random"  # "logistic": start the patient-data path at a logistic regression fit
     patient_prior: str = "none"  # "logistic": after training, add a patient-data logistic regression to the logits
+    patient_prior_weight: float | str = 1.0  # its weight, or "validation": the best of PRIOR_WEIGHTS on validation
+    patient_prior_center: bool = True  # add coef . (x - mean x) (keeps calibration); false adds the full intercept
     init_weights: str | None = None  # start from a bundle folder or state dict (epochs = 0: evaluate/export only)
     imagenet: str | None = None  # "torchvision" (download) or a local DenseNet-121 state dict
     # optimisation

@@ -77,7 +77,8 @@ def metrics_table(s: dict) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def evaluate_and_export(cfg, ctx, model, val_loader, test_loader, parts: dict, history: list, out: Path) -> dict:
+def evaluate_and_export(cfg, ctx, model, val_loader, test_loader, parts: dict, history: list, out: Path,
+                        extra: dict | None = None) -> dict:
     from .train import predict
 
     p_val, y_val, _ = predict(model, val_loader, ctx)
@@ -104,6 +105,7 @@ def evaluate_and_export(cfg, ctx, model, val_loader, test_loader, parts: dict, h
         "test_image_only": {"mean_auc": image_only["mean_auc"], "f1_macro": image_only["f1_macro"],
                             "auc": image_only["auc"], "ci95": image_only_ci},
         "patient_only_logistic_regression": baseline, "threshold_methods": compared, "by_group": groups, "validation_n": int(len(y_val)), "history": history,
+        **(extra or {}),
     }
     name = f"{cfg.model_name}"
     metrics_table(test).to_csv(out / f"validation_metrics_{name}.csv", index=False)
@@ -120,7 +122,8 @@ def evaluate_and_export(cfg, ctx, model, val_loader, test_loader, parts: dict, h
     save_bundle(
         out / "bundle", model.cpu().float(), name=cfg.model_name, version=cfg.version, preprocessing=ctx.prep,
         encoding=ctx.encoding, thresholds=thr, half=cfg.half_bundle,
-        training={"data": prepare_info, "config": cfg.to_dict(), "threshold_method": cfg.threshold_method},
+        training={"data": prepare_info, "config": cfg.to_dict(), "threshold_method": cfg.threshold_method,
+                  **(extra or {})},
         metrics={"test_mean_auc": test["mean_auc"], "test_mean_auc_ci95": ci["mean_auc"],
                  "test_f1_macro": test["f1_macro"], "test_f1_macro_ci95": ci["f1_macro"],
                  "test_image_only_mean_auc": image_only["mean_auc"],

@@ -114,14 +114,30 @@ def init_skip_from_logistic(model, coef: np.ndarray, bias: np.ndarray) -> None:
         model.head[-1].bias.zero_()
 
 
-def add_patient_prior(model, coef: np.ndarray, bias: np.ndarray) -> None:
-    """patient_prior "logistic": add a patient-data-only logistic regression to the trained
-    model's logits (through ``tabular_skip``), i.e. combine the image model's evidence and the
-    population prior as a sum of log-odds. With patient data unknown the added term is the same
-    constant for every image, so image-only rankings are unchanged."""
+def add_patient_prior(model, coef: np.ndarray, offset: np.ndarray) -> None:
+    """patient_prior "logistic": add a patient-data-only logistic regression's log-odds,
+    ``coef . x + offset``, to the trained model's logits (through ``tabular_skip``). With
+    patient data unknown the term is the same constant for every image, so image-only rankings
+    are unchanged. ``offset`` is the regression's intercept, or ``-coef . mean x`` to centre
+    the term on the average training patient, which keeps the model's calibration."""
     with torch.no_grad():
         model.tabular_skip.weight.add_(torch.from_numpy(coef).to(model.tabular_skip.weight))
-        model.tabular_skip.bias.add_(torch.from_numpy(bias).to(model.tabular_skip.bias))
+        model.tabular_skip.bias.add_(torch.from_numpy(offset).to(model.tabular_skip.bias))
+
+
+PRIOR_WEIGHTS = (0.5, 1.0, 1.5, 2.0, 3.0)
+
+
+def choose_prior_weight(model, coef: np.ndarray, bias: np.ndarray, loader, ctx) -> tuple[float, dict]:
+    """The prior weight (from PRIOR_WEIGHTS) whose logits, model + weight x regression, give the
+    best mean AUC on the validation loader. Returns (weight, {weight: validation AUC})."""
+    p, y, _ = predict(model, loader, ctx)
+    p = np.clip(p, 1e-7, 1 - 1e-7)
+    logits = np.log(p / (1 - p))
+    prior = loader.dataset.tabular.numpy() @ coef.T + bias
+    scores = {w: metrics.mean_auc(y, logits + w * prior) for w in PRIOR_WEIGHTS}
+    best = max(scores, key=lambda w: np.nan_to_num(scores[w], nan=-1.0))
+    return best, scores
 
 
 def load_initial_weights(model, source: str) -> None:
@@ -338,10 +354,20 @@ def main(cfg: TrainConfig, resume: bool = False) -> Path:
     if not (out / "model_classification.pt").exists():  # epochs = 0: evaluate/export the initial weights
         torch.save((ema.module if ema is not None else model).state_dict(), out / "model_classification.pt")
     best_model.load_state_dict(torch.load(out / "model_classification.pt", map_location=device, weights_only=True))
+    extra = {}
     if cfg.patient_prior == "logistic":
-        add_patient_prior(best_model, *fit_patient_logistic(encode_patients(unique_train, encoding),
-                                                             multi_hot(unique_train["labels"]), seed=cfg.seed))
-    evaluate_and_export(cfg, ctx, best_model, val_loader, test_loader, parts, history, out)
+        train_tab = encode_patients(unique_train, encoding)
+        coef, bias = fit_patient_logistic(train_tab, multi_hot(unique_train["labels"]), seed=cfg.seed)
+        if cfg.patient_prior_weight == "validation":
+            weight, scores = choose_prior_weight(best_model, coef, bias, val_loader, ctx)
+        else:
+            weight, scores = float(cfg.patient_prior_weight), {}
+        offset = -(coef @ train_tab.mean(axis=0)) if cfg.patient_prior_center else bias
+        add_patient_prior(best_model, weight * coef, (weight * offset).astype(np.float32))
+        extra["patient_prior"] = {"weight": weight, "centred": cfg.patient_prior_center,
+                                  "validation_mean_auc_by_weight": scores}
+        log.info("patient prior added with weight %g", weight)
+    evaluate_and_export(cfg, ctx, best_model, val_loader, test_loader, parts, history, out, extra)
     if world > 1:
         dist.destroy_process_group()
     return out
