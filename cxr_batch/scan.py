@@ -8,11 +8,10 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 from .bundle import atomic_write_bytes, load_bundle
 from .discover import find_candidates
-from .inference import Engine, ScanOptions, ScoredBatch, score_batches
+from .inference import Engine, ScanOptions, score_batches
 from .metadata import load_metadata_csv
 from .results import AtomicCsvWriter
 from .runtime import make_policy
@@ -52,12 +51,11 @@ def run_scan(
     device: str = "auto",
     precision: str = "auto",
     options: ScanOptions = ScanOptions(),
-    on_batch: Callable[[ScoredBatch], None] | None = None,
     shard: tuple[int, int] | None = None,
-    reports: "ReportOptions | None" = None,
+    reports=None,
 ) -> ScanSummary:
     """Scan ``studies`` into ``out/results.csv``, and PDF reports into ``out/reports`` unless
-    ``reports`` is None. ``on_batch`` sees each scored batch before its rows are written.
+    ``reports`` (a ``reports.ReportOptions``) is None.
 
     Raises BundleError, MetadataError or DeviceError when nothing can be done.
     """
@@ -87,8 +85,6 @@ def run_scan(
         for scored in score_batches(candidates, engine, options, metadata):
             if writer_pdf is not None:
                 writer_pdf.add_batch(scored)
-            if on_batch is not None:
-                on_batch(scored)
             for row in scored.rows:
                 writer.write(row)
                 summary.counts[row["status"]] += 1

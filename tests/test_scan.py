@@ -7,7 +7,6 @@ import sys
 
 import numpy as np
 import pandas as pd
-import pytest
 
 from cxr_batch.findings import FINDINGS
 from cxr_batch.inference import ScanOptions

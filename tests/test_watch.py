@@ -1,7 +1,6 @@
 """The watch daemon with a real DICOM sender: storescp writes into the watched folder, storescu
 sends; SIGKILL mid-stream and restart; slow writers, duplicates and malformed files."""
 
-import os
 import signal
 import socket
 import subprocess

@@ -8,7 +8,6 @@ DistributedDataParallel (NCCL on CUDA, gloo on CPU); rank 0 alone writes files.
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import os
 import sys
@@ -23,14 +22,13 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from cxr_batch.bundle import save_bundle
 from cxr_batch.findings import FINDINGS
 from cxr_batch.model import ModelConfig, build_model, load_imagenet_backbone
 from cxr_batch.patient import PatientEncoding, patient_from_values
 from cxr_batch.preprocess import Preprocessing
 from cxr_batch.runtime import pick_device
 
-from . import metrics, thresholds
+from . import metrics
 from .augment import eval_transform_batch, train_transform
 from .cache import build_cache, cache_size_for
 from .config import TrainConfig
