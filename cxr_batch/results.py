@@ -116,6 +116,5 @@ def merge_results(inputs: list[Path], output: Path) -> int:
     rows.sort(key=lambda r: r["file"])
     with AtomicCsvWriter(output) as writer:
         for row in rows:
-            writer._writer.writerow(row)
-            writer.count += 1
+            writer.write(row)  # values are strings already: written unchanged
     return len(rows)
