@@ -26,7 +26,7 @@ from cxr_batch.bundle import load_bundle  # noqa: E402
 from cxr_batch.dicom_build import radiograph, save  # noqa: E402
 from cxr_batch.discover import Candidate  # noqa: E402
 from cxr_batch.inference import load_study  # noqa: E402
-from cxr_batch.readers import ScoringRules  # noqa: E402
+from cxr_batch.study import ScoringRules  # noqa: E402
 
 
 def main() -> None:
@@ -51,7 +51,7 @@ def main() -> None:
             for _ in range(args.n):
                 loaded = load_study(cand, bundle.preprocessing, bundle.encoding, ScoringRules())
             rate = args.n / (time.perf_counter() - t0)
-            assert loaded.image is not None, loaded.record["reason"]
+            assert loaded.image is not None, loaded.record.reason
             print(f"{ts.name:45s} {path.stat().st_size / 2**20:6.1f} MiB  {rate:6.1f} images/s per worker")
 
 

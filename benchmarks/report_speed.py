@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.common import bundle_path, link_folder, real_images  # noqa: E402
 from cxr_batch.bundle import load_bundle  # noqa: E402
 from cxr_batch.discover import find_candidates  # noqa: E402
-from cxr_batch.inference import Engine, ScanOptions, score_batches  # noqa: E402
+from cxr_batch.inference import BatchOptions, Engine, score_batches  # noqa: E402
 from cxr_batch.reports import ReportOptions, ReportWriter  # noqa: E402
 from cxr_batch.runtime import make_policy  # noqa: E402
 
@@ -35,15 +35,15 @@ def main() -> None:
     engine = Engine(bundle, make_policy("cpu"))
     with tempfile.TemporaryDirectory() as tmp:
         folder = link_folder(real_images(), args.n, Path(tmp) / "studies")
-        batches = list(score_batches(find_candidates(folder), engine, ScanOptions(batch_size=8, workers=0, progress=False)))
-        flagged = sum(len([f for f in r["findings"].split(";") if f]) for b in batches for r in b.rows)
+        batches = list(score_batches(find_candidates(folder), engine, BatchOptions(batch_size=8, workers=0, progress=False)))
+        flagged = sum(len(r.findings) for b in batches for r in b.records)
         print(f"{args.n} studies, {flagged} flagged findings, {torch.get_num_threads()} threads")
         for heatmaps in (False, True):
             writer = ReportWriter(Path(tmp) / f"reports_{heatmaps}", bundle, ReportOptions(heatmaps=heatmaps))
             t0 = time.perf_counter()
             for b in batches:
-                writer.add_batch(b)
-            writer.write_worklist()
+                writer.report_batch(b)
+            writer.write_worklist([r for b in batches for r in b.records])
             dt = time.perf_counter() - t0
             print(f"heatmaps {'on ' if heatmaps else 'off'}: {args.n / dt:6.2f} reports/s ({dt / args.n * 1000:.0f} ms each)")
 

@@ -28,10 +28,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.common import PeakMemory, bundle_path, link_folder, real_images  # noqa: E402
 from cxr_batch.bundle import load_bundle  # noqa: E402
 from cxr_batch.discover import Candidate  # noqa: E402
-from cxr_batch.inference import Engine, ScanOptions, load_study  # noqa: E402
-from cxr_batch.readers import ScoringRules  # noqa: E402
+from cxr_batch.inference import Engine, load_study  # noqa: E402
+from cxr_batch.study import ScoringRules  # noqa: E402
 from cxr_batch.runtime import make_policy  # noqa: E402
-from cxr_batch.scan import run_scan  # noqa: E402
+from cxr_batch.scan import ScanConfig, run_scan  # noqa: E402
 
 
 def decode_rate(paths: list[Path], bundle) -> float:
@@ -99,9 +99,9 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = link_folder(images, args.n, Path(tmp) / "studies")
-        options = ScanOptions(batch_size=args.batch_size, workers=args.workers, progress=False)
-        summary = run_scan(folder, Path(tmp) / "out", weights=weights, device=args.device,
-                           precision=args.precision, options=options)
+        cfg = ScanConfig(weights=str(weights), device=args.device, precision=args.precision,
+                         batch_size=args.batch_size, workers=args.workers, progress=False, pdf=False)
+        summary = run_scan(folder, Path(tmp) / "out", cfg)
         e2e = summary.counts["ok"] / summary.seconds
         print(f"end to end ({args.n} images):     {e2e:8.1f} images/s")
         print(f"end-to-end / model-only:         {e2e / model_rate:8.2f}  (target >= 0.85 on CPU)")

@@ -27,9 +27,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.common import NIH, bundle_path, link_folder, real_images  # noqa: E402
 from cxr_batch.findings import FINDINGS  # noqa: E402
-from cxr_batch.inference import ScanOptions  # noqa: E402
 from cxr_batch.results import read_results  # noqa: E402
-from cxr_batch.scan import run_scan  # noqa: E402
+from cxr_batch.scan import ScanConfig, run_scan  # noqa: E402
 
 
 def peer_loop(paths: list[Path]) -> float:
@@ -52,8 +51,8 @@ def peer_loop(paths: list[Path]) -> float:
 
 
 def ours(folder: Path, out: Path, weights: Path, precision: str, batch_size: int) -> tuple[float, list[dict]]:
-    summary = run_scan(folder, out, weights=weights, device="cpu", precision=precision,
-                       options=ScanOptions(batch_size=batch_size, progress=False), reports=None)
+    summary = run_scan(folder, out, ScanConfig(weights=str(weights), device="cpu", precision=precision,
+                                               batch_size=batch_size, progress=False, pdf=False))
     return summary.counts["ok"] / summary.seconds, read_results(out / "results.csv")
 
 

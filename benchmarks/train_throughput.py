@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.common import real_images  # noqa: E402
 from cxr_batch.model import build_model  # noqa: E402
 from cxr_batch.preprocess import Preprocessing  # noqa: E402
-from cxr_batch.runtime import pick_device  # noqa: E402
+from cxr_batch.device import pick_device  # noqa: E402
 from training.augment import train_transform  # noqa: E402
 from training.cache import build_cache, cache_size_for, decode_resized  # noqa: E402
 

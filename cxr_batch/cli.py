@@ -12,7 +12,7 @@ from pathlib import Path
 
 import click
 
-from .findings import DEFAULT_URGENT, check_findings
+from .findings import check_findings
 from .scan import EXIT_FATAL, EXIT_USAGE
 
 log = logging.getLogger("cxr_batch")
@@ -43,6 +43,8 @@ def parse_shard(_ctx, _param, value):
 
 
 def parse_urgent(_ctx, _param, value):
+    if value is None:
+        return None
     names = [v.strip() for v in value.split(",") if v.strip()]
     try:
         return tuple(check_findings(names))
@@ -50,22 +52,23 @@ def parse_urgent(_ctx, _param, value):
         raise click.BadParameter(str(e)) from None
 
 
-def load_rules(config_file: Path | None):
-    """ScoringRules from the [scoring] table of a TOML file (defaults without one)."""
-    import tomllib
-    from dataclasses import fields
+# Tables a --config file may hold: each command reads its own and [scoring]; one file can
+# configure every command.
+CONFIG_TABLES = ("scan", "watch", "scoring")
 
-    from .readers import ScoringRules
 
-    if config_file is None:
-        return ScoringRules()
-    with open(config_file, "rb") as f:
-        table = tomllib.load(f).get("scoring", {})
-    known = {f.name for f in fields(ScoringRules)}
-    unknown = set(table) - known
-    if unknown:
-        raise ValueError(f"unknown [scoring] option(s) {sorted(unknown)}; known: {sorted(known)}")
-    return ScoringRules(**{k: tuple(v) if isinstance(v, list) else v for k, v in table.items()})
+def load_config(cls, config_file: Path | None, table: str, **options):
+    """A command's configuration: its ``[table]`` and ``[scoring]`` from ``config_file``,
+    command-line ``options`` (None = not given) on top. ConfigError names the bad key."""
+    from .config import check_tables, load_dataclass, read_toml
+
+    data = read_toml(config_file) if config_file is not None else {}
+    where = str(config_file) if config_file is not None else "options"
+    check_tables(data, CONFIG_TABLES, where)
+    values = dict(data.get(table, {}))
+    if "scoring" in data:
+        values["scoring"] = data["scoring"]
+    return load_dataclass(cls, values, f"{where} [{table}]" if config_file else table, **options)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -74,57 +77,72 @@ def main():
     """Chest X-ray triage: score frontal radiographs for the 14 NIH ChestX-ray14 findings."""
 
 
+def config_option(command: str):
+    return click.option(
+        "--config", "config_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+        help=f"TOML file: a [{command}] table (any option of this command, '_' for '-') and a [scoring] table "
+             "(what is scored: modalities, body_parts, views, allow_unknown_view, allow_missing_body_part, "
+             "max_pixels, max_file_bytes); command-line options win. See docs/watch.toml.")
+
+
+# Options of every command that scores studies (scan, watch), in the order --help lists them.
+RUN_OPTIONS = (
+    click.option("--weights", type=click.Path(exists=True, file_okay=False),
+                 help="Weights bundle folder (default: the bundled weights)."),
+    click.option("--metadata", type=click.Path(exists=True, dir_okay=False),
+                 help="NIH Data_Entry-style CSV with patient data for PNG/JPEG files."),
+    click.option("--device", help="auto, cpu, cuda or cuda:N.  [default: auto]"),
+    click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]),
+                 help="Inference precision.  [default: auto]"),
+    click.option("--workers", type=click.IntRange(0, 64),
+                 help="Decoding worker processes (default: chosen for this machine)."),
+    click.option("--urgent", callback=parse_urgent,
+                 help="Comma-separated findings that make a study urgent.  [default: Pneumothorax]"),
+    click.option("--pdf/--no-pdf", default=None, help="PDF reports and worklist in OUT/reports.  [default: pdf]"),
+    click.option("--heatmaps/--no-heatmaps", default=None, help="Grad-CAM for flagged findings.  [default: heatmaps]"),
+    click.option("--dicom-pdf", is_flag=True, default=None, help="Also write each report as a DICOM Encapsulated PDF."),
+    click.option("--title", help="Report title.  [default: Chest X-ray triage report]"),
+    click.option("--institution", help="Institution name printed on reports."),
+)
+DEBUG_OPTION = click.option("--debug", is_flag=True, help="Show tracebacks and library messages.")
+
+
+def run_options(command):
+    for option in reversed(RUN_OPTIONS):
+        command = option(command)
+    return command
+
+
 @main.command()
 @click.argument("studies", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--out", "-o", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Results folder (results.csv, run.json, reports/).")
-@click.option("--weights", type=click.Path(exists=True, file_okay=False, path_type=Path),
-              help="Weights bundle folder (default: the bundled weights).")
-@click.option("--metadata", "metadata_csv", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="NIH Data_Entry-style CSV with patient data for PNG/JPEG files.")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
-@click.option("--precision", default="auto", show_default=True,
-              type=click.Choice(["auto", "fp32", "bf16", "fp16"]), help="Inference precision.")
-@click.option("--batch-size", default=16, show_default=True, type=click.IntRange(1, 4096))
-@click.option("--workers", default=None, type=click.IntRange(0, 64),
-              help="DataLoader worker processes (default: chosen for this machine).")
-@click.option("--urgent", default=",".join(DEFAULT_URGENT), show_default=True, callback=parse_urgent,
-              help="Comma-separated findings that make a study urgent.")
-@click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="TOML file; its [scoring] table sets what is scored (modalities, body_parts, views, "
-                   "allow_unknown_view, allow_missing_body_part, max_pixels, max_file_bytes).")
-@click.option("--shard", default=None, callback=parse_shard,
+@config_option("scan")
+@run_options
+@click.option("--batch-size", type=click.IntRange(1, 4096), help="Images per forward pass.  [default: 16]")
+@click.option("--shard", callback=parse_shard,
               help="Process only shard i of N (i/N): a deterministic 1/N of the files.")
-@click.option("--pdf/--no-pdf", default=True, show_default=True, help="PDF reports and worklist in OUT/reports.")
-@click.option("--heatmaps/--no-heatmaps", default=True, show_default=True, help="Grad-CAM for flagged findings.")
-@click.option("--dicom-pdf", is_flag=True, help="Also write each report as a DICOM Encapsulated PDF.")
-@click.option("--title", default="Chest X-ray triage report", show_default=True, help="Report title.")
-@click.option("--institution", default="", help="Institution name printed on reports.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar, warnings only.")
-@click.option("--debug", is_flag=True, help="Show tracebacks.")
-def scan(studies, out, weights, metadata_csv, device, precision, batch_size, workers, urgent, config_file, shard,
-         pdf, heatmaps, dicom_pdf, title, institution, quiet, debug):
+@DEBUG_OPTION
+def scan(studies, out, config_file, weights, metadata, device, precision, workers, urgent, pdf, heatmaps, dicom_pdf,
+         title, institution, batch_size, shard, quiet, debug):
     """Score every frontal chest radiograph under STUDIES into OUT/results.csv."""
     from .bundle import BundleError
-    from .inference import ScanOptions
+    from .config import ConfigError
+    from .device import DeviceError
     from .metadata import MetadataError
-    from .runtime import DeviceError
-    from .scan import run_scan
+    from .scan import ScanConfig, run_scan
 
     setup_logging(quiet, debug)
     try:
-        rules = load_rules(config_file)
-    except (ValueError, TypeError) as e:
-        fail(f"{config_file}: {e}", debug, EXIT_USAGE)
-    options = ScanOptions(batch_size=batch_size, workers=workers, urgent=urgent, rules=rules, progress=not quiet)
-    reports = None
-    if pdf:
-        from .reports import ReportOptions
-
-        reports = ReportOptions(title=title, institution=institution, heatmaps=heatmaps, dicom_pdf=dicom_pdf)
+        cfg = load_config(ScanConfig, config_file, "scan", weights=weights, metadata=metadata, device=device,
+                          precision=precision, batch_size=batch_size, workers=workers, urgent=urgent, shard=shard,
+                          pdf=pdf, heatmaps=heatmaps, dicom_pdf=dicom_pdf, title=title, institution=institution,
+                          progress=False if quiet else None)
+    except ConfigError as e:
+        fail(str(e), debug, EXIT_USAGE)
     try:
-        summary = run_scan(studies, out, weights=weights, metadata_csv=metadata_csv, device=device,
-                           precision=precision, options=options, shard=shard, reports=reports)
+        summary = run_scan(studies, out, cfg)
     except DeviceError as e:
         fail(str(e), debug, EXIT_USAGE)
     except (BundleError, MetadataError) as e:
@@ -155,33 +173,31 @@ def merge(inputs, out):
 @main.command()
 @click.argument("watch_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--out", "-o", required=True, type=click.Path(file_okay=False, path_type=Path), help="Results folder.")
-@click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="TOML file: a [watch] table (every option, see cxr_batch/watch.py) and [scoring].")
-@click.option("--weights", default=None, help="Weights bundle folder.")
-@click.option("--metadata", default=None, help="NIH-style CSV with patient data for PNG/JPEG files.")
-@click.option("--device", default=None, help="auto, cpu, cuda or cuda:N.")
-@click.option("--batch-size", type=click.IntRange(1, 4096), default=None)
-@click.option("--max-wait", type=float, default=None, help="Seconds a ready study waits for its batch to fill.")
-@click.option("--settle", type=float, default=None, help="Seconds a file must stay unchanged to count as complete.")
+@config_option("watch")
+@run_options
+@click.option("--batch-size", type=click.IntRange(1, 4096), help="Studies scored together.  [default: 8]")
+@click.option("--max-wait", type=click.FloatRange(0), help="Seconds a ready study waits for its batch to fill.")
+@click.option("--settle", type=click.FloatRange(0), help="Seconds a file must stay unchanged to count as complete.")
 @click.option("--polling", is_flag=True, default=None, help="Poll the folder (network shares without inotify).")
-@click.option("--archive-dir", default=None, help="Move processed files here (default: leave them in place).")
-@click.option("--quarantine-dir", default=None, help="Move files that failed here.")
-@click.option("--no-heatmaps", "heatmaps", flag_value=False, default=None, help="Skip Grad-CAM in reports.")
-@click.option("--no-pdf", "pdf", flag_value=False, default=None, help="No PDF reports.")
-@click.option("--debug", is_flag=True)
-def watch(watch_dir, out, config_file, weights, metadata, device, batch_size, max_wait, settle, polling, archive_dir,
-          quarantine_dir, heatmaps, pdf, debug):
+@click.option("--archive-dir", help="Move processed files here (default: leave them in place).")
+@click.option("--quarantine-dir", help="Move files that failed here.")
+@DEBUG_OPTION
+def watch(watch_dir, out, config_file, weights, metadata, device, precision, workers, urgent, pdf, heatmaps, dicom_pdf,
+          title, institution, batch_size, max_wait, settle, polling, archive_dir, quarantine_dir, debug):
     """Watch WATCH_DIR (a PACS export folder) and report every new study once, until SIGTERM."""
     from .bundle import BundleError
-    from .runtime import DeviceError
+    from .config import ConfigError
+    from .device import DeviceError
     from .watch import WatchConfig, Watcher
 
     setup_logging(False, debug)
     try:
-        cfg = WatchConfig.from_toml(config_file, weights=weights, metadata=metadata, device=device,
-                                    batch_size=batch_size, max_wait=max_wait, settle=settle, polling=polling,
-                                    archive_dir=archive_dir, quarantine_dir=quarantine_dir, heatmaps=heatmaps, pdf=pdf)
-    except (ValueError, TypeError) as e:
+        cfg = load_config(WatchConfig, config_file, "watch", weights=weights, metadata=metadata, device=device,
+                          precision=precision, workers=workers, urgent=urgent, pdf=pdf, heatmaps=heatmaps,
+                          dicom_pdf=dicom_pdf, title=title, institution=institution, batch_size=batch_size,
+                          max_wait=max_wait, settle=settle, polling=polling, archive_dir=archive_dir,
+                          quarantine_dir=quarantine_dir)
+    except ConfigError as e:
         fail(str(e), debug, EXIT_USAGE)
     try:
         code = Watcher(watch_dir, out, cfg).run()
@@ -211,12 +227,14 @@ def watch(watch_dir, out, config_file, weights, metadata, device, batch_size, ma
 @click.option("--imagenet", default=None, help="Initialise the backbone from ImageNet: 'torchvision' or a file.")
 @click.option("--init-weights", type=click.Path(exists=True, path_type=Path),
               help="Start from these weights (bundle folder or state dict); with --epochs 0, evaluate and export only.")
-@click.option("--debug", is_flag=True)
+@DEBUG_OPTION
 def train(images, metadata, out, split_lists, config_file, epochs, image_size, batch_size, limit, device, resume,
           imagenet, init_weights, debug):
     """Train a model from NIH ChestX-ray14 and export a weights bundle to OUT/bundle."""
     from training.config import TrainConfig
     from training.train import main as train_main
+
+    from .config import ConfigError
 
     setup_logging(False, debug)
     logging.getLogger("cxr_batch.train").setLevel(logging.INFO)
@@ -225,8 +243,10 @@ def train(images, metadata, out, split_lists, config_file, epochs, image_size, b
                      split_lists=tuple(split_lists) if split_lists else None, epochs=epochs, image_size=image_size,
                      batch_size=batch_size, limit=limit, device=device, imagenet=imagenet)
     try:
-        cfg = (TrainConfig.from_toml(config_file, **overrides) if config_file
-               else TrainConfig.from_dict({k: v for k, v in overrides.items() if v is not None}))
+        cfg = TrainConfig.load(config_file, **overrides)
+    except ConfigError as e:
+        fail(str(e), debug, EXIT_USAGE)
+    try:
         run = train_main(cfg, resume=resume)
     except (ValueError, OSError) as e:
         fail(str(e), debug)

@@ -21,7 +21,7 @@ from pydicom.uid import UID
 
 from .greyscale import robust_range, window_to_uint8
 from .patient import PatientData, patient_from_values
-from .readers import ReadError, ScoringRules, SkipStudy, StudyImage, check_view
+from .study import Identifiers, ReadError, ScoringRules, SkipStudy, StudyFailure, StudyHeader, StudyImage, check_view
 
 # SOP classes that hold no radiograph (checked before anything else is read).
 _NON_IMAGE_PREFIXES = {
@@ -113,17 +113,17 @@ def patient_from_header(ds) -> PatientData:
     return data
 
 
-def identifiers(ds) -> dict:
-    return {
-        "patient_id": _text(ds, "PatientID"),
-        "patient_name": _text(ds, "PatientName").replace("^", " ").strip(),
-        "study_uid": _text(ds, "StudyInstanceUID"),
-        "series_uid": _text(ds, "SeriesInstanceUID"),
-        "sop_uid": _text(ds, "SOPInstanceUID"),
-        "accession_number": _text(ds, "AccessionNumber"),
-        "study_date": _text(ds, "StudyDate"),
-        "institution": _text(ds, "InstitutionName"),
-    }
+def identifiers(ds) -> Identifiers:
+    return Identifiers(
+        patient_id=_text(ds, "PatientID"),
+        patient_name=_text(ds, "PatientName").replace("^", " ").strip(),
+        study_uid=_text(ds, "StudyInstanceUID"),
+        series_uid=_text(ds, "SeriesInstanceUID"),
+        sop_uid=_text(ds, "SOPInstanceUID"),
+        accession_number=_text(ds, "AccessionNumber"),
+        study_date=_text(ds, "StudyDate"),
+        institution=_text(ds, "InstitutionName"),
+    )
 
 
 def check_scored(ds, rules: ScoringRules) -> None:
@@ -261,16 +261,14 @@ def read_dicom(path: Path, rules: ScoringRules) -> StudyImage:
         raise ReadError(f"DICOM header cannot be parsed: {str(e).splitlines()[0][:200] if str(e) else type(e).__name__}") from None
     if len(ds) == 0:
         raise ReadError("DICOM file holds no data elements (preamble only, or truncated)")
-    ids = identifiers(ds)
-    patient = patient_from_header(ds)
+    header = StudyHeader(identifiers(ds), patient_from_header(ds))
     try:
         check_scored(ds, rules)
-        check_view(patient, rules)
+        check_view(header.patient, rules)
         _check_size(ds, rules)
         grey = to_display_grey(ds, _decode(ds))
-    except (ReadError, SkipStudy) as e:
-        e.ids, e.patient = ids, patient  # so the row still says which study it was
-        raise
-    if grey.ndim != 2:
-        raise ReadError(f"unexpected decoded shape {grey.shape}")
-    return StudyImage(grey=grey, kind="dicom", patient=patient, ids=ids)
+        if grey.ndim != 2:
+            raise ReadError(f"unexpected decoded shape {grey.shape}")
+    except StudyFailure as e:
+        raise e.with_header(header)  # so the row still says which study it was
+    return StudyImage(grey=grey, kind="dicom", header=header)

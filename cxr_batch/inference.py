@@ -1,37 +1,42 @@
-"""Batched inference: DataLoader workers read and preprocess while the model runs.
+"""Batched inference: the dataset that prepares model inputs, the engine, and batch scoring.
 
-``load_study`` turns one candidate file into a record (identifiers, patient data with
-sources, status) plus the model's inputs; ``score_batches`` drives a DataLoader over the
-candidates and yields scored batches in candidate order, so callers (CSV, PDF reports, the
-watcher) consume results as they come and memory stays flat.
+:class:`StudyDataset` turns candidate files into assembled studies plus the model's inputs;
+:func:`score_batches` drives a DataLoader over it and yields :class:`ScoredBatch` es in
+candidate order, so callers (CSV, PDF reports, the watcher) consume results as they come and
+memory stays flat.
 """
 
 from __future__ import annotations
 
 import logging
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Iterator
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, get_worker_info
 
+from .assemble import assemble_study
 from .bundle import Bundle
 from .discover import Candidate
-from .findings import DEFAULT_URGENT, FINDINGS
-from .metadata import MetadataRow, patient_from_metadata, read_sidecar
-from .patient import PatientData
-from .preprocess import eval_transform
-from .readers import ID_FIELDS, ReadError, ScoringRules, SkipStudy, check_view, read_study
+from .findings import DEFAULT_URGENT
+from .metadata import MetadataRow
+from .patient import PatientEncoding
+from .preprocess import Preprocessing, eval_transform
+from .record import Scores, StudyRecord
 from .runtime import RunPolicy, available_cores, default_workers
+from .study import ScoringRules
 from .triage import triage
 
 log = logging.getLogger("cxr_batch")
 
 
 @dataclass
-class ScanOptions:
+class BatchOptions:
+    """What batch scoring needs of a run's configuration."""
+
     batch_size: int = 16
     workers: int | None = None  # None: runtime.default_workers()
     urgent: tuple[str, ...] = DEFAULT_URGENT
@@ -41,66 +46,36 @@ class ScanOptions:
 
 @dataclass
 class Loaded:
-    """One study after reading: its row so far and, when readable, the model inputs."""
+    """One study after reading: its record and, when it is to be scored, the model inputs."""
 
-    record: dict
+    record: StudyRecord
     image: torch.Tensor | None = None  # [3, S, S] float32, normalised
     tabular: torch.Tensor | None = None  # [3] float32, encoded patient data
 
 
-def _patient_columns(p: PatientData) -> dict:
-    return {
-        "age": p.age, "age_source": p.age_source, "sex": p.sex or "", "sex_source": p.sex_source,
-        "view": p.view or "", "view_source": p.view_source, "notes": "; ".join(p.notes),
-    }
-
-
-def load_study(cand: Candidate, bundle_prep, encoding, rules: ScoringRules,
+def load_study(cand: Candidate, prep: Preprocessing, encoding: PatientEncoding, rules: ScoringRules,
                metadata: dict[str, MetadataRow] | None = None) -> Loaded:
-    """Read, merge patient data (header > sidecar > metadata CSV) and preprocess one file."""
-    record = {"file": cand.rel, "status": "ok", "reason": ""}
-    if cand.problem:
-        return Loaded({**record, "status": "error", "reason": cand.problem})
-    patient, ids, grey, failure = PatientData(), {}, None, None
-    try:
-        study = read_study(cand.path, rules)
-        patient, ids, grey = study.patient, study.ids, study.grey
-    except (ReadError, SkipStudy) as e:
-        failure = e
-        patient = getattr(e, "patient", None) or PatientData()
-        ids = getattr(e, "ids", None) or {}
-    except Exception as e:  # a reader bug must cost one row, never the scan
-        failure = ReadError(f"unexpected {type(e).__name__} while reading: {e}")
-    sidecar = read_sidecar(cand.path)
-    if sidecar is not None:
-        patient.fill_from(sidecar[0])
-        ids = {**sidecar[1], **{k: v for k, v in ids.items() if v}}
-    if metadata is not None and cand.path.name in metadata:
-        row = metadata[cand.path.name]
-        patient.fill_from(patient_from_metadata(row))
-        if not ids.get("patient_id") and row.patient_id:
-            ids["patient_id"] = row.patient_id
-    record.update({k: ids.get(k, "") for k in ID_FIELDS})
-    record.update(_patient_columns(patient))
-    if failure is None:
-        try:
-            check_view(patient, rules)  # the view may come from a sidecar or the CSV
-        except SkipStudy as e:
-            failure = e
-    if failure is not None:
-        record["status"] = "skipped" if isinstance(failure, SkipStudy) else "error"
-        record["reason"] = str(failure)
-        return Loaded(record)
-    image = eval_transform(grey, bundle_prep)
-    tabular = torch.from_numpy(encoding.encode(patient.age, patient.view, patient.sex))
-    return Loaded(record, image, tabular)
+    """Assemble one candidate and, when it is to be scored, build its model inputs."""
+    study = assemble_study(cand, rules, metadata)
+    if study.grey is None:
+        return Loaded(study.record)
+    p = study.record.patient
+    image = eval_transform(study.grey, prep)
+    tabular = torch.from_numpy(encoding.encode(p.age, p.view, p.sex))
+    return Loaded(study.record, image, tabular)
 
 
 class StudyDataset(Dataset):
+    """Candidates -> :class:`Loaded` studies. A batch is decoded by the dataset's own thread
+    pool (PNG/DICOM decoding and resizing release the GIL), so in the main process (workers = 0)
+    every core decodes between the model's batches; in a DataLoader worker one thread does."""
+
     def __init__(self, candidates: list[Candidate], bundle: Bundle, rules: ScoringRules,
-                 metadata: dict[str, MetadataRow] | None = None):
+                 metadata: dict[str, MetadataRow] | None = None, threads: int | None = None):
         self.candidates = candidates
         self.prep, self.encoding, self.rules, self.metadata = bundle.preprocessing, bundle.encoding, rules, metadata
+        self.threads = available_cores() if threads is None else threads
+        self._pool: ThreadPoolExecutor | None = None
 
     def __len__(self) -> int:
         return len(self.candidates)
@@ -109,18 +84,32 @@ class StudyDataset(Dataset):
         return load_study(self.candidates[i], self.prep, self.encoding, self.rules, self.metadata)
 
     def __getitems__(self, indices: list[int]) -> list[Loaded]:
-        """A whole batch at once (DataLoader calls this when it exists): decoded by a thread
-        pool, since PNG/DICOM decoding and resizing release the GIL. In the main process
-        (workers = 0) this uses every core between the model's batches."""
-        if _decode_threads() <= 1 or len(indices) <= 1:
+        """A whole batch at once (DataLoader calls this when it exists)."""
+        if self.threads <= 1 or len(indices) <= 1:
             return [self[i] for i in indices]
-        return list(_pool().map(self.__getitem__, indices))
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="cxr-decode")
+        return list(self._pool.map(self.__getitem__, indices))
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None
+
+    def __getstate__(self):  # sent to DataLoader workers: a thread pool does not travel
+        return {**self.__dict__, "_pool": None}
+
+
+def _worker_init(_worker_id: int) -> None:
+    # A worker decodes one image at a time; the model's threads live in the main process.
+    torch.set_num_threads(1)
+    get_worker_info().dataset.threads = 1
 
 
 @dataclass
 class Batch:
-    records: list[dict]
-    ok: list[int]  # positions in records that have inputs
+    records: list[StudyRecord]
+    ok: list[int]  # positions in records that have model inputs
     images: torch.Tensor | None  # [len(ok), 3, S, S]
     tabular: torch.Tensor | None  # [len(ok), 3]
 
@@ -135,30 +124,6 @@ def collate(items: list[Loaded]) -> Batch:
     images = torch.stack([items[i].image for i in ok]) if ok else None
     tabular = torch.stack([items[i].tabular for i in ok]) if ok else None
     return Batch([it.record for it in items], ok, images, tabular)
-
-
-_POOL = None
-_IN_WORKER = False
-
-
-def _decode_threads() -> int:
-    return 1 if _IN_WORKER else available_cores()
-
-
-def _pool():
-    global _POOL
-    if _POOL is None:
-        from concurrent.futures import ThreadPoolExecutor
-
-        _POOL = ThreadPoolExecutor(_decode_threads(), thread_name_prefix="cxr-decode")
-    return _POOL
-
-
-def _worker_init(_):
-    # Workers decode and resize one image at a time; the model's threads live in the main process.
-    global _IN_WORKER
-    _IN_WORKER = True
-    torch.set_num_threads(1)
 
 
 class Engine:
@@ -203,29 +168,32 @@ class Engine:
 
 @dataclass
 class ScoredBatch:
-    rows: list[dict]
-    ok: list[int]
-    images: torch.Tensor | None  # the model inputs of rows[ok[i]], for heatmaps and reports
+    records: list[StudyRecord]
+    ok: list[int]  # positions in records that were scored
+    images: torch.Tensor | None  # the model inputs of records[ok[i]], for heatmaps and reports
     tabular: torch.Tensor | None
 
+    def inputs(self, position: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The model inputs (image [3, S, S], tabular [3]) of records[position], if scored."""
+        if position not in self.ok:
+            return None
+        k = self.ok.index(position)
+        return self.images[k], self.tabular[k]
 
-def score_rows(batch: Batch, probs: np.ndarray | None, bundle: Bundle, urgent) -> list[dict]:
-    """Attach probabilities, flags, findings and priority to the ok records of a batch."""
+
+def attach_scores(batch: Batch, probs: np.ndarray | None, bundle: Bundle, urgent) -> list[StudyRecord]:
+    """Set model identification on every record and scores on the scored ones."""
     thresholds = np.array(bundle.threshold_vector())
-    rows = []
     for pos, record in enumerate(batch.records):
-        row = {**record, "model": bundle.label, "weights_sha256": bundle.sha256}
+        record.model, record.weights_sha256 = bundle.label, bundle.sha256
         if pos in batch.ok:
             p = probs[batch.ok.index(pos)]
             t = triage(p, thresholds, urgent)
-            row.update({f"p_{f}": float(v) for f, v in zip(FINDINGS, p)})
-            row.update({f"flag_{f}": int(v) for f, v in zip(FINDINGS, t.flags)})
-            row.update(findings=";".join(t.findings), priority=t.priority, triage_score=t.score)
-        rows.append(row)
-    return rows
+            record.scores = Scores(tuple(float(v) for v in p), tuple(int(v) for v in t.flags), t.priority, t.score)
+    return batch.records
 
 
-def score_batches(candidates: list[Candidate], engine: Engine, options: ScanOptions,
+def score_batches(candidates: list[Candidate], engine: Engine, options: BatchOptions,
                   metadata: dict[str, MetadataRow] | None = None) -> Iterator[ScoredBatch]:
     """Read, preprocess and score ``candidates`` in order, one batch at a time."""
     if not candidates:
@@ -251,10 +219,11 @@ def score_batches(candidates: list[Candidate], engine: Engine, options: ScanOpti
     try:
         for batch in loader:
             probs = engine.probabilities(batch.images, batch.tabular) if batch.ok else None
-            yield ScoredBatch(score_rows(batch, probs, engine.bundle, options.urgent), batch.ok,
-                              batch.images, batch.tabular)
+            records = attach_scores(batch, probs, engine.bundle, options.urgent)
+            yield ScoredBatch(records, batch.ok, batch.images, batch.tabular)
             if progress is not None:
                 progress.update(len(batch.records))
     finally:
+        dataset.close()
         if progress is not None:
             progress.close()

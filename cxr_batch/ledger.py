@@ -13,6 +13,8 @@ import sqlite3
 import time
 from pathlib import Path
 
+from .record import StudyRecord
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS studies (
     key TEXT PRIMARY KEY,
@@ -51,24 +53,25 @@ class Ledger:
         row = self.db.execute("SELECT size, mtime_ns FROM files WHERE path = ?", (path,)).fetchone()
         return row is not None and row[0] == size and row[1] == mtime_ns
 
-    def record(self, studies: list[tuple[str, dict]], files: list[tuple[str, int, int, str, str]]) -> None:
-        """In one transaction: new studies (key, row) and handled files (path, size, mtime, key,
-        outcome). A study key already present is left as it is (exactly once)."""
+    def record(self, studies: list[tuple[str, StudyRecord]], files: list[tuple[str, int, int, str, str]]) -> None:
+        """In one transaction: new studies (key, record) and handled files (path, size, mtime,
+        key, outcome). A study key already present is left as it is (exactly once)."""
         now = time.time()
         with self.db:
             self.db.execute("BEGIN IMMEDIATE")
             seq = self.db.execute("SELECT COALESCE(MAX(seq), 0) FROM studies").fetchone()[0]
-            for key, row in studies:
+            for key, record in studies:
                 if not self.is_reported(key):
                     seq += 1
                     self.db.execute("INSERT INTO studies VALUES (?, ?, ?, ?, ?)",
-                                    (key, seq, row["file"], json.dumps(row), now))
+                                    (key, seq, record.file, json.dumps(record.to_json()), now))
             self.db.executemany("INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?, ?, ?)",
                                 [(*f, now) for f in files])
 
-    def rows(self) -> list[dict]:
-        """Every reported study's row, in the order they were reported."""
-        return [json.loads(r[0]) for r in self.db.execute("SELECT row FROM studies ORDER BY seq")]
+    def records(self) -> list[StudyRecord]:
+        """Every reported study's record, in the order they were reported."""
+        return [StudyRecord.from_json(json.loads(r[0]))
+                for r in self.db.execute("SELECT row FROM studies ORDER BY seq")]
 
     def count(self) -> int:
         return self.db.execute("SELECT COUNT(*) FROM studies").fetchone()[0]

@@ -16,6 +16,7 @@ from pathlib import Path
 import pandas as pd
 
 from .patient import PatientData, patient_from_values
+from .study import Identifiers, StudyHeader
 
 NIH_COLUMNS = {"Image Index": "file", "Patient ID": "patient_id", "Patient Age": "age",
                "Patient Gender": "sex", "View Position": "view"}
@@ -72,7 +73,7 @@ def patient_from_metadata(row: MetadataRow) -> PatientData:
     return patient_from_values(row.age, row.sex, row.view, "metadata")
 
 
-def read_sidecar(image_path: Path) -> tuple[PatientData, dict] | None:
+def read_sidecar(image_path: Path) -> StudyHeader | None:
     """Patient data and identifiers from ``<stem>.json`` beside the image, or None if absent.
     A sidecar that is not valid JSON yields a note, not a failure."""
     path = Path(image_path).with_suffix(".json")
@@ -85,7 +86,7 @@ def read_sidecar(image_path: Path) -> tuple[PatientData, dict] | None:
     except (OSError, ValueError) as e:
         data = PatientData()
         data.notes.append(f"sidecar {path.name} unreadable ({e}): ignored")
-        return data, {}
+        return StudyHeader(Identifiers(), data)
 
     def pick(name):
         return next((raw[k] for k in _SIDECAR_KEYS[name] if raw.get(k) not in (None, "")), None)
@@ -93,4 +94,4 @@ def read_sidecar(image_path: Path) -> tuple[PatientData, dict] | None:
     data = patient_from_values(pick("age"), pick("sex"), pick("view"), "sidecar")
     ids = {k: str(pick(k)) for k in ("patient_id", "patient_name", "study_date", "accession_number", "study_uid")
            if pick(k) is not None}
-    return data, ids
+    return StudyHeader(Identifiers(**ids), data)

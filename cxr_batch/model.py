@@ -27,6 +27,7 @@ from torch import nn
 from torchvision.models import densenet121
 from torchvision.ops import FeaturePyramidNetwork
 
+from .config import bounded, validate
 from .findings import FINDINGS
 
 ARCHITECTURE = "densenet121-fpn-fusion"
@@ -36,14 +37,17 @@ TAP_CHANNELS = (512, 1024, 1024)
 
 @dataclass(frozen=True)
 class ModelConfig:
-    num_classes: int = len(FINDINGS)
-    fpn_channels: int = 256
-    image_dim: int = 256
-    tabular_inputs: int = 3
-    tabular_dim: int = 8
-    hidden_dim: int = 128
-    dropout: float = 0.3
+    num_classes: int = bounded(len(FINDINGS), min=1)
+    fpn_channels: int = bounded(256, min=1)
+    image_dim: int = bounded(256, min=1)
+    tabular_inputs: int = bounded(3, min=1)
+    tabular_dim: int = bounded(8, min=1)
+    hidden_dim: int = bounded(128, min=1)
+    dropout: float = bounded(0.3, min=0.0, max=0.95)
     tabular_skip: bool = False
+
+    def __post_init__(self):
+        validate(self, "model")
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -15,13 +15,20 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .config import ConfigError, bounded, validate
+
 
 @dataclass(frozen=True)
 class Preprocessing:
-    image_size: int = 224
-    crop_fraction: float = 0.9
+    image_size: int = bounded(224, min=16, max=4096)
+    crop_fraction: float = bounded(0.9, gt=0.0, max=1.0)
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+
+    def __post_init__(self):
+        validate(self, "preprocessing")
+        if min(self.std) <= 0:
+            raise ConfigError(f"preprocessing.std = {self.std}: must be positive")
 
     def to_dict(self) -> dict:
         d = asdict(self)

@@ -2,61 +2,26 @@
 
 The seam: :func:`read_study` recognises a file by its content (PNG and JPEG signatures, the
 DICOM preamble or a DICOM parse), never by its name, and dispatches to the reader for that
-kind. Every reader returns a :class:`StudyImage` or raises :class:`SkipStudy` (deliberately
-not scored, e.g. a lateral view) or :class:`ReadError` (could not be read), each with a reason
-a person understands.
+kind. Every reader returns a :class:`~cxr_batch.study.StudyImage` or raises
+:class:`~cxr_batch.study.SkipStudy` (deliberately not scored, e.g. a lateral view) or
+:class:`~cxr_batch.study.ReadError` (could not be read), each with a reason a person
+understands.
 """
 
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 from .greyscale import to_uint8
-from .patient import PatientData
+from .study import ReadError, ScoringRules, SkipStudy, StudyImage
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 JPEG_SIGNATURE = b"\xff\xd8\xff"
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".dcm", ".dicom", ".dic"}
-
-
-class ReadError(Exception):
-    """The file could not be read as a study; the message is the row's reason."""
-
-
-class SkipStudy(Exception):
-    """The file was read but is deliberately not scored; the message is the row's reason."""
-
-
-@dataclass(frozen=True)
-class ScoringRules:
-    """Which files are scored. Everything else gets a `skipped` row with the reason."""
-
-    modalities: tuple[str, ...] = ("CR", "DX", "DR", "RG", "OT")  # OT: secondary capture of a radiograph
-    body_parts: tuple[str, ...] = ("CHEST", "THORAX", "LUNG", "TORAX", "THORAX_CHEST")
-    allow_missing_body_part: bool = True
-    views: tuple[str, ...] = ("PA", "AP")
-    allow_unknown_view: bool = True
-    max_pixels: int = 40_000_000  # about 6300 x 6300: larger is refused before decoding
-    max_file_bytes: int = 1 << 30
-
-
-@dataclass
-class StudyImage:
-    """A decoded radiograph: uint8 grey [H, W] (MONOCHROME2, windowed) and its header data."""
-
-    grey: np.ndarray
-    kind: str
-    patient: PatientData = field(default_factory=PatientData)
-    ids: dict = field(default_factory=dict)
-
-
-ID_FIELDS = ("patient_id", "patient_name", "study_uid", "series_uid", "sop_uid", "accession_number",
-             "study_date", "institution")
 
 
 def sniff(head: bytes) -> str | None:
@@ -68,16 +33,6 @@ def sniff(head: bytes) -> str | None:
     if len(head) >= 132 and head[128:132] == b"DICM":
         return "dicom"
     return None
-
-
-def check_view(patient: PatientData, rules: ScoringRules) -> None:
-    """Skip views the model is not meant for (laterals), and unknown views if configured."""
-    if patient.view is None:
-        if not rules.allow_unknown_view:
-            raise SkipStudy("view position unknown (scoring of unknown views is turned off)")
-        return
-    if patient.view not in rules.views:
-        raise SkipStudy(f"{patient.view.lower()} view ({patient.view_source}); only {'/'.join(rules.views)} are scored")
 
 
 def read_pil(path: Path, rules: ScoringRules) -> np.ndarray:

@@ -29,6 +29,7 @@ from xml.sax.saxutils import escape
 
 from .bundle import atomic_write_bytes
 from .findings import FINDINGS
+from .record import StudyRecord
 from .triage import PRIORITIES
 
 log = logging.getLogger("cxr_batch")
@@ -105,12 +106,12 @@ def safe_name(*parts: str, unique: str, limit: int = 80) -> str:
     return ("_".join(cleaned)[:limit] or "study") + "_" + digest
 
 
-def report_name(row: dict) -> str:
-    return safe_name(row.get("patient_id"), row.get("study_date"), Path(row["file"]).stem, unique=row["file"]) + ".pdf"
+def report_name(record: StudyRecord) -> str:
+    return safe_name(record.ids.patient_id, record.ids.study_date, Path(record.file).stem, unique=record.file) + ".pdf"
 
 
-def _source(row: dict, key: str) -> str:
-    src = row.get(f"{key}_source") or "unknown"
+def _source(record: StudyRecord, key: str) -> str:
+    src = getattr(record.patient, f"{key}_source") or "unknown"
     return "imputed: unknown to the model" if src == "unknown" else src
 
 
@@ -133,7 +134,7 @@ def overlay(grey: np.ndarray, heat: np.ndarray, alpha: float = 0.45) -> np.ndarr
     return (np.clip(rgb * (1 - weight) + colour * weight, 0, 1) * 255).astype(np.uint8)
 
 
-def study_pdf(row: dict, grey: np.ndarray | None, heatmaps: dict[int, np.ndarray], model_info: dict,
+def study_pdf(record: StudyRecord, grey: np.ndarray | None, heatmaps: dict[int, np.ndarray], model_info: dict,
               options: ReportOptions, generated: dt.datetime) -> bytes:
     """One study's report as PDF bytes. ``grey``: the model's view [S, S] in [0, 1]."""
     st = _styles()
@@ -143,22 +144,22 @@ def study_pdf(row: dict, grey: np.ndarray | None, heatmaps: dict[int, np.ndarray
     story = [Paragraph(text(options.title), st["title"])]
     if options.institution:
         story.append(Paragraph(text(options.institution), st["sub"]))
-    priority = row.get("priority") or "normal"
-    flagged = [f for f in FINDINGS if str(row.get(f"flag_{f}")) == "1"]
+    priority = record.priority or "normal"
+    flagged = list(record.findings)
     banner_text = PRIORITY_TEXT[priority] + (f" ({', '.join(flagged)})".replace("_", " ") if flagged else "")
     banner = Table([[Paragraph(escape(banner_text), st["banner"])]], colWidths=[180 * mm])
     banner.setStyle(TableStyle([("BACKGROUND", (0, 0), (-1, -1), PRIORITY_COLOURS[priority]),
                                 ("TOPPADDING", (0, 0), (-1, -1), 6), ("BOTTOMPADDING", (0, 0), (-1, -1), 6)]))
     story += [Spacer(1, 4 * mm), banner, Spacer(1, 3 * mm)]
 
-    age = row.get("age")
-    age = f"{float(age):g}" if age not in (None, "") else None
+    p, ids = record.patient, record.ids
+    age = f"{p.age:g}" if p.age is not None else None
     patient = [
-        ["Patient name", text(row.get("patient_name")), "Patient ID", text(row.get("patient_id"))],
-        ["Age", f"{text(age, 'unknown')} ({_source(row, 'age')})", "Sex",
-         f"{text(row.get('sex'), 'unknown')} ({_source(row, 'sex')})"],
-        ["Study date", text(row.get("study_date")), "Accession", text(row.get("accession_number"))],
-        ["View", f"{text(row.get('view'), 'unknown')} ({_source(row, 'view')})", "File", text(row.get("file"))],
+        ["Patient name", text(ids.patient_name), "Patient ID", text(ids.patient_id)],
+        ["Age", f"{text(age, 'unknown')} ({_source(record, 'age')})", "Sex",
+         f"{text(p.sex, 'unknown')} ({_source(record, 'sex')})"],
+        ["Study date", text(ids.study_date), "Accession", text(ids.accession_number)],
+        ["View", f"{text(p.view, 'unknown')} ({_source(record, 'view')})", "File", text(record.file)],
     ]
     ptable = Table([[Paragraph(c, st["cell"]) for c in r] for r in patient], colWidths=[24 * mm, 66 * mm, 24 * mm, 66 * mm])
     ptable.setStyle(TableStyle([("FONTNAME", (0, 0), (-1, -1), st["regular"]),
@@ -166,14 +167,14 @@ def study_pdf(row: dict, grey: np.ndarray | None, heatmaps: dict[int, np.ndarray
                                 ("BACKGROUND", (2, 0), (2, -1), colors.whitesmoke),
                                 ("GRID", (0, 0), (-1, -1), 0.3, colors.lightgrey), ("VALIGN", (0, 0), (-1, -1), "TOP")]))
     story += [ptable]
-    if row.get("notes"):
-        story.append(Paragraph("Notes: " + text(row["notes"]), st["small"]))
+    if p.notes:
+        story.append(Paragraph("Notes: " + text("; ".join(p.notes)), st["small"]))
 
     # all 14 findings
     data = [["Finding", "Probability", "Threshold", "Flag"]]
     for f in FINDINGS:
-        p, t = row.get(f"p_{f}"), model_info["thresholds"][f]
-        data.append([f.replace("_", " "), f"{float(p):.3f}" if p not in (None, "") else "n/a", f"{t:.2f}",
+        prob, t = record.scores.prob(f) if record.scores else None, model_info["thresholds"][f]
+        data.append([f.replace("_", " "), f"{prob:.3f}" if prob is not None else "n/a", f"{t:.2f}",
                      "FLAGGED" if f in flagged else "-"])
     ftable = Table(data, colWidths=[60 * mm, 35 * mm, 35 * mm, 30 * mm], repeatRows=1)
     style = [("FONTNAME", (0, 0), (-1, -1), st["regular"]), ("FONTNAME", (0, 0), (-1, 0), st["bold"]),
@@ -219,28 +220,28 @@ def _footer(canvas, doc):
     canvas.restoreState()
 
 
-def sort_for_worklist(rows: list[dict]) -> list[dict]:
-    """Scored rows by priority (urgent, abnormal, normal), then triage score, highest first."""
+def sort_for_worklist(records: list[StudyRecord]) -> list[StudyRecord]:
+    """Scored records by priority (urgent, abnormal, normal), then triage score, highest first."""
     rank = {p: i for i, p in enumerate(PRIORITIES)}
-    return sorted(rows, key=lambda r: (rank.get(r.get("priority"), 9), -float(r.get("triage_score") or 0),
-                                       r["file"]))
+    return sorted(records, key=lambda r: (rank.get(r.priority, 9), -r.triage_score, r.file))
 
 
-def worklist_pdf(rows: list[dict], options: ReportOptions, model_info: dict, generated: dt.datetime) -> bytes:
+def worklist_pdf(records: list[StudyRecord], options: ReportOptions, model_info: dict,
+                 generated: dt.datetime) -> bytes:
     """The run's worklist: scored studies by priority and triage score; failures listed apart."""
     st = _styles()
-    scored = sort_for_worklist([r for r in rows if r["status"] == "ok"])
-    others = [r for r in rows if r["status"] != "ok"]
-    counts = {p: sum(r.get("priority") == p for r in scored) for p in PRIORITIES}
+    scored = sort_for_worklist([r for r in records if r.ok])
+    others = [r for r in records if not r.ok]
+    counts = {p: sum(r.priority == p for r in scored) for p in PRIORITIES}
     buf = io.BytesIO()
     doc = SimpleDocTemplate(buf, pagesize=A4, leftMargin=12 * mm, rightMargin=12 * mm, topMargin=12 * mm,
                             bottomMargin=14 * mm, title=f"{options.title}: worklist", author="cxr-batch")
     story = [Paragraph(text(f"{options.title}: worklist"), st["title"])]
     if options.institution:
         story.append(Paragraph(text(options.institution), st["sub"]))
-    summary = (f"{len(rows)} files: {len(scored)} scored ({counts['urgent']} urgent, {counts['abnormal']} abnormal, "
-               f"{counts['normal']} normal), {sum(r['status'] == 'skipped' for r in others)} skipped, "
-               f"{sum(r['status'] == 'error' for r in others)} failed. Ordered by priority, then by triage score "
+    summary = (f"{len(records)} files: {len(scored)} scored ({counts['urgent']} urgent, {counts['abnormal']} abnormal, "
+               f"{counts['normal']} normal), {sum(r.status == 'skipped' for r in others)} skipped, "
+               f"{sum(r.status == 'error' for r in others)} failed. Ordered by priority, then by triage score "
                f"(how far the most suspicious finding exceeds its threshold).")
     story += [Spacer(1, 2 * mm), Paragraph(escape(summary), st["body"]), Spacer(1, 3 * mm)]
     data = [["#", "Priority", "Patient ID", "Study date", "Flagged findings", "Score", "Report"]]
@@ -248,11 +249,11 @@ def worklist_pdf(rows: list[dict], options: ReportOptions, model_info: dict, gen
              ("FONTSIZE", (0, 0), (-1, -1), 7), ("GRID", (0, 0), (-1, -1), 0.3, colors.lightgrey),
              ("BACKGROUND", (0, 0), (-1, 0), colors.HexColor("#ECEFF1")), ("VALIGN", (0, 0), (-1, -1), "TOP")]
     for i, r in enumerate(scored, start=1):
-        data.append([str(i), r["priority"].upper(), Paragraph(text(r.get("patient_id"), "-"), st["cell"]),
-                     r.get("study_date") or "-",
-                     Paragraph(escape(r.get("findings", "").replace(";", ", ").replace("_", " ")) or "-", st["cell"]),
-                     f"{float(r.get('triage_score') or 0):.2f}", Paragraph(escape(r.get("report", "") or "-"), st["cell"])])
-        style.append(("TEXTCOLOR", (1, i), (1, i), PRIORITY_COLOURS[r["priority"]]))
+        data.append([str(i), r.priority.upper(), Paragraph(text(r.ids.patient_id, "-"), st["cell"]),
+                     r.ids.study_date or "-",
+                     Paragraph(escape(", ".join(r.findings).replace("_", " ")) or "-", st["cell"]),
+                     f"{r.triage_score:.2f}", Paragraph(escape(r.report or "-"), st["cell"])])
+        style.append(("TEXTCOLOR", (1, i), (1, i), PRIORITY_COLOURS[r.priority]))
         style.append(("FONTNAME", (1, i), (1, i), st["bold"]))
     table = Table(data, colWidths=[8 * mm, 18 * mm, 28 * mm, 18 * mm, 52 * mm, 12 * mm, 50 * mm], repeatRows=1)
     table.setStyle(TableStyle(style))
@@ -260,7 +261,7 @@ def worklist_pdf(rows: list[dict], options: ReportOptions, model_info: dict, gen
     if others:
         story += [Paragraph("Not scored", st["h"])]
         odata = [["File", "Status", "Reason"]] + [
-            [Paragraph(escape(r["file"]), st["cell"]), r["status"], Paragraph(escape(r.get("reason", "")), st["cell"])]
+            [Paragraph(escape(r.file), st["cell"]), r.status, Paragraph(escape(r.reason), st["cell"])]
             for r in others]
         otable = Table(odata, colWidths=[60 * mm, 16 * mm, 110 * mm], repeatRows=1)
         otable.setStyle(TableStyle(style[:5]))
@@ -274,12 +275,11 @@ def worklist_pdf(rows: list[dict], options: ReportOptions, model_info: dict, gen
 
 @dataclass
 class ReportWriter:
-    """Writes a report per scored study as batches arrive, and the worklist at the end."""
+    """Writes one PDF per scored study and the worklist; scan and watch both use it."""
 
     folder: Path
     bundle: object
     options: ReportOptions = field(default_factory=ReportOptions)
-    rows: list = field(default_factory=list)
 
     def __post_init__(self):
         self.folder = Path(self.folder)
@@ -287,45 +287,56 @@ class ReportWriter:
         self.model_info = {"label": self.bundle.label, "sha256": self.bundle.sha256,
                            "thresholds": self.bundle.thresholds}
 
-    def add_batch(self, scored) -> None:
-        """Called with each ScoredBatch: writes its reports and sets each row's ``report``."""
+    def write_study(self, record: StudyRecord, inputs=None) -> str:
+        """Write ``record``'s report and return its file name. ``inputs``: the model inputs
+        (image [3, S, S], tabular [3]) for the radiograph tile and the heatmaps, or None."""
         from .gradcam import gradcam
         from .preprocess import denormalise
 
-        for pos, row in enumerate(scored.rows):
-            if row["status"] == "ok":
-                k = scored.ok.index(pos)
-                image, tab = scored.images[k], scored.tabular[k]
-                flagged = [FINDINGS.index(f) for f in row["findings"].split(";") if f]
-                try:
-                    heat = gradcam(self.bundle.model, image, tab, flagged) if self.options.heatmaps else {}
-                    row["report"] = self.write_study(row, denormalise(image, self.bundle.preprocessing), heat)
-                except Exception as e:  # a report that cannot be made must not cost the scan
-                    log.error("%s: report not written: %s: %s", row["file"], type(e).__name__, e)
-                    row["notes"] = "; ".join(filter(None, [row.get("notes"), "PDF report failed"]))
-            self.rows.append(row)
-
-    def write_study(self, row: dict, grey: np.ndarray | None, heatmaps: dict) -> str:
-        name = report_name(row)
-        pdf = study_pdf(row, grey, heatmaps, self.model_info, self.options, dt.datetime.now().astimezone())
+        grey, heat = None, {}
+        if inputs is not None:
+            image, tabular = inputs
+            grey = denormalise(image, self.bundle.preprocessing)
+            if self.options.heatmaps and record.findings:
+                heat = gradcam(self.bundle.model, image, tabular, [FINDINGS.index(f) for f in record.findings])
+        name = report_name(record)
+        pdf = study_pdf(record, grey, heat, self.model_info, self.options, dt.datetime.now().astimezone())
         atomic_write_bytes(self.folder / name, pdf, mode=REPORT_MODE)
         if self.options.dicom_pdf:
-            self.write_dicom(row, pdf, name)
+            self.write_dicom(record, pdf, name)
         return name
 
-    def write_dicom(self, row: dict, pdf: bytes, name: str) -> None:
+    def report(self, record: StudyRecord, inputs=None) -> bool:
+        """Write a scored record's report and set ``record.report``. A report that cannot be
+        made costs that report only: it is logged, the record gets a note, and False returned."""
+        try:
+            record.report = self.write_study(record, inputs)
+            return True
+        except Exception as e:
+            log.error("%s: report not written: %s: %s", record.file, type(e).__name__, e)
+            record.add_note("PDF report failed")
+            return False
+
+    def report_batch(self, scored) -> None:
+        """:meth:`report` for every scored record of a ScoredBatch."""
+        for pos, record in enumerate(scored.records):
+            if record.ok:
+                self.report(record, scored.inputs(pos))
+
+    def write_dicom(self, record: StudyRecord, pdf: bytes, name: str) -> None:
         from .dicom_build import encapsulated_pdf
 
-        study = {"PatientID": row.get("patient_id"), "PatientName": row.get("patient_name"),
-                 "StudyInstanceUID": row.get("study_uid"), "StudyDate": row.get("study_date"),
-                 "AccessionNumber": row.get("accession_number"), "PatientSex": row.get("sex")}
-        ds = encapsulated_pdf(pdf, study, f"{self.options.title} ({row.get('priority')})")
+        ids = record.ids
+        study = {"PatientID": ids.patient_id, "PatientName": ids.patient_name, "StudyInstanceUID": ids.study_uid,
+                 "StudyDate": ids.study_date, "AccessionNumber": ids.accession_number,
+                 "PatientSex": record.patient.sex}
+        ds = encapsulated_pdf(pdf, study, f"{self.options.title} ({record.priority})")
         buf = io.BytesIO()
         ds.save_as(buf, enforce_file_format=True)
         atomic_write_bytes(self.folder / (name[:-4] + ".dcm"), buf.getvalue(), mode=REPORT_MODE)
 
-    def write_worklist(self, name: str = "worklist.pdf") -> Path:
-        pdf = worklist_pdf(self.rows, self.options, self.model_info, dt.datetime.now().astimezone())
+    def write_worklist(self, records: list[StudyRecord], name: str = "worklist.pdf") -> Path:
+        pdf = worklist_pdf(records, self.options, self.model_info, dt.datetime.now().astimezone())
         path = self.folder / name
         atomic_write_bytes(path, pdf, mode=REPORT_MODE)
         return path

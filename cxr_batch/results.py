@@ -1,6 +1,6 @@
-"""results.csv: its schema, row building, and an atomic streaming writer.
+"""results.csv: an atomic streaming writer, reading back, and merging shards.
 
-Rows are written to a temporary file beside results.csv as they are produced (memory stays
+The columns come from the study record (:data:`cxr_batch.record.COLUMNS`). Rows are written to a temporary file beside results.csv as they are produced (memory stays
 flat on any number of studies) and renamed over results.csv only when the run completes, so
 a reader never sees a half-written file.
 """
@@ -12,35 +12,9 @@ import os
 import tempfile
 from pathlib import Path
 
-from .findings import FINDINGS
+from .record import COLUMNS, StudyRecord
 
-ID_COLUMNS = ("patient_id", "study_uid", "series_uid", "sop_uid", "accession_number", "study_date")
-PATIENT_COLUMNS = ("age", "age_source", "sex", "sex_source", "view", "view_source")
-COLUMNS: tuple[str, ...] = (
-    ("file", "status", "reason")
-    + ID_COLUMNS
-    + PATIENT_COLUMNS
-    + ("notes",)
-    + tuple(f"p_{f}" for f in FINDINGS)
-    + tuple(f"flag_{f}" for f in FINDINGS)
-    + ("findings", "priority", "triage_score", "report", "model", "weights_sha256")
-)
-STATUSES = ("ok", "skipped", "error")
 FILE_MODE = 0o640  # results hold patient identifiers: owner read/write, group read, others nothing
-
-
-def format_row(row: dict) -> dict:
-    """Stringify a row for the CSV: probabilities to 6 decimals, None to empty."""
-    out = {}
-    for col in COLUMNS:
-        value = row.get(col)
-        if value is None:
-            out[col] = ""
-        elif isinstance(value, float):
-            out[col] = f"{value:.6f}" if col.startswith("p_") or col == "triage_score" else f"{value:g}"
-        else:
-            out[col] = str(value)
-    return out
 
 
 class AtomicCsvWriter:
@@ -59,8 +33,12 @@ class AtomicCsvWriter:
         self._writer.writeheader()
         self.count = 0
 
-    def write(self, row: dict) -> None:
-        self._writer.writerow(format_row(row))
+    def write(self, record: StudyRecord) -> None:
+        self.write_row(record.to_row())
+
+    def write_row(self, row: dict[str, str]) -> None:
+        """A row of strings, written as it is (merging shards)."""
+        self._writer.writerow(row)
         self.count += 1
 
     def commit(self) -> Path:
@@ -88,9 +66,14 @@ class AtomicCsvWriter:
 
 
 def read_results(path: Path) -> list[dict]:
-    """Read a results.csv back as a list of dicts of strings (for merge, reports and tests)."""
+    """Read a results.csv back as a list of dicts of strings (for merge and tests)."""
     with open(path, newline="", encoding="utf-8") as f:
         return list(csv.DictReader(f))
+
+
+def read_records(path: Path) -> list[StudyRecord]:
+    """Read a results.csv back as study records."""
+    return [StudyRecord.from_row(row) for row in read_results(path)]
 
 
 class MergeError(Exception):
@@ -116,5 +99,5 @@ def merge_results(inputs: list[Path], output: Path) -> int:
     rows.sort(key=lambda r: r["file"])
     with AtomicCsvWriter(output) as writer:
         for row in rows:
-            writer.write(row)  # values are strings already: written unchanged
+            writer.write_row(row)  # values are strings already: written unchanged
     return len(rows)

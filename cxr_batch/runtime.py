@@ -1,4 +1,4 @@
-"""Where and how the model runs: device choice and the precision/layout policy.
+"""How the model runs on its device: the precision and layout policy, and decode workers.
 
 channels_last always (DenseNet's convolutions run faster in it on CPU and GPU). Precision
 "auto": on CUDA, float16 autocast (bfloat16 where the card prefers it); on CPU, bfloat16
@@ -9,19 +9,16 @@ emulated bfloat16 is slower than float32; float32 otherwise.
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 
 import torch
+
+from .device import DeviceError, available_cores, pick_device
 
 log = logging.getLogger("cxr_batch")
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 _DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-class DeviceError(Exception):
-    """The requested device does not exist here."""
 
 
 @dataclass(frozen=True)
@@ -52,23 +49,6 @@ def cpu_has_native_bf16() -> bool:
         return False
 
 
-def pick_device(spec: str = "auto") -> torch.device:
-    """'auto' (CUDA when present), 'cpu', 'cuda' or 'cuda:N'."""
-    spec = spec.strip().lower()
-    if spec == "auto":
-        return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
-    if spec == "cpu":
-        return torch.device("cpu")
-    if spec.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise DeviceError(f"--device {spec}: no CUDA GPU is available on this machine")
-        device = torch.device(spec if ":" in spec else "cuda:0")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise DeviceError(f"--device {spec}: only {torch.cuda.device_count()} CUDA device(s) here")
-        return device
-    raise DeviceError(f"--device {spec!r}: expected auto, cpu, cuda or cuda:N")
-
-
 def pick_precision(device: torch.device, requested: str = "auto") -> str:
     if requested not in PRECISIONS:
         raise DeviceError(f"--precision {requested!r}: expected one of {', '.join(PRECISIONS)}")
@@ -84,10 +64,6 @@ def pick_precision(device: torch.device, requested: str = "auto") -> str:
 def make_policy(device: str = "auto", precision: str = "auto") -> RunPolicy:
     dev = pick_device(device)
     return RunPolicy(dev, pick_precision(dev, precision))
-
-
-def available_cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def default_workers(device: torch.device | None = None) -> int:

@@ -10,15 +10,31 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .bundle import atomic_write_bytes, load_bundle
+from .config import ConfigError, to_plain
 from .discover import find_candidates
-from .inference import Engine, ScanOptions, score_batches
+from .inference import Engine, score_batches
 from .metadata import load_metadata_csv
 from .results import AtomicCsvWriter
+from .runconfig import RunConfig
 from .runtime import make_policy
 
 log = logging.getLogger("cxr_batch")
 
 EXIT_OK, EXIT_FATAL, EXIT_USAGE, EXIT_SOME_FAILED = 0, 1, 2, 3
+
+
+@dataclass
+class ScanConfig(RunConfig):
+    """Everything a scan is told: command-line options over the ``[scan]`` and ``[scoring]``
+    tables of ``--config``. Recorded whole in run.json."""
+
+    shard: tuple[int, int] | None = None  # (i, N): every N-th file from the i-th
+    progress: bool = True
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.shard is not None and not (self.shard[1] >= 1 and 0 <= self.shard[0] < self.shard[1]):
+            raise ConfigError(f"scan.shard = {self.shard}: expected i/N with 0 <= i < N")
 
 
 @dataclass
@@ -42,65 +58,53 @@ class ScanSummary:
                 f"{self.counts['error']} failed in {self.seconds:.1f} s ({rate:.1f} images/s) -> {self.results}")
 
 
-def run_scan(
-    studies: Path,
-    out: Path,
-    *,
-    weights: Path | None = None,
-    metadata_csv: Path | None = None,
-    device: str = "auto",
-    precision: str = "auto",
-    options: ScanOptions = ScanOptions(),
-    shard: tuple[int, int] | None = None,
-    reports=None,
-) -> ScanSummary:
-    """Scan ``studies`` into ``out/results.csv``, and PDF reports into ``out/reports`` unless
-    ``reports`` (a ``reports.ReportOptions``) is None.
-
-    Raises BundleError, MetadataError or DeviceError when nothing can be done.
-    """
+def run_scan(studies: Path, out: Path, cfg: ScanConfig = ScanConfig()) -> ScanSummary:
+    """Scan ``studies`` into ``out/results.csv``, and PDF reports into ``out/reports`` when
+    ``cfg.pdf``. Raises BundleError, MetadataError or DeviceError when nothing can be done."""
     studies, out = Path(studies), Path(out)
-    bundle = load_bundle(weights)
-    policy = make_policy(device, precision)
+    bundle = load_bundle(cfg.weights)
+    policy = make_policy(cfg.device, cfg.precision)
     log.info("model %s (sha256 %s...) on %s", bundle.label, bundle.sha256[:12], policy.describe())
     out.mkdir(parents=True, exist_ok=True)
     candidates = find_candidates(studies, exclude=[out])
-    if shard is not None:
-        index, count = shard
+    if cfg.shard is not None:
+        index, count = cfg.shard
         candidates = [c for i, c in enumerate(candidates) if i % count == index]
     metadata = None
-    if metadata_csv is not None:
-        metadata = load_metadata_csv(metadata_csv, only={c.path.name for c in candidates})
+    if cfg.metadata is not None:
+        metadata = load_metadata_csv(cfg.metadata, only={c.path.name for c in candidates})
     log.info("%d candidate files under %s", len(candidates), studies)
 
     summary = ScanSummary(results=out / "results.csv", device=policy.describe())
     engine = Engine(bundle, policy)
-    writer_pdf = None
-    if reports is not None:
+    reports = None
+    if cfg.pdf:
         from .reports import ReportWriter
 
-        writer_pdf = ReportWriter(out / "reports", bundle, reports)
+        reports = ReportWriter(out / "reports", bundle, cfg.report_options())
+    records = []
     start = time.perf_counter()
     with AtomicCsvWriter(summary.results) as writer:
-        for scored in score_batches(candidates, engine, options, metadata):
-            if writer_pdf is not None:
-                writer_pdf.add_batch(scored)
-            for row in scored.rows:
-                writer.write(row)
-                summary.counts[row["status"]] += 1
-                if row["status"] == "ok":
-                    summary.priorities[row["priority"]] += 1
+        for scored in score_batches(candidates, engine, cfg.batch_options(cfg.progress), metadata):
+            if reports is not None:
+                reports.report_batch(scored)
+            for record in scored.records:
+                writer.write(record)
+                summary.counts[record.status] += 1
+                if record.ok:
+                    summary.priorities[record.priority] += 1
                 else:
-                    log.warning("%s: %s: %s", row["file"], row["status"], row["reason"])
-        if writer_pdf is not None:
-            summary.worklist = writer_pdf.write_worklist()
+                    log.warning("%s: %s: %s", record.file, record.status, record.reason)
+            if reports is not None:
+                records.extend(scored.records)
+        if reports is not None:
+            summary.worklist = reports.write_worklist(records)
     summary.seconds = time.perf_counter() - start
     run_info = {
         "studies": str(studies), "model": bundle.label, "weights_sha256": bundle.sha256,
-        "device": policy.describe(), "precision": policy.precision, "batch_size": options.batch_size,
-        "shard": list(shard) if shard else None, "counts": dict(summary.counts),
-        "priorities": dict(summary.priorities), "seconds": round(summary.seconds, 3),
-        "refined_in_fp32": engine.refined,
+        "device": policy.describe(), "precision": policy.precision, "config": to_plain(cfg),
+        "counts": dict(summary.counts), "priorities": dict(summary.priorities),
+        "seconds": round(summary.seconds, 3), "refined_in_fp32": engine.refined,
     }
     atomic_write_bytes(out / "run.json", (json.dumps(run_info, indent=2) + "\n").encode(), mode=0o640)
     return summary

@@ -26,63 +26,39 @@ import queue
 import shutil
 import signal
 import time
-import tomllib
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 from .bundle import atomic_write_bytes, load_bundle
+from .config import bounded
 from .discover import Candidate, find_candidates, is_ignored_name
-from .findings import DEFAULT_URGENT
-from .inference import Engine, ScanOptions, score_batches
+from .inference import Engine, score_batches
 from .ledger import Ledger
 from .metadata import load_metadata_csv
-from .readers import ScoringRules, sniff
+from .readers import sniff
+from .record import StudyRecord
 from .results import AtomicCsvWriter
+from .runconfig import RunConfig
 from .runtime import make_policy
 
 log = logging.getLogger("cxr_batch")
 
 
 @dataclass
-class WatchConfig:
-    batch_size: int = 8
-    max_wait: float = 0.5  # seconds a ready study waits for its batch to fill
-    settle: float = 1.0  # size and mtime unchanged this long: the writer is done
-    broken_deadline: float = 60.0  # unreadable this long after its last change: an error row
-    rescan_interval: float = 30.0  # full rescan, the safety net for missed events
+class WatchConfig(RunConfig):
+    """The ``[watch]`` table of ``--config`` (and ``[scoring]``), command-line options over it."""
+
+    batch_size: int = bounded(8, min=1, max=4096)
+    workers: int | None = bounded(0, min=0, max=64)  # 0: decode in the main process (lowest latency)
+    max_wait: float = bounded(0.5, min=0.0)  # seconds a ready study waits for its batch to fill
+    settle: float = bounded(1.0, min=0.0)  # size and mtime unchanged this long: the writer is done
+    broken_deadline: float = bounded(60.0, min=0.0)  # unreadable this long after its last change: an error row
+    rescan_interval: float = bounded(30.0, gt=0.0)  # full rescan, the safety net for missed events
     polling: bool = False  # PollingObserver, for network shares where inotify sees nothing
-    poll_interval: float = 1.0
+    poll_interval: float = bounded(1.0, gt=0.0)
     archive_dir: str | None = None  # move processed files here (default: leave in place)
     quarantine_dir: str | None = None  # move failed files here
-    heartbeat_interval: float = 5.0
-    weights: str | None = None
-    metadata: str | None = None
-    device: str = "auto"
-    precision: str = "auto"
-    workers: int | None = 0  # 0: decode in the main process (lowest latency for small batches)
-    urgent: tuple = DEFAULT_URGENT
-    pdf: bool = True
-    heatmaps: bool = True
-    dicom_pdf: bool = False
-    title: str = "Chest X-ray triage report"
-    institution: str = ""
-    scoring: dict = field(default_factory=dict)  # ScoringRules fields
-
-    @classmethod
-    def from_toml(cls, path: Path | None, **overrides) -> "WatchConfig":
-        data = {}
-        if path is not None:
-            with open(path, "rb") as f:
-                raw = tomllib.load(f)
-            data = {**raw.get("watch", {}), "scoring": raw.get("scoring", {})}
-        data.update({k: v for k, v in overrides.items() if v is not None})
-        known = {f.name for f in fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise ValueError(f"unknown watch option(s) {sorted(unknown)}")
-        if "urgent" in data:
-            data["urgent"] = tuple(data["urgent"])
-        return cls(**data)
+    heartbeat_interval: float = bounded(5.0, gt=0.0)
 
 
 @dataclass
@@ -124,17 +100,13 @@ class Watcher:
         self.bundle = load_bundle(cfg.weights)
         self.policy = make_policy(cfg.device, cfg.precision)
         self.engine = Engine(self.bundle, self.policy)
-        self.options = ScanOptions(batch_size=cfg.batch_size, workers=cfg.workers, urgent=tuple(cfg.urgent),
-                                   rules=ScoringRules(**{k: tuple(v) if isinstance(v, list) else v
-                                                         for k, v in cfg.scoring.items()}), progress=False)
+        self.options = cfg.batch_options()
         self.metadata_csv = Path(cfg.metadata) if cfg.metadata else None
         self.reports = None
         if cfg.pdf:
-            from .reports import ReportOptions, ReportWriter
+            from .reports import ReportWriter
 
-            self.report_options = ReportOptions(title=cfg.title, institution=cfg.institution, heatmaps=cfg.heatmaps,
-                                                dicom_pdf=cfg.dicom_pdf)
-            self.reports = ReportWriter(self.out / "reports", self.bundle, self.report_options)
+            self.reports = ReportWriter(self.out / "reports", self.bundle, cfg.report_options())
         self.pending: dict[str, Pending] = {}
         self.events: queue.Queue[str] = queue.Queue()
         self.stop = False
@@ -280,38 +252,34 @@ class Watcher:
         metadata = None
         if self.metadata_csv is not None and candidates:
             metadata = load_metadata_csv(self.metadata_csv, only={c.path.name for c in candidates})
-        studies, handled, defer = [], [], []
+        studies: list[tuple[str, StudyRecord]] = []
+        handled, defer = [], []
         for scored in score_batches(candidates, self.engine, self.options, metadata):
-            keep = []
-            for pos, row in enumerate(scored.rows):
-                p = self.pending[row["file"]]
-                if row["status"] == "error" and now - p.changed_at < self.cfg.broken_deadline:
-                    defer.append(row["file"])  # maybe still being written: try again later
+            for pos, record in enumerate(scored.records):
+                p = self.pending[record.file]
+                if record.status == "error" and now - p.changed_at < self.cfg.broken_deadline:
+                    defer.append(record.file)  # maybe still being written: try again later
                     continue
-                keep.append(pos)
-            if self.reports is not None:
-                self.reports.add_batch(_subset(scored, keep))
-                self.reports.rows.clear()
-            for pos in keep:
-                row = scored.rows[pos]
-                studies.append((keys[row["file"]], {k: v for k, v in row.items() if k != "patient_name"}))
+                if self.reports is not None and record.ok:
+                    self.reports.report(record, scored.inputs(pos))
+                studies.append((keys[record.file], record))
         for rel in defer:
             self.pending[rel].retry_at = now + max(self.cfg.settle, 1.0)
-        for key, row in studies:
-            handled.append(self._file_record(row["file"], key, row["status"]))
+        for key, record in studies:
+            handled.append(self._file_record(record.file, key, record.status))
         for rel in duplicates:
             handled.append(self._file_record(rel, keys[rel], "duplicate"))
             log.info("duplicate key=%s file=%s: already reported", keys[rel], rel)
         self.ledger.record(studies, [h for h in handled if h is not None])
         self.publish()
         done = time.monotonic()
-        for key, row in studies:
-            p = self.pending.pop(row["file"], None)
+        for key, record in studies:
+            p = self.pending.pop(record.file, None)
             latency = done - p.ready_at if p and p.ready_at else 0.0
-            log.info("study key=%s file=%s status=%s priority=%s latency=%.2fs", key, row["file"], row["status"],
-                     row.get("priority") or "-", latency)
+            log.info("study key=%s file=%s status=%s priority=%s latency=%.2fs", key, record.file, record.status,
+                     record.priority or "-", latency)
             self.processed += 1
-            self.move(row["file"], row["status"])
+            self.move(record.file, record.status)
         for rel in duplicates:
             self.pending.pop(rel, None)
             self.move(rel, "duplicate")
@@ -337,17 +305,12 @@ class Watcher:
     # ------------------------------------------------------------------ outputs
     def publish(self) -> None:
         """Rewrite results.csv and the worklist from the ledger (atomically)."""
-        rows = self.ledger.rows()
+        records = self.ledger.records()
         with AtomicCsvWriter(self.out / "results.csv") as writer:
-            for row in rows:
-                writer.write(row)
-        if self.reports is not None and rows:
-            import datetime as dt
-
-            from .reports import REPORT_MODE, worklist_pdf
-
-            pdf = worklist_pdf(rows, self.report_options, self.reports.model_info, dt.datetime.now().astimezone())
-            atomic_write_bytes(self.out / "reports" / "worklist.pdf", pdf, mode=REPORT_MODE)
+            for record in records:
+                writer.write(record)
+        if self.reports is not None and records:
+            self.reports.write_worklist(records)
 
     def heartbeat(self, stopping: bool = False) -> None:
         status = {"pid": os.getpid(), "state": "stopping" if stopping else "running", "time": time.time(),
@@ -355,14 +318,3 @@ class Watcher:
                   "pending": len(self.pending), "model": self.bundle.label, "device": self.policy.describe()}
         atomic_write_bytes(self.out / "status.json", (json.dumps(status, indent=2) + "\n").encode(), mode=0o644)
 
-
-def _subset(scored, keep: list[int]):
-    """The part of a ScoredBatch at row positions ``keep`` (model inputs follow their rows)."""
-    from .inference import ScoredBatch
-
-    rows = [scored.rows[i] for i in keep]
-    ok_positions = [i for i in keep if i in scored.ok]
-    idx = [scored.ok.index(i) for i in ok_positions]
-    images = scored.images[idx] if idx else None
-    tabular = scored.tabular[idx] if idx else None
-    return ScoredBatch(rows, [keep.index(i) for i in ok_positions], images, tabular)

@@ -9,7 +9,8 @@ from cxr_batch.findings import FINDINGS
 from cxr_batch.model import build_model
 from cxr_batch.patient import PatientEncoding
 from cxr_batch.preprocess import Preprocessing, eval_transform
-from cxr_batch.readers import ScoringRules, read_pil
+from cxr_batch.readers import read_pil
+from cxr_batch.study import ScoringRules
 
 
 def test_manifest_is_self_describing(small_bundle):

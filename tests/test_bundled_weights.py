@@ -9,7 +9,8 @@ import torch
 from cxr_batch.bundle import load_bundle
 from cxr_batch.findings import FINDINGS
 from cxr_batch.preprocess import eval_transform
-from cxr_batch.readers import ScoringRules, read_pil
+from cxr_batch.readers import read_pil
+from cxr_batch.study import ScoringRules
 
 from .conftest import BUNDLED
 
@@ -26,11 +27,11 @@ def test_bundled_weights_rank_held_out_patients_above_chance(nih):
     """On the 96 test patients the bundle was never trained or tuned on, with patient data."""
     from training.config import TrainConfig
     from training.prepare import multi_hot, read_nih_metadata, split_by_patient
-    from training.train import encode_patients
+    from training.data import encode_patients
     from training import metrics
 
     bundle = load_bundle(BUNDLED)
-    cfg = TrainConfig.from_toml(BUNDLED.parent.parent / "training" / "configs" / "bundled.toml")
+    cfg = TrainConfig.load(BUNDLED.parent.parent / "training" / "configs" / "bundled.toml")
     table = read_nih_metadata(nih / "labels.csv")
     table["split"] = split_by_patient(table, cfg.test_fraction, cfg.val_fraction, cfg.seed)
     test = table[table["split"] == "test"]

@@ -9,7 +9,8 @@ from pydicom.uid import (DeflatedExplicitVRLittleEndian, ImplicitVRLittleEndian,
 from cxr_batch.bundle import load_bundle
 from cxr_batch.dicom import read_dicom
 from cxr_batch.preprocess import eval_transform
-from cxr_batch.readers import ReadError, ScoringRules, SkipStudy, read_pil, read_study
+from cxr_batch.readers import read_pil, read_study
+from cxr_batch.study import ReadError, ScoringRules, SkipStudy
 
 from .conftest import BUNDLED
 from .dicomgen import grey, have, run, write
@@ -34,8 +35,8 @@ def test_lossless_codecs_decode_to_the_source_pixels(tmp_path, nih_images, ts):
     src = grey(nih_images[0])
     study = read_study(write(tmp_path / "im", src, ts), RULES)
     assert study.kind == "dicom" and np.array_equal(study.grey, src)
-    assert (study.patient.age, study.patient.sex, study.patient.view) == (57.0, "F", "PA")
-    assert study.ids["patient_id"] == "P001" and study.ids["accession_number"] == "A123"
+    assert (study.header.patient.age, study.header.patient.sex, study.header.patient.view) == (57.0, "F", "PA")
+    assert study.header.ids.patient_id == "P001" and study.header.ids.accession_number == "A123"
 
 
 def test_16_bit_and_monochrome1_give_the_png_probabilities(tmp_path, nih_images, bundle):
@@ -69,13 +70,13 @@ def test_header_patient_data_variants(tmp_path, nih_images):
     src = grey(nih_images[0])
     s = read_study(write(tmp_path / "a", src, PatientAge=None, PatientBirthDate="19700301", StudyDate="20240301",
                         PatientSex="", ViewPosition=None, SeriesDescription="THORAX AP SUPINE"), RULES)
-    assert s.patient.age == pytest.approx(54.0, abs=0.01) and s.patient.age_source == "header:PatientBirthDate"
-    assert s.patient.sex is None and s.patient.sex_source == "unknown"
-    assert s.patient.view == "AP" and s.patient.view_source == "header:SeriesDescription"
+    assert s.header.patient.age == pytest.approx(54.0, abs=0.01) and s.header.patient.age_source == "header:PatientBirthDate"
+    assert s.header.patient.sex is None and s.header.patient.sex_source == "unknown"
+    assert s.header.patient.view == "AP" and s.header.patient.view_source == "header:SeriesDescription"
     s = read_study(write(tmp_path / "b", src, PatientAge="006M", PatientSex="O"), RULES)
-    assert s.patient.age == 0.5 and s.patient.sex is None
+    assert s.header.patient.age == 0.5 and s.header.patient.sex is None
     s = read_study(write(tmp_path / "c", src, PatientAge="150Y"), RULES)
-    assert s.patient.age is None and "implausible" in s.patient.notes[0]
+    assert s.header.patient.age is None and "implausible" in s.header.patient.notes[0]
 
 
 def test_view_code_sequence(tmp_path, nih_images):
@@ -86,7 +87,7 @@ def test_view_code_sequence(tmp_path, nih_images):
     code.CodeValue, code.CodingSchemeDesignator, code.CodeMeaning = "R-10214", "SRT", "postero-anterior"
     s = read_study(write(tmp_path / "v", grey(nih_images[0]), ViewPosition=None, ViewCodeSequence=Sequence([code])),
                    RULES)
-    assert s.patient.view == "PA" and s.patient.view_source == "header:ViewCodeSequence"
+    assert s.header.patient.view == "PA" and s.header.patient.view_source == "header:ViewCodeSequence"
 
 
 @pytest.mark.parametrize("header, reason", [
@@ -105,7 +106,7 @@ def test_objects_not_meant_for_the_model_are_skipped(tmp_path, nih_images, heade
 
 def test_scoring_rules_are_configurable(tmp_path, nih_images):
     path = write(tmp_path / "x", grey(nih_images[0]), BodyPartExamined="KNEE", ViewPosition=None)
-    assert read_dicom(path, ScoringRules(body_parts=("KNEE",))).patient.view is None
+    assert read_dicom(path, ScoringRules(body_parts=("KNEE",))).header.patient.view is None
     with pytest.raises(SkipStudy, match="view position unknown"):
         read_dicom(path, ScoringRules(body_parts=("KNEE",), allow_unknown_view=False))
 
@@ -148,7 +149,7 @@ def test_dcmtk_img2dcm_jpeg_baseline_matches_png_probabilities(tmp_path, nih_ima
     run("img2dcm", "-k", "PatientAge=045Y", "-k", "PatientSex=M", "-k", "ViewPosition=PA",
         tmp_path / "x.jpg", tmp_path / "x.dcm")
     study = read_study(tmp_path / "x.dcm", RULES)
-    assert study.patient.age == 45.0
+    assert study.header.patient.age == 45.0
     reference = probs(bundle, read_pil(nih_images[4], RULES))
     assert np.abs(probs(bundle, study.grey) - reference).max() < 0.02  # lossy JPEG, quality 95
 

@@ -9,9 +9,8 @@ import numpy as np
 import pydicom
 import pytest
 
-from cxr_batch.inference import ScanOptions
 from cxr_batch.results import read_results
-from cxr_batch.scan import run_scan
+from cxr_batch.scan import ScanConfig, run_scan
 
 from .dicomgen import grey, write
 
@@ -85,8 +84,8 @@ EXPECT = {
 
 
 def test_hostile_corpus_rows_and_exit_code(corpus, tmp_path, small_bundle):
-    summary = run_scan(corpus, tmp_path / "out", weights=small_bundle, device="cpu",
-                       options=ScanOptions(batch_size=4, workers=1, progress=False))
+    summary = run_scan(corpus, tmp_path / "out", ScanConfig(weights=str(small_bundle), device="cpu", batch_size=4,
+                                                            workers=1, progress=False, pdf=False))
     rows = {r["file"]: r for r in read_results(tmp_path / "out" / "results.csv")}
     assert set(rows) == set(EXPECT)
     for name, (status, reason) in EXPECT.items():

@@ -4,6 +4,7 @@ import pandas as pd
 import pytest
 
 from cxr_batch.metadata import MetadataError, load_metadata_csv, patient_from_metadata, read_sidecar
+from cxr_batch.study import Identifiers
 
 
 def test_nih_csv_rows_match_the_table(nih):
@@ -33,13 +34,15 @@ def test_sidecar_dicom_keywords_and_sources(tmp_path):
     (tmp_path / "x.png").write_bytes(b"")
     (tmp_path / "x.json").write_text(json.dumps({"PatientID": "P9", "PatientAge": "063Y", "PatientSex": "F",
                                                  "ViewPosition": "AP"}))
-    patient, ids = read_sidecar(tmp_path / "x.png")
+    header = read_sidecar(tmp_path / "x.png")
+    patient, ids = header.patient, header.ids
     assert (patient.age, patient.sex, patient.view) == (63.0, "F", "AP")
-    assert patient.age_source == "sidecar" and ids["patient_id"] == "P9"
+    assert patient.age_source == "sidecar" and ids.patient_id == "P9"
 
 
 def test_broken_sidecar_is_a_note_not_a_failure(tmp_path):
     (tmp_path / "x.json").write_text("{oops")
-    patient, ids = read_sidecar(tmp_path / "x.png")
-    assert patient.age is None and ids == {} and "unreadable" in patient.notes[0]
+    header = read_sidecar(tmp_path / "x.png")
+    patient, ids = header.patient, header.ids
+    assert patient.age is None and ids == Identifiers() and "unreadable" in patient.notes[0]
     assert read_sidecar(tmp_path / "absent.png") is None

@@ -14,10 +14,11 @@ from pypdf import PdfReader
 from cxr_batch.bundle import load_bundle
 from cxr_batch.findings import FINDINGS
 from cxr_batch.gradcam import gradcam
-from cxr_batch.inference import ScanOptions
+from cxr_batch.patient import PatientData
+from cxr_batch.record import Scores, StudyRecord
 from cxr_batch.reports import ReportOptions, safe_name, study_pdf, worklist_pdf
 from cxr_batch.results import read_results
-from cxr_batch.scan import run_scan
+from cxr_batch.scan import ScanConfig, run_scan
 
 from .conftest import REPO
 
@@ -31,9 +32,9 @@ def pdf_text(path) -> str:
 @pytest.fixture(scope="module")
 def example_scan(tmp_path_factory):
     out = tmp_path_factory.mktemp("scan")
-    summary = run_scan(EXAMPLES / "studies", out, metadata_csv=EXAMPLES / "metadata.csv", device="cpu",
-                       options=ScanOptions(batch_size=4, workers=0, progress=False),
-                       reports=ReportOptions(institution="Example General Hospital", dicom_pdf=True))
+    summary = run_scan(EXAMPLES / "studies", out, ScanConfig(
+        metadata=str(EXAMPLES / "metadata.csv"), device="cpu", batch_size=4, workers=0, progress=False,
+        institution="Example General Hospital", dicom_pdf=True))
     return out, summary, read_results(out / "results.csv")
 
 
@@ -78,8 +79,8 @@ def test_dicom_encapsulated_pdf_carries_the_study(example_scan):
 
 def test_failures_are_listed_apart_in_the_worklist(tmp_path, studies, small_bundle):
     (studies / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
-    run_scan(studies, tmp_path / "o", weights=small_bundle, device="cpu",
-             options=ScanOptions(batch_size=4, workers=0, progress=False), reports=ReportOptions(heatmaps=False))
+    run_scan(studies, tmp_path / "o", ScanConfig(weights=str(small_bundle), device="cpu", batch_size=4, workers=0,
+                                                 progress=False, heatmaps=False))
     txt = pdf_text(tmp_path / "o" / "reports" / "worklist.pdf")
     assert "Not scored" in txt and "broken.png" in txt and "1 failed" in txt
     assert len(list((tmp_path / "o" / "reports").glob("*.pdf"))) == 7
@@ -87,7 +88,8 @@ def test_failures_are_listed_apart_in_the_worklist(tmp_path, studies, small_bund
 
 def test_heatmap_comes_from_that_findings_output(nih_images):
     from cxr_batch.preprocess import eval_transform
-    from cxr_batch.readers import ScoringRules, read_pil
+    from cxr_batch.readers import read_pil
+    from cxr_batch.study import ScoringRules
 
     bundle = load_bundle()
     model = bundle.model.float()
@@ -108,27 +110,33 @@ def test_heatmap_comes_from_that_findings_output(nih_images):
     assert np.allclose(maps[c1], (cam / cam.max()).detach().numpy(), atol=1e-5)
 
 
+def urgent_record(file: str, **ids) -> StudyRecord:
+    """A scored record with Pneumothorax flagged (0.9) and every other finding at 0.01."""
+    probs = tuple(0.9 if f == "Pneumothorax" else 0.01 for f in FINDINGS)
+    record = StudyRecord(file=file, scores=Scores(probs, tuple(int(p >= 0.5) for p in probs), "urgent", 0.5))
+    for key, value in ids.items():
+        setattr(record.ids, key, value)
+    return record
+
+
 def test_hostile_names_and_missing_values_render(tmp_path):
-    row = {"file": "../x.png", "patient_id": "../../etc/passwd", "patient_name": "Zoë Ångström-Łukasiewicz " + "W" * 300,
-           "age": "", "age_source": "unknown", "sex": "", "view": "AP", "view_source": "sidecar", "study_date": "",
-           "priority": "urgent", "findings": "Pneumothorax", "triage_score": 0.5, "notes": "<b>not markup</b>",
-           **{f"p_{f}": 0.9 if f == "Pneumothorax" else 0.01 for f in FINDINGS},
-           **{f"flag_{f}": int(f == "Pneumothorax") for f in FINDINGS}}
+    row = urgent_record("../x.png", patient_id="../../etc/passwd",
+                        patient_name="Zoë Ångström-Łukasiewicz " + "W" * 300)
+    row.patient = PatientData(view="AP", view_source="sidecar", notes=["<b>not markup</b>"])
     info = {"label": "m@1", "sha256": "0" * 64, "thresholds": {f: 0.5 for f in FINDINGS}}
     pdf = study_pdf(row, np.random.default_rng(0).random((64, 64)), {}, info, ReportOptions(), dt.datetime.now())
     (tmp_path / "r.pdf").write_bytes(pdf)
     txt = pdf_text(tmp_path / "r.pdf")
     assert "Zoë Ångström-Łukasiewicz" in txt and "imputed" in txt and "URGENT" in txt and "<b>not markup</b>" in txt
-    name = safe_name(row["patient_id"], "", "x", unique=row["file"])
+    name = safe_name(row.ids.patient_id, "", "x", unique=row.file)
     assert "/" not in name and not name.startswith(".") and ".." not in name
-    assert worklist_pdf([{**row, "status": "ok", "report": "r.pdf"}], ReportOptions(), info, dt.datetime.now())[:5] == b"%PDF-"
+    row.report = "r.pdf"
+    assert worklist_pdf([row], ReportOptions(), info, dt.datetime.now())[:5] == b"%PDF-"
 
 
 @pytest.mark.skipif(not shutil.which("pdftoppm"), reason="poppler-utils not installed")
 def test_page_one_renders_with_a_red_urgent_banner(tmp_path):
-    row = {"file": "a.png", "patient_id": "P1", "priority": "urgent", "findings": "Pneumothorax", "triage_score": 0.4,
-           **{f"p_{f}": 0.9 if f == "Pneumothorax" else 0.01 for f in FINDINGS},
-           **{f"flag_{f}": int(f == "Pneumothorax") for f in FINDINGS}}
+    row = urgent_record("a.png", patient_id="P1")
     info = {"label": "m@1", "sha256": "0" * 64, "thresholds": {f: 0.5 for f in FINDINGS}}
     grey = np.tile(np.linspace(0, 1, 128), (128, 1))
     (tmp_path / "r.pdf").write_bytes(study_pdf(row, grey, {7: grey.T}, info, ReportOptions(), dt.datetime.now()))

@@ -9,18 +9,20 @@ import numpy as np
 import pandas as pd
 
 from cxr_batch.findings import FINDINGS
-from cxr_batch.inference import ScanOptions
-from cxr_batch.results import COLUMNS, read_results
-from cxr_batch.scan import run_scan
+from cxr_batch.record import COLUMNS
+from cxr_batch.results import read_results
+from cxr_batch.scan import ScanConfig, run_scan
 
 
 def scan(studies, out, bundle, **kw):
-    options = ScanOptions(batch_size=kw.pop("batch_size", 4), workers=kw.pop("workers", 0), progress=False)
-    return run_scan(studies, out, weights=bundle, device="cpu", options=options, **kw)
+    kw = {"batch_size": 4, "workers": 0, "pdf": False, **kw}
+    if "metadata" in kw:
+        kw["metadata"] = str(kw["metadata"])
+    return run_scan(studies, out, ScanConfig(weights=str(bundle), device="cpu", progress=False, **kw))
 
 
 def test_scan_real_images_with_nih_metadata(studies, tmp_path, small_bundle, nih):
-    summary = scan(studies, tmp_path / "out", small_bundle, metadata_csv=nih / "labels.csv")
+    summary = scan(studies, tmp_path / "out", small_bundle, metadata=nih / "labels.csv")
     rows = read_results(tmp_path / "out" / "results.csv")
     assert list(rows[0]) == list(COLUMNS)
     assert summary.exit_code == 0 and summary.counts["ok"] == 6

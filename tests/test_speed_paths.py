@@ -5,12 +5,13 @@ import pytest
 import torch
 
 from cxr_batch.bundle import load_bundle
-from cxr_batch.inference import Engine, ScanOptions
+from cxr_batch.inference import Engine
 from cxr_batch.preprocess import eval_transform
-from cxr_batch.readers import ScoringRules, read_pil
+from cxr_batch.readers import read_pil
+from cxr_batch.study import ScoringRules
 from cxr_batch.results import MergeError, merge_results, read_results
 from cxr_batch.runtime import RunPolicy, cpu_has_native_bf16, default_workers, pick_precision
-from cxr_batch.scan import run_scan
+from cxr_batch.scan import ScanConfig, run_scan
 
 
 @pytest.fixture(scope="module")
@@ -41,12 +42,12 @@ def test_precision_policy():
 
 
 def test_shards_partition_the_files_and_merge_back(studies, tmp_path, small_bundle):
-    options = ScanOptions(batch_size=4, workers=0, progress=False)
-    run_scan(studies, tmp_path / "all", weights=small_bundle, device="cpu", precision="fp32", options=options)
+    options = dict(weights=str(small_bundle), device="cpu", precision="fp32", batch_size=4, workers=0,
+                   progress=False, pdf=False)
+    run_scan(studies, tmp_path / "all", ScanConfig(**options))
     parts = []
     for i in range(3):
-        run_scan(studies, tmp_path / f"s{i}", weights=small_bundle, device="cpu", precision="fp32", options=options,
-                 shard=(i, 3))
+        run_scan(studies, tmp_path / f"s{i}", ScanConfig(**options, shard=(i, 3)))
         parts.append(tmp_path / f"s{i}" / "results.csv")
     sizes = [len(read_results(p)) for p in parts]
     assert sum(sizes) == 6 and all(s == 2 for s in sizes)

@@ -6,9 +6,8 @@ import sys
 
 import pytest
 
-from cxr_batch.inference import ScanOptions
 from cxr_batch.results import read_results
-from cxr_batch.scan import run_scan
+from cxr_batch.scan import ScanConfig, run_scan
 
 from .conftest import REPO
 
@@ -33,8 +32,8 @@ def test_quick_run_writes_all_artifacts_and_a_bundle_that_scans(nih, tmp_path, s
         assert (run / name).exists(), name
     metrics = json.loads((run / "metrics.json").read_text())
     assert {"test", "test_ci95", "test_image_only", "by_group", "patient_only_logistic_regression"} <= set(metrics)
-    summary = run_scan(studies, tmp_path / "out", weights=run / "bundle", device="cpu",
-                       options=ScanOptions(batch_size=4, workers=0, progress=False))
+    summary = run_scan(studies, tmp_path / "out", ScanConfig(weights=str(run / "bundle"), device="cpu", batch_size=4,
+                                                             workers=0, progress=False, pdf=False))
     assert summary.counts["ok"] == 6
     assert read_results(tmp_path / "out" / "results.csv")[0]["model"] == "cxr-fpn@quick"
 

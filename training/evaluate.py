@@ -1,4 +1,8 @@
-"""Stages 4-6: thresholds (validation only), evaluation on the test part, artifacts and bundle."""
+"""Stages 4-6: thresholds (validation only), evaluation on the test part, artifacts and bundle.
+
+Each stage reads what the stages before it wrote to the run folder (``prepared.csv``, the
+cache, ``model_final.pt``, ``history.json``, ``prior.json``) and writes its own files.
+"""
 
 from __future__ import annotations
 
@@ -8,12 +12,18 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
+from torch.utils.data import DataLoader
 
 from cxr_batch.bundle import save_bundle
 from cxr_batch.findings import FINDINGS
+from cxr_batch.model import build_model
 
 from . import metrics, thresholds
+from .data import (FINAL_WEIGHTS, HISTORY, PRIOR_INFO, Context, encode_patients, load_splits, predict,
+                   unique_training_images)
 from .figures import example_predictions, roc_curves, training_curves
+from .prepare import multi_hot
 
 log = logging.getLogger("cxr_batch.train")
 
@@ -35,10 +45,7 @@ def patient_only_baseline(train: pd.DataFrame, test: pd.DataFrame, encoding, see
     alone, fitted on the training images: the bar the image must raise."""
     from sklearn.linear_model import LogisticRegression
 
-    from .prepare import multi_hot
-    from .train import encode_patients
-
-    train = train[train["mirror"] == 0].drop_duplicates("image")
+    train = unique_training_images(train)
     x_train, x_test = encode_patients(train, encoding), encode_patients(test, encoding)
     y_train = multi_hot(train["labels"])
     out = np.full((len(test), len(FINDINGS)), float(y_train.mean()))
@@ -77,21 +84,24 @@ def metrics_table(s: dict) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def evaluate_and_export(cfg, ctx, model, val_loader, test_loader, parts: dict, history: list, out: Path,
-                        extra: dict | None = None) -> dict:
-    from .train import predict
-
-    p_val, y_val, _ = predict(model, val_loader, ctx)
-    p_test, y_test, _ = predict(model, test_loader, ctx)
-    compared = compare_threshold_methods(cfg, y_val, p_val, y_test, p_test)
+def choose_thresholds(cfg, y_val: np.ndarray, p_val: np.ndarray, out: Path) -> np.ndarray:
+    """Stage 4: per-finding thresholds on validation only; writes thresholds.json."""
     chosen = thresholds.choose(cfg.threshold_method, y_val, p_val, cfg)
     thr = {f: float(t) for f, t in zip(FINDINGS, chosen)}
     (out / "thresholds.json").write_text(json.dumps({"method": cfg.threshold_method, "thresholds": thr}, indent=2) + "\n")
+    return chosen
 
+
+def evaluate_test(cfg, ctx: Context, model, loaders: dict, parts: dict, chosen: np.ndarray,
+                  y_val: np.ndarray, p_val: np.ndarray) -> tuple[dict, dict, np.ndarray]:
+    """Stage 5: every metric on the test part. Returns (results for metrics.json, the test
+    summary, test probabilities)."""
+    p_test, y_test, _ = predict(model, loaders["test"], ctx)
+    compared = compare_threshold_methods(cfg, y_val, p_val, y_test, p_test)
     pred = (p_test >= chosen).astype(int)
     test = metrics.summary(y_test, p_test, pred)
     ci = metrics.bootstrap_ci(y_test, p_test, pred, n=cfg.bootstrap, seed=cfg.seed)
-    p_img, _, _ = predict(model, test_loader, ctx, unknown_patient=True)
+    p_img, _, _ = predict(model, loaders["test"], ctx, unknown_patient=True)
     pred_img = (p_img >= chosen).astype(int)
     image_only = metrics.summary(y_test, p_img, pred_img)
     image_only_ci = metrics.bootstrap_ci(y_test, p_img, pred_img, n=cfg.bootstrap, seed=cfg.seed)
@@ -104,36 +114,59 @@ def evaluate_and_export(cfg, ctx, model, val_loader, test_loader, parts: dict, h
         "test": {k: v for k, v in test.items() if k != "confusion"}, "test_ci95": ci,
         "test_image_only": {"mean_auc": image_only["mean_auc"], "f1_macro": image_only["f1_macro"],
                             "auc": image_only["auc"], "ci95": image_only_ci},
-        "patient_only_logistic_regression": baseline, "threshold_methods": compared, "by_group": groups, "validation_n": int(len(y_val)), "history": history,
-        **(extra or {}),
+        "patient_only_logistic_regression": baseline, "threshold_methods": compared, "by_group": groups,
+        "validation_n": int(len(y_val)),
     }
-    name = f"{cfg.model_name}"
-    metrics_table(test).to_csv(out / f"validation_metrics_{name}.csv", index=False)
+    return results, test, p_test
+
+
+def export_bundle(cfg, ctx: Context, model, chosen: np.ndarray, results: dict, prior: dict, out: Path) -> Path:
+    """Stage 6: the weights bundle, with its recipe, data and measured metrics."""
+    prepare_info = json.loads((out / "prepare.json").read_text())
+    test, ci, image_only = results["test"], results["test_ci95"], results["test_image_only"]
+    extra = {"patient_prior": prior} if prior else {}
+    return save_bundle(
+        out / "bundle", model.cpu().float(), name=cfg.model_name, version=cfg.version, preprocessing=ctx.prep,
+        encoding=ctx.encoding, thresholds={f: float(t) for f, t in zip(FINDINGS, chosen)}, half=cfg.half_bundle,
+        training={"data": prepare_info, "config": cfg.to_dict(), "threshold_method": cfg.threshold_method, **extra},
+        metrics={"test_mean_auc": test["mean_auc"], "test_mean_auc_ci95": ci["mean_auc"],
+                 "test_f1_macro": test["f1_macro"], "test_f1_macro_ci95": ci["f1_macro"],
+                 "test_image_only_mean_auc": image_only["mean_auc"],
+                 "test_image_only_mean_auc_ci95": image_only["ci95"]["mean_auc"], "test_n": test["n"],
+                 "test_patient_only_lr_mean_auc": results["patient_only_logistic_regression"]["mean_auc"],
+                 "by_group": results["by_group"]},
+    )
+
+
+def evaluate_run(cfg, out: Path, ctx: Context) -> dict:
+    """Stages 4-6 on a run folder written by the training stages: thresholds on validation,
+    evaluation on test, artifacts (metrics, configuration, figures) and the bundle."""
+    out = Path(out)
+    parts, data = load_splits(cfg, out, ctx.prep, ctx.encoding)
+    loaders = {s: DataLoader(data[s], max(1, cfg.batch_size), num_workers=cfg.workers) for s in ("val", "test")}
+    model = build_model(cfg.model).to(ctx.device, memory_format=torch.channels_last)
+    model.load_state_dict(torch.load(out / FINAL_WEIGHTS, map_location=ctx.device, weights_only=True))
+    history = json.loads((out / HISTORY).read_text())
+    prior = json.loads((out / PRIOR_INFO).read_text()) if (out / PRIOR_INFO).exists() else {}
+
+    p_val, y_val, _ = predict(model, loaders["val"], ctx)
+    chosen = choose_thresholds(cfg, y_val, p_val, out)
+    results, test, p_test = evaluate_test(cfg, ctx, model, loaders, parts, chosen, y_val, p_val)
+    results.update(history=history, **({"patient_prior": prior} if prior else {}))
+    metrics_table(test).to_csv(out / f"validation_metrics_{cfg.model_name}.csv", index=False)
     (out / "metrics.json").write_text(json.dumps(results, indent=2, default=float) + "\n")
     write_configuration(cfg, out, history, results)
 
     figures = out / "figures"
     figures.mkdir(exist_ok=True)
-    roc_curves(y_test, p_test, figures / "roc_test.png")
+    roc_curves(multi_hot(parts["test"]["labels"]), p_test, figures / "roc_test.png")
     training_curves(history, figures / "training_curves.png")
-    example_predictions(parts["test"], test_loader.dataset, p_test, chosen, figures / "example_predictions.png")
-
-    prepare_info = json.loads((out / "prepare.json").read_text())
-    save_bundle(
-        out / "bundle", model.cpu().float(), name=cfg.model_name, version=cfg.version, preprocessing=ctx.prep,
-        encoding=ctx.encoding, thresholds=thr, half=cfg.half_bundle,
-        training={"data": prepare_info, "config": cfg.to_dict(), "threshold_method": cfg.threshold_method,
-                  **(extra or {})},
-        metrics={"test_mean_auc": test["mean_auc"], "test_mean_auc_ci95": ci["mean_auc"],
-                 "test_f1_macro": test["f1_macro"], "test_f1_macro_ci95": ci["f1_macro"],
-                 "test_image_only_mean_auc": image_only["mean_auc"],
-                 "test_image_only_mean_auc_ci95": image_only_ci["mean_auc"], "test_n": test["n"],
-                 "test_patient_only_lr_mean_auc": baseline["mean_auc"],
-                 "by_group": groups},
-    )
+    example_predictions(parts["test"], data["test"], p_test, chosen, figures / "example_predictions.png")
+    export_bundle(cfg, ctx, model, chosen, results, prior, out)
+    ci, image_only = results["test_ci95"], results["test_image_only"]
     log.info("test mean AUC %.3f (95%% CI %.3f-%.3f), macro F1 %.3f; image only AUC %.3f; patient-data-only "
              "logistic regression AUC %.3f -> %s", test["mean_auc"], *ci["mean_auc"], test["f1_macro"],
-             image_only["mean_auc"], baseline["mean_auc"], out / "bundle")
+             image_only["mean_auc"], results["patient_only_logistic_regression"]["mean_auc"], out / "bundle")
     return results
 
 

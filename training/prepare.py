@@ -20,6 +20,8 @@ from cxr_batch.metadata import NIH_COLUMNS
 
 from .config import TrainConfig
 
+PREPARED = "prepared.csv"  # this stage's table, read by every later stage
+
 
 def read_nih_metadata(path: Path) -> pd.DataFrame:
     """The NIH Data_Entry table (.csv or .csv.gz) -> columns image, labels, patient_id, age, sex, view."""
@@ -188,7 +190,7 @@ def prepare(cfg: TrainConfig, out: Path) -> pd.DataFrame:
     others = df[df["split"].isin(["val", "test"])].assign(mirror=0)
     table = pd.concat([balanced, others], ignore_index=True)
     out.mkdir(parents=True, exist_ok=True)
-    table.to_csv(out / "prepared.csv", index=False)
+    table.to_csv(out / PREPARED, index=False)
     info = {
         "rows_read": n_read, "after_undersampling": len(df), "split": split_kind,
         "images": {s: int((df["split"] == s).sum()) for s in ("train", "val", "test")},

@@ -1,0 +1,66 @@
+"""Study assembly: one candidate file -> its record and grey image, patient data merged once.
+
+Patient data and identifiers come from three sources, the first that has a value winning:
+the DICOM header, then a JSON sidecar beside the image, then the metadata table (``--metadata``,
+matched by file name). The view check runs after the merge, since the view may come from the
+sidecar or the table. A file that cannot be read or is not to be scored still gets a record
+with everything that was learnt about it.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+
+from .discover import Candidate
+from .metadata import MetadataRow, patient_from_metadata, read_sidecar
+from .readers import read_study
+from .record import StudyRecord
+from .study import ReadError, ScoringRules, StudyFailure, StudyHeader, check_view
+
+log = logging.getLogger("cxr_batch")
+
+
+@dataclass
+class AssembledStudy:
+    record: StudyRecord  # status ok (to be scored), skipped or error
+    grey: np.ndarray | None = None  # uint8 [H, W] for studies to score, else None
+
+
+def assemble_study(cand: Candidate, rules: ScoringRules,
+                   metadata: dict[str, MetadataRow] | None = None) -> AssembledStudy:
+    """Read ``cand``, merge its patient data and identifiers, and decide whether it is scored."""
+    record = StudyRecord(file=cand.rel)
+    if cand.problem:
+        record.status, record.reason = "error", cand.problem
+        return AssembledStudy(record)
+    header, grey, failure = StudyHeader(), None, None
+    try:
+        study = read_study(cand.path, rules)
+        header, grey = study.header, study.grey
+    except StudyFailure as e:
+        failure, header = e, e.header or StudyHeader()
+    except Exception as e:  # a reader bug must cost one row, never the scan
+        log.debug("%s: reader failed", cand.rel, exc_info=True)
+        failure = ReadError(f"unexpected {type(e).__name__} while reading: {e}")
+    sidecar = read_sidecar(cand.path)
+    if sidecar is not None:
+        header.patient.fill_from(sidecar.patient)
+        header.ids.fill_from(sidecar.ids)
+    if metadata is not None and cand.path.name in metadata:
+        row = metadata[cand.path.name]
+        header.patient.fill_from(patient_from_metadata(row))
+        if not header.ids.patient_id and row.patient_id:
+            header.ids.patient_id = row.patient_id
+    record.ids, record.patient = header.ids, header.patient
+    if failure is None:
+        try:
+            check_view(header.patient, rules)  # the view may come from a sidecar or the table
+        except StudyFailure as e:
+            failure = e
+    if failure is not None:
+        record.status, record.reason = failure.status, str(failure)
+        return AssembledStudy(record)
+    return AssembledStudy(record, grey)

@@ -1,0 +1,155 @@
+"""One study's record: the single shape a study has from reading to results.csv, PDF and ledger.
+
+A :class:`StudyRecord` is created when a file is assembled into a study (identifiers, patient
+data with sources and notes, status), gets its :class:`Scores` after inference, and its report
+name when its PDF is written. results.csv columns are derived from it (:data:`COLUMNS`):
+``to_row()`` writes a CSV row and ``from_row()`` reads one back; ``to_json()``/``from_json()``
+keep it whole (the patient name included) in the watch daemon's ledger.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Literal
+
+from .findings import FINDINGS
+from .patient import SOURCE_UNKNOWN, PatientData
+from .study import CSV_IDENTIFIERS, Identifiers
+
+Status = Literal["ok", "skipped", "error"]
+STATUSES: tuple[str, ...] = ("ok", "skipped", "error")
+
+PATIENT_COLUMNS = ("age", "age_source", "sex", "sex_source", "view", "view_source")
+COLUMNS: tuple[str, ...] = (
+    ("file", "status", "reason")
+    + CSV_IDENTIFIERS
+    + PATIENT_COLUMNS
+    + ("notes",)
+    + tuple(f"p_{f}" for f in FINDINGS)
+    + tuple(f"flag_{f}" for f in FINDINGS)
+    + ("findings", "priority", "triage_score", "report", "model", "weights_sha256")
+)
+NOTE_SEPARATOR = "; "
+
+
+@dataclass
+class Scores:
+    """The model's output for one study, in FINDINGS order, and what triage made of it."""
+
+    probs: tuple[float, ...]
+    flags: tuple[int, ...]
+    priority: str
+    triage_score: float
+
+    @property
+    def findings(self) -> tuple[str, ...]:
+        """Flagged findings, in FINDINGS order."""
+        return tuple(f for f, on in zip(FINDINGS, self.flags) if on)
+
+    def prob(self, finding: str) -> float:
+        return self.probs[FINDINGS.index(finding)]
+
+
+@dataclass
+class StudyRecord:
+    file: str  # path relative to the scanned folder (POSIX separators)
+    status: Status = "ok"
+    reason: str = ""  # why a study was skipped or failed
+    ids: Identifiers = field(default_factory=Identifiers)
+    patient: PatientData = field(default_factory=PatientData)
+    scores: Scores | None = None  # set for scored studies only
+    report: str = ""  # file name of the PDF under reports/
+    model: str = ""  # bundle name@version
+    weights_sha256: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+    @property
+    def priority(self) -> str:
+        return self.scores.priority if self.scores else ""
+
+    @property
+    def findings(self) -> tuple[str, ...]:
+        return self.scores.findings if self.scores else ()
+
+    @property
+    def triage_score(self) -> float:
+        return self.scores.triage_score if self.scores else 0.0
+
+    def add_note(self, note: str) -> None:
+        if note not in self.patient.notes:
+            self.patient.notes.append(note)
+
+    # ---------------------------------------------------------------- results.csv
+    def to_row(self) -> dict[str, str]:
+        """The CSV row: probabilities to 6 decimals, absent values empty."""
+        p = self.patient
+        row = {"file": self.file, "status": self.status, "reason": self.reason}
+        row.update({k: getattr(self.ids, k) for k in CSV_IDENTIFIERS})
+        row.update({
+            "age": "" if p.age is None else f"{p.age:g}", "age_source": p.age_source,
+            "sex": p.sex or "", "sex_source": p.sex_source,
+            "view": p.view or "", "view_source": p.view_source,
+            "notes": NOTE_SEPARATOR.join(p.notes),
+        })
+        s = self.scores
+        for k, f in enumerate(FINDINGS):
+            row[f"p_{f}"] = f"{s.probs[k]:.6f}" if s else ""
+        for k, f in enumerate(FINDINGS):
+            row[f"flag_{f}"] = str(int(s.flags[k])) if s else ""
+        row.update({
+            "findings": ";".join(s.findings) if s else "", "priority": s.priority if s else "",
+            "triage_score": f"{s.triage_score:.6f}" if s else "", "report": self.report,
+            "model": self.model, "weights_sha256": self.weights_sha256,
+        })
+        return row
+
+    @classmethod
+    def from_row(cls, row: dict[str, str]) -> "StudyRecord":
+        """A record from a results.csv row (values as strings; the patient name is not in it)."""
+        def get(key):
+            return (row.get(key) or "").strip()
+
+        patient = PatientData(
+            age=float(get("age")) if get("age") else None, age_source=get("age_source") or SOURCE_UNKNOWN,
+            sex=get("sex") or None, sex_source=get("sex_source") or SOURCE_UNKNOWN,
+            view=get("view") or None, view_source=get("view_source") or SOURCE_UNKNOWN,
+            notes=[n for n in (row.get("notes") or "").split(NOTE_SEPARATOR) if n],
+        )
+        scores = None
+        if get(f"p_{FINDINGS[0]}"):
+            scores = Scores(
+                probs=tuple(float(get(f"p_{f}")) for f in FINDINGS),
+                flags=tuple(int(get(f"flag_{f}")) for f in FINDINGS),
+                priority=get("priority"), triage_score=float(get("triage_score") or 0.0),
+            )
+        return cls(file=row["file"], status=get("status") or "error", reason=row.get("reason") or "",
+                   ids=Identifiers(**{k: row.get(k) or "" for k in CSV_IDENTIFIERS}), patient=patient,
+                   scores=scores, report=get("report"), model=get("model"), weights_sha256=get("weights_sha256"))
+
+    # ---------------------------------------------------------------- ledger
+    def to_json(self) -> dict:
+        """Everything, the patient name included, as JSON-ready values."""
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("ids", "patient", "scores")}
+        out["ids"] = {f.name: getattr(self.ids, f.name) for f in fields(self.ids)}
+        p = self.patient
+        out["patient"] = {"age": p.age, "age_source": p.age_source, "sex": p.sex, "sex_source": p.sex_source,
+                          "view": p.view, "view_source": p.view_source, "notes": list(p.notes)}
+        s = self.scores
+        out["scores"] = None if s is None else {"probs": list(s.probs), "flags": list(s.flags),
+                                                 "priority": s.priority, "triage_score": s.triage_score}
+        return out
+
+    @classmethod
+    def from_json(cls, data: dict) -> "StudyRecord":
+        s = data.get("scores")
+        return cls(
+            file=data["file"], status=data["status"], reason=data.get("reason", ""),
+            ids=Identifiers(**data.get("ids", {})), patient=PatientData(**data.get("patient", {})),
+            scores=None if s is None else Scores(tuple(s["probs"]), tuple(s["flags"]), s["priority"],
+                                                 s["triage_score"]),
+            report=data.get("report", ""), model=data.get("model", ""),
+            weights_sha256=data.get("weights_sha256", ""),
+        )

@@ -1,0 +1,55 @@
+"""What every command that scores studies is told (scan, watch): model, device, batching,
+urgency, reports and scoring rules. Each command's configuration extends it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from .config import ConfigError, bounded, validate
+from .findings import DEFAULT_URGENT, check_findings
+from .inference import BatchOptions
+from .study import ScoringRules
+
+
+@dataclass
+class RunConfig:
+    weights: str | None = None  # bundle folder (default: the bundled weights)
+    metadata: str | None = None  # NIH Data_Entry-style CSV with patient data
+    device: str = "auto"
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    batch_size: int = bounded(16, min=1, max=4096)
+    workers: int | None = bounded(None, min=0, max=64)  # None: chosen for this machine
+    urgent: tuple[str, ...] = DEFAULT_URGENT
+    pdf: bool = True
+    heatmaps: bool = True
+    dicom_pdf: bool = False
+    title: str = "Chest X-ray triage report"
+    institution: str = ""
+    scoring: ScoringRules = field(default_factory=ScoringRules)
+
+    def __post_init__(self):
+        where = self.table
+        validate(self, where)
+        try:
+            check_findings(self.urgent)
+        except ValueError as e:
+            raise ConfigError(f"{where}.urgent: {e}") from None
+
+    @property
+    def table(self) -> str:
+        """The configuration file's table for this command (``[scan]``, ``[watch]``)."""
+        return type(self).__name__.removesuffix("Config").lower()
+
+    def batch_options(self, progress: bool = False) -> BatchOptions:
+        return BatchOptions(batch_size=self.batch_size, workers=self.workers, urgent=self.urgent,
+                            rules=self.scoring, progress=progress)
+
+    def report_options(self):
+        """The reports' slice of the configuration, or None with ``pdf`` off."""
+        if not self.pdf:
+            return None
+        from .reports import ReportOptions  # reportlab is imported only when reports are made
+
+        return ReportOptions(title=self.title, institution=self.institution, heatmaps=self.heatmaps,
+                             dicom_pdf=self.dicom_pdf)

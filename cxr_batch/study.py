@@ -1,0 +1,113 @@
+"""What reading one file yields, and the rules for what is scored: the types every reader shares.
+
+A reader returns a :class:`StudyImage` (the grey image plus what its header said) or raises
+:class:`SkipStudy` (read, deliberately not scored: a lateral view) or :class:`ReadError` (could
+not be read). Both carry a reason a person understands and, when the header could be read
+before the failure, the :class:`StudyHeader` so the study's row still says which study it was.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .config import bounded, validate
+from .patient import PatientData
+
+
+@dataclass
+class Identifiers:
+    """Who and which study: from the DICOM header, a sidecar or the metadata table."""
+
+    patient_id: str = ""
+    patient_name: str = ""
+    study_uid: str = ""
+    series_uid: str = ""
+    sop_uid: str = ""
+    accession_number: str = ""
+    study_date: str = ""
+    institution: str = ""
+
+    def fill_from(self, other: "Identifiers") -> None:
+        """Take each identifier this one lacks from ``other`` (a lower-priority source)."""
+        for name in IDENTIFIER_FIELDS:
+            if not getattr(self, name) and getattr(other, name):
+                setattr(self, name, getattr(other, name))
+
+
+IDENTIFIER_FIELDS = tuple(Identifiers.__dataclass_fields__)
+# Identifiers written to results.csv; the name and institution stay in the reports only.
+CSV_IDENTIFIERS = ("patient_id", "study_uid", "series_uid", "sop_uid", "accession_number", "study_date")
+
+
+@dataclass
+class StudyHeader:
+    """What a file's header (or sidecar) says about the study, whatever happened to its pixels."""
+
+    ids: Identifiers = field(default_factory=Identifiers)
+    patient: PatientData = field(default_factory=PatientData)
+
+
+class StudyFailure(Exception):
+    """A study that yields no scores; ``str(e)`` is the reason for its row and ``header`` what
+    was read before the failure (None when nothing was)."""
+
+    status = "error"
+
+    def __init__(self, reason: str, header: StudyHeader | None = None):
+        super().__init__(reason)
+        self.header = header
+
+    def with_header(self, header: StudyHeader) -> "StudyFailure":
+        if self.header is None:
+            self.header = header
+        return self
+
+
+class ReadError(StudyFailure):
+    """The file could not be read as a study."""
+
+
+class SkipStudy(StudyFailure):
+    """The file was read but is deliberately not scored."""
+
+    status = "skipped"
+
+
+@dataclass
+class StudyImage:
+    """A decoded radiograph: uint8 grey [H, W] (MONOCHROME2, windowed) and its header data."""
+
+    grey: np.ndarray
+    kind: str  # "png", "jpeg" or "dicom"
+    header: StudyHeader = field(default_factory=StudyHeader)
+
+
+@dataclass(frozen=True)
+class ScoringRules:
+    """Which files are scored (``[scoring]`` in a TOML config). Everything else gets a
+    ``skipped`` row with the reason."""
+
+    modalities: tuple[str, ...] = ("CR", "DX", "DR", "RG", "OT")  # OT: secondary capture of a radiograph
+    body_parts: tuple[str, ...] = ("CHEST", "THORAX", "LUNG", "TORAX", "THORAX_CHEST")
+    allow_missing_body_part: bool = True
+    views: tuple[str, ...] = ("PA", "AP")
+    allow_unknown_view: bool = True
+    max_pixels: int = bounded(40_000_000, min=1)  # about 6300 x 6300: larger is refused before decoding
+    max_file_bytes: int = bounded(1 << 30, min=1)
+
+    def __post_init__(self):
+        validate(self, "scoring")
+        for name in ("modalities", "body_parts", "views"):
+            object.__setattr__(self, name, tuple(v.strip().upper() for v in getattr(self, name)))
+
+
+def check_view(patient: PatientData, rules: ScoringRules) -> None:
+    """Skip views the model is not meant for (laterals), and unknown views if configured."""
+    if patient.view is None:
+        if not rules.allow_unknown_view:
+            raise SkipStudy("view position unknown (scoring of unknown views is turned off)")
+        return
+    if patient.view not in rules.views:
+        raise SkipStudy(f"{patient.view.lower()} view ({patient.view_source}); only {'/'.join(rules.views)} are scored")

@@ -1,0 +1,43 @@
+"""Training's data path: the uint8 cache and the batched augmentation."""
+
+import numpy as np
+import torch
+
+from cxr_batch.preprocess import Preprocessing, normalise
+from training.augment import AugmentConfig, eval_transform_batch, train_transform
+from training.cache import build_cache, cache_size_for, decode_resized
+
+
+def test_cache_is_built_once_and_reused(tmp_path, nih_images):
+    names = [p.name for p in nih_images[:3]]
+    size = cache_size_for(Preprocessing(image_size=64))
+    assert size == 72
+    arr, index = build_cache(nih_images[0].parent, names, size, tmp_path, workers=0)
+    assert arr.shape == (3, 72, 72) and arr.dtype == np.uint8 and set(index) == set(names)
+    assert np.array_equal(arr[index[names[1]]], decode_resized(nih_images[1], size))
+    stamp = (tmp_path / "cache_72.u8").stat().st_mtime_ns
+    build_cache(nih_images[0].parent, list(reversed(names)), size, tmp_path, workers=0)
+    assert (tmp_path / "cache_72.u8").stat().st_mtime_ns == stamp  # same names: reused, not rebuilt
+
+
+def test_train_transform_shapes_mirror_and_identity():
+    prep = Preprocessing(image_size=32)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (4, 1, 36, 36), dtype=torch.uint8)
+    out = train_transform(x, torch.tensor([True, False, False, True]), prep, generator=g)
+    assert out.shape == (4, 3, 32, 32) and torch.isfinite(out).all()
+    # no crop movement, rotation, translation or blur, no crop: the identity up to resampling
+    still = AugmentConfig(rotation_deg=0.0, translate=0.0, blur_p=0.0)
+    full = Preprocessing(image_size=36, crop_fraction=1.0)
+    ident = train_transform(x, torch.zeros(4, dtype=torch.bool), full, still, generator=g)
+    assert torch.allclose(ident, normalise(x.float() / 255, full), atol=1e-5)
+    mirrored = train_transform(x, torch.ones(4, dtype=torch.bool), full, still, generator=g)
+    assert torch.allclose(mirrored, normalise(x.float().flip(-1) / 255, full), atol=1e-5)
+
+
+def test_eval_batch_is_deterministic_and_normalised():
+    prep = Preprocessing(image_size=32)
+    x = torch.full((2, 1, 36, 36), 255, dtype=torch.uint8)
+    out = eval_transform_batch(x, prep)
+    assert out.shape == (2, 3, 32, 32)
+    assert torch.allclose(out[:, 0], torch.full((2, 32, 32), (1 - 0.485) / 0.229), atol=1e-5)

@@ -1,0 +1,84 @@
+"""One configuration pattern: typed dataclasses, unknown keys and bad values named before any work."""
+
+import subprocess
+import sys
+
+import pytest
+
+from cxr_batch.config import ConfigError, load_dataclass
+from cxr_batch.scan import ScanConfig
+from cxr_batch.study import ScoringRules
+from cxr_batch.watch import WatchConfig
+from training.config import TrainConfig
+
+
+def test_scan_config_from_tables_and_overrides():
+    cfg = load_dataclass(ScanConfig, {"batch_size": 8, "urgent": ["Pneumothorax", "Edema"],
+                                      "scoring": {"views": ["pa"], "max_pixels": 1000}}, "scan", batch_size=4)
+    assert cfg.batch_size == 4 and cfg.urgent == ("Pneumothorax", "Edema")
+    assert cfg.scoring.views == ("PA",) and cfg.scoring.max_pixels == 1000
+
+
+@pytest.mark.parametrize("table, words", [
+    ({"batchsize": 4}, ["unknown option", "'batchsize'"]),
+    ({"batch_size": 0}, ["batch_size", "at least 1"]),
+    ({"batch_size": "16"}, ["batch_size", "integer"]),
+    ({"batch_size": True}, ["batch_size", "integer"]),
+    ({"precision": "bf15"}, ["precision", "one of"]),
+    ({"urgent": ["Pneumothorax", "Pneumothoraks"]}, ["urgent", "Pneumothoraks"]),
+    ({"scoring": {"views": "PAP"}}, ["views", "list"]),
+    ({"scoring": {"max_pixels": "40M"}}, ["max_pixels", "integer"]),
+    ({"scoring": {"max_pixels": 0}}, ["max_pixels", "at least 1"]),
+    ({"scoring": {"viewz": ["PA"]}}, ["viewz"]),
+    ({"shard": [3, 2]}, ["shard"]),
+])
+def test_scan_config_errors_name_the_key(table, words):
+    with pytest.raises(ConfigError) as e:
+        load_dataclass(ScanConfig, table, "scan")
+    for word in words:
+        assert word in str(e.value)
+
+
+def test_watch_config_checks_types_and_ranges():
+    assert load_dataclass(WatchConfig, {"settle": 2}, "watch").settle == 2.0  # an integer is a number
+    for bad in ({"batch_size": 0}, {"settle": -1.0}, {"rescan_interval": 0}, {"polling": "yes"}, {"nope": 1}):
+        with pytest.raises(ConfigError):
+            load_dataclass(WatchConfig, bad, "watch")
+
+
+def test_scoring_rules_built_in_code_are_checked_too():
+    with pytest.raises(ConfigError, match="max_pixels"):
+        ScoringRules(max_pixels=-5)
+    assert ScoringRules(views=["ap"]).views == ("AP",)
+
+
+def test_train_config_nests_model_and_preprocessing_and_rejects_typos_early():
+    cfg = TrainConfig.load(None, image_size=96, epochs=1)
+    assert cfg.preprocessing.image_size == 96 and cfg.epochs == 1 and cfg.model.dropout == 0.3
+    with pytest.raises(ConfigError, match="select_metric"):
+        TrainConfig(select_metric="mean_aucc")
+    with pytest.raises(ConfigError, match="threshold_method"):
+        TrainConfig(threshold_method="youdan")
+    with pytest.raises(ConfigError, match="tabular_skip"):
+        TrainConfig(patient_prior="logistic")
+    with pytest.raises(ConfigError, match="Pneumonai"):
+        TrainConfig(pos_weight_overrides={"Pneumonai": 4.5})
+    with pytest.raises(ConfigError, match="dropout"):
+        load_dataclass(TrainConfig, {"model": {"dropout": 1.5}}, "train")
+    assert TrainConfig(patient_prior_weight="validation").patient_prior_weight == "validation"
+
+
+def test_cli_names_the_bad_key_and_exits_2(tmp_path):
+    config = tmp_path / "c.toml"
+    config.write_text("[scan]\nbatch_size = 8\n[scoring]\nviews = \"PAP\"\n")
+    proc = subprocess.run([sys.executable, "-m", "cxr_batch", "scan", str(tmp_path), "--out", str(tmp_path / "o"),
+                           "--config", str(config)], capture_output=True, text=True)
+    assert proc.returncode == 2 and "views" in proc.stderr and "Traceback" not in proc.stderr
+    config.write_text("[scann]\nbatch_size = 8\n")
+    proc = subprocess.run([sys.executable, "-m", "cxr_batch", "scan", str(tmp_path), "--out", str(tmp_path / "o"),
+                           "--config", str(config)], capture_output=True, text=True)
+    assert proc.returncode == 2 and "scann" in proc.stderr
+    config.write_text("[watch]\nbatch_size = 0\n")
+    proc = subprocess.run([sys.executable, "-m", "cxr_batch", "watch", str(tmp_path), "--out", str(tmp_path / "o"),
+                           "--config", str(config)], capture_output=True, text=True)
+    assert proc.returncode == 2 and "batch_size" in proc.stderr

@@ -1,0 +1,78 @@
+"""The study record: one shape from reading to CSV and ledger, round trips that lose nothing."""
+
+import csv
+import io
+
+import pytest
+
+from cxr_batch.findings import FINDINGS
+from cxr_batch.patient import PatientData
+from cxr_batch.record import COLUMNS, Scores, StudyRecord
+from cxr_batch.results import AtomicCsvWriter, read_records
+from cxr_batch.study import CSV_IDENTIFIERS, Identifiers
+
+
+def scored_record() -> StudyRecord:
+    probs = tuple(round(0.05 * (k + 1), 6) for k in range(len(FINDINGS)))
+    flags = tuple(int(p >= 0.5) for p in probs)
+    return StudyRecord(
+        file="a/b.dcm", ids=Identifiers(patient_id="P1", patient_name="DOE JANE", study_uid="1.2.3", sop_uid="1.2.3.4",
+                                        accession_number="A1", study_date="20240301", institution="General"),
+        patient=PatientData(age=57.0, age_source="header:PatientAge", sex="F", sex_source="sidecar",
+                            notes=["metadata implausible age '130': treated as unknown", "second note"]),
+        scores=Scores(probs, flags, "abnormal", 0.25), report="P1_x.pdf", model="m@1", weights_sha256="0" * 64)
+
+
+def test_columns_are_derived_from_the_record():
+    row = scored_record().to_row()
+    assert tuple(row) == COLUMNS
+    assert set(CSV_IDENTIFIERS) <= set(COLUMNS) and "patient_name" not in COLUMNS  # names stay in reports
+    assert all(isinstance(v, str) for v in row.values())
+
+
+def test_row_formatting():
+    row = scored_record().to_row()
+    assert row["age"] == "57" and row["sex"] == "F" and row["view"] == "" and row["view_source"] == "unknown"
+    assert row["p_Atelectasis"] == "0.050000" and row["flag_Atelectasis"] == "0" and row["flag_Hernia"] == "1"
+    assert row["findings"] == ";".join(f for k, f in enumerate(FINDINGS) if 0.05 * (k + 1) >= 0.5)
+    assert row["triage_score"] == "0.250000" and row["notes"].count("; ") == 1
+
+
+def test_unscored_record_has_empty_score_cells():
+    record = StudyRecord(file="x.png", status="error", reason="empty file (0 bytes)", model="m@1")
+    row = record.to_row()
+    assert row["status"] == "error" and row["p_Hernia"] == "" and row["priority"] == "" and row["findings"] == ""
+    back = StudyRecord.from_row(row)
+    assert back.scores is None and back.status == "error" and back.reason == "empty file (0 bytes)"
+
+
+def test_csv_round_trip(tmp_path):
+    record = scored_record()
+    with AtomicCsvWriter(tmp_path / "results.csv") as writer:
+        writer.write(record)
+    (back,) = read_records(tmp_path / "results.csv")
+    assert back.to_row() == record.to_row()
+    assert back.findings == record.findings and back.priority == "abnormal"
+    assert back.ids.patient_name == ""  # not in the CSV
+
+
+def test_json_round_trip_keeps_everything():
+    record = scored_record()
+    back = StudyRecord.from_json(record.to_json())
+    assert back == record and back.ids.patient_name == "DOE JANE"
+
+
+@pytest.mark.parametrize("age, text", [(26.24, "26.24"), (0.5, "0.5"), (100.0, "100")])
+def test_age_cells(age, text):
+    record = StudyRecord(file="x", patient=PatientData(age=age, age_source="metadata"))
+    assert record.to_row()["age"] == text
+    assert StudyRecord.from_row(record.to_row()).patient.age == age
+
+
+def test_a_written_row_parses_as_csv_with_commas_and_newlines_in_values():
+    record = StudyRecord(file="odd, name\nwith newline.png", status="error", reason='bad "quote", here')
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(COLUMNS))
+    writer.writerow(record.to_row())
+    (row,) = list(csv.DictReader(io.StringIO(buf.getvalue()), fieldnames=list(COLUMNS)))
+    assert StudyRecord.from_row(row).file == record.file and row["reason"] == record.reason
