@@ -79,7 +79,7 @@ def test_bad_files_get_error_rows_and_the_scan_goes_on(studies, tmp_path, small_
     summary = scan(studies, tmp_path / "out", small_bundle)
     rows = {r["file"]: r for r in read_results(tmp_path / "out" / "results.csv")}
     assert rows["empty.png"]["status"] == "error" and "empty" in rows["empty.png"]["reason"]
-    assert rows["random.png"]["status"] == "error" and "not a valid PNG" in rows["random.png"]["reason"]
+    assert rows["random.png"]["status"] == "error" and "unrecognised content" in rows["random.png"]["reason"]
     assert rows["truncated.png"]["status"] == "error" and "truncated" in rows["truncated.png"]["reason"]
     assert rows["readme.txt"]["status"] == "skipped"
     assert rows["sub/nested.png"]["status"] == "ok"
