@@ -28,6 +28,16 @@ class Identifiers:
     accession_number: str = ""
     study_date: str = ""
     institution: str = ""
+    # The source header's own values, for DICOM objects made for the study (the SR): copied
+    # as the header had them (names in PN form, "family^given"); never in results.csv.
+    sop_class_uid: str = ""
+    patient_name_pn: str = ""
+    patient_birth_date: str = ""
+    patient_sex: str = ""
+    patient_age: str = ""
+    study_time: str = ""
+    study_id: str = ""
+    referring_physician: str = ""
 
     def fill_from(self, other: "Identifiers") -> None:
         """Take each identifier this one lacks from ``other`` (a lower-priority source)."""
