@@ -45,6 +45,7 @@ class ScanSummary:
     seconds: float = 0.0
     device: str = ""
     worklist: Path | None = None
+    srs: int = 0  # DICOM SRs written
 
     @property
     def exit_code(self) -> int:
@@ -82,12 +83,19 @@ def run_scan(studies: Path, out: Path, cfg: ScanConfig = ScanConfig()) -> ScanSu
         from .reports import ReportWriter
 
         reports = ReportWriter(out / "reports", bundle, cfg.report_options())
+    srs = None
+    if cfg.dicom_sr:
+        from .sr import SR_FOLDER, SRWriter  # highdicom is imported only when SRs are made
+
+        srs = SRWriter(out / SR_FOLDER, bundle)
     records = []
     start = time.perf_counter()
     with AtomicCsvWriter(summary.results) as writer:
         for scored in score_batches(candidates, engine, cfg.batch_options(cfg.progress), metadata):
             if reports is not None:
                 reports.report_batch(scored)
+            if srs is not None:
+                summary.srs += srs.report_records(scored.records)
             for record in scored.records:
                 writer.write(record)
                 summary.counts[record.status] += 1
@@ -106,5 +114,7 @@ def run_scan(studies: Path, out: Path, cfg: ScanConfig = ScanConfig()) -> ScanSu
         "counts": dict(summary.counts), "priorities": dict(summary.priorities),
         "seconds": round(summary.seconds, 3), "refined_in_fp32": engine.refined,
     }
+    if cfg.dicom_sr:
+        run_info["dicom_sr_written"] = summary.srs
     atomic_write_bytes(out / "run.json", (json.dumps(run_info, indent=2) + "\n").encode(), mode=0o640)
     return summary
