@@ -34,7 +34,7 @@ def assemble_study(cand: Candidate, rules: ScoringRules,
     """Read ``cand``, merge its patient data and identifiers, and decide whether it is scored."""
     record = StudyRecord(file=cand.rel)
     if cand.problem:
-        record.status, record.reason = "error", cand.problem
+        record.status, record.reason = cand.problem_status, cand.problem
         return AssembledStudy(record)
     header, grey, failure = StudyHeader(), None, None
     try:
@@ -42,6 +42,8 @@ def assemble_study(cand: Candidate, rules: ScoringRules,
         header, grey = study.header, study.grey
     except StudyFailure as e:
         failure, header = e, e.header or StudyHeader()
+    except MemoryError:  # the reading worker's memory ceiling (cxr_batch.sandbox)
+        failure = ReadError("decoding needs more memory than a reading worker is allowed")
     except Exception as e:  # a reader bug must cost one row, never the scan
         log.debug("%s: reader failed", cand.rel, exc_info=True)
         failure = ReadError(f"unexpected {type(e).__name__} while reading: {e}")

@@ -3,14 +3,18 @@
 A bundle folder holds ``model.pt`` (a plain state dict, loaded with ``weights_only=True``) and
 ``manifest.json``: the findings in output order, the model configuration, the preprocessing,
 the patient-data encoding, per-finding thresholds, what the weights were trained on, their
-measured metrics, and the sha256 of ``model.pt``. Loading verifies the sha256 and refuses a
-bundle whose weights do not match their manifest.
+measured metrics, the sha256 of ``model.pt`` and ``bundle_sha256``, the sha256 of the manifest
+itself (which holds the weights' sha256): a bundle is one thing, and its ``bundle_sha256``,
+written in every result row, identifies the model's behaviour (weights *and* thresholds,
+preprocessing, encoding). Loading verifies both and refuses a bundle that was altered, whose
+thresholds are not finite numbers strictly between 0 and 1, or whose findings differ.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import tempfile
 from dataclasses import dataclass, field
@@ -18,12 +22,13 @@ from pathlib import Path
 
 import torch
 
+from .files import atomic_write_bytes
 from .findings import FINDINGS
 from .model import ARCHITECTURE, CxrFusionNet, ModelConfig
 from .patient import PatientEncoding
 from .preprocess import Preprocessing
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: bundle_sha256 over the manifest
 WEIGHTS_FILE = "model.pt"
 MANIFEST_FILE = "manifest.json"
 DEFAULT_BUNDLE = Path(__file__).resolve().parent.parent / "weights" / "cxr-fpn-v1"
@@ -41,7 +46,7 @@ class Bundle:
     preprocessing: Preprocessing
     encoding: PatientEncoding
     thresholds: dict[str, float]
-    sha256: str
+    sha256: str  # bundle_sha256: manifest and weights together
     manifest: dict = field(repr=False, default_factory=dict)
     path: Path | None = None
 
@@ -60,22 +65,6 @@ def sha256_file(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
-
-
-def atomic_write_bytes(path: Path, data: bytes, mode: int = 0o644) -> None:
-    """Write ``data`` to ``path`` via a temp file in the same folder and a rename."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def save_bundle(
@@ -129,7 +118,9 @@ def save_bundle(
         "weights_dtype": "float16" if half else "float32",
         "sha256": sha256_file(weights_path),
     }
-    atomic_write_bytes(folder / MANIFEST_FILE, (json.dumps(manifest, indent=2) + "\n").encode())
+    check_thresholds(manifest["thresholds"], folder / MANIFEST_FILE)
+    manifest["bundle_sha256"] = manifest_sha256(manifest)
+    atomic_write_bytes(folder / MANIFEST_FILE, (json.dumps(manifest, indent=2) + "\n").encode(), mode=0o644)
     return folder
 
 
@@ -150,7 +141,31 @@ def read_manifest(folder: Path) -> dict:
         raise BundleError(f"bundle architecture {manifest['architecture']!r} is not {ARCHITECTURE!r}")
     if list(manifest["findings"]) != list(FINDINGS):
         raise BundleError(f"bundle findings {manifest['findings']} differ from this version's {list(FINDINGS)}")
+    check_thresholds(manifest["thresholds"], folder / MANIFEST_FILE)
     return manifest
+
+
+def manifest_sha256(manifest: dict) -> str:
+    """The bundle's identity: sha256 of the manifest in canonical JSON (sorted keys, no spaces)
+    without its own ``bundle_sha256``. It covers the weights through their sha256."""
+    body = {k: v for k, v in manifest.items() if k != "bundle_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def check_thresholds(thresholds, where) -> None:
+    """Thresholds must name every finding, no other, each a finite number strictly in (0, 1):
+    0 would flag every study, 1 none, NaN none silently."""
+    if not isinstance(thresholds, dict):
+        raise BundleError(f"{where}: 'thresholds' must map each finding to a number")
+    extra = sorted(set(thresholds) - set(FINDINGS))
+    missing = [f for f in FINDINGS if f not in thresholds]
+    if missing or extra:
+        raise BundleError(f"{where}: thresholds missing for {missing}" if missing else
+                          f"{where}: thresholds for unknown findings {extra}")
+    for f in FINDINGS:
+        t = thresholds[f]
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or not 0.0 < t < 1.0:
+            raise BundleError(f"{where}: threshold for {f} is {t!r}; it must be a number strictly between 0 and 1")
 
 
 def load_bundle(folder: Path | str | None = None) -> Bundle:
@@ -166,6 +181,13 @@ def load_bundle(folder: Path | str | None = None) -> Bundle:
             f"weights file {weights_path} fails its checksum: manifest sha256 {manifest['sha256']}, "
             f"file sha256 {actual}. The weights were altered or corrupted; refusing to use them."
         )
+    recorded = manifest.get("bundle_sha256")
+    if not recorded:
+        raise BundleError(f"{folder / MANIFEST_FILE} has no bundle_sha256 (a bundle made by an older cxr-batch): "
+                          f"its thresholds and settings are not covered by a checksum; re-export it")
+    if manifest_sha256(manifest) != recorded:
+        raise BundleError(f"{folder / MANIFEST_FILE} fails its checksum (bundle_sha256 {recorded}): the manifest "
+                          f"was edited after the bundle was made; refusing to use it")
     try:
         state = torch.load(weights_path, map_location="cpu", weights_only=True)
         model = CxrFusionNet(ModelConfig.from_dict(manifest["model_config"]))
@@ -181,7 +203,7 @@ def load_bundle(folder: Path | str | None = None) -> Bundle:
         preprocessing=Preprocessing.from_dict(manifest["preprocessing"]),
         encoding=PatientEncoding.from_dict(manifest["patient_encoding"]),
         thresholds=thresholds,
-        sha256=actual,
+        sha256=recorded,
         manifest=manifest,
         path=folder,
     )

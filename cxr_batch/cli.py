@@ -7,13 +7,19 @@ were written; 2 usage error; 1 nothing could be done (bad weights, metadata or d
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from pathlib import Path
 
 import click
 
+from . import exit_codes
 from .findings import check_findings
-from .scan import EXIT_FATAL, EXIT_USAGE
+
+# Heavy modules (torch, pydicom, reportlab) are imported inside the commands that use them:
+# `--help` stays fast, and processes that import this module (the reading workers of
+# cxr_batch.sandbox re-import the main script) stay small.
+EXIT_FATAL, EXIT_USAGE = exit_codes.FATAL, exit_codes.USAGE
 
 log = logging.getLogger("cxr_batch")
 
@@ -21,6 +27,14 @@ log = logging.getLogger("cxr_batch")
 def setup_logging(quiet: bool, debug: bool) -> None:
     level = logging.DEBUG if debug else (logging.WARNING if quiet else logging.INFO)
     logging.basicConfig(level=level, format="cxr-batch: %(message)s", stream=sys.stderr, force=True)
+
+
+def private_files() -> None:
+    """Files and folders this process creates carry patient data: no access for others,
+    whatever umask the service was started with (cxr_batch.files explains the modes)."""
+    from .files import PRIVATE_UMASK
+
+    os.umask(os.umask(0) | PRIVATE_UMASK)
 
 
 def fail(message: str, debug: bool, code: int = EXIT_FATAL):
@@ -105,6 +119,9 @@ RUN_OPTIONS = (
                  help="Write a DICOM SR (TID 1500 measurement report) per scored DICOM image to OUT/dicom."),
     click.option("--title", help="Report title.  [default: Chest X-ray triage report]"),
     click.option("--institution", help="Institution name printed on reports."),
+    click.option("--follow-links", is_flag=True, default=None,
+                 help="Follow symbolic links that lead outside the folder (default: such links get a row "
+                      "and are not followed)."),
 )
 DEBUG_OPTION = click.option("--debug", is_flag=True, help="Show tracebacks and library messages.")
 
@@ -127,27 +144,29 @@ def run_options(command):
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar, warnings only.")
 @DEBUG_OPTION
 def scan(studies, out, config_file, weights, metadata, device, precision, workers, urgent, pdf, heatmaps, dicom_pdf,
-         dicom_sr, title, institution, batch_size, shard, quiet, debug):
+         dicom_sr, title, institution, follow_links, batch_size, shard, quiet, debug):
     """Score every frontal chest radiograph under STUDIES into OUT/results.csv."""
     from .bundle import BundleError
     from .config import ConfigError
     from .device import DeviceError
+    from .folderlock import FolderBusy
     from .metadata import MetadataError
     from .scan import ScanConfig, run_scan
 
     setup_logging(quiet, debug)
+    private_files()
     try:
         cfg = load_config(ScanConfig, config_file, "scan", weights=weights, metadata=metadata, device=device,
                           precision=precision, batch_size=batch_size, workers=workers, urgent=urgent, shard=shard,
                           pdf=pdf, heatmaps=heatmaps, dicom_pdf=dicom_pdf, dicom_sr=dicom_sr, title=title,
-                          institution=institution, progress=False if quiet else None)
+                          institution=institution, follow_links=follow_links, progress=False if quiet else None)
     except ConfigError as e:
         fail(str(e), debug, EXIT_USAGE)
     try:
         summary = run_scan(studies, out, cfg)
     except DeviceError as e:
         fail(str(e), debug, EXIT_USAGE)
-    except (BundleError, MetadataError) as e:
+    except (BundleError, MetadataError, FolderBusy) as e:
         fail(str(e), debug)
     except OSError as e:
         fail(f"{e.filename or ''}: {e.strerror or e}", debug)
@@ -185,31 +204,41 @@ def merge(inputs, out):
 @click.option("--quarantine-dir", help="Move files that failed here.")
 @DEBUG_OPTION
 def watch(watch_dir, out, config_file, weights, metadata, device, precision, workers, urgent, pdf, heatmaps, dicom_pdf,
-          dicom_sr, title, institution, batch_size, max_wait, settle, polling, archive_dir, quarantine_dir, debug):
+          dicom_sr, title, institution, follow_links, batch_size, max_wait, settle, polling, archive_dir,
+          quarantine_dir, debug):
     """Watch WATCH_DIR (a PACS export folder) and report every new study once, until SIGTERM."""
     from .bundle import BundleError
     from .config import ConfigError
     from .device import DeviceError
+    from .stopping import StopSignal
+
+    stop = StopSignal().install()  # before the heavy imports: a stop while loading is a clean stop
+    setup_logging(False, debug)
+    log.info("starting (PID %d)", os.getpid())
+
+    from .folderlock import FolderBusy
+    from .ledger import LedgerError
+    from .metadata import MetadataError
     from .watch import WatchConfig, Watcher
 
-    setup_logging(False, debug)
+    private_files()
     try:
         cfg = load_config(WatchConfig, config_file, "watch", weights=weights, metadata=metadata, device=device,
                           precision=precision, workers=workers, urgent=urgent, pdf=pdf, heatmaps=heatmaps,
                           dicom_pdf=dicom_pdf, dicom_sr=dicom_sr, title=title, institution=institution,
-                          batch_size=batch_size, max_wait=max_wait, settle=settle, polling=polling,
-                          archive_dir=archive_dir, quarantine_dir=quarantine_dir)
-        if cfg.dicom_sr:  # refused rather than ignored: the daemon does not write SRs yet (issue 14)
-            raise ConfigError("watch.dicom_sr: the watch daemon does not write DICOM SR yet; use scan --dicom-sr")
+                          follow_links=follow_links, batch_size=batch_size, max_wait=max_wait, settle=settle,
+                          polling=polling, archive_dir=archive_dir, quarantine_dir=quarantine_dir)
     except ConfigError as e:
         fail(str(e), debug, EXIT_USAGE)
     try:
-        code = Watcher(watch_dir, out, cfg).run()
-    except DeviceError as e:
+        watcher = Watcher(watch_dir, out, cfg, stop)
+    except (ConfigError, DeviceError) as e:
         fail(str(e), debug, EXIT_USAGE)
-    except BundleError as e:
+    except (BundleError, FolderBusy, LedgerError, MetadataError) as e:
         fail(str(e), debug)
-    sys.exit(code)
+    except OSError as e:
+        fail(f"{e.filename or out}: {e.strerror or e}", debug)
+    sys.exit(watcher.run())
 
 
 @main.command()

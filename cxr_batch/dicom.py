@@ -11,17 +11,25 @@ range is mapped when the data fill it, else the robust range of the values (see 
 from __future__ import annotations
 
 import datetime as dt
+import io
+import logging
+import struct
 import warnings
+import zlib
 from pathlib import Path
 
 import numpy as np
 import pydicom
-from pydicom.errors import InvalidDicomError
 from pydicom.uid import UID
 
+from .codestream import CodestreamError, first_fragment, j2k_frame, jpeg_frame, rle_segments
 from .greyscale import robust_range, window_to_uint8
 from .patient import PatientData, patient_from_values
 from .study import Identifiers, ReadError, ScoringRules, SkipStudy, StudyFailure, StudyHeader, StudyImage, check_view
+
+log = logging.getLogger("cxr_batch")
+DEFLATED = "1.2.840.10008.1.2.1.99"
+HEADER_PROBE_BYTES = 1 << 16  # what is read to recognise a DICOM file without its preamble
 
 # SOP classes that hold no radiograph (checked before anything else is read).
 _NON_IMAGE_PREFIXES = {
@@ -45,10 +53,11 @@ def looks_like_dicom(path: Path) -> bool:
     0008 element (little endian) and pydicom finds an image or SOP class in it."""
     try:
         with open(path, "rb") as f:
-            head = f.read(8)
+            head = f.read(HEADER_PROBE_BYTES)
         if len(head) < 8 or head[1] != 0 or head[0] not in (0x02, 0x08) or head[3] != 0:
             return False
-        ds = pydicom.dcmread(path, force=True, stop_before_pixels=True, specific_tags=["SOPClassUID", "Modality"])
+        ds = pydicom.dcmread(io.BytesIO(head), force=True, stop_before_pixels=True,
+                             specific_tags=["SOPClassUID", "Modality"])
         return "SOPClassUID" in ds or "Modality" in ds
     except Exception:
         return False
@@ -116,7 +125,7 @@ def patient_from_header(ds) -> PatientData:
 def identifiers(ds) -> Identifiers:
     return Identifiers(
         patient_id=_text(ds, "PatientID"),
-        patient_name=_text(ds, "PatientName").replace("^", " ").strip(),
+        patient_name=_text(ds, "PatientName"),  # PN form (FAMILY^GIVEN...): DICOM outputs keep it
         study_uid=_text(ds, "StudyInstanceUID"),
         series_uid=_text(ds, "SeriesInstanceUID"),
         sop_uid=_text(ds, "SOPInstanceUID"),
@@ -124,7 +133,6 @@ def identifiers(ds) -> Identifiers:
         study_date=_text(ds, "StudyDate"),
         institution=_text(ds, "InstitutionName"),
         sop_class_uid=_text(ds, "SOPClassUID"),
-        patient_name_pn=_text(ds, "PatientName"),
         patient_birth_date=_text(ds, "PatientBirthDate"),
         patient_sex=_text(ds, "PatientSex"),
         patient_age=_text(ds, "PatientAge"),
@@ -172,26 +180,70 @@ def _check_size(ds, rules: ScoringRules) -> None:
         raise ReadError(f"header claims a {cols} x {rows} image, over the limit of {rules.max_pixels:,} pixels")
 
 
+_ENCAPSULATED_KINDS = {
+    "1.2.840.10008.1.2.5": "rle",
+    "1.2.840.10008.1.2.4.50": "jpeg", "1.2.840.10008.1.2.4.51": "jpeg", "1.2.840.10008.1.2.4.57": "jpeg",
+    "1.2.840.10008.1.2.4.70": "jpeg", "1.2.840.10008.1.2.4.80": "jpeg", "1.2.840.10008.1.2.4.81": "jpeg",
+    "1.2.840.10008.1.2.4.90": "j2k", "1.2.840.10008.1.2.4.91": "j2k", "1.2.840.10008.1.2.4.201": "j2k",
+    "1.2.840.10008.1.2.4.202": "j2k", "1.2.840.10008.1.2.4.203": "j2k",
+}
+
+
+def _transfer_syntax(ds) -> str:
+    meta = getattr(ds, "file_meta", None)
+    return str(meta.get("TransferSyntaxUID", "")) if meta is not None else ""
+
+
+def _check_codestream(ds, rules: ScoringRules) -> None:
+    """For compressed pixel data: the frame size the codestream declares must be the header's
+    Rows x Columns, and within max_pixels, before any decoder allocates for it."""
+    kind = _ENCAPSULATED_KINDS.get(_transfer_syntax(ds))
+    if kind is None:
+        return
+    try:
+        head = first_fragment(ds.PixelData)
+        if kind == "rle":
+            segments = rle_segments(head)
+            expected = int(ds.get("SamplesPerPixel", 1) or 1) * max(1, int(ds.get("BitsAllocated", 8) or 8) // 8)
+            if segments != expected:
+                raise ReadError(f"RLE pixel data declare {segments} segments where the header implies {expected}")
+            return
+        info = jpeg_frame(head) if kind == "jpeg" else j2k_frame(head)
+    except CodestreamError as e:
+        raise ReadError(f"compressed pixel data are malformed: {e}") from None
+    rows, cols = int(ds.Rows), int(ds.Columns)
+    if info.rows * info.columns * max(1, info.components) > rules.max_pixels:
+        raise ReadError(f"{info.kind} codestream declares a {info.columns} x {info.rows} image, over the limit "
+                        f"of {rules.max_pixels:,} pixels: refused before decoding")
+    if (info.rows, info.columns) != (rows, cols):
+        raise ReadError(f"{info.kind} codestream declares a {info.columns} x {info.rows} image but the header says "
+                        f"{cols} x {rows}: refused before decoding")
+
+
 def _decode(ds) -> np.ndarray:
-    ts = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
+    ts = _transfer_syntax(ds)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             return ds.pixel_array
+    except MemoryError:
+        raise ReadError("pixel data need more memory than decoding is allowed") from None
     except (NotImplementedError, RuntimeError) as e:
         msg = str(e)
-        if ts is not None and ("decod" in msg.lower() or "not supported" in msg.lower() or "plugin" in msg.lower()):
+        log.debug("decoder: %s: %s", type(e).__name__, msg)
+        if ts and ("decod" in msg.lower() or "not supported" in msg.lower() or "plugin" in msg.lower()):
             name = UID(ts).name
-            what = f"{name} ({ts})" if name != str(ts) else f"{ts} (unknown or private)"
+            what = f"{name} ({ts})" if name != ts else f"{ts} (unknown or private)"
             raise ReadError(f"cannot decode transfer syntax {what}: no decoder for it") from None
-        raise ReadError(f"pixel data cannot be decoded: {msg.splitlines()[0][:200]}") from None
+        raise ReadError("pixel data cannot be decoded (corrupt or truncated)") from None
     except Exception as e:  # short pixel data, corrupt codestreams, bad attributes
-        raise ReadError(f"pixel data cannot be decoded: {str(e).splitlines()[0][:200] if str(e) else type(e).__name__}") from None
+        log.debug("decoder: %s: %s", type(e).__name__, e)
+        raise ReadError("pixel data cannot be decoded (corrupt, truncated or inconsistent with the header)") from None
 
 
 def to_display_grey(ds, arr: np.ndarray) -> np.ndarray:
     """Stored pixel values -> uint8 MONOCHROME2 the way a viewer displays them."""
-    from pydicom.pixels import apply_modality_lut, apply_voi
+    from pydicom.pixels import apply_voi
 
     photometric = _text(ds, "PhotometricInterpretation").upper() or "MONOCHROME2"
     if arr.ndim == 3:
@@ -203,7 +255,7 @@ def to_display_grey(ds, arr: np.ndarray) -> np.ndarray:
         arr, photometric = arr[..., 0], "MONOCHROME2"
     elif not photometric.startswith("MONOCHROME"):
         raise ReadError(f"unsupported photometric interpretation {photometric}")
-    values = apply_modality_lut(arr, ds)
+    values = _modality(ds, arr)
     if "VOILUTSequence" in ds and len(ds.VOILUTSequence):
         item = ds.VOILUTSequence[0]
         out = apply_voi(values, ds, index=0)
@@ -218,6 +270,24 @@ def to_display_grey(ds, arr: np.ndarray) -> np.ndarray:
     return grey
 
 
+def _modality(ds, arr: np.ndarray) -> np.ndarray:
+    """The Modality LUT stage. A rescale is applied in float32 (exact for the integer slopes
+    and intercepts detectors write, and half the memory of pydicom's float64 on a 40-megapixel
+    image); a Modality LUT Sequence goes through pydicom."""
+    from pydicom.pixels import apply_modality_lut
+
+    if "ModalityLUTSequence" in ds:
+        return apply_modality_lut(arr, ds)
+    slope = float(ds.get("RescaleSlope", 1) or 1)
+    intercept = float(ds.get("RescaleIntercept", 0) or 0)
+    if slope == 1 and intercept == 0:
+        return arr
+    values = arr.astype(np.float32)
+    values *= np.float32(slope)
+    values += np.float32(intercept)
+    return values
+
+
 def _unwindowed(ds, stored: np.ndarray, values: np.ndarray) -> np.ndarray:
     """Grey scale without a VOI transform. The stored bit range is mapped linearly when the
     data fill it (8-bit data always; deeper data whose maximum reaches the upper half of
@@ -230,6 +300,9 @@ def _unwindowed(ds, stored: np.ndarray, values: np.ndarray) -> np.ndarray:
     levels = 2**bits
     if (not signed and slope > 0 and (bits <= 8 or stored.max() >= levels // 2)
             and "ModalityLUTSequence" not in ds):
+        if slope == 1 and intercept == 0 and np.issubdtype(stored.dtype, np.unsignedinteger):
+            # the same floor, in integers: no float copy of a large image
+            return np.minimum(stored >> max(0, bits - 8), 255).astype(np.uint8)
         # floor(v * 256 / 2^bits): exactly undoes 8-bit data scaled by 2^(bits-8) (x * 16 in
         # 12 bits) and by 257 (x * 257 in 16 bits), and is the identity on 8-bit data
         scaled = np.floor((values.astype(np.float64) - intercept) * (256.0 / (slope * levels)))
@@ -259,14 +332,16 @@ def _window(ds, values: np.ndarray) -> np.ndarray:
 
 def read_dicom(path: Path, rules: ScoringRules) -> StudyImage:
     """Read a DICOM file: scoring rules, header data, then pixels. Raises ReadError/SkipStudy."""
+    check_inflated_size(path, inflate_limit(rules))
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             ds = pydicom.dcmread(path, force=True, defer_size=1 << 16)
-    except (InvalidDicomError, EOFError) as e:
-        raise ReadError(f"not a readable DICOM file: {e}") from None
-    except Exception as e:
-        raise ReadError(f"DICOM header cannot be parsed: {str(e).splitlines()[0][:200] if str(e) else type(e).__name__}") from None
+    except MemoryError:
+        raise ReadError("DICOM header needs more memory than reading is allowed") from None
+    except Exception as e:  # pydicom's messages name byte offsets and the file's path: logged only
+        log.debug("header: %s: %s", type(e).__name__, e)
+        raise ReadError("DICOM header cannot be parsed (truncated or corrupt)") from None
     if len(ds) == 0:
         raise ReadError("DICOM file holds no data elements (preamble only, or truncated)")
     header = StudyHeader(identifiers(ds), patient_from_header(ds))
@@ -274,9 +349,72 @@ def read_dicom(path: Path, rules: ScoringRules) -> StudyImage:
         check_scored(ds, rules)
         check_view(header.patient, rules)
         _check_size(ds, rules)
+        _check_codestream(ds, rules)
         grey = to_display_grey(ds, _decode(ds))
         if grey.ndim != 2:
             raise ReadError(f"unexpected decoded shape {grey.shape}")
     except StudyFailure as e:
         raise e.with_header(header)  # so the row still says which study it was
+    except MemoryError:
+        raise ReadError("pixel data need more memory than decoding is allowed").with_header(header) from None
     return StudyImage(grey=grey, kind="dicom", header=header)
+
+
+def inflate_limit(rules: ScoringRules) -> int:
+    """The most bytes a deflated data set may inflate to: the largest image allowed (two bytes
+    a pixel) plus room for a generous header."""
+    return 2 * rules.max_pixels + (64 << 20)
+
+
+def read_file_meta(f) -> tuple[dict, int]:
+    """The file meta group (0002) of a DICOM file with a preamble: {keyword: value} and the
+    offset where the data set starts. Group 0002 is always explicit VR little endian."""
+    f.seek(0)
+    head = f.read(132)
+    if len(head) < 132 or head[128:132] != b"DICM":
+        return {}, 0
+    meta, pos = {}, 132
+    while True:
+        f.seek(pos)
+        tag = f.read(8)
+        if len(tag) < 8:
+            break
+        group, element, vr = struct.unpack("<HH2s", tag[:6])
+        if group != 0x0002:
+            break
+        if vr in (b"OB", b"OW", b"OF", b"SQ", b"UT", b"UN", b"UC", b"UR", b"OD", b"OL", b"OV"):
+            (length,) = struct.unpack("<I", f.read(4))
+            start = pos + 12
+        else:
+            (length,) = struct.unpack("<H", tag[6:8])
+            start = pos + 8
+        if length > 1 << 16:  # a file meta group this large is not a real one
+            break
+        f.seek(start)
+        value = f.read(length)
+        if (group, element) == (0x0002, 0x0010):
+            meta["TransferSyntaxUID"] = value.rstrip(b"\x00 ").decode("ascii", "replace")
+        elif (group, element) == (0x0002, 0x0003):
+            meta["MediaStorageSOPInstanceUID"] = value.rstrip(b"\x00 ").decode("ascii", "replace")
+        pos = start + length
+    return meta, pos
+
+
+def check_inflated_size(path: Path, limit: int) -> None:
+    """For a Deflated Explicit VR Little Endian file: inflate it once as a stream, keeping
+    nothing, and refuse it when it inflates beyond ``limit`` bytes (a deflate bomb of a few MB
+    can hold gigabytes). Other transfer syntaxes return at once."""
+    with open(path, "rb") as f:
+        meta, start = read_file_meta(f)
+        if meta.get("TransferSyntaxUID") != DEFLATED:
+            return
+        f.seek(start)
+        inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+        total = 0
+        step = 1 << 22  # inflated bytes held at a time
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            total += len(inflater.decompress(chunk, step))
+            while inflater.unconsumed_tail and total <= limit:
+                total += len(inflater.decompress(inflater.unconsumed_tail, step))
+            if total > limit:
+                raise ReadError(f"deflated data set inflates beyond {limit:,} bytes: refused as a deflate bomb")

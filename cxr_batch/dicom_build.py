@@ -85,16 +85,27 @@ def save(ds: Dataset, path: Path, transfer_syntax: UID = ExplicitVRLittleEndian)
     return path
 
 
+def valid_uid(value: str | None) -> UID:
+    """``value`` if it is a valid UID (PS3.5 9.1: digits and dots, at most 64 characters, no
+    leading zeros), else a valid one derived from it, so every object made from the same broken
+    source still agrees on it; a fresh one when there is none."""
+    if value and UID(value).is_valid:
+        return UID(value)
+    return generate_uid(entropy_srcs=[value]) if value else generate_uid()
+
+
 def encapsulated_pdf(pdf: bytes, study: dict, title: str) -> Dataset:
-    """An Encapsulated PDF object carrying the study's identifiers (``study``: keyword -> value)."""
+    """An Encapsulated PDF object carrying the study's identifiers (``study``: keyword -> value;
+    PatientName in DICOM PN form, FAMILY^GIVEN). Text is written as UTF-8 (ISO_IR 192), so
+    names in any script survive; an invalid source StudyInstanceUID is replaced by a valid one."""
     ds = Dataset()
+    ds.SpecificCharacterSet = "ISO_IR 192"
     ds.SOPClassUID, ds.SOPInstanceUID = ENCAPSULATED_PDF, generate_uid()
     ds.SeriesInstanceUID = generate_uid()
     for keyword in STUDY_KEYWORDS:
         if study.get(keyword):
             setattr(ds, keyword, study[keyword])
-    if "StudyInstanceUID" not in ds:
-        ds.StudyInstanceUID = generate_uid()
+    ds.StudyInstanceUID = valid_uid(study.get("StudyInstanceUID"))
     now = dt.datetime.now()
     ds.Modality, ds.SeriesNumber, ds.InstanceNumber = "DOC", 999, 1
     ds.ContentDate, ds.ContentTime = now.strftime("%Y%m%d"), now.strftime("%H%M%S")

@@ -20,7 +20,8 @@ TEMP_SUFFIXES = (".part", ".tmp", ".partial", ".crdownload", ".filepart", ".swp"
 class Candidate:
     path: Path  # absolute path to read
     rel: str  # path relative to the scanned folder, as shown in results (POSIX separators)
-    problem: str | None = None  # set when the entry cannot be read at all
+    problem: str | None = None  # set when the entry is not read: the reason for its row
+    problem_status: str = "error"  # "skipped" when not reading it is a policy, not a failure
 
 
 def is_ignored_name(name: str) -> bool:
@@ -28,20 +29,29 @@ def is_ignored_name(name: str) -> bool:
     return name.startswith(".") or name.lower().endswith(TEMP_SUFFIXES)
 
 
-def find_candidates(root: Path, exclude: list[Path] = ()) -> list[Candidate]:
+def find_candidates(root: Path, exclude: list[Path] = (), follow_links: bool = False) -> list[Candidate]:
     """All files under ``root`` that may be studies, sorted by relative path.
 
     JSON files that are sidecars of a same-stem file beside them are left out (they are read
     with their image); ``exclude`` folders (e.g. the results folder inside the scanned one)
-    are not walked.
+    are not walked. Link policy: a symbolic link whose target lies outside ``root`` is not
+    followed unless ``follow_links`` (its row says so: a link to ``/etc`` must not turn a scan
+    into a scan of the system); a file reached twice (through links) is read once; anything
+    that is not a regular file (a FIFO, a device, a socket) gets a row and is never opened.
     """
     root = Path(root)
+    real_root = os.path.realpath(root)
     excluded = {os.path.realpath(p) for p in exclude}
     found: list[Candidate] = []
     seen_dirs: set[tuple[int, int]] = set()
+    files: dict[tuple[int, int], list[tuple[bool, str, Path]]] = {}  # inode -> (through a link, rel, path)
 
     def rel(p: Path) -> str:
         return p.relative_to(root).as_posix()
+
+    def leaves_root(path: Path) -> bool:
+        target = os.path.realpath(path)
+        return not (target == real_root or target.startswith(real_root.rstrip("/") + "/"))
 
     def walk(folder: Path) -> None:
         try:
@@ -51,7 +61,8 @@ def find_candidates(root: Path, exclude: list[Path] = ()) -> list[Candidate]:
             return
         key = (st.st_dev, st.st_ino)
         if key in seen_dirs:
-            found.append(Candidate(folder, rel(folder), "symbolic link loop (folder already scanned): not followed"))
+            found.append(Candidate(folder, rel(folder), "symbolic link loop (folder already scanned): not followed",
+                                   "skipped"))
             return
         seen_dirs.add(key)
         if os.path.realpath(folder) in excluded:
@@ -67,21 +78,34 @@ def find_candidates(root: Path, exclude: list[Path] = ()) -> list[Candidate]:
             if is_ignored_name(entry.name):
                 continue
             try:
+                if entry.is_symlink():
+                    if not path.exists():
+                        found.append(Candidate(path, rel(path), "broken symbolic link"))
+                        continue
+                    if leaves_root(path) and not follow_links:
+                        found.append(Candidate(path, rel(path), "symbolic link to outside the scanned folder: not "
+                                               "followed (--follow-links allows it)", "skipped"))
+                        continue
                 if entry.is_dir(follow_symlinks=True):
                     walk(path)
                     continue
                 if not entry.is_file(follow_symlinks=True):
-                    if entry.is_symlink() and not path.exists():
-                        found.append(Candidate(path, rel(path), "broken symbolic link"))
-                    elif not entry.is_symlink():
-                        found.append(Candidate(path, rel(path), "not a regular file (device, pipe or socket)"))
+                    found.append(Candidate(path, rel(path), "not a regular file (a pipe, device or socket): not read"))
                     continue
+                st = entry.stat(follow_symlinks=True)
             except OSError as e:  # ELOOP for a link pointing at itself, EACCES, ...
                 found.append(Candidate(path, rel(path), f"cannot be opened: {e.strerror or e}"))
                 continue
             if entry.name.lower().endswith(".json") and Path(entry.name).stem in stems:
                 continue  # a sidecar: read together with its image
-            found.append(Candidate(path, rel(path)))
+            files.setdefault((st.st_dev, st.st_ino), []).append((entry.is_symlink(), rel(path), path))
 
     walk(root)
+    for names in files.values():  # a file reached more than once is read once: by its own name if it has one
+        names.sort()
+        _, first, path = names[0]
+        found.append(Candidate(path, first))
+        for _, other, other_path in names[1:]:
+            found.append(Candidate(other_path, other, f"the same file as {first} (through a link): read once",
+                                   "skipped"))
     return sorted(found, key=lambda c: c.rel)

@@ -1,9 +1,9 @@
-"""Batched inference: the dataset that prepares model inputs, the engine, and batch scoring.
+"""Batched inference: model inputs from assembled studies, the engine, and batch scoring.
 
-:class:`StudyDataset` turns candidate files into assembled studies plus the model's inputs;
-:func:`score_batches` drives a DataLoader over it and yields :class:`ScoredBatch` es in
-candidate order, so callers (CSV, PDF reports, the watcher) consume results as they come and
-memory stays flat.
+:func:`score_batches` reads candidates through a :class:`~cxr_batch.sandbox.StudyReader`
+(worker processes with a memory ceiling, reading ahead while the model runs), turns each
+batch into model inputs, scores it and yields :class:`ScoredBatch` es in candidate order, so
+callers (CSV, PDF reports, the watcher) consume results as they come and memory stays flat.
 """
 
 from __future__ import annotations
@@ -12,13 +12,13 @@ import logging
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from itertools import islice
 from typing import Iterator
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, get_worker_info
 
-from .assemble import assemble_study
+from .assemble import AssembledStudy, assemble_study
 from .bundle import Bundle
 from .discover import Candidate
 from .findings import DEFAULT_URGENT
@@ -27,6 +27,7 @@ from .patient import PatientEncoding
 from .preprocess import Preprocessing, eval_transform
 from .record import Scores, StudyRecord
 from .runtime import RunPolicy, available_cores, default_workers
+from .sandbox import ReadLimits, StudyReader
 from .study import ScoringRules
 from .triage import triage
 
@@ -38,9 +39,10 @@ class BatchOptions:
     """What batch scoring needs of a run's configuration."""
 
     batch_size: int = 16
-    workers: int | None = None  # None: runtime.default_workers()
+    workers: int | None = None  # reading processes; None: runtime.default_workers(); 0: in this process
     urgent: tuple[str, ...] = DEFAULT_URGENT
     rules: ScoringRules = field(default_factory=ScoringRules)
+    limits: ReadLimits = field(default_factory=ReadLimits)
     progress: bool = True
 
 
@@ -53,10 +55,8 @@ class Loaded:
     tabular: torch.Tensor | None = None  # [3] float32, encoded patient data
 
 
-def load_study(cand: Candidate, prep: Preprocessing, encoding: PatientEncoding, rules: ScoringRules,
-               metadata: dict[str, MetadataRow] | None = None) -> Loaded:
-    """Assemble one candidate and, when it is to be scored, build its model inputs."""
-    study = assemble_study(cand, rules, metadata)
+def model_inputs(study: AssembledStudy, prep: Preprocessing, encoding: PatientEncoding) -> Loaded:
+    """An assembled study's model inputs (none when it is not to be scored)."""
     if study.grey is None:
         return Loaded(study.record)
     p = study.record.patient
@@ -65,45 +65,10 @@ def load_study(cand: Candidate, prep: Preprocessing, encoding: PatientEncoding, 
     return Loaded(study.record, image, tabular)
 
 
-class StudyDataset(Dataset):
-    """Candidates -> :class:`Loaded` studies. A batch is decoded by the dataset's own thread
-    pool (PNG/DICOM decoding and resizing release the GIL), so in the main process (workers = 0)
-    every core decodes between the model's batches; in a DataLoader worker one thread does."""
-
-    def __init__(self, candidates: list[Candidate], bundle: Bundle, rules: ScoringRules,
-                 metadata: dict[str, MetadataRow] | None = None, threads: int | None = None):
-        self.candidates = candidates
-        self.prep, self.encoding, self.rules, self.metadata = bundle.preprocessing, bundle.encoding, rules, metadata
-        self.threads = available_cores() if threads is None else threads
-        self._pool: ThreadPoolExecutor | None = None
-
-    def __len__(self) -> int:
-        return len(self.candidates)
-
-    def __getitem__(self, i: int) -> Loaded:
-        return load_study(self.candidates[i], self.prep, self.encoding, self.rules, self.metadata)
-
-    def __getitems__(self, indices: list[int]) -> list[Loaded]:
-        """A whole batch at once (DataLoader calls this when it exists)."""
-        if self.threads <= 1 or len(indices) <= 1:
-            return [self[i] for i in indices]
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="cxr-decode")
-        return list(self._pool.map(self.__getitem__, indices))
-
-    def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown()
-            self._pool = None
-
-    def __getstate__(self):  # sent to DataLoader workers: a thread pool does not travel
-        return {**self.__dict__, "_pool": None}
-
-
-def _worker_init(_worker_id: int) -> None:
-    # A worker decodes one image at a time; the model's threads live in the main process.
-    torch.set_num_threads(1)
-    get_worker_info().dataset.threads = 1
+def load_study(cand: Candidate, prep: Preprocessing, encoding: PatientEncoding, rules: ScoringRules,
+               metadata: dict[str, MetadataRow] | None = None) -> Loaded:
+    """Assemble one candidate in this process and build its model inputs (benchmarks, tests)."""
+    return model_inputs(assemble_study(cand, rules, metadata), prep, encoding)
 
 
 @dataclass
@@ -112,11 +77,6 @@ class Batch:
     ok: list[int]  # positions in records that have model inputs
     images: torch.Tensor | None  # [len(ok), 3, S, S]
     tabular: torch.Tensor | None  # [len(ok), 3]
-
-    def pin_memory(self):  # DataLoader calls this when pin_memory=True
-        if self.images is not None:
-            self.images, self.tabular = self.images.pin_memory(), self.tabular.pin_memory()
-        return self
 
 
 def collate(items: list[Loaded]) -> Batch:
@@ -194,36 +154,37 @@ def attach_scores(batch: Batch, probs: np.ndarray | None, bundle: Bundle, urgent
 
 
 def score_batches(candidates: list[Candidate], engine: Engine, options: BatchOptions,
-                  metadata: dict[str, MetadataRow] | None = None) -> Iterator[ScoredBatch]:
-    """Read, preprocess and score ``candidates`` in order, one batch at a time."""
+                  metadata: dict[str, MetadataRow] | None = None,
+                  reader: StudyReader | None = None) -> Iterator[ScoredBatch]:
+    """Read, preprocess and score ``candidates`` in order, one batch at a time. ``reader``: a
+    running StudyReader to use (the watch daemon keeps one); by default one is started here."""
     if not candidates:
         return
     workers = default_workers(engine.policy.device) if options.workers is None else options.workers
-    dataset = StudyDataset(candidates, engine.bundle, options.rules, metadata)
-    loader = DataLoader(
-        dataset,
-        batch_size=options.batch_size,
-        shuffle=False,
-        num_workers=workers,
-        collate_fn=collate,
-        pin_memory=engine.policy.device.type == "cuda",
-        worker_init_fn=_worker_init if workers else None,
-        prefetch_factor=4 if workers else None,
-        persistent_workers=False,
-    )
+    own = reader is None
+    if own:
+        reader = StudyReader(workers, options.rules, options.limits).__enter__()
+    prep, encoding = engine.bundle.preprocessing, engine.bundle.encoding
     progress = None
     if options.progress and sys.stderr.isatty():
         from tqdm import tqdm
 
         progress = tqdm(total=len(candidates), unit="img", desc="scan", file=sys.stderr)
+    # crop/resize/normalise of a batch in threads (torch releases the GIL) while workers read ahead
+    threads = ThreadPoolExecutor(max(1, min(4, available_cores())), thread_name_prefix="cxr-prep")
+    studies = reader.read(candidates, ahead=2 * options.batch_size, metadata=metadata)
     try:
-        for batch in loader:
+        while chunk := list(islice(studies, options.batch_size)):
+            batch = collate(list(threads.map(lambda s: model_inputs(s, prep, encoding), chunk)))
             probs = engine.probabilities(batch.images, batch.tabular) if batch.ok else None
             records = attach_scores(batch, probs, engine.bundle, options.urgent)
             yield ScoredBatch(records, batch.ok, batch.images, batch.tabular)
             if progress is not None:
-                progress.update(len(batch.records))
+                progress.update(len(records))
     finally:
-        dataset.close()
+        studies.close()
+        threads.shutdown()
+        if own:
+            reader.close()
         if progress is not None:
             progress.close()

@@ -1,27 +1,53 @@
-"""The watcher's durable ledger: which files were seen and which studies were reported.
+"""The watch daemon's durable ledger: which files were seen and what each study's result is.
 
-SQLite in WAL mode (crash-safe, one writer). A study is keyed by its SOPInstanceUID, or by the
-sha256 of the file's content when it has none (PNG/JPEG, broken files). ``studies`` holds each
-reported study's results row exactly once; ``files`` remembers every file already handled (by
-path, size and mtime) so a rescan does not read it again, and which study it turned out to be.
+SQLite in WAL mode (crash-safe, one writer: the daemon holds a lock on the results folder).
+A study is keyed by its SOPInstanceUID, or by the sha256 of the file's content when it has
+none (PNG/JPEG, broken files). ``studies`` holds each study's current record once, with the
+sha256 of the file it came from:
+
+- an ``error`` record is provisional: a later copy with the same key is read again and its
+  record replaces the error;
+- an ``ok``/``skipped`` record is replaced only by a *different* file with the same key (the
+  instance was changed and re-sent); the old record moves to ``superseded``;
+- the same bytes again are a duplicate and change nothing.
+
+``files`` remembers every file already handled (by path, size and mtime) so a rescan does not
+read it again. ``published`` marks the rows already appended to results.csv.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from .record import StudyRecord
 
+SCHEMA_VERSION = 2
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS studies (
     key TEXT PRIMARY KEY,
     seq INTEGER NOT NULL,
     file TEXT NOT NULL,
-    row TEXT NOT NULL,
-    reported_at REAL NOT NULL
+    content TEXT NOT NULL,
+    status TEXT NOT NULL,
+    record TEXT NOT NULL,
+    reported_at REAL NOT NULL,
+    published INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS studies_seq ON studies (seq);
+CREATE INDEX IF NOT EXISTS studies_reported_at ON studies (reported_at);
+CREATE TABLE IF NOT EXISTS superseded (
+    key TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    file TEXT NOT NULL,
+    content TEXT NOT NULL,
+    record TEXT NOT NULL,
+    reported_at REAL NOT NULL,
+    superseded_at REAL NOT NULL
 );
 CREATE TABLE IF NOT EXISTS files (
     path TEXT PRIMARY KEY,
@@ -31,47 +57,159 @@ CREATE TABLE IF NOT EXISTS files (
     outcome TEXT NOT NULL,
     handled_at REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
+FILE_MODE = 0o640  # the ledger holds the same identifiers as results.csv
+
+
+class LedgerError(Exception):
+    """A ledger that cannot be opened or read (corrupt, or of an unknown schema)."""
+
+
+@dataclass(frozen=True)
+class Known:
+    """What the ledger holds for a key."""
+
+    status: str
+    content: str
+    file: str
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What :meth:`Ledger.commit` did with one study."""
+
+    key: str
+    record: StudyRecord
+    action: str  # "new", "replaced" (a provisional error or a changed file), "kept" (an error after a result)
 
 
 class Ledger:
     def __init__(self, path: Path):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.db = sqlite3.connect(self.path, isolation_level=None, timeout=30)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=FULL")  # a committed study survives a power cut
+        try:
+            self.db = sqlite3.connect(self.path, isolation_level=None, timeout=30)
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("PRAGMA synchronous=FULL")  # a committed study survives a power cut
+            check = self.db.execute("PRAGMA quick_check").fetchone()[0]
+            if check != "ok":
+                raise sqlite3.DatabaseError(check)
+            self._migrate()
+        except sqlite3.DatabaseError as e:
+            raise LedgerError(f"{self.path} is not a readable ledger ({e}). results.csv is kept as it is; "
+                              f"move the ledger aside and the daemon rebuilds one from results.csv") from None
+        for suffix in ("", "-wal", "-shm"):
+            target = Path(f"{self.path}{suffix}")
+            if target.exists():
+                os.chmod(target, FILE_MODE)
+
+    def _migrate(self) -> None:
+        tables = {r[0] for r in self.db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        old = "studies" in tables and "meta" not in tables  # the first release's schema
+        if old:
+            self.db.execute("ALTER TABLE studies RENAME TO studies_v1")
         self.db.executescript(SCHEMA)
+        if old:
+            now = time.time()
+            for key, seq, file, row, at in self.db.execute("SELECT key, seq, file, row, reported_at FROM studies_v1"):
+                values = {k: ("" if v is None else str(v)) for k, v in json.loads(row).items()}
+                record = StudyRecord.from_row(values)
+                self.db.execute("INSERT INTO studies VALUES (?, ?, ?, ?, ?, ?, ?, 1)",
+                                (key, seq, file, "", record.status, json.dumps(record.to_json()), at or now))
+            self.db.execute("DROP TABLE studies_v1")
+        self.db.execute("INSERT OR REPLACE INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
 
     def close(self) -> None:
         self.db.close()
 
+    # ------------------------------------------------------------------ reading
+    def known(self, key: str) -> Known | None:
+        row = self.db.execute("SELECT status, content, file FROM studies WHERE key = ?", (key,)).fetchone()
+        return Known(*row) if row else None
+
     def is_reported(self, key: str) -> bool:
-        return self.db.execute("SELECT 1 FROM studies WHERE key = ?", (key,)).fetchone() is not None
+        return self.known(key) is not None
 
     def file_handled(self, path: str, size: int, mtime_ns: int) -> bool:
         row = self.db.execute("SELECT size, mtime_ns FROM files WHERE path = ?", (path,)).fetchone()
         return row is not None and row[0] == size and row[1] == mtime_ns
 
-    def record(self, studies: list[tuple[str, StudyRecord]], files: list[tuple[str, int, int, str, str]]) -> None:
-        """In one transaction: new studies (key, record) and handled files (path, size, mtime,
-        key, outcome). A study key already present is left as it is (exactly once)."""
+    def iter_records(self):
+        """Every study's current record, in the order they were reported, one at a time."""
+        for (r,) in self.db.execute("SELECT record FROM studies ORDER BY seq"):
+            yield StudyRecord.from_json(json.loads(r))
+
+    def records(self) -> list[StudyRecord]:
+        return list(self.iter_records())
+
+    def keyed_records(self) -> list[tuple[str, StudyRecord]]:
+        return [(k, StudyRecord.from_json(json.loads(r)))
+                for k, r in self.db.execute("SELECT key, record FROM studies ORDER BY seq")]
+
+    def recent(self, since: float, limit: int) -> list[StudyRecord]:
+        """The records reported at or after ``since`` (epoch seconds), the newest ``limit``."""
+        rows = self.db.execute("SELECT record FROM studies WHERE reported_at >= ? ORDER BY seq DESC LIMIT ?",
+                               (since, limit)).fetchall()
+        return [StudyRecord.from_json(json.loads(r[0])) for r in reversed(rows)]
+
+    def unpublished(self) -> list[tuple[str, StudyRecord]]:
+        rows = self.db.execute("SELECT key, record FROM studies WHERE published = 0 ORDER BY seq").fetchall()
+        return [(k, StudyRecord.from_json(json.loads(r))) for k, r in rows]
+
+    def count(self) -> int:
+        return self.db.execute("SELECT COUNT(*) FROM studies").fetchone()[0]
+
+    def superseded_count(self) -> int:
+        return self.db.execute("SELECT COUNT(*) FROM superseded").fetchone()[0]
+
+    # ------------------------------------------------------------------ writing
+    def commit(self, studies: list[tuple[str, str, StudyRecord]],
+               files: list[tuple[str, int, int, str, str]]) -> list[Outcome]:
+        """In one transaction: studies (key, content sha256, record) and handled files (path,
+        size, mtime, key, outcome), by the rules in the module docstring."""
+        now = time.time()
+        outcomes = []
+        with self.db:
+            self.db.execute("BEGIN IMMEDIATE")
+            seq = self.db.execute("SELECT COALESCE(MAX(seq), 0) FROM studies").fetchone()[0]
+            for key, content, record in studies:
+                old = self.known(key)
+                if old is not None and old.status != "error" and (record.status == "error" or old.content == content):
+                    outcomes.append(Outcome(key, record, "kept"))  # a result is never replaced by an error
+                    continue
+                if old is not None and old.status != "error":
+                    self.db.execute("INSERT INTO superseded SELECT key, seq, file, content, record, reported_at, ? "
+                                    "FROM studies WHERE key = ?", (now, key))
+                seq += 1
+                self.db.execute("INSERT OR REPLACE INTO studies VALUES (?, ?, ?, ?, ?, ?, ?, 0)",
+                                (key, seq, record.file, content, record.status, json.dumps(record.to_json()), now))
+                outcomes.append(Outcome(key, record, "new" if old is None else "replaced"))
+            self.db.executemany("INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?, ?, ?)", [(*f, now) for f in files])
+        return outcomes
+
+    def update_record(self, key: str, record: StudyRecord) -> None:
+        """A study's record after its report was (re)made; order and status unchanged."""
+        with self.db:
+            self.db.execute("UPDATE studies SET record = ? WHERE key = ?", (json.dumps(record.to_json()), key))
+
+    def mark_published(self, keys: list[str] | None = None) -> None:
+        """Rows now in results.csv: ``keys``, or every row (after a full rewrite)."""
+        with self.db:
+            if keys is None:
+                self.db.execute("UPDATE studies SET published = 1")
+            else:
+                self.db.executemany("UPDATE studies SET published = 1 WHERE key = ?", [(k,) for k in keys])
+
+    def import_rows(self, rows: list[tuple[str, str, StudyRecord]]) -> int:
+        """Rebuild from results.csv after the ledger was lost: (key, content, record) rows,
+        already published. Returns how many were imported."""
         now = time.time()
         with self.db:
             self.db.execute("BEGIN IMMEDIATE")
             seq = self.db.execute("SELECT COALESCE(MAX(seq), 0) FROM studies").fetchone()[0]
-            for key, record in studies:
-                if not self.is_reported(key):
-                    seq += 1
-                    self.db.execute("INSERT INTO studies VALUES (?, ?, ?, ?, ?)",
-                                    (key, seq, record.file, json.dumps(record.to_json()), now))
-            self.db.executemany("INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?, ?, ?)",
-                                [(*f, now) for f in files])
-
-    def records(self) -> list[StudyRecord]:
-        """Every reported study's record, in the order they were reported."""
-        return [StudyRecord.from_json(json.loads(r[0]))
-                for r in self.db.execute("SELECT row FROM studies ORDER BY seq")]
-
-    def count(self) -> int:
-        return self.db.execute("SELECT COUNT(*) FROM studies").fetchone()[0]
+            for key, content, record in rows:
+                seq += 1
+                self.db.execute("INSERT OR IGNORE INTO studies VALUES (?, ?, ?, ?, ?, ?, ?, 1)",
+                                (key, seq, record.file, content, record.status, json.dumps(record.to_json()), now))
+        return self.count()

@@ -10,6 +10,9 @@ understands.
 
 from __future__ import annotations
 
+import logging
+import os
+import stat
 import warnings
 from pathlib import Path
 
@@ -22,6 +25,8 @@ from .study import ReadError, ScoringRules, SkipStudy, StudyImage
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 JPEG_SIGNATURE = b"\xff\xd8\xff"
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".dcm", ".dicom", ".dic"}
+
+log = logging.getLogger("cxr_batch")
 
 
 def sniff(head: bytes) -> str | None:
@@ -37,10 +42,12 @@ def sniff(head: bytes) -> str | None:
 
 def read_pil(path: Path, rules: ScoringRules) -> np.ndarray:
     """Decode a PNG/JPEG to a uint8 grey array, refusing oversized and colour images."""
+    what = "PNG" if Path(path).suffix.lower() == ".png" else "image"
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as im:
+                what = im.format or what
                 w, h = im.size
                 if w * h > rules.max_pixels:
                     raise ReadError(f"image is {w} x {h} pixels, over the limit of {rules.max_pixels:,}")
@@ -48,10 +55,11 @@ def read_pil(path: Path, rules: ScoringRules) -> np.ndarray:
                 return pil_to_grey(im)
     except ReadError:
         raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise ReadError(f"refused as a decompression bomb: {e}") from None
-    except (OSError, SyntaxError, ValueError) as e:  # PIL's errors for truncated/corrupt files
-        raise ReadError(f"corrupt or truncated image: {e}") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise ReadError(f"refused as a decompression bomb (over {Image.MAX_IMAGE_PIXELS:,} pixels)") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as e:  # PIL's errors for truncated/corrupt files
+        log.debug("%s: %s", type(e).__name__, e)
+        raise ReadError(f"corrupt or truncated {what} image") from None
 
 
 def pil_to_grey(im: Image.Image) -> np.ndarray:
@@ -72,19 +80,50 @@ def pil_to_grey(im: Image.Image) -> np.ndarray:
     return to_uint8(np.asarray(im.convert("F")))
 
 
+def is_text(head: bytes) -> bool:
+    """True for content that reads as text (a README, a JSON file without its image, a log):
+    valid UTF-8 without NUL bytes, almost all printable."""
+    if b"\x00" in head:
+        return False
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError as e:  # a multi-byte character cut at the end of the sample is fine
+        if e.start < len(head) - 4:
+            return False
+        text = head[:e.start].decode("utf-8")
+    printable = sum(ch.isprintable() or ch in "\t\r\n" for ch in text)
+    return printable >= 0.95 * max(1, len(text))
+
+
+def open_regular(path: Path):
+    """Open ``path`` for reading if it is a regular file. A FIFO, device or socket (perhaps
+    behind a link) is refused without blocking: opening a FIFO for reading would wait forever
+    for a writer."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ReadError("not a regular file (a pipe, device or socket): not read")
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
 def read_study(path: Path, rules: ScoringRules = ScoringRules()) -> StudyImage:
-    """Read one file. Raises ReadError or SkipStudy with the reason for its row."""
+    """Read one file, recognised by its content whatever its name. Raises ReadError or
+    SkipStudy with the reason for its row."""
     path = Path(path)
     try:
-        size = path.stat().st_size
-        if size == 0:
-            raise ReadError("empty file (0 bytes)")
-        if size > rules.max_file_bytes:
-            raise ReadError(f"file is {size:,} bytes, over the limit of {rules.max_file_bytes:,}")
-        with open(path, "rb") as f:
-            head = f.read(132)
+        with open_regular(path) as f:
+            size = os.fstat(f.fileno()).st_size
+            if size == 0:
+                raise ReadError("empty file (0 bytes)")
+            if size > rules.max_file_bytes:
+                raise ReadError(f"file is {size:,} bytes, over the limit of {rules.max_file_bytes:,}")
+            head = f.read(4096)
     except OSError as e:
-        raise ReadError(f"cannot read file: {e.strerror or e}") from None
+        raise ReadError(f"cannot read file: {e.strerror or type(e).__name__}") from None
     kind = sniff(head)
     if kind in ("png", "jpeg"):
         return StudyImage(grey=read_pil(path, rules), kind=kind)
@@ -92,7 +131,7 @@ def read_study(path: Path, rules: ScoringRules = ScoringRules()) -> StudyImage:
 
     if kind == "dicom" or dicom.looks_like_dicom(path):
         return dicom.read_dicom(path, rules)
-    if path.suffix.lower() in IMAGE_SUFFIXES:
-        claimed = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG"}.get(path.suffix.lower(), "DICOM")
-        raise ReadError(f"not a valid {claimed} file (content not recognised)")
-    raise SkipStudy("not an image or DICOM file")
+    if is_text(head):
+        raise SkipStudy("not an image: a text file")
+    named = f" (named {path.suffix.lower()})" if path.suffix.lower() in IMAGE_SUFFIXES else ""
+    raise ReadError(f"unrecognised content: not a PNG, JPEG or DICOM file{named}")

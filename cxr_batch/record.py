@@ -9,6 +9,7 @@ keep it whole (the patient name included) in the watch daemon's ledger.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field, fields
 from typing import Literal
 
@@ -30,6 +31,29 @@ COLUMNS: tuple[str, ...] = (
     + ("findings", "priority", "triage_score", "report", "model", "weights_sha256")
 )
 NOTE_SEPARATOR = "; "
+# Columns whose values come from outside (file names, headers, sidecars, library messages):
+# neutralised for spreadsheets. The numeric columns are written by cxr-batch itself.
+TEXT_COLUMNS = frozenset(("file", "reason") + CSV_IDENTIFIERS + PATIENT_COLUMNS + ("notes", "report", "model"))
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def spreadsheet_safe(text: str) -> str:
+    """A text cell a spreadsheet shows as text: control characters removed and a leading
+    ``= + - @`` (or tab/CR) prefixed with ``'`` so that e.g. ``=HYPERLINK(...)`` is never run
+    as a formula (OWASP CSV injection). :func:`from_spreadsheet` undoes the prefix."""
+    text = "".join(ch for ch in text if ch.isprintable())
+    return "'" + text if text.startswith(FORMULA_STARTS) else text
+
+
+def log_name(file: str) -> str:
+    """How logs name a study file: a hash of its relative path, since folder and file names
+    (e.g. a storescp layout by patient name) may identify the patient. The same hash names
+    the file's report (``cxr_<hash>.pdf``) in scan's reports folder."""
+    return "file#" + hashlib.sha256(file.encode()).hexdigest()[:20]
+
+
+def from_spreadsheet(text: str) -> str:
+    return text[1:] if text.startswith("'") and text[1:].startswith(FORMULA_STARTS) else text
 
 
 @dataclass
@@ -104,11 +128,13 @@ class StudyRecord:
             "triage_score": f"{s.triage_score:.6f}" if s else "", "report": self.report,
             "model": self.model, "weights_sha256": self.weights_sha256,
         })
-        return row
+        return {k: spreadsheet_safe(v) if k in TEXT_COLUMNS else v for k, v in row.items()}
 
     @classmethod
     def from_row(cls, row: dict[str, str]) -> "StudyRecord":
         """A record from a results.csv row (values as strings; the patient name is not in it)."""
+        row = {k: from_spreadsheet(v or "") if k in TEXT_COLUMNS else v for k, v in row.items()}
+
         def get(key):
             return (row.get(key) or "").strip()
 

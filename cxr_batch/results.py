@@ -8,13 +8,14 @@ a reader never sees a half-written file.
 from __future__ import annotations
 
 import csv
+import io
 import os
 import tempfile
 from pathlib import Path
 
+from .files import FILE_MODE
 from .record import COLUMNS, StudyRecord
 
-FILE_MODE = 0o640  # results hold patient identifiers: owner read/write, group read, others nothing
 
 
 class AtomicCsvWriter:
@@ -63,6 +64,29 @@ class AtomicCsvWriter:
         elif not self._file.closed:
             self.commit()
         return False
+
+
+def append_rows(path: Path, records: list[StudyRecord]) -> None:
+    """Append records to results.csv (created with its header if absent) in one write,
+    flushed to disk: the cost is that of the new rows, whatever the file's size. A crash
+    mid-append can leave a partial last line; the watch daemon rewrites the file from its
+    ledger at every start."""
+    path = Path(path)
+    if not path.exists():
+        with AtomicCsvWriter(path) as writer:
+            for record in records:
+                writer.write(record)
+        return
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(COLUMNS))
+    for record in records:
+        writer.writerow(record.to_row())
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND)
+    try:
+        os.write(fd, buf.getvalue().encode("utf-8"))
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def read_results(path: Path) -> list[dict]:

@@ -9,6 +9,7 @@ from typing import Literal
 from .config import ConfigError, bounded, validate
 from .findings import DEFAULT_URGENT, check_findings
 from .inference import BatchOptions
+from .sandbox import ReadLimits
 from .study import ScoringRules
 
 
@@ -19,7 +20,10 @@ class RunConfig:
     device: str = "auto"
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     batch_size: int = bounded(16, min=1, max=4096)
-    workers: int | None = bounded(None, min=0, max=64)  # None: chosen for this machine
+    workers: int | None = bounded(None, min=0, max=64)  # reading processes; None: chosen for this machine
+    read_memory_mb: int = bounded(1024, min=128)  # memory reading one file may take (cxr_batch.sandbox)
+    read_timeout: float = bounded(120.0, gt=0.0)  # seconds reading one file may take
+    follow_links: bool = False  # follow symbolic links that leave the scanned folder
     urgent: tuple[str, ...] = DEFAULT_URGENT
     pdf: bool = True
     heatmaps: bool = True
@@ -44,7 +48,8 @@ class RunConfig:
 
     def batch_options(self, progress: bool = False) -> BatchOptions:
         return BatchOptions(batch_size=self.batch_size, workers=self.workers, urgent=self.urgent,
-                            rules=self.scoring, progress=progress)
+                            rules=self.scoring, limits=ReadLimits(self.read_memory_mb, self.read_timeout),
+                            progress=progress)
 
     def report_options(self):
         """The reports' slice of the configuration, or None with ``pdf`` off."""

@@ -67,16 +67,14 @@ def make_policy(device: str = "auto", precision: str = "auto") -> RunPolicy:
 
 
 def default_workers(device: torch.device | None = None) -> int:
-    """DataLoader worker processes.
+    """Reading processes (cxr_batch.sandbox: decoding under a memory ceiling).
 
-    On a GPU the model is fast and decoding is the limit: every core but one decodes. On a CPU
-    the model's threads need every core, and a worker decoding at the same time stalls its
-    parallel kernels (compare ``benchmarks/scan_throughput.py --workers 1`` with the default);
-    so on up to 8 cores batches are decoded in the main
-    process by a thread pool between forward passes (``StudyDataset.__getitems__``), and larger
-    machines give a quarter of their cores to workers.
+    On a GPU the model is fast and decoding is the limit: every core but one reads. On a CPU
+    the model's threads need the cores and one reader keeps ahead of the model on small
+    machines (a 512-px PNG reads in a few milliseconds, the model takes tens); larger machines
+    give a quarter of their cores to readers.
     """
     cores = available_cores()
     if device is not None and device.type == "cuda":
         return max(1, min(32, cores - 1))
-    return 0 if cores <= 8 else min(8, cores // 4)
+    return max(1, min(8, cores // 4))

@@ -9,18 +9,21 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .bundle import atomic_write_bytes, load_bundle
+from . import exit_codes
+from .bundle import load_bundle
+from .files import atomic_write_bytes, private_dir
 from .config import ConfigError, to_plain
 from .discover import find_candidates
 from .inference import Engine, score_batches
 from .metadata import load_metadata_csv
+from .folderlock import FolderLock
+from .record import log_name
 from .results import AtomicCsvWriter
 from .runconfig import RunConfig
 from .runtime import make_policy
 
 log = logging.getLogger("cxr_batch")
 
-EXIT_OK, EXIT_FATAL, EXIT_USAGE, EXIT_SOME_FAILED = 0, 1, 2, 3
 
 
 @dataclass
@@ -46,28 +49,42 @@ class ScanSummary:
     device: str = ""
     worklist: Path | None = None
     srs: int = 0  # DICOM SRs written
+    reports_failed: int = 0  # studies scored whose PDF could not be written
+    worklist_failed: bool = False
 
     @property
     def exit_code(self) -> int:
-        return EXIT_SOME_FAILED if self.counts["error"] else EXIT_OK
+        failed = self.counts["error"] or self.reports_failed or self.worklist_failed
+        return exit_codes.SOME_FAILED if failed else exit_codes.OK
 
     def line(self) -> str:
         n = sum(self.counts.values())
         rate = self.counts["ok"] / self.seconds if self.seconds > 0 else 0.0
         pr = ", ".join(f"{self.priorities[p]} {p}" for p in ("urgent", "abnormal", "normal"))
+        outputs = ""
+        if self.reports_failed or self.worklist_failed:
+            outputs = (f"; {self.reports_failed} report(s)" + (" and the worklist" if self.worklist_failed else "")
+                       + " could not be written (see the log)")
         return (f"{n} files: {self.counts['ok']} scored ({pr}), {self.counts['skipped']} skipped, "
-                f"{self.counts['error']} failed in {self.seconds:.1f} s ({rate:.1f} images/s) -> {self.results}")
+                f"{self.counts['error']} failed in {self.seconds:.1f} s ({rate:.1f} images/s){outputs} -> {self.results}")
 
 
 def run_scan(studies: Path, out: Path, cfg: ScanConfig = ScanConfig()) -> ScanSummary:
     """Scan ``studies`` into ``out/results.csv``, and PDF reports into ``out/reports`` when
-    ``cfg.pdf``. Raises BundleError, MetadataError or DeviceError when nothing can be done."""
+    ``cfg.pdf``. Raises BundleError, MetadataError, DeviceError or FolderBusy when nothing can
+    be done. A report or the worklist that cannot be written costs only itself: results.csv
+    is written and the summary's exit code says 3."""
     studies, out = Path(studies), Path(out)
     bundle = load_bundle(cfg.weights)
     policy = make_policy(cfg.device, cfg.precision)
-    log.info("model %s (sha256 %s...) on %s", bundle.label, bundle.sha256[:12], policy.describe())
-    out.mkdir(parents=True, exist_ok=True)
-    candidates = find_candidates(studies, exclude=[out])
+    log.info("model %s (bundle sha256 %s...) on %s", bundle.label, bundle.sha256[:12], policy.describe())
+    private_dir(out)
+    with FolderLock(out, "scan"):
+        return _scan(studies, out, cfg, bundle, policy)
+
+
+def _scan(studies: Path, out: Path, cfg: ScanConfig, bundle, policy) -> ScanSummary:
+    candidates = find_candidates(studies, exclude=[out], follow_links=cfg.follow_links)
     if cfg.shard is not None:
         index, count = cfg.shard
         candidates = [c for i, c in enumerate(candidates) if i % count == index]
@@ -92,21 +109,26 @@ def run_scan(studies: Path, out: Path, cfg: ScanConfig = ScanConfig()) -> ScanSu
     start = time.perf_counter()
     with AtomicCsvWriter(summary.results) as writer:
         for scored in score_batches(candidates, engine, cfg.batch_options(cfg.progress), metadata):
-            if reports is not None:
-                reports.report_batch(scored)
-            if srs is not None:
-                summary.srs += srs.report_records(scored.records)
-            for record in scored.records:
+            for pos, record in enumerate(scored.records):
+                if reports is not None and record.ok and not reports.report(record, scored.inputs(pos)):
+                    summary.reports_failed += 1
+                if srs is not None and record.ok and srs.report(record) is not None:
+                    summary.srs += 1
                 writer.write(record)
                 summary.counts[record.status] += 1
                 if record.ok:
                     summary.priorities[record.priority] += 1
                 else:
-                    log.warning("%s: %s: %s", record.file, record.status, record.reason)
+                    log.warning("row %d (%s): %s: %s", writer.count, log_name(record.file), record.status,
+                                record.reason)
             if reports is not None:
                 records.extend(scored.records)
         if reports is not None:
-            summary.worklist = reports.write_worklist(records)
+            try:
+                summary.worklist = reports.write_worklist(records)
+            except Exception as e:  # results.csv is still written
+                summary.worklist_failed = True
+                log.error("worklist not written: %s: %s", type(e).__name__, e)
     summary.seconds = time.perf_counter() - start
     run_info = {
         "studies": str(studies), "model": bundle.label, "weights_sha256": bundle.sha256,
@@ -116,5 +138,5 @@ def run_scan(studies: Path, out: Path, cfg: ScanConfig = ScanConfig()) -> ScanSu
     }
     if cfg.dicom_sr:
         run_info["dicom_sr_written"] = summary.srs
-    atomic_write_bytes(out / "run.json", (json.dumps(run_info, indent=2) + "\n").encode(), mode=0o640)
+    atomic_write_bytes(out / "run.json", (json.dumps(run_info, indent=2) + "\n").encode())
     return summary

@@ -37,10 +37,10 @@ from pydicom.sr.codedict import codes
 from pydicom.uid import RE_VALID_UID
 
 from . import __version__
-from .bundle import atomic_write_bytes
+from .files import FILE_MODE, atomic_write_bytes, private_dir
 from .findings import FINDINGS
-from .record import StudyRecord
-from .reports import DISCLAIMER, REPORT_MODE, report_name
+from .record import StudyRecord, log_name
+from .reports import DISCLAIMER, report_name
 
 log = logging.getLogger("cxr_batch")
 
@@ -208,7 +208,7 @@ def _evidence(record: StudyRecord, source: SourceImage) -> Dataset:
     ds = Dataset()
     ds.SOPClassUID, ds.SOPInstanceUID = source.sop_class_uid, source.sop_uid
     ds.StudyInstanceUID, ds.SeriesInstanceUID = source.study_uid, source.series_uid
-    ds.PatientName = _person_name(ids.patient_name_pn)
+    ds.PatientName = _person_name(ids.patient_name)
     ds.PatientID = _string(ids.patient_id, 64)
     ds.PatientBirthDate = _date(ids.patient_birth_date)
     ds.PatientSex = _sex(ids.patient_sex)
@@ -334,9 +334,10 @@ def sr_bytes(sr: Dataset) -> bytes:
     return buf.getvalue()
 
 
-def sr_file_name(record: StudyRecord) -> str:
-    """The PDF report's name with ``.sr.dcm``: the two files of a study pair up by name."""
-    return report_name(record).removesuffix(".pdf") + ".sr.dcm"
+def sr_file_name(key: str) -> str:
+    """The PDF report's name with ``.sr.dcm``: the two files of a study pair up by name
+    (``key`` names both: scan's file path, the daemon's key and content)."""
+    return report_name(key).removesuffix(".pdf") + ".sr.dcm"
 
 
 @dataclass
@@ -347,25 +348,28 @@ class SRWriter:
     bundle: object
 
     def __post_init__(self):
-        self.folder = Path(self.folder)
-        self.folder.mkdir(parents=True, exist_ok=True)
+        self.folder = private_dir(Path(self.folder))
 
-    def write(self, record: StudyRecord) -> Path:
-        """Build and write ``record``'s SR atomically (mode 0640); raises SRNotMade."""
-        path = self.folder / sr_file_name(record)
-        atomic_write_bytes(path, sr_bytes(build_sr(record, self.bundle)), mode=REPORT_MODE)
+    def write(self, record: StudyRecord, key: str | None = None) -> Path:
+        """Build and write ``record``'s SR atomically (mode 0640); raises SRNotMade. ``key``
+        names the file as it names the study's PDF (default: the record's file path)."""
+        path = self.folder / sr_file_name(key or record.file)
+        atomic_write_bytes(path, sr_bytes(build_sr(record, self.bundle)), mode=FILE_MODE)
         return path
 
-    def report(self, record: StudyRecord) -> Path | None:
+    def report(self, record: StudyRecord, key: str | None = None) -> Path | None:
         """:meth:`write` for a scored record; a failure costs that SR only: the record gets a
-        note saying why (results.csv shows it) and None is returned."""
+        note saying why (results.csv shows it) and None is returned. A failing write (OSError:
+        disk full, read-only) is raised."""
         try:
-            path = self.write(record)
+            path = self.write(record, key)
         except SRNotMade as e:
             record.add_note(f"no DICOM SR: {e}")
             return None
+        except OSError:  # the output volume (full, read-only): the caller's to handle
+            raise
         except Exception as e:
-            log.error("%s: DICOM SR not written: %s: %s", record.file, type(e).__name__, e)
+            log.error("%s: DICOM SR not written: %s: %s", log_name(record.file), type(e).__name__, e)
             record.add_note("DICOM SR failed")
             return None
         replaced = source_image(record).replaced

@@ -16,12 +16,40 @@ from .config import bounded, validate
 from .patient import PatientData
 
 
+# The longest value each identifier may have: its DICOM VR's maximum (PS3.5 6.2). A longer value
+# (a hostile or broken header) is cut here, before it can reach a PDF, a CSV, a log or a file name.
+MAX_LENGTH = {
+    "patient_id": 64,  # LO
+    "patient_name": 3 * 64 + 2,  # PN: up to 64 characters in each of 3 component groups
+    "study_uid": 64, "series_uid": 64, "sop_uid": 64,  # UI
+    "accession_number": 16,  # SH
+    "study_date": 8,  # DA
+    "institution": 64,  # LO
+    "sop_class_uid": 64,  # UI
+    "patient_birth_date": 8,  # DA
+    "patient_sex": 16,  # CS
+    "patient_age": 4,  # AS
+    "study_time": 16,  # TM
+    "study_id": 16,  # SH
+    "referring_physician": 3 * 64 + 2,  # PN
+}
+
+
+def clean_text(value, limit: int) -> str:
+    """A header value as plain text: control characters (tab, CR, LF, NUL, ESC...) removed,
+    surrounding spaces stripped, at most ``limit`` characters."""
+    text = "" if value is None else str(value)
+    text = "".join(ch for ch in text if ch.isprintable())
+    return text.strip()[:limit].strip()
+
+
 @dataclass
 class Identifiers:
-    """Who and which study: from the DICOM header, a sidecar or the metadata table."""
+    """Who and which study: from the DICOM header, a sidecar or the metadata table. Every value
+    is cleaned on assignment (:func:`clean_text` to its VR's maximum length)."""
 
     patient_id: str = ""
-    patient_name: str = ""
+    patient_name: str = ""  # DICOM PN form when from a header: FAMILY^GIVEN^MIDDLE^PREFIX^SUFFIX
     study_uid: str = ""
     series_uid: str = ""
     sop_uid: str = ""
@@ -31,13 +59,17 @@ class Identifiers:
     # The source header's own values, for DICOM objects made for the study (the SR): copied
     # as the header had them (names in PN form, "family^given"); never in results.csv.
     sop_class_uid: str = ""
-    patient_name_pn: str = ""
     patient_birth_date: str = ""
     patient_sex: str = ""
     patient_age: str = ""
     study_time: str = ""
     study_id: str = ""
     referring_physician: str = ""
+
+    def __setattr__(self, name: str, value) -> None:
+        if name in MAX_LENGTH:
+            value = clean_text(value, MAX_LENGTH[name])
+        super().__setattr__(name, value)
 
     def fill_from(self, other: "Identifiers") -> None:
         """Take each identifier this one lacks from ``other`` (a lower-priority source)."""

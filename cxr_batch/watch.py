@@ -1,4 +1,5 @@
-"""``cxr-batch watch``: a crash-safe daemon that reports every study in a PACS export folder once.
+"""``cxr-batch watch``: a daemon that reports every study in a PACS export folder once, and
+never stops for one study or one fault.
 
 - Events from watchdog (inotify, or polling for network shares) plus a periodic rescan, so a
   missed event is never a missed study; files present at start are processed.
@@ -6,18 +7,24 @@
   to the end. A file that still does not read is retried until ``broken_deadline`` seconds after
   its last change, then gets an error row. Temporary names (.part, .tmp, hidden) are ignored
   until renamed.
-- Exactly once, across crashes: studies are keyed by SOPInstanceUID (content sha256 without
-  one) in an SQLite ledger. A batch's PDFs are written (atomically) first, then its rows are
-  committed to the ledger in one transaction, then results.csv and the worklist are rewritten
-  from the ledger (atomically). A kill at any point leaves either the study reported or not yet
-  reported; on restart it is redone, never duplicated. Re-sent copies are recognised by key.
-- Batches for throughput, latency for triage: ready files are scored together up to
-  ``batch_size`` or after ``max_wait`` seconds, through the same batched inference as scan.
-- SIGTERM/SIGINT finish the current batch, flush and exit 0.
+- Each study is keyed by its SOPInstanceUID (content sha256 without one), read cheaply and in
+  bounds (cxr_batch.keys), and recorded in an SQLite ledger (cxr_batch.ledger): an error row is
+  provisional and a later intact copy replaces it; a changed file with the same UID is scored
+  again and the old result kept as superseded; the same bytes again are a duplicate.
+- A batch's PDFs are written first (named from the study key), then its records committed to
+  the ledger in one transaction, then its rows appended to results.csv and the worklist
+  rebuilt over a window. A kill at any point leaves each study reported or not yet reported;
+  on restart results.csv is rewritten from the ledger and missing PDFs are made again.
+- Every step of a study is contained: a failure is that study's error row and a log line,
+  never an exit. A write that fails (disk full, I/O error) puts the daemon in a "degraded"
+  state (status.json says why): it retries with back-off and catches up when it can write.
+- One daemon per results folder (an exclusive lock); SIGTERM/SIGINT finish the current batch,
+  flush and exit 0, leaving status.json at "stopped".
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -25,23 +32,37 @@ import os
 import queue
 import shutil
 import signal
+import sqlite3
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .bundle import atomic_write_bytes, load_bundle
-from .config import bounded
+from .bundle import load_bundle
+from .config import ConfigError, bounded
 from .discover import Candidate, find_candidates, is_ignored_name
-from .inference import Engine, score_batches
-from .ledger import Ledger
+from .files import atomic_write_bytes, private_dir
+from .folderlock import FolderLock
+from .inference import Engine, model_inputs, score_batches
+from .keys import study_key
+from .ledger import Ledger, Outcome
 from .metadata import load_metadata_csv
-from .readers import sniff
-from .record import StudyRecord
-from .results import AtomicCsvWriter
+from .record import StudyRecord, log_name
+from .results import AtomicCsvWriter, append_rows, read_results
 from .runconfig import RunConfig
-from .runtime import make_policy
+from .runtime import default_workers, make_policy
+from .sandbox import StudyReader
+from .stopping import StopSignal
 
 log = logging.getLogger("cxr_batch")
+STATE_DIR = ".cxr-batch"
+# Tests of exactly-once delivery kill the daemon between the steps of a batch: with this
+# variable set to a step's name the process dies there as under SIGKILL (no clean-up runs).
+KILL_AT = os.environ.get("CXR_BATCH_KILL_AT", "")
+
+
+def _checkpoint(step: str) -> None:
+    if KILL_AT == step:
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 @dataclass
@@ -49,7 +70,6 @@ class WatchConfig(RunConfig):
     """The ``[watch]`` table of ``--config`` (and ``[scoring]``), command-line options over it."""
 
     batch_size: int = bounded(8, min=1, max=4096)
-    workers: int | None = bounded(0, min=0, max=64)  # 0: decode in the main process (lowest latency)
     max_wait: float = bounded(0.5, min=0.0)  # seconds a ready study waits for its batch to fill
     settle: float = bounded(1.0, min=0.0)  # size and mtime unchanged this long: the writer is done
     broken_deadline: float = bounded(60.0, min=0.0)  # unreadable this long after its last change: an error row
@@ -59,6 +79,19 @@ class WatchConfig(RunConfig):
     archive_dir: str | None = None  # move processed files here (default: leave in place)
     quarantine_dir: str | None = None  # move failed files here
     heartbeat_interval: float = bounded(5.0, gt=0.0)
+    worklist_hours: float = bounded(24.0, gt=0.0)  # the worklist shows studies reported this recently...
+    worklist_max: int = bounded(500, min=1, max=100_000)  # ...and at most this many (results.csv has all)
+    worklist_interval: float = bounded(30.0, min=0.0)  # rebuilt at most this often while studies stream in (at once when idle)
+    retry_max: float = bounded(60.0, gt=0.0)  # longest wait between retries after a failed write
+
+
+class OutputError(Exception):
+    """Writing an output (report, ledger, results.csv) failed: the daemon degrades and retries."""
+
+
+def _is_output_fault(e: BaseException) -> bool:
+    return isinstance(e, OSError) or (isinstance(e, sqlite3.OperationalError)
+                                      and any(w in str(e) for w in ("full", "disk", "I/O", "readonly", "locked")))
 
 
 @dataclass
@@ -70,88 +103,162 @@ class Pending:
     retry_at: float = 0.0
 
 
-def study_key(path: Path) -> str:
-    """SOPInstanceUID for DICOM, else the sha256 of the content."""
-    with open(path, "rb") as f:
-        head = f.read(132)
-    if sniff(head) not in ("png", "jpeg"):
-        try:
-            import pydicom
-
-            ds = pydicom.dcmread(path, stop_before_pixels=True, force=True, specific_tags=["SOPInstanceUID"])
-            uid = str(ds.get("SOPInstanceUID", "") or "").strip()
-            if uid:
-                return "uid:" + uid
-        except Exception:
-            pass
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return "sha256:" + h.hexdigest()
+def _inside(path: Path, folder: Path) -> bool:
+    try:
+        path.resolve().relative_to(folder.resolve())
+        return True
+    except ValueError:
+        return False
 
 
 class Watcher:
-    def __init__(self, watch_dir: Path, out: Path, cfg: WatchConfig):
+    def __init__(self, watch_dir: Path, out: Path, cfg: WatchConfig, stop: StopSignal | None = None):
         self.watch_dir, self.out, self.cfg = Path(watch_dir).resolve(), Path(out), cfg
-        self.out.mkdir(parents=True, exist_ok=True)
-        self.state_dir = self.out / ".cxr-batch"
-        self.ledger = Ledger(self.state_dir / "ledger.sqlite")
-        self.bundle = load_bundle(cfg.weights)
-        self.policy = make_policy(cfg.device, cfg.precision)
+        self.stop, self._install_stop = (stop, False) if stop is not None else (StopSignal(), True)
+        for name in ("archive_dir", "quarantine_dir"):
+            folder = getattr(cfg, name)
+            if folder and _inside(Path(folder), self.watch_dir):
+                raise ConfigError(f"watch.{name} = {folder!r} is inside the watched folder {self.watch_dir}: its "
+                                  f"files would be found and processed again; choose a folder outside it")
+        private_dir(self.out)
+        self.lock = FolderLock(self.out, "watch").acquire()
+        try:
+            self.state_dir = private_dir(self.out / STATE_DIR)
+            ledger_path = self.state_dir / "ledger.sqlite"
+            fresh = not ledger_path.exists()
+            self.ledger = Ledger(ledger_path)
+            if fresh:
+                self.rebuild_ledger()
+            self.bundle = load_bundle(cfg.weights)
+            self.policy = make_policy(cfg.device, cfg.precision)
+        except BaseException:
+            self.lock.release()
+            raise
         self.engine = Engine(self.bundle, self.policy)
         self.options = cfg.batch_options()
+        workers = default_workers(self.policy.device) if cfg.workers is None else cfg.workers
+        self.reader = StudyReader(workers, cfg.scoring, self.options.limits)
         self.metadata_csv = Path(cfg.metadata) if cfg.metadata else None
         self.reports = None
         if cfg.pdf:
             from .reports import ReportWriter
 
             self.reports = ReportWriter(self.out / "reports", self.bundle, cfg.report_options())
+        self.srs = None
+        if cfg.dicom_sr:
+            from .sr import SR_FOLDER, SRWriter  # highdicom is imported only when SRs are made
+
+            self.srs = SRWriter(self.out / SR_FOLDER, self.bundle)
         self.pending: dict[str, Pending] = {}
         self.events: queue.Queue[str] = queue.Queue()
-        self.stop = False
         self.processed = 0
-        self.last_error = ""
         self.started = time.time()
+        self.state, self.reason = "starting", ""
+        self.failures = 0  # consecutive failed writes
+        self.retry_at = 0.0
+        self.worklist_due = False
+        self.worklist_built = 0.0
+        self.csv_whole = False  # results.csv must be rewritten from the ledger
 
     # ------------------------------------------------------------------ lifecycle
     def run(self) -> int:
-        signal.signal(signal.SIGTERM, self._on_signal)
-        signal.signal(signal.SIGINT, self._on_signal)
+        if self._install_stop:
+            self.stop.install()
+        self.heartbeat()
         self.cleanup_temp()
-        self.publish()  # results.csv and worklist reflect the ledger even before new work
-        observer = self._observer()
-        observer.start()
-        log.info("watching %s -> %s (model %s on %s)", self.watch_dir, self.out, self.bundle.label,
-                 self.policy.describe())
-        next_rescan = 0.0
-        next_beat = 0.0
+        self.reader.__enter__()
+        observer = None
         try:
-            while not self.stop:
-                now = time.monotonic()
-                if now >= next_rescan:
-                    self.rescan()
-                    next_rescan = now + self.cfg.rescan_interval
-                self.drain_events()
-                batch = self.ready_batch(now)
-                if batch:
-                    self.process(batch)
-                if now >= next_beat:
-                    self.heartbeat()
-                    next_beat = now + self.cfg.heartbeat_interval
-                if not batch:
-                    time.sleep(0.1)
+            self.recover()
+            observer = self._observer()
+            observer.start()
+            log.info("watching %s -> %s (model %s on %s)", self.watch_dir, self.out, self.bundle.label,
+                     self.policy.describe())
+            self.loop()
+            self.state = "stopping"
+            self.heartbeat()
         finally:
-            observer.stop()
-            observer.join(timeout=5)
-            self.heartbeat(stopping=True)
+            if observer is not None:
+                observer.stop()
+                observer.join(timeout=5)
+            self.reader.close()
+            self.state = "stopped"
+            self.heartbeat()
             self.ledger.close()
+            self.lock.release()
         log.info("stopped after %d studies", self.processed)
         return 0
 
-    def _on_signal(self, signum, _frame):
-        log.info("signal %d: finishing the current batch", signum)
-        self.stop = True
+    def loop(self) -> None:
+        next_rescan = next_beat = 0.0
+        while not self.stop:
+            now = time.monotonic()
+            if now >= next_rescan:
+                self.contained(self.rescan)
+                next_rescan = now + self.cfg.rescan_interval
+            self.drain_events()
+            worked = False
+            if now >= self.retry_at:
+                worked = self.step(now)
+            if now >= next_beat:
+                self.heartbeat()
+                next_beat = now + self.cfg.heartbeat_interval
+            if not worked:
+                time.sleep(0.1)
+
+    def step(self, now: float) -> bool:
+        """One round of work: the outputs owed after a failure, then one ready batch, then the
+        worklist when it is due. Returns whether a batch was processed."""
+        batch = []
+        try:
+            if self.csv_whole:
+                self.publish_whole()
+            batch = self.ready_batch(now)
+            if batch:
+                self.process(batch)
+            if self.worklist_due and (not batch or now - self.worklist_built >= self.cfg.worklist_interval):
+                self.write_worklist()
+            self.recovered()
+        except OutputError as e:
+            self.degrade(str(e))
+        except Exception as e:
+            if _is_output_fault(e):
+                self.degrade(f"{type(e).__name__}: {e}")
+            else:  # a bug in one batch: its files get error rows, the daemon goes on
+                log.error("unexpected %s while processing a batch of %d: %s", type(e).__name__, len(batch), e,
+                          exc_info=log.isEnabledFor(logging.DEBUG))
+                reason = f"internal error while processing ({type(e).__name__})"
+                self.contained(lambda: self.fail_batch(batch, reason))
+        return bool(batch)
+
+    def contained(self, action) -> None:
+        """Run ``action``; a failure is logged (or degrades the daemon), never raised."""
+        try:
+            action()
+        except OutputError as e:
+            self.degrade(str(e))
+        except Exception as e:
+            if _is_output_fault(e):
+                self.degrade(f"{type(e).__name__}: {e}")
+            else:
+                log.error("unexpected %s: %s", type(e).__name__, e, exc_info=log.isEnabledFor(logging.DEBUG))
+
+    def degrade(self, reason: str) -> None:
+        self.failures += 1
+        delay = min(self.cfg.retry_max, 2.0 ** min(self.failures, 10))
+        self.retry_at = time.monotonic() + delay
+        if self.state != "degraded" or reason != self.reason:
+            log.error("degraded: %s; retrying in %.0f s", reason, delay)
+        self.state, self.reason = "degraded", reason
+        self.csv_whole = True  # what was appended may be incomplete: rewrite from the ledger
+        self.heartbeat()
+
+    def recovered(self) -> None:
+        if self.state != "running":
+            if self.state == "degraded":
+                log.info("recovered: writing again")
+            self.state, self.reason, self.failures = "running", "", 0
+            self.heartbeat()
 
     def _observer(self):
         from watchdog.events import FileSystemEventHandler
@@ -179,6 +286,57 @@ class Watcher:
                     if p.name.startswith(".") and p.name.endswith(".tmp"):
                         p.unlink(missing_ok=True)
 
+    # ------------------------------------------------------------------ start-up
+    def rebuild_ledger(self) -> None:
+        """A new ledger beside an existing results.csv (the ledger was deleted): the rows of
+        results.csv are taken back in, so nothing is reported twice and nothing is lost."""
+        csv = self.out / "results.csv"
+        if not csv.exists():
+            return
+        rows = []
+        for row in read_results(csv):
+            record = StudyRecord.from_row(row)
+            source = self.watch_dir / record.file
+            content = ""
+            key = f"uid:{record.ids.sop_uid}" if record.ids.sop_uid else ""
+            if not key and source.is_file():
+                try:
+                    key, content = study_key(source, self.cfg.scoring)
+                except OSError:
+                    pass
+            rows.append((key or f"csv:{record.file}", content, record))
+        n = self.ledger.import_rows(rows)
+        log.warning("the ledger was missing: rebuilt with %d studies from results.csv", n)
+
+    def recover(self) -> None:
+        """After any stop: results.csv rewritten from the ledger, missing reports made again."""
+        self.contained(self.publish_whole)
+        if self.reports is not None:
+            self.contained(self.regenerate_reports)
+        self.worklist_due = True
+
+    def regenerate_reports(self) -> None:
+        missing = [(k, r) for k, r in self.ledger.keyed_records()
+                   if r.ok and (not r.report or not (self.out / "reports" / r.report).exists())]
+        if not missing:
+            return
+        log.info("making %d missing report(s) again", len(missing))
+        for key, record in missing:
+            if self.stop:
+                return
+            inputs = None
+            source = self.watch_dir / record.file
+            if source.is_file():
+                study = self.reader.read_one(Candidate(source, record.file))
+                loaded = model_inputs(study, self.bundle.preprocessing, self.bundle.encoding)
+                if loaded.image is not None:
+                    inputs = (loaded.image, loaded.tabular)
+            if inputs is None:
+                record.add_note("report made again without the image (source file no longer in the watched folder)")
+            self.write_report(f"{key}:{self.ledger.known(key).content}", record, inputs)
+            self.ledger.update_record(key, record)
+        self.csv_whole = True
+
     # ------------------------------------------------------------------ finding complete files
     def track(self, path: Path) -> None:
         try:
@@ -186,6 +344,8 @@ class Watcher:
         except ValueError:
             return
         if any(is_ignored_name(part) for part in Path(rel).parts) or rel.lower().endswith(".json"):
+            return
+        if _inside(path, self.out):
             return
         try:
             st = path.stat()
@@ -199,7 +359,7 @@ class Watcher:
             self.pending[rel] = Pending(st.st_size, st.st_mtime_ns, time.monotonic())
 
     def rescan(self) -> None:
-        for cand in find_candidates(self.watch_dir, exclude=[self.out]):
+        for cand in find_candidates(self.watch_dir, exclude=[self.out], follow_links=self.cfg.follow_links):
             if cand.problem is None:
                 self.track(cand.path)
 
@@ -233,88 +393,229 @@ class Watcher:
         return []
 
     # ------------------------------------------------------------------ one batch
-    def process(self, rels: list[str]) -> None:
-        now = time.monotonic()
-        keys, new, duplicates = {}, [], []
+    def identify(self, rels: list[str]) -> tuple[dict[str, tuple[str, str]], list[str]]:
+        """{rel: (key, content)} for the files to score, and the duplicates (the same bytes as a
+        study already reported, or twice in this batch)."""
+        ids, duplicates, seen = {}, [], set()
         for rel in rels:
+            path = self.watch_dir / rel
             try:
-                keys[rel] = study_key(self.watch_dir / rel)
-            except OSError:
+                key, content = study_key(path, self.cfg.scoring)
+            except FileNotFoundError:
                 self.pending.pop(rel, None)
                 continue
-            (duplicates if self.ledger.is_reported(keys[rel]) else new).append(rel)
-        # two copies of one instance in the same batch: the first one counts
-        seen, unique = set(), []
-        for rel in new:
-            (duplicates if keys[rel] in seen else unique).append(rel)
-            seen.add(keys[rel])
-        candidates = [Candidate(self.watch_dir / rel, rel) for rel in unique]
+            except Exception:  # unreadable (permissions, a FIFO): the reader's row says why
+                st = self.pending[rel]
+                key = content = "file:" + hashlib.sha256(f"{rel}:{st.size}:{st.mtime_ns}".encode()).hexdigest()
+            known = self.ledger.known(key)
+            if key in seen or (known is not None and known.status != "error" and known.content == content):
+                duplicates.append(rel)
+            else:
+                ids[rel] = (key, content)
+            seen.add(key)
+        return ids, duplicates
+
+    def process(self, rels: list[str]) -> None:
+        now = time.monotonic()
+        ids, duplicates = self.identify(rels)
+        candidates = [Candidate(self.watch_dir / rel, rel) for rel in ids]
         metadata = None
         if self.metadata_csv is not None and candidates:
             metadata = load_metadata_csv(self.metadata_csv, only={c.path.name for c in candidates})
-        studies: list[tuple[str, StudyRecord]] = []
-        handled, defer = [], []
-        for scored in score_batches(candidates, self.engine, self.options, metadata):
+        studies: list[tuple[str, str, StudyRecord]] = []
+        defer = []
+        for scored in score_batches(candidates, self.engine, self.options, metadata, reader=self.reader):
             for pos, record in enumerate(scored.records):
+                key, content = ids[record.file]
                 p = self.pending[record.file]
                 if record.status == "error" and now - p.changed_at < self.cfg.broken_deadline:
                     defer.append(record.file)  # maybe still being written: try again later
                     continue
-                if self.reports is not None and record.ok:
-                    self.reports.report(record, scored.inputs(pos))
-                studies.append((keys[record.file], record))
+                if record.ok:
+                    self.write_report(f"{key}:{content}", record, scored.inputs(pos))
+                    self.write_sr(f"{key}:{content}", record)
+                studies.append((key, content, record))
         for rel in defer:
             self.pending[rel].retry_at = now + max(self.cfg.settle, 1.0)
-        for key, record in studies:
-            handled.append(self._file_record(record.file, key, record.status))
-        for rel in duplicates:
-            handled.append(self._file_record(rel, keys[rel], "duplicate"))
-            log.info("duplicate key=%s file=%s: already reported", keys[rel], rel)
-        self.ledger.record(studies, [h for h in handled if h is not None])
-        self.publish()
+        entries = [(r.file, key, r.status) for key, _, r in studies] + [(rel, "", "duplicate") for rel in duplicates]
+        handled = [e for e in (self._file_entry(*entry) for entry in entries) if e is not None]
+        _checkpoint("reports")
+        try:
+            outcomes = self.ledger.commit(studies, handled)
+        except Exception as e:
+            if _is_output_fault(e):
+                raise OutputError(f"the ledger cannot be written: {e}") from None
+            raise
+        _checkpoint("commit")
+        self.publish(outcomes)
+        _checkpoint("publish")
         done = time.monotonic()
-        for key, record in studies:
+        for outcome in outcomes:
+            record = outcome.record
             p = self.pending.pop(record.file, None)
             latency = done - p.ready_at if p and p.ready_at else 0.0
-            log.info("study key=%s file=%s status=%s priority=%s latency=%.2fs", key, record.file, record.status,
-                     record.priority or "-", latency)
+            note = {"replaced": " (replaces an earlier result)", "kept": " (an earlier result is kept)"}.get(
+                outcome.action, "")
+            log.info("study key=%s %s status=%s priority=%s latency=%.2fs%s", outcome.key, log_name(record.file),
+                     record.status, record.priority or "-", latency, note)
             self.processed += 1
-            self.move(record.file, record.status)
+            self.move(record.file, outcome.key, "error" if outcome.action == "kept" else record.status)
         for rel in duplicates:
             self.pending.pop(rel, None)
-            self.move(rel, "duplicate")
+            log.info("duplicate %s: the same instance was already reported", log_name(rel))
+            self.move(rel, "duplicate:" + rel, "duplicate")
 
-    def _file_record(self, rel: str, key: str, outcome: str):
+    def write_report(self, name_key: str, record: StudyRecord, inputs) -> None:
+        """A scored study's PDF, named from its key and content (a changed instance gets a new
+        report; the superseded one keeps its own). A full or failing disk degrades the
+        daemon (nothing of the batch is committed, it is retried); any other failure costs the
+        report only, and the study's row then says it was scored but has no report."""
+        if self.reports is None:
+            return
+        try:
+            record.report = self.reports.write_study(record, inputs, key=name_key)
+        except Exception as e:
+            if _is_output_fault(e):
+                raise OutputError(f"reports cannot be written: {e}") from None
+            log.error("%s: report not made: %s: %s", log_name(record.file), type(e).__name__, e)
+            record.status, record.report = "error", ""
+            record.reason = f"scored, but its PDF report could not be made ({type(e).__name__})"
+
+    def write_sr(self, name_key: str, record: StudyRecord) -> None:
+        """A scored DICOM study's SR (``dicom_sr``), named like its PDF. A full disk degrades
+        the daemon; any other failure is a note on the record (cxr_batch.sr)."""
+        if self.srs is None or not record.ok:
+            return
+        try:
+            self.srs.report(record, name_key)
+        except OSError as e:
+            raise OutputError(f"DICOM SRs cannot be written: {e}") from None
+
+    def fail_batch(self, rels: list[str], reason: str) -> None:
+        """After an unexpected failure: the batch's files get error rows, so they are not read
+        again and again; a later copy of the same study replaces the error."""
+        studies, handled = [], []
+        for rel in rels:
+            st = self.pending.get(rel)
+            if st is None:
+                continue
+            key = "file:" + hashlib.sha256(f"{rel}:{st.size}:{st.mtime_ns}".encode()).hexdigest()
+            record = StudyRecord(file=rel, status="error", reason=reason, model=self.bundle.label,
+                                 weights_sha256=self.bundle.sha256)
+            studies.append((key, key, record))
+            entry = self._file_entry(rel, key, "error")
+            if entry is not None:
+                handled.append(entry)
+            self.pending.pop(rel, None)
+        if studies:
+            self.publish(self.ledger.commit(studies, handled))
+
+    def _file_entry(self, rel: str, key: str, outcome: str):
         try:
             st = (self.watch_dir / rel).stat()
         except OSError:
             return None
         return rel, st.st_size, st.st_mtime_ns, key, outcome
 
-    def move(self, rel: str, status: str) -> None:
+    def move(self, rel: str, key: str, status: str) -> None:
+        """Archive (or quarantine) a processed file under a name made unique by its key, so a
+        later file at the same path never overwrites it."""
         target = self.cfg.quarantine_dir if status == "error" else self.cfg.archive_dir
         if not target:
             return
-        dest = Path(target) / rel
+        source = self.watch_dir / rel
+        tag = hashlib.sha256(key.encode()).hexdigest()[:12]
+        dest = Path(target) / Path(rel).parent / f"{Path(rel).stem}.{tag}{Path(rel).suffix}"
         try:
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            shutil.move(str(self.watch_dir / rel), dest)
+            if dest.exists():
+                source.unlink()  # the very same study is already kept there
+                return
+            private_dir(dest.parent)
+            shutil.move(str(source), dest)
         except OSError as e:
-            log.error("could not move %s to %s: %s", rel, target, e)
+            log.error("could not move %s to %s: %s", log_name(rel), target, e.strerror or e)
 
     # ------------------------------------------------------------------ outputs
-    def publish(self) -> None:
-        """Rewrite results.csv and the worklist from the ledger (atomically)."""
-        records = self.ledger.records()
-        with AtomicCsvWriter(self.out / "results.csv") as writer:
-            for record in records:
-                writer.write(record)
-        if self.reports is not None and records:
+    def publish(self, outcomes: list[Outcome]) -> None:
+        """results.csv after a commit: new rows appended (cheap at any size); a replaced row
+        means the file is rewritten from the ledger."""
+        if not outcomes:
+            return
+        self.worklist_due = True
+        if self.csv_whole or any(o.action == "replaced" for o in outcomes):
+            self.publish_whole()
+            return
+        fresh = [(o.key, o.record) for o in outcomes if o.action == "new"]
+        if not fresh:
+            return
+        try:
+            append_rows(self.out / "results.csv", [r for _, r in fresh])
+            self.ledger.mark_published([k for k, _ in fresh])
+        except Exception as e:
+            if _is_output_fault(e):
+                self.csv_whole = True
+                raise OutputError(f"results.csv cannot be written: {e}") from None
+            raise
+
+    def publish_whole(self) -> None:
+        """results.csv rewritten from the ledger, atomically."""
+        try:
+            with AtomicCsvWriter(self.out / "results.csv") as writer:
+                for record in self.ledger.iter_records():
+                    writer.write(record)
+            self.ledger.mark_published()
+        except Exception as e:
+            if _is_output_fault(e):
+                self.csv_whole = True
+                raise OutputError(f"results.csv cannot be written: {e}") from None
+            raise
+        self.csv_whole = False
+
+    def write_worklist(self) -> None:
+        """The worklist over the window (``worklist_hours``, at most ``worklist_max``)."""
+        self.worklist_due = False
+        if self.reports is None:
+            return
+        records = self.ledger.recent(time.time() - 3600 * self.cfg.worklist_hours, self.cfg.worklist_max)
+        try:
             self.reports.write_worklist(records)
+        except Exception as e:
+            if _is_output_fault(e):
+                self.worklist_due = True
+                raise OutputError(f"the worklist cannot be written: {e}") from None
+            log.error("worklist not written: %s: %s", type(e).__name__, e)
+        self.worklist_built = time.monotonic()
 
-    def heartbeat(self, stopping: bool = False) -> None:
-        status = {"pid": os.getpid(), "state": "stopping" if stopping else "running", "time": time.time(),
-                  "started": self.started, "watch_dir": str(self.watch_dir), "studies_reported": self.ledger.count(), "processed_this_run": self.processed,
+    def heartbeat(self) -> None:
+        status = {"pid": os.getpid(), "state": self.state, "reason": self.reason, "time": time.time(),
+                  "started": self.started, "watch_dir": str(self.watch_dir), "processed_this_run": self.processed,
                   "pending": len(self.pending), "model": self.bundle.label, "device": self.policy.describe()}
-        atomic_write_bytes(self.out / "status.json", (json.dumps(status, indent=2) + "\n").encode(), mode=0o644)
+        try:
+            status["studies_reported"] = self.ledger.count()
+            status["superseded"] = self.ledger.superseded_count()
+        except sqlite3.Error:
+            pass
+        write_status(self.out / "status.json", status)
 
+
+STATUS_SIZE = 4096
+
+
+def write_status(path: Path, status: dict) -> None:
+    """status.json, padded to a fixed size and rewritten in place once it exists: the update
+    needs no new disk blocks, so monitoring still reads "degraded: disk full" when the volume
+    is full (a temp file and a rename would fail exactly then)."""
+    data = (json.dumps(status, indent=2) + "\n").encode()
+    try:
+        if len(data) <= STATUS_SIZE and path.exists() and path.stat().st_size == STATUS_SIZE:
+            fd = os.open(path, os.O_WRONLY)
+            try:
+                os.pwrite(fd, data.ljust(STATUS_SIZE), 0)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        else:
+            atomic_write_bytes(path, data.ljust(STATUS_SIZE) if len(data) <= STATUS_SIZE else data)
+    except OSError as e:  # the log still says what happened
+        if e.errno != errno.ENOSPC:
+            log.error("status.json not written: %s", e.strerror or e)

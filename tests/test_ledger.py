@@ -1,23 +1,114 @@
-"""The watch ledger: exactly-once keys, file memory, records kept whole across reopening."""
+"""The watch ledger: one current record per study, provisional errors, superseded results,
+file memory, migration of the first release's ledgers, and a clear error for a corrupt one."""
 
-from cxr_batch.ledger import Ledger
-from cxr_batch.record import StudyRecord
+import json
+import os
+import sqlite3
+import stat
+
+import pytest
+
+from cxr_batch.findings import FINDINGS
+from cxr_batch.ledger import Ledger, LedgerError
+from cxr_batch.record import Scores, StudyRecord
 from cxr_batch.study import Identifiers
 
 
-def test_study_once_files_remembered_and_reopen(tmp_path):
+def ok(file, **ids):
+    probs = tuple(0.1 for _ in FINDINGS)
+    return StudyRecord(file=file, ids=Identifiers(**ids), scores=Scores(probs, (0,) * 14, "normal", -0.5), model="m@1")
+
+
+def error(file, reason="truncated"):
+    return StudyRecord(file=file, status="error", reason=reason, model="m@1")
+
+
+def test_new_studies_and_files_survive_reopening(tmp_path):
     path = tmp_path / "ledger.sqlite"
     ledger = Ledger(path)
-    a = StudyRecord(file="a.dcm", ids=Identifiers(patient_id="P1", patient_name="DOE JANE"), model="m@1")
-    ledger.record([("uid:1", a)], [("a.dcm", 10, 111, "uid:1", "ok")])
-    # the same key again (a re-sent copy) is not a second study
-    ledger.record([("uid:1", StudyRecord(file="copy.dcm"))], [("copy.dcm", 10, 222, "uid:1", "duplicate")])
-    ledger.record([("uid:2", StudyRecord(file="b.dcm", status="error", reason="bad"))], [])
-    assert ledger.is_reported("uid:1") and not ledger.is_reported("uid:3")
+    a = ok("a.dcm", patient_id="P1", patient_name="DOE^JANE")
+    out = ledger.commit([("uid:1", "c1", a)], [("a.dcm", 10, 111, "uid:1", "ok")])
+    assert [o.action for o in out] == ["new"]
     assert ledger.file_handled("a.dcm", 10, 111) and not ledger.file_handled("a.dcm", 10, 112)
     ledger.close()
     again = Ledger(path)
-    records = again.records()
-    assert [r.file for r in records] == ["a.dcm", "b.dcm"] and again.count() == 2
-    assert records[0] == a and records[0].ids.patient_name == "DOE JANE"
+    (back,) = again.records()
+    assert back == a and back.ids.patient_name == "DOE^JANE" and again.count() == 1
     again.close()
+
+
+def test_error_is_provisional_and_an_intact_copy_replaces_it(tmp_path):
+    ledger = Ledger(tmp_path / "l.sqlite")
+    ledger.commit([("uid:1", "truncated", error("IM1"))], [])
+    out = ledger.commit([("uid:1", "intact", ok("IM1_resent"))], [])
+    assert [o.action for o in out] == ["replaced"]
+    (only,) = ledger.records()
+    assert only.ok and only.file == "IM1_resent" and ledger.superseded_count() == 0  # an error is not kept
+
+
+def test_a_result_is_never_replaced_by_an_error_or_the_same_bytes(tmp_path):
+    ledger = Ledger(tmp_path / "l.sqlite")
+    ledger.commit([("uid:1", "c1", ok("IM1"))], [])
+    assert ledger.commit([("uid:1", "broken", error("IM1_copy"))], [])[0].action == "kept"
+    assert ledger.commit([("uid:1", "c1", ok("IM1_again"))], [])[0].action == "kept"
+    (only,) = ledger.records()
+    assert only.ok and only.file == "IM1"
+
+
+def test_changed_file_with_the_same_uid_supersedes(tmp_path):
+    ledger = Ledger(tmp_path / "l.sqlite")
+    ledger.commit([("uid:1", "c1", ok("IM1", patient_id="P1"))], [])
+    out = ledger.commit([("uid:1", "c2", ok("IM1", patient_id="P1-corrected"))], [])
+    assert out[0].action == "replaced" and ledger.superseded_count() == 1
+    assert [r.ids.patient_id for r in ledger.records()] == ["P1-corrected"]
+    assert ledger.known("uid:1").content == "c2"
+
+
+def test_publishing_marks_and_recent_window(tmp_path):
+    ledger = Ledger(tmp_path / "l.sqlite")
+    ledger.commit([(f"uid:{i}", f"c{i}", ok(f"IM{i}")) for i in range(5)], [])
+    assert len(ledger.unpublished()) == 5
+    ledger.mark_published(["uid:0", "uid:1"])
+    assert [k for k, _ in ledger.unpublished()] == ["uid:2", "uid:3", "uid:4"]
+    assert [r.file for r in ledger.recent(0, 2)] == ["IM3", "IM4"]
+    assert ledger.recent(9e12, 10) == []
+
+
+def test_first_release_ledger_is_migrated(tmp_path):
+    path = tmp_path / "l.sqlite"
+    db = sqlite3.connect(path)
+    db.executescript("CREATE TABLE studies (key TEXT PRIMARY KEY, seq INTEGER NOT NULL, file TEXT NOT NULL, "
+                     "row TEXT NOT NULL, reported_at REAL NOT NULL); CREATE TABLE files (path TEXT PRIMARY KEY, "
+                     "size INTEGER NOT NULL, mtime_ns INTEGER NOT NULL, key TEXT NOT NULL, outcome TEXT NOT NULL, "
+                     "handled_at REAL NOT NULL);")
+    row = {"file": "a.png", "status": "ok", "reason": "", "patient_id": "P9", "age": 57.0, "age_source": "metadata",
+           **{f"p_{f}": 0.25 for f in FINDINGS}, **{f"flag_{f}": 0 for f in FINDINGS}, "findings": "",
+           "priority": "normal", "triage_score": -0.5, "model": "m@1"}
+    db.execute("INSERT INTO studies VALUES ('sha256:x', 1, 'a.png', ?, 1.0)", (json.dumps(row),))
+    db.commit()
+    db.close()
+    ledger = Ledger(path)
+    (record,) = ledger.records()
+    assert record.ids.patient_id == "P9" and record.patient.age == 57.0 and record.scores.probs[0] == 0.25
+    assert ledger.known("sha256:x").status == "ok"
+
+
+def test_corrupt_ledger_is_a_clear_error(tmp_path):
+    path = tmp_path / "l.sqlite"
+    path.write_bytes(b"SQLite format 3\x00" + os.urandom(4000))
+    with pytest.raises(LedgerError, match="not a readable ledger"):
+        Ledger(path)
+
+
+def test_ledger_files_are_private_whatever_the_umask(tmp_path):
+    old = os.umask(0o022)
+    try:
+        ledger = Ledger(tmp_path / "l.sqlite")
+        ledger.commit([("uid:1", "c", ok("a"))], [])
+        ledger.close()
+        reopened = Ledger(tmp_path / "l.sqlite")
+    finally:
+        os.umask(old)
+    for p in tmp_path.iterdir():
+        assert stat.S_IMODE(p.stat().st_mode) == 0o640, p.name
+    reopened.close()

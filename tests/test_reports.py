@@ -16,7 +16,7 @@ from cxr_batch.findings import FINDINGS
 from cxr_batch.gradcam import gradcam
 from cxr_batch.patient import PatientData
 from cxr_batch.record import Scores, StudyRecord
-from cxr_batch.reports import ReportOptions, safe_name, study_pdf, worklist_pdf
+from cxr_batch.reports import ReportOptions, report_name, study_pdf, worklist_pdf
 from cxr_batch.results import read_results
 from cxr_batch.scan import ScanConfig, run_scan
 
@@ -128,8 +128,8 @@ def test_hostile_names_and_missing_values_render(tmp_path):
     (tmp_path / "r.pdf").write_bytes(pdf)
     txt = pdf_text(tmp_path / "r.pdf")
     assert "Zoë Ångström-Łukasiewicz" in txt and "imputed" in txt and "URGENT" in txt and "<b>not markup</b>" in txt
-    name = safe_name(row.ids.patient_id, "", "x", unique=row.file)
-    assert "/" not in name and not name.startswith(".") and ".." not in name
+    name = report_name(row.file)
+    assert "/" not in name and not name.startswith(".") and ".." not in name and "passwd" not in name
     row.report = "r.pdf"
     assert worklist_pdf([row], ReportOptions(), info, dt.datetime.now())[:5] == b"%PDF-"
 

@@ -65,13 +65,7 @@ def _sources(studies):
 
 
 def _sr_path(out, row):
-    return out / "dicom" / (report_name(StudyRecord(file=row["file"], ids=_ids(row))).removesuffix(".pdf") + ".sr.dcm")
-
-
-def _ids(row):
-    from cxr_batch.study import CSV_IDENTIFIERS, Identifiers
-
-    return Identifiers(**{k: row[k] for k in CSV_IDENTIFIERS})
+    return out / "dicom" / (report_name(row["file"]).removesuffix(".pdf") + ".sr.dcm")
 
 
 def _text_items(item, meaning):

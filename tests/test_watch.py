@@ -2,46 +2,15 @@
 sends; SIGKILL mid-stream and restart; slow writers, duplicates and malformed files."""
 
 import signal
-import socket
 import subprocess
-import sys
 import time
 from collections import Counter
 
 import numpy as np
 import pytest
 
-from cxr_batch.results import read_results
-
 from .dicomgen import grey, have, write
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_daemon(incoming, out, bundle, config):
-    return subprocess.Popen([sys.executable, "-m", "cxr_batch", "watch", str(incoming), "--out", str(out),
-                             "--weights", str(bundle), "--device", "cpu", "--config", str(config), "--no-heatmaps"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-
-
-def rows_now(out):
-    try:
-        return read_results(out / "results.csv")
-    except (FileNotFoundError, ValueError):
-        return []
-
-
-def wait_for(predicate, timeout=120):
-    end = time.time() + timeout
-    while time.time() < end:
-        if predicate():
-            return True
-        time.sleep(0.3)
-    return False
+from .watchkit import free_port, rows_now, start_daemon, status, wait_for
 
 
 @pytest.mark.slow
@@ -98,4 +67,4 @@ def test_storescp_stream_with_sigkill_restart_is_exactly_once(tmp_path, nih_imag
         assert pdf.exists() and pdf.read_bytes().rstrip().endswith(b"%%EOF")
     leftovers = [p for p in out.rglob("*") if p.name.endswith(".tmp") or p.name.startswith(".results")]
     assert leftovers == []
-    assert (out / "reports" / "worklist.pdf").exists() and (out / "status.json").exists()
+    assert (out / "reports" / "worklist.pdf").exists() and status(out)["state"] == "stopped"

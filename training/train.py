@@ -60,6 +60,19 @@ def pos_weights(y: np.ndarray, overrides: dict, cap: float) -> np.ndarray:
     return w.astype(np.float32)
 
 
+def load_checkpoint(path: Path, device) -> dict:
+    """A resume checkpoint, loaded as data only (``weights_only=True``): a checkpoint planted in
+    a run folder cannot run code. Raises ValueError with a plain reason."""
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:  # UnpicklingError for anything but tensors and plain containers
+        raise ValueError(f"{path} is not a checkpoint this program wrote (refused to load it: "
+                         f"{type(e).__name__}); remove it to train from the start") from None
+    if not isinstance(ckpt, dict) or not {"model", "optimizer", "lr_scheduler", "epoch"} <= set(ckpt):
+        raise ValueError(f"{path} is not a checkpoint this program wrote (keys missing)")
+    return ckpt
+
+
 def load_initial_weights(model, source: str) -> None:
     """Weights from a bundle folder (verified) or a state dict file."""
     from cxr_batch.bundle import load_bundle
@@ -171,7 +184,7 @@ def main(cfg: TrainConfig, resume: bool = False) -> Path:
     start_epoch, best, history = 0, -np.inf, []
     ckpt_path = out / "checkpoint.pt"
     if resume and ckpt_path.exists():
-        ckpt = torch.load(ckpt_path, map_location=device, weights_only=True)
+        ckpt = load_checkpoint(ckpt_path, device)
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["lr_scheduler"])

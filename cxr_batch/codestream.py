@@ -1,0 +1,120 @@
+"""The size a compressed frame will decode to, read from its codestream header before any
+decoder allocates memory for it.
+
+A DICOM header's Rows/Columns can lie: an 8 KB file that says 256 x 256 may carry a JPEG whose
+start-of-frame says 65000 x 65000, and the decoder allocates what the codestream says. These
+functions read only the first bytes of a frame (JPEG SOFn, JPEG-LS SOF55, JPEG 2000 SIZ, with
+or without the JP2 box wrapper, and the RLE header) and return what it declares.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+
+class CodestreamError(ValueError):
+    """The frame's header is missing or malformed."""
+
+
+@dataclass(frozen=True)
+class FrameInfo:
+    rows: int
+    columns: int
+    components: int  # samples per pixel (RLE: segments, i.e. samples x bytes per sample)
+    kind: str
+
+
+# Start-of-frame markers of ITU T.81 (baseline, extended, progressive, lossless; FFC4 DHT,
+# FFC8 JPG and FFCC DAC are not frames) and SOF55 (FFF7) of JPEG-LS (ITU T.87).
+_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF, 0xF7}
+# Markers without a length field.
+_STANDALONE = {0x01, *range(0xD0, 0xD8)}
+
+
+def jpeg_frame(data: bytes) -> FrameInfo:
+    """JPEG (T.81) or JPEG-LS (T.87) codestream -> its frame size."""
+    if data[:2] != b"\xff\xd8":
+        raise CodestreamError("no JPEG start-of-image marker")
+    pos = 2
+    while pos + 4 <= len(data):
+        if data[pos] != 0xFF:
+            raise CodestreamError(f"expected a marker at byte {pos}")
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+            continue
+        if marker in _STANDALONE:
+            pos += 2
+            continue
+        if marker in (0xD9, 0xDA):  # end of image or start of scan before any frame header
+            break
+        (length,) = struct.unpack(">H", data[pos + 2:pos + 4])
+        if length < 2:
+            raise CodestreamError("JPEG segment with an invalid length")
+        if marker in _SOF:
+            if pos + 10 > len(data):
+                break
+            _precision, rows, columns, components = struct.unpack(">BHHB", data[pos + 4:pos + 10])
+            return FrameInfo(rows, columns, components, "JPEG-LS" if marker == 0xF7 else "JPEG")
+        pos += 2 + length
+    raise CodestreamError("no JPEG frame header in the first bytes of the codestream")
+
+
+def j2k_frame(data: bytes) -> FrameInfo:
+    """JPEG 2000 codestream (or JP2 file) -> its image size from the SIZ marker segment."""
+    if data[4:8] == b"jP  ":  # JP2 file format: boxes; the codestream is in 'jp2c'
+        pos = 0
+        while pos + 8 <= len(data):
+            length, box = struct.unpack(">I4s", data[pos:pos + 8])
+            header = 8
+            if length == 1:
+                if pos + 16 > len(data):
+                    break
+                (length,) = struct.unpack(">Q", data[pos + 8:pos + 16])
+                header = 16
+            if box == b"jp2c":
+                return j2k_frame(data[pos + header:])
+            if length < header:
+                break
+            pos += length
+        raise CodestreamError("no JPEG 2000 codestream box in the first bytes of the JP2 file")
+    if data[:4] != b"\xff\x4f\xff\x51":
+        raise CodestreamError("no JPEG 2000 SOC/SIZ markers")
+    if len(data) < 4 + 38:
+        raise CodestreamError("JPEG 2000 SIZ segment is truncated")
+    _lsiz, _rsiz, xsiz, ysiz, xosiz, yosiz = struct.unpack(">HHIIII", data[4:24])
+    (csiz,) = struct.unpack(">H", data[40:42])
+    if xosiz > xsiz or yosiz > ysiz:
+        raise CodestreamError("JPEG 2000 SIZ offsets beyond the image")
+    return FrameInfo(ysiz - yosiz, xsiz - xosiz, csiz, "JPEG 2000")
+
+
+def rle_segments(data: bytes) -> int:
+    """The number of segments an RLE Lossless frame declares (PS3.5 G.5: at most 15)."""
+    if len(data) < 64:
+        raise CodestreamError("RLE header is truncated")
+    (segments,) = struct.unpack("<I", data[:4])
+    if not 1 <= segments <= 15:
+        raise CodestreamError(f"RLE header declares {segments} segments")
+    return segments
+
+
+def first_fragment(pixel_data: bytes, limit: int = 1 << 16) -> bytes:
+    """The first ``limit`` bytes of the first fragment of encapsulated pixel data (PS3.5 A.4):
+    an item holding the basic offset table, then one item per fragment."""
+    pos, items = 0, 0
+    while pos + 8 <= len(pixel_data):
+        group, element, length = struct.unpack("<HHI", pixel_data[pos:pos + 8])
+        if (group, element) != (0xFFFE, 0xE000):
+            raise CodestreamError("encapsulated pixel data without an item")
+        pos += 8
+        if items == 1:
+            if length == 0xFFFFFFFF:
+                raise CodestreamError("fragment of undefined length")
+            return pixel_data[pos:pos + min(length, limit)]
+        if length == 0xFFFFFFFF:
+            raise CodestreamError("offset table of undefined length")
+        pos += length
+        items += 1
+    raise CodestreamError("encapsulated pixel data holds no fragment")

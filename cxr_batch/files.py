@@ -1,0 +1,49 @@
+"""Writing output files safely: atomically, and readable only by the owner and their group.
+
+Results, reports, the ledger, run.json and status.json carry patient identifiers: files are
+created 0640 and folders 0750 whatever the process umask (the CLI also sets umask 027 so files
+made by libraries, e.g. SQLite's -wal and -shm, follow). Run the service under a group that the
+radiologists' tools share.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+FILE_MODE = 0o640  # owner read/write, group read, others nothing
+DIR_MODE = 0o750
+PRIVATE_UMASK = 0o027
+
+
+def private_dir(path: Path) -> Path:
+    """Create ``path`` (and missing parents) as a 0750 folder; an existing folder made by this
+    program is tightened to 0750, one made by someone else is left as it is."""
+    path = Path(path)
+    missing = []
+    p = path
+    while not p.exists():
+        missing.append(p)
+        p = p.parent
+    path.mkdir(parents=True, exist_ok=True)
+    for p in missing:
+        os.chmod(p, DIR_MODE)
+    return path
+
+
+def atomic_write_bytes(path: Path, data: bytes, mode: int = FILE_MODE) -> None:
+    """Write ``data`` to ``path`` via a temp file in the same folder, fsync and a rename: a
+    reader sees the old file or the new one, never half of one."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

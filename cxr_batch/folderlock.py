@@ -1,0 +1,50 @@
+"""One writer per results folder: an exclusive lock (flock) held while scan or watch writes it.
+
+A second daemon (or a scan into the same folder) would score everything twice and race on
+results.csv; it stops at once instead, naming the process that holds the folder. The lock is
+released by the kernel when the holder exits, however it exits (SIGKILL included).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+from pathlib import Path
+
+LOCK_NAME = ".cxr-batch.lock"
+
+
+class FolderBusy(Exception):
+    """Another process writes to this results folder."""
+
+
+class FolderLock:
+    def __init__(self, folder: Path, what: str):
+        self.path = Path(folder) / LOCK_NAME
+        self.what = what
+        self._fd: int | None = None
+
+    def acquire(self) -> "FolderLock":
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o640)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode("utf-8", "replace").strip() or "an unknown process"
+            os.close(fd)
+            raise FolderBusy(f"{self.path.parent} is in use by {holder}; one cxr-batch process writes a results "
+                             f"folder at a time (stop it first, or choose another --out)") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"cxr-batch {self.what} (PID {os.getpid()})\n".encode(), 0)
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self) -> "FolderLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()

@@ -1,0 +1,58 @@
+"""A study's identity for the watch daemon: its key and the hash of the file's content.
+
+The key is the SOPInstanceUID for DICOM (a re-sent copy of an instance is the same study),
+else the sha256 of the content. It is read cheaply and within bounds: the file meta group or
+the first 64 KiB of the data set, never a whole-file parse, and only after the size limit.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+from pathlib import Path
+
+from .readers import open_regular, sniff
+from .study import MAX_LENGTH, ScoringRules, clean_text
+
+HASH_CHUNK = 1 << 20
+
+
+def study_key(path: Path, rules: ScoringRules) -> tuple[str, str]:
+    """(key, content sha256) of a file. Raises OSError when the file cannot be opened."""
+    with open_regular(path) as f:
+        size = os.fstat(f.fileno()).st_size
+        head = f.read(1 << 16)
+        if size > rules.max_file_bytes:
+            # too large to be read at all: identified by its size and first bytes, not hashed whole
+            digest = hashlib.sha256(head + str(size).encode()).hexdigest()
+            return f"oversize:{digest}", digest
+        uid = _dicom_uid(f, head)
+        f.seek(len(head))
+        h = hashlib.sha256(head)
+        for chunk in iter(lambda: f.read(HASH_CHUNK), b""):
+            h.update(chunk)
+        content = h.hexdigest()
+    return (f"uid:{uid}" if uid else f"sha256:{content}"), content
+
+
+def _dicom_uid(f, head: bytes) -> str:
+    kind = sniff(head[:132])
+    if kind in ("png", "jpeg"):
+        return ""
+    from . import dicom  # pydicom only for what may be DICOM
+
+    if kind == "dicom":
+        meta, _ = dicom.read_file_meta(f)
+        uid = clean_text(meta.get("MediaStorageSOPInstanceUID", ""), MAX_LENGTH["sop_uid"])
+        if uid:
+            return uid
+    elif not (len(head) >= 8 and head[1] == 0 and head[0] in (0x02, 0x08) and head[3] == 0):
+        return ""  # neither preamble nor a first element of group 0002/0008: not parsed at all
+    try:
+        import pydicom
+
+        ds = pydicom.dcmread(io.BytesIO(head), force=True, stop_before_pixels=True, specific_tags=["SOPInstanceUID"])
+        return clean_text(ds.get("SOPInstanceUID", "") or "", MAX_LENGTH["sop_uid"])
+    except Exception:  # a header cut at 64 KiB or a broken one: keyed by content instead
+        return ""

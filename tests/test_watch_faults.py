@@ -1,0 +1,218 @@
+"""The daemon never stops and never loses a study: poison first, broken-then-intact re-sends,
+changed instances, a kill between any two steps, a full disk, a second daemon, a lost or
+corrupt ledger, and operator mistakes in the configuration."""
+
+import os
+import subprocess
+import sys
+import time
+from collections import Counter
+
+import pydicom
+import pytest
+
+from cxr_batch.findings import FINDINGS
+
+from .dicomgen import grey, write
+from .watchkit import rows_now, start_daemon, status, stop, wait_for, watch_config
+
+pytestmark = pytest.mark.slow
+
+
+def ok_rows(out):
+    return [r for r in rows_now(out) if r["status"] == "ok"]
+
+
+def good_dicoms(folder, nih_images, n, start=0):
+    return [write(folder / f"g{i:02d}.dcm", grey(p), PatientID=f"G{i:02d}")
+            for i, p in enumerate(nih_images[start:start + n], start=start)]
+
+
+def test_poison_first_then_good_studies_and_a_second_daemon_is_refused(tmp_path, nih_images, small_bundle):
+    incoming, out = tmp_path / "in", tmp_path / "out"
+    incoming.mkdir()
+    poison = "P" * 10_000
+    write(incoming / "poison.dcm", grey(nih_images[0]), PatientID=poison, PatientName="X^" + "Y" * 10_000,
+          AccessionNumber="A" * 5000, InstitutionName="I" * 5000, StudyDate="2" * 300)
+    good_dicoms(incoming, nih_images, 3, start=1)
+    config = watch_config(tmp_path / "w.toml")
+    daemon = start_daemon(incoming, out, small_bundle, config)
+    try:
+        assert wait_for(lambda: len(ok_rows(out)) == 4), daemon.stderr.read() if daemon.poll() is not None else ""
+        second = subprocess.run([sys.executable, "-m", "cxr_batch", "watch", str(incoming), "--out", str(out),
+                                 "--weights", str(small_bundle), "--device", "cpu"], capture_output=True, text=True,
+                                timeout=120)
+        assert second.returncode != 0 and f"PID {daemon.pid}" in second.stderr
+        assert daemon.poll() is None  # the first one is still running
+        assert wait_for(lambda: status(out).get("state") == "running")
+    finally:
+        assert stop(daemon) == 0
+    assert status(out)["state"] == "stopped"
+    rows = {r["file"]: r for r in rows_now(out)}
+    assert rows["poison.dcm"]["patient_id"] == "P" * 64 and len(rows["poison.dcm"]["accession_number"]) == 16
+    for r in rows.values():
+        assert (out / "reports" / r["report"]).is_file()
+    assert (out / "reports" / "worklist.pdf").is_file()
+
+
+def test_truncated_copy_then_intact_resend_gives_one_ok_row(tmp_path, nih_images, small_bundle):
+    incoming, out, src = tmp_path / "in", tmp_path / "out", tmp_path / "src"
+    incoming.mkdir()
+    intact = write(src / "IM1.dcm", grey(nih_images[0]), PatientID="RESENT").read_bytes()
+    (incoming / "IM1.dcm").write_bytes(intact[: len(intact) // 3])  # a transfer cut short
+    config = watch_config(tmp_path / "w.toml", broken_deadline=1.0)
+    daemon = start_daemon(incoming, out, small_bundle, config)
+    try:
+        assert wait_for(lambda: [r["status"] for r in rows_now(out)] == ["error"])
+        (incoming / "later").mkdir()
+        (incoming / "later" / "IM1_again.dcm").write_bytes(intact)  # the re-send, under another name
+        assert wait_for(lambda: [r["status"] for r in rows_now(out)] == ["ok"])
+        (incoming / "IM1.dcm").write_bytes(intact)  # and the cut copy completed in place: a duplicate
+        time.sleep(4)
+    finally:
+        assert stop(daemon) == 0
+    rows = rows_now(out)
+    assert len(rows) == 1 and rows[0]["status"] == "ok" and rows[0]["patient_id"] == "RESENT"
+    assert (out / "reports" / rows[0]["report"]).is_file()
+
+
+def test_changed_instance_with_the_same_uid_supersedes_the_old_result(tmp_path, nih_images, small_bundle):
+    incoming, out = tmp_path / "in", tmp_path / "out"
+    incoming.mkdir()
+    first = write(incoming / "IM1.dcm", grey(nih_images[0]), PatientID="WRONG")
+    uid = pydicom.dcmread(first).SOPInstanceUID
+    daemon = start_daemon(incoming, out, small_bundle, watch_config(tmp_path / "w.toml"))
+    try:
+        assert wait_for(lambda: len(ok_rows(out)) == 1)
+        old_report = ok_rows(out)[0]["report"]
+        ds = pydicom.dcmread(first)
+        ds.PatientID = "CORRECTED"
+        ds.save_as(incoming / "IM1_corrected.dcm")
+        assert wait_for(lambda: [r["patient_id"] for r in ok_rows(out)] == ["CORRECTED"])
+    finally:
+        assert stop(daemon) == 0
+    rows = rows_now(out)
+    assert len(rows) == 1 and rows[0]["sop_uid"] == uid
+    assert rows[0]["report"] != old_report and (out / "reports" / old_report).is_file()
+    assert status(out)["superseded"] == 1
+
+
+@pytest.mark.parametrize("step", ["reports", "commit", "publish"])
+def test_kill_between_steps_then_restart_is_exactly_once(tmp_path, nih_images, small_bundle, step):
+    incoming, out = tmp_path / "in", tmp_path / "out"
+    incoming.mkdir()
+    good_dicoms(incoming, nih_images, 3)
+    config = watch_config(tmp_path / "w.toml", batch_size=8, max_wait=1.0)
+    killed = start_daemon(incoming, out, small_bundle, config, env={"CXR_BATCH_KILL_AT": step})
+    assert killed.wait(timeout=180) == -9
+    daemon = start_daemon(incoming, out, small_bundle, config)
+    try:
+        assert wait_for(lambda: len(ok_rows(out)) == 3), daemon.stderr.read() if daemon.poll() is not None else ""
+        assert wait_for(lambda: status(out).get("state") == "running" and status(out)["pid"] == daemon.pid)
+        time.sleep(3)  # a rescan or two: nothing may be added twice
+    finally:
+        assert stop(daemon) == 0
+    rows = rows_now(out)
+    assert Counter(r["patient_id"] for r in rows) == {"G00": 1, "G01": 1, "G02": 1}
+    for r in rows:
+        assert (out / "reports" / r["report"]).is_file()
+    assert not [p for p in out.rglob("*") if p.name.endswith(".tmp")]
+
+
+@pytest.fixture()
+def small_disk(tmp_path):
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("mounting a small tmpfs is not allowed here")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], capture_output=True)
+
+
+def test_full_disk_degrades_then_catches_up(tmp_path, nih_images, small_bundle, small_disk):
+    incoming, out = tmp_path / "in", small_disk / "out"
+    incoming.mkdir()
+    daemon = start_daemon(incoming, out, small_bundle, watch_config(tmp_path / "w.toml"))
+    try:
+        assert wait_for(lambda: status(out).get("state") == "running")
+        filler = small_disk / "filler"
+        with open(filler, "wb") as f:  # fill the volume to the last block
+            try:
+                while True:
+                    f.write(b"\0" * 65536)
+                    f.flush()
+            except OSError:
+                pass
+        good_dicoms(incoming, nih_images, 2)
+        assert wait_for(lambda: status(out).get("state") == "degraded", timeout=60)
+        assert daemon.poll() is None
+        filler.unlink()
+        assert wait_for(lambda: len(ok_rows(out)) == 2, timeout=180)
+        assert wait_for(lambda: status(out).get("state") == "running", timeout=60)
+    finally:
+        assert stop(daemon) == 0
+    for r in ok_rows(out):
+        assert (out / "reports" / r["report"]).is_file()
+
+
+def test_lost_ledger_keeps_results_and_a_corrupt_one_is_a_clear_error(tmp_path, nih_images, small_bundle):
+    incoming, out = tmp_path / "in", tmp_path / "out"
+    incoming.mkdir()
+    good_dicoms(incoming, nih_images, 2)
+    config = watch_config(tmp_path / "w.toml")
+    daemon = start_daemon(incoming, out, small_bundle, config)
+    assert wait_for(lambda: len(ok_rows(out)) == 2)
+    assert stop(daemon) == 0
+    ledger = out / ".cxr-batch" / "ledger.sqlite"
+    for p in ledger.parent.glob("ledger.sqlite*"):
+        p.unlink()
+    daemon = start_daemon(incoming, out, small_bundle, config)
+    try:
+        assert wait_for(lambda: status(out).get("state") == "running")
+        time.sleep(3)  # rescans happen: the two studies are known again, not scored twice
+        assert len(rows_now(out)) == 2
+    finally:
+        assert stop(daemon) == 0
+    before = (out / "results.csv").read_bytes()
+    for p in ledger.parent.glob("ledger.sqlite*"):
+        p.unlink()
+    ledger.write_bytes(b"SQLite format 3\x00" + os.urandom(8192))
+    broken = start_daemon(incoming, out, small_bundle, config)
+    assert broken.wait(timeout=120) == 1
+    err = broken.stderr.read()
+    assert "not a readable ledger" in err and "Traceback" not in err
+    assert (out / "results.csv").read_bytes() == before
+
+
+def test_zero_filled_giant_and_operator_mistakes(tmp_path, nih_images, small_bundle):
+    incoming, out = tmp_path / "in", tmp_path / "out"
+    incoming.mkdir()
+    with open(incoming / "zeros.dcm", "wb") as f:
+        f.truncate(200 << 20)  # 200 MB of zeros
+    good_dicoms(incoming, nih_images, 1)
+    inside = watch_config(tmp_path / "bad.toml", archive_dir=str(incoming / "archive"))
+    refused = start_daemon(incoming, out, small_bundle, inside)
+    assert refused.wait(timeout=120) == 2 and "inside the watched folder" in refused.stderr.read()
+    zero_batch = watch_config(tmp_path / "zero.toml", batch_size=0)
+    refused = start_daemon(incoming, out, small_bundle, zero_batch)
+    assert refused.wait(timeout=120) == 2 and "batch_size" in refused.stderr.read()
+    daemon = start_daemon(incoming, out, small_bundle, watch_config(tmp_path / "w.toml"),
+                          "--archive-dir", tmp_path / "archive")
+    try:
+        assert wait_for(lambda: len(rows_now(out)) == 2)
+    finally:
+        assert stop(daemon) == 0
+    rows = {r["file"]: r for r in rows_now(out)}
+    assert rows["zeros.dcm"]["status"] == "error" and rows["g00.dcm"]["status"] == "ok"
+    assert len(FINDINGS) == 14 and list((tmp_path / "archive").glob("g00.*.dcm"))
+
+
+def test_stop_while_loading_is_a_clean_stop(tmp_path, small_bundle):
+    incoming, out = tmp_path / "in", tmp_path / "out"
+    incoming.mkdir()
+    daemon = start_daemon(incoming, out, small_bundle, watch_config(tmp_path / "w.toml"))
+    assert "starting" in daemon.stderr.readline()  # its signal handlers are in place
+    time.sleep(0.3)  # still importing torch and loading the model
+    assert stop(daemon) == 0
+    assert status(out).get("state") in ("stopped", None)  # stopped, or stopped before it wrote anything
