@@ -25,7 +25,6 @@ import io
 import logging
 import re
 import unicodedata
-import uuid
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +39,7 @@ from . import __version__
 from .files import FILE_MODE, atomic_write_bytes, private_dir
 from .findings import FINDINGS
 from .record import StudyRecord, log_name
+from .study import derived_uid
 from .reports import DISCLAIMER, report_name
 
 log = logging.getLogger("cxr_batch")
@@ -86,16 +86,6 @@ PRIORITY_CODES = {
 # rather than "0.73 1".
 PROBABILITY_UNIT = hd.sr.CodedConcept("{probability}", "UCUM", "probability")
 QUALITATIVE_EVALUATIONS = hd.sr.CodedConcept("C0034375", "UMLS", "Qualitative Evaluations")  # TID 1500 row 12
-
-# Name-based UUIDs (RFC 4122 version 5) under this namespace, written as 2.25.<integer> UIDs
-# (PS3.5 B.2): the same inputs always give the same UID.
-_UID_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "cxr-batch:dicom-sr")
-
-
-def derived_uid(*parts: str) -> str:
-    """A valid UID that depends on ``parts`` only (44 characters at most)."""
-    return f"2.25.{uuid.uuid5(_UID_NAMESPACE, chr(31).join(parts)).int}"
-
 
 class SRNotMade(Exception):
     """A record no SR can be made for (not scored, not a DICOM image); ``str(e)`` says why."""

@@ -8,6 +8,7 @@ before the failure, the :class:`StudyHeader` so the study's row still says which
 
 from __future__ import annotations
 
+import uuid
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -33,6 +34,26 @@ MAX_LENGTH = {
     "study_id": 16,  # SH
     "referring_physician": 3 * 64 + 2,  # PN
 }
+
+
+UID_FIELDS = ("study_uid", "series_uid", "sop_uid", "sop_class_uid")
+
+
+def derived_uid(*parts: str) -> str:
+    """A valid UID (``2.25.`` + a name-based UUID, PS3.5 B.2, at most 44 characters) that
+    depends on ``parts`` only: the same inputs always give the same UID."""
+    return f"2.25.{uuid.uuid5(_UID_NAMESPACE, chr(31).join(parts)).int}"
+
+
+_UID_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "cxr-batch:dicom-sr")
+
+
+def clean_uid(value) -> str:
+    """A UID as text: control characters and spaces removed. One over the UI maximum of 64
+    characters is replaced by a UID derived from all of it: cutting it would make another,
+    valid-looking UID that could belong to a different image."""
+    text = "".join(ch for ch in ("" if value is None else str(value)) if ch.isprintable() and not ch.isspace())
+    return text if len(text) <= 64 else derived_uid("over-long", text)
 
 
 def clean_text(value, limit: int) -> str:
@@ -67,7 +88,9 @@ class Identifiers:
     referring_physician: str = ""
 
     def __setattr__(self, name: str, value) -> None:
-        if name in MAX_LENGTH:
+        if name in UID_FIELDS:
+            value = clean_uid(value)
+        elif name in MAX_LENGTH:
             value = clean_text(value, MAX_LENGTH[name])
         super().__setattr__(name, value)
 

@@ -153,7 +153,8 @@ def test_invalid_uids_are_replaced_and_long_values_cut(sr_scan):
              reference.ReferencedSeriesSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID]
     assert all(len(u) <= 64 and RE_VALID_UID.match(u) for u in uids), uids
     assert "1.2.03.4" not in uids and "abc.def" not in uids
-    assert "invalid source SOPInstanceUID, SeriesInstanceUID, StudyInstanceUID replaced" in row["notes"]
+    assert not any(u.startswith("1.22222") for u in uids)  # an over-long UID is replaced, never cut
+    assert "invalid source SOPInstanceUID, StudyInstanceUID replaced" in row["notes"]
     assert sr.PatientID == "X" * 64 and sr.AccessionNumber == "A" * 16 and sr.StudyID == "S" * 16
     assert str(sr.PatientName) == "Ø" * 32  # 5 components at most, cut to 64 bytes of UTF-8
     # the same invalid source gives the same replacements on every run
@@ -241,7 +242,7 @@ def _cli(*args):
                           timeout=300)
 
 
-def test_cli_scan_no_pdf_dicom_sr_and_watch_refuses_it(tmp_path, nih_images, small_bundle):
+def test_cli_scan_no_pdf_dicom_sr_and_the_watch_daemon_writes_them_too(tmp_path, nih_images, small_bundle):
     studies = tmp_path / "studies"
     write(studies / "one.dcm", grey(nih_images[5]))
     done = _cli("scan", studies, "--out", tmp_path / "out", "--weights", small_bundle, "--device", "cpu",
@@ -251,6 +252,13 @@ def test_cli_scan_no_pdf_dicom_sr_and_watch_refuses_it(tmp_path, nih_images, sma
     ds = pydicom.dcmread(sr)
     assert ds.SOPClassUID == COMPREHENSIVE_3D_SR and ds.PatientName == HEADER["PatientName"]
     assert not (tmp_path / "out" / "reports").exists()
-    refused = _cli("watch", studies, "--out", tmp_path / "w", "--weights", small_bundle, "--dicom-sr")
-    assert refused.returncode == 2 and "does not write DICOM SR yet" in refused.stderr
-    assert not (tmp_path / "w").exists()  # refused before anything was started
+    from .watchkit import rows_now, start_daemon, stop, wait_for, watch_config
+
+    daemon = start_daemon(studies, tmp_path / "w", small_bundle, watch_config(tmp_path / "w.toml"), "--dicom-sr",
+                          "--no-pdf")
+    try:
+        assert wait_for(lambda: [r["status"] for r in rows_now(tmp_path / "w")] == ["ok"])
+    finally:
+        assert stop(daemon) == 0
+    (sr,) = (tmp_path / "w" / "dicom").iterdir()
+    assert pydicom.dcmread(sr).SOPInstanceUID == ds.SOPInstanceUID  # the same image and model: the same SR
