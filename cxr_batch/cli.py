@@ -115,6 +115,8 @@ RUN_OPTIONS = (
     click.option("--pdf/--no-pdf", default=None, help="PDF reports and worklist in OUT/reports.  [default: pdf]"),
     click.option("--heatmaps/--no-heatmaps", default=None, help="Grad-CAM for flagged findings.  [default: heatmaps]"),
     click.option("--dicom-pdf", is_flag=True, default=None, help="Also write each report as a DICOM Encapsulated PDF."),
+    click.option("--dicom-sr", is_flag=True, default=None,
+                 help="Write a DICOM SR (TID 1500 measurement report) per scored DICOM image to OUT/dicom."),
     click.option("--title", help="Report title.  [default: Chest X-ray triage report]"),
     click.option("--institution", help="Institution name printed on reports."),
     click.option("--follow-links", is_flag=True, default=None,
@@ -142,7 +144,7 @@ def run_options(command):
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar, warnings only.")
 @DEBUG_OPTION
 def scan(studies, out, config_file, weights, metadata, device, precision, workers, urgent, pdf, heatmaps, dicom_pdf,
-         title, institution, follow_links, batch_size, shard, quiet, debug):
+         dicom_sr, title, institution, follow_links, batch_size, shard, quiet, debug):
     """Score every frontal chest radiograph under STUDIES into OUT/results.csv."""
     from .bundle import BundleError
     from .config import ConfigError
@@ -156,8 +158,8 @@ def scan(studies, out, config_file, weights, metadata, device, precision, worker
     try:
         cfg = load_config(ScanConfig, config_file, "scan", weights=weights, metadata=metadata, device=device,
                           precision=precision, batch_size=batch_size, workers=workers, urgent=urgent, shard=shard,
-                          pdf=pdf, heatmaps=heatmaps, dicom_pdf=dicom_pdf, title=title, institution=institution,
-                          follow_links=follow_links, progress=False if quiet else None)
+                          pdf=pdf, heatmaps=heatmaps, dicom_pdf=dicom_pdf, dicom_sr=dicom_sr, title=title,
+                          institution=institution, follow_links=follow_links, progress=False if quiet else None)
     except ConfigError as e:
         fail(str(e), debug, EXIT_USAGE)
     try:
@@ -202,8 +204,8 @@ def merge(inputs, out):
 @click.option("--quarantine-dir", help="Move files that failed here.")
 @DEBUG_OPTION
 def watch(watch_dir, out, config_file, weights, metadata, device, precision, workers, urgent, pdf, heatmaps, dicom_pdf,
-          title, institution, follow_links, batch_size, max_wait, settle, polling, archive_dir, quarantine_dir,
-          debug):
+          dicom_sr, title, institution, follow_links, batch_size, max_wait, settle, polling, archive_dir,
+          quarantine_dir, debug):
     """Watch WATCH_DIR (a PACS export folder) and report every new study once, until SIGTERM."""
     from .bundle import BundleError
     from .config import ConfigError
@@ -223,10 +225,9 @@ def watch(watch_dir, out, config_file, weights, metadata, device, precision, wor
     try:
         cfg = load_config(WatchConfig, config_file, "watch", weights=weights, metadata=metadata, device=device,
                           precision=precision, workers=workers, urgent=urgent, pdf=pdf, heatmaps=heatmaps,
-                          dicom_pdf=dicom_pdf, title=title, institution=institution, follow_links=follow_links,
-                          batch_size=batch_size,
-                          max_wait=max_wait, settle=settle, polling=polling, archive_dir=archive_dir,
-                          quarantine_dir=quarantine_dir)
+                          dicom_pdf=dicom_pdf, dicom_sr=dicom_sr, title=title, institution=institution,
+                          follow_links=follow_links, batch_size=batch_size, max_wait=max_wait, settle=settle,
+                          polling=polling, archive_dir=archive_dir, quarantine_dir=quarantine_dir)
     except ConfigError as e:
         fail(str(e), debug, EXIT_USAGE)
     try:

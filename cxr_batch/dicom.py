@@ -132,6 +132,13 @@ def identifiers(ds) -> Identifiers:
         accession_number=_text(ds, "AccessionNumber"),
         study_date=_text(ds, "StudyDate"),
         institution=_text(ds, "InstitutionName"),
+        sop_class_uid=_text(ds, "SOPClassUID"),
+        patient_birth_date=_text(ds, "PatientBirthDate"),
+        patient_sex=_text(ds, "PatientSex"),
+        patient_age=_text(ds, "PatientAge"),
+        study_time=_text(ds, "StudyTime"),
+        study_id=_text(ds, "StudyID"),
+        referring_physician=_text(ds, "ReferringPhysicianName"),
     )
 
 

@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 
 from .readers import open_regular, sniff
-from .study import MAX_LENGTH, ScoringRules, clean_text
+from .study import ScoringRules, clean_uid
 
 HASH_CHUNK = 1 << 20
 
@@ -44,7 +44,7 @@ def _dicom_uid(f, head: bytes) -> str:
 
     if kind == "dicom":
         meta, _ = dicom.read_file_meta(f)
-        uid = clean_text(meta.get("MediaStorageSOPInstanceUID", ""), MAX_LENGTH["sop_uid"])
+        uid = clean_uid(meta.get("MediaStorageSOPInstanceUID", ""))
         if uid:
             return uid
     elif not (len(head) >= 8 and head[1] == 0 and head[0] in (0x02, 0x08) and head[3] == 0):
@@ -53,6 +53,6 @@ def _dicom_uid(f, head: bytes) -> str:
         import pydicom
 
         ds = pydicom.dcmread(io.BytesIO(head), force=True, stop_before_pixels=True, specific_tags=["SOPInstanceUID"])
-        return clean_text(ds.get("SOPInstanceUID", "") or "", MAX_LENGTH["sop_uid"])
+        return clean_uid(ds.get("SOPInstanceUID", "") or "")
     except Exception:  # a header cut at 64 KiB or a broken one: keyed by content instead
         return ""

@@ -28,6 +28,7 @@ class RunConfig:
     pdf: bool = True
     heatmaps: bool = True
     dicom_pdf: bool = False
+    dicom_sr: bool = False  # a DICOM SR (TID 1500) per scored DICOM image, in OUT/dicom
     title: str = "Chest X-ray triage report"
     institution: str = ""
     scoring: ScoringRules = field(default_factory=ScoringRules)

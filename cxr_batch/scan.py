@@ -48,6 +48,7 @@ class ScanSummary:
     seconds: float = 0.0
     device: str = ""
     worklist: Path | None = None
+    srs: int = 0  # DICOM SRs written
     reports_failed: int = 0  # studies scored whose PDF could not be written
     worklist_failed: bool = False
 
@@ -99,6 +100,11 @@ def _scan(studies: Path, out: Path, cfg: ScanConfig, bundle, policy) -> ScanSumm
         from .reports import ReportWriter
 
         reports = ReportWriter(out / "reports", bundle, cfg.report_options())
+    srs = None
+    if cfg.dicom_sr:
+        from .sr import SR_FOLDER, SRWriter  # highdicom is imported only when SRs are made
+
+        srs = SRWriter(out / SR_FOLDER, bundle)
     records = []
     start = time.perf_counter()
     with AtomicCsvWriter(summary.results) as writer:
@@ -106,6 +112,8 @@ def _scan(studies: Path, out: Path, cfg: ScanConfig, bundle, policy) -> ScanSumm
             for pos, record in enumerate(scored.records):
                 if reports is not None and record.ok and not reports.report(record, scored.inputs(pos)):
                     summary.reports_failed += 1
+                if srs is not None and record.ok and srs.report(record) is not None:
+                    summary.srs += 1
                 writer.write(record)
                 summary.counts[record.status] += 1
                 if record.ok:
@@ -128,5 +136,7 @@ def _scan(studies: Path, out: Path, cfg: ScanConfig, bundle, policy) -> ScanSumm
         "counts": dict(summary.counts), "priorities": dict(summary.priorities),
         "seconds": round(summary.seconds, 3), "refined_in_fp32": engine.refined,
     }
+    if cfg.dicom_sr:
+        run_info["dicom_sr_written"] = summary.srs
     atomic_write_bytes(out / "run.json", (json.dumps(run_info, indent=2) + "\n").encode())
     return summary

@@ -8,6 +8,7 @@ before the failure, the :class:`StudyHeader` so the study's row still says which
 
 from __future__ import annotations
 
+import uuid
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -25,7 +26,34 @@ MAX_LENGTH = {
     "accession_number": 16,  # SH
     "study_date": 8,  # DA
     "institution": 64,  # LO
+    "sop_class_uid": 64,  # UI
+    "patient_birth_date": 8,  # DA
+    "patient_sex": 16,  # CS
+    "patient_age": 4,  # AS
+    "study_time": 16,  # TM
+    "study_id": 16,  # SH
+    "referring_physician": 3 * 64 + 2,  # PN
 }
+
+
+UID_FIELDS = ("study_uid", "series_uid", "sop_uid", "sop_class_uid")
+
+
+def derived_uid(*parts: str) -> str:
+    """A valid UID (``2.25.`` + a name-based UUID, PS3.5 B.2, at most 44 characters) that
+    depends on ``parts`` only: the same inputs always give the same UID."""
+    return f"2.25.{uuid.uuid5(_UID_NAMESPACE, chr(31).join(parts)).int}"
+
+
+_UID_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "cxr-batch:dicom-sr")
+
+
+def clean_uid(value) -> str:
+    """A UID as text: control characters and spaces removed. One over the UI maximum of 64
+    characters is replaced by a UID derived from all of it: cutting it would make another,
+    valid-looking UID that could belong to a different image."""
+    text = "".join(ch for ch in ("" if value is None else str(value)) if ch.isprintable() and not ch.isspace())
+    return text if len(text) <= 64 else derived_uid("over-long", text)
 
 
 def clean_text(value, limit: int) -> str:
@@ -49,9 +77,20 @@ class Identifiers:
     accession_number: str = ""
     study_date: str = ""
     institution: str = ""
+    # The source header's own values, for DICOM objects made for the study (the SR): copied
+    # as the header had them (names in PN form, "family^given"); never in results.csv.
+    sop_class_uid: str = ""
+    patient_birth_date: str = ""
+    patient_sex: str = ""
+    patient_age: str = ""
+    study_time: str = ""
+    study_id: str = ""
+    referring_physician: str = ""
 
     def __setattr__(self, name: str, value) -> None:
-        if name in MAX_LENGTH:
+        if name in UID_FIELDS:
+            value = clean_uid(value)
+        elif name in MAX_LENGTH:
             value = clean_text(value, MAX_LENGTH[name])
         super().__setattr__(name, value)
 

@@ -144,6 +144,11 @@ class Watcher:
             from .reports import ReportWriter
 
             self.reports = ReportWriter(self.out / "reports", self.bundle, cfg.report_options())
+        self.srs = None
+        if cfg.dicom_sr:
+            from .sr import SR_FOLDER, SRWriter  # highdicom is imported only when SRs are made
+
+            self.srs = SRWriter(self.out / SR_FOLDER, self.bundle)
         self.pending: dict[str, Pending] = {}
         self.events: queue.Queue[str] = queue.Queue()
         self.processed = 0
@@ -428,6 +433,7 @@ class Watcher:
                     continue
                 if record.ok:
                     self.write_report(f"{key}:{content}", record, scored.inputs(pos))
+                    self.write_sr(f"{key}:{content}", record)
                 studies.append((key, content, record))
         for rel in defer:
             self.pending[rel].retry_at = now + max(self.cfg.settle, 1.0)
@@ -474,6 +480,16 @@ class Watcher:
             log.error("%s: report not made: %s: %s", log_name(record.file), type(e).__name__, e)
             record.status, record.report = "error", ""
             record.reason = f"scored, but its PDF report could not be made ({type(e).__name__})"
+
+    def write_sr(self, name_key: str, record: StudyRecord) -> None:
+        """A scored DICOM study's SR (``dicom_sr``), named like its PDF. A full disk degrades
+        the daemon; any other failure is a note on the record (cxr_batch.sr)."""
+        if self.srs is None or not record.ok:
+            return
+        try:
+            self.srs.report(record, name_key)
+        except OSError as e:
+            raise OutputError(f"DICOM SRs cannot be written: {e}") from None
 
     def fail_batch(self, rels: list[str], reason: str) -> None:
         """After an unexpected failure: the batch's files get error rows, so they are not read

@@ -1,0 +1,115 @@
+"""Sending a DICOM object to a peer by C-STORE (pynetdicom): the results going back to the PACS.
+
+:func:`send_dataset` stores one object and reports what happened instead of raising: the
+outbound queue (issue 14) decides from :class:`SendResult` whether to retry (the peer is down,
+busy or out of resources: ``transient``) or to give up on that object (the peer refused it).
+Timeouts bound every step, so a peer that accepts a connection and then says nothing costs
+``timeout`` seconds, not a hung worker. Nothing about the patient is logged: the SOP Instance
+UID and the peer only.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+log = logging.getLogger("cxr_batch")
+
+CALLING_AE_TITLE = "CXRBATCH"
+_DESTINATION = re.compile(r"^(?P<ae>[^@]{1,16})@(?P<host>\[[0-9A-Fa-f:.]+\]|[^:\[\]@]+):(?P<port>\d{1,5})$")
+# C-STORE statuses that mean "stored" (PS3.4 B.2.3): success and the three warnings.
+_STORED = {0x0000, 0xB000, 0xB006, 0xB007}
+
+
+@dataclass(frozen=True)
+class Destination:
+    """A peer to store to: AE title, host and port (``AE@HOST:PORT``; ``AE@[::1]:104``)."""
+
+    ae_title: str
+    host: str
+    port: int
+
+    @classmethod
+    def parse(cls, text: str) -> "Destination":
+        """``AE@HOST:PORT`` -> Destination; ValueError naming what is wrong."""
+        m = _DESTINATION.match(text.strip())
+        if m is None:
+            raise ValueError(f"{text!r}: expected AE@HOST:PORT, e.g. PACS@pacs.example.org:104")
+        ae_title, port = m["ae"].strip(), int(m["port"])
+        if not ae_title or "\\" in ae_title or not ae_title.isprintable():
+            raise ValueError(f"{text!r}: the AE title must be 1-16 printable characters without '\\'")
+        if not 1 <= port <= 65535:
+            raise ValueError(f"{text!r}: port {port} is not 1-65535")
+        return cls(ae_title, m["host"].strip("[]"), port)
+
+    def __str__(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{self.ae_title}@{host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class SendResult:
+    ok: bool  # the peer stored it (success or a warning status)
+    status: int | None = None  # the C-STORE status, when the peer answered one
+    reason: str = ""  # why not, for the log and the queue; empty when ok
+    transient: bool = False  # worth retrying later: network, timeout, busy or out of resources
+
+
+def _failure_is_transient(status: int) -> bool:
+    """0xA7xx out of resources: try again later; refusals of the object itself are final."""
+    return 0xA700 <= status <= 0xA7FF
+
+
+def send_dataset(dataset: Dataset | str | Path, destination: Destination, *, calling_ae: str = CALLING_AE_TITLE,
+                 timeout: float = 30.0) -> SendResult:
+    """C-STORE ``dataset`` (a Dataset with file meta, or a DICOM file's path) to
+    ``destination``; never raises for network, peer or association failures."""
+    from pynetdicom import AE  # imported only where results are sent
+
+    if not isinstance(dataset, Dataset):
+        dataset = pydicom.dcmread(dataset)
+    uid = str(dataset.get("SOPInstanceUID", ""))
+    ae = AE(ae_title=calling_ae)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = ae.connection_timeout = timeout
+    # Both uncompressed syntaxes: pynetdicom converts between them, so any peer that stores this
+    # SOP class at all can take the object.
+    ae.add_requested_context(dataset.SOPClassUID, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+    try:
+        assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title)
+    except Exception as e:  # a bad host name, an unreachable network
+        return _failed(uid, destination, f"cannot connect: {type(e).__name__}: {e}", transient=True)
+    if not assoc.is_established:
+        if assoc.is_rejected:
+            rsp = assoc.acceptor.primitive
+            return _failed(uid, destination, f"association rejected ({rsp.result_str}, {rsp.reason_str})",
+                           transient=rsp.result == 0x02)
+        # no answer, refused connection, or no presentation context accepted for this SOP class
+        what = "no presentation context accepted" if assoc.is_aborted and assoc.rejected_contexts else \
+            "no association (peer down, unreachable or not answering)"
+        return _failed(uid, destination, what, transient=not assoc.rejected_contexts)
+    try:
+        answer = assoc.send_c_store(dataset)
+    except Exception as e:  # a dataset pynetdicom cannot encode
+        assoc.abort()
+        return _failed(uid, destination, f"C-STORE not sent: {type(e).__name__}: {e}", transient=False)
+    status = int(answer.Status) if "Status" in answer else None
+    if assoc.is_established:
+        assoc.release()
+    if status is None:  # no response within the timeout, or the association was aborted
+        return _failed(uid, destination, "no C-STORE response", transient=True)
+    if status not in _STORED:
+        return _failed(uid, destination, f"C-STORE failed with status 0x{status:04X}",
+                       transient=_failure_is_transient(status), status=status)
+    log.debug("sent %s to %s (status 0x%04X)", uid, destination, status)
+    return SendResult(True, status)
+
+
+def _failed(uid: str, destination: Destination, reason: str, transient: bool, status: int | None = None) -> SendResult:
+    log.warning("not sent %s to %s: %s", uid, destination, reason)
+    return SendResult(False, status, reason, transient)

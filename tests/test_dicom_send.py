@@ -1,0 +1,161 @@
+"""C-STORE of SR objects on loopback: dcmtk's storescp as the PACS (skipped without it), a
+pynetdicom SCP for refusals, a closed port and a silent peer for the failures a PACS link has."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import threading
+import time
+
+import pydicom
+import pytest
+
+from cxr_batch.bundle import load_bundle
+from cxr_batch.dicom import identifiers
+from cxr_batch.dicom_send import Destination, send_dataset
+from cxr_batch.record import Scores, StudyRecord
+from cxr_batch.sr import build_sr
+from tests.dicomgen import grey, have, write
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_listening(port: int, seconds: float = 10.0) -> None:
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on {port}")
+
+
+@pytest.fixture(scope="module")
+def sr(tmp_path_factory, nih_images, small_bundle):
+    """The SR of a real NIH image as a DICOM, with a UTF-8 patient name."""
+    path = write(tmp_path_factory.mktemp("src") / "a.dcm", grey(nih_images[0]), PatientName="Ödön^Kovács",
+                 SpecificCharacterSet="ISO_IR 192")
+    bundle = load_bundle(small_bundle)
+    record = StudyRecord(file="a.dcm", ids=identifiers(pydicom.dcmread(path)), model=bundle.label,
+                         weights_sha256=bundle.sha256, scores=Scores((0.7,) * 14, (1,) * 14, "urgent", 0.4))
+    return build_sr(record, bundle)
+
+
+@pytest.fixture()
+def storescp(tmp_path):
+    """dcmtk's storescp as the PACS, AE title PACS, storing into tmp_path/pacs."""
+    if not have("storescp"):
+        pytest.skip("dcmtk storescp not installed")
+    port, folder = free_port(), tmp_path / "pacs"
+    folder.mkdir()
+    proc = subprocess.Popen(["storescp", "-aet", "PACS", "-od", str(folder), str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_listening(port)
+        yield Destination("PACS", "127.0.0.1", port), folder
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def test_storescp_receives_the_sr_intact(sr, storescp):
+    destination, folder = storescp
+    result = send_dataset(sr, destination, timeout=10)
+    assert result.ok and result.status == 0x0000 and result.reason == ""
+    (stored,) = folder.iterdir()
+    got = pydicom.dcmread(stored)
+    assert got.SOPInstanceUID == sr.SOPInstanceUID and got.SOPClassUID == sr.SOPClassUID
+    assert str(got.PatientName) == "Ödön^Kovács"
+    assert got.ContentSequence == sr.ContentSequence
+    # the same object again (a re-send after a crash) is the same instance, not a new one
+    assert send_dataset(stored, destination, timeout=10).ok
+    assert [p.name for p in folder.iterdir()] == [stored.name]
+
+
+def test_closed_port_fails_quickly_and_is_worth_retrying(sr):
+    start = time.monotonic()
+    result = send_dataset(sr, Destination("PACS", "127.0.0.1", free_port()), timeout=5)
+    assert not result.ok and result.transient and result.status is None
+    assert "no association" in result.reason and time.monotonic() - start < 5
+
+
+def test_silent_peer_costs_the_timeout_not_a_hang(sr):
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(1)
+    try:  # accepts the TCP connection, never answers the association request
+        start = time.monotonic()
+        result = send_dataset(sr, Destination("PACS", "127.0.0.1", server.getsockname()[1]), timeout=1.5)
+        assert not result.ok and result.transient
+        assert time.monotonic() - start < 10
+    finally:
+        server.close()
+
+
+@pytest.fixture()
+def refusing_scp():
+    """A pynetdicom SCP (AE title PACS, called title checked) answering C-STORE with a set status."""
+    from pynetdicom import AE, AllStoragePresentationContexts, evt
+
+    answer = {"status": 0xA700}
+    ae = AE(ae_title="PACS")
+    ae.require_called_aet = True
+    ae.supported_contexts = AllStoragePresentationContexts
+    port = free_port()
+    server = ae.start_server(("127.0.0.1", port), block=False,
+                             evt_handlers=[(evt.EVT_C_STORE, lambda event: answer["status"])])
+    try:
+        yield port, answer
+    finally:
+        server.shutdown()
+
+
+def test_refusals_say_whether_to_retry(sr, refusing_scp):
+    port, answer = refusing_scp
+    busy = send_dataset(sr, Destination("PACS", "127.0.0.1", port), timeout=10)
+    assert not busy.ok and busy.status == 0xA700 and busy.transient  # out of resources: later
+    answer["status"] = 0xC000
+    refused = send_dataset(sr, Destination("PACS", "127.0.0.1", port), timeout=10)
+    assert not refused.ok and refused.status == 0xC000 and not refused.transient  # cannot understand: final
+    answer["status"] = 0xB000
+    assert send_dataset(sr, Destination("PACS", "127.0.0.1", port), timeout=10).ok  # coerced, but stored
+    wrong_ae = send_dataset(sr, Destination("NOTPACS", "127.0.0.1", port), timeout=10)
+    assert not wrong_ae.ok and "rejected" in wrong_ae.reason and not wrong_ae.transient
+
+
+def test_destination_parsing():
+    assert Destination.parse("PACS@pacs.example.org:104") == Destination("PACS", "pacs.example.org", 104)
+    assert Destination.parse("ORTHANC@[::1]:4242") == Destination("ORTHANC", "::1", 4242)
+    assert str(Destination.parse("ORTHANC@[::1]:4242")) == "ORTHANC@[::1]:4242"
+    for bad in ("PACS@host", "pacs.example.org:104", "A" * 17 + "@h:104", "PACS@h:0", "PACS@h:70000", "P\\X@h:1",
+                "@h:104"):
+        with pytest.raises(ValueError):
+            Destination.parse(bad)
+
+
+def test_no_thread_is_left_behind(sr):
+    before = threading.active_count()
+    send_dataset(sr, Destination("PACS", "127.0.0.1", free_port()), timeout=2)
+    time.sleep(0.5)
+    assert threading.active_count() <= before
+
+
+def test_peer_that_does_not_store_srs_is_a_final_failure(sr):
+    from pynetdicom import AE
+    from pynetdicom.sop_class import CTImageStorage
+
+    ae = AE(ae_title="PACS")
+    ae.add_supported_context(CTImageStorage)
+    port = free_port()
+    server = ae.start_server(("127.0.0.1", port), block=False)
+    try:
+        result = send_dataset(sr, Destination("PACS", "127.0.0.1", port), timeout=10)
+    finally:
+        server.shutdown()
+    assert not result.ok and not result.transient and "no presentation context accepted" in result.reason

@@ -1,0 +1,264 @@
+"""DICOM SR (TID 1500) per scored image: a scan of real DICOMs with --dicom-sr, read back with
+pydicom/highdicom, and checked with dcmtk (dsrdump, dcmdump) and dicom3tools (dciodvfy)."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+
+import highdicom as hd
+import pydicom
+import pytest
+from pydicom.sr.codedict import codes
+from pydicom.uid import RE_VALID_UID
+
+from cxr_batch.dicom import identifiers
+from cxr_batch.findings import FINDINGS
+from cxr_batch.record import Scores, StudyRecord
+from cxr_batch.reports import report_name
+from cxr_batch.results import read_results
+from cxr_batch.scan import ScanConfig, run_scan
+from cxr_batch.sr import FINDING_CODES, PRIORITY_CODES, PROBABILITY_UNIT, SRNotMade, build_sr, source_image, sr_uids
+from tests.dicomgen import HEADER, grey, have, write
+
+# pydicom warns, rightly, whenever the hostile source's values are read (by the scan too)
+pytestmark = pytest.mark.filterwarnings("ignore:.*(exceeds the maximum|Invalid value for VR):UserWarning")
+
+COMPREHENSIVE_3D_SR = "1.2.840.10008.5.1.4.1.1.88.34"
+FULL = dict(StudyTime="101500", PatientBirthDate="19670302", ReferringPhysicianName="House^Gregory", StudyID="S17")
+UTF8_NAME = "Müller-Lüdenscheidt^Jürgen=山田^太郎=やまだ^たろう"
+LONG = dict(PatientName="Ø" * 100 + "^" + "Z" * 80 + "^a^b^c^d^e^f", PatientID="X" * 90, AccessionNumber="A" * 40,
+            StudyID="S" * 30, SpecificCharacterSet="ISO_IR 192", StudyInstanceUID="1.2.03.4", SOPInstanceUID="abc.def", SeriesInstanceUID="1." + "2" * 80)
+
+
+def _scan(studies, out, bundle, **kw):
+    cfg = ScanConfig(weights=str(bundle), device="cpu", progress=False, batch_size=4, workers=0, pdf=False,
+                     dicom_sr=True, **kw)
+    return run_scan(studies, out, cfg)
+
+
+@pytest.fixture(scope="module")
+def sr_scan(tmp_path_factory, nih_images, small_bundle):
+    """Real NIH images as DICOMs (full header, UTF-8 name, invalid UIDs and over-long values),
+    a lateral DICOM and a PNG, scanned with --dicom-sr (no PDFs)."""
+    root = tmp_path_factory.mktemp("sr")
+    studies = root / "studies"
+    write(studies / "full.dcm", grey(nih_images[0]), **FULL)
+    write(studies / "utf8" / "IM0001", grey(nih_images[1]), PatientName=UTF8_NAME, SpecificCharacterSet="ISO_IR 192",
+          **FULL)
+    with pytest.warns(UserWarning):  # pydicom warns while writing the invalid values, as it should
+        write(studies / "hostile.dcm", grey(nih_images[2]), **LONG)
+    write(studies / "lateral.dcm", grey(nih_images[3]), ViewPosition="LL")
+    shutil.copy(nih_images[4], studies / nih_images[4].name)
+    out = root / "out"
+    summary = _scan(studies, out, small_bundle)
+    rows = {r["file"]: r for r in read_results(out / "results.csv")}
+    return studies, out, rows, summary
+
+
+def _sources(studies):
+    return {p.relative_to(studies).as_posix(): pydicom.dcmread(p) for p in studies.rglob("*")
+            if p.is_file() and not p.suffix == ".png"}
+
+
+def _sr_path(out, row):
+    return out / "dicom" / (report_name(row["file"]).removesuffix(".pdf") + ".sr.dcm")
+
+
+def _text_items(item, meaning):
+    return [c.TextValue for c in item.ContentSequence if c.ConceptNameCodeSequence[0].CodeMeaning == meaning]
+
+
+def test_one_sr_per_scored_dicom_image_without_pdfs(sr_scan):
+    studies, out, rows, summary = sr_scan
+    written = sorted(p.name for p in (out / "dicom").iterdir())
+    scored_dicoms = ["full.dcm", "hostile.dcm", "utf8/IM0001"]
+    assert written == sorted(_sr_path(out, rows[f]).name for f in scored_dicoms)
+    assert all((out / "dicom" / n).stat().st_mode & 0o777 == 0o640 for n in written)
+    assert not (out / "reports").exists()  # --no-pdf: SRs only
+    png = next(r for f, r in rows.items() if f.endswith(".png"))
+    assert png["status"] == "ok" and "no DICOM SR: the source is not a DICOM image" in png["notes"]
+    assert rows["lateral.dcm"]["status"] == "skipped"
+    assert summary.srs == 3 and json.loads((out / "run.json").read_text())["dicom_sr_written"] == 3
+
+
+def test_every_finding_probability_flag_threshold_and_the_priority_read_back(sr_scan, small_bundle):
+    _, out, rows, _ = sr_scan
+    for name in ("full.dcm", "utf8/IM0001", "hostile.dcm"):
+        row = rows[name]
+        sr = hd.sr.srread(_sr_path(out, row))
+        sop_uid = sr.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence[0] \
+            .ReferencedSOPSequence[0].ReferencedSOPInstanceUID
+        library = next(c for c in sr.ContentSequence if c.ConceptNameCodeSequence[0].CodeMeaning == "Image Library")
+        assert library.ContentSequence[0].ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID == sop_uid
+        groups = sr.content.get_image_measurement_groups()
+        assert [g.tracking_identifier for g in groups] == list(FINDINGS)
+        for finding, group in zip(FINDINGS, groups):
+            assert group.finding_type == FINDING_CODES[finding]
+            probability, threshold = group.get_measurements()
+            assert probability.name == codes.DCM.Probability and probability.unit == PROBABILITY_UNIT
+            assert probability.value == pytest.approx(float(row[f"p_{finding}"]), abs=1e-9)
+            assert threshold.name == codes.DCM.ThresholdValue and threshold.value == 0.5
+            (evaluation,) = group.get_qualitative_evaluations()
+            assert evaluation.name == FINDING_CODES[finding]
+            present = evaluation.value == codes.cid240.Present
+            assert present == (row[f"flag_{finding}"] == "1") == (probability.value >= threshold.value)
+            assert _text_items(group[0], "Algorithm Name") == ["small"]
+            assert _text_items(group[0], "Algorithm Version") == ["test"]
+            assert _text_items(group[0], "Algorithm Parameters") == [f"weights sha256 {row['weights_sha256']}"]
+            (source,) = group.source_images
+            (measured_on,) = probability.referenced_images
+            assert source.referenced_sop_instance_uid == measured_on.referenced_sop_instance_uid == sop_uid
+            assert _text_items(threshold[0], "Algorithm Parameters") == [f"weights sha256 {row['weights_sha256']}"]
+        evaluations = sr.ContentSequence[-1]
+        assert evaluations.ConceptNameCodeSequence[0].CodeValue == "C0034375"
+        priority = evaluations.ContentSequence[0].ConceptCodeSequence[0]
+        assert priority.CodeValue == PRIORITY_CODES[row["priority"]].value
+        (observer,) = sr.content.get_observer_contexts(observer_type=codes.cid270.Device)
+        assert observer.observer_identifying_attributes.model_name == "small@test"
+
+
+def test_same_study_and_patient_as_the_source_in_a_new_series(sr_scan):
+    studies, out, rows, _ = sr_scan
+    for name in ("full.dcm", "utf8/IM0001"):
+        source = _sources(studies)[name]
+        sr = pydicom.dcmread(_sr_path(out, rows[name]))
+        assert sr.SOPClassUID == COMPREHENSIVE_3D_SR and sr.Modality == "SR"
+        assert sr.StudyInstanceUID == source.StudyInstanceUID
+        assert sr.SeriesInstanceUID != source.SeriesInstanceUID and sr.SeriesNumber == 998
+        assert sr.SpecificCharacterSet == "ISO_IR 192"
+        for keyword in ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "PatientAge", "AccessionNumber",
+                        "StudyDate", "StudyTime", "StudyID", "ReferringPhysicianName"):
+            assert str(sr[keyword].value) == str(source[keyword].value), keyword
+        (study,) = sr.CurrentRequestedProcedureEvidenceSequence
+        (series,) = study.ReferencedSeriesSequence
+        (instance,) = series.ReferencedSOPSequence
+        assert (study.StudyInstanceUID, series.SeriesInstanceUID) == (source.StudyInstanceUID, source.SeriesInstanceUID)
+        assert (instance.ReferencedSOPClassUID, instance.ReferencedSOPInstanceUID) == \
+            (source.SOPClassUID, source.SOPInstanceUID)
+        assert sr.CompletionFlag == "COMPLETE" and sr.VerificationFlag == "UNVERIFIED"
+    assert str(pydicom.dcmread(_sr_path(out, rows["utf8/IM0001"])).PatientName) == UTF8_NAME
+
+
+def test_invalid_uids_are_replaced_and_long_values_cut(sr_scan):
+    studies, out, rows, _ = sr_scan
+    row = rows["hostile.dcm"]
+    sr = pydicom.dcmread(_sr_path(out, row))
+    uids = [sr.StudyInstanceUID, sr.SeriesInstanceUID, sr.SOPInstanceUID]
+    reference = sr.CurrentRequestedProcedureEvidenceSequence[0]
+    uids += [reference.StudyInstanceUID, reference.ReferencedSeriesSequence[0].SeriesInstanceUID,
+             reference.ReferencedSeriesSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID]
+    assert all(len(u) <= 64 and RE_VALID_UID.match(u) for u in uids), uids
+    assert "1.2.03.4" not in uids and "abc.def" not in uids
+    assert not any(u.startswith("1.22222") for u in uids)  # an over-long UID is replaced, never cut
+    assert "invalid source SOPInstanceUID, StudyInstanceUID replaced" in row["notes"]
+    assert sr.PatientID == "X" * 64 and sr.AccessionNumber == "A" * 16 and sr.StudyID == "S" * 16
+    assert str(sr.PatientName) == "Ø" * 32  # 5 components at most, cut to 64 bytes of UTF-8
+    # the same invalid source gives the same replacements on every run
+    record = StudyRecord(file="hostile.dcm", ids=identifiers(_sources(studies)["hostile.dcm"]),
+                         scores=Scores((0.1,) * 14, (0,) * 14, "normal", -0.8))
+    assert source_image(record) == source_image(record)
+    assert source_image(record).study_uid == sr.StudyInstanceUID
+
+
+def test_the_same_image_and_model_give_the_same_object(sr_scan, small_bundle, tmp_path):
+    studies, out, rows, _ = sr_scan
+    _scan(studies, tmp_path / "again", small_bundle)
+    for name in ("full.dcm", "utf8/IM0001", "hostile.dcm"):
+        first = pydicom.dcmread(_sr_path(out, rows[name]))
+        second = pydicom.dcmread(_sr_path(tmp_path / "again", rows[name]))
+        assert (first.SOPInstanceUID, first.SeriesInstanceUID) == (second.SOPInstanceUID, second.SeriesInstanceUID)
+        for ds in (first, second):  # when it was made is all that may differ
+            for keyword in ("InstanceCreationDate", "InstanceCreationTime", "ContentDate", "ContentTime",
+                            "ContributingEquipmentSequence"):
+                del ds[keyword]
+        assert first == second
+    # the images of one study share one SR series; another model gets other UIDs
+    record = StudyRecord(file="full.dcm", ids=identifiers(_sources(studies)["full.dcm"]),
+                         scores=Scores((0.1,) * 14, (0,) * 14, "normal", -0.8))
+    source = source_image(record)
+    assert sr_uids(source, "a" * 64) == sr_uids(source, "a" * 64)
+    assert sr_uids(source, "a" * 64)[0] != sr_uids(source, "b" * 64)[0]
+    assert sr_uids(source, "a" * 64)[1] != sr_uids(source, "b" * 64)[1]
+
+
+def test_no_sr_for_records_that_cannot_have_one(sr_scan, small_bundle):
+    from cxr_batch.bundle import load_bundle
+
+    studies, *_ = sr_scan
+    bundle = load_bundle(small_bundle)
+    ids = identifiers(_sources(studies)["full.dcm"])
+    scores = Scores((0.1,) * 14, (0,) * 14, "normal", -0.8)
+    with pytest.raises(SRNotMade, match="not scored"):
+        build_sr(StudyRecord(file="x.dcm", status="skipped", ids=ids), bundle)
+    with pytest.raises(SRNotMade, match="not a DICOM image"):
+        build_sr(StudyRecord(file="x.png", scores=scores), bundle)
+    with pytest.raises(SRNotMade, match="other weights"):
+        build_sr(StudyRecord(file="x.dcm", ids=ids, scores=scores, weights_sha256="0" * 64), bundle)
+    ids.sop_class_uid = "1.2.840.10008.5.1.4.1.1.01"
+    with pytest.raises(SRNotMade, match="SOP Class UID is not a valid UID"):
+        build_sr(StudyRecord(file="x.dcm", ids=ids, scores=scores), bundle)
+
+
+# Warnings of dciodvfy that these SRs may carry, and why each is acceptable:
+ACCEPTED_DCIODVFY_WARNINGS = (
+    # the private coding scheme of 6 findings and the priorities, declared in the
+    # CodingSchemeIdentificationSequence; dciodvfy knows only the standard schemes
+    r"Unrecognized defined term <99CXRBATCH> for value 1 of attribute <Coding Scheme Designator>",
+    # a Type 2 value the source did not have (or had invalid) stays empty rather than invented
+    r"Missing attribute or value that would be needed to build DICOMDIR - (Study ID|Study Date|Study Time)",
+    # a one-component name (no '^') is copied as the source has it, so the PACS matches the patient
+    r"Value dubious for this VR - \(0x00(08,0x0090|10,0x0010)\) PN .* - Retired Person Name form",
+)
+
+
+@pytest.mark.parametrize("tool", ["dsrdump", "dcmdump", "dciodvfy"])
+def test_real_dicom_tools_accept_every_sr(sr_scan, tool):
+    if not have(tool):
+        pytest.skip(f"{tool} not installed")
+    _, out, *_ = sr_scan
+    for path in sorted((out / "dicom").iterdir()):
+        done = subprocess.run([tool, str(path)], capture_output=True, text=True, timeout=60)
+        lines = (done.stdout + done.stderr).splitlines()
+        if tool == "dciodvfy":
+            assert not [x for x in lines if x.startswith("Error")], (path.name, lines)
+            warnings = [x for x in lines if x.startswith("Warning")]
+            unexpected = [w for w in warnings if not any(re.search(a, w) for a in ACCEPTED_DCIODVFY_WARNINGS)]
+            assert not unexpected, (path.name, unexpected)
+        else:
+            assert done.returncode == 0, (path.name, done.stderr)
+            # dcmtk's VR checker does not check UTF-8 strings and says so: the only message allowed
+            problems = [x for x in done.stderr.splitlines() if x[:2] in ("E:", "F:", "W:")]
+            assert all("does not support this Specific Character Set: ISO_IR 192" in x for x in problems), problems
+        if tool == "dsrdump":
+            assert "Imaging Measurement Report" in done.stdout and done.stdout.count('"Measurement Group"') == 14
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "-m", "cxr_batch", *map(str, args)], capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_cli_scan_no_pdf_dicom_sr_and_the_watch_daemon_writes_them_too(tmp_path, nih_images, small_bundle):
+    studies = tmp_path / "studies"
+    write(studies / "one.dcm", grey(nih_images[5]))
+    done = _cli("scan", studies, "--out", tmp_path / "out", "--weights", small_bundle, "--device", "cpu",
+                "--no-pdf", "--dicom-sr", "--quiet")
+    assert done.returncode == 0, done.stderr
+    (sr,) = (tmp_path / "out" / "dicom").iterdir()
+    ds = pydicom.dcmread(sr)
+    assert ds.SOPClassUID == COMPREHENSIVE_3D_SR and ds.PatientName == HEADER["PatientName"]
+    assert not (tmp_path / "out" / "reports").exists()
+    from .watchkit import rows_now, start_daemon, stop, wait_for, watch_config
+
+    daemon = start_daemon(studies, tmp_path / "w", small_bundle, watch_config(tmp_path / "w.toml"), "--dicom-sr",
+                          "--no-pdf")
+    try:
+        assert wait_for(lambda: [r["status"] for r in rows_now(tmp_path / "w")] == ["ok"])
+    finally:
+        assert stop(daemon) == 0
+    (sr,) = (tmp_path / "w" / "dicom").iterdir()
+    assert pydicom.dcmread(sr).SOPInstanceUID == ds.SOPInstanceUID  # the same image and model: the same SR
