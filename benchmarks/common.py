@@ -23,11 +23,19 @@ def real_images(folder: Path | None = None) -> list[Path]:
 
 
 def link_folder(images: list[Path], n: int, dest: Path) -> Path:
-    """A folder of ``n`` files cycling through ``images`` (symbolic links: no copies)."""
+    """A folder of ``n`` files cycling through ``images``: hard links where the file system
+    allows (no copies), else copies. Not symbolic links: a scan does not follow links that
+    leave the scanned folder."""
+    import shutil
+
     dest.mkdir(parents=True, exist_ok=True)
     for i in range(n):
-        src = images[i % len(images)]
-        os.symlink(src.resolve(), dest / f"{i:05d}_{src.name}")
+        src = images[i % len(images)].resolve()
+        target = dest / f"{i:05d}_{src.name}"
+        try:
+            os.link(src, target)
+        except OSError:
+            shutil.copyfile(src, target)
     return dest
 
 

@@ -53,7 +53,7 @@ def find_candidates(root: Path, exclude: list[Path] = (), follow_links: bool = F
         target = os.path.realpath(path)
         return not (target == real_root or target.startswith(real_root.rstrip("/") + "/"))
 
-    def walk(folder: Path) -> None:
+    def walk(folder: Path, via_link: bool = False) -> None:
         try:
             st = folder.stat()
         except OSError as e:
@@ -87,7 +87,7 @@ def find_candidates(root: Path, exclude: list[Path] = (), follow_links: bool = F
                                                "followed (--follow-links allows it)", "skipped"))
                         continue
                 if entry.is_dir(follow_symlinks=True):
-                    walk(path)
+                    walk(path, via_link or entry.is_symlink())
                     continue
                 if not entry.is_file(follow_symlinks=True):
                     found.append(Candidate(path, rel(path), "not a regular file (a pipe, device or socket): not read"))
@@ -98,14 +98,18 @@ def find_candidates(root: Path, exclude: list[Path] = (), follow_links: bool = F
                 continue
             if entry.name.lower().endswith(".json") and Path(entry.name).stem in stems:
                 continue  # a sidecar: read together with its image
-            files.setdefault((st.st_dev, st.st_ino), []).append((entry.is_symlink(), rel(path), path))
+            files.setdefault((st.st_dev, st.st_ino), []).append((via_link or entry.is_symlink(), rel(path), path))
 
     walk(root)
-    for names in files.values():  # a file reached more than once is read once: by its own name if it has one
+    for names in files.values():
+        # a file reached again through a symbolic link is read once, under its own name if it
+        # has one; hard links are separate entries and all read
         names.sort()
-        _, first, path = names[0]
-        found.append(Candidate(path, first))
-        for _, other, other_path in names[1:]:
-            found.append(Candidate(other_path, other, f"the same file as {first} (through a link): read once",
-                                   "skipped"))
+        first = names[0][1]
+        for linked, name, path in names:
+            if linked and name != first:
+                found.append(Candidate(path, name, f"the same file as {first} (through a link): read once",
+                                       "skipped"))
+            else:
+                found.append(Candidate(path, name))
     return sorted(found, key=lambda c: c.rel)

@@ -13,8 +13,6 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-import pandas as pd
-
 from .patient import PatientData, patient_from_values
 from .study import Identifiers, StudyHeader
 
@@ -47,6 +45,8 @@ class MetadataRow:
 def load_metadata_csv(path: Path, only: set[str] | None = None) -> dict[str, MetadataRow]:
     """Read an NIH-style table into {image file name: row}. ``only`` keeps just those names
     (a scan needs the rows of its own files, not all 112,120 of the NIH table)."""
+    import pandas as pd  # only when a table is given: it costs the start-up of every command otherwise
+
     path = Path(path)
     try:
         table = pd.read_csv(path, dtype=str, keep_default_na=False)

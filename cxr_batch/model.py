@@ -18,17 +18,59 @@ triage live outside the model.
 
 from __future__ import annotations
 
+import importlib.util
+import sys
+import types
 from collections import OrderedDict
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
-from torchvision.models import densenet121
-from torchvision.ops import FeaturePyramidNetwork
 
 from .config import bounded, validate
 from .findings import FINDINGS
+
+def _torchvision_parts():
+    """torchvision's ``densenet121`` and ``FeaturePyramidNetwork``, importing only the modules
+    that define them.
+
+    ``import torchvision`` runs its package initialisers, which import every model, dataset,
+    transform and detection op; ``torchvision.ops.roi_align`` alone imports ``torch._dynamo``.
+    On a small CPU that costs as long as importing torch itself (``python -X importtime -c
+    "import torchvision"``), every time the command starts, for nothing the model uses. So when
+    torchvision is not imported yet, its three package initialisers are stood in for while the
+    two modules load, then removed: a later ``import torchvision`` runs the real initialisers
+    and finds these modules already loaded (the same classes). Any failure falls back to the
+    plain import.
+    """
+    if "torchvision" not in sys.modules:
+        spec = importlib.util.find_spec("torchvision")
+        stand_ins = ("torchvision", "torchvision.models", "torchvision.ops")
+        if spec is not None and spec.submodule_search_locations:
+            root = Path(list(spec.submodule_search_locations)[0])
+            for name in stand_ins:
+                package = types.ModuleType(name)
+                package.__path__ = [str(root.joinpath(*name.split(".")[1:]))]
+                package.__package__ = name
+                sys.modules[name] = package
+            try:
+                from torchvision.models.densenet import densenet121
+                from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork
+
+                return densenet121, FeaturePyramidNetwork
+            except Exception:
+                for name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
+                    del sys.modules[name]
+            finally:
+                for name in stand_ins:
+                    if isinstance(sys.modules.get(name), types.ModuleType) and not hasattr(sys.modules[name], "__file__"):
+                        del sys.modules[name]
+    from torchvision.models import densenet121
+    from torchvision.ops import FeaturePyramidNetwork
+
+    return densenet121, FeaturePyramidNetwork
+
 
 ARCHITECTURE = "densenet121-fpn-fusion"
 TAPS = ("denseblock2", "denseblock3", "denseblock4")
@@ -68,6 +110,7 @@ class CxrFusionNet(nn.Module):
     def __init__(self, config: ModelConfig = ModelConfig()):
         super().__init__()
         self.config = config
+        densenet121, FeaturePyramidNetwork = _torchvision_parts()
         self.backbone = densenet121(weights=None).features
         self.fpn = FeaturePyramidNetwork(list(TAP_CHANNELS), config.fpn_channels)
         self.pool = nn.AdaptiveAvgPool2d(1)
@@ -120,7 +163,7 @@ def load_imagenet_backbone(model: CxrFusionNet, source: str = "torchvision") -> 
     torchvision DenseNet-121 (keys ``features.*``, as torchvision saves them).
     """
     if source == "torchvision":
-        from torchvision.models import DenseNet121_Weights
+        from torchvision.models import DenseNet121_Weights, densenet121
 
         state = densenet121(weights=DenseNet121_Weights.IMAGENET1K_V1).features.state_dict()
     else:

@@ -102,6 +102,9 @@ class StudyReader:
         ctx.set_forkserver_preload(["cxr_batch.assemble"])
         self._pool = ProcessPoolExecutor(self.workers, mp_context=ctx, initializer=_worker_init,
                                          initargs=(self.limits.memory_mb << 20,))
+        # workers start on the first task: start them now, while the caller loads the model
+        for _ in range(self.workers):
+            self._pool.submit(int)
 
     def _restart(self) -> None:
         """Kill every worker (one may be stuck) and start a fresh pool."""

@@ -20,7 +20,8 @@ from .folderlock import FolderLock
 from .record import log_name
 from .results import AtomicCsvWriter
 from .runconfig import RunConfig
-from .runtime import make_policy
+from .runtime import default_workers, make_policy
+from .sandbox import StudyReader
 
 log = logging.getLogger("cxr_batch")
 
@@ -75,15 +76,19 @@ def run_scan(studies: Path, out: Path, cfg: ScanConfig = ScanConfig()) -> ScanSu
     be done. A report or the worklist that cannot be written costs only itself: results.csv
     is written and the summary's exit code says 3."""
     studies, out = Path(studies), Path(out)
-    bundle = load_bundle(cfg.weights)
     policy = make_policy(cfg.device, cfg.precision)
-    log.info("model %s (bundle sha256 %s...) on %s", bundle.label, bundle.sha256[:12], policy.describe())
-    private_dir(out)
-    with FolderLock(out, "scan"):
-        return _scan(studies, out, cfg, bundle, policy)
+    options = cfg.batch_options(cfg.progress)
+    workers = default_workers(policy.device) if cfg.workers is None else cfg.workers
+    # the reading workers start while the model loads
+    with StudyReader(workers, cfg.scoring, options.limits) as reader:
+        bundle = load_bundle(cfg.weights)
+        log.info("model %s (bundle sha256 %s...) on %s", bundle.label, bundle.sha256[:12], policy.describe())
+        private_dir(out)
+        with FolderLock(out, "scan"):
+            return _scan(studies, out, cfg, bundle, policy, options, reader)
 
 
-def _scan(studies: Path, out: Path, cfg: ScanConfig, bundle, policy) -> ScanSummary:
+def _scan(studies: Path, out: Path, cfg: ScanConfig, bundle, policy, options, reader) -> ScanSummary:
     candidates = find_candidates(studies, exclude=[out], follow_links=cfg.follow_links)
     if cfg.shard is not None:
         index, count = cfg.shard
@@ -108,7 +113,7 @@ def _scan(studies: Path, out: Path, cfg: ScanConfig, bundle, policy) -> ScanSumm
     records = []
     start = time.perf_counter()
     with AtomicCsvWriter(summary.results) as writer:
-        for scored in score_batches(candidates, engine, cfg.batch_options(cfg.progress), metadata):
+        for scored in score_batches(candidates, engine, options, metadata, reader=reader):
             for pos, record in enumerate(scored.records):
                 if reports is not None and record.ok and not reports.report(record, scored.inputs(pos)):
                     summary.reports_failed += 1
