@@ -12,6 +12,7 @@ from pathlib import Path
 from .bundle import atomic_write_bytes, load_bundle
 from .config import ConfigError, to_plain
 from .discover import find_candidates
+from .evidence import bundle_evidence
 from .inference import Engine, score_batches
 from .metadata import load_metadata_csv
 from .results import AtomicCsvWriter
@@ -21,6 +22,7 @@ from .runtime import make_policy
 log = logging.getLogger("cxr_batch")
 
 EXIT_OK, EXIT_FATAL, EXIT_USAGE, EXIT_SOME_FAILED = 0, 1, 2, 3
+EXIT_NO_FILES = 4  # the folder held no file at all: an unmounted share or a wrong path is no success
 
 
 @dataclass
@@ -45,17 +47,24 @@ class ScanSummary:
     seconds: float = 0.0
     device: str = ""
     worklist: Path | None = None
+    files_found: int = 0  # candidate files under the folder, before --shard
+    without_patient_data: int = 0  # scored with age, sex and view all unknown
 
     @property
     def exit_code(self) -> int:
+        if self.files_found == 0:
+            return EXIT_NO_FILES
         return EXIT_SOME_FAILED if self.counts["error"] else EXIT_OK
 
     def line(self) -> str:
+        if self.files_found == 0:
+            return f"no files found: nothing scored (is the folder mounted?) -> {self.results}"
         n = sum(self.counts.values())
         rate = self.counts["ok"] / self.seconds if self.seconds > 0 else 0.0
         pr = ", ".join(f"{self.priorities[p]} {p}" for p in ("urgent", "abnormal", "normal"))
-        return (f"{n} files: {self.counts['ok']} scored ({pr}), {self.counts['skipped']} skipped, "
-                f"{self.counts['error']} failed in {self.seconds:.1f} s ({rate:.1f} images/s) -> {self.results}")
+        return (f"{n} files: {self.counts['ok']} scored ({pr}; {self.without_patient_data} without patient data), "
+                f"{self.counts['skipped']} skipped, {self.counts['error']} failed in {self.seconds:.1f} s "
+                f"({rate:.1f} images/s) -> {self.results}")
 
 
 def run_scan(studies: Path, out: Path, cfg: ScanConfig = ScanConfig()) -> ScanSummary:
@@ -65,8 +74,15 @@ def run_scan(studies: Path, out: Path, cfg: ScanConfig = ScanConfig()) -> ScanSu
     bundle = load_bundle(cfg.weights)
     policy = make_policy(cfg.device, cfg.precision)
     log.info("model %s (sha256 %s...) on %s", bundle.label, bundle.sha256[:12], policy.describe())
+    evidence = bundle_evidence(bundle.manifest, bundle.path)
+    if evidence.problem:
+        log.warning("weights %s have no validation evidence (%s): how often they are right is not known; "
+                    "every report says so", bundle.label, evidence.problem)
     out.mkdir(parents=True, exist_ok=True)
     candidates = find_candidates(studies, exclude=[out])
+    files_found = len(candidates)
+    if not files_found:
+        log.warning("no files under %s: nothing to score (an unmounted share or a wrong path?)", studies)
     if cfg.shard is not None:
         index, count = cfg.shard
         candidates = [c for i, c in enumerate(candidates) if i % count == index]
@@ -75,7 +91,7 @@ def run_scan(studies: Path, out: Path, cfg: ScanConfig = ScanConfig()) -> ScanSu
         metadata = load_metadata_csv(cfg.metadata, only={c.path.name for c in candidates})
     log.info("%d candidate files under %s", len(candidates), studies)
 
-    summary = ScanSummary(results=out / "results.csv", device=policy.describe())
+    summary = ScanSummary(results=out / "results.csv", device=policy.describe(), files_found=files_found)
     engine = Engine(bundle, policy)
     reports = None
     if cfg.pdf:
@@ -93,6 +109,7 @@ def run_scan(studies: Path, out: Path, cfg: ScanConfig = ScanConfig()) -> ScanSu
                 summary.counts[record.status] += 1
                 if record.ok:
                     summary.priorities[record.priority] += 1
+                    summary.without_patient_data += record.patient.all_unknown
                 else:
                     log.warning("%s: %s: %s", record.file, record.status, record.reason)
             if reports is not None:
@@ -100,10 +117,14 @@ def run_scan(studies: Path, out: Path, cfg: ScanConfig = ScanConfig()) -> ScanSu
         if reports is not None:
             summary.worklist = reports.write_worklist(records)
     summary.seconds = time.perf_counter() - start
+    if summary.without_patient_data:
+        log.warning("%d studies scored without any patient data (age, sex and view unknown): their results rest "
+                    "on the image alone", summary.without_patient_data)
     run_info = {
         "studies": str(studies), "model": bundle.label, "weights_sha256": bundle.sha256,
         "device": policy.describe(), "precision": policy.precision, "config": to_plain(cfg),
-        "counts": dict(summary.counts), "priorities": dict(summary.priorities),
+        "files_found": files_found, "counts": dict(summary.counts), "priorities": dict(summary.priorities),
+        "scored_without_patient_data": summary.without_patient_data, "validation_evidence_problem": evidence.problem,
         "seconds": round(summary.seconds, 3), "refined_in_fp32": engine.refined,
     }
     atomic_write_bytes(out / "run.json", (json.dumps(run_info, indent=2) + "\n").encode(), mode=0o640)
