@@ -566,10 +566,11 @@ def worklist_pdf(records: list[StudyRecord], options: ReportOptions, info: Model
         story.append(_table(data, widths, commands, repeatRows=1))
     if others:
         story += [Spacer(1, 3 * mm), Paragraph("Not scored", st["h"]), Spacer(1, 1 * mm)]
-        other_widths = [90 * mm, 18 * mm, sum(widths) - 108 * mm]
-        odata = [_header(("File", "Status", "Reason"), other_widths, st)] + [
-            [fitted(r.file, st["cell"], other_widths[0] - 2 * PAD), Paragraph(r.status, st["cell"]),
-             fitted(r.reason, st["cell"], other_widths[2] - 2 * PAD)] for r in others]
+        other_widths = [80 * mm, 27 * mm, 18 * mm, sum(widths) - 125 * mm]
+        odata = [_header(("File", "Accession", "Status", "Reason"), other_widths, st)] + [
+            [fitted(r.file, st["cell"], other_widths[0] - 2 * PAD),
+             fitted(r.ids.accession_number, st["cell"], other_widths[1] - 2 * PAD, missing="-"),
+             Paragraph(r.status, st["cell"]), fitted(r.reason, st["cell"], other_widths[3] - 2 * PAD)] for r in others]
         story.append(_table(odata, other_widths, [GRID, ("BACKGROUND", (0, 0), (-1, 0), HEADER_FILL),
                                                   ("VALIGN", (0, 0), (-1, -1), "TOP")], repeatRows=1))
     story += [Spacer(1, 3 * mm), Paragraph(escape(DISCLAIMER), st["body"]),

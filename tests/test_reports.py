@@ -178,6 +178,12 @@ def test_dicoms_made_by_dcmtk_get_one_page_reports_with_iso_dates(tmp_path, nih_
     assert "21 days" in pages(tmp_path / "out" / "reports" / rows[2]["report"])[0]
     worklist = "\n".join(pages(tmp_path / "out" / "reports" / "worklist.pdf"))
     assert all(acc in worklist for _, acc, *_ in headers)
+    # a study that is not scored still shows its accession number on the worklist
+    run("img2dcm", "-k", "AccessionNumber=LAT-77", "-k", "ViewPosition=LL", tmp_path / "x.jpg", studies / "IM9")
+    run_scan(studies, tmp_path / "out2", ScanConfig(device="cpu", batch_size=4, workers=0, progress=False,
+                                                    heatmaps=False))
+    worklist = "\n".join(pages(tmp_path / "out2" / "reports" / "worklist.pdf"))
+    assert "LAT-77" in worklist and "Not scored" in worklist
 
 
 def test_failures_are_listed_apart_and_thin_evidence_is_said(tmp_path, studies, small_bundle):
