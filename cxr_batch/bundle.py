@@ -79,9 +79,12 @@ def save_bundle(
     training: dict | None = None,
     metrics: dict | None = None,
     half: bool = False,
+    intended_use: str | None = None,
 ) -> Path:
     """Write a bundle folder. ``half`` stores floating-point weights as float16 (half the size;
-    loading casts back to float32). Returns the folder."""
+    loading casts back to float32). ``intended_use``: one sentence every report prints (what
+    the weights are for and, if so, why not for clinical use; see :mod:`cxr_batch.evidence`).
+    Returns the folder."""
     missing = [f for f in FINDINGS if f not in thresholds]
     if missing:
         raise BundleError(f"thresholds missing for {missing}")
@@ -105,6 +108,7 @@ def save_bundle(
         "format_version": FORMAT_VERSION,
         "name": name,
         "version": version,
+        **({"intended_use": intended_use} if intended_use else {}),
         "architecture": ARCHITECTURE,
         "model_config": model.config.to_dict(),
         "findings": list(FINDINGS),
@@ -131,6 +135,9 @@ def read_manifest(folder: Path) -> dict:
     try:
         manifest = json.loads((folder / MANIFEST_FILE).read_text())
     except FileNotFoundError:
+        if (folder / "bundle" / MANIFEST_FILE).is_file():  # a training run folder: its bundle is inside
+            raise BundleError(f"{folder} is a training run folder, not a weights bundle: use --weights "
+                              f"{folder / 'bundle'}") from None
         raise BundleError(f"weights bundle {folder} has no {MANIFEST_FILE}") from None
     except (ValueError, UnicodeDecodeError) as e:
         raise BundleError(f"{folder / MANIFEST_FILE} is not valid JSON: {e}") from None

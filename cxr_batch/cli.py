@@ -1,7 +1,9 @@
 """The ``cxr-batch`` command line: a thin layer over scan, merge, watch and train.
 
 Exit codes: 0 every file scored or deliberately skipped; 3 some files failed but the rest
-were written; 2 usage error; 1 nothing could be done (bad weights, metadata or device).
+were written; 4 (scan) the folder held no file at all (an unmounted share, a wrong path):
+results.csv is empty; 2 usage error; 1 nothing could be done (bad weights, metadata or device;
+merge: missing or inconsistent shards).
 """
 
 from __future__ import annotations
@@ -139,8 +141,8 @@ def run_options(command):
 @config_option("scan")
 @run_options
 @click.option("--batch-size", type=click.IntRange(1, 4096), help="Images per forward pass.  [default: 16]")
-@click.option("--shard", callback=parse_shard,
-              help="Process only shard i of N (i/N): a deterministic 1/N of the files.")
+@click.option("--shard", callback=parse_shard, metavar="i/N",
+              help="Process only shard i of N: a deterministic 1/N of the files (merge the shards with merge).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar, warnings only.")
 @DEBUG_OPTION
 def scan(studies, out, config_file, weights, metadata, device, precision, workers, urgent, pdf, heatmaps, dicom_pdf,
@@ -180,12 +182,19 @@ def scan(studies, out, config_file, weights, metadata, device, precision, worker
 @click.argument("inputs", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--out", "-o", required=True, type=click.Path(dir_okay=False, path_type=Path),
               help="Merged results.csv to write.")
-def merge(inputs, out):
-    """Merge the results.csv files of a sharded scan (scan --shard i/N) into one."""
+@click.option("--allow-partial", is_flag=True,
+              help="Merge even when shards are missing (each results.csv needs its run.json beside it to say "
+                   "which shard it is); warns for each missing shard.")
+def merge(inputs, out, allow_partial):
+    """Merge the results.csv files of a sharded scan (scan --shard i/N) into one.
+
+    INPUTS are the shards' results.csv files; every shard 0..N-1 must be given once.
+    """
     from .results import MergeError, merge_results
 
+    setup_logging(False, False)
     try:
-        n = merge_results(list(inputs), out)
+        n = merge_results(list(inputs), out, allow_partial)
     except MergeError as e:
         fail(str(e), False)
     click.echo(f"{n} rows from {len(inputs)} files -> {out}", err=True)
@@ -200,8 +209,9 @@ def merge(inputs, out):
 @click.option("--max-wait", type=click.FloatRange(0), help="Seconds a ready study waits for its batch to fill.")
 @click.option("--settle", type=click.FloatRange(0), help="Seconds a file must stay unchanged to count as complete.")
 @click.option("--polling", is_flag=True, default=None, help="Poll the folder (network shares without inotify).")
-@click.option("--archive-dir", help="Move processed files here (default: leave them in place).")
-@click.option("--quarantine-dir", help="Move files that failed here.")
+@click.option("--archive-dir", type=click.Path(file_okay=False),
+              help="Move processed files here (default: leave them in place).")
+@click.option("--quarantine-dir", type=click.Path(file_okay=False), help="Move files that failed here.")
 @DEBUG_OPTION
 def watch(watch_dir, out, config_file, weights, metadata, device, precision, workers, urgent, pdf, heatmaps, dicom_pdf,
           dicom_sr, title, institution, follow_links, batch_size, max_wait, settle, polling, archive_dir,
@@ -246,16 +256,17 @@ def watch(watch_dir, out, config_file, weights, metadata, device, precision, wor
               help="Folder of NIH ChestX-ray14 PNGs.")
 @click.option("--metadata", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Data_Entry_2017.csv (or .csv.gz).")
-@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Run folder.")
+@click.option("--out", "-o", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Run folder (checkpoints, metrics, figures; the weights bundle in OUT/bundle).")
 @click.option("--split-lists", nargs=2, type=click.Path(exists=True, dir_okay=False),
               help="Official train_val_list.txt and test_list.txt.")
 @click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="TOML file of training options (see training/config.py).")
-@click.option("--epochs", type=click.IntRange(0))
-@click.option("--image-size", type=click.IntRange(32))
-@click.option("--batch-size", type=click.IntRange(1))
+@click.option("--epochs", type=click.IntRange(0), help="Training epochs; 0 evaluates and exports --init-weights.")
+@click.option("--image-size", type=click.IntRange(32), help="Model input size in pixels.  [default: 224]")
+@click.option("--batch-size", type=click.IntRange(1), help="Images per training step.  [default: 160]")
 @click.option("--limit", type=click.IntRange(1), help="Use only the first N images of the metadata.")
-@click.option("--device", default=None, help="auto, cpu, cuda or cuda:N.")
+@click.option("--device", default=None, help="auto, cpu, cuda or cuda:N.  [default: auto]")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run in --out.")
 @click.option("--imagenet", default=None, help="Initialise the backbone from ImageNet: 'torchvision' or a file.")
 @click.option("--init-weights", type=click.Path(exists=True, path_type=Path),

@@ -4,3 +4,4 @@ OK = 0  # every file scored or deliberately skipped
 FATAL = 1  # nothing could be done: bad or tampered weights, unreadable metadata, a corrupt ledger
 USAGE = 2  # a bad option or configuration value, no such device
 SOME_FAILED = 3  # some files failed (their rows say why) or an output could not be written; the rest were
+NO_FILES = 4  # the folder held no file at all: an unmounted share or a wrong path is no success

@@ -42,17 +42,45 @@ class MetadataRow:
     view: object
 
 
+# What a file that is not a CSV table usually is, by its first bytes.
+_NOT_CSV = ((b"\x89PNG", "a PNG image"), (b"\xff\xd8\xff", "a JPEG image"), (b"PK\x03\x04", "a ZIP archive or an Excel workbook"),
+            (b"%PDF", "a PDF document"), (b"\xd0\xcf\x11\xe0", "an old Excel or Office file"))
+GZIP_MAGIC = b"\x1f\x8b"
+
+
+def _not_csv(head: bytes) -> str | None:
+    """What the first bytes of a file say it is, when that is not CSV text; None for text."""
+    for magic, what in _NOT_CSV:
+        if head.startswith(magic):
+            return what
+    if head[128:132] == b"DICM":
+        return "a DICOM file"
+    if b"\x00" in head:
+        return "binary data"
+    return None
+
+
 def load_metadata_csv(path: Path, only: set[str] | None = None) -> dict[str, MetadataRow]:
-    """Read an NIH-style table into {image file name: row}. ``only`` keeps just those names
-    (a scan needs the rows of its own files, not all 112,120 of the NIH table)."""
+    """Read an NIH-style table (CSV, or gzip-compressed CSV) into {image file name: row}.
+    ``only`` keeps just those names (a scan needs the rows of its own files, not all 112,120
+    of the NIH table). MetadataError names the file and what is wrong with it."""
     import pandas as pd  # only when a table is given: it costs the start-up of every command otherwise
 
     path = Path(path)
+    expected = "expected a comma-separated text table with the NIH Data_Entry columns"
     try:
-        table = pd.read_csv(path, dtype=str, keep_default_na=False)
+        with open(path, "rb") as f:
+            head = f.read(4096)
+        compressed = head.startswith(GZIP_MAGIC)
+        what = None if compressed else _not_csv(head)
+        if what:
+            raise MetadataError(f"metadata file {path} is not a CSV file: it is {what}; {expected}")
+        table = pd.read_csv(path, dtype=str, keep_default_na=False, compression="gzip" if compressed else "infer")
     except FileNotFoundError:
         raise MetadataError(f"metadata file {path} does not exist") from None
-    except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as e:
+    except UnicodeDecodeError:
+        raise MetadataError(f"metadata file {path} is not a CSV file: it is not UTF-8 text; {expected}") from None
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, OSError, EOFError) as e:
         raise MetadataError(f"metadata file {path} is not a readable CSV: {e}") from None
     table.columns = [c.strip() for c in table.columns]
     missing = [c for c in NIH_COLUMNS if c not in table.columns]

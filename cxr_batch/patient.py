@@ -73,6 +73,11 @@ class PatientData:
     view_source: str = SOURCE_UNKNOWN
     notes: list[str] = field(default_factory=list)
 
+    @property
+    def all_unknown(self) -> bool:
+        """Age, sex and view all unknown: a scored study's result rests on the image alone."""
+        return self.age is None and self.sex is None and self.view is None
+
     def fill_from(self, other: "PatientData") -> None:
         """Take each value this record lacks from ``other`` (a lower-priority source)."""
         for name in ("age", "sex", "view"):
@@ -110,7 +115,7 @@ def parse_age(value) -> tuple[float | None, str | None]:
         years = float(m.group(1)) * _AGE_UNIT_YEARS[m.group(2).upper()]
     if not 0.0 <= years <= MAX_PLAUSIBLE_AGE:
         return None, f"implausible age {text[:20]!r}"
-    return round(years, 2), None
+    return round(years, 4), None  # 4 decimals: an infant's age stays right to the day (1 day = 0.0027 years)
 
 
 _SEX_MAP = {"M": "M", "MALE": "M", "F": "F", "FEMALE": "F"}

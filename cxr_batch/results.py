@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import csv
 import io
+import json
+import logging
 import os
 import tempfile
 from pathlib import Path
@@ -16,6 +18,7 @@ from pathlib import Path
 from .files import FILE_MODE
 from .record import COLUMNS, StudyRecord
 
+log = logging.getLogger("cxr_batch")
 
 
 class AtomicCsvWriter:
@@ -101,14 +104,62 @@ def read_records(path: Path) -> list[StudyRecord]:
 
 
 class MergeError(Exception):
-    """Shard results that cannot be merged (different schemas, one file in two shards)."""
+    """Shard results that cannot be merged (missing shards, different schemas or weights, one
+    file in two shards)."""
 
 
-def merge_results(inputs: list[Path], output: Path) -> int:
+def _run_info(results: Path) -> dict | None:
+    """The run.json a scan wrote beside ``results``, or None."""
+    try:
+        return json.loads((Path(results).parent / "run.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def check_shards(inputs: list[Path], allow_partial: bool = False) -> None:
+    """Refuse a set of shard results that is not one whole sharded scan: each results.csv needs
+    the run.json its scan wrote beside it, naming its shard i/N (``config.shard``); every i of
+    0..N-1 must be there exactly once, all with the same N and the same weights. With
+    ``allow_partial`` missing shards (and a missing run.json) are warnings instead."""
+    problems, missing, shards, weights = [], [], {}, {}
+    for path in inputs:
+        run = _run_info(path)
+        shard = ((run or {}).get("config") or {}).get("shard")
+        if shard is not None and not (isinstance(shard, list) and len(shard) == 2
+                                      and all(isinstance(v, int) for v in shard)):
+            run = None  # a run.json edited by hand or of another tool: its shard is unknown
+        if run is None:
+            missing.append(f"{path} has no readable run.json beside it, so its shard is unknown")
+        elif not shard:
+            problems.append(f"{path} is not a shard (its scan ran without --shard)")
+        elif tuple(shard) in shards:
+            problems.append(f"shard {shard[0]}/{shard[1]} is given twice: {shards[tuple(shard)]} and {path}")
+        else:
+            shards[tuple(shard)] = path
+            weights.setdefault(run.get("weights_sha256"), path)
+    counts = {n for _, n in shards}
+    if len(counts) > 1:
+        problems.append(f"shards of different splits (N = {', '.join(map(str, sorted(counts)))})")
+    if len(weights) > 1:
+        problems.append(f"shards scored with different weights: {', '.join(map(str, weights.values()))}")
+    if len(counts) == 1:
+        n = counts.pop()
+        absent = [f"{i}/{n}" for i in range(n) if (i, n) not in shards]
+        if absent:
+            missing.append(f"shard(s) {', '.join(absent)} missing: the merge would lack their studies")
+    if problems or (missing and not allow_partial):
+        hint = "" if problems else "; --allow-partial merges what is there"
+        raise MergeError("; ".join(problems + missing) + hint)
+    for message in missing:
+        log.warning("partial merge: %s", message)
+
+
+def merge_results(inputs: list[Path], output: Path, allow_partial: bool = False) -> int:
     """Merge the results.csv of shards (``scan --shard i/N``) into one, sorted by file like a
-    single scan. Refuses files of another schema and a file scored in two shards (the shards
-    then overlapped: the same --shard i/N twice, or folders that differ between machines).
-    Returns the number of rows written."""
+    single scan. Needs every shard (:func:`check_shards`) unless ``allow_partial``. Refuses
+    files of another schema and a file scored in two shards (the shards then overlapped:
+    folders that differ between machines). Returns the number of rows written."""
+    check_shards(inputs, allow_partial)
     rows, seen = [], {}
     for path in inputs:
         with open(path, newline="", encoding="utf-8") as f:

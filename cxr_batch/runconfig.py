@@ -58,4 +58,4 @@ class RunConfig:
         from .reports import ReportOptions  # reportlab is imported only when reports are made
 
         return ReportOptions(title=self.title, institution=self.institution, heatmaps=self.heatmaps,
-                             dicom_pdf=self.dicom_pdf)
+                             dicom_pdf=self.dicom_pdf, urgent=tuple(self.urgent))

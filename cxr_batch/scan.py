@@ -14,6 +14,7 @@ from .bundle import load_bundle
 from .files import atomic_write_bytes, private_dir
 from .config import ConfigError, to_plain
 from .discover import find_candidates
+from .evidence import bundle_evidence
 from .inference import Engine, score_batches
 from .metadata import load_metadata_csv
 from .folderlock import FolderLock
@@ -52,13 +53,19 @@ class ScanSummary:
     srs: int = 0  # DICOM SRs written
     reports_failed: int = 0  # studies scored whose PDF could not be written
     worklist_failed: bool = False
+    files_found: int = 0  # candidate files under the folder, before --shard
+    without_patient_data: int = 0  # scored with age, sex and view all unknown
 
     @property
     def exit_code(self) -> int:
+        if self.files_found == 0:
+            return exit_codes.NO_FILES
         failed = self.counts["error"] or self.reports_failed or self.worklist_failed
         return exit_codes.SOME_FAILED if failed else exit_codes.OK
 
     def line(self) -> str:
+        if self.files_found == 0:
+            return f"no files found: nothing scored (is the folder mounted?) -> {self.results}"
         n = sum(self.counts.values())
         rate = self.counts["ok"] / self.seconds if self.seconds > 0 else 0.0
         pr = ", ".join(f"{self.priorities[p]} {p}" for p in ("urgent", "abnormal", "normal"))
@@ -66,8 +73,9 @@ class ScanSummary:
         if self.reports_failed or self.worklist_failed:
             outputs = (f"; {self.reports_failed} report(s)" + (" and the worklist" if self.worklist_failed else "")
                        + " could not be written (see the log)")
-        return (f"{n} files: {self.counts['ok']} scored ({pr}), {self.counts['skipped']} skipped, "
-                f"{self.counts['error']} failed in {self.seconds:.1f} s ({rate:.1f} images/s){outputs} -> {self.results}")
+        return (f"{n} files: {self.counts['ok']} scored ({pr}; {self.without_patient_data} without patient data), "
+                f"{self.counts['skipped']} skipped, {self.counts['error']} failed in {self.seconds:.1f} s "
+                f"({rate:.1f} images/s){outputs} -> {self.results}")
 
 
 def run_scan(studies: Path, out: Path, cfg: ScanConfig = ScanConfig()) -> ScanSummary:
@@ -83,13 +91,21 @@ def run_scan(studies: Path, out: Path, cfg: ScanConfig = ScanConfig()) -> ScanSu
     with StudyReader(workers, cfg.scoring, options.limits) as reader:
         bundle = load_bundle(cfg.weights)
         log.info("model %s (bundle sha256 %s...) on %s", bundle.label, bundle.sha256[:12], policy.describe())
+        evidence = bundle_evidence(bundle.manifest, bundle.path)
+        if evidence.problem:
+            log.warning("weights %s have no validation evidence (%s): how often they are right is not known; "
+                        "every report says so", bundle.label, evidence.problem)
         private_dir(out)
         with FolderLock(out, "scan"):
-            return _scan(studies, out, cfg, bundle, policy, options, reader)
+            return _scan(studies, out, cfg, bundle, policy, options, reader, evidence.problem)
 
 
-def _scan(studies: Path, out: Path, cfg: ScanConfig, bundle, policy, options, reader) -> ScanSummary:
+def _scan(studies: Path, out: Path, cfg: ScanConfig, bundle, policy, options, reader,
+          evidence_problem: str) -> ScanSummary:
     candidates = find_candidates(studies, exclude=[out], follow_links=cfg.follow_links)
+    files_found = len(candidates)
+    if not files_found:
+        log.warning("no files under %s: nothing to score (an unmounted share or a wrong path?)", studies)
     if cfg.shard is not None:
         index, count = cfg.shard
         candidates = [c for i, c in enumerate(candidates) if i % count == index]
@@ -98,7 +114,7 @@ def _scan(studies: Path, out: Path, cfg: ScanConfig, bundle, policy, options, re
         metadata = load_metadata_csv(cfg.metadata, only={c.path.name for c in candidates})
     log.info("%d candidate files under %s", len(candidates), studies)
 
-    summary = ScanSummary(results=out / "results.csv", device=policy.describe())
+    summary = ScanSummary(results=out / "results.csv", device=policy.describe(), files_found=files_found)
     engine = Engine(bundle, policy)
     reports = None
     if cfg.pdf:
@@ -123,6 +139,7 @@ def _scan(studies: Path, out: Path, cfg: ScanConfig, bundle, policy, options, re
                 summary.counts[record.status] += 1
                 if record.ok:
                     summary.priorities[record.priority] += 1
+                    summary.without_patient_data += record.patient.all_unknown
                 else:
                     log.warning("row %d (%s): %s: %s", writer.count, log_name(record.file), record.status,
                                 record.reason)
@@ -135,10 +152,14 @@ def _scan(studies: Path, out: Path, cfg: ScanConfig, bundle, policy, options, re
                 summary.worklist_failed = True
                 log.error("worklist not written: %s: %s", type(e).__name__, e)
     summary.seconds = time.perf_counter() - start
+    if summary.without_patient_data:
+        log.warning("%d studies scored without any patient data (age, sex and view unknown): their results rest "
+                    "on the image alone", summary.without_patient_data)
     run_info = {
         "studies": str(studies), "model": bundle.label, "weights_sha256": bundle.sha256,
         "device": policy.describe(), "precision": policy.precision, "config": to_plain(cfg),
-        "counts": dict(summary.counts), "priorities": dict(summary.priorities),
+        "files_found": files_found, "counts": dict(summary.counts), "priorities": dict(summary.priorities),
+        "scored_without_patient_data": summary.without_patient_data, "validation_evidence_problem": evidence_problem,
         "seconds": round(summary.seconds, 3), "refined_in_fp32": engine.refined,
     }
     if cfg.dicom_sr:

@@ -46,3 +46,16 @@ def test_broken_sidecar_is_a_note_not_a_failure(tmp_path):
     patient, ids = header.patient, header.ids
     assert patient.age is None and ids == Identifiers() and "unreadable" in patient.notes[0]
     assert read_sidecar(tmp_path / "absent.png") is None
+
+
+@pytest.mark.parametrize("content, what", [
+    (b"\x89PNG\r\n\x1a\n" + b"\x00" * 64, "it is a PNG image"),
+    (b"PK\x03\x04" + b"\x00" * 64, "it is a ZIP archive or an Excel workbook"),
+    (b"\x00" * 128 + b"DICM" + b"\x02\x00", "it is a DICOM file"),
+    ("Image Index,Patient ID\nbébé.png,1\n".encode("latin-1"), "it is not UTF-8 text"),
+])
+def test_a_metadata_file_that_is_not_csv_is_named_with_what_it_is(tmp_path, content, what):
+    (tmp_path / "meta.csv").write_bytes(content)
+    with pytest.raises(MetadataError) as e:
+        load_metadata_csv(tmp_path / "meta.csv")
+    assert str(tmp_path / "meta.csv") in str(e.value) and what in str(e.value) and "codec" not in str(e.value)

@@ -1,6 +1,8 @@
-"""PDF reports and worklist, read back with a PDF text extractor; Grad-CAM per finding."""
+"""PDF reports and worklist, read back with a PDF text extractor and rendered with pdftoppm,
+one rule at a time; Grad-CAM per finding."""
 
 import datetime as dt
+import re
 import shutil
 import stat
 import subprocess
@@ -9,26 +11,87 @@ import numpy as np
 import pydicom
 import pytest
 import torch
+from PIL import Image as PILImage
 from pypdf import PdfReader
+from reportlab.pdfgen.canvas import Canvas
 
 from cxr_batch.bundle import load_bundle
+from cxr_batch.display import finding_label
+from cxr_batch.evidence import bundle_evidence
 from cxr_batch.findings import FINDINGS
 from cxr_batch.gradcam import gradcam
-from cxr_batch.patient import PatientData
+from cxr_batch.patient import PatientData, parse_age
 from cxr_batch.record import Scores, StudyRecord
-from cxr_batch.reports import ReportOptions, report_name, study_pdf, worklist_pdf
+from cxr_batch.reports import (ModelInfo, ReportOptions, _fonts, _styles, fitted, heatmap_order, overlay, report_name,
+                               shared_scale, study_pdf, worklist_pdf)
 from cxr_batch.results import read_results
 from cxr_batch.scan import ScanConfig, run_scan
 
-from .conftest import REPO
+from .conftest import BUNDLED, REPO
+from .dicomgen import have, run
 
 EXAMPLES = REPO / "examples"
+NOW = dt.datetime(2024, 4, 15, 10, 30, tzinfo=dt.timezone(dt.timedelta(hours=2)))
+ISO_OFFSET = re.compile(r"Generated 20\d\d-\d\d-\d\d \d\d:\d\d:\d\d (\w+ \()?UTC[+-]\d\d:\d\d")
+needs_poppler = pytest.mark.skipif(not shutil.which("pdftoppm"), reason="poppler-utils not installed")
 
 
-def pdf_text(path) -> str:
-    return "\n".join(page.extract_text() for page in PdfReader(path).pages)
+def pages(path) -> list[str]:
+    return [page.extract_text() for page in PdfReader(path).pages]
 
 
+def render(pdf: bytes, tmp_path, dpi: int = 100, name: str = "p") -> np.ndarray:
+    """Page 1 of ``pdf`` as an RGB array, rendered by poppler."""
+    (tmp_path / f"{name}.pdf").write_bytes(pdf)
+    subprocess.run(["pdftoppm", "-png", "-r", str(dpi), "-f", "1", "-l", "1", "-singlefile",
+                    str(tmp_path / f"{name}.pdf"), str(tmp_path / name)], check=True)
+    return np.asarray(PILImage.open(tmp_path / f"{name}.png").convert("RGB")).astype(int)
+
+
+def has_colour_bar(page: np.ndarray, min_length: int) -> bool:
+    """A horizontal strip at least ``min_length`` pixels long whose hue runs from blue to red,
+    left to right, identical over 5 rows: the colour bar (a heatmap's colours vary by row)."""
+    hsv = np.asarray(PILImage.fromarray(page.astype(np.uint8)).convert("HSV")).astype(int)
+    hue, coloured = hsv[..., 0], (hsv[..., 1] > 30) & (hsv[..., 2] > 60)
+    for y in range(page.shape[0] - 5):
+        same = (np.abs(page[y:y + 5] - page[y]).max(axis=(0, 2)) <= 3) & coloured[y]
+        for run_ in np.split(np.arange(page.shape[1]), np.flatnonzero(np.diff(same.astype(int))) + 1):
+            if len(run_) >= min_length and same[run_[0]]:
+                h = hue[y, run_]
+                h = np.where(h > 200, h - 256, h)  # red wraps around 0
+                if h[0] >= 140 and h[-1] <= 15 and (np.diff(h) <= 4).all():  # PIL hue: blue 170, red 0
+                    return True
+    return False
+
+
+def model_info(manifest: dict | None = None, threshold: float = 0.5) -> ModelInfo:
+    return ModelInfo("m@1", "0" * 64, {f: threshold for f in FINDINGS}, bundle_evidence(manifest or {}))
+
+
+def scored(probs: dict[str, float], threshold: float = 0.5, urgent=("Pneumothorax",), file="a.png",
+           **ids) -> StudyRecord:
+    """A scored record: the given probabilities (others 0.01) with triage as scan does it."""
+    from cxr_batch.triage import triage
+
+    p = np.array([probs.get(f, 0.01) for f in FINDINGS])
+    t = triage(p, np.full(14, threshold), urgent)
+    record = StudyRecord(file=file, scores=Scores(tuple(p), tuple(int(v) for v in t.flags), t.priority, t.score))
+    for key, value in ids.items():
+        setattr(record.ids, key, value)
+    return record
+
+
+def blob_maps(record: StudyRecord, size: int = 128) -> dict[int, np.ndarray]:
+    """A synthetic raw Grad-CAM map per flagged finding: a blob whose strength is its probability."""
+    yy, xx = np.mgrid[:size, :size]
+    return {FINDINGS.index(f): record.scores.prob(f) * np.exp(-((xx - 30 - 5 * k) ** 2 + (yy - 50) ** 2) / 300.0)
+            for k, f in enumerate(record.findings)}
+
+
+GREY = np.tile(np.linspace(0.2, 0.8, 128), (128, 1))
+
+
+# ---------------------------------------------------------------- a scan with reports
 @pytest.fixture(scope="module")
 def example_scan(tmp_path_factory):
     out = tmp_path_factory.mktemp("scan")
@@ -38,31 +101,47 @@ def example_scan(tmp_path_factory):
     return out, summary, read_results(out / "results.csv")
 
 
-def test_one_report_per_study_with_identifiers_findings_and_priority(example_scan):
+def test_every_report_is_one_page_with_identifiers_findings_and_statements(example_scan):
     out, summary, rows = example_scan
     assert summary.counts["ok"] == 6
+    bundle = load_bundle()
+    thin_evidence, thresholds = bundle_evidence(bundle.manifest, BUNDLED).problem is not None, bundle.thresholds
     for row in rows:
         path = out / "reports" / row["report"]
         assert path.exists() and stat.S_IMODE(path.stat().st_mode) == 0o640
-        txt = pdf_text(path)
+        (txt,) = pages(path)  # exactly one page
         assert row["patient_id"] in txt
+        assert "not for clinical use" in txt and "Decision support only" in txt
+        assert ("no validation evidence" in txt) == thin_evidence
+        assert row["weights_sha256"] in txt.replace("\n", "") and ISO_OFFSET.search(txt.replace("\n", " "))
         for f in FINDINGS:
-            assert f.replace("_", " ") in txt
-        assert {"urgent": "URGENT", "abnormal": "ABNORMAL", "normal": "NO FINDING FLAGGED"}[row["priority"]] in txt
-        assert "Decision support only" in txt and row["weights_sha256"] in txt.replace("\n", "")
-        flagged_in_pdf = txt.count("FLAGGED") - txt.count("NO FINDING FLAGGED")  # table rows marked FLAGGED
-        assert flagged_in_pdf == len([f for f in row["findings"].split(";") if f])
-    dicom_row = next(r for r in rows if r["file"].startswith("dicom/NIH00574"))
-    txt = pdf_text(out / "reports" / dicom_row["report"])
-    assert "DOE JANE" in txt and "ACC240312001" in txt and "header:PatientAge" in txt
+            assert finding_label(f) in txt
+        assert "Pleural_Thickening" not in txt
+        banner = {"urgent": "URGENT", "abnormal": "ABNORMAL", "normal": "No finding above threshold"}
+        assert banner[row["priority"]] in txt
+        flagged = [f for f in row["findings"].split(";") if f]
+        assert txt.count("FLAGGED") == len(flagged)
+        for f in flagged:  # every flagged finding has its map, with probability and threshold in the caption
+            assert f"p {float(row[f'p_{f}']):.2f}, threshold {thresholds[f]:.2f}" in txt
+        if row["study_date"]:
+            iso = f"{row['study_date'][:4]}-{row['study_date'][4:6]}-{row['study_date'][6:]}"
+            assert iso in txt and row["study_date"] not in txt
+    dicom = {r["file"].split("/")[1]: r for r in rows if r["file"].startswith("dicom/")}
+    (txt,) = pages(out / "reports" / dicom["NIH00574"]["report"])
+    assert "DOE" in txt and "JANE" in txt and "ACC240312001" in txt and "63 years" in txt
+    assert "DICOM header (PatientAge)" in txt and "header:PatientAge" not in txt
+    (txt,) = pages(out / "reports" / dicom["NIH01511"]["report"])  # age from the birth date: 26.24 years
+    assert "26 years" in txt and "26.24" not in txt and "DICOM header (PatientBirthDate)" in txt
     assert not list((out / "reports").glob("*.tmp")) and not list((out / "reports").glob(".*"))
 
 
-def test_worklist_orders_by_priority_then_score(example_scan):
+def test_worklist_shows_every_study_by_priority_then_score(example_scan):
     out, _, rows = example_scan
-    txt = pdf_text(out / "reports" / "worklist.pdf")
-    assert "6 scored" in txt and "Page 1" in txt
-    positions = sorted(rows, key=lambda r: txt.index(r["report"][:20]))
+    txt = "\n".join(pages(out / "reports" / "worklist.pdf"))
+    assert "6 scored" in txt and "Page 1" in txt and ISO_OFFSET.search(txt.replace("\n", " "))
+    for row in rows:
+        assert row["accession_number"] in txt
+    positions = sorted(rows, key=lambda r: re.search(rf"ID {re.escape(r['patient_id'])}\b", txt).start())
     rank = {"urgent": 0, "abnormal": 1, "normal": 2}
     keys = [(rank[r["priority"]], -float(r["triage_score"])) for r in positions]
     assert keys == sorted(keys)
@@ -77,15 +156,56 @@ def test_dicom_encapsulated_pdf_carries_the_study(example_scan):
     assert bytes(ds.EncapsulatedDocument)[:5] == b"%PDF-"
 
 
-def test_failures_are_listed_apart_in_the_worklist(tmp_path, studies, small_bundle):
+@pytest.mark.skipif(not have("img2dcm"), reason="dcmtk not installed")
+def test_dicoms_made_by_dcmtk_get_one_page_reports_with_iso_dates(tmp_path, nih_images):
+    """As a PACS would send them: dcmtk-made files without extensions, scanned with the bundled weights."""
+    studies = tmp_path / "pacs"
+    studies.mkdir()
+    headers = [("20231105", "ACC-0001", "DOE^JANE^^^", "045Y", "F"), ("19991231", "X9", "Smith^John", "", "M"),
+               ("20240229", "A" * 16, "Lopez Garcia^Maria Jose", "003W", "")]
+    for k, (date, acc, name, age, sex) in enumerate(headers):
+        PILImage.open(nih_images[10 + k]).convert("L").save(tmp_path / "x.jpg", quality=95)
+        keys = [f"StudyDate={date}", f"AccessionNumber={acc}", f"PatientName={name}", "ViewPosition=PA",
+                f"PatientID=PID{k}"] + ([f"PatientAge={age}"] if age else []) + ([f"PatientSex={sex}"] if sex else [])
+        run("img2dcm", *[a for key in keys for a in ("-k", key)], tmp_path / "x.jpg", studies / f"IM{k}")
+    run_scan(studies, tmp_path / "out", ScanConfig(device="cpu", batch_size=4, workers=0, progress=False))
+    rows = read_results(tmp_path / "out" / "results.csv")
+    assert [r["status"] for r in rows] == ["ok"] * 3
+    for row, (date, *_) in zip(rows, headers):
+        (txt,) = pages(tmp_path / "out" / "reports" / row["report"])
+        assert "not for clinical use" in txt
+        assert f"{date[:4]}-{date[4:6]}-{date[6:]}" in txt and date not in txt
+    assert "21 days" in pages(tmp_path / "out" / "reports" / rows[2]["report"])[0]
+    worklist = "\n".join(pages(tmp_path / "out" / "reports" / "worklist.pdf"))
+    assert all(acc in worklist for _, acc, *_ in headers)
+    # a study that is not scored still shows its accession number on the worklist
+    run("img2dcm", "-k", "AccessionNumber=LAT-77", "-k", "ViewPosition=LL", tmp_path / "x.jpg", studies / "IM9")
+    run_scan(studies, tmp_path / "out2", ScanConfig(device="cpu", batch_size=4, workers=0, progress=False,
+                                                    heatmaps=False))
+    worklist = "\n".join(pages(tmp_path / "out2" / "reports" / "worklist.pdf"))
+    assert "LAT-77" in worklist and "Not scored" in worklist
+
+
+def test_failures_are_listed_apart_and_thin_evidence_is_said(tmp_path, studies, small_bundle):
     (studies / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
     run_scan(studies, tmp_path / "o", ScanConfig(weights=str(small_bundle), device="cpu", batch_size=4, workers=0,
                                                  progress=False, heatmaps=False))
-    txt = pdf_text(tmp_path / "o" / "reports" / "worklist.pdf")
+    txt = "\n".join(pages(tmp_path / "o" / "reports" / "worklist.pdf"))
     assert "Not scored" in txt and "broken.png" in txt and "1 failed" in txt
-    assert len(list((tmp_path / "o" / "reports").glob("*.pdf"))) == 7
+    assert "6 scored without patient data" in txt
+    # the test bundle has no metrics: every report and the worklist say so
+    assert "no validation evidence" in txt and "Not stated by these weights" in txt
+    reports = sorted((tmp_path / "o" / "reports").glob("*.pdf"))
+    assert len(reports) == 7
+    for path in reports:
+        if path.name != "worklist.pdf":
+            (page,) = pages(path)
+            assert "no validation evidence for these weights (no validation metrics in its manifest)" in \
+                page.replace("\n", " ")
+            assert "Scored without patient data" in page
 
 
+# ---------------------------------------------------------------- Grad-CAM
 def test_heatmap_comes_from_that_findings_output(nih_images):
     from cxr_batch.preprocess import eval_transform
     from cxr_batch.readers import read_pil
@@ -97,9 +217,9 @@ def test_heatmap_comes_from_that_findings_output(nih_images):
     tab = torch.tensor([0.5, 0.0, 1.0])
     c1, c2 = FINDINGS.index("Effusion"), FINDINGS.index("Cardiomegaly")
     maps = gradcam(model, image, tab, [c1, c2])
-    assert maps[c1].shape == image.shape[1:] and 0 <= maps[c1].min() and maps[c1].max() == pytest.approx(1.0)
-    assert np.abs(maps[c1] - maps[c2]).max() > 0.05
-    # recompute class c1 by hand: gradient of its logit only
+    assert maps[c1].shape == image.shape[1:] and 0 <= maps[c1].min() and maps[c1].max() > 0
+    assert np.abs(maps[c1] / maps[c1].max() - maps[c2] / maps[c2].max()).max() > 0.05
+    # recompute class c1 by hand: gradient of its logit only; the map keeps its own units
     x = image[None].clone()
     levels = model.pyramid(x)
     feat = levels["p4"]
@@ -107,43 +227,179 @@ def test_heatmap_comes_from_that_findings_output(nih_images):
     (grad,) = torch.autograd.grad(logit, feat)
     cam = torch.relu((grad.mean(dim=(2, 3), keepdim=True) * feat).sum(1, keepdim=True))
     cam = torch.nn.functional.interpolate(cam, size=x.shape[-2:], mode="bilinear", align_corners=False)[0, 0]
-    assert np.allclose(maps[c1], (cam / cam.max()).detach().numpy(), atol=1e-5)
+    cam = cam.detach().numpy()
+    assert np.allclose(maps[c1], cam, rtol=1e-4, atol=1e-6 * cam.max())
 
 
-def urgent_record(file: str, **ids) -> StudyRecord:
-    """A scored record with Pneumothorax flagged (0.9) and every other finding at 0.01."""
-    probs = tuple(0.9 if f == "Pneumothorax" else 0.01 for f in FINDINGS)
-    record = StudyRecord(file=file, scores=Scores(probs, tuple(int(p >= 0.5) for p in probs), "urgent", 0.5))
-    for key, value in ids.items():
-        setattr(record.ids, key, value)
-    return record
+def test_maps_share_one_scale_so_weak_evidence_is_faint():
+    strong = np.outer(np.hanning(64), np.hanning(64))
+    maps = shared_scale({0: 4.0 * strong, 1: 1.0 * strong, 2: np.zeros_like(strong)})
+    assert maps[0].max() == pytest.approx(1.0) and maps[1].max() == pytest.approx(0.25) and maps[2].max() == 0
+    grey = np.full((64, 64), 0.5)
+    colour = {k: np.abs(overlay(grey, m).astype(int) - 127).sum() for k, m in maps.items()}
+    assert colour[0] > 3 * colour[1] > 0 and colour[2] == 0
+
+
+def test_heatmaps_urgent_first_then_by_margin_over_threshold():
+    record = scored({"Effusion": 0.9, "Mass": 0.7, "Pneumothorax": 0.55, "Edema": 0.8})
+    assert heatmap_order(record, {f: 0.5 for f in FINDINGS}, ("Pneumothorax",)) == \
+        ["Pneumothorax", "Effusion", "Edema", "Mass"]
+    thresholds = {**{f: 0.5 for f in FINDINGS}, "Effusion": 0.85}  # 0.9 over 0.85 is a small margin
+    assert heatmap_order(record, thresholds, ()) == ["Edema", "Mass", "Effusion", "Pneumothorax"]
+
+
+# ---------------------------------------------------------------- layout, rule by rule
+@needs_poppler
+def test_fourteen_flags_and_long_identifiers_fit_one_page_with_every_map_and_a_colour_bar(tmp_path):
+    probs = {f: 0.95 - 0.03 * k for k, f in enumerate(FINDINGS)}
+    record = scored(probs, file="archive/" * 12 + "IM0001_" + "x" * 80 + ".dcm", patient_id="P" * 64,
+                    patient_name="Wolfeschlegelsteinhausenbergerdorff^Hubert^Blaine^Dr^Sr" + "W" * 20,
+                    accession_number="A" * 16, study_date="20240415")
+    record.patient = PatientData(age=57, age_source="metadata", notes=["sidecar unparsable age 'x': treated as unknown"])
+    options = ReportOptions(institution="The Very Long Name of a University Teaching Hospital " * 2)
+    pdf = study_pdf(record, GREY, blob_maps(record), model_info(), options, NOW)
+    (tmp_path / "r.pdf").write_bytes(pdf)
+    (txt,) = pages(tmp_path / "r.pdf")  # one page
+    flat = re.sub(r"\s+", " ", txt)
+    order = heatmap_order(record, {f: 0.5 for f in FINDINGS}, ("Pneumothorax",))
+    captions = [flat.index(f"p {probs[f]:.2f}, threshold 0.50") for f in order]
+    assert captions == sorted(captions) and order[0] == "Pneumothorax"  # drawn urgent first, then by margin
+    assert "Not drawn" not in txt and "2024-04-15" in txt
+    assert has_colour_bar(render(pdf, tmp_path), min_length=80)
+
+
+@needs_poppler
+def test_a_report_without_maps_has_no_colour_bar(tmp_path):
+    assert not has_colour_bar(render(study_pdf(scored({}), GREY, {}, model_info(), ReportOptions(), NOW), tmp_path),
+                              min_length=80)
+
+
+def test_maps_not_drawn_are_named():
+    record = scored({"Effusion": 0.9, "Pneumothorax": 0.6})
+    pdf = study_pdf(record, GREY, {}, model_info(), ReportOptions(heatmaps=False), NOW)
+    txt = PdfReader(__import__("io").BytesIO(pdf)).pages[0].extract_text()
+    assert "Not drawn (heatmaps were turned off for this run): Pneumothorax, Effusion." in re.sub(r"\s+", " ", txt)
+
+
+def test_no_flag_banner_gives_the_urgent_findings_sensitivity():
+    import io
+
+    counts = {f: {"tp": 3, "fn": 1, "fp": 2, "tn": 90} for f in FINDINGS}
+    measured = model_info({"metrics": {"test_n": 300, "test_mean_auc": 0.8, "per_finding": counts},
+                           "intended_use": "Triage research, not for clinical use."})
+    options = ReportOptions(urgent=("Pneumothorax", "Effusion"))
+    txt = re.sub(r"\s+", " ", PdfReader(io.BytesIO(study_pdf(scored({}), GREY, {}, measured, options, NOW)))
+                 .pages[0].extract_text())
+    assert "No finding above threshold" in txt and "NORMAL" not in txt
+    assert "Pneumothorax: sensitivity 0.75 at its threshold (flagged 3 of 4 held-out images that had it)" in txt
+    assert "Effusion: sensitivity 0.75" in txt
+    assert "Intended use: Triage research, not for clinical use." in txt and "no validation evidence" not in txt
+    bare = re.sub(r"\s+", " ", PdfReader(io.BytesIO(study_pdf(scored({}), GREY, {}, model_info(), options, NOW)))
+                  .pages[0].extract_text())
+    assert "Pneumothorax: sensitivity at its threshold not measured for these weights" in bare
+
+
+def test_infant_age_iso_date_and_unrecognised_date():
+    import io
+
+    record = scored({}, study_date="20240415")
+    record.patient = PatientData(age=parse_age("010D")[0], age_source="header:PatientAge")
+    txt = PdfReader(io.BytesIO(study_pdf(record, None, {}, model_info(), ReportOptions(), NOW))).pages[0].extract_text()
+    assert "10 days" in txt and "2024-04-15" in txt and "20240415" not in txt
+    assert "Image not available" in txt
+    record.ids.study_date = "20241345"
+    txt = PdfReader(io.BytesIO(study_pdf(record, None, {}, model_info(), ReportOptions(), NOW))).pages[0].extract_text()
+    assert "unrecognised date '20241345'" in txt
 
 
 def test_hostile_names_and_missing_values_render(tmp_path):
-    row = urgent_record("../x.png", patient_id="../../etc/passwd",
-                        patient_name="Zoë Ångström-Łukasiewicz " + "W" * 300)
+    row = scored({"Pneumothorax": 0.9}, file="../x.png", patient_id="../../etc/passwd",
+                 patient_name="Zoë Ångström-Łukasiewicz " + "W" * 300)
     row.patient = PatientData(view="AP", view_source="sidecar", notes=["<b>not markup</b>"])
-    info = {"label": "m@1", "sha256": "0" * 64, "thresholds": {f: 0.5 for f in FINDINGS}}
-    pdf = study_pdf(row, np.random.default_rng(0).random((64, 64)), {}, info, ReportOptions(), dt.datetime.now())
+    pdf = study_pdf(row, np.random.default_rng(0).random((64, 64)), {}, model_info(), ReportOptions(), NOW)
     (tmp_path / "r.pdf").write_bytes(pdf)
-    txt = pdf_text(tmp_path / "r.pdf")
-    assert "Zoë Ångström-Łukasiewicz" in txt and "imputed" in txt and "URGENT" in txt and "<b>not markup</b>" in txt
+    (txt,) = pages(tmp_path / "r.pdf")
+    assert "Zoë Ångström-Łukasiewicz" in txt and "given to the model as its neutral value" in txt
+    assert "URGENT" in txt and "<b>not markup</b>" in txt and "JSON sidecar" in txt
     name = report_name(row.file)
     assert "/" not in name and not name.startswith(".") and ".." not in name and "passwd" not in name
     row.report = "r.pdf"
-    assert worklist_pdf([row], ReportOptions(), info, dt.datetime.now())[:5] == b"%PDF-"
+    assert worklist_pdf([row], ReportOptions(), model_info(), NOW)[:5] == b"%PDF-"
 
 
-@pytest.mark.skipif(not shutil.which("pdftoppm"), reason="poppler-utils not installed")
+def test_worklist_over_pages_repeats_its_header_with_time_zone(tmp_path):
+    rng = np.random.default_rng(1)
+    records = []
+    for i in range(36):
+        r = scored({f: float(v) for f, v in zip(FINDINGS, rng.random(14) * 0.7)}, file=f"s{i}.png",
+                   patient_id=f"NIH{i:05d}", accession_number=f"ACC{i:09d}", study_date="20240415",
+                   patient_name=f"PATIENT{i}^GIVEN")
+        r.patient = PatientData() if i % 9 == 0 else PatientData(age=0.5, sex="F", view="PA")
+        r.report = f"NIH{i:05d}_20240415_IM0001_{i:010x}.pdf"
+        records.append(r)
+    (tmp_path / "w.pdf").write_bytes(worklist_pdf(records, ReportOptions(), model_info(), NOW))
+    texts = pages(tmp_path / "w.pdf")
+    assert len(texts) >= 2
+    for txt in texts:
+        assert "Priority" in txt and "Accession" in txt and "Study date" in txt  # the header row, on every page
+    flat = re.sub(r"\s+", " ", "\n".join(texts))
+    assert all(f"ACC{i:09d}" in flat for i in range(36)) and "6 months" in flat and "2024-04-15" in flat
+    assert "Generated 2024-04-15 10:30:00 UTC+02:00" in flat
+    assert "4 scored without patient data" in flat and flat.count("* scored without patient data") == 4
+
+
+# ---------------------------------------------------------------- right-to-left names, checked by rendering
+def _render_line(tmp_path, name: str, draw) -> np.ndarray:
+    """Render one line at 4x size: ``draw(canvas)`` draws it; returns the page as an array."""
+    canvas = Canvas(str(tmp_path / f"{name}.pdf"), pagesize=(200, 60))
+    draw(canvas)
+    canvas.save()
+    subprocess.run(["pdftoppm", "-png", "-r", "288", "-singlefile", str(tmp_path / f"{name}.pdf"),
+                    str(tmp_path / name)], check=True)
+    return np.asarray(PILImage.open(tmp_path / f"{name}.png").convert("L")).astype(int)
+
+
+@needs_poppler
+@pytest.mark.parametrize("logical, visual", [
+    ("אב", "בא"),  # Hebrew: alef then bet, drawn right to left
+    ("بب", "\ufe90\ufe91"),  # Arabic: two joined behs, final form at the left, initial at the right
+])
+def test_right_to_left_names_render_shaped_and_ordered(tmp_path, logical, visual):
+    font = _fonts()[0]
+    style = _styles()["cell"]
+
+    def text_at(text):
+        def draw(canvas):
+            canvas.setFont(font, style.fontSize)
+            canvas.drawString(10, 20, text)
+        return draw
+
+    def paragraph(canvas):
+        p = fitted(logical, style, 150)
+        p.wrap(150, 50)
+        p.drawOn(canvas, 10, 18)
+
+    def ink(page):  # the inked pixels inside their bounding box: independent of where the line sits
+        mask = page < 128
+        rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+        return mask[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]
+
+    def same(a, b):  # equal up to a pixel of anti-aliasing at the edges
+        if abs(a.shape[0] - b.shape[0]) > 1 or abs(a.shape[1] - b.shape[1]) > 1:
+            return False
+        h, w = min(a.shape[0], b.shape[0]), min(a.shape[1], b.shape[1])
+        return (a[:h, :w] == b[:h, :w]).mean() > 0.95
+
+    ours = ink(_render_line(tmp_path, "ours", paragraph))
+    expected = ink(_render_line(tmp_path, "expected", text_at(visual)))
+    naive = ink(_render_line(tmp_path, "naive", text_at(logical)))  # as stored: wrong order, letters unjoined
+    assert same(ours, expected) and not same(naive, expected)
+
+
+@needs_poppler
 def test_page_one_renders_with_a_red_urgent_banner(tmp_path):
-    row = urgent_record("a.png", patient_id="P1")
-    info = {"label": "m@1", "sha256": "0" * 64, "thresholds": {f: 0.5 for f in FINDINGS}}
+    row = scored({"Pneumothorax": 0.9}, patient_id="P1")
     grey = np.tile(np.linspace(0, 1, 128), (128, 1))
-    (tmp_path / "r.pdf").write_bytes(study_pdf(row, grey, {7: grey.T}, info, ReportOptions(), dt.datetime.now()))
-    subprocess.run(["pdftoppm", "-png", "-r", "40", "-f", "1", "-l", "1", str(tmp_path / "r.pdf"), str(tmp_path / "p")],
-                   check=True)
-    from PIL import Image
-
-    page = np.asarray(Image.open(next(tmp_path.glob("p*.png"))).convert("RGB")).astype(int)
+    page = render(study_pdf(row, grey, {7: grey.T}, model_info(), ReportOptions(), NOW), tmp_path, dpi=40)
     red = (page[..., 0] > 170) & (page[..., 1] < 80) & (page[..., 2] < 80)
     assert red[: page.shape[0] // 4].sum() > 500  # the banner sits in the top quarter

@@ -115,3 +115,43 @@ def test_cli_exit_codes(studies, tmp_path, small_bundle):
     assert not (tmp_path / "o2" / "results.csv").exists()
     nodev = run_cli("scan", studies, "--out", tmp_path / "o3", "--weights", small_bundle, "--device", "cuda:7")
     assert nodev.returncode == 2 and "cuda" in nodev.stderr.lower()
+
+
+def test_an_empty_folder_is_a_warning_with_its_own_exit_code(tmp_path, small_bundle):
+    empty = tmp_path / "share"
+    empty.mkdir()
+    (empty / "upload.part").write_bytes(b"in progress")  # not a study yet: the folder is still empty
+    proc = run_cli("scan", empty, "--out", tmp_path / "o", "--weights", small_bundle, "--device", "cpu")
+    assert proc.returncode == 4, proc.stderr
+    assert "no files under" in proc.stderr and "nothing scored" in proc.stderr
+    assert read_results(tmp_path / "o" / "results.csv") == []
+    assert json.loads((tmp_path / "o" / "run.json").read_text())["files_found"] == 0
+
+
+def test_a_shard_with_no_files_of_a_full_folder_is_no_error(studies, tmp_path, small_bundle):
+    summary = scan(studies, tmp_path / "o", small_bundle, shard=(7, 8))  # 6 files: shard 7 of 8 gets none
+    assert summary.exit_code == 0 and summary.files_found == 6 and sum(summary.counts.values()) == 0
+
+
+def test_studies_scored_without_patient_data_are_counted(studies, tmp_path, small_bundle, nih):
+    first = sorted(studies.glob("*.png"))[0]
+    first.with_suffix(".json").write_text(json.dumps({"PatientSex": "F"}))  # one value is patient data enough
+    summary = scan(studies, tmp_path / "o", small_bundle)
+    assert summary.without_patient_data == 5 and "5 without patient data" in summary.line()
+    assert json.loads((tmp_path / "o" / "run.json").read_text())["scored_without_patient_data"] == 5
+    assert scan(studies, tmp_path / "m", small_bundle, metadata=nih / "labels.csv").without_patient_data == 0
+
+
+def test_weights_without_validation_evidence_are_warned_about(studies, tmp_path, small_bundle):
+    proc = run_cli("scan", studies, "--out", tmp_path / "o", "--weights", small_bundle, "--device", "cpu",
+                   "--no-pdf", "--quiet")
+    assert proc.returncode == 0
+    assert "have no validation evidence (no validation metrics in its manifest)" in proc.stderr
+    run = json.loads((tmp_path / "o" / "run.json").read_text())
+    assert run["validation_evidence_problem"] == "no validation metrics in its manifest"
+
+
+def test_a_training_run_folder_as_weights_points_at_its_bundle(studies, tmp_path, small_bundle):
+    shutil.copytree(small_bundle, tmp_path / "run" / "bundle")
+    proc = run_cli("scan", studies, "--out", tmp_path / "o", "--weights", tmp_path / "run", "--device", "cpu")
+    assert proc.returncode == 1 and f"use --weights {tmp_path / 'run' / 'bundle'}" in proc.stderr

@@ -56,5 +56,5 @@ def test_shards_partition_the_files_and_merge_back(studies, tmp_path, small_bund
     single = read_results(tmp_path / "all" / "results.csv")
     assert [r["file"] for r in merged] == [r["file"] for r in single]
     assert [r["p_Effusion"] for r in merged] == [r["p_Effusion"] for r in single]
-    with pytest.raises(MergeError, match="overlap"):
-        merge_results([parts[0], parts[0]], tmp_path / "bad.csv")
+    with pytest.raises(MergeError, match="shard 0/3 is given twice"):
+        merge_results([parts[0], parts[0], parts[1], parts[2]], tmp_path / "bad.csv")

@@ -8,8 +8,8 @@ from sklearn.metrics import f1_score, hamming_loss, roc_auc_score
 from cxr_batch.findings import FINDINGS
 from training import metrics, thresholds
 from training.config import TrainConfig
-from training.prepare import (assert_patient_disjoint, balance_train, multi_hot, scaled_balance_counts,
-                              split_by_patient, split_from_lists, undersample)
+from training.prepare import (MIN_EVAL_IMAGES, assert_patient_disjoint, balance_train, multi_hot,
+                              scaled_balance_counts, split_by_patient, split_from_lists, split_problems, undersample)
 from training.train import mask_unknown, pos_weights
 
 
@@ -155,3 +155,20 @@ def test_bootstrap_interval_brackets_the_estimate():
     ci = metrics.bootstrap_ci(y, p, (p >= 0.5).astype(int), n=200, seed=0)
     est = metrics.mean_auc(y, p)
     assert ci["mean_auc"][0] < est < ci["mean_auc"][1]
+
+
+def test_a_split_that_cannot_be_evaluated_is_named():
+    every = "|".join(FINDINGS)
+    part = ["No Finding"] * (MIN_EVAL_IMAGES - 1) + [every]  # each finding once positive, once negative
+    good = table(part * 2).assign(split=["val"] * len(part) + ["test"] * len(part))
+    assert split_problems(good) == []
+    no_hernia = good.copy()
+    no_hernia.loc[no_hernia["split"] == "test", "labels"] = "No Finding"
+    no_hernia.loc[no_hernia.index[-1], "labels"] = every.replace("|Hernia", "")
+    assert split_problems(no_hernia) == ["the test part has no positive image of Hernia"]
+    small = good.iloc[: MIN_EVAL_IMAGES + 5]  # validation whole, test 5 images
+    problems = split_problems(small)
+    assert problems[0] == f"the test part has 5 images, fewer than {MIN_EVAL_IMAGES}"
+    assert "the test part has no positive image of Atelectasis, Cardiomegaly" in problems[1]
+    all_positive = good.assign(labels=every)
+    assert split_problems(all_positive)[0].startswith("the validation part has no negative image of Atelectasis")

@@ -28,6 +28,7 @@ def test_quick_run_writes_all_artifacts_and_a_bundle_that_scans(nih, tmp_path, s
     run = tmp_path / "run"
     proc = train(nih, run)
     assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "Warning" not in proc.stderr
     for name in ARTIFACTS:
         assert (run / name).exists(), name
     metrics = json.loads((run / "metrics.json").read_text())
@@ -50,3 +51,24 @@ def test_two_process_ddp_on_cpu(nih, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (tmp_path / "ddp" / "bundle" / "manifest.json").exists()
     assert "epoch 1" in proc.stderr
+
+
+def test_a_split_that_cannot_be_evaluated_is_refused_before_any_work(nih, tmp_path):
+    strict = tmp_path / "strict.toml"
+    strict.write_text(QUICK.read_text().replace("allow_degenerate_split = true", ""))
+    proc = subprocess.run([sys.executable, "-m", "cxr_batch", "train", "--images", str(nih / "images"), "--metadata",
+                           str(nih / "labels.csv"), "--out", str(tmp_path / "run"), "--config", str(strict),
+                           "--device", "cpu"], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert "this split cannot be evaluated: the validation part has 4 images, fewer than 30" in proc.stderr
+    assert "allow_degenerate_split" in proc.stderr
+    assert not (tmp_path / "run" / "bundle").exists() and not list((tmp_path / "run").glob("cache_*"))
+
+
+@pytest.mark.slow
+def test_a_degenerate_split_allowed_for_tests_gives_no_raw_warnings(nih, tmp_path):
+    """4 images: no finding has both labels in the test part; the run says so in words."""
+    proc = train(nih, tmp_path / "run", "--limit", "4")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "Warning" not in proc.stderr and "nan" not in proc.stderr
+    assert "test mean AUC not measurable" in proc.stderr

@@ -29,6 +29,9 @@ class TrainConfig:
     seed: int = 42
     test_fraction: float = bounded(0.20, min=0.0, max=0.9)  # study: 72% train / 8% validation / 20% test
     val_fraction: float = bounded(0.08, min=0.0, max=0.9)
+    # true: train even when the validation or test part cannot be evaluated (too few images, a
+    # finding without positives or negatives; see training/prepare.py:split_problems). Tests only.
+    allow_degenerate_split: bool = False
     # undersampling of the whole set (study defaults)
     keep_no_finding: float = bounded(0.10, min=0.0, max=1.0)
     keep_only: dict = field(default_factory=lambda: {"Infiltration": 0.15, "Effusion": 0.50, "Atelectasis": 0.50})
@@ -73,6 +76,9 @@ class TrainConfig:
     workers: int = bounded(2, min=0, max=64)
     model_name: str = "cxr-fpn"
     version: str = "dev"
+    # printed on every report of the exported bundle (manifest "intended_use")
+    intended_use: str = ("Research use only, not for clinical use: weights trained with cxr-batch train and not "
+                         "validated for clinical use.")
     half_bundle: bool = True
 
     def __post_init__(self):

@@ -28,6 +28,16 @@ from .prepare import multi_hot
 log = logging.getLogger("cxr_batch.train")
 
 
+def auc_text(value: float, ci=None) -> str:
+    """An AUC for the log: with its interval when there is one; a part without positive and
+    negative images (allow_degenerate_split) has none, and the log says so rather than 'nan'."""
+    if not np.isfinite(value):
+        return "not measurable"
+    if ci is not None and np.isfinite(ci).all():
+        return f"{value:.3f} (95% CI {ci[0]:.3f}-{ci[1]:.3f})"
+    return f"{value:.3f}"
+
+
 def subgroup_metrics(table: pd.DataFrame, y: np.ndarray, p: np.ndarray, pred: np.ndarray) -> dict:
     """Mean AUC and macro F1 by view (PA/AP) and by sex: view is a known shortcut in NIH data."""
     out = {}
@@ -69,6 +79,13 @@ def compare_threshold_methods(cfg, y_val, p_val, y_test, p_test) -> dict:
                        "studies_flagged": float(pred.any(axis=1).mean()),
                        "studies_flagged_pneumothorax": float(pred[:, urgent].mean())}
     return out
+
+
+def confusion_counts(s: dict) -> dict:
+    """Per finding, the test images at the chosen thresholds: {finding: {tp, fn, fp, tn}} (the
+    bundle's manifest carries them, so a report can give the sensitivity behind a 'no flag')."""
+    return {f: {"tp": int(tp), "fn": int(fn), "fp": int(fp), "tn": int(tn)}
+            for f, ((tn, fp), (fn, tp)) in zip(FINDINGS, s["confusion"])}
 
 
 def metrics_table(s: dict) -> pd.DataFrame:
@@ -115,7 +132,7 @@ def evaluate_test(cfg, ctx: Context, model, loaders: dict, parts: dict, chosen: 
         "test_image_only": {"mean_auc": image_only["mean_auc"], "f1_macro": image_only["f1_macro"],
                             "auc": image_only["auc"], "ci95": image_only_ci},
         "patient_only_logistic_regression": baseline, "threshold_methods": compared, "by_group": groups,
-        "validation_n": int(len(y_val)),
+        "validation_n": int(len(y_val)), "test_counts": confusion_counts(test),
     }
     return results, test, p_test
 
@@ -128,13 +145,14 @@ def export_bundle(cfg, ctx: Context, model, chosen: np.ndarray, results: dict, p
     return save_bundle(
         out / "bundle", model.cpu().float(), name=cfg.model_name, version=cfg.version, preprocessing=ctx.prep,
         encoding=ctx.encoding, thresholds={f: float(t) for f, t in zip(FINDINGS, chosen)}, half=cfg.half_bundle,
+        intended_use=cfg.intended_use,
         training={"data": prepare_info, "config": cfg.to_dict(), "threshold_method": cfg.threshold_method, **extra},
         metrics={"test_mean_auc": test["mean_auc"], "test_mean_auc_ci95": ci["mean_auc"],
                  "test_f1_macro": test["f1_macro"], "test_f1_macro_ci95": ci["f1_macro"],
                  "test_image_only_mean_auc": image_only["mean_auc"],
                  "test_image_only_mean_auc_ci95": image_only["ci95"]["mean_auc"], "test_n": test["n"],
                  "test_patient_only_lr_mean_auc": results["patient_only_logistic_regression"]["mean_auc"],
-                 "by_group": results["by_group"]},
+                 "by_group": results["by_group"], "per_finding": results["test_counts"]},
     )
 
 
@@ -164,9 +182,10 @@ def evaluate_run(cfg, out: Path, ctx: Context) -> dict:
     example_predictions(parts["test"], data["test"], p_test, chosen, figures / "example_predictions.png")
     export_bundle(cfg, ctx, model, chosen, results, prior, out)
     ci, image_only = results["test_ci95"], results["test_image_only"]
-    log.info("test mean AUC %.3f (95%% CI %.3f-%.3f), macro F1 %.3f; image only AUC %.3f; patient-data-only "
-             "logistic regression AUC %.3f -> %s", test["mean_auc"], *ci["mean_auc"], test["f1_macro"],
-             image_only["mean_auc"], results["patient_only_logistic_regression"]["mean_auc"], out / "bundle")
+
+    log.info("test mean AUC %s, macro F1 %.3f; image only AUC %s; patient-data-only logistic regression AUC %s "
+             "-> %s", auc_text(test["mean_auc"], ci["mean_auc"]), test["f1_macro"], auc_text(image_only["mean_auc"]),
+             auc_text(results["patient_only_logistic_regression"]["mean_auc"]), out / "bundle")
     return results
 
 

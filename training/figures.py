@@ -22,7 +22,10 @@ def roc_curves(y: np.ndarray, p: np.ndarray, path: Path) -> None:
             ax.plot(fpr, tpr, lw=1, label=f"{name} ({roc_auc_score(y[:, c], p[:, c]):.2f})")
     ax.plot([0, 1], [0, 1], "k--", lw=0.8)
     ax.set(xlabel="false positive rate", ylabel="true positive rate", title="ROC on the test part")
-    ax.legend(fontsize=7, loc="lower right")
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7, loc="lower right")
+    else:  # no finding has both labels in the test part: say so on the figure, not with a warning
+        ax.text(0.5, 0.5, "no finding has positive and negative test images", ha="center")
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
 

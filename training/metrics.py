@@ -80,5 +80,8 @@ def bootstrap_ci(y_true: np.ndarray, y_prob: np.ndarray, y_pred: np.ndarray, n: 
         aucs.append(mean_auc(y_true[idx], y_prob[idx]))
         f1s.append(f1_score(y_true[idx], y_pred[idx], average="macro", zero_division=0.0))
     q = [(1 - level) / 2 * 100, (1 + level) / 2 * 100]
-    return {"mean_auc": tuple(float(v) for v in np.nanpercentile(aucs, q)),
+    aucs = np.asarray(aucs)
+    # no resample with a defined AUC (no finding with both labels): NaN, not numpy's All-NaN warning
+    auc_ci = np.nanpercentile(aucs, q) if np.isfinite(aucs).any() else (np.nan, np.nan)
+    return {"mean_auc": tuple(float(v) for v in auc_ci),
             "f1_macro": tuple(float(v) for v in np.percentile(f1s, q))}

@@ -21,6 +21,10 @@ from cxr_batch.metadata import NIH_COLUMNS
 from .config import TrainConfig
 
 PREPARED = "prepared.csv"  # this stage's table, read by every later stage
+# A validation or test part smaller than this cannot say much about any finding: thresholds
+# tuned on it and metrics measured on it are noise (a 95% interval on a proportion measured
+# on 30 images is about +/-18 percentage points wide).
+MIN_EVAL_IMAGES = 30
 
 
 def read_nih_metadata(path: Path) -> pd.DataFrame:
@@ -163,6 +167,23 @@ def scaled_balance_counts(cfg: TrainConfig, n_train: int) -> tuple[int, int]:
     return max(1, round(cfg.mirror_below * factor)), max(1, round(cfg.replicate_to * factor))
 
 
+def split_problems(df: pd.DataFrame, min_images: int = MIN_EVAL_IMAGES) -> list[str]:
+    """Why the validation and test parts of a split cannot be evaluated: a part under
+    ``min_images`` images, or a finding with no positive or no negative image in it (its
+    threshold cannot be tuned, its AUC is undefined). Empty when both parts are usable."""
+    problems = []
+    for part, name in (("val", "validation"), ("test", "test")):
+        rows = df[df["split"] == part]
+        if len(rows) < min_images:
+            problems.append(f"the {name} part has {len(rows)} images, fewer than {min_images}")
+        y = multi_hot(rows["labels"]) if len(rows) else np.zeros((0, len(FINDINGS)))
+        for what, missing in (("positive", y.sum(axis=0) == 0), ("negative", y.sum(axis=0) == len(y))):
+            if missing.any():
+                names = ", ".join(f for f, m in zip(FINDINGS, missing) if m)
+                problems.append(f"the {name} part has no {what} image of {names}")
+    return problems
+
+
 def prepare(cfg: TrainConfig, out: Path) -> pd.DataFrame:
     """Run the stage and write ``out/prepared.csv`` and ``out/prepare.json``."""
     rng = np.random.default_rng(cfg.seed)
@@ -183,6 +204,11 @@ def prepare(cfg: TrainConfig, out: Path) -> pd.DataFrame:
         df["split"] = split_by_patient(df, cfg.test_fraction, cfg.val_fraction, cfg.seed)
         split_kind = f"by patient, seed {cfg.seed}"
     assert_patient_disjoint(df)
+    problems = split_problems(df)
+    if problems and not cfg.allow_degenerate_split:
+        raise ValueError("this split cannot be evaluated: " + "; ".join(problems) + ". Use more images (--limit, "
+                         "--metadata) or other test_fraction/val_fraction; allow_degenerate_split = true trains "
+                         "anyway, for tests only")
     train = df[df["split"] == "train"].reset_index(drop=True)
     mirror_below, replicate_to = scaled_balance_counts(cfg, len(train))
     balanced = balance_train(train, multi_hot(train["labels"]), mirror_below, replicate_to,

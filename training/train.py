@@ -30,7 +30,7 @@ from .augment import train_transform
 from .config import TrainConfig
 from .data import (FINAL_WEIGHTS, HISTORY, PRIOR_INFO, Context, encode_patients, load_splits, predict,
                    unique_training_images)
-from .evaluate import evaluate_run
+from .evaluate import auc_text, evaluate_run
 from .prepare import PREPARED, multi_hot, prepare
 from .prior import apply_patient_prior, fit_patient_logistic, init_skip_from_logistic
 
@@ -214,8 +214,8 @@ def main(cfg: TrainConfig, resume: bool = False) -> Path:
             best = float(np.nan_to_num(key, nan=-np.inf))
         if is_main:
             log.info("epoch %(epoch)d  train loss %(train_loss).4f  val loss %(val_loss).4f  precision %(precision_macro).3f  "
-                     "recall %(recall_macro).3f  F1 %(f1_macro).3f  AUC %(mean_auc).3f  lr %(lr).2g  %(seconds).1fs" % row
-                     + ("  *best*" if improved else ""))
+                     "recall %(recall_macro).3f  F1 %(f1_macro).3f  AUC %(auc)s  lr %(lr).2g  %(seconds).1fs"
+                     % {**row, "auc": auc_text(row["mean_auc"])} + ("  *best*" if improved else ""))
             if improved:
                 torch.save(scored.state_dict(), out / "model_classification.pt")
             torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),

@@ -1,0 +1,98 @@
+"""How values read to a person: finding names, dates, ages, person names, right-to-left text.
+
+Reports and the worklist show values through these functions only, so a finding, a date or an
+age reads the same everywhere a person sees it. results.csv keeps the raw values.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import math
+import re
+import unicodedata
+
+DAYS_PER_YEAR = 365.25
+_DATE = re.compile(r"^(\d{4})[-.]?(\d{2})[-.]?(\d{2})$")  # DICOM DA, ACR-NEMA YYYY.MM.DD, ISO
+
+
+def finding_label(name: str) -> str:
+    """A finding as a person reads it: ``Pleural_Thickening`` -> ``Pleural thickening``."""
+    words = name.split("_")
+    return " ".join([words[0]] + [w.lower() for w in words[1:]])
+
+
+def format_date(raw: str | None) -> str | None:
+    """A study date as ``YYYY-MM-DD`` from DICOM ``YYYYMMDD``, ``YYYY.MM.DD`` or ISO text (a
+    time after the date is dropped). None for an empty or invalid value."""
+    text = (raw or "").strip()
+    match = _DATE.match(text[:10] if len(text) > 10 and text[10] in "T " else text)
+    if not match:
+        return None
+    try:
+        return dt.date(*map(int, match.groups())).isoformat()
+    except ValueError:  # 2024-02-30 and the like
+        return None
+
+
+def _count(n: int, unit: str) -> str:
+    return f"{n} {unit}" if n == 1 else f"{n} {unit}s"
+
+
+def format_age(years: float | None) -> str | None:
+    """An age as a report gives it: completed years, months under one year, days under one
+    month (``57 years``, ``6 months``, ``10 days``). None when unknown."""
+    if years is None or not math.isfinite(years) or years < 0:
+        return None
+    days = years * DAYS_PER_YEAR
+    if days < 29.5:  # a month old from 30 days: "1 month" for DICOM "001M" (30.4 days)
+        return _count(round(days), "day")
+    if years < 1:
+        return _count(max(1, int(years * 12 + 1e-3)), "month")  # 1e-3: ages are stored rounded
+    return _count(int(years + 1e-6), "year")
+
+
+def _person_group(group: str) -> str:
+    """One PN component group ``FAMILY^GIVEN^MIDDLE^PREFIX^SUFFIX`` -> ``FAMILY, PREFIX GIVEN MIDDLE, SUFFIX``."""
+    family, given, middle, prefix, suffix = ([p.strip() for p in group.split("^")] + [""] * 5)[:5]
+    first = " ".join(p for p in (prefix, given, middle) if p)
+    return ", ".join(p for p in (family, first, suffix) if p)
+
+
+def person_name(raw: str | None, can_draw=lambda text: True) -> str:
+    """A patient name for display, from plain text or the DICOM PN form
+    ``FAMILY^GIVEN^MIDDLE^PREFIX^SUFFIX`` with up to three ``=`` groups (alphabetic,
+    ideographic, phonetic).
+
+    The family name comes first, followed by a comma (``DOE, JANE``), the order radiology
+    worklists and reports use (and DICOM and HL7 store): it sorts by family name and never
+    leaves a reader guessing which part is the family name, whatever the culture's usual
+    order. The case is kept as recorded (upper-casing corrupts names such as McDonald). The
+    ideographic group follows in parentheses when ``can_draw`` says the font has its glyphs;
+    the phonetic group (a pronunciation aid) is not shown. Plain text comes back unchanged
+    apart from spacing.
+    """
+    text = " ".join((raw or "").split())
+    if "^" not in text and "=" not in text:
+        return text
+    groups = [_person_group(g) for g in text.split("=")[:2]]
+    main = groups[0] or next((g for g in groups[1:] if g and can_draw(g)), "")
+    extra = [g for g in groups[1:] if g and g != main and can_draw(g)]
+    return main + "".join(f" ({g})" for g in extra)
+
+
+def is_right_to_left(text: str) -> bool:
+    """Whether ``text`` holds a right-to-left letter (Hebrew, Arabic, ...)."""
+    return any(unicodedata.bidirectional(ch) in ("R", "AL") for ch in text)
+
+
+def visual_order(text: str) -> str:
+    """Text as a left-to-right renderer (the PDF library) must draw it: Arabic letters in their
+    joined contextual forms (arabic-reshaper) and right-to-left runs reordered by the Unicode
+    bidirectional algorithm (python-bidi). Left-to-right text is returned unchanged. For one
+    line: a paragraph that wraps must be reordered line by line, so callers give short text."""
+    if not is_right_to_left(text):
+        return text
+    import arabic_reshaper
+    from bidi import get_display
+
+    return get_display(arabic_reshaper.reshape(text))

@@ -1,0 +1,66 @@
+"""How values read to a person: finding names, dates, ages, person names, right-to-left text."""
+
+import unicodedata
+
+import pytest
+
+from cxr_batch.display import finding_label, format_age, format_date, person_name, visual_order
+from cxr_batch.findings import FINDINGS
+from cxr_batch.patient import parse_age
+
+
+def test_finding_labels_read_as_words():
+    assert finding_label("Pleural_Thickening") == "Pleural thickening"
+    assert finding_label("Pneumothorax") == "Pneumothorax"
+    assert all("_" not in finding_label(f) for f in FINDINGS)
+
+
+@pytest.mark.parametrize("raw, shown", [
+    ("20240415", "2024-04-15"), ("2024.04.15", "2024-04-15"), ("2024-04-15", "2024-04-15"),
+    ("2024-04-15T10:20:00", "2024-04-15"), (" 20240229 ", "2024-02-29"),
+    ("20230229", None), ("20241345", None), ("2024", None), ("", None), (None, None), ("yesterday", None),
+])
+def test_dates_are_iso_or_nothing(raw, shown):
+    assert format_date(raw) == shown
+
+
+@pytest.mark.parametrize("raw, shown", [
+    ("057Y", "57 years"), (26.24, "26 years"), (1, "1 year"), ("018M", "1 year"), ("006M", "6 months"),
+    ("001M", "1 month"), ("003W", "21 days"), ("010D", "10 days"), ("001D", "1 day"), ("000D", "0 days"),
+])
+def test_ages_in_whole_units_from_what_the_header_says(raw, shown):
+    years, _ = parse_age(raw)
+    assert format_age(years) == shown
+
+
+def test_unknown_age_is_none():
+    assert format_age(None) is None and format_age(float("nan")) is None
+
+
+@pytest.mark.parametrize("raw, shown", [
+    ("DOE^JANE", "DOE, JANE"),
+    ("Doe^Jane^Marie^Dr^PhD", "Doe, Dr Jane Marie, PhD"),
+    ("DOE", "DOE"),
+    ("^JANE", "JANE"),
+    ("DOE^JANE^^^", "DOE, JANE"),
+    ("Jane Doe", "Jane Doe"),  # plain text stays as it was written
+    ("  Jane   Doe ", "Jane Doe"),
+    ("", ""),
+    ("Yamada^Tarou=山田^太郎=やまだ^たろう", "Yamada, Tarou (山田, 太郎)"),
+    ("=山田^太郎", "山田, 太郎"),
+])
+def test_person_names_family_first(raw, shown):
+    assert person_name(raw) == shown
+
+
+def test_a_name_group_the_font_cannot_draw_is_left_out():
+    assert person_name("Yamada^Tarou=山田^太郎", can_draw=str.isascii) == "Yamada, Tarou"
+
+
+def test_right_to_left_names_are_reordered_and_shaped():
+    # Hebrew: reversed for a left-to-right renderer, family name (first in logical order) at the right
+    assert visual_order("כהן, דוד") == "דוד ,ןהכ"
+    # Arabic: two beh letters join (initial + final presentation forms), then the run is reversed
+    shaped = visual_order("بب")
+    assert [unicodedata.name(c) for c in shaped] == ["ARABIC LETTER BEH FINAL FORM", "ARABIC LETTER BEH INITIAL FORM"]
+    assert visual_order("DOE, JANE") == "DOE, JANE"

@@ -1,0 +1,76 @@
+"""What a bundle says about its intended use and its validation, read from its manifest."""
+
+import csv
+import json
+import shutil
+
+import pytest
+
+from cxr_batch.bundle import load_bundle, save_bundle
+from cxr_batch.evidence import MIN_VALIDATION_IMAGES, NOT_STATED, bundle_evidence
+from cxr_batch.findings import FINDINGS
+from cxr_batch.model import build_model
+from cxr_batch.patient import PatientEncoding
+from cxr_batch.preprocess import Preprocessing
+
+from .conftest import BUNDLED
+
+
+def manifest_with(**metrics) -> dict:
+    return {"thresholds": {f: 0.5 for f in FINDINGS}, "metrics": metrics}
+
+
+def test_a_bundle_without_metrics_has_no_evidence_and_no_stated_use():
+    ev = bundle_evidence({})
+    assert ev.problem == "no validation metrics in its manifest"
+    assert ev.intended_use == NOT_STATED and "not for clinical use" in ev.intended_use
+    assert ev.sensitivity("Pneumothorax") == "Pneumothorax: sensitivity at its threshold not measured for these weights"
+
+
+@pytest.mark.parametrize("metrics, problem", [
+    ({"test_n": 4, "test_mean_auc": 0.7}, f"metrics measured on 4 held-out images, fewer than the {MIN_VALIDATION_IMAGES}"),
+    ({"test_n": 500, "test_mean_auc": float("nan")}, "no validation metrics"),  # a degenerate test part
+    ({"test_mean_auc": 0.8}, "no validation metrics"),
+    ({"test_n": 500, "test_mean_auc": 0.8}, None),
+])
+def test_validation_evidence_needs_finite_metrics_on_enough_images(metrics, problem):
+    found = bundle_evidence(manifest_with(**metrics)).problem
+    assert found == problem if problem is None else found.startswith(problem)
+
+
+def test_sensitivity_comes_from_the_manifests_counts():
+    counts = {f: {"tp": 3, "fn": 1, "fp": 0, "tn": 10} for f in FINDINGS}
+    counts["Hernia"] = {"tp": 0, "fn": 0, "fp": 1, "tn": 13}
+    ev = bundle_evidence(manifest_with(test_n=200, test_mean_auc=0.8, per_finding=counts))
+    assert ev.sensitivity("Pleural_Thickening") == ("Pleural thickening: sensitivity 0.75 at its threshold "
+                                                    "(flagged 3 of 4 held-out images that had it)")
+    assert "not measured (no held-out image had it)" in ev.sensitivity("Hernia")
+
+
+def test_bundled_weights_evidence_from_their_training_run():
+    """v1 predates the manifest fields: the counts come from its training_run files, which
+    were evaluated at the manifest's thresholds on its test images."""
+    manifest = json.loads((BUNDLED / "manifest.json").read_text())
+    ev = bundle_evidence(manifest, BUNDLED)
+    assert "not for clinical use" in ev.intended_use
+    assert ev.images == manifest["metrics"]["test_n"]
+    with open(next((BUNDLED / "training_run").glob("validation_metrics_*.csv")), newline="") as f:
+        row = next(r for r in csv.DictReader(f) if r["finding"] == "Pneumothorax")
+    tp, fn = int(float(row["tp"])), int(float(row["fn"]))
+    assert f"flagged {tp} of {tp + fn} held-out images" in ev.sensitivity("Pneumothorax")
+
+
+def test_training_run_counts_at_other_thresholds_are_not_used(tmp_path):
+    shutil.copytree(BUNDLED / "training_run", tmp_path / "training_run")
+    manifest = json.loads((BUNDLED / "manifest.json").read_text())
+    manifest["thresholds"]["Pneumothorax"] = 0.4  # the bundle's operating point moved after that evaluation
+    ev = bundle_evidence(manifest, tmp_path)
+    assert ev.counts == {} and "not measured" in ev.sensitivity("Pneumothorax")
+
+
+def test_save_bundle_records_the_intended_use(tmp_path):
+    folder = save_bundle(tmp_path / "b", build_model(), name="b", version="1", preprocessing=Preprocessing(image_size=64),
+                         encoding=PatientEncoding(), thresholds={f: 0.5 for f in FINDINGS},
+                         intended_use="Research use only, not for clinical use: a test.")
+    bundle = load_bundle(folder)
+    assert bundle_evidence(bundle.manifest, bundle.path).intended_use == "Research use only, not for clinical use: a test."

@@ -1,0 +1,69 @@
+"""merge: one whole sharded scan or nothing, unless a partial merge is asked for."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from cxr_batch.results import MergeError, merge_results, read_results
+from cxr_batch.scan import ScanConfig, run_scan
+
+
+@pytest.fixture(scope="module")
+def scanned(tmp_path_factory, nih_images, small_bundle):
+    """Folders of shards 0/2 and 1/2 of the same 6 images: results.csv with run.json."""
+    root = tmp_path_factory.mktemp("shards")
+    (root / "studies").mkdir()
+    for p in nih_images[:6]:
+        shutil.copy(p, root / "studies" / p.name)
+    for i in range(2):
+        run_scan(root / "studies", root / f"s{i}", ScanConfig(weights=str(small_bundle), device="cpu", batch_size=4,
+                                                               workers=0, progress=False, pdf=False, shard=(i, 2)))
+    return root
+
+
+@pytest.fixture()
+def shards(scanned, tmp_path):
+    """This test's own copy of the shard folders: results.csv paths."""
+    out = []
+    for i in range(2):
+        shutil.copytree(scanned / f"s{i}", tmp_path / f"s{i}")
+        out.append(tmp_path / f"s{i}" / "results.csv")
+    return out
+
+
+def merge_cli(*args):
+    return subprocess.run([sys.executable, "-m", "cxr_batch", "merge", *map(str, args)], capture_output=True, text=True)
+
+
+def test_every_shard_merges_and_one_missing_is_refused(shards, tmp_path):
+    assert merge_results(shards, tmp_path / "all.csv") == 6
+    with pytest.raises(MergeError, match=r"shard\(s\) 1/2 missing"):
+        merge_results(shards[:1], tmp_path / "half.csv")
+    assert not (tmp_path / "half.csv").exists()
+    refused = merge_cli(shards[0], "--out", tmp_path / "half.csv")
+    assert refused.returncode == 1 and "1/2 missing" in refused.stderr and "--allow-partial" in refused.stderr
+    partial = merge_cli(shards[0], "--out", tmp_path / "half.csv", "--allow-partial")
+    assert partial.returncode == 0 and "partial merge: shard(s) 1/2 missing" in partial.stderr
+    assert len(read_results(tmp_path / "half.csv")) == 3
+
+
+def test_shards_of_other_scans_are_refused(shards, tmp_path):
+    run = json.loads((shards[1].parent / "run.json").read_text())
+    (shards[1].parent / "run.json").write_text(json.dumps({**run, "weights_sha256": "f" * 64}))
+    with pytest.raises(MergeError, match="different weights"):
+        merge_results(shards, tmp_path / "m.csv")
+    (shards[1].parent / "run.json").write_text(json.dumps({**run, "config": {**run["config"], "shard": [1, 3]}}))
+    with pytest.raises(MergeError, match="different splits"):
+        merge_results(shards, tmp_path / "m.csv", allow_partial=True)
+
+
+def test_a_results_file_without_its_run_json_needs_allow_partial(shards, tmp_path):
+    lone = tmp_path / "copied" / "results.csv"
+    lone.parent.mkdir()
+    shutil.copy(shards[1], lone)
+    with pytest.raises(MergeError, match="no readable run.json"):
+        merge_results([shards[0], lone], tmp_path / "m.csv")
+    assert merge_results([shards[0], lone], tmp_path / "m.csv", allow_partial=True) == 6
