@@ -29,16 +29,17 @@ class AssembledStudy:
     grey: np.ndarray | None = None  # uint8 [H, W] for studies to score, else None
 
 
-def assemble_study(cand: Candidate, rules: ScoringRules,
-                   metadata: dict[str, MetadataRow] | None = None) -> AssembledStudy:
-    """Read ``cand``, merge its patient data and identifiers, and decide whether it is scored."""
+def assemble_study(cand: Candidate, rules: ScoringRules, metadata: dict[str, MetadataRow] | None = None,
+                   min_side: int = 0) -> AssembledStudy:
+    """Read ``cand``, merge its patient data and identifiers, and decide whether it is scored.
+    ``min_side``: the short side the model needs (see readers.read_study)."""
     record = StudyRecord(file=cand.rel)
     if cand.problem:
         record.status, record.reason = cand.problem_status, cand.problem
         return AssembledStudy(record)
     header, grey, failure = StudyHeader(), None, None
     try:
-        study = read_study(cand.path, rules)
+        study = read_study(cand.path, rules, min_side)
         header, grey = study.header, study.grey
     except StudyFailure as e:
         failure, header = e, e.header or StudyHeader()

@@ -23,6 +23,9 @@ class FrameInfo:
     columns: int
     components: int  # samples per pixel (RLE: segments, i.e. samples x bytes per sample)
     kind: str
+    precision: int = 0  # bits per sample of the first component (JPEG 2000: from SIZ)
+    signed: bool = False
+    levels: int = 0  # JPEG 2000 wavelet decomposition levels (from COD): 1/2^k sizes come free
 
 
 # Start-of-frame markers of ITU T.81 (baseline, extended, progressive, lossless; FFC4 DHT,
@@ -83,11 +86,23 @@ def j2k_frame(data: bytes) -> FrameInfo:
         raise CodestreamError("no JPEG 2000 SOC/SIZ markers")
     if len(data) < 4 + 38:
         raise CodestreamError("JPEG 2000 SIZ segment is truncated")
-    _lsiz, _rsiz, xsiz, ysiz, xosiz, yosiz = struct.unpack(">HHIIII", data[4:24])
+    lsiz, _rsiz, xsiz, ysiz, xosiz, yosiz = struct.unpack(">HHIIII", data[4:24])
     (csiz,) = struct.unpack(">H", data[40:42])
     if xosiz > xsiz or yosiz > ysiz:
         raise CodestreamError("JPEG 2000 SIZ offsets beyond the image")
-    return FrameInfo(ysiz - yosiz, xsiz - xosiz, csiz, "JPEG 2000")
+    ssiz = data[42] if len(data) > 42 else 0
+    levels = 0
+    cod = 4 + lsiz  # the marker segment after SIZ (Lsiz counts itself, not the marker); COD comes before any tile
+    while cod + 4 <= len(data) and data[cod] == 0xFF:
+        marker, (length,) = data[cod + 1], struct.unpack(">H", data[cod + 2:cod + 4])
+        if marker == 0x52 and cod + 10 <= len(data):  # COD: Scod, SGcod (4 bytes), then decomposition levels
+            levels = data[cod + 9]
+            break
+        if marker == 0x90:  # start of a tile: no COD in the main header
+            break
+        cod += 2 + length
+    return FrameInfo(ysiz - yosiz, xsiz - xosiz, csiz, "JPEG 2000", precision=(ssiz & 0x7F) + 1,
+                     signed=bool(ssiz & 0x80), levels=levels)
 
 
 def rle_segments(data: bytes) -> int:

@@ -12,6 +12,7 @@ from pydicom.uid import (
     UID,
     DeflatedExplicitVRLittleEndian,
     ExplicitVRLittleEndian,
+    JPEGBaseline8Bit,
     ImplicitVRLittleEndian,
     generate_uid,
 )
@@ -71,12 +72,27 @@ def radiograph(pixels: np.ndarray, *, modality: str = "DX", photometric: str = "
 
 def save(ds: Dataset, path: Path, transfer_syntax: UID = ExplicitVRLittleEndian) -> Path:
     """Write ``ds`` in ``transfer_syntax``: the three uncompressed ones natively, RLE, JPEG-LS
-    and JPEG 2000 through pydicom's encoders (pylibjpeg/pyjpegls plugins)."""
+    and JPEG 2000 through pydicom's encoders (pylibjpeg/pyjpegls plugins), 8-bit JPEG baseline
+    through Pillow (quality 95; pydicom has no encoder for it)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     ds = ds.copy()
     transfer_syntax = UID(transfer_syntax)
-    if transfer_syntax.is_compressed and transfer_syntax != DeflatedExplicitVRLittleEndian:
+    if transfer_syntax == JPEGBaseline8Bit:
+        import io
+
+        from PIL import Image
+        from pydicom.encaps import encapsulate
+
+        if ds.BitsAllocated != 8 or ds.SamplesPerPixel != 1:
+            raise ValueError("JPEG baseline here takes 8-bit grey images")
+        buf = io.BytesIO()
+        Image.fromarray(ds.pixel_array).save(buf, format="JPEG", quality=95)
+        ds.PixelData = encapsulate([buf.getvalue()])
+        ds["PixelData"].VR, ds["PixelData"].is_undefined_length = "OB", True
+        ds.LossyImageCompression, ds.LossyImageCompressionMethod = "01", "ISO_10918_1"
+        ds.file_meta.TransferSyntaxUID = transfer_syntax
+    elif transfer_syntax.is_compressed and transfer_syntax != DeflatedExplicitVRLittleEndian:
         ds.compress(transfer_syntax)
     else:
         ds.file_meta.TransferSyntaxUID = transfer_syntax

@@ -24,7 +24,7 @@ from .discover import Candidate
 from .findings import DEFAULT_URGENT
 from .metadata import MetadataRow
 from .patient import PatientEncoding
-from .preprocess import Preprocessing, eval_transform
+from .preprocess import Preprocessing, eval_transform, eval_transform_batch
 from .record import Scores, StudyRecord
 from .runtime import RunPolicy, available_cores, default_workers
 from .sandbox import ReadLimits, StudyReader
@@ -77,6 +77,19 @@ class Batch:
     ok: list[int]  # positions in records that have model inputs
     images: torch.Tensor | None  # [len(ok), 3, S, S]
     tabular: torch.Tensor | None  # [len(ok), 3]
+
+
+def collate_on_device(studies: list[AssembledStudy], prep: Preprocessing, encoding: PatientEncoding,
+                      device: torch.device) -> Batch:
+    """A batch whose images are preprocessed on ``device`` (a GPU): the decoded uint8 images
+    are sent once, and crop, resize and normalisation run there (cxr_batch.preprocess)."""
+    ok = [i for i, s in enumerate(studies) if s.grey is not None]
+    if not ok:
+        return Batch([s.record for s in studies], [], None, None)
+    images = eval_transform_batch([studies[i].grey for i in ok], prep, device)
+    tabular = torch.from_numpy(np.stack([encoding.encode(p.age, p.view, p.sex)
+                                         for p in (studies[i].record.patient for i in ok)])).to(device)
+    return Batch([s.record for s in studies], ok, images, tabular)
 
 
 def collate(items: list[Loaded]) -> Batch:
@@ -172,10 +185,14 @@ def score_batches(candidates: list[Candidate], engine: Engine, options: BatchOpt
         progress = tqdm(total=len(candidates), unit="img", desc="scan", file=sys.stderr)
     # crop/resize/normalise of a batch in threads (torch releases the GIL) while workers read ahead
     threads = ThreadPoolExecutor(max(1, min(4, available_cores())), thread_name_prefix="cxr-prep")
-    studies = reader.read(candidates, ahead=2 * options.batch_size, metadata=metadata)
+    studies = reader.read(candidates, ahead=2 * options.batch_size, metadata=metadata, min_side=prep.min_side)
+    on_gpu = engine.policy.device.type == "cuda"
     try:
         while chunk := list(islice(studies, options.batch_size)):
-            batch = collate(list(threads.map(lambda s: model_inputs(s, prep, encoding), chunk)))
+            if on_gpu:
+                batch = collate_on_device(chunk, prep, encoding, engine.policy.device)
+            else:
+                batch = collate(list(threads.map(lambda s: model_inputs(s, prep, encoding), chunk)))
             probs = engine.probabilities(batch.images, batch.tabular) if batch.ok else None
             records = attach_scores(batch, probs, engine.bundle, options.urgent)
             yield ScoredBatch(records, batch.ok, batch.images, batch.tabular)

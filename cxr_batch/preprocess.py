@@ -9,6 +9,7 @@ configuration, and inference rebuilds the transform from the bundle, never from 
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -29,6 +30,15 @@ class Preprocessing:
         validate(self, "preprocessing")
         if min(self.std) <= 0:
             raise ConfigError(f"preprocessing.std = {self.std}: must be positive")
+
+    @property
+    def min_side(self) -> int:
+        """The short side a decoder must deliver (when it can deliver less for free): twice what
+        the centre crop needs to cover ``image_size`` pixels. A wavelet level's low-pass is not
+        the resize's antialiasing filter; with one level of headroom the resize does the last
+        averaging itself and the probabilities stay close to a full decode's
+        (tests/test_speed_paths.py holds them within 0.01 for the bundled weights)."""
+        return 2 * math.ceil(self.image_size / self.crop_fraction)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -94,3 +104,21 @@ def model_view(grey: np.ndarray, prep: Preprocessing) -> torch.Tensor:
 def eval_transform(grey: np.ndarray, prep: Preprocessing) -> torch.Tensor:
     """The evaluation/inference transform: uint8 [H, W] -> float32 [3, S, S]."""
     return normalise(model_view(grey, prep), prep)
+
+
+def eval_transform_batch(greys: list[np.ndarray], prep: Preprocessing, device: torch.device) -> torch.Tensor:
+    """:func:`eval_transform` of several images on ``device`` (a GPU): uint8 images travel
+    (a quarter of float32's bytes, from pinned memory), and images of one size are cropped,
+    resized and normalised together. -> float32 [N, 3, S, S] on ``device``, in input order."""
+    out = torch.empty((len(greys), 3, prep.image_size, prep.image_size), dtype=torch.float32, device=device)
+    by_shape: dict[tuple[int, int], list[int]] = {}
+    for i, grey in enumerate(greys):
+        by_shape.setdefault(grey.shape, []).append(i)
+    for positions in by_shape.values():
+        stack = torch.from_numpy(np.stack([greys[i] for i in positions]))
+        if device.type == "cuda":
+            stack = stack.pin_memory()
+        x = stack.to(device, non_blocking=True)[:, None].to(torch.float32).div_(255.0)
+        x = resize(center_crop(x, prep.crop_fraction), prep.image_size).clamp_(0.0, 1.0)
+        out[positions] = normalise(x, prep)
+    return out

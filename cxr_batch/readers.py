@@ -40,8 +40,10 @@ def sniff(head: bytes) -> str | None:
     return None
 
 
-def read_pil(path: Path, rules: ScoringRules) -> np.ndarray:
-    """Decode a PNG/JPEG to a uint8 grey array, refusing oversized and colour images."""
+def read_pil(path: Path, rules: ScoringRules, min_side: int = 0) -> np.ndarray:
+    """Decode a PNG/JPEG to a uint8 grey array, refusing oversized and colour images. A JPEG
+    is decoded through its DCT scaling (1/2, 1/4, 1/8) when a short side of ``min_side`` is
+    all the caller needs."""
     what = "PNG" if Path(path).suffix.lower() == ".png" else "image"
     try:
         with warnings.catch_warnings():
@@ -51,6 +53,12 @@ def read_pil(path: Path, rules: ScoringRules) -> np.ndarray:
                 w, h = im.size
                 if w * h > rules.max_pixels:
                     raise ReadError(f"image is {w} x {h} pixels, over the limit of {rules.max_pixels:,}")
+                if im.format == "JPEG" and min_side > 0 and im.mode in ("L", "RGB", "YCbCr"):
+                    from .dicom import reduction
+
+                    k = reduction(h, w, min_side, 3)
+                    if k:
+                        im.draft(im.mode, (-(-w // 2 ** k), -(-h // 2 ** k)))
                 im.load()
                 return pil_to_grey(im)
     except ReadError:
@@ -110,9 +118,10 @@ def open_regular(path: Path):
         raise
 
 
-def read_study(path: Path, rules: ScoringRules = ScoringRules()) -> StudyImage:
+def read_study(path: Path, rules: ScoringRules = ScoringRules(), min_side: int = 0) -> StudyImage:
     """Read one file, recognised by its content whatever its name. Raises ReadError or
-    SkipStudy with the reason for its row."""
+    SkipStudy with the reason for its row. ``min_side`` > 0: the image may come back smaller,
+    down to that short side, where its coding gives a smaller size for free."""
     path = Path(path)
     try:
         with open_regular(path) as f:
@@ -126,11 +135,11 @@ def read_study(path: Path, rules: ScoringRules = ScoringRules()) -> StudyImage:
         raise ReadError(f"cannot read file: {e.strerror or type(e).__name__}") from None
     kind = sniff(head)
     if kind in ("png", "jpeg"):
-        return StudyImage(grey=read_pil(path, rules), kind=kind)
+        return StudyImage(grey=read_pil(path, rules, min_side), kind=kind)
     from . import dicom  # pydicom is only imported when a DICOM file is met
 
     if kind == "dicom" or dicom.looks_like_dicom(path):
-        return dicom.read_dicom(path, rules)
+        return dicom.read_dicom(path, rules, min_side)
     if is_text(head):
         raise SkipStudy("not an image: a text file")
     named = f" (named {path.suffix.lower()})" if path.suffix.lower() in IMAGE_SUFFIXES else ""

@@ -62,8 +62,8 @@ def _worker_init(memory_bytes: int) -> None:
     resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
 
 
-def _read(cand: Candidate, rules: ScoringRules, row: MetadataRow | None) -> AssembledStudy:
-    return assemble_study(cand, rules, {cand.path.name: row} if row is not None else None)
+def _read(cand: Candidate, rules: ScoringRules, row: MetadataRow | None, min_side: int = 0) -> AssembledStudy:
+    return assemble_study(cand, rules, {cand.path.name: row} if row is not None else None, min_side)
 
 
 def _failed(cand: Candidate, reason: str) -> AssembledStudy:
@@ -81,6 +81,7 @@ class StudyReader:
     def __init__(self, workers: int, rules: ScoringRules, limits: ReadLimits = ReadLimits()):
         self.workers, self.rules, self.limits = workers, rules, limits
         self.metadata: dict[str, MetadataRow] | None = None
+        self.min_side = 0
         self._pool: ProcessPoolExecutor | None = None
         self.replaced = 0  # workers replaced after a crash or a time-out
 
@@ -117,23 +118,24 @@ class StudyReader:
 
     def _submit(self, cand: Candidate) -> Future:
         row = self.metadata.get(cand.path.name) if self.metadata else None
-        return self._pool.submit(_read, cand, self.rules, row)
+        return self._pool.submit(_read, cand, self.rules, row, self.min_side)
 
-    def read_one(self, cand: Candidate) -> AssembledStudy:
+    def read_one(self, cand: Candidate, min_side: int = 0) -> AssembledStudy:
         """One candidate's study (nothing else in flight)."""
-        studies = self.read([cand])
+        studies = self.read([cand], min_side=min_side)
         try:
             return next(studies)
         finally:
             studies.close()
 
-    def read(self, candidates: Iterable[Candidate], ahead: int = 32,
-             metadata: dict[str, MetadataRow] | None = None) -> Iterator[AssembledStudy]:
-        """The candidates' studies in order; ``metadata``: rows of the metadata table by file name."""
-        self.metadata = metadata
+    def read(self, candidates: Iterable[Candidate], ahead: int = 32, metadata: dict[str, MetadataRow] | None = None,
+             min_side: int = 0) -> Iterator[AssembledStudy]:
+        """The candidates' studies in order; ``metadata``: rows of the metadata table by file name;
+        ``min_side``: the short side the model needs (images may come back that small)."""
+        self.metadata, self.min_side = metadata, min_side
         if self.workers == 0:
             for cand in candidates:
-                yield _read(cand, self.rules, self.metadata.get(cand.path.name) if self.metadata else None)
+                yield _read(cand, self.rules, self.metadata.get(cand.path.name) if self.metadata else None, min_side)
             return
         todo = iter(candidates)
         flight: deque[tuple[Candidate, Future]] = deque()

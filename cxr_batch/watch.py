@@ -327,7 +327,7 @@ class Watcher:
             inputs = None
             source = self.watch_dir / record.file
             if source.is_file():
-                study = self.reader.read_one(Candidate(source, record.file))
+                study = self.reader.read_one(Candidate(source, record.file), self.bundle.preprocessing.min_side)
                 loaded = model_inputs(study, self.bundle.preprocessing, self.bundle.encoding)
                 if loaded.image is not None:
                     inputs = (loaded.image, loaded.tabular)

@@ -58,3 +58,53 @@ def test_shards_partition_the_files_and_merge_back(studies, tmp_path, small_bund
     assert [r["p_Effusion"] for r in merged] == [r["p_Effusion"] for r in single]
     with pytest.raises(MergeError, match="shard 0/3 is given twice"):
         merge_results([parts[0], parts[0], parts[1], parts[2]], tmp_path / "bad.csv")
+
+
+# ---------------------------------------------------------------- decoding only what the model needs
+@pytest.fixture(scope="module")
+def detector_dicoms(tmp_path_factory, nih):
+    """2500 x 2000, 12 bits stored, from real 1024-px radiographs, in JPEG 2000 (lossless) and
+    8-bit JPEG baseline."""
+    from PIL import Image
+    from pydicom.uid import JPEG2000Lossless, JPEGBaseline8Bit
+
+    from cxr_batch.dicom_build import radiograph, save
+
+    folder = tmp_path_factory.mktemp("detector")
+    made = []
+    for i, src in enumerate(sorted((nih / "full_res").glob("*.png"))[:6]):
+        img = Image.open(src).convert("L").resize((2500, 2000), Image.BILINEAR)
+        made.append(save(radiograph(np.asarray(img).astype(np.uint16) * 16, bits_stored=12, WindowCenter=2048,
+                                    WindowWidth=4096), folder / f"j2k{i}.dcm", JPEG2000Lossless))
+        made.append(save(radiograph(np.asarray(img)), folder / f"jpeg{i}.dcm", JPEGBaseline8Bit))
+    return made
+
+
+def test_reduced_decode_sizes_and_grey_levels(detector_dicoms):
+    from cxr_batch.dicom import reduction
+    from cxr_batch.readers import read_study
+
+    assert reduction(2000, 2500, 144, 5) == 3 and reduction(2000, 2500, 0, 5) == 0
+    assert reduction(2000, 2500, 500, 5) == 2 and reduction(300, 300, 144, 5) == 1
+    for path in detector_dicoms:
+        full = read_study(path, ScoringRules()).grey
+        small = read_study(path, ScoringRules(), min_side=300).grey
+        assert min(small.shape) >= 300 and small.shape[0] < full.shape[0]
+        # the same picture: mean grey within 1 level, and a box-downsampled full decode alike
+        k = full.shape[0] // small.shape[0]
+        box = full[: small.shape[0] * k, : small.shape[1] * k].reshape(small.shape[0], k, small.shape[1], k).mean((1, 3))
+        assert abs(float(full.mean()) - float(small.mean())) < 1.0
+        assert np.abs(box - small[: box.shape[0], : box.shape[1]]).mean() < 6.0
+
+
+def test_reduced_decode_keeps_the_bundled_models_probabilities(detector_dicoms):
+    from cxr_batch.readers import read_study
+
+    bundle = load_bundle()
+    prep = bundle.preprocessing
+    full = [eval_transform(read_study(p, ScoringRules()).grey, prep) for p in detector_dicoms]
+    small = [eval_transform(read_study(p, ScoringRules(), prep.min_side).grey, prep) for p in detector_dicoms]
+    engine = Engine(bundle, RunPolicy(torch.device("cpu"), "fp32"))
+    t = torch.full((len(full), 3), 0.5)
+    diff = np.abs(engine.probabilities(torch.stack(full), t) - engine.probabilities(torch.stack(small), t))
+    assert diff.max() <= 0.01, diff.max()
