@@ -6,7 +6,7 @@
 Prints, for one process on the same real NIH images and batch size:
 - decode rate: read + preprocess images/s of one worker (no model);
 - model-only: forward images/s on tensors already in memory (after a warm-up batch);
-- end-to-end: ``run_scan`` images/s (find, read, preprocess in DataLoader workers, infer,
+- end-to-end: ``run_scan`` images/s (find, read in worker processes, preprocess, infer,
   write results.csv), and its ratio to model-only (target >= 0.85 on the 2-core CPU machine);
 - peak resident memory of a ``cxr-batch scan --no-pdf`` of --memory-n images (process tree,
   from /proc) and its images/s, against the end-to-end rate on --n images (flat with scale).
@@ -36,7 +36,7 @@ from cxr_batch.scan import ScanConfig, run_scan  # noqa: E402
 
 def decode_rate(paths: list[Path], bundle) -> float:
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as in a DataLoader worker
+    torch.set_num_threads(1)  # as in a reading worker
     t0 = time.perf_counter()
     for p in paths:
         load_study(Candidate(p, p.name), bundle.preprocessing, bundle.encoding, ScoringRules())
