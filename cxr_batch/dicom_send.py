@@ -27,6 +27,15 @@ _DESTINATION = re.compile(r"^(?P<ae>[^@]{1,16})@(?P<host>\[[0-9A-Fa-f:.]+\]|[^:\
 _STORED = {0x0000, 0xB000, 0xB006, 0xB007}
 
 
+def check_ae_title(title: str) -> str:
+    """An AE title as PS3.5 allows it (1-16 characters of the default repertoire, no
+    backslash, not only spaces), stripped; ValueError otherwise."""
+    stripped = title.strip()
+    if not 0 < len(title) <= 16 or not stripped or "\\" in title or not (title.isascii() and title.isprintable()):
+        raise ValueError(f"the AE title {title!r} must be 1-16 printable ASCII characters without '\\'")
+    return stripped
+
+
 @dataclass(frozen=True)
 class Destination:
     """A peer to store to: AE title, host and port (``AE@HOST:PORT``; ``AE@[::1]:104``)."""
@@ -42,8 +51,10 @@ class Destination:
         if m is None:
             raise ValueError(f"{text!r}: expected AE@HOST:PORT, e.g. PACS@pacs.example.org:104")
         ae_title, port = m["ae"].strip(), int(m["port"])
-        if not ae_title or "\\" in ae_title or not ae_title.isprintable():
-            raise ValueError(f"{text!r}: the AE title must be 1-16 printable characters without '\\'")
+        try:
+            check_ae_title(ae_title)
+        except ValueError as e:
+            raise ValueError(f"{text!r}: {e}") from None
         if not 1 <= port <= 65535:
             raise ValueError(f"{text!r}: port {port} is not 1-65535")
         return cls(ae_title, m["host"].strip("[]"), port)
