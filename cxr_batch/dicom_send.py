@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import re
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +26,17 @@ CALLING_AE_TITLE = "CXRBATCH"
 _DESTINATION = re.compile(r"^(?P<ae>[^@]{1,16})@(?P<host>\[[0-9A-Fa-f:.]+\]|[^:\[\]@]+):(?P<port>\d{1,5})$")
 # C-STORE statuses that mean "stored" (PS3.4 B.2.3): success and the three warnings.
 _STORED = {0x0000, 0xB000, 0xB006, 0xB007}
+
+
+def tcp_no_delay(event) -> None:
+    """An ``EVT_CONN_OPEN`` handler (either side of an association): TCP_NODELAY on its socket.
+    A DIMSE message goes out as several small PDUs (command, then data set), and with Nagle's
+    algorithm each waits for the peer's delayed ACK: a C-STORE on loopback took about 50 ms
+    instead of 13 (measured against cxr-batch listen's own SCP)."""
+    try:
+        event.assoc.dul.socket.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except (AttributeError, OSError):  # no socket any more, or not TCP: nothing to tune
+        pass
 
 
 def check_ae_title(title: str) -> str:
@@ -81,7 +93,7 @@ def send_dataset(dataset: Dataset | str | Path, destination: Destination, *, cal
                  timeout: float = 30.0) -> SendResult:
     """C-STORE ``dataset`` (a Dataset with file meta, or a DICOM file's path) to
     ``destination``; never raises for network, peer or association failures."""
-    from pynetdicom import AE  # imported only where results are sent
+    from pynetdicom import AE, evt  # imported only where results are sent
 
     if not isinstance(dataset, Dataset):
         dataset = pydicom.dcmread(dataset)
@@ -92,7 +104,8 @@ def send_dataset(dataset: Dataset | str | Path, destination: Destination, *, cal
     # SOP class at all can take the object.
     ae.add_requested_context(dataset.SOPClassUID, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
     try:
-        assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title)
+        assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title,
+                             evt_handlers=[(evt.EVT_CONN_OPEN, tcp_no_delay)])
     except Exception as e:  # a bad host name, an unreachable network
         return _failed(uid, destination, f"cannot connect: {type(e).__name__}: {e}", transient=True)
     if not assoc.is_established:

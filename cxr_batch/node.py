@@ -34,7 +34,7 @@ from pydicom.uid import RE_VALID_UID
 
 from .config import ConfigError, bounded
 from .dicom import DECODED_TRANSFER_SYNTAXES
-from .dicom_send import Destination, check_ae_title
+from .dicom_send import Destination, check_ae_title, tcp_no_delay
 from .discover import is_ignored_name
 from .files import atomic_write_bytes, private_dir
 from .outbound import Sender
@@ -205,7 +205,8 @@ class StorageSCP:
         from pynetdicom import evt
 
         handlers = [(evt.EVT_C_STORE, self.on_store), (evt.EVT_DATA_RECV, self.on_data),
-                    (evt.EVT_REJECTED, self.on_rejected), (evt.EVT_CONN_CLOSE, self.on_close)]
+                    (evt.EVT_REJECTED, self.on_rejected), (evt.EVT_CONN_CLOSE, self.on_close),
+                    (evt.EVT_CONN_OPEN, tcp_no_delay)]
         try:
             self.server = self.ae.start_server((self.cfg.host, self.cfg.port), block=False, evt_handlers=handlers,
                                                ssl_context=self.tls)
