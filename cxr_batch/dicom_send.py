@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import re
 import socket
+import ssl
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -90,9 +91,11 @@ def _failure_is_transient(status: int) -> bool:
 
 
 def send_dataset(dataset: Dataset | str | Path, destination: Destination, *, calling_ae: str = CALLING_AE_TITLE,
-                 timeout: float = 30.0) -> SendResult:
+                 timeout: float = 30.0, tls: ssl.SSLContext | None = None) -> SendResult:
     """C-STORE ``dataset`` (a Dataset with file meta, or a DICOM file's path) to
-    ``destination``; never raises for network, peer or association failures."""
+    ``destination``, over TLS with ``tls`` (the peer's certificate checked against the
+    context's CAs and the destination's host name); never raises for network, peer or
+    association failures."""
     from pynetdicom import AE, evt  # imported only where results are sent
 
     if not isinstance(dataset, Dataset):
@@ -105,6 +108,7 @@ def send_dataset(dataset: Dataset | str | Path, destination: Destination, *, cal
     ae.add_requested_context(dataset.SOPClassUID, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
     try:
         assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title,
+                             tls_args=(tls, destination.host) if tls is not None else None,
                              evt_handlers=[(evt.EVT_CONN_OPEN, tcp_no_delay)])
     except Exception as e:  # a bad host name, an unreachable network
         return _failed(uid, destination, f"cannot connect: {type(e).__name__}: {e}", transient=True)

@@ -74,6 +74,9 @@ class ListenConfig(WatchConfig):
     tls_certificate: str | None = None  # PEM certificate (chain): the node speaks TLS only
     tls_key: str | None = None  # its PEM private key
     tls_ca: str | None = None  # PEM CA bundle: peers must present a certificate it signed
+    send_tls_ca: str | None = None  # PEM CA bundle: send_to is reached over TLS, its certificate checked
+    send_tls_certificate: str | None = None  # our client certificate for send_to (with send_tls_key)
+    send_tls_key: str | None = None
 
     def __post_init__(self):
         super().__post_init__()
@@ -93,25 +96,41 @@ class ListenConfig(WatchConfig):
             raise ConfigError(f"{where}: tls_certificate and tls_key are given together")
         if self.tls_ca and not self.tls_certificate:
             raise ConfigError(f"{where}.tls_ca: verifying peers needs the node's own tls_certificate and tls_key")
+        if bool(self.send_tls_certificate) != bool(self.send_tls_key):
+            raise ConfigError(f"{where}: send_tls_certificate and send_tls_key are given together")
+        if self.send_tls_certificate and not self.send_tls_ca:
+            raise ConfigError(f"{where}.send_tls_certificate: TLS to send_to needs send_tls_ca, the CAs to check "
+                              f"the PACS's certificate against")
 
     @property
     def destination(self) -> Destination | None:
         return Destination.parse(self.send_to) if self.send_to else None
 
     def tls_context(self) -> ssl.SSLContext | None:
-        """The server's TLS context (TLS 1.2 or later), or None without a certificate;
+        """The listener's TLS context (TLS 1.2 or later), or None without a certificate;
         ConfigError when the files cannot be loaded."""
         if not self.tls_certificate:
             return None
-        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        return self._tls(ssl.PROTOCOL_TLS_SERVER, self.tls_certificate, self.tls_key, self.tls_ca)
+
+    def send_tls_context(self) -> ssl.SSLContext | None:
+        """The sender's TLS context (the PACS's certificate and host name checked), or None
+        without ``send_tls_ca``."""
+        if not self.send_tls_ca:
+            return None
+        return self._tls(ssl.PROTOCOL_TLS_CLIENT, self.send_tls_certificate, self.send_tls_key, self.send_tls_ca)
+
+    def _tls(self, protocol, certificate: str | None, key: str | None, ca: str | None) -> ssl.SSLContext:
+        context = ssl.SSLContext(protocol)  # a client context checks host names and certificates
         context.minimum_version = ssl.TLSVersion.TLSv1_2
         try:
-            context.load_cert_chain(self.tls_certificate, self.tls_key)
-            if self.tls_ca:
+            if certificate:
+                context.load_cert_chain(certificate, key)
+            if ca:
                 context.verify_mode = ssl.CERT_REQUIRED
-                context.load_verify_locations(cafile=self.tls_ca)
+                context.load_verify_locations(cafile=ca)
         except (OSError, ssl.SSLError) as e:
-            raise ConfigError(f"{self.table}: the TLS certificate, key or CA cannot be loaded: {e}") from None
+            raise ConfigError(f"{self.table}: a TLS certificate, key or CA cannot be loaded: {e}") from None
         return context
 
 
@@ -311,14 +330,14 @@ class Node(Watcher):
     command = "listen"
 
     def __init__(self, out: Path, cfg: ListenConfig, stop=None):
-        tls = cfg.tls_context()  # a bad certificate stops the start before the model loads
+        tls, send_tls = cfg.tls_context(), cfg.send_tls_context()  # bad files stop the start before the model loads
         super().__init__(Path(out) / STATE_DIR / SPOOL, out, cfg, stop)
         self.spool = Spool(self.watch_dir)
         self.scp = StorageSCP(cfg, self.spool, lambda path: self.events.put(str(path)), tls)
         destination = cfg.destination
         self.sender = None if destination is None else Sender(
             self.ledger.path, self.out, destination, calling_ae=cfg.ae_title, timeout=cfg.send_timeout,
-            retry_max=cfg.retry_max)
+            retry_max=cfg.retry_max, tls=send_tls)
 
     # ------------------------------------------------------------------ lifecycle hooks
     def cleanup_temp(self) -> None:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import sqlite3
+import ssl
 import threading
 import time
 from pathlib import Path
@@ -36,12 +37,13 @@ class Sender:
     """Drains the outbound queue of the ledger at ``ledger_path`` to ``destination``.
 
     ``results_dir``: the folder the queued paths are relative to; ``calling_ae``: our AE title;
-    ``timeout``: seconds each network step may take; ``retry_max``: the longest back-off."""
+    ``timeout``: seconds each network step may take; ``retry_max``: the longest back-off;
+    ``tls``: a client TLS context for the destination, or None for plain DICOM."""
 
     def __init__(self, ledger_path: Path, results_dir: Path, destination: Destination, *, calling_ae: str,
-                 timeout: float, retry_max: float):
+                 timeout: float, retry_max: float, tls: ssl.SSLContext | None = None):
         self.ledger_path, self.results_dir, self.destination = Path(ledger_path), Path(results_dir), destination
-        self.calling_ae, self.timeout, self.retry_max = calling_ae, timeout, retry_max
+        self.calling_ae, self.timeout, self.retry_max, self.tls = calling_ae, timeout, retry_max, tls
         self.halt, self.wakeup = threading.Event(), threading.Event()
         self.link_failures = 0  # consecutive passing failures: the back-off's exponent
         self.last_error = ""
@@ -65,7 +67,8 @@ class Sender:
             self.thread.join(timeout if timeout is not None else 4 * self.timeout + 5)
 
     def status(self) -> dict:
-        return {"destination": str(self.destination), "peer": "unreachable" if self.link_failures else "ok",
+        return {"destination": str(self.destination), "tls": self.tls is not None,
+                "peer": "unreachable" if self.link_failures else "ok",
                 "last_error": self.last_error[:200]}
 
     # ------------------------------------------------------------------ the loop
@@ -121,6 +124,7 @@ class Sender:
         if not path.is_file():
             return SendResult(False, reason=f"object file {item.path} is missing")
         try:
-            return send_dataset(path, self.destination, calling_ae=self.calling_ae, timeout=self.timeout)
+            return send_dataset(path, self.destination, calling_ae=self.calling_ae, timeout=self.timeout,
+                                tls=self.tls)
         except Exception as e:  # unreadable as DICOM: sending it again cannot help
             return SendResult(False, reason=f"object file {item.path} cannot be read: {type(e).__name__}")

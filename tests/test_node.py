@@ -246,6 +246,7 @@ def test_tls_only_with_a_certificate_and_peers_verified_against_the_ca(listener,
     ({"send_to": "PACS@host"}, "send_to"),
     ({"tls_certificate": "node.pem"}, "together"),
     ({"tls_ca": "ca.pem"}, "tls_ca"),
+    ({"send_tls_certificate": "c.pem", "send_tls_key": "k.pem"}, "send_tls_ca"),
     ({"port": 0}, "port"),
     ({"max_pdu": 100}, "max_pdu"),
 ])
@@ -303,6 +304,37 @@ def test_sender_backs_off_while_the_pacs_is_down_then_drains_the_queue(queued_sr
     assert sorted(pydicom.dcmread(p).SOPInstanceUID for p in pacs_dir.iterdir()) == sorted(uids)
     stats = ledger.outbound_stats(time.time())
     assert stats["queued"] == 0 and stats["failed"] == 0 and sender.status()["peer"] == "ok"
+
+
+@pytest.mark.skipif(not have("openssl", "storescp"), reason="openssl or dcmtk not installed")
+def test_results_go_to_the_pacs_over_tls_only_to_a_trusted_certificate(queued_srs, tmp_path):
+    out, ledger, uids = queued_srs
+    pacs_key, pacs_cert = _self_signed(tmp_path, "pacs")
+    node_key, node_cert = _self_signed(tmp_path, "node")
+    _, stranger_cert = _self_signed(tmp_path, "stranger")
+    port, pacs_dir = free_port(), tmp_path / "pacs"
+    pacs_dir.mkdir()
+    pacs = subprocess.Popen(["storescp", "+tls", str(pacs_key), str(pacs_cert), "-rc", "+cf", str(node_cert), "-aet",
+                             "PACS", "-od", str(pacs_dir), str(port)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    destination = f"PACS@127.0.0.1:{port}"
+    try:
+        for ca, delivered in ((stranger_cert, 0), (pacs_cert, 2)):  # a PACS we cannot trust gets nothing
+            cfg = ListenConfig(send_to=destination, send_tls_ca=str(ca), send_tls_certificate=str(node_cert),
+                               send_tls_key=str(node_key))
+            sender = Sender(ledger.path, out, cfg.destination, calling_ae="CXRBATCH", timeout=5, retry_max=1.0,
+                            tls=cfg.send_tls_context()).start()
+            try:
+                assert wait_for(lambda: ledger.outbound_stats(time.time())["retrying" if not delivered else
+                                                                           "delivered"] >= max(delivered, 1), timeout=60)
+            finally:
+                sender.stop()
+            assert ledger.outbound_stats(time.time())["delivered"] == delivered
+    finally:
+        pacs.terminate()
+        pacs.wait(timeout=10)
+    assert sorted(pydicom.dcmread(p).SOPInstanceUID for p in pacs_dir.iterdir()) == sorted(uids)
+    assert sender.status()["tls"]
 
 
 def test_a_peer_that_refuses_the_object_for_good_fails_it_once(queued_srs):
@@ -413,7 +445,7 @@ def test_sigkill_mid_stream_and_restart_gives_one_sr_per_scored_image_at_the_pac
         script = "; ".join(shlex.join(cmd) for cmd in storescu_commands(port, files[5:]))
         sender = subprocess.Popen(["sh", "-c", script], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         time.sleep(0.5)
-        node.send_signal(signal.SIGKILL)  # mid-stream: objects received, in the spool, being scored, being sent
+        os.killpg(node.pid, signal.SIGKILL)  # mid-stream: objects received, in the spool, being scored, being sent
         assert node.wait(timeout=30) == -9
         sender.wait(timeout=60)
         node = start_node(out, small_bundle, config, *args, log=log)

@@ -81,9 +81,11 @@ def node_config(path, **values) -> str:
 
 def start_node(out, bundle, config, *extra, log, env=None):
     """``cxr-batch listen`` as a user starts it; its log goes to the file ``log`` (a pipe nobody
-    reads would fill up and block the node)."""
+    reads would fill up and block the node). In a session of its own: ``os.killpg(pid, SIGKILL)``
+    kills it with its reading workers, as systemd kills a service's control group."""
     with open(log, "a") as stderr:
         return subprocess.Popen([sys.executable, "-m", "cxr_batch", "listen", "--out", str(out), "--weights",
                                  str(bundle), "--device", "cpu", "--config", str(config), "--no-heatmaps",
                                  *map(str, extra)],
-                                stdout=subprocess.DEVNULL, stderr=stderr, text=True, env={**os.environ, **(env or {})})
+                                stdout=subprocess.DEVNULL, stderr=stderr, text=True, env={**os.environ, **(env or {})},
+                                start_new_session=True)
