@@ -38,7 +38,7 @@ from .dicom_send import Destination, check_ae_title, tcp_no_delay
 from .discover import is_ignored_name
 from .files import atomic_write_bytes, private_dir
 from .outbound import Sender
-from .record import StudyRecord
+from .record import StudyRecord, log_name
 from .watch import STATE_DIR, WatchConfig, Watcher
 
 log = logging.getLogger("cxr_batch")
@@ -352,11 +352,11 @@ class Node(Watcher):
 
     def loop(self) -> None:
         self.scp.start()
-        cfg = self.cfg
-        log.info("listening on %s as %s%s%s; sending results to %s", self.scp.address, cfg.ae_title,
-                 " with TLS" if self.scp.tls else "", f", calling AE titles {', '.join(cfg.allow)} only"
-                 if cfg.allow else "", self.sender.destination if self.sender else "nobody (no --send-to)")
+        allowed = ", ".join(self.cfg.allow) if self.cfg.allow else "any"
+        log.info("listening on %s as %s (TLS %s; calling AE titles: %s)", self.scp.address, self.cfg.ae_title,
+                 "on" if self.scp.tls else "off", allowed)
         if self.sender is not None:
+            log.info("sending results to %s (TLS %s)", self.sender.destination, "on" if self.sender.tls else "off")
             self.sender.start()
         try:
             super().loop()
@@ -399,7 +399,7 @@ class Node(Watcher):
         try:
             (self.watch_dir / rel).unlink(missing_ok=True)
         except OSError as e:
-            log.error("could not remove %s from the spool: %s", rel, e.strerror or e)
+            log.error("could not remove %s from the spool: %s", log_name(rel), e.strerror or e)
 
     def sweep_spool(self) -> None:
         """Spool files of studies committed before a stop that came before their removal."""
