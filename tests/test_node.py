@@ -181,6 +181,16 @@ def test_a_hostile_uid_never_names_a_path(listener, nih_images, tmp_path):
     assert not list(tmp_path.rglob("escaped*"))
 
 
+def test_a_spool_folder_removed_under_the_node_is_made_again(listener, tmp_path):
+    import shutil
+
+    scp, spool, stored = listener()
+    shutil.rmtree(spool)  # an operator "cleaning up" .cxr-batch
+    ds = pydicom.dcmread(write(tmp_path / "x.dcm", grey_square()))
+    assert _send_with_pynetdicom(scp.cfg.port, ds) == 0x0000
+    assert [p.parent for p in stored] == [spool] and stored[0].is_file()
+
+
 def test_an_object_over_the_size_limit_aborts_its_association_only(listener, nih_images, tmp_path):
     scp, spool, stored = listener(scoring={"max_file_bytes": 100_000})
     big = pydicom.dcmread(write(tmp_path / "big.dcm", grey(nih_images[0])))  # 512 x 512: 262 KB of pixels
