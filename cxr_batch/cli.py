@@ -29,6 +29,10 @@ log = logging.getLogger("cxr_batch")
 def setup_logging(quiet: bool, debug: bool) -> None:
     level = logging.DEBUG if debug else (logging.WARNING if quiet else logging.INFO)
     logging.basicConfig(level=level, format="cxr-batch: %(message)s", stream=sys.stderr, force=True)
+    # Libraries log a line per DICOM message (pynetdicom) or per object made (highdicom): warnings
+    # only, unless --debug
+    for library in ("pynetdicom", "highdicom"):
+        logging.getLogger(library).setLevel(logging.DEBUG if debug else logging.WARNING)
 
 
 def private_files() -> None:
@@ -70,7 +74,7 @@ def parse_urgent(_ctx, _param, value):
 
 # Tables a --config file may hold: each command reads its own and [scoring]; one file can
 # configure every command.
-CONFIG_TABLES = ("scan", "watch", "scoring")
+CONFIG_TABLES = ("scan", "watch", "listen", "scoring")
 
 
 def load_config(cls, config_file: Path | None, table: str, **options):
@@ -93,12 +97,12 @@ def main():
     """Chest X-ray triage: score frontal radiographs for the 14 NIH ChestX-ray14 findings."""
 
 
-def config_option(command: str):
+def config_option(command: str, example: str = "docs/watch.toml"):
     return click.option(
         "--config", "config_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
         help=f"TOML file: a [{command}] table (any option of this command, '_' for '-') and a [scoring] table "
              "(what is scored: modalities, body_parts, views, allow_unknown_view, allow_missing_body_part, "
-             "max_pixels, max_file_bytes); command-line options win. See docs/watch.toml.")
+             f"max_pixels, max_file_bytes); command-line options win. See {example}.")
 
 
 # Options of every command that scores studies (scan, watch), in the order --help lists them.
@@ -200,6 +204,40 @@ def merge(inputs, out, allow_partial):
     click.echo(f"{n} rows from {len(inputs)} files -> {out}", err=True)
 
 
+def run_daemon(build, out: Path, debug: bool):
+    """Start and run a daemon (watch, listen) until SIGTERM: the stop signal first (a stop while
+    loading is a clean stop), then ``build(stop)`` -> the daemon (configuration, model, ledger),
+    its failures mapped to exit codes, then ``run()``."""
+    from .stopping import StopSignal
+
+    stop = StopSignal().install()  # before the heavy imports
+    setup_logging(False, debug)
+    log.info("starting (PID %d)", os.getpid())
+
+    from .bundle import BundleError
+    from .config import ConfigError
+    from .device import DeviceError
+    from .folderlock import FolderBusy
+    from .ledger import LedgerError
+    from .metadata import MetadataError
+    from .node import NodeError
+
+    private_files()
+    try:
+        daemon = build(stop)
+    except (ConfigError, DeviceError) as e:
+        fail(str(e), debug, EXIT_USAGE)
+    except (BundleError, FolderBusy, LedgerError, MetadataError) as e:
+        fail(str(e), debug)
+    except OSError as e:
+        fail(f"{e.filename or out}: {e.strerror or e}", debug)
+    try:
+        code = daemon.run()
+    except NodeError as e:  # the node's port cannot be bound
+        fail(str(e), debug)
+    sys.exit(code)
+
+
 @main.command()
 @click.argument("watch_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--out", "-o", required=True, type=click.Path(file_okay=False, path_type=Path), help="Results folder.")
@@ -217,38 +255,59 @@ def watch(watch_dir, out, config_file, weights, metadata, device, precision, wor
           dicom_sr, title, institution, follow_links, batch_size, max_wait, settle, polling, archive_dir,
           quarantine_dir, debug):
     """Watch WATCH_DIR (a PACS export folder) and report every new study once, until SIGTERM."""
-    from .bundle import BundleError
-    from .config import ConfigError
-    from .device import DeviceError
-    from .stopping import StopSignal
 
-    stop = StopSignal().install()  # before the heavy imports: a stop while loading is a clean stop
-    setup_logging(False, debug)
-    log.info("starting (PID %d)", os.getpid())
+    def build(stop):
+        from .watch import WatchConfig, Watcher
 
-    from .folderlock import FolderBusy
-    from .ledger import LedgerError
-    from .metadata import MetadataError
-    from .watch import WatchConfig, Watcher
-
-    private_files()
-    try:
         cfg = load_config(WatchConfig, config_file, "watch", weights=weights, metadata=metadata, device=device,
                           precision=precision, workers=workers, urgent=urgent, pdf=pdf, heatmaps=heatmaps,
                           dicom_pdf=dicom_pdf, dicom_sr=dicom_sr, title=title, institution=institution,
                           follow_links=follow_links, batch_size=batch_size, max_wait=max_wait, settle=settle,
                           polling=polling, archive_dir=archive_dir, quarantine_dir=quarantine_dir)
-    except ConfigError as e:
-        fail(str(e), debug, EXIT_USAGE)
-    try:
-        watcher = Watcher(watch_dir, out, cfg, stop)
-    except (ConfigError, DeviceError) as e:
-        fail(str(e), debug, EXIT_USAGE)
-    except (BundleError, FolderBusy, LedgerError, MetadataError) as e:
-        fail(str(e), debug)
-    except OSError as e:
-        fail(f"{e.filename or out}: {e.strerror or e}", debug)
-    sys.exit(watcher.run())
+        return Watcher(watch_dir, out, cfg, stop)
+
+    run_daemon(build, out, debug)
+
+
+def parse_ae_titles(_ctx, _param, value):
+    if value is None:
+        return None
+    return tuple(v.strip() for v in value.split(",") if v.strip())
+
+
+@main.command()
+@click.option("--out", "-o", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Results folder (results.csv, reports/, dicom/; received objects wait in OUT/.cxr-batch/spool).")
+@click.option("--port", type=click.IntRange(1, 65535), help="TCP port to listen on.  [default: 11112]")
+@click.option("--ae-title", help="Our AE title; associations calling another are rejected.  [default: CXRBATCH]")
+@click.option("--host", help="Address to listen on (0.0.0.0 or :: for every interface).  [default: 127.0.0.1]")
+@click.option("--allow", callback=parse_ae_titles,
+              help="Comma-separated calling AE titles allowed to associate (default: any).")
+@click.option("--send-to", help="AE@HOST:PORT that receives each scored image's DICOM SR (e.g. PACS@pacs:104).")
+@config_option("listen", "docs/node.toml")
+@run_options
+@click.option("--batch-size", type=click.IntRange(1, 4096), help="Studies scored together.  [default: 8]")
+@click.option("--max-wait", type=click.FloatRange(0), help="Seconds a received study waits for its batch to fill.")
+@click.option("--archive-dir", help="Move processed objects here (default: delete them from the spool).")
+@click.option("--quarantine-dir", help="Move objects that failed here (default: delete them from the spool).")
+@DEBUG_OPTION
+def listen(out, port, ae_title, host, allow, send_to, config_file, weights, metadata, device, precision, workers, urgent,
+           pdf, heatmaps, dicom_pdf, dicom_sr, title, institution, follow_links, batch_size, max_wait, archive_dir,
+           quarantine_dir, debug):
+    """A DICOM node: receive studies by C-STORE, report each once, send the results back, until SIGTERM."""
+
+    def build(stop):
+        from .node import ListenConfig, Node
+
+        cfg = load_config(ListenConfig, config_file, "listen", port=port, ae_title=ae_title, host=host, allow=allow,
+                          send_to=send_to, weights=weights, metadata=metadata, device=device, precision=precision,
+                          workers=workers, urgent=urgent, pdf=pdf, heatmaps=heatmaps, dicom_pdf=dicom_pdf,
+                          dicom_sr=dicom_sr, title=title, institution=institution, follow_links=follow_links,
+                          batch_size=batch_size, max_wait=max_wait, archive_dir=archive_dir,
+                          quarantine_dir=quarantine_dir)
+        return Node(out, cfg, stop)
+
+    run_daemon(build, out, debug)
 
 
 @main.command()

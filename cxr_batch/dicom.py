@@ -187,6 +187,13 @@ _ENCAPSULATED_KINDS = {
     "1.2.840.10008.1.2.4.90": "j2k", "1.2.840.10008.1.2.4.91": "j2k", "1.2.840.10008.1.2.4.201": "j2k",
     "1.2.840.10008.1.2.4.202": "j2k", "1.2.840.10008.1.2.4.203": "j2k",
 }
+# Every transfer syntax the reader decodes: the uncompressed ones (explicit/implicit VR little
+# endian, deflated, the retired explicit big endian) and the compressed ones above. The DICOM
+# node (cxr_batch.node) accepts exactly these.
+DECODED_TRANSFER_SYNTAXES: tuple[str, ...] = (
+    "1.2.840.10008.1.2.1", "1.2.840.10008.1.2", "1.2.840.10008.1.2.1.99", "1.2.840.10008.1.2.2",
+    *_ENCAPSULATED_KINDS,
+)
 
 
 def _transfer_syntax(ds) -> str:

@@ -110,14 +110,17 @@ def valid_uid(value: str | None) -> UID:
     return generate_uid(entropy_srcs=[value]) if value else generate_uid()
 
 
-def encapsulated_pdf(pdf: bytes, study: dict, title: str) -> Dataset:
+def encapsulated_pdf(pdf: bytes, study: dict, title: str, sop_instance_uid: str | None = None,
+                     series_instance_uid: str | None = None) -> Dataset:
     """An Encapsulated PDF object carrying the study's identifiers (``study``: keyword -> value;
     PatientName in DICOM PN form, FAMILY^GIVEN). Text is written as UTF-8 (ISO_IR 192), so
-    names in any script survive; an invalid source StudyInstanceUID is replaced by a valid one."""
+    names in any script survive; an invalid source StudyInstanceUID is replaced by a valid one.
+    Its SOP instance and series UIDs are the given ones (derived, so that a re-send replaces)
+    or new."""
     ds = Dataset()
     ds.SpecificCharacterSet = "ISO_IR 192"
-    ds.SOPClassUID, ds.SOPInstanceUID = ENCAPSULATED_PDF, generate_uid()
-    ds.SeriesInstanceUID = generate_uid()
+    ds.SOPClassUID, ds.SOPInstanceUID = ENCAPSULATED_PDF, UID(sop_instance_uid or generate_uid())
+    ds.SeriesInstanceUID = UID(series_instance_uid or generate_uid())
     for keyword in STUDY_KEYWORDS:
         if study.get(keyword):
             setattr(ds, keyword, study[keyword])

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import logging
 import re
+import socket
+import ssl
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +27,26 @@ CALLING_AE_TITLE = "CXRBATCH"
 _DESTINATION = re.compile(r"^(?P<ae>[^@]{1,16})@(?P<host>\[[0-9A-Fa-f:.]+\]|[^:\[\]@]+):(?P<port>\d{1,5})$")
 # C-STORE statuses that mean "stored" (PS3.4 B.2.3): success and the three warnings.
 _STORED = {0x0000, 0xB000, 0xB006, 0xB007}
+
+
+def tcp_no_delay(event) -> None:
+    """An ``EVT_CONN_OPEN`` handler (either side of an association): TCP_NODELAY on its socket.
+    A DIMSE message goes out as several small PDUs (command, then data set), and with Nagle's
+    algorithm each waits for the peer's delayed ACK: a C-STORE on loopback took about 50 ms
+    instead of 13 (measured against cxr-batch listen's own SCP)."""
+    try:
+        event.assoc.dul.socket.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except (AttributeError, OSError):  # no socket any more, or not TCP: nothing to tune
+        pass
+
+
+def check_ae_title(title: str) -> str:
+    """An AE title as PS3.5 allows it (1-16 characters of the default repertoire, no
+    backslash, not only spaces), stripped; ValueError otherwise."""
+    stripped = title.strip()
+    if not 0 < len(title) <= 16 or not stripped or "\\" in title or not (title.isascii() and title.isprintable()):
+        raise ValueError(f"the AE title {title!r} must be 1-16 printable ASCII characters without '\\'")
+    return stripped
 
 
 @dataclass(frozen=True)
@@ -42,8 +64,10 @@ class Destination:
         if m is None:
             raise ValueError(f"{text!r}: expected AE@HOST:PORT, e.g. PACS@pacs.example.org:104")
         ae_title, port = m["ae"].strip(), int(m["port"])
-        if not ae_title or "\\" in ae_title or not ae_title.isprintable():
-            raise ValueError(f"{text!r}: the AE title must be 1-16 printable characters without '\\'")
+        try:
+            check_ae_title(ae_title)
+        except ValueError as e:
+            raise ValueError(f"{text!r}: {e}") from None
         if not 1 <= port <= 65535:
             raise ValueError(f"{text!r}: port {port} is not 1-65535")
         return cls(ae_title, m["host"].strip("[]"), port)
@@ -67,10 +91,12 @@ def _failure_is_transient(status: int) -> bool:
 
 
 def send_dataset(dataset: Dataset | str | Path, destination: Destination, *, calling_ae: str = CALLING_AE_TITLE,
-                 timeout: float = 30.0) -> SendResult:
+                 timeout: float = 30.0, tls: ssl.SSLContext | None = None) -> SendResult:
     """C-STORE ``dataset`` (a Dataset with file meta, or a DICOM file's path) to
-    ``destination``; never raises for network, peer or association failures."""
-    from pynetdicom import AE  # imported only where results are sent
+    ``destination``, over TLS with ``tls`` (the peer's certificate checked against the
+    context's CAs and the destination's host name); never raises for network, peer or
+    association failures."""
+    from pynetdicom import AE, evt  # imported only where results are sent
 
     if not isinstance(dataset, Dataset):
         dataset = pydicom.dcmread(dataset)
@@ -81,7 +107,9 @@ def send_dataset(dataset: Dataset | str | Path, destination: Destination, *, cal
     # SOP class at all can take the object.
     ae.add_requested_context(dataset.SOPClassUID, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
     try:
-        assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title)
+        assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title,
+                             tls_args=(tls, destination.host) if tls is not None else None,
+                             evt_handlers=[(evt.EVT_CONN_OPEN, tcp_no_delay)])
     except Exception as e:  # a bad host name, an unreachable network
         return _failed(uid, destination, f"cannot connect: {type(e).__name__}: {e}", transient=True)
     if not assoc.is_established:

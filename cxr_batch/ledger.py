@@ -13,6 +13,13 @@ sha256 of the file it came from:
 
 ``files`` remembers every file already handled (by path, size and mtime) so a rescan does not
 read it again. ``published`` marks the rows already appended to results.csv.
+
+``outbound`` is the DICOM node's queue of result objects to send back to the PACS (SRs, and
+Encapsulated PDFs with ``--dicom-pdf``), keyed by each object's SOPInstanceUID. Objects are
+queued in the same transaction that commits their study, so a study is never reported
+without its objects queued (nor queued without being reported); each is marked delivered once
+the peer stored it. A study committed again (an error replaced, a changed instance) queues its
+objects again: the UIDs are derived from source and model, so the peer replaces, not adds.
 """
 
 from __future__ import annotations
@@ -23,10 +30,11 @@ import sqlite3
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Mapping, Sequence
 
 from .record import StudyRecord
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS studies (
     key TEXT PRIMARY KEY,
@@ -58,7 +66,22 @@ CREATE TABLE IF NOT EXISTS files (
     handled_at REAL NOT NULL
 );
 CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS outbound (
+    uid TEXT PRIMARY KEY,
+    key TEXT NOT NULL,
+    path TEXT NOT NULL,
+    queued_at REAL NOT NULL,
+    due_at REAL NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    delivered_at REAL,
+    failed_at REAL,
+    destination TEXT NOT NULL DEFAULT '',
+    last_error TEXT NOT NULL DEFAULT ''
+);
+CREATE INDEX IF NOT EXISTS outbound_waiting ON outbound (due_at) WHERE delivered_at IS NULL AND failed_at IS NULL;
 """
+# Waiting: neither delivered nor refused for good.
+_WAITING = "delivered_at IS NULL AND failed_at IS NULL"
 FILE_MODE = 0o640  # the ledger holds the same identifiers as results.csv
 
 
@@ -82,6 +105,16 @@ class Outcome:
     key: str
     record: StudyRecord
     action: str  # "new", "replaced" (a provisional error or a changed file), "kept" (an error after a result)
+
+
+@dataclass(frozen=True)
+class OutboundItem:
+    """A result object waiting in the outbound queue."""
+
+    uid: str  # its SOPInstanceUID
+    key: str  # the study it reports on
+    path: str  # the object's file, relative to the results folder
+    attempts: int  # tries so far
 
 
 class Ledger:
@@ -132,8 +165,12 @@ class Ledger:
         return self.known(key) is not None
 
     def file_handled(self, path: str, size: int, mtime_ns: int) -> bool:
-        row = self.db.execute("SELECT size, mtime_ns FROM files WHERE path = ?", (path,)).fetchone()
-        return row is not None and row[0] == size and row[1] == mtime_ns
+        return self.file_outcome(path, size, mtime_ns) is not None
+
+    def file_outcome(self, path: str, size: int, mtime_ns: int) -> tuple[str, str] | None:
+        """(key, outcome) of a file handled with this size and mtime, else None."""
+        row = self.db.execute("SELECT size, mtime_ns, key, outcome FROM files WHERE path = ?", (path,)).fetchone()
+        return (row[2], row[3]) if row is not None and (row[0], row[1]) == (size, mtime_ns) else None
 
     def iter_records(self):
         """Every study's current record, in the order they were reported, one at a time."""
@@ -164,10 +201,11 @@ class Ledger:
         return self.db.execute("SELECT COUNT(*) FROM superseded").fetchone()[0]
 
     # ------------------------------------------------------------------ writing
-    def commit(self, studies: list[tuple[str, str, StudyRecord]],
-               files: list[tuple[str, int, int, str, str]]) -> list[Outcome]:
-        """In one transaction: studies (key, content sha256, record) and handled files (path,
-        size, mtime, key, outcome), by the rules in the module docstring."""
+    def commit(self, studies: list[tuple[str, str, StudyRecord]], files: list[tuple[str, int, int, str, str]],
+               outbound: Mapping[str, Sequence[tuple[str, str]]] | None = None) -> list[Outcome]:
+        """In one transaction: studies (key, content sha256, record), handled files (path,
+        size, mtime, key, outcome) and the result objects to send, ``outbound``: {key: [(uid,
+        path), ...]}, queued for the studies this commit records (not for those it keeps)."""
         now = time.time()
         outcomes = []
         with self.db:
@@ -185,8 +223,18 @@ class Ledger:
                 self.db.execute("INSERT OR REPLACE INTO studies VALUES (?, ?, ?, ?, ?, ?, ?, 0)",
                                 (key, seq, record.file, content, record.status, json.dumps(record.to_json()), now))
                 outcomes.append(Outcome(key, record, "new" if old is None else "replaced"))
+                for uid, path in (outbound or {}).get(key, ()):
+                    self._queue(uid, key, path, now)
             self.db.executemany("INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?, ?, ?)", [(*f, now) for f in files])
         return outcomes
+
+    def _queue(self, uid: str, key: str, path: str, now: float) -> None:
+        """Queue (or queue again, as new) the object ``uid``."""
+        self.db.execute("INSERT INTO outbound (uid, key, path, queued_at, due_at) VALUES (?, ?, ?, ?, ?) "
+                        "ON CONFLICT (uid) DO UPDATE SET key = excluded.key, path = excluded.path, "
+                        "queued_at = excluded.queued_at, due_at = excluded.due_at, attempts = 0, "
+                        "delivered_at = NULL, failed_at = NULL, destination = '', last_error = ''",
+                        (uid, key, path, now, now))
 
     def update_record(self, key: str, record: StudyRecord) -> None:
         """A study's record after its report was (re)made; order and status unchanged."""
@@ -213,3 +261,39 @@ class Ledger:
                 self.db.execute("INSERT OR IGNORE INTO studies VALUES (?, ?, ?, ?, ?, ?, ?, 1)",
                                 (key, seq, record.file, content, record.status, json.dumps(record.to_json()), now))
         return self.count()
+
+    # ------------------------------------------------------------------ the outbound queue
+    def due_outbound(self, now: float, limit: int = 32) -> list[OutboundItem]:
+        """Waiting objects due at ``now`` (epoch seconds), the longest-due first."""
+        rows = self.db.execute(f"SELECT uid, key, path, attempts FROM outbound WHERE {_WAITING} AND due_at <= ? "
+                               "ORDER BY due_at, queued_at LIMIT ?", (now, limit)).fetchall()
+        return [OutboundItem(*row) for row in rows]
+
+    def outbound_delivered(self, uid: str, destination: str) -> None:
+        with self.db:
+            self.db.execute("UPDATE outbound SET delivered_at = ?, destination = ?, attempts = attempts + 1, "
+                            "last_error = '' WHERE uid = ?", (time.time(), destination, uid))
+
+    def outbound_retry(self, uid: str, due_at: float, error: str) -> None:
+        """A try that failed for a passing reason (peer down or busy): due again at ``due_at``."""
+        with self.db:
+            self.db.execute("UPDATE outbound SET due_at = ?, attempts = attempts + 1, last_error = ? WHERE uid = ?",
+                            (due_at, error, uid))
+
+    def outbound_failed(self, uid: str, destination: str, error: str) -> None:
+        """The peer refused the object for good (or it cannot be read): not tried again."""
+        with self.db:
+            self.db.execute("UPDATE outbound SET failed_at = ?, destination = ?, attempts = attempts + 1, "
+                            "last_error = ? WHERE uid = ?", (time.time(), destination, error, uid))
+
+    def outbound_stats(self, now: float) -> dict:
+        """For status.json: waiting objects, the oldest one's age in seconds, how many of them
+        failed at least one try, and how many were delivered or refused for good."""
+        waiting, oldest, retried = self.db.execute(
+            f"SELECT COUNT(*), MIN(queued_at), COALESCE(SUM(attempts > 0), 0) FROM outbound WHERE {_WAITING}"
+        ).fetchone()
+        delivered, failed = self.db.execute(
+            "SELECT COALESCE(SUM(delivered_at IS NOT NULL), 0), COALESCE(SUM(failed_at IS NOT NULL), 0) FROM outbound"
+        ).fetchone()
+        return {"queued": waiting, "oldest_queued_s": round(now - oldest, 1) if oldest is not None else 0.0,
+                "retrying": retried, "delivered": delivered, "failed": failed}

@@ -41,6 +41,7 @@ from .display import finding_label, format_age, format_date, person_name, visual
 from .evidence import Evidence, bundle_evidence
 from .findings import DEFAULT_URGENT, FINDINGS
 from .record import StudyRecord, log_name
+from .study import derived_uid
 from .triage import PRIORITIES
 
 log = logging.getLogger("cxr_batch")
@@ -627,7 +628,11 @@ class ReportWriter:
         study = {"PatientID": ids.patient_id, "PatientName": ids.patient_name, "StudyInstanceUID": ids.study_uid,
                  "StudyDate": ids.study_date, "AccessionNumber": ids.accession_number,
                  "PatientSex": record.patient.sex}
-        ds = encapsulated_pdf(pdf, study, f"{self.options.title} ({record.priority})")
+        # Derived UIDs (source instance and model, like the SR's): a re-sent report replaces the
+        # earlier one at the PACS instead of adding a copy.
+        uid = derived_uid("encapsulated-pdf", ids.sop_uid or name, self.bundle.sha256)
+        series = derived_uid("encapsulated-pdf-series", ids.study_uid or name, self.bundle.sha256)
+        ds = encapsulated_pdf(pdf, study, f"{self.options.title} ({record.priority})", uid, series)
         buf = io.BytesIO()
         ds.save_as(buf, enforce_file_format=True)
         atomic_write_bytes(self.folder / (name[:-4] + ".dcm"), buf.getvalue(), mode=REPORT_MODE)

@@ -112,6 +112,8 @@ def _inside(path: Path, folder: Path) -> bool:
 
 
 class Watcher:
+    command = "watch"  # names this program in the results folder's lock
+
     def __init__(self, watch_dir: Path, out: Path, cfg: WatchConfig, stop: StopSignal | None = None):
         self.watch_dir, self.out, self.cfg = Path(watch_dir).resolve(), Path(out), cfg
         self.stop, self._install_stop = (stop, False) if stop is not None else (StopSignal(), True)
@@ -120,8 +122,11 @@ class Watcher:
             if folder and _inside(Path(folder), self.watch_dir):
                 raise ConfigError(f"watch.{name} = {folder!r} is inside the watched folder {self.watch_dir}: its "
                                   f"files would be found and processed again; choose a folder outside it")
+        # The results folder is skipped when it lies inside the watched folder; the DICOM node
+        # watches a spool inside its results folder, so there nothing is skipped.
+        self.exclude = [] if _inside(self.watch_dir, self.out) else [self.out]
         private_dir(self.out)
-        self.lock = FolderLock(self.out, "watch").acquire()
+        self.lock = FolderLock(self.out, self.command).acquire()
         try:
             self.state_dir = private_dir(self.out / STATE_DIR)
             ledger_path = self.state_dir / "ledger.sqlite"
@@ -345,7 +350,7 @@ class Watcher:
             return
         if any(is_ignored_name(part) for part in Path(rel).parts) or rel.lower().endswith(".json"):
             return
-        if _inside(path, self.out):
+        if any(_inside(path, folder) for folder in self.exclude):
             return
         try:
             st = path.stat()
@@ -359,7 +364,7 @@ class Watcher:
             self.pending[rel] = Pending(st.st_size, st.st_mtime_ns, time.monotonic())
 
     def rescan(self) -> None:
-        for cand in find_candidates(self.watch_dir, exclude=[self.out], follow_links=self.cfg.follow_links):
+        for cand in find_candidates(self.watch_dir, exclude=self.exclude, follow_links=self.cfg.follow_links):
             if cand.problem is None:
                 self.track(cand.path)
 
@@ -441,7 +446,7 @@ class Watcher:
         handled = [e for e in (self._file_entry(*entry) for entry in entries) if e is not None]
         _checkpoint("reports")
         try:
-            outcomes = self.ledger.commit(studies, handled)
+            outcomes = self.ledger.commit(studies, handled, self.outbound_objects(studies))
         except Exception as e:
             if _is_output_fault(e):
                 raise OutputError(f"the ledger cannot be written: {e}") from None
@@ -464,6 +469,11 @@ class Watcher:
             self.pending.pop(rel, None)
             log.info("duplicate %s: the same instance was already reported", log_name(rel))
             self.move(rel, "duplicate:" + rel, "duplicate")
+
+    def outbound_objects(self, studies: list[tuple[str, str, StudyRecord]]) -> dict[str, list[tuple[str, str]]]:
+        """Result objects to queue for sending with the batch's commit, {key: [(SOPInstanceUID,
+        path relative to the results folder)]}: none here; the DICOM node sends (cxr_batch.node)."""
+        return {}
 
     def write_report(self, name_key: str, record: StudyRecord, inputs) -> None:
         """A scored study's PDF, named from its key and content (a changed instance gets a new
@@ -595,7 +605,12 @@ class Watcher:
             status["superseded"] = self.ledger.superseded_count()
         except sqlite3.Error:
             pass
+        status.update(self.extra_status())
         write_status(self.out / "status.json", status)
+
+    def extra_status(self) -> dict:
+        """More for status.json (the DICOM node adds its listener and outbound queue)."""
+        return {}
 
 
 STATUS_SIZE = 4096

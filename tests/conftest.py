@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -50,3 +52,15 @@ def studies(tmp_path, nih_images) -> Path:
     for p in nih_images[:6]:
         shutil.copy(p, folder / p.name)
     return folder
+
+
+@pytest.fixture()
+def small_disk(tmp_path) -> Path:
+    """A 4 MiB tmpfs to fill up (needs root; skipped otherwise)."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("mounting a small tmpfs is not allowed here")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], capture_output=True)

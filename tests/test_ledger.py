@@ -5,6 +5,7 @@ import json
 import os
 import sqlite3
 import stat
+import time
 
 import pytest
 
@@ -112,3 +113,36 @@ def test_ledger_files_are_private_whatever_the_umask(tmp_path):
     for p in tmp_path.iterdir():
         assert stat.S_IMODE(p.stat().st_mode) == 0o640, p.name
     reopened.close()
+
+
+def test_outbound_objects_are_queued_with_their_study_and_delivered_once(tmp_path):
+    ledger = Ledger(tmp_path / "l.sqlite")
+    sr = {"uid:1": [("2.25.1", "dicom/a.sr.dcm"), ("2.25.2", "reports/a.dcm")]}
+    ledger.commit([("uid:1", "c1", ok("IM1"))], [], sr)
+    assert ledger.commit([("uid:1", "c1", ok("IM1_again"))], [], sr)[0].action == "kept"  # no second queueing
+    due = ledger.due_outbound(time.time())
+    assert [(i.uid, i.key, i.path, i.attempts) for i in due] == [("2.25.1", "uid:1", "dicom/a.sr.dcm", 0),
+                                                                ("2.25.2", "uid:1", "reports/a.dcm", 0)]
+    ledger.outbound_retry("2.25.1", time.time() + 60, "peer down")
+    ledger.outbound_delivered("2.25.2", "PACS@h:104")
+    assert ledger.due_outbound(time.time()) == []  # one waits for its back-off, one is delivered
+    assert [i.uid for i in ledger.due_outbound(time.time() + 61)] == ["2.25.1"]
+    stats = ledger.outbound_stats(time.time())
+    assert (stats["queued"], stats["retrying"], stats["delivered"], stats["failed"]) == (1, 1, 1, 0)
+    assert stats["oldest_queued_s"] >= 0
+    ledger.outbound_failed("2.25.1", "PACS@h:104", "refused: 0xC000")
+    assert ledger.due_outbound(time.time() + 3600) == [] and ledger.outbound_stats(time.time())["failed"] == 1
+    # a changed instance is scored again: its objects (same derived UIDs) are queued afresh
+    ledger.commit([("uid:1", "c2", ok("IM1_changed"))], [], sr)
+    assert [(i.uid, i.attempts) for i in ledger.due_outbound(time.time())] == [("2.25.1", 0), ("2.25.2", 0)]
+    ledger.close()
+    reopened = Ledger(tmp_path / "l.sqlite")  # the queue is durable
+    assert len(reopened.due_outbound(time.time())) == 2
+
+
+def test_a_failed_commit_queues_nothing(tmp_path):
+    ledger = Ledger(tmp_path / "l.sqlite")
+    queued = {"uid:2": [("2.25.9", "dicom/b.sr.dcm")]}
+    with pytest.raises(sqlite3.IntegrityError):  # the second study breaks the transaction half-way
+        ledger.commit([("uid:2", "c", ok("IM2")), ("uid:3", None, ok("IM3"))], [], queued)
+    assert ledger.due_outbound(time.time()) == [] and ledger.count() == 0

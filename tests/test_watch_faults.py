@@ -119,17 +119,6 @@ def test_kill_between_steps_then_restart_is_exactly_once(tmp_path, nih_images, s
     assert not [p for p in out.rglob("*") if p.name.endswith(".tmp")]
 
 
-@pytest.fixture()
-def small_disk(tmp_path):
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)],
-                                           capture_output=True).returncode != 0:
-        pytest.skip("mounting a small tmpfs is not allowed here")
-    yield mount
-    subprocess.run(["umount", "-l", str(mount)], capture_output=True)
-
-
 def test_full_disk_degrades_then_catches_up(tmp_path, nih_images, small_bundle, small_disk):
     incoming, out = tmp_path / "in", small_disk / "out"
     incoming.mkdir()

@@ -18,14 +18,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def watch_config(path, **values) -> str:
-    """A [watch] table with fast timings for tests (values override)."""
-    base = dict(batch_size=4, max_wait=0.3, settle=0.5, broken_deadline=4.0, rescan_interval=2.0,
-                heartbeat_interval=0.5, worklist_interval=0.0)
-    base.update(values)
-    lines = ["[watch]"] + [f"{k} = {json.dumps(v)}" for k, v in base.items()]
+def toml_table(path, table: str, base: dict, values: dict) -> str:
+    """Write a TOML file with one ``[table]`` of ``base`` updated by ``values``; its path."""
+    lines = [f"[{table}]"] + [f"{k} = {json.dumps(v)}" for k, v in {**base, **values}.items()]
     path.write_text("\n".join(lines) + "\n")
     return str(path)
+
+
+def watch_config(path, **values) -> str:
+    """A [watch] table with fast timings for tests (values override)."""
+    return toml_table(path, "watch", dict(batch_size=4, max_wait=0.3, settle=0.5, broken_deadline=4.0,
+                                          rescan_interval=2.0, heartbeat_interval=0.5, worklist_interval=0.0), values)
 
 
 def start_daemon(incoming, out, bundle, config, *extra, env=None):
@@ -68,3 +71,21 @@ def stop(proc, timeout=60) -> int:
     except subprocess.TimeoutExpired:
         proc.kill()
         return proc.wait()
+
+
+def node_config(path, **values) -> str:
+    """A [listen] table with fast timings for tests (values override)."""
+    return toml_table(path, "listen", dict(batch_size=4, max_wait=0.3, rescan_interval=2.0, heartbeat_interval=0.5,
+                                           worklist_interval=0.0, retry_max=2.0, send_timeout=5.0), values)
+
+
+def start_node(out, bundle, config, *extra, log, env=None):
+    """``cxr-batch listen`` as a user starts it; its log goes to the file ``log`` (a pipe nobody
+    reads would fill up and block the node). In a session of its own: ``os.killpg(pid, SIGKILL)``
+    kills it with its reading workers, as systemd kills a service's control group."""
+    with open(log, "a") as stderr:
+        return subprocess.Popen([sys.executable, "-m", "cxr_batch", "listen", "--out", str(out), "--weights",
+                                 str(bundle), "--device", "cpu", "--config", str(config), "--no-heatmaps",
+                                 *map(str, extra)],
+                                stdout=subprocess.DEVNULL, stderr=stderr, text=True, env={**os.environ, **(env or {})},
+                                start_new_session=True)

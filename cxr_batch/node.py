@@ -1,0 +1,423 @@
+"""``cxr-batch listen``: a DICOM node. Modalities and PACS C-STORE images to it; it scores them
+with the watch daemon's machinery and C-STOREs each result back as a DICOM SR.
+
+- Receiving (:class:`StorageSCP`, pynetdicom): C-ECHO, and C-STORE for every standard storage
+  SOP class in every transfer syntax the readers decode. The handler only writes the object,
+  as received, into a spool (:class:`Spool`: temp file, fsync, rename, mode 0640, named from
+  a valid SOPInstanceUID and the content's hash, never from raw header text) and answers
+  success; a failed write (disk full, I/O error) answers 0xA700 "out of resources" so the
+  sender retries later. The model never runs in a network thread.
+- Processing (:class:`Node`, a :class:`~cxr_batch.watch.Watcher` on the spool): the ledger,
+  batching, reports, SRs, exactly-once across SIGKILL, degraded mode, the lock and status.json
+  are the watch daemon's. Spool files leave once their study is committed: deleted, or moved to
+  ``archive_dir`` (``quarantine_dir`` for failures) when configured, so the disk stays bounded.
+- Sending back (``send_to``): each scored image's SR (and Encapsulated PDF with ``dicom_pdf``)
+  is queued in the ledger with its study's commit and sent by cxr_batch.outbound.
+- Safe by default: binds 127.0.0.1; the called AE title must be ours; an optional calling-AE
+  allow-list; TLS when a certificate is configured; association count, PDU size, timeouts and
+  the size of one object bounded; logs name SOP Instance UIDs and AE titles, never patients.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import sqlite3
+import ssl
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from pydicom.uid import RE_VALID_UID
+
+from .config import ConfigError, bounded
+from .dicom import DECODED_TRANSFER_SYNTAXES
+from .dicom_send import Destination, check_ae_title, tcp_no_delay
+from .discover import is_ignored_name
+from .files import atomic_write_bytes, private_dir
+from .outbound import Sender
+from .record import StudyRecord, log_name
+from .watch import STATE_DIR, WatchConfig, Watcher
+
+log = logging.getLogger("cxr_batch")
+SPOOL = "spool"  # under RESULTS_DIR/.cxr-batch
+# C-STORE statuses (PS3.4 B.2.3): stored; refused, out of resources (the sender retries
+# later); processing failure.
+STORED, OUT_OF_RESOURCES, PROCESSING_FAILURE = 0x0000, 0xA700, 0x0110
+
+
+class NodeError(Exception):
+    """The node cannot start: its address cannot be bound."""
+
+
+@dataclass
+class ListenConfig(WatchConfig):
+    """The ``[listen]`` table of ``--config`` (and ``[scoring]``): the watch daemon's options,
+    some defaults changed for a spool, and the node's own. Command-line options win."""
+
+    settle: float = bounded(0.0, min=0.0)  # spool files are complete when they appear (renamed)
+    broken_deadline: float = bounded(0.0, min=0.0)  # ...so an unreadable one will not get better
+    port: int = bounded(11112, min=1, max=65535)
+    ae_title: str = "CXRBATCH"  # ours: an association calling another title is rejected
+    host: str = "127.0.0.1"  # the address to listen on; "0.0.0.0" or "::" for every interface
+    allow: tuple[str, ...] = ()  # calling AE titles allowed to associate (empty: any)
+    send_to: str | None = None  # AE@HOST:PORT receiving each scored image's SR
+    send_timeout: float = bounded(30.0, gt=0.0)  # seconds each network step of a send may take
+    min_free_mb: int = bounded(1024, min=0)  # below this much free disk, C-STOREs are refused (0xA700)
+    max_associations: int = bounded(10, min=1, max=1000)  # at once; more are rejected (transient)
+    max_pdu: int = bounded(65536, min=4096, max=1 << 26)  # the largest PDU we accept, in bytes
+    acse_timeout: float = bounded(30.0, gt=0.0)  # association negotiation and release
+    dimse_timeout: float = bounded(60.0, gt=0.0)  # waiting for a DIMSE message
+    network_timeout: float = bounded(60.0, gt=0.0)  # a silent peer is dropped after this long
+    tls_certificate: str | None = None  # PEM certificate (chain): the node speaks TLS only
+    tls_key: str | None = None  # its PEM private key
+    tls_ca: str | None = None  # PEM CA bundle: peers must present a certificate it signed
+    send_tls_ca: str | None = None  # PEM CA bundle: send_to is reached over TLS, its certificate checked
+    send_tls_certificate: str | None = None  # our client certificate for send_to (with send_tls_key)
+    send_tls_key: str | None = None
+
+    def __post_init__(self):
+        super().__post_init__()
+        where = self.table
+        try:
+            self.ae_title = check_ae_title(self.ae_title)
+            self.allow = tuple(check_ae_title(title) for title in self.allow)
+        except ValueError as e:
+            raise ConfigError(f"{where}: {e}") from None
+        if self.send_to:
+            try:
+                Destination.parse(self.send_to)
+            except ValueError as e:
+                raise ConfigError(f"{where}.send_to: {e}") from None
+            self.dicom_sr = True  # what is sent back
+        if bool(self.tls_certificate) != bool(self.tls_key):
+            raise ConfigError(f"{where}: tls_certificate and tls_key are given together")
+        if self.tls_ca and not self.tls_certificate:
+            raise ConfigError(f"{where}.tls_ca: verifying peers needs the node's own tls_certificate and tls_key")
+        if bool(self.send_tls_certificate) != bool(self.send_tls_key):
+            raise ConfigError(f"{where}: send_tls_certificate and send_tls_key are given together")
+        if self.send_tls_certificate and not self.send_tls_ca:
+            raise ConfigError(f"{where}.send_tls_certificate: TLS to send_to needs send_tls_ca, the CAs to check "
+                              f"the PACS's certificate against")
+
+    @property
+    def destination(self) -> Destination | None:
+        return Destination.parse(self.send_to) if self.send_to else None
+
+    def tls_context(self) -> ssl.SSLContext | None:
+        """The listener's TLS context (TLS 1.2 or later), or None without a certificate;
+        ConfigError when the files cannot be loaded."""
+        if not self.tls_certificate:
+            return None
+        return self._tls(ssl.PROTOCOL_TLS_SERVER, self.tls_certificate, self.tls_key, self.tls_ca)
+
+    def send_tls_context(self) -> ssl.SSLContext | None:
+        """The sender's TLS context (the PACS's certificate and host name checked), or None
+        without ``send_tls_ca``."""
+        if not self.send_tls_ca:
+            return None
+        return self._tls(ssl.PROTOCOL_TLS_CLIENT, self.send_tls_certificate, self.send_tls_key, self.send_tls_ca)
+
+    def _tls(self, protocol, certificate: str | None, key: str | None, ca: str | None) -> ssl.SSLContext:
+        context = ssl.SSLContext(protocol)  # a client context checks host names and certificates
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        try:
+            if certificate:
+                context.load_cert_chain(certificate, key)
+            if ca:
+                context.verify_mode = ssl.CERT_REQUIRED
+                context.load_verify_locations(cafile=ca)
+        except (OSError, ssl.SSLError) as e:
+            raise ConfigError(f"{self.table}: a TLS certificate, key or CA cannot be loaded: {e}") from None
+        return context
+
+
+def printable(text: str, limit: int = 64) -> str:
+    """Text from the network, fit for one log line: printable ASCII only, cut to ``limit``."""
+    return "".join(ch if ch.isascii() and ch.isprintable() else "?" for ch in str(text)[:limit])
+
+
+def valid_uid(text: str) -> bool:
+    """PS3.5 9.1: digits and dots, no leading zero in a component, 64 characters at most."""
+    return 0 < len(text) <= 64 and RE_VALID_UID.match(text) is not None
+
+
+class Spool:
+    """Received objects waiting to be scored, one file each in ``folder``."""
+
+    def __init__(self, folder: Path):
+        self.folder = private_dir(Path(folder))
+
+    @staticmethod
+    def file_name(uid: str, data: bytes) -> str:
+        """``<SOPInstanceUID>.<content hash>.dcm``, the UID only when it is a valid UID (else
+        the hash alone): a header never steers the path. The hash keeps a changed re-send of an
+        instance apart from the copy being processed, which is deleted after its commit."""
+        digest = hashlib.sha256(data).hexdigest()
+        return f"{uid}.{digest[:16]}.dcm" if valid_uid(uid) else f"{digest[:40]}.dcm"
+
+    def write(self, uid: str, data: bytes) -> Path:
+        """Write a received object atomically (temp file, fsync, rename, fsync of the folder):
+        once this returns, the object survives a crash or a power cut. Raises OSError."""
+        path = self.folder / self.file_name(uid, data)
+        try:
+            atomic_write_bytes(path, data)
+        except FileNotFoundError:  # someone removed the spool folder: made again (rescans find it)
+            private_dir(self.folder)
+            atomic_write_bytes(path, data)
+        fd = os.open(self.folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)  # the rename itself is durable before the peer hears "stored"
+        finally:
+            os.close(fd)
+        return path
+
+    def free_bytes(self) -> int:
+        """Space left for unprivileged writers on the spool's volume."""
+        folder = self.folder
+        while not folder.exists():  # removed under us: write() makes it again
+            folder = folder.parent
+        st = os.statvfs(folder)
+        return st.f_bavail * st.f_frsize
+
+    def remove_temp(self) -> int:
+        """Temp files of writes a crash interrupted (never answered as stored): removed."""
+        removed = 0
+        for p in self.folder.iterdir():
+            if p.name.startswith(".") and p.name.endswith(".tmp"):
+                p.unlink(missing_ok=True)
+                removed += 1
+        return removed
+
+
+class StorageSCP:
+    """The listening side: a pynetdicom AE for C-ECHO and C-STORE into ``spool``;
+    ``on_stored(path)`` is told about every object written (called in the network thread)."""
+
+    def __init__(self, cfg: ListenConfig, spool: Spool, on_stored, tls: ssl.SSLContext | None = None):
+        from pynetdicom import AE, AllStoragePresentationContexts
+        from pynetdicom.sop_class import Verification
+
+        self.cfg, self.spool, self.on_stored, self.tls = cfg, spool, on_stored, tls
+        self.max_object = cfg.scoring.max_file_bytes  # anything larger would get an error row anyway
+        self.min_free = cfg.min_free_mb << 20
+        self.low_on_space = False
+        ae = AE(ae_title=cfg.ae_title)
+        ae.require_called_aet = True
+        ae.require_calling_aet = list(cfg.allow)
+        ae.maximum_associations = cfg.max_associations
+        ae.maximum_pdu_size = cfg.max_pdu
+        ae.acse_timeout, ae.dimse_timeout, ae.network_timeout = cfg.acse_timeout, cfg.dimse_timeout, cfg.network_timeout
+        ae.add_supported_context(Verification)
+        for context in AllStoragePresentationContexts:
+            ae.add_supported_context(context.abstract_syntax, list(DECODED_TRANSFER_SYNTAXES))
+        self.ae = ae
+        self.server = None
+        self.counts = {"received": 0, "refused": 0, "rejected_associations": 0, "aborted_oversize": 0}
+        self._lock = threading.Lock()
+        self._bytes: dict[int, int] = {}  # bytes received per association since its last C-STORE
+        self._aborted: set[int] = set()  # associations aborted for an oversize object
+
+    def start(self):
+        from pynetdicom import evt
+
+        handlers = [(evt.EVT_C_STORE, self.on_store), (evt.EVT_DATA_RECV, self.on_data),
+                    (evt.EVT_REJECTED, self.on_rejected), (evt.EVT_CONN_CLOSE, self.on_close),
+                    (evt.EVT_CONN_OPEN, tcp_no_delay)]
+        try:
+            self.server = self.ae.start_server((self.cfg.host, self.cfg.port), block=False, evt_handlers=handlers,
+                                               ssl_context=self.tls)
+        except OSError as e:
+            raise NodeError(f"cannot listen on {self.address}: {e.strerror or e}") from None
+        return self.server
+
+    def stop(self) -> None:
+        """Stop listening and abort associations in progress (their objects were not answered
+        as stored, so the peers send them again)."""
+        self.ae.shutdown()
+        self.server = None
+
+    @property
+    def address(self) -> str:
+        host = f"[{self.cfg.host}]" if ":" in self.cfg.host else self.cfg.host
+        return f"{host}:{self.cfg.port}"
+
+    def _count(self, name: str) -> None:
+        with self._lock:
+            self.counts[name] += 1
+
+    def status(self) -> dict:
+        with self._lock:
+            counts = dict(self.counts)
+        return {"address": self.address, "ae_title": self.cfg.ae_title, "tls": self.tls is not None,
+                "allow": list(self.cfg.allow), **counts}
+
+    # ------------------------------------------------------------------ event handlers (network threads)
+    def on_store(self, event) -> int:
+        self._bytes[id(event.assoc)] = 0
+        uid = str(event.request.AffectedSOPInstanceUID or "")
+        shown = uid if valid_uid(uid) else f"an object with an invalid SOP Instance UID ({printable(uid, 20)}...)"
+        peer = printable(event.assoc.requestor.ae_title, 16)
+        if self.spool.free_bytes() < self.min_free:
+            # Received objects must not fill the disk the results, reports and ledger are written
+            # to: the peer is told to try later (it keeps the object meanwhile).
+            self._count("refused")
+            if not self.low_on_space:
+                log.error("less than %d MiB free for the spool: C-STOREs answered 0xA700 (out of resources) until "
+                          "there is", self.cfg.min_free_mb)
+            self.low_on_space = True
+            return OUT_OF_RESOURCES
+        if self.low_on_space:
+            log.info("disk space for the spool again: storing")
+            self.low_on_space = False
+        try:
+            path = self.spool.write(uid, event.encoded_dataset())
+        except OSError as e:
+            self._count("refused")
+            log.error("%s from %s not stored: %s; answered 0xA700 (out of resources): the sender retries",
+                      shown, peer, e.strerror or e)
+            return OUT_OF_RESOURCES
+        except Exception as e:  # a bug: the peer is told, and may retry
+            self._count("refused")
+            log.error("%s from %s not stored: unexpected %s", shown, peer, type(e).__name__,
+                      exc_info=log.isEnabledFor(logging.DEBUG))
+            return PROCESSING_FAILURE
+        self._count("received")
+        log.info("received %s from %s", shown, peer)
+        self.on_stored(path)
+        return STORED
+
+    def on_data(self, event) -> None:
+        """Every PDU received: an object growing past ``max_object`` bytes (it is held in
+        memory until complete) aborts its association before it can exhaust memory."""
+        key = id(event.assoc)
+        if key in self._aborted:
+            return  # PDUs already read before the abort took effect
+        size = self._bytes.get(key, 0) + len(event.data)
+        self._bytes[key] = size
+        if size > self.max_object:
+            del self._bytes[key]
+            self._aborted.add(key)
+            self._count("aborted_oversize")
+            log.warning("association from %s aborted: an object over %d bytes (scoring.max_file_bytes)",
+                        printable(event.assoc.requestor.ae_title, 16), self.max_object)
+            event.assoc.abort()
+
+    def on_rejected(self, event) -> None:
+        self._count("rejected_associations")
+        rsp = event.assoc.acceptor.primitive
+        reason = getattr(rsp, "reason_str", "") if rsp is not None else ""
+        log.warning("association from %s at %s rejected: %s", printable(event.assoc.requestor.ae_title, 16),
+                    printable(event.assoc.requestor.address), reason or "refused")
+
+    def on_close(self, event) -> None:
+        self._bytes.pop(id(event.assoc), None)
+        self._aborted.discard(id(event.assoc))
+
+
+def object_uid(path: Path) -> str:
+    """The SOPInstanceUID of a DICOM file we wrote, from its file meta group."""
+    from pydicom.filereader import read_file_meta_info
+
+    return str(read_file_meta_info(path).MediaStorageSOPInstanceUID)
+
+
+class Node(Watcher):
+    """The watch daemon on the spool of a :class:`StorageSCP`, with an outbound sender."""
+
+    command = "listen"
+
+    def __init__(self, out: Path, cfg: ListenConfig, stop=None):
+        tls, send_tls = cfg.tls_context(), cfg.send_tls_context()  # bad files stop the start before the model loads
+        super().__init__(Path(out) / STATE_DIR / SPOOL, out, cfg, stop)
+        self.spool = Spool(self.watch_dir)
+        self.scp = StorageSCP(cfg, self.spool, lambda path: self.events.put(str(path)), tls)
+        destination = cfg.destination
+        self.sender = None if destination is None else Sender(
+            self.ledger.path, self.out, destination, calling_ae=cfg.ae_title, timeout=cfg.send_timeout,
+            retry_max=cfg.retry_max, tls=send_tls)
+
+    # ------------------------------------------------------------------ lifecycle hooks
+    def cleanup_temp(self) -> None:
+        super().cleanup_temp()
+        n = self.spool.remove_temp()  # nothing is receiving yet
+        if n:
+            log.info("removed %d incomplete received object(s) (never answered as stored)", n)
+
+    def recover(self) -> None:
+        super().recover()
+        self.contained(self.sweep_spool)
+
+    def loop(self) -> None:
+        self.scp.start()
+        allowed = ", ".join(self.cfg.allow) if self.cfg.allow else "any"
+        log.info("listening on %s as %s (TLS %s; calling AE titles: %s)", self.scp.address, self.cfg.ae_title,
+                 "on" if self.scp.tls else "off", allowed)
+        if self.sender is not None:
+            log.info("sending results to %s (TLS %s)", self.sender.destination, "on" if self.sender.tls else "off")
+            self.sender.start()
+        try:
+            super().loop()
+        finally:
+            self.scp.stop()
+            if self.sender is not None:
+                self.sender.stop()
+
+    def process(self, rels: list[str]) -> None:
+        super().process(rels)
+        if self.sender is not None:
+            self.sender.wake()
+
+    # ------------------------------------------------------------------ hooks of the daemon
+    def outbound_objects(self, studies: list[tuple[str, str, StudyRecord]]) -> dict[str, list[tuple[str, str]]]:
+        """Each scored study's SR (and Encapsulated PDF with dicom_pdf), queued with its commit."""
+        if self.sender is None:
+            return {}
+        from .sr import sr_file_name
+
+        queued = {}
+        for key, content, record in studies:
+            if not record.ok:
+                continue
+            files = [self.srs.folder / sr_file_name(f"{key}:{content}")]
+            if self.cfg.dicom_pdf and record.report:
+                files.append(self.out / "reports" / (record.report.removesuffix(".pdf") + ".dcm"))
+            # a study without an SR (its notes say why) has nothing to send
+            items = [(object_uid(f), f.relative_to(self.out).as_posix()) for f in files if f.is_file()]
+            if items:
+                queued[key] = items
+        return queued
+
+    def move(self, rel: str, key: str, status: str) -> None:
+        """A spool file whose study is committed: moved to archive_dir (quarantine_dir for a
+        failure) when configured, else deleted; the ledger and results.csv keep the result."""
+        if self.cfg.quarantine_dir if status == "error" else self.cfg.archive_dir:
+            super().move(rel, key, status)
+            return
+        try:
+            (self.watch_dir / rel).unlink(missing_ok=True)
+        except OSError as e:
+            log.error("could not remove %s from the spool: %s", log_name(rel), e.strerror or e)
+
+    def sweep_spool(self) -> None:
+        """Spool files of studies committed before a stop that came before their removal."""
+        for path in self.watch_dir.iterdir():
+            if is_ignored_name(path.name) or not path.is_file():
+                continue
+            st = path.stat()
+            handled = self.ledger.file_outcome(path.name, st.st_size, st.st_mtime_ns)
+            if handled is not None:
+                key, outcome = handled
+                self.move(path.name, key, outcome)
+
+    def extra_status(self) -> dict:
+        status = {"listen": self.scp.status()}
+        if self.sender is not None:
+            status["outbound"] = self.sender.status()
+            try:
+                status["outbound"].update(self.ledger.outbound_stats(time.time()))
+            except sqlite3.Error:
+                pass
+        return status

@@ -1,0 +1,527 @@
+"""The DICOM node (cxr-batch listen) on loopback, with dcmtk as the modality and the PACS:
+C-ECHO, C-STORE in every transfer syntax the readers decode, the spool, safety defaults
+(loopback, AE titles, TLS, object size, a full disk), the outbound queue with a PACS that is
+down then up, and the issue's check: SIGKILL mid-stream, restart, exactly one SR per scored
+image at the PACS and one row per image in results.csv. Skipped cleanly without dcmtk."""
+
+from __future__ import annotations
+
+import os
+import shlex
+import signal
+import stat
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import highdicom as hd
+import pydicom
+import pytest
+from pydicom.uid import (JPEG2000, DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian, ExplicitVRLittleEndian,
+                         ImplicitVRLittleEndian, JPEG2000Lossless, JPEGBaseline8Bit, JPEGExtended12Bit, JPEGLosslessSV1,
+                         JPEGLSLossless, JPEGLSNearLossless, RLELossless, generate_uid)
+
+from cxr_batch.bundle import load_bundle
+from cxr_batch.config import ConfigError, load_dataclass
+from cxr_batch.dicom import identifiers
+from cxr_batch.dicom_build import encapsulated_pdf, save
+from cxr_batch.dicom_send import Destination
+from cxr_batch.findings import FINDINGS
+from cxr_batch.ledger import Ledger
+from cxr_batch.node import ListenConfig, Spool, StorageSCP
+from cxr_batch.outbound import Sender
+from cxr_batch.record import Scores, StudyRecord
+from cxr_batch.sr import build_sr, sr_bytes
+
+from .dicomgen import grey, have, run, write
+from .watchkit import free_port, node_config, rows_now, start_node, status, stop, wait_for
+
+needs_dcmtk = pytest.mark.skipif(not have("echoscu", "storescu", "storescp"), reason="dcmtk not installed")
+COMPREHENSIVE_3D_SR = "1.2.840.10008.5.1.4.1.1.88.34"
+
+
+# ---------------------------------------------------------------------- objects a modality sends
+def modality_objects(folder: Path, nih_images, bundle_dir) -> tuple[dict[str, Path], dict[str, Path]]:
+    """Real NIH radiographs as DICOMs, each in its own transfer syntax (pydicom's encoders, and
+    dcmtk's where installed), and three objects not to score: a lateral, an SR and a PDF."""
+    made = {}
+    for i, (name, ts) in enumerate([("explicit", None), ("implicit", ImplicitVRLittleEndian),
+                                    ("deflated", DeflatedExplicitVRLittleEndian), ("rle", RLELossless),
+                                    ("jpegls", JPEGLSLossless), ("j2k", JPEG2000Lossless)]):
+        made[name] = write(folder / f"{name}.dcm", grey(nih_images[i]), ts, PatientID=f"P-{name}")
+    tools = [("jpeg-baseline", "dcmcjpeg", "+eb"), ("jpeg-lossless", "dcmcjpeg", "+e1"), ("big-endian", "dcmconv", "+tb")]
+    for i, (name, tool, option) in enumerate(tools, start=len(made)):
+        if have(tool):
+            plain = write(folder / "plain" / f"{name}.dcm", grey(nih_images[i]), PatientID=f"P-{name}")
+            run(tool, option, plain, folder / f"{name}.dcm")
+            made[name] = folder / f"{name}.dcm"
+    lateral = write(folder / "lateral.dcm", grey(nih_images[10]), PatientID="P-lateral", ViewPosition="LL")
+    bundle = load_bundle(bundle_dir)
+    record = StudyRecord(file="x.dcm", ids=identifiers(pydicom.dcmread(made["explicit"])), model=bundle.label,
+                         weights_sha256=bundle.sha256, scores=Scores((0.2,) * 14, (0,) * 14, "normal", -0.6))
+    (folder / "sr.dcm").write_bytes(sr_bytes(build_sr(record, bundle)))
+    pdf = save(encapsulated_pdf(b"%PDF-1.4 a report\n%%EOF", {"PatientID": "P-pdf"}, "report"), folder / "pdf.dcm")
+    return made, {"lateral": lateral, "sr": folder / "sr.dcm", "pdf": pdf}
+
+
+@pytest.fixture(scope="module")
+def objects(tmp_path_factory, nih_images, small_bundle):
+    return modality_objects(tmp_path_factory.mktemp("modality"), nih_images, small_bundle)
+
+
+def echo(port, called="CXRBATCH", calling="ECHOSCU", *extra):
+    return subprocess.run(["echoscu", *extra, "-aet", calling, "-aec", called, "127.0.0.1", str(port)],
+                          capture_output=True, text=True, timeout=60)
+
+
+# storescu proposes uncompressed syntaxes unless told which one to propose, and its 128 presentation
+# contexts miss some SOP classes (Comprehensive 3D SR) unless -R: each file is sent
+# in its own transfer syntax with the option naming it, as a modality configured for it does.
+STORESCU_OPTION = {ExplicitVRLittleEndian: "-xe", ImplicitVRLittleEndian: "-xi", ExplicitVRBigEndian: "-xb",
+                   DeflatedExplicitVRLittleEndian: "-xd", RLELossless: "-xr", JPEGLSLossless: "-xt",
+                   JPEGLSNearLossless: "-xu", JPEG2000Lossless: "-xv", JPEG2000: "-xw", JPEGBaseline8Bit: "-xy",
+                   JPEGExtended12Bit: "-xx", JPEGLosslessSV1: "-xs"}
+
+
+def storescu_commands(port, files, called="CXRBATCH", calling="MODALITY") -> list[list[str]]:
+    """One storescu per transfer syntax among ``files``, proposing that syntax."""
+    by_syntax: dict[str, list[str]] = {}
+    for f in files:
+        by_syntax.setdefault(pydicom.dcmread(f, stop_before_pixels=True).file_meta.TransferSyntaxUID, []).append(str(f))
+    return [["storescu", "-R", STORESCU_OPTION[ts], "-aet", calling, "-aec", called, "127.0.0.1", str(port), *group]
+            for ts, group in by_syntax.items()]
+
+
+def store(port, files, **titles) -> subprocess.CompletedProcess:
+    """Send ``files`` (each in its own transfer syntax); returncode 0 when every one was stored."""
+    runs = [subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+            for cmd in storescu_commands(port, files, **titles)]
+    return subprocess.CompletedProcess([], max(r.returncode for r in runs), "", "".join(r.stderr for r in runs))
+
+
+# ---------------------------------------------------------------------- the listener, in this process
+@pytest.fixture()
+def listener(tmp_path):
+    """start(**ListenConfig values) -> (StorageSCP, spool folder, paths reported as stored)."""
+    started = []
+
+    def start(spool_dir=None, **values):
+        cfg = ListenConfig(port=free_port(), **values)
+        stored = []
+        scp = StorageSCP(cfg, Spool(spool_dir or tmp_path / "spool"), stored.append, cfg.tls_context())
+        scp.start()
+        started.append(scp)
+        return scp, scp.spool.folder, stored
+
+    yield start
+    for scp in started:
+        scp.stop()
+
+
+@needs_dcmtk
+def test_binds_loopback_by_default_answers_echo_and_checks_ae_titles(listener):
+    scp, _, _ = listener(allow=("MODALITY", "ECHOSCU"))
+    assert scp.server.socket.getsockname()[0] == "127.0.0.1"
+    port = scp.cfg.port
+    assert echo(port).returncode == 0
+    wrong_called = echo(port, called="SOMEONE")
+    assert wrong_called.returncode != 0 and "Called AE Title Not Recognized" in wrong_called.stderr
+    stranger = echo(port, calling="INTRUDER")
+    assert stranger.returncode != 0 and "Calling AE Title Not Recognized" in stranger.stderr
+    assert scp.status()["rejected_associations"] == 2
+
+
+@needs_dcmtk
+def test_each_object_is_spooled_as_received_in_its_own_transfer_syntax(listener, objects):
+    scored, not_scored = objects
+    scp, spool, stored = listener()
+    sent = {**scored, **not_scored}
+    done = store(scp.cfg.port, sent.values())
+    assert done.returncode == 0, done.stderr
+    assert len(stored) == len(sent) == len(list(spool.iterdir()))
+    by_uid = {pydicom.dcmread(p).SOPInstanceUID: p for p in sent.values()}
+    for path in stored:
+        assert path.parent == spool and stat.S_IMODE(path.stat().st_mode) == 0o640
+        got = pydicom.dcmread(path)
+        source = pydicom.dcmread(by_uid[got.SOPInstanceUID])
+        assert path.name.startswith(got.SOPInstanceUID + ".")
+        assert got.file_meta.TransferSyntaxUID == source.file_meta.TransferSyntaxUID  # not recoded on the way
+        if "PixelData" in source:
+            assert got.PixelData == source.PixelData
+    assert len({pydicom.dcmread(p).file_meta.TransferSyntaxUID for p in stored}) >= 6
+    assert scp.status()["received"] == len(sent)
+
+
+def _send_with_pynetdicom(port, ds, ae_title="CXRBATCH"):
+    from pynetdicom import AE
+
+    ae = AE(ae_title="MODALITY")
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 20
+    ae.add_requested_context(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)
+    assoc = ae.associate("127.0.0.1", port, ae_title=ae_title)
+    assert assoc.is_established
+    try:
+        answer = assoc.send_c_store(ds)
+        return int(answer.Status) if "Status" in answer else None
+    finally:
+        if assoc.is_established:
+            assoc.release()
+
+
+def test_a_hostile_uid_never_names_a_path(listener, nih_images, tmp_path):
+    scp, spool, stored = listener()
+    ds = pydicom.dcmread(write(tmp_path / "x.dcm", grey(nih_images[0])))
+    with pytest.warns(UserWarning):  # pydicom warns about the invalid UID, as it should
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = "../../escaped"
+        assert _send_with_pynetdicom(scp.cfg.port, ds) == 0x0000
+    (path,) = stored
+    assert path.parent == spool and path.name.endswith(".dcm") and "escaped" not in path.name
+    assert not list(tmp_path.rglob("escaped*"))
+
+
+def test_a_spool_folder_removed_under_the_node_is_made_again(listener, tmp_path):
+    import shutil
+
+    scp, spool, stored = listener()
+    shutil.rmtree(spool)  # an operator "cleaning up" .cxr-batch
+    ds = pydicom.dcmread(write(tmp_path / "x.dcm", grey_square()))
+    assert _send_with_pynetdicom(scp.cfg.port, ds) == 0x0000
+    assert [p.parent for p in stored] == [spool] and stored[0].is_file()
+
+
+def test_an_object_over_the_size_limit_aborts_its_association_only(listener, nih_images, tmp_path):
+    scp, spool, stored = listener(scoring={"max_file_bytes": 100_000})
+    big = pydicom.dcmread(write(tmp_path / "big.dcm", grey(nih_images[0])))  # 512 x 512: 262 KB of pixels
+    assert _send_with_pynetdicom(scp.cfg.port, big) is None  # aborted: no answer
+    assert wait_for(lambda: scp.status()["aborted_oversize"] == 1, timeout=20)
+    assert not list(spool.iterdir())
+    import numpy as np
+
+    small = pydicom.dcmread(write(tmp_path / "small.dcm", np.full((64, 64), 100, np.uint8)))
+    assert _send_with_pynetdicom(scp.cfg.port, small) == 0x0000 and len(stored) == 1
+
+
+def test_a_full_disk_answers_out_of_resources_and_leaves_no_partial_file(listener, nih_images, tmp_path, small_disk):
+    scp, spool, stored = listener(spool_dir=small_disk / "spool", min_free_mb=0)  # the disk full for real
+    ds = pydicom.dcmread(write(tmp_path / "x.dcm", grey(nih_images[0]), PatientID="X"))  # 262 KB
+    statuses = []
+    for uid in [ds.SOPInstanceUID] * 2 + [generate_uid() for _ in range(20)]:  # one instance twice, then others
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = uid
+        statuses.append(_send_with_pynetdicom(scp.cfg.port, ds))  # until the 4 MiB volume is full
+    assert statuses[:2] == [0, 0] and 0xA700 in statuses and set(statuses) <= {0x0000, 0xA700}
+    assert len(stored) == statuses.count(0) and scp.status()["refused"] == statuses.count(0xA700)
+    assert len(list(spool.iterdir())) == len({p.name for p in stored})  # no temp file left behind
+    assert all(pydicom.dcmread(p).SOPInstanceUID for p in stored)
+
+
+def test_low_disk_space_refuses_before_the_disk_is_full(listener, nih_images, tmp_path):
+    free_mb = os.statvfs(tmp_path).f_bavail * os.statvfs(tmp_path).f_frsize >> 20
+    scp, spool, stored = listener(min_free_mb=free_mb + 1024)
+    ds = pydicom.dcmread(write(tmp_path / "x.dcm", grey(nih_images[0])))
+    assert _send_with_pynetdicom(scp.cfg.port, ds) == 0xA700
+    assert not stored and not list(spool.iterdir()) and scp.status()["refused"] == 1
+    scp.min_free = 0  # space again
+    assert _send_with_pynetdicom(scp.cfg.port, ds) == 0x0000 and len(stored) == 1
+
+
+def _self_signed(folder: Path, name: str) -> tuple[Path, Path]:
+    key, cert = folder / f"{name}.key", folder / f"{name}.pem"
+    run("openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", f"/CN={name}",
+        "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", key, "-out", cert)
+    return key, cert
+
+
+@pytest.mark.skipif(not have("openssl", "echoscu"), reason="openssl or dcmtk not installed")
+def test_tls_only_with_a_certificate_and_peers_verified_against_the_ca(listener, tmp_path):
+    server_key, server_cert = _self_signed(tmp_path, "node")
+    client_key, client_cert = _self_signed(tmp_path, "modality")
+    scp, _, _ = listener(tls_certificate=str(server_cert), tls_key=str(server_key), tls_ca=str(client_cert))
+    port = scp.cfg.port
+    assert echo(port).returncode != 0  # plain TCP is not spoken
+    assert echo(port, "CXRBATCH", "ECHOSCU", "+tla", "+cf", str(server_cert)).returncode != 0  # no client cert
+    trusted = echo(port, "CXRBATCH", "ECHOSCU", "+tls", str(client_key), str(client_cert), "+cf", str(server_cert))
+    assert trusted.returncode == 0, trusted.stderr
+    stranger_key, stranger_cert = _self_signed(tmp_path, "stranger")
+    assert echo(port, "CXRBATCH", "ECHOSCU", "+tls", str(stranger_key), str(stranger_cert), "+cf",
+                str(server_cert)).returncode != 0
+    with pytest.raises(ConfigError, match="cannot be loaded"):
+        ListenConfig(tls_certificate=str(tmp_path / "missing.pem"), tls_key=str(server_key)).tls_context()
+
+
+@pytest.mark.parametrize("values, words", [
+    ({"ae_title": "A" * 17}, "AE title"),
+    ({"allow": ["GOOD", "BAD\\TITLE"]}, "AE title"),
+    ({"send_to": "PACS@host"}, "send_to"),
+    ({"tls_certificate": "node.pem"}, "together"),
+    ({"tls_ca": "ca.pem"}, "tls_ca"),
+    ({"send_tls_certificate": "c.pem", "send_tls_key": "k.pem"}, "send_tls_ca"),
+    ({"port": 0}, "port"),
+    ({"max_pdu": 100}, "max_pdu"),
+])
+def test_listen_config_errors_name_the_key(values, words):
+    with pytest.raises(ConfigError, match=words):
+        load_dataclass(ListenConfig, values, "listen")
+
+
+def test_sending_back_makes_srs_and_spool_defaults_fit_a_spool():
+    cfg = load_dataclass(ListenConfig, {"send_to": "PACS@127.0.0.1:104"}, "listen")
+    assert cfg.dicom_sr and cfg.destination == Destination("PACS", "127.0.0.1", 104)
+    assert cfg.settle == 0.0 and cfg.broken_deadline == 0.0
+
+
+# ---------------------------------------------------------------------- the outbound queue, in this process
+@pytest.fixture()
+def queued_srs(tmp_path, objects, small_bundle):
+    """A results folder whose ledger has the SRs of two scored images queued."""
+    scored, _ = objects
+    bundle = load_bundle(small_bundle)
+    out = tmp_path / "out"
+    (out / "dicom").mkdir(parents=True)
+    ledger = Ledger(out / "ledger.sqlite")
+    uids = []
+    for name in ("explicit", "rle"):
+        record = StudyRecord(file=name, ids=identifiers(pydicom.dcmread(scored[name])), model=bundle.label,
+                             weights_sha256=bundle.sha256, scores=Scores((0.7,) * 14, (1,) * 14, "urgent", 0.4))
+        sr = build_sr(record, bundle)
+        (out / "dicom" / f"{name}.sr.dcm").write_bytes(sr_bytes(sr))
+        ledger.commit([(f"uid:{name}", "c", record)], [], {f"uid:{name}": [(sr.SOPInstanceUID, f"dicom/{name}.sr.dcm")]})
+        uids.append(sr.SOPInstanceUID)
+    return out, ledger, uids
+
+
+@needs_dcmtk
+def test_sender_backs_off_while_the_pacs_is_down_then_drains_the_queue(queued_srs, tmp_path):
+    out, ledger, uids = queued_srs
+    port, pacs_dir = free_port(), tmp_path / "pacs"
+    pacs_dir.mkdir()
+    sender = Sender(ledger.path, out, Destination("PACS", "127.0.0.1", port), calling_ae="CXRBATCH", timeout=5,
+                    retry_max=1.0).start()
+    pacs = None
+    try:
+        assert wait_for(lambda: ledger.outbound_stats(time.time())["retrying"] >= 1, timeout=30)
+        assert sender.status()["peer"] == "unreachable" and "no association" in sender.status()["last_error"]
+        assert ledger.outbound_stats(time.time())["queued"] == 2
+        pacs = subprocess.Popen(["storescp", "-aet", "PACS", "-od", str(pacs_dir), str(port)],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        assert wait_for(lambda: ledger.outbound_stats(time.time())["delivered"] == 2, timeout=60)
+    finally:
+        sender.stop()
+        if pacs is not None:
+            pacs.terminate()
+            pacs.wait(timeout=10)
+    assert sorted(pydicom.dcmread(p).SOPInstanceUID for p in pacs_dir.iterdir()) == sorted(uids)
+    stats = ledger.outbound_stats(time.time())
+    assert stats["queued"] == 0 and stats["failed"] == 0 and sender.status()["peer"] == "ok"
+
+
+@pytest.mark.skipif(not have("openssl", "storescp"), reason="openssl or dcmtk not installed")
+def test_results_go_to_the_pacs_over_tls_only_to_a_trusted_certificate(queued_srs, tmp_path):
+    out, ledger, uids = queued_srs
+    pacs_key, pacs_cert = _self_signed(tmp_path, "pacs")
+    node_key, node_cert = _self_signed(tmp_path, "node")
+    _, stranger_cert = _self_signed(tmp_path, "stranger")
+    port, pacs_dir = free_port(), tmp_path / "pacs"
+    pacs_dir.mkdir()
+    pacs = subprocess.Popen(["storescp", "+tls", str(pacs_key), str(pacs_cert), "-rc", "+cf", str(node_cert), "-aet",
+                             "PACS", "-od", str(pacs_dir), str(port)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    destination = f"PACS@127.0.0.1:{port}"
+    try:
+        for ca, delivered in ((stranger_cert, 0), (pacs_cert, 2)):  # a PACS we cannot trust gets nothing
+            cfg = ListenConfig(send_to=destination, send_tls_ca=str(ca), send_tls_certificate=str(node_cert),
+                               send_tls_key=str(node_key))
+            sender = Sender(ledger.path, out, cfg.destination, calling_ae="CXRBATCH", timeout=5, retry_max=1.0,
+                            tls=cfg.send_tls_context()).start()
+            try:
+                assert wait_for(lambda: ledger.outbound_stats(time.time())["retrying" if not delivered else
+                                                                           "delivered"] >= max(delivered, 1), timeout=60)
+            finally:
+                sender.stop()
+            assert ledger.outbound_stats(time.time())["delivered"] == delivered
+    finally:
+        pacs.terminate()
+        pacs.wait(timeout=10)
+    assert sorted(pydicom.dcmread(p).SOPInstanceUID for p in pacs_dir.iterdir()) == sorted(uids)
+    assert sender.status()["tls"]
+
+
+def test_a_peer_that_refuses_the_object_for_good_fails_it_once(queued_srs):
+    from pynetdicom import AE
+    from pynetdicom.sop_class import CTImageStorage
+
+    out, ledger, _ = queued_srs
+    (out / "dicom" / "rle.sr.dcm").unlink()  # and one object file lost
+    ae = AE(ae_title="PACS")
+    ae.add_supported_context(CTImageStorage)  # stores no SRs
+    port = free_port()
+    server = ae.start_server(("127.0.0.1", port), block=False)
+    sender = Sender(ledger.path, out, Destination("PACS", "127.0.0.1", port), calling_ae="CXRBATCH", timeout=5,
+                    retry_max=1.0).start()
+    try:
+        assert wait_for(lambda: ledger.outbound_stats(time.time())["failed"] == 2, timeout=30)
+    finally:
+        sender.stop()
+        server.shutdown()
+    errors = sorted(e for (e,) in ledger.db.execute("SELECT last_error FROM outbound"))
+    assert "no presentation context accepted" in errors[0] and "missing" in errors[1]
+    assert ledger.due_outbound(time.time() + 3600) == []  # never tried again
+
+
+def test_encapsulated_pdf_reports_get_uids_derived_from_source_and_model(tmp_path, small_bundle):
+    from cxr_batch.reports import ReportOptions, ReportWriter
+
+    bundle = load_bundle(small_bundle)
+    record = StudyRecord(file="a.dcm", ids=identifiers(pydicom.dcmread(write(tmp_path / "a.dcm", grey_square()))),
+                         model=bundle.label, weights_sha256=bundle.sha256,
+                         scores=Scores((0.2,) * 14, (0,) * 14, "normal", -0.6))
+    uids = []
+    for folder in ("one", "two"):
+        writer = ReportWriter(tmp_path / folder, bundle, ReportOptions(heatmaps=False, dicom_pdf=True))
+        name = writer.write_study(record, key="uid:a")
+        uids.append(pydicom.dcmread(tmp_path / folder / (name[:-4] + ".dcm")).SOPInstanceUID)
+    assert uids[0] == uids[1] and uids[0] != record.ids.sop_uid
+
+
+def grey_square():
+    import numpy as np
+
+    return np.tile(np.arange(64, dtype=np.uint8), (64, 1))
+
+
+# ---------------------------------------------------------------------- cxr-batch listen, end to end
+@pytest.fixture()
+def pacs(tmp_path):
+    """dcmtk's storescp as the PACS (AE title PACS), storing into tmp_path/pacs."""
+    port, folder = free_port(), tmp_path / "pacs"
+    folder.mkdir()
+    proc = subprocess.Popen(["storescp", "-aet", "PACS", "-od", str(folder), str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        yield port, folder
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def listening(log: Path, pid: int) -> bool:
+    return log.exists() and f"PID {pid}" in log.read_text() and "listening on" in log.read_text().split(
+        f"PID {pid}")[-1]
+
+
+def srs_at(folder: Path) -> dict[str, Path]:
+    """{source SOPInstanceUID: SR file} of every object the PACS stored, each a Comprehensive 3D
+    SR; two SRs of one source fail."""
+    found = {}
+    for path in folder.iterdir():
+        ds = pydicom.dcmread(path)
+        assert ds.SOPClassUID == COMPREHENSIVE_3D_SR, path.name
+        source = ds.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence[0] \
+            .ReferencedSOPSequence[0].ReferencedSOPInstanceUID
+        assert source not in found
+        found[source] = path
+    return found
+
+
+def assert_names_all_findings_and_references(sr_path: Path, source_uid: str) -> None:
+    sr = hd.sr.srread(sr_path)
+    groups = sr.content.get_image_measurement_groups()
+    assert [g.tracking_identifier for g in groups] == list(FINDINGS)
+    for group in groups:
+        (image,) = group.source_images
+        assert image.referenced_sop_instance_uid == source_uid
+
+
+@pytest.mark.slow
+@needs_dcmtk
+def test_sigkill_mid_stream_and_restart_gives_one_sr_per_scored_image_at_the_pacs(tmp_path, objects, small_bundle,
+                                                                                 pacs):
+    """The issue's check: storescu sends real images in their own transfer syntaxes plus objects
+    not to score; the node is SIGKILLed mid-stream and restarted; the modality sends again what
+    it is unsure of; storescp as the PACS gets exactly one SR per scored image."""
+    scored, not_scored = objects
+    pacs_port, pacs_dir = pacs
+    out, log, port = tmp_path / "out", tmp_path / "node.log", free_port()
+    config = node_config(tmp_path / "node.toml")
+    args = ("--port", port, "--ae-title", "CXRBATCH", "--send-to", f"PACS@127.0.0.1:{pacs_port}", "--no-pdf")
+    files = [*scored.values(), *not_scored.values()]
+    node = start_node(out, small_bundle, config, *args, log=log)
+    try:
+        assert wait_for(lambda: listening(log, node.pid) or node.poll() is not None), log.read_text()
+        assert echo(port).returncode == 0
+        assert store(port, files[:5]).returncode == 0
+        assert wait_for(lambda: len(rows_now(out)) >= 2), log.read_text()
+        script = "; ".join(shlex.join(cmd) for cmd in storescu_commands(port, files[5:]))
+        sender = subprocess.Popen(["sh", "-c", script], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(0.5)
+        os.killpg(node.pid, signal.SIGKILL)  # mid-stream: objects received, in the spool, being scored, being sent
+        assert node.wait(timeout=30) == -9
+        sender.wait(timeout=60)
+        node = start_node(out, small_bundle, config, *args, log=log)
+        assert wait_for(lambda: listening(log, node.pid) or node.poll() is not None), log.read_text()
+        assert store(port, files).returncode == 0  # the modality sends again all it is unsure of
+        assert wait_for(lambda: len(list(pacs_dir.iterdir())) >= len(scored) and len(rows_now(out)) == len(files),
+                        timeout=240), (sorted(p.name for p in pacs_dir.iterdir()), log.read_text()[-3000:])
+        assert wait_for(lambda: status(out).get("outbound", {}).get("queued") == 0)
+        time.sleep(3)  # rescans and the sender's idle look: nothing may be added twice
+        assert echo(port).returncode == 0
+    finally:
+        assert stop(node) == 0, log.read_text()[-3000:]
+    sources = {pydicom.dcmread(p).SOPInstanceUID: name for name, p in scored.items()}
+    rows = rows_now(out)
+    ok = [r for r in rows if r["status"] == "ok"]
+    assert sorted(r["sop_uid"] for r in ok) == sorted(sources)  # each scored image, once
+    # the lateral, the SR (made for the explicit image) and the PDF
+    assert sorted(r["patient_id"] for r in rows if r["status"] == "skipped") == ["P-explicit", "P-lateral", "P-pdf"]
+    at_pacs = srs_at(pacs_dir)
+    assert set(at_pacs) == set(sources)
+    for source_uid, path in at_pacs.items():
+        assert_names_all_findings_and_references(path, source_uid)
+    assert not list((out / ".cxr-batch" / "spool").iterdir())  # the spool is emptied after each commit
+    final = status(out)
+    assert final["state"] == "stopped" and final["outbound"]["delivered"] == len(sources)
+
+
+@pytest.mark.slow
+@needs_dcmtk
+def test_pacs_down_then_up_the_queue_drains_with_srs_and_pdfs(tmp_path, objects, small_bundle):
+    scored, _ = objects
+    out, log, port, pacs_port = tmp_path / "out", tmp_path / "node.log", free_port(), free_port()
+    pacs_dir = tmp_path / "pacs"
+    pacs_dir.mkdir()
+    config = node_config(tmp_path / "node.toml", archive_dir=str(tmp_path / "archive"))
+    node = start_node(out, small_bundle, config, "--port", port, "--send-to", f"PACS@127.0.0.1:{pacs_port}",
+                      "--allow", "MODALITY", "--dicom-pdf", log=log)
+    pacs = None
+    try:
+        assert wait_for(lambda: listening(log, node.pid) or node.poll() is not None), log.read_text()
+        assert echo(port, calling="INTRUDER").returncode != 0  # not on the allow-list
+        assert store(port, [scored["explicit"], scored["jpegls"]]).returncode == 0
+        assert wait_for(lambda: len(rows_now(out)) == 2)
+        assert wait_for(lambda: status(out).get("outbound", {}).get("retrying", 0) >= 1)
+        down = status(out)["outbound"]
+        assert down["queued"] == 4 and down["peer"] == "unreachable" and down["last_error"]
+        assert down["destination"] == f"PACS@127.0.0.1:{pacs_port}" and status(out)["listen"]["rejected_associations"] == 1
+        pacs = subprocess.Popen(["storescp", "-aet", "PACS", "-od", str(pacs_dir), str(pacs_port)],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        assert wait_for(lambda: status(out).get("outbound", {}).get("delivered") == 4, timeout=120), status(out)
+    finally:
+        assert stop(node) == 0, log.read_text()[-3000:]
+        if pacs is not None:
+            pacs.terminate()
+            pacs.wait(timeout=10)
+    kinds = Counter(pydicom.dcmread(p).SOPClassUID.name for p in pacs_dir.iterdir())
+    assert kinds == {"Comprehensive 3D SR Storage": 2, "Encapsulated PDF Storage": 2}
+    assert len(list((tmp_path / "archive").iterdir())) == 2  # archived, not deleted, with archive_dir
+    text = log.read_text()
+    assert "DOE" not in text and "JANE" not in text  # no patient names in the log
+
+
+def test_cli_config_errors_exit_2_before_loading_anything(tmp_path):
+    bad = tmp_path / "node.toml"
+    bad.write_text('[listen]\nsend_to = "PACS@nowhere"\n')
+    done = subprocess.run([sys.executable, "-m", "cxr_batch", "listen", "--out", str(tmp_path / "o"), "--config",
+                           str(bad)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "send_to" in done.stderr and "Traceback" not in done.stderr
+    assert not (tmp_path / "o").exists()
