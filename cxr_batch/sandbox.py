@@ -15,8 +15,11 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import os
 import resource
 import signal
+import threading
+import time
 from collections import deque
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -54,12 +57,33 @@ def _address_space() -> int:
     return 0
 
 
-def _worker_init(memory_bytes: int) -> None:
+def _worker_init(memory_bytes: int, owner: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when to stop
     # The ceiling counts from what the worker already maps (its interpreter and readers), so
     # memory_mb is what reading one file may add.
     limit = _address_space() + memory_bytes
     resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    threading.Thread(target=_follow, args=(owner,), daemon=True, name="cxr-follow").start()
+
+
+def _follow(owner: int) -> None:
+    """End this worker, and the fork server it came from, when the process that owns them is
+    gone: a scan or daemon killed with SIGKILL runs no clean-up, and multiprocessing's fork
+    server outlives its client then, with its workers."""
+    while True:
+        time.sleep(1.0)
+        try:
+            os.kill(owner, 0)
+        except ProcessLookupError:
+            server = os.getppid()
+            if server != 1:
+                try:
+                    os.kill(server, signal.SIGKILL)
+                except OSError:
+                    pass
+            os._exit(0)
+        except PermissionError:  # a pid reused by another user's process: the owner is gone too
+            os._exit(0)
 
 
 def _read(cand: Candidate, rules: ScoringRules, row: MetadataRow | None, min_side: int = 0) -> AssembledStudy:
@@ -102,7 +126,7 @@ class StudyReader:
         ctx = multiprocessing.get_context("forkserver")
         ctx.set_forkserver_preload(["cxr_batch.assemble"])
         self._pool = ProcessPoolExecutor(self.workers, mp_context=ctx, initializer=_worker_init,
-                                         initargs=(self.limits.memory_mb << 20,))
+                                         initargs=(self.limits.memory_mb << 20, os.getpid()))
         # workers start on the first task: start them now, while the caller loads the model
         for _ in range(self.workers):
             self._pool.submit(int)
