@@ -3,8 +3,9 @@
 A bundle folder holds ``model.pt`` (a plain state dict, loaded with ``weights_only=True``) and
 ``manifest.json``: the findings in output order, the model configuration, the preprocessing,
 the patient-data encoding, per-finding thresholds, what the weights were trained on, their
-measured metrics, and the sha256 of ``model.pt``. Loading verifies the sha256 and refuses a
-bundle whose weights do not match their manifest.
+measured metrics, and the sha256 of ``model.pt``; optionally a per-finding ``calibration`` of
+the logits (:mod:`cxr_batch.calibration`) that inference applies. Loading verifies the sha256
+and refuses a bundle whose weights do not match their manifest or whose calibration is invalid.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from .calibration import Calibration, CalibrationError
 from .findings import FINDINGS
 from .model import ARCHITECTURE, CxrFusionNet, ModelConfig
 from .patient import PatientEncoding
@@ -44,6 +46,7 @@ class Bundle:
     sha256: str
     manifest: dict = field(repr=False, default_factory=dict)
     path: Path | None = None
+    calibration: Calibration | None = None  # applied to the logits before the sigmoid
 
     @property
     def label(self) -> str:
@@ -129,8 +132,13 @@ def save_bundle(
         "weights_dtype": "float16" if half else "float32",
         "sha256": sha256_file(weights_path),
     }
-    atomic_write_bytes(folder / MANIFEST_FILE, (json.dumps(manifest, indent=2) + "\n").encode())
+    write_manifest(folder, manifest)
     return folder
+
+
+def write_manifest(folder: Path, manifest: dict) -> None:
+    """Write ``folder/manifest.json`` atomically."""
+    atomic_write_bytes(Path(folder) / MANIFEST_FILE, (json.dumps(manifest, indent=2) + "\n").encode())
 
 
 def read_manifest(folder: Path) -> dict:
@@ -150,6 +158,11 @@ def read_manifest(folder: Path) -> dict:
         raise BundleError(f"bundle architecture {manifest['architecture']!r} is not {ARCHITECTURE!r}")
     if list(manifest["findings"]) != list(FINDINGS):
         raise BundleError(f"bundle findings {manifest['findings']} differ from this version's {list(FINDINGS)}")
+    if "calibration" in manifest:
+        try:
+            Calibration.from_manifest(manifest["calibration"])
+        except CalibrationError as e:
+            raise BundleError(f"{folder / MANIFEST_FILE}: {e}") from None
     return manifest
 
 
@@ -184,4 +197,5 @@ def load_bundle(folder: Path | str | None = None) -> Bundle:
         sha256=actual,
         manifest=manifest,
         path=folder,
+        calibration=Calibration.from_manifest(manifest["calibration"]) if "calibration" in manifest else None,
     )

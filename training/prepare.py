@@ -16,6 +16,7 @@ import pandas as pd
 from sklearn.model_selection import GroupShuffleSplit, StratifiedGroupKFold
 
 from cxr_batch.findings import FINDINGS, NO_FINDING
+from cxr_batch.labels import multi_hot
 from cxr_batch.metadata import NIH_COLUMNS
 
 from .config import TrainConfig
@@ -33,20 +34,6 @@ def read_nih_metadata(path: Path) -> pd.DataFrame:
         raise ValueError(f"{path}: missing column(s) {missing}")
     out = table[need].rename(columns={**NIH_COLUMNS, "Image Index": "image", "Finding Labels": "labels"})
     return out.reset_index(drop=True)
-
-
-def multi_hot(labels: pd.Series) -> np.ndarray:
-    """'A|B' label strings -> [N, 14] uint8 in FINDINGS order; 'No Finding' is all zeros."""
-    index = {f: i for i, f in enumerate(FINDINGS)}
-    y = np.zeros((len(labels), len(FINDINGS)), dtype=np.uint8)
-    for row, text in enumerate(labels):
-        for name in str(text).split("|"):
-            name = name.strip()
-            if name and name != NO_FINDING:
-                if name not in index:
-                    raise ValueError(f"unknown finding {name!r} in labels {text!r}")
-                y[row, index[name]] = 1
-    return y
 
 
 def undersample(df: pd.DataFrame, keep_no_finding: float, keep_only: dict, rng: np.random.Generator) -> pd.DataFrame:
