@@ -26,7 +26,8 @@ from scipy.special import expit
 
 from . import __version__, metrics
 from .bundle import WEIGHTS_FILE, Bundle, BundleError, load_bundle, sha256_file, write_manifest
-from .calibration import FOLDS, MARGIN_SE, METHODS, MIN_POSITIVES, PULL, Calibration, fit_findings, from_fits
+from .calibration import (FINDING_MARGIN_SE, FOLDS, MARGIN_SE, METHODS, MIN_POSITIVES, PULL, Calibration,
+                          FitReport, fit_findings, from_fits)
 from .discover import find_candidates
 from .findings import FINDINGS
 from .inference import BatchOptions, Engine, score_batches
@@ -130,10 +131,61 @@ def write_bundle(base: Bundle, out: Path, manifest: dict) -> Path:
 class CalibrateResult:
     bundle: Path
     version: str
-    lines: list[str]  # per finding, what was done
+    lines: list[str]  # what was done: the pooled gate, then one line per finding
     matching: Matching
     ece_before: float  # in-sample, on the studies it was fitted on
     ece_after: float
+
+
+def calibration_record(report: FitReport, calibration: Calibration, opts: CalibrateOptions, enough: np.ndarray,
+                       scores: LabelledScores) -> dict:
+    """The manifest's ``calibration``: method, rules, the pooled gate and, per finding, the
+    parameters inference applies with n, positives and what was done."""
+    per_finding = {}
+    for k, (f, fit) in enumerate(zip(FINDINGS, report.fits)):
+        rule = opts.thresholds if enough[k] else "kept from the base bundle"
+        per_finding[f] = {**calibration.entry(k), **fit.record(), "threshold_rule": rule}
+    return {
+        "method": opts.method,
+        "applies_to": "the model's logits: calibrated = slope * logit + intercept (temperature T: slope 1/T, "
+                      "intercept 0); probability = sigmoid(calibrated); thresholds compare with that probability",
+        "fitted_on": {"n": len(scores.files), "patients": int(len(set(scores.groups)))},
+        "rules": {"min_positives": opts.min_positives, "l2_pull_to_unchanged": PULL,
+                  "cross_validation": f"{FOLDS} folds by patient; fits are kept only if the held-out log-loss gain "
+                                      f"over all findings exceeds {MARGIN_SE} standard errors and the finding's own "
+                                      f"gain {FINDING_MARGIN_SE} of its own",
+                  "thresholds": opts.thresholds},
+        **report.record(),
+        "per_finding": per_finding,
+    }
+
+
+def provenance_record(base: Bundle, labels: LabelTable, studies: Path, report: FitReport,
+                      date: datetime.datetime) -> dict:
+    return {
+        "base": {"name": base.name, "version": base.version, "sha256": base.sha256,
+                 "manifest_sha256": sha256_file(base.path / "manifest.json"), "path": str(base.path)},
+        "labels": {"file": labels.path.name, "sha256": labels.sha256},
+        "studies": str(Path(studies).resolve()),
+        "n_per_finding": {f.finding: {"n": f.n, "positives": f.positives} for f in report.fits},
+        "date": date.isoformat(timespec="seconds"),
+        "tool": f"cxr-batch {__version__} calibrate",
+        "command": " ".join(sys.argv),
+        "metrics_note": "'metrics' are the base bundle's, measured before this calibration; AUROC is unchanged by it "
+                        "(slopes are positive), thresholds and flags are not",
+    }
+
+
+def summary_lines(report: FitReport, calibration: Calibration, base: Bundle, thresholds: dict) -> list[str]:
+    verdict = "findings may move" if report.accepted else "nothing moves"
+    lines = [f"held-out log-loss gain over all findings {report.pooled_gain:.4f} per image (standard error "
+             f"{report.pooled_se:.4f}, needs > {MARGIN_SE:g} of them): {verdict}"]
+    for k, fit in enumerate(report.fits):
+        params = ", ".join(f"{key} {value:.3f}" for key, value in calibration.entry(k).items())
+        status = fit.record()["status"]
+        lines.append(f"{fit.finding:<19} {fit.positives:>4}/{fit.n:<5} {params:<30} threshold "
+                     f"{base.thresholds[fit.finding]:.3f} -> {thresholds[fit.finding]:.4f}  {status}")
+    return lines
 
 
 def run_calibrate(studies: Path, labels: LabelTable, out: Path, opts: CalibrateOptions) -> CalibrateResult:
@@ -143,52 +195,20 @@ def run_calibrate(studies: Path, labels: LabelTable, out: Path, opts: CalibrateO
     scores = score_labelled(Path(studies), labels, base, opts)
     if len(scores.files) == 0:
         raise LabelsError("no labelled study was scored: " + "; ".join(scores.matching.problems() or ["no studies"]))
-    fits = fit_findings(scores.logits, scores.y, scores.groups, opts.method, opts.min_positives, PULL, FOLDS,
-                        opts.seed)
-    on_top = from_fits(fits, opts.method)
+    report = fit_findings(scores.logits, scores.y, scores.groups, opts.method, opts.min_positives, PULL, FOLDS,
+                          opts.seed)
+    on_top = from_fits(report, opts.method)
     calibration = (base.calibration or Calibration.identity(opts.method)).then(on_top)
     p_before, p_after = expit(scores.logits), expit(on_top.apply(scores.logits))
-    enough = np.array([min(f.positives, f.n - f.positives) >= opts.min_positives for f in fits])
+    enough = np.array([min(f.positives, f.n - f.positives) >= opts.min_positives for f in report.fits])
     chosen = by_rule(opts.thresholds, scores.y, p_after)
     thresholds = {f: float(chosen[k]) if enough[k] else base.thresholds[f] for k, f in enumerate(FINDINGS)}
 
     date = datetime.datetime.now(datetime.timezone.utc)
     version = opts.version or f"{base.version}+site.{date:%Y%m%d}.{labels.sha256[:8]}"
-    per_finding, lines = {}, []
-    for k, (f, fit) in enumerate(zip(FINDINGS, fits)):
-        rule = opts.thresholds if enough[k] else "kept from the base bundle"
-        per_finding[f] = {**calibration.entry(k), **fit.record(), "threshold_rule": rule}
-        params = ", ".join(f"{key} {value:.3f}" for key, value in calibration.entry(k).items())
-        lines.append(f"{f:<19} {fit.positives:>4}/{fit.n:<5} {per_finding[f]['status']:<50} {params:<32} "
-                     f"threshold {base.thresholds[f]:.3f} -> {thresholds[f]:.4f}")
-    manifest = dict(base.manifest)
-    manifest.update(
-        version=version,
-        thresholds=thresholds,
-        calibration={
-            "method": opts.method,
-            "applies_to": "the model's logits: calibrated = slope * logit + intercept (temperature T: slope 1/T, "
-                          "intercept 0); probability = sigmoid(calibrated); thresholds compare with that probability",
-            "fitted_on": {"n": len(scores.files), "patients": int(len(set(scores.groups)))},
-            "rules": {"min_positives": opts.min_positives, "l2_pull_to_unchanged": PULL,
-                      "cross_validation": f"{FOLDS} folds by patient; a fit is kept only if it lowers held-out "
-                                          f"log-loss by more than {MARGIN_SE} standard errors",
-                      "thresholds": opts.thresholds},
-            "per_finding": per_finding,
-        },
-        provenance={
-            "base": {"name": base.name, "version": base.version, "sha256": base.sha256,
-                     "manifest_sha256": sha256_file(base.path / "manifest.json"), "path": str(base.path)},
-            "labels": {"file": labels.path.name, "sha256": labels.sha256},
-            "studies": str(Path(studies).resolve()),
-            "n_per_finding": {f: {"n": fit.n, "positives": fit.positives} for f, fit in zip(FINDINGS, fits)},
-            "date": date.isoformat(timespec="seconds"),
-            "tool": f"cxr-batch {__version__} calibrate",
-            "command": " ".join(sys.argv),
-            "metrics_note": "'metrics' are the base bundle's, measured before this calibration; AUROC is unchanged "
-                            "by it (slopes are positive), thresholds and flags are not",
-        },
-    )
+    manifest = {**base.manifest, "version": version, "thresholds": thresholds,
+                "calibration": calibration_record(report, calibration, opts, enough, scores),
+                "provenance": provenance_record(base, labels, studies, report, date)}
     written = write_bundle(base, Path(out), manifest)
-    return CalibrateResult(written, version, lines, scores.matching, metrics.ece(scores.y, p_before),
-                           metrics.ece(scores.y, p_after))
+    return CalibrateResult(written, version, summary_lines(report, calibration, base, thresholds), scores.matching,
+                           metrics.ece(scores.y, p_before), metrics.ece(scores.y, p_after))

@@ -305,7 +305,6 @@ def calibrate(studies, labels, weights, device, batch_size, workers, quiet, debu
     result = run_fatal_errors(debug, lambda: run_calibrate(studies, read_labels(labels), out, opts))
     for line in result.matching.problems():
         click.echo(f"cxr-batch: {line}", err=True)
-    click.echo("finding             pos/n     calibration", err=True)
     for line in result.lines:
         click.echo(line, err=True)
     click.echo(f"ECE on the {len(result.matching.pairs)} fitting studies {result.ece_before:.4f} -> "

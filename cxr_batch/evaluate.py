@@ -29,8 +29,8 @@ log = logging.getLogger("cxr_batch")
 AGE_BANDS = ((0, 18, "0-17"), (18, 40, "18-39"), (40, 60, "40-59"), (60, 80, "60-79"), (80, math.inf, "80+"))
 UNKNOWN = "unknown"
 DEFINITIONS = {
-    "matching": "a scored file matches the label row whose 'Image Index' is its file name; files with a name that "
-                "occurs twice under the folder are left out",
+    "matching": "a scored file matches the label row whose 'Image Index' is its file name, else its name without "
+                "the extension; a label that several files match is left out",
     "patient": "the labels' Patient ID, else the scan's patient_id, else the file (its own patient)",
     "probabilities": "p_<Finding> of results.csv as written (6 decimals); flags: flag_<Finding> as written",
     "auroc": "sklearn.metrics.roc_auc_score per finding; null when the finding has only one label value",

@@ -61,7 +61,7 @@ def summary_page(ev: dict) -> Figure:
     y = _text(fig, y, f"{ev['n_studies']} studies of {ev['n_patients']} patients scored and labelled. Not used: "
               f"{len(m['scored_without_label'])} scored without a label, {len(m['labelled_not_scored'])} labelled but "
               f"skipped or failed, {len(m['labels_without_file'])} labels without a file, "
-              f"{len(m['ambiguous_names'])} ambiguous names (lists in evaluation.json).")
+              f"{len(m['ambiguous_names'])} labels matching several files (lists in evaluation.json).")
     y -= 0.008
     auc = ev["mean_auroc"]
     y = _text(fig, y, f"Ranking: mean AUROC {_f(auc)} (95% CI {_ci(ev['mean_auroc_ci95'])}) over "

@@ -114,15 +114,15 @@ def read_labels(path: Path | str) -> LabelTable:
 @dataclass
 class Matching:
     """Which scored files have labels. A file matches the label row whose Image Index is its
-    file name (as --metadata matches); a name shared by several files under the folder is
-    ambiguous and left out rather than guessed."""
+    file name (as --metadata matches) or, failing that, its name without the extension; a label
+    that several files match is ambiguous and left out rather than guessed."""
 
     pairs: list[tuple[int, int]]  # (row index, label index) of studies scored and labelled
     groups: list[str]  # patient of each pair: the labels' Patient ID, else the scan's, else the file
     scored_without_label: list[str]
     labelled_not_scored: list[dict]  # {file, status, reason}: skipped or failed
     labels_without_file: list[str]
-    ambiguous: list[str]
+    ambiguous: list[str]  # label names that several files match
 
     def summary(self) -> dict:
         return {"labelled_and_scored": len(self.pairs), "scored_without_label": self.scored_without_label,
@@ -148,23 +148,38 @@ def mismatch_lines(summary: dict) -> list[str]:
 
 def match_labels(rows: list[dict], labels: LabelTable) -> Matching:
     """Match result rows (``file``, ``status``, ``reason``, ``patient_id``, as results.csv has
-    them) to the labels by file name."""
-    by_name: dict[str, list[int]] = {}
-    for i, row in enumerate(rows):
-        by_name.setdefault(PurePosixPath(row["file"]).name, []).append(i)
+    them) to the labels by file name, or by the name without its extension where only that
+    matches (a labelled PNG exported again as ``.dcm``)."""
     index = labels.index()
-    pairs, groups, without, not_scored, ambiguous = [], [], [], [], []
-    for name, found in sorted(by_name.items()):
-        if name not in index:
-            without += [rows[i]["file"] for i in found if rows[i]["status"] == "ok"]
-        elif len(found) > 1:
-            ambiguous.append(name)
-        elif rows[found[0]]["status"] != "ok":
-            row = rows[found[0]]
-            not_scored.append({"file": row["file"], "status": row["status"], "reason": row["reason"]})
-        else:
-            i, j = found[0], index[name]
-            pairs.append((i, j))
-            groups.append(labels.patient_ids[j] or rows[i].get("patient_id") or f"file:{rows[i]['file']}")
-    missing = [name for name in labels.files if name not in by_name]
+    by_stem: dict[str, list[str]] = {}
+    for name in labels.files:
+        by_stem.setdefault(PurePosixPath(name).stem, []).append(name)
+
+    def label_of(file: str) -> str | None:
+        name = PurePosixPath(file).name
+        if name in index:
+            return name
+        same_stem = by_stem.get(PurePosixPath(name).stem, [])
+        return same_stem[0] if len(same_stem) == 1 else None
+
+    found: dict[str, list[int]] = {}
+    without = []
+    for i, row in enumerate(rows):
+        label = label_of(row["file"])
+        if label is not None:
+            found.setdefault(label, []).append(i)
+        elif row["status"] == "ok":
+            without.append(row["file"])
+    pairs, groups, not_scored, ambiguous = [], [], [], []
+    for label, matched in sorted(found.items()):
+        if len(matched) > 1:
+            ambiguous.append(label)
+            continue
+        i, j = matched[0], index[label]
+        if rows[i]["status"] != "ok":
+            not_scored.append({"file": rows[i]["file"], "status": rows[i]["status"], "reason": rows[i]["reason"]})
+            continue
+        pairs.append((i, j))
+        groups.append(labels.patient_ids[j] or rows[i].get("patient_id") or f"file:{rows[i]['file']}")
+    missing = [name for name in labels.files if name not in found]
     return Matching(pairs, groups, sorted(without), not_scored, missing, ambiguous)

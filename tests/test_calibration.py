@@ -106,9 +106,9 @@ def synthetic(n, slope, intercept, seed):
 
 def test_a_miscalibrated_model_is_corrected_on_held_out_studies():
     z, y, groups = synthetic(600, 0.6, 0.8, seed=1)  # overconfident, probabilities too low
-    fits = fit_findings(z[:300], y[:300], groups[:300], "platt")
-    assert all(f.changed for f in fits)
-    cal = from_fits(fits, "platt")
+    report = fit_findings(z[:300], y[:300], groups[:300], "platt")
+    assert report.accepted and all(f.changed for f in report.fits)
+    cal = from_fits(report, "platt")
     held = z[300:], y[300:]
     loss = lambda logits: np.mean(np.logaddexp(0, logits) - held[1] * logits)  # noqa: E731
     assert loss(cal.apply(held[0])) < loss(held[0]) - 0.02
@@ -117,17 +117,18 @@ def test_a_miscalibrated_model_is_corrected_on_held_out_studies():
 
 def test_a_calibrated_model_is_left_alone():
     z, y, groups = synthetic(300, 1.0, 0.0, seed=2)
-    fits = fit_findings(z, y, groups, "platt")
-    assert sum(f.changed for f in fits) <= 1  # the 2-standard-error margin: chance gains do not move parameters
-    kept = [f for f in fits if not f.changed]
-    assert all(f.slope == 1.0 and f.intercept == 0.0 and "no clear gain" in f.reason for f in kept)
+    report = fit_findings(z, y, groups, "platt")
+    assert not report.accepted  # chance gains of single findings do not add up to a clear one
+    assert all(f.slope == 1.0 and f.intercept == 0.0 and "no clear gain over all findings" in f.reason
+               for f in report.fits)
+    assert report.record()["pooled_gain_clear"] is False
 
 
 def test_a_finding_with_too_few_positives_keeps_its_parameters_and_says_so():
     z, y, groups = synthetic(200, 0.6, 0.8, seed=3)
     y[:, 13] = 0
     y[:4, 13] = 1
-    fits = fit_findings(z, y, groups, "temperature", min_positives=10)
+    fits = fit_findings(z, y, groups, "temperature", min_positives=10).fits
     assert not fits[13].changed and fits[13].reason == "4 positives (needs 10)"
     assert fits[13].record()["status"] == "kept: 4 positives (needs 10)"
     assert all(math.isclose(f.intercept, 0.0) for f in fits)  # temperature moves the slope only

@@ -68,7 +68,7 @@ def test_labels_without_patient_columns_still_evaluate(tmp_path):
 def test_matching_by_file_name_reports_every_mismatch(tmp_path):
     labels = read_labels(write(tmp_path, ["a.png,Mass,0,7,50,M,PA", "b.png,No Finding,0,8,40,F,AP",
                                           "c.png,Nodule,0,9,60,M,PA", "d.png,Edema,0,10,70,F,AP",
-                                          "e.png,Hernia,0,11,70,F,AP"]))
+                                          "e.png,Hernia,0,11,70,F,AP", "f.png,Mass,0,12,30,M,PA"]))
     rows = [
         {"file": "site/x/a.png", "status": "ok", "reason": "", "patient_id": ""},
         {"file": "b.png", "status": "ok", "reason": "", "patient_id": "from-header"},
@@ -76,12 +76,13 @@ def test_matching_by_file_name_reports_every_mismatch(tmp_path):
         {"file": "one/e.png", "status": "ok", "reason": "", "patient_id": ""},
         {"file": "two/e.png", "status": "ok", "reason": "", "patient_id": ""},
         {"file": "z.png", "status": "ok", "reason": "", "patient_id": ""},
+        {"file": "export/d.dcm", "status": "ok", "reason": "", "patient_id": ""},  # d.png, exported as DICOM
     ]
     m = match_labels(rows, labels)
-    assert m.pairs == [(0, 0), (1, 1)]
-    assert m.groups == ["7", "8"]  # the labels' Patient ID wins over the scan's
+    assert m.pairs == [(0, 0), (1, 1), (6, 3)]
+    assert m.groups == ["7", "8", "10"]  # the labels' Patient ID wins over the scan's
     assert m.scored_without_label == ["z.png"]
     assert m.labelled_not_scored == [{"file": "c.png", "status": "error", "reason": "truncated"}]
-    assert m.labels_without_file == ["d.png"] and m.ambiguous == ["e.png"]
+    assert m.labels_without_file == ["f.png"] and m.ambiguous == ["e.png"]
     assert len(m.problems()) == 4
     np.testing.assert_array_equal(labels.y[0], np.eye(14, dtype=np.uint8)[FINDINGS.index("Mass")])
