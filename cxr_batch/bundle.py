@@ -6,8 +6,10 @@ the patient-data encoding, per-finding thresholds, what the weights were trained
 measured metrics, the sha256 of ``model.pt`` and ``bundle_sha256``, the sha256 of the manifest
 itself (which holds the weights' sha256): a bundle is one thing, and its ``bundle_sha256``,
 written in every result row, identifies the model's behaviour (weights *and* thresholds,
-preprocessing, encoding). Loading verifies both and refuses a bundle that was altered, whose
-thresholds are not finite numbers strictly between 0 and 1, or whose findings differ.
+calibration, preprocessing, encoding). Optionally a per-finding ``calibration`` of the logits
+(:mod:`cxr_batch.calibration`) that inference applies. Loading verifies both hashes and refuses
+a bundle that was altered, whose thresholds are not finite numbers strictly between 0 and 1,
+whose calibration is invalid or whose findings differ.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from .calibration import Calibration, CalibrationError
 from .files import atomic_write_bytes
 from .findings import FINDINGS
 from .model import ARCHITECTURE, CxrFusionNet, ModelConfig
@@ -49,6 +52,7 @@ class Bundle:
     sha256: str  # bundle_sha256: manifest and weights together
     manifest: dict = field(repr=False, default_factory=dict)
     path: Path | None = None
+    calibration: Calibration | None = None  # applied to the logits before the sigmoid
 
     @property
     def label(self) -> str:
@@ -122,10 +126,17 @@ def save_bundle(
         "weights_dtype": "float16" if half else "float32",
         "sha256": sha256_file(weights_path),
     }
-    check_thresholds(manifest["thresholds"], folder / MANIFEST_FILE)
-    manifest["bundle_sha256"] = manifest_sha256(manifest)
-    atomic_write_bytes(folder / MANIFEST_FILE, (json.dumps(manifest, indent=2) + "\n").encode(), mode=0o644)
+    write_manifest(folder, manifest)
     return folder
+
+
+def write_manifest(folder: Path, manifest: dict) -> None:
+    """Check the thresholds, seal the manifest with its ``bundle_sha256`` (a new one whenever
+    anything in it changed, e.g. calibrate's thresholds) and write it atomically."""
+    check_thresholds(manifest["thresholds"], Path(folder) / MANIFEST_FILE)
+    manifest = {k: v for k, v in manifest.items() if k != "bundle_sha256"}
+    manifest["bundle_sha256"] = manifest_sha256(manifest)
+    atomic_write_bytes(Path(folder) / MANIFEST_FILE, (json.dumps(manifest, indent=2) + "\n").encode(), mode=0o644)
 
 
 def read_manifest(folder: Path) -> dict:
@@ -149,6 +160,11 @@ def read_manifest(folder: Path) -> dict:
     if list(manifest["findings"]) != list(FINDINGS):
         raise BundleError(f"bundle findings {manifest['findings']} differ from this version's {list(FINDINGS)}")
     check_thresholds(manifest["thresholds"], folder / MANIFEST_FILE)
+    if "calibration" in manifest:
+        try:
+            Calibration.from_manifest(manifest["calibration"])
+        except CalibrationError as e:
+            raise BundleError(f"{folder / MANIFEST_FILE}: {e}") from None
     return manifest
 
 
@@ -213,4 +229,5 @@ def load_bundle(folder: Path | str | None = None) -> Bundle:
         sha256=recorded,
         manifest=manifest,
         path=folder,
+        calibration=Calibration.from_manifest(manifest["calibration"]) if "calibration" in manifest else None,
     )

@@ -1,4 +1,4 @@
-"""The ``cxr-batch`` command line: a thin layer over scan, merge, watch and train.
+"""The ``cxr-batch`` command line: a thin layer over scan, merge, watch, evaluate, calibrate and train.
 
 Exit codes: 0 every file scored or deliberately skipped; 3 some files failed but the rest
 were written; 4 (scan) the folder held no file at all (an unmounted share, a wrong path):
@@ -48,6 +48,28 @@ def fail(message: str, debug: bool, code: int = EXIT_FATAL):
         raise
     click.echo(f"cxr-batch: error: {message}", err=True)
     sys.exit(code)
+
+
+def run_fatal_errors(debug: bool, action):
+    """Run ``action()`` with the exits every scoring command shares: a bad device is a usage
+    error (2); bad weights, metadata, labels or files mean nothing could be done (1); a bug is
+    said plainly (``--debug`` shows the traceback)."""
+    from .bundle import BundleError
+    from .device import DeviceError
+    from .folderlock import FolderBusy
+    from .labels import LabelsError
+    from .metadata import MetadataError
+
+    try:
+        return action()
+    except DeviceError as e:
+        fail(str(e), debug, EXIT_USAGE)
+    except (BundleError, FolderBusy, MetadataError, LabelsError) as e:
+        fail(str(e), debug)
+    except OSError as e:
+        fail(f"{e.filename or ''}: {e.strerror or e}", debug)
+    except Exception as e:  # a bug: say so plainly; --debug shows the traceback
+        fail(f"unexpected {type(e).__name__}: {e} (run with --debug for details)", debug)
 
 
 def parse_shard(_ctx, _param, value):
@@ -132,10 +154,17 @@ RUN_OPTIONS = (
 DEBUG_OPTION = click.option("--debug", is_flag=True, help="Show tracebacks and library messages.")
 
 
-def run_options(command):
-    for option in reversed(RUN_OPTIONS):
-        command = option(command)
-    return command
+def options(table):
+    """A decorator that adds the click options of ``table`` in the order --help lists them."""
+    def decorate(command):
+        for option in reversed(table):
+            command = option(command)
+        return command
+
+    return decorate
+
+
+run_options = options(RUN_OPTIONS)
 
 
 @main.command()
@@ -152,11 +181,7 @@ def run_options(command):
 def scan(studies, out, config_file, weights, metadata, device, precision, workers, urgent, pdf, heatmaps, dicom_pdf,
          dicom_sr, title, institution, follow_links, batch_size, shard, quiet, debug):
     """Score every frontal chest radiograph under STUDIES into OUT/results.csv."""
-    from .bundle import BundleError
     from .config import ConfigError
-    from .device import DeviceError
-    from .folderlock import FolderBusy
-    from .metadata import MetadataError
     from .scan import ScanConfig, run_scan
 
     setup_logging(quiet, debug)
@@ -168,16 +193,7 @@ def scan(studies, out, config_file, weights, metadata, device, precision, worker
                           institution=institution, follow_links=follow_links, progress=False if quiet else None)
     except ConfigError as e:
         fail(str(e), debug, EXIT_USAGE)
-    try:
-        summary = run_scan(studies, out, cfg)
-    except DeviceError as e:
-        fail(str(e), debug, EXIT_USAGE)
-    except (BundleError, MetadataError, FolderBusy) as e:
-        fail(str(e), debug)
-    except OSError as e:
-        fail(f"{e.filename or ''}: {e.strerror or e}", debug)
-    except Exception as e:  # a bug: say so plainly; --debug shows the traceback
-        fail(f"unexpected {type(e).__name__}: {e} (run with --debug for details)", debug)
+    summary = run_fatal_errors(debug, lambda: run_scan(studies, out, cfg))
     click.echo(summary.line(), err=True)
     sys.exit(summary.exit_code)
 
@@ -308,6 +324,94 @@ def listen(out, port, ae_title, host, allow, send_to, config_file, weights, meta
         return Node(out, cfg, stop)
 
     run_daemon(build, out, debug)
+
+
+def parse_rule(_ctx, _param, value):
+    from .thresholds import parse_rule as parse
+
+    try:
+        parse(value)
+    except ValueError as e:
+        raise click.BadParameter(str(e)) from None
+    return value
+
+
+# What evaluate and calibrate both take: labelled studies and how to score them.
+LABELLED_OPTIONS = (
+    click.argument("studies", type=click.Path(exists=True, file_okay=False, path_type=Path)),
+    click.option("--labels", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
+                 help="Reference labels, NIH Data_Entry format: Image Index, Finding Labels ('|'-separated or "
+                      "'No Finding'); its Patient ID/Age/Gender/View Position columns also serve as patient data."),
+    click.option("--weights", type=click.Path(exists=True, file_okay=False),
+                 help="Weights bundle folder (default: the bundled weights)."),
+    click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N."),
+    click.option("--batch-size", type=click.IntRange(1, 4096), default=16, show_default=True),
+    click.option("--workers", type=click.IntRange(0, 64), help="Decoding worker processes (default: chosen for this machine)."),
+    click.option("--quiet", "-q", is_flag=True, help="No progress bar, warnings only."),
+    DEBUG_OPTION,
+)
+labelled_options = options(LABELLED_OPTIONS)
+
+
+@main.command()
+@labelled_options
+@click.option("--out", "-o", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Folder for results.csv, evaluation.json and evaluation.pdf.")
+@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto", show_default=True)
+@click.option("--bootstrap", type=click.IntRange(0, 100_000), default=1000, show_default=True,
+              help="Bootstrap resamples (by patient) for the intervals; 0: none.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the bootstrap.")
+def evaluate(studies, labels, weights, device, batch_size, workers, quiet, debug, out, precision, bootstrap, seed):
+    """Scan STUDIES and measure the model against LABELS: OUT/evaluation.json and OUT/evaluation.pdf."""
+    from .evaluate import run_evaluate
+    from .labels import mismatch_lines, read_labels
+    from .scan import ScanConfig
+
+    setup_logging(quiet, debug)
+    cfg = ScanConfig(weights=weights, device=device, precision=precision, batch_size=batch_size, workers=workers,
+                     progress=not quiet)
+    result, summary = run_fatal_errors(debug, lambda: run_evaluate(studies, read_labels(labels), out, cfg,
+                                                                   bootstrap, seed))
+    click.echo(summary.line(), err=True)
+    for line in mismatch_lines(result["matching"]):
+        click.echo(f"cxr-batch: {line}", err=True)
+    ci = result["mean_auroc_ci95"]
+    click.echo(f"{result['n_studies']} studies of {result['n_patients']} patients: mean AUROC {result['mean_auroc']:.3f}"
+               + (f" (95% CI {ci[0]:.3f}-{ci[1]:.3f})" if ci else " (no CI)")
+               + f", ECE {result['ece']:.3f}, Brier {result['brier']:.4f} (prevalence {result['brier_prevalence']:.4f})"
+               f" -> {out / 'evaluation.json'}, {out / 'evaluation.pdf'}", err=True)
+    sys.exit(summary.exit_code)
+
+
+@main.command()
+@labelled_options
+@click.option("--out", "-o", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="New bundle folder to write (must not exist, or be empty).")
+@click.option("--method", type=click.Choice(["platt", "temperature"]), default="platt", show_default=True,
+              help="platt: slope and intercept per finding; temperature: one scale per finding.")
+@click.option("--thresholds", "threshold_rule", default="precision_f1", show_default=True, callback=parse_rule,
+              help="precision_f1[:P] (best F1 with precision >= P, default 0.30), youden, or sensitivity:S.")
+@click.option("--min-positives", type=click.IntRange(2), default=10, show_default=True,
+              help="Positive (and negative) studies a finding needs before its calibration and threshold move.")
+@click.option("--version", "version", help="Version of the new bundle (default: <base>+site.<date>.<labels hash>).")
+def calibrate(studies, labels, weights, device, batch_size, workers, quiet, debug, out, method, threshold_rule,
+              min_positives, version):
+    """Fit per-finding calibration and thresholds on labelled STUDIES; write a new bundle to OUT."""
+    from .calibrate import CalibrateOptions, run_calibrate
+    from .labels import read_labels
+
+    setup_logging(quiet, debug)
+    opts = CalibrateOptions(weights=weights, method=method, thresholds=threshold_rule, min_positives=min_positives,
+                            version=version, device=device, batch_size=batch_size, workers=workers,
+                            progress=not quiet)
+    result = run_fatal_errors(debug, lambda: run_calibrate(studies, read_labels(labels), out, opts))
+    for line in result.matching.problems():
+        click.echo(f"cxr-batch: {line}", err=True)
+    for line in result.lines:
+        click.echo(line, err=True)
+    click.echo(f"ECE on the {len(result.matching.pairs)} fitting studies {result.ece_before:.4f} -> "
+               f"{result.ece_after:.4f} (in-sample: check with 'cxr-batch evaluate' on other studies)", err=True)
+    click.echo(f"new bundle {result.version} -> {result.bundle}", err=True)
 
 
 @main.command()

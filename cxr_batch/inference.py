@@ -100,13 +100,14 @@ def collate(items: list[Loaded]) -> Batch:
 
 
 class Engine:
-    """The bundle's model on a device under a precision policy.
+    """The bundle's model on a device under a precision policy, with the bundle's calibration.
 
     Reduced precision (bf16/fp16) moves probabilities by a few thousandths (benchmarks/
     scan_vs_peer.py prints the largest difference on real images), enough to flip a flag where
     a probability sits right at its threshold. So images with any probability within
     ``refine_margin`` of its threshold are scored again in float32: the fast path then flags
     exactly what the float32 path flags, at the cost of re-running those images only.
+    Thresholds compare against calibrated probabilities, so the margin is measured on those.
     """
 
     def __init__(self, bundle: Bundle, policy: RunPolicy, refine_margin: float = 0.005):
@@ -117,7 +118,8 @@ class Engine:
 
     @torch.inference_mode()
     def logits(self, images: torch.Tensor, tabular: torch.Tensor, exact: bool = False) -> torch.Tensor:
-        """images [B, 3, S, S], tabular [B, 3] (any device) -> float32 logits [B, 14] on CPU.
+        """images [B, 3, S, S], tabular [B, 3] (any device) -> float32 calibrated logits [B, 14]
+        on CPU (the model's logits through the bundle's calibration, if it has one).
         ``exact`` runs in float32 whatever the policy."""
         dev = self.policy.device
         images = images.to(dev, non_blocking=True).contiguous(memory_format=torch.channels_last)
@@ -125,18 +127,23 @@ class Engine:
         context = torch.autocast(dev.type, enabled=False) if exact else self.policy.autocast()
         with context:
             out = self.model(images, tabular)
-        return out.float().cpu()
+        out = out.float().cpu()
+        return out if self.bundle.calibration is None else self.bundle.calibration.apply(out)
 
-    def probabilities(self, images: torch.Tensor, tabular: torch.Tensor) -> np.ndarray:
-        probs = torch.sigmoid(self.logits(images, tabular))
+    @torch.inference_mode()
+    def score(self, images: torch.Tensor, tabular: torch.Tensor) -> torch.Tensor:
+        """Calibrated logits [B, 14], those of images near a threshold re-scored in float32."""
+        z = self.logits(images, tabular)
         if self.policy.precision != "fp32" and self.refine_margin > 0:
-            near = ((probs - self.thresholds).abs() < self.refine_margin).any(dim=1)
+            near = ((torch.sigmoid(z) - self.thresholds).abs() < self.refine_margin).any(dim=1)
             if near.any():
                 idx = near.nonzero().flatten()
-                probs[idx] = torch.sigmoid(self.logits(images[idx.to(images.device)],
-                                                       tabular[idx.to(tabular.device)], exact=True))
+                z[idx] = self.logits(images[idx.to(images.device)], tabular[idx.to(tabular.device)], exact=True)
                 self.refined += len(idx)
-        return probs.numpy()
+        return z
+
+    def probabilities(self, images: torch.Tensor, tabular: torch.Tensor) -> np.ndarray:
+        return torch.sigmoid(self.score(images, tabular)).numpy()
 
 
 @dataclass
@@ -145,6 +152,7 @@ class ScoredBatch:
     ok: list[int]  # positions in records that were scored
     images: torch.Tensor | None  # the model inputs of records[ok[i]], for heatmaps and reports
     tabular: torch.Tensor | None
+    logits: torch.Tensor | None = None  # [len(ok), 14] calibrated logits (calibrate fits on them)
 
     def inputs(self, position: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The model inputs (image [3, S, S], tabular [3]) of records[position], if scored."""
@@ -193,9 +201,10 @@ def score_batches(candidates: list[Candidate], engine: Engine, options: BatchOpt
                 batch = collate_on_device(chunk, prep, encoding, engine.policy.device)
             else:
                 batch = collate(list(threads.map(lambda s: model_inputs(s, prep, encoding), chunk)))
-            probs = engine.probabilities(batch.images, batch.tabular) if batch.ok else None
+            logits = engine.score(batch.images, batch.tabular) if batch.ok else None
+            probs = torch.sigmoid(logits).numpy() if batch.ok else None
             records = attach_scores(batch, probs, engine.bundle, options.urgent)
-            yield ScoredBatch(records, batch.ok, batch.images, batch.tabular)
+            yield ScoredBatch(records, batch.ok, batch.images, batch.tabular, logits)
             if progress is not None:
                 progress.update(len(records))
     finally:

@@ -152,9 +152,11 @@ def test_bootstrap_interval_brackets_the_estimate():
     rng = np.random.default_rng(1)
     y = rng.integers(0, 2, (200, 3))
     p = np.clip(y * 0.4 + rng.random((200, 3)) * 0.6, 0, 1)
-    ci = metrics.bootstrap_ci(y, p, (p >= 0.5).astype(int), n=200, seed=0)
+    ci = metrics.bootstrap_ci(y, p, (p >= 0.5).astype(int), np.arange(200) // 2, n=200, seed=0)
     est = metrics.mean_auc(y, p)
     assert ci["mean_auc"][0] < est < ci["mean_auc"][1]
+    f1 = f1_score(y, (p >= 0.5).astype(int), average="macro")
+    assert ci["f1_macro"][0] < f1 < ci["f1_macro"][1] and len(ci["auc"]) == 3
 
 
 def test_a_split_that_cannot_be_evaluated_is_named():

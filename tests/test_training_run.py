@@ -6,6 +6,7 @@ import sys
 
 import pytest
 
+from cxr_batch.findings import FINDINGS
 from cxr_batch.results import read_results
 from cxr_batch.scan import ScanConfig, run_scan
 
@@ -17,9 +18,9 @@ ARTIFACTS = ("validation_metrics_cxr-fpn.csv", "configuration.txt", "optimizer_c
              "figures/training_curves.png", "figures/example_predictions.png", "bundle/manifest.json")
 
 
-def train(nih, out, *extra, launcher=()):
+def train(nih, out, *extra, launcher=(), config=QUICK):
     cmd = [*launcher, "-m", "cxr_batch", "train", "--images", str(nih / "images"), "--metadata",
-           str(nih / "labels.csv"), "--out", str(out), "--config", str(QUICK), "--device", "cpu", *extra]
+           str(nih / "labels.csv"), "--out", str(out), "--config", str(config), "--device", "cpu", *map(str, extra)]
     return subprocess.run([sys.executable, *cmd] if not launcher else cmd, capture_output=True, text=True, timeout=600)
 
 
@@ -33,6 +34,10 @@ def test_quick_run_writes_all_artifacts_and_a_bundle_that_scans(nih, tmp_path, s
         assert (run / name).exists(), name
     metrics = json.loads((run / "metrics.json").read_text())
     assert {"test", "test_ci95", "test_image_only", "by_group", "patient_only_logistic_regression"} <= set(metrics)
+    assert len(metrics["test_ci95"]["auc"]) == 14 and "notes" in metrics["test_ci95"]
+    training = json.loads((run / "bundle" / "manifest.json").read_text())["training"]
+    assert len(training["history"]) == 1 and training["history_from"] == "this run"
+    assert training["patient_prior"] == {"method": "none"} and set(training["prevalence"]) == set(FINDINGS)
     summary = run_scan(studies, tmp_path / "out", ScanConfig(weights=str(run / "bundle"), device="cpu", batch_size=4,
                                                              workers=0, progress=False, pdf=False))
     assert summary.counts["ok"] == 6
@@ -42,6 +47,31 @@ def test_quick_run_writes_all_artifacts_and_a_bundle_that_scans(nih, tmp_path, s
     assert again.returncode == 0, again.stderr[-2000:]
     assert "resumed after epoch 1" in again.stderr
     assert len(json.loads((run / "metrics.json").read_text())["history"]) == 2
+
+
+@pytest.mark.slow
+def test_the_bundle_records_the_patient_prior_and_keeps_the_history_through_an_export(nih, tmp_path):
+    """A run with the patient prior, then an evaluate-and-export run from its bundle (epochs 0:
+    how the shipped weights were made): the second bundle still carries the epoch history."""
+    skip = QUICK.read_text() + "\n[model]\ntabular_skip = true\n"
+    with_prior, without = tmp_path / "prior.toml", tmp_path / "skip.toml"
+    with_prior.write_text(skip.replace("[preprocessing]", 'patient_prior = "logistic"\n\n[preprocessing]'))
+    without.write_text(skip)
+    proc = train(nih, tmp_path / "first", config=with_prior)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    first = json.loads((tmp_path / "first" / "bundle" / "manifest.json").read_text())["training"]
+    prior = first["patient_prior"]
+    assert prior["centred"] is True and prior["weight"] == 1.0 and len(prior["coef"]) == 14
+    assert len(prior["offset"]) == 14 and len(prior["centre"]) == 3 and prior["method"] == "logistic"
+    twice = train(nih, tmp_path / "twice", "--epochs", 0, "--init-weights", tmp_path / "first" / "bundle",
+                  config=with_prior)
+    assert twice.returncode == 1 and "already has a patient prior" in twice.stderr
+    export = train(nih, tmp_path / "export", "--epochs", 0, "--init-weights", tmp_path / "first" / "bundle",
+                   config=without)
+    assert export.returncode == 0, export.stderr[-2000:]
+    second = json.loads((tmp_path / "export" / "bundle" / "manifest.json").read_text())["training"]
+    assert second["history"] == first["history"] and len(second["history"]) == 1
+    assert second["history_from"].startswith("init_weights")
 
 
 @pytest.mark.slow

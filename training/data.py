@@ -15,7 +15,9 @@ from torch.utils.data import Dataset
 
 from cxr_batch.findings import FINDINGS
 from cxr_batch.patient import PatientEncoding, patient_from_values
-from cxr_batch.preprocess import Preprocessing
+from cxr_batch.preprocess import Preprocessing, eval_transform
+from cxr_batch.readers import read_pil
+from cxr_batch.study import ScoringRules
 
 from .augment import eval_transform_batch
 from .config import TrainConfig
@@ -58,6 +60,38 @@ class CachedImages(Dataset):
         return torch.from_numpy(np.array(self.cache[self.rows[i]]))[None], self.tabular[i], self.y[i], self.mirror[i]
 
 
+class DecodedImages(Dataset):
+    """Rows of the prepared table decoded from their files and transformed exactly as inference
+    does (``read_pil`` + ``eval_transform``): (image [3,S,S], tabular, y, mirror). Thresholds,
+    the patient prior's weight and the test evaluation use it, so what they measure is what a
+    scan computes; the uint8 cache resizes before cropping, which moved inputs by about a grey
+    level (benchmarks/eval_input_gap.py). Per-epoch validation keeps the faster cache: it only
+    picks the checkpoint and drives the learning rate."""
+
+    def __init__(self, table: pd.DataFrame, images_dir, prep: Preprocessing, encoding: PatientEncoding):
+        from pathlib import Path
+
+        self.paths = [Path(images_dir) / name for name in table["image"]]
+        self.prep = prep
+        self.tabular = torch.from_numpy(encode_patients(table, encoding))
+        self.y = torch.from_numpy(multi_hot(table["labels"]).astype(np.float32))
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        image = eval_transform(read_pil(self.paths[i], ScoringRules()), self.prep)
+        return image, self.tabular[i], self.y[i], torch.tensor(False)
+
+
+def evaluation_loader(cfg: TrainConfig, table: pd.DataFrame, prep: Preprocessing, encoding: PatientEncoding):
+    """A DataLoader over ``table`` with the inference preprocessing (:class:`DecodedImages`)."""
+    from torch.utils.data import DataLoader
+
+    return DataLoader(DecodedImages(table, cfg.images, prep, encoding), max(1, cfg.batch_size),
+                      num_workers=cfg.workers)
+
+
 @dataclass
 class Context:
     """Where and how a run computes: the configuration, input transform, encoding and device."""
@@ -81,7 +115,10 @@ def predict(model, loader, ctx: Context, criterion=None, unknown_patient=False) 
     model.eval()
     probs, ys, total = [], [], 0.0
     for images, tabular, y, _ in loader:
-        x = eval_transform_batch(images.to(ctx.device), ctx.prep).contiguous(memory_format=torch.channels_last)
+        images = images.to(ctx.device)
+        if images.dtype == torch.uint8:  # cached images: crop and resize here; decoded ones come transformed
+            images = eval_transform_batch(images, ctx.prep)
+        x = images.contiguous(memory_format=torch.channels_last)
         tabular = tabular.to(ctx.device)
         if unknown_patient:
             tabular = torch.full_like(tabular, ctx.encoding.unknown_value)
@@ -102,10 +139,16 @@ def load_splits(cfg: TrainConfig, out, prep: Preprocessing, encoding: PatientEnc
 
     from .cache import build_cache, cache_size_for
 
-    table = read_prepared(out)
-    cache, index = build_cache(Path(cfg.images), list(table["image"]), cache_size_for(prep), Path(out), cfg.workers)
-    parts = {s: table[table["split"] == s].reset_index(drop=True) for s in ("train", "val", "test")}
+    parts = prepared_parts(out)
+    names = [n for t in parts.values() for n in t["image"]]
+    cache, index = build_cache(Path(cfg.images), names, cache_size_for(prep), Path(out), cfg.workers)
     return parts, {s: CachedImages(t, cache, index, encoding) for s, t in parts.items()}
+
+
+def prepared_parts(out) -> dict[str, pd.DataFrame]:
+    """The prepared table's train, val and test rows."""
+    table = read_prepared(out)
+    return {s: table[table["split"] == s].reset_index(drop=True) for s in ("train", "val", "test")}
 
 
 def unique_training_images(train: pd.DataFrame) -> pd.DataFrame:

@@ -1,7 +1,8 @@
 """Stages 4-6: thresholds (validation only), evaluation on the test part, artifacts and bundle.
 
-Each stage reads what the stages before it wrote to the run folder (``prepared.csv``, the
-cache, ``model_final.pt``, ``history.json``, ``prior.json``) and writes its own files.
+Each stage reads what the stages before it wrote to the run folder (``prepared.csv``,
+``model_final.pt``, ``history.json``, ``prior.json``) and writes its own files. Validation and
+test images are decoded and transformed by the inference code itself (``DecodedImages``).
 """
 
 from __future__ import annotations
@@ -13,15 +14,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from torch.utils.data import DataLoader
 
 from cxr_batch.bundle import save_bundle
 from cxr_batch.findings import FINDINGS
 from cxr_batch.model import build_model
 
 from . import metrics, thresholds
-from .data import (FINAL_WEIGHTS, HISTORY, PRIOR_INFO, Context, encode_patients, load_splits, predict,
-                   unique_training_images)
+from .data import (FINAL_WEIGHTS, HISTORY, PRIOR_INFO, Context, encode_patients, evaluation_loader, predict,
+                   prepared_parts, unique_training_images)
 from .figures import example_predictions, roc_curves, training_curves
 from .prepare import multi_hot
 
@@ -117,16 +117,20 @@ def evaluate_test(cfg, ctx: Context, model, loaders: dict, parts: dict, chosen: 
     compared = compare_threshold_methods(cfg, y_val, p_val, y_test, p_test)
     pred = (p_test >= chosen).astype(int)
     test = metrics.summary(y_test, p_test, pred)
-    ci = metrics.bootstrap_ci(y_test, p_test, pred, n=cfg.bootstrap, seed=cfg.seed)
+    patients = parts["test"]["patient_id"].to_numpy()  # the bootstrap resamples patients
+
+    def interval(p, flags):
+        return metrics.bootstrap_ci(y_test, p, flags, patients, n=cfg.bootstrap, seed=cfg.seed)
+
+    ci = interval(p_test, pred)
     p_img, _, _ = predict(model, loaders["test"], ctx, unknown_patient=True)
     pred_img = (p_img >= chosen).astype(int)
     image_only = metrics.summary(y_test, p_img, pred_img)
-    image_only_ci = metrics.bootstrap_ci(y_test, p_img, pred_img, n=cfg.bootstrap, seed=cfg.seed)
+    image_only_ci = interval(p_img, pred_img)
     groups = subgroup_metrics(parts["test"], y_test, p_test, pred)
     p_base = patient_only_baseline(parts["train"], parts["test"], ctx.encoding, cfg.seed)
     baseline = {"mean_auc": metrics.mean_auc(y_test, p_base),
-                "ci95": metrics.bootstrap_ci(y_test, p_base, (p_base >= 0.5).astype(int), n=cfg.bootstrap,
-                                             seed=cfg.seed)["mean_auc"]}
+                "ci95": interval(p_base, (p_base >= 0.5).astype(int))["mean_auc"]}
     results = {
         "test": {k: v for k, v in test.items() if k != "confusion"}, "test_ci95": ci,
         "test_image_only": {"mean_auc": image_only["mean_auc"], "f1_macro": image_only["f1_macro"],
@@ -137,16 +141,34 @@ def evaluate_test(cfg, ctx: Context, model, loaders: dict, parts: dict, chosen: 
     return results, test, p_test
 
 
-def export_bundle(cfg, ctx: Context, model, chosen: np.ndarray, results: dict, prior: dict, out: Path) -> Path:
-    """Stage 6: the weights bundle, with its recipe, data and measured metrics."""
+def training_prevalence(train) -> dict:
+    """Each finding's share of the unique training images: what evaluate's Brier baseline and a
+    site's comparison of prevalences need."""
+    y = multi_hot(unique_training_images(train)["labels"])
+    return {f: float(v) for f, v in zip(FINDINGS, y.mean(axis=0))} if len(y) else {}
+
+
+def inherited_history(cfg) -> tuple[list, str]:
+    """The epoch history of a run that only evaluates and exports (epochs 0 from a bundle):
+    the history recorded in that bundle, so the shipped bundle keeps how it was trained."""
+    if not cfg.init_weights or not Path(cfg.init_weights).is_dir():
+        return [], ""
+    from cxr_batch.bundle import read_manifest
+
+    history = read_manifest(Path(cfg.init_weights)).get("training", {}).get("history", [])
+    return history, f"init_weights {cfg.init_weights}" if history else ""
+
+
+def export_bundle(cfg, ctx: Context, model, chosen: np.ndarray, results: dict, record: dict, out: Path) -> Path:
+    """Stage 6: the weights bundle, with its recipe, data, training record (``record``: epoch
+    history, patient prior, training prevalence) and measured metrics."""
     prepare_info = json.loads((out / "prepare.json").read_text())
     test, ci, image_only = results["test"], results["test_ci95"], results["test_image_only"]
-    extra = {"patient_prior": prior} if prior else {}
     return save_bundle(
         out / "bundle", model.cpu().float(), name=cfg.model_name, version=cfg.version, preprocessing=ctx.prep,
         encoding=ctx.encoding, thresholds={f: float(t) for f, t in zip(FINDINGS, chosen)}, half=cfg.half_bundle,
         intended_use=cfg.intended_use,
-        training={"data": prepare_info, "config": cfg.to_dict(), "threshold_method": cfg.threshold_method, **extra},
+        training={"data": prepare_info, "config": cfg.to_dict(), "threshold_method": cfg.threshold_method, **record},
         metrics={"test_mean_auc": test["mean_auc"], "test_mean_auc_ci95": ci["mean_auc"],
                  "test_f1_macro": test["f1_macro"], "test_f1_macro_ci95": ci["f1_macro"],
                  "test_image_only_mean_auc": image_only["mean_auc"],
@@ -160,17 +182,21 @@ def evaluate_run(cfg, out: Path, ctx: Context) -> dict:
     """Stages 4-6 on a run folder written by the training stages: thresholds on validation,
     evaluation on test, artifacts (metrics, configuration, figures) and the bundle."""
     out = Path(out)
-    parts, data = load_splits(cfg, out, ctx.prep, ctx.encoding)
-    loaders = {s: DataLoader(data[s], max(1, cfg.batch_size), num_workers=cfg.workers) for s in ("val", "test")}
+    parts = prepared_parts(out)
+    loaders = {s: evaluation_loader(cfg, parts[s], ctx.prep, ctx.encoding) for s in ("val", "test")}
     model = build_model(cfg.model).to(ctx.device, memory_format=torch.channels_last)
     model.load_state_dict(torch.load(out / FINAL_WEIGHTS, map_location=ctx.device, weights_only=True))
-    history = json.loads((out / HISTORY).read_text())
+    history, history_from = json.loads((out / HISTORY).read_text()), "this run"
+    if not history:
+        history, history_from = inherited_history(cfg)
     prior = json.loads((out / PRIOR_INFO).read_text()) if (out / PRIOR_INFO).exists() else {}
 
     p_val, y_val, _ = predict(model, loaders["val"], ctx)
     chosen = choose_thresholds(cfg, y_val, p_val, out)
     results, test, p_test = evaluate_test(cfg, ctx, model, loaders, parts, chosen, y_val, p_val)
-    results.update(history=history, **({"patient_prior": prior} if prior else {}))
+    record = {"history": history, "history_from": history_from, "patient_prior": prior,
+              "prevalence": training_prevalence(parts["train"])}
+    results.update(record)
     metrics_table(test).to_csv(out / f"validation_metrics_{cfg.model_name}.csv", index=False)
     (out / "metrics.json").write_text(json.dumps(results, indent=2, default=float) + "\n")
     write_configuration(cfg, out, history, results)
@@ -179,14 +205,17 @@ def evaluate_run(cfg, out: Path, ctx: Context) -> dict:
     figures.mkdir(exist_ok=True)
     roc_curves(multi_hot(parts["test"]["labels"]), p_test, figures / "roc_test.png")
     training_curves(history, figures / "training_curves.png")
-    example_predictions(parts["test"], data["test"], p_test, chosen, figures / "example_predictions.png")
-    export_bundle(cfg, ctx, model, chosen, results, prior, out)
+    example_predictions(parts["test"], loaders["test"].dataset, p_test, chosen, figures / "example_predictions.png")
+    export_bundle(cfg, ctx, model, chosen, results, record, out)
     ci, image_only = results["test_ci95"], results["test_image_only"]
-
     log.info("test mean AUC %s, macro F1 %.3f; image only AUC %s; patient-data-only logistic regression AUC %s "
              "-> %s", auc_text(test["mean_auc"], ci["mean_auc"]), test["f1_macro"], auc_text(image_only["mean_auc"]),
              auc_text(results["patient_only_logistic_regression"]["mean_auc"]), out / "bundle")
     return results
+
+
+def format_ci(ci) -> str:
+    return "none (see metrics.json, test_ci95.notes)" if ci is None else f"{ci[0]:.3f}-{ci[1]:.3f}"
 
 
 def write_configuration(cfg, out: Path, history: list, results: dict) -> None:
@@ -197,8 +226,8 @@ def write_configuration(cfg, out: Path, history: list, results: dict) -> None:
         lines.append(f"{h['epoch']:5d}  {h['train_loss']:10.4f}  {h['val_loss']:8.4f}  {h['precision_macro']:9.3f}  "
                      f"{h['recall_macro']:6.3f}  {h['f1_macro']:8.3f}  {h['mean_auc']:8.3f}  {h['lr']:.2g}")
     t = results["test"]
-    lines += ["", "# test", f"mean AUC {t['mean_auc']:.4f}  CI95 {results['test_ci95']['mean_auc']}",
-              f"macro F1 {t['f1_macro']:.4f}  CI95 {results['test_ci95']['f1_macro']}",
+    lines += ["", "# test", f"mean AUC {t['mean_auc']:.4f}  CI95 {format_ci(results['test_ci95']['mean_auc'])}",
+              f"macro F1 {t['f1_macro']:.4f}  CI95 {format_ci(results['test_ci95']['f1_macro'])}",
               f"image-only mean AUC {results['test_image_only']['mean_auc']:.4f}",
               f"patient-data-only logistic regression mean AUC "
               f"{results['patient_only_logistic_regression']['mean_auc']:.4f}"]

@@ -16,6 +16,7 @@ import pandas as pd
 from sklearn.model_selection import GroupShuffleSplit, StratifiedGroupKFold
 
 from cxr_batch.findings import FINDINGS, NO_FINDING
+from cxr_batch.labels import multi_hot
 from cxr_batch.metadata import NIH_COLUMNS
 
 from .config import TrainConfig
@@ -37,20 +38,6 @@ def read_nih_metadata(path: Path) -> pd.DataFrame:
         raise ValueError(f"{path}: missing column(s) {missing}")
     out = table[need].rename(columns={**NIH_COLUMNS, "Image Index": "image", "Finding Labels": "labels"})
     return out.reset_index(drop=True)
-
-
-def multi_hot(labels: pd.Series) -> np.ndarray:
-    """'A|B' label strings -> [N, 14] uint8 in FINDINGS order; 'No Finding' is all zeros."""
-    index = {f: i for i, f in enumerate(FINDINGS)}
-    y = np.zeros((len(labels), len(FINDINGS)), dtype=np.uint8)
-    for row, text in enumerate(labels):
-        for name in str(text).split("|"):
-            name = name.strip()
-            if name and name != NO_FINDING:
-                if name not in index:
-                    raise ValueError(f"unknown finding {name!r} in labels {text!r}")
-                y[row, index[name]] = 1
-    return y
 
 
 def undersample(df: pd.DataFrame, keep_no_finding: float, keep_only: dict, rng: np.random.Generator) -> pd.DataFrame:
@@ -195,14 +182,19 @@ def prepare(cfg: TrainConfig, out: Path) -> pd.DataFrame:
     if cfg.limit:
         df = df.iloc[: cfg.limit].reset_index(drop=True)
     n_read = len(df)
-    df = undersample(df, cfg.keep_no_finding, cfg.keep_only, rng)
     if cfg.split_lists:
+        # The official test list is a fixed benchmark: split first and thin only the training
+        # side, so results compare with published official-split numbers.
         lists = [set(Path(p).read_text().split()) for p in cfg.split_lists]
         df["split"] = split_from_lists(df, lists[0], lists[1], cfg.val_fraction, cfg.seed)
-        split_kind = "official lists"
+        fitting = df["split"].isin(["train", "val"])
+        df = pd.concat([undersample(df[fitting].reset_index(drop=True), cfg.keep_no_finding, cfg.keep_only, rng),
+                        df[~fitting]], ignore_index=True)
+        split_kind, undersampled = "official lists", "train and validation only (the official test list is whole)"
     else:
+        df = undersample(df, cfg.keep_no_finding, cfg.keep_only, rng)
         df["split"] = split_by_patient(df, cfg.test_fraction, cfg.val_fraction, cfg.seed)
-        split_kind = f"by patient, seed {cfg.seed}"
+        split_kind, undersampled = f"by patient, seed {cfg.seed}", "all images, before the split (the study's order)"
     assert_patient_disjoint(df)
     problems = split_problems(df)
     if problems and not cfg.allow_degenerate_split:
@@ -218,7 +210,7 @@ def prepare(cfg: TrainConfig, out: Path) -> pd.DataFrame:
     out.mkdir(parents=True, exist_ok=True)
     table.to_csv(out / PREPARED, index=False)
     info = {
-        "rows_read": n_read, "after_undersampling": len(df), "split": split_kind,
+        "rows_read": n_read, "after_undersampling": len(df), "undersampled": undersampled, "split": split_kind,
         "images": {s: int((df["split"] == s).sum()) for s in ("train", "val", "test")},
         "patients": {s: int(df.loc[df["split"] == s, "patient_id"].nunique()) for s in ("train", "val", "test")},
         "train_examples_after_balancing": len(balanced), "mirror_below": mirror_below, "replicate_to": replicate_to,

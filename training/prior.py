@@ -74,8 +74,11 @@ def apply_patient_prior(model, train_tabular: np.ndarray, train_y: np.ndarray, v
         weight, scores = choose_prior_weight(model, coef, bias, val_loader, ctx)
     else:
         weight, scores = float(cfg.patient_prior_weight), {}
-    offset = -(coef @ train_tabular.mean(axis=0)) if cfg.patient_prior_center else bias
+    centre = train_tabular.mean(axis=0)
+    offset = -(coef @ centre) if cfg.patient_prior_center else bias
     add_patient_prior(model, weight * coef, (weight * offset).astype(np.float32))
-    log.info("patient prior added with weight %g", weight)
-    return {"weight": weight, "centred": cfg.patient_prior_center, "validation_mean_auc_by_weight": scores,
-            "coef": coef.tolist(), "intercept": bias.tolist(), "offset": offset.tolist()}
+    log.info("patient prior added with weight %g (%s)", weight, "centred" if cfg.patient_prior_center else "with intercept")
+    return {"method": "logistic", "formula": "logit += weight * (coef . x + offset), x = [age, view, sex] encoded",
+            "weight": weight, "weight_choice": cfg.patient_prior_weight, "centred": cfg.patient_prior_center,
+            "centre": centre.tolist(), "coef": coef.tolist(), "intercept": bias.tolist(), "offset": offset.tolist(),
+            "fitted_on": f"{len(train_tabular)} unique training images", "validation_mean_auc_by_weight": scores}

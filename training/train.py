@@ -28,8 +28,8 @@ from cxr_batch.patient import PatientEncoding
 from . import metrics
 from .augment import train_transform
 from .config import TrainConfig
-from .data import (FINAL_WEIGHTS, HISTORY, PRIOR_INFO, Context, encode_patients, load_splits, predict,
-                   unique_training_images)
+from .data import (FINAL_WEIGHTS, HISTORY, PRIOR_INFO, Context, encode_patients, evaluation_loader, load_splits,
+                   predict, unique_training_images)
 from .evaluate import auc_text, evaluate_run
 from .prepare import PREPARED, multi_hot, prepare
 from .prior import apply_patient_prior, fit_patient_logistic, init_skip_from_logistic
@@ -73,13 +73,21 @@ def load_checkpoint(path: Path, device) -> dict:
     return ckpt
 
 
-def load_initial_weights(model, source: str) -> None:
-    """Weights from a bundle folder (verified) or a state dict file."""
+def load_initial_weights(model, source: str, adds_prior: bool = False) -> None:
+    """Weights from a bundle folder (verified) or a state dict file. A bundle whose weights
+    already hold a patient prior cannot take a second one (``adds_prior``): its baseline
+    would be counted twice."""
     from cxr_batch.bundle import load_bundle
 
     path = Path(source)
-    state = load_bundle(path).model.state_dict() if path.is_dir() else torch.load(path, map_location="cpu", weights_only=True)
-    model.load_state_dict(state)
+    if not path.is_dir():
+        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        return
+    bundle = load_bundle(path)
+    if adds_prior and bundle.manifest.get("training", {}).get("patient_prior", {}).get("method") == "logistic":
+        raise ValueError(f"{path} already has a patient prior in its weights; set patient_prior = \"none\" "
+                         "to evaluate and export it")
+    model.load_state_dict(bundle.model.state_dict())
 
 
 # ---------------------------------------------------------------- one epoch / evaluation
@@ -163,7 +171,7 @@ def main(cfg: TrainConfig, resume: bool = False) -> Path:
     weights = pos_weights(multi_hot(unique_train["labels"]), cfg.pos_weight_overrides, cfg.pos_weight_max)
     criterion = nn.BCEWithLogitsLoss(pos_weight=torch.from_numpy(weights).to(device))
     if cfg.init_weights:
-        load_initial_weights(model, cfg.init_weights)
+        load_initial_weights(model, cfg.init_weights, adds_prior=cfg.patient_prior == "logistic")
     elif cfg.skip_init == "logistic":
         # fitted on the patients as training shows them: some values replaced by 'unknown'
         rng = np.random.default_rng(cfg.seed)
@@ -243,10 +251,11 @@ def main(cfg: TrainConfig, resume: bool = False) -> Path:
         torch.save((ema.module if ema is not None else model).state_dict(), out / "model_classification.pt")
     final = build_model(cfg.model).to(device, memory_format=torch.channels_last)
     final.load_state_dict(torch.load(out / "model_classification.pt", map_location=device, weights_only=True))
-    prior_info = {}
+    prior_info = {"method": cfg.patient_prior}
     if cfg.patient_prior == "logistic":
+        exact_val = evaluation_loader(cfg, parts["val"], prep, encoding)  # as inference preprocesses
         prior_info = apply_patient_prior(final, encode_patients(unique_train, encoding),
-                                         multi_hot(unique_train["labels"]), val_loader, ctx)
+                                         multi_hot(unique_train["labels"]), exact_val, ctx)
     (out / PRIOR_INFO).write_text(json.dumps(prior_info, indent=2) + "\n")
     if not (out / HISTORY).exists():
         (out / HISTORY).write_text(json.dumps(history, indent=2) + "\n")

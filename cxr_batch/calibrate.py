@@ -1,0 +1,214 @@
+"""``cxr-batch calibrate``: per-finding calibration and thresholds fitted on a site's labelled
+studies, written as a new weights bundle.
+
+The studies are scored in this process in float32 with the base bundle (its own calibration
+applied, if it has one), and the calibration is fitted on those logits at full precision
+(:mod:`cxr_batch.calibration` says how and how conservatively). Thresholds are then chosen by
+the requested rule on the calibrated probabilities. The new bundle is the base bundle's
+``model.pt`` copied byte for byte, with a manifest that has a new version, the new thresholds,
+``calibration`` and ``provenance`` (base bundle, labels file hash, n per finding, date). The
+base bundle is only read; the new folder appears whole or not at all.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from scipy.special import expit
+
+from . import __version__, metrics
+from .bundle import WEIGHTS_FILE, Bundle, BundleError, load_bundle, sha256_file, write_manifest
+from .calibration import (FINDING_MARGIN_SE, FOLDS, MARGIN_SE, METHODS, MIN_POSITIVES, PULL, Calibration,
+                          FitReport, fit_findings, from_fits)
+from .discover import find_candidates
+from .findings import FINDINGS
+from .inference import BatchOptions, Engine, score_batches
+from .labels import LabelsError, LabelTable, Matching, match_labels
+from .metadata import load_metadata_csv
+from .runtime import make_policy
+from .thresholds import by_rule, parse_rule
+
+log = logging.getLogger("cxr_batch")
+
+
+@dataclass
+class CalibrateOptions:
+    weights: str | None = None  # base bundle (default: the bundled weights)
+    method: str = "platt"
+    thresholds: str = "precision_f1"  # a rule of cxr_batch.thresholds.parse_rule
+    min_positives: int = MIN_POSITIVES
+    version: str | None = None  # default: <base version>+site.<date>.<labels hash>
+    device: str = "auto"
+    batch_size: int = 16
+    workers: int | None = None
+    seed: int = 0
+    progress: bool = True
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"method {self.method!r}: expected one of {', '.join(METHODS)}")
+        parse_rule(self.thresholds)  # a bad rule fails before any scoring
+
+
+@dataclass
+class LabelledScores:
+    """The labelled studies that were scored: the base bundle's logits and the labels."""
+
+    files: list[str]
+    logits: np.ndarray  # [N, 14] float64
+    y: np.ndarray  # [N, 14] 0/1
+    groups: np.ndarray  # [N] patient keys
+    matching: Matching
+
+
+def score_labelled(studies: Path, labels: LabelTable, bundle: Bundle, opts: CalibrateOptions) -> LabelledScores:
+    """Score every study under ``studies`` in float32 (the labels' patient columns as patient
+    data) and keep the logits of the ones that have labels."""
+    candidates = find_candidates(studies)
+    metadata = None
+    if labels.has_patient_data:
+        metadata = load_metadata_csv(labels.path, only={c.path.name for c in candidates})
+    engine = Engine(bundle, make_policy(opts.device, "fp32"))
+    batches = BatchOptions(batch_size=opts.batch_size, workers=opts.workers, progress=opts.progress)
+    rows, logits = [], {}
+    for scored in score_batches(candidates, engine, batches, metadata):
+        for pos, record in enumerate(scored.records):
+            if pos in scored.ok:
+                logits[len(rows)] = scored.logits[scored.ok.index(pos)].double().numpy()
+            rows.append({"file": record.file, "status": record.status, "reason": record.reason,
+                         "patient_id": record.ids.patient_id})
+    matching = match_labels(rows, labels)
+    rows_idx = [i for i, _ in matching.pairs]
+    return LabelledScores(
+        files=[rows[i]["file"] for i in rows_idx],
+        logits=np.array([logits[i] for i in rows_idx]).reshape(-1, len(FINDINGS)),
+        y=labels.y[[j for _, j in matching.pairs]].astype(int).reshape(-1, len(FINDINGS)),
+        groups=np.array(matching.groups, dtype=str), matching=matching,
+    )
+
+
+def check_destination(out: Path, base: Path) -> None:
+    """The new bundle goes to a new place: not the base bundle, not inside it, not over files."""
+    out, base = out.resolve(), base.resolve()
+    if out == base or base in out.parents:
+        raise BundleError(f"--out {out} is the base bundle or inside it; the base bundle is never changed")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise BundleError(f"--out {out} already exists and is not an empty folder; choose a new folder")
+
+
+def write_bundle(base: Bundle, out: Path, manifest: dict) -> Path:
+    """Copy the base weights and write ``manifest`` in a temporary folder beside ``out``, check
+    that it loads, then rename it to ``out``."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
+    try:
+        shutil.copyfile(base.path / base.manifest.get("weights_file", WEIGHTS_FILE), tmp / WEIGHTS_FILE)
+        if sha256_file(tmp / WEIGHTS_FILE) != base.manifest["sha256"]:
+            raise BundleError("the copied weights differ from the base bundle's; nothing written")
+        manifest = {**manifest, "weights_file": WEIGHTS_FILE}
+        write_manifest(tmp, manifest)
+        load_bundle(tmp)  # the new bundle must load and verify before it is put in place
+        os.chmod(tmp, 0o755)
+        if out.exists():
+            out.rmdir()  # empty, checked before any work
+        os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+@dataclass
+class CalibrateResult:
+    bundle: Path
+    version: str
+    lines: list[str]  # what was done: the pooled gate, then one line per finding
+    matching: Matching
+    ece_before: float  # in-sample, on the studies it was fitted on
+    ece_after: float
+
+
+def calibration_record(report: FitReport, calibration: Calibration, opts: CalibrateOptions, enough: np.ndarray,
+                       scores: LabelledScores) -> dict:
+    """The manifest's ``calibration``: method, rules, the pooled gate and, per finding, the
+    parameters inference applies with n, positives and what was done."""
+    per_finding = {}
+    for k, (f, fit) in enumerate(zip(FINDINGS, report.fits)):
+        rule = opts.thresholds if enough[k] else "kept from the base bundle"
+        per_finding[f] = {**calibration.entry(k), **fit.record(), "threshold_rule": rule}
+    return {
+        "method": opts.method,
+        "applies_to": "the model's logits: calibrated = slope * logit + intercept (temperature T: slope 1/T, "
+                      "intercept 0); probability = sigmoid(calibrated); thresholds compare with that probability",
+        "fitted_on": {"n": len(scores.files), "patients": int(len(set(scores.groups)))},
+        "rules": {"min_positives": opts.min_positives, "l2_pull_to_unchanged": PULL,
+                  "cross_validation": f"{FOLDS} folds by patient; fits are kept only if the held-out log-loss gain "
+                                      f"over all findings exceeds {MARGIN_SE} standard errors and the finding's own "
+                                      f"gain {FINDING_MARGIN_SE} of its own",
+                  "thresholds": opts.thresholds},
+        **report.record(),
+        "per_finding": per_finding,
+    }
+
+
+def provenance_record(base: Bundle, labels: LabelTable, studies: Path, report: FitReport,
+                      date: datetime.datetime) -> dict:
+    return {
+        "base": {"name": base.name, "version": base.version, "bundle_sha256": base.sha256, "weights_sha256": base.manifest["sha256"],
+                 "manifest_sha256": sha256_file(base.path / "manifest.json"), "path": str(base.path)},
+        "labels": {"file": labels.path.name, "sha256": labels.sha256},
+        "studies": str(Path(studies).resolve()),
+        "n_per_finding": {f.finding: {"n": f.n, "positives": f.positives} for f in report.fits},
+        "date": date.isoformat(timespec="seconds"),
+        "tool": f"cxr-batch {__version__} calibrate",
+        "command": " ".join(sys.argv),
+        "metrics_note": "'metrics' are the base bundle's, measured before this calibration; AUROC is unchanged by it "
+                        "(slopes are positive), thresholds and flags are not",
+    }
+
+
+def summary_lines(report: FitReport, calibration: Calibration, base: Bundle, thresholds: dict) -> list[str]:
+    verdict = "findings may move" if report.accepted else "nothing moves"
+    lines = [f"held-out log-loss gain over all findings {report.pooled_gain:.4f} per image (standard error "
+             f"{report.pooled_se:.4f}, needs > {MARGIN_SE:g} of them): {verdict}"]
+    for k, fit in enumerate(report.fits):
+        params = ", ".join(f"{key} {value:.3f}" for key, value in calibration.entry(k).items())
+        status = fit.record()["status"]
+        lines.append(f"{fit.finding:<19} {fit.positives:>4}/{fit.n:<5} {params:<30} threshold "
+                     f"{base.thresholds[fit.finding]:.3f} -> {thresholds[fit.finding]:.4f}  {status}")
+    return lines
+
+
+def run_calibrate(studies: Path, labels: LabelTable, out: Path, opts: CalibrateOptions) -> CalibrateResult:
+    """Fit, choose thresholds, write the new bundle. Raises BundleError, MetadataError, LabelsError."""
+    base = load_bundle(opts.weights)
+    check_destination(Path(out), base.path)
+    scores = score_labelled(Path(studies), labels, base, opts)
+    if len(scores.files) == 0:
+        raise LabelsError("no labelled study was scored: " + "; ".join(scores.matching.problems() or ["no studies"]))
+    report = fit_findings(scores.logits, scores.y, scores.groups, opts.method, opts.min_positives, PULL, FOLDS,
+                          opts.seed)
+    on_top = from_fits(report, opts.method)
+    calibration = (base.calibration or Calibration.identity(opts.method)).then(on_top)
+    p_before, p_after = expit(scores.logits), expit(on_top.apply(scores.logits))
+    enough = np.array([min(f.positives, f.n - f.positives) >= opts.min_positives for f in report.fits])
+    chosen = by_rule(opts.thresholds, scores.y, p_after)
+    thresholds = {f: float(chosen[k]) if enough[k] else base.thresholds[f] for k, f in enumerate(FINDINGS)}
+
+    date = datetime.datetime.now(datetime.timezone.utc)
+    version = opts.version or f"{base.version}+site.{date:%Y%m%d}.{labels.sha256[:8]}"
+    manifest = {**base.manifest, "version": version, "thresholds": thresholds,
+                "calibration": calibration_record(report, calibration, opts, enough, scores),
+                "provenance": provenance_record(base, labels, studies, report, date)}
+    written = write_bundle(base, Path(out), manifest)
+    return CalibrateResult(written, version, summary_lines(report, calibration, base, thresholds), scores.matching,
+                           metrics.ece(scores.y, p_before), metrics.ece(scores.y, p_after))

@@ -1,0 +1,186 @@
+"""``cxr-batch evaluate``: how the model does on a site's own labelled studies.
+
+It runs the normal scan (``DIR/results.csv``, same schema as ``scan``; the labels' patient
+columns serve as ``--metadata``), then computes every number from that results.csv and the
+labels, so anyone can recompute them from the two files: the probabilities as written (6
+decimals) and the flags as written (the bundle's thresholds). ``DIR/evaluation.json`` holds
+the numbers and their definitions; ``DIR/evaluation.pdf`` shows them to a clinical lead.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+
+from . import metrics
+from .bundle import DEFAULT_BUNDLE, atomic_write_bytes, read_manifest
+from .findings import FINDINGS
+from .labels import LabelsError, LabelTable, Matching, match_labels
+from .results import read_results
+from .scan import ScanConfig, ScanSummary, run_scan
+
+log = logging.getLogger("cxr_batch")
+
+AGE_BANDS = ((0, 18, "0-17"), (18, 40, "18-39"), (40, 60, "40-59"), (60, 80, "60-79"), (80, math.inf, "80+"))
+UNKNOWN = "unknown"
+DEFINITIONS = {
+    "matching": "a scored file matches the label row whose 'Image Index' is its file name, else its name without "
+                "the extension; a label that several files match is left out",
+    "patient": "the labels' Patient ID, else the scan's patient_id, else the file (its own patient)",
+    "probabilities": "p_<Finding> of results.csv as written (6 decimals); flags: flag_<Finding> as written",
+    "auroc": "sklearn.metrics.roc_auc_score per finding; null when the finding has only one label value",
+    "mean_auroc": "mean of the per-finding AUROCs over the findings with both labels (listed in mean_auroc_findings)",
+    "bootstrap": f"percentile interval ({metrics.LEVEL:.0%}) over resamples of patients drawn with replacement, each "
+                 "bringing all its images; resamples lacking positives or negatives of a finding in the statistic "
+                 f"are drawn again; a finding with fewer than {metrics.MIN_CI_PATIENTS} positive or negative "
+                 "patients gets no interval",
+    "ece": f"{metrics.ECE_BINS} equal-width bins of probability over [0, 1]; sum over bins of (pairs in bin / pairs) "
+           "x |observed frequency - mean probability|; 'ece' pools every image-finding pair, per_finding ECE uses "
+           "that finding's images",
+    "brier": "mean of (probability - label)^2 over every image-finding pair",
+    "brier_prevalence": "Brier score of predicting, for every image, each finding's prevalence in this evaluation set",
+    "brier_training_prevalence": "the same with the bundle's training prevalence (null when its manifest has none)",
+    "operating_point": "sensitivity, specificity, PPV, NPV of the flags at the bundle's thresholds; null when the "
+                       "denominator is zero",
+}
+
+
+@dataclass
+class LabelledResults:
+    """The scored, labelled studies of a results.csv: arrays in FINDINGS order."""
+
+    rows: list[dict]  # results.csv rows, one per study
+    y: np.ndarray  # [N, 14] 0/1
+    p: np.ndarray  # [N, 14] probabilities as written
+    flags: np.ndarray  # [N, 14] 0/1 as written
+    groups: np.ndarray  # [N] patient keys
+    matching: Matching
+
+
+def labelled_results(rows: list[dict], labels: LabelTable) -> LabelledResults:
+    matching = match_labels(rows, labels)
+    picked = [rows[i] for i, _ in matching.pairs]
+    shape = (len(picked), len(FINDINGS))
+    p = np.array([[float(r[f"p_{f}"]) for f in FINDINGS] for r in picked], dtype=float).reshape(shape)
+    flags = np.array([[int(r[f"flag_{f}"]) for f in FINDINGS] for r in picked], dtype=int).reshape(shape)
+    y = labels.y[[j for _, j in matching.pairs]].astype(int).reshape(shape)
+    return LabelledResults(picked, y, p, flags, np.array(matching.groups, dtype=str), matching)
+
+
+def age_band(age: str) -> str:
+    try:
+        years = float(age)
+    except ValueError:
+        return UNKNOWN
+    return next(name for low, high, name in AGE_BANDS if low <= years < high)
+
+
+def _finite(x: float) -> float | None:
+    return float(x) if x is not None and math.isfinite(x) else None
+
+
+def per_finding(data: LabelledResults, thresholds: dict, n_bootstrap: int, seed: int) -> dict:
+    out = {}
+    for k, f in enumerate(FINDINGS):
+        y, p = data.y[:, k], data.p[:, k]
+        pos_patients, neg_patients = metrics.patients_per_label(y, data.groups)
+        interval = metrics.auroc_interval(y, p, data.groups, n_bootstrap, seed)
+        prevalence = float(y.mean())
+        out[f] = {
+            "positives": int(y.sum()), "negatives": int(len(y) - y.sum()), "positive_patients": pos_patients,
+            "negative_patients": neg_patients, "prevalence": prevalence, "mean_probability": float(p.mean()),
+            "auroc": _finite(metrics.auroc(y, p)), "auroc_ci95": interval.to_dict()["ci"], "auroc_ci_note": interval.note,
+            "threshold": float(thresholds[f]), **metrics.operating_point(y, data.flags[:, k]),
+            "ece": _finite(metrics.ece(y, p)), "brier": _finite(metrics.brier(y, p)),
+            "brier_prevalence": _finite(metrics.brier_of_constant(y[:, None], [prevalence])),
+        }
+    return out
+
+
+def summary_of(y: np.ndarray, p: np.ndarray, groups: np.ndarray) -> dict:
+    """The headline numbers of a set of studies (the whole set or a subgroup), without intervals."""
+    aucs = metrics.auroc_per_finding(y, p)
+    return {"n": int(len(y)), "patients": int(len(set(groups))), "mean_auroc": _finite(metrics.mean_auroc(y, p)),
+            "findings_in_mean": int(np.isfinite(aucs).sum()), "ece": _finite(metrics.ece(y, p)),
+            "brier": _finite(metrics.brier(y, p))}
+
+
+def by_group(data: LabelledResults) -> dict:
+    """Headline numbers by view, sex and age band (as the model received them), with n."""
+    keys = {
+        "view": [r["view"] or UNKNOWN for r in data.rows],
+        "sex": [r["sex"] or UNKNOWN for r in data.rows],
+        "age_band": [age_band(r["age"]) for r in data.rows],
+    }
+    out = {}
+    for name, values in keys.items():
+        values = np.array(values)
+        out[name] = {v: summary_of(data.y[values == v], data.p[values == v], data.groups[values == v])
+                     for v in sorted(set(values))}
+    return out
+
+
+def training_prevalence(manifest: dict) -> np.ndarray | None:
+    """The bundle's training prevalence per finding, when its manifest records it."""
+    record = manifest.get("training", {}).get("prevalence")
+    if not isinstance(record, dict) or any(not isinstance(record.get(f), (int, float)) for f in FINDINGS):
+        return None
+    return np.array([float(record[f]) for f in FINDINGS])
+
+
+def evaluation(data: LabelledResults, manifest: dict, n_bootstrap: int = 1000, seed: int = 0) -> dict:
+    """Every number of evaluation.json from the labelled results and the bundle's manifest."""
+    y, p, groups = data.y, data.p, data.groups
+    overall = metrics.mean_auroc_interval(y, p, groups, n_bootstrap, seed)
+    aucs = metrics.auroc_per_finding(y, p)
+    train_prev = training_prevalence(manifest)
+    brier, brier_prev = metrics.brier(y, p), metrics.brier_of_constant(y, y.mean(axis=0))
+    return {
+        "model": f"{manifest.get('name', '')}@{manifest.get('version', '')}", "weights_sha256": manifest["sha256"],
+        "calibrated": "calibration" in manifest,
+        "n_studies": int(len(y)), "n_patients": int(len(set(groups))),
+        "mean_auroc": _finite(metrics.mean_auroc(y, p)), "mean_auroc_ci95": overall.to_dict()["ci"],
+        "mean_auroc_ci_note": overall.note,
+        "mean_auroc_findings": [f for f, a in zip(FINDINGS, aucs) if math.isfinite(a)],
+        "ece": _finite(metrics.ece(y, p)), "ece_bins": metrics.ECE_BINS,
+        "brier": _finite(brier), "brier_prevalence": _finite(brier_prev),
+        "brier_prevalence_source": "this evaluation set's prevalence per finding",
+        "brier_training_prevalence": _finite(metrics.brier_of_constant(y, train_prev)) if train_prev is not None else None,
+        "brier_skill": _finite(1 - brier / brier_prev) if brier_prev > 0 else None,
+        "mean_probability": _finite(float(p.mean())), "prevalence": _finite(float(y.mean())),
+        "per_finding": per_finding(data, manifest["thresholds"], n_bootstrap, seed),
+        "by_group": by_group(data),
+        "reliability": metrics.reliability(y, p),
+        "bootstrap": {"resamples": n_bootstrap, "seed": seed, "level": metrics.LEVEL,
+                      "resamples_drawn_for_mean": overall.drawn},
+        "matching": data.matching.summary(),
+        "definitions": DEFINITIONS,
+    }
+
+
+def run_evaluate(studies: Path, labels: LabelTable, out: Path, cfg: ScanConfig = ScanConfig(),
+                 n_bootstrap: int = 1000, seed: int = 0) -> tuple[dict, ScanSummary]:
+    """Scan ``studies`` into ``out/results.csv`` and write ``out/evaluation.json`` and
+    ``out/evaluation.pdf``. Raises what run_scan raises, and LabelsError when no labelled study
+    was scored."""
+    out = Path(out)
+    cfg = replace(cfg, metadata=str(labels.path) if labels.has_patient_data else None, pdf=False)
+    summary = run_scan(studies, out, cfg)
+    data = labelled_results(read_results(summary.results), labels)
+    if len(data.y) == 0:
+        raise LabelsError("no labelled study was scored: " + "; ".join(data.matching.problems() or ["no studies"]))
+    manifest = read_manifest(Path(cfg.weights) if cfg.weights else DEFAULT_BUNDLE)
+    result = evaluation(data, manifest, n_bootstrap, seed)
+    result["labels"] = {"file": str(labels.path), "sha256": labels.sha256}
+    result["results_csv"] = str(summary.results)
+    text = json.dumps(result, indent=2, allow_nan=False) + "\n"
+    atomic_write_bytes(out / "evaluation.json", text.encode(), mode=0o640)
+    from .evaluation_report import write_evaluation_pdf  # matplotlib only when the report is drawn
+
+    write_evaluation_pdf(result, data.y, data.p, out / "evaluation.pdf")
+    return result, summary

@@ -1,0 +1,171 @@
+"""evaluation.pdf: the evaluation of ``cxr-batch evaluate`` drawn for a clinical lead.
+
+Page 1: what was evaluated, the headline numbers in words, the table per finding. Page 2: ROC
+curve of every finding. Page 3: the reliability diagram and the results by view, sex and age
+band. Every number comes from the evaluation dict that evaluation.json holds.
+"""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no screen
+import numpy as np  # noqa: E402
+from matplotlib.backends.backend_pdf import PdfPages  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+from sklearn.metrics import roc_curve  # noqa: E402
+
+from .findings import FINDINGS  # noqa: E402
+
+A4 = (8.27, 11.69)
+
+
+def _f(x, digits: int = 3) -> str:
+    return "-" if x is None else f"{x:.{digits}f}"
+
+
+def _ci(ci) -> str:
+    return "no CI" if ci is None else f"{ci[0]:.2f}-{ci[1]:.2f}"
+
+
+def _text(fig: Figure, y: float, text: str, size: float = 9, weight: str = "normal", width: int = 110) -> float:
+    """Write wrapped text at height y (figure fraction) and return the height below it."""
+    lines = textwrap.wrap(text, width) or [""]
+    fig.text(0.06, y, "\n".join(lines), fontsize=size, weight=weight, va="top", family="DejaVu Sans")
+    return y - 0.0165 * len(lines) * size / 9
+
+
+def _table(ax, header: list[str], rows: list[list[str]], widths: list[float], size: float = 7.5) -> None:
+    ax.axis("off")
+    table = ax.table(cellText=rows, colLabels=header, colWidths=widths, loc="upper center", cellLoc="center")
+    table.auto_set_font_size(False)
+    table.set_fontsize(size)
+    table.scale(1.0, 1.25)
+    for (r, _c), cell in table.get_celld().items():
+        cell.set_linewidth(0.3)
+        if r == 0:
+            cell.set_text_props(weight="bold")
+            cell.set_facecolor("#e8e8e8")
+
+
+def summary_page(ev: dict) -> Figure:
+    fig = Figure(figsize=A4)
+    y = _text(fig, 0.965, "Evaluation on local labelled studies", 15, "bold")
+    m = ev["matching"]
+    y = _text(fig, y - 0.005, f"Model {ev['model']} (weights sha256 {ev['weights_sha256'][:16]}...)"
+              f"{', site-calibrated' if ev['calibrated'] else ''}. Labels: {Path(ev['labels']['file']).name} "
+              f"(sha256 {ev['labels']['sha256'][:16]}...).")
+    y = _text(fig, y, f"{ev['n_studies']} studies of {ev['n_patients']} patients scored and labelled. Not used: "
+              f"{len(m['scored_without_label'])} scored without a label, {len(m['labelled_not_scored'])} labelled but "
+              f"skipped or failed, {len(m['labels_without_file'])} labels without a file, "
+              f"{len(m['ambiguous_names'])} labels matching several files (lists in evaluation.json).")
+    y -= 0.008
+    auc = ev["mean_auroc"]
+    y = _text(fig, y, f"Ranking: mean AUROC {_f(auc)} (95% CI {_ci(ev['mean_auroc_ci95'])}) over "
+              f"{len(ev['mean_auroc_findings'])} findings with positive and negative studies. 0.5 is chance.", 10)
+    y = _text(fig, y, f"Probabilities: mean predicted {_f(ev['mean_probability'])} against an observed prevalence of "
+              f"{_f(ev['prevalence'])}; calibration error (ECE, {ev['ece_bins']} bins, all findings pooled) "
+              f"{_f(ev['ece'])}; Brier score {_f(ev['brier'], 4)} against {_f(ev['brier_prevalence'], 4)} for "
+              f"always predicting this set's prevalence (skill {_f(ev['brier_skill'])}; above 0 means the "
+              "probabilities carry information beyond how common each finding is).", 10)
+    y = _text(fig, y, "Flags use the bundle's thresholds. Per-finding numbers rest on the positives shown: with few "
+              "positives they are noise. Decision support only: every study still needs a radiologist.", 9)
+    header = ["finding", "pos", "AUROC", "95% CI", "thresh.", "sens.", "spec.", "PPV", "NPV", "ECE"]
+    rows = []
+    for f in FINDINGS:
+        r = ev["per_finding"][f]
+        ci = _ci(r["auroc_ci95"]) if r["auroc_ci95"] else f"no CI: {r['positive_patients']} pos. patients"
+        if r["auroc"] is None:
+            ci = "one label value"
+        rows.append([f.replace("_", " "), str(r["positives"]), _f(r["auroc"]), ci, _f(r["threshold"], 3),
+                     _f(r["sensitivity"], 2), _f(r["specificity"], 2), _f(r["ppv"], 2), _f(r["npv"], 2), _f(r["ece"])])
+    ax = fig.add_axes([0.04, y - 0.31, 0.92, 0.29])
+    _table(ax, header, rows, [0.17, 0.06, 0.08, 0.19, 0.08, 0.07, 0.07, 0.07, 0.07, 0.07])
+    y = _text(fig, y - 0.32, "How the numbers are computed", 10, "bold")
+    d = ev["definitions"]
+    for key in ("matching", "patient", "mean_auroc", "bootstrap", "ece", "brier_prevalence", "operating_point"):
+        y = _text(fig, y, f"{key.replace('_', ' ')}: {d[key]}.", 8, width=130)
+    if ev["mean_auroc_ci_note"]:
+        _text(fig, y, f"Mean AUROC interval: {ev['mean_auroc_ci_note']}.", 8, width=130)
+    return fig
+
+
+def roc_page(ev: dict, y: np.ndarray, p: np.ndarray) -> Figure:
+    fig = Figure(figsize=A4)
+    fig.suptitle("ROC curve per finding (dashed: chance)", fontsize=12, weight="bold", y=0.975)
+    axes = fig.subplots(5, 3, gridspec_kw={"hspace": 0.55, "wspace": 0.35, "left": 0.09, "right": 0.96,
+                                           "top": 0.93, "bottom": 0.05})
+    for k, ax in enumerate(axes.ravel()):
+        if k >= len(FINDINGS):
+            ax.axis("off")
+            continue
+        f, r = FINDINGS[k], ev["per_finding"][FINDINGS[k]]
+        ax.plot([0, 1], [0, 1], "k--", lw=0.6)
+        if r["auroc"] is not None:
+            fpr, tpr, _ = roc_curve(y[:, k], p[:, k])
+            ax.plot(fpr, tpr, lw=1.2, color="#1f5fa8")
+            if r["sensitivity"] is not None and r["specificity"] is not None:
+                ax.plot(1 - r["specificity"], r["sensitivity"], "o", color="#c0392b", ms=4)
+        title = f"{f.replace('_', ' ')}\nAUROC {_f(r['auroc'], 2)}, {r['positives']} pos."
+        ax.set_title(title, fontsize=8)
+        ax.set(xlim=(0, 1), ylim=(0, 1))
+        ax.tick_params(labelsize=6)
+        ax.set_xlabel("1 - specificity", fontsize=6)
+        ax.set_ylabel("sensitivity", fontsize=6)
+    fig.text(0.5, 0.015, "red dot: the bundle's threshold", ha="center", fontsize=8)
+    return fig
+
+
+def calibration_page(ev: dict) -> Figure:
+    fig = Figure(figsize=A4)
+    fig.suptitle("Calibration and subgroups", fontsize=12, weight="bold", y=0.975)
+    rel = ev["reliability"]
+    edges = np.array(rel["edges"])
+    centres = (edges[:-1] + edges[1:]) / 2
+    used = [i for i, c in enumerate(rel["count"]) if c]
+    ax = fig.add_axes([0.12, 0.62, 0.45, 0.32])
+    ax.plot([0, 1], [0, 1], "k--", lw=0.7, label="perfect calibration")
+    ax.plot([rel["mean_predicted"][i] for i in used], [rel["observed"][i] for i in used], "o-", color="#1f5fa8",
+            ms=4, label="this model")
+    ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="mean predicted probability (bin)", ylabel="observed frequency")
+    ax.set_title(f"Reliability, all findings pooled (ECE {_f(ev['ece'])})", fontsize=9)
+    ax.legend(fontsize=7, loc="upper left")
+    hist = fig.add_axes([0.66, 0.62, 0.28, 0.32])
+    hist.bar(centres, rel["count"], width=edges[1] - edges[0], color="#999999", edgecolor="white")
+    hist.set_yscale("log")
+    hist.set(xlim=(0, 1), xlabel="predicted probability", ylabel="image-finding pairs (log)")
+    hist.set_title("How many pairs per bin", fontsize=9)
+    for a in (ax, hist):
+        a.tick_params(labelsize=7)
+        a.xaxis.label.set_size(8)
+        a.yaxis.label.set_size(8)
+    header = ["group", "value", "n", "patients", "mean AUROC", "findings", "ECE", "Brier"]
+    rows = []
+    for group, values in ev["by_group"].items():
+        for value, r in values.items():
+            rows.append([group.replace("_", " "), value, str(r["n"]), str(r["patients"]), _f(r["mean_auroc"]),
+                         str(r["findings_in_mean"]), _f(r["ece"]), _f(r["brier"], 4)])
+    fig.text(0.06, 0.56, "By view, sex and age band (as the model received them; 'unknown': not available):",
+             fontsize=9, va="top")
+    table_ax = fig.add_axes([0.06, 0.04, 0.88, 0.50])
+    _table(table_ax, header, rows, [0.12, 0.12, 0.08, 0.1, 0.14, 0.1, 0.1, 0.1])
+    return fig
+
+
+def write_evaluation_pdf(ev: dict, y: np.ndarray, p: np.ndarray, path: Path) -> Path:
+    """Write the three pages to ``path`` (via a temp file and a rename)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        with PdfPages(tmp, metadata={"Title": f"cxr-batch evaluation of {ev['model']}"}) as pdf:
+            for fig in (summary_page(ev), roc_page(ev, y, p), calibration_page(ev)):
+                pdf.savefig(fig)
+        tmp.chmod(0o640)
+        tmp.replace(path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path

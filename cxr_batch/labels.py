@@ -1,0 +1,185 @@
+"""Reference labels in the NIH Data_Entry format, for evaluating and calibrating on a site's studies.
+
+Columns: ``Image Index`` (the image's file name), ``Finding Labels`` (findings joined by ``|``,
+or ``No Finding``); optionally the patient columns ``Patient ID``, ``Patient Age``,
+``Patient Gender``, ``View Position``, which then also serve as patient data (as ``--metadata``
+does for a scan). A table a person typed by hand gets strict checks: an unknown finding name,
+an empty label, ``No Finding`` together with a finding, or one file labelled twice in two
+different ways stops the command with the rows named, never a silently wrong label.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+import numpy as np
+import pandas as pd
+
+from .findings import FINDINGS, NO_FINDING
+from .metadata import NIH_COLUMNS
+
+FILE_COLUMN, LABEL_COLUMN, PATIENT_COLUMN = "Image Index", "Finding Labels", "Patient ID"
+
+
+class LabelsError(Exception):
+    """A labels table that cannot be used; the message names the file and rows."""
+
+
+def multi_hot(labels) -> np.ndarray:
+    """'A|B' label strings -> [N, 14] uint8 in FINDINGS order; 'No Finding' is all zeros.
+    Raises ValueError for an unknown finding name."""
+    index = {f: i for i, f in enumerate(FINDINGS)}
+    y = np.zeros((len(labels), len(FINDINGS)), dtype=np.uint8)
+    for row, text in enumerate(labels):
+        for name in str(text).split("|"):
+            name = name.strip()
+            if name and name != NO_FINDING:
+                if name not in index:
+                    raise ValueError(f"unknown finding {name!r} in labels {text!r}")
+                y[row, index[name]] = 1
+    return y
+
+
+@dataclass
+class LabelTable:
+    path: Path
+    sha256: str  # of the file as read: recorded in what is derived from it
+    files: list[str]  # Image Index, one row per file
+    y: np.ndarray  # [N, 14] uint8
+    patient_ids: list[str]  # '' where the table has no Patient ID
+    has_patient_data: bool  # all NIH patient columns present: usable as --metadata
+
+    def index(self) -> dict[str, int]:
+        return {name: i for i, name in enumerate(self.files)}
+
+
+def _problem_rows(mask: pd.Series, names: pd.Series, limit: int = 5) -> str:
+    rows = [f"row {i + 2} ({names[i]})" for i in np.flatnonzero(mask.to_numpy())[:limit]]  # +2: header, 1-based
+    more = int(mask.sum()) - len(rows)
+    return ", ".join(rows) + (f" and {more} more" if more > 0 else "")
+
+
+def read_labels(path: Path | str) -> LabelTable:
+    """Read and check a labels table. Raises LabelsError."""
+    path = Path(path)
+    try:
+        raw = path.read_bytes()  # read once: the hash recorded is of exactly what was parsed
+        table = pd.read_csv(io.BytesIO(raw), dtype=str, keep_default_na=False,
+                            compression="gzip" if path.suffix == ".gz" else None)
+    except FileNotFoundError:
+        raise LabelsError(f"labels file {path} does not exist") from None
+    except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
+        raise LabelsError(f"labels file {path} is not a readable CSV: {e}") from None
+    table.columns = [c.strip() for c in table.columns]
+    missing = [c for c in (FILE_COLUMN, LABEL_COLUMN) if c not in table.columns]
+    if missing:
+        raise LabelsError(f"labels file {path} lacks column(s) {missing}; expected the NIH Data_Entry columns "
+                          f"'{FILE_COLUMN}' and '{LABEL_COLUMN}'")
+    names = table[FILE_COLUMN].str.strip()
+    labels = table[LABEL_COLUMN].str.strip()
+    if table.empty:
+        raise LabelsError(f"labels file {path} has no rows")
+    checks = (
+        (names == "", f"an empty '{FILE_COLUMN}'"),
+        (labels == "", f"an empty '{LABEL_COLUMN}' (write '{NO_FINDING}' for a normal study)"),
+        (labels.str.contains(NO_FINDING, regex=False) & (labels != NO_FINDING), f"'{NO_FINDING}' together with a finding"),
+    )
+    for mask, what in checks:
+        if mask.any():
+            raise LabelsError(f"labels file {path}: {what} in {_problem_rows(mask, names)}")
+    parts = labels.str.split("|").explode().str.strip()
+    unknown = sorted(set(parts) - set(FINDINGS) - {NO_FINDING})
+    if unknown:
+        bad = labels.apply(lambda s: any(n.strip() in unknown for n in s.split("|")))
+        raise LabelsError(f"labels file {path}: unknown finding name(s) {unknown} in {_problem_rows(bad, names)}; "
+                          f"known: {', '.join(FINDINGS)}, {NO_FINDING}")
+    y = multi_hot(labels)
+    patients = table[PATIENT_COLUMN].str.strip() if PATIENT_COLUMN in table.columns else pd.Series([""] * len(table))
+    frame = pd.DataFrame({"file": names, "key": ["".join(map(str, r)) for r in y], "patient": patients})
+    conflicting = frame.groupby("file")[["key", "patient"]].nunique().max(axis=1) > 1
+    if conflicting.any():
+        dup = names.isin(conflicting[conflicting].index)
+        raise LabelsError(f"labels file {path}: the same file with different labels or patients in "
+                          f"{_problem_rows(dup, names)}")
+    first = ~names.duplicated().to_numpy()  # a row repeated word for word counts once
+    return LabelTable(
+        path=path, sha256=hashlib.sha256(raw).hexdigest(), files=list(names[first]), y=y[first],
+        patient_ids=list(patients[first]), has_patient_data=all(c in table.columns for c in NIH_COLUMNS),
+    )
+
+
+@dataclass
+class Matching:
+    """Which scored files have labels. A file matches the label row whose Image Index is its
+    file name (as --metadata matches) or, failing that, its name without the extension; a label
+    that several files match is ambiguous and left out rather than guessed."""
+
+    pairs: list[tuple[int, int]]  # (row index, label index) of studies scored and labelled
+    groups: list[str]  # patient of each pair: the labels' Patient ID, else the scan's, else the file
+    scored_without_label: list[str]
+    labelled_not_scored: list[dict]  # {file, status, reason}: skipped or failed
+    labels_without_file: list[str]
+    ambiguous: list[str]  # label names that several files match
+
+    def summary(self) -> dict:
+        return {"labelled_and_scored": len(self.pairs), "scored_without_label": self.scored_without_label,
+                "labelled_not_scored": self.labelled_not_scored, "labels_without_file": self.labels_without_file,
+                "ambiguous_names": self.ambiguous}
+
+    def problems(self) -> list[str]:
+        return mismatch_lines(self.summary())
+
+
+def mismatch_lines(summary: dict) -> list[str]:
+    """One line per kind of mismatch in a :meth:`Matching.summary`, for a command's output."""
+    out = []
+    for what, items in (("scored files have no label row", summary["scored_without_label"]),
+                        ("labelled files were not scored", [d["file"] for d in summary["labelled_not_scored"]]),
+                        ("label rows have no file", summary["labels_without_file"]),
+                        ("file names occur more than once (left out)", summary["ambiguous_names"])):
+        if items:
+            shown = ", ".join(items[:5]) + (f" and {len(items) - 5} more" if len(items) > 5 else "")
+            out.append(f"{len(items)} {what}: {shown}")
+    return out
+
+
+def match_labels(rows: list[dict], labels: LabelTable) -> Matching:
+    """Match result rows (``file``, ``status``, ``reason``, ``patient_id``, as results.csv has
+    them) to the labels by file name, or by the name without its extension where only that
+    matches (a labelled PNG exported again as ``.dcm``)."""
+    index = labels.index()
+    by_stem: dict[str, list[str]] = {}
+    for name in labels.files:
+        by_stem.setdefault(PurePosixPath(name).stem, []).append(name)
+
+    def label_of(file: str) -> str | None:
+        name = PurePosixPath(file).name
+        if name in index:
+            return name
+        same_stem = by_stem.get(PurePosixPath(name).stem, [])
+        return same_stem[0] if len(same_stem) == 1 else None
+
+    found: dict[str, list[int]] = {}
+    without = []
+    for i, row in enumerate(rows):
+        label = label_of(row["file"])
+        if label is not None:
+            found.setdefault(label, []).append(i)
+        elif row["status"] == "ok":
+            without.append(row["file"])
+    pairs, groups, not_scored, ambiguous = [], [], [], []
+    for label, matched in sorted(found.items()):
+        if len(matched) > 1:
+            ambiguous.append(label)
+            continue
+        i, j = matched[0], index[label]
+        if rows[i]["status"] != "ok":
+            not_scored.append({"file": rows[i]["file"], "status": rows[i]["status"], "reason": rows[i]["reason"]})
+            continue
+        pairs.append((i, j))
+        groups.append(labels.patient_ids[j] or rows[i].get("patient_id") or f"file:{rows[i]['file']}")
+    missing = [name for name in labels.files if name not in found]
+    return Matching(pairs, groups, sorted(without), not_scored, missing, ambiguous)

@@ -1,0 +1,88 @@
+"""Reference labels: the real NIH table, the mistakes a hand-edited table has, and matching to files."""
+
+import hashlib
+import re
+
+import numpy as np
+import pytest
+
+from cxr_batch.findings import FINDINGS
+from cxr_batch.labels import LabelsError, match_labels, read_labels
+
+HEADER = "Image Index,Finding Labels,Follow-up #,Patient ID,Patient Age,Patient Gender,View Position\n"
+
+
+def write(tmp_path, rows, header=HEADER, name="labels.csv"):
+    path = tmp_path / name
+    path.write_text(header + "".join(r + "\n" for r in rows))
+    return path
+
+
+def test_the_nih_table_reads_with_its_documented_counts(nih):
+    labels = read_labels(nih / "labels.csv")
+    assert len(labels.files) == 480 and labels.has_patient_data
+    counts = dict(zip(FINDINGS, labels.y.sum(axis=0)))
+    assert counts["Infiltration"] == 98 and counts["Edema"] == 13 and counts["Hernia"] == 15  # shared/data README
+    assert (labels.y.sum(axis=1) == 0).sum() == 85  # No Finding
+    assert labels.sha256 == hashlib.sha256((nih / "labels.csv").read_bytes()).hexdigest()
+
+
+@pytest.mark.parametrize("row, message", [
+    ("a.png,Pneumothorax|Covid,0,1,50,M,PA", "unknown finding name(s) ['Covid'] in row 3 (a.png)"),
+    ("a.png,,0,1,50,M,PA", "empty 'Finding Labels'"),
+    ("a.png,No Finding|Mass,0,1,50,M,PA", "'No Finding' together with a finding"),
+    (",Mass,0,1,50,M,PA", "empty 'Image Index'"),
+    ("a.png,Pleural Thickening,0,1,50,M,PA", "unknown finding name(s) ['Pleural Thickening']"),
+])
+def test_hand_edited_mistakes_are_refused_with_the_row(tmp_path, row, message):
+    path = write(tmp_path, ["b.png,No Finding,0,2,40,F,AP", row])
+    with pytest.raises(LabelsError, match=re.escape(message)):
+        read_labels(path)
+
+
+def test_a_file_labelled_twice_differently_is_refused_the_same_twice_counts_once(tmp_path):
+    with pytest.raises(LabelsError, match="the same file with different labels"):
+        read_labels(write(tmp_path, ["a.png,Mass,0,1,50,M,PA", "a.png,Nodule,0,1,50,M,PA"]))
+    labels = read_labels(write(tmp_path, ["a.png,Mass|Nodule,0,1,50,M,PA", "a.png,Mass|Nodule,0,1,50,M,PA"]))
+    assert labels.files == ["a.png"] and labels.y[0].sum() == 2
+
+
+def test_tables_that_are_not_labels(tmp_path):
+    with pytest.raises(LabelsError, match="lacks column"):
+        read_labels(write(tmp_path, ["a.png,1"], header="file,label\n"))
+    with pytest.raises(LabelsError, match="no rows"):
+        read_labels(write(tmp_path, []))
+    garbage = tmp_path / "garbage.csv"
+    garbage.write_bytes(bytes(range(256)) * 8)
+    with pytest.raises(LabelsError):
+        read_labels(garbage)
+    with pytest.raises(LabelsError, match="does not exist"):
+        read_labels(tmp_path / "missing.csv")
+
+
+def test_labels_without_patient_columns_still_evaluate(tmp_path):
+    labels = read_labels(write(tmp_path, ["a.png,Mass"], header="Image Index,Finding Labels\n"))
+    assert not labels.has_patient_data and labels.patient_ids == [""]
+
+
+def test_matching_by_file_name_reports_every_mismatch(tmp_path):
+    labels = read_labels(write(tmp_path, ["a.png,Mass,0,7,50,M,PA", "b.png,No Finding,0,8,40,F,AP",
+                                          "c.png,Nodule,0,9,60,M,PA", "d.png,Edema,0,10,70,F,AP",
+                                          "e.png,Hernia,0,11,70,F,AP", "f.png,Mass,0,12,30,M,PA"]))
+    rows = [
+        {"file": "site/x/a.png", "status": "ok", "reason": "", "patient_id": ""},
+        {"file": "b.png", "status": "ok", "reason": "", "patient_id": "from-header"},
+        {"file": "c.png", "status": "error", "reason": "truncated", "patient_id": ""},
+        {"file": "one/e.png", "status": "ok", "reason": "", "patient_id": ""},
+        {"file": "two/e.png", "status": "ok", "reason": "", "patient_id": ""},
+        {"file": "z.png", "status": "ok", "reason": "", "patient_id": ""},
+        {"file": "export/d.dcm", "status": "ok", "reason": "", "patient_id": ""},  # d.png, exported as DICOM
+    ]
+    m = match_labels(rows, labels)
+    assert m.pairs == [(0, 0), (1, 1), (6, 3)]
+    assert m.groups == ["7", "8", "10"]  # the labels' Patient ID wins over the scan's
+    assert m.scored_without_label == ["z.png"]
+    assert m.labelled_not_scored == [{"file": "c.png", "status": "error", "reason": "truncated"}]
+    assert m.labels_without_file == ["f.png"] and m.ambiguous == ["e.png"]
+    assert len(m.problems()) == 4
+    np.testing.assert_array_equal(labels.y[0], np.eye(14, dtype=np.uint8)[FINDINGS.index("Mass")])
