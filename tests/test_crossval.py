@@ -155,10 +155,22 @@ def test_sum_offset_matches_prevalence_and_weights_stay_non_negative():
     fit = cvstats.fit_combination(z_img, z_prior, y, "sum")
     p = cvstats.sigmoid(cvstats.apply_combination(fit, z_img, z_prior))
     assert np.allclose(p.mean(0), y.mean(0), atol=1e-6)  # the score equation of the intercept
-    flipped = cvstats.fit_combination(-z_img, z_prior, y, "per_finding")
-    assert min(flipped["a"]) == 0.0 and min(flipped["c"]) > 0
-    assert cvstats.fit_combination(-z_img, z_prior, y, "shared")["a"][0] == 0.0
+    for method in ("per_finding", "image_per_finding", "shared"):
+        flipped = cvstats.fit_combination(-z_img, z_prior, y, method)
+        assert max(flipped["a"]) == 0.0 and min(flipped["c"]) > 0, method
     assert cvstats.fit_combination(z_img, -z_prior, y, "prior_only")["c"] == [0.0] * K
+    # one finding's image logits flipped: only that finding loses its image weight
+    z = z_img.copy()
+    z[:, 3] *= -1
+    per = cvstats.fit_combination(z, z_prior, y, "image_per_finding")
+    assert per["a"][3] == 0.0 and min(per["a"][:3] + per["a"][4:]) > 0 and len(set(per["c"])) == 1
+
+
+def test_prior_only_keeps_the_prior_ranking():
+    rng = np.random.default_rng(6)
+    z_img, z_prior, y, _ = synthetic_evidence(300, rng)
+    p = cvstats.sigmoid(cvstats.apply_combination(cvstats.fit_combination(z_img, z_prior, y, "prior_only"), z_img, z_prior))
+    assert np.allclose(cvstats.auc_per_class(y, p), cvstats.auc_per_class(y, z_prior))
 
 
 def test_cross_fit_never_uses_a_rows_own_label():

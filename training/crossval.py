@@ -81,7 +81,7 @@ class CVConfig:
     train_seed: int = 1000
     variants: list = field(default_factory=list)
     priors: list = field(default_factory=lambda: [PriorConfig()])
-    combine_methods: list = field(default_factory=lambda: ["prior_only", "sum", "per_finding", "shared"])
+    combine_methods: list = field(default_factory=lambda: ["prior_only", "sum", "shared", "image_per_finding", "per_finding"])
     combine_C: float = 1.0
     threshold_methods: list = field(default_factory=lambda: ["precision_f1", "f1", "youden"])
     precision_min: float = 0.30
@@ -296,7 +296,9 @@ def collect_oof(out: Path, v: Variant, r: int, n: int, k: int) -> dict | None:
                 key = (int(e), which)
                 oof.setdefault(key, np.full((n, len(FINDINGS)), np.nan))[d["held_out_rows"]] = d[f"{which}_held_out"][s]
                 spread.setdefault(key, []).append(d[f"{which}_train"][s].std(axis=0))
-    assert all(np.isfinite(a).all() for a in oof.values()), f"{folder}: a row has no out-of-fold logit"
+    # a snapshot epoch that only some folds reached (a variant trained longer in some folds) is left out
+    oof = {key: z for key, z in oof.items() if np.isfinite(z).all()}
+    spread = {key: sds for key, sds in spread.items() if key in oof}
     return {"oof": oof, "train_std": {key: np.mean(sds, axis=0) for key, sds in spread.items()},
             "seconds": [sum(h["seconds"] + h.get("snapshot_seconds", 0.0) for h in
                             json.loads((folder / f"fold{f}" / "history.json").read_text())["history"])
@@ -667,6 +669,35 @@ def print_summary(r: dict) -> None:
         print(f"  thresholds {k:13s} cross-fitted macro F1 {v['f1_macro']:.3f} (partitions {v['f1_macro_over_partitions'][0]:.3f}) "
               f"flags {v['studies_flagged']:.2f} of studies, Pneumothorax {v['studies_flagged_pneumothorax']:.2f}")
     print(f"chosen thresholds ({r['chosen_thresholds']['method']}): {r['chosen_thresholds']['values']}")
+    meta = r["metadata_only"]["full_table_regression"]["auc"]
+    print("per finding: positives, OOF AUROC with patient data / image only / metadata only, threshold")
+    for k, f in enumerate(FINDINGS):
+        print(f"  {f:19s} {r['data']['positives'][f]:3d}  {m['auc'][f]:.3f} / {r['model_image_only']['auc'][f]:.3f} / "
+              f"{meta[k]:.3f}  t={r['chosen_thresholds']['values'][f]:.2f}")
+    print("subgroups: n, findings with both labels, mean AUROC model / image / metadata, Brier, ECE, mean p vs prevalence")
+    for name, g2 in r["subgroups"].items():
+        print(f"  {name:10s} n={g2['n']:3d} {g2['findings_with_both_labels']:2d}  {g2['mean_auc_model']:.3f} / "
+              f"{g2['mean_auc_image']:.3f} / {g2['mean_auc_metadata']:.3f}  Brier {g2['brier_model']:.4f}  "
+              f"ECE {g2['ece_10_model']:.4f}  {g2['mean_predicted_model']:.3f} vs {g2['prevalence']:.3f}")
+    for name, g2 in r["priors"].items():
+        print(f"prior {name}: {g2['rows']} rows, {g2['patients']} patients ({g2['excluded_patients']} shared patients, "
+              f"{g2['excluded_rows']} rows excluded): mean AUROC on the 480 {g2['mean_auc_on_shared']:.3f}")
+    for k, v in r["prior_comparisons"].items():
+        print(f"  paired {k}: {v['difference']:+.3f} (95% CI {v['ci95'][0]:+.3f} to {v['ci95'][1]:+.3f})")
+    for k, v in r["combination_comparisons"].items():
+        print(f"  paired {k}: AUROC {v['mean_auc']['difference']:+.3f} (CI {v['mean_auc']['ci95'][0]:+.3f} to "
+              f"{v['mean_auc']['ci95'][1]:+.3f}), Brier {v['brier']['difference']:+.4f} (CI {v['brier']['ci95'][0]:+.4f} "
+              f"to {v['brier']['ci95'][1]:+.4f})")
+    for k, v in r["gain_over_metadata_only"].items():
+        print(f"  gain {k}: {v['difference']:+.3f} (95% CI {v['ci95'][0]:+.3f} to {v['ci95'][1]:+.3f}; "
+              f"share of resamples not better {v['share_not_better']:.3f})")
+    d = m["brier_difference_vs_prevalence"]
+    print(f"  Brier minus prevalence Brier: {d['difference']:+.5f} (95% CI {d['ci95'][0]:+.5f} to {d['ci95'][1]:+.5f})")
+    for k, v in r["chosen_recipe_by_repeat"].items():
+        print(f"  {k}: with patient data {v['mean_auc']:.3f}, image only {v['image_only_mean_auc']:.3f}, "
+              f"Brier skill {v['brier_skill']:.3f}, ECE {v['ece_10']:.4f}")
+    for k, v in r["runs"].items():
+        print(f"  run {k}: seconds per fold {[round(s) for s in v['seconds_per_fold']]}")
 
 
 # ---------------------------------------------------------------- main

@@ -175,54 +175,75 @@ def paired_metric_difference(y: np.ndarray, a: np.ndarray, b: np.ndarray, resamp
 # ---------------------------------------------------------------- combination / calibration
 
 
+# method -> (image weights, prior weights): None (input unused), "shared" (one weight for all
+# findings) or "per_finding"; "sum" fixes both weights at 1.
+COMBINATIONS = {
+    "prior_only": (None, "shared"),
+    "image_only": ("per_finding", None),
+    "shared": ("shared", "shared"),
+    "image_per_finding": ("per_finding", "shared"),
+    "per_finding": ("per_finding", "per_finding"),
+}
+UNPENALISED = 10.0  # column scale that makes the L2 penalty on a coefficient 100x weaker
+
+
 def fit_combination(z_image: np.ndarray, z_prior: np.ndarray, y: np.ndarray, method: str, C: float = 1.0) -> dict:
     """Fit how image logits [N, K] and patient-prior logits [N, K] combine into calibrated
-    log-odds, per finding: ``a * z_image + c * z_prior + b``. Methods:
+    log-odds, per finding k: ``a_k * z_image_k + c_k * z_prior_k + b_k``. Methods:
 
-    - "prior_only": a = 0, (c, b) fitted (the metadata-only model, calibrated here);
-    - "image_only": c = 0, (a, b) fitted;
-    - "sum": a = c = 1, only b fitted (weight 1 + intercept recalibration);
-    - "per_finding": (a, c, b) fitted per finding, L2 penalty 1/C on a and c;
-    - "shared": a and c shared by all findings, b per finding (3 + K - 1 fewer parameters).
+    - "sum": a = c = 1, only the intercepts b fitted (weight 1 + intercept recalibration);
+    - "prior_only": a = 0, one c for all findings (the metadata-only model, calibrated; its
+      ranking within each finding is the full-table regression's);
+    - "image_only": c = 0, a per finding;
+    - "shared": one a and one c for all findings;
+    - "image_per_finding": a per finding, one c;
+    - "per_finding": a and c per finding.
 
-    ``a`` and ``c`` are kept >= 0: evidence that ranks the wrong way on the development images
-    is dropped, not flipped (the prior's direction comes from ~10^5 patients, the fit from a few
-    hundred). Where a fit gives a negative weight, it is refitted without that input.
-    Returns {"a": [K], "c": [K], "b": [K], "method": method}.
+    One logistic regression on the stacked (image, finding) pairs, with an own intercept per
+    finding. The image weights carry an L2 penalty 1/C (shrinkage towards "no image evidence");
+    intercepts and prior weights are in effect unpenalised (columns scaled by 10). Weights are
+    kept >= 0: evidence that ranks the wrong way on the development images is dropped, not
+    flipped (the prior's direction comes from ~10^5 patients). Returns {"a", "c", "b": [K], "method"}.
     """
-    K = y.shape[1]
-    a, c, b = np.zeros(K), np.zeros(K), np.zeros(K)
+    N, K = y.shape
     if method == "sum":
-        for k in range(K):
-            b[k] = _fit_offset(z_image[:, k] + z_prior[:, k], y[:, k])
-        return {"a": np.ones(K).tolist(), "c": np.ones(K).tolist(), "b": b.tolist(), "method": method}
-    if method == "shared":
-        return _fit_shared(z_image, z_prior, y, C)
-    for k in range(K):
-        if method == "prior_only":
-            cols = [z_prior[:, k]]
-        elif method == "image_only":
-            cols = [z_image[:, k]]
-        elif method == "per_finding":
-            cols = [z_image[:, k], z_prior[:, k]]
+        b = [_fit_offset(z_image[:, k] + z_prior[:, k], y[:, k]) for k in range(K)]
+        return {"a": [1.0] * K, "c": [1.0] * K, "b": b, "method": method}
+    if method not in COMBINATIONS:
+        raise ValueError(f"unknown combination method {method!r}: sum or one of {sorted(COMBINATIONS)}")
+    image_mode, prior_mode = COMBINATIONS[method]
+    eye = np.repeat(np.eye(K)[None], N, axis=0).reshape(N * K, K)
+    blocks, names = [], []  # names: ("a"|"c", finding or None), one per weight column
+
+    def add(z, mode, name, scale):
+        if mode == "shared":
+            blocks.append(z.reshape(-1, 1) * scale)
+            names.append((name, None, scale))
+        elif mode == "per_finding":
+            blocks.append(eye * z.reshape(-1, 1) * scale)
+            names.extend((name, k, scale) for k in range(K))
+
+    add(z_image, image_mode, "a", 1.0)
+    add(z_prior, prior_mode, "c", UNPENALISED)
+    n_w = len(names)
+    x = np.column_stack(blocks + [eye * UNPENALISED])
+    yy = y.reshape(-1)
+    keep = list(range(x.shape[1]))
+    while True:
+        w = np.zeros(x.shape[1])
+        w[keep] = _stacked_logreg(x[:, keep], yy, C)
+        negative = [i for i in range(n_w) if i in keep and w[i] < 0]
+        if not negative:
+            break
+        keep.remove(min(negative, key=lambda i: w[i]))  # drop the most negative, refit
+    a, c = np.zeros(K), np.zeros(K)
+    for i, (name, k, scale) in enumerate(names):
+        target = a if name == "a" else c
+        if k is None:
+            target[:] = w[i] * scale
         else:
-            raise ValueError(f"unknown combination method {method!r}")
-        w, b[k] = _logreg(np.stack(cols, axis=1), y[:, k], C)
-        if method == "prior_only":
-            c[k] = w[0]
-        elif method == "image_only":
-            a[k] = w[0]
-        else:
-            a[k], c[k] = w
-            if a[k] < 0 and c[k] >= 0:
-                (c[k],), b[k] = _logreg(z_prior[:, [k]], y[:, k], C)
-                a[k] = 0.0
-            elif c[k] < 0 and a[k] >= 0:
-                (a[k],), b[k] = _logreg(z_image[:, [k]], y[:, k], C)
-                c[k] = 0.0
-        if a[k] < 0 or c[k] < 0:  # what is left still ranks the wrong way: intercept only
-            a[k], c[k] = max(a[k], 0.0), max(c[k], 0.0)
-            b[k] = _fit_offset(a[k] * z_image[:, k] + c[k] * z_prior[:, k], y[:, k])
+            target[k] = w[i] * scale
+    b = w[n_w:] * UNPENALISED
     return {"a": a.tolist(), "c": c.tolist(), "b": b.tolist(), "method": method}
 
 
@@ -231,45 +252,22 @@ def apply_combination(params: dict, z_image: np.ndarray, z_prior: np.ndarray) ->
     return np.asarray(params["a"]) * z_image + np.asarray(params["c"]) * z_prior + np.asarray(params["b"])
 
 
-def _logreg(x: np.ndarray, y: np.ndarray, C: float) -> tuple[np.ndarray, float]:
+def _stacked_logreg(x: np.ndarray, y: np.ndarray, C: float) -> np.ndarray:
     from sklearn.linear_model import LogisticRegression
 
-    if y.min() == y.max():
-        return np.zeros(x.shape[1]), float(logit(np.array([y.mean()]), 1e-3)[0])
-    lr = LogisticRegression(C=C, max_iter=2000).fit(x, y)
-    return lr.coef_[0].astype(float), float(lr.intercept_[0])
+    return LogisticRegression(C=C, max_iter=10000, fit_intercept=False, tol=1e-8).fit(x, y).coef_[0].astype(float)
 
 
 def _fit_offset(z: np.ndarray, y: np.ndarray) -> float:
     """The intercept b maximising the likelihood of y under sigmoid(z + b) (Newton steps)."""
     b = float(logit(np.array([np.clip(y.mean(), 1e-3, 1 - 1e-3)]))[0] - np.mean(z))
-    for _ in range(50):
+    for _ in range(100):
         p = sigmoid(z + b)
-        g, h = np.sum(p - y), np.sum(p * (1 - p)) + 1e-9
-        b -= g / h
-        if abs(g / h) < 1e-10:
+        step = np.sum(p - y) / (np.sum(p * (1 - p)) + 1e-12)
+        b -= step
+        if abs(step) < 1e-12:
             break
     return float(b)
-
-
-def _fit_shared(z_image: np.ndarray, z_prior: np.ndarray, y: np.ndarray, C: float) -> dict:
-    """One logistic regression on stacked (image, finding) pairs: features z_image, z_prior and
-    a one-hot of the finding (its own intercept). The penalty 1/C is light next to N x K pairs;
-    ``C = inf`` fits without one."""
-    from sklearn.linear_model import LogisticRegression
-
-    N, K = y.shape
-    onehot = np.repeat(np.eye(K)[None], N, axis=0).reshape(N * K, K)
-    x = np.column_stack([z_image.reshape(-1), z_prior.reshape(-1), onehot])
-    yy = y.reshape(-1)
-    w = LogisticRegression(C=C, max_iter=5000, fit_intercept=False).fit(x, yy).coef_[0]
-    dropped: set[int] = set()
-    while (w[:2] < 0).any():  # a weight that ranks the wrong way: refit without that input
-        dropped.add(int(np.argmin(w[:2])))
-        keep = [i for i in range(x.shape[1]) if i not in dropped]
-        w = np.zeros(x.shape[1])
-        w[keep] = LogisticRegression(C=C, max_iter=5000, fit_intercept=False).fit(x[:, keep], yy).coef_[0]
-    return {"a": [float(w[0])] * K, "c": [float(w[1])] * K, "b": w[2:].astype(float).tolist(), "method": "shared"}
 
 
 def cross_fit(z_image: np.ndarray, z_prior: np.ndarray, y: np.ndarray, folds: np.ndarray, method: str,
