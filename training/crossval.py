@@ -274,7 +274,7 @@ def stage_train(args, cfg: CVConfig, labels: pd.DataFrame, folds: pd.DataFrame) 
         images = load_cache(Path(args.images), names, v.image_size, Path(args.out))
         for r in repeats:
             fold = folds[f"fold_rep{r}"].to_numpy()
-            for f in range(cfg.folds):
+            for f in (range(cfg.folds) if args.folds is None else args.folds):
                 # the same initial weights for a fold in every variant: paired comparisons
                 seed = cfg.train_seed + 100 * r + f
                 run_fold(images, y, fold, f, v, seed, Path(args.out) / v.name / f"rep{r}" / f"fold{f}")
@@ -711,6 +711,8 @@ def parse_args(argv=None):
     ap.add_argument("--stage", choices=["train", "report", "all"], default="all")
     ap.add_argument("--variant", help="train only this variant")
     ap.add_argument("--repeat", type=int, help="train only this repeat (index into fold_seeds)")
+    ap.add_argument("--folds", type=lambda t: [int(f) for f in t.split(",")],
+                    help="train only these folds, e.g. 1,2 (two processes can share a run folder: one per fold set)")
     ap.add_argument("--threads", type=int, default=2)
     return ap.parse_args(argv)
 
