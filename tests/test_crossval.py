@@ -208,6 +208,14 @@ def test_folding_the_combination_into_the_model_gives_the_formula():
     assert torch.allclose(h1, h1[:1].expand_as(h1))
 
 
+def test_alignment_matches_the_reference_moments():
+    rng = np.random.default_rng(8)
+    z = rng.normal(2.0, 3.0, size=(500, K))
+    scale, shift = cvstats.alignment(np.full(K, -1.0), np.full(K, 0.5), z)
+    out = scale * z + shift
+    assert np.allclose(out.mean(0), -1.0) and np.allclose(out.std(0), 0.5)
+
+
 # ---------------------------------------------------------------- thresholds
 def test_grid_thresholds_hand_case_and_agreement_with_the_training_search():
     y = np.zeros((10, K), int)

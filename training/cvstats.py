@@ -332,3 +332,18 @@ def cross_fit_thresholds(y: np.ndarray, p: np.ndarray, folds: np.ndarray, method
         tr, te = folds != f, folds == f
         flags[te] = (p[te] >= grid_thresholds(y[tr], p[tr], method, **kw)).astype(int)
     return flags
+
+
+# ---------------------------------------------------------------- fold models -> final model
+
+
+def alignment(reference_mean: np.ndarray, reference_sd: np.ndarray, z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-finding (scale, shift) with ``scale * z + shift`` having the reference mean and sd.
+
+    The combination is fitted on the fold models' logits; the exported model is another model
+    (trained on all images). Matching its logits on its own training images to the fold models'
+    logits on *their* training images (both in-sample, same epoch and weights) puts its logits on
+    the scale the combination was fitted for."""
+    mean, sd = z.mean(axis=0), z.std(axis=0)
+    scale = np.where(sd > 0, reference_sd / np.where(sd > 0, sd, 1.0), 1.0)
+    return scale, reference_mean - scale * mean

@@ -101,6 +101,12 @@ def main(argv=None) -> None:
     a, c, b = (np.asarray(comb[k], dtype=np.float64) for k in ("a", "c", "b"))
     coef, mean_x = np.asarray(prior["coef"]), np.asarray(prior["mean_x"])
 
+    # the fold models' in-sample logit moments (same epoch and weights) -> align the final model
+    ref_mean, ref_sd = fold_in_sample_moments(cv, report["chosen_image"])
+    scale, shift = cvstats.alignment(ref_mean, ref_sd, z_img)
+    a_fit, b_fit = a, b
+    a, b = a_fit * scale, b_fit + a_fit * shift  # a * (scale z + shift) + c prior + b
+
     unknown = torch.full((3,), enc.unknown_value)
     freeze_tabular_proj(model, unknown)
     fold_combination(model, unknown, a, c, b, coef, mean_x)
@@ -118,7 +124,6 @@ def main(argv=None) -> None:
     thresholds = report["chosen_thresholds"]["values"]
     m, g = report["model_with_patient_data"], report["gain_over_metadata_only"]
     chosen = report["chosen_image"]
-    cand = next(cd for cd in report["candidates"] if cd["id"] == chosen["id"])
     training = {
         "data": {"images": report["data"]["images"], "patients": report["data"]["patients"],
                  "source": "the 480 shared NIH ChestX-ray14 radiographs (../shared/data/nih/images, labels.csv)",
@@ -131,9 +136,15 @@ def main(argv=None) -> None:
                    "loss": "BCE with pos weights sqrt(neg/pos) capped at pos_weight_max", "ema": "torch AveragedModel, buffers too"},
         "patient_prior": {k: prior[k] for k in ("config", "coef", "mean_x", "intercept", "rows", "patients",
                                                   "excluded_patients", "excluded_rows", "formula")},
-        "combination": {"method": comb["method"], "a": a.tolist(), "c": c.tolist(), "b": b.tolist(),
-                        "formula": "logit_k = a_k * image_logit_k + c_k * coef_k . (x - mean_x) + b_k; "
-                                   "fitted on the out-of-fold predictions of the cross-validation",
+        "combination": {"method": comb["method"], "a_fitted": a_fit.tolist(), "c": c.tolist(), "b_fitted": b_fit.tolist(),
+                        "fitted_on": "the out-of-fold image and prior logits of the cross-validation (480 images)",
+                        "alignment": {"scale": scale.tolist(), "shift": shift.tolist(),
+                                      "why": "maps this model's image logits onto the fold models' scale: per finding, "
+                                             "its logits on its own training images get the mean and sd the fold models' "
+                                             "logits had on theirs (same epoch and weights)"},
+                        "a": a.tolist(), "b": b.tolist(),
+                        "formula": "logit_k = a_k * image_logit_k + c_k * coef_k . (x - mean_x) + b_k, with "
+                                   "a = a_fitted * scale, b = b_fitted + a_fitted * shift",
                         "folded_into": "head[-1] (times a), tabular_skip (c * coef, bias), tabular_proj frozen "
                                        "(weight 0: the deep path ignores patient data)",
                         "folded_max_probability_error_float32": folded_error},
@@ -162,7 +173,7 @@ def main(argv=None) -> None:
         "cv_pooled_ece_10_bins": m["ece_10"], "cv_pooled_ece_15_bins": m["ece_15"],
         "cv_auc_per_finding": m["auc"], "by_group": report["subgroups"],
         "threshold_flags": report["threshold_methods"][report["chosen_thresholds"]["method"]],
-        "fold_models_in_sample_logit_sd": cand["in_sample_logit_std"],
+        "fold_models_in_sample_logit_sd": float(ref_sd.mean()),
         "final_model_in_sample_logit_sd": float(z_img.std(axis=0).mean()),
     }
     bundle = Path(args.bundle)
@@ -177,12 +188,28 @@ def main(argv=None) -> None:
     half_error = float(np.abs(np.concatenate(half_p) - got).max())
     copy_artifacts(cv, Path(args.out), bundle / "training_run", report)
     summary = {"folded_max_probability_error_float32": folded_error, "float16_bundle_max_probability_error": half_error,
-               "fold_models_in_sample_logit_sd": cand["in_sample_logit_std"],
-               "final_model_in_sample_logit_sd": float(z_img.std(axis=0).mean()),
+               "fold_models_in_sample_logit_sd_mean_over_findings": float(ref_sd.mean()),
+               "final_model_in_sample_logit_sd_mean_over_findings": float(z_img.std(axis=0).mean()),
+               "alignment_scale_range": [float(scale.min()), float(scale.max())],
+               "alignment_shift_range": [float(shift.min()), float(shift.max())],
                "model_pt_bytes": (bundle / "model.pt").stat().st_size, "final_training_seconds_by_process": seconds}
     (bundle / "training_run" / "export_check.json").write_text(json.dumps(summary, indent=1) + "\n")
     for k, val in summary.items():
         print(f"{k}: {val}")
+
+
+def fold_in_sample_moments(cv: Path, chosen: dict) -> tuple[np.ndarray, np.ndarray]:
+    """Per-finding mean and sd of the fold models' logits on their own training images at the
+    chosen epoch and weights, averaged over the folds of the chosen repeat."""
+    rep = int(chosen["id"].rsplit("rep", 1)[1])
+    means, sds = [], []
+    for p in sorted((cv / chosen["variant"] / f"rep{rep}").glob("fold*/preds.npz")):
+        d = np.load(p)
+        s = list(d["epochs"]).index(chosen["epoch"])
+        z = d[f"{chosen['weights']}_train"][s]
+        means.append(z.mean(axis=0))
+        sds.append(z.std(axis=0))
+    return np.mean(means, axis=0), np.mean(sds, axis=0)
 
 
 def copy_artifacts(cv: Path, final: Path, dest: Path, report: dict) -> None:
