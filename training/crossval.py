@@ -1,0 +1,747 @@
+"""Repeated patient-level K-fold cross-validation for model v2 (the evidence behind its recipe).
+
+    python -m training.crossval --images ../shared/data/nih/images --labels ../shared/data/nih/labels.csv \
+        --metadata-table ../shared/data/nih/metadata/Data_Entry_2017_v2020.csv.gz \
+        --out runs/cv --config training/configs/v2.toml [--stage train|report|all] [--variant NAME]
+
+Stage "train": for every variant of the config and every repeat (fold seed), trains one model per
+fold on the other folds' images (random init, patient input fixed at the unknown code, so its
+logits are image evidence) and saves the held-out fold's logits at the snapshot epochs, for the
+EMA and the raw weights (``<out>/<variant>/rep<r>/fold<k>/preds.npz``). It is resumable: a
+checkpoint is written after every epoch and finished folds are skipped, so a killed run started
+again with the same command continues. Nothing depends on wall-clock time (a SIGSTOP/SIGCONT
+pause changes only the recorded seconds).
+
+Stage "report" (CPU seconds): fits the patient prior on the full NIH table without the shared
+patients, combines image and prior logits with calibration fitted out of fold (cross-fitting on
+the same folds), scores everything out of fold, runs the paired patient-level bootstrap
+comparisons and writes ``<out>/cv_report.json``, ``<out>/oof.csv`` and a reliability diagram.
+Choices follow the rules written in :func:`choose` (stated before the runs, see the model card).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import time
+import tomllib
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from cxr_batch.findings import FINDINGS
+from cxr_batch.model import ModelConfig, build_model
+from cxr_batch.patient import PatientEncoding
+from cxr_batch.preprocess import Preprocessing
+
+from . import cvstats
+from .augment import eval_transform_batch, train_transform
+from .cache import build_cache, cache_size_for
+from .prepare import multi_hot
+from .table_prior import PriorConfig, encode_rows, fit_prior, prior_logits, prior_probabilities_uncentred, read_table
+
+log = logging.getLogger("cxr_batch.crossval")
+URGENT = FINDINGS.index("Pneumothorax")
+
+
+# ---------------------------------------------------------------- configuration
+@dataclass
+class Variant:
+    """One training recipe of the image path (each costs a full cross-validation)."""
+
+    name: str
+    image_size: int = 64
+    epochs: int = 60
+    snapshots: list = field(default_factory=lambda: [20, 40, 60])  # epochs whose OOF logits are kept
+    batch_size: int = 32
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    dropout: float = 0.5
+    hidden_dim: int = 128
+    ema_decay: float = 0.99
+    label_smoothing: float = 0.0
+    pos_weight_max: float = 10.0
+
+    def __post_init__(self):
+        bad = [e for e in self.snapshots if not 1 <= e <= self.epochs]
+        if bad:
+            raise ValueError(f"variant {self.name}: snapshot epochs {bad} outside 1..{self.epochs}")
+
+
+@dataclass
+class CVConfig:
+    folds: int = 5
+    fold_seeds: list = field(default_factory=lambda: [0])  # one repeat per seed
+    train_seed: int = 1000
+    variants: list = field(default_factory=list)
+    priors: list = field(default_factory=lambda: [PriorConfig()])
+    combine_methods: list = field(default_factory=lambda: ["prior_only", "sum", "shared", "image_per_finding", "per_finding"])
+    combine_C: float = 1.0
+    threshold_methods: list = field(default_factory=lambda: ["precision_f1", "f1", "youden"])
+    precision_min: float = 0.30
+    bootstrap: int = 2000
+    bootstrap_seed: int = 7
+    crossfit_repeats: int = 20  # extra random partitions for the post-hoc choices
+    ece_bins: int = 10
+    overrides: dict = field(default_factory=dict)  # fix a choice by hand: image / prior / combine / thresholds
+
+    @classmethod
+    def from_toml(cls, path: Path) -> "CVConfig":
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+        variants = [Variant(**v) for v in data.pop("variant", [])]
+        priors = [PriorConfig(**p) for p in data.pop("prior", [])] or [PriorConfig()]
+        return cls(variants=variants, priors=priors, **data)
+
+    def variant(self, name: str) -> Variant:
+        for v in self.variants:
+            if v.name == name:
+                return v
+        raise KeyError(f"no variant {name!r} in the config: {[v.name for v in self.variants]}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def prior_name(p: PriorConfig) -> str:
+    return f"{p.rows}-hide{p.hide_rate:g}"
+
+
+# ---------------------------------------------------------------- data
+def load_labels(path: Path) -> pd.DataFrame:
+    table = read_table(path)
+    if table["image"].duplicated().any():
+        raise ValueError(f"{path}: duplicated image names")
+    return table
+
+
+def folds_table(labels: pd.DataFrame, cfg: CVConfig) -> pd.DataFrame:
+    y = multi_hot(labels["labels"])
+    out = labels[["image", "patient_id"]].copy()
+    for r, seed in enumerate(cfg.fold_seeds):
+        out[f"fold_rep{r}"] = cvstats.assign_folds(y, labels["patient_id"].to_numpy(), cfg.folds, seed)
+    return out
+
+
+def load_cache(images: Path, names: list[str], image_size: int, out: Path) -> np.ndarray:
+    """uint8 [N, C, C] in the order of ``names`` (decoded once, shared by every fold)."""
+    size = cache_size_for(Preprocessing(image_size=image_size))
+    folder = out / "cache"
+    folder.mkdir(parents=True, exist_ok=True)
+    arr, index = build_cache(images, names, size, folder, workers=1)
+    return np.ascontiguousarray(arr[[index[n] for n in names]])
+
+
+# pos_weights: copied from training/train.py (kept here so this module does not depend on a file
+# under refactoring): sqrt(negatives / positives), capped, 1 for a class without positives.
+def pos_weights(y: np.ndarray, cap: float) -> np.ndarray:
+    pos = y.sum(axis=0)
+    neg = len(y) - pos
+    w = np.where(pos > 0, np.sqrt(neg / np.maximum(pos, 1)), 1.0)
+    return np.clip(w, 1.0, cap).astype(np.float32)
+
+
+# ---------------------------------------------------------------- training one model
+def build_v2_model(v: Variant) -> nn.Module:
+    return build_model(ModelConfig(dropout=v.dropout, hidden_dim=v.hidden_dim, tabular_skip=True))
+
+
+@torch.inference_mode()
+def image_logits(model, images: np.ndarray, prep: Preprocessing, unknown: float, batch: int = 64) -> np.ndarray:
+    """Logits [N, 14] with the patient input at the unknown code (the image evidence)."""
+    model.eval()
+    out = []
+    for s in range(0, len(images), batch):
+        x = eval_transform_batch(torch.from_numpy(images[s:s + batch])[:, None], prep)
+        tab = torch.full((len(x), 3), unknown)
+        out.append(model(x.contiguous(memory_format=torch.channels_last), tab).float().numpy())
+    return np.concatenate(out) if out else np.zeros((0, len(FINDINGS)), np.float32)
+
+
+def atomic_save(obj, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def train_model(images: np.ndarray, y: np.ndarray, v: Variant, seed: int, folder: Path,
+                held_out: np.ndarray | None = None, keep_states: bool = False) -> dict:
+    """Train on ``images`` [N, C, C] uint8 / ``y`` [N, 14]; at each snapshot epoch store logits
+    of ``held_out`` images (and of the training images) for the EMA and the raw weights, and
+    with ``keep_states`` their state dicts. Resumes from ``folder/checkpoint.pt``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    prep = Preprocessing(image_size=v.image_size)
+    unknown = PatientEncoding().unknown_value
+    model = build_v2_model(v).to(memory_format=torch.channels_last)
+    optimizer = torch.optim.Adam(model.parameters(), lr=v.lr, weight_decay=v.weight_decay)
+    ema = torch.optim.swa_utils.AveragedModel(
+        model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(v.ema_decay), use_buffers=True)
+    criterion = nn.BCEWithLogitsLoss(pos_weight=torch.from_numpy(pos_weights(y, v.pos_weight_max)))
+    gen = torch.Generator().manual_seed(seed)
+    start, history, snaps = 0, [], {}
+    ckpt_path = folder / "checkpoint.pt"
+    if ckpt_path.exists():
+        ck = torch.load(ckpt_path, weights_only=False)
+        model.load_state_dict(ck["model"])
+        optimizer.load_state_dict(ck["optimizer"])
+        ema.load_state_dict(ck["ema"])
+        gen.set_state(ck["generator"])
+        torch.set_rng_state(ck["torch_rng"])
+        start, history, snaps = ck["epoch"], ck["history"], ck["snapshots"]
+        log.info("%s: resumed after epoch %d", folder, start)
+    n, bs = len(images), v.batch_size
+    steps = max(1, n // bs)  # drop the last partial batch (BatchNorm on a handful of images is noisy)
+    yt = torch.from_numpy(y.astype(np.float32))
+    no_mirror = torch.zeros(bs, dtype=torch.bool)
+    for epoch in range(start, v.epochs):
+        t0 = time.perf_counter()
+        model.train()
+        perm = torch.randperm(n, generator=gen).numpy()
+        total = 0.0
+        for s in range(steps):
+            idx = perm[s * bs:(s + 1) * bs]
+            x = train_transform(torch.from_numpy(images[idx])[:, None], no_mirror[:len(idx)], prep, generator=gen)
+            target = yt[idx]
+            if v.label_smoothing:
+                target = target * (1 - v.label_smoothing) + v.label_smoothing / 2
+            tab = torch.full((len(idx), 3), unknown)
+            loss = criterion(model(x.contiguous(memory_format=torch.channels_last), tab), target)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            ema.update_parameters(model)
+            total += loss.item()
+        row = {"epoch": epoch + 1, "train_loss": total / steps, "seconds": time.perf_counter() - t0}
+        if epoch + 1 in v.snapshots:
+            t1 = time.perf_counter()
+            snap = {}
+            for which, m in (("ema", ema.module), ("raw", model)):
+                if held_out is not None:
+                    snap[f"{which}_held_out"] = image_logits(m, held_out, prep, unknown)
+                snap[f"{which}_train"] = image_logits(m, images, prep, unknown)
+                if keep_states:
+                    atomic_save({k: t.detach().clone() for k, t in m.state_dict().items()},
+                                folder / f"state_{which}_epoch{epoch + 1}.pt")
+            snaps[epoch + 1] = snap
+            row["snapshot_seconds"] = time.perf_counter() - t1
+        history.append(row)
+        log.info("%s epoch %d/%d loss %.4f %.1fs", folder.name, epoch + 1, v.epochs, row["train_loss"], row["seconds"])
+        atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "ema": ema.state_dict(),
+                     "generator": gen.get_state(), "torch_rng": torch.get_rng_state(), "epoch": epoch + 1,
+                     "history": history, "snapshots": snaps}, ckpt_path)
+    return {"history": history, "snapshots": snaps, "model": model, "ema": ema.module}
+
+
+def snapshot_arrays(snaps: dict) -> dict:
+    """{epoch: {key: [n, 14]}} -> flat arrays for an npz: epochs [S], '<key>' [S, n, 14]."""
+    epochs = sorted(snaps)
+    keys = sorted(snaps[epochs[0]]) if epochs else []
+    return {"epochs": np.array(epochs), **{k: np.stack([snaps[e][k] for e in epochs]) for k in keys}}
+
+
+def run_fold(images: np.ndarray, y: np.ndarray, fold: np.ndarray, f: int, v: Variant, seed: int, folder: Path) -> None:
+    """Train (or resume, or extend to more epochs) the model of fold ``f`` and write its held-out
+    logits to ``folder/preds.npz``. The last checkpoint is kept so that a variant can later be
+    trained for more epochs with the same command."""
+    done = folder / "preds.npz"
+    if done.exists() and set(v.snapshots) <= set(np.load(done)["epochs"].tolist()):
+        log.info("%s: done, skipped", folder)
+        return
+    tr, te = np.flatnonzero(fold != f), np.flatnonzero(fold == f)
+    t0 = time.perf_counter()
+    result = train_model(images[tr], y[tr], v, seed, folder, held_out=images[te])
+    arrays = snapshot_arrays(result["snapshots"])
+    np.savez_compressed(folder / "preds.tmp.npz", train_rows=tr, held_out_rows=te, **arrays)
+    os.replace(folder / "preds.tmp.npz", done)
+    (folder / "history.json").write_text(json.dumps({"variant": asdict(v), "seed": seed, "fold": f,
+                                                     "history": result["history"],
+                                                     "seconds_this_process": time.perf_counter() - t0}, indent=1))
+
+
+def stage_train(args, cfg: CVConfig, labels: pd.DataFrame, folds: pd.DataFrame) -> None:
+    y = multi_hot(labels["labels"])
+    names = list(labels["image"])
+    variants = [cfg.variant(args.variant)] if args.variant else cfg.variants
+    repeats = range(len(cfg.fold_seeds)) if args.repeat is None else [args.repeat]
+    for v in variants:
+        images = load_cache(Path(args.images), names, v.image_size, Path(args.out))
+        for r in repeats:
+            fold = folds[f"fold_rep{r}"].to_numpy()
+            for f in (range(cfg.folds) if args.folds is None else args.folds):
+                # the same initial weights for a fold in every variant: paired comparisons
+                seed = cfg.train_seed + 100 * r + f
+                run_fold(images, y, fold, f, v, seed, Path(args.out) / v.name / f"rep{r}" / f"fold{f}")
+
+
+# ---------------------------------------------------------------- collecting out-of-fold logits
+def collect_oof(out: Path, v: Variant, r: int, n: int, k: int) -> dict | None:
+    """{(epoch, 'ema'|'raw'): logits [n, 14]} for a finished repeat, else None. Also the
+    in-sample logit spread: {(epoch, which): mean over folds of the per-finding std}."""
+    folder = out / v.name / f"rep{r}"
+    files = [folder / f"fold{f}" / "preds.npz" for f in range(k)]
+    if not all(p.exists() for p in files):
+        return None
+    oof, spread = {}, {}
+    for p in files:
+        d = np.load(p)
+        for s, e in enumerate(d["epochs"]):
+            for which in ("ema", "raw"):
+                key = (int(e), which)
+                oof.setdefault(key, np.full((n, len(FINDINGS)), np.nan))[d["held_out_rows"]] = d[f"{which}_held_out"][s]
+                spread.setdefault(key, []).append(d[f"{which}_train"][s].std(axis=0))
+    # a snapshot epoch that only some folds reached (a variant trained longer in some folds) is left out
+    oof = {key: z for key, z in oof.items() if np.isfinite(z).all()}
+    spread = {key: sds for key, sds in spread.items() if key in oof}
+    return {"oof": oof, "train_std": {key: np.mean(sds, axis=0) for key, sds in spread.items()},
+            "seconds": [sum(h["seconds"] + h.get("snapshot_seconds", 0.0) for h in
+                            json.loads((folder / f"fold{f}" / "history.json").read_text())["history"])
+                        for f in range(k)]}
+
+
+# ---------------------------------------------------------------- report helpers
+def prevalence_by_fold(y: np.ndarray, folds: np.ndarray) -> np.ndarray:
+    """[N, 14]: for each row, the prevalence of the *other* folds (what 'predicting the training
+    prevalence' means out of fold)."""
+    out = np.zeros(y.shape)
+    for f in np.unique(folds):
+        out[folds == f] = y[folds != f].mean(axis=0)
+    return out
+
+
+def calibration_summary(y: np.ndarray, p: np.ndarray, prev: np.ndarray, bins: int) -> dict:
+    b, b0 = cvstats.brier(y, p), cvstats.brier_reference(y, prev)
+    return {"mean_auc": cvstats.mean_auc(y, p), "brier": b, "brier_prevalence": b0, "brier_skill": 1 - b / b0,
+            f"ece_{bins}": cvstats.ece(y, p, bins), "ece_15": cvstats.ece(y, p, 15),
+            "mean_predicted": float(p.mean()), "prevalence": float(y.mean())}
+
+
+def random_partitions(n_rows: int, patients: np.ndarray, y: np.ndarray, k: int, repeats: int, seed: int) -> list:
+    return [cvstats.assign_folds(y, patients, k, seed + 1000 + i) for i in range(repeats)]
+
+
+def combination_scores(y, z_img, z_prior, folds, partitions, method, C, prev_fn, bins) -> dict:
+    """Cross-fitted calibration of one combination method: on the training folds and on extra
+    random partitions (mean and sd over them)."""
+    p = cvstats.cross_fit(z_img, z_prior, y, folds, method, C)
+    main = calibration_summary(y, p, prev_fn(folds), bins)
+    reps = [calibration_summary(y, cvstats.cross_fit(z_img, z_prior, y, part, method, C), prev_fn(part), bins)
+            for part in partitions]
+    spread = {f"{m}_over_partitions": [float(np.mean([r[m] for r in reps])), float(np.std([r[m] for r in reps]))]
+              for m in ("brier", "brier_skill", f"ece_{bins}", "mean_auc")}
+    return {**main, **spread, "p": p}
+
+
+def threshold_scores(y, p, folds, partitions, method, precision_min) -> dict:
+    from sklearn.metrics import f1_score
+
+    def score(part):
+        flags = cvstats.cross_fit_thresholds(y, p, part, method, precision_min=precision_min)
+        return {"f1_macro": float(f1_score(y, flags, average="macro", zero_division=0.0)),
+                "f1_micro": float(f1_score(y, flags, average="micro", zero_division=0.0)),
+                "studies_flagged": float(flags.any(axis=1).mean()),
+                "studies_flagged_pneumothorax": float(flags[:, URGENT].mean()),
+                "flags_per_study": float(flags.sum(axis=1).mean())}
+
+    main = score(folds)
+    reps = [score(part) for part in partitions]
+    return {**main, **{f"{m}_over_partitions": [float(np.mean([r[m] for r in reps])), float(np.std([r[m] for r in reps]))]
+                       for m in main}}
+
+
+def subgroup_table(labels: pd.DataFrame, y: np.ndarray, scores: dict, bins: int) -> dict:
+    """By view, sex and age band: n, findings with both label values, mean AUROC of each score
+    (over those findings), and Brier / pooled ECE of the calibrated model ('model')."""
+    age = pd.to_numeric(labels["age"], errors="coerce")
+    groups = {
+        "view=PA": labels["view"] == "PA", "view=AP": labels["view"] == "AP",
+        "sex=M": labels["sex"] == "M", "sex=F": labels["sex"] == "F",
+        "age<40": age < 40, "age40-59": (age >= 40) & (age < 60), "age>=60": age >= 60,
+    }
+    out = {}
+    for name, mask in groups.items():
+        m = mask.to_numpy()
+        if m.sum() < 2:
+            continue
+        ym = y[m]
+        both = int(((ym.sum(0) > 0) & (ym.sum(0) < len(ym))).sum())
+        row = {"n": int(m.sum()), "findings_with_both_labels": both, "positives": int(ym.sum())}
+        for k, s in scores.items():
+            row[f"mean_auc_{k}"] = cvstats.mean_auc(ym, s[m])
+        row["brier_model"] = cvstats.brier(ym, scores["model"][m])
+        row[f"ece_{bins}_model"] = cvstats.ece(ym, scores["model"][m], bins)
+        row["mean_predicted_model"] = float(scores["model"][m].mean())
+        row["prevalence"] = float(ym.mean())
+        out[name] = row
+    return out
+
+
+def choose(candidates: list[dict], comparisons: dict) -> dict:
+    """The pre-stated selection rules (also in the model card):
+
+    1. within a variant, the snapshot epoch and EMA-or-raw with the best out-of-fold image-only
+       mean AUROC (free choices, a little optimistic: say so);
+    2. across variants, the cheapest image size (fastest inference) unless a larger one's paired
+       gain in image-only mean AUROC has a 95% CI above 0.
+    """
+    best_by_variant = {}
+    for c in candidates:
+        b = best_by_variant.get(c["variant"])
+        if b is None or c["image_only_mean_auc"] > b["image_only_mean_auc"]:
+            best_by_variant[c["variant"]] = c
+    ordered = sorted(best_by_variant.values(), key=lambda c: c["image_size"])
+    chosen = ordered[0]
+    for c in ordered[1:]:
+        key = f"{c['id']} - {chosen['id']}"
+        if key in comparisons and comparisons[key]["ci95"][0] > 0:
+            chosen = c
+    return chosen
+
+
+def candidate_id(variant: str, epoch: int, which: str, rep: int) -> str:
+    return f"{variant}/e{epoch}/{which}/rep{rep}"
+
+
+# ---------------------------------------------------------------- report stage
+def stage_report(args, cfg: CVConfig, labels: pd.DataFrame, folds_df: pd.DataFrame) -> dict:
+    out = Path(args.out)
+    y = multi_hot(labels["labels"]).astype(float)
+    n, K = y.shape
+    patients = labels["patient_id"].to_numpy()
+    enc = PatientEncoding()
+    x = encode_rows(labels, enc)
+    report: dict = {"config": cfg.to_dict(), "commands": {"report": "python -m training.crossval --stage report ..."}}
+    report["data"] = {
+        "images": n, "patients": int(len(np.unique(patients))), "one_image_per_patient": bool(len(np.unique(patients)) == n),
+        "positives": dict(zip(FINDINGS, y.sum(0).astype(int).tolist())), "no_finding": int((y.sum(1) == 0).sum()),
+        "views": labels["view"].value_counts().to_dict(), "sexes": labels["sex"].value_counts().to_dict(),
+        "folds": {f"rep{r}": {f"fold{f}": {"images": int((folds_df[f'fold_rep{r}'] == f).sum()),
+                                             "positives": y[folds_df[f'fold_rep{r}'].to_numpy() == f].sum(0).astype(int).tolist()}
+                              for f in range(cfg.folds)} for r in range(len(cfg.fold_seeds))},
+    }
+
+    # patient priors on the full table, without any shared patient
+    full = read_table(Path(args.metadata_table))
+    shared = set(patients)
+    priors, prior_probs = {}, {}
+    for pc in cfg.priors:
+        name = prior_name(pc)
+        path = out / f"prior_{name}.json"
+        if path.exists():
+            prior = json.loads(path.read_text())
+        else:
+            prior = fit_prior(full, shared, pc, enc)
+            path.write_text(json.dumps(prior, indent=1))
+        priors[name] = prior
+        prior_probs[name] = prior_probabilities_uncentred(prior, x)
+    folds0 = folds_df["fold_rep0"].to_numpy()
+    resamples, redrawn = cvstats.patient_bootstrap_indices(patients, y, cfg.bootstrap, cfg.bootstrap_seed)
+    report["bootstrap"] = {"resamples": cfg.bootstrap, "unit": "patient", "redrawn_for_a_missing_class": redrawn,
+                           "every_class_present_in_every_resample": True}
+    report["priors"] = {}
+    for name, p in prior_probs.items():
+        report["priors"][name] = {k: priors[name][k] for k in ("rows", "patients", "excluded_patients", "excluded_rows", "config")}
+        report["priors"][name].update({"mean_auc_on_shared": cvstats.mean_auc(y, p),
+                                       "auc": dict(zip(FINDINGS, cvstats.auc_per_class(y, p).tolist()))})
+    names = list(prior_probs)
+    report["prior_comparisons"] = {f"{a} - {b}": cvstats.paired_difference(y, prior_probs[a], prior_probs[b], resamples)
+                                   for i, a in enumerate(names) for b in names[i + 1:]}
+    chosen_prior = cfg.overrides.get("prior") or max(names, key=lambda k: report["priors"][k]["mean_auc_on_shared"])
+    prior = priors[chosen_prior]
+    z_prior = prior_logits(prior, x)
+    report["chosen_prior"] = chosen_prior
+    # hidden values: how much of the prior's ranking survives when 30% of values are unknown
+    rng = np.random.default_rng(0)
+    x_hidden = np.where(rng.random(x.shape) < 0.3, np.float32(enc.unknown_value), x)
+    report["priors"][chosen_prior]["mean_auc_on_shared_30pct_values_hidden"] = cvstats.mean_auc(
+        y, prior_probabilities_uncentred(prior, x_hidden))
+
+    # metadata-only baselines
+    base_full = prior_probs[chosen_prior]
+    base_cv = np.zeros_like(y)  # age/sex/view regression fitted on the other folds of the 480
+    for f in range(cfg.folds):
+        tr, te = folds0 != f, folds0 == f
+        from sklearn.linear_model import LogisticRegression
+        for k in range(K):
+            base_cv[te, k] = LogisticRegression(max_iter=1000).fit(x[tr], y[tr, k]).predict_proba(x[te])[:, 1]
+    report["metadata_only"] = {
+        "full_table_regression": {"mean_auc": cvstats.mean_auc(y, base_full),
+                                  "ci95": cvstats.percentile_ci(cvstats.bootstrap_mean_auc(y, {"b": base_full}, resamples)["b"]),
+                                  "auc": cvstats.auc_per_class(y, base_full).tolist()},
+        "regression_fitted_out_of_fold_on_the_480": {"mean_auc": cvstats.mean_auc(y, base_cv)},
+    }
+
+    # image candidates
+    candidates, oofs, runs = [], {}, {}
+    for v in cfg.variants:
+        for r in range(len(cfg.fold_seeds)):
+            got = collect_oof(out, v, r, n, cfg.folds)
+            if got is None:
+                log.info("variant %s repeat %d not finished: left out of the report", v.name, r)
+                continue
+            runs[f"{v.name}/rep{r}"] = {"seconds_per_fold": got["seconds"], "epochs": v.epochs,
+                                        "image_size": v.image_size}
+            for (e, which), z in got["oof"].items():
+                cid = candidate_id(v.name, e, which, r)
+                oofs[cid] = z
+                candidates.append({"id": cid, "variant": v.name, "image_size": v.image_size, "epoch": e,
+                                   "weights": which, "repeat": r,
+                                   "image_only_mean_auc": cvstats.mean_auc(y, z),
+                                   "image_only_auc": cvstats.auc_per_class(y, z).tolist(),
+                                   "oof_logit_std": z.std(axis=0).mean().item(),
+                                   "in_sample_logit_std": float(np.mean(got["train_std"][(e, which)]))})
+    report["runs"] = runs
+    if not candidates:
+        raise SystemExit("no finished cross-validation run to report on")
+    prev_fn = lambda part: prevalence_by_fold(y, part)  # noqa: E731
+    for c in candidates:  # with patient data, the default combination, cross-fitted on the training folds
+        fold_c = folds_df[f"fold_rep{c['repeat']}"].to_numpy()
+        p = cvstats.cross_fit(oofs[c["id"]], z_prior, y, fold_c, "shared", cfg.combine_C)
+        c["with_patient_shared"] = calibration_summary(y, p, prev_fn(fold_c), cfg.ece_bins)
+    report["candidates"] = candidates
+
+    # paired comparisons of the image evidence (repeat 0): epochs, EMA vs raw, variants
+    comparisons = {}
+    best_by_variant = {}
+    for c in candidates:
+        if c["repeat"] == 0:
+            b = best_by_variant.get(c["variant"])
+            if b is None or c["image_only_mean_auc"] > b["image_only_mean_auc"]:
+                best_by_variant[c["variant"]] = c
+    for vname, b in best_by_variant.items():
+        for c in candidates:
+            if c["variant"] == vname and c["repeat"] == 0 and c["id"] != b["id"]:
+                comparisons[f"{b['id']} - {c['id']}"] = cvstats.paired_difference(y, oofs[b["id"]], oofs[c["id"]], resamples)
+    bests = sorted(best_by_variant.values(), key=lambda c: c["image_size"])
+    for i, a in enumerate(bests):
+        for b in bests[i + 1:]:
+            comparisons[f"{b['id']} - {a['id']}"] = cvstats.paired_difference(y, oofs[b["id"]], oofs[a["id"]], resamples)
+    report["image_comparisons"] = comparisons
+    chosen = next(c for c in candidates if c["id"] == cfg.overrides["image"]) if "image" in cfg.overrides \
+        else choose([c for c in candidates if c["repeat"] == 0], comparisons)
+    report["chosen_image"] = {k: chosen[k] for k in ("id", "variant", "image_size", "epoch", "weights")}
+    z_img = oofs[chosen["id"]]
+
+    # combination / calibration methods, cross-fitted
+    partitions = random_partitions(n, patients, y, cfg.folds, cfg.crossfit_repeats, cfg.bootstrap_seed)
+    methods, probs = {}, {}
+    for m in cfg.combine_methods + ["image_only"]:
+        res = combination_scores(y, z_img, z_prior, folds0, partitions, m, cfg.combine_C, prev_fn, cfg.ece_bins)
+        probs[m] = res.pop("p")
+        methods[m] = res
+    report["combination_methods"] = methods
+    with_patient = [m for m in cfg.combine_methods if m != "prior_only"]
+    chosen_method = cfg.overrides.get("combine") or min(with_patient, key=lambda m: methods[m]["brier_over_partitions"][0])
+    report["chosen_combination"] = chosen_method
+    p_model = probs[chosen_method]
+    report["combination_comparisons"] = {
+        f"{chosen_method} - {m}": {
+            "mean_auc": cvstats.paired_difference(y, p_model, probs[m], resamples),
+            "brier": cvstats.paired_metric_difference(y, p_model, probs[m], resamples, cvstats.brier)}
+        for m in methods if m != chosen_method}
+    params_all = cvstats.fit_combination(z_img, z_prior, y, chosen_method, cfg.combine_C)
+    report["combination_fitted_on_all_oof"] = params_all
+
+    # the headline: the calibrated model with patient data vs image only vs metadata only
+    prev = prev_fn(folds0)
+    main = calibration_summary(y, p_model, prev, cfg.ece_bins)
+    boot = cvstats.bootstrap_mean_auc(y, {"model": p_model, "image": z_img, "meta": base_full, "prior_cal": probs["prior_only"]}, resamples)
+    main["mean_auc_ci95"] = cvstats.percentile_ci(boot["model"])
+    main["auc"] = dict(zip(FINDINGS, cvstats.auc_per_class(y, p_model).tolist()))
+    main["brier_per_finding"] = dict(zip(FINDINGS, ((p_model - y) ** 2).mean(0).tolist()))
+    main["brier_prevalence_per_finding"] = dict(zip(FINDINGS, ((prev - y) ** 2).mean(0).tolist()))
+    main["brier_difference_vs_prevalence"] = cvstats.paired_metric_difference(y, p_model, prev, resamples, cvstats.brier)
+    main["ece_difference_ci95"] = None
+    main["reliability"] = cvstats.reliability_table(y, p_model, cfg.ece_bins)
+    report["model_with_patient_data"] = main
+    report["model_image_only"] = {"mean_auc": cvstats.mean_auc(y, z_img), "ci95": cvstats.percentile_ci(boot["image"]),
+                                  "auc": dict(zip(FINDINGS, cvstats.auc_per_class(y, z_img).tolist())),
+                                  "note": "ranking of the image logits; the exported model with patient data unknown "
+                                          "ranks identically within each finding (a >= 0)"}
+    report["gain_over_metadata_only"] = {
+        "vs_full_table_regression": cvstats.paired_difference(y, p_model, base_full, resamples),
+        "vs_prior_calibrated_out_of_fold": cvstats.paired_difference(y, p_model, probs["prior_only"], resamples),
+        "image_only_vs_full_table_regression": cvstats.paired_difference(y, z_img, base_full, resamples),
+    }
+
+    # thresholds on the cross-fitted probabilities
+    thr = {m: threshold_scores(y, p_model, folds0, partitions, m, cfg.precision_min) for m in cfg.threshold_methods}
+    chosen_thr = cfg.overrides.get("thresholds") or max(
+        cfg.threshold_methods, key=lambda m: (round(thr[m]["f1_macro_over_partitions"][0], 2), -thr[m]["studies_flagged"]))
+    final_thr = cvstats.grid_thresholds(y, p_model, chosen_thr, precision_min=cfg.precision_min)
+    report["threshold_methods"] = thr
+    report["chosen_thresholds"] = {"method": chosen_thr, "grid": "0.01..0.99 step 0.01",
+                                   "precision_min": cfg.precision_min,
+                                   "values": dict(zip(FINDINGS, final_thr.tolist())),
+                                   "at_grid_floor_0.01": int((final_thr <= 0.01).sum())}
+    flags = (p_model >= final_thr).astype(int)
+    report["chosen_thresholds"]["in_sample_on_oof"] = {
+        "studies_flagged": float(flags.any(1).mean()), "studies_flagged_pneumothorax": float(flags[:, URGENT].mean())}
+
+    # subgroups
+    report["subgroups"] = subgroup_table(labels, y, {"model": p_model, "image": z_img, "metadata": base_full}, cfg.ece_bins)
+
+    # repeats of the training CV (if run): the chosen recipe's numbers on each repeat
+    rep_rows = {}
+    for c in candidates:
+        if (c["variant"], c["epoch"], c["weights"]) == (chosen["variant"], chosen["epoch"], chosen["weights"]):
+            fold_c = folds_df[f"fold_rep{c['repeat']}"].to_numpy()
+            p = cvstats.cross_fit(oofs[c["id"]], z_prior, y, fold_c, chosen_method, cfg.combine_C)
+            rep_rows[f"rep{c['repeat']}"] = {**calibration_summary(y, p, prev_fn(fold_c), cfg.ece_bins),
+                                             "image_only_mean_auc": c["image_only_mean_auc"],
+                                             "gain_vs_full_table_regression": cvstats.mean_auc(y, p) - cvstats.mean_auc(y, base_full)}
+    report["chosen_recipe_by_repeat"] = rep_rows
+
+    # files: OOF predictions, report, reliability diagram
+    oof = pd.DataFrame({"image": labels["image"], "patient_id": labels["patient_id"], "fold": folds0})
+    for k, f in enumerate(FINDINGS):
+        oof[f"y_{f}"] = y[:, k].astype(int)
+    for k, f in enumerate(FINDINGS):
+        oof[f"img_logit_{f}"] = np.round(z_img[:, k], 5)
+    for k, f in enumerate(FINDINGS):
+        oof[f"prior_logit_{f}"] = np.round(z_prior[:, k], 5)
+    for k, f in enumerate(FINDINGS):
+        oof[f"p_{f}"] = np.round(p_model[:, k], 5)
+    oof.to_csv(out / "oof.csv", index=False)
+    reliability_png(y, p_model, probs["prior_only"], cfg.ece_bins, out / "reliability.png")
+    (out / "cv_report.json").write_text(json.dumps(report, indent=1, default=_json_default) + "\n")
+    print_summary(report)
+    return report
+
+
+def _json_default(o):
+    if isinstance(o, (np.floating, np.integer)):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, tuple):
+        return list(o)
+    raise TypeError(type(o))
+
+
+def reliability_png(y, p, p_prior, bins, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4.5))
+    for probs, label in ((p, "model v2, with patient data"), (p_prior, "patient data only (calibrated)")):
+        rows = [r for r in cvstats.reliability_table(y, probs, bins) if r["n"]]
+        a.plot([r["mean_predicted"] for r in rows], [r["observed"] for r in rows], "o-",
+               label=f"{label}: ECE {cvstats.ece(y, probs, bins):.3f}")
+    a.plot([0, 1], [0, 1], "k--", lw=0.8)
+    a.set(xlabel="mean predicted probability", ylabel="observed frequency", xlim=(0, 1), ylim=(0, 1),
+          title=f"Out-of-fold reliability, all image-finding pairs, {bins} bins")
+    a.legend(fontsize=8)
+    b.hist(np.ravel(p), bins=np.linspace(0, 1, bins + 1), color="grey")
+    b.set(xlabel="predicted probability", ylabel="image-finding pairs", yscale="log", title="how many pairs per bin")
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+
+
+def print_summary(r: dict) -> None:
+    m, g = r["model_with_patient_data"], r["gain_over_metadata_only"]
+    print(f"chosen image evidence {r['chosen_image']['id']}, prior {r['chosen_prior']}, combination {r['chosen_combination']}")
+    for c in sorted(r["candidates"], key=lambda c: c["id"]):
+        w = c["with_patient_shared"]
+        print(f"  {c['id']:28s} image-only AUROC {c['image_only_mean_auc']:.3f}  with patient data {w['mean_auc']:.3f}  "
+              f"Brier {w['brier']:.4f}  ECE {w['ece_10']:.4f}  OOF logit sd {c['oof_logit_std']:.2f}  in-sample {c['in_sample_logit_std']:.2f}")
+    for k, v in r["image_comparisons"].items():
+        print(f"  paired {k}: {v['difference']:+.3f} (95% CI {v['ci95'][0]:+.3f} to {v['ci95'][1]:+.3f})")
+    for k, v in r["combination_methods"].items():
+        print(f"  combination {k:12s} AUROC {v['mean_auc']:.3f}  Brier {v['brier']:.4f} (partitions {v['brier_over_partitions'][0]:.4f})  "
+              f"skill {v['brier_skill']:.3f}  ECE10 {v['ece_10']:.4f}  ECE15 {v['ece_15']:.4f}")
+    print(f"OOF mean AUROC with patient data {m['mean_auc']:.3f} (95% CI {m['mean_auc_ci95'][0]:.3f}-{m['mean_auc_ci95'][1]:.3f}); "
+          f"image only {r['model_image_only']['mean_auc']:.3f}; metadata-only (full table) "
+          f"{r['metadata_only']['full_table_regression']['mean_auc']:.3f}")
+    d = g["vs_full_table_regression"]
+    print(f"paired gain over metadata-only: {d['difference']:+.3f} (95% CI {d['ci95'][0]:+.3f} to {d['ci95'][1]:+.3f})")
+    print(f"Brier {m['brier']:.4f} vs prevalence {m['brier_prevalence']:.4f} (skill {m['brier_skill']:.3f}); "
+          f"pooled ECE 10 bins {m['ece_10']:.4f}, 15 bins {m['ece_15']:.4f}")
+    for k, v in r["threshold_methods"].items():
+        print(f"  thresholds {k:13s} cross-fitted macro F1 {v['f1_macro']:.3f} (partitions {v['f1_macro_over_partitions'][0]:.3f}) "
+              f"flags {v['studies_flagged']:.2f} of studies, Pneumothorax {v['studies_flagged_pneumothorax']:.2f}")
+    print(f"chosen thresholds ({r['chosen_thresholds']['method']}): {r['chosen_thresholds']['values']}")
+    meta = r["metadata_only"]["full_table_regression"]["auc"]
+    print("per finding: positives, OOF AUROC with patient data / image only / metadata only, threshold")
+    for k, f in enumerate(FINDINGS):
+        print(f"  {f:19s} {r['data']['positives'][f]:3d}  {m['auc'][f]:.3f} / {r['model_image_only']['auc'][f]:.3f} / "
+              f"{meta[k]:.3f}  t={r['chosen_thresholds']['values'][f]:.2f}")
+    print("subgroups: n, findings with both labels, mean AUROC model / image / metadata, Brier, ECE, mean p vs prevalence")
+    for name, g2 in r["subgroups"].items():
+        print(f"  {name:10s} n={g2['n']:3d} {g2['findings_with_both_labels']:2d}  {g2['mean_auc_model']:.3f} / "
+              f"{g2['mean_auc_image']:.3f} / {g2['mean_auc_metadata']:.3f}  Brier {g2['brier_model']:.4f}  "
+              f"ECE {g2['ece_10_model']:.4f}  {g2['mean_predicted_model']:.3f} vs {g2['prevalence']:.3f}")
+    for name, g2 in r["priors"].items():
+        print(f"prior {name}: {g2['rows']} rows, {g2['patients']} patients ({g2['excluded_patients']} shared patients, "
+              f"{g2['excluded_rows']} rows excluded): mean AUROC on the 480 {g2['mean_auc_on_shared']:.3f}")
+    for k, v in r["prior_comparisons"].items():
+        print(f"  paired {k}: {v['difference']:+.3f} (95% CI {v['ci95'][0]:+.3f} to {v['ci95'][1]:+.3f})")
+    for k, v in r["combination_comparisons"].items():
+        print(f"  paired {k}: AUROC {v['mean_auc']['difference']:+.3f} (CI {v['mean_auc']['ci95'][0]:+.3f} to "
+              f"{v['mean_auc']['ci95'][1]:+.3f}), Brier {v['brier']['difference']:+.4f} (CI {v['brier']['ci95'][0]:+.4f} "
+              f"to {v['brier']['ci95'][1]:+.4f})")
+    for k, v in r["gain_over_metadata_only"].items():
+        print(f"  gain {k}: {v['difference']:+.3f} (95% CI {v['ci95'][0]:+.3f} to {v['ci95'][1]:+.3f}; "
+              f"share of resamples not better {v['share_not_better']:.3f})")
+    d = m["brier_difference_vs_prevalence"]
+    print(f"  Brier minus prevalence Brier: {d['difference']:+.5f} (95% CI {d['ci95'][0]:+.5f} to {d['ci95'][1]:+.5f})")
+    for k, v in r["chosen_recipe_by_repeat"].items():
+        print(f"  {k}: with patient data {v['mean_auc']:.3f}, image only {v['image_only_mean_auc']:.3f}, "
+              f"Brier skill {v['brier_skill']:.3f}, ECE {v['ece_10']:.4f}")
+    for k, v in r["runs"].items():
+        print(f"  run {k}: seconds per fold {[round(s) for s in v['seconds_per_fold']]}")
+
+
+# ---------------------------------------------------------------- main
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--images", required=True)
+    ap.add_argument("--labels", required=True, help="NIH metadata rows of the images (labels.csv)")
+    ap.add_argument("--metadata-table", required=True, help="the full NIH Data_Entry table, for the patient prior")
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--config", required=True)
+    ap.add_argument("--stage", choices=["train", "report", "all"], default="all")
+    ap.add_argument("--variant", help="train only this variant")
+    ap.add_argument("--repeat", type=int, help="train only this repeat (index into fold_seeds)")
+    ap.add_argument("--folds", type=lambda t: [int(f) for f in t.split(",")],
+                    help="train only these folds, e.g. 1,2 (two processes can share a run folder: one per fold set)")
+    ap.add_argument("--threads", type=int, default=2)
+    return ap.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    torch.set_num_threads(args.threads)
+    cfg = CVConfig.from_toml(Path(args.config))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    labels = load_labels(Path(args.labels))
+    present = {p.name for p in Path(args.images).glob("*.png")}
+    missing = sorted(set(labels["image"]) - present)
+    if missing:
+        raise SystemExit(f"{len(missing)} labelled image(s) missing from {args.images}, e.g. {missing[:3]}")
+    folds = folds_table(labels, cfg)
+    path = out / "folds.csv"
+    if path.exists():  # a resumed run must keep its folds
+        old = pd.read_csv(path, dtype={"patient_id": str})
+        same = [c for c in folds.columns if c in old.columns]
+        if not old[same].astype(str).equals(folds[same].astype(str)):
+            raise SystemExit(f"{path} differs from the folds this config gives: use another --out")
+    folds.to_csv(path, index=False)
+    if args.stage in ("train", "all"):
+        stage_train(args, cfg, labels, folds)
+    if args.stage in ("report", "all"):
+        stage_report(args, cfg, labels, folds)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,238 @@
+"""Model v2: train the chosen recipe on all shared images, fold in the out-of-fold-fitted
+combination and calibration, set the out-of-fold thresholds, export the bundle.
+
+    python -m training.export_v2 --images ../shared/data/nih/images --labels ../shared/data/nih/labels.csv \
+        --cv runs/cv --config training/configs/v2.toml --out runs/final --bundle weights/cxr-fpn-v2
+
+Reads the choices from ``<cv>/cv_report.json`` (written by ``training.crossval``): the image
+recipe (variant, epoch, EMA or raw weights), the patient prior (``<cv>/prior_<name>.json``),
+the combination parameters fitted on all out-of-fold predictions and the thresholds. Training
+is resumable (``<out>/checkpoint.pt``). Then checks that the exported network computes the
+formula it documents, and copies the cross-validation artifacts into ``<bundle>/training_run``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cxr_batch.bundle import load_bundle, save_bundle
+from cxr_batch.patient import PatientEncoding
+from cxr_batch.preprocess import Preprocessing
+
+from . import cvstats
+from .augment import eval_transform_batch
+from .crossval import CVConfig, build_v2_model, image_logits, load_cache, load_labels, train_model
+from .fuse import combined_logits_formula, fold_combination, freeze_tabular_proj
+from .prepare import multi_hot
+from .table_prior import encode_rows
+
+log = logging.getLogger("cxr_batch.export_v2")
+FINAL_SEED_OFFSET = 999  # the final model's seed: train_seed + 999 (no fold uses it)
+
+
+def train_final(args, cfg: CVConfig, variant: str, labels, y):
+    """Train ``variant`` on all images for its full epochs, keeping the EMA and raw state dicts
+    at every snapshot epoch (``<out>/state_<ema|raw>_epoch<E>.pt``): the cross-validation can
+    then choose the epoch and weights afterwards, and nothing of it is needed to train."""
+    v = cfg.variant(variant)
+    images = load_cache(Path(args.images), list(labels["image"]), v.image_size, Path(args.cv))
+    out = Path(args.out)
+    t0 = time.perf_counter()
+    result = train_model(images, y, v, cfg.train_seed + FINAL_SEED_OFFSET, out, keep_states=True)
+    hist = out / "history.json"
+    old = json.loads(hist.read_text())["seconds_by_process"] if hist.exists() else []
+    hist.write_text(json.dumps({"variant": v.__dict__, "seed": cfg.train_seed + FINAL_SEED_OFFSET,
+                                "history": result["history"],
+                                "seconds_by_process": old + [time.perf_counter() - t0]}, indent=1))
+
+
+def final_model(args, cfg: CVConfig, report: dict, labels, y):
+    chosen = report["chosen_image"]
+    v = cfg.variant(chosen["variant"])
+    images = load_cache(Path(args.images), list(labels["image"]), v.image_size, Path(args.cv))
+    state_path = Path(args.out) / f"state_{chosen['weights']}_epoch{chosen['epoch']}.pt"
+    if not state_path.exists():
+        train_final(args, cfg, chosen["variant"], labels, y)
+    model = build_v2_model(v)
+    model.load_state_dict(torch.load(state_path, weights_only=True))
+    return model.eval(), v, images
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--images", required=True)
+    ap.add_argument("--labels", required=True)
+    ap.add_argument("--cv", required=True, help="the cross-validation folder (cv_report.json)")
+    ap.add_argument("--config", required=True)
+    ap.add_argument("--out", required=True, help="folder of the final training run")
+    ap.add_argument("--bundle", required=True, help="bundle folder to write, e.g. weights/cxr-fpn-v2")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--train-only", metavar="VARIANT",
+                    help="only train VARIANT on all images (states kept at its snapshot epochs); no report needed")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    torch.set_num_threads(args.threads)
+    cfg = CVConfig.from_toml(Path(args.config))
+    cv = Path(args.cv)
+    labels = load_labels(Path(args.labels))
+    y = multi_hot(labels["labels"]).astype(np.float32)
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    if args.train_only:
+        train_final(args, cfg, args.train_only, labels, y)
+        return
+    report = json.loads((cv / "cv_report.json").read_text())
+    enc = PatientEncoding()
+    x = encode_rows(labels, enc)
+    model, v, images = final_model(args, cfg, report, labels, y)
+    hist_path = Path(args.out) / "history.json"
+    seconds = json.loads(hist_path.read_text()).get("seconds_by_process") if hist_path.exists() else None
+    prep = Preprocessing(image_size=v.image_size)
+    z_img = image_logits(model, images, prep, enc.unknown_value).astype(np.float64)  # in-sample
+    prior = json.loads((cv / f"prior_{report['chosen_prior']}.json").read_text())
+    comb = report["combination_fitted_on_all_oof"]
+    a, c, b = (np.asarray(comb[k], dtype=np.float64) for k in ("a", "c", "b"))
+    coef, mean_x = np.asarray(prior["coef"]), np.asarray(prior["mean_x"])
+
+    # the fold models' in-sample logit moments (same epoch and weights) -> align the final model
+    ref_mean, ref_sd = fold_in_sample_moments(cv, report["chosen_image"])
+    scale, shift = cvstats.alignment(ref_mean, ref_sd, z_img)
+    a_fit, b_fit = a, b
+    a, b = a_fit * scale, b_fit + a_fit * shift  # a * (scale z + shift) + c prior + b
+
+    unknown = torch.full((3,), enc.unknown_value)
+    freeze_tabular_proj(model, unknown)
+    fold_combination(model, unknown, a, c, b, coef, mean_x)
+    with torch.inference_mode():
+        xs = torch.from_numpy(x)
+        got = []
+        for s in range(0, len(images), 64):
+            batch = eval_transform_batch(torch.from_numpy(images[s:s + 64])[:, None], prep)
+            got.append(torch.sigmoid(model(batch, xs[s:s + 64])).numpy())
+    got = np.concatenate(got)
+    want = cvstats.sigmoid(combined_logits_formula(z_img, x, a, c, b, coef, mean_x))
+    folded_error = float(np.abs(got - want).max())
+    assert folded_error < 1e-4, f"folded model differs from its formula by {folded_error}"
+
+    thresholds = report["chosen_thresholds"]["values"]
+    m, g = report["model_with_patient_data"], report["gain_over_metadata_only"]
+    chosen = report["chosen_image"]
+    training = {
+        "data": {"images": report["data"]["images"], "patients": report["data"]["patients"],
+                 "source": "the 480 shared NIH ChestX-ray14 radiographs (../shared/data/nih/images, labels.csv)",
+                 "positives": report["data"]["positives"]},
+        "recipe": {**{k: v.__dict__[k] for k in v.__dict__ if k != "snapshots"}, "weights": chosen["weights"],
+                   "seed": cfg.train_seed + FINAL_SEED_OFFSET, "device": "cpu (2 cores, float32)",
+                   "patient_input_during_training": "fixed at the unknown code (0.5, 0.5, 0.5)",
+                   "augmentation": "training/augment.py train_transform (crop 90%, rotation 7 deg, translation 6%, "
+                                   "blur p 0.4), no mirroring", "optimizer": "Adam, constant learning rate",
+                   "loss": "BCE with pos weights sqrt(neg/pos) capped at pos_weight_max", "ema": "torch AveragedModel, buffers too"},
+        "patient_prior": {k: prior[k] for k in ("config", "coef", "mean_x", "intercept", "rows", "patients",
+                                                  "excluded_patients", "excluded_rows", "formula")},
+        "combination": {"method": comb["method"], "a_fitted": a_fit.tolist(), "c": c.tolist(), "b_fitted": b_fit.tolist(),
+                        "fitted_on": "the out-of-fold image and prior logits of the cross-validation (480 images)",
+                        "alignment": {"scale": scale.tolist(), "shift": shift.tolist(),
+                                      "why": "maps this model's image logits onto the fold models' scale: per finding, "
+                                             "its logits on its own training images get the mean and sd the fold models' "
+                                             "logits had on theirs (same epoch and weights)"},
+                        "a": a.tolist(), "b": b.tolist(),
+                        "formula": "logit_k = a_k * image_logit_k + c_k * coef_k . (x - mean_x) + b_k, with "
+                                   "a = a_fitted * scale, b = b_fitted + a_fitted * shift",
+                        "folded_into": "head[-1] (times a), tabular_skip (c * coef, bias), tabular_proj frozen "
+                                       "(weight 0: the deep path ignores patient data)",
+                        "folded_max_probability_error_float32": folded_error},
+        "thresholds": {k: report["chosen_thresholds"][k] for k in ("method", "grid", "precision_min")},
+        "cross_validation": {"folds": cfg.folds, "fold_seeds": cfg.fold_seeds, "chosen_image": chosen,
+                             "prior": report["chosen_prior"], "report": "training_run/cv_report.json"},
+        "commands": {
+            "cross_validation": "python -m training.crossval --images ../shared/data/nih/images --labels "
+                                "../shared/data/nih/labels.csv --metadata-table "
+                                "../shared/data/nih/metadata/Data_Entry_2017_v2020.csv.gz --out runs/cv "
+                                "--config training/configs/v2.toml",
+            "export": "python -m training.export_v2 --images ../shared/data/nih/images --labels "
+                      "../shared/data/nih/labels.csv --cv runs/cv --config training/configs/v2.toml "
+                      "--out runs/final --bundle weights/cxr-fpn-v2"},
+        "final_training_seconds_by_process": seconds,
+    }
+    metrics = {
+        "evaluation": "5-fold patient-level cross-validation on the 480 shared images, out-of-fold; "
+                      "the bundle itself is trained on all 480 and has no held-out test of its own",
+        "cv_mean_auc_with_patient_data": m["mean_auc"], "cv_mean_auc_with_patient_data_ci95": m["mean_auc_ci95"],
+        "cv_mean_auc_image_only": report["model_image_only"]["mean_auc"],
+        "cv_mean_auc_image_only_ci95": report["model_image_only"]["ci95"],
+        "metadata_only_full_table_regression_mean_auc": report["metadata_only"]["full_table_regression"]["mean_auc"],
+        "gain_over_metadata_only": g["vs_full_table_regression"],
+        "cv_brier": m["brier"], "cv_brier_predicting_prevalence": m["brier_prevalence"], "cv_brier_skill": m["brier_skill"],
+        "cv_pooled_ece_10_bins": m["ece_10"], "cv_pooled_ece_15_bins": m["ece_15"],
+        "cv_auc_per_finding": m["auc"], "by_group": report["subgroups"],
+        "threshold_flags": report["threshold_methods"][report["chosen_thresholds"]["method"]],
+        "fold_models_in_sample_logit_sd": float(ref_sd.mean()),
+        "final_model_in_sample_logit_sd": float(z_img.std(axis=0).mean()),
+    }
+    bundle = Path(args.bundle)
+    save_bundle(bundle, model.cpu().float(), name="cxr-fpn", version="2", preprocessing=prep, encoding=enc,
+                thresholds=thresholds, training=training, metrics=metrics, half=True)
+    loaded = load_bundle(bundle)
+    with torch.inference_mode():
+        half_p = []
+        for s in range(0, len(images), 64):
+            batch = eval_transform_batch(torch.from_numpy(images[s:s + 64])[:, None], prep)
+            half_p.append(torch.sigmoid(loaded.model(batch, xs[s:s + 64])).numpy())
+    half_error = float(np.abs(np.concatenate(half_p) - got).max())
+    copy_artifacts(cv, Path(args.out), bundle / "training_run", report)
+    summary = {"folded_max_probability_error_float32": folded_error, "float16_bundle_max_probability_error": half_error,
+               "fold_models_in_sample_logit_sd_mean_over_findings": float(ref_sd.mean()),
+               "final_model_in_sample_logit_sd_mean_over_findings": float(z_img.std(axis=0).mean()),
+               "alignment_scale_range": [float(scale.min()), float(scale.max())],
+               "alignment_shift_range": [float(shift.min()), float(shift.max())],
+               "model_pt_bytes": (bundle / "model.pt").stat().st_size, "final_training_seconds_by_process": seconds}
+    (bundle / "training_run" / "export_check.json").write_text(json.dumps(summary, indent=1) + "\n")
+    for k, val in summary.items():
+        print(f"{k}: {val}")
+
+
+def fold_in_sample_moments(cv: Path, chosen: dict) -> tuple[np.ndarray, np.ndarray]:
+    """Per-finding mean and sd of the fold models' logits on their own training images at the
+    chosen epoch and weights, averaged over the folds of the chosen repeat."""
+    rep = int(chosen["id"].rsplit("rep", 1)[1])
+    means, sds = [], []
+    for p in sorted((cv / chosen["variant"] / f"rep{rep}").glob("fold*/preds.npz")):
+        d = np.load(p)
+        s = list(d["epochs"]).index(chosen["epoch"])
+        z = d[f"{chosen['weights']}_train"][s]
+        means.append(z.mean(axis=0))
+        sds.append(z.std(axis=0))
+    return np.mean(means, axis=0), np.mean(sds, axis=0)
+
+
+def copy_artifacts(cv: Path, final: Path, dest: Path, report: dict) -> None:
+    """The small, reproducible part of the runs: report, OOF predictions, priors, folds, diagram,
+    histories and logs (not checkpoints or caches)."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in ("cv_report.json", "oof.csv", "folds.csv", "reliability.png"):
+        shutil.copy(cv / name, dest / name)
+    for p in cv.glob("prior_*.json"):
+        shutil.copy(p, dest / p.name)
+    for p in sorted(cv.glob("*.log")):
+        shutil.copy(p, dest / p.name)
+    histories = {}
+    for h in sorted(cv.glob("*/rep*/fold*/history.json")):
+        d = json.loads(h.read_text())
+        histories[str(h.parent.relative_to(cv))] = [{k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}
+                                                    for row in d["history"]]
+    (dest / "cv_histories.json").write_text(json.dumps(histories, indent=0) + "\n")
+    if (final / "history.json").exists():
+        shutil.copy(final / "history.json", dest / "final_history.json")
+    for p in sorted(final.glob("*.log")):
+        shutil.copy(p, dest / p.name)
+
+
+if __name__ == "__main__":
+    main()
