@@ -9,7 +9,7 @@
 # to /tmp/cxr-cv.pid so the group can be paused (kill -STOP -PGID) and resumed (kill -CONT -PGID).
 # Resumable: run the same command again after a kill.
 set -euo pipefail
-export PYTHON=${PYTHON:-/work/main/.venv/bin/python}
+export PYTHON=${PYTHON:-python}
 cd "$(dirname "$0")/.."
 VARIANT=${1:?variant}; FOLDSETS=${2:-"0,1,2,3,4"}
 OUT=${OUT:-runs/cv}; mkdir -p "$OUT"
@@ -22,7 +22,7 @@ setsid bash -c '
         >> '"$OUT"'/train_'"$VARIANT"'_final.log 2>&1 &
       continue
     fi
-    nice -n 10 env PYTHONPATH="$PWD" "${PYTHON:-/work/main/.venv/bin/python}" -m training.crossval \
+    nice -n 10 env PYTHONPATH="$PWD" "$PYTHON" -m training.crossval \
       --images ../shared/data/nih/images --labels ../shared/data/nih/labels.csv \
       --metadata-table ../shared/data/nih/metadata/Data_Entry_2017_v2020.csv.gz \
       --out '"$OUT"' --config training/configs/v2.toml --stage train --variant '"$VARIANT"' \

@@ -1,6 +1,6 @@
-"""The patient-data prior of model v2: per finding, a logistic regression on the encoded
-[age, view, sex] fitted on the full NIH metadata table, *without* any patient whose images are
-in the shared development set, and centred.
+"""The patient-data prior of model v2 (not the in-training prior of :mod:`training.prior`): per
+finding, a logistic regression on the encoded [age, view, sex] fitted on the full NIH metadata
+table, *without* any patient whose images are in the shared development set, and centred.
 
 Patient values are parsed exactly as inference parses a metadata CSV
 (``cxr_batch.metadata.load_metadata_csv`` strips each value and treats an empty one as missing,
