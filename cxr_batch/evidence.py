@@ -3,8 +3,9 @@ and the evidence that it works (metrics measured on held-out images).
 
 Read from the bundle's manifest: ``intended_use`` (a sentence; bundles written before the
 field existed get a fallback that says it is not stated, hence not for clinical use) and
-``metrics`` (``test_n`` held-out images, ``test_mean_auc`` and its interval, and per finding
-the confusion counts at the bundle's thresholds, ``per_finding``). A bundle exported before
+``metrics`` (``test_n`` held-out images, ``test_mean_auc`` and its interval, per finding the
+confusion counts at the bundle's thresholds, ``per_finding``, and optionally ``test_how``, e.g.
+out of fold in a cross-validation). A bundle exported before
 ``per_finding`` existed may carry the same counts in ``training_run/`` beside its manifest
 (the evaluation's ``validation_metrics_<model>.csv``); they are used only when that run's
 ``thresholds.json`` is the manifest's and its ``metrics.json`` counts the same test images.
@@ -52,6 +53,7 @@ class Evidence:
     mean_auc: float | None = None
     mean_auc_ci95: tuple[float, float] | None = None
     counts: dict[str, FindingCounts] = field(default_factory=dict)  # at the bundle's thresholds
+    how: str | None = None  # how the images were held out, when not a plain test split
 
     @property
     def problem(self) -> str | None:
@@ -70,7 +72,8 @@ class Evidence:
         if self.mean_auc is not None and self.images is not None:
             ci = (f" (95% CI {self.mean_auc_ci95[0]:.2f}-{self.mean_auc_ci95[1]:.2f})"
                   if self.mean_auc_ci95 else "")
-            parts.append(f"mean AUROC {self.mean_auc:.2f}{ci} on {self.images} held-out images")
+            how = f" ({self.how})" if self.how else ""
+            parts.append(f"mean AUROC {self.mean_auc:.2f}{ci} on {self.images} held-out images{how}")
         text = "; ".join(parts) or "no training or evaluation record"
         return text[0].upper() + text[1:] + "."
 
@@ -140,4 +143,5 @@ def bundle_evidence(manifest: dict, folder: Path | None = None) -> Evidence:
         images=images, train_images=train if isinstance(train, int) else None,
         mean_auc=_finite(metrics.get("test_mean_auc")),
         mean_auc_ci95=ci if ci and None not in ci else None, counts=counts,
+        how=how.strip() if isinstance(how := metrics.get("test_how"), str) and how.strip() else None,
     )

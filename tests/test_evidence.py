@@ -47,6 +47,15 @@ def test_sensitivity_comes_from_the_manifests_counts():
     assert "not measured (no held-out image had it)" in ev.sensitivity("Hernia")
 
 
+def test_cross_validated_metrics_say_how_the_images_were_held_out():
+    ev = bundle_evidence(manifest_with(test_n=480, test_mean_auc=0.7, test_mean_auc_ci95=[0.65, 0.75],
+                                       test_how="out of fold, 5-fold cross-validation by patient"))
+    assert ev.problem is None
+    assert ev.summary() == ("Mean AUROC 0.70 (95% CI 0.65-0.75) on 480 held-out images "
+                            "(out of fold, 5-fold cross-validation by patient).")
+    assert "(" not in bundle_evidence(manifest_with(test_n=480, test_mean_auc=0.7, test_how=" ")).summary()
+
+
 def test_bundled_weights_evidence_from_their_training_run():
     """v1 predates the manifest fields: the counts come from its training_run files, which
     were evaluated at the manifest's thresholds on its test images."""
