@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import os
 import sys
 import tempfile
 from pathlib import Path
@@ -27,7 +26,7 @@ import numpy as np
 from scipy.special import expit
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks.common import NIH, bundle_path  # noqa: E402
+from benchmarks.common import NIH, bundle_path, link_file  # noqa: E402
 from cxr_batch import calibration, metrics  # noqa: E402
 from cxr_batch.bundle import load_bundle  # noqa: E402
 from cxr_batch.calibrate import CalibrateOptions, run_calibrate, score_labelled  # noqa: E402
@@ -56,7 +55,7 @@ def end_to_end(args, labels, work: Path) -> None:
     for side, mask in (("A", in_a), ("B", ~in_a)):
         (work / side).mkdir()
         for name in names[mask]:
-            os.symlink((Path(args.images) / name).resolve(), work / side / name)
+            link_file((Path(args.images) / name).resolve(), work / side / name)
     base = bundle_path(args.weights)
     untouched = folder_hashes(base)
     options = dict(device=args.device, batch_size=16, progress=False)
@@ -79,7 +78,7 @@ def end_to_end(args, labels, work: Path) -> None:
 def repeated(args, labels, work: Path) -> None:
     (work / "all").mkdir()
     for name in labels.files:
-        os.symlink((Path(args.images) / name).resolve(), work / "all" / name)
+        link_file((Path(args.images) / name).resolve(), work / "all" / name)
     opts = CalibrateOptions(device=args.device, progress=False)
     scores = score_labelled(work / "all", labels, load_bundle(bundle_path(args.weights)), opts)
     z, y, g = scores.logits, scores.y, scores.groups

@@ -22,20 +22,23 @@ def real_images(folder: Path | None = None) -> list[Path]:
     return images
 
 
-def link_folder(images: list[Path], n: int, dest: Path) -> Path:
-    """A folder of ``n`` files cycling through ``images``: hard links where the file system
-    allows (no copies), else copies. Not symbolic links: a scan does not follow links that
-    leave the scanned folder."""
+def link_file(src: Path, target: Path) -> None:
+    """A hard link where the file system allows (no copy), else a copy. Not a symbolic link: a
+    scan does not follow links that leave the scanned folder."""
     import shutil
 
+    try:
+        os.link(src, target)
+    except OSError:
+        shutil.copyfile(src, target)
+
+
+def link_folder(images: list[Path], n: int, dest: Path) -> Path:
+    """A folder of ``n`` files cycling through ``images`` (see :func:`link_file`)."""
     dest.mkdir(parents=True, exist_ok=True)
     for i in range(n):
         src = images[i % len(images)].resolve()
-        target = dest / f"{i:05d}_{src.name}"
-        try:
-            os.link(src, target)
-        except OSError:
-            shutil.copyfile(src, target)
+        link_file(src, dest / f"{i:05d}_{src.name}")
     return dest
 
 

@@ -34,7 +34,7 @@ from .preprocess import Preprocessing
 FORMAT_VERSION = 2  # 2: bundle_sha256 over the manifest
 WEIGHTS_FILE = "model.pt"
 MANIFEST_FILE = "manifest.json"
-DEFAULT_BUNDLE = Path(__file__).resolve().parent.parent / "weights" / "cxr-fpn-v1"
+DEFAULT_BUNDLE = Path(__file__).resolve().parent.parent / "weights" / "cxr-fpn-v2"
 
 
 class BundleError(Exception):

@@ -125,6 +125,16 @@ def _counts_from_training_run(folder: Path, manifest: dict, images: int | None) 
         return {}
 
 
+def _train_images(manifest: dict) -> int | None:
+    """Images the weights were trained on: ``training.data.images`` is the count (a model trained
+    on every image it had, e.g. v2) or a table by split whose ``train`` counts (v1)."""
+    data = (manifest.get("training") or {}).get("data") if isinstance(manifest.get("training"), dict) else None
+    images = data.get("images") if isinstance(data, dict) else None
+    if isinstance(images, dict):
+        images = images.get("train")
+    return images if isinstance(images, int) and not isinstance(images, bool) else None
+
+
 def bundle_evidence(manifest: dict, folder: Path | None = None) -> Evidence:
     """The intended use and validation evidence of a bundle, from its manifest (and, for older
     bundles, its ``training_run/`` folder)."""
@@ -133,14 +143,14 @@ def bundle_evidence(manifest: dict, folder: Path | None = None) -> Evidence:
     images = images if isinstance(images, int) and not isinstance(images, bool) else None
     ci = metrics.get("test_mean_auc_ci95")
     ci = tuple(map(_finite, ci)) if isinstance(ci, (list, tuple)) and len(ci) == 2 else None
-    train = ((manifest.get("training") or {}).get("data") or {}).get("images", {}).get("train")
+    train = _train_images(manifest)
     counts = _counts_from_manifest(metrics)
     if not counts and folder is not None:
         counts = _counts_from_training_run(Path(folder), manifest, images)
     intended = manifest.get("intended_use")
     return Evidence(
         intended_use=intended.strip() if isinstance(intended, str) and intended.strip() else NOT_STATED,
-        images=images, train_images=train if isinstance(train, int) else None,
+        images=images, train_images=train,
         mean_auc=_finite(metrics.get("test_mean_auc")),
         mean_auc_ci95=ci if ci and None not in ci else None, counts=counts,
         how=how.strip() if isinstance(how := metrics.get("test_how"), str) and how.strip() else None,

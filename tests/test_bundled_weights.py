@@ -12,11 +12,11 @@ from cxr_batch.preprocess import eval_transform
 from cxr_batch.readers import read_pil
 from cxr_batch.study import ScoringRules
 
-from .conftest import BUNDLED
+from .conftest import V1_BUNDLE
 
 
 def test_bundled_manifest_documents_training_and_metrics():
-    manifest = json.loads((BUNDLED / "manifest.json").read_text())
+    manifest = json.loads((V1_BUNDLE / "manifest.json").read_text())
     assert manifest["findings"] == list(FINDINGS)
     assert manifest["training"]["data"]["images"]["test"] > 50
     assert 0.5 < manifest["metrics"]["test_mean_auc"] <= 1.0
@@ -30,8 +30,8 @@ def test_bundled_weights_rank_held_out_patients_above_chance(nih):
     from training.data import encode_patients
     from training import metrics
 
-    bundle = load_bundle(BUNDLED)
-    cfg = TrainConfig.load(BUNDLED.parent.parent / "training" / "configs" / "bundled.toml")
+    bundle = load_bundle(V1_BUNDLE)
+    cfg = TrainConfig.load(V1_BUNDLE.parent.parent / "training" / "configs" / "bundled.toml")
     table = read_nih_metadata(nih / "labels.csv")
     table["split"] = split_by_patient(table, cfg.test_fraction, cfg.val_fraction, cfg.seed)
     test = table[table["split"] == "test"]
@@ -46,3 +46,24 @@ def test_bundled_weights_rank_held_out_patients_above_chance(nih):
     assert auc == pytest.approx(bundle.manifest["metrics"]["test_mean_auc"], abs=0.01)
     assert auc > 0.6
     assert np.isfinite(p).all()
+
+
+def test_v2_card_numbers_are_recomputed_from_its_out_of_fold_predictions():
+    """The default bundle's headline numbers come from training_run/oof.csv, which anyone can
+    check: mean AUROC over the 14 findings and the per-finding counts at the bundle's thresholds."""
+    import pandas as pd
+    from sklearn.metrics import roc_auc_score
+
+    from cxr_batch.bundle import DEFAULT_BUNDLE
+
+    bundle = load_bundle()
+    assert bundle.path == DEFAULT_BUNDLE and bundle.version == "2"
+    oof = pd.read_csv(DEFAULT_BUNDLE / "training_run" / "oof.csv")
+    metrics = bundle.manifest["metrics"]
+    assert len(oof) == metrics["test_n"] == 480 and oof["patient_id"].nunique() == 480
+    auc = np.mean([roc_auc_score(oof[f"y_{f}"], oof[f"p_{f}"]) for f in FINDINGS])
+    assert abs(auc - metrics["test_mean_auc"]) < 1e-3  # oof.csv keeps 5 decimals
+    for f in FINDINGS:
+        positive, flagged = oof[f"y_{f}"] == 1, oof[f"p_{f}"] >= bundle.thresholds[f]
+        assert metrics["per_finding"][f] == {"tp": int((positive & flagged).sum()), "fn": int((positive & ~flagged).sum())}
+    assert "not for clinical use" in bundle.manifest["intended_use"]

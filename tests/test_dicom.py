@@ -12,7 +12,7 @@ from cxr_batch.preprocess import eval_transform
 from cxr_batch.readers import read_pil, read_study
 from cxr_batch.study import ReadError, ScoringRules, SkipStudy
 
-from .conftest import BUNDLED
+from .conftest import V1_BUNDLE
 from .dicomgen import grey, have, run, write
 
 RULES = ScoringRules()
@@ -20,7 +20,7 @@ RULES = ScoringRules()
 
 @pytest.fixture(scope="module")
 def bundle():
-    return load_bundle(BUNDLED)
+    return load_bundle(V1_BUNDLE)
 
 
 def probs(bundle, g, tab=(0.57, 0.0, 1.0)):

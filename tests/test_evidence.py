@@ -13,7 +13,7 @@ from cxr_batch.model import build_model
 from cxr_batch.patient import PatientEncoding
 from cxr_batch.preprocess import Preprocessing
 
-from .conftest import BUNDLED
+from .conftest import V1_BUNDLE
 
 
 def manifest_with(**metrics) -> dict:
@@ -56,22 +56,31 @@ def test_cross_validated_metrics_say_how_the_images_were_held_out():
     assert "(" not in bundle_evidence(manifest_with(test_n=480, test_mean_auc=0.7, test_how=" ")).summary()
 
 
+@pytest.mark.parametrize("training, images", [
+    ({"data": {"images": 480}}, 480),  # trained on every image it had (v2)
+    ({"data": {"images": {"train": 329, "val": 55}}}, 329),  # a split (v1)
+    ({"data": {"images": "many"}}, None), ({"data": 3}, None), ([], None), (None, None),
+])
+def test_training_size_is_read_from_either_manifest_shape(training, images):
+    assert bundle_evidence({**manifest_with(), "training": training}).train_images == images
+
+
 def test_bundled_weights_evidence_from_their_training_run():
     """v1 predates the manifest fields: the counts come from its training_run files, which
     were evaluated at the manifest's thresholds on its test images."""
-    manifest = json.loads((BUNDLED / "manifest.json").read_text())
-    ev = bundle_evidence(manifest, BUNDLED)
+    manifest = json.loads((V1_BUNDLE / "manifest.json").read_text())
+    ev = bundle_evidence(manifest, V1_BUNDLE)
     assert "not for clinical use" in ev.intended_use
     assert ev.images == manifest["metrics"]["test_n"]
-    with open(next((BUNDLED / "training_run").glob("validation_metrics_*.csv")), newline="") as f:
+    with open(next((V1_BUNDLE / "training_run").glob("validation_metrics_*.csv")), newline="") as f:
         row = next(r for r in csv.DictReader(f) if r["finding"] == "Pneumothorax")
     tp, fn = int(float(row["tp"])), int(float(row["fn"]))
     assert f"flagged {tp} of {tp + fn} held-out images" in ev.sensitivity("Pneumothorax")
 
 
 def test_training_run_counts_at_other_thresholds_are_not_used(tmp_path):
-    shutil.copytree(BUNDLED / "training_run", tmp_path / "training_run")
-    manifest = json.loads((BUNDLED / "manifest.json").read_text())
+    shutil.copytree(V1_BUNDLE / "training_run", tmp_path / "training_run")
+    manifest = json.loads((V1_BUNDLE / "manifest.json").read_text())
     manifest["thresholds"]["Pneumothorax"] = 0.4  # the bundle's operating point moved after that evaluation
     ev = bundle_evidence(manifest, tmp_path)
     assert ev.counts == {} and "not measured" in ev.sensitivity("Pneumothorax")

@@ -27,7 +27,7 @@ from cxr_batch.reports import (ModelInfo, ReportOptions, _fonts, _styles, fitted
 from cxr_batch.results import read_results
 from cxr_batch.scan import ScanConfig, run_scan
 
-from .conftest import BUNDLED, REPO
+from .conftest import V1_BUNDLE, REPO
 from .dicomgen import have, run
 
 EXAMPLES = REPO / "examples"
@@ -105,7 +105,7 @@ def test_every_report_is_one_page_with_identifiers_findings_and_statements(examp
     out, summary, rows = example_scan
     assert summary.counts["ok"] == 6
     bundle = load_bundle()
-    thin_evidence, thresholds = bundle_evidence(bundle.manifest, BUNDLED).problem is not None, bundle.thresholds
+    thin_evidence, thresholds = bundle_evidence(bundle.manifest, V1_BUNDLE).problem is not None, bundle.thresholds
     for row in rows:
         path = out / "reports" / row["report"]
         assert path.exists() and stat.S_IMODE(path.stat().st_mode) == 0o640
