@@ -3,6 +3,7 @@ PDF reports (``--dicom-pdf``), each with proper file meta and new UIDs."""
 
 from __future__ import annotations
 
+import copy
 import datetime as dt
 from pathlib import Path
 
@@ -76,7 +77,7 @@ def save(ds: Dataset, path: Path, transfer_syntax: UID = ExplicitVRLittleEndian)
     through Pillow (quality 95; pydicom has no encoder for it)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    ds = ds.copy()
+    ds = copy.deepcopy(ds)  # the caller's dataset (file meta included) stays as it was: one dataset, many syntaxes
     transfer_syntax = UID(transfer_syntax)
     if transfer_syntax == JPEGBaseline8Bit:
         import io

@@ -99,6 +99,9 @@ def collate(items: list[Loaded]) -> Batch:
     return Batch([it.record for it in items], ok, images, tabular)
 
 
+SWITCH_AFTER = 64  # images scored in reduced precision before judging whether re-scoring pays
+
+
 class Engine:
     """The bundle's model on a device under a precision policy, with the bundle's calibration.
 
@@ -115,6 +118,8 @@ class Engine:
         self.model = bundle.model.to(policy.device, memory_format=torch.channels_last).eval()
         self.thresholds = torch.tensor(bundle.threshold_vector(), dtype=torch.float32)
         self.refined = 0  # images re-scored in float32, for the run log
+        self.scored = 0  # images scored at the policy's precision
+        self.fp32_from = None  # images scored when re-scoring stopped paying and float32 took over
 
     @torch.inference_mode()
     def logits(self, images: torch.Tensor, tabular: torch.Tensor, exact: bool = False) -> torch.Tensor:
@@ -132,14 +137,27 @@ class Engine:
 
     @torch.inference_mode()
     def score(self, images: torch.Tensor, tabular: torch.Tensor) -> torch.Tensor:
-        """Calibrated logits [B, 14], those of images near a threshold re-scored in float32."""
+        """Calibrated logits [B, 14], those of images near a threshold re-scored in float32.
+
+        When more than half of the images have needed re-scoring (after at least
+        ``SWITCH_AFTER``), reduced precision costs more than float32 alone would (a bundle whose
+        probabilities sit near its thresholds, as v2's do): the rest of the run is scored in
+        float32 directly, with the same flags."""
+        if self.policy.precision == "fp32" or self.refine_margin <= 0:
+            return self.logits(images, tabular)
+        if self.fp32_from is not None:
+            return self.logits(images, tabular, exact=True)
         z = self.logits(images, tabular)
-        if self.policy.precision != "fp32" and self.refine_margin > 0:
-            near = ((torch.sigmoid(z) - self.thresholds).abs() < self.refine_margin).any(dim=1)
-            if near.any():
-                idx = near.nonzero().flatten()
-                z[idx] = self.logits(images[idx.to(images.device)], tabular[idx.to(tabular.device)], exact=True)
-                self.refined += len(idx)
+        self.scored += len(z)
+        near = ((torch.sigmoid(z) - self.thresholds).abs() < self.refine_margin).any(dim=1)
+        if near.any():
+            idx = near.nonzero().flatten()
+            z[idx] = self.logits(images[idx.to(images.device)], tabular[idx.to(tabular.device)], exact=True)
+            self.refined += len(idx)
+        if self.scored >= SWITCH_AFTER and self.refined > self.scored / 2:
+            self.fp32_from = self.scored
+            log.info("%d of %d images needed float32 re-scoring: float32 from now on (faster here)",
+                     self.refined, self.scored)
         return z
 
     def probabilities(self, images: torch.Tensor, tabular: torch.Tensor) -> np.ndarray:

@@ -160,7 +160,7 @@ def _scan(studies: Path, out: Path, cfg: ScanConfig, bundle, policy, options, re
         "device": policy.describe(), "precision": policy.precision, "config": to_plain(cfg),
         "files_found": files_found, "counts": dict(summary.counts), "priorities": dict(summary.priorities),
         "scored_without_patient_data": summary.without_patient_data, "validation_evidence_problem": evidence_problem,
-        "seconds": round(summary.seconds, 3), "refined_in_fp32": engine.refined,
+        "seconds": round(summary.seconds, 3), "refined_in_fp32": engine.refined, "fp32_after_images": engine.fp32_from,
     }
     if cfg.dicom_sr:
         run_info["dicom_sr_written"] = summary.srs

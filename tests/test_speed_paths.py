@@ -34,6 +34,24 @@ def test_bf16_probabilities_close_to_fp32_and_flags_identical(real_batch):
     assert np.abs(p16 - p32).max() <= 0.01 and fast.refined < len(x)
 
 
+def test_reduced_precision_gives_way_to_fp32_when_re_scoring_does_not_pay(real_batch):
+    """v2's probabilities sit near its thresholds: most images need re-scoring, so after 64
+    images the engine scores in float32 directly, with exactly the float32 flags throughout."""
+    bundle, x, t = real_batch
+    p32 = Engine(bundle, RunPolicy(torch.device("cpu"), "fp32")).probabilities(x, t)
+    fast = Engine(bundle, RunPolicy(torch.device("cpu"), "bf16"))
+    got = np.concatenate([fast.probabilities(x[i:i + 16], t[i:i + 16]) for i in range(0, len(x), 16)] +
+                         [fast.probabilities(x[:16], t[:16])])
+    thr = np.array(bundle.threshold_vector())
+    want = np.concatenate([p32, p32[:16]])
+    assert ((got >= thr) == (want >= thr)).all()
+    assert fast.refined > fast.scored / 2 and fast.fp32_from == 64 and fast.scored == 64
+    np.testing.assert_allclose(got[64:], want[64:], atol=1e-6)  # float32 itself after the switch
+    never = Engine(bundle, RunPolicy(torch.device("cpu"), "bf16"), refine_margin=0.0)
+    never.probabilities(x, t)
+    assert never.fp32_from is None  # without re-scoring there is nothing to judge
+
+
 def test_precision_policy():
     cpu = torch.device("cpu")
     assert pick_precision(cpu, "auto") == ("bf16" if cpu_has_native_bf16() else "fp32")
