@@ -191,6 +191,17 @@ def check_thresholds(thresholds, where) -> None:
             raise BundleError(f"{where}: threshold for {f} is {t!r}; it must be a number strictly between 0 and 1")
 
 
+def refuse_output_in_bundle(out: Path, bundle: Path, what: str = "--out") -> None:
+    """Results never go into a weights bundle: not the bundle folder, not inside it, not the
+    folder that holds bundles (``weights/``). Raises BundleError."""
+    out, bundle = Path(out).resolve(), Path(bundle).resolve()
+    if out == bundle or bundle in out.parents:
+        raise BundleError(f"{what} {out} is the weights bundle {bundle} or inside it: a bundle is never written to")
+    if out == bundle.parent:
+        raise BundleError(f"{what} {out} is the folder that holds the weights bundle {bundle.name}: "
+                          f"choose a folder of its own")
+
+
 def load_bundle(folder: Path | str | None = None) -> Bundle:
     """Load and verify a bundle (default: the bundled weights). Raises BundleError."""
     folder = Path(folder) if folder is not None else DEFAULT_BUNDLE

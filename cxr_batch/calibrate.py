@@ -100,6 +100,7 @@ def check_destination(out: Path, base: Path) -> None:
     out, base = out.resolve(), base.resolve()
     if out == base or base in out.parents:
         raise BundleError(f"--out {out} is the base bundle or inside it; the base bundle is never changed")
+    # a new bundle beside the base (weights/NEW) is fine: only the base itself is protected
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise BundleError(f"--out {out} already exists and is not an empty folder; choose a new folder")
 
@@ -111,7 +112,10 @@ def write_bundle(base: Bundle, out: Path, manifest: dict) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
     try:
-        shutil.copyfile(base.path / base.manifest.get("weights_file", WEIGHTS_FILE), tmp / WEIGHTS_FILE)
+        try:
+            shutil.copyfile(base.path / base.manifest.get("weights_file", WEIGHTS_FILE), tmp / WEIGHTS_FILE)
+        except OSError as e:  # name the destination (disk full there), not the base bundle's file
+            raise OSError(e.errno, e.strerror, str(tmp / WEIGHTS_FILE)) from None
         if sha256_file(tmp / WEIGHTS_FILE) != base.manifest["sha256"]:
             raise BundleError("the copied weights differ from the base bundle's; nothing written")
         manifest = {**manifest, "weights_file": WEIGHTS_FILE}
@@ -171,13 +175,14 @@ def provenance_record(base: Bundle, labels: LabelTable, studies: Path, report: F
         "date": date.isoformat(timespec="seconds"),
         "tool": f"cxr-batch {__version__} calibrate",
         "command": " ".join(sys.argv),
-        "metrics_note": "'metrics' are the base bundle's, measured before this calibration; AUROC is unchanged by it "
+        "metrics_note": "'metrics' are the base bundle's, measured before this calibration, without its per-finding "
+                        "counts (measured at its thresholds); AUROC is unchanged by calibration "
                         "(slopes are positive), thresholds and flags are not",
     }
 
 
 def summary_lines(report: FitReport, calibration: Calibration, base: Bundle, thresholds: dict) -> list[str]:
-    verdict = "findings may move" if report.accepted else "nothing moves"
+    verdict = "findings may move" if report.accepted else "no calibration changes"
     lines = [f"held-out log-loss gain over all findings {report.pooled_gain:.4f} per image (standard error "
              f"{report.pooled_se:.4f}, needs > {MARGIN_SE:g} of them): {verdict}"]
     for k, fit in enumerate(report.fits):
@@ -185,6 +190,11 @@ def summary_lines(report: FitReport, calibration: Calibration, base: Bundle, thr
         status = fit.record()["status"]
         lines.append(f"{fit.finding:<19} {fit.positives:>4}/{fit.n:<5} {params:<30} threshold "
                      f"{base.thresholds[fit.finding]:.3f} -> {thresholds[fit.finding]:.4f}  {status}")
+    if not any(fit.changed for fit in report.fits):
+        moved = sum(thresholds[f] != base.thresholds[f] for f in FINDINGS)
+        lines.append("no finding's calibration changed; " + (
+            f"{moved} threshold(s) moved" if moved else "no threshold moved either: the new bundle scores and flags "
+                                                        "exactly as the base bundle does"))
     return lines
 
 
@@ -206,7 +216,10 @@ def run_calibrate(studies: Path, labels: LabelTable, out: Path, opts: CalibrateO
 
     date = datetime.datetime.now(datetime.timezone.utc)
     version = opts.version or f"{base.version}+site.{date:%Y%m%d}.{labels.sha256[:8]}"
-    manifest = {**base.manifest, "version": version, "thresholds": thresholds,
+    # the base's per-finding counts were measured at its thresholds on its probabilities: at the
+    # new ones they would print a sensitivity nobody measured on every report
+    base_metrics = {k: v for k, v in (base.manifest.get("metrics") or {}).items() if k != "per_finding"}
+    manifest = {**base.manifest, "version": version, "thresholds": thresholds, "metrics": base_metrics,
                 "calibration": calibration_record(report, calibration, opts, enough, scores),
                 "provenance": provenance_record(base, labels, studies, report, date)}
     written = write_bundle(base, Path(out), manifest)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import warnings
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -20,6 +21,7 @@ import pandas as pd
 
 from .findings import FINDINGS, NO_FINDING
 from .metadata import NIH_COLUMNS
+from .study import clean_text
 
 FILE_COLUMN, LABEL_COLUMN, PATIENT_COLUMN = "Image Index", "Finding Labels", "Patient ID"
 
@@ -56,8 +58,15 @@ class LabelTable:
         return {name: i for i, name in enumerate(self.files)}
 
 
+def shown(name: str, limit: int = 80) -> str:
+    """A file name from a labels table as a terminal may print it: control characters (escape
+    sequences, newlines that forge output lines) removed, at most ``limit`` characters."""
+    text = clean_text(name, limit + 1)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 def _problem_rows(mask: pd.Series, names: pd.Series, limit: int = 5) -> str:
-    rows = [f"row {i + 2} ({names[i]})" for i in np.flatnonzero(mask.to_numpy())[:limit]]  # +2: header, 1-based
+    rows = [f"row {i + 2} ({shown(names.iloc[i])})" for i in np.flatnonzero(mask.to_numpy())[:limit]]  # +2: header, 1-based
     more = int(mask.sum()) - len(rows)
     return ", ".join(rows) + (f" and {more} more" if more > 0 else "")
 
@@ -67,8 +76,13 @@ def read_labels(path: Path | str) -> LabelTable:
     path = Path(path)
     try:
         raw = path.read_bytes()  # read once: the hash recorded is of exactly what was parsed
-        table = pd.read_csv(io.BytesIO(raw), dtype=str, keep_default_na=False,
-                            compression="gzip" if path.suffix == ".gz" else None)
+        # index_col=False: a data row with a trailing comma must not turn the first column
+        # into the index (every column would shift by one); what lies beyond the header's
+        # columns has no name and is not read (pandas warns about it; nothing is lost here)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", pd.errors.ParserWarning)
+            table = pd.read_csv(io.BytesIO(raw), dtype=str, keep_default_na=False, index_col=False,
+                                compression="gzip" if path.suffix == ".gz" else None)
     except FileNotFoundError:
         raise LabelsError(f"labels file {path} does not exist") from None
     except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
@@ -141,8 +155,8 @@ def mismatch_lines(summary: dict) -> list[str]:
                         ("label rows have no file", summary["labels_without_file"]),
                         ("file names occur more than once (left out)", summary["ambiguous_names"])):
         if items:
-            shown = ", ".join(items[:5]) + (f" and {len(items) - 5} more" if len(items) > 5 else "")
-            out.append(f"{len(items)} {what}: {shown}")
+            listed = ", ".join(shown(item) for item in items[:5]) + (f" and {len(items) - 5} more" if len(items) > 5 else "")
+            out.append(f"{len(items)} {what}: {listed}")
     return out
 
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import exit_codes
-from .bundle import load_bundle
+from .bundle import load_bundle, refuse_output_in_bundle
 from .files import atomic_write_bytes, private_dir
 from .config import ConfigError, to_plain
 from .discover import find_candidates
@@ -90,6 +90,7 @@ def run_scan(studies: Path, out: Path, cfg: ScanConfig = ScanConfig()) -> ScanSu
     # the reading workers start while the model loads
     with StudyReader(workers, cfg.scoring, options.limits) as reader:
         bundle = load_bundle(cfg.weights)
+        refuse_output_in_bundle(out, bundle.path)
         log.info("model %s (bundle sha256 %s...) on %s", bundle.label, bundle.sha256[:12], policy.describe())
         evidence = bundle_evidence(bundle.manifest, bundle.path)
         if evidence.problem:

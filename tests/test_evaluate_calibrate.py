@@ -14,10 +14,11 @@ from click.testing import CliRunner
 from scipy.special import expit, logit
 from sklearn.metrics import roc_auc_score
 
-from cxr_batch.bundle import load_bundle
+from cxr_batch.bundle import load_bundle, write_manifest
 from cxr_batch.calibrate import CalibrateOptions, run_calibrate
 from cxr_batch.cli import main
 from cxr_batch.evaluate import run_evaluate
+from cxr_batch.evidence import bundle_evidence
 from cxr_batch.findings import FINDINGS
 from cxr_batch.labels import read_labels
 from cxr_batch.results import read_results
@@ -110,6 +111,9 @@ def test_calibrate_on_half_the_patients_helps_the_other_half(tmp_path, nih, nih_
     are rare: clearly miscalibrated."""
     base = tmp_path / "base"
     shutil.copytree(small_bundle, base)
+    sealed = json.loads((base / "manifest.json").read_text())  # counts measured at the base's thresholds
+    sealed["metrics"] = {**sealed.get("metrics", {}), "per_finding": {f: {"tp": 3, "fn": 1} for f in FINDINGS}}
+    write_manifest(base, sealed)
     before = file_hashes(base)
     half_a = folder_of(tmp_path, nih_images[:60], "a")
     half_b = folder_of(tmp_path, nih_images[60:100], "b")  # one image per patient: halves by patient
@@ -126,6 +130,7 @@ def test_calibrate_on_half_the_patients_helps_the_other_half(tmp_path, nih, nih_
     assert fitted, "an intercept shift from 0.5 to the prevalence must pass cross-validation"
     kept = [r for r in new.manifest["calibration"]["per_finding"].values() if r["status"].startswith("kept")]
     assert all(r["positives"] < 5 or "no clear gain" in r["status"] for r in kept)
+    assert bundle_evidence(new.manifest).counts == {}  # reports say "not measured", not the base's sensitivity
     prov = new.manifest["provenance"]
     assert prov["labels"]["sha256"] == labels.sha256 and prov["base"]["bundle_sha256"] == old.sha256
     assert prov["n_per_finding"]["Infiltration"]["n"] == 60 and prov["date"]
@@ -160,6 +165,20 @@ def test_calibrate_never_writes_over_a_bundle_and_checks_its_options(tmp_path, n
                          "--thresholds", "sensitivity:0.9", "--method", "temperature")
     assert code == 0, err[-2000:]
     assert "kept: 0 positives (needs 10)" in err  # 6 studies: nothing moves, and it says so
+    assert "no threshold moved either: the new bundle scores and flags exactly as the base bundle does" in err
     manifest = json.loads((tmp_path / "new" / "manifest.json").read_text())
     assert manifest["thresholds"] == load_bundle(small_bundle).thresholds
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_results_never_go_into_a_weights_bundle(tmp_path, nih, studies, small_bundle):
+    bundle = tmp_path / "weights" / "mine"
+    shutil.copytree(small_bundle, bundle)
+    before = file_hashes(bundle)
+    common = ["--labels", nih / "labels.csv", "--device", "cpu", "--workers", 0, "--weights", bundle]
+    for out in (bundle, bundle / "eval", bundle.parent):
+        code, err = cli_here("evaluate", studies, *common, "--out", out)
+        assert code == 1 and ("a bundle is never written to" in err or "holds the weights bundle" in err), err
+    code, err = cli_here("scan", studies, "--weights", bundle, "--device", "cpu", "--out", bundle.parent)
+    assert code == 1 and "choose a folder of its own" in err
+    assert file_hashes(bundle) == before and sorted(p.name for p in bundle.parent.iterdir()) == ["mine"]

@@ -86,3 +86,19 @@ def test_matching_by_file_name_reports_every_mismatch(tmp_path):
     assert m.labels_without_file == ["f.png"] and m.ambiguous == ["e.png"]
     assert len(m.problems()) == 4
     np.testing.assert_array_equal(labels.y[0], np.eye(14, dtype=np.uint8)[FINDINGS.index("Mass")])
+
+
+def test_trailing_commas_do_not_shift_the_columns(tmp_path):
+    """Spreadsheets often export a trailing comma on every data row: the header has fewer
+    fields than the rows, and pandas would make the first column the index."""
+    labels = read_labels(write(tmp_path, ["a.png,Mass,0,7,50,M,PA,", "b.png,No Finding,0,8,40,F,AP,"]))
+    assert labels.files == ["a.png", "b.png"] and labels.patient_ids == ["7", "8"]
+    assert labels.y[0, FINDINGS.index("Mass")] == 1 and labels.y[1].sum() == 0
+
+
+def test_label_names_are_printed_without_control_characters_and_cut(tmp_path):
+    hostile = "\x1b]0;PWNED\x07evil\nFAKE: all studies normal" + "x" * 10_000 + ".png"
+    labels = read_labels(write(tmp_path, [f'"{hostile}",Mass,0,7,50,M,PA']))
+    [line] = match_labels([], labels).problems()
+    assert "\x1b" not in line and "\n" not in line and "\x07" not in line
+    assert line.startswith("1 label rows have no file: ]0;PWNEDevilFAKE: all studies normal") and len(line) < 150

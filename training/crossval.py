@@ -164,6 +164,15 @@ def image_logits(model, images: np.ndarray, prep: Preprocessing, unknown: float,
     return np.concatenate(out) if out else np.zeros((0, len(FINDINGS)), np.float32)
 
 
+def _as_tensors(snaps: dict) -> dict:
+    """Snapshot logits as tensors, so that a checkpoint loads with ``weights_only=True``."""
+    return {e: {k: torch.from_numpy(np.ascontiguousarray(a)) for k, a in d.items()} for e, d in snaps.items()}
+
+
+def _as_arrays(snaps: dict) -> dict:
+    return {e: {k: t.numpy() for k, t in d.items()} for e, d in snaps.items()}
+
+
 def atomic_save(obj, path: Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
     torch.save(obj, tmp)
@@ -188,13 +197,13 @@ def train_model(images: np.ndarray, y: np.ndarray, v: Variant, seed: int, folder
     start, history, snaps = 0, [], {}
     ckpt_path = folder / "checkpoint.pt"
     if ckpt_path.exists():
-        ck = torch.load(ckpt_path, weights_only=False)
+        ck = torch.load(ckpt_path, weights_only=True)  # data only: a planted checkpoint cannot run code
         model.load_state_dict(ck["model"])
         optimizer.load_state_dict(ck["optimizer"])
         ema.load_state_dict(ck["ema"])
         gen.set_state(ck["generator"])
         torch.set_rng_state(ck["torch_rng"])
-        start, history, snaps = ck["epoch"], ck["history"], ck["snapshots"]
+        start, history, snaps = ck["epoch"], ck["history"], _as_arrays(ck["snapshots"])
         log.info("%s: resumed after epoch %d", folder, start)
     n, bs = len(images), v.batch_size
     steps = max(1, n // bs)  # drop the last partial batch (BatchNorm on a handful of images is noisy)
@@ -235,7 +244,7 @@ def train_model(images: np.ndarray, y: np.ndarray, v: Variant, seed: int, folder
         log.info("%s epoch %d/%d loss %.4f %.1fs", folder.name, epoch + 1, v.epochs, row["train_loss"], row["seconds"])
         atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "ema": ema.state_dict(),
                      "generator": gen.get_state(), "torch_rng": torch.get_rng_state(), "epoch": epoch + 1,
-                     "history": history, "snapshots": snaps}, ckpt_path)
+                     "history": history, "snapshots": _as_tensors(snaps)}, ckpt_path)
     return {"history": history, "snapshots": snaps, "model": model, "ema": ema.module}
 
 
