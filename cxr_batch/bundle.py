@@ -152,9 +152,12 @@ def read_manifest(folder: Path) -> dict:
         raise BundleError(f"weights bundle {folder} has no {MANIFEST_FILE}") from None
     except (ValueError, UnicodeDecodeError) as e:
         raise BundleError(f"{folder / MANIFEST_FILE} is not valid JSON: {e}") from None
+    if not isinstance(manifest, dict):
+        raise BundleError(f"{folder / MANIFEST_FILE} is not a JSON object")
     for key in ("findings", "model_config", "preprocessing", "patient_encoding", "thresholds", "sha256"):
         if key not in manifest:
             raise BundleError(f"{folder / MANIFEST_FILE} lacks '{key}'")
+    check_types(manifest, folder / MANIFEST_FILE)
     if manifest.get("architecture", ARCHITECTURE) != ARCHITECTURE:
         raise BundleError(f"bundle architecture {manifest['architecture']!r} is not {ARCHITECTURE!r}")
     if list(manifest["findings"]) != list(FINDINGS):
@@ -166,6 +169,20 @@ def read_manifest(folder: Path) -> dict:
         except CalibrationError as e:
             raise BundleError(f"{folder / MANIFEST_FILE}: {e}") from None
     return manifest
+
+
+# The manifest's parts and the JSON type each must have (optional ones only when present).
+MANIFEST_TYPES = {"findings": list, "model_config": dict, "preprocessing": dict, "patient_encoding": dict,
+                  "thresholds": dict, "sha256": str, "metrics": dict, "training": dict, "calibration": dict,
+                  "intended_use": str, "name": str, "version": str, "weights_file": str}
+_TYPE_NAMES = {list: "a list", dict: "a table (JSON object)", str: "a string"}
+
+
+def check_types(manifest: dict, where) -> None:
+    """Every part of the manifest has its JSON type: a wrong one is named, never a crash later."""
+    for key, kind in MANIFEST_TYPES.items():
+        if key in manifest and not isinstance(manifest[key], kind):
+            raise BundleError(f"{where}: '{key}' must be {_TYPE_NAMES[kind]}, not {type(manifest[key]).__name__}")
 
 
 def manifest_sha256(manifest: dict) -> str:
@@ -191,14 +208,22 @@ def check_thresholds(thresholds, where) -> None:
             raise BundleError(f"{where}: threshold for {f} is {t!r}; it must be a number strictly between 0 and 1")
 
 
+def is_bundle(folder: Path) -> bool:
+    return (folder / MANIFEST_FILE).is_file() and (folder / WEIGHTS_FILE).is_file()
+
+
 def refuse_output_in_bundle(out: Path, bundle: Path, what: str = "--out") -> None:
-    """Results never go into a weights bundle: not the bundle folder, not inside it, not the
-    folder that holds bundles (``weights/``). Raises BundleError."""
+    """Results never go into a weights bundle: not into any bundle folder (the one in use or
+    another) or a folder inside one, not into the folder that holds the bundle in use, not into
+    the shipped ``weights/`` folder or a new folder there. Raises BundleError."""
     out, bundle = Path(out).resolve(), Path(bundle).resolve()
-    if out == bundle or bundle in out.parents:
-        raise BundleError(f"{what} {out} is the weights bundle {bundle} or inside it: a bundle is never written to")
-    if out == bundle.parent:
-        raise BundleError(f"{what} {out} is the folder that holds the weights bundle {bundle.name}: "
+    for folder in (out, *out.parents):
+        if folder == bundle or is_bundle(folder):
+            raise BundleError(f"{what} {out} is the weights bundle {folder} or inside it: a bundle is never written to")
+    shipped = DEFAULT_BUNDLE.resolve().parent  # weights/: no results there, nor in a new folder there
+    holder = out if out in (shipped, bundle.parent) else shipped if out.parent == shipped else None
+    if holder is not None:
+        raise BundleError(f"{what} {out} is in the folder that holds weights bundles ({holder}): "
                           f"choose a folder of its own")
 
 
@@ -222,9 +247,18 @@ def load_bundle(folder: Path | str | None = None) -> Bundle:
     if manifest_sha256(manifest) != recorded:
         raise BundleError(f"{folder / MANIFEST_FILE} fails its checksum (bundle_sha256 {recorded}): the manifest "
                           f"was edited after the bundle was made; refusing to use it")
+    where = folder / MANIFEST_FILE
+    settings = {}
+    for key, parse in (("model_config", ModelConfig.from_dict), ("preprocessing", Preprocessing.from_dict),
+                       ("patient_encoding", PatientEncoding.from_dict)):
+        try:
+            settings[key] = parse(manifest[key])
+        except (KeyError, TypeError, ValueError, AttributeError) as e:  # ConfigError is a ValueError
+            what = f"lacks {e}" if isinstance(e, KeyError) else str(e)
+            raise BundleError(f"{where}: '{key}' is not valid: {what}") from None
     try:
         state = torch.load(weights_path, map_location="cpu", weights_only=True)
-        model = CxrFusionNet(ModelConfig.from_dict(manifest["model_config"]))
+        model = CxrFusionNet(settings["model_config"])
         model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
     except Exception as e:  # a bad pickle or a shape mismatch: the bundle is unusable
         raise BundleError(f"weights file {weights_path} cannot be loaded into the model: {e}") from None
@@ -234,8 +268,8 @@ def load_bundle(folder: Path | str | None = None) -> Bundle:
         model=model,
         name=manifest.get("name", folder.name),
         version=str(manifest.get("version", "")),
-        preprocessing=Preprocessing.from_dict(manifest["preprocessing"]),
-        encoding=PatientEncoding.from_dict(manifest["patient_encoding"]),
+        preprocessing=settings["preprocessing"],
+        encoding=settings["patient_encoding"],
         thresholds=thresholds,
         sha256=recorded,
         manifest=manifest,

@@ -99,10 +99,12 @@ def _finite(value) -> float | None:
 
 
 def _counts_from_manifest(metrics: dict) -> dict[str, FindingCounts]:
-    table = metrics.get("per_finding") or {}
+    table = metrics.get("per_finding")
+    table = table if isinstance(table, dict) else {}
     out = {}
     for f in FINDINGS:
-        row = table.get(f) or {}
+        row = table.get(f)
+        row = row if isinstance(row, dict) else {}
         if isinstance(row.get("tp"), int) and isinstance(row.get("fn"), int):
             out[f] = FindingCounts(row["tp"], row["fn"])
     return out
@@ -138,7 +140,8 @@ def _train_images(manifest: dict) -> int | None:
 def bundle_evidence(manifest: dict, folder: Path | None = None) -> Evidence:
     """The intended use and validation evidence of a bundle, from its manifest (and, for older
     bundles, its ``training_run/`` folder)."""
-    metrics = manifest.get("metrics") or {}
+    metrics = manifest.get("metrics")
+    metrics = metrics if isinstance(metrics, dict) else {}  # load_bundle refuses other types
     images = metrics.get("test_n")
     images = images if isinstance(images, int) and not isinstance(images, bool) else None
     ci = metrics.get("test_mean_auc_ci95")

@@ -233,6 +233,30 @@ def test_an_edited_manifest_is_refused(bundle_copy):
     assert load_bundle(bundle_copy).sha256 != good.sha256
 
 
+@pytest.mark.parametrize("key, value, message", [
+    ("metrics", 5, "'metrics' must be a table"), ("training", "x", "'training' must be a table"),
+    ("intended_use", 3, "'intended_use' must be a string"), ("patient_encoding", "x", "'patient_encoding' must be"),
+    ("preprocessing", [64], "'preprocessing' must be"), ("model_config", "x", "'model_config' must be"),
+    ("calibration", "x", "'calibration' must be"),
+])
+def test_a_manifest_part_of_the_wrong_type_is_named(bundle_copy, key, value, message):
+    edit(bundle_copy, lambda m: m.update({key: value}), reseal=True)
+    with pytest.raises(BundleError, match=message):
+        load_bundle(bundle_copy)
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda m: m["preprocessing"].update(image_size=0), "'preprocessing' is not valid: .*image_size"),
+    (lambda m: m["preprocessing"].pop("mean"), "'preprocessing' is not valid: lacks 'mean'"),
+    (lambda m: m["patient_encoding"].update(view_codes=[1]), "'patient_encoding' is not valid"),
+    (lambda m: m["model_config"].update(fpn_channels="wide"), "'model_config' is not valid"),
+])
+def test_invalid_settings_in_a_manifest_are_named(bundle_copy, change, message):
+    edit(bundle_copy, change, reseal=True)
+    with pytest.raises(BundleError, match=message):
+        load_bundle(bundle_copy)
+
+
 @pytest.mark.parametrize("value", [1.0, 0.0, -5, math.nan, "0.5", None])
 def test_thresholds_must_be_numbers_strictly_between_0_and_1(bundle_copy, value):
     edit(bundle_copy, lambda m: m["thresholds"].update(Edema=value), reseal=True)

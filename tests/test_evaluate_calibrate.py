@@ -176,9 +176,16 @@ def test_results_never_go_into_a_weights_bundle(tmp_path, nih, studies, small_bu
     shutil.copytree(small_bundle, bundle)
     before = file_hashes(bundle)
     common = ["--labels", nih / "labels.csv", "--device", "cpu", "--workers", 0, "--weights", bundle]
-    for out in (bundle, bundle / "eval", bundle.parent):
+    other = tmp_path / "elsewhere" / "theirs"  # a bundle that is not the one in use
+    shutil.copytree(small_bundle, other)
+    for out in (bundle, bundle / "eval", bundle.parent, other, other / "run" / "x"):
         code, err = cli_here("evaluate", studies, *common, "--out", out)
-        assert code == 1 and ("a bundle is never written to" in err or "holds the weights bundle" in err), err
+        assert code == 1 and ("a bundle is never written to" in err or "holds weights bundles" in err), (out, err)
     code, err = cli_here("scan", studies, "--weights", bundle, "--device", "cpu", "--out", bundle.parent)
     assert code == 1 and "choose a folder of its own" in err
     assert file_hashes(bundle) == before and sorted(p.name for p in bundle.parent.iterdir()) == ["mine"]
+    from cxr_batch.bundle import DEFAULT_BUNDLE
+
+    code, err = cli_here("scan", studies, "--weights", bundle, "--device", "cpu", "--out", DEFAULT_BUNDLE.parent / "new")
+    assert code == 1 and "holds weights bundles" in err and not (DEFAULT_BUNDLE.parent / "new").exists()
+    assert sorted(p.name for p in other.iterdir()) == sorted(p.name for p in small_bundle.iterdir())

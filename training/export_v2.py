@@ -161,6 +161,8 @@ def main(argv=None) -> None:
                       "../shared/data/nih/labels.csv --cv runs/cv --config training/configs/v2.toml "
                       "--out runs/final --bundle weights/cxr-fpn-v2"},
         "final_training_seconds_by_process": seconds,
+        # each finding's share of the 480 training images: evaluate's training-prevalence Brier baseline
+        "prevalence": {f: float(v) for f, v in zip(FINDINGS, y.mean(axis=0))},
     }
     metrics = {
         "evaluation": "5-fold patient-level cross-validation on the 480 shared images, out-of-fold; "
