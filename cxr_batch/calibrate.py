@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import datetime
 import logging
+import math
 import os
 import shutil
 import sys
@@ -183,13 +184,16 @@ def provenance_record(base: Bundle, labels: LabelTable, studies: Path, report: F
 
 def summary_lines(report: FitReport, calibration: Calibration, base: Bundle, thresholds: dict) -> list[str]:
     verdict = "findings may move" if report.accepted else "no calibration changes"
-    lines = [f"held-out log-loss gain over all findings {report.pooled_gain:.4f} per image (standard error "
-             f"{report.pooled_se:.4f}, needs > {MARGIN_SE:g} of them): {verdict}"]
+    if math.isfinite(report.pooled_se):
+        lines = [f"held-out log-loss gain over all findings {report.pooled_gain:.4f} per image (standard error "
+                 f"{report.pooled_se:.4f}, needs > {MARGIN_SE:g} of them): {verdict}"]
+    else:  # no finding had enough positive and negative studies to be cross-validated
+        lines = ["no finding has enough positive and negative studies to fit a calibration: no calibration changes"]
     for k, fit in enumerate(report.fits):
         params = ", ".join(f"{key} {value:.3f}" for key, value in calibration.entry(k).items())
         status = fit.record()["status"]
         lines.append(f"{fit.finding:<19} {fit.positives:>4}/{fit.n:<5} {params:<30} threshold "
-                     f"{base.thresholds[fit.finding]:.3f} -> {thresholds[fit.finding]:.4f}  {status}")
+                     f"{base.thresholds[fit.finding]:.4f} -> {thresholds[fit.finding]:.4f}  {status}")
     if not any(fit.changed for fit in report.fits):
         moved = sum(thresholds[f] != base.thresholds[f] for f in FINDINGS)
         lines.append("no finding's calibration changed; " + (

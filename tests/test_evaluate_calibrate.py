@@ -166,6 +166,7 @@ def test_calibrate_never_writes_over_a_bundle_and_checks_its_options(tmp_path, n
     assert code == 0, err[-2000:]
     assert "kept: 0 positives (needs 10)" in err  # 6 studies: nothing moves, and it says so
     assert "no threshold moved either: the new bundle scores and flags exactly as the base bundle does" in err
+    assert "no finding has enough positive and negative studies to fit a calibration" in err and "inf" not in err
     manifest = json.loads((tmp_path / "new" / "manifest.json").read_text())
     assert manifest["thresholds"] == load_bundle(small_bundle).thresholds
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
