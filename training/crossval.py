@@ -67,6 +67,12 @@ class Variant:
     ema_decay: float = 0.99
     label_smoothing: float = 0.0
     pos_weight_max: float = 10.0
+    seed_offset: int = 0  # added to every model seed of this variant (another draw of the same recipe)
+
+    @property
+    def cost(self) -> float:
+        """Inference cost relative to one 64-px model (the convolutions scale with the pixels)."""
+        return (self.image_size / 64) ** 2
 
     def __post_init__(self):
         bad = [e for e in self.snapshots if not 1 <= e <= self.epochs]
@@ -89,6 +95,7 @@ class CVConfig:
     bootstrap_seed: int = 7
     crossfit_repeats: int = 20  # extra random partitions for the post-hoc choices
     ece_bins: int = 10
+    max_cost: float | None = None  # largest inference cost (Variant.cost) the choice may take: the speed budget
     overrides: dict = field(default_factory=dict)  # fix a choice by hand: image / prior / combine / thresholds
 
     @classmethod
@@ -129,6 +136,16 @@ def folds_table(labels: pd.DataFrame, cfg: CVConfig) -> pd.DataFrame:
     return out
 
 
+def caches_ready(out: Path, names: list[str], cfg: "CVConfig") -> bool:
+    """Whether ``out/cache`` holds every variant's decoded images (built elsewhere and copied,
+    e.g. to a GPU machine that has no copy of the PNGs): then the PNGs are not needed."""
+    for v in cfg.variants:
+        index = out / "cache" / f"cache_{cache_size_for(Preprocessing(image_size=v.image_size))}.json"
+        if not index.exists() or json.loads(index.read_text()).get("names") != sorted(set(names)):
+            return False
+    return True
+
+
 def load_cache(images: Path, names: list[str], image_size: int, out: Path) -> np.ndarray:
     """uint8 [N, C, C] in the order of ``names`` (decoded once, shared by every fold)."""
     size = cache_size_for(Preprocessing(image_size=image_size))
@@ -153,14 +170,15 @@ def build_v2_model(v: Variant) -> nn.Module:
 
 
 @torch.inference_mode()
-def image_logits(model, images: np.ndarray, prep: Preprocessing, unknown: float, batch: int = 64) -> np.ndarray:
+def image_logits(model, images: np.ndarray, prep: Preprocessing, unknown: float, batch: int = 64,
+                 device: torch.device | str = "cpu") -> np.ndarray:
     """Logits [N, 14] with the patient input at the unknown code (the image evidence)."""
     model.eval()
     out = []
     for s in range(0, len(images), batch):
-        x = eval_transform_batch(torch.from_numpy(images[s:s + batch])[:, None], prep)
-        tab = torch.full((len(x), 3), unknown)
-        out.append(model(x.contiguous(memory_format=torch.channels_last), tab).float().numpy())
+        x = eval_transform_batch(torch.from_numpy(np.ascontiguousarray(images[s:s + batch]))[:, None].to(device), prep)
+        tab = torch.full((len(x), 3), unknown, device=device)
+        out.append(model(x.contiguous(memory_format=torch.channels_last), tab).float().cpu().numpy())
     return np.concatenate(out) if out else np.zeros((0, len(FINDINGS)), np.float32)
 
 
@@ -180,24 +198,29 @@ def atomic_save(obj, path: Path) -> None:
 
 
 def train_model(images: np.ndarray, y: np.ndarray, v: Variant, seed: int, folder: Path,
-                held_out: np.ndarray | None = None, keep_states: bool = False) -> dict:
+                held_out: np.ndarray | None = None, keep_states: bool = False,
+                device: str = "cpu", checkpoint_every: int = 1) -> dict:
     """Train on ``images`` [N, C, C] uint8 / ``y`` [N, 14]; at each snapshot epoch store logits
     of ``held_out`` images (and of the training images) for the EMA and the raw weights, and
-    with ``keep_states`` their state dicts. Resumes from ``folder/checkpoint.pt``."""
+    with ``keep_states`` their state dicts. Resumes from ``folder/checkpoint.pt``, written every
+    ``checkpoint_every`` epochs (0: never; on a GPU an epoch takes well under a second and a
+    checkpoint, with the optimiser and EMA states, is 150 MB). Augmentation runs on the CPU with
+    the seeded generator; the model on ``device``."""
     folder.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
+    dev = torch.device(device)
     prep = Preprocessing(image_size=v.image_size)
     unknown = PatientEncoding().unknown_value
-    model = build_v2_model(v).to(memory_format=torch.channels_last)
+    model = build_v2_model(v).to(dev, memory_format=torch.channels_last)
     optimizer = torch.optim.Adam(model.parameters(), lr=v.lr, weight_decay=v.weight_decay)
     ema = torch.optim.swa_utils.AveragedModel(
         model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(v.ema_decay), use_buffers=True)
-    criterion = nn.BCEWithLogitsLoss(pos_weight=torch.from_numpy(pos_weights(y, v.pos_weight_max)))
+    criterion = nn.BCEWithLogitsLoss(pos_weight=torch.from_numpy(pos_weights(y, v.pos_weight_max)).to(dev))
     gen = torch.Generator().manual_seed(seed)
     start, history, snaps = 0, [], {}
     ckpt_path = folder / "checkpoint.pt"
     if ckpt_path.exists():
-        ck = torch.load(ckpt_path, weights_only=True)  # data only: a planted checkpoint cannot run code
+        ck = torch.load(ckpt_path, weights_only=True, map_location="cpu")  # data only: a planted checkpoint cannot run code
         model.load_state_dict(ck["model"])
         optimizer.load_state_dict(ck["optimizer"])
         ema.load_state_dict(ck["ema"])
@@ -209,42 +232,44 @@ def train_model(images: np.ndarray, y: np.ndarray, v: Variant, seed: int, folder
     steps = max(1, n // bs)  # drop the last partial batch (BatchNorm on a handful of images is noisy)
     yt = torch.from_numpy(y.astype(np.float32))
     no_mirror = torch.zeros(bs, dtype=torch.bool)
+    tab = torch.full((bs, 3), unknown, device=dev)
     for epoch in range(start, v.epochs):
         t0 = time.perf_counter()
         model.train()
         perm = torch.randperm(n, generator=gen).numpy()
-        total = 0.0
+        total = torch.zeros((), device=dev)  # summed on the device: one synchronisation per epoch
         for s in range(steps):
             idx = perm[s * bs:(s + 1) * bs]
             x = train_transform(torch.from_numpy(images[idx])[:, None], no_mirror[:len(idx)], prep, generator=gen)
             target = yt[idx]
             if v.label_smoothing:
                 target = target * (1 - v.label_smoothing) + v.label_smoothing / 2
-            tab = torch.full((len(idx), 3), unknown)
-            loss = criterion(model(x.contiguous(memory_format=torch.channels_last), tab), target)
+            x = x.to(dev, non_blocking=True).contiguous(memory_format=torch.channels_last)
+            loss = criterion(model(x, tab[:len(idx)]), target.to(dev, non_blocking=True))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             ema.update_parameters(model)
-            total += loss.item()
-        row = {"epoch": epoch + 1, "train_loss": total / steps, "seconds": time.perf_counter() - t0}
+            total += loss.detach()
+        row = {"epoch": epoch + 1, "train_loss": total.item() / steps, "seconds": time.perf_counter() - t0}
         if epoch + 1 in v.snapshots:
             t1 = time.perf_counter()
             snap = {}
             for which, m in (("ema", ema.module), ("raw", model)):
                 if held_out is not None:
-                    snap[f"{which}_held_out"] = image_logits(m, held_out, prep, unknown)
-                snap[f"{which}_train"] = image_logits(m, images, prep, unknown)
+                    snap[f"{which}_held_out"] = image_logits(m, held_out, prep, unknown, device=dev)
+                snap[f"{which}_train"] = image_logits(m, images, prep, unknown, device=dev)
                 if keep_states:
-                    atomic_save({k: t.detach().clone() for k, t in m.state_dict().items()},
+                    atomic_save({k: t.detach().cpu().clone() for k, t in m.state_dict().items()},
                                 folder / f"state_{which}_epoch{epoch + 1}.pt")
             snaps[epoch + 1] = snap
             row["snapshot_seconds"] = time.perf_counter() - t1
         history.append(row)
         log.info("%s epoch %d/%d loss %.4f %.1fs", folder.name, epoch + 1, v.epochs, row["train_loss"], row["seconds"])
-        atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "ema": ema.state_dict(),
-                     "generator": gen.get_state(), "torch_rng": torch.get_rng_state(), "epoch": epoch + 1,
-                     "history": history, "snapshots": _as_tensors(snaps)}, ckpt_path)
+        if checkpoint_every and ((epoch + 1) % checkpoint_every == 0 or epoch + 1 == v.epochs):
+                atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "ema": ema.state_dict(),
+                         "generator": gen.get_state(), "torch_rng": torch.get_rng_state(), "epoch": epoch + 1,
+                         "history": history, "snapshots": _as_tensors(snaps)}, ckpt_path)
     return {"history": history, "snapshots": snaps, "model": model, "ema": ema.module}
 
 
@@ -255,7 +280,8 @@ def snapshot_arrays(snaps: dict) -> dict:
     return {"epochs": np.array(epochs), **{k: np.stack([snaps[e][k] for e in epochs]) for k in keys}}
 
 
-def run_fold(images: np.ndarray, y: np.ndarray, fold: np.ndarray, f: int, v: Variant, seed: int, folder: Path) -> None:
+def run_fold(images: np.ndarray, y: np.ndarray, fold: np.ndarray, f: int, v: Variant, seed: int, folder: Path,
+             **train_kw) -> None:
     """Train (or resume, or extend to more epochs) the model of fold ``f`` and write its held-out
     logits to ``folder/preds.npz``. The last checkpoint is kept so that a variant can later be
     trained for more epochs with the same command."""
@@ -265,7 +291,7 @@ def run_fold(images: np.ndarray, y: np.ndarray, fold: np.ndarray, f: int, v: Var
         return
     tr, te = np.flatnonzero(fold != f), np.flatnonzero(fold == f)
     t0 = time.perf_counter()
-    result = train_model(images[tr], y[tr], v, seed, folder, held_out=images[te])
+    result = train_model(images[tr], y[tr], v, seed, folder, held_out=images[te], **train_kw)
     arrays = snapshot_arrays(result["snapshots"])
     np.savez_compressed(folder / "preds.tmp.npz", train_rows=tr, held_out_rows=te, **arrays)
     os.replace(folder / "preds.tmp.npz", done)
@@ -285,8 +311,9 @@ def stage_train(args, cfg: CVConfig, labels: pd.DataFrame, folds: pd.DataFrame) 
             fold = folds[f"fold_rep{r}"].to_numpy()
             for f in (range(cfg.folds) if args.folds is None else args.folds):
                 # the same initial weights for a fold in every variant: paired comparisons
-                seed = cfg.train_seed + 100 * r + f
-                run_fold(images, y, fold, f, v, seed, Path(args.out) / v.name / f"rep{r}" / f"fold{f}")
+                seed = cfg.train_seed + 100 * r + f + v.seed_offset
+                run_fold(images, y, fold, f, v, seed, Path(args.out) / v.name / f"rep{r}" / f"fold{f}",
+                         device=args.device, checkpoint_every=args.checkpoint_every)
 
 
 # ---------------------------------------------------------------- collecting out-of-fold logits
@@ -391,22 +418,25 @@ def subgroup_table(labels: pd.DataFrame, y: np.ndarray, scores: dict, bins: int)
     return out
 
 
-def choose(candidates: list[dict], comparisons: dict) -> dict:
+def choose(candidates: list[dict], comparisons: dict, max_cost: float | None = None) -> dict:
     """The pre-stated selection rules (also in the model card):
 
     1. within a variant, the snapshot epoch and EMA-or-raw with the best out-of-fold image-only
        mean AUROC (free choices, a little optimistic: say so);
-    2. across variants, the cheapest image size (fastest inference) unless a larger one's paired
-       gain in image-only mean AUROC has a 95% CI above 0.
+    2. across variants, in order of inference cost (then config order), the first (cheapest,
+       default) recipe unless a later one within the speed budget ``max_cost`` has a paired gain
+       in image-only mean AUROC over the one chosen so far whose 95% CI lies above 0.
     """
     best_by_variant = {}
     for c in candidates:
         b = best_by_variant.get(c["variant"])
         if b is None or c["image_only_mean_auc"] > b["image_only_mean_auc"]:
             best_by_variant[c["variant"]] = c
-    ordered = sorted(best_by_variant.values(), key=lambda c: c["image_size"])
+    ordered = sorted(best_by_variant.values(), key=lambda c: c["cost"])  # stable: config order within a cost
     chosen = ordered[0]
     for c in ordered[1:]:
+        if max_cost is not None and c["cost"] > max_cost:
+            continue
         key = f"{c['id']} - {chosen['id']}"
         if key in comparisons and comparisons[key]["ci95"][0] > 0:
             chosen = c
@@ -415,6 +445,79 @@ def choose(candidates: list[dict], comparisons: dict) -> dict:
 
 def candidate_id(variant: str, epoch: int, which: str, rep: int) -> str:
     return f"{variant}/e{epoch}/{which}/rep{rep}"
+
+
+def image_candidates(out: Path, cfg: CVConfig, y: np.ndarray) -> tuple[list, dict, dict]:
+    """Every finished (variant, repeat, snapshot epoch, EMA or raw) with its out-of-fold image-only
+    scores: (candidates, {id: OOF logits}, {variant/rep: run facts})."""
+    candidates, oofs, runs = [], {}, {}
+    for v in cfg.variants:
+        for r in range(len(cfg.fold_seeds)):
+            got = collect_oof(out, v, r, len(y), cfg.folds)
+            if got is None:
+                log.info("variant %s repeat %d not finished: left out of the report", v.name, r)
+                continue
+            runs[f"{v.name}/rep{r}"] = {"seconds_per_fold": got["seconds"], "epochs": v.epochs,
+                                        "image_size": v.image_size}
+            for (e, which), z in got["oof"].items():
+                cid = candidate_id(v.name, e, which, r)
+                oofs[cid] = z
+                candidates.append({"id": cid, "variant": v.name, "image_size": v.image_size, "cost": v.cost, "epoch": e,
+                                   "weights": which, "repeat": r,
+                                   "image_only_mean_auc": cvstats.mean_auc(y, z),
+                                   "image_only_auc": cvstats.auc_per_class(y, z).tolist(),
+                                   "oof_logit_std": z.std(axis=0).mean().item(),
+                                   "in_sample_logit_std": float(np.mean(got["train_std"][(e, which)]))})
+    if not candidates:
+        raise SystemExit("no finished cross-validation run to report on")
+    return candidates, oofs, runs
+
+
+def best_by_variant(candidates: list[dict]) -> list[dict]:
+    """Rule 1 of :func:`choose` (repeat 0): each variant's best candidate, in order of cost
+    (config order within a cost)."""
+    best = {}
+    for c in candidates:
+        if c["repeat"] == 0:
+            b = best.get(c["variant"])
+            if b is None or c["image_only_mean_auc"] > b["image_only_mean_auc"]:
+                best[c["variant"]] = c
+    return sorted(best.values(), key=lambda c: c["cost"])
+
+
+def variant_comparisons(y: np.ndarray, bests: list[dict], oofs: dict, resamples: list) -> dict:
+    """Paired differences between the variants' best candidates, every pair as "later - earlier":
+    what rule 2 of :func:`choose` reads."""
+    return {f"{b['id']} - {a['id']}": cvstats.paired_difference(y, oofs[b["id"]], oofs[a["id"]], resamples)
+            for i, a in enumerate(bests) for b in bests[i + 1:]}
+
+
+def pick_image(cfg: CVConfig, candidates: list[dict], comparisons: dict) -> dict:
+    if "image" in cfg.overrides:
+        return next(c for c in candidates if c["id"] == cfg.overrides["image"])
+    return choose([c for c in candidates if c["repeat"] == 0], comparisons, cfg.max_cost)
+
+
+def stage_choose(args, cfg: CVConfig, labels: pd.DataFrame) -> dict:
+    """Only the image choice of the report (seconds, no patient prior): ``<out>/choice.json`` with
+    the chosen candidate and every variant's best, e.g. to fetch only the chosen final model's
+    weights from a GPU machine. The report stage makes the same choice from the same numbers."""
+    y = multi_hot(labels["labels"]).astype(float)
+    resamples, _ = cvstats.patient_bootstrap_indices(labels["patient_id"].to_numpy(), y, cfg.bootstrap, cfg.bootstrap_seed)
+    candidates, oofs, _ = image_candidates(Path(args.out), cfg, y)
+    bests = best_by_variant(candidates)
+    comparisons = variant_comparisons(y, bests, oofs, resamples)
+    chosen = pick_image(cfg, candidates, comparisons)
+    keep = ("id", "variant", "image_size", "cost", "epoch", "weights", "image_only_mean_auc")
+    choice = {"chosen": {k: chosen[k] for k in keep}, "bests": [{k: c[k] for k in keep} for c in bests],
+              "comparisons": comparisons, "max_cost": cfg.max_cost}
+    (Path(args.out) / "choice.json").write_text(json.dumps(choice, indent=1, default=_json_default) + "\n")
+    for c in bests:
+        print(f"  best of {c['variant']:8s} {c['id']:24s} image-only AUROC {c['image_only_mean_auc']:.3f}  cost {c['cost']:.2f}")
+    for k, v in comparisons.items():
+        print(f"  paired {k}: {v['difference']:+.3f} (95% CI {v['ci95'][0]:+.3f} to {v['ci95'][1]:+.3f})")
+    print(f"chosen image evidence {chosen['id']}")
+    return choice
 
 
 # ---------------------------------------------------------------- report stage
@@ -487,27 +590,8 @@ def stage_report(args, cfg: CVConfig, labels: pd.DataFrame, folds_df: pd.DataFra
     }
 
     # image candidates
-    candidates, oofs, runs = [], {}, {}
-    for v in cfg.variants:
-        for r in range(len(cfg.fold_seeds)):
-            got = collect_oof(out, v, r, n, cfg.folds)
-            if got is None:
-                log.info("variant %s repeat %d not finished: left out of the report", v.name, r)
-                continue
-            runs[f"{v.name}/rep{r}"] = {"seconds_per_fold": got["seconds"], "epochs": v.epochs,
-                                        "image_size": v.image_size}
-            for (e, which), z in got["oof"].items():
-                cid = candidate_id(v.name, e, which, r)
-                oofs[cid] = z
-                candidates.append({"id": cid, "variant": v.name, "image_size": v.image_size, "epoch": e,
-                                   "weights": which, "repeat": r,
-                                   "image_only_mean_auc": cvstats.mean_auc(y, z),
-                                   "image_only_auc": cvstats.auc_per_class(y, z).tolist(),
-                                   "oof_logit_std": z.std(axis=0).mean().item(),
-                                   "in_sample_logit_std": float(np.mean(got["train_std"][(e, which)]))})
+    candidates, oofs, runs = image_candidates(out, cfg, y)
     report["runs"] = runs
-    if not candidates:
-        raise SystemExit("no finished cross-validation run to report on")
     prev_fn = lambda part: prevalence_by_fold(y, part)  # noqa: E731
     for c in candidates:  # with patient data, the default combination, cross-fitted on the training folds
         fold_c = folds_df[f"fold_rep{c['repeat']}"].to_numpy()
@@ -517,23 +601,14 @@ def stage_report(args, cfg: CVConfig, labels: pd.DataFrame, folds_df: pd.DataFra
 
     # paired comparisons of the image evidence (repeat 0): epochs, EMA vs raw, variants
     comparisons = {}
-    best_by_variant = {}
-    for c in candidates:
-        if c["repeat"] == 0:
-            b = best_by_variant.get(c["variant"])
-            if b is None or c["image_only_mean_auc"] > b["image_only_mean_auc"]:
-                best_by_variant[c["variant"]] = c
-    for vname, b in best_by_variant.items():
+    bests = best_by_variant(candidates)
+    for b in bests:
         for c in candidates:
-            if c["variant"] == vname and c["repeat"] == 0 and c["id"] != b["id"]:
+            if c["variant"] == b["variant"] and c["repeat"] == 0 and c["id"] != b["id"]:
                 comparisons[f"{b['id']} - {c['id']}"] = cvstats.paired_difference(y, oofs[b["id"]], oofs[c["id"]], resamples)
-    bests = sorted(best_by_variant.values(), key=lambda c: c["image_size"])
-    for i, a in enumerate(bests):
-        for b in bests[i + 1:]:
-            comparisons[f"{b['id']} - {a['id']}"] = cvstats.paired_difference(y, oofs[b["id"]], oofs[a["id"]], resamples)
+    comparisons.update(variant_comparisons(y, bests, oofs, resamples))
     report["image_comparisons"] = comparisons
-    chosen = next(c for c in candidates if c["id"] == cfg.overrides["image"]) if "image" in cfg.overrides \
-        else choose([c for c in candidates if c["repeat"] == 0], comparisons)
+    chosen = pick_image(cfg, candidates, comparisons)
     report["chosen_image"] = {k: chosen[k] for k in ("id", "variant", "image_size", "epoch", "weights")}
     z_img = oofs[chosen["id"]]
 
@@ -717,12 +792,17 @@ def parse_args(argv=None):
     ap.add_argument("--metadata-table", required=True, help="the full NIH Data_Entry table, for the patient prior")
     ap.add_argument("--out", required=True)
     ap.add_argument("--config", required=True)
-    ap.add_argument("--stage", choices=["train", "report", "all"], default="all")
+    ap.add_argument("--stage", choices=["cache", "train", "choose", "report", "all"], default="all",
+                    help="cache: only decode the images for every variant's size into <out>/cache; "
+                         "choose: only the image choice of the report (<out>/choice.json)")
     ap.add_argument("--variant", help="train only this variant")
     ap.add_argument("--repeat", type=int, help="train only this repeat (index into fold_seeds)")
     ap.add_argument("--folds", type=lambda t: [int(f) for f in t.split(",")],
                     help="train only these folds, e.g. 1,2 (two processes can share a run folder: one per fold set)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cpu", help="where the models train: cpu, cuda, cuda:1 ...")
+    ap.add_argument("--checkpoint-every", type=int, default=1, metavar="EPOCHS",
+                    help="resumable checkpoint every EPOCHS epochs (0: none; default 1)")
     return ap.parse_args(argv)
 
 
@@ -736,7 +816,7 @@ def main(argv=None) -> None:
     labels = load_labels(Path(args.labels))
     present = {p.name for p in Path(args.images).glob("*.png")}
     missing = sorted(set(labels["image"]) - present)
-    if missing:
+    if missing and not caches_ready(out, list(labels["image"]), cfg):
         raise SystemExit(f"{len(missing)} labelled image(s) missing from {args.images}, e.g. {missing[:3]}")
     folds = folds_table(labels, cfg)
     path = out / "folds.csv"
@@ -745,9 +825,20 @@ def main(argv=None) -> None:
         same = [c for c in folds.columns if c in old.columns]
         if not old[same].astype(str).equals(folds[same].astype(str)):
             raise SystemExit(f"{path} differs from the folds this config gives: use another --out")
-    folds.to_csv(path, index=False)
+    if not path.exists() or len(old.columns) < len(folds.columns):
+        # atomically: processes training other folds in parallel read it at their start
+        folds.to_csv(path.with_name(f"folds.{os.getpid()}.tmp"), index=False)
+        os.replace(path.with_name(f"folds.{os.getpid()}.tmp"), path)
+    if args.device.startswith("cuda"):
+        torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest kernels once
+    if args.stage == "cache":
+        for v in cfg.variants:
+            load_cache(Path(args.images), list(labels["image"]), v.image_size, out)
+        return
     if args.stage in ("train", "all"):
         stage_train(args, cfg, labels, folds)
+    if args.stage == "choose":
+        stage_choose(args, cfg, labels)
     if args.stage in ("report", "all"):
         stage_report(args, cfg, labels, folds)
 

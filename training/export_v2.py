@@ -47,12 +47,25 @@ def train_final(args, cfg: CVConfig, variant: str, labels, y):
     images = load_cache(Path(args.images), list(labels["image"]), v.image_size, Path(args.cv))
     out = Path(args.out)
     t0 = time.perf_counter()
-    result = train_model(images, y, v, cfg.train_seed + FINAL_SEED_OFFSET, out, keep_states=True)
+    seed = final_seed(cfg, v)
+    result = train_model(images, y, v, seed, out, keep_states=True, device=args.device,
+                         checkpoint_every=args.checkpoint_every)
     hist = out / "history.json"
     old = json.loads(hist.read_text())["seconds_by_process"] if hist.exists() else []
-    hist.write_text(json.dumps({"variant": v.__dict__, "seed": cfg.train_seed + FINAL_SEED_OFFSET,
+    hist.write_text(json.dumps({"variant": v.__dict__, "seed": seed, "device": device_name(args.device),
                                 "history": result["history"],
                                 "seconds_by_process": old + [time.perf_counter() - t0]}, indent=1))
+
+
+def final_seed(cfg: CVConfig, v) -> int:
+    return cfg.train_seed + FINAL_SEED_OFFSET + v.seed_offset
+
+
+def device_name(device: str) -> str:
+    """What trained the model, for the manifest: the GPU's name, or the CPU and its threads."""
+    if device.startswith("cuda") and torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name(torch.device(device))} (float32, TF32 convolutions)"
+    return f"cpu ({torch.get_num_threads()} threads, float32)"
 
 
 def final_model(args, cfg: CVConfig, report: dict, labels, y):
@@ -76,11 +89,16 @@ def main(argv=None) -> None:
     ap.add_argument("--out", required=True, help="folder of the final training run")
     ap.add_argument("--bundle", required=True, help="bundle folder to write, e.g. weights/cxr-fpn-v2")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cpu", help="where the final model trains: cpu, cuda ...")
+    ap.add_argument("--checkpoint-every", type=int, default=1, metavar="EPOCHS",
+                    help="resumable checkpoint every EPOCHS epochs (0: none)")
     ap.add_argument("--train-only", metavar="VARIANT",
                     help="only train VARIANT on all images (states kept at its snapshot epochs); no report needed")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(args.threads)
+    if args.device.startswith("cuda"):
+        torch.backends.cudnn.benchmark = True
     cfg = CVConfig.from_toml(Path(args.config))
     cv = Path(args.cv)
     labels = load_labels(Path(args.labels))
@@ -94,7 +112,8 @@ def main(argv=None) -> None:
     x = encode_rows(labels, enc)
     model, v, images = final_model(args, cfg, report, labels, y)
     hist_path = Path(args.out) / "history.json"
-    seconds = json.loads(hist_path.read_text()).get("seconds_by_process") if hist_path.exists() else None
+    final_hist = json.loads(hist_path.read_text()) if hist_path.exists() else {}
+    seconds = final_hist.get("seconds_by_process")
     prep = Preprocessing(image_size=v.image_size)
     z_img = image_logits(model, images, prep, enc.unknown_value).astype(np.float64)  # in-sample
     prior = json.loads((cv / f"prior_{report['chosen_prior']}.json").read_text())
@@ -130,7 +149,7 @@ def main(argv=None) -> None:
                  "source": "the 480 shared NIH ChestX-ray14 radiographs (../shared/data/nih/images, labels.csv)",
                  "positives": report["data"]["positives"]},
         "recipe": {**{k: v.__dict__[k] for k in v.__dict__ if k != "snapshots"}, "weights": chosen["weights"],
-                   "seed": cfg.train_seed + FINAL_SEED_OFFSET, "device": "cpu (2 cores, float32)",
+                   "seed": final_seed(cfg, v), "device": final_hist.get("device", "cpu (2 cores, float32)"),
                    "patient_input_during_training": "fixed at the unknown code (0.5, 0.5, 0.5)",
                    "augmentation": "training/augment.py train_transform (crop 90%, rotation 7 deg, translation 6%, "
                                    "blur p 0.4), no mirroring", "optimizer": "Adam, constant learning rate",

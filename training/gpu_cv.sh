@@ -1,0 +1,122 @@
+#!/usr/bin/env bash
+# Model v2's cross-validation on one GPU, as one prepared run (issue 15 item 4).
+#
+#   bash training/gpu_cv.sh prepare CARRY_DIR      here, beside ../shared/data/nih: decodes the
+#        480 images once per variant size (crossval --stage cache) and puts the caches (gzipped),
+#        labels.csv and the NIH metadata table in CARRY_DIR, about 13 MB, for a machine without them.
+#   bash training/gpu_cv.sh run CARRY_DIR OUT_DIR  on the GPU machine: every variant of
+#        training/configs/v2_gpu.toml, five folds and a final model each, as parallel jobs on the one
+#        GPU (launch-bound at these sizes, so several processes share it well), in config order
+#        until TRAIN_SECONDS (default 300) have passed, none running past STOP_SECONDS (380); then
+#        the image choice (crossval --stage choose) and OUT_DIR/runs.tar.gz (predictions,
+#        histories, logs: no weights), and the chosen final model's weights (float16, split into
+#        15 MB parts: join with cat) plus the best other variant's.
+#
+# Back here: untar runs.tar.gz at the repository root, join the parts into
+# runs/gpu_final/<variant>/state_<ema|raw>_epoch<E>.pt, run the report stage again (the same
+# numbers) and `python -m training.export_v2 --cv runs/gpu_cv --out runs/gpu_final/<variant>
+# --config training/configs/v2_gpu.toml --bundle weights/cxr-fpn-v2 ...`.
+set -u
+MODE=${1:?prepare or run} CARRY=${2:?carry folder}
+CONFIG=${CONFIG:-training/configs/v2_gpu.toml}
+CV=runs/gpu_cv FINAL=runs/gpu_final
+export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
+PY=${PYTHON:-python3}
+
+if [ "$MODE" = prepare ]; then
+  NIH=${NIH:-../shared/data/nih}
+  set -e
+  $PY -m training.crossval --stage cache --images "$NIH/images" --labels "$NIH/labels.csv" \
+    --metadata-table "$NIH/metadata/Data_Entry_2017_v2020.csv.gz" --out "$CV" --config "$CONFIG"
+  mkdir -p "$CARRY"
+  for f in "$CV"/cache/cache_*.u8; do gzip -c "$f" > "$CARRY/$(basename "$f").gz"; done
+  cp "$CV"/cache/cache_*.json "$NIH/labels.csv" "$NIH/metadata/Data_Entry_2017_v2020.csv.gz" "$CARRY/"
+  du -sh "$CARRY"
+  exit 0
+fi
+
+OUT=${3:?out folder}
+T0=$(date +%s)
+export DEADLINE=$(( T0 + ${TRAIN_SECONDS:-300} )) STOP=$(( T0 + ${STOP_SECONDS:-380} ))
+export PY CONFIG CV FINAL CARRY
+mkdir -p "$CV/cache" "$FINAL" "$OUT"
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+  $PY -c "import torch, torchvision; print('torch', torch.__version__, 'torchvision', torchvision.__version__, 'cuda', torch.cuda.is_available())"
+  nproc; } 2>&1 | tee "$CV/machine.txt"
+for f in "$CARRY"/cache_*.u8.gz; do gunzip -c "$f" > "$CV/cache/$(basename "$f" .gz)"; done
+cp "$CARRY"/cache_*.json "$CV/cache/"
+COMMON="--labels $CARRY/labels.csv --config $CONFIG --threads 1 --device ${DEVICE:-cuda} --checkpoint-every 0"
+export COMMON
+# folds.csv once, before the parallel jobs read it
+$PY -m training.crossval --stage cache --images "$CARRY/none" --labels "$CARRY/labels.csv" \
+  --metadata-table "$CARRY/Data_Entry_2017_v2020.csv.gz" --out "$CV" --config "$CONFIG" || exit 1
+
+run_job() {  # cv VARIANT FOLD | final VARIANT
+  local now; now=$(date +%s)
+  if [ "$now" -ge "$DEADLINE" ]; then echo "skipped $*: training time is up"; return 0; fi
+  if [ "$1" = cv ]; then
+    timeout $(( STOP - now )) $PY -m training.crossval --stage train --variant "$2" --folds "$3" \
+      --images "$CARRY/none" --metadata-table "$CARRY/Data_Entry_2017_v2020.csv.gz" --out "$CV" \
+      $COMMON >> "$CV/train_$2_fold$3.log" 2>&1
+  else
+    timeout $(( STOP - now )) $PY -m training.export_v2 --train-only "$2" --images "$CARRY/none" \
+      --cv "$CV" --out "$FINAL/$2" --bundle unused $COMMON >> "$CV/train_$2_final.log" 2>&1
+  fi
+  echo "$* exit $? after $(( $(date +%s) - now )) s (at $(( $(date +%s) - T0 )) s)"
+}
+export -f run_job
+export T0
+$PY -c "
+import tomllib, sys
+for v in tomllib.load(open(sys.argv[1], 'rb'))['variant']:
+    for f in range(5):
+        print('cv', v['name'], f)
+    print('final', v['name'])" "$CONFIG" > "$CV/jobs.txt"
+xargs -P "${PARALLEL:-8}" -L 1 bash -c 'run_job "$@"' _ < "$CV/jobs.txt" 2>&1 | tee "$CV/jobs.log"
+nvidia-smi --query-gpu=memory.used --format=csv | tee -a "$CV/machine.txt"
+
+# the image choice only (seconds); the whole report (minutes of CPU) is run again where the runs land
+timeout "${CHOOSE_SECONDS:-90}" $PY -m training.crossval --stage choose --images "$CARRY/none" \
+  --labels "$CARRY/labels.csv" --metadata-table "$CARRY/Data_Entry_2017_v2020.csv.gz" --out "$CV" \
+  --config "$CONFIG" --threads 8 > "$CV/choose.log" 2>&1
+echo "choose exit $? at $(( $(date +%s) - T0 )) s"; cat "$CV/choose.log"
+
+# weights: the chosen final model and the best other variant's (or, without a choice, the last
+# EMA of the first three finished finals), float16, in parts under 16 MB
+$PY - "$CV" "$FINAL" "$OUT" <<'PY'
+import json, sys
+from pathlib import Path
+import torch
+cv, final, out = (Path(a) for a in sys.argv[1:])
+picks = []
+choice = cv / "choice.json"
+if choice.exists():
+    r = json.loads(choice.read_text())
+    chosen = r["chosen"]
+    picks.append((chosen["variant"], chosen["weights"], chosen["epoch"]))
+    others = sorted((c for c in r["bests"] if c["variant"] != chosen["variant"]), key=lambda c: -c["image_only_mean_auc"])
+    others = [c for c in others if (final / c["variant"] / f"state_{c['weights']}_epoch{c['epoch']}.pt").exists()]
+    picks += [(c["variant"], c["weights"], c["epoch"]) for c in others[:1]]
+else:
+    for d in sorted(final.iterdir()):
+        states = sorted(d.glob("state_ema_epoch*.pt"), key=lambda p: int(p.stem.rsplit("epoch", 1)[1]))
+        if states:
+            picks.append((d.name, "ema", int(states[-1].stem.rsplit("epoch", 1)[1])))
+    picks = picks[:3]
+for variant, which, epoch in picks:
+    path = final / variant / f"state_{which}_epoch{epoch}.pt"
+    if not path.exists():
+        print("missing", path)
+        continue
+    state = {k: (t.half() if t.is_floating_point() else t) for k, t in torch.load(path, weights_only=True).items()}
+    blob = out / f"{variant}_{which}_e{epoch}.pt"
+    torch.save(state, blob)
+    data = blob.read_bytes()
+    blob.unlink()
+    for i in range(0, len(data), 15_000_000):
+        (out / f"{variant}_{which}_e{epoch}.pt.part{i // 15_000_000}").write_bytes(data[i:i + 15_000_000])
+    print("packed", path, len(data), "bytes")
+PY
+tar -czf "$OUT/runs.tar.gz" --exclude='*.pt' --exclude='*.u8' --exclude='*.tmp' "$CV" "$FINAL"
+ls -la "$OUT"
+echo "done at $(( $(date +%s) - T0 )) s"
