@@ -57,7 +57,7 @@ def test_v2_card_numbers_are_recomputed_from_its_out_of_fold_predictions():
     from cxr_batch.bundle import DEFAULT_BUNDLE
 
     bundle = load_bundle()
-    assert bundle.path == DEFAULT_BUNDLE and bundle.version == "2"
+    assert bundle.path == DEFAULT_BUNDLE and bundle.version == "2.1"
     oof = pd.read_csv(DEFAULT_BUNDLE / "training_run" / "oof.csv")
     metrics = bundle.manifest["metrics"]
     assert len(oof) == metrics["test_n"] == 480 and oof["patient_id"].nunique() == 480

@@ -88,6 +88,7 @@ def main(argv=None) -> None:
     ap.add_argument("--config", required=True)
     ap.add_argument("--out", required=True, help="folder of the final training run")
     ap.add_argument("--bundle", required=True, help="bundle folder to write, e.g. weights/cxr-fpn-v2")
+    ap.add_argument("--version", default="2", help="the bundle's version (default 2)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default="cpu", help="where the final model trains: cpu, cuda ...")
     ap.add_argument("--checkpoint-every", type=int, default=1, metavar="EPOCHS",
@@ -172,13 +173,13 @@ def main(argv=None) -> None:
         "cross_validation": {"folds": cfg.folds, "fold_seeds": cfg.fold_seeds, "chosen_image": chosen,
                              "prior": report["chosen_prior"], "report": "training_run/cv_report.json"},
         "commands": {
-            "cross_validation": "python -m training.crossval --images ../shared/data/nih/images --labels "
-                                "../shared/data/nih/labels.csv --metadata-table "
-                                "../shared/data/nih/metadata/Data_Entry_2017_v2020.csv.gz --out runs/cv "
-                                "--config training/configs/v2.toml",
-            "export": "python -m training.export_v2 --images ../shared/data/nih/images --labels "
-                      "../shared/data/nih/labels.csv --cv runs/cv --config training/configs/v2.toml "
-                      "--out runs/final --bundle weights/cxr-fpn-v2"},
+            "cross_validation": f"python -m training.crossval --images ../shared/data/nih/images --labels "
+                                f"../shared/data/nih/labels.csv --metadata-table "
+                                f"../shared/data/nih/metadata/Data_Entry_2017_v2020.csv.gz --out {args.cv} "
+                                f"--config {args.config}",
+            "export": f"python -m training.export_v2 --images ../shared/data/nih/images --labels "
+                      f"../shared/data/nih/labels.csv --cv {args.cv} --config {args.config} "
+                      f"--out {args.out} --bundle {args.bundle} --version {args.version}"},
         "final_training_seconds_by_process": seconds,
         # each finding's share of the 480 training images: evaluate's training-prevalence Brier baseline
         "prevalence": {f: float(v) for f, v in zip(FINDINGS, y.mean(axis=0))},
@@ -209,7 +210,7 @@ def main(argv=None) -> None:
                     f"{report['data']['images']} public NIH ChestX-ray14 radiographs at {v.image_size} px; "
                     f"cross-validated mean AUROC {m['mean_auc']:.2f} (95% CI {lo:.2f}-{hi:.2f}), far below "
                     f"published models.")
-    save_bundle(bundle, model.cpu().float(), name="cxr-fpn", version="2", preprocessing=prep, encoding=enc,
+    save_bundle(bundle, model.cpu().float(), name="cxr-fpn", version=args.version, preprocessing=prep, encoding=enc,
                 thresholds=thresholds, training=training, metrics=metrics, half=True, intended_use=intended_use)
     loaded = load_bundle(bundle)
     with torch.inference_mode():
@@ -265,6 +266,9 @@ def copy_artifacts(cv: Path, final: Path, dest: Path, report: dict) -> None:
         shutil.copy(cv / name, dest / name)
     for p in cv.glob("prior_*.json"):
         shutil.copy(p, dest / p.name)
+    for name in ("choice.json", "machine.txt", "jobs.log"):  # a run made by training/gpu_cv.sh
+        if (cv / name).exists():
+            shutil.copy(cv / name, dest / name)
     for p in sorted(cv.glob("*.log")):
         shutil.copy(p, dest / p.name)
     histories = {}
