@@ -50,6 +50,7 @@ class CalibrateOptions:
     device: str = "auto"
     batch_size: int = 16
     workers: int | None = None
+    follow_links: bool = False  # symbolic links leading outside the studies folder (as scan's --follow-links)
     seed: int = 0
     progress: bool = True
 
@@ -73,7 +74,7 @@ class LabelledScores:
 def score_labelled(studies: Path, labels: LabelTable, bundle: Bundle, opts: CalibrateOptions) -> LabelledScores:
     """Score every study under ``studies`` in float32 (the labels' patient columns as patient
     data) and keep the logits of the ones that have labels."""
-    candidates = find_candidates(studies)
+    candidates = find_candidates(studies, follow_links=opts.follow_links)
     metadata = None
     if labels.has_patient_data:
         metadata = load_metadata_csv(labels.path, only={c.path.name for c in candidates})

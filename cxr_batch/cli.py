@@ -347,6 +347,9 @@ LABELLED_OPTIONS = (
     click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N."),
     click.option("--batch-size", type=click.IntRange(1, 4096), default=16, show_default=True),
     click.option("--workers", type=click.IntRange(0, 64), help="Decoding worker processes (default: chosen for this machine)."),
+    click.option("--follow-links", is_flag=True,
+                 help="Follow symbolic links that lead outside the folder (default: such links get a row "
+                      "and are not followed)."),
     click.option("--quiet", "-q", is_flag=True, help="No progress bar, warnings only."),
     DEBUG_OPTION,
 )
@@ -361,7 +364,8 @@ labelled_options = options(LABELLED_OPTIONS)
 @click.option("--bootstrap", type=click.IntRange(0, 100_000), default=1000, show_default=True,
               help="Bootstrap resamples (by patient) for the intervals; 0: none.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the bootstrap.")
-def evaluate(studies, labels, weights, device, batch_size, workers, quiet, debug, out, precision, bootstrap, seed):
+def evaluate(studies, labels, weights, device, batch_size, workers, follow_links, quiet, debug, out, precision,
+             bootstrap, seed):
     """Scan STUDIES and measure the model against LABELS: OUT/evaluation.json and OUT/evaluation.pdf."""
     from .evaluate import run_evaluate
     from .labels import mismatch_lines, read_labels
@@ -369,7 +373,7 @@ def evaluate(studies, labels, weights, device, batch_size, workers, quiet, debug
 
     setup_logging(quiet, debug)
     cfg = ScanConfig(weights=weights, device=device, precision=precision, batch_size=batch_size, workers=workers,
-                     progress=not quiet)
+                     follow_links=follow_links, progress=not quiet)
     result, summary = run_fatal_errors(debug, lambda: run_evaluate(studies, read_labels(labels), out, cfg,
                                                                    bootstrap, seed))
     click.echo(summary.line(), err=True)
@@ -394,8 +398,8 @@ def evaluate(studies, labels, weights, device, batch_size, workers, quiet, debug
 @click.option("--min-positives", type=click.IntRange(2), default=10, show_default=True,
               help="Positive (and negative) studies a finding needs before its calibration and threshold move.")
 @click.option("--version", "version", help="Version of the new bundle (default: <base>+site.<date>.<labels hash>).")
-def calibrate(studies, labels, weights, device, batch_size, workers, quiet, debug, out, method, threshold_rule,
-              min_positives, version):
+def calibrate(studies, labels, weights, device, batch_size, workers, follow_links, quiet, debug, out, method,
+              threshold_rule, min_positives, version):
     """Fit per-finding calibration and thresholds on labelled STUDIES; write a new bundle to OUT."""
     from .calibrate import CalibrateOptions, run_calibrate
     from .labels import read_labels
@@ -403,7 +407,7 @@ def calibrate(studies, labels, weights, device, batch_size, workers, quiet, debu
     setup_logging(quiet, debug)
     opts = CalibrateOptions(weights=weights, method=method, thresholds=threshold_rule, min_positives=min_positives,
                             version=version, device=device, batch_size=batch_size, workers=workers,
-                            progress=not quiet)
+                            follow_links=follow_links, progress=not quiet)
     result = run_fatal_errors(debug, lambda: run_calibrate(studies, read_labels(labels), out, opts))
     for line in result.matching.problems():
         click.echo(f"cxr-batch: {line}", err=True)

@@ -8,6 +8,7 @@ is simply a folder and is walked), never raised.
 
 from __future__ import annotations
 
+import errno
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -80,7 +81,7 @@ def find_candidates(root: Path, exclude: list[Path] = (), follow_links: bool = F
             try:
                 if entry.is_symlink():
                     if not path.exists():
-                        found.append(Candidate(path, rel(path), "broken symbolic link"))
+                        found.append(Candidate(path, rel(path), link_problem(path)))
                         continue
                     if leaves_root(path) and not follow_links:
                         found.append(Candidate(path, rel(path), "symbolic link to outside the scanned folder: not "
@@ -113,3 +114,13 @@ def find_candidates(root: Path, exclude: list[Path] = (), follow_links: bool = F
             else:
                 found.append(Candidate(path, name))
     return sorted(found, key=lambda c: c.rel)
+
+
+def link_problem(path: Path) -> str:
+    """Why a symbolic link leads nowhere: a loop of links, or a target that is missing."""
+    try:
+        os.stat(path)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return "symbolic link loop (the links point at each other): not read"
+    return "broken symbolic link (its target does not exist)"

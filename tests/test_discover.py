@@ -31,6 +31,14 @@ def test_broken_link_and_loop_are_problems_not_crashes(tmp_path):
     assert "loop" in found["d/loop"]
 
 
+def test_links_that_point_at_each_other_are_called_a_loop_not_broken(tmp_path):
+    os.symlink(tmp_path / "b.png", tmp_path / "a.png")
+    os.symlink(tmp_path / "a.png", tmp_path / "b.png")
+    found = {c.rel: c.problem for c in find_candidates(tmp_path)}
+    assert set(found) == {"a.png", "b.png"}
+    assert all("symbolic link loop" in p and "broken" not in p for p in found.values())
+
+
 def test_ignored_names():
     assert is_ignored_name(".x") and is_ignored_name("a.PART") and is_ignored_name("b.crdownload")
     assert not is_ignored_name("IM0001") and not is_ignored_name("a.dcm")

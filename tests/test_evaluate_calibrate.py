@@ -105,6 +105,24 @@ def test_evaluate_refuses_labels_that_match_nothing(tmp_path, studies, small_bun
     assert code == 1 and "no labelled study was scored" in err and "Traceback" not in err
 
 
+def test_evaluate_follows_links_out_of_the_folder_only_when_asked(tmp_path, nih, nih_images, small_bundle):
+    """The link message says --follow-links allows it: evaluate and calibrate take it too."""
+    studies = folder_of(tmp_path, nih_images[:4], "studies")
+    elsewhere = folder_of(tmp_path, nih_images[4:6], "elsewhere")
+    for p in elsewhere.iterdir():
+        (studies / p.name).symlink_to(p)
+    common = ["--labels", nih / "labels.csv", "--weights", small_bundle, "--device", "cpu", "--workers", 0]
+    code, err = cli_here("evaluate", studies, *common, "--out", tmp_path / "plain")
+    rows = read_results(tmp_path / "plain" / "results.csv")
+    assert sum(r["status"] == "ok" for r in rows) == 4
+    assert "--follow-links allows it" in " ".join(r["reason"] for r in rows)
+    code, err = cli_here("evaluate", studies, *common, "--out", tmp_path / "followed", "--follow-links")
+    assert code == 0, err
+    assert json.loads((tmp_path / "followed" / "evaluation.json").read_text())["n_studies"] == 6
+    code, err = cli_here("calibrate", studies, *common, "--out", tmp_path / "cal", "--follow-links")
+    assert "no such option" not in err.lower()
+
+
 def test_calibrate_on_half_the_patients_helps_the_other_half(tmp_path, nih, nih_images, small_bundle):
     """The shape of the acceptance check: calibrate on one half, ECE on the other half no worse,
     the base bundle untouched. Random weights give probabilities near 0.5 for findings that
