@@ -253,3 +253,67 @@ def test_tiny_training_run_saves_snapshots_and_resumes(tmp_path):
     assert np.allclose(fresh["snapshots"][2]["raw_held_out"], again["snapshots"][2]["raw_held_out"], atol=1e-4)
     with pytest.raises(ValueError):
         Variant(name="bad", epochs=2, snapshots=[3])
+
+
+# ---------------------------------------------------------------- choosing among recipes
+def _cand(variant, cost, auc, epoch=10):
+    return {"id": f"{variant}/e{epoch}/ema/rep0", "variant": variant, "cost": cost, "repeat": 0,
+            "image_only_mean_auc": auc, "image_size": int(64 * cost ** 0.5), "epoch": epoch, "weights": "ema"}
+
+
+def test_choice_keeps_the_cheapest_recipe_unless_a_gain_is_sure_and_affordable():
+    from training.crossval import choose
+
+    cheap, costly, huge = _cand("g64", 1.0, 0.56), _cand("g96", 2.25, 0.60), _cand("g128", 4.0, 0.65)
+    sure = {"ci95": [0.01, 0.05]}
+    unsure = {"ci95": [-0.01, 0.05]}
+    # a better point estimate is not enough: the paired CI must lie above 0
+    assert choose([cheap, costly], {f"{costly['id']} - {cheap['id']}": unsure})["variant"] == "g64"
+    assert choose([cheap, costly], {f"{costly['id']} - {cheap['id']}": sure})["variant"] == "g96"
+    # a sure gain over the speed budget is not taken; order is by cost, not by config order
+    comps = {f"{huge['id']} - {cheap['id']}": sure, f"{costly['id']} - {cheap['id']}": unsure,
+             f"{huge['id']} - {costly['id']}": sure}
+    assert choose([huge, costly, cheap], comps, max_cost=2.25)["variant"] == "g64"
+    assert choose([huge, costly, cheap], comps)["variant"] == "g128"
+    # within a variant, the best snapshot by image-only AUROC
+    assert choose([cheap, _cand("g64", 1.0, 0.58, epoch=20)], {})["epoch"] == 20
+
+
+def test_training_without_checkpoints_and_with_a_seed_offset(tmp_path):
+    from training.crossval import Variant, train_model
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 255, (8, 36, 36), dtype=np.uint8)
+    y = random_labels(8, rng, rates=np.full(K, 0.4)).astype(np.float32)
+    v = Variant(name="t", image_size=32, epochs=1, snapshots=[1], batch_size=4, seed_offset=5)
+    assert Variant(name="c", image_size=96).cost == 2.25
+    out = train_model(images, y, v, seed=0, folder=tmp_path / "a", held_out=images[:2], checkpoint_every=0)
+    assert not (tmp_path / "a" / "checkpoint.pt").exists() and out["snapshots"][1]["raw_held_out"].shape == (2, K)
+    train_model(images, y, v, seed=0, folder=tmp_path / "b", held_out=images[:2])
+    assert (tmp_path / "b" / "checkpoint.pt").exists()
+
+
+def test_caches_stand_in_for_missing_images(tmp_path):
+    import json
+
+    from training.crossval import CVConfig, Variant, caches_ready
+
+    cfg = CVConfig(variants=[Variant(name="a", image_size=64), Variant(name="b", image_size=96)])
+    names = ["b.png", "a.png"]
+    assert not caches_ready(tmp_path, names, cfg)
+    (tmp_path / "cache").mkdir()
+    for size in (72, 107):
+        (tmp_path / "cache" / f"cache_{size}.json").write_text(json.dumps({"size": size, "names": sorted(names)}))
+    assert caches_ready(tmp_path, names, cfg)
+    assert not caches_ready(tmp_path, names + ["c.png"], cfg)  # a cache of other images does not count
+
+
+def test_shipped_cv_configs_load_and_the_gpu_budget_excludes_128_px():
+    from pathlib import Path
+
+    from training.crossval import CVConfig
+
+    root = Path(__file__).resolve().parent.parent / "training" / "configs"
+    assert CVConfig.from_toml(root / "v2.toml").variant("px64").image_size == 64
+    gpu = CVConfig.from_toml(root / "v2_gpu.toml")
+    assert [v.name for v in gpu.variants if v.cost <= gpu.max_cost] == ["g64", "g96", "g64ls"]
