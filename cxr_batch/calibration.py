@@ -204,7 +204,9 @@ class FitReport:
     accepted: bool  # the pooled gain passed: findings may move
 
     def record(self) -> dict:
-        return {"pooled_cv_gain": round(self.pooled_gain, 6), "pooled_cv_gain_se": round(self.pooled_se, 6),
+        # no finding qualified -> no standard error: null, not Infinity (which strict JSON parsers refuse)
+        se = round(self.pooled_se, 6) if np.isfinite(self.pooled_se) else None
+        return {"pooled_cv_gain": round(self.pooled_gain, 6), "pooled_cv_gain_se": se,
                 "pooled_gain_clear": self.accepted}
 
 

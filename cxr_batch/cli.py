@@ -356,6 +356,11 @@ LABELLED_OPTIONS = (
 labelled_options = options(LABELLED_OPTIONS)
 
 
+def _number(value, digits: int) -> str:
+    """A measured figure for the terminal; 'n/a' where there was nothing to measure it on."""
+    return "n/a" if value is None else f"{value:.{digits}f}"
+
+
 @main.command()
 @labelled_options
 @click.option("--out", "-o", required=True, type=click.Path(file_okay=False, path_type=Path),
@@ -379,10 +384,12 @@ def evaluate(studies, labels, weights, device, batch_size, workers, follow_links
     click.echo(summary.line(), err=True)
     for line in mismatch_lines(result["matching"]):
         click.echo(f"cxr-batch: {line}", err=True)
-    ci = result["mean_auroc_ci95"]
-    click.echo(f"{result['n_studies']} studies of {result['n_patients']} patients: mean AUROC {result['mean_auroc']:.3f}"
+    ci, auroc = result["mean_auroc_ci95"], result["mean_auroc"]
+    click.echo(f"{result['n_studies']} studies of {result['n_patients']} patients: mean AUROC "
+               + (_number(auroc, 3) if auroc is not None else "n/a (no finding has both positive and negative studies)")
                + (f" (95% CI {ci[0]:.3f}-{ci[1]:.3f})" if ci else " (no CI)")
-               + f", ECE {result['ece']:.3f}, Brier {result['brier']:.4f} (prevalence {result['brier_prevalence']:.4f})"
+               + f", ECE {_number(result['ece'], 3)}, Brier {_number(result['brier'], 4)}"
+               f" (prevalence {_number(result['brier_prevalence'], 4)})"
                f" -> {out / 'evaluation.json'}, {out / 'evaluation.pdf'}", err=True)
     sys.exit(summary.exit_code)
 

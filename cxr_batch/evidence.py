@@ -72,8 +72,11 @@ class Evidence:
         if self.mean_auc is not None and self.images is not None:
             ci = (f" (95% CI {self.mean_auc_ci95[0]:.2f}-{self.mean_auc_ci95[1]:.2f})"
                   if self.mean_auc_ci95 else "")
-            how = f" ({self.how})" if self.how else ""
-            parts.append(f"mean AUROC {self.mean_auc:.2f}{ci} on {self.images} held-out images{how}")
+            if self.how:  # cross-validation: the images were held out from the fold models, not from these weights
+                parts.append(f"mean AUROC {self.mean_auc:.2f}{ci} on {self.images} images, each scored by a model "
+                             f"that had not seen it ({self.how}); these weights have no held-out test of their own")
+            else:
+                parts.append(f"mean AUROC {self.mean_auc:.2f}{ci} on {self.images} held-out images")
         text = "; ".join(parts) or "no training or evaluation record"
         return text[0].upper() + text[1:] + "."
 

@@ -150,12 +150,13 @@ class Matching:
 def mismatch_lines(summary: dict) -> list[str]:
     """One line per kind of mismatch in a :meth:`Matching.summary`, for a command's output."""
     out = []
-    for what, items in (("scored files have no label row", summary["scored_without_label"]),
-                        ("labelled files were not scored", [d["file"] for d in summary["labelled_not_scored"]]),
-                        ("label rows have no file", summary["labels_without_file"]),
-                        ("file names occur more than once (left out)", summary["ambiguous_names"])):
+    not_scored = [f"{shown(d['file'])} ({shown(d['reason'] or d['status'], 120)})" for d in summary["labelled_not_scored"]]
+    for what, items in (("scored files have no label row", [shown(f) for f in summary["scored_without_label"]]),
+                        ("labelled files were not scored", not_scored),  # with why: a link, a loop, a bad file
+                        ("label rows have no file", [shown(f) for f in summary["labels_without_file"]]),
+                        ("file names occur more than once (left out)", [shown(f) for f in summary["ambiguous_names"]])):
         if items:
-            listed = ", ".join(shown(item) for item in items[:5]) + (f" and {len(items) - 5} more" if len(items) > 5 else "")
+            listed = ", ".join(items[:5]) + (f" and {len(items) - 5} more" if len(items) > 5 else "")
             out.append(f"{len(items)} {what}: {listed}")
     return out
 
@@ -173,6 +174,8 @@ def match_labels(rows: list[dict], labels: LabelTable) -> Matching:
         name = PurePosixPath(file).name
         if name in index:
             return name
+        if name.lower().endswith(".json"):  # a sidecar (or a stray JSON file) is never the study itself
+            return None
         same_stem = by_stem.get(PurePosixPath(name).stem, [])
         return same_stem[0] if len(same_stem) == 1 else None
 

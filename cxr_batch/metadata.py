@@ -10,6 +10,8 @@ Position, matched to images by file name.
 from __future__ import annotations
 
 import json
+import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -101,19 +103,24 @@ def patient_from_metadata(row: MetadataRow) -> PatientData:
     return patient_from_values(row.age, row.sex, row.view, "metadata")
 
 
+SIDECAR_MAX_BYTES = 64 * 1024  # a sidecar holds a few identifiers and values: a few hundred bytes
+
+
 def read_sidecar(image_path: Path) -> StudyHeader | None:
     """Patient data and identifiers from ``<stem>.json`` beside the image, or None if absent.
-    A sidecar that is not valid JSON yields a note, not a failure."""
+    A sidecar that is not valid JSON, not a regular file, larger than ``SIDECAR_MAX_BYTES`` or a
+    symbolic link leading out of the image's folder yields a note, not a failure, and is not
+    read (a link or a sender must not bring another folder's patient data into a study)."""
     path = Path(image_path).with_suffix(".json")
-    if not path.is_file():
+    if not os.path.lexists(path):
         return None
     try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
+        raw = json.loads(_sidecar_bytes(path, Path(image_path)).decode("utf-8"))
         if not isinstance(raw, dict):
             raise ValueError("not a JSON object")
     except (OSError, ValueError) as e:
         data = PatientData()
-        data.notes.append(f"sidecar {path.name} unreadable ({e}): ignored")
+        data.notes.append(f"sidecar {path.name} not used ({e}): ignored")
         return StudyHeader(Identifiers(), data)
 
     def pick(name):
@@ -123,3 +130,20 @@ def read_sidecar(image_path: Path) -> StudyHeader | None:
     ids = {k: str(pick(k)) for k in ("patient_id", "patient_name", "study_date", "accession_number", "study_uid")
            if pick(k) is not None}
     return StudyHeader(Identifiers(**ids), data)
+
+
+def _sidecar_bytes(path: Path, image_path: Path) -> bytes:
+    """The sidecar's bytes, opened once (no FIFO, device or oversized file is read)."""
+    if path.is_symlink() and path.resolve().parent != image_path.resolve().parent:
+        raise ValueError("a symbolic link out of the image's folder")
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ValueError("not a regular file")
+        if st.st_size > SIDECAR_MAX_BYTES:
+            raise ValueError(f"{st.st_size:,} bytes, over the limit of {SIDECAR_MAX_BYTES:,}")
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            return f.read(SIDECAR_MAX_BYTES + 1)[:SIDECAR_MAX_BYTES]
+    finally:
+        os.close(fd)

@@ -132,3 +132,13 @@ def test_a_finding_with_too_few_positives_keeps_its_parameters_and_says_so():
     assert not fits[13].changed and fits[13].reason == "4 positives (needs 10)"
     assert fits[13].record()["status"] == "kept: 4 positives (needs 10)"
     assert all(math.isclose(f.intercept, 0.0) for f in fits)  # temperature moves the slope only
+
+
+def test_a_fit_report_without_any_qualifying_finding_is_strict_json():
+    """No finding with enough positives -> no standard error: null in the manifest, never
+    Infinity (which strict JSON parsers, e.g. browsers' JSON.parse, refuse)."""
+    from cxr_batch.calibration import FitReport
+
+    record = FitReport([], 0.0, float("inf"), False).record()
+    assert record["pooled_cv_gain_se"] is None
+    json.dumps(record, allow_nan=False)

@@ -317,3 +317,25 @@ def test_shipped_cv_configs_load_and_the_gpu_budget_excludes_128_px():
     assert CVConfig.from_toml(root / "v2.toml").variant("px64").image_size == 64
     gpu = CVConfig.from_toml(root / "v2_gpu.toml")
     assert [v.name for v in gpu.variants if v.cost <= gpu.max_cost] == ["g64", "g96", "g64ls"]
+
+
+@pytest.mark.parametrize("text, says", [
+    ("folds = 5\nfold = 3\n", "unknown key(s) ['fold']"),
+    ("[[variant]]\nname = 'a'\nlearning_rate = 0.1\n", "unknown key(s) ['learning_rate']"),
+    ("[[variant]]\nname = 'a'\nepochs = '2'\n", "epochs = '2' should be int"),
+    ("[[variant]]\nname = 'a'\nsnapshots = 2\n", "snapshots = 2 should be a list of whole numbers"),
+    ("[[variant]]\nname = 'a'\nepochs = 2\nsnapshots = [3]\n", "outside 1..2"),
+    ("folds = 1\n", "folds = 1: at least 2"),
+    ("max_cost = -1\n[[variant]]\nname = 'a'\n", "max_cost = -1"),
+    ("max_cost = 'fast'\n", "max_cost = 'fast' should be a number"),
+    ("[[variant]]\nname = 'a'\n[[variant]]\nname = 'a'\n", "variant names repeat (a)"),
+    ("[[prior]]\nrow = 'all'\n", "unknown key(s) ['row']"),
+    ("folds = [\n", "not valid TOML"),
+])
+def test_a_config_typo_is_named_before_any_training(tmp_path, text, says):
+    from training.crossval import ConfigError, CVConfig
+
+    (tmp_path / "c.toml").write_text(text)
+    with pytest.raises(ConfigError) as e:
+        CVConfig.from_toml(tmp_path / "c.toml")
+    assert says in str(e.value)

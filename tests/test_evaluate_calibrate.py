@@ -105,6 +105,14 @@ def test_evaluate_refuses_labels_that_match_nothing(tmp_path, studies, small_bun
     assert code == 1 and "no labelled study was scored" in err and "Traceback" not in err
 
 
+def test_evaluate_of_one_study_says_what_it_cannot_measure(tmp_path, nih, nih_images, small_bundle):
+    studies = folder_of(tmp_path, nih_images[:1], "one")
+    code, err = cli_here("evaluate", studies, "--labels", nih / "labels.csv", "--out", tmp_path / "eval",
+                         "--weights", small_bundle, "--device", "cpu", "--workers", 0)
+    assert code == 0 and "Traceback" not in err and "mean AUROC n/a" in err, err
+    assert json.loads((tmp_path / "eval" / "evaluation.json").read_text())["mean_auroc"] is None
+
+
 def test_evaluate_follows_links_out_of_the_folder_only_when_asked(tmp_path, nih, nih_images, small_bundle):
     """The link message says --follow-links allows it: evaluate and calibrate take it too."""
     studies = folder_of(tmp_path, nih_images[:4], "studies")

@@ -51,8 +51,9 @@ def test_cross_validated_metrics_say_how_the_images_were_held_out():
     ev = bundle_evidence(manifest_with(test_n=480, test_mean_auc=0.7, test_mean_auc_ci95=[0.65, 0.75],
                                        test_how="out of fold, 5-fold cross-validation by patient"))
     assert ev.problem is None
-    assert ev.summary() == ("Mean AUROC 0.70 (95% CI 0.65-0.75) on 480 held-out images "
-                            "(out of fold, 5-fold cross-validation by patient).")
+    assert ev.summary() == ("Mean AUROC 0.70 (95% CI 0.65-0.75) on 480 images, each scored by a model that had "
+                            "not seen it (out of fold, 5-fold cross-validation by patient); these weights have no "
+                            "held-out test of their own.")
     assert "(" not in bundle_evidence(manifest_with(test_n=480, test_mean_auc=0.7, test_how=" ")).summary()
 
 

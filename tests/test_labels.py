@@ -85,7 +85,18 @@ def test_matching_by_file_name_reports_every_mismatch(tmp_path):
     assert m.labelled_not_scored == [{"file": "c.png", "status": "error", "reason": "truncated"}]
     assert m.labels_without_file == ["f.png"] and m.ambiguous == ["e.png"]
     assert len(m.problems()) == 4
+    assert "1 labelled files were not scored: c.png (truncated)" in m.problems()  # why, not only which
     np.testing.assert_array_equal(labels.y[0], np.eye(14, dtype=np.uint8)[FINDINGS.index("Mass")])
+
+
+def test_a_sidecar_row_never_stands_for_its_image(tmp_path):
+    """A skipped or odd ``a.json`` beside ``a.png`` shares its stem: it must not make the image
+    ambiguous and drop it from the evaluation."""
+    labels = read_labels(write(tmp_path, ["a.png,Mass,0,7,50,M,PA"]))
+    rows = [{"file": "a.json", "status": "skipped", "reason": "symbolic link to outside", "patient_id": ""},
+            {"file": "a.png", "status": "ok", "reason": "", "patient_id": ""}]
+    m = match_labels(rows, labels)
+    assert m.pairs == [(1, 0)] and m.ambiguous == [] and m.labelled_not_scored == []
 
 
 def test_trailing_commas_do_not_shift_the_columns(tmp_path):

@@ -44,8 +44,30 @@ def test_broken_sidecar_is_a_note_not_a_failure(tmp_path):
     (tmp_path / "x.json").write_text("{oops")
     header = read_sidecar(tmp_path / "x.png")
     patient, ids = header.patient, header.ids
-    assert patient.age is None and ids == Identifiers() and "unreadable" in patient.notes[0]
+    assert patient.age is None and ids == Identifiers() and "not used" in patient.notes[0]
     assert read_sidecar(tmp_path / "absent.png") is None
+
+
+def test_a_sidecar_from_elsewhere_a_pipe_or_a_huge_file_is_never_read(tmp_path):
+    """A sidecar must not bring another folder's patient data into a study, block on a pipe or
+    fill memory: each is a note and the study keeps its own data."""
+    import os
+
+    outside, folder = tmp_path / "outside", tmp_path / "studies"
+    outside.mkdir()
+    folder.mkdir()
+    (outside / "secret.json").write_text(json.dumps({"PatientID": "SECRET", "PatientAge": "033Y"}))
+    (folder / "a.json").symlink_to(outside / "secret.json")
+    os.mkfifo(folder / "b.json")
+    with open(folder / "c.json", "wb") as f:
+        f.truncate(300 * 1024 * 1024)  # sparse: 300 MB that cost no disk
+    (folder / "own.json").write_text(json.dumps({"PatientID": "OWN"}))
+    (folder / "d.json").symlink_to(folder / "own.json")  # a link within the folder is fine
+    for name, why in (("a", "symbolic link out of"), ("b", "not a regular file"), ("c", "over the limit")):
+        header = read_sidecar(folder / f"{name}.png")
+        assert header.ids == Identifiers() and header.patient.age is None, name
+        assert why in header.patient.notes[0], (name, header.patient.notes)
+    assert read_sidecar(folder / "d.png").ids.patient_id == "OWN"
 
 
 @pytest.mark.parametrize("content, what", [

@@ -27,7 +27,7 @@ import logging
 import os
 import time
 import tomllib
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -100,11 +100,48 @@ class CVConfig:
 
     @classmethod
     def from_toml(cls, path: Path) -> "CVConfig":
-        with open(path, "rb") as f:
-            data = tomllib.load(f)
-        variants = [Variant(**v) for v in data.pop("variant", [])]
-        priors = [PriorConfig(**p) for p in data.pop("prior", [])] or [PriorConfig()]
-        return cls(variants=variants, priors=priors, **data)
+        """Read and check a config before any work: unknown keys, wrong types and impossible
+        values are a :class:`ConfigError` naming the key (a typo must not cost a GPU run)."""
+        try:
+            with open(path, "rb") as f:
+                data = tomllib.load(f)
+        except OSError as e:
+            raise ConfigError(f"{path}: {e.strerror or e}") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{path}: not valid TOML ({e})") from None
+        try:
+            variants = [Variant(**_checked(Variant, v, f"[[variant]] {i + 1}")) for i, v in enumerate(_tables(data.pop("variant", []), "variant"))]
+            priors = [PriorConfig(**_checked(PriorConfig, p, f"[[prior]] {i + 1}")) for i, p in enumerate(_tables(data.pop("prior", []), "prior"))]
+            cfg = cls(variants=variants, priors=priors or [PriorConfig()], **_checked(cls, data, "top level"))
+        except ValueError as e:
+            raise ConfigError(f"{path}: {e}") from None
+        problems = cfg.problems()
+        if problems:
+            raise ConfigError(f"{path}: " + "; ".join(problems))
+        return cfg
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.folds < 2:
+            out.append(f"folds = {self.folds}: at least 2")
+        names = [v.name for v in self.variants]
+        if len(set(names)) != len(names):
+            out.append(f"variant names repeat ({', '.join(sorted({n for n in names if names.count(n) > 1}))}): "
+                       "each variant writes to a folder of its name")
+        for v in self.variants:
+            if v.epochs < 1 or v.image_size < 16 or v.batch_size < 2:
+                out.append(f"variant {v.name}: epochs >= 1, image_size >= 16 and batch_size >= 2")
+        if self.max_cost is not None:
+            cheapest = min((v.cost for v in self.variants), default=None)
+            if self.max_cost <= 0 or (cheapest is not None and self.max_cost < cheapest):
+                out.append(f"max_cost = {self.max_cost}: must be > 0 and at least the cheapest variant's cost "
+                           f"({cheapest})")
+        if self.bootstrap < 1 or self.crossfit_repeats < 0 or self.ece_bins < 1:
+            out.append("bootstrap >= 1, crossfit_repeats >= 0 and ece_bins >= 1")
+        bad = set(self.overrides) - {"image", "prior", "combine", "thresholds"}
+        if bad:
+            out.append(f"[overrides]: unknown {sorted(bad)} (image, prior, combine or thresholds)")
+        return out
 
     def variant(self, name: str) -> Variant:
         for v in self.variants:
@@ -114,6 +151,45 @@ class CVConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+class ConfigError(ValueError):
+    """A cross-validation config that cannot be run, with the key named."""
+
+
+def _tables(value, name: str) -> list:
+    if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
+        raise ValueError(f"{name}: expected [[{name}]] tables")
+    return value
+
+
+def _checked(cls, data: dict, where: str) -> dict:
+    """``data`` for ``cls(**data)``: every key a field of ``cls``, every value of its default's type
+    (an int where a float is expected is fine; a field whose default is None takes a number)."""
+    fields = cls.__dataclass_fields__
+    internal = {"variants", "priors"}  # filled from the [[variant]] and [[prior]] tables
+    unknown = sorted(k for k in data if k not in fields or k in internal)
+    if unknown:
+        raise ValueError(f"{where}: unknown key(s) {unknown} (known: {', '.join(k for k in fields if k not in ('variants', 'priors'))})")
+    for key, value in data.items():
+        f = fields[key]
+        if f.default is MISSING and f.default_factory is MISSING:
+            continue  # a required field (a variant's name): any TOML value names it
+        default = f.default if f.default is not MISSING else f.default_factory()
+        if default is None:
+            ok = value is None or isinstance(value, (int, float)) and not isinstance(value, bool)
+        elif isinstance(default, bool):
+            ok = isinstance(value, bool)
+        elif isinstance(default, float):
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        else:
+            ok = isinstance(value, type(default)) and not (isinstance(value, bool) and not isinstance(default, bool))
+        if key == "snapshots" and ok:
+            ok = all(isinstance(e, int) and not isinstance(e, bool) for e in value)
+        if not ok:
+            want = "a list of whole numbers" if key == "snapshots" else type(default).__name__ if default is not None else "a number"
+            raise ValueError(f"{where}: {key} = {value!r} should be {want}")
+    return data
 
 
 def prior_name(p: PriorConfig) -> str:
@@ -494,7 +570,11 @@ def variant_comparisons(y: np.ndarray, bests: list[dict], oofs: dict, resamples:
 
 def pick_image(cfg: CVConfig, candidates: list[dict], comparisons: dict) -> dict:
     if "image" in cfg.overrides:
-        return next(c for c in candidates if c["id"] == cfg.overrides["image"])
+        found = [c for c in candidates if c["id"] == cfg.overrides["image"]]
+        if not found:
+            raise SystemExit(f"[overrides] image = {cfg.overrides['image']!r} is none of the finished candidates: "
+                             f"{', '.join(sorted(c['id'] for c in candidates))}")
+        return found[0]
     return choose([c for c in candidates if c["repeat"] == 0], comparisons, cfg.max_cost)
 
 
@@ -806,11 +886,24 @@ def parse_args(argv=None):
     return ap.parse_args(argv)
 
 
+def check_inputs(args, needs_table: bool) -> None:
+    """Fail in a line, before any work, on what would otherwise fail hours into a run."""
+    for name, path in (("--labels", args.labels), ("--metadata-table", args.metadata_table if needs_table else None)):
+        if path is not None and not Path(path).is_file():
+            raise SystemExit(f"{name} {path}: no such file")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit(f"--device {args.device}: no CUDA device on this machine (use --device cpu)")
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(args.threads)
-    cfg = CVConfig.from_toml(Path(args.config))
+    check_inputs(args, needs_table=args.stage in ("report", "all"))
+    try:
+        cfg = CVConfig.from_toml(Path(args.config))
+    except ConfigError as e:
+        raise SystemExit(f"config: {e}") from None
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     labels = load_labels(Path(args.labels))

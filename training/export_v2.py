@@ -30,7 +30,7 @@ from cxr_batch.preprocess import Preprocessing
 
 from . import cvstats
 from .augment import eval_transform_batch
-from .crossval import CVConfig, build_v2_model, image_logits, load_cache, load_labels, train_model
+from .crossval import ConfigError, CVConfig, build_v2_model, image_logits, load_cache, load_labels, train_model
 from .fuse import combined_logits_formula, fold_combination, freeze_tabular_proj
 from .prepare import multi_hot
 from .table_prior import encode_rows
@@ -100,7 +100,12 @@ def main(argv=None) -> None:
     torch.set_num_threads(args.threads)
     if args.device.startswith("cuda"):
         torch.backends.cudnn.benchmark = True
-    cfg = CVConfig.from_toml(Path(args.config))
+    try:
+        cfg = CVConfig.from_toml(Path(args.config))
+    except ConfigError as e:
+        raise SystemExit(f"config: {e}") from None
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit(f"--device {args.device}: no CUDA device on this machine (use --device cpu)")
     cv = Path(args.cv)
     labels = load_labels(Path(args.labels))
     y = multi_hot(labels["labels"]).astype(np.float32)

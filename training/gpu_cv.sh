@@ -18,6 +18,7 @@
 # --config training/configs/v2_gpu.toml --bundle weights/cxr-fpn-v2 ...`.
 set -u
 MODE=${1:?prepare or run} CARRY=${2:?carry folder}
+case "$MODE" in prepare|run) ;; *) echo "gpu_cv.sh: unknown mode '$MODE' (prepare or run)" >&2; exit 2 ;; esac
 CONFIG=${CONFIG:-training/configs/v2_gpu.toml}
 CV=runs/gpu_cv FINAL=runs/gpu_final
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
@@ -36,6 +37,13 @@ if [ "$MODE" = prepare ]; then
 fi
 
 OUT=${3:?out folder}
+for f in labels.csv Data_Entry_2017_v2020.csv.gz; do
+  [ -f "$CARRY/$f" ] || { echo "gpu_cv.sh: $CARRY/$f missing: run 'gpu_cv.sh prepare $CARRY' first" >&2; exit 2; }
+done
+ls "$CARRY"/cache_*.u8.gz > /dev/null 2>&1 || { echo "gpu_cv.sh: no caches in $CARRY: run 'gpu_cv.sh prepare' first" >&2; exit 2; }
+if [ "${DEVICE:-cuda}" != cpu ] && ! $PY -c "import torch, sys; sys.exit(not torch.cuda.is_available())"; then
+  echo "gpu_cv.sh: torch sees no CUDA device here (DEVICE=cpu runs the same jobs on the CPU)" >&2; exit 2
+fi
 T0=$(date +%s)
 export DEADLINE=$(( T0 + ${TRAIN_SECONDS:-300} )) STOP=$(( T0 + ${STOP_SECONDS:-380} ))
 export PY CONFIG CV FINAL CARRY
@@ -120,3 +128,5 @@ PY
 tar -czf "$OUT/runs.tar.gz" --exclude='*.pt' --exclude='*.u8' --exclude='*.tmp' "$CV" "$FINAL"
 ls -la "$OUT"
 echo "done at $(( $(date +%s) - T0 )) s"
+# success only if a choice was made and the chosen model's weights travel back
+[ -f "$CV/choice.json" ] && ls "$OUT"/*.pt.part0 > /dev/null 2>&1 || { echo "gpu_cv.sh: no model was chosen or packed" >&2; exit 1; }
