@@ -39,7 +39,7 @@ def assemble_study(cand: Candidate, rules: ScoringRules, metadata: dict[str, Met
         return AssembledStudy(record)
     header, grey, failure = StudyHeader(), None, None
     try:
-        study = read_study(cand.path, rules, min_side)
+        study = read_study(cand.path, rules, min_side, identity=cand.identity)
         header, grey = study.header, study.grey
     except StudyFailure as e:
         failure, header = e, e.header or StudyHeader()

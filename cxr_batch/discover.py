@@ -23,6 +23,7 @@ class Candidate:
     rel: str  # path relative to the scanned folder, as shown in results (POSIX separators)
     problem: str | None = None  # set when the entry is not read: the reason for its row
     problem_status: str = "error"  # "skipped" when not reading it is a policy, not a failure
+    identity: tuple[int, int] | None = None  # (st_dev, st_ino) when listed: the reader checks it is still that file
 
 
 def is_ignored_name(name: str) -> bool:
@@ -102,7 +103,7 @@ def find_candidates(root: Path, exclude: list[Path] = (), follow_links: bool = F
             files.setdefault((st.st_dev, st.st_ino), []).append((via_link or entry.is_symlink(), rel(path), path))
 
     walk(root)
-    for names in files.values():
+    for identity, names in files.items():
         # a file reached again through a symbolic link is read once, under its own name if it
         # has one; hard links are separate entries and all read
         names.sort()
@@ -112,7 +113,7 @@ def find_candidates(root: Path, exclude: list[Path] = (), follow_links: bool = F
                 found.append(Candidate(path, name, f"the same file as {first} (through a link): read once",
                                        "skipped"))
             else:
-                found.append(Candidate(path, name))
+                found.append(Candidate(path, name, identity=identity))
     return sorted(found, key=lambda c: c.rel)
 
 

@@ -40,11 +40,11 @@ def sniff(head: bytes) -> str | None:
     return None
 
 
-def read_pil(path: Path, rules: ScoringRules, min_side: int = 0) -> np.ndarray:
+def read_pil(path: Path, rules: ScoringRules, min_side: int = 0, kind: str | None = None) -> np.ndarray:
     """Decode a PNG/JPEG to a uint8 grey array, refusing oversized and colour images. A JPEG
     is decoded through its DCT scaling (1/2, 1/4, 1/8) when a short side of ``min_side`` is
-    all the caller needs."""
-    what = "PNG" if Path(path).suffix.lower() == ".png" else "image"
+    all the caller needs. ``kind``: what the content was sniffed as, for messages."""
+    what = {"png": "PNG", "jpeg": "JPEG"}.get(kind) or ("PNG" if Path(path).suffix.lower() == ".png" else "image")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -118,29 +118,47 @@ def open_regular(path: Path):
         raise
 
 
-def read_study(path: Path, rules: ScoringRules = ScoringRules(), min_side: int = 0) -> StudyImage:
+def read_study(path: Path, rules: ScoringRules = ScoringRules(), min_side: int = 0,
+               identity: tuple[int, int] | None = None) -> StudyImage:
     """Read one file, recognised by its content whatever its name. Raises ReadError or
     SkipStudy with the reason for its row. ``min_side`` > 0: the image may come back smaller,
-    down to that short side, where its coding gives a smaller size for free."""
+    down to that short side, where its coding gives a smaller size for free. ``identity``:
+    the (device, inode) the file had when it was listed; a file replaced or re-linked since (a
+    link swapped to point out of the folder, say) is not read. The decoders then read the file
+    that was checked, not whatever the path names by then."""
     path = Path(path)
     try:
-        with open_regular(path) as f:
-            size = os.fstat(f.fileno()).st_size
-            if size == 0:
-                raise ReadError("empty file (0 bytes)")
-            if size > rules.max_file_bytes:
-                raise ReadError(f"file is {size:,} bytes, over the limit of {rules.max_file_bytes:,}")
-            head = f.read(4096)
+        f = open_regular(path)
     except OSError as e:
         raise ReadError(f"cannot read file: {e.strerror or type(e).__name__}") from None
-    kind = sniff(head)
-    if kind in ("png", "jpeg"):
-        return StudyImage(grey=read_pil(path, rules, min_side), kind=kind)
-    from . import dicom  # pydicom is only imported when a DICOM file is met
+    with f:
+        try:
+            st = os.fstat(f.fileno())
+            head = f.read(4096)
+        except OSError as e:
+            raise ReadError(f"cannot read file: {e.strerror or type(e).__name__}") from None
+        if identity is not None and (st.st_dev, st.st_ino) != tuple(identity):
+            raise ReadError("the file was replaced or re-linked between listing and reading: not read")
+        if st.st_size == 0:
+            raise ReadError("empty file (0 bytes)")
+        if st.st_size > rules.max_file_bytes:
+            raise ReadError(f"file is {st.st_size:,} bytes, over the limit of {rules.max_file_bytes:,}")
+        source = pinned(path, f)
+        kind = sniff(head)
+        if kind in ("png", "jpeg"):
+            return StudyImage(grey=read_pil(source, rules, min_side, kind), kind=kind)
+        from . import dicom  # pydicom is only imported when a DICOM file is met
 
-    if kind == "dicom" or dicom.looks_like_dicom(path):
-        return dicom.read_dicom(path, rules, min_side)
+        if kind == "dicom" or dicom.looks_like_dicom(source):
+            return dicom.read_dicom(source, rules, min_side)
     if is_text(head):
         raise SkipStudy("not an image: a text file")
     named = f" (named {path.suffix.lower()})" if path.suffix.lower() in IMAGE_SUFFIXES else ""
     raise ReadError(f"unrecognised content: not a PNG, JPEG or DICOM file{named}")
+
+
+def pinned(path: Path, f) -> Path:
+    """A path that names the open file ``f`` itself (Linux: /proc/self/fd/N), so that decoders
+    that open by path read the file that was checked; elsewhere ``path``."""
+    fd_path = Path(f"/proc/self/fd/{f.fileno()}")
+    return fd_path if fd_path.exists() else path

@@ -42,3 +42,27 @@ def test_links_that_point_at_each_other_are_called_a_loop_not_broken(tmp_path):
 def test_ignored_names():
     assert is_ignored_name(".x") and is_ignored_name("a.PART") and is_ignored_name("b.crdownload")
     assert not is_ignored_name("IM0001") and not is_ignored_name("a.dcm")
+
+
+def test_a_link_swapped_after_listing_is_not_read(tmp_path, nih_images):
+    """The check happens when the file is read, not only when it is listed: a sender who
+    re-points a link at another folder's file between the two gets an error row, not a read."""
+    import shutil
+
+    from cxr_batch.assemble import assemble_study
+    from cxr_batch.readers import ScoringRules
+
+    folder, outside = tmp_path / "in", tmp_path / "outside"
+    folder.mkdir()
+    outside.mkdir()
+    shutil.copy(nih_images[0], folder / ".own.png")  # hidden: not a study of its own
+    shutil.copy(nih_images[1], outside / "secret.png")
+    (folder / "a.png").symlink_to(folder / ".own.png")
+    [cand] = find_candidates(folder)
+    assert cand.problem is None and cand.identity is not None
+    (folder / "a.png").unlink()
+    (folder / "a.png").symlink_to(outside / "secret.png")
+    record = assemble_study(cand, ScoringRules()).record
+    assert record.status == "error" and "replaced or re-linked" in record.reason
+    [again] = find_candidates(folder)  # listed again: now a link out of the folder, not followed
+    assert again.problem_status == "skipped" and "outside the scanned folder" in again.problem
