@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import json
 import os
-import stat
 from dataclasses import dataclass
 from pathlib import Path
 
 from .patient import PatientData, patient_from_values
-from .study import Identifiers, StudyHeader
+from .readers import open_regular
+from .study import Identifiers, ReadError, StudyHeader
 
 NIH_COLUMNS = {"Image Index": "file", "Patient ID": "patient_id", "Patient Age": "age",
                "Patient Gender": "sex", "View Position": "view"}
@@ -136,14 +136,11 @@ def _sidecar_bytes(path: Path, image_path: Path) -> bytes:
     """The sidecar's bytes, opened once (no FIFO, device or oversized file is read)."""
     if path.is_symlink() and path.resolve().parent != image_path.resolve().parent:
         raise ValueError("a symbolic link out of the image's folder")
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise ValueError("not a regular file")
-        if st.st_size > SIDECAR_MAX_BYTES:
-            raise ValueError(f"{st.st_size:,} bytes, over the limit of {SIDECAR_MAX_BYTES:,}")
-        with os.fdopen(fd, "rb", closefd=False) as f:
-            return f.read(SIDECAR_MAX_BYTES + 1)[:SIDECAR_MAX_BYTES]
-    finally:
-        os.close(fd)
+        with open_regular(path) as f:
+            size = os.fstat(f.fileno()).st_size
+            if size > SIDECAR_MAX_BYTES:
+                raise ValueError(f"{size:,} bytes, over the limit of {SIDECAR_MAX_BYTES:,}")
+            return f.read(SIDECAR_MAX_BYTES)
+    except ReadError as e:
+        raise ValueError(str(e)) from None

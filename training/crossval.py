@@ -913,15 +913,17 @@ def main(argv=None) -> None:
         raise SystemExit(f"{len(missing)} labelled image(s) missing from {args.images}, e.g. {missing[:3]}")
     folds = folds_table(labels, cfg)
     path = out / "folds.csv"
-    if path.exists():  # a resumed run must keep its folds
+    write = not path.exists()
+    if not write:  # a resumed run must keep its folds
         old = pd.read_csv(path, dtype={"patient_id": str})
         same = [c for c in folds.columns if c in old.columns]
         if not old[same].astype(str).equals(folds[same].astype(str)):
             raise SystemExit(f"{path} differs from the folds this config gives: use another --out")
-    if not path.exists() or len(old.columns) < len(folds.columns):
-        # atomically: processes training other folds in parallel read it at their start
-        folds.to_csv(path.with_name(f"folds.{os.getpid()}.tmp"), index=False)
-        os.replace(path.with_name(f"folds.{os.getpid()}.tmp"), path)
+        write = len(old.columns) < len(folds.columns)  # more repeats than before
+    if write:  # atomically: processes training other folds in parallel read it at their start
+        tmp = path.with_name(f"folds.{os.getpid()}.tmp")
+        folds.to_csv(tmp, index=False)
+        os.replace(tmp, path)
     if args.device.startswith("cuda"):
         torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest kernels once
     if args.stage == "cache":
