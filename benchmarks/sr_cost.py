@@ -52,7 +52,7 @@ def store_seconds(files: list[Path], work: Path, repeats: int = 10) -> list[floa
     """Seconds per C-STORE (one association each, as the node's sender does) to storescp."""
     if shutil.which("storescp") is None:
         return None
-    from cxr_batch.dicom_send import Destination, send_dataset
+    from cxr_batch.integration.dicom_send import Destination, send_dataset
 
     port = free_port()
     (work / "pacs").mkdir()

@@ -236,7 +236,7 @@ def run_daemon(build, out: Path, debug: bool):
     from .folderlock import FolderBusy
     from .ledger import LedgerError
     from .metadata import MetadataError
-    from .node import NodeError
+    from .integration.node import NodeError
 
     private_files()
     try:
@@ -313,7 +313,7 @@ def listen(out, port, ae_title, host, allow, send_to, config_file, weights, meta
     """A DICOM node: receive studies by C-STORE, report each once, send the results back, until SIGTERM."""
 
     def build(stop):
-        from .node import ListenConfig, Node
+        from .integration.node import ListenConfig, Node
 
         cfg = load_config(ListenConfig, config_file, "listen", port=port, ae_title=ae_title, host=host, allow=allow,
                           send_to=send_to, weights=weights, metadata=metadata, device=device, precision=precision,

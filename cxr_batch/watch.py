@@ -472,7 +472,7 @@ class Watcher:
 
     def outbound_objects(self, studies: list[tuple[str, str, StudyRecord]]) -> dict[str, list[tuple[str, str]]]:
         """Result objects to queue for sending with the batch's commit, {key: [(SOPInstanceUID,
-        path relative to the results folder)]}: none here; the DICOM node sends (cxr_batch.node)."""
+        path relative to the results folder)]}: none here; the DICOM node sends (cxr_batch.integration.node)."""
         return {}
 
     def write_report(self, name_key: str, record: StudyRecord, inputs) -> None:

@@ -13,7 +13,7 @@ import pytest
 
 from cxr_batch.bundle import load_bundle
 from cxr_batch.dicom import identifiers
-from cxr_batch.dicom_send import Destination, send_dataset
+from cxr_batch.integration.dicom_send import Destination, send_dataset
 from cxr_batch.record import Scores, StudyRecord
 from cxr_batch.sr import build_sr
 from tests.dicomgen import grey, have, write

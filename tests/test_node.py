@@ -27,11 +27,11 @@ from cxr_batch.bundle import load_bundle
 from cxr_batch.config import ConfigError, load_dataclass
 from cxr_batch.dicom import identifiers
 from cxr_batch.dicom_build import encapsulated_pdf, save
-from cxr_batch.dicom_send import Destination
+from cxr_batch.integration.dicom_send import Destination
 from cxr_batch.findings import FINDINGS
 from cxr_batch.ledger import Ledger
-from cxr_batch.node import ListenConfig, Spool, StorageSCP
-from cxr_batch.outbound import Sender
+from cxr_batch.integration.node import ListenConfig, Spool, StorageSCP
+from cxr_batch.integration.outbound import Sender
 from cxr_batch.record import Scores, StudyRecord
 from cxr_batch.sr import build_sr, sr_bytes
 

@@ -12,7 +12,7 @@ with the watch daemon's machinery and C-STOREs each result back as a DICOM SR.
   are the watch daemon's. Spool files leave once their study is committed: deleted, or moved to
   ``archive_dir`` (``quarantine_dir`` for failures) when configured, so the disk stays bounded.
 - Sending back (``send_to``): each scored image's SR (and Encapsulated PDF with ``dicom_pdf``)
-  is queued in the ledger with its study's commit and sent by cxr_batch.outbound.
+  is queued in the ledger with its study's commit and sent by cxr_batch.integration.outbound.
 - Safe by default: binds 127.0.0.1; the called AE title must be ours; an optional calling-AE
   allow-list; TLS when a certificate is configured; association count, PDU size, timeouts and
   the size of one object bounded; logs name SOP Instance UIDs and AE titles, never patients.
@@ -32,14 +32,14 @@ from pathlib import Path
 
 from pydicom.uid import RE_VALID_UID
 
-from .config import ConfigError, bounded
-from .dicom import DECODED_TRANSFER_SYNTAXES
+from ..config import ConfigError, bounded
+from ..dicom import DECODED_TRANSFER_SYNTAXES
 from .dicom_send import Destination, check_ae_title, tcp_no_delay
-from .discover import is_ignored_name
-from .files import atomic_write_bytes, private_dir
+from ..discover import is_ignored_name
+from ..files import atomic_write_bytes, private_dir
 from .outbound import Sender
-from .record import StudyRecord, log_name
-from .watch import STATE_DIR, WatchConfig, Watcher
+from ..record import StudyRecord, log_name
+from ..watch import STATE_DIR, WatchConfig, Watcher
 
 log = logging.getLogger("cxr_batch")
 SPOOL = "spool"  # under RESULTS_DIR/.cxr-batch
@@ -375,7 +375,7 @@ class Node(Watcher):
         """Each scored study's SR (and Encapsulated PDF with dicom_pdf), queued with its commit."""
         if self.sender is None:
             return {}
-        from .sr import sr_file_name
+        from ..sr import sr_file_name
 
         queued = {}
         for key, content, record in studies:

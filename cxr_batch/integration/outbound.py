@@ -2,7 +2,7 @@
 
 The queue lives in the ledger (``outbound``, cxr_batch.ledger): objects are queued in the
 transaction that commits their study, so they survive any crash. :class:`Sender` C-STOREs the
-due ones to the destination one at a time (cxr_batch.dicom_send) and records each answer:
+due ones to the destination one at a time (cxr_batch.integration.dicom_send) and records each answer:
 
 - stored: marked delivered, never sent again;
 - a passing failure (peer down, busy, out of resources, a timeout): the link backs off
@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 from .dicom_send import Destination, SendResult, send_dataset
-from .ledger import Ledger, OutboundItem
+from ..ledger import Ledger, OutboundItem
 
 log = logging.getLogger("cxr_batch")
 IDLE_WAIT = 5.0  # seconds between looks at the queue when nothing woke the sender
