@@ -57,7 +57,7 @@ def assemble_study(cand: Candidate, rules: ScoringRules, metadata: dict[str, Met
         header.patient.fill_from(patient_from_metadata(row))
         if not header.ids.patient_id and row.patient_id:
             header.ids.patient_id = row.patient_id
-    record.ids, record.patient = header.ids, header.patient
+    record.ids, record.patient, record.acquisition = header.ids, header.patient, header.acquisition
     if failure is None:
         try:
             check_view(header.patient, rules)  # the view may come from a sidecar or the table

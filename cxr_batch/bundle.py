@@ -174,7 +174,8 @@ def read_manifest(folder: Path) -> dict:
 # The manifest's parts and the JSON type each must have (optional ones only when present).
 MANIFEST_TYPES = {"findings": list, "model_config": dict, "preprocessing": dict, "patient_encoding": dict,
                   "thresholds": dict, "sha256": str, "metrics": dict, "training": dict, "calibration": dict,
-                  "intended_use": str, "name": str, "version": str, "weights_file": str}
+                  "intended_use": str, "name": str, "version": str, "weights_file": str,
+                  "reference": dict}  # reference: what drift monitoring compares with (cxr_batch.drift)
 _TYPE_NAMES = {list: "a list", dict: "a table (JSON object)", str: "a string"}
 
 

@@ -425,6 +425,58 @@ def calibrate(studies, labels, weights, device, batch_size, workers, follow_link
     click.echo(f"new bundle {result.version} -> {result.bundle}", err=True)
 
 
+def parse_window(_ctx, _param, value):
+    from .monitor import WindowSpec
+
+    try:
+        return WindowSpec.parse(value)
+    except ValueError as e:
+        raise click.BadParameter(str(e)) from None
+
+
+@main.command()
+@click.argument("results", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--out", "-o", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Folder for monitor.json and monitor.pdf.")
+@click.option("--reference", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="A weights bundle (its manifest's reference) or a results folder (a site baseline). Default: the "
+                   "reference of the bundle that scored RESULTS, else their first window.")
+@click.option("--window", default="500", show_default=True, callback=parse_window,
+              help="Studies per window (500) or a period (14d, 12h).")
+@click.option("--alpha", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.001, show_default=True,
+              help="Family-wise false-alarm rate per window (Holm over every quantity).")
+@click.option("--min-studies", type=click.IntRange(1), default=30, show_default=True,
+              help="Scored studies a window needs before it can raise an alarm.")
+@DEBUG_OPTION
+def monitor(results, out, reference, window, alpha, min_studies, debug):
+    """Compare the studies of RESULTS (a results folder) with a reference: have the inputs drifted?
+
+    Exit codes: 0 no alarm; 5 at least one alarm; 1 nothing could be compared; 2 usage error.
+    """
+    from .drift import DriftError
+    from .monitor import MonitorError, MonitorOptions, alarm_line, run_monitor
+
+    setup_logging(False, debug)
+    private_files()
+    opts = MonitorOptions(window=window, alpha=alpha, min_studies=min_studies)
+
+    def action():
+        try:
+            return run_monitor(results, out, reference, opts)
+        except (MonitorError, DriftError) as e:
+            fail(str(e), debug)
+
+    report = run_fatal_errors(debug, action)  # bad bundles, unreadable files: exit 1, said plainly
+    for alarm in report["alarms"]:
+        click.echo(f"cxr-batch: ALARM {alarm['model']}: {alarm_line(alarm)}", err=True)
+    if report.get("problem"):
+        click.echo(f"cxr-batch: error: {report['problem']}", err=True)
+    windows = sum(len(m["windows"]) for m in report["models"])
+    click.echo(f"{report['studies']['scored']} scored studies, {windows} window(s) tested: {len(report['alarms'])} "
+               f"alarm(s) -> {out / 'monitor.json'}, {out / 'monitor.pdf'}", err=True)
+    sys.exit(report["exit_code"])
+
+
 @main.command()
 @click.option("--images", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="Folder of NIH ChestX-ray14 PNGs.")

@@ -22,6 +22,7 @@ import numpy as np
 import pydicom
 from pydicom.uid import UID
 
+from . import acquisition
 from .codestream import CodestreamError, first_fragment, j2k_frame, jpeg_frame, rle_segments
 from .greyscale import robust_range, window_to_uint8
 from .patient import PatientData, patient_from_values
@@ -431,7 +432,7 @@ def read_dicom(path: Path, rules: ScoringRules, min_side: int = 0) -> StudyImage
         raise ReadError("DICOM header cannot be parsed (truncated or corrupt)") from None
     if len(ds) == 0:
         raise ReadError("DICOM file holds no data elements (preamble only, or truncated)")
-    header = StudyHeader(identifiers(ds), patient_from_header(ds))
+    header = StudyHeader(identifiers(ds), patient_from_header(ds), acquisition.from_dicom(ds))
     try:
         check_scored(ds, rules)
         check_view(header.patient, rules)

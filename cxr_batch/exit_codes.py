@@ -5,3 +5,4 @@ FATAL = 1  # nothing could be done: bad or tampered weights, unreadable metadata
 USAGE = 2  # a bad option or configuration value, no such device
 SOME_FAILED = 3  # some files failed (their rows say why) or an output could not be written; the rest were
 NO_FILES = 4  # the folder held no file at all: an unmounted share or a wrong path is no success
+DRIFT_ALARM = 5  # monitor: at least one alarm (the inputs or outputs moved away from the reference)

@@ -8,6 +8,7 @@ callers (CSV, PDF reports, the watcher) consume results as they come and memory 
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -22,6 +23,7 @@ from .assemble import AssembledStudy, assemble_study
 from .bundle import Bundle
 from .discover import Candidate
 from .findings import DEFAULT_URGENT
+from .image_stats import image_statistics
 from .metadata import MetadataRow
 from .patient import PatientEncoding
 from .preprocess import Preprocessing, eval_transform, eval_transform_batch
@@ -181,14 +183,20 @@ class ScoredBatch:
 
 
 def attach_scores(batch: Batch, probs: np.ndarray | None, bundle: Bundle, urgent) -> list[StudyRecord]:
-    """Set model identification on every record and scores on the scored ones."""
+    """Set model identification on every record, and scores, the statistics of the model's
+    input (drift monitoring) and the time on the scored ones."""
     thresholds = np.array(bundle.threshold_vector())
+    prep = bundle.preprocessing
+    stats = image_statistics(batch.images, prep.mean[0], prep.std[0]) if batch.ok else []
+    now = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     for pos, record in enumerate(batch.records):
         record.model, record.weights_sha256 = bundle.label, bundle.sha256
         if pos in batch.ok:
-            p = probs[batch.ok.index(pos)]
-            t = triage(p, thresholds, urgent)
-            record.scores = Scores(tuple(float(v) for v in p), tuple(int(v) for v in t.flags), t.priority, t.score)
+            k = batch.ok.index(pos)
+            t = triage(probs[k], thresholds, urgent)
+            record.scores = Scores(tuple(float(v) for v in probs[k]), tuple(int(v) for v in t.flags), t.priority,
+                                   t.score)
+            record.image_stats, record.scored_at = stats[k], now
     return batch.records
 
 

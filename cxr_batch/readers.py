@@ -20,7 +20,8 @@ import numpy as np
 from PIL import Image
 
 from .greyscale import to_uint8
-from .study import ReadError, ScoringRules, SkipStudy, StudyImage
+from . import acquisition
+from .study import ReadError, ScoringRules, SkipStudy, StudyHeader, StudyImage
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 JPEG_SIGNATURE = b"\xff\xd8\xff"
@@ -44,6 +45,12 @@ def read_pil(path: Path, rules: ScoringRules, min_side: int = 0, kind: str | Non
     """Decode a PNG/JPEG to a uint8 grey array, refusing oversized and colour images. A JPEG
     is decoded through its DCT scaling (1/2, 1/4, 1/8) when a short side of ``min_side`` is
     all the caller needs. ``kind``: what the content was sniffed as, for messages."""
+    return read_pil_study(path, rules, min_side, kind).grey
+
+
+def read_pil_study(path: Path, rules: ScoringRules, min_side: int = 0, kind: str | None = None) -> StudyImage:
+    """:func:`read_pil` with what the file says about itself: its own size and bit depth
+    (before any reduced decode), for drift monitoring."""
     what = {"png": "PNG", "jpeg": "JPEG"}.get(kind) or ("PNG" if Path(path).suffix.lower() == ".png" else "image")
     try:
         with warnings.catch_warnings():
@@ -51,6 +58,7 @@ def read_pil(path: Path, rules: ScoringRules, min_side: int = 0, kind: str | Non
             with Image.open(path) as im:
                 what = im.format or what
                 w, h = im.size
+                made = StudyHeader(acquisition=acquisition.from_pil(kind or what.lower(), (w, h), im.mode))
                 if w * h > rules.max_pixels:
                     raise ReadError(f"image is {w} x {h} pixels, over the limit of {rules.max_pixels:,}")
                 if im.format == "JPEG" and min_side > 0 and im.mode in ("L", "RGB", "YCbCr"):
@@ -60,7 +68,7 @@ def read_pil(path: Path, rules: ScoringRules, min_side: int = 0, kind: str | Non
                     if k:
                         im.draft(im.mode, (-(-w // 2 ** k), -(-h // 2 ** k)))
                 im.load()
-                return pil_to_grey(im)
+                return StudyImage(grey=pil_to_grey(im), kind=kind or what.lower(), header=made)
     except ReadError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
@@ -146,7 +154,7 @@ def read_study(path: Path, rules: ScoringRules = ScoringRules(), min_side: int =
         source = pinned(path, f)
         kind = sniff(head)
         if kind in ("png", "jpeg"):
-            return StudyImage(grey=read_pil(source, rules, min_side, kind), kind=kind)
+            return read_pil_study(source, rules, min_side, kind)
         from . import dicom  # pydicom is only imported when a DICOM file is met
 
         if kind == "dicom" or dicom.looks_like_dicom(source):

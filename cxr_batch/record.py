@@ -13,7 +13,9 @@ import hashlib
 from dataclasses import dataclass, field, fields
 from typing import Literal
 
+from . import acquisition as acq
 from .findings import FINDINGS
+from .image_stats import COLUMNS as IMAGE_COLUMNS, ImageStats
 from .patient import SOURCE_UNKNOWN, PatientData
 from .study import CSV_IDENTIFIERS, Identifiers
 
@@ -30,10 +32,15 @@ COLUMNS: tuple[str, ...] = (
     + tuple(f"flag_{f}" for f in FINDINGS)
     + ("findings", "priority", "triage_score", "report", "model", "weights_sha256")
 )
+# What drift monitoring compares with a reference (cxr_batch.drift): how the image was made, what
+# the model's input looked like, and when the study was scored. Added as one group after the others.
+DRIFT_COLUMNS: tuple[str, ...] = acq.COLUMNS + IMAGE_COLUMNS + ("scored_at",)
+COLUMNS = COLUMNS + DRIFT_COLUMNS
 NOTE_SEPARATOR = "; "
 # Columns whose values come from outside (file names, headers, sidecars, library messages):
 # neutralised for spreadsheets. The numeric columns are written by cxr-batch itself.
-TEXT_COLUMNS = frozenset(("file", "reason") + CSV_IDENTIFIERS + PATIENT_COLUMNS + ("notes", "report", "model"))
+TEXT_COLUMNS = frozenset(("file", "reason") + CSV_IDENTIFIERS + PATIENT_COLUMNS + ("notes", "report", "model")
+                         + acq.TEXT_FIELDS)
 FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
 
 
@@ -85,6 +92,9 @@ class StudyRecord:
     report: str = ""  # file name of the PDF under reports/
     model: str = ""  # bundle name@version
     weights_sha256: str = ""
+    acquisition: acq.Acquisition = field(default_factory=acq.Acquisition)  # from the file's header
+    image_stats: ImageStats | None = None  # of the model's input, for scored studies
+    scored_at: str = ""  # when the model scored it: ISO 8601 UTC, to the second
 
     @property
     def ok(self) -> bool:
@@ -128,6 +138,9 @@ class StudyRecord:
             "triage_score": f"{s.triage_score:.6f}" if s else "", "report": self.report,
             "model": self.model, "weights_sha256": self.weights_sha256,
         })
+        row.update(self.acquisition.to_row())
+        row.update(self.image_stats.to_row() if self.image_stats else dict.fromkeys(IMAGE_COLUMNS, ""))
+        row["scored_at"] = self.scored_at
         return {k: spreadsheet_safe(v) if k in TEXT_COLUMNS else v for k, v in row.items()}
 
     @classmethod
@@ -153,12 +166,15 @@ class StudyRecord:
             )
         return cls(file=row["file"], status=get("status") or "error", reason=row.get("reason") or "",
                    ids=Identifiers(**{k: row.get(k) or "" for k in CSV_IDENTIFIERS}), patient=patient,
-                   scores=scores, report=get("report"), model=get("model"), weights_sha256=get("weights_sha256"))
+                   scores=scores, report=get("report"), model=get("model"), weights_sha256=get("weights_sha256"),
+                   acquisition=acq.Acquisition.from_row(row), image_stats=ImageStats.from_row(row),
+                   scored_at=get("scored_at"))
 
     # ---------------------------------------------------------------- ledger
     def to_json(self) -> dict:
         """Everything, the patient name included, as JSON-ready values."""
-        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("ids", "patient", "scores")}
+        nested = ("ids", "patient", "scores", "acquisition", "image_stats")
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in nested}
         out["ids"] = {f.name: getattr(self.ids, f.name) for f in fields(self.ids)}
         p = self.patient
         out["patient"] = {"age": p.age, "age_source": p.age_source, "sex": p.sex, "sex_source": p.sex_source,
@@ -166,6 +182,8 @@ class StudyRecord:
         s = self.scores
         out["scores"] = None if s is None else {"probs": list(s.probs), "flags": list(s.flags),
                                                  "priority": s.priority, "triage_score": s.triage_score}
+        out["acquisition"] = self.acquisition.to_json()
+        out["image_stats"] = self.image_stats.to_json() if self.image_stats else None
         return out
 
     @classmethod
@@ -178,4 +196,6 @@ class StudyRecord:
                                                  s["triage_score"]),
             report=data.get("report", ""), model=data.get("model", ""),
             weights_sha256=data.get("weights_sha256", ""),
+            acquisition=acq.Acquisition.from_json(data.get("acquisition")),
+            image_stats=ImageStats.from_json(data.get("image_stats")), scored_at=data.get("scored_at", ""),
         )

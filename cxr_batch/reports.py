@@ -511,7 +511,7 @@ WORKLIST_COLUMNS = (("#", 8), ("Priority", 21), ("Patient", 46), ("Age", 16), ("
 
 
 def worklist_pdf(records: list[StudyRecord], options: ReportOptions, info: ModelInfo,
-                 generated: dt.datetime) -> bytes:
+                 generated: dt.datetime, alarm: str = "") -> bytes:
     """The run's worklist: scored studies by priority and triage score; failures listed apart."""
     st = _styles()
     scored = sort_for_worklist([r for r in records if r.ok])
@@ -530,7 +530,7 @@ def worklist_pdf(records: list[StudyRecord], options: ReportOptions, info: Model
                f"Ordered by priority, then by score (how far the most suspicious finding exceeds its threshold). "
                f"Generated {format_time(generated)}.")
     story += [Spacer(1, 1.5 * mm), Paragraph(escape(summary), st["body"]), *_evidence_lines(info, st),
-              Spacer(1, 2 * mm)]
+              *([Paragraph(escape(alarm), st["warn"])] if alarm else []), Spacer(1, 2 * mm)]
 
     def cell(value, column, style="cell", missing="-"):
         return fitted(value, st[style], widths[column] - 2 * PAD, missing=missing)
@@ -637,8 +637,9 @@ class ReportWriter:
         ds.save_as(buf, enforce_file_format=True)
         atomic_write_bytes(self.folder / (name[:-4] + ".dcm"), buf.getvalue(), mode=REPORT_MODE)
 
-    def write_worklist(self, records: list[StudyRecord], name: str = "worklist.pdf") -> Path:
-        pdf = worklist_pdf(records, self.options, self.model_info, dt.datetime.now().astimezone())
+    def write_worklist(self, records: list[StudyRecord], name: str = "worklist.pdf", alarm: str = "") -> Path:
+        """``alarm``: one line drawn under the summary (the daemons' drift alarms)."""
+        pdf = worklist_pdf(records, self.options, self.model_info, dt.datetime.now().astimezone(), alarm)
         path = self.folder / name
         atomic_write_bytes(path, pdf, mode=REPORT_MODE)
         return path

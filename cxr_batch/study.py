@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .acquisition import Acquisition
 from .config import bounded, validate
 from .patient import PatientData
 
@@ -112,6 +113,7 @@ class StudyHeader:
 
     ids: Identifiers = field(default_factory=Identifiers)
     patient: PatientData = field(default_factory=PatientData)
+    acquisition: Acquisition = field(default_factory=Acquisition)  # how the image was made (drift monitoring)
 
 
 class StudyFailure(Exception):

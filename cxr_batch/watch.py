@@ -40,6 +40,7 @@ from pathlib import Path
 from .bundle import load_bundle
 from .config import ConfigError, bounded
 from .discover import Candidate, find_candidates, is_ignored_name
+from .drift_watch import DriftWatch
 from .files import atomic_write_bytes, private_dir
 from .folderlock import FolderLock
 from .inference import Engine, model_inputs, score_batches
@@ -83,6 +84,14 @@ class WatchConfig(RunConfig):
     worklist_max: int = bounded(500, min=1, max=100_000)  # ...and at most this many (results.csv has all)
     worklist_interval: float = bounded(30.0, min=0.0)  # rebuilt at most this often while studies stream in (at once when idle)
     retry_max: float = bounded(60.0, gt=0.0)  # longest wait between retries after a failed write
+    # drift monitoring (cxr_batch.drift_watch): every drift_every scored studies (0: off), the newest
+    # drift_window studies of this model against drift_reference (a bundle or a results folder; by
+    # default the bundle's own reference, else the first drift_window studies the model scored here)
+    drift_every: int = bounded(100, min=0)
+    drift_window: int = bounded(500, min=1)
+    drift_min_studies: int = bounded(30, min=1)
+    drift_alpha: float = bounded(0.001, gt=0.0, max=0.5)
+    drift_reference: str | None = None
 
 
 class OutputError(Exception):
@@ -136,6 +145,9 @@ class Watcher:
                 self.rebuild_ledger()
             self.bundle = load_bundle(cfg.weights)
             self.policy = make_policy(cfg.device, cfg.precision)
+            self.drift = DriftWatch(self.ledger, self.bundle, self.out, every=cfg.drift_every, window=cfg.drift_window,
+                                    min_studies=cfg.drift_min_studies, alpha=cfg.drift_alpha,
+                                    reference=cfg.drift_reference)
         except BaseException:
             self.lock.release()
             raise
@@ -318,6 +330,7 @@ class Watcher:
         self.contained(self.publish_whole)
         if self.reports is not None:
             self.contained(self.regenerate_reports)
+        self.drift.evaluate()  # the state before any new study
         self.worklist_due = True
 
     def regenerate_reports(self) -> None:
@@ -454,6 +467,7 @@ class Watcher:
         _checkpoint("commit")
         self.publish(outcomes)
         _checkpoint("publish")
+        self.drift.added(sum(o.record.ok for o in outcomes if o.action != "kept"))
         done = time.monotonic()
         for outcome in outcomes:
             record = outcome.record
@@ -588,7 +602,7 @@ class Watcher:
             return
         records = self.ledger.recent(time.time() - 3600 * self.cfg.worklist_hours, self.cfg.worklist_max)
         try:
-            self.reports.write_worklist(records)
+            self.reports.write_worklist(records, alarm=self.drift.worklist_line())
         except Exception as e:
             if _is_output_fault(e):
                 self.worklist_due = True
@@ -605,6 +619,7 @@ class Watcher:
             status["superseded"] = self.ledger.superseded_count()
         except sqlite3.Error:
             pass
+        status["drift"] = self.drift.status()
         status.update(self.extra_status())
         write_status(self.out / "status.json", status)
 

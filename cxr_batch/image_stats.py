@@ -1,0 +1,105 @@
+"""A few statistics of each image as the model sees it, for drift monitoring.
+
+Computed on the preprocessed model input (after crop and resize, before normalisation: grey
+levels in [0, 1]), for a whole batch at once on the device the batch is on, so they describe
+exactly what inference received and cost little next to the forward pass
+(``benchmarks/scan_throughput.py`` prints the figure). They are chosen to move when an export
+setting changes:
+
+- ``intensity_p05``/``p50``/``p95``, ``intensity_mean``, ``intensity_std`` (contrast): the
+  grey-level distribution (a different window, a flatter look-up table, another detector);
+- ``intensity_skew``: (p95 + p05 - 2 p50) / (p95 - p05), the asymmetry of the grey levels
+  (negative on the NIH radiographs: most of the image is brighter than its darkest parts), which
+  changes sign when grey levels are inverted, while the mean and the contrast barely move;
+- ``inversion_cue``: mean of the central vertical band (spine and mediastinum, bright on a
+  MONOCHROME2 radiograph) minus that of the two lateral bands (the lungs, dark): positive on a
+  chest radiograph shown as the model was trained, negative when grey levels are inverted;
+- ``top_bottom`` (lower half minus upper half) and ``left_right`` (right half minus left half of
+  the image): orientation cues that change sign when an image is upside down or mirrored;
+- ``sharpness``: mean absolute difference between neighbouring pixels relative to
+  ``intensity_std``: lower when a small image is enlarged (or a smoothing filter is applied).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+# Rows of the image used by the band cues: 20%..80% of the height (leaves out the shoulders
+# and the abdomen, which vary most between exposures).
+BAND_ROWS = (0.2, 0.8)
+
+
+@dataclass(frozen=True)
+class ImageStats:
+    intensity_p05: float
+    intensity_p50: float
+    intensity_p95: float
+    intensity_mean: float
+    intensity_std: float
+    intensity_skew: float
+    inversion_cue: float
+    top_bottom: float
+    left_right: float
+    sharpness: float
+
+    def to_row(self) -> dict[str, str]:
+        return {f.name: f"{getattr(self, f.name):.4f}" for f in fields(self)}
+
+    @classmethod
+    def from_row(cls, row: dict) -> "ImageStats | None":
+        """From results.csv cells; None when the row has none (not scored, or an older file)."""
+        try:
+            return cls(**{f.name: float(row[f.name]) for f in fields(cls)})
+        except (KeyError, TypeError, ValueError):
+            return None
+
+    def to_json(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def from_json(cls, data: dict | None) -> "ImageStats | None":
+        if not data:
+            return None
+        try:
+            return cls(**{f.name: float(data[f.name]) for f in fields(cls)})
+        except (KeyError, TypeError, ValueError):
+            return None
+
+
+COLUMNS: tuple[str, ...] = tuple(f.name for f in fields(ImageStats))
+
+
+def image_statistics(images, mean: float, std: float) -> list[ImageStats]:
+    """Statistics of a batch of normalised model inputs (a tensor [B, C, S, S]; channel 0 is the
+    grey image; ``mean``/``std``: that channel's normalisation). One entry per image."""
+    if images is None or len(images) == 0:
+        return []
+    import torch  # here, not at the top: the reading workers import this module's record type only
+
+    with torch.inference_mode():
+        return _statistics(images, mean, std)
+
+
+def _statistics(images, mean: float, std: float) -> list[ImageStats]:
+    import torch
+
+    grey = images[:, 0].float() * std + mean  # [B, S, S], grey levels in [0, 1] as the model saw them
+    b, h, w = grey.shape
+    flat = grey.reshape(b, -1)
+    q = torch.quantile(flat, torch.tensor([0.05, 0.5, 0.95], device=flat.device), dim=1)  # [3, B]
+    avg = flat.mean(dim=1)
+    sd = flat.std(dim=1, unbiased=False)
+    top, bottom = round(h * BAND_ROWS[0]), max(round(h * BAND_ROWS[1]), round(h * BAND_ROWS[0]) + 1)
+    third = max(1, w // 3)
+    band = grey[:, top:bottom]
+    centre = band[:, :, third:w - third].mean(dim=(1, 2))
+    sides = torch.cat([band[:, :, :third], band[:, :, w - third:]], dim=2).mean(dim=(1, 2))
+    half_h, half_w = h // 2, w // 2
+    top_bottom = grey[:, h - half_h:].mean(dim=(1, 2)) - grey[:, :half_h].mean(dim=(1, 2))
+    left_right = grey[:, :, w - half_w:].mean(dim=(1, 2)) - grey[:, :, :half_w].mean(dim=(1, 2))
+    edges = ((grey[:, :, 1:] - grey[:, :, :-1]).abs().mean(dim=(1, 2))
+             + (grey[:, 1:] - grey[:, :-1]).abs().mean(dim=(1, 2))) / 2
+    sharp = edges / sd.clamp_min(1e-3)  # a flat image (std ~ 0) has no meaningful sharpness: bounded
+    skew = (q[2] + q[0] - 2 * q[1]) / (q[2] - q[0]).clamp_min(1e-3)
+    table = torch.stack([q[0], q[1], q[2], avg, sd, skew, centre - sides, top_bottom, left_right, sharp], dim=1)
+    return [ImageStats(*(float(v) for v in row)) for row in table.cpu().tolist()]

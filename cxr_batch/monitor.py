@@ -1,0 +1,319 @@
+"""``cxr-batch monitor``: has what the model is given moved away from its reference?
+
+Reads a results folder (``results.csv`` as scan and the daemons write it), splits its scored
+studies into windows (``--window 500``: consecutive 500 studies; ``--window 14d``: 14 days by
+the time each study was scored), separately for each model that scored them (a new model starts
+new windows), and compares every window with a reference (:mod:`cxr_batch.drift`):
+
+- ``--reference BUNDLE``: the reference stored in a bundle's manifest (summaries of its training
+  images scored the way inference scores them);
+- ``--reference RESULTS_DIR``: a site baseline, the scored studies of another results folder;
+- by default, the reference of the bundle that scored the studies (found by its bundle_sha256
+  among the bundle named in run.json, the default bundle and the shipped ones); when it carries
+  none, the model's first window is its baseline and later windows are compared with it.
+
+Writes ``OUT/monitor.json`` (every statistic of every window, every alarm, and ``alarms``: the
+list of all alarms, each naming its quantity, window and studies) and ``OUT/monitor.pdf``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import exit_codes
+from .bundle import DEFAULT_BUNDLE, MANIFEST_FILE, BundleError, manifest_sha256, read_manifest
+from .drift import (DEFAULT_ALPHA, DEFAULT_MIN_STUDIES, EFFECT_NAMES, MIN_EFFECT, TESTS, DriftError,
+                    check_reference, compare, make_reference, output_fingerprint, outputs_comparable)
+from .files import atomic_write_bytes, private_dir
+from .record import StudyRecord
+from .results import read_records
+
+log = logging.getLogger("cxr_batch")
+DEFAULT_WINDOW = "500"
+METHOD = {
+    "windows": "scored studies of one model in the order they were scored (scored_at, else study date, else row); "
+               "'N': consecutive N studies; 'Nd'/'Nh': consecutive periods of N days/hours from the first study",
+    "tests": {kind: test for kind, (test, _) in TESTS.items()},
+    "effect": {kind: f"{EFFECT_NAMES[kind]} >= {MIN_EFFECT[kind]}" for kind in MIN_EFFECT},
+    "alarm": "Holm-adjusted p-value (over every quantity tested in the window) below alpha AND the effect at least "
+             "its minimum AND the window at least min_studies scored studies",
+    "scope": "an early warning that inputs or outputs moved, not an estimate of performance (that needs labels: "
+             "cxr-batch evaluate)",
+}
+
+
+class MonitorError(Exception):
+    """Nothing could be monitored: no results, no scored study, an unusable reference."""
+
+
+@dataclass(frozen=True)
+class WindowSpec:
+    count: int | None = None  # studies per window
+    period: dt.timedelta | None = None  # or a period of time
+
+    @classmethod
+    def parse(cls, text: str) -> "WindowSpec":
+        m = re.fullmatch(r"\s*(\d+)\s*([dh]?)\s*", str(text).lower())
+        if not m or int(m.group(1)) <= 0:
+            raise ValueError(f"window {text!r}: expected a number of studies (500) or a period (14d, 12h)")
+        n, unit = int(m.group(1)), m.group(2)
+        if not unit:
+            return cls(count=n)
+        return cls(period=dt.timedelta(days=n) if unit == "d" else dt.timedelta(hours=n))
+
+    def __str__(self) -> str:
+        if self.count is not None:
+            return str(self.count)
+        hours = self.period.total_seconds() / 3600
+        return f"{hours / 24:g}d" if hours % 24 == 0 else f"{hours:g}h"
+
+
+def study_time(record: StudyRecord) -> dt.datetime | None:
+    """When a study was scored (scored_at), else its study date; None when neither is known."""
+    for text, fmt in ((record.scored_at, None), (record.ids.study_date, "%Y%m%d")):
+        if not text:
+            continue
+        try:
+            t = dt.datetime.fromisoformat(text) if fmt is None else dt.datetime.strptime(text[:8], fmt)
+        except ValueError:
+            continue
+        return t if t.tzinfo else t.replace(tzinfo=dt.timezone.utc)
+    return None
+
+
+@dataclass
+class Window:
+    index: int
+    records: list[StudyRecord]
+    rows: list[int]  # results.csv row of each record (1 = the first row after the header)
+    times: list[dt.datetime | None] = field(default_factory=list)
+
+    def describe(self) -> dict:
+        known = [t for t in self.times if t is not None]
+        return {"index": self.index, "n": len(self.records), "rows": [min(self.rows), max(self.rows)],
+                "first": min(known).isoformat() if known else None, "last": max(known).isoformat() if known else None}
+
+
+def split_windows(records: list[StudyRecord], rows: list[int], spec: WindowSpec) -> tuple[list[Window], int]:
+    """Scored ``records`` (one model's) in time order, cut into windows. Returns the windows and
+    how many studies were left out (time windows need a time)."""
+    items = sorted(zip(records, rows, [study_time(r) for r in records]),
+                   key=lambda t: (t[2] is None, t[2] or dt.datetime.min.replace(tzinfo=dt.timezone.utc), t[1]))
+    windows, left_out = [], 0
+    if spec.count is not None:
+        for start in range(0, len(items), spec.count):
+            chunk = items[start:start + spec.count]
+            windows.append(Window(len(windows), [c[0] for c in chunk], [c[1] for c in chunk], [c[2] for c in chunk]))
+        return windows, 0
+    timed = [it for it in items if it[2] is not None]
+    left_out = len(items) - len(timed)
+    if timed:
+        origin = timed[0][2]
+        groups: dict[int, list] = {}
+        for it in timed:
+            groups.setdefault(int((it[2] - origin) / spec.period), []).append(it)
+        for k in sorted(groups):
+            chunk = groups[k]
+            windows.append(Window(len(windows), [c[0] for c in chunk], [c[1] for c in chunk], [c[2] for c in chunk]))
+    return windows, left_out
+
+
+# ---------------------------------------------------------------------------- references
+@dataclass
+class Reference:
+    data: dict  # the reference (cxr_batch.drift format)
+    kind: str  # "bundle", "results" or "baseline"
+    source: str  # where it came from, in words
+    manifest: dict | None = None  # the bundle's manifest, for a bundle reference
+
+    def describe(self) -> dict:
+        return {"kind": self.kind, "source": self.source, "n_studies": self.data.get("n_studies"),
+                "made_from": self.data.get("source"), "created": self.data.get("created")}
+
+
+def verified_manifest(folder: Path) -> dict:
+    """A bundle's manifest, its checksum verified (the reference is covered by it)."""
+    manifest = read_manifest(folder)
+    recorded = manifest.get("bundle_sha256")
+    if not recorded or manifest_sha256(manifest) != recorded:
+        raise BundleError(f"{Path(folder) / MANIFEST_FILE} fails its checksum: its reference cannot be trusted")
+    return manifest
+
+
+def bundle_reference(folder: Path) -> Reference:
+    manifest = verified_manifest(folder)
+    where = str(Path(folder) / MANIFEST_FILE)
+    if "reference" not in manifest:
+        raise DriftError(f"the bundle {folder} carries no reference: add one with 'python -m training.reference "
+                         f"{folder} --images TRAINING_IMAGES --metadata LABELS.csv --out NEW_BUNDLE', or give a "
+                         f"results folder as --reference (a site baseline)")
+    ref = check_reference(manifest["reference"], where)
+    return Reference(ref, "bundle", f"bundle {manifest.get('name', '')}@{manifest.get('version', '')} ({folder})",
+                     manifest)
+
+
+def results_reference(folder: Path) -> Reference:
+    records = [r for r in read_records(Path(folder) / "results.csv") if r.ok and r.scores is not None]
+    if not records:
+        raise DriftError(f"{folder}/results.csv holds no scored study to serve as a reference")
+    models = {r.weights_sha256 for r in records}
+    ref = make_reference(records, f"results folder {folder}",
+                         weights_sha256=models.pop() if len(models) == 1 else None)
+    return Reference(ref, "results", f"site baseline: {len(records)} scored studies of {folder}")
+
+
+def load_reference(path: Path) -> Reference:
+    """``--reference``: a bundle folder (its manifest's reference) or a results folder."""
+    path = Path(path)
+    if (path / MANIFEST_FILE).is_file():
+        return bundle_reference(path)
+    if (path / "results.csv").is_file():
+        return results_reference(path)
+    raise DriftError(f"--reference {path} is neither a weights bundle (manifest.json) nor a results folder "
+                     f"(results.csv)")
+
+
+def known_bundles(results_dir: Path) -> list[Path]:
+    """Bundles that may have scored a results folder: the one its run.json names, the default
+    bundle and the other shipped bundles beside it."""
+    found = []
+    try:
+        weights = json.loads((Path(results_dir) / "run.json").read_text()).get("config", {}).get("weights")
+        if weights:
+            found.append(Path(weights))
+    except (OSError, ValueError, AttributeError):
+        pass
+    found.append(DEFAULT_BUNDLE)
+    if DEFAULT_BUNDLE.parent.is_dir():
+        found += sorted(p for p in DEFAULT_BUNDLE.parent.iterdir() if (p / MANIFEST_FILE).is_file())
+    return found
+
+
+def find_manifest(sha: str, candidates: list[Path]) -> tuple[Path, dict] | None:
+    """The verified manifest whose bundle_sha256 is ``sha`` among ``candidates``."""
+    for folder in candidates:
+        try:
+            manifest = verified_manifest(folder)
+        except (BundleError, OSError):
+            continue
+        if manifest.get("bundle_sha256") == sha:
+            return folder, manifest
+    return None
+
+
+# ---------------------------------------------------------------------------- monitoring
+@dataclass
+class MonitorOptions:
+    window: WindowSpec = field(default_factory=lambda: WindowSpec.parse(DEFAULT_WINDOW))
+    alpha: float = DEFAULT_ALPHA
+    min_studies: int = DEFAULT_MIN_STUDIES
+
+
+def evaluate_windows(windows: list[Window], reference: Reference | None, sha: str, fingerprint: str | None,
+                     opts: MonitorOptions) -> tuple[list[dict], dict | None, list[str]]:
+    """Compare each window with ``reference`` (or, without one, windows after the first with the
+    first, the model's baseline). Returns the windows' results, the reference used and notes."""
+    notes = []
+    if reference is None:
+        if not windows:
+            return [], None, notes
+        base = windows[0]
+        data = make_reference(base.records, f"the first window ({len(base.records)} studies)", weights_sha256=sha)
+        reference = Reference(data, "baseline", f"site baseline: the first window of these results "
+                              f"({len(base.records)} studies, rows {min(base.rows)}-{max(base.rows)})")
+        notes.append("no reference for this model: its first window is the baseline and is not tested itself")
+        tested = windows[1:]
+    else:
+        tested = windows
+    outputs = outputs_comparable(reference.data, sha, fingerprint)
+    if not outputs:
+        notes.append("outputs not compared: the reference describes another model's outputs (or a different "
+                     "calibration or thresholds); inputs are compared")
+    out = []
+    for w in tested:
+        result = compare(reference.data, w.records, alpha=opts.alpha, min_studies=opts.min_studies, outputs=outputs,
+                         rows=w.rows)
+        out.append({"window": w.describe(), **result})
+    return out, reference.describe() | {"outputs_compared": outputs}, notes
+
+
+def run_monitor(results_dir: Path, out: Path, reference_path: Path | None = None,
+                opts: MonitorOptions = MonitorOptions()) -> dict:
+    """Monitor ``results_dir``; write OUT/monitor.json and OUT/monitor.pdf; return the report
+    (its ``exit_code`` says how it went). Raises MonitorError/DriftError when nothing can be
+    done."""
+    results_dir, out = Path(results_dir), Path(out)
+    csv = results_dir / "results.csv"
+    if not csv.is_file():
+        raise MonitorError(f"{results_dir} holds no results.csv")
+    rows = read_records(csv)
+    explicit = load_reference(reference_path) if reference_path is not None else None
+    by_model: dict[str, list[tuple[StudyRecord, int]]] = {}
+    for i, r in enumerate(rows, start=1):
+        if r.ok and r.scores is not None:
+            by_model.setdefault(r.weights_sha256, []).append((r, i))
+    if not by_model:
+        raise MonitorError(f"{csv} holds no scored study")
+    report = {"results": str(results_dir), "generated": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+              "window": str(opts.window), "alpha": opts.alpha, "min_studies": opts.min_studies,
+              "min_effect": dict(MIN_EFFECT), "method": METHOD,
+              "studies": {"rows": len(rows), "scored": sum(len(v) for v in by_model.values())},
+              "models": [], "alarms": [], "notes": []}
+    candidates = known_bundles(results_dir)
+    if explicit is not None and explicit.kind == "bundle" and reference_path is not None:
+        candidates = [Path(reference_path)] + candidates
+    tested_any = False
+    for sha, items in sorted(by_model.items(), key=lambda kv: kv[1][0][1]):
+        records, numbers = [r for r, _ in items], [i for _, i in items]
+        found = find_manifest(sha, candidates)
+        fingerprint = output_fingerprint(found[1]) if found else None
+        reference = explicit
+        notes = []
+        if reference is None and found is not None and "reference" in found[1]:
+            try:
+                reference = bundle_reference(found[0])
+            except DriftError as e:
+                notes.append(str(e))
+        windows, left_out = split_windows(records, numbers, opts.window)
+        if left_out:
+            notes.append(f"{left_out} studies without a time (scored_at or study date) are left out of time windows")
+        results, ref_info, more = evaluate_windows(windows, reference, sha, fingerprint, opts)
+        notes += more
+        tested_any = tested_any or bool(results)
+        model = {"model": records[0].model, "weights_sha256": sha, "n": len(records),
+                 "bundle": str(found[0]) if found else None, "reference": ref_info, "windows": results,
+                 "notes": notes}
+        report["models"].append(model)
+        for w in results:
+            for alarm in w["alarms"]:
+                report["alarms"].append({**alarm, "model": model["model"], "weights_sha256": sha,
+                                         "window": w["window"]})
+    if not tested_any:
+        report["problem"] = ("nothing was compared: no reference was found for the model(s) that scored these "
+                             "studies and there is no window after the first (the baseline); give --reference "
+                             "BUNDLE_OR_RESULTS_DIR")
+    report["exit_code"] = (exit_codes.FATAL if not tested_any else
+                           exit_codes.DRIFT_ALARM if report["alarms"] else exit_codes.OK)
+    write_outputs(report, out)
+    return report
+
+
+def write_outputs(report: dict, out: Path) -> None:
+    from .monitor_report import write_monitor_pdf
+
+    private_dir(out)
+    atomic_write_bytes(out / "monitor.json", (json.dumps(report, indent=2) + "\n").encode())
+    write_monitor_pdf(report, out / "monitor.pdf")
+
+
+def alarm_line(alarm: dict) -> str:
+    """One alarm in words, without identifiers: quantity, size, window and studies."""
+    w = alarm["window"]
+    when = f"rows {w['rows'][0]}-{w['rows'][1]}" if w.get("rows") else f"{w['n']} studies"
+    return (f"{alarm['label']} ({alarm['quantity']}): {alarm['shift']}; {alarm['effect_name']} {alarm['effect']:.2f}, "
+            f"p (Holm) {alarm['p_holm']:.1e}; window {w['index']} ({w['n']} studies, {when})")

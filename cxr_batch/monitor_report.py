@@ -1,0 +1,157 @@
+"""monitor.pdf: the drift monitor's report for a site's AI lead.
+
+Page 1: the alarms first (each quantity, the size of its shift, its window and studies), then
+what was compared with what and how. Then, per model, the trends: every quantity window by
+window against its reference (continuous: the window's median and interquartile range against
+the reference's; a category: the distance between the two distributions; a proportion: the
+window's rate with its 95% interval against the reference's), alarmed windows in red. Every
+number comes from the report that monitor.json holds.
+"""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no screen
+from matplotlib.backends.backend_pdf import PdfPages  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+
+from .drift import GROUPS, QUANTITIES  # noqa: E402
+
+A4 = (8.27, 11.69)
+ALARM, OK_COLOUR, REF = "#c0392b", "#1f5fa8", "#999999"
+PANELS = (6, 4)  # rows, columns of trend panels per page
+
+
+def _text(fig: Figure, y: float, text: str, size: float = 9, weight: str = "normal", width: int = 105,
+          colour: str = "black") -> float:
+    lines = textwrap.wrap(text, width) or [""]
+    fig.text(0.06, y, "\n".join(lines), fontsize=size, weight=weight, va="top", family="DejaVu Sans", color=colour)
+    return y - 0.0165 * len(lines) * size / 9
+
+
+def summary_page(report: dict) -> Figure:
+    from .monitor import alarm_line
+
+    fig = Figure(figsize=A4)
+    y = _text(fig, 0.965, "Drift monitoring: do the inputs still look like the reference?", 14, "bold")
+    y = _text(fig, y - 0.004, f"Results {report['results']}: {report['studies']['scored']} scored studies of "
+              f"{report['studies']['rows']} rows. Windows of {report['window']}; generated {report['generated']}.")
+    alarms = report["alarms"]
+    y -= 0.01
+    if report.get("problem"):
+        y = _text(fig, y, f"Nothing compared: {report['problem']}.", 11, "bold", colour=ALARM)
+    elif alarms:
+        inputs = sum(a["group"] != "output" for a in alarms)
+        y = _text(fig, y, f"{len(alarms)} ALARM{'S' if len(alarms) > 1 else ''} ({inputs} on inputs, "
+                  f"{len(alarms) - inputs} on outputs): check what changed before trusting the results.", 11, "bold",
+                  colour=ALARM)
+    else:
+        y = _text(fig, y, "No alarm: no quantity moved beyond its minimum shift with a corrected p-value below "
+                  f"{report['alpha']:g}.", 11, "bold", colour=OK_COLOUR)
+    shown = 0
+    for a in alarms:
+        if y < 0.42:
+            break
+        y = _text(fig, y, f"- {a['model']}: {alarm_line(a)}", 8, width=125)
+        shown += 1
+    if shown < len(alarms):
+        y = _text(fig, y, f"... and {len(alarms) - shown} more alarms in monitor.json.", 8)
+    y -= 0.012
+    y = _text(fig, y, "Compared with", 10, "bold")
+    for m in report["models"]:
+        ref = m["reference"]
+        what = (f"{ref['source']} ({ref['n_studies']} studies; outputs "
+                f"{'compared' if ref['outputs_compared'] else 'not compared'})") if ref else "nothing"
+        tested = len(m["windows"])
+        y = _text(fig, y, f"{m['model']} (bundle sha256 {m['weights_sha256'][:12]}..., {m['n']} studies, {tested} "
+                  f"window(s) tested): {what}.", 8, width=125)
+        for note in m["notes"]:
+            y = _text(fig, y, f"  note: {note}.", 8, width=125)
+    y -= 0.012
+    y = _text(fig, y, "How", 10, "bold")
+    method = report["method"]
+    lines = [f"windows: {method['windows']}.",
+             "tests: " + "; ".join(f"{k}: {v}" for k, v in method["tests"].items()) + ".",
+             "minimum shift: " + "; ".join(f"{k}: {v}" for k, v in method["effect"].items()) + ".",
+             f"alarm: {method['alarm']}; alpha {report['alpha']:g}, at least {report['min_studies']} studies.",
+             f"scope: {method['scope']}."]
+    for line in lines:
+        y = _text(fig, y, line, 8, width=125)
+    return fig
+
+
+def _panel(ax, name: str, entries: list[tuple[int, dict]]) -> None:
+    """One quantity over the windows: value against the reference, alarms in red."""
+    ax.set_title(name if len(name) <= 28 else name[:27] + "...", fontsize=6.5)
+    ax.tick_params(labelsize=5)
+    xs = [i for i, _ in entries]
+    tested = [(i, e) for i, e in entries if "not_tested" not in e]
+    if not tested:
+        ax.text(0.5, 0.5, "not tested", ha="center", va="center", fontsize=6, color=REF, transform=ax.transAxes)
+        ax.set_xticks(xs)
+        return
+    kind = tested[0][1]["kind"]
+    colours = [ALARM if e.get("alarm") else OK_COLOUR for _, e in tested]
+    if kind == "continuous":
+        e0 = tested[0][1]
+        ax.axhspan(*e0["reference_iqr"], color=REF, alpha=0.25, lw=0)
+        ax.axhline(e0["reference_median"], color=REF, lw=0.8)
+        for (i, e), c in zip(tested, colours):
+            ax.plot([i, i], e["window_iqr"], color=c, lw=1)
+            ax.plot(i, e["window_median"], "o", color=c, ms=2.5)
+    elif kind == "proportion":
+        ax.axhline(tested[0][1]["reference_rate"], color=REF, lw=0.8)
+        for (i, e), c in zip(tested, colours):
+            ax.plot([i, i], e["window_ci95"], color=c, lw=1)
+            ax.plot(i, e["window_rate"], "o", color=c, ms=2.5)
+    else:
+        ax.axhline(tested[0][1]["min_effect"], color=ALARM, lw=0.6, ls="--")
+        for (i, e), c in zip(tested, colours):
+            ax.plot(i, e["effect"], "o", color=c, ms=2.5)
+        ax.set_ylim(0, 1)
+    ax.set_xticks(xs)
+    ax.set_xlim(min(xs) - 0.5, max(xs) + 0.5)
+
+
+def trend_pages(report: dict) -> list[Figure]:
+    pages = []
+    per_page = PANELS[0] * PANELS[1]
+    for m in report["models"]:
+        if not m["windows"]:
+            continue
+        names = [q.name for q in sorted(QUANTITIES, key=lambda q: GROUPS.index(q.group))]
+        for start in range(0, len(names), per_page):
+            fig = Figure(figsize=A4)
+            fig.suptitle(f"Trends by window: {m['model']} ({m['weights_sha256'][:12]}...)", fontsize=11,
+                         weight="bold", y=0.98)
+            fig.text(0.5, 0.955, "x: window; grey: the reference (median and interquartile range, or rate; dashed: the "
+                     "smallest distance that alarms); dots: each window; red: an alarm", ha="center", fontsize=7)
+            axes = fig.subplots(*PANELS, gridspec_kw={"hspace": 0.7, "wspace": 0.35, "left": 0.07, "right": 0.97,
+                                                      "top": 0.92, "bottom": 0.04})
+            for ax, name in zip(axes.ravel(), names[start:start + per_page] + [None] * per_page):
+                if name is None:
+                    ax.axis("off")
+                    continue
+                _panel(ax, name, [(w["window"]["index"], w["statistics"][name]) for w in m["windows"]])
+            pages.append(fig)
+    return pages
+
+
+def write_monitor_pdf(report: dict, path: Path) -> Path:
+    """Write the summary and trend pages to ``path`` (via a temp file and a rename)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        with PdfPages(tmp, metadata={"Title": "cxr-batch drift monitoring"}) as pdf:
+            for fig in [summary_page(report), *trend_pages(report)]:
+                pdf.savefig(fig)
+        tmp.chmod(0o640)
+        tmp.replace(path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
