@@ -445,7 +445,7 @@ def parse_window(_ctx, _param, value):
               help="Studies per window (500) or a period (14d, 12h).")
 @click.option("--alpha", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.001, show_default=True,
               help="Family-wise false-alarm rate per window (Holm over every quantity).")
-@click.option("--min-studies", type=click.IntRange(1), default=30, show_default=True,
+@click.option("--min-studies", type=click.IntRange(1), default=20, show_default=True,
               help="Scored studies a window needs before it can raise an alarm.")
 @DEBUG_OPTION
 def monitor(results, out, reference, window, alpha, min_studies, debug):

@@ -49,9 +49,12 @@ INPUT_GROUPS = ("acquisition", "image", "patient")
 # proportions; 0.2 is "small", 0.5 "medium"). Below them a shift is reported, not alarmed: with
 # hundreds of studies a trivial difference is significant.
 MIN_EFFECT = {"continuous": 0.3, "categorical": 0.15, "proportion": 0.3}
+# A patient mix moves more from week to week than a device or an export setting does (the
+# portable AP films of an ICU, a clinic's day): sex and view need a swing of 30 points.
+PATIENT_MIX_EFFECT = 0.3
 EFFECT_NAMES = {"continuous": "KS distance", "categorical": "total variation distance", "proportion": "Cohen's h"}
 DEFAULT_ALPHA = 0.001
-DEFAULT_MIN_STUDIES = 30
+DEFAULT_MIN_STUDIES = 20
 EXACT_LIMIT = 100  # a continuous quantity with at most this many distinct values is kept as exact counts
 CATEGORY_LIMIT = 40  # categories kept by name in a reference; the rest are "(other)"
 NONE, OTHER, UNKNOWN = "(none)", "(other)", "unknown"
@@ -69,6 +72,11 @@ class Quantity:
     kind: str  # "continuous", "categorical" or "proportion"
     label: str
     value: Callable[[StudyRecord], object]  # a number (None: unknown), a category, or a bool
+    min_effect: float | None = None  # the smallest shift that alarms, when not its kind's MIN_EFFECT
+
+    @property
+    def floor(self) -> float:
+        return MIN_EFFECT[self.kind] if self.min_effect is None else self.min_effect
 
 
 def _text(getter):
@@ -112,8 +120,10 @@ def _quantities() -> tuple[Quantity, ...]:
         Quantity("age", "patient", "continuous", "patient age (years, known ages)", lambda r: r.patient.age),
         Quantity("age_unknown", "patient", "proportion", "share of studies without a known age",
                  lambda r: r.patient.age is None),
-        Quantity("sex", "patient", "categorical", "patient sex", lambda r: r.patient.sex or UNKNOWN),
-        Quantity("view", "patient", "categorical", "view position", lambda r: r.patient.view or UNKNOWN),
+        Quantity("sex", "patient", "categorical", "patient sex", lambda r: r.patient.sex or UNKNOWN,
+                 PATIENT_MIX_EFFECT),
+        Quantity("view", "patient", "categorical", "view position", lambda r: r.patient.view or UNKNOWN,
+                 PATIENT_MIX_EFFECT),
     ]
     for k, f in enumerate(FINDINGS):
         out.append(Quantity(f"p_{f}", "output", "continuous", f"output: probability of {f}",
@@ -131,6 +141,12 @@ BY_NAME = {q.name: q for q in QUANTITIES}
 
 
 # ---------------------------------------------------------------------------- summaries
+def monitored(record: StudyRecord) -> bool:
+    """A scored study with the data drift monitoring needs: studies scored by a cxr-batch
+    before drift monitoring have no image statistics, and would look like a change of format."""
+    return record.ok and record.scores is not None and record.image_stats is not None
+
+
 def _finite(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
@@ -167,11 +183,10 @@ def summarise_values(kind: str, values: list) -> dict:
     return {"kind": kind, "n": len(known), "k": int(sum(known))}
 
 
-def summarise(records: list[StudyRecord], outputs: bool = True) -> dict[str, dict]:
+def summarise(records: list[StudyRecord]) -> dict[str, dict]:
     """Every quantity's summary over the scored studies of ``records``."""
-    scored = [r for r in records if r.ok and r.scores is not None]
-    return {q.name: summarise_values(q.kind, [q.value(r) for r in scored])
-            for q in QUANTITIES if outputs or q.group != "output"}
+    scored = [r for r in records if monitored(r)]
+    return {q.name: summarise_values(q.kind, [q.value(r) for r in scored]) for q in QUANTITIES}
 
 
 def output_fingerprint(manifest: dict) -> str:
@@ -193,7 +208,7 @@ def make_reference(records: list[StudyRecord], source: str, outputs_for: str | N
     baseline)."""
     from . import __version__
 
-    scored = [r for r in records if r.ok and r.scores is not None]
+    scored = [r for r in records if monitored(r)]
     if not scored:
         raise DriftError(f"no scored study to build a reference from ({source})")
     ref = {"format": REFERENCE_FORMAT, "source": source, "n_studies": len(scored),
@@ -361,12 +376,12 @@ def compare(reference: dict, records: list[StudyRecord], *, alpha: float = DEFAU
     ``outputs``: whether the reference's outputs describe this model (else only inputs are
     tested). ``rows``: each record's row in results.csv, to name the studies behind an alarm.
     Returns {"n", "too_small", "statistics": {name: {...}}, "alarms": [...]}."""
-    scored = [(i, r) for i, r in enumerate(records) if r.ok and r.scores is not None]
+    scored = [(i, r) for i, r in enumerate(records) if monitored(r)]
     stats: dict[str, dict] = {}
     for q in QUANTITIES:
         s = reference["quantities"].get(q.name)
         entry = {"group": q.group, "kind": q.kind, "label": q.label, "test": TESTS[q.kind][0],
-                 "effect_name": EFFECT_NAMES[q.kind], "min_effect": MIN_EFFECT[q.kind]}
+                 "effect_name": EFFECT_NAMES[q.kind], "min_effect": q.floor}
         if q.group == "output" and not outputs:
             entry["not_tested"] = "the reference's outputs are of another model (inputs still compared)"
         elif s is None:

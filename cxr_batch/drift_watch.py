@@ -22,6 +22,8 @@ import json
 import logging
 from pathlib import Path
 
+from .bundle import BundleError
+from .config import ConfigError
 from .drift import DriftError, check_reference, compare, make_reference, output_fingerprint, outputs_comparable
 from .files import atomic_write_bytes
 from .monitor import Reference, load_reference
@@ -38,7 +40,10 @@ class DriftWatch:
         self.sha, self.fingerprint = bundle.sha256, output_fingerprint(bundle.manifest)
         self.reference: Reference | None = None
         if reference:
-            self.reference = load_reference(Path(reference))  # DriftError/BundleError: the daemon does not start
+            try:
+                self.reference = load_reference(Path(reference))
+            except (DriftError, BundleError, OSError, ValueError) as e:  # the daemon does not start: exit 2
+                raise ConfigError(f"drift_reference = {reference!r}: {e}") from None
         elif "reference" in bundle.manifest:
             try:
                 data = check_reference(bundle.manifest["reference"], f"{bundle.path}/manifest.json")
@@ -140,8 +145,8 @@ class DriftWatch:
         if not self.alarms:
             return ""
         n = self.state.get("window", {}).get("n", 0)
-        named = "; ".join(f"{a['label']}: {a['shift']}" for a in self.alarms[:3])
-        more = f" and {len(self.alarms) - 3} more" if len(self.alarms) > 3 else ""
-        return (f"DRIFT ALARM: over the last {n} studies, {len(self.alarms)} quantities moved away from the reference "
-                f"({named}{more}). Check what changed (detector, export settings, patient mix) before relying on "
-                f"these results; scoring goes on. Details: drift.json, cxr-batch monitor.")
+        named = ", ".join(f"{a['quantity']} ({a['effect_name']} {a['effect']:.2f})" for a in self.alarms[:4])
+        more = f" and {len(self.alarms) - 4} more" if len(self.alarms) > 4 else ""
+        return (f"DRIFT ALARM: over the last {n} studies, {len(self.alarms)} quantities moved away from the reference: "
+                f"{named}{more}. Check what changed (detector, export settings, patient mix) before relying on these "
+                f"results; scoring goes on. Details: drift.json.")

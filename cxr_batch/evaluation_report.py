@@ -157,11 +157,18 @@ def calibration_page(ev: dict) -> Figure:
 
 def write_evaluation_pdf(ev: dict, y: np.ndarray, p: np.ndarray, path: Path) -> Path:
     """Write the three pages to ``path`` (via a temp file and a rename)."""
+    return save_pages([summary_page(ev), roc_page(ev, y, p), calibration_page(ev)], path,
+                      f"cxr-batch evaluation of {ev['model']}")
+
+
+def save_pages(figures: list[Figure], path: Path, title: str) -> Path:
+    """Write ``figures`` as the pages of one PDF at ``path``, mode 0640, via a temp file and a
+    rename: a reader never sees half a report."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
     try:
-        with PdfPages(tmp, metadata={"Title": f"cxr-batch evaluation of {ev['model']}"}) as pdf:
-            for fig in (summary_page(ev), roc_page(ev, y, p), calibration_page(ev)):
+        with PdfPages(tmp, metadata={"Title": title}) as pdf:
+            for fig in figures:
                 pdf.savefig(fig)
         tmp.chmod(0o640)
         tmp.replace(path)

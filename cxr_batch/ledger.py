@@ -191,11 +191,13 @@ class Ledger:
         return [StudyRecord.from_json(json.loads(r[0])) for r in reversed(rows)]
 
     def scored_records(self, weights_sha256: str, limit: int, newest: bool = True) -> list[tuple[int, StudyRecord]]:
-        """(seq, record) of the scored studies of one model (its bundle_sha256): the newest
-        ``limit`` or, with ``newest=False``, the first ``limit``, in the order reported (drift
-        monitoring's window and baseline)."""
+        """(seq, record) of the scored studies of one model (its bundle_sha256) that carry image
+        statistics (scored since drift monitoring): the newest ``limit`` or, with
+        ``newest=False``, the first ``limit``, in the order reported (drift monitoring's window
+        and baseline)."""
         rows = self.db.execute("SELECT seq, record FROM studies WHERE status = 'ok' AND "
-                               "json_extract(record, '$.weights_sha256') = ? ORDER BY seq "
+                               "json_extract(record, '$.weights_sha256') = ? AND "
+                               "json_extract(record, '$.image_stats') IS NOT NULL ORDER BY seq "
                                + ("DESC" if newest else "ASC") + " LIMIT ?", (weights_sha256, limit)).fetchall()
         out = [(seq, StudyRecord.from_json(json.loads(r))) for seq, r in rows]
         return out[::-1] if newest else out

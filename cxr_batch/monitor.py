@@ -27,8 +27,9 @@ from pathlib import Path
 
 from . import exit_codes
 from .bundle import DEFAULT_BUNDLE, MANIFEST_FILE, BundleError, manifest_sha256, read_manifest
-from .drift import (DEFAULT_ALPHA, DEFAULT_MIN_STUDIES, EFFECT_NAMES, MIN_EFFECT, TESTS, DriftError,
-                    check_reference, compare, make_reference, output_fingerprint, outputs_comparable)
+from .drift import (DEFAULT_ALPHA, DEFAULT_MIN_STUDIES, EFFECT_NAMES, MIN_EFFECT, PATIENT_MIX_EFFECT, TESTS,
+                    DriftError, check_reference, compare, make_reference, monitored, output_fingerprint,
+                    outputs_comparable)
 from .files import atomic_write_bytes, private_dir
 from .record import StudyRecord
 from .results import read_records
@@ -39,7 +40,8 @@ METHOD = {
     "windows": "scored studies of one model in the order they were scored (scored_at, else study date, else row); "
                "'N': consecutive N studies; 'Nd'/'Nh': consecutive periods of N days/hours from the first study",
     "tests": {kind: test for kind, (test, _) in TESTS.items()},
-    "effect": {kind: f"{EFFECT_NAMES[kind]} >= {MIN_EFFECT[kind]}" for kind in MIN_EFFECT},
+    "effect": {**{kind: f"{EFFECT_NAMES[kind]} >= {MIN_EFFECT[kind]}" for kind in MIN_EFFECT},
+               "sex, view": f"{EFFECT_NAMES['categorical']} >= {PATIENT_MIX_EFFECT}"},
     "alarm": "Holm-adjusted p-value (over every quantity tested in the window) below alpha AND the effect at least "
              "its minimum AND the window at least min_studies scored studies",
     "scope": "an early warning that inputs or outputs moved, not an estimate of performance (that needs labels: "
@@ -158,9 +160,10 @@ def bundle_reference(folder: Path) -> Reference:
 
 
 def results_reference(folder: Path) -> Reference:
-    records = [r for r in read_records(Path(folder) / "results.csv") if r.ok and r.scores is not None]
+    records = [r for r in read_records(Path(folder) / "results.csv") if monitored(r)]
     if not records:
-        raise DriftError(f"{folder}/results.csv holds no scored study to serve as a reference")
+        raise DriftError(f"{folder}/results.csv holds no scored study with drift data to serve as a reference "
+                         f"(studies scored before drift monitoring have none: scan them again)")
     models = {r.weights_sha256 for r in records}
     ref = make_reference(records, f"results folder {folder}",
                          weights_sha256=models.pop() if len(models) == 1 else None)
@@ -255,15 +258,20 @@ def run_monitor(results_dir: Path, out: Path, reference_path: Path | None = None
     explicit = load_reference(reference_path) if reference_path is not None else None
     by_model: dict[str, list[tuple[StudyRecord, int]]] = {}
     for i, r in enumerate(rows, start=1):
-        if r.ok and r.scores is not None:
+        if monitored(r):
             by_model.setdefault(r.weights_sha256, []).append((r, i))
+    older = sum(r.ok and not monitored(r) for r in rows)
     if not by_model:
-        raise MonitorError(f"{csv} holds no scored study")
+        raise MonitorError(f"{csv} holds no scored study with drift data" + (
+            f" ({older} were scored before drift monitoring: scan them again)" if older else ""))
     report = {"results": str(results_dir), "generated": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
               "window": str(opts.window), "alpha": opts.alpha, "min_studies": opts.min_studies,
               "min_effect": dict(MIN_EFFECT), "method": METHOD,
               "studies": {"rows": len(rows), "scored": sum(len(v) for v in by_model.values())},
               "models": [], "alarms": [], "notes": []}
+    if older:
+        report["notes"].append(f"{older} scored studies without drift data (scored by an earlier cxr-batch) are left "
+                               f"out")
     candidates = known_bundles(results_dir)
     if explicit is not None and explicit.kind == "bundle" and reference_path is not None:
         candidates = [Path(reference_path)] + candidates

@@ -16,10 +16,10 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")  # files only, no screen
-from matplotlib.backends.backend_pdf import PdfPages  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
 from .drift import GROUPS, QUANTITIES  # noqa: E402
+from .evaluation_report import save_pages  # noqa: E402
 
 A4 = (8.27, 11.69)
 ALARM, OK_COLOUR, REF = "#c0392b", "#1f5fa8", "#999999"
@@ -71,6 +71,8 @@ def summary_page(report: dict) -> Figure:
                   f"window(s) tested): {what}.", 8, width=125)
         for note in m["notes"]:
             y = _text(fig, y, f"  note: {note}.", 8, width=125)
+    for note in report["notes"]:
+        y = _text(fig, y, f"Note: {note}.", 8, width=125)
     y -= 0.012
     y = _text(fig, y, "How", 10, "bold")
     method = report["method"]
@@ -143,15 +145,4 @@ def trend_pages(report: dict) -> list[Figure]:
 
 def write_monitor_pdf(report: dict, path: Path) -> Path:
     """Write the summary and trend pages to ``path`` (via a temp file and a rename)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        with PdfPages(tmp, metadata={"Title": "cxr-batch drift monitoring"}) as pdf:
-            for fig in [summary_page(report), *trend_pages(report)]:
-                pdf.savefig(fig)
-        tmp.chmod(0o640)
-        tmp.replace(path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
+    return save_pages([summary_page(report), *trend_pages(report)], path, "cxr-batch drift monitoring")

@@ -89,7 +89,7 @@ class WatchConfig(RunConfig):
     # default the bundle's own reference, else the first drift_window studies the model scored here)
     drift_every: int = bounded(100, min=0)
     drift_window: int = bounded(500, min=1)
-    drift_min_studies: int = bounded(30, min=1)
+    drift_min_studies: int = bounded(20, min=1)
     drift_alpha: float = bounded(0.001, gt=0.0, max=0.5)
     drift_reference: str | None = None
 

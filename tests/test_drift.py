@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import csv
 import json
-import logging
 import shutil
 import subprocess
 import sys
@@ -19,20 +18,20 @@ from dataclasses import dataclass
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 from PIL import Image
 from pypdf import PdfReader
 from pypdf.errors import PdfReadError
 
 from cxr_batch import exit_codes
-from cxr_batch.bundle import DEFAULT_BUNDLE, BundleError, load_bundle, manifest_sha256
-from cxr_batch.cli import main
+from cxr_batch.bundle import DEFAULT_BUNDLE, BundleError, load_bundle, manifest_sha256, write_manifest
 from cxr_batch.drift import (DEFAULT_ALPHA, QUANTITIES, compare, holm, make_reference, output_fingerprint,
                              summarise)
+from cxr_batch.record import DRIFT_COLUMNS
 from cxr_batch.results import read_records, read_results
 from cxr_batch.scan import ScanConfig, run_scan
 
 from .dicomgen import grey, write
+from .test_evaluate_calibrate import cli_here
 from .watchkit import start_daemon, status, stop, wait_for, watch_config
 
 INPUT_GROUPS = {"acquisition", "image", "patient"}
@@ -51,16 +50,9 @@ class Done:
     stderr: str
 
 
-def cli_here(*args) -> Done:
-    """The same command line in this process (no second torch import)."""
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    try:
-        result = CliRunner().invoke(main, [str(a) for a in args])
-    finally:  # the command pointed logging at the runner's stream, closed now
-        root.handlers[:] = handlers
-        root.setLevel(level)
-    return Done(result.exit_code, result.stderr)
+def here(*args) -> Done:
+    """The command line in this process (no second torch import)."""
+    return Done(*cli_here(*args))
 
 
 def copy_images(paths, folder, change=None):
@@ -134,7 +126,7 @@ def streams(split, work, v2_with_reference, nih):
 
 
 def monitor(results, out, *extra):
-    done = cli_here("monitor", results, "--out", out, *extra)
+    done = here("monitor", results, "--out", out, *extra)
     report = json.loads((out / "monitor.json").read_text()) if (out / "monitor.json").exists() else None
     return done, report
 
@@ -262,14 +254,37 @@ def test_without_reference_the_first_window_is_the_baseline(split, work, small_b
     assert done.returncode == exit_codes.FATAL and "nothing was compared" in report["problem"]
 
 
-def test_monitor_usage_and_unusable_inputs(tmp_path, streams):
+def test_monitor_usage_and_unusable_inputs(tmp_path, streams, v2_with_reference):
     assert cli("monitor", streams["same"], "--out", tmp_path / "m", "--window", "two weeks").returncode == 2
     empty = tmp_path / "empty"
     empty.mkdir()
     done = cli("monitor", empty, "--out", tmp_path / "m")
     assert done.returncode == exit_codes.FATAL and "no results.csv" in done.stderr
-    done = cli("monitor", streams["same"], "--out", tmp_path / "m", "--reference", DEFAULT_BUNDLE.parent / "cxr-fpn-v1")
+    done = here("monitor", streams["same"], "--out", tmp_path / "m", "--reference",
+                    DEFAULT_BUNDLE.parent / "cxr-fpn-v1")
     assert done.returncode == exit_codes.FATAL and "carries no reference" in done.stderr
+    # results written before drift monitoring: refused, not read as a change of format
+    older = tmp_path / "older"
+    older.mkdir()
+    rows = read_results(streams["same"] / "results.csv")
+    columns = [c for c in rows[0] if c not in DRIFT_COLUMNS]
+    with open(older / "results.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    done = here("monitor", older, "--out", tmp_path / "m")
+    assert done.returncode == exit_codes.FATAL and "before drift monitoring" in done.stderr
+    # a reference that is malformed but sealed (someone re-sealed an edited manifest): named, exit 1
+    broken = tmp_path / "broken"
+    shutil.copytree(v2_with_reference, broken)
+    manifest = json.loads((broken / "manifest.json").read_text())
+    manifest["reference"]["quantities"]["age"]["counts"] = "many"
+    write_manifest(broken, manifest)
+    done = here("monitor", streams["same"], "--out", tmp_path / "m", "--reference", broken)
+    assert done.returncode == exit_codes.FATAL and "summary of 'age' is malformed" in done.stderr
+    manifest["reference"] = ["not", "a", "table"]
+    with pytest.raises(BundleError, match="'reference' must be a table"):
+        write_manifest(broken, manifest) or load_bundle(broken)
 
 
 def test_holm_adjustment():
