@@ -1,9 +1,9 @@
-"""The ``cxr-batch`` command line: a thin layer over scan, merge, watch, evaluate, calibrate and train.
+"""The ``cxr-batch`` command line: a thin layer over scan, merge, watch, evaluate, calibrate, monitor and train.
 
 Exit codes: 0 every file scored or deliberately skipped; 3 some files failed but the rest
 were written; 4 (scan) the folder held no file at all (an unmounted share, a wrong path):
-results.csv is empty; 2 usage error; 1 nothing could be done (bad weights, metadata or device;
-merge: missing or inconsistent shards).
+results.csv is empty; 5 (monitor) a drift alarm; 2 usage error; 1 nothing could be done (bad
+weights, metadata or device; merge: missing or inconsistent shards).
 """
 
 from __future__ import annotations

@@ -26,13 +26,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import exit_codes
-from .bundle import DEFAULT_BUNDLE, MANIFEST_FILE, BundleError, manifest_sha256, read_manifest
+from .bundle import (DEFAULT_BUNDLE, MANIFEST_FILE, BundleError, is_bundle, manifest_sha256, read_manifest,
+                     refuse_output_in_bundle)
 from .drift import (DEFAULT_ALPHA, DEFAULT_MIN_STUDIES, EFFECT_NAMES, MIN_EFFECT, PATIENT_MIX_EFFECT, TESTS,
                     DriftError, check_reference, compare, make_reference, monitored, output_fingerprint,
                     outputs_comparable)
 from .files import atomic_write_bytes, private_dir
 from .record import StudyRecord
-from .results import read_records
+from .results import read_results
 
 log = logging.getLogger("cxr_batch")
 DEFAULT_WINDOW = "500"
@@ -159,8 +160,21 @@ def bundle_reference(folder: Path) -> Reference:
                      manifest)
 
 
+def readable_records(csv: Path) -> tuple[list[tuple[int, StudyRecord]], int]:
+    """(row number, record) of each row of a results.csv that reads (1: the first row after the
+    header), and how many did not: a row cut short by a crash mid-append, or edited by hand,
+    costs itself, not the monitoring."""
+    records, bad = [], 0
+    for i, row in enumerate(read_results(csv), start=1):
+        try:
+            records.append((i, StudyRecord.from_row(row)))
+        except (ValueError, TypeError, KeyError, AttributeError):
+            bad += 1
+    return records, bad
+
+
 def results_reference(folder: Path) -> Reference:
-    records = [r for r in read_records(Path(folder) / "results.csv") if monitored(r)]
+    records = [r for _, r in readable_records(Path(folder) / "results.csv")[0] if monitored(r)]
     if not records:
         raise DriftError(f"{folder}/results.csv holds no scored study with drift data to serve as a reference "
                          f"(studies scored before drift monitoring have none: scan them again)")
@@ -254,21 +268,25 @@ def run_monitor(results_dir: Path, out: Path, reference_path: Path | None = None
     csv = results_dir / "results.csv"
     if not csv.is_file():
         raise MonitorError(f"{results_dir} holds no results.csv")
-    rows = read_records(csv)
+    refuse_output_in_bundle(out, reference_path if reference_path and is_bundle(Path(reference_path))
+                            else DEFAULT_BUNDLE)
+    rows, unreadable = readable_records(csv)
     explicit = load_reference(reference_path) if reference_path is not None else None
     by_model: dict[str, list[tuple[StudyRecord, int]]] = {}
-    for i, r in enumerate(rows, start=1):
+    for i, r in rows:
         if monitored(r):
             by_model.setdefault(r.weights_sha256, []).append((r, i))
-    older = sum(r.ok and not monitored(r) for r in rows)
+    older = sum(r.ok and not monitored(r) for _, r in rows)
     if not by_model:
         raise MonitorError(f"{csv} holds no scored study with drift data" + (
             f" ({older} were scored before drift monitoring: scan them again)" if older else ""))
     report = {"results": str(results_dir), "generated": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
               "window": str(opts.window), "alpha": opts.alpha, "min_studies": opts.min_studies,
               "min_effect": dict(MIN_EFFECT), "method": METHOD,
-              "studies": {"rows": len(rows), "scored": sum(len(v) for v in by_model.values())},
+              "studies": {"rows": len(rows) + unreadable, "scored": sum(len(v) for v in by_model.values())},
               "models": [], "alarms": [], "notes": []}
+    if unreadable:
+        report["notes"].append(f"{unreadable} rows of results.csv could not be read (cut short?) and are left out")
     if older:
         report["notes"].append(f"{older} scored studies without drift data (scored by an earlier cxr-batch) are left "
                                f"out")

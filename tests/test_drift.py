@@ -274,6 +274,20 @@ def test_monitor_usage_and_unusable_inputs(tmp_path, streams, v2_with_reference)
         writer.writerows(rows)
     done = here("monitor", older, "--out", tmp_path / "m")
     assert done.returncode == exit_codes.FATAL and "before drift monitoring" in done.stderr
+    # a row cut short by a crash mid-append costs itself; monitoring into a bundle is refused
+    cut = tmp_path / "cut"
+    cut.mkdir()
+    shutil.copy(streams["same"] / "run.json", cut / "run.json")  # names the bundle that scored them
+    text = (streams["same"] / "results.csv").read_text()
+    last = text.splitlines()[-1]
+    (cut / "results.csv").write_text(text + last[: last.index("0.", len(last) // 3) + 3] + "\n")
+    done, report = monitor(cut, tmp_path / "m3")
+    assert done.returncode in (exit_codes.OK, exit_codes.DRIFT_ALARM), done.stderr
+    assert report["studies"] == {"rows": 41, "scored": 40} and "1 rows of results.csv could not be read" in \
+        " ".join(report["notes"])
+    done = here("monitor", streams["same"], "--out", v2_with_reference / "drift", "--reference", v2_with_reference)
+    assert done.returncode == exit_codes.FATAL and "a bundle is never written to" in done.stderr
+    assert not (v2_with_reference / "drift").exists()
     # a reference that is malformed but sealed (someone re-sealed an edited manifest): named, exit 1
     broken = tmp_path / "broken"
     shutil.copytree(v2_with_reference, broken)
