@@ -398,10 +398,12 @@ def evaluate(studies, labels, weights, device, batch_size, workers, follow_links
 @labelled_options
 @click.option("--out", "-o", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="New bundle folder to write (must not exist, or be empty).")
-@click.option("--method", type=click.Choice(["platt", "temperature"]), default="platt", show_default=True,
-              help="platt: slope and intercept per finding; temperature: one scale per finding.")
-@click.option("--thresholds", "threshold_rule", default="precision_f1", show_default=True, callback=parse_rule,
-              help="precision_f1[:P] (best F1 with precision >= P, default 0.30), youden, or sensitivity:S.")
+@click.option("--method", type=click.Choice(["offset", "platt", "temperature"]), default="offset", show_default=True,
+              help="offset: one logit shift for every finding (the site's overall rate of findings; lowest variance); "
+                   "platt: slope and intercept per finding; temperature: one scale per finding.")
+@click.option("--thresholds", "threshold_rule", default="keep", show_default=True, callback=parse_rule,
+              help="keep (the bundle's operating points, moved with the calibration: the same studies flagged), "
+                   "specificity:S, sensitivity:S (checked out of fold), precision_f1[:P] or youden.")
 @click.option("--min-positives", type=click.IntRange(2), default=10, show_default=True,
               help="Positive (and negative) studies a finding needs before its calibration and threshold move.")
 @click.option("--version", "version", help="Version of the new bundle (default: <base>+site.<date>.<labels hash>).")

@@ -570,7 +570,7 @@ class Watcher:
     def publish_whole(self) -> None:
         """results.csv rewritten from the ledger, atomically."""
         try:
-            with AtomicCsvWriter(self.out / "results.csv") as writer:
+            with AtomicCsvWriter(self.out / "results.csv", rank=False) as writer:
                 for record in self.ledger.iter_records():
                     writer.write(record)
             self.ledger.mark_published()
