@@ -5,6 +5,8 @@ rejected), a RIS that says nothing, answers for another message or garbage, and 
 from __future__ import annotations
 
 import datetime as dt
+import socket
+import threading
 import time
 from dataclasses import replace
 
@@ -22,7 +24,7 @@ from cxr_batch.results import read_results
 from cxr_batch.scan import ScanConfig, run_scan
 from cxr_batch.sr import FINDING_CODES
 from tests.dicomgen import grey, write
-from tests.ris import RIS
+from tests.ris import RIS, ack
 from tests.watchkit import free_port
 
 CREATED = dt.datetime(2026, 5, 4, 3, 2, 1)
@@ -192,3 +194,44 @@ def test_endpoint_and_framing():
         with pytest.raises(ValueError):
             Endpoint.parse(bad)
     assert frame("MSH|x\r") == b"\x0bMSH|x\r\x1c\x0d"
+
+
+def _raw_peer(chunks: list[bytes]):
+    """A TCP peer that reads one MLLP message, sends ``chunks`` one by one, and closes."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(1)
+
+    def serve():
+        conn, _ = server.accept()
+        with conn:
+            conn.settimeout(10)
+            data = b""
+            while b"\x1c\x0d" not in data:
+                piece = conn.recv(65536)
+                if not piece:
+                    return
+                data += piece
+            for chunk in chunks:
+                conn.sendall(chunk)
+                time.sleep(0.001)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    return server, thread
+
+
+@pytest.mark.parametrize("shape", ["stray end block, then the ACK byte by byte", "closes without an answer"])
+def test_an_ack_is_read_however_it_arrives(scored, shape):
+    records, bundle = scored
+    message = oru_r01(records["plain.dcm"], thresholds=bundle.thresholds)
+    framed_ack = ack(control_id(records["plain.dcm"]), "AA").encode()
+    chunks = [b"\x1c\x0d"] + [framed_ack[i:i + 1] for i in range(len(framed_ack))] if shape.startswith("stray") else []
+    server, thread = _raw_peer(chunks)
+    with server:
+        delivery = send_message(message, Endpoint("127.0.0.1", server.getsockname()[1]), timeout=10)
+        thread.join(10)
+    if chunks:
+        assert delivery.ok, delivery
+    else:
+        assert delivery.outcome == "retry" and "closed the connection without an ACK" in delivery.reason

@@ -267,6 +267,13 @@ def read_ack(text: str) -> Ack:
     return Ack(code, unescape(control), unescape(answer))
 
 
+def _block(buffer: bytes) -> bytes | None:
+    """The content of the first complete MLLP block in ``buffer``; None while there is none."""
+    start = buffer.find(START_BLOCK)
+    end = buffer.find(END_BLOCK, start + 1) if start >= 0 else -1
+    return buffer[start + 1:end] if end >= 0 else None
+
+
 def _exchange(data: bytes, endpoint: Endpoint, timeout: float) -> bytes | Delivery:
     """Send ``data`` and read one MLLP block back; a Delivery (retry) when that fails."""
     deadline = time.monotonic() + timeout
@@ -279,7 +286,7 @@ def _exchange(data: bytes, endpoint: Endpoint, timeout: float) -> bytes | Delive
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             sock.sendall(data)
             received = b""
-            while END_BLOCK not in received:
+            while (block := _block(received)) is None:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise socket.timeout
@@ -289,15 +296,12 @@ def _exchange(data: bytes, endpoint: Endpoint, timeout: float) -> bytes | Delive
                     return Delivery.retry(f"{endpoint} closed the connection without an ACK")
                 received += chunk
                 if len(received) > MAX_ACK_BYTES:
-                    return Delivery.retry(f"{endpoint} sent over {MAX_ACK_BYTES} bytes without ending an ACK")
+                    return Delivery.retry(f"{endpoint} sent over {MAX_ACK_BYTES} bytes without an MLLP block")
         except socket.timeout:
             return Delivery.retry(f"no ACK from {endpoint} within {timeout:g} s")
         except OSError as e:
             return Delivery.retry(f"connection to {endpoint} failed: {type(e).__name__}: {e}")
-    start = received.find(START_BLOCK)
-    if start < 0:
-        return Delivery.retry(f"{endpoint} answered without an MLLP start block")
-    return received[start + 1:received.index(END_BLOCK, start)]
+    return block
 
 
 def send_message(message: str, endpoint: Endpoint, *, timeout: float = 30.0) -> Delivery:
