@@ -78,7 +78,9 @@ def test_an_sr_stored_by_stow_rs_is_in_orthanc_in_the_source_study_once(results,
 
 def test_a_wrong_password_is_retried_and_stores_nothing(results, make_orthanc, tmp_path):
     _, srs = results
-    pacs = make_orthanc(users={"cxr": PASSWORD})
+    # (and the fixture's peers for C-MOVE: Orthanc knows the ones it is given)
+    pacs = make_orthanc(users={"cxr": PASSWORD}, modalities={"cxrbatch": ("CXRBATCH", "127.0.0.1", 11113)})
+    assert pacs.rest("GET", "/modalities") == ["cxrbatch"]
     delivery = store_dataset(srs[1], _config(tmp_path, pacs.dicomweb_url, username="cxr", password="wrong"))
     assert delivery.outcome == "retry" and "HTTP 401" in delivery.reason and "credentials" in delivery.reason
     assert pacs.instances() == []
