@@ -100,9 +100,10 @@ QUALITATIVE_EVALUATIONS = hd.sr.CodedConcept("C0034375", "UMLS", "Qualitative Ev
 # TID 1500 Procedure Reported (CID 100, extensible): the imaging procedure the results are about
 PROCEDURE_REPORTED = hd.sr.CodedConcept("399208008", "SCT", "Plain chest X-ray")
 # IHE AI Results (AIR) Rev 1.1: the algorithm is an item of the Contributing Equipment Sequence
-# whose purpose of reference IHE writes (Newcode1, 99IHE, 1630 "Processing Algorithm"), a code
-# awaiting its DICOM value; MONAI Deploy writes CodeValue "Newcode1", scheme "99IHE".
-PROCESSING_ALGORITHM = hd.sr.CodedConcept("Newcode1", "99IHE", "Processing Algorithm")
+# whose purpose of reference is IHE's interim code 1630 "Processing Algorithm" in scheme 99IHE
+# (IHE's tables write it (Newcode1, 99IHE, 1630 "Processing Algorithm"): Newcode1 marks a code
+# awaiting its DICOM value; MONAI Deploy writes that placeholder as the value, we write 1630).
+PROCESSING_ALGORITHM = hd.sr.CodedConcept("1630", "99IHE", "Processing Algorithm")
 
 
 def _coding_schemes() -> list[CodingSchemeIdentificationItem]:
@@ -332,16 +333,37 @@ def _image_library(source: SourceImage) -> hd.sr.ContainerContentItem:
     return library
 
 
-def _evaluations(priority: hd.sr.CodedConcept) -> hd.sr.ContainerContentItem:
-    """TID 1500 row 12: the triage priority and the decision-support statement."""
-    container = hd.sr.ContainerContentItem(name=QUALITATIVE_EVALUATIONS,
-                                           relationship_type=hd.sr.RelationshipTypeValues.CONTAINS)
-    container.ContentSequence = hd.sr.ContentSequence([
-        hd.sr.CodeContentItem(name=codes.SCT.Priority, value=priority,
-                              relationship_type=hd.sr.RelationshipTypeValues.CONTAINS),
-        hd.sr.TextContentItem(name=codes.DCM.Comment, value=DISCLAIMER,
-                              relationship_type=hd.sr.RelationshipTypeValues.CONTAINS),
-    ])
+def trust_lines(bundle) -> list[str]:
+    """What a flag of each finding is worth, from the bundle's evidence (one line per finding,
+    the same in every SR of the bundle): 'Pneumothorax: a flag has sensitivity 0.45 and PPV
+    0.21 at threshold 0.12 (out of fold on ...)'."""
+    from .display import finding_label
+    from .evidence import bundle_evidence
+
+    ev = bundle_evidence(bundle.manifest, bundle.path)
+    where = f" ({ev.triage_source})" if ev.triage_source else ""
+    lines = []
+    for f in FINDINGS:
+        point = ev.operating_points.get(f)
+        if point is None:
+            text = "sensitivity and PPV at its threshold not measured for this model"
+        elif not point.flagged:
+            text = f"never flagged by this model: {point.why or 'validation ranking no better than chance'}"
+        else:
+            text = f"a flag has {point.trust().replace('sens.', 'sensitivity')} at threshold {bundle.thresholds[f]:.4g}{where}"
+        lines.append(_string(f"{finding_label(f)}: {text}", 1024))
+    return lines
+
+
+def _evaluations(priority: hd.sr.CodedConcept, trust: list[str]) -> hd.sr.ContainerContentItem:
+    """TID 1500 row 12: the triage priority, what each finding's flag is worth, and the
+    decision-support statement."""
+    contains = hd.sr.RelationshipTypeValues.CONTAINS
+    container = hd.sr.ContainerContentItem(name=QUALITATIVE_EVALUATIONS, relationship_type=contains)
+    container.ContentSequence = hd.sr.ContentSequence(
+        [hd.sr.CodeContentItem(name=codes.SCT.Priority, value=priority, relationship_type=contains)]
+        + [hd.sr.TextContentItem(name=codes.DCM.Comment, value=line, relationship_type=contains) for line in trust]
+        + [hd.sr.TextContentItem(name=codes.DCM.Comment, value=DISCLAIMER, relationship_type=contains)])
     return container
 
 
@@ -387,7 +409,7 @@ def _highdicom_sr(values: StudyValues, bundle) -> hd.sr.Comprehensive3DSR:
     content = report[0].ContentSequence
     # TID 1500 order: ..., procedure reported, image library, imaging measurements, evaluations
     content.insert(len(content) - 1, _image_library(source))
-    content.append(_evaluations(values.priority_code))
+    content.append(_evaluations(values.priority_code, trust_lines(bundle)))
     created = values.created
     with warnings.catch_warnings():
         # A one-component name ("DOE", "ANONYMOUS") is valid PN: keep it as the source had it.

@@ -288,7 +288,7 @@ def test_the_algorithm_tracking_and_procedure_as_ihe_air_and_ohif_read_them(sr_s
         (algorithm,) = [e for e in sr.ContributingEquipmentSequence
                         if e.PurposeOfReferenceCodeSequence[0].CodingSchemeDesignator == "99IHE"]
         purpose = algorithm.PurposeOfReferenceCodeSequence[0]
-        assert (purpose.CodeValue, purpose.CodeMeaning) == ("Newcode1", "Processing Algorithm")
+        assert (purpose.CodeValue, purpose.CodeMeaning) == ("1630", "Processing Algorithm")
         assert (algorithm.Manufacturer, algorithm.ManufacturerModelName, algorithm.SoftwareVersions) == \
             ("cxr-batch", "small", "test")
         assert algorithm.DeviceUID == device_uid(bundle) and RE_VALID_UID.match(algorithm.DeviceUID)
@@ -408,3 +408,30 @@ def test_a_template_that_would_write_other_bytes_is_not_used(sr_scan, small_bund
     assert factory.sr_bytes(record, CREATED[0]) == sr_bytes(build_sr(record, bundle, CREATED[0]))
     assert factory.template(DX_PRESENTATION) is None
     assert "values not found in highdicom's SR: ['patient_id']" in caplog.text
+
+
+def test_every_finding_says_what_its_flag_is_worth(sr_scan, small_bundle, tmp_path):
+    """Trust beside every flag in the SR too: one comment per finding with its operating point's
+    sensitivity and PPV from the bundle's evidence (here: a bundle with a triage table)."""
+    import json
+    import shutil
+
+    from cxr_batch.bundle import load_bundle, write_manifest
+    from cxr_batch.sr import trust_lines
+
+    folder = tmp_path / "b"
+    shutil.copytree(small_bundle, folder)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["triage"] = {"measured_on": "out of fold", "findings": {
+        **{f: {"flagged": True, "sensitivity": 0.5, "ppv_at_nih_prevalence": 0.25} for f in FINDINGS},
+        "Hernia": {"flagged": False, "why": "AUROC CI reaches 0.5"}}}
+    write_manifest(folder, manifest)
+    lines = trust_lines(load_bundle(folder))
+    assert len(lines) == 14
+    assert lines[FINDINGS.index("Pneumothorax")] == ("Pneumothorax: a flag has sensitivity 0.50, PPV 0.25 at "
+                                                      "threshold 0.5 (out of fold)")
+    assert lines[FINDINGS.index("Hernia")] == "Hernia: never flagged by this model: AUROC CI reaches 0.5"
+    _, out, rows, _ = sr_scan
+    sr = pydicom.dcmread(_sr_path(out, rows["full.dcm"]))
+    comments = [i.TextValue for i in sr.ContentSequence[-1].ContentSequence if i.ValueType == "TEXT"]
+    assert len(comments) == 15 and comments[-1].startswith("Decision support only")  # 14 findings, the disclaimer
