@@ -190,6 +190,8 @@ def fit_policy(y: np.ndarray, p: np.ndarray, folds: np.ndarray, weights: np.ndar
     any_finding = (y.sum(axis=1) > 0).astype(int)
     w, bias = fit_any_finding(z, any_finding, weights, any_rate)
     # the cutoff is a rule on out-of-fold P(any): the P(any) model cross-fitted on the folds
+    if len(np.unique(folds)) < 2:  # one fold left (a 2-fold cross-fit's inner fit): halves instead
+        folds = np.arange(len(y)) % 2
     oof_any = np.zeros(len(y))
     for f in np.unique(folds):
         held = folds == f
