@@ -445,11 +445,17 @@ def calibrate(studies, labels, weights, device, batch_size, workers, follow_link
 @click.option("--device", default=None, help="auto, cpu, cuda or cuda:N.  [default: auto]")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run in --out.")
 @click.option("--imagenet", default=None, help="Initialise the backbone from ImageNet: 'torchvision' or a file.")
+@click.option("--init-backbone", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Initialise the DenseNet-121 from a pretrained file: a TorchXRayVision DenseNet-121 state dict, "
+                   "a CheXNet checkpoint or a torchvision densenet121 state dict; its input normalisation goes into "
+                   "the bundle.")
+@click.option("--init-format", type=click.Choice(["auto", "torchvision", "xrv", "chexnet"]), default="auto",
+              show_default=True, help="The format of --init-backbone (auto: from its keys and first convolution).")
 @click.option("--init-weights", type=click.Path(exists=True, path_type=Path),
               help="Start from these weights (bundle folder or state dict); with --epochs 0, evaluate and export only.")
 @DEBUG_OPTION
 def train(images, metadata, out, split_lists, config_file, epochs, image_size, batch_size, limit, device, resume,
-          imagenet, init_weights, debug):
+          imagenet, init_backbone, init_format, init_weights, debug):
     """Train a model from NIH ChestX-ray14 and export a weights bundle to OUT/bundle."""
     from training.config import TrainConfig
     from training.train import main as train_main
@@ -461,7 +467,9 @@ def train(images, metadata, out, split_lists, config_file, epochs, image_size, b
     overrides = dict(images=str(images), metadata=str(metadata), out=str(out),
                      init_weights=str(init_weights) if init_weights else None,
                      split_lists=tuple(split_lists) if split_lists else None, epochs=epochs, image_size=image_size,
-                     batch_size=batch_size, limit=limit, device=device, imagenet=imagenet)
+                     batch_size=batch_size, limit=limit, device=device, imagenet=imagenet,
+                     init_backbone=str(init_backbone) if init_backbone else None,
+                     init_format=init_format if init_backbone else None)
     try:
         cfg = TrainConfig.load(config_file, **overrides)
     except ConfigError as e:
