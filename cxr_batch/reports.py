@@ -324,7 +324,7 @@ def heatmap_grid(grey: np.ndarray, maps: dict[int, np.ndarray], strength: dict[i
         k = FINDINGS.index(f)
         heat = maps[k]
         label = f"<b>{escape(finding_label(f))}</b>" + (" (urgent)" if f in urgent else "")
-        caption = (f"{label}<br/>p {record.scores.prob(f):.2f}, threshold {info.thresholds[f]:.2f}<br/>"
+        caption = (f"{label}<br/>p {record.scores.prob(f):.2f}, threshold {threshold_text(info.thresholds[f])}<br/>"
                    f"strength {strength[k]:.2f} of the strongest map")
         tiles.append([Image(_png(overlay(grey, heat)), side, side), Paragraph(caption, st["caption"])])
     rows = []
@@ -355,6 +355,12 @@ def _sources(record: StudyRecord) -> str:
             text = SOURCE_TEXT.get(src, src)
         by_source.setdefault(text, []).append(key)
     return "Sources: " + "; ".join(f"{', '.join(keys)}: {text}" for text, keys in by_source.items()) + "."
+
+
+def threshold_text(t: float) -> str:
+    """A threshold as printed: 2 decimals, 3 below 0.1 (a rare finding's operating point at NIH
+    prevalence, e.g. 0.004, must not print as 0.00)."""
+    return f"{t:.2f}" if t >= 0.1 else f"{t:.3f}"
 
 
 def _flag_phrase(finding: str, info: ModelInfo) -> str:
@@ -416,7 +422,7 @@ def _patient_table(record: StudyRecord, width: float, st: dict) -> Table:
 
 
 def _findings_table(record: StudyRecord, info: ModelInfo, urgent, width: float, st: dict) -> Table:
-    widths = [width * w for w in (0.28, 0.14, 0.14, 0.19, 0.25)]
+    widths = [width * w for w in (0.27, 0.16, 0.14, 0.17, 0.26)]
     data = [_header(("Finding", "Probability", "Threshold", "Flag", "A flag's sens. / PPV"), widths, st)]
     commands = [GRID, ("BACKGROUND", (0, 0), (-1, 0), HEADER_FILL)]
     points = info.evidence.operating_points
@@ -426,12 +432,12 @@ def _findings_table(record: StudyRecord, info: ModelInfo, urgent, width: float, 
         colour = PRIORITY_COLOURS["urgent"].hexval()[2:] if flagged and f in urgent else "000000"
         flag = ("FLAGGED (urgent)" if f in urgent else "FLAGGED") if flagged else "-"
         if point is not None and not point.flagged:
-            flag, trust = "never flagged", "no better than chance"
+            flag, trust = "never flagged", "chance-level ranking"
         elif point is not None and point.sensitivity is not None:
             trust = f"{point.sensitivity:.2f} / {point.ppv:.2f}" if point.ppv is not None else f"{point.sensitivity:.2f} / -"
         else:
             trust = "not measured"
-        texts = (escape(finding_label(f)), f"{record.scores.prob(f):.3f}", f"{info.thresholds[f]:.2f}", flag, trust)
+        texts = (escape(finding_label(f)), f"{record.scores.prob(f):.3f}", threshold_text(info.thresholds[f]), flag, trust)
         data.append([Paragraph(f'<font color="#{colour}">{f"<b>{t}</b>" if flagged else t}</font>',
                                st["centre"] if i else st["cell"]) for i, t in enumerate(texts)])
         if flagged:
