@@ -286,9 +286,17 @@ def watch(watch_dir, out, config_file, weights, metadata, device, precision, wor
 
 
 def parse_ae_titles(_ctx, _param, value):
+    """Comma-separated AE titles. Given but empty (``--allow ''``, ``--allow ','``, an unset
+    variable in a unit file) is an error: read as "no list" it would accept any peer."""
     if value is None:
         return None
-    return tuple(v.strip() for v in value.split(",") if v.strip())
+    titles = tuple(v.strip() for v in value.split(","))
+    if not any(titles):
+        raise click.BadParameter(f"{value!r} names no AE title; leave the option out to use the configuration's "
+                                 f"allow-list (or accept any peer when it has none)")
+    if not all(titles):
+        raise click.BadParameter(f"{value!r} has an empty AE title between its commas")
+    return titles
 
 
 @main.command()

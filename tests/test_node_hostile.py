@@ -252,3 +252,14 @@ def test_calling_ae_titles_with_control_characters_are_logged_escaped_and_counte
 def test_printable_escapes_what_could_forge_a_log_line():
     assert printable("A\nB\x1b\x00\\C") == "A\\nB\\x1b\\x00\\\\C"
     assert printable("MODALITY") == "MODALITY" and len(printable("x" * 500, 64)) <= 70
+
+
+@pytest.mark.parametrize("value", ["", ",", " , "])
+def test_an_empty_allow_list_on_the_command_line_is_an_error_not_accept_all(tmp_path, value):
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "cxr_batch", "listen", "--out", str(tmp_path / "o"), "--allow", value],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "--allow" in done.stderr and "Traceback" not in done.stderr, done.stderr
+    assert not (tmp_path / "o").exists()
