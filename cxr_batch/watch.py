@@ -314,11 +314,32 @@ class Watcher:
         log.warning("the ledger was missing: rebuilt with %d studies from results.csv", n)
 
     def recover(self) -> None:
-        """After any stop: results.csv rewritten from the ledger, missing reports made again."""
+        """After any stop: results.csv rewritten from the ledger, missing reports made again,
+        files handled but not yet moved (archive or quarantine) moved."""
         self.contained(self.publish_whole)
         if self.reports is not None:
             self.contained(self.regenerate_reports)
+        if self.moves_handled_files():
+            self.contained(self.sweep_handled)
         self.worklist_due = True
+
+    def moves_handled_files(self) -> bool:
+        """Whether handled files leave the watched folder (the DICOM node's spool always does)."""
+        return bool(self.cfg.archive_dir or self.cfg.quarantine_dir)
+
+    def sweep_handled(self) -> None:
+        """Files the ledger has as handled (same path, size and mtime) that are still here: a
+        stop came between their study's commit and their move. Moved now, as they would have
+        been; rescans skip handled files, so nothing else would ever move them."""
+        for cand in find_candidates(self.watch_dir, exclude=self.exclude, follow_links=self.cfg.follow_links):
+            try:
+                st = cand.path.stat()
+            except OSError:
+                continue
+            handled = None if cand.problem else self.ledger.file_outcome(cand.rel, st.st_size, st.st_mtime_ns)
+            if handled is not None:
+                key, outcome = handled
+                self.move(cand.rel, key or f"duplicate:{cand.rel}", outcome)
 
     def regenerate_reports(self) -> None:
         missing = [(k, r) for k, r in self.ledger.keyed_records()

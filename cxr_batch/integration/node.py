@@ -37,7 +37,6 @@ from pydicom.uid import RE_VALID_UID
 from ..config import ConfigError, bounded
 from ..dicom import DECODED_TRANSFER_SYNTAXES
 from .dicom_send import Destination, check_ae_title, tcp_no_delay
-from ..discover import is_ignored_name
 from ..files import FILE_MODE, atomic_write_bytes, private_dir
 from .outbound import Sender
 from ..record import StudyRecord, log_name
@@ -457,9 +456,8 @@ class Node(Watcher):
         if n:
             log.info("removed %d incomplete received object(s) (never answered as stored)", n)
 
-    def recover(self) -> None:
-        super().recover()
-        self.contained(self.sweep_spool)
+    def moves_handled_files(self) -> bool:
+        return True  # the spool is emptied: committed objects are deleted when not archived
 
     def loop(self) -> None:
         self.scp.start()
@@ -511,17 +509,6 @@ class Node(Watcher):
             (self.watch_dir / rel).unlink(missing_ok=True)
         except OSError as e:
             log.error("could not remove %s from the spool: %s", log_name(rel), e.strerror or e)
-
-    def sweep_spool(self) -> None:
-        """Spool files of studies committed before a stop that came before their removal."""
-        for path in self.watch_dir.iterdir():
-            if is_ignored_name(path.name) or not path.is_file():
-                continue
-            st = path.stat()
-            handled = self.ledger.file_outcome(path.name, st.st_size, st.st_mtime_ns)
-            if handled is not None:
-                key, outcome = handled
-                self.move(path.name, key, outcome)
 
     def extra_status(self) -> dict:
         status = {"listen": self.scp.status()}
