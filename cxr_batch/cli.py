@@ -334,6 +334,69 @@ def listen(out, port, ae_title, host, allow, send_to, config_file, weights, meta
     run_daemon(build, out, debug)
 
 
+@main.group()
+def outbound():
+    """The DICOM node's queue of results for the PACS (--send-to): show, re-send, drop."""
+
+
+RESULTS_OPTION = click.option("--out", "-o", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
+                              help="The node's results folder.")
+
+
+def open_outbound(out: Path):
+    """The ledger of the node writing to ``out`` (it may be running: SQLite lets both in)."""
+    from .ledger import Ledger, LedgerError
+    from .watch import STATE_DIR
+
+    path = out / STATE_DIR / "ledger.sqlite"
+    if not path.is_file():
+        fail(f"{out} has no ledger ({path}): not a results folder of cxr-batch listen", False)
+    try:
+        return Ledger(path)
+    except LedgerError as e:
+        fail(str(e), False)
+
+
+@outbound.command("list")
+@RESULTS_OPTION
+@click.option("--all", "everything", is_flag=True, help="Delivered and dropped objects too.")
+def outbound_list(out, everything):
+    """The objects waiting to be sent (state, tries, next try, why they wait)."""
+    import time
+
+    from .integration.outbound import queue_lines
+
+    ledger = open_outbound(out)
+    rows = ledger.outbound_rows(everything)
+    for line in queue_lines(rows, time.time()):
+        click.echo(line)
+    stats = ledger.outbound_stats(time.time())
+    click.echo(f"{stats['queued']} waiting ({stats['refused']} refused by the peer), {stats['delivered']} delivered, "
+               f"{stats['dropped']} dropped", err=True)
+
+
+@outbound.command("retry")
+@RESULTS_OPTION
+@click.argument("uids", nargs=-1)
+def outbound_retry(out, uids):
+    """Send now: every waiting object, or the UIDS named (dropped or delivered ones are queued again)."""
+    n = open_outbound(out).outbound_send_now(list(uids) or None)
+    click.echo(f"{n} object(s) due now; a running node sends them within seconds", err=True)
+    if uids and n < len(set(uids)):
+        fail(f"{len(set(uids)) - n} of the UIDs named are not in the queue", False)
+
+
+@outbound.command("drop")
+@RESULTS_OPTION
+@click.argument("uids", nargs=-1, required=True)
+def outbound_drop(out, uids):
+    """Stop sending the waiting objects UIDS (they stay listed with --all; retry queues them again)."""
+    n = open_outbound(out).outbound_drop(list(uids))
+    click.echo(f"{n} object(s) dropped", err=True)
+    if n < len(set(uids)):
+        fail(f"{len(set(uids)) - n} of the UIDs named are not waiting in the queue", False)
+
+
 def parse_rule(_ctx, _param, value):
     from .thresholds import parse_rule as parse
 

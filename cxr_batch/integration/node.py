@@ -71,6 +71,7 @@ class ListenConfig(WatchConfig):
     allow: tuple[str, ...] = ()  # calling AE titles allowed to associate (empty: any)
     send_to: str | None = None  # AE@HOST:PORT receiving each scored image's SR
     send_timeout: float = bounded(30.0, gt=0.0)  # seconds each network step of a send may take
+    refused_retry: float = bounded(900.0, gt=0.0)  # seconds before an object send_to refused is offered again
     min_free_mb: int = bounded(1024, min=0)  # below this much free disk, C-STOREs are refused (0xA700)
     max_associations: int = bounded(10, min=1, max=1000)  # at once; more are rejected (transient)
     max_pdu: int = bounded(65536, min=4096, max=1 << 26)  # the largest PDU we accept, in bytes
@@ -447,7 +448,7 @@ class Node(Watcher):
         destination = cfg.destination
         self.sender = None if destination is None else Sender(
             self.ledger.path, self.out, destination, calling_ae=cfg.ae_title, timeout=cfg.send_timeout,
-            retry_max=cfg.retry_max, tls=send_tls)
+            retry_max=cfg.retry_max, tls=send_tls, refused_retry=cfg.refused_retry)
 
     # ------------------------------------------------------------------ lifecycle hooks
     def cleanup_temp(self) -> None:
