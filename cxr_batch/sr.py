@@ -130,10 +130,11 @@ def source_image(record: StudyRecord) -> SourceImage:
                        uids["StudyInstanceUID"], tuple(replaced))
 
 
-def sr_uids(source: SourceImage, weights_sha256: str) -> tuple[str, str]:
+def sr_uids(source: SourceImage, weights_sha256: str, revision: str = "") -> tuple[str, str]:
     """(SOPInstanceUID, SeriesInstanceUID) of the SR of ``source`` by the model with these
-    weights: one series per study and model, one instance per image and model."""
-    return (derived_uid("sr", source.sop_uid, weights_sha256),
+    weights: one series per study and model, one instance per image and model, and per
+    ``revision`` (set when the result replaces an earlier one of the same source)."""
+    return (derived_uid("sr", source.sop_uid, weights_sha256, *([revision] if revision else [])),
             derived_uid("sr-series", source.study_uid, weights_sha256))
 
 
@@ -266,13 +267,16 @@ def _evaluations(priority: str) -> hd.sr.ContainerContentItem:
     return container
 
 
-def build_sr(record: StudyRecord, bundle) -> hd.sr.Comprehensive3DSR:
+def build_sr(record: StudyRecord, bundle, revision: str = "",
+             predecessor: Dataset | None = None) -> hd.sr.Comprehensive3DSR:
     """The SR of a scored DICOM ``record`` by ``bundle`` (the one that scored it: name,
-    version, sha256, thresholds). Raises SRNotMade when the record cannot have one."""
+    version, sha256, thresholds). Raises SRNotMade when the record cannot have one. A changed
+    result gets a ``revision`` (its own UID) and names the SR it supersedes, ``predecessor``
+    (Predecessor Documents Sequence); which, is the daemon's to say (cxr_batch.watch)."""
     if record.weights_sha256 and record.weights_sha256 != bundle.sha256:
         raise SRNotMade(f"scored by other weights ({record.weights_sha256[:12]}...) than this bundle's")
     source = source_image(record)
-    sr_uid, series_uid = sr_uids(source, bundle.sha256)
+    sr_uid, series_uid = sr_uids(source, bundle.sha256, revision)
     algorithm = hd.sr.AlgorithmIdentification(name=bundle.name, version=bundle.version,
                                               parameters=[f"weights sha256 {bundle.sha256}"],
                                               manufacturer=MANUFACTURER)
@@ -303,6 +307,7 @@ def build_sr(record: StudyRecord, bundle) -> hd.sr.Comprehensive3DSR:
             series_instance_uid=series_uid,
             series_number=SERIES_NUMBER,
             sop_instance_uid=sr_uid,
+            previous_versions=[predecessor] if predecessor is not None else None,
             instance_number=1,
             manufacturer=MANUFACTURER,
             manufacturer_model_name=_string(bundle.label, 64),
@@ -340,19 +345,20 @@ class SRWriter:
     def __post_init__(self):
         self.folder = private_dir(Path(self.folder))
 
-    def write(self, record: StudyRecord, key: str | None = None) -> Path:
+    def write(self, record: StudyRecord, key: str | None = None, **revision) -> Path:
         """Build and write ``record``'s SR atomically (mode 0640); raises SRNotMade. ``key``
-        names the file as it names the study's PDF (default: the record's file path)."""
+        names the file as it names the study's PDF (default: the record's file path);
+        ``revision`` and ``predecessor`` go to :func:`build_sr`."""
         path = self.folder / sr_file_name(key or record.file)
-        atomic_write_bytes(path, sr_bytes(build_sr(record, self.bundle)), mode=FILE_MODE)
+        atomic_write_bytes(path, sr_bytes(build_sr(record, self.bundle, **revision)), mode=FILE_MODE)
         return path
 
-    def report(self, record: StudyRecord, key: str | None = None) -> Path | None:
+    def report(self, record: StudyRecord, key: str | None = None, **revision) -> Path | None:
         """:meth:`write` for a scored record; a failure costs that SR only: the record gets a
         note saying why (results.csv shows it) and None is returned. A failing write (OSError:
         disk full, read-only) is raised."""
         try:
-            path = self.write(record, key)
+            path = self.write(record, key, **revision)
         except SRNotMade as e:
             record.add_note(f"no DICOM SR: {e}")
             return None

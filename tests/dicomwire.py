@@ -5,6 +5,7 @@ titles with control characters. Used by tests/test_node_hostile.py and benchmark
 from __future__ import annotations
 
 import socket
+import ssl
 import struct
 import time
 
@@ -32,10 +33,16 @@ def associate_rq(calling: bytes = b"MODALITY", called: bytes = b"CXRBATCH", abst
     return pdu_header(A_ASSOCIATE_RQ, len(body)) + body
 
 
-def connect(port: int, timeout: float = 10.0) -> socket.socket:
+def connect(port: int, timeout: float = 10.0, tls: ssl.SSLContext | None = None) -> socket.socket:
+    """A TCP connection to the node on loopback; over TLS with ``tls`` (handshake done)."""
     sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    return sock
+    return tls.wrap_socket(sock, server_hostname="127.0.0.1") if tls is not None else sock
+
+
+def tls_client(ca_file) -> ssl.SSLContext:
+    """A client context trusting ``ca_file`` (the node's self-signed certificate in tests)."""
+    return ssl.create_default_context(cafile=str(ca_file))
 
 
 def read_pdu(sock: socket.socket) -> tuple[int, bytes]:
@@ -57,9 +64,10 @@ def _read(sock: socket.socket, n: int) -> bytes:
     return data
 
 
-def associate(port: int, calling: bytes = b"MODALITY", called: bytes = b"CXRBATCH") -> socket.socket:
+def associate(port: int, calling: bytes = b"MODALITY", called: bytes = b"CXRBATCH",
+              tls: ssl.SSLContext | None = None) -> socket.socket:
     """A connection with an established association (AssertionError if the node did not accept)."""
-    sock = connect(port)
+    sock = connect(port, tls=tls)
     sock.sendall(associate_rq(calling, called))
     pdu_type, _ = read_pdu(sock)
     assert pdu_type == A_ASSOCIATE_AC, f"association not accepted (PDU type {pdu_type})"

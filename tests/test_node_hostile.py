@@ -22,7 +22,7 @@ from .dicomgen import have, write
 from .dicomwire import (A_ABORT, A_ASSOCIATE_RQ, P_DATA_TF, associate, associate_rq, closed_by_peer, connect,
                         pdu_header, push)
 from .test_node import _self_signed, _send_with_pynetdicom, echo, grey_square, listener  # noqa: F401 (fixture)
-from .watchkit import wait_for
+from .watchkit import free_port, wait_for
 
 needs_dcmtk = pytest.mark.skipif(not have("echoscu"), reason="dcmtk not installed")
 FAST = dict(handshake_timeout=1.0, pdu_timeout=1.0)  # the node's deadlines, short for tests
@@ -263,3 +263,115 @@ def test_an_empty_allow_list_on_the_command_line_is_an_error_not_accept_all(tmp_
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and "--allow" in done.stderr and "Traceback" not in done.stderr, done.stderr
     assert not (tmp_path / "o").exists()
+
+
+# ---------------------------------------------------------------------- cxr-batch listen, end to end
+def node_rss(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) << 10 for line in f if line.startswith("VmRSS:"))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not have("openssl", "echoscu", "storescu"), reason="openssl or dcmtk not installed")
+def test_hostile_senders_then_a_modality_is_scored_within_90_s_on_a_tls_node(tmp_path, nih_images, small_bundle):
+    """The issue's check, at the default deadlines: against `cxr-batch listen` with TLS, a PDU
+    declaring 1.2 GB, an idle TCP connection to the TLS port, idle connections beyond the
+    association limit, then every association stalled mid-PDU; a modality's C-ECHO and a
+    C-STORE that gets scored succeed within 90 s, and the node's memory grows by < 0.25 GB."""
+    import subprocess
+
+    from .dicomgen import grey
+    from .dicomwire import tls_client
+    from .test_node import listening
+    from .watchkit import node_config, rows_now, start_node, status, stop
+
+    key, cert = _self_signed(tmp_path, "node")
+    out, log, port = tmp_path / "out", tmp_path / "node.log", free_port()
+    config = node_config(tmp_path / "node.toml", tls_certificate=str(cert), tls_key=str(key))
+    image = write(tmp_path / "legit.dcm", grey(nih_images[0]), PatientID="LEGIT")
+    tls, attackers = tls_client(cert), []
+    modality = ["-aet", "MODALITY", "-aec", "CXRBATCH", "+tla", "+cf", str(cert), "127.0.0.1", str(port)]
+    node = start_node(out, small_bundle, config, "--port", port, "--no-pdf", log=log)
+    try:
+        assert wait_for(lambda: listening(log, node.pid) or node.poll() is not None, timeout=180), log.read_text()
+        assert subprocess.run(["echoscu", *modality], capture_output=True, timeout=60).returncode == 0
+        before = node_rss(node.pid)
+        big = associate(port, tls=tls)
+        big.sendall(pdu_header(P_DATA_TF, 1_200_000_000))
+        assert push(big, 256 << 20) < 64 << 20  # refused from its header
+        attackers.append(big)
+        attackers += [connect(port) for _ in range(13)]  # idle: one to the TLS port, twelve beyond the limit
+        for _ in range(10):  # max_associations (10), each stalled mid-PDU
+            sock = associate(port, tls=tls)
+            sock.sendall(pdu_header(P_DATA_TF, 1000) + bytes(100))
+            attackers.append(sock)
+        start = time.monotonic()
+        assert wait_for(lambda: subprocess.run(["echoscu", *modality], capture_output=True,
+                                               timeout=60).returncode == 0, timeout=90)
+        assert wait_for(lambda: subprocess.run(["storescu", *modality, str(image)], capture_output=True,
+                                               timeout=60).returncode == 0, timeout=90)
+        assert wait_for(lambda: [r["patient_id"] for r in rows_now(out) if r["status"] == "ok"] == ["LEGIT"],
+                        timeout=90), log.read_text()[-3000:]
+        assert time.monotonic() - start < 90
+        assert node_rss(node.pid) - before < 250 << 20
+        listen = status(out)["listen"]
+        assert listen["dropped_oversize_pdu"] == 1 and listen["dropped_timeout"] >= 11, listen
+    finally:
+        for sock in attackers:
+            sock.close()
+        assert stop(node) == 0, log.read_text()[-3000:]
+    text = log.read_text()
+    assert "connection from 127.0.0.1" in text and "max_pdu" in text and "pdu_timeout" in text
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not have("storescu", "storescp"), reason="dcmtk not installed")
+def test_a_corrected_image_gets_a_new_sr_uid_superseding_the_first_and_a_resend_none(tmp_path, nih_images,
+                                                                                   small_bundle):
+    """The same source instance sent again with other pixels: results.csv shows the new result,
+    and its SR goes to the PACS under a SOPInstanceUID of its own naming the SR it supersedes
+    (a PACS keeping the first copy of a UID would keep the stale result); the same bytes sent
+    again add nothing."""
+    import subprocess
+
+    from .dicomgen import grey
+    from .test_node import listening, store
+    from .watchkit import node_config, rows_now, start_node, status, stop
+
+    first = write(tmp_path / "first.dcm", grey(nih_images[0]), PatientID="P-CORRECTED")
+    ds = pydicom.dcmread(first)
+    ds.PixelData = (255 - ds.pixel_array).tobytes()  # the corrected image: same instance, other pixels
+    corrected = tmp_path / "corrected.dcm"
+    ds.save_as(corrected)
+    pacs_port, pacs_dir = free_port(), tmp_path / "pacs"
+    pacs_dir.mkdir()
+    pacs = subprocess.Popen(["storescp", "-aet", "PACS", "-od", str(pacs_dir), str(pacs_port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    out, log, port = tmp_path / "out", tmp_path / "node.log", free_port()
+    node = start_node(out, small_bundle, node_config(tmp_path / "node.toml"), "--port", port, "--no-pdf",
+                      "--send-to", f"PACS@127.0.0.1:{pacs_port}", log=log)
+    at_pacs = lambda: sorted(pacs_dir.iterdir())  # noqa: E731
+    try:
+        assert wait_for(lambda: listening(log, node.pid) or node.poll() is not None, timeout=180), log.read_text()
+        assert store(port, [first]).returncode == 0
+        assert wait_for(lambda: len(at_pacs()) == 1, timeout=90), log.read_text()[-3000:]
+        assert store(port, [corrected]).returncode == 0
+        assert wait_for(lambda: len(at_pacs()) == 2, timeout=90), log.read_text()[-3000:]
+        assert store(port, [corrected]).returncode == 0  # the same bytes again: a duplicate
+        assert wait_for(lambda: status(out).get("outbound", {}).get("queued") == 0)
+        time.sleep(3)
+        assert len(at_pacs()) == 2
+    finally:
+        assert stop(node) == 0, log.read_text()[-3000:]
+        pacs.terminate()
+        pacs.wait(timeout=10)
+    srs = sorted((pydicom.dcmread(p) for p in at_pacs()), key=lambda sr: "PredecessorDocumentsSequence" in sr)
+    old, new = srs
+    assert old.SOPInstanceUID != new.SOPInstanceUID and "PredecessorDocumentsSequence" not in old
+    (referenced,) = new.PredecessorDocumentsSequence[0].ReferencedSeriesSequence[0].ReferencedSOPSequence
+    assert referenced.ReferencedSOPInstanceUID == old.SOPInstanceUID
+    source = lambda sr: sr.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence[0] \
+        .ReferencedSOPSequence[0].ReferencedSOPInstanceUID  # noqa: E731
+    assert source(old) == source(new) == ds.SOPInstanceUID
+    rows = rows_now(out)
+    assert len(rows) == 1 and status(out)["superseded"] == 1

@@ -167,3 +167,21 @@ def test_results_a_schema_3_ledger_gave_up_on_are_queued_again(tmp_path):
     stats = ledger.outbound_stats(time.time())
     assert (stats["queued"], stats["refused"], stats["delivered"]) == (1, 1, 1)
     ledger.close()
+
+
+def test_a_changed_result_gets_its_own_sr_uid_naming_the_one_it_supersedes(tmp_path, objects, small_bundle):  # noqa: F811
+    scored, _ = objects
+    bundle = load_bundle(small_bundle)
+    ids = identifiers(pydicom.dcmread(scored["explicit"]))
+    first = build_sr(StudyRecord(file="a", ids=ids, model=bundle.label, weights_sha256=bundle.sha256,
+                                 scores=Scores((0.2,) * 14, (0,) * 14, "normal", -0.6)), bundle)
+    changed = StudyRecord(file="a", ids=ids, model=bundle.label, weights_sha256=bundle.sha256,
+                          scores=Scores((0.9,) * 14, (1,) * 14, "urgent", 0.8))
+    second = build_sr(changed, bundle, revision="content-2", predecessor=first)
+    assert second.SOPInstanceUID != first.SOPInstanceUID and second.SeriesInstanceUID == first.SeriesInstanceUID
+    (study,) = second.PredecessorDocumentsSequence
+    (referenced,) = study.ReferencedSeriesSequence[0].ReferencedSOPSequence
+    assert referenced.ReferencedSOPInstanceUID == first.SOPInstanceUID
+    again = build_sr(changed, bundle, revision="content-2", predecessor=first)
+    assert again.SOPInstanceUID == second.SOPInstanceUID  # made again (a crash, a re-send): the same UID
+    assert build_sr(changed, bundle).SOPInstanceUID == first.SOPInstanceUID  # no revision: source and model only

@@ -208,6 +208,8 @@ class BoundedRequestHandler(RequestHandler):
             return tls
         except TimeoutError:
             raise Dropped("timeout", f"TLS handshake not complete within {self.server.limits.handshake:g} s") from None
+        except (ssl.SSLEOFError, ssl.SSLZeroReturnError) as e:  # the peer left
+            raise Dropped("closed", f"connection closed during the TLS handshake: {e}") from None
         except ssl.SSLError as e:
             raise Dropped("tls", f"TLS handshake failed: {e.reason or e}") from None
         except OSError as e:
