@@ -306,7 +306,8 @@ def parse_ae_titles(_ctx, _param, value):
 @click.option("--ae-title", help="Our AE title; associations calling another are rejected.  [default: CXRBATCH]")
 @click.option("--host", help="Address to listen on (0.0.0.0 or :: for every interface).  [default: 127.0.0.1]")
 @click.option("--allow", callback=parse_ae_titles,
-              help="Comma-separated calling AE titles allowed to associate (default: any).")
+              help="Comma-separated calling AE titles allowed to associate (default: the config's allow-list; "
+                   "none: any). An empty list is an error.")
 @click.option("--send-to", help="AE@HOST:PORT that receives each scored image's DICOM SR (e.g. PACS@pacs:104).")
 @config_option("listen", "docs/node.toml")
 @run_options
