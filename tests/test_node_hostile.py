@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 import ssl
 import time
 
@@ -19,7 +18,7 @@ import pytest
 from cxr_batch.integration.node import ListenConfig, printable
 
 from .dicomgen import have, write
-from .dicomwire import (A_ABORT, A_ASSOCIATE_RQ, P_DATA_TF, associate, associate_rq, closed_by_peer, connect,
+from .dicomwire import (A_ASSOCIATE_RQ, P_DATA_TF, associate, associate_rq, closed_by_peer, connect,
                         pdu_header, push)
 from .test_node import _self_signed, _send_with_pynetdicom, echo, grey_square, listener  # noqa: F401 (fixture)
 from .watchkit import free_port, wait_for

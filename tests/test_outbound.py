@@ -19,29 +19,18 @@ from cxr_batch.integration.dicom_send import Destination
 from cxr_batch.integration.outbound import Sender
 from cxr_batch.ledger import Ledger
 from cxr_batch.record import Scores, StudyRecord
-from cxr_batch.sr import build_sr, sr_bytes
+from cxr_batch.sr import build_sr
 
-from .test_node import objects  # noqa: F401 (fixture)
+from .test_node import objects, queue_srs  # noqa: F401 (fixture)
 from .watchkit import free_port, wait_for
 
 
 @pytest.fixture()
 def results(tmp_path, objects, small_bundle):  # noqa: F811
     """A node's results folder whose ledger queues the SRs of two scored images."""
-    scored, _ = objects
-    bundle = load_bundle(small_bundle)
     out = tmp_path / "out"
-    (out / "dicom").mkdir(parents=True)
     ledger = Ledger(out / ".cxr-batch" / "ledger.sqlite")
-    uids = []
-    for name in ("explicit", "rle"):
-        record = StudyRecord(file=name, ids=identifiers(pydicom.dcmread(scored[name])), model=bundle.label,
-                             weights_sha256=bundle.sha256, scores=Scores((0.7,) * 14, (1,) * 14, "urgent", 0.4))
-        sr = build_sr(record, bundle)
-        (out / "dicom" / f"{name}.sr.dcm").write_bytes(sr_bytes(sr))
-        ledger.commit([(f"uid:{name}", "c", record)], [], {f"uid:{name}": [(sr.SOPInstanceUID, f"dicom/{name}.sr.dcm")]})
-        uids.append(sr.SOPInstanceUID)
-    yield out, ledger, uids
+    yield out, ledger, queue_srs(out, ledger, objects[0], small_bundle)
     ledger.close()
 
 

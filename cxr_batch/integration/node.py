@@ -218,8 +218,12 @@ class Spool:
         if received.parent != self.folder:
             private_dir(self.folder)
             fd, tmp = tempfile.mkstemp(dir=self.folder, prefix=".", suffix=".tmp")
-            with os.fdopen(fd, "wb") as out, open(received, "rb") as source:
-                shutil.copyfileobj(source, out, 1 << 20)
+            try:
+                with os.fdopen(fd, "wb") as out, open(received, "rb") as source:
+                    shutil.copyfileobj(source, out, 1 << 20)
+            except BaseException:
+                Path(tmp).unlink(missing_ok=True)
+                raise
             received = Path(tmp)
         digest = hashlib.sha256()
         with open(received, "rb") as f:

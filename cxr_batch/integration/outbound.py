@@ -146,7 +146,7 @@ class Sender:
         try:
             return send_dataset(path, self.destination, calling_ae=self.calling_ae, timeout=self.timeout,
                                 tls=self.tls)
-        except Exception as e:  # unreadable as DICOM: sending it again cannot help
+        except Exception as e:  # unreadable as DICOM: a refusal of the object (offered again slowly, or dropped)
             return SendResult(False, reason=f"object file {item.path} cannot be read: {type(e).__name__}")
 
 
