@@ -286,9 +286,17 @@ def watch(watch_dir, out, config_file, weights, metadata, device, precision, wor
 
 
 def parse_ae_titles(_ctx, _param, value):
+    """Comma-separated AE titles. Given but empty (``--allow ''``, ``--allow ','``, an unset
+    variable in a unit file) is an error: read as "no list" it would accept any peer."""
     if value is None:
         return None
-    return tuple(v.strip() for v in value.split(",") if v.strip())
+    titles = tuple(v.strip() for v in value.split(","))
+    if not any(titles):
+        raise click.BadParameter(f"{value!r} names no AE title; leave the option out to use the configuration's "
+                                 f"allow-list (or accept any peer when it has none)")
+    if not all(titles):
+        raise click.BadParameter(f"{value!r} has an empty AE title between its commas")
+    return titles
 
 
 @main.command()
@@ -298,7 +306,8 @@ def parse_ae_titles(_ctx, _param, value):
 @click.option("--ae-title", help="Our AE title; associations calling another are rejected.  [default: CXRBATCH]")
 @click.option("--host", help="Address to listen on (0.0.0.0 or :: for every interface).  [default: 127.0.0.1]")
 @click.option("--allow", callback=parse_ae_titles,
-              help="Comma-separated calling AE titles allowed to associate (default: any).")
+              help="Comma-separated calling AE titles allowed to associate (default: the config's allow-list; "
+                   "none: any). An empty list is an error.")
 @click.option("--send-to", help="AE@HOST:PORT that receives each scored image's DICOM SR (e.g. PACS@pacs:104).")
 @config_option("listen", "docs/node.toml")
 @run_options
@@ -324,6 +333,69 @@ def listen(out, port, ae_title, host, allow, send_to, config_file, weights, meta
         return Node(out, cfg, stop)
 
     run_daemon(build, out, debug)
+
+
+@main.group()
+def outbound():
+    """The DICOM node's queue of results for the PACS (--send-to): show, re-send, drop."""
+
+
+RESULTS_OPTION = click.option("--out", "-o", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
+                              help="The node's results folder.")
+
+
+def open_outbound(out: Path):
+    """The ledger of the node writing to ``out`` (it may be running: SQLite lets both in)."""
+    from .ledger import Ledger, LedgerError
+    from .watch import STATE_DIR
+
+    path = out / STATE_DIR / "ledger.sqlite"
+    if not path.is_file():
+        fail(f"{out} has no ledger ({path}): not a results folder of cxr-batch listen", False)
+    try:
+        return Ledger(path)
+    except LedgerError as e:
+        fail(str(e), False)
+
+
+@outbound.command("list")
+@RESULTS_OPTION
+@click.option("--all", "everything", is_flag=True, help="Delivered and dropped objects too.")
+def outbound_list(out, everything):
+    """The objects waiting to be sent (state, tries, next try, why they wait)."""
+    import time
+
+    from .integration.outbound import queue_lines
+
+    ledger = open_outbound(out)
+    rows = ledger.outbound_rows(everything)
+    for line in queue_lines(rows, time.time()):
+        click.echo(line)
+    stats = ledger.outbound_stats(time.time())
+    click.echo(f"{stats['queued']} waiting ({stats['refused']} refused by the peer), {stats['delivered']} delivered, "
+               f"{stats['dropped']} dropped", err=True)
+
+
+@outbound.command("retry")
+@RESULTS_OPTION
+@click.argument("uids", nargs=-1)
+def outbound_retry(out, uids):
+    """Send now: every waiting object, or the UIDS named (dropped or delivered ones are queued again)."""
+    n = open_outbound(out).outbound_send_now(list(uids) or None)
+    click.echo(f"{n} object(s) due now; a running node sends them within seconds", err=True)
+    if uids and n < len(set(uids)):
+        fail(f"{len(set(uids)) - n} of the UIDs named are not in the queue", False)
+
+
+@outbound.command("drop")
+@RESULTS_OPTION
+@click.argument("uids", nargs=-1, required=True)
+def outbound_drop(out, uids):
+    """Stop sending the waiting objects UIDS (they stay listed with --all; retry queues them again)."""
+    n = open_outbound(out).outbound_drop(list(uids))
+    click.echo(f"{n} object(s) dropped", err=True)
+    if n < len(set(uids)):
+        fail(f"{len(set(uids)) - n} of the UIDs named are not waiting in the queue", False)
 
 
 def parse_rule(_ctx, _param, value):

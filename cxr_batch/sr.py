@@ -156,10 +156,11 @@ def source_image(record: StudyRecord) -> SourceImage:
                        uids["StudyInstanceUID"], tuple(replaced))
 
 
-def sr_uids(source: SourceImage, weights_sha256: str) -> tuple[str, str]:
+def sr_uids(source: SourceImage, weights_sha256: str, revision: str = "") -> tuple[str, str]:
     """(SOPInstanceUID, SeriesInstanceUID) of the SR of ``source`` by the model with these
-    weights: one series per study and model, one instance per image and model."""
-    return (derived_uid("sr", source.sop_uid, weights_sha256),
+    weights: one series per study and model, one instance per image and model, and per
+    ``revision`` (set when the result replaces an earlier one of the same source)."""
+    return (derived_uid("sr", source.sop_uid, weights_sha256, *([revision] if revision else [])),
             derived_uid("sr-series", source.study_uid, weights_sha256))
 
 
@@ -244,7 +245,7 @@ class StudyValues:
     created: dt.datetime  # instance creation, content and contribution date/time
 
 
-def study_values(record: StudyRecord, bundle, created: dt.datetime | None = None) -> StudyValues:
+def study_values(record: StudyRecord, bundle, created: dt.datetime | None = None, revision: str = "") -> StudyValues:
     """The SR values of a scored DICOM ``record`` by ``bundle`` (the one that scored it);
     SRNotMade when the record cannot have an SR."""
     if record.weights_sha256 and record.weights_sha256 != bundle.sha256:
@@ -255,7 +256,7 @@ def study_values(record: StudyRecord, bundle, created: dt.datetime | None = None
         raise SRNotMade("the scores are not one finite probability per finding")
     if scores.priority not in PRIORITY_CODES:
         raise SRNotMade(f"unknown priority {scores.priority!r}")
-    sr_uid, series_uid = sr_uids(source, bundle.sha256)
+    sr_uid, series_uid = sr_uids(source, bundle.sha256, revision)
     ids = record.ids
     return StudyValues(
         source=source, sr_uid=sr_uid, sr_series_uid=series_uid,
@@ -386,7 +387,7 @@ def _algorithm_equipment(bundle) -> hd.ContributingEquipment:
     return item
 
 
-def _highdicom_sr(values: StudyValues, bundle) -> hd.sr.Comprehensive3DSR:
+def _highdicom_sr(values: StudyValues, bundle, predecessor: Dataset | None = None) -> hd.sr.Comprehensive3DSR:
     """The SR of ``values`` built by highdicom (the reference the templates are checked
     against)."""
     source = values.source
@@ -420,6 +421,7 @@ def _highdicom_sr(values: StudyValues, bundle) -> hd.sr.Comprehensive3DSR:
             series_instance_uid=values.sr_series_uid,
             series_number=SERIES_NUMBER,
             sop_instance_uid=values.sr_uid,
+            previous_versions=[predecessor] if predecessor is not None else None,
             instance_number=1,
             manufacturer=MANUFACTURER,
             manufacturer_model_name=_string(bundle.label, 64),
@@ -441,12 +443,15 @@ def _highdicom_sr(values: StudyValues, bundle) -> hd.sr.Comprehensive3DSR:
     return sr
 
 
-def build_sr(record: StudyRecord, bundle, created: dt.datetime | None = None) -> hd.sr.Comprehensive3DSR:
+def build_sr(record: StudyRecord, bundle, created: dt.datetime | None = None, revision: str = "",
+             predecessor: Dataset | None = None) -> hd.sr.Comprehensive3DSR:
     """The SR of a scored DICOM ``record`` by ``bundle`` (the one that scored it: name,
     version, sha256, thresholds), built by highdicom, dated ``created`` (default: now).
-    Raises SRNotMade when the record cannot have one. :class:`SRFactory` writes the same
-    bytes much faster."""
-    return _highdicom_sr(study_values(record, bundle, created), bundle)
+    Raises SRNotMade when the record cannot have one. A changed result gets a ``revision``
+    (its own UID) and names the SR it supersedes, ``predecessor`` (Predecessor Documents
+    Sequence); which, is the daemon's to say (cxr_batch.watch). :class:`SRFactory` writes the
+    same bytes much faster."""
+    return _highdicom_sr(study_values(record, bundle, created, revision), bundle, predecessor)
 
 
 def sr_bytes(sr: Dataset) -> bytes:
@@ -606,12 +611,15 @@ class SRFactory:
                 self._templates[sop_class_uid] = None
         return self._templates[sop_class_uid]
 
-    def sr_bytes(self, record: StudyRecord, created: dt.datetime | None = None) -> bytes:
-        """``record``'s SR as a DICOM file; raises SRNotMade as :func:`build_sr` does."""
-        values = study_values(record, self.bundle, created)
-        template = self.template(values.source.sop_class_uid)
+    def sr_bytes(self, record: StudyRecord, created: dt.datetime | None = None, revision: str = "",
+                 predecessor: Dataset | None = None) -> bytes:
+        """``record``'s SR as a DICOM file; raises SRNotMade as :func:`build_sr` does. An SR
+        that supersedes another (``predecessor``: a rare, changed result) has a sequence the
+        template lacks: highdicom builds that one."""
+        values = study_values(record, self.bundle, created, revision)
+        template = None if predecessor is not None else self.template(values.source.sop_class_uid)
         if template is None:
-            return sr_bytes(_highdicom_sr(values, self.bundle))
+            return sr_bytes(_highdicom_sr(values, self.bundle, predecessor))
         return template.render(_atoms(values))
 
 
@@ -626,19 +634,20 @@ class SRWriter:
         self.folder = private_dir(Path(self.folder))
         self.factory = SRFactory(self.bundle)
 
-    def write(self, record: StudyRecord, key: str | None = None) -> Path:
+    def write(self, record: StudyRecord, key: str | None = None, **revision) -> Path:
         """Build and write ``record``'s SR atomically (mode 0640); raises SRNotMade. ``key``
-        names the file as it names the study's PDF (default: the record's file path)."""
+        names the file as it names the study's PDF (default: the record's file path);
+        ``revision`` and ``predecessor`` go to :func:`build_sr`."""
         path = self.folder / sr_file_name(key or record.file)
-        atomic_write_bytes(path, self.factory.sr_bytes(record), mode=FILE_MODE)
+        atomic_write_bytes(path, self.factory.sr_bytes(record, **revision), mode=FILE_MODE)
         return path
 
-    def report(self, record: StudyRecord, key: str | None = None) -> Path | None:
+    def report(self, record: StudyRecord, key: str | None = None, **revision) -> Path | None:
         """:meth:`write` for a scored record; a failure costs that SR only: the record gets a
         note saying why (results.csv shows it) and None is returned. A failing write (OSError:
         disk full, read-only) is raised."""
         try:
-            path = self.write(record, key)
+            path = self.write(record, key, **revision)
         except SRNotMade as e:
             record.add_note(f"no DICOM SR: {e}")
             return None
