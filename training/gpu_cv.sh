@@ -104,8 +104,9 @@ export -f run_job
 export T0
 $PY -c "
 import tomllib, sys
-for v in tomllib.load(open(sys.argv[1], 'rb'))['variant']:
-    for f in range(5):
+config = tomllib.load(open(sys.argv[1], 'rb'))
+for v in config['variant']:
+    for f in range(config.get('folds', 5)):
         print('cv', v['name'], f)
     print('final', v['name'])" "$CONFIG" > "$CV/jobs.txt"
 xargs -P "${PARALLEL:-8}" -L 1 bash -c 'run_job "$@"' _ < "$CV/jobs.txt" 2>&1 | tee "$CV/jobs.log"
