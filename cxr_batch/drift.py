@@ -191,11 +191,11 @@ def summarise(records: list[StudyRecord]) -> dict[str, dict]:
 
 def output_fingerprint(manifest: dict) -> str:
     """What fixes a bundle's outputs for a given input: its weights, thresholds, calibration,
-    preprocessing, patient encoding and model configuration (not its metrics, card or
-    reference). A reference's outputs are compared only with studies scored by a bundle of the
+    triage table, preprocessing, patient encoding and model configuration (not its metrics,
+    card or reference). A reference's outputs are compared only with studies scored by a bundle of the
     same fingerprint: a calibrated copy of a bundle carries its base's reference, whose inputs
     still apply but whose outputs no longer do."""
-    parts = {k: manifest.get(k) for k in ("sha256", "thresholds", "calibration", "preprocessing",
+    parts = {k: manifest.get(k) for k in ("sha256", "thresholds", "calibration", "triage", "preprocessing",
                                           "patient_encoding", "model_config")}
     return hashlib.sha256(json.dumps(parts, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
