@@ -131,6 +131,8 @@ def _quantities() -> tuple[Quantity, ...]:
     for k, f in enumerate(FINDINGS):
         out.append(Quantity(f"flag_{f}", "output", "proportion", f"output: share of studies flagged {f}",
                             lambda r, k=k: bool(r.scores.flags[k]) if r.scores else None))
+    out.append(Quantity("p_any", "output", "continuous", "output: P(any finding)",
+                        lambda r: r.scores.p_any if r.scores else None))
     out.append(Quantity("priority", "output", "categorical", "output: triage priority",
                         lambda r: r.scores.priority if r.scores else None))
     return tuple(out)
