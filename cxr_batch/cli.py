@@ -2,8 +2,10 @@
 
 Exit codes: 0 every file scored or deliberately skipped; 3 some files failed but the rest
 were written; 4 (scan) the folder held no file at all (an unmounted share, a wrong path):
-results.csv is empty; 2 usage error; 1 nothing could be done (bad weights, metadata or device;
-merge: missing or inconsistent shards).
+results.csv is empty; 2 usage error (also: an output folder in or around an input folder); 1
+nothing could be done (bad weights, metadata or device; results folder in use or holding an earlier
+scan; merge: missing or inconsistent shards); 130 / 143 (scan) stopped by SIGINT / SIGTERM, every
+study scored until then written.
 """
 
 from __future__ import annotations

@@ -258,3 +258,102 @@ def test_metadata_that_matches_no_file_is_said_with_counts_and_an_example(studie
     run_scan(studies, tmp_path / "o3", quick(small_bundle, pdf=False, metadata=str(nih / "labels.csv")))
     match = json.loads((tmp_path / "o3" / "run.json").read_text())["metadata_match"]
     assert match["matched"] == match["files"] == 6 and match["unmatched_example"] == ""
+
+
+# ------------------------------------------------------------------ smaller things
+def test_findings_are_typed_in_any_case_and_a_typo_gets_a_suggestion(studies, tmp_path, small_bundle):
+    from cxr_batch.watch import WatchConfig
+
+    out = tmp_path / "out"
+    proc = cli("scan", studies, "--out", out, "--weights", small_bundle, "--device", "cpu", "--no-pdf",
+               "--urgent", "pneumothorax,pleural thickening")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((out / "run.json").read_text())["config"]["urgent"] == ["Pneumothorax", "Pleural_Thickening"]
+    assert WatchConfig(urgent=("EFFUSION",)).urgent == ("Effusion",)  # a [watch] or [scan] table too
+    typo = cli("scan", studies, "--out", tmp_path / "o2", "--urgent", "Pnumothorax")
+    assert typo.returncode == 2 and "did you mean Pneumothorax" in typo.stderr
+
+
+def test_study_date_reads_as_a_date_in_pandas_and_back_as_dicom(tmp_path, nih_images, small_bundle):
+    studies = tmp_path / "studies"
+    write(studies / "one.dcm", grey(nih_images[0]), StudyDate="20240301")
+    run_scan(studies, tmp_path / "out", quick(small_bundle, pdf=False))
+    table = pd.read_csv(tmp_path / "out" / "results.csv")
+    assert table["study_date"].tolist() == ["2024-03-01"]  # text, not the float 20240301.0
+    assert read_records(tmp_path / "out" / "results.csv")[0].ids.study_date == "20240301"  # DICOM DA again
+
+
+def test_log_lines_do_not_break_the_progress_bar(studies, tmp_path, small_bundle):
+    """On a terminal: a warning printed mid-scan starts a line of its own, above the bar."""
+    import fcntl
+    import pty
+    import struct
+    import termios
+
+    (studies / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 64)  # an error row: a warning line
+    controller, terminal = pty.openpty()
+    fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 30, 100, 0, 0))  # a terminal 100 columns wide
+    proc = subprocess.Popen([sys.executable, "-m", "cxr_batch", "scan", str(studies), "--out", str(tmp_path / "o"),
+                             "--weights", str(small_bundle), "--device", "cpu", "--no-pdf", "--batch-size", "1",
+                             "--workers", "0"], stdout=subprocess.DEVNULL, stderr=terminal)
+    os.close(terminal)
+    output = b""
+    while True:
+        try:
+            chunk = os.read(controller, 65536)
+        except OSError:  # the terminal closed: the scan is done
+            break
+        if not chunk:
+            break
+        output += chunk
+    os.close(controller)
+    assert proc.wait(timeout=300) == 3  # the broken file's row
+    text = output.decode("utf-8", "replace")
+    assert "scan: " in text and "%|" in text  # the bar was drawn
+    (warning,) = [p for p in text.replace("\r", "\n").split("\n") if "corrupt or truncated PNG" in p]
+    assert warning.startswith("cxr-batch: row 7 (file#"), warning  # not glued to the end of a bar
+
+
+def test_status_json_is_exact_json_even_on_a_full_disk(small_disk):
+    from cxr_batch.watch import write_status
+
+    path = small_disk / "status.json"
+    write_status(path, {"state": "running", "reason": ""})
+    assert path.read_bytes() == (json.dumps({"state": "running", "reason": ""}, indent=2) + "\n").encode()
+    with open(small_disk / "filler", "wb", buffering=0) as f:  # fill the volume to the last block
+        try:
+            while f.write(b"\0" * 4096):
+                pass
+        except OSError:
+            pass
+    with pytest.raises(OSError):  # not even a temp file fits now
+        (small_disk / "probe").write_bytes(b"x" * 4096)
+    degraded = {"state": "degraded", "reason": "OSError: [Errno 28] No space left on device"}
+    write_status(path, degraded)
+    assert json.loads(path.read_bytes()) == degraded and path.read_bytes().endswith(b"}\n")
+
+
+def test_worklist_footer_says_page_n_of_m(tmp_path):
+    from pypdf import PdfReader
+
+    from cxr_batch.reports import ReportOptions, worklist_pdf
+
+    from .test_reports import NOW, model_info, scored
+
+    records = [scored({"Mass": 0.9 if i % 2 else 0.2}, file=f"s{i}.png", patient_id=f"P{i:03d}") for i in range(70)]
+    (tmp_path / "w.pdf").write_bytes(worklist_pdf(records, ReportOptions(), model_info(), NOW))
+    texts = [page.extract_text() for page in PdfReader(tmp_path / "w.pdf").pages]
+    assert len(texts) >= 2
+    for n, txt in enumerate(texts, start=1):
+        assert f"Page {n} of {len(texts)}" in txt
+
+
+def test_no_encapsulated_pdf_for_a_png_and_a_note_says_why(tmp_path, nih_images, small_bundle):
+    studies = copies(tmp_path, nih_images[:1], "mixed")
+    write(studies / "one.dcm", grey(nih_images[1]))
+    run_scan(studies, tmp_path / "out", quick(small_bundle, dicom_pdf=True))
+    rows = {r["file"]: r for r in read_results(tmp_path / "out" / "results.csv")}
+    png = rows[nih_images[0].name]
+    assert "no DICOM encapsulated PDF: the source is not a DICOM image" in png["notes"]
+    assert not (tmp_path / "out" / "reports" / png["report"].replace(".pdf", ".dcm")).exists()
+    assert (tmp_path / "out" / "reports" / rows["one.dcm"]["report"].replace(".pdf", ".dcm")).is_file()
