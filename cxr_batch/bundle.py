@@ -30,6 +30,7 @@ from .findings import FINDINGS
 from .model import ARCHITECTURE, CxrFusionNet, ModelConfig
 from .patient import PatientEncoding
 from .preprocess import Preprocessing
+from .triage import TriageError, TriagePolicy
 
 FORMAT_VERSION = 2  # 2: bundle_sha256 over the manifest
 WEIGHTS_FILE = "model.pt"
@@ -61,6 +62,12 @@ class Bundle:
 
     def threshold_vector(self) -> list[float]:
         return [self.thresholds[f] for f in FINDINGS]
+
+    def triage_policy(self, urgent=None) -> TriagePolicy:
+        """How this bundle flags, buckets and orders studies (:mod:`cxr_batch.triage`)."""
+        policy = TriagePolicy.from_manifest({**self.manifest, "thresholds": self.thresholds})
+        return policy if urgent is None else TriagePolicy(policy.thresholds, policy.flaggable, policy.any_weights,
+                                                          policy.any_bias, policy.normal_below, tuple(urgent))
 
 
 def sha256_file(path: Path) -> str:
@@ -168,13 +175,17 @@ def read_manifest(folder: Path) -> dict:
             Calibration.from_manifest(manifest["calibration"])
         except CalibrationError as e:
             raise BundleError(f"{folder / MANIFEST_FILE}: {e}") from None
+    try:
+        TriagePolicy.from_manifest(manifest)
+    except TriageError as e:
+        raise BundleError(f"{folder / MANIFEST_FILE}: {e}") from None
     return manifest
 
 
 # The manifest's parts and the JSON type each must have (optional ones only when present).
 MANIFEST_TYPES = {"findings": list, "model_config": dict, "preprocessing": dict, "patient_encoding": dict,
                   "thresholds": dict, "sha256": str, "metrics": dict, "training": dict, "calibration": dict,
-                  "intended_use": str, "name": str, "version": str, "weights_file": str}
+                  "intended_use": str, "name": str, "version": str, "weights_file": str, "triage": dict}
 _TYPE_NAMES = {list: "a list", dict: "a table (JSON object)", str: "a string"}
 
 

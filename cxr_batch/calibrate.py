@@ -3,8 +3,14 @@ studies, written as a new weights bundle.
 
 The studies are scored in this process in float32 with the base bundle (its own calibration
 applied, if it has one), and the calibration is fitted on those logits at full precision
-(:mod:`cxr_batch.calibration` says how and how conservatively). Thresholds are then chosen by
-the requested rule on the calibrated probabilities. The new bundle is the base bundle's
+(:mod:`cxr_batch.calibration` says how and how conservatively; the default is one logit offset
+for all findings). Thresholds: by default ("keep") the bundle's operating points are moved with
+the calibration, so that the new bundle flags and buckets exactly the studies the base did while
+its probabilities match the site; another rule chooses them on the calibrated probabilities,
+with two safeguards: a finding whose base operating point catches at least half of the site's
+positives is never left catching less than a quarter of them out of fold (the base point is
+kept, and the command says so), and ``sensitivity:S`` is checked out of fold (it raises its
+in-sample target until the cross-validated sensitivity reaches S, or says it cannot). The new bundle is the base bundle's
 ``model.pt`` copied byte for byte, with a manifest that has a new version, the new thresholds,
 ``calibration`` and ``provenance`` (base bundle, labels file hash, n per finding, date). The
 base bundle is only read; the new folder appears whole or not at all.
@@ -13,6 +19,7 @@ base bundle is only read; the new folder appears whole or not at all.
 from __future__ import annotations
 
 import datetime
+import json
 import logging
 import math
 import os
@@ -36,7 +43,7 @@ from .inference import BatchOptions, Engine, score_batches
 from .labels import LabelsError, LabelTable, Matching, match_labels
 from .metadata import load_metadata_csv
 from .runtime import make_policy
-from .thresholds import by_rule, parse_rule
+from .thresholds import at_sensitivity, by_rule, parse_rule
 
 log = logging.getLogger("cxr_batch")
 
@@ -44,8 +51,8 @@ log = logging.getLogger("cxr_batch")
 @dataclass
 class CalibrateOptions:
     weights: str | None = None  # base bundle (default: the bundled weights)
-    method: str = "platt"
-    thresholds: str = "precision_f1"  # a rule of cxr_batch.thresholds.parse_rule
+    method: str = "offset"
+    thresholds: str = "keep"  # a rule of cxr_batch.thresholds.parse_rule
     min_positives: int = MIN_POSITIVES
     version: str | None = None  # default: <base version>+site.<date>.<labels hash>
     device: str = "auto"
@@ -219,8 +226,9 @@ def run_calibrate(studies: Path, labels: LabelTable, out: Path, opts: CalibrateO
     calibration = (base.calibration or Calibration.identity(opts.method)).then(on_top)
     p_before, p_after = expit(scores.logits), expit(on_top.apply(scores.logits))
     enough = np.array([min(f.positives, f.n - f.positives) >= opts.min_positives for f in report.fits])
-    chosen = by_rule(opts.thresholds, scores.y, p_after)
-    thresholds = {f: float(chosen[k]) if enough[k] else base.thresholds[f] for k, f in enumerate(FINDINGS)}
+    moved = moved_operating_points(base, on_top)
+    choice = choose_thresholds(opts.thresholds, scores, p_after, moved, enough, opts.seed)
+    thresholds = choice.thresholds
 
     date = datetime.datetime.now(datetime.timezone.utc)
     version = opts.version or f"{base.version}+site.{date:%Y%m%d}.{labels.sha256[:8]}"
@@ -230,6 +238,143 @@ def run_calibrate(studies: Path, labels: LabelTable, out: Path, opts: CalibrateO
     manifest = {**base.manifest, "version": version, "thresholds": thresholds, "metrics": base_metrics,
                 "calibration": calibration_record(report, calibration, opts, enough, scores),
                 "provenance": provenance_record(base, labels, studies, report, date)}
+    triage_table = calibrated_triage(base.manifest.get("triage"), on_top, choice, opts.thresholds, len(scores.files))
+    if triage_table is not None:
+        manifest["triage"] = triage_table
     written = write_bundle(base, Path(out), manifest)
-    return CalibrateResult(written, version, summary_lines(report, calibration, base, thresholds), scores.matching,
+    lines = summary_lines(report, calibration, base, thresholds) + choice.lines
+    return CalibrateResult(written, version, lines, scores.matching,
                            metrics.ece(scores.y, p_before), metrics.ece(scores.y, p_after))
+
+
+# ---------------------------------------------------------------- thresholds
+def moved_operating_points(base: Bundle, on_top: Calibration) -> dict:
+    """The base bundle's thresholds carried through the new calibration: the probability the
+    new bundle gives exactly where the base one gave its threshold, so the same studies flag."""
+    z = np.array([math.log(base.thresholds[f] / (1 - base.thresholds[f])) for f in FINDINGS])
+    moved = expit(on_top.apply(z))
+    return {f: float(np.clip(moved[k], 1e-6, 1 - 1e-6)) for k, f in enumerate(FINDINGS)}
+
+
+@dataclass
+class ThresholdChoice:
+    thresholds: dict  # finding -> threshold of the new bundle
+    lines: list[str]  # what was done beyond the rule (safeguards, targets not reached)
+    cv_flags: np.ndarray | None = None  # [N, 14] out-of-fold flags of the chosen thresholds (None: 'keep')
+    y: np.ndarray | None = None
+
+
+def patient_folds(groups: np.ndarray, folds: int = 5, seed: int = 0) -> np.ndarray:
+    """Fold number per study, every study of a patient in one fold, patients shuffled."""
+    _, patient = np.unique(np.asarray(groups, dtype=str), return_inverse=True)
+    k = max(1, min(folds, patient.max() + 1 if len(patient) else 1))
+    order = np.random.default_rng(seed).permutation(patient.max() + 1 if len(patient) else 0)
+    return order[patient] % k
+
+
+def cross_validated_flags(y: np.ndarray, p: np.ndarray, groups: np.ndarray, rule, seed: int = 0,
+                          folds: int = 5, fold: np.ndarray | None = None) -> np.ndarray:
+    """[N, C] flags of each study by thresholds that ``rule(y, p)`` chose on the other folds'
+    patients: how a threshold rule does on studies it has not seen."""
+    fold = patient_folds(groups, folds, seed) if fold is None else fold
+    if fold.max(initial=0) < 1:
+        return (p >= rule(y, p)).astype(int)
+    flags = np.zeros(y.shape, dtype=int)
+    for f in np.unique(fold):
+        held = fold == f
+        flags[held] = (p[held] >= rule(y[~held], p[~held])).astype(int)
+    return flags
+
+
+def sensitivity_of(y: np.ndarray, flags: np.ndarray) -> np.ndarray:
+    pos = y.sum(axis=0)
+    return np.where(pos > 0, (flags * y).sum(axis=0) / np.maximum(pos, 1), np.nan)
+
+
+def raised_sensitivity_targets(y: np.ndarray, p: np.ndarray, fold: np.ndarray, target: float,
+                               enough: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per finding, the lowest in-sample sensitivity target (from ``target`` up in steps of 0.01)
+    whose thresholds reach ``target`` on the folds they were not chosen on, and the
+    cross-validated sensitivity it reaches. A threshold at exactly the in-sample target catches
+    fewer positives on new studies; this is how much higher it has to aim."""
+    inner = np.full(y.shape[1], target)
+    reached = np.full(y.shape[1], np.nan)
+    for k in np.flatnonzero(enough):
+        for goal in np.round(np.arange(target, 1.0 + 1e-9, 0.01), 2):
+            flags = cross_validated_flags(y[:, [k]], p[:, [k]], None, lambda yy, pp, g=goal: at_sensitivity(yy, pp, g),
+                                          fold=fold)
+            inner[k], reached[k] = goal, sensitivity_of(y[:, [k]], flags)[0]
+            if reached[k] >= target - 1e-9:
+                break
+    return inner, reached
+
+
+def choose_thresholds(rule: str, scores: "LabelledScores", p: np.ndarray, moved: dict, enough: np.ndarray,
+                      seed: int = 0) -> ThresholdChoice:
+    """The new bundle's thresholds by ``rule`` on the calibrated probabilities ``p``, with the
+    safeguards of the module docstring. Findings without enough positives keep the moved base
+    operating point."""
+    name, target = parse_rule(rule)
+    base = np.array([moved[f] for f in FINDINGS])
+    if name == "keep":
+        return ThresholdChoice(dict(moved), [])
+    y, lines = scores.y, []
+    fold = patient_folds(scores.groups, 5, seed)
+    if name == "sensitivity":  # aim higher in sample until the out-of-fold sensitivity reaches S
+        inner, reached = raised_sensitivity_targets(y, p, fold, target, enough)
+        for k in np.flatnonzero(enough & (reached < target - 1e-9)):
+            lines.append(f"{FINDINGS[k]}: sensitivity {target:.2f} cannot be reached out of fold on these studies "
+                         f"(at most {reached[k]:.2f}, with every positive flagged in sample)")
+
+        def rule_fn(yy, pp):
+            return np.where(enough, [at_sensitivity(yy[:, [k]], pp[:, [k]], inner[k])[0] for k in range(len(inner))],
+                            base)
+    else:
+        def rule_fn(yy, pp):
+            return np.where(enough, by_rule(rule, yy, pp), base)
+    chosen = rule_fn(y, p)
+    cv_new = cross_validated_flags(y, p, None, rule_fn, fold=fold)
+    # the safeguard: never leave a finding the base catches with a sensitivity near 0 out of fold
+    base_flags = (p >= base).astype(int)
+    s_base, s_new = sensitivity_of(y, base_flags), sensitivity_of(y, cv_new)
+    for k, f in enumerate(FINDINGS):
+        if enough[k] and s_base[k] >= 0.5 and s_new[k] < 0.25:
+            chosen[k] = base[k]
+            cv_new[:, k] = base_flags[:, k]
+            lines.append(f"{f}: kept the bundle's operating point: {rule} would catch {s_new[k]:.2f} of its "
+                         f"{int(y[:, k].sum())} positives out of fold, the bundle's catches {s_base[k]:.2f}")
+    return ThresholdChoice({f: float(np.clip(chosen[k], 1e-6, 1 - 1e-6)) for k, f in enumerate(FINDINGS)}, lines,
+                           cv_new, y)
+
+
+def calibrated_triage(table, on_top: Calibration, choice: ThresholdChoice, rule: str, n: int) -> dict | None:
+    """The base bundle's ``triage`` table for the new bundle: P(any finding) on the new
+    calibrated logits with its normal cutoff moved so that the same studies are 'normal'; and
+    each finding's evidence, which stays the base's when its operating point was kept, or
+    becomes the site's cross-validated figures when a rule chose a new one."""
+    if not isinstance(table, dict):
+        return None
+    table = json.loads(json.dumps(table))  # a copy
+    study = table.get("any_finding")
+    if isinstance(study, dict) and isinstance(study.get("weights"), list):
+        w = np.asarray(study["weights"], dtype=float)
+        shift = float(np.sum(w * on_top.intercept / on_top.slope))  # the linear predictor moves by this
+        study["weights"] = (w / on_top.slope).tolist()
+        if study.get("normal_below") is not None:
+            cut = float(study["normal_below"])
+            study["normal_below"] = float(np.clip(expit(math.log(cut / (1 - cut)) + shift), 1e-6, 1 - 1e-6))
+        study["moved_by_calibration"] = "weights divided by each finding's slope; the normal cutoff moved with the " \
+                                        "calibration's intercepts: the same studies are 'normal' as with the base bundle"
+    if choice.cv_flags is not None:
+        y, flags = choice.y, choice.cv_flags
+        findings = table.setdefault("findings", {})
+        for k, f in enumerate(FINDINGS):
+            entry = findings.setdefault(f, {})
+            if entry.get("flagged") is False:
+                continue
+            op = metrics.operating_point(y[:, k], flags[:, k])
+            entry.update({"sensitivity": op["sensitivity"], "specificity": op["specificity"],
+                          "ppv_at_nih_prevalence": None, "ppv_at_site": op["ppv"], "flag_rate": float(flags[:, k].mean()),
+                          "positives": int(y[:, k].sum())})
+        table["measured_on"] = f"cross-validated on the {n} labelled studies of this site's calibration ({rule})"
+    return table

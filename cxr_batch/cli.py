@@ -309,9 +309,17 @@ def watch(watch_dir, out, config_file, weights, metadata, device, precision, wor
 
 
 def parse_ae_titles(_ctx, _param, value):
+    """Comma-separated AE titles. Given but empty (``--allow ''``, ``--allow ','``, an unset
+    variable in a unit file) is an error: read as "no list" it would accept any peer."""
     if value is None:
         return None
-    return tuple(v.strip() for v in value.split(",") if v.strip())
+    titles = tuple(v.strip() for v in value.split(","))
+    if not any(titles):
+        raise click.BadParameter(f"{value!r} names no AE title; leave the option out to use the configuration's "
+                                 f"allow-list (or accept any peer when it has none)")
+    if not all(titles):
+        raise click.BadParameter(f"{value!r} has an empty AE title between its commas")
+    return titles
 
 
 @main.command()
@@ -321,7 +329,8 @@ def parse_ae_titles(_ctx, _param, value):
 @click.option("--ae-title", help="Our AE title; associations calling another are rejected.  [default: CXRBATCH]")
 @click.option("--host", help="Address to listen on (0.0.0.0 or :: for every interface).  [default: 127.0.0.1]")
 @click.option("--allow", callback=parse_ae_titles,
-              help="Comma-separated calling AE titles allowed to associate (default: any).")
+              help="Comma-separated calling AE titles allowed to associate (default: the config's allow-list; "
+                   "none: any). An empty list is an error.")
 @click.option("--send-to", help="AE@HOST:PORT that receives each scored image's DICOM SR (e.g. PACS@pacs:104).")
 @config_option("listen", "docs/node.toml")
 @run_options
@@ -347,6 +356,69 @@ def listen(out, port, ae_title, host, allow, send_to, config_file, weights, meta
         return Node(out, cfg, stop)
 
     run_daemon(build, out, debug)
+
+
+@main.group()
+def outbound():
+    """The DICOM node's queue of results for the PACS (--send-to): show, re-send, drop."""
+
+
+RESULTS_OPTION = click.option("--out", "-o", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
+                              help="The node's results folder.")
+
+
+def open_outbound(out: Path):
+    """The ledger of the node writing to ``out`` (it may be running: SQLite lets both in)."""
+    from .ledger import Ledger, LedgerError
+    from .watch import STATE_DIR
+
+    path = out / STATE_DIR / "ledger.sqlite"
+    if not path.is_file():
+        fail(f"{out} has no ledger ({path}): not a results folder of cxr-batch listen", False)
+    try:
+        return Ledger(path)
+    except LedgerError as e:
+        fail(str(e), False)
+
+
+@outbound.command("list")
+@RESULTS_OPTION
+@click.option("--all", "everything", is_flag=True, help="Delivered and dropped objects too.")
+def outbound_list(out, everything):
+    """The objects waiting to be sent (state, tries, next try, why they wait)."""
+    import time
+
+    from .integration.outbound import queue_lines
+
+    ledger = open_outbound(out)
+    rows = ledger.outbound_rows(everything)
+    for line in queue_lines(rows, time.time()):
+        click.echo(line)
+    stats = ledger.outbound_stats(time.time())
+    click.echo(f"{stats['queued']} waiting ({stats['refused']} refused by the peer), {stats['delivered']} delivered, "
+               f"{stats['dropped']} dropped", err=True)
+
+
+@outbound.command("retry")
+@RESULTS_OPTION
+@click.argument("uids", nargs=-1)
+def outbound_retry(out, uids):
+    """Send now: every waiting object, or the UIDS named (dropped or delivered ones are queued again)."""
+    n = open_outbound(out).outbound_send_now(list(uids) or None)
+    click.echo(f"{n} object(s) due now; a running node sends them within seconds", err=True)
+    if uids and n < len(set(uids)):
+        fail(f"{len(set(uids)) - n} of the UIDs named are not in the queue", False)
+
+
+@outbound.command("drop")
+@RESULTS_OPTION
+@click.argument("uids", nargs=-1, required=True)
+def outbound_drop(out, uids):
+    """Stop sending the waiting objects UIDS (they stay listed with --all; retry queues them again)."""
+    n = open_outbound(out).outbound_drop(list(uids))
+    click.echo(f"{n} object(s) dropped", err=True)
+    if n < len(set(uids)):
+        fail(f"{len(set(uids)) - n} of the UIDs named are not waiting in the queue", False)
 
 
 def parse_rule(_ctx, _param, value):
@@ -421,10 +493,12 @@ def evaluate(studies, labels, weights, device, batch_size, workers, follow_links
 @labelled_options
 @click.option("--out", "-o", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="New bundle folder to write (must not exist, or be empty).")
-@click.option("--method", type=click.Choice(["platt", "temperature"]), default="platt", show_default=True,
-              help="platt: slope and intercept per finding; temperature: one scale per finding.")
-@click.option("--thresholds", "threshold_rule", default="precision_f1", show_default=True, callback=parse_rule,
-              help="precision_f1[:P] (best F1 with precision >= P, default 0.30), youden, or sensitivity:S.")
+@click.option("--method", type=click.Choice(["offset", "platt", "temperature"]), default="offset", show_default=True,
+              help="offset: one logit shift for every finding (the site's overall rate of findings; lowest variance); "
+                   "platt: slope and intercept per finding; temperature: one scale per finding.")
+@click.option("--thresholds", "threshold_rule", default="keep", show_default=True, callback=parse_rule,
+              help="keep (the bundle's operating points, moved with the calibration: the same studies flagged), "
+                   "specificity:S, sensitivity:S (checked out of fold), precision_f1[:P] or youden.")
 @click.option("--min-positives", type=click.IntRange(2), default=10, show_default=True,
               help="Positive (and negative) studies a finding needs before its calibration and threshold move.")
 @click.option("--version", "version", help="Version of the new bundle (default: <base>+site.<date>.<labels hash>).")
@@ -466,11 +540,17 @@ def calibrate(studies, labels, weights, device, batch_size, workers, follow_link
 @click.option("--device", default=None, help="auto, cpu, cuda or cuda:N.  [default: auto]")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run in --out.")
 @click.option("--imagenet", default=None, help="Initialise the backbone from ImageNet: 'torchvision' or a file.")
+@click.option("--init-backbone", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Initialise the DenseNet-121 from a pretrained file: a TorchXRayVision DenseNet-121 state dict, "
+                   "a CheXNet checkpoint or a torchvision densenet121 state dict; its input normalisation goes into "
+                   "the bundle.")
+@click.option("--init-format", type=click.Choice(["auto", "torchvision", "xrv", "chexnet"]), default="auto",
+              show_default=True, help="The format of --init-backbone (auto: from its keys and first convolution).")
 @click.option("--init-weights", type=click.Path(exists=True, path_type=Path),
               help="Start from these weights (bundle folder or state dict); with --epochs 0, evaluate and export only.")
 @DEBUG_OPTION
 def train(images, metadata, out, split_lists, config_file, epochs, image_size, batch_size, limit, device, resume,
-          imagenet, init_weights, debug):
+          imagenet, init_backbone, init_format, init_weights, debug):
     """Train a model from NIH ChestX-ray14 and export a weights bundle to OUT/bundle."""
     from training.config import TrainConfig
     from training.train import main as train_main
@@ -482,7 +562,9 @@ def train(images, metadata, out, split_lists, config_file, epochs, image_size, b
     overrides = dict(images=str(images), metadata=str(metadata), out=str(out),
                      init_weights=str(init_weights) if init_weights else None,
                      split_lists=tuple(split_lists) if split_lists else None, epochs=epochs, image_size=image_size,
-                     batch_size=batch_size, limit=limit, device=device, imagenet=imagenet)
+                     batch_size=batch_size, limit=limit, device=device, imagenet=imagenet,
+                     init_backbone=str(init_backbone) if init_backbone else None,
+                     init_format=init_format if init_backbone else None)
     try:
         cfg = TrainConfig.load(config_file, **overrides)
     except ConfigError as e:

@@ -47,7 +47,11 @@ DEFINITIONS = {
     "brier_prevalence": "Brier score of predicting, for every image, each finding's prevalence in this evaluation set",
     "brier_training_prevalence": "the same with the bundle's training prevalence (null when its manifest has none)",
     "operating_point": "sensitivity, specificity, PPV, NPV of the flags at the bundle's thresholds; null when the "
-                       "denominator is zero",
+                       "denominator is zero; flag_rate: the share of all studies flagged for the finding",
+    "triage": "study-level rates from results.csv as written: the share of studies in each bucket (priority), among "
+              "all studies, those with a finding (any of the 14) and those without; flags per study; worklist AUROC: "
+              "how well the order of worklist_rank (1 = read first) puts studies with a finding before those "
+              "without (and studies with the urgent finding before the rest); p_any AUROC likewise for P(any)",
 }
 
 
@@ -97,6 +101,7 @@ def per_finding(data: LabelledResults, thresholds: dict, n_bootstrap: int, seed:
             "negative_patients": neg_patients, "prevalence": prevalence, "mean_probability": float(p.mean()),
             "auroc": _finite(metrics.auroc(y, p)), "auroc_ci95": interval.to_dict()["ci"], "auroc_ci_note": interval.note,
             "threshold": float(thresholds[f]), **metrics.operating_point(y, data.flags[:, k]),
+            "flag_rate": float(data.flags[:, k].mean()),
             "ece": _finite(metrics.ece(y, p)), "brier": _finite(metrics.brier(y, p)),
             "brier_prevalence": _finite(metrics.brier_of_constant(y[:, None], [prevalence])),
         }
@@ -126,6 +131,34 @@ def by_group(data: LabelledResults) -> dict:
     return out
 
 
+def study_level(data: LabelledResults, urgent: str = "Pneumothorax") -> dict:
+    """What the worklist did with these studies: buckets overall, among studies with and without
+    a finding, flags per study, and how well its order ranks them (see DEFINITIONS['triage'])."""
+    priority = np.array([r.get("priority", "") for r in data.rows])
+    rank = np.array([float(r["worklist_rank"]) if r.get("worklist_rank") else np.nan for r in data.rows])
+    p_any = np.array([float(r["p_any"]) if r.get("p_any") else np.nan for r in data.rows])
+    any_finding = data.y.max(axis=1) if len(data.y) else np.zeros(0)
+    u = data.y[:, FINDINGS.index(urgent)] if len(data.y) else np.zeros(0)
+
+    def shares(mask):
+        n = int(mask.sum())
+        return {"n": n, **{b: (float((priority[mask] == b).mean()) if n else None) for b in ("urgent", "abnormal", "normal")}}
+
+    def ranked(y, score):
+        ok = np.isfinite(score)
+        return _finite(metrics.auroc(y[ok], score[ok])) if ok.any() else None
+
+    return {
+        "buckets": {"all": shares(np.ones(len(priority), dtype=bool)), "with_a_finding": shares(any_finding == 1),
+                    "without_a_finding": shares(any_finding == 0)},
+        "studies_flagged": _finite(float(data.flags.any(axis=1).mean())) if len(data.y) else None,
+        "flags_per_study": _finite(float(data.flags.sum(axis=1).mean())) if len(data.y) else None,
+        "worklist_auroc_any_finding": ranked(any_finding, -rank),
+        f"worklist_auroc_{urgent.lower()}": ranked(u, -rank),
+        "p_any_auroc": ranked(any_finding, p_any),
+    }
+
+
 def training_prevalence(manifest: dict) -> np.ndarray | None:
     """The bundle's training prevalence per finding, when its manifest records it."""
     record = manifest.get("training", {}).get("prevalence")
@@ -142,7 +175,9 @@ def evaluation(data: LabelledResults, manifest: dict, n_bootstrap: int = 1000, s
     train_prev = training_prevalence(manifest)
     brier, brier_prev = metrics.brier(y, p), metrics.brier_of_constant(y, y.mean(axis=0))
     return {
-        "model": f"{manifest.get('name', '')}@{manifest.get('version', '')}", "weights_sha256": manifest["sha256"],
+        "model": f"{manifest.get('name', '')}@{manifest.get('version', '')}",
+        # the bundle's identity (weights, thresholds, calibration: what results.csv names), and its weights file's
+        "bundle_sha256": manifest.get("bundle_sha256"), "weights_sha256": manifest["sha256"],
         "calibrated": "calibration" in manifest,
         "n_studies": int(len(y)), "n_patients": int(len(set(groups))),
         "mean_auroc": _finite(metrics.mean_auroc(y, p)), "mean_auroc_ci95": overall.to_dict()["ci"],
@@ -155,6 +190,7 @@ def evaluation(data: LabelledResults, manifest: dict, n_bootstrap: int = 1000, s
         "brier_skill": _finite(1 - brier / brier_prev) if brier_prev > 0 else None,
         "mean_probability": _finite(float(p.mean())), "prevalence": _finite(float(y.mean())),
         "per_finding": per_finding(data, manifest["thresholds"], n_bootstrap, seed),
+        "triage": study_level(data),
         "by_group": by_group(data),
         "reliability": metrics.reliability(y, p),
         "bootstrap": {"resamples": n_bootstrap, "seed": seed, "level": metrics.LEVEL,
@@ -172,8 +208,9 @@ def run_evaluate(studies: Path, labels: LabelTable, out: Path, cfg: ScanConfig =
     out = Path(out)
     cfg = replace(cfg, metadata=str(labels.path) if labels.has_patient_data else None, pdf=False)
     if (out / "results.csv").exists() and not (out / "evaluation.json").exists():
-        raise EarlierResults(f"{out} holds the results of a scan, not of an evaluation: an evaluation would replace "
-                             f"them; choose another --out")
+        raise EarlierResults(f"{out} holds the results of a scan (results.csv without evaluation.json): an "
+                             f"evaluation would replace them; choose another --out (or remove that results.csv "
+                             f"if it is left from an evaluation that was stopped)")
     summary = run_scan(studies, out, cfg, earlier="overwrite")  # an earlier evaluation here is replaced
     data = labelled_results(read_results(summary.results), labels)
     if len(data.y) == 0:

@@ -55,7 +55,7 @@ def summary_page(ev: dict) -> Figure:
     fig = Figure(figsize=A4)
     y = _text(fig, 0.965, "Evaluation on local labelled studies", 15, "bold")
     m = ev["matching"]
-    y = _text(fig, y - 0.005, f"Model {ev['model']} (weights sha256 {ev['weights_sha256'][:16]}...)"
+    y = _text(fig, y - 0.005, f"Model {ev['model']} (bundle sha256 {(ev.get('bundle_sha256') or ev['weights_sha256'])[:16]}...)"
               f"{', site-calibrated' if ev['calibrated'] else ''}. Labels: {Path(ev['labels']['file']).name} "
               f"(sha256 {ev['labels']['sha256'][:16]}...).")
     y = _text(fig, y, f"{ev['n_studies']} studies of {ev['n_patients']} patients scored and labelled. Not used: "
@@ -71,6 +71,18 @@ def summary_page(ev: dict) -> Figure:
               f"{_f(ev['ece'])}; Brier score {_f(ev['brier'], 4)} against {_f(ev['brier_prevalence'], 4)} for "
               f"always predicting this set's prevalence (skill {_f(ev['brier_skill'])}; above 0 means the "
               "probabilities carry information beyond how common each finding is).", 10)
+    t = ev.get("triage") or {}
+    b = t.get("buckets", {})
+    if b:
+        def pct(x):
+            return "-" if x is None else f"{x:.0%}"
+        y = _text(fig, y, f"Worklist: {pct(t['studies_flagged'])} of studies flagged ({_f(t['flags_per_study'], 1)} flags per "
+                  f"study); buckets urgent / abnormal / low probability {pct(b['all']['urgent'])} / "
+                  f"{pct(b['all']['abnormal'])} / {pct(b['all']['normal'])}. The low-probability bucket held "
+                  f"{pct(b['without_a_finding']['normal'])} of the {b['without_a_finding']['n']} studies without a finding "
+                  f"and {pct(b['with_a_finding']['normal'])} of the {b['with_a_finding']['n']} with one. The worklist order "
+                  f"puts studies with a finding first with AUROC {_f(t['worklist_auroc_any_finding'])}, pneumothorax "
+                  f"{_f(t.get('worklist_auroc_pneumothorax'))}.", 10)
     y = _text(fig, y, "Flags use the bundle's thresholds. Per-finding numbers rest on the positives shown: with few "
               "positives they are noise. Decision support only: every study still needs a radiologist.", 9)
     header = ["finding", "pos", "AUROC", "95% CI", "thresh.", "sens.", "spec.", "PPV", "NPV", "ECE"]

@@ -46,6 +46,47 @@ class FindingCounts:
 
 
 @dataclass(frozen=True)
+class OperatingPoint:
+    """What a flag of one finding means, measured where the bundle says (its ``triage`` table):
+    at the finding's threshold, the share of studies with it that get flagged (sensitivity), of
+    studies without it that do not (specificity), of flagged studies that have it at the NIH
+    prevalence (PPV), and of all studies flagged. ``flagged`` False: the finding is never flagged,
+    ``why`` says why."""
+
+    flagged: bool = True
+    sensitivity: float | None = None
+    specificity: float | None = None
+    ppv: float | None = None
+    flag_rate: float | None = None
+    positives: int | None = None
+    auc: float | None = None
+    why: str = ""
+
+    def trust(self) -> str:
+        """A short phrase for beside a flag: 'catches 45% (PPV 0.21)'."""
+        if not self.flagged:
+            return "never flagged: " + (self.why or "validation ranking no better than chance")
+        parts = []
+        if self.sensitivity is not None:
+            parts.append(f"sens. {self.sensitivity:.2f}")
+        if self.ppv is not None:
+            parts.append(f"PPV {self.ppv:.2f}")
+        return ", ".join(parts) if parts else "not measured"
+
+
+@dataclass(frozen=True)
+class StudyLevel:
+    """How the buckets behaved where the bundle was validated (its ``triage.any_finding``)."""
+
+    normal_below: float | None = None
+    normal_share_of_abnormal: float | None = None  # studies with a finding that fell in "normal"
+    normal_share_of_no_finding: float | None = None
+    flagged_share: float | None = None  # studies with at least one flag
+    flags_per_study: float | None = None
+    auc: float | None = None  # P(any finding): studies with a finding against those without
+
+
+@dataclass(frozen=True)
 class Evidence:
     intended_use: str
     images: int | None = None  # held-out images the metrics were measured on
@@ -54,6 +95,10 @@ class Evidence:
     mean_auc_ci95: tuple[float, float] | None = None
     counts: dict[str, FindingCounts] = field(default_factory=dict)  # at the bundle's thresholds
     how: str | None = None  # how the images were held out, when not a plain test split
+    operating_points: dict[str, OperatingPoint] = field(default_factory=dict)
+    study_level: StudyLevel = field(default_factory=StudyLevel)
+    triage_source: str | None = None  # where the operating points were measured
+    calibrated: str | None = None  # a site calibration of a base bundle, said first
 
     @property
     def problem(self) -> str | None:
@@ -78,19 +123,67 @@ class Evidence:
             else:
                 parts.append(f"mean AUROC {self.mean_auc:.2f}{ci} on {self.images} held-out images")
         text = "; ".join(parts) or "no training or evaluation record"
-        return text[0].upper() + text[1:] + "."
+        text = text[0].upper() + text[1:] + "."
+        return f"{self.calibrated} Base bundle: {text}" if self.calibrated else text
 
     def sensitivity(self, finding: str) -> str:
         """The model's sensitivity for ``finding`` at its operating point, with its counts, or
         an honest 'not measured'."""
         counts = self.counts.get(finding)
         name = finding_label(finding)
+        point = self.operating_points.get(finding)
+        if point is not None and not point.flagged:
+            return f"{name}: never flagged by these weights ({point.why or 'validation ranking no better than chance'})"
+        if point is not None and point.sensitivity is not None and counts is None:
+            return f"{name}: sensitivity {point.sensitivity:.2f} at its threshold ({self.triage_source or 'validation'})"
         if counts is None:
             return f"{name}: sensitivity at its threshold not measured for these weights"
         if counts.positives == 0:
             return f"{name}: sensitivity not measured (no held-out image had it)"
         return (f"{name}: sensitivity {counts.tp / counts.positives:.2f} at its threshold "
                 f"(flagged {counts.tp} of {counts.positives} held-out images that had it)")
+
+
+def _triage_evidence(manifest: dict) -> tuple[dict[str, OperatingPoint], StudyLevel, str | None]:
+    """Operating points and bucket behaviour from a manifest's ``triage`` table (absent: none)."""
+    table = manifest.get("triage")
+    if not isinstance(table, dict):
+        return {}, StudyLevel(), None
+    points = {}
+    findings = table.get("findings") if isinstance(table.get("findings"), dict) else {}
+    for f in FINDINGS:
+        row = findings.get(f)
+        if not isinstance(row, dict):
+            continue
+        positives = row.get("positives")
+        points[f] = OperatingPoint(
+            flagged=row.get("flagged", True) is not False, sensitivity=_finite(row.get("sensitivity")),
+            specificity=_finite(row.get("specificity")),
+            ppv=_finite(row.get("ppv_at_nih_prevalence") if row.get("ppv_at_nih_prevalence") is not None
+                        else row.get("ppv_at_site")),
+            flag_rate=_finite(row.get("flag_rate")),
+            positives=positives if isinstance(positives, int) and not isinstance(positives, bool) else None,
+            auc=_finite(row.get("auc")), why=row.get("why") if isinstance(row.get("why"), str) else "")
+    study = table.get("any_finding") if isinstance(table.get("any_finding"), dict) else {}
+    level = StudyLevel(**{k: _finite(study.get(k)) for k in StudyLevel.__dataclass_fields__})
+    source = table.get("measured_on")
+    return points, level, source.strip() if isinstance(source, str) and source.strip() else None
+
+
+def _calibration_note(manifest: dict) -> str | None:
+    """'Calibrated at a site on 120 studies (offset; thresholds: keep) on 2026-12-06 from
+    cxr-fpn@3.0.' for a bundle made by ``cxr-batch calibrate``; None otherwise."""
+    provenance, calibration = manifest.get("provenance"), manifest.get("calibration")
+    if not isinstance(provenance, dict) or not isinstance(calibration, dict):
+        return None
+    base = provenance.get("base") if isinstance(provenance.get("base"), dict) else {}
+    fitted = calibration.get("fitted_on") if isinstance(calibration.get("fitted_on"), dict) else {}
+    rules = calibration.get("rules") if isinstance(calibration.get("rules"), dict) else {}
+    n, date = fitted.get("n"), str(provenance.get("date", ""))[:10]
+    moved = "probabilities recalibrated" if calibration.get("pooled_gain_clear") else "probabilities unchanged (no clear gain)"
+    return (f"Site calibration of {base.get('name', '?')}@{base.get('version', '?')} on {n} labelled studies"
+            f"{' on ' + date if date else ''} (method {calibration.get('method')}: {moved}; thresholds: "
+            f"{rules.get('thresholds', '?')}).")
 
 
 def _finite(value) -> float | None:
@@ -154,7 +247,9 @@ def bundle_evidence(manifest: dict, folder: Path | None = None) -> Evidence:
     if not counts and folder is not None:
         counts = _counts_from_training_run(Path(folder), manifest, images)
     intended = manifest.get("intended_use")
+    points, level, source = _triage_evidence(manifest)
     return Evidence(
+        operating_points=points, study_level=level, triage_source=source, calibrated=_calibration_note(manifest),
         intended_use=intended.strip() if isinstance(intended, str) and intended.strip() else NOT_STATED,
         images=images, train_images=train,
         mean_auc=_finite(metrics.get("test_mean_auc")),

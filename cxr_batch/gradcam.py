@@ -3,10 +3,15 @@
 For finding c, the gradient of its logit with respect to a pyramid level's feature map is
 averaged per channel into weights; the weighted sum of the feature maps, through a ReLU and
 upsampled to the input size, is the heatmap (Selvaraju et al., 2017). Maps are returned in
-their own units, not scaled to [0, 1]: a report puts all of a study's maps on one colour scale
-(:func:`cxr_batch.reports.shared_scale`), so weak evidence is drawn faint next to strong.
-The level is P4 (14 x 14 at 224 px): the FPN's top-down pathway gives it P5's semantics at
-twice P5's resolution, so maps are less blocky than the 7 x 7 of the last level.
+their own units, not scaled to [0, 1]: a report scales each map on its own and prints its
+strength beside it (:func:`cxr_batch.reports.own_scale`), so a weak map next to a strong one is
+never drawn invisible.
+
+Which level: a map can only point to a lung zone if its grid is fine enough. The FPN's levels
+have strides 8 (P3), 16 (P4) and 32 (P5); :func:`map_level` takes P4 when it has at least
+:data:`MIN_CELLS` cells a side (14 x 14 at 224 px: the top-down pathway gives it P5's
+semantics at twice its resolution), else P3 (8 x 8 at 64 px), else none: a 32-px model's
+4 x 4 grid cannot tell upper from middle zone, and the report says so instead of drawing blobs.
 """
 
 from __future__ import annotations
@@ -18,6 +23,18 @@ import torch.nn.functional as F
 from .model import CxrFusionNet
 
 LEVEL = "p4"
+STRIDES = {"p3": 8, "p4": 16, "p5": 32}
+MIN_CELLS = 8  # cells a side a map needs: lung zones (upper, middle, lower) on each side, with room
+
+
+def map_level(image_size: int) -> tuple[str, int] | None:
+    """(level, cells a side) of the map a report draws for a model of ``image_size`` px, or
+    None when even P3 is coarser than :data:`MIN_CELLS` cells a side."""
+    for level in ("p4", "p3"):
+        cells = image_size // STRIDES[level]
+        if cells >= MIN_CELLS:
+            return level, cells
+    return None
 
 
 def gradcam(model: CxrFusionNet, image: torch.Tensor, tabular: torch.Tensor, classes: list[int],

@@ -117,6 +117,7 @@ class Engine:
     def __init__(self, bundle: Bundle, policy: RunPolicy, refine_margin: float = 0.005):
         self.bundle, self.policy, self.refine_margin = bundle, policy, refine_margin
         self.model = bundle.model.to(policy.device, memory_format=torch.channels_last).eval()
+        self.policy_triage = bundle.triage_policy()
         self.thresholds = torch.tensor(bundle.threshold_vector(), dtype=torch.float32)
         self.refined = 0  # images re-scored in float32, for the run log
         self.scored = 0  # images scored at the policy's precision
@@ -150,7 +151,11 @@ class Engine:
             return self.logits(images, tabular, exact=True)
         z = self.logits(images, tabular)
         self.scored += len(z)
-        near = ((torch.sigmoid(z) - self.thresholds).abs() < self.refine_margin).any(dim=1)
+        p = torch.sigmoid(z)
+        near = ((p - self.thresholds).abs() < self.refine_margin).any(dim=1)
+        if self.policy_triage.normal_below is not None:  # the normal bucket's edge decides too
+            p_any = torch.from_numpy(self.policy_triage.p_any(p.double().numpy()))
+            near |= (p_any - self.policy_triage.normal_below).abs() < self.refine_margin
         if near.any():
             idx = near.nonzero().flatten()
             z[idx] = self.logits(images[idx.to(images.device)], tabular[idx.to(tabular.device)], exact=True)
@@ -183,13 +188,14 @@ class ScoredBatch:
 
 def attach_scores(batch: Batch, probs: np.ndarray | None, bundle: Bundle, urgent) -> list[StudyRecord]:
     """Set model identification on every record and scores on the scored ones."""
-    thresholds = np.array(bundle.threshold_vector())
+    policy = bundle.triage_policy(urgent)
     for pos, record in enumerate(batch.records):
         record.model, record.weights_sha256 = bundle.label, bundle.sha256
         if pos in batch.ok:
             p = probs[batch.ok.index(pos)]
-            t = triage(p, thresholds, urgent)
-            record.scores = Scores(tuple(float(v) for v in p), tuple(int(v) for v in t.flags), t.priority, t.score)
+            t = triage(p, policy)
+            record.scores = Scores(tuple(float(v) for v in p), tuple(int(v) for v in t.flags), t.priority, t.score,
+                                   t.p_any)
     return batch.records
 
 

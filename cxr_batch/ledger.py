@@ -18,8 +18,10 @@ read it again. ``published`` marks the rows already appended to results.csv.
 Encapsulated PDFs with ``--dicom-pdf``), keyed by each object's SOPInstanceUID. Objects are
 queued in the same transaction that commits their study, so a study is never reported
 without its objects queued (nor queued without being reported); each is marked delivered once
-the peer stored it. A study committed again (an error replaced, a changed instance) queues its
-objects again: the UIDs are derived from source and model, so the peer replaces, not adds.
+the peer stored it. Nothing leaves the queue otherwise but by an operator's ``cxr-batch
+outbound drop``: an object the peer refused waits (``failed_at`` set, ``last_error`` saying
+why) and is offered again later. A study committed again (an error replaced, a changed
+instance) queues its objects again under their UIDs (a changed result's SR has a UID of its own).
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from typing import Mapping, Sequence
 
 from .record import StudyRecord
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS studies (
     key TEXT PRIMARY KEY,
@@ -76,12 +78,14 @@ CREATE TABLE IF NOT EXISTS outbound (
     delivered_at REAL,
     failed_at REAL,
     destination TEXT NOT NULL DEFAULT '',
-    last_error TEXT NOT NULL DEFAULT ''
+    last_error TEXT NOT NULL DEFAULT '',
+    dropped_at REAL
 );
-CREATE INDEX IF NOT EXISTS outbound_waiting ON outbound (due_at) WHERE delivered_at IS NULL AND failed_at IS NULL;
+CREATE INDEX IF NOT EXISTS outbound_due ON outbound (due_at) WHERE delivered_at IS NULL AND dropped_at IS NULL;
 """
-# Waiting: neither delivered nor refused for good.
-_WAITING = "delivered_at IS NULL AND failed_at IS NULL"
+# Waiting: neither delivered nor dropped by an operator (an object the peer refused still waits:
+# failed_at is when it last did).
+_WAITING = "delivered_at IS NULL AND dropped_at IS NULL"
 FILE_MODE = 0o640  # the ledger holds the same identifiers as results.csv
 
 
@@ -142,6 +146,11 @@ class Ledger:
         old = "studies" in tables and "meta" not in tables  # the first release's schema
         if old:
             self.db.execute("ALTER TABLE studies RENAME TO studies_v1")
+        if "outbound" in tables and "dropped_at" not in {r[1] for r in self.db.execute("PRAGMA table_info(outbound)")}:
+            # Schema 3 gave objects the peer refused up for good: they wait again, due now.
+            self.db.execute("ALTER TABLE outbound ADD COLUMN dropped_at REAL")
+            self.db.execute("DROP INDEX IF EXISTS outbound_waiting")
+            self.db.execute("UPDATE outbound SET due_at = ? WHERE delivered_at IS NULL", (time.time(),))
         self.db.executescript(SCHEMA)
         if old:
             now = time.time()
@@ -233,7 +242,7 @@ class Ledger:
         self.db.execute("INSERT INTO outbound (uid, key, path, queued_at, due_at) VALUES (?, ?, ?, ?, ?) "
                         "ON CONFLICT (uid) DO UPDATE SET key = excluded.key, path = excluded.path, "
                         "queued_at = excluded.queued_at, due_at = excluded.due_at, attempts = 0, "
-                        "delivered_at = NULL, failed_at = NULL, destination = '', last_error = ''",
+                        "delivered_at = NULL, failed_at = NULL, dropped_at = NULL, destination = '', last_error = ''",
                         (uid, key, path, now, now))
 
     def update_record(self, key: str, record: StudyRecord) -> None:
@@ -280,20 +289,62 @@ class Ledger:
             self.db.execute("UPDATE outbound SET due_at = ?, attempts = attempts + 1, last_error = ? WHERE uid = ?",
                             (due_at, error, uid))
 
-    def outbound_failed(self, uid: str, destination: str, error: str) -> None:
-        """The peer refused the object for good (or it cannot be read): not tried again."""
+    def outbound_refused(self, uid: str, destination: str, error: str, due_at: float) -> None:
+        """The peer refused the object (or its file cannot be read): it waits, with the reason,
+        and is offered again at ``due_at`` (or when an operator says so, or drops it)."""
         with self.db:
-            self.db.execute("UPDATE outbound SET failed_at = ?, destination = ?, attempts = attempts + 1, "
-                            "last_error = ? WHERE uid = ?", (time.time(), destination, error, uid))
+            self.db.execute("UPDATE outbound SET failed_at = ?, due_at = ?, destination = ?, attempts = attempts + 1, "
+                            "last_error = ? WHERE uid = ?", (time.time(), due_at, destination, error, uid))
 
     def outbound_stats(self, now: float) -> dict:
         """For status.json: waiting objects, the oldest one's age in seconds, how many of them
-        failed at least one try, and how many were delivered or refused for good."""
-        waiting, oldest, retried = self.db.execute(
-            f"SELECT COUNT(*), MIN(queued_at), COALESCE(SUM(attempts > 0), 0) FROM outbound WHERE {_WAITING}"
+        failed at least one try and how many the peer refused, the commonest reasons they wait
+        (at most three), and how many were delivered or dropped by an operator."""
+        waiting, oldest, retried, refused = self.db.execute(
+            f"SELECT COUNT(*), MIN(queued_at), COALESCE(SUM(attempts > 0), 0), "
+            f"COALESCE(SUM(failed_at IS NOT NULL), 0) FROM outbound WHERE {_WAITING}").fetchone()
+        delivered, dropped = self.db.execute(
+            "SELECT COALESCE(SUM(delivered_at IS NOT NULL), 0), COALESCE(SUM(dropped_at IS NOT NULL), 0) FROM outbound"
         ).fetchone()
-        delivered, failed = self.db.execute(
-            "SELECT COALESCE(SUM(delivered_at IS NOT NULL), 0), COALESCE(SUM(failed_at IS NOT NULL), 0) FROM outbound"
-        ).fetchone()
+        reasons = self.db.execute(
+            f"SELECT SUBSTR(last_error, 1, 120) AS reason, COUNT(*) AS n FROM outbound WHERE {_WAITING} "
+            "AND last_error != '' GROUP BY reason ORDER BY n DESC, reason LIMIT 3").fetchall()
         return {"queued": waiting, "oldest_queued_s": round(now - oldest, 1) if oldest is not None else 0.0,
-                "retrying": retried, "delivered": delivered, "failed": failed}
+                "retrying": retried, "refused": refused, "delivered": delivered, "dropped": dropped,
+                "waiting_because": dict(reasons)}
+
+    # ------------------------------------------------------------------ the outbound queue, by an operator
+    def outbound_rows(self, everything: bool = False) -> list[dict]:
+        """The queue for ``cxr-batch outbound list``: waiting objects, oldest first; with
+        ``everything`` the delivered and dropped ones too."""
+        where = "" if everything else f"WHERE {_WAITING}"
+        cursor = self.db.execute(f"SELECT uid, key, path, queued_at, due_at, attempts, delivered_at, failed_at, "
+                                 f"dropped_at, destination, last_error FROM outbound {where} ORDER BY queued_at, uid")
+        names = [d[0] for d in cursor.description]
+        return [dict(zip(names, row)) for row in cursor.fetchall()]
+
+    def outbound_send_now(self, uids: Sequence[str] | None = None) -> int:
+        """Due now: every waiting object (``uids`` None), or the objects named, whatever their
+        state (a dropped one is queued again; a delivered one is sent again). The running
+        sender sees :meth:`outbound_nudged` and stops any back-off. Returns how many."""
+        now = time.time()
+        with self.db:
+            if uids is None:
+                n = self.db.execute(f"UPDATE outbound SET due_at = ? WHERE {_WAITING}", (now,)).rowcount
+            else:
+                n = sum(self.db.execute("UPDATE outbound SET due_at = ?, delivered_at = NULL, dropped_at = NULL "
+                                        "WHERE uid = ?", (now, uid)).rowcount for uid in uids)
+            self.db.execute("INSERT OR REPLACE INTO meta VALUES ('outbound_nudge', ?)", (repr(now),))
+        return n
+
+    def outbound_drop(self, uids: Sequence[str]) -> int:
+        """The waiting objects named are not sent (until an operator queues them again)."""
+        now = time.time()
+        with self.db:
+            return sum(self.db.execute(f"UPDATE outbound SET dropped_at = ? WHERE uid = ? AND {_WAITING}",
+                                       (now, uid)).rowcount for uid in uids)
+
+    def outbound_nudged(self, since: float) -> bool:
+        """Whether an operator asked for sending now after ``since`` (epoch seconds)."""
+        row = self.db.execute("SELECT value FROM meta WHERE name = 'outbound_nudge'").fetchone()
+        return row is not None and float(row[0]) > since

@@ -30,7 +30,7 @@ COLUMNS: tuple[str, ...] = (
     + ("notes",)
     + tuple(f"p_{f}" for f in FINDINGS)
     + tuple(f"flag_{f}" for f in FINDINGS)
-    + ("findings", "priority", "triage_score", "report", "model", "weights_sha256")
+    + ("findings", "priority", "triage_score", "p_any", "worklist_rank", "report", "model", "weights_sha256")
 )
 NOTE_SEPARATOR = "; "
 # Columns whose values come from outside (file names, headers, sidecars, library messages):
@@ -73,7 +73,8 @@ class Scores:
     probs: tuple[float, ...]
     flags: tuple[int, ...]
     priority: str
-    triage_score: float
+    triage_score: float  # orders the study inside its bucket (cxr_batch.triage)
+    p_any: float | None = None  # P(any finding)
 
     @property
     def findings(self) -> tuple[str, ...]:
@@ -95,6 +96,7 @@ class StudyRecord:
     report: str = ""  # file name of the PDF under reports/
     model: str = ""  # bundle name@version
     weights_sha256: str = ""
+    worklist_rank: int | None = None  # 1 = read first, among the studies of one run (scan, merge)
 
     @property
     def ok(self) -> bool:
@@ -138,7 +140,9 @@ class StudyRecord:
             row[f"flag_{f}"] = str(int(s.flags[k])) if s else ""
         row.update({
             "findings": ";".join(s.findings) if s else "", "priority": s.priority if s else "",
-            "triage_score": f"{s.triage_score:.6f}" if s else "", "report": self.report,
+            "triage_score": f"{s.triage_score:.6f}" if s else "",
+            "p_any": f"{s.p_any:.6f}" if s and s.p_any is not None else "",
+            "worklist_rank": "" if self.worklist_rank is None else str(self.worklist_rank), "report": self.report,
             "model": self.model, "weights_sha256": self.weights_sha256,
         })
         return {k: spreadsheet_safe(v) if k in TEXT_COLUMNS else v for k, v in row.items()}
@@ -163,11 +167,13 @@ class StudyRecord:
                 probs=tuple(float(get(f"p_{f}")) for f in FINDINGS),
                 flags=tuple(int(get(f"flag_{f}")) for f in FINDINGS),
                 priority=get("priority"), triage_score=float(get("triage_score") or 0.0),
+                p_any=float(get("p_any")) if get("p_any") else None,
             )
         return cls(file=row["file"], status=get("status") or "error", reason=row.get("reason") or "",
                    ids=Identifiers(**{k: row.get(k) or "" for k in CSV_IDENTIFIERS}
                                    | {"study_date": _dicom_date(row.get("study_date") or "")}), patient=patient,
-                   scores=scores, report=get("report"), model=get("model"), weights_sha256=get("weights_sha256"))
+                   scores=scores, report=get("report"), model=get("model"), weights_sha256=get("weights_sha256"),
+                   worklist_rank=int(get("worklist_rank")) if get("worklist_rank") else None)
 
     # ---------------------------------------------------------------- ledger
     def to_json(self) -> dict:
@@ -179,7 +185,8 @@ class StudyRecord:
                           "view": p.view, "view_source": p.view_source, "notes": list(p.notes)}
         s = self.scores
         out["scores"] = None if s is None else {"probs": list(s.probs), "flags": list(s.flags),
-                                                 "priority": s.priority, "triage_score": s.triage_score}
+                                                 "priority": s.priority, "triage_score": s.triage_score,
+                                                 "p_any": s.p_any}
         return out
 
     @classmethod
@@ -189,7 +196,7 @@ class StudyRecord:
             file=data["file"], status=data["status"], reason=data.get("reason", ""),
             ids=Identifiers(**data.get("ids", {})), patient=PatientData(**data.get("patient", {})),
             scores=None if s is None else Scores(tuple(s["probs"]), tuple(s["flags"]), s["priority"],
-                                                 s["triage_score"]),
+                                                 s["triage_score"], s.get("p_any")),
             report=data.get("report", ""), model=data.get("model", ""),
-            weights_sha256=data.get("weights_sha256", ""),
+            weights_sha256=data.get("weights_sha256", ""), worklist_rank=data.get("worklist_rank"),
         )

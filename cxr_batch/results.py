@@ -17,6 +17,7 @@ from pathlib import Path
 
 from .files import FILE_MODE
 from .record import COLUMNS, StudyRecord
+from .triage import worklist_key
 
 log = logging.getLogger("cxr_batch")
 
@@ -28,9 +29,9 @@ class AtomicCsvWriter:
     leaves any earlier ``path`` untouched.
     """
 
-    def __init__(self, path: Path, columns=COLUMNS, mode: int = FILE_MODE):
+    def __init__(self, path: Path, columns=COLUMNS, mode: int = FILE_MODE, rank: bool = True):
         self.path = Path(path)
-        self.mode = mode
+        self.mode, self.rank = mode, rank
         fd, self.tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
         self._file = os.fdopen(fd, "w", newline="", encoding="utf-8")
         self._writer = csv.DictWriter(self._file, fieldnames=list(columns), extrasaction="ignore")
@@ -46,12 +47,28 @@ class AtomicCsvWriter:
         self.count += 1
 
     def commit(self) -> Path:
+        """Move the rows in place; with ``rank`` (and a ``worklist_rank`` column), number the
+        scored rows in worklist order first (:func:`rank_rows`): one run, one worklist."""
+        if self.rank and "worklist_rank" in self._writer.fieldnames and self.count:
+            self._rerank()
         self._file.flush()
         os.fsync(self._file.fileno())
         self._file.close()
         os.chmod(self.tmp, self.mode)
         os.replace(self.tmp, self.path)
         return self.path
+
+    def _rerank(self) -> None:
+        """Read the streamed rows back, rank them and write them again (same file, same order):
+        a rank is known only once every study is scored."""
+        self._file.flush()
+        with open(self.tmp, newline="", encoding="utf-8") as f:
+            rows = list(csv.DictReader(f))
+        rank_rows(rows)
+        self._file.seek(0)
+        self._file.truncate()
+        self._writer.writeheader()
+        self._writer.writerows(rows)
 
     def abort(self) -> None:
         if not self._file.closed:
@@ -69,14 +86,27 @@ class AtomicCsvWriter:
         return False
 
 
+def rank_rows(rows: list[dict]) -> int:
+    """Set ``worklist_rank`` (1 = read first) on the scored rows of one run, in the order of
+    :func:`cxr_batch.triage.worklist_key`; other rows get an empty rank. Returns how many were
+    ranked."""
+    scored = [r for r in rows if r.get("status") == "ok" and r.get("priority")]
+    for r in rows:
+        r["worklist_rank"] = ""
+    scored.sort(key=lambda r: worklist_key(r["priority"], float(r.get("triage_score") or 0.0), r["file"]))
+    for i, r in enumerate(scored, 1):
+        r["worklist_rank"] = str(i)
+    return len(scored)
+
+
 def append_rows(path: Path, records: list[StudyRecord]) -> None:
     """Append records to results.csv (created with its header if absent) in one write,
     flushed to disk: the cost is that of the new rows, whatever the file's size. A crash
     mid-append can leave a partial last line; the watch daemon rewrites the file from its
     ledger at every start."""
     path = Path(path)
-    if not path.exists():
-        with AtomicCsvWriter(path) as writer:
+    if not path.exists():  # a daemon's rows: no rank (its worklist changes with every study)
+        with AtomicCsvWriter(path, rank=False) as writer:
             for record in records:
                 writer.write(record)
         return

@@ -7,7 +7,7 @@ Each takes ``y_true`` [N, C] (0/1) and ``y_prob`` [N, C] and returns C threshold
 from __future__ import annotations
 
 import numpy as np
-from sklearn.metrics import f1_score, precision_score, roc_curve
+from sklearn.metrics import roc_curve
 
 GRID = np.round(np.arange(0.10, 0.85 + 1e-9, 0.05), 2)  # the study's grid
 # For calibrated probabilities: a rare finding's well-calibrated probabilities sit far below 0.10.
@@ -26,9 +26,18 @@ def youden(y_true: np.ndarray, y_prob: np.ndarray) -> np.ndarray:
     return out
 
 
-def _scores(y: np.ndarray, p: np.ndarray, t: float) -> tuple[float, float]:
-    pred = (p >= t).astype(int)
-    return (precision_score(y, pred, zero_division=0.0), f1_score(y, pred, zero_division=0.0))
+def _scores(y: np.ndarray, p: np.ndarray, grid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Precision and F1 of the flags ``p >= t`` for every t of ``grid`` (0 where undefined, as
+    scikit-learn's ``zero_division=0``), one class: y, p [N]."""
+    y = np.asarray(y).astype(bool)
+    pred = np.asarray(p)[:, None] >= np.asarray(grid)[None, :]
+    tp = (pred & y[:, None]).sum(axis=0)
+    fp = (pred & ~y[:, None]).sum(axis=0)
+    fn = y.sum() - tp
+    with np.errstate(invalid="ignore", divide="ignore"):
+        precision = np.where(tp + fp > 0, tp / np.maximum(tp + fp, 1), 0.0)
+        f1 = np.where(2 * tp + fp + fn > 0, 2 * tp / np.maximum(2 * tp + fp + fn, 1), 0.0)
+    return precision, f1
 
 
 def precision_constrained(y_true: np.ndarray, y_prob: np.ndarray, precision_min: float = 0.30,
@@ -39,11 +48,11 @@ def precision_constrained(y_true: np.ndarray, y_prob: np.ndarray, precision_min:
     C = y_true.shape[1]
     thresholds, best_f1 = np.full(C, 0.5), np.zeros(C)
     for c in range(C):
-        scored = [(t, *_scores(y_true[:, c], y_prob[:, c], t)) for t in grid]
-        ok = [s for s in scored if s[1] >= precision_min]
-        pool = ok or scored
-        t, _, f1 = max(pool, key=lambda s: (s[2], -s[0]))
-        thresholds[c], best_f1[c] = t, f1
+        precision, f1 = _scores(y_true[:, c], y_prob[:, c], grid)
+        ok = precision >= precision_min
+        pool = np.flatnonzero(ok) if ok.any() else np.arange(len(grid))
+        best = pool[np.argmax(f1[pool])]  # argmax takes the first: the lowest threshold on ties
+        thresholds[c], best_f1[c] = grid[best], f1[best]
     return thresholds, best_f1
 
 
@@ -68,19 +77,35 @@ def at_sensitivity(y_true: np.ndarray, y_prob: np.ndarray, target: float = 0.90)
     return out
 
 
+def at_specificity(y_true: np.ndarray, y_prob: np.ndarray, target: float = 0.90) -> np.ndarray:
+    """Per class, the lowest threshold whose flags ``p >= t`` leave at least ``target`` of the
+    negatives unflagged (ties at the boundary stay unflagged, so the specificity is never below
+    the target); 0.5 where a class has no negatives. Clipped into (0, 1)."""
+    out = np.full(y_true.shape[1], 0.5)
+    for c in range(y_true.shape[1]):
+        negatives = np.sort(y_prob[y_true[:, c] == 0, c])[::-1]
+        if len(negatives):
+            allowed = int(np.floor((1 - target) * len(negatives) + 1e-9))  # false positives it may make
+            boundary = negatives[min(allowed, len(negatives) - 1)]
+            out[c] = float(np.nextafter(boundary, np.inf)) if allowed < len(negatives) else float(negatives[-1])
+    return np.clip(out, 1e-6, 1 - 1e-6)
+
+
 def parse_rule(text: str) -> tuple[str, float | None]:
-    """A threshold rule as written on a command line: 'precision_f1' (precision >= 0.30),
-    'precision_f1:P', 'youden' or 'sensitivity:S' -> (name, parameter). Raises ValueError."""
+    """A threshold rule as written on a command line: 'keep' (the bundle's operating points,
+    moved with the calibration so that the same studies are flagged), 'precision_f1'
+    (precision >= 0.30), 'precision_f1:P', 'youden', 'sensitivity:S' or 'specificity:S' ->
+    (name, parameter). Raises ValueError."""
     name, _, value = text.strip().partition(":")
-    defaults = {"precision_f1": 0.30, "youden": None, "sensitivity": None}
+    defaults = {"keep": None, "precision_f1": 0.30, "youden": None, "sensitivity": None, "specificity": None}
     if name not in defaults:
-        raise ValueError(f"{text!r}: expected precision_f1[:P], youden or sensitivity:S")
-    if name == "youden":
+        raise ValueError(f"{text!r}: expected keep, precision_f1[:P], youden, sensitivity:S or specificity:S")
+    if name in ("youden", "keep"):
         if value:
-            raise ValueError(f"{text!r}: youden takes no parameter")
+            raise ValueError(f"{text!r}: {name} takes no parameter")
         return name, None
     if not value and defaults[name] is None:
-        raise ValueError(f"{text!r}: give the target, e.g. sensitivity:0.90")
+        raise ValueError(f"{text!r}: give the target, e.g. {name}:0.90")
     try:
         number = float(value) if value else defaults[name]
     except ValueError:
@@ -93,8 +118,12 @@ def parse_rule(text: str) -> tuple[str, float | None]:
 def by_rule(rule: str, y_true: np.ndarray, y_prob: np.ndarray) -> np.ndarray:
     """Thresholds by a rule of :func:`parse_rule` on calibrated probabilities (fine grid)."""
     name, value = parse_rule(rule)
+    if name == "keep":
+        raise ValueError("'keep' chooses no threshold from data: the caller moves the bundle's own")
     if name == "youden":
         return youden(y_true, y_prob)
     if name == "sensitivity":
         return at_sensitivity(y_true, y_prob, value)
+    if name == "specificity":
+        return at_specificity(y_true, y_prob, value)
     return precision_constrained(y_true, y_prob, value, FINE_GRID)[0]

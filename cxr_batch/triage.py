@@ -1,16 +1,26 @@
-"""From probabilities to flags, findings and a triage priority.
+"""From probabilities to flags, a bucket and a place on the worklist.
 
-Flags: a finding is flagged when its probability reaches the bundle's threshold for it.
-Priority: "urgent" when a flagged finding is in the urgent set (default Pneumothorax),
-"abnormal" when any finding is flagged, "normal" otherwise.
-Triage score (orders studies inside a priority on the worklist): the largest margin by
-which a probability exceeds its threshold, as a fraction of the room above the threshold,
-``max_f (p_f - t_f) / (1 - t_f)`` over all findings. Positive exactly when something is
-flagged, 1 for a certain finding, and comparable across findings with different thresholds.
+A bundle's triage policy (:class:`TriagePolicy`, from the manifest's ``thresholds`` and, for
+bundles that carry one, its ``triage`` table) says:
+
+- **flags**: finding k is flagged when its probability reaches its operating point
+  (``thresholds``), unless the bundle marks it as not flagged at all (a finding whose validation
+  ranking was no better than chance: ``triage.findings.<name>.flagged = false``);
+- **P(any finding)**: a study-level probability that the study has at least one of the 14
+  findings, ``sigmoid(bias + sum_k w_k * logit(p_k))`` (weights fitted out of fold at export);
+  bundles without one use ``1 - prod_k (1 - p_k)`` (findings taken as independent);
+- **buckets**: ``urgent`` when an urgent finding (default Pneumothorax) is flagged; ``normal``
+  when nothing is flagged and P(any) is below the bundle's ``normal_below`` (without one, when
+  nothing is flagged); ``abnormal`` otherwise;
+- **worklist order** (:func:`worklist_key`): urgent studies first, by the urgent finding's
+  probability, then abnormal, then normal studies, each by P(any), highest first.
+  ``triage_score`` is the number that orders a study inside its bucket (the urgent finding's
+  probability, or P(any)); ``worklist_rank`` is 1 for the study to read first.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -18,6 +28,75 @@ import numpy as np
 from .findings import DEFAULT_URGENT, FINDINGS
 
 PRIORITIES = ("urgent", "abnormal", "normal")
+BUCKET_ORDER = {p: i for i, p in enumerate(PRIORITIES)}
+
+
+class TriageError(ValueError):
+    """A bundle's ``triage`` table that inference must not use."""
+
+
+@dataclass(frozen=True)
+class TriagePolicy:
+    thresholds: np.ndarray  # [14] operating points on the (calibrated) probability
+    flaggable: np.ndarray  # [14] bool: False = never flagged
+    any_weights: np.ndarray | None = None  # [14]; None: 1 - prod(1 - p)
+    any_bias: float = 0.0
+    normal_below: float | None = None  # P(any) below it (and nothing flagged) = normal
+    urgent: tuple[str, ...] = DEFAULT_URGENT
+
+    @classmethod
+    def simple(cls, thresholds, urgent=DEFAULT_URGENT) -> "TriagePolicy":
+        """Thresholds only (bundles without a ``triage`` table): every finding flaggable,
+        P(any) as if findings were independent, normal = nothing flagged."""
+        return cls(np.asarray(thresholds, dtype=np.float64), np.ones(len(FINDINGS), dtype=bool), urgent=tuple(urgent))
+
+    @classmethod
+    def from_manifest(cls, manifest: dict, urgent=DEFAULT_URGENT) -> "TriagePolicy":
+        """The policy a manifest describes. Raises TriageError for a malformed ``triage`` table
+        (the thresholds themselves are checked by the bundle loader)."""
+        thresholds = np.array([float(manifest["thresholds"][f]) for f in FINDINGS])
+        table = manifest.get("triage")
+        if table is None:
+            return cls.simple(thresholds, urgent)
+        if not isinstance(table, dict):
+            raise TriageError("'triage' must be a table")
+        findings = table.get("findings", {})
+        if not isinstance(findings, dict):
+            raise TriageError("triage.findings must be a table")
+        flaggable = np.ones(len(FINDINGS), dtype=bool)
+        for k, f in enumerate(FINDINGS):
+            entry = findings.get(f, {})
+            if not isinstance(entry, dict) or not isinstance(entry.get("flagged", True), bool):
+                raise TriageError(f"triage.findings.{f}: expected a table whose 'flagged' is true or false")
+            flaggable[k] = entry.get("flagged", True)
+        weights, bias, normal_below = None, 0.0, None
+        study = table.get("any_finding")
+        if study is not None:
+            if not isinstance(study, dict):
+                raise TriageError("triage.any_finding must be a table")
+            w = study.get("weights")
+            if not isinstance(w, list) or len(w) != len(FINDINGS) or not all(_is_number(v) for v in w):
+                raise TriageError(f"triage.any_finding.weights: expected {len(FINDINGS)} finite numbers")
+            if not _is_number(study.get("bias")):
+                raise TriageError("triage.any_finding.bias: expected a finite number")
+            weights, bias = np.array(w, dtype=np.float64), float(study["bias"])
+            cut = study.get("normal_below")
+            if cut is not None and not (_is_number(cut) and 0.0 < cut < 1.0):
+                raise TriageError("triage.any_finding.normal_below: expected a number strictly between 0 and 1")
+            normal_below = None if cut is None else float(cut)
+        return cls(thresholds, flaggable, weights, bias, normal_below, tuple(urgent))
+
+    def p_any(self, probs: np.ndarray) -> np.ndarray:
+        """P(any finding) for probabilities [..., 14]."""
+        p = np.clip(np.asarray(probs, dtype=np.float64), 1e-7, 1 - 1e-7)
+        if self.any_weights is None:
+            return 1.0 - np.prod(1.0 - p, axis=-1)
+        z = self.any_bias + np.log(p / (1 - p)) @ self.any_weights
+        return 1.0 / (1.0 + np.exp(-z))
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 @dataclass(frozen=True)
@@ -25,20 +104,31 @@ class Triage:
     flags: np.ndarray  # [14] of 0/1
     findings: list[str]
     priority: str
-    score: float
+    score: float  # orders the study inside its bucket: the urgent finding's probability, or P(any)
+    p_any: float
 
 
-def triage(probs: np.ndarray, thresholds: np.ndarray, urgent=DEFAULT_URGENT) -> Triage:
-    """probs, thresholds: [14] arrays in FINDINGS order."""
+def triage(probs: np.ndarray, policy, urgent=None) -> Triage:
+    """probs [14] in FINDINGS order; ``policy`` a :class:`TriagePolicy` (or, as before, a
+    thresholds array [14] with ``urgent``)."""
+    if not isinstance(policy, TriagePolicy):
+        policy = TriagePolicy.simple(policy, DEFAULT_URGENT if urgent is None else urgent)
+    elif urgent is not None:
+        policy = TriagePolicy(policy.thresholds, policy.flaggable, policy.any_weights, policy.any_bias,
+                              policy.normal_below, tuple(urgent))
     probs = np.asarray(probs, dtype=np.float64)
-    thresholds = np.asarray(thresholds, dtype=np.float64)
-    flags = (probs >= thresholds).astype(np.int8)
+    flags = ((probs >= policy.thresholds) & policy.flaggable).astype(np.int8)
     flagged = [f for f, on in zip(FINDINGS, flags) if on]
-    if any(f in urgent for f in flagged):
-        priority = "urgent"
-    elif flagged:
-        priority = "abnormal"
-    else:
-        priority = "normal"
-    margins = (probs - thresholds) / np.maximum(1.0 - thresholds, 1e-6)
-    return Triage(flags, flagged, priority, float(np.max(margins)))
+    p_any = float(policy.p_any(probs))
+    urgent_flagged = [FINDINGS.index(f) for f in flagged if f in policy.urgent]
+    if urgent_flagged:
+        return Triage(flags, flagged, "urgent", float(max(probs[k] for k in urgent_flagged)), p_any)
+    if flagged or (policy.normal_below is not None and p_any >= policy.normal_below):
+        return Triage(flags, flagged, "abnormal", p_any, p_any)
+    return Triage(flags, flagged, "normal", p_any, p_any)
+
+
+def worklist_key(priority: str, score: float, file: str) -> tuple:
+    """Sort key of a scored study on the worklist: bucket, then score (highest first), then
+    file name (a stable order for ties)."""
+    return (BUCKET_ORDER.get(priority, len(PRIORITIES)), -score, file)

@@ -318,11 +318,32 @@ class Watcher:
         log.warning("the ledger was missing: rebuilt with %d studies from results.csv", n)
 
     def recover(self) -> None:
-        """After any stop: results.csv rewritten from the ledger, missing reports made again."""
+        """After any stop: results.csv rewritten from the ledger, missing reports made again,
+        files handled but not yet moved (archive or quarantine) moved."""
         self.contained(self.publish_whole)
         if self.reports is not None:
             self.contained(self.regenerate_reports)
+        if self.moves_handled_files():
+            self.contained(self.sweep_handled)
         self.worklist_due = True
+
+    def moves_handled_files(self) -> bool:
+        """Whether handled files leave the watched folder (the DICOM node's spool always does)."""
+        return bool(self.cfg.archive_dir or self.cfg.quarantine_dir)
+
+    def sweep_handled(self) -> None:
+        """Files the ledger has as handled (same path, size and mtime) that are still here: a
+        stop came between their study's commit and their move. Moved now, as they would have
+        been; rescans skip handled files, so nothing else would ever move them."""
+        for cand in find_candidates(self.watch_dir, exclude=self.exclude, follow_links=self.cfg.follow_links):
+            try:
+                st = cand.path.stat()
+            except OSError:
+                continue
+            handled = None if cand.problem else self.ledger.file_outcome(cand.rel, st.st_size, st.st_mtime_ns)
+            if handled is not None:
+                key, outcome = handled
+                self.move(cand.rel, key or f"duplicate:{cand.rel}", outcome)
 
     def regenerate_reports(self) -> None:
         missing = [(k, r) for k, r in self.ledger.keyed_records()
@@ -501,9 +522,32 @@ class Watcher:
         if self.srs is None or not record.ok:
             return
         try:
-            self.srs.report(record, name_key)
+            self.srs.report(record, name_key, **self.sr_revision(name_key))
         except OSError as e:
             raise OutputError(f"DICOM SRs cannot be written: {e}") from None
+
+    def sr_revision(self, name_key: str) -> dict:
+        """A changed instance (same key, other content) replacing a result: its SR needs a
+        SOPInstanceUID of its own (a PACS keeping the first copy of a UID would keep the stale
+        result), derived from the new content so that making it again gives the same UID, and
+        names the SR it supersedes. The first result of a source keeps the UID derived from
+        source and model alone (the same image re-sent: the same SR)."""
+        from .sr import sr_file_name
+
+        key, content = name_key.rsplit(":", 1)
+        earlier = self.ledger.known(key)
+        if earlier is None or earlier.status == "error" or earlier.content == content:
+            return {}
+        predecessor = None
+        try:
+            import pydicom
+
+            predecessor = pydicom.dcmread(self.srs.folder / sr_file_name(f"{key}:{earlier.content}"),
+                                          stop_before_pixels=True)
+        except Exception as e:  # its file is gone or unreadable: the new SR still gets its own UID
+            log.warning("%s: the superseded SR cannot be read (%s); the new one does not name it",
+                        log_name(earlier.file), type(e).__name__)
+        return {"revision": content, "predecessor": predecessor}
 
     def fail_batch(self, rels: list[str], reason: str) -> None:
         """After an unexpected failure: the batch's files get error rows, so they are not read
@@ -574,7 +618,7 @@ class Watcher:
     def publish_whole(self) -> None:
         """results.csv rewritten from the ledger, atomically."""
         try:
-            with AtomicCsvWriter(self.out / "results.csv") as writer:
+            with AtomicCsvWriter(self.out / "results.csv", rank=False) as writer:
                 for record in self.ledger.iter_records():
                     writer.write(record)
             self.ledger.mark_published()

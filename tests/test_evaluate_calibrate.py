@@ -172,6 +172,14 @@ def test_calibrate_on_half_the_patients_helps_the_other_half(tmp_path, nih, nih_
     assert ev_new["ece"] < ev_base["ece"]
     assert ev_new["mean_auroc"] == pytest.approx(ev_base["mean_auroc"], abs=0.005)  # ranking kept (6-decimal rounding)
     assert ev_new["calibrated"] and ev_new["model"] == f"small@{new.version}"
+    # evaluation.json names the bundle as results.csv does: two calibrated bundles can be told apart
+    assert ev_new["bundle_sha256"] == new.sha256 != ev_base["bundle_sha256"] == old.sha256
+    rows = read_results(tmp_path / "eval_new" / "results.csv")
+    assert {r["weights_sha256"] for r in rows} == {new.sha256}
+    # the default thresholds rule ('keep') moves the operating points with the calibration: same flags
+    flags = lambda folder: [[r[f"flag_{f}"] for f in FINDINGS] for r in read_results(folder / "results.csv")]  # noqa: E731
+    assert flags(tmp_path / "eval_new") == flags(tmp_path / "eval_base")
+    assert ev_new["triage"]["buckets"] == ev_base["triage"]["buckets"]
 
     # inference applied exactly the manifest's parameters
     p_base = np.array([[float(r[f"p_{f}"]) for f in FINDINGS] for r in read_results(tmp_path / "eval_base" / "results.csv")])

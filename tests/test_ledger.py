@@ -128,10 +128,11 @@ def test_outbound_objects_are_queued_with_their_study_and_delivered_once(tmp_pat
     assert ledger.due_outbound(time.time()) == []  # one waits for its back-off, one is delivered
     assert [i.uid for i in ledger.due_outbound(time.time() + 61)] == ["2.25.1"]
     stats = ledger.outbound_stats(time.time())
-    assert (stats["queued"], stats["retrying"], stats["delivered"], stats["failed"]) == (1, 1, 1, 0)
-    assert stats["oldest_queued_s"] >= 0
-    ledger.outbound_failed("2.25.1", "PACS@h:104", "refused: 0xC000")
-    assert ledger.due_outbound(time.time() + 3600) == [] and ledger.outbound_stats(time.time())["failed"] == 1
+    assert (stats["queued"], stats["retrying"], stats["delivered"], stats["refused"]) == (1, 1, 1, 0)
+    assert stats["oldest_queued_s"] >= 0 and stats["waiting_because"] == {"peer down": 1}
+    ledger.outbound_refused("2.25.1", "PACS@h:104", "refused: 0xC000", time.time() + 900)
+    assert ledger.due_outbound(time.time() + 60) == [] and ledger.outbound_stats(time.time())["refused"] == 1
+    assert [i.uid for i in ledger.due_outbound(time.time() + 901)] == ["2.25.1"]  # refused: offered again later
     # a changed instance is scored again: its objects (same derived UIDs) are queued afresh
     ledger.commit([("uid:1", "c2", ok("IM1_changed"))], [], sr)
     assert [(i.uid, i.attempts) for i in ledger.due_outbound(time.time())] == [("2.25.1", 0), ("2.25.2", 0)]

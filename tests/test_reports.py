@@ -23,7 +23,7 @@ from cxr_batch.gradcam import gradcam
 from cxr_batch.patient import PatientData, parse_age
 from cxr_batch.record import Scores, StudyRecord
 from cxr_batch.reports import (ModelInfo, ReportOptions, _fonts, _styles, fitted, heatmap_order, overlay, report_name,
-                               shared_scale, study_pdf, worklist_pdf)
+                               own_scale, study_pdf, worklist_pdf)
 from cxr_batch.results import read_results
 from cxr_batch.scan import ScanConfig, run_scan
 
@@ -117,12 +117,19 @@ def test_every_report_is_one_page_with_identifiers_findings_and_statements(examp
         for f in FINDINGS:
             assert finding_label(f) in txt
         assert "Pleural_Thickening" not in txt
-        banner = {"urgent": "URGENT", "abnormal": "ABNORMAL", "normal": "No finding above threshold"}
+        banner = {"urgent": "URGENT", "abnormal": "ABNORMAL", "normal": "LOW PROBABILITY OF ANY FINDING"}
         assert banner[row["priority"]] in txt
         flagged = [f for f in row["findings"].split(";") if f]
         assert txt.count("FLAGGED") == len(flagged)
-        for f in flagged:  # every flagged finding has its map, with probability and threshold in the caption
-            assert f"p {float(row[f'p_{f}']):.2f}, threshold {thresholds[f]:.2f}" in txt
+        flat = re.sub(r"\s+", " ", txt)
+        # every flagged finding has its map, with probability and threshold in the caption, or is named as
+        # having no positive evidence in the map (never a blank picture)
+        for f in flagged:
+            t = thresholds[f]
+            assert (f"p {float(row[f'p_{f}']):.2f}, threshold {t:.2f}" in txt or f"threshold {t:.3f}" in txt
+                    or re.search(rf"No positive evidence in the model's map for: [^.]*{finding_label(f)}", flat))
+        if flagged:
+            assert "8 x 8 grid" in flat  # v2 sees 64 px: its maps come from P3's 8 x 8 cells, stated
         if row["study_date"]:  # results.csv and the report both say YYYY-MM-DD, never DICOM's YYYYMMDD
             assert re.fullmatch(r"\d{4}-\d{2}-\d{2}", row["study_date"]), row["study_date"]
             assert row["study_date"] in txt and row["study_date"].replace("-", "") not in txt
@@ -237,13 +244,34 @@ def test_heatmap_comes_from_that_findings_output(nih_images):
     assert np.allclose(maps[c1], cam, rtol=1e-4, atol=1e-6 * cam.max())
 
 
-def test_maps_share_one_scale_so_weak_evidence_is_faint():
+def test_each_map_on_its_own_scale_so_a_weak_urgent_map_is_never_hidden():
     strong = np.outer(np.hanning(64), np.hanning(64))
-    maps = shared_scale({0: 4.0 * strong, 1: 1.0 * strong, 2: np.zeros_like(strong)})
-    assert maps[0].max() == pytest.approx(1.0) and maps[1].max() == pytest.approx(0.25) and maps[2].max() == 0
+    maps, strength = own_scale({0: 4.0 * strong, 1: 1.0 * strong, 2: np.zeros_like(strong)})
+    assert maps[0].max() == pytest.approx(1.0) and maps[1].max() == pytest.approx(1.0) and maps[2].max() == 0
+    assert strength == {0: pytest.approx(1.0), 1: pytest.approx(0.25), 2: 0.0}
     grey = np.full((64, 64), 0.5)
     colour = {k: np.abs(overlay(grey, m).astype(int) - 127).sum() for k, m in maps.items()}
-    assert colour[0] > 3 * colour[1] > 0 and colour[2] == 0
+    assert colour[0] == colour[1] > 0 and colour[2] == 0
+
+
+def test_maps_only_on_a_grid_that_can_point_to_a_lung_zone():
+    from cxr_batch.gradcam import map_level
+
+    assert map_level(224) == ("p4", 14) and map_level(128) == ("p4", 8)
+    assert map_level(64) == ("p3", 8) and map_level(96) == ("p3", 12)
+    assert map_level(32) is None  # 4 x 4 cells: no map, a line saying why
+
+
+def test_a_flagged_finding_without_positive_evidence_is_said_plainly_not_drawn():
+    import io
+
+    record = scored({"Effusion": 0.9, "Pneumothorax": 0.6})
+    maps = blob_maps(record)
+    maps[FINDINGS.index("Effusion")] = np.zeros_like(maps[FINDINGS.index("Effusion")])
+    txt = re.sub(r"\s+", " ", PdfReader(io.BytesIO(study_pdf(record, GREY, maps, model_info(), ReportOptions(), NOW)))
+                 .pages[0].extract_text())
+    assert "No positive evidence in the model's map for: Effusion" in txt
+    assert "p 0.60, threshold 0.50" in txt and "p 0.90, threshold 0.50" not in txt  # only Pneumothorax is drawn
 
 
 def test_heatmaps_urgent_first_then_by_margin_over_threshold():
@@ -296,7 +324,7 @@ def test_no_flag_banner_gives_the_urgent_findings_sensitivity():
     options = ReportOptions(urgent=("Pneumothorax", "Effusion"))
     txt = re.sub(r"\s+", " ", PdfReader(io.BytesIO(study_pdf(scored({}), GREY, {}, measured, options, NOW)))
                  .pages[0].extract_text())
-    assert "No finding above threshold" in txt and "NORMAL" not in txt
+    assert "LOW PROBABILITY OF ANY FINDING" in txt and "Not a normal result" in txt and "NORMAL" not in txt
     assert "Pneumothorax: sensitivity 0.75 at its threshold (flagged 3 of 4 held-out images that had it)" in txt
     assert "Effusion: sensitivity 0.75" in txt
     assert "Intended use: Triage research, not for clinical use." in txt and "no validation evidence" not in txt
@@ -409,3 +437,47 @@ def test_page_one_renders_with_a_red_urgent_banner(tmp_path):
     page = render(study_pdf(row, grey, {7: grey.T}, model_info(), ReportOptions(), NOW), tmp_path, dpi=40)
     red = (page[..., 0] > 170) & (page[..., 1] < 80) & (page[..., 2] < 80)
     assert red[: page.shape[0] // 4].sum() > 500  # the banner sits in the top quarter
+
+
+TRIAGE_TABLE = {
+    "measured_on": "out of fold on 1,250 development images",
+    "findings": {**{f: {"flagged": True, "sensitivity": 0.4, "specificity": 0.9, "ppv_at_nih_prevalence": 0.2,
+                        "flag_rate": 0.11, "positives": 50} for f in FINDINGS},
+                 "Effusion": {"flagged": True, "sensitivity": 0.62, "specificity": 0.9, "ppv_at_nih_prevalence": 0.31,
+                              "flag_rate": 0.14, "positives": 80},
+                 "Hernia": {"flagged": False, "why": "out-of-fold AUROC 0.55 (95% CI 0.41-0.69) reaches 0.5"}},
+    "any_finding": {"weights": [0.2] * 14, "bias": -0.5, "normal_below": 0.3, "normal_share_of_abnormal": 0.14,
+                    "normal_share_of_no_finding": 0.41, "flagged_share": 0.48, "flags_per_study": 0.9},
+}
+
+
+def test_every_flag_carries_its_sensitivity_and_ppv_and_never_flagged_findings_say_why():
+    import io
+
+    info = model_info({"triage": TRIAGE_TABLE, "metrics": {"test_n": 300, "test_mean_auc": 0.7}})
+    record = scored({"Effusion": 0.9, "Pneumothorax": 0.6})
+    txt = re.sub(r"\s+", " ", PdfReader(io.BytesIO(study_pdf(record, GREY, blob_maps(record), info, ReportOptions(),
+                                                             NOW))).pages[0].extract_text())
+    assert "Pneumothorax (sens. 0.40, PPV 0.20); Effusion (sens. 0.62, PPV 0.31)" in txt  # the banner
+    assert "0.62 / 0.31" in txt and "never flagged" in txt and "chance-level ranking" in txt  # the findings table
+    assert "out of fold on 1,250 development images" in txt
+    low = scored({})
+    low.scores.p_any = 0.12
+    txt = re.sub(r"\s+", " ", PdfReader(io.BytesIO(study_pdf(low, GREY, {}, info, ReportOptions(), NOW)))
+                 .pages[0].extract_text())
+    assert "LOW PROBABILITY OF ANY FINDING" in txt and "P(any finding) 0.12" in txt
+    assert "In validation 14% of studies with a finding fell in this bucket" in txt
+
+
+def test_worklist_gives_base_rates_trust_beside_flags_and_the_rank_order(tmp_path):
+    info = model_info({"triage": TRIAGE_TABLE, "metrics": {"test_n": 300, "test_mean_auc": 0.7}})
+    records = [scored({"Effusion": 0.8}, file="a.png", patient_id="PA"),
+               scored({"Pneumothorax": 0.55}, file="b.png", patient_id="PB"),
+               scored({}, file="c.png", patient_id="PC")]
+    records[2].scores.p_any = 0.1
+    (tmp_path / "w.pdf").write_bytes(worklist_pdf(records, ReportOptions(), info, NOW))
+    txt = re.sub(r"\s+", " ", "\n".join(pages(tmp_path / "w.pdf")))
+    assert "2 of 3 studies have a flagged finding" in txt
+    assert "flagged 48% of studies (0.9 flags per study)" in txt and "41% of studies without a finding" in txt
+    assert "Effusion (sens. 0.62, PPV 0.31)" in txt and "p 0.55 (Pneumothorax)" in txt
+    assert txt.index("ID PB") < txt.index("ID PA") < txt.index("ID PC")  # urgent, abnormal, then low probability

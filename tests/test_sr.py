@@ -3,6 +3,8 @@ pydicom/highdicom, and checked with dcmtk (dsrdump, dcmdump) and dicom3tools (dc
 
 from __future__ import annotations
 
+import datetime as dt
+import io
 import json
 import re
 import shutil
@@ -21,7 +23,8 @@ from cxr_batch.record import Scores, StudyRecord
 from cxr_batch.reports import report_name
 from cxr_batch.results import read_results
 from cxr_batch.scan import ScanConfig, run_scan
-from cxr_batch.sr import FINDING_CODES, PRIORITY_CODES, PROBABILITY_UNIT, SRNotMade, build_sr, source_image, sr_uids
+from cxr_batch.sr import (FINDING_CODES, PRIORITY_CODES, PROBABILITY_UNIT, SRFactory, SRNotMade, build_sr, device_uid,
+                          source_image, sr_bytes, sr_uids)
 from tests.dicomgen import HEADER, grey, have, write
 
 # pydicom warns, rightly, whenever the hostile source's values are read (by the scan too)
@@ -212,6 +215,10 @@ ACCEPTED_DCIODVFY_WARNINGS = (
     r"Missing attribute or value that would be needed to build DICOMDIR - (Study ID|Study Date|Study Time)",
     # a one-component name (no '^') is copied as the source has it, so the PACS matches the patient
     r"Value dubious for this VR - \(0x00(08,0x0090|10,0x0010)\) PN .* - Retired Person Name form",
+    # IHE AIR's Device UID of the algorithm in the Contributing Equipment Sequence: in the standard
+    # (PS3.3 C.12.1, highdicom's tables have it) but not in the 2022 tables of Debian's dicom3tools
+    r"Attribute is not present in standard DICOM IOD - \(0x0018,0x1002\) UI Device UID",
+    r"Dicom dataset contains attributes not present in standard DICOM IOD - this is a Standard Extended SOP Class",
 )
 
 
@@ -226,6 +233,7 @@ def test_real_dicom_tools_accept_every_sr(sr_scan, tool):
         if tool == "dciodvfy":
             assert not [x for x in lines if x.startswith("Error")], (path.name, lines)
             warnings = [x for x in lines if x.startswith("Warning")]
+            assert len([w for w in warnings if "Device UID" in w]) == 1  # the algorithm's, nothing else
             unexpected = [w for w in warnings if not any(re.search(a, w) for a in ACCEPTED_DCIODVFY_WARNINGS)]
             assert not unexpected, (path.name, unexpected)
         else:
@@ -262,3 +270,168 @@ def test_cli_scan_no_pdf_dicom_sr_and_the_watch_daemon_writes_them_too(tmp_path,
         assert stop(daemon) == 0
     (sr,) = (tmp_path / "w" / "dicom").iterdir()
     assert pydicom.dcmread(sr).SOPInstanceUID == ds.SOPInstanceUID  # the same image and model: the same SR
+
+
+# ------------------------------------------------------------------ IHE AIR and OHIF
+def _content(item, meaning):
+    return [c for c in item.ContentSequence if c.ConceptNameCodeSequence[0].CodeMeaning == meaning]
+
+
+def test_the_algorithm_tracking_and_procedure_as_ihe_air_and_ohif_read_them(sr_scan, small_bundle):
+    from cxr_batch.bundle import load_bundle
+
+    bundle = load_bundle(small_bundle)
+    _, out, rows, _ = sr_scan
+    for name in ("full.dcm", "utf8/IM0001", "hostile.dcm"):
+        sr = pydicom.dcmread(_sr_path(out, rows[name]))
+        # the algorithm as contributing equipment (AIR 6.5.3.1), beside highdicom's own item
+        (algorithm,) = [e for e in sr.ContributingEquipmentSequence
+                        if e.PurposeOfReferenceCodeSequence[0].CodingSchemeDesignator == "99IHE"]
+        purpose = algorithm.PurposeOfReferenceCodeSequence[0]
+        assert (purpose.CodeValue, purpose.CodeMeaning) == ("1630", "Processing Algorithm")
+        assert (algorithm.Manufacturer, algorithm.ManufacturerModelName, algorithm.SoftwareVersions) == \
+            ("cxr-batch", "small", "test")
+        assert algorithm.DeviceUID == device_uid(bundle) and RE_VALID_UID.match(algorithm.DeviceUID)
+        schemes = {i.CodingSchemeDesignator for i in sr.CodingSchemeIdentificationSequence}
+        assert {"99IHE", "99CXRBATCH"} <= schemes
+        # Procedure Reported: the imaging procedure (a plain chest X-ray), not the algorithm
+        (procedure,) = _content(sr, "Procedure reported")
+        assert (procedure.ConceptCodeSequence[0].CodeValue, procedure.ConceptCodeSequence[0].CodingSchemeDesignator) \
+            == ("399208008", "SCT")
+        # OHIF: the Image Library (111028) and, per group, a tracking identifier and UID (112039, 112040)
+        (library,) = [c for c in sr.ContentSequence if c.ConceptNameCodeSequence[0].CodeValue == "111028"]
+        source_uid = library.ContentSequence[0].ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID
+        (measurements,) = _content(sr, "Imaging Measurements")
+        tracking_uids = []
+        for group, finding in zip(measurements.ContentSequence, FINDINGS):
+            by_code = {c.ConceptNameCodeSequence[0].CodeValue: c for c in group.ContentSequence}
+            assert by_code["112039"].TextValue == finding
+            tracking_uids.append(by_code["112040"].UID)
+            # TID 4019 algorithm identification in every group
+            assert by_code["111001"].TextValue == "small" and by_code["111003"].TextValue == "test"
+            assert by_code["121112"].ReferencedSOPSequence[0].ReferencedSOPInstanceUID == source_uid  # source of measurement
+        assert len(set(tracking_uids)) == 14 and all(RE_VALID_UID.match(u) for u in tracking_uids)
+
+
+def test_another_bundle_is_another_device(sr_scan, small_bundle):
+    from dataclasses import replace
+
+    from cxr_batch.bundle import load_bundle
+
+    studies, *_ = sr_scan
+    bundle = load_bundle(small_bundle)
+    other = replace(bundle, sha256="f" * 64)
+    record = StudyRecord(file="full.dcm", ids=identifiers(_sources(studies)["full.dcm"]),
+                         scores=Scores((0.1,) * 14, (0,) * 14, "normal", -0.8))
+    devices = []
+    for b in (bundle, other):
+        sr = build_sr(record, b)
+        (algorithm,) = [e for e in sr.ContributingEquipmentSequence if "DeviceUID" in e]
+        (observer,) = [c for c in sr.ContentSequence if c.ConceptNameCodeSequence[0].CodeValue == "121012"]
+        assert algorithm.DeviceUID == observer.UID  # the Device Observer UID: one device, two places
+        devices.append(algorithm.DeviceUID)
+    assert devices[0] != devices[1]
+
+
+# ------------------------------------------------------------------ the fast path: templates
+CREATED = [dt.datetime(2026, 3, 1, 14, 5, 9, 123456), dt.datetime(2026, 12, 31, 23, 59, 59)]
+DX_PRESENTATION = "1.2.840.10008.5.1.4.1.1.1.1"
+CR = "1.2.840.10008.5.1.4.1.1.1"
+
+
+def _variants(studies, rows):
+    """Real records of the scan and harder ones: each priority, every finding flagged or none,
+    extreme probabilities, unknown age/sex/time/referrer, a long UTF-8 name, invalid UIDs, CR."""
+    sources = _sources(studies)
+
+    def record(name, probs=None, flags=None, priority=None, **ids_change):
+        row = rows[name]
+        ids = identifiers(sources[name])
+        for key, value in ids_change.items():
+            setattr(ids, key, value)
+        scores = Scores(tuple(float(row[f"p_{f}"]) for f in FINDINGS) if probs is None else probs,
+                        tuple(int(row[f"flag_{f}"]) for f in FINDINGS) if flags is None else flags,
+                        priority or row["priority"], 0.0)
+        return StudyRecord(file=name, ids=ids, scores=scores, weights_sha256=row["weights_sha256"])
+
+    return {
+        "as scored": record("full.dcm"),
+        "utf8 name, all flagged, urgent": record("utf8/IM0001", flags=(1,) * 14, priority="urgent"),
+        "long values and invalid uids, none flagged": record("hostile.dcm", flags=(0,) * 14, priority="normal"),
+        "no age, sex, time, referrer; abnormal": record(
+            "full.dcm", priority="abnormal", patient_age="", patient_sex="", study_time="", referring_physician="",
+            patient_birth_date="", study_id=""),
+        "extreme probabilities, CR": record(
+            "full.dcm", probs=(0.0, 1.0, 1e-7, 0.9999996, 0.5, 0.4999995, 1 / 3, 2 / 3, 0.1, 0.25, 0.75, 0.999999,
+                               0.000001, 0.123456), sop_class_uid=CR),
+        "long name": record("full.dcm", patient_name="Ø" * 40 + "^" + "名" * 30 + "^Q^R^S^T", patient_id="ÆØÅ-9^&\\x"),
+    }
+
+
+def test_the_template_writes_the_bytes_highdicom_writes(sr_scan, small_bundle):
+    from cxr_batch.bundle import load_bundle
+
+    studies, _, rows, _ = sr_scan
+    bundle = load_bundle(small_bundle)
+    factory = SRFactory(bundle)
+    for label, record in _variants(studies, rows).items():
+        for created in CREATED:
+            reference = sr_bytes(build_sr(record, bundle, created))
+            assert factory.sr_bytes(record, created) == reference, label
+    # the templates were used (a refused one would fall back to highdicom and prove nothing)
+    assert factory.template(DX_PRESENTATION) is not None and factory.template(CR) is not None
+    # and what they write is a readable SR saying this record's values
+    record = _variants(studies, rows)["utf8 name, all flagged, urgent"]
+    sr = pydicom.dcmread(io.BytesIO(factory.sr_bytes(record)))
+    assert str(sr.PatientName) == UTF8_NAME
+    groups = hd.sr.Comprehensive3DSR.from_dataset(sr).content.get_image_measurement_groups()
+    assert all(g.get_qualitative_evaluations()[0].value == codes.cid240.Present for g in groups)
+
+
+def test_a_template_that_would_write_other_bytes_is_not_used(sr_scan, small_bundle, monkeypatch, caplog):
+    """A slot the template misses (here: the patient ID stays the sentinel's) is caught before
+    use; highdicom then builds every SR, so the output is still right."""
+    import cxr_batch.sr as sr_module
+    from cxr_batch.bundle import load_bundle
+
+    studies, _, rows, _ = sr_scan
+    real_matcher = sr_module._matcher
+
+    def forgetful(sentinel):
+        match = real_matcher(sentinel)
+        return lambda elem: None if elem.keyword == "PatientID" else match(elem)
+
+    monkeypatch.setattr(sr_module, "_matcher", forgetful)
+    bundle = load_bundle(small_bundle)
+    factory = SRFactory(bundle)
+    record = _variants(studies, rows)["as scored"]
+    assert factory.sr_bytes(record, CREATED[0]) == sr_bytes(build_sr(record, bundle, CREATED[0]))
+    assert factory.template(DX_PRESENTATION) is None
+    assert "values not found in highdicom's SR: ['patient_id']" in caplog.text
+
+
+def test_every_finding_says_what_its_flag_is_worth(sr_scan, small_bundle, tmp_path):
+    """Trust beside every flag in the SR too: one comment per finding with its operating point's
+    sensitivity and PPV from the bundle's evidence (here: a bundle with a triage table)."""
+    import json
+    import shutil
+
+    from cxr_batch.bundle import load_bundle, write_manifest
+    from cxr_batch.sr import trust_lines
+
+    folder = tmp_path / "b"
+    shutil.copytree(small_bundle, folder)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["triage"] = {"measured_on": "out of fold", "findings": {
+        **{f: {"flagged": True, "sensitivity": 0.5, "ppv_at_nih_prevalence": 0.25} for f in FINDINGS},
+        "Hernia": {"flagged": False, "why": "AUROC CI reaches 0.5"}}}
+    write_manifest(folder, manifest)
+    lines = trust_lines(load_bundle(folder))
+    assert len(lines) == 14
+    assert lines[FINDINGS.index("Pneumothorax")] == ("Pneumothorax: a flag has sensitivity 0.50, PPV 0.25 at "
+                                                      "threshold 0.5 (out of fold)")
+    assert lines[FINDINGS.index("Hernia")] == "Hernia: never flagged by this model: AUROC CI reaches 0.5"
+    _, out, rows, _ = sr_scan
+    sr = pydicom.dcmread(_sr_path(out, rows["full.dcm"]))
+    comments = [i.TextValue for i in sr.ContentSequence[-1].ContentSequence if i.ValueType == "TEXT"]
+    assert len(comments) == 15 and comments[-1].startswith("Decision support only")  # 14 findings, the disclaimer

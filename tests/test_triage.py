@@ -1,10 +1,11 @@
-"""Flags, priority and the triage score on hand cases."""
+"""Flags, buckets, P(any finding) and the worklist order on hand cases."""
 
 import numpy as np
 import pytest
 
 from cxr_batch.findings import FINDINGS
-from cxr_batch.triage import triage
+from cxr_batch.results import rank_rows
+from cxr_batch.triage import TriageError, TriagePolicy, triage, worklist_key
 
 
 def vec(**values):
@@ -14,28 +15,73 @@ def vec(**values):
     return v
 
 
-def test_nothing_flagged_is_normal_with_a_negative_score():
+def policy(normal_below=0.3, never=(), weights=None, bias=-1.0, thresholds=0.5):
+    manifest = {"thresholds": {f: thresholds for f in FINDINGS},
+                "triage": {"findings": {f: {"flagged": f not in never} for f in FINDINGS},
+                           "any_finding": {"weights": list(weights if weights is not None else [0.2] * 14),
+                                           "bias": bias, "normal_below": normal_below}}}
+    return TriagePolicy.from_manifest(manifest)
+
+
+def test_thresholds_only_nothing_flagged_is_normal_ordered_by_p_any():
     t = triage(vec(), np.full(len(FINDINGS), 0.5))
-    assert t.priority == "normal" and t.findings == [] and t.score == pytest.approx((0.1 - 0.5) / 0.5)
+    assert t.priority == "normal" and t.findings == []
+    # without a study-level model, P(any) takes the findings as independent
+    assert t.p_any == pytest.approx(1 - 0.9 ** 14) and t.score == t.p_any
 
 
 def test_flag_at_exactly_the_threshold():
     t = triage(vec(Effusion=0.5), np.full(len(FINDINGS), 0.5))
-    assert t.findings == ["Effusion"] and t.priority == "abnormal" and t.score == 0.0
+    assert t.findings == ["Effusion"] and t.priority == "abnormal"
 
 
-def test_urgent_finding_and_custom_urgent_set():
+def test_urgent_finding_orders_by_its_own_probability_and_custom_urgent_set():
     thr = np.full(len(FINDINGS), 0.5)
-    assert triage(vec(Pneumothorax=0.6), thr).priority == "urgent"
+    t = triage(vec(Pneumothorax=0.6, Mass=0.99), thr)
+    assert t.priority == "urgent" and t.score == pytest.approx(0.6)
     assert triage(vec(Pneumothorax=0.6), thr, urgent=("Edema",)).priority == "abnormal"
     assert triage(vec(Edema=0.9, Mass=0.7), thr, urgent=("Edema",)).findings == ["Mass", "Edema"]
 
 
-def test_score_is_comparable_across_thresholds():
-    thr = np.full(len(FINDINGS), 0.5)
-    thr[FINDINGS.index("Hernia")] = 0.9
-    # 0.95 on a 0.9 threshold is halfway to certainty, as 0.75 is on a 0.5 threshold
-    a = triage(vec(Hernia=0.95), thr).score
-    b = triage(vec(Mass=0.75), thr).score
-    assert a == pytest.approx(0.5) and b == pytest.approx(0.5)
-    assert triage(vec(Mass=1.0), thr).score == pytest.approx(1.0)
+def test_p_any_is_the_bundles_logistic_model():
+    w = np.linspace(0.1, 0.5, 14)
+    p = vec(Effusion=0.3)
+    t = triage(p, policy(weights=w, bias=-0.7))
+    z = -0.7 + np.log(p / (1 - p)) @ w
+    assert t.p_any == pytest.approx(1 / (1 + np.exp(-z)))
+
+
+def test_normal_bucket_needs_no_flag_and_a_low_p_any():
+    pol = policy(normal_below=0.3, weights=[0.0] * 14, bias=np.log(0.2 / 0.8))  # P(any) = 0.2 for everyone
+    assert triage(vec(), pol).priority == "normal"
+    assert triage(vec(Mass=0.6), pol).priority == "abnormal"  # a flag is never "normal"
+    high = policy(normal_below=0.3, weights=[0.0] * 14, bias=np.log(0.4 / 0.6))  # P(any) 0.4: above the cutoff
+    t = triage(vec(), high)
+    assert t.priority == "abnormal" and t.findings == [] and t.score == pytest.approx(0.4)
+
+
+def test_a_finding_marked_never_flagged_is_not_flagged_however_high():
+    t = triage(vec(Hernia=0.99), policy(never=("Hernia",)))
+    assert t.findings == [] and t.flags[FINDINGS.index("Hernia")] == 0
+
+
+def test_malformed_triage_tables_are_refused():
+    base = {"thresholds": {f: 0.5 for f in FINDINGS}}
+    for bad in ({"findings": {"Mass": {"flagged": "no"}}}, {"any_finding": {"weights": [1.0] * 13, "bias": 0}},
+                {"any_finding": {"weights": [1.0] * 14, "bias": float("nan")}},
+                {"any_finding": {"weights": [1.0] * 14, "bias": 0, "normal_below": 1.5}}, []):
+        with pytest.raises(TriageError):
+            TriagePolicy.from_manifest({**base, "triage": bad})
+
+
+def test_worklist_order_urgent_then_abnormal_then_normal_each_by_score():
+    rows = [{"file": "n_hi", "status": "ok", "priority": "normal", "triage_score": "0.29"},
+            {"file": "a_lo", "status": "ok", "priority": "abnormal", "triage_score": "0.31"},
+            {"file": "bad", "status": "error", "priority": "", "triage_score": ""},
+            {"file": "u_lo", "status": "ok", "priority": "urgent", "triage_score": "0.2"},
+            {"file": "a_hi", "status": "ok", "priority": "abnormal", "triage_score": "0.9"},
+            {"file": "u_hi", "status": "ok", "priority": "urgent", "triage_score": "0.7"}]
+    assert rank_rows(rows) == 5
+    ranks = {r["file"]: r["worklist_rank"] for r in rows}
+    assert ranks == {"u_hi": "1", "u_lo": "2", "a_hi": "3", "a_lo": "4", "n_hi": "5", "bad": ""}
+    assert worklist_key("abnormal", 0.5, "a") < worklist_key("abnormal", 0.5, "b") < worklist_key("normal", 0.9, "a")

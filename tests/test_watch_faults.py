@@ -119,6 +119,27 @@ def test_kill_between_steps_then_restart_is_exactly_once(tmp_path, nih_images, s
     assert not [p for p in out.rglob("*") if p.name.endswith(".tmp")]
 
 
+def test_kill_between_publish_and_archive_archives_at_the_next_start(tmp_path, nih_images, small_bundle):
+    """Files published but not yet moved to --archive-dir when the daemon died are archived at
+    the next start, not left in the export folder for ever (the ledger knows they are done)."""
+    incoming, out, archive = tmp_path / "in", tmp_path / "out", tmp_path / "archive"
+    incoming.mkdir()
+    good_dicoms(incoming, nih_images, 3)
+    config = watch_config(tmp_path / "w.toml", batch_size=8, max_wait=1.0)
+    killed = start_daemon(incoming, out, small_bundle, config, "--archive-dir", archive,
+                          env={"CXR_BATCH_KILL_AT": "publish"})
+    assert killed.wait(timeout=180) == -9
+    assert len(ok_rows(out)) == 3 and len(list(incoming.iterdir())) == 3  # published, not archived
+    daemon = start_daemon(incoming, out, small_bundle, config, "--archive-dir", archive)
+    try:
+        assert wait_for(lambda: not list(incoming.iterdir()), timeout=120), list(incoming.iterdir())
+        assert wait_for(lambda: status(out).get("state") == "running" and status(out)["pid"] == daemon.pid)
+    finally:
+        assert stop(daemon) == 0
+    assert sorted(p.name.split(".")[0] for p in archive.iterdir()) == ["g00", "g01", "g02"]
+    assert len(rows_now(out)) == 3  # archived, not scored again
+
+
 def test_full_disk_degrades_then_catches_up(tmp_path, nih_images, small_bundle, small_disk):
     incoming, out = tmp_path / "in", small_disk / "out"
     incoming.mkdir()

@@ -31,9 +31,10 @@ def decode_resized(path: Path, size: int) -> np.ndarray:
     return (out.clamp(0, 1) * 255 + 0.5).to(torch.uint8).numpy()
 
 
-def build_cache(images_dir: Path, names: list[str], size: int, out: Path, workers: int = 2) -> tuple[np.memmap, dict]:
-    """Decode ``names`` (files in ``images_dir``) into ``out/cache_<size>.u8``; reuse a cache
-    built for the same names and size. Returns (array [N, size, size], {name: row})."""
+def build_cache(images_dir, names: list[str], size: int, out: Path, workers: int = 2) -> tuple[np.memmap, dict]:
+    """Decode ``names`` (files in the folder ``images_dir``, or ``images_dir[name]`` when it is a
+    mapping, for images from several folders) into ``out/cache_<size>.u8``; reuse a cache built
+    for the same names and size. Returns (array [N, size, size], {name: row})."""
     data_path, index_path = out / f"cache_{size}.u8", out / f"cache_{size}.json"
     names = sorted(set(names))
     if index_path.exists() and data_path.exists():
@@ -42,7 +43,7 @@ def build_cache(images_dir: Path, names: list[str], size: int, out: Path, worker
             arr = np.memmap(data_path, dtype=np.uint8, mode="r", shape=(len(names), size, size))
             return arr, {n: i for i, n in enumerate(names)}
     arr = np.memmap(data_path, dtype=np.uint8, mode="w+", shape=(len(names), size, size))
-    paths = [Path(images_dir) / n for n in names]
+    paths = [Path(images_dir[n]) if isinstance(images_dir, dict) else Path(images_dir) / n for n in names]
     if workers > 1:
         with ProcessPoolExecutor(workers) as pool:
             for i, img in enumerate(pool.map(decode_resized, paths, [size] * len(paths), chunksize=8)):

@@ -51,6 +51,8 @@ class TrainConfig:
     patient_prior_center: bool = True  # add coef . (x - mean x) (keeps calibration); false adds the full intercept
     init_weights: str | None = None  # start from a bundle folder or state dict (epochs = 0: evaluate/export only)
     imagenet: str | None = None  # "torchvision" (download) or a local DenseNet-121 state dict
+    init_backbone: str | None = None  # a pretrained DenseNet-121 file (training/backbones.py): torchvision, xrv, chexnet
+    init_format: Literal["auto", "torchvision", "xrv", "chexnet"] = "auto"
     # optimisation
     epochs: int = bounded(15, min=0)  # study: 3 cycles x 5 epochs
     batch_size: int = bounded(160, min=1)

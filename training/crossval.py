@@ -68,6 +68,7 @@ class Variant:
     label_smoothing: float = 0.0
     pos_weight_max: float = 10.0
     seed_offset: int = 0  # added to every model seed of this variant (another draw of the same recipe)
+    view_balance: bool = False  # weight the loss so that view given "No Finding" or not matches the NIH table
 
     @property
     def cost(self) -> float:
@@ -84,6 +85,8 @@ class Variant:
 class CVConfig:
     folds: int = 5
     fold_seeds: list = field(default_factory=lambda: [0])  # one repeat per seed
+    test_fraction: float = 0.0  # > 0: that share of the patients is held out of every fold and every choice
+    test_seed: int = 0
     train_seed: int = 1000
     variants: list = field(default_factory=list)
     priors: list = field(default_factory=lambda: [PriorConfig()])
@@ -124,6 +127,8 @@ class CVConfig:
         out = []
         if self.folds < 2:
             out.append(f"folds = {self.folds}: at least 2")
+        if not 0.0 <= self.test_fraction <= 0.5:
+            out.append(f"test_fraction = {self.test_fraction}: between 0 (no held-out test) and 0.5")
         names = [v.name for v in self.variants]
         if len(set(names)) != len(names):
             out.append(f"variant names repeat ({', '.join(sorted({n for n in names if names.count(n) > 1}))}): "
@@ -204,11 +209,44 @@ def load_labels(path: Path) -> pd.DataFrame:
     return table
 
 
+def load_sources(images: list[str], labels: list[str]) -> pd.DataFrame:
+    """The labelled images of one or more folders (``--images DIR --labels CSV`` pairs, e.g. the
+    480 shared NIH images and the 1,083 of nih_extra): the labels tables concatenated, with the
+    folder of each image in ``images_dir``. An image name in two tables is an error (the same
+    NIH image twice would sit on both sides of a split)."""
+    if len(images) != len(labels):
+        raise SystemExit(f"give one --labels per --images ({len(images)} --images, {len(labels)} --labels)")
+    parts = [load_labels(Path(lab)).assign(images_dir=str(img)) for img, lab in zip(images, labels)]
+    table = pd.concat(parts, ignore_index=True)
+    twice = table["image"][table["image"].duplicated()]
+    if len(twice):
+        raise SystemExit(f"{len(twice)} image name(s) in more than one labels table, e.g. {sorted(twice)[:3]}")
+    return table
+
+
+def test_split(labels: pd.DataFrame, cfg: "CVConfig") -> np.ndarray:
+    """bool [N]: the held-out test rows, ``test_fraction`` of the patients (every image of a
+    patient on one side), stratified like the folds; all False when test_fraction is 0."""
+    if cfg.test_fraction <= 0:
+        return np.zeros(len(labels), dtype=bool)
+    k = max(2, int(round(1 / cfg.test_fraction)))
+    y = multi_hot(labels["labels"])
+    return cvstats.assign_folds(y, labels["patient_id"].to_numpy(), k, cfg.test_seed) == 0
+
+
 def folds_table(labels: pd.DataFrame, cfg: CVConfig) -> pd.DataFrame:
+    """Per image: its patient, whether it is held-out test (``test``) and its fold in each repeat
+    (-1 for a test image: it is in no fold)."""
     y = multi_hot(labels["labels"])
     out = labels[["image", "patient_id"]].copy()
+    test = test_split(labels, cfg)
+    dev = np.flatnonzero(~test)
     for r, seed in enumerate(cfg.fold_seeds):
-        out[f"fold_rep{r}"] = cvstats.assign_folds(y, labels["patient_id"].to_numpy(), cfg.folds, seed)
+        fold = np.full(len(labels), -1)
+        fold[dev] = cvstats.assign_folds(y[dev], labels["patient_id"].to_numpy()[dev], cfg.folds, seed)
+        out[f"fold_rep{r}"] = fold
+    if cfg.test_fraction > 0:
+        out["test"] = test.astype(int)
     return out
 
 
@@ -222,13 +260,42 @@ def caches_ready(out: Path, names: list[str], cfg: "CVConfig") -> bool:
     return True
 
 
-def load_cache(images: Path, names: list[str], image_size: int, out: Path) -> np.ndarray:
-    """uint8 [N, C, C] in the order of ``names`` (decoded once, shared by every fold)."""
+def image_paths(labels: pd.DataFrame) -> dict:
+    """{image name: its file}, from ``images_dir`` (see :func:`load_sources`)."""
+    return {n: Path(d) / n for n, d in zip(labels["image"], labels["images_dir"])}
+
+
+def load_cache(images, names: list[str], image_size: int, out: Path) -> np.ndarray:
+    """uint8 [N, C, C] in the order of ``names`` (decoded once, shared by every fold). ``images``:
+    the folder of every image, or {name: file}."""
     size = cache_size_for(Preprocessing(image_size=image_size))
     folder = out / "cache"
     folder.mkdir(parents=True, exist_ok=True)
     arr, index = build_cache(images, names, size, folder, workers=1)
     return np.ascontiguousarray(arr[[index[n] for n in names]])
+
+
+def view_weights(labels: pd.DataFrame, table: pd.DataFrame) -> np.ndarray:
+    """float [N]: per image, P_NIH(view | no finding or not) / P_here(view | the same), from the full
+    NIH table. The nih_extra images are not a random sample: their "No Finding" images are 63% AP
+    against 35% in NIH, so unweighted, "looks like an AP film" would teach "no finding" (the
+    opposite of the NIH truth, where AP films come from sicker patients). The weights correct the
+    view mix within each stratum only; finding prevalences are corrected later, on the logits."""
+    def shares(views: pd.Series, normal: pd.Series) -> dict:
+        out = {}
+        for nf in (True, False):
+            v = views[normal == nf]
+            out.update({(nf, view): float((v == view).mean()) if len(v) else 0.0 for view in ("AP", "PA")})
+        return out
+
+    here = shares(labels["view"], labels["labels"] == "No Finding")
+    nih = shares(table["view"], table["labels"] == "No Finding")
+    w = np.ones(len(labels))
+    for i, (view, text) in enumerate(zip(labels["view"], labels["labels"])):
+        key = (text == "No Finding", view)
+        if key in here and here[key] > 0:
+            w[i] = nih[key] / here[key]
+    return w / w.mean()
 
 
 # pos_weights: copied from training/train.py (kept here so this module does not depend on a file
@@ -275,13 +342,16 @@ def atomic_save(obj, path: Path) -> None:
 
 def train_model(images: np.ndarray, y: np.ndarray, v: Variant, seed: int, folder: Path,
                 held_out: np.ndarray | None = None, keep_states: bool = False,
-                device: str = "cpu", checkpoint_every: int = 1) -> dict:
+                device: str = "cpu", checkpoint_every: int = 1, weights: np.ndarray | None = None,
+                test: np.ndarray | None = None) -> dict:
     """Train on ``images`` [N, C, C] uint8 / ``y`` [N, 14]; at each snapshot epoch store logits
     of ``held_out`` images (and of the training images) for the EMA and the raw weights, and
     with ``keep_states`` their state dicts. Resumes from ``folder/checkpoint.pt``, written every
     ``checkpoint_every`` epochs (0: never; on a GPU an epoch takes well under a second and a
     checkpoint, with the optimiser and EMA states, is 150 MB). Augmentation runs on the CPU with
-    the seeded generator; the model on ``device``."""
+    the seeded generator; the model on ``device``. ``weights`` [N]: per-image loss weights (mean
+    1), e.g. :func:`view_weights`. ``test`` [M, C, C]: held-out test images, scored at each
+    snapshot like ``held_out`` (``<which>_test``)."""
     folder.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
     dev = torch.device(device)
@@ -291,7 +361,9 @@ def train_model(images: np.ndarray, y: np.ndarray, v: Variant, seed: int, folder
     optimizer = torch.optim.Adam(model.parameters(), lr=v.lr, weight_decay=v.weight_decay)
     ema = torch.optim.swa_utils.AveragedModel(
         model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(v.ema_decay), use_buffers=True)
-    criterion = nn.BCEWithLogitsLoss(pos_weight=torch.from_numpy(pos_weights(y, v.pos_weight_max)).to(dev))
+    criterion = nn.BCEWithLogitsLoss(pos_weight=torch.from_numpy(pos_weights(y, v.pos_weight_max)).to(dev),
+                                     reduction="none")
+    wt = torch.from_numpy(np.ones(len(y)) if weights is None else np.asarray(weights)).float()
     gen = torch.Generator().manual_seed(seed)
     start, history, snaps = 0, [], {}
     ckpt_path = folder / "checkpoint.pt"
@@ -321,7 +393,9 @@ def train_model(images: np.ndarray, y: np.ndarray, v: Variant, seed: int, folder
             if v.label_smoothing:
                 target = target * (1 - v.label_smoothing) + v.label_smoothing / 2
             x = x.to(dev, non_blocking=True).contiguous(memory_format=torch.channels_last)
-            loss = criterion(model(x, tab[:len(idx)]), target.to(dev, non_blocking=True))
+            w = wt[idx].to(dev, non_blocking=True)
+            per_image = criterion(model(x, tab[:len(idx)]), target.to(dev, non_blocking=True)).mean(dim=1)
+            loss = (per_image * w).sum() / w.sum()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -334,6 +408,8 @@ def train_model(images: np.ndarray, y: np.ndarray, v: Variant, seed: int, folder
             for which, m in (("ema", ema.module), ("raw", model)):
                 if held_out is not None:
                     snap[f"{which}_held_out"] = image_logits(m, held_out, prep, unknown, device=dev)
+                if test is not None:
+                    snap[f"{which}_test"] = image_logits(m, test, prep, unknown, device=dev)
                 snap[f"{which}_train"] = image_logits(m, images, prep, unknown, device=dev)
                 if keep_states:
                     atomic_save({k: t.detach().cpu().clone() for k, t in m.state_dict().items()},
@@ -357,23 +433,33 @@ def snapshot_arrays(snaps: dict) -> dict:
 
 
 def run_fold(images: np.ndarray, y: np.ndarray, fold: np.ndarray, f: int, v: Variant, seed: int, folder: Path,
-             **train_kw) -> None:
+             weights: np.ndarray | None = None, **train_kw) -> None:
     """Train (or resume, or extend to more epochs) the model of fold ``f`` and write its held-out
     logits to ``folder/preds.npz``. The last checkpoint is kept so that a variant can later be
-    trained for more epochs with the same command."""
+    trained for more epochs with the same command. Rows with fold -1 (the held-out test) are
+    never trained on; they are scored at each snapshot (``<which>_test``, rows ``test_rows``)."""
     done = folder / "preds.npz"
     if done.exists() and set(v.snapshots) <= set(np.load(done)["epochs"].tolist()):
         log.info("%s: done, skipped", folder)
         return
-    tr, te = np.flatnonzero(fold != f), np.flatnonzero(fold == f)
+    tr, te, ts = np.flatnonzero((fold != f) & (fold >= 0)), np.flatnonzero(fold == f), np.flatnonzero(fold < 0)
     t0 = time.perf_counter()
-    result = train_model(images[tr], y[tr], v, seed, folder, held_out=images[te], **train_kw)
+    result = train_model(images[tr], y[tr], v, seed, folder, held_out=images[te],
+                         weights=None if weights is None else weights[tr],
+                         test=images[ts] if len(ts) else None, **train_kw)
     arrays = snapshot_arrays(result["snapshots"])
-    np.savez_compressed(folder / "preds.tmp.npz", train_rows=tr, held_out_rows=te, **arrays)
+    np.savez_compressed(folder / "preds.tmp.npz", train_rows=tr, held_out_rows=te, test_rows=ts, **arrays)
     os.replace(folder / "preds.tmp.npz", done)
     (folder / "history.json").write_text(json.dumps({"variant": asdict(v), "seed": seed, "fold": f,
                                                      "history": result["history"],
                                                      "seconds_this_process": time.perf_counter() - t0}, indent=1))
+
+
+def loss_weights(args, v: Variant, labels: pd.DataFrame) -> np.ndarray | None:
+    """The variant's per-image loss weights (None: unweighted), computed on the labelled rows."""
+    if not v.view_balance:
+        return None
+    return view_weights(labels, read_table(Path(args.metadata_table)))
 
 
 def stage_train(args, cfg: CVConfig, labels: pd.DataFrame, folds: pd.DataFrame) -> None:
@@ -381,21 +467,57 @@ def stage_train(args, cfg: CVConfig, labels: pd.DataFrame, folds: pd.DataFrame) 
     names = list(labels["image"])
     variants = [cfg.variant(args.variant)] if args.variant else cfg.variants
     repeats = range(len(cfg.fold_seeds)) if args.repeat is None else [args.repeat]
+    dev = folds[f"fold_rep0"].to_numpy() >= 0
     for v in variants:
-        images = load_cache(Path(args.images), names, v.image_size, Path(args.out))
+        images = load_cache(image_paths(labels), names, v.image_size, Path(args.out))
+        weights = loss_weights(args, v, labels[dev])
+        if weights is not None:
+            full = np.ones(len(labels))
+            full[dev] = weights
+            weights = full
         for r in repeats:
             fold = folds[f"fold_rep{r}"].to_numpy()
             for f in (range(cfg.folds) if args.folds is None else args.folds):
                 # the same initial weights for a fold in every variant: paired comparisons
                 seed = cfg.train_seed + 100 * r + f + v.seed_offset
                 run_fold(images, y, fold, f, v, seed, Path(args.out) / v.name / f"rep{r}" / f"fold{f}",
-                         device=args.device, checkpoint_every=args.checkpoint_every)
+                         weights=weights, device=args.device, checkpoint_every=args.checkpoint_every)
+
+
+FINAL_SEED_OFFSET = 999  # the final model's seed: train_seed + 999 (no fold uses it)
+
+
+def stage_final(args, cfg: CVConfig, labels: pd.DataFrame, folds: pd.DataFrame) -> None:
+    """Train ``--variant`` on every development image (all folds; never the held-out test),
+    keeping the EMA and raw state dicts at every snapshot epoch in ``<out>/<variant>/final``,
+    and scoring the held-out test images there (``preds.npz``, ``<which>_test``) at each one."""
+    v = cfg.variant(args.variant)
+    y = multi_hot(labels["labels"])
+    fold = folds["fold_rep0"].to_numpy()
+    dev, ts = np.flatnonzero(fold >= 0), np.flatnonzero(fold < 0)
+    images = load_cache(image_paths(labels), list(labels["image"]), v.image_size, Path(args.out))
+    weights = loss_weights(args, v, labels.iloc[dev])
+    folder = Path(args.out) / v.name / "final"
+    if (folder / "preds.npz").exists():
+        log.info("%s: done, skipped", folder)
+        return
+    t0 = time.perf_counter()
+    seed = cfg.train_seed + FINAL_SEED_OFFSET + v.seed_offset
+    result = train_model(images[dev], y[dev], v, seed, folder, keep_states=True, weights=weights,
+                         test=images[ts] if len(ts) else None, device=args.device,
+                         checkpoint_every=args.checkpoint_every)
+    np.savez_compressed(folder / "preds.tmp.npz", train_rows=dev, test_rows=ts, **snapshot_arrays(result["snapshots"]))
+    os.replace(folder / "preds.tmp.npz", folder / "preds.npz")
+    (folder / "history.json").write_text(json.dumps({"variant": asdict(v), "seed": seed, "history": result["history"],
+                                                     "seconds_this_process": time.perf_counter() - t0}, indent=1))
 
 
 # ---------------------------------------------------------------- collecting out-of-fold logits
-def collect_oof(out: Path, v: Variant, r: int, n: int, k: int) -> dict | None:
+def collect_oof(out: Path, v: Variant, r: int, n: int, k: int, row_map: np.ndarray | None = None) -> dict | None:
     """{(epoch, 'ema'|'raw'): logits [n, 14]} for a finished repeat, else None. Also the
-    in-sample logit spread: {(epoch, which): mean over folds of the per-finding std}."""
+    in-sample logit spread: {(epoch, which): mean over folds of the per-finding std}.
+    ``row_map``: row of the report for each row of the training table (with a held-out test, the
+    report sees the development rows only)."""
     folder = out / v.name / f"rep{r}"
     files = [folder / f"fold{f}" / "preds.npz" for f in range(k)]
     if not all(p.exists() for p in files):
@@ -406,7 +528,8 @@ def collect_oof(out: Path, v: Variant, r: int, n: int, k: int) -> dict | None:
         for s, e in enumerate(d["epochs"]):
             for which in ("ema", "raw"):
                 key = (int(e), which)
-                oof.setdefault(key, np.full((n, len(FINDINGS)), np.nan))[d["held_out_rows"]] = d[f"{which}_held_out"][s]
+                rows = d["held_out_rows"] if row_map is None else row_map[d["held_out_rows"]]
+                oof.setdefault(key, np.full((n, len(FINDINGS)), np.nan))[rows] = d[f"{which}_held_out"][s]
                 spread.setdefault(key, []).append(d[f"{which}_train"][s].std(axis=0))
     # a snapshot epoch that only some folds reached (a variant trained longer in some folds) is left out
     oof = {key: z for key, z in oof.items() if np.isfinite(z).all()}
@@ -523,13 +646,24 @@ def candidate_id(variant: str, epoch: int, which: str, rep: int) -> str:
     return f"{variant}/e{epoch}/{which}/rep{rep}"
 
 
-def image_candidates(out: Path, cfg: CVConfig, y: np.ndarray) -> tuple[list, dict, dict]:
+def report_row_map(labels: pd.DataFrame) -> np.ndarray | None:
+    """Training-table row -> report row, when the report sees only the development rows
+    (``row_all``, set by :func:`main`); None when they are the same."""
+    if "row_all" not in labels:
+        return None
+    rows = labels["row_all"].to_numpy()
+    out = np.full(rows.max() + 1 if len(rows) else 0, -1)
+    out[rows] = np.arange(len(rows))
+    return out
+
+
+def image_candidates(out: Path, cfg: CVConfig, y: np.ndarray, row_map: np.ndarray | None = None) -> tuple[list, dict, dict]:
     """Every finished (variant, repeat, snapshot epoch, EMA or raw) with its out-of-fold image-only
     scores: (candidates, {id: OOF logits}, {variant/rep: run facts})."""
     candidates, oofs, runs = [], {}, {}
     for v in cfg.variants:
         for r in range(len(cfg.fold_seeds)):
-            got = collect_oof(out, v, r, len(y), cfg.folds)
+            got = collect_oof(out, v, r, len(y), cfg.folds, row_map)
             if got is None:
                 log.info("variant %s repeat %d not finished: left out of the report", v.name, r)
                 continue
@@ -584,7 +718,7 @@ def stage_choose(args, cfg: CVConfig, labels: pd.DataFrame) -> dict:
     weights from a GPU machine. The report stage makes the same choice from the same numbers."""
     y = multi_hot(labels["labels"]).astype(float)
     resamples, _ = cvstats.patient_bootstrap_indices(labels["patient_id"].to_numpy(), y, cfg.bootstrap, cfg.bootstrap_seed)
-    candidates, oofs, _ = image_candidates(Path(args.out), cfg, y)
+    candidates, oofs, _ = image_candidates(Path(args.out), cfg, y, report_row_map(labels))
     bests = best_by_variant(candidates)
     comparisons = variant_comparisons(y, bests, oofs, resamples)
     chosen = pick_image(cfg, candidates, comparisons)
@@ -620,7 +754,9 @@ def stage_report(args, cfg: CVConfig, labels: pd.DataFrame, folds_df: pd.DataFra
 
     # patient priors on the full table, without any shared patient
     full = read_table(Path(args.metadata_table))
-    shared = set(patients)
+    # every patient of the labelled folders, held-out test ones included: a prior meant for
+    # scoring a patient must not have been fitted on that patient's rows
+    shared = set(getattr(args, "all_patients", None) or patients)
     priors, prior_probs = {}, {}
     for pc in cfg.priors:
         name = prior_name(pc)
@@ -670,7 +806,7 @@ def stage_report(args, cfg: CVConfig, labels: pd.DataFrame, folds_df: pd.DataFra
     }
 
     # image candidates
-    candidates, oofs, runs = image_candidates(out, cfg, y)
+    candidates, oofs, runs = image_candidates(out, cfg, y, report_row_map(labels))
     report["runs"] = runs
     prev_fn = lambda part: prevalence_by_fold(y, part)  # noqa: E731
     for c in candidates:  # with patient data, the default combination, cross-fitted on the training folds
@@ -867,15 +1003,18 @@ def print_summary(r: dict) -> None:
 # ---------------------------------------------------------------- main
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--images", required=True)
-    ap.add_argument("--labels", required=True, help="NIH metadata rows of the images (labels.csv)")
+    ap.add_argument("--images", required=True, action="append",
+                    help="folder of labelled PNGs; repeat with --labels for several folders")
+    ap.add_argument("--labels", required=True, action="append",
+                    help="NIH metadata rows of the images (labels.csv), one per --images")
     ap.add_argument("--metadata-table", required=True, help="the full NIH Data_Entry table, for the patient prior")
     ap.add_argument("--out", required=True)
     ap.add_argument("--config", required=True)
-    ap.add_argument("--stage", choices=["cache", "train", "choose", "report", "all"], default="all",
+    ap.add_argument("--stage", choices=["cache", "train", "final", "choose", "report", "all"], default="all",
                     help="cache: only decode the images for every variant's size into <out>/cache; "
+                         "final: train --variant on every development image (<out>/<variant>/final); "
                          "choose: only the image choice of the report (<out>/choice.json)")
-    ap.add_argument("--variant", help="train only this variant")
+    ap.add_argument("--variant", help="train only this variant (the one the final stage trains)")
     ap.add_argument("--repeat", type=int, help="train only this repeat (index into fold_seeds)")
     ap.add_argument("--folds", type=lambda t: [int(f) for f in t.split(",")],
                     help="train only these folds, e.g. 1,2 (two processes can share a run folder: one per fold set)")
@@ -888,9 +1027,11 @@ def parse_args(argv=None):
 
 def check_inputs(args, needs_table: bool) -> None:
     """Fail in a line, before any work, on what would otherwise fail hours into a run."""
-    for name, path in (("--labels", args.labels), ("--metadata-table", args.metadata_table if needs_table else None)):
+    for name, path in [("--labels", p) for p in args.labels] + [("--metadata-table", args.metadata_table if needs_table else None)]:
         if path is not None and not Path(path).is_file():
             raise SystemExit(f"{name} {path}: no such file")
+    if args.stage == "final" and not args.variant:
+        raise SystemExit("--stage final needs --variant (the recipe to train on every development image)")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit(f"--device {args.device}: no CUDA device on this machine (use --device cpu)")
 
@@ -899,18 +1040,17 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(args.threads)
-    check_inputs(args, needs_table=args.stage in ("report", "all"))
+    check_inputs(args, needs_table=args.stage in ("report", "all", "train", "final"))
     try:
         cfg = CVConfig.from_toml(Path(args.config))
     except ConfigError as e:
         raise SystemExit(f"config: {e}") from None
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    labels = load_labels(Path(args.labels))
-    present = {p.name for p in Path(args.images).glob("*.png")}
-    missing = sorted(set(labels["image"]) - present)
+    labels = load_sources(args.images, args.labels)
+    missing = sorted(n for n, p in image_paths(labels).items() if not p.is_file())
     if missing and not caches_ready(out, list(labels["image"]), cfg):
-        raise SystemExit(f"{len(missing)} labelled image(s) missing from {args.images}, e.g. {missing[:3]}")
+        raise SystemExit(f"{len(missing)} labelled image(s) missing from {', '.join(args.images)}, e.g. {missing[:3]}")
     folds = folds_table(labels, cfg)
     path = out / "folds.csv"
     write = not path.exists()
@@ -928,14 +1068,21 @@ def main(argv=None) -> None:
         torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest kernels once
     if args.stage == "cache":
         for v in cfg.variants:
-            load_cache(Path(args.images), list(labels["image"]), v.image_size, out)
+            load_cache(image_paths(labels), list(labels["image"]), v.image_size, out)
         return
     if args.stage in ("train", "all"):
         stage_train(args, cfg, labels, folds)
+    if args.stage == "final":
+        stage_final(args, cfg, labels, folds)
+    # choices and reports see the development images only: the held-out test is scored at export
+    dev = folds["fold_rep0"].to_numpy() >= 0
+    args.all_patients = set(labels["patient_id"])
+    dev_labels = labels.assign(row_all=np.arange(len(labels)))[dev].reset_index(drop=True)
+    dev_folds = folds[dev].reset_index(drop=True)
     if args.stage == "choose":
-        stage_choose(args, cfg, labels)
+        stage_choose(args, cfg, dev_labels)
     if args.stage in ("report", "all"):
-        stage_report(args, cfg, labels, folds)
+        stage_report(args, cfg, dev_labels, dev_folds)
 
 
 if __name__ == "__main__":

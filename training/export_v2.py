@@ -30,13 +30,13 @@ from cxr_batch.preprocess import Preprocessing
 
 from . import cvstats
 from .augment import eval_transform_batch
-from .crossval import ConfigError, CVConfig, build_v2_model, image_logits, load_cache, load_labels, train_model
+from .crossval import (FINAL_SEED_OFFSET, ConfigError, CVConfig, build_v2_model, image_logits, load_cache, load_labels,
+                       train_model)
 from .fuse import combined_logits_formula, fold_combination, freeze_tabular_proj
 from .prepare import multi_hot
 from .table_prior import encode_rows
 
 log = logging.getLogger("cxr_batch.export_v2")
-FINAL_SEED_OFFSET = 999  # the final model's seed: train_seed + 999 (no fold uses it)
 
 
 def train_final(args, cfg: CVConfig, variant: str, labels, y):

@@ -12,6 +12,7 @@ import logging
 import os
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -141,6 +142,14 @@ def main(cfg: TrainConfig, resume: bool = False) -> Path:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)
     amp = torch.bfloat16 if device.type == "cuda" else None
+    backbone = None
+    if cfg.init_backbone:  # its input contract becomes the bundle's: the normalisation it was trained with
+        from .backbones import read_backbone
+
+        backbone = read_backbone(cfg.init_backbone, cfg.init_format)
+        cfg = replace(cfg, preprocessing=replace(cfg.preprocessing, mean=backbone.mean, std=backbone.std))
+        log.info("backbone from %s (%s format): input normalised with mean %s, std %s", backbone.source,
+                 backbone.format, backbone.mean, backbone.std)
     prep = cfg.preprocessing
     encoding = PatientEncoding()
     ctx = Context(cfg, prep, encoding, device, amp)
@@ -166,6 +175,10 @@ def main(cfg: TrainConfig, resume: bool = False) -> Path:
     model = build_model(cfg.model)
     if cfg.imagenet:
         load_imagenet_backbone(model, cfg.imagenet)
+    if backbone is not None:
+        from .backbones import load_backbone
+
+        load_backbone(model, backbone)
     model = model.to(device, memory_format=torch.channels_last)
     unique_train = unique_training_images(parts["train"])
     weights = pos_weights(multi_hot(unique_train["labels"]), cfg.pos_weight_overrides, cfg.pos_weight_max)

@@ -2,5 +2,8 @@
 
 - :mod:`.node`: the DICOM storage SCP behind ``cxr-batch listen`` (C-STORE in, spool, ledger);
 - :mod:`.dicom_send`: C-STORE out (SRs and encapsulated PDFs back to the PACS);
-- :mod:`.outbound`: the durable queue that sends each result until the receiver has it.
+- :mod:`.outbound`: the durable queue that sends each result until the receiver has it;
+- :mod:`.hl7`: HL7 v2.5 ORU^R01 to the RIS over MLLP (the study's priority and findings);
+- :mod:`.dicomweb`: STOW-RS of result objects to a DICOMweb archive;
+- :mod:`.delivery`: the delivered / retry / rejected answer of HL7 and STOW-RS sends.
 """

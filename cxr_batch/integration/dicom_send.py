@@ -83,6 +83,7 @@ class SendResult:
     status: int | None = None  # the C-STORE status, when the peer answered one
     reason: str = ""  # why not, for the log and the queue; empty when ok
     transient: bool = False  # worth retrying later: network, timeout, busy or out of resources
+    link: bool = False  # about the association, not this object: every object would fail alike now
 
 
 def _failure_is_transient(status: int) -> bool:
@@ -116,7 +117,7 @@ def send_dataset(dataset: Dataset | str | Path, destination: Destination, *, cal
         if assoc.is_rejected:
             rsp = assoc.acceptor.primitive
             return _failed(uid, destination, f"association rejected ({rsp.result_str}, {rsp.reason_str})",
-                           transient=rsp.result == 0x02)
+                           transient=rsp.result == 0x02, link=True)
         # no answer, refused connection, or no presentation context accepted for this SOP class
         what = "no presentation context accepted" if assoc.is_aborted and assoc.rejected_contexts else \
             "no association (peer down, unreachable or not answering)"
@@ -138,6 +139,7 @@ def send_dataset(dataset: Dataset | str | Path, destination: Destination, *, cal
     return SendResult(True, status)
 
 
-def _failed(uid: str, destination: Destination, reason: str, transient: bool, status: int | None = None) -> SendResult:
+def _failed(uid: str, destination: Destination, reason: str, transient: bool, status: int | None = None,
+            link: bool = False) -> SendResult:
     log.warning("not sent %s to %s: %s", uid, destination, reason)
-    return SendResult(False, status, reason, transient)
+    return SendResult(False, status, reason, transient, link or transient)

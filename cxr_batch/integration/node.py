@@ -23,9 +23,11 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import shutil
 import socket
 import sqlite3
 import ssl
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -36,14 +38,18 @@ from pydicom.uid import RE_VALID_UID
 from ..config import ConfigError, bounded
 from ..dicom import DECODED_TRANSFER_SYNTAXES
 from .dicom_send import Destination, check_ae_title, tcp_no_delay
-from ..discover import is_ignored_name
-from ..files import atomic_write_bytes, private_dir
+from ..files import FILE_MODE, atomic_write_bytes, private_dir
 from .outbound import Sender
 from ..record import StudyRecord, log_name
 from ..watch import STATE_DIR, WatchConfig, Watcher
 
 log = logging.getLogger("cxr_batch")
 SPOOL = "spool"  # under RESULTS_DIR/.cxr-batch
+# The listener's counters in status.json: objects received and refused, associations rejected
+# or aborted for an oversize object, connections dropped (cxr_batch.integration.bounded), and
+# identifiers from the network that had to be escaped before they could be logged.
+COUNTS = ("received", "refused", "rejected_associations", "aborted_oversize", "dropped_timeout",
+          "dropped_oversize_pdu", "dropped_protocol", "dropped_tls", "dropped_busy", "escaped_identifiers")
 # C-STORE statuses (PS3.4 B.2.3): stored; refused, out of resources (the sender retries
 # later); processing failure.
 STORED, OUT_OF_RESOURCES, PROCESSING_FAILURE = 0x0000, 0xA700, 0x0110
@@ -66,12 +72,16 @@ class ListenConfig(WatchConfig):
     allow: tuple[str, ...] = ()  # calling AE titles allowed to associate (empty: any)
     send_to: str | None = None  # AE@HOST:PORT receiving each scored image's SR
     send_timeout: float = bounded(30.0, gt=0.0)  # seconds each network step of a send may take
+    refused_retry: float = bounded(900.0, gt=0.0)  # seconds before an object send_to refused is offered again
     min_free_mb: int = bounded(1024, min=0)  # below this much free disk, C-STOREs are refused (0xA700)
     max_associations: int = bounded(10, min=1, max=1000)  # at once; more are rejected (transient)
     max_pdu: int = bounded(65536, min=4096, max=1 << 26)  # the largest PDU we accept, in bytes
     acse_timeout: float = bounded(30.0, gt=0.0)  # association negotiation and release
     dimse_timeout: float = bounded(60.0, gt=0.0)  # waiting for a DIMSE message
     network_timeout: float = bounded(60.0, gt=0.0)  # a silent peer is dropped after this long
+    handshake_timeout: float = bounded(10.0, gt=0.0)  # accept -> complete association request (TLS included)
+    pdu_timeout: float = bounded(30.0, gt=0.0)  # a PDU's first byte -> its last (and each send)
+    max_pending: int = bounded(64, min=1, max=10_000)  # connections in their handshake at once; more are closed
     tls_certificate: str | None = None  # PEM certificate (chain): the node speaks TLS only
     tls_key: str | None = None  # its PEM private key
     tls_ca: str | None = None  # PEM CA bundle: peers must present a certificate it signed
@@ -135,9 +145,39 @@ class ListenConfig(WatchConfig):
         return context
 
 
-def printable(text: str, limit: int = 64) -> str:
-    """Text from the network, fit for one log line: printable ASCII only, cut to ``limit``."""
-    return "".join(ch if ch.isascii() and ch.isprintable() else "?" for ch in str(text)[:limit])
+def printable(text: str | bytes, limit: int = 64) -> str:
+    """Text from the network, fit for one log line: cut to ``limit`` characters, then anything
+    but printable ASCII escaped as Python would (``\\n``, ``\\x1b``), backslashes doubled, so
+    no value can end a log line or forge one, and the escape is unambiguous."""
+    if isinstance(text, bytes):
+        text = text.decode("latin-1")
+    return str(text)[:limit].translate(_ESCAPES).encode("ascii", "backslashreplace").decode("ascii")
+
+
+# Control characters and the backslash itself; backslashreplace then escapes what is not ASCII.
+_ESCAPES = {**{c: f"\\x{c:02x}" for c in range(0x20)}, 0x7F: "\\x7f", 0x5C: "\\\\", 0x0A: "\\n", 0x0D: "\\r",
+            0x09: "\\t"}
+
+
+class EscapedLibraryLog(logging.Filter):
+    """A library's log records with their text escaped (:func:`printable`): pynetdicom logs
+    values from the network (an undecodable AE title, for one) as they came."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name.startswith(self.name):
+            text = record.getMessage()
+            if record.exc_info and not record.exc_text:
+                text += "\n" + logging.Formatter().formatException(record.exc_info)
+            record.msg, record.args, record.exc_info, record.exc_text = printable(text, 4000), (), None, None
+        return True
+
+
+def escape_library_log(name: str) -> None:
+    """Install :class:`EscapedLibraryLog` for ``name`` on the root logger's handlers (a logger's
+    own filters do not see its children's records), once per handler."""
+    for handler in logging.getLogger().handlers:
+        if not any(isinstance(f, EscapedLibraryLog) and f.name == name for f in handler.filters):
+            handler.addFilter(EscapedLibraryLog(name))
 
 
 def valid_uid(text: str) -> bool:
@@ -152,28 +192,57 @@ class Spool:
         self.folder = private_dir(Path(folder))
 
     @staticmethod
-    def file_name(uid: str, data: bytes) -> str:
+    def file_name(uid: str, digest: str) -> str:
         """``<SOPInstanceUID>.<content hash>.dcm``, the UID only when it is a valid UID (else
-        the hash alone): a header never steers the path. The hash keeps a changed re-send of an
-        instance apart from the copy being processed, which is deleted after its commit."""
-        digest = hashlib.sha256(data).hexdigest()
+        the hash alone): a header never steers the path. The hash (``digest``, sha256 hex of the
+        content) keeps a changed re-send of an instance apart from the copy being processed,
+        which is deleted after its commit."""
         return f"{uid}.{digest[:16]}.dcm" if valid_uid(uid) else f"{digest[:40]}.dcm"
 
     def write(self, uid: str, data: bytes) -> Path:
         """Write a received object atomically (temp file, fsync, rename, fsync of the folder):
         once this returns, the object survives a crash or a power cut. Raises OSError."""
-        path = self.folder / self.file_name(uid, data)
+        path = self.folder / self.file_name(uid, hashlib.sha256(data).hexdigest())
         try:
             atomic_write_bytes(path, data)
         except FileNotFoundError:  # someone removed the spool folder: made again (rescans find it)
             private_dir(self.folder)
             atomic_write_bytes(path, data)
+        self._sync_folder()
+        return path
+
+    def take(self, uid: str, received: Path) -> Path:
+        """A received object that pynetdicom wrote to ``received`` as it arrived (a temp file
+        in this folder): hashed, fsynced and renamed into place, as durable as :meth:`write`.
+        A file elsewhere (another volume) is copied in first. Raises OSError."""
+        received = Path(received)
+        if received.parent != self.folder:
+            private_dir(self.folder)
+            fd, tmp = tempfile.mkstemp(dir=self.folder, prefix=".", suffix=".tmp")
+            try:
+                with os.fdopen(fd, "wb") as out, open(received, "rb") as source:
+                    shutil.copyfileobj(source, out, 1 << 20)
+            except BaseException:
+                Path(tmp).unlink(missing_ok=True)
+                raise
+            received = Path(tmp)
+        digest = hashlib.sha256()
+        with open(received, "rb") as f:
+            while block := f.read(1 << 20):
+                digest.update(block)
+            os.fsync(f.fileno())
+        path = self.folder / self.file_name(uid, digest.hexdigest())
+        os.chmod(received, FILE_MODE)
+        os.replace(received, path)
+        self._sync_folder()
+        return path
+
+    def _sync_folder(self) -> None:
         fd = os.open(self.folder, os.O_RDONLY)
         try:
             os.fsync(fd)  # the rename itself is durable before the peer hears "stored"
         finally:
             os.close(fd)
-        return path
 
     def free_bytes(self) -> int:
         """Space left for unprivileged writers on the spool's volume."""
@@ -216,7 +285,7 @@ class StorageSCP:
             ae.add_supported_context(context.abstract_syntax, list(DECODED_TRANSFER_SYNTAXES))
         self.ae = ae
         self.server = None
-        self.counts = {"received": 0, "refused": 0, "rejected_associations": 0, "aborted_oversize": 0}
+        self.counts = {name: 0 for name in COUNTS}
         self._lock = threading.Lock()
         self._bytes: dict[int, int] = {}  # bytes received per association since its last C-STORE
         self._aborted: set[int] = set()  # associations aborted for an oversize object
@@ -224,15 +293,26 @@ class StorageSCP:
     def start(self):
         from pynetdicom import evt
 
+        from .bounded import BoundedServer, Limits, stream_received_objects
+
         handlers = [(evt.EVT_C_STORE, self.on_store), (evt.EVT_DATA_RECV, self.on_data),
                     (evt.EVT_REJECTED, self.on_rejected), (evt.EVT_CONN_CLOSE, self.on_close),
                     (evt.EVT_CONN_OPEN, tcp_no_delay)]
+        stream_received_objects()
+        escape_library_log("pynetdicom")
+        limits = Limits(handshake=self.cfg.handshake_timeout, pdu=self.cfg.pdu_timeout, max_pdu=self.cfg.max_pdu,
+                        max_pending=self.cfg.max_pending)
         try:
-            self.server = self.ae.start_server((self.cfg.host, self.cfg.port), block=False, evt_handlers=handlers,
-                                               ssl_context=self.tls)
+            server = self.ae.make_server((self.cfg.host, self.cfg.port), ssl_context=self.tls, evt_handlers=handlers,
+                                         server_class=BoundedServer, limits=limits, monitor=self,
+                                         receive_dir=self.spool.folder)
         except OSError as e:
             raise NodeError(f"cannot listen on {self.address}: {e.strerror or e}") from None
-        return self.server
+        # As AE.start_server(block=False) does: serve in a thread, and let ae.shutdown() stop it.
+        threading.Thread(target=server.serve_forever, name="cxr-batch-listener", daemon=True).start()
+        self.ae._servers.append(server)
+        self.server = server
+        return server
 
     def stop(self) -> None:
         """Stop listening and abort associations in progress (their objects were not answered
@@ -249,18 +329,43 @@ class StorageSCP:
         with self._lock:
             self.counts[name] += 1
 
+    def shown(self, text: str | bytes, limit: int = 64) -> str:
+        """An identifier from the network as it may be logged (:func:`printable`); one that
+        needed escaping is counted (``escaped_identifiers``)."""
+        safe = printable(text, limit)
+        original = text.decode("latin-1") if isinstance(text, bytes) else str(text)
+        if safe != original[:limit]:
+            self._count("escaped_identifiers")
+        return safe
+
     def status(self) -> dict:
         with self._lock:
             counts = dict(self.counts)
         return {"address": self.address, "ae_title": self.cfg.ae_title, "tls": self.tls is not None,
                 "allow": list(self.cfg.allow), **counts}
 
+    # ------------------------------------------------------------------ reported by the server (cxr_batch.integration.bounded)
+    def dropped(self, kind: str, peer: str, reason: str) -> None:
+        """A connection dropped before or during its association: a deadline passed (timeout),
+        a PDU over its limit (oversize_pdu), not DICOM (protocol), TLS failed, too many
+        handshakes at once (busy). An empty ``reason`` is counted, not logged (a flood)."""
+        self._count(f"dropped_{kind}")
+        if reason:
+            log.warning("connection from %s dropped: %s", peer, reason)
+
+    def rejected_title(self, peer: str, which: str, title: bytes) -> None:
+        self._count("rejected_associations")
+        log.warning("association from %s rejected: the %s AE title %s is not a valid AE title", peer, which,
+                    f"'{self.shown(title.rstrip(b' '), 16)}'")
+
     # ------------------------------------------------------------------ event handlers (network threads)
     def on_store(self, event) -> int:
+        from .bounded import receive_error
+
         self._bytes[id(event.assoc)] = 0
         uid = str(event.request.AffectedSOPInstanceUID or "")
-        shown = uid if valid_uid(uid) else f"an object with an invalid SOP Instance UID ({printable(uid, 20)}...)"
-        peer = printable(event.assoc.requestor.ae_title, 16)
+        shown = uid if valid_uid(uid) else f"an object with an invalid SOP Instance UID ({self.shown(uid, 20)}...)"
+        peer = self.shown(event.assoc.requestor.ae_title, 16)
         if self.spool.free_bytes() < self.min_free:
             # Received objects must not fill the disk the results, reports and ledger are written
             # to: the peer is told to try later (it keeps the object meanwhile).
@@ -274,7 +379,13 @@ class StorageSCP:
             log.info("disk space for the spool again: storing")
             self.low_on_space = False
         try:
-            path = self.spool.write(uid, event.encoded_dataset())
+            try:
+                received = event.dataset_path  # streamed to disk as it arrived (cxr_batch.integration.bounded)
+            except AttributeError:
+                received = None
+            if received and (error := receive_error(received)) is not None:
+                raise error  # the disk filled while it arrived
+            path = self.spool.take(uid, received) if received else self.spool.write(uid, event.encoded_dataset())
         except OSError as e:
             self._count("refused")
             log.error("%s from %s not stored: %s; answered 0xA700 (out of resources): the sender retries",
@@ -291,8 +402,9 @@ class StorageSCP:
         return STORED
 
     def on_data(self, event) -> None:
-        """Every PDU received: an object growing past ``max_object`` bytes (it is held in
-        memory until complete) aborts its association before it can exhaust memory."""
+        """Every PDU received: an object growing past ``max_object`` bytes (written to the spool
+        as it arrives) aborts its association, so one sender cannot fill the disk or hold a
+        slot for ever."""
         key = id(event.assoc)
         if key in self._aborted:
             return  # PDUs already read before the abort took effect
@@ -303,17 +415,20 @@ class StorageSCP:
             self._aborted.add(key)
             self._count("aborted_oversize")
             log.warning("association from %s aborted: an object over %d bytes (scoring.max_file_bytes)",
-                        printable(event.assoc.requestor.ae_title, 16), self.max_object)
+                        self.shown(event.assoc.requestor.ae_title, 16), self.max_object)
             event.assoc.abort()
 
     def on_rejected(self, event) -> None:
         self._count("rejected_associations")
         rsp = event.assoc.acceptor.primitive
         reason = getattr(rsp, "reason_str", "") if rsp is not None else ""
-        log.warning("association from %s at %s rejected: %s", printable(event.assoc.requestor.ae_title, 16),
-                    printable(event.assoc.requestor.address), reason or "refused")
+        log.warning("association from %s at %s rejected: %s", self.shown(event.assoc.requestor.ae_title, 16),
+                    self.shown(event.assoc.requestor.address), reason or "refused")
 
     def on_close(self, event) -> None:
+        from .bounded import discard_partial_object
+
+        discard_partial_object(event.assoc)  # an object cut off mid-way: its temp file in the spool
         self._bytes.pop(id(event.assoc), None)
         self._aborted.discard(id(event.assoc))
 
@@ -356,7 +471,7 @@ class Node(Watcher):
         destination = cfg.destination
         self.sender = None if destination is None else Sender(
             self.ledger.path, self.out, destination, calling_ae=cfg.ae_title, timeout=cfg.send_timeout,
-            retry_max=cfg.retry_max, tls=send_tls)
+            retry_max=cfg.retry_max, tls=send_tls, refused_retry=cfg.refused_retry)
 
     # ------------------------------------------------------------------ lifecycle hooks
     def check_folders(self) -> None:
@@ -370,9 +485,8 @@ class Node(Watcher):
         if n:
             log.info("removed %d incomplete received object(s) (never answered as stored)", n)
 
-    def recover(self) -> None:
-        super().recover()
-        self.contained(self.sweep_spool)
+    def moves_handled_files(self) -> bool:
+        return True  # the spool is emptied: committed objects are deleted when not archived
 
     def loop(self) -> None:
         self.scp.start()
@@ -424,17 +538,6 @@ class Node(Watcher):
             (self.watch_dir / rel).unlink(missing_ok=True)
         except OSError as e:
             log.error("could not remove %s from the spool: %s", log_name(rel), e.strerror or e)
-
-    def sweep_spool(self) -> None:
-        """Spool files of studies committed before a stop that came before their removal."""
-        for path in self.watch_dir.iterdir():
-            if is_ignored_name(path.name) or not path.is_file():
-                continue
-            st = path.stat()
-            handled = self.ledger.file_outcome(path.name, st.st_size, st.st_mtime_ns)
-            if handled is not None:
-                key, outcome = handled
-                self.move(path.name, key, outcome)
 
     def extra_status(self) -> dict:
         status = {"listen": self.scp.status()}

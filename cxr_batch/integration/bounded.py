@@ -1,0 +1,422 @@
+"""Deadlines and size limits around pynetdicom's association server: no peer can stop the node.
+
+pynetdicom 3.0 accepts connections in one thread and, with TLS, runs each handshake there
+without a timeout (one idle TCP connection to the TLS port stops every other peer); its
+reader then waits for the rest of a PDU on a socket without a timeout (a sender that stops
+mid-PDU holds its association, and its thread, for ever: its idle and ARTIM timers are
+checked only between reads) and reads as many bytes as a PDU's header declares (one header
+can make the node allocate gigabytes). This module wraps it, without changing its code:
+
+- :class:`BoundedServer` (pynetdicom's threaded server) only accepts in its accept thread, and
+  hands each connection to a thread of its own at once. At most ``max_pending`` connections
+  may be in their handshake together; more are closed at once (``dropped_busy``).
+- :class:`BoundedRequestHandler` runs, in that thread and under one deadline from the accept
+  (``handshake``): the TLS handshake, then the first PDU, which must be an A-ASSOCIATE-RQ of
+  at most :data:`CONTROL_PDU_LIMIT` bytes with well-formed AE titles. Only then is pynetdicom's
+  Association made: a connection that never asks holds no association slot, so idle
+  connections cannot lock modalities out (``max_associations`` counts associations only).
+- :class:`BoundedSocket` (pynetdicom's AssociationSocket) gives every later PDU a deadline
+  from its first byte (``pdu``): a peer that stalls mid-PDU, or drips it byte by byte, is
+  dropped when it passes. Each PDU's length is checked from its 6-byte header before its body
+  is read: over ``max_pdu`` (a P-DATA-TF) or :data:`CONTROL_PDU_LIMIT` (any other PDU), the
+  association is aborted and nothing more is read. Sends wait at most ``pdu`` too.
+- :func:`stream_received_objects`: pynetdicom's own ``STORE_RECV_CHUNKED_DATASET`` mode writes
+  each C-STORE's data set to a file as its PDUs arrive rather than into memory, here to a hidden
+  temp file in the spool (same volume: the handler renames it into place), so memory per
+  association is a few PDUs whatever the object's size.
+
+Every drop is reported to the ``monitor`` (the node's StorageSCP), which counts it in
+status.json and logs it with the peer's address. Only pynetdicom's documented extension points
+are used (``make_server(server_class=..., request_handler=...)``, its request handler and
+socket classes, ``_config``); the one exception is the temp file factory of
+``pynetdicom.dimse_messages``, replaced by one that chooses the folder.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import ssl
+import struct
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from tempfile import NamedTemporaryFile
+from typing import Protocol
+
+from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
+
+A_ASSOCIATE_RQ, A_ASSOCIATE_RJ, P_DATA_TF, A_ABORT = 0x01, 0x03, 0x04, 0x07
+PDU_TYPES = range(0x01, 0x08)
+# Any PDU but P-DATA-TF: an A-ASSOCIATE-RQ proposing all 128 presentation contexts with a dozen
+# transfer syntaxes each is about 50 KB; release and abort PDUs are 10 bytes.
+CONTROL_PDU_LIMIT = 256 << 10
+RECEIVE_PREFIX = ".recv-"  # hidden (the watch loop ignores it), and removed at start like every .tmp
+RECEIVE_SUFFIX = ".tmp"
+# A-ABORT from the service provider, reason "invalid PDU parameter value" (PS3.8 9.3.8).
+_ABORT_INVALID_PDU = struct.pack(">BBLBBBB", A_ABORT, 0, 4, 0, 0, 2, 6)
+
+
+def _reject(reason: int) -> bytes:
+    """A-ASSOCIATE-RJ, rejected permanently by the service user for ``reason`` (PS3.8 9.3.4):
+    3 the calling AE title, 7 the called AE title."""
+    return struct.pack(">BBLBBBB", A_ASSOCIATE_RJ, 0, 4, 0, 1, 1, reason)
+
+
+@dataclass(frozen=True)
+class Limits:
+    handshake: float  # seconds from accept to a complete A-ASSOCIATE-RQ (TLS handshake included)
+    pdu: float  # seconds from a PDU's first byte to its last (and for each send)
+    max_pdu: int  # the longest P-DATA-TF we accept (what we advertise as Maximum Length Received)
+    max_pending: int  # connections in their handshake at once
+
+    def pdu_limit(self, pdu_type: int) -> int:
+        return self.max_pdu if pdu_type == P_DATA_TF else CONTROL_PDU_LIMIT
+
+
+class Monitor(Protocol):
+    """What the server reports to (cxr_batch.integration.node.StorageSCP)."""
+
+    def dropped(self, kind: str, peer: str, reason: str) -> None: ...  # kind: timeout, oversize_pdu, ...
+
+    def rejected_title(self, peer: str, which: str, title: bytes) -> None: ...
+
+
+class Dropped(Exception):
+    def __init__(self, kind: str, reason: str):
+        super().__init__(reason)
+        self.kind, self.reason = kind, reason
+
+
+def _read_exactly(sock: socket.socket, n: int, deadline: float, what: str) -> bytes:
+    """``n`` bytes from ``sock`` before ``deadline`` (monotonic); Dropped otherwise."""
+    data = bytearray()
+    while len(data) < n:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise Dropped("timeout", f"{what} not complete in time ({len(data)} of {n} bytes)")
+        sock.settimeout(left)
+        try:
+            chunk = sock.recv(min(n - len(data), 65536))
+        except TimeoutError:
+            continue  # the loop's deadline check says so
+        except OSError as e:
+            raise Dropped("closed", f"connection lost during {what}: {e}") from None
+        if not chunk:
+            raise Dropped("closed", f"connection closed during {what}")
+        data += chunk
+    return bytes(data)
+
+
+def _valid_title(raw: bytes) -> bool:
+    """PS3.5 AE VR: the default repertoire without control characters or backslash, not blank."""
+    return bool(raw.strip(b" ")) and all(0x20 <= b < 0x7F and b != 0x5C for b in raw)
+
+
+def _peer(address) -> str:
+    host, port = address[0], address[1]
+    return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+
+
+class BoundedServer(ThreadedAssociationServer):
+    """pynetdicom's threaded association server with the deadlines and limits above."""
+
+    daemon_threads = True  # handshake threads; each ends by its deadline, and shutdown cuts them short
+
+    def __init__(self, ae, address, ae_title, contexts, ssl_context=None, evt_handlers=None, *,
+                 limits: Limits, monitor: Monitor, receive_dir: Path):
+        self.limits, self.monitor, self.receive_dir = limits, monitor, Path(receive_dir)
+        self.tls = ssl_context
+        self._pending: set[socket.socket] = set()
+        self._pending_lock = threading.Lock()
+        self._busy_logged = False
+        super().__init__(ae, address, ae_title, contexts, ssl_context, evt_handlers=evt_handlers,
+                         request_handler=BoundedRequestHandler)
+
+    def get_request(self):
+        """Accept only: the TLS handshake happens in the connection's own thread."""
+        client, address = self.socket.accept()
+        client.settimeout(self.limits.handshake)
+        return client, address
+
+    def verify_request(self, request, client_address) -> bool:
+        with self._pending_lock:
+            if len(self._pending) >= self.limits.max_pending:
+                busy, self._busy_logged = not self._busy_logged, True
+            else:
+                self._pending.add(request)
+                self._busy_logged = False
+                return True
+        self.monitor.dropped("busy", _peer(client_address),
+                             f"{self.limits.max_pending} connections already in their handshake (max_pending)"
+                             if busy else "")
+        return False
+
+    def handshake_done(self, request) -> None:
+        with self._pending_lock:
+            self._pending.discard(request)
+
+    def server_close(self) -> None:
+        """Connections still in their handshake are cut (their threads end at once)."""
+        with self._pending_lock:
+            pending = list(self._pending)
+        for sock in pending:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        super().server_close()
+
+
+class BoundedRequestHandler(RequestHandler):
+    """Runs in the connection's own thread: the handshake under its deadline, then pynetdicom's
+    association on a :class:`BoundedSocket`."""
+
+    server: BoundedServer
+
+    def handle(self) -> None:
+        server, raw = self.server, self.request
+        peer = _peer(self.client_address)
+        deadline = time.monotonic() + server.limits.handshake
+        sock = raw
+        try:
+            try:
+                if server.tls is not None:
+                    sock = self._tls_handshake(raw, deadline)
+                self.first_pdu = self._association_request(sock, deadline, peer)
+            finally:
+                server.handshake_done(raw)
+        except Dropped as e:
+            if e.kind != "closed":  # a port scan or a health check is not news
+                server.monitor.dropped(e.kind, peer, e.reason)
+            _close(sock)
+            return
+        except Exception as e:  # a bug must not end the accept thread's pool or print to stderr
+            server.monitor.dropped("protocol", peer, f"unexpected {type(e).__name__} during the handshake")
+            _close(sock)
+            return
+        self.request = sock
+        super().handle()  # pynetdicom's: the association (on a BoundedSocket), EVT_CONN_OPEN, start
+
+    def _tls_handshake(self, raw: socket.socket, deadline: float) -> ssl.SSLSocket:
+        left = deadline - time.monotonic()
+        try:
+            tls = self.server.tls.wrap_socket(raw, server_side=True, do_handshake_on_connect=False)
+            tls.settimeout(max(left, 0.001))  # do_handshake applies it to the whole handshake
+            tls.do_handshake()
+            return tls
+        except TimeoutError:
+            raise Dropped("timeout", f"TLS handshake not complete within {self.server.limits.handshake:g} s") from None
+        except (ssl.SSLEOFError, ssl.SSLZeroReturnError) as e:  # the peer left
+            raise Dropped("closed", f"connection closed during the TLS handshake: {e}") from None
+        except ssl.SSLError as e:
+            raise Dropped("tls", f"TLS handshake failed: {e.reason or e}") from None
+        except OSError as e:
+            raise Dropped("closed", f"connection lost during the TLS handshake: {e}") from None
+
+    def _association_request(self, sock: socket.socket, deadline: float, peer: str) -> bytes:
+        """The first PDU, checked: an A-ASSOCIATE-RQ, not too long, AE titles well formed."""
+        header = _read_exactly(sock, 6, deadline, "the association request")
+        pdu_type, _, length = struct.unpack(">BBL", header)
+        if pdu_type != A_ASSOCIATE_RQ:
+            raise Dropped("protocol", f"the first PDU is not an association request (type 0x{pdu_type:02X})")
+        if length > CONTROL_PDU_LIMIT or length < 68:
+            raise Dropped("oversize_pdu" if length > CONTROL_PDU_LIMIT else "protocol",
+                          f"an association request of {length:,} bytes (at most {CONTROL_PDU_LIMIT:,})")
+        body = _read_exactly(sock, length, deadline, "the association request")
+        # Checked here so that pynetdicom, which logs a title it cannot decode as it is, never
+        # sees one: a newline or ESC in a title would forge log lines.
+        for which, raw, reason in (("called", body[4:20], 7), ("calling", body[20:36], 3)):
+            if not _valid_title(raw):
+                self.server.monitor.rejected_title(peer, which, raw)
+                try:
+                    sock.settimeout(1.0)
+                    sock.sendall(_reject(reason))
+                except OSError:
+                    pass
+                raise Dropped("closed", "")  # counted and logged as a rejected association
+        return header + body
+
+    def _create_association(self):
+        """pynetdicom's association, its socket replaced by a BoundedSocket holding the request
+        already read (adopting the plain one's state: the transport event is queued once)."""
+        assoc = super()._create_association()
+        plain = assoc.dul.socket
+        assoc.dul.socket = BoundedSocket.adopt(plain, self.first_pdu, self.server.limits, self.server.monitor,
+                                               _peer(self.client_address))
+        return assoc
+
+
+class BoundedSocket(AssociationSocket):
+    """An AssociationSocket whose reads have a deadline per PDU and a length limit per PDU."""
+
+    @classmethod
+    def adopt(cls, plain: AssociationSocket, first_pdu: bytes, limits: Limits, monitor: Monitor,
+              peer: str) -> "BoundedSocket":
+        bounded = cls.__new__(cls)
+        bounded.__dict__.update(vars(plain))
+        bounded._buffer = bytearray(first_pdu)  # read by the handshake; pynetdicom reads it again from here
+        bounded._limits, bounded._monitor, bounded._peer = limits, monitor, peer
+        bounded._left = 0  # bytes of the current PDU still to come; 0: the next read is a header
+        bounded._deadline = 0.0
+        bounded._dropped = False
+        if bounded.socket is not None:
+            bounded.socket.settimeout(limits.pdu)  # sends too
+        return bounded
+
+    @property
+    def ready(self) -> bool:
+        if self._buffer and not self._dropped:
+            return True
+        return super().ready
+
+    def recv(self, nr_bytes: int) -> bytearray:
+        if self._dropped:
+            return bytearray()  # pynetdicom sees a connection closed mid-PDU and ends the association
+        header = self._left == 0
+        if header:  # a new PDU: its deadline runs from its first byte
+            self._deadline = time.monotonic() + self._limits.pdu
+        data = self._read(nr_bytes)
+        if header and len(data) == 6:
+            pdu_type, _, length = struct.unpack(">BBL", data)
+            limit = self._limits.pdu_limit(pdu_type)
+            if pdu_type in PDU_TYPES and length > limit:
+                self._drop("oversize_pdu", f"a PDU declaring {length:,} bytes (at most {limit:,}: max_pdu)",
+                           abort=True)
+                return data
+            self._left = length
+        elif not header:
+            self._left = max(0, self._left - len(data))
+        return data
+
+    def _read(self, n: int) -> bytearray:
+        data = self._buffer[:n]
+        del self._buffer[:n]
+        while len(data) < n and not self._dropped:
+            left = self._deadline - time.monotonic()
+            if left <= 0:
+                self._drop("timeout", f"a PDU not complete within {self._limits.pdu:g} s (pdu_timeout)")
+                break
+            try:
+                self.socket.settimeout(left)
+                chunk = self.socket.recv(min(n - len(data), 65536))
+            except TimeoutError:
+                continue
+            except (OSError, AttributeError):  # reset, or closed under us
+                break
+            finally:
+                if self.socket is not None:
+                    self.socket.settimeout(self._limits.pdu)
+            if not chunk:
+                break
+            data += chunk
+        return data
+
+    def _drop(self, kind: str, reason: str, abort: bool = False) -> None:
+        self._dropped = True
+        self._left = 0
+        self._monitor.dropped(kind, self._peer, reason)
+        sock = self.socket
+        if sock is None:
+            return
+        try:
+            if abort:
+                sock.settimeout(1.0)
+                sock.sendall(_ABORT_INVALID_PDU)
+            sock.shutdown(socket.SHUT_RDWR)  # pynetdicom closes it when it ends the association
+        except OSError:
+            pass
+
+
+def _close(sock: socket.socket) -> None:
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+    sock.close()
+
+
+# ---------------------------------------------------------------------- receiving to disk
+_failed_receives: dict[str, OSError] = {}  # temp file name -> why it could not be written
+_failed_lock = threading.Lock()
+
+
+class _ReceiveFile:
+    """pynetdicom's temp file for a data set as it arrives (it calls write, file.flush, name
+    and close), made safe for a full disk: the first failing write empties the file, later
+    ones are dropped, and :func:`receive_error` tells the C-STORE handler, which answers
+    "out of resources" (pynetdicom would let the error end the association's reader thread)."""
+
+    def __init__(self, inner):
+        self._inner, self.name, self.file = inner, inner.name, self
+
+    def write(self, data) -> int:
+        if self.name not in _failed_receives:
+            try:
+                return self._inner.write(data)
+            except OSError as e:
+                self._failed(e)
+        return len(data)
+
+    def flush(self) -> None:
+        if self.name not in _failed_receives:
+            try:
+                self._inner.file.flush()
+            except OSError as e:
+                self._failed(e)
+
+    def close(self) -> None:
+        try:
+            self._inner.close()
+        except OSError:  # what was buffered cannot be written: the object is refused anyway
+            pass
+
+    def _failed(self, error: OSError) -> None:
+        with _failed_lock:
+            _failed_receives[self.name] = error
+        try:
+            os.truncate(self.name, 0)  # give the space back now
+        except OSError:
+            pass
+
+
+def receive_error(path) -> OSError | None:
+    """Why the data set received into ``path`` could not be written, or None (forgotten once asked)."""
+    with _failed_lock:
+        return _failed_receives.pop(str(path), None)
+
+
+def _receive_file(*args, **kwargs):
+    """pynetdicom's temp file for a C-STORE data set as it arrives: in the receiving server's
+    ``receive_dir`` (the spool) when the association is one of a BoundedServer, hidden."""
+    assoc = getattr(threading.current_thread(), "assoc", None)  # the DUL thread decodes the PDUs
+    folder = getattr(getattr(assoc, "_server", None), "receive_dir", None)
+    if folder is not None:
+        os.makedirs(folder, mode=0o750, exist_ok=True)  # removed by an operator: made again, as the spool does
+        kwargs.update(dir=folder, prefix=RECEIVE_PREFIX, suffix=RECEIVE_SUFFIX)
+    return _ReceiveFile(NamedTemporaryFile(*args, **kwargs))
+
+
+def stream_received_objects() -> None:
+    """C-STORE data sets go to disk as they arrive, for every SCP of this process (pynetdicom's
+    setting is global; other SCPs get the system temp folder and the same events)."""
+    from pynetdicom import _config, dimse_messages
+
+    _config.STORE_RECV_CHUNKED_DATASET = True
+    dimse_messages.NamedTemporaryFile = _receive_file
+
+
+def discard_partial_object(assoc) -> None:
+    """The temp file of a data set whose association ended before it was complete (aborted,
+    dropped): pynetdicom removes it only after a complete C-STORE's handler."""
+    message = getattr(getattr(assoc, "dimse", None), "message", None)
+    partial = getattr(message, "_data_set_file", None)
+    if partial is None:
+        return
+    partial.close()
+    receive_error(partial.name)
+    try:
+        Path(partial.name).unlink(missing_ok=True)
+    except OSError:  # the spool's next start removes it (a hidden .tmp)
+        pass

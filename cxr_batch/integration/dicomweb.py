@@ -1,0 +1,233 @@
+"""STOW-RS: storing a result object (SR, Encapsulated PDF) on a DICOMweb archive.
+
+:class:`StowClient` stores one pydicom Dataset (or a DICOM file's bytes or path) with
+dicomweb-client's ``store_instances`` and reports a :class:`~.delivery.Delivery` instead of
+raising:
+
+- delivered: the archive lists the instance in the response's Referenced SOP Sequence (with or
+  without a warning), answers 200 without a body, or refuses it as a duplicate (0x0111): the
+  SOP Instance UID is derived from the image and the bundle, so what is there is this result
+  (archives that keep the first copy, Orthanc among them, answer a re-store as a success);
+- retry: no connection, a timeout, 408/429/5xx, 401/403/404 (credentials or URL wrong: fixed in
+  the configuration, the queued results then go), a failure reason "out of resources" (0xA7xx)
+  or "processing failure" (0x0110);
+- rejected: the archive refuses this object (400, 409, 413, 415, 422 or a failure reason such
+  as 0xC000 "cannot understand", 0xA9xx "does not match the SOP class", 0x0122 "SOP class not
+  supported").
+
+Authentication comes from the ``[dicomweb]`` table of a configuration file only (a bearer
+``token``, or ``username`` and ``password``), never from the command line, where other users
+could read it in the process list; over plain ``http://`` to another machine, credentials are
+refused unless ``insecure_http = true``. dicomweb-client's own retries are off: the outbound
+queue retries with back-off, and a worker never sleeps inside a request.
+"""
+
+from __future__ import annotations
+
+import io
+import ipaddress
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import pydicom
+from pydicom.dataset import Dataset
+
+from ..config import ConfigError, bounded, load_dataclass, read_toml, validate
+from .delivery import Delivery
+
+log = logging.getLogger("cxr_batch")
+
+CONFIG_TABLE = "dicomweb"
+# HTTP statuses that refuse this object: sending it again cannot help
+REJECTING_STATUSES = {400, 409, 413, 415, 422}
+# STOW-RS Failure Reasons (PS3.18 / PS3.4 C-STORE statuses) worth another try later
+TRANSIENT_FAILURE_REASONS = {0x0110}  # processing failure (and 0xA7xx, below)
+DUPLICATE_SOP_INSTANCE = 0x0111
+
+
+@dataclass(frozen=True)
+class DicomWebConfig:
+    """A DICOMweb archive to store to (``[dicomweb]`` in ``--config FILE.toml``; ``url`` may
+    come from ``--stow-to`` instead)."""
+
+    url: str = ""
+    token: str = field(default="", repr=False)  # bearer token
+    username: str = ""
+    password: str = field(default="", repr=False)
+    timeout: float = bounded(30.0, gt=0, max=3600, help="seconds for connecting and for each answer")
+    ca_bundle: str = ""  # PEM file of the CAs to trust for https (default: the system's)
+    insecure_http: bool = False  # allow credentials over plain http to another machine
+
+    def __post_init__(self):
+        validate(self, CONFIG_TABLE)
+        parts = urlsplit(self.url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ConfigError(f"dicomweb.url: {self.url!r} is not an http(s) URL, e.g. https://pacs.example.org/dicom-web")
+        if parts.username or parts.password:
+            raise ConfigError("dicomweb.url: no credentials in the URL; use username/password in the configuration")
+        if self.token and (self.username or self.password):
+            raise ConfigError("dicomweb: either a bearer token or username/password, not both")
+        if bool(self.username) != bool(self.password):
+            raise ConfigError("dicomweb: username and password go together")
+        if self.has_credentials and parts.scheme == "http" and not _loopback(parts.hostname) \
+                and not self.insecure_http:
+            raise ConfigError(f"dicomweb: credentials would cross the network in clear to {parts.hostname}; "
+                              "use https (or insecure_http = true)")
+        if self.ca_bundle and not Path(self.ca_bundle).is_file():
+            raise ConfigError(f"dicomweb.ca_bundle: {self.ca_bundle}: no such file")
+
+    @property
+    def has_credentials(self) -> bool:
+        return bool(self.token or self.username)
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def load_dicomweb_config(path: Path | str | None, url: str | None = None) -> DicomWebConfig:
+    """The archive of ``--stow-to URL`` (``url``) with the ``[dicomweb]`` table of the
+    configuration file ``path`` (credentials, timeout, CA bundle); ConfigError names what is
+    wrong. A file holding credentials that other users can read is named in the log."""
+    table = {}
+    if path is not None:
+        data = read_toml(path)
+        table = data.get(CONFIG_TABLE, {})
+        if table and _readable_by_others(path) and any(table.get(k) for k in ("token", "password")):
+            log.warning("%s holds DICOMweb credentials and other users can read it (chmod 600)", path)
+    return load_dataclass(DicomWebConfig, table, CONFIG_TABLE, url=url)
+
+
+def _readable_by_others(path: Path | str) -> bool:
+    try:
+        return bool(os.stat(path).st_mode & 0o077)
+    except OSError:
+        return False
+
+
+class StowClient:
+    """Stores result objects on one archive (one HTTP session, reused)."""
+
+    def __init__(self, config: DicomWebConfig):
+        import requests
+        from dicomweb_client.api import DICOMwebClient  # imported only where results are stored
+
+        self.config = config
+        session = requests.Session()
+        session.verify = config.ca_bundle or True
+        if config.token:
+            session.headers["Authorization"] = f"Bearer {config.token}"
+        elif config.username:
+            session.auth = (config.username, config.password)
+        self.client = DICOMwebClient(url=config.url.rstrip("/"), session=session, timeout=config.timeout)
+        self.client.set_http_retry_params(retry=False)
+
+    def store(self, dataset: Dataset | bytes | Path | str) -> Delivery:
+        """STOW-RS of one object; never raises for network, HTTP or archive failures."""
+        import requests
+
+        try:
+            dataset = _as_dataset(dataset)
+        except Exception as e:  # not a DICOM file: nothing to send, ever
+            return Delivery.rejected(f"not a DICOM object: {type(e).__name__}: {e}")
+        uid = str(dataset.get("SOPInstanceUID", ""))
+        try:
+            answer = self.client.store_instances([dataset])
+        except requests.HTTPError as e:
+            return self._refused(uid, e.response)
+        except requests.Timeout:
+            return self._failed(uid, Delivery.retry(f"no answer from {self._where} within {self.config.timeout:g} s"))
+        except requests.RequestException as e:  # connection refused, DNS, TLS
+            return self._failed(uid, Delivery.retry(f"cannot reach {self._where}: {type(e).__name__}: {e}"))
+        except ValueError as e:  # a response body dicomweb-client cannot read
+            return self._failed(uid, Delivery.retry(f"unreadable STOW-RS response: {e}"))
+        return self._answered(uid, answer)
+
+    @property
+    def _where(self) -> str:
+        parts = urlsplit(self.config.url)
+        return f"{parts.scheme}://{parts.netloc}"
+
+    def _answered(self, uid: str, answer: Dataset) -> Delivery:
+        """A 2xx response: this instance referenced (delivered) or listed as failed."""
+        for item in answer.get("FailedSOPSequence", []) or []:
+            if item.get("ReferencedSOPInstanceUID") == uid:
+                return self._failed(uid, _failure(item.get("FailureReason")))
+        for item in answer.get("ReferencedSOPSequence", []) or []:
+            if item.get("ReferencedSOPInstanceUID") == uid:
+                warning = item.get("WarningReason")
+                log.debug("stored %s on %s", uid, self._where)
+                return Delivery.delivered(f"warning 0x{int(warning):04X}" if warning is not None else "")
+        if not answer:  # 200 without a body
+            return Delivery.delivered()
+        return self._failed(uid, Delivery.retry("the STOW-RS response does not mention the instance"))
+
+    def _refused(self, uid: str, response) -> Delivery:
+        """A 4xx/5xx response; its body may say why for this instance."""
+        status = response.status_code if response is not None else 0
+        body = _response_dataset(response)
+        for item in (body.get("FailedSOPSequence", []) or []) if body is not None else []:
+            if item.get("ReferencedSOPInstanceUID") == uid:
+                delivery = _failure(item.get("FailureReason"))
+                return self._failed(uid, Delivery(delivery.outcome, f"HTTP {status}, {delivery.reason}"))
+        reason = f"HTTP {status} {getattr(response, 'reason', '') or ''}".strip()
+        if status in REJECTING_STATUSES:
+            return self._failed(uid, Delivery.rejected(f"{reason}: the archive refused the object"))
+        hint = " (check the [dicomweb] credentials)" if status in (401, 403) else \
+            " (check the URL)" if status in (404, 405) else ""
+        return self._failed(uid, Delivery.retry(reason + hint))
+
+    def _failed(self, uid: str, delivery: Delivery) -> Delivery:
+        if delivery.ok:
+            log.debug("stored %s on %s (%s)", uid, self._where, delivery.reason)
+        else:
+            log.warning("not stored %s on %s: %s", uid, self._where, delivery.reason)
+        return delivery
+
+
+def _failure(reason) -> Delivery:
+    """What a Failed SOP Sequence item's Failure Reason means for the queue."""
+    if reason is None:
+        return Delivery.retry("failed without a reason")
+    code = int(reason)
+    text = f"failure reason 0x{code:04X}"
+    if code == DUPLICATE_SOP_INSTANCE:
+        return Delivery.delivered(f"{text}: already stored")
+    if code in TRANSIENT_FAILURE_REASONS or 0xA700 <= code <= 0xA7FF:
+        return Delivery.retry(text)
+    return Delivery.rejected(text)
+
+
+def _response_dataset(response) -> Dataset | None:
+    """The DICOM JSON body of an error response, when there is one (Orthanc 1.10 sends its
+    400 body without a Content-Type)."""
+    if response is None or not response.content:
+        return None
+    if response.headers.get("Content-Type", "").split(";")[0].strip() not in ("application/dicom+json",
+                                                                               "application/json", ""):
+        return None
+    try:
+        return Dataset.from_json(response.json())
+    except Exception:  # a body that is not DICOM JSON: the status alone decides
+        return None
+
+
+def _as_dataset(obj: Dataset | bytes | Path | str) -> Dataset:
+    if isinstance(obj, Dataset):
+        return obj
+    if isinstance(obj, (bytes, bytearray)):
+        return pydicom.dcmread(io.BytesIO(obj))
+    return pydicom.dcmread(obj)
+
+
+def store_dataset(dataset: Dataset | bytes | Path | str, config: DicomWebConfig) -> Delivery:
+    """One STOW-RS with a client of its own (the queue keeps a :class:`StowClient` instead)."""
+    return StowClient(config).store(dataset)

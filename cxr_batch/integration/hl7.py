@@ -1,0 +1,332 @@
+"""HL7 v2.5 ORU^R01 to the RIS over MLLP: the study's priority where the worklist is made.
+
+:func:`oru_r01` builds one message per scored study with hl7apy (strict validation: required
+fields, structure, lengths), from its :class:`~cxr_batch.record.StudyRecord`:
+
+- MSH: sending/receiving application and facility, MSH-10 control id derived from the source
+  image and the bundle (:func:`control_id`: a retry, or the same result built again, carries
+  the same id, so the RIS can drop the duplicate), processing id, version 2.5, UTF-8;
+- PID: PID-3 patient ID, PID-5 name (DICOM PN order mapped to XPN), PID-7 birth date, PID-8 sex;
+- ORC/OBR: the accession number as filler order number (ORC-3, OBR-3) and in OBR-18, the field
+  IHE Scheduled Workflow maps to DICOM's Accession Number; OBR-4 the imaging procedure, OBR-7
+  the study date/time, OBR-25 ``P`` (preliminary: no radiologist has read it); two NTEs name
+  the model (name@version, bundle sha256) and say it is decision support;
+- OBX 1: the triage priority (CE), OBX-8 ``AA`` urgent, ``A`` abnormal, ``N`` normal;
+- OBX 2-15: per finding, the probability (NM, 6 decimals as in results.csv), the threshold as
+  reference range (``<t``: flagged at t or above), OBX-8 ``AA`` for a flagged urgent finding,
+  ``A`` for another flagged one, ``N`` otherwise; OBX-11 ``P``.
+
+Every value from outside (IDs, names, configured application names) is escaped (``\\F\\``,
+``\\S\\``, ``\\T\\``, ``\\R\\``, ``\\E\\``), so a ``|^~\\&`` in a name cannot break the message.
+
+:func:`send_message` is the MLLP client: one connection per message, the message framed
+``0x0B ... 0x1C 0x0D``, the ACK awaited within ``timeout``, MSA-1/MSA-2 read back into a
+:class:`~cxr_batch.integration.delivery.Delivery`: AA/CA delivered; AE/CE retry (the RIS could
+not process it now, e.g. the order is not there yet); AR/CR rejected (type, version or
+processing id refused: resending cannot help); no ACK, a closed connection, an ACK for another
+message or an unreadable one: retry. Logs name the control id and the code, never the patient.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import logging
+import re
+import socket
+import time
+import unicodedata
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from ..findings import DEFAULT_URGENT, FINDINGS
+from ..record import StudyRecord
+from .delivery import Delivery
+
+log = logging.getLogger("cxr_batch")
+
+VERSION = "2.5"
+SENDING_APPLICATION = "CXRBATCH"
+START_BLOCK, END_BLOCK = b"\x0b", b"\x1c\x0d"
+MAX_ACK_BYTES = 1 << 20  # an ACK is a few hundred bytes; a peer that streams more is not a RIS
+LOCAL_CODES = "99CXRBATCH"  # the private coding scheme of the DICOM SR, for the same concepts
+PROCEDURE = "399208008^Plain chest X-ray^SCT"  # as the SR's Procedure Reported
+PRIORITY_OBSERVATION = f"PRIORITY^Triage priority^{LOCAL_CODES}"
+PRIORITY_FLAGS = {"urgent": "AA", "abnormal": "A", "normal": "N"}
+ACK_DELIVERED, ACK_RETRY, ACK_REJECTED = {"AA", "CA"}, {"AE", "CE"}, {"AR", "CR"}
+
+
+class HL7NotMade(Exception):
+    """A record no valid ORU^R01 can be made for; ``str(e)`` says why."""
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """A RIS's MLLP listener: ``HOST:PORT`` (``[::1]:2575`` for IPv6)."""
+
+    host: str
+    port: int
+
+    @classmethod
+    def parse(cls, text: str) -> "Endpoint":
+        m = re.match(r"^(?P<host>\[[0-9A-Fa-f:.]+\]|[^:\[\]@\s]+):(?P<port>\d{1,5})$", text.strip())
+        if m is None:
+            raise ValueError(f"{text!r}: expected HOST:PORT, e.g. ris.example.org:2575")
+        port = int(m["port"])
+        if not 1 <= port <= 65535:
+            raise ValueError(f"{text!r}: port {port} is not 1-65535")
+        return cls(m["host"].strip("[]"), port)
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+# ------------------------------------------------------------------ escaping (HL7 v2.5 2.7.4)
+_ESCAPES = (("\\", "\\E\\"), ("|", "\\F\\"), ("^", "\\S\\"), ("&", "\\T\\"), ("~", "\\R\\"))
+_UNESCAPES = {"E": "\\", "F": "|", "S": "^", "T": "&", "R": "~"}
+
+
+def escape(text: str) -> str:
+    """``text`` as one HL7 value: control characters (a CR would end the segment) become
+    spaces, the delimiters their escape sequences (the escape character first)."""
+    text = "".join(" " if unicodedata.category(ch) == "Cc" else ch for ch in str(text or ""))
+    for char, sequence in _ESCAPES:
+        text = text.replace(char, sequence)
+    return text.strip()
+
+
+def unescape(text: str) -> str:
+    """The inverse of :func:`escape` for the delimiter escapes (others are kept as written)."""
+    return re.sub(r"\\([EFSTR])\\", lambda m: _UNESCAPES[m[1]], text)
+
+
+# ------------------------------------------------------------------ the message
+def control_id(record: StudyRecord) -> str:
+    """MSH-10 (at most 20 characters): the same for the same image scored by the same bundle."""
+    ids = record.ids
+    basis = ids.sop_uid or ids.study_uid or record.file
+    return hashlib.sha256(f"oru\x1f{basis}\x1f{record.weights_sha256}".encode()).hexdigest()[:20].upper()
+
+
+def _date(value: str) -> str:
+    try:
+        dt.datetime.strptime(value, "%Y%m%d")
+        return value
+    except ValueError:
+        return ""
+
+
+def _study_datetime(record: StudyRecord) -> str:
+    """OBR-7 from the DICOM study date and time (HL7 TS: YYYYMMDD[HHMM[SS]])."""
+    date = _date(record.ids.study_date)
+    time_of_day = record.ids.study_time.split(".")[0]
+    if date and re.fullmatch(r"([01]\d|2[0-3])[0-5]\d([0-5]\d)?", time_of_day):
+        return date + time_of_day
+    return date
+
+
+def _person_name(pn: str) -> str:
+    """XPN from a DICOM PN (alphabetic group): family^given^middle^suffix^prefix, each escaped."""
+    parts = (pn.split("=")[0].split("^") + [""] * 5)[:5]
+    family, given, middle, prefix, suffix = (escape(p) for p in parts)
+    return "^".join((family, given, middle, suffix, prefix)).rstrip("^")
+
+
+def _flag(flagged: bool, urgent: bool) -> str:
+    return ("AA" if urgent else "A") if flagged else "N"
+
+
+def oru_r01(record: StudyRecord, *, thresholds: Mapping[str, float] | None = None,
+            urgent: Sequence[str] = DEFAULT_URGENT, sending_application: str = SENDING_APPLICATION,
+            sending_facility: str = "", receiving_application: str = "", receiving_facility: str = "",
+            processing_id: str = "P", created: dt.datetime | None = None) -> str:
+    """The ORU^R01 of a scored ``record`` as ER7 text (segments ended by CR), validated by
+    hl7apy; HL7NotMade when the record cannot have one (not scored, no patient ID or accession
+    number to match the order by, a value the standard's lengths refuse)."""
+    from hl7apy.consts import VALIDATION_LEVEL
+    from hl7apy.core import Message
+    from hl7apy.exceptions import HL7apyException
+
+    from ..sr import FINDING_CODES, PRIORITY_CODES
+
+    scores, ids = record.scores, record.ids
+    if not record.ok or scores is None:
+        raise HL7NotMade(f"not scored ({record.status})")
+    if not ids.patient_id.strip():
+        raise HL7NotMade("no patient ID (PID-3): the RIS could not match the patient")
+    if not ids.accession_number.strip():
+        raise HL7NotMade("no accession number: the RIS could not match the order")
+    if scores.priority not in PRIORITY_FLAGS or len(scores.probs) != len(FINDINGS):
+        raise HL7NotMade("the scores are not one probability per finding and a known priority")
+    if processing_id not in ("P", "D", "T"):
+        raise HL7NotMade(f"processing id {processing_id!r} is not P, D or T (HL7 table 0103)")
+    when = (created or dt.datetime.now()).strftime("%Y%m%d%H%M%S")
+    accession = escape(ids.accession_number)
+    try:
+        m = Message("ORU_R01", version=VERSION, validation_level=VALIDATION_LEVEL.STRICT)
+        msh = m.msh
+        msh.msh_3, msh.msh_4 = escape(sending_application), escape(sending_facility)
+        msh.msh_5, msh.msh_6 = escape(receiving_application), escape(receiving_facility)
+        msh.msh_7, msh.msh_9, msh.msh_10 = when, "ORU^R01^ORU_R01", control_id(record)
+        msh.msh_11, msh.msh_18 = processing_id, "UNICODE UTF-8"
+        result = m.add_group("ORU_R01_PATIENT_RESULT")
+        pid = result.add_group("ORU_R01_PATIENT").pid
+        pid.pid_1, pid.pid_3 = "1", escape(ids.patient_id)
+        name = _person_name(ids.patient_name)
+        if name:
+            pid.pid_5 = name
+        if _date(ids.patient_birth_date):
+            pid.pid_7 = ids.patient_birth_date
+        if ids.patient_sex.strip().upper() in ("M", "F", "O"):
+            pid.pid_8 = ids.patient_sex.strip().upper()
+        order = result.add_group("ORU_R01_ORDER_OBSERVATION")
+        order.orc.orc_1, order.orc.orc_3 = "RE", accession  # RE: observations to follow
+        obr = order.obr
+        obr.obr_1, obr.obr_3, obr.obr_4 = "1", accession, PROCEDURE
+        study_time = _study_datetime(record)
+        if study_time:
+            obr.obr_7 = study_time
+        obr.obr_18, obr.obr_22, obr.obr_24, obr.obr_25 = accession, when, "RAD", "P"
+        for k, text in enumerate((f"cxr-batch triage model {record.model or 'unknown'}, bundle sha256 "
+                                  f"{record.weights_sha256 or 'unknown'}", _disclaimer()), start=1):
+            note = order.add_segment("NTE")
+            note.nte_1, note.nte_3 = str(k), escape(text)
+        code = PRIORITY_CODES[scores.priority]
+        _observation(order, 1, "CE", PRIORITY_OBSERVATION,
+                     f"{escape(code.value)}^{escape(code.meaning)}^{LOCAL_CODES}", PRIORITY_FLAGS[scores.priority])
+        for k, finding in enumerate(FINDINGS):
+            code = FINDING_CODES[finding]
+            threshold = None if thresholds is None else thresholds.get(finding)
+            _observation(order, k + 2, "NM",
+                         f"{escape(code.value)}^{escape(code.meaning)}^{escape(code.scheme_designator)}",
+                         f"{float(scores.probs[k]):.6f}", _flag(bool(scores.flags[k]), finding in urgent),
+                         reference_range=None if threshold is None else f"<{float(threshold):.6f}")
+        m.validate()
+        return m.to_er7() + "\r"
+    except HL7apyException as e:
+        raise HL7NotMade(f"hl7apy refused the message: {type(e).__name__}: {e}") from None
+
+
+def _disclaimer() -> str:
+    from ..reports import DISCLAIMER
+
+    return DISCLAIMER
+
+
+def _observation(order, set_id: int, value_type: str, identifier: str, value: str, flag: str,
+                 reference_range: str | None = None) -> None:
+    obx = order.add_group("ORU_R01_OBSERVATION").obx
+    obx.obx_1, obx.obx_2, obx.obx_3, obx.obx_5 = str(set_id), value_type, identifier, value
+    if value_type == "NM":
+        obx.obx_6 = "{probability}^probability^UCUM"
+    if reference_range:
+        obx.obx_7 = reference_range
+    obx.obx_8, obx.obx_11 = flag, "P"
+
+
+def message_control_id(message: str) -> str:
+    """MSH-10 of an ER7 message (our own: ``|`` field separator)."""
+    msh = message.split("\r", 1)[0]
+    fields = msh.split(msh[3:4] or "|")
+    if not msh.startswith("MSH") or len(fields) < 10:
+        raise ValueError("not an HL7 message (no MSH with a control id)")
+    return fields[9]
+
+
+# ------------------------------------------------------------------ MLLP
+@dataclass(frozen=True)
+class Ack:
+    code: str  # MSA-1
+    control_id: str  # MSA-2
+    text: str = ""  # MSA-3, unescaped
+
+
+def frame(message: str) -> bytes:
+    """The MLLP block of ``message``: 0x0B, the UTF-8 text, 0x1C 0x0D."""
+    return START_BLOCK + message.encode("utf-8") + END_BLOCK
+
+
+def read_ack(text: str) -> Ack:
+    """MSA-1, MSA-2 and MSA-3 of an ACK (any HL7 v2 version hl7apy knows); ValueError when
+    ``text`` is not one."""
+    from hl7apy.consts import VALIDATION_LEVEL
+    from hl7apy.exceptions import HL7apyException
+    from hl7apy.parser import parse_message
+
+    text = text.replace("\n", "\r").strip("\r")
+    try:
+        message = parse_message(text, validation_level=VALIDATION_LEVEL.TOLERANT, find_groups=False)
+        msa = message.msa
+        code = msa.msa_1.value.strip().upper()
+        control = msa.msa_2.value
+        answer = msa.msa_3.value if msa.msa_3 else ""
+    except (HL7apyException, AttributeError, IndexError, ValueError, KeyError) as e:
+        raise ValueError(f"not an HL7 ACK ({type(e).__name__}: {e})") from None
+    if not code:
+        raise ValueError("an ACK without MSA-1")
+    return Ack(code, unescape(control), unescape(answer))
+
+
+def _block(buffer: bytes) -> bytes | None:
+    """The content of the first complete MLLP block in ``buffer``; None while there is none."""
+    start = buffer.find(START_BLOCK)
+    end = buffer.find(END_BLOCK, start + 1) if start >= 0 else -1
+    return buffer[start + 1:end] if end >= 0 else None
+
+
+def _exchange(data: bytes, endpoint: Endpoint, timeout: float) -> bytes | Delivery:
+    """Send ``data`` and read one MLLP block back; a Delivery (retry) when that fails."""
+    deadline = time.monotonic() + timeout
+    try:
+        sock = socket.create_connection((endpoint.host, endpoint.port), timeout=timeout)
+    except OSError as e:
+        return Delivery.retry(f"cannot connect to {endpoint}: {type(e).__name__}: {e}")
+    with sock:
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock.sendall(data)
+            received = b""
+            while (block := _block(received)) is None:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise socket.timeout
+                sock.settimeout(remaining)
+                chunk = sock.recv(65536)
+                if not chunk:
+                    return Delivery.retry(f"{endpoint} closed the connection without an ACK")
+                received += chunk
+                if len(received) > MAX_ACK_BYTES:
+                    return Delivery.retry(f"{endpoint} sent over {MAX_ACK_BYTES} bytes without an MLLP block")
+        except socket.timeout:
+            return Delivery.retry(f"no ACK from {endpoint} within {timeout:g} s")
+        except OSError as e:
+            return Delivery.retry(f"connection to {endpoint} failed: {type(e).__name__}: {e}")
+    return block
+
+
+def send_message(message: str, endpoint: Endpoint, *, timeout: float = 30.0) -> Delivery:
+    """Send one ER7 ``message`` to ``endpoint`` and read its ACK; never raises for network or
+    peer failures (the Delivery says what to do)."""
+    control = message_control_id(message)
+    answer = _exchange(frame(message), endpoint, timeout)
+    if isinstance(answer, Delivery):
+        log.warning("HL7 %s to %s: %s", control, endpoint, answer.reason)
+        return answer
+    try:
+        ack = read_ack(answer.decode("utf-8", "replace"))
+    except ValueError as e:
+        log.warning("HL7 %s to %s: unreadable answer", control, endpoint)
+        return Delivery.retry(f"unreadable ACK from {endpoint}: {e}")
+    if ack.control_id != control:
+        log.warning("HL7 %s to %s: ACK for another message", control, endpoint)
+        return Delivery.retry(f"ACK for message {ack.control_id!r}, not {control!r}")
+    said = f"{ack.code}" + (f": {ack.text}" if ack.text else "")
+    if ack.code in ACK_DELIVERED:
+        log.debug("HL7 %s to %s: %s", control, endpoint, ack.code)
+        return Delivery.delivered(said)
+    log.warning("HL7 %s to %s: %s", control, endpoint, ack.code)
+    if ack.code in ACK_REJECTED:
+        return Delivery.rejected(f"the RIS rejected the message ({said})")
+    if ack.code in ACK_RETRY:
+        return Delivery.retry(f"the RIS could not process the message ({said})")
+    return Delivery.retry(f"unknown acknowledgment code ({said})")

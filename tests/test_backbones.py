@@ -1,0 +1,140 @@
+"""`--init-backbone`: each pretrained format, with randomly initialised weights of its own
+architecture (nothing can be downloaded here), computes on our input exactly what it computes
+on its own: the dense blocks' features agree within float tolerance."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from torchvision.models import densenet121
+
+from cxr_batch.model import TAPS, CxrFusionNet, ModelConfig
+from cxr_batch.preprocess import Preprocessing, normalise
+from training.backbones import IMAGENET_MEAN, IMAGENET_STD, LEGACY, XRV_MEAN, XRV_STD, load_backbone, read_backbone
+
+
+def taps(features: torch.nn.Sequential, x: torch.Tensor) -> dict:
+    """The outputs of denseblock2-4 of a torchvision-style ``features`` Sequential."""
+    out = {}
+    for name, layer in features.named_children():
+        x = layer(x)
+        if name in TAPS:
+            out[name] = x
+        if name == TAPS[-1]:
+            return out
+    raise AssertionError("no denseblock4")
+
+
+def ours(init, grey: torch.Tensor) -> dict:
+    """Our model's taps for grey images [B, 1, S, S] in [0, 1], normalised as the bundle will."""
+    model = CxrFusionNet(ModelConfig()).eval()
+    load_backbone(model, init)
+    prep = Preprocessing(image_size=grey.shape[-1], mean=init.mean, std=init.std)
+    return taps(model.backbone, normalise(grey.expand(-1, 3, -1, -1), prep))
+
+
+def grey_images(n: int = 2, size: int = 96) -> torch.Tensor:
+    torch.manual_seed(0)
+    return torch.rand(n, 1, size, size)
+
+
+def assert_same(theirs: dict, mine: dict) -> None:
+    for name in TAPS:
+        scale = theirs[name].abs().max()
+        assert torch.allclose(mine[name], theirs[name], atol=1e-5 * float(scale), rtol=1e-4), name
+
+
+@torch.no_grad()
+def test_a_torchvision_densenet121_state_dict(tmp_path):
+    torch.manual_seed(1)
+    net = densenet121(weights=None).eval()
+    torch.save(net.state_dict(), tmp_path / "tv.pt")
+    init = read_backbone(tmp_path / "tv.pt")
+    assert init.format == "torchvision" and (init.mean, init.std) == (IMAGENET_MEAN, IMAGENET_STD)
+    g = grey_images()
+    x = (g.expand(-1, 3, -1, -1) - torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    assert_same(taps(net.features, x), ours(init, g))
+
+
+@torch.no_grad()
+def test_a_torchxrayvision_densenet121_on_its_one_channel_minus_1024_to_1024_input(tmp_path):
+    xrv = pytest.importorskip("torchxrayvision")
+    torch.manual_seed(2)
+    net = xrv.models.DenseNet(weights=None).eval()
+    torch.save(net.state_dict(), tmp_path / "xrv.pt")
+    init = read_backbone(tmp_path / "xrv.pt")
+    assert init.format == "xrv" and (init.mean, init.std) == (XRV_MEAN, XRV_STD)
+    g = grey_images()
+    import numpy as np
+
+    # TorchXRayVision's own input: xrv.datasets.normalize of 8-bit grey levels, one channel
+    x = torch.from_numpy(xrv.datasets.normalize((g.numpy() * 255).astype(np.float32), 255)).float()
+    assert float(x.min()) >= -1024 and float(x.max()) <= 1024
+    assert_same(taps(net.features, x), ours(init, g))
+
+
+@torch.no_grad()
+def test_a_chexnet_checkpoint_with_legacy_key_names(tmp_path):
+    torch.manual_seed(3)
+    net = densenet121(weights=None).eval()
+    state = {}
+    for key, value in net.state_dict().items():  # as CheXNet saved them: DataParallel, torchvision < 0.3 names
+        legacy = key
+        for part in ("norm1", "relu1", "conv1", "norm2", "relu2", "conv2"):
+            legacy = legacy.replace(f".{part}.", f".{part[:-1]}.{part[-1]}.")
+        state[f"module.densenet121.{legacy}"] = value
+    assert any(LEGACY.match(k.removeprefix("module.densenet121.")) for k in state)
+    state["module.densenet121.classifier.0.weight"] = torch.zeros(14, 1024)
+    torch.save({"epoch": 7, "arch": "densenet121", "state_dict": state, "best_loss": 0.15}, tmp_path / "chexnet.pth.tar")
+    init = read_backbone(tmp_path / "chexnet.pth.tar")
+    assert init.format == "chexnet" and init.mean == IMAGENET_MEAN
+    g = grey_images()
+    x = (g.expand(-1, 3, -1, -1) - torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    assert_same(taps(net.features, x), ours(init, g))
+
+
+def test_files_that_are_not_a_densenet121_backbone_are_refused_clearly(tmp_path):
+    from torchvision.models import resnet18
+
+    torch.save(resnet18(weights=None).state_dict(), tmp_path / "resnet.pt")
+    with pytest.raises(ValueError, match="no DenseNet-121 features"):
+        read_backbone(tmp_path / "resnet.pt")
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint at all")
+    with pytest.raises(ValueError, match="not a PyTorch state dict"):
+        read_backbone(tmp_path / "junk.pt")
+    torch.save(densenet121(weights=None).state_dict(), tmp_path / "tv.pt")
+    with pytest.raises(ValueError, match="--init-format xrv but the first convolution takes 3"):
+        read_backbone(tmp_path / "tv.pt", "xrv")
+    half = {k: v for k, v in densenet121(weights=None).state_dict().items() if "denseblock4" not in k}
+    torch.save(half, tmp_path / "half.pt")
+    with pytest.raises(ValueError, match="not a DenseNet-121 backbone"):
+        load_backbone(CxrFusionNet(ModelConfig()), read_backbone(tmp_path / "half.pt"))
+
+
+@pytest.mark.slow
+def test_train_with_a_pretrained_backbone_puts_its_normalisation_in_the_bundle(nih, tmp_path):
+    """`cxr-batch train --init-backbone` end to end (0 epochs: evaluate and export): the bundle's
+    preprocessing is TorchXRayVision's contract and its backbone is the file's."""
+    xrv = pytest.importorskip("torchxrayvision")
+    import json
+
+    from cxr_batch.bundle import load_bundle
+
+    from .conftest import REPO
+
+    torch.manual_seed(4)
+    net = xrv.models.DenseNet(weights=None)
+    torch.save(net.state_dict(), tmp_path / "xrv.pt")
+    run = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-m", "cxr_batch", "train", "--images", str(nih / "images"), "--metadata",
+                           str(nih / "labels.csv"), "--out", str(run), "--config",
+                           str(REPO / "training" / "configs" / "quick.toml"), "--device", "cpu", "--epochs", "0",
+                           "--init-backbone", str(tmp_path / "xrv.pt")], capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    manifest = json.loads((run / "bundle" / "manifest.json").read_text())
+    assert manifest["preprocessing"]["mean"] == [0.5] * 3
+    assert manifest["preprocessing"]["std"] == pytest.approx([1 / 2048] * 3)
+    bundle = load_bundle(run / "bundle")
+    conv0 = bundle.model.backbone.conv0.weight
+    assert torch.allclose(conv0, net.features.conv0.weight.repeat(1, 3, 1, 1) / 3, atol=1e-3)  # float16 bundle

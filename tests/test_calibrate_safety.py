@@ -1,0 +1,117 @@
+"""Calibration that cannot hurt: the global offset, operating points moved with the calibration,
+the safeguard against a rule that would silently drop a finding, and sensitivity targets
+checked out of fold. Pure functions on synthetic scores with known truth."""
+
+import numpy as np
+import pytest
+from scipy.special import expit, logit
+
+from cxr_batch.calibrate import (LabelledScores, ThresholdChoice, calibrated_triage, choose_thresholds,
+                                 cross_validated_flags, moved_operating_points, sensitivity_of)
+from cxr_batch.calibration import Calibration, fit_findings, from_fits
+from cxr_batch.findings import FINDINGS
+from cxr_batch.labels import Matching
+from cxr_batch.thresholds import at_specificity
+from cxr_batch.triage import TriagePolicy, triage
+
+
+def synthetic(n, shift, seed, spread=1.5):
+    """Logits of a model whose true log-odds are logit + shift (the same for every finding)."""
+    rng = np.random.default_rng(seed)
+    z = rng.normal(-2.5, spread, (n, 14))
+    y = (rng.random((n, 14)) < expit(z + shift)).astype(int)
+    return z, y, np.arange(n).astype(str)
+
+
+def scores(y, groups):
+    return LabelledScores([f"{g}.png" for g in groups], np.zeros(y.shape), y, np.asarray(groups), Matching([], [], [], [], [], []))
+
+
+def test_offset_corrects_a_site_with_more_findings_and_leaves_a_calibrated_model_alone():
+    z, y, groups = synthetic(240, -0.6, seed=1)  # the site has fewer findings than the model predicts
+    report = fit_findings(z[:120], y[:120], groups[:120], "offset")
+    assert report.accepted and all(f.changed for f in report.fits)
+    cal = from_fits(report, "offset")
+    assert np.all(cal.slope == 1.0) and np.ptp(cal.intercept) == 0 and cal.intercept[0] == pytest.approx(-0.6, abs=0.2)
+    held_z, held_y = z[120:], y[120:]
+    loss = lambda u: np.mean(np.logaddexp(0, u) - held_y * u)  # noqa: E731
+    assert loss(cal.apply(held_z)) < loss(held_z)
+    z, y, groups = synthetic(240, 0.0, seed=2)
+    report = fit_findings(z, y, groups, "offset")
+    assert not report.accepted and not any(f.changed for f in report.fits)
+
+
+def test_keep_moves_the_operating_points_so_the_same_studies_flag_and_bucket():
+    class Base:
+        thresholds = {f: 0.1 + 0.02 * k for k, f in enumerate(FINDINGS)}
+    rng = np.random.default_rng(3)
+    cal = Calibration("platt", rng.uniform(0.5, 1.5, 14), rng.normal(0, 0.7, 14))
+    moved = moved_operating_points(Base, cal)
+    z = rng.normal(-2, 1.5, (500, 14))
+    before = expit(z) >= np.array(list(Base.thresholds.values()))
+    after = expit(cal.apply(z)) >= np.array([moved[f] for f in FINDINGS])
+    assert (before == after).mean() > 0.999  # equal but for floating-point ties at a threshold
+    table = {"any_finding": {"weights": rng.uniform(0, 0.4, 14).tolist(), "bias": 0.3, "normal_below": 0.35}}
+    manifest = {"thresholds": Base.thresholds, "triage": table}
+    new = {"thresholds": moved, "triage": calibrated_triage(table, cal, ThresholdChoice(moved, []), "keep", 100)}
+    old_policy, new_policy = TriagePolicy.from_manifest(manifest), TriagePolicy.from_manifest(new)
+    buckets = [(triage(expit(z[i]), old_policy).priority, triage(expit(cal.apply(z[i])), new_policy).priority)
+               for i in range(len(z))]
+    assert sum(a != b for a, b in buckets) <= 1 and {a for a, _ in buckets} >= {"normal", "abnormal"}
+
+
+def test_a_rule_that_would_leave_a_caught_finding_near_zero_keeps_the_base_point_and_says_so():
+    rng = np.random.default_rng(4)
+    n = 200
+    y = (rng.random((n, 14)) < 0.15).astype(int)
+    p = np.clip(0.1 + 0.1 * y + rng.normal(0, 0.05, (n, 14)), 0.01, 0.99)  # a weak ranker
+    moved = {f: 0.15 for f in FINDINGS}  # the base catches most positives
+    enough = np.ones(14, dtype=bool)
+    choice = choose_thresholds("precision_f1:0.95", scores(y, np.arange(n).astype(str)), p, moved, enough)
+    kept = [line for line in choice.lines if "kept the bundle's operating point" in line]
+    assert kept, choice.lines
+    for k, f in enumerate(FINDINGS):
+        if any(line.startswith(f + ":") for line in kept):
+            assert choice.thresholds[f] == pytest.approx(0.15)
+    # whatever was chosen, no finding the base catches is left below a quarter out of fold
+    base_sens = sensitivity_of(y, (p >= 0.15).astype(int))
+    assert np.all((sensitivity_of(y, choice.cv_flags) >= 0.25) | (base_sens < 0.5))
+
+
+def test_sensitivity_target_is_reached_on_studies_the_thresholds_did_not_see():
+    rng = np.random.default_rng(5)
+    n = 400
+    y = (rng.random((n, 14)) < 0.12).astype(int)
+    p = expit(-2 + 1.2 * y + rng.normal(0, 1, (n, 14)))
+    groups = np.arange(n).astype(str)
+    half = np.arange(n) < n // 2
+    choice = choose_thresholds("sensitivity:0.9", scores(y[half], groups[half]), p[half], {f: 0.5 for f in FINDINGS},
+                               np.ones(14, dtype=bool))
+    t = np.array([choice.thresholds[f] for f in FINDINGS])
+    other = sensitivity_of(y[~half], (p[~half] >= t).astype(int))
+    assert np.nanmean(other) >= 0.85  # the in-sample rule alone lands near 0.8-0.85 on unseen studies
+    assert np.nanmean(sensitivity_of(y[half], choice.cv_flags)) >= 0.89
+
+
+def test_at_specificity_never_flags_more_negatives_than_the_target_allows():
+    rng = np.random.default_rng(6)
+    y = (rng.random((300, 14)) < 0.2).astype(int)
+    p = np.round(rng.random((300, 14)), 2)  # many ties
+    t = at_specificity(y, p, 0.9)
+    for k in range(14):
+        neg = p[y[:, k] == 0, k]
+        assert (neg < t[k]).mean() >= 0.9
+        assert (neg < np.nextafter(t[k], 0)).mean() < 0.9 + 2 / len(neg) or t[k] <= neg.min()
+
+
+def test_cross_validated_flags_never_use_the_study_they_flag():
+    y = np.zeros((10, 1), dtype=int)
+    y[::2] = 1
+    p = np.linspace(0.1, 0.9, 10)[:, None]
+    seen = []
+
+    def rule(yy, pp):
+        seen.append(set(np.round(pp[:, 0], 6)))
+        return np.array([0.5])
+    cross_validated_flags(y, p, np.arange(10).astype(str), rule, folds=5)
+    assert len(seen) == 5 and all(len(s) == 8 for s in seen)

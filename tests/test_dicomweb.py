@@ -1,0 +1,213 @@
+"""STOW-RS of real SRs to a real Orthanc (with its DICOMweb plugin) started by the test: stored
+in the source's study, a re-store adds nothing, dciodvfy accepts what Orthanc holds, basic
+authentication from the configuration file; and how the archive's other answers (bearer token
+refused, 202 with failed instances, 409, 503, no answer) become delivered / retry / rejected."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pydicom
+import pytest
+
+from cxr_batch.config import ConfigError
+from cxr_batch.integration.dicom_send import Destination, send_dataset
+from cxr_batch.integration.dicomweb import DicomWebConfig, StowClient, load_dicomweb_config, store_dataset
+from cxr_batch.scan import ScanConfig, run_scan
+from tests.dicomgen import grey, have, write
+from tests.orthanc import make_orthanc, orthanc  # noqa: F401  (fixtures)
+from tests.watchkit import free_port
+
+PASSWORD = "s3cret|&^~pw"
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory, nih_images, small_bundle):
+    """Two real NIH radiographs as DX DICOMs and the SRs a scan with --dicom-sr made of them."""
+    root = tmp_path_factory.mktemp("stow")
+    studies = root / "studies"
+    write(studies / "a.dcm", grey(nih_images[0]), PatientID="P1", AccessionNumber="A1")
+    write(studies / "b.dcm", grey(nih_images[1]), PatientID="P2", AccessionNumber="A2")
+    run_scan(studies, root / "out", ScanConfig(weights=str(small_bundle), device="cpu", progress=False, batch_size=4,
+                                               workers=0, pdf=False, dicom_sr=True))
+    images = sorted(studies.glob("*.dcm"))
+    by_study = {pydicom.dcmread(p).StudyInstanceUID: p for p in (root / "out" / "dicom").glob("*.sr.dcm")}
+    return images, [by_study[pydicom.dcmread(i).StudyInstanceUID] for i in images]  # SR k is image k's
+
+
+def _config(tmp_path, url, **table):
+    path = tmp_path / "cxr.toml"
+    path.write_text("[dicomweb]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in table.items()))
+    path.chmod(0o600)
+    return load_dicomweb_config(path, url=url)
+
+
+def test_an_sr_stored_by_stow_rs_is_in_orthanc_in_the_source_study_once(results, make_orthanc, tmp_path):
+    images, srs = results
+    pacs = make_orthanc(users={"cxr": PASSWORD})
+    # the radiograph is in the PACS already (C-STORE), as it would be
+    assert send_dataset(images[0], Destination(pacs.aet, "127.0.0.1", pacs.dicom_port), timeout=20).ok
+    client = StowClient(_config(tmp_path, pacs.dicomweb_url, username="cxr", password=PASSWORD))
+    sr = pydicom.dcmread(srs[0])
+    delivery = client.store(srs[0])
+    assert delivery.ok and delivery.outcome == "delivered", delivery
+    assert sorted(pacs.sop_instance_uids()) == sorted([pydicom.dcmread(images[0]).SOPInstanceUID, sr.SOPInstanceUID])
+    (study,) = pacs.rest("GET", "/studies")
+    assert pacs.rest("GET", f"/studies/{study}")["MainDicomTags"]["StudyInstanceUID"] == sr.StudyInstanceUID
+    assert len(pacs.rest("GET", f"/studies/{study}/series")) == 2  # the image's series and the SR's
+    # the same SR again (as a file, as bytes, as a Dataset): delivered, nothing added
+    count = len(pacs.instances())
+    for again in (srs[0], srs[0].read_bytes(), sr):
+        assert client.store(again).ok
+    assert len(pacs.instances()) == count
+    # what Orthanc holds is the SR, and dciodvfy finds no error in it
+    (stored_id,) = [i for i in pacs.instances() if pacs.rest("GET", f"/instances/{i}")["MainDicomTags"]
+                    ["SOPInstanceUID"] == sr.SOPInstanceUID]
+    held = tmp_path / "held.dcm"
+    held.write_bytes(pacs.instance_file(stored_id))
+    assert pydicom.dcmread(held).ContentSequence == sr.ContentSequence
+    if have("dciodvfy"):
+        done = subprocess.run(["dciodvfy", str(held)], capture_output=True, text=True, timeout=60)
+        assert not [x for x in (done.stdout + done.stderr).splitlines() if x.startswith("Error")]
+
+
+def test_a_wrong_password_is_retried_and_stores_nothing(results, make_orthanc, tmp_path):
+    _, srs = results
+    # (and the fixture's peers for C-MOVE: Orthanc knows the ones it is given)
+    pacs = make_orthanc(users={"cxr": PASSWORD}, modalities={"cxrbatch": ("CXRBATCH", "127.0.0.1", 11113)})
+    assert pacs.rest("GET", "/modalities") == ["cxrbatch"]
+    delivery = store_dataset(srs[1], _config(tmp_path, pacs.dicomweb_url, username="cxr", password="wrong"))
+    assert delivery.outcome == "retry" and "HTTP 401" in delivery.reason and "credentials" in delivery.reason
+    assert pacs.instances() == []
+
+
+def test_an_object_the_archive_refuses_is_rejected(orthanc, tmp_path):
+    """An object without the UIDs an archive files it by: Orthanc answers 400 and lists it as
+    failed with 0xC000 (cannot understand)."""
+    ds = pydicom.Dataset()
+    ds.SOPClassUID, ds.SOPInstanceUID = "1.2.840.10008.5.1.4.1.1.88.34", "1.2.826.0.1.3680043.10.999.2"
+    ds.PatientID = "X"
+    ds.file_meta = pydicom.dataset.FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID, ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPClassUID, ds.SOPInstanceUID
+    delivery = store_dataset(ds, _config(tmp_path, orthanc.dicomweb_url))
+    assert delivery.outcome == "rejected" and delivery.reason == "HTTP 400, failure reason 0xC000", delivery
+    assert store_dataset(b"not dicom", _config(tmp_path, orthanc.dicomweb_url)).outcome == "rejected"
+    assert orthanc.instances() == []
+
+
+def test_no_archive_or_a_silent_one_is_retried_within_the_timeout(results, tmp_path):
+    _, srs = results
+    closed = f"http://127.0.0.1:{free_port()}/dicom-web/"
+    delivery = store_dataset(srs[0], _config(tmp_path, closed, timeout=2))
+    assert delivery.outcome == "retry" and "cannot reach" in delivery.reason
+    with socket.socket() as silent:  # accepts connections (the backlog), never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(4)
+        t0 = time.monotonic()
+        delivery = store_dataset(srs[0], _config(tmp_path, f"http://127.0.0.1:{silent.getsockname()[1]}/dw", timeout=1.5))
+        assert time.monotonic() - t0 < 10
+    assert delivery.outcome == "retry" and "within 1.5 s" in delivery.reason, delivery
+
+
+# ------------------------------------------------------------------ answers Orthanc does not give
+class _Archive(BaseHTTPRequestHandler):
+    """Answers every STOW-RS with the server's canned (status, body), after checking the
+    bearer token when one is set."""
+
+    def do_POST(self):
+        length = int(self.headers.get("Content-Length") or 0)
+        self.rfile.read(length)
+        server = self.server
+        server.seen.append(self.headers.get("Authorization"))
+        if server.token and self.headers.get("Authorization") != f"Bearer {server.token}":
+            status, body = 401, None
+        else:
+            status, body = server.answer
+        payload = json.dumps(body).encode() if body is not None else b""
+        self.send_response(status)
+        self.send_header("Content-Type", "application/dicom+json")
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        self.wfile.write(payload)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def archive():
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Archive)
+    server.token, server.answer, server.seen = "", (200, None), []
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    yield server
+    server.shutdown()
+    server.server_close()
+    thread.join(10)
+
+
+def _item(ds, **extra):
+    item = {"00081150": {"vr": "UI", "Value": [ds.SOPClassUID]}, "00081155": {"vr": "UI", "Value": [ds.SOPInstanceUID]}}
+    item.update({tag: {"vr": "US", "Value": [value]} for tag, value in extra.items()})
+    return item
+
+
+def test_a_bearer_token_from_the_configuration_is_sent(results, archive, tmp_path):
+    _, srs = results
+    ds = pydicom.dcmread(srs[0])
+    archive.token, archive.answer = "t0k3n", (200, {"00081199": {"vr": "SQ", "Value": [_item(ds)]}})
+    url = f"http://127.0.0.1:{archive.server_address[1]}/dicom-web"
+    assert store_dataset(ds, _config(tmp_path, url, token="t0k3n")).ok
+    refused = store_dataset(ds, _config(tmp_path, url, token="other"))
+    assert refused.outcome == "retry" and "HTTP 401" in refused.reason
+    assert archive.seen == ["Bearer t0k3n", "Bearer other"]
+
+
+@pytest.mark.parametrize("status, sequence, extra, outcome, says", [
+    (202, "00081198", {"00081197": 0xA700}, "retry", "failure reason 0xA700"),  # out of resources
+    (202, "00081198", {"00081197": 0x0110}, "retry", "0x0110"),  # processing failure
+    (202, "00081198", {"00081197": 0x0111}, "delivered", "already stored"),  # duplicate
+    (409, "00081198", {"00081197": 0xA900}, "rejected", "HTTP 409, failure reason 0xA900"),
+    (200, "00081199", {"00081196": 0xB000}, "delivered", "warning 0xB000"),
+    (503, None, {}, "retry", "HTTP 503"),
+    (413, None, {}, "rejected", "HTTP 413"),
+    (404, None, {}, "retry", "check the URL"),
+])
+def test_the_archive_s_answer_decides_what_the_queue_does(results, archive, tmp_path, status, sequence, extra,
+                                                           outcome, says):
+    _, srs = results
+    ds = pydicom.dcmread(srs[0])
+    archive.answer = (status, {sequence: {"vr": "SQ", "Value": [_item(ds, **extra)]}} if sequence else None)
+    delivery = store_dataset(ds, _config(tmp_path, f"http://127.0.0.1:{archive.server_address[1]}/dicom-web"))
+    assert delivery.outcome == outcome and says in delivery.reason, delivery
+
+
+# ------------------------------------------------------------------ configuration
+def test_credentials_come_from_the_configuration_file_checked(tmp_path, caplog):
+    url = "https://pacs.example.org/dicom-web"
+    config = _config(tmp_path, url, username="cxr", password=PASSWORD, timeout=5)
+    assert (config.url, config.username, config.password, config.timeout) == (url, "cxr", PASSWORD, 5.0)
+    assert PASSWORD not in repr(config)  # never in a log line
+    for table, says in ((dict(token="t", username="u", password="p"), "not both"),
+                        (dict(username="u"), "go together"),
+                        (dict(timeout=0), "timeout"),
+                        (dict(user="u"), "unknown option")):
+        with pytest.raises(ConfigError, match=says):
+            _config(tmp_path, url, **table)
+    with pytest.raises(ConfigError, match="in clear"):
+        _config(tmp_path, "http://pacs.example.org/dicom-web", token="t")
+    assert _config(tmp_path, "http://pacs.example.org/dicom-web", token="t", insecure_http=True).token == "t"
+    assert _config(tmp_path, "http://127.0.0.1:8042/dicom-web", token="t").token == "t"  # loopback
+    for bad in ("ftp://pacs/dicom-web", "pacs.example.org/dicom-web", "https://u:p@pacs.example.org/dw"):
+        with pytest.raises(ConfigError):
+            DicomWebConfig(url=bad)
+    path = tmp_path / "cxr.toml"
+    path.chmod(0o644)
+    load_dicomweb_config(path, url=url)
+    assert "other users can read it" in caplog.text

@@ -1,0 +1,237 @@
+"""HL7 v2.5 ORU^R01 of real scored studies, sent over MLLP to a RIS in the test (hl7apy's MLLP
+server) and parsed back by hl7apy; the ACK outcomes (AA/CA delivered, AE/CE retry, AR/CR
+rejected), a RIS that says nothing, answers for another message or garbage, and none at all."""
+
+from __future__ import annotations
+
+import datetime as dt
+import socket
+import threading
+import time
+from dataclasses import replace
+
+import pydicom
+import pytest
+from hl7apy.consts import VALIDATION_LEVEL
+from hl7apy.parser import parse_message
+
+from cxr_batch.dicom import identifiers
+from cxr_batch.findings import FINDINGS
+from cxr_batch.integration.hl7 import (Endpoint, HL7NotMade, control_id, escape, frame, oru_r01, send_message,
+                                       unescape)
+from cxr_batch.record import Scores, StudyRecord
+from cxr_batch.results import read_results
+from cxr_batch.scan import ScanConfig, run_scan
+from cxr_batch.sr import FINDING_CODES
+from tests.dicomgen import grey, write
+from tests.ris import RIS, ack
+from tests.watchkit import free_port
+
+CREATED = dt.datetime(2026, 5, 4, 3, 2, 1)
+HOSTILE = dict(PatientName="O'Brien|Smith^Ann~Marie&Co\\X", PatientID="ID|7^&~\\9", AccessionNumber="ACC^&|~1")
+
+
+@pytest.fixture(scope="module")
+def scored(tmp_path_factory, nih_images, small_bundle):
+    """Real NIH radiographs as DICOMs (one with |^~\\& in its name, ID and accession number),
+    scored by the small bundle; their records as the node keeps them (header and scores)."""
+    from cxr_batch.bundle import load_bundle
+
+    root = tmp_path_factory.mktemp("hl7")
+    studies = root / "studies"
+    write(studies / "plain.dcm", grey(nih_images[0]), StudyTime="101500", PatientBirthDate="19670302")
+    write(studies / "hostile.dcm", grey(nih_images[1]), **HOSTILE)
+    run_scan(studies, root / "out", ScanConfig(weights=str(small_bundle), device="cpu", progress=False, batch_size=4,
+                                               workers=0, pdf=False))
+    records = {}
+    for row in read_results(root / "out" / "results.csv"):
+        record = StudyRecord.from_row(row)
+        record.ids = identifiers(pydicom.dcmread(studies / row["file"], stop_before_pixels=True))
+        records[row["file"]] = record
+    return records, load_bundle(small_bundle)
+
+
+def _parse(message: str):
+    parsed = parse_message(message.strip("\r"), validation_level=VALIDATION_LEVEL.STRICT)
+    parsed.validate()
+    return parsed
+
+
+def test_every_study_reaches_the_ris_with_its_ids_priority_and_14_findings(scored):
+    records, bundle = scored
+    with RIS("AA") as ris:
+        for record in records.values():
+            message = oru_r01(record, thresholds=bundle.thresholds, created=CREATED)
+            delivery = send_message(message, ris.endpoint, timeout=10)
+            assert delivery.ok and delivery.outcome == "delivered" and delivery.reason == "AA"
+        received = list(ris.received)
+    assert len(received) == 2
+    for text, record in zip(received, records.values()):
+        m = _parse(text)
+        msh = m.msh
+        assert (msh.msh_9.value, msh.msh_11.value, msh.msh_12.value) == ("ORU^R01^ORU_R01", "P", "2.5")
+        assert msh.msh_10.value == control_id(record) and len(control_id(record)) <= 20
+        assert msh.msh_7.value == "20260504030201" and msh.msh_18.value == "UNICODE UTF-8"
+        result = m.oru_r01_patient_result
+        pid = result.oru_r01_patient.pid
+        assert unescape(pid.pid_3.cx_1.value) == record.ids.patient_id
+        family, given = record.ids.patient_name.split("^")[:2]
+        assert unescape(pid.pid_5.xpn_1.value) == family and unescape(pid.pid_5.xpn_2.value) == given
+        order = result.oru_r01_order_observation
+        accession = record.ids.accession_number
+        assert unescape(order.orc.orc_3.value) == accession and order.orc.orc_1.value == "RE"
+        obr = order.obr
+        assert unescape(obr.obr_3.value) == unescape(obr.obr_18.value) == accession
+        assert obr.obr_25.value == "P" and obr.obr_4.value == "399208008^Plain chest X-ray^SCT"
+        notes = [n.nte_3.value for n in order.nte]
+        assert notes[0] == f"cxr-batch triage model small@test, bundle sha256 {bundle.sha256}"
+        observations = [g.obx for g in order.oru_r01_observation]
+        assert len(observations) == 15 and [o.obx_1.value for o in observations] == [str(k) for k in range(1, 16)]
+        priority, findings = observations[0], observations[1:]
+        assert priority.obx_2.value == "CE" and priority.obx_3.value == "PRIORITY^Triage priority^99CXRBATCH"
+        assert priority.obx_5.value.split("^")[0] == record.priority.upper()
+        assert priority.obx_8.value == {"urgent": "AA", "abnormal": "A", "normal": "N"}[record.priority]
+        for k, (finding, obx) in enumerate(zip(FINDINGS, findings)):
+            code = FINDING_CODES[finding]
+            assert obx.obx_3.value == f"{code.value}^{code.meaning}^{code.scheme_designator}"
+            assert obx.obx_2.value == "NM" and obx.obx_11.value == "P"
+            assert float(obx.obx_5.value) == pytest.approx(record.scores.probs[k], abs=5e-7)
+            assert obx.obx_7.value == f"<{bundle.thresholds[finding]:.6f}"
+            expected = ("AA" if finding == "Pneumothorax" else "A") if record.scores.flags[k] else "N"
+            assert obx.obx_8.value == expected
+
+
+def test_an_urgent_finding_is_aa_and_other_flags_a(scored):
+    records, bundle = scored
+    record = replace(records["plain.dcm"], scores=Scores(tuple(0.9 for _ in FINDINGS), (1,) * 14, "urgent", 2.0))
+    m = _parse(oru_r01(record, thresholds=bundle.thresholds, urgent=("Pneumothorax", "Effusion")))
+    flags = {finding: g.obx.obx_8.value for finding, g in
+             zip(("priority",) + FINDINGS, m.oru_r01_patient_result.oru_r01_order_observation.oru_r01_observation)}
+    assert flags.pop("priority") == "AA"
+    assert flags.pop("Pneumothorax") == flags.pop("Effusion") == "AA"
+    assert set(flags.values()) == {"A"}
+
+
+def test_delimiters_in_names_and_ids_are_escaped_not_structure(scored):
+    records, bundle = scored
+    record = records["hostile.dcm"]
+    message = oru_r01(record, thresholds=bundle.thresholds)
+    segments = message.strip("\r").split("\r")
+    assert [s[:3] for s in segments] == ["MSH", "PID", "ORC", "OBR", "NTE", "NTE"] + ["OBX"] * 15
+    pid = _parse(message).oru_r01_patient_result.oru_r01_patient.pid
+    assert unescape(pid.pid_3.cx_1.value) == HOSTILE["PatientID"]
+    assert unescape(pid.pid_5.xpn_1.value) == "O'Brien|Smith"  # the name's own ^ still splits family/given
+    assert unescape(pid.pid_5.xpn_2.value) == "Ann~Marie&Co\\X"
+    order = _parse(message).oru_r01_patient_result.oru_r01_order_observation
+    assert unescape(order.obr.obr_18.value) == HOSTILE["AccessionNumber"]
+    # a segment break in a value cannot start a segment of its own
+    assert escape("a\rMSH|x") == "a MSH\\F\\x" and unescape(escape("\\E\\|")) == "\\E\\|"
+
+
+def test_a_retry_carries_the_same_control_id(scored):
+    records, bundle = scored
+    record = records["plain.dcm"]
+    first = oru_r01(record, thresholds=bundle.thresholds, created=CREATED)
+    again = oru_r01(record, thresholds=bundle.thresholds, created=CREATED + dt.timedelta(hours=1))
+    with RIS("AE", text="order not yet known") as ris:
+        assert send_message(first, ris.endpoint, timeout=10).outcome == "retry"
+        ris.answer = "AA"
+        assert send_message(again, ris.endpoint, timeout=10).ok
+        ids = [_parse(t).msh.msh_10.value for t in ris.received]
+    assert ids[0] == ids[1] == control_id(record)
+    other = StudyRecord(file=record.file, ids=record.ids, scores=record.scores, weights_sha256="0" * 64)
+    assert control_id(other) != control_id(record)  # another model's result is another message
+
+
+@pytest.mark.parametrize("code, outcome", [("AA", "delivered"), ("CA", "delivered"), ("AE", "retry"),
+                                           ("CE", "retry"), ("AR", "rejected"), ("CR", "rejected")])
+def test_each_ack_code_decides_what_the_queue_does(scored, code, outcome):
+    records, bundle = scored
+    with RIS(code, text="a reason|with^delimiters") as ris:
+        delivery = send_message(oru_r01(records["plain.dcm"], thresholds=bundle.thresholds), ris.endpoint, timeout=10)
+    assert delivery.outcome == outcome and delivery.ok == (outcome == "delivered")
+    assert delivery.transient == (outcome == "retry")
+    assert "a reason|with^delimiters" in delivery.reason
+
+
+@pytest.mark.parametrize("answer, says", [("silent", "no ACK from"), ("other-id", "ACK for message 'SOMEONEELSE'"),
+                                          ("garbage", "unreadable ACK")])
+def test_a_ris_that_does_not_acknowledge_this_message_means_retry(scored, answer, says):
+    records, bundle = scored
+    with RIS(answer) as ris:
+        t0 = time.monotonic()
+        delivery = send_message(oru_r01(records["plain.dcm"], thresholds=bundle.thresholds), ris.endpoint, timeout=1.5)
+        elapsed = time.monotonic() - t0
+        assert len(ris.received) == 1  # it did arrive
+    assert delivery.outcome == "retry" and says in delivery.reason, delivery.reason
+    assert elapsed < 5
+
+
+def test_no_ris_listening_means_retry(scored):
+    records, bundle = scored
+    delivery = send_message(oru_r01(records["plain.dcm"], thresholds=bundle.thresholds),
+                            Endpoint("127.0.0.1", free_port()), timeout=2)
+    assert delivery.outcome == "retry" and "cannot connect" in delivery.reason
+
+
+def test_records_without_what_the_ris_matches_on_get_no_message(scored):
+    records, _ = scored
+    record = records["plain.dcm"]
+    for field, says in (("accession_number", "no accession number"), ("patient_id", "no patient ID")):
+        ids = identifiers(pydicom.Dataset())
+        ids.fill_from(record.ids)
+        setattr(ids, field, "")
+        with pytest.raises(HL7NotMade, match=says):
+            oru_r01(StudyRecord(file="x.dcm", ids=ids, scores=record.scores))
+    with pytest.raises(HL7NotMade, match="not scored"):
+        oru_r01(StudyRecord(file="x.dcm", status="error", ids=record.ids))
+
+
+def test_endpoint_and_framing():
+    assert Endpoint.parse("ris.example.org:2575") == Endpoint("ris.example.org", 2575)
+    assert str(Endpoint.parse("[::1]:2575")) == "[::1]:2575"
+    for bad in ("ris.example.org", "ris:0", "ris:70000", "a b:1"):
+        with pytest.raises(ValueError):
+            Endpoint.parse(bad)
+    assert frame("MSH|x\r") == b"\x0bMSH|x\r\x1c\x0d"
+
+
+def _raw_peer(chunks: list[bytes]):
+    """A TCP peer that reads one MLLP message, sends ``chunks`` one by one, and closes."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(1)
+
+    def serve():
+        conn, _ = server.accept()
+        with conn:
+            conn.settimeout(10)
+            data = b""
+            while b"\x1c\x0d" not in data:
+                piece = conn.recv(65536)
+                if not piece:
+                    return
+                data += piece
+            for chunk in chunks:
+                conn.sendall(chunk)
+                time.sleep(0.001)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    return server, thread
+
+
+@pytest.mark.parametrize("shape", ["stray end block, then the ACK byte by byte", "closes without an answer"])
+def test_an_ack_is_read_however_it_arrives(scored, shape):
+    records, bundle = scored
+    message = oru_r01(records["plain.dcm"], thresholds=bundle.thresholds)
+    framed_ack = ack(control_id(records["plain.dcm"]), "AA").encode()
+    chunks = [b"\x1c\x0d"] + [framed_ack[i:i + 1] for i in range(len(framed_ack))] if shape.startswith("stray") else []
+    server, thread = _raw_peer(chunks)
+    with server:
+        delivery = send_message(message, Endpoint("127.0.0.1", server.getsockname()[1]), timeout=10)
+        thread.join(10)
+    if chunks:
+        assert delivery.ok, delivery
+    else:
+        assert delivery.outcome == "retry" and "closed the connection without an ACK" in delivery.reason

@@ -1,0 +1,376 @@
+"""Hostile senders against the DICOM node's listener, on loopback: idle and slow connections on
+the plain and the TLS port, associations stalled mid-PDU, PDUs declaring gigabytes, objects over
+the size limit, AE titles with control characters. After each, a legitimate modality must get
+through; every test is bounded in time (short node timeouts) and skipped without dcmtk where it
+uses it. The node runs in this process (tests/test_node.py's ``listener`` fixture)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import ssl
+import time
+
+import numpy as np
+import pydicom
+import pytest
+
+from cxr_batch.integration.node import ListenConfig, printable
+
+from .dicomgen import have, write
+from .dicomwire import (A_ASSOCIATE_RQ, P_DATA_TF, associate, associate_rq, closed_by_peer, connect,
+                        pdu_header, push)
+from .test_node import _self_signed, _send_with_pynetdicom, echo, grey_square, listener  # noqa: F401 (fixture)
+from .watchkit import free_port, wait_for
+
+needs_dcmtk = pytest.mark.skipif(not have("echoscu"), reason="dcmtk not installed")
+FAST = dict(handshake_timeout=1.0, pdu_timeout=1.0)  # the node's deadlines, short for tests
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) << 10 for line in f if line.startswith("VmRSS:"))
+
+
+def test_deadlines_and_limits_are_configurable_with_sane_defaults():
+    cfg = ListenConfig()
+    assert 0 < cfg.handshake_timeout <= 30 and 0 < cfg.pdu_timeout <= 60 and cfg.max_pending >= cfg.max_associations
+    for key in ("handshake_timeout", "pdu_timeout", "max_pending"):
+        with pytest.raises(Exception, match=key):
+            ListenConfig(**{key: 0})
+
+
+@needs_dcmtk
+def test_idle_connections_beyond_the_association_limit_lock_no_one_out(listener):
+    scp, _, _ = listener(max_associations=2, **FAST)
+    idle = [connect(scp.cfg.port) for _ in range(6)]  # three times the association limit, saying nothing
+    try:
+        time.sleep(0.3)
+        answered = echo(scp.cfg.port)  # at once: a connection that never asked holds no association
+        assert answered.returncode == 0, answered.stderr
+        for sock in idle:  # each dropped at its deadline
+            assert closed_by_peer(sock, within=10) is not None
+    finally:
+        for sock in idle:
+            sock.close()
+    assert wait_for(lambda: scp.status()["dropped_timeout"] == 6, timeout=10), scp.status()
+
+
+@pytest.mark.skipif(not have("openssl", "echoscu"), reason="openssl or dcmtk not installed")
+def test_an_idle_connection_to_the_tls_port_stops_no_one(listener, tmp_path):
+    key, cert = _self_signed(tmp_path, "node")
+    scp, _, _ = listener(tls_certificate=str(cert), tls_key=str(key), handshake_timeout=30.0)
+    idle = connect(scp.cfg.port)  # plain TCP to the TLS port, nothing sent: no AE title, no certificate
+    try:
+        time.sleep(0.3)
+        start = time.monotonic()
+        answered = echo(scp.cfg.port, "CXRBATCH", "ECHOSCU", "+tla", "+cf", str(cert), "-to", "10")
+        assert answered.returncode == 0, answered.stderr
+        assert time.monotonic() - start < 10  # not after the idle peer's deadline: beside it
+    finally:
+        idle.close()
+    scp2, _, _ = listener(tls_certificate=str(cert), tls_key=str(key), handshake_timeout=1.0)
+    idle = connect(scp2.cfg.port)
+    try:
+        assert closed_by_peer(idle, within=10) is not None  # and it is dropped at its deadline
+    finally:
+        idle.close()
+    assert wait_for(lambda: scp2.status()["dropped_timeout"] == 1, timeout=10)
+
+
+@pytest.mark.skipif(not have("openssl", "echoscu"), reason="openssl or dcmtk not installed")
+def test_a_tls_handshake_dripped_byte_by_byte_is_cut_at_its_deadline(listener, tmp_path):
+    key, cert = _self_signed(tmp_path, "node")
+    scp, _, _ = listener(tls_certificate=str(cert), tls_key=str(key), handshake_timeout=1.5)
+    context = ssl.create_default_context(cafile=str(cert))
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = context.wrap_bio(incoming, outgoing, server_hostname="127.0.0.1")
+    with pytest.raises(ssl.SSLWantReadError):
+        tls.do_handshake()
+    hello = outgoing.read()
+    sock = connect(scp.cfg.port)
+    start = time.monotonic()
+    try:
+        for byte in hello:  # one byte every 0.2 s: each read is quick, the handshake never ends
+            try:
+                sock.sendall(bytes([byte]))
+            except OSError:
+                break
+            time.sleep(0.2)
+            if time.monotonic() - start > 10:
+                break
+        assert time.monotonic() - start < 5  # cut at the deadline, not when the hello was complete
+        assert closed_by_peer(sock, within=5) is not None
+    finally:
+        sock.close()
+    assert wait_for(lambda: scp.status()["dropped_timeout"] == 1, timeout=10)
+
+
+@needs_dcmtk
+def test_associations_stalled_mid_pdu_are_dropped_and_counted(listener):
+    scp, _, _ = listener(max_associations=3, **FAST)
+    stalled = []
+    try:
+        for _ in range(3):  # every association the node allows
+            sock = associate(scp.cfg.port)
+            sock.sendall(pdu_header(P_DATA_TF, 1000) + bytes(100))  # promises 1,000 bytes, sends 100
+            stalled.append(sock)
+        for sock in stalled:
+            assert closed_by_peer(sock, within=10) is not None
+        answered = echo(scp.cfg.port)
+        assert answered.returncode == 0, answered.stderr
+    finally:
+        for sock in stalled:
+            sock.close()
+    assert wait_for(lambda: scp.status()["dropped_timeout"] == 3, timeout=10), scp.status()
+
+
+def test_a_pdu_dripped_byte_by_byte_is_cut_at_its_deadline(listener):
+    scp, _, _ = listener(**FAST)
+    sock = associate(scp.cfg.port)
+    start = time.monotonic()
+    try:
+        sock.sendall(pdu_header(P_DATA_TF, 200))
+        for _ in range(50):  # a byte every 0.1 s: no single read waits long, the PDU never ends
+            try:
+                sock.sendall(b"\0")
+            except OSError:
+                break
+            time.sleep(0.1)
+        assert closed_by_peer(sock, within=5) is not None
+        assert time.monotonic() - start < 4
+    finally:
+        sock.close()
+    assert wait_for(lambda: scp.status()["dropped_timeout"] == 1, timeout=10)
+
+
+def test_an_association_silent_between_pdus_is_dropped_by_the_network_timeout(listener):
+    scp, _, _ = listener(network_timeout=1.0, **FAST)
+    sock = associate(scp.cfg.port)
+    try:
+        assert closed_by_peer(sock, within=10) is not None
+    finally:
+        sock.close()
+
+
+@pytest.mark.parametrize("established", [True, False], ids=["p-data", "first-pdu"])
+def test_a_pdu_declaring_a_gigabyte_is_refused_from_its_header(listener, tmp_path, established):
+    scp, spool, stored = listener(**FAST)
+    sock = associate(scp.cfg.port) if established else connect(scp.cfg.port)
+    before = rss_bytes()
+    try:
+        sock.sendall(pdu_header(P_DATA_TF if established else A_ASSOCIATE_RQ, 1_200_000_000))
+        sent = push(sock, 256 << 20)  # and keeps sending
+        assert sent < 64 << 20, f"the node took {sent >> 20} MiB of a PDU it must refuse"
+        assert closed_by_peer(sock, within=10) is not None
+    finally:
+        sock.close()
+    assert rss_bytes() - before < 64 << 20
+    assert wait_for(lambda: scp.status()["dropped_oversize_pdu"] == 1, timeout=10)
+    ds = pydicom.dcmread(write(tmp_path / "x.dcm", grey_square()))
+    assert _send_with_pynetdicom(scp.cfg.port, ds) == 0x0000 and len(stored) == 1  # and the node goes on
+
+
+def test_a_pdu_over_max_pdu_is_refused_and_one_within_it_accepted(listener, tmp_path):
+    scp, _, stored = listener(max_pdu=16384, **FAST)
+    sock = associate(scp.cfg.port)
+    try:
+        sock.sendall(pdu_header(P_DATA_TF, 16385))
+        assert closed_by_peer(sock, within=10) is not None
+    finally:
+        sock.close()
+    assert scp.status()["dropped_oversize_pdu"] == 1
+    big = write(tmp_path / "big.dcm", np.tile(np.arange(256, dtype=np.uint8), (512, 1)))  # 256 KiB: many PDUs
+    assert _send_with_pynetdicom(scp.cfg.port, pydicom.dcmread(big)) == 0x0000 and len(stored) == 1
+
+
+def test_a_first_pdu_that_is_not_an_association_request_is_dropped(listener):
+    scp, _, _ = listener(**FAST)
+    sock = connect(scp.cfg.port)
+    try:
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert closed_by_peer(sock, within=10) is not None
+    finally:
+        sock.close()
+    assert wait_for(lambda: scp.status()["dropped_protocol"] == 1, timeout=10)
+
+
+def test_an_object_over_the_size_limit_leaves_nothing_in_the_spool(listener, nih_images, tmp_path):
+    from .dicomgen import grey
+
+    scp, spool, stored = listener(scoring={"max_file_bytes": 100_000}, **FAST)
+    big = pydicom.dcmread(write(tmp_path / "big.dcm", grey(nih_images[0])))  # 262 KB of pixels
+    assert _send_with_pynetdicom(scp.cfg.port, big) is None
+    assert wait_for(lambda: scp.status()["aborted_oversize"] == 1, timeout=20)
+    assert wait_for(lambda: not list(spool.iterdir()), timeout=10), list(spool.iterdir())  # no partial file left
+    assert not stored
+
+
+def test_a_received_object_streams_to_the_spool_not_memory(listener, tmp_path):
+    """64 MB arriving: the node's memory grows by far less than the object (it is written to a
+    temp file in the spool as its PDUs arrive), and the spooled file is the object as sent."""
+    import subprocess
+    import sys
+
+    scp, spool, stored = listener(**FAST)
+    pixels = np.random.default_rng(0).integers(0, 4096, (4096, 8192), dtype=np.uint16)  # 64 MiB
+    path = write(tmp_path / "huge.dcm", pixels)
+    del pixels
+    sender = ("import sys, pydicom; from tests.test_node import _send_with_pynetdicom as send; "
+              "sys.exit(0 if send(int(sys.argv[1]), pydicom.dcmread(sys.argv[2])) == 0 else 1)")
+    peak, before = 0, rss_bytes()
+    proc = subprocess.Popen([sys.executable, "-c", sender, str(scp.cfg.port), str(path)],
+                            cwd=os.path.dirname(os.path.dirname(__file__)))
+    while proc.poll() is None:
+        peak = max(peak, rss_bytes() - before)
+        time.sleep(0.01)
+    assert proc.returncode == 0 and len(stored) == 1
+    assert peak < 24 << 20, f"node memory grew by {peak >> 20} MiB for a 64 MiB object"
+    got = pydicom.dcmread(stored[0])
+    assert got.PixelData == pydicom.dcmread(path).PixelData
+
+
+def test_calling_ae_titles_with_control_characters_are_logged_escaped_and_counted(listener, caplog):
+    scp, _, _ = listener(allow=("MODALITY",), **FAST)
+    hostile = [b"EVIL\ncxr-batch:", b"ESC\x1b[2J", b"NUL\x00X"]
+    with caplog.at_level(logging.INFO, logger="cxr_batch"):
+        for title in hostile:
+            sock = connect(scp.cfg.port)
+            try:
+                sock.sendall(associate_rq(calling=title))
+                closed_by_peer(sock, within=10)
+            finally:
+                sock.close()
+        assert wait_for(lambda: scp.status()["rejected_associations"] == 3, timeout=10)
+    text = "\n".join(r.getMessage() for r in caplog.records)
+    assert text and not any(ch in text for ch in "\x1b\x00") and "\ncxr-batch:" not in text
+    assert "EVIL\\ncxr-batch:" in text and "ESC\\x1b[2J" in text
+    assert scp.status()["escaped_identifiers"] == 3
+
+
+def test_printable_escapes_what_could_forge_a_log_line():
+    assert printable("A\nB\x1b\x00\\C") == "A\\nB\\x1b\\x00\\\\C"
+    assert printable("MODALITY") == "MODALITY" and len(printable("x" * 500, 64)) <= 70
+
+
+@pytest.mark.parametrize("value", ["", ",", " , "])
+def test_an_empty_allow_list_on_the_command_line_is_an_error_not_accept_all(tmp_path, value):
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "cxr_batch", "listen", "--out", str(tmp_path / "o"), "--allow", value],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "--allow" in done.stderr and "Traceback" not in done.stderr, done.stderr
+    assert not (tmp_path / "o").exists()
+
+
+# ---------------------------------------------------------------------- cxr-batch listen, end to end
+def node_rss(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) << 10 for line in f if line.startswith("VmRSS:"))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not have("openssl", "echoscu", "storescu"), reason="openssl or dcmtk not installed")
+def test_hostile_senders_then_a_modality_is_scored_within_90_s_on_a_tls_node(tmp_path, nih_images, small_bundle):
+    """The issue's check, at the default deadlines: against `cxr-batch listen` with TLS, a PDU
+    declaring 1.2 GB, an idle TCP connection to the TLS port, idle connections beyond the
+    association limit, then every association stalled mid-PDU; a modality's C-ECHO and a
+    C-STORE that gets scored succeed within 90 s, and the node's memory grows by < 0.25 GB."""
+    import subprocess
+
+    from .dicomgen import grey
+    from .dicomwire import tls_client
+    from .test_node import listening
+    from .watchkit import node_config, rows_now, start_node, status, stop
+
+    key, cert = _self_signed(tmp_path, "node")
+    out, log, port = tmp_path / "out", tmp_path / "node.log", free_port()
+    config = node_config(tmp_path / "node.toml", tls_certificate=str(cert), tls_key=str(key))
+    image = write(tmp_path / "legit.dcm", grey(nih_images[0]), PatientID="LEGIT")
+    tls, attackers = tls_client(cert), []
+    modality = ["-aet", "MODALITY", "-aec", "CXRBATCH", "+tla", "+cf", str(cert), "127.0.0.1", str(port)]
+    node = start_node(out, small_bundle, config, "--port", port, "--no-pdf", log=log)
+    try:
+        assert wait_for(lambda: listening(log, node.pid) or node.poll() is not None, timeout=180), log.read_text()
+        assert subprocess.run(["echoscu", *modality], capture_output=True, timeout=60).returncode == 0
+        before = node_rss(node.pid)
+        big = associate(port, tls=tls)
+        big.sendall(pdu_header(P_DATA_TF, 1_200_000_000))
+        assert push(big, 256 << 20) < 64 << 20  # refused from its header
+        attackers.append(big)
+        attackers += [connect(port) for _ in range(13)]  # idle: one to the TLS port, twelve beyond the limit
+        for _ in range(10):  # max_associations (10), each stalled mid-PDU
+            sock = associate(port, tls=tls)
+            sock.sendall(pdu_header(P_DATA_TF, 1000) + bytes(100))
+            attackers.append(sock)
+        start = time.monotonic()
+        assert wait_for(lambda: subprocess.run(["echoscu", *modality], capture_output=True,
+                                               timeout=60).returncode == 0, timeout=90)
+        assert wait_for(lambda: subprocess.run(["storescu", *modality, str(image)], capture_output=True,
+                                               timeout=60).returncode == 0, timeout=90)
+        assert wait_for(lambda: [r["patient_id"] for r in rows_now(out) if r["status"] == "ok"] == ["LEGIT"],
+                        timeout=90), log.read_text()[-3000:]
+        assert time.monotonic() - start < 90
+        assert node_rss(node.pid) - before < 250 << 20
+        listen = status(out)["listen"]
+        assert listen["dropped_oversize_pdu"] == 1 and listen["dropped_timeout"] >= 11, listen
+    finally:
+        for sock in attackers:
+            sock.close()
+        assert stop(node) == 0, log.read_text()[-3000:]
+    text = log.read_text()
+    assert "connection from 127.0.0.1" in text and "max_pdu" in text and "pdu_timeout" in text
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not have("storescu", "storescp"), reason="dcmtk not installed")
+def test_a_corrected_image_gets_a_new_sr_uid_superseding_the_first_and_a_resend_none(tmp_path, nih_images,
+                                                                                   small_bundle):
+    """The same source instance sent again with other pixels: results.csv shows the new result,
+    and its SR goes to the PACS under a SOPInstanceUID of its own naming the SR it supersedes
+    (a PACS keeping the first copy of a UID would keep the stale result); the same bytes sent
+    again add nothing."""
+    import subprocess
+
+    from .dicomgen import grey
+    from .test_node import listening, store
+    from .watchkit import node_config, rows_now, start_node, status, stop
+
+    first = write(tmp_path / "first.dcm", grey(nih_images[0]), PatientID="P-CORRECTED")
+    ds = pydicom.dcmread(first)
+    ds.PixelData = (255 - ds.pixel_array).tobytes()  # the corrected image: same instance, other pixels
+    corrected = tmp_path / "corrected.dcm"
+    ds.save_as(corrected)
+    pacs_port, pacs_dir = free_port(), tmp_path / "pacs"
+    pacs_dir.mkdir()
+    pacs = subprocess.Popen(["storescp", "-aet", "PACS", "-od", str(pacs_dir), str(pacs_port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    out, log, port = tmp_path / "out", tmp_path / "node.log", free_port()
+    node = start_node(out, small_bundle, node_config(tmp_path / "node.toml"), "--port", port, "--no-pdf",
+                      "--send-to", f"PACS@127.0.0.1:{pacs_port}", log=log)
+    at_pacs = lambda: sorted(pacs_dir.iterdir())  # noqa: E731
+    try:
+        assert wait_for(lambda: listening(log, node.pid) or node.poll() is not None, timeout=180), log.read_text()
+        assert store(port, [first]).returncode == 0
+        assert wait_for(lambda: len(at_pacs()) == 1, timeout=90), log.read_text()[-3000:]
+        assert store(port, [corrected]).returncode == 0
+        assert wait_for(lambda: len(at_pacs()) == 2, timeout=90), log.read_text()[-3000:]
+        assert store(port, [corrected]).returncode == 0  # the same bytes again: a duplicate
+        assert wait_for(lambda: status(out).get("outbound", {}).get("queued") == 0)
+        time.sleep(3)
+        assert len(at_pacs()) == 2
+    finally:
+        assert stop(node) == 0, log.read_text()[-3000:]
+        pacs.terminate()
+        pacs.wait(timeout=10)
+    srs = sorted((pydicom.dcmread(p) for p in at_pacs()), key=lambda sr: "PredecessorDocumentsSequence" in sr)
+    old, new = srs
+    assert old.SOPInstanceUID != new.SOPInstanceUID and "PredecessorDocumentsSequence" not in old
+    (referenced,) = new.PredecessorDocumentsSequence[0].ReferencedSeriesSequence[0].ReferencedSOPSequence
+    assert referenced.ReferencedSOPInstanceUID == old.SOPInstanceUID
+    source = lambda sr: sr.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence[0] \
+        .ReferencedSOPSequence[0].ReferencedSOPInstanceUID  # noqa: E731
+    assert source(old) == source(new) == ds.SOPInstanceUID
+    rows = rows_now(out)
+    assert len(rows) == 1 and status(out)["superseded"] == 1

@@ -1,0 +1,176 @@
+"""The outbound queue never gives a result up silently: a PACS that rejects the association (even
+"permanently": a configuration error fixed later) or refuses an object leaves it waiting with its
+reason, retried at a slow pace; `cxr-batch outbound list|retry|drop` shows, re-sends and drops
+them; status.json counts them. The PACS is pynetdicom in this process; the node's sender too."""
+
+from __future__ import annotations
+
+import sqlite3
+import subprocess
+import sys
+import time
+
+import pydicom
+import pytest
+
+from cxr_batch.bundle import load_bundle
+from cxr_batch.dicom import identifiers
+from cxr_batch.integration.dicom_send import Destination
+from cxr_batch.integration.outbound import Sender
+from cxr_batch.ledger import Ledger
+from cxr_batch.record import Scores, StudyRecord
+from cxr_batch.sr import build_sr
+
+from .test_node import objects, queue_srs  # noqa: F401 (fixture)
+from .watchkit import free_port, wait_for
+
+
+@pytest.fixture()
+def results(tmp_path, objects, small_bundle):  # noqa: F811
+    """A node's results folder whose ledger queues the SRs of two scored images."""
+    out = tmp_path / "out"
+    ledger = Ledger(out / ".cxr-batch" / "ledger.sqlite")
+    yield out, ledger, queue_srs(out, ledger, objects[0], small_bundle)
+    ledger.close()
+
+
+class Pacs:
+    """A pynetdicom storage SCP; ``calling`` lists the AE titles it accepts (empty: any);
+    ``sop_classes`` what it stores."""
+
+    def __init__(self, calling=(), sr=True):
+        from pynetdicom import AE, evt
+        from pynetdicom.sop_class import Comprehensive3DSRStorage, CTImageStorage
+
+        self.stored: dict[str, pydicom.Dataset] = {}
+        self.ae = AE(ae_title="PACS")
+        self.ae.require_calling_aet = list(calling)
+        self.ae.add_supported_context(Comprehensive3DSRStorage if sr else CTImageStorage)
+        self.port = free_port()
+        self.server = self.ae.start_server(("127.0.0.1", self.port), block=False,
+                                           evt_handlers=[(evt.EVT_C_STORE, self._store)])
+
+    def _store(self, event):
+        self.stored[event.request.AffectedSOPInstanceUID] = event.dataset
+        return 0x0000
+
+    def stop(self):
+        self.server.shutdown()
+
+
+def outbound(*args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "cxr_batch", "outbound", *map(str, args)], capture_output=True,
+                          text=True, timeout=120)
+
+
+def start_sender(out, pacs, **options) -> Sender:
+    values = dict(calling_ae="CXRBATCH", timeout=5, retry_max=1.0, refused_retry=3600.0) | options
+    return Sender(out / ".cxr-batch" / "ledger.sqlite", out, Destination("PACS", "127.0.0.1", pacs.port),
+                  **values).start()
+
+
+def test_a_permanent_association_rejection_keeps_results_queued_until_the_pacs_is_fixed(results):
+    out, ledger, uids = results
+    pacs = Pacs(calling=["SOMEONE"])  # a configuration error at the PACS: our AE title is not known
+    sender = start_sender(out, pacs, retry_max=30.0)
+    try:
+        assert wait_for(lambda: ledger.outbound_stats(time.time())["retrying"] >= 1, timeout=30)
+        time.sleep(3)  # back-off: no hammering, and nothing given up
+        stats = ledger.outbound_stats(time.time())
+        assert stats["queued"] == 2 and stats["delivered"] == 0 and stats["dropped"] == 0
+        (reason,) = stats["waiting_because"]
+        assert "association rejected" in reason and "Permanent" in reason
+        attempts = sum(r["attempts"] for r in ledger.outbound_rows())
+        assert 1 <= attempts <= 3
+        listed = outbound("list", "--out", out)
+        assert listed.returncode == 0 and all(uid in listed.stdout for uid in uids)
+        assert "association rejected" in listed.stdout and "2 waiting" in listed.stderr
+        pacs.ae.require_calling_aet = []  # the PACS administrator adds us
+        again = outbound("retry", "--out", out)  # cuts the 30 s back-off short
+        assert again.returncode == 0, again.stderr
+        assert wait_for(lambda: ledger.outbound_stats(time.time())["delivered"] == 2, timeout=20)
+    finally:
+        sender.stop()
+        pacs.stop()
+    assert sorted(pacs.stored) == sorted(uids)
+
+
+def test_an_object_the_pacs_refuses_waits_with_its_reason_until_dropped_or_retried(results):
+    out, ledger, uids = results
+    (out / "dicom" / "rle.sr.dcm").rename(out / "dicom" / "rle.sr.dcm.lost")  # and one object file gone
+    pacs = Pacs(sr=False)  # stores no SRs
+    sender = start_sender(out, pacs)
+    try:
+        assert wait_for(lambda: ledger.outbound_stats(time.time())["refused"] == 2, timeout=30)
+        assert ledger.due_outbound(time.time()) == []  # offered again at a slow pace (refused_retry)
+        assert len(ledger.due_outbound(time.time() + 3601)) == 2
+        stats = ledger.outbound_stats(time.time())
+        assert stats["queued"] == 2 and stats["dropped"] == 0
+        assert any("no presentation context accepted" in r for r in stats["waiting_because"])
+        assert any("missing" in r for r in stats["waiting_because"])
+        listed = outbound("list", "--out", out)
+        assert listed.stdout.count("refused") == 2 and "missing" in listed.stdout
+        dropped = outbound("drop", "--out", out, uids[1])
+        assert dropped.returncode == 0, dropped.stderr
+        assert outbound("drop", "--out", out, "1.2.3.not-queued").returncode == 1
+        stats = ledger.outbound_stats(time.time())
+        assert stats["queued"] == 1 and stats["dropped"] == 1
+        assert "dropped" in outbound("list", "--out", out, "--all").stdout
+        assert uids[1] not in outbound("list", "--out", out).stdout
+        pacs.stop()
+        pacs = Pacs()  # the PACS stores SRs now
+        sender.stop()
+        sender = start_sender(out, pacs)
+        assert outbound("retry", "--out", out, uids[0]).returncode == 0
+        assert wait_for(lambda: ledger.outbound_stats(time.time())["delivered"] == 1, timeout=20)
+    finally:
+        sender.stop()
+        pacs.stop()
+    assert list(pacs.stored) == [uids[0]]  # the dropped one was not sent
+
+
+def test_outbound_commands_refuse_a_folder_without_a_ledger(tmp_path):
+    done = outbound("list", "--out", tmp_path)
+    assert done.returncode == 1 and "no ledger" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_results_a_schema_3_ledger_gave_up_on_are_queued_again(tmp_path):
+    path = tmp_path / "ledger.sqlite"
+    db = sqlite3.connect(path)
+    db.executescript("""
+        CREATE TABLE meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
+        INSERT INTO meta VALUES ('schema', '3');
+        CREATE TABLE studies (key TEXT PRIMARY KEY, seq INTEGER NOT NULL, file TEXT NOT NULL, content TEXT NOT NULL,
+            status TEXT NOT NULL, record TEXT NOT NULL, reported_at REAL NOT NULL, published INTEGER NOT NULL DEFAULT 0);
+        CREATE TABLE outbound (uid TEXT PRIMARY KEY, key TEXT NOT NULL, path TEXT NOT NULL, queued_at REAL NOT NULL,
+            due_at REAL NOT NULL, attempts INTEGER NOT NULL DEFAULT 0, delivered_at REAL, failed_at REAL,
+            destination TEXT NOT NULL DEFAULT '', last_error TEXT NOT NULL DEFAULT '');
+        CREATE INDEX outbound_waiting ON outbound (due_at) WHERE delivered_at IS NULL AND failed_at IS NULL;
+        INSERT INTO outbound VALUES ('2.25.1', 'uid:a', 'dicom/a.sr.dcm', 1, 1, 1, NULL, 2, 'PACS@h:104',
+            'association rejected (Rejected Permanent, Calling AE title not recognised)');
+        INSERT INTO outbound VALUES ('2.25.2', 'uid:b', 'dicom/b.sr.dcm', 1, 1, 1, 3, NULL, 'PACS@h:104', '');
+    """)
+    db.close()
+    ledger = Ledger(path)
+    assert [i.uid for i in ledger.due_outbound(time.time())] == ["2.25.1"]  # given up before: waiting again
+    stats = ledger.outbound_stats(time.time())
+    assert (stats["queued"], stats["refused"], stats["delivered"]) == (1, 1, 1)
+    ledger.close()
+
+
+def test_a_changed_result_gets_its_own_sr_uid_naming_the_one_it_supersedes(tmp_path, objects, small_bundle):  # noqa: F811
+    scored, _ = objects
+    bundle = load_bundle(small_bundle)
+    ids = identifiers(pydicom.dcmread(scored["explicit"]))
+    first = build_sr(StudyRecord(file="a", ids=ids, model=bundle.label, weights_sha256=bundle.sha256,
+                                 scores=Scores((0.2,) * 14, (0,) * 14, "normal", -0.6)), bundle)
+    changed = StudyRecord(file="a", ids=ids, model=bundle.label, weights_sha256=bundle.sha256,
+                          scores=Scores((0.9,) * 14, (1,) * 14, "urgent", 0.8))
+    second = build_sr(changed, bundle, revision="content-2", predecessor=first)
+    assert second.SOPInstanceUID != first.SOPInstanceUID and second.SeriesInstanceUID == first.SeriesInstanceUID
+    (study,) = second.PredecessorDocumentsSequence
+    (referenced,) = study.ReferencedSeriesSequence[0].ReferencedSOPSequence
+    assert referenced.ReferencedSOPInstanceUID == first.SOPInstanceUID
+    again = build_sr(changed, bundle, revision="content-2", predecessor=first)
+    assert again.SOPInstanceUID == second.SOPInstanceUID  # made again (a crash, a re-send): the same UID
+    assert build_sr(changed, bundle).SOPInstanceUID == first.SOPInstanceUID  # no revision: source and model only

@@ -1,0 +1,113 @@
+"""Pretrained DenseNet-121 backbones for ``cxr-batch train --init-backbone FILE``: the road to a
+full-strength model for a site with more data (a pretrained backbone, then the FPN and the
+fusion head trained on its labelled studies).
+
+Three formats, read from a file the user downloaded (nothing is downloaded here):
+
+- ``torchvision``: a ``torchvision.models.densenet121`` state dict (``features.*`` keys, e.g.
+  ImageNet's ``DenseNet121_Weights.IMAGENET1K_V1``), input normalised with ImageNet's mean and
+  standard deviation on 3 channels;
+- ``xrv``: a TorchXRayVision DenseNet-121 state dict (``xrv.models.DenseNet(weights=...)
+  .state_dict()``, saved with ``torch.save``): one input channel scaled to [-1024, 1024]
+  (``xrv.datasets.normalize``: ``2048 * g - 1024`` for a grey level g in [0, 1]);
+- ``chexnet``: a CheXNet training checkpoint (``{"state_dict": ...}`` of a ``DataParallel``
+  model whose ``densenet121`` is torchvision's, in torchvision's pre-0.3 key names such as
+  ``norm.1``), ImageNet normalisation.
+
+The input contract is carried over exactly, so that the backbone computes on our input what it
+computed on its own: the bundle's preprocessing gets the normalisation (``mean``/``std`` per
+channel; for TorchXRayVision mean 0.5 and std 1/2048 on each channel, so each channel is
+``2048 g - 1024``), and a one-channel first convolution becomes three channels of a third of its
+weights each: on three equal channels it sums to the original (zero padding is the same value,
+-1024's neighbour 0, in both).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+FORMATS = ("auto", "torchvision", "xrv", "chexnet")
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+XRV_MEAN, XRV_STD = (0.5, 0.5, 0.5), (1 / 2048, 1 / 2048, 1 / 2048)
+# torchvision's own conversion of pre-0.3 DenseNet keys ('denselayer1.norm.1.weight' -> 'norm1')
+LEGACY = re.compile(r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var|num_batches_tracked))$")
+PREFIXES = ("module.", "densenet121.", "model.")
+
+
+@dataclass(frozen=True)
+class BackboneInit:
+    state: dict  # for CxrFusionNet.backbone: torchvision DenseNet-121 feature names, 3-channel conv0
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    format: str
+    source: str
+
+    def record(self) -> dict:
+        return {"file": self.source, "format": self.format, "mean": list(self.mean), "std": list(self.std)}
+
+
+def _strip(key: str) -> str:
+    changed = True
+    while changed:
+        changed = False
+        for prefix in PREFIXES:
+            if key.startswith(prefix):
+                key, changed = key[len(prefix):], True
+    return key
+
+
+def read_backbone(path: Path | str, fmt: str = "auto") -> BackboneInit:
+    """The backbone weights of ``path`` and the input normalisation they were trained with.
+    Raises ValueError naming what is wrong (not a state dict, not a DenseNet-121, a format
+    that does not match)."""
+    if fmt not in FORMATS:
+        raise ValueError(f"--init-format {fmt!r}: one of {', '.join(FORMATS)}")
+    path = Path(path)
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)  # data only: a file cannot run code
+    except Exception as e:
+        raise ValueError(f"{path}: not a PyTorch state dict or checkpoint that loads as data ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0][:200]})") from None
+    checkpoint = isinstance(blob, dict) and isinstance(blob.get("state_dict"), dict)
+    state = blob["state_dict"] if checkpoint else blob
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{path}: expected a state dict of tensors (or a checkpoint with 'state_dict')")
+    legacy = any(LEGACY.match(_strip(k)) for k in state)
+    features = {}
+    for key, value in state.items():
+        key = _strip(key)
+        if m := LEGACY.match(key):
+            key = m.group(1) + m.group(2)
+        if key.startswith("features."):
+            features[key.removeprefix("features.")] = value
+    conv0 = features.get("conv0.weight")
+    if conv0 is None:
+        raise ValueError(f"{path}: no DenseNet-121 features (no 'features.conv0.weight' among {len(state)} keys)")
+    channels = conv0.shape[1]
+    detected = "xrv" if channels == 1 else "chexnet" if (checkpoint or legacy) else "torchvision"
+    if fmt != "auto" and (fmt == "xrv") != (detected == "xrv"):
+        raise ValueError(f"{path}: --init-format {fmt} but the first convolution takes {channels} channel(s), "
+                         f"which is {'TorchXRayVision' if channels == 1 else 'torchvision or CheXNet'}'s")
+    fmt = detected if fmt == "auto" else fmt
+    if channels == 1:
+        features["conv0.weight"] = conv0.repeat(1, 3, 1, 1) / 3  # three equal channels sum to the one
+        mean, std = XRV_MEAN, XRV_STD
+    elif channels == 3:
+        mean, std = IMAGENET_MEAN, IMAGENET_STD
+    else:
+        raise ValueError(f"{path}: the first convolution takes {channels} channels; a DenseNet-121 takes 1 or 3")
+    return BackboneInit(features, mean, std, fmt, str(path))
+
+
+def load_backbone(model, init: BackboneInit) -> None:
+    """Copy ``init`` into ``model.backbone``; every dense block must load (norm5, unused by the
+    pyramid, may be absent). Raises ValueError on a mismatch."""
+    result = model.backbone.load_state_dict(init.state, strict=False)
+    missing = [k for k in result.missing_keys if not k.startswith("norm5")]
+    if missing or result.unexpected_keys:
+        raise ValueError(f"{init.source}: not a DenseNet-121 backbone: missing {missing[:5]}, "
+                         f"unexpected {result.unexpected_keys[:5]}")
