@@ -90,7 +90,7 @@ class Earlier:
         for cand in candidates:
             entry = self.entries.get(cand.rel)
             if entry is not None and cand.problem is None and entry.bundle_sha256 == bundle_sha256 and (
-                    not need_report or (entry.record.report and (self.out / "reports" / entry.record.report).is_file())):
+                    not need_report or self._has_report(entry.record)):
                 try:
                     same = content_sha256(cand.path) == entry.sha256
                 except Exception:  # unreadable now: read again, its row says why
@@ -100,6 +100,9 @@ class Earlier:
                     continue
             todo.append(cand)
         return kept, todo
+
+    def _has_report(self, record: StudyRecord) -> bool:
+        return bool(record.report) and (self.out / "reports" / record.report).is_file()
 
     def remove_outputs(self) -> int:
         """``--overwrite``: the earlier scan's files, named by cxr-batch only (a user's own

@@ -123,12 +123,12 @@ class MetadataMatch:
         if self.files == 0 or self.matched == self.files:
             return None
         missing = self.files - self.matched
+        example, named = clean_text(self.unmatched_example, 80), clean_text(self.table_example, 80)
         return (f"--metadata {self.table} has a row for {self.matched} of {self.files} files (matched by file name, "
                 f"'Image Index'): {missing} get no patient data from it and are scored with what their header or "
-                f"sidecar says, else unknown, which can change their triage; e.g. file {clean_text(self.unmatched_example, 80)!r} "
-                f"has no row, while the table names files like {clean_text(self.table_example, 80)!r}. Fix: give the table "
-                f"of these images, or name the images as the table does (DICOM files need no row: their header "
-                f"has the patient data)")
+                f"sidecar says, else unknown, which can change their triage; e.g. file {example!r} has no row, "
+                f"while the table names files like {named!r}. Fix: give the table of these images, or name the "
+                f"images as the table does (DICOM files need no row: their header has the patient data)")
 
     def to_dict(self) -> dict:
         return {"table": self.table, "files": self.files, "matched": self.matched, "table_rows": self.table_rows,

@@ -88,7 +88,8 @@ class ScanSummary:
             outputs = (f"; {self.reports_failed} report(s)" + (" and the worklist" if self.worklist_failed else "")
                        + " could not be written (see the log)")
         kept = f"{self.kept} kept from the earlier scan; " if self.kept else ""
-        return (f"{n} files: {self.counts['ok']} scored ({kept}{pr}; {self.without_patient_data} without patient data), "
+        bare = self.without_patient_data
+        return (f"{n} files: {self.counts['ok']} scored ({kept}{pr}; {bare} without patient data), "
                 f"{self.counts['skipped']} skipped, {self.counts['error']} failed in {self.seconds:.1f} s "
                 f"({rate:.1f} images/s){outputs} -> {self.results}")
 
@@ -126,7 +127,8 @@ def run_scan(studies: Path, out: Path, cfg: ScanConfig = ScanConfig(), earlier: 
         settings = journal.row_settings(to_plain(cfg), content_sha256(cfg.metadata) if cfg.metadata else None)
         previous = journal.plan(out, earlier, studies, settings)
         workers = default_workers(policy.device) if cfg.workers is None else cfg.workers
-        with StudyReader(workers, cfg.scoring, cfg.batch_options().limits) as reader:  # they start while the model loads
+        # the reading workers start while the model loads
+        with StudyReader(workers, cfg.scoring, cfg.batch_options().limits) as reader:
             bundle = load_bundle(cfg.weights)
             log.info("model %s (bundle sha256 %s...) on %s", bundle.label, bundle.sha256[:12], policy.describe())
             evidence = bundle_evidence(bundle.manifest, bundle.path)
