@@ -19,7 +19,7 @@ from .folders import refuse_overlap
 from .inference import Engine, score_batches
 from .keys import content_sha256
 from .metadata import load_metadata_for
-from .folderlock import FolderLock
+from .folderlock import LOCK_NAME, FolderLock
 from .record import log_name
 from .results import AtomicCsvWriter
 from .runconfig import RunConfig
@@ -111,34 +111,51 @@ def run_scan(studies: Path, out: Path, cfg: ScanConfig = ScanConfig(), earlier: 
     bundle_dir = Path(cfg.weights) if cfg.weights else DEFAULT_BUNDLE
     refuse_output_in_bundle(out, bundle_dir)
     policy = make_policy(cfg.device, cfg.precision)
+    candidates = find_candidates(studies, exclude=[out], follow_links=cfg.follow_links)
+    files_found = len(candidates)
+    if cfg.shard is not None:
+        index, count = cfg.shard
+        candidates = [c for i, c in enumerate(candidates) if i % count == index]
+    metadata, match = None, None
+    if cfg.metadata is not None:
+        metadata, match = load_metadata_for(cfg.metadata, [c.path.name for c in candidates if not c.problem])
+    settings = journal.row_settings(to_plain(cfg), content_sha256(cfg.metadata) if cfg.metadata else None)
+    created = not out.exists()
     private_dir(out)
-    with FolderLock(out, "scan"):
-        removed = remove_stale_temp(out, out / "reports", out / "dicom")
-        if removed:
-            log.info("removed %d temp file(s) an earlier scan left when it was killed", removed)
-        candidates = find_candidates(studies, exclude=[out], follow_links=cfg.follow_links)
-        files_found = len(candidates)
-        if cfg.shard is not None:
-            index, count = cfg.shard
-            candidates = [c for i, c in enumerate(candidates) if i % count == index]
-        metadata, match = None, None
-        if cfg.metadata is not None:
-            metadata, match = load_metadata_for(cfg.metadata, [c.path.name for c in candidates if not c.problem])
-        settings = journal.row_settings(to_plain(cfg), content_sha256(cfg.metadata) if cfg.metadata else None)
-        previous = journal.plan(out, earlier, studies, settings)
-        workers = default_workers(policy.device) if cfg.workers is None else cfg.workers
-        # the reading workers start while the model loads
-        with StudyReader(workers, cfg.scoring, cfg.batch_options().limits) as reader:
-            bundle = load_bundle(cfg.weights)
-            log.info("model %s (bundle sha256 %s...) on %s", bundle.label, bundle.sha256[:12], policy.describe())
-            evidence = bundle_evidence(bundle.manifest, bundle.path)
-            if evidence.problem:
-                log.warning("weights %s have no validation evidence (%s): how often they are right is not known; "
-                            "every report says so", bundle.label, evidence.problem)
-            if previous.found and previous.mode == "overwrite":
-                log.warning("%d files of the earlier scan deleted", previous.remove_outputs())
-            run = ScanRun(studies, out, cfg, bundle, policy, reader, previous, stop)
-            return run.scan(candidates, files_found, metadata, match, settings, evidence.problem)
+    try:
+        with FolderLock(out, "scan"):
+            removed = remove_stale_temp(out, out / "reports", out / "dicom")
+            if removed:
+                log.info("removed %d temp file(s) an earlier scan left when it was killed", removed)
+            previous = journal.plan(out, earlier, studies, settings)
+            workers = default_workers(policy.device) if cfg.workers is None else cfg.workers
+            # the reading workers start while the model loads
+            with StudyReader(workers, cfg.scoring, cfg.batch_options().limits) as reader:
+                bundle = load_bundle(cfg.weights)
+                log.info("model %s (bundle sha256 %s...) on %s", bundle.label, bundle.sha256[:12],
+                         policy.describe())
+                evidence = bundle_evidence(bundle.manifest, bundle.path)
+                if evidence.problem:
+                    log.warning("weights %s have no validation evidence (%s): how often they are right is not "
+                                "known; every report says so", bundle.label, evidence.problem)
+                if previous.found and previous.mode == "overwrite":
+                    log.warning("%d files of the earlier scan deleted", previous.remove_outputs())
+                run = ScanRun(studies, out, cfg, bundle, policy, reader, previous, stop)
+                return run.scan(candidates, files_found, metadata, match, settings, evidence.problem)
+    except BaseException:
+        if created:  # a scan that could not start leaves no empty results folder behind
+            remove_if_unused(out)
+        raise
+
+
+def remove_if_unused(out: Path) -> None:
+    """Remove a results folder this scan made when it holds nothing but its lock."""
+    try:
+        if [p.name for p in out.iterdir()] == [LOCK_NAME]:
+            (out / LOCK_NAME).unlink()
+            out.rmdir()
+    except OSError:
+        pass
 
 
 class ScanRun:

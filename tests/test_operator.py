@@ -241,6 +241,19 @@ def test_a_busy_results_folder_is_refused_before_the_model_loads(studies, tmp_pa
     assert LOADED not in proc.stderr and listing(out) == [".cxr-batch.lock"]
 
 
+def test_a_scan_that_cannot_start_leaves_no_results_folder(studies, tmp_path, small_bundle, nih_images):
+    proc = cli("scan", studies, "--out", tmp_path / "o1", "--weights", small_bundle, "--device", "cpu",
+               "--metadata", nih_images[0])  # an image given as the metadata table
+    assert proc.returncode == 1 and "is not a CSV file" in proc.stderr and LOADED not in proc.stderr
+    shutil.copytree(small_bundle, tmp_path / "bad")
+    with open(tmp_path / "bad" / "model.pt", "r+b") as f:
+        f.seek(200)
+        f.write(b"\x00\x01\x02")
+    proc = cli("scan", studies, "--out", tmp_path / "o2", "--weights", tmp_path / "bad", "--device", "cpu")
+    assert proc.returncode == 1 and "checksum" in proc.stderr
+    assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()
+
+
 # ------------------------------------------------------------------ metadata that matches nothing
 def test_metadata_that_matches_no_file_is_said_with_counts_and_an_example(studies, tmp_path, nih, small_bundle):
     table = pd.read_csv(nih / "labels.csv", dtype=str)
