@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -193,7 +193,7 @@ class ScanRun:
         engine = Engine(self.bundle, self.policy)
         record_log = journal.Journal(self.previous, self.studies, settings)
         records, scored_files = [], set()
-        waiting = sorted(kept.items())  # kept rows, merged into the file order of the new ones
+        waiting = deque(sorted(kept.items()))  # kept rows, merged into the file order of the new ones
         start = time.perf_counter()
         done = 0
         with AtomicCsvWriter(summary.results) as writer:
@@ -214,7 +214,7 @@ class ScanRun:
                 for batch in score_batches(todo, engine, self.options, metadata, reader=self.reader):
                     for pos, record in enumerate(batch.records):
                         while waiting and waiting[0][0] < record.file:
-                            write(waiting.pop(0)[1], False)
+                            write(waiting.popleft()[1], False)
                         self.outputs(record, batch.inputs(pos))
                         write(record, True)
                         if record.ok:
