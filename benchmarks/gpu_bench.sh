@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU data path, end to end, on a lent GPU machine (one prepared run, about 5 minutes):
-#   bash benchmarks/gpu_bench.sh [N]          (N images per set, default 4096)
+#   [IMAGES=DIR] bash benchmarks/gpu_bench.sh [N]   (N images per set, default 4096; IMAGES: PNGs to use,
+#                                                     default ../shared/data/nih/images)
 # Prints, for 512-px PNG and for 512-px JPEG-baseline DICOM: the whole `cxr-batch scan --no-pdf`
 # process (start-up counted) and the model alone at fp16, batch 256 (benchmarks/scan_throughput.py).
 # Workers send decoded uint8 images once; crop, resize and normalisation run on the GPU
@@ -18,11 +19,12 @@ import numpy as np
 from PIL import Image
 from pydicom.uid import JPEGBaseline8Bit
 from benchmarks.common import NIH, link_folder, real_images
+NIH_IMAGES = Path(os.environ["IMAGES"]) if os.environ.get("IMAGES") else NIH / "images"  # carried PNGs on a GPU machine
 from cxr_batch.dicom_build import radiograph, save
 n, tmp = int(sys.argv[1]), Path(sys.argv[2])
-link_folder(real_images(NIH / "images"), n, tmp / "png")
+link_folder(real_images(NIH_IMAGES), n, tmp / "png")
 src = tmp / "dcm_src"
-for i, p in enumerate(real_images(NIH / "images")[:256]):
+for i, p in enumerate(real_images(NIH_IMAGES)[:256]):
     ds = radiograph(np.asarray(Image.open(p).convert("L")), PatientAge="050Y", PatientSex="F", ViewPosition="PA")
     save(ds, src / f"{i:04d}.dcm", JPEGBaseline8Bit)
 link_folder(sorted(src.glob("*.dcm")), n, tmp / "dcm")

@@ -14,6 +14,7 @@ whose calibration is invalid or whose findings differ.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -66,8 +67,7 @@ class Bundle:
     def triage_policy(self, urgent=None) -> TriagePolicy:
         """How this bundle flags, buckets and orders studies (:mod:`cxr_batch.triage`)."""
         policy = TriagePolicy.from_manifest({**self.manifest, "thresholds": self.thresholds})
-        return policy if urgent is None else TriagePolicy(policy.thresholds, policy.flaggable, policy.any_weights,
-                                                          policy.any_bias, policy.normal_below, tuple(urgent))
+        return policy if urgent is None else dataclasses.replace(policy, urgent=tuple(urgent))
 
 
 def sha256_file(path: Path) -> str:

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from scipy.special import expit
+from scipy.special import expit, logit
 
 from . import __version__, metrics
 from .bundle import DEFAULT_BUNDLE, WEIGHTS_FILE, Bundle, BundleError, load_bundle, sha256_file, write_manifest
@@ -238,7 +238,9 @@ def run_calibrate(studies: Path, labels: LabelTable, out: Path, opts: CalibrateO
     manifest = {**base.manifest, "version": version, "thresholds": thresholds, "metrics": base_metrics,
                 "calibration": calibration_record(report, calibration, opts, enough, scores),
                 "provenance": provenance_record(base, labels, studies, report, date)}
-    triage_table = calibrated_triage(base.manifest.get("triage"), on_top, choice, opts.thresholds, len(scores.files))
+    base_policy = base.triage_policy()
+    triage_table = calibrated_triage(base.manifest.get("triage"), on_top, choice, opts.thresholds, len(scores.files),
+                                     base_policy.p_any(p_before), scores.y.max(axis=1))
     if triage_table is not None:
         manifest["triage"] = triage_table
     written = write_bundle(base, Path(out), manifest)
@@ -347,24 +349,40 @@ def choose_thresholds(rule: str, scores: "LabelledScores", p: np.ndarray, moved:
                            cv_new, y)
 
 
-def calibrated_triage(table, on_top: Calibration, choice: ThresholdChoice, rule: str, n: int) -> dict | None:
-    """The base bundle's ``triage`` table for the new bundle: P(any finding) on the new
-    calibrated logits with its normal cutoff moved so that the same studies are 'normal'; and
-    each finding's evidence, which stays the base's when its operating point was kept, or
-    becomes the site's cross-validated figures when a rule chose a new one."""
+def calibrated_triage(table, on_top: Calibration, choice: ThresholdChoice, rule: str, n: int,
+                      p_any_base: np.ndarray | None = None, any_finding: np.ndarray | None = None) -> dict | None:
+    """The base bundle's ``triage`` table for the new bundle. P(any finding) keeps seeing the
+    probabilities it was fitted on (``input_calibration``: every site calibration since, undone
+    before its weights apply) and its level moves, when the calibration moved, by one offset
+    fitted on the site's studies (``p_any_base``: the base bundle's P(any) of each study,
+    ``any_finding``: whether it has a finding), the normal cutoff with it: the same studies are
+    'normal' as with the base bundle. Each finding's evidence stays the base's when its
+    operating point was kept, or becomes the site's cross-validated figures when a rule chose a
+    new one."""
     if not isinstance(table, dict):
         return None
     table = json.loads(json.dumps(table))  # a copy
+    undo = table.get("input_calibration")
+    before = Calibration("platt", np.asarray(undo["slope"], dtype=float), np.asarray(undo["intercept"], dtype=float)) \
+        if isinstance(undo, dict) else Calibration.identity("platt")
+    total = before.then(on_top)
+    table["input_calibration"] = {"slope": total.slope.tolist(), "intercept": total.intercept.tolist(),
+                                  "why": "the site calibrations since the study-level model was fitted: P(any) undoes "
+                                         "them, so it sees the probabilities it was fitted on"}
     study = table.get("any_finding")
-    if isinstance(study, dict) and isinstance(study.get("weights"), list):
-        w = np.asarray(study["weights"], dtype=float)
-        shift = float(np.sum(w * on_top.intercept / on_top.slope))  # the linear predictor moves by this
-        study["weights"] = (w / on_top.slope).tolist()
+    moved = bool(np.any(on_top.slope != 1.0) or np.any(on_top.intercept != 0.0))
+    if isinstance(study, dict) and moved and p_any_base is not None and len(p_any_base):
+        from .calibration import PULL, _offset
+
+        level = logit(np.clip(p_any_base, 1e-6, 1 - 1e-6))
+        delta = _offset(level, np.asarray(any_finding, dtype=float), PULL)
+        study["bias"] = float(study["bias"]) + delta
         if study.get("normal_below") is not None:
             cut = float(study["normal_below"])
-            study["normal_below"] = float(np.clip(expit(math.log(cut / (1 - cut)) + shift), 1e-6, 1 - 1e-6))
-        study["moved_by_calibration"] = "weights divided by each finding's slope; the normal cutoff moved with the " \
-                                        "calibration's intercepts: the same studies are 'normal' as with the base bundle"
+            study["normal_below"] = float(np.clip(expit(math.log(cut / (1 - cut)) + delta), 1e-6, 1 - 1e-6))
+        study["site_offset"] = {"offset": delta, "fitted_on": n,
+                                "why": "P(any)'s level fitted on this site's studies; the normal cutoff moved with it, "
+                                       "so the same studies are 'normal' as with the base bundle"}
     if choice.cv_flags is not None:
         y, flags = choice.y, choice.cv_flags
         findings = table.setdefault("findings", {})

@@ -7,11 +7,20 @@ bundles that carry one, its ``triage`` table) says:
   (``thresholds``), unless the bundle marks it as not flagged at all (a finding whose validation
   ranking was no better than chance: ``triage.findings.<name>.flagged = false``);
 - **P(any finding)**: a study-level probability that the study has at least one of the 14
-  findings, ``sigmoid(bias + sum_k w_k * logit(p_k))`` (weights fitted out of fold at export);
-  bundles without one use ``1 - prod_k (1 - p_k)`` (findings taken as independent);
-- **buckets**: ``urgent`` when an urgent finding (default Pneumothorax) is flagged; ``normal``
-  when nothing is flagged and P(any) is below the bundle's ``normal_below`` (without one, when
-  nothing is flagged); ``abnormal`` otherwise;
+  findings, ``sigmoid(bias + sum_k w_k * -log(1 - p_k))``: a weighted noisy-OR (with all weights
+  1 and bias 0 it is ``1 - prod_k (1 - p_k)``, the findings taken as independent; the weights
+  are fitted out of fold at export). A sum of logits would drown the one finding a study has in
+  the noise of the thirteen it has not; -log(1 - p) is near 0 for an unlikely finding and grows
+  fast for a likely one. Bundles without a study-level model use the plain noisy-OR. A site
+  calibration (``cxr-batch calibrate``) records itself as ``input_calibration``: P(any) undoes
+  it before the weights apply, so the study-level model sees the probabilities it was fitted
+  on, and its own level moves by ``bias`` alone;
+- **buckets**: ``urgent`` when an urgent finding (default Pneumothorax) is flagged, whatever
+  else; ``normal`` when P(any) is below the bundle's ``normal_below``: the study-level model
+  gates the findings, so a low-probability study carries no finding flag (14 findings at 90%
+  specificity each would put a false flag on most studies without any finding, and "normal"
+  and "flagged" would contradict each other); ``abnormal`` otherwise. Without a cutoff (bundles
+  without a ``triage`` table), ``normal`` means nothing flagged;
 - **worklist order** (:func:`worklist_key`): urgent studies first, by the urgent finding's
   probability, then abnormal, then normal studies, each by P(any), highest first.
   ``triage_score`` is the number that orders a study inside its bucket (the urgent finding's
@@ -20,6 +29,7 @@ bundles that carry one, its ``triage`` table) says:
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -41,11 +51,13 @@ class TriagePolicy:
     flaggable: np.ndarray  # [14] bool: False = never flagged
     any_weights: np.ndarray | None = None  # [14]; None: 1 - prod(1 - p)
     any_bias: float = 0.0
-    normal_below: float | None = None  # P(any) below it (and nothing flagged) = normal
+    normal_below: float | None = None  # P(any) below it = normal (unless an urgent finding is flagged)
     urgent: tuple[str, ...] = DEFAULT_URGENT
+    input_slope: np.ndarray | None = None  # a site calibration to undo before P(any): [14]
+    input_intercept: np.ndarray | None = None
 
     @classmethod
-    def simple(cls, thresholds, urgent=DEFAULT_URGENT) -> "TriagePolicy":
+    def simple(cls, thresholds, urgent=DEFAULT_URGENT) -> "TriagePolicy":  # noqa: D417
         """Thresholds only (bundles without a ``triage`` table): every finding flaggable,
         P(any) as if findings were independent, normal = nothing flagged."""
         return cls(np.asarray(thresholds, dtype=np.float64), np.ones(len(FINDINGS), dtype=bool), urgent=tuple(urgent))
@@ -80,19 +92,41 @@ class TriagePolicy:
             if not _is_number(study.get("bias")):
                 raise TriageError("triage.any_finding.bias: expected a finite number")
             weights, bias = np.array(w, dtype=np.float64), float(study["bias"])
+            if study.get("features", FEATURES) != FEATURES:
+                raise TriageError(f"triage.any_finding.features = {study.get('features')!r}: this version reads {FEATURES!r}")
             cut = study.get("normal_below")
             if cut is not None and not (_is_number(cut) and 0.0 < cut < 1.0):
                 raise TriageError("triage.any_finding.normal_below: expected a number strictly between 0 and 1")
             normal_below = None if cut is None else float(cut)
-        return cls(thresholds, flaggable, weights, bias, normal_below, tuple(urgent))
+        slope = intercept = None
+        undo = table.get("input_calibration")
+        if undo is not None:
+            ok = isinstance(undo, dict) and all(
+                isinstance(undo.get(k), list) and len(undo[k]) == len(FINDINGS) and all(_is_number(v) for v in undo[k])
+                for k in ("slope", "intercept"))
+            if not ok or min(undo["slope"]) <= 0:
+                raise TriageError("triage.input_calibration: expected 'slope' (positive) and 'intercept', 14 numbers each")
+            slope, intercept = np.array(undo["slope"], dtype=np.float64), np.array(undo["intercept"], dtype=np.float64)
+        return cls(thresholds, flaggable, weights, bias, normal_below, tuple(urgent), slope, intercept)
 
     def p_any(self, probs: np.ndarray) -> np.ndarray:
         """P(any finding) for probabilities [..., 14]."""
         p = np.clip(np.asarray(probs, dtype=np.float64), 1e-7, 1 - 1e-7)
+        if self.input_slope is not None:  # back to the probabilities the study-level model was fitted on
+            z = (np.log(p / (1 - p)) - self.input_intercept) / self.input_slope
+            p = np.clip(1.0 / (1.0 + np.exp(-z)), 1e-7, 1 - 1e-7)
         if self.any_weights is None:
             return 1.0 - np.prod(1.0 - p, axis=-1)
-        z = self.any_bias + np.log(p / (1 - p)) @ self.any_weights
+        z = self.any_bias + any_features(p) @ self.any_weights
         return 1.0 / (1.0 + np.exp(-z))
+
+
+FEATURES = "minus_log_one_minus_p"  # what P(any)'s weights multiply
+
+
+def any_features(p: np.ndarray) -> np.ndarray:
+    """-log(1 - p) per finding: near 0 for an unlikely finding, large for a likely one."""
+    return -np.log1p(-np.clip(np.asarray(p, dtype=np.float64), 0.0, 1 - 1e-7))
 
 
 def _is_number(value) -> bool:
@@ -114,18 +148,19 @@ def triage(probs: np.ndarray, policy, urgent=None) -> Triage:
     if not isinstance(policy, TriagePolicy):
         policy = TriagePolicy.simple(policy, DEFAULT_URGENT if urgent is None else urgent)
     elif urgent is not None:
-        policy = TriagePolicy(policy.thresholds, policy.flaggable, policy.any_weights, policy.any_bias,
-                              policy.normal_below, tuple(urgent))
+        policy = dataclasses.replace(policy, urgent=tuple(urgent))
     probs = np.asarray(probs, dtype=np.float64)
     flags = ((probs >= policy.thresholds) & policy.flaggable).astype(np.int8)
     flagged = [f for f, on in zip(FINDINGS, flags) if on]
     p_any = float(policy.p_any(probs))
     urgent_flagged = [FINDINGS.index(f) for f in flagged if f in policy.urgent]
-    if urgent_flagged:
+    if urgent_flagged:  # never hidden by the study-level gate
         return Triage(flags, flagged, "urgent", float(max(probs[k] for k in urgent_flagged)), p_any)
-    if flagged or (policy.normal_below is not None and p_any >= policy.normal_below):
-        return Triage(flags, flagged, "abnormal", p_any, p_any)
-    return Triage(flags, flagged, "normal", p_any, p_any)
+    if policy.normal_below is not None:
+        if p_any >= policy.normal_below:
+            return Triage(flags, flagged, "abnormal", p_any, p_any)
+        return Triage(np.zeros_like(flags), [], "normal", p_any, p_any)
+    return Triage(flags, flagged, "abnormal" if flagged else "normal", p_any, p_any)
 
 
 def worklist_key(priority: str, score: float, file: str) -> tuple:

@@ -51,9 +51,14 @@ def test_keep_moves_the_operating_points_so_the_same_studies_flag_and_bucket():
     before = expit(z) >= np.array(list(Base.thresholds.values()))
     after = expit(cal.apply(z)) >= np.array([moved[f] for f in FINDINGS])
     assert (before == after).mean() > 0.999  # equal but for floating-point ties at a threshold
-    table = {"any_finding": {"weights": rng.uniform(0, 0.4, 14).tolist(), "bias": 0.3, "normal_below": 0.35}}
+    table = {"any_finding": {"weights": rng.uniform(0, 2.0, 14).tolist(), "bias": -1.5, "normal_below": 0.35}}
     manifest = {"thresholds": Base.thresholds, "triage": table}
-    new = {"thresholds": moved, "triage": calibrated_triage(table, cal, ThresholdChoice(moved, []), "keep", 100)}
+    p_before = expit(z)
+    any_finding = (rng.random(len(z)) < expit(-1 + z.max(axis=1) + 2)).astype(int)
+    base_any = TriagePolicy.from_manifest(manifest).p_any(p_before)
+    new = {"thresholds": moved, "triage": calibrated_triage(table, cal, ThresholdChoice(moved, []), "keep", 100,
+                                                            base_any, any_finding)}
+    assert new["triage"]["any_finding"]["site_offset"]["fitted_on"] == 100
     old_policy, new_policy = TriagePolicy.from_manifest(manifest), TriagePolicy.from_manifest(new)
     buckets = [(triage(expit(z[i]), old_policy).priority, triage(expit(cal.apply(z[i])), new_policy).priority)
                for i in range(len(z))]

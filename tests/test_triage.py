@@ -43,21 +43,25 @@ def test_urgent_finding_orders_by_its_own_probability_and_custom_urgent_set():
     assert triage(vec(Edema=0.9, Mass=0.7), thr, urgent=("Edema",)).findings == ["Mass", "Edema"]
 
 
-def test_p_any_is_the_bundles_logistic_model():
+def test_p_any_is_the_bundles_weighted_noisy_or():
     w = np.linspace(0.1, 0.5, 14)
     p = vec(Effusion=0.3)
     t = triage(p, policy(weights=w, bias=-0.7))
-    z = -0.7 + np.log(p / (1 - p)) @ w
+    z = -0.7 + -np.log(1 - p) @ w  # a weighted noisy-OR
     assert t.p_any == pytest.approx(1 / (1 + np.exp(-z)))
 
 
-def test_normal_bucket_needs_no_flag_and_a_low_p_any():
+def test_the_study_level_model_gates_the_findings_but_never_an_urgent_one():
     pol = policy(normal_below=0.3, weights=[0.0] * 14, bias=np.log(0.2 / 0.8))  # P(any) = 0.2 for everyone
     assert triage(vec(), pol).priority == "normal"
-    assert triage(vec(Mass=0.6), pol).priority == "abnormal"  # a flag is never "normal"
+    t = triage(vec(Mass=0.6), pol)  # over Mass's threshold, but the study is low-probability: no contradiction
+    assert t.priority == "normal" and t.findings == [] and not t.flags.any()
+    t = triage(vec(Pneumothorax=0.6), pol)  # an urgent finding is never hidden by the gate
+    assert t.priority == "urgent" and t.findings == ["Pneumothorax"]
     high = policy(normal_below=0.3, weights=[0.0] * 14, bias=np.log(0.4 / 0.6))  # P(any) 0.4: above the cutoff
     t = triage(vec(), high)
     assert t.priority == "abnormal" and t.findings == [] and t.score == pytest.approx(0.4)
+    assert triage(vec(Mass=0.6), high).findings == ["Mass"]
 
 
 def test_a_finding_marked_never_flagged_is_not_flagged_however_high():
@@ -85,3 +89,13 @@ def test_worklist_order_urgent_then_abnormal_then_normal_each_by_score():
     ranks = {r["file"]: r["worklist_rank"] for r in rows}
     assert ranks == {"u_hi": "1", "u_lo": "2", "a_hi": "3", "a_lo": "4", "n_hi": "5", "bad": ""}
     assert worklist_key("abnormal", 0.5, "a") < worklist_key("abnormal", 0.5, "b") < worklist_key("normal", 0.9, "a")
+
+
+def test_p_any_undoes_a_site_calibration_so_the_buckets_stay_as_validated():
+    base = policy(normal_below=0.3)
+    site = TriagePolicy.from_manifest({"thresholds": {f: 0.5 for f in FINDINGS}, "triage": {
+        "any_finding": {"weights": [0.2] * 14, "bias": -1.0, "normal_below": 0.3},
+        "input_calibration": {"slope": [1.0] * 14, "intercept": [-0.4] * 14}}})
+    p = vec(Effusion=0.3)
+    shifted = 1 / (1 + np.exp(-(np.log(p / (1 - p)) - 0.4)))  # what the site-calibrated bundle outputs
+    assert site.p_any(shifted) == pytest.approx(base.p_any(p))

@@ -1,5 +1,15 @@
 #!/usr/bin/env bash
-# Model v2's cross-validation on one GPU, as one prepared run (issue 15 item 4).
+# A model's cross-validation on one GPU, as one prepared run (v2: issue 15 item 4; v3: issue 23).
+#
+#   CONFIG=training/configs/v3.toml DATA="../shared/data/nih ../shared/data/nih_extra" \
+#       bash training/gpu_cv.sh prepare CARRY_DIR        (v3: both folders, held-out test split)
+#   CONFIG=training/configs/v3.toml bash training/gpu_cv.sh run CARRY_DIR OUT_DIR
+#
+# DATA: folders holding images/ and labels.csv (default ../shared/data/nih). With a held-out test
+# in the config (test_fraction > 0) the final models train on the development images
+# (crossval --stage final); otherwise on all of them (export_v2 --train-only). BENCH=1 (default
+# when prepare carried bench PNGs) ends the run with benchmarks/gpu_bench.sh on those images: the
+# GPU scan path measured in the same call.
 #
 #   bash training/gpu_cv.sh prepare CARRY_DIR      here, beside ../shared/data/nih: decodes the
 #        480 images once per variant size (crossval --stage cache) and puts the caches (gzipped),
@@ -25,21 +35,36 @@ export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
 PY=${PYTHON:-python3}
 
 if [ "$MODE" = prepare ]; then
-  NIH=${NIH:-../shared/data/nih}
+  DATA=${DATA:-${NIH:-../shared/data/nih}}
+  TABLE=${TABLE:-../shared/data/nih/metadata/Data_Entry_2017_v2020.csv.gz}
   set -e
-  $PY -m training.crossval --stage cache --images "$NIH/images" --labels "$NIH/labels.csv" \
-    --metadata-table "$NIH/metadata/Data_Entry_2017_v2020.csv.gz" --out "$CV" --config "$CONFIG"
   mkdir -p "$CARRY"
+  SRC="" k=0
+  for d in $DATA; do
+    SRC="$SRC --images $d/images --labels $d/labels.csv"
+    cp "$d/labels.csv" "$CARRY/labels_$k.csv"
+    k=$((k + 1))
+  done
+  $PY -m training.crossval --stage cache $SRC --metadata-table "$TABLE" --out "$CV" --config "$CONFIG"
   for f in "$CV"/cache/cache_*.u8; do gzip -c "$f" > "$CARRY/$(basename "$f").gz"; done
-  cp "$CV"/cache/cache_*.json "$NIH/labels.csv" "$NIH/metadata/Data_Entry_2017_v2020.csv.gz" "$CARRY/"
+  cp "$CV"/cache/cache_*.json "$TABLE" "$CARRY/"
+  if [ "${BENCH_IMAGES:-256}" -gt 0 ]; then  # 512-px PNGs for benchmarks/gpu_bench.sh at the end of the run
+    mkdir -p "$CARRY/bench_png"
+    ls "${DATA%% *}/images"/*.png | head -n "${BENCH_IMAGES:-256}" | xargs -I{} cp {} "$CARRY/bench_png/"
+  fi
   du -sh "$CARRY"
   exit 0
 fi
 
 OUT=${3:?out folder}
-for f in labels.csv Data_Entry_2017_v2020.csv.gz; do
+[ -f "$CARRY/labels.csv" ] && cp "$CARRY/labels.csv" "$CARRY/labels_0.csv"  # a carry made for v2
+for f in labels_0.csv Data_Entry_2017_v2020.csv.gz; do
   [ -f "$CARRY/$f" ] || { echo "gpu_cv.sh: $CARRY/$f missing: run 'gpu_cv.sh prepare $CARRY' first" >&2; exit 2; }
 done
+SRC="" k=0
+for f in "$CARRY"/labels_*.csv; do SRC="$SRC --images $CARRY/none$k --labels $f"; k=$((k + 1)); done
+HELD_OUT=$($PY -c "import tomllib, sys; print(int(tomllib.load(open(sys.argv[1], 'rb')).get('test_fraction', 0) > 0))" "$CONFIG")
+export SRC HELD_OUT
 ls "$CARRY"/cache_*.u8.gz > /dev/null 2>&1 || { echo "gpu_cv.sh: no caches in $CARRY: run 'gpu_cv.sh prepare' first" >&2; exit 2; }
 if [ "${DEVICE:-cuda}" != cpu ] && ! $PY -c "import torch, sys; sys.exit(not torch.cuda.is_available())"; then
   echo "gpu_cv.sh: torch sees no CUDA device here (DEVICE=cpu runs the same jobs on the CPU)" >&2; exit 2
@@ -53,10 +78,10 @@ mkdir -p "$CV/cache" "$FINAL" "$OUT"
   nproc; } 2>&1 | tee "$CV/machine.txt"
 for f in "$CARRY"/cache_*.u8.gz; do gunzip -c "$f" > "$CV/cache/$(basename "$f" .gz)"; done
 cp "$CARRY"/cache_*.json "$CV/cache/"
-COMMON="--labels $CARRY/labels.csv --config $CONFIG --threads 1 --device ${DEVICE:-cuda} --checkpoint-every 0"
+COMMON="--config $CONFIG --threads 1 --device ${DEVICE:-cuda} --checkpoint-every 0"
 export COMMON
 # folds.csv once, before the parallel jobs read it
-$PY -m training.crossval --stage cache --images "$CARRY/none" --labels "$CARRY/labels.csv" \
+$PY -m training.crossval --stage cache $SRC \
   --metadata-table "$CARRY/Data_Entry_2017_v2020.csv.gz" --out "$CV" --config "$CONFIG" || exit 1
 
 run_job() {  # cv VARIANT FOLD | final VARIANT
@@ -64,11 +89,14 @@ run_job() {  # cv VARIANT FOLD | final VARIANT
   if [ "$now" -ge "$DEADLINE" ]; then echo "skipped $*: training time is up"; return 0; fi
   if [ "$1" = cv ]; then
     timeout $(( STOP - now )) $PY -m training.crossval --stage train --variant "$2" --folds "$3" \
-      --images "$CARRY/none" --metadata-table "$CARRY/Data_Entry_2017_v2020.csv.gz" --out "$CV" \
+      $SRC --metadata-table "$CARRY/Data_Entry_2017_v2020.csv.gz" --out "$CV" \
       $COMMON >> "$CV/train_$2_fold$3.log" 2>&1
+  elif [ "$HELD_OUT" = 1 ]; then  # the development images only: the held-out test stays unseen
+    timeout $(( STOP - now )) $PY -m training.crossval --stage final --variant "$2" $SRC \
+      --metadata-table "$CARRY/Data_Entry_2017_v2020.csv.gz" --out "$CV" $COMMON >> "$CV/train_$2_final.log" 2>&1
   else
-    timeout $(( STOP - now )) $PY -m training.export_v2 --train-only "$2" --images "$CARRY/none" \
-      --cv "$CV" --out "$FINAL/$2" --bundle unused $COMMON >> "$CV/train_$2_final.log" 2>&1
+    timeout $(( STOP - now )) $PY -m training.export_v2 --train-only "$2" --images "$CARRY/none0" \
+      --labels "$CARRY/labels_0.csv" --cv "$CV" --out "$FINAL/$2" --bundle unused $COMMON >> "$CV/train_$2_final.log" 2>&1
   fi
   echo "$* exit $? after $(( $(date +%s) - now )) s (at $(( $(date +%s) - T0 )) s)"
 }
@@ -76,16 +104,17 @@ export -f run_job
 export T0
 $PY -c "
 import tomllib, sys
-for v in tomllib.load(open(sys.argv[1], 'rb'))['variant']:
-    for f in range(5):
+config = tomllib.load(open(sys.argv[1], 'rb'))
+for v in config['variant']:
+    for f in range(config.get('folds', 5)):
         print('cv', v['name'], f)
     print('final', v['name'])" "$CONFIG" > "$CV/jobs.txt"
 xargs -P "${PARALLEL:-8}" -L 1 bash -c 'run_job "$@"' _ < "$CV/jobs.txt" 2>&1 | tee "$CV/jobs.log"
 nvidia-smi --query-gpu=memory.used --format=csv | tee -a "$CV/machine.txt"
 
 # the image choice only (seconds); the whole report (minutes of CPU) is run again where the runs land
-timeout "${CHOOSE_SECONDS:-90}" $PY -m training.crossval --stage choose --images "$CARRY/none" \
-  --labels "$CARRY/labels.csv" --metadata-table "$CARRY/Data_Entry_2017_v2020.csv.gz" --out "$CV" \
+timeout "${CHOOSE_SECONDS:-90}" $PY -m training.crossval --stage choose $SRC \
+  --metadata-table "$CARRY/Data_Entry_2017_v2020.csv.gz" --out "$CV" \
   --config "$CONFIG" --threads 8 > "$CV/choose.log" 2>&1
 echo "choose exit $? at $(( $(date +%s) - T0 )) s"; cat "$CV/choose.log"
 
@@ -103,7 +132,8 @@ if choice.exists():
     chosen = r["chosen"]
     picks.append((chosen["variant"], chosen["weights"], chosen["epoch"]))
     others = sorted((c for c in r["bests"] if c["variant"] != chosen["variant"]), key=lambda c: -c["image_only_mean_auc"])
-    others = [c for c in others if (final / c["variant"] / f"state_{c['weights']}_epoch{c['epoch']}.pt").exists()]
+    others = [c for c in others if any((root / f"state_{c['weights']}_epoch{c['epoch']}.pt").exists()
+                                       for root in (final / c["variant"], cv / c["variant"] / "final"))]
     picks += [(c["variant"], c["weights"], c["epoch"]) for c in others[:1]]
 else:
     for d in sorted(final.iterdir()):
@@ -113,6 +143,8 @@ else:
     picks = picks[:3]
 for variant, which, epoch in picks:
     path = final / variant / f"state_{which}_epoch{epoch}.pt"
+    if not path.exists():  # a held-out-test config: the final model is under the cross-validation folder
+        path = cv / variant / "final" / f"state_{which}_epoch{epoch}.pt"
     if not path.exists():
         print("missing", path)
         continue
@@ -128,5 +160,10 @@ PY
 tar -czf "$OUT/runs.tar.gz" --exclude='*.pt' --exclude='*.u8' --exclude='*.tmp' "$CV" "$FINAL"
 ls -la "$OUT"
 echo "done at $(( $(date +%s) - T0 )) s"
+# the GPU scan path, measured in the same call (benchmarks/gpu_bench.sh on the carried PNGs)
+if [ "${BENCH:-1}" = 1 ] && [ -d "$CARRY/bench_png" ] && [ "${DEVICE:-cuda}" != cpu ]; then
+  IMAGES="$CARRY/bench_png" timeout "${BENCH_SECONDS:-240}" bash benchmarks/gpu_bench.sh "${BENCH_N:-2048}" 2>&1 \
+    | tee "$OUT/gpu_bench.log"
+fi
 # success only if a choice was made and the chosen model's weights travel back
 [ -f "$CV/choice.json" ] && ls "$OUT"/*.pt.part0 > /dev/null 2>&1 || { echo "gpu_cv.sh: no model was chosen or packed" >&2; exit 1; }

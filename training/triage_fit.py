@@ -9,11 +9,13 @@ cross-validation) this module makes, as pure functions:
   sensitivity, specificity and flag rate measured on folds the threshold was not chosen on, its
   PPV at the NIH prevalence, and whether it is flagged at all (its AUROC's 95% CI must stay above
   0.5) (:func:`operating_points`);
-- P(any finding): a logistic regression on the 14 calibrated logits (non-negative weights, so a
-  higher probability of any finding never lowers it), fitted with weights that give the
+- P(any finding): a logistic regression on -log(1 - p) of the 14 calibrated probabilities (a
+  weighted noisy-OR; non-negative weights, so a higher probability of any finding never lowers
+  it), fitted with weights that give the
   development images the NIH table's finding prevalences, its intercept moved to NIH's share of
-  studies with a finding (:func:`fit_any_finding`), and the normal bucket's cutoff
-  (:func:`normal_cutoff`);
+  studies with a finding (:func:`fit_any_finding`), and the normal bucket's cutoff with the same
+  weights (:func:`normal_cutoff`): studies below it are "normal" and carry no finding flag
+  unless an urgent finding is flagged (:mod:`cxr_batch.triage`);
 - what the buckets and the worklist order did, every choice cross-fitted (fitted on the other
   folds, applied to this one) (:func:`cross_fitted_triage`).
 
@@ -26,7 +28,7 @@ import numpy as np
 
 from cxr_batch.findings import FINDINGS
 from cxr_batch.thresholds import at_specificity
-from cxr_batch.triage import TriagePolicy, triage, worklist_key
+from cxr_batch.triage import FEATURES, TriagePolicy, any_features, triage, worklist_key
 
 from . import cvstats
 
@@ -113,14 +115,15 @@ def operating_points(y: np.ndarray, p: np.ndarray, folds: np.ndarray, patients: 
 
 
 # ---------------------------------------------------------------- P(any finding)
-def fit_any_finding(z: np.ndarray, any_finding: np.ndarray, weights: np.ndarray, target_rate: float,
+def fit_any_finding(p: np.ndarray, any_finding: np.ndarray, weights: np.ndarray, target_rate: float,
                     C: float = 1.0) -> tuple[np.ndarray, float]:
-    """(weights [14], bias): P(any) = sigmoid(bias + z . weights) from calibrated logits z [N, 14],
-    fitted by weighted logistic regression with every weight >= 0 (a negative one is dropped and
-    the fit repeated), then the bias moved so that the weighted mean of P(any) is
-    ``target_rate``."""
+    """(weights [14], bias): P(any) = sigmoid(bias + -log(1 - p) . weights) from calibrated
+    probabilities p [N, 14], fitted by weighted logistic regression with every weight >= 0 (a
+    negative one is dropped and the fit repeated), then the bias moved so that the weighted mean
+    of P(any) is ``target_rate``."""
     from sklearn.linear_model import LogisticRegression
 
+    z = any_features(p)
     keep = list(range(z.shape[1]))
     while True:
         lr = LogisticRegression(C=C, max_iter=5000).fit(z[:, keep], any_finding, sample_weight=weights)
@@ -141,18 +144,23 @@ def fit_any_finding(z: np.ndarray, any_finding: np.ndarray, weights: np.ndarray,
     return w, (lo + hi) / 2
 
 
-def p_any(z: np.ndarray, w: np.ndarray, bias: float) -> np.ndarray:
-    return cvstats.sigmoid(bias + z @ w)
+def p_any(p: np.ndarray, w: np.ndarray, bias: float) -> np.ndarray:
+    return cvstats.sigmoid(bias + any_features(p) @ w)
 
 
-def normal_cutoff(p_any_values: np.ndarray, any_finding: np.ndarray, max_missed: float = 0.15) -> float:
-    """The highest cutoff c such that at most ``max_missed`` of the studies with a finding have
-    P(any) < c (the normal bucket may hold at most that share of them)."""
-    positives = np.sort(p_any_values[any_finding == 1])
-    allowed = int(np.floor(max_missed * len(positives) + 1e-9))  # positives that may fall below
-    if allowed >= len(positives):
-        return float(np.nextafter(positives[-1], 1.0))
-    return float(positives[allowed])  # strictly below it: the `allowed` lowest positives
+def normal_cutoff(p_any_values: np.ndarray, any_finding: np.ndarray, max_missed: float = 0.15,
+                  weights: np.ndarray | None = None) -> float:
+    """The highest cutoff c such that at most ``max_missed`` of the studies with a finding
+    (weighted by ``weights``, e.g. to the NIH mix of findings) have P(any) < c: the normal bucket
+    may hold at most that share of them."""
+    pos = any_finding == 1
+    order = np.argsort(p_any_values[pos])
+    values = p_any_values[pos][order]
+    w = (np.ones(pos.sum()) if weights is None else np.asarray(weights, dtype=float)[pos])[order]
+    below = np.concatenate([[0.0], np.cumsum(w)]) / w.sum()  # share strictly below values[i]
+    allowed = np.flatnonzero(below[:-1] <= max_missed + 1e-12)
+    i = allowed[-1]  # the highest candidate whose share below stays within the bound
+    return float(values[i])
 
 
 # ---------------------------------------------------------------- what the buckets do
@@ -186,20 +194,19 @@ def fit_policy(y: np.ndarray, p: np.ndarray, folds: np.ndarray, weights: np.ndar
                specificity: float, max_missed: float, flaggable: np.ndarray) -> tuple[TriagePolicy, dict]:
     """The triage policy fitted on these (out-of-fold) probabilities: thresholds at
     ``specificity``, P(any) and its normal cutoff. Returns (policy, its parameters)."""
-    z = logit(np.clip(p, 1e-6, 1 - 1e-6))
     any_finding = (y.sum(axis=1) > 0).astype(int)
-    w, bias = fit_any_finding(z, any_finding, weights, any_rate)
+    w, bias = fit_any_finding(p, any_finding, weights, any_rate)
     # the cutoff is a rule on out-of-fold P(any): the P(any) model cross-fitted on the folds
     if len(np.unique(folds)) < 2:  # one fold left (a 2-fold cross-fit's inner fit): halves instead
         folds = np.arange(len(y)) % 2
     oof_any = np.zeros(len(y))
     for f in np.unique(folds):
         held = folds == f
-        wf, bf = fit_any_finding(z[~held], any_finding[~held], weights[~held], any_rate)
-        oof_any[held] = p_any(z[held], wf, bf)
-    cut = normal_cutoff(oof_any, any_finding, max_missed)
+        wf, bf = fit_any_finding(p[~held], any_finding[~held], weights[~held], any_rate)
+        oof_any[held] = p_any(p[held], wf, bf)
+    cut = normal_cutoff(oof_any, any_finding, max_missed, weights)
     policy = TriagePolicy(at_specificity(y, p, specificity), flaggable, w, bias, cut)
-    return policy, {"weights": w.tolist(), "bias": bias, "normal_below": cut}
+    return policy, {"features": FEATURES, "weights": w.tolist(), "bias": bias, "normal_below": cut}
 
 
 def cross_fitted_triage(y: np.ndarray, p: np.ndarray, folds: np.ndarray, weights: np.ndarray, any_rate: float,
