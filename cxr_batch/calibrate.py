@@ -33,11 +33,12 @@ import numpy as np
 from scipy.special import expit, logit
 
 from . import __version__, metrics
-from .bundle import WEIGHTS_FILE, Bundle, BundleError, load_bundle, sha256_file, write_manifest
+from .bundle import DEFAULT_BUNDLE, WEIGHTS_FILE, Bundle, BundleError, load_bundle, sha256_file, write_manifest
 from .calibration import (FINDING_MARGIN_SE, FOLDS, MARGIN_SE, METHODS, MIN_POSITIVES, PULL, Calibration,
                           FitReport, fit_findings, from_fits)
 from .discover import find_candidates
 from .findings import FINDINGS
+from .folders import refuse_overlap
 from .inference import BatchOptions, Engine, score_batches
 from .labels import LabelsError, LabelTable, Matching, match_labels
 from .metadata import load_metadata_csv
@@ -211,9 +212,11 @@ def summary_lines(report: FitReport, calibration: Calibration, base: Bundle, thr
 
 
 def run_calibrate(studies: Path, labels: LabelTable, out: Path, opts: CalibrateOptions) -> CalibrateResult:
-    """Fit, choose thresholds, write the new bundle. Raises BundleError, MetadataError, LabelsError."""
+    """Fit, choose thresholds, write the new bundle. Raises FolderOverlap, BundleError, MetadataError,
+    LabelsError; those that need no model before it loads."""
+    refuse_overlap(out, {"the studies folder": studies})
+    check_destination(Path(out), Path(opts.weights) if opts.weights else DEFAULT_BUNDLE)
     base = load_bundle(opts.weights)
-    check_destination(Path(out), base.path)
     scores = score_labelled(Path(studies), labels, base, opts)
     if len(scores.files) == 0:
         raise LabelsError("no labelled study was scored: " + "; ".join(scores.matching.problems() or ["no studies"]))

@@ -2,8 +2,10 @@
 
 Exit codes: 0 every file scored or deliberately skipped; 3 some files failed but the rest
 were written; 4 (scan) the folder held no file at all (an unmounted share, a wrong path):
-results.csv is empty; 5 (monitor) a drift alarm; 2 usage error; 1 nothing could be done (bad
-weights, metadata or device; merge: missing or inconsistent shards).
+results.csv is empty; 5 (monitor) a drift alarm; 2 usage error (also: an output folder in or around
+an input folder); 1 nothing could be done (bad weights, metadata or device; results folder in use or
+holding an earlier scan; merge: missing or inconsistent shards); 130 / 143 (scan) stopped by SIGINT /
+SIGTERM, every study scored until then written.
 """
 
 from __future__ import annotations
@@ -55,17 +57,21 @@ def run_fatal_errors(debug: bool, action):
     error (2); bad weights, metadata, labels or files mean nothing could be done (1); a bug is
     said plainly (``--debug`` shows the traceback)."""
     from .bundle import BundleError
+    from .config import ConfigError
     from .device import DeviceError
     from .folderlock import FolderBusy
+    from .journal import EarlierResults
     from .labels import LabelsError
     from .metadata import MetadataError
 
     try:
         return action()
-    except DeviceError as e:
+    except (DeviceError, ConfigError) as e:  # ConfigError: e.g. --out inside the studies (cxr_batch.folders)
         fail(str(e), debug, EXIT_USAGE)
-    except (BundleError, FolderBusy, MetadataError, LabelsError) as e:
+    except (BundleError, FolderBusy, MetadataError, LabelsError, EarlierResults) as e:
         fail(str(e), debug)
+    except KeyboardInterrupt:  # a command without a graceful stop (scan has one): nothing half-written
+        fail("interrupted (Ctrl-C): stopped; nothing was written", debug, exit_codes.INTERRUPTED)
     except OSError as e:
         fail(f"{e.filename or ''}: {e.strerror or e}", debug)
     except Exception as e:  # a bug: say so plainly; --debug shows the traceback
@@ -176,25 +182,42 @@ run_options = options(RUN_OPTIONS)
 @click.option("--batch-size", type=click.IntRange(1, 4096), help="Images per forward pass.  [default: 16]")
 @click.option("--shard", callback=parse_shard, metavar="i/N",
               help="Process only shard i of N: a deterministic 1/N of the files (merge the shards with merge).")
+@click.option("--resume", "earlier", flag_value="resume",
+              help="OUT holds an earlier (or interrupted) scan of STUDIES: keep the rows of files scored before "
+                   "(unchanged content, same weights) and score only the rest.")
+@click.option("--overwrite", "earlier", flag_value="overwrite",
+              help="OUT holds an earlier scan: delete its results.csv, run.json and reports, and scan again.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar, warnings only.")
 @DEBUG_OPTION
 def scan(studies, out, config_file, weights, metadata, device, precision, workers, urgent, pdf, heatmaps, dicom_pdf,
-         dicom_sr, title, institution, follow_links, batch_size, shard, quiet, debug):
-    """Score every frontal chest radiograph under STUDIES into OUT/results.csv."""
-    from .config import ConfigError
-    from .scan import ScanConfig, run_scan
+         dicom_sr, title, institution, follow_links, batch_size, shard, earlier, quiet, debug):
+    """Score every frontal chest radiograph under STUDIES into OUT/results.csv.
 
-    setup_logging(quiet, debug)
-    private_files()
+    Ctrl-C or SIGTERM stops after the current batch: every study scored so far is written
+    (exit 130 or 143) and --resume finishes the scan. A second scan into the same OUT is
+    refused unless --resume or --overwrite says what to do with the first one's results.
+    """
+    from .stopping import StopSignal
+
+    stop = StopSignal().install()  # before the heavy imports: a Ctrl-C while loading is a clean stop
     try:
-        cfg = load_config(ScanConfig, config_file, "scan", weights=weights, metadata=metadata, device=device,
-                          precision=precision, batch_size=batch_size, workers=workers, urgent=urgent, shard=shard,
-                          pdf=pdf, heatmaps=heatmaps, dicom_pdf=dicom_pdf, dicom_sr=dicom_sr, title=title,
-                          institution=institution, follow_links=follow_links, progress=False if quiet else None)
-    except ConfigError as e:
-        fail(str(e), debug, EXIT_USAGE)
-    summary = run_fatal_errors(debug, lambda: run_scan(studies, out, cfg))
-    click.echo(summary.line(), err=True)
+        from .config import ConfigError
+        from .scan import ScanConfig, run_scan
+
+        setup_logging(quiet, debug)
+        private_files()
+        try:
+            cfg = load_config(ScanConfig, config_file, "scan", weights=weights, metadata=metadata, device=device,
+                              precision=precision, batch_size=batch_size, workers=workers, urgent=urgent,
+                              shard=shard, pdf=pdf, heatmaps=heatmaps, dicom_pdf=dicom_pdf, dicom_sr=dicom_sr,
+                              title=title, institution=institution, follow_links=follow_links,
+                              progress=False if quiet else None)
+        except ConfigError as e:
+            fail(str(e), debug, EXIT_USAGE)
+        summary = run_fatal_errors(debug, lambda: run_scan(studies, out, cfg, earlier or "refuse", stop))
+    finally:
+        stop.restore()
+    click.echo(("cxr-batch: " if summary.stopped_by else "") + summary.line(), err=True)
     sys.exit(summary.exit_code)
 
 
@@ -243,7 +266,7 @@ def run_daemon(build, out: Path, debug: bool):
         daemon = build(stop)
     except (ConfigError, DeviceError) as e:
         fail(str(e), debug, EXIT_USAGE)
-    except (BundleError, FolderBusy, LedgerError, MetadataError) as e:
+    except (BundleError, FolderBusy, LedgerError, MetadataError, NodeError) as e:  # NodeError: a port in use
         fail(str(e), debug)
     except OSError as e:
         fail(f"{e.filename or out}: {e.strerror or e}", debug)

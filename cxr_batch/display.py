@@ -1,7 +1,8 @@
 """How values read to a person: finding names, dates, ages, person names, right-to-left text.
 
 Reports and the worklist show values through these functions only, so a finding, a date or an
-age reads the same everywhere a person sees it. results.csv keeps the raw values.
+age reads the same everywhere a person sees it. results.csv keeps the raw values (its study
+date is written with format_date too: YYYY-MM-DD).
 """
 
 from __future__ import annotations

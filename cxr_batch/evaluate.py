@@ -20,6 +20,7 @@ import numpy as np
 from . import metrics
 from .bundle import DEFAULT_BUNDLE, atomic_write_bytes, read_manifest
 from .findings import FINDINGS
+from .journal import EarlierResults
 from .labels import LabelsError, LabelTable, Matching, match_labels
 from .results import read_results
 from .scan import ScanConfig, ScanSummary, run_scan
@@ -206,7 +207,11 @@ def run_evaluate(studies: Path, labels: LabelTable, out: Path, cfg: ScanConfig =
     was scored."""
     out = Path(out)
     cfg = replace(cfg, metadata=str(labels.path) if labels.has_patient_data else None, pdf=False)
-    summary = run_scan(studies, out, cfg)
+    if (out / "results.csv").exists() and not (out / "evaluation.json").exists():
+        raise EarlierResults(f"{out} holds the results of a scan (results.csv without evaluation.json): an "
+                             f"evaluation would replace them; choose another --out (or remove that results.csv "
+                             f"if it is left from an evaluation that was stopped)")
+    summary = run_scan(studies, out, cfg, earlier="overwrite")  # an earlier evaluation here is replaced
     data = labelled_results(read_results(summary.results), labels)
     if len(data.y) == 0:
         raise LabelsError("no labelled study was scored: " + "; ".join(data.matching.problems() or ["no studies"]))

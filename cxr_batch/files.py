@@ -47,3 +47,19 @@ def atomic_write_bytes(path: Path, data: bytes, mode: int = FILE_MODE) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def remove_stale_temp(*folders: Path) -> int:
+    """Remove our temp files (``.<name>.<random>.tmp``, as :func:`atomic_write_bytes` and the
+    results writer make them) that a killed run left in ``folders``: never left where users
+    look, never mistaken for results. Call it only while holding the folder's lock (a running
+    writer's temp file is not stale). Returns how many were removed."""
+    removed = 0
+    for folder in folders:
+        if not Path(folder).is_dir():
+            continue
+        for p in Path(folder).iterdir():
+            if p.name.startswith(".") and p.name.endswith(".tmp") and p.is_file():
+                p.unlink(missing_ok=True)
+                removed += 1
+    return removed

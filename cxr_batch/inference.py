@@ -8,6 +8,7 @@ callers (CSV, PDF reports, the watcher) consume results as they come and memory 
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import logging
 import sys
@@ -217,11 +218,13 @@ def score_batches(candidates: list[Candidate], engine: Engine, options: BatchOpt
     if own:
         reader = StudyReader(workers, options.rules, options.limits).__enter__()
     prep, encoding = engine.bundle.preprocessing, engine.bundle.encoding
-    progress = None
+    progress, bar = None, contextlib.ExitStack()
     if options.progress and sys.stderr.isatty():
         from tqdm import tqdm
+        from tqdm.contrib.logging import logging_redirect_tqdm
 
-        progress = tqdm(total=len(candidates), unit="img", desc="scan", file=sys.stderr)
+        progress = bar.enter_context(tqdm(total=len(candidates), unit="img", desc="scan", file=sys.stderr))
+        bar.enter_context(logging_redirect_tqdm())  # log lines print above the bar, never into it
     # crop/resize/normalise of a batch in threads (torch releases the GIL) while workers read ahead
     threads = ThreadPoolExecutor(max(1, min(4, available_cores())), thread_name_prefix="cxr-prep")
     studies = reader.read(candidates, ahead=2 * options.batch_size, metadata=metadata, min_side=prep.min_side)
@@ -243,5 +246,4 @@ def score_batches(candidates: list[Candidate], engine: Engine, options: BatchOpt
         threads.shutdown()
         if own:
             reader.close()
-        if progress is not None:
-            progress.close()
+        bar.close()

@@ -36,6 +36,16 @@ def study_key(path: Path, rules: ScoringRules) -> tuple[str, str]:
     return (f"uid:{uid}" if uid else f"sha256:{content}"), content
 
 
+def content_sha256(path: Path) -> str:
+    """The sha256 of a regular file's whole content (what a resumed scan compares to know that
+    a file is the one it scored). Raises OSError, or ReadError for a FIFO or device."""
+    with open_regular(path) as f:
+        h = hashlib.sha256()
+        for chunk in iter(lambda: f.read(HASH_CHUNK), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def _dicom_uid(f, head: bytes) -> str:
     kind = sniff(head[:132])
     if kind in ("png", "jpeg"):

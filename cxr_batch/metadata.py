@@ -16,7 +16,7 @@ from pathlib import Path
 
 from .patient import PatientData, patient_from_values
 from .readers import open_regular
-from .study import Identifiers, ReadError, StudyHeader
+from .study import Identifiers, ReadError, StudyHeader, clean_text
 
 NIH_COLUMNS = {"Image Index": "file", "Patient ID": "patient_id", "Patient Age": "age",
                "Patient Gender": "sex", "View Position": "view"}
@@ -66,6 +66,10 @@ def load_metadata_csv(path: Path, only: set[str] | None = None) -> dict[str, Met
     """Read an NIH-style table (CSV, or gzip-compressed CSV) into {image file name: row}.
     ``only`` keeps just those names (a scan needs the rows of its own files, not all 112,120
     of the NIH table). MetadataError names the file and what is wrong with it."""
+    return _rows(_read_table(path), only)
+
+
+def _read_table(path: Path):
     import pandas as pd  # only when a table is given: it costs the start-up of every command otherwise
 
     path = Path(path)
@@ -90,6 +94,10 @@ def load_metadata_csv(path: Path, only: set[str] | None = None) -> dict[str, Met
         raise MetadataError(f"metadata file {path} lacks column(s) {missing}; expected the NIH Data_Entry columns")
     table = table[list(NIH_COLUMNS)].rename(columns=NIH_COLUMNS)
     table["file"] = table["file"].str.strip()
+    return table
+
+
+def _rows(table, only: set[str] | None) -> dict[str, MetadataRow]:
     if only is not None:
         table = table[table["file"].isin(only)]
     rows = {}
@@ -97,6 +105,44 @@ def load_metadata_csv(path: Path, only: set[str] | None = None) -> dict[str, Met
         rows[rec.file] = MetadataRow(rec.patient_id.strip(), rec.age.strip() or None, rec.sex.strip() or None,
                                      rec.view.strip() or None)
     return rows
+
+
+@dataclass(frozen=True)
+class MetadataMatch:
+    """How many of a scan's files the metadata table has a row for (matched by file name)."""
+
+    table: str  # the table's path
+    files: int  # files the scan reads
+    matched: int  # of those, files with a row
+    table_rows: int
+    unmatched_example: str = ""  # a file name without a row
+    table_example: str = ""  # a name the table has
+
+    def problem(self) -> str | None:
+        """A warning line when some files get nothing from the table, with how to fix it."""
+        if self.files == 0 or self.matched == self.files:
+            return None
+        missing = self.files - self.matched
+        example, named = clean_text(self.unmatched_example, 80), clean_text(self.table_example, 80)
+        return (f"--metadata {self.table} has a row for {self.matched} of {self.files} files (matched by file name, "
+                f"'Image Index'): {missing} get no patient data from it and are scored with what their header or "
+                f"sidecar says, else unknown, which can change their triage; e.g. file {example!r} has no row, "
+                f"while the table names files like {named!r}. Fix: give the table of these images, or name the "
+                f"images as the table does (DICOM files need no row: their header has the patient data)")
+
+    def to_dict(self) -> dict:
+        return {"table": self.table, "files": self.files, "matched": self.matched, "table_rows": self.table_rows,
+                "unmatched_example": self.unmatched_example, "table_example": self.table_example}
+
+
+def load_metadata_for(path: Path, names: list[str]) -> tuple[dict[str, MetadataRow], MetadataMatch]:
+    """The table's rows for the files named ``names`` (base names, one per file) and how well
+    the table matches them. MetadataError as :func:`load_metadata_csv`."""
+    table = _read_table(path)
+    rows = _rows(table, set(names))
+    unmatched = next((n for n in names if n not in rows), "")
+    example = next((n for n in table["file"] if n), "")
+    return rows, MetadataMatch(str(path), len(names), sum(n in rows for n in names), len(table), unmatched, example)
 
 
 def patient_from_metadata(row: MetadataRow) -> PatientData:

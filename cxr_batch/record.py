@@ -10,10 +10,12 @@ keep it whole (the patient name included) in the watch daemon's ledger.
 from __future__ import annotations
 
 import hashlib
+import re
 from dataclasses import dataclass, field, fields
 from typing import Literal
 
 from . import acquisition as acq
+from .display import format_date
 from .findings import FINDINGS
 from .image_stats import COLUMNS as IMAGE_COLUMNS, ImageStats
 from .patient import SOURCE_UNKNOWN, PatientData
@@ -61,6 +63,14 @@ def log_name(file: str) -> str:
 
 def from_spreadsheet(text: str) -> str:
     return text[1:] if text.startswith("'") and text[1:].startswith(FORMULA_STARTS) else text
+
+
+ISO_DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
+
+
+def _dicom_date(text: str) -> str:
+    """results.csv's study date (YYYY-MM-DD) back as DICOM DA (YYYYMMDD); other text as it is."""
+    return text.replace("-", "") if ISO_DATE.match(text) else text
 
 
 @dataclass
@@ -124,6 +134,9 @@ class StudyRecord:
         p = self.patient
         row = {"file": self.file, "status": self.status, "reason": self.reason}
         row.update({k: getattr(self.ids, k) for k in CSV_IDENTIFIERS})
+        # YYYY-MM-DD: a date to a person and a spreadsheet, and text to pandas (DICOM's 20240301 is
+        # read as the number 20240301.0); from_row() turns it back into DICOM DA
+        row["study_date"] = format_date(self.ids.study_date) or self.ids.study_date
         row.update({
             "age": "" if p.age is None else f"{p.age:g}", "age_source": p.age_source,
             "sex": p.sex or "", "sex_source": p.sex_source,
@@ -170,7 +183,8 @@ class StudyRecord:
                 p_any=float(get("p_any")) if get("p_any") else None,
             )
         return cls(file=row["file"], status=get("status") or "error", reason=row.get("reason") or "",
-                   ids=Identifiers(**{k: row.get(k) or "" for k in CSV_IDENTIFIERS}), patient=patient,
+                   ids=Identifiers(**{k: row.get(k) or "" for k in CSV_IDENTIFIERS}
+                                   | {"study_date": _dicom_date(row.get("study_date") or "")}), patient=patient,
                    scores=scores, report=get("report"), model=get("model"), weights_sha256=get("weights_sha256"),
                    worklist_rank=int(get("worklist_rank")) if get("worklist_rank") else None,
                    acquisition=acq.Acquisition.from_row(row), image_stats=ImageStats.from_row(row),

@@ -36,6 +36,7 @@ from reportlab.lib.styles import ParagraphStyle
 from reportlab.lib.units import mm
 from reportlab.pdfbase import pdfmetrics
 from reportlab.pdfbase.ttfonts import TTFont
+from reportlab.pdfgen.canvas import Canvas
 from reportlab.platypus import Image, KeepInFrame, Paragraph, SimpleDocTemplate, Spacer, Table, TableStyle
 from xml.sax.saxutils import escape
 
@@ -568,8 +569,36 @@ def _footer(canvas, doc):
     canvas.setFont("Helvetica", 6.5)
     canvas.setFillColor(colors.grey)
     canvas.drawString(doc.leftMargin, 6 * mm, "cxr-batch: decision support, not a diagnosis")
-    canvas.drawRightString(doc.pagesize[0] - doc.rightMargin, 6 * mm, f"Page {doc.page}")
+    if isinstance(canvas, PageCountCanvas):  # "Page N of M", drawn once M is known
+        canvas.number_at = (doc.pagesize[0] - doc.rightMargin, 6 * mm)
+    else:
+        canvas.drawRightString(doc.pagesize[0] - doc.rightMargin, 6 * mm, f"Page {doc.page}")
     canvas.restoreState()
+
+
+class PageCountCanvas(Canvas):
+    """A canvas that holds its pages until the document is done, then numbers them "Page N of
+    M" at the place the footer gave (``number_at``), in the footer's font."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._pages, self.number_at = [], None
+
+    def showPage(self):
+        self._pages.append(dict(self.__dict__))
+        self._startPage()
+
+    def save(self):
+        for n, page in enumerate(self._pages, start=1):
+            self.__dict__.update(page)
+            if self.number_at is not None:
+                self.saveState()
+                self.setFont("Helvetica", 6.5)
+                self.setFillColor(colors.grey)
+                self.drawRightString(*self.number_at, f"Page {n} of {len(self._pages)}")
+                self.restoreState()
+            super().showPage()
+        super().save()
 
 
 # ---------------------------------------------------------------- worklist
@@ -646,7 +675,7 @@ def worklist_pdf(records: list[StudyRecord], options: ReportOptions, info: Model
                                                   ("VALIGN", (0, 0), (-1, -1), "TOP")], repeatRows=1))
     story += [Spacer(1, 3 * mm), Paragraph(escape(DISCLAIMER), st["body"]),
               Paragraph(escape(_model_line(info, generated)), st["small"])]
-    doc.build(story, onFirstPage=_footer, onLaterPages=_footer)
+    doc.build(story, onFirstPage=_footer, onLaterPages=_footer, canvasmaker=PageCountCanvas)
     return buf.getvalue()
 
 
@@ -708,7 +737,10 @@ class ReportWriter:
         name = report_name(key or record.file)
         pdf = study_pdf(record, grey, cams, self.model_info, self.options, dt.datetime.now().astimezone(), grid)
         atomic_write_bytes(self.folder / name, pdf, mode=REPORT_MODE)
-        if self.options.dicom_pdf:
+        if self.options.dicom_pdf and not record.ids.sop_class_uid:
+            # a PNG or JPEG has no DICOM study to attach a report to: a PACS would file it as a new patient
+            record.add_note("no DICOM encapsulated PDF: the source is not a DICOM image")
+        elif self.options.dicom_pdf:
             self.write_dicom(record, pdf, name)
         return name
 

@@ -184,11 +184,23 @@ def check_shards(inputs: list[Path], allow_partial: bool = False) -> None:
         log.warning("partial merge: %s", message)
 
 
+def refuse_output_among_inputs(inputs: list[Path], output: Path) -> None:
+    """The merged file never replaces a shard's own results.csv (or the run.json that says which
+    shard it is): MergeError before anything is read."""
+    target = Path(output).resolve()
+    for path in inputs:
+        path = Path(path).resolve()
+        if target in (path, path.parent / "run.json"):
+            raise MergeError(f"--out {output} is the shard's own {target.name} ({path}): the merge would overwrite "
+                             f"a shard; write it elsewhere, e.g. --out {path.parent.parent / 'merged_results.csv'}")
+
+
 def merge_results(inputs: list[Path], output: Path, allow_partial: bool = False) -> int:
     """Merge the results.csv of shards (``scan --shard i/N``) into one, sorted by file like a
     single scan. Needs every shard (:func:`check_shards`) unless ``allow_partial``. Refuses
     files of another schema and a file scored in two shards (the shards then overlapped:
     folders that differ between machines). Returns the number of rows written."""
+    refuse_output_among_inputs(inputs, output)
     check_shards(inputs, allow_partial)
     rows, seen = [], {}
     for path in inputs:

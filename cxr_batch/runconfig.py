@@ -37,7 +37,7 @@ class RunConfig:
         where = self.table
         validate(self, where)
         try:
-            check_findings(self.urgent)
+            self.urgent = tuple(check_findings(self.urgent))  # as the user typed them, any case: canonical names
         except ValueError as e:
             raise ConfigError(f"{where}.urgent: {e}") from None
 

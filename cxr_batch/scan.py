@@ -5,24 +5,27 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import exit_codes
-from .bundle import load_bundle, refuse_output_in_bundle
-from .files import atomic_write_bytes, private_dir
+from . import exit_codes, journal
+from .bundle import DEFAULT_BUNDLE, load_bundle, refuse_output_in_bundle
+from .files import atomic_write_bytes, private_dir, remove_stale_temp
 from .config import ConfigError, to_plain
 from .discover import find_candidates
 from .evidence import bundle_evidence
+from .folders import refuse_overlap
 from .inference import Engine, score_batches
-from .metadata import load_metadata_csv
-from .folderlock import FolderLock
+from .keys import content_sha256
+from .metadata import load_metadata_for
+from .folderlock import LOCK_NAME, FolderLock
 from .record import log_name
 from .results import AtomicCsvWriter
 from .runconfig import RunConfig
 from .runtime import default_workers, make_policy
 from .sandbox import StudyReader
+from .stopping import StopSignal
 
 log = logging.getLogger("cxr_batch")
 
@@ -55,115 +58,230 @@ class ScanSummary:
     worklist_failed: bool = False
     files_found: int = 0  # candidate files under the folder, before --shard
     without_patient_data: int = 0  # scored with age, sex and view all unknown
+    kept: int = 0  # rows kept from an earlier scan (--resume)
+    not_scored: int = 0  # files left when a signal stopped the scan
+    stopped_by: str = ""  # the signal's name (SIGINT, SIGTERM); empty for a complete scan
+    signum: int | None = None
 
     @property
     def exit_code(self) -> int:
+        if self.stopped_by:
+            return 128 + self.signum if self.signum else exit_codes.INTERRUPTED
         if self.files_found == 0:
             return exit_codes.NO_FILES
         failed = self.counts["error"] or self.reports_failed or self.worklist_failed
         return exit_codes.SOME_FAILED if failed else exit_codes.OK
 
     def line(self) -> str:
+        if self.stopped_by:
+            n = sum(self.counts.values())
+            return (f"stopped by {self.stopped_by}: the {n} rows written so far ({self.counts['ok']} scored) are in "
+                    f"{self.results} and run.json says the scan is incomplete; {self.not_scored} files not read yet: "
+                    f"run the same command with --resume to finish")
         if self.files_found == 0:
             return f"no files found: nothing scored (is the folder mounted?) -> {self.results}"
         n = sum(self.counts.values())
-        rate = self.counts["ok"] / self.seconds if self.seconds > 0 else 0.0
+        rate = (self.counts["ok"] - self.kept) / self.seconds if self.seconds > 0 else 0.0
         pr = ", ".join(f"{self.priorities[p]} {p}" for p in ("urgent", "abnormal", "normal"))
         outputs = ""
         if self.reports_failed or self.worklist_failed:
             outputs = (f"; {self.reports_failed} report(s)" + (" and the worklist" if self.worklist_failed else "")
                        + " could not be written (see the log)")
-        return (f"{n} files: {self.counts['ok']} scored ({pr}; {self.without_patient_data} without patient data), "
+        kept = f"{self.kept} kept from the earlier scan; " if self.kept else ""
+        bare = self.without_patient_data
+        return (f"{n} files: {self.counts['ok']} scored ({kept}{pr}; {bare} without patient data), "
                 f"{self.counts['skipped']} skipped, {self.counts['error']} failed in {self.seconds:.1f} s "
                 f"({rate:.1f} images/s){outputs} -> {self.results}")
 
 
-def run_scan(studies: Path, out: Path, cfg: ScanConfig = ScanConfig()) -> ScanSummary:
+def run_scan(studies: Path, out: Path, cfg: ScanConfig = ScanConfig(), earlier: str = "refuse",
+             stop: StopSignal | None = None) -> ScanSummary:
     """Scan ``studies`` into ``out/results.csv``, and PDF reports into ``out/reports`` when
-    ``cfg.pdf``. Raises BundleError, MetadataError, DeviceError or FolderBusy when nothing can
-    be done. A report or the worklist that cannot be written costs only itself: results.csv
-    is written and the summary's exit code says 3."""
+    ``cfg.pdf``. ``earlier``: what to do with an earlier scan's results in ``out`` ("refuse",
+    "resume" or "overwrite", cxr_batch.journal); ``stop``: set (by SIGINT/SIGTERM) to end
+    after the current batch, every study scored so far written and run.json marked incomplete.
+
+    Every refusal that needs no model comes first: the results folder inside the studies (or
+    the reverse) or in a weights bundle (FolderOverlap, BundleError), a bad device
+    (DeviceError), the folder in use (FolderBusy), an earlier scan's results
+    (EarlierResults), an unreadable metadata table (MetadataError). A report or the worklist
+    that cannot be written costs only itself: results.csv is written and the exit code says 3."""
     studies, out = Path(studies), Path(out)
+    refuse_overlap(out, {"the scanned folder": studies})
+    bundle_dir = Path(cfg.weights) if cfg.weights else DEFAULT_BUNDLE
+    refuse_output_in_bundle(out, bundle_dir)
     policy = make_policy(cfg.device, cfg.precision)
-    options = cfg.batch_options(cfg.progress)
-    workers = default_workers(policy.device) if cfg.workers is None else cfg.workers
-    # the reading workers start while the model loads
-    with StudyReader(workers, cfg.scoring, options.limits) as reader:
-        bundle = load_bundle(cfg.weights)
-        refuse_output_in_bundle(out, bundle.path)
-        log.info("model %s (bundle sha256 %s...) on %s", bundle.label, bundle.sha256[:12], policy.describe())
-        evidence = bundle_evidence(bundle.manifest, bundle.path)
-        if evidence.problem:
-            log.warning("weights %s have no validation evidence (%s): how often they are right is not known; "
-                        "every report says so", bundle.label, evidence.problem)
-        private_dir(out)
-        with FolderLock(out, "scan"):
-            return _scan(studies, out, cfg, bundle, policy, options, reader, evidence.problem)
-
-
-def _scan(studies: Path, out: Path, cfg: ScanConfig, bundle, policy, options, reader,
-          evidence_problem: str) -> ScanSummary:
     candidates = find_candidates(studies, exclude=[out], follow_links=cfg.follow_links)
     files_found = len(candidates)
-    if not files_found:
-        log.warning("no files under %s: nothing to score (an unmounted share or a wrong path?)", studies)
     if cfg.shard is not None:
         index, count = cfg.shard
         candidates = [c for i, c in enumerate(candidates) if i % count == index]
-    metadata = None
+    metadata, match = None, None
     if cfg.metadata is not None:
-        metadata = load_metadata_csv(cfg.metadata, only={c.path.name for c in candidates})
-    log.info("%d candidate files under %s", len(candidates), studies)
+        metadata, match = load_metadata_for(cfg.metadata, [c.path.name for c in candidates if not c.problem])
+    settings = journal.row_settings(to_plain(cfg), content_sha256(cfg.metadata) if cfg.metadata else None)
+    created = not out.exists()
+    private_dir(out)
+    try:
+        with FolderLock(out, "scan"):
+            removed = remove_stale_temp(out, out / "reports", out / "dicom")
+            if removed:
+                log.info("removed %d temp file(s) an earlier scan left when it was killed", removed)
+            previous = journal.plan(out, earlier, studies, settings)
+            workers = default_workers(policy.device) if cfg.workers is None else cfg.workers
+            # the reading workers start while the model loads
+            with StudyReader(workers, cfg.scoring, cfg.batch_options().limits) as reader:
+                bundle = load_bundle(cfg.weights)
+                log.info("model %s (bundle sha256 %s...) on %s", bundle.label, bundle.sha256[:12],
+                         policy.describe())
+                evidence = bundle_evidence(bundle.manifest, bundle.path)
+                if evidence.problem:
+                    log.warning("weights %s have no validation evidence (%s): how often they are right is not "
+                                "known; every report says so", bundle.label, evidence.problem)
+                if previous.found and previous.mode == "overwrite":
+                    log.warning("%d files of the earlier scan deleted", previous.remove_outputs())
+                run = ScanRun(studies, out, cfg, bundle, policy, reader, previous, stop)
+                return run.scan(candidates, files_found, metadata, match, settings, evidence.problem)
+    except BaseException:
+        if created:  # a scan that could not start leaves no empty results folder behind
+            remove_if_unused(out)
+        raise
 
-    summary = ScanSummary(results=out / "results.csv", device=policy.describe(), files_found=files_found)
-    engine = Engine(bundle, policy)
-    reports = None
-    if cfg.pdf:
-        from .reports import ReportWriter
 
-        reports = ReportWriter(out / "reports", bundle, cfg.report_options())
-    srs = None
-    if cfg.dicom_sr:
-        from .sr import SR_FOLDER, SRWriter  # highdicom is imported only when SRs are made
+def remove_if_unused(out: Path) -> None:
+    """Remove a results folder this scan made when it holds nothing but its lock."""
+    try:
+        if [p.name for p in out.iterdir()] == [LOCK_NAME]:
+            (out / LOCK_NAME).unlink()
+            out.rmdir()
+    except OSError:
+        pass
 
-        srs = SRWriter(out / SR_FOLDER, bundle)
-    records = []
-    start = time.perf_counter()
-    with AtomicCsvWriter(summary.results) as writer:
-        for scored in score_batches(candidates, engine, options, metadata, reader=reader):
-            for pos, record in enumerate(scored.records):
-                if reports is not None and record.ok and not reports.report(record, scored.inputs(pos)):
-                    summary.reports_failed += 1
-                if srs is not None and record.ok and srs.report(record) is not None:
-                    summary.srs += 1
+
+class ScanRun:
+    """One scan's work once the model has loaded: score, write rows and reports, record the run."""
+
+    def __init__(self, studies: Path, out: Path, cfg: ScanConfig, bundle, policy, reader, previous, stop):
+        self.studies, self.out, self.cfg, self.bundle, self.policy = studies, out, cfg, bundle, policy
+        self.reader, self.previous, self.stop = reader, previous, stop
+        self.options = cfg.batch_options(cfg.progress)
+        self.summary = ScanSummary(results=out / "results.csv", device=policy.describe())
+        self.reports = None
+        if cfg.pdf:
+            from .reports import ReportWriter
+
+            self.reports = ReportWriter(out / "reports", bundle, cfg.report_options())
+        self.srs = None
+        if cfg.dicom_sr:
+            from .sr import SR_FOLDER, SRWriter  # highdicom is imported only when SRs are made
+
+            self.srs = SRWriter(out / SR_FOLDER, bundle)
+
+    def scan(self, candidates, files_found: int, metadata, match, settings: dict,
+             evidence_problem: str) -> ScanSummary:
+        cfg, summary = self.cfg, self.summary
+        summary.files_found = files_found
+        if not files_found:
+            log.warning("no files under %s: nothing to score (an unmounted share or a wrong path?)", self.studies)
+        if match is not None and match.problem():
+            log.warning("%s", match.problem())
+        kept, todo = self.previous.keep(candidates, self.bundle.sha256, cfg.pdf)
+        if kept:
+            log.info("--resume: %d studies scored before are kept (same file content, same weights); %d files to "
+                     "read", len(kept), len(todo))
+        log.info("%d candidate files under %s", len(candidates), self.studies)
+        engine = Engine(self.bundle, self.policy)
+        record_log = journal.Journal(self.previous, self.studies, settings)
+        records, scored_files = [], set()
+        waiting = deque(sorted(kept.items()))  # kept rows, merged into the file order of the new ones
+        start = time.perf_counter()
+        done = 0
+        with AtomicCsvWriter(summary.results) as writer:
+            def write(record, fresh: bool):
                 writer.write(record)
                 summary.counts[record.status] += 1
                 if record.ok:
                     summary.priorities[record.priority] += 1
                     summary.without_patient_data += record.patient.all_unknown
-                else:
+                    scored_files.add(record.file)
+                elif fresh:
                     log.warning("row %d (%s): %s: %s", writer.count, log_name(record.file), record.status,
                                 record.reason)
-            if reports is not None:
-                records.extend(scored.records)
-        if reports is not None:
+                if self.reports is not None:
+                    records.append(record)
+
             try:
-                summary.worklist = reports.write_worklist(records)
-            except Exception as e:  # results.csv is still written
-                summary.worklist_failed = True
-                log.error("worklist not written: %s: %s", type(e).__name__, e)
-    summary.seconds = time.perf_counter() - start
-    if summary.without_patient_data:
-        log.warning("%d studies scored without any patient data (age, sex and view unknown): their results rest "
-                    "on the image alone", summary.without_patient_data)
-    run_info = {
-        "studies": str(studies), "model": bundle.label, "weights_sha256": bundle.sha256,
-        "device": policy.describe(), "precision": policy.precision, "config": to_plain(cfg),
-        "files_found": files_found, "counts": dict(summary.counts), "priorities": dict(summary.priorities),
-        "scored_without_patient_data": summary.without_patient_data, "validation_evidence_problem": evidence_problem,
-        "seconds": round(summary.seconds, 3), "refined_in_fp32": engine.refined, "fp32_after_images": engine.fp32_from,
-    }
-    if cfg.dicom_sr:
-        run_info["dicom_sr_written"] = summary.srs
-    atomic_write_bytes(out / "run.json", (json.dumps(run_info, indent=2) + "\n").encode())
-    return summary
+                for batch in score_batches(todo, engine, self.options, metadata, reader=self.reader):
+                    for pos, record in enumerate(batch.records):
+                        while waiting and waiting[0][0] < record.file:
+                            write(waiting.popleft()[1], False)
+                        self.outputs(record, batch.inputs(pos))
+                        write(record, True)
+                        if record.ok:
+                            record_log.add(record, self._sha256(record), self.bundle.sha256)
+                    record_log.flush()  # what is written survives any stop, SIGKILL included
+                    done += len(batch.records)
+                    if self.stop:
+                        break
+                for _, record in waiting:
+                    write(record, False)
+            finally:
+                record_log.close()
+            summary.kept = len(kept)
+            summary.not_scored = len(todo) - done
+            summary.stopped_by = self.stop.signal_name if self.stop and summary.not_scored else ""
+            summary.signum = self.stop.signum if summary.stopped_by else None
+            if self.reports is not None:
+                try:
+                    summary.worklist = self.reports.write_worklist(records)
+                except Exception as e:  # results.csv is still written
+                    summary.worklist_failed = True
+                    log.error("worklist not written: %s: %s", type(e).__name__, e)
+        summary.seconds = time.perf_counter() - start
+        if not summary.stopped_by:
+            journal.remove_unlisted_outputs(self.out, scored_files)  # reports of files gone or changed since
+        if summary.without_patient_data:
+            log.warning("%d studies scored without any patient data (age, sex and view unknown): their results rest "
+                        "on the image alone", summary.without_patient_data)
+        self.write_run_json(engine, cfg, settings, evidence_problem, match)
+        return summary
+
+    def outputs(self, record, inputs) -> None:
+        """The study's PDF and SR, before its row (the row names its report)."""
+        if not record.ok:
+            return
+        if self.reports is not None and not self.reports.report(record, inputs):
+            self.summary.reports_failed += 1
+        if self.srs is not None and self.srs.report(record) is not None:
+            self.summary.srs += 1
+
+    def _sha256(self, record) -> str:
+        try:
+            return content_sha256(self.studies / record.file)
+        except Exception:  # gone since it was read: never matched by a resume, so it is read again
+            return ""
+
+    def write_run_json(self, engine, cfg: ScanConfig, settings: dict, evidence_problem: str, match) -> None:
+        summary = self.summary
+        run_info = {
+            "studies": str(self.studies), "model": self.bundle.label, "weights_sha256": self.bundle.sha256,
+            "device": self.policy.describe(), "precision": self.policy.precision, "config": to_plain(cfg),
+            "files_found": summary.files_found, "counts": dict(summary.counts), "priorities": dict(summary.priorities),
+            "scored_without_patient_data": summary.without_patient_data,
+            "validation_evidence_problem": evidence_problem,
+            "seconds": round(summary.seconds, 3), "refined_in_fp32": engine.refined,
+            "fp32_after_images": engine.fp32_from,
+            "complete": not summary.stopped_by, "kept_from_earlier_scan": summary.kept,
+        }
+        if summary.stopped_by:
+            run_info.update({"stopped_by": summary.stopped_by, "files_not_scored": summary.not_scored,
+                             "how_to_finish": RESUME_HINT})
+        if match is not None:
+            run_info["metadata_match"] = match.to_dict()
+        if cfg.dicom_sr:
+            run_info["dicom_sr_written"] = summary.srs
+        atomic_write_bytes(self.out / "run.json", (json.dumps(run_info, indent=2) + "\n").encode())
+
+
+RESUME_HINT = ("run the same scan command again with --resume (same folder, --out and options): the studies scored "
+               "are kept, the other files scored")

@@ -18,14 +18,21 @@ class StopSignal:
 
     def __init__(self):
         self.event = threading.Event()
+        self.signum: int | None = None  # the signal that asked for the stop (None: set in code)
 
     def install(self) -> "StopSignal":
-        signal.signal(signal.SIGTERM, self._on_signal)
-        signal.signal(signal.SIGINT, self._on_signal)
+        self._previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
         return self
+
+    def restore(self) -> None:
+        """The handlers that were there before :meth:`install` (a command run inside another
+        program, e.g. click's test runner, leaves its signals as it found them)."""
+        for s, handler in getattr(self, "_previous", {}).items():
+            signal.signal(s, handler)
 
     def _on_signal(self, signum, _frame) -> None:
         if not self.event.is_set():
+            self.signum = signum
             log.info("signal %d: finishing the current batch, then stopping", signum)
         self.event.set()
 
@@ -34,3 +41,7 @@ class StopSignal:
 
     def set(self) -> None:
         self.event.set()
+
+    @property
+    def signal_name(self) -> str:
+        return signal.Signals(self.signum).name if self.signum else "a stop request"

@@ -38,11 +38,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .bundle import load_bundle
-from .config import ConfigError, bounded
+from .config import bounded
 from .discover import Candidate, find_candidates, is_ignored_name
 from .drift_watch import DriftWatch
-from .files import atomic_write_bytes, private_dir
+from .files import atomic_write_bytes, private_dir, remove_stale_temp
 from .folderlock import FolderLock
+from .folders import refuse_overlap
 from .inference import Engine, model_inputs, score_batches
 from .keys import study_key
 from .ledger import Ledger, Outcome
@@ -126,11 +127,7 @@ class Watcher:
     def __init__(self, watch_dir: Path, out: Path, cfg: WatchConfig, stop: StopSignal | None = None):
         self.watch_dir, self.out, self.cfg = Path(watch_dir).resolve(), Path(out), cfg
         self.stop, self._install_stop = (stop, False) if stop is not None else (StopSignal(), True)
-        for name in ("archive_dir", "quarantine_dir"):
-            folder = getattr(cfg, name)
-            if folder and _inside(Path(folder), self.watch_dir):
-                raise ConfigError(f"watch.{name} = {folder!r} is inside the watched folder {self.watch_dir}: its "
-                                  f"files would be found and processed again; choose a folder outside it")
+        self.check_folders()  # before any folder is made or the model loads
         # The results folder is skipped when it lies inside the watched folder; the DICOM node
         # watches a spool inside its results folder, so there nothing is skipped.
         self.exclude = [] if _inside(self.watch_dir, self.out) else [self.out]
@@ -176,6 +173,17 @@ class Watcher:
         self.worklist_due = False
         self.worklist_built = 0.0
         self.csv_whole = False  # results.csv must be rewritten from the ledger
+
+    def check_folders(self) -> None:
+        """The results, archive and quarantine folders are apart from the watched folder
+        (FolderOverlap): results.csv in the watched folder would be read as a new study at every
+        append, an archived file found again, without end."""
+        refuse_overlap(self.out, {"the watched folder": self.watch_dir})
+        self.check_moves("the watched folder")
+
+    def check_moves(self, what: str) -> None:
+        for name in ("archive_dir", "quarantine_dir"):
+            refuse_overlap(getattr(self.cfg, name), {what: self.watch_dir}, f"--{name.replace('_', '-')}")
 
     # ------------------------------------------------------------------ lifecycle
     def run(self) -> int:
@@ -297,11 +305,7 @@ class Watcher:
 
     def cleanup_temp(self) -> None:
         """Our own temp files from a killed run (results, reports): never left where users look."""
-        for folder in (self.out, self.out / "reports"):
-            if folder.is_dir():
-                for p in folder.iterdir():
-                    if p.name.startswith(".") and p.name.endswith(".tmp"):
-                        p.unlink(missing_ok=True)
+        remove_stale_temp(self.out, self.out / "reports")
 
     # ------------------------------------------------------------------ start-up
     def rebuild_ledger(self) -> None:
@@ -672,24 +676,35 @@ class Watcher:
         return {}
 
 
-STATUS_SIZE = 4096
-
-
 def write_status(path: Path, status: dict) -> None:
-    """status.json, padded to a fixed size and rewritten in place once it exists: the update
-    needs no new disk blocks, so monitoring still reads "degraded: disk full" when the volume
-    is full (a temp file and a rename would fail exactly then)."""
+    """status.json, exactly the JSON, written atomically (a temp file and a rename: a monitor
+    reads the old state or the new one). On a full disk the temp file cannot be written: the
+    file is then rewritten in place within the blocks it already has (a few hundred bytes in a
+    block of 4 KiB), so monitoring still reads "degraded: disk full"."""
     data = (json.dumps(status, indent=2) + "\n").encode()
     try:
-        if len(data) <= STATUS_SIZE and path.exists() and path.stat().st_size == STATUS_SIZE:
-            fd = os.open(path, os.O_WRONLY)
-            try:
-                os.pwrite(fd, data.ljust(STATUS_SIZE), 0)
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        else:
-            atomic_write_bytes(path, data.ljust(STATUS_SIZE) if len(data) <= STATUS_SIZE else data)
-    except OSError as e:  # the log still says what happened
-        if e.errno != errno.ENOSPC:
+        atomic_write_bytes(path, data)
+    except OSError as e:
+        if e.errno == errno.ENOSPC and _rewrite_in_place(path, data):
+            return
+        if e.errno != errno.ENOSPC:  # the log still says what happened
             log.error("status.json not written: %s", e.strerror or e)
+
+
+def _rewrite_in_place(path: Path, data: bytes) -> bool:
+    """Overwrite ``path`` with ``data`` when that needs no new disk block; False otherwise."""
+    try:
+        fd = os.open(path, os.O_WRONLY)
+    except OSError:
+        return False
+    try:
+        if len(data) > os.fstat(fd).st_blocks * 512:
+            return False
+        os.pwrite(fd, data, 0)
+        os.ftruncate(fd, len(data))
+        os.fsync(fd)
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)

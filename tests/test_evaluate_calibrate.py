@@ -25,6 +25,10 @@ from cxr_batch.results import read_results
 from cxr_batch.scan import ScanConfig
 
 FAST = dict(device="cpu", batch_size=8, workers=0, progress=False)
+# Scans whose numbers are compared with another run's: float32 on every CPU (auto is bf16 on one
+# with native bf16, and bf16 moves probabilities by up to a few thousandths). Calibrate scores in
+# float32 whatever the machine.
+EXACT = dict(FAST, precision="fp32")
 
 
 def cli(*args):
@@ -161,9 +165,9 @@ def test_calibrate_on_half_the_patients_helps_the_other_half(tmp_path, nih, nih_
     assert prov["labels"]["sha256"] == labels.sha256 and prov["base"]["bundle_sha256"] == old.sha256
     assert prov["n_per_finding"]["Infiltration"]["n"] == 60 and prov["date"]
 
-    cfg = ScanConfig(**FAST)
-    ev_base, _ = run_evaluate(half_b, labels, tmp_path / "eval_base", ScanConfig(weights=str(base), **FAST), 0)
-    ev_new, _ = run_evaluate(half_b, labels, tmp_path / "eval_new", ScanConfig(weights=str(result.bundle), **FAST), 0)
+    cfg = ScanConfig(**EXACT)
+    ev_base, _ = run_evaluate(half_b, labels, tmp_path / "eval_base", ScanConfig(weights=str(base), **EXACT), 0)
+    ev_new, _ = run_evaluate(half_b, labels, tmp_path / "eval_new", ScanConfig(weights=str(result.bundle), **EXACT), 0)
     assert cfg.weights is None
     assert ev_new["ece"] < ev_base["ece"]
     assert ev_new["mean_auroc"] == pytest.approx(ev_base["mean_auroc"], abs=0.005)  # ranking kept (6-decimal rounding)

@@ -130,9 +130,9 @@ def test_every_report_is_one_page_with_identifiers_findings_and_statements(examp
                     or re.search(rf"No positive evidence in the model's map for: [^.]*{finding_label(f)}", flat))
         if flagged:
             assert "8 x 8 grid" in flat  # v2 sees 64 px: its maps come from P3's 8 x 8 cells, stated
-        if row["study_date"]:
-            iso = f"{row['study_date'][:4]}-{row['study_date'][4:6]}-{row['study_date'][6:]}"
-            assert iso in txt and row["study_date"] not in txt
+        if row["study_date"]:  # results.csv and the report both say YYYY-MM-DD, never DICOM's YYYYMMDD
+            assert re.fullmatch(r"\d{4}-\d{2}-\d{2}", row["study_date"]), row["study_date"]
+            assert row["study_date"] in txt and row["study_date"].replace("-", "") not in txt
     dicom = {r["file"].split("/")[1]: r for r in rows if r["file"].startswith("dicom/")}
     (txt,) = pages(out / "reports" / dicom["NIH00574"]["report"])
     assert "DOE" in txt and "JANE" in txt and "ACC240312001" in txt and "63 years" in txt

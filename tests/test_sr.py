@@ -38,8 +38,8 @@ LONG = dict(PatientName="Ø" * 100 + "^" + "Z" * 80 + "^a^b^c^d^e^f", PatientID=
 
 
 def _scan(studies, out, bundle, **kw):
-    cfg = ScanConfig(weights=str(bundle), device="cpu", progress=False, batch_size=4, workers=0, pdf=False,
-                     dicom_sr=True, **kw)
+    cfg = ScanConfig(weights=str(bundle), device="cpu", precision="fp32", progress=False, batch_size=4, workers=0,
+                     pdf=False, dicom_sr=True, **kw)  # fp32: two scans' SRs are compared value for value
     return run_scan(studies, out, cfg)
 
 

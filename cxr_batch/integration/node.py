@@ -24,6 +24,7 @@ import hashlib
 import logging
 import os
 import shutil
+import socket
 import sqlite3
 import ssl
 import tempfile
@@ -432,6 +433,23 @@ class StorageSCP:
         self._aborted.discard(id(event.assoc))
 
 
+def check_address(host: str, port: int) -> None:
+    """Refuse (NodeError) an address the node could not listen on, a port another program
+    holds, before the model loads and before the results folder is made. The listener binds
+    it again when the node starts (as pynetdicom does: SO_REUSEADDR, so a port left in
+    TIME_WAIT by a stopped node is free)."""
+    shown = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                             flags=socket.AI_PASSIVE)[0]
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind(address)
+    except OSError as e:
+        raise NodeError(f"cannot listen on {shown}: {e.strerror or e} (another program, or another cxr-batch "
+                        f"listen, may hold the port: stop it or choose another --port)") from None
+
+
 def object_uid(path: Path) -> str:
     """The SOPInstanceUID of a DICOM file we wrote, from its file meta group."""
     from pydicom.filereader import read_file_meta_info
@@ -446,6 +464,7 @@ class Node(Watcher):
 
     def __init__(self, out: Path, cfg: ListenConfig, stop=None):
         tls, send_tls = cfg.tls_context(), cfg.send_tls_context()  # bad files stop the start before the model loads
+        check_address(cfg.host, cfg.port)  # ...and so does a port in use, before any folder is made
         super().__init__(Path(out) / STATE_DIR / SPOOL, out, cfg, stop)
         self.spool = Spool(self.watch_dir)
         self.scp = StorageSCP(cfg, self.spool, lambda path: self.events.put(str(path)), tls)
@@ -455,6 +474,11 @@ class Node(Watcher):
             retry_max=cfg.retry_max, tls=send_tls, refused_retry=cfg.refused_retry)
 
     # ------------------------------------------------------------------ lifecycle hooks
+    def check_folders(self) -> None:
+        """The spool lies inside the results folder by design; archive and quarantine folders
+        must be apart from it."""
+        self.check_moves("the spool")
+
     def cleanup_temp(self) -> None:
         super().cleanup_temp()
         n = self.spool.remove_temp()  # nothing is receiving yet

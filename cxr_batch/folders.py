@@ -1,0 +1,50 @@
+"""Outputs never mix with inputs: one check for every command that reads one folder and writes another.
+
+A results folder that is the scanned folder, lies inside it or contains it mixes what is read
+with what is written: a scan reads its own reports as studies (or excludes the whole folder and
+finds nothing), a watch daemon sees each append to results.csv as a new study and never stops,
+a calibrated bundle written into the studies would be scanned next time. Every command refuses
+such a pair before any work (before the model loads, before a folder is made), naming both
+folders and a place that works.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .config import ConfigError
+
+
+class FolderOverlap(ConfigError):
+    """An output folder that is, contains or lies inside an input folder (a usage error, exit 2)."""
+
+
+def _relation(output: Path, source: Path) -> str | None:
+    if output == source:
+        return "is"
+    if source in output.parents:
+        return "lies inside"
+    if output in source.parents:
+        return "contains"
+    return None
+
+
+def refuse_overlap(output: Path | str | None, inputs: dict[str, Path | str | None], option: str = "--out") -> None:
+    """Raise :class:`FolderOverlap` when ``output`` is, lies inside or contains any folder of
+    ``inputs`` ({what the folder is, e.g. "the scanned folder": path}; None entries are
+    skipped). Paths are compared resolved (symbolic links and ``..`` followed), so a link to
+    the input folder is the input folder; ``output`` need not exist yet (None: not given)."""
+    if output is None:
+        return
+    out = Path(output).resolve()
+    for what, source in inputs.items():
+        if source is None:
+            continue
+        folder = Path(source).resolve()
+        relation = _relation(out, folder)
+        if relation is None:
+            continue
+        beside = folder.parent / f"{folder.name}-results"  # a sibling of the input is always apart from it
+        raise FolderOverlap(f"{option} {out} {relation} {what} {folder}: results and inputs must be kept apart "
+                            f"(what is written would be read again as input, or the input hidden with the "
+                            f"results); choose a folder outside it, e.g. {option} {beside}")

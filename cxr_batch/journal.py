@@ -1,0 +1,256 @@
+"""A scan into a results folder that already holds results: refuse, resume or overwrite; never replace silently.
+
+Every scan keeps a journal, ``RESULTS_DIR/.cxr-batch/scan-journal.jsonl``: a first line with
+what decides a row (the scanned folder and the settings), then one line per scored study (its
+file, the sha256 of the file's content, the bundle_sha256 it was scored with and its whole
+record, patient name included, for the worklist). Lines are flushed to disk after every batch,
+so the journal survives Ctrl-C, SIGTERM and SIGKILL alike.
+
+A second scan into a folder that holds an earlier scan's results:
+
+- without an option, is refused before the model loads, saying what is there (an unfinished
+  scan, or a complete one) and the two ways on;
+- with ``--resume``, keeps the rows of studies scored before from a file whose content is
+  unchanged, by the same bundle (bundle_sha256) and with their PDF still there, and scores
+  only the rest (new, changed, failed or skipped files); refused when the earlier scan was of
+  another folder or made with other settings (urgent findings, metadata, scoring rules,
+  reports...), since its rows would then differ from new ones;
+- with ``--overwrite``, deletes the earlier results.csv, run.json, journal, reports and SRs
+  (files named by cxr-batch only) once the model has loaded, then scans anew.
+
+A results folder of the watch daemon or the DICOM node (it has their ledger) is never a scan's.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .files import FILE_MODE, private_dir
+from .keys import content_sha256
+from .record import StudyRecord
+
+log = logging.getLogger("cxr_batch")
+
+STATE_DIR = ".cxr-batch"  # as the watch daemon's (cxr_batch.watch.STATE_DIR)
+JOURNAL = "scan-journal.jsonl"
+LEDGER = "ledger.sqlite"
+FORMAT = 1
+EARLIER_MODES = ("refuse", "resume", "overwrite")
+# Settings that change how fast a scan runs, not its rows: they may differ when resuming.
+# The weights are compared by bundle_sha256, study by study.
+RUNTIME_SETTINGS = ("device", "precision", "batch_size", "workers", "progress", "read_memory_mb", "read_timeout",
+                    "weights", "metadata")
+OUR_OUTPUT = re.compile(r"^cxr_[0-9a-f]+\.(pdf|dcm|sr\.dcm)$")  # reports, encapsulated PDFs, SRs
+OUTPUT_FOLDERS = ("reports", "dicom")
+
+
+class EarlierResults(Exception):
+    """The results folder holds an earlier scan's results, and the command does not say what
+    to do with them (or cannot resume them)."""
+
+
+def row_settings(config: dict, metadata_sha256: str | None) -> dict:
+    """What decides a study's row, from a scan's configuration (``to_plain``): the metadata
+    table by its content, not its path."""
+    settings = {k: v for k, v in config.items() if k not in RUNTIME_SETTINGS}
+    settings["metadata_sha256"] = metadata_sha256
+    return json.loads(json.dumps(settings))  # as the journal holds them: tuples are lists
+
+
+@dataclass
+class Entry:
+    sha256: str
+    bundle_sha256: str
+    record: StudyRecord
+
+
+@dataclass
+class Earlier:
+    """What an earlier scan left in the results folder, and what this scan does with it."""
+
+    out: Path
+    mode: str = "refuse"
+    entries: dict[str, Entry] = field(default_factory=dict)  # resume: scored studies by file
+    found: bool = False  # earlier results are there
+
+    @property
+    def journal(self) -> Path:
+        return self.out / STATE_DIR / JOURNAL
+
+    def keep(self, candidates, bundle_sha256: str, need_report: bool) -> tuple[dict[str, StudyRecord], list]:
+        """Split ``candidates`` into the earlier records kept ({file: record}) and those to
+        score: a record is kept when its file still has the content it was scored from, by
+        this bundle, and (``need_report``) its PDF is still there."""
+        kept, todo = {}, []
+        for cand in candidates:
+            entry = self.entries.get(cand.rel)
+            if entry is not None and cand.problem is None and entry.bundle_sha256 == bundle_sha256 and (
+                    not need_report or self._has_report(entry.record)):
+                try:
+                    same = content_sha256(cand.path) == entry.sha256
+                except Exception:  # unreadable now: read again, its row says why
+                    same = False
+                if same:
+                    kept[cand.rel] = entry.record
+                    continue
+            todo.append(cand)
+        return kept, todo
+
+    def _has_report(self, record: StudyRecord) -> bool:
+        return bool(record.report) and (self.out / "reports" / record.report).is_file()
+
+    def remove_outputs(self) -> int:
+        """``--overwrite``: the earlier scan's files, named by cxr-batch only (a user's own
+        files in the folder are left alone). Returns how many were removed."""
+        removed = 0
+        for name in ("results.csv", "run.json", f"{STATE_DIR}/{JOURNAL}", "reports/worklist.pdf"):
+            path = self.out / name
+            if path.is_file():
+                path.unlink()
+                removed += 1
+        return removed + remove_unlisted_outputs(self.out, None)
+
+
+def remove_unlisted_outputs(out: Path, scored: set[str] | None) -> int:
+    """Reports, encapsulated PDFs and SRs under ``out`` that belong to no scored study
+    (``scored``: the files of the rows with status ok; None: remove them all): removed, so no
+    PDF is left without its row."""
+    keep = set()
+    if scored:
+        from .reports import report_name  # reportlab only when there are reports to keep
+
+        for file in scored:
+            stem = report_name(file).removesuffix(".pdf")  # the PDF, its .dcm and the SR share it
+            keep.update((f"{stem}.pdf", f"{stem}.dcm", f"{stem}.sr.dcm"))
+    removed = 0
+    for folder in OUTPUT_FOLDERS:
+        path = out / folder
+        if not path.is_dir():
+            continue
+        for p in path.iterdir():
+            if OUR_OUTPUT.match(p.name) and p.name not in keep and p.is_file():
+                p.unlink(missing_ok=True)
+                removed += 1
+    return removed
+
+
+def read_journal(path: Path) -> tuple[dict | None, dict[str, Entry]]:
+    """The journal's header and its entries, the last one per file. A line cut short by a
+    kill, or not JSON, is skipped."""
+    header, entries = None, {}
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return None, {}
+    for line in text.splitlines():
+        try:
+            item = json.loads(line)
+            if "journal" in item:
+                header = item
+            else:
+                entries[item["file"]] = Entry(item["sha256"], item["bundle_sha256"],
+                                              StudyRecord.from_json(item["record"]))
+        except (ValueError, KeyError, TypeError):
+            continue
+    return header, entries
+
+
+def _run_info(out: Path) -> dict:
+    try:
+        info = json.loads((out / "run.json").read_text())
+        return info if isinstance(info, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def describe(out: Path, journal_entries: int) -> str:
+    """One phrase on what the earlier scan left."""
+    run = _run_info(out)
+    if run.get("complete") is False:
+        return (f"an unfinished scan ({run.get('stopped_by') or 'stopped'}: {journal_entries} studies scored, "
+                f"{run.get('files_not_scored', 'some')} files not scored yet)")
+    if not run and journal_entries:
+        return f"an unfinished scan (killed: {journal_entries} studies scored, no run.json written)"
+    rows = sum(run.get("counts", {}).values()) if isinstance(run.get("counts"), dict) else None
+    return "the results of an earlier scan" + (f" ({rows} rows)" if rows is not None else "")
+
+
+def plan(out: Path, mode: str, studies: Path, settings: dict) -> Earlier:
+    """What this scan does with an earlier scan's results in ``out`` (call it holding the
+    folder's lock, before the model loads). Raises EarlierResults when it must not go on."""
+    if mode not in EARLIER_MODES:
+        raise ValueError(f"mode {mode!r}: expected one of {', '.join(EARLIER_MODES)}")
+    out = Path(out)
+    earlier = Earlier(out, mode)
+    if (out / STATE_DIR / LEDGER).exists():
+        raise EarlierResults(f"{out} is the results folder of a watch daemon or DICOM node (it has their ledger): "
+                             f"a scan writes a folder of its own; choose another --out")
+    header, entries = read_journal(earlier.journal)
+    earlier.found = any((out / name).exists() for name in ("results.csv", "run.json")) or earlier.journal.exists()
+    if not earlier.found:
+        if mode == "resume":
+            log.info("--resume: no earlier scan in %s; scanning everything", out)
+        return earlier
+    what = describe(out, len(entries))
+    if mode == "refuse":
+        raise EarlierResults(
+            f"{out} already holds {what}; a scan never replaces results silently: add --resume to keep the rows "
+            f"of files scored before (unchanged files, same weights) and score only the rest, or --overwrite to "
+            f"delete them (results.csv, run.json, reports) and scan again, or choose another --out")
+    if mode == "overwrite":
+        log.warning("%s held %s: replaced (deleted once the model has loaded)", out, what)
+        return earlier
+    if header is None:
+        raise EarlierResults(f"cannot resume in {out}: its results were not written by a scan of this version (no "
+                             f"journal of what each row was scored from); use --overwrite or another --out")
+    if header.get("studies") != str(Path(studies).resolve()):
+        raise EarlierResults(f"cannot resume in {out}: its earlier scan was of {header.get('studies')}, not "
+                             f"{Path(studies).resolve()}; use --overwrite or another --out")
+    before = header.get("settings") or {}
+    changed = sorted(k for k in set(before) | set(settings) if before.get(k) != settings.get(k))
+    if changed:
+        detail = "; ".join(f"{k}: {before.get(k)!r} then, {settings.get(k)!r} now" for k in changed)
+        raise EarlierResults(f"cannot resume in {out}: the earlier scan used other settings, so its rows would "
+                             f"differ from new ones ({detail}); give the same options, or use --overwrite")
+    earlier.entries = entries
+    log.info("--resume: %s held %s; %d scored studies may be kept", out, what, len(entries))
+    return earlier
+
+
+class Journal:
+    """The journal of this scan: appended to (resume) or started anew, flushed every batch."""
+
+    def __init__(self, earlier: Earlier, studies: Path, settings: dict):
+        path = earlier.journal
+        private_dir(path.parent)
+        append = earlier.mode == "resume" and bool(earlier.entries)
+        flags = os.O_WRONLY | os.O_CREAT | (os.O_APPEND if append else os.O_TRUNC)
+        self._fd = os.open(path, flags, FILE_MODE)
+        os.fchmod(self._fd, FILE_MODE)
+        self.path = path
+        self._lines: list[str] = []
+        if not append:
+            self._lines.append(json.dumps({"journal": FORMAT, "studies": str(Path(studies).resolve()),
+                                           "settings": settings}))
+            self.flush()
+
+    def add(self, record: StudyRecord, sha256: str, bundle_sha256: str) -> None:
+        self._lines.append(json.dumps({"file": record.file, "sha256": sha256, "bundle_sha256": bundle_sha256,
+                                       "record": record.to_json()}))
+
+    def flush(self) -> None:
+        if self._lines:
+            os.write(self._fd, ("\n".join(self._lines) + "\n").encode("utf-8"))
+            os.fsync(self._fd)
+            self._lines.clear()
+
+    def close(self) -> None:
+        if self._fd is not None:
+            self.flush()
+            os.close(self._fd)
+            self._fd = None

@@ -1,0 +1,377 @@
+"""The unlucky operator (issue 21): mistakes a new operator makes, on real NIH images, through the CLI.
+
+Each mistake is refused early with the reason and the fix, or the safe thing is done and said;
+nothing scored is lost and nothing loops.
+"""
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pandas as pd
+import pytest
+
+from cxr_batch.folderlock import FolderLock
+from cxr_batch.results import AtomicCsvWriter, read_records, read_results
+from cxr_batch.scan import ScanConfig, run_scan
+
+from .dicomgen import grey, write
+from .test_evaluate_calibrate import cli_here
+from .watchkit import free_port, node_config, watch_config
+
+JOURNAL = (".cxr-batch", "scan-journal.jsonl")
+LOADED = "bundle sha256"  # the log line of a model that has loaded
+
+
+def cli(*args, timeout=300):
+    """The real command line in a process of its own."""
+    return subprocess.run([sys.executable, "-m", "cxr_batch", *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def listing(folder):
+    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*"))
+
+
+def copies(tmp_path, images, name="many"):
+    folder = tmp_path / name
+    folder.mkdir()
+    for p in images:
+        shutil.copy(p, folder / p.name)
+    return folder
+
+
+def quick(bundle, **kw):
+    """A fast in-process scan configuration (float32: rows are compared between runs)."""
+    return ScanConfig(**{"weights": str(bundle), "device": "cpu", "precision": "fp32", "batch_size": 4, "workers": 0,
+                         "progress": False, "heatmaps": False, **kw})
+
+
+def journal_lines(out):
+    try:
+        return out.joinpath(*JOURNAL).read_text().count("\n")
+    except OSError:
+        return 0
+
+
+def scored_as(row):
+    """A row without its worklist_rank: a study's rank is among all the rows of the run it ends up in."""
+    return {k: v for k, v in row.items() if k != "worklist_rank"}
+
+
+def orphans(out):
+    """Reports no row names (the worklist aside)."""
+    named = {r["report"] for r in read_results(out / "results.csv")}
+    return [p.name for p in (out / "reports").glob("cxr_*.pdf") if p.name not in named]
+
+
+# ------------------------------------------------------------------ outputs apart from inputs
+@pytest.mark.parametrize("where", ["is", "inside", "contains"])
+def test_scan_results_in_or_around_the_studies_are_refused_before_any_work(studies, tmp_path, small_bundle, where):
+    out = {"is": studies, "inside": studies / "results", "contains": tmp_path}[where]
+    before = listing(tmp_path)
+    code, err = cli_here("scan", studies, "--out", out, "--weights", small_bundle, "--device", "cpu")
+    assert code == 2 and "the scanned folder" in err and "choose a folder outside it" in err, err
+    assert f"--out {studies.parent / 'studies-results'}" in err  # a place that works
+    assert LOADED not in err and listing(tmp_path) == before  # no model, nothing written
+
+
+def test_watch_with_results_in_the_watched_folder_is_refused_instead_of_looping(studies, tmp_path, small_bundle):
+    config = watch_config(tmp_path / "w.toml")
+    before = listing(studies)
+    for extra in (["--out", studies], ["--out", studies / "results"],
+                  ["--out", tmp_path / "out", "--quarantine-dir", studies / "failed"]):
+        proc = cli("watch", studies, *extra, "--weights", small_bundle, "--config", config, "--device", "cpu",
+                   timeout=120)  # a daemon that loops never exits: the timeout fails the test
+        assert proc.returncode == 2, proc.stderr
+        assert "the watched folder" in proc.stderr and "choose a folder outside it" in proc.stderr
+        assert LOADED not in proc.stderr and "Traceback" not in proc.stderr
+    assert listing(studies) == before and not (tmp_path / "out").exists()
+
+
+def test_listen_refuses_an_archive_around_its_spool_and_a_port_in_use_before_the_model(tmp_path, small_bundle):
+    config = node_config(tmp_path / "node.toml", port=free_port())
+    out = tmp_path / "node"
+    proc = cli("listen", "--out", out, "--archive-dir", out, "--weights", small_bundle, "--config", config,
+               "--device", "cpu", timeout=120)
+    assert proc.returncode == 2 and "contains the spool" in proc.stderr, proc.stderr
+    assert not out.exists()
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        proc = cli("listen", "--out", out, "--port", port, "--weights", small_bundle, "--config", config,
+                   "--device", "cpu", timeout=120)
+    assert proc.returncode == 1 and f"cannot listen on 127.0.0.1:{port}" in proc.stderr, proc.stderr
+    assert "choose another --port" in proc.stderr and LOADED not in proc.stderr
+    assert not out.exists()  # no empty results folder, ledger or status.json left behind
+
+
+def test_evaluate_and_calibrate_refuse_outputs_inside_the_studies(studies, tmp_path, nih, small_bundle):
+    before = listing(studies)
+    common = ["--labels", nih / "labels.csv", "--weights", small_bundle, "--device", "cpu", "--workers", 0]
+    for command in ("evaluate", "calibrate"):
+        code, err = cli_here(command, studies, *common, "--out", studies / "site")
+        assert code == 2 and "lies inside the s" in err and "choose a folder outside it" in err, (command, err)
+    assert listing(studies) == before
+
+
+def test_merge_never_writes_over_a_shard(studies, tmp_path, small_bundle):
+    shards = []
+    for i in range(2):
+        run_scan(studies, tmp_path / f"s{i}", quick(small_bundle, pdf=False, shard=(i, 2)))
+        shards.append(tmp_path / f"s{i}" / "results.csv")
+    before = shards[0].read_bytes()
+    for target in (shards[0], shards[1].parent / "run.json"):
+        proc = cli("merge", *shards, "--out", target)
+        assert proc.returncode == 1 and "would overwrite a shard" in proc.stderr, proc.stderr
+    assert shards[0].read_bytes() == before
+    assert cli("merge", *shards, "--out", tmp_path / "all.csv").returncode == 0
+
+
+# ------------------------------------------------------------------ an interrupted scan
+def start_scan(studies, out, bundle, *extra):
+    return subprocess.Popen([sys.executable, "-m", "cxr_batch", "scan", str(studies), "--out", str(out), "--weights",
+                             str(bundle), "--device", "cpu", "--precision", "fp32", "--batch-size", "2",
+                             "--workers", "1", *map(str, extra)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def interrupt_midway(proc, out, how):
+    """Send ``how`` once some studies are written, long before the last."""
+    end = time.time() + 240
+    while journal_lines(out) < 4 and proc.poll() is None and time.time() < end:
+        time.sleep(0.05)
+    assert proc.poll() is None, "the scan ended before it could be interrupted"
+    proc.send_signal(how)
+    # reaped first: reading workers end once their scan is gone, and a zombie still looks alive
+    returncode = proc.wait(timeout=240)
+    return returncode, proc.stderr.read()
+
+
+@pytest.mark.parametrize("how, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_an_interrupted_scan_keeps_every_study_scored_and_resumes(tmp_path, nih_images, small_bundle, how, code):
+    studies = copies(tmp_path, nih_images[:40])
+    out = tmp_path / "out"
+    returncode, err = interrupt_midway(start_scan(studies, out, small_bundle), out, how)
+    assert returncode == code, err
+    last = err.strip().splitlines()[-1]
+    assert f"stopped by {how.name}" in last and "--resume" in last and "Aborted" not in err
+    rows = read_results(out / "results.csv")
+    run = json.loads((out / "run.json").read_text())
+    assert 0 < len(rows) < 40 and len(rows) == journal_lines(out) - 1  # every study scored is a row
+    assert run["complete"] is False and run["stopped_by"] == how.name and "--resume" in run["how_to_finish"]
+    assert run["files_not_scored"] == 40 - len(rows)
+    assert orphans(out) == [] and not list(out.glob(".*.tmp"))
+    if how == signal.SIGTERM:
+        return
+    # a plain scan into the folder is refused with the fix; nothing changes
+    first = (out / "results.csv").read_bytes()
+    again = cli("scan", studies, "--out", out, "--weights", small_bundle, "--device", "cpu")
+    assert again.returncode == 1 and "unfinished scan" in again.stderr and "--resume" in again.stderr
+    assert LOADED not in again.stderr and (out / "results.csv").read_bytes() == first
+    # --resume finishes it: the rows scored before are kept as they were
+    done = cli("scan", studies, "--out", out, "--weights", small_bundle, "--device", "cpu", "--precision", "fp32",
+               "--resume", "--quiet")
+    assert done.returncode == 0, done.stderr
+    final = {r["file"]: r for r in read_results(out / "results.csv")}
+    assert len(final) == 40 and all(scored_as(final[r["file"]]) == scored_as(r) for r in rows)
+    run = json.loads((out / "run.json").read_text())
+    assert run["complete"] is True and run["kept_from_earlier_scan"] == len(rows) and run["counts"] == {"ok": 40}
+    assert orphans(out) == [] and len(list((out / "reports").glob("cxr_*.pdf"))) == 40
+
+
+def test_a_killed_scan_leaves_nothing_the_next_one_does_not_clean_or_reuse(tmp_path, nih_images, small_bundle):
+    studies = copies(tmp_path, nih_images[:80])
+    out = tmp_path / "out"
+    proc = start_scan(studies, out, small_bundle, "--no-pdf")
+    interrupt_midway(proc, out, signal.SIGKILL)
+    scored = journal_lines(out) - 1
+    assert list(out.glob(".results.csv.*.tmp")) and not (out / "results.csv").exists()
+    refused = cli("scan", studies, "--out", out, "--weights", small_bundle, "--device", "cpu", "--no-pdf")
+    assert refused.returncode == 1 and "killed" in refused.stderr and "--resume" in refused.stderr
+    done = cli("scan", studies, "--out", out, "--weights", small_bundle, "--device", "cpu", "--no-pdf",
+               "--resume", "--quiet")
+    assert done.returncode == 0, done.stderr
+    assert not list(out.glob(".*.tmp")) and len(read_results(out / "results.csv")) == 80
+    assert json.loads((out / "run.json").read_text())["kept_from_earlier_scan"] >= scored > 0
+
+
+def test_a_second_scan_never_silently_replaces_the_first(studies, tmp_path, nih_images, small_bundle):
+    out = tmp_path / "out"
+    run_scan(studies, out, quick(small_bundle))
+    first = (out / "results.csv").read_bytes()
+    proc = cli("scan", studies, "--out", out, "--weights", small_bundle, "--device", "cpu")
+    assert proc.returncode == 1 and "already holds the results of an earlier scan (6 rows)" in proc.stderr
+    assert "--resume" in proc.stderr and "--overwrite" in proc.stderr and LOADED not in proc.stderr
+    assert (out / "results.csv").read_bytes() == first
+    # --overwrite: the earlier results go, and with them the report of a study no longer there
+    gone = sorted(studies.iterdir())[0]
+    gone.unlink()
+    run_scan(studies, out, quick(small_bundle), earlier="overwrite")
+    assert len(read_results(out / "results.csv")) == 5 and orphans(out) == []
+    assert len(list((out / "reports").glob("cxr_*.pdf"))) == 5
+    # --resume after one study changed and one came: only those two are read
+    before = {r["file"]: r for r in read_results(out / "results.csv")}
+    changed = sorted(studies.iterdir())[0]
+    shutil.copy(nih_images[10], changed)
+    shutil.copy(nih_images[11], studies / "new.png")
+    summary = run_scan(studies, out, quick(small_bundle), earlier="resume")
+    after = {r["file"]: r for r in read_results(out / "results.csv")}
+    assert summary.kept == 4 and len(after) == 6 and orphans(out) == []
+    assert all(scored_as(after[f]) == scored_as(before[f]) for f in before if f != changed.name)
+    assert after[changed.name]["p_Mass"] != before[changed.name]["p_Mass"]
+    # resuming with settings that change rows is refused
+    proc = cli("scan", studies, "--out", out, "--weights", small_bundle, "--device", "cpu", "--resume",
+               "--urgent", "Mass")
+    assert proc.returncode == 1 and "urgent" in proc.stderr and "--overwrite" in proc.stderr
+
+
+def test_a_busy_results_folder_is_refused_before_the_model_loads(studies, tmp_path, small_bundle):
+    out = tmp_path / "out"
+    out.mkdir()
+    with FolderLock(out, "scan"):
+        proc = cli("scan", studies, "--out", out, "--weights", small_bundle, "--device", "cpu")
+    assert proc.returncode == 1 and "is in use by cxr-batch scan" in proc.stderr
+    assert LOADED not in proc.stderr and listing(out) == [".cxr-batch.lock"]
+
+
+def test_a_scan_that_cannot_start_leaves_no_results_folder(studies, tmp_path, small_bundle, nih_images):
+    proc = cli("scan", studies, "--out", tmp_path / "o1", "--weights", small_bundle, "--device", "cpu",
+               "--metadata", nih_images[0])  # an image given as the metadata table
+    assert proc.returncode == 1 and "is not a CSV file" in proc.stderr and LOADED not in proc.stderr
+    shutil.copytree(small_bundle, tmp_path / "bad")
+    with open(tmp_path / "bad" / "model.pt", "r+b") as f:
+        f.seek(200)
+        f.write(b"\x00\x01\x02")
+    proc = cli("scan", studies, "--out", tmp_path / "o2", "--weights", tmp_path / "bad", "--device", "cpu")
+    assert proc.returncode == 1 and "checksum" in proc.stderr
+    assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()
+
+
+# ------------------------------------------------------------------ metadata that matches nothing
+def test_metadata_that_matches_no_file_is_said_with_counts_and_an_example(studies, tmp_path, nih, small_bundle):
+    table = pd.read_csv(nih / "labels.csv", dtype=str)
+    renamed = table.assign(**{"Image Index": "IMG_" + table["Image Index"]})  # the images were renamed since
+    renamed.to_csv(tmp_path / "renamed.csv", index=False)
+    out = tmp_path / "out"
+    proc = cli("scan", studies, "--out", out, "--metadata", tmp_path / "renamed.csv", "--weights", small_bundle,
+               "--device", "cpu", "--no-pdf")
+    assert proc.returncode == 0 and len(read_results(out / "results.csv")) == 6  # the scan still runs
+    first = sorted(p.name for p in studies.iterdir())[0]
+    assert "has a row for 0 of 6 files" in proc.stderr and f"e.g. file '{first}' has no row" in proc.stderr
+    assert "names files like 'IMG_" in proc.stderr and "Fix:" in proc.stderr
+    match = json.loads((out / "run.json").read_text())["metadata_match"]
+    assert match["matched"] == 0 and match["files"] == 6 and match["unmatched_example"] == first
+    # half of them: said too; all of them: nothing to say
+    table[~table["Image Index"].isin(sorted(p.name for p in studies.iterdir())[:3])].to_csv(tmp_path / "half.csv",
+                                                                                             index=False)
+    run_scan(studies, tmp_path / "o2", quick(small_bundle, pdf=False, metadata=str(tmp_path / "half.csv")))
+    assert json.loads((tmp_path / "o2" / "run.json").read_text())["metadata_match"]["matched"] == 3
+    run_scan(studies, tmp_path / "o3", quick(small_bundle, pdf=False, metadata=str(nih / "labels.csv")))
+    match = json.loads((tmp_path / "o3" / "run.json").read_text())["metadata_match"]
+    assert match["matched"] == match["files"] == 6 and match["unmatched_example"] == ""
+
+
+# ------------------------------------------------------------------ smaller things
+def test_findings_are_typed_in_any_case_and_a_typo_gets_a_suggestion(studies, tmp_path, small_bundle):
+    from cxr_batch.watch import WatchConfig
+
+    out = tmp_path / "out"
+    proc = cli("scan", studies, "--out", out, "--weights", small_bundle, "--device", "cpu", "--no-pdf",
+               "--urgent", "pneumothorax,pleural thickening")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((out / "run.json").read_text())["config"]["urgent"] == ["Pneumothorax", "Pleural_Thickening"]
+    assert WatchConfig(urgent=("EFFUSION",)).urgent == ("Effusion",)  # a [watch] or [scan] table too
+    typo = cli("scan", studies, "--out", tmp_path / "o2", "--urgent", "Pnumothorax")
+    assert typo.returncode == 2 and "did you mean Pneumothorax" in typo.stderr
+
+
+def test_study_date_reads_as_a_date_in_pandas_and_back_as_dicom(tmp_path, nih_images, small_bundle):
+    studies = tmp_path / "studies"
+    write(studies / "one.dcm", grey(nih_images[0]), StudyDate="20240301")
+    run_scan(studies, tmp_path / "out", quick(small_bundle, pdf=False))
+    table = pd.read_csv(tmp_path / "out" / "results.csv")
+    assert table["study_date"].tolist() == ["2024-03-01"]  # text, not the float 20240301.0
+    assert read_records(tmp_path / "out" / "results.csv")[0].ids.study_date == "20240301"  # DICOM DA again
+
+
+def test_log_lines_do_not_break_the_progress_bar(studies, tmp_path, small_bundle):
+    """On a terminal: a warning printed mid-scan starts a line of its own, above the bar."""
+    import fcntl
+    import pty
+    import struct
+    import termios
+
+    (studies / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 64)  # an error row: a warning line
+    controller, terminal = pty.openpty()
+    fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 30, 100, 0, 0))  # a terminal 100 columns wide
+    proc = subprocess.Popen([sys.executable, "-m", "cxr_batch", "scan", str(studies), "--out", str(tmp_path / "o"),
+                             "--weights", str(small_bundle), "--device", "cpu", "--no-pdf", "--batch-size", "1",
+                             "--workers", "0"], stdout=subprocess.DEVNULL, stderr=terminal)
+    os.close(terminal)
+    output = b""
+    while True:
+        try:
+            chunk = os.read(controller, 65536)
+        except OSError:  # the terminal closed: the scan is done
+            break
+        if not chunk:
+            break
+        output += chunk
+    os.close(controller)
+    assert proc.wait(timeout=300) == 3  # the broken file's row
+    text = output.decode("utf-8", "replace")
+    assert "scan: " in text and "%|" in text  # the bar was drawn
+    (warning,) = [p for p in text.replace("\r", "\n").split("\n") if "corrupt or truncated PNG" in p]
+    assert warning.startswith("cxr-batch: row 7 (file#"), warning  # not glued to the end of a bar
+
+
+def test_status_json_is_exact_json_even_on_a_full_disk(small_disk):
+    from cxr_batch.watch import write_status
+
+    path = small_disk / "status.json"
+    write_status(path, {"state": "running", "reason": ""})
+    assert path.read_bytes() == (json.dumps({"state": "running", "reason": ""}, indent=2) + "\n").encode()
+    with open(small_disk / "filler", "wb", buffering=0) as f:  # fill the volume to the last block
+        try:
+            while f.write(b"\0" * 4096):
+                pass
+        except OSError:
+            pass
+    with pytest.raises(OSError):  # not even a temp file fits now
+        (small_disk / "probe").write_bytes(b"x" * 4096)
+    degraded = {"state": "degraded", "reason": "OSError: [Errno 28] No space left on device"}
+    write_status(path, degraded)
+    assert json.loads(path.read_bytes()) == degraded and path.read_bytes().endswith(b"}\n")
+
+
+def test_worklist_footer_says_page_n_of_m(tmp_path):
+    from pypdf import PdfReader
+
+    from cxr_batch.reports import ReportOptions, worklist_pdf
+
+    from .test_reports import NOW, model_info, scored
+
+    records = [scored({"Mass": 0.9 if i % 2 else 0.2}, file=f"s{i}.png", patient_id=f"P{i:03d}") for i in range(70)]
+    (tmp_path / "w.pdf").write_bytes(worklist_pdf(records, ReportOptions(), model_info(), NOW))
+    texts = [page.extract_text() for page in PdfReader(tmp_path / "w.pdf").pages]
+    assert len(texts) >= 2
+    for n, txt in enumerate(texts, start=1):
+        assert f"Page {n} of {len(texts)}" in txt
+
+
+def test_no_encapsulated_pdf_for_a_png_and_a_note_says_why(tmp_path, nih_images, small_bundle):
+    studies = copies(tmp_path, nih_images[:1], "mixed")
+    write(studies / "one.dcm", grey(nih_images[1]))
+    run_scan(studies, tmp_path / "out", quick(small_bundle, dicom_pdf=True))
+    rows = {r["file"]: r for r in read_results(tmp_path / "out" / "results.csv")}
+    png = rows[nih_images[0].name]
+    assert "no DICOM encapsulated PDF: the source is not a DICOM image" in png["notes"]
+    assert not (tmp_path / "out" / "reports" / png["report"].replace(".pdf", ".dcm")).exists()
+    assert (tmp_path / "out" / "reports" / rows["one.dcm"]["report"].replace(".pdf", ".dcm")).is_file()
