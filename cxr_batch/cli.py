@@ -32,7 +32,7 @@ def setup_logging(quiet: bool, debug: bool) -> None:
     logging.basicConfig(level=level, format="cxr-batch: %(message)s", stream=sys.stderr, force=True)
     # Libraries log a line per DICOM message (pynetdicom) or per object made (highdicom): warnings
     # only, unless --debug
-    for library in ("pynetdicom", "highdicom"):
+    for library in ("pynetdicom", "highdicom", "dicomweb_client"):
         logging.getLogger(library).setLevel(logging.DEBUG if debug else logging.WARNING)
 
 

@@ -6,7 +6,8 @@ fields, structure, lengths), from its :class:`~cxr_batch.record.StudyRecord`:
 - MSH: sending/receiving application and facility, MSH-10 control id derived from the source
   image and the bundle (:func:`control_id`: a retry, or the same result built again, carries
   the same id, so the RIS can drop the duplicate), processing id, version 2.5, UTF-8;
-- PID: PID-3 patient ID, PID-5 name (DICOM PN order mapped to XPN), PID-7 birth date, PID-8 sex;
+- PID: PID-3 patient ID, PID-5 name (DICOM PN order mapped to XPN; ``""``, HL7's explicit null,
+  when the record has none), PID-7 birth date, PID-8 sex;
 - ORC/OBR: the accession number as filler order number (ORC-3, OBR-3) and in OBR-18, the field
   IHE Scheduled Workflow maps to DICOM's Accession Number; OBR-4 the imaging procedure, OBR-7
   the study date/time, OBR-25 ``P`` (preliminary: no radiologist has read it); two NTEs name
@@ -176,9 +177,8 @@ def oru_r01(record: StudyRecord, *, thresholds: Mapping[str, float] | None = Non
         result = m.add_group("ORU_R01_PATIENT_RESULT")
         pid = result.add_group("ORU_R01_PATIENT").pid
         pid.pid_1, pid.pid_3 = "1", escape(ids.patient_id)
-        name = _person_name(ids.patient_name)
-        if name:
-            pid.pid_5 = name
+        # PID-5 is required: without a name (results.csv keeps none) HL7's explicit null "" says so
+        pid.pid_5 = _person_name(ids.patient_name) or '""'
         if _date(ids.patient_birth_date):
             pid.pid_7 = ids.patient_birth_date
         if ids.patient_sex.strip().upper() in ("M", "F", "O"):

@@ -188,9 +188,16 @@ class Sender:
                           self.refused_retry)
         return bool(items)
 
-    def drain(self, ledger: Ledger, until: float) -> None:
+    def drain(self, until: float, ledger: Ledger | None = None) -> None:
         """Send this channel's waiting objects in the calling thread, with the same back-off,
-        until none waits or none is due before ``until`` (epoch seconds)."""
+        until none waits or none is due before ``until`` (epoch seconds). ``ledger``: a
+        connection of this thread (default: one of its own)."""
+        if ledger is None:
+            ledger = Ledger(self.ledger_path)
+            try:
+                return self.drain(until, ledger)
+            finally:
+                ledger.close()
         while not self.halt.is_set() and time.time() < until:
             self.send_due(ledger, until)
             due = ledger.next_due(self.channel.name)

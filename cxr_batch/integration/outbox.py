@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import threading
 import time
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -237,11 +238,16 @@ class Outbox:
         for sender in self.senders:
             sender.stop()
 
-    def drain(self, ledger: Ledger, until: float) -> None:
-        """Send every channel's waiting objects in this thread until none waits or ``until``
-        (epoch seconds) passes; channel after channel (each is bounded by ``until``)."""
-        for sender in self.senders:
-            sender.drain(ledger, until)
+    def drain(self, until: float) -> None:
+        """Send every channel's waiting objects until none waits or ``until`` (epoch seconds)
+        passes: the channels side by side (a RIS that is down does not hold the archive's
+        objects back), each in a thread of its own; returns when all are done."""
+        threads = [threading.Thread(target=sender.drain, args=(until,), name=f"cxr-batch-drain-{sender.channel.name}")
+                   for sender in self.senders]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
 
     def waiting(self, ledger: Ledger) -> int:
         """Objects still waiting on this run's channels."""
@@ -322,7 +328,7 @@ def send_after_scan(out: Path, cfg) -> list[str]:
             entries = outbox.entries(studies)
             queued = ledger.queue_outbound([(key, entry) for key, items in entries.items() for entry in items])
             log.info("%d result(s) queued for %s", queued, ", ".join(str(c) for c in outbox.channels))
-            outbox.drain(ledger, time.time() + cfg.send_wait)
+            outbox.drain(time.time() + cfg.send_wait)
             return outbox.undelivered_lines(ledger, out)
         finally:
             ledger.close()
@@ -342,7 +348,7 @@ def send_queue(out: Path, channels: list[Channel], until: float, refused_retry: 
             try:
                 outbox = Outbox(out, path, channels, retry_max=SCAN_RETRY_MAX, refused_retry=refused_retry)
                 ledger.outbound_send_now()  # an operator asked: back-offs end now
-                outbox.drain(ledger, until)
+                outbox.drain(until)
                 lines += outbox.undelivered_lines(ledger, out)
             finally:
                 ledger.close()

@@ -148,6 +148,8 @@ class Source:
         self.cfg, self.pacs = cfg, cfg.source_pacs
         self.on_store, self.on_data = on_store, on_data
         self.assoc = None
+        self.moved_any = False  # a C-MOVE of this pull sent us something: the PACS knows us
+        self.silent_failures, self.silent_code = 0, 0  # C-MOVEs refused before sending anything
         self.lock = threading.Lock()  # the retrieval thread uses it; a stop aborts it from another
         self.msg_id = 0
 
@@ -290,14 +292,17 @@ class Source:
         # sub-operations with a warning stored their object too
         completed = sum(int(status.get(f"Number{k}Suboperations", 0) or 0) for k in ("OfCompleted", "OfWarning"))
         failed = int(status.get("NumberOfFailedSuboperations", 0) or 0)
-        if code == UNKNOWN_MOVE_DESTINATION:
-            raise PullError(
-                f"the PACS {self.pacs} does not know the move destination '{self.cfg.ae_title}' (0xA801): to send us "
-                f"the images it must know our AE title, this machine's address and our port ({self.cfg.port}). Add "
-                f"us to its DICOM nodes; in Orthanc's configuration: \"DicomModalities\": {{\"cxrbatch\": "
-                f"[\"{self.cfg.ae_title}\", \"<this machine's address>\", {self.cfg.port}]}} (then restart Orthanc, "
-                f"or PUT /modalities/cxrbatch), or pull with --retrieve get")
-        if code not in (SUCCESS, WARNING_SUBOPS, CANCELLED) and not completed:
+        failure = code not in (SUCCESS, WARNING_SUBOPS, CANCELLED) and code not in PENDING
+        if self.cfg.retrieve == "move":
+            if code == UNKNOWN_MOVE_DESTINATION:
+                raise PullError(self.unknown_destination(code))
+            self.moved_any = self.moved_any or completed > 0
+            if failure and not completed and not failed:  # refused before sending anything
+                self.silent_failures += 1
+                self.silent_code = code
+                if self.silent_failures >= 2 and not self.moved_any:  # not one series: the destination
+                    raise PullError(self.unknown_destination(code))
+        if failure and not completed:
             hint = ""
             if code in OUT_OF_RESOURCES and self.cfg.retrieve == "move":
                 hint = (f"; if the PACS cannot connect to us: is port {self.cfg.port} on {self.cfg.host} reachable "
@@ -306,6 +311,19 @@ class Source:
                         self.pacs, code, failed, hint)
             return completed, max(failed, 1)
         return completed, failed
+
+    def unknown_destination(self, code: int) -> str:
+        """A C-MOVE refused before any image was sent: 0xA801 says the destination is unknown;
+        Orthanc 1.10 answers 0xC000 for the same: C-MOVEs of two series (or of every series of a
+        pull with one) refused so, and none sending anything, are read as that."""
+        said = "move destination unknown" if code == UNKNOWN_MOVE_DESTINATION else \
+            "no image sent; a PACS answers 0xA801 'move destination unknown', Orthanc 1.10 0xC000"
+        return (f"the PACS {self.pacs} refused to send us the images by C-MOVE (status 0x{code:04X}: {said}): it "
+                f"must know our AE title '{self.cfg.ae_title}', this machine's address and our port "
+                f"({self.cfg.port}) as a DICOM node. Add us to its DICOM nodes; in Orthanc's configuration: "
+                f"\"DicomModalities\": {{\"cxrbatch\": [\"{self.cfg.ae_title}\", \"<this machine's address>\", "
+                f"{self.cfg.port}]}} (then restart Orthanc, or PUT /modalities/cxrbatch with that list). "
+                f"Or pull with --retrieve get, which needs no destination")
 
 
 def date_range(first: dt.date, last: dt.date | None) -> str:
@@ -493,6 +511,8 @@ class Puller(Node):
         ledger = Ledger(self.ledger.path)  # SQLite connections belong to one thread: its own
         try:
             self._pull(ledger)
+            if self.source.silent_failures and not self.source.moved_any:  # every C-MOVE refused, nothing sent
+                raise PullError(self.source.unknown_destination(self.source.silent_code))
         except PullError as e:
             self.progress.state, self.progress.error = "failed", str(e)
         except Exception as e:  # a bug: said, and the pull ends with what it has
