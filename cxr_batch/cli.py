@@ -409,7 +409,7 @@ def parse_modalities(_ctx, _param, value):
 @click.option("--retrieve", type=click.Choice(["move", "get"]),
               help="C-MOVE to our storage SCP on --port, or C-GET over the query's association.  [default: move]")
 @click.option("--send-to", metavar="AE@HOST:PORT", help="C-STORE each scored image's DICOM SR here (e.g. the same PACS).")
-@config_option("pull", "docs/node.toml")
+@config_option("pull", "docs/pull.toml")
 @run_options
 @delivery_options
 @click.option("--batch-size", type=click.IntRange(1, 4096), help="Studies scored together.  [default: 8]")

@@ -140,6 +140,10 @@ class TooMany(Exception):
     """A C-FIND answered more than it may; the association was aborted."""
 
 
+class Stopped(Exception):
+    """The pull was told to stop (SIGTERM, SIGINT): no new association is opened."""
+
+
 class Source:
     """One association at a time with the PACS (``cfg.source``), for C-FIND and C-MOVE (or C-GET,
     whose C-STOREs ``on_store`` handles); re-opened after an abort."""
@@ -150,6 +154,7 @@ class Source:
         self.assoc = None
         self.moved_any = False  # a C-MOVE of this pull sent us something: the PACS knows us
         self.silent_failures, self.silent_code = 0, 0  # C-MOVEs refused before sending anything
+        self.stopped = False
         self.lock = threading.Lock()  # the retrieval thread uses it; a stop aborts it from another
         self.msg_id = 0
 
@@ -178,6 +183,8 @@ class Source:
     def connect(self):
         """The association, opened when there is none; PullError when the PACS cannot be reached
         or refuses it."""
+        if self.stopped:
+            raise Stopped()
         if self.assoc is not None and self.assoc.is_established:
             return self.assoc
         from pynetdicom import build_role, evt
@@ -226,6 +233,12 @@ class Source:
             assoc, self.assoc = self.assoc, None
         if assoc is not None and assoc.is_established:
             assoc.release()
+
+    def shutdown(self) -> None:
+        """A stop: the association in progress is aborted (a retrieval in progress ends now;
+        the next pull redoes it) and no other is opened."""
+        self.stopped = True
+        self.abort()
 
     def abort(self) -> None:
         """Cut the association short (a stop, or a query answering too much)."""
@@ -401,7 +414,7 @@ class Puller(Node):
         self.progress = Progress()
         self.interrupt = self.stop  # SIGTERM/SIGINT only
         self.stop = _StopWhenDone(self.stop, self._complete)
-        self.retrieving = threading.Event()
+        self.retrieval: threading.Thread | None = None
         self.retrieved_all = threading.Event()
         self.scored_at: float | None = None  # when everything retrieved was scored
         self.pull_started = time.time()
@@ -413,15 +426,17 @@ class Puller(Node):
     def listen(self) -> None:
         if self.cfg.retrieve == "move":
             super().listen()  # before the first C-MOVE can reach us
-        threading.Thread(target=self._retrieve_all, name="cxr-batch-pull", daemon=True).start()
+        self.retrieval = threading.Thread(target=self._retrieve_all, name="cxr-batch-pull", daemon=True)
+        self.retrieval.start()
 
     def loop(self) -> None:
         start = time.monotonic()
         try:
             super().loop()
         finally:
-            self.source.abort()  # a stop: a retrieval in progress ends now (the next pull redoes it)
-            self.retrieving.wait(timeout=self.cfg.query_timeout + 5)
+            self.source.shutdown()  # a stop: a retrieval in progress ends now (the next pull redoes it)
+            if self.retrieval is not None:
+                self.retrieval.join(timeout=self.cfg.query_timeout + 5)
         self.finish(time.monotonic() - start)
 
     def extra_status(self) -> dict:
@@ -507,12 +522,13 @@ class Puller(Node):
     def _retrieve_all(self) -> None:
         from ..ledger import Ledger
 
-        self.retrieving.clear()
         ledger = Ledger(self.ledger.path)  # SQLite connections belong to one thread: its own
         try:
             self._pull(ledger)
             if self.source.silent_failures and not self.source.moved_any:  # every C-MOVE refused, nothing sent
                 raise PullError(self.source.unknown_destination(self.source.silent_code))
+        except Stopped:
+            pass
         except PullError as e:
             self.progress.state, self.progress.error = "failed", str(e)
         except Exception as e:  # a bug: said, and the pull ends with what it has
@@ -524,7 +540,6 @@ class Puller(Node):
             if self.progress.state not in ("failed",):
                 self.progress.state = "scoring"
             self.retrieved_all.set()
-            self.retrieving.set()
 
     def _pull(self, ledger) -> None:
         p, cfg = self.progress, self.cfg
