@@ -44,6 +44,7 @@ from tests.watchkit import free_port, status, stop, toml_table, wait_for
 pytestmark = pytest.mark.skipif(orthanc_missing() is not None, reason=orthanc_missing() or "")
 COMPREHENSIVE_3D_SR = "1.2.840.10008.5.1.4.1.1.88.34"
 CT_IMAGE = "1.2.840.10008.5.1.4.1.1.2"
+ENCAPSULATED_PDF = "1.2.840.10008.5.1.4.1.1.104.1"
 
 
 @pytest.fixture(scope="module")
@@ -341,6 +342,13 @@ def test_pull_configuration_errors_exit_2_naming_the_key(tmp_path, values, words
     assert not (tmp_path / "out").exists()  # refused before anything was made
 
 
+def test_an_out_folder_inside_a_results_folders_state_is_refused(tmp_path):
+    done = cli("pull", "--from", "PACS@127.0.0.1:104", "--out", tmp_path / "node" / ".cxr-batch" / "spool" / "x",
+               timeout=120)
+    assert done.returncode == 2 and "state folder (ledger, spool)" in done.stderr and "Traceback" not in done.stderr
+    assert not (tmp_path / "node").exists()
+
+
 # ---------------------------------------------------------------------- many studies
 def test_a_query_matching_many_studies_is_paged_bounded_and_continued(nih_images, urgent_bundle, make_orthanc,
                                                                        tmp_path):
@@ -434,21 +442,23 @@ def test_scan_stores_one_sr_per_image_by_stow_and_hl7_waits_for_the_ris(archive,
     config.chmod(0o600)
     out = tmp_path / "out"
     ris_port = free_port()
-    done = cli("scan", studies, "--out", out, "--dicom-sr", "--no-pdf", "--stow-to", second.dicomweb_url,
+    done = cli("scan", studies, "--out", out, "--dicom-sr", "--dicom-pdf", "--no-heatmaps", "--stow-to", second.dicomweb_url,
                "--hl7-to", f"127.0.0.1:{ris_port}", "--config", config, "--weights", urgent_bundle, "--device", "cpu",
                "--precision", "fp32", "--workers", "0")
     assert done.returncode == 3, done.stderr[-3000:]  # the RIS is down: said, with how to send later
     assert "3 HL7 message(s) not delivered" in done.stderr and "outbound send --out" in done.stderr
     assert "password" not in (out / "run.json").read_text() and "pw|" not in (out / "run.json").read_text()
     held = _held(second)
-    assert len(held) == 3 and {ds.SOPClassUID for ds in held.values()} == {COMPREHENSIVE_3D_SR}
-    assert sorted(_source_of(ds) for ds in held.values()) == sorted(
+    assert Counter(ds.SOPClassUID for ds in held.values()) == {COMPREHENSIVE_3D_SR: 3, ENCAPSULATED_PDF: 3}
+    assert sorted(_source_of(ds) for ds in held.values() if ds.SOPClassUID == COMPREHENSIVE_3D_SR) == sorted(
         pydicom.dcmread(studies / f"{n}.dcm").SOPInstanceUID for n in ("explicit", "j2k", "jpegls"))
+    sources = {pydicom.dcmread(studies / f"{n}.dcm").StudyInstanceUID for n in ("explicit", "j2k", "jpegls")}
+    assert {ds.StudyInstanceUID for ds in held.values()} == sources  # each report in its study
     with RIS() as ris:
         sent = cli("outbound", "send", "--out", out, "--hl7-to", ris.endpoint, "--config", config)
         assert sent.returncode == 0, sent.stderr
         _check_orus(ris.received, {n: studies / f"{n}.dcm" for n in ("explicit", "j2k", "jpegls")})
-    assert len(_held(second)) == 3  # sending the queue again stored nothing twice
+    assert len(_held(second)) == 6  # sending the queue again stored nothing twice
 
 
 def test_watch_sends_an_oru_per_study_through_the_queue(archive, urgent_bundle, tmp_path):

@@ -37,6 +37,7 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 from ..config import ConfigError, bounded
@@ -409,6 +410,7 @@ class Puller(Node):
     command = "pull"
 
     def __init__(self, out, cfg: PullConfig, stop=None):
+        refuse_out_in_state(Path(out))
         super().__init__(out, cfg, stop)
         self.source = Source(cfg, on_store=self.scp.on_store, on_data=self.scp.on_data)
         self.progress = Progress()
@@ -675,8 +677,24 @@ class Puller(Node):
             time.sleep(0.2)
 
 
+def refuse_out_in_state(out: Path) -> None:
+    """``--out`` inside a results folder's ``.cxr-batch`` (its ledger, its spool): a node's
+    spool would take our results for received objects. ConfigError (exit 2), before any work.
+    (A minimal check: the shared check of output folders against inputs is issue 21's.)"""
+    from ..watch import STATE_DIR
+
+    resolved = Path(out).resolve()
+    for folder in (resolved, *resolved.parents):
+        if folder.name == STATE_DIR:
+            raise ConfigError(f"--out {out} lies inside {folder}, the state folder (ledger, spool) of the results "
+                              f"folder {folder.parent}: what is written there would be read as received objects; "
+                              f"choose a folder outside it, e.g. --out {folder.parent.parent / 'cxr-pull'}")
+
+
 def run_pull(out, cfg: PullConfig, stop=None) -> Puller:
-    """Check the PACS (PullError before the model loads), then the puller (its ``run()`` pulls)."""
+    """Check ``out`` and the PACS (ConfigError, PullError before the model loads), then the
+    puller (its ``run()`` pulls)."""
+    refuse_out_in_state(Path(out))
     Source(cfg).check()
     return Puller(out, cfg, stop)
 
