@@ -136,6 +136,9 @@ class Watcher:
                 self.rebuild_ledger()
             self.bundle = load_bundle(cfg.weights)
             self.policy = make_policy(cfg.device, cfg.precision)
+            from .integration.outbox import Outbox  # results sent on: HL7, STOW-RS (and the node's C-STORE)
+
+            self.outbox = Outbox.for_run(self.out, self.ledger.path, self.bundle, cfg)
         except BaseException:
             self.lock.release()
             raise
@@ -154,9 +157,6 @@ class Watcher:
             from .sr import SR_FOLDER, SRWriter  # highdicom is imported only when SRs are made
 
             self.srs = SRWriter(self.out / SR_FOLDER, self.bundle)
-        from .integration.outbox import Outbox  # results sent on: HL7, STOW-RS (and the node's C-STORE)
-
-        self.outbox = Outbox.for_run(self.out, self.ledger.path, self.bundle, cfg)
         self.pending: dict[str, Pending] = {}
         self.events: queue.Queue[str] = queue.Queue()
         self.processed = 0

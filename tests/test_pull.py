@@ -12,6 +12,7 @@ Skipped cleanly without Orthanc or the NIH images. Every pull pins --precision f
 from __future__ import annotations
 
 import datetime as dt
+import io
 import json
 import os
 import re
@@ -150,7 +151,7 @@ def cli(*args, timeout=300) -> subprocess.CompletedProcess:
 
 def _held(pacs) -> dict[str, pydicom.Dataset]:
     """Every instance Orthanc holds, by SOP Instance UID."""
-    return {ds.SOPInstanceUID: ds for ds in (pydicom.dcmread(__import__("io").BytesIO(pacs.instance_file(i)))
+    return {ds.SOPInstanceUID: ds for ds in (pydicom.dcmread(io.BytesIO(pacs.instance_file(i)))
                                              for i in pacs.instances())}
 
 
