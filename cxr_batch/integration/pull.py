@@ -137,6 +137,10 @@ class Study:
     modalities: tuple[str, ...]  # ModalitiesInStudy as answered ("" when the PACS gave none)
 
 
+class QueryRefused(PullError):
+    """The PACS answered a C-FIND with a failure status (e.g. a key it does not support)."""
+
+
 class TooMany(Exception):
     """A C-FIND answered more than it may; the association was aborted."""
 
@@ -278,8 +282,8 @@ class Source:
         if code in OUT_OF_RESOURCES:  # too many matches for the PACS itself: a smaller range may do
             raise TooMany()
         if code not in (SUCCESS, CANCELLED):
-            raise PullError(f"the PACS {self.pacs} failed a {identifier.QueryRetrieveLevel.lower()}-level C-FIND "
-                            f"with status 0x{code:04X}")
+            raise QueryRefused(f"the PACS {self.pacs} failed a {identifier.QueryRetrieveLevel.lower()}-level C-FIND "
+                               f"with status 0x{code:04X}")
         return found
 
     # ------------------------------------------------------------------ C-MOVE / C-GET
@@ -582,7 +586,7 @@ class Puller(Node):
 
         try:
             answers = query(not self.progress.ignores_modalities_in_study)
-        except PullError as e:
+        except QueryRefused as e:
             if self.progress.ignores_modalities_in_study:
                 raise
             log.warning("pull: the PACS refused ModalitiesInStudy as a key (%s): every study of the dates is looked "
