@@ -392,7 +392,7 @@ class Progress:
     def line(self) -> str:
         return (f"{self.studies_looked_at}/{self.studies_found} studies looked at ({self.pages} page(s)), "
                 f"{self.studies_retrieved} with new images: {self.images_retrieved} image(s) retrieved, "
-                f"{self.already_scored} already scored, {self.retrieval_failures} retrieval failure(s)")
+                f"{self.already_scored} already scored (or received), {self.retrieval_failures} retrieval failure(s)")
 
 
 class _StopWhenDone:
