@@ -37,12 +37,11 @@ from cxr_batch.model import ModelConfig, build_model
 from cxr_batch.patient import PatientEncoding
 from cxr_batch.preprocess import Preprocessing
 from tests.dicomgen import HEADER, grey, have, run, write
-from tests.orthanc import make_orthanc, orthanc_missing  # noqa: F401  (fixture)
+from tests.orthanc import make_orthanc  # noqa: F401  (fixture: skips where Orthanc is absent)
 from tests.ris import RIS
 from tests.test_sr import ACCEPTED_DCIODVFY_WARNINGS
 from tests.watchkit import free_port, status, stop, toml_table, wait_for
 
-pytestmark = pytest.mark.skipif(orthanc_missing() is not None, reason=orthanc_missing() or "")
 COMPREHENSIVE_3D_SR = "1.2.840.10008.5.1.4.1.1.88.34"
 CT_IMAGE = "1.2.840.10008.5.1.4.1.1.2"
 ENCAPSULATED_PDF = "1.2.840.10008.5.1.4.1.1.104.1"
