@@ -13,8 +13,8 @@ with an MLLP RIS (hl7apy, tests/ris.py) in this process. Prints the pull's own f
 first query to the last result delivered, start-up excluded: its log's "in X s" line), the
 command's wall time (start-up, model load included), and the second identical pull's wall time
 (nothing retrieved, nothing sent). No heatmaps, no PDFs. ``--orthanc-nodelay`` starts Orthanc
-with ``TCP_NODELAY=1``: its DICOM server (DCMTK) then answers each C-FIND in ~3 ms instead of
-~45 ms (Nagle's algorithm against the peer's delayed ACK). Checks that Orthanc holds one SR per
+with ``TCP_NODELAY=1``: its DICOM server (DCMTK) then turns Nagle's algorithm off, and its
+answers no longer wait for the peer's delayed ACK. Checks that Orthanc holds one SR per
 image and the RIS one message per study.
 """
 

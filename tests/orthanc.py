@@ -11,8 +11,8 @@ folder, on free ports; stopped when the test is done.
 Options: ``modalities`` ({name: (AE title, host, port)}: the peers Orthanc knows, which a C-MOVE
 destination must be), ``users`` ({user: password}: HTTP basic authentication on), ``extra``
 (any other Orthanc option), ``environment`` (variables for its process: ``TCP_NODELAY=1`` makes
-its DICOM server, DCMTK's, turn Nagle's algorithm off; by default each DIMSE answer waits ~40 ms
-for the peer's delayed ACK). The fixtures ``orthanc`` and ``make_orthanc`` (import them into a
+its DICOM server, DCMTK's, turn Nagle's algorithm off; by default each DIMSE answer waits for the
+peer's delayed ACK). The fixtures ``orthanc`` and ``make_orthanc`` (import them into a
 test module: ``from tests.orthanc import make_orthanc, orthanc  # noqa: F401``) start them per
 test and skip cleanly where Orthanc is absent. :func:`orthanc_missing` says why Orthanc cannot run here (the tests
 skip with that reason). Orthanc keeps the first copy of a SOP Instance UID (``OverwriteInstances``
