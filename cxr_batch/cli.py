@@ -10,6 +10,7 @@ SIGTERM, every study scored until then written.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import sys
@@ -33,7 +34,7 @@ def setup_logging(quiet: bool, debug: bool) -> None:
     logging.basicConfig(level=level, format="cxr-batch: %(message)s", stream=sys.stderr, force=True)
     # Libraries log a line per DICOM message (pynetdicom) or per object made (highdicom): warnings
     # only, unless --debug
-    for library in ("pynetdicom", "highdicom"):
+    for library in ("pynetdicom", "highdicom", "dicomweb_client"):
         logging.getLogger(library).setLevel(logging.DEBUG if debug else logging.WARNING)
 
 
@@ -102,12 +103,14 @@ def parse_urgent(_ctx, _param, value):
 
 # Tables a --config file may hold: each command reads its own and [scoring]; one file can
 # configure every command.
-CONFIG_TABLES = ("scan", "watch", "listen", "scoring")
+CONFIG_TABLES = ("scan", "watch", "listen", "scoring", "pull", "dicomweb")
 
 
 def load_config(cls, config_file: Path | None, table: str, **options):
     """A command's configuration: its ``[table]`` and ``[scoring]`` from ``config_file``,
-    command-line ``options`` (None = not given) on top. ConfigError names the bad key."""
+    command-line ``options`` (None = not given) on top, with ``--hl7-to``/``--stow-to``
+    (:func:`delivery_options`). A ``[dicomweb]`` table holds the STOW-RS credentials (and may
+    name the archive); they are checked here, before any work. ConfigError names the bad key."""
     from .config import check_tables, load_dataclass, read_toml
 
     data = read_toml(config_file) if config_file is not None else {}
@@ -116,7 +119,35 @@ def load_config(cls, config_file: Path | None, table: str, **options):
     values = dict(data.get(table, {}))
     if "scoring" in data:
         values["scoring"] = data["scoring"]
-    return load_dataclass(cls, values, f"{where} [{table}]" if config_file else table, **options)
+    context = click.get_current_context(silent=True)
+    options = {**(context.meta.get("cxr_batch.delivery", {}) if context is not None else {}), **options}
+    if "dicomweb" in data:
+        values.setdefault("dicomweb_file", str(config_file))
+        if isinstance(data["dicomweb"], dict) and data["dicomweb"].get("url"):
+            values.setdefault("stow_to", data["dicomweb"]["url"])
+    cfg = load_dataclass(cls, values, f"{where} [{table}]" if config_file else table, **options)
+    if getattr(cfg, "stow_to", None):
+        from .integration.outbox import dicomweb_config
+
+        dicomweb_config(cfg)  # the archive's URL and credentials, checked before the model loads
+    return cfg
+
+
+def delivery_options(command):
+    """``--hl7-to`` and ``--stow-to`` for a scoring command: kept in the click context for
+    :func:`load_config`, so the command's own signature does not change."""
+    @functools.wraps(command)
+    def run(*args, hl7_to=None, stow_to=None, **kwargs):
+        click.get_current_context().meta["cxr_batch.delivery"] = {"hl7_to": hl7_to, "stow_to": stow_to}
+        return command(*args, **kwargs)
+
+    run = click.option("--stow-to", metavar="URL",
+                       help="DICOMweb root URL: each SR (and --dicom-pdf report) stored by STOW-RS, through the "
+                            "outbound queue; credentials only from the [dicomweb] table of --config. Turns on "
+                            "--dicom-sr.")(run)
+    return click.option("--hl7-to", metavar="HOST:PORT",
+                        help="The RIS's MLLP listener: one HL7 ORU^R01 per scored study (priority and findings, "
+                             "matched by accession number and patient ID), through the outbound queue.")(run)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -179,6 +210,7 @@ run_options = options(RUN_OPTIONS)
               help="Results folder (results.csv, run.json, reports/).")
 @config_option("scan")
 @run_options
+@delivery_options
 @click.option("--batch-size", type=click.IntRange(1, 4096), help="Images per forward pass.  [default: 16]")
 @click.option("--shard", callback=parse_shard, metavar="i/N",
               help="Process only shard i of N: a deterministic 1/N of the files (merge the shards with merge).")
@@ -218,7 +250,22 @@ def scan(studies, out, config_file, weights, metadata, device, precision, worker
     finally:
         stop.restore()
     click.echo(("cxr-batch: " if summary.stopped_by else "") + summary.line(), err=True)
-    sys.exit(summary.exit_code)
+    if summary.stopped_by:  # stopped: the results go out when --resume finishes the scan
+        sys.exit(summary.exit_code)
+    sys.exit(send_scan_results(out, cfg, summary.exit_code, debug))
+
+
+def send_scan_results(out: Path, cfg, code: int, debug: bool) -> int:
+    """After a scan with --hl7-to/--stow-to: its results sent through the queue; what could not
+    be delivered is said, with how to send it later, and the exit code becomes 3."""
+    if not (cfg.hl7_to or cfg.stow_to) or not (out / "results.csv").is_file():
+        return code
+    from .integration.outbox import send_after_scan
+
+    lines = run_fatal_errors(debug, lambda: send_after_scan(out, cfg))
+    for line in lines:
+        click.echo(f"cxr-batch: {line}", err=True)
+    return exit_codes.SOME_FAILED if lines and code == exit_codes.OK else code
 
 
 @main.command()
@@ -282,6 +329,7 @@ def run_daemon(build, out: Path, debug: bool):
 @click.option("--out", "-o", required=True, type=click.Path(file_okay=False, path_type=Path), help="Results folder.")
 @config_option("watch")
 @run_options
+@delivery_options
 @click.option("--batch-size", type=click.IntRange(1, 4096), help="Studies scored together.  [default: 8]")
 @click.option("--max-wait", type=click.FloatRange(0), help="Seconds a ready study waits for its batch to fill.")
 @click.option("--settle", type=click.FloatRange(0), help="Seconds a file must stay unchanged to count as complete.")
@@ -334,6 +382,7 @@ def parse_ae_titles(_ctx, _param, value):
 @click.option("--send-to", help="AE@HOST:PORT that receives each scored image's DICOM SR (e.g. PACS@pacs:104).")
 @config_option("listen", "docs/node.toml")
 @run_options
+@delivery_options
 @click.option("--batch-size", type=click.IntRange(1, 4096), help="Studies scored together.  [default: 8]")
 @click.option("--max-wait", type=click.FloatRange(0), help="Seconds a received study waits for its batch to fill.")
 @click.option("--archive-dir", help="Move processed objects here (default: delete them from the spool).")
@@ -358,25 +407,84 @@ def listen(out, port, ae_title, host, allow, send_to, config_file, weights, meta
     run_daemon(build, out, debug)
 
 
+def parse_modalities(_ctx, _param, value):
+    if value is None:
+        return None
+    names = tuple(v.strip().upper() for v in value.split(",") if v.strip())
+    if not names:
+        raise click.BadParameter(f"{value!r} names no modality, e.g. CR,DX")
+    return names
+
+
+@main.command()
+@click.option("--from", "source", metavar="AE@HOST:PORT", help="The PACS to query and retrieve from.")
+@click.option("--out", "-o", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Results folder (results.csv, reports/, dicom/, hl7/; retrieved objects wait in "
+                   "OUT/.cxr-batch/spool).")
+@click.option("--ae-title", help="Our AE title (the PACS must know it, with our host and --port, for C-MOVE).  "
+                                 "[default: CXRBATCH]")
+@click.option("--port", type=click.IntRange(1, 65535), help="Port of our storage SCP, where C-MOVE sends the images.  "
+                                                            "[default: 11112]")
+@click.option("--host", help="Address our storage SCP listens on (0.0.0.0: every interface, for a PACS on another "
+                             "machine).  [default: 127.0.0.1]")
+@click.option("--since", metavar="YYYY-MM-DD", help="Studies of this date or later.")
+@click.option("--days", type=click.IntRange(1, 36_500), help="Studies of the last D days, today included.  [default: 1]")
+@click.option("--modalities", callback=parse_modalities, metavar="CR,DX",
+              help="Series of these modalities are retrieved.  [default: CR,DX]")
+@click.option("--retrieve", type=click.Choice(["move", "get"]),
+              help="C-MOVE to our storage SCP on --port, or C-GET over the query's association.  [default: move]")
+@click.option("--send-to", metavar="AE@HOST:PORT", help="C-STORE each scored image's DICOM SR here (e.g. the same PACS).")
+@config_option("pull", "docs/pull.toml")
+@run_options
+@delivery_options
+@click.option("--batch-size", type=click.IntRange(1, 4096), help="Studies scored together.  [default: 8]")
+@DEBUG_OPTION
+def pull(source, out, ae_title, port, host, since, days, modalities, retrieve, send_to, config_file, weights, metadata,
+         device, precision, workers, urgent, pdf, heatmaps, dicom_pdf, dicom_sr, title, institution, follow_links,
+         batch_size, debug):
+    """Score what is already in a PACS: query it by date and modality, retrieve what was not scored before, score
+    it as cxr-batch listen does and send the results; exit when done."""
+
+    def build(stop):
+        from .integration.pull import PullConfig, PullError, run_pull
+
+        cfg = load_config(PullConfig, config_file, "pull", source=source, ae_title=ae_title, port=port, host=host,
+                          since=since, days=days, modalities=modalities, retrieve=retrieve, send_to=send_to,
+                          weights=weights, metadata=metadata, device=device, precision=precision, workers=workers,
+                          urgent=urgent, pdf=pdf, heatmaps=heatmaps, dicom_pdf=dicom_pdf, dicom_sr=dicom_sr,
+                          title=title, institution=institution, follow_links=follow_links, batch_size=batch_size)
+        try:
+            return run_pull(out, cfg, stop)
+        except PullError as e:
+            fail(str(e), debug)
+
+    run_daemon(build, out, debug)
+
+
 @main.group()
 def outbound():
-    """The DICOM node's queue of results for the PACS (--send-to): show, re-send, drop."""
+    """The queue of results to send (C-STORE --send-to, HL7 --hl7-to, STOW-RS --stow-to): show, re-send, drop."""
 
 
 RESULTS_OPTION = click.option("--out", "-o", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
-                              help="The node's results folder.")
+                              help="The results folder (of listen, watch, pull or scan).")
+CHANNEL_OPTION = click.option("--channel", type=click.Choice(["dicom", "hl7", "stow"]),
+                              help="Only this channel's objects (default: every channel).")
 
 
 def open_outbound(out: Path):
-    """The ledger of the node writing to ``out`` (it may be running: SQLite lets both in)."""
+    """The queue of the results folder ``out``: its daemon's ledger (the daemon may be running:
+    SQLite lets both in), or a scan's queue."""
+    from .integration.outbox import queue_paths
     from .ledger import Ledger, LedgerError
     from .watch import STATE_DIR
 
-    path = out / STATE_DIR / "ledger.sqlite"
-    if not path.is_file():
-        fail(f"{out} has no ledger ({path}): not a results folder of cxr-batch listen", False)
+    paths = queue_paths(out)
+    if not paths:
+        fail(f"{out} has no ledger ({out / STATE_DIR / 'ledger.sqlite'}) nor queue: not a results folder of cxr-batch "
+             f"listen, watch, pull or of a scan with --hl7-to/--stow-to", False)
     try:
-        return Ledger(path)
+        return Ledger(paths[0])
     except LedgerError as e:
         fail(str(e), False)
 
@@ -384,41 +492,79 @@ def open_outbound(out: Path):
 @outbound.command("list")
 @RESULTS_OPTION
 @click.option("--all", "everything", is_flag=True, help="Delivered and dropped objects too.")
-def outbound_list(out, everything):
-    """The objects waiting to be sent (state, tries, next try, why they wait)."""
+@CHANNEL_OPTION
+def outbound_list(out, everything, channel):
+    """The objects waiting to be sent (channel, state, tries, next try, why they wait)."""
     import time
 
     from .integration.outbound import queue_lines
 
     ledger = open_outbound(out)
-    rows = ledger.outbound_rows(everything)
+    rows = ledger.outbound_rows(everything, channel)
     for line in queue_lines(rows, time.time()):
         click.echo(line)
-    stats = ledger.outbound_stats(time.time())
+    stats = ledger.outbound_stats(time.time(), channel)
     click.echo(f"{stats['queued']} waiting ({stats['refused']} refused by the peer), {stats['delivered']} delivered, "
                f"{stats['dropped']} dropped", err=True)
 
 
 @outbound.command("retry")
 @RESULTS_OPTION
+@CHANNEL_OPTION
 @click.argument("uids", nargs=-1)
-def outbound_retry(out, uids):
+def outbound_retry(out, channel, uids):
     """Send now: every waiting object, or the UIDS named (dropped or delivered ones are queued again)."""
-    n = open_outbound(out).outbound_send_now(list(uids) or None)
-    click.echo(f"{n} object(s) due now; a running node sends them within seconds", err=True)
+    n = open_outbound(out).outbound_send_now(list(uids) or None, channel)
+    click.echo(f"{n} object(s) due now; a running daemon sends them within seconds (else: cxr-batch outbound send)",
+               err=True)
     if uids and n < len(set(uids)):
         fail(f"{len(set(uids)) - n} of the UIDs named are not in the queue", False)
 
 
 @outbound.command("drop")
 @RESULTS_OPTION
+@CHANNEL_OPTION
 @click.argument("uids", nargs=-1, required=True)
-def outbound_drop(out, uids):
+def outbound_drop(out, channel, uids):
     """Stop sending the waiting objects UIDS (they stay listed with --all; retry queues them again)."""
-    n = open_outbound(out).outbound_drop(list(uids))
+    n = open_outbound(out).outbound_drop(list(uids), channel)
     click.echo(f"{n} object(s) dropped", err=True)
     if n < len(set(uids)):
         fail(f"{len(set(uids)) - n} of the UIDs named are not waiting in the queue", False)
+
+
+@outbound.command("send")
+@RESULTS_OPTION
+@click.option("--send-to", metavar="AE@HOST:PORT", help="C-STORE here (default: where the objects were queued for).")
+@click.option("--hl7-to", metavar="HOST:PORT", help="Send HL7 messages here (default: where they were queued for).")
+@click.option("--stow-to", metavar="URL", help="STOW-RS here (default: where the objects were queued for).")
+@click.option("--ae-title", default="CXRBATCH", show_default=True, help="Our AE title for C-STORE.")
+@click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="TOML file whose [dicomweb] table has the STOW-RS credentials.")
+@click.option("--wait", type=click.FloatRange(0), default=60.0, show_default=True,
+              help="Seconds to go on trying (with back-off) before giving the rest back to the queue.")
+@DEBUG_OPTION
+def outbound_send(out, send_to, hl7_to, stow_to, ae_title, config_file, wait, debug):
+    """Send the waiting objects of a results folder no daemon runs on (after a scan or a pull), now."""
+    import time
+
+    from .config import ConfigError
+    from .integration.outbox import recorded_destinations, send_channels, send_queue
+
+    setup_logging(False, debug)
+    open_outbound(out).close()  # a folder with a queue, else a clear error
+    wanted = {**recorded_destinations(out), **{k: v for k, v in (("dicom", send_to), ("hl7", hl7_to),
+                                                                  ("stow", stow_to)) if v}}
+    try:
+        channels = send_channels(wanted, ae_title, config_file)
+    except ConfigError as e:
+        fail(str(e), debug, EXIT_USAGE)
+    lines = run_fatal_errors(debug, lambda: send_queue(out, channels, time.time() + wait))
+    for line in lines:
+        click.echo(f"cxr-batch: {line}", err=True)
+    if lines:
+        sys.exit(exit_codes.SOME_FAILED)
+    click.echo("cxr-batch: every queued result was delivered", err=True)
 
 
 def parse_rule(_ctx, _param, value):

@@ -14,11 +14,13 @@ sha256 of the file it came from:
 ``files`` remembers every file already handled (by path, size and mtime) so a rescan does not
 read it again. ``published`` marks the rows already appended to results.csv.
 
-``outbound`` is the DICOM node's queue of result objects to send back to the PACS (SRs, and
-Encapsulated PDFs with ``--dicom-pdf``), keyed by each object's SOPInstanceUID. Objects are
-queued in the same transaction that commits their study, so a study is never reported
+``outbound`` is the queue of results to send: SRs (and Encapsulated PDFs with ``--dicom-pdf``)
+back to the PACS by C-STORE (channel ``dicom``) or to a DICOMweb archive by STOW-RS (``stow``),
+HL7 ORU^R01 messages to the RIS (``hl7``); keyed by channel and each object's SOPInstanceUID
+(an HL7 message's control id, MSH-10). ``destination`` is where it is to go (and went). Objects
+are queued in the same transaction that commits their study, so a study is never reported
 without its objects queued (nor queued without being reported); each is marked delivered once
-the peer stored it. Nothing leaves the queue otherwise but by an operator's ``cxr-batch
+the receiver stored (acknowledged) it. Nothing leaves the queue otherwise but by an operator's ``cxr-batch
 outbound drop``: an object the peer refused waits (``failed_at`` set, ``last_error`` saying
 why) and is offered again later. A study committed again (an error replaced, a changed
 instance) queues its objects again under their UIDs (a changed result's SR has a UID of its own).
@@ -36,7 +38,25 @@ from typing import Mapping, Sequence
 
 from .record import StudyRecord
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
+OUTBOUND = """
+CREATE TABLE IF NOT EXISTS outbound (
+    uid TEXT NOT NULL,
+    channel TEXT NOT NULL DEFAULT 'dicom',
+    key TEXT NOT NULL,
+    path TEXT NOT NULL,
+    queued_at REAL NOT NULL,
+    due_at REAL NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    delivered_at REAL,
+    failed_at REAL,
+    destination TEXT NOT NULL DEFAULT '',
+    last_error TEXT NOT NULL DEFAULT '',
+    dropped_at REAL,
+    PRIMARY KEY (uid, channel)
+);
+CREATE INDEX IF NOT EXISTS outbound_due ON outbound (channel, due_at) WHERE delivered_at IS NULL AND dropped_at IS NULL;
+"""
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS studies (
     key TEXT PRIMARY KEY,
@@ -68,25 +88,14 @@ CREATE TABLE IF NOT EXISTS files (
     handled_at REAL NOT NULL
 );
 CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS outbound (
-    uid TEXT PRIMARY KEY,
-    key TEXT NOT NULL,
-    path TEXT NOT NULL,
-    queued_at REAL NOT NULL,
-    due_at REAL NOT NULL,
-    attempts INTEGER NOT NULL DEFAULT 0,
-    delivered_at REAL,
-    failed_at REAL,
-    destination TEXT NOT NULL DEFAULT '',
-    last_error TEXT NOT NULL DEFAULT '',
-    dropped_at REAL
-);
-CREATE INDEX IF NOT EXISTS outbound_due ON outbound (due_at) WHERE delivered_at IS NULL AND dropped_at IS NULL;
-"""
+""" + OUTBOUND
 # Waiting: neither delivered nor dropped by an operator (an object the peer refused still waits:
 # failed_at is when it last did).
 _WAITING = "delivered_at IS NULL AND dropped_at IS NULL"
 FILE_MODE = 0o640  # the ledger holds the same identifiers as results.csv
+CHANNELS = ("dicom", "hl7", "stow")  # C-STORE, HL7 v2 over MLLP, STOW-RS
+_OUTBOUND_COLUMNS = ("uid, channel, key, path, queued_at, due_at, attempts, delivered_at, failed_at, destination, "
+                     "last_error, dropped_at")
 
 
 class LedgerError(Exception):
@@ -115,10 +124,19 @@ class Outcome:
 class OutboundItem:
     """A result object waiting in the outbound queue."""
 
-    uid: str  # its SOPInstanceUID
+    uid: str  # its SOPInstanceUID (an HL7 message's control id)
     key: str  # the study it reports on
     path: str  # the object's file, relative to the results folder
     attempts: int  # tries so far
+    channel: str = "dicom"
+    destination: str = ""  # where it was queued for
+
+
+def outbound_entry(uid: str, path: str, channel: str = "dicom", destination: str = "") -> tuple[str, str, str, str]:
+    """One object to queue with :meth:`Ledger.commit` or :meth:`Ledger.queue_outbound`."""
+    if channel not in CHANNELS:
+        raise ValueError(f"unknown outbound channel {channel!r}")
+    return uid, path, channel, destination
 
 
 class Ledger:
@@ -146,11 +164,30 @@ class Ledger:
         old = "studies" in tables and "meta" not in tables  # the first release's schema
         if old:
             self.db.execute("ALTER TABLE studies RENAME TO studies_v1")
-        if "outbound" in tables and "dropped_at" not in {r[1] for r in self.db.execute("PRAGMA table_info(outbound)")}:
+        columns = {r[1] for r in self.db.execute("PRAGMA table_info(outbound)")}
+        if "outbound" in tables and "dropped_at" not in columns:
             # Schema 3 gave objects the peer refused up for good: they wait again, due now.
             self.db.execute("ALTER TABLE outbound ADD COLUMN dropped_at REAL")
             self.db.execute("DROP INDEX IF EXISTS outbound_waiting")
             self.db.execute("UPDATE outbound SET due_at = ? WHERE delivered_at IS NULL", (time.time(),))
+        if "outbound" in tables and "channel" not in columns:
+            # Schema 4 and older: one channel (C-STORE), keyed by uid alone. Rebuilt in one
+            # transaction (a crash leaves the old table or the new one, never half of each).
+            self.db.execute("BEGIN IMMEDIATE")
+            try:
+                self.db.execute("DROP INDEX IF EXISTS outbound_due")
+                self.db.execute("ALTER TABLE outbound RENAME TO outbound_v4")
+                for statement in OUTBOUND.split(";"):
+                    if statement.strip():
+                        self.db.execute(statement)
+                self.db.execute(f"INSERT INTO outbound ({_OUTBOUND_COLUMNS}) SELECT uid, 'dicom', key, path, queued_at, "
+                                "due_at, attempts, delivered_at, failed_at, destination, last_error, dropped_at "
+                                "FROM outbound_v4")
+                self.db.execute("DROP TABLE outbound_v4")
+                self.db.execute("COMMIT")
+            except BaseException:
+                self.db.execute("ROLLBACK")
+                raise
         self.db.executescript(SCHEMA)
         if old:
             now = time.time()
@@ -172,6 +209,17 @@ class Ledger:
 
     def is_reported(self, key: str) -> bool:
         return self.known(key) is not None
+
+    def settled(self, keys: Sequence[str]) -> set[str]:
+        """Those of ``keys`` with a result that stands (scored or skipped; an error is
+        provisional: a later copy replaces it)."""
+        found: set[str] = set()
+        keys = list(keys)
+        for start in range(0, len(keys), 500):  # SQLite's bound on host parameters
+            chunk = keys[start:start + 500]
+            found.update(k for (k,) in self.db.execute(
+                f"SELECT key FROM studies WHERE status != 'error' AND key IN ({', '.join('?' * len(chunk))})", chunk))
+        return found
 
     def file_handled(self, path: str, size: int, mtime_ns: int) -> bool:
         return self.file_outcome(path, size, mtime_ns) is not None
@@ -226,7 +274,8 @@ class Ledger:
                outbound: Mapping[str, Sequence[tuple[str, str]]] | None = None) -> list[Outcome]:
         """In one transaction: studies (key, content sha256, record), handled files (path,
         size, mtime, key, outcome) and the result objects to send, ``outbound``: {key: [(uid,
-        path), ...]}, queued for the studies this commit records (not for those it keeps)."""
+        path) or :func:`outbound_entry`, ...]}, queued for the studies this commit records (not
+        for those it keeps)."""
         now = time.time()
         outcomes = []
         with self.db:
@@ -244,18 +293,37 @@ class Ledger:
                 self.db.execute("INSERT OR REPLACE INTO studies VALUES (?, ?, ?, ?, ?, ?, ?, 0)",
                                 (key, seq, record.file, content, record.status, json.dumps(record.to_json()), now))
                 outcomes.append(Outcome(key, record, "new" if old is None else "replaced"))
-                for uid, path in (outbound or {}).get(key, ()):
-                    self._queue(uid, key, path, now)
+                for entry in (outbound or {}).get(key, ()):
+                    self._queue(key, now, *entry)
             self.db.executemany("INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?, ?, ?)", [(*f, now) for f in files])
         return outcomes
 
-    def _queue(self, uid: str, key: str, path: str, now: float) -> None:
-        """Queue (or queue again, as new) the object ``uid``."""
-        self.db.execute("INSERT INTO outbound (uid, key, path, queued_at, due_at) VALUES (?, ?, ?, ?, ?) "
-                        "ON CONFLICT (uid) DO UPDATE SET key = excluded.key, path = excluded.path, "
+    def _queue(self, key: str, now: float, uid: str, path: str, channel: str = "dicom", destination: str = "") -> None:
+        """Queue (or queue again, as new) the object ``uid`` on ``channel``."""
+        self.db.execute("INSERT INTO outbound (uid, channel, key, path, queued_at, due_at, destination) "
+                        "VALUES (?, ?, ?, ?, ?, ?, ?) "
+                        "ON CONFLICT (uid, channel) DO UPDATE SET key = excluded.key, path = excluded.path, "
                         "queued_at = excluded.queued_at, due_at = excluded.due_at, attempts = 0, "
-                        "delivered_at = NULL, failed_at = NULL, dropped_at = NULL, destination = '', last_error = ''",
-                        (uid, key, path, now, now))
+                        "delivered_at = NULL, failed_at = NULL, dropped_at = NULL, destination = excluded.destination, "
+                        "last_error = ''", (uid, channel, key, path, now, now, destination))
+
+    def queue_outbound(self, items: Sequence[tuple[str, tuple[str, str, str, str]]]) -> int:
+        """Queue ``items`` ((study key, :func:`outbound_entry`), ...) outside a study's commit
+        (after a scan). An object already delivered from the same file to the same destination
+        is not queued again: the same scan made twice sends nothing twice. Returns how many
+        were queued."""
+        now = time.time()
+        queued = 0
+        with self.db:
+            self.db.execute("BEGIN IMMEDIATE")
+            for key, (uid, path, channel, destination) in items:
+                done = self.db.execute("SELECT 1 FROM outbound WHERE uid = ? AND channel = ? AND path = ? AND "
+                                       "destination = ? AND delivered_at IS NOT NULL",
+                                       (uid, channel, path, destination)).fetchone()
+                if done is None:
+                    self._queue(key, now, uid, path, channel, destination)
+                    queued += 1
+        return queued
 
     def update_record(self, key: str, record: StudyRecord) -> None:
         """A study's record after its report was (re)made; order and status unchanged."""
@@ -284,77 +352,94 @@ class Ledger:
         return self.count()
 
     # ------------------------------------------------------------------ the outbound queue
-    def due_outbound(self, now: float, limit: int = 32) -> list[OutboundItem]:
-        """Waiting objects due at ``now`` (epoch seconds), the longest-due first."""
-        rows = self.db.execute(f"SELECT uid, key, path, attempts FROM outbound WHERE {_WAITING} AND due_at <= ? "
-                               "ORDER BY due_at, queued_at LIMIT ?", (now, limit)).fetchall()
+    def due_outbound(self, now: float, limit: int = 32, channel: str = "dicom") -> list[OutboundItem]:
+        """Waiting objects of ``channel`` due at ``now`` (epoch seconds), the longest-due first."""
+        rows = self.db.execute(f"SELECT uid, key, path, attempts, channel, destination FROM outbound WHERE {_WAITING} "
+                               "AND channel = ? AND due_at <= ? ORDER BY due_at, queued_at LIMIT ?",
+                               (channel, now, limit)).fetchall()
         return [OutboundItem(*row) for row in rows]
 
-    def outbound_delivered(self, uid: str, destination: str) -> None:
+    def next_due(self, channel: str) -> float | None:
+        """When the next waiting object of ``channel`` is due (epoch seconds); None: none waits."""
+        return self.db.execute(f"SELECT MIN(due_at) FROM outbound WHERE {_WAITING} AND channel = ?",
+                               (channel,)).fetchone()[0]
+
+    def outbound_delivered(self, uid: str, destination: str, channel: str = "dicom") -> None:
         with self.db:
             self.db.execute("UPDATE outbound SET delivered_at = ?, destination = ?, attempts = attempts + 1, "
-                            "last_error = '' WHERE uid = ?", (time.time(), destination, uid))
+                            "last_error = '' WHERE uid = ? AND channel = ?", (time.time(), destination, uid, channel))
 
-    def outbound_retry(self, uid: str, due_at: float, error: str) -> None:
+    def outbound_retry(self, uid: str, due_at: float, error: str, channel: str = "dicom") -> None:
         """A try that failed for a passing reason (peer down or busy): due again at ``due_at``."""
         with self.db:
-            self.db.execute("UPDATE outbound SET due_at = ?, attempts = attempts + 1, last_error = ? WHERE uid = ?",
-                            (due_at, error, uid))
+            self.db.execute("UPDATE outbound SET due_at = ?, attempts = attempts + 1, last_error = ? "
+                            "WHERE uid = ? AND channel = ?", (due_at, error, uid, channel))
 
-    def outbound_refused(self, uid: str, destination: str, error: str, due_at: float) -> None:
+    def outbound_refused(self, uid: str, destination: str, error: str, due_at: float, channel: str = "dicom") -> None:
         """The peer refused the object (or its file cannot be read): it waits, with the reason,
         and is offered again at ``due_at`` (or when an operator says so, or drops it)."""
         with self.db:
             self.db.execute("UPDATE outbound SET failed_at = ?, due_at = ?, destination = ?, attempts = attempts + 1, "
-                            "last_error = ? WHERE uid = ?", (time.time(), due_at, destination, error, uid))
+                            "last_error = ? WHERE uid = ? AND channel = ?",
+                            (time.time(), due_at, destination, error, uid, channel))
 
-    def outbound_stats(self, now: float) -> dict:
-        """For status.json: waiting objects, the oldest one's age in seconds, how many of them
-        failed at least one try and how many the peer refused, the commonest reasons they wait
-        (at most three), and how many were delivered or dropped by an operator."""
+    def outbound_stats(self, now: float, channel: str | None = "dicom") -> dict:
+        """For status.json: waiting objects of ``channel`` (None: every channel), the oldest
+        one's age in seconds, how many of them failed at least one try and how many the peer
+        refused, the commonest reasons they wait (at most three), and how many were delivered
+        or dropped by an operator."""
+        where, args = ("", ()) if channel is None else (" AND channel = ?", (channel,))
         waiting, oldest, retried, refused = self.db.execute(
             f"SELECT COUNT(*), MIN(queued_at), COALESCE(SUM(attempts > 0), 0), "
-            f"COALESCE(SUM(failed_at IS NOT NULL), 0) FROM outbound WHERE {_WAITING}").fetchone()
+            f"COALESCE(SUM(failed_at IS NOT NULL), 0) FROM outbound WHERE {_WAITING}{where}", args).fetchone()
         delivered, dropped = self.db.execute(
-            "SELECT COALESCE(SUM(delivered_at IS NOT NULL), 0), COALESCE(SUM(dropped_at IS NOT NULL), 0) FROM outbound"
-        ).fetchone()
+            "SELECT COALESCE(SUM(delivered_at IS NOT NULL), 0), COALESCE(SUM(dropped_at IS NOT NULL), 0) FROM outbound "
+            f"WHERE 1{where}", args).fetchone()
         reasons = self.db.execute(
-            f"SELECT SUBSTR(last_error, 1, 120) AS reason, COUNT(*) AS n FROM outbound WHERE {_WAITING} "
-            "AND last_error != '' GROUP BY reason ORDER BY n DESC, reason LIMIT 3").fetchall()
+            f"SELECT SUBSTR(last_error, 1, 120) AS reason, COUNT(*) AS n FROM outbound WHERE {_WAITING}{where} "
+            "AND last_error != '' GROUP BY reason ORDER BY n DESC, reason LIMIT 3", args).fetchall()
         return {"queued": waiting, "oldest_queued_s": round(now - oldest, 1) if oldest is not None else 0.0,
                 "retrying": retried, "refused": refused, "delivered": delivered, "dropped": dropped,
                 "waiting_because": dict(reasons)}
 
+    def outbound_channels(self) -> list[str]:
+        """The channels that have objects waiting."""
+        return [c for (c,) in self.db.execute(f"SELECT DISTINCT channel FROM outbound WHERE {_WAITING} ORDER BY channel")]
+
     # ------------------------------------------------------------------ the outbound queue, by an operator
-    def outbound_rows(self, everything: bool = False) -> list[dict]:
+    def outbound_rows(self, everything: bool = False, channel: str | None = None) -> list[dict]:
         """The queue for ``cxr-batch outbound list``: waiting objects, oldest first; with
-        ``everything`` the delivered and dropped ones too."""
-        where = "" if everything else f"WHERE {_WAITING}"
-        cursor = self.db.execute(f"SELECT uid, key, path, queued_at, due_at, attempts, delivered_at, failed_at, "
-                                 f"dropped_at, destination, last_error FROM outbound {where} ORDER BY queued_at, uid")
+        ``everything`` the delivered and dropped ones too; of one ``channel`` or all."""
+        conditions = ([] if everything else [_WAITING]) + ([] if channel is None else ["channel = ?"])
+        where = f"WHERE {' AND '.join(conditions)}" if conditions else ""
+        cursor = self.db.execute(f"SELECT {_OUTBOUND_COLUMNS} FROM outbound {where} ORDER BY queued_at, uid, channel",
+                                 () if channel is None else (channel,))
         names = [d[0] for d in cursor.description]
         return [dict(zip(names, row)) for row in cursor.fetchall()]
 
-    def outbound_send_now(self, uids: Sequence[str] | None = None) -> int:
+    def outbound_send_now(self, uids: Sequence[str] | None = None, channel: str | None = None) -> int:
         """Due now: every waiting object (``uids`` None), or the objects named, whatever their
-        state (a dropped one is queued again; a delivered one is sent again). The running
-        sender sees :meth:`outbound_nudged` and stops any back-off. Returns how many."""
+        state (a dropped one is queued again; a delivered one is sent again); of one
+        ``channel`` or all. The running sender sees :meth:`outbound_nudged` and stops any
+        back-off. Returns how many."""
         now = time.time()
+        where, args = ("", ()) if channel is None else (" AND channel = ?", (channel,))
         with self.db:
             if uids is None:
-                n = self.db.execute(f"UPDATE outbound SET due_at = ? WHERE {_WAITING}", (now,)).rowcount
+                n = self.db.execute(f"UPDATE outbound SET due_at = ? WHERE {_WAITING}{where}", (now, *args)).rowcount
             else:
                 n = sum(self.db.execute("UPDATE outbound SET due_at = ?, delivered_at = NULL, dropped_at = NULL "
-                                        "WHERE uid = ?", (now, uid)).rowcount for uid in uids)
+                                        f"WHERE uid = ?{where}", (now, uid, *args)).rowcount for uid in uids)
             self.db.execute("INSERT OR REPLACE INTO meta VALUES ('outbound_nudge', ?)", (repr(now),))
         return n
 
-    def outbound_drop(self, uids: Sequence[str]) -> int:
+    def outbound_drop(self, uids: Sequence[str], channel: str | None = None) -> int:
         """The waiting objects named are not sent (until an operator queues them again)."""
         now = time.time()
+        where, args = ("", ()) if channel is None else (" AND channel = ?", (channel,))
         with self.db:
-            return sum(self.db.execute(f"UPDATE outbound SET dropped_at = ? WHERE uid = ? AND {_WAITING}",
-                                       (now, uid)).rowcount for uid in uids)
+            return sum(self.db.execute(f"UPDATE outbound SET dropped_at = ? WHERE uid = ? AND {_WAITING}{where}",
+                                       (now, uid, *args)).rowcount for uid in uids)
 
     def outbound_nudged(self, since: float) -> bool:
         """Whether an operator asked for sending now after ``since`` (epoch seconds)."""

@@ -32,6 +32,15 @@ class RunConfig:
     title: str = "Chest X-ray triage report"
     institution: str = ""
     scoring: ScoringRules = field(default_factory=ScoringRules)
+    # Results sent on, each through the ledger's outbound queue until the receiver has it
+    # (cxr_batch.integration.outbox): an HL7 ORU^R01 per scored study to the RIS, and the SRs
+    # (Encapsulated PDFs with dicom_pdf) to a DICOMweb archive by STOW-RS.
+    hl7_to: str | None = None  # HOST:PORT of the RIS's MLLP listener
+    stow_to: str | None = None  # DICOMweb root URL; credentials only in the [dicomweb] table of a config file
+    dicomweb_file: str | None = None  # that file (set from --config when it has a [dicomweb] table)
+    send_timeout: float = bounded(30.0, gt=0.0)  # seconds each network step of a send may take
+    refused_retry: float = bounded(900.0, gt=0.0)  # seconds before an object a receiver refused is offered again
+    send_wait: float = bounded(60.0, min=0.0)  # scan, pull: seconds to go on delivering once scoring is done
 
     def __post_init__(self):
         where = self.table
@@ -40,6 +49,9 @@ class RunConfig:
             self.urgent = tuple(check_findings(self.urgent))  # as the user typed them, any case: canonical names
         except ValueError as e:
             raise ConfigError(f"{where}.urgent: {e}") from None
+        from .integration.outbox import check_targets
+
+        check_targets(self, where)
 
     @property
     def table(self) -> str:

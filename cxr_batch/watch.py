@@ -145,6 +145,9 @@ class Watcher:
             self.drift = DriftWatch(self.ledger, self.bundle, self.out, every=cfg.drift_every, window=cfg.drift_window,
                                     min_studies=cfg.drift_min_studies, alpha=cfg.drift_alpha,
                                     reference=cfg.drift_reference)
+            from .integration.outbox import Outbox  # results sent on: HL7, STOW-RS (and the node's C-STORE)
+
+            self.outbox = Outbox.for_run(self.out, self.ledger.path, self.bundle, cfg)
         except BaseException:
             self.lock.release()
             raise
@@ -199,6 +202,7 @@ class Watcher:
             observer.start()
             log.info("watching %s -> %s (model %s on %s)", self.watch_dir, self.out, self.bundle.label,
                      self.policy.describe())
+            self.outbox.start()
             self.loop()
             self.state = "stopping"
             self.heartbeat()
@@ -206,6 +210,7 @@ class Watcher:
             if observer is not None:
                 observer.stop()
                 observer.join(timeout=5)
+            self.outbox.stop()
             self.reader.close()
             self.state = "stopped"
             self.heartbeat()
@@ -493,6 +498,7 @@ class Watcher:
         self.publish(outcomes)
         _checkpoint("publish")
         self.drift.added(sum(o.record.ok for o in outcomes if o.action != "kept"))
+        self.outbox.wake()
         done = time.monotonic()
         for outcome in outcomes:
             record = outcome.record
@@ -509,10 +515,22 @@ class Watcher:
             log.info("duplicate %s: the same instance was already reported", log_name(rel))
             self.move(rel, "duplicate:" + rel, "duplicate")
 
-    def outbound_objects(self, studies: list[tuple[str, str, StudyRecord]]) -> dict[str, list[tuple[str, str]]]:
-        """Result objects to queue for sending with the batch's commit, {key: [(SOPInstanceUID,
-        path relative to the results folder)]}: none here; the DICOM node sends (cxr_batch.integration.node)."""
-        return {}
+    def outbound_objects(self, studies: list[tuple[str, str, StudyRecord]]) -> dict[str, list[tuple]]:
+        """Results to queue for sending with the batch's commit (cxr_batch.integration.outbox):
+        {key: [(uid, path relative to the results folder, channel, destination)]}."""
+        if not self.outbox:
+            return {}
+        try:
+            return self.outbox.entries([(key, f"{key}:{content}", record, self.revision(key, content))
+                                        for key, content, record in studies])
+        except OSError as e:
+            raise OutputError(f"HL7 messages cannot be written: {e}") from None
+
+    def revision(self, key: str, content: str) -> str:
+        """``content`` when this study replaces a result of a different file with the same key (a
+        changed instance: its results need identifiers of their own), else ""."""
+        earlier = self.ledger.known(key)
+        return content if earlier is not None and earlier.status != "error" and earlier.content != content else ""
 
     def write_report(self, name_key: str, record: StudyRecord, inputs) -> None:
         """A scored study's PDF, named from its key and content (a changed instance gets a new
@@ -549,9 +567,9 @@ class Watcher:
         from .sr import sr_file_name
 
         key, content = name_key.rsplit(":", 1)
-        earlier = self.ledger.known(key)
-        if earlier is None or earlier.status == "error" or earlier.content == content:
+        if not self.revision(key, content):
             return {}
+        earlier = self.ledger.known(key)
         predecessor = None
         try:
             import pydicom
@@ -672,8 +690,11 @@ class Watcher:
         write_status(self.out / "status.json", status)
 
     def extra_status(self) -> dict:
-        """More for status.json (the DICOM node adds its listener and outbound queue)."""
-        return {}
+        """More for status.json: the outbound queues (the DICOM node adds its listener)."""
+        try:
+            return self.outbox.status(self.ledger)
+        except sqlite3.Error:
+            return {}
 
 
 def write_status(path: Path, status: dict) -> None:

@@ -10,7 +10,9 @@ folder, on free ports; stopped when the test is done.
 
 Options: ``modalities`` ({name: (AE title, host, port)}: the peers Orthanc knows, which a C-MOVE
 destination must be), ``users`` ({user: password}: HTTP basic authentication on), ``extra``
-(any other Orthanc option). The fixtures ``orthanc`` and ``make_orthanc`` (import them into a
+(any other Orthanc option), ``environment`` (variables for its process: ``TCP_NODELAY=1`` makes
+its DICOM server, DCMTK's, turn Nagle's algorithm off; by default each DIMSE answer waits for the
+peer's delayed ACK). The fixtures ``orthanc`` and ``make_orthanc`` (import them into a
 test module: ``from tests.orthanc import make_orthanc, orthanc  # noqa: F401``) start them per
 test and skip cleanly where Orthanc is absent. :func:`orthanc_missing` says why Orthanc cannot run here (the tests
 skip with that reason). Orthanc keeps the first copy of a SOP Instance UID (``OverwriteInstances``
@@ -20,6 +22,7 @@ false, its default), as most archives do.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import time
@@ -45,8 +48,10 @@ def orthanc_missing(dicomweb: bool = True) -> str | None:
 
 class Orthanc:
     def __init__(self, root: Path, *, aet: str = "ORTHANC", modalities: dict[str, tuple[str, str, int]] | None = None,
-                 users: dict[str, str] | None = None, dicomweb: bool = True, extra: dict | None = None):
+                 users: dict[str, str] | None = None, dicomweb: bool = True, extra: dict | None = None,
+                 environment: dict[str, str] | None = None):
         self.root = Path(root)
+        self.environment = dict(environment or {})
         self.aet = aet
         self.http_port, self.dicom_port = free_port(), free_port()
         self.users = dict(users or {})
@@ -116,7 +121,8 @@ class Orthanc:
         config = self.root / "orthanc.json"
         config.write_text(json.dumps(self.config, indent=2))
         self._log = open(self.log_path, "wb")
-        self._process = subprocess.Popen(["Orthanc", str(config)], stdout=self._log, stderr=subprocess.STDOUT)
+        self._process = subprocess.Popen(["Orthanc", str(config)], stdout=self._log, stderr=subprocess.STDOUT,
+                                         env={**os.environ, **self.environment})
         deadline = time.monotonic() + START_TIMEOUT
         while time.monotonic() < deadline:
             if self._process.poll() is not None:

@@ -17,8 +17,8 @@ from hl7apy.parser import parse_message
 
 from cxr_batch.dicom import identifiers
 from cxr_batch.findings import FINDINGS
-from cxr_batch.integration.hl7 import (Endpoint, HL7NotMade, control_id, escape, frame, oru_r01, send_message,
-                                       unescape)
+from cxr_batch.integration.hl7 import (Endpoint, HL7NotMade, control_id, escape, frame, message_control_id, oru_r01,
+                                       send_message, unescape)
 from cxr_batch.record import Scores, StudyRecord
 from cxr_batch.results import read_results
 from cxr_batch.scan import ScanConfig, run_scan
@@ -110,6 +110,19 @@ def test_an_urgent_finding_is_aa_and_other_flags_a(scored):
     assert flags.pop("priority") == "AA"
     assert flags.pop("Pneumothorax") == flags.pop("Effusion") == "AA"
     assert set(flags.values()) == {"A"}
+
+
+def test_a_record_without_a_name_says_so_and_a_changed_result_has_its_own_control_id(scored):
+    records, bundle = scored
+    record = records["plain.dcm"]
+    nameless = replace(record, ids=replace(record.ids, patient_name=""))  # a scan's record, from results.csv
+    m = _parse(oru_r01(nameless, thresholds=bundle.thresholds))  # valid: PID-5 is HL7's explicit null
+    assert m.oru_r01_patient_result.oru_r01_patient.pid.pid_5.value == '""'
+    first, again = oru_r01(record, revision=""), oru_r01(record)
+    assert message_control_id(first) == message_control_id(again) == control_id(record)
+    changed = oru_r01(record, revision="sha256-of-the-changed-file")
+    assert message_control_id(changed) == control_id(record, "sha256-of-the-changed-file") != control_id(record)
+    assert message_control_id(oru_r01(record, revision="sha256-of-the-changed-file")) == message_control_id(changed)
 
 
 def test_delimiters_in_names_and_ids_are_escaped_not_structure(scored):

@@ -17,7 +17,7 @@ from cxr_batch.bundle import load_bundle
 from cxr_batch.dicom import identifiers
 from cxr_batch.integration.dicom_send import Destination
 from cxr_batch.integration.outbound import Sender
-from cxr_batch.ledger import Ledger
+from cxr_batch.ledger import Ledger, outbound_entry
 from cxr_batch.record import Scores, StudyRecord
 from cxr_batch.sr import build_sr
 
@@ -174,3 +174,36 @@ def test_a_changed_result_gets_its_own_sr_uid_naming_the_one_it_supersedes(tmp_p
     again = build_sr(changed, bundle, revision="content-2", predecessor=first)
     assert again.SOPInstanceUID == second.SOPInstanceUID  # made again (a crash, a re-send): the same UID
     assert build_sr(changed, bundle).SOPInstanceUID == first.SOPInstanceUID  # no revision: source and model only
+
+
+def test_a_schema_4_queue_becomes_the_dicom_channel_and_a_result_can_go_to_several_channels(tmp_path):
+    path = tmp_path / "ledger.sqlite"
+    db = sqlite3.connect(path)
+    db.executescript("""
+        CREATE TABLE meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
+        INSERT INTO meta VALUES ('schema', '4');
+        CREATE TABLE studies (key TEXT PRIMARY KEY, seq INTEGER NOT NULL, file TEXT NOT NULL, content TEXT NOT NULL,
+            status TEXT NOT NULL, record TEXT NOT NULL, reported_at REAL NOT NULL, published INTEGER NOT NULL DEFAULT 0);
+        CREATE TABLE outbound (uid TEXT PRIMARY KEY, key TEXT NOT NULL, path TEXT NOT NULL, queued_at REAL NOT NULL,
+            due_at REAL NOT NULL, attempts INTEGER NOT NULL DEFAULT 0, delivered_at REAL, failed_at REAL,
+            destination TEXT NOT NULL DEFAULT '', last_error TEXT NOT NULL DEFAULT '', dropped_at REAL);
+        CREATE INDEX outbound_due ON outbound (due_at) WHERE delivered_at IS NULL AND dropped_at IS NULL;
+        INSERT INTO outbound VALUES ('2.25.1', 'uid:a', 'dicom/a.sr.dcm', 1, 1, 2, NULL, NULL, '', 'peer down', NULL);
+        INSERT INTO outbound VALUES ('2.25.2', 'uid:b', 'dicom/b.sr.dcm', 1, 1, 1, 3, NULL, 'PACS@h:104', '', NULL);
+    """)
+    db.close()
+    ledger = Ledger(path)
+    (item,) = ledger.due_outbound(time.time())
+    assert (item.uid, item.channel, item.attempts) == ("2.25.1", "dicom", 2)
+    assert ledger.outbound_stats(time.time())["delivered"] == 1
+    assert {r["channel"] for r in ledger.outbound_rows(everything=True)} == {"dicom"}
+    # the same SR to the archive by STOW-RS, and the study's ORU to the RIS: rows of their own
+    assert ledger.queue_outbound([("uid:a", outbound_entry("2.25.1", "dicom/a.sr.dcm", "stow", "http://a/dicom-web")),
+                                  ("uid:a", outbound_entry("ABC", "hl7/ABC.hl7", "hl7", "ris:2575"))]) == 2
+    assert [i.uid for i in ledger.due_outbound(time.time(), channel="stow")] == ["2.25.1"]
+    ledger.outbound_delivered("ABC", "ris:2575", "hl7")
+    # queued again after a second scan: what was delivered from the same file to the same place is not
+    assert ledger.queue_outbound([("uid:a", outbound_entry("ABC", "hl7/ABC.hl7", "hl7", "ris:2575"))]) == 0
+    assert ledger.outbound_stats(time.time(), None)["queued"] == 2 and ledger.outbound_channels() == ["dicom", "stow"]
+    ledger.close()
+    assert not sqlite3.connect(path).execute("SELECT name FROM sqlite_master WHERE name = 'outbound_v4'").fetchall()

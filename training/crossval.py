@@ -467,7 +467,7 @@ def stage_train(args, cfg: CVConfig, labels: pd.DataFrame, folds: pd.DataFrame) 
     names = list(labels["image"])
     variants = [cfg.variant(args.variant)] if args.variant else cfg.variants
     repeats = range(len(cfg.fold_seeds)) if args.repeat is None else [args.repeat]
-    dev = folds[f"fold_rep0"].to_numpy() >= 0
+    dev = folds["fold_rep0"].to_numpy() >= 0
     for v in variants:
         images = load_cache(image_paths(labels), names, v.image_size, Path(args.out))
         weights = loss_weights(args, v, labels[dev])

@@ -133,8 +133,8 @@ def fit_any_finding(p: np.ndarray, any_finding: np.ndarray, weights: np.ndarray,
         keep.pop(int(np.argmin(coef)))
     w = np.zeros(z.shape[1])
     w[keep] = np.clip(coef, 0, None)
-    bias = float(lr.intercept_[0])
-    # move the level: the weighted mean of P(any) becomes the target rate
+    # the level: the weighted mean of P(any) becomes the target rate (the regression's intercept
+    # fits the development images' share of studies with a finding, not NIH's): the weighted mean of P(any) becomes the target rate
     s = z @ w
     lo, hi = -30.0, 30.0
     for _ in range(100):

@@ -6,7 +6,8 @@ fields, structure, lengths), from its :class:`~cxr_batch.record.StudyRecord`:
 - MSH: sending/receiving application and facility, MSH-10 control id derived from the source
   image and the bundle (:func:`control_id`: a retry, or the same result built again, carries
   the same id, so the RIS can drop the duplicate), processing id, version 2.5, UTF-8;
-- PID: PID-3 patient ID, PID-5 name (DICOM PN order mapped to XPN), PID-7 birth date, PID-8 sex;
+- PID: PID-3 patient ID, PID-5 name (DICOM PN order mapped to XPN; ``""``, HL7's explicit null,
+  when the record has none), PID-7 birth date, PID-8 sex;
 - ORC/OBR: the accession number as filler order number (ORC-3, OBR-3) and in OBR-18, the field
   IHE Scheduled Workflow maps to DICOM's Accession Number; OBR-4 the imaging procedure, OBR-7
   the study date/time, OBR-25 ``P`` (preliminary: no radiologist has read it); two NTEs name
@@ -101,11 +102,14 @@ def unescape(text: str) -> str:
 
 
 # ------------------------------------------------------------------ the message
-def control_id(record: StudyRecord) -> str:
-    """MSH-10 (at most 20 characters): the same for the same image scored by the same bundle."""
+def control_id(record: StudyRecord, revision: str = "") -> str:
+    """MSH-10 (at most 20 characters): the same for the same image scored by the same bundle;
+    a ``revision`` (a changed instance's content hash, as for its SR) gives a changed result
+    an id of its own, so the RIS does not drop it as a duplicate of the first."""
     ids = record.ids
     basis = ids.sop_uid or ids.study_uid or record.file
-    return hashlib.sha256(f"oru\x1f{basis}\x1f{record.weights_sha256}".encode()).hexdigest()[:20].upper()
+    text = f"oru\x1f{basis}\x1f{record.weights_sha256}" + (f"\x1f{revision}" if revision else "")
+    return hashlib.sha256(text.encode()).hexdigest()[:20].upper()
 
 
 def _date(value: str) -> str:
@@ -139,10 +143,11 @@ def _flag(flagged: bool, urgent: bool) -> str:
 def oru_r01(record: StudyRecord, *, thresholds: Mapping[str, float] | None = None,
             urgent: Sequence[str] = DEFAULT_URGENT, sending_application: str = SENDING_APPLICATION,
             sending_facility: str = "", receiving_application: str = "", receiving_facility: str = "",
-            processing_id: str = "P", created: dt.datetime | None = None) -> str:
+            processing_id: str = "P", created: dt.datetime | None = None, revision: str = "") -> str:
     """The ORU^R01 of a scored ``record`` as ER7 text (segments ended by CR), validated by
     hl7apy; HL7NotMade when the record cannot have one (not scored, no patient ID or accession
-    number to match the order by, a value the standard's lengths refuse)."""
+    number to match the order by, a value the standard's lengths refuse). ``revision``: see
+    :func:`control_id`."""
     from hl7apy.consts import VALIDATION_LEVEL
     from hl7apy.core import Message
     from hl7apy.exceptions import HL7apyException
@@ -167,14 +172,13 @@ def oru_r01(record: StudyRecord, *, thresholds: Mapping[str, float] | None = Non
         msh = m.msh
         msh.msh_3, msh.msh_4 = escape(sending_application), escape(sending_facility)
         msh.msh_5, msh.msh_6 = escape(receiving_application), escape(receiving_facility)
-        msh.msh_7, msh.msh_9, msh.msh_10 = when, "ORU^R01^ORU_R01", control_id(record)
+        msh.msh_7, msh.msh_9, msh.msh_10 = when, "ORU^R01^ORU_R01", control_id(record, revision)
         msh.msh_11, msh.msh_18 = processing_id, "UNICODE UTF-8"
         result = m.add_group("ORU_R01_PATIENT_RESULT")
         pid = result.add_group("ORU_R01_PATIENT").pid
         pid.pid_1, pid.pid_3 = "1", escape(ids.patient_id)
-        name = _person_name(ids.patient_name)
-        if name:
-            pid.pid_5 = name
+        # PID-5 is required: without a name (results.csv keeps none) HL7's explicit null "" says so
+        pid.pid_5 = _person_name(ids.patient_name) or '""'
         if _date(ids.patient_birth_date):
             pid.pid_7 = ids.patient_birth_date
         if ids.patient_sex.strip().upper() in ("M", "F", "O"):

@@ -12,7 +12,8 @@ with the watch daemon's machinery and C-STOREs each result back as a DICOM SR.
   are the watch daemon's. Spool files leave once their study is committed: deleted, or moved to
   ``archive_dir`` (``quarantine_dir`` for failures) when configured, so the disk stays bounded.
 - Sending back (``send_to``): each scored image's SR (and Encapsulated PDF with ``dicom_pdf``)
-  is queued in the ledger with its study's commit and sent by cxr_batch.integration.outbound.
+  is queued in the ledger with its study's commit and sent by cxr_batch.integration.outbound
+  (the daemon's outbox, cxr_batch.integration.outbox, with HL7 and STOW-RS when configured).
 - Safe by default: binds 127.0.0.1; the called AE title must be ours; an optional calling-AE
   allow-list; TLS when a certificate is configured; association count, PDU size, timeouts and
   the size of one object bounded; logs name SOP Instance UIDs and AE titles, never patients.
@@ -25,11 +26,9 @@ import logging
 import os
 import shutil
 import socket
-import sqlite3
 import ssl
 import tempfile
 import threading
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,8 +38,7 @@ from ..config import ConfigError, bounded
 from ..dicom import DECODED_TRANSFER_SYNTAXES
 from .dicom_send import Destination, check_ae_title, tcp_no_delay
 from ..files import FILE_MODE, atomic_write_bytes, private_dir
-from .outbound import Sender
-from ..record import StudyRecord, log_name
+from ..record import log_name
 from ..watch import STATE_DIR, WatchConfig, Watcher
 
 log = logging.getLogger("cxr_batch")
@@ -71,8 +69,6 @@ class ListenConfig(WatchConfig):
     host: str = "127.0.0.1"  # the address to listen on; "0.0.0.0" or "::" for every interface
     allow: tuple[str, ...] = ()  # calling AE titles allowed to associate (empty: any)
     send_to: str | None = None  # AE@HOST:PORT receiving each scored image's SR
-    send_timeout: float = bounded(30.0, gt=0.0)  # seconds each network step of a send may take
-    refused_retry: float = bounded(900.0, gt=0.0)  # seconds before an object send_to refused is offered again
     min_free_mb: int = bounded(1024, min=0)  # below this much free disk, C-STOREs are refused (0xA700)
     max_associations: int = bounded(10, min=1, max=1000)  # at once; more are rejected (transient)
     max_pdu: int = bounded(65536, min=4096, max=1 << 26)  # the largest PDU we accept, in bytes
@@ -365,7 +361,8 @@ class StorageSCP:
         self._bytes[id(event.assoc)] = 0
         uid = str(event.request.AffectedSOPInstanceUID or "")
         shown = uid if valid_uid(uid) else f"an object with an invalid SOP Instance UID ({self.shown(uid, 20)}...)"
-        peer = self.shown(event.assoc.requestor.ae_title, 16)
+        # the peer that sends: the requestor, or (C-GET, cxr_batch.integration.pull) the PACS we called
+        peer = self.shown((event.assoc.acceptor if event.assoc.is_requestor else event.assoc.requestor).ae_title, 16)
         if self.spool.free_bytes() < self.min_free:
             # Received objects must not fill the disk the results, reports and ledger are written
             # to: the peer is told to try later (it keeps the object meanwhile).
@@ -450,28 +447,18 @@ def check_address(host: str, port: int) -> None:
                         f"listen, may hold the port: stop it or choose another --port)") from None
 
 
-def object_uid(path: Path) -> str:
-    """The SOPInstanceUID of a DICOM file we wrote, from its file meta group."""
-    from pydicom.filereader import read_file_meta_info
-
-    return str(read_file_meta_info(path).MediaStorageSOPInstanceUID)
-
-
 class Node(Watcher):
-    """The watch daemon on the spool of a :class:`StorageSCP`, with an outbound sender."""
+    """The watch daemon on the spool of a :class:`StorageSCP`; its outbox sends the results."""
 
     command = "listen"
 
     def __init__(self, out: Path, cfg: ListenConfig, stop=None):
-        tls, send_tls = cfg.tls_context(), cfg.send_tls_context()  # bad files stop the start before the model loads
+        tls = cfg.tls_context()  # bad files stop the start before the model loads
+        cfg.send_tls_context()
         check_address(cfg.host, cfg.port)  # ...and so does a port in use, before any folder is made
         super().__init__(Path(out) / STATE_DIR / SPOOL, out, cfg, stop)
         self.spool = Spool(self.watch_dir)
         self.scp = StorageSCP(cfg, self.spool, lambda path: self.events.put(str(path)), tls)
-        destination = cfg.destination
-        self.sender = None if destination is None else Sender(
-            self.ledger.path, self.out, destination, calling_ae=cfg.ae_title, timeout=cfg.send_timeout,
-            retry_max=cfg.retry_max, tls=send_tls, refused_retry=cfg.refused_retry)
 
     # ------------------------------------------------------------------ lifecycle hooks
     def check_folders(self) -> None:
@@ -489,45 +476,20 @@ class Node(Watcher):
         return True  # the spool is emptied: committed objects are deleted when not archived
 
     def loop(self) -> None:
-        self.scp.start()
-        allowed = ", ".join(self.cfg.allow) if self.cfg.allow else "any"
-        log.info("listening on %s as %s (TLS %s; calling AE titles: %s)", self.scp.address, self.cfg.ae_title,
-                 "on" if self.scp.tls else "off", allowed)
-        if self.sender is not None:
-            log.info("sending results to %s (TLS %s)", self.sender.destination, "on" if self.sender.tls else "off")
-            self.sender.start()
+        self.listen()
         try:
             super().loop()
         finally:
             self.scp.stop()
-            if self.sender is not None:
-                self.sender.stop()
 
-    def process(self, rels: list[str]) -> None:
-        super().process(rels)
-        if self.sender is not None:
-            self.sender.wake()
+    def listen(self) -> None:
+        """Start the storage SCP."""
+        self.scp.start()
+        allowed = ", ".join(self.cfg.allow) if self.cfg.allow else "any"
+        log.info("listening on %s as %s (TLS %s; calling AE titles: %s)", self.scp.address, self.cfg.ae_title,
+                 "on" if self.scp.tls else "off", allowed)
 
     # ------------------------------------------------------------------ hooks of the daemon
-    def outbound_objects(self, studies: list[tuple[str, str, StudyRecord]]) -> dict[str, list[tuple[str, str]]]:
-        """Each scored study's SR (and Encapsulated PDF with dicom_pdf), queued with its commit."""
-        if self.sender is None:
-            return {}
-        from ..sr import sr_file_name
-
-        queued = {}
-        for key, content, record in studies:
-            if not record.ok:
-                continue
-            files = [self.srs.folder / sr_file_name(f"{key}:{content}")]
-            if self.cfg.dicom_pdf and record.report:
-                files.append(self.out / "reports" / (record.report.removesuffix(".pdf") + ".dcm"))
-            # a study without an SR (its notes say why) has nothing to send
-            items = [(object_uid(f), f.relative_to(self.out).as_posix()) for f in files if f.is_file()]
-            if items:
-                queued[key] = items
-        return queued
-
     def move(self, rel: str, key: str, status: str) -> None:
         """A spool file whose study is committed: moved to archive_dir (quarantine_dir for a
         failure) when configured, else deleted; the ledger and results.csv keep the result."""
@@ -540,11 +502,4 @@ class Node(Watcher):
             log.error("could not remove %s from the spool: %s", log_name(rel), e.strerror or e)
 
     def extra_status(self) -> dict:
-        status = {"listen": self.scp.status()}
-        if self.sender is not None:
-            status["outbound"] = self.sender.status()
-            try:
-                status["outbound"].update(self.ledger.outbound_stats(time.time()))
-            except sqlite3.Error:
-                pass
-        return status
+        return {"listen": self.scp.status(), **super().extra_status()}

@@ -1,17 +1,21 @@
-"""Sending the results back: the DICOM node's outbound queue, drained by a thread of its own.
+"""Sending the results: the outbound queue, drained by a thread of its own per channel.
 
 The queue lives in the ledger (``outbound``, cxr_batch.ledger): objects are queued in the
-transaction that commits their study, so they survive any crash. :class:`Sender` C-STOREs the
-due ones to the destination one at a time (cxr_batch.integration.dicom_send) and records each answer:
+transaction that commits their study, so they survive any crash. Each channel (C-STORE to the
+PACS, :class:`DicomChannel`; HL7 to the RIS and STOW-RS to a DICOMweb archive,
+cxr_batch.integration.outbox) has a :class:`Sender` that sends its due objects one at a time
+and records each answer (a :class:`~.delivery.Delivery`):
 
 - stored: marked delivered, never sent again;
 - a failure of the link (peer down, busy, out of resources, a timeout, the association
-  rejected, even "permanently": a configuration the PACS's administrator can fix): the link
+  rejected, even "permanently": a configuration the PACS's administrator can fix; an HL7 NAK
+  ``AE`` or no ACK; an HTTP 5xx, 401 or 404): the link
   backs off exponentially (1 s doubling up to ``retry_max``) before the next try, and that
   object goes to the back of the queue, so one object the peer keeps refusing "for now" cannot
   hold up the others;
 - a refusal of the object (the peer does not store that kind of object, or answers a failure
-  status), or an object file that is gone or unreadable: the object waits with the reason and is
+  status; an HL7 ``AR``; an HTTP 400/409/415), or an object file that is gone or unreadable:
+  the object waits with the reason and is
   offered again after ``refused_retry`` seconds; the others go on.
 
 Nothing is given up silently: an object leaves the queue only when the peer stored it or an
@@ -20,7 +24,10 @@ counts the waiting ones and says why they wait. ``outbound retry`` also cuts a b
 
 A crash between the peer's answer and the mark sends that object again at the next start: its
 SOPInstanceUID is derived from source and model, so the peer replaces it rather than adding a
-copy. Sending runs beside scoring: a slow or silent PACS never delays a study's results.
+copy (an HL7 message keeps its MSH-10, so the RIS drops the duplicate). Sending runs beside
+scoring: a slow or silent PACS never delays a study's results. Where no daemon runs (after a
+scan, at the end of a pull), :meth:`Sender.drain` sends in the caller's thread until the
+queue is empty or a deadline passes.
 """
 
 from __future__ import annotations
@@ -31,35 +38,82 @@ import ssl
 import threading
 import time
 from pathlib import Path
+from typing import Protocol
 
-from .dicom_send import Destination, SendResult, send_dataset
+from .delivery import Delivery
+from .dicom_send import CALLING_AE_TITLE, Destination, send_dataset
 from ..ledger import Ledger, OutboundItem
 
 log = logging.getLogger("cxr_batch")
 IDLE_WAIT = 5.0  # seconds between looks at the queue when nothing woke the sender
 
 
+class Channel(Protocol):
+    """Where one kind of result goes, and how: ``name`` is the queue's channel (cxr_batch.ledger
+    CHANNELS), ``str()`` the receiver as logs and status.json name it."""
+
+    name: str
+    tls: bool
+
+    def send(self, path: Path) -> Delivery: ...
+
+
+class DicomChannel:
+    """C-STORE to a PACS (cxr_batch.integration.dicom_send)."""
+
+    name = "dicom"
+
+    def __init__(self, destination: Destination, *, calling_ae: str = CALLING_AE_TITLE, timeout: float = 30.0,
+                 tls: ssl.SSLContext | None = None):
+        self.destination, self.calling_ae, self.timeout, self.tls_context = destination, calling_ae, timeout, tls
+
+    @property
+    def tls(self) -> bool:
+        return self.tls_context is not None
+
+    def __str__(self) -> str:
+        return str(self.destination)
+
+    def send(self, path: Path) -> Delivery:
+        result = send_dataset(path, self.destination, calling_ae=self.calling_ae, timeout=self.timeout,
+                              tls=self.tls_context)
+        if result.ok:
+            return Delivery.delivered()
+        return Delivery.retry(result.reason) if result.link else Delivery.rejected(result.reason)
+
+
 class Sender:
-    """Drains the outbound queue of the ledger at ``ledger_path`` to ``destination``.
+    """Drains the outbound queue of the ledger at ``ledger_path`` for one ``channel`` (a
+    :class:`Channel`, or a Destination: C-STORE to it).
 
-    ``results_dir``: the folder the queued paths are relative to; ``calling_ae``: our AE title;
-    ``timeout``: seconds each network step may take; ``retry_max``: the longest back-off;
-    ``tls``: a client TLS context for the destination, or None for plain DICOM;
-    ``refused_retry``: seconds before an object the peer refused is offered again."""
+    ``results_dir``: the folder the queued paths are relative to; ``calling_ae``, ``timeout``,
+    ``tls``: for a Destination, our AE title, seconds each network step may take, a client TLS
+    context (None: plain DICOM); ``retry_max``: the longest back-off; ``refused_retry``: seconds
+    before an object the peer refused is offered again."""
 
-    def __init__(self, ledger_path: Path, results_dir: Path, destination: Destination, *, calling_ae: str,
-                 timeout: float, retry_max: float, tls: ssl.SSLContext | None = None, refused_retry: float = 900.0):
-        self.ledger_path, self.results_dir, self.destination = Path(ledger_path), Path(results_dir), destination
-        self.calling_ae, self.timeout, self.retry_max, self.tls = calling_ae, timeout, retry_max, tls
-        self.refused_retry = refused_retry
+    def __init__(self, ledger_path: Path, results_dir: Path, channel: Channel | Destination, *,
+                 calling_ae: str = CALLING_AE_TITLE, timeout: float = 30.0, retry_max: float,
+                 tls: ssl.SSLContext | None = None, refused_retry: float = 900.0):
+        if isinstance(channel, Destination):
+            channel = DicomChannel(channel, calling_ae=calling_ae, timeout=timeout, tls=tls)
+        self.ledger_path, self.results_dir, self.channel = Path(ledger_path), Path(results_dir), channel
+        self.timeout, self.retry_max, self.refused_retry = timeout, retry_max, refused_retry
         self.halt, self.wakeup = threading.Event(), threading.Event()
         self.link_failures = 0  # consecutive passing failures: the back-off's exponent
         self.last_error = ""
         self.thread: threading.Thread | None = None
 
+    @property
+    def destination(self) -> Channel:
+        return self.channel
+
+    @property
+    def tls(self) -> bool:
+        return self.channel.tls
+
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> "Sender":
-        self.thread = threading.Thread(target=self._run, name="cxr-batch-sender", daemon=True)
+        self.thread = threading.Thread(target=self._run, name=f"cxr-batch-sender-{self.channel.name}", daemon=True)
         self.thread.start()
         return self
 
@@ -75,7 +129,7 @@ class Sender:
             self.thread.join(timeout if timeout is not None else 4 * self.timeout + 5)
 
     def status(self) -> dict:
-        return {"destination": str(self.destination), "tls": self.tls is not None,
+        return {"destination": str(self.channel), "tls": self.tls,
                 "peer": "unreachable" if self.link_failures else "ok",
                 "last_error": self.last_error[:200]}
 
@@ -100,37 +154,57 @@ class Sender:
         if ledger is not None:
             ledger.close()
 
-    def send_due(self, ledger: Ledger) -> bool:
+    def send_due(self, ledger: Ledger, until: float | None = None) -> bool:
         """Send the due objects; returns whether there were any. After a failure of the link it
-        waits out the back-off (or a stop, or an operator's retry) and returns, so the queue is
-        read afresh."""
-        items = ledger.due_outbound(time.time())
+        waits out the back-off (or a stop, or an operator's retry, or ``until``, epoch
+        seconds) and returns, so the queue is read afresh."""
+        name, where = self.channel.name, str(self.channel)
+        items = ledger.due_outbound(time.time(), channel=name)
         for item in items:
             if self.halt.is_set():
                 break
             result = self.send_one(item)
             if result.ok:
-                ledger.outbound_delivered(item.uid, str(self.destination))
+                ledger.outbound_delivered(item.uid, where, name)
                 if self.link_failures:
-                    log.info("%s answers again: sending the queue", self.destination)
+                    log.info("%s answers again: sending the queue", where)
                 self.link_failures, self.last_error = 0, ""
-                log.info("sent %s to %s", item.uid, self.destination)
-            elif result.link:
+                log.info("sent %s to %s", item.uid, where)
+            elif result.transient:
                 self.link_failures += 1
                 delay = min(self.retry_max, 2.0 ** (self.link_failures - 1))
                 self.last_error = result.reason
                 failed_at = time.time()
-                ledger.outbound_retry(item.uid, failed_at + delay, result.reason)
+                ledger.outbound_retry(item.uid, failed_at + delay, result.reason, name)
+                if until is not None:
+                    delay = min(delay, max(0.0, until - failed_at))
                 self._back_off(ledger, delay, failed_at)
                 return True
             else:
                 self.last_error = result.reason
-                ledger.outbound_refused(item.uid, str(self.destination), result.reason,
-                                        time.time() + self.refused_retry)
+                ledger.outbound_refused(item.uid, where, result.reason, time.time() + self.refused_retry, name)
                 log.error("%s refused by %s: %s; it waits in the queue and is offered again in %.0f s "
-                          "(cxr-batch outbound list|retry|drop)", item.uid, self.destination, result.reason,
+                          "(cxr-batch outbound list|retry|drop)", item.uid, where, result.reason,
                           self.refused_retry)
         return bool(items)
+
+    def drain(self, until: float, ledger: Ledger | None = None) -> None:
+        """Send this channel's waiting objects in the calling thread, with the same back-off,
+        until none waits or none is due before ``until`` (epoch seconds). ``ledger``: a
+        connection of this thread (default: one of its own)."""
+        if ledger is None:
+            ledger = Ledger(self.ledger_path)
+            try:
+                return self.drain(until, ledger)
+            finally:
+                ledger.close()
+        while not self.halt.is_set() and time.time() < until:
+            self.send_due(ledger, until)
+            due = ledger.next_due(self.channel.name)
+            if due is None or due >= until:
+                return
+            if due > time.time():
+                self.halt.wait(min(due, until) - time.time())
 
     def _back_off(self, ledger: Ledger, delay: float, since: float) -> None:
         """Wait ``delay`` seconds, less if we are stopped or an operator asks for a retry."""
@@ -139,15 +213,14 @@ class Sender:
             if self.halt.wait(min(left, IDLE_WAIT)) or ledger.outbound_nudged(since):
                 return
 
-    def send_one(self, item: OutboundItem) -> SendResult:
+    def send_one(self, item: OutboundItem) -> Delivery:
         path = self.results_dir / item.path
         if not path.is_file():
-            return SendResult(False, reason=f"object file {item.path} is missing")
+            return Delivery.rejected(f"object file {item.path} is missing")
         try:
-            return send_dataset(path, self.destination, calling_ae=self.calling_ae, timeout=self.timeout,
-                                tls=self.tls)
-        except Exception as e:  # unreadable as DICOM: a refusal of the object (offered again slowly, or dropped)
-            return SendResult(False, reason=f"object file {item.path} cannot be read: {type(e).__name__}")
+            return self.channel.send(path)
+        except Exception as e:  # unreadable: a refusal of the object (offered again slowly, or dropped)
+            return Delivery.rejected(f"object file {item.path} cannot be read: {type(e).__name__}")
 
 
 def _ago(seconds: float) -> str:
@@ -161,7 +234,8 @@ def _ago(seconds: float) -> str:
 def queue_lines(rows: list[dict], now: float) -> list[str]:
     """``cxr-batch outbound list``: one line per object (Ledger.outbound_rows), its state, tries,
     next try, age, file and why it waits."""
-    lines = [f"{'SOP INSTANCE UID':<44}  {'STATE':<9}  {'TRIES':>5}  {'NEXT TRY':<9}  {'QUEUED':<7}  FILE / LAST ERROR"]
+    lines = [f"{'SOP INSTANCE UID / HL7 ID':<44}  {'CHANNEL':<7}  {'STATE':<9}  {'TRIES':>5}  {'NEXT TRY':<9}  "
+             f"{'QUEUED':<7}  FILE / LAST ERROR"]
     for r in rows:
         if r["delivered_at"] is not None:
             state, due = "delivered", "-"
@@ -171,6 +245,6 @@ def queue_lines(rows: list[dict], now: float) -> list[str]:
             state = "refused" if r["failed_at"] is not None else ("retrying" if r["attempts"] else "queued")
             due = "now" if r["due_at"] <= now else f"in {_ago(r['due_at'] - now)}"
         detail = r["path"] + (f"  ({r['last_error']})" if r["last_error"] else "")
-        lines.append(f"{r['uid']:<44}  {state:<9}  {r['attempts']:>5}  {due:<9}  {_ago(now - r['queued_at']):<7}  "
+        lines.append(f"{r['uid']:<44}  {r['channel']:<7}  {state:<9}  {r['attempts']:>5}  {due:<9}  {_ago(now - r['queued_at']):<7}  "
                      f"{detail}")
     return lines

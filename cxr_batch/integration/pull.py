@@ -1,0 +1,704 @@
+"""``cxr-batch pull``: score what is already in the PACS (a morning backlog, downtime catch-up,
+a silent trial over last month's studies), once.
+
+- Query (:class:`Source`, pynetdicom, Study Root): C-FIND at study level by date range and
+  ModalitiesInStudy, then for each study a series-level C-FIND whose Modality picks the series
+  to take (where a PACS ignores or refuses ModalitiesInStudy, this is the filter), then an
+  image-level C-FIND listing the series' SOP Instance UIDs.
+- Exactly once: an instance the ledger holds a result for (scored or skipped; an error is
+  provisional) or that waits in the spool is not retrieved again; a series with nothing new is
+  not retrieved at all. A second pull over the same range retrieves and sends nothing; a pull
+  killed midway and run again finishes the rest (the spool's objects are scored at the start,
+  the queue sends what waited).
+- Retrieve by C-MOVE to our own storage SCP on ``port`` (the PACS must know our AE title, host
+  and port: 0xA801 otherwise, said plainly) or by C-GET over the query's association; either way
+  the objects arrive through the DICOM node's receiving path (:class:`~.node.StorageSCP`: spool,
+  ledger, scoring, results sent back by the outbox). Retrieval pauses while ``max_spooled``
+  objects wait to be scored, so the disk stays bounded.
+- Bounded, paged: the date range is split in halves while one C-FIND answers more than
+  ``page_size`` studies (read no further: the association is aborted), pages are done oldest
+  first, and a pull stops after ``max_studies`` studies with anything new (run it again for the
+  rest). Progress is logged every few seconds and kept in status.json.
+- The pull ends when everything retrieved is scored and its results delivered, or
+  ``send_wait`` seconds after scoring ended (what was not delivered waits in the queue: the
+  next pull or ``cxr-batch outbound send`` sends it).
+
+Logs name counts, AE titles and SOP Instance UIDs, never a patient.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import os
+import re
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from ..config import ConfigError, bounded
+from ..exit_codes import FATAL, OK, SOME_FAILED
+from .dicom_send import Destination, tcp_no_delay
+from .node import ListenConfig, Node, valid_uid
+
+log = logging.getLogger("cxr_batch")
+
+# C-FIND / C-MOVE / C-GET statuses (PS3.4 C.4)
+PENDING = (0xFF00, 0xFF01)
+SUCCESS, CANCELLED, WARNING_SUBOPS = 0x0000, 0xFE00, 0xB000
+UNKNOWN_MOVE_DESTINATION = 0xA801
+OUT_OF_RESOURCES = range(0xA700, 0xA800)
+FIND_CAP = 100_000  # answers one series- or image-level C-FIND may give before it is cut off
+PROGRESS_EVERY = 5.0  # seconds between progress lines
+# Storage classes asked for by C-GET (each needs a presentation context and an SCP role: at most
+# 128 in all): the radiographs, and what a CR/DX series may also hold.
+GET_STORAGE_CLASSES = (
+    "1.2.840.10008.5.1.4.1.1.1",  # Computed Radiography
+    "1.2.840.10008.5.1.4.1.1.1.1",  # Digital X-Ray, for presentation
+    "1.2.840.10008.5.1.4.1.1.1.1.1",  # Digital X-Ray, for processing
+    "1.2.840.10008.5.1.4.1.1.7",  # Secondary Capture
+    "1.2.840.10008.5.1.4.1.1.7.2",  # Multi-frame Grayscale Byte Secondary Capture
+    "1.2.840.10008.5.1.4.1.1.7.3",  # Multi-frame Grayscale Word Secondary Capture
+    "1.2.840.10008.5.1.4.1.1.12.1",  # X-Ray Angiographic
+    "1.2.840.10008.5.1.4.1.1.12.2",  # X-Ray Radiofluoroscopic
+    "1.2.840.10008.5.1.4.1.1.88.34",  # Comprehensive 3D SR (an SR filed in an image series)
+    "1.2.840.10008.5.1.4.1.1.104.1",  # Encapsulated PDF
+)
+
+
+class PullError(Exception):
+    """The pull cannot go on (the PACS refuses us, does not know our AE title); ``str(e)`` says
+    what to do."""
+
+
+@dataclass
+class PullConfig(ListenConfig):
+    """The ``[pull]`` table of ``--config`` (and ``[scoring]``): the DICOM node's options (our AE
+    title, the port C-MOVE sends to, send_to, TLS...) and the query's. Command-line options win."""
+
+    source: str = ""  # AE@HOST:PORT of the PACS to query and retrieve from (--from)
+    since: str | None = None  # YYYY-MM-DD: studies of this date or later...
+    days: int | None = bounded(None, min=1, max=36_500)  # ...or of the last D days, today included (default 1)
+    modalities: tuple[str, ...] = ("CR", "DX")  # series of these modalities are retrieved
+    retrieve: Literal["move", "get"] = "move"  # C-MOVE to our own SCP on port, or C-GET
+    page_size: int = bounded(500, min=1, max=100_000)  # studies one C-FIND may answer before its dates are split
+    max_studies: int = bounded(10_000, min=1, max=10_000_000)  # studies retrieved by one pull (again: the rest)
+    max_spooled: int = bounded(64, min=1, max=100_000)  # received objects waiting to be scored: retrieval waits
+    query_timeout: float = bounded(120.0, gt=0.0)  # seconds the PACS may take for each answer
+    broken_deadline: float = bounded(0.0, min=0.0)
+
+    def __post_init__(self):
+        super().__post_init__()
+        where = self.table
+        if not self.source:
+            raise ConfigError(f"{where}.source: the PACS to pull from is needed (--from AE@HOST:PORT)")
+        try:
+            Destination.parse(self.source)
+        except ValueError as e:
+            raise ConfigError(f"{where}.source: {e}") from None
+        if self.since is not None and self.days is not None:
+            raise ConfigError(f"{where}: since and days are given together; give one")
+        if self.since is not None:
+            try:
+                if not re.fullmatch(r"\d{4}-\d{2}-\d{2}", self.since):
+                    raise ValueError
+                dt.date.fromisoformat(self.since)
+            except ValueError:
+                raise ConfigError(f"{where}.since = {self.since!r}: expected a date YYYY-MM-DD") from None
+        modalities = tuple(m.strip().upper() for m in self.modalities if m.strip())
+        if not modalities or any(not re.fullmatch(r"[A-Z0-9_ ]{1,16}", m) for m in modalities):
+            raise ConfigError(f"{where}.modalities = {list(self.modalities)!r}: expected DICOM modalities, e.g. "
+                              f"[\"CR\", \"DX\"]")
+        self.modalities = modalities
+
+    @property
+    def table(self) -> str:
+        return "pull"
+
+    @property
+    def source_pacs(self) -> Destination:
+        return Destination.parse(self.source)
+
+    def first_day(self, today: dt.date | None = None) -> dt.date:
+        today = today or dt.date.today()
+        if self.since is not None:
+            return dt.date.fromisoformat(self.since)
+        return today - dt.timedelta(days=(self.days or 1) - 1)
+
+
+# ---------------------------------------------------------------------- talking to the PACS
+@dataclass(frozen=True)
+class Study:
+    uid: str
+    modalities: tuple[str, ...]  # ModalitiesInStudy as answered ("" when the PACS gave none)
+
+
+class QueryRefused(PullError):
+    """The PACS answered a C-FIND with a failure status (e.g. a key it does not support)."""
+
+
+class TooMany(Exception):
+    """A C-FIND answered more than it may; the association was aborted."""
+
+
+class Stopped(Exception):
+    """The pull was told to stop (SIGTERM, SIGINT): no new association is opened."""
+
+
+class Source:
+    """One association at a time with the PACS (``cfg.source``), for C-FIND and C-MOVE (or C-GET,
+    whose C-STOREs ``on_store`` handles); re-opened after an abort."""
+
+    def __init__(self, cfg: PullConfig, on_store=None, on_data=None):
+        self.cfg, self.pacs = cfg, cfg.source_pacs
+        self.on_store, self.on_data = on_store, on_data
+        self.assoc = None
+        self.moved_any = False  # a C-MOVE of this pull sent us something: the PACS knows us
+        self.silent_failures, self.silent_code = 0, 0  # C-MOVEs refused before sending anything
+        self.stopped = False
+        self.lock = threading.Lock()  # the retrieval thread uses it; a stop aborts it from another
+        self.msg_id = 0
+
+    # ------------------------------------------------------------------ the association
+    def _ae(self):
+        from pynetdicom import AE
+        from pynetdicom.sop_class import (StudyRootQueryRetrieveInformationModelFind,
+                                          StudyRootQueryRetrieveInformationModelGet,
+                                          StudyRootQueryRetrieveInformationModelMove)
+
+        from ..dicom import DECODED_TRANSFER_SYNTAXES
+
+        ae = AE(ae_title=self.cfg.ae_title)
+        ae.acse_timeout = ae.connection_timeout = self.cfg.acse_timeout
+        ae.dimse_timeout = ae.network_timeout = self.cfg.query_timeout
+        ae.maximum_pdu_size = self.cfg.max_pdu
+        ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
+        if self.cfg.retrieve == "move":
+            ae.add_requested_context(StudyRootQueryRetrieveInformationModelMove)
+        else:
+            ae.add_requested_context(StudyRootQueryRetrieveInformationModelGet)
+            for uid in GET_STORAGE_CLASSES:
+                ae.add_requested_context(uid, list(DECODED_TRANSFER_SYNTAXES))
+        return ae
+
+    def connect(self):
+        """The association, opened when there is none; PullError when the PACS cannot be reached
+        or refuses it."""
+        if self.stopped:
+            raise Stopped()
+        if self.assoc is not None and self.assoc.is_established:
+            return self.assoc
+        from pynetdicom import build_role, evt
+
+        ae = self._ae()
+        handlers = [(evt.EVT_CONN_OPEN, tcp_no_delay)]
+        roles = []
+        if self.cfg.retrieve == "get":
+            roles = [build_role(uid, scp_role=True) for uid in GET_STORAGE_CLASSES]
+            handlers += [(event, handler) for event, handler in ((evt.EVT_C_STORE, self.on_store),
+                                                                  (evt.EVT_DATA_RECV, self.on_data)) if handler]
+        try:
+            assoc = ae.associate(self.pacs.host, self.pacs.port, ae_title=self.pacs.ae_title, ext_neg=roles,
+                                 evt_handlers=handlers)
+        except Exception as e:  # a bad host name
+            raise PullError(f"cannot reach the PACS {self.pacs}: {type(e).__name__}: {e}") from None
+        if assoc.is_rejected:
+            rsp = assoc.acceptor.primitive
+            raise PullError(f"the PACS {self.pacs} rejected the association ({rsp.result_str}: {rsp.reason_str}): "
+                            f"it must know our AE title '{self.cfg.ae_title}' (our --ae-title) as a node allowed to "
+                            f"query and retrieve, and be called '{self.pacs.ae_title}' (in Orthanc: DicomAet, and "
+                            f"DicomModalities or DicomAlwaysAllowFind/Move/Get)")
+        if not assoc.is_established:
+            raise PullError(f"no association with the PACS {self.pacs}: it is down, the address or port is wrong, "
+                            f"or a firewall drops the connection")
+        wanted = {"move": "C-MOVE", "get": "C-GET"}[self.cfg.retrieve]
+        models = {cx.abstract_syntax for cx in assoc.accepted_contexts}
+        if not any(m.endswith(".2.2.1") for m in models):
+            assoc.release()
+            raise PullError(f"the PACS {self.pacs} does not answer Study Root C-FIND queries from us")
+        if not any(m.endswith(".2.2.2" if wanted == "C-MOVE" else ".2.2.3") for m in models):
+            assoc.release()
+            other = "--retrieve get" if wanted == "C-MOVE" else "--retrieve move"
+            raise PullError(f"the PACS {self.pacs} does not accept Study Root {wanted} from us: try {other}")
+        self.assoc = assoc
+        return assoc
+
+    def check(self) -> None:
+        """Open and release an association: PullError now, before the model loads, when the PACS
+        cannot be reached or refuses us."""
+        self.connect()
+        self.close()
+
+    def close(self) -> None:
+        with self.lock:
+            assoc, self.assoc = self.assoc, None
+        if assoc is not None and assoc.is_established:
+            assoc.release()
+
+    def shutdown(self) -> None:
+        """A stop: the association in progress is aborted (a retrieval in progress ends now;
+        the next pull redoes it) and no other is opened."""
+        self.stopped = True
+        self.abort()
+
+    def abort(self) -> None:
+        """Cut the association short (a stop, or a query answering too much)."""
+        with self.lock:
+            assoc, self.assoc = self.assoc, None
+        if assoc is not None:
+            assoc.abort()
+
+    def _next_id(self) -> int:
+        self.msg_id = self.msg_id % 65535 + 1
+        return self.msg_id
+
+    # ------------------------------------------------------------------ C-FIND
+    def find(self, identifier, cap: int = FIND_CAP) -> list:
+        """The identifiers answering ``identifier`` (Study Root); TooMany beyond ``cap``
+        (association aborted: nothing more is read); PullError when the PACS fails the query."""
+        from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind
+
+        assoc = self.connect()
+        found = []
+        status = None
+        for status, answer in assoc.send_c_find(identifier, StudyRootQueryRetrieveInformationModelFind,
+                                                msg_id=self._next_id()):
+            code = int(status.Status) if "Status" in status else None
+            if code in PENDING:
+                if answer is not None:
+                    found.append(answer)
+                if len(found) > cap:
+                    self.abort()
+                    raise TooMany()
+        code = int(status.Status) if status is not None and "Status" in status else None
+        if code is None:
+            self.abort()
+            raise PullError(f"the PACS {self.pacs} did not answer a C-FIND within {self.cfg.query_timeout:g} s "
+                            f"(or dropped the association)")
+        if code in OUT_OF_RESOURCES:  # too many matches for the PACS itself: a smaller range may do
+            raise TooMany()
+        if code not in (SUCCESS, CANCELLED):
+            raise QueryRefused(f"the PACS {self.pacs} failed a {identifier.QueryRetrieveLevel.lower()}-level C-FIND "
+                               f"with status 0x{code:04X}")
+        return found
+
+    # ------------------------------------------------------------------ C-MOVE / C-GET
+    def retrieve(self, identifier) -> tuple[int, int]:
+        """Retrieve the objects ``identifier`` names (C-MOVE to our AE title, or C-GET):
+        (completed, failed) sub-operations. PullError for an unknown move destination or a
+        PACS that cannot retrieve at all."""
+        from pynetdicom.sop_class import (StudyRootQueryRetrieveInformationModelGet,
+                                          StudyRootQueryRetrieveInformationModelMove)
+
+        assoc = self.connect()
+        if self.cfg.retrieve == "move":
+            answers = assoc.send_c_move(identifier, self.cfg.ae_title, StudyRootQueryRetrieveInformationModelMove,
+                                        msg_id=self._next_id())
+        else:
+            answers = assoc.send_c_get(identifier, StudyRootQueryRetrieveInformationModelGet, msg_id=self._next_id())
+        status = None
+        for status, _ in answers:
+            pass
+        if status is None or "Status" not in status:
+            self.abort()
+            return 0, -1  # no final answer: nothing is known of what arrived
+        code = int(status.Status)
+        # sub-operations with a warning stored their object too
+        completed = sum(int(status.get(f"Number{k}Suboperations", 0) or 0) for k in ("OfCompleted", "OfWarning"))
+        failed = int(status.get("NumberOfFailedSuboperations", 0) or 0)
+        failure = code not in (SUCCESS, WARNING_SUBOPS, CANCELLED) and code not in PENDING
+        if self.cfg.retrieve == "move":
+            if code == UNKNOWN_MOVE_DESTINATION:
+                raise PullError(self.unknown_destination(code))
+            self.moved_any = self.moved_any or completed > 0
+            if failure and not completed and not failed:  # refused before sending anything
+                self.silent_failures += 1
+                self.silent_code = code
+                if self.silent_failures >= 2 and not self.moved_any:  # not one series: the destination
+                    raise PullError(self.unknown_destination(code))
+        if failure and not completed:
+            hint = ""
+            if code in OUT_OF_RESOURCES and self.cfg.retrieve == "move":
+                hint = (f"; if the PACS cannot connect to us: is port {self.cfg.port} on {self.cfg.host} reachable "
+                        f"from it (--host 0.0.0.0 listens on every interface)?")
+            log.warning("the PACS %s failed a retrieval with status 0x%04X (%d sub-operations failed)%s",
+                        self.pacs, code, failed, hint)
+            return completed, max(failed, 1)
+        return completed, failed
+
+    def unknown_destination(self, code: int) -> str:
+        """A C-MOVE refused before any image was sent: 0xA801 says the destination is unknown;
+        Orthanc 1.10 answers 0xC000 for the same: C-MOVEs of two series (or of every series of a
+        pull with one) refused so, and none sending anything, are read as that."""
+        said = "move destination unknown" if code == UNKNOWN_MOVE_DESTINATION else \
+            "no image sent; a PACS answers 0xA801 'move destination unknown', Orthanc 1.10 0xC000"
+        return (f"the PACS {self.pacs} refused to send us the images by C-MOVE (status 0x{code:04X}: {said}): it "
+                f"must know our AE title '{self.cfg.ae_title}', this machine's address and our port "
+                f"({self.cfg.port}) as a DICOM node. Add us to its DICOM nodes; in Orthanc's configuration: "
+                f"\"DicomModalities\": {{\"cxrbatch\": [\"{self.cfg.ae_title}\", \"<this machine's address>\", "
+                f"{self.cfg.port}]}} (then restart Orthanc, or PUT /modalities/cxrbatch with that list). "
+                f"Or pull with --retrieve get, which needs no destination")
+
+
+def date_range(first: dt.date, last: dt.date | None) -> str:
+    """A DICOM DA range: ``YYYYMMDD-YYYYMMDD``, open-ended (``YYYYMMDD-``) when ``last`` is None."""
+    return f"{first:%Y%m%d}-" + (f"{last:%Y%m%d}" if last is not None else "")
+
+
+def study_pages(find, first: dt.date, today: dt.date, page_size: int) -> Iterator[tuple[str, list]]:
+    """(date range, studies) pages covering ``first`` onwards, oldest first: ``find(range,
+    cap)`` answers one range or raises TooMany beyond ``cap``; a range answering more than
+    ``page_size`` is split in two halves (the newest stays open-ended, so studies dated after
+    today are found too). One day is not split: its cap is the larger of page_size and
+    FIND_CAP."""
+    stack: list[tuple[dt.date, dt.date | None]] = [(first, None)]
+    while stack:
+        start, end = stack.pop()
+        last = end if end is not None else max(today, start)
+        one_day = start >= last and end is not None
+        try:
+            yield date_range(start, end), find(date_range(start, end), max(page_size, FIND_CAP) if one_day else page_size)
+        except TooMany:
+            if start >= last:  # an open-ended range from today on: close it, then what follows
+                stack += [(last + dt.timedelta(days=1), None), (start, last)]
+                continue
+            middle = start + dt.timedelta(days=(last - start).days // 2)
+            stack += [(middle + dt.timedelta(days=1), end), (start, middle)]  # the older half first
+
+
+# ---------------------------------------------------------------------- the pull
+@dataclass
+class Progress:
+    """What the pull did so far (status.json's ``pull``, the log's progress lines)."""
+
+    state: str = "starting"  # querying, retrieving, scoring, sending, done, failed
+    pages: int = 0
+    studies_found: int = 0
+    studies_looked_at: int = 0
+    studies_retrieved: int = 0
+    images_listed: int = 0
+    images_retrieved: int = 0
+    already_scored: int = 0
+    retrieval_failures: int = 0
+    more_match: bool = False  # max_studies reached: a next pull does the rest
+    error: str = ""
+    ignores_modalities_in_study: bool = False
+    counts: dict = field(default_factory=dict)
+
+    def line(self) -> str:
+        return (f"{self.studies_looked_at}/{self.studies_found} studies looked at ({self.pages} page(s)), "
+                f"{self.studies_retrieved} with new images: {self.images_retrieved} image(s) retrieved, "
+                f"{self.already_scored} already scored (or received), {self.retrieval_failures} retrieval failure(s)")
+
+
+class _StopWhenDone:
+    """The daemon's stop signal, also true once the pull is complete (the watch loop ends)."""
+
+    def __init__(self, signal, done):
+        self.signal, self.done = signal, done
+
+    def __bool__(self) -> bool:
+        return bool(self.signal) or self.done()
+
+    def __getattr__(self, name):
+        return getattr(self.signal, name)
+
+
+class Puller(Node):
+    """The DICOM node, fed by a query of the PACS instead of by senders, ending when done."""
+
+    command = "pull"
+
+    def __init__(self, out, cfg: PullConfig, stop=None):
+        refuse_out_in_state(Path(out))
+        super().__init__(out, cfg, stop)
+        self.source = Source(cfg, on_store=self.scp.on_store, on_data=self.scp.on_data)
+        self.progress = Progress()
+        self.interrupt = self.stop  # SIGTERM/SIGINT only
+        self.stop = _StopWhenDone(self.stop, self._complete)
+        self.retrieval: threading.Thread | None = None
+        self.retrieved_all = threading.Event()
+        self.scored_at: float | None = None  # when everything retrieved was scored
+        self.pull_started = time.time()
+        self.exit_code = OK
+        self._checked = 0.0
+        self._complete_cache = False
+
+    # ------------------------------------------------------------------ the daemon's hooks
+    def listen(self) -> None:
+        if self.cfg.retrieve == "move":
+            super().listen()  # before the first C-MOVE can reach us
+        self.retrieval = threading.Thread(target=self._retrieve_all, name="cxr-batch-pull", daemon=True)
+        self.retrieval.start()
+
+    def loop(self) -> None:
+        start = time.monotonic()
+        try:
+            super().loop()
+        finally:
+            self.source.shutdown()  # a stop: a retrieval in progress ends now (the next pull redoes it)
+            if self.retrieval is not None:
+                self.retrieval.join(timeout=self.cfg.query_timeout + 5)
+        self.finish(time.monotonic() - start)
+
+    def extra_status(self) -> dict:
+        p = self.progress
+        return {"pull": {"source": str(self.source.pacs), "since": self.cfg.first_day().isoformat(),
+                         "modalities": list(self.cfg.modalities), "retrieve": self.cfg.retrieve,
+                         **vars(p)},
+                **super().extra_status()}
+
+    # ------------------------------------------------------------------ when the pull is complete
+    def _complete(self) -> bool:
+        """Everything retrieved is scored and its results delivered (or ``send_wait`` passed
+        since scoring ended). Checked by the watch loop; looked at twice a second."""
+        now = time.monotonic()
+        if now - self._checked < 0.5:
+            return self._complete_cache
+        self._checked = now
+        self._complete_cache = self._check_complete()
+        return self._complete_cache
+
+    def _check_complete(self) -> bool:
+        if not self.retrieved_all.is_set() or self.pending or not self.events.empty() or self._unscored():
+            return False
+        if self.scored_at is None:
+            self.scored_at = time.time()
+            if self.outbox:
+                self.progress.state = "sending"
+                log.info("pull: everything retrieved is scored; delivering the results (at most %.0f s more)",
+                         self.cfg.send_wait)
+        if not self.outbox:
+            return True
+        until = self.scored_at + self.cfg.send_wait
+        due = [d for d in (self.ledger.next_due(name) for name in self.outbox.names) if d is not None]
+        return not due or min(due) >= until or time.time() >= until
+
+    def _unscored(self) -> int:
+        """Objects in the spool not yet committed."""
+        n = 0
+        for entry in os.scandir(self.spool.folder):
+            if entry.name.endswith(".dcm") and not entry.name.startswith("."):
+                st = entry.stat()
+                if not self.ledger.file_handled(entry.name, st.st_size, st.st_mtime_ns):
+                    n += 1
+        return n
+
+    def finish(self, seconds: float) -> None:
+        """The summary and the exit code, while the ledger is open."""
+        p = self.progress
+        records = self.ledger.recent(self.pull_started, 10 ** 9)
+        status = Counter(r.status for r in records)
+        priorities = Counter(r.priority for r in records if r.ok)
+        undelivered = self.outbox.undelivered_lines(self.ledger, self.out) if self.outbox else []
+        if self.interrupt:
+            p.state = "stopped"
+        elif p.state != "failed":
+            p.state = "done"
+        p.counts = dict(status)
+        self.heartbeat()
+        rate = p.studies_retrieved / seconds if seconds > 0 else 0.0
+        pr = ", ".join(f"{priorities[x]} {x}" for x in ("urgent", "abnormal", "normal"))
+        log.info("pull from %s, %s onwards: %s", self.source.pacs, self.cfg.first_day().isoformat(), p.line())
+        log.info("pull: %d image(s) scored (%s), %d skipped, %d failed in %.1f s (%.2f studies/s)", status["ok"], pr,
+                 status["skipped"], status["error"], seconds, rate)
+        for line in undelivered:
+            log.warning("pull: %s", line)
+        if p.more_match:
+            log.warning("pull: more studies match than pull.max_studies (%d): run the same pull again for the rest",
+                        self.cfg.max_studies)
+        if p.error:
+            log.error("pull: %s", p.error)
+            self.exit_code = FATAL
+        elif self.interrupt:
+            log.warning("pull: stopped before the end; run the same pull again to finish")
+            self.exit_code = SOME_FAILED
+        elif status["error"] or p.retrieval_failures or undelivered:
+            self.exit_code = SOME_FAILED
+
+    def run(self) -> int:
+        super().run()
+        return self.exit_code
+
+    # ------------------------------------------------------------------ the retrieval thread
+    def _retrieve_all(self) -> None:
+        from ..ledger import Ledger
+
+        ledger = Ledger(self.ledger.path)  # SQLite connections belong to one thread: its own
+        try:
+            self._pull(ledger)
+            if self.source.silent_failures and not self.source.moved_any:  # every C-MOVE refused, nothing sent
+                raise PullError(self.source.unknown_destination(self.source.silent_code))
+        except Stopped:
+            pass
+        except PullError as e:
+            self.progress.state, self.progress.error = "failed", str(e)
+        except Exception as e:  # a bug: said, and the pull ends with what it has
+            self.progress.state, self.progress.error = "failed", f"unexpected {type(e).__name__}: {e}"
+            log.error("pull: unexpected %s", type(e).__name__, exc_info=log.isEnabledFor(logging.DEBUG))
+        finally:
+            self.source.close()
+            ledger.close()
+            if self.progress.state not in ("failed",):
+                self.progress.state = "scoring"
+            self.retrieved_all.set()
+
+    def _pull(self, ledger) -> None:
+        p, cfg = self.progress, self.cfg
+        first = cfg.first_day()
+        log.info("pull: querying %s for %s studies from %s on, as %s (retrieve by C-%s)", self.source.pacs,
+                 "/".join(cfg.modalities), first.isoformat(), cfg.ae_title, cfg.retrieve.upper())
+        p.state = "querying"
+        last_line = time.monotonic()
+        for dates, studies in study_pages(self._find_studies, first, dt.date.today(), cfg.page_size):
+            p.pages += 1
+            p.studies_found += len(studies)
+            log.info("pull: dates %s: %d stud%s", dates, len(studies), "y" if len(studies) == 1 else "ies")
+            for study in studies:
+                if self.interrupt:
+                    return
+                if p.studies_retrieved >= cfg.max_studies:
+                    p.more_match = True
+                    return
+                self._pull_study(ledger, study)
+                p.studies_looked_at += 1
+                if time.monotonic() - last_line >= PROGRESS_EVERY:
+                    log.info("pull: %s", p.line())
+                    last_line = time.monotonic()
+        log.info("pull: %s", p.line())
+
+    def _find_studies(self, dates: str, cap: int) -> list[Study]:
+        """One study-level C-FIND: ModalitiesInStudy as a key, or without it where the PACS
+        refuses it (the series' Modality then picks)."""
+        from pydicom.dataset import Dataset
+
+        def query(with_modalities: bool):
+            ds = Dataset()
+            ds.QueryRetrieveLevel = "STUDY"
+            ds.StudyDate = dates
+            ds.StudyInstanceUID = ""
+            ds.ModalitiesInStudy = list(self.cfg.modalities) if with_modalities else ""
+            return self.source.find(ds, cap)
+
+        try:
+            answers = query(not self.progress.ignores_modalities_in_study)
+        except QueryRefused as e:
+            if self.progress.ignores_modalities_in_study:
+                raise
+            log.warning("pull: the PACS refused ModalitiesInStudy as a key (%s): every study of the dates is looked "
+                        "at and its series filtered on Modality", e)
+            self.progress.ignores_modalities_in_study = True
+            answers = query(False)
+        studies, wanted = [], set(self.cfg.modalities)
+        for answer in answers:
+            uid = str(answer.get("StudyInstanceUID", "") or "")
+            if not valid_uid(uid):
+                log.warning("pull: a study answered without a valid Study Instance UID: skipped")
+                continue
+            value = answer.get("ModalitiesInStudy") or []
+            modalities = tuple(str(m).upper() for m in ([value] if isinstance(value, str) else value) if m)
+            if not (set(modalities) & wanted) and not self.progress.ignores_modalities_in_study:
+                log.info("pull: the PACS ignores ModalitiesInStudy: studies are filtered by their series' Modality")
+                self.progress.ignores_modalities_in_study = True
+            studies.append(Study(uid, modalities))
+        return studies
+
+    def _pull_study(self, ledger, study: Study) -> None:
+        from pydicom.dataset import Dataset
+
+        p = self.progress
+        ds = Dataset()
+        ds.QueryRetrieveLevel = "SERIES"
+        ds.StudyInstanceUID = study.uid
+        ds.SeriesInstanceUID = ""
+        ds.Modality = ""
+        wanted = set(self.cfg.modalities)
+        series = [s for s in self.source.find(ds) if str(s.get("Modality", "") or "").upper() in wanted
+                  and valid_uid(str(s.get("SeriesInstanceUID", "") or ""))]
+        retrieved_any = False
+        for s in series:
+            ds = Dataset()
+            ds.QueryRetrieveLevel = "IMAGE"
+            ds.StudyInstanceUID = study.uid
+            ds.SeriesInstanceUID = str(s.SeriesInstanceUID)
+            ds.SOPInstanceUID = ""
+            uids = sorted({u for u in (str(i.get("SOPInstanceUID", "") or "") for i in self.source.find(ds))
+                           if valid_uid(u)})
+            p.images_listed += len(uids)
+            done = ledger.settled([f"uid:{u}" for u in uids])
+            spooled = self._spooled_uids()
+            new = [u for u in uids if f"uid:{u}" not in done and u not in spooled]
+            p.already_scored += len(uids) - len(new)
+            if not new:
+                continue
+            retrieved_any = True
+            p.state = "retrieving"
+            if len(new) == len(uids):  # the whole series: one request
+                self._retrieve(study.uid, ds.SeriesInstanceUID, None, len(new))
+            else:  # some were scored before (a pull cut short): only the others
+                for uid in new:
+                    self._retrieve(study.uid, ds.SeriesInstanceUID, uid, 1)
+        if retrieved_any:
+            p.studies_retrieved += 1
+
+    def _retrieve(self, study: str, series: str, instance: str | None, expected: int) -> None:
+        from pydicom.dataset import Dataset
+
+        self._wait_for_room()
+        ds = Dataset()
+        ds.QueryRetrieveLevel = "IMAGE" if instance else "SERIES"
+        ds.StudyInstanceUID = study
+        ds.SeriesInstanceUID = series
+        if instance:
+            ds.SOPInstanceUID = instance
+        completed, failed = self.source.retrieve(ds)
+        if failed < 0:
+            log.warning("pull: no answer to a retrieval within %.0f s; what arrived is scored, the rest is "
+                        "retrieved by the next pull", self.cfg.query_timeout)
+            failed = expected
+        self.progress.images_retrieved += completed
+        if failed:
+            self.progress.retrieval_failures += failed
+            log.warning("pull: %d of %d object(s) of a series could not be retrieved; the next pull tries again",
+                        failed, expected)
+
+    def _spooled_uids(self) -> set[str]:
+        """SOP Instance UIDs of received objects waiting in the spool (named ``UID.HASH.dcm``)."""
+        return {name[:-4].rsplit(".", 1)[0] for name in os.listdir(self.spool.folder)
+                if name.endswith(".dcm") and not name.startswith(".")}
+
+    def _wait_for_room(self) -> None:
+        """Retrieval waits while ``max_spooled`` received objects wait to be scored."""
+        while not self.interrupt:
+            waiting = sum(1 for n in os.listdir(self.spool.folder) if n.endswith(".dcm") and not n.startswith("."))
+            if waiting < self.cfg.max_spooled:
+                return
+            self.progress.state = "scoring"
+            time.sleep(0.2)
+
+
+def refuse_out_in_state(out: Path) -> None:
+    """``--out`` inside a results folder's ``.cxr-batch`` (its ledger, its spool): a node's
+    spool would take our results for received objects. ConfigError (exit 2), before any work.
+    (A minimal check: the shared check of output folders against inputs is issue 21's.)"""
+    from ..watch import STATE_DIR
+
+    resolved = Path(out).resolve()
+    for folder in (resolved, *resolved.parents):
+        if folder.name == STATE_DIR:
+            raise ConfigError(f"--out {out} lies inside {folder}, the state folder (ledger, spool) of the results "
+                              f"folder {folder.parent}: what is written there would be read as received objects; "
+                              f"choose a folder outside it, e.g. --out {folder.parent.parent / 'cxr-pull'}")
+
+
+def run_pull(out, cfg: PullConfig, stop=None) -> Puller:
+    """Check ``out`` and the PACS (ConfigError, PullError before the model loads), then the
+    puller (its ``run()`` pulls)."""
+    refuse_out_in_state(Path(out))
+    Source(cfg).check()
+    return Puller(out, cfg, stop)
+
