@@ -1,4 +1,4 @@
-"""Drift monitoring inside the daemons (watch, and listen, which runs the watch daemon's loop).
+"""Drift monitoring inside the daemons (watch, and listen and pull, which run the watch daemon's loop).
 
 Every ``drift_every`` scored studies the newest ``drift_window`` studies scored by the current
 model (its bundle_sha256, from the ledger) are compared with a reference
