@@ -86,8 +86,15 @@ def test_every_study_reaches_the_ris_with_its_ids_priority_and_14_findings(score
         notes = [n.nte_3.value for n in order.nte]
         assert notes[0] == f"cxr-batch triage model small@test, bundle sha256 {bundle.sha256}"
         observations = [g.obx for g in order.oru_r01_observation]
-        assert len(observations) == 15 and [o.obx_1.value for o in observations] == [str(k) for k in range(1, 16)]
-        priority, findings = observations[0], observations[1:]
+        n = 17 if record.scores.p_any is not None else 16
+        assert len(observations) == n and [o.obx_1.value for o in observations] == [str(k) for k in range(1, n + 1)]
+        priority, findings, rest = observations[0], observations[1:15], observations[15:]
+        # the worklist's order inside the priority, and P(any finding): a RIS can sort as cxr-batch does
+        assert rest[0].obx_3.value.startswith("ORDER^") and float(rest[0].obx_5.value) == pytest.approx(
+            record.scores.triage_score, abs=5e-7)
+        if record.scores.p_any is not None:
+            assert rest[1].obx_3.value.startswith("PANY^") and float(rest[1].obx_5.value) == pytest.approx(
+                record.scores.p_any, abs=5e-7)
         assert priority.obx_2.value == "CE" and priority.obx_3.value == "PRIORITY^Triage priority^99CXRBATCH"
         assert priority.obx_5.value.split("^")[0] == record.priority.upper()
         assert priority.obx_8.value == {"urgent": "AA", "abnormal": "A", "normal": "N"}[record.priority]
@@ -106,7 +113,7 @@ def test_an_urgent_finding_is_aa_and_other_flags_a(scored):
     record = replace(records["plain.dcm"], scores=Scores(tuple(0.9 for _ in FINDINGS), (1,) * 14, "urgent", 2.0))
     m = _parse(oru_r01(record, thresholds=bundle.thresholds, urgent=("Pneumothorax", "Effusion")))
     flags = {finding: g.obx.obx_8.value for finding, g in
-             zip(("priority",) + FINDINGS, m.oru_r01_patient_result.oru_r01_order_observation.oru_r01_observation)}
+             zip(("priority",) + FINDINGS, m.oru_r01_patient_result.oru_r01_order_observation.oru_r01_observation[:15])}
     assert flags.pop("priority") == "AA"
     assert flags.pop("Pneumothorax") == flags.pop("Effusion") == "AA"
     assert set(flags.values()) == {"A"}
@@ -130,7 +137,8 @@ def test_delimiters_in_names_and_ids_are_escaped_not_structure(scored):
     record = records["hostile.dcm"]
     message = oru_r01(record, thresholds=bundle.thresholds)
     segments = message.strip("\r").split("\r")
-    assert [s[:3] for s in segments] == ["MSH", "PID", "ORC", "OBR", "NTE", "NTE"] + ["OBX"] * 15
+    assert [s[:3] for s in segments][:6] == ["MSH", "PID", "ORC", "OBR", "NTE", "NTE"]
+    assert {s[:3] for s in segments[6:]} == {"OBX"} and len(segments) - 6 >= 16
     pid = _parse(message).oru_r01_patient_result.oru_r01_patient.pid
     assert unescape(pid.pid_3.cx_1.value) == HOSTILE["PatientID"]
     assert unescape(pid.pid_5.xpn_1.value) == "O'Brien|Smith"  # the name's own ^ still splits family/given

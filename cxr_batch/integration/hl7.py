@@ -15,7 +15,9 @@ fields, structure, lengths), from its :class:`~cxr_batch.record.StudyRecord`:
 - OBX 1: the triage priority (CE), OBX-8 ``AA`` urgent, ``A`` abnormal, ``N`` normal;
 - OBX 2-15: per finding, the probability (NM, 6 decimals as in results.csv), the threshold as
   reference range (``<t``: flagged at t or above), OBX-8 ``AA`` for a flagged urgent finding,
-  ``A`` for another flagged one, ``N`` otherwise; OBX-11 ``P``.
+  ``A`` for another flagged one, ``N`` otherwise; OBX-11 ``P``;
+- OBX 16: what orders the study inside its priority on the worklist (the urgent finding's
+  probability, or P(any finding)); OBX 17: P(any finding), when the bundle has one.
 
 Every value from outside (IDs, names, configured application names) is escaped (``\\F\\``,
 ``\\S\\``, ``\\T\\``, ``\\R\\``, ``\\E\\``), so a ``|^~\\&`` in a name cannot break the message.
@@ -53,6 +55,8 @@ MAX_ACK_BYTES = 1 << 20  # an ACK is a few hundred bytes; a peer that streams mo
 LOCAL_CODES = "99CXRBATCH"  # the private coding scheme of the DICOM SR, for the same concepts
 PROCEDURE = "399208008^Plain chest X-ray^SCT"  # as the SR's Procedure Reported
 PRIORITY_OBSERVATION = f"PRIORITY^Triage priority^{LOCAL_CODES}"
+ORDER_OBSERVATION = f"ORDER^Worklist order within the priority^{LOCAL_CODES}"
+ANY_FINDING_OBSERVATION = f"PANY^Probability of any finding^{LOCAL_CODES}"
 PRIORITY_FLAGS = {"urgent": "AA", "abnormal": "A", "normal": "N"}
 ACK_DELIVERED, ACK_RETRY, ACK_REJECTED = {"AA", "CA"}, {"AE", "CE"}, {"AR", "CR"}
 
@@ -205,6 +209,11 @@ def oru_r01(record: StudyRecord, *, thresholds: Mapping[str, float] | None = Non
                          f"{escape(code.value)}^{escape(code.meaning)}^{escape(code.scheme_designator)}",
                          f"{float(scores.probs[k]):.6f}", _flag(bool(scores.flags[k]), finding in urgent),
                          reference_range=None if threshold is None else f"<{float(threshold):.6f}")
+        # what orders the study inside its priority, as on the worklist (cxr_batch.triage): a RIS
+        # that sorts by priority, then by this, reads the studies in cxr-batch's worklist order
+        _observation(order, len(FINDINGS) + 2, "NM", ORDER_OBSERVATION, f"{float(scores.triage_score):.6f}", "")
+        if scores.p_any is not None:
+            _observation(order, len(FINDINGS) + 3, "NM", ANY_FINDING_OBSERVATION, f"{float(scores.p_any):.6f}", "")
         m.validate()
         return m.to_er7() + "\r"
     except HL7apyException as e:
@@ -225,7 +234,9 @@ def _observation(order, set_id: int, value_type: str, identifier: str, value: st
         obx.obx_6 = "{probability}^probability^UCUM"
     if reference_range:
         obx.obx_7 = reference_range
-    obx.obx_8, obx.obx_11 = flag, "P"
+    if flag:
+        obx.obx_8 = flag
+    obx.obx_11 = "P"
 
 
 def message_control_id(message: str) -> str:
