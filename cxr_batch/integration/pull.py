@@ -273,14 +273,14 @@ class Source:
                     found.append(answer)
                 if len(found) > cap:
                     self.abort()
-                    raise TooMany()
+                    raise TooMany(f"more than {cap} answers")
         code = int(status.Status) if status is not None and "Status" in status else None
         if code is None:
             self.abort()
             raise PullError(f"the PACS {self.pacs} did not answer a C-FIND within {self.cfg.query_timeout:g} s "
                             f"(or dropped the association)")
         if code in OUT_OF_RESOURCES:  # too many matches for the PACS itself: a smaller range may do
-            raise TooMany()
+            raise TooMany(f"status 0x{code:04X}, out of resources")
         if code not in (SUCCESS, CANCELLED):
             raise QueryRefused(f"the PACS {self.pacs} failed a {identifier.QueryRetrieveLevel.lower()}-level C-FIND "
                                f"with status 0x{code:04X}")
@@ -344,6 +344,15 @@ class Source:
                 f"Or pull with --retrieve get, which needs no destination")
 
 
+def study_day(answer) -> str | None:
+    """An answer's StudyDate as YYYYMMDD, None when it has none a date can be read from."""
+    value = str(answer.get("StudyDate", "") or "").strip()
+    try:
+        return dt.datetime.strptime(value, "%Y%m%d").strftime("%Y%m%d")
+    except ValueError:
+        return None
+
+
 def date_range(first: dt.date, last: dt.date | None) -> str:
     """A DICOM DA range: ``YYYYMMDD-YYYYMMDD``, open-ended (``YYYYMMDD-``) when ``last`` is None."""
     return f"{first:%Y%m%d}-" + (f"{last:%Y%m%d}" if last is not None else "")
@@ -353,16 +362,24 @@ def study_pages(find, first: dt.date, today: dt.date, page_size: int) -> Iterato
     """(date range, studies) pages covering ``first`` onwards, oldest first: ``find(range,
     cap)`` answers one range or raises TooMany beyond ``cap``; a range answering more than
     ``page_size`` is split in two halves (the newest stays open-ended, so studies dated after
-    today are found too). One day is not split: its cap is the larger of page_size and
-    FIND_CAP."""
+    today are found too). A day is not split, nor what is dated after today (a PACS ignoring the
+    dates would otherwise be asked day after day into the future): their cap is the larger of
+    page_size and FIND_CAP, and a PACS answering even those with too many (or out of resources)
+    ends the pull with PullError rather than being asked the same again."""
     stack: list[tuple[dt.date, dt.date | None]] = [(first, None)]
     while stack:
         start, end = stack.pop()
         last = end if end is not None else max(today, start)
         one_day = start >= last and end is not None
+        future = end is None and start > today
+        asked = date_range(start, end)
         try:
-            yield date_range(start, end), find(date_range(start, end), max(page_size, FIND_CAP) if one_day else page_size)
-        except TooMany:
+            yield asked, find(asked, max(page_size, FIND_CAP) if one_day or future else page_size)
+        except TooMany as e:
+            if one_day or future:
+                raise PullError(f"the PACS answered the study-level C-FIND of {asked} with {e or 'too many studies'} "
+                                f"and that range cannot be split further: ask its administrator to raise its "
+                                f"C-FIND limit, or pull that day with a smaller --modality list") from None
             if start >= last:  # an open-ended range from today on: close it, then what follows
                 stack += [(last + dt.timedelta(days=1), None), (start, last)]
                 continue
@@ -418,6 +435,7 @@ class Puller(Node):
         super().__init__(out, cfg, stop)
         self.source = Source(cfg, on_store=self.scp.on_store, on_data=self.scp.on_data)
         self.progress = Progress()
+        self.seen_studies: set[str] = set()  # study UIDs answered so far: each looked at once
         self.interrupt = self.stop  # SIGTERM/SIGINT only
         self.stop = _StopWhenDone(self.stop, self._complete)
         self.retrieval: threading.Thread | None = None
@@ -594,17 +612,29 @@ class Puller(Node):
             self.progress.ignores_modalities_in_study = True
             answers = query(False)
         studies, wanted = [], set(self.cfg.modalities)
+        first, _, last = dates.partition("-")
+        outside = 0
         for answer in answers:
             uid = str(answer.get("StudyInstanceUID", "") or "")
             if not valid_uid(uid):
                 log.warning("pull: a study answered without a valid Study Instance UID: skipped")
                 continue
+            if uid in self.seen_studies:  # answered twice (in this page or an earlier one): looked at once
+                continue
+            day = study_day(answer)
+            if day is not None and (day < first or (last and day > last)):  # a PACS ignoring the dates asked
+                outside += 1
+                continue
+            self.seen_studies.add(uid)
             value = answer.get("ModalitiesInStudy") or []
             modalities = tuple(str(m).upper() for m in ([value] if isinstance(value, str) else value) if m)
             if not (set(modalities) & wanted) and not self.progress.ignores_modalities_in_study:
                 log.info("pull: the PACS ignores ModalitiesInStudy: studies are filtered by their series' Modality")
                 self.progress.ignores_modalities_in_study = True
             studies.append(Study(uid, modalities))
+        if outside:
+            log.warning("pull: %d stud%s dated outside %s answered (the PACS ignores the dates asked?): skipped",
+                        outside, "y" if outside == 1 else "ies", dates)
         return studies
 
     def _pull_study(self, ledger, study: Study) -> None:
@@ -617,7 +647,14 @@ class Puller(Node):
         ds.SeriesInstanceUID = ""
         ds.Modality = ""
         wanted = set(self.cfg.modalities)
-        series = [s for s in self.source.find(ds) if str(s.get("Modality", "") or "").upper() in wanted
+        try:
+            found = self.source.find(ds)
+        except (QueryRefused, TooMany) as e:  # this study only: the others are still pulled
+            log.warning("pull: study %s could not be listed (%s): skipped; the next pull tries it again", study.uid,
+                        e or "too many series")
+            p.retrieval_failures += 1
+            return
+        series = [s for s in found if str(s.get("Modality", "") or "").upper() in wanted
                   and valid_uid(str(s.get("SeriesInstanceUID", "") or ""))]
         retrieved_any = False
         for s in series:
@@ -626,8 +663,14 @@ class Puller(Node):
             ds.StudyInstanceUID = study.uid
             ds.SeriesInstanceUID = str(s.SeriesInstanceUID)
             ds.SOPInstanceUID = ""
-            uids = sorted({u for u in (str(i.get("SOPInstanceUID", "") or "") for i in self.source.find(ds))
-                           if valid_uid(u)})
+            try:
+                images = self.source.find(ds)
+            except (QueryRefused, TooMany) as e:
+                log.warning("pull: series %s of study %s could not be listed (%s): skipped; the next pull tries it "
+                            "again", ds.SeriesInstanceUID, study.uid, e or "too many images")
+                p.retrieval_failures += 1
+                continue
+            uids = sorted({u for u in (str(i.get("SOPInstanceUID", "") or "") for i in images) if valid_uid(u)})
             p.images_listed += len(uids)
             done = ledger.settled([f"uid:{u}" for u in uids])
             spooled = self._spooled_uids()

@@ -1,0 +1,228 @@
+"""The pull against a hostile PACS: each test reproduces a problem found by attacking it (a PACS
+that ignores the dates, answers out of resources for ever, duplicates or garbage studies), fixed with it."""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pydicom
+import pytest
+from pydicom.uid import generate_uid
+
+from cxr_batch.integration.pull import FIND_CAP, PullError, TooMany, study_pages
+from tests.dicomgen import write
+from tests.watchkit import free_port
+
+
+def cli(*args, timeout=300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "cxr_batch", *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+# ---------------------------------------------------------------------- pull: the paging ends
+def _counted(find, limit=5000):
+    calls = []
+
+    def counted(dates, cap):
+        calls.append((dates, cap))
+        assert len(calls) <= limit, f"still asking after {limit} C-FINDs: {calls[-4:]}"
+        return find(dates, cap)
+
+    return counted, calls
+
+
+def test_a_pacs_out_of_resources_for_one_day_stops_the_pull_instead_of_asking_for_ever():
+    def find(dates, cap):
+        raise TooMany("status 0xA700, out of resources")
+
+    counted, calls = _counted(find)
+    with pytest.raises(PullError, match="0xA700.*cannot be split further"):
+        list(study_pages(counted, dt.date(2025, 1, 1), dt.date(2025, 1, 10), page_size=10))
+    assert len(calls) < 40
+
+
+def test_a_pacs_ignoring_the_dates_is_asked_once_per_day_not_into_the_future():
+    def find(dates, cap):  # 20 studies whatever the dates
+        if 20 > cap:
+            raise TooMany(f"more than {cap} answers")
+        return list(range(20))
+
+    counted, calls = _counted(find)
+    pages = list(study_pages(counted, dt.date(2025, 1, 1), dt.date(2025, 1, 10), page_size=10))
+    assert pages[-1][0] == "20250111-" and len(pages) == 11  # ten days, then what is dated after today
+    assert len(calls) < 40 and FIND_CAP > 20
+
+
+# ---------------------------------------------------------------------- pull: a hostile PACS
+class HostilePACS:
+    """A PACS made with pynetdicom in this process (Study Root C-FIND, C-GET and C-MOVE) whose
+    answers a test chooses: ``studies`` (extra study-level answers, as datasets), ``refuse``
+    (study UIDs whose series-level C-FIND fails), ``study_status`` (a status answering every
+    study-level C-FIND), ``ignores_dates``, ``moved`` (what a C-MOVE or C-GET sends instead)."""
+
+    def __init__(self, files, studies=(), refuse=(), study_status=None, moved=None):
+        from pynetdicom import AE, StoragePresentationContexts, evt
+        from pynetdicom.sop_class import (StudyRootQueryRetrieveInformationModelFind,
+                                          StudyRootQueryRetrieveInformationModelGet,
+                                          StudyRootQueryRetrieveInformationModelMove)
+
+        self.datasets = [pydicom.dcmread(f) for f in files]
+        self.studies, self.refuse, self.study_status, self.moved = list(studies), set(refuse), study_status, moved
+        self.queries, self.move_to = [], None
+        ae = AE(ae_title="HOSTILE")
+        for model in (StudyRootQueryRetrieveInformationModelFind, StudyRootQueryRetrieveInformationModelGet,
+                      StudyRootQueryRetrieveInformationModelMove):
+            ae.add_supported_context(model)
+        for cx in StoragePresentationContexts:
+            ae.add_supported_context(cx.abstract_syntax, scu_role=True, scp_role=True)
+            ae.add_requested_context(cx.abstract_syntax)
+        self.ae = ae
+        self.port = free_port()
+        self.server = ae.start_server(("127.0.0.1", self.port), block=False,
+                                      evt_handlers=[(evt.EVT_C_FIND, self.find), (evt.EVT_C_GET, self.get),
+                                                    (evt.EVT_C_MOVE, self.move)])
+
+    @property
+    def address(self) -> str:
+        return f"HOSTILE@127.0.0.1:{self.port}"
+
+    def _matches(self, query, ds) -> bool:
+        return all(str(ds.get(k, "")) == str(query.get(k)) for k in ("StudyInstanceUID", "SeriesInstanceUID",
+                                                                      "SOPInstanceUID") if query.get(k))
+
+    def find(self, event):
+        query = event.identifier
+        level = query.QueryRetrieveLevel
+        self.queries.append(level)
+        if level == "STUDY":
+            if self.study_status is not None:
+                yield self.study_status, None
+                return
+            yield from ((0xFF00, s) for s in self.studies)
+        elif query.StudyInstanceUID in self.refuse:
+            yield 0xC000, None
+            return
+        seen = set()
+        for ds in self.datasets:
+            if not self._matches(query, ds):
+                continue
+            uid = {"STUDY": ds.StudyInstanceUID, "SERIES": ds.SeriesInstanceUID, "IMAGE": ds.SOPInstanceUID}[level]
+            if uid in seen:
+                continue
+            seen.add(uid)
+            answer = pydicom.Dataset()
+            answer.QueryRetrieveLevel = level
+            answer.StudyInstanceUID, answer.StudyDate = ds.StudyInstanceUID, ds.StudyDate
+            if level == "STUDY":
+                answer.ModalitiesInStudy = ds.Modality
+            if level != "STUDY":
+                answer.SeriesInstanceUID, answer.Modality = ds.SeriesInstanceUID, ds.Modality
+            if level == "IMAGE":
+                answer.SOPInstanceUID = ds.SOPInstanceUID
+            yield 0xFF00, answer
+
+    def _sent(self, identifier):
+        if self.moved is not None:
+            return self.moved
+        return [ds for ds in self.datasets if self._matches(identifier, ds)]
+
+    def get(self, event):
+        chosen = self._sent(event.identifier)
+        yield len(chosen)
+        for ds in chosen:
+            yield 0xFF00, ds
+
+    def move(self, event):
+        yield "127.0.0.1", self.move_to
+        chosen = self._sent(event.identifier)
+        yield len(chosen)
+        for ds in chosen:
+            yield 0xFF00, ds
+
+    def close(self):
+        self.server.shutdown()
+
+
+def _pull(pacs, out, bundle, *extra, timeout=300):
+    since = () if "--days" in extra else ("--since", "2000-01-01")
+    return cli("pull", "--from", pacs.address, *since, "--out", out, "--no-pdf", "--weights", bundle, "--device", "cpu",
+               "--precision", "fp32", "--workers", "0", *extra, timeout=timeout)
+
+
+def _study(uid, date="20240301", modalities="DX") -> pydicom.Dataset:
+    answer = pydicom.Dataset()
+    answer.QueryRetrieveLevel = "STUDY"
+    answer.StudyInstanceUID, answer.StudyDate, answer.ModalitiesInStudy = uid, date, modalities
+    return answer
+
+
+@pytest.fixture()
+def radiographs(tmp_path, nih_images) -> list[Path]:
+    """Three real radiographs as DX, each its own study dated 2024-03-01."""
+    return [write(tmp_path / "pacs" / f"{k}.dcm", _pixels(nih_images[k]), PatientID=f"P{k}", AccessionNumber=f"A{k}")
+            for k in range(3)]
+
+
+def _pixels(path):
+    from tests.dicomgen import grey
+
+    return grey(path)[::4, ::4].copy()
+
+
+def _rows(out: Path) -> list[str]:
+    return (out / "results.csv").read_text().splitlines()[1:]
+
+
+def test_a_pull_takes_hostile_study_answers_in_its_stride(radiographs, small_bundle, tmp_path):
+    real = [pydicom.dcmread(f) for f in radiographs]
+    padded = _study(generate_uid())
+    padded.StudyDescription = "x" * 60_000  # a padded answer is not kept whole
+    hostile = [_study("1.2.3\n4"), _study("../../etc/passwd"), _study("1.2/3"), _study("1." + "2" * 998),
+               _study(real[0].StudyInstanceUID), _study(real[0].StudyInstanceUID, date="2024-13-45"),
+               _study(real[1].StudyInstanceUID, date="garbage"), _study(""), padded]
+    refused = generate_uid()
+    hostile.append(_study(refused))
+    pacs = HostilePACS(radiographs, studies=hostile, refuse={refused, padded.StudyInstanceUID})
+    out = tmp_path / "out"
+    try:
+        done = _pull(pacs, out, small_bundle, "--retrieve", "get", timeout=300)
+    finally:
+        pacs.close()
+    assert done.returncode == 3, done.stderr[-3000:]  # two studies could not be listed; the rest scored
+    assert "Traceback" not in done.stderr and "unexpected" not in done.stderr
+    assert "could not be listed" in done.stderr and "2 retrieval failure(s)" in done.stderr
+    rows = _rows(out)
+    assert len(rows) == 3 and all(any(ds.SOPInstanceUID in r for r in rows) for ds in real)
+    assert pacs.queries.count("SERIES") == 5  # each distinct valid study once: the 3 real, the 2 refused
+    assert not list((out / ".cxr-batch" / "spool").glob("*.dcm"))
+
+
+def test_a_pacs_out_of_resources_for_every_query_fails_the_pull_clearly(radiographs, small_bundle, tmp_path):
+    pacs = HostilePACS(radiographs, study_status=0xA700)
+    try:
+        done = _pull(pacs, tmp_path / "out", small_bundle, "--days", "3", timeout=300)
+    finally:
+        pacs.close()
+    assert done.returncode == 1 and "0xA700" in done.stderr and "cannot be split further" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert len(pacs.queries) < 20
+
+
+def test_a_pacs_ignoring_the_dates_gives_only_the_days_asked(radiographs, small_bundle, tmp_path):
+    today = dt.date.today().strftime("%Y%m%d")
+    files = [write(tmp_path / "today.dcm", pydicom.dcmread(radiographs[0]).pixel_array, PatientID="PT",
+                   StudyDate=today), *radiographs]
+    pacs = HostilePACS(files)  # answers every study whatever the dates asked
+    out = tmp_path / "out"
+    try:
+        done = _pull(pacs, out, small_bundle, "--retrieve", "get", "--days", "1", timeout=300)
+    finally:
+        pacs.close()
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "dated outside" in done.stderr
+    rows = _rows(out)
+    assert len(rows) == 1 and pydicom.dcmread(files[0]).SOPInstanceUID in rows[0]
