@@ -4,7 +4,6 @@ that ignores the dates, answers out of resources for ever, duplicates or garbage
 from __future__ import annotations
 
 import datetime as dt
-import os
 import subprocess
 import sys
 from pathlib import Path
