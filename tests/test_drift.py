@@ -84,12 +84,12 @@ def reference_images(split, work):
 
 @pytest.fixture(scope="module")
 def v2_with_reference(reference_images, work, nih):
-    """A copy of the bundled weights with a reference from the 200 reference images, made by the
-    module entry point the lead runs when exporting a model."""
+    """A copy of the bundled weights with a reference from the 200 reference images (in place of
+    the one it ships with), made by the module entry point the lead runs when exporting a model."""
     out = work / "v2ref"
     done = subprocess.run([sys.executable, "-m", "training.reference", str(DEFAULT_BUNDLE), "--images",
                            str(reference_images), "--metadata", str(nih / "labels.csv"), "--out", str(out),
-                           "--workers", "1"], capture_output=True, text=True, timeout=600)
+                           "--workers", "1", "--replace"], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
     return out
 
