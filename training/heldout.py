@@ -141,7 +141,28 @@ def main(argv=None) -> None:
         metrics.pop("test_how", None)  # a plain held-out test now, not out of fold
         manifest["metrics"] = metrics
         write_manifest(bundle, manifest)
+        keep_predictions(bundle / "training_run", test, y, out, summary)
         print(f"held-out figures written into {bundle / 'manifest.json'} (new bundle_sha256)")
+
+
+def keep_predictions(folder: Path, test: pd.DataFrame, y: np.ndarray, out: Path, summary: dict) -> None:
+    """The held-out predictions beside the bundle (``heldout_predictions.csv``: labels, patient
+    data, both scorings' probabilities, bucket and worklist rank; public NIH file names, no
+    pixels) and ``heldout.json``, so that anyone can recompute the card's held-out figures."""
+    folder.mkdir(parents=True, exist_ok=True)
+    cols = ["file", "priority", "worklist_rank", "p_any", "findings", *[f"p_{f}" for f in FINDINGS]]
+    scored = {name: pd.read_csv(out / name / "results.csv", dtype=str, keep_default_na=False)
+              .set_index("file").loc[test["image"]].reset_index()[cols] for name in ("with_patient_data", "image_only")}
+    table = pd.DataFrame({"image": test["image"], "patient_id": test["patient_id"], "age": test["age"],
+                          "sex": test["sex"], "view": test["view"]})
+    for k, f in enumerate(FINDINGS):
+        table[f"y_{f}"] = y[:, k].astype(int)
+    for name, frame in scored.items():
+        short = "" if name == "with_patient_data" else "image_only_"
+        for c in cols[1:]:
+            table[f"{short}{c}"] = frame[c].to_numpy()
+    table.to_csv(folder / "heldout_predictions.csv", index=False)
+    (folder / "heldout.json").write_text(json.dumps(summary, indent=1) + "\n")
 
 
 def _view_auc(y: np.ndarray, p: np.ndarray, table: pd.DataFrame, view: str) -> float | None:
