@@ -176,9 +176,10 @@ def main(argv=None) -> None:
     triage_table = {
         "rule": f"training/configs/v3.toml rules 6-7: thresholds at {SPECIFICITY:.0%} out-of-fold specificity; a "
                 "finding whose out-of-fold AUROC 95% CI reaches 0.5 is never flagged; P(any finding) a logistic "
-                "regression on the 14 calibrated logits (non-negative weights, NIH-prevalence weighting); normal = "
-                f"nothing flagged and P(any) below the cutoff that leaves at most {MAX_MISSED:.0%} of the "
-                "development studies with a finding below it, out of fold",
+                "regression on -log(1 - p) of the 14 calibrated probabilities (a weighted noisy-OR, non-negative "
+                "weights, NIH-prevalence weighting); normal = P(any) below the cutoff that leaves at most "
+                f"{MAX_MISSED:.0%} of the development studies with a finding below it, out of fold; a normal "
+                "study carries no flag unless an urgent finding is flagged (then it is urgent)",
         "measured_on": measured,
         "findings": {f: {k: v for k, v in points[f].items() if k != "threshold"} for f in FINDINGS},
         "any_finding": {**any_params, "nih_rate": nih_any,
