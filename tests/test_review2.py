@@ -1,0 +1,47 @@
+"""Review 2 (hostile senders, unlucky operators): each test reproduces a problem found by
+attacking cxr-batch, and was written before its fix."""
+
+from __future__ import annotations
+
+import copy
+
+import pydicom
+import pytest
+from pydicom.uid import generate_uid
+
+from tests.dicomgen import write
+from tests.watchkit import free_port
+from tests.test_pull_hostile import HostilePACS, _pixels, _pull, _rows
+
+
+@pytest.fixture()
+def asked_and_unasked(tmp_path, nih_images):
+    """One radiograph the PACS lists (asked) and objects it sends besides, never listed."""
+    asked = write(tmp_path / "pacs" / "asked.dcm", _pixels(nih_images[0]), PatientID="P0", AccessionNumber="A0",
+                  StudyDate="20240301")
+    other = write(tmp_path / "hostile" / "other.dcm", _pixels(nih_images[1]), PatientID="P1", AccessionNumber="A1",
+                  StudyDate="20240301")
+    return asked, other
+
+
+@pytest.mark.parametrize("retrieve", ["get", "move"])
+def test_a_pacs_sending_an_image_not_asked_for_does_not_get_it_scored_as_asked(asked_and_unasked, small_bundle,
+                                                                               tmp_path, retrieve):
+    asked, other = asked_and_unasked
+    a, o = pydicom.dcmread(asked), pydicom.dcmread(other)
+    long_id = copy.deepcopy(o)
+    long_id.SOPInstanceUID = generate_uid()
+    long_id.PatientID = "X" * 1000 + "\x1b[31m\n"
+    pacs = HostilePACS([asked], moved=[a, o, long_id, a])
+    pacs.move_to = free_port()  # our storage SCP, where the C-MOVE sends
+    out = tmp_path / "out"
+    try:
+        done = _pull(pacs, out, small_bundle, "--retrieve", retrieve, "--port", pacs.move_to, timeout=300)
+    finally:
+        pacs.close()
+    rows = _rows(out)
+    assert done.returncode == 0, done.stderr[-3000:]  # all that was asked is scored
+    assert "Traceback" not in done.stderr and "unexpected" not in done.stderr
+    assert "2 object(s) sent unasked refused" in done.stderr, done.stderr[-3000:]
+    assert sum(a.SOPInstanceUID in r for r in rows) == 1, rows
+    assert not any(o.SOPInstanceUID in r or long_id.SOPInstanceUID in r for r in rows if ",ok," in r), rows
