@@ -45,3 +45,32 @@ def test_a_pacs_sending_an_image_not_asked_for_does_not_get_it_scored_as_asked(a
     assert "2 object(s) sent unasked refused" in done.stderr, done.stderr[-3000:]
     assert sum(a.SOPInstanceUID in r for r in rows) == 1, rows
     assert not any(o.SOPInstanceUID in r or long_id.SOPInstanceUID in r for r in rows if ",ok," in r), rows
+
+
+# ---------------------------------------------------------------------- a hostile RIS's words
+TERMINAL_TRAP = "\x1b]0;owned\x07\x1b[2J\x9b31m order not found " + "y" * 5000
+
+
+def test_what_a_hostile_ris_answers_reaches_the_operator_escaped_and_bounded(tmp_path, nih_images, small_bundle):
+    """A RIS answering AE with terminal escape sequences and 5,000 characters in MSA-3: the
+    scan's message and `outbound list` show the reason escaped, one short line, never the
+    sequences themselves (they would retitle or clear the operator's terminal)."""
+    from tests.ris import RIS
+    from tests.test_pull_hostile import cli
+
+    studies = tmp_path / "studies"
+    write(studies / "a.dcm", _pixels(nih_images[0]))
+    config = tmp_path / "scan.toml"
+    config.write_text("[scan]\nsend_wait = 3\n")
+    out = tmp_path / "out"
+    with RIS(answer="AE", text=TERMINAL_TRAP) as ris:
+        done = cli("scan", studies, "--out", out, "--weights", small_bundle, "--device", "cpu", "--precision", "fp32",
+                   "--workers", "0", "--no-pdf", "--hl7-to", f"{ris.endpoint.host}:{ris.endpoint.port}", "--config",
+                   config)
+        assert ris.received, done.stderr[-2000:]
+    listed = cli("outbound", "list", "--out", out)
+    assert done.returncode == 3 and listed.returncode == 0, (done.stderr[-2000:], listed.stderr)
+    for text in (done.stderr, listed.stdout + listed.stderr):
+        assert "order not found" in text  # the reason is said...
+        assert not any(c in text for c in "\x1b\x07\x9b"), repr(text[-600:])  # ...escaped
+        assert max(len(line) for line in text.splitlines()) < 1000
