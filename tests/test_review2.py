@@ -74,3 +74,55 @@ def test_what_a_hostile_ris_answers_reaches_the_operator_escaped_and_bounded(tmp
         assert "order not found" in text  # the reason is said...
         assert not any(c in text for c in "\x1b\x07\x9b"), repr(text[-600:])  # ...escaped
         assert max(len(line) for line in text.splitlines()) < 1000
+
+
+# ---------------------------------------------------------------------- an unlucky operator
+class SlowPACS(HostilePACS):
+    """Sends each object of a C-GET a second apart: time to press Ctrl-C mid-retrieval."""
+
+    def get(self, event):
+        import time
+
+        chosen = self._sent(event.identifier)
+        yield len(chosen)
+        for ds in chosen:
+            time.sleep(1.0)
+            yield 0xFF00, ds
+
+
+def test_ctrl_c_during_a_pull_keeps_what_came_and_the_same_pull_finishes_once(tmp_path, nih_images, small_bundle):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    files = [write(tmp_path / "pacs" / f"{k}.dcm", _pixels(nih_images[k]), PatientID=f"P{k}", StudyDate="20240301")
+             for k in range(3)]
+    uids = [pydicom.dcmread(f).SOPInstanceUID for f in files]
+    pacs = SlowPACS(files)
+    out = tmp_path / "out"
+    args = ["pull", "--from", pacs.address, "--since", "2000-01-01", "--out", out, "--no-pdf", "--weights",
+            small_bundle, "--device", "cpu", "--precision", "fp32", "--workers", "0", "--retrieve", "get"]
+    try:
+        proc = subprocess.Popen([sys.executable, "-m", "cxr_batch", *map(str, args)], stderr=subprocess.PIPE,
+                                text=True)
+        lines = []
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            line = proc.stderr.readline()
+            if not line:
+                break
+            lines.append(line)
+            if "status=ok" in line:  # one study scored, the others on their way
+                proc.send_signal(signal.SIGINT)
+                break
+        rest = proc.communicate(timeout=30)[1]  # at once, not after the 120 s query_timeout
+        first = "".join(lines) + rest
+        assert proc.returncode == 3, first[-3000:]
+        assert "Traceback" not in first and "run the same pull again" in first
+        again = _pull(pacs, out, small_bundle, "--retrieve", "get", timeout=300)
+    finally:
+        pacs.close()
+    assert again.returncode == 0, again.stderr[-3000:]
+    rows = _rows(out)
+    assert sorted(sum(u in r for r in rows) for u in uids) == [1, 1, 1], rows

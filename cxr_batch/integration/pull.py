@@ -251,6 +251,10 @@ class Source:
             assoc, self.assoc = self.assoc, None
         if assoc is not None:
             assoc.abort()
+            # pynetdicom's C-FIND/C-GET/C-MOVE wait for the next answer on the DIMSE queue for up to
+            # dimse_timeout (query_timeout, 120 s) even after a local abort: woken now, so Ctrl-C
+            # during a retrieval ends the pull at once instead of two minutes later.
+            assoc.dimse.msg_queue.put((None, None))
 
     def _next_id(self) -> int:
         self.msg_id = self.msg_id % 65535 + 1
@@ -715,6 +719,8 @@ class Puller(Node):
             completed, failed = self.source.retrieve(ds)
         finally:
             self.asked = frozenset()
+        if self.source.stopped:  # cut short by a stop: the next pull retrieves the rest
+            raise Stopped()
         failed = max(0, failed - (self.progress.not_asked - refused)) if failed > 0 else failed  # ours, not the PACS's
         if failed < 0:
             log.warning("pull: no answer to a retrieval within %.0f s; what arrived is scored, the rest is "
