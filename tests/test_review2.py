@@ -126,3 +126,22 @@ def test_ctrl_c_during_a_pull_keeps_what_came_and_the_same_pull_finishes_once(tm
     assert again.returncode == 0, again.stderr[-3000:]
     rows = _rows(out)
     assert sorted(sum(u in r for r in rows) for u in uids) == [1, 1, 1], rows
+
+
+def test_monitor_never_writes_into_a_results_folders_state(tmp_path, nih_images, small_bundle):
+    """`monitor R --out R/.cxr-batch/spool`: a listen or pull node reads its spool as received
+    objects (monitor.pdf would get an error row, then be deleted). Refused (exit 2), nothing written."""
+    from tests.test_pull_hostile import cli
+
+    studies = tmp_path / "studies"
+    studies.mkdir()
+    for p in nih_images[:2]:
+        (studies / p.name).write_bytes(p.read_bytes())
+    results = tmp_path / "results"
+    done = cli("scan", studies, "--out", results, "--weights", small_bundle, "--device", "cpu", "--precision", "fp32",
+               "--workers", "0", "--no-pdf")
+    assert done.returncode == 0, done.stderr[-2000:]
+    for inside in (results / ".cxr-batch", results / ".cxr-batch" / "spool"):
+        done = cli("monitor", results, "--out", inside)
+        assert done.returncode == 2 and "state folder" in done.stderr and "Traceback" not in done.stderr, done.stderr
+        assert not list(inside.glob("monitor.*"))
