@@ -254,7 +254,9 @@ class Source:
             # pynetdicom's C-FIND/C-GET/C-MOVE wait for the next answer on the DIMSE queue for up to
             # dimse_timeout (query_timeout, 120 s) even after a local abort: woken now, so Ctrl-C
             # during a retrieval ends the pull at once instead of two minutes later.
-            assoc.dimse.msg_queue.put((None, None))
+            waiting = getattr(getattr(assoc, "dimse", None), "msg_queue", None)  # pynetdicom 3.0's internals
+            if waiting is not None:
+                waiting.put((None, None))
 
     def _next_id(self) -> int:
         self.msg_id = self.msg_id % 65535 + 1
