@@ -145,3 +145,21 @@ def test_monitor_never_writes_into_a_results_folders_state(tmp_path, nih_images,
         done = cli("monitor", results, "--out", inside)
         assert done.returncode == 2 and "state folder" in done.stderr and "Traceback" not in done.stderr, done.stderr
         assert not list(inside.glob("monitor.*"))
+
+
+@pytest.mark.parametrize("retrieve", ["get", "move"])
+def test_a_pacs_answering_success_but_sending_nothing_is_a_retrieval_failure(asked_and_unasked, small_bundle,
+                                                                           tmp_path, retrieve):
+    """The PACS lists an image, then answers its C-GET/C-MOVE "success, 0 sub-operations" and sends
+    nothing: the pull said exit 0 (everything retrieved) with no result for the image."""
+    asked, _ = asked_and_unasked
+    pacs = HostilePACS([asked], moved=[])
+    pacs.move_to = free_port()
+    out = tmp_path / "out"
+    try:
+        done = _pull(pacs, out, small_bundle, "--retrieve", retrieve, "--port", pacs.move_to, timeout=300)
+    finally:
+        pacs.close()
+    assert done.returncode == 3, done.stderr[-3000:]
+    assert "1 retrieval failure(s)" in done.stderr and "Traceback" not in done.stderr
+    assert not _rows(out)

@@ -450,6 +450,7 @@ class Puller(Node):
         super().__init__(out, cfg, stop)
         self.source = Source(cfg, on_store=self.scp.on_store, on_data=self.scp.on_data)
         self.asked: frozenset[str] = frozenset()  # SOP Instance UIDs of the retrieval in progress
+        self.arrived: set[str] = set()  # ...and those of them that arrived
         self.scp.refusal = self._not_asked
         self.progress = Progress()
         self.seen_studies: set[str] = set()  # study UIDs answered so far: each looked at once
@@ -716,6 +717,7 @@ class Puller(Node):
         if instance:
             ds.SOPInstanceUID = instance
         refused = self.progress.not_asked
+        self.arrived = set()
         self.asked = frozenset(asked)
         try:
             completed, failed = self.source.retrieve(ds)
@@ -728,6 +730,11 @@ class Puller(Node):
             log.warning("pull: no answer to a retrieval within %.0f s; what arrived is scored, the rest is "
                         "retrieved by the next pull", self.cfg.query_timeout)
             failed = len(asked)
+        missing = len(set(asked) - self.arrived)  # a PACS's "success" is not what arrived
+        if missing > failed:
+            log.warning("pull: the PACS answered the retrieval of %d object(s) with status success but did not send %d "
+                        "of them", len(asked), missing - failed)
+            failed = missing
         self.progress.images_retrieved += completed
         if failed:
             self.progress.retrieval_failures += failed
@@ -757,6 +764,8 @@ class Puller(Node):
                 why = f"its header cannot be read ({type(e).__name__}: {e}; not scored)"
         if why:
             self.progress.not_asked += 1
+        else:
+            self.arrived.add(uid)
         return why
 
     def _spooled_uids(self) -> set[str]:
