@@ -167,10 +167,25 @@ def training_prevalence(manifest: dict) -> np.ndarray | None:
     return np.array([float(record[f]) for f in FINDINGS])
 
 
+def mean_auroc_interval(y, p, groups, n_bootstrap: int, seed: int) -> metrics.Interval:
+    """The mean AUROC's interval under each finding's rule: none when fewer than
+    MIN_CI_PATIENTS patients have a positive (or a negative) of the findings in the mean (three
+    labelled studies gave "95% CI 0.000-0.500" from resamples of three patients)."""
+    cols = [c for c in range(y.shape[1]) if metrics.has_both_labels(y[:, c])]
+    if cols:
+        pos = metrics.patients_per_label(y[:, cols].max(axis=1), groups)[0]
+        neg = metrics.patients_per_label(y[:, cols].min(axis=1), groups)[1]
+        if min(pos, neg) < metrics.MIN_CI_PATIENTS:
+            which = f"{pos} positive" if pos < metrics.MIN_CI_PATIENTS else f"{neg} negative"
+            return metrics.Interval(None, None, 0, 0, f"{which} patient(s) for the findings in the mean: no CI "
+                                                      f"(needs {metrics.MIN_CI_PATIENTS})")
+    return metrics.mean_auroc_interval(y, p, groups, n_bootstrap, seed)
+
+
 def evaluation(data: LabelledResults, manifest: dict, n_bootstrap: int = 1000, seed: int = 0) -> dict:
     """Every number of evaluation.json from the labelled results and the bundle's manifest."""
     y, p, groups = data.y, data.p, data.groups
-    overall = metrics.mean_auroc_interval(y, p, groups, n_bootstrap, seed)
+    overall = mean_auroc_interval(y, p, groups, n_bootstrap, seed)
     aucs = metrics.auroc_per_finding(y, p)
     train_prev = training_prevalence(manifest)
     brier, brier_prev = metrics.brier(y, p), metrics.brier_of_constant(y, y.mean(axis=0))

@@ -265,6 +265,9 @@ def run_monitor(results_dir: Path, out: Path, reference_path: Path | None = None
     (its ``exit_code`` says how it went). Raises MonitorError/DriftError when nothing can be
     done."""
     results_dir, out = Path(results_dir), Path(out)
+    from .integration.pull import refuse_out_in_state  # a node's spool reads what lands there (ConfigError: exit 2)
+
+    refuse_out_in_state(out)
     csv = results_dir / "results.csv"
     if not csv.is_file():
         raise MonitorError(f"{results_dir} holds no results.csv")

@@ -645,7 +645,10 @@ def worklist_pdf(records: list[StudyRecord], options: ReportOptions, info: Model
     def cell(value, column, style="cell", missing="-"):
         return fitted(value, st[style], widths[column] - 2 * PAD, missing=missing)
 
-    data = [_header([h for h, _ in WORKLIST_COLUMNS], widths, st)]
+    headings = [h for h, _ in WORKLIST_COLUMNS]
+    if not info.evidence.operating_points:  # the bundle measured none (v2.1): said, not left blank
+        headings[7] = "Flagged findings (sens. / PPV not measured)"
+    data = [_header(headings, widths, st)]
     commands = [GRID, ("BACKGROUND", (0, 0), (-1, 0), HEADER_FILL), ("VALIGN", (0, 0), (-1, -1), "TOP")]
     for i, r in enumerate(scored, start=1):
         p = r.patient

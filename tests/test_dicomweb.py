@@ -129,9 +129,9 @@ class _Archive(BaseHTTPRequestHandler):
             status, body = 401, None
         else:
             status, body = server.answer
-        payload = json.dumps(body).encode() if body is not None else b""
+        payload = body if isinstance(body, bytes) else json.dumps(body).encode() if body is not None else b""
         self.send_response(status)
-        self.send_header("Content-Type", "application/dicom+json")
+        self.send_header("Content-Type", server.content_type)
         self.send_header("Content-Length", str(len(payload)))
         self.end_headers()
         self.wfile.write(payload)
@@ -144,6 +144,7 @@ class _Archive(BaseHTTPRequestHandler):
 def archive():
     server = ThreadingHTTPServer(("127.0.0.1", 0), _Archive)
     server.token, server.answer, server.seen = "", (200, None), []
+    server.content_type = "application/dicom+json"
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
     yield server
@@ -211,3 +212,27 @@ def test_credentials_come_from_the_configuration_file_checked(tmp_path, caplog):
     path.chmod(0o644)
     load_dicomweb_config(path, url=url)
     assert "other users can read it" in caplog.text
+
+
+# ------------------------------------------------------------------ a 2xx that is no STOW-RS answer
+@pytest.mark.parametrize("content_type, body, outcome, says", [
+    ("text/html", b"<html><body>Please log in</body></html>", "retry", "not a STOW-RS answer"),  # a proxy's page
+    ("application/dicom+json", b"[1, 2, 3]", "retry", "unreadable STOW-RS response"),
+    ("application/dicom+json", b'{"00081199": {"vr": "SQ", "Value": "x"}}', "retry", "unreadable STOW-RS response"),
+    ("application/dicom+json; charset=utf-8", "failed", "rejected", "failure reason 0xC000"),
+    ("application/dicom+json; charset=utf-8", "stored", "delivered", ""),
+])
+def test_a_2xx_that_is_no_stow_rs_answer_is_never_taken_for_delivered(results, archive, tmp_path, content_type,
+                                                                      body, outcome, says):
+    """dicomweb-client reads only an exact 'application/dicom+json' (or XML) body and gives an
+    empty answer for anything else, which was taken for '200 without a body': delivered. A
+    login page (HTML) or a JSON body with a charset then lost the result from the queue."""
+    _, srs = results
+    ds = pydicom.dcmread(srs[0])
+    if body == "failed":
+        body = {"00081198": {"vr": "SQ", "Value": [_item(ds, **{"00081197": 0xC000})]}}
+    elif body == "stored":
+        body = {"00081199": {"vr": "SQ", "Value": [_item(ds)]}}
+    archive.answer, archive.content_type = (200, body), content_type
+    delivery = store_dataset(ds, _config(tmp_path, f"http://127.0.0.1:{archive.server_address[1]}/dicom-web"))
+    assert delivery.outcome == outcome and says in delivery.reason, delivery

@@ -228,3 +228,30 @@ def test_results_never_go_into_a_weights_bundle(tmp_path, nih, studies, small_bu
     code, err = cli_here("scan", studies, "--weights", bundle, "--device", "cpu", "--out", DEFAULT_BUNDLE.parent / "new")
     assert code == 1 and "holds weights bundles" in err and not (DEFAULT_BUNDLE.parent / "new").exists()
     assert sorted(p.name for p in other.iterdir()) == sorted(p.name for p in small_bundle.iterdir())
+
+
+def test_evaluate_of_three_studies_gives_no_interval_for_the_mean_auroc(tmp_path, nih, nih_images, small_bundle):
+    """Three labelled studies (three patients): the mean AUROC rests on one or two positive
+    patients per finding, so, as for each finding (fewer than 5 positive or negative patients),
+    no bootstrap interval is printed as if it measured something."""
+    studies = folder_of(tmp_path, nih_images[:3], "three")
+    code, err = cli_here("evaluate", studies, "--labels", nih / "labels.csv", "--out", tmp_path / "eval",
+                         "--weights", small_bundle, "--device", "cpu", "--workers", 0, "--precision", "fp32")
+    result = json.loads((tmp_path / "eval" / "evaluation.json").read_text())
+    assert code == 0 and "Traceback" not in err, err
+    assert result["n_patients"] == 3 and result["mean_auroc"] is not None
+    assert result["mean_auroc_ci95"] is None and "no CI (needs 5)" in result["mean_auroc_ci_note"]
+    assert "(no CI)" in err
+
+
+def test_calibrate_on_three_patients_moves_nothing(tmp_path, nih, nih_images, small_bundle):
+    """Three labelled studies: the default offset's "5-fold cross-validation by patient" was a
+    leave-one-out over 3 patients whose standard error passed the gate, and a site bundle moved
+    every threshold (0.5 -> 0.14) on 3 studies. Fewer patients than folds: nothing moves."""
+    studies = folder_of(tmp_path, nih_images[:3], "three")
+    code, err = cli_here("calibrate", studies, "--labels", nih / "labels.csv", "--out", tmp_path / "new",
+                         "--weights", small_bundle, "--device", "cpu", "--workers", 0)
+    assert code == 0, err[-2000:]
+    assert "fewer than 5 patients" in err
+    manifest = json.loads((tmp_path / "new" / "manifest.json").read_text())
+    assert manifest["thresholds"] == load_bundle(small_bundle).thresholds

@@ -481,3 +481,12 @@ def test_worklist_gives_base_rates_trust_beside_flags_and_the_rank_order(tmp_pat
     assert "flagged 48% of studies (0.9 flags per study)" in txt and "41% of studies without a finding" in txt
     assert "Effusion (sens. 0.62, PPV 0.31)" in txt and "p 0.55 (Pneumothorax)" in txt
     assert txt.index("ID PB") < txt.index("ID PA") < txt.index("ID PC")  # urgent, abnormal, then low probability
+
+
+def test_worklist_of_a_model_without_measured_flags_says_so_beside_them(tmp_path):
+    """The bundled v2.1 records no per-finding sensitivity/PPV: each report says "not measured",
+    but the worklist's column promised "(sens. / PPV of the flag)" and showed the flags bare."""
+    records = [scored({"Effusion": 0.8}, file="a.png", patient_id="PA")]
+    (tmp_path / "w.pdf").write_bytes(worklist_pdf(records, ReportOptions(), model_info(), NOW))
+    txt = re.sub(r"\s+", " ", "\n".join(pages(tmp_path / "w.pdf")))
+    assert "Effusion" in txt and "sens. / PPV not measured" in txt

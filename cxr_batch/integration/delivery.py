@@ -13,12 +13,27 @@ from dataclasses import dataclass
 from typing import Literal
 
 Outcome = Literal["delivered", "retry", "rejected"]
+REASON_LIMIT = 300  # characters of a reason kept: one line in a log, status.json and `outbound list`
+# C0 and C1 control characters as text (\x1b, \n): a receiver's words (an ACK's MSA-3, an HTTP
+# reason phrase) cannot end a line, clear or retitle the operator's terminal. The backslash is
+# not doubled, so a reason made from another one is not escaped twice.
+_CONTROLS = {**{c: f"\\x{c:02x}" for c in (*range(0x20), *range(0x7F, 0xA0))}, 0x0A: "\\n", 0x0D: "\\r",
+             0x09: "\\t"}
+
+
+def shown(text: str, limit: int = REASON_LIMIT) -> str:
+    """``text`` from a receiver, fit for one line: cut to ``limit`` characters, controls escaped."""
+    text = str(text)
+    return (text[:limit] + "..." if len(text) > limit else text).translate(_CONTROLS)
 
 
 @dataclass(frozen=True)
 class Delivery:
     outcome: Outcome
     reason: str = ""  # why not delivered (or what the receiver added), for the queue and status.json
+
+    def __post_init__(self):
+        object.__setattr__(self, "reason", shown(self.reason))
 
     @classmethod
     def delivered(cls, note: str = "") -> "Delivery":

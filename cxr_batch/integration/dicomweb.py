@@ -127,6 +127,8 @@ class StowClient:
             session.headers["Authorization"] = f"Bearer {config.token}"
         elif config.username:
             session.auth = (config.username, config.password)
+        self.last_response = None  # what the archive answered last (one sender thread per client)
+        session.hooks["response"].append(self._keep)
         self.client = DICOMwebClient(url=config.url.rstrip("/"), session=session, timeout=config.timeout)
         self.client.set_http_retry_params(retry=False)
 
@@ -139,6 +141,7 @@ class StowClient:
         except Exception as e:  # not a DICOM file: nothing to send, ever
             return Delivery.rejected(f"not a DICOM object: {type(e).__name__}: {e}")
         uid = str(dataset.get("SOPInstanceUID", ""))
+        self.last_response = None
         try:
             answer = self.client.store_instances([dataset])
         except requests.HTTPError as e:
@@ -147,9 +150,26 @@ class StowClient:
             return self._failed(uid, Delivery.retry(f"no answer from {self._where} within {self.config.timeout:g} s"))
         except requests.RequestException as e:  # connection refused, DNS, TLS
             return self._failed(uid, Delivery.retry(f"cannot reach {self._where}: {type(e).__name__}: {e}"))
-        except ValueError as e:  # a response body dicomweb-client cannot read
-            return self._failed(uid, Delivery.retry(f"unreadable STOW-RS response: {e}"))
+        except (ValueError, TypeError, AttributeError, KeyError) as e:  # a body dicomweb-client cannot read
+            return self._failed(uid, Delivery.retry(f"unreadable STOW-RS response: {type(e).__name__}: {e}"))
+        if not answer and self.last_response is not None and self.last_response.content:
+            # dicomweb-client reads only an exact 'application/dicom+json' (or XML) body and
+            # answers an empty dataset for anything else: a login page, or DICOM JSON with a
+            # charset, would pass for "200 without a body", i.e. delivered.
+            response = self.last_response
+            media = response.headers.get("Content-Type", "").split(";")[0].strip().lower()
+            if media not in ("application/dicom+json", "application/json"):
+                return self._failed(uid, Delivery.retry(
+                    f"not a STOW-RS answer (HTTP {response.status_code}, Content-Type {media or 'none'}): is a proxy "
+                    f"or a login page in front of the archive? (check the URL)"))
+            try:
+                answer = Dataset.from_json(response.json())
+            except Exception as e:
+                return self._failed(uid, Delivery.retry(f"unreadable STOW-RS response: {type(e).__name__}: {e}"))
         return self._answered(uid, answer)
+
+    def _keep(self, response, *args, **kwargs):
+        self.last_response = response
 
     @property
     def _where(self) -> str:

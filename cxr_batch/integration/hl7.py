@@ -44,7 +44,7 @@ from dataclasses import dataclass
 
 from ..findings import DEFAULT_URGENT, FINDINGS
 from ..record import StudyRecord
-from .delivery import Delivery
+from .delivery import Delivery, shown
 
 log = logging.getLogger("cxr_batch")
 
@@ -339,7 +339,7 @@ def send_message(message: str, endpoint: Endpoint, *, timeout: float = 30.0) -> 
     if ack.code in ACK_DELIVERED:
         log.debug("HL7 %s to %s: %s", control, endpoint, ack.code)
         return Delivery.delivered(said)
-    log.warning("HL7 %s to %s: %s", control, endpoint, ack.code)
+    log.warning("HL7 %s to %s: %s", control, endpoint, shown(ack.code, 16))  # the RIS's text
     if ack.code in ACK_REJECTED:
         return Delivery.rejected(f"the RIS rejected the message ({said})")
     if ack.code in ACK_RETRY:

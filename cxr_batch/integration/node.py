@@ -50,7 +50,7 @@ COUNTS = ("received", "refused", "rejected_associations", "aborted_oversize", "d
           "dropped_oversize_pdu", "dropped_protocol", "dropped_tls", "dropped_busy", "escaped_identifiers")
 # C-STORE statuses (PS3.4 B.2.3): stored; refused, out of resources (the sender retries
 # later); processing failure.
-STORED, OUT_OF_RESOURCES, PROCESSING_FAILURE = 0x0000, 0xA700, 0x0110
+STORED, OUT_OF_RESOURCES, PROCESSING_FAILURE, INVALID_SOP_INSTANCE = 0x0000, 0xA700, 0x0110, 0x0117
 
 
 class NodeError(Exception):
@@ -285,6 +285,8 @@ class StorageSCP:
         self._lock = threading.Lock()
         self._bytes: dict[int, int] = {}  # bytes received per association since its last C-STORE
         self._aborted: set[int] = set()  # associations aborted for an oversize object
+        # refusal(event) -> why an arriving object is not wanted, or None (a pull takes only what it asked for)
+        self.refusal = None
 
     def start(self):
         from pynetdicom import evt
@@ -372,6 +374,10 @@ class StorageSCP:
                           "there is", self.cfg.min_free_mb)
             self.low_on_space = True
             return OUT_OF_RESOURCES
+        if self.refusal is not None and (why := self.refusal(event)):
+            self._count("refused")
+            log.warning("%s from %s refused: %s", shown, peer, why)
+            return INVALID_SOP_INSTANCE
         if self.low_on_space:
             log.info("disk space for the spool again: storing")
             self.low_on_space = False

@@ -251,6 +251,12 @@ class Source:
             assoc, self.assoc = self.assoc, None
         if assoc is not None:
             assoc.abort()
+            # pynetdicom's C-FIND/C-GET/C-MOVE wait for the next answer on the DIMSE queue for up to
+            # dimse_timeout (query_timeout, 120 s) even after a local abort: woken now, so Ctrl-C
+            # during a retrieval ends the pull at once instead of two minutes later.
+            waiting = getattr(getattr(assoc, "dimse", None), "msg_queue", None)  # pynetdicom 3.0's internals
+            if waiting is not None:
+                waiting.put((None, None))
 
     def _next_id(self) -> int:
         self.msg_id = self.msg_id % 65535 + 1
@@ -344,6 +350,13 @@ class Source:
                 f"Or pull with --retrieve get, which needs no destination")
 
 
+def pydicom_header(path):
+    """The header of a received object (no pixel data read)."""
+    import pydicom
+
+    return pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SOPInstanceUID"])
+
+
 def study_day(answer) -> str | None:
     """An answer's StudyDate as YYYYMMDD, None when it has none a date can be read from."""
     value = str(answer.get("StudyDate", "") or "").strip()
@@ -401,6 +414,7 @@ class Progress:
     images_retrieved: int = 0
     already_scored: int = 0
     retrieval_failures: int = 0
+    not_asked: int = 0  # objects the PACS sent that this pull had not asked for: refused, never scored
     more_match: bool = False  # max_studies reached: a next pull does the rest
     error: str = ""
     ignores_modalities_in_study: bool = False
@@ -409,7 +423,8 @@ class Progress:
     def line(self) -> str:
         return (f"{self.studies_looked_at}/{self.studies_found} studies looked at ({self.pages} page(s)), "
                 f"{self.studies_retrieved} with new images: {self.images_retrieved} image(s) retrieved, "
-                f"{self.already_scored} already scored (or received), {self.retrieval_failures} retrieval failure(s)")
+                f"{self.already_scored} already scored (or received), {self.retrieval_failures} retrieval failure(s)"
+                + (f", {self.not_asked} object(s) sent unasked refused" if self.not_asked else ""))
 
 
 class _StopWhenDone:
@@ -434,6 +449,9 @@ class Puller(Node):
         refuse_out_in_state(Path(out))
         super().__init__(out, cfg, stop)
         self.source = Source(cfg, on_store=self.scp.on_store, on_data=self.scp.on_data)
+        self.asked: frozenset[str] = frozenset()  # SOP Instance UIDs of the retrieval in progress
+        self.arrived: set[str] = set()  # ...and those of them that arrived
+        self.scp.refusal = self._not_asked
         self.progress = Progress()
         self.seen_studies: set[str] = set()  # study UIDs answered so far: each looked at once
         self.interrupt = self.stop  # SIGTERM/SIGINT only
@@ -681,14 +699,14 @@ class Puller(Node):
             retrieved_any = True
             p.state = "retrieving"
             if len(new) == len(uids):  # the whole series: one request
-                self._retrieve(study.uid, ds.SeriesInstanceUID, None, len(new))
+                self._retrieve(study.uid, ds.SeriesInstanceUID, None, new)
             else:  # some were scored before (a pull cut short): only the others
                 for uid in new:
-                    self._retrieve(study.uid, ds.SeriesInstanceUID, uid, 1)
+                    self._retrieve(study.uid, ds.SeriesInstanceUID, uid, [uid])
         if retrieved_any:
             p.studies_retrieved += 1
 
-    def _retrieve(self, study: str, series: str, instance: str | None, expected: int) -> None:
+    def _retrieve(self, study: str, series: str, instance: str | None, asked: list[str]) -> None:
         from pydicom.dataset import Dataset
 
         self._wait_for_room()
@@ -698,16 +716,57 @@ class Puller(Node):
         ds.SeriesInstanceUID = series
         if instance:
             ds.SOPInstanceUID = instance
-        completed, failed = self.source.retrieve(ds)
+        refused = self.progress.not_asked
+        self.arrived = set()
+        self.asked = frozenset(asked)
+        try:
+            completed, failed = self.source.retrieve(ds)
+        finally:
+            self.asked = frozenset()
+        if self.source.stopped:  # cut short by a stop: the next pull retrieves the rest
+            raise Stopped()
+        failed = max(0, failed - (self.progress.not_asked - refused)) if failed > 0 else failed  # ours, not the PACS's
         if failed < 0:
             log.warning("pull: no answer to a retrieval within %.0f s; what arrived is scored, the rest is "
                         "retrieved by the next pull", self.cfg.query_timeout)
-            failed = expected
+            failed = len(asked)
+        missing = len(set(asked) - self.arrived)  # a PACS's "success" is not what arrived
+        if missing > failed:
+            log.warning("pull: the PACS answered the retrieval of %d object(s) with status success but did not send %d "
+                        "of them", len(asked), missing - failed)
+            failed = missing
         self.progress.images_retrieved += completed
         if failed:
             self.progress.retrieval_failures += failed
             log.warning("pull: %d of %d object(s) of a series could not be retrieved; the next pull tries again",
-                        failed, expected)
+                        failed, len(asked))
+
+    def _not_asked(self, event) -> str | None:
+        """Why an arriving object is refused: only the instances the retrieval in progress asked
+        for are stored and scored (a PACS sending another study's image, or a sender reaching our
+        C-MOVE port, must not get a result, an SR or an HL7 message as if it had been asked for).
+        The header's own SOP Instance UID must be the one announced: it is what the result is
+        keyed by."""
+        uid = str(event.request.AffectedSOPInstanceUID or "")
+        why = None
+        if uid not in self.asked:
+            why = "not asked for by this pull (not scored)"
+        else:
+            try:
+                try:
+                    path = event.dataset_path
+                except AttributeError:
+                    path = None
+                header = pydicom_header(path) if path else event.dataset  # else held in memory (C-GET)
+                if str(header.get("SOPInstanceUID", "") or "") != uid:
+                    why = "its header's SOP Instance UID is not the one announced (not scored)"
+            except Exception as e:  # unreadable: the scoring could not key it either
+                why = f"its header cannot be read ({type(e).__name__}: {e}; not scored)"
+        if why:
+            self.progress.not_asked += 1
+        else:
+            self.arrived.add(uid)
+        return why
 
     def _spooled_uids(self) -> set[str]:
         """SOP Instance UIDs of received objects waiting in the spool (named ``UID.HASH.dcm``)."""
