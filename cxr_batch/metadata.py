@@ -112,7 +112,7 @@ class MetadataMatch:
     """How many of a scan's files the metadata table has a row for (matched by file name)."""
 
     table: str  # the table's path
-    files: int  # files the scan reads
+    files: int  # files the scan reads that need a row (DICOM files have a header)
     matched: int  # of those, files with a row
     table_rows: int
     unmatched_example: str = ""  # a file name without a row
@@ -135,14 +135,17 @@ class MetadataMatch:
                 "unmatched_example": self.unmatched_example, "table_example": self.table_example}
 
 
-def load_metadata_for(path: Path, names: list[str]) -> tuple[dict[str, MetadataRow], MetadataMatch]:
+def load_metadata_for(path: Path, names: list[str], counted: list[str] | None = None
+                      ) -> tuple[dict[str, MetadataRow], MetadataMatch]:
     """The table's rows for the files named ``names`` (base names, one per file) and how well
-    the table matches them. MetadataError as :func:`load_metadata_csv`."""
+    the table matches the files of ``counted`` (default: all of them; a scan counts only the
+    files whose content has no header of its own). MetadataError as :func:`load_metadata_csv`."""
     table = _read_table(path)
     rows = _rows(table, set(names))
-    unmatched = next((n for n in names if n not in rows), "")
+    counted = names if counted is None else counted
+    unmatched = next((n for n in counted if n not in rows), "")
     example = next((n for n in table["file"] if n), "")
-    return rows, MetadataMatch(str(path), len(names), sum(n in rows for n in names), len(table), unmatched, example)
+    return rows, MetadataMatch(str(path), len(counted), sum(n in rows for n in counted), len(table), unmatched, example)
 
 
 def patient_from_metadata(row: MetadataRow) -> PatientData:

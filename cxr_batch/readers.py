@@ -41,6 +41,22 @@ def sniff(head: bytes) -> str | None:
     return None
 
 
+def is_dicom_file(path: Path) -> bool:
+    """True when the file's content is DICOM (with or without the preamble), whatever its name.
+    A file that cannot be opened is not (its read says why later)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(132)
+    except OSError:
+        return False
+    kind = sniff(head)
+    if kind is not None:
+        return kind == "dicom"
+    from . import dicom
+
+    return dicom.looks_like_dicom(path)
+
+
 def read_pil(path: Path, rules: ScoringRules, min_side: int = 0, kind: str | None = None) -> np.ndarray:
     """Decode a PNG/JPEG to a uint8 grey array, refusing oversized and colour images. A JPEG
     is decoded through its DCT scaling (1/2, 1/4, 1/8) when a short side of ``min_side`` is

@@ -24,6 +24,7 @@ from .record import log_name
 from .results import AtomicCsvWriter
 from .runconfig import RunConfig
 from .runtime import default_workers, make_policy
+from .readers import is_dicom_file
 from .sandbox import StudyReader
 from .stopping import StopSignal
 
@@ -118,7 +119,11 @@ def run_scan(studies: Path, out: Path, cfg: ScanConfig = ScanConfig(), earlier: 
         candidates = [c for i, c in enumerate(candidates) if i % count == index]
     metadata, match = None, None
     if cfg.metadata is not None:
-        metadata, match = load_metadata_for(cfg.metadata, [c.path.name for c in candidates if not c.problem])
+        # A DICOM header carries the patient data: only the other files need a row to be complete.
+        # (a header's gaps are still filled from the table).
+        names = [c.path.name for c in candidates if not c.problem]
+        metadata, match = load_metadata_for(cfg.metadata, names,
+                                            [c.path.name for c in candidates if not c.problem and not is_dicom_file(c.path)])
     settings = journal.row_settings(to_plain(cfg), content_sha256(cfg.metadata) if cfg.metadata else None)
     created = not out.exists()
     private_dir(out)

@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -276,6 +277,20 @@ def test_metadata_that_matches_no_file_is_said_with_counts_and_an_example(studie
     run_scan(studies, tmp_path / "o3", quick(small_bundle, pdf=False, metadata=str(nih / "labels.csv")))
     match = json.loads((tmp_path / "o3" / "run.json").read_text())["metadata_match"]
     assert match["matched"] == match["files"] == 6 and match["unmatched_example"] == ""
+
+
+def test_dicom_files_are_not_counted_as_missing_from_the_metadata_table(tmp_path, small_bundle):
+    """The quick start: 3 PNGs with a table, 3 DICOMs whose headers carry the patient data. The
+    table covers every file that needs it, so there is nothing to warn about."""
+    examples = Path(__file__).resolve().parents[1] / "examples"
+    proc = cli("scan", examples / "studies", "--out", tmp_path / "out", "--metadata", examples / "metadata.csv",
+               "--weights", small_bundle, "--device", "cpu", "--no-pdf")
+    assert proc.returncode == 0, proc.stderr
+    assert "has a row for" not in proc.stderr
+    match = json.loads((tmp_path / "out" / "run.json").read_text())["metadata_match"]
+    assert match["matched"] == match["files"] == 3
+    rows = read_results(tmp_path / "out" / "results.csv")
+    assert len(rows) == 6 and all(r["age_source"].startswith(("header:", "metadata")) for r in rows)
 
 
 # ------------------------------------------------------------------ smaller things
