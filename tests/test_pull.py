@@ -37,6 +37,7 @@ from cxr_batch.model import ModelConfig, build_model
 from cxr_batch.patient import PatientEncoding
 from cxr_batch.preprocess import Preprocessing
 from tests.dicomgen import HEADER, grey, have, run, write
+from tests.fakepacs import ScriptedPACS
 from tests.orthanc import make_orthanc  # noqa: F401  (fixture: skips where Orthanc is absent)
 from tests.ris import RIS
 from tests.test_sr import ACCEPTED_DCIODVFY_WARNINGS
@@ -350,68 +351,12 @@ def test_an_out_folder_inside_a_results_folders_state_is_refused(tmp_path):
     assert not (tmp_path / "node").exists()
 
 
-class QueryPACS:
-    """A PACS made with pynetdicom in this process (C-FIND and C-GET, Study Root) that, as some
-    do, ignores ModalitiesInStudy as a key (``refuses``: answers 0xA900 to a query holding it)."""
-
-    def __init__(self, files, refuses: bool = False):
-        from pynetdicom import AE, StoragePresentationContexts, evt
-        from pynetdicom.sop_class import (StudyRootQueryRetrieveInformationModelFind,
-                                          StudyRootQueryRetrieveInformationModelGet)
-
-        self.datasets = [pydicom.dcmread(f) for f in files]
-        self.refuses, self.queries = refuses, []
-        ae = AE(ae_title="QRPACS")
-        ae.add_supported_context(StudyRootQueryRetrieveInformationModelFind)
-        ae.add_supported_context(StudyRootQueryRetrieveInformationModelGet)
-        for cx in StoragePresentationContexts:
-            ae.add_supported_context(cx.abstract_syntax, scu_role=True, scp_role=True)
-        self.port = free_port()
-        self.server = ae.start_server(("127.0.0.1", self.port), block=False,
-                                      evt_handlers=[(evt.EVT_C_FIND, self.find), (evt.EVT_C_GET, self.get)])
-
-    def _matches(self, query, ds) -> bool:
-        return all(str(ds.get(k, "")) == str(query.get(k)) for k in ("StudyInstanceUID", "SeriesInstanceUID",
-                                                                      "SOPInstanceUID") if query.get(k))
-
-    def find(self, event):
-        query = event.identifier
-        self.queries.append(query)
-        if self.refuses and "ModalitiesInStudy" in query and query.ModalitiesInStudy:
-            yield 0xA900, None
-            return
-        level, seen = query.QueryRetrieveLevel, set()
-        for ds in self.datasets:
-            if not self._matches(query, ds):
-                continue
-            uid = {"STUDY": ds.StudyInstanceUID, "SERIES": ds.SeriesInstanceUID, "IMAGE": ds.SOPInstanceUID}[level]
-            if uid in seen:
-                continue
-            seen.add(uid)
-            answer = pydicom.Dataset()
-            answer.QueryRetrieveLevel = level
-            answer.StudyInstanceUID = ds.StudyInstanceUID
-            if level != "STUDY":
-                answer.SeriesInstanceUID, answer.Modality = ds.SeriesInstanceUID, ds.Modality
-            if level == "IMAGE":
-                answer.SOPInstanceUID = ds.SOPInstanceUID
-            yield 0xFF00, answer
-
-    def get(self, event):
-        chosen = [ds for ds in self.datasets if self._matches(event.identifier, ds)]
-        yield len(chosen)
-        for ds in chosen:
-            yield 0xFF00, ds
-
-    def close(self):
-        self.server.shutdown()
-
-
 @pytest.mark.parametrize("refuses", [False, True], ids=["ignores", "refuses"])
 def test_a_pacs_ignoring_modalities_in_study_is_filtered_by_series_modality(archive, urgent_bundle, tmp_path,
                                                                             refuses):
     frontal, others = archive
-    pacs = QueryPACS([frontal["explicit"], others["ct"], others["pdf"]], refuses=refuses)
+    pacs = ScriptedPACS([frontal["explicit"], others["ct"], others["pdf"]], ae_title="QRPACS",
+                        modalities_key="refused" if refuses else "ignored")
     try:
         done = cli("pull", "--from", f"QRPACS@127.0.0.1:{pacs.port}", "--since", "2000-01-01", "--retrieve", "get",
                    "--out", tmp_path / "out", "--no-pdf", "--weights", urgent_bundle, "--device", "cpu", "--precision",
@@ -423,7 +368,7 @@ def test_a_pacs_ignoring_modalities_in_study_is_filtered_by_series_modality(arch
     assert said in done.stderr and "1 image(s) retrieved" in done.stderr
     rows = (tmp_path / "out" / "results.csv").read_text().splitlines()[1:]
     assert len(rows) == 1 and pydicom.dcmread(frontal["explicit"]).SOPInstanceUID in rows[0]  # the CT and PDF: not
-    assert [q.QueryRetrieveLevel for q in pacs.queries].count("SERIES") == 3  # each study's series looked at
+    assert pacs.levels().count("SERIES") == 3  # each study's series looked at
 
 
 # ---------------------------------------------------------------------- many studies

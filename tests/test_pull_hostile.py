@@ -14,7 +14,7 @@ from pydicom.uid import generate_uid
 
 from cxr_batch.integration.pull import FIND_CAP, PullError, TooMany, study_pages
 from tests.dicomgen import write
-from tests.watchkit import free_port
+from tests.fakepacs import ScriptedPACS
 
 
 def cli(*args, timeout=300) -> subprocess.CompletedProcess:
@@ -57,95 +57,6 @@ def test_a_pacs_ignoring_the_dates_is_asked_once_per_day_not_into_the_future():
 
 
 # ---------------------------------------------------------------------- pull: a hostile PACS
-class HostilePACS:
-    """A PACS made with pynetdicom in this process (Study Root C-FIND, C-GET and C-MOVE) whose
-    answers a test chooses: ``studies`` (extra study-level answers, as datasets), ``refuse``
-    (study UIDs whose series-level C-FIND fails), ``study_status`` (a status answering every
-    study-level C-FIND), ``ignores_dates``, ``moved`` (what a C-MOVE or C-GET sends instead)."""
-
-    def __init__(self, files, studies=(), refuse=(), study_status=None, moved=None):
-        from pynetdicom import AE, StoragePresentationContexts, evt
-        from pynetdicom.sop_class import (StudyRootQueryRetrieveInformationModelFind,
-                                          StudyRootQueryRetrieveInformationModelGet,
-                                          StudyRootQueryRetrieveInformationModelMove)
-
-        self.datasets = [pydicom.dcmread(f) for f in files]
-        self.studies, self.refuse, self.study_status, self.moved = list(studies), set(refuse), study_status, moved
-        self.queries, self.move_to = [], None
-        ae = AE(ae_title="HOSTILE")
-        for model in (StudyRootQueryRetrieveInformationModelFind, StudyRootQueryRetrieveInformationModelGet,
-                      StudyRootQueryRetrieveInformationModelMove):
-            ae.add_supported_context(model)
-        for cx in StoragePresentationContexts:
-            ae.add_supported_context(cx.abstract_syntax, scu_role=True, scp_role=True)
-            ae.add_requested_context(cx.abstract_syntax)
-        self.ae = ae
-        self.port = free_port()
-        self.server = ae.start_server(("127.0.0.1", self.port), block=False,
-                                      evt_handlers=[(evt.EVT_C_FIND, self.find), (evt.EVT_C_GET, self.get),
-                                                    (evt.EVT_C_MOVE, self.move)])
-
-    @property
-    def address(self) -> str:
-        return f"HOSTILE@127.0.0.1:{self.port}"
-
-    def _matches(self, query, ds) -> bool:
-        return all(str(ds.get(k, "")) == str(query.get(k)) for k in ("StudyInstanceUID", "SeriesInstanceUID",
-                                                                      "SOPInstanceUID") if query.get(k))
-
-    def find(self, event):
-        query = event.identifier
-        level = query.QueryRetrieveLevel
-        self.queries.append(level)
-        if level == "STUDY":
-            if self.study_status is not None:
-                yield self.study_status, None
-                return
-            yield from ((0xFF00, s) for s in self.studies)
-        elif query.StudyInstanceUID in self.refuse:
-            yield 0xC000, None
-            return
-        seen = set()
-        for ds in self.datasets:
-            if not self._matches(query, ds):
-                continue
-            uid = {"STUDY": ds.StudyInstanceUID, "SERIES": ds.SeriesInstanceUID, "IMAGE": ds.SOPInstanceUID}[level]
-            if uid in seen:
-                continue
-            seen.add(uid)
-            answer = pydicom.Dataset()
-            answer.QueryRetrieveLevel = level
-            answer.StudyInstanceUID, answer.StudyDate = ds.StudyInstanceUID, ds.StudyDate
-            if level == "STUDY":
-                answer.ModalitiesInStudy = ds.Modality
-            if level != "STUDY":
-                answer.SeriesInstanceUID, answer.Modality = ds.SeriesInstanceUID, ds.Modality
-            if level == "IMAGE":
-                answer.SOPInstanceUID = ds.SOPInstanceUID
-            yield 0xFF00, answer
-
-    def _sent(self, identifier):
-        if self.moved is not None:
-            return self.moved
-        return [ds for ds in self.datasets if self._matches(identifier, ds)]
-
-    def get(self, event):
-        chosen = self._sent(event.identifier)
-        yield len(chosen)
-        for ds in chosen:
-            yield 0xFF00, ds
-
-    def move(self, event):
-        yield "127.0.0.1", self.move_to
-        chosen = self._sent(event.identifier)
-        yield len(chosen)
-        for ds in chosen:
-            yield 0xFF00, ds
-
-    def close(self):
-        self.server.shutdown()
-
-
 def _pull(pacs, out, bundle, *extra, timeout=300):
     since = () if "--days" in extra else ("--since", "2000-01-01")
     return cli("pull", "--from", pacs.address, *since, "--out", out, "--no-pdf", "--weights", bundle, "--device", "cpu",
@@ -185,7 +96,7 @@ def test_a_pull_takes_hostile_study_answers_in_its_stride(radiographs, small_bun
                _study(real[1].StudyInstanceUID, date="garbage"), _study(""), padded]
     refused = generate_uid()
     hostile.append(_study(refused))
-    pacs = HostilePACS(radiographs, studies=hostile, refuse={refused, padded.StudyInstanceUID})
+    pacs = ScriptedPACS(radiographs, studies=hostile, refuse={refused, padded.StudyInstanceUID})
     out = tmp_path / "out"
     try:
         done = _pull(pacs, out, small_bundle, "--retrieve", "get", timeout=300)
@@ -196,14 +107,14 @@ def test_a_pull_takes_hostile_study_answers_in_its_stride(radiographs, small_bun
     assert "could not be listed" in done.stderr and "2 retrieval failure(s)" in done.stderr
     rows = _rows(out)
     assert len(rows) == 3 and all(any(ds.SOPInstanceUID in r for r in rows) for ds in real)
-    assert pacs.queries.count("SERIES") == 5  # each distinct valid study once: the 3 real, the 2 refused
+    assert pacs.levels().count("SERIES") == 5  # each distinct valid study once: the 3 real, the 2 refused
     assert not list((out / ".cxr-batch" / "spool").glob("*.dcm"))
 
 
 def test_a_pacs_out_of_resources_for_every_query_fails_the_pull_clearly(radiographs, small_bundle, tmp_path):
-    pacs = HostilePACS(radiographs, study_status=0xA700)
+    pacs = ScriptedPACS(radiographs, study_status=0xA700)
     try:
-        done = _pull(pacs, tmp_path / "out", small_bundle, "--days", "3", timeout=300)
+        done = _pull(pacs, tmp_path / "out", small_bundle, "--retrieve", "get", "--days", "3", timeout=300)
     finally:
         pacs.close()
     assert done.returncode == 1 and "0xA700" in done.stderr and "cannot be split further" in done.stderr
@@ -215,7 +126,7 @@ def test_a_pacs_ignoring_the_dates_gives_only_the_days_asked(radiographs, small_
     today = dt.date.today().strftime("%Y%m%d")
     files = [write(tmp_path / "today.dcm", pydicom.dcmread(radiographs[0]).pixel_array, PatientID="PT",
                    StudyDate=today), *radiographs]
-    pacs = HostilePACS(files)  # answers every study whatever the dates asked
+    pacs = ScriptedPACS(files)  # answers every study whatever the dates asked
     out = tmp_path / "out"
     try:
         done = _pull(pacs, out, small_bundle, "--retrieve", "get", "--days", "1", timeout=300)
