@@ -41,6 +41,23 @@ def test_offset_corrects_a_site_with_more_findings_and_leaves_a_calibrated_model
     assert not report.accepted and not any(f.changed for f in report.fits)
 
 
+def test_offset_reaches_a_large_shift_instead_of_diverging():
+    """A site where one finding is 30 times as common as the model says (pneumonia in a
+    pneumonia clinic): the offset is the true minimiser of the penalised log-loss, not a Newton
+    step thrown across the axis."""
+    from scipy.optimize import minimize_scalar
+
+    from cxr_batch.calibration import _offset
+
+    rng = np.random.default_rng(0)
+    z = rng.normal(-4.3, 0.5, (313, 1))
+    y = (rng.random((313, 1)) < expit(z + 3.7)).astype(float)
+    c = _offset(z, y, 1.0)
+    best = minimize_scalar(lambda u: np.sum(np.logaddexp(0, z + u) - y * (z + u)) + u * u, bounds=(-20, 20),
+                           method="bounded").x
+    assert c == pytest.approx(best, abs=1e-3) and 3.0 < c < 4.5
+
+
 def test_keep_moves_the_operating_points_so_the_same_studies_flag_and_bucket():
     class Base:
         thresholds = {f: 0.1 + 0.02 * k for k, f in enumerate(FINDINGS)}
