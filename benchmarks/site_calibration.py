@@ -4,7 +4,7 @@
     python benchmarks/site_calibration.py STUDIES LABELS.csv [--weights BUNDLE] [--splits 3] [--seed 0]
 
 For each of ``--splits`` random halvings of the labelled studies by patient (folders of links):
-``cxr-batch calibrate`` with its defaults (one logit offset, operating points kept) on half A,
+``cxr-batch calibrate`` with its defaults (a logit offset per finding with enough positives, operating points kept) on half A,
 and again with ``--thresholds sensitivity:0.9``; ``cxr-batch evaluate`` of the base bundle and
 of both calibrated bundles on half B (float32). Prints, per split: ECE on B before and after; the
 lowest sensitivity on B, after the default calibration, of a finding the base bundle catches on
@@ -76,7 +76,7 @@ def main() -> None:
             row = (split, ev["base"]["n_studies"], ev["base"]["ece"], ev["default"]["ece"], lowest,
                    len(caught), macro, names_ok, accepted)
             summary.append(row)
-            print(f"split {split}: B {row[1]} studies; offset {accepted}: ECE on B {row[2]:.4f} -> {row[3]:.4f}; "
+            print(f"split {split}: B {row[1]} studies; default calibration {accepted}: ECE on B {row[2]:.4f} -> {row[3]:.4f}; "
                   f"lowest sensitivity on B of the {row[5]} findings the base catches: "
                   f"{'-' if lowest[0] is None else f'{lowest[0]:.2f} ({lowest[1]})'}; sensitivity:0.9 macro "
                   f"sensitivity on B {macro:.3f}; evaluation.json names each bundle_sha256: {names_ok}", flush=True)

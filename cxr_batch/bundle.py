@@ -36,7 +36,7 @@ from .triage import TriageError, TriagePolicy
 FORMAT_VERSION = 2  # 2: bundle_sha256 over the manifest
 WEIGHTS_FILE = "model.pt"
 MANIFEST_FILE = "manifest.json"
-DEFAULT_BUNDLE = Path(__file__).resolve().parent.parent / "weights" / "cxr-fpn-v2"
+DEFAULT_BUNDLE = Path(__file__).resolve().parent.parent / "weights" / "cxr-fpn-v3"
 
 
 class BundleError(Exception):

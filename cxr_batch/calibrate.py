@@ -51,7 +51,7 @@ log = logging.getLogger("cxr_batch")
 @dataclass
 class CalibrateOptions:
     weights: str | None = None  # base bundle (default: the bundled weights)
-    method: str = "offset"
+    method: str = "prevalence"
     thresholds: str = "keep"  # a rule of cxr_batch.thresholds.parse_rule
     min_positives: int = MIN_POSITIVES
     version: str | None = None  # default: <base version>+site.<date>.<labels hash>
@@ -227,7 +227,9 @@ def run_calibrate(studies: Path, labels: LabelTable, out: Path, opts: CalibrateO
     p_before, p_after = expit(scores.logits), expit(on_top.apply(scores.logits))
     enough = np.array([min(f.positives, f.n - f.positives) >= opts.min_positives for f in report.fits])
     moved = moved_operating_points(base, on_top)
-    choice = choose_thresholds(opts.thresholds, scores, p_after, moved, enough, opts.seed)
+    name, target = parse_rule(opts.thresholds)
+    fallback = ladder_thresholds(base, on_top, target) if name == "sensitivity" else None
+    choice = choose_thresholds(opts.thresholds, scores, p_after, moved, enough, opts.seed, fallback)
     thresholds = choice.thresholds
 
     date = datetime.datetime.now(datetime.timezone.utc)
@@ -256,6 +258,25 @@ def moved_operating_points(base: Bundle, on_top: Calibration) -> dict:
     z = np.array([math.log(base.thresholds[f] / (1 - base.thresholds[f])) for f in FINDINGS])
     moved = expit(on_top.apply(z))
     return {f: float(np.clip(moved[k], 1e-6, 1 - 1e-6)) for k, f in enumerate(FINDINGS)}
+
+
+def ladder_thresholds(base: Bundle, on_top: Calibration, target: float) -> dict:
+    """Per finding whose bundle stores out-of-fold thresholds at a ladder of sensitivities
+    (``triage.findings.<f>.thresholds_at_sensitivity``, from its development images): the
+    threshold at ``target`` (interpolated on the logit scale between the nearest rungs, the end
+    rung beyond them), carried through the new calibration. What ``sensitivity:S`` uses for a
+    finding with too few positives at the site to choose its own."""
+    table = (base.manifest.get("triage") or {}).get("findings") or {}
+    out = {}
+    for k, f in enumerate(FINDINGS):
+        rungs = (table.get(f) or {}).get("thresholds_at_sensitivity")
+        if not isinstance(rungs, dict) or not rungs:
+            continue
+        pairs = sorted((float(s), math.log(t / (1 - t))) for s, t in rungs.items())
+        z = float(np.interp(target, [s for s, _ in pairs], [u for _, u in pairs]))
+        z = z * on_top.slope[k] + on_top.intercept[k]
+        out[f] = float(np.clip(expit(z), 1e-6, 1 - 1e-6))
+    return out
 
 
 @dataclass
@@ -312,15 +333,32 @@ def raised_sensitivity_targets(y: np.ndarray, p: np.ndarray, fold: np.ndarray, t
 
 
 def choose_thresholds(rule: str, scores: "LabelledScores", p: np.ndarray, moved: dict, enough: np.ndarray,
-                      seed: int = 0) -> ThresholdChoice:
+                      seed: int = 0, fallback: dict | None = None) -> ThresholdChoice:
     """The new bundle's thresholds by ``rule`` on the calibrated probabilities ``p``, with the
     safeguards of the module docstring. Findings without enough positives keep the moved base
-    operating point."""
+    operating point, except under ``sensitivity:S``, where ``fallback`` (finding -> threshold:
+    the bundle's own out-of-fold threshold at S, :func:`ladder_thresholds`) stands in for the
+    one the site's few positives cannot choose."""
     name, target = parse_rule(rule)
     base = np.array([moved[f] for f in FINDINGS])
+    fallback_lines = []
+    if name == "sensitivity":
+        y = scores.y
+        for k, f in enumerate(FINDINGS):
+            if enough[k]:
+                continue
+            here = f"{int(y[:, k].sum())} positives here"
+            if fallback and f in fallback:
+                base[k] = fallback[f]
+                fallback_lines.append(f"{f}: {here}, too few to choose a threshold: the bundle's own out-of-fold "
+                                      f"threshold at sensitivity {target:.2f} on its development images "
+                                      f"({base[k]:.4f}, moved with the calibration)")
+            else:
+                fallback_lines.append(f"{f}: {here}, too few to choose a threshold, and the bundle stores none at "
+                                      f"other sensitivities: kept the bundle's operating point")
     if name == "keep":
         return ThresholdChoice(dict(moved), [])
-    y, lines = scores.y, []
+    y, lines = scores.y, list(fallback_lines)
     fold = patient_folds(scores.groups, 5, seed)
     if name == "sensitivity":  # aim higher in sample until the out-of-fold sensitivity reaches S
         inner, reached = raised_sensitivity_targets(y, p, fold, target, enough)

@@ -639,9 +639,11 @@ def evaluate(studies, labels, weights, device, batch_size, workers, follow_links
 @labelled_options
 @click.option("--out", "-o", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="New bundle folder to write (must not exist, or be empty).")
-@click.option("--method", type=click.Choice(["offset", "platt", "temperature"]), default="offset", show_default=True,
-              help="offset: one logit shift for every finding (the site's overall rate of findings; lowest variance); "
-                   "platt: slope and intercept per finding; temperature: one scale per finding.")
+@click.option("--method", type=click.Choice(["prevalence", "offset", "platt", "temperature"]), default="prevalence",
+              show_default=True,
+              help="prevalence: a logit shift per finding with enough positives (how common it is here); offset: one "
+                   "shift for every finding (the site's overall rate of findings; lowest variance); platt: slope and "
+                   "intercept per finding; temperature: one scale per finding.")
 @click.option("--thresholds", "threshold_rule", default="keep", show_default=True, callback=parse_rule,
               help="keep (the bundle's operating points, moved with the calibration: the same studies flagged), "
                    "specificity:S, sensitivity:S (checked out of fold), precision_f1[:P] or youden.")

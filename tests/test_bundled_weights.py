@@ -67,3 +67,41 @@ def test_v2_card_numbers_are_recomputed_from_its_out_of_fold_predictions():
         assert metrics["per_finding"][f] == {"tp": int((positive & flagged).sum()), "fn": int((positive & ~flagged).sum())}
     assert "not for clinical use" in bundle.manifest["intended_use"]
 
+
+
+def test_v3_held_out_figures_are_recomputed_from_its_held_out_predictions():
+    """The default bundle (v3) ships its held-out test's predictions (training_run/
+    heldout_predictions.csv, written by training.heldout from `cxr-batch evaluate`): the card's
+    and manifest's held-out headline, per-finding counts and worklist figures are recomputed here
+    from them, and the held-out patients are none of the development patients."""
+    import pandas as pd
+    from sklearn.metrics import roc_auc_score
+
+    from cxr_batch.bundle import DEFAULT_BUNDLE
+
+    bundle = load_bundle()
+    assert bundle.path == DEFAULT_BUNDLE and bundle.version == "3.0"
+    run = DEFAULT_BUNDLE / "training_run"
+    held = pd.read_csv(run / "heldout_predictions.csv", dtype={"patient_id": str}, keep_default_na=False)
+    oof = pd.read_csv(run / "oof.csv", dtype={"patient_id": str})
+    metrics = bundle.manifest["metrics"]
+    assert len(held) == metrics["test_n"] > 300
+    assert not set(held["patient_id"]) & set(oof["patient_id"]) and not set(held["image"]) & set(oof["image"])
+    assert sorted(held["image"]) == bundle.manifest["training"]["data"]["held_out_test_images"]
+    y = held[[f"y_{f}" for f in FINDINGS]].to_numpy()
+    auc = np.mean([roc_auc_score(y[:, k], held[f"p_{f}"]) for k, f in enumerate(FINDINGS)])
+    assert abs(auc - metrics["test_mean_auc"]) < 1e-3  # results.csv keeps 4 decimals
+    for k, f in enumerate(FINDINGS):
+        flagged = held["findings"].str.split(";").apply(lambda names: f in names)
+        assert metrics["per_finding"][f] == {"tp": int((flagged & (y[:, k] == 1)).sum()),
+                                             "fn": int((~flagged & (y[:, k] == 1)).sum())}
+    # the worklist: rank 1..n, and what the card quotes of it
+    triage = metrics["heldout"]["with_patient_data"]["triage"]
+    assert sorted(held["worklist_rank"].astype(int)) == list(range(1, len(held) + 1))
+    any_finding = y.max(axis=1)
+    assert abs(roc_auc_score(any_finding, -held["worklist_rank"].astype(int)) - triage["worklist_auroc_any_finding"]) < 1e-6
+    normal = held["priority"] == "normal"
+    assert abs(normal[any_finding == 0].mean() - triage["buckets"]["without_a_finding"]["normal"]) < 1e-9
+    assert (held.loc[normal, "findings"] == "").all()  # a normal study carries no flag
+    assert "not for clinical use" in bundle.manifest["intended_use"]
+    assert "reference" in bundle.manifest  # drift monitoring has something to compare with

@@ -41,6 +41,29 @@ def test_offset_corrects_a_site_with_more_findings_and_leaves_a_calibrated_model
     assert not report.accepted and not any(f.changed for f in report.fits)
 
 
+def test_prevalence_moves_only_the_finding_that_is_more_common_here():
+    """The default calibration: pneumonia 20 times as common at the site, every other finding as
+    the model says. Only pneumonia moves, by about the true shift, and the other half of the
+    site's studies gets better probabilities for it."""
+    from cxr_batch.calibrate import CalibrateOptions
+
+    assert CalibrateOptions().method == "prevalence"
+    rng = np.random.default_rng(3)
+    z = rng.normal(-3.0, 1.0, (600, 14))
+    shift = np.zeros(14)
+    shift[FINDINGS.index("Pneumonia")] = 3.0
+    y = (rng.random(z.shape) < expit(z + shift)).astype(int)
+    groups = np.arange(600).astype(str)
+    report = fit_findings(z[:300], y[:300], groups[:300], "prevalence")
+    cal = from_fits(report, "prevalence")
+    k = FINDINGS.index("Pneumonia")
+    assert report.fits[k].changed and np.all(cal.slope == 1.0) and cal.intercept[k] == pytest.approx(3.0, abs=0.4)
+    others = np.delete(cal.intercept, k)  # a finding's own gate at 1 SE lets a small chance move through
+    assert np.abs(others).max() < 0.5 and (others == 0).sum() >= 10
+    loss = lambda u: np.mean(np.logaddexp(0, u) - y[300:, k] * u)  # noqa: E731
+    assert loss(cal.apply(z[300:])[:, k]) < loss(z[300:, k])
+
+
 def test_offset_reaches_a_large_shift_instead_of_diverging():
     """A site where one finding is 30 times as common as the model says (pneumonia in a
     pneumonia clinic): the offset is the true minimiser of the penalised log-loss, not a Newton
@@ -113,6 +136,36 @@ def test_sensitivity_target_is_reached_on_studies_the_thresholds_did_not_see():
     other = sensitivity_of(y[~half], (p[~half] >= t).astype(int))
     assert np.nanmean(other) >= 0.85  # the in-sample rule alone lands near 0.8-0.85 on unseen studies
     assert np.nanmean(sensitivity_of(y[half], choice.cv_flags)) >= 0.89
+
+
+def test_sensitivity_for_a_finding_with_few_positives_here_comes_from_the_bundles_own_evidence():
+    """sensitivity:0.9 at a site with 4 hernias: their threshold cannot be chosen on 4 positives,
+    so it is the bundle's out-of-fold threshold at sensitivity 0.9 (interpolated on its ladder,
+    moved through the site's calibration), and the output says so. Without a ladder, the
+    bundle's operating point is kept, as before."""
+    from cxr_batch.calibrate import ladder_thresholds
+
+    class Base:
+        thresholds = {f: 0.2 for f in FINDINGS}
+        manifest = {"triage": {"findings": {f: {"thresholds_at_sensitivity": {"0.85": 0.04, "0.90": 0.02, "0.95": 0.01}}
+                                            for f in FINDINGS if f != "Mass"}}}
+
+    shift = Calibration("prevalence", np.ones(14), np.full(14, 0.5))
+    ladder = ladder_thresholds(Base, shift, 0.9)
+    assert "Mass" not in ladder and ladder["Hernia"] == pytest.approx(expit(logit(0.02) + 0.5))
+    assert ladder_thresholds(Base, Calibration.identity("prevalence"), 0.875)["Hernia"] == pytest.approx(
+        expit((logit(0.04) + logit(0.02)) / 2))
+    rng = np.random.default_rng(8)
+    n = 200
+    y = (rng.random((n, 14)) < 0.15).astype(int)
+    p = expit(-2 + 1.2 * y + rng.normal(0, 1, (n, 14)))
+    enough = np.ones(14, dtype=bool)
+    enough[[FINDINGS.index("Hernia"), FINDINGS.index("Mass")]] = False
+    choice = choose_thresholds("sensitivity:0.9", scores(y, np.arange(n).astype(str)), p, {f: 0.5 for f in FINDINGS},
+                               enough, fallback=ladder)
+    assert choice.thresholds["Hernia"] == pytest.approx(ladder["Hernia"]) and choice.thresholds["Mass"] == 0.5
+    assert any(line.startswith("Hernia:") and "out-of-fold" in line for line in choice.lines)
+    assert any(line.startswith("Mass:") and "kept the bundle's operating point" in line for line in choice.lines)
 
 
 def test_at_specificity_never_flags_more_negatives_than_the_target_allows():

@@ -249,9 +249,11 @@ def test_calibrate_on_three_patients_moves_nothing(tmp_path, nih, nih_images, sm
     leave-one-out over 3 patients whose standard error passed the gate, and a site bundle moved
     every threshold (0.5 -> 0.14) on 3 studies. Fewer patients than folds: nothing moves."""
     studies = folder_of(tmp_path, nih_images[:3], "three")
-    code, err = cli_here("calibrate", studies, "--labels", nih / "labels.csv", "--out", tmp_path / "new",
-                         "--weights", small_bundle, "--device", "cpu", "--workers", 0)
-    assert code == 0, err[-2000:]
-    assert "fewer than 5 patients" in err
-    manifest = json.loads((tmp_path / "new" / "manifest.json").read_text())
-    assert manifest["thresholds"] == load_bundle(small_bundle).thresholds
+    for method, said in (("offset", "fewer than 5 patients"), ("prevalence", "(needs 10)")):
+        out = tmp_path / f"new_{method}"
+        code, err = cli_here("calibrate", studies, "--labels", nih / "labels.csv", "--out", out, "--method", method,
+                             "--weights", small_bundle, "--device", "cpu", "--workers", 0)
+        assert code == 0, err[-2000:]
+        assert said in err
+        manifest = json.loads((out / "manifest.json").read_text())
+        assert manifest["thresholds"] == load_bundle(small_bundle).thresholds

@@ -27,12 +27,15 @@ from __future__ import annotations
 import numpy as np
 
 from cxr_batch.findings import FINDINGS
-from cxr_batch.thresholds import at_specificity
+from cxr_batch.thresholds import at_sensitivity, at_specificity
 from cxr_batch.triage import FEATURES, TriagePolicy, any_features, triage, worklist_key
 
 from . import cvstats
 
 URGENT = FINDINGS.index("Pneumothorax")
+# Sensitivities at which each finding's out-of-fold threshold is stored: a site that asks for
+# sensitivity:S but has too few positives of a finding to choose its own gets this one.
+SENSITIVITY_LADDER = tuple(round(0.50 + 0.05 * i, 2) for i in range(10))
 
 
 def logit(p):
@@ -92,6 +95,7 @@ def operating_points(y: np.ndarray, p: np.ndarray, folds: np.ndarray, patients: 
     ``flagged``: False when that CI reaches 0.5 (a ranking no better than chance is never
     flagged)."""
     thresholds = at_specificity(y, p, specificity)
+    ladder = {f"{s:.2f}": at_sensitivity(y, p, s) for s in SENSITIVITY_LADDER}
     flags = cross_fitted_thresholds(y, p, folds, specificity)
     resamples, _ = cvstats.patient_bootstrap_indices(patients, y, n_bootstrap, seed)
     boot = np.array([cvstats.fast_auc(y[i], p[i]) for i in resamples])
@@ -108,6 +112,7 @@ def operating_points(y: np.ndarray, p: np.ndarray, folds: np.ndarray, patients: 
             "positives": int(pos.sum()), "sensitivity": sens, "specificity": spec,
             "flag_rate": float(flags[:, k].mean()), "nih_prevalence": float(prevalence[k]),
             "ppv_at_nih_prevalence": ppv_at(float(prevalence[k]), sens, spec) if sens is not None else None,
+            "thresholds_at_sensitivity": {s: float(t[k]) for s, t in ladder.items()},
             "why": "" if flagged else (f"out-of-fold AUROC {auc[k]:.2f} (95% CI {lo:.2f}-{hi:.2f}) reaches 0.5: "
                                        "its ranking was no better than chance"),
         }
