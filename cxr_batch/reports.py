@@ -423,7 +423,7 @@ def _patient_table(record: StudyRecord, width: float, st: dict) -> Table:
 
 
 def _findings_table(record: StudyRecord, info: ModelInfo, urgent, width: float, st: dict) -> Table:
-    widths = [width * w for w in (0.27, 0.16, 0.14, 0.17, 0.26)]
+    widths = [width * w for w in (0.30, 0.16, 0.14, 0.15, 0.25)]  # "Pleural thickening" on one line
     data = [_header(("Finding", "Probability", "Threshold", "Flag", "A flag's sens. / PPV"), widths, st)]
     commands = [GRID, ("BACKGROUND", (0, 0), (-1, 0), HEADER_FILL)]
     points = info.evidence.operating_points
@@ -549,7 +549,7 @@ def study_pdf(record: StudyRecord, grey: np.ndarray | None, cams: dict[int, np.n
         _patient_table(record, width, st), Paragraph(escape(_sources(record)) + notes, st["small"]),
         Spacer(1, 2 * mm),
         # without maps below, the radiograph takes their room
-        _findings_and_image(record, grey, info, urgent, 60 * mm if drawn else 82 * mm, width, st),
+        _findings_and_image(record, grey, info, urgent, 60 * mm if drawn else 74 * mm, width, st),
         *_maps_heading(drawn, [f for f in order if f not in computed], empty, grid, options, grey is not None,
                        width, st),
     ]

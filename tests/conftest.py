@@ -18,7 +18,7 @@ from cxr_batch.preprocess import Preprocessing
 
 REPO = Path(__file__).resolve().parent.parent
 NIH = REPO.parent / "shared" / "data" / "nih"
-V1_BUNDLE = REPO / "weights" / "cxr-fpn-v1"  # still shipped; the default is v2 (cxr_batch.bundle.DEFAULT_BUNDLE)
+V1_BUNDLE = REPO / "weights" / "cxr-fpn-v1"  # still shipped; the default is v3 (cxr_batch.bundle.DEFAULT_BUNDLE)
 
 
 @pytest.fixture(scope="session")
