@@ -45,9 +45,9 @@ def is_dicom_file(path: Path) -> bool:
     """True when the file's content is DICOM (with or without the preamble), whatever its name.
     A file that cannot be opened is not (its read says why later)."""
     try:
-        with open(path, "rb") as f:
+        with open_regular(path) as f:  # a FIFO swapped in since the listing must not block the scan
             head = f.read(132)
-    except OSError:
+    except (OSError, ReadError):
         return False
     kind = sniff(head)
     if kind is not None:
