@@ -1,4 +1,4 @@
-"""A PACS made with pynetdicom in the test's process (Study Root C-FIND and C-GET) whose answers
+"""A PACS made with pynetdicom in the test's process (Study Root C-FIND, C-GET, C-MOVE) whose answers
 a test chooses, for the ways real archives differ from the standard and hostile ones abuse it."""
 
 from __future__ import annotations
@@ -9,34 +9,40 @@ from tests.watchkit import free_port
 
 
 class ScriptedPACS:
-    """Answers C-FIND at study, series and image level from ``files`` and sends them by C-GET.
+    """Answers C-FIND at study, series and image level from ``files`` and sends them by C-GET or
+    C-MOVE (to 127.0.0.1:``move_to``, which the test sets).
 
     - ``modalities_key``: "answered" (study answers carry ModalitiesInStudy), "ignored" (they do
       not, as archives that ignore the key), "refused" (a query holding it gets 0xA900);
     - ``studies``: extra study-level answers (datasets), sent before the real ones;
     - ``refuse``: study UIDs whose series-level C-FIND fails (0xC000);
-    - ``study_status``: a status answering every study-level C-FIND.
+    - ``study_status``: a status answering every study-level C-FIND;
+    - ``moved``: what a C-GET or C-MOVE sends instead of the objects asked for.
 
     ``queries`` holds every C-FIND identifier received, in order."""
 
     def __init__(self, files, ae_title: str = "PACS", modalities_key: str = "answered", studies=(), refuse=(),
-                 study_status: int | None = None):
+                 study_status: int | None = None, moved=None):
         from pynetdicom import AE, StoragePresentationContexts, evt
         from pynetdicom.sop_class import (StudyRootQueryRetrieveInformationModelFind,
-                                          StudyRootQueryRetrieveInformationModelGet)
+                                          StudyRootQueryRetrieveInformationModelGet,
+                                          StudyRootQueryRetrieveInformationModelMove)
 
         self.datasets = [pydicom.dcmread(f) for f in files]
         self.ae_title, self.modalities_key = ae_title, modalities_key
-        self.studies, self.refuse, self.study_status = list(studies), set(refuse), study_status
-        self.queries = []
+        self.studies, self.refuse, self.study_status, self.moved = list(studies), set(refuse), study_status, moved
+        self.queries, self.move_to = [], None
         ae = AE(ae_title=ae_title)
-        ae.add_supported_context(StudyRootQueryRetrieveInformationModelFind)
-        ae.add_supported_context(StudyRootQueryRetrieveInformationModelGet)
+        for model in (StudyRootQueryRetrieveInformationModelFind, StudyRootQueryRetrieveInformationModelGet,
+                      StudyRootQueryRetrieveInformationModelMove):
+            ae.add_supported_context(model)
         for cx in StoragePresentationContexts:
             ae.add_supported_context(cx.abstract_syntax, scu_role=True, scp_role=True)
+            ae.add_requested_context(cx.abstract_syntax)  # C-MOVE: this PACS sends, as a storage SCU
         self.port = free_port()
         self.server = ae.start_server(("127.0.0.1", self.port), block=False,
-                                      evt_handlers=[(evt.EVT_C_FIND, self.find), (evt.EVT_C_GET, self.get)])
+                                      evt_handlers=[(evt.EVT_C_FIND, self.find), (evt.EVT_C_GET, self.get),
+                                                    (evt.EVT_C_MOVE, self.move)])
 
     @property
     def address(self) -> str:
@@ -83,8 +89,20 @@ class ScriptedPACS:
                 answer.SOPInstanceUID = ds.SOPInstanceUID
             yield 0xFF00, answer
 
+    def _sent(self, identifier):
+        if self.moved is not None:
+            return self.moved
+        return [ds for ds in self.datasets if self._matches(identifier, ds)]
+
     def get(self, event):
-        chosen = [ds for ds in self.datasets if self._matches(event.identifier, ds)]
+        chosen = self._sent(event.identifier)
+        yield len(chosen)
+        for ds in chosen:
+            yield 0xFF00, ds
+
+    def move(self, event):
+        yield "127.0.0.1", self.move_to
+        chosen = self._sent(event.identifier)
         yield len(chosen)
         for ds in chosen:
             yield 0xFF00, ds

@@ -11,7 +11,8 @@ from pydicom.uid import generate_uid
 
 from tests.dicomgen import write
 from tests.watchkit import free_port
-from tests.test_pull_hostile import HostilePACS, _pixels, _pull, _rows
+from tests.fakepacs import ScriptedPACS
+from tests.test_pull_hostile import _pixels, _pull, _rows
 
 
 @pytest.fixture()
@@ -32,7 +33,7 @@ def test_a_pacs_sending_an_image_not_asked_for_does_not_get_it_scored_as_asked(a
     long_id = copy.deepcopy(o)
     long_id.SOPInstanceUID = generate_uid()
     long_id.PatientID = "X" * 1000 + "\x1b[31m\n"
-    pacs = HostilePACS([asked], moved=[a, o, long_id, a])
+    pacs = ScriptedPACS([asked], moved=[a, o, long_id, a])
     pacs.move_to = free_port()  # our storage SCP, where the C-MOVE sends
     out = tmp_path / "out"
     try:
@@ -77,7 +78,7 @@ def test_what_a_hostile_ris_answers_reaches_the_operator_escaped_and_bounded(tmp
 
 
 # ---------------------------------------------------------------------- an unlucky operator
-class SlowPACS(HostilePACS):
+class SlowPACS(ScriptedPACS):
     """Sends each object of a C-GET a second apart: time to press Ctrl-C mid-retrieval."""
 
     def get(self, event):
@@ -153,7 +154,7 @@ def test_a_pacs_answering_success_but_sending_nothing_is_a_retrieval_failure(ask
     """The PACS lists an image, then answers its C-GET/C-MOVE "success, 0 sub-operations" and sends
     nothing: the pull said exit 0 (everything retrieved) with no result for the image."""
     asked, _ = asked_and_unasked
-    pacs = HostilePACS([asked], moved=[])
+    pacs = ScriptedPACS([asked], moved=[])
     pacs.move_to = free_port()
     out = tmp_path / "out"
     try:
