@@ -70,6 +70,7 @@ def main() -> None:
             lowest = min(((ev["default"]["per_finding"][f]["sensitivity"], f) for f in caught), default=(None, "-"))
             macro = np.nanmean([s if s is not None else np.nan
                                 for s in (ev["sens"]["per_finding"][f]["sensitivity"] for f in FINDINGS)])
+            floor = calibrated_noise_floor(work / "eval_default" / "results.csv")
             names_ok = all(ev[k]["bundle_sha256"] == load_bundle(w).sha256 for k, w in
                            (("base", args.weights), ("default", default.bundle), ("sens", sens.bundle)))
             accepted = "accepted" if "findings may move" in default.lines[0] else "refused"
@@ -80,11 +81,26 @@ def main() -> None:
                   f"lowest sensitivity on B of the {row[5]} findings the base catches: "
                   f"{'-' if lowest[0] is None else f'{lowest[0]:.2f} ({lowest[1]})'}; sensitivity:0.9 macro "
                   f"sensitivity on B {macro:.3f}; evaluation.json names each bundle_sha256: {names_ok}", flush=True)
+            print(f"     ECE a perfectly calibrated model would show on these {row[1]} studies (labels drawn from the "
+                  f"calibrated probabilities, 200 draws): median {floor[0]:.4f}, 90th percentile {floor[1]:.4f}")
             for line in default.lines[:1] + sens.lines[-3:]:
                 print("    ", line)
     ece_ok = sum(r[3] <= 0.015 for r in summary)
     print(f"ECE on B <= 0.015 after the default calibration in {ece_ok} of {len(summary)} splits; "
           f"sensitivity:0.9 macro sensitivity on B {', '.join(f'{r[6]:.3f}' for r in summary)}")
+
+
+def calibrated_noise_floor(results_csv: Path, draws: int = 200, seed: int = 0) -> tuple[float, float]:
+    """The ECE that chance alone gives on this many studies: labels drawn from the probabilities
+    themselves (a model calibrated exactly), scored with evaluate's ECE."""
+    import pandas as pd
+
+    from cxr_batch.metrics import ece
+
+    p = pd.read_csv(results_csv)[[f"p_{f}" for f in FINDINGS]].dropna().to_numpy(float)
+    rng = np.random.default_rng(seed)
+    values = [ece((rng.random(p.shape) < p).astype(float), p) for _ in range(draws)]
+    return float(np.median(values)), float(np.percentile(values, 90))
 
 
 if __name__ == "__main__":
