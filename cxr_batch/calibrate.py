@@ -44,6 +44,7 @@ from .labels import LabelsError, LabelTable, Matching, match_labels
 from .metadata import load_metadata_csv
 from .runtime import make_policy
 from .thresholds import at_sensitivity, by_rule, parse_rule
+from .triage import sensitivity_ladder
 
 log = logging.getLogger("cxr_batch")
 
@@ -229,7 +230,8 @@ def run_calibrate(studies: Path, labels: LabelTable, out: Path, opts: CalibrateO
     moved = moved_operating_points(base, on_top)
     name, target = parse_rule(opts.thresholds)
     fallback = ladder_thresholds(base, on_top, target) if name == "sensitivity" else None
-    choice = choose_thresholds(opts.thresholds, scores, p_after, moved, enough, opts.seed, fallback)
+    fallback_at = ladder_sensitivities(base, target) if name == "sensitivity" else None
+    choice = choose_thresholds(opts.thresholds, scores, p_after, moved, enough, opts.seed, fallback, fallback_at)
     thresholds = choice.thresholds
 
     date = datetime.datetime.now(datetime.timezone.utc)
@@ -260,23 +262,38 @@ def moved_operating_points(base: Bundle, on_top: Calibration) -> dict:
     return {f: float(np.clip(moved[k], 1e-6, 1 - 1e-6)) for k, f in enumerate(FINDINGS)}
 
 
+def _ladders(base: Bundle) -> dict:
+    """finding -> its (sensitivity, threshold) rungs, for the findings whose bundle stores them
+    (checked when the bundle loaded: :func:`cxr_batch.triage.sensitivity_ladder`)."""
+    table = (base.manifest.get("triage") or {}).get("findings") or {}
+    ladders = {f: sensitivity_ladder(table.get(f) or {}, f) for f in FINDINGS}
+    return {f: rungs for f, rungs in ladders.items() if rungs}
+
+
 def ladder_thresholds(base: Bundle, on_top: Calibration, target: float) -> dict:
     """Per finding whose bundle stores out-of-fold thresholds at a ladder of sensitivities
     (``triage.findings.<f>.thresholds_at_sensitivity``, from its development images): the
     threshold at ``target`` (interpolated on the logit scale between the nearest rungs, the end
-    rung beyond them), carried through the new calibration. What ``sensitivity:S`` uses for a
-    finding with too few positives at the site to choose its own."""
-    table = (base.manifest.get("triage") or {}).get("findings") or {}
+    rung beyond them: :func:`ladder_sensitivities` says which), carried through the site
+    calibrations the bundle has had since (``triage.input_calibration``: the ladder was measured
+    before them) and then the new one. What ``sensitivity:S`` uses for a finding with too few
+    positives at the site to choose its own."""
+    undo = (base.manifest.get("triage") or {}).get("input_calibration")
+    since = Calibration("platt", np.asarray(undo["slope"], dtype=float), np.asarray(undo["intercept"], dtype=float)) \
+        if isinstance(undo, dict) else Calibration.identity("platt")
+    total = since.then(on_top)
     out = {}
-    for k, f in enumerate(FINDINGS):
-        rungs = (table.get(f) or {}).get("thresholds_at_sensitivity")
-        if not isinstance(rungs, dict) or not rungs:
-            continue
-        pairs = sorted((float(s), math.log(t / (1 - t))) for s, t in rungs.items())
-        z = float(np.interp(target, [s for s, _ in pairs], [u for _, u in pairs]))
-        z = z * on_top.slope[k] + on_top.intercept[k]
-        out[f] = float(np.clip(expit(z), 1e-6, 1 - 1e-6))
+    for f, rungs in _ladders(base).items():
+        k = FINDINGS.index(f)
+        z = float(np.interp(target, [s for s, _ in rungs], [math.log(t / (1 - t)) for _, t in rungs]))
+        out[f] = float(np.clip(expit(z * total.slope[k] + total.intercept[k]), 1e-6, 1 - 1e-6))
     return out
+
+
+def ladder_sensitivities(base: Bundle, target: float) -> dict:
+    """finding -> the sensitivity its :func:`ladder_thresholds` threshold stands for: ``target``
+    within its ladder, the nearest end rung outside it."""
+    return {f: float(np.clip(target, rungs[0][0], rungs[-1][0])) for f, rungs in _ladders(base).items()}
 
 
 @dataclass
@@ -333,12 +350,13 @@ def raised_sensitivity_targets(y: np.ndarray, p: np.ndarray, fold: np.ndarray, t
 
 
 def choose_thresholds(rule: str, scores: "LabelledScores", p: np.ndarray, moved: dict, enough: np.ndarray,
-                      seed: int = 0, fallback: dict | None = None) -> ThresholdChoice:
+                      seed: int = 0, fallback: dict | None = None, fallback_at: dict | None = None) -> ThresholdChoice:
     """The new bundle's thresholds by ``rule`` on the calibrated probabilities ``p``, with the
     safeguards of the module docstring. Findings without enough positives keep the moved base
     operating point, except under ``sensitivity:S``, where ``fallback`` (finding -> threshold:
     the bundle's own out-of-fold threshold at S, :func:`ladder_thresholds`) stands in for the
-    one the site's few positives cannot choose."""
+    one the site's few positives cannot choose (``fallback_at``: the sensitivity each stands for,
+    when the target lies beyond the bundle's ladder)."""
     name, target = parse_rule(rule)
     base = np.array([moved[f] for f in FINDINGS])
     fallback_lines = []
@@ -350,8 +368,11 @@ def choose_thresholds(rule: str, scores: "LabelledScores", p: np.ndarray, moved:
             here = f"{int(y[:, k].sum())} positives here"
             if fallback and f in fallback:
                 base[k] = fallback[f]
+                at = (fallback_at or {}).get(f, target)
+                beyond = "" if abs(at - target) < 1e-9 else (
+                    f" (the {'highest' if at < target else 'lowest'} its ladder stores; {target:.2f} lies beyond it)")
                 fallback_lines.append(f"{f}: {here}, too few to choose a threshold: the bundle's own out-of-fold "
-                                      f"threshold at sensitivity {target:.2f} on its development images "
+                                      f"threshold at sensitivity {at:.2f}{beyond} on its development images "
                                       f"({base[k]:.4f}, moved with the calibration)")
             else:
                 fallback_lines.append(f"{f}: {here}, too few to choose a threshold, and the bundle stores none at "

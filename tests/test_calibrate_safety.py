@@ -190,3 +190,47 @@ def test_cross_validated_flags_never_use_the_study_they_flag():
         return np.array([0.5])
     cross_validated_flags(y, p, np.arange(10).astype(str), rule, folds=5)
     assert len(seen) == 5 and all(len(s) == 8 for s in seen)
+
+
+def test_sensitivity_ladder_of_a_bundle_calibrated_before_goes_through_both_calibrations():
+    """Chain: v3 calibrated at site A (hernia shifted +2.2 there: its probabilities went up),
+    then that bundle at site B with too few hernias and sensitivity:0.9. The ladder was measured
+    on v3's probabilities; site A's shift is recorded as triage.input_calibration. The rung must
+    go through site A's calibration and then site B's, or bundle B's hernia threshold sits far
+    below its own probabilities (it would flag most studies, at no measured sensitivity)."""
+    from cxr_batch.calibrate import ladder_thresholds
+
+    site_a = np.zeros(14)
+    site_a[FINDINGS.index("Hernia")] = 2.2
+
+    class CalibratedAtA:
+        thresholds = {f: 0.2 for f in FINDINGS}
+        manifest = {"triage": {"input_calibration": {"slope": [1.0] * 14, "intercept": site_a.tolist()},
+                               "findings": {"Hernia": {"thresholds_at_sensitivity": {"0.85": 0.04, "0.90": 0.02}}}}}
+
+    site_b = Calibration("prevalence", np.ones(14), np.full(14, -0.3))
+    assert ladder_thresholds(CalibratedAtA, site_b, 0.9)["Hernia"] == pytest.approx(expit(logit(0.02) + 2.2 - 0.3))
+
+
+def test_sensitivity_beyond_the_bundles_ladder_says_which_rung_it_used():
+    """The ladder runs from 0.50 to 0.95: sensitivity:0.99 gets the 0.95 rung's threshold and
+    sensitivity:0.3 the 0.50 one's. The output must say which, not claim the target."""
+    from cxr_batch.calibrate import ladder_sensitivities, ladder_thresholds
+
+    class Base:
+        thresholds = {f: 0.2 for f in FINDINGS}
+        manifest = {"triage": {"findings": {"Hernia": {"thresholds_at_sensitivity": {"0.50": 0.1, "0.95": 0.01}}}}}
+
+    same = Calibration.identity("prevalence")
+    assert ladder_thresholds(Base, same, 0.99)["Hernia"] == pytest.approx(0.01)
+    assert ladder_sensitivities(Base, 0.99) == {"Hernia": 0.95} and ladder_sensitivities(Base, 0.3) == {"Hernia": 0.5}
+    assert ladder_sensitivities(Base, 0.7) == {"Hernia": 0.7}
+    rng = np.random.default_rng(8)
+    y = (rng.random((200, 14)) < 0.15).astype(int)
+    p = expit(-2 + 1.2 * y + rng.normal(0, 1, (200, 14)))
+    enough = np.array([f != "Hernia" for f in FINDINGS])
+    choice = choose_thresholds("sensitivity:0.99", scores(y, np.arange(200).astype(str)), p, {f: 0.5 for f in FINDINGS},
+                               enough, fallback=ladder_thresholds(Base, same, 0.99),
+                               fallback_at=ladder_sensitivities(Base, 0.99))
+    line = next(line for line in choice.lines if line.startswith("Hernia:"))
+    assert "0.95" in line and "highest" in line and "sensitivity 0.99 on its development" not in line
