@@ -233,6 +233,9 @@ def fit_findings(z: np.ndarray, y: np.ndarray, groups: np.ndarray, method: str, 
         raise ValueError(f"method {method!r}: expected one of {METHODS}")
     if method == "offset":
         return fit_offset(z, y, groups, pull, folds, seed, margin_se)
+    too_few = too_few_patients(y, groups, folds)
+    if too_few is not None:  # no cross-validation by patient possible (sklearn would raise)
+        return too_few
     fits, gains = [], {}
     for k, name in enumerate(FINDINGS):
         yk = y[:, k].astype(float)
@@ -283,6 +286,18 @@ def _offset(z: np.ndarray, y: np.ndarray, pull: float) -> float:
     return float(brentq(slope, lo, hi, xtol=1e-10))
 
 
+def too_few_patients(y: np.ndarray, groups: np.ndarray, folds: int = FOLDS) -> FitReport | None:
+    """The report that keeps every finding as it is when the studies come from fewer patients
+    than the cross-validation has folds (e.g. an export that writes one anonymised Patient ID
+    on every study); None when there are enough."""
+    if len(np.unique(np.asarray(groups, dtype=str))) >= folds:
+        return None
+    y = np.asarray(y)
+    fits = [FindingFit(f, len(y), int(y[:, k].sum()), reason=f"fewer than {folds} patients")
+            for k, f in enumerate(FINDINGS)]
+    return FitReport(fits, 0.0, float("inf"), False)
+
+
 def fit_offset(z: np.ndarray, y: np.ndarray, groups: np.ndarray, pull: float = PULL, folds: int = FOLDS,
                seed: int = 0, margin_se: float = MARGIN_SE) -> FitReport:
     """One logit offset for every finding, kept only if, in a cross-validation by patient, it
@@ -292,13 +307,12 @@ def fit_offset(z: np.ndarray, y: np.ndarray, groups: np.ndarray, pull: float = P
     from sklearn.model_selection import GroupKFold
 
     z, y = np.asarray(z, dtype=float), np.asarray(y, dtype=float)
+    too_few = too_few_patients(y, groups, folds)
+    if too_few is not None:  # a leave-one-out over 3 patients is no evidence (it passed the gate)
+        return too_few
     fits = [FindingFit(f, len(y), int(y[:, k].sum())) for k, f in enumerate(FINDINGS)]
     _, patient = np.unique(np.asarray(groups, dtype=str), return_inverse=True)
     k = folds
-    if len(np.unique(patient)) < folds:  # a leave-one-out over 3 patients is no evidence (it passed the gate)
-        for fit in fits:
-            fit.reason = f"fewer than {folds} patients"
-        return FitReport(fits, 0.0, float("inf"), False)
     base, gain = np.zeros(len(z)), np.zeros(len(z))
     for train, held in GroupKFold(n_splits=k).split(z, groups=patient):
         c = _offset(z[train], y[train], pull)

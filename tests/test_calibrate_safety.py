@@ -234,3 +234,16 @@ def test_sensitivity_beyond_the_bundles_ladder_says_which_rung_it_used():
                                fallback_at=ladder_sensitivities(Base, 0.99))
     line = next(line for line in choice.lines if line.startswith("Hernia:"))
     assert "0.95" in line and "highest" in line and "sensitivity 0.99 on its development" not in line
+
+
+def test_the_summary_says_too_few_patients_rather_than_too_few_positives():
+    from cxr_batch.bundle import load_bundle
+    from cxr_batch.calibrate import summary_lines
+    from cxr_batch.calibration import too_few_patients
+
+    rng = np.random.default_rng(3)
+    y = (rng.random((200, 14)) < 0.3).astype(int)  # plenty of positives, all of one patient
+    report = too_few_patients(y, np.array(["ANONYMOUS"] * 200))
+    base = load_bundle()
+    lines = summary_lines(report, Calibration.identity("prevalence"), base, dict(base.thresholds))
+    assert lines[0].startswith("the studies come from fewer than 5 patients") and "no calibration changes" in lines[0]
