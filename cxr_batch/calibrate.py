@@ -361,6 +361,11 @@ def choose_thresholds(rule: str, scores: "LabelledScores", p: np.ndarray, moved:
     one the site's few positives cannot choose (``fallback_at``: the sensitivity each stands for,
     when the target lies beyond the bundle's ladder)."""
     name, target = parse_rule(rule)
+    patients = len(np.unique(np.asarray(scores.groups, dtype=str)))
+    if name != "keep" and patients < FOLDS:  # no folds to check a threshold on: it would be chosen in sample
+        return ThresholdChoice(dict(moved), [f"{rule}: the studies come from fewer than {FOLDS} patients, so no "
+                                             f"threshold can be checked out of fold: kept the bundle's operating "
+                                             f"points (moved with the calibration)"])
     base = np.array([moved[f] for f in FINDINGS])
     fallback_lines = []
     if name == "sensitivity":

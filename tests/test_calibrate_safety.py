@@ -247,3 +247,17 @@ def test_the_summary_says_too_few_patients_rather_than_too_few_positives():
     base = load_bundle()
     lines = summary_lines(report, Calibration.identity("prevalence"), base, dict(base.thresholds))
     assert lines[0].startswith("the studies come from fewer than 5 patients") and "no calibration changes" in lines[0]
+
+
+@pytest.mark.parametrize("rule", ["sensitivity:0.9", "specificity:0.9", "youden"])
+def test_a_rule_on_studies_of_fewer_than_5_patients_keeps_the_operating_points_and_says_why(rule):
+    """With one Patient ID on every study there is no fold to check a threshold on: the rule
+    would be chosen in sample and recorded as 'cross-validated'. The bundle's operating points
+    (moved with the calibration) stay, and the output says why."""
+    rng = np.random.default_rng(9)
+    y = (rng.random((200, 14)) < 0.2).astype(int)
+    p = expit(-2 + 1.2 * y + rng.normal(0, 1, (200, 14)))
+    moved = {f: 0.3 for f in FINDINGS}
+    choice = choose_thresholds(rule, scores(y, np.array(["ANONYMOUS"] * 200)), p, moved, np.ones(14, dtype=bool))
+    assert choice.thresholds == moved and choice.cv_flags is None
+    assert any("fewer than 5 patients" in line and "kept the bundle's operating points" in line for line in choice.lines)
