@@ -378,7 +378,7 @@ def choose_thresholds(rule: str, scores: "LabelledScores", p: np.ndarray, moved:
                 base[k] = fallback[f]
                 at = (fallback_at or {}).get(f, target)
                 beyond = "" if abs(at - target) < 1e-9 else (
-                    f" (the {'highest' if at < target else 'lowest'} its ladder stores; {target:.2f} lies beyond it)")
+                    f" (the {'highest' if at < target else 'lowest'} its ladder stores; {target:g} lies beyond it)")
                 fallback_lines.append(f"{f}: {here}, too few to choose a threshold: the bundle's own out-of-fold "
                                       f"threshold at sensitivity {at:.2f}{beyond} on its development images "
                                       f"({base[k]:.4f}, moved with the calibration)")
@@ -412,8 +412,23 @@ def choose_thresholds(rule: str, scores: "LabelledScores", p: np.ndarray, moved:
             cv_new[:, k] = base_flags[:, k]
             lines.append(f"{f}: kept the bundle's operating point: {rule} would catch {s_new[k]:.2f} of its "
                          f"{int(y[:, k].sum())} positives out of fold, the bundle's catches {s_base[k]:.2f}")
+    lines += flag_burden_lines(cv_new, (p >= np.array([moved[f] for f in FINDINGS])).astype(int))
     return ThresholdChoice({f: float(np.clip(chosen[k], 1e-6, 1 - 1e-6)) for k, f in enumerate(FINDINGS)}, lines,
                            cv_new, y)
+
+
+def flag_burden_lines(cv_flags: np.ndarray, base_flags: np.ndarray) -> list[str]:
+    """What the chosen thresholds cost, when they flag at least half of the studies for some
+    finding: flags per study out of fold against the bundle's operating points, and those
+    findings (a sensitivity target on a weak ranking flags most studies, and an urgent finding
+    flagged on most studies empties the worklist's order of meaning)."""
+    rates = cv_flags.mean(axis=0)
+    heavy = [f"{f} {rates[k]:.2f}" for k, f in enumerate(FINDINGS) if rates[k] >= 0.5]
+    if not heavy:
+        return []
+    return [f"out of fold these thresholds flag {cv_flags.sum(axis=1).mean():.1f} findings per study (the bundle's "
+            f"operating points: {base_flags.sum(axis=1).mean():.1f}); flagged on half the studies or more: "
+            + ", ".join(heavy)]
 
 
 def calibrated_triage(table, on_top: Calibration, choice: ThresholdChoice, rule: str, n: int,

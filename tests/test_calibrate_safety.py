@@ -261,3 +261,21 @@ def test_a_rule_on_studies_of_fewer_than_5_patients_keeps_the_operating_points_a
     choice = choose_thresholds(rule, scores(y, np.array(["ANONYMOUS"] * 200)), p, moved, np.ones(14, dtype=bool))
     assert choice.thresholds == moved and choice.cv_flags is None
     assert any("fewer than 5 patients" in line and "kept the bundle's operating points" in line for line in choice.lines)
+
+
+def test_a_rule_that_flags_most_studies_says_so():
+    """sensitivity:0.9 on a weak ranker (v3 at a second site: pneumothorax flagged on 90% of the
+    studies out of fold, 7.4 flags per study on held-out images, 70% of them urgent) is what was
+    asked for, but the operator must read what it costs before installing the bundle."""
+    rng = np.random.default_rng(11)
+    n = 300
+    y = (rng.random((n, 14)) < 0.15).astype(int)
+    p = expit(-2 + 0.3 * y + rng.normal(0, 1, (n, 14)))  # barely better than chance
+    choice = choose_thresholds("sensitivity:0.9", scores(y, np.arange(n).astype(str)), p,
+                               {f: 0.5 for f in FINDINGS}, np.ones(14, dtype=bool))
+    per_study = choice.cv_flags.sum(axis=1).mean()
+    line = next(line for line in choice.lines if "findings per study" in line)
+    assert f"{per_study:.1f} findings per study" in line and "Pneumothorax" in line and "half" in line
+    keep_like = choose_thresholds("specificity:0.95", scores(y, np.arange(n).astype(str)), p,
+                                  {f: 0.5 for f in FINDINGS}, np.ones(14, dtype=bool))
+    assert not any("half the studies" in line for line in keep_like.lines)
