@@ -197,8 +197,9 @@ def summary_lines(report: FitReport, calibration: Calibration, base: Bundle, thr
     if math.isfinite(report.pooled_se):
         lines = [f"held-out log-loss gain over all findings {report.pooled_gain:.4f} per image (standard error "
                  f"{report.pooled_se:.4f}, needs > {MARGIN_SE:g} of them): {verdict}"]
-    elif report.fits and report.fits[0].reason.startswith("fewer than"):  # calibration.too_few_patients
-        lines = [f"the studies come from {report.fits[0].reason} (their labels' Patient ID): a cross-validation by "
+    elif any(fit.reason.startswith("fewer than") for fit in report.fits):  # calibration.too_few_patients
+        few = next(fit.reason for fit in report.fits if fit.reason.startswith("fewer than"))
+        lines = [f"the studies come from {few} (their labels' Patient ID): a cross-validation by "
                  f"patient is impossible: no calibration changes"]
     else:  # no finding had enough positive and negative studies to be cross-validated
         lines = ["no finding has enough positive and negative studies to fit a calibration: no calibration changes"]

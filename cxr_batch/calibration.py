@@ -233,9 +233,8 @@ def fit_findings(z: np.ndarray, y: np.ndarray, groups: np.ndarray, method: str, 
         raise ValueError(f"method {method!r}: expected one of {METHODS}")
     if method == "offset":
         return fit_offset(z, y, groups, pull, folds, seed, margin_se)
-    too_few = too_few_patients(y, groups, folds)
-    if too_few is not None:  # no cross-validation by patient possible (sklearn would raise)
-        return too_few
+    # no cross-validation by patient is possible (sklearn would raise): findings keep their parameters
+    few_patients = len(np.unique(np.asarray(groups, dtype=str))) < folds
     fits, gains = [], {}
     for k, name in enumerate(FINDINGS):
         yk = y[:, k].astype(float)
@@ -244,6 +243,8 @@ def fit_findings(z: np.ndarray, y: np.ndarray, groups: np.ndarray, method: str, 
         if min(fit.positives, negatives) < min_positives:
             which = f"{fit.positives} positives" if fit.positives < min_positives else f"{negatives} negatives"
             fit.reason = f"{which} (needs {min_positives})"
+        elif few_patients:
+            fit.reason = f"fewer than {folds} patients"
         else:
             base, gains[k] = cross_validated_gain(z[:, k].astype(float), yk, groups, method, pull, folds, seed)
             fit.cv_log_loss = (float(base.mean()), float((base - gains[k]).mean()))
