@@ -306,6 +306,8 @@ class ThresholdChoice:
     lines: list[str]  # what was done beyond the rule (safeguards, targets not reached)
     cv_flags: np.ndarray | None = None  # [N, 14] out-of-fold flags of the chosen thresholds (None: 'keep')
     y: np.ndarray | None = None
+    site_chosen: np.ndarray | None = None  # [14] bool: the rule chose on the site's studies (enough positives)
+    ladder_at: dict | None = None  # finding -> sensitivity of the bundle's ladder rung its threshold came from
 
 
 def patient_folds(groups: np.ndarray, folds: int = 5, seed: int = 0) -> np.ndarray:
@@ -368,7 +370,7 @@ def choose_thresholds(rule: str, scores: "LabelledScores", p: np.ndarray, moved:
                                              f"threshold can be checked out of fold: kept the bundle's operating "
                                              f"points (moved with the calibration)"])
     base = np.array([moved[f] for f in FINDINGS])
-    fallback_lines = []
+    fallback_lines, ladder_at = [], {}
     if name == "sensitivity":
         y = scores.y
         for k, f in enumerate(FINDINGS):
@@ -377,7 +379,7 @@ def choose_thresholds(rule: str, scores: "LabelledScores", p: np.ndarray, moved:
             here = f"{int(y[:, k].sum())} positives here"
             if fallback and f in fallback:
                 base[k] = fallback[f]
-                at = (fallback_at or {}).get(f, target)
+                at = ladder_at[f] = (fallback_at or {}).get(f, target)
                 beyond = "" if abs(at - target) < 1e-9 else (
                     f" (the {'highest' if at < target else 'lowest'} its ladder stores; {target:g} lies beyond it)")
                 fallback_lines.append(f"{f}: {here}, too few to choose a threshold: the bundle's own out-of-fold "
@@ -415,7 +417,7 @@ def choose_thresholds(rule: str, scores: "LabelledScores", p: np.ndarray, moved:
                          f"{int(y[:, k].sum())} positives out of fold, the bundle's catches {s_base[k]:.2f}")
     lines += flag_burden_lines(cv_new, (p >= np.array([moved[f] for f in FINDINGS])).astype(int))
     return ThresholdChoice({f: float(np.clip(chosen[k], 1e-6, 1 - 1e-6)) for k, f in enumerate(FINDINGS)}, lines,
-                           cv_new, y)
+                           cv_new, y, np.asarray(enough, dtype=bool), ladder_at)
 
 
 def flag_burden_lines(cv_flags: np.ndarray, base_flags: np.ndarray) -> list[str]:
@@ -440,8 +442,9 @@ def calibrated_triage(table, on_top: Calibration, choice: ThresholdChoice, rule:
     fitted on the site's studies (``p_any_base``: the base bundle's P(any) of each study,
     ``any_finding``: whether it has a finding), the normal cutoff with it: the same studies are
     'normal' as with the base bundle. Each finding's evidence stays the base's when its
-    operating point was kept, or becomes the site's cross-validated figures when a rule chose a
-    new one."""
+    operating point was kept (a finding with too few positives here, too), the sensitivity of the
+    ladder rung its threshold came from (``sensitivity:S`` for such a finding: its few positives
+    here measure nothing), or the site's cross-validated figures when a rule chose a new one."""
     if not isinstance(table, dict):
         return None
     table = json.loads(json.dumps(table))  # a copy
@@ -469,13 +472,25 @@ def calibrated_triage(table, on_top: Calibration, choice: ThresholdChoice, rule:
     if choice.cv_flags is not None:
         y, flags = choice.y, choice.cv_flags
         findings = table.setdefault("findings", {})
+        ladder_at = choice.ladder_at or {}
         for k, f in enumerate(FINDINGS):
             entry = findings.setdefault(f, {})
             if entry.get("flagged") is False:
                 continue
+            if choice.site_chosen is not None and not choice.site_chosen[k]:
+                if f in ladder_at:
+                    entry.update({"sensitivity": ladder_at[f], "specificity": None, "ppv_at_nih_prevalence": None,
+                                  "ppv_at_site": None, "flag_rate": float(flags[:, k].mean()),
+                                  "measured_on": f"the base bundle's out-of-fold ladder on its development images, "
+                                                 f"at sensitivity {ladder_at[f]:.2f}: {int(y[:, k].sum())} positive(s) "
+                                                 f"here are too few to measure"})
+                continue  # otherwise its base operating point (moved) is kept, and so is its evidence
             op = metrics.operating_point(y[:, k], flags[:, k])
             entry.update({"sensitivity": op["sensitivity"], "specificity": op["specificity"],
                           "ppv_at_nih_prevalence": None, "ppv_at_site": op["ppv"], "flag_rate": float(flags[:, k].mean()),
                           "positives": int(y[:, k].sum())})
         table["measured_on"] = f"cross-validated on the {n} labelled studies of this site's calibration ({rule})"
+        if choice.site_chosen is not None and not choice.site_chosen.all():
+            table["measured_on"] += ("; findings with too few positives there: the base bundle's figures, or under "
+                                     "sensitivity:S the sensitivity of its development images' threshold ladder")
     return table

@@ -279,3 +279,41 @@ def test_a_rule_that_flags_most_studies_says_so():
     keep_like = choose_thresholds("specificity:0.95", scores(y, np.arange(n).astype(str)), p,
                                   {f: 0.5 for f in FINDINGS}, np.ones(14, dtype=bool))
     assert not any("half the studies" in line for line in keep_like.lines)
+
+
+def test_evidence_of_a_finding_whose_threshold_the_site_could_not_choose_is_not_its_few_positives():
+    """sensitivity:0.9 at a site with 1 edema: its threshold is the bundle's ladder rung at 0.9,
+    so every report of the new bundle must not print 'sens. 1.00' measured on that 1 positive:
+    its evidence is the rung's development sensitivity, nothing else claimed. A finding with too
+    few positives under another rule keeps the base operating point, and so the base's evidence.
+    Findings with enough positives get the site's cross-validated figures, as before."""
+    from cxr_batch.calibrate import ladder_sensitivities, ladder_thresholds
+
+    rng = np.random.default_rng(12)
+    n = 200
+    y = (rng.random((n, 14)) < 0.2).astype(int)
+    edema, mass = FINDINGS.index("Edema"), FINDINGS.index("Mass")
+    y[:, edema] = 0
+    y[0, edema] = 1
+    y[:, mass] = 0
+    y[:3, mass] = 1
+    p = expit(-2 + 1.2 * y + rng.normal(0, 1, (n, 14)))
+    enough = np.array([k not in (edema, mass) for k in range(14)])
+    table = {"measured_on": "out of fold on development images",
+             "findings": {f: {"flagged": True, "sensitivity": 0.3, "specificity": 0.9, "ppv_at_nih_prevalence": 0.1,
+                              "flag_rate": 0.1, "positives": 40} for f in FINDINGS}}
+    table["findings"]["Edema"]["thresholds_at_sensitivity"] = {"0.85": 0.04, "0.95": 0.01}
+
+    class Base:
+        thresholds = {f: 0.2 for f in FINDINGS}
+        manifest = {"triage": table}
+
+    same = Calibration.identity("prevalence")
+    choice = choose_thresholds("sensitivity:0.9", scores(y, np.arange(n).astype(str)), p, {f: 0.2 for f in FINDINGS},
+                               enough, fallback=ladder_thresholds(Base, same, 0.9),
+                               fallback_at=ladder_sensitivities(Base, 0.9))
+    new = calibrated_triage(table, same, choice, "sensitivity:0.9", n)["findings"]
+    assert new["Edema"]["sensitivity"] == pytest.approx(0.9) and new["Edema"]["specificity"] is None
+    assert new["Edema"]["ppv_at_site"] is None and "ladder" in new["Edema"]["measured_on"]
+    assert new["Mass"] == table["findings"]["Mass"]  # the base point kept: the base's evidence
+    assert new["Atelectasis"]["positives"] == int(y[:, 0].sum()) and new["Atelectasis"]["ppv_at_nih_prevalence"] is None
