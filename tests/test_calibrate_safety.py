@@ -260,7 +260,8 @@ def test_a_rule_on_studies_of_fewer_than_5_patients_keeps_the_operating_points_a
     moved = {f: 0.3 for f in FINDINGS}
     choice = choose_thresholds(rule, scores(y, np.array(["ANONYMOUS"] * 200)), p, moved, np.ones(14, dtype=bool))
     assert choice.thresholds == moved and choice.cv_flags is None
-    assert any("fewer than 5 patients" in line and "kept the bundle's operating points" in line for line in choice.lines)
+    assert any("fewer than 5 patients" in line and "kept the bundle's operating points" in line
+               for line in choice.lines)
 
 
 def test_a_rule_that_flags_most_studies_says_so():

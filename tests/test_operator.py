@@ -402,7 +402,8 @@ def test_metadata_counts_only_the_files_whose_content_needs_a_row(tmp_path, nih,
     studies = tmp_path / "studies"
     studies.mkdir()
     shutil.copy(examples / "NIH00100" / "STUDY1" / "SERIES1" / "IM0001.dcm", studies / "dicom_named.png")
-    (studies / "nopreamble.dcm").write_bytes((examples / "NIH00574" / "STUDY1" / "SERIES1" / "IM0001").read_bytes()[132:])
+    dicom = (examples / "NIH00574" / "STUDY1" / "SERIES1" / "IM0001").read_bytes()
+    (studies / "nopreamble.dcm").write_bytes(dicom[132:])
     shutil.copy(nih_images[0], studies / nih_images[0].name)  # a PNG the table has
     shutil.copy(nih_images[1], studies / "png_named.dcm")  # a PNG it has not
     (studies / "empty.png").write_bytes(b"")
@@ -420,4 +421,5 @@ def test_metadata_counts_only_the_files_whose_content_needs_a_row(tmp_path, nih,
     rows = {r["file"]: r for r in read_results(out / "results.csv")}
     assert {f for f, r in rows.items() if r["status"] == "ok"} == {"dicom_named.png", "nopreamble.dcm",
                                                                    nih_images[0].name, "png_named.dcm"}
-    assert rows["nopreamble.dcm"]["age_source"].startswith("header:") and rows[nih_images[0].name]["age_source"] == "metadata"
+    assert rows["nopreamble.dcm"]["age_source"].startswith("header:")
+    assert rows[nih_images[0].name]["age_source"] == "metadata"
