@@ -44,6 +44,7 @@ from .labels import LabelsError, LabelTable, Matching, match_labels
 from .metadata import load_metadata_csv
 from .runtime import make_policy
 from .thresholds import at_sensitivity, by_rule, parse_rule
+from .triage import sensitivity_ladder
 
 log = logging.getLogger("cxr_batch")
 
@@ -196,6 +197,10 @@ def summary_lines(report: FitReport, calibration: Calibration, base: Bundle, thr
     if math.isfinite(report.pooled_se):
         lines = [f"held-out log-loss gain over all findings {report.pooled_gain:.4f} per image (standard error "
                  f"{report.pooled_se:.4f}, needs > {MARGIN_SE:g} of them): {verdict}"]
+    elif any(fit.reason.startswith("fewer than") for fit in report.fits):  # calibration.too_few_patients
+        few = next(fit.reason for fit in report.fits if fit.reason.startswith("fewer than"))
+        lines = [f"the studies come from {few} (their labels' Patient ID): a cross-validation by "
+                 f"patient is impossible: no calibration changes"]
     else:  # no finding had enough positive and negative studies to be cross-validated
         lines = ["no finding has enough positive and negative studies to fit a calibration: no calibration changes"]
     for k, fit in enumerate(report.fits):
@@ -229,7 +234,8 @@ def run_calibrate(studies: Path, labels: LabelTable, out: Path, opts: CalibrateO
     moved = moved_operating_points(base, on_top)
     name, target = parse_rule(opts.thresholds)
     fallback = ladder_thresholds(base, on_top, target) if name == "sensitivity" else None
-    choice = choose_thresholds(opts.thresholds, scores, p_after, moved, enough, opts.seed, fallback)
+    fallback_at = ladder_sensitivities(base, target) if name == "sensitivity" else None
+    choice = choose_thresholds(opts.thresholds, scores, p_after, moved, enough, opts.seed, fallback, fallback_at)
     thresholds = choice.thresholds
 
     date = datetime.datetime.now(datetime.timezone.utc)
@@ -260,23 +266,38 @@ def moved_operating_points(base: Bundle, on_top: Calibration) -> dict:
     return {f: float(np.clip(moved[k], 1e-6, 1 - 1e-6)) for k, f in enumerate(FINDINGS)}
 
 
+def _ladders(base: Bundle) -> dict:
+    """finding -> its (sensitivity, threshold) rungs, for the findings whose bundle stores them
+    (checked when the bundle loaded: :func:`cxr_batch.triage.sensitivity_ladder`)."""
+    table = (base.manifest.get("triage") or {}).get("findings") or {}
+    ladders = {f: sensitivity_ladder(table.get(f) or {}, f) for f in FINDINGS}
+    return {f: rungs for f, rungs in ladders.items() if rungs}
+
+
 def ladder_thresholds(base: Bundle, on_top: Calibration, target: float) -> dict:
     """Per finding whose bundle stores out-of-fold thresholds at a ladder of sensitivities
     (``triage.findings.<f>.thresholds_at_sensitivity``, from its development images): the
     threshold at ``target`` (interpolated on the logit scale between the nearest rungs, the end
-    rung beyond them), carried through the new calibration. What ``sensitivity:S`` uses for a
-    finding with too few positives at the site to choose its own."""
-    table = (base.manifest.get("triage") or {}).get("findings") or {}
+    rung beyond them: :func:`ladder_sensitivities` says which), carried through the site
+    calibrations the bundle has had since (``triage.input_calibration``: the ladder was measured
+    before them) and then the new one. What ``sensitivity:S`` uses for a finding with too few
+    positives at the site to choose its own."""
+    undo = (base.manifest.get("triage") or {}).get("input_calibration")
+    since = Calibration("platt", np.asarray(undo["slope"], dtype=float), np.asarray(undo["intercept"], dtype=float)) \
+        if isinstance(undo, dict) else Calibration.identity("platt")
+    total = since.then(on_top)
     out = {}
-    for k, f in enumerate(FINDINGS):
-        rungs = (table.get(f) or {}).get("thresholds_at_sensitivity")
-        if not isinstance(rungs, dict) or not rungs:
-            continue
-        pairs = sorted((float(s), math.log(t / (1 - t))) for s, t in rungs.items())
-        z = float(np.interp(target, [s for s, _ in pairs], [u for _, u in pairs]))
-        z = z * on_top.slope[k] + on_top.intercept[k]
-        out[f] = float(np.clip(expit(z), 1e-6, 1 - 1e-6))
+    for f, rungs in _ladders(base).items():
+        k = FINDINGS.index(f)
+        z = float(np.interp(target, [s for s, _ in rungs], [math.log(t / (1 - t)) for _, t in rungs]))
+        out[f] = float(np.clip(expit(z * total.slope[k] + total.intercept[k]), 1e-6, 1 - 1e-6))
     return out
+
+
+def ladder_sensitivities(base: Bundle, target: float) -> dict:
+    """finding -> the sensitivity its :func:`ladder_thresholds` threshold stands for: ``target``
+    within its ladder, the nearest end rung outside it."""
+    return {f: float(np.clip(target, rungs[0][0], rungs[-1][0])) for f, rungs in _ladders(base).items()}
 
 
 @dataclass
@@ -285,6 +306,8 @@ class ThresholdChoice:
     lines: list[str]  # what was done beyond the rule (safeguards, targets not reached)
     cv_flags: np.ndarray | None = None  # [N, 14] out-of-fold flags of the chosen thresholds (None: 'keep')
     y: np.ndarray | None = None
+    site_chosen: np.ndarray | None = None  # [14] bool: the rule chose on the site's studies (enough positives)
+    ladder_at: dict | None = None  # finding -> sensitivity of the bundle's ladder rung its threshold came from
 
 
 def patient_folds(groups: np.ndarray, folds: int = 5, seed: int = 0) -> np.ndarray:
@@ -333,15 +356,21 @@ def raised_sensitivity_targets(y: np.ndarray, p: np.ndarray, fold: np.ndarray, t
 
 
 def choose_thresholds(rule: str, scores: "LabelledScores", p: np.ndarray, moved: dict, enough: np.ndarray,
-                      seed: int = 0, fallback: dict | None = None) -> ThresholdChoice:
+                      seed: int = 0, fallback: dict | None = None, fallback_at: dict | None = None) -> ThresholdChoice:
     """The new bundle's thresholds by ``rule`` on the calibrated probabilities ``p``, with the
     safeguards of the module docstring. Findings without enough positives keep the moved base
     operating point, except under ``sensitivity:S``, where ``fallback`` (finding -> threshold:
     the bundle's own out-of-fold threshold at S, :func:`ladder_thresholds`) stands in for the
-    one the site's few positives cannot choose."""
+    one the site's few positives cannot choose (``fallback_at``: the sensitivity each stands for,
+    when the target lies beyond the bundle's ladder)."""
     name, target = parse_rule(rule)
+    patients = len(np.unique(np.asarray(scores.groups, dtype=str)))
+    if name != "keep" and patients < FOLDS:  # no folds to check a threshold on: it would be chosen in sample
+        return ThresholdChoice(dict(moved), [f"{rule}: the studies come from fewer than {FOLDS} patients, so no "
+                                             f"threshold can be checked out of fold: kept the bundle's operating "
+                                             f"points (moved with the calibration)"])
     base = np.array([moved[f] for f in FINDINGS])
-    fallback_lines = []
+    fallback_lines, ladder_at = [], {}
     if name == "sensitivity":
         y = scores.y
         for k, f in enumerate(FINDINGS):
@@ -350,8 +379,11 @@ def choose_thresholds(rule: str, scores: "LabelledScores", p: np.ndarray, moved:
             here = f"{int(y[:, k].sum())} positives here"
             if fallback and f in fallback:
                 base[k] = fallback[f]
+                at = ladder_at[f] = (fallback_at or {}).get(f, target)
+                beyond = "" if abs(at - target) < 1e-9 else (
+                    f" (the {'highest' if at < target else 'lowest'} its ladder stores; {target:g} lies beyond it)")
                 fallback_lines.append(f"{f}: {here}, too few to choose a threshold: the bundle's own out-of-fold "
-                                      f"threshold at sensitivity {target:.2f} on its development images "
+                                      f"threshold at sensitivity {at:.2f}{beyond} on its development images "
                                       f"({base[k]:.4f}, moved with the calibration)")
             else:
                 fallback_lines.append(f"{f}: {here}, too few to choose a threshold, and the bundle stores none at "
@@ -383,8 +415,23 @@ def choose_thresholds(rule: str, scores: "LabelledScores", p: np.ndarray, moved:
             cv_new[:, k] = base_flags[:, k]
             lines.append(f"{f}: kept the bundle's operating point: {rule} would catch {s_new[k]:.2f} of its "
                          f"{int(y[:, k].sum())} positives out of fold, the bundle's catches {s_base[k]:.2f}")
+    lines += flag_burden_lines(cv_new, (p >= np.array([moved[f] for f in FINDINGS])).astype(int))
     return ThresholdChoice({f: float(np.clip(chosen[k], 1e-6, 1 - 1e-6)) for k, f in enumerate(FINDINGS)}, lines,
-                           cv_new, y)
+                           cv_new, y, np.asarray(enough, dtype=bool), ladder_at)
+
+
+def flag_burden_lines(cv_flags: np.ndarray, base_flags: np.ndarray) -> list[str]:
+    """What the chosen thresholds cost, when they flag at least half of the studies for some
+    finding: flags per study out of fold against the bundle's operating points, and those
+    findings (a sensitivity target on a weak ranking flags most studies, and an urgent finding
+    flagged on most studies empties the worklist's order of meaning)."""
+    rates = cv_flags.mean(axis=0)
+    heavy = [f"{f} {rates[k]:.2f}" for k, f in enumerate(FINDINGS) if rates[k] >= 0.5]
+    if not heavy:
+        return []
+    return [f"out of fold these thresholds flag {cv_flags.sum(axis=1).mean():.1f} findings per study (the bundle's "
+            f"operating points: {base_flags.sum(axis=1).mean():.1f}); flagged on half the studies or more: "
+            + ", ".join(heavy)]
 
 
 def calibrated_triage(table, on_top: Calibration, choice: ThresholdChoice, rule: str, n: int,
@@ -395,8 +442,9 @@ def calibrated_triage(table, on_top: Calibration, choice: ThresholdChoice, rule:
     fitted on the site's studies (``p_any_base``: the base bundle's P(any) of each study,
     ``any_finding``: whether it has a finding), the normal cutoff with it: the same studies are
     'normal' as with the base bundle. Each finding's evidence stays the base's when its
-    operating point was kept, or becomes the site's cross-validated figures when a rule chose a
-    new one."""
+    operating point was kept (a finding with too few positives here, too), the sensitivity of the
+    ladder rung its threshold came from (``sensitivity:S`` for such a finding: its few positives
+    here measure nothing), or the site's cross-validated figures when a rule chose a new one."""
     if not isinstance(table, dict):
         return None
     table = json.loads(json.dumps(table))  # a copy
@@ -424,13 +472,25 @@ def calibrated_triage(table, on_top: Calibration, choice: ThresholdChoice, rule:
     if choice.cv_flags is not None:
         y, flags = choice.y, choice.cv_flags
         findings = table.setdefault("findings", {})
+        ladder_at = choice.ladder_at or {}
         for k, f in enumerate(FINDINGS):
             entry = findings.setdefault(f, {})
             if entry.get("flagged") is False:
                 continue
+            if choice.site_chosen is not None and not choice.site_chosen[k]:
+                if f in ladder_at:
+                    entry.update({"sensitivity": ladder_at[f], "specificity": None, "ppv_at_nih_prevalence": None,
+                                  "ppv_at_site": None, "flag_rate": float(flags[:, k].mean()),
+                                  "measured_on": f"the base bundle's out-of-fold ladder on its development images, "
+                                                 f"at sensitivity {ladder_at[f]:.2f}: {int(y[:, k].sum())} positive(s) "
+                                                 f"here are too few to measure"})
+                continue  # otherwise its base operating point (moved) is kept, and so is its evidence
             op = metrics.operating_point(y[:, k], flags[:, k])
             entry.update({"sensitivity": op["sensitivity"], "specificity": op["specificity"],
                           "ppv_at_nih_prevalence": None, "ppv_at_site": op["ppv"], "flag_rate": float(flags[:, k].mean()),
                           "positives": int(y[:, k].sum())})
         table["measured_on"] = f"cross-validated on the {n} labelled studies of this site's calibration ({rule})"
+        if choice.site_chosen is not None and not choice.site_chosen.all():
+            table["measured_on"] += ("; findings with too few positives there: the base bundle's figures, or under "
+                                     "sensitivity:S the sensitivity of its development images' threshold ladder")
     return table

@@ -233,6 +233,8 @@ def fit_findings(z: np.ndarray, y: np.ndarray, groups: np.ndarray, method: str, 
         raise ValueError(f"method {method!r}: expected one of {METHODS}")
     if method == "offset":
         return fit_offset(z, y, groups, pull, folds, seed, margin_se)
+    # no cross-validation by patient is possible (sklearn would raise): findings keep their parameters
+    few_patients = len(np.unique(np.asarray(groups, dtype=str))) < folds
     fits, gains = [], {}
     for k, name in enumerate(FINDINGS):
         yk = y[:, k].astype(float)
@@ -241,6 +243,8 @@ def fit_findings(z: np.ndarray, y: np.ndarray, groups: np.ndarray, method: str, 
         if min(fit.positives, negatives) < min_positives:
             which = f"{fit.positives} positives" if fit.positives < min_positives else f"{negatives} negatives"
             fit.reason = f"{which} (needs {min_positives})"
+        elif few_patients:
+            fit.reason = f"fewer than {folds} patients"
         else:
             base, gains[k] = cross_validated_gain(z[:, k].astype(float), yk, groups, method, pull, folds, seed)
             fit.cv_log_loss = (float(base.mean()), float((base - gains[k]).mean()))
@@ -283,6 +287,18 @@ def _offset(z: np.ndarray, y: np.ndarray, pull: float) -> float:
     return float(brentq(slope, lo, hi, xtol=1e-10))
 
 
+def too_few_patients(y: np.ndarray, groups: np.ndarray, folds: int = FOLDS) -> FitReport | None:
+    """The report that keeps every finding as it is when the studies come from fewer patients
+    than the cross-validation has folds (e.g. an export that writes one anonymised Patient ID
+    on every study); None when there are enough."""
+    if len(np.unique(np.asarray(groups, dtype=str))) >= folds:
+        return None
+    y = np.asarray(y)
+    fits = [FindingFit(f, len(y), int(y[:, k].sum()), reason=f"fewer than {folds} patients")
+            for k, f in enumerate(FINDINGS)]
+    return FitReport(fits, 0.0, float("inf"), False)
+
+
 def fit_offset(z: np.ndarray, y: np.ndarray, groups: np.ndarray, pull: float = PULL, folds: int = FOLDS,
                seed: int = 0, margin_se: float = MARGIN_SE) -> FitReport:
     """One logit offset for every finding, kept only if, in a cross-validation by patient, it
@@ -292,13 +308,12 @@ def fit_offset(z: np.ndarray, y: np.ndarray, groups: np.ndarray, pull: float = P
     from sklearn.model_selection import GroupKFold
 
     z, y = np.asarray(z, dtype=float), np.asarray(y, dtype=float)
+    too_few = too_few_patients(y, groups, folds)
+    if too_few is not None:  # a leave-one-out over 3 patients is no evidence (it passed the gate)
+        return too_few
     fits = [FindingFit(f, len(y), int(y[:, k].sum())) for k, f in enumerate(FINDINGS)]
     _, patient = np.unique(np.asarray(groups, dtype=str), return_inverse=True)
     k = folds
-    if len(np.unique(patient)) < folds:  # a leave-one-out over 3 patients is no evidence (it passed the gate)
-        for fit in fits:
-            fit.reason = f"fewer than {folds} patients"
-        return FitReport(fits, 0.0, float("inf"), False)
     base, gain = np.zeros(len(z)), np.zeros(len(z))
     for train, held in GroupKFold(n_splits=k).split(z, groups=patient):
         c = _offset(z[train], y[train], pull)

@@ -31,9 +31,10 @@ def _ci(ci) -> str:
     return "no CI" if ci is None else f"{ci[0]:.2f}-{ci[1]:.2f}"
 
 
-def _text(fig: Figure, y: float, text: str, size: float = 9, weight: str = "normal", width: int = 110) -> float:
-    """Write wrapped text at height y (figure fraction) and return the height below it."""
-    lines = textwrap.wrap(text, width) or [""]
+def _text(fig: Figure, y: float, text: str, size: float = 9, weight: str = "normal", width: int | None = None) -> float:
+    """Write wrapped text at height y (figure fraction) and return the height below it. The
+    default width is what fits the page at ``size``: 110 characters at 9 points, fewer at 10."""
+    lines = textwrap.wrap(text, width or int(110 * 9 / size)) or [""]
     fig.text(0.06, y, "\n".join(lines), fontsize=size, weight=weight, va="top", family="DejaVu Sans")
     return y - 0.0165 * len(lines) * size / 9
 

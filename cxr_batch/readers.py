@@ -41,20 +41,26 @@ def sniff(head: bytes) -> str | None:
     return None
 
 
-def is_dicom_file(path: Path) -> bool:
-    """True when the file's content is DICOM (with or without the preamble), whatever its name.
-    A file that cannot be opened is not (its read says why later)."""
+def content_kind(path: Path) -> str | None:
+    """'png', 'jpeg' or 'dicom' (with or without the preamble) by the file's content, whatever
+    its name; None for anything else, or a file that cannot be opened (its read says why later)."""
     try:
         with open_regular(path) as f:  # a FIFO swapped in since the listing must not block the scan
             head = f.read(132)
-    except (OSError, ReadError):
-        return False
-    kind = sniff(head)
-    if kind is not None:
-        return kind == "dicom"
-    from . import dicom
+            kind = sniff(head)
+            if kind is not None or len(head) < 8:
+                return kind
+            from . import dicom
 
-    return dicom.looks_like_dicom(path)
+            # through the open file, not the name: a FIFO swapped in since must not block either
+            return "dicom" if dicom.looks_like_dicom(pinned(path, f)) else None
+    except (OSError, ReadError):
+        return None
+
+
+def is_dicom_file(path: Path) -> bool:
+    """True when the file's content is DICOM (with or without the preamble), whatever its name."""
+    return content_kind(path) == "dicom"
 
 
 def read_pil(path: Path, rules: ScoringRules, min_side: int = 0, kind: str | None = None) -> np.ndarray:

@@ -24,7 +24,7 @@ from .record import log_name
 from .results import AtomicCsvWriter
 from .runconfig import RunConfig
 from .runtime import default_workers, make_policy
-from .readers import is_dicom_file
+from .readers import content_kind
 from .sandbox import StudyReader
 from .stopping import StopSignal
 
@@ -119,11 +119,11 @@ def run_scan(studies: Path, out: Path, cfg: ScanConfig = ScanConfig(), earlier: 
         candidates = [c for i, c in enumerate(candidates) if i % count == index]
     metadata, match = None, None
     if cfg.metadata is not None:
-        # A DICOM header carries the patient data: only the other files need a row to be complete.
-        # (a header's gaps are still filled from the table).
+        # A DICOM header carries the patient data: only PNGs and JPEGs need a row to be complete
+        # (a header's gaps are still filled from the table); an empty or text file is never scored.
         names = [c.path.name for c in candidates if not c.problem]
-        metadata, match = load_metadata_for(cfg.metadata, names,
-                                            [c.path.name for c in candidates if not c.problem and not is_dicom_file(c.path)])
+        metadata, match = load_metadata_for(cfg.metadata, names, [c.path.name for c in candidates if not c.problem
+                                                                  and content_kind(c.path) in ("png", "jpeg")])
     settings = journal.row_settings(to_plain(cfg), content_sha256(cfg.metadata) if cfg.metadata else None)
     created = not out.exists()
     private_dir(out)

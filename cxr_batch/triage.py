@@ -81,6 +81,7 @@ class TriagePolicy:
             if not isinstance(entry, dict) or not isinstance(entry.get("flagged", True), bool):
                 raise TriageError(f"triage.findings.{f}: expected a table whose 'flagged' is true or false")
             flaggable[k] = entry.get("flagged", True)
+            sensitivity_ladder(entry, f)  # only calibrate reads it, but a tampered one is refused here
         weights, bias, normal_below = None, 0.0, None
         study = table.get("any_finding")
         if study is not None:
@@ -127,6 +128,38 @@ FEATURES = "minus_log_one_minus_p"  # what P(any)'s weights multiply
 def any_features(p: np.ndarray) -> np.ndarray:
     """-log(1 - p) per finding: near 0 for an unlikely finding, large for a likely one."""
     return -np.log1p(-np.clip(np.asarray(p, dtype=np.float64), 0.0, 1 - 1e-7))
+
+
+def sensitivity_ladder(entry: dict, finding: str) -> list[tuple[float, float]] | None:
+    """A finding's ``thresholds_at_sensitivity`` (out-of-fold thresholds at a ladder of
+    sensitivities, which ``calibrate --thresholds sensitivity:S`` uses for a finding with too few
+    positives at the site) as (sensitivity, threshold) pairs by sensitivity; None when absent or
+    empty. Raises TriageError for rungs that would give a NaN or wrong threshold: a sensitivity
+    or a threshold that is not a number strictly between 0 and 1, one sensitivity written
+    twice, or a threshold that rises with the sensitivity (a lower one catches more)."""
+    where = f"triage.findings.{finding}.thresholds_at_sensitivity"
+    ladder = entry.get("thresholds_at_sensitivity")
+    if ladder is None:
+        return None
+    if not isinstance(ladder, dict):
+        raise TriageError(f"{where}: expected a table of sensitivity -> threshold")
+    pairs = []
+    for key, value in ladder.items():
+        try:
+            s = float(key)
+        except ValueError:
+            s = math.nan
+        if not (_is_number(s) and 0.0 < s < 1.0 and _is_number(value) and 0.0 < value < 1.0):
+            raise TriageError(f"{where}: {key!r}: {value!r}: expected a sensitivity and a threshold, each a number "
+                              "strictly between 0 and 1")
+        pairs.append((s, float(value)))
+    pairs.sort()
+    for (s0, t0), (s1, t1) in zip(pairs, pairs[1:]):
+        if s0 == s1 or t1 > t0:
+            raise TriageError(f"{where}: sensitivity {s1:g} " + ("written twice" if s0 == s1 else
+                              f"at threshold {t1:g}, above the {t0:g} of sensitivity {s0:g}: a threshold never "
+                              "rises with the sensitivity it catches"))
+    return pairs or None
 
 
 def _is_number(value) -> bool:

@@ -190,3 +190,131 @@ def test_cross_validated_flags_never_use_the_study_they_flag():
         return np.array([0.5])
     cross_validated_flags(y, p, np.arange(10).astype(str), rule, folds=5)
     assert len(seen) == 5 and all(len(s) == 8 for s in seen)
+
+
+def test_sensitivity_ladder_of_a_bundle_calibrated_before_goes_through_both_calibrations():
+    """Chain: v3 calibrated at site A (hernia shifted +2.2 there: its probabilities went up),
+    then that bundle at site B with too few hernias and sensitivity:0.9. The ladder was measured
+    on v3's probabilities; site A's shift is recorded as triage.input_calibration. The rung must
+    go through site A's calibration and then site B's, or bundle B's hernia threshold sits far
+    below its own probabilities (it would flag most studies, at no measured sensitivity)."""
+    from cxr_batch.calibrate import ladder_thresholds
+
+    site_a = np.zeros(14)
+    site_a[FINDINGS.index("Hernia")] = 2.2
+
+    class CalibratedAtA:
+        thresholds = {f: 0.2 for f in FINDINGS}
+        manifest = {"triage": {"input_calibration": {"slope": [1.0] * 14, "intercept": site_a.tolist()},
+                               "findings": {"Hernia": {"thresholds_at_sensitivity": {"0.85": 0.04, "0.90": 0.02}}}}}
+
+    site_b = Calibration("prevalence", np.ones(14), np.full(14, -0.3))
+    assert ladder_thresholds(CalibratedAtA, site_b, 0.9)["Hernia"] == pytest.approx(expit(logit(0.02) + 2.2 - 0.3))
+
+
+def test_sensitivity_beyond_the_bundles_ladder_says_which_rung_it_used():
+    """The ladder runs from 0.50 to 0.95: sensitivity:0.99 gets the 0.95 rung's threshold and
+    sensitivity:0.3 the 0.50 one's. The output must say which, not claim the target."""
+    from cxr_batch.calibrate import ladder_sensitivities, ladder_thresholds
+
+    class Base:
+        thresholds = {f: 0.2 for f in FINDINGS}
+        manifest = {"triage": {"findings": {"Hernia": {"thresholds_at_sensitivity": {"0.50": 0.1, "0.95": 0.01}}}}}
+
+    same = Calibration.identity("prevalence")
+    assert ladder_thresholds(Base, same, 0.99)["Hernia"] == pytest.approx(0.01)
+    assert ladder_sensitivities(Base, 0.99) == {"Hernia": 0.95} and ladder_sensitivities(Base, 0.3) == {"Hernia": 0.5}
+    assert ladder_sensitivities(Base, 0.7) == {"Hernia": 0.7}
+    rng = np.random.default_rng(8)
+    y = (rng.random((200, 14)) < 0.15).astype(int)
+    p = expit(-2 + 1.2 * y + rng.normal(0, 1, (200, 14)))
+    enough = np.array([f != "Hernia" for f in FINDINGS])
+    choice = choose_thresholds("sensitivity:0.99", scores(y, np.arange(200).astype(str)), p, {f: 0.5 for f in FINDINGS},
+                               enough, fallback=ladder_thresholds(Base, same, 0.99),
+                               fallback_at=ladder_sensitivities(Base, 0.99))
+    line = next(line for line in choice.lines if line.startswith("Hernia:"))
+    assert "0.95" in line and "highest" in line and "sensitivity 0.99 on its development" not in line
+
+
+def test_the_summary_says_too_few_patients_rather_than_too_few_positives():
+    from cxr_batch.bundle import load_bundle
+    from cxr_batch.calibrate import summary_lines
+    from cxr_batch.calibration import too_few_patients
+
+    rng = np.random.default_rng(3)
+    y = (rng.random((200, 14)) < 0.3).astype(int)  # plenty of positives, all of one patient
+    report = too_few_patients(y, np.array(["ANONYMOUS"] * 200))
+    base = load_bundle()
+    lines = summary_lines(report, Calibration.identity("prevalence"), base, dict(base.thresholds))
+    assert lines[0].startswith("the studies come from fewer than 5 patients") and "no calibration changes" in lines[0]
+
+
+@pytest.mark.parametrize("rule", ["sensitivity:0.9", "specificity:0.9", "youden"])
+def test_a_rule_on_studies_of_fewer_than_5_patients_keeps_the_operating_points_and_says_why(rule):
+    """With one Patient ID on every study there is no fold to check a threshold on: the rule
+    would be chosen in sample and recorded as 'cross-validated'. The bundle's operating points
+    (moved with the calibration) stay, and the output says why."""
+    rng = np.random.default_rng(9)
+    y = (rng.random((200, 14)) < 0.2).astype(int)
+    p = expit(-2 + 1.2 * y + rng.normal(0, 1, (200, 14)))
+    moved = {f: 0.3 for f in FINDINGS}
+    choice = choose_thresholds(rule, scores(y, np.array(["ANONYMOUS"] * 200)), p, moved, np.ones(14, dtype=bool))
+    assert choice.thresholds == moved and choice.cv_flags is None
+    assert any("fewer than 5 patients" in line and "kept the bundle's operating points" in line
+               for line in choice.lines)
+
+
+def test_a_rule_that_flags_most_studies_says_so():
+    """sensitivity:0.9 on a weak ranker (v3 at a second site: pneumothorax flagged on 90% of the
+    studies out of fold, 7.4 flags per study on held-out images, 70% of them urgent) is what was
+    asked for, but the operator must read what it costs before installing the bundle."""
+    rng = np.random.default_rng(11)
+    n = 300
+    y = (rng.random((n, 14)) < 0.15).astype(int)
+    p = expit(-2 + 0.3 * y + rng.normal(0, 1, (n, 14)))  # barely better than chance
+    choice = choose_thresholds("sensitivity:0.9", scores(y, np.arange(n).astype(str)), p,
+                               {f: 0.5 for f in FINDINGS}, np.ones(14, dtype=bool))
+    per_study = choice.cv_flags.sum(axis=1).mean()
+    line = next(line for line in choice.lines if "findings per study" in line)
+    assert f"{per_study:.1f} findings per study" in line and "Pneumothorax" in line and "half" in line
+    keep_like = choose_thresholds("specificity:0.95", scores(y, np.arange(n).astype(str)), p,
+                                  {f: 0.5 for f in FINDINGS}, np.ones(14, dtype=bool))
+    assert not any("half the studies" in line for line in keep_like.lines)
+
+
+def test_evidence_of_a_finding_whose_threshold_the_site_could_not_choose_is_not_its_few_positives():
+    """sensitivity:0.9 at a site with 1 edema: its threshold is the bundle's ladder rung at 0.9,
+    so every report of the new bundle must not print 'sens. 1.00' measured on that 1 positive:
+    its evidence is the rung's development sensitivity, nothing else claimed. A finding with too
+    few positives under another rule keeps the base operating point, and so the base's evidence.
+    Findings with enough positives get the site's cross-validated figures, as before."""
+    from cxr_batch.calibrate import ladder_sensitivities, ladder_thresholds
+
+    rng = np.random.default_rng(12)
+    n = 200
+    y = (rng.random((n, 14)) < 0.2).astype(int)
+    edema, mass = FINDINGS.index("Edema"), FINDINGS.index("Mass")
+    y[:, edema] = 0
+    y[0, edema] = 1
+    y[:, mass] = 0
+    y[:3, mass] = 1
+    p = expit(-2 + 1.2 * y + rng.normal(0, 1, (n, 14)))
+    enough = np.array([k not in (edema, mass) for k in range(14)])
+    table = {"measured_on": "out of fold on development images",
+             "findings": {f: {"flagged": True, "sensitivity": 0.3, "specificity": 0.9, "ppv_at_nih_prevalence": 0.1,
+                              "flag_rate": 0.1, "positives": 40} for f in FINDINGS}}
+    table["findings"]["Edema"]["thresholds_at_sensitivity"] = {"0.85": 0.04, "0.95": 0.01}
+
+    class Base:
+        thresholds = {f: 0.2 for f in FINDINGS}
+        manifest = {"triage": table}
+
+    same = Calibration.identity("prevalence")
+    choice = choose_thresholds("sensitivity:0.9", scores(y, np.arange(n).astype(str)), p, {f: 0.2 for f in FINDINGS},
+                               enough, fallback=ladder_thresholds(Base, same, 0.9),
+                               fallback_at=ladder_sensitivities(Base, 0.9))
+    new = calibrated_triage(table, same, choice, "sensitivity:0.9", n)["findings"]
+    assert new["Edema"]["sensitivity"] == pytest.approx(0.9) and new["Edema"]["specificity"] is None
+    assert new["Edema"]["ppv_at_site"] is None and "ladder" in new["Edema"]["measured_on"]
+    assert new["Mass"] == table["findings"]["Mass"]  # the base point kept: the base's evidence
+    assert new["Atelectasis"]["positives"] == int(y[:, 0].sum()) and new["Atelectasis"]["ppv_at_nih_prevalence"] is None

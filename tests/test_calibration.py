@@ -142,3 +142,17 @@ def test_a_fit_report_without_any_qualifying_finding_is_strict_json():
     record = FitReport([], 0.0, float("inf"), False).record()
     assert record["pooled_cv_gain_se"] is None
     json.dumps(record, allow_nan=False)
+
+
+@pytest.mark.parametrize("method", ["prevalence", "temperature", "platt", "offset"])
+@pytest.mark.parametrize("patients", [1, 4])
+def test_studies_of_fewer_patients_than_folds_keep_the_calibration_and_say_why(method, patients):
+    """An anonymising export that writes one Patient ID on every study (or a site with a few
+    patients' many follow-ups): a cross-validation by patient needs 5 patients. Every method
+    keeps the bundle's calibration and says so, never an unexpected ValueError after scoring."""
+    z, y, _ = synthetic(300, 0.6, 0.8, seed=4)  # miscalibrated: with 300 patients it would move
+    groups = np.array([f"p{i % patients}" for i in range(len(z))])
+    report = fit_findings(z, y, groups, method)
+    assert not report.accepted and not any(f.changed for f in report.fits)
+    assert all(f.reason == "fewer than 5 patients" for f in report.fits)
+    json.dumps(report.record(), allow_nan=False)

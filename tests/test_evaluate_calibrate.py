@@ -257,3 +257,22 @@ def test_calibrate_on_three_patients_moves_nothing(tmp_path, nih, nih_images, sm
         assert said in err
         manifest = json.loads((out / "manifest.json").read_text())
         assert manifest["thresholds"] == load_bundle(small_bundle).thresholds
+
+
+@pytest.mark.parametrize("size", [8, 9, 10, 12])
+def test_evaluation_pdf_text_is_wrapped_inside_the_page_at_every_font_size(size):
+    """evaluation.pdf's 'Worklist: ...' paragraph (size 10, wrapped at 110 characters) ran past
+    the right edge of the page: '... and 16% of the 183 with one. Th' was cut off."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    from cxr_batch.evaluation_report import A4, Figure, _text
+
+    text = ("Worklist: 46% of studies flagged (1.5 flags per study); buckets urgent / abnormal / low probability "
+            "7% / 60% / 32%. The low-probability bucket held 55% of the 130 studies without a finding and 16% of the "
+            "183 with one. The worklist order puts studies with a finding first with AUROC 0.808, pneumothorax 0.461.")
+    fig = Figure(figsize=A4)
+    canvas = FigureCanvasAgg(fig)
+    _text(fig, 0.9, text, size)
+    canvas.draw()
+    right = max(t.get_window_extent(canvas.get_renderer()).x1 for t in fig.texts)
+    assert right <= 0.96 * fig.bbox.width

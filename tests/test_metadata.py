@@ -1,4 +1,6 @@
 import json
+import os
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -81,3 +83,34 @@ def test_a_metadata_file_that_is_not_csv_is_named_with_what_it_is(tmp_path, cont
     with pytest.raises(MetadataError) as e:
         load_metadata_csv(tmp_path / "meta.csv")
     assert str(tmp_path / "meta.csv") in str(e.value) and what in str(e.value) and "codec" not in str(e.value)
+
+
+def test_a_fifo_swapped_in_while_a_preambleless_dicom_is_recognised_does_not_block(tmp_path, monkeypatch):
+    """scan --metadata recognises DICOM files by content before scoring. A file replaced by a
+    FIFO after it was opened (a hostile sender) must not block that check when it goes on to
+    parse a DICOM without a preamble: the parse reads the file already open, not the name."""
+    import threading
+
+    from cxr_batch import readers
+
+    dicom = Path(__file__).resolve().parents[1] / "examples" / "studies" / "dicom" / "NIH00574" / "STUDY1" / "SERIES1"
+    path = tmp_path / "study.dcm"
+    path.write_bytes((dicom / "IM0001").read_bytes()[132:])
+    sniff = readers.sniff
+
+    def sniff_then_swap(head):
+        path.unlink()
+        os.mkfifo(path)
+        return sniff(head)
+
+    monkeypatch.setattr(readers, "sniff", sniff_then_swap)
+    found = []
+    worker = threading.Thread(target=lambda: found.append(readers.content_kind(path)), daemon=True)
+    worker.start()
+    worker.join(10)
+    try:
+        assert not worker.is_alive(), "blocked on the FIFO"
+        assert found == ["dicom"]
+    finally:
+        if worker.is_alive():  # let the blocked open return
+            os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))

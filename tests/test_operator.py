@@ -390,3 +390,36 @@ def test_no_encapsulated_pdf_for_a_png_and_a_note_says_why(tmp_path, nih_images,
     assert "no DICOM encapsulated PDF: the source is not a DICOM image" in png["notes"]
     assert not (tmp_path / "out" / "reports" / png["report"].replace(".pdf", ".dcm")).exists()
     assert (tmp_path / "out" / "reports" / rows["one.dcm"]["report"].replace(".pdf", ".dcm")).is_file()
+
+
+def test_metadata_counts_only_the_files_whose_content_needs_a_row(tmp_path, nih, nih_images, small_bundle):
+    """A hostile export: a DICOM named .png, a DICOM without its preamble, a PNG named .dcm, an
+    empty file, a text file named .dcm, a FIFO and a symbolic-link loop. Only a PNG or JPEG by
+    content needs a row: DICOM headers carry the patient data, and files that are no image
+    (empty, text, not a regular file) are never scored, so 'N get no patient data and are
+    scored with...' must not count them. Nothing hangs."""
+    examples = Path(__file__).resolve().parents[1] / "examples" / "studies" / "dicom"
+    studies = tmp_path / "studies"
+    studies.mkdir()
+    shutil.copy(examples / "NIH00100" / "STUDY1" / "SERIES1" / "IM0001.dcm", studies / "dicom_named.png")
+    dicom = (examples / "NIH00574" / "STUDY1" / "SERIES1" / "IM0001").read_bytes()
+    (studies / "nopreamble.dcm").write_bytes(dicom[132:])
+    shutil.copy(nih_images[0], studies / nih_images[0].name)  # a PNG the table has
+    shutil.copy(nih_images[1], studies / "png_named.dcm")  # a PNG it has not
+    (studies / "empty.png").write_bytes(b"")
+    (studies / "notes.dcm").write_text("exported by hand\n")
+    os.mkfifo(studies / "pipe.png")
+    (studies / "loop_a").symlink_to("loop_b")
+    (studies / "loop_b").symlink_to("loop_a")
+    out = tmp_path / "out"
+    proc = cli("scan", studies, "--out", out, "--metadata", nih / "labels.csv", "--weights", small_bundle,
+               "--device", "cpu", "--no-pdf", timeout=300)
+    assert proc.returncode == 3, proc.stderr  # the empty file, the FIFO and the loop failed, with their rows
+    assert "has a row for 1 of 2 files" in proc.stderr and "1 get no patient data" in proc.stderr
+    match = json.loads((out / "run.json").read_text())["metadata_match"]
+    assert match["files"] == 2 and match["matched"] == 1 and match["unmatched_example"] == "png_named.dcm"
+    rows = {r["file"]: r for r in read_results(out / "results.csv")}
+    assert {f for f, r in rows.items() if r["status"] == "ok"} == {"dicom_named.png", "nopreamble.dcm",
+                                                                   nih_images[0].name, "png_named.dcm"}
+    assert rows["nopreamble.dcm"]["age_source"].startswith("header:")
+    assert rows[nih_images[0].name]["age_source"] == "metadata"

@@ -99,3 +99,26 @@ def test_p_any_undoes_a_site_calibration_so_the_buckets_stay_as_validated():
     p = vec(Effusion=0.3)
     shifted = 1 / (1 + np.exp(-(np.log(p / (1 - p)) - 0.4)))  # what the site-calibrated bundle outputs
     assert site.p_any(shifted) == pytest.approx(base.p_any(p))
+
+
+@pytest.mark.parametrize("ladder", [{"0.90": "abc"}, {"0.90": -0.1}, {"0.90": 1.5}, {"0.90": float("nan")},
+                                    {"0.90": 0.0}, {"0.90": 1.0}, {"0.90": None}, {"0.90": True},
+                                    {"abc": 0.1}, {"nan": 0.1}, {"5": 0.1}, {"0.9": 0.1, "0.90": 0.2}, [0.1],
+                                    {"0.50": 0.01, "0.90": 0.5}])  # last: a higher sensitivity, a higher threshold
+def test_a_garbage_sensitivity_ladder_is_refused_naming_the_finding(ladder):
+    """calibrate's sensitivity:S takes a finding with few site positives from this ladder: a
+    tampered rung must stop the bundle loading (as any malformed triage table does), never
+    become a traceback in calibrate or a NaN / wrong threshold in a new bundle."""
+    manifest = {"thresholds": {f: 0.5 for f in FINDINGS},
+                "triage": {"findings": {"Hernia": {"flagged": True, "thresholds_at_sensitivity": ladder}}}}
+    with pytest.raises(TriageError, match=r"triage\.findings\.Hernia\.thresholds_at_sensitivity"):
+        TriagePolicy.from_manifest(manifest)
+
+
+def test_an_empty_or_absent_sensitivity_ladder_means_none():
+    from cxr_batch.triage import sensitivity_ladder
+
+    assert sensitivity_ladder({}, "Hernia") is None
+    assert sensitivity_ladder({"thresholds_at_sensitivity": {}}, "Hernia") is None
+    assert sensitivity_ladder({"thresholds_at_sensitivity": {"0.95": 0.01, "0.50": 0.05, "0.90": 0.01}}, "Hernia") == [
+        (0.5, 0.05), (0.9, 0.01), (0.95, 0.01)]
