@@ -54,6 +54,7 @@ class OperatingPoint:
     ``why`` says why."""
 
     flagged: bool = True
+    ppv_at_site: bool = False  # the PPV was measured at a calibrating site's own prevalence, not NIH's
     sensitivity: float | None = None
     specificity: float | None = None
     ppv: float | None = None
@@ -140,8 +141,13 @@ class Evidence:
             return f"{name}: sensitivity at its threshold not measured for these weights"
         if counts.positives == 0:
             return f"{name}: sensitivity not measured (no held-out image had it)"
-        return (f"{name}: sensitivity {counts.tp / counts.positives:.2f} at its threshold "
-                f"(flagged {counts.tp} of {counts.positives} held-out images that had it)")
+        held_out = (f"sensitivity {counts.tp / counts.positives:.2f} at its threshold "
+                    f"(flagged {counts.tp} of {counts.positives} held-out images that had it)")
+        if point is not None and point.sensitivity is not None:
+            # both measured: the flag's "sens." elsewhere on the report is the operating point's, so
+            # say both, each with its source, rather than two numbers that seem to disagree
+            return f"{name}: {held_out}; {point.sensitivity:.2f} {self.triage_source or 'in validation'}"
+        return f"{name}: {held_out}"
 
 
 def _triage_evidence(manifest: dict) -> tuple[dict[str, OperatingPoint], StudyLevel, str | None]:
@@ -158,6 +164,7 @@ def _triage_evidence(manifest: dict) -> tuple[dict[str, OperatingPoint], StudyLe
         positives = row.get("positives")
         points[f] = OperatingPoint(
             flagged=row.get("flagged", True) is not False, sensitivity=_finite(row.get("sensitivity")),
+            ppv_at_site=row.get("ppv_at_nih_prevalence") is None and row.get("ppv_at_site") is not None,
             specificity=_finite(row.get("specificity")),
             ppv=_finite(row.get("ppv_at_nih_prevalence") if row.get("ppv_at_nih_prevalence") is not None
                         else row.get("ppv_at_site")),

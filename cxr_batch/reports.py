@@ -471,9 +471,10 @@ def _findings_and_image(record: StudyRecord, grey: np.ndarray | None, info: Mode
                else Paragraph("<i>Image not available</i>", st["cell"]))
     ev = info.evidence
     where = f" ({ev.triage_source})" if ev.triage_source else ""
+    prevalence = "this site's" if any(p.ppv_at_site for p in ev.operating_points.values()) else "NIH"
     legend = Paragraph(escape(
         "A flag's sens. / PPV: of the validation studies that had the finding, the share it flagged; of the studies "
-        f"it flagged, the share that had it, at NIH prevalence{where}." + (
+        f"it flagged, the share that had it, at {prevalence} prevalence{where}." + (
             " Never flagged: its validation ranking was no better than chance." if any(
                 not p.flagged for p in ev.operating_points.values()) else "")), st["small"])
     return _table([[[_findings_table(record, info, urgent, table_w - PAD, st), legend],

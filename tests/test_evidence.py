@@ -93,3 +93,31 @@ def test_save_bundle_records_the_intended_use(tmp_path):
                          intended_use="Research use only, not for clinical use: a test.")
     bundle = load_bundle(folder)
     assert bundle_evidence(bundle.manifest, bundle.path).intended_use == "Research use only, not for clinical use: a test."
+
+
+def test_a_finding_measured_both_out_of_fold_and_held_out_says_both_with_their_sources():
+    """v3's pneumothorax: 0.23 at its operating point out of fold (what every flag's 'sens.'
+    shows), 0 of 10 on the held-out test. The line under the bucket says both, each named, so
+    a radiologist does not see two numbers that seem to contradict each other."""
+    import json
+
+    from cxr_batch.bundle import DEFAULT_BUNDLE
+
+    manifest = json.loads((DEFAULT_BUNDLE / "manifest.json").read_text())
+    line = bundle_evidence(manifest, DEFAULT_BUNDLE).sensitivity("Pneumothorax")
+    point = manifest["triage"]["findings"]["Pneumothorax"]
+    counts = manifest["metrics"]["per_finding"]["Pneumothorax"]
+    positives = counts["tp"] + counts["fn"]
+    assert f"flagged {counts['tp']} of {positives} held-out images" in line
+    assert f"; {point['sensitivity']:.2f} out of fold on 1250 development images" in line
+
+
+def test_a_site_calibrated_ppv_is_marked_as_the_sites_not_nihs():
+    """After calibrate with a rule, a finding's PPV is the site's (ppv_at_site); the study report's
+    legend must then not say 'at NIH prevalence'."""
+    base = {"flagged": True, "sensitivity": 0.5, "specificity": 0.9}
+    site = {"triage": {"findings": {"Effusion": {**base, "ppv_at_nih_prevalence": None, "ppv_at_site": 0.4}}}}
+    nih = {"triage": {"findings": {"Effusion": {**base, "ppv_at_nih_prevalence": 0.2}}}}
+    assert bundle_evidence(site).operating_points["Effusion"].ppv_at_site
+    assert bundle_evidence(site).operating_points["Effusion"].ppv == 0.4
+    assert not bundle_evidence(nih).operating_points["Effusion"].ppv_at_site
