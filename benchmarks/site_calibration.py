@@ -83,6 +83,9 @@ def main() -> None:
                   f"sensitivity on B {macro:.3f}; evaluation.json names each bundle_sha256: {names_ok}", flush=True)
             print(f"     ECE a perfectly calibrated model would show on these {row[1]} studies (labels drawn from the "
                   f"calibrated probabilities, 200 draws): median {floor[0]:.4f}, 90th percentile {floor[1]:.4f}")
+            moved = [line.split()[0] + " (" + line.split("intercept ")[1].split()[0].rstrip(",") + ")"
+                     for line in default.lines if line.rstrip().endswith("fitted")]
+            print(f"     the default calibration moved: {', '.join(moved) or 'nothing'} (logit offset)")
             for line in default.lines[:1] + sens.lines[-3:]:
                 print("    ", line)
     ece_ok = sum(r[3] <= 0.015 for r in summary)
