@@ -266,6 +266,15 @@ def moved_operating_points(base: Bundle, on_top: Calibration) -> dict:
     return {f: float(np.clip(moved[k], 1e-6, 1 - 1e-6)) for k, f in enumerate(FINDINGS)}
 
 
+def calibrations_since(table: dict) -> Calibration:
+    """The site calibrations a triage table's study-level model and ladders have seen applied
+    since they were fitted (``input_calibration``), as one; identity when none."""
+    undo = table.get("input_calibration")
+    if not isinstance(undo, dict):
+        return Calibration.identity("platt")
+    return Calibration("platt", np.asarray(undo["slope"], dtype=float), np.asarray(undo["intercept"], dtype=float))
+
+
 def _ladders(base: Bundle) -> dict:
     """finding -> its (sensitivity, threshold) rungs, for the findings whose bundle stores them
     (checked when the bundle loaded: :func:`cxr_batch.triage.sensitivity_ladder`)."""
@@ -282,10 +291,7 @@ def ladder_thresholds(base: Bundle, on_top: Calibration, target: float) -> dict:
     calibrations the bundle has had since (``triage.input_calibration``: the ladder was measured
     before them) and then the new one. What ``sensitivity:S`` uses for a finding with too few
     positives at the site to choose its own."""
-    undo = (base.manifest.get("triage") or {}).get("input_calibration")
-    since = Calibration("platt", np.asarray(undo["slope"], dtype=float), np.asarray(undo["intercept"], dtype=float)) \
-        if isinstance(undo, dict) else Calibration.identity("platt")
-    total = since.then(on_top)
+    total = calibrations_since(base.manifest.get("triage") or {}).then(on_top)
     out = {}
     for f, rungs in _ladders(base).items():
         k = FINDINGS.index(f)
@@ -448,10 +454,7 @@ def calibrated_triage(table, on_top: Calibration, choice: ThresholdChoice, rule:
     if not isinstance(table, dict):
         return None
     table = json.loads(json.dumps(table))  # a copy
-    undo = table.get("input_calibration")
-    before = Calibration("platt", np.asarray(undo["slope"], dtype=float), np.asarray(undo["intercept"], dtype=float)) \
-        if isinstance(undo, dict) else Calibration.identity("platt")
-    total = before.then(on_top)
+    total = calibrations_since(table).then(on_top)
     table["input_calibration"] = {"slope": total.slope.tolist(), "intercept": total.intercept.tolist(),
                                   "why": "the site calibrations since the study-level model was fitted: P(any) undoes "
                                          "them, so it sees the probabilities it was fitted on"}

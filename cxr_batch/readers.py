@@ -58,11 +58,6 @@ def content_kind(path: Path) -> str | None:
         return None
 
 
-def is_dicom_file(path: Path) -> bool:
-    """True when the file's content is DICOM (with or without the preamble), whatever its name."""
-    return content_kind(path) == "dicom"
-
-
 def read_pil(path: Path, rules: ScoringRules, min_side: int = 0, kind: str | None = None) -> np.ndarray:
     """Decode a PNG/JPEG to a uint8 grey array, refusing oversized and colour images. A JPEG
     is decoded through its DCT scaling (1/2, 1/4, 1/8) when a short side of ``min_side`` is
