@@ -15,6 +15,7 @@ import numpy as np
 
 from .acquisition import Acquisition
 from .config import bounded, validate
+from .display import format_date
 from .patient import PatientData
 
 
@@ -25,10 +26,10 @@ MAX_LENGTH = {
     "patient_name": 3 * 64 + 2,  # PN: up to 64 characters in each of 3 component groups
     "study_uid": 64, "series_uid": 64, "sop_uid": 64,  # UI
     "accession_number": 16,  # SH
-    "study_date": 8,  # DA
+    "study_date": 32,  # DA: 8, once read as a date (DATE_FIELDS); an unreadable value is kept whole
     "institution": 64,  # LO
     "sop_class_uid": 64,  # UI
-    "patient_birth_date": 8,  # DA
+    "patient_birth_date": 32,  # DA, as study_date
     "patient_sex": 16,  # CS
     "patient_age": 4,  # AS
     "study_time": 16,  # TM
@@ -38,6 +39,17 @@ MAX_LENGTH = {
 
 
 UID_FIELDS = ("study_uid", "series_uid", "sop_uid", "sop_class_uid")
+# Dates held as DICOM DA (YYYYMMDD) whatever spelling they came in (an ACR-NEMA header's
+# 2024.03.01, a metadata table's ISO 2024-03-01): cutting those to DA's 8 characters made
+# "2024.03." (read nowhere as a date) and a bad value such as 2024-13-45 into "2024-13-".
+DATE_FIELDS = ("study_date", "patient_birth_date")
+
+
+def dicom_date(value) -> str:
+    """A date identifier as DICOM DA when a date can be read from it, else as it came (cleaned)."""
+    text = clean_text(value, MAX_LENGTH["study_date"])
+    iso = format_date(text)
+    return iso.replace("-", "") if iso else text
 
 
 def derived_uid(*parts: str) -> str:
@@ -91,6 +103,8 @@ class Identifiers:
     def __setattr__(self, name: str, value) -> None:
         if name in UID_FIELDS:
             value = clean_uid(value)
+        elif name in DATE_FIELDS:
+            value = dicom_date(value)
         elif name in MAX_LENGTH:
             value = clean_text(value, MAX_LENGTH[name])
         super().__setattr__(name, value)

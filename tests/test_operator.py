@@ -20,6 +20,7 @@ import pytest
 from cxr_batch.folderlock import FolderLock
 from cxr_batch.results import AtomicCsvWriter, read_records, read_results
 from cxr_batch.scan import ScanConfig, run_scan
+from cxr_batch.study import Identifiers
 
 from .dicomgen import grey, write
 from .test_evaluate_calibrate import cli_here
@@ -314,6 +315,23 @@ def test_study_date_reads_as_a_date_in_pandas_and_back_as_dicom(tmp_path, nih_im
     table = pd.read_csv(tmp_path / "out" / "results.csv")
     assert table["study_date"].tolist() == ["2024-03-01"]  # text, not the float 20240301.0
     assert read_records(tmp_path / "out" / "results.csv")[0].ids.study_date == "20240301"  # DICOM DA again
+
+
+def test_a_date_in_another_spelling_is_read_not_cut_to_eight_characters(tmp_path, nih_images, small_bundle):
+    """An ACR-NEMA date (2024.03.01: old archives) or an ISO one is the same date; a value no
+    date can be read from is kept whole, never cut into another-looking value ('2024-13-')."""
+    studies = tmp_path / "studies"
+    write(studies / "a.dcm", grey(nih_images[0]), StudyDate="2024.03.01", PatientBirthDate="1950.02.03")
+    write(studies / "b.dcm", grey(nih_images[1]), StudyDate="2024-13-45")
+    run_scan(studies, tmp_path / "out", quick(small_bundle, pdf=False))
+    table = pd.read_csv(tmp_path / "out" / "results.csv", dtype=str).set_index("file")
+    assert table.loc["a.dcm", "study_date"] == "2024-03-01"
+    assert table.loc["b.dcm", "study_date"] == "2024-13-45"
+    records = {r.file: r for r in read_records(tmp_path / "out" / "results.csv")}
+    assert records["a.dcm"].ids.study_date == "20240301"
+    ids = Identifiers(study_date="2024-03-01", patient_birth_date="1950-02-03")  # e.g. from a metadata CSV
+    assert (ids.study_date, ids.patient_birth_date) == ("20240301", "19500203")
+    assert Identifiers(study_date=" 20240301 ").study_date == "20240301"
 
 
 def test_log_lines_do_not_break_the_progress_bar(studies, tmp_path, small_bundle):
