@@ -4,6 +4,7 @@ attacking cxr-batch, and was written before its fix."""
 from __future__ import annotations
 
 import copy
+import time
 
 import pydicom
 import pytest
@@ -89,6 +90,49 @@ class SlowPACS(ScriptedPACS):
         for ds in chosen:
             time.sleep(1.0)
             yield 0xFF00, ds
+
+
+class SlowFindPACS(ScriptedPACS):
+    """Takes its time over every series-level C-FIND: a stop can come while one waits."""
+
+    def find(self, event):
+        import time
+
+        if event.identifier.QueryRetrieveLevel == "SERIES":
+            time.sleep(3.0)
+        yield from super().find(event)
+
+
+def test_a_stop_while_a_query_waits_is_a_stop_not_a_pacs_that_failed(tmp_path, nih_images):
+    """Ctrl-C aborts the association of a C-FIND in progress; that abort is ours: the pull says
+    it stopped (exit 3, 'run the same pull again'), not that the PACS did not answer (exit 1)."""
+    import threading
+
+    from cxr_batch.integration.pull import PullConfig, Source, Stopped
+
+    file = write(tmp_path / "pacs" / "a.dcm", _pixels(nih_images[0]), StudyDate="20240301")
+    pacs = SlowFindPACS([file])
+    try:
+        source = Source(PullConfig(source=pacs.address, retrieve="get", query_timeout=30))
+        query = pydicom.Dataset()
+        query.QueryRetrieveLevel, query.StudyInstanceUID = "SERIES", pydicom.dcmread(file).StudyInstanceUID
+        query.SeriesInstanceUID, query.Modality = "", ""
+        outcome = []
+
+        def ask():
+            try:
+                outcome.append(source.find(query))
+            except Exception as e:  # what the retrieval thread would see
+                outcome.append(e)
+        thread = threading.Thread(target=ask)
+        thread.start()
+        time.sleep(1.0)  # the C-FIND is waiting for its answer
+        source.shutdown()
+        thread.join(timeout=20)
+    finally:
+        pacs.close()
+    assert not thread.is_alive() and len(outcome) == 1
+    assert isinstance(outcome[0], Stopped), repr(outcome[0])
 
 
 def test_ctrl_c_during_a_pull_keeps_what_came_and_the_same_pull_finishes_once(tmp_path, nih_images, small_bundle):

@@ -281,6 +281,8 @@ class Source:
                     self.abort()
                     raise TooMany(f"more than {cap} answers")
         code = int(status.Status) if status is not None and "Status" in status else None
+        if code is None and self.stopped:  # our own stop aborted it (Ctrl-C): not the PACS's failure
+            raise Stopped()
         if code is None:
             self.abort()
             raise PullError(f"the PACS {self.pacs} did not answer a C-FIND within {self.cfg.query_timeout:g} s "
@@ -309,6 +311,8 @@ class Source:
         status = None
         for status, _ in answers:
             pass
+        if (status is None or "Status" not in status) and self.stopped:  # aborted by our own stop
+            raise Stopped()
         if status is None or "Status" not in status:
             self.abort()
             return 0, -1  # no final answer: nothing is known of what arrived
