@@ -29,6 +29,13 @@ from .patient import PatientData, patient_from_values
 from .study import Identifiers, ReadError, ScoringRules, SkipStudy, StudyFailure, StudyHeader, StudyImage, check_view
 
 log = logging.getLogger("cxr_batch")
+# pydicom's checks of header values on reading quote the value in a warning and a log line
+# ("Invalid value for VR DA: '1950-02-03'"): a birth date, a name or an ID in the log, which
+# carries no patient identifier. cxr-batch's own readers check what the result depends on and
+# say it in the result's notes without the value (an age that cannot be read, a date that is
+# not one), and clean what they write into a DICOM object to its VR (cxr_batch.study, sr).
+pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
+
 DEFLATED = "1.2.840.10008.1.2.1.99"
 HEADER_PROBE_BYTES = 1 << 16  # what is read to recognise a DICOM file without its preamble
 

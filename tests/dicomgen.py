@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,20 @@ from cxr_batch.dicom_build import radiograph, save
 
 HEADER = dict(PatientID="P001", PatientName="DOE^JANE", PatientAge="057Y", PatientSex="F", ViewPosition="PA",
               StudyDate="20240301", AccessionNumber="A123")
+
+
+@contextmanager
+def pydicom_checking():
+    """pydicom's own checks of header values, which cxr-batch turns off (cxr_batch.dicom: they
+    quote the value in the log), on again for a test that shows a value it writes is invalid."""
+    import pydicom
+
+    before = pydicom.config.settings.reading_validation_mode
+    pydicom.config.settings.reading_validation_mode = pydicom.config.WARN
+    try:
+        yield
+    finally:
+        pydicom.config.settings.reading_validation_mode = before
 
 
 def grey(path: Path) -> np.ndarray:

@@ -334,6 +334,22 @@ def test_a_date_in_another_spelling_is_read_not_cut_to_eight_characters(tmp_path
     assert Identifiers(study_date=" 20240301 ").study_date == "20240301"
 
 
+def test_a_header_value_pydicom_finds_invalid_is_not_printed(tmp_path, nih_images, small_bundle):
+    """pydicom warns about invalid header values by quoting them ('Invalid value for VR DA:
+    '1950-02-03''): a birth date, a name, an ID in the log, beside library paths. The log carries
+    no patient identifier; what matters to the result is said in its notes, without the value."""
+    studies = tmp_path / "studies"
+    write(studies / "a.dcm", grey(nih_images[0]), PatientBirthDate="1950-02-03", PatientAge="58 years",
+          PatientID="ZQ" * 40, StudyDate="2024-13-45")
+    proc = cli("scan", studies, "--out", tmp_path / "out", "--weights", small_bundle, "--device", "cpu", "--dicom-sr")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    for leak in ("1950-02-03", "58 years", "ZQZQ", "2024-13-45", "UserWarning", "valuerep"):
+        assert leak not in proc.stderr, proc.stderr[-2000:]
+    row = pd.read_csv(tmp_path / "out" / "results.csv", dtype=str).iloc[0]
+    assert "age" in row["notes"] and row["age_source"] == "unknown"
+
+
+
 def test_log_lines_do_not_break_the_progress_bar(studies, tmp_path, small_bundle):
     """On a terminal: a warning printed mid-scan starts a line of its own, above the bar."""
     import fcntl

@@ -25,7 +25,7 @@ from cxr_batch.results import read_results
 from cxr_batch.scan import ScanConfig, run_scan
 from cxr_batch.sr import (FINDING_CODES, PRIORITY_CODES, PROBABILITY_UNIT, SRFactory, SRNotMade, build_sr, device_uid,
                           source_image, sr_bytes, sr_uids)
-from tests.dicomgen import HEADER, grey, have, write
+from tests.dicomgen import HEADER, grey, have, pydicom_checking, write
 
 # pydicom warns, rightly, whenever the hostile source's values are read (by the scan too)
 pytestmark = pytest.mark.filterwarnings("ignore:.*(exceeds the maximum|Invalid value for VR):UserWarning")
@@ -52,7 +52,7 @@ def sr_scan(tmp_path_factory, nih_images, small_bundle):
     write(studies / "full.dcm", grey(nih_images[0]), **FULL)
     write(studies / "utf8" / "IM0001", grey(nih_images[1]), PatientName=UTF8_NAME, SpecificCharacterSet="ISO_IR 192",
           **FULL)
-    with pytest.warns(UserWarning):  # pydicom warns while writing the invalid values, as it should
+    with pytest.warns(UserWarning), pydicom_checking():  # pydicom finds the values invalid, as it should
         write(studies / "hostile.dcm", grey(nih_images[2]), **LONG)
     write(studies / "lateral.dcm", grey(nih_images[3]), ViewPosition="LL")
     shutil.copy(nih_images[4], studies / nih_images[4].name)
