@@ -33,7 +33,7 @@ import numpy as np
 from scipy.special import expit, logit
 
 from . import __version__, metrics
-from .bundle import DEFAULT_BUNDLE, WEIGHTS_FILE, Bundle, BundleError, load_bundle, sha256_file, write_manifest
+from .bundle import DEFAULT_BUNDLE, WEIGHTS_FILE, Bundle, BundleError, is_bundle, load_bundle, sha256_file, write_manifest
 from .calibration import (FINDING_MARGIN_SE, FOLDS, MARGIN_SE, METHODS, MIN_POSITIVES, PULL, Calibration,
                           FitReport, fit_findings, from_fits)
 from .discover import find_candidates
@@ -111,6 +111,9 @@ def check_destination(out: Path, base: Path) -> None:
     out, base = out.resolve(), base.resolve()
     if out == base or base in out.parents:
         raise BundleError(f"--out {out} is the base bundle or inside it; the base bundle is never changed")
+    inside = next((folder for folder in out.parents if is_bundle(folder)), None)
+    if inside is not None:  # a bundle in a bundle: the outer one's folder is no longer its own
+        raise BundleError(f"--out {out} is inside the weights bundle {inside}; choose a folder of its own")
     # a new bundle beside the base (weights/NEW) is fine: only the base itself is protected
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise BundleError(f"--out {out} already exists and is not an empty folder; choose a new folder")

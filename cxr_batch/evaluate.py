@@ -235,8 +235,20 @@ def run_evaluate(studies: Path, labels: LabelTable, out: Path, cfg: ScanConfig =
     result["labels"] = {"file": str(labels.path), "sha256": labels.sha256}
     result["results_csv"] = str(summary.results)
     text = json.dumps(result, indent=2, allow_nan=False) + "\n"
-    atomic_write_bytes(out / "evaluation.json", text.encode(), mode=0o640)
     from .evaluation_report import write_evaluation_pdf  # matplotlib only when the report is drawn
 
-    write_evaluation_pdf(result, data.y, data.p, out / "evaluation.pdf")
+    # the PDF, then evaluation.json, the mark of a complete evaluation: a stop or a failure in
+    # between leaves neither (the scan's overwrite removed the earlier evaluation's, so nothing
+    # here describes other results)
+    try:
+        write_evaluation_pdf(result, data.y, data.p, out / "evaluation.pdf")
+        atomic_write_bytes(out / "evaluation.json", text.encode(), mode=0o640)
+    except BaseException as e:
+        for name in ("evaluation.pdf", "evaluation.json"):
+            (out / name).unlink(missing_ok=True)
+        if isinstance(e, KeyboardInterrupt):
+            raise KeyboardInterrupt(f"interrupted (Ctrl-C) after the scan: {summary.results} holds its rows, no "
+                                    f"evaluation was written; run the command again with another --out (or remove "
+                                    f"that results.csv)") from None
+        raise
     return result, summary

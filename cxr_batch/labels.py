@@ -201,7 +201,7 @@ def mismatch_lines(summary: dict) -> list[str]:
     if alone:
         out.append(f"{len(alone)} labelled studies have no Patient ID (in the labels or their header): each is counted "
                    f"as its own patient, so the intervals and the folds by patient assume no patient has two of "
-                   f"them; add the labels' 'Patient ID' column")
+                   f"them; give each its patient in the labels' 'Patient ID' column")
     return out
 
 

@@ -1,0 +1,80 @@
+"""An unlucky operator of evaluate and calibrate: stopped half-way, pointed at the wrong folder.
+Whatever is left in the folder must never be an evaluation or a bundle that a reader would trust
+for numbers it does not hold."""
+
+import json
+
+import pytest
+
+import cxr_batch.evaluation_report
+from cxr_batch.evaluate import run_evaluate
+from cxr_batch.labels import read_labels
+from cxr_batch.scan import ScanConfig
+
+from .test_evaluate_calibrate import cli_here
+
+FAST = ScanConfig(device="cpu", batch_size=8, workers=0, progress=False, precision="fp32")
+
+
+def labels_of(tmp_path, studies, nih, name):
+    """The NIH labels of the images in ``studies`` (a table of their own: an evaluation names it)."""
+    wanted = {p.name for p in studies.iterdir()}
+    lines = (nih / "labels.csv").read_text().splitlines()
+    path = tmp_path / name
+    path.write_text("\n".join([lines[0]] + [r for r in lines[1:] if r.split(",")[0] in wanted]) + "\n")
+    return path
+
+
+def test_an_evaluation_stopped_while_writing_leaves_no_earlier_evaluation_beside_new_results(
+        tmp_path, nih, studies, small_bundle, monkeypatch):
+    """Ctrl-C while evaluation.pdf was drawn left the new results.csv and evaluation.json beside
+    the evaluation.pdf of the earlier evaluation (other studies, other numbers), and the command
+    said 'nothing was written'."""
+    out = tmp_path / "eval"
+    cfg = ScanConfig(**{**FAST.__dict__, "weights": str(small_bundle)})
+    first = sorted(studies.iterdir())[:3]
+    few = tmp_path / "few"
+    few.mkdir()
+    for p in first:
+        (few / p.name).write_bytes(p.read_bytes())
+    run_evaluate(few, read_labels(labels_of(tmp_path, few, nih, "few.csv")), out, cfg, n_bootstrap=0)
+    assert json.loads((out / "evaluation.json").read_text())["n_studies"] == 3
+
+    def stopped(*_args, **_kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cxr_batch.evaluation_report, "write_evaluation_pdf", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        run_evaluate(studies, read_labels(labels_of(tmp_path, studies, nih, "all.csv")), out, cfg, n_bootstrap=0)
+    assert not (out / "evaluation.pdf").exists(), "the earlier evaluation's PDF is left beside the new results"
+    assert not (out / "evaluation.json").exists(), "an evaluation.json without its PDF reads as complete"
+    assert len((out / "results.csv").read_text().splitlines()) == 7  # the scan itself is kept
+
+
+def test_ctrl_c_after_the_scan_says_what_was_written(tmp_path, nih, studies, small_bundle, monkeypatch):
+    def stopped(*_args, **_kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cxr_batch.evaluation_report, "write_evaluation_pdf", stopped)
+    code, err = cli_here("evaluate", studies, "--labels", labels_of(tmp_path, studies, nih, "l.csv"), "--out",
+                         tmp_path / "eval", "--weights", small_bundle, "--device", "cpu", "--workers", 0,
+                         "--bootstrap", 0)
+    assert code == 130 and "Traceback" not in err
+    assert "nothing was written" not in err and "results.csv" in err and "no evaluation" in err, err
+
+
+def test_calibrate_never_writes_its_bundle_inside_another_bundle(tmp_path, nih, studies, small_bundle):
+    """--out inside a bundle other than the base (weights/cxr-fpn-v2/site) made a bundle inside a
+    bundle; only the base was protected."""
+    import shutil
+
+    from cxr_batch.bundle import BundleError
+    from cxr_batch.calibrate import CalibrateOptions, run_calibrate
+
+    other = tmp_path / "other-bundle"
+    shutil.copytree(small_bundle, other)
+    before = sorted(p.name for p in other.iterdir())
+    opts = CalibrateOptions(weights=str(small_bundle), device="cpu", workers=0, progress=False)
+    with pytest.raises(BundleError, match="inside the weights bundle"):
+        run_calibrate(studies, read_labels(labels_of(tmp_path, studies, nih, "l.csv")), other / "site", opts)
+    assert sorted(p.name for p in other.iterdir()) == before
