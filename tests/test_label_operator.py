@@ -78,3 +78,51 @@ def test_calibrate_never_writes_its_bundle_inside_another_bundle(tmp_path, nih, 
     with pytest.raises(BundleError, match="inside the weights bundle"):
         run_calibrate(studies, read_labels(labels_of(tmp_path, studies, nih, "l.csv")), other / "site", opts)
     assert sorted(p.name for p in other.iterdir()) == before
+
+
+def test_the_same_command_finishes_an_evaluation_that_was_stopped_while_writing(
+        tmp_path, nih, studies, small_bundle, monkeypatch):
+    """After a stop while the evaluation was written, the folder holds the scan without an
+    evaluation.json, which read as 'a scan's results' and refused the very command that made them."""
+    out, labels = tmp_path / "eval", labels_of(tmp_path, studies, nih, "l.csv")
+    args = ("evaluate", studies, "--labels", labels, "--out", out, "--weights", small_bundle, "--device", "cpu",
+            "--workers", 0, "--bootstrap", 0)
+    real = cxr_batch.evaluation_report.write_evaluation_pdf
+
+    def full(*_args, **_kwargs):
+        raise OSError(28, "No space left on device")  # as reportlab raises it: no file name
+
+    monkeypatch.setattr(cxr_batch.evaluation_report, "write_evaluation_pdf", full)
+    code, err = cli_here(*args)
+    assert code == 1 and "evaluation.pdf: No space left on device" in err and "no evaluation was written" in err, err
+    monkeypatch.setattr(cxr_batch.evaluation_report, "write_evaluation_pdf", real)
+    code, err = cli_here(*args)
+    assert code == 0 and (out / "evaluation.json").is_file() and (out / "evaluation.pdf").is_file(), err
+
+
+def test_results_of_a_scan_are_still_never_taken_for_an_evaluation(tmp_path, nih, studies, small_bundle):
+    out, labels = tmp_path / "eval", labels_of(tmp_path, studies, nih, "l.csv")
+    common = ("--weights", small_bundle, "--device", "cpu", "--workers", 0)
+    code, err = cli_here("scan", studies, "--out", out, "--no-pdf", *common)
+    assert code == 0, err
+    code, err = cli_here("evaluate", studies, "--labels", labels, "--out", out, "--bootstrap", 0, *common)
+    assert code == 1 and "holds the results of a scan" in err
+
+
+def test_a_full_disk_while_evaluation_pdf_is_written_is_said_as_a_full_disk(tmp_path, nih, studies, small_bundle,
+                                                                             small_disk):
+    """matplotlib wrote the PDF to disk as it drew it: on a full disk the OSError was replaced by
+    zlib's 'Error -2 while flushing: inconsistent stream state' ('unexpected error')."""
+    import shutil
+
+    out, labels = small_disk / "eval", labels_of(tmp_path, studies, nih, "l.csv")
+    args = ("evaluate", studies, "--labels", labels, "--out", out, "--weights", small_bundle, "--device", "cpu",
+            "--workers", 0, "--bootstrap", 0)
+    free = shutil.disk_usage(small_disk).free
+    (small_disk / "filler").write_bytes(b"\0" * (free - 40 * 1024))  # room for results.csv, not for the PDF
+    code, err = cli_here(*args)
+    assert code == 1 and "evaluation.pdf: No space left on device" in err and "unexpected" not in err, err
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == ["results.csv", "run.json"]
+    (small_disk / "filler").unlink()
+    code, err = cli_here(*args)  # room again: the same command finishes the evaluation
+    assert code == 0 and (out / "evaluation.pdf").is_file(), err
