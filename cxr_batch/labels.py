@@ -107,6 +107,10 @@ def read_labels(path: Path | str) -> LabelTable:
         raise LabelsError(f"labels file {path} has no rows")
     checks = (
         (names == "", f"an empty '{FILE_COLUMN}'"),
+        # files match their rows by name (the patient columns too, as --metadata): a path matched
+        # nothing as patient data, and the study was scored without age, sex and view
+        (names.str.contains(r"[/\\]"), f"a path, not a file name, in '{FILE_COLUMN}' (write the file's name "
+                                         f"alone, as the NIH table does)"),
         (labels == "", f"an empty '{LABEL_COLUMN}' (write '{NO_FINDING}' for a normal study)"),
         (labels.str.contains(NO_FINDING, regex=False) & (labels != NO_FINDING), f"'{NO_FINDING}' together with a finding"),
     )

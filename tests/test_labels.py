@@ -161,3 +161,11 @@ def test_patient_columns_unused_without_patient_id_are_said(tmp_path, caplog):
                                    header="Image Index,Finding Labels,Patient Age,Patient Gender,View Position\n"))
     assert not labels.has_patient_data
     assert "lacks 'Patient ID'" in caplog.text and "not used as patient data" in caplog.text
+
+
+@pytest.mark.parametrize("name", ["png/a.png", "C:\\\\export\\\\a.png"])
+def test_an_image_index_that_is_a_path_is_refused(tmp_path, name):
+    """'png/a.png' matched its file by stem, but as patient data (matched by file name) it
+    matched nothing: the study was scored without age, sex and view, and nothing said why."""
+    with pytest.raises(LabelsError, match=r"a path, not a file name, .* in row 2"):
+        read_labels(write(tmp_path, [f"{name},Mass,0,1,50,M,PA"]))
