@@ -14,7 +14,7 @@ import hashlib
 import io
 import logging
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 import numpy as np
@@ -179,7 +179,7 @@ class Matching:
     labelled_not_scored: list[dict]  # {file, status, reason}: skipped or failed
     labels_without_file: list[str]
     ambiguous: list[str]  # label names that several files match
-    without_patient_id: list[str]  # scored, labelled files with no patient ID: each its own patient
+    without_patient_id: list[str] = field(default_factory=list)  # scored, labelled, no patient ID: own patient
 
     def summary(self) -> dict:
         return {"labelled_and_scored": len(self.pairs), "scored_without_label": self.scored_without_label,
