@@ -126,3 +126,21 @@ def test_a_full_disk_while_evaluation_pdf_is_written_is_said_as_a_full_disk(tmp_
     (small_disk / "filler").unlink()
     code, err = cli_here(*args)  # room again: the same command finishes the evaluation
     assert code == 0 and (out / "evaluation.pdf").is_file(), err
+
+
+def test_calibrate_stopped_while_its_bundle_is_written_leaves_nothing(tmp_path, nih, studies, small_bundle,
+                                                                      monkeypatch):
+    """Ctrl-C after the weights were copied and before the bundle was put in place: no folder at
+    --out, no temp folder beside it, and the command says it stopped (exit 130)."""
+    import cxr_batch.calibrate
+
+    def stopped(*_args, **_kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cxr_batch.calibrate, "write_manifest", stopped)
+    parent = tmp_path / "bundles"
+    parent.mkdir()
+    code, err = cli_here("calibrate", studies, "--labels", labels_of(tmp_path, studies, nih, "l.csv"), "--out",
+                         parent / "site", "--weights", small_bundle, "--device", "cpu", "--workers", 0)
+    assert code == 130 and "interrupted" in err and "Traceback" not in err, err
+    assert list(parent.iterdir()) == []
