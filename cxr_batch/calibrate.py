@@ -265,8 +265,12 @@ def moved_operating_points(base: Bundle, on_top: Calibration) -> dict:
     """The base bundle's thresholds carried through the new calibration: the probability the
     new bundle gives exactly where the base one gave its threshold, so the same studies flag."""
     z = np.array([math.log(base.thresholds[f] / (1 - base.thresholds[f])) for f in FINDINGS])
-    moved = expit(on_top.apply(z))
-    return {f: float(np.clip(moved[k], 1e-6, 1 - 1e-6)) for k, f in enumerate(FINDINGS)}
+    z_moved = on_top.apply(z)
+    moved = expit(z_moved)
+    # a finding the calibration leaves alone keeps its threshold exactly (logit and back changes
+    # the last bits: every threshold counted as moved when none had)
+    return {f: base.thresholds[f] if z_moved[k] == z[k] else float(np.clip(moved[k], 1e-6, 1 - 1e-6))
+            for k, f in enumerate(FINDINGS)}
 
 
 def calibrations_since(table: dict) -> Calibration:

@@ -144,3 +144,35 @@ def test_calibrate_stopped_while_its_bundle_is_written_leaves_nothing(tmp_path, 
                          parent / "site", "--weights", small_bundle, "--device", "cpu", "--workers", 0)
     assert code == 130 and "interrupted" in err and "Traceback" not in err, err
     assert list(parent.iterdir()) == []
+
+
+def test_calibrate_that_moves_nothing_says_so_and_keeps_every_threshold_exactly(tmp_path, nih, nih_images):
+    """On 3 studies nothing may move; with v3's thresholds the output said 'no finding's calibration
+    changed; 12 threshold(s) moved' above a table of 'threshold 0.1374 -> 0.1374': the thresholds
+    had gone through logit and back and differed in their last bits."""
+    import shutil
+
+    import torch
+
+    from cxr_batch.bundle import load_bundle, save_bundle
+    from cxr_batch.findings import FINDINGS
+    from cxr_batch.model import ModelConfig, build_model
+    from cxr_batch.patient import PatientEncoding
+    from cxr_batch.preprocess import Preprocessing
+
+    from .conftest import REPO
+
+    v3 = load_bundle(REPO / "weights" / "cxr-fpn-v3").thresholds
+    torch.manual_seed(0)
+    bundle = save_bundle(tmp_path / "b", build_model(ModelConfig(tabular_skip=True)), name="small", version="t",
+                         preprocessing=Preprocessing(image_size=96), encoding=PatientEncoding(),
+                         thresholds={f: v3[f] for f in FINDINGS})
+    studies = tmp_path / "three"
+    studies.mkdir()
+    for p in nih_images[:3]:
+        shutil.copy(p, studies / p.name)
+    code, err = cli_here("calibrate", studies, "--labels", labels_of(tmp_path, studies, nih, "l.csv"), "--out",
+                         tmp_path / "site", "--weights", bundle, "--device", "cpu", "--workers", 0)
+    assert code == 0, err
+    assert "no threshold moved either" in err and "threshold(s) moved" not in err, err
+    assert load_bundle(tmp_path / "site").thresholds == load_bundle(bundle).thresholds
