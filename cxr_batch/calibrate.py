@@ -33,7 +33,7 @@ import numpy as np
 from scipy.special import expit, logit
 
 from . import __version__, metrics
-from .bundle import DEFAULT_BUNDLE, WEIGHTS_FILE, Bundle, BundleError, load_bundle, sha256_file, write_manifest
+from .bundle import DEFAULT_BUNDLE, WEIGHTS_FILE, Bundle, BundleError, is_bundle, load_bundle, sha256_file, write_manifest
 from .calibration import (FINDING_MARGIN_SE, FOLDS, MARGIN_SE, METHODS, MIN_POSITIVES, PULL, Calibration,
                           FitReport, fit_findings, from_fits)
 from .discover import find_candidates
@@ -111,6 +111,9 @@ def check_destination(out: Path, base: Path) -> None:
     out, base = out.resolve(), base.resolve()
     if out == base or base in out.parents:
         raise BundleError(f"--out {out} is the base bundle or inside it; the base bundle is never changed")
+    inside = next((folder for folder in out.parents if is_bundle(folder)), None)
+    if inside is not None:  # a bundle in a bundle: the outer one's folder is no longer its own
+        raise BundleError(f"--out {out} is inside the weights bundle {inside}; choose a folder of its own")
     # a new bundle beside the base (weights/NEW) is fine: only the base itself is protected
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise BundleError(f"--out {out} already exists and is not an empty folder; choose a new folder")
@@ -262,8 +265,12 @@ def moved_operating_points(base: Bundle, on_top: Calibration) -> dict:
     """The base bundle's thresholds carried through the new calibration: the probability the
     new bundle gives exactly where the base one gave its threshold, so the same studies flag."""
     z = np.array([math.log(base.thresholds[f] / (1 - base.thresholds[f])) for f in FINDINGS])
-    moved = expit(on_top.apply(z))
-    return {f: float(np.clip(moved[k], 1e-6, 1 - 1e-6)) for k, f in enumerate(FINDINGS)}
+    z_moved = on_top.apply(z)
+    moved = expit(z_moved)
+    # a finding the calibration leaves alone keeps its threshold exactly (logit and back changes
+    # the last bits: every threshold counted as moved when none had)
+    return {f: base.thresholds[f] if z_moved[k] == z[k] else float(np.clip(moved[k], 1e-6, 1 - 1e-6))
+            for k, f in enumerate(FINDINGS)}
 
 
 def calibrations_since(table: dict) -> Calibration:

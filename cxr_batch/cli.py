@@ -71,8 +71,8 @@ def run_fatal_errors(debug: bool, action):
         fail(str(e), debug, EXIT_USAGE)
     except (BundleError, FolderBusy, MetadataError, LabelsError, EarlierResults) as e:
         fail(str(e), debug)
-    except KeyboardInterrupt:  # a command without a graceful stop (scan has one): nothing half-written
-        fail("interrupted (Ctrl-C): stopped; nothing was written", debug, exit_codes.INTERRUPTED)
+    except KeyboardInterrupt as e:  # a command without a graceful stop (scan has one): nothing half-written
+        fail(str(e) or "interrupted (Ctrl-C): stopped; nothing was written", debug, exit_codes.INTERRUPTED)
     except OSError as e:
         fail(f"{e.filename or ''}: {e.strerror or e}", debug)
     except Exception as e:  # a bug: say so plainly; --debug shows the traceback

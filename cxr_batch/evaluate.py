@@ -18,14 +18,17 @@ from pathlib import Path
 import numpy as np
 
 from . import metrics
-from .bundle import DEFAULT_BUNDLE, atomic_write_bytes, read_manifest
+from .bundle import DEFAULT_BUNDLE, atomic_write_bytes, read_manifest, sha256_file
 from .findings import FINDINGS
-from .journal import EarlierResults
+from .journal import STATE_DIR, EarlierResults
 from .labels import LabelsError, LabelTable, Matching, match_labels
 from .results import read_results
 from .scan import ScanConfig, ScanSummary, run_scan
 
 log = logging.getLogger("cxr_batch")
+# the sha256 of the results.csv an evaluation scanned, written before the evaluation itself: a
+# run stopped after its scan leaves results that are an evaluation's, not a scan's
+EVALUATED_RESULTS = "evaluation-results.sha256"
 
 AGE_BANDS = ((0, 18, "0-17"), (18, 40, "18-39"), (40, 60, "40-59"), (60, 80, "60-79"), (80, math.inf, "80+"))
 UNKNOWN = "unknown"
@@ -215,6 +218,15 @@ def evaluation(data: LabelledResults, manifest: dict, n_bootstrap: int = 1000, s
     }
 
 
+def _scanned_by_evaluate(out: Path) -> bool:
+    """Whether ``out/results.csv`` is the one an evaluation scanned (and was stopped after)."""
+    mark = out / STATE_DIR / EVALUATED_RESULTS
+    try:
+        return mark.read_text().strip() == sha256_file(out / "results.csv")
+    except OSError:
+        return False
+
+
 def run_evaluate(studies: Path, labels: LabelTable, out: Path, cfg: ScanConfig = ScanConfig(),
                  n_bootstrap: int = 1000, seed: int = 0) -> tuple[dict, ScanSummary]:
     """Scan ``studies`` into ``out/results.csv`` and write ``out/evaluation.json`` and
@@ -222,11 +234,12 @@ def run_evaluate(studies: Path, labels: LabelTable, out: Path, cfg: ScanConfig =
     was scored."""
     out = Path(out)
     cfg = replace(cfg, metadata=str(labels.path) if labels.has_patient_data else None, pdf=False)
-    if (out / "results.csv").exists() and not (out / "evaluation.json").exists():
+    if (out / "results.csv").exists() and not (out / "evaluation.json").exists() and not _scanned_by_evaluate(out):
         raise EarlierResults(f"{out} holds the results of a scan (results.csv without evaluation.json): an "
                              f"evaluation would replace them; choose another --out (or remove that results.csv "
                              f"if it is left from an evaluation that was stopped)")
     summary = run_scan(studies, out, cfg, earlier="overwrite")  # an earlier evaluation here is replaced
+    atomic_write_bytes(out / STATE_DIR / EVALUATED_RESULTS, sha256_file(summary.results).encode(), mode=0o640)
     data = labelled_results(read_results(summary.results), labels)
     if len(data.y) == 0:
         raise LabelsError("no labelled study was scored: " + "; ".join(data.matching.problems() or ["no studies"]))
@@ -235,8 +248,23 @@ def run_evaluate(studies: Path, labels: LabelTable, out: Path, cfg: ScanConfig =
     result["labels"] = {"file": str(labels.path), "sha256": labels.sha256}
     result["results_csv"] = str(summary.results)
     text = json.dumps(result, indent=2, allow_nan=False) + "\n"
-    atomic_write_bytes(out / "evaluation.json", text.encode(), mode=0o640)
     from .evaluation_report import write_evaluation_pdf  # matplotlib only when the report is drawn
 
-    write_evaluation_pdf(result, data.y, data.p, out / "evaluation.pdf")
+    # the PDF, then evaluation.json, the mark of a complete evaluation: a stop or a failure in
+    # between leaves neither (the scan's overwrite removed the earlier evaluation's, so nothing
+    # here describes other results)
+    writing = out / "evaluation.pdf"
+    try:
+        write_evaluation_pdf(result, data.y, data.p, writing)
+        writing = out / "evaluation.json"
+        atomic_write_bytes(writing, text.encode(), mode=0o640)
+    except BaseException as e:
+        for name in ("evaluation.pdf", "evaluation.json"):
+            (out / name).unlink(missing_ok=True)
+        after = f"{summary.results} holds the scan, no evaluation was written; the same command finishes it"
+        if isinstance(e, KeyboardInterrupt):
+            raise KeyboardInterrupt(f"interrupted (Ctrl-C) after the scan: {after}") from None
+        if isinstance(e, OSError):  # a full disk: say which file, and what is there now
+            raise OSError(e.errno, f"{e.strerror or e} ({after})", str(writing)) from None
+        raise
     return result, summary

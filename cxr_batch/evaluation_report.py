@@ -7,6 +7,7 @@ band. Every number comes from the evaluation dict that evaluation.json holds.
 
 from __future__ import annotations
 
+import io
 import textwrap
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from matplotlib.backends.backend_pdf import PdfPages  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from sklearn.metrics import roc_curve  # noqa: E402
 
+from .files import atomic_write_bytes  # noqa: E402
 from .findings import FINDINGS  # noqa: E402
 
 A4 = (8.27, 11.69)
@@ -176,16 +178,11 @@ def write_evaluation_pdf(ev: dict, y: np.ndarray, p: np.ndarray, path: Path) -> 
 
 def save_pages(figures: list[Figure], path: Path, title: str) -> Path:
     """Write ``figures`` as the pages of one PDF at ``path``, mode 0640, via a temp file and a
-    rename: a reader never sees half a report."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        with PdfPages(tmp, metadata={"Title": title}) as pdf:
-            for fig in figures:
-                pdf.savefig(fig)
-        tmp.chmod(0o640)
-        tmp.replace(path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
+    rename: a reader never sees half a report. Drawn in memory first: matplotlib writing to a
+    full disk as it draws hid the OSError behind a zlib error ('inconsistent stream state')."""
+    buffer = io.BytesIO()
+    with PdfPages(buffer, metadata={"Title": title}) as pdf:
+        for fig in figures:
+            pdf.savefig(fig)
+    atomic_write_bytes(Path(path), buffer.getvalue(), mode=0o640)
+    return Path(path)

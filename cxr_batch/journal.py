@@ -108,7 +108,9 @@ class Earlier:
         """``--overwrite``: the earlier scan's files, named by cxr-batch only (a user's own
         files in the folder are left alone). Returns how many were removed."""
         removed = 0
-        for name in ("results.csv", "run.json", f"{STATE_DIR}/{JOURNAL}", "reports/worklist.pdf"):
+        # evaluate's files are drawn from results.csv: with it they go (never an evaluation of other rows)
+        for name in ("results.csv", "run.json", f"{STATE_DIR}/{JOURNAL}", "reports/worklist.pdf", "evaluation.json",
+                     "evaluation.pdf"):
             path = self.out / name
             if path.is_file():
                 path.unlink()

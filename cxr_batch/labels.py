@@ -12,18 +12,23 @@ from __future__ import annotations
 
 import hashlib
 import io
+import logging
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 import numpy as np
 import pandas as pd
 
-from .findings import FINDINGS, NO_FINDING
+from .findings import FINDINGS, NO_FINDING, resolve_finding
 from .metadata import NIH_COLUMNS
 from .study import clean_text
 
 FILE_COLUMN, LABEL_COLUMN, PATIENT_COLUMN = "Image Index", "Finding Labels", "Patient ID"
+# what a row says about its image besides its findings (the scan's patient data when all are there)
+PATIENT_DATA_COLUMNS = [c for c in NIH_COLUMNS if c != FILE_COLUMN]
+
+log = logging.getLogger("cxr_batch")
 
 
 class LabelsError(Exception):
@@ -89,6 +94,10 @@ def read_labels(path: Path | str) -> LabelTable:
         raise LabelsError(f"labels file {path} is not a readable CSV: {e}") from None
     table.columns = [c.strip() for c in table.columns]
     missing = [c for c in (FILE_COLUMN, LABEL_COLUMN) if c not in table.columns]
+    delimiter = _other_delimiter(table.columns) if missing else None
+    if delimiter:  # a spreadsheet's locale chose the separator: every column is there, in one
+        raise LabelsError(f"labels file {path} is separated by {delimiter}, not by commas: save it as a "
+                          f"comma-separated CSV (the same table serves as patient data, which is read as CSV)")
     if missing:
         raise LabelsError(f"labels file {path} lacks column(s) {missing}; expected the NIH Data_Entry columns "
                           f"'{FILE_COLUMN}' and '{LABEL_COLUMN}'")
@@ -98,6 +107,10 @@ def read_labels(path: Path | str) -> LabelTable:
         raise LabelsError(f"labels file {path} has no rows")
     checks = (
         (names == "", f"an empty '{FILE_COLUMN}'"),
+        # files match their rows by name (the patient columns too, as --metadata): a path matched
+        # nothing as patient data, and the study was scored without age, sex and view
+        (names.str.contains(r"[/\\]"), f"a path, not a file name, in '{FILE_COLUMN}' (write the file's name "
+                                         f"alone, as the NIH table does)"),
         (labels == "", f"an empty '{LABEL_COLUMN}' (write '{NO_FINDING}' for a normal study)"),
         (labels.str.contains(NO_FINDING, regex=False) & (labels != NO_FINDING), f"'{NO_FINDING}' together with a finding"),
     )
@@ -108,21 +121,50 @@ def read_labels(path: Path | str) -> LabelTable:
     unknown = sorted(set(parts) - set(FINDINGS) - {NO_FINDING})
     if unknown:
         bad = labels.apply(lambda s: any(n.strip() in unknown for n in s.split("|")))
-        raise LabelsError(f"labels file {path}: unknown finding name(s) {unknown} in {_problem_rows(bad, names)}; "
-                          f"known: {', '.join(FINDINGS)}, {NO_FINDING}")
+        raise LabelsError(f"labels file {path}: unknown finding name(s) {', '.join(map(_closest, unknown))} in "
+                          f"{_problem_rows(bad, names)}; known: {', '.join(FINDINGS)}, {NO_FINDING}")
     y = multi_hot(labels)
     patients = table[PATIENT_COLUMN].str.strip() if PATIENT_COLUMN in table.columns else pd.Series([""] * len(table))
-    frame = pd.DataFrame({"file": names, "key": ["".join(map(str, r)) for r in y], "patient": patients})
-    conflicting = frame.groupby("file")[["key", "patient"]].nunique().max(axis=1) > 1
+    # a file's rows must agree on its findings and on its patient data (age, sex, view are the
+    # scan's patient data: with two values the scan would use whichever row came last)
+    frame = pd.DataFrame({"file": names, "key": ["".join(map(str, r)) for r in y], "patient": patients,
+                          **{c: table[c].str.strip() for c in PATIENT_DATA_COLUMNS if c in table.columns}})
+    conflicting = frame.groupby("file").nunique().max(axis=1) > 1
     if conflicting.any():
         dup = names.isin(conflicting[conflicting].index)
-        raise LabelsError(f"labels file {path}: the same file with different labels or patients in "
+        raise LabelsError(f"labels file {path}: the same file with different labels or patient data "
+                          f"({', '.join(c for c in PATIENT_DATA_COLUMNS if c in table.columns) or 'none'}) in "
                           f"{_problem_rows(dup, names)}")
+    present = [c for c in PATIENT_DATA_COLUMNS if c in table.columns]
+    if present and len(present) < len(PATIENT_DATA_COLUMNS):
+        log.warning("labels file %s has %s but lacks %s: its patient columns are not used as patient data (the "
+                    "model gets only what headers and sidecars say; all of %s are needed)", path, ", ".join(present),
+                    ", ".join(f"'{c}'" for c in PATIENT_DATA_COLUMNS if c not in present),
+                    ", ".join(PATIENT_DATA_COLUMNS))
     first = ~names.duplicated().to_numpy()  # a row repeated word for word counts once
     return LabelTable(
         path=path, sha256=hashlib.sha256(raw).hexdigest(), files=list(names[first]), y=y[first],
         patient_ids=list(patients[first]), has_patient_data=all(c in table.columns for c in NIH_COLUMNS),
     )
+
+
+def _other_delimiter(columns) -> str | None:
+    """';' or 'tab' when the header holds the expected columns joined by it, else None."""
+    header = "".join(columns)
+    for sep, name in ((";", "';'"), ("\t", "tab")):
+        if {FILE_COLUMN, LABEL_COLUMN} <= {c.strip() for c in header.split(sep)}:
+            return name
+    return None
+
+
+def _closest(name: str) -> str:
+    """'Pneumothorx' (did you mean Pneumothorax?): resolve_finding's hint for a name in a table."""
+    try:
+        resolve_finding(name)
+    except ValueError as e:
+        hint = str(e).split(";")[0].removeprefix("unknown finding ")
+        return hint if name.strip() else repr(name)  # '' (a stray '|') has no closest name
+    return f"{name!r} (write it as {resolve_finding(name)})"  # 'cardiomegaly': right name, wrong spelling
 
 
 @dataclass
@@ -137,11 +179,12 @@ class Matching:
     labelled_not_scored: list[dict]  # {file, status, reason}: skipped or failed
     labels_without_file: list[str]
     ambiguous: list[str]  # label names that several files match
+    without_patient_id: list[str] = field(default_factory=list)  # scored, labelled, no patient ID: own patient
 
     def summary(self) -> dict:
         return {"labelled_and_scored": len(self.pairs), "scored_without_label": self.scored_without_label,
                 "labelled_not_scored": self.labelled_not_scored, "labels_without_file": self.labels_without_file,
-                "ambiguous_names": self.ambiguous}
+                "ambiguous_names": self.ambiguous, "without_patient_id": self.without_patient_id}
 
     def problems(self) -> list[str]:
         return mismatch_lines(self.summary())
@@ -158,6 +201,11 @@ def mismatch_lines(summary: dict) -> list[str]:
         if items:
             listed = ", ".join(items[:5]) + (f" and {len(items) - 5} more" if len(items) > 5 else "")
             out.append(f"{len(items)} {what}: {listed}")
+    alone = summary.get("without_patient_id", [])
+    if alone:
+        out.append(f"{len(alone)} labelled studies have no Patient ID (in the labels or their header): each is counted "
+                   f"as its own patient, so the intervals and the folds by patient assume no patient has two of "
+                   f"them; give each its patient in the labels' 'Patient ID' column")
     return out
 
 
@@ -187,7 +235,7 @@ def match_labels(rows: list[dict], labels: LabelTable) -> Matching:
             found.setdefault(label, []).append(i)
         elif row["status"] == "ok":
             without.append(row["file"])
-    pairs, groups, not_scored, ambiguous = [], [], [], []
+    pairs, groups, not_scored, ambiguous, alone = [], [], [], [], []
     for label, matched in sorted(found.items()):
         if len(matched) > 1:
             ambiguous.append(label)
@@ -197,6 +245,9 @@ def match_labels(rows: list[dict], labels: LabelTable) -> Matching:
             not_scored.append({"file": rows[i]["file"], "status": rows[i]["status"], "reason": rows[i]["reason"]})
             continue
         pairs.append((i, j))
-        groups.append(labels.patient_ids[j] or rows[i].get("patient_id") or f"file:{rows[i]['file']}")
+        patient = labels.patient_ids[j] or rows[i].get("patient_id")
+        groups.append(patient or f"file:{rows[i]['file']}")
+        if not patient:
+            alone.append(rows[i]["file"])
     missing = [name for name in labels.files if name not in found]
-    return Matching(pairs, groups, sorted(without), not_scored, missing, ambiguous)
+    return Matching(pairs, groups, sorted(without), not_scored, missing, ambiguous, sorted(alone))

@@ -325,7 +325,8 @@ def heatmap_grid(grey: np.ndarray, maps: dict[int, np.ndarray], strength: dict[i
         k = FINDINGS.index(f)
         heat = maps[k]
         label = f"<b>{escape(finding_label(f))}</b>" + (" (urgent)" if f in urgent else "")
-        caption = (f"{label}<br/>p {record.scores.prob(f):.2f}, threshold {threshold_text(info.thresholds[f])}<br/>"
+        caption = (f"{label}<br/>p {probability_text(record.scores.prob(f))}, "
+                   f"threshold {probability_text(info.thresholds[f])}<br/>"
                    f"strength {strength[k]:.2f} of the strongest map")
         tiles.append([Image(_png(overlay(grey, heat)), side, side), Paragraph(caption, st["caption"])])
     rows = []
@@ -358,10 +359,12 @@ def _sources(record: StudyRecord) -> str:
     return "Sources: " + "; ".join(f"{', '.join(keys)}: {text}" for text, keys in by_source.items()) + "."
 
 
-def threshold_text(t: float) -> str:
-    """A threshold as printed: 2 decimals, 3 below 0.1 (a rare finding's operating point at NIH
-    prevalence, e.g. 0.004, must not print as 0.00)."""
-    return f"{t:.2f}" if t >= 0.1 else f"{t:.3f}"
+def probability_text(x: float) -> str:
+    """A finding's probability or threshold as printed beside its flag: both alike (3 decimals;
+    2 significant digits below 0.001, where a rare finding's operating point lies), so the printed
+    pair always agrees with the flag (a threshold of 0.1054 printed as 0.11 beside a flagged 0.107
+    read as a flag below its threshold) and a tiny threshold never prints as 0.000."""
+    return f"{x:.3f}" if x >= 0.001 or x == 0 else f"{x:.1e}"
 
 
 def _flag_phrase(finding: str, info: ModelInfo) -> str:
@@ -438,7 +441,8 @@ def _findings_table(record: StudyRecord, info: ModelInfo, urgent, width: float, 
             trust = f"{point.sensitivity:.2f} / {point.ppv:.2f}" if point.ppv is not None else f"{point.sensitivity:.2f} / -"
         else:
             trust = "not measured"
-        texts = (escape(finding_label(f)), f"{record.scores.prob(f):.3f}", threshold_text(info.thresholds[f]), flag, trust)
+        texts = (escape(finding_label(f)), probability_text(record.scores.prob(f)), probability_text(info.thresholds[f]),
+                 flag, trust)
         data.append([Paragraph(f'<font color="#{colour}">{f"<b>{t}</b>" if flagged else t}</font>',
                                st["centre"] if i else st["cell"]) for i, t in enumerate(texts)])
         if flagged:

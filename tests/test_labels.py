@@ -28,11 +28,11 @@ def test_the_nih_table_reads_with_its_documented_counts(nih):
 
 
 @pytest.mark.parametrize("row, message", [
-    ("a.png,Pneumothorax|Covid,0,1,50,M,PA", "unknown finding name(s) ['Covid'] in row 3 (a.png)"),
+    ("a.png,Pneumothorax|Covid,0,1,50,M,PA", "unknown finding name(s) 'Covid' in row 3 (a.png)"),
     ("a.png,,0,1,50,M,PA", "empty 'Finding Labels'"),
     ("a.png,No Finding|Mass,0,1,50,M,PA", "'No Finding' together with a finding"),
     (",Mass,0,1,50,M,PA", "empty 'Image Index'"),
-    ("a.png,Pleural Thickening,0,1,50,M,PA", "unknown finding name(s) ['Pleural Thickening']"),
+    ("a.png,Pleural Thickening,0,1,50,M,PA", "unknown finding name(s) 'Pleural Thickening' (write it as Pleural_Thickening)"),
 ])
 def test_hand_edited_mistakes_are_refused_with_the_row(tmp_path, row, message):
     path = write(tmp_path, ["b.png,No Finding,0,2,40,F,AP", row])
@@ -113,3 +113,59 @@ def test_label_names_are_printed_without_control_characters_and_cut(tmp_path):
     [line] = match_labels([], labels).problems()
     assert "\x1b" not in line and "\n" not in line and "\x07" not in line
     assert line.startswith("1 label rows have no file: ]0;PWNEDevilFAKE: all studies normal") and len(line) < 150
+
+
+@pytest.mark.parametrize("sep, said", [(";", "';'"), ("\t", "tab")])
+def test_a_table_saved_with_semicolons_or_tabs_is_refused_naming_the_delimiter(tmp_path, sep, said):
+    """A spreadsheet in a European locale saves ';'-separated 'CSV': the columns are all there,
+    so 'lacks column(s) Image Index, Finding Labels' sent the user looking for a missing column."""
+    path = write(tmp_path, [r.replace(",", sep) for r in ["a.png,Mass,0,1,50,M,PA"]], header=HEADER.replace(",", sep))
+    with pytest.raises(LabelsError, match=f"separated by {re.escape(said)}.*comma-separated"):
+        read_labels(path)
+
+
+def test_a_misspelt_finding_is_refused_with_the_closest_names(tmp_path):
+    with pytest.raises(LabelsError, match=re.escape("'Pneumothorx' (did you mean Pneumothorax")):
+        read_labels(write(tmp_path, ["a.png,Pneumothorx,0,1,50,M,PA"]))
+
+
+@pytest.mark.parametrize("second", ["a.png,Mass,0,1,51,M,PA", "a.png,Mass,0,1,50,F,PA", "a.png,Mass,0,1,50,M,AP"])
+def test_one_file_twice_with_different_patient_data_is_refused(tmp_path, second):
+    """The labels' patient columns are the scan's patient data: two rows for one file that agree on
+    its findings but not on its age, sex or view left the scan to use whichever came last."""
+    with pytest.raises(LabelsError, match="the same file with different .*row 2 .*row 3"):
+        read_labels(write(tmp_path, ["a.png,Mass,0,1,50,M,PA", second]))
+
+
+def test_studies_without_a_patient_id_are_said_to_count_as_their_own_patients(tmp_path):
+    """Without a Patient ID every image is its own patient: the intervals and the calibration's
+    folds by patient then treat a patient's two images as independent. Said, with the count."""
+    labels = read_labels(write(tmp_path, ["a.png,Mass,0,,50,M,PA", "b.png,No Finding,0,7,40,F,PA",
+                                          "c.png,Mass,0,,60,M,PA"]))
+    rows = [{"file": f, "status": "ok", "reason": "", "patient_id": ""} for f in ("a.png", "b.png", "c.png")]
+    matching = match_labels(rows, labels)
+    assert matching.summary()["without_patient_id"] == ["a.png", "c.png"]
+    assert any(line.startswith("2 labelled studies have no Patient ID") and "its own patient" in line
+               for line in matching.problems())
+    rows[0]["patient_id"] = "P1"  # a DICOM header's PatientID stands in for the labels'
+    assert match_labels(rows, labels).summary()["without_patient_id"] == ["c.png"]
+
+
+def test_patient_columns_unused_without_patient_id_are_said(tmp_path, caplog):
+    """A table with age, sex and view but no Patient ID column gave the model no patient data,
+    said only as 'scored without any patient data' with no reason."""
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="cxr_batch"):
+        labels = read_labels(write(tmp_path, ["a.png,Mass,50,M,PA"],
+                                   header="Image Index,Finding Labels,Patient Age,Patient Gender,View Position\n"))
+    assert not labels.has_patient_data
+    assert "lacks 'Patient ID'" in caplog.text and "not used as patient data" in caplog.text
+
+
+@pytest.mark.parametrize("name", ["png/a.png", "C:\\\\export\\\\a.png"])
+def test_an_image_index_that_is_a_path_is_refused(tmp_path, name):
+    """'png/a.png' matched its file by stem, but as patient data (matched by file name) it
+    matched nothing: the study was scored without age, sex and view, and nothing said why."""
+    with pytest.raises(LabelsError, match=r"a path, not a file name, .* in row 2"):
+        read_labels(write(tmp_path, [f"{name},Mass,0,1,50,M,PA"]))

@@ -271,7 +271,7 @@ def test_a_flagged_finding_without_positive_evidence_is_said_plainly_not_drawn()
     txt = re.sub(r"\s+", " ", PdfReader(io.BytesIO(study_pdf(record, GREY, maps, model_info(), ReportOptions(), NOW)))
                  .pages[0].extract_text())
     assert "No positive evidence in the model's map for: Effusion" in txt
-    assert "p 0.60, threshold 0.50" in txt and "p 0.90, threshold 0.50" not in txt  # only Pneumothorax is drawn
+    assert "p 0.600, threshold 0.500" in txt and "p 0.900, threshold 0.500" not in txt  # only Pneumothorax is drawn
 
 
 def test_heatmaps_urgent_first_then_by_margin_over_threshold():
@@ -296,7 +296,7 @@ def test_fourteen_flags_and_long_identifiers_fit_one_page_with_every_map_and_a_c
     (txt,) = pages(tmp_path / "r.pdf")  # one page
     flat = re.sub(r"\s+", " ", txt)
     order = heatmap_order(record, {f: 0.5 for f in FINDINGS}, ("Pneumothorax",))
-    captions = [flat.index(f"p {probs[f]:.2f}, threshold 0.50") for f in order]
+    captions = [flat.index(f"p {probs[f]:.3f}, threshold 0.500") for f in order]
     assert captions == sorted(captions) and order[0] == "Pneumothorax"  # drawn urgent first, then by margin
     assert "Not drawn" not in txt and "2024-04-15" in txt
     assert has_colour_bar(render(pdf, tmp_path), min_length=80)
@@ -490,3 +490,27 @@ def test_worklist_of_a_model_without_measured_flags_says_so_beside_them(tmp_path
     (tmp_path / "w.pdf").write_bytes(worklist_pdf(records, ReportOptions(), model_info(), NOW))
     txt = re.sub(r"\s+", " ", "\n".join(pages(tmp_path / "w.pdf")))
     assert "Effusion" in txt and "sens. / PPV not measured" in txt
+
+
+def test_a_flag_never_reads_as_below_its_threshold():
+    """v3's Nodule threshold is 0.1054: a study at 0.107 is flagged. The report printed the
+    probability to 3 decimals and the threshold to 2 ("0.107 | 0.11 | FLAGGED", caption "p 0.11,
+    threshold 0.11"), so a radiologist read a flag below its own threshold. Probability and
+    threshold are printed alike, so the printed numbers always agree with the flag."""
+    import io
+
+    from cxr_batch.triage import triage
+
+    thresholds = np.full(14, 0.5)
+    thresholds[FINDINGS.index("Nodule")] = 0.10538
+    thresholds[FINDINGS.index("Hernia")] = 0.00043  # a rare finding's operating point: never printed as 0.000
+    p = np.full(14, 0.01)
+    p[FINDINGS.index("Nodule")], p[FINDINGS.index("Hernia")] = 0.107, 0.00046
+    t = triage(p, thresholds, ("Pneumothorax",))
+    record = StudyRecord(file="a.png", scores=Scores(tuple(p), tuple(int(v) for v in t.flags), t.priority, t.score))
+    info = ModelInfo("m@1", "0" * 64, dict(zip(FINDINGS, thresholds.tolist())), bundle_evidence({}))
+    txt = re.sub(r"\s+", " ", PdfReader(io.BytesIO(study_pdf(record, GREY, blob_maps(record), info, ReportOptions(),
+                                                             NOW))).pages[0].extract_text())
+    assert tuple(record.findings) == ("Nodule", "Hernia")
+    assert "Nodule 0.107 0.105 FLAGGED" in txt and "p 0.107, threshold 0.105" in txt
+    assert "Hernia 4.6e-04 4.3e-04 FLAGGED" in txt and "p 4.6e-04, threshold 4.3e-04" in txt
