@@ -47,6 +47,8 @@ from .thresholds import at_sensitivity, by_rule, parse_rule
 from .triage import sensitivity_ladder
 
 log = logging.getLogger("cxr_batch")
+# calibrate writes no file that names the studies: where a user finds the names its output counts
+CALIBRATE_NAMES = "the evaluation.json of 'cxr-batch evaluate' on the same studies and labels"
 
 
 @dataclass
@@ -227,7 +229,8 @@ def run_calibrate(studies: Path, labels: LabelTable, out: Path, opts: CalibrateO
     base = load_bundle(opts.weights)
     scores = score_labelled(Path(studies), labels, base, opts)
     if len(scores.files) == 0:
-        raise LabelsError("no labelled study was scored: " + "; ".join(scores.matching.problems() or ["no studies"]))
+        raise LabelsError("no labelled study was scored: " + "; ".join(scores.matching.problems(CALIBRATE_NAMES)
+                                                                      or ["no studies"]))
     report = fit_findings(scores.logits, scores.y, scores.groups, opts.method, opts.min_positives, PULL, FOLDS,
                           opts.seed)
     on_top = from_fits(report, opts.method)

@@ -623,7 +623,7 @@ def evaluate(studies, labels, weights, device, batch_size, workers, follow_links
     result, summary = run_fatal_errors(debug, lambda: run_evaluate(studies, read_labels(labels), out, cfg,
                                                                    bootstrap, seed))
     click.echo(summary.line(), err=True)
-    for line in mismatch_lines(result["matching"]):
+    for line in mismatch_lines(result["matching"], str(out / "evaluation.json")):
         click.echo(f"cxr-batch: {line}", err=True)
     ci, auroc = result["mean_auroc_ci95"], result["mean_auroc"]
     click.echo(f"{result['n_studies']} studies of {result['n_patients']} patients: mean AUROC "
@@ -653,7 +653,7 @@ def evaluate(studies, labels, weights, device, batch_size, workers, follow_links
 def calibrate(studies, labels, weights, device, batch_size, workers, follow_links, quiet, debug, out, method,
               threshold_rule, min_positives, version):
     """Fit per-finding calibration and thresholds on labelled STUDIES; write a new bundle to OUT."""
-    from .calibrate import CalibrateOptions, run_calibrate
+    from .calibrate import CALIBRATE_NAMES, CalibrateOptions, run_calibrate
     from .labels import read_labels
 
     setup_logging(quiet, debug)
@@ -661,7 +661,7 @@ def calibrate(studies, labels, weights, device, batch_size, workers, follow_link
                             version=version, device=device, batch_size=batch_size, workers=workers,
                             follow_links=follow_links, progress=not quiet)
     result = run_fatal_errors(debug, lambda: run_calibrate(studies, read_labels(labels), out, opts))
-    for line in result.matching.problems():
+    for line in result.matching.problems(CALIBRATE_NAMES):
         click.echo(f"cxr-batch: {line}", err=True)
     for line in result.lines:
         click.echo(line, err=True)

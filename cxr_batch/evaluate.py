@@ -242,7 +242,8 @@ def run_evaluate(studies: Path, labels: LabelTable, out: Path, cfg: ScanConfig =
     atomic_write_bytes(out / STATE_DIR / EVALUATED_RESULTS, sha256_file(summary.results).encode(), mode=0o640)
     data = labelled_results(read_results(summary.results), labels)
     if len(data.y) == 0:
-        raise LabelsError("no labelled study was scored: " + "; ".join(data.matching.problems() or ["no studies"]))
+        listed = f"{summary.results}'s file column and {labels.path}"
+        raise LabelsError("no labelled study was scored: " + "; ".join(data.matching.problems(listed) or ["no studies"]))
     manifest = read_manifest(Path(cfg.weights) if cfg.weights else DEFAULT_BUNDLE)
     result = evaluation(data, manifest, n_bootstrap, seed)
     result["labels"] = {"file": str(labels.path), "sha256": labels.sha256}

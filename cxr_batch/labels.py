@@ -22,6 +22,7 @@ import pandas as pd
 
 from .findings import FINDINGS, NO_FINDING, resolve_finding
 from .metadata import NIH_COLUMNS
+from .record import log_name
 from .study import clean_text
 
 FILE_COLUMN, LABEL_COLUMN, PATIENT_COLUMN = "Image Index", "Finding Labels", "Patient ID"
@@ -186,21 +187,29 @@ class Matching:
                 "labelled_not_scored": self.labelled_not_scored, "labels_without_file": self.labels_without_file,
                 "ambiguous_names": self.ambiguous, "without_patient_id": self.without_patient_id}
 
-    def problems(self) -> list[str]:
-        return mismatch_lines(self.summary())
+    def problems(self, listed_in: str | None = None) -> list[str]:
+        return mismatch_lines(self.summary(), listed_in)
 
 
-def mismatch_lines(summary: dict) -> list[str]:
-    """One line per kind of mismatch in a :meth:`Matching.summary`, for a command's output."""
+def mismatch_lines(summary: dict, listed_in: str | None = None) -> list[str]:
+    """One line per kind of mismatch in a :meth:`Matching.summary`, for a command's output. Log
+    lines carry no identifiers: a scanned file is named as logs name it (``file#<hash>``, since its
+    path may name the patient), a label row by count only; ``listed_in`` says where the names are."""
     out = []
-    not_scored = [f"{shown(d['file'])} ({shown(d['reason'] or d['status'], 120)})" for d in summary["labelled_not_scored"]]
-    for what, items in (("scored files have no label row", [shown(f) for f in summary["scored_without_label"]]),
-                        ("labelled files were not scored", not_scored),  # with why: a link, a loop, a bad file
-                        ("label rows have no file", [shown(f) for f in summary["labels_without_file"]]),
-                        ("file names occur more than once (left out)", [shown(f) for f in summary["ambiguous_names"]])):
+    not_scored = [f"{log_name(d['file'])} ({shown(d['reason'] or d['status'], 120)})"
+                  for d in summary["labelled_not_scored"]]
+    named = (("scored files have no label row", [log_name(f) for f in summary["scored_without_label"]]),
+             ("labelled files were not scored", not_scored))  # with why: a link, a loop, a bad file
+    counted = (("label rows have no file", len(summary["labels_without_file"])),
+               ("file names occur more than once (left out)", len(summary["ambiguous_names"])))
+    where = f" (names in {listed_in})" if listed_in else ""
+    for what, items in named:
         if items:
             listed = ", ".join(items[:5]) + (f" and {len(items) - 5} more" if len(items) > 5 else "")
-            out.append(f"{len(items)} {what}: {listed}")
+            out.append(f"{len(items)} {what}: {listed}{where}")
+    for what, count in counted:
+        if count:
+            out.append(f"{count} {what}{where}")
     alone = summary.get("without_patient_id", [])
     if alone:
         out.append(f"{len(alone)} labelled studies have no Patient ID (in the labels or their header): each is counted "

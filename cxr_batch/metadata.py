@@ -16,6 +16,7 @@ from pathlib import Path
 
 from .patient import PatientData, patient_from_values
 from .readers import open_regular
+from .record import name_shape
 from .study import Identifiers, ReadError, StudyHeader, clean_text
 
 NIH_COLUMNS = {"Image Index": "file", "Patient ID": "patient_id", "Patient Age": "age",
@@ -123,7 +124,8 @@ class MetadataMatch:
         if self.files == 0 or self.matched == self.files:
             return None
         missing = self.files - self.matched
-        example, named = clean_text(self.unmatched_example, 80), clean_text(self.table_example, 80)
+        # a name can identify the patient: the log shows its shape, run.json the name itself
+        example, named = (clean_text(name_shape(name), 80) for name in (self.unmatched_example, self.table_example))
         return (f"--metadata {self.table} has a row for {self.matched} of {self.files} files (matched by file name, "
                 f"'Image Index'): {missing} get no patient data from it and are scored with what their header or "
                 f"sidecar says, else unknown, which can change their triage; e.g. file {example!r} has no row, "

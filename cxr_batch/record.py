@@ -61,6 +61,15 @@ def log_name(file: str) -> str:
     return "file#" + hashlib.sha256(file.encode()).hexdigest()[:20]
 
 
+def name_shape(name: str) -> str:
+    """A file name as a log line may show it when its form matters (a table that names files
+    otherwise than the folder): each digit a 9, each letter an X or x, the rest (separators, the
+    extension) kept: 'SMITH_J_0001.png' -> 'XXXXX_X_9999.png'."""
+    stem, dot, extension = name.rpartition(".") if "." in name else (name, "", "")
+    shape = "".join("9" if c.isdigit() else ("X" if c.isupper() else "x") if c.isalpha() else c for c in stem)
+    return shape + dot + extension
+
+
 def from_spreadsheet(text: str) -> str:
     return text[1:] if text.startswith("'") and text[1:].startswith(FORMULA_STARTS) else text
 

@@ -8,6 +8,7 @@ import pytest
 
 from cxr_batch.findings import FINDINGS
 from cxr_batch.labels import LabelsError, match_labels, read_labels
+from cxr_batch.record import log_name
 
 HEADER = "Image Index,Finding Labels,Follow-up #,Patient ID,Patient Age,Patient Gender,View Position\n"
 
@@ -85,7 +86,9 @@ def test_matching_by_file_name_reports_every_mismatch(tmp_path):
     assert m.labelled_not_scored == [{"file": "c.png", "status": "error", "reason": "truncated"}]
     assert m.labels_without_file == ["f.png"] and m.ambiguous == ["e.png"]
     assert len(m.problems()) == 4
-    assert "1 labelled files were not scored: c.png (truncated)" in m.problems()  # why, not only which
+    # why, not only which; a file named as logs name it (its path may name the patient)
+    assert f"1 labelled files were not scored: {log_name('c.png')} (truncated)" in m.problems()
+    assert not any("z.png" in line or "f.png" in line or "e.png" in line for line in m.problems())
     np.testing.assert_array_equal(labels.y[0], np.eye(14, dtype=np.uint8)[FINDINGS.index("Mass")])
 
 
@@ -112,7 +115,7 @@ def test_label_names_are_printed_without_control_characters_and_cut(tmp_path):
     labels = read_labels(write(tmp_path, [f'"{hostile}",Mass,0,7,50,M,PA']))
     [line] = match_labels([], labels).problems()
     assert "\x1b" not in line and "\n" not in line and "\x07" not in line
-    assert line.startswith("1 label rows have no file: ]0;PWNEDevilFAKE: all studies normal") and len(line) < 150
+    assert line.startswith("1 label rows have no file") and "PWNED" not in line and len(line) < 150
 
 
 @pytest.mark.parametrize("sep, said", [(";", "';'"), ("\t", "tab")])
