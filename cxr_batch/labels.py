@@ -58,7 +58,7 @@ class LabelTable:
     files: list[str]  # Image Index, one row per file
     y: np.ndarray  # [N, 14] uint8
     patient_ids: list[str]  # '' where the table has no Patient ID
-    has_patient_data: bool  # all NIH patient columns present: usable as --metadata
+    has_patient_data: bool  # any NIH patient column present: usable as --metadata
 
     def index(self) -> dict[str, int]:
         return {name: i for i, name in enumerate(self.files)}
@@ -136,16 +136,11 @@ def read_labels(path: Path | str) -> LabelTable:
         raise LabelsError(f"labels file {path}: the same file with different labels or patient data "
                           f"({', '.join(c for c in PATIENT_DATA_COLUMNS if c in table.columns) or 'none'}) in "
                           f"{_problem_rows(dup, names)}")
-    present = [c for c in PATIENT_DATA_COLUMNS if c in table.columns]
-    if present and len(present) < len(PATIENT_DATA_COLUMNS):
-        log.warning("labels file %s has %s but lacks %s: its patient columns are not used as patient data (the "
-                    "model gets only what headers and sidecars say; all of %s are needed)", path, ", ".join(present),
-                    ", ".join(f"'{c}'" for c in PATIENT_DATA_COLUMNS if c not in present),
-                    ", ".join(PATIENT_DATA_COLUMNS))
     first = ~names.duplicated().to_numpy()  # a row repeated word for word counts once
     return LabelTable(
         path=path, sha256=hashlib.sha256(raw).hexdigest(), files=list(names[first]), y=y[first],
-        patient_ids=list(patients[first]), has_patient_data=all(c in table.columns for c in NIH_COLUMNS),
+        patient_ids=list(patients[first]),
+        has_patient_data=any(c in table.columns for c in PATIENT_DATA_COLUMNS),
     )
 
 

@@ -10,6 +10,7 @@ Position, matched to images by file name.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,8 +20,11 @@ from .readers import open_regular
 from .record import name_shape
 from .study import Identifiers, ReadError, StudyHeader, clean_text
 
+log = logging.getLogger("cxr_batch")
+
 NIH_COLUMNS = {"Image Index": "file", "Patient ID": "patient_id", "Patient Age": "age",
                "Patient Gender": "sex", "View Position": "view"}
+PATIENT_COLUMNS = [c for c in NIH_COLUMNS if c != "Image Index"]
 _SIDECAR_KEYS = {
     "age": ("PatientAge", "age", "Patient Age"),
     "sex": ("PatientSex", "sex", "Patient Gender", "gender"),
@@ -90,9 +94,16 @@ def _read_table(path: Path):
     except (pd.errors.ParserError, pd.errors.EmptyDataError, OSError, EOFError) as e:
         raise MetadataError(f"metadata file {path} is not a readable CSV: {e}") from None
     table.columns = [c.strip() for c in table.columns]
+    # the columns a table has are used; a column it lacks is unknown for every row (said once)
     missing = [c for c in NIH_COLUMNS if c not in table.columns]
+    if "Image Index" in missing or len(missing) == len(PATIENT_COLUMNS):
+        raise MetadataError(f"metadata file {path} lacks column(s) {missing}; expected the NIH Data_Entry columns "
+                            f"(Image Index and at least one of {', '.join(PATIENT_COLUMNS)})")
     if missing:
-        raise MetadataError(f"metadata file {path} lacks column(s) {missing}; expected the NIH Data_Entry columns")
+        log.warning("metadata file %s has no column(s) %s: unknown for its rows unless a header or sidecar gives "
+                    "them", path, ", ".join(f"'{c}'" for c in missing))
+    for column in missing:
+        table[column] = ""
     table = table[list(NIH_COLUMNS)].rename(columns=NIH_COLUMNS)
     table["file"] = table["file"].str.strip()
     return table

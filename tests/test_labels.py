@@ -154,16 +154,27 @@ def test_studies_without_a_patient_id_are_said_to_count_as_their_own_patients(tm
     assert match_labels(rows, labels).summary()["without_patient_id"] == ["c.png"]
 
 
-def test_patient_columns_unused_without_patient_id_are_said(tmp_path, caplog):
-    """A table with age, sex and view but no Patient ID column gave the model no patient data,
-    said only as 'scored without any patient data' with no reason."""
+def test_patient_columns_are_used_whichever_of_them_a_table_has(tmp_path, caplog):
+    """A table with age, sex and view but no Patient ID column gave the model no patient data
+    (all four columns were needed): the columns a table has are used, the ones it lacks are
+    unknown for its rows, and the output says which."""
     import logging
+
+    from cxr_batch.metadata import load_metadata_csv as load_metadata
 
     with caplog.at_level(logging.WARNING, logger="cxr_batch"):
         labels = read_labels(write(tmp_path, ["a.png,Mass,50,M,PA"],
                                    header="Image Index,Finding Labels,Patient Age,Patient Gender,View Position\n"))
-    assert not labels.has_patient_data
-    assert "lacks 'Patient ID'" in caplog.text and "not used as patient data" in caplog.text
+        assert labels.has_patient_data
+        [row] = load_metadata(labels.path).values()
+    assert (row.patient_id, row.age, row.sex, row.view) == ("", "50", "M", "PA")
+    assert "no column(s) 'Patient ID'" in caplog.text
+    only_age = read_labels(write(tmp_path, ["a.png,Mass,50"], header="Image Index,Finding Labels,Patient Age\n",
+                                 name="age.csv"))
+    [row] = load_metadata(only_age.path).values()
+    assert only_age.has_patient_data and (row.age, row.sex, row.view) == ("50", None, None)
+    assert not read_labels(write(tmp_path, ["a.png,Mass"], header="Image Index,Finding Labels\n",
+                                 name="none.csv")).has_patient_data
 
 
 @pytest.mark.parametrize("name", ["png/a.png", "C:\\\\export\\\\a.png"])
