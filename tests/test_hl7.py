@@ -256,3 +256,16 @@ def test_an_ack_is_read_however_it_arrives(scored, shape):
         assert delivery.ok, delivery
     else:
         assert delivery.outcome == "retry" and "closed the connection without an ACK" in delivery.reason
+
+
+def test_a_name_too_long_for_hl7_is_refused_without_naming_the_patient(scored):
+    """A name within DICOM's 194 characters whose escaped delimiters take it past what HL7 holds
+    (199): no message, and why says so without the name (it goes to the log and to results.csv)."""
+    records, bundle = scored
+    record = records["plain.dcm"]
+    long = replace(record, ids=replace(record.ids, patient_name="SECRET&" * 28))
+    assert len(long.ids.patient_name) == 194
+    with pytest.raises(HL7NotMade) as refused:
+        oru_r01(long, thresholds=bundle.thresholds)
+    said = str(refused.value)
+    assert "SECRET" not in said and "longer than" in said, said
