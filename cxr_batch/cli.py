@@ -716,9 +716,11 @@ def monitor(results, out, reference, window, alpha, min_studies, debug):
         click.echo(f"cxr-batch: ALARM {alarm['model']}: {alarm_line(alarm)}", err=True)
     if report.get("problem"):
         click.echo(f"cxr-batch: error: {report['problem']}", err=True)
-    windows = sum(len(m["windows"]) for m in report["models"])
-    click.echo(f"{report['studies']['scored']} scored studies, {windows} window(s) tested: {len(report['alarms'])} "
-               f"alarm(s) -> {out / 'monitor.json'}, {out / 'monitor.pdf'}", err=True)
+    windows = [w for m in report["models"] for w in m["windows"]]
+    small = sum(w["too_small"] for w in windows)
+    too_small = f", {small} too small (under --min-studies {min_studies})" if small else ""
+    click.echo(f"{report['studies']['scored']} scored studies, {len(windows) - small} window(s) tested{too_small}: "
+               f"{len(report['alarms'])} alarm(s) -> {out / 'monitor.json'}, {out / 'monitor.pdf'}", err=True)
     sys.exit(report["exit_code"])
 
 
