@@ -310,7 +310,7 @@ def _exchange(data: bytes, endpoint: Endpoint, timeout: float) -> bytes | Delive
     try:
         sock = socket.create_connection((endpoint.host, endpoint.port), timeout=timeout)
     except OSError as e:
-        return Delivery.retry(f"cannot connect to {endpoint}: {type(e).__name__}: {e}")
+        return Delivery.retry(f"cannot connect to {endpoint}: {type(e).__name__}: {e}", unsent=True)
     with sock:
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
