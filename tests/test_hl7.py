@@ -303,3 +303,23 @@ def test_a_ris_down_then_back_gets_each_message_once_in_the_order_queued(scored,
         assert ledger.outbound_stats(time.time(), "hl7")["delivered"] == 6
     finally:
         ledger.close()
+
+
+def test_a_scan_sends_its_results_in_worklist_order(tmp_path, nih_images, small_bundle):
+    """After a scan the ORUs go out read-first first (worklist_rank), not in file order: when
+    ``send_wait`` ends before the queue does, what waits is the least urgent."""
+    from cxr_batch.integration.outbox import send_after_scan
+
+    studies = tmp_path / "studies"
+    for k, image in enumerate(nih_images[:8]):
+        write(studies / f"{k}.dcm", grey(image), PatientID=f"P{k}", AccessionNumber=f"A{k}")
+    out = tmp_path / "out"
+    with RIS("AA") as ris:
+        cfg = ScanConfig(weights=str(small_bundle), device="cpu", progress=False, batch_size=4, workers=0, pdf=False,
+                         hl7_to=str(ris.endpoint))
+        run_scan(studies, out, cfg)
+        assert send_after_scan(out, cfg) == []
+        received = [next(s for s in m.splitlines() if s.startswith("PID|")).split("|")[3] for m in ris.received]
+    ranked = sorted(read_results(out / "results.csv"), key=lambda row: int(row["worklist_rank"]))
+    assert [row["patient_id"] for row in ranked] != [f"P{k}" for k in range(8)]  # file order is not the worklist's
+    assert received == [row["patient_id"] for row in ranked]
