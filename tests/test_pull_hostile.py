@@ -181,3 +181,44 @@ def test_a_series_holding_an_object_that_is_no_image_says_so_and_does_not_fail_e
 
 def _pixels_of(path):
     return pydicom.dcmread(path).pixel_array
+
+
+class _VanishingPACS(ScriptedPACS):
+    """Drops the association when asked for its second retrieval, and every association after
+    (a PACS going down: it still accepts connections, answers nothing)."""
+
+    gets, gone = 0, False
+
+    def get(self, event):
+        self.gets += 1
+        if self.gets == 2:
+            self.gone = True
+        if self.gone:  # the connection reset (RST), as by a PACS that crashed
+            import socket
+            import struct
+
+            raw = event.assoc.dul.socket.socket
+            raw.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            raw.close()
+            return
+        yield from super().get(event)
+
+    def find(self, event):
+        if self.gone:
+            event.assoc.abort()
+            return
+        yield from super().find(event)
+
+
+def test_a_pacs_that_goes_away_mid_pull_keeps_what_arrived_and_says_so(radiographs, small_bundle, tmp_path):
+    pacs = _VanishingPACS(radiographs)
+    out = tmp_path / "out"
+    try:
+        done = _pull(pacs, out, small_bundle, "--retrieve", "get", timeout=300)
+    finally:
+        pacs.close()
+    assert "Traceback" not in done.stderr and "unexpected" not in done.stderr, done.stderr[-3000:]
+    assert done.returncode in (1, 3), done.stderr[-3000:]
+    assert "dropped the association" in done.stderr, done.stderr[-3000:]
+    assert len(_rows(out)) == 1  # the image retrieved before it went is scored
+    assert not list((out / ".cxr-batch" / "spool").glob("*.dcm"))

@@ -43,7 +43,7 @@ from typing import Literal
 from ..config import ConfigError, bounded
 from ..exit_codes import FATAL, OK, SOME_FAILED
 from .dicom_send import Destination, tcp_no_delay
-from .node import ListenConfig, Node, valid_uid
+from .node import ListenConfig, Node, escape_library_log, valid_uid
 
 log = logging.getLogger("cxr_batch")
 
@@ -471,6 +471,8 @@ class Puller(Node):
     def listen(self) -> None:
         if self.cfg.retrieve == "move":
             super().listen()  # before the first C-MOVE can reach us
+        else:  # C-GET: pynetdicom's records (a PACS dropping the association) escaped, as the node's
+            escape_library_log("pynetdicom")
         self.retrieval = threading.Thread(target=self._retrieve_all, name="cxr-batch-pull", daemon=True)
         self.retrieval.start()
 
@@ -751,8 +753,9 @@ class Puller(Node):
             raise Stopped()
         failed = max(0, failed - (self.progress.not_asked - refused)) if failed > 0 else failed  # ours, not the PACS's
         if failed < 0:
-            log.warning("pull: no answer to a retrieval within %.0f s; what arrived is scored, the rest is "
-                        "retrieved by the next pull", self.cfg.query_timeout)
+            log.warning("pull: no final answer to a retrieval (none within %.0f s, or the PACS dropped the "
+                        "association); what arrived is scored, the rest is retrieved by the next pull",
+                        self.cfg.query_timeout)
             failed = len(asked)
         missing = len(set(asked) - self.arrived)  # a PACS's "success" is not what arrived
         if missing > failed:
