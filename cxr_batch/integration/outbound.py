@@ -143,7 +143,9 @@ class Sender:
                 if ledger is None:
                     ledger = Ledger(self.ledger_path)  # SQLite connections belong to one thread: its own
                 if not self.send_due(ledger):
-                    self.wakeup.wait(IDLE_WAIT)
+                    # until the next object is due (the queue waiting out a link's back-off), at most IDLE_WAIT
+                    due = ledger.next_due(self.channel.name)
+                    self.wakeup.wait(IDLE_WAIT if due is None else min(IDLE_WAIT, max(0.05, due - time.time())))
                     self.wakeup.clear()
             except (sqlite3.Error, OSError) as e:  # the ledger cannot be written now (disk full): later
                 self.last_error = f"outbound queue not updated: {type(e).__name__}: {e}"
