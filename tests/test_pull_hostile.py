@@ -166,12 +166,8 @@ def test_a_series_holding_an_object_that_is_no_image_says_so_and_does_not_fail_e
                  AccessionNumber="A9", SpecificCharacterSet="ISO_IR 100", PatientName="Müller^Jürgen")]
     image = pydicom.dcmread(odd[0])
     files = odd + [_text_sr(image, tmp_path / "note.dcm")] + radiographs[1:]
-    pacs = ScriptedPACS(files)
     out = tmp_path / "out"
-    try:
-        done = _pull(pacs, out, small_bundle, "--retrieve", "get", timeout=300)
-    finally:
-        pacs.close()
+    done = _pull_closing(ScriptedPACS(files), out, small_bundle)
     assert "Traceback" not in done.stderr and "Müller" not in done.stderr
     assert "1.2.840.10008.5.1.4.1.1.88.11" in done.stderr and "not an image class" in done.stderr, done.stderr[-3000:]
     assert done.returncode == 0, done.stderr[-3000:]
@@ -181,6 +177,14 @@ def test_a_series_holding_an_object_that_is_no_image_says_so_and_does_not_fail_e
 
 def _pixels_of(path):
     return pydicom.dcmread(path).pixel_array
+
+
+def _pull_closing(pacs, out, bundle):
+    """A pull by C-GET from ``pacs``, stopped after it."""
+    try:
+        return _pull(pacs, out, bundle, "--retrieve", "get", timeout=300)
+    finally:
+        pacs.close()
 
 
 class _VanishingPACS(ScriptedPACS):
@@ -211,12 +215,8 @@ class _VanishingPACS(ScriptedPACS):
 
 
 def test_a_pacs_that_goes_away_mid_pull_keeps_what_arrived_and_says_so(radiographs, small_bundle, tmp_path):
-    pacs = _VanishingPACS(radiographs)
     out = tmp_path / "out"
-    try:
-        done = _pull(pacs, out, small_bundle, "--retrieve", "get", timeout=300)
-    finally:
-        pacs.close()
+    done = _pull_closing(_VanishingPACS(radiographs), out, small_bundle)
     assert "Traceback" not in done.stderr and "unexpected" not in done.stderr, done.stderr[-3000:]
     assert done.returncode in (1, 3), done.stderr[-3000:]
     assert "dropped the association" in done.stderr, done.stderr[-3000:]
