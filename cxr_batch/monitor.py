@@ -263,13 +263,14 @@ def evaluate_windows(windows: list[Window], reference: Reference | None, sha: st
     return out, reference.describe() | {"outputs_compared": outputs}, notes
 
 
-def reference_too_small(reference: Reference, min_studies: int) -> str:
+def reference_too_small(reference: Reference, min_studies: int, option: str = "--min-studies") -> str:
     """Why ``reference`` holds too few studies to compare with (a window of studies like its own
-    would raise no alarm whatever they are), or '' when it holds enough."""
+    would raise no alarm whatever they are), or '' when it holds enough; ``option`` names the
+    minimum."""
     n = reference.data.get("n_studies")
     if isinstance(n, int) and n >= min_studies:
         return ""
-    return (f"the reference ({reference.source}) holds {n} scored studies, fewer than --min-studies ({min_studies}): "
+    return (f"the reference ({reference.source}) holds {n} scored studies, fewer than {option} ({min_studies}): "
             f"too few to tell drift from chance")
 
 

@@ -112,3 +112,17 @@ def test_a_baseline_window_smaller_than_min_studies_compares_nothing(scored, tmp
                           "bundle": None, "reference": reference, "windows": results, "notes": notes}]}
     write_outputs(report, tmp_path / "m")
     assert (tmp_path / "m" / "monitor.pdf").stat().st_size > 1000
+
+
+def test_a_daemon_refuses_a_drift_reference_smaller_than_its_min_studies(scored, tmp_path):
+    """``drift_reference`` in watch/listen/pull: a site baseline of 3 studies would let every
+    window read "ok"; the daemon does not start (a configuration error, exit 2)."""
+    from types import SimpleNamespace
+
+    from cxr_batch.config import ConfigError
+    from cxr_batch.drift_watch import DriftWatch
+
+    tiny = first_rows(scored, tmp_path / "tiny", 3)
+    bundle = SimpleNamespace(sha256="0" * 64, manifest={}, path=tmp_path, label="test")
+    with pytest.raises(ConfigError, match=r"drift_reference.*3 scored studies.*drift_min_studies \(20\)"):
+        DriftWatch(None, bundle, tmp_path, every=100, window=500, min_studies=20, alpha=0.001, reference=str(tiny))
