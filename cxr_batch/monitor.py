@@ -67,7 +67,10 @@ class WindowSpec:
         n, unit = int(m.group(1)), m.group(2)
         if not unit:
             return cls(count=n)
-        return cls(period=dt.timedelta(days=n) if unit == "d" else dt.timedelta(hours=n))
+        try:
+            return cls(period=dt.timedelta(days=n) if unit == "d" else dt.timedelta(hours=n))
+        except OverflowError:
+            raise ValueError(f"window {text!r}: a period longer than any date range") from None
 
     def __str__(self) -> str:
         if self.count is not None:

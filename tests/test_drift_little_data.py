@@ -126,3 +126,13 @@ def test_a_daemon_refuses_a_drift_reference_smaller_than_its_min_studies(scored,
     bundle = SimpleNamespace(sha256="0" * 64, manifest={}, path=tmp_path, label="test")
     with pytest.raises(ConfigError, match=r"drift_reference.*3 scored studies.*drift_min_studies \(20\)"):
         DriftWatch(None, bundle, tmp_path, every=100, window=500, min_studies=20, alpha=0.001, reference=str(tiny))
+
+
+@pytest.mark.parametrize("option, value", [("--alpha", "nan"), ("--alpha", "inf"), ("--window", "9999999999d"),
+                                           ("--window", "99999999999h")])
+def test_an_option_no_test_can_use_is_a_usage_error(scored, tmp_path, option, value):
+    """alpha NaN would never alarm (every comparison with it is false) and be written as NaN; a
+    period beyond what a date can hold is no window."""
+    code, stderr = here("monitor", scored, "--out", tmp_path / "m", option, value)
+    assert code == exit_codes.USAGE and option in stderr and "Traceback" not in stderr, stderr
+    assert not (tmp_path / "m" / "monitor.json").exists()
