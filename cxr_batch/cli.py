@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import os
 import sys
 from pathlib import Path
@@ -679,6 +680,14 @@ def parse_window(_ctx, _param, value):
         raise click.BadParameter(str(e)) from None
 
 
+def finite(_ctx, _param, value):
+    """A float option's value, refused when NaN or infinite (click's ranges let NaN through:
+    every comparison with it is false)."""
+    if value is not None and not math.isfinite(value):
+        raise click.BadParameter(f"{value} is not a number")
+    return value
+
+
 @main.command()
 @click.argument("results", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--out", "-o", required=True, type=click.Path(file_okay=False, path_type=Path),
@@ -689,7 +698,7 @@ def parse_window(_ctx, _param, value):
 @click.option("--window", default="500", show_default=True, callback=parse_window,
               help="Studies per window (500) or a period (14d, 12h).")
 @click.option("--alpha", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.001, show_default=True,
-              help="Family-wise false-alarm rate per window (Holm over every quantity).")
+              callback=finite, help="Family-wise false-alarm rate per window (Holm over every quantity).")
 @click.option("--min-studies", type=click.IntRange(1), default=20, show_default=True,
               help="Scored studies a window needs before it can raise an alarm.")
 @DEBUG_OPTION
@@ -716,9 +725,11 @@ def monitor(results, out, reference, window, alpha, min_studies, debug):
         click.echo(f"cxr-batch: ALARM {alarm['model']}: {alarm_line(alarm)}", err=True)
     if report.get("problem"):
         click.echo(f"cxr-batch: error: {report['problem']}", err=True)
-    windows = sum(len(m["windows"]) for m in report["models"])
-    click.echo(f"{report['studies']['scored']} scored studies, {windows} window(s) tested: {len(report['alarms'])} "
-               f"alarm(s) -> {out / 'monitor.json'}, {out / 'monitor.pdf'}", err=True)
+    windows = [w for m in report["models"] for w in m["windows"]]
+    small = sum(w["too_small"] for w in windows)
+    too_small = f", {small} too small (under --min-studies {min_studies})" if small else ""
+    click.echo(f"{report['studies']['scored']} scored studies, {len(windows) - small} window(s) tested{too_small}: "
+               f"{len(report['alarms'])} alarm(s) -> {out / 'monitor.json'}, {out / 'monitor.pdf'}", err=True)
     sys.exit(report["exit_code"])
 
 

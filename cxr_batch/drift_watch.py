@@ -26,7 +26,7 @@ from .bundle import BundleError
 from .config import ConfigError
 from .drift import DriftError, check_reference, compare, make_reference, output_fingerprint, outputs_comparable
 from .files import atomic_write_bytes
-from .monitor import Reference, load_reference
+from .monitor import Reference, load_reference, reference_too_small
 
 log = logging.getLogger("cxr_batch")
 STATUS_ALARMS = 5  # alarms named in status.json (all of them are in drift.json)
@@ -44,6 +44,8 @@ class DriftWatch:
                 self.reference = load_reference(Path(reference))
             except (DriftError, BundleError, OSError, ValueError) as e:  # the daemon does not start: exit 2
                 raise ConfigError(f"drift_reference = {reference!r}: {e}") from None
+            if small := reference_too_small(self.reference, min_studies, "drift_min_studies"):
+                raise ConfigError(f"drift_reference = {reference!r}: {small}")
         elif "reference" in bundle.manifest:
             try:
                 data = check_reference(bundle.manifest["reference"], f"{bundle.path}/manifest.json")

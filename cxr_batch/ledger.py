@@ -355,7 +355,7 @@ class Ledger:
     def due_outbound(self, now: float, limit: int = 32, channel: str = "dicom") -> list[OutboundItem]:
         """Waiting objects of ``channel`` due at ``now`` (epoch seconds), the longest-due first."""
         rows = self.db.execute(f"SELECT uid, key, path, attempts, channel, destination FROM outbound WHERE {_WAITING} "
-                               "AND channel = ? AND due_at <= ? ORDER BY due_at, queued_at LIMIT ?",
+                               "AND channel = ? AND due_at <= ? ORDER BY due_at, queued_at, rowid LIMIT ?",
                                (channel, now, limit)).fetchall()
         return [OutboundItem(*row) for row in rows]
 
@@ -374,6 +374,16 @@ class Ledger:
         with self.db:
             self.db.execute("UPDATE outbound SET due_at = ?, attempts = attempts + 1, last_error = ? "
                             "WHERE uid = ? AND channel = ?", (due_at, error, uid, channel))
+
+    def outbound_link_down(self, uid: str, due_at: float, error: str, channel: str = "dicom") -> None:
+        """A try that never reached the receiver (no connection): every waiting object of
+        ``channel`` is due at ``due_at`` at the earliest, so they go again in the order they were
+        queued (the one tried does not go to the back of the queue)."""
+        with self.db:
+            self.db.execute("UPDATE outbound SET attempts = attempts + 1, last_error = ? WHERE uid = ? AND channel = ?",
+                            (error, uid, channel))
+            self.db.execute(f"UPDATE outbound SET due_at = MAX(due_at, ?) WHERE {_WAITING} AND channel = ?",
+                            (due_at, channel))
 
     def outbound_refused(self, uid: str, destination: str, error: str, due_at: float, channel: str = "dicom") -> None:
         """The peer refused the object (or its file cannot be read): it waits, with the reason,

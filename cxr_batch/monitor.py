@@ -67,7 +67,10 @@ class WindowSpec:
         n, unit = int(m.group(1)), m.group(2)
         if not unit:
             return cls(count=n)
-        return cls(period=dt.timedelta(days=n) if unit == "d" else dt.timedelta(hours=n))
+        try:
+            return cls(period=dt.timedelta(days=n) if unit == "d" else dt.timedelta(hours=n))
+        except OverflowError:
+            raise ValueError(f"window {text!r}: a period longer than any date range") from None
 
     def __str__(self) -> str:
         if self.count is not None:
@@ -247,6 +250,10 @@ def evaluate_windows(windows: list[Window], reference: Reference | None, sha: st
         tested = windows[1:]
     else:
         tested = windows
+    small = reference_too_small(reference, opts.min_studies)
+    if small:
+        notes.append(f"not compared: {small}")
+        return [], reference.describe() | {"too_small": True, "outputs_compared": False}, notes
     outputs = outputs_comparable(reference.data, sha, fingerprint)
     if not outputs:
         notes.append("outputs not compared: the reference describes another model's outputs (or a different "
@@ -257,6 +264,22 @@ def evaluate_windows(windows: list[Window], reference: Reference | None, sha: st
                          rows=w.rows)
         out.append({"window": w.describe(), **result})
     return out, reference.describe() | {"outputs_compared": outputs}, notes
+
+
+def reference_too_small(reference: Reference, min_studies: int, option: str = "--min-studies") -> str:
+    """Why ``reference`` holds too few studies to compare with (a window of studies like its own
+    would raise no alarm whatever they are), or '' when it holds enough; ``option`` names the
+    minimum."""
+    n = reference.data.get("n_studies")
+    if isinstance(n, int) and n >= min_studies:
+        return ""
+    return (f"the reference ({reference.source}) holds {n} scored studies, fewer than {option} ({min_studies}): "
+            f"too few to tell drift from chance")
+
+
+def conclusive(window: dict) -> bool:
+    """A window tested with enough studies for its "no alarm" to mean something."""
+    return not window.get("too_small")
 
 
 def run_monitor(results_dir: Path, out: Path, reference_path: Path | None = None,
@@ -275,14 +298,18 @@ def run_monitor(results_dir: Path, out: Path, reference_path: Path | None = None
                             else DEFAULT_BUNDLE)
     rows, unreadable = readable_records(csv)
     explicit = load_reference(reference_path) if reference_path is not None else None
+    if explicit is not None and (small := reference_too_small(explicit, opts.min_studies)):
+        raise MonitorError(f"--reference {reference_path}: {small}")
     by_model: dict[str, list[tuple[StudyRecord, int]]] = {}
     for i, r in rows:
         if monitored(r):
             by_model.setdefault(r.weights_sha256, []).append((r, i))
     older = sum(r.ok and not monitored(r) for _, r in rows)
     if not by_model:
+        failed = sum(not r.ok for _, r in rows)
         raise MonitorError(f"{csv} holds no scored study with drift data" + (
-            f" ({older} were scored before drift monitoring: scan them again)" if older else ""))
+            f" ({older} were scored before drift monitoring: scan them again)" if older else "") + (
+            f" ({failed} rows are errors or skipped studies: see their notes in results.csv)" if failed else ""))
     report = {"results": str(results_dir), "generated": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
               "window": str(opts.window), "alpha": opts.alpha, "min_studies": opts.min_studies,
               "min_effect": dict(MIN_EFFECT), "method": METHOD,
@@ -296,7 +323,7 @@ def run_monitor(results_dir: Path, out: Path, reference_path: Path | None = None
     candidates = known_bundles(results_dir)
     if explicit is not None and explicit.kind == "bundle" and reference_path is not None:
         candidates = [Path(reference_path)] + candidates
-    tested_any = False
+    tested_any, largest = False, 0
     for sha, items in sorted(by_model.items(), key=lambda kv: kv[1][0][1]):
         records, numbers = [r for r, _ in items], [i for _, i in items]
         found = find_manifest(sha, candidates)
@@ -313,7 +340,8 @@ def run_monitor(results_dir: Path, out: Path, reference_path: Path | None = None
             notes.append(f"{left_out} studies without a time (scored_at or study date) are left out of time windows")
         results, ref_info, more = evaluate_windows(windows, reference, sha, fingerprint, opts)
         notes += more
-        tested_any = tested_any or bool(results)
+        tested_any = tested_any or any(conclusive(w) for w in results)
+        largest = max([largest] + [w["window"]["n"] for w in results])
         model = {"model": records[0].model, "weights_sha256": sha, "n": len(records),
                  "bundle": str(found[0]) if found else None, "reference": ref_info, "windows": results,
                  "notes": notes}
@@ -322,7 +350,14 @@ def run_monitor(results_dir: Path, out: Path, reference_path: Path | None = None
             for alarm in w["alarms"]:
                 report["alarms"].append({**alarm, "model": model["model"], "weights_sha256": sha,
                                          "window": w["window"]})
-    if not tested_any:
+    if not tested_any and largest:
+        report["problem"] = (f"no verdict: no window holds --min-studies ({opts.min_studies}) scored studies (the "
+                             f"largest holds {largest}): too few to tell drift from chance. Monitor again when more "
+                             f"are scored, or use a longer --window")
+    elif not tested_any and any(m["reference"] and m["reference"].get("too_small") for m in report["models"]):
+        report["problem"] = "nothing was compared: " + "; ".join(n for m in report["models"] for n in m["notes"]
+                                                                  if n.startswith("not compared:"))
+    elif not tested_any:
         report["problem"] = ("nothing was compared: no reference was found for the model(s) that scored these "
                              "studies and there is no window after the first (the baseline); give --reference "
                              "BUNDLE_OR_RESULTS_DIR")

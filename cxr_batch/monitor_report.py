@@ -43,7 +43,7 @@ def summary_page(report: dict) -> Figure:
     alarms = report["alarms"]
     y -= 0.01
     if report.get("problem"):
-        y = _text(fig, y, f"Nothing compared: {report['problem']}.", 11, "bold", colour=ALARM)
+        y = _text(fig, y, f"Nothing compared: {report['problem']}.", 11, "bold", width=80, colour=ALARM)
     elif alarms:
         inputs = sum(a["group"] != "output" for a in alarms)
         y = _text(fig, y, f"{len(alarms)} ALARM{'S' if len(alarms) > 1 else ''} ({inputs} on inputs, "
@@ -66,9 +66,10 @@ def summary_page(report: dict) -> Figure:
         ref = m["reference"]
         what = (f"{ref['source']} ({ref['n_studies']} studies; outputs "
                 f"{'compared' if ref['outputs_compared'] else 'not compared'})") if ref else "nothing"
-        tested = len(m["windows"])
-        y = _text(fig, y, f"{m['model']} (bundle sha256 {m['weights_sha256'][:12]}..., {m['n']} studies, {tested} "
-                  f"window(s) tested): {what}.", 8, width=125)
+        small = sum(bool(w.get("too_small")) for w in m["windows"])
+        tested = f"{len(m['windows']) - small} window(s) tested" + (f", {small} too small" if small else "")
+        y = _text(fig, y, f"{m['model']} (bundle sha256 {m['weights_sha256'][:12]}..., {m['n']} studies, {tested}): "
+                  f"{what}.", 8, width=125)
         for note in m["notes"]:
             y = _text(fig, y, f"  note: {note}.", 8, width=125)
     for note in report["notes"]:

@@ -87,6 +87,8 @@ class ScriptedPACS:
                 answer.SeriesInstanceUID, answer.Modality = ds.SeriesInstanceUID, ds.Modality
             if level == "IMAGE":
                 answer.SOPInstanceUID = ds.SOPInstanceUID
+                if "SOPClassUID" in query:  # a return key, answered where asked
+                    answer.SOPClassUID = ds.SOPClassUID
             yield 0xFF00, answer
 
     def _sent(self, identifier):

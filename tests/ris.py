@@ -67,10 +67,10 @@ class _Malformed(AbstractErrorHandler):
 
 
 class RIS:
-    def __init__(self, answer: str = "AA", text: str = ""):
+    def __init__(self, answer: str = "AA", text: str = "", port: int = 0):
         if answer not in ACK_CODES + ("silent", "other-id", "garbage"):
             raise ValueError(answer)
-        self.answer, self.text = answer, text
+        self.answer, self.text, self.port = answer, text, port  # port 0: any free one
         self.received: list[str] = []
         self.errors: list[str] = []
         self.lock = threading.Lock()
@@ -85,7 +85,7 @@ class RIS:
 
     def __enter__(self) -> "RIS":
         handlers = {"ORU^R01^ORU_R01": (_Handler, self), "ERR": (_Malformed, self)}
-        self._server = MLLPServer("127.0.0.1", 0, handlers, timeout=10)
+        self._server = MLLPServer("127.0.0.1", self.port, handlers, timeout=10)
         self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05},
                                         daemon=True)
         self._thread.start()

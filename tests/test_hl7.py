@@ -256,3 +256,70 @@ def test_an_ack_is_read_however_it_arrives(scored, shape):
         assert delivery.ok, delivery
     else:
         assert delivery.outcome == "retry" and "closed the connection without an ACK" in delivery.reason
+
+
+def test_a_name_too_long_for_hl7_is_refused_without_naming_the_patient(scored):
+    """A name within DICOM's 194 characters whose escaped delimiters take it past what HL7 holds
+    (199): no message, and why says so without the name (it goes to the log and to results.csv)."""
+    records, bundle = scored
+    record = records["plain.dcm"]
+    long = replace(record, ids=replace(record.ids, patient_name="SECRET&" * 28))
+    assert len(long.ids.patient_name) == 194
+    with pytest.raises(HL7NotMade) as refused:
+        oru_r01(long, thresholds=bundle.thresholds)
+    said = str(refused.value)
+    assert "SECRET" not in said and "longer than" in said, said
+
+
+def test_a_ris_down_then_back_gets_each_message_once_in_the_order_queued(scored, tmp_path):
+    """The RIS is down when sending starts (connection refused, a back-off) and comes
+    back: every message arrives once, in the order queued (a scan queues in worklist order), not
+    with the oldest ones sent to the back by each failed try to connect."""
+    from cxr_batch.integration.outbound import Sender
+    from cxr_batch.integration.outbox import HL7Channel
+    from cxr_batch.ledger import Ledger, outbound_entry
+
+    records, bundle = scored
+    record = records["plain.dcm"]
+    (tmp_path / "hl7").mkdir()
+    endpoint = Endpoint("127.0.0.1", free_port())
+    queued = []
+    for k in range(6):
+        message = oru_r01(record, thresholds=bundle.thresholds, revision=f"study-{k}")
+        control = message_control_id(message)
+        (tmp_path / "hl7" / f"{control}.hl7").write_text(message, encoding="utf-8")
+        queued.append((f"uid:{k}", outbound_entry(control, f"hl7/{control}.hl7", "hl7", str(endpoint))))
+    ledger_path = tmp_path / "ledger.sqlite"
+    ledger = Ledger(ledger_path)
+    try:
+        assert ledger.queue_outbound(queued) == 6
+        sender = Sender(ledger_path, tmp_path, HL7Channel(endpoint, 5.0), retry_max=2.0)
+        assert sender.send_due(ledger, until=time.time())  # refused (no time left to back off)
+        assert sender.link_failures == 1 and not ledger.due_outbound(time.time(), channel="hl7")  # all wait
+        with RIS("AA", port=endpoint.port) as ris:
+            sender.drain(time.time() + 30)
+            received = [message_control_id(m) for m in ris.received]
+        assert received == [entry[0] for _, entry in queued]
+        assert ledger.outbound_stats(time.time(), "hl7")["delivered"] == 6
+    finally:
+        ledger.close()
+
+
+def test_a_scan_sends_its_results_in_worklist_order(tmp_path, nih_images, small_bundle):
+    """After a scan the ORUs go out read-first first (worklist_rank), not in file order: when
+    ``send_wait`` ends before the queue does, what waits is the least urgent."""
+    from cxr_batch.integration.outbox import send_after_scan
+
+    studies = tmp_path / "studies"
+    for k, image in enumerate(nih_images[:8]):
+        write(studies / f"{k}.dcm", grey(image), PatientID=f"P{k}", AccessionNumber=f"A{k}")
+    out = tmp_path / "out"
+    with RIS("AA") as ris:
+        cfg = ScanConfig(weights=str(small_bundle), device="cpu", progress=False, batch_size=4, workers=0, pdf=False,
+                         hl7_to=str(ris.endpoint))
+        run_scan(studies, out, cfg)
+        assert send_after_scan(out, cfg) == []
+        received = [next(s for s in m.splitlines() if s.startswith("PID|")).split("|")[3] for m in ris.received]
+    ranked = sorted(read_results(out / "results.csv"), key=lambda row: int(row["worklist_rank"]))
+    assert [row["patient_id"] for row in ranked] != [f"P{k}" for k in range(8)]  # file order is not the worklist's
+    assert received == [row["patient_id"] for row in ranked]

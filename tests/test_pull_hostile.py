@@ -136,3 +136,89 @@ def test_a_pacs_ignoring_the_dates_gives_only_the_days_asked(radiographs, small_
     assert "dated outside" in done.stderr
     rows = _rows(out)
     assert len(rows) == 1 and pydicom.dcmread(files[0]).SOPInstanceUID in rows[0]
+
+
+def _text_sr(image: pydicom.Dataset, path: Path) -> Path:
+    """A Basic Text SR filed in ``image``'s series (a PACS that keeps a note with the images):
+    a class the C-GET does not negotiate."""
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian
+
+    sr = pydicom.Dataset()
+    sr.SOPClassUID, sr.SOPInstanceUID = "1.2.840.10008.5.1.4.1.1.88.11", generate_uid()
+    sr.StudyInstanceUID, sr.SeriesInstanceUID = image.StudyInstanceUID, image.SeriesInstanceUID
+    sr.Modality, sr.StudyDate, sr.PatientID = "SR", image.StudyDate, image.PatientID
+    sr.ValueType, sr.ContentSequence = "CONTAINER", []
+    sr.file_meta = FileMetaDataset()
+    sr.file_meta.MediaStorageSOPClassUID, sr.file_meta.MediaStorageSOPInstanceUID = sr.SOPClassUID, sr.SOPInstanceUID
+    sr.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    sr.save_as(path, enforce_file_format=True)
+    return path
+
+
+def test_a_series_holding_an_object_that_is_no_image_says_so_and_does_not_fail_every_pull(radiographs, small_bundle,
+                                                                                          tmp_path):
+    """A DX series that also holds a Basic Text SR, and odd headers (no patient ID, an age of
+    0 days, a Latin-1 name): the radiographs are scored, the SR is named in a line as not an
+    image and not retrieved, and the pull ends 0 (the next pull would fail the same way for
+    ever otherwise); no patient name in the log."""
+    odd = [write(tmp_path / "odd0.dcm", _pixels_of(radiographs[0]), PatientID="", PatientAge="000D",
+                 AccessionNumber="A9", SpecificCharacterSet="ISO_IR 100", PatientName="Müller^Jürgen")]
+    image = pydicom.dcmread(odd[0])
+    files = odd + [_text_sr(image, tmp_path / "note.dcm")] + radiographs[1:]
+    out = tmp_path / "out"
+    done = _pull_closing(ScriptedPACS(files), out, small_bundle)
+    assert "Traceback" not in done.stderr and "Müller" not in done.stderr
+    assert "1.2.840.10008.5.1.4.1.1.88.11" in done.stderr and "not an image class" in done.stderr, done.stderr[-3000:]
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = _rows(out)
+    assert len(rows) == 3
+
+
+def _pixels_of(path):
+    return pydicom.dcmread(path).pixel_array
+
+
+def _pull_closing(pacs, out, bundle):
+    """A pull by C-GET from ``pacs``, stopped after it."""
+    try:
+        return _pull(pacs, out, bundle, "--retrieve", "get", timeout=300)
+    finally:
+        pacs.close()
+
+
+class _VanishingPACS(ScriptedPACS):
+    """Drops the association when asked for its second retrieval, and every association after
+    (a PACS going down: it still accepts connections, answers nothing)."""
+
+    gets, gone = 0, False
+
+    def get(self, event):
+        self.gets += 1
+        if self.gets == 2:
+            self.gone = True
+        if self.gone:  # the connection reset (RST), as by a PACS that crashed
+            import socket
+            import struct
+
+            raw = event.assoc.dul.socket.socket
+            raw.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            raw.close()
+            return
+        yield from super().get(event)
+
+    def find(self, event):
+        if self.gone:
+            event.assoc.abort()
+            return
+        yield from super().find(event)
+
+
+def test_a_pacs_that_goes_away_mid_pull_keeps_what_arrived_and_says_so(radiographs, small_bundle, tmp_path):
+    out = tmp_path / "out"
+    done = _pull_closing(_VanishingPACS(radiographs), out, small_bundle)
+    assert "Traceback" not in done.stderr and "unexpected" not in done.stderr, done.stderr[-3000:]
+    assert done.returncode in (1, 3), done.stderr[-3000:]
+    assert "dropped the association" in done.stderr, done.stderr[-3000:]
+    assert len(_rows(out)) == 1  # the image retrieved before it went is scored
+    assert not list((out / ".cxr-batch" / "spool").glob("*.dcm"))

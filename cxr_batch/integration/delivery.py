@@ -31,6 +31,9 @@ def shown(text: str, limit: int = REASON_LIMIT) -> str:
 class Delivery:
     outcome: Outcome
     reason: str = ""  # why not delivered (or what the receiver added), for the queue and status.json
+    # a retry where the object never reached the receiver (no connection, no association): the
+    # link is down, not this object's fault, so the queue keeps its order (cxr_batch.ledger)
+    unsent: bool = False
 
     def __post_init__(self):
         object.__setattr__(self, "reason", shown(self.reason))
@@ -40,8 +43,8 @@ class Delivery:
         return cls("delivered", note)
 
     @classmethod
-    def retry(cls, reason: str) -> "Delivery":
-        return cls("retry", reason)
+    def retry(cls, reason: str, unsent: bool = False) -> "Delivery":
+        return cls("retry", reason, unsent)
 
     @classmethod
     def rejected(cls, reason: str) -> "Delivery":

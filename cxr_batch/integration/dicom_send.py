@@ -84,6 +84,7 @@ class SendResult:
     reason: str = ""  # why not, for the log and the queue; empty when ok
     transient: bool = False  # worth retrying later: network, timeout, busy or out of resources
     link: bool = False  # about the association, not this object: every object would fail alike now
+    unsent: bool = False  # no association: the object never reached the peer
 
 
 def _failure_is_transient(status: int) -> bool:
@@ -112,16 +113,16 @@ def send_dataset(dataset: Dataset | str | Path, destination: Destination, *, cal
                              tls_args=(tls, destination.host) if tls is not None else None,
                              evt_handlers=[(evt.EVT_CONN_OPEN, tcp_no_delay)])
     except Exception as e:  # a bad host name, an unreachable network
-        return _failed(uid, destination, f"cannot connect: {type(e).__name__}: {e}", transient=True)
+        return _failed(uid, destination, f"cannot connect: {type(e).__name__}: {e}", transient=True, unsent=True)
     if not assoc.is_established:
         if assoc.is_rejected:
             rsp = assoc.acceptor.primitive
             return _failed(uid, destination, f"association rejected ({rsp.result_str}, {rsp.reason_str})",
-                           transient=rsp.result == 0x02, link=True)
+                           transient=rsp.result == 0x02, link=True, unsent=True)
         # no answer, refused connection, or no presentation context accepted for this SOP class
         what = "no presentation context accepted" if assoc.is_aborted and assoc.rejected_contexts else \
             "no association (peer down, unreachable or not answering)"
-        return _failed(uid, destination, what, transient=not assoc.rejected_contexts)
+        return _failed(uid, destination, what, transient=not assoc.rejected_contexts, unsent=True)
     try:
         answer = assoc.send_c_store(dataset)
     except Exception as e:  # a dataset pynetdicom cannot encode
@@ -140,6 +141,6 @@ def send_dataset(dataset: Dataset | str | Path, destination: Destination, *, cal
 
 
 def _failed(uid: str, destination: Destination, reason: str, transient: bool, status: int | None = None,
-            link: bool = False) -> SendResult:
+            link: bool = False, unsent: bool = False) -> SendResult:
     log.warning("not sent %s to %s: %s", uid, destination, reason)
-    return SendResult(False, status, reason, transient, link or transient)
+    return SendResult(False, status, reason, transient, link or transient, unsent)

@@ -217,7 +217,22 @@ def oru_r01(record: StudyRecord, *, thresholds: Mapping[str, float] | None = Non
         m.validate()
         return m.to_er7() + "\r"
     except HL7apyException as e:
-        raise HL7NotMade(f"hl7apy refused the message: {type(e).__name__}: {e}") from None
+        raise HL7NotMade(f"hl7apy refused the message: {_refusal(e, ids)}") from None
+
+
+def _refusal(e, ids) -> str:
+    """Why hl7apy refused, without the value it refused: its messages quote it, and the reason
+    goes to the log and to results.csv's notes (a name whose escaped delimiters take it past
+    HL7's 199 characters would be written there in full)."""
+    from hl7apy.exceptions import MaxLengthReached
+
+    if isinstance(e, MaxLengthReached):
+        return f"a value (a name or an ID) is longer than HL7 v2.5 allows ({e.limit} characters)"
+    said = str(e)
+    for value in (ids.patient_id, ids.patient_name, ids.accession_number, ids.patient_birth_date):
+        for part in {value, escape(value), *(escape(p) for p in value.split("^"))} - {""}:
+            said = said.replace(part, "...")
+    return f"{type(e).__name__}: {said}"
 
 
 def _disclaimer() -> str:
@@ -295,7 +310,7 @@ def _exchange(data: bytes, endpoint: Endpoint, timeout: float) -> bytes | Delive
     try:
         sock = socket.create_connection((endpoint.host, endpoint.port), timeout=timeout)
     except OSError as e:
-        return Delivery.retry(f"cannot connect to {endpoint}: {type(e).__name__}: {e}")
+        return Delivery.retry(f"cannot connect to {endpoint}: {type(e).__name__}: {e}", unsent=True)
     with sock:
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)

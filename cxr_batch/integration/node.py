@@ -162,7 +162,9 @@ class EscapedLibraryLog(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         if record.name.startswith(self.name):
             text = record.getMessage()
-            if record.exc_info and not record.exc_text:
+            # a library's traceback (a PACS dropping the connection) only with --debug: the
+            # line above says what happened
+            if record.exc_info and not record.exc_text and logging.getLogger().isEnabledFor(logging.DEBUG):
                 text += "\n" + logging.Formatter().formatException(record.exc_info)
             record.msg, record.args, record.exc_info, record.exc_text = printable(text, 4000), (), None, None
         return True

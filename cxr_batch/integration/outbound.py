@@ -12,7 +12,9 @@ and records each answer (a :class:`~.delivery.Delivery`):
   ``AE`` or no ACK; an HTTP 5xx, 401 or 404): the link
   backs off exponentially (1 s doubling up to ``retry_max``) before the next try, and that
   object goes to the back of the queue, so one object the peer keeps refusing "for now" cannot
-  hold up the others;
+  hold up the others; but where the object never reached the peer (no connection, no
+  association: a Delivery's ``unsent``) every waiting object waits out the back-off in its
+  place, so after an outage the queue goes in the order it was queued (the oldest first);
 - a refusal of the object (the peer does not store that kind of object, or answers a failure
   status; an HL7 ``AR``; an HTTP 400/409/415), or an object file that is gone or unreadable:
   the object waits with the reason and is
@@ -79,7 +81,7 @@ class DicomChannel:
                               tls=self.tls_context)
         if result.ok:
             return Delivery.delivered()
-        return Delivery.retry(result.reason) if result.link else Delivery.rejected(result.reason)
+        return Delivery.retry(result.reason, result.unsent) if result.link else Delivery.rejected(result.reason)
 
 
 class Sender:
@@ -141,7 +143,9 @@ class Sender:
                 if ledger is None:
                     ledger = Ledger(self.ledger_path)  # SQLite connections belong to one thread: its own
                 if not self.send_due(ledger):
-                    self.wakeup.wait(IDLE_WAIT)
+                    # until the next object is due (the queue waiting out a link's back-off), at most IDLE_WAIT
+                    due = ledger.next_due(self.channel.name)
+                    self.wakeup.wait(IDLE_WAIT if due is None else min(IDLE_WAIT, max(0.05, due - time.time())))
                     self.wakeup.clear()
             except (sqlite3.Error, OSError) as e:  # the ledger cannot be written now (disk full): later
                 self.last_error = f"outbound queue not updated: {type(e).__name__}: {e}"
@@ -175,7 +179,10 @@ class Sender:
                 delay = min(self.retry_max, 2.0 ** (self.link_failures - 1))
                 self.last_error = result.reason
                 failed_at = time.time()
-                ledger.outbound_retry(item.uid, failed_at + delay, result.reason, name)
+                if result.unsent:  # the link is down: the whole queue waits, in its order
+                    ledger.outbound_link_down(item.uid, failed_at + delay, result.reason, name)
+                else:  # the receiver answered "not now" about this object: it goes to the back
+                    ledger.outbound_retry(item.uid, failed_at + delay, result.reason, name)
                 if until is not None:
                     delay = min(delay, max(0.0, until - failed_at))
                 self._back_off(ledger, delay, failed_at)

@@ -322,7 +322,11 @@ def send_after_scan(out: Path, cfg) -> list[str]:
         ledger = Ledger(outbox.ledger_path)
         try:
             studies = []
-            for record in read_records(out / "results.csv"):
+            # queued read-first first (a row without a rank, an error, last): the RIS gets the
+            # urgent studies before the others, and what send_wait leaves waiting is the least urgent
+            records = sorted(read_records(out / "results.csv"),
+                             key=lambda r: (r.worklist_rank is None, r.worklist_rank or 0))
+            for record in records:
                 key = f"uid:{record.ids.sop_uid}" if record.ids.sop_uid else f"file:{record.file}"
                 studies.append((key, record.file, record, ""))
             entries = outbox.entries(studies)

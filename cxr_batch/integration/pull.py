@@ -43,7 +43,7 @@ from typing import Literal
 from ..config import ConfigError, bounded
 from ..exit_codes import FATAL, OK, SOME_FAILED
 from .dicom_send import Destination, tcp_no_delay
-from .node import ListenConfig, Node, valid_uid
+from .node import ListenConfig, Node, escape_library_log, valid_uid
 
 log = logging.getLogger("cxr_batch")
 
@@ -419,6 +419,7 @@ class Progress:
     already_scored: int = 0
     retrieval_failures: int = 0
     not_asked: int = 0  # objects the PACS sent that this pull had not asked for: refused, never scored
+    not_retrievable: int = 0  # objects of a class C-GET does not ask for (an SR in a DX series): not retrieved
     more_match: bool = False  # max_studies reached: a next pull does the rest
     error: str = ""
     ignores_modalities_in_study: bool = False
@@ -428,7 +429,9 @@ class Progress:
         return (f"{self.studies_looked_at}/{self.studies_found} studies looked at ({self.pages} page(s)), "
                 f"{self.studies_retrieved} with new images: {self.images_retrieved} image(s) retrieved, "
                 f"{self.already_scored} already scored (or received), {self.retrieval_failures} retrieval failure(s)"
-                + (f", {self.not_asked} object(s) sent unasked refused" if self.not_asked else ""))
+                + (f", {self.not_asked} object(s) sent unasked refused" if self.not_asked else "")
+                + (f", {self.not_retrievable} object(s) of a class C-GET does not take left" if self.not_retrievable
+                   else ""))
 
 
 class _StopWhenDone:
@@ -472,6 +475,8 @@ class Puller(Node):
     def listen(self) -> None:
         if self.cfg.retrieve == "move":
             super().listen()  # before the first C-MOVE can reach us
+        else:  # C-GET: pynetdicom's records (a PACS dropping the association) escaped, as the node's
+            escape_library_log("pynetdicom")
         self.retrieval = threading.Thread(target=self._retrieve_all, name="cxr-batch-pull", daemon=True)
         self.retrieval.start()
 
@@ -685,6 +690,7 @@ class Puller(Node):
             ds.StudyInstanceUID = study.uid
             ds.SeriesInstanceUID = str(s.SeriesInstanceUID)
             ds.SOPInstanceUID = ""
+            ds.SOPClassUID = ""  # a return key: what C-GET could not take is not asked for
             try:
                 images = self.source.find(ds)
             except (QueryRefused, TooMany) as e:
@@ -692,7 +698,8 @@ class Puller(Node):
                             "again", ds.SeriesInstanceUID, study.uid, e or "too many images")
                 p.retrieval_failures += 1
                 continue
-            uids = sorted({u for u in (str(i.get("SOPInstanceUID", "") or "") for i in images) if valid_uid(u)})
+            listed = sorted({u for u in (str(i.get("SOPInstanceUID", "") or "") for i in images) if valid_uid(u)})
+            uids = sorted(set(listed) - self._not_retrievable(images, study.uid))
             p.images_listed += len(uids)
             done = ledger.settled([f"uid:{u}" for u in uids])
             spooled = self._spooled_uids()
@@ -702,13 +709,32 @@ class Puller(Node):
                 continue
             retrieved_any = True
             p.state = "retrieving"
-            if len(new) == len(uids):  # the whole series: one request
+            if len(new) == len(listed):  # the whole series: one request
                 self._retrieve(study.uid, ds.SeriesInstanceUID, None, new)
             else:  # some were scored before (a pull cut short): only the others
                 for uid in new:
                     self._retrieve(study.uid, ds.SeriesInstanceUID, uid, [uid])
         if retrieved_any:
             p.studies_retrieved += 1
+
+    def _not_retrievable(self, images: list, study: str) -> set[str]:
+        """SOP Instance UIDs of a series' objects that C-GET cannot take (their SOP class has no
+        presentation context in it: a Basic Text SR, a presentation state filed with the
+        images), each class said once per series: asking for them would fail every pull for
+        ever. A PACS that does not answer SOPClassUID: none (they are asked for, as before);
+        C-MOVE takes any class (the node gives what is not a radiograph a skipped row)."""
+        if self.cfg.retrieve != "get":
+            return set()
+        left: dict[str, list[str]] = {}
+        for answer in images:
+            uid, cls = (str(answer.get(k, "") or "").strip() for k in ("SOPInstanceUID", "SOPClassUID"))
+            if cls and valid_uid(uid) and cls not in GET_STORAGE_CLASSES:
+                left.setdefault(cls, []).append(uid)
+        for cls, uids in left.items():
+            log.warning("pull: %d object(s) of SOP class %s in a series of study %s not retrieved: not an image class "
+                        "the C-GET asks for (--retrieve move takes them, to a skipped row)", len(uids), cls, study)
+        self.progress.not_retrievable += sum(len(u) for u in left.values())
+        return {u for uids in left.values() for u in uids}
 
     def _retrieve(self, study: str, series: str, instance: str | None, asked: list[str]) -> None:
         from pydicom.dataset import Dataset
@@ -731,8 +757,9 @@ class Puller(Node):
             raise Stopped()
         failed = max(0, failed - (self.progress.not_asked - refused)) if failed > 0 else failed  # ours, not the PACS's
         if failed < 0:
-            log.warning("pull: no answer to a retrieval within %.0f s; what arrived is scored, the rest is "
-                        "retrieved by the next pull", self.cfg.query_timeout)
+            log.warning("pull: no final answer to a retrieval (none within %.0f s, or the PACS dropped the "
+                        "association); what arrived is scored, the rest is retrieved by the next pull",
+                        self.cfg.query_timeout)
             failed = len(asked)
         missing = len(set(asked) - self.arrived)  # a PACS's "success" is not what arrived
         if missing > failed:

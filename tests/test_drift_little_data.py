@@ -1,0 +1,138 @@
+"""``cxr-batch monitor`` on too little data: a window or a reference with fewer scored studies
+than ``--min-studies`` cannot tell drift from chance, so it must never end in "no alarm" (exit
+0); and what it writes holds no NaN. Real NIH radiographs scored by the bundled weights (which
+carry a reference), in fp32."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+
+import pytest
+
+from cxr_batch import exit_codes
+from cxr_batch.scan import ScanConfig, run_scan
+
+from .test_evaluate_calibrate import cli_here as here
+
+
+@pytest.fixture(scope="module")
+def scored(tmp_path_factory, nih, nih_images):
+    """25 real radiographs scored by the default bundle: the results folder."""
+    root = tmp_path_factory.mktemp("little")
+    images = root / "images"
+    images.mkdir()
+    for p in nih_images[::19][:25]:
+        shutil.copy(p, images / p.name)
+    out = root / "results"
+    run_scan(images, out, ScanConfig(metadata=str(nih / "labels.csv"), precision="fp32", pdf=False, progress=False,
+                                     workers=0))
+    return out
+
+
+def first_rows(results, folder, n):
+    """A results folder holding the first ``n`` studies of ``results``."""
+    folder.mkdir()
+    shutil.copy(results / "run.json", folder / "run.json")
+    lines = (results / "results.csv").read_text().splitlines(keepends=True)
+    (folder / "results.csv").write_text("".join(lines[:n + 1]))
+    return folder
+
+
+def report_of(out):
+    text = (out / "monitor.json").read_text()
+    report = json.loads(text, parse_constant=lambda c: pytest.fail(f"monitor.json holds {c}"))
+    return report
+
+
+@pytest.mark.parametrize("n", [1, 5])
+def test_a_window_smaller_than_min_studies_is_no_verdict(scored, tmp_path, n):
+    few = first_rows(scored, tmp_path / "few", n)
+    code, stderr = here("monitor", few, "--out", tmp_path / "m")
+    assert code == exit_codes.FATAL, stderr
+    assert "too few" in stderr and "--min-studies" in stderr, stderr
+    assert "0 window(s) tested" in stderr and "1 too small" in stderr, stderr
+    report = report_of(tmp_path / "m")
+    assert report["exit_code"] == exit_codes.FATAL and report["alarms"] == []
+    assert report["models"][0]["windows"][0]["too_small"]
+
+
+def test_a_last_window_too_small_is_said_and_the_others_decide(scored, tmp_path):
+    code, stderr = here("monitor", scored, "--out", tmp_path / "m", "--window", "10", "--min-studies", "10")  # 10, 10, 5
+    assert code in (exit_codes.OK, exit_codes.DRIFT_ALARM), stderr
+    assert "2 window(s) tested" in stderr and "1 too small" in stderr, stderr
+    report = report_of(tmp_path / "m")
+    assert [w["window"]["n"] for w in report["models"][0]["windows"]] == [10, 10, 5]
+
+
+def test_a_site_baseline_smaller_than_min_studies_is_refused(scored, tmp_path):
+    tiny = first_rows(scored, tmp_path / "tiny", 3)
+    code, stderr = here("monitor", scored, "--out", tmp_path / "m", "--reference", tiny)
+    assert code == exit_codes.FATAL, stderr
+    assert "3 scored studies" in stderr and "--min-studies" in stderr, stderr
+
+
+def test_only_failed_studies_say_how_many_failed(scored, tmp_path):
+    failed = tmp_path / "failed"
+    failed.mkdir()
+    shutil.copy(scored / "run.json", failed / "run.json")
+    with open(scored / "results.csv", newline="") as f:
+        reader = csv.DictReader(f)
+        rows = [{**row, "status": "error"} for row, _ in zip(reader, range(3))]
+    with open(failed / "results.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    code, stderr = here("monitor", failed, "--out", tmp_path / "m")
+    assert code == exit_codes.FATAL, stderr
+    assert "no scored study" in stderr and "3 rows are errors" in stderr, stderr
+    assert not (tmp_path / "m" / "monitor.json").exists()
+
+
+def test_a_baseline_window_smaller_than_min_studies_compares_nothing(scored, tmp_path):
+    """Without a reference, the first window is the baseline: a first day of 3 studies cannot be
+    one, whatever the later windows hold; monitor.json and the PDF say so."""
+    from cxr_batch.drift import MIN_EFFECT
+    from cxr_batch.monitor import (METHOD, MonitorOptions, WindowSpec, evaluate_windows, readable_records,
+                                   split_windows, write_outputs)
+
+    rows = readable_records(scored / "results.csv")[0]
+    records, numbers = [r for _, r in rows], [i for i, _ in rows]
+    windows, _ = split_windows(records, numbers, WindowSpec(count=22))  # 22, then 3
+    windows.reverse()  # the 3 first: the baseline
+    results, reference, notes = evaluate_windows(windows, None, records[0].weights_sha256, None,
+                                                 MonitorOptions(window=WindowSpec(count=22)))
+    assert results == [] and reference["too_small"] and not reference["outputs_compared"]
+    assert any("holds 3 scored studies, fewer than --min-studies (20)" in n for n in notes), notes
+    report = {"results": str(scored), "generated": "now", "window": "22", "alpha": 0.001, "min_studies": 20,
+              "method": METHOD, "min_effect": MIN_EFFECT,
+              "studies": {"rows": 25, "scored": 25}, "alarms": [], "notes": [], "problem": "nothing was compared",
+              "models": [{"model": records[0].model, "weights_sha256": records[0].weights_sha256, "n": 25,
+                          "bundle": None, "reference": reference, "windows": results, "notes": notes}]}
+    write_outputs(report, tmp_path / "m")
+    assert (tmp_path / "m" / "monitor.pdf").stat().st_size > 1000
+
+
+def test_a_daemon_refuses_a_drift_reference_smaller_than_its_min_studies(scored, tmp_path):
+    """``drift_reference`` in watch/listen/pull: a site baseline of 3 studies would let every
+    window read "ok"; the daemon does not start (a configuration error, exit 2)."""
+    from types import SimpleNamespace
+
+    from cxr_batch.config import ConfigError
+    from cxr_batch.drift_watch import DriftWatch
+
+    tiny = first_rows(scored, tmp_path / "tiny", 3)
+    bundle = SimpleNamespace(sha256="0" * 64, manifest={}, path=tmp_path, label="test")
+    with pytest.raises(ConfigError, match=r"drift_reference.*3 scored studies.*drift_min_studies \(20\)"):
+        DriftWatch(None, bundle, tmp_path, every=100, window=500, min_studies=20, alpha=0.001, reference=str(tiny))
+
+
+@pytest.mark.parametrize("option, value", [("--alpha", "nan"), ("--alpha", "inf"), ("--window", "9999999999d"),
+                                           ("--window", "99999999999h")])
+def test_an_option_no_test_can_use_is_a_usage_error(scored, tmp_path, option, value):
+    """alpha NaN would never alarm (every comparison with it is false) and be written as NaN; a
+    period beyond what a date can hold is no window."""
+    code, stderr = here("monitor", scored, "--out", tmp_path / "m", option, value)
+    assert code == exit_codes.USAGE and option in stderr and "Traceback" not in stderr, stderr
+    assert not (tmp_path / "m" / "monitor.json").exists()
