@@ -47,6 +47,14 @@ def private_files() -> None:
     os.umask(os.umask(0) | PRIVATE_UMASK)
 
 
+def finite(_ctx, _param, value):
+    """A float option's value, refused when NaN or infinite (click's ranges let NaN through:
+    every comparison with it is false)."""
+    if value is not None and not math.isfinite(value):
+        raise click.BadParameter(f"{value} is not a number")
+    return value
+
+
 def fail(message: str, debug: bool, code: int = EXIT_FATAL):
     if debug:
         raise
@@ -542,7 +550,7 @@ def outbound_drop(out, channel, uids):
 @click.option("--ae-title", default="CXRBATCH", show_default=True, help="Our AE title for C-STORE.")
 @click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="TOML file whose [dicomweb] table has the STOW-RS credentials.")
-@click.option("--wait", type=click.FloatRange(0), default=60.0, show_default=True,
+@click.option("--wait", type=click.FloatRange(0), default=60.0, show_default=True, callback=finite,
               help="Seconds to go on trying (with back-off) before giving the rest back to the queue.")
 @DEBUG_OPTION
 def outbound_send(out, send_to, hl7_to, stow_to, ae_title, config_file, wait, debug):
@@ -678,14 +686,6 @@ def parse_window(_ctx, _param, value):
         return WindowSpec.parse(value)
     except ValueError as e:
         raise click.BadParameter(str(e)) from None
-
-
-def finite(_ctx, _param, value):
-    """A float option's value, refused when NaN or infinite (click's ranges let NaN through:
-    every comparison with it is false)."""
-    if value is not None and not math.isfinite(value):
-        raise click.BadParameter(f"{value} is not a number")
-    return value
 
 
 @main.command()

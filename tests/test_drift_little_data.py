@@ -136,3 +136,10 @@ def test_an_option_no_test_can_use_is_a_usage_error(scored, tmp_path, option, va
     code, stderr = here("monitor", scored, "--out", tmp_path / "m", option, value)
     assert code == exit_codes.USAGE and option in stderr and "Traceback" not in stderr, stderr
     assert not (tmp_path / "m" / "monitor.json").exists()
+
+
+def test_outbound_send_refuses_a_wait_that_is_not_a_number(tmp_path):
+    """--wait nan: click's range lets NaN through (every comparison with it is false), and a loop
+    'until the wait has passed' would never end."""
+    code, stderr = here("outbound", "send", tmp_path, "--wait", "nan")
+    assert code == exit_codes.USAGE and "--wait" in stderr and "Traceback" not in stderr, stderr
