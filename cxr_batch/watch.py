@@ -54,6 +54,7 @@ from .runconfig import RunConfig
 from .runtime import default_workers, make_policy
 from .sandbox import StudyReader
 from .stopping import StopSignal
+from .triage import worklist_key
 
 log = logging.getLogger("cxr_batch")
 STATE_DIR = ".cxr-batch"
@@ -485,6 +486,9 @@ class Watcher:
                 studies.append((key, content, record))
         for rel in defer:
             self.pending[rel].retry_at = now + max(self.cfg.settle, 1.0)
+        # committed (and so queued for the RIS and the PACS) in worklist order: read-first first
+        studies.sort(key=lambda s: (not s[2].ok, worklist_key(s[2].priority, s[2].triage_score, s[2].file)
+                                    if s[2].ok else ()))
         entries = [(r.file, key, r.status) for key, _, r in studies] + [(rel, "", "duplicate") for rel in duplicates]
         handled = [e for e in (self._file_entry(*entry) for entry in entries) if e is not None]
         _checkpoint("reports")

@@ -323,3 +323,26 @@ def test_a_scan_sends_its_results_in_worklist_order(tmp_path, nih_images, small_
     ranked = sorted(read_results(out / "results.csv"), key=lambda row: int(row["worklist_rank"]))
     assert [row["patient_id"] for row in ranked] != [f"P{k}" for k in range(8)]  # file order is not the worklist's
     assert received == [row["patient_id"] for row in ranked]
+
+
+def test_the_watch_daemon_sends_a_batch_in_worklist_order(tmp_path, nih_images, small_bundle):
+    """A batch of the watch daemon is queued read-first first too, not in file order (a batch
+    is up to batch_size studies: the urgent one of them goes out first)."""
+    from cxr_batch.triage import worklist_key
+    from tests.watchkit import start_daemon, stop, wait_for, watch_config
+
+    incoming, out = tmp_path / "incoming", tmp_path / "out"
+    for k, image in enumerate(nih_images[:8]):  # there before the daemon starts: one batch of 8
+        write(incoming / f"{k}.dcm", grey(image), PatientID=f"P{k}", AccessionNumber=f"A{k}")
+    config = watch_config(tmp_path / "watch.toml", batch_size=8, max_wait=2.0)
+    with RIS("AA") as ris:
+        proc = start_daemon(incoming, out, small_bundle, config, "--hl7-to", ris.endpoint, "--no-pdf")
+        try:
+            assert wait_for(lambda: len(ris.received) == 8, timeout=180), proc.stderr
+        finally:
+            stop(proc)
+        received = [next(s for s in m.splitlines() if s.startswith("PID|")).split("|")[3] for m in ris.received]
+    rows = read_results(out / "results.csv")
+    ranked = sorted(rows, key=lambda r: worklist_key(r["priority"], float(r["triage_score"]), r["file"]))
+    assert [r["patient_id"] for r in ranked] != [f"P{k}" for k in range(8)]  # file order is not the worklist's
+    assert received == [r["patient_id"] for r in ranked]
