@@ -380,8 +380,11 @@ def _banner(record: StudyRecord, info: ModelInfo, options: ReportOptions, order:
     ev, p_any = info.evidence, record.scores.p_any if record.scores else None
     any_text = f"P(any finding) {p_any:.2f}" if p_any is not None else ""
     if order:
-        lines.append(Paragraph(escape("; ".join(_flag_phrase(f, info) for f in order)
-                                      + (f". {any_text}." if any_text else "")), st["banner2"]))
+        text = "; ".join(_flag_phrase(f, info) for f in order) + (f". {any_text}." if any_text else "")
+        urgent = [f for f in order if f in options.urgent] if priority == "urgent" else []
+        if urgent:  # how far URGENT can be trusted: the urgent finding's catch, held out too
+            text += " " + "; ".join(ev.sensitivity(f) for f in urgent) + "."
+        lines.append(Paragraph(escape(text), st["banner2"]))
     elif priority == "abnormal":  # above the normal bucket without a single finding over its operating point
         cut = ev.study_level.normal_below
         lines.append(Paragraph(escape(f"No single finding over its operating point, but {any_text}"

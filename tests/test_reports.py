@@ -315,6 +315,21 @@ def test_maps_not_drawn_are_named():
     assert "Not drawn (heatmaps were turned off for this run): Pneumothorax, Effusion." in re.sub(r"\s+", " ", txt)
 
 
+def test_an_urgent_banner_says_how_often_the_urgent_finding_was_caught_held_out():
+    """Beside URGENT the radiologist reads how far the flag can be trusted: the urgent finding's
+    held-out catch (v3's pneumothorax: 0 of 10) as well as the out-of-fold sens./PPV of the flag,
+    not only on the low-probability banner."""
+    import io
+
+    counts = {f: {"tp": 3, "fn": 1, "fp": 2, "tn": 90} for f in FINDINGS}
+    measured = model_info({"metrics": {"test_n": 300, "test_mean_auc": 0.8, "per_finding": counts}})
+    pdf = study_pdf(scored({"Pneumothorax": 0.9, "Mass": 0.8}), GREY, {}, measured, ReportOptions(), NOW)
+    txt = re.sub(r"\s+", " ", PdfReader(io.BytesIO(pdf)).pages[0].extract_text())
+    assert "URGENT" in txt
+    assert "Pneumothorax: sensitivity 0.75 at its threshold (flagged 3 of 4 held-out images that had it)" in txt
+    assert "Mass: sensitivity" not in txt  # the urgent finding's, not every flag's
+
+
 def test_no_flag_banner_gives_the_urgent_findings_sensitivity():
     import io
 
