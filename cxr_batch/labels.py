@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import logging
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -21,15 +20,11 @@ import numpy as np
 import pandas as pd
 
 from .findings import FINDINGS, NO_FINDING, resolve_finding
-from .metadata import NIH_COLUMNS
+from .metadata import NIH_PATIENT_COLUMNS
 from .record import log_name
 from .study import clean_text
 
 FILE_COLUMN, LABEL_COLUMN, PATIENT_COLUMN = "Image Index", "Finding Labels", "Patient ID"
-# what a row says about its image besides its findings (the scan's patient data when all are there)
-PATIENT_DATA_COLUMNS = [c for c in NIH_COLUMNS if c != FILE_COLUMN]
-
-log = logging.getLogger("cxr_batch")
 
 
 class LabelsError(Exception):
@@ -129,18 +124,18 @@ def read_labels(path: Path | str) -> LabelTable:
     # a file's rows must agree on its findings and on its patient data (age, sex, view are the
     # scan's patient data: with two values the scan would use whichever row came last)
     frame = pd.DataFrame({"file": names, "key": ["".join(map(str, r)) for r in y], "patient": patients,
-                          **{c: table[c].str.strip() for c in PATIENT_DATA_COLUMNS if c in table.columns}})
+                          **{c: table[c].str.strip() for c in NIH_PATIENT_COLUMNS if c in table.columns}})
     conflicting = frame.groupby("file").nunique().max(axis=1) > 1
     if conflicting.any():
         dup = names.isin(conflicting[conflicting].index)
         raise LabelsError(f"labels file {path}: the same file with different labels or patient data "
-                          f"({', '.join(c for c in PATIENT_DATA_COLUMNS if c in table.columns) or 'none'}) in "
+                          f"({', '.join(c for c in NIH_PATIENT_COLUMNS if c in table.columns) or 'none'}) in "
                           f"{_problem_rows(dup, names)}")
     first = ~names.duplicated().to_numpy()  # a row repeated word for word counts once
     return LabelTable(
         path=path, sha256=hashlib.sha256(raw).hexdigest(), files=list(names[first]), y=y[first],
         patient_ids=list(patients[first]),
-        has_patient_data=any(c in table.columns for c in PATIENT_DATA_COLUMNS),
+        has_patient_data=any(c in table.columns for c in NIH_PATIENT_COLUMNS),
     )
 
 

@@ -24,7 +24,8 @@ log = logging.getLogger("cxr_batch")
 
 NIH_COLUMNS = {"Image Index": "file", "Patient ID": "patient_id", "Patient Age": "age",
                "Patient Gender": "sex", "View Position": "view"}
-PATIENT_COLUMNS = [c for c in NIH_COLUMNS if c != "Image Index"]
+# what a row says about its image besides its name: the columns a table may lack (unknown)
+NIH_PATIENT_COLUMNS = [c for c in NIH_COLUMNS if c != "Image Index"]
 _SIDECAR_KEYS = {
     "age": ("PatientAge", "age", "Patient Age"),
     "sex": ("PatientSex", "sex", "Patient Gender", "gender"),
@@ -96,9 +97,9 @@ def _read_table(path: Path):
     table.columns = [c.strip() for c in table.columns]
     # the columns a table has are used; a column it lacks is unknown for every row (said once)
     missing = [c for c in NIH_COLUMNS if c not in table.columns]
-    if "Image Index" in missing or len(missing) == len(PATIENT_COLUMNS):
+    if "Image Index" in missing or len(missing) == len(NIH_PATIENT_COLUMNS):
         raise MetadataError(f"metadata file {path} lacks column(s) {missing}; expected the NIH Data_Entry columns "
-                            f"(Image Index and at least one of {', '.join(PATIENT_COLUMNS)})")
+                            f"(Image Index and at least one of {', '.join(NIH_PATIENT_COLUMNS)})")
     if missing:
         log.warning("metadata file %s has no column(s) %s: unknown for its rows unless a header or sidecar gives "
                     "them", path, ", ".join(f"'{c}'" for c in missing))
