@@ -133,8 +133,10 @@ def main() -> None:
     z, y, groups = shipped_scale(bundle, args.only_images_in)
     rng = np.random.default_rng(args.seed)
     ece_b, worse = {m: [] for m in ("base",) + METHODS}, {m: [] for m in METHODS}
+    too_few = []  # per site, findings with fewer than MIN_POSITIVES positives in half A (they cannot move)
     for _ in range(args.sites):
         a, b = site_halves(groups, args.size, rng)
+        too_few.append(int((y[a].sum(axis=0) < calibration.MIN_POSITIVES).sum()))
         ece_b["base"].append(ece(y[b], expit(z[b])))
         before = per_finding_log_loss(z[b], y[b])
         for method in METHODS:
@@ -150,7 +152,9 @@ def main() -> None:
             worse[method].append(int((per_finding_log_loss(u, y[b]) > before + 1e-9).sum()))
     source = f" (only the {len(z)} in {args.only_images_in})" if args.only_images_in else ""
     print(f"{args.sites} simulated sites of {args.size} images from {bundle.name}'s out-of-fold predictions{source} "
-          f"on its shipped scale (labels per image-finding {y.mean():.3f}); calibrated on half A, measured on half B")
+          f"on its shipped scale (labels per image-finding {y.mean():.3f}); calibrated on half A, measured on half B; "
+          f"findings with fewer than {calibration.MIN_POSITIVES} positives in half A: {np.mean(too_few):.1f} of "
+          f"{len(FINDINGS)} on average")
     for method, values in ece_b.items():
         values = np.array(values)
         share = float(np.mean(values <= GOAL))
