@@ -10,9 +10,9 @@ bundle ships (its training prevalences, ``manifest.training.prevalence``: NIH's 
 ``training/export_v3.py`` rule 5 does), so that, like a real site, the site's mix differs from the
 bundle's (v3's development images have pneumonia in 31% of images, NIH 1.3%). ``--only-images-in
 ../shared/data/nih/images`` draws sites only from the development images of that folder: a sample
-enriched for every finding (each 1.2 to 15 times NIH's prevalence, 0.10 labels per
-image-finding against NIH's 0.05), as a set of studies gathered to cover all 14 findings is,
-rather than for pneumonia alone. Each site is halved
+enriched for every finding (about 0.10 labels per image-finding against the 0.05 of NIH's
+prevalences), as a set of studies gathered to cover all 14 findings is, rather than for
+pneumonia alone. Each site is halved
 by patient: a calibration fitted on half A, measured on half B, as ``benchmarks/site_calibration.py``
 does end to end on the held-out test and the triage issue checks on three splits.
 
@@ -69,6 +69,11 @@ def shipped_scale(bundle: Path, only_images_in: Path | None = None) -> tuple[np.
         if not keep.any():
             raise SystemExit(f"no image of {bundle / 'training_run' / 'oof.csv'} is in {only_images_in}")
     return (logit(p) + shift)[keep], y[keep], oof["patient_id"].to_numpy()[keep]
+
+
+def shipped_rate(bundle: Path) -> float:
+    """Mean over findings of the prevalences the bundle's probabilities are set to."""
+    return float(np.mean(list(json.loads((bundle / "manifest.json").read_text())["training"]["prevalence"].values())))
 
 
 def package_fit(method: str, z, y, groups) -> tuple[np.ndarray, np.ndarray]:
@@ -152,7 +157,7 @@ def main() -> None:
             worse[method].append(int((per_finding_log_loss(u, y[b]) > before + 1e-9).sum()))
     source = f" (only the {len(z)} in {args.only_images_in})" if args.only_images_in else ""
     print(f"{args.sites} simulated sites of {args.size} images from {bundle.name}'s out-of-fold predictions{source} "
-          f"on its shipped scale (labels per image-finding {y.mean():.3f}); calibrated on half A, measured on half B; "
+          f"on its shipped scale (labels per image-finding {y.mean():.3f}; the bundle ships at {shipped_rate(bundle):.3f}); calibrated on half A, measured on half B; "
           f"findings with fewer than {calibration.MIN_POSITIVES} positives in half A: {np.mean(too_few):.1f} of "
           f"{len(FINDINGS)} on average")
     for method, values in ece_b.items():
