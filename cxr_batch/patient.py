@@ -103,8 +103,11 @@ def parse_age(value) -> tuple[float | None, str | None]:
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         if isinstance(value, float) and math.isnan(value):
             return None, None
-        years = float(value)
-        text = str(value)
+        text = str(value) if isinstance(value, float) or abs(value) < 10**20 else f"{str(value)[:17]}..."
+        try:
+            years = float(value)
+        except OverflowError:  # a JSON sidecar's integer of hundreds of digits
+            years = math.inf
     else:
         text = str(value).strip()
         if not text:
