@@ -24,6 +24,7 @@ from pydicom.uid import UID
 
 from . import acquisition
 from .codestream import CodestreamError, first_fragment, j2k_frame, jpeg_frame, rle_segments
+from .display import format_date
 from .greyscale import robust_range, window_to_uint8
 from .patient import PatientData, patient_from_values
 from .study import Identifiers, ReadError, ScoringRules, SkipStudy, StudyFailure, StudyHeader, StudyImage, check_view
@@ -80,14 +81,16 @@ def _text(ds, keyword: str) -> str:
         return ""
     if isinstance(value, pydicom.multival.MultiValue):
         value = "\\".join(str(v) for v in value)
+    if isinstance(value, bytes):  # a value over defer_size pydicom hands back undecoded
+        value = value.decode("latin-1")
     return str(value).strip().replace("\x00", "")
 
 
 def _date(text: str) -> dt.date | None:
-    try:
-        return dt.datetime.strptime(text[:8], "%Y%m%d").date() if len(text) >= 8 else None
-    except ValueError:
-        return None
+    """The date a header value holds, read as the identifiers read it (DA, ACR-NEMA, ISO); None
+    for a range, several values or anything else (its first 8 characters are not its date)."""
+    iso = format_date(text)
+    return dt.date.fromisoformat(iso) if iso else None
 
 
 def patient_from_header(ds) -> PatientData:
@@ -116,15 +119,22 @@ def patient_from_header(ds) -> PatientData:
     if data.age is not None:
         data.age_source = "header:PatientAge"
     else:
-        birth = _date(_text(ds, "PatientBirthDate"))
+        birth_text = _text(ds, "PatientBirthDate")
+        birth = _date(birth_text)
         on = next((d for d in (_date(_text(ds, t)) for t in _DATE_TAGS) if d), None)
+        # the notes name no date: results.csv and the reports carry no birth date
         if birth and on:
             years = (on - birth).days / 365.25
             from_dates = patient_from_values(round(years, 2), None, None, "header:PatientBirthDate")
             if from_dates.age is not None:
                 data.age, data.age_source = from_dates.age, from_dates.age_source
             else:
-                data.notes.append(f"age from birth date {birth} to {on} is implausible: treated as unknown")
+                data.notes.append("age from the birth date to the study date is implausible (negative or over "
+                                  "120 years): treated as unknown")
+        elif birth_text and not birth:
+            data.notes.append("header birth date (PatientBirthDate) is not one date (YYYYMMDD): age treated as unknown")
+        elif birth_text:
+            data.notes.append("header has a birth date but no study date to count the age to: treated as unknown")
     if data.sex is not None:
         data.sex_source = "header:PatientSex"
     return data

@@ -79,6 +79,34 @@ def test_header_patient_data_variants(tmp_path, nih_images):
     assert s.header.patient.age is None and "implausible" in s.header.patient.notes[0]
 
 
+def test_age_from_the_birth_date_reads_dates_as_the_identifiers_do(tmp_path, nih_images):
+    """An ACR-NEMA or ISO birth date gives the age, as those dates are read for the study date
+    (they gave no age, without a word); a range, several values or a birth date after the study
+    give none, with a note that names no date (results.csv carries no birth date)."""
+    src = grey(nih_images[0])
+
+    def patient(name, **header):
+        return read_study(write(tmp_path / name, src, PatientAge=None, **header), RULES).header.patient
+
+    for name, birth, on in (("acr", "1970.03.01", "2024.03.01"), ("iso", "1970-03-01", "2024-03-01")):
+        p = patient(name, PatientBirthDate=birth, StudyDate=on)
+        assert p.age == pytest.approx(54.0, abs=0.01) and p.age_source == "header:PatientBirthDate", name
+    for name, birth in (("range", "19700101-19701231"), ("several", "19700301\\19800301"), ("after", "20250101")):
+        p = patient(name, PatientBirthDate=birth, StudyDate="20240301")
+        assert p.age is None and p.age_source == "unknown", name
+        assert any("birth date" in n for n in p.notes), (name, p.notes)
+        assert not any(y in n for n in p.notes for y in ("1970", "1980", "2025", "2024")), (name, p.notes)
+    p = patient("range-study", PatientBirthDate="19700301", StudyDate="20240101-20240131")  # no study date
+    assert p.age is None and any("birth date" in n for n in p.notes)
+
+
+def test_an_identifier_too_long_for_its_vr_reads_as_text_not_as_bytes(tmp_path, nih_images):
+    """A value over 64 KB (a hostile header) is read as the bytes pydicom defers: cut to the
+    VR's maximum as text, never as Python's bytes form (b'XXXX...) in results.csv."""
+    s = read_study(write(tmp_path / "long", grey(nih_images[0]), PatientID="X" * 70_000), RULES)
+    assert s.header.ids.patient_id == "X" * 64
+
+
 def test_view_code_sequence(tmp_path, nih_images):
     from pydicom.dataset import Dataset
     from pydicom.sequence import Sequence
