@@ -46,6 +46,7 @@ from pydicom.uid import RE_VALID_UID
 from pydicom.valuerep import DA, DS, DT, TM, PersonName
 
 from . import __version__
+from .display import format_date
 from .files import FILE_MODE, atomic_write_bytes, private_dir
 from .findings import FINDINGS
 from .record import StudyRecord, log_name
@@ -191,16 +192,15 @@ def _person_name(value: str) -> str:
 
 
 def _date(value: str) -> str:
+    """DA: 8 ASCII digits of a real date, else empty (strptime alone takes '2024311' and
+    '1950 2 3', which DA does not)."""
     value = _clean(value)
-    try:
-        dt.datetime.strptime(value, "%Y%m%d")
-        return value
-    except ValueError:
-        return ""
+    return value if _DA.match(value) and format_date(value) else ""
 
 
 _TIME = re.compile(r"^([01]\d|2[0-3])([0-5]\d([0-5]\d(\.\d{1,6})?)?)?$")
 _AGE = re.compile(r"^\d{3}[DWMY]$")
+_DA = re.compile(r"^[0-9]{8}$")
 
 
 def _time(value: str) -> str:
