@@ -13,6 +13,7 @@ from __future__ import annotations
 import datetime as dt
 import io
 import logging
+import math
 import struct
 import warnings
 import zlib
@@ -23,7 +24,7 @@ import pydicom
 from pydicom.uid import UID
 
 from . import acquisition
-from .codestream import CodestreamError, first_fragment, j2k_frame, jpeg_frame, rle_segments
+from .codestream import CodestreamError, ends_with_eoi, first_fragment, j2k_frame, jpeg_frame, rle_segments
 from .display import format_date
 from .greyscale import robust_range, window_to_uint8
 from .patient import PatientData, patient_from_values
@@ -55,6 +56,9 @@ _KEY_OBJECT_SELECTION = "1.2.840.10008.5.1.4.1.1.88.59"
 _VIEW_TEXT_TAGS = ("SeriesDescription", "ProtocolName", "AcquisitionDeviceProcessingDescription",
                    "PerformedProcedureStepDescription", "ImageComments")
 _DATE_TAGS = ("StudyDate", "AcquisitionDate", "ContentDate", "SeriesDate")
+# What pydicom raises on a LUT whose descriptor and data disagree (missing data, an entry size
+# it does not support, fewer entries than described).
+_LUT_ERRORS = (KeyError, IndexError, ValueError, TypeError, AttributeError, NotImplementedError)
 
 
 def looks_like_dicom(path: Path) -> bool:
@@ -243,6 +247,9 @@ def _check_codestream(ds, rules: ScoringRules) -> None:
     if (info.rows, info.columns) != (rows, cols):
         raise ReadError(f"{info.kind} codestream declares a {info.columns} x {info.rows} image but the header says "
                         f"{cols} x {rows}: refused before decoding")
+    if kind == "jpeg" and not ends_with_eoi(ds.PixelData):
+        raise ReadError(f"{info.kind} codestream is truncated (no end-of-image marker): refused, as its decoder "
+                        "would fill the missing part of the image")
 
 
 def reduction(rows: int, cols: int, min_side: int, most: int) -> int:
@@ -334,6 +341,8 @@ def _decode_full(ds) -> np.ndarray:
     except (NotImplementedError, RuntimeError) as e:
         msg = str(e)
         log.debug("decoder: %s: %s", type(e).__name__, msg)
+        if "exceptions were raised by all available plugins" in msg:  # decoders there, the data broken
+            raise ReadError("pixel data cannot be decoded (corrupt or truncated)") from None
         if ts and ("decod" in msg.lower() or "not supported" in msg.lower() or "plugin" in msg.lower()):
             name = UID(ts).name
             what = f"{name} ({ts})" if name != ts else f"{ts} (unknown or private)"
@@ -361,8 +370,13 @@ def to_display_grey(ds, arr: np.ndarray) -> np.ndarray:
     values = _modality(ds, arr)
     if "VOILUTSequence" in ds and len(ds.VOILUTSequence):
         item = ds.VOILUTSequence[0]
-        out = apply_voi(values, ds, index=0)
-        bits = int(item.LUTDescriptor[2]) if "LUTDescriptor" in item else 16
+        try:
+            out = apply_voi(values, ds, index=0)
+            bits = int(item.LUTDescriptor[2]) if "LUTDescriptor" in item else 16
+        except _LUT_ERRORS as e:
+            log.debug("VOI LUT: %s: %s", type(e).__name__, e)
+            raise ReadError("the header's VOI LUT is malformed (no data, or data its descriptor does not describe)"
+                            ) from None
         grey = window_to_uint8(out, 0, max(1, 2**bits - 1))
     elif "WindowCenter" in ds and "WindowWidth" in ds:
         grey = _window(ds, values)
@@ -380,11 +394,23 @@ def _modality(ds, arr: np.ndarray) -> np.ndarray:
     from pydicom.pixels import apply_modality_lut
 
     if "ModalityLUTSequence" in ds:
-        return apply_modality_lut(arr, ds)
+        try:
+            return apply_modality_lut(arr, ds)
+        except _LUT_ERRORS as e:
+            log.debug("Modality LUT: %s: %s", type(e).__name__, e)
+            raise ReadError("the header's Modality LUT is malformed (no data, or data its descriptor does not "
+                            "describe)") from None
     slope = float(ds.get("RescaleSlope", 1) or 1)
     intercept = float(ds.get("RescaleIntercept", 0) or 0)
     if slope == 1 and intercept == 0:
         return arr
+    for name, value in (("RescaleSlope", slope), ("RescaleIntercept", intercept)):
+        if not math.isfinite(value):
+            raise ReadError(f"the header's {name} is not a finite number: no grey scale can be made")
+    if arr.size and max(abs(slope * float(arr.min()) + intercept), abs(slope * float(arr.max()) + intercept)) \
+            >= np.finfo(np.float32).max:
+        raise ReadError("the header's rescale (RescaleSlope, RescaleIntercept) takes the pixel values beyond any "
+                        "finite number: no grey scale can be made")
     values = arr.astype(np.float32)
     values *= np.float32(slope)
     values += np.float32(intercept)
@@ -421,7 +447,7 @@ def _window(ds, values: np.ndarray) -> np.ndarray:
         center, width = first(ds.WindowCenter), first(ds.WindowWidth)
     except (TypeError, ValueError, IndexError):
         return window_to_uint8(values, *robust_range(values))
-    if width < 1:
+    if width < 1 or not (math.isfinite(center) and math.isfinite(width)):  # no usable window
         return window_to_uint8(values, *robust_range(values))
     function = _text(ds, "VOILUTFunction").upper() or "LINEAR"
     if function == "SIGMOID":
