@@ -367,6 +367,8 @@ def to_display_grey(ds, arr: np.ndarray) -> np.ndarray:
         arr, photometric = arr[..., 0], "MONOCHROME2"
     elif not photometric.startswith("MONOCHROME"):
         raise ReadError(f"unsupported photometric interpretation {photometric}")
+    if arr.dtype.kind == "f" and not np.isfinite(arr).all():  # Float Pixel Data may hold NaN or inf
+        raise ReadError("pixel data hold values that are not finite numbers (NaN or infinity)")
     values = _modality(ds, arr)
     if "VOILUTSequence" in ds and len(ds.VOILUTSequence):
         item = ds.VOILUTSequence[0]
