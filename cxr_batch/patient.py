@@ -144,6 +144,10 @@ _VIEW_WORDS = (
 )
 
 
+# AP named as such (not only implied by SUPINE or PORTABLE, which a PA named beside them outweighs).
+_NAMED_AP = re.compile(r"\b(AP|A-P|ANTERO-?POSTERIOR|ANTEROPOSTERIOR)\b")
+
+
 def parse_view(value) -> tuple[str | None, str | None]:
     """Parse a view position. Returns "PA", "AP", "LATERAL" (and "LL"/"RL" as "LATERAL"),
     or None; free text such as "CHEST PA ERECT" is searched for view words."""
@@ -156,9 +160,11 @@ def parse_view(value) -> tuple[str | None, str | None]:
         return text, None
     if text in ("LL", "RL", "LAT", "LATERAL", "RLD", "LLD"):
         return "LATERAL", None
-    for pattern, view in _VIEW_WORDS:
-        if pattern.search(text):
-            return view, None
+    found = [view for pattern, view in _VIEW_WORDS if pattern.search(text)]
+    if found == ["PA", "AP"] and _NAMED_AP.search(text):  # "AP\\PA", "AP/PA": which one is this image?
+        return None, f"view {str(value)[:30]!r} names both PA and AP"
+    if found:
+        return found[0], None  # a lateral first: a possible lateral is never scored
     return None, f"unrecognised view {str(value)[:30]!r}"
 
 
