@@ -138,7 +138,8 @@ def patient_from_header(ds) -> PatientData:
         elif birth_text and not birth:
             data.notes.append("header birth date (PatientBirthDate) is not one date (YYYYMMDD): age treated as unknown")
         elif birth_text:
-            data.notes.append("header has a birth date but no study date to count the age to: treated as unknown")
+            data.notes.append("header has a birth date but no study date that is one date (YYYYMMDD) to count the "
+                              "age to: treated as unknown")
     if data.sex is not None:
         data.sex_source = "header:PatientSex"
     return data
