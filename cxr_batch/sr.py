@@ -203,6 +203,14 @@ _AGE = re.compile(r"^\d{3}[DWMY]$")
 _DA = re.compile(r"^[0-9]{8}$")
 
 
+def report_header(ids) -> dict:
+    """The study's identifiers another object made for it carries (the Encapsulated PDF
+    report), as VR-valid as the SR's: {keyword: value}, empty where the source's value is not
+    one (a date that is not DA, a backslash that would make a second value)."""
+    return {"PatientID": _string(ids.patient_id, 64), "PatientName": _person_name(ids.patient_name),
+            "StudyDate": _date(ids.study_date), "AccessionNumber": _string(ids.accession_number, 16)}
+
+
 def _time(value: str) -> str:
     value = _clean(value)
     return value if _TIME.match(value) else ""
