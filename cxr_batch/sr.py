@@ -46,7 +46,7 @@ from pydicom.uid import RE_VALID_UID
 from pydicom.valuerep import DA, DS, DT, TM, PersonName
 
 from . import __version__
-from .display import format_date
+from .display import is_dicom_date
 from .files import FILE_MODE, atomic_write_bytes, private_dir
 from .findings import FINDINGS
 from .record import StudyRecord, log_name
@@ -192,15 +192,13 @@ def _person_name(value: str) -> str:
 
 
 def _date(value: str) -> str:
-    """DA: 8 ASCII digits of a real date, else empty (strptime alone takes '2024311' and
-    '1950 2 3', which DA does not)."""
+    """DA: 8 digits of a real date, else empty."""
     value = _clean(value)
-    return value if _DA.match(value) and format_date(value) else ""
+    return value if is_dicom_date(value) else ""
 
 
 _TIME = re.compile(r"^([01]\d|2[0-3])([0-5]\d([0-5]\d(\.\d{1,6})?)?)?$")
 _AGE = re.compile(r"^\d{3}[DWMY]$")
-_DA = re.compile(r"^[0-9]{8}$")
 
 
 def report_header(ids) -> dict:
