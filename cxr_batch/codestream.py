@@ -115,6 +115,23 @@ def rle_segments(data: bytes) -> int:
     return segments
 
 
+def ends_with_eoi(pixel_data: bytes) -> bool:
+    """Whether the last fragment of encapsulated pixel data ends with a JPEG end-of-image marker
+    (FFD9; a 00 byte padding the fragment to even length allowed): a JPEG or JPEG-LS frame cut
+    short lacks it, and libjpeg and CharLS decode such a frame without a word, filling the rest."""
+    pos, items, end = 0, 0, None
+    while pos + 8 <= len(pixel_data):
+        group, element, length = struct.unpack("<HHI", pixel_data[pos:pos + 8])
+        if (group, element) != (0xFFFE, 0xE000) or length == 0xFFFFFFFF:
+            break  # the sequence delimiter, or something malformed: judge what came before
+        pos += 8
+        if items > 0:
+            end = min(pos + length, len(pixel_data))
+        pos += length
+        items += 1
+    return end is not None and pixel_data[max(0, end - 3):end].rstrip(b"\x00").endswith(b"\xff\xd9")
+
+
 def first_fragment(pixel_data: bytes, limit: int = 1 << 16) -> bytes:
     """The first ``limit`` bytes of the first fragment of encapsulated pixel data (PS3.5 A.4):
     an item holding the basic offset table, then one item per fragment."""

@@ -13,6 +13,7 @@ from __future__ import annotations
 import datetime as dt
 import io
 import logging
+import math
 import struct
 import warnings
 import zlib
@@ -23,7 +24,8 @@ import pydicom
 from pydicom.uid import UID
 
 from . import acquisition
-from .codestream import CodestreamError, first_fragment, j2k_frame, jpeg_frame, rle_segments
+from .codestream import CodestreamError, ends_with_eoi, first_fragment, j2k_frame, jpeg_frame, rle_segments
+from .display import format_date
 from .greyscale import robust_range, window_to_uint8
 from .patient import PatientData, patient_from_values
 from .study import Identifiers, ReadError, ScoringRules, SkipStudy, StudyFailure, StudyHeader, StudyImage, check_view
@@ -54,6 +56,9 @@ _KEY_OBJECT_SELECTION = "1.2.840.10008.5.1.4.1.1.88.59"
 _VIEW_TEXT_TAGS = ("SeriesDescription", "ProtocolName", "AcquisitionDeviceProcessingDescription",
                    "PerformedProcedureStepDescription", "ImageComments")
 _DATE_TAGS = ("StudyDate", "AcquisitionDate", "ContentDate", "SeriesDate")
+# What pydicom raises on a LUT whose descriptor and data disagree (missing data, an entry size
+# it does not support, fewer entries than described).
+_LUT_ERRORS = (KeyError, IndexError, ValueError, TypeError, AttributeError, NotImplementedError)
 
 
 def looks_like_dicom(path: Path) -> bool:
@@ -80,14 +85,16 @@ def _text(ds, keyword: str) -> str:
         return ""
     if isinstance(value, pydicom.multival.MultiValue):
         value = "\\".join(str(v) for v in value)
+    if isinstance(value, bytes):  # a value over defer_size pydicom hands back undecoded
+        value = value.decode("latin-1")
     return str(value).strip().replace("\x00", "")
 
 
 def _date(text: str) -> dt.date | None:
-    try:
-        return dt.datetime.strptime(text[:8], "%Y%m%d").date() if len(text) >= 8 else None
-    except ValueError:
-        return None
+    """The date a header value holds, read as the identifiers read it (DA, ACR-NEMA, ISO); None
+    for a range, several values or anything else (its first 8 characters are not its date)."""
+    iso = format_date(text)
+    return dt.date.fromisoformat(iso) if iso else None
 
 
 def patient_from_header(ds) -> PatientData:
@@ -116,15 +123,23 @@ def patient_from_header(ds) -> PatientData:
     if data.age is not None:
         data.age_source = "header:PatientAge"
     else:
-        birth = _date(_text(ds, "PatientBirthDate"))
+        birth_text = _text(ds, "PatientBirthDate")
+        birth = _date(birth_text)
         on = next((d for d in (_date(_text(ds, t)) for t in _DATE_TAGS) if d), None)
+        # the notes name no date: results.csv and the reports carry no birth date
         if birth and on:
             years = (on - birth).days / 365.25
             from_dates = patient_from_values(round(years, 2), None, None, "header:PatientBirthDate")
             if from_dates.age is not None:
                 data.age, data.age_source = from_dates.age, from_dates.age_source
             else:
-                data.notes.append(f"age from birth date {birth} to {on} is implausible: treated as unknown")
+                data.notes.append("age from the birth date to the study date is implausible (negative or over "
+                                  "120 years): treated as unknown")
+        elif birth_text and not birth:
+            data.notes.append("header birth date (PatientBirthDate) is not one date (YYYYMMDD): age treated as unknown")
+        elif birth_text:
+            data.notes.append("header has a birth date but no study date that is one date (YYYYMMDD) to count the "
+                              "age to: treated as unknown")
     if data.sex is not None:
         data.sex_source = "header:PatientSex"
     return data
@@ -233,6 +248,9 @@ def _check_codestream(ds, rules: ScoringRules) -> None:
     if (info.rows, info.columns) != (rows, cols):
         raise ReadError(f"{info.kind} codestream declares a {info.columns} x {info.rows} image but the header says "
                         f"{cols} x {rows}: refused before decoding")
+    if kind == "jpeg" and not ends_with_eoi(ds.PixelData):
+        raise ReadError(f"{info.kind} codestream is truncated (no end-of-image marker): refused, as its decoder "
+                        "would fill the missing part of the image")
 
 
 def reduction(rows: int, cols: int, min_side: int, most: int) -> int:
@@ -324,6 +342,8 @@ def _decode_full(ds) -> np.ndarray:
     except (NotImplementedError, RuntimeError) as e:
         msg = str(e)
         log.debug("decoder: %s: %s", type(e).__name__, msg)
+        if "exceptions were raised by all available plugins" in msg:  # decoders there, the data broken
+            raise ReadError("pixel data cannot be decoded (corrupt or truncated)") from None
         if ts and ("decod" in msg.lower() or "not supported" in msg.lower() or "plugin" in msg.lower()):
             name = UID(ts).name
             what = f"{name} ({ts})" if name != ts else f"{ts} (unknown or private)"
@@ -348,11 +368,18 @@ def to_display_grey(ds, arr: np.ndarray) -> np.ndarray:
         arr, photometric = arr[..., 0], "MONOCHROME2"
     elif not photometric.startswith("MONOCHROME"):
         raise ReadError(f"unsupported photometric interpretation {photometric}")
+    if arr.dtype.kind == "f" and not np.isfinite(arr).all():  # Float Pixel Data may hold NaN or inf
+        raise ReadError("pixel data hold values that are not finite numbers (NaN or infinity)")
     values = _modality(ds, arr)
     if "VOILUTSequence" in ds and len(ds.VOILUTSequence):
         item = ds.VOILUTSequence[0]
-        out = apply_voi(values, ds, index=0)
-        bits = int(item.LUTDescriptor[2]) if "LUTDescriptor" in item else 16
+        try:
+            out = apply_voi(values, ds, index=0)
+            bits = int(item.LUTDescriptor[2]) if "LUTDescriptor" in item else 16
+        except _LUT_ERRORS as e:
+            log.debug("VOI LUT: %s: %s", type(e).__name__, e)
+            raise ReadError("the header's VOI LUT is malformed (no data, or data its descriptor does not describe)"
+                            ) from None
         grey = window_to_uint8(out, 0, max(1, 2**bits - 1))
     elif "WindowCenter" in ds and "WindowWidth" in ds:
         grey = _window(ds, values)
@@ -370,11 +397,23 @@ def _modality(ds, arr: np.ndarray) -> np.ndarray:
     from pydicom.pixels import apply_modality_lut
 
     if "ModalityLUTSequence" in ds:
-        return apply_modality_lut(arr, ds)
+        try:
+            return apply_modality_lut(arr, ds)
+        except _LUT_ERRORS as e:
+            log.debug("Modality LUT: %s: %s", type(e).__name__, e)
+            raise ReadError("the header's Modality LUT is malformed (no data, or data its descriptor does not "
+                            "describe)") from None
     slope = float(ds.get("RescaleSlope", 1) or 1)
     intercept = float(ds.get("RescaleIntercept", 0) or 0)
     if slope == 1 and intercept == 0:
         return arr
+    for name, value in (("RescaleSlope", slope), ("RescaleIntercept", intercept)):
+        if not math.isfinite(value):
+            raise ReadError(f"the header's {name} is not a finite number: no grey scale can be made")
+    if arr.size and max(abs(slope * float(arr.min()) + intercept), abs(slope * float(arr.max()) + intercept)) \
+            >= np.finfo(np.float32).max:
+        raise ReadError("the header's rescale (RescaleSlope, RescaleIntercept) takes the pixel values beyond any "
+                        "finite number: no grey scale can be made")
     values = arr.astype(np.float32)
     values *= np.float32(slope)
     values += np.float32(intercept)
@@ -411,7 +450,7 @@ def _window(ds, values: np.ndarray) -> np.ndarray:
         center, width = first(ds.WindowCenter), first(ds.WindowWidth)
     except (TypeError, ValueError, IndexError):
         return window_to_uint8(values, *robust_range(values))
-    if width < 1:
+    if width < 1 or not (math.isfinite(center) and math.isfinite(width)):  # no usable window
         return window_to_uint8(values, *robust_range(values))
     function = _text(ds, "VOILUTFunction").upper() or "LINEAR"
     if function == "SIGMOID":

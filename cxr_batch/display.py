@@ -35,6 +35,12 @@ def format_date(raw: str | None) -> str | None:
         return None
 
 
+def is_dicom_date(text: str) -> bool:
+    """8 ASCII digits of a real date: what a DICOM DA or an HL7 date may be written as
+    (strptime alone takes '2024311' and '1950 2 3')."""
+    return len(text) == 8 and text.isascii() and text.isdigit() and format_date(text) is not None
+
+
 def _count(n: int, unit: str) -> str:
     return f"{n} {unit}" if n == 1 else f"{n} {unit}s"
 

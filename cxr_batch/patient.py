@@ -103,8 +103,11 @@ def parse_age(value) -> tuple[float | None, str | None]:
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         if isinstance(value, float) and math.isnan(value):
             return None, None
-        years = float(value)
-        text = str(value)
+        text = str(value) if isinstance(value, float) or abs(value) < 10**20 else f"{str(value)[:17]}..."
+        try:
+            years = float(value)
+        except OverflowError:  # a JSON sidecar's integer of hundreds of digits
+            years = math.inf
     else:
         text = str(value).strip()
         if not text:
@@ -141,6 +144,10 @@ _VIEW_WORDS = (
 )
 
 
+# AP named as such (not only implied by SUPINE or PORTABLE, which a PA named beside them outweighs).
+_NAMED_AP = re.compile(r"\b(AP|A-P|ANTERO-?POSTERIOR|ANTEROPOSTERIOR)\b")
+
+
 def parse_view(value) -> tuple[str | None, str | None]:
     """Parse a view position. Returns "PA", "AP", "LATERAL" (and "LL"/"RL" as "LATERAL"),
     or None; free text such as "CHEST PA ERECT" is searched for view words."""
@@ -153,9 +160,11 @@ def parse_view(value) -> tuple[str | None, str | None]:
         return text, None
     if text in ("LL", "RL", "LAT", "LATERAL", "RLD", "LLD"):
         return "LATERAL", None
-    for pattern, view in _VIEW_WORDS:
-        if pattern.search(text):
-            return view, None
+    found = [view for pattern, view in _VIEW_WORDS if pattern.search(text)]
+    if found == ["PA", "AP"] and _NAMED_AP.search(text):  # "AP\\PA", "AP/PA": which one is this image?
+        return None, f"view {str(value)[:30]!r} names both PA and AP"
+    if found:
+        return found[0], None  # a lateral first: a possible lateral is never scored
     return None, f"unrecognised view {str(value)[:30]!r}"
 
 

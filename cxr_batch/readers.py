@@ -21,7 +21,7 @@ from PIL import Image
 
 from .greyscale import to_uint8
 from . import acquisition
-from .study import ReadError, ScoringRules, SkipStudy, StudyHeader, StudyImage
+from .study import ReadError, ScoringRules, SkipStudy, StudyHeader, StudyImage, check_image
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 JPEG_SIGNATURE = b"\xff\xd8\xff"
@@ -171,11 +171,11 @@ def read_study(path: Path, rules: ScoringRules = ScoringRules(), min_side: int =
         source = pinned(path, f)
         kind = sniff(head)
         if kind in ("png", "jpeg"):
-            return read_pil_study(source, rules, min_side, kind)
+            return check_image(read_pil_study(source, rules, min_side, kind))
         from . import dicom  # pydicom is only imported when a DICOM file is met
 
         if kind == "dicom" or dicom.looks_like_dicom(source):
-            return dicom.read_dicom(source, rules, min_side)
+            return check_image(dicom.read_dicom(source, rules, min_side))
     if is_text(head):
         raise SkipStudy("not an image: a text file")
     named = f" (named {path.suffix.lower()})" if path.suffix.lower() in IMAGE_SUFFIXES else ""

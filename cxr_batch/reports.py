@@ -774,11 +774,10 @@ class ReportWriter:
 
     def write_dicom(self, record: StudyRecord, pdf: bytes, name: str) -> None:
         from .dicom_build import encapsulated_pdf
+        from .sr import report_header  # values cleaned to their VR as the SR's (the source's may be invalid)
 
         ids = record.ids
-        study = {"PatientID": ids.patient_id, "PatientName": ids.patient_name, "StudyInstanceUID": ids.study_uid,
-                 "StudyDate": ids.study_date, "AccessionNumber": ids.accession_number,
-                 "PatientSex": record.patient.sex}
+        study = {**report_header(ids), "StudyInstanceUID": ids.study_uid, "PatientSex": record.patient.sex}
         # Derived UIDs (source instance and model, like the SR's): a re-sent report replaces the
         # earlier one at the PACS instead of adding a copy.
         uid = derived_uid("encapsulated-pdf", ids.sop_uid or name, self.bundle.sha256)

@@ -46,6 +46,7 @@ from pydicom.uid import RE_VALID_UID
 from pydicom.valuerep import DA, DS, DT, TM, PersonName
 
 from . import __version__
+from .display import is_dicom_date
 from .files import FILE_MODE, atomic_write_bytes, private_dir
 from .findings import FINDINGS
 from .record import StudyRecord, log_name
@@ -191,16 +192,21 @@ def _person_name(value: str) -> str:
 
 
 def _date(value: str) -> str:
+    """DA: 8 digits of a real date, else empty."""
     value = _clean(value)
-    try:
-        dt.datetime.strptime(value, "%Y%m%d")
-        return value
-    except ValueError:
-        return ""
+    return value if is_dicom_date(value) else ""
 
 
 _TIME = re.compile(r"^([01]\d|2[0-3])([0-5]\d([0-5]\d(\.\d{1,6})?)?)?$")
 _AGE = re.compile(r"^\d{3}[DWMY]$")
+
+
+def report_header(ids) -> dict:
+    """The study's identifiers another object made for it carries (the Encapsulated PDF
+    report), as VR-valid as the SR's: {keyword: value}, empty where the source's value is not
+    one (a date that is not DA, a backslash that would make a second value)."""
+    return {"PatientID": _string(ids.patient_id, 64), "PatientName": _person_name(ids.patient_name),
+            "StudyDate": _date(ids.study_date), "AccessionNumber": _string(ids.accession_number, 16)}
 
 
 def _time(value: str) -> str:

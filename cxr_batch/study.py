@@ -184,6 +184,26 @@ class ScoringRules:
             object.__setattr__(self, name, tuple(v.strip().upper() for v in getattr(self, name)))
 
 
+# The shortest side a radiograph can have: smaller is an icon or a 1 x 1 placeholder, which the
+# model would be shown blown up to its input size and scored as if it were a chest.
+MIN_IMAGE_SIDE = 32
+
+
+def check_image(study: StudyImage) -> StudyImage:
+    """Refuse a decoded image nothing can be read from: too small, or one grey level all over
+    (a failed exposure, a blank placeholder, a window that leaves nothing): the model would
+    give it probabilities like any other study's."""
+    grey = study.grey
+    rows, cols = grey.shape[:2]
+    if min(rows, cols) < MIN_IMAGE_SIDE:
+        raise ReadError(f"image is {cols} x {rows} pixels: too small to be a radiograph (at least "
+                        f"{MIN_IMAGE_SIDE} a side)", study.header)
+    if grey.min() == grey.max():
+        raise ReadError("blank image: every pixel has the same grey level as displayed: nothing to score",
+                        study.header)
+    return study
+
+
 def check_view(patient: PatientData, rules: ScoringRules) -> None:
     """Skip views the model is not meant for (laterals), and unknown views if configured."""
     if patient.view is None:

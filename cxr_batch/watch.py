@@ -444,8 +444,11 @@ class Watcher:
     # ------------------------------------------------------------------ one batch
     def identify(self, rels: list[str]) -> tuple[dict[str, tuple[str, str]], list[str]]:
         """{rel: (key, content)} for the files to score, and the duplicates (the same bytes as a
-        study already reported, or twice in this batch)."""
-        ids, duplicates, seen = {}, [], set()
+        study already reported, or twice in this batch). Another version of an instance already
+        in this batch (its key, other bytes: a correction sent a moment after the image) is in
+        neither: it stays pending for the next batch, the older version first, and is scored
+        then as its revision (it was dropped as a duplicate, and the stale result stood)."""
+        ids, duplicates, first = {}, [], {}
         for rel in rels:
             path = self.watch_dir / rel
             try:
@@ -457,11 +460,15 @@ class Watcher:
                 st = self.pending[rel]
                 key = content = "file:" + hashlib.sha256(f"{rel}:{st.size}:{st.mtime_ns}".encode()).hexdigest()
             known = self.ledger.known(key)
-            if key in seen or (known is not None and known.status != "error" and known.content == content):
+            if known is not None and known.status != "error" and known.content == content:
                 duplicates.append(rel)
-            else:
-                ids[rel] = (key, content)
-            seen.add(key)
+            elif key not in first:
+                ids[rel], first[key] = (key, content), rel
+            elif ids[first[key]][1] == content:
+                duplicates.append(rel)
+            elif self.pending[rel].mtime_ns < self.pending[first[key]].mtime_ns:  # this one came first
+                del ids[first[key]]
+                ids[rel], first[key] = (key, content), rel
         return ids, duplicates
 
     def process(self, rels: list[str]) -> None:

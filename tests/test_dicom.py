@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 import torch
-from pydicom.uid import (DeflatedExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEG2000Lossless,
+from pydicom.uid import (DeflatedExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEG2000Lossless, JPEGBaseline8Bit,
                          JPEGLSLossless, RLELossless)
 
 from cxr_batch.bundle import load_bundle
@@ -79,6 +79,34 @@ def test_header_patient_data_variants(tmp_path, nih_images):
     assert s.header.patient.age is None and "implausible" in s.header.patient.notes[0]
 
 
+def test_age_from_the_birth_date_reads_dates_as_the_identifiers_do(tmp_path, nih_images):
+    """An ACR-NEMA or ISO birth date gives the age, as those dates are read for the study date
+    (they gave no age, without a word); a range, several values or a birth date after the study
+    give none, with a note that names no date (results.csv carries no birth date)."""
+    src = grey(nih_images[0])
+
+    def patient(name, **header):
+        return read_study(write(tmp_path / name, src, PatientAge=None, **header), RULES).header.patient
+
+    for name, birth, on in (("acr", "1970.03.01", "2024.03.01"), ("iso", "1970-03-01", "2024-03-01")):
+        p = patient(name, PatientBirthDate=birth, StudyDate=on)
+        assert p.age == pytest.approx(54.0, abs=0.01) and p.age_source == "header:PatientBirthDate", name
+    for name, birth in (("range", "19700101-19701231"), ("several", "19700301\\19800301"), ("after", "20250101")):
+        p = patient(name, PatientBirthDate=birth, StudyDate="20240301")
+        assert p.age is None and p.age_source == "unknown", name
+        assert any("birth date" in n for n in p.notes), (name, p.notes)
+        assert not any(y in n for n in p.notes for y in ("1970", "1980", "2025", "2024")), (name, p.notes)
+    p = patient("range-study", PatientBirthDate="19700301", StudyDate="20240101-20240131")  # no study date
+    assert p.age is None and any("birth date" in n for n in p.notes)
+
+
+def test_an_identifier_too_long_for_its_vr_reads_as_text_not_as_bytes(tmp_path, nih_images):
+    """A value over 64 KB (a hostile header) is read as the bytes pydicom defers: cut to the
+    VR's maximum as text, never as Python's bytes form (b'XXXX...) in results.csv."""
+    s = read_study(write(tmp_path / "long", grey(nih_images[0]), PatientID="X" * 70_000), RULES)
+    assert s.header.ids.patient_id == "X" * 64
+
+
 def test_view_code_sequence(tmp_path, nih_images):
     from pydicom.dataset import Dataset
     from pydicom.sequence import Sequence
@@ -128,6 +156,101 @@ def test_undecodable_transfer_syntax_is_named(tmp_path, nih_images):
     ds.save_as(tmp_path / "private", enforce_file_format=False)
     with pytest.raises(ReadError, match=r"transfer syntax 1\.2\.3\.4\.5\.6\.7\.8\.9 \(unknown or private\)"):
         read_study(tmp_path / "private", RULES)
+
+
+def _cut_frame(tmp_path, src, ts, keep: float):
+    """The image in ``ts`` with its compressed frame cut to ``keep`` of its bytes (a transfer
+    that stopped, a disk that filled): the header is intact, the codestream is not."""
+    import pydicom
+    from pydicom.encaps import encapsulate, generate_frames
+
+    ds = pydicom.dcmread(write(tmp_path / "whole", src, ts))
+    frame = next(generate_frames(ds.PixelData, number_of_frames=1))
+    cut = frame[:int(len(frame) * keep)]
+    ds.PixelData = encapsulate([cut + b"\x00" * (len(cut) % 2)])
+    ds.save_as(tmp_path / "cut", enforce_file_format=True)
+    return tmp_path / "cut"
+
+
+@pytest.mark.parametrize("ts", [JPEGBaseline8Bit, JPEGLSLossless])
+@pytest.mark.parametrize("keep", [0.9, 0.5])
+def test_a_cut_jpeg_codestream_is_an_error_not_a_scored_guess(tmp_path, nih_images, ts, keep):
+    """libjpeg and CharLS decode a JPEG or JPEG-LS frame that stops short without an error,
+    filling the rest (half a radiograph: 30 grey levels off on average), and the study was
+    scored on it. A frame without its end-of-image marker is refused, naming why."""
+    src = grey(nih_images[0])[::2, ::2].copy()
+    with pytest.raises(ReadError, match="truncated"):
+        read_study(_cut_frame(tmp_path, src, ts, keep), RULES)
+    for side in (0, 64):  # the reduced decode (JPEG DCT scaling) too
+        with pytest.raises(ReadError, match="truncated"):
+            read_study(_cut_frame(tmp_path, src, ts, keep), RULES, min_side=side)
+
+
+@pytest.mark.parametrize("ts", [JPEG2000Lossless, RLELossless])
+def test_a_cut_codestream_the_decoder_refuses_is_called_corrupt_not_undecodable(tmp_path, nih_images, ts):
+    """Every installed decoder failing on a damaged frame said 'no decoder for it', sending the
+    operator to install codecs for a file that is broken."""
+    src = grey(nih_images[0])[::2, ::2].copy()
+    with pytest.raises(ReadError, match="corrupt or truncated") as caught:
+        read_study(_cut_frame(tmp_path, src, ts, 0.5), RULES)
+    assert "no decoder" not in str(caught.value)
+
+
+def _with_raw(path, old: bytes, new: bytes):
+    """Replace a header value in the file's bytes (same length): values pydicom will not write."""
+    data = path.read_bytes()
+    assert data.count(old) == 1
+    path.write_bytes(data.replace(old, new))
+    return path
+
+
+@pytest.mark.parametrize("keyword, value", [("RescaleSlope", b"NaN "), ("RescaleSlope", b"inf "),
+                                            ("RescaleIntercept", b"nan "), ("RescaleSlope", b"1e38")])
+def test_a_rescale_that_is_not_a_finite_number_is_named(tmp_path, nih_images, keyword, value):
+    """A NaN or infinite rescale (or one whose product overflows) made every value NaN: the row
+    said 'unexpected ValueError while reading: invalid grey range [nan, nan]'."""
+    stored = grey(nih_images[0]).astype(np.uint16) * 16
+    path = write(tmp_path / "r", stored, RescaleSlope="1.25", RescaleIntercept="-7.5")
+    _with_raw(path, b"1.25" if keyword == "RescaleSlope" else b"-7.5", value)
+    with pytest.raises(ReadError, match=f"{keyword} is not a finite number|rescale .* finite number"):
+        read_study(path, RULES)
+
+
+def test_a_window_that_is_not_a_finite_number_is_not_used(tmp_path, nih_images):
+    """A NaN or infinite WindowCenter/WindowWidth is no usable window, as a width under 1 is
+    (the image's own range is shown), not refused as 'invalid grey range [nan, nan]'."""
+    stored = grey(nih_images[0]).astype(np.uint16) * 16
+    plain = read_study(write(tmp_path / "plain", stored, bits_stored=12, WindowCenter=2048, WindowWidth=0.5),
+                       RULES).grey
+    for centre, width in ((b"nan ", b"nan "), (b"2048", b"inf "), (b"-inf", b"4096")):
+        path = write(tmp_path / "w", stored, bits_stored=12, WindowCenter="1111", WindowWidth="2222")
+        _with_raw(_with_raw(path, b"1111", centre), b"2222", width)
+        assert np.array_equal(read_study(path, RULES).grey, plain), (centre, width)
+
+
+def test_a_malformed_lut_is_named(tmp_path, nih_images):
+    """A VOI LUT without data or with an unsupported entry size, a Modality LUT shorter than its
+    descriptor: 'unexpected KeyError/NotImplementedError/IndexError while reading' before."""
+    from pydicom.dataset import Dataset
+
+    stored = grey(nih_images[0]).astype(np.uint16) * 16
+
+    def lut(descriptor, data=None):
+        item = Dataset()
+        item.LUTDescriptor = descriptor
+        if data is not None:
+            item.LUTData = data
+            item["LUTData"].VR = "US"
+        return [item]
+
+    for name, header in (("no-data", dict(VOILUTSequence=lut([4096, 0, 12]))),
+                         ("40-bit", dict(VOILUTSequence=lut([0, 0, 40], [1, 2, 3]))),
+                         ("short", dict(ModalityLUTSequence=lut([10, 0, 16], [1, 2])))):
+        if "ModalityLUTSequence" in header:
+            header["ModalityLUTSequence"][0].ModalityLUTType = "OD"
+        with pytest.raises(ReadError, match="LUT .*malformed") as caught:
+            read_study(write(tmp_path / name, stored, bits_stored=12, **header), RULES)
+        assert "unexpected" not in str(caught.value), name
 
 
 @pytest.mark.skipif(not have("dcmcjpeg", "dcmcjpls", "dcmcrle", "dcmdjpeg"), reason="dcmtk not installed")

@@ -149,6 +149,21 @@ def test_delimiters_in_names_and_ids_are_escaped_not_structure(scored):
     assert escape("a\rMSH|x") == "a MSH\\F\\x" and unescape(escape("\\E\\|")) == "\\E\\|"
 
 
+def test_a_date_that_is_not_eight_digits_is_left_out_of_pid_7_and_obr_7(scored):
+    """strptime reads '2024311' and '1950 2 3' as dates; HL7 TS does not (the RIS would get a
+    malformed date or refuse the message). Only 8 digits of a real date are copied."""
+    from copy import deepcopy
+
+    records, bundle = scored
+    record = deepcopy(records["plain.dcm"])
+    record.ids.study_date, record.ids.patient_birth_date = "2024311", "1950 2 3"
+    message = oru_r01(record, thresholds=bundle.thresholds)
+    assert "2024311" not in message and "1950 2 3" not in message
+    result = _parse(message).oru_r01_patient_result
+    assert result.oru_r01_patient.pid.pid_7.value == ""
+    assert result.oru_r01_order_observation.obr.obr_7.value == ""
+
+
 def test_a_retry_carries_the_same_control_id(scored):
     records, bundle = scored
     record = records["plain.dcm"]

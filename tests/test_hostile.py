@@ -54,6 +54,14 @@ def corpus(tmp_path, nih_images):
     rgb.SamplesPerPixel, rgb.PhotometricInterpretation, rgb.PlanarConfiguration = 3, "RGB", 0
     rgb.PixelData = colour.astype(np.uint8).tobytes()
     save(rgb, d / "rgb.dcm")
+    Image.fromarray(np.array([[7]], np.uint8)).save(d / "one_pixel.png")  # no radiograph: nothing to score
+    save(radiograph(np.zeros_like(src), PatientID="BLANK"), d / "blank.dcm")  # a failed exposure, a placeholder
+    floats = radiograph(src, PatientID="NAN")
+    values = src.astype(np.float32)
+    values[:8] = np.nan
+    del floats.PixelData, floats.BitsStored, floats.HighBit, floats.PixelRepresentation
+    floats.FloatPixelData, floats.BitsAllocated = values.tobytes(), 32
+    save(floats, d / "nan_pixels.dcm")
     # PACS layout: patient/study/series/instance without extensions, plus a folder named like a file
     nested = d / "PAT1" / "ST1" / "SE1"
     nested.mkdir(parents=True)
@@ -78,6 +86,9 @@ EXPECT = {
     "notes.txt": ("skipped", "not an image"),
     "colour.png": ("error", "colour"),
     "rgb.dcm": ("error", "colour"),
+    "one_pixel.png": ("error", "1 x 1 pixels: too small"),
+    "blank.dcm": ("error", "blank image"),
+    "nan_pixels.dcm": ("error", "not finite numbers"),
     "folder.dcm/loop": ("skipped", "link loop"),  # the folder it points to is scanned already: nothing is missed
     "dangling": ("error", "broken symbolic link"),
 }

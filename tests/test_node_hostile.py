@@ -374,3 +374,37 @@ def test_a_corrected_image_gets_a_new_sr_uid_superseding_the_first_and_a_resend_
     assert source(old) == source(new) == ds.SOPInstanceUID
     rows = rows_now(out)
     assert len(rows) == 1 and status(out)["superseded"] == 1
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not have("storescu"), reason="dcmtk not installed")
+def test_a_correction_arriving_in_the_same_batch_as_the_image_it_corrects_is_not_dropped(tmp_path, nih_images,
+                                                                                        small_bundle):
+    """Two associations store one SOPInstanceUID with different content a moment apart, so both
+    wait in one batch: the second was dropped as 'duplicate: the same instance was already
+    reported' (only the key was compared within a batch, not the content) and its spool file
+    deleted, so the stale first image's result stood. The later one is scored after the first,
+    as its revision, and nothing is lost."""
+    from .dicomgen import grey
+    from .test_node import listening, store
+    from .watchkit import node_config, rows_now, start_node, status, stop
+
+    first = write(tmp_path / "first.dcm", grey(nih_images[0]), PatientID="P-FIRST")
+    ds = pydicom.dcmread(first)
+    ds.PatientID = "P-SECOND"
+    ds.PixelData = (255 - ds.pixel_array).tobytes()  # the corrected image: same instance, other pixels
+    second = tmp_path / "second.dcm"
+    ds.save_as(second)
+    out, log, port = tmp_path / "out", tmp_path / "node.log", free_port()
+    node = start_node(out, small_bundle, node_config(tmp_path / "node.toml", max_wait=5.0), "--port", port,
+                      "--no-pdf", log=log)
+    try:
+        assert wait_for(lambda: listening(log, node.pid) or node.poll() is not None, timeout=180), log.read_text()
+        assert store(port, [first]).returncode == 0 and store(port, [second]).returncode == 0  # within max_wait
+        assert wait_for(lambda: status(out).get("superseded") == 1, timeout=90), log.read_text()[-3000:]
+        assert wait_for(lambda: not list((out / ".cxr-batch" / "spool").glob("*.dcm")), timeout=30)
+    finally:
+        assert stop(node) == 0, log.read_text()[-3000:]
+    rows = rows_now(out)
+    assert [(r["patient_id"], r["status"]) for r in rows] == [("P-SECOND", "ok")]
+    assert "duplicate" not in log.read_text()

@@ -34,6 +34,16 @@ def test_parse_view(raw, view):
     assert parse_view(raw)[0] == view
 
 
+@pytest.mark.parametrize("raw", ["AP\\PA", "PA\\AP", "CHEST AP/PA", "THORAX PA + AP"])
+def test_a_view_that_names_both_pa_and_ap_is_unknown_with_reason(raw):
+    """A multi-valued ViewPosition or a text naming both frontal views does not say which one
+    the image is: it was PA whatever the order (the first pattern tried), a wrong view code for
+    every AP image so labelled."""
+    value, why = parse_view(raw)
+    assert value is None and "both PA and AP" in why
+    assert parse_view("LAT\\PA")[0] == "LATERAL"  # a possible lateral is still never scored
+
+
 def test_encoding_known_and_unknown_values():
     enc = PatientEncoding()
     assert np.allclose(enc.encode(57, "PA", "M"), [0.57, 0.0, 0.0])

@@ -163,6 +163,35 @@ def test_dicom_encapsulated_pdf_carries_the_study(example_scan):
     assert bytes(ds.EncapsulatedDocument)[:5] == b"%PDF-"
 
 
+def test_the_encapsulated_pdf_copies_header_values_as_valid_dicom_and_quotes_none(tmp_path, nih_images,
+                                                                                  small_bundle, caplog):
+    """--dicom-pdf copied the source's values as they were: a 7-digit or range StudyDate
+    (dciodvfy: 'Length invalid for this VR') and pydicom's 'Invalid value for VR DA: ...' printed
+    the date on stderr and in the log; a backslash made PatientID, PatientName and the accession
+    number multi-valued (VM 2 where 1 is allowed). They are copied as the SR copies them."""
+    import warnings
+
+    from .dicomgen import grey, write
+
+    studies = tmp_path / "studies"
+    write(studies / "a.dcm", grey(nih_images[0]), StudyDate="2024311", PatientID="SECRET1\\SECRET2",
+          PatientName="SMITH^J\\DOE^X", AccessionNumber="ACC\\X")
+    write(studies / "b.dcm", grey(nih_images[1]), StudyDate="20240101-20240131")
+    cfg = ScanConfig(weights=str(small_bundle), device="cpu", batch_size=4, workers=0, progress=False,
+                     heatmaps=False, dicom_pdf=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        run_scan(studies, tmp_path / "out", cfg)
+    said = [str(w.message) for w in caught] + [r.getMessage() for r in caplog.records]
+    assert not [m for m in said if "2024311" in m or "20240101-" in m], said
+    rows = {r["file"]: r for r in read_results(tmp_path / "out" / "results.csv")}
+    a, b = (pydicom.dcmread(tmp_path / "out" / "reports" / rows[f]["report"].replace(".pdf", ".dcm"))
+            for f in ("a.dcm", "b.dcm"))
+    assert a.get("StudyDate", "") == "" and b.get("StudyDate", "") == ""
+    assert a["PatientID"].VM == a["PatientName"].VM == a["AccessionNumber"].VM == 1
+    assert a.PatientID == "SECRET1 SECRET2" and str(a.PatientName) == "SMITH^J DOE^X"
+
+
 @pytest.mark.skipif(not have("img2dcm"), reason="dcmtk not installed")
 def test_dicoms_made_by_dcmtk_get_one_page_reports_with_iso_dates(tmp_path, nih_images):
     """As a PACS would send them: dcmtk-made files without extensions, scanned with the bundled weights."""

@@ -98,6 +98,18 @@ def test_lateral_view_from_sidecar_is_skipped(studies, tmp_path, small_bundle):
     assert first.with_suffix(".json").name not in rows
 
 
+def test_a_sidecar_age_too_large_for_a_number_is_unknown_not_the_end_of_the_scan(studies, tmp_path, small_bundle):
+    """JSON has integers of any size: a 401-digit PatientAge (float() overflows) is an implausible
+    age for its study, not an OverflowError that ended the whole scan (exit 1, no results)."""
+    first = sorted(studies.glob("*.png"))[0]
+    first.with_suffix(".json").write_text('{"PatientAge": 1' + "0" * 400 + ', "PatientSex": "F"}')
+    summary = scan(studies, tmp_path / "out", small_bundle)
+    rows = {r["file"]: r for r in read_results(tmp_path / "out" / "results.csv")}
+    assert summary.exit_code == 0 and summary.counts["ok"] == 6
+    row = rows[first.name]
+    assert row["age"] == "" and row["age_source"] == "unknown" and row["sex"] == "F"
+    assert "sidecar implausible age" in row["notes"]
+
 def run_cli(*args):
     return subprocess.run([sys.executable, "-m", "cxr_batch", *map(str, args)], capture_output=True, text=True)
 

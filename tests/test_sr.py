@@ -206,6 +206,25 @@ def test_no_sr_for_records_that_cannot_have_one(sr_scan, small_bundle):
         build_sr(StudyRecord(file="x.dcm", ids=ids, scores=scores), bundle)
 
 
+
+def test_a_date_that_is_not_dicom_da_is_left_out_and_not_quoted(sr_scan, small_bundle):
+    """strptime reads '2024311' (7 digits) and '1950 2 3' as dates, DICOM DA does not: the SR
+    copied them (dciodvfy: 'Length invalid for this VR') and pydicom's warning put the date on
+    stderr. A value that is not 8 digits of a real date is left empty, as a malformed one is."""
+    import warnings
+
+    from cxr_batch.bundle import load_bundle
+
+    studies, *_ = sr_scan
+    ids = identifiers(_sources(studies)["full.dcm"])
+    ids.study_date, ids.patient_birth_date = "2024311", "1950 2 3"
+    record = StudyRecord(file="x.dcm", ids=ids, scores=Scores((0.1,) * 14, (0,) * 14, "normal", -0.8))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        sr = build_sr(record, load_bundle(small_bundle))
+    assert sr.StudyDate == "" and sr.PatientBirthDate == ""
+    assert not [w for w in caught if "2024311" in str(w.message) or "1950 2 3" in str(w.message)]
+
 # Warnings of dciodvfy that these SRs may carry, and why each is acceptable:
 ACCEPTED_DCIODVFY_WARNINGS = (
     # the private coding scheme of 6 findings and the priorities, declared in the

@@ -42,6 +42,7 @@ import unicodedata
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from ..display import is_dicom_date
 from ..findings import DEFAULT_URGENT, FINDINGS
 from ..record import StudyRecord
 from .delivery import Delivery, shown
@@ -117,11 +118,8 @@ def control_id(record: StudyRecord, revision: str = "") -> str:
 
 
 def _date(value: str) -> str:
-    try:
-        dt.datetime.strptime(value, "%Y%m%d")
-        return value
-    except ValueError:
-        return ""
+    """HL7 DT from a DICOM DA: 8 digits of a real date, else empty."""
+    return value if is_dicom_date(value) else ""
 
 
 def _study_datetime(record: StudyRecord) -> str:
@@ -216,7 +214,7 @@ def oru_r01(record: StudyRecord, *, thresholds: Mapping[str, float] | None = Non
             _observation(order, len(FINDINGS) + 3, "NM", ANY_FINDING_OBSERVATION, f"{float(scores.p_any):.6f}", "")
         m.validate()
         return m.to_er7() + "\r"
-    except HL7apyException as e:
+    except (HL7apyException, ValueError) as e:  # hl7apy says ValueError of a date it refuses
         raise HL7NotMade(f"hl7apy refused the message: {_refusal(e, ids)}") from None
 
 
@@ -229,7 +227,7 @@ def _refusal(e, ids) -> str:
     if isinstance(e, MaxLengthReached):
         return f"a value (a name or an ID) is longer than HL7 v2.5 allows ({e.limit} characters)"
     said = str(e)
-    for value in (ids.patient_id, ids.patient_name, ids.accession_number, ids.patient_birth_date):
+    for value in (ids.patient_id, ids.patient_name, ids.accession_number, ids.patient_birth_date, ids.study_date):
         for part in {value, escape(value), *(escape(p) for p in value.split("^"))} - {""}:
             said = said.replace(part, "...")
     return f"{type(e).__name__}: {said}"
