@@ -367,6 +367,17 @@ def probability_text(x: float) -> str:
     return f"{x:.3f}" if x >= 0.001 or x == 0 else f"{x:.1e}"
 
 
+def unflagged_over_threshold(record: StudyRecord, info: ModelInfo) -> list[str]:
+    """Findings of a low-probability study at or over their threshold: triage clears a
+    low-probability study's flags (cxr_batch.triage), so the page must say why a probability
+    over its threshold carries no flag (findings the bundle never flags say so themselves)."""
+    if record.priority != "normal" or record.scores is None:
+        return []
+    points = info.evidence.operating_points
+    return [f for f in FINDINGS if f not in record.findings and record.scores.prob(f) >= info.thresholds[f]
+            and (f not in points or points[f].flagged)]
+
+
 def _flag_phrase(finding: str, info: ModelInfo) -> str:
     """A flagged finding with what its flag is worth: 'Effusion (sens. 0.45, PPV 0.31)'."""
     point = info.evidence.operating_points.get(finding)
@@ -378,7 +389,9 @@ def _banner(record: StudyRecord, info: ModelInfo, options: ReportOptions, order:
     priority = record.priority or "normal"
     lines = [Paragraph(PRIORITY_TEXT[priority], st["banner"])]
     ev, p_any = info.evidence, record.scores.p_any if record.scores else None
-    any_text = f"P(any finding) {p_any:.2f}" if p_any is not None else ""
+    # printed as probabilities are (3 decimals), so P(any) never reads equal to the cutoff it is on one side of
+    any_text = f"P(any finding) {probability_text(p_any)}" if p_any is not None else ""
+    cut = ev.study_level.normal_below
     if order:
         text = "; ".join(_flag_phrase(f, info) for f in order) + (f". {any_text}." if any_text else "")
         urgent = [f for f in order if f in options.urgent] if priority == "urgent" else []
@@ -386,13 +399,19 @@ def _banner(record: StudyRecord, info: ModelInfo, options: ReportOptions, order:
             text += " " + "; ".join(ev.sensitivity(f) for f in urgent) + "."
         lines.append(Paragraph(escape(text), st["banner2"]))
     elif priority == "abnormal":  # above the normal bucket without a single finding over its operating point
-        cut = ev.study_level.normal_below
         lines.append(Paragraph(escape(f"No single finding over its operating point, but {any_text}"
-                                      + (f", above the normal bucket's {cut:.2f}" if cut is not None else "") + "."),
+                                      + (f", above the low-probability cutoff {probability_text(cut)}"
+                                         if cut is not None else "") + "."),
                                st["banner2"]))
     else:  # what "normal" means for this model: what the bucket misses, and the urgent findings' sensitivity
         missed = ev.study_level.normal_share_of_abnormal
-        text = "Not a normal result. " + (f"{any_text}. " if any_text else "")
+        below = f", below the low-probability cutoff {probability_text(cut)}" if cut is not None and any_text else ""
+        text = "Not a normal result. " + (f"{any_text}{below}. " if any_text else "")
+        over = unflagged_over_threshold(record, info)
+        if over:
+            text += ("Over its threshold but not flagged (P(any finding) below the cutoff): " + ", ".join(
+                f"{finding_label(f)} ({probability_text(record.scores.prob(f))}, threshold "
+                f"{probability_text(info.thresholds[f])})" for f in over) + ". ")
         if missed is not None:
             text += f"In validation {missed:.0%} of studies with a finding fell in this bucket. "
         text += "; ".join(ev.sensitivity(f) for f in options.urgent) + "."
@@ -433,11 +452,14 @@ def _findings_table(record: StudyRecord, info: ModelInfo, urgent, width: float, 
     data = [_header(("Finding", "Probability", "Threshold", "Flag", "A flag's sens. / PPV"), widths, st)]
     commands = [GRID, ("BACKGROUND", (0, 0), (-1, 0), HEADER_FILL)]
     points = info.evidence.operating_points
+    held_back = unflagged_over_threshold(record, info)
     for row, f in enumerate(FINDINGS, start=1):
         flagged = f in record.findings
         point = points.get(f)
         colour = PRIORITY_COLOURS["urgent"].hexval()[2:] if flagged and f in urgent else "000000"
         flag = ("FLAGGED (urgent)" if f in urgent else "FLAGGED") if flagged else "-"
+        if f in held_back:  # over its threshold in the low-probability bucket: the banner says why
+            flag = "not flagged (low P(any))"
         if point is not None and not point.flagged:
             flag, trust = "never flagged", "chance-level ranking"
         elif point is not None and point.sensitivity is not None:
@@ -671,7 +693,7 @@ def worklist_pdf(records: list[StudyRecord], options: ReportOptions, info: Model
                      Paragraph(f'<font color="#{colour}"><b>{BUCKET_LABEL[r.priority]}</b></font>', st["cell"]), patient,
                      cell(format_age(p.age), 3, missing="unknown"), cell(p.sex, 4),
                      cell(_date_text(r.ids.study_date), 5), cell(r.ids.accession_number, 6),
-                     cell("; ".join(_flag_phrase(f, info) for f in order), 7, missing="none"),
+                     cell("; ".join(_flag_phrase(f, info) for f in order), 7, missing=_none_flagged(r, info)),
                      cell(_order_text(r, options.urgent), 8), cell(r.report, 9)])
     if scored:
         story.append(_table(data, widths, commands, repeatRows=1))
@@ -690,12 +712,23 @@ def worklist_pdf(records: list[StudyRecord], options: ReportOptions, info: Model
     return buf.getvalue()
 
 
+def _none_flagged(record: StudyRecord, info: ModelInfo) -> str:
+    """The flags cell of a study without flags: 'none', and which findings were over their
+    threshold when the low-probability bucket cleared their flags."""
+    over = unflagged_over_threshold(record, info)
+    if not over:
+        return "none"
+    return (f"none (over {'its threshold' if len(over) == 1 else 'their thresholds'}, not flagged: "
+            f"{', '.join(finding_label(f) for f in over)})")
+
+
 def _order_text(record: StudyRecord, urgent) -> str:
-    """What places a study in its bucket: the urgent finding's probability, or P(any finding)."""
+    """What places a study in its bucket: the urgent finding's probability, or P(any finding),
+    printed as the study's report prints them."""
     if record.priority == "urgent":
         names = [f for f in record.findings if f in urgent]
-        return f"p {record.triage_score:.2f} ({', '.join(finding_label(f) for f in names)})"
-    return f"P(any) {record.triage_score:.2f}"
+        return f"p {probability_text(record.triage_score)} ({', '.join(finding_label(f) for f in names)})"
+    return f"P(any) {probability_text(record.triage_score)}"
 
 
 def _base_rates(info: ModelInfo) -> str:
