@@ -502,6 +502,11 @@ def calibrated_triage(table, on_top: Calibration, choice: ThresholdChoice, rule:
             entry.update({"sensitivity": op["sensitivity"], "specificity": op["specificity"],
                           "ppv_at_nih_prevalence": None, "ppv_at_site": op["ppv"], "flag_rate": float(flags[:, k].mean()),
                           "positives": int(y[:, k].sum())})
+        if isinstance(study, dict) and not study.get("measured_on"):
+            # the buckets' figures stay the base's, measured at its thresholds: said, so reports do not
+            # attribute them to the site's studies that the operating points' figures now come from
+            study["measured_on"] = (f"{table.get('measured_on') or 'the base bundle validation'}, at the base bundle's "
+                                    "thresholds before this site's calibration")
         table["measured_on"] = f"cross-validated on the {n} labelled studies of this site's calibration ({rule})"
         if choice.site_chosen is not None and not choice.site_chosen.all():
             table["measured_on"] += ("; findings with too few positives there: the base bundle's figures, or under "

@@ -99,6 +99,7 @@ class Evidence:
     operating_points: dict[str, OperatingPoint] = field(default_factory=dict)
     study_level: StudyLevel = field(default_factory=StudyLevel)
     triage_source: str | None = None  # where the operating points were measured
+    study_level_source: str | None = None  # where the buckets' figures (study_level) were measured
     calibrated: str | None = None  # a site calibration of a base bundle, said first
 
     @property
@@ -175,6 +176,26 @@ def _triage_evidence(manifest: dict) -> tuple[dict[str, OperatingPoint], StudyLe
     level = StudyLevel(**{k: _finite(study.get(k)) for k in StudyLevel.__dataclass_fields__})
     source = table.get("measured_on")
     return points, level, source.strip() if isinstance(source, str) and source.strip() else None
+
+
+def _study_level_source(manifest: dict, triage_source: str | None) -> str | None:
+    """Where the buckets' figures (``triage.any_finding``) were measured: its own ``measured_on``,
+    else the triage table's. A site calibration that chose new operating points rewrote the
+    table's source (the site's studies) but keeps the base bundle's study-level figures, measured
+    at the base's thresholds: said so for bundles calibrated before they recorded it."""
+    table = manifest.get("triage") if isinstance(manifest.get("triage"), dict) else {}
+    study = table.get("any_finding") if isinstance(table.get("any_finding"), dict) else {}
+    own = study.get("measured_on")
+    if isinstance(own, str) and own.strip():
+        return own.strip()
+    calibration = manifest.get("calibration") if isinstance(manifest.get("calibration"), dict) else {}
+    rules = calibration.get("rules") if isinstance(calibration.get("rules"), dict) else {}
+    if rules.get("thresholds", "keep") != "keep":
+        provenance = manifest.get("provenance") if isinstance(manifest.get("provenance"), dict) else {}
+        base = provenance.get("base") if isinstance(provenance.get("base"), dict) else {}
+        return (f"the base bundle {base.get('name', '?')}@{base.get('version', '?')}'s validation, at its thresholds "
+                "before this site's calibration")
+    return triage_source
 
 
 def _calibration_note(manifest: dict) -> str | None:
@@ -257,6 +278,7 @@ def bundle_evidence(manifest: dict, folder: Path | None = None) -> Evidence:
     points, level, source = _triage_evidence(manifest)
     return Evidence(
         operating_points=points, study_level=level, triage_source=source, calibrated=_calibration_note(manifest),
+        study_level_source=_study_level_source(manifest, source),
         intended_use=intended.strip() if isinstance(intended, str) and intended.strip() else NOT_STATED,
         images=images, train_images=train,
         mean_auc=_finite(metrics.get("test_mean_auc")),

@@ -743,7 +743,7 @@ def _base_rates(info: ModelInfo) -> str:
                      f"{level.normal_share_of_abnormal:.0%} of studies with one in the low-probability bucket")
     if not parts:
         return ""
-    return f"In validation ({ev.triage_source or 'see the model card'}) this model " + " and ".join(parts) + "."
+    return f"In validation ({ev.study_level_source or 'see the model card'}) this model " + " and ".join(parts) + "."
 
 
 @dataclass

@@ -5,6 +5,8 @@ calibrated bundle's base rates, the drift report's headline on the page."""
 import io
 import re
 
+import numpy as np
+
 from pypdf import PdfReader
 
 from cxr_batch.evidence import bundle_evidence
@@ -125,3 +127,33 @@ def test_the_drift_reports_headline_stays_on_the_page(monkeypatch):
         for t in texts:
             box = t.get_window_extent(renderer)
             assert 0 <= box.x0 and box.x1 <= fig.bbox.x1, t.get_text()
+
+
+def test_calibrate_records_that_the_buckets_figures_stay_the_base_bundles():
+    """A calibration that chooses new operating points writes the site's source for them; the
+    study-level figures it keeps say they are the base's, at the base's thresholds, and the
+    worklist prints that source."""
+    from scipy.special import expit
+
+    from cxr_batch.calibrate import calibrated_triage, choose_thresholds
+    from cxr_batch.calibration import Calibration
+
+    from .test_calibrate_safety import scores
+
+    rng = np.random.default_rng(3)
+    n = 120
+    y = (rng.random((n, 14)) < 0.25).astype(int)
+    p = expit(-2 + 1.2 * y + rng.normal(0, 1, (n, 14)))
+    table = {"measured_on": "out of fold on 1,250 development images",
+             "findings": {f: {"flagged": True, "sensitivity": 0.3, "specificity": 0.9, "ppv_at_nih_prevalence": 0.1,
+                              "flag_rate": 0.1, "positives": 40} for f in FINDINGS},
+             "any_finding": dict(V3_TABLE["any_finding"])}
+    choice = choose_thresholds("specificity:0.8", scores(y, np.arange(n).astype(str)), p, {f: 0.2 for f in FINDINGS},
+                               np.ones(14, dtype=bool))
+    new = calibrated_triage(table, Calibration.identity("offset"), choice, "specificity:0.8", n)
+    assert new["measured_on"].startswith(f"cross-validated on the {n} labelled studies")
+    level = new["any_finding"]["measured_on"]
+    assert level == ("out of fold on 1,250 development images, at the base bundle's thresholds before this site's "
+                     "calibration")
+    wl = text_of(worklist_pdf([record("abnormal", 0.6, {})], ReportOptions(), v3_like_info({"triage": new}), NOW))
+    assert f"In validation ({level}) this model flagged 48%" in wl
