@@ -458,8 +458,6 @@ def _findings_table(record: StudyRecord, info: ModelInfo, urgent, width: float, 
         point = points.get(f)
         colour = PRIORITY_COLOURS["urgent"].hexval()[2:] if flagged and f in urgent else "000000"
         flag = ("FLAGGED (urgent)" if f in urgent else "FLAGGED") if flagged else "-"
-        if f in held_back:  # over its threshold in the low-probability bucket: the banner says why
-            flag = "not flagged (low P(any))"
         if point is not None and not point.flagged:
             flag, trust = "never flagged", "chance-level ranking"
         elif point is not None and point.sensitivity is not None:
@@ -470,6 +468,8 @@ def _findings_table(record: StudyRecord, info: ModelInfo, urgent, width: float, 
                  flag, trust)
         data.append([Paragraph(f'<font color="#{colour}">{f"<b>{t}</b>" if flagged else t}</font>',
                                st["centre"] if i else st["cell"]) for i, t in enumerate(texts)])
+        if f in held_back:  # over its threshold in the low-probability bucket: the banner says why
+            data[-1][3] = fitted("not flagged", st["centre"], widths[3] - 2 * PAD, one_line=True)
         if flagged:
             commands.append(("BACKGROUND", (0, row), (-1, row), FLAG_FILL))
     return _table(data, widths, commands)
@@ -659,12 +659,15 @@ def worklist_pdf(records: list[StudyRecord], options: ReportOptions, info: Model
     widths = [w * mm for _, w in WORKLIST_COLUMNS]
     story = [_title_row(f"{options.title}: worklist", options.institution, sum(widths), st)]
     flagged = sum(bool(r.findings) for r in scored)
+    cut = info.evidence.study_level.normal_below
+    low = f"low-probability studies (P(any finding) below {probability_text(cut)})" if cut is not None else \
+        "low-probability studies"
     summary = (f"{len(records)} files: {len(scored)} scored ({counts['urgent']} urgent, {counts['abnormal']} abnormal, "
                f"{counts['normal']} low probability), {sum(r.status == 'skipped' for r in others)} skipped, "
                f"{sum(r.status == 'error' for r in others)} failed; {bare} scored without patient data (marked *: "
                f"the model saw the image alone). {flagged} of {len(scored)} studies have a flagged finding. "
-               f"Order: urgent studies by the urgent finding's probability, then abnormal, then low-probability "
-               f"studies, each by P(any finding). Generated {format_time(generated)}.")
+               f"Order: urgent studies by the urgent finding's probability, then abnormal, then {low}, each by "
+               f"P(any finding). Generated {format_time(generated)}.")
     story += [Spacer(1, 1.5 * mm), Paragraph(escape(summary), st["body"])]
     base_rates = _base_rates(info)
     if base_rates:

@@ -49,12 +49,12 @@ def test_a_finding_over_its_threshold_in_the_low_probability_bucket_says_why_it_
     assert not low.findings
     txt = text_of(study_pdf(low, GREY, {}, v3_like_info(), ReportOptions(), NOW))
     assert "Emphysema 0.064 0.055 -" not in txt
-    assert re.search(r"Emphysema 0\.064 0\.055 not flagged \(low P\(any\)\)", txt), txt
+    assert "Emphysema 0.064 0.055 not flagged 0.40 / 0.20" in txt
     assert "P(any finding) 0.358, below the low-probability cutoff 0.408" in txt
     assert "Over its threshold but not flagged (P(any finding) below the cutoff): Emphysema (0.064, threshold 0.055)" in txt
     # a low-probability study with nothing over a threshold says nothing of the kind
     clean_low = record("normal", 0.2, {})
-    assert "not flagged (low P(any))" not in text_of(study_pdf(clean_low, GREY, {}, v3_like_info(), ReportOptions(),
+    assert "not flagged" not in text_of(study_pdf(clean_low, GREY, {}, v3_like_info(), ReportOptions(),
                                                                NOW))
     # the worklist says it too, beside "none"
     wl = text_of(worklist_pdf([low, clean_low], ReportOptions(), v3_like_info(), NOW))
@@ -75,6 +75,7 @@ def test_p_any_and_the_cutoff_never_print_alike_on_either_side_of_it(tmp_path):
     assert "P(any finding) 0.406, below the low-probability cutoff 0.408" in txt
     wl = text_of(worklist_pdf([above, below], ReportOptions(), info, NOW))
     assert "P(any) 0.409" in wl and "P(any) 0.406" in wl
+    assert "then low-probability studies (P(any finding) below 0.408), each by P(any finding)" in wl
     # an urgent study's order: the urgent finding's probability as its report prints it
     urgent = StudyRecord(file="c.png", scores=Scores(tuple(0.1049 if f == "Pneumothorax" else 0.01 for f in FINDINGS),
                                                      tuple(int(f == "Pneumothorax") for f in FINDINGS), "urgent",
