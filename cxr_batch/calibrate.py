@@ -484,6 +484,7 @@ def calibrated_triage(table, on_top: Calibration, choice: ThresholdChoice, rule:
                                        "so the same studies are 'normal' as with the base bundle"}
     if choice.cv_flags is not None:
         y, flags = choice.y, choice.cv_flags
+        base_source = table.get("measured_on") or "the base bundle's validation"
         findings = table.setdefault("findings", {})
         ladder_at = choice.ladder_at or {}
         for k, f in enumerate(FINDINGS):
@@ -497,7 +498,10 @@ def calibrated_triage(table, on_top: Calibration, choice: ThresholdChoice, rule:
                                   "measured_on": f"the base bundle's out-of-fold ladder on its development images, "
                                                  f"at sensitivity {ladder_at[f]:.2f}: {int(y[:, k].sum())} positive(s) "
                                                  f"here are too few to measure"})
-                continue  # otherwise its base operating point (moved) is kept, and so is its evidence
+                # otherwise its base operating point (moved) is kept, and so is its evidence, which says so
+                entry.setdefault("measured_on", f"the base bundle's figures ({base_source}): too few positives at "
+                                                "this site")
+                continue
             op = metrics.operating_point(y[:, k], flags[:, k])
             entry.update({"sensitivity": op["sensitivity"], "specificity": op["specificity"],
                           "ppv_at_nih_prevalence": None, "ppv_at_site": op["ppv"], "flag_rate": float(flags[:, k].mean()),

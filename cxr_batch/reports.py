@@ -492,6 +492,19 @@ def _title_row(title: str, institution: str, width: float, st: dict) -> Table:
                   [width * 0.6, width * 0.4], [("LEFTPADDING", (0, 0), (0, 0), 0)])
 
 
+def _own_sources(ev: Evidence) -> str:
+    """The findings whose figures were measured elsewhere than the legend's source says (a site
+    calibration's findings with too few positives there keep the base bundle's), by source."""
+    groups: dict[str, list] = {}
+    for f, point in ev.operating_points.items():
+        if point.flagged and point.source and point.source != ev.triage_source:
+            groups.setdefault(point.source, []).append((f, point))
+    return "".join(
+        f" {', '.join(finding_label(f) for f, _ in points)}: {source}"
+        + (", PPV at NIH prevalence" if any(p.ppv is not None and not p.ppv_at_site for _, p in points) else "") + "."
+        for source, points in groups.items())
+
+
 def _findings_and_image(record: StudyRecord, grey: np.ndarray | None, info: ModelInfo, urgent, side: float,
                         width: float, st: dict) -> Table:
     """The 14 findings beside the radiograph as the model saw it (``side`` wide)."""
@@ -503,7 +516,7 @@ def _findings_and_image(record: StudyRecord, grey: np.ndarray | None, info: Mode
     prevalence = "this site's" if any(p.ppv_at_site for p in ev.operating_points.values()) else "NIH"
     legend = Paragraph(escape(
         "A flag's sens. / PPV: of the validation studies that had the finding, the share it flagged; of the studies "
-        f"it flagged, the share that had it, at {prevalence} prevalence{where}." + (
+        f"it flagged, the share that had it, at {prevalence} prevalence{where}." + _own_sources(ev) + (
             " Never flagged: its validation ranking was no better than chance." if any(
                 not p.flagged for p in ev.operating_points.values()) else "")), st["small"])
     return _table([[[_findings_table(record, info, urgent, table_w - PAD, st), legend],

@@ -149,8 +149,9 @@ def test_calibrate_records_that_the_buckets_figures_stay_the_base_bundles():
              "findings": {f: {"flagged": True, "sensitivity": 0.3, "specificity": 0.9, "ppv_at_nih_prevalence": 0.1,
                               "flag_rate": 0.1, "positives": 40} for f in FINDINGS},
              "any_finding": dict(V3_TABLE["any_finding"])}
+    enough = np.array([f != "Pneumothorax" for f in FINDINGS])  # too few positives at the site: kept
     choice = choose_thresholds("specificity:0.8", scores(y, np.arange(n).astype(str)), p, {f: 0.2 for f in FINDINGS},
-                               np.ones(14, dtype=bool))
+                               enough)
     new = calibrated_triage(table, Calibration.identity("offset"), choice, "specificity:0.8", n)
     assert new["measured_on"].startswith(f"cross-validated on the {n} labelled studies")
     level = new["any_finding"]["measured_on"]
@@ -158,3 +159,43 @@ def test_calibrate_records_that_the_buckets_figures_stay_the_base_bundles():
                      "calibration")
     wl = text_of(worklist_pdf([record("abnormal", 0.6, {})], ReportOptions(), v3_like_info({"triage": new}), NOW))
     assert f"In validation ({level}) this model flagged 48%" in wl
+    # the finding it left alone keeps the base's figures, and says so
+    kept = new["findings"]["Pneumothorax"]
+    assert kept["sensitivity"] == 0.3 and kept["measured_on"].startswith(
+        "the base bundle's figures (out of fold on 1,250 development images)")
+    assert "measured_on" not in new["findings"]["Effusion"]
+
+
+SITE = "cross-validated on the 60 labelled studies of this site's calibration (specificity:0.8)"
+
+
+def site_calibrated_manifest() -> dict:
+    """A manifest as calibrate --thresholds specificity:0.8 wrote it: Effusion's operating point
+    chosen on the site's studies, Pneumothorax's kept (3 positives there) with the base's figures."""
+    findings = {f: dict(row) for f, row in V3_TABLE["findings"].items()}
+    findings["Effusion"] = {"flagged": True, "sensitivity": 0.67, "specificity": 0.8, "ppv_at_nih_prevalence": None,
+                            "ppv_at_site": 0.38, "flag_rate": 0.2, "positives": 9}
+    findings["Pneumothorax"] = {"flagged": True, "sensitivity": 0.23, "specificity": 0.89,
+                                "ppv_at_nih_prevalence": 0.10, "flag_rate": 0.11, "positives": 43}
+    return {"triage": {**V3_TABLE, "findings": findings, "measured_on": SITE + "; findings with too few positives "
+                       "there: the base bundle's figures"},
+            "calibration": {"method": "offset", "fitted_on": {"n": 60}, "rules": {"thresholds": "specificity:0.8"}},
+            "provenance": {"base": {"name": "cxr-fpn", "version": "3.0"}, "date": "2026-12-06"}}
+
+
+def test_a_site_calibrated_bundle_names_where_each_findings_figures_come_from():
+    """calibrate on 60 NIH studies kept Pneumothorax's operating point (3 positives there) with
+    the base bundle's figures, yet the URGENT banner read 'Pneumothorax: sensitivity 0.23 at its
+    threshold (cross-validated on the 60 labelled studies of this site's calibration ...)': the
+    base's 0.23 from 1250 development images, credited to the site's 60 studies."""
+    info = v3_like_info(site_calibrated_manifest())
+    urgent = StudyRecord(file="c.png", scores=Scores(
+        tuple(0.3 if f in ("Pneumothorax", "Effusion") else 0.01 for f in FINDINGS),
+        tuple(int(f in ("Pneumothorax", "Effusion")) for f in FINDINGS), "urgent", 0.3, 0.79))
+    txt = text_of(study_pdf(urgent, GREY, {}, info, ReportOptions(), NOW))
+    assert "Pneumothorax: sensitivity 0.23 at its threshold (the base bundle cxr-fpn@3.0's validation" in txt
+    assert "Pneumothorax: sensitivity 0.23 at its threshold (cross-validated" not in txt
+    # the legend names the findings whose figures are the base's, and their prevalence
+    legend = txt[txt.index("A flag's sens. / PPV:"):]
+    assert re.search(r"Pneumothorax[^.]*: the base bundle cxr-fpn@3\.0's validation[^.]*NIH prevalence", legend), legend
+    assert not re.search(r"Effusion[^.]*: the base bundle", legend)
