@@ -199,3 +199,43 @@ def test_a_site_calibrated_bundle_names_where_each_findings_figures_come_from():
     legend = txt[txt.index("A flag's sens. / PPV:"):]
     assert re.search(r"Pneumothorax[^.]*: the base bundle cxr-fpn@3\.0's validation[^.]*NIH prevalence", legend), legend
     assert not re.search(r"Effusion[^.]*: the base bundle", legend)
+
+
+def evaluation_summary() -> dict:
+    """The fields evaluation.pdf's first two pages read, as evaluate writes them."""
+    row = {"positives": 3, "positive_patients": 3, "auroc": 0.667, "auroc_ci95": None, "threshold": 0.0668,
+           "sensitivity": 0.33, "specificity": 0.76, "ppv": 0.10, "npv": 0.93, "ece": 0.031}
+    buckets = {"n": 40, "urgent": 0.1, "abnormal": 0.7, "normal": 0.2}
+    return {"model": "cxr-fpn@3.0", "bundle_sha256": "1" * 64, "weights_sha256": "2" * 64, "calibrated": False,
+            "labels": {"file": "labels.csv", "sha256": "3" * 64}, "n_studies": 40, "n_patients": 40,
+            "matching": {k: [] for k in ("scored_without_label", "labelled_not_scored", "labels_without_file",
+                                         "ambiguous_names")},
+            "mean_auroc": 0.6, "mean_auroc_ci95": [0.49, 0.7], "mean_auroc_findings": list(FINDINGS),
+            "mean_probability": 0.058, "prevalence": 0.104, "ece_bins": 15, "ece": 0.057, "brier": 0.09,
+            "brier_prevalence": 0.09, "brier_skill": -0.04, "mean_auroc_ci_note": "",
+            "triage": {"buckets": {"all": buckets, "with_a_finding": buckets, "without_a_finding": buckets},
+                       "studies_flagged": 0.45, "flags_per_study": 2.1, "worklist_auroc_any_finding": 0.67,
+                       "worklist_auroc_pneumothorax": 0.46},
+            "per_finding": {f: dict(row) for f in FINDINGS},
+            "definitions": {k: k for k in ("matching", "patient", "mean_auroc", "bootstrap", "ece", "brier_prevalence",
+                                           "operating_point")}}
+
+
+def test_evaluation_pdf_names_findings_as_the_reports_do_and_says_what_a_flag_is():
+    """evaluation.pdf on 40 NIH images printed 'Pleural Thickening' where every report and the
+    worklist print 'Pleural thickening', and 'Flags use the bundle's thresholds': the flags it
+    measures are results.csv's, and a low-probability study carries none even over a threshold,
+    so sensitivities recomputed from probabilities and thresholds would not match it."""
+    from cxr_batch.evaluation_report import roc_page, summary_page
+
+    ev = evaluation_summary()
+    fig = summary_page(ev)
+    texts = " ".join(t.get_text() for t in fig.texts).replace("\n", " ")
+    cells = [c.get_text().get_text() for ax in fig.axes for table in ax.tables for c in table.get_celld().values()]
+    assert "Pleural thickening" in cells and "Pleural Thickening" not in cells
+    assert "Flags use the bundle's thresholds." not in texts
+    assert "none in the low-probability bucket" in texts
+    y = np.tile([[0], [1]], (20, 14))  # 40 studies, every finding in half of them
+    p = np.random.default_rng(0).random((40, 14))
+    titles = [ax.get_title() for ax in roc_page(ev, y, p).axes]
+    assert any(t.startswith("Pleural thickening") for t in titles) and not any("Pleural Thickening" in t for t in titles)
