@@ -538,7 +538,7 @@ class MapGrid:
             return (f"No heatmaps: this model sees the radiograph at {self.image_size} px, and its finest map would "
                     f"be {self.cells} x {self.cells} cells, too coarse to point to a lung zone.")
         return (f"Maps on the model's {self.cells} x {self.cells} grid (pyramid level {self.level.upper()}, each cell "
-                f"1/{self.cells} of the image side): a zone, not a lesion's outline.")
+                f"1/{self.cells} of the image side).")
 
 
 def _maps_heading(drawn: list[str], missing: list[str], empty: list[str], grid: MapGrid | None,
@@ -548,9 +548,13 @@ def _maps_heading(drawn: list[str], missing: list[str], empty: list[str], grid: 
     out = []
     if drawn:
         out = [Spacer(1, 2 * mm), _table(
-            [[Paragraph("Where the model looked (Grad-CAM)", st["h"]), ""],
-             [Paragraph(escape("Urgent findings first, then by how far each exceeds its threshold. Each map on its own "
-                               "colour scale, its strength beside it. " + (grid.text() if grid else "")), st["small"]),
+            [[Paragraph("What raised the score (Grad-CAM)", st["h"]), ""],
+             # not a location: v3's maps hit NIH's radiologist boxes no more often than chance
+             # (benchmarks/gradcam_pointing.py), and no bundle carries evidence that its maps locate
+             [Paragraph("<b>Not where a finding is:</b> these maps are not validated to locate a finding and may point "
+                        "away from it. " + escape(
+                            "Urgent findings first, then by how far each exceeds its threshold. Each map on its own "
+                            "colour scale, its strength beside it. " + (grid.text() if grid else "")), st["small"]),
               colour_bar(width * 0.4, st)]],
             [width * 0.6, width * 0.4], [("LEFTPADDING", (0, 0), (-1, -1), 0), ("RIGHTPADDING", (0, 0), (-1, -1), 0),
                                          ("TOPPADDING", (0, 0), (-1, -1), 0), ("BOTTOMPADDING", (0, 0), (-1, -1), 0.5)])]

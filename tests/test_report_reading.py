@@ -239,3 +239,17 @@ def test_evaluation_pdf_names_findings_as_the_reports_do_and_says_what_a_flag_is
     p = np.random.default_rng(0).random((40, 14))
     titles = [ax.get_title() for ax in roc_page(ev, y, p).axes]
     assert any(t.startswith("Pleural thickening") for t in titles) and not any("Pleural Thickening" in t for t in titles)
+
+
+def test_the_maps_are_not_offered_as_the_findings_location():
+    """benchmarks/gradcam_pointing.py: v3's maps (P3, 8 x 8 cells) put their hottest point inside
+    NIH radiologists' boxes for 7 of 56 boxes, where a random point scores 0.10: they show what
+    raised the score, not where a finding is. The page titled them 'Where the model looked' with
+    'a zone, not a lesion's outline', which a reader takes for a location."""
+    from .test_reports import blob_maps
+
+    urgent = StudyRecord(file="c.png", scores=Scores(tuple(0.9 if f == "Pneumothorax" else 0.01 for f in FINDINGS),
+                                                     tuple(int(f == "Pneumothorax") for f in FINDINGS), "urgent",
+                                                     0.9, 0.95))
+    txt = text_of(study_pdf(urgent, GREY, blob_maps(urgent), v3_like_info(), ReportOptions(), NOW))
+    assert "not validated to locate a finding" in txt and "may point away from it" in txt
