@@ -215,8 +215,14 @@ def fitted(value, style: ParagraphStyle, width: float, missing: str = "not recor
 
 
 def _header(names, widths, st: dict) -> list[Paragraph]:
-    """A table's heading row: each name on one line in its column, shrunk if it must be."""
-    return [fitted(name, st["label"], w - 2 * PAD, one_line=True) for name, w in zip(names, widths)]
+    """A table's heading row: each name on one line in its column, all at the size of the one
+    that must shrink most (a row of headings in three sizes reads as three kinds of heading)."""
+    cells = [fitted(name, st["label"], w - 2 * PAD, one_line=True) for name, w in zip(names, widths)]
+    size = min(c.style.fontSize for c in cells)
+    if size == st["label"].fontSize:
+        return cells
+    style = ParagraphStyle("label-row", parent=st["label"], fontSize=size, leading=size * 1.2)
+    return [fitted(name, style, w - 2 * PAD, one_line=True) for name, w in zip(names, widths)]
 
 
 def format_time(moment: dt.datetime) -> str:

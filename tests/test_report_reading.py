@@ -253,3 +253,20 @@ def test_the_maps_are_not_offered_as_the_findings_location():
                                                      0.9, 0.95))
     txt = text_of(study_pdf(urgent, GREY, blob_maps(urgent), v3_like_info(), ReportOptions(), NOW))
     assert "not validated to locate a finding" in txt and "may point away from it" in txt
+
+
+def test_a_tables_heading_row_is_printed_at_one_size():
+    """On a page without maps the findings table is narrower: 'Probability', 'Threshold' and
+    "A flag's sens. / PPV" each shrank to fit their cells while 'Flag' stayed full size, a
+    heading row in three sizes."""
+    sizes = {}
+
+    def visit(text, cm, tm, font, size):
+        if text.strip() in ("Finding", "Probability", "Threshold", "Flag"):
+            sizes.setdefault(text.strip(), set()).add(round(size * tm[0], 2))
+
+    low = record("normal", 0.2, {})
+    PdfReader(io.BytesIO(study_pdf(low, GREY, {}, v3_like_info(), ReportOptions(), NOW))).pages[0].extract_text(
+        visitor_text=visit)
+    assert set(sizes) == {"Finding", "Probability", "Threshold", "Flag"}, sizes
+    assert len(set().union(*sizes.values())) == 1, sizes
