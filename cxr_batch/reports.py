@@ -331,9 +331,11 @@ def heatmap_grid(grey: np.ndarray, maps: dict[int, np.ndarray], strength: dict[i
         k = FINDINGS.index(f)
         heat = maps[k]
         label = f"<b>{escape(finding_label(f))}</b>" + (" (urgent)" if f in urgent else "")
-        caption = (f"{label}<br/>p {probability_text(record.scores.prob(f))}, "
-                   f"threshold {probability_text(info.thresholds[f])}<br/>"
-                   f"strength {strength[k]:.2f} of the strongest map")
+        # non-breaking spaces: a narrow tile wraps between a value and the next, never inside one
+        # ("threshold" on one line, "0.085" on the next; "map" alone on the last)
+        caption = (f"{label}<br/>p&nbsp;{probability_text(record.scores.prob(f))}, "
+                   f"threshold&nbsp;{probability_text(info.thresholds[f])}<br/>"
+                   f"strength&nbsp;{strength[k]:.2f} of&nbsp;the&nbsp;strongest&nbsp;map")
         tiles.append([Image(_png(overlay(grey, heat)), side, side), Paragraph(caption, st["caption"])])
     rows = []
     for i in range(0, len(tiles), cols):

@@ -270,3 +270,19 @@ def test_a_tables_heading_row_is_printed_at_one_size():
         visitor_text=visit)
     assert set(sizes) == {"Finding", "Probability", "Threshold", "Flag"}, sizes
     assert len(set().union(*sizes.values())) == 1, sizes
+
+
+def test_a_narrow_map_caption_never_parts_a_value_from_its_name():
+    """14 flagged findings put 7 maps a row: the captions wrapped 'p 0.138, threshold' / '0.085'
+    and left 'map' alone on a line."""
+    from .test_reports import blob_maps
+
+    p = tuple(0.9 for _ in FINDINGS)
+    full = StudyRecord(file="a.png", scores=Scores(p, (1,) * 14, "urgent", 0.9, 0.99))
+    lines = []
+    PdfReader(io.BytesIO(study_pdf(full, GREY, blob_maps(full), v3_like_info(), ReportOptions(), NOW))).pages[0] \
+        .extract_text(visitor_text=lambda text, *_: lines.append(" ".join(text.split())))
+    captions = [t for t in lines if re.match(r"(p \d|p$|threshold|strength|of the|map$)", t)]
+    assert len([t for t in captions if "threshold" in t]) >= 14, captions
+    for t in captions:
+        assert not re.search(r"\b(threshold|strength|p)$", t) and t != "map", captions
