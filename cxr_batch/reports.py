@@ -123,6 +123,20 @@ def _can_draw(text: str) -> bool:
     return glyphs is None or all(ord(ch) in glyphs or ch.isspace() for ch in text)
 
 
+NAME_NOT_DRAWN = "(name in characters this report cannot show)"
+
+
+def patient_name_text(raw: str | None) -> str:
+    """A patient name as the report prints it (:func:`person_name`), in characters the report
+    font has: a name whose first group it cannot draw (kanji, hangul) shows its other group when
+    that one can be drawn, else says so, instead of empty boxes that make two names look alike."""
+    name = person_name(raw, _can_draw)
+    if _can_draw(visual_order(name)):
+        return name
+    groups = [person_name(g) for g in clean(raw).split("=")[:2]]  # the phonetic group is never shown
+    return next((g for g in groups if g and _can_draw(visual_order(g))), NAME_NOT_DRAWN)
+
+
 def _style(name: str, size: float, bold: bool = False, **kw) -> ParagraphStyle:
     regular, heavy = _fonts()
     return ParagraphStyle(name, fontName=heavy if bold else regular, fontSize=size, leading=kw.pop("leading", size * 1.2),
@@ -441,7 +455,7 @@ def _patient_table(record: StudyRecord, width: float, st: dict) -> Table:
 
     file_width = sum(value_w[1:]) + label_w - 2 * PAD
     data = [
-        [label("Patient"), value(person_name(ids.patient_name, _can_draw), 0), label("Patient ID"),
+        [label("Patient"), value(patient_name_text(ids.patient_name), 0), label("Patient ID"),
          value(ids.patient_id, 1), label("Accession"), value(ids.accession_number, 2)],
         [label("Age"), value(format_age(p.age), 0, missing="unknown"), label("Sex"),
          value(SEX_TEXT.get(p.sex or "", p.sex), 1, missing="unknown"), label("View"),
@@ -710,7 +724,7 @@ def worklist_pdf(records: list[StudyRecord], options: ReportOptions, info: Model
     commands = [GRID, ("BACKGROUND", (0, 0), (-1, 0), HEADER_FILL), ("VALIGN", (0, 0), (-1, -1), "TOP")]
     for i, r in enumerate(scored, start=1):
         p = r.patient
-        patient = [cell(person_name(r.ids.patient_name, _can_draw), 2, missing="name not recorded"),
+        patient = [cell(patient_name_text(r.ids.patient_name), 2, missing="name not recorded"),
                    cell(f"ID {clean(r.ids.patient_id)}" if clean(r.ids.patient_id) else "", 2, "small",
                         missing="ID not recorded")]
         if r.patient.all_unknown:

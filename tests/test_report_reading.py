@@ -286,3 +286,23 @@ def test_a_narrow_map_caption_never_parts_a_value_from_its_name():
     assert len([t for t in captions if "threshold" in t]) >= 14, captions
     for t in captions:
         assert not re.search(r"\b(threshold|strength|p)$", t) and t != "map", captions
+
+
+def test_every_character_of_a_patients_name_is_one_the_report_can_draw():
+    """A DICOM name 'محمد^عبد الله' (ISO_IR 192) printed 'محمد, عبد' and an empty box: the
+    reshaper joined 'الله' into one ligature glyph (U+FDF2) that the report font lacks. A name
+    written in kanji in its first group printed '▯▯, ▯▯': two patients' names read the same."""
+    from cxr_batch.display import visual_order
+    from cxr_batch.reports import _can_draw, patient_name_text
+
+    arabic = patient_name_text("محمد^عبد الله")
+    assert arabic == "محمد, عبد الله" and _can_draw(visual_order(arabic))  # drawn, letter by letter
+    kanji = patient_name_text("山田^太郎=やまだ^たろう")
+    assert _can_draw(kanji) and "cannot show" in kanji
+    # with a group the font can draw, that group is shown
+    assert patient_name_text("山田^太郎=Yamada^Taro") == "Yamada, Taro"
+    assert patient_name_text("Yamada^Taro=山田^太郎") == "Yamada, Taro"
+    low = record("normal", 0.2, {})
+    low.ids.patient_name = "山田^太郎=やまだ^たろう"
+    assert "cannot show" in text_of(study_pdf(low, GREY, {}, v3_like_info(), ReportOptions(), NOW))
+    assert "cannot show" in text_of(worklist_pdf([low], ReportOptions(), v3_like_info(), NOW))
