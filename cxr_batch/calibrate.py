@@ -484,6 +484,7 @@ def calibrated_triage(table, on_top: Calibration, choice: ThresholdChoice, rule:
                                        "so the same studies are 'normal' as with the base bundle"}
     if choice.cv_flags is not None:
         y, flags = choice.y, choice.cv_flags
+        base_source = table.get("measured_on") or "the base bundle's validation"
         findings = table.setdefault("findings", {})
         ladder_at = choice.ladder_at or {}
         for k, f in enumerate(FINDINGS):
@@ -497,11 +498,19 @@ def calibrated_triage(table, on_top: Calibration, choice: ThresholdChoice, rule:
                                   "measured_on": f"the base bundle's out-of-fold ladder on its development images, "
                                                  f"at sensitivity {ladder_at[f]:.2f}: {int(y[:, k].sum())} positive(s) "
                                                  f"here are too few to measure"})
-                continue  # otherwise its base operating point (moved) is kept, and so is its evidence
+                # otherwise its base operating point (moved) is kept, and so is its evidence, which says so
+                entry.setdefault("measured_on", f"the base bundle's figures ({base_source}): too few positives at "
+                                                "this site")
+                continue
             op = metrics.operating_point(y[:, k], flags[:, k])
             entry.update({"sensitivity": op["sensitivity"], "specificity": op["specificity"],
                           "ppv_at_nih_prevalence": None, "ppv_at_site": op["ppv"], "flag_rate": float(flags[:, k].mean()),
                           "positives": int(y[:, k].sum())})
+        if isinstance(study, dict) and not study.get("measured_on"):
+            # the buckets' figures stay the base's, measured at its thresholds: said, so reports do not
+            # attribute them to the site's studies that the operating points' figures now come from
+            study["measured_on"] = (f"{table.get('measured_on') or 'the base bundle validation'}, at the base bundle's "
+                                    "thresholds before this site's calibration")
         table["measured_on"] = f"cross-validated on the {n} labelled studies of this site's calibration ({rule})"
         if choice.site_chosen is not None and not choice.site_chosen.all():
             table["measured_on"] += ("; findings with too few positives there: the base bundle's figures, or under "

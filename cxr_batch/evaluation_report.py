@@ -19,6 +19,7 @@ from matplotlib.backends.backend_pdf import PdfPages  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from sklearn.metrics import roc_curve  # noqa: E402
 
+from .display import finding_label  # noqa: E402
 from .files import atomic_write_bytes  # noqa: E402
 from .findings import FINDINGS  # noqa: E402
 
@@ -86,7 +87,9 @@ def summary_page(ev: dict) -> Figure:
                   f"and {pct(b['with_a_finding']['normal'])} of the {b['with_a_finding']['n']} with one. The worklist order "
                   f"puts studies with a finding first with AUROC {_f(t['worklist_auroc_any_finding'])}, pneumothorax "
                   f"{_f(t.get('worklist_auroc_pneumothorax'))}.", 10)
-    y = _text(fig, y, "Flags use the bundle's thresholds. Per-finding numbers rest on the positives shown: with few "
+    y = _text(fig, y, "Flags as results.csv has them: a finding at or over the bundle's threshold, none in the "
+              "low-probability bucket (P(any finding) below its cutoff). Per-finding numbers rest on the positives "
+              "shown: with few "
               "positives they are noise. Decision support only: every study still needs a radiologist.", 9)
     header = ["finding", "pos", "AUROC", "95% CI", "thresh.", "sens.", "spec.", "PPV", "NPV", "ECE"]
     rows = []
@@ -95,7 +98,7 @@ def summary_page(ev: dict) -> Figure:
         ci = _ci(r["auroc_ci95"]) if r["auroc_ci95"] else f"no CI: {r['positive_patients']} pos. patients"
         if r["auroc"] is None:
             ci = "one label value"
-        rows.append([f.replace("_", " "), str(r["positives"]), _f(r["auroc"]), ci, _f(r["threshold"], 3),
+        rows.append([finding_label(f), str(r["positives"]), _f(r["auroc"]), ci, _f(r["threshold"], 3),
                      _f(r["sensitivity"], 2), _f(r["specificity"], 2), _f(r["ppv"], 2), _f(r["npv"], 2), _f(r["ece"])])
     ax = fig.add_axes([0.04, y - 0.31, 0.92, 0.29])
     _table(ax, header, rows, [0.17, 0.06, 0.08, 0.19, 0.08, 0.07, 0.07, 0.07, 0.07, 0.07])
@@ -124,7 +127,7 @@ def roc_page(ev: dict, y: np.ndarray, p: np.ndarray) -> Figure:
             ax.plot(fpr, tpr, lw=1.2, color="#1f5fa8")
             if r["sensitivity"] is not None and r["specificity"] is not None:
                 ax.plot(1 - r["specificity"], r["sensitivity"], "o", color="#c0392b", ms=4)
-        title = f"{f.replace('_', ' ')}\nAUROC {_f(r['auroc'], 2)}, {r['positives']} pos."
+        title = f"{finding_label(f)}\nAUROC {_f(r['auroc'], 2)}, {r['positives']} pos."
         ax.set_title(title, fontsize=8)
         ax.set(xlim=(0, 1), ylim=(0, 1))
         ax.tick_params(labelsize=6)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import csv
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from .display import finding_label
@@ -62,6 +62,7 @@ class OperatingPoint:
     positives: int | None = None
     auc: float | None = None
     why: str = ""
+    source: str | None = None  # where this finding's figures were measured, when not the triage table's
 
     def trust(self) -> str:
         """A short phrase for beside a flag: 'catches 45% (PPV 0.21)'."""
@@ -99,6 +100,7 @@ class Evidence:
     operating_points: dict[str, OperatingPoint] = field(default_factory=dict)
     study_level: StudyLevel = field(default_factory=StudyLevel)
     triage_source: str | None = None  # where the operating points were measured
+    study_level_source: str | None = None  # where the buckets' figures (study_level) were measured
     calibrated: str | None = None  # a site calibration of a base bundle, said first
 
     @property
@@ -136,7 +138,8 @@ class Evidence:
         if point is not None and not point.flagged:
             return f"{name}: never flagged by these weights ({point.why or 'validation ranking no better than chance'})"
         if point is not None and point.sensitivity is not None and counts is None:
-            return f"{name}: sensitivity {point.sensitivity:.2f} at its threshold ({self.triage_source or 'validation'})"
+            where = point.source or self.triage_source or "validation"
+            return f"{name}: sensitivity {point.sensitivity:.2f} at its threshold ({where})"
         if counts is None:
             return f"{name}: sensitivity at its threshold not measured for these weights"
         if counts.positives == 0:
@@ -146,7 +149,7 @@ class Evidence:
         if point is not None and point.sensitivity is not None:
             # both measured: the flag's "sens." elsewhere on the report is the operating point's, so
             # say both, each with its source, rather than two numbers that seem to disagree
-            return f"{name}: {held_out}; {point.sensitivity:.2f} {self.triage_source or 'in validation'}"
+            return f"{name}: {held_out}; {point.sensitivity:.2f} {point.source or self.triage_source or 'in validation'}"
         return f"{name}: {held_out}"
 
 
@@ -170,11 +173,53 @@ def _triage_evidence(manifest: dict) -> tuple[dict[str, OperatingPoint], StudyLe
                         else row.get("ppv_at_site")),
             flag_rate=_finite(row.get("flag_rate")),
             positives=positives if isinstance(positives, int) and not isinstance(positives, bool) else None,
-            auc=_finite(row.get("auc")), why=row.get("why") if isinstance(row.get("why"), str) else "")
+            auc=_finite(row.get("auc")), why=row.get("why") if isinstance(row.get("why"), str) else "",
+            source=row["measured_on"].strip() if isinstance(row.get("measured_on"), str) and row["measured_on"].strip()
+            else None)
     study = table.get("any_finding") if isinstance(table.get("any_finding"), dict) else {}
     level = StudyLevel(**{k: _finite(study.get(k)) for k in StudyLevel.__dataclass_fields__})
     source = table.get("measured_on")
     return points, level, source.strip() if isinstance(source, str) and source.strip() else None
+
+
+def _base_bundle(manifest: dict) -> str | None:
+    """'cxr-fpn@3.0' for a bundle that ``calibrate`` gave new operating points, else None."""
+    calibration = manifest.get("calibration") if isinstance(manifest.get("calibration"), dict) else {}
+    rules = calibration.get("rules") if isinstance(calibration.get("rules"), dict) else {}
+    if rules.get("thresholds", "keep") == "keep":
+        return None
+    provenance = manifest.get("provenance") if isinstance(manifest.get("provenance"), dict) else {}
+    base = provenance.get("base") if isinstance(provenance.get("base"), dict) else {}
+    return f"{base.get('name', '?')}@{base.get('version', '?')}"
+
+
+def _kept_from_base(points: dict[str, OperatingPoint], manifest: dict) -> dict[str, OperatingPoint]:
+    """A calibration that chose operating points on the site's studies names the site as the
+    table's source; a finding it left alone (too few positives there) keeps the base bundle's
+    figures (a PPV at NIH prevalence, not the site's): each such point names the base as its own
+    source, for bundles calibrated before they recorded it."""
+    base = _base_bundle(manifest)
+    if base is None:
+        return points
+    return {f: p if p.source or p.ppv_at_site or not p.flagged else
+            replace(p, source=f"the base bundle {base}'s validation: too few positives at this site")
+            for f, p in points.items()}
+
+
+def _study_level_source(manifest: dict, triage_source: str | None) -> str | None:
+    """Where the buckets' figures (``triage.any_finding``) were measured: its own ``measured_on``,
+    else the triage table's. A site calibration that chose new operating points rewrote the
+    table's source (the site's studies) but keeps the base bundle's study-level figures, measured
+    at the base's thresholds: said so for bundles calibrated before they recorded it."""
+    table = manifest.get("triage") if isinstance(manifest.get("triage"), dict) else {}
+    study = table.get("any_finding") if isinstance(table.get("any_finding"), dict) else {}
+    own = study.get("measured_on")
+    if isinstance(own, str) and own.strip():
+        return own.strip()
+    base = _base_bundle(manifest)
+    if base is not None:
+        return f"the base bundle {base}'s validation, at its thresholds before this site's calibration"
+    return triage_source
 
 
 def _calibration_note(manifest: dict) -> str | None:
@@ -256,7 +301,8 @@ def bundle_evidence(manifest: dict, folder: Path | None = None) -> Evidence:
     intended = manifest.get("intended_use")
     points, level, source = _triage_evidence(manifest)
     return Evidence(
-        operating_points=points, study_level=level, triage_source=source, calibrated=_calibration_note(manifest),
+        operating_points=_kept_from_base(points, manifest), study_level=level, triage_source=source, calibrated=_calibration_note(manifest),
+        study_level_source=_study_level_source(manifest, source),
         intended_use=intended.strip() if isinstance(intended, str) and intended.strip() else NOT_STATED,
         images=images, train_images=train,
         mean_auc=_finite(metrics.get("test_mean_auc")),

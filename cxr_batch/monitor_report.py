@@ -26,9 +26,11 @@ ALARM, OK_COLOUR, REF = "#c0392b", "#1f5fa8", "#999999"
 PANELS = (6, 4)  # rows, columns of trend panels per page
 
 
-def _text(fig: Figure, y: float, text: str, size: float = 9, weight: str = "normal", width: int = 105,
+def _text(fig: Figure, y: float, text: str, size: float = 9, weight: str = "normal", width: int | None = None,
           colour: str = "black") -> float:
-    lines = textwrap.wrap(text, width) or [""]
+    """Wrapped text at height y; the default width is what fits the page at ``size`` (105
+    characters at 9 points, fewer for a larger or bold headline, which ran off the page at 11)."""
+    lines = textwrap.wrap(text, width or int(105 * 9 / size * (0.95 if weight == "bold" else 1.0))) or [""]
     fig.text(0.06, y, "\n".join(lines), fontsize=size, weight=weight, va="top", family="DejaVu Sans", color=colour)
     return y - 0.0165 * len(lines) * size / 9
 

@@ -123,6 +123,20 @@ def _can_draw(text: str) -> bool:
     return glyphs is None or all(ord(ch) in glyphs or ch.isspace() for ch in text)
 
 
+NAME_NOT_DRAWN = "(name in characters this report cannot show)"
+
+
+def patient_name_text(raw: str | None) -> str:
+    """A patient name as the report prints it (:func:`person_name`), in characters the report
+    font has: a name whose first group it cannot draw (kanji, hangul) shows its other group when
+    that one can be drawn, else says so, instead of empty boxes that make two names look alike."""
+    name = person_name(raw, _can_draw)
+    if _can_draw(visual_order(name)):
+        return name
+    groups = [person_name(g) for g in clean(raw).split("=")[:2]]  # the phonetic group is never shown
+    return next((g for g in groups if g and _can_draw(visual_order(g))), NAME_NOT_DRAWN)
+
+
 def _style(name: str, size: float, bold: bool = False, **kw) -> ParagraphStyle:
     regular, heavy = _fonts()
     return ParagraphStyle(name, fontName=heavy if bold else regular, fontSize=size, leading=kw.pop("leading", size * 1.2),
@@ -215,8 +229,14 @@ def fitted(value, style: ParagraphStyle, width: float, missing: str = "not recor
 
 
 def _header(names, widths, st: dict) -> list[Paragraph]:
-    """A table's heading row: each name on one line in its column, shrunk if it must be."""
-    return [fitted(name, st["label"], w - 2 * PAD, one_line=True) for name, w in zip(names, widths)]
+    """A table's heading row: each name on one line in its column, all at the size of the one
+    that must shrink most (a row of headings in three sizes reads as three kinds of heading)."""
+    cells = [fitted(name, st["label"], w - 2 * PAD, one_line=True) for name, w in zip(names, widths)]
+    size = min(c.style.fontSize for c in cells)
+    if size == st["label"].fontSize:
+        return cells
+    style = ParagraphStyle("label-row", parent=st["label"], fontSize=size, leading=size * 1.2)
+    return [fitted(name, style, w - 2 * PAD, one_line=True) for name, w in zip(names, widths)]
 
 
 def format_time(moment: dt.datetime) -> str:
@@ -325,9 +345,11 @@ def heatmap_grid(grey: np.ndarray, maps: dict[int, np.ndarray], strength: dict[i
         k = FINDINGS.index(f)
         heat = maps[k]
         label = f"<b>{escape(finding_label(f))}</b>" + (" (urgent)" if f in urgent else "")
-        caption = (f"{label}<br/>p {probability_text(record.scores.prob(f))}, "
-                   f"threshold {probability_text(info.thresholds[f])}<br/>"
-                   f"strength {strength[k]:.2f} of the strongest map")
+        # non-breaking spaces: a narrow tile wraps between a value and the next, never inside one
+        # ("threshold" on one line, "0.085" on the next; "map" alone on the last)
+        caption = (f"{label}<br/>p&nbsp;{probability_text(record.scores.prob(f))}, "
+                   f"threshold&nbsp;{probability_text(info.thresholds[f])}<br/>"
+                   f"strength&nbsp;{strength[k]:.2f} of&nbsp;the&nbsp;strongest&nbsp;map")
         tiles.append([Image(_png(overlay(grey, heat)), side, side), Paragraph(caption, st["caption"])])
     rows = []
     for i in range(0, len(tiles), cols):
@@ -367,6 +389,17 @@ def probability_text(x: float) -> str:
     return f"{x:.3f}" if x >= 0.001 or x == 0 else f"{x:.1e}"
 
 
+def unflagged_over_threshold(record: StudyRecord, info: ModelInfo) -> list[str]:
+    """Findings of a low-probability study at or over their threshold: triage clears a
+    low-probability study's flags (cxr_batch.triage), so the page must say why a probability
+    over its threshold carries no flag (findings the bundle never flags say so themselves)."""
+    if record.priority != "normal" or record.scores is None:
+        return []
+    points = info.evidence.operating_points
+    return [f for f in FINDINGS if f not in record.findings and record.scores.prob(f) >= info.thresholds[f]
+            and (f not in points or points[f].flagged)]
+
+
 def _flag_phrase(finding: str, info: ModelInfo) -> str:
     """A flagged finding with what its flag is worth: 'Effusion (sens. 0.45, PPV 0.31)'."""
     point = info.evidence.operating_points.get(finding)
@@ -378,7 +411,9 @@ def _banner(record: StudyRecord, info: ModelInfo, options: ReportOptions, order:
     priority = record.priority or "normal"
     lines = [Paragraph(PRIORITY_TEXT[priority], st["banner"])]
     ev, p_any = info.evidence, record.scores.p_any if record.scores else None
-    any_text = f"P(any finding) {p_any:.2f}" if p_any is not None else ""
+    # printed as probabilities are (3 decimals), so P(any) never reads equal to the cutoff it is on one side of
+    any_text = f"P(any finding) {probability_text(p_any)}" if p_any is not None else ""
+    cut = ev.study_level.normal_below
     if order:
         text = "; ".join(_flag_phrase(f, info) for f in order) + (f". {any_text}." if any_text else "")
         urgent = [f for f in order if f in options.urgent] if priority == "urgent" else []
@@ -386,13 +421,19 @@ def _banner(record: StudyRecord, info: ModelInfo, options: ReportOptions, order:
             text += " " + "; ".join(ev.sensitivity(f) for f in urgent) + "."
         lines.append(Paragraph(escape(text), st["banner2"]))
     elif priority == "abnormal":  # above the normal bucket without a single finding over its operating point
-        cut = ev.study_level.normal_below
         lines.append(Paragraph(escape(f"No single finding over its operating point, but {any_text}"
-                                      + (f", above the normal bucket's {cut:.2f}" if cut is not None else "") + "."),
+                                      + (f", above the low-probability cutoff {probability_text(cut)}"
+                                         if cut is not None else "") + "."),
                                st["banner2"]))
     else:  # what "normal" means for this model: what the bucket misses, and the urgent findings' sensitivity
         missed = ev.study_level.normal_share_of_abnormal
-        text = "Not a normal result. " + (f"{any_text}. " if any_text else "")
+        below = f", below the low-probability cutoff {probability_text(cut)}" if cut is not None and any_text else ""
+        text = "Not a normal result. " + (f"{any_text}{below}. " if any_text else "")
+        over = unflagged_over_threshold(record, info)
+        if over:
+            text += ("Over its threshold but not flagged (P(any finding) below the cutoff): " + ", ".join(
+                f"{finding_label(f)} ({probability_text(record.scores.prob(f))}, threshold "
+                f"{probability_text(info.thresholds[f])})" for f in over) + ". ")
         if missed is not None:
             text += f"In validation {missed:.0%} of studies with a finding fell in this bucket. "
         text += "; ".join(ev.sensitivity(f) for f in options.urgent) + "."
@@ -414,7 +455,7 @@ def _patient_table(record: StudyRecord, width: float, st: dict) -> Table:
 
     file_width = sum(value_w[1:]) + label_w - 2 * PAD
     data = [
-        [label("Patient"), value(person_name(ids.patient_name, _can_draw), 0), label("Patient ID"),
+        [label("Patient"), value(patient_name_text(ids.patient_name), 0), label("Patient ID"),
          value(ids.patient_id, 1), label("Accession"), value(ids.accession_number, 2)],
         [label("Age"), value(format_age(p.age), 0, missing="unknown"), label("Sex"),
          value(SEX_TEXT.get(p.sex or "", p.sex), 1, missing="unknown"), label("View"),
@@ -433,6 +474,7 @@ def _findings_table(record: StudyRecord, info: ModelInfo, urgent, width: float, 
     data = [_header(("Finding", "Probability", "Threshold", "Flag", "A flag's sens. / PPV"), widths, st)]
     commands = [GRID, ("BACKGROUND", (0, 0), (-1, 0), HEADER_FILL)]
     points = info.evidence.operating_points
+    held_back = unflagged_over_threshold(record, info)
     for row, f in enumerate(FINDINGS, start=1):
         flagged = f in record.findings
         point = points.get(f)
@@ -448,6 +490,8 @@ def _findings_table(record: StudyRecord, info: ModelInfo, urgent, width: float, 
                  flag, trust)
         data.append([Paragraph(f'<font color="#{colour}">{f"<b>{t}</b>" if flagged else t}</font>',
                                st["centre"] if i else st["cell"]) for i, t in enumerate(texts)])
+        if f in held_back:  # over its threshold in the low-probability bucket: the banner says why
+            data[-1][3] = fitted("not flagged", st["centre"], widths[3] - 2 * PAD, one_line=True)
         if flagged:
             commands.append(("BACKGROUND", (0, row), (-1, row), FLAG_FILL))
     return _table(data, widths, commands)
@@ -470,6 +514,19 @@ def _title_row(title: str, institution: str, width: float, st: dict) -> Table:
                   [width * 0.6, width * 0.4], [("LEFTPADDING", (0, 0), (0, 0), 0)])
 
 
+def _own_sources(ev: Evidence) -> str:
+    """The findings whose figures were measured elsewhere than the legend's source says (a site
+    calibration's findings with too few positives there keep the base bundle's), by source."""
+    groups: dict[str, list] = {}
+    for f, point in ev.operating_points.items():
+        if point.flagged and point.source and point.source != ev.triage_source:
+            groups.setdefault(point.source, []).append((f, point))
+    return "".join(
+        f" {', '.join(finding_label(f) for f, _ in points)}: {source}"
+        + (", PPV at NIH prevalence" if any(p.ppv is not None and not p.ppv_at_site for _, p in points) else "") + "."
+        for source, points in groups.items())
+
+
 def _findings_and_image(record: StudyRecord, grey: np.ndarray | None, info: ModelInfo, urgent, side: float,
                         width: float, st: dict) -> Table:
     """The 14 findings beside the radiograph as the model saw it (``side`` wide)."""
@@ -481,7 +538,7 @@ def _findings_and_image(record: StudyRecord, grey: np.ndarray | None, info: Mode
     prevalence = "this site's" if any(p.ppv_at_site for p in ev.operating_points.values()) else "NIH"
     legend = Paragraph(escape(
         "A flag's sens. / PPV: of the validation studies that had the finding, the share it flagged; of the studies "
-        f"it flagged, the share that had it, at {prevalence} prevalence{where}." + (
+        f"it flagged, the share that had it, at {prevalence} prevalence{where}." + _own_sources(ev) + (
             " Never flagged: its validation ranking was no better than chance." if any(
                 not p.flagged for p in ev.operating_points.values()) else "")), st["small"])
     return _table([[[_findings_table(record, info, urgent, table_w - PAD, st), legend],
@@ -503,7 +560,7 @@ class MapGrid:
             return (f"No heatmaps: this model sees the radiograph at {self.image_size} px, and its finest map would "
                     f"be {self.cells} x {self.cells} cells, too coarse to point to a lung zone.")
         return (f"Maps on the model's {self.cells} x {self.cells} grid (pyramid level {self.level.upper()}, each cell "
-                f"1/{self.cells} of the image side): a zone, not a lesion's outline.")
+                f"1/{self.cells} of the image side).")
 
 
 def _maps_heading(drawn: list[str], missing: list[str], empty: list[str], grid: MapGrid | None,
@@ -513,9 +570,13 @@ def _maps_heading(drawn: list[str], missing: list[str], empty: list[str], grid: 
     out = []
     if drawn:
         out = [Spacer(1, 2 * mm), _table(
-            [[Paragraph("Where the model looked (Grad-CAM)", st["h"]), ""],
-             [Paragraph(escape("Urgent findings first, then by how far each exceeds its threshold. Each map on its own "
-                               "colour scale, its strength beside it. " + (grid.text() if grid else "")), st["small"]),
+            [[Paragraph("What raised the score (Grad-CAM)", st["h"]), ""],
+             # not a location: v3's maps hit NIH's radiologist boxes no more often than chance
+             # (benchmarks/gradcam_pointing.py), and no bundle carries evidence that its maps locate
+             [Paragraph("<b>Not where a finding is:</b> these maps are not validated to locate a finding and may point "
+                        "away from it. " + escape(
+                            "Urgent findings first, then by how far each exceeds its threshold. Each map on its own "
+                            "colour scale, its strength beside it. " + (grid.text() if grid else "")), st["small"]),
               colour_bar(width * 0.4, st)]],
             [width * 0.6, width * 0.4], [("LEFTPADDING", (0, 0), (-1, -1), 0), ("RIGHTPADDING", (0, 0), (-1, -1), 0),
                                          ("TOPPADDING", (0, 0), (-1, -1), 0), ("BOTTOMPADDING", (0, 0), (-1, -1), 0.5)])]
@@ -637,12 +698,15 @@ def worklist_pdf(records: list[StudyRecord], options: ReportOptions, info: Model
     widths = [w * mm for _, w in WORKLIST_COLUMNS]
     story = [_title_row(f"{options.title}: worklist", options.institution, sum(widths), st)]
     flagged = sum(bool(r.findings) for r in scored)
+    cut = info.evidence.study_level.normal_below
+    low = f"low-probability studies (P(any finding) below {probability_text(cut)})" if cut is not None else \
+        "low-probability studies"
     summary = (f"{len(records)} files: {len(scored)} scored ({counts['urgent']} urgent, {counts['abnormal']} abnormal, "
                f"{counts['normal']} low probability), {sum(r.status == 'skipped' for r in others)} skipped, "
                f"{sum(r.status == 'error' for r in others)} failed; {bare} scored without patient data (marked *: "
                f"the model saw the image alone). {flagged} of {len(scored)} studies have a flagged finding. "
-               f"Order: urgent studies by the urgent finding's probability, then abnormal, then low-probability "
-               f"studies, each by P(any finding). Generated {format_time(generated)}.")
+               f"Order: urgent studies by the urgent finding's probability, then abnormal, then {low}, each by "
+               f"P(any finding). Generated {format_time(generated)}.")
     story += [Spacer(1, 1.5 * mm), Paragraph(escape(summary), st["body"])]
     base_rates = _base_rates(info)
     if base_rates:
@@ -660,7 +724,7 @@ def worklist_pdf(records: list[StudyRecord], options: ReportOptions, info: Model
     commands = [GRID, ("BACKGROUND", (0, 0), (-1, 0), HEADER_FILL), ("VALIGN", (0, 0), (-1, -1), "TOP")]
     for i, r in enumerate(scored, start=1):
         p = r.patient
-        patient = [cell(person_name(r.ids.patient_name, _can_draw), 2, missing="name not recorded"),
+        patient = [cell(patient_name_text(r.ids.patient_name), 2, missing="name not recorded"),
                    cell(f"ID {clean(r.ids.patient_id)}" if clean(r.ids.patient_id) else "", 2, "small",
                         missing="ID not recorded")]
         if r.patient.all_unknown:
@@ -671,7 +735,7 @@ def worklist_pdf(records: list[StudyRecord], options: ReportOptions, info: Model
                      Paragraph(f'<font color="#{colour}"><b>{BUCKET_LABEL[r.priority]}</b></font>', st["cell"]), patient,
                      cell(format_age(p.age), 3, missing="unknown"), cell(p.sex, 4),
                      cell(_date_text(r.ids.study_date), 5), cell(r.ids.accession_number, 6),
-                     cell("; ".join(_flag_phrase(f, info) for f in order), 7, missing="none"),
+                     cell("; ".join(_flag_phrase(f, info) for f in order), 7, missing=_none_flagged(r, info)),
                      cell(_order_text(r, options.urgent), 8), cell(r.report, 9)])
     if scored:
         story.append(_table(data, widths, commands, repeatRows=1))
@@ -690,12 +754,23 @@ def worklist_pdf(records: list[StudyRecord], options: ReportOptions, info: Model
     return buf.getvalue()
 
 
+def _none_flagged(record: StudyRecord, info: ModelInfo) -> str:
+    """The flags cell of a study without flags: 'none', and which findings were over their
+    threshold when the low-probability bucket cleared their flags."""
+    over = unflagged_over_threshold(record, info)
+    if not over:
+        return "none"
+    return (f"none (over {'its threshold' if len(over) == 1 else 'their thresholds'}, not flagged: "
+            f"{', '.join(finding_label(f) for f in over)})")
+
+
 def _order_text(record: StudyRecord, urgent) -> str:
-    """What places a study in its bucket: the urgent finding's probability, or P(any finding)."""
+    """What places a study in its bucket: the urgent finding's probability, or P(any finding),
+    printed as the study's report prints them."""
     if record.priority == "urgent":
         names = [f for f in record.findings if f in urgent]
-        return f"p {record.triage_score:.2f} ({', '.join(finding_label(f) for f in names)})"
-    return f"P(any) {record.triage_score:.2f}"
+        return f"p {probability_text(record.triage_score)} ({', '.join(finding_label(f) for f in names)})"
+    return f"P(any) {probability_text(record.triage_score)}"
 
 
 def _base_rates(info: ModelInfo) -> str:
@@ -710,7 +785,7 @@ def _base_rates(info: ModelInfo) -> str:
                      f"{level.normal_share_of_abnormal:.0%} of studies with one in the low-probability bucket")
     if not parts:
         return ""
-    return f"In validation ({ev.triage_source or 'see the model card'}) this model " + " and ".join(parts) + "."
+    return f"In validation ({ev.study_level_source or 'see the model card'}) this model " + " and ".join(parts) + "."
 
 
 @dataclass

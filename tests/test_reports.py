@@ -509,7 +509,7 @@ def test_every_flag_carries_its_sensitivity_and_ppv_and_never_flagged_findings_s
     low.scores.p_any = 0.12
     txt = re.sub(r"\s+", " ", PdfReader(io.BytesIO(study_pdf(low, GREY, {}, info, ReportOptions(), NOW)))
                  .pages[0].extract_text())
-    assert "LOW PROBABILITY OF ANY FINDING" in txt and "P(any finding) 0.12" in txt
+    assert "LOW PROBABILITY OF ANY FINDING" in txt and "P(any finding) 0.120" in txt
     assert "In validation 14% of studies with a finding fell in this bucket" in txt
 
 
@@ -523,7 +523,7 @@ def test_worklist_gives_base_rates_trust_beside_flags_and_the_rank_order(tmp_pat
     txt = re.sub(r"\s+", " ", "\n".join(pages(tmp_path / "w.pdf")))
     assert "2 of 3 studies have a flagged finding" in txt
     assert "flagged 48% of studies (0.9 flags per study)" in txt and "41% of studies without a finding" in txt
-    assert "Effusion (sens. 0.62, PPV 0.31)" in txt and "p 0.55 (Pneumothorax)" in txt
+    assert "Effusion (sens. 0.62, PPV 0.31)" in txt and "p 0.550 (Pneumothorax)" in txt
     assert txt.index("ID PB") < txt.index("ID PA") < txt.index("ID PC")  # urgent, abnormal, then low probability
 
 
