@@ -234,6 +234,18 @@ def test_a_second_scan_never_silently_replaces_the_first(studies, tmp_path, nih_
     assert proc.returncode == 1 and "urgent" in proc.stderr and "--overwrite" in proc.stderr
 
 
+def test_resume_and_overwrite_together_are_a_usage_error_that_keeps_the_first_scan(studies, tmp_path, small_bundle):
+    # README: [--resume | --overwrite]; both given took the last one, so a `--resume` typed
+    # before `--overwrite` deleted the earlier results the operator meant to keep
+    out = tmp_path / "out"
+    run_scan(studies, out, quick(small_bundle))
+    before = listing(out), (out / "results.csv").read_bytes()
+    for both in (["--resume", "--overwrite"], ["--overwrite", "--resume"]):
+        code, err = cli_here("scan", studies, "--out", out, "--weights", small_bundle, "--device", "cpu", *both)
+        assert code == 2 and "--resume and --overwrite" in err and LOADED not in err, err
+        assert (listing(out), (out / "results.csv").read_bytes()) == before
+
+
 def test_a_busy_results_folder_is_refused_before_the_model_loads(studies, tmp_path, small_bundle):
     out = tmp_path / "out"
     out.mkdir()
