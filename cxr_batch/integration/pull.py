@@ -28,6 +28,7 @@ Logs name counts, AE titles and SOP Instance UIDs, never a patient.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import logging
 import os
@@ -73,6 +74,34 @@ GET_STORAGE_CLASSES = (
 class PullError(Exception):
     """The pull cannot go on (the PACS refuses us, does not know our AE title); ``str(e)`` says
     what to do."""
+
+
+# What pynetdicom logs (at ERROR, from its association threads) when a request fails; connect()
+# turns every such failure into one PullError that says what to do, so they would only repeat it
+ASSOCIATION_FAILURE_LINES = ("Association request failed", "TCP Initialisation Error", "Association Rejected",
+                             "Result: ", "Reason: ", "Association Aborted")
+
+
+class _AssociationFailures(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.name.startswith("pynetdicom") and str(record.msg).startswith(ASSOCIATION_FAILURE_LINES))
+
+
+@contextlib.contextmanager
+def association_failures_said_by_us():
+    """pynetdicom's own lines about a failed association request are not printed while it is
+    made (--debug, the library at DEBUG, keeps them)."""
+    if logging.getLogger("pynetdicom").isEnabledFor(logging.DEBUG):
+        yield
+        return
+    quiet, handlers = _AssociationFailures(), list(logging.getLogger().handlers)
+    for handler in handlers:
+        handler.addFilter(quiet)
+    try:
+        yield
+    finally:
+        for handler in handlers:
+            handler.removeFilter(quiet)
 
 
 @dataclass
@@ -202,8 +231,9 @@ class Source:
             handlers += [(event, handler) for event, handler in ((evt.EVT_C_STORE, self.on_store),
                                                                   (evt.EVT_DATA_RECV, self.on_data)) if handler]
         try:
-            assoc = ae.associate(self.pacs.host, self.pacs.port, ae_title=self.pacs.ae_title, ext_neg=roles,
-                                 evt_handlers=handlers)
+            with association_failures_said_by_us():
+                assoc = ae.associate(self.pacs.host, self.pacs.port, ae_title=self.pacs.ae_title, ext_neg=roles,
+                                     evt_handlers=handlers)
         except Exception as e:  # a bad host name
             raise PullError(f"cannot reach the PACS {self.pacs}: {type(e).__name__}: {e}") from None
         if assoc.is_rejected:
