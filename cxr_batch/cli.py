@@ -300,6 +300,8 @@ def merge(inputs, out, allow_partial):
         n = merge_results(list(inputs), out, allow_partial)
     except MergeError as e:
         fail(str(e), False)
+    except OSError as e:  # a parent that is a file, a read-only or full volume: nothing is written
+        fail(f"cannot merge into {out}: {e.strerror or e} ({e.filename or out})", False)
     click.echo(f"{n} rows from {len(inputs)} files -> {out}", err=True)
 
 
