@@ -138,11 +138,14 @@ class MetadataMatch:
         missing = self.files - self.matched
         # a name can identify the patient: the log shows its shape, run.json the name itself
         example, named = (clean_text(name_shape(name), 80) for name in (self.unmatched_example, self.table_example))
+        # names of one shape (NIH's, a PACS's) differ in nothing the shape shows: say what that means
+        contrast = (f"though the table's files are named the same way ({named!r}): is it the table of other images?"
+                    if example == named else f"while the table names files like {named!r}")
         return (f"--metadata {self.table} has a row for {self.matched} of {self.files} files (matched by file name, "
                 f"'Image Index'): {missing} get no patient data from it and are scored with what their header or "
                 f"sidecar says, else unknown, which can change their triage; e.g. file {example!r} has no row, "
-                f"while the table names files like {named!r}. Fix: give the table of these images, or name the "
-                f"images as the table does (DICOM files need no row: their header has the patient data)")
+                f"{contrast}. Fix: give the table of these images, or name the images as the table does (DICOM "
+                f"files need no row: their header has the patient data)")
 
     def to_dict(self) -> dict:
         return {"table": self.table, "files": self.files, "matched": self.matched, "table_rows": self.table_rows,

@@ -114,3 +114,18 @@ def test_a_fifo_swapped_in_while_a_preambleless_dicom_is_recognised_does_not_blo
     finally:
         if worker.is_alive():  # let the blocked open return
             os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
+
+
+def test_a_table_of_other_images_named_alike_is_said_to_be_of_other_images(nih, tmp_path):
+    # both names shown by their shape: the warning read "file '99999999_999.png' has no row, while
+    # the table names files like '99999999_999.png'", pointing at no difference at all
+    from cxr_batch.metadata import load_metadata_for
+
+    table = pd.read_csv(nih / "labels.csv", dtype=str)
+    table.iloc[:3].to_csv(tmp_path / "three.csv", index=False)
+    others = list(table["Image Index"].iloc[10:14])
+    _, match = load_metadata_for(tmp_path / "three.csv", others)
+    line = match.problem()
+    assert "has a row for 0 of 4 files" in line and "names files like" not in line
+    assert "named the same way ('99999999_999.png')" in line and "table of other images" in line
+    assert not any(name in line for name in others + list(table["Image Index"].iloc[:3]))
