@@ -372,6 +372,18 @@ def test_an_out_folder_inside_a_results_folders_state_is_refused(tmp_path):
     assert not (tmp_path / "node").exists()
 
 
+def test_an_out_folder_inside_a_state_folder_gets_a_suggestion_for_that_command(tmp_path):
+    # monitor shares the check: `monitor results --out results/.cxr-batch/m` was told to use
+    # `--out .../cxr-pull`, a pull's folder name
+    from cxr_batch.config import ConfigError
+    from cxr_batch.integration.pull import refuse_out_in_state
+
+    for inside, suggested in (("results/.cxr-batch/m", "results-m"), ("node/.cxr-batch/spool/x", "node-x")):
+        with pytest.raises(ConfigError) as refused:
+            refuse_out_in_state(tmp_path / inside)
+        assert f"e.g. --out {tmp_path / suggested}" in str(refused.value) and "cxr-pull" not in str(refused.value)
+
+
 @pytest.mark.parametrize("refuses", [False, True], ids=["ignores", "refuses"])
 def test_a_pacs_ignoring_modalities_in_study_is_filtered_by_series_modality(archive, urgent_bundle, tmp_path,
                                                                             refuses):

@@ -855,7 +855,8 @@ def refuse_out_in_state(out: Path) -> None:
         if folder.name == STATE_DIR:
             raise ConfigError(f"--out {out} lies inside {folder}, the state folder (ledger, spool) of the results "
                               f"folder {folder.parent}: what is written there would be read as received objects; "
-                              f"choose a folder outside it, e.g. --out {folder.parent.parent / 'cxr-pull'}")
+                              f"choose a folder outside it, e.g. --out "
+                              f"{folder.parent.parent / (folder.parent.name + '-' + resolved.name)}")
 
 
 def run_pull(out, cfg: PullConfig, stop=None) -> Puller:
