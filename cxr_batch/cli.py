@@ -104,6 +104,9 @@ def parse_urgent(_ctx, _param, value):
     if value is None:
         return None
     names = [v.strip() for v in value.split(",") if v.strip()]
+    if not names:  # an unset shell variable, say: never a silent end of the urgent bucket
+        raise click.BadParameter(f"{value!r} names no finding; leave the option out for the default "
+                                 f"(Pneumothorax), or set urgent = [] in the --config table for no urgent bucket")
     try:
         return tuple(check_findings(names))
     except ValueError as e:

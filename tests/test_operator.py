@@ -322,6 +322,14 @@ def test_findings_are_typed_in_any_case_and_a_typo_gets_a_suggestion(studies, tm
     assert typo.returncode == 2 and "did you mean Pneumothorax" in typo.stderr
 
 
+@pytest.mark.parametrize("empty", ["", ",", " , "])
+def test_an_empty_urgent_list_is_a_usage_error_not_a_silent_end_of_the_urgent_bucket(studies, tmp_path, empty):
+    # `--urgent "$URGENT"` with the variable unset scored every pneumothorax as merely abnormal
+    code, err = cli_here("scan", studies, "--out", tmp_path / "out", "--urgent", empty)
+    assert code == 2 and "names no finding" in err and "urgent = []" in err, err
+    assert not (tmp_path / "out").exists()
+
+
 def test_study_date_reads_as_a_date_in_pandas_and_back_as_dicom(tmp_path, nih_images, small_bundle):
     studies = tmp_path / "studies"
     write(studies / "one.dcm", grey(nih_images[0]), StudyDate="20240301")
