@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 
 from .findings import FINDINGS, NO_FINDING, resolve_finding
-from .metadata import NIH_PATIENT_COLUMNS, other_delimiter
+from .metadata import NIH_PATIENT_COLUMNS, not_csv, other_delimiter
 from .record import log_name
 from .study import clean_text
 
@@ -77,6 +77,10 @@ def read_labels(path: Path | str) -> LabelTable:
     path = Path(path)
     try:
         raw = path.read_bytes()  # read once: the hash recorded is of exactly what was parsed
+        what = None if path.suffix == ".gz" else not_csv(raw[:4096])
+        if what:  # an image, a workbook: said as --metadata says it
+            raise LabelsError(f"labels file {path} is not a CSV file: it is {what}; expected a comma-separated "
+                              f"text table with the NIH Data_Entry columns '{FILE_COLUMN}' and '{LABEL_COLUMN}'")
         # index_col=False: a data row with a trailing comma must not turn the first column
         # into the index (every column would shift by one); what lies beyond the header's
         # columns has no name and is not read (pandas warns about it; nothing is lost here)

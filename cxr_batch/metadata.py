@@ -56,7 +56,7 @@ _NOT_CSV = ((b"\x89PNG", "a PNG image"), (b"\xff\xd8\xff", "a JPEG image"), (b"P
 GZIP_MAGIC = b"\x1f\x8b"
 
 
-def _not_csv(head: bytes) -> str | None:
+def not_csv(head: bytes) -> str | None:
     """What the first bytes of a file say it is, when that is not CSV text; None for text."""
     for magic, what in _NOT_CSV:
         if head.startswith(magic):
@@ -84,7 +84,7 @@ def _read_table(path: Path):
         with open(path, "rb") as f:
             head = f.read(4096)
         compressed = head.startswith(GZIP_MAGIC)
-        what = None if compressed else _not_csv(head)
+        what = None if compressed else not_csv(head)
         if what:
             raise MetadataError(f"metadata file {path} is not a CSV file: it is {what}; {expected}")
         table = pd.read_csv(path, dtype=str, keep_default_na=False, compression="gzip" if compressed else "infer")
