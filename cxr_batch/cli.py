@@ -322,6 +322,7 @@ def run_daemon(build, out: Path, debug: bool):
     from .config import ConfigError
     from .device import DeviceError
     from .folderlock import FolderBusy
+    from .journal import EarlierResults
     from .ledger import LedgerError
     from .metadata import MetadataError
     from .integration.node import NodeError
@@ -331,7 +332,7 @@ def run_daemon(build, out: Path, debug: bool):
         daemon = build(stop)
     except (ConfigError, DeviceError) as e:
         fail(str(e), debug, EXIT_USAGE)
-    except (BundleError, FolderBusy, LedgerError, MetadataError, NodeError) as e:  # NodeError: a port in use
+    except (BundleError, FolderBusy, LedgerError, MetadataError, NodeError, EarlierResults) as e:  # NodeError: a port in use
         fail(str(e), debug)
     except OSError as e:
         fail(f"{e.filename or out}: {e.strerror or e}", debug)

@@ -246,6 +246,21 @@ def test_resume_and_overwrite_together_are_a_usage_error_that_keeps_the_first_sc
         assert (listing(out), (out / "results.csv").read_bytes()) == before
 
 
+def test_a_daemon_never_takes_over_a_scans_results_folder(studies, tmp_path, small_bundle):
+    # `watch DIR --out RESULTS_OF_A_SCAN` rebuilt a ledger from the scan's results.csv and
+    # appended its own studies to it: one results.csv, two runs, a run.json describing neither
+    out = tmp_path / "out"
+    run_scan(studies, out, quick(small_bundle, pdf=False))
+    before = listing(out), (out / "results.csv").read_bytes()
+    incoming = tmp_path / "incoming"
+    incoming.mkdir()
+    for command in (["watch", incoming], ["listen", "--port", free_port()]):
+        proc = cli(*command, "--out", out, "--weights", small_bundle, "--device", "cpu", "--no-pdf", timeout=120)
+        assert proc.returncode == 1 and "holds the results of a scan" in proc.stderr, proc.stderr
+        assert LOADED not in proc.stderr and "Traceback" not in proc.stderr
+        assert (listing(out), (out / "results.csv").read_bytes()) == before
+
+
 def test_a_busy_results_folder_is_refused_before_the_model_loads(studies, tmp_path, small_bundle):
     out = tmp_path / "out"
     out.mkdir()
