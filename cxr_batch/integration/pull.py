@@ -28,7 +28,6 @@ Logs name counts, AE titles and SOP Instance UIDs, never a patient.
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
 import logging
 import os
@@ -43,7 +42,7 @@ from typing import Literal
 
 from ..config import ConfigError, bounded
 from ..exit_codes import FATAL, OK, SOME_FAILED
-from .dicom_send import Destination, tcp_no_delay
+from .dicom_send import Destination, association_failures_said_by_us, tcp_no_delay
 from .node import ListenConfig, Node, escape_library_log, valid_uid
 
 log = logging.getLogger("cxr_batch")
@@ -74,34 +73,6 @@ GET_STORAGE_CLASSES = (
 class PullError(Exception):
     """The pull cannot go on (the PACS refuses us, does not know our AE title); ``str(e)`` says
     what to do."""
-
-
-# What pynetdicom logs (at ERROR, from its association threads) when a request fails; connect()
-# turns every such failure into one PullError that says what to do, so they would only repeat it
-ASSOCIATION_FAILURE_LINES = ("Association request failed", "TCP Initialisation Error", "Association Rejected",
-                             "Result: ", "Reason: ", "Association Aborted")
-
-
-class _AssociationFailures(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not (record.name.startswith("pynetdicom") and str(record.msg).startswith(ASSOCIATION_FAILURE_LINES))
-
-
-@contextlib.contextmanager
-def association_failures_said_by_us():
-    """pynetdicom's own lines about a failed association request are not printed while it is
-    made (--debug, the library at DEBUG, keeps them)."""
-    if logging.getLogger("pynetdicom").isEnabledFor(logging.DEBUG):
-        yield
-        return
-    quiet, handlers = _AssociationFailures(), list(logging.getLogger().handlers)
-    for handler in handlers:
-        handler.addFilter(quiet)
-    try:
-        yield
-    finally:
-        for handler in handlers:
-            handler.removeFilter(quiet)
 
 
 @dataclass
