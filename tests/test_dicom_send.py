@@ -90,9 +90,14 @@ def test_a_peer_that_is_down_is_said_once_by_us_not_by_pynetdicom_too(sr, caplog
     # request failed" and "TCP Initialisation Error" above its own "not sent ... no association"
     import logging
 
-    logging.getLogger("pynetdicom").setLevel(logging.WARNING)  # as the commands set it without --debug
-    with caplog.at_level(logging.INFO):
-        result = send_dataset(sr, Destination("PACS", "127.0.0.1", free_port()), timeout=5)
+    library = logging.getLogger("pynetdicom")
+    level = library.level
+    library.setLevel(logging.WARNING)  # as the commands set it without --debug
+    try:
+        with caplog.at_level(logging.INFO):
+            result = send_dataset(sr, Destination("PACS", "127.0.0.1", free_port()), timeout=5)
+    finally:
+        library.setLevel(level)
     assert not result.ok and "no association" in result.reason
     assert not [r.getMessage() for r in caplog.records if r.name.startswith("pynetdicom")]
 
