@@ -195,7 +195,8 @@ class ScanRun:
         if kept:
             log.info("--resume: %d studies scored before are kept (same file content, same weights); %d files to "
                      "read", len(kept), len(todo))
-        log.info("%d candidate files under %s", len(candidates), self.studies)
+        shard = f" (shard {cfg.shard[0]}/{cfg.shard[1]} of {files_found})" if cfg.shard is not None else ""
+        log.info("%d candidate files under %s%s", len(candidates), self.studies, shard)
         engine = Engine(self.bundle, self.policy)
         record_log = journal.Journal(self.previous, self.studies, settings)
         records, scored_files = [], set()
