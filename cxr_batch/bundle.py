@@ -156,6 +156,12 @@ def read_manifest(folder: Path) -> dict:
         if (folder / "bundle" / MANIFEST_FILE).is_file():  # a training run folder: its bundle is inside
             raise BundleError(f"{folder} is a training run folder, not a weights bundle: use --weights "
                               f"{folder / 'bundle'}") from None
+        # `--weights weights`: the default bundle first when it is one of them
+        inside = sorted((p.parent for p in folder.glob(f"*/{MANIFEST_FILE}")),
+                        key=lambda p: (p.resolve() != DEFAULT_BUNDLE.resolve(), p.name))
+        if inside:
+            raise BundleError(f"{folder} holds weights bundles, it is not one: use --weights {inside[0]}"
+                              + (f" (or {', '.join(p.name for p in inside[1:])})" if len(inside) > 1 else ""))
         raise BundleError(f"weights bundle {folder} has no {MANIFEST_FILE}") from None
     except (ValueError, UnicodeDecodeError) as e:
         raise BundleError(f"{folder / MANIFEST_FILE} is not valid JSON: {e}") from None

@@ -37,6 +37,7 @@ from .bundle import DEFAULT_BUNDLE, WEIGHTS_FILE, Bundle, BundleError, is_bundle
 from .calibration import (FINDING_MARGIN_SE, FOLDS, MARGIN_SE, METHODS, MIN_POSITIVES, PULL, Calibration,
                           FitReport, fit_findings, from_fits)
 from .discover import find_candidates
+from .files import file_in_the_way
 from .findings import FINDINGS
 from .folders import refuse_overlap
 from .inference import BatchOptions, Engine, score_batches
@@ -117,6 +118,9 @@ def check_destination(out: Path, base: Path) -> None:
     if inside is not None:  # a bundle in a bundle: the outer one's folder is no longer its own
         raise BundleError(f"--out {out} is inside the weights bundle {inside}; choose a folder of its own")
     # a new bundle beside the base (weights/NEW) is fine: only the base itself is protected
+    in_the_way = file_in_the_way(out)
+    if in_the_way is not None:  # found now, not when the bundle is written after all the scoring
+        raise BundleError(f"--out {out}: {in_the_way} is a file, not a folder")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise BundleError(f"--out {out} already exists and is not an empty folder; choose a new folder")
 

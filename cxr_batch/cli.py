@@ -104,6 +104,9 @@ def parse_urgent(_ctx, _param, value):
     if value is None:
         return None
     names = [v.strip() for v in value.split(",") if v.strip()]
+    if not names:  # an unset shell variable, say: never a silent end of the urgent bucket
+        raise click.BadParameter(f"{value!r} names no finding; leave the option out for the default "
+                                 f"(Pneumothorax), or set urgent = [] in the --config table for no urgent bucket")
     try:
         return tuple(check_findings(names))
     except ValueError as e:
@@ -223,21 +226,25 @@ run_options = options(RUN_OPTIONS)
 @click.option("--batch-size", type=click.IntRange(1, 4096), help="Images per forward pass.  [default: 16]")
 @click.option("--shard", callback=parse_shard, metavar="i/N",
               help="Process only shard i of N: a deterministic 1/N of the files (merge the shards with merge).")
-@click.option("--resume", "earlier", flag_value="resume",
+@click.option("--resume", is_flag=True,
               help="OUT holds an earlier (or interrupted) scan of STUDIES: keep the rows of files scored before "
                    "(unchanged content, same weights) and score only the rest.")
-@click.option("--overwrite", "earlier", flag_value="overwrite",
+@click.option("--overwrite", is_flag=True,
               help="OUT holds an earlier scan: delete its results.csv, run.json and reports, and scan again.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar, warnings only.")
 @DEBUG_OPTION
 def scan(studies, out, config_file, weights, metadata, device, precision, workers, urgent, pdf, heatmaps, dicom_pdf,
-         dicom_sr, title, institution, follow_links, batch_size, shard, earlier, quiet, debug):
+         dicom_sr, title, institution, follow_links, batch_size, shard, resume, overwrite, quiet, debug):
     """Score every frontal chest radiograph under STUDIES into OUT/results.csv.
 
     Ctrl-C or SIGTERM stops after the current batch: every study scored so far is written
     (exit 130 or 143) and --resume finishes the scan. A second scan into the same OUT is
     refused unless --resume or --overwrite says what to do with the first one's results.
     """
+    if resume and overwrite:  # one would silently win: keeping and deleting the first scan's rows
+        raise click.UsageError("--resume and --overwrite exclude each other: --resume keeps the earlier scan's "
+                               "rows, --overwrite deletes them; give one")
+    earlier = "resume" if resume else "overwrite" if overwrite else "refuse"
     from .stopping import StopSignal
 
     stop = StopSignal().install()  # before the heavy imports: a Ctrl-C while loading is a clean stop
@@ -255,7 +262,7 @@ def scan(studies, out, config_file, weights, metadata, device, precision, worker
                               progress=False if quiet else None)
         except ConfigError as e:
             fail(str(e), debug, EXIT_USAGE)
-        summary = run_fatal_errors(debug, lambda: run_scan(studies, out, cfg, earlier or "refuse", stop))
+        summary = run_fatal_errors(debug, lambda: run_scan(studies, out, cfg, earlier, stop))
     finally:
         stop.restore()
     click.echo(("cxr-batch: " if summary.stopped_by else "") + summary.line(), err=True)
@@ -296,6 +303,8 @@ def merge(inputs, out, allow_partial):
         n = merge_results(list(inputs), out, allow_partial)
     except MergeError as e:
         fail(str(e), False)
+    except OSError as e:  # a parent that is a file, a read-only or full volume: nothing is written
+        fail(f"cannot merge into {out}: {e.strerror or e} ({e.filename or out})", False)
     click.echo(f"{n} rows from {len(inputs)} files -> {out}", err=True)
 
 
@@ -313,6 +322,7 @@ def run_daemon(build, out: Path, debug: bool):
     from .config import ConfigError
     from .device import DeviceError
     from .folderlock import FolderBusy
+    from .journal import EarlierResults
     from .ledger import LedgerError
     from .metadata import MetadataError
     from .integration.node import NodeError
@@ -322,7 +332,7 @@ def run_daemon(build, out: Path, debug: bool):
         daemon = build(stop)
     except (ConfigError, DeviceError) as e:
         fail(str(e), debug, EXIT_USAGE)
-    except (BundleError, FolderBusy, LedgerError, MetadataError, NodeError) as e:  # NodeError: a port in use
+    except (BundleError, FolderBusy, LedgerError, MetadataError, NodeError, EarlierResults) as e:  # NodeError: a port in use
         fail(str(e), debug)
     except OSError as e:
         fail(f"{e.filename or out}: {e.strerror or e}", debug)

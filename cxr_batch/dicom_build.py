@@ -132,6 +132,14 @@ def encapsulated_pdf(pdf: bytes, study: dict, title: str, sop_instance_uid: str 
     ds.ConversionType, ds.BurnedInAnnotation = "WSD", "YES"
     ds.DocumentTitle, ds.MIMETypeOfEncapsulatedDocument = title[:64], "application/pdf"
     ds.SeriesDescription = "cxr-batch triage report (decision support)"
+    # Type 2 of the IOD (Patient, General Study, General Equipment, Encapsulated Document):
+    # present, empty where the source had no value (dciodvfy, and a strict PACS, refuse them absent)
+    for keyword in ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
+                    "ReferringPhysicianName", "StudyID", "AccessionNumber", "AcquisitionDateTime"):
+        if keyword not in ds:
+            setattr(ds, keyword, "")
+    ds.Manufacturer = "cxr-batch"
+    ds.ConceptNameCodeSequence = []
     ds.EncapsulatedDocument = pdf + (b"\x00" if len(pdf) % 2 else b"")
     ds.EncapsulatedDocumentLength = len(pdf)
     ds.file_meta = _file_meta(ds.SOPClassUID, ds.SOPInstanceUID, ExplicitVRLittleEndian)

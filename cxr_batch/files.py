@@ -32,6 +32,13 @@ def private_dir(path: Path) -> Path:
     return path
 
 
+def file_in_the_way(path: Path) -> Path | None:
+    """The nearest existing path above ``path`` when it is a file, not a folder (``--out
+    a-file/new``: nothing could be made there), else None."""
+    existing = next((p for p in Path(path).parents if p.exists()), None)
+    return existing if existing is not None and not existing.is_dir() else None
+
+
 def atomic_write_bytes(path: Path, data: bytes, mode: int = FILE_MODE) -> None:
     """Write ``data`` to ``path`` via a temp file in the same folder, fsync and a rename: a
     reader sees the old file or the new one, never half of one."""

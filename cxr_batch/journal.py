@@ -182,6 +182,17 @@ def describe(out: Path, journal_entries: int) -> str:
     return "the results of an earlier scan" + (f" ({rows} rows)" if rows is not None else "")
 
 
+def refuse_scan_results(out: Path, command: str) -> None:
+    """A daemon (watch, listen, pull) never takes over a scan's results folder: it would rebuild
+    its ledger from the scan's results.csv and append its own studies to it. EarlierResults."""
+    out = Path(out)
+    if (out / STATE_DIR / LEDGER).exists():
+        return  # the daemon's own folder (a scan never writes one that has a ledger)
+    if any(p.exists() for p in (out / "run.json", out / STATE_DIR / JOURNAL)):
+        raise EarlierResults(f"{out} holds the results of a scan (run.json, its journal): cxr-batch {command} writes a "
+                             f"folder of its own; choose another --out")
+
+
 def plan(out: Path, mode: str, studies: Path, settings: dict) -> Earlier:
     """What this scan does with an earlier scan's results in ``out`` (call it holding the
     folder's lock, before the model loads). Raises EarlierResults when it must not go on."""

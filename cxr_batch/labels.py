@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 
 from .findings import FINDINGS, NO_FINDING, resolve_finding
-from .metadata import NIH_PATIENT_COLUMNS
+from .metadata import NIH_PATIENT_COLUMNS, not_csv, other_delimiter
 from .record import log_name
 from .study import clean_text
 
@@ -77,6 +77,10 @@ def read_labels(path: Path | str) -> LabelTable:
     path = Path(path)
     try:
         raw = path.read_bytes()  # read once: the hash recorded is of exactly what was parsed
+        what = None if path.suffix == ".gz" else not_csv(raw[:4096])
+        if what:  # an image, a workbook: said as --metadata says it
+            raise LabelsError(f"labels file {path} is not a CSV file: it is {what}; expected a comma-separated "
+                              f"text table with the NIH Data_Entry columns '{FILE_COLUMN}' and '{LABEL_COLUMN}'")
         # index_col=False: a data row with a trailing comma must not turn the first column
         # into the index (every column would shift by one); what lies beyond the header's
         # columns has no name and is not read (pandas warns about it; nothing is lost here)
@@ -90,7 +94,7 @@ def read_labels(path: Path | str) -> LabelTable:
         raise LabelsError(f"labels file {path} is not a readable CSV: {e}") from None
     table.columns = [c.strip() for c in table.columns]
     missing = [c for c in (FILE_COLUMN, LABEL_COLUMN) if c not in table.columns]
-    delimiter = _other_delimiter(table.columns) if missing else None
+    delimiter = other_delimiter(table.columns, {FILE_COLUMN, LABEL_COLUMN}) if missing else None
     if delimiter:  # a spreadsheet's locale chose the separator: every column is there, in one
         raise LabelsError(f"labels file {path} is separated by {delimiter}, not by commas: save it as a "
                           f"comma-separated CSV (the same table serves as patient data, which is read as CSV)")
@@ -137,15 +141,6 @@ def read_labels(path: Path | str) -> LabelTable:
         patient_ids=list(patients[first]),
         has_patient_data=any(c in table.columns for c in NIH_PATIENT_COLUMNS),
     )
-
-
-def _other_delimiter(columns) -> str | None:
-    """';' or 'tab' when the header holds the expected columns joined by it, else None."""
-    header = "".join(columns)
-    for sep, name in ((";", "';'"), ("\t", "tab")):
-        if {FILE_COLUMN, LABEL_COLUMN} <= {c.strip() for c in header.split(sep)}:
-            return name
-    return None
 
 
 def _closest(name: str) -> str:

@@ -56,7 +56,7 @@ _NOT_CSV = ((b"\x89PNG", "a PNG image"), (b"\xff\xd8\xff", "a JPEG image"), (b"P
 GZIP_MAGIC = b"\x1f\x8b"
 
 
-def _not_csv(head: bytes) -> str | None:
+def not_csv(head: bytes) -> str | None:
     """What the first bytes of a file say it is, when that is not CSV text; None for text."""
     for magic, what in _NOT_CSV:
         if head.startswith(magic):
@@ -84,7 +84,7 @@ def _read_table(path: Path):
         with open(path, "rb") as f:
             head = f.read(4096)
         compressed = head.startswith(GZIP_MAGIC)
-        what = None if compressed else _not_csv(head)
+        what = None if compressed else not_csv(head)
         if what:
             raise MetadataError(f"metadata file {path} is not a CSV file: it is {what}; {expected}")
         table = pd.read_csv(path, dtype=str, keep_default_na=False, compression="gzip" if compressed else "infer")
@@ -97,6 +97,10 @@ def _read_table(path: Path):
     table.columns = [c.strip() for c in table.columns]
     # the columns a table has are used; a column it lacks is unknown for every row (said once)
     missing = [c for c in NIH_COLUMNS if c not in table.columns]
+    delimiter = other_delimiter(table.columns, {"Image Index"}) if "Image Index" in missing else None
+    if delimiter:  # a spreadsheet's locale chose the separator: the columns are there, in one
+        raise MetadataError(f"metadata file {path} is separated by {delimiter}, not by commas: save it as a "
+                            f"comma-separated CSV")
     if "Image Index" in missing or len(missing) == len(NIH_PATIENT_COLUMNS):
         raise MetadataError(f"metadata file {path} lacks column(s) {missing}; expected the NIH Data_Entry columns "
                             f"(Image Index and at least one of {', '.join(NIH_PATIENT_COLUMNS)})")
@@ -108,6 +112,16 @@ def _read_table(path: Path):
     table = table[list(NIH_COLUMNS)].rename(columns=NIH_COLUMNS)
     table["file"] = table["file"].str.strip()
     return table
+
+
+def other_delimiter(columns, required: set[str]) -> str | None:
+    """';' or 'tab' when a header read as one column holds the ``required`` columns joined by
+    it (a spreadsheet saved in a locale whose list separator is not a comma), else None."""
+    header = "".join(columns)
+    for sep, name in ((";", "';'"), ("\t", "tab")):
+        if required <= {c.strip() for c in header.split(sep)}:
+            return name
+    return None
 
 
 def _rows(table, only: set[str] | None) -> dict[str, MetadataRow]:
@@ -138,11 +152,15 @@ class MetadataMatch:
         missing = self.files - self.matched
         # a name can identify the patient: the log shows its shape, run.json the name itself
         example, named = (clean_text(name_shape(name), 80) for name in (self.unmatched_example, self.table_example))
+        # names of one shape (NIH's, a PACS's) differ in nothing the shape shows: say what that means
+        contrast = ("while the table has no rows" if not self.table_rows else
+                    f"though the table's files are named the same way ({named!r}): is it the table of other images?"
+                    if example == named else f"while the table names files like {named!r}")
         return (f"--metadata {self.table} has a row for {self.matched} of {self.files} files (matched by file name, "
                 f"'Image Index'): {missing} get no patient data from it and are scored with what their header or "
                 f"sidecar says, else unknown, which can change their triage; e.g. file {example!r} has no row, "
-                f"while the table names files like {named!r}. Fix: give the table of these images, or name the "
-                f"images as the table does (DICOM files need no row: their header has the patient data)")
+                f"{contrast}. Fix: give the table of these images, or name the images as the table does (DICOM "
+                f"files need no row: their header has the patient data)")
 
     def to_dict(self) -> dict:
         return {"table": self.table, "files": self.files, "matched": self.matched, "table_rows": self.table_rows,

@@ -15,7 +15,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from .files import FILE_MODE
+from .files import FILE_MODE, file_in_the_way, private_dir
 from .record import COLUMNS, StudyRecord
 from .triage import worklist_key
 
@@ -214,6 +214,10 @@ def merge_results(inputs: list[Path], output: Path, allow_partial: bool = False)
                 seen[row["file"]] = path
                 rows.append(row)
     rows.sort(key=lambda r: r["file"])
+    in_the_way = file_in_the_way(output)
+    if in_the_way is not None:
+        raise MergeError(f"--out {output}: {in_the_way} is a file, not a folder")
+    private_dir(Path(output).parent)  # `--out merged/results.csv`, as scan makes its --out
     with AtomicCsvWriter(output) as writer:
         for row in rows:
             writer.write_row(row)  # values are strings already: written unchanged

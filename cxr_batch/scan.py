@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import exit_codes, journal
-from .bundle import DEFAULT_BUNDLE, load_bundle, refuse_output_in_bundle
+from .bundle import DEFAULT_BUNDLE, load_bundle, read_manifest, refuse_output_in_bundle
 from .files import atomic_write_bytes, private_dir, remove_stale_temp
 from .config import ConfigError, to_plain
 from .discover import find_candidates
@@ -110,6 +110,7 @@ def run_scan(studies: Path, out: Path, cfg: ScanConfig = ScanConfig(), earlier: 
     studies, out = Path(studies), Path(out)
     refuse_overlap(out, {"the scanned folder": studies})
     bundle_dir = Path(cfg.weights) if cfg.weights else DEFAULT_BUNDLE
+    read_manifest(bundle_dir)  # --weights that is no bundle is said as such, before --out is checked against it
     refuse_output_in_bundle(out, bundle_dir)
     policy = make_policy(cfg.device, cfg.precision)
     candidates = find_candidates(studies, exclude=[out], follow_links=cfg.follow_links)
@@ -194,7 +195,8 @@ class ScanRun:
         if kept:
             log.info("--resume: %d studies scored before are kept (same file content, same weights); %d files to "
                      "read", len(kept), len(todo))
-        log.info("%d candidate files under %s", len(candidates), self.studies)
+        shard = f" (shard {cfg.shard[0]}/{cfg.shard[1]} of {files_found})" if cfg.shard is not None else ""
+        log.info("%d candidate files under %s%s", len(candidates), self.studies, shard)
         engine = Engine(self.bundle, self.policy)
         record_log = journal.Journal(self.previous, self.studies, settings)
         records, scored_files = [], set()

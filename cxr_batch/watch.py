@@ -45,6 +45,7 @@ from .files import atomic_write_bytes, private_dir, remove_stale_temp
 from .folderlock import FolderLock
 from .folders import refuse_overlap
 from .inference import Engine, model_inputs, score_batches
+from .journal import refuse_scan_results
 from .keys import study_key
 from .ledger import Ledger, Outcome
 from .metadata import load_metadata_csv
@@ -129,6 +130,7 @@ class Watcher:
         self.watch_dir, self.out, self.cfg = Path(watch_dir).resolve(), Path(out), cfg
         self.stop, self._install_stop = (stop, False) if stop is not None else (StopSignal(), True)
         self.check_folders()  # before any folder is made or the model loads
+        refuse_scan_results(self.out, self.command)
         # The results folder is skipped when it lies inside the watched folder; the DICOM node
         # watches a spool inside its results folder, so there nothing is skipped.
         self.exclude = [] if _inside(self.watch_dir, self.out) else [self.out]

@@ -301,6 +301,29 @@ def test_every_torch_load_in_the_project_is_data_only():
     assert calls and all("weights_only=True" in call for _, call in calls), [c for c in calls if "weights_only=True" not in c[1]]
 
 
+@pytest.mark.parametrize("study", [{"PatientID": "P1"}, {"PatientName": "DOE^JANE", "PatientID": "P1",
+                                                        "PatientBirthDate": "19600101", "PatientSex": "F",
+                                                        "StudyDate": "20240312", "StudyTime": "101500",
+                                                        "AccessionNumber": "ACC1", "StudyID": "7"}])
+def test_encapsulated_pdf_has_every_attribute_its_iod_requires(tmp_path, study):
+    # dciodvfy found 7 errors in every --dicom-pdf object: Type 2 attributes (birth date, study
+    # time and ID, referring physician, manufacturer, acquisition time, concept name) absent, not empty
+    import subprocess
+
+    from cxr_batch.dicom_build import encapsulated_pdf
+    from tests.dicomgen import have
+
+    if not have("dciodvfy"):
+        pytest.skip("dciodvfy not installed")
+    ds = encapsulated_pdf(b"%PDF-1.4 x", {**study, "StudyInstanceUID": "1.2.3.4"}, "report")
+    ds.save_as(tmp_path / "r.dcm", enforce_file_format=True)
+    done = subprocess.run(["dciodvfy", str(tmp_path / "r.dcm")], capture_output=True, text=True, timeout=60)
+    errors = [x for x in (done.stdout + done.stderr).splitlines() if x.startswith("Error")]
+    assert not errors, errors
+    back = pydicom.dcmread(tmp_path / "r.dcm")
+    assert back.Manufacturer == "cxr-batch" and all(back.get(k) == v for k, v in study.items())
+
+
 def test_encapsulated_pdf_keeps_names_and_gets_valid_uids(tmp_path):
     from cxr_batch.dicom_build import encapsulated_pdf
 

@@ -1,4 +1,5 @@
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -70,3 +71,16 @@ def test_half_precision_storage_keeps_probabilities(tmp_path, nih_images):
     with torch.no_grad():
         p32, p16 = torch.sigmoid(full.model(x, t)), torch.sigmoid(half.model(x, t))
     assert np.abs((p32 - p16).numpy()).max() < 5e-3
+
+
+def test_weights_given_a_folder_of_bundles_or_no_bundle_name_the_weights_not_the_out(small_bundle, studies, tmp_path):
+    # `--weights weights` (the folder the bundles are in) said only "has no manifest.json"; and
+    # `--weights /tmp --out /tmp/x` blamed --out ("is the weights bundle /tmp or inside it")
+    from tests.test_evaluate_calibrate import cli_here
+
+    shutil.copytree(small_bundle, tmp_path / "weights" / "small")
+    code, err = cli_here("scan", studies, "--out", tmp_path / "o1", "--weights", tmp_path / "weights")
+    assert code == 1 and f"use --weights {tmp_path / 'weights' / 'small'}" in err, err
+    code, err = cli_here("scan", studies, "--out", tmp_path / "o2", "--weights", tmp_path)
+    assert code == 1 and "has no manifest.json" in err and "is the weights bundle" not in err, err
+    assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()

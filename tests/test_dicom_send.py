@@ -85,6 +85,23 @@ def test_closed_port_fails_quickly_and_is_worth_retrying(sr):
     assert "no association" in result.reason and time.monotonic() - start < 5
 
 
+def test_a_peer_that_is_down_is_said_once_by_us_not_by_pynetdicom_too(sr, caplog):
+    # a node sending to a PACS that is down logged, at every back-off, pynetdicom's "Association
+    # request failed" and "TCP Initialisation Error" above its own "not sent ... no association"
+    import logging
+
+    library = logging.getLogger("pynetdicom")
+    level = library.level
+    library.setLevel(logging.WARNING)  # as the commands set it without --debug
+    try:
+        with caplog.at_level(logging.INFO):
+            result = send_dataset(sr, Destination("PACS", "127.0.0.1", free_port()), timeout=5)
+    finally:
+        library.setLevel(level)
+    assert not result.ok and "no association" in result.reason
+    assert not [r.getMessage() for r in caplog.records if r.name.startswith("pynetdicom")]
+
+
 def test_silent_peer_costs_the_timeout_not_a_hang(sr):
     server = socket.socket()
     server.bind(("127.0.0.1", 0))

@@ -278,3 +278,14 @@ def test_evaluation_pdf_text_is_wrapped_inside_the_page_at_every_font_size(size)
     canvas.draw()
     right = max(t.get_window_extent(canvas.get_renderer()).x1 for t in fig.texts)
     assert right <= 0.96 * fig.bbox.width
+
+
+def test_calibrate_out_under_a_file_is_refused_before_any_scoring(tmp_path, studies, small_bundle):
+    # `calibrate ... --out a-file/new` scored and fitted everything, then said "a-file: File exists"
+    labels = tmp_path / "labels.csv"
+    labels.write_text("Image Index,Finding Labels\n" + "".join(f"{p.name},No Finding\n" for p in studies.iterdir()))
+    (tmp_path / "a-file").write_text("not a folder")
+    code, err = cli_here("calibrate", studies, "--labels", labels, "--out", tmp_path / "a-file" / "new",
+                         "--weights", small_bundle, "--device", "cpu")
+    assert code == 1 and "a-file is a file, not a folder" in err and "bundle sha256" not in err, err
+    assert (tmp_path / "a-file").read_text() == "not a folder"

@@ -61,6 +61,16 @@ def test_tables_that_are_not_labels(tmp_path):
         read_labels(tmp_path / "missing.csv")
 
 
+def test_a_labels_file_that_is_an_image_or_a_workbook_says_what_it_is(nih_images, tmp_path):
+    # `--labels IMAGE.png` said "is not a readable CSV: 'utf-8' codec can't decode byte 0x89 in
+    # position 0", where --metadata says what the file is
+    with pytest.raises(LabelsError, match="is not a CSV file: it is a PNG image"):
+        read_labels(nih_images[0])
+    (tmp_path / "labels.xlsx").write_bytes(b"PK\x03\x04" + bytes(200))
+    with pytest.raises(LabelsError, match="is not a CSV file: it is a ZIP archive or an Excel workbook"):
+        read_labels(tmp_path / "labels.xlsx")
+
+
 def test_labels_without_patient_columns_still_evaluate(tmp_path):
     labels = read_labels(write(tmp_path, ["a.png,Mass"], header="Image Index,Finding Labels\n"))
     assert not labels.has_patient_data and labels.patient_ids == [""]

@@ -67,3 +67,16 @@ def test_a_results_file_without_its_run_json_needs_allow_partial(shards, tmp_pat
     with pytest.raises(MergeError, match="no readable run.json"):
         merge_results([shards[0], lone], tmp_path / "m.csv")
     assert merge_results([shards[0], lone], tmp_path / "m.csv", allow_partial=True) == 6
+
+
+def test_out_in_a_folder_not_made_yet_is_made_and_one_that_cannot_be_is_one_error_line(shards, tmp_path):
+    # `merge shard*/results.csv --out final/results.csv` ended in a FileNotFoundError traceback
+    made = merge_cli(*shards, "--out", tmp_path / "final" / "results.csv")
+    assert made.returncode == 0, made.stderr
+    assert len(read_results(tmp_path / "final" / "results.csv")) == 6
+    (tmp_path / "a-file").write_text("not a folder")
+    refused = merge_cli(*shards, "--out", tmp_path / "a-file" / "results.csv")
+    lines = refused.stderr.splitlines()
+    assert refused.returncode == 1 and len(lines) == 1 and "Traceback" not in refused.stderr, refused.stderr
+    assert lines[0].endswith("a-file is a file, not a folder")
+    assert (tmp_path / "a-file").read_text() == "not a folder"

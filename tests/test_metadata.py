@@ -114,3 +114,38 @@ def test_a_fifo_swapped_in_while_a_preambleless_dicom_is_recognised_does_not_blo
     finally:
         if worker.is_alive():  # let the blocked open return
             os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
+
+
+def test_a_table_of_other_images_named_alike_is_said_to_be_of_other_images(nih, tmp_path):
+    # both names shown by their shape: the warning read "file '99999999_999.png' has no row, while
+    # the table names files like '99999999_999.png'", pointing at no difference at all
+    from cxr_batch.metadata import load_metadata_for
+
+    table = pd.read_csv(nih / "labels.csv", dtype=str)
+    table.iloc[:3].to_csv(tmp_path / "three.csv", index=False)
+    others = list(table["Image Index"].iloc[10:14])
+    _, match = load_metadata_for(tmp_path / "three.csv", others)
+    line = match.problem()
+    assert "has a row for 0 of 4 files" in line and "names files like" not in line
+    assert "named the same way ('99999999_999.png')" in line and "table of other images" in line
+    assert not any(name in line for name in others + list(table["Image Index"].iloc[:3]))
+
+
+@pytest.mark.parametrize("sep, named", [(";", "';'"), ("\t", "tab")])
+def test_a_table_saved_with_another_separator_is_said_so(nih, tmp_path, sep, named):
+    # labels named the separator already; --metadata said "lacks column(s) ['Image Index', ...]"
+    table = pd.read_csv(nih / "labels.csv", dtype=str).iloc[:3]
+    table.to_csv(tmp_path / "m.csv", index=False, sep=sep)
+    with pytest.raises(MetadataError, match=f"is separated by {named}, not by commas"):
+        load_metadata_csv(tmp_path / "m.csv")
+
+
+def test_a_table_with_a_header_and_no_rows_is_said_to_have_none(nih, tmp_path):
+    # the warning ended "while the table names files like ''"
+    from cxr_batch.metadata import load_metadata_for
+
+    table = pd.read_csv(nih / "labels.csv", dtype=str)
+    table.iloc[:0].to_csv(tmp_path / "header.csv", index=False)
+    _, match = load_metadata_for(tmp_path / "header.csv", list(table["Image Index"].iloc[:2]))
+    line = match.problem()
+    assert "has a row for 0 of 2 files" in line and "the table has no rows" in line and "like ''" not in line

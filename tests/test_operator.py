@@ -234,6 +234,33 @@ def test_a_second_scan_never_silently_replaces_the_first(studies, tmp_path, nih_
     assert proc.returncode == 1 and "urgent" in proc.stderr and "--overwrite" in proc.stderr
 
 
+def test_resume_and_overwrite_together_are_a_usage_error_that_keeps_the_first_scan(studies, tmp_path, small_bundle):
+    # README: [--resume | --overwrite]; both given took the last one, so a `--resume` typed
+    # before `--overwrite` deleted the earlier results the operator meant to keep
+    out = tmp_path / "out"
+    run_scan(studies, out, quick(small_bundle))
+    before = listing(out), (out / "results.csv").read_bytes()
+    for both in (["--resume", "--overwrite"], ["--overwrite", "--resume"]):
+        code, err = cli_here("scan", studies, "--out", out, "--weights", small_bundle, "--device", "cpu", *both)
+        assert code == 2 and "--resume and --overwrite" in err and LOADED not in err, err
+        assert (listing(out), (out / "results.csv").read_bytes()) == before
+
+
+def test_a_daemon_never_takes_over_a_scans_results_folder(studies, tmp_path, small_bundle):
+    # `watch DIR --out RESULTS_OF_A_SCAN` rebuilt a ledger from the scan's results.csv and
+    # appended its own studies to it: one results.csv, two runs, a run.json describing neither
+    out = tmp_path / "out"
+    run_scan(studies, out, quick(small_bundle, pdf=False))
+    before = listing(out), (out / "results.csv").read_bytes()
+    incoming = tmp_path / "incoming"
+    incoming.mkdir()
+    for command in (["watch", incoming], ["listen", "--port", free_port()]):
+        proc = cli(*command, "--out", out, "--weights", small_bundle, "--device", "cpu", "--no-pdf", timeout=120)
+        assert proc.returncode == 1 and "holds the results of a scan" in proc.stderr, proc.stderr
+        assert LOADED not in proc.stderr and "Traceback" not in proc.stderr
+        assert (listing(out), (out / "results.csv").read_bytes()) == before
+
+
 def test_a_busy_results_folder_is_refused_before_the_model_loads(studies, tmp_path, small_bundle):
     out = tmp_path / "out"
     out.mkdir()
@@ -308,6 +335,14 @@ def test_findings_are_typed_in_any_case_and_a_typo_gets_a_suggestion(studies, tm
     assert WatchConfig(urgent=("EFFUSION",)).urgent == ("Effusion",)  # a [watch] or [scan] table too
     typo = cli("scan", studies, "--out", tmp_path / "o2", "--urgent", "Pnumothorax")
     assert typo.returncode == 2 and "did you mean Pneumothorax" in typo.stderr
+
+
+@pytest.mark.parametrize("empty", ["", ",", " , "])
+def test_an_empty_urgent_list_is_a_usage_error_not_a_silent_end_of_the_urgent_bucket(studies, tmp_path, empty):
+    # `--urgent "$URGENT"` with the variable unset scored every pneumothorax as merely abnormal
+    code, err = cli_here("scan", studies, "--out", tmp_path / "out", "--urgent", empty)
+    assert code == 2 and "names no finding" in err and "urgent = []" in err, err
+    assert not (tmp_path / "out").exists()
 
 
 def test_study_date_reads_as_a_date_in_pandas_and_back_as_dicom(tmp_path, nih_images, small_bundle):

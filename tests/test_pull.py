@@ -315,6 +315,27 @@ def test_a_pacs_that_refuses_us_or_is_down_is_said_before_the_model_loads(make_o
     assert done.returncode == 1 and "no association with the PACS" in done.stderr and "Traceback" not in done.stderr
 
 
+def test_a_pacs_down_or_refusing_us_is_one_error_line_without_the_librarys_own(tmp_path):
+    # pynetdicom logged its own "Association request failed" / "TCP Initialisation Error" (or
+    # "Association Rejected" and its result) above cxr-batch's error, which says all of it
+    def said(done):
+        return [line for line in done.stderr.splitlines() if "starting (PID" not in line]
+
+    down = cli("pull", "--from", f"PACS@127.0.0.1:{free_port()}", "--out", tmp_path / "a", timeout=120)
+    assert down.returncode == 1 and len(said(down)) == 1, down.stderr
+    assert said(down)[0].startswith("cxr-batch: error: no association with the PACS")
+    pacs = ScriptedPACS([])
+    pacs.server.ae.require_called_aet = True  # called by another AE title: rejected
+    try:
+        refused = cli("pull", "--from", f"NOTPACS@127.0.0.1:{pacs.port}", "--out", tmp_path / "b", timeout=120)
+    finally:
+        pacs.server.shutdown()
+    assert refused.returncode == 1 and len(said(refused)) == 1, refused.stderr
+    assert said(refused)[0].startswith("cxr-batch: error: the PACS NOTPACS@127.0.0.1:") and "rejected" in said(refused)[0]
+    debug = cli("pull", "--from", f"PACS@127.0.0.1:{free_port()}", "--out", tmp_path / "c", "--debug", timeout=120)
+    assert "TCP Initialisation Error" in debug.stderr  # --debug still shows the library's lines
+
+
 def test_an_unknown_move_destination_says_how_to_add_us(archive, urgent_bundle, make_orthanc, tmp_path):
     frontal, _ = archive
     pacs = make_orthanc()  # DicomModalities empty: CXRBATCH is unknown to it
@@ -349,6 +370,18 @@ def test_an_out_folder_inside_a_results_folders_state_is_refused(tmp_path):
                timeout=120)
     assert done.returncode == 2 and "state folder (ledger, spool)" in done.stderr and "Traceback" not in done.stderr
     assert not (tmp_path / "node").exists()
+
+
+def test_an_out_folder_inside_a_state_folder_gets_a_suggestion_for_that_command(tmp_path):
+    # monitor shares the check: `monitor results --out results/.cxr-batch/m` was told to use
+    # `--out .../cxr-pull`, a pull's folder name
+    from cxr_batch.config import ConfigError
+    from cxr_batch.integration.pull import refuse_out_in_state
+
+    for inside, suggested in (("results/.cxr-batch/m", "results-m"), ("node/.cxr-batch/spool/x", "node-x")):
+        with pytest.raises(ConfigError) as refused:
+            refuse_out_in_state(tmp_path / inside)
+        assert f"e.g. --out {tmp_path / suggested}" in str(refused.value) and "cxr-pull" not in str(refused.value)
 
 
 @pytest.mark.parametrize("refuses", [False, True], ids=["ignores", "refuses"])

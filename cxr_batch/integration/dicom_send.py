@@ -10,6 +10,7 @@ UID and the peer only.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import socket
@@ -92,6 +93,34 @@ def _failure_is_transient(status: int) -> bool:
     return 0xA700 <= status <= 0xA7FF
 
 
+# What pynetdicom logs (at ERROR, from its association threads) when a request fails: pull's
+# connect() and send_dataset turn every such failure into one line of ours, which they repeat
+ASSOCIATION_FAILURE_LINES = ("Association request failed", "TCP Initialisation Error", "Association Rejected",
+                             "Result: ", "Reason: ", "Association Aborted")
+
+
+class _AssociationFailures(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.name.startswith("pynetdicom") and str(record.msg).startswith(ASSOCIATION_FAILURE_LINES))
+
+
+@contextlib.contextmanager
+def association_failures_said_by_us():
+    """pynetdicom's own lines about a failed association request are not printed while it is
+    made (--debug, the library at DEBUG, keeps them)."""
+    if logging.getLogger("pynetdicom").isEnabledFor(logging.DEBUG):
+        yield
+        return
+    quiet, handlers = _AssociationFailures(), list(logging.getLogger().handlers)
+    for handler in handlers:
+        handler.addFilter(quiet)
+    try:
+        yield
+    finally:
+        for handler in handlers:
+            handler.removeFilter(quiet)
+
+
 def send_dataset(dataset: Dataset | str | Path, destination: Destination, *, calling_ae: str = CALLING_AE_TITLE,
                  timeout: float = 30.0, tls: ssl.SSLContext | None = None) -> SendResult:
     """C-STORE ``dataset`` (a Dataset with file meta, or a DICOM file's path) to
@@ -109,9 +138,10 @@ def send_dataset(dataset: Dataset | str | Path, destination: Destination, *, cal
     # SOP class at all can take the object.
     ae.add_requested_context(dataset.SOPClassUID, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
     try:
-        assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title,
-                             tls_args=(tls, destination.host) if tls is not None else None,
-                             evt_handlers=[(evt.EVT_CONN_OPEN, tcp_no_delay)])
+        with association_failures_said_by_us():
+            assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title,
+                                 tls_args=(tls, destination.host) if tls is not None else None,
+                                 evt_handlers=[(evt.EVT_CONN_OPEN, tcp_no_delay)])
     except Exception as e:  # a bad host name, an unreachable network
         return _failed(uid, destination, f"cannot connect: {type(e).__name__}: {e}", transient=True, unsent=True)
     if not assoc.is_established:

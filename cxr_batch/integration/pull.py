@@ -42,7 +42,7 @@ from typing import Literal
 
 from ..config import ConfigError, bounded
 from ..exit_codes import FATAL, OK, SOME_FAILED
-from .dicom_send import Destination, tcp_no_delay
+from .dicom_send import Destination, association_failures_said_by_us, tcp_no_delay
 from .node import ListenConfig, Node, escape_library_log, valid_uid
 
 log = logging.getLogger("cxr_batch")
@@ -202,8 +202,9 @@ class Source:
             handlers += [(event, handler) for event, handler in ((evt.EVT_C_STORE, self.on_store),
                                                                   (evt.EVT_DATA_RECV, self.on_data)) if handler]
         try:
-            assoc = ae.associate(self.pacs.host, self.pacs.port, ae_title=self.pacs.ae_title, ext_neg=roles,
-                                 evt_handlers=handlers)
+            with association_failures_said_by_us():
+                assoc = ae.associate(self.pacs.host, self.pacs.port, ae_title=self.pacs.ae_title, ext_neg=roles,
+                                     evt_handlers=handlers)
         except Exception as e:  # a bad host name
             raise PullError(f"cannot reach the PACS {self.pacs}: {type(e).__name__}: {e}") from None
         if assoc.is_rejected:
@@ -825,7 +826,8 @@ def refuse_out_in_state(out: Path) -> None:
         if folder.name == STATE_DIR:
             raise ConfigError(f"--out {out} lies inside {folder}, the state folder (ledger, spool) of the results "
                               f"folder {folder.parent}: what is written there would be read as received objects; "
-                              f"choose a folder outside it, e.g. --out {folder.parent.parent / 'cxr-pull'}")
+                              f"choose a folder outside it, e.g. --out "
+                              f"{folder.parent.parent / (folder.parent.name + '-' + resolved.name)}")
 
 
 def run_pull(out, cfg: PullConfig, stop=None) -> Puller:
