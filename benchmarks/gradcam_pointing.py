@@ -62,6 +62,9 @@ def main() -> None:
     with gzip.open(BOXES, "rt", newline="") as f:
         rows = [r for r in csv.reader(f)][1:]
     tabular = torch.full((3,), 0.5)
+    oof = Path(bundle.path) / "training_run" / "oof.csv"  # the development images the bundle was trained on
+    trained_on = {r["image"] for r in csv.DictReader(open(oof, newline=""))} if oof.is_file() else set()
+    on_training = 0
     for name, label, *box in rows:
         label = "Infiltration" if label == "Infiltrate" else label
         if name not in files or label not in FINDINGS:
@@ -72,6 +75,7 @@ def main() -> None:
         x0, y0, x1, y1 = box_in_view(box[:4], grey.shape[1], grey.shape[0], prep.crop_fraction, prep.image_size)
         py, px = np.unravel_index(int(np.argmax(cam)), cam.shape)
         totals[label] += 1
+        on_training += name in trained_on
         hits[label] += int(cam.max() > 0 and x0 <= px + 0.5 <= x1 and y0 <= py + 0.5 <= y1)
         side = prep.image_size
         chance[label].append(max(0.0, min(x1, side) - max(x0, 0)) * max(0.0, min(y1, side) - max(y0, 0)) / side ** 2)
@@ -82,6 +86,8 @@ def main() -> None:
     n, h = sum(totals.values()), sum(hits.values())
     every = [c for cs in chance.values() for c in cs]
     print(f"all            {h:3d} of {n:3d} boxes hit ({h / max(n, 1):.2f}), chance {np.mean(every) if every else 0:.2f}")
+    if trained_on:
+        print(f"{on_training} of the {n} boxes are on images the bundle was trained on")
 
 
 if __name__ == "__main__":
