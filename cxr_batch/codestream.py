@@ -116,20 +116,27 @@ def rle_segments(data: bytes) -> int:
 
 
 def ends_with_eoi(pixel_data: bytes) -> bool:
-    """Whether the last fragment of encapsulated pixel data ends with a JPEG end-of-image marker
-    (FFD9; a 00 byte padding the fragment to even length allowed): a JPEG or JPEG-LS frame cut
-    short lacks it, and libjpeg and CharLS decode such a frame without a word, filling the rest."""
-    pos, items, end = 0, 0, None
+    """Whether the last non-empty fragment of encapsulated pixel data ends with a JPEG
+    end-of-image marker (FFD9): a JPEG or JPEG-LS frame cut short lacks it, and libjpeg and
+    CharLS decode such a frame without a word, filling the rest. 00 and FF bytes after the
+    marker are padding (one 00 to even length, PS3.5 A.4; encoders also pad with FF fill or to
+    a multiple of 4), and an empty fragment may follow: neither is a cut. Looking past them is
+    safe because FFD9 cannot occur inside entropy-coded data (T.81 stuffs 00 after FF, T.87
+    clears the next byte's top bit), so a cut frame never ends in FFD9 plus padding."""
+    pos, items, start, end = 0, 0, None, None
     while pos + 8 <= len(pixel_data):
         group, element, length = struct.unpack("<HHI", pixel_data[pos:pos + 8])
         if (group, element) != (0xFFFE, 0xE000) or length == 0xFFFFFFFF:
             break  # the sequence delimiter, or something malformed: judge what came before
         pos += 8
-        if items > 0:
-            end = min(pos + length, len(pixel_data))
+        if items > 0 and length > 0:
+            start, end = pos, min(pos + length, len(pixel_data))
         pos += length
         items += 1
-    return end is not None and pixel_data[max(0, end - 3):end].rstrip(b"\x00").endswith(b"\xff\xd9")
+    if end is None:
+        return False
+    tail = pixel_data[max(start, end - 1024):end]  # padding is a few bytes; do not copy a whole frame
+    return tail.rstrip(b"\x00\xff").endswith(b"\xff\xd9")
 
 
 def first_fragment(pixel_data: bytes, limit: int = 1 << 16) -> bytes:

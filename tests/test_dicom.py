@@ -186,6 +186,38 @@ def test_a_cut_jpeg_codestream_is_an_error_not_a_scored_guess(tmp_path, nih_imag
             read_study(_cut_frame(tmp_path, src, ts, keep), RULES, min_side=side)
 
 
+def _refragmented(tmp_path, src, ts, fragments):
+    """The image in ``ts`` with its one frame stored as ``fragments(frame)`` returns: the
+    fragment layouts and trailing padding that encoders in the wild write."""
+    import struct
+
+    import pydicom
+    from pydicom.encaps import generate_frames
+
+    ds = pydicom.dcmread(write(tmp_path / "whole", src, ts))
+    frame = next(generate_frames(ds.PixelData, number_of_frames=1)).rstrip(b"\x00")
+    items = [struct.pack("<HHI", 0xFFFE, 0xE000, len(f)) + f for f in [b"", *fragments(frame)]]
+    ds.PixelData = b"".join(items) + struct.pack("<HHI", 0xFFFE, 0xE0DD, 0)
+    ds.save_as(tmp_path / "refragmented", enforce_file_format=True)
+    return tmp_path / "refragmented"
+
+
+@pytest.mark.parametrize("ts", [JPEGBaseline8Bit, JPEGLSLossless])
+@pytest.mark.parametrize("layout", [
+    lambda f: [f[i:i + 4096] for i in range(0, len(f), 4096)],  # many fragments (dcmcjpeg +fs)
+    lambda f: [f + b"\x00" * (len(f) % 2)],  # one 00 to even length (PS3.5 A.4)
+    lambda f: [f + b"\xff" * (2 - len(f) % 2)],  # padded with FF fill bytes, not 00
+    lambda f: [f + b"\x00" * (4 - len(f) % 4)],  # padded to a multiple of 4
+    lambda f: [f + b"\x00" * (len(f) % 2), b""],  # an empty fragment after the frame
+], ids=["fragments", "pad00", "padFF", "pad4", "empty-last"])
+def test_a_whole_jpeg_frame_is_read_whatever_its_fragments_and_padding(tmp_path, nih_images, ts, layout):
+    """The end-of-image check looks past what follows the marker in the frame's last bytes:
+    padding (00 or FF fill, more than one byte) and an empty last fragment are not a cut frame."""
+    src = grey(nih_images[0])[::2, ::2].copy()
+    whole = read_study(write(tmp_path / "plain", src, ts), RULES).grey
+    assert np.array_equal(read_study(_refragmented(tmp_path, src, ts, layout), RULES).grey, whole)
+
+
 @pytest.mark.parametrize("ts", [JPEG2000Lossless, RLELossless])
 def test_a_cut_codestream_the_decoder_refuses_is_called_corrupt_not_undecodable(tmp_path, nih_images, ts):
     """Every installed decoder failing on a damaged frame said 'no decoder for it', sending the
