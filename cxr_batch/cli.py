@@ -286,7 +286,7 @@ def send_scan_results(out: Path, cfg, code: int, debug: bool) -> int:
 
 @main.command()
 @click.argument("inputs", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option("--out", "-o", required=True, type=click.Path(dir_okay=False, path_type=Path),
+@click.option("--out", "-o", required=True, type=click.Path(dir_okay=False),
               help="Merged results.csv to write.")
 @click.option("--allow-partial", is_flag=True,
               help="Merge even when shards are missing (each results.csv needs its run.json beside it to say "
@@ -298,6 +298,10 @@ def merge(inputs, out, allow_partial):
     """
     from .results import MergeError, merge_results
 
+    if out.endswith(("/", os.sep)):  # Path() drops the slash: a file named after the folder was written
+        raise click.BadParameter(f"{out} names a folder; merge writes one file: give its name, e.g. "
+                                 f"{out}results.csv", param_hint="'--out'")
+    out = Path(out)
     setup_logging(False, False)
     try:
         n = merge_results(list(inputs), out, allow_partial)

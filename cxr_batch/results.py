@@ -195,6 +195,23 @@ def refuse_output_among_inputs(inputs: list[Path], output: Path) -> None:
                              f"a shard; write it elsewhere, e.g. --out {path.parent.parent / 'merged_results.csv'}")
 
 
+def refuse_replacing_other_file(output: Path) -> None:
+    """An existing --out is replaced only when it is a cxr-batch results.csv (an earlier merge's):
+    the write is a rename, so a radiograph or any other file named by mistake, read-only or
+    not, would be gone. MergeError."""
+    output = Path(output)
+    if not output.exists():
+        return
+    try:
+        with open(output, newline="", encoding="utf-8", errors="replace") as f:
+            header = next(csv.reader([f.readline()]), [])
+    except OSError:
+        header = []
+    if header != list(COLUMNS):
+        raise MergeError(f"--out {output} exists and is not a cxr-batch results.csv: not replaced; choose another "
+                         f"name, e.g. --out {output.parent / 'merged_results.csv'}")
+
+
 def merge_results(inputs: list[Path], output: Path, allow_partial: bool = False) -> int:
     """Merge the results.csv of shards (``scan --shard i/N``) into one, sorted by file like a
     single scan. Needs every shard (:func:`check_shards`) unless ``allow_partial``. Refuses
@@ -217,6 +234,7 @@ def merge_results(inputs: list[Path], output: Path, allow_partial: bool = False)
     in_the_way = file_in_the_way(output)
     if in_the_way is not None:
         raise MergeError(f"--out {output}: {in_the_way} is a file, not a folder")
+    refuse_replacing_other_file(output)
     private_dir(Path(output).parent)  # `--out merged/results.csv`, as scan makes its --out
     with AtomicCsvWriter(output) as writer:
         for row in rows:

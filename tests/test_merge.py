@@ -80,3 +80,22 @@ def test_out_in_a_folder_not_made_yet_is_made_and_one_that_cannot_be_is_one_erro
     assert refused.returncode == 1 and len(lines) == 1 and "Traceback" not in refused.stderr, refused.stderr
     assert lines[0].endswith("a-file is a file, not a folder")
     assert (tmp_path / "a-file").read_text() == "not a folder"
+
+
+def test_out_that_is_not_a_results_file_is_never_replaced(shards, tmp_path):
+    # `--out studies/00000001_000.png` replaced a radiograph with the CSV (read-only or not: the
+    # write is a rename), and `--out merged/` wrote a file named 'merged' where a folder was meant
+    image = tmp_path / "image.png"
+    image.write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    image.chmod(0o444)
+    refused = merge_cli(*shards, "--out", image)
+    assert refused.returncode == 1 and "Traceback" not in refused.stderr, refused.stderr
+    assert "not a cxr-batch results.csv" in refused.stderr
+    assert image.read_bytes() == b"\x89PNG\r\n\x1a\nnot really"
+    slash = merge_cli(*shards, "--out", f"{tmp_path / 'merged'}/")
+    assert slash.returncode == 2 and "a folder" in slash.stderr, slash.stderr
+    assert not (tmp_path / "merged").exists()
+    again = tmp_path / "merged.csv"  # an earlier merge's output is replaced, as before
+    for _ in range(2):
+        assert merge_cli(*shards, "--out", again).returncode == 0
+    assert len(read_results(again)) == 6
