@@ -446,11 +446,13 @@ class Watcher:
     # ------------------------------------------------------------------ one batch
     def identify(self, rels: list[str]) -> tuple[dict[str, tuple[str, str]], list[str]]:
         """{rel: (key, content)} for the files to score, and the duplicates (the same bytes as a
-        study already reported, or twice in this batch). Another version of an instance already
-        in this batch (its key, other bytes: a correction sent a moment after the image) is in
-        neither: it stays pending for the next batch, the older version first, and is scored
-        then as its revision (it was dropped as a duplicate, and the stale result stood)."""
-        ids, duplicates, first = {}, [], {}
+        study already reported, or twice in this batch). The versions of one instance in a batch
+        (its key, other bytes: a correction sent a moment after the image) are taken in the
+        order they were written, one per batch: the oldest that is not the current result is
+        scored, with its resends as duplicates, and the later ones stay pending for the next
+        batch, scored then as its revisions. So the last version written stands (a later copy
+        of the first, withdrawing a correction, was dropped as a duplicate of the first)."""
+        versions: dict[str, list[tuple[str, str]]] = {}
         for rel in rels:
             path = self.watch_dir / rel
             try:
@@ -461,16 +463,20 @@ class Watcher:
             except Exception:  # unreadable (permissions, a FIFO): the reader's row says why
                 st = self.pending[rel]
                 key = content = "file:" + hashlib.sha256(f"{rel}:{st.size}:{st.mtime_ns}".encode()).hexdigest()
+            versions.setdefault(key, []).append((rel, content))
+        ids, duplicates = {}, []
+        for key, group in versions.items():
+            group.sort(key=lambda v: self.pending[v[0]].mtime_ns)  # stable: equal times keep the batch's order
             known = self.ledger.known(key)
-            if known is not None and known.status != "error" and known.content == content:
-                duplicates.append(rel)
-            elif key not in first:
-                ids[rel], first[key] = (key, content), rel
-            elif ids[first[key]][1] == content:
-                duplicates.append(rel)
-            elif self.pending[rel].mtime_ns < self.pending[first[key]].mtime_ns:  # this one came first
-                del ids[first[key]]
-                ids[rel], first[key] = (key, content), rel
+            current = known.content if known is not None and known.status != "error" else None
+            chosen = False
+            for rel, content in group:
+                if content == current:
+                    duplicates.append(rel)
+                elif not chosen:
+                    ids[rel], current, chosen = (key, content), content, True  # its resends that follow: duplicates
+                else:
+                    break  # another version: it and the rest wait for the next batch
         return ids, duplicates
 
     def process(self, rels: list[str]) -> None:

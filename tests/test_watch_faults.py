@@ -226,3 +226,39 @@ def test_stop_while_loading_is_a_clean_stop(tmp_path, small_bundle):
     time.sleep(0.3)  # still importing torch and loading the model
     assert stop(daemon) == 0
     assert status(out).get("state") in ("stopped", None)  # stopped, or stopped before it wrote anything
+
+
+@pytest.mark.parametrize("kill_at", [None, "publish"])
+def test_three_versions_of_an_instance_in_one_batch_end_with_the_last_sent(tmp_path, nih_images, small_bundle,
+                                                                          kill_at):
+    """One SOPInstanceUID stored three times before a batch closes: the image, a correction, then
+    the original again (the correction withdrawn), plus a resend of the original. Versions are
+    scored in the order they were written, one per batch, so the last one written stands: the
+    withdrawn correction was left current, the later original dropped as a 'duplicate' of the
+    first. A daemon killed after the first batch (SIGKILL) finishes the rest at its restart."""
+    incoming, out = tmp_path / "in", tmp_path / "out"
+    incoming.mkdir()
+    original = write(incoming / "a_first.dcm", grey(nih_images[0]), PatientID="ORIGINAL")
+    ds = pydicom.dcmread(original)
+    ds.PatientID = "CORRECTION"
+    ds.save_as(incoming / "b_correction.dcm")
+    (incoming / "c_resend.dcm").write_bytes(original.read_bytes())  # a resend: the same bytes
+    (incoming / "d_original_again.dcm").write_bytes(original.read_bytes())
+    t = time.time() - 60
+    for i, name in enumerate(["a_first.dcm", "c_resend.dcm", "b_correction.dcm", "d_original_again.dcm"]):
+        os.utime(incoming / name, (t + i, t + i))  # written in this order
+    config = watch_config(tmp_path / "w.toml", batch_size=8, max_wait=1.0)
+    if kill_at:
+        killed = start_daemon(incoming, out, small_bundle, config, env={"CXR_BATCH_KILL_AT": kill_at})
+        assert killed.wait(timeout=180) == -9
+        assert [r["patient_id"] for r in ok_rows(out)] == ["ORIGINAL"]  # the first batch: the oldest version
+    daemon = start_daemon(incoming, out, small_bundle, config)
+    try:
+        assert wait_for(lambda: status(out).get("superseded") == 2 and status(out).get("pending") == 0,
+                        timeout=150), (status(out), daemon.stderr.read() if daemon.poll() is not None else "")
+        time.sleep(2)  # a rescan: nothing more happens
+    finally:
+        assert stop(daemon) == 0
+    rows = rows_now(out)
+    assert [(r["patient_id"], r["status"]) for r in rows] == [("ORIGINAL", "ok")]
+    assert rows[0]["file"] == "d_original_again.dcm" and status(out)["superseded"] == 2
