@@ -383,6 +383,10 @@ def to_display_grey(ds, arr: np.ndarray) -> np.ndarray:
         grey = window_to_uint8(out, 0, max(1, 2**bits - 1))
     elif "WindowCenter" in ds and "WindowWidth" in ds:
         grey = _window(ds, values)
+        if grey.size and grey.min() == grey.max() and values.min() != values.max():  # else check_image: blank
+            raise ReadError("the header's VOI window (WindowCenter/WindowWidth) leaves every pixel at one grey level, "
+                            "though the pixel values vary: the window does not fit this image; nothing to score as "
+                            "displayed")
     else:
         grey = _unwindowed(ds, arr, values)
     if photometric == "MONOCHROME1":

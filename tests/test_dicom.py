@@ -260,6 +260,21 @@ def test_a_window_that_is_not_a_finite_number_is_not_used(tmp_path, nih_images):
         assert np.array_equal(read_study(path, RULES).grey, plain), (centre, width)
 
 
+def test_a_window_saturating_most_pixels_is_read_and_one_leaving_none_is_named(tmp_path, nih_images):
+    """A narrow VOI window that saturates most of the image still leaves a radiograph to score;
+    a window entirely outside the pixel values leaves one grey level, refused as before, but
+    was called a 'blank image' when the pixels themselves vary: the header's window is why."""
+    stored = grey(nih_images[0]).astype(np.uint16) * 16
+    most = read_study(write(tmp_path / "most", stored, bits_stored=12, WindowCenter=200, WindowWidth=100), RULES)
+    assert (most.grey == 255).mean() > 0.9 and most.grey.min() < 255
+    with pytest.raises(ReadError, match="window .*leaves every pixel") as caught:
+        read_study(write(tmp_path / "none", stored, bits_stored=12, WindowCenter=50000, WindowWidth=100), RULES)
+    assert "blank" not in str(caught.value)
+    with pytest.raises(ReadError, match="blank image"):  # a truly blank image is still called blank
+        read_study(write(tmp_path / "blank", np.full_like(stored, 700), bits_stored=12, WindowCenter=2048,
+                         WindowWidth=4096), RULES)
+
+
 def test_a_malformed_lut_is_named(tmp_path, nih_images):
     """A VOI LUT without data or with an unsupported entry size, a Modality LUT shorter than its
     descriptor: 'unexpected KeyError/NotImplementedError/IndexError while reading' before."""
