@@ -228,14 +228,15 @@ def test_stop_while_loading_is_a_clean_stop(tmp_path, small_bundle):
     assert status(out).get("state") in ("stopped", None)  # stopped, or stopped before it wrote anything
 
 
-@pytest.mark.parametrize("kill_at", [None, "publish"])
+@pytest.mark.parametrize("kill_at", [None, "publish", "sigterm"])
 def test_three_versions_of_an_instance_in_one_batch_end_with_the_last_sent(tmp_path, nih_images, small_bundle,
                                                                           kill_at):
     """One SOPInstanceUID stored three times before a batch closes: the image, a correction, then
     the original again (the correction withdrawn), plus a resend of the original. Versions are
     scored in the order they were written, one per batch, so the last one written stands: the
     withdrawn correction was left current, the later original dropped as a 'duplicate' of the
-    first. A daemon killed after the first batch (SIGKILL) finishes the rest at its restart."""
+    first. A daemon killed after the first batch (SIGKILL) or stopped (SIGTERM) finishes the
+    rest at its restart."""
     incoming, out = tmp_path / "in", tmp_path / "out"
     incoming.mkdir()
     original = write(incoming / "a_first.dcm", grey(nih_images[0]), PatientID="ORIGINAL")
@@ -248,10 +249,14 @@ def test_three_versions_of_an_instance_in_one_batch_end_with_the_last_sent(tmp_p
     for i, name in enumerate(["a_first.dcm", "c_resend.dcm", "b_correction.dcm", "d_original_again.dcm"]):
         os.utime(incoming / name, (t + i, t + i))  # written in this order
     config = watch_config(tmp_path / "w.toml", batch_size=8, max_wait=1.0)
-    if kill_at:
+    if kill_at == "publish":
         killed = start_daemon(incoming, out, small_bundle, config, env={"CXR_BATCH_KILL_AT": kill_at})
         assert killed.wait(timeout=180) == -9
         assert [r["patient_id"] for r in ok_rows(out)] == ["ORIGINAL"]  # the first batch: the oldest version
+    elif kill_at == "sigterm":  # stopped once the first result is out, wherever the rest then is
+        stopped = start_daemon(incoming, out, small_bundle, config)
+        assert wait_for(lambda: ok_rows(out), timeout=150)
+        assert stop(stopped) == 0
     daemon = start_daemon(incoming, out, small_bundle, config)
     try:
         assert wait_for(lambda: status(out).get("superseded") == 2 and status(out).get("pending") == 0,
@@ -262,3 +267,30 @@ def test_three_versions_of_an_instance_in_one_batch_end_with_the_last_sent(tmp_p
     rows = rows_now(out)
     assert [(r["patient_id"], r["status"]) for r in rows] == [("ORIGINAL", "ok")]
     assert rows[0]["file"] == "d_original_again.dcm" and status(out)["superseded"] == 2
+
+
+
+def test_a_correction_that_cannot_be_read_leaves_the_result_it_corrects_and_says_so(tmp_path, nih_images,
+                                                                                   small_bundle):
+    """A corrected version of an instance cut short in transfer (its header, so its UID, is
+    readable) is an error, and an error never replaces a result: the first result stays the one
+    row, nothing is superseded, and the log says the later version failed and what stands."""
+    incoming, out = tmp_path / "in", tmp_path / "out"
+    incoming.mkdir()
+    first = write(incoming / "IM1.dcm", grey(nih_images[0]), PatientID="FIRST")
+    daemon = start_daemon(incoming, out, small_bundle, watch_config(tmp_path / "w.toml", broken_deadline=1.0))
+    try:
+        assert wait_for(lambda: len(ok_rows(out)) == 1)
+        ds = pydicom.dcmread(first)
+        ds.PatientID = "CORRECTION"
+        ds.save_as(tmp_path / "whole.dcm")
+        data = (tmp_path / "whole.dcm").read_bytes()
+        (incoming / "IM1_corrected.dcm").write_bytes(data[: len(data) * 2 // 3])
+        time.sleep(8)  # settled, past broken_deadline: committed as an error behind the result
+    finally:
+        assert stop(daemon) == 0
+    log = daemon.stderr.read()
+    assert [(r["patient_id"], r["status"]) for r in rows_now(out)] == [("FIRST", "ok")]
+    assert status(out)["superseded"] == 0
+    kept = [line for line in log.splitlines() if "status=error" in line and "an earlier result is kept" in line]
+    assert len(kept) == 1 and "CORRECTION" not in log, log[-2000:]
