@@ -415,7 +415,7 @@ def _modality(ds, arr: np.ndarray) -> np.ndarray:
         if not math.isfinite(value):
             raise ReadError(f"the header's {name} is not a finite number: no grey scale can be made")
     if arr.size and max(abs(slope * float(arr.min()) + intercept), abs(slope * float(arr.max()) + intercept)) \
-            >= np.finfo(np.float32).max:
+            >= float(np.finfo(np.float32).max):  # compared as Python floats: numpy would warn on the cast
         raise ReadError("the header's rescale (RescaleSlope, RescaleIntercept) takes the pixel values beyond any "
                         "finite number: no grey scale can be made")
     values = arr.astype(np.float32)
