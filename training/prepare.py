@@ -8,6 +8,7 @@ arrays so each rule is tested on hand-made cases.
 from __future__ import annotations
 
 import json
+import logging
 import warnings
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from cxr_batch.metadata import NIH_COLUMNS
 
 from .config import TrainConfig
 
+log = logging.getLogger("cxr_batch.train")
 PREPARED = "prepared.csv"  # this stage's table, read by every later stage
 # A validation or test part smaller than this cannot say much about any finding: thresholds
 # tuned on it and metrics measured on it are noise (a 95% interval on a proportion measured
@@ -176,9 +178,13 @@ def prepare(cfg: TrainConfig, out: Path) -> pd.DataFrame:
     rng = np.random.default_rng(cfg.seed)
     df = read_nih_metadata(Path(cfg.metadata))
     present = {p.name for p in Path(cfg.images).iterdir() if p.suffix.lower() == ".png"}
+    n_rows = len(df)
     df = df[df["image"].isin(present)].reset_index(drop=True)
     if df.empty:
         raise ValueError(f"no image of {cfg.metadata} is in {cfg.images}")
+    if len(df) < n_rows:  # expected with the full NIH table and part of its images; a wrong folder shows here
+        log.warning("%d of %d rows of %s name images not in %s: left out, %d images used", n_rows - len(df),
+                    n_rows, cfg.metadata, cfg.images, len(df))
     if cfg.limit:
         df = df.iloc[: cfg.limit].reset_index(drop=True)
     n_read = len(df)
