@@ -18,6 +18,9 @@ from cxr_batch.model import ModelConfig
 from cxr_batch.preprocess import Preprocessing
 
 
+MIN_TRAIN_IMAGE_SIZE = 32  # the smallest input DenseNet-121's five halvings leave a pixel of
+
+
 @dataclass
 class TrainConfig:
     # data
@@ -92,6 +95,9 @@ class TrainConfig:
                     raise ConfigError(f"train.{key}: {name!r} is not a finding; known: {', '.join(FINDINGS)}")
                 if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
                     raise ConfigError(f"train.{key}.{name} = {value!r}: expected a number in [{low:g}, {high:g}]")
+        if self.preprocessing.image_size < MIN_TRAIN_IMAGE_SIZE:  # --image-size has the same bound
+            raise ConfigError(f"train.preprocessing.image_size = {self.preprocessing.image_size}: at least "
+                              f"{MIN_TRAIN_IMAGE_SIZE} (DenseNet-121 halves it five times)")
         needs_skip = [k for k in ("skip_init", "patient_prior") if getattr(self, k) == "logistic"]
         if needs_skip and not self.model.tabular_skip:
             raise ConfigError(f"train.{needs_skip[0]} = 'logistic' needs model.tabular_skip = true")
