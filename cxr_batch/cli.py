@@ -798,6 +798,9 @@ def train(images, metadata, out, split_lists, config_file, epochs, image_size, b
         run = train_main(cfg, resume=resume)
     except (ValueError, OSError) as e:
         fail(str(e), debug)
+    except KeyboardInterrupt:  # checkpoint.pt holds the last finished epoch; a bundle is written only at the end
+        fail(f"interrupted (Ctrl-C): no bundle was written; the same command with --resume continues {out} "
+             "from its last finished epoch", debug, exit_codes.INTERRUPTED)
     click.echo(f"run written to {run}; bundle: {run / 'bundle'}", err=True)
 
 

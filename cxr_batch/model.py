@@ -155,22 +155,35 @@ def build_model(config: ModelConfig = ModelConfig()) -> CxrFusionNet:
     return CxrFusionNet(config)
 
 
-def load_imagenet_backbone(model: CxrFusionNet, source: str = "torchvision") -> None:
-    """Initialise the DenseNet-121 backbone from ImageNet weights.
+def imagenet_backbone_state(source: str = "torchvision") -> dict:
+    """The DenseNet-121 features of ImageNet weights, as the backbone's state dict.
 
     ``source`` is "torchvision" (downloads DenseNet121_Weights.IMAGENET1K_V1 through
     torchvision's cache: needs network access) or a path to a local state dict of a
-    torchvision DenseNet-121 (keys ``features.*``, as torchvision saves them).
+    torchvision DenseNet-121 (keys ``features.*``, as torchvision saves them). Raises
+    ValueError with a plain reason, e.g. when the download cannot reach the internet.
     """
     if source == "torchvision":
         from torchvision.models import DenseNet121_Weights, densenet121
 
-        state = densenet121(weights=DenseNet121_Weights.IMAGENET1K_V1).features.state_dict()
-    else:
-        full = torch.load(Path(source), map_location="cpu", weights_only=True)
-        state = {k.removeprefix("features."): v for k, v in full.items() if k.startswith("features.")}
-        if not state:
-            raise ValueError(f"{source}: no 'features.*' keys; expected a torchvision DenseNet-121 state dict")
+        weights = DenseNet121_Weights.IMAGENET1K_V1
+        try:
+            return densenet121(weights=weights).features.state_dict()
+        except OSError as e:  # URLError and socket errors: no internet, a proxy, a firewall
+            raise ValueError(
+                f"cannot download the ImageNet weights ({getattr(e, 'reason', None) or e}) from {weights.url}: "
+                "download that file on a machine with internet and pass it as --imagenet FILE") from None
+    full = torch.load(Path(source), map_location="cpu", weights_only=True)
+    state = {k.removeprefix("features."): v for k, v in full.items() if k.startswith("features.")}
+    if not state:
+        raise ValueError(f"{source}: no 'features.*' keys; expected a torchvision DenseNet-121 state dict")
+    return state
+
+
+def load_imagenet_backbone(model: CxrFusionNet, source: "str | dict" = "torchvision") -> None:
+    """Initialise the DenseNet-121 backbone from ImageNet weights: ``source`` as
+    :func:`imagenet_backbone_state` takes it, or the state dict it returned."""
+    state = source if isinstance(source, dict) else imagenet_backbone_state(source)
     missing, unexpected = model.backbone.load_state_dict(state, strict=False)
     # norm5 is kept in the backbone module but unused; the dense blocks must all load.
     if [k for k in missing if not k.startswith("norm5")] or unexpected:

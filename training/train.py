@@ -7,6 +7,7 @@ DistributedDataParallel (NCCL on CUDA, gloo on CPU); rank 0 alone writes files.
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
@@ -22,8 +23,9 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
 from cxr_batch.device import pick_device
+from cxr_batch.files import atomic_write_bytes
 from cxr_batch.findings import FINDINGS
-from cxr_batch.model import build_model, load_imagenet_backbone
+from cxr_batch.model import build_model, imagenet_backbone_state, load_imagenet_backbone
 from cxr_batch.patient import PatientEncoding
 
 from . import metrics
@@ -123,6 +125,35 @@ def epoch_metrics(y: np.ndarray, p: np.ndarray) -> dict:
 
 
 # ---------------------------------------------------------------- main
+def save_atomic(obj, path: Path) -> None:
+    """``torch.save`` that leaves the old file or the new one, never half of one: a Ctrl-C while
+    a checkpoint is written must not cost the epochs it holds (``--resume`` reads it)."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def check_out_folder(out: Path, resume: bool) -> None:
+    """Refuse an --out that would overwrite weights: a bundle or a folder of bundles (such as the
+    bundled ``weights/``), or an earlier run's checkpoint or bundle unless ``--resume`` says to
+    continue it. Raises ValueError before anything is read or written."""
+    from cxr_batch.bundle import MANIFEST_FILE
+
+    bundles = [p.parent for p in out.glob(f"*/{MANIFEST_FILE}") if p.parent.name != "bundle"]
+    if (out / MANIFEST_FILE).is_file() or bundles:
+        named = ", ".join(p.name for p in bundles[:3]) or out.name
+        raise ValueError(f"--out {out} is a weights bundle or holds bundles ({named}): training would overwrite "
+                         "weights there; choose another --out (a new run folder)")
+    if resume:
+        return
+    if (out / "bundle" / MANIFEST_FILE).is_file():
+        raise ValueError(f"--out {out} holds a finished run (its bundle in {out / 'bundle'}): choose another --out, "
+                         "or remove that folder to train there again")
+    if (out / "checkpoint.pt").is_file():
+        raise ValueError(f"--out {out} holds an interrupted run (checkpoint.pt): add --resume to continue it, "
+                         "or choose another --out to start over")
+
+
 def setup_distributed() -> tuple[int, int]:
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
@@ -133,8 +164,11 @@ def setup_distributed() -> tuple[int, int]:
 
 def main(cfg: TrainConfig, resume: bool = False) -> Path:
     """Run every stage; returns the run folder. Rank 0 writes all files."""
-    rank, world = setup_distributed()
     out = Path(cfg.out)
+    check_out_folder(out, resume)
+    # read before any work: a download that cannot happen fails now, not after the data stages
+    imagenet = imagenet_backbone_state(cfg.imagenet) if cfg.imagenet else None
+    rank, world = setup_distributed()
     torch.manual_seed(cfg.seed + rank)
     np.random.seed(cfg.seed)
     device = pick_device(cfg.device)
@@ -173,8 +207,8 @@ def main(cfg: TrainConfig, resume: bool = False) -> Path:
 
     # model, loss, optimizer, scheduler
     model = build_model(cfg.model)
-    if cfg.imagenet:
-        load_imagenet_backbone(model, cfg.imagenet)
+    if imagenet is not None:
+        load_imagenet_backbone(model, imagenet)
     if backbone is not None:
         from .backbones import load_backbone
 
@@ -238,12 +272,12 @@ def main(cfg: TrainConfig, resume: bool = False) -> Path:
                      "recall %(recall_macro).3f  F1 %(f1_macro).3f  AUC %(auc)s  lr %(lr).2g  %(seconds).1fs"
                      % {**row, "auc": auc_text(row["mean_auc"])} + ("  *best*" if improved else ""))
             if improved:
-                torch.save(scored.state_dict(), out / "model_classification.pt")
-            torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                        "lr_scheduler": scheduler.state_dict(), "ema": ema.state_dict() if ema is not None else None,
-                        "epoch": epoch, "best": best, "history": history, "args": cfg.to_dict()}, ckpt_path)
-            torch.save(optimizer.state_dict(), out / "optimizer_classification.pt")
-            (out / HISTORY).write_text(json.dumps(history, indent=2) + "\n")
+                save_atomic(scored.state_dict(), out / "model_classification.pt")
+            save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                         "lr_scheduler": scheduler.state_dict(), "ema": ema.state_dict() if ema is not None else None,
+                         "epoch": epoch, "best": best, "history": history, "args": cfg.to_dict()}, ckpt_path)
+            save_atomic(optimizer.state_dict(), out / "optimizer_classification.pt")
+            atomic_write_bytes(out / HISTORY, (json.dumps(history, indent=2) + "\n").encode())
         out_of_time = cfg.time_limit_minutes and time.monotonic() - started > 60 * cfg.time_limit_minutes
         if world > 1:  # every rank must leave the loop together
             flag = torch.tensor([float(bool(out_of_time))], device=device if device.type == "cuda" else "cpu")

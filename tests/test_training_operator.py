@@ -1,0 +1,148 @@
+"""`cxr-batch train` in an unlucky operator's hands: a folder that lacks images or holds a
+corrupt one, an --out that already holds a bundle or a run, ImageNet weights without internet,
+Ctrl-C in the middle of an epoch. Each gets one clear line, and no bundle is overwritten or
+left half-written. Tiny real runs (quick.toml, 64 px, 1-2 epochs)."""
+
+import csv
+import hashlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from .conftest import REPO
+
+QUICK = REPO / "training" / "configs" / "quick.toml"
+
+
+def train_cmd(images, metadata, out, *extra):
+    return [sys.executable, "-m", "cxr_batch", "train", "--images", str(images), "--metadata", str(metadata),
+            "--out", str(out), "--config", str(QUICK), "--device", "cpu", *map(str, extra)]
+
+
+def train(images, metadata, out, *extra, env=None):
+    return subprocess.run(train_cmd(images, metadata, out, *extra), capture_output=True, text=True, timeout=600,
+                          env=env)
+
+
+def folder_digest(folder):
+    return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_an_out_that_is_a_bundle_or_a_folder_of_bundles_is_refused_and_left_as_it_was(nih, tmp_path):
+    weights = tmp_path / "weights"
+    shutil.copytree(REPO / "weights" / "cxr-fpn-v1", weights / "cxr-fpn-v1")
+    before = folder_digest(weights)
+    for out in (weights / "cxr-fpn-v1", weights):
+        for extra in ((), ("--resume",)):
+            proc = train(nih / "images", nih / "labels.csv", out, *extra)
+            assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+            assert "weights bundle" in proc.stderr and "another --out" in proc.stderr, proc.stderr
+    assert folder_digest(weights) == before
+
+
+def test_imagenet_download_without_internet_is_one_line_before_any_work(nih, tmp_path):
+    # the download goes to a proxy that refuses every connection: nothing leaves this machine
+    env = {**os.environ, "TORCH_HOME": str(tmp_path / "torch"), "https_proxy": "http://127.0.0.1:9",
+           "HTTPS_PROXY": "http://127.0.0.1:9", "no_proxy": "", "NO_PROXY": ""}
+    proc = train(nih / "images", nih / "labels.csv", tmp_path / "run", "--imagenet", "torchvision", env=env)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    error = [line for line in proc.stderr.splitlines() if line.startswith("cxr-batch: error:")]
+    assert len(error) == 1 and "ImageNet" in error[0] and "--imagenet FILE" in error[0], proc.stderr
+    assert not (tmp_path / "run" / "prepared.csv").exists()  # refused before the data was touched
+
+
+def test_missing_and_corrupt_training_images_are_reported_not_a_traceback(nih, tmp_path):
+    names = sorted(p.name for p in (nih / "images").glob("*.png"))[:60]
+    images = tmp_path / "images"
+    images.mkdir()
+    for name in names:
+        (images / name).symlink_to(nih / "images" / name)
+    # two images the run keeps whatever the split (balancing thins 'No Finding' and Atelectasis-only images)
+    labels = {row[0]: row[1] for row in csv.reader((nih / "labels.csv").read_text().splitlines())}
+    zero, truncated = [n for n in names if labels[n] not in ("No Finding", "Atelectasis")][2:4]
+    (images / zero).unlink()
+    (images / zero).write_bytes(b"")
+    (images / truncated).unlink()
+    (images / truncated).write_bytes((nih / "images" / truncated).read_bytes()[:3000])
+    run = tmp_path / "run"
+    proc = train(images, nih / "labels.csv", run, "--limit", 60)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    n_rows = len((nih / "labels.csv").read_text().splitlines()) - 1
+    assert f"{n_rows - 60} of {n_rows} rows of {nih / 'labels.csv'} name images not in {images}" in proc.stderr
+    assert "2 images cannot be read" in proc.stderr and "unreadable_images.txt" in proc.stderr, proc.stderr
+    listed = (run / "unreadable_images.txt").read_text().split("\n")
+    assert {line.split("\t")[0] for line in listed if line} == {zero, truncated}
+    assert zero not in proc.stderr and not (run / "bundle").exists()  # the log names no file
+
+
+@pytest.mark.slow
+def test_ctrl_c_mid_epoch_then_the_same_command_resumes_and_a_finished_run_is_not_overwritten(nih, tmp_path):
+    run = tmp_path / "run"
+    cmd = train_cmd(nih / "images", nih / "labels.csv", run, "--epochs", 3, "--limit", 200)
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
+    try:
+        lines = []
+        for line in proc.stderr:  # epoch 1 finished and checkpointed: interrupt in the middle of the next
+            lines.append(line)
+            if "epoch 1 " in line:
+                deadline = time.monotonic() + 60
+                while not (run / "checkpoint.pt").exists() and time.monotonic() < deadline:
+                    time.sleep(0.1)
+                time.sleep(0.5)
+                proc.send_signal(signal.SIGINT)
+                break
+        rest = proc.communicate(timeout=120)[1]
+    finally:
+        proc.kill()
+    stderr = "".join(lines) + rest
+    assert proc.returncode == 130 and "Traceback" not in stderr, stderr[-2000:]
+    assert "interrupted" in stderr and "--resume" in stderr
+    assert not (run / "bundle" / "manifest.json").exists()
+
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=600)  # the same command: refused
+    assert again.returncode == 1 and "--resume" in again.stderr and "Traceback" not in again.stderr, again.stderr
+    resumed = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0 and "resumed after epoch 1" in resumed.stderr, resumed.stderr[-2000:]
+    bundle = folder_digest(run / "bundle")
+
+    once_more = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert once_more.returncode == 1 and "holds a finished run" in once_more.stderr, once_more.stderr[-2000:]
+    assert folder_digest(run / "bundle") == bundle
+
+
+class Interrupt:
+    def __reduce__(self):
+        raise KeyboardInterrupt  # Ctrl-C while the object is written
+
+
+def test_a_checkpoint_interrupted_while_written_keeps_the_previous_one(tmp_path):
+    import torch
+
+    from training.train import load_checkpoint, save_atomic
+
+    path = tmp_path / "checkpoint.pt"
+    earlier = {"model": {"w": torch.ones(3)}, "optimizer": {}, "lr_scheduler": {}, "epoch": 4}
+    save_atomic(earlier, path)
+    with pytest.raises(KeyboardInterrupt):
+        save_atomic({**earlier, "epoch": 5, "extra": Interrupt()}, path)
+    assert load_checkpoint(path, "cpu")["epoch"] == 4
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]  # no temporary file left
+
+
+def test_an_image_size_the_network_cannot_take_is_refused_before_any_work(nih, tmp_path):
+    """The CLI refuses --image-size under 32; a TOML's [preprocessing] image_size must be held to the
+    same bound (at 16 px DenseNet's last pooling has nothing left: a traceback after the data stages)."""
+    config = tmp_path / "tiny.toml"
+    config.write_text(QUICK.read_text().replace("image_size = 64", "image_size = 16"))
+    cmd = train_cmd(nih / "images", nih / "labels.csv", tmp_path / "run")
+    cmd[cmd.index(str(QUICK))] = str(config)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert "image_size" in proc.stderr and "32" in proc.stderr
+    assert not (tmp_path / "run" / "prepared.csv").exists()
