@@ -758,7 +758,8 @@ def monitor(results, out, reference, window, alpha, min_studies, debug):
               help="Official train_val_list.txt and test_list.txt.")
 @click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="TOML file of training options (see training/config.py).")
-@click.option("--epochs", type=click.IntRange(0), help="Training epochs; 0 evaluates and exports --init-weights.")
+@click.option("--epochs", type=click.IntRange(0),
+              help="Training epochs; 0 evaluates and exports --init-weights.  [default: 15]")
 @click.option("--image-size", type=click.IntRange(32), help="Model input size in pixels.  [default: 224]")
 @click.option("--batch-size", type=click.IntRange(1), help="Images per training step.  [default: 160]")
 @click.option("--limit", type=click.IntRange(1), help="Use only the first N images of the metadata.")

@@ -146,3 +146,18 @@ def test_an_image_size_the_network_cannot_take_is_refused_before_any_work(nih, t
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert "image_size" in proc.stderr and "32" in proc.stderr
     assert not (tmp_path / "run" / "prepared.csv").exists()
+
+
+def test_train_help_states_the_defaults_the_run_uses():
+    from click.testing import CliRunner
+
+    from cxr_batch.cli import main
+    from training.config import TrainConfig
+
+    text = " ".join(CliRunner().invoke(main, ["train", "--help"]).output.split())
+    cfg = TrainConfig()
+    for option, value, following in (("--epochs", cfg.epochs, "--image-size"),
+                                     ("--image-size", cfg.preprocessing.image_size, "--batch-size"),
+                                     ("--batch-size", cfg.batch_size, "--limit"), ("--device", cfg.device, "--resume")):
+        shown = text.split(f" {option} ", 1)[1].split(f" {following} ", 1)[0]
+        assert f"[default: {value}]" in shown, (option, shown)
