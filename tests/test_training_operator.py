@@ -161,3 +161,15 @@ def test_train_help_states_the_defaults_the_run_uses():
                                      ("--batch-size", cfg.batch_size, "--limit"), ("--device", cfg.device, "--resume")):
         shown = text.split(f" {option} ", 1)[1].split(f" {following} ", 1)[0]
         assert f"[default: {value}]" in shown, (option, shown)
+
+
+def test_a_misspelt_finding_names_the_table_and_the_known_findings_before_any_work(nih, tmp_path):
+    rows = (nih / "labels.csv").read_text().splitlines()
+    rows[1] = rows[1].replace("Cardiomegaly", "Cardiomegally", 1)
+    assert "Cardiomegally" in rows[1]
+    metadata = tmp_path / "labels.csv"
+    metadata.write_text("\n".join(rows) + "\n")
+    proc = train(nih / "images", metadata, tmp_path / "run")
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert f"{metadata}: unknown finding 'Cardiomegally'" in proc.stderr and "Pneumothorax" in proc.stderr
+    assert not (tmp_path / "run" / "prepared.csv").exists()

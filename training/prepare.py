@@ -187,6 +187,10 @@ def prepare(cfg: TrainConfig, out: Path) -> pd.DataFrame:
                     n_rows, cfg.metadata, cfg.images, len(df))
     if cfg.limit:
         df = df.iloc[: cfg.limit].reset_index(drop=True)
+    try:  # a misspelt finding: say in which table, and what it could have been
+        multi_hot(df["labels"])
+    except ValueError as e:
+        raise ValueError(f"{cfg.metadata}: {e}; the findings are No Finding, {', '.join(FINDINGS)}") from None
     n_read = len(df)
     if cfg.split_lists:
         # The official test list is a fixed benchmark: split first and thin only the training
