@@ -651,7 +651,7 @@ class Watcher:
         if not outcomes:
             return
         self.worklist_due = True
-        if self.csv_whole or any(o.action == "replaced" for o in outcomes):
+        if self.csv_whole or any(o.action == "replaced" or o.annotated for o in outcomes):
             self.publish_whole()
             return
         fresh = [(o.key, o.record) for o in outcomes if o.action == "new"]

@@ -274,7 +274,8 @@ def test_a_correction_that_cannot_be_read_leaves_the_result_it_corrects_and_says
                                                                                    small_bundle):
     """A corrected version of an instance cut short in transfer (its header, so its UID, is
     readable) is an error, and an error never replaces a result: the first result stays the one
-    row, nothing is superseded, and the log says the later version failed and what stands."""
+    row, nothing is superseded, and the log says the later version failed and what stands. The
+    row says so too (it said nothing: a reader of results.csv could not know a correction came)."""
     incoming, out = tmp_path / "in", tmp_path / "out"
     incoming.mkdir()
     first = write(incoming / "IM1.dcm", grey(nih_images[0]), PatientID="FIRST")
@@ -290,7 +291,10 @@ def test_a_correction_that_cannot_be_read_leaves_the_result_it_corrects_and_says
     finally:
         assert stop(daemon) == 0
     log = daemon.stderr.read()
-    assert [(r["patient_id"], r["status"]) for r in rows_now(out)] == [("FIRST", "ok")]
+    (row,) = rows_now(out)
+    assert (row["patient_id"], row["status"]) == ("FIRST", "ok")
+    assert "a later version of this instance could not be read" in row["notes"], row["notes"]
+    assert "this result is of the earlier version" in row["notes"]
     assert status(out)["superseded"] == 0
     kept = [line for line in log.splitlines() if "status=error" in line and "an earlier result is kept" in line]
     assert len(kept) == 1 and "CORRECTION" not in log, log[-2000:]
