@@ -384,6 +384,30 @@ def test_an_out_folder_inside_a_state_folder_gets_a_suggestion_for_that_command(
         assert f"e.g. --out {tmp_path / suggested}" in str(refused.value) and "cxr-pull" not in str(refused.value)
 
 
+def test_a_pull_by_c_get_does_not_need_the_port_free(archive, urgent_bundle, tmp_path):
+    """C-GET comes back on the query's association: nothing listens on --port, so a port another
+    program holds (the site's own `cxr-batch listen` on the default 11112, say) must not stop a
+    pull by C-GET (it did: "cannot listen on 127.0.0.1:11112")."""
+    import socket
+
+    frontal, _ = archive
+    pacs = ScriptedPACS([frontal["explicit"]], ae_title="QRPACS")
+    holder = socket.socket()
+    try:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        done = cli("pull", "--from", f"QRPACS@127.0.0.1:{pacs.port}", "--since", "2000-01-01", "--retrieve", "get",
+                   "--port", holder.getsockname()[1], "--out", tmp_path / "out", "--no-pdf", "--weights",
+                   urgent_bundle, "--device", "cpu", "--precision", "fp32", "--workers", "0")
+    finally:
+        holder.close()
+        pacs.close()
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "cannot listen" not in done.stderr and "1 image(s) retrieved" in done.stderr
+    rows = (tmp_path / "out" / "results.csv").read_text().splitlines()[1:]
+    assert len(rows) == 1 and pydicom.dcmread(frontal["explicit"]).SOPInstanceUID in rows[0]
+
+
 @pytest.mark.parametrize("refuses", [False, True], ids=["ignores", "refuses"])
 def test_a_pacs_ignoring_modalities_in_study_is_filtered_by_series_modality(archive, urgent_bundle, tmp_path,
                                                                             refuses):

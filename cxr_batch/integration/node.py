@@ -463,10 +463,15 @@ class Node(Watcher):
     def __init__(self, out: Path, cfg: ListenConfig, stop=None):
         tls = cfg.tls_context()  # bad files stop the start before the model loads
         cfg.send_tls_context()
-        check_address(cfg.host, cfg.port)  # ...and so does a port in use, before any folder is made
+        if self.receives_on_port(cfg):
+            check_address(cfg.host, cfg.port)  # ...and so does a port in use, before any folder is made
         super().__init__(Path(out) / STATE_DIR / SPOOL, out, cfg, stop)
         self.spool = Spool(self.watch_dir)
         self.scp = StorageSCP(cfg, self.spool, lambda path: self.events.put(str(path)), tls)
+
+    def receives_on_port(self, cfg: ListenConfig) -> bool:
+        """Whether objects arrive on ``cfg.port`` (so it must be free); a pull by C-GET says no."""
+        return True
 
     # ------------------------------------------------------------------ lifecycle hooks
     def check_folders(self) -> None:

@@ -473,6 +473,9 @@ class Puller(Node):
         self._complete_cache = False
 
     # ------------------------------------------------------------------ the daemon's hooks
+    def receives_on_port(self, cfg: PullConfig) -> bool:
+        return cfg.retrieve == "move"  # C-GET: the objects come back on the query's association
+
     def listen(self) -> None:
         if self.cfg.retrieve == "move":
             super().listen()  # before the first C-MOVE can reach us
