@@ -274,6 +274,21 @@ def test_pull_by_c_get_needs_no_move_destination(archive, urgent_bundle, make_or
         _check_orus(ris.received, some)
 
 
+def test_pull_by_c_get_takes_every_transfer_syntax_as_stored(archive, urgent_bundle, make_orthanc, tmp_path):
+    """Every frontal image of the archive (JPEG 2000, RLE, JPEG baseline... as the PACS stores
+    them) by C-GET. One presentation context per class with every syntax in it let Orthanc pick
+    explicit VR little endian for all, which it cannot transcode JPEG 2000 to: that image failed
+    every pull ("1 retrieval failure(s)", exit 3)."""
+    frontal, _ = archive
+    pacs = make_orthanc()
+    _upload(pacs, frontal.values())
+    done = pull(pacs, free_port(), tmp_path / "out", urgent_bundle, "--retrieve", "get")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"{len(frontal)} image(s) retrieved" in done.stderr and "0 retrieval failure(s)" in done.stderr
+    rows = (tmp_path / "out" / "results.csv").read_text().splitlines()[1:]
+    assert len(rows) == len(frontal) and all(",ok," in row for row in rows)
+
+
 def test_a_pull_killed_midway_then_run_again_finishes_the_rest_once(archive, urgent_bundle, make_orthanc, tmp_path):
     frontal, others = archive
     port = free_port()
