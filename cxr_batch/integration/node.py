@@ -427,8 +427,18 @@ class StorageSCP:
         self._count("rejected_associations")
         rsp = event.assoc.acceptor.primitive
         reason = getattr(rsp, "reason_str", "") if rsp is not None else ""
-        log.warning("association from %s at %s rejected: %s", self.shown(event.assoc.requestor.ae_title, 16),
-                    self.shown(event.assoc.requestor.address), reason or "refused")
+        log.warning("association from %s at %s rejected: %s%s", self.shown(event.assoc.requestor.ae_title, 16),
+                    self.shown(event.assoc.requestor.address), reason or "refused", self._rejection_hint(reason))
+
+    def _rejection_hint(self, reason: str) -> str:
+        """What to change for the two rejections an operator's configuration causes."""
+        reason = reason.lower()
+        if "calling ae title" in reason:
+            return (f" (not in the allow-list (--allow, allow): {', '.join(self.cfg.allow)}; add the sender's "
+                    f"title there, or have it call as one of those)")
+        if "called ae title" in reason:
+            return f" (the sender must call us as {self.cfg.ae_title} (--ae-title))"
+        return ""
 
     def on_close(self, event) -> None:
         from .bounded import discard_partial_object
