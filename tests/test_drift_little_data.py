@@ -53,9 +53,16 @@ def test_a_window_smaller_than_min_studies_is_no_verdict(scored, tmp_path, n):
     assert code == exit_codes.FATAL, stderr
     assert "too few" in stderr and "--min-studies" in stderr, stderr
     assert "0 window(s) tested" in stderr and "1 too small" in stderr, stderr
+    assert "longer --window" not in stderr, stderr  # the window holds every study: only more studies help
     report = report_of(tmp_path / "m")
     assert report["exit_code"] == exit_codes.FATAL and report["alarms"] == []
     assert report["models"][0]["windows"][0]["too_small"]
+
+
+def test_windows_too_short_for_enough_studies_suggest_a_longer_window(scored, tmp_path):
+    """25 scored studies in windows of 10: a longer --window would hold the 20 a verdict needs."""
+    code, stderr = here("monitor", scored, "--out", tmp_path / "m", "--window", "10")
+    assert code == exit_codes.FATAL and "no verdict" in stderr and "longer --window" in stderr, stderr
 
 
 def test_a_last_window_too_small_is_said_and_the_others_decide(scored, tmp_path):
