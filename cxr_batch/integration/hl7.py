@@ -53,6 +53,7 @@ VERSION = "2.5"
 SENDING_APPLICATION = "CXRBATCH"
 START_BLOCK, END_BLOCK = b"\x0b", b"\x1c\x0d"
 MAX_ACK_BYTES = 1 << 20  # an ACK is a few hundred bytes; a peer that streams more is not a RIS
+ACK_SEGMENT_CHARS = 1024  # of the MSH and the MSA read from an ACK (MSA-3 is 80 characters in v2.5)
 LOCAL_CODES = "99CXRBATCH"  # the private coding scheme of the DICOM SR, for the same concepts
 PROCEDURE = "399208008^Plain chest X-ray^SCT"  # as the SR's Procedure Reported
 PRIORITY_OBSERVATION = f"PRIORITY^Triage priority^{LOCAL_CODES}"
@@ -75,7 +76,8 @@ class Endpoint:
 
     @classmethod
     def parse(cls, text: str) -> "Endpoint":
-        m = re.match(r"^(?P<host>\[[0-9A-Fa-f:.]+\]|[^:\[\]@\s]+):(?P<port>\d{1,5})$", text.strip())
+        # ASCII only: \d alone takes any script's digits, and a host name is letters, digits, . _ -
+        m = re.match(r"^(?P<host>\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+):(?P<port>\d{1,5})$", text.strip(), re.ASCII)
         if m is None:
             raise ValueError(f"{text!r}: expected HOST:PORT, e.g. ris.example.org:2575")
         port = int(m["port"])
@@ -281,7 +283,15 @@ def read_ack(text: str) -> Ack:
     from hl7apy.exceptions import HL7apyException
     from hl7apy.parser import parse_message
 
-    text = text.replace("\n", "\r").strip("\r")
+    segments = [s for s in text.replace("\n", "\r").split("\r") if s]
+    if not segments or not segments[0].startswith("MSH"):
+        raise ValueError("not an HL7 ACK (it does not begin with an MSH segment)")
+    msa = next((s for s in segments if s.startswith("MSA")), None)
+    if msa is None:
+        raise ValueError("an ACK without an MSA segment")
+    # only what is read: hl7apy's parser takes time quadratic in the segments, components and
+    # repetitions of what it is given (minutes for an ACK of 600 kB), an ACK a few hundred bytes
+    text = "\r".join(s[:ACK_SEGMENT_CHARS] for s in (segments[0], msa))
     try:
         message = parse_message(text, validation_level=VALIDATION_LEVEL.TOLERANT, find_groups=False)
         msa = message.msa

@@ -52,10 +52,11 @@ def check_targets(cfg, where: str) -> None:
         except ValueError as e:
             raise ConfigError(f"{where}.hl7_to: {e}") from None
     if cfg.stow_to:
+        from .dicomweb import url_problem
+
+        if problem := url_problem(cfg.stow_to):
+            raise ConfigError(f"{where}.stow_to: {problem}")
         parts = urlsplit(cfg.stow_to)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ConfigError(f"{where}.stow_to: {cfg.stow_to!r} is not an http(s) URL, e.g. "
-                              f"https://pacs.example.org/dicom-web/")
         if parts.username or parts.password:
             raise ConfigError(f"{where}.stow_to: no credentials in the URL (other users can read command lines); "
                               f"put them in the [dicomweb] table of the configuration file")

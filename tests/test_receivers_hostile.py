@@ -1,0 +1,207 @@
+"""The RIS and the DICOMweb archive as hostile or broken peers, and the operator's typos about
+them: a STOW-RS answer that redirects elsewhere or never ends, a receiver address that cannot
+be right. Each must end in a clear error or a retry, never in a result sent somewhere else, a
+process holding unbounded memory, or a scan scored for nothing."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+from cxr_batch.config import ConfigError
+from cxr_batch.integration import dicomweb
+from cxr_batch.integration.dicomweb import DicomWebConfig, store_dataset
+from cxr_batch.integration.hl7 import MAX_ACK_BYTES, Endpoint, send_message
+
+COMPREHENSIVE_SR = "1.2.840.10008.5.1.4.1.1.88.33"
+
+
+def _object() -> Dataset:
+    """A small DICOM object to store (what it holds does not matter to the archive's answer)."""
+    ds = Dataset()
+    ds.SOPClassUID, ds.SOPInstanceUID = COMPREHENSIVE_SR, generate_uid()
+    ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.Modality = generate_uid(), generate_uid(), "SR"
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID, ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPClassUID, ds.SOPInstanceUID
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    return ds
+
+
+class _Peer(BaseHTTPRequestHandler):
+    """Answers each POST with the server's ``answer(handler)``; counts the POSTs received."""
+
+    protocol_version = "HTTP/1.1"
+
+    def do_POST(self):
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        self.server.posts += 1
+        self.server.answer(self)
+
+    def log_message(self, *args):
+        pass
+
+
+class _Server:
+    def __init__(self, answer):
+        self.http = ThreadingHTTPServer(("127.0.0.1", 0), _Peer)
+        self.http.posts, self.http.answer = 0, answer
+        self.thread = threading.Thread(target=self.http.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.http.server_address[1]}/dicom-web"
+
+    def __enter__(self) -> "_Server":
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.http.shutdown()
+        self.http.server_close()
+        self.thread.join(10)
+
+
+def _stored(handler: BaseHTTPRequestHandler) -> None:
+    """An archive that stores everything: 200 with a Referenced SOP Sequence naming nothing in
+    particular (enough to count as an answer)."""
+    body = b"{}"
+    handler.send_response(200)
+    handler.send_header("Content-Type", "application/dicom+json")
+    handler.send_header("Content-Length", str(len(body)))
+    handler.end_headers()
+    handler.wfile.write(body)
+
+
+@pytest.mark.parametrize("status", [301, 302, 307, 308])
+def test_a_stow_rs_redirected_to_another_host_sends_nothing_there(status):
+    """A proxy or a moved archive answering a redirect: requests followed it by default, so a
+    307/308 re-posted the result (patient data) to whatever host the Location named, over plain
+    http if it said so. A redirect is now a retry that names where it points: the operator
+    fixes --stow-to."""
+    with _Server(_stored) as elsewhere:
+        def redirect(handler):
+            handler.send_response(status)
+            handler.send_header("Location", elsewhere.url + "/studies")
+            handler.send_header("Content-Length", "0")
+            handler.end_headers()
+
+        with _Server(redirect) as archive:
+            delivery = store_dataset(_object(), DicomWebConfig(url=archive.url, timeout=10))
+            assert archive.http.posts == 1
+        assert elsewhere.http.posts == 0
+    assert delivery.outcome == "retry", delivery
+    assert f"redirect (HTTP {status})" in delivery.reason and elsewhere.url in delivery.reason, delivery.reason
+
+
+@pytest.mark.parametrize("length", ["declared", "chunked"])
+def test_a_stow_rs_answer_larger_than_any_real_one_is_not_read_whole(monkeypatch, length):
+    """A peer answering a STOW-RS with an endless body: requests read it all into memory before
+    dicomweb-client looked at it. Now at most MAX_RESPONSE_BYTES are read, and the delivery is
+    a retry saying so."""
+    monkeypatch.setattr(dicomweb, "MAX_RESPONSE_BYTES", 64 * 1024)
+    chunk = b"[" + b"0," * 32 * 1024
+
+    def endless(handler):
+        handler.send_response(200)
+        handler.send_header("Content-Type", "application/dicom+json")
+        if length == "declared":
+            handler.send_header("Content-Length", str(1 << 40))
+        else:
+            handler.send_header("Transfer-Encoding", "chunked")
+        handler.end_headers()
+        try:
+            for _ in range(200):  # 13 MB at most, so a test that fails ends too
+                payload = chunk if length == "declared" else b"%x\r\n%s\r\n" % (len(chunk), chunk)
+                handler.wfile.write(payload)
+        except OSError:  # the client hung up: what the test wants
+            pass
+        handler.close_connection = True
+
+    with _Server(endless) as archive:
+        delivery = store_dataset(_object(), DicomWebConfig(url=archive.url, timeout=10))
+    assert delivery.outcome == "retry" and "larger than" in delivery.reason, delivery
+
+
+@pytest.mark.parametrize("url, says", [
+    ("http://pacs:70000/dicom-web", "port"), ("http://pacs:0/dicom-web", "port"),
+    ("http://pacs:port/dicom-web", "port"), ("https://pacs.example.org:-5/dw", "port"),
+    ("http://pa cs/dicom-web", "host"), ("http://pacs\x01/dicom-web", "host"),
+    ("http://[::1/dicom-web", "IPv6"), ("http://pacs/dicom-web?x=1", "query"),
+])
+def test_a_stow_url_that_cannot_be_right_is_refused_by_the_configuration(url, says):
+    with pytest.raises(ConfigError, match=says):
+        DicomWebConfig(url=url)
+    assert DicomWebConfig(url="http://[::1]:8042/dicom-web").url  # IPv6, a port: fine
+    assert DicomWebConfig(url="https://pacs-01.example.org/dicom-web/").url
+
+
+@pytest.mark.parametrize("url", ["http://pacs:70000/dicom-web", "http://pa cs/dicom-web", "http://pacs:port/dw"])
+def test_scan_with_a_stow_url_typo_exits_2_before_scoring(tmp_path, url):
+    """Before: the scan scored every image and queued its results for a URL no request can
+    reach; each send failed, and the queue retried it for ever."""
+    (tmp_path / "in").mkdir()
+    done = subprocess.run([sys.executable, "-m", "cxr_batch", "scan", str(tmp_path / "in"), "-o",
+                           str(tmp_path / "out"), "--stow-to", url], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert "stow_to" in done.stderr and "Traceback" not in done.stderr
+    assert not (tmp_path / "out" / "results.csv").exists()
+
+
+@pytest.mark.parametrize("text", ["ris:２５７５", "ris:٢٥٧٥", "ris\x1b:2575", "ris,example.org:2575", "ris/x:2575"])
+def test_an_hl7_endpoint_with_other_digits_or_odd_characters_is_refused(text):
+    """``\\d`` matched any Unicode digit and the host any character but ':', '@' and spaces."""
+    with pytest.raises(ValueError):
+        Endpoint.parse(text)
+    assert Endpoint.parse("ris-01.example.org:2575") == Endpoint("ris-01.example.org", 2575)
+    assert Endpoint.parse("ris_host:2575").host == "ris_host"  # underscores are common in hospital names
+
+
+# ------------------------------------------------------------------ a RIS answering a monster ACK
+MESSAGE = "MSH|^~\\&|CXRBATCH||||20240101120000||ORU^R01^ORU_R01|0123456789ABCDEF0123|P|2.5\rPID|1||X\r"
+
+
+@pytest.mark.parametrize("padding", ["ERR|x\r" * 150_000, "NTE|" + "^" * 400_000 + "\r", "NTE|" + "a~" * 300_000 + "\r"])
+def test_an_ack_padded_within_the_size_limit_is_read_in_moments(padding):
+    """An ACK under MAX_ACK_BYTES made of many segments, components or repetitions took
+    hl7apy's parser 70 to 120 s of a core (quadratic): a RIS answering so held the HL7 sender
+    and a CPU for minutes per message, at every retry. Only the MSH and the first MSA are
+    read now."""
+    from tests.ris import ack
+    from tests.test_hl7 import _raw_peer
+
+    framed = ack("0123456789ABCDEF0123", "AA").removesuffix("\x1c\r")
+    head, msa = framed.rsplit("MSA", 1)
+    answer = (head + padding + "MSA" + msa + "\x1c\r").encode()
+    assert len(answer) < MAX_ACK_BYTES
+    server, thread = _raw_peer([answer])
+    with server:
+        t0 = time.monotonic()
+        delivery = send_message(MESSAGE, Endpoint("127.0.0.1", server.getsockname()[1]), timeout=30)
+        elapsed = time.monotonic() - t0
+        thread.join(10)
+    assert delivery.ok, delivery
+    assert elapsed < 10, elapsed
+
+
+def test_an_ack_is_still_its_first_msa_and_needs_an_msh():
+    from tests.test_hl7 import _raw_peer
+
+    control = "0123456789ABCDEF0123"
+    for answer, outcome, says in (
+            (f"MSA|AA|{control}\r", "retry", "unreadable ACK"),  # no MSH
+            (f"MSH|^~\\&|RIS||||2024||ACK|1|P|2.5\rERR|x\r", "retry", "unreadable ACK"),  # no MSA
+            (f"MSH|^~\\&|RIS||||2024||ACK|1|P|2.5\rMSA|AE|{control}|busy\rMSA|AA|{control}\r", "retry", "busy"),
+            (f"MSH|^~\\&|RIS||||2024||ACK|1|P|2.5\rMSA|AA|{control}|{'x' * 5000}\r", "delivered", "AA"),
+            (f"MSH|^~\\&|RIS||||2024||ACK|1|P|2.5\rMSA|AA|{'9' * 3000}{control}\r", "retry", "ACK for message")):
+        server, thread = _raw_peer([b"\x0b" + answer.encode() + b"\x1c\r"])
+        with server:
+            delivery = send_message(MESSAGE, Endpoint("127.0.0.1", server.getsockname()[1]), timeout=10)
+            thread.join(10)
+        assert delivery.outcome == outcome and says in delivery.reason, (answer[:80], delivery)
