@@ -5,11 +5,13 @@ process holding unbounded memory, or a scan scored for nothing."""
 
 from __future__ import annotations
 
+import ssl
 import subprocess
 import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
@@ -18,6 +20,7 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from cxr_batch.config import ConfigError
 from cxr_batch.integration import dicomweb
 from cxr_batch.integration.dicomweb import DicomWebConfig, store_dataset
+from tests.dicomgen import have
 from cxr_batch.integration.hl7 import MAX_ACK_BYTES, Endpoint, send_message
 
 COMPREHENSIVE_SR = "1.2.840.10008.5.1.4.1.1.88.33"
@@ -49,14 +52,19 @@ class _Peer(BaseHTTPRequestHandler):
 
 
 class _Server:
-    def __init__(self, answer):
+    def __init__(self, answer, tls: tuple[Path, Path] | None = None):
         self.http = ThreadingHTTPServer(("127.0.0.1", 0), _Peer)
         self.http.posts, self.http.answer = 0, answer
+        self.scheme = "https" if tls else "http"
+        if tls:
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            context.load_cert_chain(certfile=tls[1], keyfile=tls[0])
+            self.http.socket = context.wrap_socket(self.http.socket, server_side=True)
         self.thread = threading.Thread(target=self.http.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.http.server_address[1]}/dicom-web"
+        return f"{self.scheme}://127.0.0.1:{self.http.server_address[1]}/dicom-web"
 
     def __enter__(self) -> "_Server":
         self.thread.start()
@@ -98,6 +106,34 @@ def test_a_stow_rs_redirected_to_another_host_sends_nothing_there(status):
         assert elsewhere.http.posts == 0
     assert delivery.outcome == "retry", delivery
     assert f"redirect (HTTP {status})" in delivery.reason and elsewhere.url in delivery.reason, delivery.reason
+
+
+def _self_signed(folder: Path, name: str) -> tuple[Path, Path]:
+    key, cert = folder / f"{name}.key", folder / f"{name}.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", f"/CN={name}",
+                    "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", key, "-out", cert], check=True,
+                   capture_output=True, timeout=60)
+    return key, cert
+
+
+@pytest.mark.skipif(not have("openssl"), reason="openssl not installed")
+def test_an_archive_whose_certificate_is_not_trusted_gets_nothing_whatever_the_environment(tmp_path, monkeypatch):
+    """An https archive with a certificate no trusted CA signed: a retry naming the failed
+    verification, the object never posted; an empty REQUESTS_CA_BUNDLE or CURL_CA_BUNDLE does
+    not turn verification off. The configuration's ca_bundle is what is trusted, even where the
+    environment names another bundle (as corporate machines often do)."""
+    archive_tls, other_tls = _self_signed(tmp_path, "archive"), _self_signed(tmp_path, "other")
+    with _Server(_stored, tls=archive_tls) as archive:
+        for variable in ("REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE"):
+            monkeypatch.setenv(variable, "")
+            delivery = store_dataset(_object(), DicomWebConfig(url=archive.url, timeout=10))
+            assert delivery.outcome == "retry" and "CERTIFICATE_VERIFY_FAILED" in delivery.reason, delivery
+            assert "ca_bundle" in delivery.reason
+        assert archive.http.posts == 0
+        monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(other_tls[1]))
+        trusted = DicomWebConfig(url=archive.url, timeout=10, ca_bundle=str(archive_tls[1]))
+        assert store_dataset(_object(), trusted).ok
+        assert archive.http.posts == 1
 
 
 @pytest.mark.parametrize("length", ["declared", "chunked"])

@@ -160,8 +160,7 @@ class StowClient:
         from dicomweb_client.api import DICOMwebClient  # imported only where results are stored
 
         self.config = config
-        session = requests.Session()
-        session.verify = config.ca_bundle or True
+        session = _session(config.ca_bundle)
         if config.token:
             session.headers["Authorization"] = f"Bearer {config.token}"
         elif config.username:
@@ -187,6 +186,10 @@ class StowClient:
             return self._failed(uid, Delivery.retry(str(e)))
         except requests.HTTPError as e:
             return self._refused(uid, e.response)
+        except requests.exceptions.SSLError as e:  # the archive's certificate (or TLS) refused
+            said = re.search(r"\[SSL[^\]]*\][^'\")]*", str(e))
+            return self._failed(uid, Delivery.retry(
+                f"TLS with {self._where} failed: {said[0] if said else e} (is its CA the [dicomweb] ca_bundle?)"))
         except requests.Timeout:
             return self._failed(uid, Delivery.retry(f"no answer from {self._where} within {self.config.timeout:g} s"))
         except requests.RequestException as e:  # connection refused, DNS, TLS
@@ -273,6 +276,24 @@ class StowClient:
         else:
             log.warning("not stored %s on %s: %s", uid, self._where, delivery.reason)
         return delivery
+
+
+def _session(ca_bundle: str):
+    """A requests session verifying certificates against ``ca_bundle`` (else the system's CAs):
+    requests lets REQUESTS_CA_BUNDLE or CURL_CA_BUNDLE, set machine-wide on many hospital
+    servers, take the place of the bundle the configuration names."""
+    import requests
+
+    class Session(requests.Session):
+        def merge_environment_settings(self, *args, **kwargs):
+            settings = super().merge_environment_settings(*args, **kwargs)
+            if ca_bundle:
+                settings["verify"] = ca_bundle
+            return settings
+
+    session = Session()
+    session.verify = ca_bundle or True
+    return session
 
 
 def _failure(reason) -> Delivery:
