@@ -187,9 +187,10 @@ class StowClient:
         except requests.HTTPError as e:
             return self._refused(uid, e.response)
         except requests.exceptions.SSLError as e:  # the archive's certificate (or TLS) refused
-            said = re.search(r"\[SSL[^\]]*\][^'\")]*", str(e))
+            said = re.search(r"\[SSL[^\]]*\][^'\"(]*", str(e))  # the reason, without requests' wrapping
             return self._failed(uid, Delivery.retry(
-                f"TLS with {self._where} failed: {said[0] if said else e} (is its CA the [dicomweb] ca_bundle?)"))
+                f"TLS with {self._where} failed: {said[0].strip() if said else e} (is its CA the [dicomweb] "
+                f"ca_bundle?)"))
         except requests.Timeout:
             return self._failed(uid, Delivery.retry(f"no answer from {self._where} within {self.config.timeout:g} s"))
         except requests.RequestException as e:  # connection refused, DNS, TLS
