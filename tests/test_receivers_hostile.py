@@ -241,3 +241,37 @@ def test_an_ack_is_still_its_first_msa_and_needs_an_msh():
             delivery = send_message(MESSAGE, Endpoint("127.0.0.1", server.getsockname()[1]), timeout=10)
             thread.join(10)
         assert delivery.outcome == outcome and says in delivery.reason, (answer[:80], delivery)
+
+
+# ------------------------------------------------------------------ a hostile DICOM header in the ORU
+from tests.test_hl7 import scored  # noqa: E402,F401  (fixture: real radiographs scored by the small bundle)
+
+
+def test_control_characters_and_delimiters_in_a_header_stay_inside_their_fields(scored):  # noqa: F811
+    """MLLP's own bytes (0x0B, 0x1C), segment breaks (CR, LF) and HL7 delimiters in the patient
+    ID, name and accession number from a DICOM header: one message, the same segments as a
+    clean one, and hl7apy reads each value back in its own field."""
+    from dataclasses import replace
+
+    from hl7apy.consts import VALIDATION_LEVEL
+    from hl7apy.parser import parse_message
+
+    from cxr_batch.integration.hl7 import frame, oru_r01, unescape
+
+    records, bundle = scored
+    record = records["plain.dcm"]
+    hostile = replace(record, ids=replace(record.ids, patient_id="ID\r\x1c\rMSH|^~\\&|EVIL",
+                                          patient_name="Doe\nOBX|1|ST\x0b^Jane\x1c\x0d",
+                                          accession_number="A1\rPID|1||OTHER&~"))
+    clean, message = oru_r01(record, thresholds=bundle.thresholds), oru_r01(hostile, thresholds=bundle.thresholds)
+    segments = message.strip("\r").split("\r")
+    assert [s[:3] for s in segments] == [s[:3] for s in clean.strip("\r").split("\r")]
+    assert not any(c in message for c in "\n\x0b\x1c") and frame(message).count(b"\x1c") == 1
+    parsed = parse_message(message, validation_level=VALIDATION_LEVEL.STRICT, find_groups=True)
+    result = parsed.oru_r01_patient_result
+    def value(field):  # a control character is dropped or made a space: either way inside the field
+        return unescape(field.value).replace(" ", "")
+
+    assert value(result.oru_r01_patient.pid.pid_3.cx_1) == "IDMSH|^~\\&|EVIL"
+    assert value(result.oru_r01_patient.pid.pid_5.xpn_1) == "DoeOBX|1|ST"
+    assert value(result.oru_r01_order_observation.obr.obr_18) == "A1PID|1||OTHER&~"
