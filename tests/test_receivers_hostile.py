@@ -275,3 +275,47 @@ def test_control_characters_and_delimiters_in_a_header_stay_inside_their_fields(
     assert value(result.oru_r01_patient.pid.pid_3.cx_1) == "IDMSH|^~\\&|EVIL"
     assert value(result.oru_r01_patient.pid.pid_5.xpn_1) == "DoeOBX|1|ST"
     assert value(result.oru_r01_order_observation.obr.obr_18) == "A1PID|1||OTHER&~"
+
+
+# ------------------------------------------------------------------ a full disk as the ORUs are written
+def test_a_disk_full_while_writing_the_orus_loses_nothing_and_says_how_to_send_them(tmp_path, nih_images,
+                                                                                    small_bundle, monkeypatch):
+    """The disk fills while a scan's ORUs are written to OUT/hl7 (after scoring, before they
+    are queued). Before: an OSError ended `scan` with "error: OUT/hl7/.X.hl7.tmp: No space
+    left on device" (exit 1) and no word of what became of the results or how to send them.
+    Now the scan says the results were not sent and how to send them; results.csv is whole,
+    no temp file is left, and the same scan with --resume later sends each study once."""
+    import errno
+
+    from cxr_batch.integration import outbox
+    from cxr_batch.integration.outbox import send_after_scan
+    from cxr_batch.scan import ScanConfig, run_scan
+    from tests.dicomgen import grey, write
+    from tests.ris import RIS
+
+    studies = tmp_path / "studies"
+    for k, image in enumerate(nih_images[:3]):
+        write(studies / f"{k}.dcm", grey(image), PatientID=f"P{k}", AccessionNumber=f"A{k}")
+    out = tmp_path / "out"
+    written = []
+    real_write = outbox.atomic_write_bytes
+
+    def filling(path, data, *args, **kwargs):
+        if written:
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        written.append(path)
+        return real_write(path, data, *args, **kwargs)
+
+    with RIS("AA") as ris:
+        cfg = ScanConfig(weights=str(small_bundle), device="cpu", progress=False, batch_size=4, workers=0, pdf=False,
+                         hl7_to=str(ris.endpoint), send_wait=10)
+        run_scan(studies, out, cfg)
+        monkeypatch.setattr(outbox, "atomic_write_bytes", filling)
+        said = send_after_scan(out, cfg)
+        assert ris.received == []
+        assert len(said) == 1 and "No space left on device" in said[0] and "--resume" in said[0], said
+        assert not list((out / "hl7").glob(".*.tmp"))
+        monkeypatch.setattr(outbox, "atomic_write_bytes", real_write)  # space again
+        assert send_after_scan(out, cfg) == []
+        ids = sorted(next(s for s in m.splitlines() if s.startswith("PID|")).split("|")[3] for m in ris.received)
+    assert ids == ["P0", "P1", "P2"]

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import sqlite3
 import threading
 import time
 from pathlib import Path
@@ -330,8 +331,14 @@ def send_after_scan(out: Path, cfg) -> list[str]:
             for record in records:
                 key = f"uid:{record.ids.sop_uid}" if record.ids.sop_uid else f"file:{record.file}"
                 studies.append((key, record.file, record, ""))
-            entries = outbox.entries(studies)
-            queued = ledger.queue_outbound([(key, entry) for key, items in entries.items() for entry in items])
+            try:
+                entries = outbox.entries(studies)
+                queued = ledger.queue_outbound([(key, entry) for key, items in entries.items() for entry in items])
+            except (OSError, sqlite3.Error) as e:  # a full disk: nothing queued, results.csv whole
+                said = f"{e.strerror or e}" if isinstance(e, OSError) else f"{type(e).__name__}: {e}"
+                log.error("results not queued for sending: %s", said)
+                return [f"the results were not queued for sending ({said}); results.csv is complete: once the "
+                        f"disk has room, the same scan with --resume queues and sends them"]
             log.info("%d result(s) queued for %s", queued, ", ".join(str(c) for c in outbox.channels))
             outbox.drain(time.time() + cfg.send_wait)
             return outbox.undelivered_lines(ledger, out)
