@@ -319,3 +319,18 @@ def test_a_disk_full_while_writing_the_orus_loses_nothing_and_says_how_to_send_t
         assert send_after_scan(out, cfg) == []
         ids = sorted(next(s for s in m.splitlines() if s.startswith("PID|")).split("|")[3] for m in ris.received)
     assert ids == ["P0", "P1", "P2"]
+
+
+@pytest.mark.parametrize("status", [300, 302, 304, 399, 600])
+def test_an_answer_that_is_neither_success_nor_error_is_not_taken_for_stored(status):
+    """requests raises only for 4xx and 5xx: a 3xx without a Location (or a status past 599)
+    with no body was read as "200 without a body", i.e. delivered, and the result left the
+    queue though nothing was stored."""
+    def answer(handler):
+        handler.send_response(status)
+        handler.send_header("Content-Length", "0")
+        handler.end_headers()
+
+    with _Server(answer) as archive:
+        delivery = store_dataset(_object(), DicomWebConfig(url=archive.url, timeout=10))
+    assert delivery.outcome == "retry" and f"HTTP {status}" in delivery.reason, delivery

@@ -197,6 +197,9 @@ class StowClient:
             return self._failed(uid, Delivery.retry(f"cannot reach {self._where}: {type(e).__name__}: {e}"))
         except (ValueError, TypeError, AttributeError, KeyError) as e:  # a body dicomweb-client cannot read
             return self._failed(uid, Delivery.retry(f"unreadable STOW-RS response: {type(e).__name__}: {e}"))
+        status = self.last_response.status_code if self.last_response is not None else 200
+        if not 200 <= status < 300:  # requests raises for 4xx and 5xx only: a 3xx stored nothing
+            return self._failed(uid, Delivery.retry(f"HTTP {status}: not a STOW-RS answer (check the URL)"))
         if not answer and self.last_response is not None and self.last_response.content:
             # dicomweb-client reads only an exact 'application/dicom+json' (or XML) body and
             # answers an empty dataset for anything else: a login page, or DICOM JSON with a
