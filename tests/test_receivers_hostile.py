@@ -20,8 +20,9 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from cxr_batch.config import ConfigError
 from cxr_batch.integration import dicomweb
 from cxr_batch.integration.dicomweb import DicomWebConfig, store_dataset
-from tests.dicomgen import have
+from cxr_batch.integration.dicom_send import Destination
 from cxr_batch.integration.hl7 import MAX_ACK_BYTES, Endpoint, send_message
+from tests.dicomgen import have
 
 COMPREHENSIVE_SR = "1.2.840.10008.5.1.4.1.1.88.33"
 
@@ -191,12 +192,16 @@ def test_scan_with_a_stow_url_typo_exits_2_before_scoring(tmp_path, url):
 
 
 @pytest.mark.parametrize("text", ["ris:２５７５", "ris:٢٥٧٥", "ris\x1b:2575", "ris,example.org:2575", "ris/x:2575"])
-def test_an_hl7_endpoint_with_other_digits_or_odd_characters_is_refused(text):
+def test_a_receiver_address_with_other_digits_or_odd_characters_is_refused(text):
     """``\\d`` matched any Unicode digit and the host any character but ':', '@' and spaces."""
     with pytest.raises(ValueError):
         Endpoint.parse(text)
     assert Endpoint.parse("ris-01.example.org:2575") == Endpoint("ris-01.example.org", 2575)
     assert Endpoint.parse("ris_host:2575").host == "ris_host"  # underscores are common in hospital names
+    for text in ("PACS@pacs:１０４", "PACS@pa\x1bcs:104", "PACS@pacs,x:104", "PACS@pa cs:104"):
+        with pytest.raises(ValueError):
+            Destination.parse(text)
+    assert Destination.parse("PACS@[::1]:104") == Destination("PACS", "::1", 104)
 
 
 # ------------------------------------------------------------------ a RIS answering a monster ACK
