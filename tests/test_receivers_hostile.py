@@ -339,3 +339,29 @@ def test_an_answer_that_is_neither_success_nor_error_is_not_taken_for_stored(sta
     with _Server(answer) as archive:
         delivery = store_dataset(_object(), DicomWebConfig(url=archive.url, timeout=10))
     assert delivery.outcome == "retry" and f"HTTP {status}" in delivery.reason, delivery
+
+
+def test_a_stow_rs_answer_dripped_byte_by_byte_ends_within_the_timeout():
+    """Each read of the body waited up to the timeout, but a peer sending one byte a little
+    more often held the sender for as long as it liked (here 12 s; for ever, for a hostile
+    one). The answer's body now has the timeout in all."""
+    def drip(handler):
+        handler.send_response(200)
+        handler.send_header("Content-Type", "application/dicom+json")
+        handler.send_header("Transfer-Encoding", "chunked")
+        handler.end_headers()
+        try:
+            for _ in range(60):
+                handler.wfile.write(b"1\r\n \r\n")
+                handler.wfile.flush()
+                time.sleep(0.2)
+        except OSError:
+            pass
+        handler.close_connection = True
+
+    with _Server(drip) as archive:
+        t0 = time.monotonic()
+        delivery = store_dataset(_object(), DicomWebConfig(url=archive.url, timeout=1.5))
+        elapsed = time.monotonic() - t0
+    assert delivery.outcome == "retry" and "within 1.5 s" in delivery.reason, delivery
+    assert elapsed < 6, elapsed

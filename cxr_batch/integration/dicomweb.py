@@ -29,6 +29,7 @@ import ipaddress
 import logging
 import os
 import re
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -227,12 +228,15 @@ class StowClient:
                               f"{shown(response.headers.get('Location', ''), 200)}: configure that URL if it is "
                               f"the archive")
         declared = response.headers.get("Content-Length", "")
-        body = bytearray()
+        body, deadline = bytearray(), time.monotonic() + self.config.timeout
         if not (declared.isdigit() and int(declared) > MAX_RESPONSE_BYTES):
             for piece in response.iter_content(64 * 1024):  # requests' own errors, as for .content
                 body += piece
                 if len(body) > MAX_RESPONSE_BYTES:
                     break
+                if time.monotonic() > deadline:  # each read waits up to the timeout: a drip never ends
+                    response.close()
+                    raise UnfitAnswer(f"no whole answer from {self._where} within {self.config.timeout:g} s")
             else:
                 response._content = bytes(body)  # what requests and dicomweb-client read as .content
                 return
