@@ -137,6 +137,18 @@ def test_an_archive_whose_certificate_is_not_trusted_gets_nothing_whatever_the_e
         assert archive.http.posts == 1
 
 
+@pytest.mark.skipif(not have("openssl"), reason="openssl not installed")
+def test_a_ca_bundle_that_holds_no_certificate_is_refused_by_the_configuration(tmp_path):
+    """The key named instead of the certificate, or a file of another kind: before, every send
+    failed with "[X509: NO_CERTIFICATE_OR_CRL_FOUND]" for as long as the daemon ran."""
+    key, cert = _self_signed(tmp_path, "archive")
+    (tmp_path / "notes.txt").write_text("the CA is on the share\n")
+    for wrong in (key, tmp_path / "notes.txt"):
+        with pytest.raises(ConfigError, match="ca_bundle.*no PEM certificate"):
+            DicomWebConfig(url="https://pacs.example.org/dicom-web", ca_bundle=str(wrong))
+    assert DicomWebConfig(url="https://pacs.example.org/dicom-web", ca_bundle=str(cert)).ca_bundle == str(cert)
+
+
 @pytest.mark.parametrize("length", ["declared", "chunked"])
 def test_a_stow_rs_answer_larger_than_any_real_one_is_not_read_whole(monkeypatch, length):
     """A peer answering a STOW-RS with an endless body: requests read it all into memory before

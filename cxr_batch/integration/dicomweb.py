@@ -29,6 +29,7 @@ import ipaddress
 import logging
 import os
 import re
+import ssl
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -118,6 +119,12 @@ class DicomWebConfig:
                               "use https (or insecure_http = true)")
         if self.ca_bundle and not Path(self.ca_bundle).is_file():
             raise ConfigError(f"dicomweb.ca_bundle: {self.ca_bundle}: no such file")
+        if self.ca_bundle:
+            try:  # a key, a DER file or another file named by mistake: said now, not at every send
+                ssl.create_default_context(cafile=self.ca_bundle)
+            except (ssl.SSLError, OSError, ValueError) as e:
+                raise ConfigError(f"dicomweb.ca_bundle: {self.ca_bundle}: no PEM certificate to trust in it "
+                                  f"({type(e).__name__}: {e})") from None
 
     @property
     def has_credentials(self) -> bool:
@@ -188,7 +195,7 @@ class StowClient:
         except requests.HTTPError as e:
             return self._refused(uid, e.response)
         except requests.exceptions.SSLError as e:  # the archive's certificate (or TLS) refused
-            said = re.search(r"\[SSL[^\]]*\][^'\"(]*", str(e))  # the reason, without requests' wrapping
+            said = re.search(r"\[[A-Z0-9_]+: [^\]]*\][^'\"(]*", str(e))  # the reason, without requests' wrapping
             return self._failed(uid, Delivery.retry(
                 f"TLS with {self._where} failed: {said[0].strip() if said else e} (is its CA the [dicomweb] "
                 f"ca_bundle?)"))
