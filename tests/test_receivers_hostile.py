@@ -377,3 +377,43 @@ def test_a_stow_rs_answer_dripped_byte_by_byte_ends_within_the_timeout():
         elapsed = time.monotonic() - t0
     assert delivery.outcome == "retry" and "within 1.5 s" in delivery.reason, delivery
     assert elapsed < 6, elapsed
+
+
+# ------------------------------------------------------------------ a scan's queue gone corrupt
+def test_a_corrupt_scan_queue_says_how_to_queue_the_results_again(tmp_path, nih_images, small_bundle):
+    """OUT/.cxr-batch/outbound.sqlite damaged (a disk fault, a copy cut short): `scan --resume
+    --hl7-to` said "unexpected LedgerError ... (run with --debug)", as for a bug, and both it and
+    `outbound list` told the operator that "the daemon rebuilds one", though a scan has none.
+    Now both say it plainly (exit 1) with what to do; doing it sends the results."""
+    from tests.dicomgen import grey, write
+    from tests.ris import RIS
+    from tests.watchkit import free_port
+
+    studies = tmp_path / "studies"
+    write(studies / "0.dcm", grey(nih_images[0]), PatientID="P0", AccessionNumber="A0")
+    out, port, config = tmp_path / "out", free_port(), tmp_path / "scan.toml"
+    config.write_text("[scan]\nsend_wait = 0\n")
+
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "cxr_batch", *map(str, args)], capture_output=True, text=True,
+                              timeout=300)
+
+    scan = ["scan", studies, "-o", out, "--weights", small_bundle, "--device", "cpu", "--precision", "fp32",
+            "--workers", "0", "--no-pdf", "--config", config, "--hl7-to", f"127.0.0.1:{port}"]
+    first = cli(*scan)
+    assert first.returncode == 3 and "outbound send" in first.stderr, first.stderr[-2000:]  # the RIS is down
+    queue = out / ".cxr-batch" / "outbound.sqlite"
+    queue.write_bytes(b"SQLite format 3\x00" + b"\xff" * 4000)
+    with RIS("AA", port=port) as ris:
+        done, listed = cli(*scan, "--resume"), cli("outbound", "list", "-o", out)
+        for said in (done, listed):
+            assert said.returncode == 1, said.stderr[-2000:]
+            assert "unexpected" not in said.stderr and "daemon" not in said.stderr, said.stderr[-2000:]
+            assert "move it aside" in said.stderr and "--resume" in said.stderr, said.stderr[-2000:]
+        assert ris.received == []
+        queue.rename(queue.with_suffix(".damaged"))  # what the message says
+        again = cli(*scan, "--resume")  # queued again (send_wait = 0 here: sent by `outbound send`)
+        assert again.returncode == 3 and "1 result(s) queued" in again.stderr, again.stderr[-2000:]
+        sent = cli("outbound", "send", "-o", out, "--wait", "30")
+        assert sent.returncode == 0, sent.stderr[-2000:]
+        assert len(ris.received) == 1

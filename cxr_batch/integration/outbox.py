@@ -321,7 +321,7 @@ def send_after_scan(out: Path, cfg) -> list[str]:
     if not outbox:
         return []
     with FolderLock(out, "scan"):
-        ledger = Ledger(outbox.ledger_path)
+        ledger = open_queue(outbox.ledger_path)
         try:
             studies = []
             # queued read-first first (a row without a rank, an error, last): the RIS gets the
@@ -356,7 +356,7 @@ def send_queue(out: Path, channels: list[Channel], until: float, refused_retry: 
     lines = []
     with FolderLock(out, "outbound send"):
         for path in queue_paths(out):
-            ledger = Ledger(path)
+            ledger = open_queue(path)
             try:
                 outbox = Outbox(out, path, channels, retry_max=SCAN_RETRY_MAX, refused_retry=refused_retry)
                 ledger.outbound_send_now()  # an operator asked: back-offs end now
@@ -365,6 +365,21 @@ def send_queue(out: Path, channels: list[Channel], until: float, refused_retry: 
             finally:
                 ledger.close()
     return lines
+
+
+def open_queue(path: Path) -> Ledger:
+    """The outbound queue at ``path``: a daemon's ledger or a scan's queue. LedgerError when it
+    cannot be read, saying what to do; a scan has no daemon to rebuild its queue."""
+    from ..ledger import LedgerError
+
+    try:
+        return Ledger(path)
+    except LedgerError as e:
+        if Path(path).name != SCAN_QUEUE:
+            raise
+        raise LedgerError(f"{path} is not a readable queue ({e.__context__ or e}). results.csv is kept as it is; "
+                          f"move it aside, then the same scan with --resume queues and sends its results again "
+                          f"(a RIS drops a message it had by its MSH-10, an archive keeps one copy of an SR)") from None
 
 
 def queue_paths(out: Path) -> list[Path]:
@@ -379,7 +394,7 @@ def recorded_destinations(out: Path) -> dict[str, str]:
     queued one's, where they differ)."""
     found: dict[str, tuple[float, str]] = {}
     for path in queue_paths(out):
-        ledger = Ledger(path)
+        ledger = open_queue(path)
         try:
             for row in ledger.outbound_rows():
                 if row["destination"] and row["queued_at"] >= found.get(row["channel"], (0.0, ""))[0]:
