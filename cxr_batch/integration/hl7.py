@@ -305,11 +305,33 @@ def read_ack(text: str) -> Ack:
     return Ack(code, unescape(control), unescape(answer))
 
 
-def _block(buffer: bytes) -> bytes | None:
-    """The content of the first complete MLLP block in ``buffer``; None while there is none."""
-    start = buffer.find(START_BLOCK)
-    end = buffer.find(END_BLOCK, start + 1) if start >= 0 else -1
-    return buffer[start + 1:end] if end >= 0 else None
+class MllpReader:
+    """The first MLLP block of bytes arriving piece by piece (bytes before its 0x0B are
+    ignored), each byte looked at once: searching all that arrived at every piece cost 15 s of
+    CPU for 1 MiB sent 50 bytes at a time."""
+
+    def __init__(self):
+        self.received = bytearray()
+        self.start = -1  # where the block's 0x0B is, once seen
+        self.looked = 0  # where the search goes on
+
+    def __len__(self) -> int:
+        return len(self.received)
+
+    def add(self, piece: bytes) -> bytes | None:
+        """The block's content once complete, else None."""
+        self.received += piece
+        if self.start < 0:
+            self.start = self.received.find(START_BLOCK, self.looked)
+            if self.start < 0:
+                self.looked = len(self.received)
+                return None
+            self.looked = self.start + 1
+        end = self.received.find(END_BLOCK, self.looked)
+        if end >= 0:
+            return bytes(self.received[self.start + 1:end])
+        self.looked = max(self.start + 1, len(self.received) - len(END_BLOCK) + 1)  # an end cut in two
+        return None
 
 
 def _exchange(data: bytes, endpoint: Endpoint, timeout: float) -> bytes | Delivery:
@@ -323,8 +345,8 @@ def _exchange(data: bytes, endpoint: Endpoint, timeout: float) -> bytes | Delive
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             sock.sendall(data)
-            received = b""
-            while (block := _block(received)) is None:
+            reader, block = MllpReader(), None
+            while block is None:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise socket.timeout
@@ -332,8 +354,8 @@ def _exchange(data: bytes, endpoint: Endpoint, timeout: float) -> bytes | Delive
                 chunk = sock.recv(65536)
                 if not chunk:
                     return Delivery.retry(f"{endpoint} closed the connection without an ACK")
-                received += chunk
-                if len(received) > MAX_ACK_BYTES:
+                block = reader.add(chunk)
+                if block is None and len(reader) > MAX_ACK_BYTES:
                     return Delivery.retry(f"{endpoint} sent over {MAX_ACK_BYTES} bytes without an MLLP block")
         except socket.timeout:
             return Delivery.retry(f"no ACK from {endpoint} within {timeout:g} s")
