@@ -183,6 +183,7 @@ def test_a_stow_rs_answer_larger_than_any_real_one_is_not_read_whole(monkeypatch
     ("http://pacs:port/dicom-web", "port"), ("https://pacs.example.org:-5/dw", "port"),
     ("http://pa cs/dicom-web", "host"), ("http://pacs\x01/dicom-web", "host"),
     ("http://[::1/dicom-web", "IPv6"), ("http://pacs/dicom-web?x=1", "query"),
+    ("https://pacs/dicom-web/studies/", "without /studies"),  # posted to .../studies/studies: 404 for ever
 ])
 def test_a_stow_url_that_cannot_be_right_is_refused_by_the_configuration(url, says):
     with pytest.raises(ConfigError, match=says):

@@ -86,6 +86,8 @@ def url_problem(url: str) -> str | None:
             return f"{url!r}: {host!r} is not a host name"
     if parts.query or parts.fragment:
         return f"{url!r}: a root URL has no query or fragment (the STOW-RS path is added to it)"
+    if parts.path.rstrip("/").lower().endswith("/studies"):  # the STOW-RS endpoint pasted for the root
+        return f"{url!r}: give the DICOMweb root, without /studies (cxr-batch adds it)"
     return None
 
 
