@@ -439,3 +439,25 @@ def test_an_ack_arriving_in_small_pieces_is_looked_at_once_per_byte():
     for _ in range(20_000):  # 1 MB, 50 bytes at a time
         assert reader.add(b"x" * 49 + b"\x1c") is None
     assert time.process_time() - t0 < 3  # 15 s before
+
+
+@pytest.mark.parametrize("shape", ["streams", "drips"])
+def test_an_mllp_block_that_never_ends_is_cut_by_size_or_time(shape):
+    """A RIS opening a block (0x0B) and never closing it (no 0x1C 0x0D): streaming, it is cut
+    once MAX_ACK_BYTES arrived; dripping a byte at a time, at the timeout. Either way a retry
+    that says which, and the sender holds no more than MAX_ACK_BYTES."""
+    from tests.test_hl7 import _raw_peer
+
+    if shape == "streams":
+        chunks = [b"\x0bMSH|"] + [b"x" * 65536] * (MAX_ACK_BYTES // 65536 + 4)
+    else:
+        chunks = [b"\x0bMSH|"] + [b"x"] * 4000  # ~1 ms apart: 4 s at least
+    server, thread = _raw_peer(chunks)
+    with server:
+        t0 = time.monotonic()
+        delivery = send_message(MESSAGE, Endpoint("127.0.0.1", server.getsockname()[1]), timeout=1.5)
+        elapsed = time.monotonic() - t0
+        thread.join(15)
+    says = "without an MLLP block" if shape == "streams" else "no ACK from"
+    assert delivery.outcome == "retry" and says in delivery.reason, delivery
+    assert elapsed < 5, elapsed
