@@ -253,7 +253,10 @@ def test_an_ack_is_still_its_first_msa_and_needs_an_msh():
             (f"MSH|^~\\&|RIS||||2024||ACK|1|P|2.5\rERR|x\r", "retry", "unreadable ACK"),  # no MSA
             (f"MSH|^~\\&|RIS||||2024||ACK|1|P|2.5\rMSA|AE|{control}|busy\rMSA|AA|{control}\r", "retry", "busy"),
             (f"MSH|^~\\&|RIS||||2024||ACK|1|P|2.5\rMSA|AA|{control}|{'x' * 5000}\r", "delivered", "AA"),
-            (f"MSH|^~\\&|RIS||||2024||ACK|1|P|2.5\rMSA|AA|{'9' * 3000}{control}\r", "retry", "ACK for message")):
+            (f"MSH|^~\\&|RIS||||2024||ACK|1|P|2.5\rMSA|AA|{'9' * 3000}{control}\r", "retry", "ACK for message"),
+            # a RIS newer than hl7apy (v2.9): was "unreadable ACK" and a resend at every back-off
+            (f"MSH|^~\\&|RIS||||2024||ACK|1|P|2.9\rMSA|AA|{control}\r", "delivered", "AA"),
+            (f"MSH#^~\\&#RIS####2024##ACK#1#P#2.9.1^DEU\rMSA#AE#{control}#wait\r", "retry", "wait")):
         server, thread = _raw_peer([b"\x0b" + answer.encode() + b"\x1c\r"])
         with server:
             delivery = send_message(MESSAGE, Endpoint("127.0.0.1", server.getsockname()[1]), timeout=10)

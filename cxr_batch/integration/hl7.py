@@ -291,7 +291,7 @@ def read_ack(text: str) -> Ack:
         raise ValueError("an ACK without an MSA segment")
     # only what is read: hl7apy's parser takes time quadratic in the segments, components and
     # repetitions of what it is given (minutes for an ACK of 600 kB), an ACK a few hundred bytes
-    text = "\r".join(s[:ACK_SEGMENT_CHARS] for s in (segments[0], msa))
+    text = "\r".join((_known_version(segments[0][:ACK_SEGMENT_CHARS]), msa[:ACK_SEGMENT_CHARS]))
     try:
         message = parse_message(text, validation_level=VALIDATION_LEVEL.TOLERANT, find_groups=False)
         msa = message.msa
@@ -332,6 +332,18 @@ class MllpReader:
             return bytes(self.received[self.start + 1:end])
         self.looked = max(self.start + 1, len(self.received) - len(END_BLOCK) + 1)  # an end cut in two
         return None
+
+
+def _known_version(msh: str) -> str:
+    """``msh`` with an MSH-12 hl7apy does not know (2.9, a RIS newer than the library) read as
+    2.5: MSA-1 to MSA-3, all that is read of an ACK, are the same in every v2 version, and an ACK
+    refused for its version left every message to be sent again for ever."""
+    from hl7apy import SUPPORTED_LIBRARIES
+
+    fields = msh.split(msh[3:4] or "|")
+    if len(fields) > 11 and fields[11].split(msh[4:5] or "^")[0] not in SUPPORTED_LIBRARIES:
+        fields[11] = VERSION
+    return (msh[3:4] or "|").join(fields)
 
 
 def _exchange(data: bytes, endpoint: Endpoint, timeout: float) -> bytes | Delivery:
