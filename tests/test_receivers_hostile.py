@@ -464,3 +464,21 @@ def test_an_mllp_block_that_never_ends_is_cut_by_size_or_time(shape):
     says = "without an MLLP block" if shape == "streams" else "no ACK from"
     assert delivery.outcome == "retry" and says in delivery.reason, delivery
     assert elapsed < 5, elapsed
+
+
+def test_an_oru_half_written_when_a_scan_was_killed_is_removed_by_the_next(tmp_path, nih_images, small_bundle):
+    """A scan killed while it wrote OUT/hl7/<MSH-10>.hl7 left its temp file (an ORU cut short,
+    a patient ID in it) for good: the next scan cleaned reports/ and dicom/ but not hl7/."""
+    from cxr_batch.scan import ScanConfig, run_scan
+    from tests.dicomgen import grey, write
+
+    studies = tmp_path / "studies"
+    write(studies / "0.dcm", grey(nih_images[0]), PatientID="P0", AccessionNumber="A0")
+    out = tmp_path / "out"
+    cfg = ScanConfig(weights=str(small_bundle), device="cpu", progress=False, workers=0, pdf=False)
+    run_scan(studies, out, cfg)
+    (out / "hl7").mkdir()
+    stale = out / "hl7" / ".0123456789ABCDEF0123.hl7.x1y2z3.tmp"
+    stale.write_text("MSH|^~\\&|CXRBATCH|||||||ORU^R01^ORU_R01|0123456789ABCDEF0123|P|2.5\rPID|1||P0")
+    run_scan(studies, out, cfg, "resume")
+    assert not stale.exists()
