@@ -72,13 +72,14 @@ def run_fatal_errors(debug: bool, action):
     from .folderlock import FolderBusy
     from .journal import EarlierResults
     from .labels import LabelsError
+    from .ledger import LedgerError
     from .metadata import MetadataError
 
     try:
         return action()
     except (DeviceError, ConfigError) as e:  # ConfigError: e.g. --out inside the studies (cxr_batch.folders)
         fail(str(e), debug, EXIT_USAGE)
-    except (BundleError, FolderBusy, MetadataError, LabelsError, EarlierResults) as e:
+    except (BundleError, FolderBusy, MetadataError, LabelsError, EarlierResults, LedgerError) as e:
         fail(str(e), debug)
     except KeyboardInterrupt as e:  # a command without a graceful stop (scan has one): nothing half-written
         fail(str(e) or "interrupted (Ctrl-C): stopped; nothing was written", debug, exit_codes.INTERRUPTED)
@@ -498,8 +499,8 @@ CHANNEL_OPTION = click.option("--channel", type=click.Choice(["dicom", "hl7", "s
 def open_outbound(out: Path):
     """The queue of the results folder ``out``: its daemon's ledger (the daemon may be running:
     SQLite lets both in), or a scan's queue."""
-    from .integration.outbox import queue_paths
-    from .ledger import Ledger, LedgerError
+    from .integration.outbox import open_queue, queue_paths
+    from .ledger import LedgerError
     from .watch import STATE_DIR
 
     paths = queue_paths(out)
@@ -507,7 +508,7 @@ def open_outbound(out: Path):
         fail(f"{out} has no ledger ({out / STATE_DIR / 'ledger.sqlite'}) nor queue: not a results folder of cxr-batch "
              f"listen, watch, pull or of a scan with --hl7-to/--stow-to", False)
     try:
-        return Ledger(paths[0])
+        return open_queue(paths[0])
     except LedgerError as e:
         fail(str(e), False)
 

@@ -130,7 +130,7 @@ def run_scan(studies: Path, out: Path, cfg: ScanConfig = ScanConfig(), earlier: 
     private_dir(out)
     try:
         with FolderLock(out, "scan"):
-            removed = remove_stale_temp(out, out / "reports", out / "dicom")
+            removed = remove_stale_temp(out, out / "reports", out / "dicom", out / "hl7")
             if removed:
                 log.info("removed %d temp file(s) an earlier scan left when it was killed", removed)
             previous = journal.plan(out, earlier, studies, settings)

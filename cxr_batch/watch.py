@@ -342,8 +342,9 @@ class Watcher:
         return observer
 
     def cleanup_temp(self) -> None:
-        """Our own temp files from a killed run (results, reports): never left where users look."""
-        remove_stale_temp(self.out, self.out / "reports")
+        """Our own temp files from a killed run (results, reports, SRs, ORUs): never left where
+        users look."""
+        remove_stale_temp(self.out, self.out / "reports", self.out / "dicom", self.out / "hl7")
 
     # ------------------------------------------------------------------ start-up
     def rebuild_ledger(self) -> None:

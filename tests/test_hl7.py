@@ -248,9 +248,12 @@ def _raw_peer(chunks: list[bytes]):
                 if not piece:
                     return
                 data += piece
-            for chunk in chunks:
-                conn.sendall(chunk)
-                time.sleep(0.001)
+            try:
+                for chunk in chunks:
+                    conn.sendall(chunk)
+                    time.sleep(0.001)
+            except OSError:  # the client hung up (an answer it stopped reading)
+                pass
 
     thread = threading.Thread(target=serve, daemon=True)
     thread.start()

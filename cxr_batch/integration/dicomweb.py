@@ -28,6 +28,9 @@ import io
 import ipaddress
 import logging
 import os
+import re
+import ssl
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -36,7 +39,7 @@ import pydicom
 from pydicom.dataset import Dataset
 
 from ..config import ConfigError, bounded, load_dataclass, read_toml, validate
-from .delivery import Delivery
+from .delivery import Delivery, shown
 
 log = logging.getLogger("cxr_batch")
 
@@ -46,6 +49,46 @@ REJECTING_STATUSES = {400, 409, 413, 415, 422}
 # STOW-RS Failure Reasons (PS3.18 / PS3.4 C-STORE statuses) worth another try later
 TRANSIENT_FAILURE_REASONS = {0x0110}  # processing failure (and 0xA7xx, below)
 DUPLICATE_SOP_INSTANCE = 0x0111
+# a STOW-RS answer lists the instances stored (one here): kilobytes. A peer streaming more is no
+# archive, and requests would otherwise hold all of it in memory
+MAX_RESPONSE_BYTES = 16 << 20
+_HOST_NAME = re.compile(r"[A-Za-z0-9_]([A-Za-z0-9_.-]*[A-Za-z0-9_.])?", re.ASCII)
+
+
+class UnfitAnswer(Exception):
+    """An HTTP answer not read further (a redirect, a body too large); ``str(e)`` says why."""
+
+
+def url_problem(url: str) -> str | None:
+    """What makes ``url`` unfit as a DICOMweb root URL (no request could reach it, or it would
+    not be the URL the requests go to), or None."""
+    try:
+        parts = urlsplit(url)
+    except ValueError as e:  # "Invalid IPv6 URL"
+        return f"{url!r}: {e}"
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return f"{url!r} is not an http(s) URL, e.g. https://pacs.example.org/dicom-web"
+    try:
+        port = parts.port  # ValueError: not a number, or over 65535
+    except ValueError:
+        port = 0
+    if port == 0:
+        return f"{url!r}: the port is not a number 1-65535"
+    host = parts.hostname
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        try:
+            ascii_host = host.encode("idna").decode("ascii")  # an internationalised name as DNS has it
+        except UnicodeError:
+            ascii_host = ""
+        if not _HOST_NAME.fullmatch(ascii_host):
+            return f"{url!r}: {host!r} is not a host name"
+    if parts.query or parts.fragment:
+        return f"{url!r}: a root URL has no query or fragment (the STOW-RS path is added to it)"
+    if parts.path.rstrip("/").lower().endswith("/studies"):  # the STOW-RS endpoint pasted for the root
+        return f"{url!r}: give the DICOMweb root, without /studies (cxr-batch adds it)"
+    return None
 
 
 @dataclass(frozen=True)
@@ -63,9 +106,9 @@ class DicomWebConfig:
 
     def __post_init__(self):
         validate(self, CONFIG_TABLE)
+        if problem := url_problem(self.url):
+            raise ConfigError(f"dicomweb.url: {problem}")
         parts = urlsplit(self.url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ConfigError(f"dicomweb.url: {self.url!r} is not an http(s) URL, e.g. https://pacs.example.org/dicom-web")
         if parts.username or parts.password:
             raise ConfigError("dicomweb.url: no credentials in the URL; use username/password in the configuration")
         if self.token and (self.username or self.password):
@@ -78,6 +121,12 @@ class DicomWebConfig:
                               "use https (or insecure_http = true)")
         if self.ca_bundle and not Path(self.ca_bundle).is_file():
             raise ConfigError(f"dicomweb.ca_bundle: {self.ca_bundle}: no such file")
+        if self.ca_bundle:
+            try:  # a key, a DER file or another file named by mistake: said now, not at every send
+                ssl.create_default_context(cafile=self.ca_bundle)
+            except (ssl.SSLError, OSError, ValueError) as e:
+                raise ConfigError(f"dicomweb.ca_bundle: {self.ca_bundle}: no PEM certificate to trust in it "
+                                  f"({type(e).__name__}: {e})") from None
 
     @property
     def has_credentials(self) -> bool:
@@ -121,8 +170,7 @@ class StowClient:
         from dicomweb_client.api import DICOMwebClient  # imported only where results are stored
 
         self.config = config
-        session = requests.Session()
-        session.verify = config.ca_bundle or True
+        session = _session(config.ca_bundle)
         if config.token:
             session.headers["Authorization"] = f"Bearer {config.token}"
         elif config.username:
@@ -144,14 +192,24 @@ class StowClient:
         self.last_response = None
         try:
             answer = self.client.store_instances([dataset])
+        except UnfitAnswer as e:
+            return self._failed(uid, Delivery.retry(str(e)))
         except requests.HTTPError as e:
             return self._refused(uid, e.response)
+        except requests.exceptions.SSLError as e:  # the archive's certificate (or TLS) refused
+            said = re.search(r"\[[A-Z0-9_]+: [^\]]*\][^'\"(]*", str(e))  # the reason, without requests' wrapping
+            return self._failed(uid, Delivery.retry(
+                f"TLS with {self._where} failed: {said[0].strip() if said else e} (is its CA the [dicomweb] "
+                f"ca_bundle?)"))
         except requests.Timeout:
             return self._failed(uid, Delivery.retry(f"no answer from {self._where} within {self.config.timeout:g} s"))
         except requests.RequestException as e:  # connection refused, DNS, TLS
             return self._failed(uid, Delivery.retry(f"cannot reach {self._where}: {type(e).__name__}: {e}"))
         except (ValueError, TypeError, AttributeError, KeyError) as e:  # a body dicomweb-client cannot read
             return self._failed(uid, Delivery.retry(f"unreadable STOW-RS response: {type(e).__name__}: {e}"))
+        status = self.last_response.status_code if self.last_response is not None else 200
+        if not 200 <= status < 300:  # requests raises for 4xx and 5xx only: a 3xx stored nothing
+            return self._failed(uid, Delivery.retry(f"HTTP {status}: not a STOW-RS answer (check the URL)"))
         if not answer and self.last_response is not None and self.last_response.content:
             # dicomweb-client reads only an exact 'application/dicom+json' (or XML) body and
             # answers an empty dataset for anything else: a login page, or DICOM JSON with a
@@ -169,7 +227,31 @@ class StowClient:
         return self._answered(uid, answer)
 
     def _keep(self, response, *args, **kwargs):
+        """requests' response hook: runs before a redirect is followed or the body is read."""
         self.last_response = response
+        if response.is_redirect:
+            # requests would follow it, a 307/308 posting the result (patient data) again to
+            # whatever host the Location names: the configured URL is what the operator trusts
+            response.close()
+            raise UnfitAnswer(f"{self._where} answered with a redirect (HTTP {response.status_code}) to "
+                              f"{shown(response.headers.get('Location', ''), 200)}: configure that URL if it is "
+                              f"the archive")
+        declared = response.headers.get("Content-Length", "")
+        body, deadline = bytearray(), time.monotonic() + self.config.timeout
+        if not (declared.isdigit() and int(declared) > MAX_RESPONSE_BYTES):
+            for piece in response.iter_content(64 * 1024):  # requests' own errors, as for .content
+                body += piece
+                if len(body) > MAX_RESPONSE_BYTES:
+                    break
+                if time.monotonic() > deadline:  # each read waits up to the timeout: a drip never ends
+                    response.close()
+                    raise UnfitAnswer(f"no whole answer from {self._where} within {self.config.timeout:g} s")
+            else:
+                response._content = bytes(body)  # what requests and dicomweb-client read as .content
+                return
+        response.close()
+        raise UnfitAnswer(f"{self._where} answered HTTP {response.status_code} with a body larger than "
+                          f"{MAX_RESPONSE_BYTES} bytes: not a STOW-RS answer")
 
     @property
     def _where(self) -> str:
@@ -211,6 +293,24 @@ class StowClient:
         else:
             log.warning("not stored %s on %s: %s", uid, self._where, delivery.reason)
         return delivery
+
+
+def _session(ca_bundle: str):
+    """A requests session verifying certificates against ``ca_bundle`` (else the system's CAs):
+    requests lets REQUESTS_CA_BUNDLE or CURL_CA_BUNDLE, set machine-wide on many hospital
+    servers, take the place of the bundle the configuration names."""
+    import requests
+
+    class Session(requests.Session):
+        def merge_environment_settings(self, *args, **kwargs):
+            settings = super().merge_environment_settings(*args, **kwargs)
+            if ca_bundle:
+                settings["verify"] = ca_bundle
+            return settings
+
+    session = Session()
+    session.verify = ca_bundle or True
+    return session
 
 
 def _failure(reason) -> Delivery:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import sqlite3
 import threading
 import time
 from pathlib import Path
@@ -52,10 +53,11 @@ def check_targets(cfg, where: str) -> None:
         except ValueError as e:
             raise ConfigError(f"{where}.hl7_to: {e}") from None
     if cfg.stow_to:
+        from .dicomweb import url_problem
+
+        if problem := url_problem(cfg.stow_to):
+            raise ConfigError(f"{where}.stow_to: {problem}")
         parts = urlsplit(cfg.stow_to)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ConfigError(f"{where}.stow_to: {cfg.stow_to!r} is not an http(s) URL, e.g. "
-                              f"https://pacs.example.org/dicom-web/")
         if parts.username or parts.password:
             raise ConfigError(f"{where}.stow_to: no credentials in the URL (other users can read command lines); "
                               f"put them in the [dicomweb] table of the configuration file")
@@ -319,7 +321,7 @@ def send_after_scan(out: Path, cfg) -> list[str]:
     if not outbox:
         return []
     with FolderLock(out, "scan"):
-        ledger = Ledger(outbox.ledger_path)
+        ledger = open_queue(outbox.ledger_path)
         try:
             studies = []
             # queued read-first first (a row without a rank, an error, last): the RIS gets the
@@ -329,8 +331,14 @@ def send_after_scan(out: Path, cfg) -> list[str]:
             for record in records:
                 key = f"uid:{record.ids.sop_uid}" if record.ids.sop_uid else f"file:{record.file}"
                 studies.append((key, record.file, record, ""))
-            entries = outbox.entries(studies)
-            queued = ledger.queue_outbound([(key, entry) for key, items in entries.items() for entry in items])
+            try:
+                entries = outbox.entries(studies)
+                queued = ledger.queue_outbound([(key, entry) for key, items in entries.items() for entry in items])
+            except (OSError, sqlite3.Error) as e:  # a full disk: nothing queued, results.csv whole
+                said = f"{e.strerror or e}" if isinstance(e, OSError) else f"{type(e).__name__}: {e}"
+                log.error("results not queued for sending: %s", said)
+                return [f"the results were not queued for sending ({said}); results.csv is complete: once the "
+                        f"disk has room, the same scan with --resume queues and sends them"]
             log.info("%d result(s) queued for %s", queued, ", ".join(str(c) for c in outbox.channels))
             outbox.drain(time.time() + cfg.send_wait)
             return outbox.undelivered_lines(ledger, out)
@@ -348,7 +356,7 @@ def send_queue(out: Path, channels: list[Channel], until: float, refused_retry: 
     lines = []
     with FolderLock(out, "outbound send"):
         for path in queue_paths(out):
-            ledger = Ledger(path)
+            ledger = open_queue(path)
             try:
                 outbox = Outbox(out, path, channels, retry_max=SCAN_RETRY_MAX, refused_retry=refused_retry)
                 ledger.outbound_send_now()  # an operator asked: back-offs end now
@@ -357,6 +365,21 @@ def send_queue(out: Path, channels: list[Channel], until: float, refused_retry: 
             finally:
                 ledger.close()
     return lines
+
+
+def open_queue(path: Path) -> Ledger:
+    """The outbound queue at ``path``: a daemon's ledger or a scan's queue. LedgerError when it
+    cannot be read, saying what to do; a scan has no daemon to rebuild its queue."""
+    from ..ledger import LedgerError
+
+    try:
+        return Ledger(path)
+    except LedgerError as e:
+        if Path(path).name != SCAN_QUEUE:
+            raise
+        raise LedgerError(f"{path} is not a readable queue ({e.__context__ or e}). results.csv is kept as it is; "
+                          f"move it aside, then the same scan with --resume queues and sends its results again "
+                          f"(a RIS drops a message it had by its MSH-10, an archive keeps one copy of an SR)") from None
 
 
 def queue_paths(out: Path) -> list[Path]:
@@ -371,7 +394,7 @@ def recorded_destinations(out: Path) -> dict[str, str]:
     queued one's, where they differ)."""
     found: dict[str, tuple[float, str]] = {}
     for path in queue_paths(out):
-        ledger = Ledger(path)
+        ledger = open_queue(path)
         try:
             for row in ledger.outbound_rows():
                 if row["destination"] and row["queued_at"] >= found.get(row["channel"], (0.0, ""))[0]:
