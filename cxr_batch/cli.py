@@ -735,6 +735,8 @@ def monitor(results, out, reference, window, alpha, min_studies, debug):
             fail(str(e), debug)
 
     report = run_fatal_errors(debug, action)  # bad bundles, unreadable files: exit 1, said plainly
+    for note in report["notes"] + [n for m in report["models"] for n in m["notes"]]:  # rows left out, what was not compared
+        click.echo(f"cxr-batch: note: {note}", err=True)
     for alarm in report["alarms"]:
         click.echo(f"cxr-batch: ALARM {alarm['model']}: {alarm_line(alarm)}", err=True)
     if report.get("problem"):

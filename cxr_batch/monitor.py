@@ -18,6 +18,7 @@ list of all alarms, each naming its quantity, window and studies) and ``OUT/moni
 
 from __future__ import annotations
 
+import csv as _csv
 import datetime as dt
 import json
 import logging
@@ -32,8 +33,10 @@ from .drift import (DEFAULT_ALPHA, DEFAULT_MIN_STUDIES, EFFECT_NAMES, MIN_EFFECT
                     DriftError, check_reference, compare, make_reference, monitored, output_fingerprint,
                     outputs_comparable)
 from .files import atomic_write_bytes, private_dir
-from .record import StudyRecord
+from .findings import FINDINGS
+from .record import COLUMNS, DRIFT_COLUMNS, StudyRecord
 from .results import read_results
+from .study import clean_text
 
 log = logging.getLogger("cxr_batch")
 DEFAULT_WINDOW = "500"
@@ -163,20 +166,52 @@ def bundle_reference(folder: Path) -> Reference:
                      manifest)
 
 
-def readable_records(csv: Path) -> tuple[list[tuple[int, StudyRecord]], int]:
+def readable_records(csv: Path) -> tuple[list[tuple[int, StudyRecord]], list[str]]:
     """(row number, record) of each row of a results.csv that reads (1: the first row after the
-    header), and how many did not: a row cut short by a crash mid-append, or edited by hand,
-    costs itself, not the monitoring."""
-    records, bad = [], 0
+    header), and why each other row did not ("row 7: ..."): a row cut short by a crash mid-append
+    or read while a daemon writes it, or a value edited by hand, costs itself, not the monitoring."""
+    records, bad = [], []
     for i, row in enumerate(read_results(csv), start=1):
+        if None in row or None in row.values():  # csv's restkey / restval: not the header's number of fields
+            bad.append(f"row {i}: {'more' if None in row else 'fewer'} fields than the header (cut short while "
+                       f"written, or edited by hand)")
+            continue
         try:
             records.append((i, StudyRecord.from_row(row)))
-        except (ValueError, TypeError, KeyError, AttributeError):
-            bad += 1
+        except (ValueError, TypeError, KeyError, AttributeError) as e:
+            bad.append(f"row {i}: {_unreadable_value(row) or clean_text(str(e), 120)}")
     return records, bad
 
 
+def _unreadable_value(row: dict) -> str:
+    """The first number column of a results.csv row whose value is not a number, in words."""
+    for column in ("age", *(f"p_{f}" for f in FINDINGS), *(f"flag_{f}" for f in FINDINGS), "triage_score", "p_any",
+                   "worklist_rank"):
+        value = (row.get(column) or "").strip()
+        try:
+            if value:
+                float(value)
+        except ValueError:
+            return f"{column} {clean_text(value, 40)!r} is not a number"
+    return ""
+
+
+def require_columns(csv: Path) -> None:
+    """Refuse a results.csv whose header lacks columns of results.csv as scan writes it: a column
+    removed by hand would make every study's value of it unknown (the sex column removed: 'sex
+    unknown' in every study, an alarm about nothing). One from before drift monitoring lacks only
+    those, which is said later, study by study."""
+    with open(csv, newline="", encoding="utf-8") as f:
+        have = {h.strip() for h in next(_csv.reader(f), [])}
+    needed = COLUMNS if have & set(DRIFT_COLUMNS) else [c for c in COLUMNS if c not in DRIFT_COLUMNS]
+    missing = [c for c in needed if c not in have]
+    if missing and have:  # an empty file holds no study, as said later
+        raise DriftError(f"{csv} lacks column(s) {', '.join(missing[:8])}{' and more' if len(missing) > 8 else ''} "
+                           f"of results.csv as scan writes it (removed by hand?): give the results.csv scan wrote")
+
+
 def results_reference(folder: Path) -> Reference:
+    require_columns(Path(folder) / "results.csv")
     records = [r for _, r in readable_records(Path(folder) / "results.csv")[0] if monitored(r)]
     if not records:
         raise DriftError(f"{folder}/results.csv holds no scored study with drift data to serve as a reference "
@@ -296,6 +331,7 @@ def run_monitor(results_dir: Path, out: Path, reference_path: Path | None = None
         raise MonitorError(f"{results_dir} holds no results.csv")
     refuse_output_in_bundle(out, reference_path if reference_path and is_bundle(Path(reference_path))
                             else DEFAULT_BUNDLE)
+    require_columns(csv)
     rows, unreadable = readable_records(csv)
     explicit = load_reference(reference_path) if reference_path is not None else None
     if explicit is not None and (small := reference_too_small(explicit, opts.min_studies)):
@@ -309,14 +345,16 @@ def run_monitor(results_dir: Path, out: Path, reference_path: Path | None = None
         failed = sum(not r.ok for _, r in rows)
         raise MonitorError(f"{csv} holds no scored study with drift data" + (
             f" ({older} were scored before drift monitoring: scan them again)" if older else "") + (
-            f" ({failed} rows are errors or skipped studies: see their notes in results.csv)" if failed else ""))
+            f" ({failed} rows are errors or skipped studies: see their notes in results.csv)" if failed else "") + (
+            f" ({len(unreadable)} rows could not be read: {'; '.join(unreadable[:3])})" if unreadable else ""))
     report = {"results": str(results_dir), "generated": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
               "window": str(opts.window), "alpha": opts.alpha, "min_studies": opts.min_studies,
               "min_effect": dict(MIN_EFFECT), "method": METHOD,
-              "studies": {"rows": len(rows) + unreadable, "scored": sum(len(v) for v in by_model.values())},
+              "studies": {"rows": len(rows) + len(unreadable), "scored": sum(len(v) for v in by_model.values())},
               "models": [], "alarms": [], "notes": []}
     if unreadable:
-        report["notes"].append(f"{unreadable} rows of results.csv could not be read (cut short?) and are left out")
+        report["notes"].append(f"{len(unreadable)} rows of results.csv could not be read and are left out: "
+                               + "; ".join(unreadable[:5]) + (" and more" if len(unreadable) > 5 else ""))
     if older:
         report["notes"].append(f"{older} scored studies without drift data (scored by an earlier cxr-batch) are left "
                                f"out")

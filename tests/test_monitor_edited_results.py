@@ -1,0 +1,78 @@
+"""``cxr-batch monitor`` on a results.csv that is not exactly what scan wrote: a column removed or
+a value typed over by hand, a row cut short because a daemon was still writing it. Each must be
+named (the row, the column), the rest monitored; never a silent gap or an alarm about nothing.
+Real NIH radiographs scored by the bundled weights (which carry a reference), in fp32."""
+
+from __future__ import annotations
+
+import csv
+import shutil
+
+from cxr_batch import exit_codes
+
+from .test_drift_little_data import report_of, scored  # noqa: F401  (scored: the module's fixture)
+from .test_evaluate_calibrate import cli_here as here
+
+
+def edited(scored, folder, edit):  # noqa: F811
+    """A copy of the ``scored`` results folder whose rows (dicts) went through ``edit``."""
+    folder.mkdir()
+    shutil.copy(scored / "run.json", folder / "run.json")
+    with open(scored / "results.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    rows = edit(rows)
+    with open(folder / "results.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return folder
+
+
+def test_a_column_removed_by_hand_is_named_not_taken_for_drift(scored, tmp_path):  # noqa: F811
+    """Without its sex column every study read as 'sex unknown': an alarm about the patient mix
+    that nothing had changed. Now the missing column is named and nothing is concluded."""
+    no_sex = edited(scored, tmp_path / "no_sex", lambda rows: [{k: v for k, v in r.items() if k != "sex"} for r in rows])
+    code, stderr = here("monitor", no_sex, "--out", tmp_path / "m")
+    assert code == exit_codes.FATAL, stderr
+    assert "lacks column(s) sex" in stderr, stderr
+    assert "ALARM" not in stderr and not (tmp_path / "m" / "monitor.json").exists()
+    # the same results folder as a site baseline is refused the same way
+    code, stderr = here("monitor", scored, "--out", tmp_path / "m2", "--reference", no_sex)
+    assert code == exit_codes.FATAL and "lacks column(s) sex" in stderr, stderr
+
+
+def test_a_probability_removed_is_named_rather_than_no_scored_study(scored, tmp_path):  # noqa: F811
+    """Before: 'holds no scored study with drift data' for 25 scored studies."""
+    folder = edited(scored, tmp_path / "r", lambda rows: [{k: v for k, v in r.items() if k != "p_Mass"} for r in rows])
+    code, stderr = here("monitor", folder, "--out", tmp_path / "m")
+    assert code == exit_codes.FATAL, stderr
+    assert "lacks column(s) p_Mass" in stderr and "no scored study" not in stderr, stderr
+
+
+def test_a_value_typed_over_is_left_out_naming_its_row_and_column(scored, tmp_path):  # noqa: F811
+    def typed_over(rows):
+        rows[3]["p_Mass"] = "high"
+        return rows
+
+    folder = edited(scored, tmp_path / "r", typed_over)
+    code, stderr = here("monitor", folder, "--out", tmp_path / "m")
+    assert code in (exit_codes.OK, exit_codes.DRIFT_ALARM), stderr
+    # said on the terminal, not only inside monitor.json
+    assert "note: 1 rows of results.csv could not be read" in stderr and "row 4: p_Mass 'high' is not a number" \
+        in stderr, stderr
+    report = report_of(tmp_path / "m")
+    assert report["studies"] == {"rows": 25, "scored": 24}
+    assert any("row 4: p_Mass" in n for n in report["notes"])
+
+
+def test_a_row_being_written_by_a_daemon_is_left_out_and_said(scored, tmp_path):  # noqa: F811
+    """A results.csv read while its last row is half appended: that row is named, the others decide."""
+    folder = tmp_path / "live"
+    folder.mkdir()
+    shutil.copy(scored / "run.json", folder / "run.json")
+    text = (scored / "results.csv").read_text()
+    (folder / "results.csv").write_text(text[:-300])  # the last row cut inside its image statistics
+    code, stderr = here("monitor", folder, "--out", tmp_path / "m")
+    assert code in (exit_codes.OK, exit_codes.DRIFT_ALARM), stderr
+    assert "row 25: fewer fields than the header" in stderr, stderr
+    assert report_of(tmp_path / "m")["studies"] == {"rows": 25, "scored": 24}
