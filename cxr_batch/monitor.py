@@ -238,10 +238,10 @@ def known_bundles(results_dir: Path) -> list[Path]:
     bundle and the other shipped bundles beside it."""
     found = []
     try:
-        weights = json.loads((Path(results_dir) / "run.json").read_text()).get("config", {}).get("weights")
-        if weights:
-            found.append(Path(weights))
-    except (OSError, ValueError, AttributeError):
+        run = json.loads((Path(results_dir) / "run.json").read_text())
+        # bundle_path: absolute; config.weights is as typed, relative to wherever the scan ran
+        found += [Path(w) for w in (run.get("bundle_path"), run.get("config", {}).get("weights")) if w]
+    except (OSError, ValueError, AttributeError, TypeError):
         pass
     found.append(DEFAULT_BUNDLE)
     if DEFAULT_BUNDLE.parent.is_dir():

@@ -6,7 +6,9 @@ Real NIH radiographs scored by the bundled weights (which carry a reference), in
 from __future__ import annotations
 
 import csv
+import json
 import shutil
+from pathlib import Path
 
 from cxr_batch import exit_codes
 
@@ -76,3 +78,31 @@ def test_a_row_being_written_by_a_daemon_is_left_out_and_said(scored, tmp_path):
     assert code in (exit_codes.OK, exit_codes.DRIFT_ALARM), stderr
     assert "row 25: fewer fields than the header" in stderr, stderr
     assert report_of(tmp_path / "m")["studies"] == {"rows": 25, "scored": 24}
+
+
+def test_a_bundle_given_by_a_relative_path_is_found_from_any_folder(tmp_path, nih_images, monkeypatch):
+    """run.json recorded --weights as typed ('site-bundle'): monitor run from another folder could
+    not find that bundle, so its reference went unused and 'nothing was compared' (exit 1)."""
+    from cxr_batch.bundle import DEFAULT_BUNDLE, manifest_sha256
+    from cxr_batch.scan import ScanConfig, run_scan
+
+    site = tmp_path / "scanned-here"
+    bundle = site / "site-bundle"  # a bundle of its own (another bundle_sha256) that carries a reference
+    bundle.mkdir(parents=True)
+    shutil.copy(DEFAULT_BUNDLE / "model.pt", bundle / "model.pt")
+    manifest = json.loads((DEFAULT_BUNDLE / "manifest.json").read_text())
+    manifest["version"] += "+copy"
+    manifest["bundle_sha256"] = manifest_sha256(manifest)
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    images = site / "images"
+    images.mkdir()
+    for p in nih_images[:24]:
+        shutil.copy(p, images / p.name)
+    monkeypatch.chdir(site)
+    run_scan(Path("images"), Path("results"), ScanConfig(weights="site-bundle", precision="fp32", pdf=False,
+                                                         progress=False, workers=0))
+    monkeypatch.chdir(tmp_path)  # elsewhere
+    code, stderr = here("monitor", site / "results", "--out", tmp_path / "m")
+    assert code in (exit_codes.OK, exit_codes.DRIFT_ALARM), stderr
+    reference = report_of(tmp_path / "m")["models"][0]["reference"]
+    assert reference["kind"] == "bundle" and "site-bundle" in reference["source"], reference
