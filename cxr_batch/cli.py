@@ -651,9 +651,10 @@ def evaluate(studies, labels, weights, device, batch_size, workers, follow_links
     ci, auroc = result["mean_auroc_ci95"], result["mean_auroc"]
     click.echo(f"{result['n_studies']} studies of {result['n_patients']} patients: mean AUROC "
                + (_number(auroc, 3) if auroc is not None else "n/a (no finding has both positive and negative studies)")
-               + (f" (95% CI {ci[0]:.3f}-{ci[1]:.3f})" if ci else " (no CI)")
+               + (f" (95% CI {ci[0]:.3f}-{ci[1]:.3f})" if ci else " (no CI)" if auroc is not None else "")
                + f", ECE {_number(result['ece'], 3)}, Brier {_number(result['brier'], 4)}"
-               f" (prevalence {_number(result['brier_prevalence'], 4)})"
+               # the Brier score of the prevalence, not the prevalence ("prevalence 0.0000" when every study had it)
+               f" ({_number(result['brier_prevalence'], 4)} predicting the prevalence)"
                f" -> {out / 'evaluation.json'}, {out / 'evaluation.pdf'}", err=True)
     sys.exit(summary.exit_code)
 
