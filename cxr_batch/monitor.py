@@ -201,7 +201,7 @@ def require_columns(csv: Path) -> None:
     removed by hand would make every study's value of it unknown (the sex column removed: 'sex
     unknown' in every study, an alarm about nothing). One from before drift monitoring lacks only
     those, which is said later, study by study."""
-    with open(csv, newline="", encoding="utf-8") as f:
+    with open(csv, newline="", encoding="utf-8-sig") as f:  # as read_results reads it
         have = {h.strip() for h in next(_csv.reader(f), [])}
     needed = COLUMNS if have & set(DRIFT_COLUMNS) else [c for c in COLUMNS if c not in DRIFT_COLUMNS]
     missing = [c for c in needed if c not in have]

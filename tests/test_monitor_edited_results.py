@@ -106,3 +106,16 @@ def test_a_bundle_given_by_a_relative_path_is_found_from_any_folder(tmp_path, ni
     assert code in (exit_codes.OK, exit_codes.DRIFT_ALARM), stderr
     reference = report_of(tmp_path / "m")["models"][0]["reference"]
     assert reference["kind"] == "bundle" and "site-bundle" in reference["source"], reference
+
+
+def test_a_results_csv_saved_again_by_a_spreadsheet_reads_as_before(scored, tmp_path):  # noqa: F811
+    """Saved as 'CSV UTF-8' by a spreadsheet: a byte-order mark and CRLF line ends. The mark became
+    part of the first column's name, so no row had a 'file' ('no scored study')."""
+    folder = tmp_path / "resaved"
+    folder.mkdir()
+    shutil.copy(scored / "run.json", folder / "run.json")
+    text = (scored / "results.csv").read_text()
+    (folder / "results.csv").write_bytes(b"\xef\xbb\xbf" + text.replace("\n", "\r\n").encode())
+    code, stderr = here("monitor", folder, "--out", tmp_path / "m")
+    assert code in (exit_codes.OK, exit_codes.DRIFT_ALARM), stderr
+    assert report_of(tmp_path / "m")["studies"] == {"rows": 25, "scored": 25}
