@@ -34,6 +34,7 @@ from .drift import (DEFAULT_ALPHA, DEFAULT_MIN_STUDIES, EFFECT_NAMES, MIN_EFFECT
                     outputs_comparable)
 from .files import atomic_write_bytes, private_dir
 from .findings import FINDINGS
+from .patient import MAX_PLAUSIBLE_AGE
 from .record import COLUMNS, DRIFT_COLUMNS, StudyRecord
 from .results import read_results
 from .study import clean_text
@@ -177,22 +178,45 @@ def readable_records(csv: Path) -> tuple[list[tuple[int, StudyRecord]], list[str
                        f"written, or edited by hand)")
             continue
         try:
-            records.append((i, StudyRecord.from_row(row)))
+            record = StudyRecord.from_row(row)
         except (ValueError, TypeError, KeyError, AttributeError) as e:
             bad.append(f"row {i}: {_unreadable_value(row) or clean_text(str(e), 120)}")
+            continue
+        if impossible := _impossible_value(record):
+            bad.append(f"row {i}: {impossible}")
+        else:
+            records.append((i, record))
     return records, bad
 
 
 def _unreadable_value(row: dict) -> str:
-    """The first number column of a results.csv row whose value is not a number, in words."""
-    for column in ("age", *(f"p_{f}" for f in FINDINGS), *(f"flag_{f}" for f in FINDINGS), "triage_score", "p_any",
-                   "worklist_rank"):
+    """The first number column of a results.csv row whose value is not a number (a flag or a rank:
+    not a whole number), in words."""
+    whole = (*(f"flag_{f}" for f in FINDINGS), "worklist_rank")
+    for column in ("age", *(f"p_{f}" for f in FINDINGS), "triage_score", "p_any", *whole):
         value = (row.get(column) or "").strip()
         try:
             if value:
-                float(value)
+                (int if column in whole else float)(value)
         except ValueError:
-            return f"{column} {clean_text(value, 40)!r} is not a number"
+            return f"{column} {clean_text(value, 40)!r} is not {'a whole' if column in whole else 'a'} number"
+    return ""
+
+
+def _impossible_value(record: StudyRecord) -> str:
+    """A value scan never writes (a probability of 7, a flag of 2, an age of -40), in words: a
+    number typed over by hand would move a window's statistics without anything having drifted."""
+    s, age = record.scores, record.patient.age
+    if s is not None:
+        named = [*((f"p_{f}", p) for f, p in zip(FINDINGS, s.probs)), ("p_any", s.p_any)]
+        for column, p in named:
+            if p is not None and not 0.0 <= p <= 1.0:
+                return f"{column} {p:g} is not a probability"
+        for f, flag in zip(FINDINGS, s.flags):
+            if flag not in (0, 1):
+                return f"flag_{f} {flag} is not 0 or 1"
+    if age is not None and not 0.0 <= age <= MAX_PLAUSIBLE_AGE:
+        return f"age {age:g} is not a plausible age (scan writes such an age as unknown)"
     return ""
 
 

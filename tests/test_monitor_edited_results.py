@@ -10,6 +10,8 @@ import json
 import shutil
 from pathlib import Path
 
+import pytest
+
 from cxr_batch import exit_codes
 
 from .test_drift_little_data import report_of, scored  # noqa: F401  (scored: the module's fixture)
@@ -119,3 +121,24 @@ def test_a_results_csv_saved_again_by_a_spreadsheet_reads_as_before(scored, tmp_
     code, stderr = here("monitor", folder, "--out", tmp_path / "m")
     assert code in (exit_codes.OK, exit_codes.DRIFT_ALARM), stderr
     assert report_of(tmp_path / "m")["studies"] == {"rows": 25, "scored": 25}
+
+
+@pytest.mark.parametrize("column, value, said", [
+    ("p_Mass", "7", "p_Mass 7 is not a probability"),
+    ("p_Mass", "nan", "p_Mass nan is not a probability"),
+    ("flag_Mass", "2", "flag_Mass 2 is not 0 or 1"),
+    ("flag_Mass", "1.0", "flag_Mass '1.0' is not a whole number"),
+    ("age", "-40", "age -40 is not a plausible age"),
+])
+def test_a_number_scan_never_writes_is_left_out_not_counted(scored, tmp_path, column, value, said):  # noqa: F811
+    """A probability of 7 moved the window's mean probability (0.07 -> 0.32 for one row in 30), a
+    flag of 2 counted twice in a flag rate, an age of -40 was a patient's age: silently wrong numbers."""
+    def typed_over(rows):
+        rows[5][column] = value
+        return rows
+
+    folder = edited(scored, tmp_path / "r", typed_over)
+    code, stderr = here("monitor", folder, "--out", tmp_path / "m")
+    assert code in (exit_codes.OK, exit_codes.DRIFT_ALARM), stderr
+    assert f"row 6: {said}" in stderr, stderr
+    assert report_of(tmp_path / "m")["studies"]["scored"] == 24
