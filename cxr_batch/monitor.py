@@ -385,7 +385,7 @@ def run_monitor(results_dir: Path, out: Path, reference_path: Path | None = None
     candidates = known_bundles(results_dir)
     if explicit is not None and explicit.kind == "bundle" and reference_path is not None:
         candidates = [Path(reference_path)] + candidates
-    tested_any, largest = False, 0
+    tested_any, largest, untimed, any_window = False, 0, 0, False
     for sha, items in sorted(by_model.items(), key=lambda kv: kv[1][0][1]):
         records, numbers = [r for r, _ in items], [i for _, i in items]
         found = find_manifest(sha, candidates)
@@ -398,6 +398,7 @@ def run_monitor(results_dir: Path, out: Path, reference_path: Path | None = None
             except DriftError as e:
                 notes.append(str(e))
         windows, left_out = split_windows(records, numbers, opts.window)
+        untimed, any_window = untimed + left_out, any_window or bool(windows)
         if left_out:
             notes.append(f"{left_out} studies without a time (scored_at or study date) are left out of time windows")
         results, ref_info, more = evaluate_windows(windows, reference, sha, fingerprint, opts)
@@ -412,7 +413,11 @@ def run_monitor(results_dir: Path, out: Path, reference_path: Path | None = None
             for alarm in w["alarms"]:
                 report["alarms"].append({**alarm, "model": model["model"], "weights_sha256": sha,
                                          "window": w["window"]})
-    if not tested_any and largest:
+    if not tested_any and not any_window and untimed:  # not "no reference": there was nothing to compare
+        report["problem"] = (f"no window: none of the {untimed} scored studies has a time (scored_at, else the study "
+                             f"date) to place it in a --window of {opts.window} (a results.csv saved again by a "
+                             f"spreadsheet may have rewritten its times); use a --window of studies (500)")
+    elif not tested_any and largest:
         report["problem"] = (f"no verdict: no window holds --min-studies ({opts.min_studies}) scored studies (the "
                              f"largest holds {largest}): too few to tell drift from chance. Monitor again when more "
                              f"are scored, or use a longer --window")

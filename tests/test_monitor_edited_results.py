@@ -142,3 +142,15 @@ def test_a_number_scan_never_writes_is_left_out_not_counted(scored, tmp_path, co
     assert code in (exit_codes.OK, exit_codes.DRIFT_ALARM), stderr
     assert f"row 6: {said}" in stderr, stderr
     assert report_of(tmp_path / "m")["studies"]["scored"] == 24
+
+
+def test_time_windows_without_any_time_say_so_rather_than_no_reference(scored, tmp_path):  # noqa: F811
+    """A spreadsheet rewrote every scored_at ('06/12/2026 22:13'): --window 14d placed no study in
+    a window, and monitor said no reference had been found (the bundle's was) and to give one."""
+    folder = edited(scored, tmp_path / "r", lambda rows: [{**r, "scored_at": "06/12/2026 22:13"} for r in rows])
+    code, stderr = here("monitor", folder, "--out", tmp_path / "m", "--window", "14d")
+    assert code == exit_codes.FATAL, stderr
+    assert "none of the 25 scored studies has a time" in stderr and "--window of studies" in stderr, stderr
+    assert "no reference was found" not in stderr, stderr
+    code, stderr = here("monitor", folder, "--out", tmp_path / "m2", "--window", "25")  # studies: still monitored
+    assert code in (exit_codes.OK, exit_codes.DRIFT_ALARM), stderr
