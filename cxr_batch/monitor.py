@@ -172,7 +172,11 @@ def readable_records(csv: Path) -> tuple[list[tuple[int, StudyRecord]], list[str
     header), and why each other row did not ("row 7: ..."): a row cut short by a crash mid-append
     or read while a daemon writes it, or a value edited by hand, costs itself, not the monitoring."""
     records, bad = [], []
-    for i, row in enumerate(read_results(csv), start=1):
+    try:
+        rows = read_results(csv)
+    except UnicodeDecodeError as e:
+        raise _not_utf8(csv, e) from None
+    for i, row in enumerate(rows, start=1):
         if None in row or None in row.values():  # csv's restkey / restval: not the header's number of fields
             bad.append(f"row {i}: {'more' if None in row else 'fewer'} fields than the header (cut short while "
                        f"written, or edited by hand)")
@@ -220,13 +224,22 @@ def _impossible_value(record: StudyRecord) -> str:
     return ""
 
 
+def _not_utf8(csv: Path, e: UnicodeDecodeError) -> DriftError:
+    """A results.csv saved again by a spreadsheet in the computer's own code page, said as such."""
+    return DriftError(f"{csv} is not UTF-8 text (byte {e.object[e.start:e.start + 1].hex()} at offset {e.start}; "
+                      f"saved again by a spreadsheet?): give the results.csv scan wrote")
+
+
 def require_columns(csv: Path) -> None:
     """Refuse a results.csv whose header lacks columns of results.csv as scan writes it: a column
     removed by hand would make every study's value of it unknown (the sex column removed: 'sex
     unknown' in every study, an alarm about nothing). One from before drift monitoring lacks only
     those, which is said later, study by study."""
-    with open(csv, newline="", encoding="utf-8-sig") as f:  # as read_results reads it
-        have = {h.strip() for h in next(_csv.reader(f), [])}
+    try:
+        with open(csv, newline="", encoding="utf-8-sig") as f:  # as read_results reads it
+            have = {h.strip() for h in next(_csv.reader(f), [])}
+    except UnicodeDecodeError as e:  # the header is read with the first block of rows
+        raise _not_utf8(csv, e) from None
     needed = COLUMNS if have & set(DRIFT_COLUMNS) else [c for c in COLUMNS if c not in DRIFT_COLUMNS]
     missing = [c for c in needed if c not in have]
     if missing and have:  # an empty file holds no study, as said later

@@ -154,3 +154,18 @@ def test_time_windows_without_any_time_say_so_rather_than_no_reference(scored, t
     assert "no reference was found" not in stderr, stderr
     code, stderr = here("monitor", folder, "--out", tmp_path / "m2", "--window", "25")  # studies: still monitored
     assert code in (exit_codes.OK, exit_codes.DRIFT_ALARM), stderr
+
+
+def test_a_results_csv_saved_in_a_local_code_page_is_said_to_be_so(scored, tmp_path):  # noqa: F811
+    """Saved again as 'CSV (comma delimited)' in Latin-1, a file name with an umlaut made monitor
+    say 'unexpected UnicodeDecodeError ... (run with --debug for details)', as for a bug."""
+    folder = tmp_path / "latin1"
+    folder.mkdir()
+    shutil.copy(scored / "run.json", folder / "run.json")
+    lines = (scored / "results.csv").read_text().splitlines(keepends=True)
+    lines[1] = "J\u00fcrgen.png" + lines[1][lines[1].index(","):]
+    (folder / "results.csv").write_bytes("".join(lines).encode("latin-1"))
+    for args in ((folder,), (scored, "--reference", folder)):
+        code, stderr = here("monitor", *args, "--out", tmp_path / "m")
+        assert code == exit_codes.FATAL, stderr
+        assert "is not UTF-8 text" in stderr and "unexpected" not in stderr, stderr
