@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -161,10 +162,13 @@ def _closest(name: str) -> str:
     """'Pneumothorx' (did you mean Pneumothorax?): resolve_finding's hint for a name in a table."""
     if name.strip().lower() == NO_FINDING.lower():  # 'no finding', 'NO FINDING': not a finding, so resolve_finding
         return f"{name!r} (write it as {NO_FINDING})"  # knows no spelling of it
+    parts = [p.strip() for p in re.split(r"[;,]", name) if p.strip()]
+    if len(parts) > 1 and all(p in FINDINGS for p in parts):  # 'Effusion;Mass': another list separator
+        return f"{name!r} (findings are joined by '|': {'|'.join(parts)})"
     try:
         resolve_finding(name)
     except ValueError as e:
-        hint = str(e).split(";")[0].removeprefix("unknown finding ")
+        hint = str(e).split("; known:")[0].removeprefix("unknown finding ")  # the name itself may hold a ';'
         return hint if name.strip() else repr(name)  # '' (a stray '|') has no closest name
     return f"{name!r} (write it as {resolve_finding(name)})"  # 'cardiomegaly': right name, wrong spelling
 

@@ -61,3 +61,16 @@ def test_no_finding_in_another_case_says_how_to_write_it(tmp_path, written):
     path.write_text(f"Image Index,Finding Labels\na.png,{written}\n")
     with pytest.raises(LabelsError, match=rf"'{written}' \(write it as No Finding\)"):
         read_labels(path)
+
+
+def test_findings_joined_by_another_separator_say_to_join_them_by_a_bar(tmp_path):
+    """'Effusion;Mass' was said as "unknown finding name(s) 'Effusion in row 2": the hint was cut at
+    the name's own ';'."""
+    path = tmp_path / "labels.csv"
+    path.write_text('Image Index,Finding Labels\na.png,Effusion;Mass\nb.png,"Effusion, Mass"\n')
+    with pytest.raises(LabelsError) as e:
+        read_labels(path)
+    said = str(e.value)
+    assert "'Effusion;Mass' (findings are joined by '|': Effusion|Mass)" in said, said
+    assert "'Effusion, Mass' (findings are joined by '|': Effusion|Mass)" in said, said
+    assert "row 2 (a.png), row 3 (b.png)" in said, said
