@@ -16,7 +16,7 @@ from .test_evaluate_calibrate import cli_here as here
 def test_labels_all_one_way_give_no_auroc_and_no_misread_prevalence(tmp_path, studies, label):
     labels = tmp_path / "labels.csv"
     labels.write_text("Image Index,Finding Labels\n" + "".join(f"{p.name},{label}\n" for p in studies.iterdir()))
-    code, stderr = here("evaluate", studies, "--labels", labels, "--out", tmp_path / "eval", "--bootstrap", "20",
+    code, stderr = here("evaluate", studies, "--labels", labels, "--out", tmp_path / "eval", "--bootstrap", "0",
                         "--precision", "fp32")
     assert code == 0, stderr
     result = json.loads((tmp_path / "eval" / "evaluation.json").read_text())
@@ -26,3 +26,14 @@ def test_labels_all_one_way_give_no_auroc_and_no_misread_prevalence(tmp_path, st
     assert "mean AUROC n/a" in line and "CI" not in line, line
     # before: "Brier 0.1208 (prevalence 0.0000)" for studies that all had Effusion and Mass
     assert "(prevalence" not in line and "(0.0000 predicting the prevalence)" in line, line
+
+
+@pytest.mark.parametrize("resamples", ["1", "3", "199"])
+def test_too_few_bootstrap_resamples_for_an_interval_are_refused(tmp_path, studies, resamples):
+    """'--bootstrap 1' printed "mean AUROC 0.574 (95% CI 0.583-0.583)": an interval of one resample
+    that does not even hold the estimate, shown as if it measured something."""
+    labels = tmp_path / "labels.csv"
+    labels.write_text("Image Index,Finding Labels\n" + "".join(f"{p.name},No Finding\n" for p in studies.iterdir()))
+    code, stderr = here("evaluate", studies, "--labels", labels, "--out", tmp_path / "eval", "--bootstrap", resamples)
+    assert code == 2 and "at least 200" in stderr, stderr
+    assert not (tmp_path / "eval").exists()
