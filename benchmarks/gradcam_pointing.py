@@ -1,11 +1,12 @@
 """Do the study reports' Grad-CAM maps point at the finding? The pointing game on NIH's boxes.
 
-    python benchmarks/gradcam_pointing.py [--weights BUNDLE]
+    python benchmarks/gradcam_pointing.py [--weights BUNDLE] [--level p3|p4|p5]
 
 NIH ChestX-ray14 ships radiologists' boxes for some findings (metadata/BBox_List_2017.csv.gz,
 coordinates on the 1024-px release). For every box on an image found in ../shared/data/nih/images
 or ../shared/data/nih_extra/images, the map a report would draw for that finding (the level and
-grid of :func:`cxr_batch.gradcam.map_level`, patient data unknown) is computed whether or not
+grid of :func:`cxr_batch.gradcam.map_level`, or ``--level``: how a level a report does not draw,
+such as a 64-px model's P3, would have done; patient data unknown) is computed whether or not
 the finding is flagged, and its hottest pixel is checked against the box mapped into the model's
 view (centre crop, resize). "Chance" is the box's share of the view: what a point drawn at random
 would score. Prints one line per finding and the total: hits, boxes, hit rate and chance.
@@ -28,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.common import bundle_path  # noqa: E402
 from cxr_batch.bundle import load_bundle  # noqa: E402
 from cxr_batch.findings import FINDINGS  # noqa: E402
-from cxr_batch.gradcam import gradcam, map_level  # noqa: E402
+from cxr_batch.gradcam import STRIDES, gradcam, map_level  # noqa: E402
 from cxr_batch.preprocess import eval_transform  # noqa: E402
 
 DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
@@ -51,12 +52,13 @@ def box_in_view(box, width: int, height: int, crop: float, size: int) -> tuple[f
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--weights")
+    ap.add_argument("--level", choices=sorted(STRIDES), help="the pyramid level to test (default: the reports')")
     args = ap.parse_args()
     bundle = load_bundle(bundle_path(args.weights))
     prep = bundle.preprocessing
-    level = map_level(prep.image_size)
+    level = (args.level, prep.image_size // STRIDES[args.level]) if args.level else map_level(prep.image_size)
     if level is None:
-        sys.exit(f"{bundle.label}: no map level fine enough at {prep.image_size} px: reports draw no maps")
+        sys.exit(f"{bundle.label}: reports draw no maps at {prep.image_size} px; --level p3 tests its finest level")
     files = {p.name: p for folder in FOLDERS if folder.is_dir() for p in folder.iterdir()}
     hits, totals, chance = defaultdict(int), defaultdict(int), defaultdict(list)
     with gzip.open(BOXES, "rt", newline="") as f:

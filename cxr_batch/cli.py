@@ -202,7 +202,7 @@ RUN_OPTIONS = (
     click.option("--urgent", callback=parse_urgent,
                  help="Comma-separated findings that make a study urgent.  [default: Pneumothorax]"),
     click.option("--pdf/--no-pdf", default=None, help="PDF reports and worklist in OUT/reports.  [default: pdf]"),
-    click.option("--heatmaps/--no-heatmaps", default=None, help="Grad-CAM for flagged findings.  [default: heatmaps]"),
+    click.option("--heatmaps/--no-heatmaps", default=None, help="Grad-CAM for flagged findings (models of 128 px and more).  [default: heatmaps]"),
     click.option("--dicom-pdf", is_flag=True, default=None, help="Also write each report as a DICOM Encapsulated PDF."),
     click.option("--dicom-sr", is_flag=True, default=None,
                  help="Write a DICOM SR (TID 1500 measurement report) per scored DICOM image to OUT/dicom."),

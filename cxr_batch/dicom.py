@@ -213,6 +213,7 @@ _ENCAPSULATED_KINDS = {
 # Every transfer syntax the reader decodes: the uncompressed ones (explicit/implicit VR little
 # endian, deflated, the retired explicit big endian) and the compressed ones above. The DICOM
 # node (cxr_batch.integration.node) accepts exactly these.
+ENCAPSULATED_TRANSFER_SYNTAXES: tuple[str, ...] = tuple(_ENCAPSULATED_KINDS)
 DECODED_TRANSFER_SYNTAXES: tuple[str, ...] = (
     "1.2.840.10008.1.2.1", "1.2.840.10008.1.2", "1.2.840.10008.1.2.1.99", "1.2.840.10008.1.2.2",
     *_ENCAPSULATED_KINDS,

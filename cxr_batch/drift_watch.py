@@ -100,13 +100,14 @@ class DriftWatch:
         reference, after = self._reference_now()
         if reference is None:
             have = len(self.ledger.scored_records(self.sha, self.window, newest=False))
-            self._set({"state": "waiting", "reason": f"building the site baseline: {have} of {self.window} studies"},
+            self._set({"state": "waiting",
+                       "reason": f"building the site baseline: {have} of {self.window} studies at the last evaluation"},
                       [], now)
             return
         window = [(seq, r) for seq, r in self.ledger.scored_records(self.sha, self.window) if seq > after]
         if len(window) < self.min_studies:
-            self._set({"state": "waiting", "reason": f"{len(window)} of the {self.min_studies} studies a window needs"},
-                      [], now)
+            self._set({"state": "waiting", "reason": f"{len(window)} of the {self.min_studies} studies a window needs "
+                                                     "at the last evaluation"}, [], now)
             return
         outputs = outputs_comparable(reference.data, self.sha, self.fingerprint)
         result = compare(reference.data, [r for _, r in window], alpha=self.alpha, min_studies=self.min_studies,
@@ -135,6 +136,9 @@ class DriftWatch:
     def status(self) -> dict:
         """For status.json: the state and the alarms in short (drift.json has everything)."""
         out = dict(self.state)
+        if self.every:  # the state is that of evaluated_at: say how far the next evaluation is
+            out["scored_since_evaluation"] = self.pending
+            out["next_evaluation_in"] = max(self.every - self.pending, 0)
         if self.alarms:
             out["alarms"] = [{"quantity": a["quantity"], "group": a["group"], "effect": a["effect"],
                               "shift": a["shift"]} for a in self.alarms[:STATUS_ALARMS]]

@@ -7,11 +7,13 @@ their own units, not scaled to [0, 1]: a report scales each map on its own and p
 strength beside it (:func:`cxr_batch.reports.own_scale`), so a weak map next to a strong one is
 never drawn invisible.
 
-Which level: a map can only point to a lung zone if its grid is fine enough. The FPN's levels
-have strides 8 (P3), 16 (P4) and 32 (P5); :func:`map_level` takes P4 when it has at least
-:data:`MIN_CELLS` cells a side (14 x 14 at 224 px: the top-down pathway gives it P5's
-semantics at twice its resolution), else P3 (8 x 8 at 64 px), else none: a 32-px model's
-4 x 4 grid cannot tell upper from middle zone, and the report says so instead of drawing blobs.
+Which level: a map can only point to a lung zone if its grid is fine enough and its features
+carry the findings. The FPN's levels have strides 8 (P3), 16 (P4) and 32 (P5); :func:`map_level`
+takes P4 when it has at least :data:`MIN_CELLS` cells a side (8 x 8 at 128 px, 14 x 14 at 224 px:
+the top-down pathway gives it P5's semantics at twice its resolution), else none, and the report
+says why instead of drawing blobs. P3 is not a fallback: at 64 px its 8 x 8 maps of v3 put their
+hottest point inside NIH's radiologist boxes no more often than a random point
+(``python benchmarks/gradcam_pointing.py --level p3``: 7 of 56 boxes, chance 0.10).
 """
 
 from __future__ import annotations
@@ -29,12 +31,9 @@ MIN_CELLS = 8  # cells a side a map needs: lung zones (upper, middle, lower) on 
 
 def map_level(image_size: int) -> tuple[str, int] | None:
     """(level, cells a side) of the map a report draws for a model of ``image_size`` px, or
-    None when even P3 is coarser than :data:`MIN_CELLS` cells a side."""
-    for level in ("p4", "p3"):
-        cells = image_size // STRIDES[level]
-        if cells >= MIN_CELLS:
-            return level, cells
-    return None
+    None when P4 is coarser than :data:`MIN_CELLS` cells a side."""
+    cells = image_size // STRIDES[LEVEL]
+    return (LEVEL, cells) if cells >= MIN_CELLS else None
 
 
 def gradcam(model: CxrFusionNet, image: torch.Tensor, tabular: torch.Tensor, classes: list[int],

@@ -118,6 +118,7 @@ class Outcome:
     key: str
     record: StudyRecord
     action: str  # "new", "replaced" (a provisional error or a changed file), "kept" (an error after a result)
+    annotated: bool = False  # kept, and the standing result's row now says a later version could not be read
 
 
 @dataclass(frozen=True)
@@ -284,7 +285,12 @@ class Ledger:
             for key, content, record in studies:
                 old = self.known(key)
                 if old is not None and old.status != "error" and (record.status == "error" or old.content == content):
-                    outcomes.append(Outcome(key, record, "kept"))  # a result is never replaced by an error
+                    # a result is never replaced by an error; a changed version that failed (a
+                    # correction cut short) is said on the row that stands, or it looks current
+                    annotated = record.status == "error" and old.content != content
+                    if annotated:
+                        self._note_unread_version(key, record.reason)
+                    outcomes.append(Outcome(key, record, "kept", annotated))
                     continue
                 if old is not None and old.status != "error":
                     self.db.execute("INSERT INTO superseded SELECT key, seq, file, content, record, reported_at, ? "
@@ -297,6 +303,17 @@ class Ledger:
                     self._queue(key, now, *entry)
             self.db.executemany("INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?, ?, ?)", [(*f, now) for f in files])
         return outcomes
+
+    def _note_unread_version(self, key: str, reason: str) -> None:
+        """Note on ``key``'s standing result that a later version could not be read (to be
+        published again: results.csv rewritten)."""
+        (text,) = self.db.execute("SELECT record FROM studies WHERE key = ?", (key,)).fetchone()
+        record = StudyRecord.from_json(json.loads(text))
+        why = " ".join((reason or "unreadable").replace(";", ",").split())[:200]  # one note of the notes column
+        record.add_note(f"a later version of this instance could not be read ({why}), so this result is of the "
+                        "earlier version")
+        self.db.execute("UPDATE studies SET record = ?, published = 0 WHERE key = ?",
+                        (json.dumps(record.to_json()), key))
 
     def _queue(self, key: str, now: float, uid: str, path: str, channel: str = "dicom", destination: str = "") -> None:
         """Queue (or queue again, as new) the object ``uid`` on ``channel``."""

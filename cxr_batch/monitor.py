@@ -431,9 +431,11 @@ def run_monitor(results_dir: Path, out: Path, reference_path: Path | None = None
                              f"date) to place it in a --window of {opts.window} (a results.csv saved again by a "
                              f"spreadsheet may have rewritten its times); use a --window of studies (500)")
     elif not tested_any and largest:
+        # a longer window helps only where a model has scored enough studies for one
+        longer = any(m["n"] >= opts.min_studies for m in report["models"])
         report["problem"] = (f"no verdict: no window holds --min-studies ({opts.min_studies}) scored studies (the "
                              f"largest holds {largest}): too few to tell drift from chance. Monitor again when more "
-                             f"are scored, or use a longer --window")
+                             f"are scored" + (", or use a longer --window" if longer else ""))
     elif not tested_any and any(m["reference"] and m["reference"].get("too_small") for m in report["models"]):
         report["problem"] = "nothing was compared: " + "; ".join(n for m in report["models"] for n in m["notes"]
                                                                   if n.startswith("not compared:"))

@@ -7,7 +7,8 @@ A study report is exactly one A4 page, whatever it holds (14 flags, long identif
 bucket banner with what it means, the patient table, all 14 findings with what a flag of each
 means (sensitivity and PPV at its operating point, from the bundle's evidence), the radiograph
 as the model saw it and a Grad-CAM map for every flagged finding with positive evidence (each
-on its own colour scale, its strength printed, on a grid fine enough to point to a lung zone),
+on its own colour scale, its strength printed, drawn only on a grid fine enough to point to a
+lung zone: a 64-px model gets a line saying why there are none),
 the bundle's intended use and validation evidence, the decision-support statement and the
 model line. The heatmap grid
 takes the height the rest leaves, and the page as a whole is shrunk to fit if it must be.
@@ -471,6 +472,11 @@ def _patient_table(record: StudyRecord, width: float, st: dict) -> Table:
 
 def _findings_table(record: StudyRecord, info: ModelInfo, urgent, width: float, st: dict) -> Table:
     widths = [width * w for w in (0.30, 0.16, 0.14, 0.15, 0.25)]  # "Pleural thickening" on one line
+    # "FLAGGED" in bold on one line (beside a page-wide radiograph it broke into "FLAGGE" / "D"),
+    # its room taken from the last column, whose figures are short
+    short = pdfmetrics.stringWidth("FLAGGED", _fonts()[1], st["centre"].fontSize) + 2 * PAD + 1 - widths[3]
+    if short > 0:
+        widths[3], widths[4] = widths[3] + short, widths[4] - short
     data = [_header(("Finding", "Probability", "Threshold", "Flag", "A flag's sens. / PPV"), widths, st)]
     commands = [GRID, ("BACKGROUND", (0, 0), (-1, 0), HEADER_FILL)]
     points = info.evidence.operating_points
@@ -557,8 +563,8 @@ class MapGrid:
 
     def text(self) -> str:
         if self.level is None:
-            return (f"No heatmaps: this model sees the radiograph at {self.image_size} px, and its finest map would "
-                    f"be {self.cells} x {self.cells} cells, too coarse to point to a lung zone.")
+            return (f"No heatmaps: this model sees the radiograph at {self.image_size} px, and its maps would be "
+                    f"{self.cells} x {self.cells} cells, too coarse to point to a lung zone.")
         return (f"Maps on the model's {self.cells} x {self.cells} grid (pyramid level {self.level.upper()}, each cell "
                 f"1/{self.cells} of the image side).")
 
@@ -571,8 +577,8 @@ def _maps_heading(drawn: list[str], missing: list[str], empty: list[str], grid: 
     if drawn:
         out = [Spacer(1, 2 * mm), _table(
             [[Paragraph("What raised the score (Grad-CAM)", st["h"]), ""],
-             # not a location: v3's maps hit NIH's radiologist boxes no more often than chance
-             # (benchmarks/gradcam_pointing.py), and no bundle carries evidence that its maps locate
+             # not a location: no bundle carries evidence that its maps locate a finding, and v3's
+             # finest maps hit NIH's radiologist boxes no more often than chance (benchmarks/gradcam_pointing.py)
              [Paragraph("<b>Not where a finding is:</b> these maps are not validated to locate a finding and may point "
                         "away from it. " + escape(
                             "Urgent findings first, then by how far each exceeds its threshold. Each map on its own "
@@ -804,13 +810,13 @@ class ReportWriter:
         """Write ``record``'s report and return its file name. ``inputs``: the model inputs
         (image [3, S, S], tabular [3]) for the radiograph tile and the heatmaps, or None;
         ``key``: what names the file (default: the record's file path)."""
-        from .gradcam import STRIDES, gradcam, map_level
+        from .gradcam import LEVEL, STRIDES, gradcam, map_level
         from .preprocess import denormalise
 
         grey, cams = None, {}
         size = self.bundle.preprocessing.image_size
         level = map_level(size)
-        grid = MapGrid(*level, size) if level else MapGrid(None, size // STRIDES["p3"], size)
+        grid = MapGrid(*level, size) if level else MapGrid(None, size // STRIDES[LEVEL], size)
         if inputs is not None:
             image, tabular = inputs
             grey = denormalise(image, self.bundle.preprocessing)

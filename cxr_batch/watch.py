@@ -179,6 +179,8 @@ class Watcher:
         self.worklist_due = False
         self.worklist_built = 0.0
         self.csv_whole = False  # results.csv must be rewritten from the ledger
+        self.observer = None
+        self.watch_missing = False  # the watched folder is gone (a share unmounted, the folder removed)
 
     def check_folders(self) -> None:
         """The results, archive and quarantine folders are apart from the watched folder
@@ -201,7 +203,7 @@ class Watcher:
         observer = None
         try:
             self.recover()
-            observer = self._observer()
+            observer = self.observer = self._observer()
             observer.start()
             log.info("watching %s -> %s (model %s on %s)", self.watch_dir, self.out, self.bundle.label,
                      self.policy.describe())
@@ -234,6 +236,7 @@ class Watcher:
             if now >= self.retry_at:
                 worked = self.step(now)
             if now >= next_beat:
+                self.check_watch_dir()
                 self.heartbeat()
                 next_beat = now + self.cfg.heartbeat_interval
             if not worked:
@@ -286,7 +289,33 @@ class Watcher:
         self.csv_whole = True  # what was appended may be incomplete: rewrite from the ledger
         self.heartbeat()
 
+    def check_watch_dir(self) -> None:
+        """A watched folder that is gone (an export share unmounted, the folder moved or
+        removed) is said in the log and status.json, not left to look like a quiet day; once it
+        is back it is watched again (the file-system watch went with the old folder) and
+        rescanned."""
+        present = self.watch_dir.is_dir()
+        if not present and not self.watch_missing:
+            log.error("the watched folder %s is missing (unmounted, moved or removed): no new study is seen until "
+                      "it is back", self.watch_dir)
+        elif present and self.watch_missing:
+            log.info("the watched folder %s is back: watching it again", self.watch_dir)
+            self.contained(self.rewatch)
+            self.contained(self.rescan)
+        self.watch_missing = not present
+        if self.watch_missing:
+            self.state, self.reason = "degraded", f"the watched folder is missing: {self.watch_dir}"
+        elif self.reason.startswith("the watched folder is missing"):
+            self.state, self.reason = "running", ""
+
+    def rewatch(self) -> None:
+        if self.observer is not None:
+            self.observer.unschedule_all()
+            self.observer.schedule(self.handler, str(self.watch_dir), recursive=True)
+
     def recovered(self) -> None:
+        if self.watch_missing:  # writing works again, but nothing new can be seen: still degraded
+            return
         if self.state != "running":
             if self.state == "degraded":
                 log.info("recovered: writing again")
@@ -308,7 +337,8 @@ class Watcher:
                         events.put(event.dest_path)
 
         observer = PollingObserver(timeout=self.cfg.poll_interval) if self.cfg.polling else Observer()
-        observer.schedule(Handler(), str(self.watch_dir), recursive=True)
+        self.handler = Handler()
+        observer.schedule(self.handler, str(self.watch_dir), recursive=True)
         return observer
 
     def cleanup_temp(self) -> None:
@@ -651,7 +681,7 @@ class Watcher:
         if not outcomes:
             return
         self.worklist_due = True
-        if self.csv_whole or any(o.action == "replaced" for o in outcomes):
+        if self.csv_whole or any(o.action == "replaced" or o.annotated for o in outcomes):
             self.publish_whole()
             return
         fresh = [(o.key, o.record) for o in outcomes if o.action == "new"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,23 @@ from cxr_batch.patient import PatientEncoding
 from cxr_batch.preprocess import Preprocessing
 
 REPO = Path(__file__).resolve().parent.parent
+
+
+def _dcmtk_before_pynetdicom() -> None:
+    """pynetdicom installs apps named like dcmtk's (storescu, echoscu, storescp...) into the
+    environment's bin, which an activated virtual environment (the README's Quick start) puts
+    first on PATH: the tests' dcmtk commands (`storescu -R -xv`) then ran pynetdicom's and failed.
+    That folder goes to the end of PATH when dcmtk is installed elsewhere."""
+    env_bin = str(Path(sys.executable).parent)
+    entries = os.environ.get("PATH", "").split(os.pathsep)
+    if env_bin not in entries or not (Path(env_bin) / "storescu").exists():
+        return
+    others = [e for e in entries if e != env_bin]
+    if shutil.which("storescu", path=os.pathsep.join(others)):
+        os.environ["PATH"] = os.pathsep.join([*others, env_bin])
+
+
+_dcmtk_before_pynetdicom()
 NIH = REPO.parent / "shared" / "data" / "nih"
 V1_BUNDLE = REPO / "weights" / "cxr-fpn-v1"  # still shipped; the default is v3 (cxr_batch.bundle.DEFAULT_BUNDLE)
 

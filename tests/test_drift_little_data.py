@@ -53,9 +53,16 @@ def test_a_window_smaller_than_min_studies_is_no_verdict(scored, tmp_path, n):
     assert code == exit_codes.FATAL, stderr
     assert "too few" in stderr and "--min-studies" in stderr, stderr
     assert "0 window(s) tested" in stderr and "1 too small" in stderr, stderr
+    assert "longer --window" not in stderr, stderr  # the window holds every study: only more studies help
     report = report_of(tmp_path / "m")
     assert report["exit_code"] == exit_codes.FATAL and report["alarms"] == []
     assert report["models"][0]["windows"][0]["too_small"]
+
+
+def test_windows_too_short_for_enough_studies_suggest_a_longer_window(scored, tmp_path):
+    """25 scored studies in windows of 10: a longer --window would hold the 20 a verdict needs."""
+    code, stderr = here("monitor", scored, "--out", tmp_path / "m", "--window", "10")
+    assert code == exit_codes.FATAL and "no verdict" in stderr and "longer --window" in stderr, stderr
 
 
 def test_a_last_window_too_small_is_said_and_the_others_decide(scored, tmp_path):
@@ -143,3 +150,29 @@ def test_outbound_send_refuses_a_wait_that_is_not_a_number(tmp_path):
     'until the wait has passed' would never end."""
     code, stderr = here("outbound", "send", tmp_path, "--wait", "nan")
     assert code == exit_codes.USAGE and "--wait" in stderr and "Traceback" not in stderr, stderr
+
+
+def test_a_waiting_daemon_says_when_it_counted_and_when_it_counts_again(scored, tmp_path):
+    """status.json's drift in watch/listen/pull is evaluated every ``drift_every`` studies: the
+    count of a "waiting" reason is the one of that evaluation (0 at the start). An operator who
+    reads "0 of the 20 studies a window needs" beside 6 studies reported must be told that this
+    was counted then, how many were scored since and after how many more it is counted again."""
+    from cxr_batch.bundle import load_bundle
+    from cxr_batch.drift_watch import DriftWatch
+    from cxr_batch.ledger import Ledger
+    from cxr_batch.record import StudyRecord
+
+    with (scored / "results.csv").open(newline="") as f:
+        records = [StudyRecord.from_row(row) for row in csv.DictReader(f)][:6]
+    ledger = Ledger(tmp_path / "ledger.sqlite")
+    try:
+        watch = DriftWatch(ledger, load_bundle(), tmp_path, every=100, window=500, min_studies=20, alpha=0.001)
+        watch.evaluate()  # as the daemon does at its start
+        ledger.commit([(f"uid:{i}", f"c{i}", r) for i, r in enumerate(records)], [])
+        watch.added(len(records))  # 6 < drift_every: no evaluation
+        drift = watch.status()
+        assert drift["state"] == "waiting"
+        assert "0 of the 20 studies a window needs at the last evaluation" in drift["reason"]
+        assert drift["scored_since_evaluation"] == 6 and drift["next_evaluation_in"] == 94
+    finally:
+        ledger.close()

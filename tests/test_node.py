@@ -6,6 +6,7 @@ image at the PACS and one row per image in results.csv. Skipped cleanly without 
 
 from __future__ import annotations
 
+import logging
 import os
 import shlex
 import signal
@@ -131,6 +132,20 @@ def test_binds_loopback_by_default_answers_echo_and_checks_ae_titles(listener):
     stranger = echo(port, calling="INTRUDER")
     assert stranger.returncode != 0 and "Calling AE Title Not Recognized" in stranger.stderr
     assert scp.status()["rejected_associations"] == 2
+
+
+@needs_dcmtk
+def test_a_rejected_association_says_what_to_change(listener, caplog):
+    """The node's log line for a rejected association names the fix: the allow-list that lacks
+    the calling title, or the title the sender must call (it said only "Calling AE title not
+    recognised", and docs/node.toml's allow-list rejects dcmtk's default STORESCU/ECHOSCU)."""
+    scp, _, _ = listener(allow=("MODALITY1", "PACS"))
+    with caplog.at_level(logging.WARNING, logger="cxr_batch"):
+        assert echo(scp.cfg.port, calling="ECHOSCU").returncode != 0
+        assert echo(scp.cfg.port, calling="PACS", called="SOMEONE").returncode != 0
+    stranger, wrong_called = [r.getMessage() for r in caplog.records if "rejected" in r.getMessage()][:2]
+    assert "ECHOSCU" in stranger and "allow-list (--allow, allow): MODALITY1, PACS" in stranger
+    assert "must call us as CXRBATCH (--ae-title)" in wrong_called
 
 
 @needs_dcmtk

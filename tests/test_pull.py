@@ -274,6 +274,21 @@ def test_pull_by_c_get_needs_no_move_destination(archive, urgent_bundle, make_or
         _check_orus(ris.received, some)
 
 
+def test_pull_by_c_get_takes_every_transfer_syntax_as_stored(archive, urgent_bundle, make_orthanc, tmp_path):
+    """Every frontal image of the archive (JPEG 2000, RLE, JPEG baseline... as the PACS stores
+    them) by C-GET. One presentation context per class with every syntax in it let Orthanc pick
+    explicit VR little endian for all, which it cannot transcode JPEG 2000 to: that image failed
+    every pull ("1 retrieval failure(s)", exit 3)."""
+    frontal, _ = archive
+    pacs = make_orthanc()
+    _upload(pacs, frontal.values())
+    done = pull(pacs, free_port(), tmp_path / "out", urgent_bundle, "--retrieve", "get")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"{len(frontal)} image(s) retrieved" in done.stderr and "0 retrieval failure(s)" in done.stderr
+    rows = (tmp_path / "out" / "results.csv").read_text().splitlines()[1:]
+    assert len(rows) == len(frontal) and all(",ok," in row for row in rows)
+
+
 def test_a_pull_killed_midway_then_run_again_finishes_the_rest_once(archive, urgent_bundle, make_orthanc, tmp_path):
     frontal, others = archive
     port = free_port()
@@ -382,6 +397,30 @@ def test_an_out_folder_inside_a_state_folder_gets_a_suggestion_for_that_command(
         with pytest.raises(ConfigError) as refused:
             refuse_out_in_state(tmp_path / inside)
         assert f"e.g. --out {tmp_path / suggested}" in str(refused.value) and "cxr-pull" not in str(refused.value)
+
+
+def test_a_pull_by_c_get_does_not_need_the_port_free(archive, urgent_bundle, tmp_path):
+    """C-GET comes back on the query's association: nothing listens on --port, so a port another
+    program holds (the site's own `cxr-batch listen` on the default 11112, say) must not stop a
+    pull by C-GET (it did: "cannot listen on 127.0.0.1:11112")."""
+    import socket
+
+    frontal, _ = archive
+    pacs = ScriptedPACS([frontal["explicit"]], ae_title="QRPACS")
+    holder = socket.socket()
+    try:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        done = cli("pull", "--from", f"QRPACS@127.0.0.1:{pacs.port}", "--since", "2000-01-01", "--retrieve", "get",
+                   "--port", holder.getsockname()[1], "--out", tmp_path / "out", "--no-pdf", "--weights",
+                   urgent_bundle, "--device", "cpu", "--precision", "fp32", "--workers", "0")
+    finally:
+        holder.close()
+        pacs.close()
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "cannot listen" not in done.stderr and "1 image(s) retrieved" in done.stderr
+    rows = (tmp_path / "out" / "results.csv").read_text().splitlines()[1:]
+    assert len(rows) == 1 and pydicom.dcmread(frontal["explicit"]).SOPInstanceUID in rows[0]
 
 
 @pytest.mark.parametrize("refuses", [False, True], ids=["ignores", "refuses"])

@@ -105,7 +105,7 @@ def test_every_report_is_one_page_with_identifiers_findings_and_statements(examp
     out, summary, rows = example_scan
     assert summary.counts["ok"] == 6
     bundle = load_bundle()
-    thin_evidence, thresholds = bundle_evidence(bundle.manifest, V1_BUNDLE).problem is not None, bundle.thresholds
+    thin_evidence = bundle_evidence(bundle.manifest, V1_BUNDLE).problem is not None
     for row in rows:
         path = out / "reports" / row["report"]
         assert path.exists() and stat.S_IMODE(path.stat().st_mode) == 0o640
@@ -122,14 +122,12 @@ def test_every_report_is_one_page_with_identifiers_findings_and_statements(examp
         flagged = [f for f in row["findings"].split(";") if f]
         assert txt.count("FLAGGED") == len(flagged)
         flat = re.sub(r"\s+", " ", txt)
-        # every flagged finding has its map, with probability and threshold in the caption, or is named as
-        # having no positive evidence in the map (never a blank picture)
-        for f in flagged:
-            t = thresholds[f]
-            assert (f"p {float(row[f'p_{f}']):.2f}, threshold {t:.2f}" in txt or f"threshold {t:.3f}" in txt
-                    or re.search(rf"No positive evidence in the model's map for: [^.]*{finding_label(f)}", flat))
+        # v3 sees 64 px: its maps would be P4's 4 x 4 cells, so no map is drawn and the page says why,
+        # never a blank picture or a blob under a flagged finding
         if flagged:
-            assert "8 x 8 grid" in flat  # v2 sees 64 px: its maps come from P3's 8 x 8 cells, stated
+            assert ("No heatmaps: this model sees the radiograph at 64 px, and its maps would be 4 x 4 cells, "
+                    "too coarse to point to a lung zone.") in flat
+            assert "What raised the score" not in flat and "No positive evidence" not in flat
         if row["study_date"]:  # results.csv and the report both say YYYY-MM-DD, never DICOM's YYYYMMDD
             assert re.fullmatch(r"\d{4}-\d{2}-\d{2}", row["study_date"]), row["study_date"]
             assert row["study_date"] in txt and row["study_date"].replace("-", "") not in txt
@@ -287,8 +285,30 @@ def test_maps_only_on_a_grid_that_can_point_to_a_lung_zone():
     from cxr_batch.gradcam import map_level
 
     assert map_level(224) == ("p4", 14) and map_level(128) == ("p4", 8)
-    assert map_level(64) == ("p3", 8) and map_level(96) == ("p3", 12)
-    assert map_level(32) is None  # 4 x 4 cells: no map, a line saying why
+    # P4 at 4 x 4 or 6 x 6 cells: no map, a line saying why. P3 is no fallback: v3's 8 x 8 P3 maps
+    # hit NIH's radiologist boxes no more often than chance (benchmarks/gradcam_pointing.py --level p3)
+    assert map_level(96) is None and map_level(64) is None and map_level(32) is None
+
+
+def test_a_224_px_model_draws_its_p4_maps_and_states_the_grid(tmp_path, example_scan):
+    """The scan's own path (ReportWriter, real Grad-CAM) for a model whose P4 can point to a lung
+    zone: v1 (224 px, 14 x 14 cells). One map picture per flagged finding with positive evidence,
+    beside the radiograph; v3's reports of the same studies (example_scan) have the radiograph only."""
+    run_scan(EXAMPLES / "studies" / "dicom", tmp_path / "out", ScanConfig(
+        weights=str(V1_BUNDLE), metadata=str(EXAMPLES / "metadata.csv"), device="cpu", precision="fp32",
+        batch_size=3, workers=0, progress=False))
+    rows = [r for r in read_results(tmp_path / "out" / "results.csv") if r["findings"]]
+    assert rows, "v1 flags something on these studies"
+    for row in rows:
+        path = tmp_path / "out" / "reports" / row["report"]
+        flat = re.sub(r"\s+", " ", pages(path)[0])
+        assert "Maps on the model's 14 x 14 grid (pyramid level P4" in flat and "No heatmaps" not in flat
+        empty = re.search(r"No positive evidence in the model's map for: ([^(]*)\(", flat)
+        n_empty = len(empty.group(1).split(",")) if empty else 0
+        images = len(PdfReader(path).pages[0].images)
+        assert images == 2 + len(row["findings"].split(";")) - n_empty  # radiograph, colour bar, one map each
+    for row in example_scan[2]:
+        assert len(PdfReader(example_scan[0] / "reports" / row["report"]).pages[0].images) == 1
 
 
 def test_a_flagged_finding_without_positive_evidence_is_said_plainly_not_drawn():

@@ -274,7 +274,8 @@ def test_a_correction_that_cannot_be_read_leaves_the_result_it_corrects_and_says
                                                                                    small_bundle):
     """A corrected version of an instance cut short in transfer (its header, so its UID, is
     readable) is an error, and an error never replaces a result: the first result stays the one
-    row, nothing is superseded, and the log says the later version failed and what stands."""
+    row, nothing is superseded, and the log says the later version failed and what stands. The
+    row says so too (it said nothing: a reader of results.csv could not know a correction came)."""
     incoming, out = tmp_path / "in", tmp_path / "out"
     incoming.mkdir()
     first = write(incoming / "IM1.dcm", grey(nih_images[0]), PatientID="FIRST")
@@ -290,7 +291,37 @@ def test_a_correction_that_cannot_be_read_leaves_the_result_it_corrects_and_says
     finally:
         assert stop(daemon) == 0
     log = daemon.stderr.read()
-    assert [(r["patient_id"], r["status"]) for r in rows_now(out)] == [("FIRST", "ok")]
+    (row,) = rows_now(out)
+    assert (row["patient_id"], row["status"]) == ("FIRST", "ok")
+    assert "a later version of this instance could not be read" in row["notes"], row["notes"]
+    assert "this result is of the earlier version" in row["notes"]
     assert status(out)["superseded"] == 0
     kept = [line for line in log.splitlines() if "status=error" in line and "an earlier result is kept" in line]
     assert len(kept) == 1 and "CORRECTION" not in log, log[-2000:]
+
+
+def test_a_watched_folder_that_vanishes_is_said_and_watched_again_when_it_is_back(tmp_path, nih_images,
+                                                                                 small_bundle):
+    """An export share unmounted or its folder removed: the daemon said nothing and status.json
+    read "running" while it could see no study. Now the log and status.json say the folder is
+    missing within a heartbeat, and once it is back its new studies are seen at once (its
+    file-system watch is made again: not left to the full rescan, here ten minutes away)."""
+    import shutil
+
+    incoming, out = tmp_path / "in", tmp_path / "out"
+    incoming.mkdir()
+    good_dicoms(incoming, nih_images, 1)
+    daemon = start_daemon(incoming, out, small_bundle, watch_config(tmp_path / "w.toml", rescan_interval=600.0))
+    try:
+        assert wait_for(lambda: len(ok_rows(out)) == 1)
+        shutil.rmtree(incoming)
+        assert wait_for(lambda: status(out).get("state") == "degraded", timeout=30), status(out)
+        assert "watched folder is missing" in status(out)["reason"]
+        incoming.mkdir()
+        assert wait_for(lambda: status(out).get("state") == "running", timeout=30), status(out)
+        good_dicoms(incoming, nih_images, 1, start=1)  # after it is back: seen by the watch made again
+        assert wait_for(lambda: len(ok_rows(out)) == 2, timeout=30), status(out)
+    finally:
+        assert stop(daemon) == 0
+    log = daemon.stderr.read()
+    assert log.count("is missing") == 1 and "is back" in log, log[-2000:]

@@ -427,8 +427,18 @@ class StorageSCP:
         self._count("rejected_associations")
         rsp = event.assoc.acceptor.primitive
         reason = getattr(rsp, "reason_str", "") if rsp is not None else ""
-        log.warning("association from %s at %s rejected: %s", self.shown(event.assoc.requestor.ae_title, 16),
-                    self.shown(event.assoc.requestor.address), reason or "refused")
+        log.warning("association from %s at %s rejected: %s%s", self.shown(event.assoc.requestor.ae_title, 16),
+                    self.shown(event.assoc.requestor.address), reason or "refused", self._rejection_hint(reason))
+
+    def _rejection_hint(self, reason: str) -> str:
+        """What to change for the two rejections an operator's configuration causes."""
+        reason = reason.lower()
+        if "calling ae title" in reason:
+            return (f" (not in the allow-list (--allow, allow): {', '.join(self.cfg.allow)}; add the sender's "
+                    f"title there, or have it call as one of those)")
+        if "called ae title" in reason:
+            return f" (the sender must call us as {self.cfg.ae_title} (--ae-title))"
+        return ""
 
     def on_close(self, event) -> None:
         from .bounded import discard_partial_object
@@ -463,10 +473,15 @@ class Node(Watcher):
     def __init__(self, out: Path, cfg: ListenConfig, stop=None):
         tls = cfg.tls_context()  # bad files stop the start before the model loads
         cfg.send_tls_context()
-        check_address(cfg.host, cfg.port)  # ...and so does a port in use, before any folder is made
+        if self.receives_on_port(cfg):
+            check_address(cfg.host, cfg.port)  # ...and so does a port in use, before any folder is made
         super().__init__(Path(out) / STATE_DIR / SPOOL, out, cfg, stop)
         self.spool = Spool(self.watch_dir)
         self.scp = StorageSCP(cfg, self.spool, lambda path: self.events.put(str(path)), tls)
+
+    def receives_on_port(self, cfg: ListenConfig) -> bool:
+        """Whether objects arrive on ``cfg.port`` (so it must be free); a pull by C-GET says no."""
+        return True
 
     # ------------------------------------------------------------------ lifecycle hooks
     def check_folders(self) -> None:

@@ -68,6 +68,7 @@ GET_STORAGE_CLASSES = (
     "1.2.840.10008.5.1.4.1.1.88.34",  # Comprehensive 3D SR (an SR filed in an image series)
     "1.2.840.10008.5.1.4.1.1.104.1",  # Encapsulated PDF
 )
+GET_NON_IMAGE_CLASSES = ("1.2.840.10008.5.1.4.1.1.88.34", "1.2.840.10008.5.1.4.1.1.104.1")  # no pixel syntax
 
 
 class PullError(Exception):
@@ -170,7 +171,7 @@ class Source:
                                           StudyRootQueryRetrieveInformationModelGet,
                                           StudyRootQueryRetrieveInformationModelMove)
 
-        from ..dicom import DECODED_TRANSFER_SYNTAXES
+        from ..dicom import DECODED_TRANSFER_SYNTAXES, ENCAPSULATED_TRANSFER_SYNTAXES
 
         ae = AE(ae_title=self.cfg.ae_title)
         ae.acse_timeout = ae.connection_timeout = self.cfg.acse_timeout
@@ -181,8 +182,16 @@ class Source:
             ae.add_requested_context(StudyRootQueryRetrieveInformationModelMove)
         else:
             ae.add_requested_context(StudyRootQueryRetrieveInformationModelGet)
+            # The PACS accepts one transfer syntax per presentation context, and one context holding
+            # every syntax got explicit VR little endian: Orthanc cannot transcode JPEG 2000 to it and
+            # failed that image on every pull. So each image class also gets a context per compressed
+            # syntax, and the PACS can send an object as it is stored (8 classes x 13 + 4 <= 128).
+            uncompressed = [ts for ts in DECODED_TRANSFER_SYNTAXES if ts not in ENCAPSULATED_TRANSFER_SYNTAXES]
             for uid in GET_STORAGE_CLASSES:
-                ae.add_requested_context(uid, list(DECODED_TRANSFER_SYNTAXES))
+                ae.add_requested_context(uid, uncompressed)
+                if uid not in GET_NON_IMAGE_CLASSES:
+                    for ts in ENCAPSULATED_TRANSFER_SYNTAXES:
+                        ae.add_requested_context(uid, ts)
         return ae
 
     def connect(self):
@@ -473,6 +482,9 @@ class Puller(Node):
         self._complete_cache = False
 
     # ------------------------------------------------------------------ the daemon's hooks
+    def receives_on_port(self, cfg: PullConfig) -> bool:
+        return cfg.retrieve == "move"  # C-GET: the objects come back on the query's association
+
     def listen(self) -> None:
         if self.cfg.retrieve == "move":
             super().listen()  # before the first C-MOVE can reach us
