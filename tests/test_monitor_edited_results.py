@@ -14,11 +14,14 @@ import pytest
 
 from cxr_batch import exit_codes
 
-from .test_drift_little_data import report_of, scored  # noqa: F401  (scored: the module's fixture)
+from . import test_drift_little_data as little
 from .test_evaluate_calibrate import cli_here as here
 
+scored = little.scored  # 25 real radiographs scored by the bundled weights (a module fixture)
+report_of = little.report_of
 
-def edited(scored, folder, edit):  # noqa: F811
+
+def edited(scored, folder, edit):
     """A copy of the ``scored`` results folder whose rows (dicts) went through ``edit``."""
     folder.mkdir()
     shutil.copy(scored / "run.json", folder / "run.json")
@@ -32,7 +35,7 @@ def edited(scored, folder, edit):  # noqa: F811
     return folder
 
 
-def test_a_column_removed_by_hand_is_named_not_taken_for_drift(scored, tmp_path):  # noqa: F811
+def test_a_column_removed_by_hand_is_named_not_taken_for_drift(scored, tmp_path):
     """Without its sex column every study read as 'sex unknown': an alarm about the patient mix
     that nothing had changed. Now the missing column is named and nothing is concluded."""
     no_sex = edited(scored, tmp_path / "no_sex", lambda rows: [{k: v for k, v in r.items() if k != "sex"} for r in rows])
@@ -45,7 +48,7 @@ def test_a_column_removed_by_hand_is_named_not_taken_for_drift(scored, tmp_path)
     assert code == exit_codes.FATAL and "lacks column(s) sex" in stderr, stderr
 
 
-def test_a_probability_removed_is_named_rather_than_no_scored_study(scored, tmp_path):  # noqa: F811
+def test_a_probability_removed_is_named_rather_than_no_scored_study(scored, tmp_path):
     """Before: 'holds no scored study with drift data' for 25 scored studies."""
     folder = edited(scored, tmp_path / "r", lambda rows: [{k: v for k, v in r.items() if k != "p_Mass"} for r in rows])
     code, stderr = here("monitor", folder, "--out", tmp_path / "m")
@@ -53,7 +56,7 @@ def test_a_probability_removed_is_named_rather_than_no_scored_study(scored, tmp_
     assert "lacks column(s) p_Mass" in stderr and "no scored study" not in stderr, stderr
 
 
-def test_a_value_typed_over_is_left_out_naming_its_row_and_column(scored, tmp_path):  # noqa: F811
+def test_a_value_typed_over_is_left_out_naming_its_row_and_column(scored, tmp_path):
     def typed_over(rows):
         rows[3]["p_Mass"] = "high"
         return rows
@@ -69,7 +72,7 @@ def test_a_value_typed_over_is_left_out_naming_its_row_and_column(scored, tmp_pa
     assert any("row 4: p_Mass" in n for n in report["notes"])
 
 
-def test_a_row_being_written_by_a_daemon_is_left_out_and_said(scored, tmp_path):  # noqa: F811
+def test_a_row_being_written_by_a_daemon_is_left_out_and_said(scored, tmp_path):
     """A results.csv read while its last row is half appended: that row is named, the others decide."""
     folder = tmp_path / "live"
     folder.mkdir()
@@ -110,7 +113,7 @@ def test_a_bundle_given_by_a_relative_path_is_found_from_any_folder(tmp_path, ni
     assert reference["kind"] == "bundle" and "site-bundle" in reference["source"], reference
 
 
-def test_a_results_csv_saved_again_by_a_spreadsheet_reads_as_before(scored, tmp_path):  # noqa: F811
+def test_a_results_csv_saved_again_by_a_spreadsheet_reads_as_before(scored, tmp_path):
     """Saved as 'CSV UTF-8' by a spreadsheet: a byte-order mark and CRLF line ends. The mark became
     part of the first column's name, so no row had a 'file' ('no scored study')."""
     folder = tmp_path / "resaved"
@@ -130,7 +133,7 @@ def test_a_results_csv_saved_again_by_a_spreadsheet_reads_as_before(scored, tmp_
     ("flag_Mass", "1.0", "flag_Mass '1.0' is not a whole number"),
     ("age", "-40", "age -40 is not a plausible age"),
 ])
-def test_a_number_scan_never_writes_is_left_out_not_counted(scored, tmp_path, column, value, said):  # noqa: F811
+def test_a_number_scan_never_writes_is_left_out_not_counted(scored, tmp_path, column, value, said):
     """A probability of 7 moved the window's mean probability (0.07 -> 0.32 for one row in 30), a
     flag of 2 counted twice in a flag rate, an age of -40 was a patient's age: silently wrong numbers."""
     def typed_over(rows):
@@ -144,7 +147,7 @@ def test_a_number_scan_never_writes_is_left_out_not_counted(scored, tmp_path, co
     assert report_of(tmp_path / "m")["studies"]["scored"] == 24
 
 
-def test_time_windows_without_any_time_say_so_rather_than_no_reference(scored, tmp_path):  # noqa: F811
+def test_time_windows_without_any_time_say_so_rather_than_no_reference(scored, tmp_path):
     """A spreadsheet rewrote every scored_at ('06/12/2026 22:13'): --window 14d placed no study in
     a window, and monitor said no reference had been found (the bundle's was) and to give one."""
     folder = edited(scored, tmp_path / "r", lambda rows: [{**r, "scored_at": "06/12/2026 22:13"} for r in rows])
@@ -156,7 +159,7 @@ def test_time_windows_without_any_time_say_so_rather_than_no_reference(scored, t
     assert code in (exit_codes.OK, exit_codes.DRIFT_ALARM), stderr
 
 
-def test_a_results_csv_saved_in_a_local_code_page_is_said_to_be_so(scored, tmp_path):  # noqa: F811
+def test_a_results_csv_saved_in_a_local_code_page_is_said_to_be_so(scored, tmp_path):
     """Saved again as 'CSV (comma delimited)' in Latin-1, a file name with an umlaut made monitor
     say 'unexpected UnicodeDecodeError ... (run with --debug for details)', as for a bug."""
     folder = tmp_path / "latin1"
