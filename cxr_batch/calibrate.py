@@ -36,6 +36,7 @@ from . import __version__, metrics
 from .bundle import DEFAULT_BUNDLE, WEIGHTS_FILE, Bundle, BundleError, is_bundle, load_bundle, sha256_file, write_manifest
 from .calibration import (FINDING_MARGIN_SE, FOLDS, MARGIN_SE, METHODS, MIN_POSITIVES, PULL, Calibration,
                           FitReport, fit_findings, from_fits)
+from .config import ConfigError
 from .discover import find_candidates
 from .files import file_in_the_way
 from .findings import FINDINGS
@@ -225,9 +226,18 @@ def summary_lines(report: FitReport, calibration: Calibration, base: Bundle, thr
     return lines
 
 
+def check_version(version: str | None) -> None:
+    """--version names the bundle in every log line, results.csv row and report it makes: a
+    newline or an escape sequence there would forge log lines and recolour a terminal."""
+    if version is not None and (not version.strip() or not version.isprintable() or len(version) > 200):
+        raise ConfigError(f"--version {version[:200]!r}: expected printable text (no newline, tab or escape "
+                          f"sequence), at most 200 characters")
+
+
 def run_calibrate(studies: Path, labels: LabelTable, out: Path, opts: CalibrateOptions) -> CalibrateResult:
     """Fit, choose thresholds, write the new bundle. Raises FolderOverlap, BundleError, MetadataError,
     LabelsError; those that need no model before it loads."""
+    check_version(opts.version)
     refuse_overlap(out, {"the studies folder": studies})
     check_destination(Path(out), Path(opts.weights) if opts.weights else DEFAULT_BUNDLE)
     base = load_bundle(opts.weights)

@@ -55,6 +55,18 @@ def finite(_ctx, _param, value):
     return value
 
 
+MIN_BOOTSTRAP = 200  # a 95% percentile interval from fewer resamples rests on a handful in each tail
+
+
+def bootstrap_resamples(_ctx, _param, value):
+    """--bootstrap: 0 (no intervals) or enough resamples for a 95% interval ('--bootstrap 1'
+    printed "95% CI 0.583-0.583" beside a mean AUROC of 0.574)."""
+    if 0 < value < MIN_BOOTSTRAP:
+        raise click.BadParameter(f"{value} resamples cannot make a 95% interval: give at least {MIN_BOOTSTRAP} "
+                                 f"(0: no intervals)")
+    return value
+
+
 def fail(message: str, debug: bool, code: int = EXIT_FATAL):
     if debug:
         raise
@@ -632,7 +644,8 @@ def _number(value, digits: int) -> str:
               help="Folder for results.csv, evaluation.json and evaluation.pdf.")
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto", show_default=True)
 @click.option("--bootstrap", type=click.IntRange(0, 100_000), default=1000, show_default=True,
-              help="Bootstrap resamples (by patient) for the intervals; 0: none.")
+              callback=bootstrap_resamples, help="Bootstrap resamples (by patient) for the intervals: 0 (none) or "
+                                                 "at least 200.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the bootstrap.")
 def evaluate(studies, labels, weights, device, batch_size, workers, follow_links, quiet, debug, out, precision,
              bootstrap, seed):
@@ -652,9 +665,10 @@ def evaluate(studies, labels, weights, device, batch_size, workers, follow_links
     ci, auroc = result["mean_auroc_ci95"], result["mean_auroc"]
     click.echo(f"{result['n_studies']} studies of {result['n_patients']} patients: mean AUROC "
                + (_number(auroc, 3) if auroc is not None else "n/a (no finding has both positive and negative studies)")
-               + (f" (95% CI {ci[0]:.3f}-{ci[1]:.3f})" if ci else " (no CI)")
+               + (f" (95% CI {ci[0]:.3f}-{ci[1]:.3f})" if ci else " (no CI)" if auroc is not None else "")
                + f", ECE {_number(result['ece'], 3)}, Brier {_number(result['brier'], 4)}"
-               f" (prevalence {_number(result['brier_prevalence'], 4)})"
+               # the Brier score of the prevalence, not the prevalence ("prevalence 0.0000" when every study had it)
+               f" ({_number(result['brier_prevalence'], 4)} predicting the prevalence)"
                f" -> {out / 'evaluation.json'}, {out / 'evaluation.pdf'}", err=True)
     sys.exit(summary.exit_code)
 
@@ -736,6 +750,8 @@ def monitor(results, out, reference, window, alpha, min_studies, debug):
             fail(str(e), debug)
 
     report = run_fatal_errors(debug, action)  # bad bundles, unreadable files: exit 1, said plainly
+    for note in report["notes"] + [n for m in report["models"] for n in m["notes"]]:  # rows left out, what was not compared
+        click.echo(f"cxr-batch: note: {note}", err=True)
     for alarm in report["alarms"]:
         click.echo(f"cxr-batch: ALARM {alarm['model']}: {alarm_line(alarm)}", err=True)
     if report.get("problem"):

@@ -9,6 +9,7 @@ the numbers and their definitions; ``DIR/evaluation.pdf`` shows them to a clinic
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -227,6 +228,12 @@ def _scanned_by_evaluate(out: Path) -> bool:
         return False
 
 
+def _mark_as_evaluated(out: Path) -> None:
+    """Record that ``out/results.csv``, when there is one, is what an evaluation scanned."""
+    if (out / "results.csv").is_file():
+        atomic_write_bytes(out / STATE_DIR / EVALUATED_RESULTS, sha256_file(out / "results.csv").encode(), mode=0o640)
+
+
 def run_evaluate(studies: Path, labels: LabelTable, out: Path, cfg: ScanConfig = ScanConfig(),
                  n_bootstrap: int = 1000, seed: int = 0) -> tuple[dict, ScanSummary]:
     """Scan ``studies`` into ``out/results.csv`` and write ``out/evaluation.json`` and
@@ -238,8 +245,18 @@ def run_evaluate(studies: Path, labels: LabelTable, out: Path, cfg: ScanConfig =
         raise EarlierResults(f"{out} holds the results of a scan (results.csv without evaluation.json): an "
                              f"evaluation would replace them; choose another --out (or remove that results.csv "
                              f"if it is left from an evaluation that was stopped)")
-    summary = run_scan(studies, out, cfg, earlier="overwrite")  # an earlier evaluation here is replaced
-    atomic_write_bytes(out / STATE_DIR / EVALUATED_RESULTS, sha256_file(summary.results).encode(), mode=0o640)
+    try:
+        summary = run_scan(studies, out, cfg, earlier="overwrite")  # an earlier evaluation here is replaced
+    except BaseException as e:
+        # stopped during the scan (Ctrl-C, a full disk): a results.csv there now is this scan's, so
+        # marked as an evaluation's the same command replaces it, not refuses it as a scan's
+        with contextlib.suppress(OSError):  # a full disk: what stopped the scan is what is said
+            _mark_as_evaluated(out)
+        if isinstance(e, KeyboardInterrupt) and (out / "results.csv").exists():
+            raise KeyboardInterrupt(f"interrupted (Ctrl-C) during the scan: {out / 'results.csv'} holds what was "
+                                    f"scored, no evaluation was written; the same command evaluates again") from None
+        raise
+    _mark_as_evaluated(out)
     data = labelled_results(read_results(summary.results), labels)
     if len(data.y) == 0:
         listed = f"{summary.results}'s file column and {labels.path}"

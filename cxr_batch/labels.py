@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -20,7 +21,7 @@ import numpy as np
 import pandas as pd
 
 from .findings import FINDINGS, NO_FINDING, resolve_finding
-from .metadata import NIH_PATIENT_COLUMNS, not_csv, other_delimiter
+from .metadata import NIH_PATIENT_COLUMNS, SAVE_AS_UTF8, not_csv, other_delimiter
 from .record import log_name
 from .study import clean_text
 
@@ -67,7 +68,8 @@ def shown(name: str, limit: int = 80) -> str:
 
 
 def _problem_rows(mask: pd.Series, names: pd.Series, limit: int = 5) -> str:
-    rows = [f"row {i + 2} ({shown(names.iloc[i])})" for i in np.flatnonzero(mask.to_numpy())[:limit]]  # +2: header, 1-based
+    # +2: the header, and rows counted from 1, as a spreadsheet shows them
+    rows = [f"row {names.index[i] + 2} ({shown(names.iloc[i])})" for i in np.flatnonzero(mask.to_numpy())[:limit]]
     more = int(mask.sum()) - len(rows)
     return ", ".join(rows) + (f" and {more} more" if more > 0 else "")
 
@@ -80,17 +82,25 @@ def read_labels(path: Path | str) -> LabelTable:
         what = None if path.suffix == ".gz" else not_csv(raw[:4096])
         if what:  # an image, a workbook: said as --metadata says it
             raise LabelsError(f"labels file {path} is not a CSV file: it is {what}; expected a comma-separated "
-                              f"text table with the NIH Data_Entry columns '{FILE_COLUMN}' and '{LABEL_COLUMN}'")
+                              f"text table with the NIH Data_Entry columns '{FILE_COLUMN}' and '{LABEL_COLUMN}'"
+                              + (f"; {SAVE_AS_UTF8}" if "text" in what else ""))
         # index_col=False: a data row with a trailing comma must not turn the first column
         # into the index (every column would shift by one); what lies beyond the header's
         # columns has no name and is not read (pandas warns about it; nothing is lost here)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", pd.errors.ParserWarning)
+            # blank lines are kept, so that row numbers stay those a spreadsheet shows, and dropped below
             table = pd.read_csv(io.BytesIO(raw), dtype=str, keep_default_na=False, index_col=False,
-                                compression="gzip" if path.suffix == ".gz" else None)
+                                skip_blank_lines=False, compression="gzip" if path.suffix == ".gz" else None)
     except FileNotFoundError:
         raise LabelsError(f"labels file {path} does not exist") from None
-    except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
+    except pd.errors.EmptyDataError:
+        raise LabelsError(f"labels file {path} is empty; expected a comma-separated text table with the NIH "
+                          f"Data_Entry columns '{FILE_COLUMN}' and '{LABEL_COLUMN}'") from None
+    except UnicodeDecodeError as e:  # a spreadsheet's "CSV" export in the computer's own code page
+        raise LabelsError(f"labels file {path} is not UTF-8 text (byte {e.object[e.start:e.start + 1].hex()} at "
+                          f"offset {e.start}): {SAVE_AS_UTF8}") from None
+    except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError) as e:
         raise LabelsError(f"labels file {path} is not a readable CSV: {e}") from None
     table.columns = [c.strip() for c in table.columns]
     missing = [c for c in (FILE_COLUMN, LABEL_COLUMN) if c not in table.columns]
@@ -101,7 +111,12 @@ def read_labels(path: Path | str) -> LabelTable:
     if missing:
         raise LabelsError(f"labels file {path} lacks column(s) {missing}; expected the NIH Data_Entry columns "
                           f"'{FILE_COLUMN}' and '{LABEL_COLUMN}'")
+    # a blank line, or a spreadsheet's empty row exported as ',,,,': no label, and no mistake
+    table = table[~table.apply(lambda column: column.str.strip() == "").all(axis=1)]
+    rows_in_file = table.index  # every line after the header counted, blank ones too
+    table = table.reset_index(drop=True)
     names = table[FILE_COLUMN].str.strip()
+    where = pd.Series(names.to_numpy(), index=rows_in_file)  # for messages: names by their row in the file
     labels = table[LABEL_COLUMN].str.strip()
     if table.empty:
         raise LabelsError(f"labels file {path} has no rows")
@@ -116,13 +131,13 @@ def read_labels(path: Path | str) -> LabelTable:
     )
     for mask, what in checks:
         if mask.any():
-            raise LabelsError(f"labels file {path}: {what} in {_problem_rows(mask, names)}")
+            raise LabelsError(f"labels file {path}: {what} in {_problem_rows(mask, where)}")
     parts = labels.str.split("|").explode().str.strip()
     unknown = sorted(set(parts) - set(FINDINGS) - {NO_FINDING})
     if unknown:
         bad = labels.apply(lambda s: any(n.strip() in unknown for n in s.split("|")))
         raise LabelsError(f"labels file {path}: unknown finding name(s) {', '.join(map(_closest, unknown))} in "
-                          f"{_problem_rows(bad, names)}; known: {', '.join(FINDINGS)}, {NO_FINDING}")
+                          f"{_problem_rows(bad, where)}; known: {', '.join(FINDINGS)}, {NO_FINDING}")
     y = multi_hot(labels)
     patients = table[PATIENT_COLUMN].str.strip() if PATIENT_COLUMN in table.columns else pd.Series([""] * len(table))
     # a file's rows must agree on its findings and on its patient data (age, sex, view are the
@@ -134,7 +149,7 @@ def read_labels(path: Path | str) -> LabelTable:
         dup = names.isin(conflicting[conflicting].index)
         raise LabelsError(f"labels file {path}: the same file with different labels or patient data "
                           f"({', '.join(c for c in NIH_PATIENT_COLUMNS if c in table.columns) or 'none'}) in "
-                          f"{_problem_rows(dup, names)}")
+                          f"{_problem_rows(dup, where)}")
     first = ~names.duplicated().to_numpy()  # a row repeated word for word counts once
     return LabelTable(
         path=path, sha256=hashlib.sha256(raw).hexdigest(), files=list(names[first]), y=y[first],
@@ -145,10 +160,15 @@ def read_labels(path: Path | str) -> LabelTable:
 
 def _closest(name: str) -> str:
     """'Pneumothorx' (did you mean Pneumothorax?): resolve_finding's hint for a name in a table."""
+    if name.strip().lower() == NO_FINDING.lower():  # 'no finding', 'NO FINDING': not a finding, so resolve_finding
+        return f"{name!r} (write it as {NO_FINDING})"  # knows no spelling of it
+    parts = [p.strip() for p in re.split(r"[;,]", name) if p.strip()]
+    if len(parts) > 1 and all(p in FINDINGS for p in parts):  # 'Effusion;Mass': another list separator
+        return f"{name!r} (findings are joined by '|': {'|'.join(parts)})"
     try:
         resolve_finding(name)
     except ValueError as e:
-        hint = str(e).split(";")[0].removeprefix("unknown finding ")
+        hint = str(e).split("; known:")[0].removeprefix("unknown finding ")  # the name itself may hold a ';'
         return hint if name.strip() else repr(name)  # '' (a stray '|') has no closest name
     return f"{name!r} (write it as {resolve_finding(name)})"  # 'cardiomegaly': right name, wrong spelling
 

@@ -52,7 +52,10 @@ class MetadataRow:
 
 # What a file that is not a CSV table usually is, by its first bytes.
 _NOT_CSV = ((b"\x89PNG", "a PNG image"), (b"\xff\xd8\xff", "a JPEG image"), (b"PK\x03\x04", "a ZIP archive or an Excel workbook"),
-            (b"%PDF", "a PDF document"), (b"\xd0\xcf\x11\xe0", "an old Excel or Office file"))
+            (b"%PDF", "a PDF document"), (b"\xd0\xcf\x11\xe0", "an old Excel or Office file"),
+            (b"\xff\xfe", "UTF-16 text"), (b"\xfe\xff", "UTF-16 text"))
+# what to do with a spreadsheet's "Unicode text" (UTF-16) or "CSV" (Latin-1/ANSI) export
+SAVE_AS_UTF8 = "save it as 'CSV UTF-8 (comma delimited)'"
 GZIP_MAGIC = b"\x1f\x8b"
 
 
@@ -63,6 +66,8 @@ def not_csv(head: bytes) -> str | None:
             return what
     if head[128:132] == b"DICM":
         return "a DICOM file"
+    if any(head) and (not any(head[1::2]) or not any(head[0::2])):  # UTF-16 without its byte-order mark
+        return "UTF-16 text"
     if b"\x00" in head:
         return "binary data"
     return None
@@ -86,12 +91,13 @@ def _read_table(path: Path):
         compressed = head.startswith(GZIP_MAGIC)
         what = None if compressed else not_csv(head)
         if what:
-            raise MetadataError(f"metadata file {path} is not a CSV file: it is {what}; {expected}")
+            raise MetadataError(f"metadata file {path} is not a CSV file: it is {what}; {expected}"
+                                + (f"; {SAVE_AS_UTF8}" if "text" in what else ""))
         table = pd.read_csv(path, dtype=str, keep_default_na=False, compression="gzip" if compressed else "infer")
     except FileNotFoundError:
         raise MetadataError(f"metadata file {path} does not exist") from None
     except UnicodeDecodeError:
-        raise MetadataError(f"metadata file {path} is not a CSV file: it is not UTF-8 text; {expected}") from None
+        raise MetadataError(f"metadata file {path} is not a CSV file: it is not UTF-8 text; {expected}; {SAVE_AS_UTF8}") from None
     except (pd.errors.ParserError, pd.errors.EmptyDataError, OSError, EOFError) as e:
         raise MetadataError(f"metadata file {path} is not a readable CSV: {e}") from None
     table.columns = [c.strip() for c in table.columns]

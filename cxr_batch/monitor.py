@@ -18,6 +18,7 @@ list of all alarms, each naming its quantity, window and studies) and ``OUT/moni
 
 from __future__ import annotations
 
+import csv as _csv
 import datetime as dt
 import json
 import logging
@@ -32,8 +33,11 @@ from .drift import (DEFAULT_ALPHA, DEFAULT_MIN_STUDIES, EFFECT_NAMES, MIN_EFFECT
                     DriftError, check_reference, compare, make_reference, monitored, output_fingerprint,
                     outputs_comparable)
 from .files import atomic_write_bytes, private_dir
-from .record import StudyRecord
+from .findings import FINDINGS
+from .patient import MAX_PLAUSIBLE_AGE
+from .record import COLUMNS, DRIFT_COLUMNS, StudyRecord
 from .results import read_results
+from .study import clean_text
 
 log = logging.getLogger("cxr_batch")
 DEFAULT_WINDOW = "500"
@@ -163,20 +167,88 @@ def bundle_reference(folder: Path) -> Reference:
                      manifest)
 
 
-def readable_records(csv: Path) -> tuple[list[tuple[int, StudyRecord]], int]:
+def readable_records(csv: Path) -> tuple[list[tuple[int, StudyRecord]], list[str]]:
     """(row number, record) of each row of a results.csv that reads (1: the first row after the
-    header), and how many did not: a row cut short by a crash mid-append, or edited by hand,
-    costs itself, not the monitoring."""
-    records, bad = [], 0
-    for i, row in enumerate(read_results(csv), start=1):
+    header), and why each other row did not ("row 7: ..."): a row cut short by a crash mid-append
+    or read while a daemon writes it, or a value edited by hand, costs itself, not the monitoring."""
+    records, bad = [], []
+    try:
+        rows = read_results(csv)
+    except UnicodeDecodeError as e:
+        raise _not_utf8(csv, e) from None
+    for i, row in enumerate(rows, start=1):
+        if None in row or None in row.values():  # csv's restkey / restval: not the header's number of fields
+            bad.append(f"row {i}: {'more' if None in row else 'fewer'} fields than the header (cut short while "
+                       f"written, or edited by hand)")
+            continue
         try:
-            records.append((i, StudyRecord.from_row(row)))
-        except (ValueError, TypeError, KeyError, AttributeError):
-            bad += 1
+            record = StudyRecord.from_row(row)
+        except (ValueError, TypeError, KeyError, AttributeError) as e:
+            bad.append(f"row {i}: {_unreadable_value(row) or clean_text(str(e), 120)}")
+            continue
+        if impossible := _impossible_value(record):
+            bad.append(f"row {i}: {impossible}")
+        else:
+            records.append((i, record))
     return records, bad
 
 
+def _unreadable_value(row: dict) -> str:
+    """The first number column of a results.csv row whose value is not a number (a flag or a rank:
+    not a whole number), in words."""
+    whole = (*(f"flag_{f}" for f in FINDINGS), "worklist_rank")
+    for column in ("age", *(f"p_{f}" for f in FINDINGS), "triage_score", "p_any", *whole):
+        value = (row.get(column) or "").strip()
+        try:
+            if value:
+                (int if column in whole else float)(value)
+        except ValueError:
+            return f"{column} {clean_text(value, 40)!r} is not {'a whole' if column in whole else 'a'} number"
+    return ""
+
+
+def _impossible_value(record: StudyRecord) -> str:
+    """A value scan never writes (a probability of 7, a flag of 2, an age of -40), in words: a
+    number typed over by hand would move a window's statistics without anything having drifted."""
+    s, age = record.scores, record.patient.age
+    if s is not None:
+        named = [*((f"p_{f}", p) for f, p in zip(FINDINGS, s.probs)), ("p_any", s.p_any)]
+        for column, p in named:
+            if p is not None and not 0.0 <= p <= 1.0:
+                return f"{column} {p:g} is not a probability"
+        for f, flag in zip(FINDINGS, s.flags):
+            if flag not in (0, 1):
+                return f"flag_{f} {flag} is not 0 or 1"
+    if age is not None and not 0.0 <= age <= MAX_PLAUSIBLE_AGE:
+        return f"age {age:g} is not a plausible age (scan writes such an age as unknown)"
+    return ""
+
+
+def _not_utf8(csv: Path, e: UnicodeDecodeError) -> DriftError:
+    """A results.csv saved again by a spreadsheet in the computer's own code page, said as such."""
+    return DriftError(f"{csv} is not UTF-8 text (byte {e.object[e.start:e.start + 1].hex()} at offset {e.start}; "
+                      f"saved again by a spreadsheet?): give the results.csv scan wrote")
+
+
+def require_columns(csv: Path) -> None:
+    """Refuse a results.csv whose header lacks columns of results.csv as scan writes it: a column
+    removed by hand would make every study's value of it unknown (the sex column removed: 'sex
+    unknown' in every study, an alarm about nothing). One from before drift monitoring lacks only
+    those, which is said later, study by study."""
+    try:
+        with open(csv, newline="", encoding="utf-8-sig") as f:  # as read_results reads it
+            have = {h.strip() for h in next(_csv.reader(f), [])}
+    except UnicodeDecodeError as e:  # the header is read with the first block of rows
+        raise _not_utf8(csv, e) from None
+    needed = COLUMNS if have & set(DRIFT_COLUMNS) else [c for c in COLUMNS if c not in DRIFT_COLUMNS]
+    missing = [c for c in needed if c not in have]
+    if missing and have:  # an empty file holds no study, as said later
+        raise DriftError(f"{csv} lacks column(s) {', '.join(missing[:8])}{' and more' if len(missing) > 8 else ''} "
+                           f"of results.csv as scan writes it (removed by hand?): give the results.csv scan wrote")
+
+
 def results_reference(folder: Path) -> Reference:
+    require_columns(Path(folder) / "results.csv")
     records = [r for _, r in readable_records(Path(folder) / "results.csv")[0] if monitored(r)]
     if not records:
         raise DriftError(f"{folder}/results.csv holds no scored study with drift data to serve as a reference "
@@ -203,10 +275,10 @@ def known_bundles(results_dir: Path) -> list[Path]:
     bundle and the other shipped bundles beside it."""
     found = []
     try:
-        weights = json.loads((Path(results_dir) / "run.json").read_text()).get("config", {}).get("weights")
-        if weights:
-            found.append(Path(weights))
-    except (OSError, ValueError, AttributeError):
+        run = json.loads((Path(results_dir) / "run.json").read_text())
+        # bundle_path: absolute; config.weights is as typed, relative to wherever the scan ran
+        found += [Path(w) for w in (run.get("bundle_path"), run.get("config", {}).get("weights")) if w]
+    except (OSError, ValueError, AttributeError, TypeError):
         pass
     found.append(DEFAULT_BUNDLE)
     if DEFAULT_BUNDLE.parent.is_dir():
@@ -296,6 +368,7 @@ def run_monitor(results_dir: Path, out: Path, reference_path: Path | None = None
         raise MonitorError(f"{results_dir} holds no results.csv")
     refuse_output_in_bundle(out, reference_path if reference_path and is_bundle(Path(reference_path))
                             else DEFAULT_BUNDLE)
+    require_columns(csv)
     rows, unreadable = readable_records(csv)
     explicit = load_reference(reference_path) if reference_path is not None else None
     if explicit is not None and (small := reference_too_small(explicit, opts.min_studies)):
@@ -309,21 +382,23 @@ def run_monitor(results_dir: Path, out: Path, reference_path: Path | None = None
         failed = sum(not r.ok for _, r in rows)
         raise MonitorError(f"{csv} holds no scored study with drift data" + (
             f" ({older} were scored before drift monitoring: scan them again)" if older else "") + (
-            f" ({failed} rows are errors or skipped studies: see their notes in results.csv)" if failed else ""))
+            f" ({failed} rows are errors or skipped studies: see their notes in results.csv)" if failed else "") + (
+            f" ({len(unreadable)} rows could not be read: {'; '.join(unreadable[:3])})" if unreadable else ""))
     report = {"results": str(results_dir), "generated": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
               "window": str(opts.window), "alpha": opts.alpha, "min_studies": opts.min_studies,
               "min_effect": dict(MIN_EFFECT), "method": METHOD,
-              "studies": {"rows": len(rows) + unreadable, "scored": sum(len(v) for v in by_model.values())},
+              "studies": {"rows": len(rows) + len(unreadable), "scored": sum(len(v) for v in by_model.values())},
               "models": [], "alarms": [], "notes": []}
     if unreadable:
-        report["notes"].append(f"{unreadable} rows of results.csv could not be read (cut short?) and are left out")
+        report["notes"].append(f"{len(unreadable)} rows of results.csv could not be read and are left out: "
+                               + "; ".join(unreadable[:5]) + (" and more" if len(unreadable) > 5 else ""))
     if older:
         report["notes"].append(f"{older} scored studies without drift data (scored by an earlier cxr-batch) are left "
                                f"out")
     candidates = known_bundles(results_dir)
     if explicit is not None and explicit.kind == "bundle" and reference_path is not None:
         candidates = [Path(reference_path)] + candidates
-    tested_any, largest = False, 0
+    tested_any, largest, untimed, any_window = False, 0, 0, False
     for sha, items in sorted(by_model.items(), key=lambda kv: kv[1][0][1]):
         records, numbers = [r for r, _ in items], [i for _, i in items]
         found = find_manifest(sha, candidates)
@@ -336,6 +411,7 @@ def run_monitor(results_dir: Path, out: Path, reference_path: Path | None = None
             except DriftError as e:
                 notes.append(str(e))
         windows, left_out = split_windows(records, numbers, opts.window)
+        untimed, any_window = untimed + left_out, any_window or bool(windows)
         if left_out:
             notes.append(f"{left_out} studies without a time (scored_at or study date) are left out of time windows")
         results, ref_info, more = evaluate_windows(windows, reference, sha, fingerprint, opts)
@@ -350,7 +426,11 @@ def run_monitor(results_dir: Path, out: Path, reference_path: Path | None = None
             for alarm in w["alarms"]:
                 report["alarms"].append({**alarm, "model": model["model"], "weights_sha256": sha,
                                          "window": w["window"]})
-    if not tested_any and largest:
+    if not tested_any and not any_window and untimed:  # not "no reference": there was nothing to compare
+        report["problem"] = (f"no window: none of the {untimed} scored studies has a time (scored_at, else the study "
+                             f"date) to place it in a --window of {opts.window} (a results.csv saved again by a "
+                             f"spreadsheet may have rewritten its times); use a --window of studies (500)")
+    elif not tested_any and largest:
         # a longer window helps only where a model has scored enough studies for one
         longer = any(m["n"] >= opts.min_studies for m in report["models"])
         report["problem"] = (f"no verdict: no window holds --min-studies ({opts.min_studies}) scored studies (the "

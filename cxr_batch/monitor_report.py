@@ -117,7 +117,7 @@ def _panel(ax, name: str, entries: list[tuple[int, dict]]) -> None:
         ax.axhline(tested[0][1]["min_effect"], color=ALARM, lw=0.6, ls="--")
         for (i, e), c in zip(tested, colours):
             ax.plot(i, e["effect"], "o", color=c, ms=2.5)
-        ax.set_ylim(0, 1)
+        ax.set_ylim(-0.04, 1.04)  # a distance of 0 or 1 (every study unknown) shows its whole dot
     ax.set_xticks(xs)
     ax.set_xlim(min(xs) - 0.5, max(xs) + 0.5)
 

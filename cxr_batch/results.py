@@ -123,8 +123,9 @@ def append_rows(path: Path, records: list[StudyRecord]) -> None:
 
 
 def read_results(path: Path) -> list[dict]:
-    """Read a results.csv back as a list of dicts of strings (for merge and tests)."""
-    with open(path, newline="", encoding="utf-8") as f:
+    """Read a results.csv back as a list of dicts of strings (for merge and tests). A byte-order
+    mark (the file saved again by a spreadsheet) is not part of the first column's name."""
+    with open(path, newline="", encoding="utf-8-sig") as f:
         return list(csv.DictReader(f))
 
 

@@ -283,6 +283,8 @@ class ScanRun:
         if summary.stopped_by:
             run_info.update({"stopped_by": summary.stopped_by, "files_not_scored": summary.not_scored,
                              "how_to_finish": RESUME_HINT})
+        if self.bundle.path is not None:  # absolute: config.weights is as typed, relative to where scan ran
+            run_info["bundle_path"] = str(Path(self.bundle.path).resolve())
         if match is not None:
             run_info["metadata_match"] = match.to_dict()
         if cfg.dicom_sr:

@@ -176,3 +176,27 @@ def test_calibrate_that_moves_nothing_says_so_and_keeps_every_threshold_exactly(
     assert code == 0, err
     assert "no threshold moved either" in err and "threshold(s) moved" not in err, err
     assert load_bundle(tmp_path / "site").thresholds == load_bundle(bundle).thresholds
+
+
+def test_ctrl_c_during_the_scan_is_finished_by_the_same_command(tmp_path, nih, studies, small_bundle, monkeypatch):
+    """Ctrl-C in the scan's last moments (results.csv written, the evaluation's mark not yet) said
+    "nothing was written" beside a results.csv, and the same command then refused the folder as
+    holding "the results of a scan": the operator had to delete it by hand."""
+    import cxr_batch.evaluate
+    from cxr_batch.scan import run_scan
+
+    def scan_then_ctrl_c(*args, **kwargs):
+        run_scan(*args, **kwargs)
+        raise KeyboardInterrupt
+
+    command = ("evaluate", studies, "--labels", labels_of(tmp_path, studies, nih, "l.csv"), "--out", tmp_path / "eval",
+               "--weights", small_bundle, "--device", "cpu", "--workers", 0, "--bootstrap", 0)
+    monkeypatch.setattr(cxr_batch.evaluate, "run_scan", scan_then_ctrl_c)
+    code, err = cli_here(*command)
+    assert code == 130 and "Traceback" not in err, err
+    assert "nothing was written" not in err and "during the scan" in err and "same command" in err, err
+    assert (tmp_path / "eval" / "results.csv").exists() and not (tmp_path / "eval" / "evaluation.json").exists()
+    monkeypatch.setattr(cxr_batch.evaluate, "run_scan", run_scan)
+    code, err = cli_here(*command)
+    assert code == 0, err
+    assert json.loads((tmp_path / "eval" / "evaluation.json").read_text())["n_studies"] == 6
