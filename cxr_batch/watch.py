@@ -33,6 +33,7 @@ import queue
 import shutil
 import signal
 import sqlite3
+import stat
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,6 +59,7 @@ from .stopping import StopSignal
 from .triage import worklist_key
 
 log = logging.getLogger("cxr_batch")
+WATCH_MISSING = "the watched folder is missing"  # the start of status.json's reason while it is
 STATE_DIR = ".cxr-batch"
 # Tests of exactly-once delivery kill the daemon between the steps of a batch: with this
 # variable set to a step's name the process dies there as under SIGKILL (no clean-up runs).
@@ -181,6 +183,8 @@ class Watcher:
         self.csv_whole = False  # results.csv must be rewritten from the ledger
         self.observer = None
         self.watch_missing = False  # the watched folder is gone (a share unmounted, the folder removed)
+        self.watched = None  # (device, inode) of the folder the file-system watch is on
+        self.fault = ""  # why writing fails (degrade), apart from a missing watched folder
 
     def check_folders(self) -> None:
         """The results, archive and quarantine folders are apart from the watched folder
@@ -283,9 +287,10 @@ class Watcher:
         self.failures += 1
         delay = min(self.cfg.retry_max, 2.0 ** min(self.failures, 10))
         self.retry_at = time.monotonic() + delay
-        if self.state != "degraded" or reason != self.reason:
+        if self.state != "degraded" or reason != self.fault:
             log.error("degraded: %s; retrying in %.0f s", reason, delay)
-        self.state, self.reason = "degraded", reason
+        self.fault = reason
+        self.state, self.reason = "degraded", self.missing_reason(reason)
         self.csv_whole = True  # what was appended may be incomplete: rewrite from the ledger
         self.heartbeat()
 
@@ -293,8 +298,10 @@ class Watcher:
         """A watched folder that is gone (an export share unmounted, the folder moved or
         removed) is said in the log and status.json, not left to look like a quiet day; once it
         is back it is watched again (the file-system watch went with the old folder) and
-        rescanned."""
-        present = self.watch_dir.is_dir()
+        rescanned. So is one that is another folder than was watched (removed and made again, or
+        replaced by a link, between two heartbeats): never seen missing, but its watch is gone too."""
+        identity = self.watch_identity()
+        present = identity is not None
         if not present and not self.watch_missing:
             log.error("the watched folder %s is missing (unmounted, moved or removed): no new study is seen until "
                       "it is back", self.watch_dir)
@@ -302,24 +309,53 @@ class Watcher:
             log.info("the watched folder %s is back: watching it again", self.watch_dir)
             self.contained(self.rewatch)
             self.contained(self.rescan)
+        elif present and (identity != self.watched or self.watch_lost()):
+            log.info("the watched folder %s was replaced (removed and made again, or by a link): watching it again",
+                     self.watch_dir)
+            self.contained(self.rewatch)
+            self.contained(self.rescan)
         self.watch_missing = not present
-        if self.watch_missing:
-            self.state, self.reason = "degraded", f"the watched folder is missing: {self.watch_dir}"
-        elif self.reason.startswith("the watched folder is missing"):
-            self.state, self.reason = "running", ""
+        if self.watch_missing or self.reason.startswith(WATCH_MISSING):
+            # a full disk at the same time is said too, and "running" comes back only when both are over
+            self.state = "degraded" if self.watch_missing or self.fault else "running"
+            self.reason = self.missing_reason(self.fault)
+
+    def missing_reason(self, fault: str) -> str:
+        """status.json's reason: the missing watched folder, if it is, and why writing fails."""
+        missing = f"{WATCH_MISSING}: {self.watch_dir}" if self.watch_missing else ""
+        return "; ".join(r for r in (missing, fault) if r)
+
+    def watch_identity(self) -> tuple[int, int] | None:
+        """(device, inode) of the watched folder (a link followed), None when it is not a folder."""
+        try:
+            st = self.watch_dir.stat()
+        except (OSError, ValueError):
+            return None
+        return (st.st_dev, st.st_ino) if stat.S_ISDIR(st.st_mode) else None
+
+    def watch_lost(self) -> bool:
+        """Whether the file-system watch ended (watchdog stops it when its folder is removed; a
+        folder made again at once may even get the same inode number)."""
+        return self.observer is not None and any(e.stopped_event.is_set() for e in self.observer.emitters)
 
     def rewatch(self) -> None:
         if self.observer is not None:
             self.observer.unschedule_all()
+            self.watched = self.watch_identity()
             self.observer.schedule(self.handler, str(self.watch_dir), recursive=True)
 
     def recovered(self) -> None:
         if self.watch_missing:  # writing works again, but nothing new can be seen: still degraded
+            if self.fault:
+                log.info("recovered: writing again (the watched folder is still missing)")
+                self.fault, self.failures = "", 0
+                self.reason = self.missing_reason("")
+                self.heartbeat()
             return
         if self.state != "running":
             if self.state == "degraded":
                 log.info("recovered: writing again")
-            self.state, self.reason, self.failures = "running", "", 0
+            self.state, self.reason, self.failures, self.fault = "running", "", 0, ""
             self.heartbeat()
 
     def _observer(self):
@@ -338,6 +374,7 @@ class Watcher:
 
         observer = PollingObserver(timeout=self.cfg.poll_interval) if self.cfg.polling else Observer()
         self.handler = Handler()
+        self.watched = self.watch_identity()
         observer.schedule(self.handler, str(self.watch_dir), recursive=True)
         return observer
 

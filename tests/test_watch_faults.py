@@ -325,3 +325,36 @@ def test_a_watched_folder_that_vanishes_is_said_and_watched_again_when_it_is_bac
         assert stop(daemon) == 0
     log = daemon.stderr.read()
     assert log.count("is missing") == 1 and "is back" in log, log[-2000:]
+
+
+def test_a_watched_folder_replaced_between_heartbeats_is_watched_again(tmp_path, nih_images, small_bundle):
+    """The watched folder removed and made again (an export tool that recreates it, a share
+    remounted) faster than a heartbeat, once and again: it was never
+    seen missing, so its file-system watch (gone with the old folder) was not made again and new
+    studies waited for the full rescan (30 s by default, here ten minutes). Now a folder whose
+    watch ended, or that is another folder than was watched, is watched again at the next
+    heartbeat."""
+    import shutil
+
+    incoming, out = tmp_path / "in", tmp_path / "out"
+    incoming.mkdir()
+    good_dicoms(incoming, nih_images, 1)
+    daemon = start_daemon(incoming, out, small_bundle, watch_config(tmp_path / "w.toml", rescan_interval=600.0,
+                                                                    heartbeat_interval=1.0))
+    try:
+        assert wait_for(lambda: len(ok_rows(out)) == 1)
+        shutil.rmtree(incoming)
+        incoming.mkdir()
+        time.sleep(3)  # a heartbeat or two
+        good_dicoms(incoming, nih_images, 1, start=1)
+        assert wait_for(lambda: len(ok_rows(out)) == 2, timeout=40), status(out)
+        shutil.rmtree(incoming)  # and again: each time
+        incoming.mkdir()
+        time.sleep(3)
+        good_dicoms(incoming, nih_images, 1, start=2)
+        assert wait_for(lambda: len(ok_rows(out)) == 3, timeout=40), status(out)
+        assert status(out)["state"] == "running"
+    finally:
+        assert stop(daemon) == 0
+    log = daemon.stderr.read()
+    assert log.count("was replaced") == 2, log[-2000:]
