@@ -358,3 +358,44 @@ def test_a_watched_folder_replaced_between_heartbeats_is_watched_again(tmp_path,
         assert stop(daemon) == 0
     log = daemon.stderr.read()
     assert log.count("was replaced") == 2, log[-2000:]
+
+
+def test_a_full_disk_and_a_missing_watched_folder_are_both_said(tmp_path, nih_images, small_bundle, small_disk):
+    """The results volume full and the watched folder gone at the same time: status.json said
+    only the missing folder (the disk error was overwritten at each heartbeat), and once the
+    folder was back it read "running" while nothing could be written. Now its reason names both,
+    and "running" comes back only when both are over."""
+    import shutil
+
+    incoming, out = tmp_path / "in", small_disk / "out"
+    incoming.mkdir()
+    daemon = start_daemon(incoming, out, small_bundle, watch_config(tmp_path / "w.toml", retry_max=2.0))
+    try:
+        assert wait_for(lambda: status(out).get("state") == "running")
+        filler = small_disk / "filler"
+        with open(filler, "wb") as f:  # fill the volume to the last block
+            try:
+                while True:
+                    f.write(b"\0" * 65536)
+                    f.flush()
+            except OSError:
+                pass
+        good_dicoms(incoming, nih_images, 2)
+        assert wait_for(lambda: status(out).get("state") == "degraded", timeout=60)
+        disk = "No space left on device"
+        assert disk in status(out)["reason"], status(out)
+        shutil.rmtree(incoming)
+        assert wait_for(lambda: "watched folder is missing" in status(out)["reason"], timeout=30), status(out)
+        time.sleep(3)  # heartbeats and retries: both stay said
+        both = status(out)["reason"]
+        assert "watched folder is missing" in both and disk in both, (disk, both)
+        incoming.mkdir()  # the two studies went with it; one more comes
+        good_dicoms(incoming, nih_images, 1, start=2)
+        assert wait_for(lambda: "missing" not in status(out)["reason"], timeout=30), status(out)
+        time.sleep(3)
+        assert status(out)["state"] == "degraded" and disk in status(out)["reason"], status(out)
+        filler.unlink()
+        assert wait_for(lambda: status(out).get("state") == "running", timeout=60), status(out)
+        assert wait_for(lambda: len(ok_rows(out)) >= 1, timeout=120)
+    finally:
+        assert stop(daemon) == 0
