@@ -59,7 +59,6 @@ from .stopping import StopSignal
 from .triage import worklist_key
 
 log = logging.getLogger("cxr_batch")
-WATCH_MISSING = "the watched folder is missing"  # the start of status.json's reason while it is
 STATE_DIR = ".cxr-batch"
 # Tests of exactly-once delivery kill the daemon between the steps of a batch: with this
 # variable set to a step's name the process dies there as under SIGKILL (no clean-up runs).
@@ -127,6 +126,7 @@ def _inside(path: Path, folder: Path) -> bool:
 
 class Watcher:
     command = "watch"  # names this program in the results folder's lock
+    folder_name = "the watched folder"  # in the log and status.json (the listen node's is its spool)
 
     def __init__(self, watch_dir: Path, out: Path, cfg: WatchConfig, stop: StopSignal | None = None):
         self.watch_dir, self.out, self.cfg = Path(watch_dir).resolve(), Path(out), cfg
@@ -303,26 +303,26 @@ class Watcher:
         identity = self.watch_identity()
         present = identity is not None
         if not present and not self.watch_missing:
-            log.error("the watched folder %s is missing (unmounted, moved or removed): no new study is seen until "
-                      "it is back", self.watch_dir)
+            log.error("%s %s is missing (unmounted, moved or removed): no new study is seen until it is back",
+                      self.folder_name, self.watch_dir)
         elif present and self.watch_missing:
-            log.info("the watched folder %s is back: watching it again", self.watch_dir)
+            log.info("%s %s is back: watching it again", self.folder_name, self.watch_dir)
             self.contained(self.rewatch)
             self.contained(self.rescan)
         elif present and (identity != self.watched or self.watch_lost()):
-            log.info("the watched folder %s was replaced (removed and made again, or by a link): watching it again",
-                     self.watch_dir)
+            log.info("%s %s was replaced (removed and made again, or by a link): watching it again",
+                     self.folder_name, self.watch_dir)
             self.contained(self.rewatch)
             self.contained(self.rescan)
         self.watch_missing = not present
-        if self.watch_missing or self.reason.startswith(WATCH_MISSING):
+        if self.watch_missing or self.reason.startswith(f"{self.folder_name} is missing"):
             # a full disk at the same time is said too, and "running" comes back only when both are over
             self.state = "degraded" if self.watch_missing or self.fault else "running"
             self.reason = self.missing_reason(self.fault)
 
     def missing_reason(self, fault: str) -> str:
         """status.json's reason: the missing watched folder, if it is, and why writing fails."""
-        missing = f"{WATCH_MISSING}: {self.watch_dir}" if self.watch_missing else ""
+        missing = f"{self.folder_name} is missing: {self.watch_dir}" if self.watch_missing else ""
         return "; ".join(r for r in (missing, fault) if r)
 
     def watch_identity(self) -> tuple[int, int] | None:
@@ -347,7 +347,7 @@ class Watcher:
     def recovered(self) -> None:
         if self.watch_missing:  # writing works again, but nothing new can be seen: still degraded
             if self.fault:
-                log.info("recovered: writing again (the watched folder is still missing)")
+                log.info("recovered: writing again (%s is still missing)", self.folder_name)
                 self.fault, self.failures = "", 0
                 self.reason = self.missing_reason("")
                 self.heartbeat()

@@ -545,3 +545,30 @@ def test_cli_config_errors_exit_2_before_loading_anything(tmp_path):
                            str(bad)], capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and "send_to" in done.stderr and "Traceback" not in done.stderr
     assert not (tmp_path / "o").exists()
+
+
+@needs_dcmtk
+def test_a_removed_spool_is_made_again_and_the_node_stays_running(tmp_path, objects, small_bundle):
+    """The spool (OUT/.cxr-batch/spool) removed by someone cleaning up: the node's status.json
+    read "degraded: the watched folder is missing" (there is no watched folder in listen) until a
+    modality happened to send again. The spool is the node's own folder: it is made again at the
+    next heartbeat, said in the log, and the node stays running and stores."""
+    import shutil
+
+    scored, _ = objects
+    out, log, port = tmp_path / "out", tmp_path / "node.log", free_port()
+    node = start_node(out, small_bundle, node_config(tmp_path / "node.toml"), "--port", port, "--no-pdf", log=log)
+    try:
+        assert wait_for(lambda: listening(log, node.pid) or node.poll() is not None), log.read_text()
+        spool = out / ".cxr-batch" / "spool"
+        assert spool.is_dir()
+        shutil.rmtree(spool)
+        assert wait_for(lambda: spool.is_dir(), timeout=20), log.read_text()[-2000:]
+        time.sleep(2)  # heartbeats
+        assert status(out)["state"] == "running", status(out)
+        assert store(port, list(scored.values())[:1]).returncode == 0
+        assert wait_for(lambda: [r["status"] for r in rows_now(out)] == ["ok"], timeout=60), log.read_text()[-2000:]
+    finally:
+        assert stop(node) == 0, log.read_text()[-3000:]
+    text = log.read_text()
+    assert "the spool" in text and "made again" in text and "watched folder" not in text, text[-2000:]

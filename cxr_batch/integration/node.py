@@ -469,6 +469,7 @@ class Node(Watcher):
     """The watch daemon on the spool of a :class:`StorageSCP`; its outbox sends the results."""
 
     command = "listen"
+    folder_name = "the spool"
 
     def __init__(self, out: Path, cfg: ListenConfig, stop=None):
         tls = cfg.tls_context()  # bad files stop the start before the model loads
@@ -497,6 +498,18 @@ class Node(Watcher):
 
     def moves_handled_files(self) -> bool:
         return True  # the spool is emptied: committed objects are deleted when not archived
+
+    def check_watch_dir(self) -> None:
+        """The spool is the node's own folder: one removed by someone (a clean-up of
+        OUT/.cxr-batch) is made again at the next heartbeat, as a C-STORE makes it again, not
+        left to read "degraded" until a modality happens to send."""
+        if not self.watch_missing and not self.watch_dir.is_dir():
+            try:
+                private_dir(self.watch_dir)
+                log.warning("the spool %s was removed: made again", self.watch_dir)
+            except OSError as e:
+                log.error("the spool %s was removed and cannot be made again: %s", self.watch_dir, e.strerror or e)
+        super().check_watch_dir()
 
     def loop(self) -> None:
         self.listen()
