@@ -94,6 +94,7 @@ CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
 _WAITING = "delivered_at IS NULL AND dropped_at IS NULL"
 FILE_MODE = 0o640  # the ledger holds the same identifiers as results.csv
 CHANNELS = ("dicom", "hl7", "stow")  # C-STORE, HL7 v2 over MLLP, STOW-RS
+UNREAD_VERSION = "a later version of this instance could not be read"  # a note on the result that stands
 _OUTBOUND_COLUMNS = ("uid, channel, key, path, queued_at, due_at, attempts, delivered_at, failed_at, destination, "
                      "last_error, dropped_at")
 
@@ -310,8 +311,9 @@ class Ledger:
         (text,) = self.db.execute("SELECT record FROM studies WHERE key = ?", (key,)).fetchone()
         record = StudyRecord.from_json(json.loads(text))
         why = " ".join((reason or "unreadable").replace(";", ",").split())[:200]  # one note of the notes column
-        record.add_note(f"a later version of this instance could not be read ({why}), so this result is of the "
-                        "earlier version")
+        # one such note, of the latest failure: a correction cut short at each resend added one each time
+        record.patient.notes = [n for n in record.patient.notes if not n.startswith(UNREAD_VERSION)]
+        record.add_note(f"{UNREAD_VERSION} ({why}), so this result is of the earlier version")
         self.db.execute("UPDATE studies SET record = ?, published = 0 WHERE key = ?",
                         (json.dumps(record.to_json()), key))
 

@@ -147,3 +147,25 @@ def test_a_failed_commit_queues_nothing(tmp_path):
     with pytest.raises(sqlite3.IntegrityError):  # the second study breaks the transaction half-way
         ledger.commit([("uid:2", "c", ok("IM2")), ("uid:3", None, ok("IM3"))], [], queued)
     assert ledger.due_outbound(time.time()) == [] and ledger.count() == 0
+
+
+def test_failed_corrections_leave_one_note_on_the_result_that_stands(tmp_path):
+    """A correction cut short and sent again, cut short again (a flaky link: each copy fails at
+    another byte): each failure added its own note to the standing row, which grew by ~130
+    characters at every resend without end. Now the row carries one such note, of the latest
+    failure, on one line; a good version after them carries none."""
+    ledger = Ledger(tmp_path / "l.sqlite")
+    ledger.commit([("uid:1", "c1", ok("IM1", patient_id="P1"))], [])
+    for i in range(20):
+        out = ledger.commit([("uid:1", f"cut{i}", error("IM1_fix", f"truncated: ends at byte {1000 + i}"))], [])
+        assert out[0].action == "kept" and out[0].annotated
+    ledger.commit([("uid:1", "cut-odd", error("IM1_fix", "line one\nline; two " + "x" * 10_000))], [])
+    (row,) = [r.to_row() for r in ledger.records()]
+    notes = row["notes"]
+    assert notes.count("could not be read") == 1, notes
+    assert "line one line, two" in notes and "\n" not in notes and len(notes) < 400, notes
+    assert row["status"] == "ok" and row["patient_id"] == "P1"
+    out = ledger.commit([("uid:1", "c2", ok("IM1_fixed", patient_id="P1-corrected"))], [])
+    assert out[0].action == "replaced"
+    (row,) = [r.to_row() for r in ledger.records()]
+    assert row["patient_id"] == "P1-corrected" and "could not be read" not in row["notes"]
