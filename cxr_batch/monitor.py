@@ -233,15 +233,16 @@ def _not_utf8(csv: Path, e: UnicodeDecodeError) -> DriftError:
 def require_columns(csv: Path) -> None:
     """Refuse a results.csv whose header lacks columns of results.csv as scan writes it: a column
     removed by hand would make every study's value of it unknown (the sex column removed: 'sex
-    unknown' in every study, an alarm about nothing). One from before drift monitoring lacks only
-    those, which is said later, study by study."""
+    unknown' in every study, an alarm about nothing). One from before drift monitoring (without its
+    columns, and older ones without p_any and worklist_rank too) is said to be so later."""
     try:
         with open(csv, newline="", encoding="utf-8-sig") as f:  # as read_results reads it
             have = {h.strip() for h in next(_csv.reader(f), [])}
     except UnicodeDecodeError as e:  # the header is read with the first block of rows
         raise _not_utf8(csv, e) from None
-    needed = COLUMNS if have & set(DRIFT_COLUMNS) else [c for c in COLUMNS if c not in DRIFT_COLUMNS]
-    missing = [c for c in needed if c not in have]
+    if not have & set(DRIFT_COLUMNS):
+        return  # from before drift monitoring (older still: before p_any): said later, not "removed by hand"
+    missing = [c for c in COLUMNS if c not in have]
     if missing and have:  # an empty file holds no study, as said later
         raise DriftError(f"{csv} lacks column(s) {', '.join(missing[:8])}{' and more' if len(missing) > 8 else ''} "
                            f"of results.csv as scan writes it (removed by hand?): give the results.csv scan wrote")

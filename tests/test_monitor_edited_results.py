@@ -172,3 +172,17 @@ def test_a_results_csv_saved_in_a_local_code_page_is_said_to_be_so(scored, tmp_p
         code, stderr = here("monitor", *args, "--out", tmp_path / "m")
         assert code == exit_codes.FATAL, stderr
         assert "is not UTF-8 text" in stderr and "unexpected" not in stderr, stderr
+
+
+def test_results_from_before_the_study_level_columns_are_said_to_be_older_not_edited(scored, tmp_path):
+    """A results.csv of a cxr-batch from before p_any and worklist_rank (and drift monitoring)
+    was said to lack those columns, 'removed by hand?'. Nothing was removed: it is older, and
+    monitor says so as it does for one from before drift monitoring (scan them again)."""
+    from cxr_batch.record import DRIFT_COLUMNS
+
+    dropped = {*DRIFT_COLUMNS, "p_any", "worklist_rank"}
+    folder = edited(scored, tmp_path / "older", lambda rows: [{k: v for k, v in r.items() if k not in dropped}
+                                                              for r in rows])
+    code, stderr = here("monitor", folder, "--out", tmp_path / "m")
+    assert code == exit_codes.FATAL, stderr
+    assert "before drift monitoring" in stderr and "lacks column" not in stderr, stderr
