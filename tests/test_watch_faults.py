@@ -28,6 +28,19 @@ def good_dicoms(folder, nih_images, n, start=0):
             for i, p in enumerate(nih_images[start:start + n], start=start)]
 
 
+def fill(volume):
+    """A file that fills ``volume`` to its last block; its path."""
+    filler = volume / "filler"
+    with open(filler, "wb") as f:
+        try:
+            while True:
+                f.write(b"\0" * 65536)
+                f.flush()
+        except OSError:
+            pass
+    return filler
+
+
 def test_poison_first_then_good_studies_and_a_second_daemon_is_refused(tmp_path, nih_images, small_bundle):
     incoming, out = tmp_path / "in", tmp_path / "out"
     incoming.mkdir()
@@ -146,14 +159,7 @@ def test_full_disk_degrades_then_catches_up(tmp_path, nih_images, small_bundle, 
     daemon = start_daemon(incoming, out, small_bundle, watch_config(tmp_path / "w.toml"))
     try:
         assert wait_for(lambda: status(out).get("state") == "running")
-        filler = small_disk / "filler"
-        with open(filler, "wb") as f:  # fill the volume to the last block
-            try:
-                while True:
-                    f.write(b"\0" * 65536)
-                    f.flush()
-            except OSError:
-                pass
+        filler = fill(small_disk)
         good_dicoms(incoming, nih_images, 2)
         assert wait_for(lambda: status(out).get("state") == "degraded", timeout=60)
         assert daemon.poll() is None
@@ -374,14 +380,7 @@ def test_a_full_disk_and_a_missing_watched_folder_are_both_said(tmp_path, nih_im
     daemon = start_daemon(incoming, out, small_bundle, watch_config(tmp_path / "w.toml", retry_max=2.0))
     try:
         assert wait_for(lambda: status(out).get("state") == "running")
-        filler = small_disk / "filler"
-        with open(filler, "wb") as f:  # fill the volume to the last block
-            try:
-                while True:
-                    f.write(b"\0" * 65536)
-                    f.flush()
-            except OSError:
-                pass
+        filler = fill(small_disk)
         good_dicoms(incoming, nih_images, 2)
         assert wait_for(lambda: status(out).get("state") == "degraded", timeout=60)
         disk = "No space left on device"
