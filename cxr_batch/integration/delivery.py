@@ -13,6 +13,9 @@ from dataclasses import dataclass
 from typing import Literal
 
 Outcome = Literal["delivered", "retry", "rejected"]
+# HOST:PORT of a receiver (RIS, PACS): an IPv6 address in brackets or a host name of ASCII letters,
+# digits, . _ - (and the port's digits ASCII too, with re.ASCII: \d alone takes any script's digits)
+HOST_PORT = r"(?P<host>\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+):(?P<port>\d{1,5})"
 REASON_LIMIT = 300  # characters of a reason kept: one line in a log, status.json and `outbound list`
 # C0 and C1 control characters as text (\x1b, \n): a receiver's words (an ACK's MSA-3, an HTTP
 # reason phrase) cannot end a line, clear or retitle the operator's terminal. The backslash is

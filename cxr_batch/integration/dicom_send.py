@@ -22,12 +22,12 @@ import pydicom
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
+from .delivery import HOST_PORT
+
 log = logging.getLogger("cxr_batch")
 
 CALLING_AE_TITLE = "CXRBATCH"
-# ASCII: \d alone takes any script's digits; a host name is letters, digits, . _ - (as hl7.Endpoint)
-_DESTINATION = re.compile(r"^(?P<ae>[^@]{1,16})@(?P<host>\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+):(?P<port>\d{1,5})$",
-                          re.ASCII)
+_DESTINATION = re.compile(f"^(?P<ae>[^@]{{1,16}})@{HOST_PORT}$", re.ASCII)
 # C-STORE statuses that mean "stored" (PS3.4 B.2.3): success and the three warnings.
 _STORED = {0x0000, 0xB000, 0xB006, 0xB007}
 

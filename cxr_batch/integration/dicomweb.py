@@ -166,7 +166,6 @@ class StowClient:
     """Stores result objects on one archive (one HTTP session, reused)."""
 
     def __init__(self, config: DicomWebConfig):
-        import requests
         from dicomweb_client.api import DICOMwebClient  # imported only where results are stored
 
         self.config = config

@@ -45,7 +45,7 @@ from dataclasses import dataclass
 from ..display import is_dicom_date
 from ..findings import DEFAULT_URGENT, FINDINGS
 from ..record import StudyRecord
-from .delivery import Delivery, shown
+from .delivery import HOST_PORT, Delivery, shown
 
 log = logging.getLogger("cxr_batch")
 
@@ -76,8 +76,7 @@ class Endpoint:
 
     @classmethod
     def parse(cls, text: str) -> "Endpoint":
-        # ASCII only: \d alone takes any script's digits, and a host name is letters, digits, . _ -
-        m = re.match(r"^(?P<host>\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+):(?P<port>\d{1,5})$", text.strip(), re.ASCII)
+        m = re.match(f"^{HOST_PORT}$", text.strip(), re.ASCII)
         if m is None:
             raise ValueError(f"{text!r}: expected HOST:PORT, e.g. ris.example.org:2575")
         port = int(m["port"])
