@@ -44,7 +44,9 @@ EARLIER_MODES = ("refuse", "resume", "overwrite")
 # Settings that change how fast a scan runs, not its rows: they may differ when resuming.
 # The weights are compared by bundle_sha256, study by study.
 RUNTIME_SETTINGS = ("device", "precision", "batch_size", "workers", "progress", "read_memory_mb", "read_timeout",
-                    "weights", "metadata")
+                    "weights", "metadata",
+                    # where and how results are sent: a RIS at a new address changes no row
+                    "hl7_to", "stow_to", "dicomweb_file", "send_timeout", "refused_retry", "send_wait")
 OUR_OUTPUT = re.compile(r"^cxr_[0-9a-f]+\.(pdf|dcm|sr\.dcm)$")  # reports, encapsulated PDFs, SRs
 OUTPUT_FOLDERS = ("reports", "dicom")
 
@@ -224,7 +226,8 @@ def plan(out: Path, mode: str, studies: Path, settings: dict) -> Earlier:
     if header.get("studies") != str(Path(studies).resolve()):
         raise EarlierResults(f"cannot resume in {out}: its earlier scan was of {header.get('studies')}, not "
                              f"{Path(studies).resolve()}; use --overwrite or another --out")
-    before = header.get("settings") or {}
+    # a journal of an earlier version may hold settings that no longer decide a row
+    before = {k: v for k, v in (header.get("settings") or {}).items() if k not in RUNTIME_SETTINGS}
     changed = sorted(k for k in set(before) | set(settings) if before.get(k) != settings.get(k))
     if changed:
         detail = "; ".join(f"{k}: {before.get(k)!r} then, {settings.get(k)!r} now" for k in changed)

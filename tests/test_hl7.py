@@ -364,3 +364,28 @@ def test_the_watch_daemon_sends_a_batch_in_worklist_order(tmp_path, nih_images, 
     ranked = sorted(rows, key=lambda r: worklist_key(r["priority"], float(r["triage_score"]), r["file"]))
     assert [r["patient_id"] for r in ranked] != [f"P{k}" for k in range(8)]  # file order is not the worklist's
     assert received == [r["patient_id"] for r in ranked]
+
+
+def test_a_scan_resumed_with_the_ris_at_a_new_address_finishes_and_sends_there(tmp_path, nih_images, small_bundle):
+    """The RIS moved while a scan's results waited (its old address refuses): the same scan
+    with --resume and the new --hl7-to keeps its rows (where results go does not change them)
+    and sends every study's ORU to the new address, none left waiting for the old one."""
+    from cxr_batch.integration.outbox import send_after_scan
+
+    studies = tmp_path / "studies"
+    for k, image in enumerate(nih_images[:3]):
+        write(studies / f"{k}.dcm", grey(image), PatientID=f"P{k}", AccessionNumber=f"A{k}")
+    out = tmp_path / "out"
+    base = dict(weights=str(small_bundle), device="cpu", progress=False, batch_size=4, workers=0, pdf=False)
+    old = ScanConfig(**base, hl7_to=f"127.0.0.1:{free_port()}", send_wait=0.0)
+    run_scan(studies, out, old)
+    assert send_after_scan(out, old)  # nothing delivered: the old address refuses
+    rows = read_results(out / "results.csv")
+    with RIS("AA") as ris:
+        new = ScanConfig(**base, hl7_to=str(ris.endpoint))
+        summary = run_scan(studies, out, new, earlier="resume")
+        assert summary.kept == 3 and summary.counts["ok"] == 3
+        assert send_after_scan(out, new) == []
+        received = sorted(next(s for s in m.splitlines() if s.startswith("PID|")).split("|")[3] for m in ris.received)
+    assert received == ["P0", "P1", "P2"]
+    assert read_results(out / "results.csv") == rows

@@ -18,7 +18,7 @@ import pandas as pd
 import pytest
 
 from cxr_batch.folderlock import FolderLock
-from cxr_batch.results import AtomicCsvWriter, read_records, read_results
+from cxr_batch.results import read_records, read_results
 from cxr_batch.scan import ScanConfig, run_scan
 from cxr_batch.study import Identifiers
 

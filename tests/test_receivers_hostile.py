@@ -250,7 +250,7 @@ def test_an_ack_is_still_its_first_msa_and_needs_an_msh():
     control = "0123456789ABCDEF0123"
     for answer, outcome, says in (
             (f"MSA|AA|{control}\r", "retry", "unreadable ACK"),  # no MSH
-            (f"MSH|^~\\&|RIS||||2024||ACK|1|P|2.5\rERR|x\r", "retry", "unreadable ACK"),  # no MSA
+            ("MSH|^~\\&|RIS||||2024||ACK|1|P|2.5\rERR|x\r", "retry", "unreadable ACK"),  # no MSA
             (f"MSH|^~\\&|RIS||||2024||ACK|1|P|2.5\rMSA|AE|{control}|busy\rMSA|AA|{control}\r", "retry", "busy"),
             (f"MSH|^~\\&|RIS||||2024||ACK|1|P|2.5\rMSA|AA|{control}|{'x' * 5000}\r", "delivered", "AA"),
             (f"MSH|^~\\&|RIS||||2024||ACK|1|P|2.5\rMSA|AA|{'9' * 3000}{control}\r", "retry", "ACK for message"),
