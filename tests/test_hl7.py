@@ -276,6 +276,26 @@ def test_an_ack_is_read_however_it_arrives(scored, shape):
         assert delivery.outcome == "retry" and "closed the connection without an ACK" in delivery.reason
 
 
+@pytest.mark.parametrize("answer, says", [
+    (b"HTTP/1.0 400 Bad request\r\nServer: SimpleHTTP\r\n\r\n", "an HTTP server"),
+    (b"\x15\x03\x03\x00\x02\x02\x32", "a TLS server"),
+    (b"SSH-2.0-OpenSSH_9.2\r\n", "an SSH server"),
+    (b"220 mail.example.org ESMTP\r\n", "not HL7 over MLLP"),
+])
+def test_a_peer_that_is_not_an_mllp_listener_is_named_as_such(scored, answer, says):
+    """--hl7-to at the wrong port (the PACS's web port, a TLS listener, SSH): the retry says
+    what answered and to check the RIS's MLLP port, not only "no ACK" (and never echoes the bytes)."""
+    records, bundle = scored
+    server, thread = _raw_peer([answer])
+    with server:
+        delivery = send_message(oru_r01(records["plain.dcm"], thresholds=bundle.thresholds),
+                                Endpoint("127.0.0.1", server.getsockname()[1]), timeout=10)
+        thread.join(10)
+    assert delivery.outcome == "retry"
+    assert says in delivery.reason and "MLLP port" in delivery.reason, delivery.reason
+    assert "400" not in delivery.reason and "ESMTP" not in delivery.reason
+
+
 def test_a_name_too_long_for_hl7_is_refused_without_naming_the_patient(scored):
     """A name within DICOM's 194 characters whose escaped delimiters take it past what HL7 holds
     (199): no message, and why says so without the name (it goes to the log and to results.csv)."""

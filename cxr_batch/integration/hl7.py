@@ -345,6 +345,23 @@ def _known_version(msh: str) -> str:
     return (msh[3:4] or "|").join(fields)
 
 
+# What answers at a wrong --hl7-to port, told by its first bytes (which are never quoted: they are
+# the peer's, and may be anything)
+_OTHER_PROTOCOLS = ((b"HTTP/", "an HTTP server"), (b"\x15\x03", "a TLS server"), (b"\x16\x03", "a TLS server"),
+                    (b"SSH-", "an SSH server"))
+
+
+def _not_mllp(reader: MllpReader, endpoint: Endpoint) -> str:
+    """When ``endpoint`` answered, but nothing of an MLLP block: what it seems to be, and what to
+    check; "" when it answered nothing (or began a block)."""
+    if not len(reader) or reader.start >= 0:
+        return ""
+    head = bytes(reader.received[:8])
+    what = next((name for prefix, name in _OTHER_PROTOCOLS if head.startswith(prefix)), "")
+    said = f"{what} answered" if what else f"it answered {len(reader)} bytes that are not HL7 over MLLP"
+    return f"{endpoint} is not an HL7 listener: {said}; check the RIS's MLLP port (--hl7-to HOST:PORT)"
+
+
 def _exchange(data: bytes, endpoint: Endpoint, timeout: float) -> bytes | Delivery:
     """Send ``data`` and read one MLLP block back; a Delivery (retry) when that fails."""
     deadline = time.monotonic() + timeout
@@ -364,12 +381,13 @@ def _exchange(data: bytes, endpoint: Endpoint, timeout: float) -> bytes | Delive
                 sock.settimeout(remaining)
                 chunk = sock.recv(65536)
                 if not chunk:
-                    return Delivery.retry(f"{endpoint} closed the connection without an ACK")
+                    return Delivery.retry(_not_mllp(reader, endpoint)
+                                          or f"{endpoint} closed the connection without an ACK")
                 block = reader.add(chunk)
                 if block is None and len(reader) > MAX_ACK_BYTES:
                     return Delivery.retry(f"{endpoint} sent over {MAX_ACK_BYTES} bytes without an MLLP block")
         except socket.timeout:
-            return Delivery.retry(f"no ACK from {endpoint} within {timeout:g} s")
+            return Delivery.retry(_not_mllp(reader, endpoint) or f"no ACK from {endpoint} within {timeout:g} s")
         except OSError as e:
             return Delivery.retry(f"connection to {endpoint} failed: {type(e).__name__}: {e}")
     return block
