@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
 
-from .record import StudyRecord
+from .record import UNREAD_VERSION, StudyRecord
 
 SCHEMA_VERSION = 5
 OUTBOUND = """
@@ -94,7 +94,6 @@ CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
 _WAITING = "delivered_at IS NULL AND dropped_at IS NULL"
 FILE_MODE = 0o640  # the ledger holds the same identifiers as results.csv
 CHANNELS = ("dicom", "hl7", "stow")  # C-STORE, HL7 v2 over MLLP, STOW-RS
-UNREAD_VERSION = "a later version of this instance could not be read"  # a note on the result that stands
 _OUTBOUND_COLUMNS = ("uid, channel, key, path, queued_at, due_at, attempts, delivered_at, failed_at, destination, "
                      "last_error, dropped_at")
 

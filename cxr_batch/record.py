@@ -82,6 +82,10 @@ def _dicom_date(text: str) -> str:
     return text.replace("-", "") if ISO_DATE.match(text) else text
 
 
+# The note on a result that a watch/listen daemon kept because a later version of the same
+# instance could not be read (cxr_batch.ledger)
+UNREAD_VERSION = "a later version of this instance could not be read"
+
 @dataclass
 class Scores:
     """The model's output for one study, in FINDINGS order, and what triage made of it."""
@@ -132,6 +136,11 @@ class StudyRecord:
     @property
     def triage_score(self) -> float:
         return self.scores.triage_score if self.scores else 0.0
+
+    @property
+    def later_version_unread(self) -> bool:
+        """A later version of this instance came and could not be read: this result stands for it."""
+        return any(n.startswith(UNREAD_VERSION) for n in self.patient.notes)
 
     def add_note(self, note: str) -> None:
         if note not in self.patient.notes:

@@ -735,6 +735,9 @@ def worklist_pdf(records: list[StudyRecord], options: ReportOptions, info: Model
                         missing="ID not recorded")]
         if r.patient.all_unknown:
             patient.append(Paragraph("* scored without patient data", st["small_warn"]))
+        if r.later_version_unread:  # its row's notes say why; the reader of the worklist sees this
+            patient.append(Paragraph("a later version could not be read: this is the earlier one's result",
+                                     st["small_warn"]))
         order = heatmap_order(r, info.thresholds, options.urgent)
         colour = PRIORITY_COLOURS[r.priority].hexval()[2:]
         data.append([Paragraph(str(i), st["cell"]),

@@ -306,3 +306,16 @@ def test_every_character_of_a_patients_name_is_one_the_report_can_draw():
     low.ids.patient_name = "山田^太郎=やまだ^たろう"
     assert "cannot show" in text_of(study_pdf(low, GREY, {}, v3_like_info(), ReportOptions(), NOW))
     assert "cannot show" in text_of(worklist_pdf([low], ReportOptions(), v3_like_info(), NOW))
+
+
+def test_a_result_whose_correction_could_not_be_read_says_so_on_the_worklist():
+    """watch/listen keep a result when a later version of its instance arrives unreadable, and
+    its row's notes say so; the radiologist reads the worklist, not the notes column: it says
+    the result is of the earlier version there too (the others' rows say nothing of it)."""
+    from cxr_batch.record import UNREAD_VERSION
+
+    kept = record("abnormal", 0.6, {"Effusion": 0.7}, file="IM1.dcm", patient_id="FIRST")
+    kept.add_note(f"{UNREAD_VERSION} (truncated), so this result is of the earlier version")
+    other = record("abnormal", 0.5, {"Effusion": 0.7}, file="IM2.dcm", patient_id="OTHER")
+    wl = text_of(worklist_pdf([kept, other], ReportOptions(), v3_like_info(), NOW))
+    assert wl.count("a later version could not be read") == 1, wl

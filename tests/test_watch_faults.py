@@ -14,6 +14,7 @@ import pytest
 from cxr_batch.findings import FINDINGS
 
 from .dicomgen import grey, write
+from .test_drift import pdf_text
 from .watchkit import rows_now, start_daemon, status, stop, wait_for, watch_config
 
 pytestmark = pytest.mark.slow
@@ -301,6 +302,7 @@ def test_a_correction_that_cannot_be_read_leaves_the_result_it_corrects_and_says
     assert (row["patient_id"], row["status"]) == ("FIRST", "ok")
     assert "a later version of this instance could not be read" in row["notes"], row["notes"]
     assert "this result is of the earlier version" in row["notes"]
+    assert "a later version could not be read" in " ".join(pdf_text(out / "reports" / "worklist.pdf").split())
     assert status(out)["superseded"] == 0
     kept = [line for line in log.splitlines() if "status=error" in line and "an earlier result is kept" in line]
     assert len(kept) == 1 and "CORRECTION" not in log, log[-2000:]
