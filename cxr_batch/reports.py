@@ -60,6 +60,18 @@ PRIORITY_COLOURS = {"urgent": colors.HexColor("#C62828"), "abnormal": colors.Hex
 PRIORITY_TEXT = {"urgent": "URGENT: review first", "abnormal": "ABNORMAL: read with priority",
                  "normal": "LOW PROBABILITY OF ANY FINDING"}
 BUCKET_LABEL = {"urgent": "URGENT", "abnormal": "ABNORMAL", "normal": "LOW"}  # "normal" never reads as a clean bill
+# A bundle without a P(any) cutoff (v1, v2) puts every study with nothing over its threshold in the
+# "normal" bucket, whatever its P(any finding) (0.47 for NIH 00001968 with v1): "low probability"
+# would be untrue there, so the bucket is named for what it is.
+NO_CUTOFF_TEXT, NO_CUTOFF_LABEL = "NO FINDING FLAGGED", "NONE FLAGGED"
+
+
+def bucket_words(priority: str, info: "ModelInfo") -> tuple[str, str, str]:
+    """How the pages name a bucket: (banner, worklist label, words for counts and titles)."""
+    if priority == "normal" and info.evidence.study_level.normal_below is None:
+        return NO_CUTOFF_TEXT, NO_CUTOFF_LABEL, "no finding flagged"
+    words = {"normal": "low probability of any finding"}.get(priority, priority)
+    return PRIORITY_TEXT[priority], BUCKET_LABEL[priority], words
 FLAG_FILL = colors.HexColor("#FFE0B2")
 HEADER_FILL = colors.HexColor("#ECEFF1")
 LABEL_FILL = colors.HexColor("#F5F5F5")
@@ -410,7 +422,7 @@ def _flag_phrase(finding: str, info: ModelInfo) -> str:
 def _banner(record: StudyRecord, info: ModelInfo, options: ReportOptions, order: list[str], width: float,
             st: dict) -> Table:
     priority = record.priority or "normal"
-    lines = [Paragraph(PRIORITY_TEXT[priority], st["banner"])]
+    lines = [Paragraph(bucket_words(priority, info)[0], st["banner"])]
     ev, p_any = info.evidence, record.scores.p_any if record.scores else None
     # printed as probabilities are (3 decimals), so P(any) never reads equal to the cutoff it is on one side of
     any_text = f"P(any finding) {probability_text(p_any)}" if p_any is not None else ""
@@ -706,9 +718,9 @@ def worklist_pdf(records: list[StudyRecord], options: ReportOptions, info: Model
     flagged = sum(bool(r.findings) for r in scored)
     cut = info.evidence.study_level.normal_below
     low = f"low-probability studies (P(any finding) below {probability_text(cut)})" if cut is not None else \
-        "low-probability studies"
+        "studies with no finding flagged"
     summary = (f"{len(records)} files: {len(scored)} scored ({counts['urgent']} urgent, {counts['abnormal']} abnormal, "
-               f"{counts['normal']} low probability), {sum(r.status == 'skipped' for r in others)} skipped, "
+               f"{counts['normal']} {'low probability' if cut is not None else 'with no finding flagged'}), {sum(r.status == 'skipped' for r in others)} skipped, "
                f"{sum(r.status == 'error' for r in others)} failed; {bare} scored without patient data (marked *: "
                f"the model saw the image alone). {flagged} of {len(scored)} studies have a flagged finding. "
                f"Order: urgent studies by the urgent finding's probability, then abnormal, then {low}, each by "
@@ -738,7 +750,7 @@ def worklist_pdf(records: list[StudyRecord], options: ReportOptions, info: Model
         order = heatmap_order(r, info.thresholds, options.urgent)
         colour = PRIORITY_COLOURS[r.priority].hexval()[2:]
         data.append([Paragraph(str(i), st["cell"]),
-                     Paragraph(f'<font color="#{colour}"><b>{BUCKET_LABEL[r.priority]}</b></font>', st["cell"]), patient,
+                     Paragraph(f'<font color="#{colour}"><b>{bucket_words(r.priority, info)[1]}</b></font>', st["cell"]), patient,
                      cell(format_age(p.age), 3, missing="unknown"), cell(p.sex, 4),
                      cell(_date_text(r.ids.study_date), 5), cell(r.ids.accession_number, 6),
                      cell("; ".join(_flag_phrase(f, info) for f in order), 7, missing=_none_flagged(r, info)),
@@ -863,7 +875,9 @@ class ReportWriter:
         # earlier one at the PACS instead of adding a copy.
         uid = derived_uid("encapsulated-pdf", ids.sop_uid or name, self.bundle.sha256)
         series = derived_uid("encapsulated-pdf-series", ids.study_uid or name, self.bundle.sha256)
-        ds = encapsulated_pdf(pdf, study, f"{self.options.title} ({record.priority})", uid, series)
+        # the title a PACS lists the document by: the bucket as the report names it, never "normal"
+        title = f"{self.options.title} ({bucket_words(record.priority or 'normal', self.model_info)[2]})"
+        ds = encapsulated_pdf(pdf, study, title, uid, series)
         buf = io.BytesIO()
         ds.save_as(buf, enforce_file_format=True)
         atomic_write_bytes(self.folder / (name[:-4] + ".dcm"), buf.getvalue(), mode=REPORT_MODE)

@@ -388,7 +388,8 @@ def test_no_flag_banner_gives_the_urgent_findings_sensitivity():
     options = ReportOptions(urgent=("Pneumothorax", "Effusion"))
     txt = re.sub(r"\s+", " ", PdfReader(io.BytesIO(study_pdf(scored({}), GREY, {}, measured, options, NOW)))
                  .pages[0].extract_text())
-    assert "LOW PROBABILITY OF ANY FINDING" in txt and "Not a normal result" in txt and "NORMAL" not in txt
+    # no triage table, so no P(any) cutoff: the bucket is "nothing flagged", not "low probability"
+    assert "NO FINDING FLAGGED" in txt and "Not a normal result" in txt and "NORMAL" not in txt
     assert "Pneumothorax: sensitivity 0.75 at its threshold (flagged 3 of 4 held-out images that had it)" in txt
     assert "Effusion: sensitivity 0.75" in txt
     assert "Intended use: Triage research, not for clinical use." in txt and "no validation evidence" not in txt
@@ -578,3 +579,34 @@ def test_a_flag_never_reads_as_below_its_threshold():
     assert tuple(record.findings) == ("Nodule", "Hernia")
     assert "Nodule 0.107 0.105 FLAGGED" in txt and "p 0.107, threshold 0.105" in txt
     assert "Hernia 4.6e-04 4.3e-04 FLAGGED" in txt and "p 4.6e-04, threshold 4.3e-04" in txt
+
+
+def test_a_bundle_without_a_low_probability_cutoff_says_no_finding_flagged_not_low_probability(tmp_path):
+    """v1 and v2 have no P(any) cutoff: their 'normal' bucket is any study with nothing over its
+    threshold. NIH 00001968 with v1 (P(any finding) 0.473) got 'LOW PROBABILITY OF ANY FINDING'
+    and 'LOW' on the worklist: a 47% chance of a finding read as a low one."""
+    import io
+
+    record = scored({f: 0.45 for f in ("Atelectasis", "Effusion", "Infiltration", "Nodule")}, patient_id="PX")
+    assert record.priority == "normal" and not record.findings
+    record.scores.p_any = 0.91  # 1 - product of (1 - p): nothing flagged, a finding likely
+    info = model_info()  # no triage table: no cutoff
+    txt = re.sub(r"\s+", " ", PdfReader(io.BytesIO(study_pdf(record, GREY, {}, info, ReportOptions(), NOW)))
+                 .pages[0].extract_text())
+    assert "NO FINDING FLAGGED" in txt and "LOW PROBABILITY" not in txt
+    assert "Not a normal result. P(any finding) 0.910" in txt
+    (tmp_path / "w.pdf").write_bytes(worklist_pdf([record], ReportOptions(), info, NOW))
+    wl = re.sub(r"\s+", " ", "\n".join(pages(tmp_path / "w.pdf")))
+    assert "low probability" not in wl.lower() and "LOW " not in wl
+    assert "(0 urgent, 0 abnormal, 1 with no finding flagged)" in wl and "NONE FLAGGED" in wl
+    assert "then studies with no finding flagged, each by P(any finding)" in wl
+
+
+def test_the_encapsulated_pdf_title_never_says_normal(example_scan):
+    """The PACS lists an Encapsulated PDF by its DocumentTitle: '... (normal)' read as a clean
+    bill in the study browser, while the report inside says 'Not a normal result'."""
+    out, _, rows = example_scan
+    titles = {r["priority"]: str(pydicom.dcmread(out / "reports" / r["report"].replace(".pdf", ".dcm")).DocumentTitle)
+              for r in rows if r["file"].startswith("dicom/")}
+    assert titles["normal"] == "Chest X-ray triage report (low probability of any finding)"
+    assert all("(normal)" not in t for t in titles.values()) and titles["urgent"].endswith("(urgent)")
