@@ -289,3 +289,38 @@ def test_calibrate_out_under_a_file_is_refused_before_any_scoring(tmp_path, stud
                          "--weights", small_bundle, "--device", "cpu")
     assert code == 1 and "a-file is a file, not a folder" in err and "bundle sha256" not in err, err
     assert (tmp_path / "a-file").read_text() == "not a folder"
+
+
+@pytest.mark.skipif(not shutil.which("pdftotext"), reason="poppler-utils not installed")
+def test_evaluation_pdf_prints_auroc_as_its_interval_and_roc_curve_do_and_says_what_findings_counts(
+        tmp_path, nih, nih_images, small_bundle):
+    """evaluation.pdf printed 'mean AUROC 0.665 (95% CI 0.59-0.73)' and, in the table, 'Atelectasis
+    5 0.663 0.39-0.97' beside a ROC curve titled 'AUROC 0.66': three decimals on 5 positives are
+    false precision, and two figures for one AUROC. The subgroup table's 'findings' column was
+    not explained anywhere."""
+    studies = folder_of(tmp_path, nih_images[:16], "studies")
+    out = tmp_path / "eval"
+    code, err = cli_here("evaluate", studies, "--labels", nih / "labels.csv", "--out", out, "--weights",
+                         small_bundle, "--device", "cpu", "--workers", 0, "--bootstrap", 200)
+    assert code == 0, err[-2000:]
+    ev = json.loads((out / "evaluation.json").read_text())
+
+    def page(n):
+        return subprocess.run(["pdftotext", "-layout", "-f", str(n), "-l", str(n), out / "evaluation.pdf", "-"],
+                              capture_output=True, text=True, check=True).stdout
+
+    first = page(1)
+    assert f"mean AUROC {ev['mean_auroc']:.2f} (95% CI" in first
+    from cxr_batch.display import finding_label
+    for f, r in ev["per_finding"].items():
+        if r["auroc"] is None:
+            continue
+        row = next(line.split() for line in first.splitlines() if line.split()[:1] == finding_label(f).split()[:1])
+        auroc = row[len(finding_label(f).split()) + 1]  # finding, positives, AUROC
+        assert auroc == f"{r['auroc']:.2f}", (f, row)
+        assert f"AUROC {r['auroc']:.2f}, {r['positives']} pos." in page(2)
+    third = " ".join(page(3).split())
+    for value in ev["by_group"]["sex"].values():
+        if value["mean_auroc"] is not None:
+            assert f" {value['mean_auroc']:.2f} " in third and f" {value['mean_auroc']:.3f} " not in third
+    assert "findings: how many findings the group's mean AUROC averages" in third
