@@ -467,6 +467,9 @@ def _window(ds, values: np.ndarray) -> np.ndarray:
     return window_to_uint8(values, center - 0.5 - (width - 1) / 2, center - 0.5 + (width - 1) / 2)
 
 
+CORRUPT_LENGTH_BELOW = 32 << 20  # a quarter of the smallest reading allowance (read_memory_mb 128)
+
+
 def read_dicom(path: Path, rules: ScoringRules, min_side: int = 0) -> StudyImage:
     """Read a DICOM file: scoring rules, header data, then pixels. Raises ReadError/SkipStudy.
     ``min_side``: the short side the caller needs; compressed images whose coding allows it are
@@ -477,6 +480,13 @@ def read_dicom(path: Path, rules: ScoringRules, min_side: int = 0) -> StudyImage
             warnings.simplefilter("ignore")
             ds = pydicom.dcmread(path, force=True, defer_size=1 << 16)
     except MemoryError:
+        # Elements over 64 KiB are deferred, so a small file's header cannot honestly need the
+        # reading allowance (128 MB at least): an element claims more bytes than the file holds.
+        # Said so, or the row reads as a limit to raise (the same file read in-process, workers 0,
+        # gets "no data elements").
+        if path.stat().st_size < CORRUPT_LENGTH_BELOW:
+            raise ReadError("DICOM header cannot be parsed (truncated or corrupt: an element claims more bytes "
+                            "than the file holds)") from None
         raise ReadError("DICOM header needs more memory than reading is allowed") from None
     except Exception as e:  # pydicom's messages name byte offsets and the file's path: logged only
         log.debug("header: %s: %s", type(e).__name__, e)
