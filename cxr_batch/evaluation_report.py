@@ -83,19 +83,22 @@ def summary_page(ev: dict) -> Figure:
               "probabilities carry information beyond how common each finding is).", 10)
     t = ev.get("triage") or {}
     b = t.get("buckets", {})
+    # a bundle without a P(any) cutoff (v1, v2) has no low-probability bucket: its "normal" is nothing flagged
+    has_cut = t.get("normal_below") is not None
+    low = "low probability" if has_cut else "no finding flagged"
     if b:
         def pct(x):
             return "-" if x is None else f"{x:.0%}"
         y = _text(fig, y, f"Worklist: {pct(t['studies_flagged'])} of studies flagged ({_f(t['flags_per_study'], 1)} flags per "
-                  f"study); buckets urgent / abnormal / low probability {pct(b['all']['urgent'])} / "
-                  f"{pct(b['all']['abnormal'])} / {pct(b['all']['normal'])}. The low-probability bucket held "
+                  f"study); buckets urgent / abnormal / {low} {pct(b['all']['urgent'])} / "
+                  f"{pct(b['all']['abnormal'])} / {pct(b['all']['normal'])}. The {low.replace(' ', '-')} bucket held "
                   f"{pct(b['without_a_finding']['normal'])} of the {b['without_a_finding']['n']} studies without a finding "
                   f"and {pct(b['with_a_finding']['normal'])} of the {b['with_a_finding']['n']} with one. The worklist order "
                   f"puts studies with a finding first with AUROC {_auroc(t['worklist_auroc_any_finding'])}, pneumothorax "
                   f"{_auroc(t.get('worklist_auroc_pneumothorax'))}.", 10)
-    y = _text(fig, y, "Flags as results.csv has them: a finding at or over the bundle's threshold, none in the "
-              "low-probability bucket (P(any finding) below its cutoff). Per-finding numbers rest on the positives "
-              "shown: with few "
+    y = _text(fig, y, "Flags as results.csv has them: a finding at or over the bundle's threshold"
+              + (f", none in the low-probability bucket (P(any finding) below its cutoff {_f(t['normal_below'])})"
+                 if has_cut else "") + ". Per-finding numbers rest on the positives shown: with few "
               "positives they are noise. Decision support only: every study still needs a radiologist.", 9)
     header = ["finding", "pos", "AUROC", "95% CI", "thresh.", "sens.", "spec.", "PPV", "NPV", "ECE"]
     rows = []

@@ -63,7 +63,7 @@ BUCKET_LABEL = {"urgent": "URGENT", "abnormal": "ABNORMAL", "normal": "LOW"}  # 
 # A bundle without a P(any) cutoff (v1, v2) puts every study with nothing over its threshold in the
 # "normal" bucket, whatever its P(any finding) (0.47 for NIH 00001968 with v1): "low probability"
 # would be untrue there, so the bucket is named for what it is.
-NO_CUTOFF_TEXT, NO_CUTOFF_LABEL = "NO FINDING FLAGGED", "NONE FLAGGED"
+NO_CUTOFF_TEXT, NO_CUTOFF_LABEL = "NO FINDING FLAGGED", "NO FLAG"  # fits the Priority column on one line
 
 
 def bucket_words(priority: str, info: "ModelInfo") -> tuple[str, str, str]:

@@ -324,3 +324,22 @@ def test_evaluation_pdf_prints_auroc_as_its_interval_and_roc_curve_do_and_says_w
         if value["mean_auroc"] is not None:
             assert f" {value['mean_auroc']:.2f} " in third and f" {value['mean_auroc']:.3f} " not in third
     assert "findings: how many findings the group's mean AUROC averages" in third
+
+
+@pytest.mark.skipif(not shutil.which("pdftotext"), reason="poppler-utils not installed")
+def test_evaluation_pdf_of_a_bundle_without_a_cutoff_has_no_low_probability_bucket(tmp_path, nih, nih_images,
+                                                                                   small_bundle):
+    """v1 (no P(any) cutoff: a study with nothing flagged is 'normal' whatever its P(any)) got
+    'buckets urgent / abnormal / low probability' and 'none in the low-probability bucket
+    (P(any finding) below its cutoff)', a cutoff the bundle does not have."""
+    studies = folder_of(tmp_path, nih_images[:8], "studies")
+    out = tmp_path / "eval"
+    code, err = cli_here("evaluate", studies, "--labels", nih / "labels.csv", "--out", out, "--weights",
+                         small_bundle, "--device", "cpu", "--workers", 0, "--bootstrap", 0)
+    assert code == 0, err[-2000:]
+    assert json.loads((out / "evaluation.json").read_text())["triage"]["normal_below"] is None
+    first = " ".join(subprocess.run(["pdftotext", "-f", "1", "-l", "1", out / "evaluation.pdf", "-"],
+                                    capture_output=True, text=True, check=True).stdout.split())
+    assert "low probability" not in first and "low-probability" not in first and "cutoff" not in first
+    assert "buckets urgent / abnormal / no finding flagged" in first
+    assert "The no-finding-flagged bucket held" in first

@@ -598,7 +598,7 @@ def test_a_bundle_without_a_low_probability_cutoff_says_no_finding_flagged_not_l
     (tmp_path / "w.pdf").write_bytes(worklist_pdf([record], ReportOptions(), info, NOW))
     wl = re.sub(r"\s+", " ", "\n".join(pages(tmp_path / "w.pdf")))
     assert "low probability" not in wl.lower() and "LOW " not in wl
-    assert "(0 urgent, 0 abnormal, 1 with no finding flagged)" in wl and "NONE FLAGGED" in wl
+    assert "(0 urgent, 0 abnormal, 1 with no finding flagged)" in wl and "NO FLAG" in wl
     assert "then studies with no finding flagged, each by P(any finding)" in wl
 
 
