@@ -215,7 +215,7 @@ def evaluation_summary() -> dict:
             "brier_prevalence": 0.09, "brier_skill": -0.04, "mean_auroc_ci_note": "",
             "triage": {"buckets": {"all": buckets, "with_a_finding": buckets, "without_a_finding": buckets},
                        "studies_flagged": 0.45, "flags_per_study": 2.1, "worklist_auroc_any_finding": 0.67,
-                       "worklist_auroc_pneumothorax": 0.46},
+                       "worklist_auroc_pneumothorax": 0.46, "normal_below": 0.408},
             "per_finding": {f: dict(row) for f in FINDINGS},
             "definitions": {k: k for k in ("matching", "patient", "mean_auroc", "bootstrap", "ece", "brier_prevalence",
                                            "operating_point")}}
