@@ -144,8 +144,10 @@ def patient_name_text(raw: str | None) -> str:
     font has: a name whose first group it cannot draw (kanji, hangul) shows its other group when
     that one can be drawn, else says so, instead of empty boxes that make two names look alike."""
     name = person_name(raw, _can_draw)
-    if _can_draw(visual_order(name)):
+    if name and _can_draw(visual_order(name)):
         return name
+    if not name and not clean(raw).replace("^", "").replace("=", "").strip():
+        return ""  # no name at all: the page says "name not recorded"
     groups = [person_name(g) for g in clean(raw).split("=")[:2]]  # the phonetic group is never shown
     return next((g for g in groups if g and _can_draw(visual_order(g))), NAME_NOT_DRAWN)
 

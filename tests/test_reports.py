@@ -610,3 +610,17 @@ def test_the_encapsulated_pdf_title_never_says_normal(example_scan):
               for r in rows if r["file"].startswith("dicom/")}
     assert titles["normal"] == "Chest X-ray triage report (low probability of any finding)"
     assert all("(normal)" not in t for t in titles.values()) and titles["urgent"].endswith("(urgent)")
+
+
+def test_a_name_recorded_only_in_ideographs_is_not_said_to_be_missing(tmp_path):
+    """'=山田^太郎=やまだ^たろう' (no alphabetic group, as a Japanese modality may send it) printed
+    'name not recorded' on the worklist: the name is in the header, in characters the font lacks."""
+    import io
+
+    record = scored({"Effusion": 0.8}, patient_id="JP1", patient_name="=山田^太郎=やまだ^たろう")
+    txt = re.sub(r"\s+", " ", PdfReader(io.BytesIO(study_pdf(record, GREY, {}, model_info(), ReportOptions(), NOW)))
+                 .pages[0].extract_text())
+    assert "(name in characters this report cannot show)" in txt
+    (tmp_path / "w.pdf").write_bytes(worklist_pdf([record], ReportOptions(), model_info(), NOW))
+    wl = re.sub(r"\s+", " ", "\n".join(pages(tmp_path / "w.pdf")))
+    assert "(name in characters this report cannot show)" in wl and "name not recorded" not in wl
