@@ -162,7 +162,8 @@ def test_calibrate_on_half_the_patients_helps_the_other_half(tmp_path, nih, nih_
     assert fitted, "an intercept shift from 0.5 to the prevalence must pass cross-validation"
     kept = [r for r in new.manifest["calibration"]["per_finding"].values() if r["status"].startswith("kept")]
     assert all(r["positives"] < 5 or "no clear gain" in r["status"] for r in kept)
-    assert bundle_evidence(new.manifest).counts == {}  # reports say "not measured", not the base's sensitivity
+    # 'keep' (the default) flags the studies the base flags: the base's held-out counts still hold
+    assert bundle_evidence(new.manifest).counts == bundle_evidence(old.manifest).counts != {}
     prov = new.manifest["provenance"]
     assert prov["labels"]["sha256"] == labels.sha256 and prov["base"]["bundle_sha256"] == old.sha256
     assert prov["n_per_finding"]["Infiltration"]["n"] == 60 and prov["date"]
@@ -343,3 +344,40 @@ def test_evaluation_pdf_of_a_bundle_without_a_cutoff_has_no_low_probability_buck
     assert "low probability" not in first and "low-probability" not in first and "cutoff" not in first
     assert "buckets urgent / abnormal / no finding flagged" in first
     assert "The no-finding-flagged bucket held" in first
+
+
+def test_a_site_calibration_that_keeps_the_operating_points_keeps_the_held_out_catch_on_its_reports(
+        tmp_path, nih, nih_images, small_bundle):
+    """v3 calibrated with the default --thresholds keep flags exactly the studies v3 flags, yet its
+    reports lost 'Pneumothorax: sensitivity 0.00 at its threshold (flagged 0 of 10 held-out images
+    that had it)' and printed only the out-of-fold 0.23: the site's calibration made the urgent
+    finding look better caught than it is. Under a rule (new thresholds) the counts do not apply."""
+    import io
+
+    from pypdf import PdfReader
+
+    from cxr_batch.reports import ModelInfo, ReportOptions, study_pdf
+    from cxr_batch.record import Scores, StudyRecord
+
+    base = tmp_path / "base"
+    shutil.copytree(small_bundle, base)
+    sealed = json.loads((base / "manifest.json").read_text())
+    sealed["metrics"] = {**sealed.get("metrics", {}), "test_n": 300,
+                         "per_finding": {f: {"tp": 0, "fn": 10, "fp": 5, "tn": 285} for f in FINDINGS}}
+    write_manifest(base, sealed)
+    studies = folder_of(tmp_path, nih_images[:40], "site")
+    labels = read_labels(nih / "labels.csv")
+    kept = run_calibrate(studies, labels, tmp_path / "kept", CalibrateOptions(weights=str(base), min_positives=5,
+                                                                              **FAST))
+    ruled = run_calibrate(studies, labels, tmp_path / "ruled", CalibrateOptions(
+        weights=str(base), min_positives=5, thresholds="specificity:0.8", **FAST))
+    record = StudyRecord(file="a.png", scores=Scores(tuple([0.01] * 14), tuple([0] * 14), "normal", 0.1, 0.1))
+
+    def banner(bundle):
+        pdf = study_pdf(record, None, {}, ModelInfo.from_bundle(load_bundle(bundle)), ReportOptions(),
+                        __import__("datetime").datetime.now().astimezone())
+        return " ".join(PdfReader(io.BytesIO(pdf)).pages[0].extract_text().split())
+
+    assert "Pneumothorax: sensitivity 0.00 at its threshold (flagged 0 of 10 held-out images that had it)" \
+        in banner(kept.bundle)
+    assert "flagged 0 of 10 held-out" not in banner(ruled.bundle)
