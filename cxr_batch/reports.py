@@ -721,10 +721,12 @@ def worklist_pdf(records: list[StudyRecord], options: ReportOptions, info: Model
     cut = info.evidence.study_level.normal_below
     low = f"low-probability studies (P(any finding) below {probability_text(cut)})" if cut is not None else \
         "studies with no finding flagged"
+    low_count = "low probability" if cut is not None else "with no finding flagged"
     summary = (f"{len(records)} files: {len(scored)} scored ({counts['urgent']} urgent, {counts['abnormal']} abnormal, "
-               f"{counts['normal']} {'low probability' if cut is not None else 'with no finding flagged'}), {sum(r.status == 'skipped' for r in others)} skipped, "
+               f"{counts['normal']} {low_count}), {sum(r.status == 'skipped' for r in others)} skipped, "
                f"{sum(r.status == 'error' for r in others)} failed; {bare} scored without patient data (marked *: "
-               f"the model saw the image alone). {flagged} of {len(scored)} studies have a flagged finding. "
+               f"the model saw the image alone). "
+               + (f"{flagged} of {len(scored)} studies have a flagged finding. " if scored else "") +
                f"Order: urgent studies by the urgent finding's probability, then abnormal, then {low}, each by "
                f"P(any finding). Generated {format_time(generated)}.")
     story += [Spacer(1, 1.5 * mm), Paragraph(escape(summary), st["body"])]
@@ -759,6 +761,9 @@ def worklist_pdf(records: list[StudyRecord], options: ReportOptions, info: Model
                      cell(_order_text(r, options.urgent), 8), cell(r.report, 9)])
     if scored:
         story.append(_table(data, widths, commands, repeatRows=1))
+    else:  # said, so an empty list does not read as one that failed to print
+        story.append(Paragraph("<b>No study to read: every file was skipped or failed (see Not scored below).</b>"
+                               if others else "<b>No study to read.</b>", st["body"]))
     if others:
         story += [Spacer(1, 3 * mm), Paragraph("Not scored", st["h"]), Spacer(1, 1 * mm)]
         other_widths = [80 * mm, 27 * mm, 18 * mm, sum(widths) - 125 * mm]

@@ -624,3 +624,19 @@ def test_a_name_recorded_only_in_ideographs_is_not_said_to_be_missing(tmp_path):
     (tmp_path / "w.pdf").write_bytes(worklist_pdf([record], ReportOptions(), model_info(), NOW))
     wl = re.sub(r"\s+", " ", "\n".join(pages(tmp_path / "w.pdf")))
     assert "(name in characters this report cannot show)" in wl and "name not recorded" not in wl
+
+
+def test_a_worklist_without_a_scored_study_says_so_instead_of_an_empty_list(tmp_path, small_bundle):
+    """A folder of a lateral and a truncated PNG: the worklist said '0 of 0 studies have a
+    flagged finding' over no table at all, which reads like a list that failed to print."""
+    from .dicomgen import write
+
+    folder = tmp_path / "studies"
+    folder.mkdir()
+    write(folder / "lateral.dcm", np.full((64, 64), 100, np.uint8) + np.eye(64, dtype=np.uint8) * 50,
+          ViewPosition="LL")
+    (folder / "cut.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    run_scan(folder, tmp_path / "o", ScanConfig(weights=str(small_bundle), device="cpu", workers=0, progress=False))
+    txt = " ".join("\n".join(pages(tmp_path / "o" / "reports" / "worklist.pdf")).split())
+    assert "No study to read: every file was skipped or failed (see Not scored below)." in txt
+    assert "0 of 0 studies" not in txt
