@@ -882,8 +882,10 @@ class ReportWriter:
         # earlier one at the PACS instead of adding a copy.
         uid = derived_uid("encapsulated-pdf", ids.sop_uid or name, self.bundle.sha256)
         series = derived_uid("encapsulated-pdf-series", ids.study_uid or name, self.bundle.sha256)
-        # the title a PACS lists the document by: the bucket as the report names it, never "normal"
-        title = f"{self.options.title} ({bucket_words(record.priority or 'normal', self.model_info)[2]})"
+        # the title a PACS lists the document by: the bucket as the report names it, never "normal";
+        # a long --title is cut, not the bucket (DocumentTitle holds 64 characters)
+        bucket = f" ({bucket_words(record.priority or 'normal', self.model_info)[2]})"
+        title = self.options.title[:64 - len(bucket)].rstrip() + bucket
         ds = encapsulated_pdf(pdf, study, title, uid, series)
         buf = io.BytesIO()
         ds.save_as(buf, enforce_file_format=True)

@@ -640,3 +640,22 @@ def test_a_worklist_without_a_scored_study_says_so_instead_of_an_empty_list(tmp_
     txt = " ".join("\n".join(pages(tmp_path / "o" / "reports" / "worklist.pdf")).split())
     assert "No study to read: every file was skipped or failed (see Not scored below)." in txt
     assert "0 of 0 studies" not in txt
+
+
+def test_a_long_report_title_never_cuts_the_bucket_from_the_encapsulated_pdf_title(tmp_path, nih_images,
+                                                                                   small_bundle):
+    """--title 'Thoracic imaging AI triage - overnight emergency department batch ...' made the
+    DocumentTitle (64 characters at most) 'Thoracic imaging AI triage - overnight emergency department
+    batc': the bucket, what a PACS list is read for, was cut off."""
+    from .dicomgen import grey, write
+
+    folder = tmp_path / "studies"
+    folder.mkdir()
+    write(folder / "a.dcm", grey(nih_images[0]))
+    title = "Thoracic imaging AI triage - overnight emergency department batch with a very long title"
+    run_scan(folder, tmp_path / "o", ScanConfig(weights=str(small_bundle), device="cpu", workers=0, progress=False,
+                                                dicom_pdf=True, title=title))
+    (row,) = read_results(tmp_path / "o" / "results.csv")
+    doc = str(pydicom.dcmread(tmp_path / "o" / "reports" / row["report"].replace(".pdf", ".dcm")).DocumentTitle)
+    words = {"urgent": "urgent", "abnormal": "abnormal", "normal": "no finding flagged"}[row["priority"]]
+    assert len(doc) <= 64 and doc.endswith(f" ({words})") and doc.startswith("Thoracic imaging AI triage")
