@@ -14,6 +14,7 @@ import datetime as dt
 import io
 import logging
 import math
+import re
 import struct
 import warnings
 import zlib
@@ -189,6 +190,28 @@ def check_scored(ds, rules: ScoringRules) -> None:
         raise SkipStudy(f"body part {body} is not the chest")
     if not body and not rules.allow_missing_body_part:
         raise SkipStudy("body part not stated (scoring without BodyPartExamined is turned off)")
+    if not body:
+        _check_described_body_part(ds, rules)
+
+
+# Body parts a description may name that are never a chest radiograph (DICOM PS3.16 CID 4031
+# terms and their common short forms). Ribs, shoulders and clavicles are left out: their
+# studies are taken over the chest and their descriptions often name it.
+_OTHER_BODY_PARTS = re.compile(
+    r"\b(SKULL|HEAD|SINUS(?:ES)?|FACE|MANDIBLE|C-?SPINE|T-?SPINE|L-?SPINE|SPINE|PELVIS|HIPS?|SACRUM|KNEES?|ANKLES?|"
+    r"FOOT|FEET|TOES?|HANDS?|FINGERS?|WRISTS?|ELBOWS?|FOREARM|HUMERUS|FEMUR|TIBIA|FIBULA|LEG|ABDOMEN|KUB|BREAST)\b")
+_CHEST_WORDS = re.compile(r"\b(CHEST|THORAX|THORACIC|TORAX|LUNGS?|CXR)\b")
+
+
+def _check_described_body_part(ds, rules: ScoringRules) -> None:
+    """No BodyPartExamined: a description naming another body part and not the chest ('XR KNEE 2
+    VIEWS') is not scored. A knee exported without the attribute got a chest triage report."""
+    allowed = {part.upper() for part in rules.body_parts}
+    for keyword in ("StudyDescription", "SeriesDescription", "ProtocolName"):
+        text = re.sub(r"[_/\\^]+", " ", _text(ds, keyword).upper())
+        other = _OTHER_BODY_PARTS.search(text)
+        if other and other.group(1) not in allowed and not _CHEST_WORDS.search(text):
+            raise SkipStudy(f"body part not stated, and {keyword} names {other.group(1)}: not the chest")
 
 
 def _check_size(ds, rules: ScoringRules) -> None:
