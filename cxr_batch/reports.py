@@ -813,6 +813,30 @@ def _base_rates(info: ModelInfo) -> str:
     return f"In validation ({ev.study_level_source or 'see the model card'}) this model " + " and ".join(parts) + "."
 
 
+def write_merged_worklist(results: Path, runs: list[dict | None]) -> Path | None:
+    """worklist.pdf beside a merged results.csv (``merge``), in its worklist_rank order, when the
+    shards wrote reports (``runs``: their run.json). Each shard's own worklist ranks only its
+    studies (a shard's #1 can be the whole scan's #3): this one is the order to read in.
+    Raises BundleError when the shards' bundle cannot be loaded as it was."""
+    from .bundle import BundleError, load_bundle
+    from .results import read_records
+
+    run = next((r for r in runs if r), None)
+    config = (run or {}).get("config") or {}
+    if run is None or not config.get("pdf", True):
+        return None
+    bundle = load_bundle(config.get("weights"))
+    if bundle.sha256 != run.get("weights_sha256"):
+        raise BundleError(f"the bundle at {bundle.path} is not the one the shards were scored with")
+    options = ReportOptions(title=config.get("title") or ReportOptions.title,
+                            institution=config.get("institution") or "",
+                            urgent=tuple(config.get("urgent") or DEFAULT_URGENT))
+    pdf = worklist_pdf(read_records(results), options, ModelInfo.from_bundle(bundle), dt.datetime.now().astimezone())
+    path = Path(results).parent / "worklist.pdf"
+    atomic_write_bytes(path, pdf, mode=REPORT_MODE)
+    return path
+
+
 @dataclass
 class ReportWriter:
     """Writes one PDF per scored study and the worklist; scan and watch both use it."""
