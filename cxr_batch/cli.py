@@ -328,7 +328,7 @@ def merge(inputs, out, allow_partial):
     from .results import _run_info
 
     try:  # the whole scan's worklist: each shard's ranks only its own studies
-        worklist = write_merged_worklist(out, [_run_info(p) for p in inputs])
+        worklist = write_merged_worklist(out, list(inputs), [_run_info(p) for p in inputs])
     except (BundleError, OSError) as e:
         log.warning("no worklist.pdf for the merged results: %s (results.csv is written; its worklist_rank is "
                     "the order to read in)", e)

@@ -813,12 +813,13 @@ def _base_rates(info: ModelInfo) -> str:
     return f"In validation ({ev.study_level_source or 'see the model card'}) this model " + " and ".join(parts) + "."
 
 
-def write_merged_worklist(results: Path, runs: list[dict | None]) -> Path | None:
+def write_merged_worklist(results: Path, shards: list[Path], runs: list[dict | None]) -> Path | None:
     """worklist.pdf beside a merged results.csv (``merge``), in its worklist_rank order, when the
-    shards wrote reports (``runs``: their run.json). Each shard's own worklist ranks only its
-    studies (a shard's #1 can be the whole scan's #3): this one is the order to read in.
-    Raises BundleError when the shards' bundle cannot be loaded as it was."""
+    shards wrote reports (``shards``: their results.csv; ``runs``: their run.json). Each shard's
+    own worklist ranks only its studies (a shard's #1 can be the whole scan's #3): this one is the
+    order to read in. Raises BundleError when the shards' bundle cannot be loaded as it was."""
     from .bundle import BundleError, load_bundle
+    from .journal import JOURNAL, STATE_DIR, read_journal
     from .results import read_records
 
     run = next((r for r in runs if r), None)
@@ -831,7 +832,15 @@ def write_merged_worklist(results: Path, runs: list[dict | None]) -> Path | None
     options = ReportOptions(title=config.get("title") or ReportOptions.title,
                             institution=config.get("institution") or "",
                             urgent=tuple(config.get("urgent") or DEFAULT_URGENT))
-    pdf = worklist_pdf(read_records(results), options, ModelInfo.from_bundle(bundle), dt.datetime.now().astimezone())
+    records = read_records(results)
+    # results.csv holds no patient names; each shard's journal does (mode 0640, like the reports)
+    names = {}
+    for shard in shards:
+        names.update({f: e.record.ids.patient_name for f, e in
+                      read_journal(Path(shard).parent / STATE_DIR / JOURNAL)[1].items()})
+    for record in records:
+        record.ids.patient_name = record.ids.patient_name or names.get(record.file)
+    pdf = worklist_pdf(records, options, ModelInfo.from_bundle(bundle), dt.datetime.now().astimezone())
     path = Path(results).parent / "worklist.pdf"
     atomic_write_bytes(path, pdf, mode=REPORT_MODE)
     return path

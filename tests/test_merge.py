@@ -108,9 +108,13 @@ def test_a_merge_of_shards_with_reports_writes_the_whole_worklist_in_merged_rank
     reading the shards' worklists read in the wrong order."""
     from pypdf import PdfReader
 
+    from .dicomgen import grey, write
+
     (tmp_path / "studies").mkdir()
-    for p in nih_images[:8]:
+    for p in nih_images[:7]:
         shutil.copy(p, tmp_path / "studies" / p.name)
+    # results.csv holds no names: the merged worklist said 'name not recorded' of every study
+    write(tmp_path / "studies" / "named.dcm", grey(nih_images[7]), PatientName="ROE^RICHARD")
     for i in range(2):
         run_scan(tmp_path / "studies", tmp_path / f"s{i}", ScanConfig(
             weights=str(small_bundle), device="cpu", workers=0, progress=False, shard=(i, 2), title="Night batch"))
@@ -123,6 +127,7 @@ def test_a_merge_of_shards_with_reports_writes_the_whole_worklist_in_merged_rank
     rows = sorted((int(r["worklist_rank"]), r["report"]) for r in read_results(tmp_path / "merged" / "results.csv"))
     positions = [text.index(report) for _, report in rows]
     assert len(rows) == 8 and positions == sorted(positions) and "Night batch: worklist" in text
+    assert "ROE, RICHARD" in text
     # shards scanned without reports: no worklist either
     for i in range(2):
         run_scan(tmp_path / "studies", tmp_path / f"n{i}", ScanConfig(
