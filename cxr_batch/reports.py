@@ -792,9 +792,11 @@ def _none_flagged(record: StudyRecord, info: ModelInfo) -> str:
 def _order_text(record: StudyRecord, urgent) -> str:
     """What places a study in its bucket: the urgent finding's probability, or P(any finding),
     printed as the study's report prints them."""
-    if record.priority == "urgent":
+    if record.priority == "urgent":  # P(finding) as P(any) is written: "p 0.104" read as a p-value
         names = [f for f in record.findings if f in urgent]
-        return f"p {probability_text(record.triage_score)} ({', '.join(finding_label(f) for f in names)})"
+        top = max(names, key=record.scores.prob) if names and record.scores else None
+        label = finding_label(top) if top else "urgent finding"
+        return f"P({label}) {probability_text(record.triage_score)}"
     return f"P(any) {probability_text(record.triage_score)}"
 
 

@@ -544,7 +544,7 @@ def test_worklist_gives_base_rates_trust_beside_flags_and_the_rank_order(tmp_pat
     txt = re.sub(r"\s+", " ", "\n".join(pages(tmp_path / "w.pdf")))
     assert "2 of 3 studies have a flagged finding" in txt
     assert "flagged 48% of studies (0.9 flags per study)" in txt and "41% of studies without a finding" in txt
-    assert "Effusion (sens. 0.62, PPV 0.31)" in txt and "p 0.550 (Pneumothorax)" in txt
+    assert "Effusion (sens. 0.62, PPV 0.31)" in txt and "P(Pneumothorax) 0.550" in txt
     assert txt.index("ID PB") < txt.index("ID PA") < txt.index("ID PC")  # urgent, abnormal, then low probability
 
 
