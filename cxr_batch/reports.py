@@ -562,7 +562,9 @@ def _findings_and_image(record: StudyRecord, grey: np.ndarray | None, info: Mode
             " Never flagged: its validation ranking was no better than chance." if any(
                 not p.flagged for p in ev.operating_points.values()) else "")), st["small"])
     return _table([[[_findings_table(record, info, urgent, table_w - PAD, st), legend],
-                    [picture, Paragraph("Radiograph as the model saw it", st["caption"])]]],
+                    # its size: a 64-px input enlarged to the tile looks blurred, not by the radiograph's fault
+                    [picture, Paragraph("Radiograph as the model saw it" + (
+                        f" ({grey.shape[1]} x {grey.shape[0]} pixels)" if grey is not None else ""), st["caption"])]]],
                   [table_w, width - table_w], [("VALIGN", (0, 0), (-1, -1), "TOP"), ("ALIGN", (1, 0), (1, 0), "RIGHT"),
                                                ("LEFTPADDING", (0, 0), (0, 0), 0), ("RIGHTPADDING", (1, 0), (1, 0), 0)])
 

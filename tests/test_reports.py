@@ -659,3 +659,13 @@ def test_a_long_report_title_never_cuts_the_bucket_from_the_encapsulated_pdf_tit
     doc = str(pydicom.dcmread(tmp_path / "o" / "reports" / row["report"].replace(".pdf", ".dcm")).DocumentTitle)
     words = {"urgent": "urgent", "abnormal": "abnormal", "normal": "no finding flagged"}[row["priority"]]
     assert len(doc) <= 64 and doc.endswith(f" ({words})") and doc.startswith("Thoracic imaging AI triage")
+
+
+def test_the_radiograph_tile_says_at_what_size_the_model_saw_it():
+    """v3 sees 64 x 64 pixels: the tile, enlarged to 60 mm, looked like a poor radiograph with no
+    word why; its caption gives the size."""
+    import io
+
+    txt = re.sub(r"\s+", " ", PdfReader(io.BytesIO(study_pdf(scored({}), np.full((64, 64), 0.5), {}, model_info(),
+                                                               ReportOptions(), NOW))).pages[0].extract_text())
+    assert "Radiograph as the model saw it (64 x 64 pixels)" in txt
