@@ -724,11 +724,12 @@ def worklist_pdf(records: list[StudyRecord], options: ReportOptions, info: Model
     low = f"low-probability studies (P(any finding) below {probability_text(cut)})" if cut is not None else \
         "studies with no finding flagged"
     low_count = "low probability" if cut is not None else "with no finding flagged"
-    summary = (f"{len(records)} files: {len(scored)} scored ({counts['urgent']} urgent, {counts['abnormal']} abnormal, "
+    summary = (f"{len(records)} file{'' if len(records) == 1 else 's'}: {len(scored)} scored ({counts['urgent']} urgent, {counts['abnormal']} abnormal, "
                f"{counts['normal']} {low_count}), {sum(r.status == 'skipped' for r in others)} skipped, "
                f"{sum(r.status == 'error' for r in others)} failed; {bare} scored without patient data (marked *: "
                f"the model saw the image alone). "
-               + (f"{flagged} of {len(scored)} studies have a flagged finding. " if scored else "") +
+               + (f"{flagged} of {len(scored)} {'study has' if len(scored) == 1 else 'studies have'} a flagged "
+                  "finding. " if scored else "") +
                f"Order: urgent studies by the urgent finding's probability, then abnormal, then {low}, each by "
                f"P(any finding). Generated {format_time(generated)}.")
     story += [Spacer(1, 1.5 * mm), Paragraph(escape(summary), st["body"])]

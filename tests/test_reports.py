@@ -669,3 +669,10 @@ def test_the_radiograph_tile_says_at_what_size_the_model_saw_it():
     txt = re.sub(r"\s+", " ", PdfReader(io.BytesIO(study_pdf(scored({}), np.full((64, 64), 0.5), {}, model_info(),
                                                                ReportOptions(), NOW))).pages[0].extract_text())
     assert "Radiograph as the model saw it (64 x 64 pixels)" in txt
+
+
+def test_a_worklist_of_one_study_says_one_file():
+    """A single study's worklist began '1 files: 1 scored ... 1 of 1 studies have a flagged finding'."""
+    txt = re.sub(r"\s+", " ", "\n".join(p.extract_text() for p in PdfReader(__import__("io").BytesIO(worklist_pdf(
+        [scored({"Effusion": 0.8})], ReportOptions(), model_info(), NOW))).pages))
+    assert "1 file: 1 scored" in txt and "1 of 1 studies have" not in txt and "1 of 1 study has a flagged finding" in txt
