@@ -323,6 +323,18 @@ def merge(inputs, out, allow_partial):
     except OSError as e:  # a parent that is a file, a read-only or full volume: nothing is written
         fail(f"cannot merge into {out}: {e.strerror or e} ({e.filename or out})", False)
     click.echo(f"{n} rows from {len(inputs)} files -> {out}", err=True)
+    from .bundle import BundleError
+    from .reports import write_merged_worklist
+    from .results import _run_info
+
+    try:  # the whole scan's worklist: each shard's ranks only its own studies
+        worklist = write_merged_worklist(out, list(inputs), [_run_info(p) for p in inputs])
+    except (BundleError, OSError) as e:
+        log.warning("no worklist.pdf for the merged results: %s (results.csv is written; its worklist_rank is "
+                    "the order to read in)", e)
+    else:
+        if worklist is not None:
+            click.echo(f"worklist in worklist_rank order -> {worklist}", err=True)
 
 
 def run_daemon(build, out: Path, debug: bool):

@@ -14,6 +14,7 @@ import datetime as dt
 import io
 import logging
 import math
+import re
 import struct
 import warnings
 import zlib
@@ -189,6 +190,28 @@ def check_scored(ds, rules: ScoringRules) -> None:
         raise SkipStudy(f"body part {body} is not the chest")
     if not body and not rules.allow_missing_body_part:
         raise SkipStudy("body part not stated (scoring without BodyPartExamined is turned off)")
+    if not body:
+        _check_described_body_part(ds, rules)
+
+
+# Body parts a description may name that are never a chest radiograph (DICOM PS3.16 CID 4031
+# terms and their common short forms). Ribs, shoulders and clavicles are left out: their
+# studies are taken over the chest and their descriptions often name it.
+_OTHER_BODY_PARTS = re.compile(
+    r"\b(SKULL|HEAD|SINUS(?:ES)?|FACE|MANDIBLE|C-?SPINE|T-?SPINE|L-?SPINE|SPINE|PELVIS|HIPS?|SACRUM|KNEES?|ANKLES?|"
+    r"FOOT|FEET|TOES?|HANDS?|FINGERS?|WRISTS?|ELBOWS?|FOREARM|HUMERUS|FEMUR|TIBIA|FIBULA|LEG|ABDOMEN|KUB|BREAST)\b")
+_CHEST_WORDS = re.compile(r"\b(CHEST|THORAX|THORACIC|TORAX|LUNGS?|CXR)\b")
+
+
+def _check_described_body_part(ds, rules: ScoringRules) -> None:
+    """No BodyPartExamined: a description naming another body part and not the chest ('XR KNEE 2
+    VIEWS') is not scored. A knee exported without the attribute got a chest triage report."""
+    allowed = {part.upper() for part in rules.body_parts}
+    for keyword in ("StudyDescription", "SeriesDescription", "ProtocolName"):
+        text = re.sub(r"[_/\\^]+", " ", _text(ds, keyword).upper())
+        other = _OTHER_BODY_PARTS.search(text)
+        if other and other.group(1) not in allowed and not _CHEST_WORDS.search(text):
+            raise SkipStudy(f"body part not stated, and {keyword} names {other.group(1)}: not the chest")
 
 
 def _check_size(ds, rules: ScoringRules) -> None:
@@ -467,6 +490,9 @@ def _window(ds, values: np.ndarray) -> np.ndarray:
     return window_to_uint8(values, center - 0.5 - (width - 1) / 2, center - 0.5 + (width - 1) / 2)
 
 
+CORRUPT_LENGTH_BELOW = 32 << 20  # a quarter of the smallest reading allowance (read_memory_mb 128)
+
+
 def read_dicom(path: Path, rules: ScoringRules, min_side: int = 0) -> StudyImage:
     """Read a DICOM file: scoring rules, header data, then pixels. Raises ReadError/SkipStudy.
     ``min_side``: the short side the caller needs; compressed images whose coding allows it are
@@ -477,6 +503,13 @@ def read_dicom(path: Path, rules: ScoringRules, min_side: int = 0) -> StudyImage
             warnings.simplefilter("ignore")
             ds = pydicom.dcmread(path, force=True, defer_size=1 << 16)
     except MemoryError:
+        # Elements over 64 KiB are deferred, so a small file's header cannot honestly need the
+        # reading allowance (128 MB at least): an element claims more bytes than the file holds.
+        # Said so, or the row reads as a limit to raise (the same file read in-process, workers 0,
+        # gets "no data elements").
+        if path.stat().st_size < CORRUPT_LENGTH_BELOW:
+            raise ReadError("DICOM header cannot be parsed (truncated or corrupt: an element claims more bytes "
+                            "than the file holds)") from None
         raise ReadError("DICOM header needs more memory than reading is allowed") from None
     except Exception as e:  # pydicom's messages name byte offsets and the file's path: logged only
         log.debug("header: %s: %s", type(e).__name__, e)

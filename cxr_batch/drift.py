@@ -93,7 +93,10 @@ IMAGE_LABELS = {
     "intensity_std": "image contrast: standard deviation of intensity",
     "intensity_skew": "image intensity: skewness (percentiles; flips when grey levels are inverted)",
     "inversion_cue": "image intensity: centre band minus lateral bands (inversion cue)",
-    "top_bottom": "image intensity: lower half minus upper half (orientation cue)",
+    # inverted grey levels flip this cue as much as an upside-down image does: said, so an
+    # inversion alarm is not read as "upside down" (its p-value often lists it first)
+    "top_bottom": "image intensity: lower half minus upper half (orientation cue; flips when the image is upside "
+                  "down or its grey levels are inverted)",
     "left_right": "image intensity: right half minus left half (mirroring cue)",
     "sharpness": "image sharpness: neighbour difference / contrast (falls when a small image is enlarged)",
 }

@@ -20,6 +20,7 @@ import numpy as np
 
 from . import metrics
 from .bundle import DEFAULT_BUNDLE, atomic_write_bytes, read_manifest, sha256_file
+from .evidence import bundle_evidence
 from .findings import FINDINGS
 from .journal import STATE_DIR, EarlierResults
 from .labels import LabelsError, LabelTable, Matching, match_labels
@@ -55,7 +56,9 @@ DEFINITIONS = {
     "triage": "study-level rates from results.csv as written: the share of studies in each bucket (priority), among "
               "all studies, those with a finding (any of the 14) and those without; flags per study; worklist AUROC: "
               "how well the order of worklist_rank (1 = read first) puts studies with a finding before those "
-              "without (and studies with the urgent finding before the rest); p_any AUROC likewise for P(any)",
+              "without (and studies with the urgent finding before the rest); p_any AUROC likewise for P(any); "
+              "normal_below: the bundle's P(any) cutoff of the normal (low-probability) bucket, null when it has "
+              "none and 'normal' means nothing flagged",
 }
 
 
@@ -209,7 +212,8 @@ def evaluation(data: LabelledResults, manifest: dict, n_bootstrap: int = 1000, s
         "brier_skill": _finite(1 - brier / brier_prev) if brier_prev > 0 else None,
         "mean_probability": _finite(float(p.mean())), "prevalence": _finite(float(y.mean())),
         "per_finding": per_finding(data, manifest["thresholds"], n_bootstrap, seed),
-        "triage": study_level(data),
+        # the bundle's P(any) cutoff; null: no cutoff (v1, v2), its "normal" bucket is "nothing flagged"
+        "triage": {**study_level(data), "normal_below": bundle_evidence(manifest).study_level.normal_below},
         "by_group": by_group(data),
         "reliability": metrics.reliability(y, p),
         "bootstrap": {"resamples": n_bootstrap, "seed": seed, "level": metrics.LEVEL,

@@ -30,6 +30,12 @@ def _f(x, digits: int = 3) -> str:
     return "-" if x is None else f"{x:.{digits}f}"
 
 
+def _auroc(x) -> str:
+    """An AUROC as its interval and its ROC curve's title print it (2 decimals): a third decimal is
+    noise on a site's few positives, and one AUROC must not read as two figures on the pages."""
+    return _f(x, 2)
+
+
 def _ci(ci) -> str:
     return "no CI" if ci is None else f"{ci[0]:.2f}-{ci[1]:.2f}"
 
@@ -68,7 +74,7 @@ def summary_page(ev: dict) -> Figure:
               f"{len(m['ambiguous_names'])} labels matching several files (lists in evaluation.json).")
     y -= 0.008
     auc = ev["mean_auroc"]
-    y = _text(fig, y, f"Ranking: mean AUROC {_f(auc)} (95% CI {_ci(ev['mean_auroc_ci95'])}) over "
+    y = _text(fig, y, f"Ranking: mean AUROC {_auroc(auc)} (95% CI {_ci(ev['mean_auroc_ci95'])}) over "
               f"{len(ev['mean_auroc_findings'])} findings with positive and negative studies. 0.5 is chance.", 10)
     y = _text(fig, y, f"Probabilities: mean predicted {_f(ev['mean_probability'])} against an observed prevalence of "
               f"{_f(ev['prevalence'])}; calibration error (ECE, {ev['ece_bins']} bins, all findings pooled) "
@@ -77,19 +83,22 @@ def summary_page(ev: dict) -> Figure:
               "probabilities carry information beyond how common each finding is).", 10)
     t = ev.get("triage") or {}
     b = t.get("buckets", {})
+    # a bundle without a P(any) cutoff (v1, v2) has no low-probability bucket: its "normal" is nothing flagged
+    has_cut = t.get("normal_below") is not None
+    low = "low probability" if has_cut else "no finding flagged"
     if b:
         def pct(x):
             return "-" if x is None else f"{x:.0%}"
         y = _text(fig, y, f"Worklist: {pct(t['studies_flagged'])} of studies flagged ({_f(t['flags_per_study'], 1)} flags per "
-                  f"study); buckets urgent / abnormal / low probability {pct(b['all']['urgent'])} / "
-                  f"{pct(b['all']['abnormal'])} / {pct(b['all']['normal'])}. The low-probability bucket held "
+                  f"study); buckets urgent / abnormal / {low} {pct(b['all']['urgent'])} / "
+                  f"{pct(b['all']['abnormal'])} / {pct(b['all']['normal'])}. The {low.replace(' ', '-')} bucket held "
                   f"{pct(b['without_a_finding']['normal'])} of the {b['without_a_finding']['n']} studies without a finding "
                   f"and {pct(b['with_a_finding']['normal'])} of the {b['with_a_finding']['n']} with one. The worklist order "
-                  f"puts studies with a finding first with AUROC {_f(t['worklist_auroc_any_finding'])}, pneumothorax "
-                  f"{_f(t.get('worklist_auroc_pneumothorax'))}.", 10)
-    y = _text(fig, y, "Flags as results.csv has them: a finding at or over the bundle's threshold, none in the "
-              "low-probability bucket (P(any finding) below its cutoff). Per-finding numbers rest on the positives "
-              "shown: with few "
+                  f"puts studies with a finding first with AUROC {_auroc(t['worklist_auroc_any_finding'])}, pneumothorax "
+                  f"{_auroc(t.get('worklist_auroc_pneumothorax'))}.", 10)
+    y = _text(fig, y, "Flags as results.csv has them: a finding at or over the bundle's threshold"
+              + (f", none in the low-probability bucket (P(any finding) below its cutoff {_f(t['normal_below'])})"
+                 if has_cut else "") + ". Per-finding numbers rest on the positives shown: with few "
               "positives they are noise. Decision support only: every study still needs a radiologist.", 9)
     header = ["finding", "pos", "AUROC", "95% CI", "thresh.", "sens.", "spec.", "PPV", "NPV", "ECE"]
     rows = []
@@ -98,7 +107,7 @@ def summary_page(ev: dict) -> Figure:
         ci = _ci(r["auroc_ci95"]) if r["auroc_ci95"] else f"no CI: {r['positive_patients']} pos. patients"
         if r["auroc"] is None:
             ci = "one label value"
-        rows.append([finding_label(f), str(r["positives"]), _f(r["auroc"]), ci, _f(r["threshold"], 3),
+        rows.append([finding_label(f), str(r["positives"]), _auroc(r["auroc"]), ci, _f(r["threshold"], 3),
                      _f(r["sensitivity"], 2), _f(r["specificity"], 2), _f(r["ppv"], 2), _f(r["npv"], 2), _f(r["ece"])])
     ax = fig.add_axes([0.04, y - 0.31, 0.92, 0.29])
     _table(ax, header, rows, [0.17, 0.06, 0.08, 0.19, 0.08, 0.07, 0.07, 0.07, 0.07, 0.07])
@@ -127,7 +136,7 @@ def roc_page(ev: dict, y: np.ndarray, p: np.ndarray) -> Figure:
             ax.plot(fpr, tpr, lw=1.2, color="#1f5fa8")
             if r["sensitivity"] is not None and r["specificity"] is not None:
                 ax.plot(1 - r["specificity"], r["sensitivity"], "o", color="#c0392b", ms=4)
-        title = f"{finding_label(f)}\nAUROC {_f(r['auroc'], 2)}, {r['positives']} pos."
+        title = f"{finding_label(f)}\nAUROC {_auroc(r['auroc'])}, {r['positives']} pos."
         ax.set_title(title, fontsize=8)
         ax.set(xlim=(0, 1), ylim=(0, 1))
         ax.tick_params(labelsize=6)
@@ -164,11 +173,13 @@ def calibration_page(ev: dict) -> Figure:
     rows = []
     for group, values in ev["by_group"].items():
         for value, r in values.items():
-            rows.append([group.replace("_", " "), value, str(r["n"]), str(r["patients"]), _f(r["mean_auroc"]),
+            rows.append([group.replace("_", " "), value, str(r["n"]), str(r["patients"]), _auroc(r["mean_auroc"]),
                          str(r["findings_in_mean"]), _f(r["ece"]), _f(r["brier"], 4)])
-    fig.text(0.06, 0.56, "By view, sex and age band (as the model received them; 'unknown': not available):",
-             fontsize=9, va="top")
-    table_ax = fig.add_axes([0.06, 0.04, 0.88, 0.50])
+    _text(fig, 0.57, "By view, sex and age band (as the model received them; 'unknown': not available). "
+          "findings: how many findings the group's mean AUROC averages (those with positive and negative "
+          "studies in the group; mean AUROC '-': no finding has both there). No intervals: a subgroup's few "
+          "patients make its numbers uncertain.", 9)
+    table_ax = fig.add_axes([0.06, 0.04, 0.88, 0.46])  # below the three lines above
     _table(table_ax, header, rows, [0.12, 0.12, 0.08, 0.1, 0.14, 0.1, 0.1, 0.1])
     return fig
 

@@ -139,6 +139,10 @@ def parse_sex(value) -> tuple[str | None, str | None]:
 # Words that name a view in free text (SeriesDescription, ProtocolName, ...).
 _VIEW_WORDS = (
     (re.compile(r"\b(LAT|LATERAL|LL|RL|LLAT|RLAT|LEFT LAT|RIGHT LAT)\b"), "LATERAL"),
+    # decubitus (a frontal beam across a patient lying on one side) and obliques: not the PA/AP
+    # views the model was trained on; before the frontal words, as a lateral is
+    (re.compile(r"\b(LLD|RLD|DECUB|DECUBITUS)\b"), "DECUBITUS"),
+    (re.compile(r"\b(OBL|OBLIQUE|LAO|RAO|LPO|RPO)\b"), "OBLIQUE"),
     (re.compile(r"\b(PA|P-A|POSTERO-?ANTERIOR|POSTEROANTERIOR)\b"), "PA"),
     (re.compile(r"\b(AP|A-P|ANTERO-?POSTERIOR|ANTEROPOSTERIOR|SUPINE|PORTABLE)\b"), "AP"),
 )
@@ -150,7 +154,8 @@ _NAMED_AP = re.compile(r"\b(AP|A-P|ANTERO-?POSTERIOR|ANTEROPOSTERIOR)\b")
 
 def parse_view(value) -> tuple[str | None, str | None]:
     """Parse a view position. Returns "PA", "AP", "LATERAL" (and "LL"/"RL" as "LATERAL"),
-    or None; free text such as "CHEST PA ERECT" is searched for view words."""
+    "DECUBITUS" (LLD/RLD), "OBLIQUE" (OBL, LAO, RAO, LPO, RPO) or None; free text such as
+    "CHEST PA ERECT" is searched for view words."""
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return None, None
     text = re.sub(r"[_/\\^]+", " ", str(value).strip().upper())
@@ -158,7 +163,7 @@ def parse_view(value) -> tuple[str | None, str | None]:
         return None, None
     if text in ("PA", "AP"):
         return text, None
-    if text in ("LL", "RL", "LAT", "LATERAL", "RLD", "LLD"):
+    if text in ("LL", "RL", "LAT", "LATERAL"):
         return "LATERAL", None
     found = [view for pattern, view in _VIEW_WORDS if pattern.search(text)]
     if found == ["PA", "AP"] and _NAMED_AP.search(text):  # "AP\\PA", "AP/PA": which one is this image?

@@ -60,6 +60,18 @@ PRIORITY_COLOURS = {"urgent": colors.HexColor("#C62828"), "abnormal": colors.Hex
 PRIORITY_TEXT = {"urgent": "URGENT: review first", "abnormal": "ABNORMAL: read with priority",
                  "normal": "LOW PROBABILITY OF ANY FINDING"}
 BUCKET_LABEL = {"urgent": "URGENT", "abnormal": "ABNORMAL", "normal": "LOW"}  # "normal" never reads as a clean bill
+# A bundle without a P(any) cutoff (v1, v2) puts every study with nothing over its threshold in the
+# "normal" bucket, whatever its P(any finding) (0.47 for NIH 00001968 with v1): "low probability"
+# would be untrue there, so the bucket is named for what it is.
+NO_CUTOFF_TEXT, NO_CUTOFF_LABEL = "NO FINDING FLAGGED", "NO FLAG"  # fits the Priority column on one line
+
+
+def bucket_words(priority: str, info: "ModelInfo") -> tuple[str, str, str]:
+    """How the pages name a bucket: (banner, worklist label, words for counts and titles)."""
+    if priority == "normal" and info.evidence.study_level.normal_below is None:
+        return NO_CUTOFF_TEXT, NO_CUTOFF_LABEL, "no finding flagged"
+    words = {"normal": "low probability of any finding"}.get(priority, priority)
+    return PRIORITY_TEXT[priority], BUCKET_LABEL[priority], words
 FLAG_FILL = colors.HexColor("#FFE0B2")
 HEADER_FILL = colors.HexColor("#ECEFF1")
 LABEL_FILL = colors.HexColor("#F5F5F5")
@@ -132,8 +144,10 @@ def patient_name_text(raw: str | None) -> str:
     font has: a name whose first group it cannot draw (kanji, hangul) shows its other group when
     that one can be drawn, else says so, instead of empty boxes that make two names look alike."""
     name = person_name(raw, _can_draw)
-    if _can_draw(visual_order(name)):
+    if name and _can_draw(visual_order(name)):
         return name
+    if not name and not clean(raw).replace("^", "").replace("=", "").strip():
+        return ""  # no name at all: the page says "name not recorded"
     groups = [person_name(g) for g in clean(raw).split("=")[:2]]  # the phonetic group is never shown
     return next((g for g in groups if g and _can_draw(visual_order(g))), NAME_NOT_DRAWN)
 
@@ -410,7 +424,7 @@ def _flag_phrase(finding: str, info: ModelInfo) -> str:
 def _banner(record: StudyRecord, info: ModelInfo, options: ReportOptions, order: list[str], width: float,
             st: dict) -> Table:
     priority = record.priority or "normal"
-    lines = [Paragraph(PRIORITY_TEXT[priority], st["banner"])]
+    lines = [Paragraph(bucket_words(priority, info)[0], st["banner"])]
     ev, p_any = info.evidence, record.scores.p_any if record.scores else None
     # printed as probabilities are (3 decimals), so P(any) never reads equal to the cutoff it is on one side of
     any_text = f"P(any finding) {probability_text(p_any)}" if p_any is not None else ""
@@ -548,7 +562,9 @@ def _findings_and_image(record: StudyRecord, grey: np.ndarray | None, info: Mode
             " Never flagged: its validation ranking was no better than chance." if any(
                 not p.flagged for p in ev.operating_points.values()) else "")), st["small"])
     return _table([[[_findings_table(record, info, urgent, table_w - PAD, st), legend],
-                    [picture, Paragraph("Radiograph as the model saw it", st["caption"])]]],
+                    # its size: a 64-px input enlarged to the tile looks blurred, not by the radiograph's fault
+                    [picture, Paragraph("Radiograph as the model saw it" + (
+                        f" ({grey.shape[1]} x {grey.shape[0]} pixels)" if grey is not None else ""), st["caption"])]]],
                   [table_w, width - table_w], [("VALIGN", (0, 0), (-1, -1), "TOP"), ("ALIGN", (1, 0), (1, 0), "RIGHT"),
                                                ("LEFTPADDING", (0, 0), (0, 0), 0), ("RIGHTPADDING", (1, 0), (1, 0), 0)])
 
@@ -706,11 +722,14 @@ def worklist_pdf(records: list[StudyRecord], options: ReportOptions, info: Model
     flagged = sum(bool(r.findings) for r in scored)
     cut = info.evidence.study_level.normal_below
     low = f"low-probability studies (P(any finding) below {probability_text(cut)})" if cut is not None else \
-        "low-probability studies"
-    summary = (f"{len(records)} files: {len(scored)} scored ({counts['urgent']} urgent, {counts['abnormal']} abnormal, "
-               f"{counts['normal']} low probability), {sum(r.status == 'skipped' for r in others)} skipped, "
+        "studies with no finding flagged"
+    low_count = "low probability" if cut is not None else "with no finding flagged"
+    summary = (f"{len(records)} file{'' if len(records) == 1 else 's'}: {len(scored)} scored ({counts['urgent']} urgent, {counts['abnormal']} abnormal, "
+               f"{counts['normal']} {low_count}), {sum(r.status == 'skipped' for r in others)} skipped, "
                f"{sum(r.status == 'error' for r in others)} failed; {bare} scored without patient data (marked *: "
-               f"the model saw the image alone). {flagged} of {len(scored)} studies have a flagged finding. "
+               f"the model saw the image alone). "
+               + (f"{flagged} of {len(scored)} {'study has' if len(scored) == 1 else 'studies have'} a flagged "
+                  "finding. " if scored else "") +
                f"Order: urgent studies by the urgent finding's probability, then abnormal, then {low}, each by "
                f"P(any finding). Generated {format_time(generated)}.")
     story += [Spacer(1, 1.5 * mm), Paragraph(escape(summary), st["body"])]
@@ -741,13 +760,16 @@ def worklist_pdf(records: list[StudyRecord], options: ReportOptions, info: Model
         order = heatmap_order(r, info.thresholds, options.urgent)
         colour = PRIORITY_COLOURS[r.priority].hexval()[2:]
         data.append([Paragraph(str(i), st["cell"]),
-                     Paragraph(f'<font color="#{colour}"><b>{BUCKET_LABEL[r.priority]}</b></font>', st["cell"]), patient,
+                     Paragraph(f'<font color="#{colour}"><b>{bucket_words(r.priority, info)[1]}</b></font>', st["cell"]), patient,
                      cell(format_age(p.age), 3, missing="unknown"), cell(p.sex, 4),
                      cell(_date_text(r.ids.study_date), 5), cell(r.ids.accession_number, 6),
                      cell("; ".join(_flag_phrase(f, info) for f in order), 7, missing=_none_flagged(r, info)),
                      cell(_order_text(r, options.urgent), 8), cell(r.report, 9)])
     if scored:
         story.append(_table(data, widths, commands, repeatRows=1))
+    else:  # said, so an empty list does not read as one that failed to print
+        story.append(Paragraph("<b>No study to read: every file was skipped or failed (see Not scored below).</b>"
+                               if others else "<b>No study to read.</b>", st["body"]))
     if others:
         story += [Spacer(1, 3 * mm), Paragraph("Not scored", st["h"]), Spacer(1, 1 * mm)]
         other_widths = [80 * mm, 27 * mm, 18 * mm, sum(widths) - 125 * mm]
@@ -776,9 +798,11 @@ def _none_flagged(record: StudyRecord, info: ModelInfo) -> str:
 def _order_text(record: StudyRecord, urgent) -> str:
     """What places a study in its bucket: the urgent finding's probability, or P(any finding),
     printed as the study's report prints them."""
-    if record.priority == "urgent":
+    if record.priority == "urgent":  # P(finding) as P(any) is written: "p 0.104" read as a p-value
         names = [f for f in record.findings if f in urgent]
-        return f"p {probability_text(record.triage_score)} ({', '.join(finding_label(f) for f in names)})"
+        top = max(names, key=record.scores.prob) if names and record.scores else None
+        label = finding_label(top) if top else "urgent finding"
+        return f"P({label}) {probability_text(record.triage_score)}"
     return f"P(any) {probability_text(record.triage_score)}"
 
 
@@ -795,6 +819,39 @@ def _base_rates(info: ModelInfo) -> str:
     if not parts:
         return ""
     return f"In validation ({ev.study_level_source or 'see the model card'}) this model " + " and ".join(parts) + "."
+
+
+def write_merged_worklist(results: Path, shards: list[Path], runs: list[dict | None]) -> Path | None:
+    """worklist.pdf beside a merged results.csv (``merge``), in its worklist_rank order, when the
+    shards wrote reports (``shards``: their results.csv; ``runs``: their run.json). Each shard's
+    own worklist ranks only its studies (a shard's #1 can be the whole scan's #3): this one is the
+    order to read in. Raises BundleError when the shards' bundle cannot be loaded as it was."""
+    from .bundle import BundleError, load_bundle
+    from .journal import JOURNAL, STATE_DIR, read_journal
+    from .results import read_records
+
+    run = next((r for r in runs if r), None)
+    config = (run or {}).get("config") or {}
+    if run is None or not config.get("pdf", True):
+        return None
+    bundle = load_bundle(config.get("weights"))
+    if bundle.sha256 != run.get("weights_sha256"):
+        raise BundleError(f"the bundle at {bundle.path} is not the one the shards were scored with")
+    options = ReportOptions(title=config.get("title") or ReportOptions.title,
+                            institution=config.get("institution") or "",
+                            urgent=tuple(config.get("urgent") or DEFAULT_URGENT))
+    records = read_records(results)
+    # results.csv holds no patient names; each shard's journal does (mode 0640, like the reports)
+    names = {}
+    for shard in shards:
+        names.update({f: e.record.ids.patient_name for f, e in
+                      read_journal(Path(shard).parent / STATE_DIR / JOURNAL)[1].items()})
+    for record in records:
+        record.ids.patient_name = record.ids.patient_name or names.get(record.file)
+    pdf = worklist_pdf(records, options, ModelInfo.from_bundle(bundle), dt.datetime.now().astimezone())
+    path = Path(results).parent / "worklist.pdf"
+    atomic_write_bytes(path, pdf, mode=REPORT_MODE)
+    return path
 
 
 @dataclass
@@ -866,7 +923,11 @@ class ReportWriter:
         # earlier one at the PACS instead of adding a copy.
         uid = derived_uid("encapsulated-pdf", ids.sop_uid or name, self.bundle.sha256)
         series = derived_uid("encapsulated-pdf-series", ids.study_uid or name, self.bundle.sha256)
-        ds = encapsulated_pdf(pdf, study, f"{self.options.title} ({record.priority})", uid, series)
+        # the title a PACS lists the document by: the bucket as the report names it, never "normal";
+        # a long --title is cut, not the bucket (DocumentTitle holds 64 characters)
+        bucket = f" ({bucket_words(record.priority or 'normal', self.model_info)[2]})"
+        title = self.options.title[:64 - len(bucket)].rstrip() + bucket
+        ds = encapsulated_pdf(pdf, study, title, uid, series)
         buf = io.BytesIO()
         ds.save_as(buf, enforce_file_format=True)
         atomic_write_bytes(self.folder / (name[:-4] + ".dcm"), buf.getvalue(), mode=REPORT_MODE)

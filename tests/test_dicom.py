@@ -125,6 +125,14 @@ def test_view_code_sequence(tmp_path, nih_images):
     (dict(BodyPartExamined="KNEE"), "body part KNEE"),
     (dict(Modality="CT"), "modality CT"),
     (dict(NumberOfFrames=2), "multi-frame"),
+    # an oblique or decubitus view was 'unrecognised view': unknown, scored, and given a chest report
+    # (decubitus was called a lateral view)
+    (dict(ViewPosition="OBL"), "oblique view"),
+    (dict(ViewPosition=None, SeriesDescription="CHEST RAO"), "oblique view"),
+    (dict(ViewPosition="LLD"), "decubitus view"),
+    # no BodyPartExamined, the study named a knee: it was scored as a chest radiograph
+    (dict(BodyPartExamined=None, StudyDescription="XR KNEE 2 VIEWS"), "StudyDescription names KNEE"),
+    (dict(BodyPartExamined=None, SeriesDescription="Hand AP"), "SeriesDescription names HAND"),
 ])
 def test_objects_not_meant_for_the_model_are_skipped(tmp_path, nih_images, header, reason):
     src = grey(nih_images[0])
@@ -132,6 +140,13 @@ def test_objects_not_meant_for_the_model_are_skipped(tmp_path, nih_images, heade
         src = np.concatenate([src, src])
     with pytest.raises(SkipStudy, match=reason):
         read_dicom(write(tmp_path / "x", src, **header), RULES)
+
+
+@pytest.mark.parametrize("description", ["XR CHEST PA", "CHEST AND ABDOMEN AP", "THORAX 1 VIEW", "DX PA"])
+def test_a_description_naming_the_chest_or_no_body_part_is_scored(tmp_path, nih_images, description):
+    s = read_dicom(write(tmp_path / "x", grey(nih_images[0]), BodyPartExamined=None, StudyDescription=description),
+                   RULES)
+    assert s.grey.ndim == 2
 
 
 def test_scoring_rules_are_configurable(tmp_path, nih_images):

@@ -374,3 +374,14 @@ def pdf_text(path) -> str:
         return " ".join(page.extract_text() for page in PdfReader(path).pages)
     except (FileNotFoundError, PdfReadError):  # not written yet, or being replaced
         return ""
+
+
+def test_the_orientation_alarm_of_inverted_images_says_inversion_flips_it_too(streams, tmp_path):
+    """40 inverted NIH images: monitor.pdf listed 'lower half minus upper half (orientation cue)'
+    first (its p-value is the smallest), which reads as 'the images are upside down'; inverted
+    grey levels flip that cue as much, as the skewness's label already said of itself."""
+    done, _ = monitor(streams["inverted"], tmp_path / "m")
+    assert done.returncode == exit_codes.DRIFT_ALARM, done.stderr
+    text = " ".join(PdfReader(tmp_path / "m" / "monitor.pdf").pages[0].extract_text().split())
+    assert "lower half minus upper half (orientation cue; flips when the image is upside down or its grey levels " \
+           "are inverted)" in text

@@ -162,7 +162,8 @@ def test_calibrate_on_half_the_patients_helps_the_other_half(tmp_path, nih, nih_
     assert fitted, "an intercept shift from 0.5 to the prevalence must pass cross-validation"
     kept = [r for r in new.manifest["calibration"]["per_finding"].values() if r["status"].startswith("kept")]
     assert all(r["positives"] < 5 or "no clear gain" in r["status"] for r in kept)
-    assert bundle_evidence(new.manifest).counts == {}  # reports say "not measured", not the base's sensitivity
+    # 'keep' (the default) flags the studies the base flags: the base's held-out counts still hold
+    assert bundle_evidence(new.manifest).counts == bundle_evidence(old.manifest).counts != {}
     prov = new.manifest["provenance"]
     assert prov["labels"]["sha256"] == labels.sha256 and prov["base"]["bundle_sha256"] == old.sha256
     assert prov["n_per_finding"]["Infiltration"]["n"] == 60 and prov["date"]
@@ -289,3 +290,94 @@ def test_calibrate_out_under_a_file_is_refused_before_any_scoring(tmp_path, stud
                          "--weights", small_bundle, "--device", "cpu")
     assert code == 1 and "a-file is a file, not a folder" in err and "bundle sha256" not in err, err
     assert (tmp_path / "a-file").read_text() == "not a folder"
+
+
+@pytest.mark.skipif(not shutil.which("pdftotext"), reason="poppler-utils not installed")
+def test_evaluation_pdf_prints_auroc_as_its_interval_and_roc_curve_do_and_says_what_findings_counts(
+        tmp_path, nih, nih_images, small_bundle):
+    """evaluation.pdf printed 'mean AUROC 0.665 (95% CI 0.59-0.73)' and, in the table, 'Atelectasis
+    5 0.663 0.39-0.97' beside a ROC curve titled 'AUROC 0.66': three decimals on 5 positives are
+    false precision, and two figures for one AUROC. The subgroup table's 'findings' column was
+    not explained anywhere."""
+    studies = folder_of(tmp_path, nih_images[:16], "studies")
+    out = tmp_path / "eval"
+    code, err = cli_here("evaluate", studies, "--labels", nih / "labels.csv", "--out", out, "--weights",
+                         small_bundle, "--device", "cpu", "--workers", 0, "--bootstrap", 200)
+    assert code == 0, err[-2000:]
+    ev = json.loads((out / "evaluation.json").read_text())
+
+    def page(n):
+        return subprocess.run(["pdftotext", "-layout", "-f", str(n), "-l", str(n), out / "evaluation.pdf", "-"],
+                              capture_output=True, text=True, check=True).stdout
+
+    first = page(1)
+    assert f"mean AUROC {ev['mean_auroc']:.2f} (95% CI" in first
+    from cxr_batch.display import finding_label
+    for f, r in ev["per_finding"].items():
+        if r["auroc"] is None:
+            continue
+        row = next(line.split() for line in first.splitlines() if line.split()[:1] == finding_label(f).split()[:1])
+        auroc = row[len(finding_label(f).split()) + 1]  # finding, positives, AUROC
+        assert auroc == f"{r['auroc']:.2f}", (f, row)
+        assert f"AUROC {r['auroc']:.2f}, {r['positives']} pos." in page(2)
+    third = " ".join(page(3).split())
+    for value in ev["by_group"]["sex"].values():
+        if value["mean_auroc"] is not None:
+            assert f" {value['mean_auroc']:.2f} " in third and f" {value['mean_auroc']:.3f} " not in third
+    assert "findings: how many findings the group's mean AUROC averages" in third
+
+
+@pytest.mark.skipif(not shutil.which("pdftotext"), reason="poppler-utils not installed")
+def test_evaluation_pdf_of_a_bundle_without_a_cutoff_has_no_low_probability_bucket(tmp_path, nih, nih_images,
+                                                                                   small_bundle):
+    """v1 (no P(any) cutoff: a study with nothing flagged is 'normal' whatever its P(any)) got
+    'buckets urgent / abnormal / low probability' and 'none in the low-probability bucket
+    (P(any finding) below its cutoff)', a cutoff the bundle does not have."""
+    studies = folder_of(tmp_path, nih_images[:8], "studies")
+    out = tmp_path / "eval"
+    code, err = cli_here("evaluate", studies, "--labels", nih / "labels.csv", "--out", out, "--weights",
+                         small_bundle, "--device", "cpu", "--workers", 0, "--bootstrap", 0)
+    assert code == 0, err[-2000:]
+    assert json.loads((out / "evaluation.json").read_text())["triage"]["normal_below"] is None
+    first = " ".join(subprocess.run(["pdftotext", "-f", "1", "-l", "1", out / "evaluation.pdf", "-"],
+                                    capture_output=True, text=True, check=True).stdout.split())
+    assert "low probability" not in first and "low-probability" not in first and "cutoff" not in first
+    assert "buckets urgent / abnormal / no finding flagged" in first
+    assert "The no-finding-flagged bucket held" in first
+
+
+def test_a_site_calibration_that_keeps_the_operating_points_keeps_the_held_out_catch_on_its_reports(
+        tmp_path, nih, nih_images, small_bundle):
+    """v3 calibrated with the default --thresholds keep flags exactly the studies v3 flags, yet its
+    reports lost 'Pneumothorax: sensitivity 0.00 at its threshold (flagged 0 of 10 held-out images
+    that had it)' and printed only the out-of-fold 0.23: the site's calibration made the urgent
+    finding look better caught than it is. Under a rule (new thresholds) the counts do not apply."""
+    import io
+
+    from pypdf import PdfReader
+
+    from cxr_batch.reports import ModelInfo, ReportOptions, study_pdf
+    from cxr_batch.record import Scores, StudyRecord
+
+    base = tmp_path / "base"
+    shutil.copytree(small_bundle, base)
+    sealed = json.loads((base / "manifest.json").read_text())
+    sealed["metrics"] = {**sealed.get("metrics", {}), "test_n": 300,
+                         "per_finding": {f: {"tp": 0, "fn": 10, "fp": 5, "tn": 285} for f in FINDINGS}}
+    write_manifest(base, sealed)
+    studies = folder_of(tmp_path, nih_images[:40], "site")
+    labels = read_labels(nih / "labels.csv")
+    kept = run_calibrate(studies, labels, tmp_path / "kept", CalibrateOptions(weights=str(base), min_positives=5,
+                                                                              **FAST))
+    ruled = run_calibrate(studies, labels, tmp_path / "ruled", CalibrateOptions(
+        weights=str(base), min_positives=5, thresholds="specificity:0.8", **FAST))
+    record = StudyRecord(file="a.png", scores=Scores(tuple([0.01] * 14), tuple([0] * 14), "normal", 0.1, 0.1))
+
+    def banner(bundle):
+        pdf = study_pdf(record, None, {}, ModelInfo.from_bundle(load_bundle(bundle)), ReportOptions(),
+                        __import__("datetime").datetime.now().astimezone())
+        return " ".join(PdfReader(io.BytesIO(pdf)).pages[0].extract_text().split())
+
+    assert "Pneumothorax: sensitivity 0.00 at its threshold (flagged 0 of 10 held-out images that had it)" \
+        in banner(kept.bundle)
+    assert "flagged 0 of 10 held-out" not in banner(ruled.bundle)

@@ -36,6 +36,10 @@ def corpus(tmp_path, nih_images):
     (d / "random.dcm").write_bytes(np.random.default_rng(1).bytes(4096))
     (d / "random.png").write_bytes(np.random.default_rng(2).bytes(4096))
     (d / "preamble_only.dcm").write_bytes(b"\x00" * 128 + b"DICM")
+    # a file meta element claiming 2 GB in a 156-byte file: reading it in a worker ran out of its
+    # memory allowance, and the row said the header "needs more memory", which read as a limit to raise
+    (d / "bad_length.dcm").write_bytes(b"\x00" * 128 + b"DICM" + b"\x02\x00\x01\x00OB\x00\x00"
+                                       + struct.pack("<I", 0x7FFFFFF0) + b"\x00" * 16)
     ds = pydicom.dcmread(good)
     ds.PixelData = ds.PixelData[: len(ds.PixelData) // 4]
     ds.save_as(d / "short_pixels.dcm")
@@ -80,6 +84,7 @@ EXPECT = {
     "random.dcm": ("error", "unrecognised content"),
     "random.png": ("error", "unrecognised content"),
     "preamble_only.dcm": ("error", "no data elements"),
+    "bad_length.dcm": ("error", "DICOM header cannot be parsed (truncated or corrupt: an element claims more bytes"),
     "short_pixels.dcm": ("error", "pixel data"),
     "huge_header.dcm": ("error", "65535 x 65535"),
     "bomb.png": ("error", "decompression bomb"),

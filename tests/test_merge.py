@@ -99,3 +99,38 @@ def test_out_that_is_not_a_results_file_is_never_replaced(shards, tmp_path):
     for _ in range(2):
         assert merge_cli(*shards, "--out", again).returncode == 0
     assert len(read_results(again)) == 6
+
+
+def test_a_merge_of_shards_with_reports_writes_the_whole_worklist_in_merged_rank_order(tmp_path, nih_images,
+                                                                                      small_bundle):
+    """Each shard's worklist.pdf numbers its own studies 1..k; the merged results.csv ranks them
+    all (a shard's #1 was the merged #3), and no worklist showed that order: a radiologist
+    reading the shards' worklists read in the wrong order."""
+    from pypdf import PdfReader
+
+    from .dicomgen import grey, write
+
+    (tmp_path / "studies").mkdir()
+    for p in nih_images[:7]:
+        shutil.copy(p, tmp_path / "studies" / p.name)
+    # results.csv holds no names: the merged worklist said 'name not recorded' of every study
+    write(tmp_path / "studies" / "named.dcm", grey(nih_images[7]), PatientName="ROE^RICHARD")
+    for i in range(2):
+        run_scan(tmp_path / "studies", tmp_path / f"s{i}", ScanConfig(
+            weights=str(small_bundle), device="cpu", workers=0, progress=False, shard=(i, 2), title="Night batch"))
+    done = merge_cli(tmp_path / "s0" / "results.csv", tmp_path / "s1" / "results.csv",
+                     "--out", tmp_path / "merged" / "results.csv")
+    assert done.returncode == 0, done.stderr
+    worklist = tmp_path / "merged" / "worklist.pdf"
+    assert f"-> {worklist}" in done.stderr
+    text = " ".join(page.extract_text() for page in PdfReader(worklist).pages)
+    rows = sorted((int(r["worklist_rank"]), r["report"]) for r in read_results(tmp_path / "merged" / "results.csv"))
+    positions = [text.index(report) for _, report in rows]
+    assert len(rows) == 8 and positions == sorted(positions) and "Night batch: worklist" in text
+    assert "ROE, RICHARD" in text
+    # shards scanned without reports: no worklist either
+    for i in range(2):
+        run_scan(tmp_path / "studies", tmp_path / f"n{i}", ScanConfig(
+            weights=str(small_bundle), device="cpu", workers=0, progress=False, shard=(i, 2), pdf=False))
+    done = merge_cli(tmp_path / "n0" / "results.csv", tmp_path / "n1" / "results.csv", "--out", tmp_path / "m2.csv")
+    assert done.returncode == 0 and not (tmp_path / "worklist.pdf").exists()

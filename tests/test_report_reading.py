@@ -81,7 +81,15 @@ def test_p_any_and_the_cutoff_never_print_alike_on_either_side_of_it(tmp_path):
                                                      tuple(int(f == "Pneumothorax") for f in FINDINGS), "urgent",
                                                      0.1049, 0.79))
     wl = text_of(worklist_pdf([urgent], ReportOptions(), info, NOW))
-    assert "p 0.105 (Pneumothorax)" in wl
+    # written as P(any) beside it is: 'p 0.105' read as a p-value
+    assert "P(Pneumothorax) 0.105" in wl and "p 0.105" not in wl
+    # two urgent findings flagged: the one whose probability orders the study
+    both = StudyRecord(file="d.png", scores=Scores(tuple({"Pneumothorax": 0.2, "Effusion": 0.7}.get(f, 0.01)
+                                                         for f in FINDINGS),
+                                                   tuple(int(f in ("Pneumothorax", "Effusion")) for f in FINDINGS),
+                                                   "urgent", 0.7, 0.9))
+    wl = text_of(worklist_pdf([both], ReportOptions(urgent=("Pneumothorax", "Effusion")), info, NOW))
+    assert "P(Effusion) 0.700" in wl
 
 
 def test_a_site_calibrated_bundle_does_not_attribute_the_base_bundles_rates_to_the_site():
@@ -215,7 +223,7 @@ def evaluation_summary() -> dict:
             "brier_prevalence": 0.09, "brier_skill": -0.04, "mean_auroc_ci_note": "",
             "triage": {"buckets": {"all": buckets, "with_a_finding": buckets, "without_a_finding": buckets},
                        "studies_flagged": 0.45, "flags_per_study": 2.1, "worklist_auroc_any_finding": 0.67,
-                       "worklist_auroc_pneumothorax": 0.46},
+                       "worklist_auroc_pneumothorax": 0.46, "normal_below": 0.408},
             "per_finding": {f: dict(row) for f in FINDINGS},
             "definitions": {k: k for k in ("matching", "patient", "mean_auroc", "bootstrap", "ece", "brier_prevalence",
                                            "operating_point")}}

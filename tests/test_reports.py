@@ -388,7 +388,8 @@ def test_no_flag_banner_gives_the_urgent_findings_sensitivity():
     options = ReportOptions(urgent=("Pneumothorax", "Effusion"))
     txt = re.sub(r"\s+", " ", PdfReader(io.BytesIO(study_pdf(scored({}), GREY, {}, measured, options, NOW)))
                  .pages[0].extract_text())
-    assert "LOW PROBABILITY OF ANY FINDING" in txt and "Not a normal result" in txt and "NORMAL" not in txt
+    # no triage table, so no P(any) cutoff: the bucket is "nothing flagged", not "low probability"
+    assert "NO FINDING FLAGGED" in txt and "Not a normal result" in txt and "NORMAL" not in txt
     assert "Pneumothorax: sensitivity 0.75 at its threshold (flagged 3 of 4 held-out images that had it)" in txt
     assert "Effusion: sensitivity 0.75" in txt
     assert "Intended use: Triage research, not for clinical use." in txt and "no validation evidence" not in txt
@@ -543,7 +544,7 @@ def test_worklist_gives_base_rates_trust_beside_flags_and_the_rank_order(tmp_pat
     txt = re.sub(r"\s+", " ", "\n".join(pages(tmp_path / "w.pdf")))
     assert "2 of 3 studies have a flagged finding" in txt
     assert "flagged 48% of studies (0.9 flags per study)" in txt and "41% of studies without a finding" in txt
-    assert "Effusion (sens. 0.62, PPV 0.31)" in txt and "p 0.550 (Pneumothorax)" in txt
+    assert "Effusion (sens. 0.62, PPV 0.31)" in txt and "P(Pneumothorax) 0.550" in txt
     assert txt.index("ID PB") < txt.index("ID PA") < txt.index("ID PC")  # urgent, abnormal, then low probability
 
 
@@ -578,3 +579,100 @@ def test_a_flag_never_reads_as_below_its_threshold():
     assert tuple(record.findings) == ("Nodule", "Hernia")
     assert "Nodule 0.107 0.105 FLAGGED" in txt and "p 0.107, threshold 0.105" in txt
     assert "Hernia 4.6e-04 4.3e-04 FLAGGED" in txt and "p 4.6e-04, threshold 4.3e-04" in txt
+
+
+def test_a_bundle_without_a_low_probability_cutoff_says_no_finding_flagged_not_low_probability(tmp_path):
+    """v1 and v2 have no P(any) cutoff: their 'normal' bucket is any study with nothing over its
+    threshold. NIH 00001968 with v1 (P(any finding) 0.473) got 'LOW PROBABILITY OF ANY FINDING'
+    and 'LOW' on the worklist: a 47% chance of a finding read as a low one."""
+    import io
+
+    record = scored({f: 0.45 for f in ("Atelectasis", "Effusion", "Infiltration", "Nodule")}, patient_id="PX")
+    assert record.priority == "normal" and not record.findings
+    record.scores.p_any = 0.91  # 1 - product of (1 - p): nothing flagged, a finding likely
+    info = model_info()  # no triage table: no cutoff
+    txt = re.sub(r"\s+", " ", PdfReader(io.BytesIO(study_pdf(record, GREY, {}, info, ReportOptions(), NOW)))
+                 .pages[0].extract_text())
+    assert "NO FINDING FLAGGED" in txt and "LOW PROBABILITY" not in txt
+    assert "Not a normal result. P(any finding) 0.910" in txt
+    (tmp_path / "w.pdf").write_bytes(worklist_pdf([record], ReportOptions(), info, NOW))
+    wl = re.sub(r"\s+", " ", "\n".join(pages(tmp_path / "w.pdf")))
+    assert "low probability" not in wl.lower() and "LOW " not in wl
+    assert "(0 urgent, 0 abnormal, 1 with no finding flagged)" in wl and "NO FLAG" in wl
+    assert "then studies with no finding flagged, each by P(any finding)" in wl
+
+
+def test_the_encapsulated_pdf_title_never_says_normal(example_scan):
+    """The PACS lists an Encapsulated PDF by its DocumentTitle: '... (normal)' read as a clean
+    bill in the study browser, while the report inside says 'Not a normal result'."""
+    out, _, rows = example_scan
+    titles = {r["priority"]: str(pydicom.dcmread(out / "reports" / r["report"].replace(".pdf", ".dcm")).DocumentTitle)
+              for r in rows if r["file"].startswith("dicom/")}
+    assert titles["normal"] == "Chest X-ray triage report (low probability of any finding)"
+    assert all("(normal)" not in t for t in titles.values()) and titles["urgent"].endswith("(urgent)")
+
+
+def test_a_name_recorded_only_in_ideographs_is_not_said_to_be_missing(tmp_path):
+    """'=山田^太郎=やまだ^たろう' (no alphabetic group, as a Japanese modality may send it) printed
+    'name not recorded' on the worklist: the name is in the header, in characters the font lacks."""
+    import io
+
+    record = scored({"Effusion": 0.8}, patient_id="JP1", patient_name="=山田^太郎=やまだ^たろう")
+    txt = re.sub(r"\s+", " ", PdfReader(io.BytesIO(study_pdf(record, GREY, {}, model_info(), ReportOptions(), NOW)))
+                 .pages[0].extract_text())
+    assert "(name in characters this report cannot show)" in txt
+    (tmp_path / "w.pdf").write_bytes(worklist_pdf([record], ReportOptions(), model_info(), NOW))
+    wl = re.sub(r"\s+", " ", "\n".join(pages(tmp_path / "w.pdf")))
+    assert "(name in characters this report cannot show)" in wl and "name not recorded" not in wl
+
+
+def test_a_worklist_without_a_scored_study_says_so_instead_of_an_empty_list(tmp_path, small_bundle):
+    """A folder of a lateral and a truncated PNG: the worklist said '0 of 0 studies have a
+    flagged finding' over no table at all, which reads like a list that failed to print."""
+    from .dicomgen import write
+
+    folder = tmp_path / "studies"
+    folder.mkdir()
+    write(folder / "lateral.dcm", np.full((64, 64), 100, np.uint8) + np.eye(64, dtype=np.uint8) * 50,
+          ViewPosition="LL")
+    (folder / "cut.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    run_scan(folder, tmp_path / "o", ScanConfig(weights=str(small_bundle), device="cpu", workers=0, progress=False))
+    txt = " ".join("\n".join(pages(tmp_path / "o" / "reports" / "worklist.pdf")).split())
+    assert "No study to read: every file was skipped or failed (see Not scored below)." in txt
+    assert "0 of 0 studies" not in txt
+
+
+def test_a_long_report_title_never_cuts_the_bucket_from_the_encapsulated_pdf_title(tmp_path, nih_images,
+                                                                                   small_bundle):
+    """--title 'Thoracic imaging AI triage - overnight emergency department batch ...' made the
+    DocumentTitle (64 characters at most) 'Thoracic imaging AI triage - overnight emergency department
+    batc': the bucket, what a PACS list is read for, was cut off."""
+    from .dicomgen import grey, write
+
+    folder = tmp_path / "studies"
+    folder.mkdir()
+    write(folder / "a.dcm", grey(nih_images[0]))
+    title = "Thoracic imaging AI triage - overnight emergency department batch with a very long title"
+    run_scan(folder, tmp_path / "o", ScanConfig(weights=str(small_bundle), device="cpu", workers=0, progress=False,
+                                                dicom_pdf=True, title=title))
+    (row,) = read_results(tmp_path / "o" / "results.csv")
+    doc = str(pydicom.dcmread(tmp_path / "o" / "reports" / row["report"].replace(".pdf", ".dcm")).DocumentTitle)
+    words = {"urgent": "urgent", "abnormal": "abnormal", "normal": "no finding flagged"}[row["priority"]]
+    assert len(doc) <= 64 and doc.endswith(f" ({words})") and doc.startswith("Thoracic imaging AI triage")
+
+
+def test_the_radiograph_tile_says_at_what_size_the_model_saw_it():
+    """v3 sees 64 x 64 pixels: the tile, enlarged to 60 mm, looked like a poor radiograph with no
+    word why; its caption gives the size."""
+    import io
+
+    txt = re.sub(r"\s+", " ", PdfReader(io.BytesIO(study_pdf(scored({}), np.full((64, 64), 0.5), {}, model_info(),
+                                                               ReportOptions(), NOW))).pages[0].extract_text())
+    assert "Radiograph as the model saw it (64 x 64 pixels)" in txt
+
+
+def test_a_worklist_of_one_study_says_one_file():
+    """A single study's worklist began '1 files: 1 scored ... 1 of 1 studies have a flagged finding'."""
+    txt = re.sub(r"\s+", " ", "\n".join(p.extract_text() for p in PdfReader(__import__("io").BytesIO(worklist_pdf(
+        [scored({"Effusion": 0.8})], ReportOptions(), model_info(), NOW))).pages))
+    assert "1 file: 1 scored" in txt and "1 of 1 studies have" not in txt and "1 of 1 study has a flagged finding" in txt
