@@ -236,3 +236,67 @@ def test_a_2xx_that_is_no_stow_rs_answer_is_never_taken_for_delivered(results, a
     archive.answer, archive.content_type = (200, body), content_type
     delivery = store_dataset(ds, _config(tmp_path, f"http://127.0.0.1:{archive.server_address[1]}/dicom-web"))
     assert delivery.outcome == outcome and says in delivery.reason, delivery
+
+
+# ------------------------------------------------------------------ answers in DICOM XML (PS3.19)
+NATIVE = "http://dicom.nema.org/PS3.19/models/NativeDICOM"
+
+
+def _xml_item(ds, extra, keywords):
+    """One Item of a Referenced/Failed SOP Sequence in the Native DICOM Model; ``keywords``:
+    whether the optional keyword attributes are written (dcm4chee writes them, others not)."""
+    def attribute(tag, vr, keyword, value):
+        kw = f' keyword="{keyword}"' if keywords else ""
+        return f'<DicomAttribute tag="{tag}" vr="{vr}"{kw}><Value number="1">{value}</Value></DicomAttribute>'
+    names = {"00081197": "FailureReason", "00081196": "WarningReason"}
+    return ('<Item number="1">' + attribute("00081150", "UI", "ReferencedSOPClassUID", ds.SOPClassUID)
+            + attribute("00081155", "UI", "ReferencedSOPInstanceUID", ds.SOPInstanceUID)
+            + "".join(attribute(tag, "US", names[tag], value) for tag, value in extra.items()) + "</Item>")
+
+
+def _xml_answer(ds, sequence, extra, keywords=True):
+    name = {"00081199": "ReferencedSOPSequence", "00081198": "FailedSOPSequence"}[sequence]
+    kw = f' keyword="{name}"' if keywords else ""
+    return (f'<?xml version="1.0" encoding="UTF-8"?>\n<NativeDicomModel xmlns="{NATIVE}">'
+            f'<DicomAttribute tag="00081190" vr="UR"{" keyword=" + chr(34) + "RetrieveURL" + chr(34) if keywords else ""}>'
+            f'<Value number="1">http://pacs/dicom-web/studies/{ds.StudyInstanceUID}</Value></DicomAttribute>'
+            f'<DicomAttribute tag="{sequence}" vr="SQ"{kw}>{_xml_item(ds, extra, keywords)}</DicomAttribute>'
+            f'</NativeDicomModel>').encode()
+
+
+@pytest.mark.parametrize("status, content_type, sequence, extra, keywords, outcome, says", [
+    (200, "application/dicom+xml", "00081199", {}, True, "delivered", ""),
+    (200, "application/dicom+xml", "00081199", {}, False, "delivered", ""),  # keyword is optional (PS3.19)
+    (200, "application/dicom+xml; charset=utf-8", "00081199", {}, True, "delivered", ""),
+    (202, "application/dicom+xml", "00081199", {"00081196": 0xB000}, False, "delivered", "warning 0xB000"),
+    (200, "application/dicom+xml", "00081198", {"00081197": 0xC000}, False, "rejected", "failure reason 0xC000"),
+    (202, "application/dicom+xml", "00081198", {"00081197": 0xA700}, True, "retry", "failure reason 0xA700"),
+    (409, "application/dicom+xml", "00081198", {"00081197": 0xA900}, False, "rejected",
+     "HTTP 409, failure reason 0xA900"),
+    (409, "application/dicom+xml; charset=utf-8", "00081198", {"00081197": 0x0111}, True, "delivered",
+     "already stored"),
+])
+def test_an_answer_in_dicom_xml_decides_as_its_json_twin(results, archive, tmp_path, status, content_type, sequence,
+                                                         extra, keywords, outcome, says):
+    """application/dicom+xml is the default STOW-RS response type (PS3.18 10.5.3): archives that
+    do not honour Accept: application/dicom+json answer it. An answer without the optional
+    keyword attributes, or with a charset, was 'unreadable' or 'not a STOW-RS answer': retried
+    for ever, the archive storing the same instance again at each try."""
+    _, srs = results
+    ds = pydicom.dcmread(srs[0])
+    archive.answer, archive.content_type = (status, _xml_answer(ds, sequence, extra, keywords)), content_type
+    delivery = store_dataset(ds, _config(tmp_path, f"http://127.0.0.1:{archive.server_address[1]}/dicom-web"))
+    assert delivery.outcome == outcome and says in delivery.reason, delivery
+
+
+def test_an_xml_answer_with_a_doctype_is_not_read(results, archive, tmp_path):
+    """Entities in a DOCTYPE can expand to gigabytes (a 'billion laughs'): an archive's answer
+    has no use for one, so it is not parsed, and the send is tried again later."""
+    _, srs = results
+    ds = pydicom.dcmread(srs[0])
+    laughs = ('<?xml version="1.0"?><!DOCTYPE d [<!ENTITY a "aaaaaaaaaa"><!ENTITY b "&a;&a;&a;&a;&a;&a;&a;&a;">]>'
+              f'<NativeDicomModel xmlns="{NATIVE}"><DicomAttribute tag="00081190" vr="UR"><Value number="1">&b;'
+              '</Value></DicomAttribute></NativeDicomModel>').encode()
+    archive.answer, archive.content_type = (200, laughs), "application/dicom+xml"
+    delivery = store_dataset(ds, _config(tmp_path, f"http://127.0.0.1:{archive.server_address[1]}/dicom-web"))
+    assert delivery.outcome == "retry" and "DOCTYPE" in delivery.reason, delivery

@@ -15,6 +15,10 @@ raising:
   as 0xC000 "cannot understand", 0xA9xx "does not match the SOP class", 0x0122 "SOP class not
   supported").
 
+The answer is read in DICOM JSON or in DICOM XML (the Native DICOM Model of PS3.19, the
+response type of archives that do not answer JSON), by cxr-batch itself: dicomweb-client reads
+XML only with the optional keyword attributes and expands a DOCTYPE's entities.
+
 Authentication comes from the ``[dicomweb]`` table of a configuration file only (a bearer
 ``token``, or ``username`` and ``password``), never from the command line, where other users
 could read it in the process list; over plain ``http://`` to another machine, credentials are
@@ -36,6 +40,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import pydicom
+from pydicom.datadict import dictionary_VR
 from pydicom.dataset import Dataset
 
 from ..config import ConfigError, bounded, load_dataclass, read_toml, validate
@@ -52,6 +57,8 @@ DUPLICATE_SOP_INSTANCE = 0x0111
 # a STOW-RS answer lists the instances stored (one here): kilobytes. A peer streaming more is no
 # archive, and requests would otherwise hold all of it in memory
 MAX_RESPONSE_BYTES = 16 << 20
+JSON_MEDIA = ("application/dicom+json", "application/json")
+XML_MEDIA = ("application/dicom+xml", "application/xml", "text/xml")
 _HOST_NAME = re.compile(r"[A-Za-z0-9_]([A-Za-z0-9_.-]*[A-Za-z0-9_.])?", re.ASCII)
 
 
@@ -175,6 +182,7 @@ class StowClient:
         elif config.username:
             session.auth = (config.username, config.password)
         self.last_response = None  # what the archive answered last (one sender thread per client)
+        self.xml_body: bytes | None = None  # its body when DICOM XML, read here rather than by dicomweb-client
         session.hooks["response"].append(self._keep)
         self.client = DICOMwebClient(url=config.url.rstrip("/"), session=session, timeout=config.timeout)
         self.client.set_http_retry_params(retry=False)
@@ -188,7 +196,7 @@ class StowClient:
         except Exception as e:  # not a DICOM file: nothing to send, ever
             return Delivery.rejected(f"not a DICOM object: {type(e).__name__}: {e}")
         uid = str(dataset.get("SOPInstanceUID", ""))
-        self.last_response = None
+        self.last_response, self.xml_body = None, None
         try:
             answer = self.client.store_instances([dataset])
         except UnfitAnswer as e:
@@ -209,13 +217,18 @@ class StowClient:
         status = self.last_response.status_code if self.last_response is not None else 200
         if not 200 <= status < 300:  # requests raises for 4xx and 5xx only: a 3xx stored nothing
             return self._failed(uid, Delivery.retry(f"HTTP {status}: not a STOW-RS answer (check the URL)"))
-        if not answer and self.last_response is not None and self.last_response.content:
+        if self.xml_body is not None:
+            try:
+                answer = native_dicom_dataset(self.xml_body)
+            except ValueError as e:
+                return self._failed(uid, Delivery.retry(f"unreadable STOW-RS response (DICOM XML): {e}"))
+        elif not answer and self.last_response is not None and self.last_response.content:
             # dicomweb-client reads only an exact 'application/dicom+json' (or XML) body and
             # answers an empty dataset for anything else: a login page, or DICOM JSON with a
             # charset, would pass for "200 without a body", i.e. delivered.
             response = self.last_response
-            media = response.headers.get("Content-Type", "").split(";")[0].strip().lower()
-            if media not in ("application/dicom+json", "application/json"):
+            media = _media(response)
+            if media not in JSON_MEDIA:
                 return self._failed(uid, Delivery.retry(
                     f"not a STOW-RS answer (HTTP {response.status_code}, Content-Type {media or 'none'}): is a proxy "
                     f"or a login page in front of the archive? (check the URL)"))
@@ -247,6 +260,10 @@ class StowClient:
                     raise UnfitAnswer(f"no whole answer from {self._where} within {self.config.timeout:g} s")
             else:
                 response._content = bytes(body)  # what requests and dicomweb-client read as .content
+                if _media(response) in XML_MEDIA:
+                    # hidden from dicomweb-client, which would expand a DOCTYPE's entities and
+                    # fail on an answer without the (optional) keyword attributes: read in store()
+                    self.xml_body, response._content = response._content, b""
                 return
         response.close()
         raise UnfitAnswer(f"{self._where} answered HTTP {response.status_code} with a body larger than "
@@ -274,7 +291,7 @@ class StowClient:
     def _refused(self, uid: str, response) -> Delivery:
         """A 4xx/5xx response; its body may say why for this instance."""
         status = response.status_code if response is not None else 0
-        body = _response_dataset(response)
+        body = _response_dataset(response, self.xml_body)
         for item in (body.get("FailedSOPSequence", []) or []) if body is not None else []:
             if item.get("ReferencedSOPInstanceUID") == uid:
                 delivery = _failure(item.get("FailureReason"))
@@ -325,18 +342,111 @@ def _failure(reason) -> Delivery:
     return Delivery.rejected(text)
 
 
-def _response_dataset(response) -> Dataset | None:
-    """The DICOM JSON body of an error response, when there is one (Orthanc 1.10 sends its
-    400 body without a Content-Type)."""
-    if response is None or not response.content:
-        return None
-    if response.headers.get("Content-Type", "").split(";")[0].strip() not in ("application/dicom+json",
-                                                                               "application/json", ""):
-        return None
+def _media(response) -> str:
+    """The media type of an HTTP answer, without its parameters (``; charset=utf-8``)."""
+    return response.headers.get("Content-Type", "").split(";")[0].strip().lower()
+
+
+def _response_dataset(response, xml_body: bytes | None = None) -> Dataset | None:
+    """The DICOM JSON or XML body of an error response, when there is one (Orthanc 1.10 sends
+    its 400 body without a Content-Type)."""
     try:
+        if xml_body is not None:
+            return native_dicom_dataset(xml_body)
+        if response is None or not response.content or _media(response) not in (*JSON_MEDIA, ""):
+            return None
         return Dataset.from_json(response.json())
-    except Exception:  # a body that is not DICOM JSON: the status alone decides
+    except Exception:  # a body that is not DICOM JSON or XML: the status alone decides
         return None
+
+
+_INTEGER_VRS = {"IS", "SL", "SS", "SV", "UL", "US", "UV"}
+_DECIMAL_VRS = {"DS", "FD", "FL"}
+_NAME_PARTS = ("FamilyName", "GivenName", "MiddleName", "NamePrefix", "NameSuffix")
+
+
+def native_dicom_dataset(body: bytes) -> Dataset:
+    """A DICOM XML body (PS3.19 Native DICOM Model: ``NativeDicomModel`` of ``DicomAttribute``
+    elements, their ``Value``, ``Item`` and ``PersonName`` children) as a Dataset; ValueError
+    says what is wrong. The keyword attributes are optional (the tag decides); a DOCTYPE is
+    refused before any entity is declared (a 'billion laughs' expands to gigabytes), as
+    defusedxml does; binary values are left out (no status is binary)."""
+    from xml.etree.ElementTree import TreeBuilder
+    from xml.parsers import expat
+
+    def refuse(*args):
+        raise ValueError("it has a DOCTYPE (refused: its entities could expand without bound)")
+
+    def local(name: str) -> str:  # the name without its namespace (namespace_separator below)
+        return name.rpartition("}")[2]
+
+    builder = TreeBuilder()
+    parser = expat.ParserCreate(namespace_separator="}")
+    parser.StartDoctypeDeclHandler = refuse
+    parser.EntityDeclHandler = refuse
+    parser.ExternalEntityRefHandler = refuse
+    parser.StartElementHandler = lambda name, attributes: builder.start(local(name), attributes)
+    parser.EndElementHandler = lambda name: builder.end(local(name))
+    parser.CharacterDataHandler = builder.data
+    try:
+        parser.Parse(body, True)
+    except expat.ExpatError as e:
+        raise ValueError(f"not well-formed XML: {e}") from None
+    root = builder.close()
+    if root.tag != "NativeDicomModel":
+        raise ValueError(f"<{shown(root.tag, 40)}> is not a NativeDicomModel")
+    try:
+        return Dataset.from_json(_native_json(root))
+    except ValueError:
+        raise
+    except Exception as e:  # pydicom refusing a value
+        raise ValueError(f"{type(e).__name__}: {e}") from None
+
+
+def _numbered(element, name: str) -> list:
+    """``element``'s children called ``name`` in the order of their ``number`` attribute."""
+    children = [child for child in element if child.tag == name]
+    try:
+        return sorted(children, key=lambda child: int(child.get("number", "0")))
+    except ValueError:
+        raise ValueError(f"a {name} whose number is not a number") from None
+
+
+def _native_json(element) -> dict:
+    """The DICOM JSON (PS3.18 F.2) of a NativeDicomModel or Item element."""
+    out = {}
+    for attribute in element:
+        if attribute.tag != "DicomAttribute":
+            continue
+        tag, vr = attribute.get("tag", ""), attribute.get("vr", "")
+        if not re.fullmatch(r"[0-9A-Fa-f]{8}", tag, re.ASCII):
+            raise ValueError(f"a DicomAttribute whose tag is {shown(tag, 20)!r}")
+        if not vr:
+            try:
+                vr = dictionary_VR(int(tag, 16))
+            except KeyError:
+                raise ValueError(f"DicomAttribute {tag} has no vr") from None
+        if vr == "SQ":
+            values = [_native_json(item) for item in _numbered(attribute, "Item")]
+        elif vr == "PN":
+            values = [{group.tag: "^".join(_text(group, part) for part in _NAME_PARTS).rstrip("^")
+                       for group in name if group.tag in ("Alphabetic", "Ideographic", "Phonetic")}
+                      for name in _numbered(attribute, "PersonName")]
+        else:
+            values = [(value.text or "").strip() or None for value in _numbered(attribute, "Value")]
+            if vr in _INTEGER_VRS | _DECIMAL_VRS:
+                convert = int if vr in _INTEGER_VRS else float
+                try:
+                    values = [None if v is None else convert(v) for v in values]
+                except ValueError:
+                    raise ValueError(f"DicomAttribute {tag} ({vr}) holds {shown(str(values), 60)}") from None
+        out[tag.upper()] = {"vr": vr, **({"Value": values} if values else {})}
+    return out
+
+
+def _text(group, part: str) -> str:
+    child = next((c for c in group if c.tag == part), None)
+    return (child.text or "").strip() if child is not None else ""
 
 
 def _as_dataset(obj: Dataset | bytes | Path | str) -> Dataset:
