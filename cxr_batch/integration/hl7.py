@@ -335,13 +335,18 @@ class MllpReader:
 
 def _known_version(msh: str) -> str:
     """``msh`` with an MSH-12 hl7apy does not know (2.9, a RIS newer than the library) read as
-    2.5: MSA-1 to MSA-3, all that is read of an ACK, are the same in every v2 version, and an ACK
-    refused for its version left every message to be sent again for ever."""
+    2.5, and MSH-2 cut to the four encoding characters every version has: MSA-1 to MSA-3, all
+    that is read of an ACK, are the same in every v2 version, and an ACK refused for its version
+    left every message to be sent again for ever."""
     from hl7apy import SUPPORTED_LIBRARIES
 
     fields = msh.split(msh[3:4] or "|")
     if len(fields) > 11 and fields[11].split(msh[4:5] or "^")[0] not in SUPPORTED_LIBRARIES:
         fields[11] = VERSION
+    if len(fields) > 1 and len(fields[1]) > 4:
+        # v2.7+ adds a fifth encoding character, the truncation character (MSH-2 '^~\&#'), which
+        # hl7apy refuses below v2.7: MSA-1 to MSA-3 are read without it
+        fields[1] = fields[1][:4]
     return (msh[3:4] or "|").join(fields)
 
 
