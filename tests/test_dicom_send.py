@@ -176,3 +176,26 @@ def test_peer_that_does_not_store_srs_is_a_final_failure(sr):
     finally:
         server.shutdown()
     assert not result.ok and not result.transient and "no presentation context accepted" in result.reason
+
+
+@pytest.mark.parametrize("status, outcome, says", [
+    (0xB000, "delivered", ""), (0xB006, "delivered", ""), (0xB007, "delivered", ""),
+    # PS3.7 C.1: every 0xBxxx (and 0x0001) is a warning, the object stored: a PACS's own
+    # warning code was a refusal, the SR sent again every refused_retry for ever
+    (0xB00A, "delivered", ""), (0x0001, "delivered", ""),
+    # the SR's UID is derived from source and model: a PACS that refuses a second copy holds this one
+    (0x0111, "delivered", "already stored"),
+    (0xA700, "retry", "0xA700"), (0xA7FF, "retry", "0xA7FF"),
+    (0x0213, "retry", "0x0213"),  # resource limitation (PS3.7 C.5): later, as out of resources
+    (0x0110, "retry", "0x0110"),  # processing failure: as a STOW-RS failure reason 0x0110
+    (0xA900, "rejected", "0xA900"), (0xC000, "rejected", "0xC000"), (0x0122, "rejected", "0x0122"),
+])
+def test_each_c_store_status_decides_what_the_queue_does(sr, refusing_scp, tmp_path, status, outcome, says):
+    from cxr_batch.integration.outbound import DicomChannel
+
+    port, answer = refusing_scp
+    answer["status"] = status
+    path = tmp_path / "sr.dcm"
+    sr.save_as(path, enforce_file_format=True)
+    delivery = DicomChannel(Destination("PACS", "127.0.0.1", port), timeout=10).send(path)
+    assert delivery.outcome == outcome and says in delivery.reason, delivery

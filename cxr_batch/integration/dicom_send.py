@@ -28,8 +28,15 @@ log = logging.getLogger("cxr_batch")
 
 CALLING_AE_TITLE = "CXRBATCH"
 _DESTINATION = re.compile(f"^(?P<ae>[^@]{{1,16}})@{HOST_PORT}$", re.ASCII)
-# C-STORE statuses that mean "stored" (PS3.4 B.2.3): success and the three warnings.
-_STORED = {0x0000, 0xB000, 0xB006, 0xB007}
+# C-STORE statuses that mean "stored": success, and every warning (PS3.7 C.1: 0x0001 and 0xBxxx;
+# PS3.4 B.2.3 names 0xB000, 0xB006, 0xB007, and PACSs add warning codes of their own).
+_WARNINGS = {0x0001, *range(0xB000, 0xC000)}
+# Failures that say "not now": out of resources (0xA7xx), resource limitation (0x0213, PS3.7
+# C.5), processing failure (0x0110, as a STOW-RS failure reason); other failures refuse the object.
+_TRANSIENT_FAILURES = {0x0110, 0x0213, *range(0xA700, 0xA800)}
+# Not a C-STORE status, but answered by PACSs that refuse a second copy of a SOP Instance UID
+# (PS3.7 C.4.11): the SR's UID is derived from source and model, so what they hold is this one.
+DUPLICATE_SOP_INSTANCE = 0x0111
 
 
 def tcp_no_delay(event) -> None:
@@ -84,15 +91,16 @@ class Destination:
 class SendResult:
     ok: bool  # the peer stored it (success or a warning status)
     status: int | None = None  # the C-STORE status, when the peer answered one
-    reason: str = ""  # why not, for the log and the queue; empty when ok
+    reason: str = ""  # why not, for the log and the queue; when ok, a warning or "already stored" (else empty)
     transient: bool = False  # worth retrying later: network, timeout, busy or out of resources
     link: bool = False  # about the association, not this object: every object would fail alike now
     unsent: bool = False  # no association: the object never reached the peer
 
 
 def _failure_is_transient(status: int) -> bool:
-    """0xA7xx out of resources: try again later; refusals of the object itself are final."""
-    return 0xA700 <= status <= 0xA7FF
+    """Out of resources, a resource limitation, a processing failure: try again later;
+    refusals of the object itself are final."""
+    return status in _TRANSIENT_FAILURES
 
 
 # What pynetdicom logs (at ERROR, from its association threads) when a request fails: pull's
@@ -165,11 +173,13 @@ def send_dataset(dataset: Dataset | str | Path, destination: Destination, *, cal
         assoc.release()
     if status is None:  # no response within the timeout, or the association was aborted
         return _failed(uid, destination, "no C-STORE response", transient=True)
-    if status not in _STORED:
+    note = "" if status == 0x0000 else f"warning 0x{status:04X}" if status in _WARNINGS else \
+        f"status 0x{status:04X}: already stored" if status == DUPLICATE_SOP_INSTANCE else None
+    if note is None:
         return _failed(uid, destination, f"C-STORE failed with status 0x{status:04X}",
                        transient=_failure_is_transient(status), status=status)
     log.debug("sent %s to %s (status 0x%04X)", uid, destination, status)
-    return SendResult(True, status)
+    return SendResult(True, status, note)
 
 
 def _failed(uid: str, destination: Destination, reason: str, transient: bool, status: int | None = None,

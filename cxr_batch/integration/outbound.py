@@ -80,7 +80,7 @@ class DicomChannel:
         result = send_dataset(path, self.destination, calling_ae=self.calling_ae, timeout=self.timeout,
                               tls=self.tls_context)
         if result.ok:
-            return Delivery.delivered()
+            return Delivery.delivered(result.reason)
         return Delivery.retry(result.reason, result.unsent) if result.link else Delivery.rejected(result.reason)
 
 
