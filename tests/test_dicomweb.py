@@ -173,6 +173,7 @@ def test_a_bearer_token_from_the_configuration_is_sent(results, archive, tmp_pat
 @pytest.mark.parametrize("status, sequence, extra, outcome, says", [
     (202, "00081198", {"00081197": 0xA700}, "retry", "failure reason 0xA700"),  # out of resources
     (202, "00081198", {"00081197": 0x0110}, "retry", "0x0110"),  # processing failure
+    (202, "00081198", {"00081197": 0x0213}, "retry", "0x0213"),  # resource limitation, as by C-STORE
     (202, "00081198", {"00081197": 0x0111}, "delivered", "already stored"),  # duplicate
     (409, "00081198", {"00081197": 0xA900}, "rejected", "HTTP 409, failure reason 0xA900"),
     (200, "00081199", {"00081196": 0xB000}, "delivered", "warning 0xB000"),

@@ -97,9 +97,10 @@ class SendResult:
     unsent: bool = False  # no association: the object never reached the peer
 
 
-def _failure_is_transient(status: int) -> bool:
+def failure_is_transient(status: int) -> bool:
     """Out of resources, a resource limitation, a processing failure: try again later;
-    refusals of the object itself are final."""
+    refusals of the object itself are final (a C-STORE status, or a STOW-RS Failure Reason,
+    which is one)."""
     return status in _TRANSIENT_FAILURES
 
 
@@ -177,7 +178,7 @@ def send_dataset(dataset: Dataset | str | Path, destination: Destination, *, cal
         f"status 0x{status:04X}: already stored" if status == DUPLICATE_SOP_INSTANCE else None
     if note is None:
         return _failed(uid, destination, f"C-STORE failed with status 0x{status:04X}",
-                       transient=_failure_is_transient(status), status=status)
+                       transient=failure_is_transient(status), status=status)
     log.debug("sent %s to %s (status 0x%04X)", uid, destination, status)
     return SendResult(True, status, note)
 

@@ -9,8 +9,8 @@ raising:
   SOP Instance UID is derived from the image and the bundle, so what is there is this result
   (archives that keep the first copy, Orthanc among them, answer a re-store as a success);
 - retry: no connection, a timeout, 408/429/5xx, 401/403/404 (credentials or URL wrong: fixed in
-  the configuration, the queued results then go), a failure reason "out of resources" (0xA7xx)
-  or "processing failure" (0x0110);
+  the configuration, the queued results then go), a failure reason "out of resources" (0xA7xx),
+  "resource limitation" (0x0213) or "processing failure" (0x0110), as for C-STORE;
 - rejected: the archive refuses this object (400, 409, 413, 415, 422 or a failure reason such
   as 0xC000 "cannot understand", 0xA9xx "does not match the SOP class", 0x0122 "SOP class not
   supported").
@@ -45,15 +45,14 @@ from pydicom.dataset import Dataset
 
 from ..config import ConfigError, bounded, load_dataclass, read_toml, validate
 from .delivery import Delivery, shown
+# STOW-RS Failure Reasons are C-STORE statuses (PS3.18 / PS3.4): read as C-STORE reads them
+from .dicom_send import DUPLICATE_SOP_INSTANCE, failure_is_transient
 
 log = logging.getLogger("cxr_batch")
 
 CONFIG_TABLE = "dicomweb"
 # HTTP statuses that refuse this object: sending it again cannot help
 REJECTING_STATUSES = {400, 409, 413, 415, 422}
-# STOW-RS Failure Reasons (PS3.18 / PS3.4 C-STORE statuses) worth another try later
-TRANSIENT_FAILURE_REASONS = {0x0110}  # processing failure (and 0xA7xx, below)
-DUPLICATE_SOP_INSTANCE = 0x0111
 # a STOW-RS answer lists the instances stored (one here): kilobytes. A peer streaming more is no
 # archive, and requests would otherwise hold all of it in memory
 MAX_RESPONSE_BYTES = 16 << 20
@@ -337,7 +336,7 @@ def _failure(reason) -> Delivery:
     text = f"failure reason 0x{code:04X}"
     if code == DUPLICATE_SOP_INSTANCE:
         return Delivery.delivered(f"{text}: already stored")
-    if code in TRANSIENT_FAILURE_REASONS or 0xA700 <= code <= 0xA7FF:
+    if failure_is_transient(code):
         return Delivery.retry(text)
     return Delivery.rejected(text)
 
