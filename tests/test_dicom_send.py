@@ -176,6 +176,9 @@ def test_peer_that_does_not_store_srs_is_a_final_failure(sr):
     finally:
         server.shutdown()
     assert not result.ok and not result.transient and "no presentation context accepted" in result.reason
+    # which kind of object the PACS does not take: older PACSs store Comprehensive SR but not
+    # Comprehensive 3D SR, and the PACS's administrator needs the SOP class to say so
+    assert "Comprehensive 3D SR Storage (1.2.840.10008.5.1.4.1.1.88.34)" in result.reason, result.reason
 
 
 @pytest.mark.parametrize("status, outcome, says", [

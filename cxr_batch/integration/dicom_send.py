@@ -161,8 +161,10 @@ def send_dataset(dataset: Dataset | str | Path, destination: Destination, *, cal
             return _failed(uid, destination, f"association rejected ({rsp.result_str}, {rsp.reason_str})",
                            transient=rsp.result == 0x02, link=True, unsent=True)
         # no answer, refused connection, or no presentation context accepted for this SOP class
-        what = "no presentation context accepted" if assoc.is_aborted and assoc.rejected_contexts else \
-            "no association (peer down, unreachable or not answering)"
+        sop_class = pydicom.uid.UID(str(dataset.SOPClassUID))  # named: older PACSs lack Comprehensive 3D SR
+        named = sop_class if sop_class.name == sop_class else f"{sop_class.name} ({sop_class})"
+        what = f"no presentation context accepted: the peer does not store {named}" \
+            if assoc.is_aborted and assoc.rejected_contexts else "no association (peer down, unreachable or not answering)"
         return _failed(uid, destination, what, transient=not assoc.rejected_contexts, unsent=True)
     try:
         answer = assoc.send_c_store(dataset)
