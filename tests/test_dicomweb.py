@@ -301,3 +301,24 @@ def test_an_xml_answer_with_a_doctype_is_not_read(results, archive, tmp_path):
     archive.answer, archive.content_type = (200, laughs), "application/dicom+xml"
     delivery = store_dataset(ds, _config(tmp_path, f"http://127.0.0.1:{archive.server_address[1]}/dicom-web"))
     assert delivery.outcome == "retry" and "DOCTYPE" in delivery.reason, delivery
+
+
+def test_orthanc_s_own_xml_answer_is_read_as_delivered(results, orthanc, archive, tmp_path):
+    """Orthanc's STOW-RS answer in XML (Accept: application/dicom+xml; it adds an empty Value to
+    the sequences), replayed by the canned archive to cxr-batch: delivered, and the same XML for
+    another instance is not taken for this one's."""
+    import requests
+
+    _, srs = results
+    boundary = "cxr-batch-test"
+    body = (f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode() + srs[0].read_bytes()
+            + f"\r\n--{boundary}--\r\n".encode())
+    answer = requests.post(orthanc.dicomweb_url + "studies", data=body, timeout=30, headers={
+        "Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}',
+        "Accept": "application/dicom+xml"})
+    assert answer.status_code == 200 and answer.headers["Content-Type"].startswith("application/dicom+xml")
+    archive.answer, archive.content_type = (200, answer.content), answer.headers["Content-Type"]
+    url = f"http://127.0.0.1:{archive.server_address[1]}/dicom-web"
+    assert store_dataset(srs[0], _config(tmp_path, url)).outcome == "delivered"
+    other = store_dataset(srs[1], _config(tmp_path, url))
+    assert other.outcome == "retry" and "does not mention the instance" in other.reason, other
