@@ -183,6 +183,13 @@ def _string(value: str, limit: int) -> str:
     return _cut(_clean(value), limit).strip()
 
 
+def _identifier(value: str, limit: int) -> str:
+    """An identifier another system matches on (the accession number): cleaned, and empty
+    rather than cut when over ``limit`` bytes: cut, it could be another study's."""
+    value = _clean(value)
+    return value if len(value.encode("utf-8")) <= limit else ""
+
+
 def _person_name(value: str) -> str:
     """PN: at most 3 component groups (alphabetic=ideographic=phonetic) of at most 5
     components, each group cut to 64. A name that fits is copied unchanged."""
@@ -206,7 +213,7 @@ def report_header(ids) -> dict:
     report), as VR-valid as the SR's: {keyword: value}, empty where the source's value is not
     one (a date that is not DA, a backslash that would make a second value)."""
     return {"PatientID": _string(ids.patient_id, 64), "PatientName": _person_name(ids.patient_name),
-            "StudyDate": _date(ids.study_date), "AccessionNumber": _string(ids.accession_number, 16)}
+            "StudyDate": _date(ids.study_date), "AccessionNumber": _identifier(ids.accession_number, 16)}
 
 
 def _time(value: str) -> str:
@@ -269,7 +276,7 @@ def study_values(record: StudyRecord, bundle, created: dt.datetime | None = None
         patient_name=_person_name(ids.patient_name), patient_id=_string(ids.patient_id, 64),
         patient_birth_date=_date(ids.patient_birth_date), patient_sex=_sex(ids.patient_sex),
         patient_age=_age(ids.patient_age) or None,
-        accession_number=_string(ids.accession_number, 16), study_id=_string(ids.study_id, 16),
+        accession_number=_identifier(ids.accession_number, 16), study_id=_string(ids.study_id, 16),
         study_date=_date(ids.study_date), study_time=_time(ids.study_time),
         referring_physician=_person_name(ids.referring_physician),
         tracking_uids=tuple(derived_uid("tracking", sr_uid, f) for f in FINDINGS),

@@ -25,7 +25,10 @@ MAX_LENGTH = {
     "patient_id": 64,  # LO
     "patient_name": 3 * 64 + 2,  # PN: up to 64 characters in each of 3 component groups
     "study_uid": 64, "series_uid": 64, "sop_uid": 64,  # UI
-    "accession_number": 16,  # SH
+    # SH allows 16, but RISs issue longer ones and modalities copy them whole: cut, it would be
+    # another order's number in the ORU (HL7's EI takes it whole). One over 64 is dropped, not
+    # cut (NOT_CUT); DICOM objects made for the study leave one over 16 empty (cxr_batch.sr).
+    "accession_number": 64,
     "study_date": 32,  # DA: 8, once read as a date (DATE_FIELDS); an unreadable value is kept whole
     "institution": 64,  # LO
     "sop_class_uid": 64,  # UI
@@ -39,6 +42,9 @@ MAX_LENGTH = {
 
 
 UID_FIELDS = ("study_uid", "series_uid", "sop_uid", "sop_class_uid")
+# Identifiers a receiver matches on whose cut value could be another's (another order's accession
+# number): one longer than its MAX_LENGTH is left empty, as an over-long UID is replaced (clean_uid)
+NOT_CUT = ("accession_number",)
 # Dates held as DICOM DA (YYYYMMDD) whatever spelling they came in (an ACR-NEMA header's
 # 2024.03.01, a metadata table's ISO 2024-03-01): cutting those to DA's 8 characters made
 # "2024.03." (read nowhere as a date) and a bad value such as 2024-13-45 into "2024-13-".
@@ -105,6 +111,9 @@ class Identifiers:
             value = clean_uid(value)
         elif name in DATE_FIELDS:
             value = dicom_date(value)
+        elif name in NOT_CUT:
+            value = clean_text(value, MAX_LENGTH[name] + 1)
+            value = value if len(value) <= MAX_LENGTH[name] else ""
         elif name in MAX_LENGTH:
             value = clean_text(value, MAX_LENGTH[name])
         super().__setattr__(name, value)

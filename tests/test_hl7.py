@@ -409,3 +409,27 @@ def test_a_scan_resumed_with_the_ris_at_a_new_address_finishes_and_sends_there(t
         received = sorted(next(s for s in m.splitlines() if s.startswith("PID|")).split("|")[3] for m in ris.received)
     assert received == ["P0", "P1", "P2"]
     assert read_results(out / "results.csv") == rows
+
+
+def test_an_accession_number_longer_than_dicom_allows_is_never_cut(scored, tmp_path, nih_images):
+    """An accession number over DICOM's 16 characters (a RIS issuing 19, a modality copying it
+    whole) was cut to 16 when read: the ORU named another order (the RIS answers AE 'unknown
+    order' for ever, or files the result under a study whose number is that prefix) and the SR
+    another accession. The RIS gets the number it issued; the SR, where 16 is the limit, none
+    (the PACS matches it by its Study Instance UID)."""
+    from cxr_batch.sr import build_sr
+
+    records, bundle = scored
+    issued = "RIS-2026-000012345"
+    path = write(tmp_path / "long.dcm", grey(nih_images[0]), AccessionNumber=issued)
+    record = replace(records["plain.dcm"], ids=identifiers(pydicom.dcmread(path, stop_before_pixels=True)))
+    assert record.ids.accession_number == issued
+    order = _parse(oru_r01(record, thresholds=bundle.thresholds)).oru_r01_patient_result.oru_r01_order_observation
+    assert order.orc.orc_3.value == order.obr.obr_3.value == order.obr.obr_18.value == issued
+    assert build_sr(record, bundle).AccessionNumber == ""
+    # one longer than anything kept (64) is left out, never cut: no ORU, and says why
+    path = write(tmp_path / "longer.dcm", grey(nih_images[0]), AccessionNumber="RIS-" + "7" * 70)
+    record = replace(record, ids=identifiers(pydicom.dcmread(path, stop_before_pixels=True)))
+    assert record.ids.accession_number == ""
+    with pytest.raises(HL7NotMade, match="no accession number"):
+        oru_r01(record, thresholds=bundle.thresholds)
