@@ -1,7 +1,8 @@
 """A RIS for the tests: hl7apy's MLLP server on loopback, answering each message as told and
 keeping what it received.
 
-    with RIS(answer="AA") as ris:          # "AA", "AE", "AR", "CA", "CE", "CR": that ACK code;
+    with RIS(answer="AA") as ris:          # "AA", "AE", "AR", "CA", "CE", "CR": that ACK code
+        ris.answers[control_id] = "AE"     # (or another, for one message);
         send_message(msg, ris.endpoint)    # "silent": no answer; "other-id": an ACK for another
         ris.received                       # message; "garbage": framed bytes that are no HL7
 
@@ -48,6 +49,7 @@ class _Handler(AbstractHandler):
         if answer == "garbage":
             return "\x0bthis is not HL7\x1c\r"
         control = message_control_id(self.incoming_message)
+        answer = ris.answers.get(control, answer)
         if answer == "other-id":
             return ack("SOMEONEELSE", "AA")
         return ack(control, answer, ris.text)
@@ -71,6 +73,7 @@ class RIS:
         if answer not in ACK_CODES + ("silent", "other-id", "garbage"):
             raise ValueError(answer)
         self.answer, self.text, self.port = answer, text, port  # port 0: any free one
+        self.answers: dict[str, str] = {}  # MSH-10 -> the ACK code for that message (else ``answer``)
         self.received: list[str] = []
         self.errors: list[str] = []
         self.lock = threading.Lock()

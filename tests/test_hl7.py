@@ -1,6 +1,6 @@
 """HL7 v2.5 ORU^R01 of real scored studies, sent over MLLP to a RIS in the test (hl7apy's MLLP
-server) and parsed back by hl7apy; the ACK outcomes (AA/CA delivered, AE/CE retry, AR/CR
-rejected), a RIS that says nothing, answers for another message or garbage, and none at all."""
+server) and parsed back by hl7apy; the ACK outcomes (AA/CA delivered, AR/CE retry, AE/CR
+rejected, as HL7 v2.5 2.9.2.2 reads them), a RIS that says nothing, answers for another message or garbage, and none at all."""
 
 from __future__ import annotations
 
@@ -169,7 +169,7 @@ def test_a_retry_carries_the_same_control_id(scored):
     record = records["plain.dcm"]
     first = oru_r01(record, thresholds=bundle.thresholds, created=CREATED)
     again = oru_r01(record, thresholds=bundle.thresholds, created=CREATED + dt.timedelta(hours=1))
-    with RIS("AE", text="order not yet known") as ris:
+    with RIS("AR", text="system down") as ris:
         assert send_message(first, ris.endpoint, timeout=10).outcome == "retry"
         ris.answer = "AA"
         assert send_message(again, ris.endpoint, timeout=10).ok
@@ -179,8 +179,8 @@ def test_a_retry_carries_the_same_control_id(scored):
     assert control_id(other) != control_id(record)  # another model's result is another message
 
 
-@pytest.mark.parametrize("code, outcome", [("AA", "delivered"), ("CA", "delivered"), ("AE", "retry"),
-                                           ("CE", "retry"), ("AR", "rejected"), ("CR", "rejected")])
+@pytest.mark.parametrize("code, outcome", [("AA", "delivered"), ("CA", "delivered"), ("AR", "retry"),
+                                           ("CE", "retry"), ("AE", "rejected"), ("CR", "rejected")])
 def test_each_ack_code_decides_what_the_queue_does(scored, code, outcome):
     records, bundle = scored
     with RIS(code, text="a reason|with^delimiters") as ris:
@@ -433,3 +433,44 @@ def test_an_accession_number_longer_than_dicom_allows_is_never_cut(scored, tmp_p
     assert record.ids.accession_number == ""
     with pytest.raises(HL7NotMade, match="no accession number"):
         oru_r01(record, thresholds=bundle.thresholds)
+
+
+def test_an_order_the_ris_does_not_know_does_not_hold_up_the_others(scored, tmp_path):
+    """AE is the RIS's error in processing that message (HL7 v2.5 2.9.2.2 b: an order it does
+    not know, a value it refuses), AR its failure 'for reasons unrelated to content or format
+    (system down, internal error)', likely to accept the same message later (c). AE was taken
+    for the link failing: each one backed the whole channel off (up to retry_max) and resent
+    that message at every back-off, so results of unscheduled studies (no order in the RIS)
+    held up the others; AR was taken for a refusal, so messages sent while the RIS was down
+    waited refused_retry (15 minutes) after it came back."""
+    from cxr_batch.integration.outbound import Sender
+    from cxr_batch.integration.outbox import HL7Channel
+    from cxr_batch.ledger import Ledger, outbound_entry
+
+    records, bundle = scored
+    record = records["plain.dcm"]
+    (tmp_path / "hl7").mkdir()
+    with RIS("AA") as ris:
+        queued = []
+        for k in range(4):
+            message = oru_r01(record, thresholds=bundle.thresholds, revision=f"study-{k}")
+            control = message_control_id(message)
+            (tmp_path / "hl7" / f"{control}.hl7").write_text(message, encoding="utf-8")
+            queued.append((f"uid:{k}", outbound_entry(control, f"hl7/{control}.hl7", "hl7", str(ris.endpoint))))
+        unknown = queued[0][1][0]
+        ris.answers[unknown], ris.text = "AE", "unknown order"
+        ledger = Ledger(tmp_path / "ledger.sqlite")
+        try:
+            assert ledger.queue_outbound(queued) == 4
+            sender = Sender(tmp_path / "ledger.sqlite", tmp_path, HL7Channel(ris.endpoint, 5.0), retry_max=60.0)
+            sender.send_due(ledger, until=time.time())  # one pass over the queue, no time to wait
+            stats = ledger.outbound_stats(time.time(), "hl7")
+            assert stats["delivered"] == 3 and stats["refused"] == 1, stats
+            assert sender.link_failures == 0 and "unknown order" in stats["waiting_because"].popitem()[0]
+            # the RIS down for maintenance: AR, a failure of the link, tried again within retry_max
+            ris.answer, ris.answers, ris.text = "AR", {}, "database unavailable"
+            message = oru_r01(record, thresholds=bundle.thresholds, revision="study-4")
+            delivery = send_message(message, ris.endpoint, timeout=5)
+            assert delivery.outcome == "retry" and "database unavailable" in delivery.reason, delivery
+        finally:
+            ledger.close()

@@ -251,17 +251,17 @@ def test_an_ack_is_still_its_first_msa_and_needs_an_msh():
     for answer, outcome, says in (
             (f"MSA|AA|{control}\r", "retry", "unreadable ACK"),  # no MSH
             ("MSH|^~\\&|RIS||||2024||ACK|1|P|2.5\rERR|x\r", "retry", "unreadable ACK"),  # no MSA
-            (f"MSH|^~\\&|RIS||||2024||ACK|1|P|2.5\rMSA|AE|{control}|busy\rMSA|AA|{control}\r", "retry", "busy"),
+            (f"MSH|^~\\&|RIS||||2024||ACK|1|P|2.5\rMSA|AR|{control}|busy\rMSA|AA|{control}\r", "retry", "busy"),
             (f"MSH|^~\\&|RIS||||2024||ACK|1|P|2.5\rMSA|AA|{control}|{'x' * 5000}\r", "delivered", "AA"),
             (f"MSH|^~\\&|RIS||||2024||ACK|1|P|2.5\rMSA|AA|{'9' * 3000}{control}\r", "retry", "ACK for message"),
             # a RIS newer than hl7apy (v2.9): was "unreadable ACK" and a resend at every back-off
             (f"MSH|^~\\&|RIS||||2024||ACK|1|P|2.9\rMSA|AA|{control}\r", "delivered", "AA"),
-            (f"MSH#^~\\&#RIS####2024##ACK#1#P#2.9.1^DEU\rMSA#AE#{control}#wait\r", "retry", "wait"),
+            (f"MSH#^~\\&#RIS####2024##ACK#1#P#2.9.1^DEU\rMSA#AR#{control}#wait\r", "retry", "wait"),
             # HL7 v2.7+ MSH-2 has a fifth character, the truncation character '#': a RIS or an
             # engine answering so (a 2.9 ACK, or a 2.5 one from an engine set up for 2.7+) was
             # "unreadable ACK" and the message was sent again at every back-off, for ever
             (f"MSH|^~\\&#|RIS||||2024||ACK|1|P|2.9\rMSA|AA|{control}\r", "delivered", "AA"),
-            (f"MSH|^~\\&#|RIS||||2024||ACK|1|P|2.5.1\rMSA|AR|{control}|refused\r", "rejected", "refused"),
+            (f"MSH|^~\\&#|RIS||||2024||ACK|1|P|2.5.1\rMSA|AE|{control}|refused\r", "rejected", "refused"),
             (f"MSH|^~\\&#|RIS||||2024||ACK|1|P|2.7.1\rMSA|CA|{control}\r", "delivered", "CA")):
         server, thread = _raw_peer([b"\x0b" + answer.encode() + b"\x1c\r"])
         with server:

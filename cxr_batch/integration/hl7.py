@@ -24,10 +24,11 @@ Every value from outside (IDs, names, configured application names) is escaped (
 
 :func:`send_message` is the MLLP client: one connection per message, the message framed
 ``0x0B ... 0x1C 0x0D``, the ACK awaited within ``timeout``, MSA-1/MSA-2 read back into a
-:class:`~cxr_batch.integration.delivery.Delivery`: AA/CA delivered; AE/CE retry (the RIS could
-not process it now, e.g. the order is not there yet); AR/CR rejected (type, version or
-processing id refused: resending cannot help); no ACK, a closed connection, an ACK for another
-message or an unreadable one: retry. Logs name the control id and the code, never the patient.
+:class:`~cxr_batch.integration.delivery.Delivery`, as HL7 v2.5 2.9.2.2 reads the codes: AA/CA
+delivered; AR/CE retry (the RIS is down or failed "for reasons unrelated to content or format":
+the link backs off); AE/CR rejected (an error in this message, e.g. an order the RIS does not
+know, or its type, version or processing id refused: it waits ``refused_retry``, the others go
+on); no ACK, a closed connection, an ACK for another message or an unreadable one: retry. Logs name the control id and the code, never the patient.
 """
 
 from __future__ import annotations
@@ -60,7 +61,12 @@ PRIORITY_OBSERVATION = f"PRIORITY^Triage priority^{LOCAL_CODES}"
 ORDER_OBSERVATION = f"ORDER^Worklist order within the priority^{LOCAL_CODES}"
 ANY_FINDING_OBSERVATION = f"PANY^Probability of any finding^{LOCAL_CODES}"
 PRIORITY_FLAGS = {"urgent": "AA", "abnormal": "A", "normal": "N"}
-ACK_DELIVERED, ACK_RETRY, ACK_REJECTED = {"AA", "CA"}, {"AE", "CE"}, {"AR", "CR"}
+# HL7 v2.5 2.9.2.2 and table 0008: AE, an error in processing this message (an order the RIS
+# does not know, a value it refuses): this message waits, the others go on; AR, a failure
+# "unrelated to its content or format (system down, internal error)" the RIS is likely to get
+# over, and CE, the commit failing "for any other reason": the link backs off and tries again;
+# CR, the message type, version or processing id refused
+ACK_DELIVERED, ACK_RETRY, ACK_REJECTED = {"AA", "CA"}, {"AR", "CE"}, {"AE", "CR"}
 
 
 class HL7NotMade(Exception):
@@ -420,7 +426,8 @@ def send_message(message: str, endpoint: Endpoint, *, timeout: float = 30.0) -> 
         return Delivery.delivered(said)
     log.warning("HL7 %s to %s: %s", control, endpoint, shown(ack.code, 16))  # the RIS's text
     if ack.code in ACK_REJECTED:
-        return Delivery.rejected(f"the RIS rejected the message ({said})")
+        what = "found an error in" if ack.code == "AE" else "rejected"
+        return Delivery.rejected(f"the RIS {what} the message ({said})")
     if ack.code in ACK_RETRY:
-        return Delivery.retry(f"the RIS could not process the message ({said})")
+        return Delivery.retry(f"the RIS could not process the message now ({said})")
     return Delivery.retry(f"unknown acknowledgment code ({said})")

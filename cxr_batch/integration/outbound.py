@@ -8,15 +8,15 @@ and records each answer (a :class:`~.delivery.Delivery`):
 
 - stored: marked delivered, never sent again;
 - a failure of the link (peer down, busy, out of resources, a timeout, the association
-  rejected, even "permanently": a configuration the PACS's administrator can fix; an HL7 NAK
-  ``AE`` or no ACK; an HTTP 5xx, 401 or 404): the link
+  rejected, even "permanently": a configuration the PACS's administrator can fix; an HL7 ``AR``
+  (the RIS down) or no ACK; an HTTP 5xx, 401 or 404): the link
   backs off exponentially (1 s doubling up to ``retry_max``) before the next try, and that
   object goes to the back of the queue, so one object the peer keeps refusing "for now" cannot
   hold up the others; but where the object never reached the peer (no connection, no
   association: a Delivery's ``unsent``) every waiting object waits out the back-off in its
   place, so after an outage the queue goes in the order it was queued (the oldest first);
 - a refusal of the object (the peer does not store that kind of object, or answers a failure
-  status; an HL7 ``AR``; an HTTP 400/409/415), or an object file that is gone or unreadable:
+  status; an HL7 ``AE`` or ``CR``; an HTTP 400/409/415), or an object file that is gone or unreadable:
   the object waits with the reason and is
   offered again after ``refused_retry`` seconds; the others go on.
 
