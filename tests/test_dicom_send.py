@@ -202,3 +202,22 @@ def test_each_c_store_status_decides_what_the_queue_does(sr, refusing_scp, tmp_p
     sr.save_as(path, enforce_file_format=True)
     delivery = DicomChannel(Destination("PACS", "127.0.0.1", port), timeout=10).send(path)
     assert delivery.outcome == outcome and says in delivery.reason, delivery
+
+
+def test_the_pacs_s_error_comment_is_kept_with_the_status(sr, refusing_scp, tmp_path):
+    """dcm4chee and others say why in the response's Error Comment (0000,0902): 'Patient ID
+    mismatch' tells the PACS's administrator what 0xA900 alone does not. It is kept in the
+    reason, escaped and bounded as a receiver's words are."""
+    from pydicom.dataset import Dataset
+
+    from cxr_batch.integration.outbound import DicomChannel
+
+    port, answer = refusing_scp
+    status = Dataset()
+    status.Status, status.ErrorComment = 0xA900, "Patient ID mismatch\x1b[2J"
+    answer["status"] = status
+    path = tmp_path / "sr.dcm"
+    sr.save_as(path, enforce_file_format=True)
+    delivery = DicomChannel(Destination("PACS", "127.0.0.1", port), timeout=10).send(path)
+    assert delivery.outcome == "rejected" and "0xA900" in delivery.reason, delivery
+    assert "Patient ID mismatch" in delivery.reason and "\x1b" not in delivery.reason, delivery

@@ -22,7 +22,7 @@ import pydicom
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
-from .delivery import HOST_PORT
+from .delivery import HOST_PORT, shown
 
 log = logging.getLogger("cxr_batch")
 
@@ -179,13 +179,18 @@ def send_dataset(dataset: Dataset | str | Path, destination: Destination, *, cal
     note = "" if status == 0x0000 else f"warning 0x{status:04X}" if status in _WARNINGS else \
         f"status 0x{status:04X}: already stored" if status == DUPLICATE_SOP_INSTANCE else None
     if note is None:
+        # the PACS's own words (dcm4chee: "Patient ID mismatch") for the queue and `outbound
+        # list`, not the log: like an ACK's MSA-3 they may quote the patient
+        comment = str(answer.get("ErrorComment", "") or "").strip()
         return _failed(uid, destination, f"C-STORE failed with status 0x{status:04X}",
-                       transient=failure_is_transient(status), status=status)
+                       transient=failure_is_transient(status), status=status,
+                       said=f" ({shown(comment, 200)})" if comment else "")
     log.debug("sent %s to %s (status 0x%04X)", uid, destination, status)
     return SendResult(True, status, note)
 
 
 def _failed(uid: str, destination: Destination, reason: str, transient: bool, status: int | None = None,
-            link: bool = False, unsent: bool = False) -> SendResult:
+            link: bool = False, unsent: bool = False, said: str = "") -> SendResult:
+    """``said``: the peer's words, added to the reason but not logged."""
     log.warning("not sent %s to %s: %s", uid, destination, reason)
-    return SendResult(False, status, reason, transient, link or transient, unsent)
+    return SendResult(False, status, reason + said, transient, link or transient, unsent)
