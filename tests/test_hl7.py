@@ -474,3 +474,17 @@ def test_an_order_the_ris_does_not_know_does_not_hold_up_the_others(scored, tmp_
             assert delivery.outcome == "retry" and "database unavailable" in delivery.reason, delivery
         finally:
             ledger.close()
+
+
+def test_an_ack_ended_by_0x1c_alone_then_closed_is_read(scored):
+    """MLLP ends a block with 0x1C 0x0D; some RIS interfaces write the 0x1C only and hang up.
+    The ACK was 'closed the connection without an ACK': the RIS, which had taken the message,
+    got it again at every back-off, for ever."""
+    records, bundle = scored
+    message = oru_r01(records["plain.dcm"], thresholds=bundle.thresholds)
+    framed = ack(control_id(records["plain.dcm"]), "AA").encode()
+    server, thread = _raw_peer([framed[:-1]])  # without the final 0x0D
+    with server:
+        delivery = send_message(message, Endpoint("127.0.0.1", server.getsockname()[1]), timeout=10)
+        thread.join(10)
+    assert delivery.ok, delivery

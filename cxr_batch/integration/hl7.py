@@ -338,6 +338,13 @@ class MllpReader:
         self.looked = max(self.start + 1, len(self.received) - len(END_BLOCK) + 1)  # an end cut in two
         return None
 
+    def closed(self) -> bytes | None:
+        """The block's content when the peer hung up right after its 0x1C without the 0x0D
+        (some RIS interfaces end a block so), else None."""
+        if self.start >= 0 and self.received.endswith(END_BLOCK[:1]):
+            return bytes(self.received[self.start + 1:-1])
+        return None
+
 
 def _known_version(msh: str) -> str:
     """``msh`` with an MSH-12 hl7apy does not know (2.9, a RIS newer than the library) read as
@@ -392,6 +399,9 @@ def _exchange(data: bytes, endpoint: Endpoint, timeout: float) -> bytes | Delive
                 sock.settimeout(remaining)
                 chunk = sock.recv(65536)
                 if not chunk:
+                    block = reader.closed()
+                    if block is not None:
+                        break
                     return Delivery.retry(_not_mllp(reader, endpoint)
                                           or f"{endpoint} closed the connection without an ACK")
                 block = reader.add(chunk)
