@@ -281,17 +281,18 @@ def scan(studies, out, config_file, weights, metadata, device, precision, worker
     click.echo(("cxr-batch: " if summary.stopped_by else "") + summary.line(), err=True)
     if summary.stopped_by:  # stopped: the results go out when --resume finishes the scan
         sys.exit(summary.exit_code)
-    sys.exit(send_scan_results(out, cfg, summary.exit_code, debug))
+    sys.exit(send_scan_results(out, cfg, summary.exit_code, debug, studies))
 
 
-def send_scan_results(out: Path, cfg, code: int, debug: bool) -> int:
+def send_scan_results(out: Path, cfg, code: int, debug: bool, studies: Path | None = None) -> int:
     """After a scan with --hl7-to/--stow-to: its results sent through the queue; what could not
-    be delivered is said, with how to send it later, and the exit code becomes 3."""
+    be delivered is said, with how to send it later, and the exit code becomes 3. ``studies``:
+    the scanned folder (the ORUs' patient names come from its headers)."""
     if not (cfg.hl7_to or cfg.stow_to) or not (out / "results.csv").is_file():
         return code
     from .integration.outbox import send_after_scan
 
-    lines = run_fatal_errors(debug, lambda: send_after_scan(out, cfg))
+    lines = run_fatal_errors(debug, lambda: send_after_scan(out, cfg, Path(studies) if studies else None))
     for line in lines:
         click.echo(f"cxr-batch: {line}", err=True)
     return exit_codes.SOME_FAILED if lines and code == exit_codes.OK else code

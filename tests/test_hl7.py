@@ -139,7 +139,7 @@ def test_delimiters_in_names_and_ids_are_escaped_not_structure(scored):
     segments = message.strip("\r").split("\r")
     assert [s[:3] for s in segments][:6] == ["MSH", "PID", "ORC", "OBR", "NTE", "NTE"]
     assert {s[:3] for s in segments[6:]} == {"OBX"} and len(segments) - 6 >= 16
-    pid = _parse(message).oru_r01_patient_result.oru_r01_patient.pid
+    pid = _parse(message.replace("\n", "\r")).oru_r01_patient_result.oru_r01_patient.pid  # as the server keeps it
     assert unescape(pid.pid_3.cx_1.value) == HOSTILE["PatientID"]
     assert unescape(pid.pid_5.xpn_1.value) == "O'Brien|Smith"  # the name's own ^ still splits family/given
     assert unescape(pid.pid_5.xpn_2.value) == "Ann~Marie&Co\\X"
@@ -488,3 +488,25 @@ def test_an_ack_ended_by_0x1c_alone_then_closed_is_read(scored):
         delivery = send_message(message, Endpoint("127.0.0.1", server.getsockname()[1]), timeout=10)
         thread.join(10)
     assert delivery.ok, delivery
+
+
+def test_a_scan_s_oru_names_the_patient_as_the_header_does_never_the_null(tmp_path, nih_images, small_bundle):
+    """A scan built its ORUs from results.csv, which keeps no names: PID-5 was HL7's explicit
+    null "", which tells a receiver updating its records to delete the patient's name (HL7 v2.5
+    2.5.3), and a RIS that checks the name against the order's refuses the result. The name,
+    birth date and sex are read again from the scanned file's header (the same instance)."""
+    from cxr_batch.integration.outbox import send_after_scan
+
+    studies = tmp_path / "studies"
+    write(studies / "a.dcm", grey(nih_images[0]), PatientID="P1", AccessionNumber="A1", PatientName="O'Hara^Zoë",
+          PatientBirthDate="19670302", PatientSex="F")
+    out = tmp_path / "out"
+    with RIS("AA") as ris:
+        cfg = ScanConfig(weights=str(small_bundle), device="cpu", progress=False, batch_size=4, workers=0, pdf=False,
+                         hl7_to=str(ris.endpoint))
+        run_scan(studies, out, cfg)
+        assert send_after_scan(out, cfg, studies) == []
+        (message,) = ris.received
+    pid = _parse(message.replace("\n", "\r")).oru_r01_patient_result.oru_r01_patient.pid  # as the server keeps it
+    assert (pid.pid_5.xpn_1.value, pid.pid_5.xpn_2.value) == ("O'Hara", "Zoë")
+    assert (pid.pid_7.value, pid.pid_8.value) == ("19670302", "F")

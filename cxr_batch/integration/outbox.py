@@ -307,11 +307,13 @@ def scan_queue_path(out: Path) -> Path:
     return Path(out) / STATE_DIR / SCAN_QUEUE
 
 
-def send_after_scan(out: Path, cfg) -> list[str]:
+def send_after_scan(out: Path, cfg, studies: Path | None = None) -> list[str]:
     """After ``cxr-batch scan --hl7-to/--stow-to``: queue each scored study's results (from
     results.csv; a result delivered before is not queued again) in OUT/.cxr-batch/outbound.sqlite
-    and send them for at most ``cfg.send_wait`` seconds. Returns the lines saying what could
-    not be delivered and how to send it later (empty: everything was delivered)."""
+    and send them for at most ``cfg.send_wait`` seconds. ``studies``: the scanned folder, whose
+    DICOM headers give the ORUs the patient's name, birth date and sex (results.csv keeps none).
+    Returns the lines saying what could not be delivered and how to send it later (empty:
+    everything was delivered)."""
     from ..bundle import load_bundle
     from ..folderlock import FolderLock
     from ..results import read_records
@@ -323,16 +325,18 @@ def send_after_scan(out: Path, cfg) -> list[str]:
     with FolderLock(out, "scan"):
         ledger = open_queue(outbox.ledger_path)
         try:
-            studies = []
+            queued_studies = []
             # queued read-first first (a row without a rank, an error, last): the RIS gets the
             # urgent studies before the others, and what send_wait leaves waiting is the least urgent
             records = sorted(read_records(out / "results.csv"),
                              key=lambda r: (r.worklist_rank is None, r.worklist_rank or 0))
             for record in records:
                 key = f"uid:{record.ids.sop_uid}" if record.ids.sop_uid else f"file:{record.file}"
-                studies.append((key, record.file, record, ""))
+                if studies is not None and record.ok and any(c.name == "hl7" for c in outbox.channels):
+                    _patient_from_header(record, studies)
+                queued_studies.append((key, record.file, record, ""))
             try:
-                entries = outbox.entries(studies)
+                entries = outbox.entries(queued_studies)
                 queued = ledger.queue_outbound([(key, entry) for key, items in entries.items() for entry in items])
             except (OSError, sqlite3.Error) as e:  # a full disk: nothing queued, results.csv whole
                 said = f"{e.strerror or e}" if isinstance(e, OSError) else f"{type(e).__name__}: {e}"
@@ -344,6 +348,26 @@ def send_after_scan(out: Path, cfg) -> list[str]:
             return outbox.undelivered_lines(ledger, out)
         finally:
             ledger.close()
+
+
+def _patient_from_header(record: StudyRecord, studies: Path) -> None:
+    """The name, birth date and sex of a scan's ``record`` (from results.csv, which keeps none)
+    from its file's header, when the file still holds the same instance. Without them PID-5
+    would be HL7's explicit null, which tells a receiver updating its records to delete the name
+    (HL7 v2.5 2.5.3), and a RIS matching the name with the order's would refuse the result."""
+    import pydicom
+
+    from ..dicom import identifiers
+
+    try:
+        header = identifiers(pydicom.dcmread(Path(studies) / record.file, stop_before_pixels=True))
+    except Exception:  # gone, replaced by a non-DICOM, unreadable: the ORU goes without them
+        return
+    if header.sop_uid != record.ids.sop_uid:  # another instance since the scan: not its patient
+        return
+    for name in ("patient_name", "patient_birth_date", "patient_sex"):
+        if not getattr(record.ids, name):
+            setattr(record.ids, name, getattr(header, name))
 
 
 def send_queue(out: Path, channels: list[Channel], until: float, refused_retry: float = 900.0) -> list[str]:
