@@ -918,7 +918,7 @@ class ReportWriter:
         from .sr import report_header  # values cleaned to their VR as the SR's (the source's may be invalid)
 
         ids = record.ids
-        study = {**report_header(ids), "StudyInstanceUID": ids.study_uid, "PatientSex": record.patient.sex}
+        study = {**report_header(ids), "StudyInstanceUID": ids.study_uid}
         # Derived UIDs (source instance and model, like the SR's): a re-sent report replaces the
         # earlier one at the PACS instead of adding a copy.
         uid = derived_uid("encapsulated-pdf", ids.sop_uid or name, self.bundle.sha256)

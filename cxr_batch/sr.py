@@ -210,10 +210,14 @@ _AGE = re.compile(r"^\d{3}[DWMY]$")
 
 def report_header(ids) -> dict:
     """The study's identifiers another object made for it carries (the Encapsulated PDF
-    report), as VR-valid as the SR's: {keyword: value}, empty where the source's value is not
-    one (a date that is not DA, a backslash that would make a second value)."""
+    report), the same values as the SR's (a PACS checking a new object's patient against the one
+    it holds sees one patient), as VR-valid: {keyword: value}, empty where the source's value is
+    not one (a date that is not DA, a backslash that would make a second value)."""
     return {"PatientID": _string(ids.patient_id, 64), "PatientName": _person_name(ids.patient_name),
-            "StudyDate": _date(ids.study_date), "AccessionNumber": _identifier(ids.accession_number, 16)}
+            "PatientBirthDate": _date(ids.patient_birth_date), "PatientSex": _sex(ids.patient_sex),
+            "PatientAge": _age(ids.patient_age), "StudyDate": _date(ids.study_date), "StudyTime": _time(ids.study_time),
+            "StudyID": _string(ids.study_id, 16), "AccessionNumber": _identifier(ids.accession_number, 16),
+            "ReferringPhysicianName": _person_name(ids.referring_physician)}
 
 
 def _time(value: str) -> str:

@@ -190,6 +190,32 @@ def test_the_encapsulated_pdf_copies_header_values_as_valid_dicom_and_quotes_non
     assert a.PatientID == "SECRET1 SECRET2" and str(a.PatientName) == "SMITH^J DOE^X"
 
 
+def test_the_encapsulated_pdf_and_the_sr_say_the_same_of_patient_and_study(tmp_path, nih_images, small_bundle):
+    """Two objects cxr-batch adds to one study: the Encapsulated PDF left the birth date, study
+    time, study ID and referring physician empty and took the sex from the model's inputs (none
+    for 'O') where the SR copies the header's. A PACS that checks a new object's patient against
+    the one it holds (birth date, sex) flags the report and not the SR. Both copy the same values."""
+    from .dicomgen import grey, write
+
+    studies = tmp_path / "studies"
+    write(studies / "a.dcm", grey(nih_images[0]), PatientBirthDate="19670302", PatientSex="O", PatientAge="045Y",
+          StudyTime="101500", StudyID="S17", ReferringPhysicianName="House^Gregory")
+    cfg = ScanConfig(weights=str(small_bundle), device="cpu", batch_size=4, workers=0, progress=False,
+                     heatmaps=False, dicom_pdf=True, dicom_sr=True)
+    run_scan(studies, tmp_path / "out", cfg)
+    (row,) = read_results(tmp_path / "out" / "results.csv")
+    pdf = pydicom.dcmread(tmp_path / "out" / "reports" / row["report"].replace(".pdf", ".dcm"))
+    (sr_path,) = (tmp_path / "out" / "dicom").glob("*.sr.dcm")
+    sr = pydicom.dcmread(sr_path)
+    for keyword in ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyInstanceUID", "StudyDate",
+                    "StudyTime", "StudyID", "AccessionNumber", "ReferringPhysicianName"):
+        assert str(pdf.get(keyword, "")) == str(sr.get(keyword, "")) != "", keyword
+    if have("dciodvfy"):
+        said = subprocess.run(["dciodvfy", str(tmp_path / "out" / "reports" / row["report"].replace(".pdf", ".dcm"))],
+                              capture_output=True, text=True, timeout=60)
+        assert not [x for x in (said.stdout + said.stderr).splitlines() if x.startswith(("Error", "Warning"))], said
+
+
 @pytest.mark.skipif(not have("img2dcm"), reason="dcmtk not installed")
 def test_dicoms_made_by_dcmtk_get_one_page_reports_with_iso_dates(tmp_path, nih_images):
     """As a PACS would send them: dcmtk-made files without extensions, scanned with the bundled weights."""
