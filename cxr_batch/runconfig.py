@@ -36,6 +36,12 @@ class RunConfig:
     # (cxr_batch.integration.outbox): an HL7 ORU^R01 per scored study to the RIS, and the SRs
     # (Encapsulated PDFs with dicom_pdf) to a DICOMweb archive by STOW-RS.
     hl7_to: str | None = None  # HOST:PORT of the RIS's MLLP listener
+    # the ORU's MSH, as the RIS or an interface engine routes and checks it (HD: NAME, or
+    # NAME^OID^ISO): MSH-4, MSH-5, MSH-6, and MSH-11 (P production, T a test RIS, D debugging)
+    hl7_sending_facility: str = ""
+    hl7_receiving_application: str = ""
+    hl7_receiving_facility: str = ""
+    hl7_processing_id: str = "P"
     stow_to: str | None = None  # DICOMweb root URL; credentials only in the [dicomweb] table of a config file
     dicomweb_file: str | None = None  # that file (set from --config when it has a [dicomweb] table)
     send_timeout: float = bounded(30.0, gt=0.0)  # seconds each network step of a send may take

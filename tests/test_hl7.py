@@ -510,3 +510,36 @@ def test_a_scan_s_oru_names_the_patient_as_the_header_does_never_the_null(tmp_pa
     pid = _parse(message.replace("\n", "\r")).oru_r01_patient_result.oru_r01_patient.pid  # as the server keeps it
     assert (pid.pid_5.xpn_1.value, pid.pid_5.xpn_2.value) == ("O'Hara", "Zoë")
     assert (pid.pid_7.value, pid.pid_8.value) == ("19670302", "F")
+
+
+def test_the_msh_header_the_ris_routes_and_checks_by_comes_from_the_configuration(tmp_path, nih_images,
+                                                                                 small_bundle):
+    """An interface engine routes by MSH-5/MSH-6, and a RIS checks MSH-11 against its own
+    (HL7 v2.5 2.9.2.1: AR when it does not match): a hospital's test RIS expects T. They were
+    fixed (empty, empty, P), so cxr-batch could not be connected to a test RIS or behind an
+    engine. The [scan] (or [watch]...) table sets them (HD: namespace^OID^ISO); a processing id
+    that is not P, D or T, or a | ~ \\ & in a name, is a configuration error before any scoring."""
+    from cxr_batch.cli import load_config
+    from cxr_batch.config import ConfigError
+    from cxr_batch.integration.outbox import send_after_scan
+
+    studies = tmp_path / "studies"
+    write(studies / "a.dcm", grey(nih_images[0]), PatientID="P1", AccessionNumber="A1")
+    with RIS("AA") as ris:
+        config = tmp_path / "scan.toml"
+        config.write_text(f'[scan]\nhl7_to = "{ris.endpoint}"\nhl7_sending_facility = "ED"\n'
+                          'hl7_receiving_application = "RIS"\nhl7_receiving_facility = "RADIOLOGY^1.2.840.99^ISO"\n'
+                          'hl7_processing_id = "T"\n')
+        cfg = load_config(ScanConfig, config, "scan", weights=str(small_bundle), device="cpu", workers=0, pdf=False,
+                          progress=False)
+        run_scan(studies, tmp_path / "out", cfg)
+        assert send_after_scan(tmp_path / "out", cfg) == []
+        (message,) = ris.received
+    msh = _parse(message.replace("\n", "\r")).msh
+    assert (msh.msh_3.value, msh.msh_4.value, msh.msh_5.value, msh.msh_11.value) == ("CXRBATCH", "ED", "RIS", "T")
+    assert (msh.msh_6.hd_1.value, msh.msh_6.hd_2.value, msh.msh_6.hd_3.value) == ("RADIOLOGY", "1.2.840.99", "ISO")
+    for key, value in (("hl7_processing_id", "X"), ("hl7_receiving_application", "RIS|2"),
+                       ("hl7_sending_facility", "A^B^C^D")):
+        config.write_text(f'[scan]\nhl7_to = "ris:2575"\n{key} = "{value}"\n')
+        with pytest.raises(ConfigError, match=key):
+            load_config(ScanConfig, config, "scan", weights=str(small_bundle))

@@ -19,8 +19,10 @@ fields, structure, lengths), from its :class:`~cxr_batch.record.StudyRecord`:
 - OBX 16: what orders the study inside its priority on the worklist (the urgent finding's
   probability, or P(any finding)); OBX 17: P(any finding), when the bundle has one.
 
-Every value from outside (IDs, names, configured application names) is escaped (``\\F\\``,
-``\\S\\``, ``\\T\\``, ``\\R\\``, ``\\E\\``), so a ``|^~\\&`` in a name cannot break the message.
+Every value from outside (IDs, names) is escaped (``\\F\\``, ``\\S\\``, ``\\T\\``, ``\\R\\``,
+``\\E\\``), so a ``|^~\\&`` in a name cannot break the message. The MSH's application and
+facility names come from the configuration as HD values (``NAME`` or ``NAME^OID^ISO``, the form
+interface engines route by), checked (:func:`hd_problem`) rather than escaped.
 
 :func:`send_message` is the MLLP client: one connection per message, the message framed
 ``0x0B ... 0x1C 0x0D``, the ACK awaited within ``timeout``, MSA-1/MSA-2 read back into a
@@ -67,6 +69,28 @@ PRIORITY_FLAGS = {"urgent": "AA", "abnormal": "A", "normal": "N"}
 # over, and CE, the commit failing "for any other reason": the link backs off and tries again;
 # CR, the message type, version or processing id refused
 ACK_DELIVERED, ACK_RETRY, ACK_REJECTED = {"AA", "CA"}, {"AR", "CE"}, {"AE", "CR"}
+
+
+PROCESSING_IDS = ("P", "D", "T")  # MSH-11, HL7 table 0103
+
+
+def hd_problem(value: str) -> str | None:
+    """What makes ``value`` unfit as an HD field of the MSH (MSH-3 to MSH-6: ``NAME``, or
+    ``NAME^OID^ISO``, the form interface engines route by), or None."""
+    if not value:
+        return None
+    if any(c in value for c in "|~\\&") or not value.isprintable():
+        return f"{value!r}: an HD value has no | ~ \\ & or control characters (^ separates NAME^OID^ISO)"
+    if value.count("^") > 2:
+        return f"{value!r}: an HD value has at most 3 components (NAME^OID^ISO)"
+    return None
+
+
+def _hd(value: str) -> str:
+    """An HD field of the MSH from the configuration: its components kept (``NAME^OID^ISO``)."""
+    if problem := hd_problem(value):
+        raise HL7NotMade(problem)
+    return value.strip()
 
 
 class HL7NotMade(Exception):
@@ -172,15 +196,15 @@ def oru_r01(record: StudyRecord, *, thresholds: Mapping[str, float] | None = Non
         raise HL7NotMade("no accession number: the RIS could not match the order")
     if scores.priority not in PRIORITY_FLAGS or len(scores.probs) != len(FINDINGS):
         raise HL7NotMade("the scores are not one probability per finding and a known priority")
-    if processing_id not in ("P", "D", "T"):
+    if processing_id not in PROCESSING_IDS:
         raise HL7NotMade(f"processing id {processing_id!r} is not P, D or T (HL7 table 0103)")
     when = (created or dt.datetime.now()).strftime("%Y%m%d%H%M%S")
     accession = escape(ids.accession_number)
     try:
         m = Message("ORU_R01", version=VERSION, validation_level=VALIDATION_LEVEL.STRICT)
         msh = m.msh
-        msh.msh_3, msh.msh_4 = escape(sending_application), escape(sending_facility)
-        msh.msh_5, msh.msh_6 = escape(receiving_application), escape(receiving_facility)
+        msh.msh_3, msh.msh_4 = _hd(sending_application), _hd(sending_facility)
+        msh.msh_5, msh.msh_6 = _hd(receiving_application), _hd(receiving_facility)
         msh.msh_7, msh.msh_9, msh.msh_10 = when, "ORU^R01^ORU_R01", control_id(record, revision)
         msh.msh_11, msh.msh_18 = processing_id, "UNICODE UTF-8"
         result = m.add_group("ORU_R01_PATIENT_RESULT")

@@ -52,6 +52,14 @@ def check_targets(cfg, where: str) -> None:
             Endpoint.parse(cfg.hl7_to)
         except ValueError as e:
             raise ConfigError(f"{where}.hl7_to: {e}") from None
+    from .hl7 import PROCESSING_IDS, hd_problem
+
+    for key in ("hl7_sending_facility", "hl7_receiving_application", "hl7_receiving_facility"):
+        if problem := hd_problem(getattr(cfg, key)):
+            raise ConfigError(f"{where}.{key}: {problem}")
+    if cfg.hl7_processing_id not in PROCESSING_IDS:
+        raise ConfigError(f"{where}.hl7_processing_id: {cfg.hl7_processing_id!r} is not P (production), T (a test "
+                          f"RIS) or D (debugging), HL7 table 0103")
     if cfg.stow_to:
         from .dicomweb import url_problem
 
@@ -156,9 +164,11 @@ class Outbox:
     urgent findings an ORU^R01 states; ``dicom_pdf``: the Encapsulated PDFs go with the SRs."""
 
     def __init__(self, out: Path, ledger_path: Path, channels: list[Channel], *, retry_max: float,
-                 refused_retry: float, bundle=None, urgent: tuple[str, ...] = (), dicom_pdf: bool = False):
+                 refused_retry: float, bundle=None, urgent: tuple[str, ...] = (), dicom_pdf: bool = False,
+                 msh: dict[str, str] | None = None):
         self.out, self.ledger_path, self.channels = Path(out), Path(ledger_path), channels
         self.bundle, self.urgent, self.dicom_pdf = bundle, tuple(urgent), dicom_pdf
+        self.msh = dict(msh or {})  # oru_r01's MSH options (facilities, receiving application, processing id)
         self.senders = [Sender(self.ledger_path, self.out, channel, retry_max=retry_max, refused_retry=refused_retry)
                         for channel in channels]
         self.names = [c.name for c in channels]
@@ -166,8 +176,10 @@ class Outbox:
     @classmethod
     def for_run(cls, out: Path, ledger_path: Path, bundle, cfg, retry_max: float | None = None) -> "Outbox":
         """The outbox of a scoring run configured by ``cfg`` (a RunConfig)."""
+        msh = {"sending_facility": cfg.hl7_sending_facility, "receiving_application": cfg.hl7_receiving_application,
+               "receiving_facility": cfg.hl7_receiving_facility, "processing_id": cfg.hl7_processing_id}
         return cls(out, ledger_path, run_channels(cfg), refused_retry=cfg.refused_retry, bundle=bundle,
-                   urgent=cfg.urgent, dicom_pdf=cfg.dicom_pdf,
+                   urgent=cfg.urgent, dicom_pdf=cfg.dicom_pdf, msh=msh,
                    retry_max=getattr(cfg, "retry_max", SCAN_RETRY_MAX) if retry_max is None else retry_max)
 
     def __bool__(self) -> bool:
@@ -215,7 +227,7 @@ class Outbox:
 
         try:
             text = oru_r01(record, thresholds=self.bundle.thresholds, urgent=self.urgent,
-                           created=dt.datetime.now(), revision=revision)
+                           created=dt.datetime.now(), revision=revision, **self.msh)
         except HL7NotMade as e:
             record.add_note(f"no HL7 result: {e}")
             log.warning("%s: no HL7 result: %s", log_name(record.file), e)
