@@ -6,6 +6,7 @@ refused, 202 with failed instances, 409, 503, no answer) become delivered / retr
 from __future__ import annotations
 
 import json
+import re
 import socket
 import subprocess
 import threading
@@ -125,8 +126,11 @@ class _Archive(BaseHTTPRequestHandler):
         self.rfile.read(length)
         server = self.server
         server.seen.append(self.headers.get("Authorization"))
+        server.hosts.append(self.headers.get("Host"))
         if server.token and self.headers.get("Authorization") != f"Bearer {server.token}":
             status, body = 401, None
+        elif server.strict_host and not re.fullmatch(r"(\[[0-9a-fA-F:]+\]|[\w.-]+)(:\d+)?", self.headers.get("Host", "")):
+            status, body = 400, None  # as nginx or Apache answer a malformed Host header
         else:
             status, body = server.answer
         payload = body if isinstance(body, bytes) else json.dumps(body).encode() if body is not None else b""
@@ -143,7 +147,7 @@ class _Archive(BaseHTTPRequestHandler):
 @pytest.fixture
 def archive():
     server = ThreadingHTTPServer(("127.0.0.1", 0), _Archive)
-    server.token, server.answer, server.seen = "", (200, None), []
+    server.token, server.answer, server.seen, server.hosts, server.strict_host = "", (200, None), [], [], False
     server.content_type = "application/dicom+json"
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
@@ -322,3 +326,35 @@ def test_orthanc_s_own_xml_answer_is_read_as_delivered(results, orthanc, archive
     assert store_dataset(srs[0], _config(tmp_path, url)).outcome == "delivered"
     other = store_dataset(srs[1], _config(tmp_path, url))
     assert other.outcome == "retry" and "does not mention the instance" in other.reason, other
+
+
+class _IPv6Server(ThreadingHTTPServer):
+    address_family = socket.AF_INET6
+
+
+def test_the_host_header_names_the_archive_as_its_url_does(results, archive, tmp_path):
+    """dicomweb-client sends a Host header of its own making: without the port
+    (127.0.0.1 for 127.0.0.1:8042) and, for an IPv6 address, '[': a server that checks the Host
+    header (nginx, Apache in front of an archive) answered 400, which is a refusal of the object:
+    every result refused. The Host is the URL's host and port."""
+    _, srs = results
+    ds = pydicom.dcmread(srs[0])
+    archive.answer = (200, {"00081199": {"vr": "SQ", "Value": [_item(ds)]}})
+    port = archive.server_address[1]
+    assert store_dataset(ds, _config(tmp_path, f"http://127.0.0.1:{port}/dicom-web")).ok
+    assert archive.hosts == [f"127.0.0.1:{port}"]
+    try:
+        server = _IPv6Server(("::1", 0), _Archive)
+    except OSError:
+        pytest.skip("no IPv6 loopback")
+    server.token, server.seen, server.hosts, server.strict_host = "", [], [], True
+    server.answer, server.content_type = archive.answer, "application/dicom+json"
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    try:
+        delivery = store_dataset(ds, _config(tmp_path, f"http://[::1]:{server.server_address[1]}/dicom-web"))
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(10)
+    assert delivery.ok and server.hosts == [f"[::1]:{server.server_address[1]}"], (delivery, server.hosts)

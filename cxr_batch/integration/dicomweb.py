@@ -185,6 +185,10 @@ class StowClient:
         session.hooks["response"].append(self._keep)
         self.client = DICOMwebClient(url=config.url.rstrip("/"), session=session, timeout=config.timeout)
         self.client.set_http_retry_params(retry=False)
+        # the Host header dicomweb-client sets itself: its host without the port, '[' for an IPv6
+        # address, which a server checking the header (nginx, Apache in front) answers 400, a
+        # refusal of every object. The URL's own host and port (it holds no credentials).
+        self.client.host = urlsplit(config.url).netloc
 
     def store(self, dataset: Dataset | bytes | Path | str) -> Delivery:
         """STOW-RS of one object; never raises for network, HTTP or archive failures."""
