@@ -221,3 +221,4 @@ def test_the_pacs_s_error_comment_is_kept_with_the_status(sr, refusing_scp, tmp_
     delivery = DicomChannel(Destination("PACS", "127.0.0.1", port), timeout=10).send(path)
     assert delivery.outcome == "rejected" and "0xA900" in delivery.reason, delivery
     assert "Patient ID mismatch" in delivery.reason and "\x1b" not in delivery.reason, delivery
+    assert "0xA900" in delivery.logged and "mismatch" not in delivery.logged  # what the log says

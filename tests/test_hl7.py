@@ -435,7 +435,7 @@ def test_an_accession_number_longer_than_dicom_allows_is_never_cut(scored, tmp_p
         oru_r01(record, thresholds=bundle.thresholds)
 
 
-def test_an_order_the_ris_does_not_know_does_not_hold_up_the_others(scored, tmp_path):
+def test_an_order_the_ris_does_not_know_does_not_hold_up_the_others(scored, tmp_path, caplog):
     """AE is the RIS's error in processing that message (HL7 v2.5 2.9.2.2 b: an order it does
     not know, a value it refuses), AR its failure 'for reasons unrelated to content or format
     (system down, internal error)', likely to accept the same message later (c). AE was taken
@@ -467,6 +467,8 @@ def test_an_order_the_ris_does_not_know_does_not_hold_up_the_others(scored, tmp_
             stats = ledger.outbound_stats(time.time(), "hl7")
             assert stats["delivered"] == 3 and stats["refused"] == 1, stats
             assert sender.link_failures == 0 and "unknown order" in stats["waiting_because"].popitem()[0]
+            # the RIS's words (MSA-3 may quote the patient) go to the queue, not to the log
+            assert "AE" in caplog.text and "unknown order" not in caplog.text
             # the RIS down for maintenance: AR, a failure of the link, tried again within retry_max
             ris.answer, ris.answers, ris.text = "AR", {}, "database unavailable"
             message = oru_r01(record, thresholds=bundle.thresholds, revision="study-4")

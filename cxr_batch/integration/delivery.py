@@ -37,21 +37,31 @@ class Delivery:
     # a retry where the object never reached the receiver (no connection, no association): the
     # link is down, not this object's fault, so the queue keeps its order (cxr_batch.ledger)
     unsent: bool = False
+    # the reason without the receiver's own words (an ACK's MSA-3, a C-STORE Error Comment),
+    # which may quote the patient: what a log line says. None: the reason says nothing of theirs
+    log_reason: str | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "reason", shown(self.reason))
+        if self.log_reason is not None:
+            object.__setattr__(self, "log_reason", shown(self.log_reason))
 
     @classmethod
     def delivered(cls, note: str = "") -> "Delivery":
         return cls("delivered", note)
 
     @classmethod
-    def retry(cls, reason: str, unsent: bool = False) -> "Delivery":
-        return cls("retry", reason, unsent)
+    def retry(cls, reason: str, unsent: bool = False, log_reason: str | None = None) -> "Delivery":
+        return cls("retry", reason, unsent, log_reason)
 
     @classmethod
-    def rejected(cls, reason: str) -> "Delivery":
-        return cls("rejected", reason)
+    def rejected(cls, reason: str, log_reason: str | None = None) -> "Delivery":
+        return cls("rejected", reason, log_reason=log_reason)
+
+    @property
+    def logged(self) -> str:
+        """What a log line says of this delivery: the reason, less the receiver's own words."""
+        return self.reason if self.log_reason is None else self.log_reason
 
     @property
     def ok(self) -> bool:

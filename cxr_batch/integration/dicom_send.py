@@ -95,6 +95,7 @@ class SendResult:
     transient: bool = False  # worth retrying later: network, timeout, busy or out of resources
     link: bool = False  # about the association, not this object: every object would fail alike now
     unsent: bool = False  # no association: the object never reached the peer
+    said: str = ""  # the end of ``reason`` that is the peer's own words (an Error Comment): not logged
 
 
 def failure_is_transient(status: int) -> bool:
@@ -193,4 +194,4 @@ def _failed(uid: str, destination: Destination, reason: str, transient: bool, st
             link: bool = False, unsent: bool = False, said: str = "") -> SendResult:
     """``said``: the peer's words, added to the reason but not logged."""
     log.warning("not sent %s to %s: %s", uid, destination, reason)
-    return SendResult(False, status, reason + said, transient, link or transient, unsent)
+    return SendResult(False, status, reason + said, transient, link or transient, unsent, said)

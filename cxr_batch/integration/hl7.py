@@ -459,9 +459,11 @@ def send_message(message: str, endpoint: Endpoint, *, timeout: float = 30.0) -> 
         log.debug("HL7 %s to %s: %s", control, endpoint, ack.code)
         return Delivery.delivered(said)
     log.warning("HL7 %s to %s: %s", control, endpoint, shown(ack.code, 16))  # the RIS's text
+    code = shown(ack.code, 16)  # the log has the code, not MSA-3 (it may quote the patient)
     if ack.code in ACK_REJECTED:
         what = "found an error in" if ack.code == "AE" else "rejected"
-        return Delivery.rejected(f"the RIS {what} the message ({said})")
+        return Delivery.rejected(f"the RIS {what} the message ({said})", f"the RIS {what} the message ({code})")
     if ack.code in ACK_RETRY:
-        return Delivery.retry(f"the RIS could not process the message now ({said})")
-    return Delivery.retry(f"unknown acknowledgment code ({said})")
+        return Delivery.retry(f"the RIS could not process the message now ({said})",
+                              log_reason=f"the RIS could not process the message now ({code})")
+    return Delivery.retry(f"unknown acknowledgment code ({said})", log_reason=f"unknown acknowledgment code ({code})")

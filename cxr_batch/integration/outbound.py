@@ -81,7 +81,9 @@ class DicomChannel:
                               tls=self.tls_context)
         if result.ok:
             return Delivery.delivered(result.reason)
-        return Delivery.retry(result.reason, result.unsent) if result.link else Delivery.rejected(result.reason)
+        logged = result.reason.removesuffix(result.said) if result.said else None  # the PACS's words: not logged
+        return Delivery.retry(result.reason, result.unsent, logged) if result.link else \
+            Delivery.rejected(result.reason, logged)
 
 
 class Sender:
@@ -191,7 +193,7 @@ class Sender:
                 self.last_error = result.reason
                 ledger.outbound_refused(item.uid, where, result.reason, time.time() + self.refused_retry, name)
                 log.error("%s refused by %s: %s; it waits in the queue and is offered again in %.0f s "
-                          "(cxr-batch outbound list|retry|drop)", item.uid, where, result.reason,
+                          "(cxr-batch outbound list|retry|drop)", item.uid, where, result.logged,
                           self.refused_retry)
         return bool(items)
 
