@@ -46,7 +46,8 @@ EARLIER_MODES = ("refuse", "resume", "overwrite")
 RUNTIME_SETTINGS = ("device", "precision", "batch_size", "workers", "progress", "read_memory_mb", "read_timeout",
                     "weights", "metadata",
                     # where and how results are sent: a RIS at a new address changes no row
-                    "hl7_to", "stow_to", "dicomweb_file", "send_timeout", "refused_retry", "send_wait")
+                    "hl7_to", "stow_to", "dicomweb_file", "send_timeout", "refused_retry", "send_wait",
+                    "hl7_sending_facility", "hl7_receiving_application", "hl7_receiving_facility", "hl7_processing_id")
 OUR_OUTPUT = re.compile(r"^cxr_[0-9a-f]+\.(pdf|dcm|sr\.dcm)$")  # reports, encapsulated PDFs, SRs
 OUTPUT_FOLDERS = ("reports", "dicom")
 

@@ -397,7 +397,9 @@ def test_a_scan_resumed_with_the_ris_at_a_new_address_finishes_and_sends_there(t
         write(studies / f"{k}.dcm", grey(image), PatientID=f"P{k}", AccessionNumber=f"A{k}")
     out = tmp_path / "out"
     base = dict(weights=str(small_bundle), device="cpu", progress=False, batch_size=4, workers=0, pdf=False)
-    old = ScanConfig(**base, hl7_to=f"127.0.0.1:{free_port()}", send_wait=0.0)
+    # the test RIS's MSH (hl7_processing_id T) before the production one's: no row changes either
+    old = ScanConfig(**base, hl7_to=f"127.0.0.1:{free_port()}", send_wait=0.0, hl7_processing_id="T",
+                     hl7_receiving_application="TESTRIS")
     run_scan(studies, out, old)
     assert send_after_scan(out, old)  # nothing delivered: the old address refuses
     rows = read_results(out / "results.csv")
