@@ -34,11 +34,12 @@ READ_ONLY = """
 import sys, time, tracemalloc
 from pathlib import Path
 from cxr_batch.monitor import readable_records
-tracemalloc.start()
+traced = sys.argv[2] == "traced"
+if traced:
+    tracemalloc.start()
 t = time.perf_counter()
 records, bad = readable_records(Path(sys.argv[1]))
-seconds = time.perf_counter() - t
-print(len(records), len(bad), f"{seconds:.2f}", f"{tracemalloc.get_traced_memory()[1] / 2**20:.0f}")
+print(f"{time.perf_counter() - t:.1f}", f"{tracemalloc.get_traced_memory()[1] / 2**20:.0f}" if traced else "")
 """
 
 
@@ -126,8 +127,9 @@ def main() -> None:
             size = (folder / "results.csv").stat().st_size / 2**20
             wall, rss, code, _ = run_child([sys.executable, "-m", "cxr_batch", "monitor", str(folder), "--out",
                                             str(base / f"monitor_{n}"), "--window", args.window])
-            _, _, _, read = run_child([sys.executable, "-c", READ_ONLY, str(folder / "results.csv")])
-            _, _, read_s, read_peak = read.split()
+            read = [sys.executable, "-c", READ_ONLY, str(folder / "results.csv")]
+            read_s = run_child(read + ["-"])[3].split()[0]
+            read_peak = run_child(read + ["traced"])[3].split()[1]
             print(f"{n:>8}  {size:>6.1f}  {wall:>9.1f}  {rss:>12.0f}  {code:>4}  {read_s:>6}  {read_peak:>13}",
                   flush=True)
 
