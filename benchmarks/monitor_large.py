@@ -6,12 +6,13 @@ Scans ``examples/studies`` once (real rows with every column scan writes, scored
 bundle or ``--weights``), then writes, for each ``--n``, a results.csv of N rows made from them:
 each row a real one with its probabilities, image statistics and age perturbed (seed 0), its own
 file name and identifiers, scored_at spread over a year in order (as a daemon appends them), 1%
-error rows and 1% scored without image statistics (before drift monitoring). Prints, per N: the
-file's size; the ``monitor`` command as a child process (wall seconds, peak RSS from wait4, exit
-code); and reading results.csv alone (``cxr_batch.monitor.readable_records``, in a child
-process: seconds and tracemalloc's peak). The drift monitor of ``watch``/``listen``/``pull``
-reads its window from the ledger, not results.csv (``cxr_batch/drift_watch.py``), so it is not
-measured here.
+error rows and 1% scored without image statistics (before drift monitoring). Prints, per N:
+the file's size; the ``monitor`` command as a child process (wall and CPU seconds, peak RSS from
+wait4, exit code); reading results.csv alone (``cxr_batch.monitor.readable_records``, in a child
+process: seconds) and, in another child, tracemalloc's peak of that reading (tracemalloc slows
+what it traces, so the seconds come from the first). CPU seconds move less than wall seconds on
+a machine shared with other jobs. The drift monitor of ``watch``/``listen``/``pull`` reads its
+window from the ledger, not results.csv (``cxr_batch/drift_watch.py``): not measured here.
 """
 
 from __future__ import annotations
@@ -96,14 +97,16 @@ def write_large(rows: list[dict], n: int, path: Path) -> None:
             writer.writerow(row)
 
 
-def run_child(cmd: list[str]) -> tuple[float, float, int, str]:
-    """Wall seconds, peak RSS (MiB) of this child alone, exit code, its stdout."""
+def run_child(cmd: list[str]) -> tuple[float, float, float, int, str]:
+    """Wall seconds, CPU seconds (user + system: less moved by other jobs on a shared machine),
+    peak RSS (MiB) of this child alone, exit code, its stdout."""
     t = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=child_env(), text=True)
     out = proc.stdout.read()
     _, status, usage = os.wait4(proc.pid, 0)
     proc.returncode = os.waitstatus_to_exitcode(status)
-    return time.perf_counter() - t, usage.ru_maxrss / 1024, proc.returncode, out
+    cpu = usage.ru_utime + usage.ru_stime
+    return time.perf_counter() - t, cpu, usage.ru_maxrss / 1024, proc.returncode, out
 
 
 def main() -> None:
@@ -118,20 +121,20 @@ def main() -> None:
         base = args.keep or Path(tmp)
         rows = real_rows(args.weights, Path(tmp))
         print(f"{len(rows)} real rows of a scan of examples/studies; --window {args.window}")
-        print(f"{'rows':>8}  {'MiB':>6}  {'monitor s':>9}  {'peak RSS MiB':>12}  {'exit':>4}  "
+        print(f"{'rows':>8}  {'MiB':>6}  {'monitor s':>9}  {'CPU s':>6}  {'peak RSS MiB':>12}  {'exit':>4}  "
               f"{'read s':>6}  {'read peak MiB':>13}")
         for n in args.n:
             folder = base / f"results_{n}"
             folder.mkdir(parents=True, exist_ok=True)
             write_large(rows, n, folder / "results.csv")
             size = (folder / "results.csv").stat().st_size / 2**20
-            wall, rss, code, _ = run_child([sys.executable, "-m", "cxr_batch", "monitor", str(folder), "--out",
-                                            str(base / f"monitor_{n}"), "--window", args.window])
+            wall, cpu, rss, code, _ = run_child([sys.executable, "-m", "cxr_batch", "monitor", str(folder),
+                                                 "--out", str(base / f"monitor_{n}"), "--window", args.window])
             read = [sys.executable, "-c", READ_ONLY, str(folder / "results.csv")]
-            read_s = run_child(read + ["-"])[3].split()[0]
-            read_peak = run_child(read + ["traced"])[3].split()[1]
-            print(f"{n:>8}  {size:>6.1f}  {wall:>9.1f}  {rss:>12.0f}  {code:>4}  {read_s:>6}  {read_peak:>13}",
-                  flush=True)
+            read_s = run_child(read + ["-"])[4].split()[0]
+            read_peak = run_child(read + ["traced"])[4].split()[1]
+            print(f"{n:>8}  {size:>6.1f}  {wall:>9.1f}  {cpu:>6.1f}  {rss:>12.0f}  {code:>4}  {read_s:>6}  "
+                  f"{read_peak:>13}", flush=True)
 
 
 if __name__ == "__main__":
