@@ -1,6 +1,6 @@
 """What ``cxr-batch monitor`` costs on a daemon's results.csv after a year of ``watch``.
 
-    python benchmarks/monitor_large.py [--n 100000] [--window 500] [--weights BUNDLE] [--keep DIR]
+    python benchmarks/monitor_large.py [--n 100000] [--window 500] [--weights BUNDLE] [--keep DIR] [--phases]
 
 Scans ``examples/studies`` once (real rows with every column scan writes, scored by the default
 bundle or ``--weights``), then writes, for each ``--n``, a results.csv of N rows made from them:
@@ -13,6 +13,8 @@ process: seconds) and, in another child, tracemalloc's peak of that reading (tra
 what it traces, so the seconds come from the first). CPU seconds move less than wall seconds on
 a machine shared with other jobs. The drift monitor of ``watch``/``listen``/``pull`` reads its
 window from the ledger, not results.csv (``cxr_batch/drift_watch.py``): not measured here.
+``--phases`` runs monitor once more and prints its CPU seconds and peak RSS after reading
+results.csv, after testing the windows and after writing monitor.json and monitor.pdf.
 """
 
 from __future__ import annotations
@@ -41,6 +43,28 @@ if traced:
 t = time.perf_counter()
 records, bad = readable_records(Path(sys.argv[1]))
 print(f"{time.perf_counter() - t:.1f}", f"{tracemalloc.get_traced_memory()[1] / 2**20:.0f}" if traced else "")
+"""
+# monitor once more, saying where its CPU time and memory go: after reading results.csv, after
+# testing every window, after writing monitor.json and monitor.pdf (CPU seconds and peak RSS so far)
+PHASES = """
+import resource, sys
+from pathlib import Path
+import cxr_batch.monitor as m
+def mark(what):
+    u = resource.getrusage(resource.RUSAGE_SELF)
+    print(f"{what} {u.ru_utime + u.ru_stime:.1f} s {u.ru_maxrss / 1024:.0f} MiB;", end=" ")
+read, write = m.readable_records, m.write_outputs
+def reading(*a, **k):
+    out = read(*a, **k)
+    mark("read")
+    return out
+def writing(*a, **k):
+    mark("windows tested")
+    write(*a, **k)
+    mark("outputs written")
+m.readable_records, m.write_outputs = reading, writing
+mark("imported")
+m.run_monitor(Path(sys.argv[1]), Path(sys.argv[2]), opts=m.MonitorOptions(window=m.WindowSpec.parse(sys.argv[3])))
 """
 
 
@@ -115,6 +139,7 @@ def main() -> None:
     ap.add_argument("--window", default="500")
     ap.add_argument("--weights", default=None, help="bundle to scan the examples with (default: the default bundle)")
     ap.add_argument("--keep", type=Path, default=None, help="write the results folders here, not in a temp folder")
+    ap.add_argument("--phases", action="store_true", help="run monitor once more and say where its time and memory go")
     args = ap.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="cxr-monitor-bench-") as tmp:
@@ -135,6 +160,9 @@ def main() -> None:
             read_peak = run_child(read + ["traced"])[4].split()[1]
             print(f"{n:>8}  {size:>6.1f}  {wall:>9.1f}  {cpu:>6.1f}  {rss:>12.0f}  {code:>4}  {read_s:>6}  "
                   f"{read_peak:>13}", flush=True)
+            if args.phases:
+                phases = run_child([sys.executable, "-c", PHASES, str(folder), str(base / f"phases_{n}"), args.window])
+                print(f"{'':>8}  phases (CPU seconds, peak RSS so far): {phases[4].strip()}", flush=True)
 
 
 if __name__ == "__main__":
