@@ -7,8 +7,10 @@ band. Every number comes from the evaluation dict that evaluation.json holds.
 
 from __future__ import annotations
 
+import gc
 import io
 import textwrap
+from collections.abc import Iterable
 from pathlib import Path
 
 import matplotlib
@@ -190,13 +192,16 @@ def write_evaluation_pdf(ev: dict, y: np.ndarray, p: np.ndarray, path: Path) -> 
                       f"cxr-batch evaluation of {ev['model']}")
 
 
-def save_pages(figures: list[Figure], path: Path, title: str) -> Path:
+def save_pages(figures: Iterable[Figure], path: Path, title: str) -> Path:
     """Write ``figures`` as the pages of one PDF at ``path``, mode 0640, via a temp file and a
     rename: a reader never sees half a report. Drawn in memory first: matplotlib writing to a
-    full disk as it draws hid the OSError behind a zlib error ('inconsistent stream state')."""
+    full disk as it draws hid the OSError behind a zlib error ('inconsistent stream state').
+    ``figures`` may be made one at a time (a generator): each is freed once written."""
     buffer = io.BytesIO()
     with PdfPages(buffer, metadata={"Title": title}) as pdf:
         for fig in figures:
             pdf.savefig(fig)
+            del fig  # a figure's artists refer to each other: freed by the collector, not when dropped
+            gc.collect()
     atomic_write_bytes(Path(path), buffer.getvalue(), mode=0o640)
     return Path(path)

@@ -36,7 +36,6 @@ from .files import atomic_write_bytes, private_dir
 from .findings import FINDINGS
 from .patient import MAX_PLAUSIBLE_AGE
 from .record import COLUMNS, DRIFT_COLUMNS, StudyRecord
-from .results import read_results
 from .study import clean_text
 
 log = logging.getLogger("cxr_batch")
@@ -167,20 +166,29 @@ def bundle_reference(folder: Path) -> Reference:
                      manifest)
 
 
-def readable_records(csv: Path) -> tuple[list[tuple[int, StudyRecord]], list[str]]:
+# Columns StudyRecord.from_row only copies as text and monitoring never reads (identifiers but the
+# study date, notes, sources, report): left out of the records monitor keeps, a daemon's results.csv
+# holding a year of studies. None of them can make a row unreadable, so the same rows read.
+NOT_MONITORED = ("reason", "patient_id", "study_uid", "series_uid", "sop_uid", "accession_number", "age_source",
+                 "sex_source", "view_source", "notes", "findings", "report")
+MONITORED_COLUMNS = tuple(c for c in COLUMNS if c not in NOT_MONITORED)
+
+
+def readable_records(csv: Path, columns: tuple[str, ...] | None = MONITORED_COLUMNS
+                     ) -> tuple[list[tuple[int, StudyRecord]], list[str]]:
     """(row number, record) of each row of a results.csv that reads (1: the first row after the
     header), and why each other row did not ("row 7: ..."): a row cut short by a crash mid-append
-    or read while a daemon writes it, or a value edited by hand, costs itself, not the monitoring."""
+    or read while a daemon writes it, or a value edited by hand, costs itself, not the monitoring.
+    The records hold ``columns`` only (None: every column)."""
     records, bad = [], []
-    try:
-        rows = read_results(csv)
-    except UnicodeDecodeError as e:
-        raise _not_utf8(csv, e) from None
-    for i, row in enumerate(rows, start=1):
+    keep = None if columns is None else frozenset(columns)
+    for i, row in enumerate(_rows(csv), start=1):
         if None in row or None in row.values():  # csv's restkey / restval: not the header's number of fields
             bad.append(f"row {i}: {'more' if None in row else 'fewer'} fields than the header (cut short while "
                        f"written, or edited by hand)")
             continue
+        if keep is not None:
+            row = {k: v for k, v in row.items() if k in keep}
         try:
             record = StudyRecord.from_row(row)
         except (ValueError, TypeError, KeyError, AttributeError) as e:
@@ -191,6 +199,16 @@ def readable_records(csv: Path) -> tuple[list[tuple[int, StudyRecord]], list[str
         else:
             records.append((i, record))
     return records, bad
+
+
+def _rows(csv: Path):
+    """The rows of a results.csv one at a time, as read_results reads them (a byte-order mark is
+    not part of the first column's name) but without holding them all: a year of a daemon's rows."""
+    try:
+        with open(csv, newline="", encoding="utf-8-sig") as f:
+            yield from _csv.DictReader(f)
+    except UnicodeDecodeError as e:
+        raise _not_utf8(csv, e) from None
 
 
 def _unreadable_value(row: dict) -> str:

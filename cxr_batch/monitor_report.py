@@ -10,7 +10,9 @@ number comes from the report that monitor.json holds.
 
 from __future__ import annotations
 
+import itertools
 import textwrap
+from collections.abc import Iterator
 from pathlib import Path
 
 import matplotlib
@@ -122,30 +124,35 @@ def _panel(ax, name: str, entries: list[tuple[int, dict]]) -> None:
     ax.set_xlim(min(xs) - 0.5, max(xs) + 0.5)
 
 
-def trend_pages(report: dict) -> list[Figure]:
-    pages = []
+def trend_pages(report: dict) -> Iterator[Figure]:
+    """The trend pages one at a time: a page of a year of windows holds tens of thousands of
+    artists, so each is written (:func:`save_pages`) before the next is drawn, not all held."""
     per_page = PANELS[0] * PANELS[1]
+    names = [q.name for q in sorted(QUANTITIES, key=lambda q: GROUPS.index(q.group))]
     for m in report["models"]:
         if not m["windows"]:
             continue
-        names = [q.name for q in sorted(QUANTITIES, key=lambda q: GROUPS.index(q.group))]
         for start in range(0, len(names), per_page):
-            fig = Figure(figsize=A4)
-            fig.suptitle(f"Trends by window: {m['model']} ({m['weights_sha256'][:12]}...)", fontsize=11,
-                         weight="bold", y=0.98)
-            fig.text(0.5, 0.955, "x: window; grey: the reference (median and interquartile range, or rate; dashed: the "
-                     "smallest distance that alarms); dots: each window; red: an alarm", ha="center", fontsize=7)
-            axes = fig.subplots(*PANELS, gridspec_kw={"hspace": 0.7, "wspace": 0.35, "left": 0.07, "right": 0.97,
-                                                      "top": 0.92, "bottom": 0.04})
-            for ax, name in zip(axes.ravel(), names[start:start + per_page] + [None] * per_page):
-                if name is None:
-                    ax.axis("off")
-                    continue
-                _panel(ax, name, [(w["window"]["index"], w["statistics"][name]) for w in m["windows"]])
-            pages.append(fig)
-    return pages
+            yield _trend_page(m, names[start:start + per_page])
+
+
+def _trend_page(m: dict, names: list[str]) -> Figure:
+    fig = Figure(figsize=A4)
+    fig.suptitle(f"Trends by window: {m['model']} ({m['weights_sha256'][:12]}...)", fontsize=11,
+                 weight="bold", y=0.98)
+    fig.text(0.5, 0.955, "x: window; grey: the reference (median and interquartile range, or rate; dashed: the "
+             "smallest distance that alarms); dots: each window; red: an alarm", ha="center", fontsize=7)
+    axes = fig.subplots(*PANELS, gridspec_kw={"hspace": 0.7, "wspace": 0.35, "left": 0.07, "right": 0.97,
+                                              "top": 0.92, "bottom": 0.04})
+    for ax, name in zip(axes.ravel(), names + [None] * (PANELS[0] * PANELS[1])):
+        if name is None:
+            ax.axis("off")
+            continue
+        _panel(ax, name, [(w["window"]["index"], w["statistics"][name]) for w in m["windows"]])
+    return fig
 
 
 def write_monitor_pdf(report: dict, path: Path) -> Path:
     """Write the summary and trend pages to ``path`` (via a temp file and a rename)."""
-    return save_pages([summary_page(report), *trend_pages(report)], path, "cxr-batch drift monitoring")
+    return save_pages(itertools.chain([summary_page(report)], trend_pages(report)), path,
+                      "cxr-batch drift monitoring")
