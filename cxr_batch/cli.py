@@ -730,6 +730,9 @@ def parse_window(_ctx, _param, value):
         raise click.BadParameter(str(e)) from None
 
 
+ALARM_LINES = 20  # monitor: alarms printed on the terminal at most
+
+
 @main.command()
 @click.argument("results", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--out", "-o", required=True, type=click.Path(file_okay=False, path_type=Path),
@@ -765,8 +768,15 @@ def monitor(results, out, reference, window, alpha, min_studies, debug):
     report = run_fatal_errors(debug, action)  # bad bundles, unreadable files: exit 1, said plainly
     for note in report["notes"] + [n for m in report["models"] for n in m["notes"]]:  # rows left out, what was not compared
         click.echo(f"cxr-batch: note: {note}", err=True)
-    for alarm in report["alarms"]:
-        click.echo(f"cxr-batch: ALARM {alarm['model']}: {alarm_line(alarm)}", err=True)
+    # a drift lasting months alarms in nearly every window: the newest are printed, the summary
+    # line stays in sight, and monitor.json / monitor.pdf hold every one
+    alarms = report["alarms"]
+    shown = sorted(sorted(range(len(alarms)), key=lambda i: -alarms[i]["window"]["index"])[:ALARM_LINES])
+    if len(alarms) > len(shown):
+        click.echo(f"cxr-batch: {len(alarms) - len(shown)} earlier alarm(s) not printed: monitor.json lists every one, "
+                   f"monitor.pdf draws them; the newest {len(shown)}:", err=True)
+    for i in shown:
+        click.echo(f"cxr-batch: ALARM {alarms[i]['model']}: {alarm_line(alarms[i])}", err=True)
     if report.get("problem"):
         click.echo(f"cxr-batch: error: {report['problem']}", err=True)
     windows = [w for m in report["models"] for w in m["windows"]]

@@ -385,3 +385,29 @@ def test_the_orientation_alarm_of_inverted_images_says_inversion_flips_it_too(st
     text = " ".join(PdfReader(tmp_path / "m" / "monitor.pdf").pages[0].extract_text().split())
     assert "lower half minus upper half (orientation cue; flips when the image is upside down or its grey levels " \
            "are inverted)" in text
+
+
+def test_a_year_of_alarms_is_not_printed_line_by_line(monkeypatch, tmp_path):
+    """A drift lasting months alarms in nearly every window: monitor printed every alarm (4,486
+    lines for `python benchmarks/monitor_large.py`), burying the summary. The terminal gets the
+    newest windows' alarms and a line saying how many more monitor.json and monitor.pdf hold."""
+    from click.testing import CliRunner
+
+    import cxr_batch.monitor as monitor
+    from cxr_batch.cli import main
+
+    def alarm(index):
+        return {"model": "m@1", "label": "mean grey level", "quantity": "mean_grey", "shift": "brighter",
+                "effect_name": "d", "effect": 0.9, "p_holm": 1e-6, "window": {"index": index, "n": 500}}
+
+    report = {"notes": [], "models": [{"notes": [], "windows": [{"too_small": False}] * 300}],
+              "alarms": [alarm(i) for i in range(300)], "studies": {"scored": 150000}, "exit_code": 5}
+    monkeypatch.setattr(monitor, "run_monitor", lambda *args: report)
+    (tmp_path / "daemon").mkdir()
+    (tmp_path / "daemon" / "results.csv").write_text("file\n")
+    done = CliRunner().invoke(main, ["monitor", str(tmp_path / "daemon"), "--out", str(tmp_path / "mon")])
+    lines = [line for line in done.output.splitlines() if "ALARM" in line]
+    assert done.exit_code == 5 and 0 < len(lines) <= 20, done.output
+    assert "window 299 " in lines[-1] and "window 0 " not in done.output
+    assert "280 earlier alarm(s) not printed: monitor.json lists every one" in done.output
+    assert "300 alarm(s)" in done.output
