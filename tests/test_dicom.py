@@ -246,7 +246,8 @@ def test_a_cut_codestream_the_decoder_refuses_is_called_corrupt_not_undecodable(
 
 
 def _with_raw(path, old: bytes, new: bytes):
-    """Replace a header value in the file's bytes (same length): values pydicom will not write."""
+    """Replace a header value in the file's bytes (same length): values pydicom will not write.
+    ``old`` must be bytes no UID can hold (a '+' or '-'): the UIDs are new at each run."""
     data = path.read_bytes()
     assert data.count(old) == 1
     path.write_bytes(data.replace(old, new))
@@ -260,8 +261,8 @@ def test_a_rescale_that_is_not_a_finite_number_is_named(tmp_path, nih_images, ke
     """A NaN or infinite rescale (or one whose product overflows) made every value NaN: the row
     said 'unexpected ValueError while reading: invalid grey range [nan, nan]'."""
     stored = grey(nih_images[0]).astype(np.uint16) * 16
-    path = write(tmp_path / "r", stored, RescaleSlope="1.25", RescaleIntercept="-7.5")
-    _with_raw(path, b"1.25" if keyword == "RescaleSlope" else b"-7.5", value)
+    path = write(tmp_path / "r", stored, RescaleSlope="+1.5", RescaleIntercept="-7.5")  # '+' and '-': never in a UID
+    _with_raw(path, b"+1.5" if keyword == "RescaleSlope" else b"-7.5", value)
     with pytest.raises(ReadError, match=f"{keyword} is not a finite number|rescale .* finite number"):
         read_study(path, RULES)
 
@@ -273,8 +274,9 @@ def test_a_window_that_is_not_a_finite_number_is_not_used(tmp_path, nih_images):
     plain = read_study(write(tmp_path / "plain", stored, bits_stored=12, WindowCenter=2048, WindowWidth=0.5),
                        RULES).grey
     for centre, width in ((b"nan ", b"nan "), (b"2048", b"inf "), (b"-inf", b"4096")):
-        path = write(tmp_path / "w", stored, bits_stored=12, WindowCenter="1111", WindowWidth="2222")
-        _with_raw(_with_raw(path, b"1111", centre), b"2222", width)
+        # values whose bytes no generated UID holds ("2222" was in one now and then)
+        path = write(tmp_path / "w", stored, bits_stored=12, WindowCenter="+111", WindowWidth="+222")
+        _with_raw(_with_raw(path, b"+111", centre), b"+222", width)
         assert np.array_equal(read_study(path, RULES).grey, plain), (centre, width)
 
 

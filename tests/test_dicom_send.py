@@ -7,6 +7,7 @@ import socket
 import subprocess
 import threading
 import time
+import warnings
 
 import pydicom
 import pytest
@@ -218,7 +219,10 @@ def test_the_pacs_s_error_comment_is_kept_with_the_status(sr, refusing_scp, tmp_
     answer["status"] = status
     path = tmp_path / "sr.dcm"
     sr.save_as(path, enforce_file_format=True)
-    delivery = DicomChannel(Destination("PACS", "127.0.0.1", port), timeout=10).send(path)
+    with warnings.catch_warnings(record=True) as seen:  # pydicom's warning would reach the user's stderr
+        warnings.simplefilter("always")
+        delivery = DicomChannel(Destination("PACS", "127.0.0.1", port), timeout=10).send(path)
+    assert not [w for w in seen if "escape sequence" in str(w.message)]
     assert delivery.outcome == "rejected" and "0xA900" in delivery.reason, delivery
     assert "Patient ID mismatch" in delivery.reason and "\x1b" not in delivery.reason, delivery
     assert "0xA900" in delivery.logged and "mismatch" not in delivery.logged  # what the log says

@@ -15,6 +15,7 @@ import logging
 import re
 import socket
 import ssl
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -141,6 +142,11 @@ def send_dataset(dataset: Dataset | str | Path, destination: Destination, *, cal
     association failures."""
     from pynetdicom import AE, evt  # imported only where results are sent
 
+    # A peer's text with an escape byte that names no character set (a PACS's Error Comment:
+    # its words may hold anything) makes pydicom warn on the user's stderr, from pynetdicom's
+    # thread as it decodes the response; the text is still read (ISO 8859) and shown escaped.
+    # (Adding the same filter again replaces it: the list does not grow.)
+    warnings.filterwarnings("ignore", message="Found unknown escape sequence", category=UserWarning)
     if not isinstance(dataset, Dataset):
         dataset = pydicom.dcmread(dataset)
     uid = str(dataset.get("SOPInstanceUID", ""))
