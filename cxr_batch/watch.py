@@ -129,7 +129,10 @@ class Watcher:
     folder_name = "the watched folder"  # in the log and status.json (the listen node's is its spool)
 
     def __init__(self, watch_dir: Path, out: Path, cfg: WatchConfig, stop: StopSignal | None = None):
-        self.watch_dir, self.out, self.cfg = Path(watch_dir).resolve(), Path(out), cfg
+        # absolute but not resolved: a watched link (``incoming -> /mnt/pacs-export``) is watched
+        # as a link, so one pointed elsewhere while the daemon runs is another folder, watched at
+        # the next heartbeat (resolved once, the old export went on being watched)
+        self.watch_dir, self.out, self.cfg = Path(os.path.abspath(watch_dir)), Path(out), cfg
         self.stop, self._install_stop = (stop, False) if stop is not None else (StopSignal(), True)
         self.check_folders()  # before any folder is made or the model loads
         refuse_scan_results(self.out, self.command)
@@ -184,6 +187,7 @@ class Watcher:
         self.observer = None
         self.watch_missing = False  # the watched folder is gone (a share unmounted, the folder removed)
         self.watched = None  # (device, inode) of the folder the file-system watch is on
+        self.watch_real = self.watch_dir  # its path, links resolved (watch_target)
         self.fault = ""  # why writing fails (degrade), apart from a missing watched folder
 
     def check_folders(self) -> None:
@@ -310,7 +314,7 @@ class Watcher:
             self.contained(self.rewatch)
             self.contained(self.rescan)
         elif present and (identity != self.watched or self.watch_lost()):
-            log.info("%s %s was replaced (removed and made again, or by a link): watching it again",
+            log.info("%s %s was replaced (removed and made again, replaced by a link, or its link pointed elsewhere): watching it again",
                      self.folder_name, self.watch_dir)
             self.contained(self.rewatch)
             self.contained(self.rescan)
@@ -342,7 +346,7 @@ class Watcher:
         if self.observer is not None:
             self.observer.unschedule_all()
             self.watched = self.watch_identity()
-            self.observer.schedule(self.handler, str(self.watch_dir), recursive=True)
+            self.observer.schedule(self.handler, str(self.watch_target()), recursive=True)
 
     def recovered(self) -> None:
         if self.watch_missing:  # writing works again, but nothing new can be seen: still degraded
@@ -375,8 +379,16 @@ class Watcher:
         observer = PollingObserver(timeout=self.cfg.poll_interval) if self.cfg.polling else Observer()
         self.handler = Handler()
         self.watched = self.watch_identity()
-        observer.schedule(self.handler, str(self.watch_dir), recursive=True)
+        observer.schedule(self.handler, str(self.watch_target()), recursive=True)
         return observer
+
+    def watch_target(self) -> Path:
+        """The folder the file-system watch is put on: the watched folder with links resolved
+        now (watchdog watches a link itself, not its folder). Its events are taken back to the
+        watched path in :meth:`track`; those of a folder watched before (the link pointed
+        elsewhere since) are dropped."""
+        self.watch_real = Path(os.path.realpath(self.watch_dir))
+        return self.watch_real
 
     def cleanup_temp(self) -> None:
         """Our own temp files from a killed run (results, reports, SRs, ORUs): never left where
@@ -461,7 +473,11 @@ class Watcher:
         try:
             rel = path.relative_to(self.watch_dir).as_posix()
         except ValueError:
-            return
+            try:  # an event of the file-system watch, on the folder the watched link points to
+                rel = path.relative_to(self.watch_real).as_posix()
+            except ValueError:
+                return
+            path = self.watch_dir / rel
         if any(is_ignored_name(part) for part in Path(rel).parts) or rel.lower().endswith(".json"):
             return
         if any(_inside(path, folder) for folder in self.exclude):

@@ -400,3 +400,39 @@ def test_a_full_disk_and_a_missing_watched_folder_are_both_said(tmp_path, nih_im
         assert wait_for(lambda: len(ok_rows(out)) >= 1, timeout=120)
     finally:
         assert stop(daemon) == 0
+
+
+def test_a_watch_on_a_link_follows_the_link_when_it_is_pointed_elsewhere(tmp_path, nih_images, small_bundle):
+    """An operator re-points the link the daemon watches (``incoming -> /mnt/pacs-export-new``)
+    while it runs: the daemon had resolved the link once at start and went on watching the old
+    export, so no study of the new one was ever scored. Now the link is watched as it is: the
+    folder it points to is another folder, watched (and rescanned) at the next heartbeat. A link
+    whose folder vanishes is a missing watched folder, like the folder itself."""
+    import shutil
+
+    old, new, out = tmp_path / "export-old", tmp_path / "export-new", tmp_path / "out"
+    old.mkdir()
+    new.mkdir()
+    incoming = tmp_path / "incoming"
+    incoming.symlink_to(old)
+    good_dicoms(old, nih_images, 1)
+    daemon = start_daemon(incoming, out, small_bundle, watch_config(tmp_path / "w.toml", rescan_interval=600.0,
+                                                                    heartbeat_interval=1.0))
+    try:
+        assert wait_for(lambda: len(ok_rows(out)) == 1)
+        relink = tmp_path / "incoming.new"
+        relink.symlink_to(new)
+        os.replace(relink, incoming)  # as `ln -sfn` does it: the link is never missing
+        time.sleep(3)  # a heartbeat or two
+        good_dicoms(new, nih_images, 1, start=1)
+        good_dicoms(old, nih_images, 1, start=2)  # the old export is no longer watched
+        assert wait_for(lambda: len(ok_rows(out)) == 2, timeout=40), status(out)
+        time.sleep(3)
+        assert {r["file"] for r in ok_rows(out)} == {"g00.dcm", "g01.dcm"}
+        assert status(out)["state"] == "running"
+        shutil.rmtree(new)  # the link now points nowhere
+        assert wait_for(lambda: "watched folder is missing" in status(out).get("reason", ""), timeout=30), status(out)
+    finally:
+        assert stop(daemon) == 0
+    log = daemon.stderr.read()
+    assert "was replaced" in log and str(incoming) in log, log[-2000:]
