@@ -52,8 +52,7 @@ def find_candidates(root: Path, exclude: list[Path] = (), follow_links: bool = F
         return p.relative_to(root).as_posix()
 
     def leaves_root(path: Path) -> bool:
-        target = os.path.realpath(path)
-        return not (target == real_root or target.startswith(real_root.rstrip("/") + "/"))
+        return leaves_folder(path, real_root)
 
     def walk(folder: Path, via_link: bool = False) -> None:
         try:
@@ -115,6 +114,13 @@ def find_candidates(root: Path, exclude: list[Path] = (), follow_links: bool = F
             else:
                 found.append(Candidate(path, name, identity=identity))
     return sorted(found, key=lambda c: c.rel)
+
+
+def leaves_folder(path: Path, real_root: str) -> bool:
+    """Whether ``path``, links followed, lies outside the folder whose resolved path is
+    ``real_root`` (the link policy of :func:`find_candidates`)."""
+    target = os.path.realpath(path)
+    return not (target == real_root or target.startswith(real_root.rstrip("/") + "/"))
 
 
 def link_problem(path: Path) -> str:

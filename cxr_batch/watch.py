@@ -40,7 +40,7 @@ from pathlib import Path
 
 from .bundle import load_bundle
 from .config import bounded
-from .discover import Candidate, find_candidates, is_ignored_name
+from .discover import Candidate, find_candidates, is_ignored_name, leaves_folder
 from .drift_watch import DriftWatch
 from .files import atomic_write_bytes, private_dir, remove_stale_temp
 from .folderlock import FolderLock
@@ -482,6 +482,8 @@ class Watcher:
             return
         if any(_inside(path, folder) for folder in self.exclude):
             return
+        if not self.cfg.follow_links and leaves_folder(path, os.path.realpath(self.watch_dir)):
+            return  # a link to outside the folder: not read, as the rescan (find_candidates) leaves it
         try:
             st = path.stat()
         except OSError:

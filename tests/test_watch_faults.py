@@ -436,3 +436,25 @@ def test_a_watch_on_a_link_follows_the_link_when_it_is_pointed_elsewhere(tmp_pat
         assert stop(daemon) == 0
     log = daemon.stderr.read()
     assert "was replaced" in log and str(incoming) in log, log[-2000:]
+
+
+def test_a_link_to_a_file_outside_the_watched_folder_is_not_read(tmp_path, nih_images, small_bundle):
+    """A symbolic link made in the watched folder to a file outside it (another patient's
+    export, /etc): scan leaves it unread (``--follow-links`` allows it) and so did the daemon's
+    rescan, but the file-system event of its creation put it straight into the next batch, and
+    the file outside was scored. Now an event is held to the same rule as the rescan."""
+    incoming, outside, out = tmp_path / "in", tmp_path / "outside", tmp_path / "out"
+    incoming.mkdir()
+    outside.mkdir()
+    good_dicoms(incoming, nih_images, 1)
+    good_dicoms(outside, nih_images, 1, start=1)
+    daemon = start_daemon(incoming, out, small_bundle, watch_config(tmp_path / "w.toml", rescan_interval=600.0))
+    try:
+        assert wait_for(lambda: len(ok_rows(out)) == 1)
+        (incoming / "elsewhere.dcm").symlink_to(outside / "g01.dcm")
+        good_dicoms(incoming, nih_images, 1, start=2)  # a study after it: the link's batch has gone by
+        assert wait_for(lambda: len(ok_rows(out)) >= 2, timeout=40), status(out)
+        time.sleep(2)
+        assert sorted(r["file"] for r in rows_now(out)) == ["g00.dcm", "g02.dcm"]
+    finally:
+        assert stop(daemon) == 0
