@@ -50,7 +50,7 @@ from .journal import refuse_scan_results
 from .keys import study_key
 from .ledger import Ledger, Outcome
 from .metadata import load_metadata_csv
-from .record import StudyRecord, log_name
+from .record import StudyRecord, log_name, name_bytes
 from .results import AtomicCsvWriter, append_rows, read_results
 from .runconfig import RunConfig
 from .runtime import default_workers, make_policy
@@ -548,7 +548,7 @@ class Watcher:
                 continue
             except Exception:  # unreadable (permissions, a FIFO): the reader's row says why
                 st = self.pending[rel]
-                key = content = "file:" + hashlib.sha256(f"{rel}:{st.size}:{st.mtime_ns}".encode()).hexdigest()
+                key = content = "file:" + hashlib.sha256(name_bytes(f"{rel}:{st.size}:{st.mtime_ns}")).hexdigest()
             versions.setdefault(key, []).append((rel, content))
         ids, duplicates = {}, []
         for key, group in versions.items():
@@ -694,7 +694,7 @@ class Watcher:
             st = self.pending.get(rel)
             if st is None:
                 continue
-            key = "file:" + hashlib.sha256(f"{rel}:{st.size}:{st.mtime_ns}".encode()).hexdigest()
+            key = "file:" + hashlib.sha256(name_bytes(f"{rel}:{st.size}:{st.mtime_ns}")).hexdigest()
             record = StudyRecord(file=rel, status="error", reason=reason, model=self.bundle.label,
                                  weights_sha256=self.bundle.sha256)
             studies.append((key, key, record))
@@ -719,7 +719,7 @@ class Watcher:
         if not target:
             return
         source = self.watch_dir / rel
-        tag = hashlib.sha256(key.encode()).hexdigest()[:12]
+        tag = hashlib.sha256(name_bytes(key)).hexdigest()[:12]
         dest = Path(target) / Path(rel).parent / f"{Path(rel).stem}.{tag}{Path(rel).suffix}"
         try:
             if dest.exists():

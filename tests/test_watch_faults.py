@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from pathlib import Path
 
 import pydicom
 import pytest
@@ -458,3 +459,29 @@ def test_a_link_to_a_file_outside_the_watched_folder_is_not_read(tmp_path, nih_i
         assert sorted(r["file"] for r in rows_now(out)) == ["g00.dcm", "g02.dcm"]
     finally:
         assert stop(daemon) == 0
+
+
+def test_file_names_that_are_not_utf8_are_scored_and_the_daemon_goes_on(tmp_path, nih_images, small_bundle):
+    """A study whose name is not UTF-8 (Latin-1 from an old export: a storescp folder named
+    after Mr Müller) killed the daemon with a traceback: the ledger cannot store such a name as
+    it is. A name with a line break in it is odd too. Now both are scored, archived, and logged
+    by their hash; results.csv shows the odd bytes as U+FFFD."""
+    incoming, out, archive = tmp_path / "in", tmp_path / "out", tmp_path / "archive"
+    incoming.mkdir()
+    latin1 = os.fsdecode(os.fsencode(incoming) + b"/M\xfcller")
+    os.mkdir(latin1)
+    write(Path(latin1) / "IM1.dcm", grey(nih_images[0]), PatientID="L1")
+    (incoming / "two\nlines").mkdir()
+    write(incoming / "two\nlines" / "IM2.dcm", grey(nih_images[1]), PatientID="L2")
+    daemon = start_daemon(incoming, out, small_bundle, watch_config(tmp_path / "w.toml"), "--archive-dir", archive)
+    try:
+        assert wait_for(lambda: len(ok_rows(out)) == 2 or daemon.poll() is not None, timeout=60), status(out)
+        write(incoming / "after.dcm", grey(nih_images[2]), PatientID="L3")  # and it goes on
+        assert wait_for(lambda: len(ok_rows(out)) == 3 or daemon.poll() is not None, timeout=60), status(out)
+    finally:
+        code = stop(daemon)
+    log = daemon.stderr.read()
+    assert code == 0 and "Traceback" not in log, log[-2000:]
+    assert sorted(r["file"] for r in ok_rows(out)) == ["M\ufffdller/IM1.dcm", "after.dcm", "twolines/IM2.dcm"]
+    assert len(list(archive.rglob("*.dcm"))) == 3
+    assert not [p for p in incoming.rglob("*") if p.is_file()]
