@@ -31,7 +31,6 @@ import logging
 import os
 import queue
 import shutil
-import signal
 import sqlite3
 import stat
 import time
@@ -39,6 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .bundle import load_bundle
+from .checkpoints import checkpoint
 from .config import bounded
 from .discover import Candidate, find_candidates, is_ignored_name, leaves_folder
 from .drift_watch import DriftWatch
@@ -60,14 +60,6 @@ from .triage import worklist_key
 
 log = logging.getLogger("cxr_batch")
 STATE_DIR = ".cxr-batch"
-# Tests of exactly-once delivery kill the daemon between the steps of a batch: with this
-# variable set to a step's name the process dies there as under SIGKILL (no clean-up runs).
-KILL_AT = os.environ.get("CXR_BATCH_KILL_AT", "")
-
-
-def _checkpoint(step: str) -> None:
-    if KILL_AT == step:
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 @dataclass
@@ -590,35 +582,36 @@ class Watcher:
         # committed (and so queued for the RIS and the PACS) in worklist order: read-first first
         studies.sort(key=lambda s: (not s[2].ok, worklist_key(s[2].priority, s[2].triage_score, s[2].file)
                                     if s[2].ok else ()))
+        checkpoint("reports")
         entries = [(r.file, key, r.status) for key, _, r in studies] + [(rel, "", "duplicate") for rel in duplicates]
         handled = [e for e in (self._file_entry(*entry) for entry in entries) if e is not None]
-        _checkpoint("reports")
         try:
             outcomes = self.ledger.commit(studies, handled, self.outbound_objects(studies))
         except Exception as e:
             if _is_output_fault(e):
                 raise OutputError(f"the ledger cannot be written: {e}") from None
             raise
-        _checkpoint("commit")
+        checkpoint("commit")
         self.publish(outcomes)
-        _checkpoint("publish")
+        checkpoint("publish")
         self.drift.added(sum(o.record.ok for o in outcomes if o.action != "kept"))
         self.outbox.wake()
         done = time.monotonic()
         for outcome in outcomes:
             record = outcome.record
             p = self.pending.pop(record.file, None)
+            taken = (p.size, p.mtime_ns) if p else None
             latency = done - p.ready_at if p and p.ready_at else 0.0
             note = {"replaced": " (replaces an earlier result)", "kept": " (an earlier result is kept)"}.get(
                 outcome.action, "")
             log.info("study key=%s %s status=%s priority=%s latency=%.2fs%s", outcome.key, log_name(record.file),
                      record.status, record.priority or "-", latency, note)
             self.processed += 1
-            self.move(record.file, outcome.key, "error" if outcome.action == "kept" else record.status)
+            self.move(record.file, outcome.key, "error" if outcome.action == "kept" else record.status, taken)
         for rel in duplicates:
-            self.pending.pop(rel, None)
+            p = self.pending.pop(rel, None)
             log.info("duplicate %s: the same instance was already reported", log_name(rel))
-            self.move(rel, "duplicate:" + rel, "duplicate")
+            self.move(rel, "duplicate:" + rel, "duplicate", (p.size, p.mtime_ns) if p else None)
 
     def outbound_objects(self, studies: list[tuple[str, str, StudyRecord]]) -> dict[str, list[tuple]]:
         """Results to queue for sending with the batch's commit (cxr_batch.integration.outbox):
@@ -706,19 +699,33 @@ class Watcher:
             self.publish(self.ledger.commit(studies, handled))
 
     def _file_entry(self, rel: str, key: str, outcome: str):
+        """The file as handled: its size and time when it was taken for its batch, not now (a
+        version written over it while the batch was processed is another file, read next)."""
         try:
             st = (self.watch_dir / rel).stat()
         except OSError:
             return None
-        return rel, st.st_size, st.st_mtime_ns, key, outcome
+        taken = self.pending.get(rel)
+        size, mtime_ns = (taken.size, taken.mtime_ns) if taken is not None else (st.st_size, st.st_mtime_ns)
+        return rel, size, mtime_ns, key, outcome
 
-    def move(self, rel: str, key: str, status: str) -> None:
+    def move(self, rel: str, key: str, status: str, taken: tuple[int, int] | None = None) -> None:
         """Archive (or quarantine) a processed file under a name made unique by its key, so a
-        later file at the same path never overwrites it."""
+        later file at the same path never overwrites it. ``taken``: its (size, mtime_ns) when
+        it was taken for its batch; a file written over since is another version, left in place
+        to be read (archived, it would never be)."""
         target = self.cfg.quarantine_dir if status == "error" else self.cfg.archive_dir
         if not target:
             return
         source = self.watch_dir / rel
+        if taken is not None:
+            try:
+                st = source.stat()
+            except OSError:
+                return  # gone: nothing to move
+            if (st.st_size, st.st_mtime_ns) != taken:
+                log.info("%s changed while it was processed: left in place, to be read again", log_name(rel))
+                return
         tag = hashlib.sha256(name_bytes(key)).hexdigest()[:12]
         dest = Path(target) / Path(rel).parent / f"{Path(rel).stem}.{tag}{Path(rel).suffix}"
         try:

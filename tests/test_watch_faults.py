@@ -485,3 +485,35 @@ def test_file_names_that_are_not_utf8_are_scored_and_the_daemon_goes_on(tmp_path
     assert sorted(r["file"] for r in ok_rows(out)) == ["M\ufffdller/IM1.dcm", "after.dcm", "twolines/IM2.dcm"]
     assert len(list(archive.rglob("*.dcm"))) == 3
     assert not [p for p in incoming.rglob("*") if p.is_file()]
+
+
+@pytest.mark.parametrize("step", ["reports", "commit"])
+def test_a_file_rewritten_while_its_batch_is_processed_is_read_again(tmp_path, nih_images, small_bundle, step):
+    """A PACS re-sends a corrected instance over the same path while the daemon is processing
+    the first version (its batch read, scored, reported, not yet committed or archived). The
+    ledger recorded the file as handled with the size and time the file had *after* the
+    rewrite, so the correction was never read; with --archive-dir it was even moved to the
+    archive unread. Now the file is recorded as it was when taken, a changed one is left in
+    place, and the correction is read and replaces the first result."""
+    incoming, out, archive = tmp_path / "in", tmp_path / "out", tmp_path / "archive"
+    incoming.mkdir()
+    pause = tmp_path / "pause"  # the daemon waits at `step` while this file exists
+    pause.touch()
+    first = write(tmp_path / "first.dcm", grey(nih_images[0]), PatientID="A", SOPInstanceUID="1.2.826.0.1.99.1")
+    correction = write(tmp_path / "correction.dcm", grey(nih_images[1]), PatientID="A",
+                       SOPInstanceUID="1.2.826.0.1.99.1")
+    (incoming / "a.dcm").write_bytes(first.read_bytes())
+    daemon = start_daemon(incoming, out, small_bundle, watch_config(tmp_path / "w.toml", rescan_interval=2.0),
+                          "--archive-dir", archive, env={"CXR_BATCH_PAUSE_AT": step, "CXR_BATCH_PAUSE_FILE": pause})
+    try:
+        assert wait_for(lambda: list((out / "reports").glob("cxr_*.pdf")), timeout=60)  # the first version's
+        time.sleep(0.5)  # (at the pause by now)
+        (incoming / "a.dcm").write_bytes(correction.read_bytes())  # in place, over the same path
+        pause.unlink()
+        assert wait_for(lambda: status(out).get("superseded") == 1, timeout=40), status(out)
+    finally:
+        assert stop(daemon) == 0
+    assert len(ok_rows(out)) == 1
+    # the first version's bytes were overwritten in place: what is archived is the correction, once read
+    assert [p.read_bytes() == correction.read_bytes() for p in archive.rglob("*.dcm")] == [True]
+    assert not (incoming / "a.dcm").exists()
