@@ -12,6 +12,7 @@ from pathlib import Path
 from . import exit_codes, journal
 from .bundle import DEFAULT_BUNDLE, load_bundle, read_manifest, refuse_output_in_bundle
 from .files import atomic_write_bytes, private_dir, remove_stale_temp
+from .checkpoints import checkpoint
 from .config import ConfigError, to_plain
 from .discover import find_candidates
 from .evidence import bundle_evidence
@@ -192,6 +193,7 @@ class ScanRun:
         if match is not None and match.problem():
             log.warning("%s", match.problem())
         kept, todo = self.previous.keep(candidates, self.bundle.sha256, cfg.pdf)
+        self.stamps = {c.rel: c.stamp for c in todo}
         if kept:
             log.info("--resume: %d studies scored before are kept (same file content, same weights); %d files to "
                      "read", len(kept), len(todo))
@@ -225,6 +227,7 @@ class ScanRun:
                         self.outputs(record, batch.inputs(pos))
                         write(record, True)
                         if record.ok:
+                            checkpoint("journal")
                             record_log.add(record, self._sha256(record), self.bundle.sha256)
                     record_log.flush()  # what is written survives any stop, SIGKILL included
                     done += len(batch.records)
@@ -263,10 +266,17 @@ class ScanRun:
             self.summary.srs += 1
 
     def _sha256(self, record) -> str:
+        """The content a resumed scan compares with, to keep this record: "" (never kept, read
+        again) when the file is gone or has changed since it was listed, so the record may be
+        of another version than the bytes hashed now (a study corrected in place while the
+        scan ran)."""
+        path = self.studies / record.file
         try:
-            return content_sha256(self.studies / record.file)
-        except Exception:  # gone since it was read: never matched by a resume, so it is read again
+            sha256 = content_sha256(path)
+            st = path.stat()
+        except Exception:
             return ""
+        return sha256 if (st.st_size, st.st_mtime_ns) == self.stamps.get(record.file) else ""
 
     def write_run_json(self, engine, cfg: ScanConfig, settings: dict, evidence_problem: str, match) -> None:
         summary = self.summary

@@ -494,3 +494,35 @@ def test_metadata_counts_only_the_files_whose_content_needs_a_row(tmp_path, nih,
                                                                    nih_images[0].name, "png_named.dcm"}
     assert rows["nopreamble.dcm"]["age_source"].startswith("header:")
     assert rows[nih_images[0].name]["age_source"] == "metadata"
+
+
+def test_a_file_rewritten_after_it_was_read_is_read_again_by_resume(tmp_path, nih_images, small_bundle):
+    """A study corrected in place (same path) while the scan runs, after its batch was read but
+    before the scan noted its content for --resume: the journal took the hash of the corrected
+    file for the row of the first version, so --resume kept the first version's row as if it
+    were the correction's. Now a file that changed since it was listed is never kept by
+    --resume: it is read again."""
+    from cxr_batch.reports import report_name
+
+    studies, out = tmp_path / "studies", tmp_path / "out"
+    studies.mkdir()
+    write(studies / "a.dcm", grey(nih_images[0]), PatientID="FIRST")
+    correction = write(tmp_path / "correction.dcm", grey(nih_images[1]), PatientID="CORRECTED")
+    pause = tmp_path / "pause"  # the scan waits before its journal entry while this file exists
+    pause.touch()
+    scan = subprocess.Popen([sys.executable, "-m", "cxr_batch", "scan", studies, "--out", out, "--weights",
+                             small_bundle, "--device", "cpu", "--workers", "0"],
+                            stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "CXR_BATCH_PAUSE_AT": "journal", "CXR_BATCH_PAUSE_FILE": str(pause)})
+    try:
+        end = time.time() + 120
+        while not (out / "reports" / report_name("a.dcm")).exists() and time.time() < end:
+            time.sleep(0.1)
+        (studies / "a.dcm").write_bytes(correction.read_bytes())
+    finally:
+        pause.unlink()
+        assert scan.wait(timeout=120) == 0, scan.stderr.read()
+    assert read_results(out / "results.csv")[0]["patient_id"] == "FIRST"  # what was read then
+    proc = cli("scan", studies, "--out", out, "--weights", small_bundle, "--device", "cpu", "--resume")
+    assert proc.returncode == 0, proc.stderr
+    assert read_results(out / "results.csv")[0]["patient_id"] == "CORRECTED"
