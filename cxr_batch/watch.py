@@ -727,7 +727,7 @@ class Watcher:
                 log.info("%s changed while it was processed: left in place, to be read again", log_name(rel))
                 return
         tag = hashlib.sha256(name_bytes(key)).hexdigest()[:12]
-        dest = Path(target) / Path(rel).parent / f"{Path(rel).stem}.{tag}{Path(rel).suffix}"
+        dest = Path(target) / Path(rel).parent / tagged_name(Path(rel).name, tag)
         try:
             if dest.exists():
                 source.unlink()  # the very same study is already kept there
@@ -807,6 +807,21 @@ class Watcher:
             return self.outbox.status(self.ledger)
         except sqlite3.Error:
             return {}
+
+
+NAME_MAX = 255  # bytes in one file name (Linux file systems)
+
+
+def tagged_name(name: str, tag: str) -> str:
+    """``IM0001.dcm`` -> ``IM0001.<tag>.dcm``, its stem cut to keep within NAME_MAX bytes: a name
+    that was already as long as a name can be could not be made with the tag added, so its file
+    was never moved."""
+    stem, suffix = Path(name).stem, Path(name).suffix
+    if len(name_bytes(suffix)) > 32:  # no extension, only a dot far to the left
+        stem, suffix = name, ""
+    room = NAME_MAX - len(name_bytes(f".{tag}{suffix}"))
+    # cut as bytes: a character cut in two becomes a byte the file system takes as it is
+    return f"{name_bytes(stem)[:room].decode('utf-8', 'surrogateescape')}.{tag}{suffix}"
 
 
 def write_status(path: Path, status: dict) -> None:

@@ -517,3 +517,25 @@ def test_a_file_rewritten_while_its_batch_is_processed_is_read_again(tmp_path, n
     # the first version's bytes were overwritten in place: what is archived is the correction, once read
     assert [p.read_bytes() == correction.read_bytes() for p in archive.rglob("*.dcm")] == [True]
     assert not (incoming / "a.dcm").exists()
+
+
+def test_a_file_with_the_longest_name_is_archived(tmp_path, nih_images, small_bundle):
+    """A file name of 255 bytes (the most a Linux file system takes): archived under its name
+    with the key's tag added it was too long to be made ('File name too long'), so the study
+    stayed in the watched folder for ever. Now the name is shortened to fit, keeping its tag
+    and extension."""
+    incoming, out, archive = tmp_path / "in", tmp_path / "out", tmp_path / "archive"
+    incoming.mkdir()
+    long_name = "L" * 251 + ".dcm"
+    write(incoming / long_name, grey(nih_images[0]), PatientID="LONG")
+    odd = os.fsdecode(b"\xc3\xa9" * 125 + b"\xfc.dcm")  # 255 bytes, characters of two bytes and one not UTF-8
+    write(incoming / odd, grey(nih_images[1]), PatientID="ODD")
+    daemon = start_daemon(incoming, out, small_bundle, watch_config(tmp_path / "w.toml"), "--archive-dir", archive)
+    try:
+        assert wait_for(lambda: len(ok_rows(out)) == 2 and not os.listdir(incoming), timeout=60), \
+            (rows_now(out), os.listdir(incoming))
+    finally:
+        assert stop(daemon) == 0
+    archived = sorted(os.fsencode(p.name) for p in archive.iterdir())
+    assert len(archived) == 2 and all(len(n) <= 255 and n.endswith(b".dcm") for n in archived), archived
+    assert archived[0].startswith(b"LLLL") and archived[1].startswith(b"\xc3\xa9" * 100)
