@@ -200,6 +200,7 @@ class ScanRun:
         shard = f" (shard {cfg.shard[0]}/{cfg.shard[1]} of {files_found})" if cfg.shard is not None else ""
         log.info("%d candidate files under %s%s", len(candidates), self.studies, shard)
         engine = Engine(self.bundle, self.policy)
+        checkpoint("loaded")
         record_log = journal.Journal(self.previous, self.studies, settings)
         records, scored_files = [], set()
         waiting = deque(sorted(kept.items()))  # kept rows, merged into the file order of the new ones
@@ -219,8 +220,11 @@ class ScanRun:
                 if self.reports is not None:
                     records.append(record)
 
+            # a stop asked for while the model loaded: no batch is begun (Ctrl-C at start-up means
+            # "not this scan", not "after one more batch")
+            batches = () if self.stop else score_batches(todo, engine, self.options, metadata, reader=self.reader)
             try:
-                for batch in score_batches(todo, engine, self.options, metadata, reader=self.reader):
+                for batch in batches:
                     for pos, record in enumerate(batch.records):
                         while waiting and waiting[0][0] < record.file:
                             write(waiting.popleft()[1], False)

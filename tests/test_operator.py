@@ -526,3 +526,33 @@ def test_a_file_rewritten_after_it_was_read_is_read_again_by_resume(tmp_path, ni
     proc = cli("scan", studies, "--out", out, "--weights", small_bundle, "--device", "cpu", "--resume")
     assert proc.returncode == 0, proc.stderr
     assert read_results(out / "results.csv")[0]["patient_id"] == "CORRECTED"
+
+
+def test_ctrl_c_while_the_scan_starts_scores_nothing(tmp_path, nih_images, small_bundle):
+    """Ctrl-C while the model loads (a wrong folder typed, seen at once): the scan went on to
+    read and score a whole first batch, made its reports, and only then stopped. Now a stop
+    asked for before any batch scores nothing: exit 130 with the one line saying --resume."""
+    studies, out = copies(tmp_path, nih_images[:6]), tmp_path / "out"
+    pause = tmp_path / "pause"  # the scan waits here once its model has loaded
+    pause.touch()
+    proc = subprocess.Popen([sys.executable, "-m", "cxr_batch", "scan", studies, "--out", out, "--weights",
+                             small_bundle, "--device", "cpu", "--batch-size", "4"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "CXR_BATCH_PAUSE_AT": "loaded", "CXR_BATCH_PAUSE_FILE": str(pause)})
+    try:
+        err = ""
+        while LOADED not in err:
+            line = proc.stderr.readline()
+            assert line, err
+            err += line
+        proc.send_signal(signal.SIGINT)
+        time.sleep(0.5)
+    finally:
+        pause.unlink()
+    returncode = proc.wait(timeout=120)
+    err += proc.stderr.read()
+    assert returncode == 130 and "Traceback" not in err, err
+    assert "stopped by SIGINT" in err.strip().splitlines()[-1] and "--resume" in err.strip().splitlines()[-1]
+    assert read_results(out / "results.csv") == [] and not list(out.glob("reports/cxr_*.pdf"))
+    run = json.loads((out / "run.json").read_text())
+    assert run["complete"] is False and run["files_not_scored"] == 6
