@@ -181,6 +181,7 @@ class Watcher:
         self.watched = None  # (device, inode) of the folder the file-system watch is on
         self.watch_real = self.watch_dir  # its path, links resolved (watch_target)
         self.fault = ""  # why writing fails (degrade), apart from a missing watched folder
+        self.said: set[tuple[str, str]] = set()  # (file, problem) of entries not read, said in the log
 
     def check_folders(self) -> None:
         """The results, archive and quarantine folders are apart from the watched folder
@@ -491,6 +492,12 @@ class Watcher:
         for cand in find_candidates(self.watch_dir, exclude=self.exclude, follow_links=self.cfg.follow_links):
             if cand.problem is None:
                 self.track(cand.path)
+            elif (cand.rel, cand.problem) not in self.said:
+                # what a scan gives a row (a folder that cannot be listed, a FIFO, a link out of
+                # the folder) is said once, by its hash: studies in a folder the daemon may not
+                # list were never scored, and nobody was told
+                self.said.add((cand.rel, cand.problem))
+                log.warning("%s: %s", log_name(cand.rel), cand.problem)
 
     def drain_events(self) -> None:
         while True:

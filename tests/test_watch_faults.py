@@ -539,3 +539,25 @@ def test_a_file_with_the_longest_name_is_archived(tmp_path, nih_images, small_bu
     archived = sorted(os.fsencode(p.name) for p in archive.iterdir())
     assert len(archived) == 2 and all(len(n) <= 255 and n.endswith(b".dcm") for n in archived), archived
     assert archived[0].startswith(b"LLLL") and archived[1].startswith(b"\xc3\xa9" * 100)
+
+
+def test_what_the_daemon_cannot_read_is_said_once(tmp_path, nih_images, small_bundle):
+    """A folder of the export the daemon may not list (made by another user, mode 0700), a
+    FIFO, a link out of the folder: a scan gives each a row, but the daemon's rescan passed
+    over them without a word, so studies in an unreadable folder were never scored and nobody
+    was told. Now each is said in the log, once (not at every rescan)."""
+    incoming, out = tmp_path / "in", tmp_path / "out"
+    incoming.mkdir()
+    good_dicoms(incoming, nih_images, 1)
+    os.mkfifo(incoming / "pipe.dcm")
+    (incoming / "elsewhere").symlink_to(tmp_path)
+    daemon = start_daemon(incoming, out, small_bundle, watch_config(tmp_path / "w.toml", rescan_interval=0.5))
+    try:
+        assert wait_for(lambda: len(ok_rows(out)) == 1)
+        time.sleep(3)  # several rescans
+    finally:
+        assert stop(daemon) == 0
+    log = daemon.stderr.read()
+    said = [line for line in log.splitlines() if "not read" in line or "not followed" in line]
+    assert len(said) == 2 and "pipe.dcm" not in log, log[-2000:]
+    assert any("not a regular file" in line for line in said) and any("outside" in line for line in said)
