@@ -47,7 +47,7 @@ from .folderlock import FolderLock
 from .folders import refuse_overlap
 from .inference import Engine, model_inputs, score_batches
 from .journal import refuse_scan_results
-from .keys import study_key
+from .keys import content_sha256, study_key
 from .ledger import Ledger, Outcome
 from .metadata import load_metadata_csv
 from .record import StudyRecord, log_name, name_bytes
@@ -436,8 +436,7 @@ class Watcher:
                 continue
             handled = None if cand.problem else self.ledger.file_outcome(cand.rel, st.st_size, st.st_mtime_ns)
             if handled is not None:
-                key, outcome = handled
-                self.move(cand.rel, key or f"duplicate:{cand.rel}", outcome)
+                self.move(cand.rel, handled[1])
 
     def regenerate_reports(self) -> None:
         missing = [(k, r) for k, r in self.ledger.keyed_records()
@@ -619,11 +618,11 @@ class Watcher:
             log.info("study key=%s %s status=%s priority=%s latency=%.2fs%s", outcome.key, log_name(record.file),
                      record.status, record.priority or "-", latency, note)
             self.processed += 1
-            self.move(record.file, outcome.key, "error" if outcome.action == "kept" else record.status, taken)
+            self.move(record.file, "error" if outcome.action == "kept" else record.status, taken)
         for rel in duplicates:
             p = self.pending.pop(rel, None)
             log.info("duplicate %s: the same instance was already reported", log_name(rel))
-            self.move(rel, "duplicate:" + rel, "duplicate", (p.size, p.mtime_ns) if p else None)
+            self.move(rel, "duplicate", (p.size, p.mtime_ns) if p else None)
 
     def outbound_objects(self, studies: list[tuple[str, str, StudyRecord]]) -> dict[str, list[tuple]]:
         """Results to queue for sending with the batch's commit (cxr_batch.integration.outbox):
@@ -721,8 +720,8 @@ class Watcher:
         size, mtime_ns = (taken.size, taken.mtime_ns) if taken is not None else (st.st_size, st.st_mtime_ns)
         return rel, size, mtime_ns, key, outcome
 
-    def move(self, rel: str, key: str, status: str, taken: tuple[int, int] | None = None) -> None:
-        """Archive (or quarantine) a processed file under a name made unique by its key, so a
+    def move(self, rel: str, status: str, taken: tuple[int, int] | None = None) -> None:
+        """Archive (or quarantine) a processed file under a name made unique by its content, so a
         later file at the same path never overwrites it. ``taken``: its (size, mtime_ns) when
         it was taken for its batch; a file written over since is another version, left in place
         to be read (archived, it would never be)."""
@@ -738,16 +737,22 @@ class Watcher:
             if (st.st_size, st.st_mtime_ns) != taken:
                 log.info("%s changed while it was processed: left in place, to be read again", log_name(rel))
                 return
-        tag = hashlib.sha256(name_bytes(key)).hexdigest()[:12]
-        dest = Path(target) / Path(rel).parent / tagged_name(Path(rel).name, tag)
         try:
-            if dest.exists():
-                source.unlink()  # the very same study is already kept there
+            # named from the content: a changed instance (the same key) is kept beside the
+            # version it corrects, not deleted as if it were that version again, and the same
+            # bytes again (a duplicate) find themselves kept already
+            digest = content_sha256(source)
+            tag = digest[:12]
+            dest = Path(target) / Path(rel).parent / tagged_name(Path(rel).name, tag)
+            if dest.is_file() and content_sha256(dest) == digest:
+                source.unlink()  # the very same bytes are kept there already
                 return
+            # a file of that name with other bytes is a copy cut short (a move across file
+            # systems killed, a full archive disk): replaced, never taken for the study
             private_dir(dest.parent)
-            shutil.move(str(source), dest)
-        except OSError as e:
-            log.error("could not move %s to %s: %s", log_name(rel), target, e.strerror or e)
+            _move_file(source, dest)
+        except Exception as e:
+            log.error("could not move %s to %s: %s", log_name(rel), target, getattr(e, "strerror", None) or e)
 
     # ------------------------------------------------------------------ outputs
     def publish(self, outcomes: list[Outcome]) -> None:
@@ -819,6 +824,30 @@ class Watcher:
             return self.outbox.status(self.ledger)
         except sqlite3.Error:
             return {}
+
+
+def _move_file(source: Path, dest: Path) -> None:
+    """Move ``source`` to ``dest`` so that ``dest`` is never a part of the file: a rename on one
+    file system; across file systems a copy to a temp name, flushed, renamed into place, and
+    only then the source removed (shutil.move copied straight to ``dest``: a kill or a full
+    disk left half a file there, and the next start took it for the study and deleted the
+    source)."""
+    try:
+        os.replace(source, dest)
+        return
+    except OSError as e:
+        if e.errno != errno.EXDEV:
+            raise
+    tmp = dest.with_name(f".{dest.name}.tmp")
+    try:
+        shutil.copy2(source, tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, dest)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    source.unlink()
 
 
 NAME_MAX = 255  # bytes in one file name (Linux file systems)

@@ -561,3 +561,61 @@ def test_what_the_daemon_cannot_read_is_said_once(tmp_path, nih_images, small_bu
     said = [line for line in log.splitlines() if "not read" in line or "not followed" in line]
     assert len(said) == 2 and "pipe.dcm" not in log, log[-2000:]
     assert any("not a regular file" in line for line in said) and any("outside" in line for line in said)
+
+
+def test_a_correction_is_archived_beside_the_version_it_corrects(tmp_path, nih_images, small_bundle):
+    """A changed instance (the same SOPInstanceUID, other pixels) arriving after the first
+    version was archived: the archive name is made from the study key alone, so the correction
+    found "the very same study already kept there" and was deleted: the image of the result
+    that stands was kept nowhere. Now each version is archived under a name of its own, and only
+    the very same bytes again are removed as kept already."""
+    incoming, out, archive = tmp_path / "in", tmp_path / "out", tmp_path / "archive"
+    incoming.mkdir()
+    first = write(tmp_path / "first.dcm", grey(nih_images[0]), PatientID="A", SOPInstanceUID="1.2.826.0.1.99.2")
+    correction = write(tmp_path / "correction.dcm", grey(nih_images[1]), PatientID="A",
+                       SOPInstanceUID="1.2.826.0.1.99.2")
+    daemon = start_daemon(incoming, out, small_bundle, watch_config(tmp_path / "w.toml"), "--archive-dir", archive)
+    try:
+        (incoming / "a.dcm").write_bytes(first.read_bytes())
+        assert wait_for(lambda: len(ok_rows(out)) == 1 and not (incoming / "a.dcm").exists(), timeout=60)
+        (incoming / "a.dcm").write_bytes(correction.read_bytes())
+        assert wait_for(lambda: status(out).get("superseded") == 1 and not (incoming / "a.dcm").exists(), timeout=60)
+        kept = sorted(p.read_bytes() == correction.read_bytes() for p in archive.rglob("*.dcm"))
+        assert kept == [False, True], [p.name for p in archive.rglob("*")]
+        (incoming / "a.dcm").write_bytes(correction.read_bytes())  # the same bytes again: a duplicate
+        assert wait_for(lambda: not (incoming / "a.dcm").exists(), timeout=60)
+    finally:
+        assert stop(daemon) == 0
+    assert len(list(archive.rglob("*.dcm"))) == 2, [p.name for p in archive.rglob("*")]  # kept once
+
+
+def test_a_move_to_a_full_archive_never_leaves_half_a_file_nor_loses_the_study(tmp_path, nih_images, small_bundle,
+                                                                             small_disk):
+    """The archive on another file system (a NAS) runs full while a study is moved there: the
+    copy stopped half-way and stayed under the study's archive name; at the next start the
+    daemon found that name taken, took it for the study and deleted the source. The only
+    whole copy of the image was gone. Now the copy goes to a temp name first, and what is in
+    the archive under the study's name is whole."""
+    incoming, out, archive = tmp_path / "in", tmp_path / "out", small_disk / "archive"
+    incoming.mkdir()
+    study = good_dicoms(incoming, nih_images, 1)[0]
+    original = study.read_bytes()
+    filler = small_disk / "filler"
+    filler.write_bytes(b"\0" * (4 * 1024 * 1024 - len(original) // 2 - 64 * 1024))  # room for about half of it
+    config = watch_config(tmp_path / "w.toml")
+    daemon = start_daemon(incoming, out, small_bundle, config, "--archive-dir", archive)
+    try:
+        assert wait_for(lambda: len(ok_rows(out)) == 1)
+        time.sleep(2)
+    finally:
+        assert stop(daemon) == 0
+    assert "could not move" in daemon.stderr.read()
+    assert study.read_bytes() == original  # still in the watched folder
+    filler.unlink()
+    daemon = start_daemon(incoming, out, small_bundle, config, "--archive-dir", archive)
+    try:
+        assert wait_for(lambda: not study.exists(), timeout=60)  # moved at the next start
+    finally:
+        assert stop(daemon) == 0
+    assert [p.read_bytes() == original for p in archive.rglob("*.dcm")] == [True]
+    assert not [p for p in archive.rglob("*") if p.is_file() and p.suffix != ".dcm"]
