@@ -4,7 +4,8 @@ change at the worst moment (they do nothing unless their environment variable is
 - ``CXR_BATCH_KILL_AT=step``: the process dies there as under SIGKILL (no clean-up runs), to
   test exactly-once delivery across a kill between two steps.
 - ``CXR_BATCH_PAUSE_AT=step``: the process waits there while the file
-  ``CXR_BATCH_PAUSE_FILE`` exists, so a test can change a study file in between.
+  ``CXR_BATCH_PAUSE_FILE`` exists, so a test can change a study file in between; it makes
+  ``CXR_BATCH_PAUSE_FILE.here`` when it gets there.
 """
 
 from __future__ import annotations
@@ -21,5 +22,8 @@ def checkpoint(step: str) -> None:
     if KILL_AT == step:
         os.kill(os.getpid(), signal.SIGKILL)
     if PAUSE_AT == step:
-        while os.path.exists(os.environ.get("CXR_BATCH_PAUSE_FILE", "")):
+        pause = os.environ.get("CXR_BATCH_PAUSE_FILE", "")
+        if os.path.exists(pause):
+            open(pause + ".here", "w").close()
+        while os.path.exists(pause):
             time.sleep(0.05)

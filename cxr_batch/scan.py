@@ -20,7 +20,7 @@ from .folders import refuse_overlap
 from .inference import Engine, score_batches
 from .keys import content_sha256
 from .metadata import load_metadata_for
-from .folderlock import LOCK_NAME, FolderLock
+from .folderlock import LOCK_NAME, FolderBusy, FolderLock
 from .record import log_name
 from .results import AtomicCsvWriter
 from .runconfig import RunConfig
@@ -128,6 +128,7 @@ def run_scan(studies: Path, out: Path, cfg: ScanConfig = ScanConfig(), earlier: 
                                                                   and content_kind(c.path) in ("png", "jpeg")])
     settings = journal.row_settings(to_plain(cfg), content_sha256(cfg.metadata) if cfg.metadata else None)
     created = not out.exists()
+    checkpoint("created")
     private_dir(out)
     try:
         with FolderLock(out, "scan"):
@@ -149,6 +150,8 @@ def run_scan(studies: Path, out: Path, cfg: ScanConfig = ScanConfig(), earlier: 
                     log.warning("%d files of the earlier scan deleted", previous.remove_outputs())
                 run = ScanRun(studies, out, cfg, bundle, policy, reader, previous, stop)
                 return run.scan(candidates, files_found, metadata, match, settings, evidence.problem)
+    except FolderBusy:  # the folder is another process's (it may have made it a moment ago): not touched
+        raise
     except BaseException:
         if created:  # a scan that could not start leaves no empty results folder behind
             remove_if_unused(out)

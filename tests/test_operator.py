@@ -556,3 +556,28 @@ def test_ctrl_c_while_the_scan_starts_scores_nothing(tmp_path, nih_images, small
     assert read_results(out / "results.csv") == [] and not list(out.glob("reports/cxr_*.pdf"))
     run = json.loads((out / "run.json").read_text())
     assert run["complete"] is False and run["files_not_scored"] == 6
+
+
+def test_a_scan_refused_a_folder_another_scan_just_made_leaves_that_folder_and_its_lock(studies, tmp_path,
+                                                                                        small_bundle):
+    """Two scans started at the same moment into a new --out: the one that found no folder
+    but lost the lock to the other "cleaned up the folder it had made": it deleted the other
+    scan's lock file (and the folder, when nothing else was in it yet), so a third scan could
+    take the folder while the first still wrote it. Now a scan that did not get the lock
+    touches nothing."""
+    out, pause = tmp_path / "out", tmp_path / "pause"
+    pause.touch()  # the second scan waits here after it found no results folder
+    second = subprocess.Popen([sys.executable, "-m", "cxr_batch", "scan", studies, "--out", out, "--weights",
+                               small_bundle, "--device", "cpu"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                              text=True, env={**os.environ, "CXR_BATCH_PAUSE_AT": "created",
+                                              "CXR_BATCH_PAUSE_FILE": str(pause)})
+    end = time.time() + 120
+    while not Path(f"{pause}.here").exists() and time.time() < end:
+        time.sleep(0.1)
+    out.mkdir()
+    with FolderLock(out, "scan"):  # the first scan: it made the folder and holds it
+        pause.unlink()
+        assert second.wait(timeout=120) == 1 and "is in use by cxr-batch scan" in second.stderr.read()
+        assert (out / ".cxr-batch.lock").exists()
+        third = cli("scan", studies, "--out", out, "--weights", small_bundle, "--device", "cpu")
+        assert third.returncode == 1 and "is in use by cxr-batch scan" in third.stderr, third.stderr
