@@ -521,7 +521,7 @@ def test_a_file_rewritten_while_its_batch_is_processed_is_read_again(tmp_path, n
 
 def test_a_file_with_the_longest_name_is_archived(tmp_path, nih_images, small_bundle):
     """A file name of 255 bytes (the most a Linux file system takes): archived under its name
-    with the key's tag added it was too long to be made ('File name too long'), so the study
+    with its tag added was too long to be made ('File name too long'), so the study
     stayed in the watched folder for ever. Now the name is shortened to fit, keeping its tag
     and extension."""
     incoming, out, archive = tmp_path / "in", tmp_path / "out", tmp_path / "archive"
