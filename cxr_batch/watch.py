@@ -838,7 +838,7 @@ def _move_file(source: Path, dest: Path) -> None:
     except OSError as e:
         if e.errno != errno.EXDEV:
             raise
-    tmp = dest.with_name(f".{dest.name}.tmp")
+    tmp = dest.with_name(f".{hashlib.sha256(name_bytes(dest.name)).hexdigest()[:16]}.tmp")  # fits whatever dest's length
     try:
         shutil.copy2(source, tmp)
         with open(tmp, "rb") as f:

@@ -519,12 +519,14 @@ def test_a_file_rewritten_while_its_batch_is_processed_is_read_again(tmp_path, n
     assert not (incoming / "a.dcm").exists()
 
 
-def test_a_file_with_the_longest_name_is_archived(tmp_path, nih_images, small_bundle):
+@pytest.mark.parametrize("archive_on", ["the same file system", "another file system"])
+def test_a_file_with_the_longest_name_is_archived(tmp_path, nih_images, small_bundle, request, archive_on):
     """A file name of 255 bytes (the most a Linux file system takes): archived under its name
     with its tag added was too long to be made ('File name too long'), so the study
     stayed in the watched folder for ever. Now the name is shortened to fit, keeping its tag
-    and extension."""
-    incoming, out, archive = tmp_path / "in", tmp_path / "out", tmp_path / "archive"
+    and extension (and a copy to another file system goes through a temp name that fits too)."""
+    volume = tmp_path if archive_on == "the same file system" else request.getfixturevalue("small_disk")
+    incoming, out, archive = tmp_path / "in", tmp_path / "out", volume / "archive"
     incoming.mkdir()
     long_name = "L" * 251 + ".dcm"
     write(incoming / long_name, grey(nih_images[0]), PatientID="LONG")
