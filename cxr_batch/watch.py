@@ -741,10 +741,14 @@ class Watcher:
             # named from the content: a changed instance (the same key) is kept beside the
             # version it corrects, not deleted as if it were that version again, and the same
             # bytes again (a duplicate) find themselves kept already
-            digest = content_sha256(source)
-            tag = digest[:12]
+            try:
+                digest = content_sha256(source)
+                tag = digest[:12]
+            except OSError:  # unreadable (its permissions: what quarantine is for): named from what is known
+                st, digest = source.stat(), None
+                tag = hashlib.sha256(name_bytes(f"{rel}:{st.st_size}:{st.st_mtime_ns}")).hexdigest()[:12]
             dest = Path(target) / Path(rel).parent / tagged_name(Path(rel).name, tag)
-            if dest.is_file() and content_sha256(dest) == digest:
+            if digest is not None and dest.is_file() and content_sha256(dest) == digest:
                 source.unlink()  # the very same bytes are kept there already
                 return
             # a file of that name with other bytes is a copy cut short (a move across file

@@ -621,3 +621,31 @@ def test_a_move_to_a_full_archive_never_leaves_half_a_file_nor_loses_the_study(t
         assert stop(daemon) == 0
     assert [p.read_bytes() == original for p in archive.rglob("*.dcm")] == [True]
     assert not [p for p in archive.rglob("*") if p.is_file() and p.suffix != ".dcm"]
+
+
+def test_a_file_the_daemon_may_not_read_is_quarantined(tmp_path, nih_images, small_bundle):
+    """A study file the daemon's user may not read (mode 000, another user's): its error row,
+    then it is moved to the quarantine folder, where someone can look at it. (As root every file
+    reads: the daemon runs here without the capabilities that let root read anything.)"""
+    import shutil
+
+    if os.geteuid() != 0 or not shutil.which("setpriv"):
+        pytest.skip("needs root and setpriv to run the daemon without root's right to read every file")
+    incoming, out, quarantine = tmp_path / "in", tmp_path / "out", tmp_path / "quarantine"
+    incoming.mkdir()
+    good_dicoms(incoming, nih_images, 1)
+    closed = write(incoming / "closed.dcm", grey(nih_images[1]), PatientID="CLOSED")
+    closed.chmod(0)
+    caps = "-dac_override,-dac_read_search"
+    daemon = subprocess.Popen(["setpriv", f"--bounding-set={caps}", f"--inh-caps={caps}", sys.executable, "-m",
+                               "cxr_batch", "watch", incoming, "--out", out, "--weights", small_bundle, "--device",
+                               "cpu", "--no-pdf", "--config", watch_config(tmp_path / "w.toml", broken_deadline=1.0),
+                               "--quarantine-dir", quarantine],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        assert wait_for(lambda: len(rows_now(out)) == 2 and not closed.exists(), timeout=60), rows_now(out)
+    finally:
+        assert stop(daemon) == 0
+    rows = {r["file"]: r for r in rows_now(out)}
+    assert rows["closed.dcm"]["status"] == "error" and "Permission denied" in rows["closed.dcm"]["reason"]
+    assert [p.name.startswith("closed.") for p in quarantine.iterdir()] == [True]
