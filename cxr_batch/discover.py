@@ -24,6 +24,7 @@ class Candidate:
     problem: str | None = None  # set when the entry is not read: the reason for its row
     problem_status: str = "error"  # "skipped" when not reading it is a policy, not a failure
     identity: tuple[int, int] | None = None  # (st_dev, st_ino) when listed: the reader checks it is still that file
+    stamp: tuple[int, int] | None = None  # (st_size, st_mtime_ns) when listed: changed since, it is another version
 
 
 def is_ignored_name(name: str) -> bool:
@@ -47,13 +48,13 @@ def find_candidates(root: Path, exclude: list[Path] = (), follow_links: bool = F
     found: list[Candidate] = []
     seen_dirs: set[tuple[int, int]] = set()
     files: dict[tuple[int, int], list[tuple[bool, str, Path]]] = {}  # inode -> (through a link, rel, path)
+    stamps: dict[tuple[int, int], tuple[int, int]] = {}  # inode -> (size, mtime_ns)
 
     def rel(p: Path) -> str:
         return p.relative_to(root).as_posix()
 
     def leaves_root(path: Path) -> bool:
-        target = os.path.realpath(path)
-        return not (target == real_root or target.startswith(real_root.rstrip("/") + "/"))
+        return leaves_folder(path, real_root)
 
     def walk(folder: Path, via_link: bool = False) -> None:
         try:
@@ -101,6 +102,7 @@ def find_candidates(root: Path, exclude: list[Path] = (), follow_links: bool = F
             if entry.name.lower().endswith(".json") and Path(entry.name).stem in stems:
                 continue  # a sidecar: read together with its image
             files.setdefault((st.st_dev, st.st_ino), []).append((via_link or entry.is_symlink(), rel(path), path))
+            stamps[(st.st_dev, st.st_ino)] = (st.st_size, st.st_mtime_ns)
 
     walk(root)
     for identity, names in files.items():
@@ -113,8 +115,15 @@ def find_candidates(root: Path, exclude: list[Path] = (), follow_links: bool = F
                 found.append(Candidate(path, name, f"the same file as {first} (through a link): read once",
                                        "skipped"))
             else:
-                found.append(Candidate(path, name, identity=identity))
+                found.append(Candidate(path, name, identity=identity, stamp=stamps[identity]))
     return sorted(found, key=lambda c: c.rel)
+
+
+def leaves_folder(path: Path, real_root: str) -> bool:
+    """Whether ``path``, links followed, lies outside the folder whose resolved path is
+    ``real_root`` (the link policy of :func:`find_candidates`)."""
+    target = os.path.realpath(path)
+    return not (target == real_root or target.startswith(real_root.rstrip("/") + "/"))
 
 
 def link_problem(path: Path) -> str:

@@ -98,6 +98,14 @@ _OUTBOUND_COLUMNS = ("uid, channel, key, path, queued_at, due_at, attempts, deli
                      "last_error, dropped_at")
 
 
+
+def stored_name(path: str) -> str:
+    """A file's path as the ledger stores it. A name that is not UTF-8 (Latin-1 bytes from an old
+    export) comes from the file system with its odd bytes as surrogates, which SQLite cannot
+    take: they are stored as ``\\xNN`` escapes (any other name is stored as it is, so ledgers
+    written before read the same), and every look-up goes through here too."""
+    return path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
 class LedgerError(Exception):
     """A ledger that cannot be opened or read (corrupt, or of an unknown schema)."""
 
@@ -227,7 +235,8 @@ class Ledger:
 
     def file_outcome(self, path: str, size: int, mtime_ns: int) -> tuple[str, str] | None:
         """(key, outcome) of a file handled with this size and mtime, else None."""
-        row = self.db.execute("SELECT size, mtime_ns, key, outcome FROM files WHERE path = ?", (path,)).fetchone()
+        row = self.db.execute("SELECT size, mtime_ns, key, outcome FROM files WHERE path = ?",
+                              (stored_name(path),)).fetchone()
         return (row[2], row[3]) if row is not None and (row[0], row[1]) == (size, mtime_ns) else None
 
     def iter_records(self):
@@ -297,11 +306,12 @@ class Ledger:
                                     "FROM studies WHERE key = ?", (now, key))
                 seq += 1
                 self.db.execute("INSERT OR REPLACE INTO studies VALUES (?, ?, ?, ?, ?, ?, ?, 0)",
-                                (key, seq, record.file, content, record.status, json.dumps(record.to_json()), now))
+                                (key, seq, stored_name(record.file), content, record.status, json.dumps(record.to_json()), now))
                 outcomes.append(Outcome(key, record, "new" if old is None else "replaced"))
                 for entry in (outbound or {}).get(key, ()):
                     self._queue(key, now, *entry)
-            self.db.executemany("INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?, ?, ?)", [(*f, now) for f in files])
+            self.db.executemany("INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?, ?, ?)",
+                                [(stored_name(f[0]), *f[1:], now) for f in files])
         return outcomes
 
     def _note_unread_version(self, key: str, reason: str) -> None:
@@ -366,7 +376,7 @@ class Ledger:
             for key, content, record in rows:
                 seq += 1
                 self.db.execute("INSERT OR IGNORE INTO studies VALUES (?, ?, ?, ?, ?, ?, ?, 1)",
-                                (key, seq, record.file, content, record.status, json.dumps(record.to_json()), now))
+                                (key, seq, stored_name(record.file), content, record.status, json.dumps(record.to_json()), now))
         return self.count()
 
     # ------------------------------------------------------------------ the outbound queue

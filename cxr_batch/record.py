@@ -50,15 +50,27 @@ def spreadsheet_safe(text: str) -> str:
     """A text cell a spreadsheet shows as text: control characters removed and a leading
     ``= + - @`` (or tab/CR) prefixed with ``'`` so that e.g. ``=HYPERLINK(...)`` is never run
     as a formula (OWASP CSV injection). :func:`from_spreadsheet` undoes the prefix."""
-    text = "".join(ch for ch in text if ch.isprintable())
+    # a file name's bytes that are not UTF-8 (surrogates from the file system) show as U+FFFD
+    text = "".join(ch if ch.isprintable() else "\ufffd" for ch in text if ch.isprintable() or _surrogate(ch))
     return "'" + text if text.startswith(FORMULA_STARTS) else text
+
+
+def _surrogate(ch: str) -> bool:
+    return "\ud800" <= ch <= "\udfff"
 
 
 def log_name(file: str) -> str:
     """How logs name a study file: a hash of its relative path, since folder and file names
     (e.g. a storescp layout by patient name) may identify the patient. The same hash names
     the file's report (``cxr_<hash>.pdf``) in scan's reports folder."""
-    return "file#" + hashlib.sha256(file.encode()).hexdigest()[:20]
+    return "file#" + hashlib.sha256(name_bytes(file)).hexdigest()[:20]
+
+
+def name_bytes(name: str) -> bytes:
+    """A path as the bytes the file system has for it. A name that is not UTF-8 (Latin-1 from an
+    old export, a storescp folder named after a patient) reaches Python with its odd bytes as
+    surrogates (os.fsdecode), which a plain ``encode()`` refuses: hashing its name ended the scan."""
+    return name.encode("utf-8", "surrogateescape")
 
 
 def name_shape(name: str) -> str:

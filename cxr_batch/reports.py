@@ -45,7 +45,7 @@ from .files import FILE_MODE, atomic_write_bytes, private_dir
 from .display import finding_label, format_age, format_date, person_name, visual_order
 from .evidence import Evidence, bundle_evidence
 from .findings import DEFAULT_URGENT, FINDINGS
-from .record import StudyRecord, log_name
+from .record import StudyRecord, log_name, name_bytes
 from .study import derived_uid
 from .triage import PRIORITIES, worklist_key
 
@@ -186,7 +186,7 @@ def report_name(key: str) -> str:
     """A report's file name, from the study's key (scan: its path in the scanned folder; watch:
     its ledger key), never from identifiers: a folder listing reveals no patient, a header value
     never steers where a file goes, and two studies never share a name."""
-    return f"cxr_{hashlib.sha256(key.encode()).hexdigest()[:20]}.pdf"
+    return f"cxr_{hashlib.sha256(name_bytes(key)).hexdigest()[:20]}.pdf"
 
 
 def _chunks(word: str, font: str, size: float, width: float) -> list[str]:

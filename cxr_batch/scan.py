@@ -12,6 +12,7 @@ from pathlib import Path
 from . import exit_codes, journal
 from .bundle import DEFAULT_BUNDLE, load_bundle, read_manifest, refuse_output_in_bundle
 from .files import atomic_write_bytes, private_dir, remove_stale_temp
+from .checkpoints import checkpoint
 from .config import ConfigError, to_plain
 from .discover import find_candidates
 from .evidence import bundle_evidence
@@ -19,7 +20,7 @@ from .folders import refuse_overlap
 from .inference import Engine, score_batches
 from .keys import content_sha256
 from .metadata import load_metadata_for
-from .folderlock import LOCK_NAME, FolderLock
+from .folderlock import LOCK_NAME, FolderBusy, FolderLock
 from .record import log_name
 from .results import AtomicCsvWriter
 from .runconfig import RunConfig
@@ -127,6 +128,7 @@ def run_scan(studies: Path, out: Path, cfg: ScanConfig = ScanConfig(), earlier: 
                                                                   and content_kind(c.path) in ("png", "jpeg")])
     settings = journal.row_settings(to_plain(cfg), content_sha256(cfg.metadata) if cfg.metadata else None)
     created = not out.exists()
+    checkpoint("created")
     private_dir(out)
     try:
         with FolderLock(out, "scan"):
@@ -148,6 +150,8 @@ def run_scan(studies: Path, out: Path, cfg: ScanConfig = ScanConfig(), earlier: 
                     log.warning("%d files of the earlier scan deleted", previous.remove_outputs())
                 run = ScanRun(studies, out, cfg, bundle, policy, reader, previous, stop)
                 return run.scan(candidates, files_found, metadata, match, settings, evidence.problem)
+    except FolderBusy:  # the folder is another process's (it may have made it a moment ago): not touched
+        raise
     except BaseException:
         if created:  # a scan that could not start leaves no empty results folder behind
             remove_if_unused(out)
@@ -192,12 +196,14 @@ class ScanRun:
         if match is not None and match.problem():
             log.warning("%s", match.problem())
         kept, todo = self.previous.keep(candidates, self.bundle.sha256, cfg.pdf)
+        self.stamps = {c.rel: c.stamp for c in todo}
         if kept:
             log.info("--resume: %d studies scored before are kept (same file content, same weights); %d files to "
                      "read", len(kept), len(todo))
         shard = f" (shard {cfg.shard[0]}/{cfg.shard[1]} of {files_found})" if cfg.shard is not None else ""
         log.info("%d candidate files under %s%s", len(candidates), self.studies, shard)
         engine = Engine(self.bundle, self.policy)
+        checkpoint("loaded")
         record_log = journal.Journal(self.previous, self.studies, settings)
         records, scored_files = [], set()
         waiting = deque(sorted(kept.items()))  # kept rows, merged into the file order of the new ones
@@ -217,14 +223,18 @@ class ScanRun:
                 if self.reports is not None:
                     records.append(record)
 
+            # a stop asked for while the model loaded: no batch is begun (Ctrl-C at start-up means
+            # "not this scan", not "after one more batch")
+            batches = () if self.stop else score_batches(todo, engine, self.options, metadata, reader=self.reader)
             try:
-                for batch in score_batches(todo, engine, self.options, metadata, reader=self.reader):
+                for batch in batches:
                     for pos, record in enumerate(batch.records):
                         while waiting and waiting[0][0] < record.file:
                             write(waiting.popleft()[1], False)
                         self.outputs(record, batch.inputs(pos))
                         write(record, True)
                         if record.ok:
+                            checkpoint("journal")
                             record_log.add(record, self._sha256(record), self.bundle.sha256)
                     record_log.flush()  # what is written survives any stop, SIGKILL included
                     done += len(batch.records)
@@ -263,10 +273,17 @@ class ScanRun:
             self.summary.srs += 1
 
     def _sha256(self, record) -> str:
+        """The content a resumed scan compares with, to keep this record: "" (never kept, read
+        again) when the file is gone or has changed since it was listed, so the record may be
+        of another version than the bytes hashed now (a study corrected in place while the
+        scan ran)."""
+        path = self.studies / record.file
         try:
-            return content_sha256(self.studies / record.file)
-        except Exception:  # gone since it was read: never matched by a resume, so it is read again
+            sha256 = content_sha256(path)
+            st = path.stat()
+        except Exception:
             return ""
+        return sha256 if (st.st_size, st.st_mtime_ns) == self.stamps.get(record.file) else ""
 
     def write_run_json(self, engine, cfg: ScanConfig, settings: dict, evidence_problem: str, match) -> None:
         summary = self.summary

@@ -31,7 +31,6 @@ import logging
 import os
 import queue
 import shutil
-import signal
 import sqlite3
 import stat
 import time
@@ -39,18 +38,19 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .bundle import load_bundle
+from .checkpoints import checkpoint
 from .config import bounded
-from .discover import Candidate, find_candidates, is_ignored_name
+from .discover import Candidate, find_candidates, is_ignored_name, leaves_folder
 from .drift_watch import DriftWatch
 from .files import atomic_write_bytes, private_dir, remove_stale_temp
 from .folderlock import FolderLock
 from .folders import refuse_overlap
 from .inference import Engine, model_inputs, score_batches
 from .journal import refuse_scan_results
-from .keys import study_key
+from .keys import content_sha256, study_key
 from .ledger import Ledger, Outcome
 from .metadata import load_metadata_csv
-from .record import StudyRecord, log_name
+from .record import StudyRecord, log_name, name_bytes
 from .results import AtomicCsvWriter, append_rows, read_results
 from .runconfig import RunConfig
 from .runtime import default_workers, make_policy
@@ -60,14 +60,6 @@ from .triage import worklist_key
 
 log = logging.getLogger("cxr_batch")
 STATE_DIR = ".cxr-batch"
-# Tests of exactly-once delivery kill the daemon between the steps of a batch: with this
-# variable set to a step's name the process dies there as under SIGKILL (no clean-up runs).
-KILL_AT = os.environ.get("CXR_BATCH_KILL_AT", "")
-
-
-def _checkpoint(step: str) -> None:
-    if KILL_AT == step:
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 @dataclass
@@ -129,7 +121,10 @@ class Watcher:
     folder_name = "the watched folder"  # in the log and status.json (the listen node's is its spool)
 
     def __init__(self, watch_dir: Path, out: Path, cfg: WatchConfig, stop: StopSignal | None = None):
-        self.watch_dir, self.out, self.cfg = Path(watch_dir).resolve(), Path(out), cfg
+        # absolute but not resolved: a watched link (``incoming -> /mnt/pacs-export``) is watched
+        # as a link, so one pointed elsewhere while the daemon runs is another folder, watched at
+        # the next heartbeat (resolved once, the old export went on being watched)
+        self.watch_dir, self.out, self.cfg = Path(os.path.abspath(watch_dir)), Path(out), cfg
         self.stop, self._install_stop = (stop, False) if stop is not None else (StopSignal(), True)
         self.check_folders()  # before any folder is made or the model loads
         refuse_scan_results(self.out, self.command)
@@ -184,7 +179,9 @@ class Watcher:
         self.observer = None
         self.watch_missing = False  # the watched folder is gone (a share unmounted, the folder removed)
         self.watched = None  # (device, inode) of the folder the file-system watch is on
+        self.watch_real = self.watch_dir  # its path, links resolved (watch_target)
         self.fault = ""  # why writing fails (degrade), apart from a missing watched folder
+        self.said: set[tuple[str, str]] = set()  # (file, problem) of entries not read, said in the log
 
     def check_folders(self) -> None:
         """The results, archive and quarantine folders are apart from the watched folder
@@ -310,7 +307,7 @@ class Watcher:
             self.contained(self.rewatch)
             self.contained(self.rescan)
         elif present and (identity != self.watched or self.watch_lost()):
-            log.info("%s %s was replaced (removed and made again, or by a link): watching it again",
+            log.info("%s %s was replaced (removed and made again, replaced by a link, or its link pointed elsewhere): watching it again",
                      self.folder_name, self.watch_dir)
             self.contained(self.rewatch)
             self.contained(self.rescan)
@@ -342,7 +339,7 @@ class Watcher:
         if self.observer is not None:
             self.observer.unschedule_all()
             self.watched = self.watch_identity()
-            self.observer.schedule(self.handler, str(self.watch_dir), recursive=True)
+            self.observer.schedule(self.handler, str(self.watch_target()), recursive=True)
 
     def recovered(self) -> None:
         if self.watch_missing:  # writing works again, but nothing new can be seen: still degraded
@@ -375,8 +372,16 @@ class Watcher:
         observer = PollingObserver(timeout=self.cfg.poll_interval) if self.cfg.polling else Observer()
         self.handler = Handler()
         self.watched = self.watch_identity()
-        observer.schedule(self.handler, str(self.watch_dir), recursive=True)
+        observer.schedule(self.handler, str(self.watch_target()), recursive=True)
         return observer
+
+    def watch_target(self) -> Path:
+        """The folder the file-system watch is put on: the watched folder with links resolved
+        now (watchdog watches a link itself, not its folder). Its events are taken back to the
+        watched path in :meth:`track`; those of a folder watched before (the link pointed
+        elsewhere since) are dropped."""
+        self.watch_real = Path(os.path.realpath(self.watch_dir))
+        return self.watch_real
 
     def cleanup_temp(self) -> None:
         """Our own temp files from a killed run (results, reports, SRs, ORUs): never left where
@@ -431,8 +436,7 @@ class Watcher:
                 continue
             handled = None if cand.problem else self.ledger.file_outcome(cand.rel, st.st_size, st.st_mtime_ns)
             if handled is not None:
-                key, outcome = handled
-                self.move(cand.rel, key or f"duplicate:{cand.rel}", outcome)
+                self.move(cand.rel, handled[1])
 
     def regenerate_reports(self) -> None:
         missing = [(k, r) for k, r in self.ledger.keyed_records()
@@ -461,11 +465,17 @@ class Watcher:
         try:
             rel = path.relative_to(self.watch_dir).as_posix()
         except ValueError:
-            return
+            try:  # an event of the file-system watch, on the folder the watched link points to
+                rel = path.relative_to(self.watch_real).as_posix()
+            except ValueError:
+                return
+            path = self.watch_dir / rel
         if any(is_ignored_name(part) for part in Path(rel).parts) or rel.lower().endswith(".json"):
             return
         if any(_inside(path, folder) for folder in self.exclude):
             return
+        if not self.cfg.follow_links and leaves_folder(path, os.path.realpath(self.watch_dir)):
+            return  # a link to outside the folder: not read, as the rescan (find_candidates) leaves it
         try:
             st = path.stat()
         except OSError:
@@ -481,6 +491,12 @@ class Watcher:
         for cand in find_candidates(self.watch_dir, exclude=self.exclude, follow_links=self.cfg.follow_links):
             if cand.problem is None:
                 self.track(cand.path)
+            elif (cand.rel, cand.problem) not in self.said:
+                # what a scan gives a row (a folder that cannot be listed, a FIFO, a link out of
+                # the folder) is said once, by its hash: studies in a folder the daemon may not
+                # list were never scored, and nobody was told
+                self.said.add((cand.rel, cand.problem))
+                log.warning("%s: %s", log_name(cand.rel), cand.problem)
 
     def drain_events(self) -> None:
         while True:
@@ -504,6 +520,11 @@ class Watcher:
             if now - p.changed_at >= self.cfg.settle and now >= p.retry_at:
                 p.ready_at = p.ready_at or now
                 ready.append(rel)
+                if len(ready) >= self.cfg.batch_size:
+                    # a full batch, oldest first (the dict keeps the order files were found):
+                    # the rest waits for its turn, not looked at again in every round (20,000
+                    # files present at the start cost 20,000 stats per batch of 8)
+                    break
         if not ready:
             return []
         oldest = min(self.pending[r].ready_at for r in ready)
@@ -530,7 +551,7 @@ class Watcher:
                 continue
             except Exception:  # unreadable (permissions, a FIFO): the reader's row says why
                 st = self.pending[rel]
-                key = content = "file:" + hashlib.sha256(f"{rel}:{st.size}:{st.mtime_ns}".encode()).hexdigest()
+                key = content = "file:" + hashlib.sha256(name_bytes(f"{rel}:{st.size}:{st.mtime_ns}")).hexdigest()
             versions.setdefault(key, []).append((rel, content))
         ids, duplicates = {}, []
         for key, group in versions.items():
@@ -572,35 +593,36 @@ class Watcher:
         # committed (and so queued for the RIS and the PACS) in worklist order: read-first first
         studies.sort(key=lambda s: (not s[2].ok, worklist_key(s[2].priority, s[2].triage_score, s[2].file)
                                     if s[2].ok else ()))
+        checkpoint("reports")
         entries = [(r.file, key, r.status) for key, _, r in studies] + [(rel, "", "duplicate") for rel in duplicates]
         handled = [e for e in (self._file_entry(*entry) for entry in entries) if e is not None]
-        _checkpoint("reports")
         try:
             outcomes = self.ledger.commit(studies, handled, self.outbound_objects(studies))
         except Exception as e:
             if _is_output_fault(e):
                 raise OutputError(f"the ledger cannot be written: {e}") from None
             raise
-        _checkpoint("commit")
+        checkpoint("commit")
         self.publish(outcomes)
-        _checkpoint("publish")
+        checkpoint("publish")
         self.drift.added(sum(o.record.ok for o in outcomes if o.action != "kept"))
         self.outbox.wake()
         done = time.monotonic()
         for outcome in outcomes:
             record = outcome.record
             p = self.pending.pop(record.file, None)
+            taken = (p.size, p.mtime_ns) if p else None
             latency = done - p.ready_at if p and p.ready_at else 0.0
             note = {"replaced": " (replaces an earlier result)", "kept": " (an earlier result is kept)"}.get(
                 outcome.action, "")
             log.info("study key=%s %s status=%s priority=%s latency=%.2fs%s", outcome.key, log_name(record.file),
                      record.status, record.priority or "-", latency, note)
             self.processed += 1
-            self.move(record.file, outcome.key, "error" if outcome.action == "kept" else record.status)
+            self.move(record.file, "error" if outcome.action == "kept" else record.status, taken)
         for rel in duplicates:
-            self.pending.pop(rel, None)
+            p = self.pending.pop(rel, None)
             log.info("duplicate %s: the same instance was already reported", log_name(rel))
-            self.move(rel, "duplicate:" + rel, "duplicate")
+            self.move(rel, "duplicate", (p.size, p.mtime_ns) if p else None)
 
     def outbound_objects(self, studies: list[tuple[str, str, StudyRecord]]) -> dict[str, list[tuple]]:
         """Results to queue for sending with the batch's commit (cxr_batch.integration.outbox):
@@ -676,7 +698,7 @@ class Watcher:
             st = self.pending.get(rel)
             if st is None:
                 continue
-            key = "file:" + hashlib.sha256(f"{rel}:{st.size}:{st.mtime_ns}".encode()).hexdigest()
+            key = "file:" + hashlib.sha256(name_bytes(f"{rel}:{st.size}:{st.mtime_ns}")).hexdigest()
             record = StudyRecord(file=rel, status="error", reason=reason, model=self.bundle.label,
                                  weights_sha256=self.bundle.sha256)
             studies.append((key, key, record))
@@ -688,29 +710,53 @@ class Watcher:
             self.publish(self.ledger.commit(studies, handled))
 
     def _file_entry(self, rel: str, key: str, outcome: str):
+        """The file as handled: its size and time when it was taken for its batch, not now (a
+        version written over it while the batch was processed is another file, read next)."""
         try:
             st = (self.watch_dir / rel).stat()
         except OSError:
             return None
-        return rel, st.st_size, st.st_mtime_ns, key, outcome
+        taken = self.pending.get(rel)
+        size, mtime_ns = (taken.size, taken.mtime_ns) if taken is not None else (st.st_size, st.st_mtime_ns)
+        return rel, size, mtime_ns, key, outcome
 
-    def move(self, rel: str, key: str, status: str) -> None:
-        """Archive (or quarantine) a processed file under a name made unique by its key, so a
-        later file at the same path never overwrites it."""
+    def move(self, rel: str, status: str, taken: tuple[int, int] | None = None) -> None:
+        """Archive (or quarantine) a processed file under a name made unique by its content, so a
+        later file at the same path never overwrites it. ``taken``: its (size, mtime_ns) when
+        it was taken for its batch; a file written over since is another version, left in place
+        to be read (archived, it would never be)."""
         target = self.cfg.quarantine_dir if status == "error" else self.cfg.archive_dir
         if not target:
             return
         source = self.watch_dir / rel
-        tag = hashlib.sha256(key.encode()).hexdigest()[:12]
-        dest = Path(target) / Path(rel).parent / f"{Path(rel).stem}.{tag}{Path(rel).suffix}"
-        try:
-            if dest.exists():
-                source.unlink()  # the very same study is already kept there
+        if taken is not None:
+            try:
+                st = source.stat()
+            except OSError:
+                return  # gone: nothing to move
+            if (st.st_size, st.st_mtime_ns) != taken:
+                log.info("%s changed while it was processed: left in place, to be read again", log_name(rel))
                 return
+        try:
+            # named from the content: a changed instance (the same key) is kept beside the
+            # version it corrects, not deleted as if it were that version again, and the same
+            # bytes again (a duplicate) find themselves kept already
+            try:
+                digest = content_sha256(source)
+                tag = digest[:12]
+            except OSError:  # unreadable (its permissions: what quarantine is for): named from what is known
+                st, digest = source.stat(), None
+                tag = hashlib.sha256(name_bytes(f"{rel}:{st.st_size}:{st.st_mtime_ns}")).hexdigest()[:12]
+            dest = Path(target) / Path(rel).parent / tagged_name(Path(rel).name, tag)
+            if digest is not None and dest.is_file() and content_sha256(dest) == digest:
+                source.unlink()  # the very same bytes are kept there already
+                return
+            # a file of that name with other bytes is a copy cut short (a move across file
+            # systems killed, a full archive disk): replaced, never taken for the study
             private_dir(dest.parent)
-            shutil.move(str(source), dest)
-        except OSError as e:
-            log.error("could not move %s to %s: %s", log_name(rel), target, e.strerror or e)
+            _move_file(source, dest)
+        except Exception as e:
+            log.error("could not move %s to %s: %s", log_name(rel), target, getattr(e, "strerror", None) or e)
 
     # ------------------------------------------------------------------ outputs
     def publish(self, outcomes: list[Outcome]) -> None:
@@ -782,6 +828,45 @@ class Watcher:
             return self.outbox.status(self.ledger)
         except sqlite3.Error:
             return {}
+
+
+def _move_file(source: Path, dest: Path) -> None:
+    """Move ``source`` to ``dest`` so that ``dest`` is never a part of the file: a rename on one
+    file system; across file systems a copy to a temp name, flushed, renamed into place, and
+    only then the source removed (shutil.move copied straight to ``dest``: a kill or a full
+    disk left half a file there, and the next start took it for the study and deleted the
+    source)."""
+    try:
+        os.replace(source, dest)
+        return
+    except OSError as e:
+        if e.errno != errno.EXDEV:
+            raise
+    tmp = dest.with_name(f".{hashlib.sha256(name_bytes(dest.name)).hexdigest()[:16]}.tmp")  # fits whatever dest's length
+    try:
+        shutil.copy2(source, tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, dest)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    source.unlink()
+
+
+NAME_MAX = 255  # bytes in one file name (Linux file systems)
+
+
+def tagged_name(name: str, tag: str) -> str:
+    """``IM0001.dcm`` -> ``IM0001.<tag>.dcm``, its stem cut to keep within NAME_MAX bytes: a name
+    that was already as long as a name can be could not be made with the tag added, so its file
+    was never moved."""
+    stem, suffix = Path(name).stem, Path(name).suffix
+    if len(name_bytes(suffix)) > 32:  # no extension, only a dot far to the left
+        stem, suffix = name, ""
+    room = NAME_MAX - len(name_bytes(f".{tag}{suffix}"))
+    # cut as bytes: a character cut in two becomes a byte the file system takes as it is
+    return f"{name_bytes(stem)[:room].decode('utf-8', 'surrogateescape')}.{tag}{suffix}"
 
 
 def write_status(path: Path, status: dict) -> None:

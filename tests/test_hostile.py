@@ -119,3 +119,23 @@ def test_cli_shows_no_traceback_without_debug(corpus, tmp_path, small_bundle):
                           capture_output=True, text=True)
     assert proc.returncode == 3 and "Traceback" not in proc.stderr
     assert "DOE" not in proc.stderr  # no patient names in the default log
+
+
+def test_file_names_that_are_not_utf8_are_scored(tmp_path, nih_images, small_bundle):
+    """A file or folder name that is not UTF-8 (Latin-1 from an old export: a storescp folder
+    named after Mr Müller) ended the whole scan with 'unexpected UnicodeEncodeError' (exit 1, no
+    results.csv): its name was hashed for the log and the report. Now it is scored like any
+    other; results.csv shows the odd bytes as U+FFFD, and --resume keeps its row."""
+    studies = tmp_path / "studies"
+    studies.mkdir()
+    latin1 = os.fsdecode(os.fsencode(studies) + b"/M\xfcller")
+    os.mkdir(latin1)
+    write(os.path.join(latin1, "IM1.dcm"), grey(nih_images[0]), PatientID="L1")
+    write(studies / "line\nbreak.dcm", grey(nih_images[1]), PatientID="L2")
+    cfg = ScanConfig(weights=str(small_bundle), device="cpu", batch_size=4, workers=1, progress=False)
+    summary = run_scan(studies, tmp_path / "out", cfg)
+    rows = read_results(tmp_path / "out" / "results.csv")
+    assert summary.exit_code == 0 and [(r["file"], r["status"]) for r in rows] == [
+        ("M\ufffdller/IM1.dcm", "ok"), ("linebreak.dcm", "ok")]
+    assert all((tmp_path / "out" / "reports" / r["report"]).is_file() for r in rows)
+    assert run_scan(studies, tmp_path / "out", cfg, earlier="resume").kept == 2

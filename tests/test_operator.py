@@ -494,3 +494,90 @@ def test_metadata_counts_only_the_files_whose_content_needs_a_row(tmp_path, nih,
                                                                    nih_images[0].name, "png_named.dcm"}
     assert rows["nopreamble.dcm"]["age_source"].startswith("header:")
     assert rows[nih_images[0].name]["age_source"] == "metadata"
+
+
+def test_a_file_rewritten_after_it_was_read_is_read_again_by_resume(tmp_path, nih_images, small_bundle):
+    """A study corrected in place (same path) while the scan runs, after its batch was read but
+    before the scan noted its content for --resume: the journal took the hash of the corrected
+    file for the row of the first version, so --resume kept the first version's row as if it
+    were the correction's. Now a file that changed since it was listed is never kept by
+    --resume: it is read again."""
+    from cxr_batch.reports import report_name
+
+    studies, out = tmp_path / "studies", tmp_path / "out"
+    studies.mkdir()
+    write(studies / "a.dcm", grey(nih_images[0]), PatientID="FIRST")
+    correction = write(tmp_path / "correction.dcm", grey(nih_images[1]), PatientID="CORRECTED")
+    pause = tmp_path / "pause"  # the scan waits before its journal entry while this file exists
+    pause.touch()
+    scan = subprocess.Popen([sys.executable, "-m", "cxr_batch", "scan", studies, "--out", out, "--weights",
+                             small_bundle, "--device", "cpu", "--workers", "0"],
+                            stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "CXR_BATCH_PAUSE_AT": "journal", "CXR_BATCH_PAUSE_FILE": str(pause)})
+    try:
+        end = time.time() + 120
+        while not (out / "reports" / report_name("a.dcm")).exists() and time.time() < end:
+            time.sleep(0.1)
+        (studies / "a.dcm").write_bytes(correction.read_bytes())
+    finally:
+        pause.unlink()
+        assert scan.wait(timeout=120) == 0, scan.stderr.read()
+    assert read_results(out / "results.csv")[0]["patient_id"] == "FIRST"  # what was read then
+    proc = cli("scan", studies, "--out", out, "--weights", small_bundle, "--device", "cpu", "--resume")
+    assert proc.returncode == 0, proc.stderr
+    assert read_results(out / "results.csv")[0]["patient_id"] == "CORRECTED"
+
+
+def test_ctrl_c_while_the_scan_starts_scores_nothing(tmp_path, nih_images, small_bundle):
+    """Ctrl-C while the model loads (a wrong folder typed, seen at once): the scan went on to
+    read and score a whole first batch, made its reports, and only then stopped. Now a stop
+    asked for before any batch scores nothing: exit 130 with the one line saying --resume."""
+    studies, out = copies(tmp_path, nih_images[:6]), tmp_path / "out"
+    pause = tmp_path / "pause"  # the scan waits here once its model has loaded
+    pause.touch()
+    proc = subprocess.Popen([sys.executable, "-m", "cxr_batch", "scan", studies, "--out", out, "--weights",
+                             small_bundle, "--device", "cpu", "--batch-size", "4"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "CXR_BATCH_PAUSE_AT": "loaded", "CXR_BATCH_PAUSE_FILE": str(pause)})
+    try:
+        err = ""
+        while LOADED not in err:
+            line = proc.stderr.readline()
+            assert line, err
+            err += line
+        proc.send_signal(signal.SIGINT)
+        time.sleep(0.5)
+    finally:
+        pause.unlink()
+    returncode = proc.wait(timeout=120)
+    err += proc.stderr.read()
+    assert returncode == 130 and "Traceback" not in err, err
+    assert "stopped by SIGINT" in err.strip().splitlines()[-1] and "--resume" in err.strip().splitlines()[-1]
+    assert read_results(out / "results.csv") == [] and not list(out.glob("reports/cxr_*.pdf"))
+    run = json.loads((out / "run.json").read_text())
+    assert run["complete"] is False and run["files_not_scored"] == 6
+
+
+def test_a_scan_refused_a_folder_another_scan_just_made_leaves_that_folder_and_its_lock(studies, tmp_path,
+                                                                                        small_bundle):
+    """Two scans started at the same moment into a new --out: the one that found no folder
+    but lost the lock to the other "cleaned up the folder it had made": it deleted the other
+    scan's lock file (and the folder, when nothing else was in it yet), so a third scan could
+    take the folder while the first still wrote it. Now a scan that did not get the lock
+    touches nothing."""
+    out, pause = tmp_path / "out", tmp_path / "pause"
+    pause.touch()  # the second scan waits here after it found no results folder
+    second = subprocess.Popen([sys.executable, "-m", "cxr_batch", "scan", studies, "--out", out, "--weights",
+                               small_bundle, "--device", "cpu"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                              text=True, env={**os.environ, "CXR_BATCH_PAUSE_AT": "created",
+                                              "CXR_BATCH_PAUSE_FILE": str(pause)})
+    end = time.time() + 120
+    while not Path(f"{pause}.here").exists() and time.time() < end:
+        time.sleep(0.1)
+    out.mkdir()
+    with FolderLock(out, "scan"):  # the first scan: it made the folder and holds it
+        pause.unlink()
+        assert second.wait(timeout=120) == 1 and "is in use by cxr-batch scan" in second.stderr.read()
+        assert (out / ".cxr-batch.lock").exists()
+        third = cli("scan", studies, "--out", out, "--weights", small_bundle, "--device", "cpu")
+        assert third.returncode == 1 and "is in use by cxr-batch scan" in third.stderr, third.stderr

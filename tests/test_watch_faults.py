@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from pathlib import Path
 
 import pydicom
 import pytest
@@ -403,3 +404,251 @@ def test_a_full_disk_and_a_missing_watched_folder_are_both_said(tmp_path, nih_im
         assert wait_for(lambda: len(ok_rows(out)) >= 1, timeout=120)
     finally:
         assert stop(daemon) == 0
+
+
+def test_a_watch_on_a_link_follows_the_link_when_it_is_pointed_elsewhere(tmp_path, nih_images, small_bundle):
+    """An operator re-points the link the daemon watches (``incoming -> /mnt/pacs-export-new``)
+    while it runs: the daemon had resolved the link once at start and went on watching the old
+    export, so no study of the new one was ever scored. Now the link is watched as it is: the
+    folder it points to is another folder, watched (and rescanned) at the next heartbeat. A link
+    whose folder vanishes is a missing watched folder, like the folder itself."""
+    import shutil
+
+    old, new, out = tmp_path / "export-old", tmp_path / "export-new", tmp_path / "out"
+    old.mkdir()
+    new.mkdir()
+    incoming = tmp_path / "incoming"
+    incoming.symlink_to(old)
+    good_dicoms(old, nih_images, 1)
+    daemon = start_daemon(incoming, out, small_bundle, watch_config(tmp_path / "w.toml", rescan_interval=600.0,
+                                                                    heartbeat_interval=1.0))
+    try:
+        assert wait_for(lambda: len(ok_rows(out)) == 1)
+        relink = tmp_path / "incoming.new"
+        relink.symlink_to(new)
+        os.replace(relink, incoming)  # as `ln -sfn` does it: the link is never missing
+        time.sleep(3)  # a heartbeat or two
+        good_dicoms(new, nih_images, 1, start=1)
+        good_dicoms(old, nih_images, 1, start=2)  # the old export is no longer watched
+        assert wait_for(lambda: len(ok_rows(out)) == 2, timeout=40), status(out)
+        time.sleep(3)
+        assert {r["file"] for r in ok_rows(out)} == {"g00.dcm", "g01.dcm"}
+        assert status(out)["state"] == "running"
+        shutil.rmtree(new)  # the link now points nowhere
+        assert wait_for(lambda: "watched folder is missing" in status(out).get("reason", ""), timeout=30), status(out)
+    finally:
+        assert stop(daemon) == 0
+    log = daemon.stderr.read()
+    assert "was replaced" in log and str(incoming) in log, log[-2000:]
+
+
+def test_a_link_to_a_file_outside_the_watched_folder_is_not_read(tmp_path, nih_images, small_bundle):
+    """A symbolic link made in the watched folder to a file outside it (another patient's
+    export, /etc): scan leaves it unread (``--follow-links`` allows it) and so did the daemon's
+    rescan, but the file-system event of its creation put it straight into the next batch, and
+    the file outside was scored. Now an event is held to the same rule as the rescan."""
+    incoming, outside, out = tmp_path / "in", tmp_path / "outside", tmp_path / "out"
+    incoming.mkdir()
+    outside.mkdir()
+    good_dicoms(incoming, nih_images, 1)
+    good_dicoms(outside, nih_images, 1, start=1)
+    daemon = start_daemon(incoming, out, small_bundle, watch_config(tmp_path / "w.toml", rescan_interval=600.0))
+    try:
+        assert wait_for(lambda: len(ok_rows(out)) == 1)
+        (incoming / "elsewhere.dcm").symlink_to(outside / "g01.dcm")
+        good_dicoms(incoming, nih_images, 1, start=2)  # a study after it: the link's batch has gone by
+        assert wait_for(lambda: len(ok_rows(out)) >= 2, timeout=40), status(out)
+        time.sleep(2)
+        assert sorted(r["file"] for r in rows_now(out)) == ["g00.dcm", "g02.dcm"]
+    finally:
+        assert stop(daemon) == 0
+
+
+def test_file_names_that_are_not_utf8_are_scored_and_the_daemon_goes_on(tmp_path, nih_images, small_bundle):
+    """A study whose name is not UTF-8 (Latin-1 from an old export: a storescp folder named
+    after Mr Müller) killed the daemon with a traceback: the ledger cannot store such a name as
+    it is. A name with a line break in it is odd too. Now both are scored, archived, and logged
+    by their hash; results.csv shows the odd bytes as U+FFFD."""
+    incoming, out, archive = tmp_path / "in", tmp_path / "out", tmp_path / "archive"
+    incoming.mkdir()
+    latin1 = os.fsdecode(os.fsencode(incoming) + b"/M\xfcller")
+    os.mkdir(latin1)
+    write(Path(latin1) / "IM1.dcm", grey(nih_images[0]), PatientID="L1")
+    (incoming / "two\nlines").mkdir()
+    write(incoming / "two\nlines" / "IM2.dcm", grey(nih_images[1]), PatientID="L2")
+    daemon = start_daemon(incoming, out, small_bundle, watch_config(tmp_path / "w.toml"), "--archive-dir", archive)
+    try:
+        assert wait_for(lambda: len(ok_rows(out)) == 2 or daemon.poll() is not None, timeout=60), status(out)
+        write(incoming / "after.dcm", grey(nih_images[2]), PatientID="L3")  # and it goes on
+        assert wait_for(lambda: len(ok_rows(out)) == 3 or daemon.poll() is not None, timeout=60), status(out)
+    finally:
+        code = stop(daemon)
+    log = daemon.stderr.read()
+    assert code == 0 and "Traceback" not in log, log[-2000:]
+    assert sorted(r["file"] for r in ok_rows(out)) == ["M\ufffdller/IM1.dcm", "after.dcm", "twolines/IM2.dcm"]
+    assert len(list(archive.rglob("*.dcm"))) == 3
+    assert not [p for p in incoming.rglob("*") if p.is_file()]
+
+
+@pytest.mark.parametrize("step", ["reports", "commit"])
+def test_a_file_rewritten_while_its_batch_is_processed_is_read_again(tmp_path, nih_images, small_bundle, step):
+    """A PACS re-sends a corrected instance over the same path while the daemon is processing
+    the first version (its batch read, scored, reported, not yet committed or archived). The
+    ledger recorded the file as handled with the size and time the file had *after* the
+    rewrite, so the correction was never read; with --archive-dir it was even moved to the
+    archive unread. Now the file is recorded as it was when taken, a changed one is left in
+    place, and the correction is read and replaces the first result."""
+    incoming, out, archive = tmp_path / "in", tmp_path / "out", tmp_path / "archive"
+    incoming.mkdir()
+    pause = tmp_path / "pause"  # the daemon waits at `step` while this file exists
+    pause.touch()
+    first = write(tmp_path / "first.dcm", grey(nih_images[0]), PatientID="A", SOPInstanceUID="1.2.826.0.1.99.1")
+    correction = write(tmp_path / "correction.dcm", grey(nih_images[1]), PatientID="A",
+                       SOPInstanceUID="1.2.826.0.1.99.1")
+    (incoming / "a.dcm").write_bytes(first.read_bytes())
+    daemon = start_daemon(incoming, out, small_bundle, watch_config(tmp_path / "w.toml", rescan_interval=2.0),
+                          "--archive-dir", archive, env={"CXR_BATCH_PAUSE_AT": step, "CXR_BATCH_PAUSE_FILE": pause})
+    try:
+        assert wait_for(lambda: list((out / "reports").glob("cxr_*.pdf")), timeout=60)  # the first version's
+        time.sleep(0.5)  # (at the pause by now)
+        (incoming / "a.dcm").write_bytes(correction.read_bytes())  # in place, over the same path
+        pause.unlink()
+        assert wait_for(lambda: status(out).get("superseded") == 1, timeout=40), status(out)
+    finally:
+        assert stop(daemon) == 0
+    assert len(ok_rows(out)) == 1
+    # the first version's bytes were overwritten in place: what is archived is the correction, once read
+    assert [p.read_bytes() == correction.read_bytes() for p in archive.rglob("*.dcm")] == [True]
+    assert not (incoming / "a.dcm").exists()
+
+
+@pytest.mark.parametrize("archive_on", ["the same file system", "another file system"])
+def test_a_file_with_the_longest_name_is_archived(tmp_path, nih_images, small_bundle, request, archive_on):
+    """A file name of 255 bytes (the most a Linux file system takes): archived under its name
+    with its tag added was too long to be made ('File name too long'), so the study
+    stayed in the watched folder for ever. Now the name is shortened to fit, keeping its tag
+    and extension (and a copy to another file system goes through a temp name that fits too)."""
+    volume = tmp_path if archive_on == "the same file system" else request.getfixturevalue("small_disk")
+    incoming, out, archive = tmp_path / "in", tmp_path / "out", volume / "archive"
+    incoming.mkdir()
+    long_name = "L" * 251 + ".dcm"
+    write(incoming / long_name, grey(nih_images[0]), PatientID="LONG")
+    odd = os.fsdecode(b"\xc3\xa9" * 125 + b"\xfc.dcm")  # 255 bytes, characters of two bytes and one not UTF-8
+    write(incoming / odd, grey(nih_images[1]), PatientID="ODD")
+    daemon = start_daemon(incoming, out, small_bundle, watch_config(tmp_path / "w.toml"), "--archive-dir", archive)
+    try:
+        assert wait_for(lambda: len(ok_rows(out)) == 2 and not os.listdir(incoming), timeout=60), \
+            (rows_now(out), os.listdir(incoming))
+    finally:
+        assert stop(daemon) == 0
+    archived = sorted(os.fsencode(p.name) for p in archive.iterdir())
+    assert len(archived) == 2 and all(len(n) <= 255 and n.endswith(b".dcm") for n in archived), archived
+    assert archived[0].startswith(b"LLLL") and archived[1].startswith(b"\xc3\xa9" * 100)
+
+
+def test_what_the_daemon_cannot_read_is_said_once(tmp_path, nih_images, small_bundle):
+    """A folder of the export the daemon may not list (made by another user, mode 0700), a
+    FIFO, a link out of the folder: a scan gives each a row, but the daemon's rescan passed
+    over them without a word, so studies in an unreadable folder were never scored and nobody
+    was told. Now each is said in the log, once (not at every rescan)."""
+    incoming, out = tmp_path / "in", tmp_path / "out"
+    incoming.mkdir()
+    good_dicoms(incoming, nih_images, 1)
+    os.mkfifo(incoming / "pipe.dcm")
+    (incoming / "elsewhere").symlink_to(tmp_path)
+    daemon = start_daemon(incoming, out, small_bundle, watch_config(tmp_path / "w.toml", rescan_interval=0.5))
+    try:
+        assert wait_for(lambda: len(ok_rows(out)) == 1)
+        time.sleep(3)  # several rescans
+    finally:
+        assert stop(daemon) == 0
+    log = daemon.stderr.read()
+    said = [line for line in log.splitlines() if "not read" in line or "not followed" in line]
+    assert len(said) == 2 and "pipe.dcm" not in log, log[-2000:]
+    assert any("not a regular file" in line for line in said) and any("outside" in line for line in said)
+
+
+def test_a_correction_is_archived_beside_the_version_it_corrects(tmp_path, nih_images, small_bundle):
+    """A changed instance (the same SOPInstanceUID, other pixels) arriving after the first
+    version was archived: the archive name is made from the study key alone, so the correction
+    found "the very same study already kept there" and was deleted: the image of the result
+    that stands was kept nowhere. Now each version is archived under a name of its own, and only
+    the very same bytes again are removed as kept already."""
+    incoming, out, archive = tmp_path / "in", tmp_path / "out", tmp_path / "archive"
+    incoming.mkdir()
+    first = write(tmp_path / "first.dcm", grey(nih_images[0]), PatientID="A", SOPInstanceUID="1.2.826.0.1.99.2")
+    correction = write(tmp_path / "correction.dcm", grey(nih_images[1]), PatientID="A",
+                       SOPInstanceUID="1.2.826.0.1.99.2")
+    daemon = start_daemon(incoming, out, small_bundle, watch_config(tmp_path / "w.toml"), "--archive-dir", archive)
+    try:
+        (incoming / "a.dcm").write_bytes(first.read_bytes())
+        assert wait_for(lambda: len(ok_rows(out)) == 1 and not (incoming / "a.dcm").exists(), timeout=60)
+        (incoming / "a.dcm").write_bytes(correction.read_bytes())
+        assert wait_for(lambda: status(out).get("superseded") == 1 and not (incoming / "a.dcm").exists(), timeout=60)
+        kept = sorted(p.read_bytes() == correction.read_bytes() for p in archive.rglob("*.dcm"))
+        assert kept == [False, True], [p.name for p in archive.rglob("*")]
+        (incoming / "a.dcm").write_bytes(correction.read_bytes())  # the same bytes again: a duplicate
+        assert wait_for(lambda: not (incoming / "a.dcm").exists(), timeout=60)
+    finally:
+        assert stop(daemon) == 0
+    assert len(list(archive.rglob("*.dcm"))) == 2, [p.name for p in archive.rglob("*")]  # kept once
+
+
+def test_a_move_to_a_full_archive_never_leaves_half_a_file_nor_loses_the_study(tmp_path, nih_images, small_bundle,
+                                                                             small_disk):
+    """The archive on another file system (a NAS) runs full while a study is moved there: the
+    copy stopped half-way and stayed under the study's archive name; at the next start the
+    daemon found that name taken, took it for the study and deleted the source. The only
+    whole copy of the image was gone. Now the copy goes to a temp name first, and what is in
+    the archive under the study's name is whole."""
+    incoming, out, archive = tmp_path / "in", tmp_path / "out", small_disk / "archive"
+    incoming.mkdir()
+    study = good_dicoms(incoming, nih_images, 1)[0]
+    original = study.read_bytes()
+    filler = small_disk / "filler"
+    filler.write_bytes(b"\0" * (4 * 1024 * 1024 - len(original) // 2 - 64 * 1024))  # room for about half of it
+    config = watch_config(tmp_path / "w.toml")
+    daemon = start_daemon(incoming, out, small_bundle, config, "--archive-dir", archive)
+    try:
+        assert wait_for(lambda: len(ok_rows(out)) == 1)
+        time.sleep(2)
+    finally:
+        assert stop(daemon) == 0
+    assert "could not move" in daemon.stderr.read()
+    assert study.read_bytes() == original  # still in the watched folder
+    filler.unlink()
+    daemon = start_daemon(incoming, out, small_bundle, config, "--archive-dir", archive)
+    try:
+        assert wait_for(lambda: not study.exists(), timeout=60)  # moved at the next start
+    finally:
+        assert stop(daemon) == 0
+    assert [p.read_bytes() == original for p in archive.rglob("*.dcm")] == [True]
+    assert not [p for p in archive.rglob("*") if p.is_file() and p.suffix != ".dcm"]
+
+
+def test_a_file_the_daemon_may_not_read_is_quarantined(tmp_path, nih_images, small_bundle):
+    """A study file the daemon's user may not read (mode 000, another user's): its error row,
+    then it is moved to the quarantine folder, where someone can look at it. (As root every file
+    reads: the daemon runs here without the capabilities that let root read anything.)"""
+    import shutil
+
+    if os.geteuid() != 0 or not shutil.which("setpriv"):
+        pytest.skip("needs root and setpriv to run the daemon without root's right to read every file")
+    incoming, out, quarantine = tmp_path / "in", tmp_path / "out", tmp_path / "quarantine"
+    incoming.mkdir()
+    good_dicoms(incoming, nih_images, 1)
+    closed = write(incoming / "closed.dcm", grey(nih_images[1]), PatientID="CLOSED")
+    closed.chmod(0)
+    caps = "-dac_override,-dac_read_search"
+    daemon = subprocess.Popen(["setpriv", f"--bounding-set={caps}", f"--inh-caps={caps}", sys.executable, "-m",
+                               "cxr_batch", "watch", incoming, "--out", out, "--weights", small_bundle, "--device",
+                               "cpu", "--no-pdf", "--config", watch_config(tmp_path / "w.toml", broken_deadline=1.0),
+                               "--quarantine-dir", quarantine],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        assert wait_for(lambda: len(rows_now(out)) == 2 and not closed.exists(), timeout=60), rows_now(out)
+    finally:
+        assert stop(daemon) == 0
+    rows = {r["file"]: r for r in rows_now(out)}
+    assert rows["closed.dcm"]["status"] == "error" and "Permission denied" in rows["closed.dcm"]["reason"]
+    assert [p.name.startswith("closed.") for p in quarantine.iterdir()] == [True]

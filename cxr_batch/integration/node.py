@@ -526,11 +526,11 @@ class Node(Watcher):
                  "on" if self.scp.tls else "off", allowed)
 
     # ------------------------------------------------------------------ hooks of the daemon
-    def move(self, rel: str, key: str, status: str) -> None:
+    def move(self, rel: str, status: str, taken: tuple[int, int] | None = None) -> None:
         """A spool file whose study is committed: moved to archive_dir (quarantine_dir for a
         failure) when configured, else deleted; the ledger and results.csv keep the result."""
         if self.cfg.quarantine_dir if status == "error" else self.cfg.archive_dir:
-            super().move(rel, key, status)
+            super().move(rel, status, taken)
             return
         try:
             (self.watch_dir / rel).unlink(missing_ok=True)
