@@ -702,7 +702,7 @@ def sort_for_worklist(records: list[StudyRecord]) -> list[StudyRecord]:
 
 # Worklist columns: heading, width in mm (271 mm: landscape A4 less margins and the frame's padding).
 WORKLIST_COLUMNS = (("#", 8), ("Priority", 21), ("Patient", 44), ("Age", 15), ("Sex", 8), ("Study date", 19),
-                    ("Accession", 25), ("Flagged findings (sens. / PPV of the flag)", 70), ("Ordered by", 20),
+                    ("Accession", 25), ("Flagged findings (sens. / PPV of the flag)", 63), ("Ordered by", 27),
                     ("Report", 41))
 
 
