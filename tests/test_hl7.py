@@ -547,3 +547,30 @@ def test_the_msh_header_the_ris_routes_and_checks_by_comes_from_the_configuratio
         config.write_text(f'[scan]\nhl7_to = "ris:2575"\n{key} = "{value}"\n')
         with pytest.raises(ConfigError, match=key):
             load_config(ScanConfig, config, "scan", weights=str(small_bundle))
+
+
+@pytest.mark.parametrize("key, value, says", [
+    ("hl7_sending_facility", "EMERGENCY-DEPARTMENT-NORTH", "20 characters"),  # HD-1 is an IS: 20
+    ("hl7_receiving_facility", "RADIOLOGY^" + "1" * 200 + "^ISO", "199 characters"),  # HD-2 is an ST: 199
+    ("hl7_receiving_application", "RIS\u0007", "control characters"),
+])
+def test_an_msh_name_hl7_cannot_carry_is_refused_before_the_scan(tmp_path, nih_images, small_bundle, key, value,
+                                                                  says):
+    """A facility name over HD-1's 20 characters passed the configuration check, then hl7apy
+    refused every ORU of the scan ('a value (a name or an ID) is longer than HL7 v2.5 allows',
+    read as the patient's): no result reached the RIS. It is a configuration error (exit 2,
+    naming the key) before the model loads."""
+    from tests.test_evaluate_calibrate import cli_here
+
+    studies = tmp_path / "studies"
+    write(studies / "a.dcm", grey(nih_images[0]), PatientID="P1", AccessionNumber="A1")
+    config = tmp_path / "scan.toml"
+    config.write_text(f'[scan]\nhl7_to = "ris.example:2575"\n{key} = "{escape_toml(value)}"\n', encoding="utf-8")
+    code, err = cli_here("scan", studies, "--out", tmp_path / "out", "--weights", small_bundle, "--device", "cpu",
+                         "--config", config)
+    assert code == 2 and key in err and says in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def escape_toml(value: str) -> str:
+    return "".join(c if c.isprintable() and c not in '"\\' else f"\\u{ord(c):04x}" for c in value)
