@@ -325,17 +325,33 @@ def merge(inputs, out, allow_partial):
         fail(f"cannot merge into {out}: {e.strerror or e} ({e.filename or out})", False)
     click.echo(f"{n} rows from {len(inputs)} files -> {out}", err=True)
     from .bundle import BundleError
-    from .reports import write_merged_worklist
+    from .reports import MERGED_WORKLIST, is_our_worklist, write_merged_worklist
     from .results import _run_info
 
+    beside = out.parent / MERGED_WORKLIST
+    if beside.exists() and not is_our_worklist(beside):
+        # results.csv is never replaced unless cxr-batch's: nor is a worklist.pdf of the user's
+        log.warning("no worklist.pdf for the merged results: %s exists and is not a cxr-batch worklist: not "
+                    "replaced (results.csv is written; its worklist_rank is the order to read in)", beside)
+        return
+    worklist = None
     try:  # the whole scan's worklist: each shard's ranks only its own studies
         worklist = write_merged_worklist(out, list(inputs), [_run_info(p) for p in inputs])
     except (BundleError, OSError) as e:
         log.warning("no worklist.pdf for the merged results: %s (results.csv is written; its worklist_rank is "
                     "the order to read in)", e)
-    else:
-        if worklist is not None:
-            click.echo(f"worklist in worklist_rank order -> {worklist}", err=True)
+    if worklist is not None:
+        click.echo(f"worklist in worklist_rank order -> {worklist}", err=True)
+    elif beside.is_file():
+        # an earlier merge's, beside the results.csv just written: other studies in another
+        # order, which a reader would take for these
+        try:
+            beside.unlink()
+        except OSError as e:
+            log.warning("%s is an earlier merge's worklist and does not list these results: remove it (%s)",
+                        beside, e.strerror or e)
+        else:
+            log.warning("removed %s: an earlier merge's worklist, it does not list these results", beside)
 
 
 def run_daemon(build, out: Path, debug: bool):
