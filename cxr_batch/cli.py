@@ -749,6 +749,20 @@ def parse_window(_ctx, _param, value):
 ALARM_LINES = 20  # monitor: alarms printed on the terminal at most
 
 
+def _alarm_age(window: dict) -> tuple:
+    """Sorts an alarm's window newest first: by its last study's time, else its last row of
+    results.csv. Not by its number: each model's windows are numbered from 0, so after a bundle
+    change the old model's window 99 outranked the current model's window 0."""
+    import datetime as dt
+
+    try:
+        last = dt.datetime.fromisoformat(window["last"]).timestamp() if window.get("last") else None
+    except (TypeError, ValueError):
+        last = None
+    rows = window.get("rows") or [0, 0]
+    return (last is None, -(last or 0.0), -rows[-1], -window.get("index", 0))
+
+
 @main.command()
 @click.argument("results", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--out", "-o", required=True, type=click.Path(file_okay=False, path_type=Path),
@@ -787,7 +801,7 @@ def monitor(results, out, reference, window, alpha, min_studies, debug):
     # a drift lasting months alarms in nearly every window: the newest are printed, the summary
     # line stays in sight, and monitor.json / monitor.pdf hold every one
     alarms = report["alarms"]
-    shown = sorted(sorted(range(len(alarms)), key=lambda i: -alarms[i]["window"]["index"])[:ALARM_LINES])
+    shown = sorted(sorted(range(len(alarms)), key=lambda i: _alarm_age(alarms[i]["window"]))[:ALARM_LINES])
     if len(alarms) > len(shown):
         click.echo(f"cxr-batch: {len(alarms) - len(shown)} earlier alarm(s) not printed: monitor.json lists every one, "
                    f"monitor.pdf draws them; the newest {len(shown)}:", err=True)
