@@ -325,17 +325,33 @@ def merge(inputs, out, allow_partial):
         fail(f"cannot merge into {out}: {e.strerror or e} ({e.filename or out})", False)
     click.echo(f"{n} rows from {len(inputs)} files -> {out}", err=True)
     from .bundle import BundleError
-    from .reports import write_merged_worklist
+    from .reports import MERGED_WORKLIST, is_our_worklist, write_merged_worklist
     from .results import _run_info
 
+    beside = out.parent / MERGED_WORKLIST
+    if beside.exists() and not is_our_worklist(beside):
+        # results.csv is never replaced unless cxr-batch's: nor is a worklist.pdf of the user's
+        log.warning("no worklist.pdf for the merged results: %s exists and is not a cxr-batch worklist: not "
+                    "replaced (results.csv is written; its worklist_rank is the order to read in)", beside)
+        return
+    worklist = None
     try:  # the whole scan's worklist: each shard's ranks only its own studies
         worklist = write_merged_worklist(out, list(inputs), [_run_info(p) for p in inputs])
     except (BundleError, OSError) as e:
         log.warning("no worklist.pdf for the merged results: %s (results.csv is written; its worklist_rank is "
                     "the order to read in)", e)
-    else:
-        if worklist is not None:
-            click.echo(f"worklist in worklist_rank order -> {worklist}", err=True)
+    if worklist is not None:
+        click.echo(f"worklist in worklist_rank order -> {worklist}", err=True)
+    elif beside.is_file():
+        # an earlier merge's, beside the results.csv just written: other studies in another
+        # order, which a reader would take for these
+        try:
+            beside.unlink()
+        except OSError as e:
+            log.warning("%s is an earlier merge's worklist and does not list these results: remove it (%s)",
+                        beside, e.strerror or e)
+        else:
+            log.warning("removed %s: an earlier merge's worklist, it does not list these results", beside)
 
 
 def run_daemon(build, out: Path, debug: bool):
@@ -733,6 +749,20 @@ def parse_window(_ctx, _param, value):
 ALARM_LINES = 20  # monitor: alarms printed on the terminal at most
 
 
+def _alarm_age(window: dict) -> tuple:
+    """Sorts an alarm's window newest first: by its last study's time, else its last row of
+    results.csv. Not by its number: each model's windows are numbered from 0, so after a bundle
+    change the old model's window 99 outranked the current model's window 0."""
+    import datetime as dt
+
+    try:
+        last = dt.datetime.fromisoformat(window["last"]).timestamp() if window.get("last") else None
+    except (TypeError, ValueError):
+        last = None
+    rows = window.get("rows") or [0, 0]
+    return (last is None, -(last or 0.0), -rows[-1], -window.get("index", 0))
+
+
 @main.command()
 @click.argument("results", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--out", "-o", required=True, type=click.Path(file_okay=False, path_type=Path),
@@ -771,7 +801,7 @@ def monitor(results, out, reference, window, alpha, min_studies, debug):
     # a drift lasting months alarms in nearly every window: the newest are printed, the summary
     # line stays in sight, and monitor.json / monitor.pdf hold every one
     alarms = report["alarms"]
-    shown = sorted(sorted(range(len(alarms)), key=lambda i: -alarms[i]["window"]["index"])[:ALARM_LINES])
+    shown = sorted(sorted(range(len(alarms)), key=lambda i: _alarm_age(alarms[i]["window"]))[:ALARM_LINES])
     if len(alarms) > len(shown):
         click.echo(f"cxr-batch: {len(alarms) - len(shown)} earlier alarm(s) not printed: monitor.json lists every one, "
                    f"monitor.pdf draws them; the newest {len(shown)}:", err=True)

@@ -16,6 +16,7 @@ import logging
 import math
 import re
 import struct
+import unicodedata
 import warnings
 import zlib
 from pathlib import Path
@@ -200,17 +201,35 @@ def check_scored(ds, rules: ScoringRules) -> None:
 _OTHER_BODY_PARTS = re.compile(
     r"\b(SKULL|HEAD|SINUS(?:ES)?|FACE|MANDIBLE|C-?SPINE|T-?SPINE|L-?SPINE|SPINE|PELVIS|HIPS?|SACRUM|KNEES?|ANKLES?|"
     r"FOOT|FEET|TOES?|HANDS?|FINGERS?|WRISTS?|ELBOWS?|FOREARM|HUMERUS|FEMUR|TIBIA|FIBULA|LEG|ABDOMEN|KUB|BREAST)\b")
-_CHEST_WORDS = re.compile(r"\b(CHEST|THORAX|THORACIC|TORAX|LUNGS?|CXR)\b")
+# The chest in English and the languages of the descriptions met (accents removed first: TÓRAX);
+# a babygram is a neonate's chest and abdomen on one film
+_CHEST_WORDS = re.compile(r"\b(CHEST|THORAX|THORACIC|TORAX|TORACE|PECHO|LUNGS?|LUNGE|PULMONAIRE|CXR|BABYGRAM)\b")
+# Words of the lists above that name no body part in these phrases: the bed's head raised for a
+# supine film, a hand-held detector, the patient's position on the table ('HEAD FIRST SUPINE')
+_NOT_A_BODY_PART = re.compile(r"\b(HEAD (OF (THE )?BED|UP|DOWN|ELEVATED|RAISED|FIRST)|FEET FIRST|"
+                              r"FOOT OF (THE )?BED|HAND ?HELD)\b")
+_DESCRIPTIONS = ("StudyDescription", "SeriesDescription", "ProtocolName")
+
+
+def _description(ds, keyword: str) -> str:
+    """A description for the body-part words: upper case, accents and separators removed."""
+    text = unicodedata.normalize("NFKD", _text(ds, keyword).upper())
+    text = "".join(c for c in text if not unicodedata.combining(c))
+    return _NOT_A_BODY_PART.sub(" ", re.sub(r"[_/\\^]+", " ", text))
 
 
 def _check_described_body_part(ds, rules: ScoringRules) -> None:
-    """No BodyPartExamined: a description naming another body part and not the chest ('XR KNEE 2
-    VIEWS') is not scored. A knee exported without the attribute got a chest triage report."""
+    """No BodyPartExamined: descriptions naming another body part and none the chest ('XR KNEE 2
+    VIEWS') are not scored. A knee exported without the attribute got a chest triage report. A
+    chest radiograph skipped is an urgent study nobody is told of: the chest named in any of
+    the descriptions (the study's, while the protocol says 'HEAD ...') keeps it scored."""
     allowed = {part.upper() for part in rules.body_parts}
-    for keyword in ("StudyDescription", "SeriesDescription", "ProtocolName"):
-        text = re.sub(r"[_/\\^]+", " ", _text(ds, keyword).upper())
+    texts = {keyword: _description(ds, keyword) for keyword in _DESCRIPTIONS}
+    if any(_CHEST_WORDS.search(text) for text in texts.values()):
+        return
+    for keyword, text in texts.items():
         other = _OTHER_BODY_PARTS.search(text)
-        if other and other.group(1) not in allowed and not _CHEST_WORDS.search(text):
+        if other and other.group(1) not in allowed:
             raise SkipStudy(f"body part not stated, and {keyword} names {other.group(1)}: not the chest")
 
 

@@ -821,6 +821,23 @@ def _base_rates(info: ModelInfo) -> str:
     return f"In validation ({ev.study_level_source or 'see the model card'}) this model " + " and ".join(parts) + "."
 
 
+MERGED_WORKLIST = "worklist.pdf"  # merge's, beside the merged results.csv
+_OUR_PDF_MARK = b"/Author (cxr-batch)"  # the Info dictionary of every PDF cxr-batch writes
+_OUR_WORKLIST_MAX_BYTES = 64 << 20
+
+
+def is_our_worklist(path: Path) -> bool:
+    """Whether ``path`` is a PDF cxr-batch wrote (a worklist merge may replace or remove), not a
+    file of the user's that bears the name."""
+    try:
+        if not path.is_file() or path.stat().st_size > _OUR_WORKLIST_MAX_BYTES:
+            return False
+        data = path.read_bytes()
+    except OSError:
+        return False
+    return data.startswith(b"%PDF") and _OUR_PDF_MARK in data
+
+
 def write_merged_worklist(results: Path, shards: list[Path], runs: list[dict | None]) -> Path | None:
     """worklist.pdf beside a merged results.csv (``merge``), in its worklist_rank order, when the
     shards wrote reports (``shards``: their results.csv; ``runs``: their run.json). Each shard's
@@ -849,7 +866,7 @@ def write_merged_worklist(results: Path, shards: list[Path], runs: list[dict | N
     for record in records:
         record.ids.patient_name = record.ids.patient_name or names.get(record.file)
     pdf = worklist_pdf(records, options, ModelInfo.from_bundle(bundle), dt.datetime.now().astimezone())
-    path = Path(results).parent / "worklist.pdf"
+    path = Path(results).parent / MERGED_WORKLIST
     atomic_write_bytes(path, pdf, mode=REPORT_MODE)
     return path
 

@@ -149,6 +149,30 @@ def test_a_description_naming_the_chest_or_no_body_part_is_scored(tmp_path, nih_
     assert s.grey.ndim == 2
 
 
+@pytest.mark.parametrize("header", [
+    dict(StudyDescription=d) for d in (
+        "CHEST PA AND LATERAL", "XR CHEST 1 VIEW PORTABLE", "THORAX AP", "TORAX", "RIBS", "PORTABLE AP SUPINE",
+        "ICU PORTABLE", "CXR", "XR CHEST/ABDOMEN", "BABYGRAM", "LUNG", "PA CHEST", "xr chest portable",
+        "THORAX P.A.", "Rö Thorax", "RADIO PULMONAIRE", "TORAX PA", "LEGACY PROTOCOL",
+        # the chest in another language beside a word of English's list
+        "RX TÓRAX Y ABDOMEN", "RX TORACE E ADDOME", "BABYGRAM ABDOMEN")] + [
+    # a protocol or series that names the bed's head, a hand-held detector or the patient's
+    # position was 'ProtocolName names HEAD: not the chest', though the study says CHEST
+    dict(StudyDescription="XR CHEST PORTABLE", ProtocolName="HEAD OF BED 30 DEG"),
+    dict(StudyDescription="XR CHEST 1 VIEW", SeriesDescription="AP SUPINE HAND HELD"),
+    dict(StudyDescription="ICU PORTABLE", ProtocolName="HAND HELD PORTABLE"),
+    dict(StudyDescription="PORTABLE AP", SeriesDescription="HEAD UP 45", ProtocolName="HEAD FIRST SUPINE"),
+    dict(SeriesDescription="AP", ProtocolName="HANDHELD DETECTOR"),
+])
+def test_a_chest_radiograph_whose_descriptions_name_another_word_is_still_scored(tmp_path, nih_images, header):
+    """Without BodyPartExamined a description naming another body part is skipped, and a chest
+    radiograph wrongly skipped is an urgent study nobody is told of: the chest named in any of
+    the descriptions (in Spanish, Italian, with accents) keeps it scored, and 'HEAD OF BED',
+    'HAND HELD' or 'HEAD FIRST' name no body part."""
+    s = read_dicom(write(tmp_path / "x", grey(nih_images[0]), BodyPartExamined=None, **header), RULES)
+    assert s.grey.ndim == 2
+
+
 def test_scoring_rules_are_configurable(tmp_path, nih_images):
     path = write(tmp_path / "x", grey(nih_images[0]), BodyPartExamined="KNEE", ViewPosition=None)
     assert read_dicom(path, ScoringRules(body_parts=("KNEE",))).header.patient.view is None

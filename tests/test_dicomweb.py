@@ -358,3 +358,41 @@ def test_the_host_header_names_the_archive_as_its_url_does(results, archive, tmp
         server.server_close()
         thread.join(10)
     assert delivery.ok and server.hosts == [f"[::1]:{server.server_address[1]}"], (delivery, server.hosts)
+
+
+def _xml_with(ds, sequence, reason_tag, vr, value, declaration='<?xml version="1.0" encoding="UTF-8"?>'):
+    """An XML answer naming ``ds`` in ``sequence`` with a Warning/Failure Reason of the archive's
+    making: any VR, any text."""
+    reason = f'<DicomAttribute tag="{reason_tag}" vr="{vr}"><Value number="1">{value}</Value></DicomAttribute>'
+    return (f'{declaration}<NativeDicomModel xmlns="{NATIVE}"><DicomAttribute tag="{sequence}" vr="SQ"><Item number="1">'
+            f'<DicomAttribute tag="00081155" vr="UI"><Value number="1">{ds.SOPInstanceUID}</Value></DicomAttribute>'
+            f'{reason}</Item></DicomAttribute></NativeDicomModel>').encode()
+
+
+@pytest.mark.parametrize("sequence, reason_tag, vr, value, declaration, outcome, says", [
+    # stored, with a warning no status can be: stored all the same (never offered again)
+    ("00081199", "00081196", "DS", "nan", None, "delivered", "warning"),
+    ("00081199", "00081196", "FD", "1e999", None, "delivered", "warning"),
+    ("00081199", "00081196", "LO", "see log", None, "delivered", "warning"),
+    ("00081199", "00081196", "SS", "-5", None, "delivered", "warning"),
+    # failed, for a reason no status can be: as a failure without a reason
+    ("00081198", "00081197", "DS", "nan", None, "retry", "failure reason"),
+    ("00081198", "00081197", "FD", "1e999", None, "retry", "failure reason"),
+    ("00081198", "00081197", "UV", "99999999999999999999", None, "retry", "failure reason"),
+    # an encoding Python has no text codec for: unreadable, tried again
+    ("00081199", "00081196", "US", "1", '<?xml version="1.0" encoding="x-no-such"?>', "retry", "encoding"),
+    ("00081199", "00081196", "US", "1", '<?xml version="1.0" encoding="rot13"?>', "retry", "encoding"),
+])
+def test_an_archive_s_odd_reason_values_decide_and_never_end_the_sender(results, archive, tmp_path, sequence,
+                                                                         reason_tag, vr, value, declaration,
+                                                                         outcome, says):
+    """A Warning or Failure Reason the archive wrote as 'nan', '1e999', text or a negative number,
+    and an XML declaration naming an encoding Python cannot decode: store_dataset raised
+    (ValueError, OverflowError, LookupError), which the outbound queue took for 'object file
+    cannot be read', a refusal of an object the archive had said it stored."""
+    _, srs = results
+    ds = pydicom.dcmread(srs[0])
+    body = _xml_with(ds, sequence, reason_tag, vr, value, *([declaration] if declaration else []))
+    archive.answer, archive.content_type = (200, body), "application/dicom+xml"
+    delivery = store_dataset(ds, _config(tmp_path, f"http://127.0.0.1:{archive.server_address[1]}/dicom-web"))
+    assert delivery.outcome == outcome and says in delivery.reason, delivery

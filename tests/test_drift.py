@@ -10,6 +10,7 @@ alarm and no alarm of an unrelated kind."""
 from __future__ import annotations
 
 import csv
+import datetime as dt
 import json
 import shutil
 import subprocess
@@ -411,3 +412,30 @@ def test_a_year_of_alarms_is_not_printed_line_by_line(monkeypatch, tmp_path):
     assert "window 299 " in lines[-1] and "window 0 " not in done.output
     assert "280 earlier alarm(s) not printed: monitor.json lists every one" in done.output
     assert "300 alarm(s)" in done.output
+
+
+def test_the_alarms_printed_are_the_newest_of_every_model_not_the_highest_window_numbers(monkeypatch, tmp_path):
+    """Each model's windows are numbered from 0: after a bundle change, the old model's hundredth
+    window outranked the current model's first, and the 20 alarms printed were months old while
+    those of the model scoring today were 'not printed'. The newest by time are printed."""
+    from click.testing import CliRunner
+
+    import cxr_batch.monitor as monitor
+    from cxr_batch.cli import main
+
+    def alarm(model, index, day):
+        last = (dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc) + dt.timedelta(days=day)).isoformat()
+        return {"model": model, "label": "mean grey level", "quantity": "mean_grey", "shift": "brighter",
+                "effect_name": "d", "effect": 0.9, "p_holm": 1e-6,
+                "window": {"index": index, "n": 500, "rows": [day * 500 + 1, day * 500 + 500], "last": last}}
+
+    alarms = [alarm("old@1", i, i) for i in range(100)] + [alarm("new@2", i, 100 + i) for i in range(5)]
+    report = {"notes": [], "models": [{"notes": [], "windows": [{"too_small": False}] * 100}],
+              "alarms": alarms, "studies": {"scored": 52500}, "exit_code": 5}
+    monkeypatch.setattr(monitor, "run_monitor", lambda *args: report)
+    (tmp_path / "daemon").mkdir()
+    (tmp_path / "daemon" / "results.csv").write_text("file\n")
+    done = CliRunner().invoke(main, ["monitor", str(tmp_path / "daemon"), "--out", str(tmp_path / "mon")])
+    lines = [line for line in done.output.splitlines() if "ALARM" in line]
+    assert sum("ALARM new@2" in line for line in lines) == 5 and len(lines) == 20, done.output
+    assert "ALARM new@2" in lines[-1] and "window 99 " in lines[-6] and "window 85 " in lines[0], done.output

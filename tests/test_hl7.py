@@ -547,3 +547,79 @@ def test_the_msh_header_the_ris_routes_and_checks_by_comes_from_the_configuratio
         config.write_text(f'[scan]\nhl7_to = "ris:2575"\n{key} = "{value}"\n')
         with pytest.raises(ConfigError, match=key):
             load_config(ScanConfig, config, "scan", weights=str(small_bundle))
+
+
+@pytest.mark.parametrize("key, value, says", [
+    ("hl7_sending_facility", "EMERGENCY-DEPARTMENT-NORTH", "20 characters"),  # HD-1 is an IS: 20
+    ("hl7_receiving_facility", "RADIOLOGY^" + "1" * 200 + "^ISO", "199 characters"),  # HD-2 is an ST: 199
+    ("hl7_receiving_application", "RIS\u0007", "control characters"),
+])
+def test_an_msh_name_hl7_cannot_carry_is_refused_before_the_scan(tmp_path, nih_images, small_bundle, key, value,
+                                                                  says):
+    """A facility name over HD-1's 20 characters passed the configuration check, then hl7apy
+    refused every ORU of the scan ('a value (a name or an ID) is longer than HL7 v2.5 allows',
+    read as the patient's): no result reached the RIS. It is a configuration error (exit 2,
+    naming the key) before the model loads."""
+    from tests.test_evaluate_calibrate import cli_here
+
+    studies = tmp_path / "studies"
+    write(studies / "a.dcm", grey(nih_images[0]), PatientID="P1", AccessionNumber="A1")
+    config = tmp_path / "scan.toml"
+    config.write_text(f'[scan]\nhl7_to = "ris.example:2575"\n{key} = "{escape_toml(value)}"\n', encoding="utf-8")
+    code, err = cli_here("scan", studies, "--out", tmp_path / "out", "--weights", small_bundle, "--device", "cpu",
+                         "--config", config)
+    assert code == 2 and key in err and says in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def escape_toml(value: str) -> str:
+    return "".join(c if c.isprintable() and c not in '"\\' else f"\\u{ord(c):04x}" for c in value)
+
+
+def test_a_scan_s_oru_never_names_a_patient_from_a_file_changed_since_the_scan(tmp_path, nih_images, small_bundle,
+                                                                               caplog):
+    """Between a scan and its sending (or a later --resume) the scanned files may change: one
+    turned into a FIFO (reading it for the name waited for ever: the scan never ended), one
+    rewritten with the same SOP Instance UID for another patient (a merge or correction at the
+    PACS: its name went out beside the scanned patient's ID), one without a SOP Instance UID
+    replaced by another patient's (an empty UID matched the empty UID). Each ORU goes without a
+    name, and the log says why, naming no patient."""
+    import os
+
+    from cxr_batch.integration.outbox import send_after_scan
+
+    studies = tmp_path / "studies"
+    write(studies / "a.dcm", grey(nih_images[0]), PatientID="P1", AccessionNumber="A1", PatientName="Alpha^Ann")
+    b = write(studies / "b.dcm", grey(nih_images[1]), PatientID="P2", AccessionNumber="A2", PatientName="Beta^Bob")
+    def without_uid(path):
+        ds = pydicom.dcmread(path)
+        del ds.SOPInstanceUID
+        ds.save_as(path)
+
+    without_uid(write(studies / "c.dcm", grey(nih_images[2]), PatientID="P3", AccessionNumber="A3",
+                      PatientName="Gamma^Cy"))
+    out = tmp_path / "out"
+    with RIS("AA") as ris:
+        cfg = ScanConfig(weights=str(small_bundle), device="cpu", progress=False, batch_size=4, workers=0, pdf=False,
+                         hl7_to=str(ris.endpoint))
+        run_scan(studies, out, cfg)
+        (studies / "a.dcm").unlink()
+        os.mkfifo(studies / "a.dcm")
+        write(b, grey(nih_images[1]), PatientID="P9", AccessionNumber="A2", PatientName="Other^Bea",
+              SOPInstanceUID=pydicom.dcmread(b).SOPInstanceUID)
+        without_uid(write(studies / "c.dcm", grey(nih_images[3]), PatientID="P8", AccessionNumber="A8",
+                          PatientName="Other^Cal"))
+        lines = []
+        with caplog.at_level("INFO", logger="cxr_batch"):
+            sender = threading.Thread(target=lambda: lines.extend(send_after_scan(out, cfg, studies)), daemon=True)
+            sender.start()
+            sender.join(120)
+            hung = sender.is_alive()
+            if hung:  # release it: a writer opens the FIFO
+                os.close(os.open(studies / "a.dcm", os.O_RDWR))
+                sender.join(60)
+        assert not hung, "reading the FIFO for the patient's name never ended"
+        assert lines == [] and len(ris.received) == 3, lines
+    assert not any("Other" in message for message in ris.received)
+    said = [r.getMessage() for r in caplog.records if "names no patient" in r.getMessage()]
+    assert len(said) == 3 and not any(n in " ".join(said) for n in ("Alpha", "Beta", "Gamma", "Other")), said

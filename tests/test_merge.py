@@ -134,3 +134,41 @@ def test_a_merge_of_shards_with_reports_writes_the_whole_worklist_in_merged_rank
             weights=str(small_bundle), device="cpu", workers=0, progress=False, shard=(i, 2), pdf=False))
     done = merge_cli(tmp_path / "n0" / "results.csv", tmp_path / "n1" / "results.csv", "--out", tmp_path / "m2.csv")
     assert done.returncode == 0 and not (tmp_path / "worklist.pdf").exists()
+
+
+@pytest.fixture(scope="module")
+def reported(tmp_path_factory, nih_images, small_bundle):
+    """Shards 0/2 and 1/2 of 4 images scanned with reports (a worklist each)."""
+    root = tmp_path_factory.mktemp("reported")
+    (root / "studies").mkdir()
+    for p in nih_images[:4]:
+        shutil.copy(p, root / "studies" / p.name)
+    for i in range(2):
+        run_scan(root / "studies", root / f"r{i}", ScanConfig(weights=str(small_bundle), device="cpu", batch_size=4,
+                                                               workers=0, progress=False, shard=(i, 2)))
+    return [root / f"r{i}" / "results.csv" for i in range(2)]
+
+
+def test_merge_never_replaces_a_worklist_pdf_of_its_own_nor_leaves_one_of_other_results(reported, shards, tmp_path):
+    """merge writes worklist.pdf beside the merged results.csv: a file of that name the user
+    keeps there (not a cxr-batch worklist) was replaced without a word, though results.csv
+    itself is never replaced unless cxr-batch's; and a merge of shards without reports, into the
+    folder of an earlier merge, left that merge's worklist beside the new results.csv: a list of
+    other studies in another order, read as this one's."""
+    own = tmp_path / "mine" / "worklist.pdf"
+    own.parent.mkdir()
+    own.write_bytes(b"%PDF-1.4\n% the ward's own list\n")
+    done = merge_cli(*reported, "--out", own.parent / "results.csv")
+    assert done.returncode == 0 and own.read_bytes() == b"%PDF-1.4\n% the ward's own list\n", done.stderr
+    assert "worklist.pdf" in done.stderr and "not replaced" in done.stderr, done.stderr
+    # an earlier merge's worklist beside results.csv, then shards without reports merged there
+    merged = tmp_path / "merged" / "results.csv"
+    assert merge_cli(*reported, "--out", merged).returncode == 0 and (merged.parent / "worklist.pdf").is_file()
+    done = merge_cli(*shards, "--out", merged)
+    assert done.returncode == 0, done.stderr
+    assert not (merged.parent / "worklist.pdf").exists() and "earlier" in done.stderr, done.stderr
+    # a folder in worklist.pdf's place: one readable line, results.csv written
+    (tmp_path / "d" / "worklist.pdf").mkdir(parents=True)
+    done = merge_cli(*reported, "--out", tmp_path / "d" / "results.csv")
+    assert done.returncode == 0 and (tmp_path / "d" / "results.csv").is_file(), done.stderr
+    assert "worklist.pdf" in done.stderr and "Traceback" not in done.stderr, done.stderr

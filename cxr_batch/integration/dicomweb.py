@@ -286,7 +286,12 @@ class StowClient:
             if item.get("ReferencedSOPInstanceUID") == uid:
                 warning = item.get("WarningReason")
                 log.debug("stored %s on %s", uid, self._where)
-                return Delivery.delivered(f"warning 0x{int(warning):04X}" if warning is not None else "")
+                if warning is None:
+                    return Delivery.delivered()
+                code = _status_code(warning)
+                # stored all the same: a warning the archive wrote oddly ('nan', text) is shown, not read
+                return Delivery.delivered(f"warning 0x{code:04X}" if code is not None else
+                                          f"warning {shown(str(warning), 40)!r} (not a status)")
         if not answer:  # 200 without a body
             return Delivery.delivered()
         return self._failed(uid, Delivery.retry("the STOW-RS response does not mention the instance"))
@@ -336,13 +341,25 @@ def _failure(reason) -> Delivery:
     """What a Failed SOP Sequence item's Failure Reason means for the queue."""
     if reason is None:
         return Delivery.retry("failed without a reason")
-    code = int(reason)
+    code = _status_code(reason)
+    if code is None:  # 'nan', '1e999', text: as a failure without a reason
+        return Delivery.retry(f"failure reason {shown(str(reason), 40)!r} (not a status)")
     text = f"failure reason 0x{code:04X}"
     if code == DUPLICATE_SOP_INSTANCE:
         return Delivery.delivered(f"{text}: already stored")
     if failure_is_transient(code):
         return Delivery.retry(text)
     return Delivery.rejected(text)
+
+
+def _status_code(value) -> int | None:
+    """A Warning or Failure Reason as the 16-bit status it must be (US), else None: an archive's
+    answer may hold any VR and text there ('nan' read as a DS, '1e999' as an FD, a sequence)."""
+    try:
+        code = int(value)
+    except (TypeError, ValueError, OverflowError):
+        return None
+    return code if code == value and 0 <= code <= 0xFFFF else None
 
 
 def _media(response) -> str:
@@ -395,6 +412,8 @@ def native_dicom_dataset(body: bytes) -> Dataset:
         parser.Parse(body, True)
     except expat.ExpatError as e:
         raise ValueError(f"not well-formed XML: {e}") from None
+    except LookupError as e:  # an XML declaration's encoding Python has no text codec for ('rot13')
+        raise ValueError(f"an encoding that cannot be read: {e}") from None
     root = builder.close()
     if root.tag != "NativeDicomModel":
         raise ValueError(f"<{shown(root.tag, 40)}> is not a NativeDicomModel")

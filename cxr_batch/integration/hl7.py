@@ -72,6 +72,7 @@ ACK_DELIVERED, ACK_RETRY, ACK_REJECTED = {"AA", "CA"}, {"AR", "CE"}, {"AE", "CR"
 
 
 PROCESSING_IDS = ("P", "D", "T")  # MSH-11, HL7 table 0103
+HD_LIMITS = (("name (HD-1)", 20), ("universal ID (HD-2)", 199))  # the lengths hl7apy checks
 
 
 def hd_problem(value: str) -> str | None:
@@ -83,6 +84,11 @@ def hd_problem(value: str) -> str | None:
         return f"{value!r}: an HD value has no | ~ \\ & or control characters (^ separates NAME^OID^ISO)"
     if value.count("^") > 2:
         return f"{value!r}: an HD value has at most 3 components (NAME^OID^ISO)"
+    # HD-1 is an IS, HD-2 an ST (v2.5 2.A.33): a longer one passed here, then hl7apy refused
+    # every ORU of the run ('a name or an ID is longer than HL7 v2.5 allows'), none sent
+    for (part, limit), component in zip(HD_LIMITS, value.strip().split("^")):
+        if len(component) > limit:
+            return f"{shown(value, 60)!r}: an HD value's {part} has at most {limit} characters (HL7 v2.5)"
     return None
 
 

@@ -367,16 +367,34 @@ def _patient_from_header(record: StudyRecord, studies: Path) -> None:
     from its file's header, when the file still holds the same instance. Without them PID-5
     would be HL7's explicit null, which tells a receiver updating its records to delete the name
     (HL7 v2.5 2.5.3), and a RIS matching the name with the order's would refuse the result."""
+    import os
+    import stat
+
     import pydicom
 
     from ..dicom import identifiers
 
+    def without(why: str) -> None:  # said, as the file's log name: the ORU's PID-5 is empty
+        log.warning("%s: the ORU names no patient: %s", log_name(record.file), why)
+
+    if not record.ids.sop_uid:  # nothing tells the scanned instance from another patient's
+        return without("the scanned file has no SOP Instance UID to find it again by")
     try:
-        header = identifiers(pydicom.dcmread(Path(studies) / record.file, stop_before_pixels=True))
-    except Exception:  # gone, replaced by a non-DICOM, unreadable: the ORU goes without them
-        return
-    if header.sop_uid != record.ids.sop_uid:  # another instance since the scan: not its patient
-        return
+        # not blocking: a FIFO put in the file's place waited for a writer for ever
+        fd = os.open(Path(studies) / record.file, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError as e:
+        return without(f"its file cannot be opened since the scan ({e.strerror})")
+    try:
+        with os.fdopen(fd, "rb") as f:
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                return without("its file is no longer a regular file")
+            header = identifiers(pydicom.dcmread(f, stop_before_pixels=True, defer_size=1 << 16))
+    except Exception as e:  # replaced by a non-DICOM, unreadable: the ORU goes without them
+        return without(f"its file cannot be read since the scan ({type(e).__name__})")
+    # another instance since the scan, or the same one now filed under another patient (a merge
+    # at the PACS): its name beside the scanned patient's ID would name the wrong person
+    if header.sop_uid != record.ids.sop_uid or header.patient_id != record.ids.patient_id:
+        return without("its file holds another instance or patient since the scan")
     for name in ("patient_name", "patient_birth_date", "patient_sex"):
         if not getattr(record.ids, name):
             setattr(record.ids, name, getattr(header, name))
