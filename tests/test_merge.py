@@ -11,16 +11,21 @@ from cxr_batch.results import MergeError, merge_results, read_results
 from cxr_batch.scan import ScanConfig, run_scan
 
 
+def scan_shards(root, images, bundle, prefix: str, pdf: bool):
+    """Shards 0/2 and 1/2 of ``images`` scanned into ROOT/PREFIX0 and ROOT/PREFIX1."""
+    (root / "studies").mkdir()
+    for p in images:
+        shutil.copy(p, root / "studies" / p.name)
+    for i in range(2):
+        run_scan(root / "studies", root / f"{prefix}{i}", ScanConfig(weights=str(bundle), device="cpu", batch_size=4,
+                                                                      workers=0, progress=False, pdf=pdf, shard=(i, 2)))
+
+
 @pytest.fixture(scope="module")
 def scanned(tmp_path_factory, nih_images, small_bundle):
     """Folders of shards 0/2 and 1/2 of the same 6 images: results.csv with run.json."""
     root = tmp_path_factory.mktemp("shards")
-    (root / "studies").mkdir()
-    for p in nih_images[:6]:
-        shutil.copy(p, root / "studies" / p.name)
-    for i in range(2):
-        run_scan(root / "studies", root / f"s{i}", ScanConfig(weights=str(small_bundle), device="cpu", batch_size=4,
-                                                               workers=0, progress=False, pdf=False, shard=(i, 2)))
+    scan_shards(root, nih_images[:6], small_bundle, "s", pdf=False)
     return root
 
 
@@ -140,12 +145,7 @@ def test_a_merge_of_shards_with_reports_writes_the_whole_worklist_in_merged_rank
 def reported(tmp_path_factory, nih_images, small_bundle):
     """Shards 0/2 and 1/2 of 4 images scanned with reports (a worklist each)."""
     root = tmp_path_factory.mktemp("reported")
-    (root / "studies").mkdir()
-    for p in nih_images[:4]:
-        shutil.copy(p, root / "studies" / p.name)
-    for i in range(2):
-        run_scan(root / "studies", root / f"r{i}", ScanConfig(weights=str(small_bundle), device="cpu", batch_size=4,
-                                                               workers=0, progress=False, shard=(i, 2)))
+    scan_shards(root, nih_images[:4], small_bundle, "r", pdf=True)
     return [root / f"r{i}" / "results.csv" for i in range(2)]
 
 
