@@ -377,6 +377,8 @@ def _patient_from_header(record: StudyRecord, studies: Path) -> None:
     def without(why: str) -> None:  # said, as the file's log name: the ORU's PID-5 is empty
         log.warning("%s: the ORU names no patient: %s", log_name(record.file), why)
 
+    if not (record.ids.accession_number and record.ids.patient_id):
+        return  # no ORU is made for it (oru_r01 says why): nothing to name
     if not record.ids.sop_uid:  # nothing tells the scanned instance from another patient's
         return without("the scanned file has no SOP Instance UID to find it again by")
     try:
