@@ -396,3 +396,21 @@ def test_an_archive_s_odd_reason_values_decide_and_never_end_the_sender(results,
     archive.answer, archive.content_type = (200, body), "application/dicom+xml"
     delivery = store_dataset(ds, _config(tmp_path, f"http://127.0.0.1:{archive.server_address[1]}/dicom-web"))
     assert delivery.outcome == outcome and says in delivery.reason, delivery
+
+
+@pytest.mark.parametrize("tag, vr, value", [
+    ("00201208", "IS", "abc"),  # Number of Study Related Instances, as text
+    ("00081190", "UR", "http://archive/x"),  # a Retrieve URL: read as before
+    ("00091010", "DS", "1e999"),  # a vendor's private attribute
+    ("00201206", "IS", "99999999999999999999999"),  # out of IS's range
+])
+def test_an_odd_value_the_status_does_not_depend_on_does_not_make_the_answer_unreadable(results, archive, tmp_path,
+                                                                                        tag, vr, value):
+    """One odd value in an attribute the outcome does not read (a count, a vendor's attribute)
+    made the whole XML answer unreadable: a retry, so the archive stored the object again at
+    every try although it said it had it. Such an attribute is left out; the instance is stored."""
+    _, srs = results
+    ds = pydicom.dcmread(srs[0])
+    archive.answer, archive.content_type = (200, _xml_with(ds, "00081199", tag, vr, value)), "application/dicom+xml"
+    delivery = store_dataset(ds, _config(tmp_path, f"http://127.0.0.1:{archive.server_address[1]}/dicom-web"))
+    assert delivery.outcome == "delivered", delivery

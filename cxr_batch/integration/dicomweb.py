@@ -461,7 +461,11 @@ def _native_json(element) -> dict:
                 try:
                     values = [None if v is None else convert(v) for v in values]
                 except ValueError:
-                    raise ValueError(f"DicomAttribute {tag} ({vr}) holds {shown(str(values), 60)}") from None
+                    # left out, not the whole answer: one odd count or vendor value made it
+                    # unreadable, a retry that stored the object again at every try (a status
+                    # left out reads as none: a warning unsaid, a failure tried again)
+                    log.debug("STOW-RS answer: DicomAttribute %s (%s) is no number: left out", tag, vr)
+                    continue
         out[tag.upper()] = {"vr": vr, **({"Value": values} if values else {})}
     return out
 
