@@ -439,3 +439,25 @@ def test_the_alarms_printed_are_the_newest_of_every_model_not_the_highest_window
     lines = [line for line in done.output.splitlines() if "ALARM" in line]
     assert sum("ALARM new@2" in line for line in lines) == 5 and len(lines) == 20, done.output
     assert "ALARM new@2" in lines[-1] and "window 99 " in lines[-6] and "window 85 " in lines[0], done.output
+
+
+def test_a_year_of_windows_gets_an_axis_that_can_be_read():
+    """monitor.pdf's trend panels numbered every window (196 labels on a 3-cm axis run into one
+    another) and drew two artists per window (most of monitor's time on a year of rows): a few
+    whole-number ticks, and one mark collection per kind."""
+    from matplotlib.figure import Figure
+
+    from cxr_batch.monitor_report import _panel
+
+    def entry(i, alarm=False):
+        return {"kind": "continuous", "reference_iqr": [0.4, 0.6], "reference_median": 0.5,
+                "window_iqr": [0.45, 0.65], "window_median": 0.55, "alarm": alarm}
+
+    ax = Figure().add_subplot()
+    _panel(ax, "intensity_p50", [(i, entry(i, i % 50 == 0)) for i in range(196)])
+    ticks = [t for t in ax.get_xticks() if 0 <= t <= 195]
+    assert 3 <= len(ticks) <= 8 and all(float(t).is_integer() for t in ticks), ticks
+    assert len(ax.collections) <= 3 and len(ax.lines) <= 2  # not 2 x 196 artists
+    few = Figure().add_subplot()
+    _panel(few, "intensity_p50", [(i, entry(i)) for i in range(5)])
+    assert list(few.get_xticks()) == [0, 1, 2, 3, 4]  # a few windows: each numbered
