@@ -30,7 +30,8 @@ from .codestream import CodestreamError, ends_with_eoi, first_fragment, j2k_fram
 from .display import format_date
 from .greyscale import robust_range, window_to_uint8
 from .patient import PatientData, patient_from_values
-from .study import Identifiers, ReadError, ScoringRules, SkipStudy, StudyFailure, StudyHeader, StudyImage, check_view
+from .study import (MAX_LENGTH, Identifiers, ReadError, ScoringRules, SkipStudy, StudyFailure, StudyHeader, StudyImage,
+                    check_view)
 
 log = logging.getLogger("cxr_batch")
 # pydicom's checks of header values on reading quote the value in a warning and a log line
@@ -536,6 +537,11 @@ def read_dicom(path: Path, rules: ScoringRules, min_side: int = 0) -> StudyImage
     if len(ds) == 0:
         raise ReadError("DICOM file holds no data elements (preamble only, or truncated)")
     header = StudyHeader(identifiers(ds), patient_from_header(ds), acquisition.from_dicom(ds))
+    if _text(ds, "AccessionNumber") and not header.ids.accession_number:
+        # left out, never cut (Identifiers): said, or the row and the log ("no accession number")
+        # read as if the header had none, while the PACS shows the study with one
+        header.patient.notes.append(f"header accession number is over {MAX_LENGTH['accession_number']} "
+                                    "characters: left out (cut, it could be another order's; no HL7 result)")
     try:
         check_scored(ds, rules)
         check_view(header.patient, rules)

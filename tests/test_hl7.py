@@ -437,6 +437,21 @@ def test_an_accession_number_longer_than_dicom_allows_is_never_cut(scored, tmp_p
         oru_r01(record, thresholds=bundle.thresholds)
 
 
+def test_an_accession_number_too_long_to_keep_is_said_in_the_row_not_read_as_missing(tmp_path, nih_images,
+                                                                                   small_bundle):
+    """One over 64 characters is left out (cut, it could be another order's), so the study gets
+    no ORU; its row said nothing and the log said "no accession number", while the PACS shows
+    the study with one: the row's notes say it was too long."""
+    studies = tmp_path / "studies"
+    write(studies / "longer.dcm", grey(nih_images[0]), AccessionNumber="RIS-" + "7" * 70)
+    run_scan(studies, tmp_path / "out", ScanConfig(weights=str(small_bundle), device="cpu", progress=False,
+                                                   workers=0, pdf=False))
+    (row,) = read_results(tmp_path / "out" / "results.csv")
+    assert row["status"] == "ok" and row["accession_number"] == ""
+    assert "accession number is over 64 characters" in row["notes"]
+    assert "7777" not in row["notes"]  # the value itself is not repeated
+
+
 def test_an_order_the_ris_does_not_know_does_not_hold_up_the_others(scored, tmp_path, caplog):
     """AE is the RIS's error in processing that message (HL7 v2.5 2.9.2.2 b: an order it does
     not know, a value it refuses), AR its failure 'for reasons unrelated to content or format
