@@ -98,13 +98,13 @@ _OUTBOUND_COLUMNS = ("uid, channel, key, path, queued_at, due_at, attempts, deli
                      "last_error, dropped_at")
 
 
-
 def stored_name(path: str) -> str:
     """A file's path as the ledger stores it. A name that is not UTF-8 (Latin-1 bytes from an old
     export) comes from the file system with its odd bytes as surrogates, which SQLite cannot
     take: they are stored as ``\\xNN`` escapes (any other name is stored as it is, so ledgers
     written before read the same), and every look-up goes through here too."""
     return path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
 
 class LedgerError(Exception):
     """A ledger that cannot be opened or read (corrupt, or of an unknown schema)."""
