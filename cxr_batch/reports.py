@@ -61,7 +61,7 @@ PRIORITY_TEXT = {"urgent": "URGENT: review first", "abnormal": "ABNORMAL: read w
                  "normal": "LOW PROBABILITY OF ANY FINDING"}
 BUCKET_LABEL = {"urgent": "URGENT", "abnormal": "ABNORMAL", "normal": "LOW"}  # "normal" never reads as a clean bill
 # A bundle without a P(any) cutoff (v1, v2) puts every study with nothing over its threshold in the
-# "normal" bucket, whatever its P(any finding) (0.47 for NIH 00001968 with v1): "low probability"
+# "normal" bucket, whatever its P(any finding) (near 0.5 for some NIH studies with v1): "low probability"
 # would be untrue there, so the bucket is named for what it is.
 NO_CUTOFF_TEXT, NO_CUTOFF_LABEL = "NO FINDING FLAGGED", "NO FLAG"  # fits the Priority column on one line
 
