@@ -165,7 +165,24 @@ def identifiers(ds) -> Identifiers:
         study_time=_text(ds, "StudyTime"),
         study_id=_text(ds, "StudyID"),
         referring_physician=_text(ds, "ReferringPhysicianName"),
+        issuer_of_patient_id=_text(ds, "IssuerOfPatientID"),
+        **_issuer_qualifiers(ds),
     )
+
+
+def _issuer_qualifiers(ds) -> dict[str, str]:
+    """The first IssuerOfPatientIDQualifiersSequence item's universal ID, its type and the
+    identifier's type (the sequence holds one item); none from a sequence that cannot be read."""
+    try:
+        items = ds.get("IssuerOfPatientIDQualifiersSequence") or []
+        item = items[0] if len(items) else None
+        if item is None or not hasattr(item, "get"):
+            return {}
+        return {"issuer_universal_id": _text(item, "UniversalEntityID"),
+                "issuer_universal_id_type": _text(item, "UniversalEntityIDType"),
+                "patient_id_type": _text(item, "IdentifierTypeCode")}
+    except Exception:  # a broken sequence in a hostile header: the ID goes without its qualifiers
+        return {}
 
 
 def check_scored(ds, rules: ScoringRules) -> None:

@@ -24,8 +24,9 @@ SECONDARY_CAPTURE = UID("1.2.840.10008.5.1.4.1.1.7")
 ENCAPSULATED_PDF = UID("1.2.840.10008.5.1.4.1.1.104.1")
 _SOP_BY_MODALITY = {"DX": DX_FOR_PRESENTATION, "CR": CR_IMAGE, "OT": SECONDARY_CAPTURE}
 # Keywords copied from a study's image into a report object so the PACS files it with the study.
-STUDY_KEYWORDS = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "PatientAge", "StudyInstanceUID",
-                  "StudyDate", "StudyTime", "AccessionNumber", "StudyID", "ReferringPhysicianName", "StudyDescription")
+STUDY_KEYWORDS = ("PatientName", "PatientID", "IssuerOfPatientID", "PatientBirthDate", "PatientSex", "PatientAge",
+                  "StudyInstanceUID", "StudyDate", "StudyTime", "AccessionNumber", "StudyID", "ReferringPhysicianName",
+                  "StudyDescription")
 
 
 def _file_meta(sop_class: UID, sop_instance: UID, transfer_syntax: UID) -> FileMetaDataset:

@@ -213,7 +213,8 @@ def report_header(ids) -> dict:
     report), the same values as the SR's (a PACS checking a new object's patient against the one
     it holds sees one patient), as VR-valid: {keyword: value}, empty where the source's value is
     not one (a date that is not DA, a backslash that would make a second value)."""
-    return {"PatientID": _string(ids.patient_id, 64), "PatientName": _person_name(ids.patient_name),
+    return {"PatientID": _string(ids.patient_id, 64), "IssuerOfPatientID": _identifier(ids.issuer_of_patient_id, 64),
+            "PatientName": _person_name(ids.patient_name),
             "PatientBirthDate": _date(ids.patient_birth_date), "PatientSex": _sex(ids.patient_sex),
             "PatientAge": _age(ids.patient_age), "StudyDate": _date(ids.study_date), "StudyTime": _time(ids.study_time),
             "StudyID": _string(ids.study_id, 16), "AccessionNumber": _identifier(ids.accession_number, 16),
@@ -247,6 +248,7 @@ class StudyValues:
     sr_series_uid: str
     patient_name: str
     patient_id: str
+    issuer_of_patient_id: str | None  # None: the source names no issuer, and no element
     patient_birth_date: str
     patient_sex: str
     patient_age: str | None  # None: no valid age, and no PatientAge element
@@ -278,6 +280,7 @@ def study_values(record: StudyRecord, bundle, created: dt.datetime | None = None
     return StudyValues(
         source=source, sr_uid=sr_uid, sr_series_uid=series_uid,
         patient_name=_person_name(ids.patient_name), patient_id=_string(ids.patient_id, 64),
+        issuer_of_patient_id=_identifier(ids.issuer_of_patient_id, 64) or None,
         patient_birth_date=_date(ids.patient_birth_date), patient_sex=_sex(ids.patient_sex),
         patient_age=_age(ids.patient_age) or None,
         accession_number=_identifier(ids.accession_number, 16), study_id=_string(ids.study_id, 16),
@@ -300,6 +303,8 @@ def _evidence(values: StudyValues) -> Dataset:
     ds.StudyInstanceUID, ds.SeriesInstanceUID = source.study_uid, source.series_uid
     ds.PatientName = values.patient_name
     ds.PatientID = values.patient_id
+    if values.issuer_of_patient_id is not None:  # "P1" of one site is another patient than "P1" of the next
+        ds.IssuerOfPatientID = values.issuer_of_patient_id
     ds.PatientBirthDate = values.patient_birth_date
     ds.PatientSex = values.patient_sex
     if values.patient_age is not None:
@@ -513,6 +518,7 @@ def _atoms(values: StudyValues) -> dict[str, object]:
         "sr_uid": values.sr_uid, "sr_series_uid": values.sr_series_uid, "source_sop_uid": source.sop_uid,
         "source_series_uid": source.series_uid, "study_uid": source.study_uid,
         "patient_name": values.patient_name, "patient_id": values.patient_id,
+        "issuer_of_patient_id": values.issuer_of_patient_id,
         "patient_birth_date": values.patient_birth_date, "patient_sex": values.patient_sex,
         "patient_age": values.patient_age, "accession_number": values.accession_number,
         "study_id": values.study_id, "study_date": values.study_date, "study_time": values.study_time,
@@ -538,7 +544,8 @@ def _sentinel_values(sop_class_uid: str) -> StudyValues:
     n = len(FINDINGS)
     return StudyValues(
         source=SourceImage(sop_class_uid, uid(1), uid(2), uid(3)), sr_uid=uid(4), sr_series_uid=uid(5),
-        patient_name="ZQSENTINEL^PATIENT", patient_id="ZQSENTINELPID", patient_birth_date="19010101",
+        patient_name="ZQSENTINEL^PATIENT", patient_id="ZQSENTINELPID", issuer_of_patient_id="ZQSENTINELISSUER",
+        patient_birth_date="19010101",
         patient_sex="O", patient_age="123W", accession_number="ZQSENTINELACC", study_id="ZQSENTINELSID",
         study_date="19020202", study_time="020202", referring_physician="ZQSENTINEL^REFERRER",
         tracking_uids=tuple(uid(100 + k) for k in range(n)),
@@ -555,7 +562,8 @@ def _probe_values(sop_class_uid: str) -> StudyValues:
     n = len(FINDINGS)
     return StudyValues(
         source=SourceImage(sop_class_uid, "1.2.3.4.5", "1.2.3.4", "1.2.3"), sr_uid="2.25.12", sr_series_uid="2.25.1",
-        patient_name="Müller^Jürgen=山田^太郎", patient_id="P 7", patient_birth_date="", patient_sex="F",
+        patient_name="Müller^Jürgen=山田^太郎", patient_id="P 7", issuer_of_patient_id=None, patient_birth_date="",
+        patient_sex="F",
         patient_age=None, accession_number="A", study_id="", study_date="20260102", study_time="",
         referring_physician="", tracking_uids=tuple(f"2.25.{700 + k}" for k in range(n)),
         probabilities=tuple(round(k / (n + 1), 6) for k in range(n)),

@@ -38,13 +38,20 @@ MAX_LENGTH = {
     "study_time": 16,  # TM
     "study_id": 16,  # SH
     "referring_physician": 3 * 64 + 2,  # PN
+    # Who issued the patient ID (PS3.3 C.7.1.1): "P1" of one site is another patient than "P1"
+    # of the next. IssuerOfPatientID, and its qualifiers' universal ID (UT, but HL7's HD.2 takes
+    # 199), the universal ID's type and the identifier's type (CS).
+    "issuer_of_patient_id": 64,  # LO
+    "issuer_universal_id": 199,
+    "issuer_universal_id_type": 16,
+    "patient_id_type": 16,
 }
 
 
 UID_FIELDS = ("study_uid", "series_uid", "sop_uid", "sop_class_uid")
 # Identifiers a receiver matches on whose cut value could be another's (another order's accession
 # number): one longer than its MAX_LENGTH is left empty, as an over-long UID is replaced (clean_uid)
-NOT_CUT = ("accession_number",)
+NOT_CUT = ("accession_number", "issuer_of_patient_id", "issuer_universal_id")
 # Dates held as DICOM DA (YYYYMMDD) whatever spelling they came in (an ACR-NEMA header's
 # 2024.03.01, a metadata table's ISO 2024-03-01): cutting those to DA's 8 characters made
 # "2024.03." (read nowhere as a date) and a bad value such as 2024-13-45 into "2024-13-".
@@ -105,6 +112,10 @@ class Identifiers:
     study_time: str = ""
     study_id: str = ""
     referring_physician: str = ""
+    issuer_of_patient_id: str = ""
+    issuer_universal_id: str = ""
+    issuer_universal_id_type: str = ""
+    patient_id_type: str = ""
 
     def __setattr__(self, name: str, value) -> None:
         if name in UID_FIELDS:

@@ -531,6 +531,47 @@ def test_a_scan_s_oru_names_the_patient_as_the_header_does_never_the_null(tmp_pa
     assert (pid.pid_7.value, pid.pid_8.value) == ("19670302", "F")
 
 
+def _issuer(namespace="HOSP-A", universal_id="1.2.840.99.7", kind="ISO", type_code="MR"):
+    from pydicom.dataset import Dataset
+
+    qualifiers = Dataset()
+    qualifiers.UniversalEntityID, qualifiers.UniversalEntityIDType = universal_id, kind
+    qualifiers.IdentifierTypeCode = type_code
+    return dict(IssuerOfPatientID=namespace, IssuerOfPatientIDQualifiersSequence=[qualifiers])
+
+
+def test_the_patient_id_reaches_the_ris_with_the_authority_that_issued_it(tmp_path, nih_images, small_bundle):
+    """A hospital of several sites numbers patients per site: "P1" of one is another patient
+    than "P1" of the next, and the header says whose (IssuerOfPatientID and its qualifiers,
+    PS3.3 C.7.1.1). PID-3 carried the bare number, so a RIS matching on the identifier list could
+    file the result under another site's patient. PID-3.4 is now the assigning authority
+    (namespace & universal ID & its type) and PID-3.5 the identifier type, the mapping PS3.17's
+    HL7 v2 annex gives; a study without them keeps the bare number; a scan's ORU, built after the
+    scan, reads them again from the file as it does the name."""
+    from cxr_batch.integration.outbox import send_after_scan
+
+    studies = tmp_path / "studies"
+    write(studies / "a.dcm", grey(nih_images[0]), PatientID="P1", AccessionNumber="A1", **_issuer())
+    write(studies / "b.dcm", grey(nih_images[1]), PatientID="P2", AccessionNumber="A2")
+    write(studies / "c.dcm", grey(nih_images[2]), PatientID="P3", AccessionNumber="A3",
+          **_issuer(namespace="SITE|B&C", universal_id="", kind="", type_code=""))
+    out = tmp_path / "out"
+    with RIS("AA") as ris:
+        cfg = ScanConfig(weights=str(small_bundle), device="cpu", progress=False, batch_size=4, workers=0, pdf=False,
+                         hl7_to=str(ris.endpoint))
+        run_scan(studies, out, cfg)
+        assert send_after_scan(out, cfg, studies) == []
+        pids = {}
+        for message in ris.received:
+            pid = _parse(message.replace("\n", "\r")).oru_r01_patient_result.oru_r01_patient.pid
+            pids[pid.pid_3.cx_1.value] = pid.pid_3
+    assert sorted(pids) == ["P1", "P2", "P3"]
+    assert pids["P1"].to_er7() == "P1^^^HOSP-A&1.2.840.99.7&ISO^MR"  # CX.4 an HD: namespace & UID & type
+    assert pids["P2"].to_er7() == "P2"
+    assert pids["P3"].to_er7() == "P3^^^SITE\\F\\B\\T\\C"  # the delimiters escaped, not structure
+    assert unescape(pids["P3"].cx_4.to_er7()) == "SITE|B&C"
+
+
 def test_the_msh_header_the_ris_routes_and_checks_by_comes_from_the_configuration(tmp_path, nih_images,
                                                                                  small_bundle):
     """An interface engine routes by MSH-5/MSH-6, and a RIS checks MSH-11 against its own

@@ -199,7 +199,7 @@ def test_the_encapsulated_pdf_and_the_sr_say_the_same_of_patient_and_study(tmp_p
 
     studies = tmp_path / "studies"
     write(studies / "a.dcm", grey(nih_images[0]), PatientBirthDate="19670302", PatientSex="O", PatientAge="045Y",
-          StudyTime="101500", StudyID="S17", ReferringPhysicianName="House^Gregory")
+          StudyTime="101500", StudyID="S17", ReferringPhysicianName="House^Gregory", IssuerOfPatientID="HOSP-A")
     cfg = ScanConfig(weights=str(small_bundle), device="cpu", batch_size=4, workers=0, progress=False,
                      heatmaps=False, dicom_pdf=True, dicom_sr=True)
     run_scan(studies, tmp_path / "out", cfg)
@@ -207,8 +207,8 @@ def test_the_encapsulated_pdf_and_the_sr_say_the_same_of_patient_and_study(tmp_p
     pdf = pydicom.dcmread(tmp_path / "out" / "reports" / row["report"].replace(".pdf", ".dcm"))
     (sr_path,) = (tmp_path / "out" / "dicom").glob("*.sr.dcm")
     sr = pydicom.dcmread(sr_path)
-    for keyword in ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyInstanceUID", "StudyDate",
-                    "StudyTime", "StudyID", "AccessionNumber", "ReferringPhysicianName"):
+    for keyword in ("PatientName", "PatientID", "IssuerOfPatientID", "PatientBirthDate", "PatientSex",
+                    "StudyInstanceUID", "StudyDate", "StudyTime", "StudyID", "AccessionNumber", "ReferringPhysicianName"):
         assert str(pdf.get(keyword, "")) == str(sr.get(keyword, "")) != "", keyword
     if have("dciodvfy"):
         said = subprocess.run(["dciodvfy", str(tmp_path / "out" / "reports" / row["report"].replace(".pdf", ".dcm"))],

@@ -31,7 +31,8 @@ from tests.dicomgen import HEADER, grey, have, pydicom_checking, write
 pytestmark = pytest.mark.filterwarnings("ignore:.*(exceeds the maximum|Invalid value for VR):UserWarning")
 
 COMPREHENSIVE_3D_SR = "1.2.840.10008.5.1.4.1.1.88.34"
-FULL = dict(StudyTime="101500", PatientBirthDate="19670302", ReferringPhysicianName="House^Gregory", StudyID="S17")
+FULL = dict(StudyTime="101500", PatientBirthDate="19670302", ReferringPhysicianName="House^Gregory", StudyID="S17",
+            IssuerOfPatientID="HOSP-A")
 UTF8_NAME = "Müller-Lüdenscheidt^Jürgen=山田^太郎=やまだ^たろう"
 LONG = dict(PatientName="Ø" * 100 + "^" + "Z" * 80 + "^a^b^c^d^e^f", PatientID="X" * 90, AccessionNumber="A" * 40,
             StudyID="S" * 30, SpecificCharacterSet="ISO_IR 192", StudyInstanceUID="1.2.03.4", SOPInstanceUID="abc.def", SeriesInstanceUID="1." + "2" * 80)
@@ -133,8 +134,9 @@ def test_same_study_and_patient_as_the_source_in_a_new_series(sr_scan):
         assert sr.StudyInstanceUID == source.StudyInstanceUID
         assert sr.SeriesInstanceUID != source.SeriesInstanceUID and sr.SeriesNumber == 998
         assert sr.SpecificCharacterSet == "ISO_IR 192"
-        for keyword in ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "PatientAge", "AccessionNumber",
-                        "StudyDate", "StudyTime", "StudyID", "ReferringPhysicianName"):
+        # IssuerOfPatientID: "P001" of one site is another patient than "P001" of the next
+        for keyword in ("PatientName", "PatientID", "IssuerOfPatientID", "PatientBirthDate", "PatientSex", "PatientAge",
+                        "AccessionNumber", "StudyDate", "StudyTime", "StudyID", "ReferringPhysicianName"):
             assert str(sr[keyword].value) == str(source[keyword].value), keyword
         (study,) = sr.CurrentRequestedProcedureEvidenceSequence
         (series,) = study.ReferencedSeriesSequence

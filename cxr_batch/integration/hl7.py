@@ -6,7 +6,7 @@ fields, structure, lengths), from its :class:`~cxr_batch.record.StudyRecord`:
 - MSH: sending/receiving application and facility, MSH-10 control id derived from the source
   image and the bundle (:func:`control_id`: a retry, or the same result built again, carries
   the same id, so the RIS can drop the duplicate), processing id, version 2.5, UTF-8;
-- PID: PID-3 patient ID, PID-5 name (DICOM PN order mapped to XPN; ``""``, HL7's explicit null,
+- PID: PID-3 patient ID with its issuer (:func:`patient_identifier`), PID-5 name (DICOM PN order mapped to XPN; ``""``, HL7's explicit null,
   when the record has none), PID-7 birth date, PID-8 sex;
 - ORC/OBR: the accession number as filler order number (ORC-3, OBR-3) and in OBR-18, the field
   IHE Scheduled Workflow maps to DICOM's Accession Number; OBR-4 the imaging procedure, OBR-7
@@ -215,7 +215,7 @@ def oru_r01(record: StudyRecord, *, thresholds: Mapping[str, float] | None = Non
         msh.msh_11, msh.msh_18 = processing_id, "UNICODE UTF-8"
         result = m.add_group("ORU_R01_PATIENT_RESULT")
         pid = result.add_group("ORU_R01_PATIENT").pid
-        pid.pid_1, pid.pid_3 = "1", escape(ids.patient_id)
+        pid.pid_1, pid.pid_3 = "1", patient_identifier(ids)
         # PID-5 is required: without a name (results.csv keeps none) HL7's explicit null "" says so
         pid.pid_5 = _person_name(ids.patient_name) or '""'
         if _date(ids.patient_birth_date):
@@ -253,6 +253,35 @@ def oru_r01(record: StudyRecord, *, thresholds: Mapping[str, float] | None = Non
         return m.to_er7() + "\r"
     except (HL7apyException, ValueError) as e:  # hl7apy says ValueError of a date it refuses
         raise HL7NotMade(f"hl7apy refused the message: {_refusal(e, ids)}") from None
+
+
+# HL7 v2.5's lengths of the parts of PID-3 taken from the header's issuer (HD.1 IS, HD.2 ST,
+# HD.3 ID, CX.5 ID); a part that does not fit is left out rather than cut (another issuer's name)
+_ISSUER_LENGTHS = {"namespace": 20, "universal_id": 199, "universal_id_type": 6, "type_code": 5}
+
+
+def patient_identifier(ids) -> str:
+    """PID-3 (CX): the patient ID with the authority that issued it (CX.4, an HD: namespace &
+    universal ID & its type) and the identifier's type (CX.5), as PS3.17's HL7 v2 mapping reads
+    IssuerOfPatientID and its qualifiers. "P1" of one site is another patient than "P1" of the
+    next; a RIS matching on the identifier list needs the issuer to tell them apart. Parts the
+    header lacks, or that HL7 cannot hold, are left out (the bare ID, as before, when none)."""
+    def part(value: str, name: str) -> str:
+        value = escape(value)
+        if len(value) > _ISSUER_LENGTHS[name]:
+            log.warning("the patient ID's issuer (%s) is longer than HL7 v2.5 takes (%d characters): PID-3 goes "
+                        "without it", name.replace("_", " "), _ISSUER_LENGTHS[name])
+            return ""
+        return value
+
+    namespace = part(ids.issuer_of_patient_id, "namespace")
+    universal_id, kind = part(ids.issuer_universal_id, "universal_id"), part(ids.issuer_universal_id_type,
+                                                                             "universal_id_type")
+    if not (universal_id and kind):  # HD.2 and HD.3 go together (HL7 v2.5 2.A.33)
+        universal_id = kind = ""
+    authority = "&".join((namespace, universal_id, kind)).rstrip("&")
+    components = [escape(ids.patient_id), "", "", authority, part(ids.patient_id_type, "type_code")]
+    return "^".join(components).rstrip("^")
 
 
 def _refusal(e, ids) -> str:

@@ -363,8 +363,9 @@ def send_after_scan(out: Path, cfg, studies: Path | None = None) -> list[str]:
 
 
 def _patient_from_header(record: StudyRecord, studies: Path) -> None:
-    """The name, birth date and sex of a scan's ``record`` (from results.csv, which keeps none)
-    from its file's header, when the file still holds the same instance. Without them PID-5
+    """The name, birth date, sex and the patient ID's issuer of a scan's ``record`` (from
+    results.csv, which keeps none) from its file's header, when the file still holds the same
+    instance. Without them PID-5
     would be HL7's explicit null, which tells a receiver updating its records to delete the name
     (HL7 v2.5 2.5.3), and a RIS matching the name with the order's would refuse the result."""
     import os
@@ -397,7 +398,8 @@ def _patient_from_header(record: StudyRecord, studies: Path) -> None:
     # at the PACS): its name beside the scanned patient's ID would name the wrong person
     if header.sop_uid != record.ids.sop_uid or header.patient_id != record.ids.patient_id:
         return without("its file holds another instance or patient since the scan")
-    for name in ("patient_name", "patient_birth_date", "patient_sex"):
+    for name in ("patient_name", "patient_birth_date", "patient_sex", "issuer_of_patient_id", "issuer_universal_id",
+                 "issuer_universal_id_type", "patient_id_type"):
         if not getattr(record.ids, name):
             setattr(record.ids, name, getattr(header, name))
 
