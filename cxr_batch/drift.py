@@ -333,8 +333,21 @@ def _categorical(s: dict, values: list) -> dict:
     return out
 
 
+def clopper_pearson(k: int, n: int, level: float = 0.95) -> tuple[float, float]:
+    """The exact (Clopper-Pearson) interval of k successes in n, from the beta distribution's
+    quantiles: scipy's ``binomtest(k, n).proportion_ci(method="exact")`` to 1e-12, without its
+    root search over the binomial distribution, which was most of a long ``monitor`` run's time
+    (``benchmarks/monitor_large.py --phases``)."""
+    from scipy.stats import beta
+
+    tail = (1 - level) / 2
+    low = 0.0 if k == 0 else float(beta.ppf(tail, k, n - k + 1))
+    high = 1.0 if k == n else float(beta.ppf(1 - tail, k + 1, n - k))
+    return low, high
+
+
 def _proportion(s: dict, values: list) -> dict:
-    from scipy.stats import binomtest, fisher_exact
+    from scipy.stats import fisher_exact
 
     known = [bool(v) for v in values if v is not None]
     n_win, k_win, n_ref, k_ref = len(known), int(sum(known)), int(s["n"]), int(s["k"])
@@ -343,12 +356,12 @@ def _proportion(s: dict, values: list) -> dict:
         out["not_tested"] = "no values in the window" if n_ref else "the reference has no values"
         return out
     rate_w, rate_r = k_win / n_win, k_ref / n_ref
-    ci = binomtest(k_win, n_win).proportion_ci(0.95, method="exact")
+    low, high = clopper_pearson(k_win, n_win)
     h = abs(2 * math.asin(math.sqrt(rate_w)) - 2 * math.asin(math.sqrt(rate_r)))
     p = float(fisher_exact([[k_win, n_win - k_win], [k_ref, n_ref - k_ref]])[1])
     out.update(effect=h, p_value=p, reference_rate=_round(rate_r), window_rate=_round(rate_w),
-               window_ci95=[_round(ci.low), _round(ci.high)], k_window=k_win, k_reference=k_ref)
-    out["shift"] = f"{rate_r:.1%} -> {rate_w:.1%} (95% CI {ci.low:.1%}-{ci.high:.1%})"
+               window_ci95=[_round(low), _round(high)], k_window=k_win, k_reference=k_ref)
+    out["shift"] = f"{rate_r:.1%} -> {rate_w:.1%} (95% CI {low:.1%}-{high:.1%})"
     return out
 
 

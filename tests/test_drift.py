@@ -461,3 +461,18 @@ def test_a_year_of_windows_gets_an_axis_that_can_be_read():
     few = Figure().add_subplot()
     _panel(few, "intensity_p50", [(i, entry(i)) for i in range(5)])
     assert list(few.get_xticks()) == [0, 1, 2, 3, 4]  # a few windows: each numbered
+
+
+@pytest.mark.parametrize("k, n", [(0, 1), (0, 500), (1, 500), (166, 500), (499, 500), (500, 500), (7, 13)])
+def test_a_flag_rate_s_interval_is_the_exact_clopper_pearson_one(k, n):
+    """monitor.pdf and every alarm line quote a window's flag rate with its 95% interval; it is
+    the exact (Clopper-Pearson) interval, as scipy's binomial test gives it, at both ends of the
+    range too (no flags, every study flagged)."""
+    from scipy.stats import binomtest
+
+    from cxr_batch.drift import _proportion
+
+    said = _proportion({"n": 1000, "k": 100}, [True] * k + [False] * (n - k) + [None] * 3)
+    exact = binomtest(k, n).proportion_ci(0.95, method="exact")
+    assert said["n_window"] == n and said["k_window"] == k
+    assert said["window_ci95"] == pytest.approx([exact.low, exact.high], abs=1e-6)
