@@ -24,17 +24,18 @@ weights each: on three equal channels it sums to the original (zero padding is t
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from cxr_batch.model import LEGACY_DENSE_KEY, current_densenet_key
+
 FORMATS = ("auto", "torchvision", "xrv", "chexnet")
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 XRV_MEAN, XRV_STD = (0.5, 0.5, 0.5), (1 / 2048, 1 / 2048, 1 / 2048)
 # torchvision's own conversion of pre-0.3 DenseNet keys ('denselayer1.norm.1.weight' -> 'norm1')
-LEGACY = re.compile(r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var|num_batches_tracked))$")
+LEGACY = LEGACY_DENSE_KEY
 PREFIXES = ("module.", "densenet121.", "model.")
 
 
@@ -79,9 +80,7 @@ def read_backbone(path: Path | str, fmt: str = "auto") -> BackboneInit:
     legacy = any(LEGACY.match(_strip(k)) for k in state)
     features = {}
     for key, value in state.items():
-        key = _strip(key)
-        if m := LEGACY.match(key):
-            key = m.group(1) + m.group(2)
+        key = current_densenet_key(_strip(key))
         if key.startswith("features."):
             features[key.removeprefix("features.")] = value
     conv0 = features.get("conv0.weight")
