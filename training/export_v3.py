@@ -55,9 +55,13 @@ def oof_arrays(cv: Path) -> tuple[pd.DataFrame, np.ndarray, np.ndarray, np.ndarr
 
 
 def ensemble_comparison(cv: Path, chosen: dict, variant: str, z_prior_test: np.ndarray, comb: dict,
-                        y_test: np.ndarray, patients: np.ndarray, cfg: CVConfig) -> dict:
+                        y_test: np.ndarray, patients: np.ndarray, cfg: CVConfig,
+                        alignment: tuple[np.ndarray, np.ndarray]) -> dict:
     """Rule 8: on the held-out test, the fold models' averaged image logits against the final
-    model's, each through the same combination with the patient prior (mean AUROC, paired)."""
+    model's, each through the same combination with the patient prior (mean AUROC, paired).
+    ``alignment``: the final model's (scale, shift) onto the fold models' logit scale
+    (:func:`training.cvstats.alignment`), as the bundle applies it: the final model compared is
+    the one that ships (its image evidence weighed against the prior as in the bundle)."""
     epoch, which = chosen["epoch"], chosen["weights"]
 
     def test_logits(path: Path) -> np.ndarray:
@@ -65,7 +69,8 @@ def ensemble_comparison(cv: Path, chosen: dict, variant: str, z_prior_test: np.n
         return d[f"{which}_test"][list(d["epochs"]).index(epoch)]
 
     folds = [test_logits(cv / variant / "rep0" / f"fold{f}" / "preds.npz") for f in range(cfg.folds)]
-    final = test_logits(cv / variant / "final" / "preds.npz")
+    scale, shift = alignment
+    final = scale * test_logits(cv / variant / "final" / "preds.npz") + shift
     a, c, b = (np.asarray(comb[k]) for k in ("a", "c", "b"))
     score = {"ensemble": a * np.mean(folds, axis=0) + c * z_prior_test + b,
              "final": a * final + c * z_prior_test + b,
@@ -164,7 +169,7 @@ def main(argv=None) -> None:
     z_prior_test = (x_test - mean_x) @ coef.T
     y_test = multi_hot(labels["labels"][test]).astype(float)
     ensemble = ensemble_comparison(cv, chosen, variant.name, z_prior_test, comb, y_test,
-                                   labels["patient_id"][test].to_numpy(), cfg)
+                                   labels["patient_id"][test].to_numpy(), cfg, (scale, offset))
     if ensemble["chosen"] != "final":
         raise SystemExit(f"rule 8 chose the fold-model ensemble ({ensemble['ensemble_minus_final']}): a bundle of "
                          "several networks is not implemented; implement it before exporting")
