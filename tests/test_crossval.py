@@ -88,12 +88,26 @@ def test_prior_parses_values_as_inference_does():
 def test_ece_hand_case():
     p = np.array([0.05, 0.05, 0.15, 0.95])
     y = np.array([0, 1, 0, 1])
-    # bins: [0,0.1): two pairs, mean p 0.05, observed 0.5 -> 0.45; [0.1,0.2): 0.15 vs 0;
-    # [0.9,1]: 0.95 vs 1 -> 0.05. ECE = 0.5*0.45 + 0.25*0.15 + 0.25*0.05 = 0.275
+    # bins: [0,0.1]: two pairs, mean p 0.05, observed 0.5 -> 0.45; (0.1,0.2]: 0.15 vs 0;
+    # (0.9,1]: 0.95 vs 1 -> 0.05. ECE = 0.5*0.45 + 0.25*0.15 + 0.25*0.05 = 0.275
     assert cvstats.ece(y, p, 10) == pytest.approx(0.275)
     assert cvstats.ece(np.array([1]), np.array([1.0]), 10) == 0.0  # p = 1 falls in the last bin
     table = cvstats.reliability_table(y, p, 10)
     assert table[0]["n"] == 2 and table[0]["observed"] == 0.5 and table[5]["n"] == 0
+
+
+def test_ece_is_the_one_cxr_batch_evaluate_computes():
+    """A model card's out-of-fold ECE and a site's (cxr-batch evaluate) are one definition: the
+    same bins, a probability on a bin edge in the same bin (v3's oof.csv holds 0.1 and 0.4)."""
+    from cxr_batch import metrics
+
+    rng = np.random.default_rng(0)
+    p = np.concatenate([np.round(rng.random(200), 1), rng.random(200)])  # many on the edges of 10 bins
+    y = (rng.random(400) < p).astype(int)
+    for bins in (10, 15):
+        assert cvstats.ece(y, p, bins) == metrics.ece(y, p, bins)
+        table = cvstats.reliability_table(y, p, bins)
+        assert [r["n"] for r in table] == metrics.reliability(y, p, bins)["count"]
 
 
 def test_brier_and_auc_match_sklearn():
