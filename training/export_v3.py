@@ -31,11 +31,10 @@ import torch
 from cxr_batch.bundle import load_bundle, save_bundle
 from cxr_batch.findings import FINDINGS
 from cxr_batch.patient import PatientEncoding
-from cxr_batch.preprocess import Preprocessing
+from cxr_batch.preprocess import Preprocessing, normalise
 
 from . import cvstats, triage_fit
-from .augment import eval_transform_batch
-from .crossval import ConfigError, CVConfig, build_v2_model, image_logits, image_paths, load_cache, load_sources
+from .crossval import ConfigError, CVConfig, build_v2_model, image_logits, image_paths, load_sources, load_views
 from .export_v2 import copy_artifacts, device_name, fold_in_sample_moments
 from .fuse import combined_logits_formula, fold_combination, freeze_tabular_proj
 from .prepare import multi_hot
@@ -135,7 +134,8 @@ def main(argv=None) -> None:
     outcomes = triage_fit.cross_fitted_triage(y, p_nih, folds, weights, nih_any, SPECIFICITY, MAX_MISSED, flaggable)
 
     # ---- the final model, its logits aligned to the fold models', the combination folded in
-    images = load_cache(image_paths(labels), list(labels["image"]), variant.image_size, cv)
+    # the development images as a scan sees them: the fold models' logits were computed on these
+    views = load_views(image_paths(labels), list(labels["image"]), variant.image_size, cv)
     state = cv / variant.name / "final" / f"state_{chosen['weights']}_epoch{chosen['epoch']}.pt"
     if not state.exists():
         raise SystemExit(f"{state} missing: run `python -m training.crossval --stage final --variant {variant.name}`")
@@ -143,7 +143,7 @@ def main(argv=None) -> None:
     model.load_state_dict(torch.load(state, weights_only=True))
     model.eval()
     prep = Preprocessing(image_size=variant.image_size)
-    z_img = image_logits(model, images[dev], prep, enc.unknown_value).astype(np.float64)  # in sample
+    z_img = image_logits(model, views[dev], prep, enc.unknown_value).astype(np.float64)  # in sample
     prior = json.loads((cv / f"prior_{report['chosen_prior']}.json").read_text())
     comb = report["combination_fitted_on_all_oof"]
     a_fit, c, b_fit = (np.asarray(comb[k], dtype=np.float64) for k in ("a", "c", "b"))
@@ -157,7 +157,7 @@ def main(argv=None) -> None:
     fold_combination(model, unknown, a, c, b, coef, mean_x)
     x_dev = encode_rows(labels[dev], enc)
     with torch.inference_mode():
-        got = np.concatenate([torch.sigmoid(model(eval_transform_batch(torch.from_numpy(images[dev][s:s + 64])[:, None], prep),
+        got = np.concatenate([torch.sigmoid(model(normalise(torch.from_numpy(views[dev][s:s + 64])[:, None], prep),
                                                   torch.from_numpy(x_dev[s:s + 64]))).numpy()
                               for s in range(0, int(dev.sum()), 64)])
     want = cvstats.sigmoid(combined_logits_formula(z_img, x_dev, a, c, b, coef, mean_x))
@@ -246,7 +246,7 @@ def main(argv=None) -> None:
     write_manifest(bundle, manifest)
     loaded = load_bundle(bundle)
     with torch.inference_mode():
-        half_p = np.concatenate([torch.sigmoid(loaded.model(eval_transform_batch(torch.from_numpy(images[dev][s:s + 64])[:, None], prep),
+        half_p = np.concatenate([torch.sigmoid(loaded.model(normalise(torch.from_numpy(views[dev][s:s + 64])[:, None], prep),
                                                             torch.from_numpy(x_dev[s:s + 64]))).numpy()
                                  for s in range(0, n_dev, 64)])
     copy_artifacts(cv, cv / variant.name / "final", bundle / "training_run", report)
