@@ -19,6 +19,7 @@ triage live outside the model.
 from __future__ import annotations
 
 import importlib.util
+import re
 import sys
 import types
 from collections import OrderedDict
@@ -155,12 +156,26 @@ def build_model(config: ModelConfig = ModelConfig()) -> CxrFusionNet:
     return CxrFusionNet(config)
 
 
+# torchvision before 0.3 named a dense layer's parts 'norm.1', 'conv.2', ...; its released DenseNet
+# checkpoints (the ImageNet file of DenseNet121_Weights.IMAGENET1K_V1 among them) still do, and
+# torchvision renames them as it loads ('denselayer1.norm.1.weight' -> 'denselayer1.norm1.weight')
+LEGACY_DENSE_KEY = re.compile(r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|"
+                              r"running_var|num_batches_tracked))$")
+
+
+def current_densenet_key(key: str) -> str:
+    """A DenseNet state dict key in today's torchvision names (pre-0.3 names renamed)."""
+    m = LEGACY_DENSE_KEY.match(key)
+    return m.group(1) + m.group(2) if m else key
+
+
 def imagenet_backbone_state(source: str = "torchvision") -> dict:
     """The DenseNet-121 features of ImageNet weights, as the backbone's state dict.
 
     ``source`` is "torchvision" (downloads DenseNet121_Weights.IMAGENET1K_V1 through
     torchvision's cache: needs network access) or a path to a local state dict of a
-    torchvision DenseNet-121 (keys ``features.*``, as torchvision saves them). Raises
+    torchvision DenseNet-121 (keys ``features.*``, as torchvision saves them, or in the pre-0.3
+    names of the file torchvision downloads). Raises
     ValueError with a plain reason, e.g. when the download cannot reach the internet.
     """
     if source == "torchvision":
@@ -174,7 +189,7 @@ def imagenet_backbone_state(source: str = "torchvision") -> dict:
                 f"cannot download the ImageNet weights ({getattr(e, 'reason', None) or e}) from {weights.url}: "
                 "download that file on a machine with internet and pass it as --imagenet FILE") from None
     full = torch.load(Path(source), map_location="cpu", weights_only=True)
-    state = {k.removeprefix("features."): v for k, v in full.items() if k.startswith("features.")}
+    state = {current_densenet_key(k).removeprefix("features."): v for k, v in full.items() if k.startswith("features.")}
     if not state:
         raise ValueError(f"{source}: no 'features.*' keys; expected a torchvision DenseNet-121 state dict")
     return state

@@ -6,6 +6,8 @@ Each takes ``y_true`` [N, C] (0/1) and ``y_prob`` [N, C] and returns C threshold
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 from sklearn.metrics import roc_curve
 
@@ -65,16 +67,27 @@ def dynamic(y_true: np.ndarray, y_prob: np.ndarray, precision_min: float = 0.40,
     return np.round(np.clip(lowered, grid.min() - step, 1.0), 4)
 
 
+def floor_significant(x: float, digits: int = 4) -> float:
+    """``x`` > 0 rounded down to ``digits`` significant digits, never above ``x``. A rare finding
+    at NIH's prevalence (Hernia: 0.2%) has probabilities of 0.001 and less: a fixed number of
+    decimals would move its threshold by a large share of itself, or to 0."""
+    if not x > 0:
+        return float(x)
+    unit = 10.0 ** (math.floor(math.log10(x)) - digits + 1)
+    return min(math.floor(x / unit) * unit, float(x))  # min: x / unit * unit may round up by a bit
+
+
 def at_sensitivity(y_true: np.ndarray, y_prob: np.ndarray, target: float = 0.90) -> np.ndarray:
-    """Per class, the highest threshold (floored to 4 decimals) whose flags ``p >= t`` catch at
-    least ``target`` of the positives; 0.5 where a class has no positives."""
+    """Per class, the highest threshold (floored to 4 significant digits) whose flags ``p >= t``
+    catch at least ``target`` of the positives; 0.5 where a class has no positives. Clipped into
+    (0, 1), as :func:`at_specificity` (a threshold of 0 would flag every study)."""
     out = np.full(y_true.shape[1], 0.5)
     for c in range(y_true.shape[1]):
         positives = np.sort(y_prob[y_true[:, c] == 1, c])[::-1]
         if len(positives):
             k = max(1, int(np.ceil(target * len(positives) - 1e-9)))
-            out[c] = max(np.floor(positives[k - 1] * 1e4) / 1e4, 1e-4)
-    return out
+            out[c] = floor_significant(float(positives[k - 1]))
+    return np.clip(out, 1e-6, 1 - 1e-6)
 
 
 def at_specificity(y_true: np.ndarray, y_prob: np.ndarray, target: float = 0.90) -> np.ndarray:

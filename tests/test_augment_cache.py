@@ -20,6 +20,21 @@ def test_cache_is_built_once_and_reused(tmp_path, nih_images):
     assert (tmp_path / "cache_72.u8").stat().st_mtime_ns == stamp  # same names: reused, not rebuilt
 
 
+def test_model_views_are_exactly_what_inference_feeds_the_model(tmp_path, nih_images):
+    from cxr_batch.preprocess import eval_transform
+    from cxr_batch.readers import read_pil
+    from cxr_batch.study import ScoringRules
+    from training.cache import build_views
+
+    prep = Preprocessing(image_size=64)
+    names = [p.name for p in nih_images[:3]]
+    views, index = build_views(nih_images[0].parent, names, prep, tmp_path, workers=2)
+    assert views.shape == (3, 64, 64) and views.dtype == np.float32
+    for p in nih_images[:3]:
+        scan = eval_transform(read_pil(p, ScoringRules()), prep)
+        assert torch.equal(normalise(torch.from_numpy(np.array(views[index[p.name]]))[None], prep), scan)
+
+
 def test_train_transform_shapes_mirror_and_identity():
     prep = Preprocessing(image_size=32)
     g = torch.Generator().manual_seed(0)

@@ -94,6 +94,26 @@ def test_a_chexnet_checkpoint_with_legacy_key_names(tmp_path):
     assert_same(taps(net.features, x), ours(init, g))
 
 
+@torch.no_grad()
+def test_the_imagenet_file_torchvision_downloads_is_named_torchvision(tmp_path):
+    """DenseNet121_Weights.IMAGENET1K_V1's file keeps the pre-0.3 key names but is no CheXNet
+    checkpoint: the bundle's record must name what the backbone is."""
+    torch.manual_seed(5)
+    net = densenet121(weights=None).eval()
+    state = {}
+    for key, value in net.state_dict().items():
+        for part in ("norm1", "relu1", "conv1", "norm2", "relu2", "conv2"):
+            key = key.replace(f".{part}.", f".{part[:-1]}.{part[-1]}.")
+        state[key] = value
+    assert any(LEGACY.match(k) for k in state)
+    torch.save(state, tmp_path / "densenet121-a639ec97.pth")
+    init = read_backbone(tmp_path / "densenet121-a639ec97.pth")
+    assert init.format == "torchvision" and init.mean == IMAGENET_MEAN
+    g = grey_images()
+    x = (g.expand(-1, 3, -1, -1) - torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    assert_same(taps(net.features, x), ours(init, g))
+
+
 def test_files_that_are_not_a_densenet121_backbone_are_refused_clearly(tmp_path):
     from torchvision.models import resnet18
 

@@ -88,12 +88,26 @@ def test_prior_parses_values_as_inference_does():
 def test_ece_hand_case():
     p = np.array([0.05, 0.05, 0.15, 0.95])
     y = np.array([0, 1, 0, 1])
-    # bins: [0,0.1): two pairs, mean p 0.05, observed 0.5 -> 0.45; [0.1,0.2): 0.15 vs 0;
-    # [0.9,1]: 0.95 vs 1 -> 0.05. ECE = 0.5*0.45 + 0.25*0.15 + 0.25*0.05 = 0.275
+    # bins: [0,0.1]: two pairs, mean p 0.05, observed 0.5 -> 0.45; (0.1,0.2]: 0.15 vs 0;
+    # (0.9,1]: 0.95 vs 1 -> 0.05. ECE = 0.5*0.45 + 0.25*0.15 + 0.25*0.05 = 0.275
     assert cvstats.ece(y, p, 10) == pytest.approx(0.275)
     assert cvstats.ece(np.array([1]), np.array([1.0]), 10) == 0.0  # p = 1 falls in the last bin
     table = cvstats.reliability_table(y, p, 10)
     assert table[0]["n"] == 2 and table[0]["observed"] == 0.5 and table[5]["n"] == 0
+
+
+def test_ece_is_the_one_cxr_batch_evaluate_computes():
+    """A model card's out-of-fold ECE and a site's (cxr-batch evaluate) are one definition: the
+    same bins, a probability on a bin edge in the same bin (v3's oof.csv holds 0.1 and 0.4)."""
+    from cxr_batch import metrics
+
+    rng = np.random.default_rng(0)
+    p = np.concatenate([np.round(rng.random(200), 1), rng.random(200)])  # many on the edges of 10 bins
+    y = (rng.random(400) < p).astype(int)
+    for bins in (10, 15):
+        assert cvstats.ece(y, p, bins) == metrics.ece(y, p, bins)
+        table = cvstats.reliability_table(y, p, bins)
+        assert [r["n"] for r in table] == metrics.reliability(y, p, bins)["count"]
 
 
 def test_brier_and_auc_match_sklearn():
@@ -304,6 +318,9 @@ def test_caches_stand_in_for_missing_images(tmp_path):
     (tmp_path / "cache").mkdir()
     for size in (72, 107):
         (tmp_path / "cache" / f"cache_{size}.json").write_text(json.dumps({"size": size, "names": sorted(names)}))
+    assert not caches_ready(tmp_path, names, cfg)  # held-out images are scored on the model views: needed too
+    for size in (64, 96):
+        (tmp_path / "cache" / f"views_{size}_0.9.json").write_text(json.dumps({"size": size, "names": sorted(names)}))
     assert caches_ready(tmp_path, names, cfg)
     assert not caches_ready(tmp_path, names + ["c.png"], cfg)  # a cache of other images does not count
 
@@ -339,3 +356,36 @@ def test_a_config_typo_is_named_before_any_training(tmp_path, text, says):
     with pytest.raises(ConfigError) as e:
         CVConfig.from_toml(tmp_path / "c.toml")
     assert says in str(e.value)
+
+
+def test_the_logits_a_cross_validation_keeps_are_those_a_scan_computes(tmp_path, nih):
+    """Every choice of the cross-validation (snapshot, combination, thresholds, the final model's
+    alignment) rests on the logits it stores for held-out images: they must come from the
+    inference transform (crop the decoded image, then resize), not from the training cache
+    (resize to image_size / 0.9, then crop and resize again). At 64 px the two differ by 4.65
+    grey levels on average (benchmarks/eval_input_gap.py --weights weights/cxr-fpn-v3)."""
+    import pandas as pd
+    import torch
+
+    from cxr_batch.preprocess import Preprocessing, eval_transform
+    from cxr_batch.readers import read_pil
+    from cxr_batch.study import ScoringRules
+    from training.crossval import Variant, build_v2_model, main
+
+    labels = pd.read_csv(nih / "labels.csv", dtype=str, keep_default_na=False).iloc[:24]
+    labels.to_csv(tmp_path / "labels.csv", index=False)
+    (tmp_path / "cv.toml").write_text('folds = 2\ntest_fraction = 0.25\n\n[[variant]]\nname = "t"\nimage_size = 32\n'
+                                      'epochs = 1\nsnapshots = [1]\nbatch_size = 4\n')
+    out = tmp_path / "cv"
+    main(["--images", str(nih / "images"), "--labels", str(tmp_path / "labels.csv"), "--metadata-table",
+          str(nih / "metadata" / "Data_Entry_2017_v2020.csv.gz"), "--out", str(out), "--config",
+          str(tmp_path / "cv.toml"), "--stage", "final", "--variant", "t", "--checkpoint-every", "0", "--threads", "1"])
+    preds = np.load(out / "t" / "final" / "preds.npz")
+    model = build_v2_model(Variant(name="t", image_size=32, epochs=1, snapshots=[1], batch_size=4)).eval()
+    model.load_state_dict(torch.load(out / "t" / "final" / "state_ema_epoch1.pt", weights_only=True))
+    prep = Preprocessing(image_size=32)
+    test = labels["Image Index"].to_numpy()[preds["test_rows"]]
+    x = torch.stack([eval_transform(read_pil(nih / "images" / name, ScoringRules()), prep) for name in test])
+    with torch.inference_mode():
+        scan = model(x, torch.full((len(x), 3), 0.5)).numpy()
+    assert len(test) > 0 and np.allclose(preds["ema_test"][0], scan, atol=1e-4)

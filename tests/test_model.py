@@ -46,3 +46,27 @@ def test_imagenet_init_from_local_file(tmp_path):
     model = build_model()
     load_imagenet_backbone(model, str(tmp_path / "densenet121.pth"))
     assert torch.equal(model.backbone.conv0.weight, reference.features.conv0.weight)
+
+
+def test_imagenet_init_from_the_file_torchvision_downloads(tmp_path):
+    """The file at DenseNet121_Weights.IMAGENET1K_V1.url (what the message of a failed download
+    says to fetch and pass as --imagenet FILE) keeps torchvision's pre-0.3 key names
+    ('denselayer1.norm.1.weight'); torchvision renames them as it loads, and so must we."""
+    import re
+
+    from torchvision.models import densenet121
+
+    from cxr_batch.model import load_imagenet_backbone
+
+    torch.manual_seed(2)
+    reference = densenet121(weights=None)
+    # the inverse of torchvision.models.densenet._load_state_dict's renaming
+    legacy = {re.sub(r"(denselayer\d+\.)(norm|relu|conv)([12])\.", r"\1\2.\3.", k): v
+              for k, v in reference.state_dict().items()}
+    assert "features.denseblock1.denselayer1.norm.1.weight" in legacy
+    torch.save(legacy, tmp_path / "densenet121-a639ec97.pth")
+    model = build_model()
+    load_imagenet_backbone(model, str(tmp_path / "densenet121-a639ec97.pth"))
+    for name, value in reference.features.state_dict().items():
+        if not name.startswith("norm5"):
+            assert torch.equal(model.backbone.state_dict()[name], value), name

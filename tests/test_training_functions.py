@@ -174,3 +174,37 @@ def test_a_split_that_cannot_be_evaluated_is_named():
     assert "the test part has no positive image of Atelectasis, Cardiomegaly" in problems[1]
     all_positive = good.assign(labels=every)
     assert split_problems(all_positive)[0].startswith("the validation part has no negative image of Atelectasis")
+
+
+def test_a_runs_thresholds_and_test_figures_are_float32_whatever_it_trained_in(nih, tmp_path):
+    """On a GPU training runs under bfloat16 autocast; the thresholds it chooses on validation and
+    the test figures it writes into the bundle must be those of the float32 model a scan runs
+    (bf16 moves probabilities by about 1%: a threshold at 0.30 then flags other studies)."""
+    import json
+
+    import torch
+
+    from cxr_batch.model import build_model
+    from cxr_batch.patient import PatientEncoding
+    from training.config import TrainConfig
+    from training.data import FINAL_WEIGHTS, HISTORY, Context
+    from training.evaluate import evaluate_run
+    from training.prepare import prepare
+
+    from .conftest import REPO
+
+    figures = {}
+    for name, amp in (("fp32", None), ("bf16", torch.bfloat16)):
+        out = tmp_path / name
+        cfg = TrainConfig.load(REPO / "training" / "configs" / "quick.toml", images=str(nih / "images"),
+                               metadata=str(nih / "labels.csv"), out=str(out), limit=40, bootstrap=0)
+        prepare(cfg, out)
+        torch.manual_seed(0)
+        torch.save(build_model(cfg.model).state_dict(), out / FINAL_WEIGHTS)
+        (out / HISTORY).write_text(json.dumps([{"epoch": 1, "train_loss": 0.7, "val_loss": 0.7, "precision_macro": 0.0,
+                                                "recall_macro": 0.0, "f1_macro": 0.0, "mean_auc": 0.5, "lr": 1e-3,
+                                                "seconds": 1.0}]))
+        ctx = Context(cfg, cfg.preprocessing, PatientEncoding(), torch.device("cpu"), amp)
+        evaluate_run(cfg, out, ctx)
+        figures[name] = json.loads((out / "metrics.json").read_text())["test"]["brier"]
+    assert figures["bf16"] == figures["fp32"]

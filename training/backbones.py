@@ -5,7 +5,8 @@ fusion head trained on its labelled studies).
 Three formats, read from a file the user downloaded (nothing is downloaded here):
 
 - ``torchvision``: a ``torchvision.models.densenet121`` state dict (``features.*`` keys, e.g.
-  ImageNet's ``DenseNet121_Weights.IMAGENET1K_V1``), input normalised with ImageNet's mean and
+  ImageNet's ``DenseNet121_Weights.IMAGENET1K_V1``, whose file keeps the pre-0.3 key names
+  such as ``norm.1``), input normalised with ImageNet's mean and
   standard deviation on 3 channels;
 - ``xrv``: a TorchXRayVision DenseNet-121 state dict (``xrv.models.DenseNet(weights=...)
   .state_dict()``, saved with ``torch.save``): one input channel scaled to [-1024, 1024]
@@ -24,17 +25,18 @@ weights each: on three equal channels it sums to the original (zero padding is t
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from cxr_batch.model import LEGACY_DENSE_KEY, current_densenet_key
+
 FORMATS = ("auto", "torchvision", "xrv", "chexnet")
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 XRV_MEAN, XRV_STD = (0.5, 0.5, 0.5), (1 / 2048, 1 / 2048, 1 / 2048)
 # torchvision's own conversion of pre-0.3 DenseNet keys ('denselayer1.norm.1.weight' -> 'norm1')
-LEGACY = re.compile(r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var|num_batches_tracked))$")
+LEGACY = LEGACY_DENSE_KEY
 PREFIXES = ("module.", "densenet121.", "model.")
 
 
@@ -76,19 +78,19 @@ def read_backbone(path: Path | str, fmt: str = "auto") -> BackboneInit:
     state = blob["state_dict"] if checkpoint else blob
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"{path}: expected a state dict of tensors (or a checkpoint with 'state_dict')")
-    legacy = any(LEGACY.match(_strip(k)) for k in state)
+    # CheXNet saved a training checkpoint of a DataParallel wrapper ('module.densenet121.'); the
+    # pre-0.3 key names alone do not make one: torchvision's own ImageNet file keeps them too
+    wrapped = any(k.startswith(("module.", "densenet121.")) for k in state)
     features = {}
     for key, value in state.items():
-        key = _strip(key)
-        if m := LEGACY.match(key):
-            key = m.group(1) + m.group(2)
+        key = current_densenet_key(_strip(key))
         if key.startswith("features."):
             features[key.removeprefix("features.")] = value
     conv0 = features.get("conv0.weight")
     if conv0 is None:
         raise ValueError(f"{path}: no DenseNet-121 features (no 'features.conv0.weight' among {len(state)} keys)")
     channels = conv0.shape[1]
-    detected = "xrv" if channels == 1 else "chexnet" if (checkpoint or legacy) else "torchvision"
+    detected = "xrv" if channels == 1 else "chexnet" if (checkpoint or wrapped) else "torchvision"
     if fmt != "auto" and (fmt == "xrv") != (detected == "xrv"):
         raise ValueError(f"{path}: --init-format {fmt} but the first convolution takes {channels} channel(s), "
                          f"which is {'TorchXRayVision' if channels == 1 else 'torchvision or CheXNet'}'s")

@@ -3,19 +3,21 @@
 The study decoded PNGs every epoch and reached 19 images/s. Here each image is read once
 (with cxr_batch's reader), resized to ``cache_size`` = image_size / crop_fraction (so that a
 90% crop is exactly the training size) and stored in a memory-mapped ``cache_<size>.u8``;
-training then augments from memory.
+training then augments from memory. Held-out images are scored from a second array, the
+inference-exact model views (:func:`build_views`).
 """
 
 from __future__ import annotations
 
 import json
 from concurrent.futures import ProcessPoolExecutor
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from cxr_batch.preprocess import Preprocessing, resize, to_unit_tensor
+from cxr_batch.preprocess import Preprocessing, model_view, resize, to_unit_tensor
 from cxr_batch.readers import ScoringRules, read_pil
 from cxr_batch.study import StudyFailure
 
@@ -34,11 +36,20 @@ def decode_resized(path: Path, size: int) -> np.ndarray:
     return (out.clamp(0, 1) * 255 + 0.5).to(torch.uint8).numpy()
 
 
-def decode_or_reason(path: Path, size: int) -> tuple[np.ndarray | None, str | None]:
-    """:func:`decode_resized`, or (None, why) for a file that cannot be read (zero bytes,
-    truncated, not an image), so one bad file among thousands is named, not a traceback."""
+def decode_view(path: Path, prep: Preprocessing) -> np.ndarray:
+    """One image file -> float32 [S, S]: the model's view of it exactly as inference makes it
+    (``cxr_batch.preprocess.model_view``: crop the decoded image, then resize), before the
+    normalisation."""
+    torch.set_num_threads(1)
+    return model_view(read_pil(Path(path), ScoringRules()), prep)[0].numpy()
+
+
+def decode_or_reason(path: Path, size: int, decode=None) -> tuple[np.ndarray | None, str | None]:
+    """``decode(path)`` (default :func:`decode_resized` to ``size``), or (None, why) for a file that
+    cannot be read (zero bytes, truncated, not an image), so one bad file among thousands is
+    named, not a traceback."""
     try:
-        return decode_resized(path, size), None
+        return (decode(path) if decode is not None else decode_resized(path, size)), None
     except (StudyFailure, OSError) as e:
         return None, str(e) or type(e).__name__
 
@@ -47,22 +58,39 @@ def build_cache(images_dir, names: list[str], size: int, out: Path, workers: int
     """Decode ``names`` (files in the folder ``images_dir``, or ``images_dir[name]`` when it is a
     mapping, for images from several folders) into ``out/cache_<size>.u8``; reuse a cache built
     for the same names and size. Returns (array [N, size, size], {name: row})."""
-    data_path, index_path = out / f"cache_{size}.u8", out / f"cache_{size}.json"
+    return _build(images_dir, names, out, f"cache_{size}", ".u8", np.uint8, size, {"size": size},
+                  partial(decode_or_reason, size=size), workers)
+
+
+def build_views(images_dir, names: list[str], prep: Preprocessing, out: Path, workers: int = 2) -> tuple[np.memmap, dict]:
+    """As :func:`build_cache`, the inference-exact model views (:func:`decode_view`, float32
+    [N, S, S]) in ``out/views_<S>_<crop>.f32``: what held-out images are scored on, so that the
+    logits every choice rests on are those a scan computes (the uint8 cache, made for the
+    training augmentation, resizes before it crops: 4.6 grey levels away at 64 px)."""
+    stem = f"views_{prep.image_size}_{prep.crop_fraction:g}"
+    meta = {"size": prep.image_size, "crop_fraction": prep.crop_fraction}
+    return _build(images_dir, names, out, stem, ".f32", np.float32, prep.image_size, meta,
+                  partial(decode_or_reason, size=0, decode=partial(decode_view, prep=prep)), workers)
+
+
+def _build(images_dir, names: list[str], out: Path, stem: str, suffix: str, dtype, size: int, meta: dict, decode,
+           workers: int) -> tuple[np.memmap, dict]:
+    data_path, index_path = out / f"{stem}{suffix}", out / f"{stem}.json"
     names = sorted(set(names))
+    shape = (len(names), size, size)
     if index_path.exists() and data_path.exists():
         index = json.loads(index_path.read_text())
-        if index.get("names") == names and index.get("size") == size:
-            arr = np.memmap(data_path, dtype=np.uint8, mode="r", shape=(len(names), size, size))
+        if index.get("names") == names and all(index.get(k) == v for k, v in meta.items()):
+            arr = np.memmap(data_path, dtype=dtype, mode="r", shape=shape)
             return arr, {n: i for i, n in enumerate(names)}
     index_path.unlink(missing_ok=True)  # rewritten below: until then the data is no cache of anything
-    arr = np.memmap(data_path, dtype=np.uint8, mode="w+", shape=(len(names), size, size))
+    arr = np.memmap(data_path, dtype=dtype, mode="w+", shape=shape)
     paths = [Path(images_dir[n]) if isinstance(images_dir, dict) else Path(images_dir) / n for n in names]
     if workers > 1:
         with ProcessPoolExecutor(workers) as pool:
-            decoded = pool.map(decode_or_reason, paths, [size] * len(paths), chunksize=8)
-            bad = store_decoded(arr, names, decoded)
+            bad = store_decoded(arr, names, pool.map(decode, paths, chunksize=8))
     else:
-        bad = store_decoded(arr, names, (decode_or_reason(p, size) for p in paths))
+        bad = store_decoded(arr, names, (decode(p) for p in paths))
     arr.flush()
     if bad:  # no index is written: the next run decodes again, after the files were fixed or removed
         listing = out / UNREADABLE
@@ -71,8 +99,8 @@ def build_cache(images_dir, names: list[str], size: int, out: Path, workers: int
         raise ValueError(f"{len(bad)} images cannot be read ({bad[0][1]}{', ...' if len(bad) > 1 else ''}), "
                          f"listed in {listing}: remove them from the images folder and run again")
     (out / UNREADABLE).unlink(missing_ok=True)  # an earlier run's list, since fixed
-    index_path.write_text(json.dumps({"size": size, "names": names}))
-    return np.memmap(data_path, dtype=np.uint8, mode="r", shape=(len(names), size, size)), {n: i for i, n in enumerate(names)}
+    index_path.write_text(json.dumps({**meta, "names": names}))
+    return np.memmap(data_path, dtype=dtype, mode="r", shape=shape), {n: i for i, n in enumerate(names)}
 
 
 def store_decoded(arr: np.memmap, names: list[str], decoded) -> list[tuple[str, str]]:

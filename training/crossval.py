@@ -38,11 +38,11 @@ from torch import nn
 from cxr_batch.findings import FINDINGS
 from cxr_batch.model import ModelConfig, build_model
 from cxr_batch.patient import PatientEncoding
-from cxr_batch.preprocess import Preprocessing
+from cxr_batch.preprocess import Preprocessing, normalise
 
 from . import cvstats
 from .augment import eval_transform_batch, train_transform
-from .cache import build_cache, cache_size_for
+from .cache import build_cache, build_views, cache_size_for
 from .prepare import multi_hot
 from .table_prior import PriorConfig, encode_rows, fit_prior, prior_logits, prior_probabilities_uncentred, read_table
 
@@ -254,9 +254,11 @@ def caches_ready(out: Path, names: list[str], cfg: "CVConfig") -> bool:
     """Whether ``out/cache`` holds every variant's decoded images (built elsewhere and copied,
     e.g. to a GPU machine that has no copy of the PNGs): then the PNGs are not needed."""
     for v in cfg.variants:
-        index = out / "cache" / f"cache_{cache_size_for(Preprocessing(image_size=v.image_size))}.json"
-        if not index.exists() or json.loads(index.read_text()).get("names") != sorted(set(names)):
-            return False
+        prep = Preprocessing(image_size=v.image_size)
+        for stem in (f"cache_{cache_size_for(prep)}", f"views_{prep.image_size}_{prep.crop_fraction:g}"):
+            index = out / "cache" / f"{stem}.json"
+            if not index.exists() or json.loads(index.read_text()).get("names") != sorted(set(names)):
+                return False
     return True
 
 
@@ -272,6 +274,15 @@ def load_cache(images, names: list[str], image_size: int, out: Path) -> np.ndarr
     folder = out / "cache"
     folder.mkdir(parents=True, exist_ok=True)
     arr, index = build_cache(images, names, size, folder, workers=1)
+    return np.ascontiguousarray(arr[[index[n] for n in names]])
+
+
+def load_views(images, names: list[str], image_size: int, out: Path) -> np.ndarray:
+    """float32 [N, S, S] in the order of ``names``: each image as inference makes the model's view
+    of it (:func:`training.cache.build_views`), what held-out and in-sample logits are computed on."""
+    folder = out / "cache"
+    folder.mkdir(parents=True, exist_ok=True)
+    arr, index = build_views(images, names, Preprocessing(image_size=image_size), folder, workers=1)
     return np.ascontiguousarray(arr[[index[n] for n in names]])
 
 
@@ -315,11 +326,15 @@ def build_v2_model(v: Variant) -> nn.Module:
 @torch.inference_mode()
 def image_logits(model, images: np.ndarray, prep: Preprocessing, unknown: float, batch: int = 64,
                  device: torch.device | str = "cpu") -> np.ndarray:
-    """Logits [N, 14] with the patient input at the unknown code (the image evidence)."""
+    """Logits [N, 14] with the patient input at the unknown code (the image evidence). ``images``:
+    model views (float [N, S, S] in [0, 1], :func:`load_views`: the inference transform's, only
+    normalised here), or uint8 cache rows [N, C, C] (cropped and resized here, as training's
+    cache allows: not exactly what a scan computes)."""
     model.eval()
     out = []
     for s in range(0, len(images), batch):
-        x = eval_transform_batch(torch.from_numpy(np.ascontiguousarray(images[s:s + batch]))[:, None].to(device), prep)
+        x = torch.from_numpy(np.ascontiguousarray(images[s:s + batch]))[:, None].to(device)
+        x = eval_transform_batch(x, prep) if x.dtype == torch.uint8 else normalise(x.float(), prep)
         tab = torch.full((len(x), 3), unknown, device=device)
         out.append(model(x.contiguous(memory_format=torch.channels_last), tab).float().cpu().numpy())
     return np.concatenate(out) if out else np.zeros((0, len(FINDINGS)), np.float32)
@@ -343,9 +358,10 @@ def atomic_save(obj, path: Path) -> None:
 def train_model(images: np.ndarray, y: np.ndarray, v: Variant, seed: int, folder: Path,
                 held_out: np.ndarray | None = None, keep_states: bool = False,
                 device: str = "cpu", checkpoint_every: int = 1, weights: np.ndarray | None = None,
-                test: np.ndarray | None = None) -> dict:
+                test: np.ndarray | None = None, views: np.ndarray | None = None) -> dict:
     """Train on ``images`` [N, C, C] uint8 / ``y`` [N, 14]; at each snapshot epoch store logits
-    of ``held_out`` images (and of the training images) for the EMA and the raw weights, and
+    of ``held_out`` images (and of the training images: their ``views`` [N, S, S], as
+    :func:`image_logits` takes them, else ``images``) for the EMA and the raw weights, and
     with ``keep_states`` their state dicts. Resumes from ``folder/checkpoint.pt``, written every
     ``checkpoint_every`` epochs (0: never; on a GPU an epoch takes well under a second and a
     checkpoint, with the optimiser and EMA states, is 150 MB). Augmentation runs on the CPU with
@@ -410,7 +426,7 @@ def train_model(images: np.ndarray, y: np.ndarray, v: Variant, seed: int, folder
                     snap[f"{which}_held_out"] = image_logits(m, held_out, prep, unknown, device=dev)
                 if test is not None:
                     snap[f"{which}_test"] = image_logits(m, test, prep, unknown, device=dev)
-                snap[f"{which}_train"] = image_logits(m, images, prep, unknown, device=dev)
+                snap[f"{which}_train"] = image_logits(m, images if views is None else views, prep, unknown, device=dev)
                 if keep_states:
                     atomic_save({k: t.detach().cpu().clone() for k, t in m.state_dict().items()},
                                 folder / f"state_{which}_epoch{epoch + 1}.pt")
@@ -433,20 +449,22 @@ def snapshot_arrays(snaps: dict) -> dict:
 
 
 def run_fold(images: np.ndarray, y: np.ndarray, fold: np.ndarray, f: int, v: Variant, seed: int, folder: Path,
-             weights: np.ndarray | None = None, **train_kw) -> None:
+             weights: np.ndarray | None = None, views: np.ndarray | None = None, **train_kw) -> None:
     """Train (or resume, or extend to more epochs) the model of fold ``f`` and write its held-out
     logits to ``folder/preds.npz``. The last checkpoint is kept so that a variant can later be
     trained for more epochs with the same command. Rows with fold -1 (the held-out test) are
-    never trained on; they are scored at each snapshot (``<which>_test``, rows ``test_rows``)."""
+    never trained on; they are scored at each snapshot (``<which>_test``, rows ``test_rows``).
+    ``views``: the images as inference sees them (:func:`load_views`), what every row is scored on."""
     done = folder / "preds.npz"
     if done.exists() and set(v.snapshots) <= set(np.load(done)["epochs"].tolist()):
         log.info("%s: done, skipped", folder)
         return
     tr, te, ts = np.flatnonzero((fold != f) & (fold >= 0)), np.flatnonzero(fold == f), np.flatnonzero(fold < 0)
     t0 = time.perf_counter()
-    result = train_model(images[tr], y[tr], v, seed, folder, held_out=images[te],
+    scored = images if views is None else views
+    result = train_model(images[tr], y[tr], v, seed, folder, held_out=scored[te],
                          weights=None if weights is None else weights[tr],
-                         test=images[ts] if len(ts) else None, **train_kw)
+                         test=scored[ts] if len(ts) else None, views=scored[tr], **train_kw)
     arrays = snapshot_arrays(result["snapshots"])
     np.savez_compressed(folder / "preds.tmp.npz", train_rows=tr, held_out_rows=te, test_rows=ts, **arrays)
     os.replace(folder / "preds.tmp.npz", done)
@@ -470,6 +488,7 @@ def stage_train(args, cfg: CVConfig, labels: pd.DataFrame, folds: pd.DataFrame) 
     dev = folds["fold_rep0"].to_numpy() >= 0
     for v in variants:
         images = load_cache(image_paths(labels), names, v.image_size, Path(args.out))
+        views = load_views(image_paths(labels), names, v.image_size, Path(args.out))
         weights = loss_weights(args, v, labels[dev])
         if weights is not None:
             full = np.ones(len(labels))
@@ -481,7 +500,7 @@ def stage_train(args, cfg: CVConfig, labels: pd.DataFrame, folds: pd.DataFrame) 
                 # the same initial weights for a fold in every variant: paired comparisons
                 seed = cfg.train_seed + 100 * r + f + v.seed_offset
                 run_fold(images, y, fold, f, v, seed, Path(args.out) / v.name / f"rep{r}" / f"fold{f}",
-                         weights=weights, device=args.device, checkpoint_every=args.checkpoint_every)
+                         weights=weights, views=views, device=args.device, checkpoint_every=args.checkpoint_every)
 
 
 FINAL_SEED_OFFSET = 999  # the final model's seed: train_seed + 999 (no fold uses it)
@@ -496,6 +515,7 @@ def stage_final(args, cfg: CVConfig, labels: pd.DataFrame, folds: pd.DataFrame) 
     fold = folds["fold_rep0"].to_numpy()
     dev, ts = np.flatnonzero(fold >= 0), np.flatnonzero(fold < 0)
     images = load_cache(image_paths(labels), list(labels["image"]), v.image_size, Path(args.out))
+    views = load_views(image_paths(labels), list(labels["image"]), v.image_size, Path(args.out))
     weights = loss_weights(args, v, labels.iloc[dev])
     folder = Path(args.out) / v.name / "final"
     if (folder / "preds.npz").exists():
@@ -504,7 +524,7 @@ def stage_final(args, cfg: CVConfig, labels: pd.DataFrame, folds: pd.DataFrame) 
     t0 = time.perf_counter()
     seed = cfg.train_seed + FINAL_SEED_OFFSET + v.seed_offset
     result = train_model(images[dev], y[dev], v, seed, folder, keep_states=True, weights=weights,
-                         test=images[ts] if len(ts) else None, device=args.device,
+                         test=views[ts] if len(ts) else None, views=views[dev], device=args.device,
                          checkpoint_every=args.checkpoint_every)
     np.savez_compressed(folder / "preds.tmp.npz", train_rows=dev, test_rows=ts, **snapshot_arrays(result["snapshots"]))
     os.replace(folder / "preds.tmp.npz", folder / "preds.npz")
@@ -1073,6 +1093,7 @@ def main(argv=None) -> None:
     if args.stage == "cache":
         for v in cfg.variants:
             load_cache(image_paths(labels), list(labels["image"]), v.image_size, out)
+            load_views(image_paths(labels), list(labels["image"]), v.image_size, out)
         return
     if args.stage in ("train", "all"):
         stage_train(args, cfg, labels, folds)

@@ -91,29 +91,22 @@ def brier_reference(y: np.ndarray, prevalence: np.ndarray) -> float:
 
 def ece(y: np.ndarray, p: np.ndarray, bins: int = 10) -> float:
     """Expected calibration error over all values of ``p`` pooled (every image-finding pair):
-    ``bins`` equal-width bins on [0, 1] (the last one closed), sum over bins of
-    (share of pairs in the bin) x |mean predicted - observed frequency|."""
-    p, y = np.ravel(p), np.ravel(y).astype(float)
-    which = np.minimum((p * bins).astype(int), bins - 1)
-    total = 0.0
-    for b in range(bins):
-        m = which == b
-        if m.any():
-            total += m.mean() * abs(p[m].mean() - y[m].mean())
-    return float(total)
+    :func:`cxr_batch.metrics.ece`, the definition ``cxr-batch evaluate`` uses (``bins``
+    equal-width bins of [0, 1] as ``sklearn.calibration.calibration_curve`` makes them), so a
+    model card's out-of-fold figure and a site's are the same measure."""
+    from cxr_batch import metrics
+
+    return metrics.ece(y, p, bins)
 
 
 def reliability_table(y: np.ndarray, p: np.ndarray, bins: int = 10) -> list[dict]:
-    """Per equal-width bin: range, count, mean predicted probability, observed frequency."""
-    p, y = np.ravel(p), np.ravel(y).astype(float)
-    which = np.minimum((p * bins).astype(int), bins - 1)
-    out = []
-    for b in range(bins):
-        m = which == b
-        out.append({"lo": b / bins, "hi": (b + 1) / bins, "n": int(m.sum()),
-                    "mean_predicted": float(p[m].mean()) if m.any() else None,
-                    "observed": float(y[m].mean()) if m.any() else None})
-    return out
+    """Per equal-width bin (those of :func:`ece`): range, count, mean predicted probability,
+    observed frequency."""
+    from cxr_batch import metrics
+
+    r = metrics.reliability(y, p, bins)
+    return [{"lo": b / bins, "hi": (b + 1) / bins, "n": n, "mean_predicted": m, "observed": o}
+            for b, (n, m, o) in enumerate(zip(r["count"], r["mean_predicted"], r["observed"]))]
 
 
 # ---------------------------------------------------------------- patient bootstrap

@@ -6,7 +6,7 @@ imports another.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import pandas as pd
@@ -101,6 +101,12 @@ class Context:
     encoding: PatientEncoding
     device: torch.device
     amp_dtype: torch.dtype | None
+
+    def exact(self) -> "Context":
+        """This context in float32: what the stages that choose thresholds and the patient prior
+        and measure the test use, so that they see the probabilities a float32 scan computes
+        (bfloat16 autocast, the training precision on a GPU, moves them by about 1%)."""
+        return replace(self, amp_dtype=None)
 
     def autocast(self):
         if self.amp_dtype is None:

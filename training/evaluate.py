@@ -182,6 +182,7 @@ def evaluate_run(cfg, out: Path, ctx: Context) -> dict:
     """Stages 4-6 on a run folder written by the training stages: thresholds on validation,
     evaluation on test, artifacts (metrics, configuration, figures) and the bundle."""
     out = Path(out)
+    ctx = ctx.exact()  # thresholds and figures of the float32 model a scan runs, whatever training ran in
     parts = prepared_parts(out)
     loaders = {s: evaluation_loader(cfg, parts[s], ctx.prep, ctx.encoding) for s in ("val", "test")}
     model = build_model(cfg.model).to(ctx.device, memory_format=torch.channels_last)

@@ -31,11 +31,10 @@ import torch
 from cxr_batch.bundle import load_bundle, save_bundle
 from cxr_batch.findings import FINDINGS
 from cxr_batch.patient import PatientEncoding
-from cxr_batch.preprocess import Preprocessing
+from cxr_batch.preprocess import Preprocessing, normalise
 
 from . import cvstats, triage_fit
-from .augment import eval_transform_batch
-from .crossval import ConfigError, CVConfig, build_v2_model, image_logits, image_paths, load_cache, load_sources
+from .crossval import ConfigError, CVConfig, build_v2_model, image_logits, image_paths, load_sources, load_views
 from .export_v2 import copy_artifacts, device_name, fold_in_sample_moments
 from .fuse import combined_logits_formula, fold_combination, freeze_tabular_proj
 from .prepare import multi_hot
@@ -55,9 +54,13 @@ def oof_arrays(cv: Path) -> tuple[pd.DataFrame, np.ndarray, np.ndarray, np.ndarr
 
 
 def ensemble_comparison(cv: Path, chosen: dict, variant: str, z_prior_test: np.ndarray, comb: dict,
-                        y_test: np.ndarray, patients: np.ndarray, cfg: CVConfig) -> dict:
+                        y_test: np.ndarray, patients: np.ndarray, cfg: CVConfig,
+                        alignment: tuple[np.ndarray, np.ndarray]) -> dict:
     """Rule 8: on the held-out test, the fold models' averaged image logits against the final
-    model's, each through the same combination with the patient prior (mean AUROC, paired)."""
+    model's, each through the same combination with the patient prior (mean AUROC, paired).
+    ``alignment``: the final model's (scale, shift) onto the fold models' logit scale
+    (:func:`training.cvstats.alignment`), as the bundle applies it: the final model compared is
+    the one that ships (its image evidence weighed against the prior as in the bundle)."""
     epoch, which = chosen["epoch"], chosen["weights"]
 
     def test_logits(path: Path) -> np.ndarray:
@@ -65,7 +68,8 @@ def ensemble_comparison(cv: Path, chosen: dict, variant: str, z_prior_test: np.n
         return d[f"{which}_test"][list(d["epochs"]).index(epoch)]
 
     folds = [test_logits(cv / variant / "rep0" / f"fold{f}" / "preds.npz") for f in range(cfg.folds)]
-    final = test_logits(cv / variant / "final" / "preds.npz")
+    scale, shift = alignment
+    final = scale * test_logits(cv / variant / "final" / "preds.npz") + shift
     a, c, b = (np.asarray(comb[k]) for k in ("a", "c", "b"))
     score = {"ensemble": a * np.mean(folds, axis=0) + c * z_prior_test + b,
              "final": a * final + c * z_prior_test + b,
@@ -130,7 +134,8 @@ def main(argv=None) -> None:
     outcomes = triage_fit.cross_fitted_triage(y, p_nih, folds, weights, nih_any, SPECIFICITY, MAX_MISSED, flaggable)
 
     # ---- the final model, its logits aligned to the fold models', the combination folded in
-    images = load_cache(image_paths(labels), list(labels["image"]), variant.image_size, cv)
+    # the development images as a scan sees them: the fold models' logits were computed on these
+    views = load_views(image_paths(labels), list(labels["image"]), variant.image_size, cv)
     state = cv / variant.name / "final" / f"state_{chosen['weights']}_epoch{chosen['epoch']}.pt"
     if not state.exists():
         raise SystemExit(f"{state} missing: run `python -m training.crossval --stage final --variant {variant.name}`")
@@ -138,7 +143,7 @@ def main(argv=None) -> None:
     model.load_state_dict(torch.load(state, weights_only=True))
     model.eval()
     prep = Preprocessing(image_size=variant.image_size)
-    z_img = image_logits(model, images[dev], prep, enc.unknown_value).astype(np.float64)  # in sample
+    z_img = image_logits(model, views[dev], prep, enc.unknown_value).astype(np.float64)  # in sample
     prior = json.loads((cv / f"prior_{report['chosen_prior']}.json").read_text())
     comb = report["combination_fitted_on_all_oof"]
     a_fit, c, b_fit = (np.asarray(comb[k], dtype=np.float64) for k in ("a", "c", "b"))
@@ -152,7 +157,7 @@ def main(argv=None) -> None:
     fold_combination(model, unknown, a, c, b, coef, mean_x)
     x_dev = encode_rows(labels[dev], enc)
     with torch.inference_mode():
-        got = np.concatenate([torch.sigmoid(model(eval_transform_batch(torch.from_numpy(images[dev][s:s + 64])[:, None], prep),
+        got = np.concatenate([torch.sigmoid(model(normalise(torch.from_numpy(views[dev][s:s + 64])[:, None], prep),
                                                   torch.from_numpy(x_dev[s:s + 64]))).numpy()
                               for s in range(0, int(dev.sum()), 64)])
     want = cvstats.sigmoid(combined_logits_formula(z_img, x_dev, a, c, b, coef, mean_x))
@@ -164,7 +169,7 @@ def main(argv=None) -> None:
     z_prior_test = (x_test - mean_x) @ coef.T
     y_test = multi_hot(labels["labels"][test]).astype(float)
     ensemble = ensemble_comparison(cv, chosen, variant.name, z_prior_test, comb, y_test,
-                                   labels["patient_id"][test].to_numpy(), cfg)
+                                   labels["patient_id"][test].to_numpy(), cfg, (scale, offset))
     if ensemble["chosen"] != "final":
         raise SystemExit(f"rule 8 chose the fold-model ensemble ({ensemble['ensemble_minus_final']}): a bundle of "
                          "several networks is not implemented; implement it before exporting")
@@ -241,7 +246,7 @@ def main(argv=None) -> None:
     write_manifest(bundle, manifest)
     loaded = load_bundle(bundle)
     with torch.inference_mode():
-        half_p = np.concatenate([torch.sigmoid(loaded.model(eval_transform_batch(torch.from_numpy(images[dev][s:s + 64])[:, None], prep),
+        half_p = np.concatenate([torch.sigmoid(loaded.model(normalise(torch.from_numpy(views[dev][s:s + 64])[:, None], prep),
                                                             torch.from_numpy(x_dev[s:s + 64]))).numpy()
                                  for s in range(0, n_dev, 64)])
     copy_artifacts(cv, cv / variant.name / "final", bundle / "training_run", report)

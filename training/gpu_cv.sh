@@ -12,7 +12,8 @@
 # GPU scan path measured in the same call.
 #
 #   bash training/gpu_cv.sh prepare CARRY_DIR      here, beside ../shared/data/nih: decodes the
-#        480 images once per variant size (crossval --stage cache) and puts the caches (gzipped),
+#        480 images once per variant size (crossval --stage cache) and puts the caches and the model
+#        views held-out images are scored on (gzipped),
 #        labels.csv and the NIH metadata table in CARRY_DIR, about 13 MB, for a machine without them.
 #   bash training/gpu_cv.sh run CARRY_DIR OUT_DIR  on the GPU machine: every variant of
 #        training/configs/v2_gpu.toml, five folds and a final model each, as parallel jobs on the one
@@ -46,8 +47,8 @@ if [ "$MODE" = prepare ]; then
     k=$((k + 1))
   done
   $PY -m training.crossval --stage cache $SRC --metadata-table "$TABLE" --out "$CV" --config "$CONFIG"
-  for f in "$CV"/cache/cache_*.u8; do gzip -c "$f" > "$CARRY/$(basename "$f").gz"; done
-  cp "$CV"/cache/cache_*.json "$TABLE" "$CARRY/"
+  for f in "$CV"/cache/cache_*.u8 "$CV"/cache/views_*.f32; do gzip -c "$f" > "$CARRY/$(basename "$f").gz"; done
+  cp "$CV"/cache/cache_*.json "$CV"/cache/views_*.json "$TABLE" "$CARRY/"
   if [ "${BENCH_IMAGES:-256}" -gt 0 ]; then  # 512-px PNGs for benchmarks/gpu_bench.sh at the end of the run
     mkdir -p "$CARRY/bench_png"
     ls "${DATA%% *}/images"/*.png | head -n "${BENCH_IMAGES:-256}" | xargs -I{} cp {} "$CARRY/bench_png/"
@@ -65,7 +66,7 @@ SRC="" k=0
 for f in "$CARRY"/labels_*.csv; do SRC="$SRC --images $CARRY/none$k --labels $f"; k=$((k + 1)); done
 HELD_OUT=$($PY -c "import tomllib, sys; print(int(tomllib.load(open(sys.argv[1], 'rb')).get('test_fraction', 0) > 0))" "$CONFIG")
 export SRC HELD_OUT
-ls "$CARRY"/cache_*.u8.gz > /dev/null 2>&1 || { echo "gpu_cv.sh: no caches in $CARRY: run 'gpu_cv.sh prepare' first" >&2; exit 2; }
+ls "$CARRY"/cache_*.u8.gz "$CARRY"/views_*.f32.gz > /dev/null 2>&1 || { echo "gpu_cv.sh: no caches in $CARRY: run 'gpu_cv.sh prepare' first" >&2; exit 2; }
 if [ "${DEVICE:-cuda}" != cpu ] && ! $PY -c "import torch, sys; sys.exit(not torch.cuda.is_available())"; then
   echo "gpu_cv.sh: torch sees no CUDA device here (DEVICE=cpu runs the same jobs on the CPU)" >&2; exit 2
 fi
@@ -76,8 +77,8 @@ mkdir -p "$CV/cache" "$FINAL" "$OUT"
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
   $PY -c "import torch, torchvision; print('torch', torch.__version__, 'torchvision', torchvision.__version__, 'cuda', torch.cuda.is_available())"
   nproc; } 2>&1 | tee "$CV/machine.txt"
-for f in "$CARRY"/cache_*.u8.gz; do gunzip -c "$f" > "$CV/cache/$(basename "$f" .gz)"; done
-cp "$CARRY"/cache_*.json "$CV/cache/"
+for f in "$CARRY"/cache_*.u8.gz "$CARRY"/views_*.f32.gz; do gunzip -c "$f" > "$CV/cache/$(basename "$f" .gz)"; done
+cp "$CARRY"/cache_*.json "$CARRY"/views_*.json "$CV/cache/"
 COMMON="--config $CONFIG --threads 1 --device ${DEVICE:-cuda} --checkpoint-every 0"
 export COMMON
 # folds.csv once, before the parallel jobs read it

@@ -302,7 +302,7 @@ def main(cfg: TrainConfig, resume: bool = False) -> Path:
     if cfg.patient_prior == "logistic":
         exact_val = evaluation_loader(cfg, parts["val"], prep, encoding)  # as inference preprocesses
         prior_info = apply_patient_prior(final, encode_patients(unique_train, encoding),
-                                         multi_hot(unique_train["labels"]), exact_val, ctx)
+                                         multi_hot(unique_train["labels"]), exact_val, ctx.exact())
     (out / PRIOR_INFO).write_text(json.dumps(prior_info, indent=2) + "\n")
     if not (out / HISTORY).exists():
         (out / HISTORY).write_text(json.dumps(history, indent=2) + "\n")
