@@ -60,8 +60,8 @@ def main(argv=None) -> None:
     yk = y[:, kept]
     resamples, _ = cvstats.patient_bootstrap_indices(labels["Patient ID"].to_numpy(), yk, args.bootstrap, 7)
     summary = {
-        "what": f"{len(labels)} held-out images of {labels['Patient ID'].nunique()} patients in {args.only}, seen in "
-                f"training by neither bundle; with patient data, float32; mean AUROC over the {len(kept)} findings "
+        "what": f"{len(labels)} held-out images of {labels['Patient ID'].nunique()} patients in {args.only}, their "
+                f"images seen in training by neither bundle; with patient data, float32; mean AUROC over the {len(kept)} findings "
                 f"with at least {args.min_positives} positives there",
         "findings": [FINDINGS[k] for k in kept],
         "bundle": args.bundle, "against": args.against,
