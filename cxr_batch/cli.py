@@ -716,7 +716,7 @@ def evaluate(studies, labels, weights, device, batch_size, workers, follow_links
                    "specificity:S, sensitivity:S (checked out of fold), precision_f1[:P] or youden.")
 @click.option("--min-positives", type=click.IntRange(2), default=10, show_default=True,
               help="Positive (and negative) studies a finding needs before its calibration and threshold move.")
-@click.option("--version", "version", help="Version of the new bundle (default: <base>+site.<date>.<labels hash>).")
+@click.option("--version", "version", help="Version of the new bundle (default: <base>+site.<date>.<hash of the new manifest>).")
 def calibrate(studies, labels, weights, device, batch_size, workers, follow_links, quiet, debug, out, method,
               threshold_rule, min_positives, version):
     """Fit per-finding calibration and thresholds on labelled STUDIES; write a new bundle to OUT."""
