@@ -36,9 +36,10 @@ from typing import Callable
 
 import numpy as np
 
+from .acquisition import NUMBER_FORMAT
 from .findings import FINDINGS
-from .image_stats import COLUMNS as IMAGE_COLUMNS
-from .record import StudyRecord, log_name
+from .image_stats import COLUMNS as IMAGE_COLUMNS, VALUE_FORMAT
+from .record import AGE_FORMAT, PROBABILITY_FORMAT, StudyRecord, log_name
 
 REFERENCE_FORMAT = 1
 GROUPS = ("acquisition", "image", "patient", "output")
@@ -73,10 +74,18 @@ class Quantity:
     label: str
     value: Callable[[StudyRecord], object]  # a number (None: unknown), a category, or a bool
     min_effect: float | None = None  # the smallest shift that alarms, when not its kind's MIN_EFFECT
+    written: str | None = None  # a continuous float's format in results.csv (None: whole numbers)
 
     @property
     def floor(self) -> float:
         return MIN_EFFECT[self.kind] if self.min_effect is None else self.min_effect
+
+    def as_written(self, v):
+        """A continuous value at the precision results.csv holds it. A reference and a window
+        come from different sources (studies in memory, the ledger, results.csv): one detector's
+        pixel spacing, 0.1943109 whole and 0.1943 in results.csv, was a Kolmogorov-Smirnov
+        distance of 1 between the same studies."""
+        return float(format(v, self.written)) if self.written and _finite(v) else v
 
 
 def _text(getter):
@@ -113,14 +122,16 @@ def _quantities() -> tuple[Quantity, ...]:
         Quantity("image_rows", "acquisition", "continuous", "image size: rows (pixels)", a("image_rows")),
         Quantity("image_columns", "acquisition", "continuous", "image size: columns (pixels)", a("image_columns")),
         Quantity("pixel_spacing", "acquisition", "continuous", "image resolution: pixel spacing (mm)",
-                 a("pixel_spacing")),
+                 a("pixel_spacing"), written=NUMBER_FORMAT),
         Quantity("manufacturer", "acquisition", "categorical", "manufacturer", _text(a("manufacturer"))),
         Quantity("manufacturer_model", "acquisition", "categorical", "manufacturer's model name",
                  _text(a("manufacturer_model"))),
     ]
-    out += [Quantity(c, "image", "continuous", IMAGE_LABELS[c], _image(c)) for c in IMAGE_COLUMNS]
+    out += [Quantity(c, "image", "continuous", IMAGE_LABELS[c], _image(c), written=VALUE_FORMAT)
+            for c in IMAGE_COLUMNS]
     out += [
-        Quantity("age", "patient", "continuous", "patient age (years, known ages)", lambda r: r.patient.age),
+        Quantity("age", "patient", "continuous", "patient age (years, known ages)", lambda r: r.patient.age,
+                 written=AGE_FORMAT),
         Quantity("age_unknown", "patient", "proportion", "share of studies without a known age",
                  lambda r: r.patient.age is None),
         Quantity("sex", "patient", "categorical", "patient sex", lambda r: r.patient.sex or UNKNOWN,
@@ -130,12 +141,12 @@ def _quantities() -> tuple[Quantity, ...]:
     ]
     for k, f in enumerate(FINDINGS):
         out.append(Quantity(f"p_{f}", "output", "continuous", f"output: probability of {f}",
-                            lambda r, k=k: r.scores.probs[k] if r.scores else None))
+                            lambda r, k=k: r.scores.probs[k] if r.scores else None, written=PROBABILITY_FORMAT))
     for k, f in enumerate(FINDINGS):
         out.append(Quantity(f"flag_{f}", "output", "proportion", f"output: share of studies flagged {f}",
                             lambda r, k=k: bool(r.scores.flags[k]) if r.scores else None))
     out.append(Quantity("p_any", "output", "continuous", "output: P(any finding)",
-                        lambda r: r.scores.p_any if r.scores else None))
+                        lambda r: r.scores.p_any if r.scores else None, written=PROBABILITY_FORMAT))
     out.append(Quantity("priority", "output", "categorical", "output: triage priority",
                         lambda r: r.scores.priority if r.scores else None))
     return tuple(out)
@@ -191,7 +202,7 @@ def summarise_values(kind: str, values: list) -> dict:
 def summarise(records: list[StudyRecord]) -> dict[str, dict]:
     """Every quantity's summary over the scored studies of ``records``."""
     scored = [r for r in records if monitored(r)]
-    return {q.name: summarise_values(q.kind, [q.value(r) for r in scored]) for q in QUANTITIES}
+    return {q.name: summarise_values(q.kind, [q.as_written(q.value(r)) for r in scored]) for q in QUANTITIES}
 
 
 def output_fingerprint(manifest: dict) -> str:
@@ -367,6 +378,14 @@ def holm(pvalues: dict[str, float]) -> dict[str, float]:
     return out
 
 
+def written_summary(q: Quantity, s: dict) -> dict:
+    """A reference's summary of ``q`` at the precision results.csv holds it (references made
+    before kept 6 significant digits)."""
+    if q.kind != "continuous" or not q.written:
+        return s
+    return {**s, **{k: [q.as_written(v) for v in s[k]] for k in ("values", "quantiles") if k in s}}
+
+
 def outputs_comparable(reference: dict, weights_sha256: str, fingerprint: str | None) -> bool:
     """Whether the reference's outputs describe the model that scored the window."""
     if reference.get("weights_sha256"):
@@ -392,7 +411,7 @@ def compare(reference: dict, records: list[StudyRecord], *, alpha: float = DEFAU
         elif s is None:
             entry["not_tested"] = "not in the reference"
         else:
-            entry.update(TESTS[q.kind][1](s, [q.value(r) for _, r in scored]))
+            entry.update(TESTS[q.kind][1](written_summary(q, s), [q.as_written(q.value(r)) for _, r in scored]))
         stats[q.name] = entry
     adjusted = holm({n: e["p_value"] for n, e in stats.items() if "p_value" in e})
     too_small = len(scored) < min_studies
