@@ -29,8 +29,8 @@ from pathlib import Path
 from . import exit_codes
 from .bundle import (DEFAULT_BUNDLE, MANIFEST_FILE, BundleError, is_bundle, manifest_sha256, read_manifest,
                      refuse_output_in_bundle)
-from .drift import (DEFAULT_ALPHA, DEFAULT_MIN_STUDIES, EFFECT_NAMES, MIN_EFFECT, PATIENT_MIX_EFFECT, TESTS,
-                    DriftError, check_reference, compare, make_reference, monitored, output_fingerprint,
+from .drift import (DEFAULT_ALPHA, DEFAULT_MIN_STUDIES, EFFECT_NAMES, MIN_EFFECT, PATIENT_MIX_EFFECT, SPARSE_TEST,
+                    TESTS, DriftError, check_reference, compare, make_reference, monitored, output_fingerprint,
                     outputs_comparable)
 from .files import atomic_write_bytes, private_dir
 from .findings import FINDINGS
@@ -43,7 +43,8 @@ DEFAULT_WINDOW = "500"
 METHOD = {
     "windows": "scored studies of one model in the order they were scored (scored_at, else study date, else row); "
                "'N': consecutive N studies; 'Nd'/'Nh': consecutive periods of N days/hours from the first study",
-    "tests": {kind: test for kind, (test, _) in TESTS.items()},
+    "tests": {**{kind: test for kind, (test, _) in TESTS.items()},
+              "categorical, a category expected fewer than 5 times": SPARSE_TEST},
     "effect": {**{kind: f"{EFFECT_NAMES[kind]} >= {MIN_EFFECT[kind]}" for kind in MIN_EFFECT},
                "sex, view": f"{EFFECT_NAMES['categorical']} >= {PATIENT_MIX_EFFECT}"},
     "alarm": "Holm-adjusted p-value (over every quantity tested in the window) below alpha AND the effect at least "
