@@ -477,6 +477,20 @@ def write_outputs(report: dict, out: Path) -> None:
     write_monitor_pdf(report, out / "monitor.pdf")
 
 
+def chance_of_false_alarms(report: dict) -> str:
+    """What Holm's bound means over the whole run, in words: it holds per window, and every window
+    since the first is tested, so a run over many windows of studies like the reference's may still
+    hold a false alarm or two. '' when no window was tested."""
+    tested = sum(not w.get("too_small") for m in report["models"] for w in m["windows"])
+    if not tested:
+        return ""
+    bound = tested * report["alpha"]
+    return (f"by chance alone: Holm's correction bounds each window's chance of any false alarm at alpha "
+            f"{report['alpha']:g}; over the {tested} window{'s' if tested > 1 else ''} tested here, at most {bound:.2g} "
+            f"false alarm{'s' if bound != 1 else ''} {'are' if bound != 1 else 'is'} expected if nothing changed "
+            f"(fewer with the minimum shifts); an alarm that recurs in the windows after it is unlikely to be chance")
+
+
 def alarm_line(alarm: dict) -> str:
     """One alarm in words, without identifiers: quantity, size, window and studies."""
     w = alarm["window"]

@@ -38,7 +38,7 @@ def _text(fig: Figure, y: float, text: str, size: float = 9, weight: str = "norm
 
 
 def summary_page(report: dict) -> Figure:
-    from .monitor import alarm_line
+    from .monitor import alarm_line, chance_of_false_alarms
 
     fig = Figure(figsize=A4)
     y = _text(fig, 0.965, "Drift monitoring: do the inputs still look like the reference?", 14, "bold")
@@ -64,6 +64,8 @@ def summary_page(report: dict) -> Figure:
         shown += 1
     if shown < len(alarms):
         y = _text(fig, y, f"... and {len(alarms) - shown} more alarms in monitor.json.", 8)
+    if alarms and (chance := chance_of_false_alarms(report)):
+        y = _text(fig, y, chance[0].upper() + chance[1:] + ".", 8, width=125)
     y -= 0.012
     y = _text(fig, y, "Compared with", 10, "bold")
     for m in report["models"]:
@@ -85,6 +87,8 @@ def summary_page(report: dict) -> Figure:
              "tests: " + "; ".join(f"{k}: {v}" for k, v in method["tests"].items()) + ".",
              "minimum shift: " + "; ".join(f"{k}: {v}" for k, v in method["effect"].items()) + ".",
              f"alarm: {method['alarm']}; alpha {report['alpha']:g}, at least {report['min_studies']} studies.",
+             # said beside the alarms when there are some
+             *([f"{chance}."] if not alarms and (chance := chance_of_false_alarms(report)) else []),
              f"scope: {method['scope']}."]
     for line in lines:
         y = _text(fig, y, line, 8, width=125)

@@ -32,3 +32,23 @@ def test_a_table_with_enough_studies_in_every_cell_keeps_chi_square():
     out = _categorical(priority_reference(urgent=100), ["urgent"] * 80 + ["abnormal"] * 60 + ["normal"] * 60)
     assert "test" not in out and out["p_value"] < 1e-9  # 17% -> 40% urgent: found as before
 
+
+def test_monitor_pdf_says_beside_the_alarms_how_many_false_ones_the_windows_tested_may_hold():
+    """Holm bounds each window's chance of a false alarm at alpha, and monitor tests every window
+    since the first: a year of 196 windows may hold 0.2 false alarms. monitor.pdf put "1 ALARM:
+    check what changed" over a year of windows without saying so."""
+    from cxr_batch.monitor import METHOD
+    from cxr_batch.monitor_report import summary_page
+
+    alarm = {"model": "m@1", "label": "image intensity: median", "quantity": "intensity_p50", "group": "image",
+             "shift": "median 0.5 -> 0.6", "effect_name": "KS distance", "effect": 0.35, "p_holm": 2e-4,
+             "window": {"index": 17, "n": 500, "rows": [8501, 9000]}}
+    windows = [{"too_small": False}] * 196 + [{"too_small": True}]
+    report = {"results": "/srv/results", "studies": {"scored": 98020, "rows": 98020}, "window": "500",
+              "generated": "2026-12-07T05:00:00+00:00", "alarms": [alarm], "alpha": 0.001, "min_studies": 20,
+              "method": METHOD, "notes": [],
+              "models": [{"model": "m@1", "weights_sha256": "a" * 64, "n": 98020, "notes": [], "windows": windows,
+                          "reference": {"source": "bundle m@1", "n_studies": 480, "outputs_compared": True}}]}
+    text = " ".join(" ".join(t.get_text().split()) for t in summary_page(report).texts)
+    assert "1 ALARM" in text
+    assert "over the 196 windows tested here, at most 0.2 false alarms are expected if nothing changed" in text
