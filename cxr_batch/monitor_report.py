@@ -109,7 +109,9 @@ def _panel(ax, name: str, entries: list[tuple[int, dict]]) -> None:
         return
     kind = tested[0][1]["kind"]
     at = [i for i, _ in tested]
-    colours = [ALARM if e.get("alarm") else OK_COLOUR for _, e in tested]
+    # a window under --min-studies is no verdict: drawn in the reference's grey, never as a window
+    # found like the reference
+    colours = [ALARM if e.get("alarm") else REF if e.get("too_small") else OK_COLOUR for _, e in tested]
     dot = dict(c=colours, s=2.5 ** 2, marker="o", linewidths=0, zorder=3)  # as plot(..., "o", ms=2.5)
     if kind == "continuous":
         e0 = tested[0][1]
@@ -157,15 +159,17 @@ def _trend_page(m: dict, names: list[str]) -> Figure:
     fig = Figure(figsize=A4)
     fig.suptitle(f"Trends by window: {m['model']} ({m['weights_sha256'][:12]}...)", fontsize=11,
                  weight="bold", y=0.98)
-    fig.text(0.5, 0.955, "x: window; grey: the reference (median and interquartile range, or rate; dashed: the "
-             "smallest distance that alarms); dots: each window; red: an alarm", ha="center", fontsize=7)
+    fig.text(0.5, 0.958, "x: window; grey band and line: the reference (median and interquartile range, or rate; "
+             "dashed: the smallest distance that alarms)\ndots: each window; red: an alarm; grey: a window under "
+             "--min-studies, too small for a verdict", ha="center", va="top", fontsize=7)
     axes = fig.subplots(*PANELS, gridspec_kw={"hspace": 0.7, "wspace": 0.35, "left": 0.07, "right": 0.97,
                                               "top": 0.92, "bottom": 0.04})
     for ax, name in zip(axes.ravel(), names + [None] * (PANELS[0] * PANELS[1])):
         if name is None:
             ax.axis("off")
             continue
-        _panel(ax, name, [(w["window"]["index"], w["statistics"][name]) for w in m["windows"]])
+        _panel(ax, name, [(w["window"]["index"], {**w["statistics"][name], "too_small": w.get("too_small", False)})
+                          for w in m["windows"]])
     return fig
 
 

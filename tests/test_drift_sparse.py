@@ -52,3 +52,22 @@ def test_monitor_pdf_says_beside_the_alarms_how_many_false_ones_the_windows_test
     text = " ".join(" ".join(t.get_text().split()) for t in summary_page(report).texts)
     assert "1 ALARM" in text
     assert "over the 196 windows tested here, at most 0.2 false alarms are expected if nothing changed" in text
+
+
+def test_a_window_too_small_for_a_verdict_is_not_drawn_as_one_like_the_reference():
+    """monitor.pdf's trends drew a window of 3 studies (no verdict: under --min-studies) in the
+    blue of a window tested and found like the reference, however far it lay from it."""
+    from matplotlib.colors import to_hex
+    from matplotlib.figure import Figure
+
+    from cxr_batch.monitor_report import ALARM, OK_COLOUR, _panel
+
+    def entry(median, too_small=False, alarm=False):
+        return {"kind": "continuous", "reference_iqr": [0.4, 0.6], "reference_median": 0.5,
+                "window_iqr": [median - 0.05, median + 0.05], "window_median": median, "alarm": alarm,
+                "too_small": too_small}
+
+    ax = Figure().add_subplot()
+    _panel(ax, "intensity_p50", [(0, entry(0.5)), (1, entry(0.9, alarm=True)), (2, entry(0.95, too_small=True))])
+    dots = [to_hex(c) for c in ax.collections[-1].get_facecolors()]
+    assert dots[0] == OK_COLOUR and dots[1] == ALARM and dots[2] not in (OK_COLOUR, ALARM)
