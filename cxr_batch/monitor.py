@@ -496,4 +496,13 @@ def alarm_line(alarm: dict) -> str:
     w = alarm["window"]
     when = f"rows {w['rows'][0]}-{w['rows'][1]}" if w.get("rows") else f"{w['n']} studies"
     return (f"{alarm['label']} ({alarm['quantity']}): {alarm['shift']}; {alarm['effect_name']} {alarm['effect']:.2f}, "
-            f"p (Holm) {alarm['p_holm']:.1e}; window {w['index']} ({w['n']} studies, {when})")
+            f"p (Holm) {p_text(alarm['p_holm'])}; window {w['index']} ({w['n']} studies, {when})")
+
+
+SMALLEST_P = 1e-15  # below it a p-value's digits are those of the approximation and of float rounding
+
+
+def p_text(p: float) -> str:
+    """A p-value as printed: a window whose every value moved (images resized to 64 px) printed
+    "p (Holm) 5.0e-292", a precision no test has; below 1e-15 it is said as a bound."""
+    return f"< {SMALLEST_P:.0e}" if p < SMALLEST_P else f"{p:.1e}"

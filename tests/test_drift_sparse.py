@@ -71,3 +71,20 @@ def test_a_window_too_small_for_a_verdict_is_not_drawn_as_one_like_the_reference
     _panel(ax, "intensity_p50", [(0, entry(0.5)), (1, entry(0.9, alarm=True)), (2, entry(0.95, too_small=True))])
     dots = [to_hex(c) for c in ax.collections[-1].get_facecolors()]
     assert dots[0] == OK_COLOUR and dots[1] == ALARM and dots[2] not in (OK_COLOUR, ALARM)
+
+
+def test_a_p_value_at_the_floor_of_floating_point_is_said_as_a_bound():
+    """Images resized from 1,024 to 64 px move every value: the alarm said "p (Holm) 5.0e-292", a
+    precision no test has (the digits are those of the approximation and of float rounding)."""
+    import numpy as np
+    from scipy.stats import ks_2samp
+
+    from cxr_batch.monitor import alarm_line
+
+    p = ks_2samp(np.full(480, 1024.0), np.full(500, 64.0)).pvalue * 53
+    line = alarm_line({"label": "image size: rows (pixels)", "quantity": "image_rows", "shift": "median 1024 -> 64",
+                       "effect_name": "KS distance", "effect": 1.0, "p_holm": p,
+                       "window": {"index": 3, "n": 500, "rows": [1501, 2000]}})
+    assert "p (Holm) < 1e-15;" in line and "e-292" not in line, line
+    assert "p (Holm) 2.0e-04;" in alarm_line({"label": "x", "quantity": "x", "shift": "", "effect_name": "d",
+                                              "effect": 0.4, "p_holm": 2e-4, "window": {"index": 0, "n": 20}})
