@@ -56,6 +56,7 @@ class Acquisition:
 
 
 NUMBERS = {"bits_stored": int, "image_rows": int, "image_columns": int, "pixel_spacing": float}
+NUMBER_FORMAT = ".4g"  # a float as results.csv holds it (drift compares every source at this precision)
 COLUMNS: tuple[str, ...] = tuple(f.name for f in fields(Acquisition))
 TEXT_FIELDS = ("modality", "photometric", "manufacturer", "manufacturer_model")
 
@@ -64,7 +65,7 @@ def _cell(value) -> str:
     if value is None:
         return ""
     if isinstance(value, float):
-        return f"{value:.4g}"
+        return format(value, NUMBER_FORMAT)
     return str(value)
 
 

@@ -33,7 +33,8 @@ import numpy as np
 from scipy.special import expit, logit
 
 from . import __version__, metrics
-from .bundle import DEFAULT_BUNDLE, WEIGHTS_FILE, Bundle, BundleError, is_bundle, load_bundle, sha256_file, write_manifest
+from .bundle import (DEFAULT_BUNDLE, WEIGHTS_FILE, Bundle, BundleError, is_bundle, load_bundle, manifest_sha256,
+                     sha256_file, write_manifest)
 from .calibration import (FINDING_MARGIN_SE, FOLDS, MARGIN_SE, METHODS, MIN_POSITIVES, PULL, Calibration,
                           FitReport, fit_findings, from_fits)
 from .config import ConfigError
@@ -59,7 +60,7 @@ class CalibrateOptions:
     method: str = "prevalence"
     thresholds: str = "keep"  # a rule of cxr_batch.thresholds.parse_rule
     min_positives: int = MIN_POSITIVES
-    version: str | None = None  # default: <base version>+site.<date>.<labels hash>
+    version: str | None = None  # default: <base version>+site.<date>.<hash of the new manifest>
     device: str = "auto"
     batch_size: int = 16
     workers: int | None = None
@@ -259,7 +260,6 @@ def run_calibrate(studies: Path, labels: LabelTable, out: Path, opts: CalibrateO
     thresholds = choice.thresholds
 
     date = datetime.datetime.now(datetime.timezone.utc)
-    version = opts.version or f"{base.version}+site.{date:%Y%m%d}.{labels.sha256[:8]}"
     # the base's per-finding counts were measured at its thresholds on its probabilities: at a
     # rule's new ones they would print a sensitivity nobody measured on every report. 'keep' moves
     # the thresholds with the calibration so the same studies flag: the counts still hold, and
@@ -267,7 +267,7 @@ def run_calibrate(studies: Path, labels: LabelTable, out: Path, opts: CalibrateO
     # out of fold, flagged 0 of 10 held out)
     base_metrics = {k: v for k, v in (base.manifest.get("metrics") or {}).items()
                     if k != "per_finding" or name == "keep"}
-    manifest = {**base.manifest, "version": version, "thresholds": thresholds, "metrics": base_metrics,
+    manifest = {**base.manifest, "thresholds": thresholds, "metrics": base_metrics,
                 "calibration": calibration_record(report, calibration, opts, enough, scores),
                 "provenance": provenance_record(base, labels, studies, report, date)}
     base_policy = base.triage_policy()
@@ -275,6 +275,13 @@ def run_calibrate(studies: Path, labels: LabelTable, out: Path, opts: CalibrateO
                                      base_policy.p_any(p_before), scores.y.max(axis=1))
     if triage_table is not None:
         manifest["triage"] = triage_table
+    # the default version ends with the new manifest's own hash: two calibrations of the same labels
+    # on one day under different --thresholds (or methods, or bases) differ there, so results.csv's
+    # model column, the reports and the worklist tell their bundles apart; the labels file is named
+    # in provenance
+    content = manifest_sha256({k: v for k, v in manifest.items() if k != "version"})
+    version = opts.version or f"{base.version}+site.{date:%Y%m%d}.{content[:8]}"
+    manifest["version"] = version
     written = write_bundle(base, Path(out), manifest)
     lines = summary_lines(report, calibration, base, thresholds) + choice.lines
     return CalibrateResult(written, version, lines, scores.matching,

@@ -175,7 +175,34 @@ def delivery_options(command):
                              "matched by accession number and patient ID), through the outbound queue.")(run)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+INTERRUPTED_LINE = "cxr-batch: interrupted (Ctrl-C): stopped"
+
+
+class Commands(click.Group):
+    """The command group. A Ctrl-C that no command handles itself (one while click reads the
+    options, before a scan's stop handler is in place, or in a command that has no graceful
+    stop) ends with one line and the documented exit code 130, where click would print
+    "Aborted!" and exit 1."""
+
+    def make_context(self, *args, **kwargs):
+        try:
+            return super().make_context(*args, **kwargs)
+        except KeyboardInterrupt:
+            interrupted()
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt:
+            interrupted()
+
+
+def interrupted():
+    click.echo(INTERRUPTED_LINE, err=True)
+    raise click.exceptions.Exit(exit_codes.INTERRUPTED)
+
+
+@click.group(cls=Commands, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="cxr-batch")
 def main():
     """Chest X-ray triage: score frontal radiographs for the 14 NIH ChestX-ray14 findings."""
@@ -716,7 +743,7 @@ def evaluate(studies, labels, weights, device, batch_size, workers, follow_links
                    "specificity:S, sensitivity:S (checked out of fold), precision_f1[:P] or youden.")
 @click.option("--min-positives", type=click.IntRange(2), default=10, show_default=True,
               help="Positive (and negative) studies a finding needs before its calibration and threshold move.")
-@click.option("--version", "version", help="Version of the new bundle (default: <base>+site.<date>.<labels hash>).")
+@click.option("--version", "version", help="Version of the new bundle (default: <base>+site.<date>.<hash of the new manifest>).")
 def calibrate(studies, labels, weights, device, batch_size, workers, follow_links, quiet, debug, out, method,
               threshold_rule, min_positives, version):
     """Fit per-finding calibration and thresholds on labelled STUDIES; write a new bundle to OUT."""

@@ -13,7 +13,9 @@ was made (:mod:`cxr_batch.acquisition`), statistics of the model's input
   size fits in a bundle's manifest;
 - compares a window of studies with a reference (:func:`compare`): two-sample Kolmogorov-Smirnov
   for continuous quantities (with the population stability index beside it), chi-square on the
-  2 x k table for categorical ones, Fisher's exact test for proportions (flag rates, unknown age)
+  2 x k table for categorical ones (when a category is expected fewer than 5 times, Fisher's exact
+  test of each category against the rest, Bonferroni over them), Fisher's exact test for
+  proportions (flag rates, unknown age)
   with the window's exact binomial interval. The p-values are corrected for the number of
   quantities tested together (Holm), and an alarm needs both a corrected p-value below
   ``alpha`` and a shift at least :data:`MIN_EFFECT` large, in a window of at least
@@ -36,9 +38,10 @@ from typing import Callable
 
 import numpy as np
 
+from .acquisition import NUMBER_FORMAT
 from .findings import FINDINGS
-from .image_stats import COLUMNS as IMAGE_COLUMNS
-from .record import StudyRecord, log_name
+from .image_stats import COLUMNS as IMAGE_COLUMNS, VALUE_FORMAT
+from .record import AGE_FORMAT, PROBABILITY_FORMAT, StudyRecord, log_name
 
 REFERENCE_FORMAT = 1
 GROUPS = ("acquisition", "image", "patient", "output")
@@ -73,10 +76,18 @@ class Quantity:
     label: str
     value: Callable[[StudyRecord], object]  # a number (None: unknown), a category, or a bool
     min_effect: float | None = None  # the smallest shift that alarms, when not its kind's MIN_EFFECT
+    written: str | None = None  # a continuous float's format in results.csv (None: whole numbers)
 
     @property
     def floor(self) -> float:
         return MIN_EFFECT[self.kind] if self.min_effect is None else self.min_effect
+
+    def as_written(self, v):
+        """A continuous value at the precision results.csv holds it. A reference and a window
+        come from different sources (studies in memory, the ledger, results.csv): one detector's
+        pixel spacing, 0.1943109 whole and 0.1943 in results.csv, was a Kolmogorov-Smirnov
+        distance of 1 between the same studies."""
+        return float(format(v, self.written)) if self.written and _finite(v) else v
 
 
 def _text(getter):
@@ -113,14 +124,16 @@ def _quantities() -> tuple[Quantity, ...]:
         Quantity("image_rows", "acquisition", "continuous", "image size: rows (pixels)", a("image_rows")),
         Quantity("image_columns", "acquisition", "continuous", "image size: columns (pixels)", a("image_columns")),
         Quantity("pixel_spacing", "acquisition", "continuous", "image resolution: pixel spacing (mm)",
-                 a("pixel_spacing")),
+                 a("pixel_spacing"), written=NUMBER_FORMAT),
         Quantity("manufacturer", "acquisition", "categorical", "manufacturer", _text(a("manufacturer"))),
         Quantity("manufacturer_model", "acquisition", "categorical", "manufacturer's model name",
                  _text(a("manufacturer_model"))),
     ]
-    out += [Quantity(c, "image", "continuous", IMAGE_LABELS[c], _image(c)) for c in IMAGE_COLUMNS]
+    out += [Quantity(c, "image", "continuous", IMAGE_LABELS[c], _image(c), written=VALUE_FORMAT)
+            for c in IMAGE_COLUMNS]
     out += [
-        Quantity("age", "patient", "continuous", "patient age (years, known ages)", lambda r: r.patient.age),
+        Quantity("age", "patient", "continuous", "patient age (years, known ages)", lambda r: r.patient.age,
+                 written=AGE_FORMAT),
         Quantity("age_unknown", "patient", "proportion", "share of studies without a known age",
                  lambda r: r.patient.age is None),
         Quantity("sex", "patient", "categorical", "patient sex", lambda r: r.patient.sex or UNKNOWN,
@@ -130,12 +143,12 @@ def _quantities() -> tuple[Quantity, ...]:
     ]
     for k, f in enumerate(FINDINGS):
         out.append(Quantity(f"p_{f}", "output", "continuous", f"output: probability of {f}",
-                            lambda r, k=k: r.scores.probs[k] if r.scores else None))
+                            lambda r, k=k: r.scores.probs[k] if r.scores else None, written=PROBABILITY_FORMAT))
     for k, f in enumerate(FINDINGS):
         out.append(Quantity(f"flag_{f}", "output", "proportion", f"output: share of studies flagged {f}",
                             lambda r, k=k: bool(r.scores.flags[k]) if r.scores else None))
     out.append(Quantity("p_any", "output", "continuous", "output: P(any finding)",
-                        lambda r: r.scores.p_any if r.scores else None))
+                        lambda r: r.scores.p_any if r.scores else None, written=PROBABILITY_FORMAT))
     out.append(Quantity("priority", "output", "categorical", "output: triage priority",
                         lambda r: r.scores.priority if r.scores else None))
     return tuple(out)
@@ -191,7 +204,7 @@ def summarise_values(kind: str, values: list) -> dict:
 def summarise(records: list[StudyRecord]) -> dict[str, dict]:
     """Every quantity's summary over the scored studies of ``records``."""
     scored = [r for r in records if monitored(r)]
-    return {q.name: summarise_values(q.kind, [q.value(r) for r in scored]) for q in QUANTITIES}
+    return {q.name: summarise_values(q.kind, [q.as_written(q.value(r)) for r in scored]) for q in QUANTITIES}
 
 
 def output_fingerprint(manifest: dict) -> str:
@@ -302,8 +315,12 @@ def _continuous(s: dict, values: list) -> dict:
     return out
 
 
+SPARSE = 5  # Cochran's rule: chi-square's p-value holds when every expected count is at least this
+SPARSE_TEST = "Fisher's exact, each category against the rest, Bonferroni over the categories"
+
+
 def _categorical(s: dict, values: list) -> dict:
-    from scipy.stats import chi2_contingency
+    from scipy.stats import chi2_contingency, fisher_exact
 
     ref_counts = dict(s["counts"])
     win_counts: dict[str, int] = {}
@@ -324,7 +341,19 @@ def _categorical(s: dict, values: list) -> dict:
     w = np.array([win_counts.get(c, 0) for c in cats], dtype=float)
     share_r, share_w = r / n_ref, w / n_win
     tvd = float(0.5 * np.abs(share_w - share_r).sum())
-    p = 1.0 if len(cats) < 2 else float(chi2_contingency(np.vstack([r, w]))[1])
+    expected = np.outer([n_ref, n_win], r + w) / (n_ref + n_win)
+    if len(cats) < 2:
+        p = 1.0
+    elif expected.min() >= SPARSE:
+        p = float(chi2_contingency(np.vstack([r, w]))[1])
+    else:
+        # a rare category (an urgent priority at 2%, a vendor with 1% of the studies) in a window of
+        # 20: chi-square's p-value fell below alpha / 53 thirty to sixty times as often as it says,
+        # false alarms beyond alpha. Each category's exact test against the rest is exact; the
+        # Bonferroni bound over the categories keeps their smallest p-value a valid one
+        p = min(1.0, len(cats) * min(float(fisher_exact([[wc, n_win - wc], [rc, n_ref - rc]])[1])
+                                     for rc, wc in zip(r, w)))
+        out["test"] = SPARSE_TEST
     grew = cats[int(np.argmax(share_w - share_r))]
     out.update(effect=tvd, p_value=p, grew=grew,
                reference_shares={c: _round(v) for c, v in zip(cats, share_r)},
@@ -380,6 +409,14 @@ def holm(pvalues: dict[str, float]) -> dict[str, float]:
     return out
 
 
+def written_summary(q: Quantity, s: dict) -> dict:
+    """A reference's summary of ``q`` at the precision results.csv holds it (references made
+    before kept 6 significant digits)."""
+    if q.kind != "continuous" or not q.written:
+        return s
+    return {**s, **{k: [q.as_written(v) for v in s[k]] for k in ("values", "quantiles") if k in s}}
+
+
 def outputs_comparable(reference: dict, weights_sha256: str, fingerprint: str | None) -> bool:
     """Whether the reference's outputs describe the model that scored the window."""
     if reference.get("weights_sha256"):
@@ -405,7 +442,7 @@ def compare(reference: dict, records: list[StudyRecord], *, alpha: float = DEFAU
         elif s is None:
             entry["not_tested"] = "not in the reference"
         else:
-            entry.update(TESTS[q.kind][1](s, [q.value(r) for _, r in scored]))
+            entry.update(TESTS[q.kind][1](written_summary(q, s), [q.as_written(q.value(r)) for _, r in scored]))
         stats[q.name] = entry
     adjusted = holm({n: e["p_value"] for n, e in stats.items() if "p_value" in e})
     too_small = len(scored) < min_studies

@@ -28,6 +28,7 @@ import numpy as np
 # Rows of the image used by the band cues: 20%..80% of the height (leaves out the shoulders
 # and the abdomen, which vary most between exposures).
 BAND_ROWS = (0.2, 0.8)
+VALUE_FORMAT = ".4f"  # as results.csv holds each statistic (drift compares every source at this precision)
 
 
 @dataclass(frozen=True)
@@ -44,7 +45,7 @@ class ImageStats:
     sharpness: float
 
     def to_row(self) -> dict[str, str]:
-        return {f.name: f"{getattr(self, f.name):.4f}" for f in fields(self)}
+        return {f.name: format(getattr(self, f.name), VALUE_FORMAT) for f in fields(self)}
 
     @classmethod
     def from_row(cls, row: dict) -> "ImageStats | None":

@@ -29,8 +29,8 @@ from pathlib import Path
 from . import exit_codes
 from .bundle import (DEFAULT_BUNDLE, MANIFEST_FILE, BundleError, is_bundle, manifest_sha256, read_manifest,
                      refuse_output_in_bundle)
-from .drift import (DEFAULT_ALPHA, DEFAULT_MIN_STUDIES, EFFECT_NAMES, MIN_EFFECT, PATIENT_MIX_EFFECT, TESTS,
-                    DriftError, check_reference, compare, make_reference, monitored, output_fingerprint,
+from .drift import (DEFAULT_ALPHA, DEFAULT_MIN_STUDIES, EFFECT_NAMES, MIN_EFFECT, PATIENT_MIX_EFFECT, SPARSE_TEST,
+                    TESTS, DriftError, check_reference, compare, make_reference, monitored, output_fingerprint,
                     outputs_comparable)
 from .files import atomic_write_bytes, private_dir
 from .findings import FINDINGS
@@ -43,7 +43,8 @@ DEFAULT_WINDOW = "500"
 METHOD = {
     "windows": "scored studies of one model in the order they were scored (scored_at, else study date, else row); "
                "'N': consecutive N studies; 'Nd'/'Nh': consecutive periods of N days/hours from the first study",
-    "tests": {kind: test for kind, (test, _) in TESTS.items()},
+    "tests": {**{kind: test for kind, (test, _) in TESTS.items()},
+              "categorical, a category expected fewer than 5 times": SPARSE_TEST},
     "effect": {**{kind: f"{EFFECT_NAMES[kind]} >= {MIN_EFFECT[kind]}" for kind in MIN_EFFECT},
                "sex, view": f"{EFFECT_NAMES['categorical']} >= {PATIENT_MIX_EFFECT}"},
     "alarm": "Holm-adjusted p-value (over every quantity tested in the window) below alpha AND the effect at least "
@@ -476,9 +477,32 @@ def write_outputs(report: dict, out: Path) -> None:
     write_monitor_pdf(report, out / "monitor.pdf")
 
 
+def chance_of_false_alarms(report: dict) -> str:
+    """What Holm's bound means over the whole run, in words: it holds per window, and every window
+    since the first is tested, so a run over many windows of studies like the reference's may still
+    hold a false alarm or two. '' when no window was tested."""
+    tested = sum(not w.get("too_small") for m in report["models"] for w in m["windows"])
+    if not tested:
+        return ""
+    bound = tested * report["alpha"]
+    return (f"by chance alone: Holm's correction bounds each window's chance of any false alarm at alpha "
+            f"{report['alpha']:g}; over the {tested} window{'s' if tested > 1 else ''} tested here, at most {bound:.2g} "
+            f"false alarm{'s' if bound != 1 else ''} {'are' if bound != 1 else 'is'} expected if nothing changed "
+            f"(fewer with the minimum shifts); an alarm that recurs in the windows after it is unlikely to be chance")
+
+
 def alarm_line(alarm: dict) -> str:
     """One alarm in words, without identifiers: quantity, size, window and studies."""
     w = alarm["window"]
     when = f"rows {w['rows'][0]}-{w['rows'][1]}" if w.get("rows") else f"{w['n']} studies"
     return (f"{alarm['label']} ({alarm['quantity']}): {alarm['shift']}; {alarm['effect_name']} {alarm['effect']:.2f}, "
-            f"p (Holm) {alarm['p_holm']:.1e}; window {w['index']} ({w['n']} studies, {when})")
+            f"p (Holm) {p_text(alarm['p_holm'])}; window {w['index']} ({w['n']} studies, {when})")
+
+
+SMALLEST_P = 1e-15  # below it a p-value's digits are those of the approximation and of float rounding
+
+
+def p_text(p: float) -> str:
+    """A p-value as printed: a window whose every value moved (images resized to 64 px) printed
+    "p (Holm) 5.0e-292", a precision no test has; below 1e-15 it is said as a bound."""
+    return f"< {SMALLEST_P:.0e}" if p < SMALLEST_P else f"{p:.1e}"

@@ -38,7 +38,7 @@ def _text(fig: Figure, y: float, text: str, size: float = 9, weight: str = "norm
 
 
 def summary_page(report: dict) -> Figure:
-    from .monitor import alarm_line
+    from .monitor import alarm_line, chance_of_false_alarms
 
     fig = Figure(figsize=A4)
     y = _text(fig, 0.965, "Drift monitoring: do the inputs still look like the reference?", 14, "bold")
@@ -64,6 +64,8 @@ def summary_page(report: dict) -> Figure:
         shown += 1
     if shown < len(alarms):
         y = _text(fig, y, f"... and {len(alarms) - shown} more alarms in monitor.json.", 8)
+    if alarms and (chance := chance_of_false_alarms(report)):
+        y = _text(fig, y, chance[0].upper() + chance[1:] + ".", 8, width=125)
     y -= 0.012
     y = _text(fig, y, "Compared with", 10, "bold")
     for m in report["models"]:
@@ -85,6 +87,8 @@ def summary_page(report: dict) -> Figure:
              "tests: " + "; ".join(f"{k}: {v}" for k, v in method["tests"].items()) + ".",
              "minimum shift: " + "; ".join(f"{k}: {v}" for k, v in method["effect"].items()) + ".",
              f"alarm: {method['alarm']}; alpha {report['alpha']:g}, at least {report['min_studies']} studies.",
+             # said beside the alarms when there are some
+             *([f"{chance}."] if not alarms and (chance := chance_of_false_alarms(report)) else []),
              f"scope: {method['scope']}."]
     for line in lines:
         y = _text(fig, y, line, 8, width=125)
@@ -105,7 +109,9 @@ def _panel(ax, name: str, entries: list[tuple[int, dict]]) -> None:
         return
     kind = tested[0][1]["kind"]
     at = [i for i, _ in tested]
-    colours = [ALARM if e.get("alarm") else OK_COLOUR for _, e in tested]
+    # a window under --min-studies is no verdict: drawn in the reference's grey, never as a window
+    # found like the reference
+    colours = [ALARM if e.get("alarm") else REF if e.get("too_small") else OK_COLOUR for _, e in tested]
     dot = dict(c=colours, s=2.5 ** 2, marker="o", linewidths=0, zorder=3)  # as plot(..., "o", ms=2.5)
     if kind == "continuous":
         e0 = tested[0][1]
@@ -153,15 +159,17 @@ def _trend_page(m: dict, names: list[str]) -> Figure:
     fig = Figure(figsize=A4)
     fig.suptitle(f"Trends by window: {m['model']} ({m['weights_sha256'][:12]}...)", fontsize=11,
                  weight="bold", y=0.98)
-    fig.text(0.5, 0.955, "x: window; grey: the reference (median and interquartile range, or rate; dashed: the "
-             "smallest distance that alarms); dots: each window; red: an alarm", ha="center", fontsize=7)
+    fig.text(0.5, 0.958, "x: window; grey band and line: the reference (median and interquartile range, or rate; "
+             "dashed: the smallest distance that alarms)\ndots: each window; red: an alarm; grey: a window under "
+             "--min-studies, too small for a verdict", ha="center", va="top", fontsize=7)
     axes = fig.subplots(*PANELS, gridspec_kw={"hspace": 0.7, "wspace": 0.35, "left": 0.07, "right": 0.97,
                                               "top": 0.92, "bottom": 0.04})
     for ax, name in zip(axes.ravel(), names + [None] * (PANELS[0] * PANELS[1])):
         if name is None:
             ax.axis("off")
             continue
-        _panel(ax, name, [(w["window"]["index"], w["statistics"][name]) for w in m["windows"]])
+        _panel(ax, name, [(w["window"]["index"], {**w["statistics"][name], "too_small": w.get("too_small", False)})
+                          for w in m["windows"]])
     return fig
 
 

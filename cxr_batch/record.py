@@ -39,6 +39,9 @@ COLUMNS: tuple[str, ...] = (
 DRIFT_COLUMNS: tuple[str, ...] = acq.COLUMNS + IMAGE_COLUMNS + ("scored_at",)
 COLUMNS = COLUMNS + DRIFT_COLUMNS
 NOTE_SEPARATOR = "; "
+# how results.csv holds a probability (p_*, p_any, triage_score) and an age: drift compares every
+# source (results.csv, the ledger, studies in memory) at this precision
+PROBABILITY_FORMAT, AGE_FORMAT = ".6f", "g"
 # Columns whose values come from outside (file names, headers, sidecars, library messages):
 # neutralised for spreadsheets. The numeric columns are written by cxr-batch itself.
 TEXT_COLUMNS = frozenset(("file", "reason") + CSV_IDENTIFIERS + PATIENT_COLUMNS + ("notes", "report", "model")
@@ -168,20 +171,20 @@ class StudyRecord:
         # read as the number 20240301.0); from_row() turns it back into DICOM DA
         row["study_date"] = format_date(self.ids.study_date) or self.ids.study_date
         row.update({
-            "age": "" if p.age is None else f"{p.age:g}", "age_source": p.age_source,
+            "age": "" if p.age is None else format(p.age, AGE_FORMAT), "age_source": p.age_source,
             "sex": p.sex or "", "sex_source": p.sex_source,
             "view": p.view or "", "view_source": p.view_source,
             "notes": NOTE_SEPARATOR.join(p.notes),
         })
         s = self.scores
         for k, f in enumerate(FINDINGS):
-            row[f"p_{f}"] = f"{s.probs[k]:.6f}" if s else ""
+            row[f"p_{f}"] = format(s.probs[k], PROBABILITY_FORMAT) if s else ""
         for k, f in enumerate(FINDINGS):
             row[f"flag_{f}"] = str(int(s.flags[k])) if s else ""
         row.update({
             "findings": ";".join(s.findings) if s else "", "priority": s.priority if s else "",
-            "triage_score": f"{s.triage_score:.6f}" if s else "",
-            "p_any": f"{s.p_any:.6f}" if s and s.p_any is not None else "",
+            "triage_score": format(s.triage_score, PROBABILITY_FORMAT) if s else "",
+            "p_any": format(s.p_any, PROBABILITY_FORMAT) if s and s.p_any is not None else "",
             "worklist_rank": "" if self.worklist_rank is None else str(self.worklist_rank), "report": self.report,
             "model": self.model, "weights_sha256": self.weights_sha256,
         })

@@ -47,7 +47,7 @@ from .evidence import Evidence, bundle_evidence
 from .findings import DEFAULT_URGENT, FINDINGS
 from .record import StudyRecord, log_name, name_bytes
 from .study import derived_uid
-from .triage import PRIORITIES, worklist_key
+from .triage import PRIORITIES, priority_words, worklist_key
 
 log = logging.getLogger("cxr_batch")
 
@@ -68,9 +68,10 @@ NO_CUTOFF_TEXT, NO_CUTOFF_LABEL = "NO FINDING FLAGGED", "NO FLAG"  # fits the Pr
 
 def bucket_words(priority: str, info: "ModelInfo") -> tuple[str, str, str]:
     """How the pages name a bucket: (banner, worklist label, words for counts and titles)."""
-    if priority == "normal" and info.evidence.study_level.normal_below is None:
-        return NO_CUTOFF_TEXT, NO_CUTOFF_LABEL, "no finding flagged"
-    words = {"normal": "low probability of any finding"}.get(priority, priority)
+    cut = info.evidence.study_level.normal_below
+    words = priority_words(priority, cut)
+    if priority == "normal" and cut is None:
+        return NO_CUTOFF_TEXT, NO_CUTOFF_LABEL, words
     return PRIORITY_TEXT[priority], BUCKET_LABEL[priority], words
 FLAG_FILL = colors.HexColor("#FFE0B2")
 HEADER_FILL = colors.HexColor("#ECEFF1")

@@ -28,6 +28,7 @@ from .runtime import default_workers, make_policy
 from .readers import content_kind
 from .sandbox import StudyReader
 from .stopping import StopSignal
+from .triage import PRIORITIES, priority_words
 
 log = logging.getLogger("cxr_batch")
 
@@ -64,6 +65,7 @@ class ScanSummary:
     not_scored: int = 0  # files left when a signal stopped the scan
     stopped_by: str = ""  # the signal's name (SIGINT, SIGTERM); empty for a complete scan
     signum: int | None = None
+    normal_below: float | None = None  # the bundle's P(any) cutoff: how the "normal" bucket is named
 
     @property
     def exit_code(self) -> int:
@@ -84,7 +86,7 @@ class ScanSummary:
             return f"no files found: nothing scored (is the folder mounted?) -> {self.results}"
         n = sum(self.counts.values())
         rate = (self.counts["ok"] - self.kept) / self.seconds if self.seconds > 0 else 0.0
-        pr = ", ".join(f"{self.priorities[p]} {p}" for p in ("urgent", "abnormal", "normal"))
+        pr = ", ".join(f"{self.priorities[p]} {priority_words(p, self.normal_below)}" for p in PRIORITIES)
         outputs = ""
         if self.reports_failed or self.worklist_failed:
             outputs = (f"; {self.reports_failed} report(s)" + (" and the worklist" if self.worklist_failed else "")
@@ -175,7 +177,8 @@ class ScanRun:
         self.studies, self.out, self.cfg, self.bundle, self.policy = studies, out, cfg, bundle, policy
         self.reader, self.previous, self.stop = reader, previous, stop
         self.options = cfg.batch_options(cfg.progress)
-        self.summary = ScanSummary(results=out / "results.csv", device=policy.describe())
+        self.summary = ScanSummary(results=out / "results.csv", device=policy.describe(),
+                                   normal_below=bundle.triage_policy().normal_below)
         self.reports = None
         if cfg.pdf:
             from .reports import ReportWriter

@@ -38,6 +38,15 @@ import numpy as np
 from .findings import DEFAULT_URGENT, FINDINGS
 
 PRIORITIES = ("urgent", "abnormal", "normal")
+
+
+def priority_words(priority: str, normal_below: float | None) -> str:
+    """A bucket as every output names it in counts and titles: "normal" is never a clean bill;
+    with a P(any) cutoff it is "low probability of any finding", without one (v1, v2 bundles) it
+    holds every study with nothing flagged, whatever its P(any), and is named for that."""
+    if priority != "normal":
+        return priority
+    return "low probability of any finding" if normal_below is not None else "no finding flagged"
 BUCKET_ORDER = {p: i for i, p in enumerate(PRIORITIES)}
 
 

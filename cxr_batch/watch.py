@@ -537,29 +537,39 @@ class Watcher:
         """{rel: (key, content)} for the files to score, and the duplicates (the same bytes as a
         study already reported, or twice in this batch). The versions of one instance in a batch
         (its key, other bytes: a correction sent a moment after the image) are taken in the
-        order they were written, one per batch: the oldest that is not the current result is
-        scored, with its resends as duplicates, and the later ones stay pending for the next
-        batch, scored then as its revisions. So the last version written stands (a later copy
-        of the first, withdrawing a correction, was dropped as a duplicate of the first)."""
-        versions: dict[str, list[tuple[str, str]]] = {}
+        order they arrived, one per batch: the first that is not the current result is scored,
+        with its resends as duplicates, and the later ones stay pending for the next batch,
+        scored then as its revisions. So the last version to arrive stands (a later copy of the
+        first, withdrawing a correction, was dropped as a duplicate of the first), as it does
+        when the versions come in batches of their own.
+
+        Arrival is the file's ctime: its last write, rename or change of timestamps in this
+        folder, which no copy carries over. Its mtime is the source's when the copy keeps
+        timestamps (``cp -p``, ``rsync -t``): an original restored from an archive after its
+        correction has the older mtime, and two versions exported in one second have equal
+        ones. The mtime only breaks a tie of ctimes (one clock tick of the file system)."""
+        versions: dict[str, list[tuple[str, str, tuple[int, int]]]] = {}
         for rel in rels:
             path = self.watch_dir / rel
+            pending = self.pending[rel]
             try:
                 key, content = study_key(path, self.cfg.scoring)
+                arrived = (path.stat().st_ctime_ns, pending.mtime_ns)
             except FileNotFoundError:
                 self.pending.pop(rel, None)
                 continue
             except Exception:  # unreadable (permissions, a FIFO): the reader's row says why
-                st = self.pending[rel]
-                key = content = "file:" + hashlib.sha256(name_bytes(f"{rel}:{st.size}:{st.mtime_ns}")).hexdigest()
-            versions.setdefault(key, []).append((rel, content))
+                stamp = f"{rel}:{pending.size}:{pending.mtime_ns}"
+                key = content = "file:" + hashlib.sha256(name_bytes(stamp)).hexdigest()
+                arrived = (0, pending.mtime_ns)  # a key of its own: never ordered against another version
+            versions.setdefault(key, []).append((rel, content, arrived))
         ids, duplicates = {}, []
         for key, group in versions.items():
-            group.sort(key=lambda v: self.pending[v[0]].mtime_ns)  # stable: equal times keep the batch's order
+            group.sort(key=lambda v: v[2])  # stable: equal times keep the batch's order
             known = self.ledger.known(key)
             current = known.content if known is not None and known.status != "error" else None
             chosen = False
-            for rel, content in group:
+            for rel, content, _ in group:
                 if content == current:
                     duplicates.append(rel)
                 elif not chosen:

@@ -558,6 +558,43 @@ def test_ctrl_c_while_the_scan_starts_scores_nothing(tmp_path, nih_images, small
     assert run["complete"] is False and run["files_not_scored"] == 6
 
 
+def test_ctrl_c_while_the_command_line_starts_is_one_line_and_exit_130(tmp_path, studies, small_bundle):
+    """Ctrl-C in the first tenth of a second, while Python imports click and the command line
+    (before a scan's stop handler is in place), printed a KeyboardInterrupt traceback and exited
+    -2 or 1. Now: one line and 130, the exit code the README gives for SIGINT."""
+    pause = tmp_path / "pause"  # the process waits here, at start-up, before the command line is imported
+    pause.touch()
+    proc = subprocess.Popen([sys.executable, "-m", "cxr_batch", "scan", studies, "--out", tmp_path / "out",
+                             "--weights", small_bundle, "--device", "cpu"], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "CXR_BATCH_PAUSE_AT": "starting", "CXR_BATCH_PAUSE_FILE": str(pause)})
+    try:
+        end = time.time() + 60
+        while not Path(f"{pause}.here").exists() and proc.poll() is None and time.time() < end:
+            time.sleep(0.02)
+        assert proc.poll() is None, "the process never paused at start-up"
+        proc.send_signal(signal.SIGINT)
+        err = proc.stderr.read()
+    finally:
+        pause.unlink()
+    assert proc.wait(timeout=60) == 130, err
+    assert err.strip().splitlines() == ["cxr-batch: interrupted (Ctrl-C) while starting: nothing was read or written"]
+    assert not (tmp_path / "out").exists()
+
+
+def test_ctrl_c_before_the_scans_stop_handler_is_one_line_and_exit_130(tmp_path, studies, small_bundle,
+                                                                        monkeypatch):
+    """A Ctrl-C after the command line is imported but before the scan's own handler is installed
+    (click reading the options) was click's "Aborted!" and exit 1."""
+    from cxr_batch.stopping import StopSignal
+
+    monkeypatch.setattr(StopSignal, "install", lambda self: signal.raise_signal(signal.SIGINT))
+    code, err = cli_here("scan", studies, "--out", tmp_path / "out", "--weights", small_bundle, "--device", "cpu")
+    assert code == 130 and "Aborted" not in err, err
+    assert err.strip().splitlines() == ["cxr-batch: interrupted (Ctrl-C): stopped"]
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_scan_refused_a_folder_another_scan_just_made_leaves_that_folder_and_its_lock(studies, tmp_path,
                                                                                         small_bundle):
     """Two scans started at the same moment into a new --out: the one that found no folder

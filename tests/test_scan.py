@@ -169,3 +169,29 @@ def test_a_training_run_folder_as_weights_points_at_its_bundle(studies, tmp_path
     shutil.copytree(small_bundle, tmp_path / "run" / "bundle")
     proc = run_cli("scan", studies, "--out", tmp_path / "o", "--weights", tmp_path / "run", "--device", "cpu")
     assert proc.returncode == 1 and f"use --weights {tmp_path / 'run' / 'bundle'}" in proc.stderr
+
+
+def test_the_closing_line_names_the_low_bucket_as_the_reports_do(studies, tmp_path, small_bundle):
+    """The closing line said '6 normal' where every report and the worklist say 'low probability
+    of any finding' (a bundle with a P(any) cutoff) or 'no finding flagged' (one without): the
+    same studies must not be a clean bill on the terminal and a hedge on paper."""
+    from cxr_batch.bundle import read_manifest, write_manifest
+
+    def bundle(name, triage=None):
+        folder = tmp_path / name
+        shutil.copytree(small_bundle, folder)
+        manifest = read_manifest(folder)
+        manifest["thresholds"] = {f: 0.999 for f in FINDINGS}  # nothing flagged by the random weights
+        if triage:
+            manifest["triage"] = triage
+        write_manifest(folder, manifest)
+        return folder
+
+    without = scan(studies, tmp_path / "o", bundle("plain"), pdf=True)
+    assert "6 no finding flagged" in without.line() and " normal" not in without.line()
+    worklist = subprocess.run(["pdftotext", str(without.worklist), "-"], capture_output=True, text=True).stdout
+    assert "6 with no finding flagged" in " ".join(worklist.split())
+    # P(any) = sigmoid(-20) for every study: all below the cutoff
+    cut = bundle("cut", {"any_finding": {"weights": [0.0] * len(FINDINGS), "bias": -20.0, "normal_below": 0.4}})
+    low = scan(studies, tmp_path / "c", cut)
+    assert "6 low probability of any finding" in low.line() and " normal" not in low.line()

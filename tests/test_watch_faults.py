@@ -279,6 +279,39 @@ def test_three_versions_of_an_instance_in_one_batch_end_with_the_last_sent(tmp_p
 
 
 
+@pytest.mark.parametrize("source_mtimes", ["older", "equal"])
+def test_versions_copied_with_cp_p_in_one_batch_are_ordered_by_arrival(tmp_path, nih_images, small_bundle,
+                                                                        source_mtimes):
+    """``cp -p`` keeps the source's mtimes. A correction came, then the original was restored from
+    the archive (its mtime "older": a day before the correction's; or "equal": both exported in
+    one second), both in one batch: the versions were ordered by mtime (or, on a tie, by name),
+    so the correction stood, where the same two files in two batches leave the original standing.
+    The order is now the order of arrival in the folder (ctime, which no copy carries over): the
+    same result wherever the batch boundary falls."""
+    incoming, out, source = tmp_path / "in", tmp_path / "out", tmp_path / "archive"
+    incoming.mkdir()
+    source.mkdir()
+    original = write(source / "a_original.dcm", grey(nih_images[0]), PatientID="ORIGINAL")
+    ds = pydicom.dcmread(original)
+    ds.PatientID = "CORRECTION"
+    ds.save_as(source / "b_correction.dcm")
+    day_ago = time.time() - 86400
+    os.utime(source / "b_correction.dcm", (day_ago + 3600, day_ago + 3600))
+    os.utime(original, (day_ago + 3600 * (source_mtimes == "equal"),) * 2)
+    subprocess.run(["cp", "-p", source / "b_correction.dcm", incoming], check=True)
+    time.sleep(0.05)  # past the file system's clock tick
+    subprocess.run(["cp", "-p", original, incoming], check=True)  # the original, restored after it
+    arrived = lambda name: (incoming / name).stat().st_ctime_ns  # noqa: E731
+    assert arrived("b_correction.dcm") < arrived("a_original.dcm")  # in neither name nor mtime order
+    daemon = start_daemon(incoming, out, small_bundle, watch_config(tmp_path / "w.toml", batch_size=8, max_wait=1.0))
+    try:
+        assert wait_for(lambda: status(out).get("superseded") == 1 and status(out).get("pending") == 0,
+                        timeout=150), status(out)
+    finally:
+        assert stop(daemon) == 0
+    assert [(r["file"], r["patient_id"]) for r in ok_rows(out)] == [("a_original.dcm", "ORIGINAL")]
+
+
 def test_a_correction_that_cannot_be_read_leaves_the_result_it_corrects_and_says_so(tmp_path, nih_images,
                                                                                    small_bundle):
     """A corrected version of an instance cut short in transfer (its header, so its UID, is
