@@ -38,6 +38,7 @@ import numpy as np
 from .findings import DEFAULT_URGENT, FINDINGS
 
 PRIORITIES = ("urgent", "abnormal", "normal")
+BUCKET_ORDER = {p: i for i, p in enumerate(PRIORITIES)}
 
 
 def priority_words(priority: str, normal_below: float | None) -> str:
@@ -47,7 +48,6 @@ def priority_words(priority: str, normal_below: float | None) -> str:
     if priority != "normal":
         return priority
     return "low probability of any finding" if normal_below is not None else "no finding flagged"
-BUCKET_ORDER = {p: i for i, p in enumerate(PRIORITIES)}
 
 
 class TriageError(ValueError):
