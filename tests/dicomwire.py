@@ -102,3 +102,28 @@ def push(sock: socket.socket, total: int, chunk: int = 1 << 20) -> int:
     except OSError:  # reset, broken pipe, or a peer that stopped reading
         pass
     return sent
+
+
+def p_data(payload: bytes, context_id: int = 1, command: bool = True, last: bool = True) -> bytes:
+    """A P-DATA-TF carrying one presentation data value: ``payload`` (a fragment of a command or
+    data set, PS3.8 E.2) on ``context_id``."""
+    pdv = bytes([context_id, (1 if command else 0) | (2 if last else 0)]) + payload
+    body = struct.pack(">L", len(pdv)) + pdv
+    return pdu_header(P_DATA_TF, len(body)) + body
+
+
+def command_set(**elements) -> bytes:
+    """A DIMSE command set as it goes on the wire (implicit VR little endian, group length
+    first) holding exactly ``elements`` (keywords of group 0000), required ones left out or not."""
+    from pydicom.dataset import Dataset
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_dataset
+
+    ds = Dataset()
+    for keyword, value in elements.items():
+        setattr(ds, keyword, value)
+    encoded = DicomBytesIO()
+    encoded.is_little_endian, encoded.is_implicit_VR = True, True
+    write_dataset(encoded, ds)
+    body = encoded.getvalue()
+    return struct.pack("<HHLL", 0x0000, 0x0000, 4, len(body)) + body

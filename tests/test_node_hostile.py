@@ -18,8 +18,8 @@ import pytest
 from cxr_batch.integration.node import ListenConfig, printable
 
 from .dicomgen import have, write
-from .dicomwire import (A_ASSOCIATE_RQ, P_DATA_TF, associate, associate_rq, closed_by_peer, connect,
-                        pdu_header, push)
+from .dicomwire import (A_ABORT, A_ASSOCIATE_AC, A_ASSOCIATE_RQ, P_DATA_TF, associate, associate_rq, closed_by_peer,
+                        command_set, connect, p_data, pdu_header, push, read_pdu)
 from .test_node import _self_signed, _send_with_pynetdicom, echo, grey_square, listener  # noqa: F401 (fixture)
 from .watchkit import free_port, wait_for
 
@@ -408,3 +408,33 @@ def test_a_correction_arriving_in_the_same_batch_as_the_image_it_corrects_is_not
     rows = rows_now(out)
     assert [(r["patient_id"], r["status"]) for r in rows] == [("P-SECOND", "ok")]
     assert "duplicate" not in log.read_text()
+
+
+DX_STORAGE = b"1.2.840.10008.5.1.4.1.1.1.1"
+
+
+@needs_dcmtk
+def test_a_c_store_whose_command_cannot_be_decoded_is_aborted_counted_and_leaves_no_file(listener, caplog):
+    """A C-STORE-RQ without its Affected SOP Instance UID killed pynetdicom's reader thread (a
+    traceback on stderr, no answer to the peer, nothing in status.json) and left its temp file in
+    the spool until the next start: one per association, as many as a sender cares to make."""
+    scp, spool, stored = listener(**FAST)
+    caplog.set_level(logging.WARNING, logger="cxr_batch")
+    for _ in range(3):
+        sock = connect(scp.cfg.port)
+        sock.sendall(associate_rq(abstract=DX_STORAGE))
+        assert read_pdu(sock)[0] == A_ASSOCIATE_AC
+        command = command_set(AffectedSOPClassUID=DX_STORAGE.decode(), CommandField=0x0001, MessageID=7,
+                              Priority=0, CommandDataSetType=0x0000)  # no AffectedSOPInstanceUID
+        sock.sendall(p_data(command) + p_data(b"\x10\x00\x20\x00\x02\x00\x00\x00P1", command=False, last=False))
+        try:
+            assert read_pdu(sock)[0] == A_ABORT  # told at once, not left to its DIMSE timeout
+            assert closed_by_peer(sock, within=5) is not None
+        finally:
+            sock.close()
+    assert wait_for(lambda: scp.status()["dropped_protocol"] == 3, timeout=10), scp.status()
+    assert wait_for(lambda: not list(spool.iterdir()), timeout=10), list(spool.iterdir())
+    assert stored == []
+    assert "a DIMSE message that cannot be decoded" in caplog.text
+    answered = echo(scp.cfg.port)
+    assert answered.returncode == 0, answered.stderr

@@ -19,7 +19,8 @@ can make the node allocate gigabytes). This module wraps it, without changing it
   from its first byte (``pdu``): a peer that stalls mid-PDU, or drips it byte by byte, is
   dropped when it passes. Each PDU's length is checked from its 6-byte header before its body
   is read: over ``max_pdu`` (a P-DATA-TF) or :data:`CONTROL_PDU_LIMIT` (any other PDU), the
-  association is aborted and nothing more is read. Sends wait at most ``pdu`` too.
+  association is aborted and nothing more is read. Sends wait at most ``pdu`` too. A DIMSE
+  message pynetdicom's decoder raises on is dropped the same way (:func:`_guarded`).
 - :func:`stream_received_objects`: pynetdicom's own ``STORE_RECV_CHUNKED_DATASET`` mode writes
   each C-STORE's data set to a file as its PDUs arrive rather than into memory, here to a hidden
   temp file in the spool (same volume: the handler renames it into place), so memory per
@@ -28,8 +29,9 @@ can make the node allocate gigabytes). This module wraps it, without changing it
 Every drop is reported to the ``monitor`` (the node's StorageSCP), which counts it in
 status.json and logs it with the peer's address. Only pynetdicom's documented extension points
 are used (``make_server(server_class=..., request_handler=...)``, its request handler and
-socket classes, ``_config``); the one exception is the temp file factory of
-``pynetdicom.dimse_messages``, replaced by one that chooses the folder.
+socket classes, ``_config``); the two exceptions are the temp file factory of
+``pynetdicom.dimse_messages``, replaced by one that chooses the folder, and each association's
+``dimse.receive_primitive``, wrapped (:func:`_guarded`).
 """
 
 from __future__ import annotations
@@ -243,9 +245,27 @@ class BoundedRequestHandler(RequestHandler):
         already read (adopting the plain one's state: the transport event is queued once)."""
         assoc = super()._create_association()
         plain = assoc.dul.socket
-        assoc.dul.socket = BoundedSocket.adopt(plain, self.first_pdu, self.server.limits, self.server.monitor,
-                                               _peer(self.client_address))
+        bounded = BoundedSocket.adopt(plain, self.first_pdu, self.server.limits, self.server.monitor,
+                                      _peer(self.client_address))
+        assoc.dul.socket = bounded
+        assoc.dimse.receive_primitive = _guarded(assoc.dimse.receive_primitive, bounded)
         return assoc
+
+
+def _guarded(receive_primitive, sock: "BoundedSocket"):
+    """pynetdicom's decoding of each P-DATA into DIMSE messages, its exceptions turned into a
+    drop. Its decoder raises on a command set that lacks a required element (a C-STORE-RQ
+    without an Affected SOP Instance UID): the exception ended the reader thread, so the peer
+    got no A-ABORT and the object's temp file stayed in the spool (EVT_CONN_CLOSE never came)."""
+
+    def receive(primitive) -> None:
+        try:
+            receive_primitive(primitive)
+        except Exception as e:
+            # the type only: a decoder's message may quote the peer's bytes
+            sock.drop_undecodable(type(e).__name__)
+
+    return receive
 
 
 class BoundedSocket(AssociationSocket):
@@ -312,6 +332,12 @@ class BoundedSocket(AssociationSocket):
                 break
             data += chunk
         return data
+
+    def drop_undecodable(self, error: str) -> None:
+        """A DIMSE message pynetdicom could not decode (``error``: the exception's type): the
+        association is aborted and the connection closed, which ends it as any drop does."""
+        self._drop("protocol", f"a DIMSE message that cannot be decoded ({error}): association aborted",
+                   abort=True)
 
     def _drop(self, kind: str, reason: str, abort: bool = False) -> None:
         self._dropped = True
