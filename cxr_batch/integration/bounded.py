@@ -413,6 +413,20 @@ def receive_error(path) -> OSError | None:
         return _failed_receives.pop(str(path), None)
 
 
+def refuse_partial_object(assoc, error: OSError) -> bool:
+    """Stop writing the data set arriving on ``assoc``: its temp file is emptied, the rest of it
+    dropped as it comes, and its C-STORE handler finds ``error`` (:func:`receive_error`) and
+    answers "out of resources". False when no data set is arriving or it is refused already."""
+    partial = getattr(getattr(getattr(assoc, "dimse", None), "message", None), "_data_set_file", None)
+    if not isinstance(partial, _ReceiveFile):
+        return False
+    with _failed_lock:
+        if partial.name in _failed_receives:
+            return False
+    partial._failed(error)
+    return True
+
+
 def _receive_file(*args, **kwargs):
     """pynetdicom's temp file for a C-STORE data set as it arrives: in the receiving server's
     ``receive_dir`` (the spool) when the association is one of a BoundedServer, hidden."""

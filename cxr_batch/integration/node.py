@@ -21,6 +21,7 @@ with the watch daemon's machinery and C-STOREs each result back as a DICOM SR.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import logging
 import os
@@ -363,6 +364,12 @@ class StorageSCP:
         from .bounded import receive_error
 
         self._bytes[id(event.assoc)] = 0
+        try:
+            received = event.dataset_path  # streamed to disk as it arrived (cxr_batch.integration.bounded)
+        except AttributeError:
+            received = None
+        # why it could not be written (disk full, low space), asked on every path so it is forgotten
+        failed = receive_error(received) if received else None
         uid = str(event.request.AffectedSOPInstanceUID or "")
         shown = uid if valid_uid(uid) else f"an object with an invalid SOP Instance UID ({self.shown(uid, 20)}...)"
         # the peer that sends: the requestor, or (C-GET, cxr_batch.integration.pull) the PACS we called
@@ -384,12 +391,8 @@ class StorageSCP:
             log.info("disk space for the spool again: storing")
             self.low_on_space = False
         try:
-            try:
-                received = event.dataset_path  # streamed to disk as it arrived (cxr_batch.integration.bounded)
-            except AttributeError:
-                received = None
-            if received and (error := receive_error(received)) is not None:
-                raise error  # the disk filled while it arrived
+            if failed is not None:
+                raise failed  # the disk filled, or came below min_free_mb, while it arrived
             path = self.spool.take(uid, received) if received else self.spool.write(uid, event.encoded_dataset())
         except OSError as e:
             self._count("refused")
@@ -409,8 +412,16 @@ class StorageSCP:
     def on_data(self, event) -> None:
         """Every PDU received: an object growing past ``max_object`` bytes (written to the spool
         as it arrives) aborts its association, so one sender cannot fill the disk or hold a
-        slot for ever."""
+        slot for ever; one arriving while the spool's volume has less than ``min_free`` left
+        stops being written and is answered 0xA700 when complete. The free space checked only
+        then let objects arriving together (up to max_associations x max_file_bytes) take the
+        disk the results and ledger are written to from min_free_mb to full."""
+        from .bounded import refuse_partial_object
+
         key = id(event.assoc)
+        if self.min_free and self.spool.free_bytes() < self.min_free:
+            refuse_partial_object(event.assoc, OSError(errno.ENOSPC, f"less than {self.cfg.min_free_mb} MiB free "
+                                                                     f"for the spool"))
         if key in self._aborted:
             return  # PDUs already read before the abort took effect
         size = self._bytes.get(key, 0) + len(event.data)
