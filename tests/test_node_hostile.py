@@ -438,3 +438,31 @@ def test_a_c_store_whose_command_cannot_be_decoded_is_aborted_counted_and_leaves
     assert "a DIMSE message that cannot be decoded" in caplog.text
     answered = echo(scp.cfg.port)
     assert answered.returncode == 0, answered.stderr
+
+
+@pytest.mark.parametrize("command", [None, "echo"], ids=["no-command", "c-echo-with-a-data-set"])
+def test_a_data_set_no_c_store_streams_to_disk_is_cut_short_not_held_in_memory(listener, command):
+    """Data set fragments with no C-STORE-RQ before them (none at all, or a C-ECHO-RQ saying a
+    data set follows) were kept in memory by pynetdicom until max_file_bytes (1 GiB) was
+    reached: ten associations could make the node hold 10 GiB."""
+    scp, spool, stored = listener(**FAST)
+    sock = associate(scp.cfg.port)
+    total, sent = 64 << 20, 0
+    try:
+        if command == "echo":
+            sock.sendall(p_data(command_set(AffectedSOPClassUID="1.2.840.10008.1.1", CommandField=0x0030,
+                                            MessageID=1, CommandDataSetType=0x0000)))
+        fragment = p_data(bytes(16000), command=False, last=False)
+        sock.settimeout(5.0)
+        try:
+            while sent < total:
+                sock.sendall(fragment)
+                sent += len(fragment)
+        except OSError:  # the node closed the connection
+            pass
+        assert sent < total
+        assert closed_by_peer(sock, within=5) is not None
+    finally:
+        sock.close()
+    assert wait_for(lambda: scp.status()["dropped_protocol"] == 1, timeout=10), scp.status()
+    assert not stored and not list(spool.iterdir())

@@ -20,7 +20,8 @@ can make the node allocate gigabytes). This module wraps it, without changing it
   dropped when it passes. Each PDU's length is checked from its 6-byte header before its body
   is read: over ``max_pdu`` (a P-DATA-TF) or :data:`CONTROL_PDU_LIMIT` (any other PDU), the
   association is aborted and nothing more is read. Sends wait at most ``pdu`` too. A DIMSE
-  message pynetdicom's decoder raises on is dropped the same way (:func:`_guarded`).
+  message pynetdicom's decoder raises on, and a data set held in memory (any but a C-STORE's)
+  over :data:`IN_MEMORY_DATA_SET_LIMIT`, are dropped the same way (:func:`_guarded`).
 - :func:`stream_received_objects`: pynetdicom's own ``STORE_RECV_CHUNKED_DATASET`` mode writes
   each C-STORE's data set to a file as its PDUs arrive rather than into memory, here to a hidden
   temp file in the spool (same volume: the handler renames it into place), so memory per
@@ -54,6 +55,10 @@ PDU_TYPES = range(0x01, 0x08)
 # Any PDU but P-DATA-TF: an A-ASSOCIATE-RQ proposing all 128 presentation contexts with a dozen
 # transfer syntaxes each is about 50 KB; release and abort PDUs are 10 bytes.
 CONTROL_PDU_LIMIT = 256 << 10
+# A data set pynetdicom holds in memory: anything but a C-STORE-RQ's (written to disk as it
+# arrives). The node answers C-ECHO, whose request has none; a pull's C-FIND identifiers and C-GET
+# responses come on associations it makes, not through this server.
+IN_MEMORY_DATA_SET_LIMIT = 1 << 20
 RECEIVE_PREFIX = ".recv-"  # hidden (the watch loop ignores it), and removed at start like every .tmp
 RECEIVE_SUFFIX = ".tmp"
 # A-ABORT from the service provider, reason "invalid PDU parameter value" (PS3.8 9.3.8).
@@ -248,15 +253,21 @@ class BoundedRequestHandler(RequestHandler):
         bounded = BoundedSocket.adopt(plain, self.first_pdu, self.server.limits, self.server.monitor,
                                       _peer(self.client_address))
         assoc.dul.socket = bounded
-        assoc.dimse.receive_primitive = _guarded(assoc.dimse.receive_primitive, bounded)
+        assoc.dimse.receive_primitive = _guarded(assoc.dimse, bounded)
         return assoc
 
 
-def _guarded(receive_primitive, sock: "BoundedSocket"):
-    """pynetdicom's decoding of each P-DATA into DIMSE messages, its exceptions turned into a
-    drop. Its decoder raises on a command set that lacks a required element (a C-STORE-RQ
-    without an Affected SOP Instance UID): the exception ended the reader thread, so the peer
-    got no A-ABORT and the object's temp file stayed in the spool (EVT_CONN_CLOSE never came)."""
+def _guarded(dimse, sock: "BoundedSocket"):
+    """pynetdicom's decoding of each P-DATA into DIMSE messages (``dimse.receive_primitive``),
+    with two drops it lacks:
+
+    - its exceptions: its decoder raises on a command set that lacks a required element (a
+      C-STORE-RQ without an Affected SOP Instance UID), which ended the reader thread, so the
+      peer got no A-ABORT and the object's temp file stayed in the spool;
+    - a data set held in memory past :data:`IN_MEMORY_DATA_SET_LIMIT`: only a C-STORE-RQ's
+      goes to disk, and fragments with no command before them, or after a C-ECHO-RQ that says a
+      data set follows, were kept until max_file_bytes (1 GiB per association)."""
+    receive_primitive = dimse.receive_primitive
 
     def receive(primitive) -> None:
         try:
@@ -264,6 +275,12 @@ def _guarded(receive_primitive, sock: "BoundedSocket"):
         except Exception as e:
             # the type only: a decoder's message may quote the peer's bytes
             sock.drop_undecodable(type(e).__name__)
+            return
+        message = dimse.message  # the one still arriving, if any
+        held = getattr(message, "data_set", None)
+        if getattr(message, "_data_set_file", None) is None and held is not None \
+                and held.tell() > IN_MEMORY_DATA_SET_LIMIT:
+            sock.drop_in_memory(held.tell())
 
     return receive
 
@@ -338,6 +355,12 @@ class BoundedSocket(AssociationSocket):
         association is aborted and the connection closed, which ends it as any drop does."""
         self._drop("protocol", f"a DIMSE message that cannot be decoded ({error}): association aborted",
                    abort=True)
+
+    def drop_in_memory(self, size: int) -> None:
+        """A data set growing in memory past :data:`IN_MEMORY_DATA_SET_LIMIT` (``size`` bytes
+        so far): not a C-STORE's, which goes to disk."""
+        self._drop("protocol", f"a data set of over {size:,} bytes that is not a C-STORE's (at most "
+                               f"{IN_MEMORY_DATA_SET_LIMIT:,}): association aborted", abort=True)
 
     def _drop(self, kind: str, reason: str, abort: bool = False) -> None:
         self._dropped = True
