@@ -33,9 +33,12 @@ def associate_rq(calling: bytes = b"MODALITY", called: bytes = b"CXRBATCH", abst
     return pdu_header(A_ASSOCIATE_RQ, len(body)) + body
 
 
-def connect(port: int, timeout: float = 10.0, tls: ssl.SSLContext | None = None) -> socket.socket:
-    """A TCP connection to the node on loopback; over TLS with ``tls`` (handshake done)."""
-    sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+def connect(port: int, timeout: float = 10.0, tls: ssl.SSLContext | None = None,
+            source: str | None = None) -> socket.socket:
+    """A TCP connection to the node on loopback; over TLS with ``tls`` (handshake done); from
+    the loopback address ``source`` (127.0.0.2: another host, as the node sees it) if given."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=timeout,
+                                    source_address=(source, 0) if source else None)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     return tls.wrap_socket(sock, server_hostname="127.0.0.1") if tls is not None else sock
 

@@ -18,8 +18,8 @@ import pytest
 from cxr_batch.integration.node import ListenConfig, printable
 
 from .dicomgen import have, write
-from .dicomwire import (A_ABORT, A_ASSOCIATE_AC, A_ASSOCIATE_RQ, P_DATA_TF, associate, associate_rq, closed_by_peer,
-                        command_set, connect, p_data, pdu_header, push, read_pdu)
+from .dicomwire import (A_ABORT, A_ASSOCIATE_AC, A_ASSOCIATE_RJ, A_ASSOCIATE_RQ, P_DATA_TF, associate, associate_rq,
+                        closed_by_peer, command_set, connect, p_data, pdu_header, push, read_pdu)
 from .test_node import _self_signed, _send_with_pynetdicom, echo, grey_square, listener  # noqa: F401 (fixture)
 from .watchkit import free_port, wait_for
 
@@ -35,7 +35,8 @@ def rss_bytes() -> int:
 def test_deadlines_and_limits_are_configurable_with_sane_defaults():
     cfg = ListenConfig()
     assert 0 < cfg.handshake_timeout <= 30 and 0 < cfg.pdu_timeout <= 60 and cfg.max_pending >= cfg.max_associations
-    for key in ("handshake_timeout", "pdu_timeout", "max_pending"):
+    assert 1 < cfg.max_associations_per_host < cfg.max_associations
+    for key in ("handshake_timeout", "pdu_timeout", "max_pending", "max_associations_per_host"):
         with pytest.raises(Exception, match=key):
             ListenConfig(**{key: 0})
 
@@ -275,7 +276,7 @@ def node_rss(pid: int) -> int:
 def test_hostile_senders_then_a_modality_is_scored_within_90_s_on_a_tls_node(tmp_path, nih_images, small_bundle):
     """The issue's check, at the default deadlines: against `cxr-batch listen` with TLS, a PDU
     declaring 1.2 GB, an idle TCP connection to the TLS port, idle connections beyond the
-    association limit, then every association stalled mid-PDU; a modality's C-ECHO and a
+    association limit, then every association one host may hold stalled mid-PDU; a modality's C-ECHO and a
     C-STORE that gets scored succeed within 90 s, and the node's memory grows by < 0.25 GB."""
     import subprocess
 
@@ -300,10 +301,12 @@ def test_hostile_senders_then_a_modality_is_scored_within_90_s_on_a_tls_node(tmp
         assert push(big, 256 << 20) < 64 << 20  # refused from its header
         attackers.append(big)
         attackers += [connect(port) for _ in range(13)]  # idle: one to the TLS port, twelve beyond the limit
-        for _ in range(10):  # max_associations (10), each stalled mid-PDU
-            sock = associate(port, tls=tls)
-            sock.sendall(pdu_header(P_DATA_TF, 1000) + bytes(100))
+        for _ in range(10):  # max_associations (10) asked for, each stalled mid-PDU: one host gets 5 of them
+            sock = connect(port, tls=tls)
             attackers.append(sock)
+            sock.sendall(associate_rq())
+            if read_pdu(sock)[0] == A_ASSOCIATE_AC:
+                sock.sendall(pdu_header(P_DATA_TF, 1000) + bytes(100))
         start = time.monotonic()
         assert wait_for(lambda: subprocess.run(["echoscu", *modality], capture_output=True,
                                                timeout=60).returncode == 0, timeout=90)
@@ -466,3 +469,29 @@ def test_a_data_set_no_c_store_streams_to_disk_is_cut_short_not_held_in_memory(l
         sock.close()
     assert wait_for(lambda: scp.status()["dropped_protocol"] == 1, timeout=10), scp.status()
     assert not stored and not list(spool.iterdir())
+
+
+@needs_dcmtk
+def test_one_host_cannot_take_every_association_slot(listener, caplog):
+    """Twenty threads of C-ECHOs from one host held all ten association slots, and a modality's
+    echo was rejected ("local limit exceeded") for as long as the flood went on; one host may
+    hold max_associations_per_host (half the slots by default), the rest stay for others."""
+    scp, _, _ = listener(**FAST)
+    caplog.set_level(logging.WARNING, logger="cxr_batch")
+    held, answers = [], []
+    try:
+        for _ in range(scp.cfg.max_associations):  # another host (127.0.0.2) asks for every slot, and sits
+            sock = connect(scp.cfg.port, source="127.0.0.2")
+            sock.sendall(associate_rq(calling=b"FLOOD"))
+            answers.append(read_pdu(sock)[0])
+            held.append(sock)
+        per_host = scp.cfg.max_associations_per_host
+        assert per_host < scp.cfg.max_associations
+        assert answers == [A_ASSOCIATE_AC] * per_host + [A_ASSOCIATE_RJ] * (len(answers) - per_host)
+        answered = echo(scp.cfg.port)  # the modality, from 127.0.0.1
+        assert answered.returncode == 0, answered.stderr
+    finally:
+        for sock in held:
+            sock.close()
+    assert f"127.0.0.2 already holds {per_host} associations (max_associations_per_host)" in caplog.text
+    assert scp.status()["rejected_associations"] == len(answers) - per_host

@@ -71,12 +71,18 @@ def _reject(reason: int) -> bytes:
     return struct.pack(">BBLBBBB", A_ASSOCIATE_RJ, 0, 4, 0, 1, 1, reason)
 
 
+# A-ASSOCIATE-RJ, rejected transiently by the service provider (presentation related): local limit
+# exceeded (PS3.8 9.3.4), as pynetdicom answers one association over max_associations.
+_REJECT_BUSY = struct.pack(">BBLBBBB", A_ASSOCIATE_RJ, 0, 4, 0, 2, 3, 2)
+
+
 @dataclass(frozen=True)
 class Limits:
     handshake: float  # seconds from accept to a complete A-ASSOCIATE-RQ (TLS handshake included)
     pdu: float  # seconds from a PDU's first byte to its last (and for each send)
     max_pdu: int  # the longest P-DATA-TF we accept (what we advertise as Maximum Length Received)
     max_pending: int  # connections in their handshake at once
+    per_host: int  # associations one host (IP address) may hold at once
 
     def pdu_limit(self, pdu_type: int) -> int:
         return self.max_pdu if pdu_type == P_DATA_TF else CONTROL_PDU_LIMIT
@@ -88,6 +94,8 @@ class Monitor(Protocol):
     def dropped(self, kind: str, peer: str, reason: str) -> None: ...  # kind: timeout, oversize_pdu, ...
 
     def rejected_title(self, peer: str, which: str, title: bytes) -> None: ...
+
+    def rejected_host(self, peer: str, calling: str, held: int) -> None: ...  # held: the host's associations
 
 
 class Dropped(Exception):
@@ -138,6 +146,7 @@ class BoundedServer(ThreadedAssociationServer):
         self._pending: set[socket.socket] = set()
         self._pending_lock = threading.Lock()
         self._busy_logged = False
+        self._per_host: dict[str, int] = {}  # IP address -> associations it holds (under _pending_lock)
         super().__init__(ae, address, ae_title, contexts, ssl_context, evt_handlers=evt_handlers,
                          request_handler=BoundedRequestHandler)
 
@@ -163,6 +172,21 @@ class BoundedServer(ThreadedAssociationServer):
     def handshake_done(self, request) -> None:
         with self._pending_lock:
             self._pending.discard(request)
+
+    def take_slot(self, host: str) -> int:
+        """Count an association for ``host`` unless it holds ``per_host`` already; returns how
+        many it held before (the slot is taken only when that is under the limit)."""
+        with self._pending_lock:
+            held = self._per_host.get(host, 0)
+            if held < self.limits.per_host:
+                self._per_host[host] = held + 1
+            return held
+
+    def free_slot(self, host: str) -> None:
+        with self._pending_lock:
+            held = self._per_host.pop(host, 1) - 1
+            if held > 0:
+                self._per_host[host] = held
 
     def server_close(self) -> None:
         """Connections still in their handshake are cut (their threads end at once)."""
@@ -203,8 +227,25 @@ class BoundedRequestHandler(RequestHandler):
             server.monitor.dropped("protocol", peer, f"unexpected {type(e).__name__} during the handshake")
             _close(sock)
             return
-        self.request = sock
-        super().handle()  # pynetdicom's: the association (on a BoundedSocket), EVT_CONN_OPEN, start
+        # One host may hold only its share of the association slots: twenty threads of C-ECHOs
+        # from one host held all of them, and every modality was rejected while they went on.
+        host = str(self.client_address[0])
+        held = server.take_slot(host)
+        if held >= server.limits.per_host:
+            server.monitor.rejected_host(peer, self.first_pdu[26:42].decode("ascii").strip(), held)
+            try:
+                sock.settimeout(1.0)
+                sock.sendall(_REJECT_BUSY)
+            except OSError:
+                pass
+            _close(sock)
+            return
+        try:
+            self.request = sock
+            super().handle()  # pynetdicom's: the association (on a BoundedSocket), EVT_CONN_OPEN, start
+            self.assoc.join()  # this thread holds the host's slot until the association ends
+        finally:
+            server.free_slot(host)
 
     def _tls_handshake(self, raw: socket.socket, deadline: float) -> ssl.SSLSocket:
         left = deadline - time.monotonic()
@@ -254,6 +295,7 @@ class BoundedRequestHandler(RequestHandler):
                                       _peer(self.client_address))
         assoc.dul.socket = bounded
         assoc.dimse.receive_primitive = _guarded(assoc.dimse, bounded)
+        self.assoc = assoc
         return assoc
 
 

@@ -72,6 +72,7 @@ class ListenConfig(WatchConfig):
     send_to: str | None = None  # AE@HOST:PORT receiving each scored image's SR
     min_free_mb: int = bounded(1024, min=0)  # below this much free disk, C-STOREs are refused (0xA700)
     max_associations: int = bounded(10, min=1, max=1000)  # at once; more are rejected (transient)
+    max_associations_per_host: int = bounded(5, min=1, max=1000)  # of those, held by one IP address at once
     max_pdu: int = bounded(65536, min=4096, max=1 << 26)  # the largest PDU we accept, in bytes
     acse_timeout: float = bounded(30.0, gt=0.0)  # association negotiation and release
     dimse_timeout: float = bounded(60.0, gt=0.0)  # waiting for a DIMSE message
@@ -302,7 +303,8 @@ class StorageSCP:
         stream_received_objects()
         escape_library_log("pynetdicom")
         limits = Limits(handshake=self.cfg.handshake_timeout, pdu=self.cfg.pdu_timeout, max_pdu=self.cfg.max_pdu,
-                        max_pending=self.cfg.max_pending)
+                        max_pending=self.cfg.max_pending,
+                        per_host=min(self.cfg.max_associations_per_host, self.cfg.max_associations))
         try:
             server = self.ae.make_server((self.cfg.host, self.cfg.port), ssl_context=self.tls, evt_handlers=handlers,
                                          server_class=BoundedServer, limits=limits, monitor=self,
@@ -358,6 +360,13 @@ class StorageSCP:
         self._count("rejected_associations")
         log.warning("association from %s rejected: the %s AE title %s is not a valid AE title", peer, which,
                     f"'{self.shown(title.rstrip(b' '), 16)}'")
+
+    def rejected_host(self, peer: str, calling: str, held: int) -> None:
+        self._count("rejected_associations")
+        host = peer.rsplit(":", 1)[0]
+        log.warning("association from %s at %s rejected (transient, local limit exceeded): %s already holds %d "
+                    "associations (max_associations_per_host); the other slots are kept for other hosts",
+                    calling, peer, host, held)
 
     # ------------------------------------------------------------------ event handlers (network threads)
     def on_store(self, event) -> int:
