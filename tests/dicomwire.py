@@ -130,3 +130,10 @@ def command_set(**elements) -> bytes:
     write_dataset(encoded, ds)
     body = encoded.getvalue()
     return struct.pack("<HHLL", 0x0000, 0x0000, 4, len(body)) + body
+
+
+def dimse_status(p_data_body: bytes) -> int | None:
+    """The Status (0000,0900) of the DIMSE response command in a P-DATA-TF's body, or None."""
+    tag = struct.pack("<HHL", 0x0000, 0x0900, 2)
+    at = p_data_body.find(tag)
+    return struct.unpack("<H", p_data_body[at + 8:at + 10])[0] if at >= 0 else None

@@ -19,7 +19,7 @@ from cxr_batch.integration.node import ListenConfig, printable
 
 from .dicomgen import have, write
 from .dicomwire import (A_ABORT, A_ASSOCIATE_AC, A_ASSOCIATE_RJ, A_ASSOCIATE_RQ, P_DATA_TF, associate, associate_rq,
-                        closed_by_peer, command_set, connect, p_data, pdu_header, push, read_pdu)
+                        closed_by_peer, command_set, connect, dimse_status, p_data, pdu_header, push, read_pdu)
 from .test_node import _self_signed, _send_with_pynetdicom, echo, grey_square, listener  # noqa: F401 (fixture)
 from .watchkit import free_port, wait_for
 
@@ -495,3 +495,21 @@ def test_one_host_cannot_take_every_association_slot(listener, caplog):
             sock.close()
     assert f"127.0.0.2 already holds {per_host} associations (max_associations_per_host)" in caplog.text
     assert scp.status()["rejected_associations"] == len(answers) - per_host
+
+
+def test_a_c_store_on_a_context_for_another_sop_class_is_refused(listener, caplog):
+    """A C-STORE-RQ sent on the Verification context (any SOP class, any transfer syntax the
+    peer likes, whatever the association negotiated) was stored and answered success."""
+    scp, spool, stored = listener(**FAST)
+    caplog.set_level(logging.WARNING, logger="cxr_batch")
+    sock = associate(scp.cfg.port)  # one presentation context: Verification
+    try:
+        command = command_set(AffectedSOPClassUID=DX_STORAGE.decode(), CommandField=0x0001, MessageID=3, Priority=0,
+                              CommandDataSetType=0x0000, AffectedSOPInstanceUID="1.2.3.4.5.6")
+        sock.sendall(p_data(command) + p_data(bytes(1000), command=False))
+        pdu_type, body = read_pdu(sock)
+        assert pdu_type == P_DATA_TF and dimse_status(body) == 0x0122  # refused: SOP class not supported
+    finally:
+        sock.close()
+    assert stored == [] and wait_for(lambda: not list(spool.iterdir()), timeout=10)
+    assert scp.status()["refused"] == 1 and "presentation context" in caplog.text

@@ -49,9 +49,10 @@ SPOOL = "spool"  # under RESULTS_DIR/.cxr-batch
 # identifiers from the network that had to be escaped before they could be logged.
 COUNTS = ("received", "refused", "rejected_associations", "aborted_oversize", "dropped_timeout",
           "dropped_oversize_pdu", "dropped_protocol", "dropped_tls", "dropped_busy", "escaped_identifiers")
-# C-STORE statuses (PS3.4 B.2.3): stored; refused, out of resources (the sender retries
-# later); processing failure.
+# C-STORE statuses (PS3.4 B.2.3, PS3.7 C): stored; refused, out of resources (the sender retries
+# later); processing failure; invalid SOP instance; SOP class not supported.
 STORED, OUT_OF_RESOURCES, PROCESSING_FAILURE, INVALID_SOP_INSTANCE = 0x0000, 0xA700, 0x0110, 0x0117
+SOP_CLASS_NOT_SUPPORTED = 0x0122
 
 
 class NodeError(Exception):
@@ -383,6 +384,14 @@ class StorageSCP:
         shown = uid if valid_uid(uid) else f"an object with an invalid SOP Instance UID ({self.shown(uid, 20)}...)"
         # the peer that sends: the requestor, or (C-GET, cxr_batch.integration.pull) the PACS we called
         peer = self.shown((event.assoc.acceptor if event.assoc.is_requestor else event.assoc.requestor).ae_title, 16)
+        sop_class = str(event.request.AffectedSOPClassUID or "")
+        if sop_class != str(event.context.abstract_syntax):
+            # PS3.7 9.1.1.1: the SOP class of a C-STORE is that of its presentation context; one on
+            # the Verification context was stored in a transfer syntax negotiated for no image
+            self._count("refused")
+            log.warning("%s from %s refused (0x0122, SOP class not supported): a C-STORE of %s on the presentation "
+                        "context for %s", shown, peer, self.shown(sop_class), self.shown(event.context.abstract_syntax))
+            return SOP_CLASS_NOT_SUPPORTED
         if self.spool.free_bytes() < self.min_free:
             # Received objects must not fill the disk the results, reports and ledger are written
             # to: the peer is told to try later (it keeps the object meanwhile).
