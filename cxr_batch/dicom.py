@@ -61,7 +61,8 @@ _VIEW_TEXT_TAGS = ("SeriesDescription", "ProtocolName", "AcquisitionDeviceProces
 _DATE_TAGS = ("StudyDate", "AcquisitionDate", "ContentDate", "SeriesDate")
 # What pydicom raises on a LUT whose descriptor and data disagree (missing data, an entry size
 # it does not support, fewer entries than described).
-_LUT_ERRORS = (KeyError, IndexError, ValueError, TypeError, AttributeError, NotImplementedError)
+_LUT_ERRORS = (KeyError, IndexError, ValueError, TypeError, AttributeError, NotImplementedError,
+               OverflowError)  # a first mapped value no pixel of the data's type can hold
 
 
 def looks_like_dicom(path: Path) -> bool:
@@ -498,9 +499,12 @@ def _window(ds, values: np.ndarray) -> np.ndarray:
         center, width = first(ds.WindowCenter), first(ds.WindowWidth)
     except (TypeError, ValueError, IndexError):
         return window_to_uint8(values, *robust_range(values))
-    if width < 1 or not (math.isfinite(center) and math.isfinite(width)):  # no usable window
-        return window_to_uint8(values, *robust_range(values))
     function = _text(ds, "VOILUTFunction").upper() or "LINEAR"
+    linear = function not in ("SIGMOID", "LINEAR_EXACT")  # LINEAR, and what no viewer knows, as LINEAR
+    # no usable window: a width under 1, or a linear one exactly 1 wide, which is a threshold
+    # (PS3.3 C.11.2.1.2.1: black and white, no grey scale) and an empty range below
+    if width < 1 or not (math.isfinite(center) and math.isfinite(width)) or (linear and width == 1):
+        return window_to_uint8(values, *robust_range(values))
     if function == "SIGMOID":
         y = 255.0 / (1.0 + np.exp(-4.0 * (values.astype(np.float32) - center) / width))
         return np.clip(y + 0.5, 0, 255).astype(np.uint8)

@@ -344,6 +344,26 @@ def test_a_malformed_lut_is_named(tmp_path, nih_images):
         assert "unexpected" not in str(caught.value), name
 
 
+def test_a_window_one_wide_and_a_modality_lut_starting_beyond_the_pixels_are_no_unexpected_errors(tmp_path,
+                                                                                                   nih_images):
+    """WindowWidth 1 (legal: a linear window that is a threshold, PS3.3 C.11.2.1.2.1) was an
+    'unexpected ValueError while reading: invalid grey range [2047.5, 2047.5]'; a Modality LUT
+    whose first mapped value (65000) no 8-bit pixel can hold an 'unexpected OverflowError'."""
+    from pydicom.dataset import Dataset
+
+    stored = grey(nih_images[0]).astype(np.uint16) * 16
+    own_range = read_study(write(tmp_path / "w0", stored, bits_stored=12, WindowCenter=2048, WindowWidth=0.5),
+                           RULES).grey
+    threshold = read_study(write(tmp_path / "w1", stored, bits_stored=12, WindowCenter=2048, WindowWidth=1), RULES)
+    assert np.array_equal(threshold.grey, own_range)  # no grey scale in it: shown as with no usable window
+    item = Dataset()
+    item.LUTDescriptor, item.ModalityLUTType = [256, 65000, 16], "US"
+    item.LUTData = list(range(256))
+    item["LUTData"].VR = "US"
+    with pytest.raises(ReadError, match="Modality LUT is malformed"):
+        read_study(write(tmp_path / "lut", grey(nih_images[1]), ModalityLUTSequence=[item]), RULES)
+
+
 @pytest.mark.skipif(not have("dcmcjpeg", "dcmcjpls", "dcmcrle", "dcmdjpeg"), reason="dcmtk not installed")
 @pytest.mark.parametrize("tool, option", [("dcmcjpeg", "+e1"), ("dcmcjpeg", "+el"), ("dcmcjpls", "+el"),
                                           ("dcmcrle", "")])
