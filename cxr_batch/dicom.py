@@ -482,8 +482,11 @@ def _unwindowed(ds, stored: np.ndarray, values: np.ndarray) -> np.ndarray:
     if (not signed and slope > 0 and (bits <= 8 or stored.max() >= levels // 2)
             and "ModalityLUTSequence" not in ds):
         if slope == 1 and intercept == 0 and np.issubdtype(stored.dtype, np.unsignedinteger):
-            # the same floor, in integers: no float copy of a large image
-            return np.minimum(stored >> max(0, bits - 8), 255).astype(np.uint8)
+            # the same floor, in integers: no float copy of a large image (fewer than 8 bits are
+            # scaled up: 7-bit data came back at half brightness)
+            if bits < 8:
+                return np.minimum(np.minimum(stored, 255).astype(np.uint16) << (8 - bits), 255).astype(np.uint8)
+            return np.minimum(stored >> (bits - 8), 255).astype(np.uint8)
         # floor(v * 256 / 2^bits): exactly undoes 8-bit data scaled by 2^(bits-8) (x * 16 in
         # 12 bits) and by 257 (x * 257 in 16 bits), and is the identity on 8-bit data
         scaled = np.floor((values.astype(np.float64) - intercept) * (256.0 / (slope * levels)))
