@@ -513,3 +513,30 @@ def test_a_c_store_on_a_context_for_another_sop_class_is_refused(listener, caplo
         sock.close()
     assert stored == [] and wait_for(lambda: not list(spool.iterdir()), timeout=10)
     assert scp.status()["refused"] == 1 and "presentation context" in caplog.text
+
+
+@pytest.mark.parametrize("interruption", ["a second command", "another presentation context"])
+def test_a_data_set_interrupted_by_a_command_or_another_context_is_aborted_and_leaves_no_file(listener,
+                                                                                              interruption):
+    """A C-STORE's data set cut short by a second C-STORE-RQ: pynetdicom opened a new temp file
+    for the second and left the first's, up to max_file_bytes, open in the spool until the next
+    start (a sender could fill the disk one association at a time); fragments of one message on
+    two presentation contexts were taken as one data set."""
+    scp, spool, stored = listener(**FAST)
+    sock = connect(scp.cfg.port)
+    try:
+        sock.sendall(associate_rq(abstract=DX_STORAGE))
+        assert read_pdu(sock)[0] == A_ASSOCIATE_AC
+        command = command_set(AffectedSOPClassUID=DX_STORAGE.decode(), CommandField=0x0001, MessageID=3, Priority=0,
+                              CommandDataSetType=0x0000, AffectedSOPInstanceUID="1.2.3.4.5.7")
+        sock.sendall(p_data(command) + p_data(bytes(30000), command=False, last=False))
+        if interruption == "a second command":
+            sock.sendall(p_data(command) + p_data(bytes(100), command=False))
+        else:
+            sock.sendall(p_data(bytes(100), context_id=3, command=False))
+        assert read_pdu(sock)[0] == A_ABORT
+        assert closed_by_peer(sock, within=5) is not None
+    finally:
+        sock.close()
+    assert wait_for(lambda: not list(spool.iterdir()), timeout=10), list(spool.iterdir())
+    assert stored == [] and scp.status()["dropped_protocol"] == 1

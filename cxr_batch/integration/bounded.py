@@ -301,17 +301,28 @@ class BoundedRequestHandler(RequestHandler):
 
 def _guarded(dimse, sock: "BoundedSocket"):
     """pynetdicom's decoding of each P-DATA into DIMSE messages (``dimse.receive_primitive``),
-    with two drops it lacks:
+    with the drops it lacks:
 
     - its exceptions: its decoder raises on a command set that lacks a required element (a
       C-STORE-RQ without an Affected SOP Instance UID), which ended the reader thread, so the
       peer got no A-ABORT and the object's temp file stayed in the spool;
+    - a command, or a fragment on another presentation context, in the middle of a data set;
     - a data set held in memory past :data:`IN_MEMORY_DATA_SET_LIMIT`: only a C-STORE-RQ's
       goes to disk, and fragments with no command before them, or after a C-ECHO-RQ that says a
       data set follows, were kept until max_file_bytes (1 GiB per association)."""
     receive_primitive = dimse.receive_primitive
 
     def receive(primitive) -> None:
+        message = dimse.message
+        if message is not None and message.context_id is not None:  # its command is in: its data set arrives
+            for context_id, fragment in primitive.presentation_data_value_list:
+                # PS3.7 E.2, PS3.8 9.3.5.1: a message's data set follows its command whole, on its
+                # presentation context. A new command here made pynetdicom open a second temp file
+                # and leave the first, up to max_file_bytes, in the spool.
+                if fragment[:1] and fragment[0] & 1 or context_id != message.context_id:
+                    sock.drop_interleaved("a command" if context_id == message.context_id else
+                                          "a fragment on another presentation context")
+                    return
         try:
             receive_primitive(primitive)
         except Exception as e:
@@ -397,6 +408,10 @@ class BoundedSocket(AssociationSocket):
         association is aborted and the connection closed, which ends it as any drop does."""
         self._drop("protocol", f"a DIMSE message that cannot be decoded ({error}): association aborted",
                    abort=True)
+
+    def drop_interleaved(self, what: str) -> None:
+        """``what`` arrived in the middle of a data set."""
+        self._drop("protocol", f"{what} in the middle of a data set: association aborted", abort=True)
 
     def drop_in_memory(self, size: int) -> None:
         """A data set growing in memory past :data:`IN_MEMORY_DATA_SET_LIMIT` (``size`` bytes
