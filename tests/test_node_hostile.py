@@ -494,6 +494,7 @@ def test_one_host_cannot_take_every_association_slot(listener, caplog):
         for sock in held:
             sock.close()
     assert f"127.0.0.2 already holds {per_host} associations (max_associations_per_host)" in caplog.text
+    assert caplog.text.count("max_associations_per_host") == 1  # a flood is one line, each rejection counted
     assert scp.status()["rejected_associations"] == len(answers) - per_host
 
 

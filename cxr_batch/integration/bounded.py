@@ -95,7 +95,8 @@ class Monitor(Protocol):
 
     def rejected_title(self, peer: str, which: str, title: bytes) -> None: ...
 
-    def rejected_host(self, peer: str, calling: str, held: int) -> None: ...  # held: the host's associations
+    # held: the host's associations; first: the first rejection since it came to its limit (logged)
+    def rejected_host(self, peer: str, calling: str, held: int, first: bool) -> None: ...
 
 
 class Dropped(Exception):
@@ -147,6 +148,7 @@ class BoundedServer(ThreadedAssociationServer):
         self._pending_lock = threading.Lock()
         self._busy_logged = False
         self._per_host: dict[str, int] = {}  # IP address -> associations it holds (under _pending_lock)
+        self._at_limit_told: set[str] = set()  # hosts rejected since they came to their limit
         super().__init__(ae, address, ae_title, contexts, ssl_context, evt_handlers=evt_handlers,
                          request_handler=BoundedRequestHandler)
 
@@ -173,20 +175,25 @@ class BoundedServer(ThreadedAssociationServer):
         with self._pending_lock:
             self._pending.discard(request)
 
-    def take_slot(self, host: str) -> int:
+    def take_slot(self, host: str) -> tuple[int, bool]:
         """Count an association for ``host`` unless it holds ``per_host`` already; returns how
-        many it held before (the slot is taken only when that is under the limit)."""
+        many it held before (the slot is taken only when that is under the limit) and, for a
+        refusal, whether it is the first since the host came to its limit (a flood is told once)."""
         with self._pending_lock:
             held = self._per_host.get(host, 0)
             if held < self.limits.per_host:
                 self._per_host[host] = held + 1
-            return held
+                return held, False
+            first = host not in self._at_limit_told
+            self._at_limit_told.add(host)
+            return held, first
 
     def free_slot(self, host: str) -> None:
         with self._pending_lock:
             held = self._per_host.pop(host, 1) - 1
             if held > 0:
                 self._per_host[host] = held
+            self._at_limit_told.discard(host)
 
     def server_close(self) -> None:
         """Connections still in their handshake are cut (their threads end at once)."""
@@ -230,9 +237,9 @@ class BoundedRequestHandler(RequestHandler):
         # One host may hold only its share of the association slots: twenty threads of C-ECHOs
         # from one host held all of them, and every modality was rejected while they went on.
         host = str(self.client_address[0])
-        held = server.take_slot(host)
+        held, first = server.take_slot(host)
         if held >= server.limits.per_host:
-            server.monitor.rejected_host(peer, self.first_pdu[26:42].decode("ascii").strip(), held)
+            server.monitor.rejected_host(peer, self.first_pdu[26:42].decode("ascii").strip(), held, first)
             try:
                 sock.settimeout(1.0)
                 sock.sendall(_REJECT_BUSY)

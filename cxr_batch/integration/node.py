@@ -362,11 +362,14 @@ class StorageSCP:
         log.warning("association from %s rejected: the %s AE title %s is not a valid AE title", peer, which,
                     f"'{self.shown(title.rstrip(b' '), 16)}'")
 
-    def rejected_host(self, peer: str, calling: str, held: int) -> None:
+    def rejected_host(self, peer: str, calling: str, held: int, first: bool) -> None:
         self._count("rejected_associations")
+        if not first:  # counted; the line was written when the host came to its limit
+            return
         host = peer.rsplit(":", 1)[0]
         log.warning("association from %s at %s rejected (transient, local limit exceeded): %s already holds %d "
-                    "associations (max_associations_per_host); the other slots are kept for other hosts",
+                    "associations (max_associations_per_host); the other slots are kept for other hosts (further "
+                    "rejections are counted in status.json, not logged, until one of its associations ends)",
                     calling, peer, host, held)
 
     # ------------------------------------------------------------------ event handlers (network threads)
