@@ -541,3 +541,28 @@ def test_a_data_set_interrupted_by_a_command_or_another_context_is_aborted_and_l
         sock.close()
     assert wait_for(lambda: not list(spool.iterdir()), timeout=10), list(spool.iterdir())
     assert stored == [] and scp.status()["dropped_protocol"] == 1
+
+
+
+def test_a_library_exception_without_a_message_is_no_blank_log_line():
+    """pynetdicom logs the exception of a PDU it cannot decode on a line of its own
+    (LOGGER.exception(exc)); with the traceback hidden (no --debug) an exception without a
+    message (a PDV longer than its PDU) made an empty 'cxr-batch: ' line."""
+    import io
+
+    from cxr_batch.integration.node import EscapedLibraryLog
+
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(logging.Formatter("cxr-batch: %(message)s"))
+    handler.addFilter(EscapedLibraryLog("pynetdicom"))
+    library = logging.getLogger("pynetdicom.dul")
+    library.addHandler(handler)
+    try:
+        try:
+            raise ValueError()
+        except ValueError as exc:
+            library.exception(exc)
+    finally:
+        library.removeHandler(handler)
+    assert stream.getvalue() == "cxr-batch: ValueError\n"

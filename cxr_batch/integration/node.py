@@ -165,6 +165,9 @@ class EscapedLibraryLog(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         if record.name.startswith(self.name):
             text = record.getMessage()
+            if not text.strip() and record.exc_info and record.exc_info[1] is not None:
+                # LOGGER.exception(exc) of an exception without a message: its type, not a blank line
+                text = type(record.exc_info[1]).__name__
             # a library's traceback (a PACS dropping the connection) only with --debug: the
             # line above says what happened
             if record.exc_info and not record.exc_text and logging.getLogger().isEnabledFor(logging.DEBUG):
