@@ -566,3 +566,22 @@ def test_a_library_exception_without_a_message_is_no_blank_log_line():
     finally:
         library.removeHandler(handler)
     assert stream.getvalue() == "cxr-batch: ValueError\n"
+
+
+def test_a_complete_c_store_pynetdicom_never_hands_over_leaves_no_file(listener):
+    """A C-STORE-RQ without a Message ID, its data set complete: pynetdicom answers nothing and
+    never calls the handler, which would take or refuse the object, so its temp file (up to
+    max_file_bytes) stayed in the spool after the association ended, until the next start."""
+    scp, spool, stored = listener(**FAST)
+    sock = connect(scp.cfg.port)
+    try:
+        sock.sendall(associate_rq(abstract=DX_STORAGE))
+        assert read_pdu(sock)[0] == A_ASSOCIATE_AC
+        command = command_set(AffectedSOPClassUID=DX_STORAGE.decode(), CommandField=0x0001, Priority=0,
+                              CommandDataSetType=0x0000, AffectedSOPInstanceUID="1.2.3.4.5.8")  # no MessageID
+        sock.sendall(p_data(command) + p_data(bytes(3000), command=False))
+        assert wait_for(lambda: list(spool.iterdir()), timeout=10)  # received whole...
+    finally:
+        sock.close()
+    assert wait_for(lambda: not list(spool.iterdir()), timeout=10), list(spool.iterdir())  # ...gone with its association
+    assert stored == []

@@ -453,6 +453,8 @@ def _close(sock: socket.socket) -> None:
 # ---------------------------------------------------------------------- receiving to disk
 _failed_receives: dict[str, OSError] = {}  # temp file name -> why it could not be written
 _failed_lock = threading.Lock()
+# id(association) -> its temp files not yet handed to the C-STORE handler (under _failed_lock)
+_unhanded: dict[int, set[str]] = {}
 
 
 class _ReceiveFile:
@@ -495,8 +497,11 @@ class _ReceiveFile:
 
 
 def receive_error(path) -> OSError | None:
-    """Why the data set received into ``path`` could not be written, or None (forgotten once asked)."""
+    """Why the data set received into ``path`` could not be written, or None (forgotten once
+    asked). Asked by the C-STORE handler: the file is handed over (taken or refused)."""
     with _failed_lock:
+        for names in _unhanded.values():
+            names.discard(str(path))
         return _failed_receives.pop(str(path), None)
 
 
@@ -522,7 +527,11 @@ def _receive_file(*args, **kwargs):
     if folder is not None:
         os.makedirs(folder, mode=0o750, exist_ok=True)  # removed by an operator: made again, as the spool does
         kwargs.update(dir=folder, prefix=RECEIVE_PREFIX, suffix=RECEIVE_SUFFIX)
-    return _ReceiveFile(NamedTemporaryFile(*args, **kwargs))
+    received = _ReceiveFile(NamedTemporaryFile(*args, **kwargs))
+    if folder is not None:
+        with _failed_lock:
+            _unhanded.setdefault(id(assoc), set()).add(received.name)
+    return received
 
 
 def stream_received_objects() -> None:
@@ -535,15 +544,20 @@ def stream_received_objects() -> None:
 
 
 def discard_partial_object(assoc) -> None:
-    """The temp file of a data set whose association ended before it was complete (aborted,
-    dropped): pynetdicom removes it only after a complete C-STORE's handler."""
+    """The temp files of an association that ended, never handed to the C-STORE handler: a
+    data set cut off (aborted, dropped), or one complete that pynetdicom never passed on (a
+    C-STORE-RQ without a Message ID gets no answer and no handler). pynetdicom removes one only
+    after a complete C-STORE's handler."""
     message = getattr(getattr(assoc, "dimse", None), "message", None)
     partial = getattr(message, "_data_set_file", None)
-    if partial is None:
-        return
-    partial.close()
-    receive_error(partial.name)
-    try:
-        Path(partial.name).unlink(missing_ok=True)
-    except OSError:  # the spool's next start removes it (a hidden .tmp)
-        pass
+    if partial is not None:
+        partial.close()
+    with _failed_lock:
+        names = _unhanded.pop(id(assoc), set())
+        for name in names:
+            _failed_receives.pop(name, None)
+    for name in names:
+        try:
+            Path(name).unlink(missing_ok=True)
+        except OSError:  # the spool's next start removes it (a hidden .tmp)
+            pass
