@@ -61,7 +61,8 @@ _VIEW_TEXT_TAGS = ("SeriesDescription", "ProtocolName", "AcquisitionDeviceProces
 _DATE_TAGS = ("StudyDate", "AcquisitionDate", "ContentDate", "SeriesDate")
 # What pydicom raises on a LUT whose descriptor and data disagree (missing data, an entry size
 # it does not support, fewer entries than described).
-_LUT_ERRORS = (KeyError, IndexError, ValueError, TypeError, AttributeError, NotImplementedError)
+_LUT_ERRORS = (KeyError, IndexError, ValueError, TypeError, AttributeError, NotImplementedError,
+               OverflowError)  # a first mapped value no pixel of the data's type can hold
 
 
 def looks_like_dicom(path: Path) -> bool:
@@ -498,8 +499,11 @@ def _unwindowed(ds, stored: np.ndarray, values: np.ndarray) -> np.ndarray:
     if (not signed and slope > 0 and (bits <= 8 or stored.max() >= levels // 2)
             and "ModalityLUTSequence" not in ds):
         if slope == 1 and intercept == 0 and np.issubdtype(stored.dtype, np.unsignedinteger):
-            # the same floor, in integers: no float copy of a large image
-            return np.minimum(stored >> max(0, bits - 8), 255).astype(np.uint8)
+            # the same floor, in integers: no float copy of a large image (fewer than 8 bits are
+            # scaled up: 7-bit data came back at half brightness)
+            if bits < 8:
+                return np.minimum(np.minimum(stored, 255).astype(np.uint16) << (8 - bits), 255).astype(np.uint8)
+            return np.minimum(stored >> (bits - 8), 255).astype(np.uint8)
         # floor(v * 256 / 2^bits): exactly undoes 8-bit data scaled by 2^(bits-8) (x * 16 in
         # 12 bits) and by 257 (x * 257 in 16 bits), and is the identity on 8-bit data
         scaled = np.floor((values.astype(np.float64) - intercept) * (256.0 / (slope * levels)))
@@ -515,9 +519,12 @@ def _window(ds, values: np.ndarray) -> np.ndarray:
         center, width = first(ds.WindowCenter), first(ds.WindowWidth)
     except (TypeError, ValueError, IndexError):
         return window_to_uint8(values, *robust_range(values))
-    if width < 1 or not (math.isfinite(center) and math.isfinite(width)):  # no usable window
-        return window_to_uint8(values, *robust_range(values))
     function = _text(ds, "VOILUTFunction").upper() or "LINEAR"
+    linear = function not in ("SIGMOID", "LINEAR_EXACT")  # LINEAR, and what no viewer knows, as LINEAR
+    # no usable window: a width under 1, or a linear one exactly 1 wide, which is a threshold
+    # (PS3.3 C.11.2.1.2.1: black and white, no grey scale) and an empty range below
+    if width < 1 or not (math.isfinite(center) and math.isfinite(width)) or (linear and width == 1):
+        return window_to_uint8(values, *robust_range(values))
     if function == "SIGMOID":
         y = 255.0 / (1.0 + np.exp(-4.0 * (values.astype(np.float32) - center) / width))
         return np.clip(y + 0.5, 0, 255).astype(np.uint8)

@@ -33,9 +33,12 @@ def associate_rq(calling: bytes = b"MODALITY", called: bytes = b"CXRBATCH", abst
     return pdu_header(A_ASSOCIATE_RQ, len(body)) + body
 
 
-def connect(port: int, timeout: float = 10.0, tls: ssl.SSLContext | None = None) -> socket.socket:
-    """A TCP connection to the node on loopback; over TLS with ``tls`` (handshake done)."""
-    sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+def connect(port: int, timeout: float = 10.0, tls: ssl.SSLContext | None = None,
+            source: str | None = None) -> socket.socket:
+    """A TCP connection to the node on loopback; over TLS with ``tls`` (handshake done); from
+    the loopback address ``source`` (127.0.0.2: another host, as the node sees it) if given."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=timeout,
+                                    source_address=(source, 0) if source else None)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     return tls.wrap_socket(sock, server_hostname="127.0.0.1") if tls is not None else sock
 
@@ -102,3 +105,35 @@ def push(sock: socket.socket, total: int, chunk: int = 1 << 20) -> int:
     except OSError:  # reset, broken pipe, or a peer that stopped reading
         pass
     return sent
+
+
+def p_data(payload: bytes, context_id: int = 1, command: bool = True, last: bool = True) -> bytes:
+    """A P-DATA-TF carrying one presentation data value: ``payload`` (a fragment of a command or
+    data set, PS3.8 E.2) on ``context_id``."""
+    pdv = bytes([context_id, (1 if command else 0) | (2 if last else 0)]) + payload
+    body = struct.pack(">L", len(pdv)) + pdv
+    return pdu_header(P_DATA_TF, len(body)) + body
+
+
+def command_set(**elements) -> bytes:
+    """A DIMSE command set as it goes on the wire (implicit VR little endian, group length
+    first) holding exactly ``elements`` (keywords of group 0000), required ones left out or not."""
+    from pydicom.dataset import Dataset
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_dataset
+
+    ds = Dataset()
+    for keyword, value in elements.items():
+        setattr(ds, keyword, value)
+    encoded = DicomBytesIO()
+    encoded.is_little_endian, encoded.is_implicit_VR = True, True
+    write_dataset(encoded, ds)
+    body = encoded.getvalue()
+    return struct.pack("<HHLL", 0x0000, 0x0000, 4, len(body)) + body
+
+
+def dimse_status(p_data_body: bytes) -> int | None:
+    """The Status (0000,0900) of the DIMSE response command in a P-DATA-TF's body, or None."""
+    tag = struct.pack("<HHL", 0x0000, 0x0900, 2)
+    at = p_data_body.find(tag)
+    return struct.unpack("<H", p_data_body[at + 8:at + 10])[0] if at >= 0 else None

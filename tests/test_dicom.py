@@ -344,6 +344,37 @@ def test_a_malformed_lut_is_named(tmp_path, nih_images):
         assert "unexpected" not in str(caught.value), name
 
 
+def test_fewer_than_8_stored_bits_fill_the_grey_scale_whatever_the_rescale(tmp_path, nih_images):
+    """7-bit data (BitsStored 7 of 8) came back at half brightness (0..127) with no rescale,
+    and at full brightness with RescaleSlope 1.0000001: the integer shortcut did not scale up."""
+    src = grey(nih_images[2])
+    plain = read_study(write(tmp_path / "b7", src >> 1, bits_stored=7), RULES).grey
+    rescaled = read_study(write(tmp_path / "b7r", src >> 1, bits_stored=7, RescaleSlope="1.0000001",
+                                RescaleIntercept="0"), RULES).grey
+    assert np.array_equal(plain, (src >> 1) << 1)  # floor(v * 256 / 2^7), as the 12- and 16-bit cases
+    assert np.abs(plain.astype(int) - rescaled).max() <= 1
+
+
+def test_a_window_one_wide_and_a_modality_lut_starting_beyond_the_pixels_are_no_unexpected_errors(tmp_path,
+                                                                                                   nih_images):
+    """WindowWidth 1 (legal: a linear window that is a threshold, PS3.3 C.11.2.1.2.1) was an
+    'unexpected ValueError while reading: invalid grey range [2047.5, 2047.5]'; a Modality LUT
+    whose first mapped value (65000) no 8-bit pixel can hold an 'unexpected OverflowError'."""
+    from pydicom.dataset import Dataset
+
+    stored = grey(nih_images[0]).astype(np.uint16) * 16
+    own_range = read_study(write(tmp_path / "w0", stored, bits_stored=12, WindowCenter=2048, WindowWidth=0.5),
+                           RULES).grey
+    threshold = read_study(write(tmp_path / "w1", stored, bits_stored=12, WindowCenter=2048, WindowWidth=1), RULES)
+    assert np.array_equal(threshold.grey, own_range)  # no grey scale in it: shown as with no usable window
+    item = Dataset()
+    item.LUTDescriptor, item.ModalityLUTType = [256, 65000, 16], "US"
+    item.LUTData = list(range(256))
+    item["LUTData"].VR = "US"
+    with pytest.raises(ReadError, match="Modality LUT is malformed"):
+        read_study(write(tmp_path / "lut", grey(nih_images[1]), ModalityLUTSequence=[item]), RULES)
+
+
 @pytest.mark.skipif(not have("dcmcjpeg", "dcmcjpls", "dcmcrle", "dcmdjpeg"), reason="dcmtk not installed")
 @pytest.mark.parametrize("tool, option", [("dcmcjpeg", "+e1"), ("dcmcjpeg", "+el"), ("dcmcjpls", "+el"),
                                           ("dcmcrle", "")])

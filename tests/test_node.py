@@ -241,6 +241,26 @@ def test_low_disk_space_refuses_before_the_disk_is_full(listener, nih_images, tm
     assert _send_with_pynetdicom(scp.cfg.port, ds) == 0x0000 and len(stored) == 1
 
 
+def test_space_below_min_free_while_an_object_arrives_stops_its_writing(listener, tmp_path, small_disk, caplog):
+    """min_free_mb was checked only once an object had arrived whole: objects arriving together
+    (up to max_associations x max_file_bytes) could take the volume the results and ledger share
+    from min_free_mb to full before any was refused."""
+    import numpy as np
+
+    scp, spool, stored = listener(spool_dir=small_disk / "spool", min_free_mb=2)  # of the 4 MiB volume
+    free = []  # the volume's free space each time the node looks (a spy: the values are the real ones)
+    real = scp.spool.free_bytes
+    scp.spool.free_bytes = lambda: free.append(real()) or free[-1]
+    pixels = np.random.default_rng(0).integers(0, 256, (1774, 1774), dtype=np.uint8)  # 3 MiB: it cannot fit
+    big = pydicom.dcmread(write(tmp_path / "big.dcm", pixels, PatientID="BIG"))
+    assert _send_with_pynetdicom(scp.cfg.port, big) == 0xA700
+    assert min(free) >= scp.min_free - 2 * scp.cfg.max_pdu  # one PDU's worth below at most, never 1 MiB
+    assert not stored and not list(spool.iterdir()) and scp.status()["refused"] == 1
+    assert "less than 2 MiB free for the spool; answered 0xA700" in caplog.text
+    small = pydicom.dcmread(write(tmp_path / "small.dcm", grey_square(), PatientID="SMALL"))
+    assert _send_with_pynetdicom(scp.cfg.port, small) == 0x0000 and len(stored) == 1  # the association serves on
+
+
 def _self_signed(folder: Path, name: str) -> tuple[Path, Path]:
     key, cert = folder / f"{name}.key", folder / f"{name}.pem"
     run("openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", f"/CN={name}",

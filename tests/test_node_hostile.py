@@ -18,8 +18,8 @@ import pytest
 from cxr_batch.integration.node import ListenConfig, printable
 
 from .dicomgen import have, write
-from .dicomwire import (A_ASSOCIATE_RQ, P_DATA_TF, associate, associate_rq, closed_by_peer, connect,
-                        pdu_header, push)
+from .dicomwire import (A_ABORT, A_ASSOCIATE_AC, A_ASSOCIATE_RJ, A_ASSOCIATE_RQ, P_DATA_TF, associate, associate_rq,
+                        closed_by_peer, command_set, connect, dimse_status, p_data, pdu_header, push, read_pdu)
 from .test_node import _self_signed, _send_with_pynetdicom, echo, grey_square, listener  # noqa: F401 (fixture)
 from .watchkit import free_port, wait_for
 
@@ -35,7 +35,8 @@ def rss_bytes() -> int:
 def test_deadlines_and_limits_are_configurable_with_sane_defaults():
     cfg = ListenConfig()
     assert 0 < cfg.handshake_timeout <= 30 and 0 < cfg.pdu_timeout <= 60 and cfg.max_pending >= cfg.max_associations
-    for key in ("handshake_timeout", "pdu_timeout", "max_pending"):
+    assert 1 < cfg.max_associations_per_host < cfg.max_associations
+    for key in ("handshake_timeout", "pdu_timeout", "max_pending", "max_associations_per_host"):
         with pytest.raises(Exception, match=key):
             ListenConfig(**{key: 0})
 
@@ -275,7 +276,7 @@ def node_rss(pid: int) -> int:
 def test_hostile_senders_then_a_modality_is_scored_within_90_s_on_a_tls_node(tmp_path, nih_images, small_bundle):
     """The issue's check, at the default deadlines: against `cxr-batch listen` with TLS, a PDU
     declaring 1.2 GB, an idle TCP connection to the TLS port, idle connections beyond the
-    association limit, then every association stalled mid-PDU; a modality's C-ECHO and a
+    association limit, then every association one host may hold stalled mid-PDU; a modality's C-ECHO and a
     C-STORE that gets scored succeed within 90 s, and the node's memory grows by < 0.25 GB."""
     import subprocess
 
@@ -300,10 +301,12 @@ def test_hostile_senders_then_a_modality_is_scored_within_90_s_on_a_tls_node(tmp
         assert push(big, 256 << 20) < 64 << 20  # refused from its header
         attackers.append(big)
         attackers += [connect(port) for _ in range(13)]  # idle: one to the TLS port, twelve beyond the limit
-        for _ in range(10):  # max_associations (10), each stalled mid-PDU
-            sock = associate(port, tls=tls)
-            sock.sendall(pdu_header(P_DATA_TF, 1000) + bytes(100))
+        for _ in range(10):  # max_associations (10) asked for, each stalled mid-PDU: one host gets 5 of them
+            sock = connect(port, tls=tls)
             attackers.append(sock)
+            sock.sendall(associate_rq())
+            if read_pdu(sock)[0] == A_ASSOCIATE_AC:
+                sock.sendall(pdu_header(P_DATA_TF, 1000) + bytes(100))
         start = time.monotonic()
         assert wait_for(lambda: subprocess.run(["echoscu", *modality], capture_output=True,
                                                timeout=60).returncode == 0, timeout=90)
@@ -408,3 +411,177 @@ def test_a_correction_arriving_in_the_same_batch_as_the_image_it_corrects_is_not
     rows = rows_now(out)
     assert [(r["patient_id"], r["status"]) for r in rows] == [("P-SECOND", "ok")]
     assert "duplicate" not in log.read_text()
+
+
+DX_STORAGE = b"1.2.840.10008.5.1.4.1.1.1.1"
+
+
+@needs_dcmtk
+def test_a_c_store_whose_command_cannot_be_decoded_is_aborted_counted_and_leaves_no_file(listener, caplog):
+    """A C-STORE-RQ without its Affected SOP Instance UID killed pynetdicom's reader thread (a
+    traceback on stderr, no answer to the peer, nothing in status.json) and left its temp file in
+    the spool until the next start: one per association, as many as a sender cares to make."""
+    scp, spool, stored = listener(**FAST)
+    caplog.set_level(logging.WARNING, logger="cxr_batch")
+    for _ in range(3):
+        sock = connect(scp.cfg.port)
+        sock.sendall(associate_rq(abstract=DX_STORAGE))
+        assert read_pdu(sock)[0] == A_ASSOCIATE_AC
+        command = command_set(AffectedSOPClassUID=DX_STORAGE.decode(), CommandField=0x0001, MessageID=7,
+                              Priority=0, CommandDataSetType=0x0000)  # no AffectedSOPInstanceUID
+        sock.sendall(p_data(command) + p_data(b"\x10\x00\x20\x00\x02\x00\x00\x00P1", command=False, last=False))
+        try:
+            assert read_pdu(sock)[0] == A_ABORT  # told at once, not left to its DIMSE timeout
+            assert closed_by_peer(sock, within=5) is not None
+        finally:
+            sock.close()
+    assert wait_for(lambda: scp.status()["dropped_protocol"] == 3, timeout=10), scp.status()
+    assert wait_for(lambda: not list(spool.iterdir()), timeout=10), list(spool.iterdir())
+    assert stored == []
+    assert "a DIMSE message that cannot be decoded" in caplog.text
+    answered = echo(scp.cfg.port)
+    assert answered.returncode == 0, answered.stderr
+
+
+@pytest.mark.parametrize("command", [None, "echo"], ids=["no-command", "c-echo-with-a-data-set"])
+def test_a_data_set_no_c_store_streams_to_disk_is_cut_short_not_held_in_memory(listener, command):
+    """Data set fragments with no C-STORE-RQ before them (none at all, or a C-ECHO-RQ saying a
+    data set follows) were kept in memory by pynetdicom until max_file_bytes (1 GiB) was
+    reached: ten associations could make the node hold 10 GiB."""
+    scp, spool, stored = listener(**FAST)
+    sock = associate(scp.cfg.port)
+    total, sent = 64 << 20, 0
+    try:
+        if command == "echo":
+            sock.sendall(p_data(command_set(AffectedSOPClassUID="1.2.840.10008.1.1", CommandField=0x0030,
+                                            MessageID=1, CommandDataSetType=0x0000)))
+        fragment = p_data(bytes(16000), command=False, last=False)
+        sock.settimeout(5.0)
+        try:
+            while sent < total:
+                sock.sendall(fragment)
+                sent += len(fragment)
+        except OSError:  # the node closed the connection
+            pass
+        assert sent < total
+        assert closed_by_peer(sock, within=5) is not None
+    finally:
+        sock.close()
+    assert wait_for(lambda: scp.status()["dropped_protocol"] == 1, timeout=10), scp.status()
+    assert not stored and not list(spool.iterdir())
+
+
+@needs_dcmtk
+def test_one_host_cannot_take_every_association_slot(listener, caplog):
+    """Twenty threads of C-ECHOs from one host held all ten association slots, and a modality's
+    echo was rejected ("local limit exceeded") for as long as the flood went on; one host may
+    hold max_associations_per_host (half the slots by default), the rest stay for others."""
+    scp, _, _ = listener(**FAST)
+    caplog.set_level(logging.WARNING, logger="cxr_batch")
+    held, answers = [], []
+    try:
+        for _ in range(scp.cfg.max_associations):  # another host (127.0.0.2) asks for every slot, and sits
+            sock = connect(scp.cfg.port, source="127.0.0.2")
+            sock.sendall(associate_rq(calling=b"FLOOD"))
+            answers.append(read_pdu(sock)[0])
+            held.append(sock)
+        per_host = scp.cfg.max_associations_per_host
+        assert per_host < scp.cfg.max_associations
+        assert answers == [A_ASSOCIATE_AC] * per_host + [A_ASSOCIATE_RJ] * (len(answers) - per_host)
+        answered = echo(scp.cfg.port)  # the modality, from 127.0.0.1
+        assert answered.returncode == 0, answered.stderr
+    finally:
+        for sock in held:
+            sock.close()
+    assert f"127.0.0.2 already holds {per_host} associations (max_associations_per_host)" in caplog.text
+    assert caplog.text.count("max_associations_per_host") == 1  # a flood is one line, each rejection counted
+    assert scp.status()["rejected_associations"] == len(answers) - per_host
+
+
+def test_a_c_store_on_a_context_for_another_sop_class_is_refused(listener, caplog):
+    """A C-STORE-RQ sent on the Verification context (any SOP class, any transfer syntax the
+    peer likes, whatever the association negotiated) was stored and answered success."""
+    scp, spool, stored = listener(**FAST)
+    caplog.set_level(logging.WARNING, logger="cxr_batch")
+    sock = associate(scp.cfg.port)  # one presentation context: Verification
+    try:
+        command = command_set(AffectedSOPClassUID=DX_STORAGE.decode(), CommandField=0x0001, MessageID=3, Priority=0,
+                              CommandDataSetType=0x0000, AffectedSOPInstanceUID="1.2.3.4.5.6")
+        sock.sendall(p_data(command) + p_data(bytes(1000), command=False))
+        pdu_type, body = read_pdu(sock)
+        assert pdu_type == P_DATA_TF and dimse_status(body) == 0x0122  # refused: SOP class not supported
+    finally:
+        sock.close()
+    assert stored == [] and wait_for(lambda: not list(spool.iterdir()), timeout=10)
+    assert scp.status()["refused"] == 1 and "presentation context" in caplog.text
+
+
+@pytest.mark.parametrize("interruption", ["a second command", "another presentation context"])
+def test_a_data_set_interrupted_by_a_command_or_another_context_is_aborted_and_leaves_no_file(listener,
+                                                                                              interruption):
+    """A C-STORE's data set cut short by a second C-STORE-RQ: pynetdicom opened a new temp file
+    for the second and left the first's, up to max_file_bytes, open in the spool until the next
+    start (a sender could fill the disk one association at a time); fragments of one message on
+    two presentation contexts were taken as one data set."""
+    scp, spool, stored = listener(**FAST)
+    sock = connect(scp.cfg.port)
+    try:
+        sock.sendall(associate_rq(abstract=DX_STORAGE))
+        assert read_pdu(sock)[0] == A_ASSOCIATE_AC
+        command = command_set(AffectedSOPClassUID=DX_STORAGE.decode(), CommandField=0x0001, MessageID=3, Priority=0,
+                              CommandDataSetType=0x0000, AffectedSOPInstanceUID="1.2.3.4.5.7")
+        sock.sendall(p_data(command) + p_data(bytes(30000), command=False, last=False))
+        if interruption == "a second command":
+            sock.sendall(p_data(command) + p_data(bytes(100), command=False))
+        else:
+            sock.sendall(p_data(bytes(100), context_id=3, command=False))
+        assert read_pdu(sock)[0] == A_ABORT
+        assert closed_by_peer(sock, within=5) is not None
+    finally:
+        sock.close()
+    assert wait_for(lambda: not list(spool.iterdir()), timeout=10), list(spool.iterdir())
+    assert stored == [] and scp.status()["dropped_protocol"] == 1
+
+
+
+def test_a_library_exception_without_a_message_is_no_blank_log_line():
+    """pynetdicom logs the exception of a PDU it cannot decode on a line of its own
+    (LOGGER.exception(exc)); with the traceback hidden (no --debug) an exception without a
+    message (a PDV longer than its PDU) made an empty 'cxr-batch: ' line."""
+    import io
+
+    from cxr_batch.integration.node import EscapedLibraryLog
+
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(logging.Formatter("cxr-batch: %(message)s"))
+    handler.addFilter(EscapedLibraryLog("pynetdicom"))
+    library = logging.getLogger("pynetdicom.dul")
+    library.addHandler(handler)
+    try:
+        try:
+            raise ValueError()
+        except ValueError as exc:
+            library.exception(exc)
+    finally:
+        library.removeHandler(handler)
+    assert stream.getvalue() == "cxr-batch: ValueError\n"
+
+
+def test_a_complete_c_store_pynetdicom_never_hands_over_leaves_no_file(listener):
+    """A C-STORE-RQ without a Message ID, its data set complete: pynetdicom answers nothing and
+    never calls the handler, which would take or refuse the object, so its temp file (up to
+    max_file_bytes) stayed in the spool after the association ended, until the next start."""
+    scp, spool, stored = listener(**FAST)
+    sock = connect(scp.cfg.port)
+    try:
+        sock.sendall(associate_rq(abstract=DX_STORAGE))
+        assert read_pdu(sock)[0] == A_ASSOCIATE_AC
+        command = command_set(AffectedSOPClassUID=DX_STORAGE.decode(), CommandField=0x0001, Priority=0,
+                              CommandDataSetType=0x0000, AffectedSOPInstanceUID="1.2.3.4.5.8")  # no MessageID
+        sock.sendall(p_data(command) + p_data(bytes(3000), command=False))
+        assert wait_for(lambda: list(spool.iterdir()), timeout=10)  # received whole...
+    finally:
+        sock.close()
+    assert wait_for(lambda: not list(spool.iterdir()), timeout=10), list(spool.iterdir())  # ...gone with its association
+    assert stored == []

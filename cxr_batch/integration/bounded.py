@@ -19,7 +19,9 @@ can make the node allocate gigabytes). This module wraps it, without changing it
   from its first byte (``pdu``): a peer that stalls mid-PDU, or drips it byte by byte, is
   dropped when it passes. Each PDU's length is checked from its 6-byte header before its body
   is read: over ``max_pdu`` (a P-DATA-TF) or :data:`CONTROL_PDU_LIMIT` (any other PDU), the
-  association is aborted and nothing more is read. Sends wait at most ``pdu`` too.
+  association is aborted and nothing more is read. Sends wait at most ``pdu`` too. A DIMSE
+  message pynetdicom's decoder raises on, and a data set held in memory (any but a C-STORE's)
+  over :data:`IN_MEMORY_DATA_SET_LIMIT`, are dropped the same way (:func:`_guarded`).
 - :func:`stream_received_objects`: pynetdicom's own ``STORE_RECV_CHUNKED_DATASET`` mode writes
   each C-STORE's data set to a file as its PDUs arrive rather than into memory, here to a hidden
   temp file in the spool (same volume: the handler renames it into place), so memory per
@@ -28,8 +30,9 @@ can make the node allocate gigabytes). This module wraps it, without changing it
 Every drop is reported to the ``monitor`` (the node's StorageSCP), which counts it in
 status.json and logs it with the peer's address. Only pynetdicom's documented extension points
 are used (``make_server(server_class=..., request_handler=...)``, its request handler and
-socket classes, ``_config``); the one exception is the temp file factory of
-``pynetdicom.dimse_messages``, replaced by one that chooses the folder.
+socket classes, ``_config``); the two exceptions are the temp file factory of
+``pynetdicom.dimse_messages``, replaced by one that chooses the folder, and each association's
+``dimse.receive_primitive``, wrapped (:func:`_guarded`).
 """
 
 from __future__ import annotations
@@ -52,6 +55,10 @@ PDU_TYPES = range(0x01, 0x08)
 # Any PDU but P-DATA-TF: an A-ASSOCIATE-RQ proposing all 128 presentation contexts with a dozen
 # transfer syntaxes each is about 50 KB; release and abort PDUs are 10 bytes.
 CONTROL_PDU_LIMIT = 256 << 10
+# A data set pynetdicom holds in memory: anything but a C-STORE-RQ's (written to disk as it
+# arrives). The node answers C-ECHO, whose request has none; a pull's C-FIND identifiers and C-GET
+# responses come on associations it makes, not through this server.
+IN_MEMORY_DATA_SET_LIMIT = 1 << 20
 RECEIVE_PREFIX = ".recv-"  # hidden (the watch loop ignores it), and removed at start like every .tmp
 RECEIVE_SUFFIX = ".tmp"
 # A-ABORT from the service provider, reason "invalid PDU parameter value" (PS3.8 9.3.8).
@@ -64,12 +71,18 @@ def _reject(reason: int) -> bytes:
     return struct.pack(">BBLBBBB", A_ASSOCIATE_RJ, 0, 4, 0, 1, 1, reason)
 
 
+# A-ASSOCIATE-RJ, rejected transiently by the service provider (presentation related): local limit
+# exceeded (PS3.8 9.3.4), as pynetdicom answers one association over max_associations.
+_REJECT_BUSY = struct.pack(">BBLBBBB", A_ASSOCIATE_RJ, 0, 4, 0, 2, 3, 2)
+
+
 @dataclass(frozen=True)
 class Limits:
     handshake: float  # seconds from accept to a complete A-ASSOCIATE-RQ (TLS handshake included)
     pdu: float  # seconds from a PDU's first byte to its last (and for each send)
     max_pdu: int  # the longest P-DATA-TF we accept (what we advertise as Maximum Length Received)
     max_pending: int  # connections in their handshake at once
+    per_host: int  # associations one host (IP address) may hold at once
 
     def pdu_limit(self, pdu_type: int) -> int:
         return self.max_pdu if pdu_type == P_DATA_TF else CONTROL_PDU_LIMIT
@@ -81,6 +94,9 @@ class Monitor(Protocol):
     def dropped(self, kind: str, peer: str, reason: str) -> None: ...  # kind: timeout, oversize_pdu, ...
 
     def rejected_title(self, peer: str, which: str, title: bytes) -> None: ...
+
+    # held: the host's associations; first: the first rejection since it came to its limit (logged)
+    def rejected_host(self, peer: str, calling: str, held: int, first: bool) -> None: ...
 
 
 class Dropped(Exception):
@@ -131,6 +147,8 @@ class BoundedServer(ThreadedAssociationServer):
         self._pending: set[socket.socket] = set()
         self._pending_lock = threading.Lock()
         self._busy_logged = False
+        self._per_host: dict[str, int] = {}  # IP address -> associations it holds (under _pending_lock)
+        self._at_limit_told: set[str] = set()  # hosts rejected since they came to their limit
         super().__init__(ae, address, ae_title, contexts, ssl_context, evt_handlers=evt_handlers,
                          request_handler=BoundedRequestHandler)
 
@@ -156,6 +174,26 @@ class BoundedServer(ThreadedAssociationServer):
     def handshake_done(self, request) -> None:
         with self._pending_lock:
             self._pending.discard(request)
+
+    def take_slot(self, host: str) -> tuple[int, bool]:
+        """Count an association for ``host`` unless it holds ``per_host`` already; returns how
+        many it held before (the slot is taken only when that is under the limit) and, for a
+        refusal, whether it is the first since the host came to its limit (a flood is told once)."""
+        with self._pending_lock:
+            held = self._per_host.get(host, 0)
+            if held < self.limits.per_host:
+                self._per_host[host] = held + 1
+                return held, False
+            first = host not in self._at_limit_told
+            self._at_limit_told.add(host)
+            return held, first
+
+    def free_slot(self, host: str) -> None:
+        with self._pending_lock:
+            held = self._per_host.pop(host, 1) - 1
+            if held > 0:
+                self._per_host[host] = held
+            self._at_limit_told.discard(host)
 
     def server_close(self) -> None:
         """Connections still in their handshake are cut (their threads end at once)."""
@@ -196,8 +234,25 @@ class BoundedRequestHandler(RequestHandler):
             server.monitor.dropped("protocol", peer, f"unexpected {type(e).__name__} during the handshake")
             _close(sock)
             return
-        self.request = sock
-        super().handle()  # pynetdicom's: the association (on a BoundedSocket), EVT_CONN_OPEN, start
+        # One host may hold only its share of the association slots: twenty threads of C-ECHOs
+        # from one host held all of them, and every modality was rejected while they went on.
+        host = str(self.client_address[0])
+        held, first = server.take_slot(host)
+        if held >= server.limits.per_host:
+            server.monitor.rejected_host(peer, self.first_pdu[26:42].decode("ascii").strip(), held, first)
+            try:
+                sock.settimeout(1.0)
+                sock.sendall(_REJECT_BUSY)
+            except OSError:
+                pass
+            _close(sock)
+            return
+        try:
+            self.request = sock
+            super().handle()  # pynetdicom's: the association (on a BoundedSocket), EVT_CONN_OPEN, start
+            self.assoc.join()  # this thread holds the host's slot until the association ends
+        finally:
+            server.free_slot(host)
 
     def _tls_handshake(self, raw: socket.socket, deadline: float) -> ssl.SSLSocket:
         left = deadline - time.monotonic()
@@ -243,9 +298,51 @@ class BoundedRequestHandler(RequestHandler):
         already read (adopting the plain one's state: the transport event is queued once)."""
         assoc = super()._create_association()
         plain = assoc.dul.socket
-        assoc.dul.socket = BoundedSocket.adopt(plain, self.first_pdu, self.server.limits, self.server.monitor,
-                                               _peer(self.client_address))
+        bounded = BoundedSocket.adopt(plain, self.first_pdu, self.server.limits, self.server.monitor,
+                                      _peer(self.client_address))
+        assoc.dul.socket = bounded
+        assoc.dimse.receive_primitive = _guarded(assoc.dimse, bounded)
+        self.assoc = assoc
         return assoc
+
+
+def _guarded(dimse, sock: "BoundedSocket"):
+    """pynetdicom's decoding of each P-DATA into DIMSE messages (``dimse.receive_primitive``),
+    with the drops it lacks:
+
+    - its exceptions: its decoder raises on a command set that lacks a required element (a
+      C-STORE-RQ without an Affected SOP Instance UID), which ended the reader thread, so the
+      peer got no A-ABORT and the object's temp file stayed in the spool;
+    - a command, or a fragment on another presentation context, in the middle of a data set;
+    - a data set held in memory past :data:`IN_MEMORY_DATA_SET_LIMIT`: only a C-STORE-RQ's
+      goes to disk, and fragments with no command before them, or after a C-ECHO-RQ that says a
+      data set follows, were kept until max_file_bytes (1 GiB per association)."""
+    receive_primitive = dimse.receive_primitive
+
+    def receive(primitive) -> None:
+        message = dimse.message
+        if message is not None and message.context_id is not None:  # its command is in: its data set arrives
+            for context_id, fragment in primitive.presentation_data_value_list:
+                # PS3.7 E.2, PS3.8 9.3.5.1: a message's data set follows its command whole, on its
+                # presentation context. A new command here made pynetdicom open a second temp file
+                # and leave the first, up to max_file_bytes, in the spool.
+                if fragment[:1] and fragment[0] & 1 or context_id != message.context_id:
+                    sock.drop_interleaved("a command" if context_id == message.context_id else
+                                          "a fragment on another presentation context")
+                    return
+        try:
+            receive_primitive(primitive)
+        except Exception as e:
+            # the type only: a decoder's message may quote the peer's bytes
+            sock.drop_undecodable(type(e).__name__)
+            return
+        message = dimse.message  # the one still arriving, if any
+        held = getattr(message, "data_set", None)
+        if getattr(message, "_data_set_file", None) is None and held is not None \
+                and held.tell() > IN_MEMORY_DATA_SET_LIMIT:
+            sock.drop_in_memory(held.tell())
+
+    return receive
 
 
 class BoundedSocket(AssociationSocket):
@@ -313,6 +410,22 @@ class BoundedSocket(AssociationSocket):
             data += chunk
         return data
 
+    def drop_undecodable(self, error: str) -> None:
+        """A DIMSE message pynetdicom could not decode (``error``: the exception's type): the
+        association is aborted and the connection closed, which ends it as any drop does."""
+        self._drop("protocol", f"a DIMSE message that cannot be decoded ({error}): association aborted",
+                   abort=True)
+
+    def drop_interleaved(self, what: str) -> None:
+        """``what`` arrived in the middle of a data set."""
+        self._drop("protocol", f"{what} in the middle of a data set: association aborted", abort=True)
+
+    def drop_in_memory(self, size: int) -> None:
+        """A data set growing in memory past :data:`IN_MEMORY_DATA_SET_LIMIT` (``size`` bytes
+        so far): not a C-STORE's, which goes to disk."""
+        self._drop("protocol", f"a data set of over {size:,} bytes that is not a C-STORE's (at most "
+                               f"{IN_MEMORY_DATA_SET_LIMIT:,}): association aborted", abort=True)
+
     def _drop(self, kind: str, reason: str, abort: bool = False) -> None:
         self._dropped = True
         self._left = 0
@@ -340,6 +453,8 @@ def _close(sock: socket.socket) -> None:
 # ---------------------------------------------------------------------- receiving to disk
 _failed_receives: dict[str, OSError] = {}  # temp file name -> why it could not be written
 _failed_lock = threading.Lock()
+# id(association) -> its temp files not yet handed to the C-STORE handler (under _failed_lock)
+_unhanded: dict[int, set[str]] = {}
 
 
 class _ReceiveFile:
@@ -382,9 +497,26 @@ class _ReceiveFile:
 
 
 def receive_error(path) -> OSError | None:
-    """Why the data set received into ``path`` could not be written, or None (forgotten once asked)."""
+    """Why the data set received into ``path`` could not be written, or None (forgotten once
+    asked). Asked by the C-STORE handler: the file is handed over (taken or refused)."""
     with _failed_lock:
+        for names in _unhanded.values():
+            names.discard(str(path))
         return _failed_receives.pop(str(path), None)
+
+
+def refuse_partial_object(assoc, error: OSError) -> bool:
+    """Stop writing the data set arriving on ``assoc``: its temp file is emptied, the rest of it
+    dropped as it comes, and its C-STORE handler finds ``error`` (:func:`receive_error`) and
+    answers "out of resources". False when no data set is arriving or it is refused already."""
+    partial = getattr(getattr(getattr(assoc, "dimse", None), "message", None), "_data_set_file", None)
+    if not isinstance(partial, _ReceiveFile):
+        return False
+    with _failed_lock:
+        if partial.name in _failed_receives:
+            return False
+    partial._failed(error)
+    return True
 
 
 def _receive_file(*args, **kwargs):
@@ -395,7 +527,11 @@ def _receive_file(*args, **kwargs):
     if folder is not None:
         os.makedirs(folder, mode=0o750, exist_ok=True)  # removed by an operator: made again, as the spool does
         kwargs.update(dir=folder, prefix=RECEIVE_PREFIX, suffix=RECEIVE_SUFFIX)
-    return _ReceiveFile(NamedTemporaryFile(*args, **kwargs))
+    received = _ReceiveFile(NamedTemporaryFile(*args, **kwargs))
+    if folder is not None:
+        with _failed_lock:
+            _unhanded.setdefault(id(assoc), set()).add(received.name)
+    return received
 
 
 def stream_received_objects() -> None:
@@ -408,15 +544,20 @@ def stream_received_objects() -> None:
 
 
 def discard_partial_object(assoc) -> None:
-    """The temp file of a data set whose association ended before it was complete (aborted,
-    dropped): pynetdicom removes it only after a complete C-STORE's handler."""
+    """The temp files of an association that ended, never handed to the C-STORE handler: a
+    data set cut off (aborted, dropped), or one complete that pynetdicom never passed on (a
+    C-STORE-RQ without a Message ID gets no answer and no handler). pynetdicom removes one only
+    after a complete C-STORE's handler."""
     message = getattr(getattr(assoc, "dimse", None), "message", None)
     partial = getattr(message, "_data_set_file", None)
-    if partial is None:
-        return
-    partial.close()
-    receive_error(partial.name)
-    try:
-        Path(partial.name).unlink(missing_ok=True)
-    except OSError:  # the spool's next start removes it (a hidden .tmp)
-        pass
+    if partial is not None:
+        partial.close()
+    with _failed_lock:
+        names = _unhanded.pop(id(assoc), set())
+        for name in names:
+            _failed_receives.pop(name, None)
+    for name in names:
+        try:
+            Path(name).unlink(missing_ok=True)
+        except OSError:  # the spool's next start removes it (a hidden .tmp)
+            pass

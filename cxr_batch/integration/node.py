@@ -21,6 +21,7 @@ with the watch daemon's machinery and C-STOREs each result back as a DICOM SR.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import logging
 import os
@@ -48,9 +49,10 @@ SPOOL = "spool"  # under RESULTS_DIR/.cxr-batch
 # identifiers from the network that had to be escaped before they could be logged.
 COUNTS = ("received", "refused", "rejected_associations", "aborted_oversize", "dropped_timeout",
           "dropped_oversize_pdu", "dropped_protocol", "dropped_tls", "dropped_busy", "escaped_identifiers")
-# C-STORE statuses (PS3.4 B.2.3): stored; refused, out of resources (the sender retries
-# later); processing failure.
+# C-STORE statuses (PS3.4 B.2.3, PS3.7 C): stored; refused, out of resources (the sender retries
+# later); processing failure; invalid SOP instance; SOP class not supported.
 STORED, OUT_OF_RESOURCES, PROCESSING_FAILURE, INVALID_SOP_INSTANCE = 0x0000, 0xA700, 0x0110, 0x0117
+SOP_CLASS_NOT_SUPPORTED = 0x0122
 
 
 class NodeError(Exception):
@@ -71,6 +73,7 @@ class ListenConfig(WatchConfig):
     send_to: str | None = None  # AE@HOST:PORT receiving each scored image's SR
     min_free_mb: int = bounded(1024, min=0)  # below this much free disk, C-STOREs are refused (0xA700)
     max_associations: int = bounded(10, min=1, max=1000)  # at once; more are rejected (transient)
+    max_associations_per_host: int = bounded(5, min=1, max=1000)  # of those, held by one IP address at once
     max_pdu: int = bounded(65536, min=4096, max=1 << 26)  # the largest PDU we accept, in bytes
     acse_timeout: float = bounded(30.0, gt=0.0)  # association negotiation and release
     dimse_timeout: float = bounded(60.0, gt=0.0)  # waiting for a DIMSE message
@@ -162,6 +165,9 @@ class EscapedLibraryLog(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         if record.name.startswith(self.name):
             text = record.getMessage()
+            if not text.strip() and record.exc_info and record.exc_info[1] is not None:
+                # LOGGER.exception(exc) of an exception without a message: its type, not a blank line
+                text = type(record.exc_info[1]).__name__
             # a library's traceback (a PACS dropping the connection) only with --debug: the
             # line above says what happened
             if record.exc_info and not record.exc_text and logging.getLogger().isEnabledFor(logging.DEBUG):
@@ -301,7 +307,8 @@ class StorageSCP:
         stream_received_objects()
         escape_library_log("pynetdicom")
         limits = Limits(handshake=self.cfg.handshake_timeout, pdu=self.cfg.pdu_timeout, max_pdu=self.cfg.max_pdu,
-                        max_pending=self.cfg.max_pending)
+                        max_pending=self.cfg.max_pending,
+                        per_host=min(self.cfg.max_associations_per_host, self.cfg.max_associations))
         try:
             server = self.ae.make_server((self.cfg.host, self.cfg.port), ssl_context=self.tls, evt_handlers=handlers,
                                          server_class=BoundedServer, limits=limits, monitor=self,
@@ -358,15 +365,39 @@ class StorageSCP:
         log.warning("association from %s rejected: the %s AE title %s is not a valid AE title", peer, which,
                     f"'{self.shown(title.rstrip(b' '), 16)}'")
 
+    def rejected_host(self, peer: str, calling: str, held: int, first: bool) -> None:
+        self._count("rejected_associations")
+        if not first:  # counted; the line was written when the host came to its limit
+            return
+        host = peer.rsplit(":", 1)[0]
+        log.warning("association from %s at %s rejected (transient, local limit exceeded): %s already holds %d "
+                    "associations (max_associations_per_host); the other slots are kept for other hosts (further "
+                    "rejections are counted in status.json, not logged, until one of its associations ends)",
+                    calling, peer, host, held)
+
     # ------------------------------------------------------------------ event handlers (network threads)
     def on_store(self, event) -> int:
         from .bounded import receive_error
 
         self._bytes[id(event.assoc)] = 0
+        try:
+            received = event.dataset_path  # streamed to disk as it arrived (cxr_batch.integration.bounded)
+        except AttributeError:
+            received = None
+        # why it could not be written (disk full, low space), asked on every path so it is forgotten
+        failed = receive_error(received) if received else None
         uid = str(event.request.AffectedSOPInstanceUID or "")
         shown = uid if valid_uid(uid) else f"an object with an invalid SOP Instance UID ({self.shown(uid, 20)}...)"
         # the peer that sends: the requestor, or (C-GET, cxr_batch.integration.pull) the PACS we called
         peer = self.shown((event.assoc.acceptor if event.assoc.is_requestor else event.assoc.requestor).ae_title, 16)
+        sop_class = str(event.request.AffectedSOPClassUID or "")
+        if sop_class != str(event.context.abstract_syntax):
+            # PS3.7 9.1.1.1: the SOP class of a C-STORE is that of its presentation context; one on
+            # the Verification context was stored in a transfer syntax negotiated for no image
+            self._count("refused")
+            log.warning("%s from %s refused (0x0122, SOP class not supported): a C-STORE of %s on the presentation "
+                        "context for %s", shown, peer, self.shown(sop_class), self.shown(event.context.abstract_syntax))
+            return SOP_CLASS_NOT_SUPPORTED
         if self.spool.free_bytes() < self.min_free:
             # Received objects must not fill the disk the results, reports and ledger are written
             # to: the peer is told to try later (it keeps the object meanwhile).
@@ -384,12 +415,8 @@ class StorageSCP:
             log.info("disk space for the spool again: storing")
             self.low_on_space = False
         try:
-            try:
-                received = event.dataset_path  # streamed to disk as it arrived (cxr_batch.integration.bounded)
-            except AttributeError:
-                received = None
-            if received and (error := receive_error(received)) is not None:
-                raise error  # the disk filled while it arrived
+            if failed is not None:
+                raise failed  # the disk filled, or came below min_free_mb, while it arrived
             path = self.spool.take(uid, received) if received else self.spool.write(uid, event.encoded_dataset())
         except OSError as e:
             self._count("refused")
@@ -409,8 +436,16 @@ class StorageSCP:
     def on_data(self, event) -> None:
         """Every PDU received: an object growing past ``max_object`` bytes (written to the spool
         as it arrives) aborts its association, so one sender cannot fill the disk or hold a
-        slot for ever."""
+        slot for ever; one arriving while the spool's volume has less than ``min_free`` left
+        stops being written and is answered 0xA700 when complete. The free space checked only
+        then let objects arriving together (up to max_associations x max_file_bytes) take the
+        disk the results and ledger are written to from min_free_mb to full."""
+        from .bounded import refuse_partial_object
+
         key = id(event.assoc)
+        if self.min_free and self.spool.free_bytes() < self.min_free:
+            refuse_partial_object(event.assoc, OSError(errno.ENOSPC, f"less than {self.cfg.min_free_mb} MiB free "
+                                                                     f"for the spool"))
         if key in self._aborted:
             return  # PDUs already read before the abort took effect
         size = self._bytes.get(key, 0) + len(event.data)
