@@ -82,7 +82,7 @@ def run_fatal_errors(debug: bool, action):
     from .config import ConfigError
     from .device import DeviceError
     from .folderlock import FolderBusy
-    from .journal import EarlierResults
+    from .journal import EarlierResults, ResultsNotWritten
     from .labels import LabelsError
     from .ledger import LedgerError
     from .metadata import MetadataError
@@ -91,7 +91,8 @@ def run_fatal_errors(debug: bool, action):
         return action()
     except (DeviceError, ConfigError) as e:  # ConfigError: e.g. --out inside the studies (cxr_batch.folders)
         fail(str(e), debug, EXIT_USAGE)
-    except (BundleError, FolderBusy, MetadataError, LabelsError, EarlierResults, LedgerError) as e:
+    except (BundleError, FolderBusy, MetadataError, LabelsError, EarlierResults, LedgerError,
+            ResultsNotWritten) as e:
         fail(str(e), debug)
     except KeyboardInterrupt as e:  # a command without a graceful stop (scan has one): nothing half-written
         fail(str(e) or "interrupted (Ctrl-C): stopped; nothing was written", debug, exit_codes.INTERRUPTED)

@@ -71,9 +71,13 @@ class AtomicCsvWriter:
         self._writer.writerows(rows)
 
     def abort(self) -> None:
-        if not self._file.closed:
-            self._file.close()
-        Path(self.tmp).unlink(missing_ok=True)
+        try:
+            if not self._file.closed:
+                self._file.close()  # flushes what is buffered: on a full disk that fails too
+        except OSError:
+            pass
+        finally:
+            Path(self.tmp).unlink(missing_ok=True)
 
     def __enter__(self):
         return self
