@@ -652,3 +652,47 @@ def test_a_file_the_daemon_may_not_read_is_quarantined(tmp_path, nih_images, sma
     rows = {r["file"]: r for r in rows_now(out)}
     assert rows["closed.dcm"]["status"] == "error" and "Permission denied" in rows["closed.dcm"]["reason"]
     assert [p.name.startswith("closed.") for p in quarantine.iterdir()] == [True]
+
+
+@pytest.mark.parametrize("how", ["removed", "moved"])
+def test_a_results_folder_removed_or_moved_under_the_daemon_is_made_again_with_every_study(tmp_path, nih_images,
+                                                                                            small_bundle, how):
+    """`rm -rf OUT` or `mv OUT OUT.old` while the daemon runs: it stayed degraded until restarted
+    ('results.csv cannot be written') while it went on committing studies to a ledger no path
+    named any more (gone at the restart with every study it held), without a lock on OUT (a
+    second daemon could take it). Now OUT is made again from the ledger the daemon holds open:
+    every row, every report, the ledger and the lock, and the daemon runs on."""
+    import sqlite3
+
+    incoming, out = tmp_path / "in", tmp_path / "out"
+    incoming.mkdir()
+    good_dicoms(incoming, nih_images, 2)
+    daemon = start_daemon(incoming, out, small_bundle, watch_config(tmp_path / "w.toml"))
+    try:
+        assert wait_for(lambda: len(ok_rows(out)) == 2)
+        if how == "removed":
+            import shutil
+
+            while out.exists():  # the daemon may write a file into it as it goes
+                shutil.rmtree(out, ignore_errors=True)
+        else:
+            out.rename(tmp_path / "out.old")
+        good_dicoms(incoming, nih_images, 2, start=2)
+        assert wait_for(lambda: len(ok_rows(out)) == 4 and status(out).get("state") == "running", timeout=60), \
+            status(out)
+        rows = ok_rows(out)
+        assert sorted(r["file"] for r in rows) == [f"g{i:02d}.dcm" for i in range(4)]
+        assert all((out / "reports" / r["report"]).is_file() for r in rows)
+        assert wait_for(lambda: (out / "reports" / "worklist.pdf").is_file(), timeout=30)
+        ledger = sqlite3.connect(out / ".cxr-batch" / "ledger.sqlite")
+        assert ledger.execute("SELECT COUNT(*) FROM studies").fetchone()[0] == 4
+        ledger.close()
+        second = subprocess.run([sys.executable, "-m", "cxr_batch", "watch", str(incoming), "--out", str(out),
+                                 "--weights", str(small_bundle), "--device", "cpu"], capture_output=True, text=True,
+                                timeout=120)
+        assert second.returncode != 0 and f"PID {daemon.pid}" in second.stderr  # OUT is locked again
+    finally:
+        assert stop(daemon) == 0
+    log = daemon.stderr.read()
+    assert "made again" in log, log[-2000:]
+    assert len(ok_rows(out)) == 4 and status(out)["state"] == "stopped"
