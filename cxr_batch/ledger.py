@@ -421,6 +421,14 @@ class Ledger:
                             "last_error = ? WHERE uid = ? AND channel = ?",
                             (time.time(), due_at, destination, error, uid, channel))
 
+    def outbound_clock_back(self, seconds: float, channel: str = "dicom") -> int:
+        """The system clock went back ``seconds``: the waiting objects of ``channel`` are due and
+        queued that much earlier, so each keeps the wait it had (and the queue its order) instead
+        of waiting out the clock's jump too. Returns how many."""
+        with self.db:
+            return self.db.execute(f"UPDATE outbound SET due_at = due_at - ?, queued_at = queued_at - ? "
+                                   f"WHERE {_WAITING} AND channel = ?", (seconds, seconds, channel)).rowcount
+
     def outbound_stats(self, now: float, channel: str | None = "dicom") -> dict:
         """For status.json: waiting objects of ``channel`` (None: every channel), the oldest
         one's age in seconds, how many of them failed at least one try and how many the peer
