@@ -291,8 +291,10 @@ def send_scan_results(out: Path, cfg, code: int, debug: bool, studies: Path | No
     the scanned folder (the ORUs' patient names come from its headers)."""
     if not (cfg.hl7_to or cfg.stow_to) or not (out / "results.csv").is_file():
         return code
+    from .checkpoints import checkpoint
     from .integration.outbox import send_after_scan
 
+    checkpoint("send")  # results.csv and run.json written, nothing queued yet
     lines = run_fatal_errors(debug, lambda: send_after_scan(out, cfg, Path(studies) if studies else None))
     for line in lines:
         click.echo(f"cxr-batch: {line}", err=True)
@@ -542,10 +544,17 @@ def open_outbound(out: Path):
     """The queue of the results folder ``out``: its daemon's ledger (the daemon may be running:
     SQLite lets both in), or a scan's queue."""
     from .integration.outbox import open_queue, queue_paths
+    from .journal import _run_info
     from .ledger import LedgerError
     from .watch import STATE_DIR
 
     paths = queue_paths(out)
+    config = _run_info(out).get("config")
+    if not paths and isinstance(config, dict) and (config.get("hl7_to") or config.get("stow_to")):
+        # a scan stopped (killed) between writing its results and queueing them
+        fail(f"{out} holds a scan made to send its results (--hl7-to/--stow-to) whose results were never queued: it "
+             f"was stopped before sending them. Run the same scan command with --resume: it keeps every row and "
+             f"queues and sends the results", False)
     if not paths:
         fail(f"{out} has no ledger ({out / STATE_DIR / 'ledger.sqlite'}) nor queue: not a results folder of cxr-batch "
              f"listen, watch, pull or of a scan with --hl7-to/--stow-to", False)

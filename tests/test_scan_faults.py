@@ -47,3 +47,38 @@ def test_a_disk_full_mid_scan_is_said_and_resume_ends_with_the_rows_of_a_clean_s
     rows = same_numbers(out / "results.csv")
     assert rows == same_numbers(clean / "results.csv")
     assert set(read_journal(out.joinpath(*JOURNAL))[1]) == set(rows)  # a later resume keeps every study
+
+
+def test_a_scan_killed_before_its_results_were_queued_says_so_and_resume_sends_them(tmp_path, nih_images,
+                                                                                   small_bundle):
+    """Killed after results.csv and run.json, before its ORUs were queued: `outbound list` and
+    `outbound send` said the folder was 'not a results folder of ... a scan with --hl7-to', so
+    the operator read 'nothing to send' and the RIS never got them. Now they say the results
+    were never queued and that --resume queues and sends them; it does, each once."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from .dicomgen import grey, write
+    from .ris import RIS
+    from .watchkit import free_port
+
+    studies = tmp_path / "studies"
+    studies.mkdir()
+    for i, p in enumerate(nih_images[:3]):
+        write(studies / f"s{i}.dcm", grey(p), PatientID=f"P{i}", AccessionNumber=f"ACC{i}")
+    out = tmp_path / "out"
+    args = ["scan", studies, "--out", out, "--weights", small_bundle, "--device",
+            "cpu", "--no-pdf", "--quiet"]
+    killed = subprocess.run([sys.executable, "-m", "cxr_batch", *map(str, args), "--hl7-to", f"127.0.0.1:{free_port()}"], capture_output=True,
+                            text=True, timeout=300, env={**os.environ, "CXR_BATCH_KILL_AT": "send"})
+    assert killed.returncode == -signal.SIGKILL and len(read_results(out / "results.csv")) == 3
+    for command in ("list", "send"):
+        said = cli("outbound", command, "--out", out)
+        assert said.returncode == 1 and "never queued" in said.stderr and "--resume" in said.stderr, said.stderr
+    with RIS() as ris:
+        done = cli(*args, "--hl7-to", f"127.0.0.1:{ris.endpoint.port}", "--resume")
+        assert done.returncode == 0, done.stderr
+        assert sorted(m.split("|")[9] for m in map(str, ris.received)) == sorted(
+            {m.split("|")[9] for m in map(str, ris.received)}) and len(ris.received) == 3
