@@ -269,6 +269,15 @@ class Ledger:
         out = [(seq, StudyRecord.from_json(json.loads(r))) for seq, r in rows]
         return out[::-1] if newest else out
 
+    def record(self, key: str) -> StudyRecord | None:
+        """The current record of ``key``."""
+        row = self.db.execute("SELECT record FROM studies WHERE key = ?", (key,)).fetchone()
+        return StudyRecord.from_json(json.loads(row[0])) if row else None
+
+    def has_superseded(self, key: str) -> bool:
+        """Whether ``key``'s result replaced an earlier one (its results have identifiers of their own)."""
+        return self.db.execute("SELECT 1 FROM superseded WHERE key = ? LIMIT 1", (key,)).fetchone() is not None
+
     def unpublished(self) -> list[tuple[str, StudyRecord]]:
         rows = self.db.execute("SELECT key, record FROM studies WHERE published = 0 ORDER BY seq").fetchall()
         return [(k, StudyRecord.from_json(json.loads(r))) for k, r in rows]

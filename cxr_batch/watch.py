@@ -345,6 +345,9 @@ class Watcher:
         """The results folder made again: its lock, a copy of the ledger held open (the SQLite
         backup of this connection: every study committed, also since the folder went), the
         outbound senders on the new ledger, results.csv, missing reports and the worklist."""
+        if not self.out.parent.is_dir():  # never a share's folders made again on the disk it was mounted over
+            raise OutputError(f"the results folder {self.out} is gone with the folder it was in (an unmounted "
+                              f"share?): it is made again once {self.out.parent} is back")
         private_dir(self.out)
         if self.lock.held_folder() != _identity(self.out):  # the lock went with the old folder
             try:
@@ -385,6 +388,7 @@ class Watcher:
         self.csv_whole = self.worklist_due = True
         if self.reports is not None:
             self.regenerate_reports()
+        self.remake_queued_objects()
         self.publish_whole()
         self.retry_at = 0.0  # the batches waiting go now, not after the back-off of the failed writes
 
@@ -487,10 +491,42 @@ class Watcher:
         self.contained(self.publish_whole)
         if self.reports is not None:
             self.contained(self.regenerate_reports)
+        self.contained(self.remake_queued_objects)
         if self.moves_handled_files():
             self.contained(self.sweep_handled)
         self.drift.evaluate()  # the state before any new study
         self.worklist_due = True
+
+    def remake_queued_objects(self) -> None:
+        """Results waiting to be sent whose file is gone (with a results folder removed, or an
+        hl7/ or dicom/ folder cleaned by hand): made again from the study's record under the
+        same SOPInstanceUID or MSH-10, and due now. They were refused as 'object file missing'
+        and offered again every refused_retry for ever: never delivered."""
+        from .sr import SR_FOLDER
+
+        missing: dict[str, list[dict]] = {}
+        for row in self.ledger.outbound_rows():
+            if not (self.out / row["path"]).is_file():
+                missing.setdefault(row["key"], []).append(row)
+        made = []
+        for key, rows in missing.items():
+            known, record = self.ledger.known(key), self.ledger.record(key)
+            if known is None or record is None or not record.ok:
+                continue
+            revision = known.content if self.ledger.has_superseded(key) else ""
+            for row in rows:
+                if row["channel"] == "hl7":
+                    if self.outbox.remake_message(record, revision, row["path"]):
+                        made.append(row)
+                elif row["path"].startswith(f"{SR_FOLDER}/") and self.srs is not None:
+                    extra = {"revision": revision, "predecessor": None} if revision else {}
+                    self.srs.report(record, f"{key}:{known.content}", **extra)
+                    if (self.out / row["path"]).is_file():
+                        made.append(row)
+        for row in made:
+            self.ledger.outbound_send_now([row["uid"]], row["channel"])
+        if made:
+            log.warning("%d result(s) waiting to be sent had lost their file: made again", len(made))
 
     def moves_handled_files(self) -> bool:
         """Whether handled files leave the watched folder (the DICOM node's spool always does)."""

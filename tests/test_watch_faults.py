@@ -696,3 +696,31 @@ def test_a_results_folder_removed_or_moved_under_the_daemon_is_made_again_with_e
     log = daemon.stderr.read()
     assert "made again" in log, log[-2000:]
     assert len(ok_rows(out)) == 4 and status(out)["state"] == "stopped"
+
+
+def test_results_waiting_for_the_ris_when_the_results_folder_is_removed_still_reach_it(tmp_path, nih_images,
+                                                                                      small_bundle):
+    """The RIS down, then OUT removed: the queued ORUs went with OUT/hl7, so each was refused as
+    'object file missing' and offered again every refused_retry for ever: never delivered. They
+    are made again (the same MSH-10) with the folder, and reach the RIS once it is back."""
+    import shutil
+
+    from .ris import RIS
+    from .watchkit import free_port
+
+    incoming, out, port = tmp_path / "in", tmp_path / "out", free_port()
+    incoming.mkdir()
+    good_dicoms(incoming, nih_images, 2)
+    daemon = start_daemon(incoming, out, small_bundle, watch_config(tmp_path / "w.toml", retry_max=1.0),
+                          "--hl7-to", f"127.0.0.1:{port}")
+    try:
+        assert wait_for(lambda: len(ok_rows(out)) == 2 and len(list((out / "hl7").glob("*.hl7"))) == 2)
+        queued = sorted(p.stem for p in (out / "hl7").glob("*.hl7"))
+        while out.exists():
+            shutil.rmtree(out, ignore_errors=True)
+        assert wait_for(lambda: status(out).get("state") == "running", timeout=60), status(out)
+        with RIS(port=port) as ris:
+            assert wait_for(lambda: len(ris.received) >= 2, timeout=30), status(out)
+            assert sorted(str(m).split("|")[9] for m in ris.received) == queued
+    finally:
+        assert stop(daemon) == 0
