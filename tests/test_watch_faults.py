@@ -724,3 +724,29 @@ def test_results_waiting_for_the_ris_when_the_results_folder_is_removed_still_re
             assert sorted(str(m).split("|")[9] for m in ris.received) == queued
     finally:
         assert stop(daemon) == 0
+
+
+def test_rows_appended_on_a_full_disk_are_written_whole_or_not_at_all(studies, tmp_path, small_bundle, small_disk):
+    """The daemon appends each batch's rows in one write: on a disk with room for part of them
+    the write took part and returned without an error, so results.csv ended in half a row (its
+    numbers cut short, read back as a row) and the studies were marked published. Now the
+    append is undone and raised: the daemon degrades and rewrites results.csv once it can."""
+    from cxr_batch.results import append_rows, read_records
+    from cxr_batch.scan import run_scan
+
+    from .test_operator import quick
+
+    run_scan(studies, tmp_path / "scan", quick(small_bundle, pdf=False))
+    records = read_records(tmp_path / "scan" / "results.csv")
+    results = small_disk / "results.csv"
+    append_rows(results, records[:1])
+    before = results.read_bytes()
+    with open(small_disk / "filler", "wb", buffering=0) as f:  # every free block taken; the last
+        try:                                                  # of results.csv has room for part of a row
+            while f.write(b"\0" * 4096):
+                pass
+        except OSError:
+            pass
+    with pytest.raises(OSError):
+        append_rows(results, records * 3)  # more than the last block holds
+    assert results.read_bytes() == before
