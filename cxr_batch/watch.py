@@ -389,6 +389,8 @@ class Watcher:
         if self.reports is not None:
             self.regenerate_reports()
         self.remake_queued_objects()
+        # objects the senders found missing while the folder was gone wait refused_retry: due now
+        self.ledger.outbound_send_now()
         self.publish_whole()
         self.retry_at = 0.0  # the batches waiting go now, not after the back-off of the failed writes
 
