@@ -438,6 +438,13 @@ class Ledger:
             return self.db.execute(f"UPDATE outbound SET due_at = due_at - ?, queued_at = queued_at - ? "
                                    f"WHERE {_WAITING} AND channel = ?", (seconds, seconds, channel)).rowcount
 
+    def outbound_due_by(self, latest: float, channel: str = "dicom") -> int:
+        """Waiting objects of ``channel`` due after ``latest`` (epoch seconds) are due then:
+        a due time further ahead than any wait can only come from a clock that ran ahead."""
+        with self.db:
+            return self.db.execute(f"UPDATE outbound SET due_at = ? WHERE {_WAITING} AND channel = ? AND due_at > ?",
+                                   (latest, channel, latest)).rowcount
+
     def outbound_stats(self, now: float, channel: str | None = "dicom") -> dict:
         """For status.json: waiting objects of ``channel`` (None: every channel), the oldest
         one's age in seconds, how many of them failed at least one try and how many the peer

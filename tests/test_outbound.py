@@ -237,3 +237,29 @@ def test_a_clock_set_back_never_holds_the_queue_for_the_time_it_went_back(tmp_pa
         assert len(ris.received) == 1
     assert ledger.outbound_stats(time.time(), "hl7")["delivered"] == 1
     ledger.close()
+
+
+def test_a_result_due_far_ahead_by_a_clock_that_ran_ahead_before_a_restart_waits_no_longer_than_its_back_off(
+        tmp_path):
+    """The clock ran a day ahead while the RIS refused a result (due again at refused_retry by
+    that clock), then the machine restarted with the right time: no running sender saw the jump,
+    and the result waited a day. A due time beyond the longest wait a sender sets is its longest
+    wait from now."""
+    from cxr_batch.integration.hl7 import Endpoint
+    from cxr_batch.integration.outbox import HL7Channel
+
+    from .ris import RIS
+
+    out = tmp_path / "out"
+    ledger = Ledger(out / ".cxr-batch" / "ledger.sqlite")
+    (out / "hl7").mkdir()
+    (out / "hl7" / "CTRL2.hl7").write_text("MSH|^~\\&|CXR-BATCH|FAC|RIS|FAC|20240101120000||ORU^R01^ORU_R01|CTRL2|P|2.5\r"
+                                          "PID|1||P001\r")
+    with RIS() as ris:
+        where = f"127.0.0.1:{ris.endpoint.port}"
+        ledger.queue_outbound([("k", outbound_entry("CTRL2", "hl7/CTRL2.hl7", "hl7", where))])
+        ledger.outbound_refused("CTRL2", where, "AE: try later", time.time() + 86400 + 900, "hl7")
+        sender = Sender(ledger.path, out, HL7Channel(ris.endpoint, 2.0), retry_max=1.0, refused_retry=1.0)
+        sender.drain(time.time() + 10, ledger)
+        assert len(ris.received) == 1
+    ledger.close()

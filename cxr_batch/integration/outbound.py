@@ -221,13 +221,20 @@ class Sender:
     def _follow_the_clock(self, ledger: Ledger) -> None:
         """Due times are of the wall clock (they outlive the process): when it was set back (NTP
         correcting a clock that ran ahead, a VM resumed), the waiting objects are moved back by
-        as much, or each would wait out the jump (hours, days) beyond its back-off."""
+        as much, or each would wait out the jump (hours, days) beyond its back-off; one due
+        further ahead than any wait is due at the longest wait from now."""
         offset = time.time() - time.monotonic()
         back, self.clock_offset = self.clock_offset - offset, offset
         if back > CLOCK_STEP:
             n = ledger.outbound_clock_back(back, self.channel.name)
             log.warning("the system clock went back %.0f s: the %d waiting %s object(s) keep their wait", back, n,
                         self.channel.name)
+        # set back while no sender ran (a restart with the right time after a clock that ran
+        # ahead): no wait is longer than the longest a sender sets
+        longest = max(self.retry_max, self.refused_retry) + CLOCK_STEP
+        if ledger.outbound_due_by(time.time() + longest, self.channel.name):
+            log.warning("waiting %s object(s) were due further ahead than any wait (the clock ran ahead): due within "
+                        "%.0f s", self.channel.name, longest)
 
     def _back_off(self, ledger: Ledger, delay: float, since: float) -> None:
         """Wait ``delay`` seconds, less if we are stopped or an operator asks for a retry."""
