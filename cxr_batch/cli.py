@@ -82,7 +82,7 @@ def run_fatal_errors(debug: bool, action):
     from .config import ConfigError
     from .device import DeviceError
     from .folderlock import FolderBusy
-    from .journal import EarlierResults
+    from .journal import EarlierResults, ResultsNotWritten
     from .labels import LabelsError
     from .ledger import LedgerError
     from .metadata import MetadataError
@@ -91,7 +91,8 @@ def run_fatal_errors(debug: bool, action):
         return action()
     except (DeviceError, ConfigError) as e:  # ConfigError: e.g. --out inside the studies (cxr_batch.folders)
         fail(str(e), debug, EXIT_USAGE)
-    except (BundleError, FolderBusy, MetadataError, LabelsError, EarlierResults, LedgerError) as e:
+    except (BundleError, FolderBusy, MetadataError, LabelsError, EarlierResults, LedgerError,
+            ResultsNotWritten) as e:
         fail(str(e), debug)
     except KeyboardInterrupt as e:  # a command without a graceful stop (scan has one): nothing half-written
         fail(str(e) or "interrupted (Ctrl-C): stopped; nothing was written", debug, exit_codes.INTERRUPTED)
@@ -317,8 +318,10 @@ def send_scan_results(out: Path, cfg, code: int, debug: bool, studies: Path | No
     the scanned folder (the ORUs' patient names come from its headers)."""
     if not (cfg.hl7_to or cfg.stow_to) or not (out / "results.csv").is_file():
         return code
+    from .checkpoints import checkpoint
     from .integration.outbox import send_after_scan
 
+    checkpoint("send")  # results.csv and run.json written, nothing queued yet
     lines = run_fatal_errors(debug, lambda: send_after_scan(out, cfg, Path(studies) if studies else None))
     for line in lines:
         click.echo(f"cxr-batch: {line}", err=True)
@@ -568,10 +571,17 @@ def open_outbound(out: Path):
     """The queue of the results folder ``out``: its daemon's ledger (the daemon may be running:
     SQLite lets both in), or a scan's queue."""
     from .integration.outbox import open_queue, queue_paths
+    from .journal import _run_info
     from .ledger import LedgerError
     from .watch import STATE_DIR
 
     paths = queue_paths(out)
+    config = _run_info(out).get("config")
+    if not paths and isinstance(config, dict) and (config.get("hl7_to") or config.get("stow_to")):
+        # a scan stopped (killed) between writing its results and queueing them
+        fail(f"{out} holds a scan made to send its results (--hl7-to/--stow-to) whose results were never queued: it "
+             f"was stopped before sending them. Run the same scan command with --resume: it keeps every row and "
+             f"queues and sends the results", False)
     if not paths:
         fail(f"{out} has no ledger ({out / STATE_DIR / 'ledger.sqlite'}) nor queue: not a results folder of cxr-batch "
              f"listen, watch, pull or of a scan with --hl7-to/--stow-to", False)

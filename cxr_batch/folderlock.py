@@ -38,6 +38,21 @@ class FolderLock:
         self._fd = fd
         return self
 
+    def held_folder(self) -> tuple[int, int] | None:
+        """(device, inode) of the folder holding the lock file this lock is on (it may have been
+        moved since), None when the file is gone or no lock is held."""
+        if self._fd is None:
+            return None
+        try:
+            held = os.fstat(self._fd)
+            st = os.stat(self.path)
+        except OSError:
+            return None
+        if (st.st_dev, st.st_ino) != (held.st_dev, held.st_ino):
+            return None  # the lock file at the path is another one: this lock is not on that folder
+        folder = os.stat(self.path.parent)
+        return folder.st_dev, folder.st_ino
+
     def release(self) -> None:
         if self._fd is not None:
             os.close(self._fd)

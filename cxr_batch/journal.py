@@ -57,6 +57,11 @@ class EarlierResults(Exception):
     to do with them (or cannot resume them)."""
 
 
+class ResultsNotWritten(Exception):
+    """A scan's results could not be written (a full disk, a read-only folder): the scan ends,
+    saying what its journal kept for --resume."""
+
+
 def row_settings(config: dict, metadata_sha256: str | None) -> dict:
     """What decides a study's row, from a scan's configuration (``to_plain``): the metadata
     table by its content, not its path."""
@@ -251,23 +256,63 @@ class Journal:
         os.fchmod(self._fd, FILE_MODE)
         self.path = path
         self._lines: list[str] = []
-        if not append:
-            self._lines.append(json.dumps({"journal": FORMAT, "studies": str(Path(studies).resolve()),
-                                           "settings": settings}))
+        self._entries = 0  # of the lines not written yet, those of studies (not the header)
+        self.written = 0  # study entries written by this scan
+        if append:
+            _cut_partial_line(path, self._fd)
+            return
+        self._lines.append(json.dumps({"journal": FORMAT, "studies": str(Path(studies).resolve()),
+                                       "settings": settings}))
+        try:
             self.flush()
+        except OSError:  # no header: a journal that would read as another version's at --resume
+            self.close()
+            path.unlink(missing_ok=True)
+            raise
 
     def add(self, record: StudyRecord, sha256: str, bundle_sha256: str) -> None:
         self._lines.append(json.dumps({"file": record.file, "sha256": sha256, "bundle_sha256": bundle_sha256,
                                        "record": record.to_json()}))
+        self._entries += 1
 
     def flush(self) -> None:
-        if self._lines:
-            os.write(self._fd, ("\n".join(self._lines) + "\n").encode("utf-8"))
+        """Write the lines added since the last flush, whole or not at all: a write that fails
+        (a full disk) is cut back to the last whole line, so a resume never glues its first
+        entry to half of one; the studies of the lines not written are scored again then.
+        OSError naming the journal."""
+        if not self._lines:
+            return
+        data = memoryview(("\n".join(self._lines) + "\n").encode("utf-8"))
+        entries, self._entries = self._entries, 0
+        self._lines.clear()
+        end = os.lseek(self._fd, 0, os.SEEK_END)
+        try:
+            while data:  # a nearly full disk takes part of a write before it refuses the rest
+                data = data[os.write(self._fd, data):]
             os.fsync(self._fd)
-            self._lines.clear()
+        except OSError as e:
+            try:
+                os.ftruncate(self._fd, end)
+            except OSError:
+                pass
+            raise OSError(e.errno, e.strerror, str(self.path)) from None
+        self.written += entries
 
     def close(self) -> None:
         if self._fd is not None:
-            self.flush()
-            os.close(self._fd)
-            self._fd = None
+            try:
+                self.flush()
+            finally:
+                os.close(self._fd)
+                self._fd = None
+
+
+def _cut_partial_line(path: Path, fd: int) -> None:
+    """A journal whose last line was cut short (a power cut mid-write) ends at its last whole
+    line before this scan appends to it."""
+    size = os.fstat(fd).st_size
+    with open(path, "rb") as f:
+        f.seek(max(0, size - (1 << 20)))
+        tail = f.read()
+    if tail and not tail.endswith(b"\n"):
+        os.ftruncate(fd, size - len(tail) + tail.rfind(b"\n") + 1)

@@ -269,6 +269,15 @@ class Ledger:
         out = [(seq, StudyRecord.from_json(json.loads(r))) for seq, r in rows]
         return out[::-1] if newest else out
 
+    def record(self, key: str) -> StudyRecord | None:
+        """The current record of ``key``."""
+        row = self.db.execute("SELECT record FROM studies WHERE key = ?", (key,)).fetchone()
+        return StudyRecord.from_json(json.loads(row[0])) if row else None
+
+    def has_superseded(self, key: str) -> bool:
+        """Whether ``key``'s result replaced an earlier one (its results have identifiers of their own)."""
+        return self.db.execute("SELECT 1 FROM superseded WHERE key = ? LIMIT 1", (key,)).fetchone() is not None
+
     def unpublished(self) -> list[tuple[str, StudyRecord]]:
         rows = self.db.execute("SELECT key, record FROM studies WHERE published = 0 ORDER BY seq").fetchall()
         return [(k, StudyRecord.from_json(json.loads(r))) for k, r in rows]
@@ -420,6 +429,21 @@ class Ledger:
             self.db.execute("UPDATE outbound SET failed_at = ?, due_at = ?, destination = ?, attempts = attempts + 1, "
                             "last_error = ? WHERE uid = ? AND channel = ?",
                             (time.time(), due_at, destination, error, uid, channel))
+
+    def outbound_clock_back(self, seconds: float, channel: str = "dicom") -> int:
+        """The system clock went back ``seconds``: the waiting objects of ``channel`` are due and
+        queued that much earlier, so each keeps the wait it had (and the queue its order) instead
+        of waiting out the clock's jump too. Returns how many."""
+        with self.db:
+            return self.db.execute(f"UPDATE outbound SET due_at = due_at - ?, queued_at = queued_at - ? "
+                                   f"WHERE {_WAITING} AND channel = ?", (seconds, seconds, channel)).rowcount
+
+    def outbound_due_by(self, latest: float, channel: str = "dicom") -> int:
+        """Waiting objects of ``channel`` due after ``latest`` (epoch seconds) are due then:
+        a due time further ahead than any wait can only come from a clock that ran ahead."""
+        with self.db:
+            return self.db.execute(f"UPDATE outbound SET due_at = ? WHERE {_WAITING} AND channel = ? AND due_at > ?",
+                                   (latest, channel, latest)).rowcount
 
     def outbound_stats(self, now: float, channel: str | None = "dicom") -> dict:
         """For status.json: waiting objects of ``channel`` (None: every channel), the oldest

@@ -71,9 +71,13 @@ class AtomicCsvWriter:
         self._writer.writerows(rows)
 
     def abort(self) -> None:
-        if not self._file.closed:
-            self._file.close()
-        Path(self.tmp).unlink(missing_ok=True)
+        try:
+            if not self._file.closed:
+                self._file.close()  # flushes what is buffered: on a full disk that fails too
+        except OSError:
+            pass
+        finally:
+            Path(self.tmp).unlink(missing_ok=True)
 
     def __enter__(self):
         return self
@@ -101,9 +105,9 @@ def rank_rows(rows: list[dict]) -> int:
 
 def append_rows(path: Path, records: list[StudyRecord]) -> None:
     """Append records to results.csv (created with its header if absent) in one write,
-    flushed to disk: the cost is that of the new rows, whatever the file's size. A crash
-    mid-append can leave a partial last line; the watch daemon rewrites the file from its
-    ledger at every start."""
+    flushed to disk: the cost is that of the new rows, whatever the file's size. A write that
+    fails (a full disk) is undone and raised; a crash mid-append can leave a partial last line,
+    and the watch daemon rewrites the file from its ledger at every start."""
     path = Path(path)
     if not path.exists():  # a daemon's rows: no rank (its worklist changes with every study)
         with AtomicCsvWriter(path, rank=False) as writer:
@@ -114,10 +118,17 @@ def append_rows(path: Path, records: list[StudyRecord]) -> None:
     writer = csv.DictWriter(buf, fieldnames=list(COLUMNS))
     for record in records:
         writer.writerow(record.to_row())
+    data = memoryview(buf.getvalue().encode("utf-8"))
     fd = os.open(path, os.O_WRONLY | os.O_APPEND)
     try:
-        os.write(fd, buf.getvalue().encode("utf-8"))
-        os.fsync(fd)
+        end = os.lseek(fd, 0, os.SEEK_END)
+        try:
+            while data:  # a nearly full disk takes part of a write and returns: never half a row
+                data = data[os.write(fd, data):]
+            os.fsync(fd)
+        except OSError:
+            os.ftruncate(fd, end)  # the rows are appended whole or not at all
+            raise
     finally:
         os.close(fd)
 

@@ -192,6 +192,26 @@ class ScanRun:
 
     def scan(self, candidates, files_found: int, metadata, match, settings: dict,
              evidence_problem: str) -> ScanSummary:
+        """Score ``candidates`` and write the results. ResultsNotWritten when they cannot be
+        written (a full disk, a read-only folder), saying what the journal kept."""
+        self.record_log, self.kept, self.csv_done = None, 0, False
+        try:
+            return self._scan(candidates, files_found, metadata, match, settings, evidence_problem)
+        except OSError as e:
+            raise journal.ResultsNotWritten(self.not_written(e)) from None
+
+    def not_written(self, e: OSError) -> str:
+        what = f"{e.strerror or e} ({e.filename or 'the results folder'})"
+        if self.csv_done:
+            return (f"results.csv is complete, but run.json could not be written: {what}; once the folder can be "
+                    f"written, the same command with --resume writes it (every row is kept)")
+        saved = self.kept + (self.record_log.written if self.record_log is not None else 0)
+        return (f"results not written: {what}; the scan stopped. The {saved} studies scored so far are kept in its "
+                f"journal ({self.out / journal.STATE_DIR / journal.JOURNAL}): once the disk has room (or the folder "
+                f"can be written), run the same command with --resume to keep them and score the rest")
+
+    def _scan(self, candidates, files_found: int, metadata, match, settings: dict,
+              evidence_problem: str) -> ScanSummary:
         cfg, summary = self.cfg, self.summary
         summary.files_found = files_found
         if not files_found:
@@ -199,6 +219,7 @@ class ScanRun:
         if match is not None and match.problem():
             log.warning("%s", match.problem())
         kept, todo = self.previous.keep(candidates, self.bundle.sha256, cfg.pdf)
+        self.kept = len(kept)
         self.stamps = {c.rel: c.stamp for c in todo}
         if kept:
             log.info("--resume: %d studies scored before are kept (same file content, same weights); %d files to "
@@ -207,7 +228,7 @@ class ScanRun:
         log.info("%d candidate files under %s%s", len(candidates), self.studies, shard)
         engine = Engine(self.bundle, self.policy)
         checkpoint("loaded")
-        record_log = journal.Journal(self.previous, self.studies, settings)
+        record_log = self.record_log = journal.Journal(self.previous, self.studies, settings)
         records, scored_files = [], set()
         waiting = deque(sorted(kept.items()))  # kept rows, merged into the file order of the new ones
         start = time.perf_counter()
@@ -257,6 +278,7 @@ class ScanRun:
                 except Exception as e:  # results.csv is still written
                     summary.worklist_failed = True
                     log.error("worklist not written: %s: %s", type(e).__name__, e)
+        self.csv_done = True
         summary.seconds = time.perf_counter() - start
         if not summary.stopped_by:
             journal.remove_unlisted_outputs(self.out, scored_files)  # reports of files gone or changed since

@@ -42,8 +42,8 @@ from .checkpoints import checkpoint
 from .config import bounded
 from .discover import Candidate, find_candidates, is_ignored_name, leaves_folder
 from .drift_watch import DriftWatch
-from .files import atomic_write_bytes, private_dir, remove_stale_temp
-from .folderlock import FolderLock
+from .files import FILE_MODE, atomic_write_bytes, private_dir, remove_stale_temp
+from .folderlock import FolderBusy, FolderLock
 from .folders import refuse_overlap
 from .inference import Engine, model_inputs, score_batches
 from .journal import refuse_scan_results
@@ -151,6 +151,8 @@ class Watcher:
         except BaseException:
             self.lock.release()
             raise
+        self.results_id = self.results_identity()  # the folder and ledger this daemon writes
+        self.results_lost = False  # removed or moved while the daemon ran, not yet made again
         self.engine = Engine(self.bundle, self.policy)
         self.options = cfg.batch_options()
         workers = default_workers(self.policy.device) if cfg.workers is None else cfg.workers
@@ -237,6 +239,7 @@ class Watcher:
             if now >= self.retry_at:
                 worked = self.step(now)
             if now >= next_beat:
+                self.check_results_dir()
                 self.check_watch_dir()
                 self.heartbeat()
                 next_beat = now + self.cfg.heartbeat_interval
@@ -316,6 +319,80 @@ class Watcher:
             # a full disk at the same time is said too, and "running" comes back only when both are over
             self.state = "degraded" if self.watch_missing or self.fault else "running"
             self.reason = self.missing_reason(self.fault)
+
+    def results_identity(self) -> tuple[int, int, int, int] | None:
+        """(device, inode) of the results folder and of its ledger file; None when either is gone."""
+        try:
+            folder, ledger = os.stat(self.out), os.stat(self.ledger.path)
+        except (OSError, ValueError):
+            return None
+        return folder.st_dev, folder.st_ino, ledger.st_dev, ledger.st_ino
+
+    def check_results_dir(self) -> None:
+        """A results folder removed or moved (``rm -rf OUT``, ``mv OUT OUT.old``) while the daemon
+        runs is made again: the daemon went on committing studies to a ledger no path named any
+        more (lost at the next start, with the reports and rows of every study) and stayed
+        degraded, its lock gone with the folder."""
+        if self.results_identity() == self.results_id:
+            return
+        if not self.results_lost:
+            log.error("the results folder %s was removed or moved while the daemon ran: it is made again from the "
+                      "ledger this daemon holds (every study reported is kept)", self.out)
+        self.results_lost = True
+        self.contained(self.remake_results_dir)
+
+    def remake_results_dir(self) -> None:
+        """The results folder made again: its lock, a copy of the ledger held open (the SQLite
+        backup of this connection: every study committed, also since the folder went), the
+        outbound senders on the new ledger, results.csv, missing reports and the worklist."""
+        if not self.out.parent.is_dir():  # never a share's folders made again on the disk it was mounted over
+            raise OutputError(f"the results folder {self.out} is gone with the folder it was in (an unmounted "
+                              f"share?): it is made again once {self.out.parent} is back")
+        private_dir(self.out)
+        if self.lock.held_folder() != _identity(self.out):  # the lock went with the old folder
+            try:
+                lock = FolderLock(self.out, self.command).acquire()
+            except FolderBusy as e:  # another process took OUT: its folder now, said until we stop
+                raise OutputError(str(e)) from None
+            self.lock.release()
+            self.lock = lock
+        path = private_dir(self.out / STATE_DIR) / "ledger.sqlite"
+        if path.exists():
+            raise OutputError(f"{self.out} holds another ledger since its folder was replaced: restart the daemon to "
+                              f"use that one, or move it aside to keep this daemon's")
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        try:
+            copy = sqlite3.connect(tmp)
+            try:
+                self.ledger.db.backup(copy)
+            finally:
+                copy.close()
+            os.chmod(tmp, FILE_MODE)
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+        old, self.ledger = self.ledger, Ledger(path)
+        old.close()
+        self.drift.ledger = self.ledger
+        self.results_id = self.results_identity()
+        self.outbox.stop()  # its senders' connections are on the old ledger
+        from .integration.outbox import Outbox
+
+        self.outbox = Outbox.for_run(self.out, self.ledger.path, self.bundle, self.cfg)
+        self.outbox.start()
+        for writer in (self.reports, self.srs):
+            if writer is not None:
+                private_dir(writer.folder)
+        self.results_lost = False
+        log.warning("the results folder %s is made again: %d studies", self.out, self.ledger.count())
+        self.csv_whole = self.worklist_due = True
+        if self.reports is not None:
+            self.regenerate_reports()
+        self.remake_queued_objects()
+        # objects the senders found missing while the folder was gone wait refused_retry: due now
+        self.ledger.outbound_send_now()
+        self.publish_whole()
+        self.retry_at = 0.0  # the batches waiting go now, not after the back-off of the failed writes
 
     def missing_reason(self, fault: str) -> str:
         """status.json's reason: the missing watched folder, if it is, and why writing fails."""
@@ -416,10 +493,42 @@ class Watcher:
         self.contained(self.publish_whole)
         if self.reports is not None:
             self.contained(self.regenerate_reports)
+        self.contained(self.remake_queued_objects)
         if self.moves_handled_files():
             self.contained(self.sweep_handled)
         self.drift.evaluate()  # the state before any new study
         self.worklist_due = True
+
+    def remake_queued_objects(self) -> None:
+        """Results waiting to be sent whose file is gone (with a results folder removed, or an
+        hl7/ or dicom/ folder cleaned by hand): made again from the study's record under the
+        same SOPInstanceUID or MSH-10, and due now. They were refused as 'object file missing'
+        and offered again every refused_retry for ever: never delivered."""
+        from .sr import SR_FOLDER
+
+        missing: dict[str, list[dict]] = {}
+        for row in self.ledger.outbound_rows():
+            if not (self.out / row["path"]).is_file():
+                missing.setdefault(row["key"], []).append(row)
+        made = []
+        for key, rows in missing.items():
+            known, record = self.ledger.known(key), self.ledger.record(key)
+            if known is None or record is None or not record.ok:
+                continue
+            revision = known.content if self.ledger.has_superseded(key) else ""
+            for row in rows:
+                if row["channel"] == "hl7":
+                    if self.outbox.remake_message(record, revision, row["path"]):
+                        made.append(row)
+                elif row["path"].startswith(f"{SR_FOLDER}/") and self.srs is not None:
+                    extra = {"revision": revision, "predecessor": None} if revision else {}
+                    self.srs.report(record, f"{key}:{known.content}", **extra)
+                    if (self.out / row["path"]).is_file():
+                        made.append(row)
+        for row in made:
+            self.ledger.outbound_send_now([row["uid"]], row["channel"])
+        if made:
+            log.warning("%d result(s) waiting to be sent had lost their file: made again", len(made))
 
     def moves_handled_files(self) -> bool:
         """Whether handled files leave the watched folder (the DICOM node's spool always does)."""
@@ -838,6 +947,14 @@ class Watcher:
             return self.outbox.status(self.ledger)
         except sqlite3.Error:
             return {}
+
+
+def _identity(path: Path) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
 
 
 def _move_file(source: Path, dest: Path) -> None:

@@ -207,3 +207,59 @@ def test_a_schema_4_queue_becomes_the_dicom_channel_and_a_result_can_go_to_sever
     assert ledger.outbound_stats(time.time(), None)["queued"] == 2 and ledger.outbound_channels() == ["dicom", "stow"]
     ledger.close()
     assert not sqlite3.connect(path).execute("SELECT name FROM sqlite_master WHERE name = 'outbound_v4'").fetchall()
+
+
+def test_a_clock_set_back_never_holds_the_queue_for_the_time_it_went_back(tmp_path, monkeypatch):
+    """The RIS down, then the system clock set back an hour (NTP correcting a clock that ran
+    ahead, a VM resumed): the waiting ORU was due at a time of the old clock, so it waited an
+    hour more once the RIS was back (after a refusal, an hour beyond refused_retry). The queue
+    now keeps each object's wait, not the clock's jump."""
+    from cxr_batch.integration.hl7 import Endpoint
+    from cxr_batch.integration.outbox import HL7Channel
+
+    from .ris import RIS
+
+    out = tmp_path / "out"
+    ledger = Ledger(out / ".cxr-batch" / "ledger.sqlite")
+    (out / "hl7").mkdir()
+    (out / "hl7" / "CTRL1.hl7").write_text("MSH|^~\\&|CXR-BATCH|FAC|RIS|FAC|20240101120000||ORU^R01^ORU_R01|CTRL1|P|2.5\r"
+                                          "PID|1||P001\r")
+    port = free_port()
+    ledger.queue_outbound([("k", outbound_entry("CTRL1", "hl7/CTRL1.hl7", "hl7", f"127.0.0.1:{port}"))])
+    sender = Sender(ledger.path, out, HL7Channel(Endpoint.parse(f"127.0.0.1:{port}"), 2.0), retry_max=30.0)
+    offset, real = [0.0], time.time
+    monkeypatch.setattr(time, "time", lambda: real() + offset[0])
+    sender.send_due(ledger, until=time.time())  # nothing listens: due again in a second
+    assert ledger.outbound_stats(time.time(), "hl7")["retrying"] == 1
+    offset[0] = -3600.0
+    with RIS(port=port) as ris:
+        sender.drain(time.time() + 10, ledger)
+        assert len(ris.received) == 1
+    assert ledger.outbound_stats(time.time(), "hl7")["delivered"] == 1
+    ledger.close()
+
+
+def test_a_result_due_far_ahead_by_a_clock_that_ran_ahead_before_a_restart_waits_no_longer_than_its_back_off(
+        tmp_path):
+    """The clock ran a day ahead while the RIS refused a result (due again at refused_retry by
+    that clock), then the machine restarted with the right time: no running sender saw the jump,
+    and the result waited a day. A due time beyond the longest wait a sender sets is its longest
+    wait from now."""
+    from cxr_batch.integration.hl7 import Endpoint
+    from cxr_batch.integration.outbox import HL7Channel
+
+    from .ris import RIS
+
+    out = tmp_path / "out"
+    ledger = Ledger(out / ".cxr-batch" / "ledger.sqlite")
+    (out / "hl7").mkdir()
+    (out / "hl7" / "CTRL2.hl7").write_text("MSH|^~\\&|CXR-BATCH|FAC|RIS|FAC|20240101120000||ORU^R01^ORU_R01|CTRL2|P|2.5\r"
+                                          "PID|1||P001\r")
+    with RIS() as ris:
+        where = f"127.0.0.1:{ris.endpoint.port}"
+        ledger.queue_outbound([("k", outbound_entry("CTRL2", "hl7/CTRL2.hl7", "hl7", where))])
+        ledger.outbound_refused("CTRL2", where, "AE: try later", time.time() + 86400 + 900, "hl7")
+        sender = Sender(ledger.path, out, HL7Channel(ris.endpoint, 2.0), retry_max=1.0, refused_retry=1.0)
+        sender.drain(time.time() + 10, ledger)
+        assert len(ris.received) == 1
+    ledger.close()

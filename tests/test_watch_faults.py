@@ -685,3 +685,101 @@ def test_a_file_the_daemon_may_not_read_is_quarantined(tmp_path, nih_images, sma
     rows = {r["file"]: r for r in rows_now(out)}
     assert rows["closed.dcm"]["status"] == "error" and "Permission denied" in rows["closed.dcm"]["reason"]
     assert [p.name.startswith("closed.") for p in quarantine.iterdir()] == [True]
+
+
+@pytest.mark.parametrize("how", ["removed", "moved"])
+def test_a_results_folder_removed_or_moved_under_the_daemon_is_made_again_with_every_study(tmp_path, nih_images,
+                                                                                            small_bundle, how):
+    """`rm -rf OUT` or `mv OUT OUT.old` while the daemon runs: it stayed degraded until restarted
+    ('results.csv cannot be written') while it went on committing studies to a ledger no path
+    named any more (gone at the restart with every study it held), without a lock on OUT (a
+    second daemon could take it). Now OUT is made again from the ledger the daemon holds open:
+    every row, every report, the ledger and the lock, and the daemon runs on."""
+    import sqlite3
+
+    incoming, out = tmp_path / "in", tmp_path / "out"
+    incoming.mkdir()
+    good_dicoms(incoming, nih_images, 2)
+    daemon = start_daemon(incoming, out, small_bundle, watch_config(tmp_path / "w.toml"))
+    try:
+        assert wait_for(lambda: len(ok_rows(out)) == 2)
+        if how == "removed":
+            import shutil
+
+            while out.exists():  # the daemon may write a file into it as it goes
+                shutil.rmtree(out, ignore_errors=True)
+        else:
+            out.rename(tmp_path / "out.old")
+        good_dicoms(incoming, nih_images, 2, start=2)
+        assert wait_for(lambda: len(ok_rows(out)) == 4 and status(out).get("state") == "running", timeout=60), \
+            status(out)
+        rows = ok_rows(out)
+        assert sorted(r["file"] for r in rows) == [f"g{i:02d}.dcm" for i in range(4)]
+        assert all((out / "reports" / r["report"]).is_file() for r in rows)
+        assert wait_for(lambda: (out / "reports" / "worklist.pdf").is_file(), timeout=30)
+        ledger = sqlite3.connect(out / ".cxr-batch" / "ledger.sqlite")
+        assert ledger.execute("SELECT COUNT(*) FROM studies").fetchone()[0] == 4
+        ledger.close()
+        second = subprocess.run([sys.executable, "-m", "cxr_batch", "watch", str(incoming), "--out", str(out),
+                                 "--weights", str(small_bundle), "--device", "cpu"], capture_output=True, text=True,
+                                timeout=120)
+        assert second.returncode != 0 and f"PID {daemon.pid}" in second.stderr  # OUT is locked again
+    finally:
+        assert stop(daemon) == 0
+    log = daemon.stderr.read()
+    assert "made again" in log, log[-2000:]
+    assert len(ok_rows(out)) == 4 and status(out)["state"] == "stopped"
+
+
+def test_results_waiting_for_the_ris_when_the_results_folder_is_removed_still_reach_it(tmp_path, nih_images,
+                                                                                      small_bundle):
+    """The RIS down, then OUT removed: the queued ORUs went with OUT/hl7, so each was refused as
+    'object file missing' and offered again every refused_retry for ever: never delivered. They
+    are made again (the same MSH-10) with the folder, and reach the RIS once it is back."""
+    import shutil
+
+    from .ris import RIS
+    from .watchkit import free_port
+
+    incoming, out, port = tmp_path / "in", tmp_path / "out", free_port()
+    incoming.mkdir()
+    good_dicoms(incoming, nih_images, 2)
+    daemon = start_daemon(incoming, out, small_bundle, watch_config(tmp_path / "w.toml", retry_max=1.0),
+                          "--hl7-to", f"127.0.0.1:{port}")
+    try:
+        assert wait_for(lambda: len(ok_rows(out)) == 2 and len(list((out / "hl7").glob("*.hl7"))) == 2)
+        queued = sorted(p.stem for p in (out / "hl7").glob("*.hl7"))
+        while out.exists():
+            shutil.rmtree(out, ignore_errors=True)
+        assert wait_for(lambda: status(out).get("state") == "running", timeout=60), status(out)
+        with RIS(port=port) as ris:
+            assert wait_for(lambda: len(ris.received) >= 2, timeout=30), status(out)
+            assert sorted(str(m).split("|")[9] for m in ris.received) == queued
+    finally:
+        assert stop(daemon) == 0
+
+
+def test_rows_appended_on_a_full_disk_are_written_whole_or_not_at_all(studies, tmp_path, small_bundle, small_disk):
+    """The daemon appends each batch's rows in one write: on a disk with room for part of them
+    the write took part and returned without an error, so results.csv ended in half a row (its
+    numbers cut short, read back as a row) and the studies were marked published. Now the
+    append is undone and raised: the daemon degrades and rewrites results.csv once it can."""
+    from cxr_batch.results import append_rows, read_records
+    from cxr_batch.scan import run_scan
+
+    from .test_operator import quick
+
+    run_scan(studies, tmp_path / "scan", quick(small_bundle, pdf=False))
+    records = read_records(tmp_path / "scan" / "results.csv")
+    results = small_disk / "results.csv"
+    append_rows(results, records[:1])
+    before = results.read_bytes()
+    with open(small_disk / "filler", "wb", buffering=0) as f:  # every free block taken; the last
+        try:                                                  # of results.csv has room for part of a row
+            while f.write(b"\0" * 4096):
+                pass
+        except OSError:
+            pass
+    with pytest.raises(OSError):
+        append_rows(results, records * 3)  # more than the last block holds
+    assert results.read_bytes() == before

@@ -48,6 +48,7 @@ from ..ledger import Ledger, OutboundItem
 
 log = logging.getLogger("cxr_batch")
 IDLE_WAIT = 5.0  # seconds between looks at the queue when nothing woke the sender
+CLOCK_STEP = 1.0  # the system clock set back more than this (against the monotonic clock) is a jump
 
 
 class Channel(Protocol):
@@ -106,6 +107,7 @@ class Sender:
         self.link_failures = 0  # consecutive passing failures: the back-off's exponent
         self.last_error = ""
         self.thread: threading.Thread | None = None
+        self.clock_offset = time.time() - time.monotonic()  # wall clock less monotonic: changes when the clock is set
 
     @property
     def destination(self) -> Channel:
@@ -165,6 +167,7 @@ class Sender:
         waits out the back-off (or a stop, or an operator's retry, or ``until``, epoch
         seconds) and returns, so the queue is read afresh."""
         name, where = self.channel.name, str(self.channel)
+        self._follow_the_clock(ledger)
         items = ledger.due_outbound(time.time(), channel=name)
         for item in items:
             if self.halt.is_set():
@@ -214,6 +217,24 @@ class Sender:
                 return
             if due > time.time():
                 self.halt.wait(min(due, until) - time.time())
+
+    def _follow_the_clock(self, ledger: Ledger) -> None:
+        """Due times are of the wall clock (they outlive the process): when it was set back (NTP
+        correcting a clock that ran ahead, a VM resumed), the waiting objects are moved back by
+        as much, or each would wait out the jump (hours, days) beyond its back-off; one due
+        further ahead than any wait is due at the longest wait from now."""
+        offset = time.time() - time.monotonic()
+        back, self.clock_offset = self.clock_offset - offset, offset
+        if back > CLOCK_STEP:
+            n = ledger.outbound_clock_back(back, self.channel.name)
+            log.warning("the system clock went back %.0f s: the %d waiting %s object(s) keep their wait", back, n,
+                        self.channel.name)
+        # set back while no sender ran (a restart with the right time after a clock that ran
+        # ahead): no wait is longer than the longest a sender sets
+        longest = max(self.retry_max, self.refused_retry) + CLOCK_STEP
+        if ledger.outbound_due_by(time.time() + longest, self.channel.name):
+            log.warning("waiting %s object(s) were due further ahead than any wait (the clock ran ahead): due within "
+                        "%.0f s", self.channel.name, longest)
 
     def _back_off(self, ledger: Ledger, delay: float, since: float) -> None:
         """Wait ``delay`` seconds, less if we are stopped or an operator asks for a retry."""

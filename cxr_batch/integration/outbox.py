@@ -237,6 +237,12 @@ class Outbox:
         atomic_write_bytes(path, text.encode("utf-8"))
         return control, path.relative_to(self.out).as_posix()
 
+    def remake_message(self, record: StudyRecord, revision: str, path: str) -> bool:
+        """The ORU^R01 queued as ``path`` (relative to the results folder) written again from
+        ``record``: the same MSH-10, so a RIS that had it drops the copy. Whether it was."""
+        made = self._message(record, revision)
+        return made is not None and made[1] == path
+
     # ------------------------------------------------------------------ sending
     def start(self) -> None:
         for sender in self.senders:
