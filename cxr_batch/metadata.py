@@ -9,8 +9,10 @@ Position, matched to images by file name.
 
 from __future__ import annotations
 
+import difflib
 import json
 import logging
+import re
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +38,34 @@ _SIDECAR_KEYS = {
     "accession_number": ("AccessionNumber", "accession_number"),
     "study_uid": ("StudyInstanceUID", "study_uid"),
 }
+
+
+# Names a spreadsheet gives the NIH columns, beside a near spelling of the NIH name itself
+_COLUMN_ALIASES = {"Image Index": ("filename", "file", "image", "imagename", "imagefile", "image index"),
+                   "Finding Labels": ("findings", "labels", "label", "finding"),
+                   "Patient ID": ("patient", "patientid", "id", "pid"),
+                   "Patient Age": ("age",), "Patient Gender": ("sex", "gender", "patientsex"),
+                   "View Position": ("view", "viewposition", "projection", "position")}
+
+
+def _squeeze(name: str) -> str:
+    return re.sub(r"[^a-z0-9]", "", name.lower())
+
+
+def rename_hint(missing, columns) -> str:
+    """What to rename when a table lacks NIH columns it has under another name ('Age', 'sex',
+    'image index'): "; rename 'Age' to 'Patient Age'", or "" when no column looks like one."""
+    free = [c for c in columns if c not in NIH_COLUMNS and c != "Finding Labels"]
+    pairs = []
+    for wanted in missing:
+        names = {_squeeze(wanted), *_COLUMN_ALIASES.get(wanted, ())}
+        found = [c for c in free if _squeeze(c) in names]
+        found = found or difflib.get_close_matches(wanted.lower(), [c.lower() for c in free], n=1, cutoff=0.85)
+        if found:
+            column = next(c for c in free if c.lower() == found[0].lower())
+            free.remove(column)
+            pairs.append(f"'{column}' to '{wanted}'")
+    return f"; rename {', '.join(pairs)}" if pairs else ""
 
 
 class MetadataError(Exception):
@@ -108,11 +138,12 @@ def _read_table(path: Path):
         raise MetadataError(f"metadata file {path} is separated by {delimiter}, not by commas: save it as a "
                             f"comma-separated CSV")
     if "Image Index" in missing or len(missing) == len(NIH_PATIENT_COLUMNS):
-        raise MetadataError(f"metadata file {path} lacks column(s) {missing}; expected the NIH Data_Entry columns "
-                            f"(Image Index and at least one of {', '.join(NIH_PATIENT_COLUMNS)})")
+        raise MetadataError(f"metadata file {path} lacks column(s) {', '.join(map(repr, missing))}; expected the NIH "
+                            f"Data_Entry columns (Image Index and at least one of {', '.join(NIH_PATIENT_COLUMNS)})"
+                            + rename_hint(missing, table.columns))
     if missing:
         log.warning("metadata file %s has no column(s) %s: unknown for its rows unless a header or sidecar gives "
-                    "them", path, ", ".join(f"'{c}'" for c in missing))
+                    "them%s", path, ", ".join(f"'{c}'" for c in missing), rename_hint(missing, table.columns))
     for column in missing:
         table[column] = ""
     table = table[list(NIH_COLUMNS)].rename(columns=NIH_COLUMNS)

@@ -149,3 +149,19 @@ def test_a_table_with_a_header_and_no_rows_is_said_to_have_none(nih, tmp_path):
     _, match = load_metadata_for(tmp_path / "header.csv", list(table["Image Index"].iloc[:2]))
     line = match.problem()
     assert "has a row for 0 of 2 files" in line and "the table has no rows" in line and "like ''" not in line
+
+
+def test_a_column_named_otherwise_is_named_with_what_to_rename(nih, caplog, tmp_path):
+    # a table with 'Age', 'Sex', 'View' (or a lower-case 'image index') said only that the NIH
+    # columns were missing, and its studies were scored without patient data, the user left to
+    # guess that a column name was the problem
+    table = pd.read_csv(nih / "labels.csv", dtype=str).iloc[:3]
+    table.rename(columns={"Patient Age": "Age", "Patient Gender": "sex", "View Position": "View"}).to_csv(
+        tmp_path / "other_names.csv", index=False)
+    with caplog.at_level("WARNING", logger="cxr_batch"):
+        rows = load_metadata_csv(tmp_path / "other_names.csv")
+    assert len(rows) == 3
+    assert "rename 'Age' to 'Patient Age', 'sex' to 'Patient Gender', 'View' to 'View Position'" in caplog.text
+    table.rename(columns={"Image Index": "image index"}).to_csv(tmp_path / "lower.csv", index=False)
+    with pytest.raises(MetadataError, match="rename 'image index' to 'Image Index'"):
+        load_metadata_csv(tmp_path / "lower.csv")
