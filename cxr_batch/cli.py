@@ -15,6 +15,7 @@ import logging
 import math
 import os
 import sys
+import typing
 from pathlib import Path
 
 import click
@@ -142,8 +143,9 @@ def load_config(cls, config_file: Path | None, table: str, **options):
     where = str(config_file) if config_file is not None else "options"
     check_tables(data, CONFIG_TABLES, where)
     values = dict(data.get(table, {}))
-    if "scoring" in data:
-        values["scoring"] = data["scoring"]
+    if "scoring" in data:  # checked as the table the file has, so that a mistake is named there
+        scoring_type = typing.get_type_hints(cls)["scoring"]
+        values["scoring"] = load_dataclass(scoring_type, data["scoring"], f"{where} [scoring]")
     context = click.get_current_context(silent=True)
     options = {**(context.meta.get("cxr_batch.delivery", {}) if context is not None else {}), **options}
     if "dicomweb" in data:

@@ -12,6 +12,7 @@ built in code is checked the same way. A typo therefore fails before any work st
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import tomllib
 import types
@@ -48,12 +49,18 @@ def read_toml(path: Path | str) -> dict:
         raise ConfigError(f"{path}: cannot be read: {e}") from None
 
 
+def _meant(unknown: list[str], known) -> str:
+    """" (did you mean 'urgent'?)" for a misspelt name, "" when none is close."""
+    close = [c for name in unknown for c in difflib.get_close_matches(name, list(known), n=1, cutoff=0.6)]
+    return f" (did you mean {' or '.join(map(repr, dict.fromkeys(close)))}?)" if close else ""
+
+
 def check_tables(data: Mapping, known: tuple[str, ...], where: str) -> None:
     """Top-level tables of a shared configuration file: each program reads its own, and a table
     nobody reads is a typo."""
     unknown = sorted(set(data) - set(known))
     if unknown:
-        raise ConfigError(f"{where}: unknown table or key {', '.join(map(repr, unknown))}; "
+        raise ConfigError(f"{where}: unknown table or key {', '.join(map(repr, unknown))}{_meant(unknown, known)}; "
                           f"known tables: {', '.join(known)}")
 
 
@@ -70,7 +77,7 @@ def load_dataclass(cls: type[T], table: Mapping | None, where: str = "", **overr
     names = {f.name: f for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(data) - set(names))
     if unknown:
-        raise ConfigError(f"{where}: unknown option {', '.join(map(repr, unknown))}; "
+        raise ConfigError(f"{where}: unknown option {', '.join(map(repr, unknown))}{_meant(unknown, names)}; "
                           f"known: {', '.join(sorted(names))}")
     hints = typing.get_type_hints(cls)
     kwargs = {key: _coerce(value, hints[key], f"{where}.{key}") for key, value in data.items()}
