@@ -114,6 +114,9 @@ def _check_range(value: Any, meta: Mapping, key: str) -> None:
         raise ConfigError(f"{key} = {value!r}: must be greater than {meta['gt']}")
 
 
+_PLURAL = {int: "integers", float: "numbers", bool: "true or false values", str: "strings"}  # "a list of strings"
+
+
 def _describe(tp: Any) -> str:
     origin = typing.get_origin(tp)
     if origin is Literal:
@@ -122,7 +125,7 @@ def _describe(tp: Any) -> str:
         return " or ".join(_describe(a) for a in typing.get_args(tp) if a is not type(None))
     if origin is tuple:
         args = typing.get_args(tp)
-        inner = _describe(args[0]) if args else "values"
+        inner = _PLURAL.get(args[0], _describe(args[0])) if args else "values"
         return f"a list of {inner}" if len(args) == 2 and args[1] is Ellipsis else f"a list of {len(args)} values"
     if dataclasses.is_dataclass(tp):
         return f"a table ({tp.__name__})"

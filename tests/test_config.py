@@ -107,3 +107,11 @@ def test_a_bad_scoring_key_is_named_in_the_table_the_file_has(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "cxr_batch", "scan", str(tmp_path), "--out", str(tmp_path / "o"),
                            "--config", str(config)], capture_output=True, text=True)
     assert proc.returncode == 2 and "did you mean 'scan'?" in proc.stderr, proc.stderr
+
+
+def test_a_list_of_the_wrong_kind_is_said_in_plain_words():
+    # read "expected a list of a string"
+    with pytest.raises(ConfigError, match=r"views = 'PA': expected a list of strings \(e.g."):
+        load_dataclass(ScoringRules, {"views": "PA"}, "scoring")
+    with pytest.raises(ConfigError, match="expected a list of 2 values|expected a list of integers"):
+        load_dataclass(ScanConfig, {"shard": "0/4"}, "scan")
