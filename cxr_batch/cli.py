@@ -127,6 +127,31 @@ def parse_urgent(_ctx, _param, value):
         raise click.BadParameter(str(e)) from None
 
 
+class PathOrHint(click.Path):
+    """click.Path that, given a file where a folder is wanted (or a folder where a file is), says
+    what to give instead: click's own "Directory 'x.png' is a file." leaves the user to guess."""
+
+    def __init__(self, hint, **kwargs):
+        super().__init__(**kwargs)
+        self.hint = hint  # the given path -> the sentence saying what to give
+
+    def convert(self, value, param, ctx):
+        path = Path(os.fsdecode(value))
+        if (not self.file_okay and path.is_file()) or (not self.dir_okay and path.is_dir()):
+            self.fail(self.hint(path), param, ctx)
+        return super().convert(value, param, ctx)
+
+
+def studies_folder() -> PathOrHint:
+    return PathOrHint(lambda p: f"{p} is a file; STUDIES is a folder: to score one file, put it in a folder of its "
+                                f"own and give that folder", exists=True, file_okay=False, path_type=Path)
+
+
+def bundle_folder() -> PathOrHint:
+    return PathOrHint(lambda p: f"{p} is a file; a weights bundle is a folder (manifest.json and model.pt): give "
+                                f"the bundle's folder: --weights {p.parent}", exists=True, file_okay=False)
+
+
 # Tables a --config file may hold: each command reads its own and [scoring]; one file can
 # configure every command.
 CONFIG_TABLES = ("scan", "watch", "listen", "scoring", "pull", "dicomweb")
@@ -193,7 +218,7 @@ def config_option(command: str, example: str = "docs/watch.toml"):
 
 # Options of every command that scores studies (scan, watch), in the order --help lists them.
 RUN_OPTIONS = (
-    click.option("--weights", type=click.Path(exists=True, file_okay=False),
+    click.option("--weights", type=bundle_folder(),
                  help="Weights bundle folder (default: the bundled weights)."),
     click.option("--metadata", type=click.Path(exists=True, dir_okay=False),
                  help="NIH Data_Entry-style CSV with patient data for PNG/JPEG files."),
@@ -232,7 +257,7 @@ run_options = options(RUN_OPTIONS)
 
 
 @main.command()
-@click.argument("studies", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("studies", type=studies_folder())
 @click.option("--out", "-o", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Results folder (results.csv, run.json, reports/).")
 @config_option("scan")
@@ -301,7 +326,9 @@ def send_scan_results(out: Path, cfg, code: int, debug: bool, studies: Path | No
 
 
 @main.command()
-@click.argument("inputs", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("inputs", nargs=-1, required=True, type=PathOrHint(
+    lambda p: f"{p} is a folder; merge takes the shards' results.csv files: give its results.csv: {p / 'results.csv'}",
+    exists=True, dir_okay=False, path_type=Path))
 @click.option("--out", "-o", required=True, type=click.Path(dir_okay=False),
               help="Merged results.csv to write.")
 @click.option("--allow-partial", is_flag=True,
@@ -646,11 +673,11 @@ def parse_rule(_ctx, _param, value):
 
 # What evaluate and calibrate both take: labelled studies and how to score them.
 LABELLED_OPTIONS = (
-    click.argument("studies", type=click.Path(exists=True, file_okay=False, path_type=Path)),
+    click.argument("studies", type=studies_folder()),
     click.option("--labels", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
                  help="Reference labels, NIH Data_Entry format: Image Index, Finding Labels ('|'-separated or "
                       "'No Finding'); its Patient ID/Age/Gender/View Position columns also serve as patient data."),
-    click.option("--weights", type=click.Path(exists=True, file_okay=False),
+    click.option("--weights", type=bundle_folder(),
                  help="Weights bundle folder (default: the bundled weights)."),
     click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N."),
     click.option("--batch-size", type=click.IntRange(1, 4096), default=16, show_default=True),

@@ -581,3 +581,20 @@ def test_a_scan_refused_a_folder_another_scan_just_made_leaves_that_folder_and_i
         assert (out / ".cxr-batch.lock").exists()
         third = cli("scan", studies, "--out", out, "--weights", small_bundle, "--device", "cpu")
         assert third.returncode == 1 and "is in use by cxr-batch scan" in third.stderr, third.stderr
+
+
+def test_a_file_given_for_a_folder_or_a_folder_for_a_file_says_what_to_give(nih, tmp_path):
+    # click said "Directory 'x.png' is a file." and "File 'shard0' is a directory.", not what to give
+    image = sorted((nih / "images").glob("*.png"))[0]
+    proc = cli("scan", image, "--out", tmp_path / "o")
+    assert proc.returncode == 2 and "STUDIES is a folder" in proc.stderr and "put it in a folder" in proc.stderr, \
+        proc.stderr
+    bundle = Path(__file__).parents[1] / "weights" / "cxr-fpn-v3"
+    proc = cli("scan", nih / "images", "--out", tmp_path / "o", "--weights", bundle / "model.pt")
+    assert proc.returncode == 2 and f"give the bundle's folder: --weights {bundle}" in proc.stderr, proc.stderr
+    (tmp_path / "shard0").mkdir()
+    (tmp_path / "shard0" / "results.csv").write_text("file\n")
+    proc = cli("merge", tmp_path / "shard0", "--out", tmp_path / "merged.csv")
+    assert proc.returncode == 2 and f"give its results.csv: {tmp_path / 'shard0' / 'results.csv'}" in proc.stderr, \
+        proc.stderr
+    assert not (tmp_path / "o").exists() and not (tmp_path / "merged.csv").exists()
