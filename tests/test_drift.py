@@ -461,3 +461,19 @@ def test_a_year_of_windows_gets_an_axis_that_can_be_read():
     few = Figure().add_subplot()
     _panel(few, "intensity_p50", [(i, entry(i)) for i in range(5)])
     assert list(few.get_xticks()) == [0, 1, 2, 3, 4]  # a few windows: each numbered
+
+
+def test_a_window_much_like_its_reference_is_tested_without_a_scipy_warning():
+    # a window of the reference's own 480 images printed scipy's "RuntimeWarning: ks_2samp: Exact
+    # calculation unsuccessful. Switching to method=asymp." on the operator's terminal, once per quantity
+    import warnings
+
+    from cxr_batch.drift import TESTS, summarise_values
+
+    reference = np.linspace(0, 1, 480)
+    window = reference.copy()
+    window[:2] += 2  # two studies of 480 differ: KS distance 2/480, p-value about 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        result = TESTS["continuous"][1](summarise_values("continuous", list(reference)), list(window))
+    assert result["effect"] < 0.01 and result["p_value"] > 0.99
