@@ -793,7 +793,9 @@ def _alarm_age(window: dict) -> tuple:
 
 
 @main.command()
-@click.argument("results", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("results", type=PathOrHint(lambda p: f"{p} is a file; RESULTS is a results folder: give "
+                                                     f"the folder that holds it: {p.parent}",
+                                           exists=True, file_okay=False, path_type=Path))
 @click.option("--out", "-o", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Folder for monitor.json and monitor.pdf.")
 @click.option("--reference", type=click.Path(exists=True, file_okay=False, path_type=Path),
