@@ -193,11 +193,14 @@ class MetadataMatch:
         contrast = ("while the table has no rows" if not self.table_rows else
                     f"though the table's files are named the same way ({named!r}): is it the table of other images?"
                     if example == named else f"while the table names files like {named!r}")
+        fix = ("its 'Image Index' holds paths ({named!r}), and rows are matched by file name: write each image's "
+               "file name alone" if "/" in self.table_example or "\\" in self.table_example else
+               "give the table of these images, or name the images as the table does")
         return (f"--metadata {self.table} has a row for {self.matched} of {self.files} files (matched by file name, "
                 f"'Image Index'): {missing} get no patient data from it and are scored with what their header or "
                 f"sidecar says, else unknown, which can change their triage; e.g. file {example!r} has no row, "
-                f"{contrast}. Fix: give the table of these images, or name the images as the table does (DICOM "
-                f"files need no row: their header has the patient data)")
+                f"{contrast}. Fix: {fix.format(named=named)} (DICOM files need no row: their header has the "
+                f"patient data)")
 
     def to_dict(self) -> dict:
         return {"table": self.table, "files": self.files, "matched": self.matched, "table_rows": self.table_rows,

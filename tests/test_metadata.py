@@ -165,3 +165,19 @@ def test_a_column_named_otherwise_is_named_with_what_to_rename(nih, caplog, tmp_
     table.rename(columns={"Image Index": "image index"}).to_csv(tmp_path / "lower.csv", index=False)
     with pytest.raises(MetadataError, match="rename 'image index' to 'Image Index'"):
         load_metadata_csv(tmp_path / "lower.csv")
+
+
+def test_a_table_of_paths_is_told_to_hold_file_names(nih, tmp_path):
+    # a table whose Image Index held 'images/00000001_000.png' was told to "give the table of these
+    # images, or name the images as the table does": the right table, and no renaming would help
+    from cxr_batch.metadata import load_metadata_for
+
+    table = pd.read_csv(nih / "labels.csv", dtype=str).iloc[:3]
+    names = list(table["Image Index"])
+    table["Image Index"] = "images/" + table["Image Index"]
+    table.to_csv(tmp_path / "paths.csv", index=False)
+    _, match = load_metadata_for(tmp_path / "paths.csv", names)
+    line = match.problem()
+    assert "has a row for 0 of 3 files" in line
+    assert "'Image Index' holds paths ('xxxxxx/99999999_999.png')" in line
+    assert "write each image's file name alone" in line and "give the table of these images" not in line
