@@ -601,3 +601,19 @@ def test_a_file_given_for_a_folder_or_a_folder_for_a_file_says_what_to_give(nih,
     assert proc.returncode == 2 and f"give the folder that holds it: {tmp_path / 'shard0'}" in proc.stderr, \
         proc.stderr
     assert not (tmp_path / "o").exists() and not (tmp_path / "merged.csv").exists()
+
+
+def test_a_results_csv_no_scan_wrote_is_not_called_an_earlier_scan(tmp_path):
+    # an --out holding the user's own results.csv was refused as "the results of an earlier scan",
+    # and the --overwrite that message offered deleted the user's file
+    from cxr_batch.journal import EarlierResults, plan
+
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "results.csv").write_text("patient,finding\n17,none\n")
+    with pytest.raises(EarlierResults) as refused:
+        plan(out, "refuse", tmp_path / "studies", {})
+    message = str(refused.value)
+    assert "earlier scan" not in message and "no cxr-batch scan wrote" in message, message
+    assert "--overwrite would delete it" in message, message
+    assert (out / "results.csv").read_text() == "patient,finding\n17,none\n"
