@@ -419,7 +419,9 @@ def run_daemon(build, out: Path, debug: bool):
 
 
 @main.command()
-@click.argument("watch_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("watch_dir", type=PathOrHint(lambda p: f"{p} is a file; watch takes the folder that studies "
+                                                       f"arrive in (the PACS's export folder)",
+                                             exists=True, file_okay=False, path_type=Path))
 @click.option("--out", "-o", required=True, type=click.Path(file_okay=False, path_type=Path), help="Results folder.")
 @config_option("watch")
 @run_options
