@@ -220,7 +220,9 @@ def config_option(command: str, example: str = "docs/watch.toml"):
 RUN_OPTIONS = (
     click.option("--weights", type=bundle_folder(),
                  help="Weights bundle folder (default: the bundled weights)."),
-    click.option("--metadata", type=click.Path(exists=True, dir_okay=False),
+    click.option("--metadata", type=PathOrHint(lambda p: f"{p} is a folder; --metadata takes the table itself, a "
+                                                         f"CSV file with the NIH Data_Entry columns",
+                                               exists=True, dir_okay=False),
                  help="NIH Data_Entry-style CSV with patient data for PNG/JPEG files."),
     click.option("--device", help="auto, cpu, cuda or cuda:N.  [default: auto]"),
     click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]),
@@ -676,7 +678,9 @@ def parse_rule(_ctx, _param, value):
 # What evaluate and calibrate both take: labelled studies and how to score them.
 LABELLED_OPTIONS = (
     click.argument("studies", type=studies_folder()),
-    click.option("--labels", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    click.option("--labels", required=True, type=PathOrHint(lambda p: f"{p} is a folder; --labels takes the table "
+                                                                      f"itself, a CSV file with the NIH Data_Entry columns",
+                                                            exists=True, dir_okay=False, path_type=Path),
                  help="Reference labels, NIH Data_Entry format: Image Index, Finding Labels ('|'-separated or "
                       "'No Finding'); its Patient ID/Age/Gender/View Position columns also serve as patient data."),
     click.option("--weights", type=bundle_folder(),

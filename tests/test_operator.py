@@ -597,6 +597,10 @@ def test_a_file_given_for_a_folder_or_a_folder_for_a_file_says_what_to_give(nih,
     proc = cli("merge", tmp_path / "shard0", "--out", tmp_path / "merged.csv")
     assert proc.returncode == 2 and f"give its results.csv: {tmp_path / 'shard0' / 'results.csv'}" in proc.stderr, \
         proc.stderr
+    proc = cli("scan", nih / "images", "--out", tmp_path / "o", "--metadata", nih)
+    assert proc.returncode == 2 and "--metadata takes the table itself, a CSV file" in proc.stderr, proc.stderr
+    proc = cli("evaluate", nih / "images", "--out", tmp_path / "o", "--labels", nih)
+    assert proc.returncode == 2 and "--labels takes the table itself, a CSV file" in proc.stderr, proc.stderr
     proc = cli("watch", image, "--out", tmp_path / "o")
     assert proc.returncode == 2 and "watch takes the folder that studies arrive in" in proc.stderr, proc.stderr
     proc = cli("monitor", tmp_path / "shard0" / "results.csv", "--out", tmp_path / "m")
