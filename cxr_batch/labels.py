@@ -10,6 +10,7 @@ different ways stops the command with the rows named, never a silently wrong lab
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import io
 import re
@@ -74,6 +75,19 @@ def _problem_rows(mask: pd.Series, names: pd.Series, limit: int = 5) -> str:
     return ", ".join(rows) + (f" and {more} more" if more > 0 else "")
 
 
+def _first_non_utf8(raw: bytes, path: Path) -> str:
+    """Where the first byte that is not UTF-8 is, as a text editor counts: pandas's own error
+    gives its offset in a read buffer, not in the file."""
+    if path.suffix == ".gz":
+        raw = gzip.decompress(raw)
+    try:
+        raw.decode("utf-8")
+        return "a byte that is not UTF-8"
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        return f"byte {raw[e.start:e.start + 1].hex()} on line {line}, offset {e.start}"
+
+
 def read_labels(path: Path | str) -> LabelTable:
     """Read and check a labels table. Raises LabelsError."""
     path = Path(path)
@@ -97,9 +111,8 @@ def read_labels(path: Path | str) -> LabelTable:
     except pd.errors.EmptyDataError:
         raise LabelsError(f"labels file {path} is empty; expected a comma-separated text table with the NIH "
                           f"Data_Entry columns '{FILE_COLUMN}' and '{LABEL_COLUMN}'") from None
-    except UnicodeDecodeError as e:  # a spreadsheet's "CSV" export in the computer's own code page
-        raise LabelsError(f"labels file {path} is not UTF-8 text (byte {e.object[e.start:e.start + 1].hex()} at "
-                          f"offset {e.start}): {SAVE_AS_UTF8}") from None
+    except UnicodeDecodeError:  # a spreadsheet's "CSV" export in the computer's own code page
+        raise LabelsError(f"labels file {path} is not UTF-8 text ({_first_non_utf8(raw, path)}): {SAVE_AS_UTF8}") from None
     except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError) as e:
         raise LabelsError(f"labels file {path} is not a readable CSV: {e}") from None
     table.columns = [c.strip() for c in table.columns]
