@@ -43,7 +43,7 @@ _SIDECAR_KEYS = {
 # Names a spreadsheet gives the NIH columns, beside a near spelling of the NIH name itself
 _COLUMN_ALIASES = {"Image Index": ("filename", "file", "image", "imagename", "imagefile", "image index"),
                    "Finding Labels": ("findings", "labels", "label", "finding"),
-                   "Patient ID": ("patient", "patientid", "id", "pid"),
+                   "Patient ID": ("patientid", "pid", "mrn"),
                    "Patient Age": ("age",), "Patient Gender": ("sex", "gender", "patientsex"),
                    "View Position": ("view", "viewposition", "projection", "position")}
 
