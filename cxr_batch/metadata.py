@@ -60,7 +60,7 @@ def rename_hint(missing, columns) -> str:
     for wanted in missing:
         names = {_squeeze(wanted), *_COLUMN_ALIASES.get(wanted, ())}
         found = [c for c in free if _squeeze(c) in names]
-        found = found or difflib.get_close_matches(wanted.lower(), [c.lower() for c in free], n=1, cutoff=0.85)
+        found = found or difflib.get_close_matches(wanted.lower(), [c.lower() for c in free], n=1, cutoff=0.9)
         if found:
             column = next(c for c in free if c.lower() == found[0].lower())
             free.remove(column)

@@ -162,6 +162,13 @@ def test_a_column_named_otherwise_is_named_with_what_to_rename(nih, caplog, tmp_
         rows = load_metadata_csv(tmp_path / "other_names.csv")
     assert len(rows) == 3
     assert "rename 'Age' to 'Patient Age', 'sex' to 'Patient Gender', 'View' to 'View Position'" in caplog.text
+    # a column of another meaning spelt alike is not offered: 'Patient Name' is no 'Patient Age'
+    caplog.clear()
+    named = table.drop(columns=["Patient Age"]).assign(**{"Patient Name": "DOE^JANE"})
+    named.to_csv(tmp_path / "names.csv", index=False)
+    with caplog.at_level("WARNING", logger="cxr_batch"):
+        load_metadata_csv(tmp_path / "names.csv")
+    assert "'Patient Age'" in caplog.text and "rename" not in caplog.text
     table.rename(columns={"Image Index": "image index"}).to_csv(tmp_path / "lower.csv", index=False)
     with pytest.raises(MetadataError, match="rename 'image index' to 'Image Index'"):
         load_metadata_csv(tmp_path / "lower.csv")
