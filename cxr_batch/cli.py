@@ -202,7 +202,20 @@ def delivery_options(command):
                              "matched by accession number and patient ID), through the outbound queue.")(run)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class Commands(click.Group):
+    """The commands, with a Ctrl-C that no command's own stop handling caught (one pressed while a
+    command still imports its modules, say) said as one line and exit 130, as everywhere else,
+    rather than click's "Aborted!" and exit 1, which reads as "nothing could be done"."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt:
+            click.echo("cxr-batch: error: interrupted (Ctrl-C): stopped", err=True)
+            sys.exit(exit_codes.INTERRUPTED)
+
+
+@click.group(cls=Commands, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="cxr-batch")
 def main():
     """Chest X-ray triage: score frontal radiographs for the 14 NIH ChestX-ray14 findings."""

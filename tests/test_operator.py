@@ -623,3 +623,21 @@ def test_a_results_csv_no_scan_wrote_is_not_called_an_earlier_scan(tmp_path):
     assert "earlier scan" not in message and "no cxr-batch scan wrote" in message, message
     assert "--overwrite would delete it" in message, message
     assert (out / "results.csv").read_text() == "patient,finding\n17,none\n"
+
+
+def test_ctrl_c_before_a_command_starts_its_work_exits_130_with_one_line(monkeypatch, tmp_path, nih):
+    # a Ctrl-C while evaluate (or calibrate, monitor) still imported its modules ended in click's
+    # "Aborted!" and exit 1, the code of "nothing could be done", not 130 as the README says
+    from click.testing import CliRunner
+
+    import cxr_batch.cli as cli_module
+
+    def interrupted(*_args, **_kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli_module, "setup_logging", interrupted)
+    result = CliRunner().invoke(cli_module.main, ["evaluate", str(nih / "images"), "--labels",
+                                                  str(nih / "labels.csv"), "--out", str(tmp_path / "e")])
+    assert result.exit_code == 130, (result.exit_code, result.output)
+    assert "interrupted (Ctrl-C)" in result.output and "Aborted!" not in result.output, result.output
+    assert not (tmp_path / "e").exists()
