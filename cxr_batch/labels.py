@@ -10,7 +10,6 @@ different ways stops the command with the rows named, never a silently wrong lab
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import io
 import re
@@ -22,7 +21,7 @@ import numpy as np
 import pandas as pd
 
 from .findings import FINDINGS, NO_FINDING, resolve_finding
-from .metadata import NIH_PATIENT_COLUMNS, SAVE_AS_UTF8, not_csv, other_delimiter, rename_hint
+from .metadata import NIH_PATIENT_COLUMNS, SAVE_AS_UTF8, first_non_utf8, not_csv, other_delimiter, rename_hint
 from .record import log_name
 from .study import clean_text
 
@@ -75,19 +74,6 @@ def _problem_rows(mask: pd.Series, names: pd.Series, limit: int = 5) -> str:
     return ", ".join(rows) + (f" and {more} more" if more > 0 else "")
 
 
-def _first_non_utf8(raw: bytes, path: Path) -> str:
-    """Where the first byte that is not UTF-8 is, as a text editor counts: pandas's own error
-    gives its offset in a read buffer, not in the file."""
-    if path.suffix == ".gz":
-        raw = gzip.decompress(raw)
-    try:
-        raw.decode("utf-8")
-        return "a byte that is not UTF-8"
-    except UnicodeDecodeError as e:
-        line = raw.count(b"\n", 0, e.start) + 1
-        return f"byte {raw[e.start:e.start + 1].hex()} on line {line}, offset {e.start}"
-
-
 def read_labels(path: Path | str) -> LabelTable:
     """Read and check a labels table. Raises LabelsError."""
     path = Path(path)
@@ -112,7 +98,8 @@ def read_labels(path: Path | str) -> LabelTable:
         raise LabelsError(f"labels file {path} is empty; expected a comma-separated text table with the NIH "
                           f"Data_Entry columns '{FILE_COLUMN}' and '{LABEL_COLUMN}'") from None
     except UnicodeDecodeError:  # a spreadsheet's "CSV" export in the computer's own code page
-        raise LabelsError(f"labels file {path} is not UTF-8 text ({_first_non_utf8(raw, path)}): {SAVE_AS_UTF8}") from None
+        where = first_non_utf8(raw, path.suffix == ".gz")
+        raise LabelsError(f"labels file {path} is not UTF-8 text ({where}): {SAVE_AS_UTF8}") from None
     except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError) as e:
         raise LabelsError(f"labels file {path} is not a readable CSV: {e}") from None
     table.columns = [c.strip() for c in table.columns]
@@ -123,7 +110,8 @@ def read_labels(path: Path | str) -> LabelTable:
                           f"comma-separated CSV (the same table serves as patient data, which is read as CSV)")
     if missing:
         raise LabelsError(f"labels file {path} lacks column(s) {', '.join(map(repr, missing))}; expected the NIH "
-                          f"Data_Entry columns '{FILE_COLUMN}' and '{LABEL_COLUMN}'" + rename_hint(missing, table.columns))
+                          f"Data_Entry columns '{FILE_COLUMN}' and '{LABEL_COLUMN}'"
+                          + rename_hint(missing, table.columns))
     # a blank line, or a spreadsheet's empty row exported as ',,,,': no label, and no mistake
     table = table[~table.apply(lambda column: column.str.strip() == "").all(axis=1)]
     rows_in_file = table.index  # every line after the header counted, blank ones too

@@ -10,6 +10,7 @@ Position, matched to images by file name.
 from __future__ import annotations
 
 import difflib
+import gzip
 import json
 import logging
 import re
@@ -103,6 +104,19 @@ def not_csv(head: bytes) -> str | None:
     return None
 
 
+def first_non_utf8(raw: bytes, compressed: bool = False) -> str:
+    """Where the first byte that is not UTF-8 is, as a text editor counts ("byte e9 on line 4,
+    offset 358"): pandas's own error gives its offset in a read buffer, not in the file."""
+    if compressed:
+        raw = gzip.decompress(raw)
+    try:
+        raw.decode("utf-8")
+        return "a byte that is not UTF-8"
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        return f"byte {raw[e.start:e.start + 1].hex()} on line {line}, offset {e.start}"
+
+
 def load_metadata_csv(path: Path, only: set[str] | None = None) -> dict[str, MetadataRow]:
     """Read an NIH-style table (CSV, or gzip-compressed CSV) into {image file name: row}.
     ``only`` keeps just those names (a scan needs the rows of its own files, not all 112,120
@@ -127,7 +141,9 @@ def _read_table(path: Path):
     except FileNotFoundError:
         raise MetadataError(f"metadata file {path} does not exist") from None
     except UnicodeDecodeError:
-        raise MetadataError(f"metadata file {path} is not a CSV file: it is not UTF-8 text; {expected}; {SAVE_AS_UTF8}") from None
+        where = first_non_utf8(path.read_bytes(), compressed)
+        raise MetadataError(f"metadata file {path} is not a CSV file: it is not UTF-8 text ({where}); {expected}; "
+                            f"{SAVE_AS_UTF8}") from None
     except (pd.errors.ParserError, pd.errors.EmptyDataError, OSError, EOFError) as e:
         raise MetadataError(f"metadata file {path} is not a readable CSV: {e}") from None
     table.columns = [c.strip() for c in table.columns]

@@ -76,7 +76,8 @@ def test_a_sidecar_from_elsewhere_a_pipe_or_a_huge_file_is_never_read(tmp_path):
     (b"\x89PNG\r\n\x1a\n" + b"\x00" * 64, "it is a PNG image"),
     (b"PK\x03\x04" + b"\x00" * 64, "it is a ZIP archive or an Excel workbook"),
     (b"\x00" * 128 + b"DICM" + b"\x02\x00", "it is a DICOM file"),
-    ("Image Index,Patient ID\nbébé.png,1\n".encode("latin-1"), "it is not UTF-8 text"),
+    # where, as labels says it: a text editor finds the byte on that line
+    ("Image Index,Patient ID\nbébé.png,1\n".encode("latin-1"), "it is not UTF-8 text (byte e9 on line 2, offset 24)"),
 ])
 def test_a_metadata_file_that_is_not_csv_is_named_with_what_it_is(tmp_path, content, what):
     (tmp_path / "meta.csv").write_bytes(content)
