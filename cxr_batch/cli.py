@@ -15,6 +15,7 @@ import logging
 import math
 import os
 import sys
+import typing
 from pathlib import Path
 
 import click
@@ -127,6 +128,31 @@ def parse_urgent(_ctx, _param, value):
         raise click.BadParameter(str(e)) from None
 
 
+class PathOrHint(click.Path):
+    """click.Path that, given a file where a folder is wanted (or a folder where a file is), says
+    what to give instead: click's own "Directory 'x.png' is a file." leaves the user to guess."""
+
+    def __init__(self, hint, **kwargs):
+        super().__init__(**kwargs)
+        self.hint = hint  # the given path -> the sentence saying what to give
+
+    def convert(self, value, param, ctx):
+        path = Path(os.fsdecode(value))
+        if (not self.file_okay and path.is_file()) or (not self.dir_okay and path.is_dir()):
+            self.fail(self.hint(path), param, ctx)
+        return super().convert(value, param, ctx)
+
+
+def studies_folder() -> PathOrHint:
+    return PathOrHint(lambda p: f"{p} is a file; STUDIES is a folder: to score one file, put it in a folder of its "
+                                f"own and give that folder", exists=True, file_okay=False, path_type=Path)
+
+
+def bundle_folder() -> PathOrHint:
+    return PathOrHint(lambda p: f"{p} is a file; a weights bundle is a folder (manifest.json and model.pt): give "
+                                f"the bundle's folder: --weights {p.parent}", exists=True, file_okay=False)
+
+
 # Tables a --config file may hold: each command reads its own and [scoring]; one file can
 # configure every command.
 CONFIG_TABLES = ("scan", "watch", "listen", "scoring", "pull", "dicomweb")
@@ -143,8 +169,9 @@ def load_config(cls, config_file: Path | None, table: str, **options):
     where = str(config_file) if config_file is not None else "options"
     check_tables(data, CONFIG_TABLES, where)
     values = dict(data.get(table, {}))
-    if "scoring" in data:
-        values["scoring"] = data["scoring"]
+    if "scoring" in data:  # checked as the table the file has, so that a mistake is named there
+        scoring_type = typing.get_type_hints(cls)["scoring"]
+        values["scoring"] = load_dataclass(scoring_type, data["scoring"], f"{where} [scoring]")
     context = click.get_current_context(silent=True)
     options = {**(context.meta.get("cxr_batch.delivery", {}) if context is not None else {}), **options}
     if "dicomweb" in data:
@@ -219,9 +246,11 @@ def config_option(command: str, example: str = "docs/watch.toml"):
 
 # Options of every command that scores studies (scan, watch), in the order --help lists them.
 RUN_OPTIONS = (
-    click.option("--weights", type=click.Path(exists=True, file_okay=False),
+    click.option("--weights", type=bundle_folder(),
                  help="Weights bundle folder (default: the bundled weights)."),
-    click.option("--metadata", type=click.Path(exists=True, dir_okay=False),
+    click.option("--metadata", type=PathOrHint(lambda p: f"{p} is a folder; --metadata takes the table itself, a "
+                                                         f"CSV file with the NIH Data_Entry columns",
+                                               exists=True, dir_okay=False),
                  help="NIH Data_Entry-style CSV with patient data for PNG/JPEG files."),
     click.option("--device", help="auto, cpu, cuda or cuda:N.  [default: auto]"),
     click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]),
@@ -258,7 +287,7 @@ run_options = options(RUN_OPTIONS)
 
 
 @main.command()
-@click.argument("studies", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("studies", type=studies_folder())
 @click.option("--out", "-o", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Results folder (results.csv, run.json, reports/).")
 @config_option("scan")
@@ -329,7 +358,9 @@ def send_scan_results(out: Path, cfg, code: int, debug: bool, studies: Path | No
 
 
 @main.command()
-@click.argument("inputs", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("inputs", nargs=-1, required=True, type=PathOrHint(
+    lambda p: f"{p} is a folder; merge takes the shards' results.csv files: give its results.csv: {p / 'results.csv'}",
+    exists=True, dir_okay=False, path_type=Path))
 @click.option("--out", "-o", required=True, type=click.Path(dir_okay=False),
               help="Merged results.csv to write.")
 @click.option("--allow-partial", is_flag=True,
@@ -420,7 +451,9 @@ def run_daemon(build, out: Path, debug: bool):
 
 
 @main.command()
-@click.argument("watch_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("watch_dir", type=PathOrHint(lambda p: f"{p} is a file; watch takes the folder that studies "
+                                                       f"arrive in (the PACS's export folder)",
+                                             exists=True, file_okay=False, path_type=Path))
 @click.option("--out", "-o", required=True, type=click.Path(file_okay=False, path_type=Path), help="Results folder.")
 @config_option("watch")
 @run_options
@@ -681,11 +714,13 @@ def parse_rule(_ctx, _param, value):
 
 # What evaluate and calibrate both take: labelled studies and how to score them.
 LABELLED_OPTIONS = (
-    click.argument("studies", type=click.Path(exists=True, file_okay=False, path_type=Path)),
-    click.option("--labels", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    click.argument("studies", type=studies_folder()),
+    click.option("--labels", required=True, type=PathOrHint(lambda p: f"{p} is a folder; --labels takes the table "
+                                                                      f"itself, a CSV file with the NIH Data_Entry columns",
+                                                            exists=True, dir_okay=False, path_type=Path),
                  help="Reference labels, NIH Data_Entry format: Image Index, Finding Labels ('|'-separated or "
                       "'No Finding'); its Patient ID/Age/Gender/View Position columns also serve as patient data."),
-    click.option("--weights", type=click.Path(exists=True, file_okay=False),
+    click.option("--weights", type=bundle_folder(),
                  help="Weights bundle folder (default: the bundled weights)."),
     click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N."),
     click.option("--batch-size", type=click.IntRange(1, 4096), default=16, show_default=True),
@@ -801,7 +836,9 @@ def _alarm_age(window: dict) -> tuple:
 
 
 @main.command()
-@click.argument("results", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("results", type=PathOrHint(lambda p: f"{p} is a file; RESULTS is a results folder: give "
+                                                     f"the folder that holds it: {p.parent}",
+                                           exists=True, file_okay=False, path_type=Path))
 @click.option("--out", "-o", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Folder for monitor.json and monitor.pdf.")
 @click.option("--reference", type=click.Path(exists=True, file_okay=False, path_type=Path),

@@ -12,6 +12,7 @@ built in code is checked the same way. A typo therefore fails before any work st
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import tomllib
 import types
@@ -48,12 +49,18 @@ def read_toml(path: Path | str) -> dict:
         raise ConfigError(f"{path}: cannot be read: {e}") from None
 
 
+def _meant(unknown: list[str], known) -> str:
+    """" (did you mean 'urgent'?)" for a misspelt name, "" when none is close."""
+    close = [c for name in unknown for c in difflib.get_close_matches(name, list(known), n=1, cutoff=0.6)]
+    return f" (did you mean {' or '.join(map(repr, dict.fromkeys(close)))}?)" if close else ""
+
+
 def check_tables(data: Mapping, known: tuple[str, ...], where: str) -> None:
     """Top-level tables of a shared configuration file: each program reads its own, and a table
     nobody reads is a typo."""
     unknown = sorted(set(data) - set(known))
     if unknown:
-        raise ConfigError(f"{where}: unknown table or key {', '.join(map(repr, unknown))}; "
+        raise ConfigError(f"{where}: unknown table or key {', '.join(map(repr, unknown))}{_meant(unknown, known)}; "
                           f"known tables: {', '.join(known)}")
 
 
@@ -70,7 +77,7 @@ def load_dataclass(cls: type[T], table: Mapping | None, where: str = "", **overr
     names = {f.name: f for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(data) - set(names))
     if unknown:
-        raise ConfigError(f"{where}: unknown option {', '.join(map(repr, unknown))}; "
+        raise ConfigError(f"{where}: unknown option {', '.join(map(repr, unknown))}{_meant(unknown, names)}; "
                           f"known: {', '.join(sorted(names))}")
     hints = typing.get_type_hints(cls)
     kwargs = {key: _coerce(value, hints[key], f"{where}.{key}") for key, value in data.items()}
@@ -107,6 +114,9 @@ def _check_range(value: Any, meta: Mapping, key: str) -> None:
         raise ConfigError(f"{key} = {value!r}: must be greater than {meta['gt']}")
 
 
+_PLURAL = {int: "integers", float: "numbers", bool: "true or false values", str: "strings"}  # "a list of strings"
+
+
 def _describe(tp: Any) -> str:
     origin = typing.get_origin(tp)
     if origin is Literal:
@@ -115,7 +125,7 @@ def _describe(tp: Any) -> str:
         return " or ".join(_describe(a) for a in typing.get_args(tp) if a is not type(None))
     if origin is tuple:
         args = typing.get_args(tp)
-        inner = _describe(args[0]) if args else "values"
+        inner = _PLURAL.get(args[0], _describe(args[0])) if args else "values"
         return f"a list of {inner}" if len(args) == 2 and args[1] is Ellipsis else f"a list of {len(args)} values"
     if dataclasses.is_dataclass(tp):
         return f"a table ({tp.__name__})"

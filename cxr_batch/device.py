@@ -20,10 +20,12 @@ def pick_device(spec: str = "auto") -> torch.device:
         return torch.device("cpu")
     if spec.startswith("cuda"):
         if not torch.cuda.is_available():
-            raise DeviceError(f"--device {spec}: no CUDA GPU is available on this machine")
+            raise DeviceError(f"--device {spec}: no CUDA GPU is available on this machine; use --device cpu (or auto, "
+                              f"which picks the CPU here)")
         device = torch.device(spec if ":" in spec else "cuda:0")
         if device.index is not None and device.index >= torch.cuda.device_count():
-            raise DeviceError(f"--device {spec}: only {torch.cuda.device_count()} CUDA device(s) here")
+            n = torch.cuda.device_count()
+            raise DeviceError(f"--device {spec}: only {n} CUDA device(s) here: give cuda:0 to cuda:{n - 1}")
         return device
     raise DeviceError(f"--device {spec!r}: expected auto, cpu, cuda or cuda:N")
 

@@ -76,7 +76,8 @@ def summary_page(ev: dict) -> Figure:
               f"{len(m['ambiguous_names'])} labels matching several files (lists in evaluation.json).")
     y -= 0.008
     auc = ev["mean_auroc"]
-    y = _text(fig, y, f"Ranking: mean AUROC {_auroc(auc)} (95% CI {_ci(ev['mean_auroc_ci95'])}) over "
+    ci = f"95% CI {_ci(ev['mean_auroc_ci95'])}" if ev["mean_auroc_ci95"] else "no 95% CI"  # why: its note below
+    y = _text(fig, y, f"Ranking: mean AUROC {_auroc(auc)} ({ci}) over "
               f"{len(ev['mean_auroc_findings'])} findings with positive and negative studies. 0.5 is chance.", 10)
     y = _text(fig, y, f"Probabilities: mean predicted {_f(ev['mean_probability'])} against an observed prevalence of "
               f"{_f(ev['prevalence'])}; calibration error (ECE, {ev['ece_bins']} bins, all findings pooled) "

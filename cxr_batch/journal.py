@@ -186,6 +186,9 @@ def describe(out: Path, journal_entries: int) -> str:
                 f"{run.get('files_not_scored', 'some')} files not scored yet)")
     if not run and journal_entries:
         return f"an unfinished scan (killed: {journal_entries} studies scored, no run.json written)"
+    if not run and not (out / STATE_DIR / JOURNAL).exists():  # a file of the user's own, say
+        return ("a results.csv that no cxr-batch scan wrote (no run.json, no journal): if it is a file of your "
+                "own, move it or choose another --out, since --overwrite would delete it")
     rows = sum(run.get("counts", {}).values()) if isinstance(run.get("counts"), dict) else None
     return "the results of an earlier scan" + (f" ({rows} rows)" if rows is not None else "")
 

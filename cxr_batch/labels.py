@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 
 from .findings import FINDINGS, NO_FINDING, resolve_finding
-from .metadata import NIH_PATIENT_COLUMNS, SAVE_AS_UTF8, not_csv, other_delimiter
+from .metadata import NIH_PATIENT_COLUMNS, SAVE_AS_UTF8, first_non_utf8, not_csv, other_delimiter, rename_hint
 from .record import log_name
 from .study import clean_text
 
@@ -97,9 +97,9 @@ def read_labels(path: Path | str) -> LabelTable:
     except pd.errors.EmptyDataError:
         raise LabelsError(f"labels file {path} is empty; expected a comma-separated text table with the NIH "
                           f"Data_Entry columns '{FILE_COLUMN}' and '{LABEL_COLUMN}'") from None
-    except UnicodeDecodeError as e:  # a spreadsheet's "CSV" export in the computer's own code page
-        raise LabelsError(f"labels file {path} is not UTF-8 text (byte {e.object[e.start:e.start + 1].hex()} at "
-                          f"offset {e.start}): {SAVE_AS_UTF8}") from None
+    except UnicodeDecodeError:  # a spreadsheet's "CSV" export in the computer's own code page
+        where = first_non_utf8(raw, path.suffix == ".gz")
+        raise LabelsError(f"labels file {path} is not UTF-8 text ({where}): {SAVE_AS_UTF8}") from None
     except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError) as e:
         raise LabelsError(f"labels file {path} is not a readable CSV: {e}") from None
     table.columns = [c.strip() for c in table.columns]
@@ -109,8 +109,9 @@ def read_labels(path: Path | str) -> LabelTable:
         raise LabelsError(f"labels file {path} is separated by {delimiter}, not by commas: save it as a "
                           f"comma-separated CSV (the same table serves as patient data, which is read as CSV)")
     if missing:
-        raise LabelsError(f"labels file {path} lacks column(s) {missing}; expected the NIH Data_Entry columns "
-                          f"'{FILE_COLUMN}' and '{LABEL_COLUMN}'")
+        raise LabelsError(f"labels file {path} lacks column(s) {', '.join(map(repr, missing))}; expected the NIH "
+                          f"Data_Entry columns '{FILE_COLUMN}' and '{LABEL_COLUMN}'"
+                          + rename_hint(missing, table.columns))
     # a blank line, or a spreadsheet's empty row exported as ',,,,': no label, and no mistake
     table = table[~table.apply(lambda column: column.str.strip() == "").all(axis=1)]
     rows_in_file = table.index  # every line after the header counted, blank ones too

@@ -9,8 +9,11 @@ Position, matched to images by file name.
 
 from __future__ import annotations
 
+import difflib
+import gzip
 import json
 import logging
+import re
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +39,34 @@ _SIDECAR_KEYS = {
     "accession_number": ("AccessionNumber", "accession_number"),
     "study_uid": ("StudyInstanceUID", "study_uid"),
 }
+
+
+# Names a spreadsheet gives the NIH columns, beside a near spelling of the NIH name itself
+_COLUMN_ALIASES = {"Image Index": ("filename", "file", "image", "imagename", "imagefile", "image index"),
+                   "Finding Labels": ("findings", "labels", "label", "finding"),
+                   "Patient ID": ("patientid", "pid", "mrn"),
+                   "Patient Age": ("age",), "Patient Gender": ("sex", "gender", "patientsex"),
+                   "View Position": ("view", "viewposition", "projection", "position")}
+
+
+def _squeeze(name: str) -> str:
+    return re.sub(r"[^a-z0-9]", "", name.lower())
+
+
+def rename_hint(missing, columns) -> str:
+    """What to rename when a table lacks NIH columns it has under another name ('Age', 'sex',
+    'image index'): "; rename 'Age' to 'Patient Age'", or "" when no column looks like one."""
+    free = [c for c in columns if c not in NIH_COLUMNS and c != "Finding Labels"]
+    pairs = []
+    for wanted in missing:
+        names = {_squeeze(wanted), *_COLUMN_ALIASES.get(wanted, ())}
+        found = [c for c in free if _squeeze(c) in names]
+        found = found or difflib.get_close_matches(wanted.lower(), [c.lower() for c in free], n=1, cutoff=0.9)
+        if found:
+            column = next(c for c in free if c.lower() == found[0].lower())
+            free.remove(column)
+            pairs.append(f"'{column}' to '{wanted}'")
+    return f"; rename {', '.join(pairs)}" if pairs else ""
 
 
 class MetadataError(Exception):
@@ -73,6 +104,19 @@ def not_csv(head: bytes) -> str | None:
     return None
 
 
+def first_non_utf8(raw: bytes, compressed: bool = False) -> str:
+    """Where the first byte that is not UTF-8 is, as a text editor counts ("byte e9 on line 4,
+    offset 358"): pandas's own error gives its offset in a read buffer, not in the file."""
+    if compressed:
+        raw = gzip.decompress(raw)
+    try:
+        raw.decode("utf-8")
+        return "a byte that is not UTF-8"
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        return f"byte {raw[e.start:e.start + 1].hex()} on line {line}, offset {e.start}"
+
+
 def load_metadata_csv(path: Path, only: set[str] | None = None) -> dict[str, MetadataRow]:
     """Read an NIH-style table (CSV, or gzip-compressed CSV) into {image file name: row}.
     ``only`` keeps just those names (a scan needs the rows of its own files, not all 112,120
@@ -97,7 +141,9 @@ def _read_table(path: Path):
     except FileNotFoundError:
         raise MetadataError(f"metadata file {path} does not exist") from None
     except UnicodeDecodeError:
-        raise MetadataError(f"metadata file {path} is not a CSV file: it is not UTF-8 text; {expected}; {SAVE_AS_UTF8}") from None
+        where = first_non_utf8(path.read_bytes(), compressed)
+        raise MetadataError(f"metadata file {path} is not a CSV file: it is not UTF-8 text ({where}); {expected}; "
+                            f"{SAVE_AS_UTF8}") from None
     except (pd.errors.ParserError, pd.errors.EmptyDataError, OSError, EOFError) as e:
         raise MetadataError(f"metadata file {path} is not a readable CSV: {e}") from None
     table.columns = [c.strip() for c in table.columns]
@@ -108,11 +154,12 @@ def _read_table(path: Path):
         raise MetadataError(f"metadata file {path} is separated by {delimiter}, not by commas: save it as a "
                             f"comma-separated CSV")
     if "Image Index" in missing or len(missing) == len(NIH_PATIENT_COLUMNS):
-        raise MetadataError(f"metadata file {path} lacks column(s) {missing}; expected the NIH Data_Entry columns "
-                            f"(Image Index and at least one of {', '.join(NIH_PATIENT_COLUMNS)})")
+        raise MetadataError(f"metadata file {path} lacks column(s) {', '.join(map(repr, missing))}; expected the NIH "
+                            f"Data_Entry columns (Image Index and at least one of {', '.join(NIH_PATIENT_COLUMNS)})"
+                            + rename_hint(missing, table.columns))
     if missing:
         log.warning("metadata file %s has no column(s) %s: unknown for its rows unless a header or sidecar gives "
-                    "them", path, ", ".join(f"'{c}'" for c in missing))
+                    "them%s", path, ", ".join(f"'{c}'" for c in missing), rename_hint(missing, table.columns))
     for column in missing:
         table[column] = ""
     table = table[list(NIH_COLUMNS)].rename(columns=NIH_COLUMNS)
@@ -162,11 +209,14 @@ class MetadataMatch:
         contrast = ("while the table has no rows" if not self.table_rows else
                     f"though the table's files are named the same way ({named!r}): is it the table of other images?"
                     if example == named else f"while the table names files like {named!r}")
+        fix = ("its 'Image Index' holds paths ({named!r}), and rows are matched by file name: write each image's "
+               "file name alone" if "/" in self.table_example or "\\" in self.table_example else
+               "give the table of these images, or name the images as the table does")
         return (f"--metadata {self.table} has a row for {self.matched} of {self.files} files (matched by file name, "
                 f"'Image Index'): {missing} get no patient data from it and are scored with what their header or "
                 f"sidecar says, else unknown, which can change their triage; e.g. file {example!r} has no row, "
-                f"{contrast}. Fix: give the table of these images, or name the images as the table does (DICOM "
-                f"files need no row: their header has the patient data)")
+                f"{contrast}. Fix: {fix.format(named=named)} (DICOM files need no row: their header has the "
+                f"patient data)")
 
     def to_dict(self) -> dict:
         return {"table": self.table, "files": self.files, "matched": self.matched, "table_rows": self.table_rows,

@@ -82,3 +82,36 @@ def test_cli_names_the_bad_key_and_exits_2(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "cxr_batch", "watch", str(tmp_path), "--out", str(tmp_path / "o"),
                            "--config", str(config)], capture_output=True, text=True)
     assert proc.returncode == 2 and "batch_size" in proc.stderr
+
+
+@pytest.mark.parametrize("table, hint", [
+    ({"urgnet": ["Pneumothorax"]}, "did you mean 'urgent'?"),
+    ({"batchsize": 8}, "did you mean 'batch_size'?"),
+    ({"scoring": {"modality": ["CR"]}}, "did you mean 'modalities'?"),
+])
+def test_a_misspelt_key_is_named_with_the_one_meant(table, hint):
+    # the message listed 29 known options and left the user to spot the one they meant
+    with pytest.raises(ConfigError, match=hint):
+        load_dataclass(ScanConfig, table, "scan")
+
+
+def test_a_bad_scoring_key_is_named_in_the_table_the_file_has(tmp_path):
+    # "[scan].scoring.views" sent the user looking for a [scan] table the file did not have
+    config = tmp_path / "c.toml"
+    config.write_text("[scoring]\nviews = \"PA\"\n")
+    proc = subprocess.run([sys.executable, "-m", "cxr_batch", "scan", str(tmp_path), "--out", str(tmp_path / "o"),
+                           "--config", str(config)], capture_output=True, text=True)
+    assert proc.returncode == 2, proc.stderr
+    assert f"{config} [scoring].views = 'PA'" in proc.stderr and "[scan]" not in proc.stderr, proc.stderr
+    config.write_text("[scna]\nbatch_size = 8\n")
+    proc = subprocess.run([sys.executable, "-m", "cxr_batch", "scan", str(tmp_path), "--out", str(tmp_path / "o"),
+                           "--config", str(config)], capture_output=True, text=True)
+    assert proc.returncode == 2 and "did you mean 'scan'?" in proc.stderr, proc.stderr
+
+
+def test_a_list_of_the_wrong_kind_is_said_in_plain_words():
+    # read "expected a list of a string"
+    with pytest.raises(ConfigError, match=r"views = 'PA': expected a list of strings \(e.g."):
+        load_dataclass(ScoringRules, {"views": "PA"}, "scoring")
+    with pytest.raises(ConfigError, match="expected a list of 2 values|expected a list of integers"):
+        load_dataclass(ScanConfig, {"shard": "0/4"}, "scan")

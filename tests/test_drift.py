@@ -476,3 +476,19 @@ def test_a_flag_rate_s_interval_is_the_exact_clopper_pearson_one(k, n):
     exact = binomtest(k, n).proportion_ci(0.95, method="exact")
     assert said["n_window"] == n and said["k_window"] == k
     assert said["window_ci95"] == pytest.approx([exact.low, exact.high], abs=1e-6)
+
+
+def test_a_window_much_like_its_reference_is_tested_without_a_scipy_warning():
+    # a window of the reference's own 480 images printed scipy's "RuntimeWarning: ks_2samp: Exact
+    # calculation unsuccessful. Switching to method=asymp." on the operator's terminal, once per quantity
+    import warnings
+
+    from cxr_batch.drift import TESTS, summarise_values
+
+    reference = np.linspace(0, 1, 480)
+    window = reference.copy()
+    window[:2] += 2  # two studies of 480 differ: KS distance 2/480, p-value about 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        result = TESTS["continuous"][1](summarise_values("continuous", list(reference)), list(window))
+    assert result["effect"] < 0.01 and result["p_value"] > 0.99

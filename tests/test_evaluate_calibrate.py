@@ -245,6 +245,10 @@ def test_evaluate_of_three_studies_gives_no_interval_for_the_mean_auroc(tmp_path
     assert result["n_patients"] == 3 and result["mean_auroc"] is not None
     assert result["mean_auroc_ci95"] is None and "no CI (needs 5)" in result["mean_auroc_ci_note"]
     assert "(no CI)" in err
+    if shutil.which("pdftotext"):  # the PDF's headline read "mean AUROC 0.50 (95% CI no CI)"
+        first = " ".join(subprocess.run(["pdftotext", "-l", "1", tmp_path / "eval" / "evaluation.pdf", "-"],
+                                        capture_output=True, text=True, check=True).stdout.split())
+        assert f"mean AUROC {result['mean_auroc']:.2f} (no 95% CI) over" in first and "CI no CI" not in first, first
 
 
 def test_calibrate_on_three_patients_moves_nothing(tmp_path, nih, nih_images, small_bundle):

@@ -27,7 +27,7 @@ def test_a_latin1_export_is_named_with_how_to_save_it(tmp_path):
     path = tmp_path / "labels.csv"
     path.write_bytes((TABLE + "00000003_000.png,Effusion,J\u00fcrgen\r\n").encode("latin-1"))
     # before: "is not a readable CSV: 'utf-8' codec can't decode byte 0xfc in position 105: invalid start byte"
-    with pytest.raises(LabelsError, match=r"not UTF-8 text \(byte fc at offset \d+\): save it as 'CSV UTF-8"):
+    with pytest.raises(LabelsError, match=r"not UTF-8 text \(byte fc on line 4, offset \d+\): save it as 'CSV UTF-8"):
         read_labels(path)
 
 
@@ -74,3 +74,15 @@ def test_findings_joined_by_another_separator_say_to_join_them_by_a_bar(tmp_path
     assert "'Effusion;Mass' (findings are joined by '|': Effusion|Mass)" in said, said
     assert "'Effusion, Mass' (findings are joined by '|': Effusion|Mass)" in said, said
     assert "row 2 (a.png), row 3 (b.png)" in said, said
+
+
+def test_a_latin1_byte_is_named_where_a_text_editor_finds_it(tmp_path):
+    # "byte e9 at offset 11" was the offset inside pandas's read buffer, not in the file: a user
+    # looking there found nothing
+    path = tmp_path / "labels.csv"
+    raw = (TABLE + "00000003_000.png,Effusion,J\u00fcrgen\r\n").encode("latin-1")
+    path.write_bytes(raw)
+    with pytest.raises(LabelsError) as e:
+        read_labels(path)
+    offset = raw.index("\u00fc".encode("latin-1"))
+    assert f"(byte fc on line 4, offset {offset}): save it as" in str(e.value), str(e.value)

@@ -4,6 +4,7 @@ import hashlib
 import re
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from cxr_batch.findings import FINDINGS
@@ -193,3 +194,11 @@ def test_an_image_index_that_is_a_path_is_refused(tmp_path, name):
     matched nothing: the study was scored without age, sex and view, and nothing said why."""
     with pytest.raises(LabelsError, match=r"a path, not a file name, .* in row 2"):
         read_labels(write(tmp_path, [f"{name},Mass,0,1,50,M,PA"]))
+
+
+def test_a_labels_column_named_otherwise_is_named_with_what_to_rename(nih, tmp_path):
+    table = pd.read_csv(nih / "labels.csv", dtype=str).iloc[:3]
+    table.rename(columns={"Finding Labels": "Finding Label", "Image Index": "Filename"}).to_csv(
+        tmp_path / "l.csv", index=False)
+    with pytest.raises(LabelsError, match="rename 'Filename' to 'Image Index', 'Finding Label' to 'Finding Labels'"):
+        read_labels(tmp_path / "l.csv")

@@ -76,7 +76,8 @@ def test_a_sidecar_from_elsewhere_a_pipe_or_a_huge_file_is_never_read(tmp_path):
     (b"\x89PNG\r\n\x1a\n" + b"\x00" * 64, "it is a PNG image"),
     (b"PK\x03\x04" + b"\x00" * 64, "it is a ZIP archive or an Excel workbook"),
     (b"\x00" * 128 + b"DICM" + b"\x02\x00", "it is a DICOM file"),
-    ("Image Index,Patient ID\nbébé.png,1\n".encode("latin-1"), "it is not UTF-8 text"),
+    # where, as labels says it: a text editor finds the byte on that line
+    ("Image Index,Patient ID\nbébé.png,1\n".encode("latin-1"), "it is not UTF-8 text (byte e9 on line 2, offset 24)"),
 ])
 def test_a_metadata_file_that_is_not_csv_is_named_with_what_it_is(tmp_path, content, what):
     (tmp_path / "meta.csv").write_bytes(content)
@@ -149,3 +150,42 @@ def test_a_table_with_a_header_and_no_rows_is_said_to_have_none(nih, tmp_path):
     _, match = load_metadata_for(tmp_path / "header.csv", list(table["Image Index"].iloc[:2]))
     line = match.problem()
     assert "has a row for 0 of 2 files" in line and "the table has no rows" in line and "like ''" not in line
+
+
+def test_a_column_named_otherwise_is_named_with_what_to_rename(nih, caplog, tmp_path):
+    # a table with 'Age', 'Sex', 'View' (or a lower-case 'image index') said only that the NIH
+    # columns were missing, and its studies were scored without patient data, the user left to
+    # guess that a column name was the problem
+    table = pd.read_csv(nih / "labels.csv", dtype=str).iloc[:3]
+    table.rename(columns={"Patient Age": "Age", "Patient Gender": "sex", "View Position": "View"}).to_csv(
+        tmp_path / "other_names.csv", index=False)
+    with caplog.at_level("WARNING", logger="cxr_batch"):
+        rows = load_metadata_csv(tmp_path / "other_names.csv")
+    assert len(rows) == 3
+    assert "rename 'Age' to 'Patient Age', 'sex' to 'Patient Gender', 'View' to 'View Position'" in caplog.text
+    # a column of another meaning spelt alike is not offered: 'Patient Name' is no 'Patient Age'
+    caplog.clear()
+    named = table.drop(columns=["Patient Age"]).assign(**{"Patient Name": "DOE^JANE"})
+    named.to_csv(tmp_path / "names.csv", index=False)
+    with caplog.at_level("WARNING", logger="cxr_batch"):
+        load_metadata_csv(tmp_path / "names.csv")
+    assert "'Patient Age'" in caplog.text and "rename" not in caplog.text
+    table.rename(columns={"Image Index": "image index"}).to_csv(tmp_path / "lower.csv", index=False)
+    with pytest.raises(MetadataError, match="rename 'image index' to 'Image Index'"):
+        load_metadata_csv(tmp_path / "lower.csv")
+
+
+def test_a_table_of_paths_is_told_to_hold_file_names(nih, tmp_path):
+    # a table whose Image Index held 'images/00000001_000.png' was told to "give the table of these
+    # images, or name the images as the table does": the right table, and no renaming would help
+    from cxr_batch.metadata import load_metadata_for
+
+    table = pd.read_csv(nih / "labels.csv", dtype=str).iloc[:3]
+    names = list(table["Image Index"])
+    table["Image Index"] = "images/" + table["Image Index"]
+    table.to_csv(tmp_path / "paths.csv", index=False)
+    _, match = load_metadata_for(tmp_path / "paths.csv", names)
+    line = match.problem()
+    assert "has a row for 0 of 3 files" in line
+    assert "'Image Index' holds paths ('xxxxxx/99999999_999.png')" in line
+    assert "write each image's file name alone" in line and "give the table of these images" not in line

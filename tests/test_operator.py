@@ -618,3 +618,63 @@ def test_a_scan_refused_a_folder_another_scan_just_made_leaves_that_folder_and_i
         assert (out / ".cxr-batch.lock").exists()
         third = cli("scan", studies, "--out", out, "--weights", small_bundle, "--device", "cpu")
         assert third.returncode == 1 and "is in use by cxr-batch scan" in third.stderr, third.stderr
+
+
+def test_a_file_given_for_a_folder_or_a_folder_for_a_file_says_what_to_give(nih, tmp_path):
+    # click said "Directory 'x.png' is a file." and "File 'shard0' is a directory.", not what to give
+    image = sorted((nih / "images").glob("*.png"))[0]
+    proc = cli("scan", image, "--out", tmp_path / "o")
+    assert proc.returncode == 2 and "STUDIES is a folder" in proc.stderr and "put it in a folder" in proc.stderr, \
+        proc.stderr
+    bundle = Path(__file__).parents[1] / "weights" / "cxr-fpn-v3"
+    proc = cli("scan", nih / "images", "--out", tmp_path / "o", "--weights", bundle / "model.pt")
+    assert proc.returncode == 2 and f"give the bundle's folder: --weights {bundle}" in proc.stderr, proc.stderr
+    (tmp_path / "shard0").mkdir()
+    (tmp_path / "shard0" / "results.csv").write_text("file\n")
+    proc = cli("merge", tmp_path / "shard0", "--out", tmp_path / "merged.csv")
+    assert proc.returncode == 2 and f"give its results.csv: {tmp_path / 'shard0' / 'results.csv'}" in proc.stderr, \
+        proc.stderr
+    proc = cli("scan", nih / "images", "--out", tmp_path / "o", "--metadata", nih)
+    assert proc.returncode == 2 and "--metadata takes the table itself, a CSV file" in proc.stderr, proc.stderr
+    proc = cli("evaluate", nih / "images", "--out", tmp_path / "o", "--labels", nih)
+    assert proc.returncode == 2 and "--labels takes the table itself, a CSV file" in proc.stderr, proc.stderr
+    proc = cli("watch", image, "--out", tmp_path / "o")
+    assert proc.returncode == 2 and "watch takes the folder that studies arrive in" in proc.stderr, proc.stderr
+    proc = cli("monitor", tmp_path / "shard0" / "results.csv", "--out", tmp_path / "m")
+    assert proc.returncode == 2 and f"give the folder that holds it: {tmp_path / 'shard0'}" in proc.stderr, \
+        proc.stderr
+    assert not (tmp_path / "o").exists() and not (tmp_path / "merged.csv").exists()
+
+
+def test_a_results_csv_no_scan_wrote_is_not_called_an_earlier_scan(tmp_path):
+    # an --out holding the user's own results.csv was refused as "the results of an earlier scan",
+    # and the --overwrite that message offered deleted the user's file
+    from cxr_batch.journal import EarlierResults, plan
+
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "results.csv").write_text("patient,finding\n17,none\n")
+    with pytest.raises(EarlierResults) as refused:
+        plan(out, "refuse", tmp_path / "studies", {})
+    message = str(refused.value)
+    assert "earlier scan" not in message and "no cxr-batch scan wrote" in message, message
+    assert "--overwrite would delete it" in message, message
+    assert (out / "results.csv").read_text() == "patient,finding\n17,none\n"
+
+
+def test_ctrl_c_before_a_command_starts_its_work_exits_130_with_one_line(monkeypatch, tmp_path, nih):
+    # a Ctrl-C while evaluate (or calibrate, monitor) still imported its modules ended in click's
+    # "Aborted!" and exit 1, the code of "nothing could be done", not 130 as the README says
+    from click.testing import CliRunner
+
+    import cxr_batch.cli as cli_module
+
+    def interrupted(*_args, **_kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli_module, "setup_logging", interrupted)
+    result = CliRunner().invoke(cli_module.main, ["evaluate", str(nih / "images"), "--labels",
+                                                  str(nih / "labels.csv"), "--out", str(tmp_path / "e")])
+    assert result.exit_code == 130, (result.exit_code, result.output)
+    assert "interrupted (Ctrl-C)" in result.output and "Aborted!" not in result.output, result.output
+    assert not (tmp_path / "e").exists()
