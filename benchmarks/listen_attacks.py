@@ -9,15 +9,18 @@ plain port and once with TLS, and against each, one at a time, on loopback:
 
 - idle TCP to the TLS port: one connection that sends nothing (TLS node only);
 - idle beyond the limit: 20 TCP connections (twice max_associations) that send nothing;
-- stalled mid-PDU: 10 associations (max_associations), each sending a P-DATA-TF header that
-  declares 1,000 bytes and then 100 bytes;
+- stalled mid-PDU: 10 associations (max_associations) asked for, each sending a P-DATA-TF
+  header that declares 1,000 bytes and then 100 bytes: from one host (the node accepts
+  max_associations_per_host, 5, of them) and from ten (one each: every slot held);
 - gigabyte PDU: one association sends a P-DATA-TF header declaring 1.2 GB and pushes 1 GiB;
 - big objects (plain node only): ``--objects`` C-STOREs of ``--object-mb`` MB each at once,
   streamed by pynetdicom from sparse files.
 
-The attack is held while the clock runs: "echo" is the time until a legitimate modality's C-ECHO
-succeeds (retrying every 0.5 s), "scored" until a C-STORE of a real NIH radiograph, sent after
-the echo, has its row in results.csv. "RSS +" is the node process's peak resident memory during
+The attackers connect from other loopback addresses (127.0.0.2 and up: other hosts, as the node
+sees them) than the modality (127.0.0.1). The attack is held while the clock runs: "held" is how
+many connections or associations the node let the attacker hold, "echo" the time until a
+legitimate modality's C-ECHO succeeds (retrying every 0.5 s), "scored" until a C-STORE of a real
+NIH radiograph, sent after the echo, has its row in results.csv. "RSS +" is the node process's peak resident memory during
 the attack over its value just before (sampled every 20 ms from /proc; the reading workers are
 other processes and receive nothing from the network).
 """
@@ -137,7 +140,7 @@ def send_file(port: int, path: Path, results: list) -> None:
     ae = AE(ae_title="MODALITY")
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 120
     ae.add_requested_context(DigitalXRayImageStorageForPresentation, ExplicitVRLittleEndian)
-    assoc = ae.associate("127.0.0.1", port, ae_title="CXRBATCH")
+    assoc = ae.associate("127.0.0.1", port, ae_title="CXRBATCH", bind_address=(ATTACKER, 0))
     if not assoc.is_established:
         results.append("no association")
         return
@@ -151,24 +154,30 @@ def send_file(port: int, path: Path, results: list) -> None:
 
 
 big_results: list[str] = []  # the big objects' C-STORE statuses
+ATTACKER = "127.0.0.2"  # another host than the modality's 127.0.0.1, as the node sees it
 
 
 def attacks(port: int, tls: ssl.SSLContext | None, args, tmp: Path) -> list[tuple[str, object]]:
     """(name, start) pairs; start() begins the attack and returns what to close when it ends."""
 
     def idle(n):
-        return lambda: [connect(port) for _ in range(n)]
+        return lambda: [connect(port, source=ATTACKER) for _ in range(n)]
 
-    def stalled():
-        held = []
-        for _ in range(10):
-            sock = associate(port, tls=tls)
-            sock.sendall(pdu_header(P_DATA_TF, 1000) + bytes(100))
-            held.append(sock)
-        return held
+    def stalled(hosts: int):
+        def start():
+            held = []
+            for k in range(10):
+                try:
+                    sock = associate(port, tls=tls, source=f"127.0.0.{2 + k % hosts}")
+                except AssertionError:  # refused: that host holds its share of the slots
+                    continue
+                sock.sendall(pdu_header(P_DATA_TF, 1000) + bytes(100))
+                held.append(sock)
+            return held
+        return start
 
     def gigabyte():
-        sock = associate(port, tls=tls)
+        sock = associate(port, tls=tls, source=ATTACKER)
         sock.sendall(pdu_header(P_DATA_TF, 1_200_000_000))
         threading.Thread(target=push, args=(sock, 1 << 30), daemon=True).start()
         return [sock]
@@ -186,7 +195,8 @@ def attacks(port: int, tls: ssl.SSLContext | None, args, tmp: Path) -> list[tupl
     if tls is not None:
         chosen.append(("idle TCP to the TLS port (1)", idle(1)))
     chosen += [("idle beyond the limit (20 connections)", idle(20)),
-               ("stalled mid-PDU (10 associations)", stalled),
+               ("stalled mid-PDU, one host (10 asked for)", stalled(1)),
+               ("stalled mid-PDU, ten hosts (1 each)", stalled(10)),
                ("PDU declaring 1.2 GB, 1 GiB pushed", gigabyte)]
     if tls is None and args.objects:
         chosen.append((f"{args.objects} objects of {args.object_mb} MB at once", objects))
@@ -240,10 +250,11 @@ def run_node(label: str, weights: Path, images: list[Path], args, tls_files: tup
             scored_study()  # warm-up
             print(f"\n{label} node (cxr-batch listen, default [listen] limits), warm; no attack: "
                   f"C-STORE -> row {scored_study():.2f} s, node RSS {rss(node.pid) / 2**20:.0f} MiB")
-            print(f"  {'attack':<42} {'echo':>7} {'scored':>8} {'RSS +':>9}")
+            print(f"  {'attack':<42} {'held':>5} {'echo':>7} {'scored':>8} {'RSS +':>9}")
             for name, start in attacks(port, tls, args, tmp):
                 with PeakRss(node.pid) as mem:
                     held = start()
+                    count = len(held)  # what the node let the attacker hold (connections, associations)
                     t0 = time.monotonic()
                     while not modality.echo():
                         time.sleep(0.5)
@@ -254,7 +265,7 @@ def run_node(label: str, weights: Path, images: list[Path], args, tls_files: tup
                             thing.close()
                         else:
                             thing.join(timeout=300)
-                print(f"  {name:<42} {echo:>6.1f}s {scored:>7.1f}s {(mem.peak - mem.start) / 2**20:>6.0f} MiB")
+                print(f"  {name:<42} {count:>5} {echo:>6.1f}s {scored:>7.1f}s {(mem.peak - mem.start) / 2**20:>6.0f} MiB")
             if big_results:
                 print(f"  the big objects' C-STORE answers: {', '.join(big_results)}")
             time.sleep(6)  # status.json is rewritten every heartbeat_interval (5 s)

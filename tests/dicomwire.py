@@ -68,9 +68,10 @@ def _read(sock: socket.socket, n: int) -> bytes:
 
 
 def associate(port: int, calling: bytes = b"MODALITY", called: bytes = b"CXRBATCH",
-              tls: ssl.SSLContext | None = None) -> socket.socket:
-    """A connection with an established association (AssertionError if the node did not accept)."""
-    sock = connect(port, tls=tls)
+              tls: ssl.SSLContext | None = None, source: str | None = None) -> socket.socket:
+    """A connection with an established association (AssertionError if the node did not accept);
+    ``source`` as for :func:`connect`."""
+    sock = connect(port, tls=tls, source=source)
     sock.sendall(associate_rq(calling, called))
     pdu_type, _ = read_pdu(sock)
     assert pdu_type == A_ASSOCIATE_AC, f"association not accepted (PDU type {pdu_type})"
