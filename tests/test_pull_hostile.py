@@ -222,3 +222,98 @@ def test_a_pacs_that_goes_away_mid_pull_keeps_what_arrived_and_says_so(radiograp
     assert "dropped the association" in done.stderr, done.stderr[-3000:]
     assert len(_rows(out)) == 1  # the image retrieved before it went is scored
     assert not list((out / ".cxr-batch" / "spool").glob("*.dcm"))
+
+
+# ---------------------------------------------------------------------- pull: a retrieval that lies
+class _FloodingPACS(ScriptedPACS):
+    """Answers a C-GET with ``flood()`` (a generator of objects) and never a final status of its own."""
+
+    def __init__(self, files, flood):
+        super().__init__(files)
+        self.flood, self.sent = flood, 0
+
+    def get(self, event):
+        yield 65535  # the most a C-GET may announce
+        for ds in self.flood(event.identifier):
+            if not event.assoc.is_established:
+                return
+            self.sent += 1
+            yield 0xFF00, ds
+
+
+def _pull_config(tmp_path, **pull) -> Path:
+    path = tmp_path / "pull.toml"
+    path.write_text("[pull]\n" + "".join(f"{k} = {v!r}\n" for k, v in pull.items()))
+    return path
+
+
+def test_a_retrieval_that_never_ends_is_cut_and_said(radiographs, small_bundle, tmp_path):
+    """A PACS answering the C-GET of a series with other studies' objects for ever (each refused,
+    each followed by a pending status): the retrieval is abandoned after its deadline, the series
+    counted as a failure, and the pull ends."""
+    other = pydicom.dcmread(radiographs[2])
+
+    def flood(identifier):
+        if identifier.StudyInstanceUID == other.StudyInstanceUID:
+            yield other
+            return
+        while True:
+            yield other
+
+    pacs = _FloodingPACS(radiographs, flood)
+    out = tmp_path / "out"
+    try:
+        done = _pull(pacs, out, small_bundle, "--retrieve", "get", "--config",
+                     _pull_config(tmp_path, query_timeout=2.0), timeout=240)
+    finally:
+        pacs.close()
+    assert "Traceback" not in done.stderr, done.stderr[-3000:]
+    assert done.returncode == 3, done.stderr[-3000:]
+    assert "did not end the retrieval" in done.stderr, done.stderr[-3000:]
+    rows = _rows(out)
+    assert len(rows) == 1 and other.SOPInstanceUID in rows[0]
+
+
+def test_an_instance_sent_many_times_is_stored_and_scored_once(radiographs, small_bundle, tmp_path):
+    """A PACS sending the instance asked for 30 times in one C-GET, each copy a little different
+    (as a PACS re-stamping a header): one copy is taken, the others refused; one row, one result."""
+    def flood(identifier):
+        for k in range(30):
+            for ds in (pydicom.dcmread(f) for f in radiographs):
+                if ds.StudyInstanceUID == identifier.StudyInstanceUID:
+                    ds.InstitutionName = f"copy {k}"
+                    yield ds
+
+    pacs = _FloodingPACS(radiographs, flood)
+    out = tmp_path / "out"
+    try:
+        done = _pull(pacs, out, small_bundle, "--retrieve", "get", timeout=300)
+    finally:
+        pacs.close()
+    assert "Traceback" not in done.stderr, done.stderr[-3000:]
+    rows = _rows(out)
+    assert len(rows) == 3, "\n".join(rows)
+    assert "sent again" in done.stderr, done.stderr[-3000:]
+
+
+def test_an_object_whose_header_names_another_study_is_refused(radiographs, small_bundle, tmp_path):
+    """The instance asked for arrives with another study's (and patient's) header: its result would
+    be filed in that other study. Refused, never scored; the pull says it and exits 3."""
+    def flood(identifier):
+        for ds in (pydicom.dcmread(f) for f in radiographs):
+            if ds.StudyInstanceUID == identifier.StudyInstanceUID:
+                if ds.PatientID == "P1":
+                    ds.StudyInstanceUID, ds.PatientID = generate_uid(), "SOMEONE-ELSE"
+                yield ds
+
+    pacs = _FloodingPACS(radiographs, flood)
+    out = tmp_path / "out"
+    try:
+        done = _pull(pacs, out, small_bundle, "--retrieve", "get", timeout=300)
+    finally:
+        pacs.close()
+    assert "Traceback" not in done.stderr, done.stderr[-3000:]
+    rows = _rows(out)
+    assert len(rows) == 2 and not any("SOMEONE-ELSE" in r for r in rows), "\n".join(rows)
+    assert "another study" in done.stderr and done.returncode == 3, done.stderr[-3000:]
+

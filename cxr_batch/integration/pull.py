@@ -146,6 +146,11 @@ class TooMany(Exception):
     """A C-FIND answered more than it may; the association was aborted."""
 
 
+class Overdue(Exception):
+    """A retrieval went on past its deadline (pending answers, or objects, without end); the
+    association was aborted. ``str(e)`` says so."""
+
+
 class Stopped(Exception):
     """The pull was told to stop (SIGTERM, SIGINT): no new association is opened."""
 
@@ -305,10 +310,13 @@ class Source:
         return found
 
     # ------------------------------------------------------------------ C-MOVE / C-GET
-    def retrieve(self, identifier) -> tuple[int, int]:
-        """Retrieve the objects ``identifier`` names (C-MOVE to our AE title, or C-GET):
-        (completed, failed) sub-operations. PullError for an unknown move destination or a
-        PACS that cannot retrieve at all."""
+    def retrieve(self, identifier, objects: int = 1) -> tuple[int, int]:
+        """Retrieve the ``objects`` objects ``identifier`` names (C-MOVE to our AE title, or
+        C-GET): (completed, failed) sub-operations. PullError for an unknown move destination or
+        a PACS that cannot retrieve at all; Overdue when the PACS has not ended it within
+        ``query_timeout`` seconds for each object and one more: each answer may come within
+        ``query_timeout``, and a PACS answering "pending" (or sending objects we refuse) for ever
+        would hold the pull for ever."""
         from pynetdicom.sop_class import (StudyRootQueryRetrieveInformationModelGet,
                                           StudyRootQueryRetrieveInformationModelMove)
 
@@ -318,9 +326,14 @@ class Source:
                                         msg_id=self._next_id())
         else:
             answers = assoc.send_c_get(identifier, StudyRootQueryRetrieveInformationModelGet, msg_id=self._next_id())
+        allowed = self.cfg.query_timeout * (objects + 1)
+        deadline = time.monotonic() + allowed
         status = None
         for status, _ in answers:
-            pass
+            if time.monotonic() > deadline and "Status" in status and int(status.Status) in PENDING:
+                self.abort()
+                raise Overdue(f"the PACS {self.pacs} did not end the retrieval of {objects} object(s) within "
+                              f"{allowed:g} s (pull.query_timeout for each object and one more): abandoned")
         if (status is None or "Status" not in status) and self.stopped:  # aborted by our own stop
             raise Stopped()
         if status is None or "Status" not in status:
@@ -368,7 +381,7 @@ def pydicom_header(path):
     """The header of a received object (no pixel data read)."""
     import pydicom
 
-    return pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SOPInstanceUID"])
+    return pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SOPInstanceUID", "StudyInstanceUID"])
 
 
 def study_day(answer) -> str | None:
@@ -467,7 +480,9 @@ class Puller(Node):
         super().__init__(out, cfg, stop)
         self.source = Source(cfg, on_store=self.scp.on_store, on_data=self.scp.on_data)
         self.asked: frozenset[str] = frozenset()  # SOP Instance UIDs of the retrieval in progress
+        self.asked_study = ""  # ...and the study they belong to
         self.arrived: set[str] = set()  # ...and those of them that arrived
+        self.unfit: set[str] = set()  # ...and those refused for their header (another study)
         self.scp.refusal = self._not_asked
         self.progress = Progress()
         self.seen_studies: set[str] = set()  # study UIDs answered so far: each looked at once
@@ -760,10 +775,13 @@ class Puller(Node):
         if instance:
             ds.SOPInstanceUID = instance
         refused = self.progress.not_asked
-        self.arrived = set()
-        self.asked = frozenset(asked)
+        self.arrived, self.unfit = set(), set()
+        self.asked, self.asked_study = frozenset(asked), study
         try:
-            completed, failed = self.source.retrieve(ds)
+            completed, failed = self.source.retrieve(ds, len(asked))
+        except Overdue as e:
+            log.warning("pull: %s; what arrived is scored, the rest is retrieved by the next pull", e)
+            completed, failed = len(self.arrived), len(asked) - len(self.arrived)
         finally:
             self.asked = frozenset()
         if self.source.stopped:  # cut short by a stop: the next pull retrieves the rest
@@ -776,8 +794,10 @@ class Puller(Node):
             failed = len(asked)
         missing = len(set(asked) - self.arrived)  # a PACS's "success" is not what arrived
         if missing > failed:
-            log.warning("pull: the PACS answered the retrieval of %d object(s) with status success but did not send %d "
-                        "of them", len(asked), missing - failed)
+            unsent = missing - failed - len(self.unfit)  # those refused for their header were said
+            if unsent > 0:
+                log.warning("pull: the PACS answered the retrieval of %d object(s) with status success but did not "
+                            "send %d of them", len(asked), unsent)
             failed = missing
         self.progress.images_retrieved += completed
         if failed:
@@ -790,11 +810,15 @@ class Puller(Node):
         for are stored and scored (a PACS sending another study's image, or a sender reaching our
         C-MOVE port, must not get a result, an SR or an HL7 message as if it had been asked for).
         The header's own SOP Instance UID must be the one announced: it is what the result is
-        keyed by."""
+        keyed by, and its Study Instance UID the one asked for (an object of another study, or
+        of another patient, would have its result filed there). Each instance is taken once per
+        retrieval: a PACS sending it again and again would have it scored again each time."""
         uid = str(event.request.AffectedSOPInstanceUID or "")
         why = None
         if uid not in self.asked:
             why = "not asked for by this pull (not scored)"
+        elif uid in self.arrived:
+            why = "sent again in the same retrieval (the copy received first is scored)"
         else:
             try:
                 try:
@@ -804,10 +828,14 @@ class Puller(Node):
                 header = pydicom_header(path) if path else event.dataset  # else held in memory (C-GET)
                 if str(header.get("SOPInstanceUID", "") or "") != uid:
                     why = "its header's SOP Instance UID is not the one announced (not scored)"
+                elif str(header.get("StudyInstanceUID", "") or "") != self.asked_study:
+                    why = f"its header names another study than the one asked for, {self.asked_study} (not scored)"
             except Exception as e:  # unreadable: the scoring could not key it either
                 why = f"its header cannot be read ({type(e).__name__}: {e}; not scored)"
         if why:
             self.progress.not_asked += 1
+            if uid in self.asked and uid not in self.arrived:
+                self.unfit.add(uid)
         else:
             self.arrived.add(uid)
         return why
