@@ -317,3 +317,52 @@ def test_an_object_whose_header_names_another_study_is_refused(radiographs, smal
     assert len(rows) == 2 and not any("SOMEONE-ELSE" in r for r in rows), "\n".join(rows)
     assert "another study" in done.stderr and done.returncode == 3, done.stderr[-3000:]
 
+
+class _PaddedSeriesPACS(ScriptedPACS):
+    """Answers a series-level C-FIND with ``count`` series, each answer padded with 50 kB of a
+    key nobody asked for, and ModalitiesInStudy padded as long."""
+
+    count = 100
+
+    def find(self, event):
+        if event.identifier.QueryRetrieveLevel != "SERIES":
+            yield from super().find(event)
+            return
+        for _ in range(self.count):
+            answer = pydicom.Dataset()
+            answer.QueryRetrieveLevel = "SERIES"
+            answer.StudyInstanceUID, answer.SeriesInstanceUID = event.identifier.StudyInstanceUID, generate_uid()
+            answer.Modality, answer.SeriesDescription = "DX", "x" * 50_000
+            answer.ModalitiesInStudy = "DX\\" * 10_000 + "DX"
+            yield 0xFF00, answer
+
+
+def test_a_c_find_s_answers_are_kept_without_what_was_not_asked(tmp_path, nih_images):
+    """100 000 answers (the cap) of 80 kB would hold 8 GB: each answer keeps only the keys asked
+    for, and none of their values longer than any real one."""
+    import gc
+    import tracemalloc
+
+    from cxr_batch.integration.pull import PullConfig, Source
+
+    file = write(tmp_path / "pacs" / "a.dcm", _pixels(nih_images[0]), StudyDate="20240301")
+    pacs = _PaddedSeriesPACS([file])
+    query = pydicom.Dataset()
+    query.QueryRetrieveLevel, query.StudyInstanceUID = "SERIES", pydicom.dcmread(file).StudyInstanceUID
+    query.SeriesInstanceUID, query.Modality, query.ModalitiesInStudy = "", "", ""
+    tracemalloc.start()
+    try:
+        source = Source(PullConfig(source=pacs.address, retrieve="get", query_timeout=30))
+        gc.collect()
+        before = tracemalloc.get_traced_memory()[0]
+        answers = source.find(query)
+        source.close()
+        gc.collect()
+        held = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+        pacs.close()
+    assert len(answers) == _PaddedSeriesPACS.count
+    assert held < 1_000_000, f"{held:,} bytes held for {len(answers)} answers"
+    assert all(a.Modality == "DX" and "SeriesDescription" not in a and "ModalitiesInStudy" not in a
+               for a in answers)

@@ -53,6 +53,7 @@ SUCCESS, CANCELLED, WARNING_SUBOPS = 0x0000, 0xFE00, 0xB000
 UNKNOWN_MOVE_DESTINATION = 0xA801
 OUT_OF_RESOURCES = range(0xA700, 0xA800)
 FIND_CAP = 100_000  # answers one series- or image-level C-FIND may give before it is cut off
+ANSWER_VALUE_MAX = 1024  # bytes of one key of an answer (a UID is 64, a date range 17): longer is left out
 PROGRESS_EVERY = 5.0  # seconds between progress lines
 # Storage classes asked for by C-GET (each needs a presentation context and an SCP role: at most
 # 128 in all): the radiographs, and what a CR/DX series may also hold.
@@ -176,8 +177,13 @@ class Source:
                                           StudyRootQueryRetrieveInformationModelGet,
                                           StudyRootQueryRetrieveInformationModelMove)
 
+        from pynetdicom import _config
+
         from ..dicom import DECODED_TRANSFER_SYNTAXES, ENCAPSULATED_TRANSFER_SYNTAXES
 
+        # pynetdicom formats every C-FIND answer whole for its INFO log, shown or not: each value
+        # decoded (a 10 000-value padding too) and kept in the answer before asked_keys() reads it
+        _config.LOG_RESPONSE_IDENTIFIERS = False
         ae = AE(ae_title=self.cfg.ae_title)
         ae.acse_timeout = ae.connection_timeout = self.cfg.acse_timeout
         ae.dimse_timeout = ae.network_timeout = self.cfg.query_timeout
@@ -291,7 +297,7 @@ class Source:
             code = int(status.Status) if "Status" in status else None
             if code in PENDING:
                 if answer is not None:
-                    found.append(answer)
+                    found.append(asked_keys(answer, identifier))
                 if len(found) > cap:
                     self.abort()
                     raise TooMany(f"more than {cap} answers")
@@ -375,6 +381,21 @@ class Source:
                 f"\"DicomModalities\": {{\"cxrbatch\": [\"{self.cfg.ae_title}\", \"<this machine's address>\", "
                 f"{self.cfg.port}]}} (then restart Orthanc, or PUT /modalities/cxrbatch with that list). "
                 f"Or pull with --retrieve get, which needs no destination")
+
+
+def asked_keys(answer, identifier):
+    """A C-FIND answer with only the keys ``identifier`` asked for, and none whose value is longer
+    than ANSWER_VALUE_MAX bytes: what a PACS adds (50 kB of padding, a 10 000-value list) would be
+    held for every answer, up to FIND_CAP of them."""
+    from pydicom.dataset import Dataset
+
+    kept = Dataset()
+    for tag in (element.tag for element in identifier):
+        if tag in answer:
+            value = answer.get_item(tag).value  # bytes as received (a decoded one: its text)
+            if len(value if isinstance(value, (bytes, str)) else str(value)) <= ANSWER_VALUE_MAX:
+                kept[tag] = answer[tag]
+    return kept
 
 
 def pydicom_header(path):
