@@ -316,13 +316,14 @@ class Source:
         return found
 
     # ------------------------------------------------------------------ C-MOVE / C-GET
-    def retrieve(self, identifier, objects: int = 1) -> tuple[int, int]:
-        """Retrieve the ``objects`` objects ``identifier`` names (C-MOVE to our AE title, or
-        C-GET): (completed, failed) sub-operations. PullError for an unknown move destination or
-        a PACS that cannot retrieve at all; Overdue when the PACS has not ended it within
-        ``query_timeout`` seconds for each object and one more: each answer may come within
-        ``query_timeout``, and a PACS answering "pending" (or sending objects we refuse) for ever
-        would hold the pull for ever."""
+    def retrieve(self, identifier, arrived=lambda: 0) -> tuple[int, int]:
+        """Retrieve the objects ``identifier`` names (C-MOVE to our AE title, or C-GET):
+        (completed, failed) sub-operations. PullError for an unknown move destination or a PACS
+        that cannot retrieve at all; Overdue when no object asked for arrived (``arrived()``,
+        their count, did not grow) for twice ``query_timeout`` while the PACS answered "pending":
+        each answer may come within ``query_timeout``, and a PACS answering "pending" (or sending
+        objects we refuse) for ever would hold the pull for ever. (Not a deadline per object
+        listed: the PACS chooses how many it lists.)"""
         from pynetdicom.sop_class import (StudyRootQueryRetrieveInformationModelGet,
                                           StudyRootQueryRetrieveInformationModelMove)
 
@@ -332,14 +333,16 @@ class Source:
                                         msg_id=self._next_id())
         else:
             answers = assoc.send_c_get(identifier, StudyRootQueryRetrieveInformationModelGet, msg_id=self._next_id())
-        allowed = self.cfg.query_timeout * (objects + 1)
-        deadline = time.monotonic() + allowed
+        allowed = 2 * self.cfg.query_timeout
+        deadline, count = time.monotonic() + allowed, arrived()
         status = None
         for status, _ in answers:
-            if time.monotonic() > deadline and "Status" in status and int(status.Status) in PENDING:
+            if arrived() != count:
+                deadline, count = time.monotonic() + allowed, arrived()
+            elif time.monotonic() > deadline and "Status" in status and int(status.Status) in PENDING:
                 self.abort()
-                raise Overdue(f"the PACS {self.pacs} did not end the retrieval of {objects} object(s) within "
-                              f"{allowed:g} s (pull.query_timeout for each object and one more): abandoned")
+                raise Overdue(f"the PACS {self.pacs} answered a retrieval with \"pending\" for {allowed:g} s "
+                              f"(twice pull.query_timeout) without sending anything asked for: abandoned")
         if (status is None or "Status" not in status) and self.stopped:  # aborted by our own stop
             raise Stopped()
         if status is None or "Status" not in status:
@@ -799,7 +802,7 @@ class Puller(Node):
         self.arrived, self.unfit = set(), set()
         self.asked, self.asked_study = frozenset(asked), study
         try:
-            completed, failed = self.source.retrieve(ds, len(asked))
+            completed, failed = self.source.retrieve(ds, lambda: len(self.arrived))
         except Overdue as e:
             log.warning("pull: %s; what arrived is scored, the rest is retrieved by the next pull", e)
             completed, failed = len(self.arrived), len(asked) - len(self.arrived)
