@@ -367,3 +367,25 @@ def test_a_c_find_s_answers_are_kept_without_what_was_not_asked(tmp_path, nih_im
     assert all(a.Modality == "DX" and "SeriesDescription" not in a and "ModalitiesInStudy" not in a
                for a in answers)
 
+
+class _RepeatingSeriesPACS(ScriptedPACS):
+    """Answers each series-level C-FIND with every series 300 times over."""
+
+    def find(self, event):
+        answers = list(super().find(event))
+        repeat = 300 if event.identifier.QueryRetrieveLevel == "SERIES" else 1
+        for _ in range(repeat):
+            yield from answers
+
+
+def test_a_series_answered_many_times_is_listed_and_retrieved_once(radiographs, small_bundle, tmp_path):
+    """300 answers naming the same series: one image-level C-FIND and one retrieval for it, not 300."""
+    pacs = _RepeatingSeriesPACS(radiographs)
+    out = tmp_path / "out"
+    try:
+        done = _pull(pacs, out, small_bundle, "--retrieve", "get", timeout=300)
+    finally:
+        pacs.close()
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert len(_rows(out)) == 3
+    assert pacs.levels().count("IMAGE") == 3, pacs.levels().count("IMAGE")

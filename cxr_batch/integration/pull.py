@@ -733,8 +733,9 @@ class Puller(Node):
                         e or "too many series")
             p.retrieval_failures += 1
             return
-        series = [s for s in found if str(s.get("Modality", "") or "").upper() in wanted
-                  and valid_uid(str(s.get("SeriesInstanceUID", "") or ""))]
+        # each series once: a PACS answering one series many times would have it listed as often
+        series = list({str(s.SeriesInstanceUID): s for s in found if str(s.get("Modality", "") or "").upper() in wanted
+                       and valid_uid(str(s.get("SeriesInstanceUID", "") or ""))}.values())
         retrieved_any = False
         for s in series:
             ds = Dataset()
