@@ -389,3 +389,55 @@ def test_a_series_answered_many_times_is_listed_and_retrieved_once(radiographs, 
     assert done.returncode == 0, done.stderr[-3000:]
     assert len(_rows(out)) == 3
     assert pacs.levels().count("IMAGE") == 3, pacs.levels().count("IMAGE")
+
+
+def test_a_c_get_s_queries_do_not_count_as_the_size_of_an_object(radiographs, small_bundle, tmp_path):
+    """By C-GET the queries' answers come on the association the objects come on: they were
+    added to the size of the next object, and a pull whose answers held more than
+    scoring.max_file_bytes (a PACS answering every study key it has) aborted as 'an object over'
+    the limit before anything was retrieved."""
+    real = [pydicom.dcmread(f) for f in radiographs]
+    padded = []
+    for ds in real:
+        answer = _study(ds.StudyInstanceUID)
+        answer.StudyDescription = "CHEST PA " * 1_000
+        padded.append(answer)
+    pacs = ScriptedPACS(radiographs, studies=padded)
+    config = tmp_path / "pull.toml"
+    config.write_text(f"[scoring]\nmax_file_bytes = {max(f.stat().st_size for f in radiographs) + 4096}\n")
+    out = tmp_path / "out"
+    try:
+        done = _pull(pacs, out, small_bundle, "--retrieve", "get", "--config", config, timeout=300)
+    finally:
+        pacs.close()
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert len(_rows(out)) == 3
+
+
+class _HugeAnswerPACS(ScriptedPACS):
+    """Answers a series-level C-FIND with one answer of 40 MB."""
+
+    def find(self, event):
+        answer = pydicom.Dataset()
+        answer.QueryRetrieveLevel, answer.StudyInstanceUID = "SERIES", event.identifier.StudyInstanceUID
+        answer.SeriesInstanceUID, answer.Modality = generate_uid(), "DX"
+        answer.add_new(0x00091010, "OB", bytes(40_000_000))  # a private element, as large as it likes
+        yield 0xFF00, answer
+
+
+def test_a_c_find_answer_of_40_mb_is_not_read_whole(tmp_path, nih_images):
+    """The association is aborted once an answer passes 1 MiB (pynetdicom would assemble it whole in
+    memory, then decode it): the query fails saying why."""
+    from cxr_batch.integration.pull import PullConfig, PullError, Source
+
+    file = write(tmp_path / "pacs" / "a.dcm", _pixels(nih_images[0]), StudyDate="20240301")
+    pacs = _HugeAnswerPACS([file])
+    query = pydicom.Dataset()
+    query.QueryRetrieveLevel, query.StudyInstanceUID = "SERIES", pydicom.dcmread(file).StudyInstanceUID
+    query.SeriesInstanceUID, query.Modality = "", ""
+    try:
+        source = Source(PullConfig(source=pacs.address, retrieve="move", query_timeout=30))
+        with pytest.raises(PullError, match="an answer over 1048576 bytes"):
+            source.find(query)
+    finally:
+        pacs.close()

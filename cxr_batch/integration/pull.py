@@ -32,6 +32,7 @@ import datetime as dt
 import logging
 import os
 import re
+import struct
 import threading
 import time
 from collections import Counter
@@ -53,6 +54,8 @@ SUCCESS, CANCELLED, WARNING_SUBOPS = 0x0000, 0xFE00, 0xB000
 UNKNOWN_MOVE_DESTINATION = 0xA801
 OUT_OF_RESOURCES = range(0xA700, 0xA800)
 FIND_CAP = 100_000  # answers one series- or image-level C-FIND may give before it is cut off
+ANSWER_BYTES_MAX = 1 << 20  # one answer's data set (a C-FIND answer), or one command, at most
+C_STORE_RQ, P_DATA_TF = 0x0001, b"\x04"
 ANSWER_VALUE_MAX = 1024  # bytes of one key of an answer (a UID is 64, a date range 17): longer is left out
 PROGRESS_EVERY = 5.0  # seconds between progress lines
 # Storage classes asked for by C-GET (each needs a presentation context and an SCP role: at most
@@ -160,9 +163,10 @@ class Source:
     """One association at a time with the PACS (``cfg.source``), for C-FIND and C-MOVE (or C-GET,
     whose C-STOREs ``on_store`` handles); re-opened after an abort."""
 
-    def __init__(self, cfg: PullConfig, on_store=None, on_data=None):
+    def __init__(self, cfg: PullConfig, on_store=None):
         self.cfg, self.pacs = cfg, cfg.source_pacs
-        self.on_store, self.on_data = on_store, on_data
+        self.on_store = on_store
+        self.oversize = ""  # why the association was aborted for a data set too large, if it was
         self.assoc = None
         self.moved_any = False  # a C-MOVE of this pull sent us something: the PACS knows us
         self.silent_failures, self.silent_code = 0, 0  # C-MOVEs refused before sending anything
@@ -215,12 +219,14 @@ class Source:
         from pynetdicom import build_role, evt
 
         ae = self._ae()
-        handlers = [(evt.EVT_CONN_OPEN, tcp_no_delay)]
+        sizes = DataSetSizes(self.cfg.scoring.max_file_bytes)
+        self.oversize = ""
+        handlers = [(evt.EVT_CONN_OPEN, tcp_no_delay), (evt.EVT_DATA_RECV, lambda event: self._measure(sizes, event))]
         roles = []
         if self.cfg.retrieve == "get":
             roles = [build_role(uid, scp_role=True) for uid in GET_STORAGE_CLASSES]
-            handlers += [(event, handler) for event, handler in ((evt.EVT_C_STORE, self.on_store),
-                                                                  (evt.EVT_DATA_RECV, self.on_data)) if handler]
+            if self.on_store:
+                handlers.append((evt.EVT_C_STORE, self.on_store))
         try:
             with association_failures_said_by_us():
                 assoc = ae.associate(self.pacs.host, self.pacs.port, ae_title=self.pacs.ae_title, ext_neg=roles,
@@ -247,6 +253,17 @@ class Source:
             raise PullError(f"the PACS {self.pacs} does not accept Study Root {wanted} from us: try {other}")
         self.assoc = assoc
         return assoc
+
+    def _measure(self, sizes: "DataSetSizes", event) -> None:
+        """Every PDU from the PACS: a data set over its limit aborts the association (pynetdicom
+        would hold it whole, in memory or in the spool)."""
+        if self.oversize:
+            return  # PDUs read before the abort took effect
+        why = sizes.add(event.data)
+        if why:
+            self.oversize = f"the PACS {self.pacs} sent {why}: the association was aborted"
+            log.warning("pull: %s", self.oversize)
+            self.abort()
 
     def check(self) -> None:
         """Open and release an association: PullError now, before the model loads, when the PACS
@@ -306,8 +323,8 @@ class Source:
             raise Stopped()
         if code is None:
             self.abort()
-            raise PullError(f"the PACS {self.pacs} did not answer a C-FIND within {self.cfg.query_timeout:g} s "
-                            f"(or dropped the association)")
+            raise PullError(self.oversize or f"the PACS {self.pacs} did not answer a C-FIND within "
+                                             f"{self.cfg.query_timeout:g} s (or dropped the association)")
         if code in OUT_OF_RESOURCES:  # too many matches for the PACS itself: a smaller range may do
             raise TooMany(f"status 0x{code:04X}, out of resources")
         if code not in (SUCCESS, CANCELLED):
@@ -384,6 +401,56 @@ class Source:
                 f"\"DicomModalities\": {{\"cxrbatch\": [\"{self.cfg.ae_title}\", \"<this machine's address>\", "
                 f"{self.cfg.port}]}} (then restart Orthanc, or PUT /modalities/cxrbatch with that list). "
                 f"Or pull with --retrieve get, which needs no destination")
+
+
+class DataSetSizes:
+    """The size of each command and data set arriving on an association, read from the P-DATA
+    PDUs (PS3.8 9.3.5: each PDV's 4-byte length, context ID, then its control header: bit 0 a
+    command, bit 1 its last fragment): a C-STORE's object may be ``max_object`` bytes, anything
+    else (a C-FIND answer, a command) ANSWER_BYTES_MAX. Each is measured alone: the answers of
+    the queries of a C-GET association are no part of the next object."""
+
+    def __init__(self, max_object: int):
+        self.max_object = max_object
+        self.command, self.data_set = bytearray(), 0
+        self.store = False  # the data set in progress follows a C-STORE request
+
+    def add(self, pdu: bytes) -> str:
+        """What is over its limit once ``pdu`` (a whole PDU, as read) is counted, else ""."""
+        if pdu[:1] != P_DATA_TF:  # association PDUs hold no command nor data set
+            return ""
+        pos = 6  # the PDU's type, reserved byte and length
+        while pos + 6 <= len(pdu):
+            length, control = int.from_bytes(pdu[pos:pos + 4], "big"), pdu[pos + 5]
+            fragment = pdu[pos + 6:pos + 4 + length]
+            pos += 4 + length
+            if control & 0x01:
+                self.command += fragment
+                if len(self.command) > ANSWER_BYTES_MAX:
+                    return f"a DIMSE command over {ANSWER_BYTES_MAX} bytes"
+                if control & 0x02:
+                    self.store = command_field(bytes(self.command)) == C_STORE_RQ
+                    self.command = bytearray()
+                continue
+            self.data_set += len(fragment)
+            if self.store and self.data_set > self.max_object:
+                return f"an object over {self.max_object} bytes (scoring.max_file_bytes)"
+            if not self.store and self.data_set > ANSWER_BYTES_MAX:
+                return f"an answer over {ANSWER_BYTES_MAX} bytes (real ones are a few hundred)"
+            if control & 0x02:
+                self.data_set = 0
+        return ""
+
+
+def command_field(command: bytes) -> int | None:
+    """(0000,0100) Command Field of a command set (implicit VR little endian), None without one."""
+    pos = 0
+    while pos + 8 <= len(command):
+        group, element, length = struct.unpack_from("<HHI", command, pos)
+        if (group, element) == (0x0000, 0x0100) and length == 2 and pos + 10 <= len(command):
+            return struct.unpack_from("<H", command, pos + 8)[0]
+        pos += 8 + length
+    return None
 
 
 def asked_keys(answer, identifier):
@@ -502,7 +569,7 @@ class Puller(Node):
     def __init__(self, out, cfg: PullConfig, stop=None):
         refuse_out_in_state(Path(out))
         super().__init__(out, cfg, stop)
-        self.source = Source(cfg, on_store=self.scp.on_store, on_data=self.scp.on_data)
+        self.source = Source(cfg, on_store=self.scp.on_store)
         self.asked: frozenset[str] = frozenset()  # SOP Instance UIDs of the retrieval in progress
         self.asked_study = ""  # ...and the study they belong to
         self.arrived: set[str] = set()  # ...and those of them that arrived
