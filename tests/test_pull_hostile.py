@@ -222,3 +222,222 @@ def test_a_pacs_that_goes_away_mid_pull_keeps_what_arrived_and_says_so(radiograp
     assert "dropped the association" in done.stderr, done.stderr[-3000:]
     assert len(_rows(out)) == 1  # the image retrieved before it went is scored
     assert not list((out / ".cxr-batch" / "spool").glob("*.dcm"))
+
+
+# ---------------------------------------------------------------------- pull: a retrieval that lies
+class _FloodingPACS(ScriptedPACS):
+    """Answers a C-GET with ``flood()`` (a generator of objects) and never a final status of its own."""
+
+    def __init__(self, files, flood):
+        super().__init__(files)
+        self.flood, self.sent = flood, 0
+
+    def get(self, event):
+        yield 65535  # the most a C-GET may announce
+        for ds in self.flood(event.identifier):
+            if not event.assoc.is_established:
+                return
+            self.sent += 1
+            yield 0xFF00, ds
+
+
+def _pull_config(tmp_path, **pull) -> Path:
+    path = tmp_path / "pull.toml"
+    path.write_text("[pull]\n" + "".join(f"{k} = {v!r}\n" for k, v in pull.items()))
+    return path
+
+
+def test_a_retrieval_that_never_ends_is_cut_and_said(radiographs, small_bundle, tmp_path):
+    """A PACS answering the C-GET of a series with other studies' objects for ever (each refused,
+    each followed by a pending status): the retrieval is abandoned after its deadline, the series
+    counted as a failure, and the pull ends."""
+    other = pydicom.dcmread(radiographs[2])
+
+    def flood(identifier):
+        if identifier.StudyInstanceUID == other.StudyInstanceUID:
+            yield other
+            return
+        while True:
+            yield other
+
+    pacs = _FloodingPACS(radiographs, flood)
+    out = tmp_path / "out"
+    try:
+        done = _pull(pacs, out, small_bundle, "--retrieve", "get", "--config",
+                     _pull_config(tmp_path, query_timeout=2.0), timeout=240)
+    finally:
+        pacs.close()
+    assert "Traceback" not in done.stderr, done.stderr[-3000:]
+    assert done.returncode == 3, done.stderr[-3000:]
+    assert "without sending anything asked for" in done.stderr, done.stderr[-3000:]
+    rows = _rows(out)
+    assert len(rows) == 1 and other.SOPInstanceUID in rows[0]
+
+
+def test_an_instance_sent_many_times_is_stored_and_scored_once(radiographs, small_bundle, tmp_path):
+    """A PACS sending the instance asked for 30 times in one C-GET, each copy a little different
+    (as a PACS re-stamping a header): one copy is taken, the others refused; one row, one result."""
+    def flood(identifier):
+        for k in range(30):
+            for ds in (pydicom.dcmread(f) for f in radiographs):
+                if ds.StudyInstanceUID == identifier.StudyInstanceUID:
+                    ds.InstitutionName = f"copy {k}"
+                    yield ds
+
+    pacs = _FloodingPACS(radiographs, flood)
+    out = tmp_path / "out"
+    try:
+        done = _pull(pacs, out, small_bundle, "--retrieve", "get", timeout=300)
+    finally:
+        pacs.close()
+    assert "Traceback" not in done.stderr, done.stderr[-3000:]
+    rows = _rows(out)
+    assert len(rows) == 3, "\n".join(rows)
+    assert "sent again" in done.stderr, done.stderr[-3000:]
+
+
+def test_an_object_whose_header_names_another_study_is_refused(radiographs, small_bundle, tmp_path):
+    """The instance asked for arrives with another study's (and patient's) header: its result would
+    be filed in that other study. Refused, never scored; the pull says it and exits 3."""
+    def flood(identifier):
+        for ds in (pydicom.dcmread(f) for f in radiographs):
+            if ds.StudyInstanceUID == identifier.StudyInstanceUID:
+                if ds.PatientID == "P1":
+                    ds.StudyInstanceUID, ds.PatientID = generate_uid(), "SOMEONE-ELSE"
+                yield ds
+
+    pacs = _FloodingPACS(radiographs, flood)
+    out = tmp_path / "out"
+    try:
+        done = _pull(pacs, out, small_bundle, "--retrieve", "get", timeout=300)
+    finally:
+        pacs.close()
+    assert "Traceback" not in done.stderr, done.stderr[-3000:]
+    rows = _rows(out)
+    assert len(rows) == 2 and not any("SOMEONE-ELSE" in r for r in rows), "\n".join(rows)
+    assert "another study" in done.stderr and done.returncode == 3, done.stderr[-3000:]
+
+
+class _PaddedSeriesPACS(ScriptedPACS):
+    """Answers a series-level C-FIND with ``count`` series, each answer padded with 50 kB of a
+    key nobody asked for, and ModalitiesInStudy padded as long."""
+
+    count = 100
+
+    def find(self, event):
+        if event.identifier.QueryRetrieveLevel != "SERIES":
+            yield from super().find(event)
+            return
+        for _ in range(self.count):
+            answer = pydicom.Dataset()
+            answer.QueryRetrieveLevel = "SERIES"
+            answer.StudyInstanceUID, answer.SeriesInstanceUID = event.identifier.StudyInstanceUID, generate_uid()
+            answer.Modality, answer.SeriesDescription = "DX", "x" * 50_000
+            answer.ModalitiesInStudy = "DX\\" * 10_000 + "DX"
+            yield 0xFF00, answer
+
+
+def test_a_c_find_s_answers_are_kept_without_what_was_not_asked(tmp_path, nih_images):
+    """100 000 answers (the cap) of 80 kB would hold 8 GB: each answer keeps only the keys asked
+    for, and none of their values longer than any real one."""
+    import gc
+    import tracemalloc
+
+    from cxr_batch.integration.pull import PullConfig, Source
+
+    file = write(tmp_path / "pacs" / "a.dcm", _pixels(nih_images[0]), StudyDate="20240301")
+    pacs = _PaddedSeriesPACS([file])
+    query = pydicom.Dataset()
+    query.QueryRetrieveLevel, query.StudyInstanceUID = "SERIES", pydicom.dcmread(file).StudyInstanceUID
+    query.SeriesInstanceUID, query.Modality, query.ModalitiesInStudy = "", "", ""
+    tracemalloc.start()
+    try:
+        source = Source(PullConfig(source=pacs.address, retrieve="get", query_timeout=30))
+        gc.collect()
+        before = tracemalloc.get_traced_memory()[0]
+        answers = source.find(query)
+        source.close()
+        gc.collect()
+        held = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+        pacs.close()
+    assert len(answers) == _PaddedSeriesPACS.count
+    assert held < 1_000_000, f"{held:,} bytes held for {len(answers)} answers"
+    assert all(a.Modality == "DX" and "SeriesDescription" not in a and "ModalitiesInStudy" not in a
+               for a in answers)
+
+
+class _RepeatingSeriesPACS(ScriptedPACS):
+    """Answers each series-level C-FIND with every series 300 times over."""
+
+    def find(self, event):
+        answers = list(super().find(event))
+        repeat = 300 if event.identifier.QueryRetrieveLevel == "SERIES" else 1
+        for _ in range(repeat):
+            yield from answers
+
+
+def test_a_series_answered_many_times_is_listed_and_retrieved_once(radiographs, small_bundle, tmp_path):
+    """300 answers naming the same series: one image-level C-FIND and one retrieval for it, not 300."""
+    pacs = _RepeatingSeriesPACS(radiographs)
+    out = tmp_path / "out"
+    try:
+        done = _pull(pacs, out, small_bundle, "--retrieve", "get", timeout=300)
+    finally:
+        pacs.close()
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert len(_rows(out)) == 3
+    assert pacs.levels().count("IMAGE") == 3, pacs.levels().count("IMAGE")
+
+
+def test_a_c_get_s_queries_do_not_count_as_the_size_of_an_object(radiographs, small_bundle, tmp_path):
+    """By C-GET the queries' answers come on the association the objects come on: they were
+    added to the size of the next object, and a pull whose answers held more than
+    scoring.max_file_bytes (a PACS answering every study key it has) aborted as 'an object over'
+    the limit before anything was retrieved."""
+    real = [pydicom.dcmread(f) for f in radiographs]
+    padded = []
+    for ds in real:
+        answer = _study(ds.StudyInstanceUID)
+        answer.StudyDescription = "CHEST PA " * 1_000
+        padded.append(answer)
+    pacs = ScriptedPACS(radiographs, studies=padded)
+    config = tmp_path / "pull.toml"
+    config.write_text(f"[scoring]\nmax_file_bytes = {max(f.stat().st_size for f in radiographs) + 4096}\n")
+    out = tmp_path / "out"
+    try:
+        done = _pull(pacs, out, small_bundle, "--retrieve", "get", "--config", config, timeout=300)
+    finally:
+        pacs.close()
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert len(_rows(out)) == 3
+
+
+class _HugeAnswerPACS(ScriptedPACS):
+    """Answers a series-level C-FIND with one answer of 40 MB."""
+
+    def find(self, event):
+        answer = pydicom.Dataset()
+        answer.QueryRetrieveLevel, answer.StudyInstanceUID = "SERIES", event.identifier.StudyInstanceUID
+        answer.SeriesInstanceUID, answer.Modality = generate_uid(), "DX"
+        answer.add_new(0x00091010, "OB", bytes(40_000_000))  # a private element, as large as it likes
+        yield 0xFF00, answer
+
+
+def test_a_c_find_answer_of_40_mb_is_not_read_whole(tmp_path, nih_images):
+    """The association is aborted once an answer passes 1 MiB (pynetdicom would assemble it whole in
+    memory, then decode it): the query fails saying why."""
+    from cxr_batch.integration.pull import PullConfig, PullError, Source
+
+    file = write(tmp_path / "pacs" / "a.dcm", _pixels(nih_images[0]), StudyDate="20240301")
+    pacs = _HugeAnswerPACS([file])
+    query = pydicom.Dataset()
+    query.QueryRetrieveLevel, query.StudyInstanceUID = "SERIES", pydicom.dcmread(file).StudyInstanceUID
+    query.SeriesInstanceUID, query.Modality = "", ""
+    try:
+        source = Source(PullConfig(source=pacs.address, retrieve="move", query_timeout=30))
+        with pytest.raises(PullError, match="an answer over 1048576 bytes"):
+            source.find(query)
+    finally:
+        pacs.close()

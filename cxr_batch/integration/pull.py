@@ -32,6 +32,7 @@ import datetime as dt
 import logging
 import os
 import re
+import struct
 import threading
 import time
 from collections import Counter
@@ -53,6 +54,9 @@ SUCCESS, CANCELLED, WARNING_SUBOPS = 0x0000, 0xFE00, 0xB000
 UNKNOWN_MOVE_DESTINATION = 0xA801
 OUT_OF_RESOURCES = range(0xA700, 0xA800)
 FIND_CAP = 100_000  # answers one series- or image-level C-FIND may give before it is cut off
+ANSWER_BYTES_MAX = 1 << 20  # one answer's data set (a C-FIND answer), or one command, at most
+C_STORE_RQ, P_DATA_TF = 0x0001, b"\x04"
+ANSWER_VALUE_MAX = 1024  # bytes of one key of an answer (a UID is 64, a date range 17): longer is left out
 PROGRESS_EVERY = 5.0  # seconds between progress lines
 # Storage classes asked for by C-GET (each needs a presentation context and an SCP role: at most
 # 128 in all): the radiographs, and what a CR/DX series may also hold.
@@ -146,6 +150,11 @@ class TooMany(Exception):
     """A C-FIND answered more than it may; the association was aborted."""
 
 
+class Overdue(Exception):
+    """A retrieval went on past its deadline (pending answers, or objects, without end); the
+    association was aborted. ``str(e)`` says so."""
+
+
 class Stopped(Exception):
     """The pull was told to stop (SIGTERM, SIGINT): no new association is opened."""
 
@@ -154,9 +163,10 @@ class Source:
     """One association at a time with the PACS (``cfg.source``), for C-FIND and C-MOVE (or C-GET,
     whose C-STOREs ``on_store`` handles); re-opened after an abort."""
 
-    def __init__(self, cfg: PullConfig, on_store=None, on_data=None):
+    def __init__(self, cfg: PullConfig, on_store=None):
         self.cfg, self.pacs = cfg, cfg.source_pacs
-        self.on_store, self.on_data = on_store, on_data
+        self.on_store = on_store
+        self.oversize = ""  # why the association was aborted for a data set too large, if it was
         self.assoc = None
         self.moved_any = False  # a C-MOVE of this pull sent us something: the PACS knows us
         self.silent_failures, self.silent_code = 0, 0  # C-MOVEs refused before sending anything
@@ -171,8 +181,13 @@ class Source:
                                           StudyRootQueryRetrieveInformationModelGet,
                                           StudyRootQueryRetrieveInformationModelMove)
 
+        from pynetdicom import _config
+
         from ..dicom import DECODED_TRANSFER_SYNTAXES, ENCAPSULATED_TRANSFER_SYNTAXES
 
+        # pynetdicom formats every C-FIND answer whole for its INFO log, shown or not: each value
+        # decoded (a 10 000-value padding too) and kept in the answer before asked_keys() reads it
+        _config.LOG_RESPONSE_IDENTIFIERS = False
         ae = AE(ae_title=self.cfg.ae_title)
         ae.acse_timeout = ae.connection_timeout = self.cfg.acse_timeout
         ae.dimse_timeout = ae.network_timeout = self.cfg.query_timeout
@@ -204,12 +219,14 @@ class Source:
         from pynetdicom import build_role, evt
 
         ae = self._ae()
-        handlers = [(evt.EVT_CONN_OPEN, tcp_no_delay)]
+        sizes = DataSetSizes(self.cfg.scoring.max_file_bytes)
+        self.oversize = ""
+        handlers = [(evt.EVT_CONN_OPEN, tcp_no_delay), (evt.EVT_DATA_RECV, lambda event: self._measure(sizes, event))]
         roles = []
         if self.cfg.retrieve == "get":
             roles = [build_role(uid, scp_role=True) for uid in GET_STORAGE_CLASSES]
-            handlers += [(event, handler) for event, handler in ((evt.EVT_C_STORE, self.on_store),
-                                                                  (evt.EVT_DATA_RECV, self.on_data)) if handler]
+            if self.on_store:
+                handlers.append((evt.EVT_C_STORE, self.on_store))
         try:
             with association_failures_said_by_us():
                 assoc = ae.associate(self.pacs.host, self.pacs.port, ae_title=self.pacs.ae_title, ext_neg=roles,
@@ -236,6 +253,17 @@ class Source:
             raise PullError(f"the PACS {self.pacs} does not accept Study Root {wanted} from us: try {other}")
         self.assoc = assoc
         return assoc
+
+    def _measure(self, sizes: "DataSetSizes", event) -> None:
+        """Every PDU from the PACS: a data set over its limit aborts the association (pynetdicom
+        would hold it whole, in memory or in the spool)."""
+        if self.oversize:
+            return  # PDUs read before the abort took effect
+        why = sizes.add(event.data)
+        if why:
+            self.oversize = f"the PACS {self.pacs} sent {why}: the association was aborted"
+            log.warning("pull: %s", self.oversize)
+            self.abort()
 
     def check(self) -> None:
         """Open and release an association: PullError now, before the model loads, when the PACS
@@ -286,7 +314,7 @@ class Source:
             code = int(status.Status) if "Status" in status else None
             if code in PENDING:
                 if answer is not None:
-                    found.append(answer)
+                    found.append(asked_keys(answer, identifier))
                 if len(found) > cap:
                     self.abort()
                     raise TooMany(f"more than {cap} answers")
@@ -295,8 +323,8 @@ class Source:
             raise Stopped()
         if code is None:
             self.abort()
-            raise PullError(f"the PACS {self.pacs} did not answer a C-FIND within {self.cfg.query_timeout:g} s "
-                            f"(or dropped the association)")
+            raise PullError(self.oversize or f"the PACS {self.pacs} did not answer a C-FIND within "
+                                             f"{self.cfg.query_timeout:g} s (or dropped the association)")
         if code in OUT_OF_RESOURCES:  # too many matches for the PACS itself: a smaller range may do
             raise TooMany(f"status 0x{code:04X}, out of resources")
         if code not in (SUCCESS, CANCELLED):
@@ -305,10 +333,14 @@ class Source:
         return found
 
     # ------------------------------------------------------------------ C-MOVE / C-GET
-    def retrieve(self, identifier) -> tuple[int, int]:
+    def retrieve(self, identifier, arrived=lambda: 0) -> tuple[int, int]:
         """Retrieve the objects ``identifier`` names (C-MOVE to our AE title, or C-GET):
-        (completed, failed) sub-operations. PullError for an unknown move destination or a
-        PACS that cannot retrieve at all."""
+        (completed, failed) sub-operations. PullError for an unknown move destination or a PACS
+        that cannot retrieve at all; Overdue when no object asked for arrived (``arrived()``,
+        their count, did not grow) for twice ``query_timeout`` while the PACS answered "pending":
+        each answer may come within ``query_timeout``, and a PACS answering "pending" (or sending
+        objects we refuse) for ever would hold the pull for ever. (Not a deadline per object
+        listed: the PACS chooses how many it lists.)"""
         from pynetdicom.sop_class import (StudyRootQueryRetrieveInformationModelGet,
                                           StudyRootQueryRetrieveInformationModelMove)
 
@@ -318,9 +350,16 @@ class Source:
                                         msg_id=self._next_id())
         else:
             answers = assoc.send_c_get(identifier, StudyRootQueryRetrieveInformationModelGet, msg_id=self._next_id())
+        allowed = 2 * self.cfg.query_timeout
+        deadline, count = time.monotonic() + allowed, arrived()
         status = None
         for status, _ in answers:
-            pass
+            if arrived() != count:
+                deadline, count = time.monotonic() + allowed, arrived()
+            elif time.monotonic() > deadline and "Status" in status and int(status.Status) in PENDING:
+                self.abort()
+                raise Overdue(f"the PACS {self.pacs} answered a retrieval with \"pending\" for {allowed:g} s "
+                              f"(twice pull.query_timeout) without sending anything asked for: abandoned")
         if (status is None or "Status" not in status) and self.stopped:  # aborted by our own stop
             raise Stopped()
         if status is None or "Status" not in status:
@@ -364,11 +403,76 @@ class Source:
                 f"Or pull with --retrieve get, which needs no destination")
 
 
+class DataSetSizes:
+    """The size of each command and data set arriving on an association, read from the P-DATA
+    PDUs (PS3.8 9.3.5: each PDV's 4-byte length, context ID, then its control header: bit 0 a
+    command, bit 1 its last fragment): a C-STORE's object may be ``max_object`` bytes, anything
+    else (a C-FIND answer, a command) ANSWER_BYTES_MAX. Each is measured alone: the answers of
+    the queries of a C-GET association are no part of the next object."""
+
+    def __init__(self, max_object: int):
+        self.max_object = max_object
+        self.command, self.data_set = bytearray(), 0
+        self.store = False  # the data set in progress follows a C-STORE request
+
+    def add(self, pdu: bytes) -> str:
+        """What is over its limit once ``pdu`` (a whole PDU, as read) is counted, else ""."""
+        if pdu[:1] != P_DATA_TF:  # association PDUs hold no command nor data set
+            return ""
+        pos = 6  # the PDU's type, reserved byte and length
+        while pos + 6 <= len(pdu):
+            length, control = int.from_bytes(pdu[pos:pos + 4], "big"), pdu[pos + 5]
+            fragment = pdu[pos + 6:pos + 4 + length]
+            pos += 4 + length
+            if control & 0x01:
+                self.command += fragment
+                if len(self.command) > ANSWER_BYTES_MAX:
+                    return f"a DIMSE command over {ANSWER_BYTES_MAX} bytes"
+                if control & 0x02:
+                    self.store = command_field(bytes(self.command)) == C_STORE_RQ
+                    self.command = bytearray()
+                continue
+            self.data_set += len(fragment)
+            if self.store and self.data_set > self.max_object:
+                return f"an object over {self.max_object} bytes (scoring.max_file_bytes)"
+            if not self.store and self.data_set > ANSWER_BYTES_MAX:
+                return f"an answer over {ANSWER_BYTES_MAX} bytes (real ones are a few hundred)"
+            if control & 0x02:
+                self.data_set = 0
+        return ""
+
+
+def command_field(command: bytes) -> int | None:
+    """(0000,0100) Command Field of a command set (implicit VR little endian), None without one."""
+    pos = 0
+    while pos + 8 <= len(command):
+        group, element, length = struct.unpack_from("<HHI", command, pos)
+        if (group, element) == (0x0000, 0x0100) and length == 2 and pos + 10 <= len(command):
+            return struct.unpack_from("<H", command, pos + 8)[0]
+        pos += 8 + length
+    return None
+
+
+def asked_keys(answer, identifier):
+    """A C-FIND answer with only the keys ``identifier`` asked for, and none whose value is longer
+    than ANSWER_VALUE_MAX bytes: what a PACS adds (50 kB of padding, a 10 000-value list) would be
+    held for every answer, up to FIND_CAP of them."""
+    from pydicom.dataset import Dataset
+
+    kept = Dataset()
+    for tag in (element.tag for element in identifier):
+        if tag in answer:
+            value = answer.get_item(tag).value  # bytes as received (a decoded one: its text)
+            if len(value if isinstance(value, (bytes, str)) else str(value)) <= ANSWER_VALUE_MAX:
+                kept[tag] = answer[tag]
+    return kept
+
+
 def pydicom_header(path):
     """The header of a received object (no pixel data read)."""
     import pydicom
 
-    return pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SOPInstanceUID"])
+    return pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SOPInstanceUID", "StudyInstanceUID"])
 
 
 def study_day(answer) -> str | None:
@@ -465,9 +569,11 @@ class Puller(Node):
     def __init__(self, out, cfg: PullConfig, stop=None):
         refuse_out_in_state(Path(out))
         super().__init__(out, cfg, stop)
-        self.source = Source(cfg, on_store=self.scp.on_store, on_data=self.scp.on_data)
+        self.source = Source(cfg, on_store=self.scp.on_store)
         self.asked: frozenset[str] = frozenset()  # SOP Instance UIDs of the retrieval in progress
+        self.asked_study = ""  # ...and the study they belong to
         self.arrived: set[str] = set()  # ...and those of them that arrived
+        self.unfit: set[str] = set()  # ...and those refused for their header (another study)
         self.scp.refusal = self._not_asked
         self.progress = Progress()
         self.seen_studies: set[str] = set()  # study UIDs answered so far: each looked at once
@@ -694,8 +800,9 @@ class Puller(Node):
                         e or "too many series")
             p.retrieval_failures += 1
             return
-        series = [s for s in found if str(s.get("Modality", "") or "").upper() in wanted
-                  and valid_uid(str(s.get("SeriesInstanceUID", "") or ""))]
+        # each series once: a PACS answering one series many times would have it listed as often
+        series = list({str(s.SeriesInstanceUID): s for s in found if str(s.get("Modality", "") or "").upper() in wanted
+                       and valid_uid(str(s.get("SeriesInstanceUID", "") or ""))}.values())
         retrieved_any = False
         for s in series:
             ds = Dataset()
@@ -760,10 +867,13 @@ class Puller(Node):
         if instance:
             ds.SOPInstanceUID = instance
         refused = self.progress.not_asked
-        self.arrived = set()
-        self.asked = frozenset(asked)
+        self.arrived, self.unfit = set(), set()
+        self.asked, self.asked_study = frozenset(asked), study
         try:
-            completed, failed = self.source.retrieve(ds)
+            completed, failed = self.source.retrieve(ds, lambda: len(self.arrived))
+        except Overdue as e:
+            log.warning("pull: %s; what arrived is scored, the rest is retrieved by the next pull", e)
+            completed, failed = len(self.arrived), len(asked) - len(self.arrived)
         finally:
             self.asked = frozenset()
         if self.source.stopped:  # cut short by a stop: the next pull retrieves the rest
@@ -776,8 +886,10 @@ class Puller(Node):
             failed = len(asked)
         missing = len(set(asked) - self.arrived)  # a PACS's "success" is not what arrived
         if missing > failed:
-            log.warning("pull: the PACS answered the retrieval of %d object(s) with status success but did not send %d "
-                        "of them", len(asked), missing - failed)
+            unsent = missing - failed - len(self.unfit)  # those refused for their header were said
+            if unsent > 0:
+                log.warning("pull: the PACS answered the retrieval of %d object(s) with status success but did not "
+                            "send %d of them", len(asked), unsent)
             failed = missing
         self.progress.images_retrieved += completed
         if failed:
@@ -790,11 +902,15 @@ class Puller(Node):
         for are stored and scored (a PACS sending another study's image, or a sender reaching our
         C-MOVE port, must not get a result, an SR or an HL7 message as if it had been asked for).
         The header's own SOP Instance UID must be the one announced: it is what the result is
-        keyed by."""
+        keyed by, and its Study Instance UID the one asked for (an object of another study, or
+        of another patient, would have its result filed there). Each instance is taken once per
+        retrieval: a PACS sending it again and again would have it scored again each time."""
         uid = str(event.request.AffectedSOPInstanceUID or "")
         why = None
         if uid not in self.asked:
             why = "not asked for by this pull (not scored)"
+        elif uid in self.arrived:
+            why = "sent again in the same retrieval (the copy received first is scored)"
         else:
             try:
                 try:
@@ -804,10 +920,14 @@ class Puller(Node):
                 header = pydicom_header(path) if path else event.dataset  # else held in memory (C-GET)
                 if str(header.get("SOPInstanceUID", "") or "") != uid:
                     why = "its header's SOP Instance UID is not the one announced (not scored)"
+                elif str(header.get("StudyInstanceUID", "") or "") != self.asked_study:
+                    why = f"its header names another study than the one asked for, {self.asked_study} (not scored)"
             except Exception as e:  # unreadable: the scoring could not key it either
                 why = f"its header cannot be read ({type(e).__name__}: {e}; not scored)"
         if why:
             self.progress.not_asked += 1
+            if uid in self.asked and uid not in self.arrived:
+                self.unfit.add(uid)
         else:
             self.arrived.add(uid)
         return why
