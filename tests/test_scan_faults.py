@@ -17,6 +17,22 @@ def same_numbers(results):
     return {r["file"]: {k: v for k, v in scored_as(r).items() if k != "scored_at"} for r in read_results(results)}
 
 
+def assert_same_rows(rows: dict, clean: dict) -> None:
+    """The same studies with the same values; numbers to within 1e-5. A resumed scan batches the
+    studies left otherwise than a clean one, and float32 kernels chosen by batch size may sum in
+    another order: a probability's sixth decimal may differ (seen in CI), nothing a reader sees."""
+    assert rows.keys() == clean.keys()
+    for name, row in rows.items():
+        assert row.keys() == clean[name].keys(), name
+        for column, value in row.items():
+            if value == clean[name][column]:
+                continue
+            try:
+                assert abs(float(value) - float(clean[name][column])) <= 1e-5, (name, column, value, clean[name][column])
+            except ValueError:
+                assert value == clean[name][column], (name, column)
+
+
 def scan_cli(studies, out, bundle, *extra):
     return cli("scan", studies, "--out", out, "--weights", bundle, "--device", "cpu", "--precision", "fp32",
                "--batch-size", "4", "--workers", "0", "--no-pdf", "--quiet", *extra)
@@ -45,7 +61,7 @@ def test_a_disk_full_mid_scan_is_said_and_resume_ends_with_the_rows_of_a_clean_s
     done = scan_cli(studies, out, small_bundle, "--resume")
     assert done.returncode == 0, done.stderr
     rows = same_numbers(out / "results.csv")
-    assert rows == same_numbers(clean / "results.csv")
+    assert_same_rows(rows, same_numbers(clean / "results.csv"))
     assert set(read_journal(out.joinpath(*JOURNAL))[1]) == set(rows)  # a later resume keeps every study
 
 
