@@ -592,3 +592,38 @@ def test_a_removed_spool_is_made_again_and_the_node_stays_running(tmp_path, obje
         assert stop(node) == 0, log.read_text()[-3000:]
     text = log.read_text()
     assert "the spool" in text and "made again" in text and "watched folder" not in text, text[-2000:]
+
+
+def test_stopping_while_an_association_is_being_rejected_raises_nothing_in_its_thread(listener, monkeypatch):
+    """A node stopped just as it rejects an association (state 13 of PS3.8: the A-ASSOCIATE-RJ
+    sent, the connection not yet closed): pynetdicom's shutdown aborted that association too, an
+    event state 13 does not take, and its thread died with "InvalidEventError: Invalid event
+    'Evt15' for the current state 'Sta13'", a traceback on the node's stderr as it stopped (seen in
+    CI on a loaded machine). The rejection is held open here by a slow rejection handler."""
+    import threading
+
+    from .dicomwire import A_ASSOCIATE_RJ, associate_rq, connect, read_pdu
+
+    rejecting = threading.Event()
+    said = StorageSCP.on_rejected
+
+    def slow(self, event):
+        said(self, event)
+        rejecting.set()
+        time.sleep(1.0)  # a loaded machine: the association thread is still in state 13
+
+    monkeypatch.setattr(StorageSCP, "on_rejected", slow)
+    scp, _, _ = listener(allow=("MODALITY",))
+    died = []
+    before, threading.excepthook = threading.excepthook, lambda args: died.append(args.exc_value)
+    try:
+        sock = connect(scp.cfg.port)
+        sock.sendall(associate_rq(called=b"SOMEONE"))
+        assert rejecting.wait(10)
+        scp.stop()
+        time.sleep(1.5)
+        assert read_pdu(sock)[0] == A_ASSOCIATE_RJ
+        sock.close()
+    finally:
+        threading.excepthook = before
+    assert not died, died

@@ -315,7 +315,7 @@ class StorageSCP:
                                          receive_dir=self.spool.folder)
         except OSError as e:
             raise NodeError(f"cannot listen on {self.address}: {e.strerror or e}") from None
-        # As AE.start_server(block=False) does: serve in a thread, and let ae.shutdown() stop it.
+        # As AE.start_server(block=False) does: serve in a thread, listed with the AE's servers.
         threading.Thread(target=server.serve_forever, name="cxr-batch-listener", daemon=True).start()
         self.ae._servers.append(server)
         self.server = server
@@ -323,8 +323,15 @@ class StorageSCP:
 
     def stop(self) -> None:
         """Stop listening and abort associations in progress (their objects were not answered
-        as stored, so the peers send them again)."""
-        self.ae.shutdown()
+        as stored, so the peers send them again). Only established ones: pynetdicom's
+        ``AE.shutdown`` aborted every association thread still alive, one being rejected too
+        (PS3.8 state 13, waiting for its connection to close), where an abort is an invalid
+        event that kills its thread with a traceback on stderr; that one ends by itself."""
+        for assoc in self.ae.active_associations:
+            if assoc.is_established:
+                assoc.abort()
+        if self.server is not None:
+            self.server.shutdown()  # also takes it off the AE's servers
         self.server = None
 
     @property
