@@ -509,24 +509,29 @@ def test_an_ack_ended_by_0x1c_alone_then_closed_is_read(scored):
     assert delivery.ok, delivery
 
 
+def _scanned_to_ris(studies, out, bundle) -> list[str]:
+    """The ORUs a scan of ``studies`` with --hl7-to sends a RIS (built after the scan, as a scan's
+    are), as the RIS keeps them (segments ended by CR)."""
+    from cxr_batch.integration.outbox import send_after_scan
+
+    with RIS("AA") as ris:
+        cfg = ScanConfig(weights=str(bundle), device="cpu", progress=False, batch_size=4, workers=0, pdf=False,
+                         hl7_to=str(ris.endpoint))
+        run_scan(studies, out, cfg)
+        assert send_after_scan(out, cfg, studies) == []
+        return [message.replace("\n", "\r") for message in ris.received]
+
+
 def test_a_scan_s_oru_names_the_patient_as_the_header_does_never_the_null(tmp_path, nih_images, small_bundle):
     """A scan built its ORUs from results.csv, which keeps no names: PID-5 was HL7's explicit
     null "", which tells a receiver updating its records to delete the patient's name (HL7 v2.5
     2.5.3), and a RIS that checks the name against the order's refuses the result. The name,
     birth date and sex are read again from the scanned file's header (the same instance)."""
-    from cxr_batch.integration.outbox import send_after_scan
-
     studies = tmp_path / "studies"
     write(studies / "a.dcm", grey(nih_images[0]), PatientID="P1", AccessionNumber="A1", PatientName="O'Hara^Zoë",
           PatientBirthDate="19670302", PatientSex="F")
-    out = tmp_path / "out"
-    with RIS("AA") as ris:
-        cfg = ScanConfig(weights=str(small_bundle), device="cpu", progress=False, batch_size=4, workers=0, pdf=False,
-                         hl7_to=str(ris.endpoint))
-        run_scan(studies, out, cfg)
-        assert send_after_scan(out, cfg, studies) == []
-        (message,) = ris.received
-    pid = _parse(message.replace("\n", "\r")).oru_r01_patient_result.oru_r01_patient.pid  # as the server keeps it
+    (message,) = _scanned_to_ris(studies, tmp_path / "out", small_bundle)
+    pid = _parse(message).oru_r01_patient_result.oru_r01_patient.pid
     assert (pid.pid_5.xpn_1.value, pid.pid_5.xpn_2.value) == ("O'Hara", "Zoë")
     assert (pid.pid_7.value, pid.pid_8.value) == ("19670302", "F")
 
@@ -548,23 +553,15 @@ def test_the_patient_id_reaches_the_ris_with_the_authority_that_issued_it(tmp_pa
     (namespace & universal ID & its type) and PID-3.5 the identifier type, the mapping PS3.17's
     HL7 v2 annex gives; a study without them keeps the bare number; a scan's ORU, built after the
     scan, reads them again from the file as it does the name."""
-    from cxr_batch.integration.outbox import send_after_scan
-
     studies = tmp_path / "studies"
     write(studies / "a.dcm", grey(nih_images[0]), PatientID="P1", AccessionNumber="A1", **_issuer())
     write(studies / "b.dcm", grey(nih_images[1]), PatientID="P2", AccessionNumber="A2")
     write(studies / "c.dcm", grey(nih_images[2]), PatientID="P3", AccessionNumber="A3",
           **_issuer(namespace="SITE|B&C", universal_id="", kind="", type_code=""))
-    out = tmp_path / "out"
-    with RIS("AA") as ris:
-        cfg = ScanConfig(weights=str(small_bundle), device="cpu", progress=False, batch_size=4, workers=0, pdf=False,
-                         hl7_to=str(ris.endpoint))
-        run_scan(studies, out, cfg)
-        assert send_after_scan(out, cfg, studies) == []
-        pids = {}
-        for message in ris.received:
-            pid = _parse(message.replace("\n", "\r")).oru_r01_patient_result.oru_r01_patient.pid
-            pids[pid.pid_3.cx_1.value] = pid.pid_3
+    pids = {}
+    for message in _scanned_to_ris(studies, tmp_path / "out", small_bundle):
+        pid = _parse(message).oru_r01_patient_result.oru_r01_patient.pid
+        pids[pid.pid_3.cx_1.value] = pid.pid_3
     assert sorted(pids) == ["P1", "P2", "P3"]
     assert pids["P1"].to_er7() == "P1^^^HOSP-A&1.2.840.99.7&ISO^MR"  # CX.4 an HD: namespace & UID & type
     assert pids["P2"].to_er7() == "P2"

@@ -87,6 +87,17 @@ def _rows(out: Path) -> list[str]:
     return (out / "results.csv").read_text().splitlines()[1:]
 
 
+def _pull_by_get(pacs, out: Path, bundle):
+    """A C-GET pull from ``pacs`` (closed after): (the finished process, results.csv's rows); a
+    traceback on stderr fails the test."""
+    try:
+        done = _pull(pacs, out, bundle, "--retrieve", "get", timeout=300)
+    finally:
+        pacs.close()
+    assert "Traceback" not in done.stderr, done.stderr[-3000:]
+    return done, _rows(out)
+
+
 def test_a_pull_takes_hostile_study_answers_in_its_stride(radiographs, small_bundle, tmp_path):
     real = [pydicom.dcmread(f) for f in radiographs]
     padded = _study(generate_uid())
@@ -284,14 +295,7 @@ def test_an_instance_sent_many_times_is_stored_and_scored_once(radiographs, smal
                     ds.InstitutionName = f"copy {k}"
                     yield ds
 
-    pacs = _FloodingPACS(radiographs, flood)
-    out = tmp_path / "out"
-    try:
-        done = _pull(pacs, out, small_bundle, "--retrieve", "get", timeout=300)
-    finally:
-        pacs.close()
-    assert "Traceback" not in done.stderr, done.stderr[-3000:]
-    rows = _rows(out)
+    done, rows = _pull_by_get(_FloodingPACS(radiographs, flood), tmp_path / "out", small_bundle)
     assert len(rows) == 3, "\n".join(rows)
     assert "sent again" in done.stderr, done.stderr[-3000:]
 
@@ -306,14 +310,7 @@ def test_an_object_whose_header_names_another_study_is_refused(radiographs, smal
                     ds.StudyInstanceUID, ds.PatientID = generate_uid(), "SOMEONE-ELSE"
                 yield ds
 
-    pacs = _FloodingPACS(radiographs, flood)
-    out = tmp_path / "out"
-    try:
-        done = _pull(pacs, out, small_bundle, "--retrieve", "get", timeout=300)
-    finally:
-        pacs.close()
-    assert "Traceback" not in done.stderr, done.stderr[-3000:]
-    rows = _rows(out)
+    done, rows = _pull_by_get(_FloodingPACS(radiographs, flood), tmp_path / "out", small_bundle)
     assert len(rows) == 2 and not any("SOMEONE-ELSE" in r for r in rows), "\n".join(rows)
     assert "another study" in done.stderr and done.returncode == 3, done.stderr[-3000:]
 
