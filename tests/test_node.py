@@ -613,5 +613,8 @@ def test_a_results_folder_whose_parent_went_is_not_made_again_by_the_spool(tmp_p
         assert wait_for(lambda: "made again once" in (tmp_path / "log").read_text(), timeout=30)
         time.sleep(2)  # heartbeats (0.5 s) after the daemon saw it
         assert not (share / "site").exists(), (tmp_path / "log").read_text()[-2000:]
+        ds = pydicom.dcmread(write(tmp_path / "x.dcm", grey_square()))  # a modality sends meanwhile: not stored
+        assert _send_with_pynetdicom(int(port), ds) != 0x0000
+        assert not (share / "site").exists() and "Traceback" not in (tmp_path / "log").read_text()
     finally:
         assert stop(node) == 0

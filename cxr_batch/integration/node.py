@@ -196,12 +196,12 @@ class Spool:
         self.folder = private_dir(Path(folder))
 
     def make_again(self) -> None:
-        """The spool made again after someone removed it, inside a results folder that is there:
-        never the results folder with it (OSError), which the daemon makes again from its ledger,
-        and not where the folder it was in is gone (a share unmounted: on the disk below it)."""
+        """The spool made again after someone removed it (with the results folder, if that went
+        too: the daemon fills it again from its ledger), but never where the folder the results
+        folder was in is gone (a share unmounted: on the disk below it); OSError then."""
         results = self.folder.parent.parent  # OUT/.cxr-batch/spool
-        if not results.is_dir():
-            raise FileNotFoundError(errno.ENOENT, "the results folder is gone", str(results))
+        if not results.parent.is_dir():
+            raise FileNotFoundError(errno.ENOENT, "the folder of the results folder is gone", str(results.parent))
         private_dir(self.folder)
 
     @staticmethod
