@@ -10,6 +10,7 @@ SIGTERM, every study scored until then written.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import math
@@ -167,7 +168,7 @@ def load_config(cls, config_file: Path | None, table: str, **options):
 
     data = read_toml(config_file) if config_file is not None else {}
     where = str(config_file) if config_file is not None else "options"
-    check_tables(data, CONFIG_TABLES, where)
+    check_tables(data, CONFIG_TABLES, where, {f.name: table for f in dataclasses.fields(cls) if f.init})
     values = dict(data.get(table, {}))
     if "scoring" in data:  # checked as the table the file has, so that a mistake is named there
         scoring_type = typing.get_type_hints(cls)["scoring"]

@@ -55,13 +55,23 @@ def _meant(unknown: list[str], known) -> str:
     return f" (did you mean {' or '.join(map(repr, dict.fromkeys(close)))}?)" if close else ""
 
 
-def check_tables(data: Mapping, known: tuple[str, ...], where: str) -> None:
+def check_tables(data: Mapping, known: tuple[str, ...], where: str, options: Mapping[str, str] | None = None) -> None:
     """Top-level tables of a shared configuration file: each program reads its own, and a table
-    nobody reads is a typo."""
+    nobody reads is a typo. ``options``: {option: its table} of the program reading the file, so
+    an option written above any table is said to belong in its table."""
     unknown = sorted(set(data) - set(known))
+    misplaced = [name for name in unknown if name in (options or {})]
+    if misplaced:
+        name = misplaced[0]
+        raise ConfigError(f"{where}: {name!r} is an option of [{options[name]}]: write it below a [{options[name]}] "
+                          f"line (a key above every table is in none)")
     if unknown:
         raise ConfigError(f"{where}: unknown table or key {', '.join(map(repr, unknown))}{_meant(unknown, known)}; "
                           f"known tables: {', '.join(known)}")
+    for name in known:  # "scan = 8": read as its table, it ended in a TypeError traceback
+        if name in data and not isinstance(data[name], Mapping):
+            raise ConfigError(f"{where}: {name!r} is a table ([{name}], its options on the lines below it), not "
+                              f"{type(data[name]).__name__}")
 
 
 def load_dataclass(cls: type[T], table: Mapping | None, where: str = "", **overrides) -> T:

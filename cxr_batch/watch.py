@@ -333,7 +333,10 @@ class Watcher:
         runs is made again: the daemon went on committing studies to a ledger no path named any
         more (lost at the next start, with the reports and rows of every study) and stayed
         degraded, its lock gone with the folder."""
-        if self.results_identity() == self.results_id:
+        identity = self.results_identity()
+        # a folder that is not there is always lost: a remake the folder went from again (rm -rf
+        # in a loop) took None for its identity, and None == None hid it for ever
+        if identity is not None and identity == self.results_id:
             return
         if not self.results_lost:
             log.error("the results folder %s was removed or moved while the daemon ran: it is made again from the "

@@ -56,3 +56,29 @@ def test_eval_batch_is_deterministic_and_normalised():
     out = eval_transform_batch(x, prep)
     assert out.shape == (2, 3, 32, 32)
     assert torch.allclose(out[:, 0], torch.full((2, 32, 32), (1 - 0.485) / 0.229), atol=1e-5)
+
+
+def test_a_cache_whose_data_file_is_not_its_index_s_size_is_rebuilt_not_read(tmp_path, nih_images):
+    """A views_*.f32 or cache_*.u8 cut short (a copy to the GPU machine stopped part way) or
+    grown (another run's data beside this run's index) was mapped as it was: the short one ended
+    the run with mmap's 'length is greater than file size', the long one was read as these
+    images. Only a data file of the index's size is reused, and crossval's check that the caches
+    are there (so the PNGs are not needed) says the same."""
+    from training.cache import build_views, decode_view
+    from training.crossval import CVConfig, Variant, caches_ready
+
+    prep = Preprocessing(image_size=64)
+    names = [p.name for p in nih_images[:3]]
+    (tmp_path / "cache").mkdir()
+    build_views(nih_images[0].parent, names, prep, tmp_path / "cache", workers=0)
+    build_cache(nih_images[0].parent, names, cache_size_for(prep), tmp_path / "cache", workers=0)
+    cfg = CVConfig(variants=[Variant(name="v", image_size=64)])
+    data = tmp_path / "cache" / "views_64_0.9.f32"
+    whole = data.read_bytes()
+    for damaged in (whole[: len(whole) // 2], whole + b"\0" * 4 * 64 * 64):
+        data.write_bytes(damaged)
+        assert not caches_ready(tmp_path, names, cfg)
+        views, index = build_views(nih_images[0].parent, names, prep, tmp_path / "cache", workers=0)
+        assert data.stat().st_size == len(whole)
+        assert np.array_equal(views[index[names[2]]], decode_view(nih_images[2], prep))
+    assert caches_ready(tmp_path, names, cfg)

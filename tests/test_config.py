@@ -109,6 +109,19 @@ def test_a_bad_scoring_key_is_named_in_the_table_the_file_has(tmp_path):
     assert proc.returncode == 2 and "did you mean 'scan'?" in proc.stderr, proc.stderr
 
 
+def test_a_table_written_as_a_value_or_an_option_above_its_table_is_said(tmp_path):
+    # "scan = 8" ended in a TypeError traceback (the [scan] table read as a dict); "batch_size = 8"
+    # above any table was 'unknown table or key' with no word of the [scan] it belongs in
+    config = tmp_path / "c.toml"
+    for text, said in (("scan = 8\n", "'scan' is a table ([scan], its options on the lines below it), not int"),
+                       ("watch = \"x\"\n", "'watch' is a table ([watch], its options on the lines below it), not str"),
+                       ("batch_size = 8\n", "'batch_size' is an option of [scan]: write it below a [scan] line")):
+        config.write_text(text)
+        proc = subprocess.run([sys.executable, "-m", "cxr_batch", "scan", str(tmp_path), "--out", str(tmp_path / "o"),
+                               "--config", str(config)], capture_output=True, text=True)
+        assert proc.returncode == 2 and said in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+
+
 def test_a_list_of_the_wrong_kind_is_said_in_plain_words():
     # read "expected a list of a string"
     with pytest.raises(ConfigError, match=r"views = 'PA': expected a list of strings \(e.g."):

@@ -318,10 +318,15 @@ def test_caches_stand_in_for_missing_images(tmp_path):
     (tmp_path / "cache").mkdir()
     for size in (72, 107):
         (tmp_path / "cache" / f"cache_{size}.json").write_text(json.dumps({"size": size, "names": sorted(names)}))
+        (tmp_path / "cache" / f"cache_{size}.u8").write_bytes(bytes(2 * size * size))
     assert not caches_ready(tmp_path, names, cfg)  # held-out images are scored on the model views: needed too
     for size in (64, 96):
-        (tmp_path / "cache" / f"views_{size}_0.9.json").write_text(json.dumps({"size": size, "names": sorted(names)}))
+        (tmp_path / "cache" / f"views_{size}_0.9.json").write_text(
+            json.dumps({"size": size, "crop_fraction": 0.9, "names": sorted(names)}))
+        (tmp_path / "cache" / f"views_{size}_0.9.f32").write_bytes(bytes(2 * size * size * 4))
     assert caches_ready(tmp_path, names, cfg)
+    (tmp_path / "cache" / "views_96_0.9.f32").unlink()  # an index without its data is no cache
+    assert not caches_ready(tmp_path, names, cfg)
     assert not caches_ready(tmp_path, names + ["c.png"], cfg)  # a cache of other images does not count
 
 

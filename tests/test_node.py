@@ -627,3 +627,29 @@ def test_stopping_while_an_association_is_being_rejected_raises_nothing_in_its_t
     finally:
         threading.excepthook = before
     assert not died, died
+
+
+def test_a_results_folder_whose_parent_went_is_not_made_again_by_the_spool(tmp_path, small_bundle):
+    """OUT on a share (share/site/out) and the share unmounted: the watch daemon leaves OUT
+    unmade until its folder is back (never the share's folders on the disk it was mounted over),
+    but listen's spool, OUT/.cxr-batch/spool, was made again with every folder above it at the
+    next heartbeat, and OUT with it: results, ledger and lock on the wrong disk, hidden once
+    the share was mounted again."""
+    share = tmp_path / "share"
+    out = share / "site" / "out"
+    port = free_port()
+    node = start_node(out, small_bundle, node_config(tmp_path / "n.toml"), "--port", port, log=tmp_path / "log")
+    try:
+        assert wait_for(lambda: status(out).get("state") == "running", timeout=90), (tmp_path / "log").read_text()
+        import shutil
+
+        while (share / "site").exists():  # the share's folders gone (unmounted)
+            shutil.rmtree(share / "site", ignore_errors=True)
+        assert wait_for(lambda: "made again once" in (tmp_path / "log").read_text(), timeout=30)
+        time.sleep(2)  # heartbeats (0.5 s) after the daemon saw it
+        assert not (share / "site").exists(), (tmp_path / "log").read_text()[-2000:]
+        ds = pydicom.dcmread(write(tmp_path / "x.dcm", grey_square()))  # a modality sends meanwhile: not stored
+        assert _send_with_pynetdicom(int(port), ds) != 0x0000
+        assert not (share / "site").exists() and "Traceback" not in (tmp_path / "log").read_text()
+    finally:
+        assert stop(node) == 0

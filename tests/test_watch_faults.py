@@ -731,6 +731,24 @@ def test_a_results_folder_removed_or_moved_under_the_daemon_is_made_again_with_e
     assert len(ok_rows(out)) == 4 and status(out)["state"] == "stopped"
 
 
+def test_a_results_folder_removed_again_while_it_was_made_again_is_made_again(tmp_path):
+    """`rm -rf OUT` run again while the daemon made OUT again (a clean-up script in a loop): the
+    remade folder's identity was taken after it had gone, None, and a folder that is gone has
+    that identity too, so the daemon never saw it missing again: degraded for ever, committing
+    studies to a ledger no path named (found with OUT removed every 50 ms for 10 s during a
+    batch). A results folder that is not there is always made again."""
+    import types
+
+    from cxr_batch.watch import Watcher
+
+    made = []
+    daemon = types.SimpleNamespace(out=tmp_path / "out", results_id=None, results_lost=False,
+                                   results_identity=lambda: None, contained=lambda action: action(),
+                                   remake_results_dir=lambda: made.append(1))
+    Watcher.check_results_dir(daemon)
+    assert made == [1] and daemon.results_lost
+
+
 def test_results_waiting_for_the_ris_when_the_results_folder_is_removed_still_reach_it(tmp_path, nih_images,
                                                                                       small_bundle):
     """The RIS down, then OUT removed: the queued ORUs went with OUT/hl7, so each was refused as

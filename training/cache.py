@@ -58,8 +58,7 @@ def build_cache(images_dir, names: list[str], size: int, out: Path, workers: int
     """Decode ``names`` (files in the folder ``images_dir``, or ``images_dir[name]`` when it is a
     mapping, for images from several folders) into ``out/cache_<size>.u8``; reuse a cache built
     for the same names and size. Returns (array [N, size, size], {name: row})."""
-    return _build(images_dir, names, out, f"cache_{size}", ".u8", np.uint8, size, {"size": size},
-                  partial(decode_or_reason, size=size), workers)
+    return _build(images_dir, names, out, _cache_spec(size), partial(decode_or_reason, size=size), workers)
 
 
 def build_views(images_dir, names: list[str], prep: Preprocessing, out: Path, workers: int = 2) -> tuple[np.memmap, dict]:
@@ -67,22 +66,48 @@ def build_views(images_dir, names: list[str], prep: Preprocessing, out: Path, wo
     [N, S, S]) in ``out/views_<S>_<crop>.f32``: what held-out images are scored on, so that the
     logits every choice rests on are those a scan computes (the uint8 cache, made for the
     training augmentation, resizes before it crops: 4.6 grey levels away at 64 px)."""
-    stem = f"views_{prep.image_size}_{prep.crop_fraction:g}"
-    meta = {"size": prep.image_size, "crop_fraction": prep.crop_fraction}
-    return _build(images_dir, names, out, stem, ".f32", np.float32, prep.image_size, meta,
+    return _build(images_dir, names, out, _views_spec(prep),
                   partial(decode_or_reason, size=0, decode=partial(decode_view, prep=prep)), workers)
 
 
-def _build(images_dir, names: list[str], out: Path, stem: str, suffix: str, dtype, size: int, meta: dict, decode,
-           workers: int) -> tuple[np.memmap, dict]:
+# A cache's files: stem (data stem.suffix, index stem.json), dtype, image side, and what its index says of it
+def _cache_spec(size: int) -> tuple:
+    return f"cache_{size}", ".u8", np.uint8, size, {"size": size}
+
+
+def _views_spec(prep: Preprocessing) -> tuple:
+    meta = {"size": prep.image_size, "crop_fraction": prep.crop_fraction}
+    return f"views_{prep.image_size}_{prep.crop_fraction:g}", ".f32", np.float32, prep.image_size, meta
+
+
+def built(out: Path, names: list[str], prep: Preprocessing) -> bool:
+    """Whether ``out`` holds both caches of ``names`` for ``prep`` whole (built elsewhere and
+    copied: then the images are not needed)."""
+    return all(_built(out, sorted(set(names)), spec) for spec in (_cache_spec(cache_size_for(prep)), _views_spec(prep)))
+
+
+def _built(out: Path, names: list[str], spec: tuple) -> bool:
+    """Whether the cache ``spec`` in ``out`` holds ``names`` (sorted) and nothing else: its index
+    says so, and its data file has their size (a copy stopped part way is shorter, and another
+    run's data beside this index longer: read, they would be other pixels than these images')."""
+    stem, suffix, dtype, size, meta = spec
+    data_path, index_path = out / f"{stem}{suffix}", out / f"{stem}.json"
+    try:
+        index = json.loads(index_path.read_text())
+        length = data_path.stat().st_size
+    except (OSError, ValueError):
+        return False
+    return (isinstance(index, dict) and index.get("names") == names and all(index.get(k) == v for k, v in meta.items())
+            and length == len(names) * size * size * np.dtype(dtype).itemsize)
+
+
+def _build(images_dir, names: list[str], out: Path, spec: tuple, decode, workers: int) -> tuple[np.memmap, dict]:
+    stem, suffix, dtype, size, meta = spec
     data_path, index_path = out / f"{stem}{suffix}", out / f"{stem}.json"
     names = sorted(set(names))
     shape = (len(names), size, size)
-    if index_path.exists() and data_path.exists():
-        index = json.loads(index_path.read_text())
-        if index.get("names") == names and all(index.get(k) == v for k, v in meta.items()):
-            arr = np.memmap(data_path, dtype=dtype, mode="r", shape=shape)
-            return arr, {n: i for i, n in enumerate(names)}
+    if _built(out, names, spec):
+        return np.memmap(data_path, dtype=dtype, mode="r", shape=shape), {n: i for i, n in enumerate(names)}
     index_path.unlink(missing_ok=True)  # rewritten below: until then the data is no cache of anything
     arr = np.memmap(data_path, dtype=dtype, mode="w+", shape=shape)
     paths = [Path(images_dir[n]) if isinstance(images_dir, dict) else Path(images_dir) / n for n in names]

@@ -40,7 +40,7 @@ from cxr_batch.model import ModelConfig, build_model
 from cxr_batch.patient import PatientEncoding
 from cxr_batch.preprocess import Preprocessing, normalise
 
-from . import cvstats
+from . import cache, cvstats
 from .augment import eval_transform_batch, train_transform
 from .cache import build_cache, build_views, cache_size_for
 from .prepare import multi_hot
@@ -253,13 +253,7 @@ def folds_table(labels: pd.DataFrame, cfg: CVConfig) -> pd.DataFrame:
 def caches_ready(out: Path, names: list[str], cfg: "CVConfig") -> bool:
     """Whether ``out/cache`` holds every variant's decoded images (built elsewhere and copied,
     e.g. to a GPU machine that has no copy of the PNGs): then the PNGs are not needed."""
-    for v in cfg.variants:
-        prep = Preprocessing(image_size=v.image_size)
-        for stem in (f"cache_{cache_size_for(prep)}", f"views_{prep.image_size}_{prep.crop_fraction:g}"):
-            index = out / "cache" / f"{stem}.json"
-            if not index.exists() or json.loads(index.read_text()).get("names") != sorted(set(names)):
-                return False
-    return True
+    return all(cache.built(out / "cache", names, Preprocessing(image_size=v.image_size)) for v in cfg.variants)
 
 
 def image_paths(labels: pd.DataFrame) -> dict:

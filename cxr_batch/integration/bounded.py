@@ -525,7 +525,10 @@ def _receive_file(*args, **kwargs):
     assoc = getattr(threading.current_thread(), "assoc", None)  # the DUL thread decodes the PDUs
     folder = getattr(getattr(assoc, "_server", None), "receive_dir", None)
     if folder is not None:
-        os.makedirs(folder, mode=0o750, exist_ok=True)  # removed by an operator: made again, as the spool does
+        # removed by an operator: made again, as the spool does (OUT/.cxr-batch/spool), with OUT if
+        # that went too; never where the folder OUT was in is gone (an unmounted share: the disk below)
+        if os.path.isdir(os.path.dirname(os.path.dirname(os.path.dirname(folder)))):
+            os.makedirs(folder, mode=0o750, exist_ok=True)
         kwargs.update(dir=folder, prefix=RECEIVE_PREFIX, suffix=RECEIVE_SUFFIX)
     received = _ReceiveFile(NamedTemporaryFile(*args, **kwargs))
     if folder is not None:

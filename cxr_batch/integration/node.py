@@ -195,6 +195,15 @@ class Spool:
     def __init__(self, folder: Path):
         self.folder = private_dir(Path(folder))
 
+    def make_again(self) -> None:
+        """The spool made again after someone removed it (with the results folder, if that went
+        too: the daemon fills it again from its ledger), but never where the folder the results
+        folder was in is gone (a share unmounted: on the disk below it); OSError then."""
+        results = self.folder.parent.parent  # OUT/.cxr-batch/spool
+        if not results.parent.is_dir():
+            raise FileNotFoundError(errno.ENOENT, "the folder of the results folder is gone", str(results.parent))
+        private_dir(self.folder)
+
     @staticmethod
     def file_name(uid: str, digest: str) -> str:
         """``<SOPInstanceUID>.<content hash>.dcm``, the UID only when it is a valid UID (else
@@ -210,7 +219,7 @@ class Spool:
         try:
             atomic_write_bytes(path, data)
         except FileNotFoundError:  # someone removed the spool folder: made again (rescans find it)
-            private_dir(self.folder)
+            self.make_again()
             atomic_write_bytes(path, data)
         self._sync_folder()
         return path
@@ -547,7 +556,7 @@ class Node(Watcher):
         left to read "degraded" until a modality happens to send."""
         if not self.watch_missing and not self.watch_dir.is_dir():
             try:
-                private_dir(self.watch_dir)
+                self.spool.make_again()
                 log.warning("the spool %s was removed: made again", self.watch_dir)
             except OSError as e:
                 log.error("the spool %s was removed and cannot be made again: %s", self.watch_dir, e.strerror or e)
