@@ -39,6 +39,24 @@ def file_in_the_way(path: Path) -> Path | None:
     return existing if existing is not None and not existing.is_dir() else None
 
 
+def append_whole(fd: int, data: bytes) -> None:
+    """Append ``data`` to the file open at ``fd`` and flush it to disk, whole or not at all: a
+    nearly full disk takes part of a write and refuses the rest, so on any failure the file is
+    cut back to where it ended (never half a row or a line) and the OSError raised."""
+    end = os.lseek(fd, 0, os.SEEK_END)
+    view = memoryview(data)
+    try:
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    except OSError:
+        try:
+            os.ftruncate(fd, end)
+        except OSError:
+            pass
+        raise
+
+
 def atomic_write_bytes(path: Path, data: bytes, mode: int = FILE_MODE) -> None:
     """Write ``data`` to ``path`` via a temp file in the same folder, fsync and a rename: a
     reader sees the old file or the new one, never half of one."""

@@ -30,7 +30,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .files import FILE_MODE, private_dir
+from .files import FILE_MODE, append_whole, private_dir
 from .keys import content_sha256
 from .record import StudyRecord
 
@@ -285,19 +285,12 @@ class Journal:
         OSError naming the journal."""
         if not self._lines:
             return
-        data = memoryview(("\n".join(self._lines) + "\n").encode("utf-8"))
+        data = ("\n".join(self._lines) + "\n").encode("utf-8")
         entries, self._entries = self._entries, 0
         self._lines.clear()
-        end = os.lseek(self._fd, 0, os.SEEK_END)
         try:
-            while data:  # a nearly full disk takes part of a write before it refuses the rest
-                data = data[os.write(self._fd, data):]
-            os.fsync(self._fd)
+            append_whole(self._fd, data)
         except OSError as e:
-            try:
-                os.ftruncate(self._fd, end)
-            except OSError:
-                pass
             raise OSError(e.errno, e.strerror, str(self.path)) from None
         self.written += entries
 

@@ -15,7 +15,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from .files import FILE_MODE, file_in_the_way, private_dir
+from .files import FILE_MODE, append_whole, file_in_the_way, private_dir
 from .record import COLUMNS, StudyRecord
 from .triage import worklist_key
 
@@ -118,17 +118,9 @@ def append_rows(path: Path, records: list[StudyRecord]) -> None:
     writer = csv.DictWriter(buf, fieldnames=list(COLUMNS))
     for record in records:
         writer.writerow(record.to_row())
-    data = memoryview(buf.getvalue().encode("utf-8"))
     fd = os.open(path, os.O_WRONLY | os.O_APPEND)
     try:
-        end = os.lseek(fd, 0, os.SEEK_END)
-        try:
-            while data:  # a nearly full disk takes part of a write and returns: never half a row
-                data = data[os.write(fd, data):]
-            os.fsync(fd)
-        except OSError:
-            os.ftruncate(fd, end)  # the rows are appended whole or not at all
-            raise
+        append_whole(fd, buf.getvalue().encode("utf-8"))
     finally:
         os.close(fd)
 
