@@ -171,7 +171,11 @@ def normal_cutoff(p_any_values: np.ndarray, any_finding: np.ndarray, max_missed:
 # ---------------------------------------------------------------- what the buckets do
 def bucket_outcomes(y: np.ndarray, probs: np.ndarray, policy: TriagePolicy) -> dict:
     """Buckets, flags and the worklist order of a set of studies under ``policy``."""
-    results = [triage(probs[i], policy) for i in range(len(y))]
+    return _outcomes(y, [triage(probs[i], policy) for i in range(len(y))])
+
+
+def _outcomes(y: np.ndarray, results: list) -> dict:
+    """What the buckets, the flags and the worklist order did on studies triaged as ``results``."""
     priority = np.array([r.priority for r in results])
     flags = np.array([r.flags for r in results])
     any_finding = (y.sum(axis=1) > 0).astype(int)
@@ -218,38 +222,12 @@ def cross_fitted_triage(y: np.ndarray, p: np.ndarray, folds: np.ndarray, weights
                         specificity: float, max_missed: float, flaggable: np.ndarray) -> dict:
     """Every triage choice fitted on the other folds and applied to this one: what the buckets
     and the worklist order do on studies their parameters were not chosen on."""
-    buckets = np.empty(len(y), dtype=object)
-    outcomes_p, rows = np.zeros(len(y)), []
+    results = [None] * len(y)
     for f in np.unique(folds):
         held = folds == f
-        inner = folds[~held]
-        policy, _ = fit_policy(y[~held], p[~held], inner, weights[~held], any_rate, specificity, max_missed, flaggable)
-        rows.append((held, policy))
-    results = [None] * len(y)
-    for held, policy in rows:
+        policy, _ = fit_policy(y[~held], p[~held], folds[~held], weights[~held], any_rate, specificity, max_missed,
+                               flaggable)
         for i in np.flatnonzero(held):
             results[i] = triage(p[i], policy)
-    priority = np.array([r.priority for r in results])
-    flags = np.array([r.flags for r in results])
-    any_finding = (y.sum(axis=1) > 0).astype(int)
-    order = sorted(range(len(y)), key=lambda i: worklist_key(results[i].priority, results[i].score, f"{i:08d}"))
-    rank = np.empty(len(y))
-    rank[order] = np.arange(1, len(y) + 1)
-    del buckets, outcomes_p
-
-    def share(mask, bucket):
-        return float((priority[mask] == bucket).mean()) if mask.any() else None
-
-    return {
-        "how": "each fold's studies triaged by thresholds, P(any) model and normal cutoff fitted on the other folds",
-        "n": int(len(y)),
-        "buckets": {b: share(np.ones(len(y), dtype=bool), b) for b in ("urgent", "abnormal", "normal")},
-        "normal_share_of_no_finding": share(any_finding == 0, "normal"),
-        "normal_share_of_abnormal": share(any_finding == 1, "normal"),
-        "flagged_share": float(flags.any(axis=1).mean()), "flags_per_study": float(flags.sum(axis=1).mean()),
-        "worklist_auroc_any_finding": float(cvstats.auc_per_class(any_finding[:, None], -rank[:, None])[0]),
-        "worklist_auroc_pneumothorax": float(cvstats.auc_per_class(y[:, [URGENT]], -rank[:, None])[0]),
-        "p_any_auroc": float(cvstats.auc_per_class(any_finding[:, None],
-                                                   np.array([r.p_any for r in results])[:, None])[0]),
-        "urgent_sensitivity": float(flags[y[:, URGENT] == 1, URGENT].mean()) if y[:, URGENT].any() else None,
-    }
+    return {"how": "each fold's studies triaged by thresholds, P(any) model and normal cutoff fitted on the other folds",
+            **_outcomes(y, results)}
