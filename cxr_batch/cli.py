@@ -388,7 +388,7 @@ def merge(inputs, out, allow_partial):
     click.echo(f"{n} rows from {len(inputs)} files -> {out}", err=True)
     from .bundle import BundleError
     from .reports import MERGED_WORKLIST, is_our_worklist, write_merged_worklist
-    from .results import _run_info
+    from .results import read_run_info
 
     beside = out.parent / MERGED_WORKLIST
     if beside.exists() and not is_our_worklist(beside):
@@ -398,7 +398,7 @@ def merge(inputs, out, allow_partial):
         return
     worklist = None
     try:  # the whole scan's worklist: each shard's ranks only its own studies
-        worklist = write_merged_worklist(out, list(inputs), [_run_info(p) for p in inputs])
+        worklist = write_merged_worklist(out, list(inputs), [read_run_info(Path(p).parent) for p in inputs])
     except (BundleError, OSError) as e:
         log.warning("no worklist.pdf for the merged results: %s (results.csv is written; its worklist_rank is "
                     "the order to read in)", e)
@@ -605,12 +605,12 @@ def open_outbound(out: Path):
     """The queue of the results folder ``out``: its daemon's ledger (the daemon may be running:
     SQLite lets both in), or a scan's queue."""
     from .integration.outbox import open_queue, queue_paths
-    from .journal import _run_info
     from .ledger import LedgerError
+    from .results import read_run_info
     from .watch import STATE_DIR
 
     paths = queue_paths(out)
-    config = _run_info(out).get("config")
+    config = (read_run_info(out) or {}).get("config")
     if not paths and isinstance(config, dict) and (config.get("hl7_to") or config.get("stow_to")):
         # a scan stopped (killed) between writing its results and queueing them
         fail(f"{out} holds a scan made to send its results (--hl7-to/--stow-to) whose results were never queued: it "

@@ -33,6 +33,7 @@ from pathlib import Path
 from .files import FILE_MODE, append_whole, private_dir
 from .keys import content_sha256
 from .record import StudyRecord
+from .results import read_run_info
 
 log = logging.getLogger("cxr_batch")
 
@@ -170,17 +171,9 @@ def read_journal(path: Path) -> tuple[dict | None, dict[str, Entry]]:
     return header, entries
 
 
-def _run_info(out: Path) -> dict:
-    try:
-        info = json.loads((out / "run.json").read_text())
-        return info if isinstance(info, dict) else {}
-    except (OSError, ValueError):
-        return {}
-
-
 def describe(out: Path, journal_entries: int) -> str:
     """One phrase on what the earlier scan left."""
-    run = _run_info(out)
+    run = read_run_info(out) or {}
     if run.get("complete") is False:
         return (f"an unfinished scan ({run.get('stopped_by') or 'stopped'}: {journal_entries} studies scored, "
                 f"{run.get('files_not_scored', 'some')} files not scored yet)")

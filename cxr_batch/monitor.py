@@ -36,6 +36,7 @@ from .files import atomic_write_bytes, private_dir
 from .findings import FINDINGS
 from .patient import MAX_PLAUSIBLE_AGE
 from .record import COLUMNS, DRIFT_COLUMNS, StudyRecord
+from .results import read_run_info
 from .study import clean_text
 
 log = logging.getLogger("cxr_batch")
@@ -293,13 +294,10 @@ def load_reference(path: Path) -> Reference:
 def known_bundles(results_dir: Path) -> list[Path]:
     """Bundles that may have scored a results folder: the one its run.json names, the default
     bundle and the other shipped bundles beside it."""
-    found = []
-    try:
-        run = json.loads((Path(results_dir) / "run.json").read_text())
-        # bundle_path: absolute; config.weights is as typed, relative to wherever the scan ran
-        found += [Path(w) for w in (run.get("bundle_path"), run.get("config", {}).get("weights")) if w]
-    except (OSError, ValueError, AttributeError, TypeError):
-        pass
+    run = read_run_info(results_dir) or {}
+    config = run.get("config") if isinstance(run.get("config"), dict) else {}
+    # bundle_path: absolute; config.weights is as typed, relative to wherever the scan ran
+    found = [Path(w) for w in (run.get("bundle_path"), config.get("weights")) if w and isinstance(w, str)]
     found.append(DEFAULT_BUNDLE)
     if DEFAULT_BUNDLE.parent.is_dir():
         found += sorted(p for p in DEFAULT_BUNDLE.parent.iterdir() if (p / MANIFEST_FILE).is_file())
