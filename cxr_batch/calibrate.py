@@ -40,6 +40,7 @@ from .calibration import (FINDING_MARGIN_SE, FOLDS, MARGIN_SE, METHODS, MIN_POSI
 from .config import ConfigError
 from .discover import find_candidates
 from .files import file_in_the_way
+from .display import plural
 from .findings import FINDINGS
 from .folders import refuse_overlap
 from .inference import BatchOptions, Engine, score_batches
@@ -417,7 +418,7 @@ def choose_thresholds(rule: str, scores: "LabelledScores", p: np.ndarray, moved:
         for k, f in enumerate(FINDINGS):
             if enough[k]:
                 continue
-            here = f"{int(y[:, k].sum())} positives here"
+            here = f"{plural(int(y[:, k].sum()), 'positive')} here"
             if fallback and f in fallback:
                 base[k] = fallback[f]
                 at = ladder_at[f] = (fallback_at or {}).get(f, target)
@@ -455,7 +456,7 @@ def choose_thresholds(rule: str, scores: "LabelledScores", p: np.ndarray, moved:
             chosen[k] = base[k]
             cv_new[:, k] = base_flags[:, k]
             lines.append(f"{f}: kept the bundle's operating point: {rule} would catch {s_new[k]:.2f} of its "
-                         f"{int(y[:, k].sum())} positives out of fold, the bundle's catches {s_base[k]:.2f}")
+                         f"{plural(int(y[:, k].sum()), 'positive')} out of fold, the bundle's catches {s_base[k]:.2f}")
     lines += flag_burden_lines(cv_new, (p >= np.array([moved[f] for f in FINDINGS])).astype(int))
     return ThresholdChoice({f: float(np.clip(chosen[k], 1e-6, 1 - 1e-6)) for k, f in enumerate(FINDINGS)}, lines,
                            cv_new, y, np.asarray(enough, dtype=bool), ladder_at)

@@ -42,6 +42,7 @@ from .checkpoints import checkpoint
 from .config import bounded
 from .discover import Candidate, find_candidates, is_ignored_name, leaves_folder
 from .drift_watch import DriftWatch
+from .display import plural
 from .files import FILE_MODE, atomic_write_bytes, private_dir, remove_stale_temp
 from .folderlock import FolderBusy, FolderLock
 from .folders import refuse_overlap
@@ -224,7 +225,7 @@ class Watcher:
             self.heartbeat()
             self.ledger.close()
             self.lock.release()
-        log.info("stopped after %d studies", self.processed)
+        log.info("stopped after %s", plural(self.processed, "study"))
         return 0
 
     def loop(self) -> None:
@@ -387,7 +388,7 @@ class Watcher:
             if writer is not None:
                 private_dir(writer.folder)
         self.results_lost = False
-        log.warning("the results folder %s is made again: %d studies", self.out, self.ledger.count())
+        log.warning("the results folder %s is made again: %s", self.out, plural(self.ledger.count(), "study"))
         self.csv_whole = self.worklist_due = True
         if self.reports is not None:
             self.regenerate_reports()
@@ -488,7 +489,7 @@ class Watcher:
                     pass
             rows.append((key or f"csv:{record.file}", content, record))
         n = self.ledger.import_rows(rows)
-        log.warning("the ledger was missing: rebuilt with %d studies from results.csv", n)
+        log.warning("the ledger was missing: rebuilt with %s from results.csv", plural(n, "study"))
 
     def recover(self) -> None:
         """After any stop: results.csv rewritten from the ledger, missing reports made again,
