@@ -209,8 +209,8 @@ class ScanRun:
             return (f"results.csv is complete, but run.json could not be written: {what}; once the folder can be "
                     f"written, the same command with --resume writes it (every row is kept)")
         saved = self.kept + (self.record_log.written if self.record_log is not None else 0)
-        return (f"results not written: {what}; the scan stopped. Its journal "
-                f"({self.out / journal.STATE_DIR / journal.JOURNAL}) keeps the {plural(saved, 'study')} scored so far: "
+        return (f"results not written: {what}; the scan stopped. The {plural(saved, 'study')} scored so far "
+                f"{'is' if saved == 1 else 'are'} kept in its journal ({self.out / journal.STATE_DIR / journal.JOURNAL}): "
                 f"once the disk has room (or the folder "
                 f"can be written), run the same command with --resume to keep them and score the rest")
 
