@@ -223,7 +223,7 @@ def summary_lines(report: FitReport, calibration: Calibration, base: Bundle, thr
     if not any(fit.changed for fit in report.fits):
         moved = sum(thresholds[f] != base.thresholds[f] for f in FINDINGS)
         lines.append("no finding's calibration changed; " + (
-            f"{moved} threshold(s) moved" if moved else "no threshold moved either: the new bundle scores and flags "
+            f"{plural(moved, 'threshold')} moved" if moved else "no threshold moved either: the new bundle scores and flags "
                                                         "exactly as the base bundle does"))
     return lines
 
@@ -522,8 +522,8 @@ def calibrated_triage(table, on_top: Calibration, choice: ThresholdChoice, rule:
                     entry.update({"sensitivity": ladder_at[f], "specificity": None, "ppv_at_nih_prevalence": None,
                                   "ppv_at_site": None, "flag_rate": float(flags[:, k].mean()),
                                   "measured_on": f"the base bundle's out-of-fold ladder on its development images, "
-                                                 f"at sensitivity {ladder_at[f]:.2f}: {int(y[:, k].sum())} positive(s) "
-                                                 f"here are too few to measure"})
+                                                 f"at sensitivity {ladder_at[f]:.2f}: {plural(int(y[:, k].sum()), 'positive')} "
+                                                 f"here {'is' if int(y[:, k].sum()) == 1 else 'are'} too few to measure"})
                 # otherwise its base operating point (moved) is kept, and so is its evidence, which says so
                 entry.setdefault("measured_on", f"the base bundle's figures ({base_source}): too few positives at "
                                                 "this site")

@@ -139,7 +139,7 @@ def run_scan(studies: Path, out: Path, cfg: ScanConfig = ScanConfig(), earlier: 
         with FolderLock(out, "scan"):
             removed = remove_stale_temp(out, out / "reports", out / "dicom", out / "hl7")
             if removed:
-                log.info("removed %d temp file(s) an earlier scan left when it was killed", removed)
+                log.info("removed %s an earlier scan left when it was killed", plural(removed, "temp file"))
             previous = journal.plan(out, earlier, studies, settings)
             workers = default_workers(policy.device) if cfg.workers is None else cfg.workers
             # the reading workers start while the model loads

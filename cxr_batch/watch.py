@@ -532,7 +532,7 @@ class Watcher:
         for row in made:
             self.ledger.outbound_send_now([row["uid"]], row["channel"])
         if made:
-            log.warning("%d result(s) waiting to be sent had lost their file: made again", len(made))
+            log.warning("%s waiting to be sent had lost their file: made again", plural(len(made), "result"))
 
     def moves_handled_files(self) -> bool:
         """Whether handled files leave the watched folder (the DICOM node's spool always does)."""
@@ -556,7 +556,7 @@ class Watcher:
                    if r.ok and (not r.report or not (self.out / "reports" / r.report).exists())]
         if not missing:
             return
-        log.info("making %d missing report(s) again", len(missing))
+        log.info("making %s again", plural(len(missing), "missing report"))
         for key, record in missing:
             if self.stop:
                 return
