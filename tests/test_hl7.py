@@ -564,6 +564,16 @@ def test_a_name_in_ideographic_and_phonetic_groups_reaches_the_ris_as_pid_5_repe
     assert '""' not in received
 
 
+def test_why_hl7apy_refused_never_quotes_a_part_of_an_ideographic_name(scored):
+    """The reason goes to the log and to results.csv's notes: the parts of every component group
+    are taken out of it, not only those of the alphabetic one."""
+    from cxr_batch.integration.hl7 import _refusal
+
+    records, _ = scored
+    ids = replace(records["plain.dcm"].ids, patient_name="Yamada^Tarou=山田^太郎=やまだ^たろう")
+    said = _refusal(ValueError("invalid value '山田' in XPN_1, '太郎' in XPN_2, 'やまだ' and 'Tarou'"), ids)
+    assert not any(part in said for part in ("山田", "太郎", "やまだ", "Tarou")), said
+
 def test_a_name_with_an_alphabetic_group_only_is_one_pid_5_as_before(scored):
     records, bundle = scored
     record = records["plain.dcm"]

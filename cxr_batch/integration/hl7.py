@@ -315,7 +315,8 @@ def _refusal(e, ids) -> str:
         return f"a value (a name or an ID) is longer than HL7 v2.5 allows ({e.limit} characters)"
     said = str(e)
     for value in (ids.patient_id, ids.patient_name, ids.accession_number, ids.patient_birth_date, ids.study_date):
-        for part in {value, escape(value), *(escape(p) for p in value.split("^"))} - {""}:
+        # a name's components in every group (alphabetic=ideographic=phonetic), as hl7apy quotes them
+        for part in {value, escape(value), *(escape(p) for p in re.split("[=^]", value))} - {""}:
             said = said.replace(part, "...")
     return f"{type(e).__name__}: {said}"
 
