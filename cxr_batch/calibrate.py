@@ -40,6 +40,7 @@ from .calibration import (FINDING_MARGIN_SE, FOLDS, MARGIN_SE, METHODS, MIN_POSI
 from .config import ConfigError
 from .discover import find_candidates
 from .files import file_in_the_way
+from .display import plural
 from .findings import FINDINGS
 from .folders import refuse_overlap
 from .inference import BatchOptions, Engine, score_batches
@@ -222,7 +223,7 @@ def summary_lines(report: FitReport, calibration: Calibration, base: Bundle, thr
     if not any(fit.changed for fit in report.fits):
         moved = sum(thresholds[f] != base.thresholds[f] for f in FINDINGS)
         lines.append("no finding's calibration changed; " + (
-            f"{moved} threshold(s) moved" if moved else "no threshold moved either: the new bundle scores and flags "
+            f"{plural(moved, 'threshold')} moved" if moved else "no threshold moved either: the new bundle scores and flags "
                                                         "exactly as the base bundle does"))
     return lines
 
@@ -417,7 +418,7 @@ def choose_thresholds(rule: str, scores: "LabelledScores", p: np.ndarray, moved:
         for k, f in enumerate(FINDINGS):
             if enough[k]:
                 continue
-            here = f"{int(y[:, k].sum())} positives here"
+            here = f"{plural(int(y[:, k].sum()), 'positive')} here"
             if fallback and f in fallback:
                 base[k] = fallback[f]
                 at = ladder_at[f] = (fallback_at or {}).get(f, target)
@@ -455,7 +456,7 @@ def choose_thresholds(rule: str, scores: "LabelledScores", p: np.ndarray, moved:
             chosen[k] = base[k]
             cv_new[:, k] = base_flags[:, k]
             lines.append(f"{f}: kept the bundle's operating point: {rule} would catch {s_new[k]:.2f} of its "
-                         f"{int(y[:, k].sum())} positives out of fold, the bundle's catches {s_base[k]:.2f}")
+                         f"{plural(int(y[:, k].sum()), 'positive')} out of fold, the bundle's catches {s_base[k]:.2f}")
     lines += flag_burden_lines(cv_new, (p >= np.array([moved[f] for f in FINDINGS])).astype(int))
     return ThresholdChoice({f: float(np.clip(chosen[k], 1e-6, 1 - 1e-6)) for k, f in enumerate(FINDINGS)}, lines,
                            cv_new, y, np.asarray(enough, dtype=bool), ladder_at)
@@ -521,8 +522,8 @@ def calibrated_triage(table, on_top: Calibration, choice: ThresholdChoice, rule:
                     entry.update({"sensitivity": ladder_at[f], "specificity": None, "ppv_at_nih_prevalence": None,
                                   "ppv_at_site": None, "flag_rate": float(flags[:, k].mean()),
                                   "measured_on": f"the base bundle's out-of-fold ladder on its development images, "
-                                                 f"at sensitivity {ladder_at[f]:.2f}: {int(y[:, k].sum())} positive(s) "
-                                                 f"here are too few to measure"})
+                                                 f"at sensitivity {ladder_at[f]:.2f}: {plural(int(y[:, k].sum()), 'positive')} "
+                                                 f"here {'is' if int(y[:, k].sum()) == 1 else 'are'} too few to measure"})
                 # otherwise its base operating point (moved) is kept, and so is its evidence, which says so
                 entry.setdefault("measured_on", f"the base bundle's figures ({base_source}): too few positives at "
                                                 "this site")

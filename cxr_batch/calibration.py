@@ -44,6 +44,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .display import plural
 from .findings import FINDINGS
 
 METHODS = ("offset", "prevalence", "temperature", "platt")
@@ -241,7 +242,7 @@ def fit_findings(z: np.ndarray, y: np.ndarray, groups: np.ndarray, method: str, 
         fit = FindingFit(name, len(yk), int(yk.sum()))
         negatives = fit.n - fit.positives
         if min(fit.positives, negatives) < min_positives:
-            which = f"{fit.positives} positives" if fit.positives < min_positives else f"{negatives} negatives"
+            which = plural(fit.positives, "positive") if fit.positives < min_positives else plural(negatives, "negative")
             fit.reason = f"{which} (needs {min_positives})"
         elif few_patients:
             fit.reason = f"fewer than {folds} patients"

@@ -22,6 +22,7 @@ from pathlib import Path
 import click
 
 from . import exit_codes
+from .display import plural
 from .findings import check_findings
 
 # Heavy modules (torch, pydicom, reportlab) are imported inside the commands that use them:
@@ -385,10 +386,10 @@ def merge(inputs, out, allow_partial):
         fail(str(e), False)
     except OSError as e:  # a parent that is a file, a read-only or full volume: nothing is written
         fail(f"cannot merge into {out}: {e.strerror or e} ({e.filename or out})", False)
-    click.echo(f"{n} rows from {len(inputs)} files -> {out}", err=True)
+    click.echo(f"{plural(n, 'row')} from {plural(len(inputs), 'file')} -> {out}", err=True)
     from .bundle import BundleError
     from .reports import MERGED_WORKLIST, is_our_worklist, write_merged_worklist
-    from .results import _run_info
+    from .results import read_run_info
 
     beside = out.parent / MERGED_WORKLIST
     if beside.exists() and not is_our_worklist(beside):
@@ -398,7 +399,7 @@ def merge(inputs, out, allow_partial):
         return
     worklist = None
     try:  # the whole scan's worklist: each shard's ranks only its own studies
-        worklist = write_merged_worklist(out, list(inputs), [_run_info(p) for p in inputs])
+        worklist = write_merged_worklist(out, list(inputs), [read_run_info(Path(p).parent) for p in inputs])
     except (BundleError, OSError) as e:
         log.warning("no worklist.pdf for the merged results: %s (results.csv is written; its worklist_rank is "
                     "the order to read in)", e)
@@ -605,12 +606,12 @@ def open_outbound(out: Path):
     """The queue of the results folder ``out``: its daemon's ledger (the daemon may be running:
     SQLite lets both in), or a scan's queue."""
     from .integration.outbox import open_queue, queue_paths
-    from .journal import _run_info
     from .ledger import LedgerError
+    from .results import read_run_info
     from .watch import STATE_DIR
 
     paths = queue_paths(out)
-    config = _run_info(out).get("config")
+    config = (read_run_info(out) or {}).get("config")
     if not paths and isinstance(config, dict) and (config.get("hl7_to") or config.get("stow_to")):
         # a scan stopped (killed) between writing its results and queueing them
         fail(f"{out} holds a scan made to send its results (--hl7-to/--stow-to) whose results were never queued: it "
@@ -651,7 +652,7 @@ def outbound_list(out, everything, channel):
 def outbound_retry(out, channel, uids):
     """Send now: every waiting object, or the UIDS named (dropped or delivered ones are queued again)."""
     n = open_outbound(out).outbound_send_now(list(uids) or None, channel)
-    click.echo(f"{n} object(s) due now; a running daemon sends them within seconds (else: cxr-batch outbound send)",
+    click.echo(f"{plural(n, 'object')} due now; a running daemon sends them within seconds (else: cxr-batch outbound send)",
                err=True)
     if uids and n < len(set(uids)):
         fail(f"{len(set(uids)) - n} of the UIDs named are not in the queue", False)
@@ -664,7 +665,7 @@ def outbound_retry(out, channel, uids):
 def outbound_drop(out, channel, uids):
     """Stop sending the waiting objects UIDS (they stay listed with --all; retry queues them again)."""
     n = open_outbound(out).outbound_drop(list(uids), channel)
-    click.echo(f"{n} object(s) dropped", err=True)
+    click.echo(f"{plural(n, 'object')} dropped", err=True)
     if n < len(set(uids)):
         fail(f"{len(set(uids)) - n} of the UIDs named are not waiting in the queue", False)
 
@@ -765,7 +766,7 @@ def evaluate(studies, labels, weights, device, batch_size, workers, follow_links
     for line in mismatch_lines(result["matching"], str(out / "evaluation.json")):
         click.echo(f"cxr-batch: {line}", err=True)
     ci, auroc = result["mean_auroc_ci95"], result["mean_auroc"]
-    click.echo(f"{result['n_studies']} studies of {result['n_patients']} patients: mean AUROC "
+    click.echo(f"{plural(result['n_studies'], 'study')} of {plural(result['n_patients'], 'patient')}: mean AUROC "
                + (_number(auroc, 3) if auroc is not None else "n/a (no finding has both positive and negative studies)")
                + (f" (95% CI {ci[0]:.3f}-{ci[1]:.3f})" if ci else " (no CI)" if auroc is not None else "")
                + f", ECE {_number(result['ece'], 3)}, Brier {_number(result['brier'], 4)}"
@@ -805,7 +806,7 @@ def calibrate(studies, labels, weights, device, batch_size, workers, follow_link
         click.echo(f"cxr-batch: {line}", err=True)
     for line in result.lines:
         click.echo(line, err=True)
-    click.echo(f"ECE on the {len(result.matching.pairs)} fitting studies {result.ece_before:.4f} -> "
+    click.echo(f"ECE on the {plural(len(result.matching.pairs), 'fitting study')} {result.ece_before:.4f} -> "
                f"{result.ece_after:.4f} (in-sample: check with 'cxr-batch evaluate' on other studies)", err=True)
     click.echo(f"new bundle {result.version} -> {result.bundle}", err=True)
 
@@ -878,7 +879,8 @@ def monitor(results, out, reference, window, alpha, min_studies, debug):
     alarms = report["alarms"]
     shown = sorted(sorted(range(len(alarms)), key=lambda i: _alarm_age(alarms[i]["window"]))[:ALARM_LINES])
     if len(alarms) > len(shown):
-        click.echo(f"cxr-batch: {len(alarms) - len(shown)} earlier alarm(s) not printed: monitor.json lists every one, "
+        click.echo(f"cxr-batch: {plural(len(alarms) - len(shown), 'earlier alarm')} not printed: monitor.json lists "
+                   f"every one, "
                    f"monitor.pdf draws them; the newest {len(shown)}:", err=True)
     for i in shown:
         click.echo(f"cxr-batch: ALARM {alarms[i]['model']}: {alarm_line(alarms[i])}", err=True)
@@ -887,8 +889,9 @@ def monitor(results, out, reference, window, alpha, min_studies, debug):
     windows = [w for m in report["models"] for w in m["windows"]]
     small = sum(w["too_small"] for w in windows)
     too_small = f", {small} too small (under --min-studies {min_studies})" if small else ""
-    click.echo(f"{report['studies']['scored']} scored studies, {len(windows) - small} window(s) tested{too_small}: "
-               f"{len(report['alarms'])} alarm(s) -> {out / 'monitor.json'}, {out / 'monitor.pdf'}", err=True)
+    click.echo(f"{plural(report['studies']['scored'], 'scored study')}, "
+               f"{plural(len(windows) - small, 'window')} tested{too_small}: {plural(len(report['alarms']), 'alarm')} "
+               f"-> {out / 'monitor.json'}, {out / 'monitor.pdf'}", err=True)
     sys.exit(report["exit_code"])
 
 

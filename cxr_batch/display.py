@@ -41,8 +41,14 @@ def is_dicom_date(text: str) -> bool:
     return len(text) == 8 and text.isascii() and text.isdigit() and format_date(text) is not None
 
 
-def _count(n: int, unit: str) -> str:
-    return f"{n} {unit}" if n == 1 else f"{n} {unit}s"
+def plural(n: int, noun: str, nouns: str = "") -> str:
+    """A count with its noun in the number it takes: ``1 study``, ``2 studies``, ``0 files``.
+    ``nouns``: the plural when it is not the noun with -s (or -y made -ies)."""
+    if n == 1:
+        return f"{n} {noun}"
+    if not nouns:
+        nouns = noun[:-1] + "ies" if noun.endswith("y") and noun[-2:-1] not in "aeiou" else noun + "s"
+    return f"{n} {nouns}"
 
 
 def format_age(years: float | None) -> str | None:
@@ -52,10 +58,10 @@ def format_age(years: float | None) -> str | None:
         return None
     days = years * DAYS_PER_YEAR
     if days < 29.5:  # a month old from 30 days: "1 month" for DICOM "001M" (30.4 days)
-        return _count(round(days), "day")
+        return plural(round(days), "day")
     if years < 1:
-        return _count(max(1, int(years * 12 + 1e-3)), "month")  # 1e-3: ages are stored rounded
-    return _count(int(years + 1e-6), "year")
+        return plural(max(1, int(years * 12 + 1e-3)), "month")  # 1e-3: ages are stored rounded
+    return plural(int(years + 1e-6), "year")
 
 
 def _person_group(group: str) -> str:

@@ -25,6 +25,7 @@ from pathlib import Path
 from .bundle import BundleError
 from .config import ConfigError
 from .drift import DriftError, check_reference, compare, make_reference, output_fingerprint, outputs_comparable
+from .display import plural
 from .files import atomic_write_bytes
 from .monitor import Reference, load_reference, reference_too_small
 
@@ -60,7 +61,7 @@ class DriftWatch:
     def _reference_kind(self) -> str:
         if self.reference is not None:
             return self.reference.source
-        return f"site baseline: the first {self.window} studies this model scored here"
+        return f"site baseline: the first {plural(self.window, 'study')} this model scored here"
 
     # ------------------------------------------------------------------ evaluation
     def added(self, scored: int) -> None:
@@ -90,7 +91,8 @@ class DriftWatch:
             first = self.ledger.scored_records(self.sha, self.window, newest=False)
             if len(first) < self.window:
                 return None, 0
-            data = make_reference([r for _, r in first], f"the first {self.window} studies scored by this model here",
+            data = make_reference([r for _, r in first],
+                                  f"the first {plural(self.window, 'study')} scored by this model here",
                                   weights_sha256=self.sha)
             self.baseline = (first[-1][0], Reference(data, "baseline", self._reference_kind()))
         return self.baseline[1], self.baseline[0]
@@ -121,11 +123,11 @@ class DriftWatch:
         new = {a["quantity"] for a in result["alarms"]} - {a["quantity"] for a in self.alarms}
         for alarm in result["alarms"]:
             if alarm["quantity"] in new:
-                log.warning("drift alarm: %s (%s): %s; %s %.2f over the last %d studies (scoring goes on)",
+                log.warning("drift alarm: %s (%s): %s; %s %.2f over the last %s (scoring goes on)",
                             alarm["label"], alarm["quantity"], alarm["shift"], alarm["effect_name"], alarm["effect"],
-                            len(window))
+                            plural(len(window), "study"))
         if self.alarms and not result["alarms"]:
-            log.info("drift: no alarm any more over the last %d studies", len(window))
+            log.info("drift: no alarm any more over the last %s", plural(len(window), "study"))
         self._set({"state": "alarm" if result["alarms"] else "ok", "window": described}, result["alarms"], now)
 
     def _set(self, state: dict, alarms: list[dict], now: str) -> None:
@@ -153,6 +155,7 @@ class DriftWatch:
         n = self.state.get("window", {}).get("n", 0)
         named = ", ".join(f"{a['quantity']} ({a['effect_name']} {a['effect']:.2f})" for a in self.alarms[:4])
         more = f" and {len(self.alarms) - 4} more" if len(self.alarms) > 4 else ""
-        return (f"DRIFT ALARM: over the last {n} studies, {len(self.alarms)} quantities moved away from the reference: "
+        return (f"DRIFT ALARM: over the last {plural(n, 'study')}, {plural(len(self.alarms), 'quantity')} moved away "
+                f"from the reference: "
                 f"{named}{more}. Check what changed (detector, export settings, patient mix) before relying on these "
                 f"results; scoring goes on. Details: drift.json.")

@@ -21,7 +21,7 @@ from matplotlib.backends.backend_pdf import PdfPages  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from sklearn.metrics import roc_curve  # noqa: E402
 
-from .display import finding_label  # noqa: E402
+from .display import finding_label, plural  # noqa: E402
 from .files import atomic_write_bytes  # noqa: E402
 from .findings import FINDINGS  # noqa: E402
 
@@ -70,15 +70,16 @@ def summary_page(ev: dict) -> Figure:
     y = _text(fig, y - 0.005, f"Model {ev['model']} (bundle sha256 {(ev.get('bundle_sha256') or ev['weights_sha256'])[:16]}...)"
               f"{', site-calibrated' if ev['calibrated'] else ''}. Labels: {Path(ev['labels']['file']).name} "
               f"(sha256 {ev['labels']['sha256'][:16]}...).")
-    y = _text(fig, y, f"{ev['n_studies']} studies of {ev['n_patients']} patients scored and labelled. Not used: "
-              f"{len(m['scored_without_label'])} scored without a label, {len(m['labelled_not_scored'])} labelled but "
-              f"skipped or failed, {len(m['labels_without_file'])} labels without a file, "
-              f"{len(m['ambiguous_names'])} labels matching several files (lists in evaluation.json).")
+    y = _text(fig, y, f"{plural(ev['n_studies'], 'study')} of {plural(ev['n_patients'], 'patient')} scored and "
+              f"labelled. Not used: {len(m['scored_without_label'])} scored without a label, "
+              f"{len(m['labelled_not_scored'])} labelled but skipped or failed, "
+              f"{plural(len(m['labels_without_file']), 'label')} without a file, "
+              f"{plural(len(m['ambiguous_names']), 'label')} matching several files (lists in evaluation.json).")
     y -= 0.008
     auc = ev["mean_auroc"]
     ci = f"95% CI {_ci(ev['mean_auroc_ci95'])}" if ev["mean_auroc_ci95"] else "no 95% CI"  # why: its note below
     y = _text(fig, y, f"Ranking: mean AUROC {_auroc(auc)} ({ci}) over "
-              f"{len(ev['mean_auroc_findings'])} findings with positive and negative studies. 0.5 is chance.", 10)
+              f"{plural(len(ev['mean_auroc_findings']), 'finding')} with positive and negative studies. 0.5 is chance.", 10)
     y = _text(fig, y, f"Probabilities: mean predicted {_f(ev['mean_probability'])} against an observed prevalence of "
               f"{_f(ev['prevalence'])}; calibration error (ECE, {ev['ece_bins']} bins, all findings pooled) "
               f"{_f(ev['ece'])}; Brier score {_f(ev['brier'], 4)} against {_f(ev['brier_prevalence'], 4)} for "
@@ -95,7 +96,8 @@ def summary_page(ev: dict) -> Figure:
         y = _text(fig, y, f"Worklist: {pct(t['studies_flagged'])} of studies flagged ({_f(t['flags_per_study'], 1)} flags per "
                   f"study); buckets urgent / abnormal / {low} {pct(b['all']['urgent'])} / "
                   f"{pct(b['all']['abnormal'])} / {pct(b['all']['normal'])}. The {low.replace(' ', '-')} bucket held "
-                  f"{pct(b['without_a_finding']['normal'])} of the {b['without_a_finding']['n']} studies without a finding "
+                  f"{pct(b['without_a_finding']['normal'])} of the {plural(b['without_a_finding']['n'], 'study')} "
+                  f"without a finding "
                   f"and {pct(b['with_a_finding']['normal'])} of the {b['with_a_finding']['n']} with one. The worklist order "
                   f"puts studies with a finding first with AUROC {_auroc(t['worklist_auroc_any_finding'])}, pneumothorax "
                   f"{_auroc(t.get('worklist_auroc_pneumothorax'))}.", 10)
@@ -107,7 +109,7 @@ def summary_page(ev: dict) -> Figure:
     rows = []
     for f in FINDINGS:
         r = ev["per_finding"][f]
-        ci = _ci(r["auroc_ci95"]) if r["auroc_ci95"] else f"no CI: {r['positive_patients']} pos. patients"
+        ci = _ci(r["auroc_ci95"]) if r["auroc_ci95"] else f"no CI: {plural(r['positive_patients'], 'pos. patient')}"
         if r["auroc"] is None:
             ci = "one label value"
         rows.append([finding_label(f), str(r["positives"]), _auroc(r["auroc"]), ci, _f(r["threshold"], 3),

@@ -23,7 +23,7 @@ import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from .display import finding_label
+from .display import finding_label, plural
 from .findings import FINDINGS
 
 # Below 100 images, the 95% interval of any proportion measured on them (accuracy, the share
@@ -116,15 +116,15 @@ class Evidence:
         """One line: what the weights were trained on and how they measured on held-out images."""
         parts = []
         if self.train_images:
-            parts.append(f"trained on {self.train_images} images")
+            parts.append(f"trained on {plural(self.train_images, 'image')}")
         if self.mean_auc is not None and self.images is not None:
             ci = (f" (95% CI {self.mean_auc_ci95[0]:.2f}-{self.mean_auc_ci95[1]:.2f})"
                   if self.mean_auc_ci95 else "")
             if self.how:  # cross-validation: the images were held out from the fold models, not from these weights
-                parts.append(f"mean AUROC {self.mean_auc:.2f}{ci} on {self.images} images, each scored by a model "
+                parts.append(f"mean AUROC {self.mean_auc:.2f}{ci} on {plural(self.images, 'image')}, each scored by a model "
                              f"that had not seen it ({self.how}); these weights have no held-out test of their own")
             else:
-                parts.append(f"mean AUROC {self.mean_auc:.2f}{ci} on {self.images} held-out images")
+                parts.append(f"mean AUROC {self.mean_auc:.2f}{ci} on {plural(self.images, 'held-out image')}")
         text = "; ".join(parts) or "no training or evaluation record"
         text = text[0].upper() + text[1:] + "."
         return f"{self.calibrated} Base bundle: {text}" if self.calibrated else text

@@ -30,9 +30,11 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .display import plural
 from .files import FILE_MODE, append_whole, private_dir
 from .keys import content_sha256
 from .record import StudyRecord
+from .results import read_run_info
 
 log = logging.getLogger("cxr_batch")
 
@@ -170,27 +172,20 @@ def read_journal(path: Path) -> tuple[dict | None, dict[str, Entry]]:
     return header, entries
 
 
-def _run_info(out: Path) -> dict:
-    try:
-        info = json.loads((out / "run.json").read_text())
-        return info if isinstance(info, dict) else {}
-    except (OSError, ValueError):
-        return {}
-
-
 def describe(out: Path, journal_entries: int) -> str:
     """One phrase on what the earlier scan left."""
-    run = _run_info(out)
+    run = read_run_info(out) or {}
     if run.get("complete") is False:
-        return (f"an unfinished scan ({run.get('stopped_by') or 'stopped'}: {journal_entries} studies scored, "
-                f"{run.get('files_not_scored', 'some')} files not scored yet)")
+        left = run.get("files_not_scored")
+        return (f"an unfinished scan ({run.get('stopped_by') or 'stopped'}: {plural(journal_entries, 'study')} scored, "
+                f"{plural(left, 'file') if isinstance(left, int) else 'some files'} not scored yet)")
     if not run and journal_entries:
-        return f"an unfinished scan (killed: {journal_entries} studies scored, no run.json written)"
+        return f"an unfinished scan (killed: {plural(journal_entries, 'study')} scored, no run.json written)"
     if not run and not (out / STATE_DIR / JOURNAL).exists():  # a file of the user's own, say
         return ("a results.csv that no cxr-batch scan wrote (no run.json, no journal): if it is a file of your "
                 "own, move it or choose another --out, since --overwrite would delete it")
     rows = sum(run.get("counts", {}).values()) if isinstance(run.get("counts"), dict) else None
-    return "the results of an earlier scan" + (f" ({rows} rows)" if rows is not None else "")
+    return "the results of an earlier scan" + (f" ({plural(rows, 'row')})" if rows is not None else "")
 
 
 def refuse_scan_results(out: Path, command: str) -> None:

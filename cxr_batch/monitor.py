@@ -32,10 +32,12 @@ from .bundle import (DEFAULT_BUNDLE, MANIFEST_FILE, BundleError, is_bundle, mani
 from .drift import (DEFAULT_ALPHA, DEFAULT_MIN_STUDIES, EFFECT_NAMES, MIN_EFFECT, PATIENT_MIX_EFFECT, SPARSE_TEST,
                     TESTS, DriftError, check_reference, compare, make_reference, monitored, output_fingerprint,
                     outputs_comparable)
+from .display import plural
 from .files import atomic_write_bytes, private_dir
 from .findings import FINDINGS
 from .patient import MAX_PLAUSIBLE_AGE
 from .record import COLUMNS, DRIFT_COLUMNS, StudyRecord
+from .results import read_run_info
 from .study import clean_text
 
 log = logging.getLogger("cxr_batch")
@@ -293,13 +295,10 @@ def load_reference(path: Path) -> Reference:
 def known_bundles(results_dir: Path) -> list[Path]:
     """Bundles that may have scored a results folder: the one its run.json names, the default
     bundle and the other shipped bundles beside it."""
-    found = []
-    try:
-        run = json.loads((Path(results_dir) / "run.json").read_text())
-        # bundle_path: absolute; config.weights is as typed, relative to wherever the scan ran
-        found += [Path(w) for w in (run.get("bundle_path"), run.get("config", {}).get("weights")) if w]
-    except (OSError, ValueError, AttributeError, TypeError):
-        pass
+    run = read_run_info(results_dir) or {}
+    config = run.get("config") if isinstance(run.get("config"), dict) else {}
+    # bundle_path: absolute; config.weights is as typed, relative to wherever the scan ran
+    found = [Path(w) for w in (run.get("bundle_path"), config.get("weights")) if w and isinstance(w, str)]
     found.append(DEFAULT_BUNDLE)
     if DEFAULT_BUNDLE.parent.is_dir():
         found += sorted(p for p in DEFAULT_BUNDLE.parent.iterdir() if (p / MANIFEST_FILE).is_file())
@@ -335,9 +334,10 @@ def evaluate_windows(windows: list[Window], reference: Reference | None, sha: st
         if not windows:
             return [], None, notes
         base = windows[0]
-        data = make_reference(base.records, f"the first window ({len(base.records)} studies)", weights_sha256=sha)
+        data = make_reference(base.records, f"the first window ({plural(len(base.records), 'study')})",
+                              weights_sha256=sha)
         reference = Reference(data, "baseline", f"site baseline: the first window of these results "
-                              f"({len(base.records)} studies, rows {min(base.rows)}-{max(base.rows)})")
+                              f"({plural(len(base.records), 'study')}, rows {min(base.rows)}-{max(base.rows)})")
         notes.append("no reference for this model: its first window is the baseline and is not tested itself")
         tested = windows[1:]
     else:
@@ -402,19 +402,21 @@ def run_monitor(results_dir: Path, out: Path, reference_path: Path | None = None
         failed = sum(not r.ok for _, r in rows)
         raise MonitorError(f"{csv} holds no scored study with drift data" + (
             f" ({older} were scored before drift monitoring: scan them again)" if older else "") + (
-            f" ({failed} rows are errors or skipped studies: see their notes in results.csv)" if failed else "") + (
-            f" ({len(unreadable)} rows could not be read: {'; '.join(unreadable[:3])})" if unreadable else ""))
+            f" ({plural(failed, 'row')} "
+            f"{'is an error or a skipped study' if failed == 1 else 'are errors or skipped studies'}"
+            f": see their notes in results.csv)" if failed else "") + (
+            f" ({plural(len(unreadable), 'row')} could not be read: {'; '.join(unreadable[:3])})" if unreadable else ""))
     report = {"results": str(results_dir), "generated": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
               "window": str(opts.window), "alpha": opts.alpha, "min_studies": opts.min_studies,
               "min_effect": dict(MIN_EFFECT), "method": METHOD,
               "studies": {"rows": len(rows) + len(unreadable), "scored": sum(len(v) for v in by_model.values())},
               "models": [], "alarms": [], "notes": []}
     if unreadable:
-        report["notes"].append(f"{len(unreadable)} rows of results.csv could not be read and are left out: "
+        report["notes"].append(f"left out: {plural(len(unreadable), 'row')} of results.csv that could not be read: "
                                + "; ".join(unreadable[:5]) + (" and more" if len(unreadable) > 5 else ""))
     if older:
-        report["notes"].append(f"{older} scored studies without drift data (scored by an earlier cxr-batch) are left "
-                               f"out")
+        report["notes"].append(f"left out: {plural(older, 'scored study')} without drift data (scored by an earlier "
+                               f"cxr-batch)")
     candidates = known_bundles(results_dir)
     if explicit is not None and explicit.kind == "bundle" and reference_path is not None:
         candidates = [Path(reference_path)] + candidates
@@ -433,7 +435,7 @@ def run_monitor(results_dir: Path, out: Path, reference_path: Path | None = None
         windows, left_out = split_windows(records, numbers, opts.window)
         untimed, any_window = untimed + left_out, any_window or bool(windows)
         if left_out:
-            notes.append(f"{left_out} studies without a time (scored_at or study date) are left out of time windows")
+            notes.append(f"left out of time windows: {plural(left_out, 'study')} without a time (scored_at or study date)")
         results, ref_info, more = evaluate_windows(windows, reference, sha, fingerprint, opts)
         notes += more
         tested_any = tested_any or any(conclusive(w) for w in results)
@@ -494,9 +496,9 @@ def chance_of_false_alarms(report: dict) -> str:
 def alarm_line(alarm: dict) -> str:
     """One alarm in words, without identifiers: quantity, size, window and studies."""
     w = alarm["window"]
-    when = f"rows {w['rows'][0]}-{w['rows'][1]}" if w.get("rows") else f"{w['n']} studies"
+    when = f"rows {w['rows'][0]}-{w['rows'][1]}" if w.get("rows") else plural(w['n'], 'study')
     return (f"{alarm['label']} ({alarm['quantity']}): {alarm['shift']}; {alarm['effect_name']} {alarm['effect']:.2f}, "
-            f"p (Holm) {p_text(alarm['p_holm'])}; window {w['index']} ({w['n']} studies, {when})")
+            f"p (Holm) {p_text(alarm['p_holm'])}; window {w['index']} ({plural(w['n'], 'study')}, {when})")
 
 
 SMALLEST_P = 1e-15  # below it a p-value's digits are those of the approximation and of float rounding

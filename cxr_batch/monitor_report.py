@@ -20,6 +20,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only, no screen
 from matplotlib.figure import Figure  # noqa: E402
 
+from .display import plural  # noqa: E402
 from .drift import GROUPS, QUANTITIES  # noqa: E402
 from .evaluation_report import save_pages  # noqa: E402
 
@@ -42,8 +43,8 @@ def summary_page(report: dict) -> Figure:
 
     fig = Figure(figsize=A4)
     y = _text(fig, 0.965, "Drift monitoring: do the inputs still look like the reference?", 14, "bold")
-    y = _text(fig, y - 0.004, f"Results {report['results']}: {report['studies']['scored']} scored studies of "
-              f"{report['studies']['rows']} rows. Windows of {report['window']}; generated {report['generated']}.")
+    y = _text(fig, y - 0.004, f"Results {report['results']}: {plural(report['studies']['scored'], 'scored study')} of "
+              f"{plural(report['studies']['rows'], 'row')}. Windows of {report['window']}; generated {report['generated']}.")
     alarms = report["alarms"]
     y -= 0.01
     if report.get("problem"):
@@ -63,18 +64,19 @@ def summary_page(report: dict) -> Figure:
         y = _text(fig, y, f"- {a['model']}: {alarm_line(a)}", 8, width=125)
         shown += 1
     if shown < len(alarms):
-        y = _text(fig, y, f"... and {len(alarms) - shown} more alarms in monitor.json.", 8)
+        y = _text(fig, y, f"... and {plural(len(alarms) - shown, 'more alarm')} in monitor.json.", 8)
     if alarms and (chance := chance_of_false_alarms(report)):
         y = _text(fig, y, chance[0].upper() + chance[1:] + ".", 8, width=125)
     y -= 0.012
     y = _text(fig, y, "Compared with", 10, "bold")
     for m in report["models"]:
         ref = m["reference"]
-        what = (f"{ref['source']} ({ref['n_studies']} studies; outputs "
+        what = (f"{ref['source']} ({plural(ref['n_studies'], 'study')}; outputs "
                 f"{'compared' if ref['outputs_compared'] else 'not compared'})") if ref else "nothing"
         small = sum(bool(w.get("too_small")) for w in m["windows"])
-        tested = f"{len(m['windows']) - small} window(s) tested" + (f", {small} too small" if small else "")
-        y = _text(fig, y, f"{m['model']} (bundle sha256 {m['weights_sha256'][:12]}..., {m['n']} studies, {tested}): "
+        tested = f"{plural(len(m['windows']) - small, 'window')} tested" + (f", {small} too small" if small else "")
+        y = _text(fig, y, f"{m['model']} (bundle sha256 {m['weights_sha256'][:12]}..., {plural(m['n'], 'study')}, "
+                  f"{tested}): "
                   f"{what}.", 8, width=125)
         for note in m["notes"]:
             y = _text(fig, y, f"  note: {note}.", 8, width=125)
@@ -86,7 +88,7 @@ def summary_page(report: dict) -> Figure:
     lines = [f"windows: {method['windows']}.",
              "tests: " + "; ".join(f"{k}: {v}" for k, v in method["tests"].items()) + ".",
              "minimum shift: " + "; ".join(f"{k}: {v}" for k, v in method["effect"].items()) + ".",
-             f"alarm: {method['alarm']}; alpha {report['alpha']:g}, at least {report['min_studies']} studies.",
+             f"alarm: {method['alarm']}; alpha {report['alpha']:g}, at least {plural(report['min_studies'], 'study')}.",
              # said beside the alarms when there are some
              *([f"{chance}."] if not alarms and (chance := chance_of_false_alarms(report)) else []),
              f"scope: {method['scope']}."]

@@ -42,7 +42,7 @@ from reportlab.platypus import Image, KeepInFrame, Paragraph, SimpleDocTemplate,
 from xml.sax.saxutils import escape
 
 from .files import FILE_MODE, atomic_write_bytes, private_dir
-from .display import finding_label, format_age, format_date, person_name, visual_order
+from .display import finding_label, format_age, format_date, person_name, plural, visual_order
 from .evidence import Evidence, bundle_evidence
 from .findings import DEFAULT_URGENT, FINDINGS
 from .record import StudyRecord, log_name, name_bytes
@@ -725,7 +725,7 @@ def worklist_pdf(records: list[StudyRecord], options: ReportOptions, info: Model
     low = f"low-probability studies (P(any finding) below {probability_text(cut)})" if cut is not None else \
         "studies with no finding flagged"
     low_count = "low probability" if cut is not None else "with no finding flagged"
-    summary = (f"{len(records)} file{'' if len(records) == 1 else 's'}: {len(scored)} scored ({counts['urgent']} urgent, {counts['abnormal']} abnormal, "
+    summary = (f"{plural(len(records), 'file')}: {len(scored)} scored ({counts['urgent']} urgent, {counts['abnormal']} abnormal, "
                f"{counts['normal']} {low_count}), {sum(r.status == 'skipped' for r in others)} skipped, "
                f"{sum(r.status == 'error' for r in others)} failed; {bare} scored without patient data (marked *: "
                f"the model saw the image alone). "

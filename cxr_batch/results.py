@@ -142,12 +142,17 @@ class MergeError(Exception):
     file in two shards)."""
 
 
-def _run_info(results: Path) -> dict | None:
-    """The run.json a scan wrote beside ``results``, or None."""
+RUN_INFO = "run.json"  # what a scan says of itself, beside its results.csv (cxr_batch.scan writes it)
+
+
+def read_run_info(out: Path) -> dict | None:
+    """The run.json a scan wrote in the results folder ``out``; None when there is none, or it is
+    not a JSON object (unreadable, another tool's, edited by hand)."""
     try:
-        return json.loads((Path(results).parent / "run.json").read_text())
+        info = json.loads((Path(out) / RUN_INFO).read_text())
     except (OSError, ValueError):
         return None
+    return info if isinstance(info, dict) else None
 
 
 def check_shards(inputs: list[Path], allow_partial: bool = False) -> None:
@@ -157,7 +162,7 @@ def check_shards(inputs: list[Path], allow_partial: bool = False) -> None:
     ``allow_partial`` missing shards (and a missing run.json) are warnings instead."""
     problems, missing, shards, weights = [], [], {}, {}
     for path in inputs:
-        run = _run_info(path)
+        run = read_run_info(Path(path).parent)
         shard = ((run or {}).get("config") or {}).get("shard")
         if shard is not None and not (isinstance(shard, list) and len(shard) == 2
                                       and all(isinstance(v, int) for v in shard)):

@@ -15,6 +15,7 @@ from .files import atomic_write_bytes, private_dir, remove_stale_temp
 from .checkpoints import checkpoint
 from .config import ConfigError, to_plain
 from .discover import find_candidates
+from .display import plural
 from .evidence import bundle_evidence
 from .folders import refuse_overlap
 from .inference import Engine, score_batches
@@ -79,8 +80,9 @@ class ScanSummary:
     def line(self) -> str:
         if self.stopped_by:
             n = sum(self.counts.values())
-            return (f"stopped by {self.stopped_by}: the {n} rows written so far ({self.counts['ok']} scored) are in "
-                    f"{self.results} and run.json says the scan is incomplete; {self.not_scored} files not read yet: "
+            return (f"stopped by {self.stopped_by}: {self.results} holds the {plural(n, 'row')} written so far "
+                    f"({self.counts['ok']} scored) and run.json says the scan is incomplete; "
+                    f"{plural(self.not_scored, 'file')} not read yet: "
                     f"run the same command with --resume to finish")
         if self.files_found == 0:
             return f"no files found: nothing scored (is the folder mounted?) -> {self.results}"
@@ -89,11 +91,12 @@ class ScanSummary:
         pr = ", ".join(f"{self.priorities[p]} {priority_words(p, self.normal_below)}" for p in PRIORITIES)
         outputs = ""
         if self.reports_failed or self.worklist_failed:
-            outputs = (f"; {self.reports_failed} report(s)" + (" and the worklist" if self.worklist_failed else "")
+            outputs = (f"; {plural(self.reports_failed, 'report')}"
+                       + (" and the worklist" if self.worklist_failed else "")
                        + " could not be written (see the log)")
         kept = f"{self.kept} kept from the earlier scan; " if self.kept else ""
         bare = self.without_patient_data
-        return (f"{n} files: {self.counts['ok']} scored ({kept}{pr}; {bare} without patient data), "
+        return (f"{plural(n, 'file')}: {self.counts['ok']} scored ({kept}{pr}; {bare} without patient data), "
                 f"{self.counts['skipped']} skipped, {self.counts['error']} failed in {self.seconds:.1f} s "
                 f"({rate:.1f} images/s){outputs} -> {self.results}")
 
@@ -136,7 +139,7 @@ def run_scan(studies: Path, out: Path, cfg: ScanConfig = ScanConfig(), earlier: 
         with FolderLock(out, "scan"):
             removed = remove_stale_temp(out, out / "reports", out / "dicom", out / "hl7")
             if removed:
-                log.info("removed %d temp file(s) an earlier scan left when it was killed", removed)
+                log.info("removed %s an earlier scan left when it was killed", plural(removed, "temp file"))
             previous = journal.plan(out, earlier, studies, settings)
             workers = default_workers(policy.device) if cfg.workers is None else cfg.workers
             # the reading workers start while the model loads
@@ -149,7 +152,7 @@ def run_scan(studies: Path, out: Path, cfg: ScanConfig = ScanConfig(), earlier: 
                     log.warning("weights %s have no validation evidence (%s): how often they are right is not "
                                 "known; every report says so", bundle.label, evidence.problem)
                 if previous.found and previous.mode == "overwrite":
-                    log.warning("%d files of the earlier scan deleted", previous.remove_outputs())
+                    log.warning("%s of the earlier scan deleted", plural(previous.remove_outputs(), "file"))
                 run = ScanRun(studies, out, cfg, bundle, policy, reader, previous, stop)
                 return run.scan(candidates, files_found, metadata, match, settings, evidence.problem)
     except FolderBusy:  # the folder is another process's (it may have made it a moment ago): not touched
@@ -206,8 +209,9 @@ class ScanRun:
             return (f"results.csv is complete, but run.json could not be written: {what}; once the folder can be "
                     f"written, the same command with --resume writes it (every row is kept)")
         saved = self.kept + (self.record_log.written if self.record_log is not None else 0)
-        return (f"results not written: {what}; the scan stopped. The {saved} studies scored so far are kept in its "
-                f"journal ({self.out / journal.STATE_DIR / journal.JOURNAL}): once the disk has room (or the folder "
+        return (f"results not written: {what}; the scan stopped. The {plural(saved, 'study')} scored so far "
+                f"{'is' if saved == 1 else 'are'} kept in its journal ({self.out / journal.STATE_DIR / journal.JOURNAL}): "
+                f"once the disk has room (or the folder "
                 f"can be written), run the same command with --resume to keep them and score the rest")
 
     def _scan(self, candidates, files_found: int, metadata, match, settings: dict,
@@ -222,10 +226,10 @@ class ScanRun:
         self.kept = len(kept)
         self.stamps = {c.rel: c.stamp for c in todo}
         if kept:
-            log.info("--resume: %d studies scored before are kept (same file content, same weights); %d files to "
-                     "read", len(kept), len(todo))
+            log.info("--resume: %s scored before kept (same file content, same weights); %s to read",
+                     plural(len(kept), "study"), plural(len(todo), "file"))
         shard = f" (shard {cfg.shard[0]}/{cfg.shard[1]} of {files_found})" if cfg.shard is not None else ""
-        log.info("%d candidate files under %s%s", len(candidates), self.studies, shard)
+        log.info("%s under %s%s", plural(len(candidates), "candidate file"), self.studies, shard)
         engine = Engine(self.bundle, self.policy)
         checkpoint("loaded")
         record_log = self.record_log = journal.Journal(self.previous, self.studies, settings)
@@ -283,8 +287,8 @@ class ScanRun:
         if not summary.stopped_by:
             journal.remove_unlisted_outputs(self.out, scored_files)  # reports of files gone or changed since
         if summary.without_patient_data:
-            log.warning("%d studies scored without any patient data (age, sex and view unknown): their results rest "
-                        "on the image alone", summary.without_patient_data)
+            log.warning("%s scored without any patient data (age, sex and view unknown): their results rest "
+                        "on the image alone", plural(summary.without_patient_data, "study"))
         self.write_run_json(engine, cfg, settings, evidence_problem, match)
         return summary
 

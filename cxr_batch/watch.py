@@ -42,6 +42,7 @@ from .checkpoints import checkpoint
 from .config import bounded
 from .discover import Candidate, find_candidates, is_ignored_name, leaves_folder
 from .drift_watch import DriftWatch
+from .display import plural
 from .files import FILE_MODE, atomic_write_bytes, private_dir, remove_stale_temp
 from .folderlock import FolderBusy, FolderLock
 from .folders import refuse_overlap
@@ -224,7 +225,7 @@ class Watcher:
             self.heartbeat()
             self.ledger.close()
             self.lock.release()
-        log.info("stopped after %d studies", self.processed)
+        log.info("stopped after %s", plural(self.processed, "study"))
         return 0
 
     def loop(self) -> None:
@@ -387,7 +388,7 @@ class Watcher:
             if writer is not None:
                 private_dir(writer.folder)
         self.results_lost = False
-        log.warning("the results folder %s is made again: %d studies", self.out, self.ledger.count())
+        log.warning("the results folder %s is made again: %s", self.out, plural(self.ledger.count(), "study"))
         self.csv_whole = self.worklist_due = True
         if self.reports is not None:
             self.regenerate_reports()
@@ -488,7 +489,7 @@ class Watcher:
                     pass
             rows.append((key or f"csv:{record.file}", content, record))
         n = self.ledger.import_rows(rows)
-        log.warning("the ledger was missing: rebuilt with %d studies from results.csv", n)
+        log.warning("the ledger was missing: rebuilt with %s from results.csv", plural(n, "study"))
 
     def recover(self) -> None:
         """After any stop: results.csv rewritten from the ledger, missing reports made again,
@@ -531,7 +532,7 @@ class Watcher:
         for row in made:
             self.ledger.outbound_send_now([row["uid"]], row["channel"])
         if made:
-            log.warning("%d result(s) waiting to be sent had lost their file: made again", len(made))
+            log.warning("%s waiting to be sent had lost their file: made again", plural(len(made), "result"))
 
     def moves_handled_files(self) -> bool:
         """Whether handled files leave the watched folder (the DICOM node's spool always does)."""
@@ -555,7 +556,7 @@ class Watcher:
                    if r.ok and (not r.report or not (self.out / "reports" / r.report).exists())]
         if not missing:
             return
-        log.info("making %d missing report(s) again", len(missing))
+        log.info("making %s again", plural(len(missing), "missing report"))
         for key, record in missing:
             if self.stop:
                 return

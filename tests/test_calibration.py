@@ -132,6 +132,8 @@ def test_a_finding_with_too_few_positives_keeps_its_parameters_and_says_so():
     assert not fits[13].changed and fits[13].reason == "4 positives (needs 10)"
     assert fits[13].record()["status"] == "kept: 4 positives (needs 10)"
     assert all(math.isclose(f.intercept, 0.0) for f in fits)  # temperature moves the slope only
+    y[1:4, 13] = 0  # one positive was "1 positives (needs 10)"
+    assert fit_findings(z, y, groups, "temperature", min_positives=10).fits[13].reason == "1 positive (needs 10)"
 
 
 def test_a_fit_report_without_any_qualifying_finding_is_strict_json():

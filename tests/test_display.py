@@ -4,7 +4,7 @@ import unicodedata
 
 import pytest
 
-from cxr_batch.display import finding_label, format_age, format_date, person_name, visual_order
+from cxr_batch.display import finding_label, format_age, format_date, person_name, plural, visual_order
 from cxr_batch.findings import FINDINGS
 from cxr_batch.patient import parse_age
 
@@ -13,6 +13,15 @@ def test_finding_labels_read_as_words():
     assert finding_label("Pleural_Thickening") == "Pleural thickening"
     assert finding_label("Pneumothorax") == "Pneumothorax"
     assert all("_" not in finding_label(f) for f in FINDINGS)
+
+
+@pytest.mark.parametrize("n, noun, shown", [
+    (1, "study", "1 study"), (2, "study", "2 studies"), (0, "file", "0 files"), (1, "flag", "1 flag"),
+    (3, "positive", "3 positives"), (1, "day", "1 day"), (2, "day", "2 days"), (2, "quantity", "2 quantities"),
+])
+def test_a_count_takes_the_number_of_its_noun(n, noun, shown):
+    # '1 studies', '1 flags', '1 positives' were in the closing lines, the PDFs and the logs
+    assert plural(n, noun) == shown
 
 
 @pytest.mark.parametrize("raw, shown", [

@@ -52,7 +52,7 @@ def test_a_window_smaller_than_min_studies_is_no_verdict(scored, tmp_path, n):
     code, stderr = here("monitor", few, "--out", tmp_path / "m")
     assert code == exit_codes.FATAL, stderr
     assert "too few" in stderr and "--min-studies" in stderr, stderr
-    assert "0 window(s) tested" in stderr and "1 too small" in stderr, stderr
+    assert "0 windows tested" in stderr and "1 too small" in stderr, stderr
     assert "longer --window" not in stderr, stderr  # the window holds every study: only more studies help
     report = report_of(tmp_path / "m")
     assert report["exit_code"] == exit_codes.FATAL and report["alarms"] == []
@@ -68,7 +68,7 @@ def test_windows_too_short_for_enough_studies_suggest_a_longer_window(scored, tm
 def test_a_last_window_too_small_is_said_and_the_others_decide(scored, tmp_path):
     code, stderr = here("monitor", scored, "--out", tmp_path / "m", "--window", "10", "--min-studies", "10")  # 10, 10, 5
     assert code in (exit_codes.OK, exit_codes.DRIFT_ALARM), stderr
-    assert "2 window(s) tested" in stderr and "1 too small" in stderr, stderr
+    assert "2 windows tested" in stderr and "1 too small" in stderr, stderr
     report = report_of(tmp_path / "m")
     assert [w["window"]["n"] for w in report["models"][0]["windows"]] == [10, 10, 5]
 

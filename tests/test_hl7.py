@@ -536,6 +536,51 @@ def test_a_scan_s_oru_names_the_patient_as_the_header_does_never_the_null(tmp_pa
     assert (pid.pid_7.value, pid.pid_8.value) == ("19670302", "F")
 
 
+@pytest.mark.parametrize("charset", ["\\ISO 2022 IR 87", "ISO_IR 192"])
+@pytest.mark.parametrize("name, expected", [
+    ("=山田^太郎=やまだ^たろう", [("山田", "太郎", "I"), ("やまだ", "たろう", "P")]),
+    ("Yamada^Tarou=山田^太郎=やまだ^たろう", [("Yamada", "Tarou", "A"), ("山田", "太郎", "I"), ("やまだ", "たろう", "P")]),
+    ("=山田^太郎", [("山田", "太郎", "I")]),
+])
+def test_a_name_in_ideographic_and_phonetic_groups_reaches_the_ris_as_pid_5_repetitions(scored, tmp_path, nih_images,
+                                                                                           charset, name, expected):
+    """A DICOM name with no alphabetic group (``=山田^太郎=やまだ^たろう``) was sent as PID-5
+    ``""``, HL7's "delete the name". Each component group is a repetition of PID-5 (HL7 v2.5
+    2.A.88 XPN: the name repeated in each representation), alphabetic first, with its name
+    representation code (XPN-8, HL7 table 4000: A, I, P), in the UTF-8 that MSH-18 names."""
+    records, bundle = scored
+    path = write(tmp_path / "ja.dcm", grey(nih_images[0]), PatientName=name, SpecificCharacterSet=charset)
+    record = replace(records["plain.dcm"], ids=identifiers(pydicom.dcmread(path, stop_before_pixels=True)))
+    assert record.ids.patient_name == name  # as the header says, whatever its character set
+    message = oru_r01(record, thresholds=bundle.thresholds)
+    assert frame(message).count("山田".encode("utf-8")) == 1
+    with RIS("AA") as ris:
+        assert send_message(message, ris.endpoint, timeout=10).ok
+        (received,) = ris.received
+    m = _parse(received.replace("\n", "\r"))
+    assert m.msh.msh_18.value == "UNICODE UTF-8"
+    names = m.oru_r01_patient_result.oru_r01_patient.pid.pid_5
+    assert [(n.xpn_1.value, n.xpn_2.value, n.xpn_8.value) for n in names] == expected
+    assert '""' not in received
+
+
+def test_why_hl7apy_refused_never_quotes_a_part_of_an_ideographic_name(scored):
+    """The reason goes to the log and to results.csv's notes: the parts of every component group
+    are taken out of it, not only those of the alphabetic one."""
+    from cxr_batch.integration.hl7 import _refusal
+
+    records, _ = scored
+    ids = replace(records["plain.dcm"].ids, patient_name="Yamada^Tarou=山田^太郎=やまだ^たろう")
+    said = _refusal(ValueError("invalid value '山田' in XPN_1, '太郎' in XPN_2, 'やまだ' and 'Tarou'"), ids)
+    assert not any(part in said for part in ("山田", "太郎", "やまだ", "Tarou")), said
+
+def test_a_name_with_an_alphabetic_group_only_is_one_pid_5_as_before(scored):
+    records, bundle = scored
+    record = records["plain.dcm"]
+    pid = _parse(oru_r01(record, thresholds=bundle.thresholds)).oru_r01_patient_result.oru_r01_patient.pid
+    assert [n.to_er7() for n in pid.pid_5] == ["DOE^JANE"]
+
+
 def _issuer(namespace="HOSP-A", universal_id="1.2.840.99.7", kind="ISO", type_code="MR"):
     from pydicom.dataset import Dataset
 

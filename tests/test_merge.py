@@ -74,6 +74,15 @@ def test_a_results_file_without_its_run_json_needs_allow_partial(shards, tmp_pat
     assert merge_results([shards[0], lone], tmp_path / "m.csv", allow_partial=True) == 6
 
 
+def test_a_run_json_that_is_not_an_object_is_read_as_unreadable(shards, tmp_path):
+    # a run.json holding a list (another tool's, edited by hand) ended `merge` in an
+    # AttributeError traceback; the scan's own reader of run.json took it as absent
+    (shards[1].parent / "run.json").write_text("[1, 2]\n")
+    refused = merge_cli(*shards, "--out", tmp_path / "m.csv")
+    assert refused.returncode == 1 and "Traceback" not in refused.stderr, refused.stderr
+    assert "no readable run.json" in refused.stderr
+    assert merge_results(shards, tmp_path / "m.csv", allow_partial=True) == 6
+
 def test_out_in_a_folder_not_made_yet_is_made_and_one_that_cannot_be_is_one_error_line(shards, tmp_path):
     # `merge shard*/results.csv --out final/results.csv` ended in a FileNotFoundError traceback
     made = merge_cli(*shards, "--out", tmp_path / "final" / "results.csv")

@@ -195,3 +195,20 @@ def test_the_closing_line_names_the_low_bucket_as_the_reports_do(studies, tmp_pa
     cut = bundle("cut", {"any_finding": {"weights": [0.0] * len(FINDINGS), "bias": -20.0, "normal_below": 0.4}})
     low = scan(studies, tmp_path / "c", cut)
     assert "6 low probability of any finding" in low.line() and " normal" not in low.line()
+
+
+def test_the_closing_lines_count_one_of_a_thing_in_the_singular(tmp_path):
+    from collections import Counter
+
+    from cxr_batch.journal import describe
+    from cxr_batch.scan import ScanSummary
+
+    one = ScanSummary(tmp_path / "results.csv", counts=Counter(ok=1, skipped=0, error=0), files_found=1,
+                      priorities=Counter(urgent=1), reports_failed=1, seconds=1.0)
+    assert one.line().startswith("1 file: 1 scored (1 urgent, ") and "1 report could not be written" in one.line()
+    stopped = ScanSummary(tmp_path / "results.csv", counts=Counter(ok=1), not_scored=1, stopped_by="SIGINT")
+    assert "the 1 row written so far (1 scored)" in stopped.line() and "1 file not read yet" in stopped.line()
+    (tmp_path / "run.json").write_text(json.dumps({"complete": False, "stopped_by": "SIGINT", "files_not_scored": 1}))
+    assert describe(tmp_path, 1) == "an unfinished scan (SIGINT: 1 study scored, 1 file not scored yet)"
+    (tmp_path / "run.json").write_text(json.dumps({"complete": True, "counts": {"ok": 1}}))
+    assert describe(tmp_path, 1) == "the results of an earlier scan (1 row)"

@@ -6,8 +6,9 @@ fields, structure, lengths), from its :class:`~cxr_batch.record.StudyRecord`:
 - MSH: sending/receiving application and facility, MSH-10 control id derived from the source
   image and the bundle (:func:`control_id`: a retry, or the same result built again, carries
   the same id, so the RIS can drop the duplicate), processing id, version 2.5, UTF-8;
-- PID: PID-3 patient ID with its issuer (:func:`patient_identifier`), PID-5 name (DICOM PN order mapped to XPN; ``""``, HL7's explicit null,
-  when the record has none), PID-7 birth date, PID-8 sex;
+- PID: PID-3 patient ID with its issuer (:func:`patient_identifier`), PID-5 name (DICOM PN order mapped to XPN, one repetition per
+  component group with its representation code A/I/P in XPN-8 when the name has an ideographic
+  or phonetic one; ``""``, HL7's explicit null, when the record has none), PID-7 birth date, PID-8 sex;
 - ORC/OBR: the accession number as filler order number (ORC-3, OBR-3) and in OBR-18, the field
   IHE Scheduled Workflow maps to DICOM's Accession Number; OBR-4 the imaging procedure, OBR-7
   the study date/time, OBR-25 ``P`` (preliminary: no radiologist has read it); two NTEs name
@@ -168,11 +169,28 @@ def _study_datetime(record: StudyRecord) -> str:
     return date
 
 
-def _person_name(pn: str) -> str:
-    """XPN from a DICOM PN (alphabetic group): family^given^middle^suffix^prefix, each escaped."""
-    parts = (pn.split("=")[0].split("^") + [""] * 5)[:5]
+# XPN-8, name representation code (HL7 table 4000), of DICOM PN's component groups in their order
+NAME_REPRESENTATIONS = ("A", "I", "P")  # alphabetic, ideographic (kanji), phonetic (kana)
+
+
+def _person_group(group: str) -> str:
+    """XPN-1 to XPN-5 from one DICOM PN component group (family^given^middle^prefix^suffix):
+    family^given^middle^suffix^prefix, each escaped."""
+    parts = (group.split("^") + [""] * 5)[:5]
     family, given, middle, prefix, suffix = (escape(p) for p in parts)
     return "^".join((family, given, middle, suffix, prefix)).rstrip("^")
+
+
+def _person_names(pn: str) -> list[str]:
+    """PID-5's repetitions (XPN) from a DICOM PN: one per component group the name has,
+    alphabetic first, each with its name representation code in XPN-8 (HL7 v2.5 2.A.88: the
+    name repeated in each representation). A name with no ideographic or phonetic group is
+    one XPN without the code (alphabetic is HL7's default), as before; [] when no name."""
+    groups = [_person_group(g) for g in pn.split("=")[:3]]
+    if not any(groups[1:]):
+        return [groups[0]] if groups[0] else []
+    return [f"{xpn}{'^' * (7 - xpn.count('^'))}{code}"
+            for xpn, code in zip(groups, NAME_REPRESENTATIONS) if xpn]
 
 
 def _flag(flagged: bool, urgent: bool) -> str:
@@ -217,7 +235,10 @@ def oru_r01(record: StudyRecord, *, thresholds: Mapping[str, float] | None = Non
         pid = result.add_group("ORU_R01_PATIENT").pid
         pid.pid_1, pid.pid_3 = "1", patient_identifier(ids)
         # PID-5 is required: without a name (results.csv keeps none) HL7's explicit null "" says so
-        pid.pid_5 = _person_name(ids.patient_name) or '""'
+        names = _person_names(ids.patient_name) or ['""']
+        pid.pid_5 = names[0]
+        for name in names[1:]:
+            pid.add_field("pid_5").value = name
         if _date(ids.patient_birth_date):
             pid.pid_7 = ids.patient_birth_date
         if ids.patient_sex.strip().upper() in ("M", "F", "O"):
@@ -294,7 +315,8 @@ def _refusal(e, ids) -> str:
         return f"a value (a name or an ID) is longer than HL7 v2.5 allows ({e.limit} characters)"
     said = str(e)
     for value in (ids.patient_id, ids.patient_name, ids.accession_number, ids.patient_birth_date, ids.study_date):
-        for part in {value, escape(value), *(escape(p) for p in value.split("^"))} - {""}:
+        # a name's components in every group (alphabetic=ideographic=phonetic), as hl7apy quotes them
+        for part in {value, escape(value), *(escape(p) for p in re.split("[=^]", value))} - {""}:
             said = said.replace(part, "...")
     return f"{type(e).__name__}: {said}"
 

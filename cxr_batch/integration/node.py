@@ -36,6 +36,7 @@ from pathlib import Path
 from pydicom.uid import RE_VALID_UID
 
 from ..config import ConfigError, bounded
+from ..display import plural
 from ..dicom import DECODED_TRANSFER_SYNTAXES
 from .dicom_send import Destination, check_ae_title, tcp_no_delay
 from ..files import FILE_MODE, atomic_write_bytes, private_dir
@@ -545,7 +546,7 @@ class Node(Watcher):
         super().cleanup_temp()
         n = self.spool.remove_temp()  # nothing is receiving yet
         if n:
-            log.info("removed %d incomplete received object(s) (never answered as stored)", n)
+            log.info("removed %s (never answered as stored)", plural(n, "incomplete received object"))
 
     def moves_handled_files(self) -> bool:
         return True  # the spool is emptied: committed objects are deleted when not archived
