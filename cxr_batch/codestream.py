@@ -157,3 +157,60 @@ def first_fragment(pixel_data: bytes, limit: int = 1 << 16) -> bytes:
         pos += length
         items += 1
     raise CodestreamError("encapsulated pixel data holds no fragment")
+
+
+def frame_bytes(pixel_data: bytes) -> bytes:
+    """The whole frame of single-frame encapsulated pixel data: every fragment after the basic
+    offset table, joined (PS3.5 A.4; one fragment is returned without a copy of its items)."""
+    pos, items, fragments = 0, 0, []
+    while pos + 8 <= len(pixel_data):
+        group, element, length = struct.unpack("<HHI", pixel_data[pos:pos + 8])
+        if (group, element) != (0xFFFE, 0xE000) or length == 0xFFFFFFFF:
+            break  # the sequence delimiter, or something malformed: the decoder judges it
+        pos += 8
+        if items > 0:
+            fragments.append(pixel_data[pos:pos + length])
+        pos += length
+        items += 1
+    return fragments[0] if len(fragments) == 1 else b"".join(fragments)
+
+
+def check_j2k_tile_parts(data: bytes) -> None:
+    """Raise CodestreamError unless the tile-parts of a JPEG 2000 codestream (or JP2 file) fill
+    it exactly: each SOT's tile-part length (Psot) leads to the next SOT, and the last to the
+    end-of-codestream marker (FFD9) at the end, 00 padding aside. A lost or repeated fragment
+    breaks the chain; a cut or zeroed end loses EOC, and openjpeg decodes such a codestream
+    without an error, filling what is missing."""
+    if data[4:8] == b"jP  ":
+        pos = 0
+        while pos + 8 <= len(data):
+            length, box = struct.unpack(">I4s", data[pos:pos + 8])
+            header = 8
+            if length == 1 and pos + 16 <= len(data):
+                (length,) = struct.unpack(">Q", data[pos + 8:pos + 16])
+                header = 16
+            if box == b"jp2c":  # the last box may run to the end of the file (length 0)
+                return check_j2k_tile_parts(data[pos + header:pos + length if length else len(data)])
+            if length < header:
+                break
+            pos += length
+        raise CodestreamError("JP2 file without a codestream box")
+    tail = data[-1024:]  # a 00 pads the frame to even length (PS3.5 A.4): a few bytes, not a copy of it all
+    end = len(data) - len(tail) + len(tail.rstrip(b"\x00"))
+    pos = 2  # after SOC: the main header's marker segments, up to the first tile-part
+    while pos + 4 <= end and data[pos] == 0xFF and data[pos + 1] != 0x90:
+        (length,) = struct.unpack(">H", data[pos + 2:pos + 4])
+        pos += 2 + length
+    tile_parts = 0
+    while pos + 10 <= end and data[pos:pos + 2] == b"\xff\x90":
+        (psot,) = struct.unpack(">I", data[pos + 6:pos + 10])
+        tile_parts += 1
+        if psot == 0:  # the last tile-part, running to EOC
+            pos = end - 2
+            break
+        pos += psot
+    if tile_parts == 0:
+        raise CodestreamError("no tile-part after its main header")
+    if pos != end - 2 or data[pos:pos + 2] != b"\xff\xd9":
+        raise CodestreamError("its tile-part lengths do not end at its end-of-codestream marker: bytes cut, lost "
+                              "or zeroed")

@@ -26,7 +26,8 @@ import pydicom
 from pydicom.uid import UID
 
 from . import acquisition
-from .codestream import CodestreamError, ends_with_eoi, first_fragment, j2k_frame, jpeg_frame, rle_segments
+from .codestream import (CodestreamError, check_j2k_tile_parts, ends_with_eoi, first_fragment, frame_bytes, j2k_frame,
+                         jpeg_frame, rle_segments)
 from .display import format_date
 from .greyscale import robust_range, window_to_uint8
 from .patient import PatientData, patient_from_values
@@ -310,6 +311,12 @@ def _check_codestream(ds, rules: ScoringRules) -> None:
     if (info.rows, info.columns) != (rows, cols):
         raise ReadError(f"{info.kind} codestream declares a {info.columns} x {info.rows} image but the header says "
                         f"{cols} x {rows}: refused before decoding")
+    if kind == "j2k":
+        try:
+            check_j2k_tile_parts(frame_bytes(ds.PixelData))
+        except CodestreamError as e:
+            raise ReadError(f"{info.kind} codestream is corrupt or truncated ({e}): refused, as openjpeg would fill "
+                            "in the missing part of the image") from None
     if kind == "jpeg" and not ends_with_eoi(ds.PixelData):
         raise ReadError(f"{info.kind} codestream is truncated (no end-of-image marker): refused, as its decoder "
                         "would fill the missing part of the image")
@@ -393,9 +400,23 @@ def _decode(ds, min_side: int = 0) -> tuple[np.ndarray, float]:
     return _decode_full(ds), 0.0
 
 
+# Transfer syntaxes whose first decoder in pydicom's order fills in a damaged frame without a
+# word, while another installed one refuses it: pydicom tries its plugins in turn and keeps the
+# first image it gets, so the strict decoder alone is used. JPEG-LS: libjpeg (pylibjpeg)
+# decodes a frame with zeroed bytes, flipped bits or a lost fragment to a plausible image;
+# CharLS (pyjpegls) checks that the encoded bits end where the frame ends.
+_STRICT_DECODER = {"1.2.840.10008.1.2.4.80": "pyjpegls", "1.2.840.10008.1.2.4.81": "pyjpegls"}
+
+
 def _decode_full(ds) -> np.ndarray:
     ts = _transfer_syntax(ds)
     try:
+        strict = _STRICT_DECODER.get(ts)
+        if strict:
+            from pydicom.pixels import get_decoder
+
+            if strict in get_decoder(UID(ts)).available_plugins:
+                ds.pixel_array_options(decoding_plugin=strict)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             return ds.pixel_array
@@ -414,6 +435,15 @@ def _decode_full(ds) -> np.ndarray:
     except Exception as e:  # short pixel data, corrupt codestreams, bad attributes
         log.debug("decoder: %s: %s", type(e).__name__, e)
         raise ReadError("pixel data cannot be decoded (corrupt, truncated or inconsistent with the header)") from None
+    except BaseException as e:
+        # A decoder written in Rust (pylibjpeg-rle) panics on run lengths that overrun the
+        # frame (zeroed bytes): pyo3's PanicException is a BaseException, which no handler
+        # for one study catches, and it ended the whole scan (it cannot even be pickled back
+        # from a reading worker). It is one damaged file.
+        if type(e).__name__ != "PanicException":
+            raise
+        log.debug("decoder panicked: %s", e)
+        raise ReadError("pixel data cannot be decoded (corrupt or truncated: the decoder failed on them)") from None
 
 
 def to_display_grey(ds, arr: np.ndarray) -> np.ndarray:
