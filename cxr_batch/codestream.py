@@ -214,3 +214,75 @@ def check_j2k_tile_parts(data: bytes) -> None:
     if pos != end - 2 or data[pos:pos + 2] != b"\xff\xd9":
         raise CodestreamError("its tile-part lengths do not end at its end-of-codestream marker: bytes cut, lost "
                               "or zeroed")
+
+
+# Lossless JPEG processes (SOF3, SOF7, SOF11, SOF15): a data unit is one sample, not an 8 x 8 block.
+_LOSSLESS_SOF = {0xC3, 0xC7, 0xCB, 0xCF}
+
+
+def jpeg_restart_interval(data: bytes) -> int:
+    """The restart interval (DRI) a JPEG codestream's header sets before its first scan; 0 when
+    none (no restart markers to check)."""
+    pos = 2
+    while pos + 4 <= len(data) and data[pos] == 0xFF:
+        marker = data[pos + 1]
+        if marker == 0xFF:
+            pos += 1
+            continue
+        if marker in (0xD9, 0xDA):
+            break
+        (length,) = struct.unpack(">H", data[pos + 2:pos + 4])
+        if marker == 0xDD and pos + 6 <= len(data):
+            return struct.unpack(">H", data[pos + 4:pos + 6])[0]
+        pos += 2 + max(length, 2)
+    return 0
+
+
+def check_jpeg_restarts(data: bytes) -> None:
+    """Raise CodestreamError unless, in a JPEG (T.81) codestream with a restart interval, every
+    scan's restart markers run RST0, RST1 ... RST7, RST0 ... without a gap and, for a
+    one-component frame, number what its MCUs need (one per interval, less one). Restart markers
+    are the one structure inside JPEG coded data: a fragment lost, or a run of zeroed bytes over
+    a marker, shows as a gap or a count off, where libjpeg decodes the rest and fills the
+    image. Damage between two markers stays unseen. Without a restart interval nothing is
+    checked."""
+    import numpy as np
+
+    pos, interval, units, components = 2, 0, 0, 0
+    while pos + 4 <= len(data):
+        if data[pos] != 0xFF:
+            raise CodestreamError(f"expected a marker at byte {pos}")
+        marker = data[pos + 1]
+        if marker == 0xFF:
+            pos += 1
+            continue
+        if marker == 0xD9:  # end of image
+            return
+        (length,) = struct.unpack(">H", data[pos + 2:pos + 4])
+        if marker == 0xDD:
+            (interval,) = struct.unpack(">H", data[pos + 4:pos + 6])
+        elif marker in _SOF and marker != 0xF7 and pos + 10 <= len(data):
+            _precision, rows, columns, components = struct.unpack(">BHHB", data[pos + 4:pos + 10])
+            side = 1 if marker in _LOSSLESS_SOF else 8
+            units = -(-rows // side) * -(-columns // side)  # one component: an MCU is one data unit
+        pos += 2 + max(length, 2)
+        if marker != 0xDA:
+            continue
+        # the scan's coded data: up to the first FF that is neither stuffing (FF00), a restart
+        # marker (FFD0-FFD7) nor fill (FFFF)
+        coded = np.frombuffer(data, np.uint8, offset=pos)
+        ff = np.flatnonzero(coded[:-1] == 0xFF)
+        follower = coded[ff + 1]
+        is_rst = (follower >= 0xD0) & (follower <= 0xD7)
+        ends = np.flatnonzero((follower != 0x00) & (follower != 0xFF) & ~is_rst)
+        if len(ends) == 0:
+            raise CodestreamError("a scan runs to the end of the frame without a marker after it")
+        end = int(ff[ends[0]])
+        if interval:
+            rst = follower[:ends[0]][is_rst[:ends[0]]].astype(np.int64) - 0xD0
+            if np.any(rst != np.arange(len(rst)) % 8):
+                raise CodestreamError("restart markers out of sequence: coded data lost or overwritten")
+            if components == 1 and units and len(rst) != -(-units // interval) - 1:
+                raise CodestreamError(f"a scan holds {len(rst)} restart markers where its "
+                                      f"{units} MCUs need {-(-units // interval) - 1}: coded data lost or overwritten")
+        pos += end

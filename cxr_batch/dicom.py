@@ -26,8 +26,8 @@ import pydicom
 from pydicom.uid import UID
 
 from . import acquisition
-from .codestream import (CodestreamError, check_j2k_tile_parts, ends_with_eoi, first_fragment, frame_bytes, j2k_frame,
-                         jpeg_frame, rle_segments)
+from .codestream import (CodestreamError, check_j2k_tile_parts, check_jpeg_restarts, ends_with_eoi, first_fragment,
+                         frame_bytes, j2k_frame, jpeg_frame, jpeg_restart_interval, rle_segments)
 from .display import format_date
 from .greyscale import robust_range, window_to_uint8
 from .patient import PatientData, patient_from_values
@@ -320,6 +320,12 @@ def _check_codestream(ds, rules: ScoringRules) -> None:
     if kind == "jpeg" and not ends_with_eoi(ds.PixelData):
         raise ReadError(f"{info.kind} codestream is truncated (no end-of-image marker): refused, as its decoder "
                         "would fill the missing part of the image")
+    if info.kind == "JPEG" and jpeg_restart_interval(head):  # the whole frame is read only when there are markers
+        try:
+            check_jpeg_restarts(frame_bytes(ds.PixelData))
+        except CodestreamError as e:
+            raise ReadError(f"JPEG codestream is corrupt or truncated ({e}): refused, as its decoder would fill in "
+                            "the damaged part of the image") from None
 
 
 def reduction(rows: int, cols: int, min_side: int, most: int) -> int:

@@ -26,7 +26,8 @@ from cxr_batch.study import ReadError, ScoringRules
 from .dicomgen import HEADER, grey, have, run
 
 RULES = ScoringRules()
-needs_dcmtk_gdcm = pytest.mark.skipif(not have("dcmcjpls", "dcmcrle", "gdcmconv"), reason="dcmtk/gdcm not installed")
+needs_dcmtk_gdcm = pytest.mark.skipif(not have("dcmcjpls", "dcmcrle", "img2dcm", "gdcmconv"),
+                                      reason="dcmtk/gdcm not installed")
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +55,19 @@ def encoded(tmp_path_factory, nih_images):
         "j2k-pydicom": save(ds, d / "pj2k.dcm", JPEG2000Lossless),
         "j2k-lossy-pydicom": d / "pj2k_lossy.dcm",
         "rle-dcmcrle": tool("rle.dcm", "dcmcrle"),
+        "jpeg-restarts-img2dcm": _jpeg_with_restarts(nih_images[0], d),
+        "jpeg-restarts-fragments": tool("rstf.dcm", "gdcmconv", "--split", "2048", source=d / "rst.dcm"),
     }
+
+
+def _jpeg_with_restarts(png, d):
+    """A JPEG with a restart marker after every MCU row (as many modalities write), wrapped by
+    dcmtk's img2dcm."""
+    from PIL import Image
+
+    Image.open(png).convert("L").save(d / "rst.jpg", quality=95, restart_marker_rows=1)
+    run("img2dcm", "-k", "PatientAge=057Y", "-k", "PatientSex=F", "-k", "ViewPosition=PA", d / "rst.jpg", d / "rst.dcm")
+    return d / "rst.dcm"
 
 
 def _frame(path) -> bytes:
@@ -109,9 +122,12 @@ DAMAGE = {
     "j2k": {**CUTS, "end-zeroed": lambda f: _zeroed(f, 0.99, len(f))},
     # a zeroed run that overruns the frame: pylibjpeg-rle panicked (a BaseException) and ended the scan
     "rle": {**CUTS, "zeros64": lambda f: _zeroed(f, 0.5, 64)},
+    # restart markers overwritten: a marker missing from the sequence (damage between two
+    # markers, a 64-byte run or a flipped bit, decodes unseen)
+    "jpeg": {**CUTS, "zeros4k": lambda f: _zeroed(f, 0.5, 4096)},
 }
 CASES = [(name, damage) for name in ("jpegls-dcmcjpls", "jpegls-near-dcmcjpls", "jpegls-gdcmconv", "j2k-gdcmconv",
-                                     "j2k-pydicom", "j2k-lossy-pydicom", "rle-dcmcrle")
+                                     "j2k-pydicom", "j2k-lossy-pydicom", "rle-dcmcrle", "jpeg-restarts-img2dcm")
          for damage in DAMAGE[name.split("-")[0]]]
 
 
@@ -133,7 +149,7 @@ def test_a_damaged_frame_is_refused_not_scored(encoded, tmp_path, name, damage):
 
 
 @needs_dcmtk_gdcm
-@pytest.mark.parametrize("name", ["jpegls-fragments", "j2k-fragments"])
+@pytest.mark.parametrize("name", ["jpegls-fragments", "j2k-fragments", "jpeg-restarts-fragments"])
 def test_a_lost_fragment_is_refused_not_scored(encoded, tmp_path, name):
     path = _without_fragment(encoded[name], tmp_path / "lost.dcm")
     for side in (0, 64):
