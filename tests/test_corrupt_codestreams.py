@@ -184,3 +184,20 @@ def test_a_scan_gives_damaged_files_error_rows_and_goes_on(encoded, tmp_path, sm
         else:
             assert row["status"] == "ok", (name, row["reason"])
     assert summary.exit_code == 3
+
+
+# (an RLE frame holds no size of its own: one taller than Rows is decoded cut to Rows, unseen)
+SIZES = [(name, rows, columns) for name in ("jpegls-dcmcjpls", "j2k-gdcmconv", "rle-dcmcrle", "jpeg-restarts-img2dcm")
+         for rows, columns in ((520, 512), (512, 520), (500, 512)) if (name, rows) != ("rle-dcmcrle", 500)]
+
+
+@needs_dcmtk_gdcm
+@pytest.mark.parametrize("name, rows, columns", SIZES, ids=[f"{n}-{r}x{c}" for n, r, c in SIZES])
+def test_a_header_size_the_frame_does_not_have_is_refused(encoded, tmp_path, name, rows, columns):
+    """Rows/Columns edited (or written by a broken converter) so that they disagree with the
+    frame the codestream holds: never decoded into a sheared or padded image."""
+    ds = pydicom.dcmread(encoded[name])
+    ds.Rows, ds.Columns = rows, columns
+    ds.save_as(tmp_path / "resized.dcm", enforce_file_format=True)
+    with pytest.raises(ReadError, match="header says|cannot be decoded"):
+        read_study(tmp_path / "resized.dcm", RULES)
