@@ -55,9 +55,27 @@ def encoded(tmp_path_factory, nih_images):
         "j2k-pydicom": save(ds, d / "pj2k.dcm", JPEG2000Lossless),
         "j2k-lossy-pydicom": d / "pj2k_lossy.dcm",
         "rle-dcmcrle": tool("rle.dcm", "dcmcrle"),
+        "j2k-tiled-pillow": _j2k_by_pillow(ds, d / "tiled.dcm", tile_size=(128, 128), no_jp2=True),
+        "jp2-pillow": _j2k_by_pillow(ds, d / "jp2.dcm"),  # the JP2 file format, as some old converters wrote
         "jpeg-restarts-img2dcm": _jpeg_with_restarts(nih_images[0], d),
         "jpeg-restarts-fragments": tool("rstf.dcm", "gdcmconv", "--split", "2048", source=d / "rst.dcm"),
     }
+
+
+def _j2k_by_pillow(ds, path, **options):
+    """``ds`` as JPEG 2000 lossless made by Pillow's openjpeg encoder: 16 tiles, or a JP2 file."""
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(ds.pixel_array).save(buf, "JPEG2000", irreversible=False, **options)
+    out = copy.deepcopy(ds)
+    out.PixelData = encapsulate([buf.getvalue() + b"\x00" * (len(buf.getvalue()) % 2)])
+    out["PixelData"].VR = "OB"
+    out.file_meta.TransferSyntaxUID = JPEG2000Lossless
+    out.save_as(path, enforce_file_format=True)
+    return path
 
 
 def _jpeg_with_restarts(png, d):
@@ -127,8 +145,9 @@ DAMAGE = {
     "jpeg": {**CUTS, "zeros4k": lambda f: _zeroed(f, 0.5, 4096)},
 }
 CASES = [(name, damage) for name in ("jpegls-dcmcjpls", "jpegls-near-dcmcjpls", "jpegls-gdcmconv", "j2k-gdcmconv",
-                                     "j2k-pydicom", "j2k-lossy-pydicom", "rle-dcmcrle", "jpeg-restarts-img2dcm")
-         for damage in DAMAGE[name.split("-")[0]]]
+                                     "j2k-pydicom", "j2k-lossy-pydicom", "j2k-tiled-pillow", "jp2-pillow", "rle-dcmcrle",
+                                     "jpeg-restarts-img2dcm")
+         for damage in DAMAGE[name.split("-")[0].replace("jp2", "j2k")]]
 
 
 @needs_dcmtk_gdcm
@@ -142,7 +161,8 @@ def test_the_undamaged_files_are_read(encoded):
 @needs_dcmtk_gdcm
 @pytest.mark.parametrize("name, damage", CASES, ids=[f"{n}-{d}" for n, d in CASES])
 def test_a_damaged_frame_is_refused_not_scored(encoded, tmp_path, name, damage):
-    path = _with_frame(encoded[name], tmp_path / "damaged.dcm", DAMAGE[name.split("-")[0]][damage](_frame(encoded[name])))
+    damaged = DAMAGE[name.split("-")[0].replace("jp2", "j2k")][damage](_frame(encoded[name]))
+    path = _with_frame(encoded[name], tmp_path / "damaged.dcm", damaged)
     for side in (0, 64):  # full decode, and the reduced decode a scan uses
         with pytest.raises(ReadError, match="corrupt|truncated"):
             read_study(path, RULES, min_side=side)
