@@ -1,7 +1,9 @@
 """DICOM reading: what is scored, patient data from the header, pixels to the model's grey scale.
 
 Pixel decoding is pydicom's, with the pylibjpeg plugins (JPEG baseline/extended/lossless,
-JPEG 2000, RLE) and pyjpegls (JPEG-LS) installed as dependencies. Grey scale follows the
+JPEG 2000, RLE) and pyjpegls (JPEG-LS, decoded by CharLS alone: _STRICT_DECODER) installed as
+dependencies. Damaged frames the decoders would fill in are refused first (_check_codestream).
+Grey scale follows the
 DICOM display pipeline a viewer uses: Modality LUT (or RescaleSlope/Intercept), then the VOI LUT
 or the first WindowCenter/WindowWidth pair, then MONOCHROME1 inversion, giving 8-bit
 MONOCHROME2 like the NIH PNGs the model learned from. Without a VOI transform the stored bit
