@@ -157,3 +157,132 @@ def first_fragment(pixel_data: bytes, limit: int = 1 << 16) -> bytes:
         pos += length
         items += 1
     raise CodestreamError("encapsulated pixel data holds no fragment")
+
+
+def frame_bytes(pixel_data: bytes) -> bytes:
+    """The whole frame of single-frame encapsulated pixel data: every fragment after the basic
+    offset table, joined (PS3.5 A.4; one fragment is returned without a copy of its items)."""
+    pos, items, fragments = 0, 0, []
+    while pos + 8 <= len(pixel_data):
+        group, element, length = struct.unpack("<HHI", pixel_data[pos:pos + 8])
+        if (group, element) != (0xFFFE, 0xE000) or length == 0xFFFFFFFF:
+            break  # the sequence delimiter, or something malformed: the decoder judges it
+        pos += 8
+        if items > 0:
+            fragments.append(pixel_data[pos:pos + length])
+        pos += length
+        items += 1
+    return fragments[0] if len(fragments) == 1 else b"".join(fragments)
+
+
+def check_j2k_tile_parts(data: bytes) -> None:
+    """Raise CodestreamError unless the tile-parts of a JPEG 2000 codestream (or JP2 file) fill
+    it exactly: each SOT's tile-part length (Psot) leads to the next SOT, and the last to the
+    end-of-codestream marker (FFD9) at the end, 00 padding aside. A lost or repeated fragment
+    breaks the chain; a cut or zeroed end loses EOC, and openjpeg decodes such a codestream
+    without an error, filling what is missing."""
+    if data[4:8] == b"jP  ":
+        pos = 0
+        while pos + 8 <= len(data):
+            length, box = struct.unpack(">I4s", data[pos:pos + 8])
+            header = 8
+            if length == 1 and pos + 16 <= len(data):
+                (length,) = struct.unpack(">Q", data[pos + 8:pos + 16])
+                header = 16
+            if box == b"jp2c":  # the last box may run to the end of the file (length 0)
+                return check_j2k_tile_parts(data[pos + header:pos + length if length else len(data)])
+            if length < header:
+                break
+            pos += length
+        raise CodestreamError("JP2 file without a codestream box")
+    tail = data[-1024:]  # a 00 pads the frame to even length (PS3.5 A.4): a few bytes, not a copy of it all
+    end = len(data) - len(tail) + len(tail.rstrip(b"\x00"))
+    pos = 2  # after SOC: the main header's marker segments, up to the first tile-part
+    while pos + 4 <= end and data[pos] == 0xFF and data[pos + 1] != 0x90:
+        (length,) = struct.unpack(">H", data[pos + 2:pos + 4])
+        pos += 2 + length
+    tile_parts = 0
+    while pos + 10 <= end and data[pos:pos + 2] == b"\xff\x90":
+        (psot,) = struct.unpack(">I", data[pos + 6:pos + 10])
+        tile_parts += 1
+        if psot == 0:  # the last tile-part, running to EOC
+            pos = end - 2
+            break
+        pos += psot
+    if tile_parts == 0:
+        raise CodestreamError("no tile-part after its main header")
+    if pos != end - 2 or data[pos:pos + 2] != b"\xff\xd9":
+        raise CodestreamError("its tile-part lengths do not end at its end-of-codestream marker: bytes cut, lost "
+                              "or zeroed")
+
+
+# Lossless JPEG processes (SOF3, SOF7, SOF11, SOF15): a data unit is one sample, not an 8 x 8 block.
+_LOSSLESS_SOF = {0xC3, 0xC7, 0xCB, 0xCF}
+
+
+def jpeg_restart_interval(data: bytes) -> int:
+    """The restart interval (DRI) a JPEG codestream's header sets before its first scan; 0 when
+    none (no restart markers to check)."""
+    pos = 2
+    while pos + 4 <= len(data) and data[pos] == 0xFF:
+        marker = data[pos + 1]
+        if marker == 0xFF:
+            pos += 1
+            continue
+        if marker in (0xD9, 0xDA):
+            break
+        (length,) = struct.unpack(">H", data[pos + 2:pos + 4])
+        if marker == 0xDD and pos + 6 <= len(data):
+            return struct.unpack(">H", data[pos + 4:pos + 6])[0]
+        pos += 2 + max(length, 2)
+    return 0
+
+
+def check_jpeg_restarts(data: bytes) -> None:
+    """Raise CodestreamError unless, in a JPEG (T.81) codestream with a restart interval, every
+    scan's restart markers run RST0, RST1 ... RST7, RST0 ... without a gap and, for a
+    one-component frame, number what its MCUs need (one per interval, less one). Restart markers
+    are the one structure inside JPEG coded data: a fragment lost, or a run of zeroed bytes over
+    a marker, shows as a gap or a count off, where libjpeg decodes the rest and fills the
+    image. Damage between two markers stays unseen. Without a restart interval nothing is
+    checked."""
+    import numpy as np
+
+    pos, interval, units, components = 2, 0, 0, 0
+    while pos + 4 <= len(data):
+        if data[pos] != 0xFF:
+            raise CodestreamError(f"expected a marker at byte {pos}")
+        marker = data[pos + 1]
+        if marker == 0xFF:
+            pos += 1
+            continue
+        if marker == 0xD9:  # end of image
+            return
+        (length,) = struct.unpack(">H", data[pos + 2:pos + 4])
+        if marker == 0xDD:
+            (interval,) = struct.unpack(">H", data[pos + 4:pos + 6])
+        elif marker in _SOF and marker != 0xF7 and pos + 10 <= len(data):
+            _precision, rows, columns, components = struct.unpack(">BHHB", data[pos + 4:pos + 10])
+            side = 1 if marker in _LOSSLESS_SOF else 8
+            units = -(-rows // side) * -(-columns // side)  # one component: an MCU is one data unit
+        pos += 2 + max(length, 2)
+        if marker != 0xDA:
+            continue
+        # the scan's coded data: up to the first FF that is neither stuffing (FF00), a restart
+        # marker (FFD0-FFD7) nor fill (FFFF)
+        coded = np.frombuffer(data, np.uint8, offset=pos)
+        ff = np.flatnonzero(coded[:-1] == 0xFF)
+        follower = coded[ff + 1]
+        is_rst = (follower >= 0xD0) & (follower <= 0xD7)
+        ends = np.flatnonzero((follower != 0x00) & (follower != 0xFF) & ~is_rst)
+        if len(ends) == 0:
+            raise CodestreamError("a scan runs to the end of the frame without a marker after it")
+        end = int(ff[ends[0]])
+        if interval:
+            rst = follower[:ends[0]][is_rst[:ends[0]]].astype(np.int64) - 0xD0
+            if np.any(rst != np.arange(len(rst)) % 8):
+                raise CodestreamError("restart markers out of sequence: coded data lost or overwritten")
+            if components == 1 and units and len(rst) != -(-units // interval) - 1:
+                raise CodestreamError(f"a scan holds {len(rst)} restart markers where its "
+                                      f"{units} MCUs need {-(-units // interval) - 1}: coded data lost or overwritten")
+        pos += end

@@ -1,7 +1,9 @@
 """DICOM reading: what is scored, patient data from the header, pixels to the model's grey scale.
 
 Pixel decoding is pydicom's, with the pylibjpeg plugins (JPEG baseline/extended/lossless,
-JPEG 2000, RLE) and pyjpegls (JPEG-LS) installed as dependencies. Grey scale follows the
+JPEG 2000, RLE) and pyjpegls (JPEG-LS, decoded by CharLS alone: _STRICT_DECODER) installed as
+dependencies. Damaged frames the decoders would fill in are refused first (_check_codestream).
+Grey scale follows the
 DICOM display pipeline a viewer uses: Modality LUT (or RescaleSlope/Intercept), then the VOI LUT
 or the first WindowCenter/WindowWidth pair, then MONOCHROME1 inversion, giving 8-bit
 MONOCHROME2 like the NIH PNGs the model learned from. Without a VOI transform the stored bit
@@ -26,7 +28,8 @@ import pydicom
 from pydicom.uid import UID
 
 from . import acquisition
-from .codestream import CodestreamError, ends_with_eoi, first_fragment, j2k_frame, jpeg_frame, rle_segments
+from .codestream import (CodestreamError, check_j2k_tile_parts, check_jpeg_restarts, ends_with_eoi, first_fragment,
+                         frame_bytes, j2k_frame, jpeg_frame, jpeg_restart_interval, rle_segments)
 from .display import format_date
 from .greyscale import robust_range, window_to_uint8
 from .patient import PatientData, patient_from_values
@@ -310,9 +313,21 @@ def _check_codestream(ds, rules: ScoringRules) -> None:
     if (info.rows, info.columns) != (rows, cols):
         raise ReadError(f"{info.kind} codestream declares a {info.columns} x {info.rows} image but the header says "
                         f"{cols} x {rows}: refused before decoding")
+    if kind == "j2k":
+        try:
+            check_j2k_tile_parts(frame_bytes(ds.PixelData))
+        except CodestreamError as e:
+            raise ReadError(f"{info.kind} codestream is corrupt or truncated ({e}): refused, as openjpeg would fill "
+                            "in the missing part of the image") from None
     if kind == "jpeg" and not ends_with_eoi(ds.PixelData):
         raise ReadError(f"{info.kind} codestream is truncated (no end-of-image marker): refused, as its decoder "
                         "would fill the missing part of the image")
+    if info.kind == "JPEG" and jpeg_restart_interval(head):  # the whole frame is read only when there are markers
+        try:
+            check_jpeg_restarts(frame_bytes(ds.PixelData))
+        except CodestreamError as e:
+            raise ReadError(f"JPEG codestream is corrupt or truncated ({e}): refused, as its decoder would fill in "
+                            "the damaged part of the image") from None
 
 
 def reduction(rows: int, cols: int, min_side: int, most: int) -> int:
@@ -393,9 +408,23 @@ def _decode(ds, min_side: int = 0) -> tuple[np.ndarray, float]:
     return _decode_full(ds), 0.0
 
 
+# Transfer syntaxes whose first decoder in pydicom's order fills in a damaged frame without a
+# word, while another installed one refuses it: pydicom tries its plugins in turn and keeps the
+# first image it gets, so the strict decoder alone is used. JPEG-LS: libjpeg (pylibjpeg)
+# decodes a frame with zeroed bytes, flipped bits or a lost fragment to a plausible image;
+# CharLS (pyjpegls) checks that the encoded bits end where the frame ends.
+_STRICT_DECODER = {"1.2.840.10008.1.2.4.80": "pyjpegls", "1.2.840.10008.1.2.4.81": "pyjpegls"}
+
+
 def _decode_full(ds) -> np.ndarray:
     ts = _transfer_syntax(ds)
     try:
+        strict = _STRICT_DECODER.get(ts)
+        if strict:
+            from pydicom.pixels import get_decoder
+
+            if strict in get_decoder(UID(ts)).available_plugins:
+                ds.pixel_array_options(decoding_plugin=strict)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             return ds.pixel_array
@@ -414,6 +443,15 @@ def _decode_full(ds) -> np.ndarray:
     except Exception as e:  # short pixel data, corrupt codestreams, bad attributes
         log.debug("decoder: %s: %s", type(e).__name__, e)
         raise ReadError("pixel data cannot be decoded (corrupt, truncated or inconsistent with the header)") from None
+    except BaseException as e:
+        # A decoder written in Rust (pylibjpeg-rle) panics on run lengths that overrun the
+        # frame (zeroed bytes): pyo3's PanicException is a BaseException, which no handler
+        # for one study catches, and it ended the whole scan (it cannot even be pickled back
+        # from a reading worker). It is one damaged file.
+        if type(e).__name__ != "PanicException":
+            raise
+        log.debug("decoder panicked: %s", e)
+        raise ReadError("pixel data cannot be decoded (corrupt or truncated: the decoder failed on them)") from None
 
 
 def to_display_grey(ds, arr: np.ndarray) -> np.ndarray:
