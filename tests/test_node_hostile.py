@@ -36,7 +36,9 @@ def test_deadlines_and_limits_are_configurable_with_sane_defaults():
     cfg = ListenConfig()
     assert 0 < cfg.handshake_timeout <= 30 and 0 < cfg.pdu_timeout <= 60 and cfg.max_pending >= cfg.max_associations
     assert 1 < cfg.max_associations_per_host < cfg.max_associations
-    for key in ("handshake_timeout", "pdu_timeout", "max_pending", "max_associations_per_host"):
+    # a 30 MB CR over a 256 kbit/s link (32 KB/s) gets through; a trickle is cut within minutes
+    assert 30e6 / 32e3 < cfg.association_timeout and 0 < cfg.min_rate < 32e3 and cfg.min_rate_grace <= 120
+    for key in ("handshake_timeout", "pdu_timeout", "max_pending", "max_associations_per_host", "association_timeout"):
         with pytest.raises(Exception, match=key):
             ListenConfig(**{key: 0})
 
@@ -585,3 +587,95 @@ def test_a_complete_c_store_pynetdicom_never_hands_over_leaves_no_file(listener)
         sock.close()
     assert wait_for(lambda: not list(spool.iterdir()), timeout=10), list(spool.iterdir())  # ...gone with its association
     assert stored == []
+
+
+# ---------------------------------------------------------------------- slow senders, and hosts that flood
+ECHO_RQ = dict(AffectedSOPClassUID="1.2.840.10008.1.1", CommandField=0x0030, CommandDataSetType=0x0101)
+SLOW = dict(min_rate=1000, min_rate_grace=1.0)  # bytes per second after the first second: short for tests
+
+
+def _store_rq(uid: str) -> bytes:
+    return p_data(command_set(AffectedSOPClassUID=DX_STORAGE.decode(), CommandField=0x0001, MessageID=3, Priority=0,
+                              CommandDataSetType=0x0000, AffectedSOPInstanceUID=uid))
+
+
+def _drip(sock, pdus, every: float, limit: int = 100) -> int:
+    """Send ``pdus()`` every ``every`` seconds (each PDU whole: no PDU deadline passes), reading
+    what the node answers, until it closes the connection or ``limit`` were sent; how many went."""
+    for sent in range(limit):
+        try:
+            sock.sendall(pdus())
+        except OSError:
+            return sent
+        time.sleep(every)
+    return limit
+
+
+@pytest.mark.parametrize("drip", ["data-set-fragments", "c-echos"])
+def test_an_association_kept_open_by_a_trickle_is_dropped_and_leaves_no_file(listener, caplog, drip):
+    """Each PDU whole and quick, so pdu_timeout never passes, and the next one before
+    network_timeout: a data set sent a few bytes at a time, or a C-ECHO now and then, held an
+    association slot for ever, and a few hosts doing it held all of them."""
+    scp, spool, stored = listener(**FAST, **SLOW)
+    caplog.set_level(logging.WARNING, logger="cxr_batch")
+    sock = connect(scp.cfg.port)
+    sock.settimeout(5.0)
+    try:
+        sock.sendall(associate_rq(abstract=DX_STORAGE if drip == "data-set-fragments" else b"1.2.840.10008.1.1"))
+        assert read_pdu(sock)[0] == A_ASSOCIATE_AC
+        if drip == "data-set-fragments":
+            sock.sendall(_store_rq("1.2.3.4.5.9") + p_data(bytes(2000), command=False, last=False))
+            assert wait_for(lambda: list(spool.iterdir()), timeout=10)  # the object's temp file, arriving
+            sent = _drip(sock, lambda: p_data(bytes(8), command=False, last=False), every=0.1)
+        else:
+            sent = _drip(sock, lambda: p_data(command_set(MessageID=1, **ECHO_RQ)), every=0.3)
+        assert sent < 100, "the trickle went on undisturbed"
+        assert closed_by_peer(sock, within=5) is not None
+    finally:
+        sock.close()
+    assert wait_for(lambda: scp.status()["dropped_slow"] == 1, timeout=10), scp.status()
+    assert wait_for(lambda: not list(spool.iterdir()), timeout=10), list(spool.iterdir())
+    assert stored == [] and "min_rate" in caplog.text and "connection from 127.0.0.1" in caplog.text
+
+
+def test_an_association_answering_c_echos_for_ever_ends_at_association_timeout(listener, caplog):
+    """Fast enough for any rate limit, and never ending: C-ECHO after C-ECHO."""
+    scp, _, _ = listener(association_timeout=2.0, **FAST)
+    caplog.set_level(logging.WARNING, logger="cxr_batch")
+    sock = associate(scp.cfg.port)
+    sock.settimeout(5.0)
+    end, echoes = time.monotonic() + 20, 0
+    try:
+        while time.monotonic() < end:
+            try:
+                sock.sendall(p_data(command_set(MessageID=1, **ECHO_RQ)))  # answered: free again
+                pdu_type, body = read_pdu(sock)
+            except OSError:
+                break
+            if pdu_type != P_DATA_TF:
+                break
+            assert dimse_status(body) == 0x0000
+            echoes += 1
+        assert time.monotonic() < end and echoes > 10
+    finally:
+        sock.close()
+    assert wait_for(lambda: scp.status()["dropped_slow"] == 1, timeout=10), scp.status()
+    assert "association_timeout" in caplog.text
+
+
+def test_a_slow_sender_above_the_minimum_rate_gets_its_object_stored(listener):
+    """A modality on a slow link: 40 KB in 1 KB PDUs over about 4 s, ten times the minimum rate
+    and past its grace period, is stored as any other."""
+    scp, spool, stored = listener(**FAST, **SLOW)
+    sock = connect(scp.cfg.port)
+    try:
+        sock.sendall(associate_rq(abstract=DX_STORAGE))
+        assert read_pdu(sock)[0] == A_ASSOCIATE_AC
+        sock.sendall(_store_rq("1.2.3.4.5.10"))
+        assert _drip(sock, lambda: p_data(bytes(1000), command=False, last=False), every=0.1, limit=40) == 40
+        sock.sendall(p_data(bytes(1000), command=False))
+        pdu_type, body = read_pdu(sock)
+        assert pdu_type == P_DATA_TF and dimse_status(body) == 0x0000
+    finally:
+        sock.close()
+    assert len(stored) == 1 and stored[0].stat().st_size >= 41_000 and scp.status()["dropped_slow"] == 0

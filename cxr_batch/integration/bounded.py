@@ -21,7 +21,10 @@ can make the node allocate gigabytes). This module wraps it, without changing it
   is read: over ``max_pdu`` (a P-DATA-TF) or :data:`CONTROL_PDU_LIMIT` (any other PDU), the
   association is aborted and nothing more is read. Sends wait at most ``pdu`` too. A DIMSE
   message pynetdicom's decoder raises on, and a data set held in memory (any but a C-STORE's)
-  over :data:`IN_MEMORY_DATA_SET_LIMIT`, are dropped the same way (:func:`_guarded`).
+  over :data:`IN_MEMORY_DATA_SET_LIMIT`, are dropped the same way (:func:`_guarded`). A
+  whole association has a bound too (every PDU in time, a trickle still held its slot for
+  ever): it lasts ``association`` seconds at most and, after ``rate_grace``, must have received
+  ``min_rate`` bytes for each second it has lasted (``dropped_slow``).
 - :func:`stream_received_objects`: pynetdicom's own ``STORE_RECV_CHUNKED_DATASET`` mode writes
   each C-STORE's data set to a file as its PDUs arrive rather than into memory, here to a hidden
   temp file in the spool (same volume: the handler renames it into place), so memory per
@@ -83,6 +86,9 @@ class Limits:
     max_pdu: int  # the longest P-DATA-TF we accept (what we advertise as Maximum Length Received)
     max_pending: int  # connections in their handshake at once
     per_host: int  # associations one host (IP address) may hold at once
+    association: float  # seconds an association may last, whatever it sends
+    min_rate: int  # bytes per second an association must have received on average (0: no floor)...
+    rate_grace: float  # ...once it has lasted this many seconds
 
     def pdu_limit(self, pdu_type: int) -> int:
         return self.max_pdu if pdu_type == P_DATA_TF else CONTROL_PDU_LIMIT
@@ -358,15 +364,38 @@ class BoundedSocket(AssociationSocket):
         bounded._left = 0  # bytes of the current PDU still to come; 0: the next read is a header
         bounded._deadline = 0.0
         bounded._dropped = False
+        bounded._started, bounded._received = time.monotonic(), len(first_pdu)
         if bounded.socket is not None:
             bounded.socket.settimeout(limits.pdu)  # sends too
         return bounded
 
     @property
     def ready(self) -> bool:
+        """Asked by pynetdicom's reactor every few milliseconds, so a trickle is cut at its time
+        even while the peer is silent between PDUs."""
+        if not self._dropped and time.monotonic() >= self._pace_deadline():
+            self._drop_slow()  # the socket reads as closed: pynetdicom ends the association
         if self._buffer and not self._dropped:
             return True
         return super().ready
+
+    def _pace_deadline(self) -> float:
+        """When the association must end unless more bytes come: it lasts ``association``
+        seconds at most, and after ``rate_grace`` each byte received buys it 1/``min_rate`` s."""
+        limits = self._limits
+        allowed = limits.association
+        if limits.min_rate:
+            allowed = min(allowed, max(limits.rate_grace, self._received / limits.min_rate))
+        return self._started + allowed
+
+    def _drop_slow(self) -> None:
+        lasted, limits = time.monotonic() - self._started, self._limits
+        if lasted >= limits.association:
+            why = f"open for {limits.association:g} s (association_timeout)"
+        else:
+            why = (f"that received {self._received:,} bytes in {lasted:.0f} s, under {limits.min_rate:,} bytes/s (min_rate, "
+                   f"after min_rate_grace {limits.rate_grace:g} s)")
+        self._drop("slow", f"an association {why}: aborted", abort=True)
 
     def recv(self, nr_bytes: int) -> bytearray:
         if self._dropped:
@@ -391,7 +420,11 @@ class BoundedSocket(AssociationSocket):
         data = self._buffer[:n]
         del self._buffer[:n]
         while len(data) < n and not self._dropped:
-            left = self._deadline - time.monotonic()
+            now = time.monotonic()
+            if now >= self._pace_deadline():
+                self._drop_slow()
+                break
+            left = min(self._deadline, self._pace_deadline()) - now
             if left <= 0:
                 self._drop("timeout", f"a PDU not complete within {self._limits.pdu:g} s (pdu_timeout)")
                 break
@@ -408,6 +441,7 @@ class BoundedSocket(AssociationSocket):
             if not chunk:
                 break
             data += chunk
+            self._received += len(chunk)
         return data
 
     def drop_undecodable(self, error: str) -> None:
