@@ -679,3 +679,39 @@ def test_a_slow_sender_above_the_minimum_rate_gets_its_object_stored(listener):
     finally:
         sock.close()
     assert len(stored) == 1 and stored[0].stat().st_size >= 41_000 and scp.status()["dropped_slow"] == 0
+
+
+def test_a_peer_address_names_its_host_once_whatever_its_form():
+    from cxr_batch.integration.bounded import peer_host
+
+    assert peer_host(("::ffff:127.0.0.1", 5, 0, 0)) == peer_host(("127.0.0.1", 6)) == "127.0.0.1"
+    assert peer_host(("0:0:0:0:0:ffff:a01:203", 5, 0, 0)) == "10.1.2.3"
+    assert peer_host(("2001:DB8:0:0::1", 5, 0, 0)) == "2001:db8::1" and peer_host(("::1", 5, 0, 0)) == "::1"
+
+
+@needs_dcmtk
+def test_ipv4_and_ipv4_mapped_ipv6_count_as_one_host(listener, caplog):
+    """A node listening on "::" sees an IPv4 peer as ::ffff:a.b.c.d: its limits and log lines
+    must name the host as an IPv4 listener does (and the same host over IPv6 as one host)."""
+    scp, _, _ = listener(host="::", max_associations_per_host=2, **FAST)
+    caplog.set_level(logging.WARNING, logger="cxr_batch")
+    held, answers = [], []
+    try:
+        for family in ("IPv4", "IPv6", "IPv4"):
+            if family == "IPv4":
+                sock = connect(scp.cfg.port, source="127.0.0.2")
+            else:
+                import socket
+
+                sock = socket.create_connection(("::ffff:127.0.0.1", scp.cfg.port), timeout=10,
+                                                source_address=("::ffff:127.0.0.2", 0))
+            held.append(sock)
+            sock.sendall(associate_rq(calling=b"FLOOD"))
+            answers.append(read_pdu(sock)[0])
+        assert answers == [A_ASSOCIATE_AC, A_ASSOCIATE_AC, A_ASSOCIATE_RJ]
+        assert echo(scp.cfg.port).returncode == 0  # 127.0.0.1: another host
+    finally:
+        for sock in held:
+            sock.close()
+    assert "at 127.0.0.2:" in caplog.text and "127.0.0.2 already holds 2 associations" in caplog.text
+    assert "ffff" not in caplog.text

@@ -40,6 +40,7 @@ socket classes, ``_config``); the two exceptions are the temp file factory of
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import socket
 import ssl
@@ -136,9 +137,25 @@ def _valid_title(raw: bytes) -> bool:
     return bool(raw.strip(b" ")) and all(0x20 <= b < 0x7F and b != 0x5C for b in raw)
 
 
-def _peer(address) -> str:
-    host, port = address[0], address[1]
-    return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+def peer_host(address) -> str:
+    """The host of a peer's socket address ``(host, port, ...)``, one name per host: a node
+    listening on "::" sees an IPv4 peer as an IPv4-mapped IPv6 address (::ffff:10.1.2.3), named
+    here as its IPv4 address, and an IPv6 address in its one canonical form. The per-host limits
+    count, and the log lines name, this."""
+    host = str(address[0])
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:  # not an IP address (a Unix socket, a test double): as it is
+        return host
+    if ip.version == 6 and ip.ipv4_mapped is not None:
+        return str(ip.ipv4_mapped)
+    return str(ip)
+
+
+def peer_name(address) -> str:
+    """``host:port`` of a peer for a log line, ``[host]:port`` for IPv6 (host: :func:`peer_host`)."""
+    host = peer_host(address)
+    return f"[{host}]:{address[1]}" if ":" in host else f"{host}:{address[1]}"
 
 
 class BoundedServer(ThreadedAssociationServer):
@@ -172,7 +189,7 @@ class BoundedServer(ThreadedAssociationServer):
                 self._pending.add(request)
                 self._busy_logged = False
                 return True
-        self.monitor.dropped("busy", _peer(client_address),
+        self.monitor.dropped("busy", peer_name(client_address),
                              f"{self.limits.max_pending} connections already in their handshake (max_pending)"
                              if busy else "")
         return False
@@ -221,7 +238,7 @@ class BoundedRequestHandler(RequestHandler):
 
     def handle(self) -> None:
         server, raw = self.server, self.request
-        peer = _peer(self.client_address)
+        peer = peer_name(self.client_address)
         deadline = time.monotonic() + server.limits.handshake
         sock = raw
         try:
@@ -242,7 +259,7 @@ class BoundedRequestHandler(RequestHandler):
             return
         # One host may hold only its share of the association slots: twenty threads of C-ECHOs
         # from one host held all of them, and every modality was rejected while they went on.
-        host = str(self.client_address[0])
+        host = peer_host(self.client_address)
         held, first = server.take_slot(host)
         if held >= server.limits.per_host:
             server.monitor.rejected_host(peer, self.first_pdu[26:42].decode("ascii").strip(), held, first)
@@ -305,7 +322,7 @@ class BoundedRequestHandler(RequestHandler):
         assoc = super()._create_association()
         plain = assoc.dul.socket
         bounded = BoundedSocket.adopt(plain, self.first_pdu, self.server.limits, self.server.monitor,
-                                      _peer(self.client_address))
+                                      peer_name(self.client_address))
         assoc.dul.socket = bounded
         assoc.dimse.receive_primitive = _guarded(assoc.dimse, bounded)
         self.assoc = assoc
