@@ -46,7 +46,9 @@ def test_deadlines_and_limits_are_configurable_with_sane_defaults():
 @needs_dcmtk
 def test_idle_connections_beyond_the_association_limit_lock_no_one_out(listener):
     scp, _, _ = listener(max_associations=2, **FAST)
-    idle = [connect(scp.cfg.port) for _ in range(6)]  # three times the association limit, saying nothing
+    # three times the association limit, saying nothing, from three other hosts (one host may
+    # have as many connections in their handshake as it may hold associations: two)
+    idle = [connect(scp.cfg.port, source=f"127.0.0.{2 + k % 3}") for k in range(6)]
     try:
         time.sleep(0.3)
         answered = echo(scp.cfg.port)  # at once: a connection that never asked holds no association
@@ -298,13 +300,16 @@ def test_hostile_senders_then_a_modality_is_scored_within_90_s_on_a_tls_node(tmp
         assert wait_for(lambda: listening(log, node.pid) or node.poll() is not None, timeout=180), log.read_text()
         assert subprocess.run(["echoscu", *modality], capture_output=True, timeout=60).returncode == 0
         before = node_rss(node.pid)
-        big = associate(port, tls=tls)
+        # the attackers on other loopback addresses than the modality's 127.0.0.1 (other hosts, as
+        # the node sees them: a host has five handshake places and five association slots)
+        big = associate(port, tls=tls, source="127.0.0.2")
         big.sendall(pdu_header(P_DATA_TF, 1_200_000_000))
         assert push(big, 256 << 20) < 64 << 20  # refused from its header
         attackers.append(big)
-        attackers += [connect(port) for _ in range(13)]  # idle: one to the TLS port, twelve beyond the limit
+        # idle: one to the TLS port, twelve beyond the limit, from three hosts
+        attackers += [connect(port, source=f"127.0.0.{3 + k % 3}") for k in range(13)]
         for _ in range(10):  # max_associations (10) asked for, each stalled mid-PDU: one host gets 5 of them
-            sock = connect(port, tls=tls)
+            sock = connect(port, tls=tls, source="127.0.0.6")
             attackers.append(sock)
             sock.sendall(associate_rq())
             if read_pdu(sock)[0] == A_ASSOCIATE_AC:
@@ -318,14 +323,16 @@ def test_hostile_senders_then_a_modality_is_scored_within_90_s_on_a_tls_node(tmp
                         timeout=90), log.read_text()[-3000:]
         assert time.monotonic() - start < 90
         assert node_rss(node.pid) - before < 250 << 20
+        # each attacker dropped at its deadline (10 s idle, 30 s stalled), none closed at once
+        assert wait_for(lambda: status(out)["listen"]["dropped_timeout"] == 13 + 5, timeout=60), status(out)
         listen = status(out)["listen"]
-        assert listen["dropped_oversize_pdu"] == 1 and listen["dropped_timeout"] >= 11, listen
+        assert listen["dropped_oversize_pdu"] == 1 and listen["dropped_busy"] == 0, listen
     finally:
         for sock in attackers:
             sock.close()
         assert stop(node) == 0, log.read_text()[-3000:]
     text = log.read_text()
-    assert "connection from 127.0.0.1" in text and "max_pdu" in text and "pdu_timeout" in text
+    assert "connection from 127.0.0.2" in text and "max_pdu" in text and "pdu_timeout" in text
 
 
 @pytest.mark.slow
@@ -679,6 +686,27 @@ def test_a_slow_sender_above_the_minimum_rate_gets_its_object_stored(listener):
     finally:
         sock.close()
     assert len(stored) == 1 and stored[0].stat().st_size >= 41_000 and scp.status()["dropped_slow"] == 0
+
+
+@needs_dcmtk
+def test_one_host_cannot_fill_the_pending_handshakes(listener, caplog):
+    """One host opening connections that never ask for an association filled all max_pending
+    handshake places (the per-host limit applied only to associations): every other host's
+    connection was closed at once until the flood's deadlines passed. A host now has as many
+    handshake places as association slots; a second host's echo gets through meanwhile."""
+    scp, _, _ = listener(max_pending=8, max_associations_per_host=3, handshake_timeout=30.0, pdu_timeout=1.0)
+    caplog.set_level(logging.WARNING, logger="cxr_batch")
+    flood = [connect(scp.cfg.port, source="127.0.0.2") for _ in range(scp.cfg.max_pending)]
+    try:
+        closed = [sock for sock in flood if closed_by_peer(sock, within=1.0) is not None]
+        assert len(closed) == scp.cfg.max_pending - 3  # past its share: closed at once, not at the deadline
+        answered = echo(scp.cfg.port)  # another host, while the flood's own three wait out their deadline
+        assert answered.returncode == 0, answered.stderr
+    finally:
+        for sock in flood:
+            sock.close()
+    assert scp.status()["dropped_busy"] == scp.cfg.max_pending - 3
+    assert caplog.text.count("127.0.0.2 already has 3 connections in their handshake") == 1  # one line a flood
 
 
 def test_a_peer_address_names_its_host_once_whatever_its_form():

@@ -9,7 +9,8 @@ can make the node allocate gigabytes). This module wraps it, without changing it
 
 - :class:`BoundedServer` (pynetdicom's threaded server) only accepts in its accept thread, and
   hands each connection to a thread of its own at once. At most ``max_pending`` connections
-  may be in their handshake together; more are closed at once (``dropped_busy``).
+  may be in their handshake together, at most ``per_host`` of one host's (counted from the
+  accept: one host cannot take every place); more are closed at once (``dropped_busy``).
 - :class:`BoundedRequestHandler` runs, in that thread and under one deadline from the accept
   (``handshake``): the TLS handshake, then the first PDU, which must be an A-ASSOCIATE-RQ of
   at most :data:`CONTROL_PDU_LIMIT` bytes with well-formed AE titles. Only then is pynetdicom's
@@ -167,9 +168,11 @@ class BoundedServer(ThreadedAssociationServer):
                  limits: Limits, monitor: Monitor, receive_dir: Path):
         self.limits, self.monitor, self.receive_dir = limits, monitor, Path(receive_dir)
         self.tls = ssl_context
-        self._pending: set[socket.socket] = set()
+        self._pending: dict[socket.socket, str] = {}  # connections in their handshake -> their host
         self._pending_lock = threading.Lock()
         self._busy_logged = False
+        self._pending_per_host: dict[str, int] = {}  # host -> its connections in their handshake
+        self._flooding_told: set[str] = set()  # hosts refused since they came to their share of the handshakes
         self._per_host: dict[str, int] = {}  # IP address -> associations it holds (under _pending_lock)
         self._at_limit_told: set[str] = set()  # hosts rejected since they came to their limit
         super().__init__(ae, address, ae_title, contexts, ssl_context, evt_handlers=evt_handlers,
@@ -182,21 +185,40 @@ class BoundedServer(ThreadedAssociationServer):
         return client, address
 
     def verify_request(self, request, client_address) -> bool:
+        """A connection may start its handshake while fewer than ``max_pending`` are in theirs,
+        and fewer than ``per_host`` of its host's: one host's connections that never ask took
+        every handshake place, and every other host's connection was closed until their
+        deadlines passed. Counted from the accept, so a flood is held to its share at once;
+        a refusal is logged once a flood (the first since the host came to its share)."""
+        host = peer_host(client_address)
         with self._pending_lock:
+            held = self._pending_per_host.get(host, 0)
             if len(self._pending) >= self.limits.max_pending:
-                busy, self._busy_logged = not self._busy_logged, True
+                reason = "" if self._busy_logged else \
+                    f"{self.limits.max_pending} connections already in their handshake (max_pending)"
+                self._busy_logged = True
+            elif held >= self.limits.per_host:
+                reason = "" if host in self._flooding_told else \
+                    (f"{host} already has {held} connections in their handshake (max_associations_per_host; further "
+                     f"ones are closed at once, counted in status.json, not logged, until one of them ends)")
+                self._flooding_told.add(host)
             else:
-                self._pending.add(request)
+                self._pending[request] = host
+                self._pending_per_host[host] = held + 1
                 self._busy_logged = False
                 return True
-        self.monitor.dropped("busy", peer_name(client_address),
-                             f"{self.limits.max_pending} connections already in their handshake (max_pending)"
-                             if busy else "")
+        self.monitor.dropped("busy", peer_name(client_address), reason)
         return False
 
     def handshake_done(self, request) -> None:
         with self._pending_lock:
-            self._pending.discard(request)
+            host = self._pending.pop(request, None)
+            if host is None:
+                return
+            held = self._pending_per_host.pop(host) - 1
+            if held:
+                self._pending_per_host[host] = held
+            self._flooding_told.discard(host)
 
     def take_slot(self, host: str) -> tuple[int, bool]:
         """Count an association for ``host`` unless it holds ``per_host`` already; returns how
