@@ -432,8 +432,8 @@ class BoundedSocket(AssociationSocket):
         if lasted >= limits.association:
             why = f"open for {limits.association:g} s (association_timeout)"
         else:
-            why = (f"that received {self._received:,} bytes in {lasted:.0f} s, under {limits.min_rate:,} bytes/s (min_rate, "
-                   f"after min_rate_grace {limits.rate_grace:g} s)")
+            why = (f"that received {self._received:,} bytes in {lasted:.0f} s, under {limits.min_rate:,} bytes/s "
+                   f"(min_rate, after min_rate_grace {limits.rate_grace:g} s)")
         self._drop("slow", f"an association {why}: aborted", abort=True)
 
     def recv(self, nr_bytes: int) -> bytearray:
