@@ -38,7 +38,8 @@ def test_deadlines_and_limits_are_configurable_with_sane_defaults():
     assert 1 < cfg.max_associations_per_host < cfg.max_associations
     # a 30 MB CR over a 256 kbit/s link (32 KB/s) gets through; a trickle is cut within minutes
     assert 30e6 / 32e3 < cfg.association_timeout and 0 < cfg.min_rate < 32e3 and cfg.min_rate_grace <= 120
-    for key in ("handshake_timeout", "pdu_timeout", "max_pending", "max_associations_per_host", "association_timeout"):
+    for key in ("handshake_timeout", "pdu_timeout", "max_pending", "max_associations_per_host", "association_timeout",
+                "min_rate_grace"):
         with pytest.raises(Exception, match=key):
             ListenConfig(**{key: 0})
 

@@ -90,7 +90,7 @@ class ListenConfig(WatchConfig):
     # times that and takes 16 minutes; an hour lets it through down to 67 kbit/s.
     association_timeout: float = bounded(3600.0, gt=0.0)  # an association's whole life, seconds
     min_rate: int = bounded(4096, min=0)  # bytes per second received, on average since it began; 0: no floor
-    min_rate_grace: float = bounded(60.0, min=0.0)  # seconds before min_rate applies
+    min_rate_grace: float = bounded(60.0, min=1.0)  # seconds before min_rate applies (0 would cut at the first pause)
     tls_certificate: str | None = None  # PEM certificate (chain): the node speaks TLS only
     tls_key: str | None = None  # its PEM private key
     tls_ca: str | None = None  # PEM CA bundle: peers must present a certificate it signed
