@@ -722,7 +722,7 @@ def test_a_peer_address_names_its_host_once_whatever_its_form():
 def test_ipv4_and_ipv4_mapped_ipv6_count_as_one_host(listener, caplog):
     """A node listening on "::" sees an IPv4 peer as ::ffff:a.b.c.d: its limits and log lines
     must name the host as an IPv4 listener does (and the same host over IPv6 as one host)."""
-    scp, _, _ = listener(host="::", max_associations_per_host=2, **FAST)
+    scp, _, _ = listener(host="::", max_associations_per_host=2, allow=("FLOOD", "ECHOSCU"), **FAST)
     caplog.set_level(logging.WARNING, logger="cxr_batch")
     held, answers = [], []
     try:
@@ -739,8 +739,9 @@ def test_ipv4_and_ipv4_mapped_ipv6_count_as_one_host(listener, caplog):
             answers.append(read_pdu(sock)[0])
         assert answers == [A_ASSOCIATE_AC, A_ASSOCIATE_AC, A_ASSOCIATE_RJ]
         assert echo(scp.cfg.port).returncode == 0  # 127.0.0.1: another host
+        assert echo(scp.cfg.port, "CXRBATCH", "STRANGER").returncode != 0  # rejected by pynetdicom: its address too
     finally:
         for sock in held:
             sock.close()
     assert "at 127.0.0.2:" in caplog.text and "127.0.0.2 already holds 2 associations" in caplog.text
-    assert "ffff" not in caplog.text
+    assert "STRANGER at 127.0.0.1 rejected" in caplog.text and "ffff" not in caplog.text

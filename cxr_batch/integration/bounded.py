@@ -142,7 +142,7 @@ def peer_host(address) -> str:
     """The host of a peer's socket address ``(host, port, ...)``, one name per host: a node
     listening on "::" sees an IPv4 peer as an IPv4-mapped IPv6 address (::ffff:10.1.2.3), named
     here as its IPv4 address, and an IPv6 address in its one canonical form. The per-host limits
-    count, and the log lines name, this."""
+    count, and the log lines name, this (normalised once, as each connection is accepted)."""
     host = str(address[0])
     try:
         ip = ipaddress.ip_address(host)
@@ -154,9 +154,10 @@ def peer_host(address) -> str:
 
 
 def peer_name(address) -> str:
-    """``host:port`` of a peer for a log line, ``[host]:port`` for IPv6 (host: :func:`peer_host`)."""
-    host = peer_host(address)
-    return f"[{host}]:{address[1]}" if ":" in host else f"{host}:{address[1]}"
+    """``host:port`` of a peer (its address as :meth:`BoundedServer.get_request` gives it) for a
+    log line, ``[host]:port`` for IPv6."""
+    host, port = address[0], address[1]
+    return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
 
 
 class BoundedServer(ThreadedAssociationServer):
@@ -179,10 +180,12 @@ class BoundedServer(ThreadedAssociationServer):
                          request_handler=BoundedRequestHandler)
 
     def get_request(self):
-        """Accept only: the TLS handshake happens in the connection's own thread."""
+        """Accept only: the TLS handshake happens in the connection's own thread. The peer's
+        address is normalised here, once (:func:`peer_host`), for the limits, our log lines and
+        pynetdicom's association (its requestor's address)."""
         client, address = self.socket.accept()
         client.settimeout(self.limits.handshake)
-        return client, address
+        return client, (peer_host(address), *address[1:])
 
     def verify_request(self, request, client_address) -> bool:
         """A connection may start its handshake while fewer than ``max_pending`` are in theirs,
@@ -190,7 +193,7 @@ class BoundedServer(ThreadedAssociationServer):
         every handshake place, and every other host's connection was closed until their
         deadlines passed. Counted from the accept, so a flood is held to its share at once;
         a refusal is logged once a flood (the first since the host came to its share)."""
-        host = peer_host(client_address)
+        host = client_address[0]
         with self._pending_lock:
             held = self._pending_per_host.get(host, 0)
             if len(self._pending) >= self.limits.max_pending:
@@ -281,7 +284,7 @@ class BoundedRequestHandler(RequestHandler):
             return
         # One host may hold only its share of the association slots: twenty threads of C-ECHOs
         # from one host held all of them, and every modality was rejected while they went on.
-        host = peer_host(self.client_address)
+        host = self.client_address[0]
         held, first = server.take_slot(host)
         if held >= server.limits.per_host:
             server.monitor.rejected_host(peer, self.first_pdu[26:42].decode("ascii").strip(), held, first)

@@ -486,14 +486,11 @@ class StorageSCP:
             event.assoc.abort()
 
     def on_rejected(self, event) -> None:
-        from .bounded import peer_name
-
         self._count("rejected_associations")
         rsp = event.assoc.acceptor.primitive
         reason = getattr(rsp, "reason_str", "") if rsp is not None else ""
-        requestor = event.assoc.requestor
-        log.warning("association from %s at %s rejected: %s%s", self.shown(requestor.ae_title, 16),
-                    peer_name((requestor.address, requestor.port)), reason or "refused", self._rejection_hint(reason))
+        log.warning("association from %s at %s rejected: %s%s", self.shown(event.assoc.requestor.ae_title, 16),
+                    self.shown(event.assoc.requestor.address), reason or "refused", self._rejection_hint(reason))
 
     def _rejection_hint(self, reason: str) -> str:
         """What to change for the two rejections an operator's configuration causes."""
