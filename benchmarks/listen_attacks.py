@@ -4,21 +4,28 @@ node's memory does, per attack.
     python benchmarks/listen_attacks.py [--weights BUNDLE] [--object-mb 300] [--objects 3] [--no-tls]
 
 Runs ``cxr-batch listen`` as a subprocess (default [listen] settings: 10 associations, 64 KiB
-PDUs, handshake_timeout 10 s, pdu_timeout 30 s, scoring.max_file_bytes 1 GiB; no PDFs), once on a
+PDUs, handshake_timeout 10 s, pdu_timeout 30 s, min_rate 4 KiB/s after 60 s, scoring.max_file_bytes
+1 GiB; no PDFs), once on a
 plain port and once with TLS, and against each, one at a time, on loopback:
 
 - idle TCP to the TLS port: one connection that sends nothing (TLS node only);
-- idle beyond the limit: 20 TCP connections (twice max_associations) that send nothing;
+- idle beyond the limit: 20 TCP connections (twice max_associations) that send nothing, from
+  four hosts (five each);
+- one host's idle flood: 64 TCP connections (max_pending) from one host that send nothing (the
+  node lets it have max_associations_per_host, 5, in their handshake and closes the rest);
 - stalled mid-PDU: 10 associations (max_associations) asked for, each sending a P-DATA-TF
   header that declares 1,000 bytes and then 100 bytes: from one host (the node accepts
   max_associations_per_host, 5, of them) and from ten (one each: every slot held);
+- trickling: ten hosts hold one association each (every slot) and send a C-ECHO-RQ every 20 s,
+  each PDU whole and in time (dropped by min_rate once min_rate_grace, 60 s, has passed);
 - gigabyte PDU: one association sends a P-DATA-TF header declaring 1.2 GB and pushes 1 GiB;
 - big objects (plain node only): ``--objects`` C-STOREs of ``--object-mb`` MB each at once,
   streamed by pynetdicom from sparse files.
 
 The attackers connect from other loopback addresses (127.0.0.2 and up: other hosts, as the node
 sees them) than the modality (127.0.0.1). The attack is held while the clock runs: "held" is how
-many connections or associations the node let the attacker hold, "echo" the time until a
+many connections or associations the node let the attacker hold (idle connections it closed at
+once are not counted), "echo" the time until a
 legitimate modality's C-ECHO succeeds (retrying every 0.5 s), "scored" until a C-STORE of a real
 NIH radiograph, sent after the echo, has its row in results.csv. "RSS +" is the node process's peak resident memory during
 the attack over its value just before (sampled every 20 ms from /proc; the reading workers are
@@ -47,7 +54,8 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.common import bundle_path, real_images  # noqa: E402
 from benchmarks.listen_latency import free_port  # noqa: E402
-from tests.dicomwire import P_DATA_TF, associate, connect, pdu_header, push, tls_client  # noqa: E402
+from tests.dicomwire import (P_DATA_TF, associate, closed_by_peer, command_set, connect, p_data,  # noqa: E402
+                             pdu_header, push, tls_client)
 
 
 def rss(pid: int) -> int:
@@ -160,21 +168,50 @@ ATTACKER = "127.0.0.2"  # another host than the modality's 127.0.0.1, as the nod
 def attacks(port: int, tls: ssl.SSLContext | None, args, tmp: Path) -> list[tuple[str, object]]:
     """(name, start) pairs; start() begins the attack and returns what to close when it ends."""
 
-    def idle(n):
-        return lambda: [connect(port, source=ATTACKER) for _ in range(n)]
+    def idle(n: int, hosts: int):
+        def start():
+            opened = [connect(port, source=f"127.0.0.{2 + k % hosts}") for k in range(n)]
+            time.sleep(0.5)
+            held = [sock for sock in opened if closed_by_peer(sock, within=0.01) is None]  # not closed at once
+            for sock in opened:
+                if sock not in held:
+                    sock.close()
+            return held
+        return start
+
+    def associations(hosts: int) -> list:
+        held = []
+        for k in range(10):
+            try:
+                held.append(associate(port, tls=tls, source=f"127.0.0.{2 + k % hosts}"))
+            except AssertionError:  # refused: that host holds its share of the slots
+                continue
+        return held
 
     def stalled(hosts: int):
         def start():
-            held = []
-            for k in range(10):
-                try:
-                    sock = associate(port, tls=tls, source=f"127.0.0.{2 + k % hosts}")
-                except AssertionError:  # refused: that host holds its share of the slots
-                    continue
+            held = associations(hosts)
+            for sock in held:
                 sock.sendall(pdu_header(P_DATA_TF, 1000) + bytes(100))
-                held.append(sock)
             return held
         return start
+
+    def trickling():
+        held = associations(10)
+        echo_rq = p_data(command_set(AffectedSOPClassUID="1.2.840.10008.1.1", CommandField=0x0030, MessageID=1,
+                                     CommandDataSetType=0x0101))
+
+        def drip():
+            for _ in range(30):  # the answers are left unread: a few hundred bytes each
+                for sock in held:
+                    try:
+                        sock.sendall(echo_rq)
+                    except OSError:  # dropped by the node, or closed when the attack ends
+                        pass
+                time.sleep(20)
+
+        threading.Thread(target=drip, daemon=True).start()
+        return held
 
     def gigabyte():
         sock = associate(port, tls=tls, source=ATTACKER)
@@ -193,10 +230,12 @@ def attacks(port: int, tls: ssl.SSLContext | None, args, tmp: Path) -> list[tupl
     big_results.clear()
     chosen = []
     if tls is not None:
-        chosen.append(("idle TCP to the TLS port (1)", idle(1)))
-    chosen += [("idle beyond the limit (20 connections)", idle(20)),
+        chosen.append(("idle TCP to the TLS port (1)", idle(1, 1)))
+    chosen += [("idle beyond the limit (20, 4 hosts)", idle(20, 4)),
+               ("idle, one host (64 connections)", idle(64, 1)),
                ("stalled mid-PDU, one host (10 asked for)", stalled(1)),
                ("stalled mid-PDU, ten hosts (1 each)", stalled(10)),
+               ("C-ECHO every 20 s, ten hosts (1 each)", trickling),
                ("PDU declaring 1.2 GB, 1 GiB pushed", gigabyte)]
     if tls is None and args.objects:
         chosen.append((f"{args.objects} objects of {args.object_mb} MB at once", objects))

@@ -36,7 +36,10 @@ def test_deadlines_and_limits_are_configurable_with_sane_defaults():
     cfg = ListenConfig()
     assert 0 < cfg.handshake_timeout <= 30 and 0 < cfg.pdu_timeout <= 60 and cfg.max_pending >= cfg.max_associations
     assert 1 < cfg.max_associations_per_host < cfg.max_associations
-    for key in ("handshake_timeout", "pdu_timeout", "max_pending", "max_associations_per_host"):
+    # a 30 MB CR over a 256 kbit/s link (32 KB/s) gets through; a trickle is cut within minutes
+    assert 30e6 / 32e3 < cfg.association_timeout and 0 < cfg.min_rate < 32e3 and cfg.min_rate_grace <= 120
+    for key in ("handshake_timeout", "pdu_timeout", "max_pending", "max_associations_per_host", "association_timeout",
+                "min_rate_grace"):
         with pytest.raises(Exception, match=key):
             ListenConfig(**{key: 0})
 
@@ -44,7 +47,9 @@ def test_deadlines_and_limits_are_configurable_with_sane_defaults():
 @needs_dcmtk
 def test_idle_connections_beyond_the_association_limit_lock_no_one_out(listener):
     scp, _, _ = listener(max_associations=2, **FAST)
-    idle = [connect(scp.cfg.port) for _ in range(6)]  # three times the association limit, saying nothing
+    # three times the association limit, saying nothing, from three other hosts (one host may
+    # have as many connections in their handshake as it may hold associations: two)
+    idle = [connect(scp.cfg.port, source=f"127.0.0.{2 + k % 3}") for k in range(6)]
     try:
         time.sleep(0.3)
         answered = echo(scp.cfg.port)  # at once: a connection that never asked holds no association
@@ -296,13 +301,16 @@ def test_hostile_senders_then_a_modality_is_scored_within_90_s_on_a_tls_node(tmp
         assert wait_for(lambda: listening(log, node.pid) or node.poll() is not None, timeout=180), log.read_text()
         assert subprocess.run(["echoscu", *modality], capture_output=True, timeout=60).returncode == 0
         before = node_rss(node.pid)
-        big = associate(port, tls=tls)
+        # the attackers on other loopback addresses than the modality's 127.0.0.1 (other hosts, as
+        # the node sees them: a host has five handshake places and five association slots)
+        big = associate(port, tls=tls, source="127.0.0.2")
         big.sendall(pdu_header(P_DATA_TF, 1_200_000_000))
         assert push(big, 256 << 20) < 64 << 20  # refused from its header
         attackers.append(big)
-        attackers += [connect(port) for _ in range(13)]  # idle: one to the TLS port, twelve beyond the limit
+        # idle: one to the TLS port, twelve beyond the limit, from three hosts
+        attackers += [connect(port, source=f"127.0.0.{3 + k % 3}") for k in range(13)]
         for _ in range(10):  # max_associations (10) asked for, each stalled mid-PDU: one host gets 5 of them
-            sock = connect(port, tls=tls)
+            sock = connect(port, tls=tls, source="127.0.0.6")
             attackers.append(sock)
             sock.sendall(associate_rq())
             if read_pdu(sock)[0] == A_ASSOCIATE_AC:
@@ -316,14 +324,16 @@ def test_hostile_senders_then_a_modality_is_scored_within_90_s_on_a_tls_node(tmp
                         timeout=90), log.read_text()[-3000:]
         assert time.monotonic() - start < 90
         assert node_rss(node.pid) - before < 250 << 20
+        # each attacker dropped at its deadline (10 s idle, 30 s stalled), none closed at once
+        assert wait_for(lambda: status(out)["listen"]["dropped_timeout"] == 13 + 5, timeout=60), status(out)
         listen = status(out)["listen"]
-        assert listen["dropped_oversize_pdu"] == 1 and listen["dropped_timeout"] >= 11, listen
+        assert listen["dropped_oversize_pdu"] == 1 and listen["dropped_busy"] == 0, listen
     finally:
         for sock in attackers:
             sock.close()
         assert stop(node) == 0, log.read_text()[-3000:]
     text = log.read_text()
-    assert "connection from 127.0.0.1" in text and "max_pdu" in text and "pdu_timeout" in text
+    assert "connection from 127.0.0.2" in text and "max_pdu" in text and "pdu_timeout" in text
 
 
 @pytest.mark.slow
@@ -585,3 +595,153 @@ def test_a_complete_c_store_pynetdicom_never_hands_over_leaves_no_file(listener)
         sock.close()
     assert wait_for(lambda: not list(spool.iterdir()), timeout=10), list(spool.iterdir())  # ...gone with its association
     assert stored == []
+
+
+# ---------------------------------------------------------------------- slow senders, and hosts that flood
+ECHO_RQ = dict(AffectedSOPClassUID="1.2.840.10008.1.1", CommandField=0x0030, CommandDataSetType=0x0101)
+SLOW = dict(min_rate=1000, min_rate_grace=1.0)  # bytes per second after the first second: short for tests
+
+
+def _store_rq(uid: str) -> bytes:
+    return p_data(command_set(AffectedSOPClassUID=DX_STORAGE.decode(), CommandField=0x0001, MessageID=3, Priority=0,
+                              CommandDataSetType=0x0000, AffectedSOPInstanceUID=uid))
+
+
+def _drip(sock, pdus, every: float, limit: int = 100) -> int:
+    """Send ``pdus()`` every ``every`` seconds (each PDU whole: no PDU deadline passes), reading
+    what the node answers, until it closes the connection or ``limit`` were sent; how many went."""
+    for sent in range(limit):
+        try:
+            sock.sendall(pdus())
+        except OSError:
+            return sent
+        time.sleep(every)
+    return limit
+
+
+@pytest.mark.parametrize("drip", ["data-set-fragments", "c-echos"])
+def test_an_association_kept_open_by_a_trickle_is_dropped_and_leaves_no_file(listener, caplog, drip):
+    """Each PDU whole and quick, so pdu_timeout never passes, and the next one before
+    network_timeout: a data set sent a few bytes at a time, or a C-ECHO now and then, held an
+    association slot for ever, and a few hosts doing it held all of them."""
+    scp, spool, stored = listener(**FAST, **SLOW)
+    caplog.set_level(logging.WARNING, logger="cxr_batch")
+    sock = connect(scp.cfg.port)
+    sock.settimeout(5.0)
+    try:
+        sock.sendall(associate_rq(abstract=DX_STORAGE if drip == "data-set-fragments" else b"1.2.840.10008.1.1"))
+        assert read_pdu(sock)[0] == A_ASSOCIATE_AC
+        if drip == "data-set-fragments":
+            sock.sendall(_store_rq("1.2.3.4.5.9") + p_data(bytes(2000), command=False, last=False))
+            assert wait_for(lambda: list(spool.iterdir()), timeout=10)  # the object's temp file, arriving
+            sent = _drip(sock, lambda: p_data(bytes(8), command=False, last=False), every=0.1)
+        else:
+            sent = _drip(sock, lambda: p_data(command_set(MessageID=1, **ECHO_RQ)), every=0.3)
+        assert sent < 100, "the trickle went on undisturbed"
+        assert closed_by_peer(sock, within=5) is not None
+    finally:
+        sock.close()
+    assert wait_for(lambda: scp.status()["dropped_slow"] == 1, timeout=10), scp.status()
+    assert wait_for(lambda: not list(spool.iterdir()), timeout=10), list(spool.iterdir())
+    assert stored == [] and "min_rate" in caplog.text and "connection from 127.0.0.1" in caplog.text
+
+
+def test_an_association_answering_c_echos_for_ever_ends_at_association_timeout(listener, caplog):
+    """Fast enough for any rate limit, and never ending: C-ECHO after C-ECHO."""
+    scp, _, _ = listener(association_timeout=2.0, **FAST)
+    caplog.set_level(logging.WARNING, logger="cxr_batch")
+    sock = associate(scp.cfg.port)
+    sock.settimeout(5.0)
+    end, echoes = time.monotonic() + 20, 0
+    try:
+        while time.monotonic() < end:
+            try:
+                sock.sendall(p_data(command_set(MessageID=1, **ECHO_RQ)))  # answered: free again
+                pdu_type, body = read_pdu(sock)
+            except OSError:
+                break
+            if pdu_type != P_DATA_TF:
+                break
+            assert dimse_status(body) == 0x0000
+            echoes += 1
+        assert time.monotonic() < end and echoes > 10
+    finally:
+        sock.close()
+    assert wait_for(lambda: scp.status()["dropped_slow"] == 1, timeout=10), scp.status()
+    assert "association_timeout" in caplog.text
+
+
+def test_a_slow_sender_above_the_minimum_rate_gets_its_object_stored(listener):
+    """A modality on a slow link: 40 KB in 1 KB PDUs over about 4 s, ten times the minimum rate
+    and past its grace period, is stored as any other."""
+    scp, spool, stored = listener(**FAST, **SLOW)
+    sock = connect(scp.cfg.port)
+    try:
+        sock.sendall(associate_rq(abstract=DX_STORAGE))
+        assert read_pdu(sock)[0] == A_ASSOCIATE_AC
+        sock.sendall(_store_rq("1.2.3.4.5.10"))
+        assert _drip(sock, lambda: p_data(bytes(1000), command=False, last=False), every=0.1, limit=40) == 40
+        sock.sendall(p_data(bytes(1000), command=False))
+        pdu_type, body = read_pdu(sock)
+        assert pdu_type == P_DATA_TF and dimse_status(body) == 0x0000
+    finally:
+        sock.close()
+    assert len(stored) == 1 and stored[0].stat().st_size >= 41_000 and scp.status()["dropped_slow"] == 0
+
+
+@needs_dcmtk
+def test_one_host_cannot_fill_the_pending_handshakes(listener, caplog):
+    """One host opening connections that never ask for an association filled all max_pending
+    handshake places (the per-host limit applied only to associations): every other host's
+    connection was closed at once until the flood's deadlines passed. A host now has as many
+    handshake places as association slots; a second host's echo gets through meanwhile."""
+    scp, _, _ = listener(max_pending=8, max_associations_per_host=3, handshake_timeout=30.0, pdu_timeout=1.0)
+    caplog.set_level(logging.WARNING, logger="cxr_batch")
+    flood = [connect(scp.cfg.port, source="127.0.0.2") for _ in range(scp.cfg.max_pending)]
+    try:
+        closed = [sock for sock in flood if closed_by_peer(sock, within=2.0) is not None]
+        assert len(closed) == scp.cfg.max_pending - 3  # past its share: closed at once, not at the deadline
+        answered = echo(scp.cfg.port)  # another host, while the flood's own three wait out their deadline
+        assert answered.returncode == 0, answered.stderr
+    finally:
+        for sock in flood:
+            sock.close()
+    assert scp.status()["dropped_busy"] == scp.cfg.max_pending - 3
+    assert caplog.text.count("127.0.0.2 already has 3 connections in their handshake") == 1  # one line a flood
+
+
+def test_a_peer_address_names_its_host_once_whatever_its_form():
+    from cxr_batch.integration.bounded import peer_host
+
+    assert peer_host(("::ffff:127.0.0.1", 5, 0, 0)) == peer_host(("127.0.0.1", 6)) == "127.0.0.1"
+    assert peer_host(("0:0:0:0:0:ffff:a01:203", 5, 0, 0)) == "10.1.2.3"
+    assert peer_host(("2001:DB8:0:0::1", 5, 0, 0)) == "2001:db8::1" and peer_host(("::1", 5, 0, 0)) == "::1"
+
+
+@needs_dcmtk
+def test_ipv4_and_ipv4_mapped_ipv6_count_as_one_host(listener, caplog):
+    """A node listening on "::" sees an IPv4 peer as ::ffff:a.b.c.d: its limits and log lines
+    must name the host as an IPv4 listener does (and the same host over IPv6 as one host)."""
+    scp, _, _ = listener(host="::", max_associations_per_host=2, allow=("FLOOD", "ECHOSCU"), **FAST)
+    caplog.set_level(logging.WARNING, logger="cxr_batch")
+    held, answers = [], []
+    try:
+        for family in ("IPv4", "IPv6", "IPv4"):
+            if family == "IPv4":
+                sock = connect(scp.cfg.port, source="127.0.0.2")
+            else:
+                import socket
+
+                sock = socket.create_connection(("::ffff:127.0.0.1", scp.cfg.port), timeout=10,
+                                                source_address=("::ffff:127.0.0.2", 0))
+            held.append(sock)
+            sock.sendall(associate_rq(calling=b"FLOOD"))
+            answers.append(read_pdu(sock)[0])
+        assert answers == [A_ASSOCIATE_AC, A_ASSOCIATE_AC, A_ASSOCIATE_RJ]
+        assert echo(scp.cfg.port).returncode == 0  # 127.0.0.1: another host
+        assert echo(scp.cfg.port, "CXRBATCH", "STRANGER").returncode != 0  # rejected by pynetdicom: its address too
+    finally:
+        for sock in held:
+            sock.close()
+    assert "at 127.0.0.2:" in caplog.text and "127.0.0.2 already holds 2 associations" in caplog.text
+    assert "STRANGER at 127.0.0.1 rejected" in caplog.text and "ffff" not in caplog.text

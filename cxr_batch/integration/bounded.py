@@ -9,7 +9,8 @@ can make the node allocate gigabytes). This module wraps it, without changing it
 
 - :class:`BoundedServer` (pynetdicom's threaded server) only accepts in its accept thread, and
   hands each connection to a thread of its own at once. At most ``max_pending`` connections
-  may be in their handshake together; more are closed at once (``dropped_busy``).
+  may be in their handshake together, at most ``per_host`` of one host's (counted from the
+  accept: one host cannot take every place); more are closed at once (``dropped_busy``).
 - :class:`BoundedRequestHandler` runs, in that thread and under one deadline from the accept
   (``handshake``): the TLS handshake, then the first PDU, which must be an A-ASSOCIATE-RQ of
   at most :data:`CONTROL_PDU_LIMIT` bytes with well-formed AE titles. Only then is pynetdicom's
@@ -21,7 +22,10 @@ can make the node allocate gigabytes). This module wraps it, without changing it
   is read: over ``max_pdu`` (a P-DATA-TF) or :data:`CONTROL_PDU_LIMIT` (any other PDU), the
   association is aborted and nothing more is read. Sends wait at most ``pdu`` too. A DIMSE
   message pynetdicom's decoder raises on, and a data set held in memory (any but a C-STORE's)
-  over :data:`IN_MEMORY_DATA_SET_LIMIT`, are dropped the same way (:func:`_guarded`).
+  over :data:`IN_MEMORY_DATA_SET_LIMIT`, are dropped the same way (:func:`_guarded`). A
+  whole association has a bound too (every PDU in time, a trickle still held its slot for
+  ever): it lasts ``association`` seconds at most and, after ``rate_grace``, must have received
+  ``min_rate`` bytes for each second it has lasted (``dropped_slow``).
 - :func:`stream_received_objects`: pynetdicom's own ``STORE_RECV_CHUNKED_DATASET`` mode writes
   each C-STORE's data set to a file as its PDUs arrive rather than into memory, here to a hidden
   temp file in the spool (same volume: the handler renames it into place), so memory per
@@ -37,6 +41,7 @@ socket classes, ``_config``); the two exceptions are the temp file factory of
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import socket
 import ssl
@@ -83,6 +88,9 @@ class Limits:
     max_pdu: int  # the longest P-DATA-TF we accept (what we advertise as Maximum Length Received)
     max_pending: int  # connections in their handshake at once
     per_host: int  # associations one host (IP address) may hold at once
+    association: float  # seconds an association may last, whatever it sends
+    min_rate: int  # bytes per second an association must have received on average (0: no floor)...
+    rate_grace: float  # ...once it has lasted this many seconds
 
     def pdu_limit(self, pdu_type: int) -> int:
         return self.max_pdu if pdu_type == P_DATA_TF else CONTROL_PDU_LIMIT
@@ -130,7 +138,24 @@ def _valid_title(raw: bytes) -> bool:
     return bool(raw.strip(b" ")) and all(0x20 <= b < 0x7F and b != 0x5C for b in raw)
 
 
-def _peer(address) -> str:
+def peer_host(address) -> str:
+    """The host of a peer's socket address ``(host, port, ...)``, one name per host: a node
+    listening on "::" sees an IPv4 peer as an IPv4-mapped IPv6 address (::ffff:10.1.2.3), named
+    here as its IPv4 address, and an IPv6 address in its one canonical form. The per-host limits
+    count, and the log lines name, this (normalised once, as each connection is accepted)."""
+    host = str(address[0])
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:  # not an IP address (a Unix socket, a test double): as it is
+        return host
+    if ip.version == 6 and ip.ipv4_mapped is not None:
+        return str(ip.ipv4_mapped)
+    return str(ip)
+
+
+def peer_name(address) -> str:
+    """``host:port`` of a peer (its address as :meth:`BoundedServer.get_request` gives it) for a
+    log line, ``[host]:port`` for IPv6."""
     host, port = address[0], address[1]
     return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
 
@@ -144,36 +169,59 @@ class BoundedServer(ThreadedAssociationServer):
                  limits: Limits, monitor: Monitor, receive_dir: Path):
         self.limits, self.monitor, self.receive_dir = limits, monitor, Path(receive_dir)
         self.tls = ssl_context
-        self._pending: set[socket.socket] = set()
+        self._pending: dict[socket.socket, str] = {}  # connections in their handshake -> their host
         self._pending_lock = threading.Lock()
         self._busy_logged = False
+        self._pending_per_host: dict[str, int] = {}  # host -> its connections in their handshake
+        self._flooding_told: set[str] = set()  # hosts refused since they came to their share of the handshakes
         self._per_host: dict[str, int] = {}  # IP address -> associations it holds (under _pending_lock)
         self._at_limit_told: set[str] = set()  # hosts rejected since they came to their limit
         super().__init__(ae, address, ae_title, contexts, ssl_context, evt_handlers=evt_handlers,
                          request_handler=BoundedRequestHandler)
 
     def get_request(self):
-        """Accept only: the TLS handshake happens in the connection's own thread."""
+        """Accept only: the TLS handshake happens in the connection's own thread. The peer's
+        address is normalised here, once (:func:`peer_host`), for the limits, our log lines and
+        pynetdicom's association (its requestor's address)."""
         client, address = self.socket.accept()
         client.settimeout(self.limits.handshake)
-        return client, address
+        return client, (peer_host(address), *address[1:])
 
     def verify_request(self, request, client_address) -> bool:
+        """A connection may start its handshake while fewer than ``max_pending`` are in theirs,
+        and fewer than ``per_host`` of its host's: one host's connections that never ask took
+        every handshake place, and every other host's connection was closed until their
+        deadlines passed. Counted from the accept, so a flood is held to its share at once;
+        a refusal is logged once a flood (the first since the host came to its share)."""
+        host = client_address[0]
         with self._pending_lock:
+            held = self._pending_per_host.get(host, 0)
             if len(self._pending) >= self.limits.max_pending:
-                busy, self._busy_logged = not self._busy_logged, True
+                reason = "" if self._busy_logged else \
+                    f"{self.limits.max_pending} connections already in their handshake (max_pending)"
+                self._busy_logged = True
+            elif held >= self.limits.per_host:
+                reason = "" if host in self._flooding_told else \
+                    (f"{host} already has {held} connections in their handshake (max_associations_per_host; further "
+                     f"ones are closed at once, counted in status.json, not logged, until one of them ends)")
+                self._flooding_told.add(host)
             else:
-                self._pending.add(request)
+                self._pending[request] = host
+                self._pending_per_host[host] = held + 1
                 self._busy_logged = False
                 return True
-        self.monitor.dropped("busy", _peer(client_address),
-                             f"{self.limits.max_pending} connections already in their handshake (max_pending)"
-                             if busy else "")
+        self.monitor.dropped("busy", peer_name(client_address), reason)
         return False
 
     def handshake_done(self, request) -> None:
         with self._pending_lock:
-            self._pending.discard(request)
+            host = self._pending.pop(request, None)
+            if host is None:
+                return
+            held = self._pending_per_host.pop(host) - 1
+            if held:
+                self._pending_per_host[host] = held
+            self._flooding_told.discard(host)
 
     def take_slot(self, host: str) -> tuple[int, bool]:
         """Count an association for ``host`` unless it holds ``per_host`` already; returns how
@@ -215,7 +263,7 @@ class BoundedRequestHandler(RequestHandler):
 
     def handle(self) -> None:
         server, raw = self.server, self.request
-        peer = _peer(self.client_address)
+        peer = peer_name(self.client_address)
         deadline = time.monotonic() + server.limits.handshake
         sock = raw
         try:
@@ -236,7 +284,7 @@ class BoundedRequestHandler(RequestHandler):
             return
         # One host may hold only its share of the association slots: twenty threads of C-ECHOs
         # from one host held all of them, and every modality was rejected while they went on.
-        host = str(self.client_address[0])
+        host = self.client_address[0]
         held, first = server.take_slot(host)
         if held >= server.limits.per_host:
             server.monitor.rejected_host(peer, self.first_pdu[26:42].decode("ascii").strip(), held, first)
@@ -299,7 +347,7 @@ class BoundedRequestHandler(RequestHandler):
         assoc = super()._create_association()
         plain = assoc.dul.socket
         bounded = BoundedSocket.adopt(plain, self.first_pdu, self.server.limits, self.server.monitor,
-                                      _peer(self.client_address))
+                                      peer_name(self.client_address))
         assoc.dul.socket = bounded
         assoc.dimse.receive_primitive = _guarded(assoc.dimse, bounded)
         self.assoc = assoc
@@ -358,15 +406,38 @@ class BoundedSocket(AssociationSocket):
         bounded._left = 0  # bytes of the current PDU still to come; 0: the next read is a header
         bounded._deadline = 0.0
         bounded._dropped = False
+        bounded._started, bounded._received = time.monotonic(), len(first_pdu)
         if bounded.socket is not None:
             bounded.socket.settimeout(limits.pdu)  # sends too
         return bounded
 
     @property
     def ready(self) -> bool:
+        """Asked by pynetdicom's reactor every few milliseconds, so a trickle is cut at its time
+        even while the peer is silent between PDUs."""
+        if not self._dropped and time.monotonic() >= self._pace_deadline():
+            self._drop_slow()  # the socket reads as closed: pynetdicom ends the association
         if self._buffer and not self._dropped:
             return True
         return super().ready
+
+    def _pace_deadline(self) -> float:
+        """When the association must end unless more bytes come: it lasts ``association``
+        seconds at most, and after ``rate_grace`` each byte received buys it 1/``min_rate`` s."""
+        limits = self._limits
+        allowed = limits.association
+        if limits.min_rate:
+            allowed = min(allowed, max(limits.rate_grace, self._received / limits.min_rate))
+        return self._started + allowed
+
+    def _drop_slow(self) -> None:
+        lasted, limits = time.monotonic() - self._started, self._limits
+        if lasted >= limits.association:
+            why = f"open for {limits.association:g} s (association_timeout)"
+        else:
+            why = (f"that received {self._received:,} bytes in {lasted:.0f} s, under {limits.min_rate:,} bytes/s "
+                   f"(min_rate, after min_rate_grace {limits.rate_grace:g} s)")
+        self._drop("slow", f"an association {why}: aborted", abort=True)
 
     def recv(self, nr_bytes: int) -> bytearray:
         if self._dropped:
@@ -391,7 +462,11 @@ class BoundedSocket(AssociationSocket):
         data = self._buffer[:n]
         del self._buffer[:n]
         while len(data) < n and not self._dropped:
-            left = self._deadline - time.monotonic()
+            now = time.monotonic()
+            if now >= self._pace_deadline():
+                self._drop_slow()
+                break
+            left = min(self._deadline, self._pace_deadline()) - now
             if left <= 0:
                 self._drop("timeout", f"a PDU not complete within {self._limits.pdu:g} s (pdu_timeout)")
                 break
@@ -408,6 +483,7 @@ class BoundedSocket(AssociationSocket):
             if not chunk:
                 break
             data += chunk
+            self._received += len(chunk)
         return data
 
     def drop_undecodable(self, error: str) -> None:

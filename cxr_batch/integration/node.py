@@ -49,7 +49,8 @@ SPOOL = "spool"  # under RESULTS_DIR/.cxr-batch
 # or aborted for an oversize object, connections dropped (cxr_batch.integration.bounded), and
 # identifiers from the network that had to be escaped before they could be logged.
 COUNTS = ("received", "refused", "rejected_associations", "aborted_oversize", "dropped_timeout",
-          "dropped_oversize_pdu", "dropped_protocol", "dropped_tls", "dropped_busy", "escaped_identifiers")
+          "dropped_oversize_pdu", "dropped_protocol", "dropped_tls", "dropped_busy", "dropped_slow",
+          "escaped_identifiers")
 # C-STORE statuses (PS3.4 B.2.3, PS3.7 C): stored; refused, out of resources (the sender retries
 # later); processing failure; invalid SOP instance; SOP class not supported.
 STORED, OUT_OF_RESOURCES, PROCESSING_FAILURE, INVALID_SOP_INSTANCE = 0x0000, 0xA700, 0x0110, 0x0117
@@ -82,6 +83,15 @@ class ListenConfig(WatchConfig):
     handshake_timeout: float = bounded(10.0, gt=0.0)  # accept -> complete association request (TLS included)
     pdu_timeout: float = bounded(30.0, gt=0.0)  # a PDU's first byte -> its last (and each send)
     max_pending: int = bounded(64, min=1, max=10_000)  # connections in their handshake at once; more are closed
+    # A sender whose every PDU arrives in time may still trickle: a data set a few bytes at a
+    # time, a C-ECHO every minute. After min_rate_grace (as long as network_timeout lets a silent
+    # peer wait: nothing is dropped for slowness sooner than for silence) an association must
+    # have received min_rate bytes for each second it has lasted, and none lasts past
+    # association_timeout. 4 KiB/s is 32 kbit/s: a 30 MB CR over a 256 kbit/s link comes at 8
+    # times that and takes 16 minutes; an hour lets it through down to 67 kbit/s.
+    association_timeout: float = bounded(3600.0, gt=0.0)  # an association's whole life, seconds
+    min_rate: int = bounded(4096, min=0)  # bytes per second received, on average since it began; 0: no floor
+    min_rate_grace: float = bounded(60.0, min=1.0)  # seconds before min_rate applies (0 would cut at the first pause)
     tls_certificate: str | None = None  # PEM certificate (chain): the node speaks TLS only
     tls_key: str | None = None  # its PEM private key
     tls_ca: str | None = None  # PEM CA bundle: peers must present a certificate it signed
@@ -317,7 +327,8 @@ class StorageSCP:
         stream_received_objects()
         escape_library_log("pynetdicom")
         limits = Limits(handshake=self.cfg.handshake_timeout, pdu=self.cfg.pdu_timeout, max_pdu=self.cfg.max_pdu,
-                        max_pending=self.cfg.max_pending,
+                        max_pending=self.cfg.max_pending, association=self.cfg.association_timeout,
+                        min_rate=self.cfg.min_rate, rate_grace=self.cfg.min_rate_grace,
                         per_host=min(self.cfg.max_associations_per_host, self.cfg.max_associations))
         try:
             server = self.ae.make_server((self.cfg.host, self.cfg.port), ssl_context=self.tls, evt_handlers=handlers,
