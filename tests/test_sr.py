@@ -457,3 +457,30 @@ def test_every_finding_says_what_its_flag_is_worth(sr_scan, small_bundle, tmp_pa
     sr = pydicom.dcmread(_sr_path(out, rows["full.dcm"]))
     comments = [i.TextValue for i in sr.ContentSequence[-1].ContentSequence if i.ValueType == "TEXT"]
     assert len(comments) == 15 and comments[-1].startswith("Decision support only")  # 14 findings, the disclaimer
+
+
+def test_the_priority_is_named_as_the_reports_name_it(sr_scan):
+    """A PACS shows the SR's priority by its code meaning. v3's 'abnormal' bucket holds studies
+    with no finding flagged (P(any) over the cutoff), and its 'normal' bucket is 'low probability
+    of any finding', never a normal result: the SR said 'Abnormal: findings flagged' of a study
+    with no flag and 'No finding flagged' under the code NORMAL where every PDF says 'LOW
+    PROBABILITY OF ANY FINDING. Not a normal result.'"""
+    from cxr_batch.bundle import DEFAULT_BUNDLE, load_bundle
+    from tests.conftest import V1_BUNDLE
+
+    studies, *_ = sr_scan
+    ids = identifiers(_sources(studies)["full.dcm"])
+
+    def meaning(bundle, priority):
+        scores = Scores((0.01,) * 14, (0,) * 14, priority, 0.45, 0.45)
+        sr = build_sr(StudyRecord(file="full.dcm", ids=ids, scores=scores), bundle)
+        item = sr.ContentSequence[-1].ContentSequence[0].ConceptCodeSequence[0]
+        return item.CodeValue, item.CodeMeaning
+
+    v3, v1 = load_bundle(DEFAULT_BUNDLE), load_bundle(V1_BUNDLE)
+    assert meaning(v3, "abnormal") == ("ABNORMAL", "Abnormal: read with priority")
+    assert meaning(v3, "normal") == ("NORMAL", "Low probability of any finding: not a normal result")
+    assert meaning(v1, "normal") == ("NORMAL", "No finding flagged: not a normal result")
+    assert meaning(v3, "urgent") == ("URGENT", "Urgent: an urgent finding is flagged")
+    assert SRFactory(v3).sr_bytes(StudyRecord(file="full.dcm", ids=ids, scores=Scores(
+        (0.01,) * 14, (0,) * 14, "normal", 0.3, 0.3))).count(b"Low probability of any finding") == 1
