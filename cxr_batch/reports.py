@@ -430,16 +430,16 @@ def _banner(record: StudyRecord, info: ModelInfo, options: ReportOptions, order:
     # printed as probabilities are (3 decimals), so P(any) never reads equal to the cutoff it is on one side of
     any_text = f"P(any finding) {probability_text(p_any)}" if p_any is not None else ""
     cut = ev.study_level.normal_below
+    # every banner says the urgent findings' catch, held out too: under URGENT how far the flag can
+    # be trusted, under ABNORMAL (as under LOW) that "not urgent" is not "no pneumothorax" (v3: 0 of 10)
+    urgent_catch = " " + "; ".join(ev.sensitivity(f) for f in options.urgent) + "." if options.urgent else ""
     if order:
         text = "; ".join(_flag_phrase(f, info) for f in order) + (f". {any_text}." if any_text else "")
-        urgent = [f for f in order if f in options.urgent] if priority == "urgent" else []
-        if urgent:  # how far URGENT can be trusted: the urgent finding's catch, held out too
-            text += " " + "; ".join(ev.sensitivity(f) for f in urgent) + "."
-        lines.append(Paragraph(escape(text), st["banner2"]))
+        lines.append(Paragraph(escape(text + urgent_catch), st["banner2"]))
     elif priority == "abnormal":  # above the normal bucket without a single finding over its operating point
         lines.append(Paragraph(escape(f"No single finding over its operating point, but {any_text}"
                                       + (f", above the low-probability cutoff {probability_text(cut)}"
-                                         if cut is not None else "") + "."),
+                                         if cut is not None else "") + "." + urgent_catch),
                                st["banner2"]))
     else:  # what "normal" means for this model: what the bucket misses, and the urgent findings' sensitivity
         missed = ev.study_level.normal_share_of_abnormal

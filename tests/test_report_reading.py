@@ -327,3 +327,31 @@ def test_a_result_whose_correction_could_not_be_read_says_so_on_the_worklist():
     other = record("abnormal", 0.5, {"Effusion": 0.7}, file="IM2.dcm", patient_id="OTHER")
     wl = text_of(worklist_pdf([kept, other], ReportOptions(), v3_like_info(), NOW))
     assert wl.count("a later version could not be read") == 1, wl
+
+
+def _v3_info() -> ModelInfo:
+    """The shipped v3 bundle's thresholds and evidence, as a scan with it prints them."""
+    from cxr_batch.bundle import DEFAULT_BUNDLE, read_manifest
+
+    manifest = read_manifest(DEFAULT_BUNDLE)
+    return ModelInfo("cxr-fpn@3.0", "0" * 64, dict(manifest["thresholds"]), bundle_evidence(manifest, DEFAULT_BUNDLE))
+
+
+V3_PNEUMOTHORAX = "Pneumothorax: sensitivity 0.00 at its threshold (flagged 0 of 10 held-out images that had it)"
+
+
+def test_an_abnormal_banner_says_what_the_urgent_findings_catch_is_too():
+    """NIH 00000050_000.png with v3: ABNORMAL for Emphysema. The banner said what the Emphysema
+    flag is worth and nothing of pneumothorax, which v3 caught in 0 of 10 held-out images: the
+    URGENT and LOW banners say so, the ABNORMAL one left a reader to take 'not urgent' for 'no
+    pneumothorax' (the model card: an unflagged study is not a study without a pneumothorax).
+    The same for an abnormal study with no single finding flagged (NIH 00018019_000 with v3)."""
+    info = _v3_info()
+    probs = {f: 0.01 for f in FINDINGS}
+    emphysema = record("abnormal", 0.641, {**probs, "Emphysema": 0.2})
+    emphysema.scores.flags = tuple(int(f == "Emphysema") for f in FINDINGS)
+    none_flagged = record("abnormal", 0.600, probs)
+    for study in (emphysema, none_flagged):
+        txt = text_of(study_pdf(study, GREY, {}, info, ReportOptions(), NOW))
+        assert "ABNORMAL: read with priority" in txt
+        assert V3_PNEUMOTHORAX in txt
