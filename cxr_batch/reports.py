@@ -737,6 +737,8 @@ def worklist_pdf(records: list[StudyRecord], options: ReportOptions, info: Model
     base_rates = _base_rates(info)
     if base_rates:
         story.append(Paragraph(escape(base_rates), st["body"]))
+    if options.urgent:  # beside the rows' out-of-fold "sens.": the held-out catch (v3's pneumothorax: 0 of 10)
+        story.append(Paragraph(escape(_urgent_catch(info, options.urgent)), st["body"]))
     story += [*_evidence_lines(info, st), *([Paragraph(escape(alarm), st["warn"])] if alarm else []),
               Spacer(1, 2 * mm)]
 
@@ -805,6 +807,13 @@ def _order_text(record: StudyRecord, urgent) -> str:
         label = finding_label(top) if top else "urgent finding"
         return f"P({label}) {probability_text(record.triage_score)}"
     return f"P(any) {probability_text(record.triage_score)}"
+
+
+def _urgent_catch(info: ModelInfo, urgent) -> str:
+    """What the urgent bucket catches, so that a study lower on the worklist is not read as
+    cleared of its findings."""
+    return (f"The urgent bucket's catch: {'; '.join(info.evidence.sensitivity(f) for f in urgent)}. A study below "
+            f"it may still have {' or '.join(finding_label(f).lower() for f in urgent)}.")
 
 
 def _base_rates(info: ModelInfo) -> str:

@@ -355,3 +355,19 @@ def test_an_abnormal_banner_says_what_the_urgent_findings_catch_is_too():
         txt = text_of(study_pdf(study, GREY, {}, info, ReportOptions(), NOW))
         assert "ABNORMAL: read with priority" in txt
         assert V3_PNEUMOTHORAX in txt
+
+
+def test_the_worklist_says_what_the_urgent_bucket_catches():
+    """The worklist orders the reading: its URGENT rows printed v3's pneumothorax flag as 'sens.
+    0.23, PPV 0.10' (out of fold) and nothing said that v3 caught 0 of 10 held-out
+    pneumothoraces, so a pneumothorax lower on the list read as ruled out. The header says the
+    urgent findings' catch, held out too, as the study reports' banners do."""
+    info = _v3_info()
+    probs = {f: 0.01 for f in FINDINGS}
+    studies = [record("abnormal", 0.641, probs, file="a.png", patient_id="PA"),
+               record("normal", 0.2, probs, file="b.png", patient_id="PB")]
+    wl = text_of(worklist_pdf(studies, ReportOptions(), info, NOW))
+    assert f"The urgent bucket's catch: {V3_PNEUMOTHORAX}" in wl
+    assert "A study below it may still have pneumothorax." in wl
+    # no urgent finding (urgent = [] in a config table): nothing to say
+    assert "urgent bucket's catch" not in text_of(worklist_pdf(studies, ReportOptions(urgent=()), info, NOW))
