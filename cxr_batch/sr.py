@@ -378,13 +378,18 @@ def trust_lines(bundle) -> list[str]:
     where = f" ({ev.triage_source})" if ev.triage_source else ""
     lines = []
     for f in FINDINGS:
-        point = ev.operating_points.get(f)
+        point, counts = ev.operating_points.get(f), ev.counts.get(f)
+        # the held-out catch at this bundle's threshold, as the PDFs print it (v3's pneumothorax: 0 of 10)
+        held_out = (f"held out: sensitivity {counts.tp / counts.positives:.2f} (flagged {counts.tp} of "
+                    f"{counts.positives} held-out images that had it)" if counts and counts.positives else "")
         if point is None:
-            text = "sensitivity and PPV at its threshold not measured for this model"
+            text = (f"{held_out} at threshold {bundle.thresholds[f]:.4g}; PPV not measured" if held_out
+                    else "sensitivity and PPV at its threshold not measured for this model")
         elif not point.flagged:
             text = f"never flagged by this model: {point.why or 'validation ranking no better than chance'}"
         else:
             text = f"a flag has {point.trust().replace('sens.', 'sensitivity')} at threshold {bundle.thresholds[f]:.4g}{where}"
+            text += f"; {held_out}" if held_out else ""
         lines.append(_string(f"{finding_label(f)}: {text}", 1024))
     return lines
 

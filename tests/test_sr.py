@@ -484,3 +484,20 @@ def test_the_priority_is_named_as_the_reports_name_it(sr_scan):
     assert meaning(v3, "urgent") == ("URGENT", "Urgent: an urgent finding is flagged")
     assert SRFactory(v3).sr_bytes(StudyRecord(file="full.dcm", ids=ids, scores=Scores(
         (0.01,) * 14, (0,) * 14, "normal", 0.3, 0.3))).count(b"Low probability of any finding") == 1
+
+
+def test_the_sr_says_the_held_out_catch_the_pdfs_say():
+    """v3's SR told a PACS 'Pneumothorax: a flag has sensitivity 0.23, PPV 0.10' (out of fold)
+    and nothing else, where every PDF of the same study says it caught 0 of 10 held-out
+    pneumothoraces; v1's said 'not measured' where its PDFs say 1 of 5. Each finding's line
+    carries the held-out catch where the bundle has one."""
+    from cxr_batch.bundle import DEFAULT_BUNDLE, load_bundle
+    from cxr_batch.sr import trust_lines
+    from tests.conftest import V1_BUNDLE
+
+    v3 = trust_lines(load_bundle(DEFAULT_BUNDLE))[FINDINGS.index("Pneumothorax")]
+    assert v3.startswith("Pneumothorax: a flag has sensitivity 0.23, PPV 0.10 at threshold 0.08527 (out of fold")
+    assert v3.endswith("; held out: sensitivity 0.00 (flagged 0 of 10 held-out images that had it)")
+    v1 = trust_lines(load_bundle(V1_BUNDLE))[FINDINGS.index("Pneumothorax")]
+    assert v1 == ("Pneumothorax: held out: sensitivity 0.20 (flagged 1 of 5 held-out images that had it) at "
+                  "threshold 0.1; PPV not measured")
