@@ -866,7 +866,8 @@ def write_merged_worklist(results: Path, shards: list[Path], runs: list[dict | N
         raise BundleError(f"the bundle at {bundle.path} is not the one the shards were scored with")
     options = ReportOptions(title=config.get("title") or ReportOptions.title,
                             institution=config.get("institution") or "",
-                            urgent=tuple(config.get("urgent") or DEFAULT_URGENT))
+                            # urgent [] is a scan without an urgent bucket, not one that named none
+                            urgent=tuple(DEFAULT_URGENT if config.get("urgent") is None else config["urgent"]))
     records = read_records(results)
     # results.csv holds no patient names; each shard's journal does (mode 0640, like the reports)
     names = {}
