@@ -452,7 +452,7 @@ def _banner(record: StudyRecord, info: ModelInfo, options: ReportOptions, order:
                 f"{probability_text(info.thresholds[f])})" for f in over) + ". ")
         if missed is not None:
             text += f"In validation {missed:.0%} of studies with a finding fell in this bucket. "
-        text += "; ".join(ev.sensitivity(f) for f in options.urgent) + "."
+        text = text.rstrip() + urgent_catch
         lines.append(Paragraph(escape(text), st["banner2"]))
     return _table([[lines]], [width], [("BACKGROUND", (0, 0), (-1, -1), PRIORITY_COLOURS[priority]),
                                        ("TOPPADDING", (0, 0), (-1, -1), 3), ("BOTTOMPADDING", (0, 0), (-1, -1), 4)])

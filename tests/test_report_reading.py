@@ -371,3 +371,12 @@ def test_the_worklist_says_what_the_urgent_bucket_catches():
     assert "A study below it may still have pneumothorax." in wl
     # no urgent finding (urgent = [] in a config table): nothing to say
     assert "urgent bucket's catch" not in text_of(worklist_pdf(studies, ReportOptions(urgent=()), info, NOW))
+
+
+def test_a_scan_without_an_urgent_bucket_says_no_urgent_findings_catch():
+    """urgent = [] (no urgent bucket): the low-probability banner ended 'fell in this bucket. .'
+    (the urgent findings' sentence, empty); no banner names an urgent finding then."""
+    info, options = _v3_info(), ReportOptions(urgent=())
+    for study in (record("normal", 0.2, {}), record("abnormal", 0.6, {})):
+        txt = text_of(study_pdf(study, GREY, {}, info, options, NOW))
+        assert ". ." not in txt and "Pneumothorax: sensitivity" not in txt
