@@ -378,10 +378,9 @@ def trust_lines(bundle) -> list[str]:
     where = f" ({ev.triage_source})" if ev.triage_source else ""
     lines = []
     for f in FINDINGS:
-        point, counts = ev.operating_points.get(f), ev.counts.get(f)
-        # the held-out catch at this bundle's threshold, as the PDFs print it (v3's pneumothorax: 0 of 10)
-        held_out = (f"held out: sensitivity {counts.tp / counts.positives:.2f} (flagged {counts.tp} of "
-                    f"{counts.positives} held-out images that had it)" if counts and counts.positives else "")
+        point, counts, catch = ev.operating_points.get(f), ev.counts.get(f), ev.catch(f)
+        # the counted catch at this bundle's threshold, as the PDFs print it (v3's pneumothorax: 0 of 10 held out)
+        held_out = f"sensitivity {counts.tp / counts.positives:.2f} ({catch})" if catch else ""
         if point is None:
             text = (f"{held_out} at threshold {bundle.thresholds[f]:.4g}; PPV not measured" if held_out
                     else "sensitivity and PPV at its threshold not measured for this model")

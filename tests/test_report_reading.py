@@ -380,3 +380,25 @@ def test_a_scan_without_an_urgent_bucket_says_no_urgent_findings_catch():
     for study in (record("normal", 0.2, {}), record("abnormal", 0.6, {})):
         txt = text_of(study_pdf(study, GREY, {}, info, options, NOW))
         assert ". ." not in txt and "Pneumothorax: sensitivity" not in txt
+
+
+def test_cross_validated_counts_are_not_called_held_out():
+    """v2.1 has no held-out test (its evidence: 'out of fold, 5-fold cross-validation ... counts
+    at thresholds chosen on the same out-of-fold predictions'), yet its URGENT banner read
+    'flagged 10 of 34 held-out images that had it'. The catch says where it was counted."""
+    from cxr_batch.bundle import read_manifest
+    from cxr_batch.sr import trust_lines
+    from tests.conftest import REPO
+
+    v2 = REPO / "weights" / "cxr-fpn-v2"
+    ev = bundle_evidence(read_manifest(v2), v2)
+    assert ev.sensitivity("Pneumothorax") == ("Pneumothorax: sensitivity 0.29 at its threshold (flagged 10 of 34 "
+                                              "out-of-fold images that had it; no held-out test)")
+
+    class V2:  # what trust_lines reads of a bundle
+        manifest, path = read_manifest(v2), v2
+        thresholds = read_manifest(v2)["thresholds"]
+    line = trust_lines(V2)[FINDINGS.index("Pneumothorax")]
+    assert "held-out images" not in line and "flagged 10 of 34 out-of-fold images that had it" in line
+    # v3's held-out test is called so
+    assert V3_PNEUMOTHORAX in _v3_info().evidence.sensitivity("Pneumothorax")

@@ -497,7 +497,7 @@ def test_the_sr_says_the_held_out_catch_the_pdfs_say():
 
     v3 = trust_lines(load_bundle(DEFAULT_BUNDLE))[FINDINGS.index("Pneumothorax")]
     assert v3.startswith("Pneumothorax: a flag has sensitivity 0.23, PPV 0.10 at threshold 0.08527 (out of fold")
-    assert v3.endswith("; held out: sensitivity 0.00 (flagged 0 of 10 held-out images that had it)")
+    assert v3.endswith("; sensitivity 0.00 (flagged 0 of 10 held-out images that had it)")
     v1 = trust_lines(load_bundle(V1_BUNDLE))[FINDINGS.index("Pneumothorax")]
-    assert v1 == ("Pneumothorax: held out: sensitivity 0.20 (flagged 1 of 5 held-out images that had it) at "
+    assert v1 == ("Pneumothorax: sensitivity 0.20 (flagged 1 of 5 held-out images that had it) at "
                   "threshold 0.1; PPV not measured")
