@@ -129,6 +129,17 @@ class Evidence:
         text = text[0].upper() + text[1:] + "."
         return f"{self.calibrated} Base bundle: {text}" if self.calibrated else text
 
+    def catch(self, finding: str) -> str:
+        """How many images with ``finding`` its flag caught, and where they were counted: 'flagged
+        0 of 10 held-out images that had it', or out of fold for a bundle without a held-out test
+        (v2.1: its counts are at thresholds chosen on the same predictions); '' when not counted."""
+        counts = self.counts.get(finding)
+        if counts is None or counts.positives == 0:
+            return ""
+        if self.how:
+            return f"flagged {counts.tp} of {counts.positives} out-of-fold images that had it; no held-out test"
+        return f"flagged {counts.tp} of {counts.positives} held-out images that had it"
+
     def sensitivity(self, finding: str) -> str:
         """The model's sensitivity for ``finding`` at its operating point, with its counts, or
         an honest 'not measured'."""
@@ -144,8 +155,7 @@ class Evidence:
             return f"{name}: sensitivity at its threshold not measured for these weights"
         if counts.positives == 0:
             return f"{name}: sensitivity not measured (no held-out image had it)"
-        held_out = (f"sensitivity {counts.tp / counts.positives:.2f} at its threshold "
-                    f"(flagged {counts.tp} of {counts.positives} held-out images that had it)")
+        held_out = f"sensitivity {counts.tp / counts.positives:.2f} at its threshold ({self.catch(finding)})"
         if point is not None and point.sensitivity is not None:
             # both measured: the flag's "sens." elsewhere on the report is the operating point's, so
             # say both, each with its source, rather than two numbers that seem to disagree

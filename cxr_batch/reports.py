@@ -430,16 +430,16 @@ def _banner(record: StudyRecord, info: ModelInfo, options: ReportOptions, order:
     # printed as probabilities are (3 decimals), so P(any) never reads equal to the cutoff it is on one side of
     any_text = f"P(any finding) {probability_text(p_any)}" if p_any is not None else ""
     cut = ev.study_level.normal_below
+    # every banner says the urgent findings' catch, held out too: under URGENT how far the flag can
+    # be trusted, under ABNORMAL (as under LOW) that "not urgent" is not "no pneumothorax" (v3: 0 of 10)
+    urgent_catch = " " + "; ".join(ev.sensitivity(f) for f in options.urgent) + "." if options.urgent else ""
     if order:
         text = "; ".join(_flag_phrase(f, info) for f in order) + (f". {any_text}." if any_text else "")
-        urgent = [f for f in order if f in options.urgent] if priority == "urgent" else []
-        if urgent:  # how far URGENT can be trusted: the urgent finding's catch, held out too
-            text += " " + "; ".join(ev.sensitivity(f) for f in urgent) + "."
-        lines.append(Paragraph(escape(text), st["banner2"]))
+        lines.append(Paragraph(escape(text + urgent_catch), st["banner2"]))
     elif priority == "abnormal":  # above the normal bucket without a single finding over its operating point
         lines.append(Paragraph(escape(f"No single finding over its operating point, but {any_text}"
                                       + (f", above the low-probability cutoff {probability_text(cut)}"
-                                         if cut is not None else "") + "."),
+                                         if cut is not None else "") + "." + urgent_catch),
                                st["banner2"]))
     else:  # what "normal" means for this model: what the bucket misses, and the urgent findings' sensitivity
         missed = ev.study_level.normal_share_of_abnormal
@@ -452,7 +452,7 @@ def _banner(record: StudyRecord, info: ModelInfo, options: ReportOptions, order:
                 f"{probability_text(info.thresholds[f])})" for f in over) + ". ")
         if missed is not None:
             text += f"In validation {missed:.0%} of studies with a finding fell in this bucket. "
-        text += "; ".join(ev.sensitivity(f) for f in options.urgent) + "."
+        text = text.rstrip() + urgent_catch
         lines.append(Paragraph(escape(text), st["banner2"]))
     return _table([[lines]], [width], [("BACKGROUND", (0, 0), (-1, -1), PRIORITY_COLOURS[priority]),
                                        ("TOPPADDING", (0, 0), (-1, -1), 3), ("BOTTOMPADDING", (0, 0), (-1, -1), 4)])
@@ -737,6 +737,8 @@ def worklist_pdf(records: list[StudyRecord], options: ReportOptions, info: Model
     base_rates = _base_rates(info)
     if base_rates:
         story.append(Paragraph(escape(base_rates), st["body"]))
+    if options.urgent:  # beside the rows' out-of-fold "sens.": the held-out catch (v3's pneumothorax: 0 of 10)
+        story.append(Paragraph(escape(_urgent_catch(info, options.urgent)), st["body"]))
     story += [*_evidence_lines(info, st), *([Paragraph(escape(alarm), st["warn"])] if alarm else []),
               Spacer(1, 2 * mm)]
 
@@ -807,6 +809,13 @@ def _order_text(record: StudyRecord, urgent) -> str:
     return f"P(any) {probability_text(record.triage_score)}"
 
 
+def _urgent_catch(info: ModelInfo, urgent) -> str:
+    """What the urgent bucket catches, so that a study lower on the worklist is not read as
+    cleared of its findings."""
+    return (f"The urgent bucket's catch: {'; '.join(info.evidence.sensitivity(f) for f in urgent)}. A study below "
+            f"it may still have {' or '.join(finding_label(f).lower() for f in urgent)}.")
+
+
 def _base_rates(info: ModelInfo) -> str:
     """How often this model flags and what its buckets held where it was validated, or ''."""
     level, ev = info.evidence.study_level, info.evidence
@@ -857,7 +866,8 @@ def write_merged_worklist(results: Path, shards: list[Path], runs: list[dict | N
         raise BundleError(f"the bundle at {bundle.path} is not the one the shards were scored with")
     options = ReportOptions(title=config.get("title") or ReportOptions.title,
                             institution=config.get("institution") or "",
-                            urgent=tuple(config.get("urgent") or DEFAULT_URGENT))
+                            # urgent [] is a scan without an urgent bucket, not one that named none
+                            urgent=tuple(DEFAULT_URGENT if config.get("urgent") is None else config["urgent"]))
     records = read_records(results)
     # results.csv holds no patient names; each shard's journal does (mode 0640, like the reports)
     names = {}

@@ -53,6 +53,7 @@ from .record import StudyRecord, log_name
 from .study import derived_uid
 from .reports import DISCLAIMER, report_name
 from .sr_template import ByteTemplate, TemplateError
+from .triage import priority_words
 
 log = logging.getLogger("cxr_batch")
 
@@ -88,11 +89,21 @@ FINDING_CODES: dict[str, hd.sr.CodedConcept] = {
     "Pleural_Thickening": _private("PLEURALTHICKEN", "Pleural thickening"),
     "Hernia": _private("HERNIA", "Hernia"),
 }
+# The priorities in the words the PDF banners use (a PACS or RIS shows the meaning): "abnormal"
+# can hold a study with no finding flagged (P(any) over the cutoff), and "normal" is never a
+# normal result; a bundle with a P(any) cutoff names it by that (priority_code).
 PRIORITY_CODES = {
     "urgent": _private("URGENT", "Urgent: an urgent finding is flagged"),
-    "abnormal": _private("ABNORMAL", "Abnormal: findings flagged"),
-    "normal": _private("NORMAL", "No finding flagged"),
+    "abnormal": _private("ABNORMAL", "Abnormal: read with priority"),
+    "normal": _private("NORMAL", "No finding flagged: not a normal result"),
 }
+
+
+def priority_code(priority: str, normal_below: float | None) -> hd.sr.CodedConcept:
+    """The code of a bucket as a bundle with (or without) a P(any) cutoff names it."""
+    if priority == "normal" and normal_below is not None:
+        return _private("NORMAL", f"{priority_words(priority, normal_below).capitalize()}: not a normal result")
+    return PRIORITY_CODES[priority]
 # UCUM "{probability}": dimensionless like "1", with an annotation that says what the number
 # is. OHIF prints a NUM item as "<value> <unit CodeValue>", so readers see "0.73 {probability}"
 # rather than "0.73 1".
@@ -289,7 +300,7 @@ def study_values(record: StudyRecord, bundle, created: dt.datetime | None = None
         tracking_uids=tuple(derived_uid("tracking", sr_uid, f) for f in FINDINGS),
         probabilities=tuple(round(float(p), 6) for p in scores.probs),
         flag_codes=tuple(codes.cid240.Present if flag else codes.cid240.Absent for flag in scores.flags),
-        priority_code=PRIORITY_CODES[scores.priority],
+        priority_code=priority_code(scores.priority, bundle.triage_policy().normal_below),
         created=created or dt.datetime.now(),
     )
 
@@ -367,13 +378,17 @@ def trust_lines(bundle) -> list[str]:
     where = f" ({ev.triage_source})" if ev.triage_source else ""
     lines = []
     for f in FINDINGS:
-        point = ev.operating_points.get(f)
+        point, counts, catch = ev.operating_points.get(f), ev.counts.get(f), ev.catch(f)
+        # the counted catch at this bundle's threshold, as the PDFs print it (v3's pneumothorax: 0 of 10 held out)
+        held_out = f"sensitivity {counts.tp / counts.positives:.2f} ({catch})" if catch else ""
         if point is None:
-            text = "sensitivity and PPV at its threshold not measured for this model"
+            text = (f"{held_out} at threshold {bundle.thresholds[f]:.4g}; PPV not measured" if held_out
+                    else "sensitivity and PPV at its threshold not measured for this model")
         elif not point.flagged:
             text = f"never flagged by this model: {point.why or 'validation ranking no better than chance'}"
         else:
             text = f"a flag has {point.trust().replace('sens.', 'sensitivity')} at threshold {bundle.thresholds[f]:.4g}{where}"
+            text += f"; {held_out}" if held_out else ""
         lines.append(_string(f"{finding_label(f)}: {text}", 1024))
     return lines
 

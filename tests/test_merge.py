@@ -181,3 +181,25 @@ def test_merge_never_replaces_a_worklist_pdf_of_its_own_nor_leaves_one_of_other_
     done = merge_cli(*reported, "--out", tmp_path / "d" / "results.csv")
     assert done.returncode == 0 and (tmp_path / "d" / "results.csv").is_file(), done.stderr
     assert "worklist.pdf" in done.stderr and "Traceback" not in done.stderr, done.stderr
+
+
+def test_a_merged_worklist_of_a_scan_without_an_urgent_bucket_has_none(tmp_path, nih_images, small_bundle):
+    """A scan with `urgent = []` (no urgent bucket) records urgent [] in run.json; merge read
+    the empty list as 'not given' and wrote the merged worklist with Pneumothorax urgent: its
+    header spoke of an urgent bucket the scan never had."""
+    from pypdf import PdfReader
+
+    (tmp_path / "studies").mkdir()
+    for p in nih_images[:4]:
+        shutil.copy(p, tmp_path / "studies" / p.name)
+    for i in range(2):
+        run_scan(tmp_path / "studies", tmp_path / f"s{i}", ScanConfig(
+            weights=str(small_bundle), device="cpu", workers=0, progress=False, shard=(i, 2), urgent=()))
+    assert json.loads((tmp_path / "s0" / "run.json").read_text())["config"]["urgent"] == []
+    done = merge_cli(tmp_path / "s0" / "results.csv", tmp_path / "s1" / "results.csv",
+                     "--out", tmp_path / "merged" / "results.csv")
+    assert done.returncode == 0, done.stderr
+    text = " ".join(page.extract_text() for page in PdfReader(tmp_path / "merged" / "worklist.pdf").pages)
+    assert "urgent bucket's catch" not in text
+    shard = " ".join(page.extract_text() for page in PdfReader(tmp_path / "s0" / "reports" / "worklist.pdf").pages)
+    assert "urgent bucket's catch" not in shard

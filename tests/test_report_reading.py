@@ -327,3 +327,78 @@ def test_a_result_whose_correction_could_not_be_read_says_so_on_the_worklist():
     other = record("abnormal", 0.5, {"Effusion": 0.7}, file="IM2.dcm", patient_id="OTHER")
     wl = text_of(worklist_pdf([kept, other], ReportOptions(), v3_like_info(), NOW))
     assert wl.count("a later version could not be read") == 1, wl
+
+
+def _v3_info() -> ModelInfo:
+    """The shipped v3 bundle's thresholds and evidence, as a scan with it prints them."""
+    from cxr_batch.bundle import DEFAULT_BUNDLE, read_manifest
+
+    manifest = read_manifest(DEFAULT_BUNDLE)
+    return ModelInfo("cxr-fpn@3.0", "0" * 64, dict(manifest["thresholds"]), bundle_evidence(manifest, DEFAULT_BUNDLE))
+
+
+V3_PNEUMOTHORAX = "Pneumothorax: sensitivity 0.00 at its threshold (flagged 0 of 10 held-out images that had it)"
+
+
+def test_an_abnormal_banner_says_what_the_urgent_findings_catch_is_too():
+    """NIH 00000050_000.png with v3: ABNORMAL for Emphysema. The banner said what the Emphysema
+    flag is worth and nothing of pneumothorax, which v3 caught in 0 of 10 held-out images: the
+    URGENT and LOW banners say so, the ABNORMAL one left a reader to take 'not urgent' for 'no
+    pneumothorax' (the model card: an unflagged study is not a study without a pneumothorax).
+    The same for an abnormal study with no single finding flagged (NIH 00018019_000 with v3)."""
+    info = _v3_info()
+    probs = {f: 0.01 for f in FINDINGS}
+    emphysema = record("abnormal", 0.641, {**probs, "Emphysema": 0.2})
+    emphysema.scores.flags = tuple(int(f == "Emphysema") for f in FINDINGS)
+    none_flagged = record("abnormal", 0.600, probs)
+    for study in (emphysema, none_flagged):
+        txt = text_of(study_pdf(study, GREY, {}, info, ReportOptions(), NOW))
+        assert "ABNORMAL: read with priority" in txt
+        assert V3_PNEUMOTHORAX in txt
+
+
+def test_the_worklist_says_what_the_urgent_bucket_catches():
+    """The worklist orders the reading: its URGENT rows printed v3's pneumothorax flag as 'sens.
+    0.23, PPV 0.10' (out of fold) and nothing said that v3 caught 0 of 10 held-out
+    pneumothoraces, so a pneumothorax lower on the list read as ruled out. The header says the
+    urgent findings' catch, held out too, as the study reports' banners do."""
+    info = _v3_info()
+    probs = {f: 0.01 for f in FINDINGS}
+    studies = [record("abnormal", 0.641, probs, file="a.png", patient_id="PA"),
+               record("normal", 0.2, probs, file="b.png", patient_id="PB")]
+    wl = text_of(worklist_pdf(studies, ReportOptions(), info, NOW))
+    assert f"The urgent bucket's catch: {V3_PNEUMOTHORAX}" in wl
+    assert "A study below it may still have pneumothorax." in wl
+    # no urgent finding (urgent = [] in a config table): nothing to say
+    assert "urgent bucket's catch" not in text_of(worklist_pdf(studies, ReportOptions(urgent=()), info, NOW))
+
+
+def test_a_scan_without_an_urgent_bucket_says_no_urgent_findings_catch():
+    """urgent = [] (no urgent bucket): the low-probability banner ended 'fell in this bucket. .'
+    (the urgent findings' sentence, empty); no banner names an urgent finding then."""
+    info, options = _v3_info(), ReportOptions(urgent=())
+    for study in (record("normal", 0.2, {}), record("abnormal", 0.6, {})):
+        txt = text_of(study_pdf(study, GREY, {}, info, options, NOW))
+        assert ". ." not in txt and "Pneumothorax: sensitivity" not in txt
+
+
+def test_cross_validated_counts_are_not_called_held_out():
+    """v2.1 has no held-out test (its evidence: 'out of fold, 5-fold cross-validation ... counts
+    at thresholds chosen on the same out-of-fold predictions'), yet its URGENT banner read
+    'flagged 10 of 34 held-out images that had it'. The catch says where it was counted."""
+    from cxr_batch.bundle import read_manifest
+    from cxr_batch.sr import trust_lines
+    from tests.conftest import REPO
+
+    v2 = REPO / "weights" / "cxr-fpn-v2"
+    ev = bundle_evidence(read_manifest(v2), v2)
+    assert ev.sensitivity("Pneumothorax") == ("Pneumothorax: sensitivity 0.29 at its threshold (flagged 10 of 34 "
+                                              "out-of-fold images that had it; no held-out test)")
+
+    class V2:  # what trust_lines reads of a bundle
+        manifest, path = read_manifest(v2), v2
+        thresholds = read_manifest(v2)["thresholds"]
+    line = trust_lines(V2)[FINDINGS.index("Pneumothorax")]
+    assert "held-out images" not in line and "flagged 10 of 34 out-of-fold images that had it" in line
+    # v3's held-out test is called so
+    assert V3_PNEUMOTHORAX in _v3_info().evidence.sensitivity("Pneumothorax")

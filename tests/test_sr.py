@@ -457,3 +457,47 @@ def test_every_finding_says_what_its_flag_is_worth(sr_scan, small_bundle, tmp_pa
     sr = pydicom.dcmread(_sr_path(out, rows["full.dcm"]))
     comments = [i.TextValue for i in sr.ContentSequence[-1].ContentSequence if i.ValueType == "TEXT"]
     assert len(comments) == 15 and comments[-1].startswith("Decision support only")  # 14 findings, the disclaimer
+
+
+def test_the_priority_is_named_as_the_reports_name_it(sr_scan):
+    """A PACS shows the SR's priority by its code meaning. v3's 'abnormal' bucket holds studies
+    with no finding flagged (P(any) over the cutoff), and its 'normal' bucket is 'low probability
+    of any finding', never a normal result: the SR said 'Abnormal: findings flagged' of a study
+    with no flag and 'No finding flagged' under the code NORMAL where every PDF says 'LOW
+    PROBABILITY OF ANY FINDING. Not a normal result.'"""
+    from cxr_batch.bundle import DEFAULT_BUNDLE, load_bundle
+    from tests.conftest import V1_BUNDLE
+
+    studies, *_ = sr_scan
+    ids = identifiers(_sources(studies)["full.dcm"])
+
+    def meaning(bundle, priority):
+        scores = Scores((0.01,) * 14, (0,) * 14, priority, 0.45, 0.45)
+        sr = build_sr(StudyRecord(file="full.dcm", ids=ids, scores=scores), bundle)
+        item = sr.ContentSequence[-1].ContentSequence[0].ConceptCodeSequence[0]
+        return item.CodeValue, item.CodeMeaning
+
+    v3, v1 = load_bundle(DEFAULT_BUNDLE), load_bundle(V1_BUNDLE)
+    assert meaning(v3, "abnormal") == ("ABNORMAL", "Abnormal: read with priority")
+    assert meaning(v3, "normal") == ("NORMAL", "Low probability of any finding: not a normal result")
+    assert meaning(v1, "normal") == ("NORMAL", "No finding flagged: not a normal result")
+    assert meaning(v3, "urgent") == ("URGENT", "Urgent: an urgent finding is flagged")
+    assert SRFactory(v3).sr_bytes(StudyRecord(file="full.dcm", ids=ids, scores=Scores(
+        (0.01,) * 14, (0,) * 14, "normal", 0.3, 0.3))).count(b"Low probability of any finding") == 1
+
+
+def test_the_sr_says_the_held_out_catch_the_pdfs_say():
+    """v3's SR told a PACS 'Pneumothorax: a flag has sensitivity 0.23, PPV 0.10' (out of fold)
+    and nothing else, where every PDF of the same study says it caught 0 of 10 held-out
+    pneumothoraces; v1's said 'not measured' where its PDFs say 1 of 5. Each finding's line
+    carries the held-out catch where the bundle has one."""
+    from cxr_batch.bundle import DEFAULT_BUNDLE, load_bundle
+    from cxr_batch.sr import trust_lines
+    from tests.conftest import V1_BUNDLE
+
+    v3 = trust_lines(load_bundle(DEFAULT_BUNDLE))[FINDINGS.index("Pneumothorax")]
+    assert v3.startswith("Pneumothorax: a flag has sensitivity 0.23, PPV 0.10 at threshold 0.08527 (out of fold")
+    assert v3.endswith("; sensitivity 0.00 (flagged 0 of 10 held-out images that had it)")
+    v1 = trust_lines(load_bundle(V1_BUNDLE))[FINDINGS.index("Pneumothorax")]
+    assert v1 == ("Pneumothorax: sensitivity 0.20 (flagged 1 of 5 held-out images that had it) at "
+                  "threshold 0.1; PPV not measured")
