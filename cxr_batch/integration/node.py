@@ -194,14 +194,20 @@ class Spool:
 
     def __init__(self, folder: Path):
         self.folder = private_dir(Path(folder))
+        # OUT/.cxr-batch/spool: whether OUT is a share's mount point
+        self.results_mount = os.path.ismount(self.folder.parent.parent)
 
     def make_again(self) -> None:
         """The spool made again after someone removed it (with the results folder, if that went
         too: the daemon fills it again from its ledger), but never where the folder the results
-        folder was in is gone (a share unmounted: on the disk below it); OSError then."""
-        results = self.folder.parent.parent  # OUT/.cxr-batch/spool
+        folder was in is gone, nor in a results folder that was a mount point and is not now (a
+        share unmounted: on the disk below it, hidden when the share is back); OSError then."""
+        results = self.folder.parent.parent
         if not results.parent.is_dir():
             raise FileNotFoundError(errno.ENOENT, "the folder of the results folder is gone", str(results.parent))
+        if self.results_mount and not os.path.ismount(results):
+            raise FileNotFoundError(errno.ENOENT, "the results folder is no longer a mount point (its share "
+                                                  "unmounted?)", str(results))
         private_dir(self.folder)
 
     @staticmethod
