@@ -327,7 +327,7 @@ class StorageSCP:
         try:
             server = self.ae.make_server((self.cfg.host, self.cfg.port), ssl_context=self.tls, evt_handlers=handlers,
                                          server_class=BoundedServer, limits=limits, monitor=self,
-                                         receive_dir=self.spool.folder)
+                                         receive_dir=self.spool.folder, make_receive_dir=self.spool.make_again)
         except OSError as e:
             raise NodeError(f"cannot listen on {self.address}: {e.strerror or e}") from None
         # As AE.start_server(block=False) does: serve in a thread, listed with the AE's servers.
