@@ -346,6 +346,7 @@ class Watcher:
         if self.out_away:
             self.out_away, self.retry_at = False, 0.0
             log.warning("the results folder %s is a mount point again: writing to it again", self.out)
+            self.contained(self.ledger.outbound_send_now)  # objects found missing meanwhile wait refused_retry: due now
         identity = self.results_identity()
         # a folder that is not there is always lost: a remake the folder went from again (rm -rf
         # in a loop) took None for its identity, and None == None hid it for ever
