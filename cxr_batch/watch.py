@@ -133,6 +133,10 @@ class Watcher:
         # watches a spool inside its results folder, so there nothing is skipped.
         self.exclude = [] if _inside(self.watch_dir, self.out) else [self.out]
         private_dir(self.out)
+        # a share mounted at OUT (NFS at /mnt/results) and unmounted later leaves the folder it was
+        # mounted on: never taken for OUT (results written there are hidden when the share is back)
+        self.out_mount = os.path.ismount(self.out)
+        self.out_away = False  # OUT was a mount point and is not now: nothing is written until it is again
         self.lock = FolderLock(self.out, self.command).acquire()
         try:
             self.state_dir = private_dir(self.out / STATE_DIR)
@@ -251,6 +255,8 @@ class Watcher:
         """One round of work: the outputs owed after a failure, then one ready batch, then the
         worklist when it is due. Returns whether a batch was processed."""
         batch = []
+        if self.out_away:  # the studies wait in the watched folder for the share to be back
+            return False
         try:
             if self.csv_whole:
                 self.publish_whole()
@@ -333,7 +339,15 @@ class Watcher:
         """A results folder removed or moved (``rm -rf OUT``, ``mv OUT OUT.old``) while the daemon
         runs is made again: the daemon went on committing studies to a ledger no path named any
         more (lost at the next start, with the reports and rows of every study) and stayed
-        degraded, its lock gone with the folder."""
+        degraded, its lock gone with the folder. A results folder that was a mount point at
+        start and is not now (its share unmounted) is not made again: see :meth:`share_away`."""
+        if self.out_mount and not os.path.ismount(self.out):
+            self.share_away()
+            return
+        if self.out_away:
+            self.out_away, self.retry_at = False, 0.0
+            log.warning("the results folder %s is a mount point again: writing to it again", self.out)
+            self.contained(self.ledger.outbound_send_now)  # objects found missing meanwhile wait refused_retry: due now
         identity = self.results_identity()
         # a folder that is not there is always lost: a remake the folder went from again (rm -rf
         # in a loop) took None for its identity, and None == None hid it for ever
@@ -344,6 +358,15 @@ class Watcher:
                       "ledger this daemon holds (every study reported is kept)", self.out)
         self.results_lost = True
         self.contained(self.remake_results_dir)
+
+    def share_away(self) -> None:
+        """OUT was a mount point when the daemon started and is not now (a share unmounted, the
+        folder it was mounted on left, or not even that): nothing is written to it, not even
+        status.json, and no study is taken (they wait in the watched folder), until the share is
+        mounted again; asked again at every heartbeat."""
+        self.out_away = True
+        self.degrade(f"the results folder {self.out} was a mount point when the daemon started and is no longer a "
+                     f"mount point (its share unmounted?): nothing is written until it is mounted again")
 
     def remake_results_dir(self) -> None:
         """The results folder made again: its lock, a copy of the ledger held open (the SQLite
@@ -933,6 +956,8 @@ class Watcher:
         self.worklist_built = time.monotonic()
 
     def heartbeat(self) -> None:
+        if self.out_away:  # status.json below an unmounted share would be read as the daemon's
+            return
         status = {"pid": os.getpid(), "state": self.state, "reason": self.reason, "time": time.time(),
                   "started": self.started, "watch_dir": str(self.watch_dir), "processed_this_run": self.processed,
                   "pending": len(self.pending), "model": self.bundle.label, "device": self.policy.describe()}

@@ -653,3 +653,75 @@ def test_a_results_folder_whose_parent_went_is_not_made_again_by_the_spool(tmp_p
         assert not (share / "site").exists() and "Traceback" not in (tmp_path / "log").read_text()
     finally:
         assert stop(node) == 0
+
+
+def test_a_results_share_unmounted_under_the_node_stores_nothing_on_the_disk_below(tmp_path, small_bundle):
+    """OUT a share's mount point, unmounted while the node runs: the folder it was mounted on is
+    still there, so the spool (OUT/.cxr-batch/spool) was made again in it and C-STOREs answered
+    success from the disk below the share, hidden (never scored) once it came back. Now none is
+    answered success (the modality keeps the image and sends it again) until the share is back."""
+    from .watchkit import can_mount_a_share, in_namespace, seen_by, start_on_a_share
+
+    if not can_mount_a_share():
+        pytest.skip("needs root, unshare and nsenter to mount a share at OUT for the node alone")
+    out, kept, log, port = tmp_path / "out", tmp_path / "kept", tmp_path / "log", free_port()
+    out.mkdir()
+    kept.mkdir()
+    # min_free_mb 0: the 64 MiB share is below the default floor of free space for the spool
+    node = start_on_a_share(out, ["listen", "--out", out, "--weights", small_bundle, "--device", "cpu", "--no-pdf",
+                                  "--config", node_config(tmp_path / "n.toml", min_free_mb=0), "--port", port], log)
+    share = seen_by(node, out)
+    ds = pydicom.dcmread(write(tmp_path / "x.dcm", grey_square()))
+    try:
+        assert wait_for(lambda: status(share).get("state") == "running", timeout=90), log.read_text()[-2000:]
+        in_namespace(node, "mount", "--bind", out, kept)
+        in_namespace(node, "umount", "-l", out)
+        assert wait_for(lambda: "no longer a mount point" in log.read_text(), timeout=30), log.read_text()[-2000:]
+        assert _send_with_pynetdicom(port, ds) != 0x0000  # a modality sends meanwhile: not stored
+        time.sleep(2)  # heartbeats after the daemon saw it
+        assert not list(out.iterdir()), log.read_text()[-2000:]
+        in_namespace(node, "mount", "--bind", kept, out)
+        assert wait_for(lambda: status(share).get("state") == "running", timeout=30), log.read_text()[-2000:]
+        assert _send_with_pynetdicom(port, ds) == 0x0000
+        assert wait_for(lambda: [r["sop_uid"] for r in rows_now(share)] == [ds.SOPInstanceUID], timeout=60), \
+            log.read_text()[-2000:]
+    finally:
+        assert stop(node) == 0, log.read_text()[-3000:]
+    assert not list(out.iterdir())
+
+
+@pytest.mark.parametrize("how", ["moved", "removed"])
+def test_objects_acknowledged_but_not_scored_when_the_results_folder_goes_are_scored_or_named(tmp_path, small_bundle,
+                                                                                              nih_images, how):
+    """`mv OUT OUT.old` while objects answered as stored wait in the spool for their batch: the
+    node made OUT again with an empty spool and the objects stayed in OUT.old's, never scored
+    and never said. Now they move with the node to the new spool and are scored there; objects
+    that cannot be (`rm -rf OUT` deleted them) are named by SOPInstanceUID in the log and in
+    status.json (``not_scored``), so the modality can send them again."""
+    import shutil
+
+    out, log, port = tmp_path / "out", tmp_path / "log", free_port()
+    # a batch waits 20 s to fill: the objects are still in the spool when OUT goes
+    node = start_node(out, small_bundle, node_config(tmp_path / "n.toml", batch_size=64, max_wait=20.0), "--port",
+                      port, "--no-pdf", log=log)
+    sent = [pydicom.dcmread(write(tmp_path / f"x{i}.dcm", grey(nih_images[i]), PatientID=f"X{i}")) for i in range(3)]
+    spool = out / ".cxr-batch" / "spool"
+    try:
+        assert wait_for(lambda: listening(log, node.pid) or node.poll() is not None), log.read_text()
+        assert [_send_with_pynetdicom(port, ds) for ds in sent] == [0x0000] * 3
+        assert len(list(spool.glob("*.dcm"))) == 3 and not rows_now(out)  # acknowledged, not yet scored
+        if how == "moved":
+            out.rename(tmp_path / "out.old")
+            assert wait_for(lambda: len(rows_now(out)) == 3, timeout=90), log.read_text()[-2000:]
+            assert sorted(r["sop_uid"] for r in rows_now(out)) == sorted(ds.SOPInstanceUID for ds in sent)
+            assert not list((tmp_path / "out.old" / ".cxr-batch" / "spool").iterdir())
+        else:
+            while out.exists():
+                shutil.rmtree(out, ignore_errors=True)
+            assert wait_for(lambda: len(status(out).get("not_scored", [])) == 3, timeout=30), log.read_text()[-2000:]
+            assert sorted(status(out)["not_scored"]) == sorted(ds.SOPInstanceUID for ds in sent)
+    finally:
+        assert stop(node) == 0, log.read_text()[-3000:]
+    if how == "removed":
+        text = log.read_text()
+        assert "not scored" in text and all(ds.SOPInstanceUID in text.split("not scored")[-1] for ds in sent), text

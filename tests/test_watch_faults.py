@@ -742,11 +742,49 @@ def test_a_results_folder_removed_again_while_it_was_made_again_is_made_again(tm
     from cxr_batch.watch import Watcher
 
     made = []
-    daemon = types.SimpleNamespace(out=tmp_path / "out", results_id=None, results_lost=False,
+    daemon = types.SimpleNamespace(out=tmp_path / "out", out_mount=False, out_away=False, results_id=None,
+                                   results_lost=False,
                                    results_identity=lambda: None, contained=lambda action: action(),
                                    remake_results_dir=lambda: made.append(1))
     Watcher.check_results_dir(daemon)
     assert made == [1] and daemon.results_lost
+
+
+def test_a_results_share_unmounted_under_the_daemon_is_not_made_again_on_the_disk_below(tmp_path, nih_images,
+                                                                                      small_bundle):
+    """OUT is a share's mount point (NFS at /mnt/results) and the share is unmounted while the
+    daemon runs: the folder it was mounted on is still there, so the daemon took it for a
+    results folder removed and made OUT again on the root disk (lock, ledger, results.csv,
+    reports), hidden once the share came back. It writes nothing there now, says why, and
+    scores what arrived meanwhile into the share once it is back. The share is a tmpfs mounted
+    at OUT in a mount namespace of the daemon's own (the test sees the folder below it)."""
+    from .watchkit import can_mount_a_share, in_namespace, seen_by, start_on_a_share
+
+    if not can_mount_a_share():
+        pytest.skip("needs root, unshare and nsenter to mount a share at OUT for the daemon alone")
+    incoming, out, kept, log = tmp_path / "in", tmp_path / "out", tmp_path / "kept", tmp_path / "log"
+    for folder in (incoming, out, kept):
+        folder.mkdir()
+    good_dicoms(incoming, nih_images, 1)
+    daemon = start_on_a_share(out, ["watch", incoming, "--out", out, "--weights", small_bundle, "--device", "cpu",
+                                    "--no-pdf", "--config", watch_config(tmp_path / "w.toml", retry_max=1.0)], log)
+    share = seen_by(daemon, out)
+    try:
+        assert wait_for(lambda: len(ok_rows(share)) == 1), log.read_text()[-2000:]
+        assert not list(out.iterdir())  # everything went to the share
+        in_namespace(daemon, "mount", "--bind", out, kept)  # the share held elsewhere, to come back
+        in_namespace(daemon, "umount", "-l", out)
+        good_dicoms(incoming, nih_images, 2, start=1)
+        assert wait_for(lambda: "no longer a mount point" in log.read_text(), timeout=30), log.read_text()[-2000:]
+        time.sleep(3)  # heartbeats and retries after the daemon saw it
+        assert not list(out.iterdir()), log.read_text()[-2000:]  # nothing on the disk below the share
+        in_namespace(daemon, "mount", "--bind", kept, out)  # the share is back
+        assert wait_for(lambda: len(ok_rows(share)) == 3 and status(share).get("state") == "running", timeout=60), \
+            log.read_text()[-2000:]
+    finally:
+        assert stop(daemon) == 0
+    assert not list(out.iterdir())
+    assert "Traceback" not in log.read_text()
 
 
 def test_results_waiting_for_the_ris_when_the_results_folder_is_removed_still_reach_it(tmp_path, nih_images,

@@ -89,3 +89,33 @@ def start_node(out, bundle, config, *extra, log, env=None):
                                  *map(str, extra)],
                                 stdout=subprocess.DEVNULL, stderr=stderr, text=True, env={**os.environ, **(env or {})},
                                 start_new_session=True)
+
+
+def can_mount_a_share() -> bool:
+    """Whether a test may give a daemon a mount namespace of its own (root, unshare, nsenter)."""
+    import shutil
+
+    return os.geteuid() == 0 and bool(shutil.which("unshare") and shutil.which("nsenter"))
+
+
+def start_on_a_share(share, args, log):
+    """``python -m cxr_batch ARGS`` in a mount namespace of its own, a tmpfs mounted at the
+    folder ``share`` there (a share at OUT; this process sees the folder below it). Its stderr
+    goes to the file ``log``; ``/proc/PID/root/SHARE`` is the share as it sees it."""
+    mount = 'mount -t tmpfs -o size=64m,mode=0750 share "$0" && exec "$@"'
+    with open(log, "a") as stderr:
+        return subprocess.Popen(["unshare", "-m", "--propagation", "private", "sh", "-c", mount, str(share),
+                                 sys.executable, "-m", "cxr_batch", *map(str, args)],
+                                stdout=subprocess.DEVNULL, stderr=stderr, start_new_session=True)
+
+
+def seen_by(proc, folder):
+    """``folder`` as process ``proc`` sees it (in its mount namespace)."""
+    from pathlib import Path
+
+    return Path(f"/proc/{proc.pid}/root") / Path(folder).relative_to("/")
+
+
+def in_namespace(proc, *cmd) -> None:
+    """Run ``cmd`` in the mount namespace of process ``proc`` (nsenter)."""
+    subprocess.run(["nsenter", "-t", str(proc.pid), "-m", *map(str, cmd)], check=True, capture_output=True, timeout=30)

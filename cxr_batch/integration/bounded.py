@@ -166,8 +166,9 @@ class BoundedServer(ThreadedAssociationServer):
     daemon_threads = True  # handshake threads; each ends by its deadline, and shutdown cuts them short
 
     def __init__(self, ae, address, ae_title, contexts, ssl_context=None, evt_handlers=None, *,
-                 limits: Limits, monitor: Monitor, receive_dir: Path):
+                 limits: Limits, monitor: Monitor, receive_dir: Path, make_receive_dir):
         self.limits, self.monitor, self.receive_dir = limits, monitor, Path(receive_dir)
+        self.make_receive_dir = make_receive_dir  # () -> None, OSError where it may not be made (Spool.make_again)
         self.tls = ssl_context
         self._pending: dict[socket.socket, str] = {}  # connections in their handshake -> their host
         self._pending_lock = threading.Lock()
@@ -599,12 +600,16 @@ def _receive_file(*args, **kwargs):
     """pynetdicom's temp file for a C-STORE data set as it arrives: in the receiving server's
     ``receive_dir`` (the spool) when the association is one of a BoundedServer, hidden."""
     assoc = getattr(threading.current_thread(), "assoc", None)  # the DUL thread decodes the PDUs
-    folder = getattr(getattr(assoc, "_server", None), "receive_dir", None)
+    server = getattr(assoc, "_server", None)
+    folder = getattr(server, "receive_dir", None)
     if folder is not None:
-        # removed by an operator: made again, as the spool does (OUT/.cxr-batch/spool), with OUT if
-        # that went too; never where the folder OUT was in is gone (an unmounted share: the disk below)
-        if os.path.isdir(os.path.dirname(os.path.dirname(os.path.dirname(folder)))):
-            os.makedirs(folder, mode=0o750, exist_ok=True)
+        # removed by an operator: made again as the spool makes itself again, never on the disk
+        # below an unmounted share (the temp file then cannot be made: the C-STORE is refused)
+        if not os.path.isdir(folder):
+            try:
+                server.make_receive_dir()
+            except OSError:
+                pass
         kwargs.update(dir=folder, prefix=RECEIVE_PREFIX, suffix=RECEIVE_SUFFIX)
     received = _ReceiveFile(NamedTemporaryFile(*args, **kwargs))
     if folder is not None:

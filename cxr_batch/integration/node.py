@@ -205,14 +205,20 @@ class Spool:
 
     def __init__(self, folder: Path):
         self.folder = private_dir(Path(folder))
+        # OUT/.cxr-batch/spool: whether OUT is a share's mount point
+        self.results_mount = os.path.ismount(self.folder.parent.parent)
 
     def make_again(self) -> None:
         """The spool made again after someone removed it (with the results folder, if that went
         too: the daemon fills it again from its ledger), but never where the folder the results
-        folder was in is gone (a share unmounted: on the disk below it); OSError then."""
-        results = self.folder.parent.parent  # OUT/.cxr-batch/spool
+        folder was in is gone, nor in a results folder that was a mount point and is not now (a
+        share unmounted: on the disk below it, hidden when the share is back); OSError then."""
+        results = self.folder.parent.parent
         if not results.parent.is_dir():
             raise FileNotFoundError(errno.ENOENT, "the folder of the results folder is gone", str(results.parent))
+        if self.results_mount and not os.path.ismount(results):
+            raise FileNotFoundError(errno.ENOENT, "the results folder is no longer a mount point (its share "
+                                                  "unmounted?)", str(results))
         private_dir(self.folder)
 
     @staticmethod
@@ -222,6 +228,14 @@ class Spool:
         content) keeps a changed re-send of an instance apart from the copy being processed,
         which is deleted after its commit."""
         return f"{uid}.{digest[:16]}.dcm" if valid_uid(uid) else f"{digest[:40]}.dcm"
+
+    @staticmethod
+    def uid_of(name: str) -> str:
+        """The SOPInstanceUID in a spool file's name (:meth:`file_name`), else how to find the
+        object: its name (an object without a valid UID)."""
+        stem = name.removesuffix(".dcm")
+        uid = stem.rsplit(".", 1)[0] if "." in stem else ""
+        return uid if valid_uid(uid) else f"(no valid SOPInstanceUID: spool file {name})"
 
     def write(self, uid: str, data: bytes) -> Path:
         """Write a received object atomically (temp file, fsync, rename, fsync of the folder):
@@ -333,7 +347,7 @@ class StorageSCP:
         try:
             server = self.ae.make_server((self.cfg.host, self.cfg.port), ssl_context=self.tls, evt_handlers=handlers,
                                          server_class=BoundedServer, limits=limits, monitor=self,
-                                         receive_dir=self.spool.folder)
+                                         receive_dir=self.spool.folder, make_receive_dir=self.spool.make_again)
         except OSError as e:
             raise NodeError(f"cannot listen on {self.address}: {e.strerror or e}") from None
         # As AE.start_server(block=False) does: serve in a thread, listed with the AE's servers.
@@ -541,7 +555,19 @@ class Node(Watcher):
             check_address(cfg.host, cfg.port)  # ...and so does a port in use, before any folder is made
         super().__init__(Path(out) / STATE_DIR / SPOOL, out, cfg, stop)
         self.spool = Spool(self.watch_dir)
-        self.scp = StorageSCP(cfg, self.spool, lambda path: self.events.put(str(path)), tls)
+        # Objects answered as stored and not yet committed (spool file names; added by network
+        # threads): if OUT goes with them, each is moved to the new spool or named (not_scored).
+        self.acknowledged = {p.name for p in self.watch_dir.iterdir() if not p.name.startswith(".")}
+        self.acknowledged_lock = threading.Lock()
+        self.not_scored: list[str] = []  # SOPInstanceUIDs of objects acknowledged and lost with OUT
+        self.spool_fd = os.open(self.watch_dir, os.O_RDONLY | os.O_DIRECTORY)  # follows the spool if OUT moves
+        self.scp = StorageSCP(cfg, self.spool, self.stored, tls)
+
+    def stored(self, path: Path) -> None:
+        """An object answered as stored (called in a network thread)."""
+        with self.acknowledged_lock:
+            self.acknowledged.add(Path(path).name)
+        self.events.put(str(path))
 
     def receives_on_port(self, cfg: ListenConfig) -> bool:
         """Whether objects arrive on ``cfg.port`` (so it must be free); a pull by C-GET says no."""
@@ -580,6 +606,48 @@ class Node(Watcher):
             super().loop()
         finally:
             self.scp.stop()
+            os.close(self.spool_fd)
+
+    def remake_results_dir(self) -> None:
+        """The results folder made again (moved or removed under the node), then the objects
+        acknowledged but not yet scored taken into its spool (:meth:`rescue_spool`)."""
+        super().remake_results_dir()
+        self.rescue_spool()
+
+    def rescue_spool(self) -> None:
+        """Objects answered as stored that waited in the spool of a results folder moved away
+        (``mv OUT OUT.old``): moved into the new spool (found through the folder the node holds
+        open, wherever it went on that file system), so they are scored. Those gone (``rm -rf
+        OUT``, or OUT moved to another file system: a copy, then the folder deleted) are named by
+        SOPInstanceUID in the log and status.json (``not_scored``): never lost unsaid."""
+        self.spool.make_again()
+        fd = os.open(self.watch_dir, os.O_RDONLY | os.O_DIRECTORY)
+        old, self.spool_fd = self.spool_fd, fd
+        moved = 0
+        try:
+            if not os.path.samestat(os.fstat(old), os.fstat(fd)):
+                for name in os.listdir(old):  # none in a folder that was deleted
+                    if name.startswith("."):  # an object still arriving: never answered as stored
+                        continue
+                    try:
+                        os.rename(name, name, src_dir_fd=old, dst_dir_fd=fd)
+                        moved += 1
+                    except OSError as e:
+                        log.error("%s could not be moved to the new spool: %s", log_name(name), e.strerror or e)
+        finally:
+            os.close(old)
+        if moved:
+            log.warning("%d object(s) received and not yet scored moved from the old results folder's spool to %s: "
+                        "scored there", moved, self.watch_dir)
+        with self.acknowledged_lock:  # listed under it: an object stored meanwhile is either here or not yet added
+            here = set(os.listdir(fd))
+            lost = sorted(self.acknowledged - here)
+            self.acknowledged &= here
+        if lost:
+            uids = [Spool.uid_of(name) for name in lost]
+            self.not_scored += uids
+            log.error("%d object(s) answered as stored went with the old results folder and are not scored (send "
+                      "them again): %s", len(uids), ", ".join(uids))
 
     def listen(self) -> None:
         """Start the storage SCP."""
@@ -592,6 +660,8 @@ class Node(Watcher):
     def move(self, rel: str, status: str, taken: tuple[int, int] | None = None) -> None:
         """A spool file whose study is committed: moved to archive_dir (quarantine_dir for a
         failure) when configured, else deleted; the ledger and results.csv keep the result."""
+        with self.acknowledged_lock:
+            self.acknowledged.discard(rel)  # committed: its result is in the ledger
         if self.cfg.quarantine_dir if status == "error" else self.cfg.archive_dir:
             super().move(rel, status, taken)
             return
@@ -600,5 +670,11 @@ class Node(Watcher):
         except OSError as e:
             log.error("could not remove %s from the spool: %s", log_name(rel), e.strerror or e)
 
+    def fail_batch(self, rels: list[str], reason: str) -> None:
+        super().fail_batch(rels, reason)
+        with self.acknowledged_lock:
+            self.acknowledged.difference_update(rels)  # committed as errors: reported
+
     def extra_status(self) -> dict:
-        return {"listen": self.scp.status(), **super().extra_status()}
+        lost = {"not_scored": self.not_scored} if self.not_scored else {}
+        return {"listen": self.scp.status(), **lost, **super().extra_status()}
