@@ -69,13 +69,13 @@ def archive(tmp_path_factory, nih_images):
     """({name: frontal DX file}, {name: object not to score}) made from real NIH radiographs."""
     folder = tmp_path_factory.mktemp("archive")
     frontal = {}
-    shared_study, shared_accession = generate_uid(), "ACC-SHARED"  # two frontal images in one study
+    shared_study, shared_accession = generate_uid(), "ACC-SHARED"  # two frontal images in one study (one patient)
     for i, (name, ts) in enumerate([("explicit", None), ("implicit", ImplicitVRLittleEndian), ("rle", RLELossless),
                                     ("jpegls", JPEGLSLossless), ("j2k", JPEG2000Lossless)]):
-        study = dict(StudyInstanceUID=shared_study, AccessionNumber=shared_accession) if i < 2 else \
-            dict(AccessionNumber=f"A-{name}")
-        frontal[name] = write(folder / f"{name}.dcm", _small(nih_images[i]), ts, PatientID=f"P-{name}",
-                              ViewPosition="AP" if i == 1 else "PA", **study)
+        study = dict(StudyInstanceUID=shared_study, AccessionNumber=shared_accession, PatientID="P-shared") \
+            if i < 2 else dict(AccessionNumber=f"A-{name}", PatientID=f"P-{name}")
+        frontal[name] = write(folder / f"{name}.dcm", _small(nih_images[i]), ts, ViewPosition="AP" if i == 1 else "PA",
+                              **study)
     for i, (name, option) in enumerate([("jpeg-baseline", "+eb"), ("jpeg-lossless", "+e1")], start=len(frontal)):
         if have("dcmcjpeg"):
             plain = write(folder / "plain" / f"{name}.dcm", _small(nih_images[i]), PatientID=f"P-{name}",

@@ -576,3 +576,35 @@ def test_an_object_of_the_study_asked_for_naming_another_patient_is_refused(radi
     assert "2 object(s) naming another patient than the C-FIND answered refused" in done.stderr
     assert not list((out / ".cxr-batch" / "spool").glob("*.dcm"))
 
+
+# ---------------------------------------------------------------------- pull: the spool stays bounded
+class _SpoolWatchingPACS(ScriptedPACS):
+    """Notes, before sending each object by C-GET, how many received objects wait in ``spool``."""
+
+    def __init__(self, files, spool: Path):
+        super().__init__(files)
+        self.spool, self.waiting = spool, []
+
+    def get(self, event):
+        for answer in super().get(event):
+            if isinstance(answer, tuple):
+                self.waiting.append(len(list(self.spool.glob("*.dcm"))))
+            yield answer
+
+
+def test_a_series_larger_than_max_spooled_does_not_fill_the_spool_past_it(radiographs, small_bundle, tmp_path):
+    """Retrieval waited for room only before each series: a series of more images than
+    pull.max_spooled (a PACS listing thousands in one series) came whole into the spool. It is
+    retrieved image by image, each when there is room."""
+    study, series = generate_uid(), generate_uid()
+    files = [write(tmp_path / "series" / f"{k}.dcm", _pixels_of(f), PatientID="P7", StudyInstanceUID=study,
+                   SeriesInstanceUID=series) for k, f in enumerate(radiographs)]
+    out = tmp_path / "out"
+    pacs = _SpoolWatchingPACS(files, out / ".cxr-batch" / "spool")
+    try:
+        done = _pull(pacs, out, small_bundle, "--retrieve", "get", "--config", _pull_config(tmp_path, max_spooled=1))
+    finally:
+        pacs.close()
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert len(_rows(out)) == 3
+    assert len(pacs.waiting) == 3 and max(pacs.waiting) == 0, pacs.waiting
