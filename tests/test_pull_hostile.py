@@ -608,3 +608,20 @@ def test_a_series_larger_than_max_spooled_does_not_fill_the_spool_past_it(radiog
     assert done.returncode == 0, done.stderr[-3000:]
     assert len(_rows(out)) == 3
     assert len(pacs.waiting) == 3 and max(pacs.waiting) == 0, pacs.waiting
+
+
+
+def test_patient_names_a_character_set_decodes_apart_are_not_another_patient():
+    """A PACS's C-FIND answer without SpecificCharacterSet has a UTF-8 name read as Latin-1; the
+    object, with its character set, reads it right: the same patient, not a refusal. Names that
+    differ in their letters still differ."""
+    from cxr_batch.integration.pull import Patient
+
+    def patient(pid, name):
+        ds = pydicom.Dataset()
+        ds.PatientID, ds.PatientName = pid, name
+        return Patient.of(ds)
+
+    answered = patient("P1", "Müller^Jürgen".encode().decode("latin-1"))
+    assert not answered.differs(patient("P1 ", "MÜLLER^Jürgen^^"))
+    assert answered.differs(patient("P1", "Schmidt^Jürgen"))

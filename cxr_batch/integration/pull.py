@@ -143,7 +143,7 @@ class Patient:
 
     id: str = ""
     issuer: str = ""
-    name: str = ""  # the alphabetic group, its components trimmed, upper case: "DOE^JANE"
+    name: str = ""  # the alphabetic group's ASCII letters and digits, upper case, per component: "DOE^JANE"
 
     @classmethod
     def of(cls, ds) -> "Patient":
@@ -155,12 +155,13 @@ class Patient:
             except Exception:  # a value its character set cannot decode
                 return ""
 
-        # a PACS's answer and the object may differ in case, in the empty components a name ends
-        # with, and in the ideographic and phonetic groups one of them leaves out
-        components = [c.strip() for c in text("PatientName").split("=")[0].split("^")]
+        # a PACS's answer and the object may differ in case, in spaces and the empty components a
+        # name ends with, in the ideographic and phonetic groups one of them leaves out, and in
+        # the letters outside ASCII (an answer without SpecificCharacterSet read as Latin-1)
+        components = [re.sub(r"[^A-Z0-9]", "", c.upper()) for c in text("PatientName").split("=")[0].split("^")]
         while components and not components[-1]:
             components.pop()
-        return cls(text("PatientID"), text("IssuerOfPatientID"), "^".join(components).upper())
+        return cls(text("PatientID"), text("IssuerOfPatientID"), "^".join(components))
 
     def differs(self, other: "Patient") -> str:
         """How ``other`` (an arriving object's header) names another patient than this one (the
