@@ -625,3 +625,29 @@ def test_patient_names_a_character_set_decodes_apart_are_not_another_patient():
     answered = patient("P1", "Müller^Jürgen".encode().decode("latin-1"))
     assert not answered.differs(patient("P1 ", "MÜLLER^Jürgen^^"))
     assert answered.differs(patient("P1", "Schmidt^Jürgen"))
+
+
+class _KeyIgnoringPACS(ScriptedPACS):
+    """Ignores StudyInstanceUID below the study level (a series- or image-level C-FIND answers, and
+    a retrieval sends, every study's objects of the series asked for, or every series)."""
+
+    def _matches(self, query, ds) -> bool:
+        keys = ("StudyInstanceUID",) if query.QueryRetrieveLevel == "STUDY" else ("SeriesInstanceUID", "SOPInstanceUID")
+        return all(str(ds.get(k, "")) == str(query.get(k)) for k in keys if query.get(k))
+
+
+def test_a_pacs_ignoring_the_study_asked_below_the_study_level_is_pulled_without_failures(radiographs, small_bundle,
+                                                                                           tmp_path):
+    """Each study listed every series of the archive; the other studies' series were queried and
+    retrieved under it, their objects refused as another study's, and every pull failed (exit 3).
+    Answers naming another study than the one asked are left out, and said."""
+    pacs = _KeyIgnoringPACS(radiographs)
+    out = tmp_path / "out"
+    try:
+        done = _pull(pacs, out, small_bundle, "--retrieve", "get", timeout=300)
+    finally:
+        pacs.close()
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert len(_rows(out)) == 3
+    assert pacs.levels().count("IMAGE") == 3, pacs.levels()
+    assert "other stud" in done.stderr, done.stderr[-3000:]

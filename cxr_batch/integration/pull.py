@@ -854,6 +854,7 @@ class Puller(Node):
                         e or "too many series")
             p.retrieval_failures += 1
             return
+        found = self._of_study(found, study.uid, "series")
         # each series once: a PACS answering one series many times would have it listed as often
         series = list({str(s.SeriesInstanceUID): s for s in found if str(s.get("Modality", "") or "").upper() in wanted
                        and valid_uid(str(s.get("SeriesInstanceUID", "") or ""))}.values())
@@ -872,6 +873,7 @@ class Puller(Node):
                             "again", ds.SeriesInstanceUID, study.uid, e or "too many images")
                 p.retrieval_failures += 1
                 continue
+            images = self._of_study(images, study.uid, "image", ds.SeriesInstanceUID)
             listed = sorted({u for u in (str(i.get("SOPInstanceUID", "") or "") for i in images) if valid_uid(u)})
             uids = sorted(set(listed) - self._not_retrievable(images, study.uid))
             p.images_listed += len(uids)
@@ -891,6 +893,19 @@ class Puller(Node):
                     self._retrieve(study, ds.SeriesInstanceUID, uid, [uid])
         if retrieved_any:
             p.studies_retrieved += 1
+
+    def _of_study(self, answers: list, study: str, level: str, series: str = "") -> list:
+        """The answers of a series- or image-level C-FIND that belong to the study (and series)
+        asked, or do not say: a PACS ignoring those keys answered other studies' series, which
+        were then queried and retrieved under this study, their objects refused as another
+        study's, and every pull failed. Those left out are said."""
+        asked = {"StudyInstanceUID": study, **({"SeriesInstanceUID": series} if series else {})}
+        kept = [a for a in answers if all(str(a.get(k, "") or "").strip() in ("", uid) for k, uid in asked.items())]
+        if len(kept) < len(answers):
+            log.warning("pull: the PACS answered the %s-level C-FIND of study %s with %d %s of other studies or "
+                        "series (it ignores the keys asked?): left out", level, study, len(answers) - len(kept),
+                        level if level == "series" else "images")
+        return kept
 
     def _not_retrievable(self, images: list, study: str) -> set[str]:
         """SOP Instance UIDs of a series' objects that C-GET cannot take (their SOP class has no
