@@ -283,6 +283,15 @@ def test_a_retrieval_that_never_ends_is_cut_and_said(radiographs, small_bundle, 
     assert "without sending anything asked for" in done.stderr, done.stderr[-3000:]
     rows = _rows(out)
     assert len(rows) == 1 and other.SOPInstanceUID in rows[0]
+    # a line per refused object was a log line per object the PACS cares to send, for minutes: ten
+    # for each of the two retrievals flooded, then their counts
+    import re
+
+    assert pacs.sent > 40 and sum(" refused: " in line for line in done.stderr.splitlines()) == 20, pacs.sent
+    assert done.stderr.count("further objects refused in this retrieval are counted, not logged") == 2
+    counts = [int(n) for n in re.findall(r"(\d+) object\(s\) refused in one retrieval", done.stderr)]
+    assert len(counts) == 2 and min(counts) > 10 and sum(counts) <= pacs.sent - 1, (counts, pacs.sent)  # the
+    # last few sent were cut off by the abort
 
 
 def test_an_instance_sent_many_times_is_stored_and_scored_once(radiographs, small_bundle, tmp_path):

@@ -329,7 +329,8 @@ class StorageSCP:
         self._lock = threading.Lock()
         self._bytes: dict[int, int] = {}  # bytes received per association since its last C-STORE
         self._aborted: set[int] = set()  # associations aborted for an oversize object
-        # refusal(event) -> why an arriving object is not wanted, or None (a pull takes only what it asked for);
+        # refusal(event) -> None, or (why an arriving object is not wanted, whether to log it): a pull takes
+        # only what it asked for, and says the first few it refuses in one retrieval;
         # taken(uid): told once one is stored, before another copy of that instance is looked at
         self.refusal = None
         self.taken = None
@@ -461,9 +462,11 @@ class StorageSCP:
 
     def _store(self, event, uid: str, shown: str, peer: str, received, failed) -> int:
         """The C-STORE once its instance is ours alone: refused, or written to the spool."""
-        if self.refusal is not None and (why := self.refusal(event)):
+        if self.refusal is not None and (refused := self.refusal(event)):
+            why, said = refused
             self._count("refused")
-            log.warning("%s from %s refused: %s", shown, peer, why)
+            if said:
+                log.warning("%s from %s refused: %s", shown, peer, why)
             return INVALID_SOP_INSTANCE
         if self.low_on_space:
             log.info("disk space for the spool again: storing")

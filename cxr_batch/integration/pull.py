@@ -59,6 +59,7 @@ ANSWER_BYTES_MAX = 1 << 20  # one answer's data set (a C-FIND answer), or one co
 C_STORE_RQ, P_DATA_TF = 0x0001, b"\x04"
 ANSWER_VALUE_MAX = 1024  # bytes of one key of an answer (a UID is 64, a date range 17): longer is left out
 PROGRESS_EVERY = 5.0  # seconds between progress lines
+REFUSALS_SAID = 10  # objects refused in one retrieval with a line each; the others are counted
 # Storage classes asked for by C-GET (each needs a presentation context and an SCP role: at most
 # 128 in all): the radiographs, and what a CR/DX series may also hold.
 GET_STORAGE_CLASSES = (
@@ -627,6 +628,7 @@ class Puller(Node):
         self.asked_patient = Patient()  # ...and its patient, as the C-FIND answered
         self.arrived: set[str] = set()  # ...and those of them that arrived
         self.unfit: set[str] = set()  # ...and those refused for their header (another study)
+        self.refused_now = 0  # objects refused since the retrieval in progress began
         self.scp.refusal, self.scp.taken = self._not_asked, self._taken
         self.progress = Progress()
         self.seen_studies: set[str] = set()  # study UIDs answered so far: each looked at once
@@ -937,7 +939,7 @@ class Puller(Node):
         if instance:
             ds.SOPInstanceUID = instance
         refused = self.progress.not_asked
-        self.arrived, self.unfit = set(), set()
+        self.arrived, self.unfit, self.refused_now = set(), set(), 0
         self.asked, self.asked_study, self.asked_patient = frozenset(asked), study.uid, study.patient
         try:
             completed, failed = self.source.retrieve(ds, lambda: len(self.arrived))
@@ -946,6 +948,9 @@ class Puller(Node):
             completed, failed = len(self.arrived), len(asked) - len(self.arrived)
         finally:
             self.asked = frozenset()
+        if self.refused_now > REFUSALS_SAID:
+            log.warning("pull: %d object(s) refused in one retrieval (the first %d said)", self.refused_now,
+                        REFUSALS_SAID)
         if self.source.stopped:  # cut short by a stop: the next pull retrieves the rest
             raise Stopped()
         failed = max(0, failed - (self.progress.not_asked - refused)) if failed > 0 else failed  # ours, not the PACS's
@@ -967,7 +972,7 @@ class Puller(Node):
             log.warning("pull: %d of %d object(s) of a series could not be retrieved; the next pull tries again",
                         failed, len(asked))
 
-    def _not_asked(self, event) -> str | None:
+    def _not_asked(self, event) -> tuple[str, bool] | None:
         """Why an arriving object is refused: only the instances the retrieval in progress asked
         for are stored and scored (a PACS sending another study's image, or a sender reaching our
         C-MOVE port, must not get a result, an SR or an HL7 message as if it had been asked for).
@@ -977,7 +982,9 @@ class Puller(Node):
         image of another patient filed under the study would have its result sent to the RIS
         under the wrong patient). Each instance is taken once per
         retrieval: a PACS sending it again and again (or on two associations at once) would have
-        it scored again each time."""
+        it scored again each time. (why, whether to log it): the first REFUSALS_SAID of a
+        retrieval are logged, the others counted (a PACS sending what we refuse for as long as
+        the retrieval lasts wrote a line per object)."""
         uid = str(event.request.AffectedSOPInstanceUID or "")
         why = None
         if uid not in self.asked:
@@ -1000,11 +1007,15 @@ class Puller(Node):
                     self.progress.other_patient += 1
             except Exception as e:  # unreadable: the scoring could not key it either
                 why = f"its header cannot be read ({type(e).__name__}: {e}; not scored)"
-        if why:
-            self.progress.not_asked += 1
-            if uid in self.asked and uid not in self.arrived:
-                self.unfit.add(uid)
-        return why
+        if not why:
+            return None
+        self.progress.not_asked += 1
+        if uid in self.asked and uid not in self.arrived:
+            self.unfit.add(uid)
+        self.refused_now += 1
+        if self.refused_now == REFUSALS_SAID:
+            why += "; further objects refused in this retrieval are counted, not logged"
+        return why, self.refused_now <= REFUSALS_SAID
 
     def _taken(self, uid: str) -> None:
         """An instance asked for is in the spool (the storage SCP holds its UID's lock from
