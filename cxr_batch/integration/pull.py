@@ -374,7 +374,10 @@ class Source:
                                              f"{self.cfg.query_timeout:g} s (or dropped the association)")
         if code in OUT_OF_RESOURCES:  # too many matches for the PACS itself: a smaller range may do
             raise TooMany(f"status 0x{code:04X}, out of resources")
-        if code not in (SUCCESS, CANCELLED):
+        if code == CANCELLED:  # we never cancel: the PACS stopped at a limit of its own, the rest unsaid
+            raise TooMany(f"status 0xFE00 (cancelled) after {len(found)} answers: the PACS cuts its C-FIND answers "
+                          f"short (a limit of its own: LimitFindResults in Orthanc)")
+        if code != SUCCESS:
             raise QueryRefused(f"the PACS {self.pacs} failed a {identifier.QueryRetrieveLevel.lower()}-level C-FIND "
                                f"with status 0x{code:04X}")
         return found
