@@ -562,7 +562,9 @@ class _RelabellingPACS(ScriptedPACS):
         return chosen
 
 
-def test_an_object_of_the_study_asked_for_naming_another_patient_is_refused(radiographs, small_bundle, tmp_path):
+@pytest.mark.parametrize("retrieve", ["get", "move"])
+def test_an_object_of_the_study_asked_for_naming_another_patient_is_refused(radiographs, small_bundle, tmp_path,
+                                                                            retrieve):
     """Objects sent under the Study Instance UID asked for whose patient differs from the study's
     C-FIND answer (another patient ID, or the same ID and another name) would have another
     patient's result sent to the RIS under this one: refused, said with the study and both IDs
@@ -574,7 +576,18 @@ def test_an_object_of_the_study_asked_for_naming_another_patient_is_refused(radi
     sent = {studies[0]: {"IssuerOfPatientID": "HOSP"}, studies[1]: {"PatientID": "SOMEONE-ELSE"}}
     pacs = _RelabellingPACS(radiographs, answered, sent)
     out = tmp_path / "out"
-    done, rows = _pull_by_get(pacs, out, small_bundle)
+    if retrieve == "get":  # the objects held in memory
+        done, rows = _pull_by_get(pacs, out, small_bundle)
+    else:  # written to the spool as they arrive, their header read from there
+        from tests.watchkit import free_port
+
+        pacs.move_to = free_port()
+        try:
+            done = _pull(pacs, out, small_bundle, "--port", pacs.move_to)
+        finally:
+            pacs.close()
+        assert "Traceback" not in done.stderr, done.stderr[-3000:]
+        rows = _rows(out)
     assert len(rows) == 1 and pydicom.dcmread(radiographs[0]).SOPInstanceUID in rows[0], "\n".join(rows)
     assert done.returncode == 3, done.stderr[-3000:]
     refusals = [line for line in done.stderr.splitlines() if "header names another patient" in line]
