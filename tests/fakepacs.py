@@ -83,6 +83,10 @@ class ScriptedPACS:
             answer.StudyInstanceUID, answer.StudyDate = ds.StudyInstanceUID, ds.StudyDate
             if level == "STUDY" and self.modalities_key == "answered":
                 answer.ModalitiesInStudy = ds.Modality
+            if level == "STUDY":  # whose, where asked: as the object says
+                for key in ("PatientID", "IssuerOfPatientID", "PatientName"):
+                    if key in query:
+                        setattr(answer, key, ds.get(key, ""))
             if level != "STUDY":
                 answer.SeriesInstanceUID, answer.Modality = ds.SeriesInstanceUID, ds.Modality
             if level == "IMAGE":

@@ -69,13 +69,13 @@ def archive(tmp_path_factory, nih_images):
     """({name: frontal DX file}, {name: object not to score}) made from real NIH radiographs."""
     folder = tmp_path_factory.mktemp("archive")
     frontal = {}
-    shared_study, shared_accession = generate_uid(), "ACC-SHARED"  # two frontal images in one study
+    shared_study, shared_accession = generate_uid(), "ACC-SHARED"  # two frontal images in one study (one patient)
     for i, (name, ts) in enumerate([("explicit", None), ("implicit", ImplicitVRLittleEndian), ("rle", RLELossless),
                                     ("jpegls", JPEGLSLossless), ("j2k", JPEG2000Lossless)]):
-        study = dict(StudyInstanceUID=shared_study, AccessionNumber=shared_accession) if i < 2 else \
-            dict(AccessionNumber=f"A-{name}")
-        frontal[name] = write(folder / f"{name}.dcm", _small(nih_images[i]), ts, PatientID=f"P-{name}",
-                              ViewPosition="AP" if i == 1 else "PA", **study)
+        study = dict(StudyInstanceUID=shared_study, AccessionNumber=shared_accession, PatientID="P-shared") \
+            if i < 2 else dict(AccessionNumber=f"A-{name}", PatientID=f"P-{name}")
+        frontal[name] = write(folder / f"{name}.dcm", _small(nih_images[i]), ts, ViewPosition="AP" if i == 1 else "PA",
+                              **study)
     for i, (name, option) in enumerate([("jpeg-baseline", "+eb"), ("jpeg-lossless", "+e1")], start=len(frontal)):
         if have("dcmcjpeg"):
             plain = write(folder / "plain" / f"{name}.dcm", _small(nih_images[i]), PatientID=f"P-{name}",
@@ -468,6 +468,30 @@ def test_a_query_matching_many_studies_is_paged_bounded_and_continued(nih_images
         rows = (out / "results.csv").read_text().splitlines()[1:]
         scored.append(len(rows))
     assert scored == [3, 6]  # the second pull took the next three, none twice
+
+
+def test_a_pacs_limiting_its_answers_is_paged_not_taken_as_complete(nih_images, urgent_bundle, make_orthanc,
+                                                                     tmp_path):
+    """Orthanc with LimitFindResults answers a C-FIND matching more studies with the first few and
+    status 0xFE00 (cancel); read as complete, the others were never pulled and the pull said
+    success. The dates are split until each answer is whole; a day holding more than the PACS
+    answers fails the pull, naming the limit."""
+    pacs = make_orthanc(dicomweb=False, extra={"LimitFindResults": 2})
+    day0 = dt.date(2024, 1, 1)
+    pixels = _small(nih_images[0], 128)
+    files = [write(tmp_path / "days" / f"{k}.dcm", pixels, PatientID=f"P{k}", AccessionNumber=f"A{k}",
+                   StudyDate=(day0 + dt.timedelta(days=k)).strftime("%Y%m%d")) for k in range(3)]
+    _upload(pacs, files)
+    out = tmp_path / "out"
+    done = pull(pacs, free_port(), out, urgent_bundle, "--retrieve", "get")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert len((out / "results.csv").read_text().splitlines()[1:]) == 3
+    one_day = [write(tmp_path / "one" / f"{k}.dcm", pixels, PatientID=f"Q{k}", StudyDate="20240301")
+               for k in range(3)]
+    _upload(pacs, one_day)
+    done = pull(pacs, free_port(), tmp_path / "out2", urgent_bundle, "--retrieve", "get")
+    assert done.returncode == 1, done.stderr[-3000:]
+    assert "0xFE00" in done.stderr and "LimitFindResults" in done.stderr, done.stderr[-3000:]
 
 
 def test_study_pages_split_dates_until_each_answer_is_bounded():

@@ -283,6 +283,15 @@ def test_a_retrieval_that_never_ends_is_cut_and_said(radiographs, small_bundle, 
     assert "without sending anything asked for" in done.stderr, done.stderr[-3000:]
     rows = _rows(out)
     assert len(rows) == 1 and other.SOPInstanceUID in rows[0]
+    # a line per refused object was a log line per object the PACS cares to send, for minutes: ten
+    # for each of the two retrievals flooded, then their counts
+    import re
+
+    assert pacs.sent > 40 and sum(" refused: " in line for line in done.stderr.splitlines()) == 20, pacs.sent
+    assert done.stderr.count("further objects refused in this retrieval are counted, not logged") == 2
+    counts = [int(n) for n in re.findall(r"(\d+) object\(s\) refused in one retrieval", done.stderr)]
+    assert len(counts) == 2 and min(counts) > 10 and sum(counts) <= pacs.sent - 1, (counts, pacs.sent)  # the
+    # last few sent were cut off by the abort
 
 
 def test_an_instance_sent_many_times_is_stored_and_scored_once(radiographs, small_bundle, tmp_path):
@@ -438,3 +447,229 @@ def test_a_c_find_answer_of_40_mb_is_not_read_whole(tmp_path, nih_images):
             source.find(query)
     finally:
         pacs.close()
+
+
+# ---------------------------------------------------------------------- pull: deliveries racing each other
+class _PullerAt:
+    """A Puller's receiving side in this process (its storage SCP listening, no PACS asked):
+    ``expect(ds)`` makes ``ds`` the instance a retrieval in progress asked for."""
+
+    def __init__(self, out: Path, bundle: Path):
+        from cxr_batch.integration.pull import PullConfig, Puller
+        from tests.watchkit import free_port
+
+        cfg = PullConfig(source="PACS@127.0.0.1:104", port=free_port(), weights=str(bundle), device="cpu",
+                         precision="fp32", workers=0, pdf=False)
+        self.puller = Puller(out, cfg)
+        self.puller.scp.start()
+
+    def expect(self, ds: pydicom.Dataset) -> None:
+        self.puller.asked, self.puller.asked_study = frozenset([ds.SOPInstanceUID]), ds.StudyInstanceUID
+        self.puller.arrived, self.puller.unfit = set(), set()
+
+    def send(self, ds: pydicom.Dataset) -> int:
+        """``ds`` C-STOREd on an association of its own: the status answered."""
+        from pynetdicom import AE
+
+        ae = AE(ae_title="PACS")
+        ae.add_requested_context(ds.SOPClassUID)
+        assoc = ae.associate("127.0.0.1", self.puller.cfg.port, ae_title=self.puller.cfg.ae_title)
+        assert assoc.is_established
+        try:
+            return int(assoc.send_c_store(ds).Status)
+        finally:
+            assoc.release()
+
+    def spooled(self) -> list[Path]:
+        return sorted(self.puller.spool.folder.glob("*.dcm"))
+
+    def close(self) -> None:
+        p = self.puller
+        p.scp.stop()
+        p.outbox.stop()
+        p.reader.close()
+        p.ledger.close()
+        p.lock.release()
+
+
+def test_one_instance_delivered_on_two_associations_at_once_is_stored_once(radiographs, small_bundle, tmp_path,
+                                                                           monkeypatch):
+    """A PACS moving one instance over two associations at the same moment (two copies, a header
+    re-stamped): both passed the duplicate check while the first read its header, and the image
+    was scored twice (two rows, two results sent). The second waits for the first and is refused."""
+    import threading
+
+    from cxr_batch.integration import pull
+
+    first = pydicom.dcmread(radiographs[0])
+    second = pydicom.dcmread(radiographs[0])
+    second.InstitutionName = "copy 2"
+    reading, go_on = threading.Event(), threading.Event()
+    real_header = pull.pydicom_header
+
+    def slow_header(path):  # the first delivery stays in its check until told to go on
+        if not reading.is_set():
+            reading.set()
+            go_on.wait(timeout=60)
+        return real_header(path)
+
+    monkeypatch.setattr(pull, "pydicom_header", slow_header)
+    node = _PullerAt(tmp_path / "out", small_bundle)
+    try:
+        node.expect(first)
+        answers = {}
+        one = threading.Thread(target=lambda: answers.setdefault("first", node.send(first)))
+        one.start()
+        assert reading.wait(timeout=60)
+        two = threading.Thread(target=lambda: answers.setdefault("second", node.send(second)))
+        two.start()
+        two.join(timeout=3)  # unfixed, it was stored meanwhile; fixed, it waits for the first
+        go_on.set()
+        one.join(timeout=60)
+        two.join(timeout=60)
+        spooled = node.spooled()
+    finally:
+        go_on.set()
+        node.close()
+    assert sorted(answers.values()) == [0x0000, 0x0117], answers
+    assert answers["first"] == 0x0000 and len(spooled) == 1
+    assert node.puller.arrived == {first.SOPInstanceUID} and node.puller.progress.not_asked == 1
+
+
+# ---------------------------------------------------------------------- pull: an object of another patient
+class _RelabellingPACS(ScriptedPACS):
+    """Answers the study-level C-FIND with ``answered`` ({study UID: {key: value}}) over what its
+    objects say, and sends each object changed by ``sent`` ({study UID: {key: value}})."""
+
+    def __init__(self, files, answered, sent):
+        super().__init__(files)
+        self.answered, self.sent = answered, sent
+
+    def find(self, event):
+        for status, answer in super().find(event):
+            if answer is not None and answer.QueryRetrieveLevel == "STUDY":
+                for key, value in self.answered.get(answer.StudyInstanceUID, {}).items():
+                    setattr(answer, key, value)
+            yield status, answer
+
+    def _sent(self, identifier):
+        chosen = []
+        for ds in super()._sent(identifier):
+            ds = pydicom.dcmread(ds.filename)  # a copy: the next pull is sent the original
+            for key, value in self.sent.get(ds.StudyInstanceUID, {}).items():
+                setattr(ds, key, value)
+            chosen.append(ds)
+        return chosen
+
+
+@pytest.mark.parametrize("retrieve", ["get", "move"])
+def test_an_object_of_the_study_asked_for_naming_another_patient_is_refused(radiographs, small_bundle, tmp_path,
+                                                                            retrieve):
+    """Objects sent under the Study Instance UID asked for whose patient differs from the study's
+    C-FIND answer (another patient ID, or the same ID and another name) would have another
+    patient's result sent to the RIS under this one: refused, said with the study and both IDs
+    (never a name), counted in the summary. Differences real archives make (an issuer only one
+    of them gives, trailing spaces, a name's case and empty components) are not refused."""
+    studies = [pydicom.dcmread(f).StudyInstanceUID for f in radiographs]
+    answered = {studies[0]: {"PatientID": "P0  ", "PatientName": "doe^jane^^^", "IssuerOfPatientID": ""},
+                studies[2]: {"PatientName": "ROE^RICHARD"}}
+    sent = {studies[0]: {"IssuerOfPatientID": "HOSP"}, studies[1]: {"PatientID": "SOMEONE-ELSE"}}
+    pacs = _RelabellingPACS(radiographs, answered, sent)
+    out = tmp_path / "out"
+    if retrieve == "get":  # the objects held in memory
+        done, rows = _pull_by_get(pacs, out, small_bundle)
+    else:  # written to the spool as they arrive, their header read from there
+        from tests.watchkit import free_port
+
+        pacs.move_to = free_port()
+        try:
+            done = _pull(pacs, out, small_bundle, "--port", pacs.move_to)
+        finally:
+            pacs.close()
+        assert "Traceback" not in done.stderr, done.stderr[-3000:]
+        rows = _rows(out)
+    assert len(rows) == 1 and pydicom.dcmread(radiographs[0]).SOPInstanceUID in rows[0], "\n".join(rows)
+    assert done.returncode == 3, done.stderr[-3000:]
+    refusals = [line for line in done.stderr.splitlines() if "header names another patient" in line]
+    assert len(refusals) == 2, done.stderr[-3000:]
+    assert studies[1] in refusals[0] and "'SOMEONE-ELSE'" in refusals[0] and "'P1'" in refusals[0], refusals[0]
+    assert studies[2] in refusals[1] and "'P2'" in refusals[1], refusals[1]
+    assert "ROE" not in done.stderr and "DOE" not in done.stderr.upper()
+    assert "2 object(s) naming another patient than the C-FIND answered refused" in done.stderr
+    assert not list((out / ".cxr-batch" / "spool").glob("*.dcm"))
+
+
+# ---------------------------------------------------------------------- pull: the spool stays bounded
+class _SpoolWatchingPACS(ScriptedPACS):
+    """Notes, before sending each object by C-GET, how many received objects wait in ``spool``."""
+
+    def __init__(self, files, spool: Path):
+        super().__init__(files)
+        self.spool, self.waiting = spool, []
+
+    def get(self, event):
+        for answer in super().get(event):
+            if isinstance(answer, tuple):
+                self.waiting.append(len(list(self.spool.glob("*.dcm"))))
+            yield answer
+
+
+def test_a_series_larger_than_max_spooled_does_not_fill_the_spool_past_it(radiographs, small_bundle, tmp_path):
+    """Retrieval waited for room only before each series: a series of more images than
+    pull.max_spooled (a PACS listing thousands in one series) came whole into the spool. It is
+    retrieved image by image, each when there is room."""
+    study, series = generate_uid(), generate_uid()
+    files = [write(tmp_path / "series" / f"{k}.dcm", _pixels_of(f), PatientID="P7", StudyInstanceUID=study,
+                   SeriesInstanceUID=series) for k, f in enumerate(radiographs)]
+    out = tmp_path / "out"
+    pacs = _SpoolWatchingPACS(files, out / ".cxr-batch" / "spool")
+    try:
+        done = _pull(pacs, out, small_bundle, "--retrieve", "get", "--config", _pull_config(tmp_path, max_spooled=1))
+    finally:
+        pacs.close()
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert len(_rows(out)) == 3
+    assert len(pacs.waiting) == 3 and max(pacs.waiting) == 0, pacs.waiting
+
+
+
+def test_patient_names_a_character_set_decodes_apart_are_not_another_patient():
+    """A PACS's C-FIND answer without SpecificCharacterSet has a UTF-8 name read as Latin-1; the
+    object, with its character set, reads it right: the same patient, not a refusal. Names that
+    differ in their letters still differ."""
+    from cxr_batch.integration.pull import Patient
+
+    def patient(pid, name):
+        ds = pydicom.Dataset()
+        ds.PatientID, ds.PatientName = pid, name
+        return Patient.of(ds)
+
+    answered = patient("P1", "Müller^Jürgen".encode().decode("latin-1"))
+    assert not answered.differs(patient("P1 ", "MÜLLER^Jürgen^^"))
+    assert answered.differs(patient("P1", "Schmidt^Jürgen"))
+
+
+class _KeyIgnoringPACS(ScriptedPACS):
+    """Ignores StudyInstanceUID below the study level (a series- or image-level C-FIND answers, and
+    a retrieval sends, every study's objects of the series asked for, or every series)."""
+
+    def _matches(self, query, ds) -> bool:
+        keys = ("StudyInstanceUID",) if query.QueryRetrieveLevel == "STUDY" else ("SeriesInstanceUID", "SOPInstanceUID")
+        return all(str(ds.get(k, "")) == str(query.get(k)) for k in keys if query.get(k))
+
+
+def test_a_pacs_ignoring_the_study_asked_below_the_study_level_is_pulled_without_failures(radiographs, small_bundle,
+                                                                                           tmp_path):
+    """Each study listed every series of the archive; the other studies' series were queried and
+    retrieved under it, their objects refused as another study's, and every pull failed (exit 3).
+    Answers naming another study than the one asked are left out, and said."""
+    pacs = _KeyIgnoringPACS(radiographs)
+    out = tmp_path / "out"
+    try:
+        done = _pull(pacs, out, small_bundle, "--retrieve", "get", timeout=300)
+    finally:
+        pacs.close()
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert len(_rows(out)) == 3
+    assert pacs.levels().count("IMAGE") == 3, pacs.levels()
+    assert "other stud" in done.stderr, done.stderr[-3000:]

@@ -30,6 +30,7 @@ import socket
 import ssl
 import tempfile
 import threading
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -300,6 +301,32 @@ class Spool:
         return removed
 
 
+class KeyedLock:
+    """A lock per key: holders of one key take turns, holders of different keys do not wait for
+    each other. A key's lock lives while it is held or waited for."""
+
+    def __init__(self):
+        self._guard = threading.Lock()
+        self._locks: dict[str, tuple[threading.Lock, int]] = {}  # key -> (its lock, holders and waiters)
+
+    @contextmanager
+    def hold(self, key: str):
+        with self._guard:
+            lock, users = self._locks.get(key, (None, 0))
+            lock = lock or threading.Lock()
+            self._locks[key] = (lock, users + 1)
+        try:
+            with lock:
+                yield
+        finally:
+            with self._guard:
+                users = self._locks[key][1] - 1
+                if users:
+                    self._locks[key] = (lock, users)
+                else:
+                    del self._locks[key]
+
+
 class StorageSCP:
     """The listening side: a pynetdicom AE for C-ECHO and C-STORE into ``spool``;
     ``on_stored(path)`` is told about every object written (called in the network thread)."""
@@ -327,8 +354,12 @@ class StorageSCP:
         self._lock = threading.Lock()
         self._bytes: dict[int, int] = {}  # bytes received per association since its last C-STORE
         self._aborted: set[int] = set()  # associations aborted for an oversize object
-        # refusal(event) -> why an arriving object is not wanted, or None (a pull takes only what it asked for)
+        # refusal(event) -> None, or (why an arriving object is not wanted, whether to log it): a pull takes
+        # only what it asked for, and says the first few it refuses in one retrieval;
+        # taken(uid): told once one is stored, before another copy of that instance is looked at
         self.refusal = None
+        self.taken = None
+        self.receiving = KeyedLock()  # SOP Instance UIDs being checked and stored
 
     def start(self):
         from pynetdicom import evt
@@ -449,9 +480,19 @@ class StorageSCP:
                           "there is", self.cfg.min_free_mb)
             self.low_on_space = True
             return OUT_OF_RESOURCES
-        if self.refusal is not None and (why := self.refusal(event)):
+        # Copies of one instance arriving on several associations at once take turns from the
+        # check to the store: each passed a pull's "sent again?" check while the other read its
+        # header, and the image was stored and scored twice.
+        with self.receiving.hold(uid):
+            return self._store(event, uid, shown, peer, received, failed)
+
+    def _store(self, event, uid: str, shown: str, peer: str, received, failed) -> int:
+        """The C-STORE once its instance is ours alone: refused, or written to the spool."""
+        if self.refusal is not None and (refused := self.refusal(event)):
+            why, said = refused
             self._count("refused")
-            log.warning("%s from %s refused: %s", shown, peer, why)
+            if said:
+                log.warning("%s from %s refused: %s", shown, peer, why)
             return INVALID_SOP_INSTANCE
         if self.low_on_space:
             log.info("disk space for the spool again: storing")
@@ -472,6 +513,8 @@ class StorageSCP:
             return PROCESSING_FAILURE
         self._count("received")
         log.info("received %s from %s", shown, peer)
+        if self.taken is not None:
+            self.taken(uid)
         self.on_stored(path)
         return STORED
 

@@ -14,7 +14,7 @@ a silent trial over last month's studies), once.
   and port: 0xA801 otherwise, said plainly) or by C-GET over the query's association; either way
   the objects arrive through the DICOM node's receiving path (:class:`~.node.StorageSCP`: spool,
   ledger, scoring, results sent back by the outbox). Retrieval pauses while ``max_spooled``
-  objects wait to be scored, so the disk stays bounded.
+  objects wait to be scored, so the disk stays bounded (a larger series: image by image).
 - Bounded, paged: the date range is split in halves while one C-FIND answers more than
   ``page_size`` studies (read no further: the association is aborted), pages are done oldest
   first, and a pull stops after ``max_studies`` studies with anything new (run it again for the
@@ -23,7 +23,8 @@ a silent trial over last month's studies), once.
   ``send_wait`` seconds after scoring ended (what was not delivered waits in the queue: the
   next pull or ``cxr-batch outbound send`` sends it).
 
-Logs name counts, AE titles and SOP Instance UIDs, never a patient.
+Logs name counts, AE titles and SOP Instance UIDs, never a patient's name; patient IDs only
+where an arriving object names another patient than the C-FIND answered for its study.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ from typing import Literal
 from ..config import ConfigError, bounded
 from ..exit_codes import FATAL, OK, SOME_FAILED
 from .dicom_send import Destination, association_failures_said_by_us, tcp_no_delay
-from .node import ListenConfig, Node, escape_library_log, valid_uid
+from .node import ListenConfig, Node, escape_library_log, printable, valid_uid
 
 log = logging.getLogger("cxr_batch")
 
@@ -58,6 +59,7 @@ ANSWER_BYTES_MAX = 1 << 20  # one answer's data set (a C-FIND answer), or one co
 C_STORE_RQ, P_DATA_TF = 0x0001, b"\x04"
 ANSWER_VALUE_MAX = 1024  # bytes of one key of an answer (a UID is 64, a date range 17): longer is left out
 PROGRESS_EVERY = 5.0  # seconds between progress lines
+REFUSALS_SAID = 10  # objects refused in one retrieval with a line each; the others are counted
 # Storage classes asked for by C-GET (each needs a presentation context and an SCP role: at most
 # 128 in all): the radiographs, and what a CR/DX series may also hold.
 GET_STORAGE_CLASSES = (
@@ -137,9 +139,54 @@ class PullConfig(ListenConfig):
 
 # ---------------------------------------------------------------------- talking to the PACS
 @dataclass(frozen=True)
+class Patient:
+    """Whom a study belongs to, as the study-level C-FIND answered it, or an object's header."""
+
+    id: str = ""
+    issuer: str = ""
+    name: str = ""  # the alphabetic group's ASCII letters and digits, upper case, per component: "DOE^JANE"
+
+    @classmethod
+    def of(cls, ds) -> "Patient":
+        """The patient keys of a C-FIND answer or an object's header; a value with no usable
+        text is empty."""
+        def text(key: str) -> str:
+            try:
+                return str(ds.get(key, "") or "").strip()
+            except Exception:  # a value its character set cannot decode
+                return ""
+
+        # a PACS's answer and the object may differ in case, in spaces and the empty components a
+        # name ends with, in the ideographic and phonetic groups one of them leaves out, and in
+        # the letters outside ASCII (an answer without SpecificCharacterSet read as Latin-1)
+        components = [re.sub(r"[^A-Z0-9]", "", c.upper()) for c in text("PatientName").split("=")[0].split("^")]
+        while components and not components[-1]:
+            components.pop()
+        return cls(text("PatientID"), text("IssuerOfPatientID"), "^".join(components))
+
+    def differs(self, other: "Patient") -> str:
+        """How ``other`` (an arriving object's header) names another patient than this one (the
+        C-FIND's answer), for a log line: the two IDs quoted, never a name; "" when it does not.
+        A value empty on either side is not compared (a PACS answering no issuer, an object
+        without a name)."""
+        def given(a: str, b: str) -> bool:
+            return bool(a) and bool(b) and a != b
+
+        if given(self.id, other.id):
+            return f"patient ID '{printable(other.id)}' where the C-FIND answered '{printable(self.id)}'"
+        if given(self.issuer, other.issuer):
+            return (f"issuer of patient ID '{printable(other.issuer)}' where the C-FIND answered "
+                    f"'{printable(self.issuer)}' (patient ID '{printable(self.id or other.id)}')")
+        if given(self.name, other.name):
+            return f"another patient name than the C-FIND answered (patient ID '{printable(self.id or other.id)}')"
+        return ""
+
+
+@dataclass(frozen=True)
 class Study:
     uid: str
     modalities: tuple[str, ...]  # ModalitiesInStudy as answered ("" when the PACS gave none)
+    patient: Patient = Patient()  # as the study-level C-FIND answered
 
 
 class QueryRefused(PullError):
@@ -327,7 +374,10 @@ class Source:
                                              f"{self.cfg.query_timeout:g} s (or dropped the association)")
         if code in OUT_OF_RESOURCES:  # too many matches for the PACS itself: a smaller range may do
             raise TooMany(f"status 0x{code:04X}, out of resources")
-        if code not in (SUCCESS, CANCELLED):
+        if code == CANCELLED:  # we never cancel: the PACS stopped at a limit of its own, the rest unsaid
+            raise TooMany(f"status 0xFE00 (cancelled) after {len(found)} answers: the PACS cuts its C-FIND answers "
+                          f"short (a limit of its own: LimitFindResults in Orthanc)")
+        if code != SUCCESS:
             raise QueryRefused(f"the PACS {self.pacs} failed a {identifier.QueryRetrieveLevel.lower()}-level C-FIND "
                                f"with status 0x{code:04X}")
         return found
@@ -472,7 +522,9 @@ def pydicom_header(path):
     """The header of a received object (no pixel data read)."""
     import pydicom
 
-    return pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SOPInstanceUID", "StudyInstanceUID"])
+    return pydicom.dcmread(path, stop_before_pixels=True,
+                           specific_tags=["SpecificCharacterSet", "SOPInstanceUID", "StudyInstanceUID", "PatientID",
+                                          "IssuerOfPatientID", "PatientName"])
 
 
 def study_day(answer) -> str | None:
@@ -533,6 +585,7 @@ class Progress:
     already_scored: int = 0
     retrieval_failures: int = 0
     not_asked: int = 0  # objects the PACS sent that this pull had not asked for: refused, never scored
+    other_patient: int = 0  # of those, objects of the study asked for naming another patient than its C-FIND
     not_retrievable: int = 0  # objects of a class C-GET does not ask for (an SR in a DX series): not retrieved
     more_match: bool = False  # max_studies reached: a next pull does the rest
     error: str = ""
@@ -543,7 +596,10 @@ class Progress:
         return (f"{self.studies_looked_at}/{self.studies_found} studies looked at ({self.pages} page(s)), "
                 f"{self.studies_retrieved} with new images: {self.images_retrieved} image(s) retrieved, "
                 f"{self.already_scored} already scored (or received), {self.retrieval_failures} retrieval failure(s)"
-                + (f", {self.not_asked} object(s) sent unasked refused" if self.not_asked else "")
+                + (f", {self.not_asked - self.other_patient} object(s) sent unasked refused"
+                   if self.not_asked > self.other_patient else "")
+                + (f", {self.other_patient} object(s) naming another patient than the C-FIND answered refused"
+                   if self.other_patient else "")
                 + (f", {self.not_retrievable} object(s) of a class C-GET does not take left" if self.not_retrievable
                    else ""))
 
@@ -572,9 +628,11 @@ class Puller(Node):
         self.source = Source(cfg, on_store=self.scp.on_store)
         self.asked: frozenset[str] = frozenset()  # SOP Instance UIDs of the retrieval in progress
         self.asked_study = ""  # ...and the study they belong to
+        self.asked_patient = Patient()  # ...and its patient, as the C-FIND answered
         self.arrived: set[str] = set()  # ...and those of them that arrived
         self.unfit: set[str] = set()  # ...and those refused for their header (another study)
-        self.scp.refusal = self._not_asked
+        self.refused_now = 0  # objects refused since the retrieval in progress began
+        self.scp.refusal, self.scp.taken = self._not_asked, self._taken
         self.progress = Progress()
         self.seen_studies: set[str] = set()  # study UIDs answered so far: each looked at once
         self.interrupt = self.stop  # SIGTERM/SIGINT only
@@ -746,6 +804,7 @@ class Puller(Node):
             ds.StudyDate = dates
             ds.StudyInstanceUID = ""
             ds.ModalitiesInStudy = list(self.cfg.modalities) if with_modalities else ""
+            ds.PatientID = ds.IssuerOfPatientID = ds.PatientName = ""  # whose: each object arriving is checked
             return self.source.find(ds, cap)
 
         try:
@@ -777,7 +836,7 @@ class Puller(Node):
             if not (set(modalities) & wanted) and not self.progress.ignores_modalities_in_study:
                 log.info("pull: the PACS ignores ModalitiesInStudy: studies are filtered by their series' Modality")
                 self.progress.ignores_modalities_in_study = True
-            studies.append(Study(uid, modalities))
+            studies.append(Study(uid, modalities, Patient.of(answer)))
         if outside:
             log.warning("pull: %d stud%s dated outside %s answered (the PACS ignores the dates asked?): skipped",
                         outside, "y" if outside == 1 else "ies", dates)
@@ -800,6 +859,7 @@ class Puller(Node):
                         e or "too many series")
             p.retrieval_failures += 1
             return
+        found = self._of_study(found, study.uid, "series")
         # each series once: a PACS answering one series many times would have it listed as often
         series = list({str(s.SeriesInstanceUID): s for s in found if str(s.get("Modality", "") or "").upper() in wanted
                        and valid_uid(str(s.get("SeriesInstanceUID", "") or ""))}.values())
@@ -818,6 +878,7 @@ class Puller(Node):
                             "again", ds.SeriesInstanceUID, study.uid, e or "too many images")
                 p.retrieval_failures += 1
                 continue
+            images = self._of_study(images, study.uid, "image", ds.SeriesInstanceUID)
             listed = sorted({u for u in (str(i.get("SOPInstanceUID", "") or "") for i in images) if valid_uid(u)})
             uids = sorted(set(listed) - self._not_retrievable(images, study.uid))
             p.images_listed += len(uids)
@@ -829,13 +890,27 @@ class Puller(Node):
                 continue
             retrieved_any = True
             p.state = "retrieving"
-            if len(new) == len(listed):  # the whole series: one request
-                self._retrieve(study.uid, ds.SeriesInstanceUID, None, new)
-            else:  # some were scored before (a pull cut short): only the others
+            if len(new) == len(listed) and len(new) <= self.cfg.max_spooled:  # the whole series: one request
+                self._retrieve(study, ds.SeriesInstanceUID, None, new)
+            else:  # some were scored before (a pull cut short), or more than the spool may hold: one by one,
+                # each when there is room (a series of thousands came whole into the spool)
                 for uid in new:
-                    self._retrieve(study.uid, ds.SeriesInstanceUID, uid, [uid])
+                    self._retrieve(study, ds.SeriesInstanceUID, uid, [uid])
         if retrieved_any:
             p.studies_retrieved += 1
+
+    def _of_study(self, answers: list, study: str, level: str, series: str = "") -> list:
+        """The answers of a series- or image-level C-FIND that belong to the study (and series)
+        asked, or do not say: a PACS ignoring those keys answered other studies' series, which
+        were then queried and retrieved under this study, their objects refused as another
+        study's, and every pull failed. Those left out are said."""
+        asked = {"StudyInstanceUID": study, **({"SeriesInstanceUID": series} if series else {})}
+        kept = [a for a in answers if all(str(a.get(k, "") or "").strip() in ("", uid) for k, uid in asked.items())]
+        if len(kept) < len(answers):
+            log.warning("pull: the PACS answered the %s-level C-FIND of study %s with %d %s of other studies or "
+                        "series (it ignores the keys asked?): left out", level, study, len(answers) - len(kept),
+                        level if level == "series" else "images")
+        return kept
 
     def _not_retrievable(self, images: list, study: str) -> set[str]:
         """SOP Instance UIDs of a series' objects that C-GET cannot take (their SOP class has no
@@ -856,19 +931,19 @@ class Puller(Node):
         self.progress.not_retrievable += sum(len(u) for u in left.values())
         return {u for uids in left.values() for u in uids}
 
-    def _retrieve(self, study: str, series: str, instance: str | None, asked: list[str]) -> None:
+    def _retrieve(self, study: Study, series: str, instance: str | None, asked: list[str]) -> None:
         from pydicom.dataset import Dataset
 
         self._wait_for_room()
         ds = Dataset()
         ds.QueryRetrieveLevel = "IMAGE" if instance else "SERIES"
-        ds.StudyInstanceUID = study
+        ds.StudyInstanceUID = study.uid
         ds.SeriesInstanceUID = series
         if instance:
             ds.SOPInstanceUID = instance
         refused = self.progress.not_asked
-        self.arrived, self.unfit = set(), set()
-        self.asked, self.asked_study = frozenset(asked), study
+        self.arrived, self.unfit, self.refused_now = set(), set(), 0
+        self.asked, self.asked_study, self.asked_patient = frozenset(asked), study.uid, study.patient
         try:
             completed, failed = self.source.retrieve(ds, lambda: len(self.arrived))
         except Overdue as e:
@@ -876,6 +951,9 @@ class Puller(Node):
             completed, failed = len(self.arrived), len(asked) - len(self.arrived)
         finally:
             self.asked = frozenset()
+        if self.refused_now > REFUSALS_SAID:
+            log.warning("pull: %d object(s) refused in one retrieval (the first %d said)", self.refused_now,
+                        REFUSALS_SAID)
         if self.source.stopped:  # cut short by a stop: the next pull retrieves the rest
             raise Stopped()
         failed = max(0, failed - (self.progress.not_asked - refused)) if failed > 0 else failed  # ours, not the PACS's
@@ -897,14 +975,19 @@ class Puller(Node):
             log.warning("pull: %d of %d object(s) of a series could not be retrieved; the next pull tries again",
                         failed, len(asked))
 
-    def _not_asked(self, event) -> str | None:
+    def _not_asked(self, event) -> tuple[str, bool] | None:
         """Why an arriving object is refused: only the instances the retrieval in progress asked
         for are stored and scored (a PACS sending another study's image, or a sender reaching our
         C-MOVE port, must not get a result, an SR or an HL7 message as if it had been asked for).
         The header's own SOP Instance UID must be the one announced: it is what the result is
-        keyed by, and its Study Instance UID the one asked for (an object of another study, or
-        of another patient, would have its result filed there). Each instance is taken once per
-        retrieval: a PACS sending it again and again would have it scored again each time."""
+        keyed by, its Study Instance UID the one asked for (an object of another study would have
+        its result filed there) and its patient the one the C-FIND answered for that study (an
+        image of another patient filed under the study would have its result sent to the RIS
+        under the wrong patient). Each instance is taken once per
+        retrieval: a PACS sending it again and again (or on two associations at once) would have
+        it scored again each time. (why, whether to log it): the first REFUSALS_SAID of a
+        retrieval are logged, the others counted (a PACS sending what we refuse for as long as
+        the retrieval lasts wrote a line per object)."""
         uid = str(event.request.AffectedSOPInstanceUID or "")
         why = None
         if uid not in self.asked:
@@ -922,15 +1005,27 @@ class Puller(Node):
                     why = "its header's SOP Instance UID is not the one announced (not scored)"
                 elif str(header.get("StudyInstanceUID", "") or "") != self.asked_study:
                     why = f"its header names another study than the one asked for, {self.asked_study} (not scored)"
+                elif differs := self.asked_patient.differs(Patient.of(header)):
+                    why = f"its header names another patient than study {self.asked_study}: {differs} (not scored)"
+                    self.progress.other_patient += 1
             except Exception as e:  # unreadable: the scoring could not key it either
                 why = f"its header cannot be read ({type(e).__name__}: {e}; not scored)"
-        if why:
-            self.progress.not_asked += 1
-            if uid in self.asked and uid not in self.arrived:
-                self.unfit.add(uid)
-        else:
+        if not why:
+            return None
+        self.progress.not_asked += 1
+        if uid in self.asked and uid not in self.arrived:
+            self.unfit.add(uid)
+        self.refused_now += 1
+        if self.refused_now == REFUSALS_SAID:
+            why += "; further objects refused in this retrieval are counted, not logged"
+        return why, self.refused_now <= REFUSALS_SAID
+
+    def _taken(self, uid: str) -> None:
+        """An instance asked for is in the spool (the storage SCP holds its UID's lock from
+        :meth:`_not_asked` to here, so a copy arriving meanwhile on another association waits,
+        then is refused). Not before: a copy that could not be written may be sent again."""
+        if uid in self.asked:
             self.arrived.add(uid)
-        return why
 
     def _spooled_uids(self) -> set[str]:
         """SOP Instance UIDs of received objects waiting in the spool (named ``UID.HASH.dcm``)."""
