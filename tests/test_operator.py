@@ -678,3 +678,23 @@ def test_ctrl_c_before_a_command_starts_its_work_exits_130_with_one_line(monkeyp
     assert result.exit_code == 130, (result.exit_code, result.output)
     assert "interrupted (Ctrl-C)" in result.output and "Aborted!" not in result.output, result.output
     assert not (tmp_path / "e").exists()
+
+
+def test_resuming_with_other_settings_names_them_as_the_options_are_typed(studies, tmp_path, nih, small_bundle):
+    # `--resume --metadata labels.csv` after a scan without one said "(metadata_sha256: None then,
+    # 'bd8c7c...' now)" and a --no-pdf forgotten "(pdf: False then, True now)": the journal's keys,
+    # not the options the operator gives
+    from cxr_batch.journal import EarlierResults
+
+    out = tmp_path / "out"
+    run_scan(studies, out, quick(small_bundle, pdf=False))
+    with pytest.raises(EarlierResults) as refused:
+        run_scan(studies, out, quick(small_bundle, metadata=str(nih / "labels.csv"), urgent=("Pneumonia",),
+                                     shard=(0, 2), scoring={"views": ["PA"]}), earlier="resume")
+    message = str(refused.value)
+    assert "--metadata: none then, a table now" in message, message
+    assert "--no-pdf then, not now" in message, message
+    assert "--urgent: Pneumothorax then, Pneumonia now" in message, message
+    assert "--shard: none then, 0/2 now" in message, message
+    assert "[scoring] views: PA, AP then, PA now" in message, message
+    assert "None" not in message and "sha256" not in message and "True" not in message, message
