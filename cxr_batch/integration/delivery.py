@@ -9,6 +9,7 @@ treats C-STORE, HL7 and STOW-RS alike.
 
 from __future__ import annotations
 
+import socket
 from dataclasses import dataclass
 from typing import Literal
 
@@ -28,6 +29,14 @@ def shown(text: str, limit: int = REASON_LIMIT) -> str:
     """``text`` from a receiver, fit for one line: cut to ``limit`` characters, controls escaped."""
     text = str(text)
     return (text[:limit] + "..." if len(text) > limit else text).translate(_CONTROLS)
+
+
+def connect_error(e: BaseException, host: str) -> str:
+    """Why no connection to ``host`` was made, in words: a name nothing resolves (a placeholder
+    left in a configuration, pacs.example.org) is said as such, not "gaierror: [Errno -2] ..."."""
+    if isinstance(e, socket.gaierror):
+        return f"host {host!r} not found ({e.strerror or e}): check the name"
+    return f"{type(e).__name__}: {e}"
 
 
 @dataclass(frozen=True)
