@@ -255,9 +255,12 @@ def main():
 
 
 def config_option(command: str, example: str = "docs/watch.toml"):
+    # what only a command line gives (cxr_batch.config.COMMAND_LINE_ONLY), as this command has it
+    command_line_only = "--out, --resume, --overwrite, --quiet, --debug" if command == "scan" else "--out, --debug"
     return click.option(
         "--config", "config_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-        help=f"TOML file: a [{command}] table (any option of this command, '_' for '-') and a [scoring] table "
+        help=f"TOML file: a [{command}] table (any option of this command but {command_line_only}; '_' for '-', "
+             f"pdf = false for --no-pdf) and a [scoring] table "
              "(what is scored: modalities, body_parts, views, allow_unknown_view, allow_missing_body_part, "
              f"max_pixels, max_file_bytes); command-line options win. See {example}.")
 
