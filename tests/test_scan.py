@@ -7,6 +7,7 @@ import sys
 
 import numpy as np
 import pandas as pd
+import pytest
 
 from cxr_batch.findings import FINDINGS
 from cxr_batch.record import COLUMNS
@@ -195,3 +196,20 @@ def test_the_closing_line_names_the_low_bucket_as_the_reports_do(studies, tmp_pa
     cut = bundle("cut", {"any_finding": {"weights": [0.0] * len(FINDINGS), "bias": -20.0, "normal_below": 0.4}})
     low = scan(studies, tmp_path / "c", cut)
     assert "6 low probability of any finding" in low.line() and " normal" not in low.line()
+
+
+def test_an_image_in_a_format_not_read_is_named_with_what_to_do(tmp_path, nih_images):
+    # a TIFF from a film digitiser, a BMP, a PDF requisition in the export all read "unrecognised
+    # content: not a PNG, JPEG or DICOM file": the operator could not tell a format from a broken file
+    from PIL import Image
+
+    from cxr_batch.readers import ReadError, read_study
+
+    grey = Image.open(nih_images[0])
+    grey.save(tmp_path / "film.tif")
+    grey.save(tmp_path / "film.bmp")
+    (tmp_path / "request.pdf").write_bytes(b"%PDF-1.7\n%\xe2\xe3\xcf\xd3\n1 0 obj\n" + bytes(range(256)) * 4)
+    for name, said in (("film.tif", "a TIFF image"), ("film.bmp", "a BMP image"), ("request.pdf", "a PDF document")):
+        with pytest.raises(ReadError) as e:
+            read_study(tmp_path / name)
+        assert str(e.value).startswith(f"{said}: only PNG, JPEG and DICOM files are read"), str(e.value)
