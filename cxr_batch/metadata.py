@@ -220,7 +220,7 @@ class MetadataMatch:
         return (f"--metadata {self.table} has a row for {self.matched} of {self.files} files (matched by file name, "
                 f"'Image Index'): {missing} get no patient data from it and are scored with what their header or "
                 f"sidecar says, else unknown, which can change their triage; e.g. file {example!r} has no row, "
-                f"{contrast}. Fix: {fix.format(named=named, example=example)} (DICOM files need no row: their header has the "
+                f"{contrast}{'' if contrast.endswith('?') else '.'} Fix: {fix.format(named=named, example=example)} (DICOM files need no row: their header has the "
                 f"patient data)")
 
     def to_dict(self) -> dict:
