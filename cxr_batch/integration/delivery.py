@@ -34,8 +34,12 @@ def shown(text: str, limit: int = REASON_LIMIT) -> str:
 def connect_error(e: BaseException, host: str) -> str:
     """Why no connection to ``host`` was made, in words: a name nothing resolves (a placeholder
     left in a configuration, pacs.example.org) is said as such, not "gaierror: [Errno -2] ..."."""
-    if isinstance(e, socket.gaierror):
-        return f"host {host!r} not found ({e.strerror or e}): check the name"
+    cause, seen = e, set()
+    while cause is not None and id(cause) not in seen:  # requests wraps it three deep
+        if isinstance(cause, socket.gaierror):
+            return f"host {host!r} not found ({cause.strerror or cause}): check the name"
+        seen.add(id(cause))
+        cause = cause.__cause__ or cause.__context__
     return f"{type(e).__name__}: {e}"
 
 
