@@ -93,7 +93,7 @@ class ScanSummary:
                        + " could not be written (see the log)")
         kept = f"{self.kept} kept from the earlier scan; " if self.kept else ""
         bare = self.without_patient_data
-        return (f"{n} files: {self.counts['ok']} scored ({kept}{pr}; {bare} without patient data), "
+        return (f"{n} file{'' if n == 1 else 's'}: {self.counts['ok']} scored ({kept}{pr}; {bare} without patient data), "
                 f"{self.counts['skipped']} skipped, {self.counts['error']} failed in {self.seconds:.1f} s "
                 f"({rate:.1f} images/s){outputs} -> {self.results}")
 

@@ -213,3 +213,12 @@ def test_an_image_in_a_format_not_read_is_named_with_what_to_do(tmp_path, nih_im
         with pytest.raises(ReadError) as e:
             read_study(tmp_path / name)
         assert str(e.value).startswith(f"{said}: only PNG, JPEG and DICOM files are read"), str(e.value)
+
+
+def test_the_summary_of_one_file_says_one_file(tmp_path, small_bundle):
+    # "1 files: 0 scored (...), 1 skipped"
+    folder = tmp_path / "one"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("not an image")
+    summary = scan(folder, tmp_path / "out", small_bundle)
+    assert summary.line().startswith("1 file: 0 scored"), summary.line()
