@@ -162,7 +162,12 @@ def read_manifest(folder: Path) -> dict:
         if inside:
             raise BundleError(f"{folder} holds weights bundles, it is not one: use --weights {inside[0]}"
                               + (f" (or {', '.join(p.name for p in inside[1:])})" if len(inside) > 1 else ""))
-        raise BundleError(f"weights bundle {folder} has no {MANIFEST_FILE}") from None
+        made = [name for name in ("results.csv", "evaluation.json", "monitor.json") if (folder / name).is_file()]
+        if made:  # the results folder beside the bundle's, given by mistake
+            raise BundleError(f"{folder} is a results folder ({made[0]}), not a weights bundle: --weights takes a "
+                              f"bundle folder (manifest.json, model.pt), e.g. {DEFAULT_BUNDLE}") from None
+        raise BundleError(f"weights bundle {folder} has no {MANIFEST_FILE}: --weights takes a bundle folder "
+                          f"(manifest.json, model.pt), e.g. {DEFAULT_BUNDLE}") from None
     except (ValueError, UnicodeDecodeError) as e:
         raise BundleError(f"{folder / MANIFEST_FILE} is not valid JSON: {e}") from None
     if not isinstance(manifest, dict):

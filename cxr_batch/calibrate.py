@@ -52,7 +52,7 @@ from .triage import sensitivity_ladder
 
 log = logging.getLogger("cxr_batch")
 # calibrate writes no file that names the studies: where a user finds the names its output counts
-CALIBRATE_NAMES = "the evaluation.json of 'cxr-batch evaluate' on the same studies and labels"
+CALIBRATE_NAMES = "names: run 'cxr-batch evaluate' on the same studies and labels; its evaluation.json lists them"
 
 
 @dataclass

@@ -260,7 +260,9 @@ def fit_findings(z: np.ndarray, y: np.ndarray, groups: np.ndarray, method: str, 
         if not accepted:
             fit.reason = "no clear gain over all findings together"
         elif mean <= finding_margin_se * se:
-            fit.reason = f"no clear gain for this finding ({fit.cv_log_loss[0]:.4f} -> {fit.cv_log_loss[1]:.4f})"
+            se_words = "1 standard error" if finding_margin_se == 1 else f"{finding_margin_se:g} standard errors"
+            fit.reason = (f"no clear gain for this finding (held-out log-loss {fit.cv_log_loss[0]:.4f} -> "
+                          f"{fit.cv_log_loss[1]:.4f}, less than {se_words} better)")
         else:
             fit.slope, fit.intercept = fit_affine(z[:, k].astype(float), y[:, k].astype(float), method, pull)
             fit.changed = True

@@ -77,10 +77,27 @@ def fail(message: str, debug: bool, code: int = EXIT_FATAL):
     sys.exit(code)
 
 
-def run_fatal_errors(debug: bool, action):
+def _in_out(name: Path, out: Path) -> bool:
+    """``name`` is ``out``, inside it, or a temp file beside it that becomes it (calibrate's bundle)."""
+    return name == out or out in name.parents or (name.parent == out.parent and name.name.startswith(f".{out.name}."))
+
+
+def os_error_line(e: OSError, out: Path | None = None) -> str:
+    """An OSError as one line. One met writing ``--out`` (read-only, full, a parent that is a file)
+    names the option and what it needs: its lock or temp file alone ("OUT/.cxr-batch.lock:
+    Read-only file system") named a file the operator never made."""
+    if out is not None and e.filename and _in_out(Path(os.path.abspath(e.filename)), Path(os.path.abspath(out))):
+        where = "" if Path(e.filename) == Path(out) else f" ({e.filename})"
+        return (f"cannot write --out {out}: {e.strerror or e}{where}; give a folder this user can write to, on a "
+                f"volume with room")
+    return f"{e.filename or ''}: {e.strerror or e}"
+
+
+def run_fatal_errors(debug: bool, action, out: Path | None = None):
     """Run ``action()`` with the exits every scoring command shares: a bad device is a usage
-    error (2); bad weights, metadata, labels or files mean nothing could be done (1); a bug is
-    said plainly (``--debug`` shows the traceback)."""
+    error (2); bad weights, metadata, labels or files mean nothing could be done (1), an
+    ``out`` that cannot be written said as such; a bug is said plainly (``--debug`` shows the
+    traceback)."""
     from .bundle import BundleError
     from .config import ConfigError
     from .device import DeviceError
@@ -100,7 +117,7 @@ def run_fatal_errors(debug: bool, action):
     except KeyboardInterrupt as e:  # a command without a graceful stop (scan has one): nothing half-written
         fail(str(e) or "interrupted (Ctrl-C): stopped; nothing was written", debug, exit_codes.INTERRUPTED)
     except OSError as e:
-        fail(f"{e.filename or ''}: {e.strerror or e}", debug)
+        fail(os_error_line(e, out), debug)
     except Exception as e:  # a bug: say so plainly; --debug shows the traceback
         fail(f"unexpected {type(e).__name__}: {e} (run with --debug for details)", debug)
 
@@ -239,9 +256,12 @@ def main():
 
 
 def config_option(command: str, example: str = "docs/watch.toml"):
+    # what only a command line gives (cxr_batch.config.COMMAND_LINE_ONLY), as this command has it
+    command_line_only = "--out, --resume, --overwrite, --quiet, --debug" if command == "scan" else "--out, --debug"
     return click.option(
         "--config", "config_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-        help=f"TOML file: a [{command}] table (any option of this command, '_' for '-') and a [scoring] table "
+        help=f"TOML file: a [{command}] table (any option of this command but {command_line_only}; '_' for '-', "
+             f"pdf = false for --no-pdf) and a [scoring] table "
              "(what is scored: modalities, body_parts, views, allow_unknown_view, allow_missing_body_part, "
              f"max_pixels, max_file_bytes); command-line options win. See {example}.")
 
@@ -334,7 +354,7 @@ def scan(studies, out, config_file, weights, metadata, device, precision, worker
                               progress=False if quiet else None)
         except ConfigError as e:
             fail(str(e), debug, EXIT_USAGE)
-        summary = run_fatal_errors(debug, lambda: run_scan(studies, out, cfg, earlier, stop))
+        summary = run_fatal_errors(debug, lambda: run_scan(studies, out, cfg, earlier, stop), out)
     finally:
         stop.restore()
     click.echo(("cxr-batch: " if summary.stopped_by else "") + summary.line(), err=True)
@@ -444,7 +464,7 @@ def run_daemon(build, out: Path, debug: bool):
     except (BundleError, FolderBusy, LedgerError, MetadataError, NodeError, EarlierResults) as e:  # NodeError: a port in use
         fail(str(e), debug)
     except OSError as e:
-        fail(f"{e.filename or out}: {e.strerror or e}", debug)
+        fail(os_error_line(e, out), debug)
     try:
         code = daemon.run()
     except NodeError as e:  # the node's port cannot be bound
@@ -761,7 +781,7 @@ def evaluate(studies, labels, weights, device, batch_size, workers, follow_links
     cfg = ScanConfig(weights=weights, device=device, precision=precision, batch_size=batch_size, workers=workers,
                      follow_links=follow_links, progress=not quiet)
     result, summary = run_fatal_errors(debug, lambda: run_evaluate(studies, read_labels(labels), out, cfg,
-                                                                   bootstrap, seed))
+                                                                   bootstrap, seed), out)
     click.echo(summary.line(), err=True)
     for line in mismatch_lines(result["matching"], str(out / "evaluation.json")):
         click.echo(f"cxr-batch: {line}", err=True)
@@ -801,7 +821,7 @@ def calibrate(studies, labels, weights, device, batch_size, workers, follow_link
     opts = CalibrateOptions(weights=weights, method=method, thresholds=threshold_rule, min_positives=min_positives,
                             version=version, device=device, batch_size=batch_size, workers=workers,
                             follow_links=follow_links, progress=not quiet)
-    result = run_fatal_errors(debug, lambda: run_calibrate(studies, read_labels(labels), out, opts))
+    result = run_fatal_errors(debug, lambda: run_calibrate(studies, read_labels(labels), out, opts), out)
     for line in result.matching.problems(CALIBRATE_NAMES):
         click.echo(f"cxr-batch: {line}", err=True)
     for line in result.lines:
@@ -871,7 +891,7 @@ def monitor(results, out, reference, window, alpha, min_studies, debug):
         except (MonitorError, DriftError) as e:
             fail(str(e), debug)
 
-    report = run_fatal_errors(debug, action)  # bad bundles, unreadable files: exit 1, said plainly
+    report = run_fatal_errors(debug, action, out)  # bad bundles, unreadable files: exit 1, said plainly
     for note in report["notes"] + [n for m in report["models"] for n in m["notes"]]:  # rows left out, what was not compared
         click.echo(f"cxr-batch: note: {note}", err=True)
     # a drift lasting months alarms in nearly every window: the newest are printed, the summary

@@ -49,6 +49,10 @@ def read_toml(path: Path | str) -> dict:
         raise ConfigError(f"{path}: cannot be read: {e}") from None
 
 
+# options that only a command line gives: where the results go and what to do with earlier ones
+COMMAND_LINE_ONLY = ("out", "resume", "overwrite", "quiet", "debug", "config")
+
+
 def _meant(unknown: list[str], known) -> str:
     """" (did you mean 'urgent'?)" for a misspelt name, "" when none is close."""
     close = [c for name in unknown for c in difflib.get_close_matches(name, list(known), n=1, cutoff=0.6)]
@@ -86,6 +90,13 @@ def load_dataclass(cls: type[T], table: Mapping | None, where: str = "", **overr
     data = {**table, **{k: v for k, v in overrides.items() if v is not None}}
     names = {f.name: f for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(data) - set(names))
+    for name in unknown:  # copied from a command line: say how it is given instead
+        if name in COMMAND_LINE_ONLY:
+            raise ConfigError(f"{where}: {name!r} is given on the command line (--{name.replace('_', '-')}), not "
+                              f"in a configuration file")
+        if name.startswith("no_") and name[3:] in names:  # --no-pdf
+            raise ConfigError(f"{where}: unknown option {name!r}: write {name[3:]} = false for "
+                              f"--{name.replace('_', '-')}")
     if unknown:
         raise ConfigError(f"{where}: unknown option {', '.join(map(repr, unknown))}{_meant(unknown, names)}; "
                           f"known: {', '.join(sorted(names))}")

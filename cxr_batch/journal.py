@@ -234,12 +234,44 @@ def plan(out: Path, mode: str, studies: Path, settings: dict) -> Earlier:
     before = {k: v for k, v in (header.get("settings") or {}).items() if k not in RUNTIME_SETTINGS}
     changed = sorted(k for k in set(before) | set(settings) if before.get(k) != settings.get(k))
     if changed:
-        detail = "; ".join(f"{k}: {before.get(k)!r} then, {settings.get(k)!r} now" for k in changed)
+        detail = "; ".join(changed_setting(k, before.get(k), settings.get(k)) for k in changed)
         raise EarlierResults(f"cannot resume in {out}: the earlier scan used other settings, so its rows would "
                              f"differ from new ones ({detail}); give the same options, or use --overwrite")
     earlier.entries = entries
     log.info("--resume: %s held %s; %d scored studies may be kept", out, what, len(entries))
     return earlier
+
+
+ON_BY_DEFAULT = ("pdf", "heatmaps")  # --pdf/--no-pdf, --heatmaps/--no-heatmaps
+
+
+def _shown(value) -> str:
+    """A setting's value as an option takes it: none, a list comma-separated, a shard i/N."""
+    if value is None or value == []:
+        return "none"
+    if isinstance(value, list):
+        return ", ".join(map(str, value))
+    return str(value)
+
+
+def changed_setting(key: str, before, now) -> str:
+    """One setting that differs between the earlier scan and this one, said as the operator gives
+    it (``--no-pdf then, not now``), not as the journal keeps it (``pdf: False then, True now``)."""
+    if key == "metadata_sha256":  # the table by its content: its path may be the same
+        if before and now:
+            return "--metadata: another table now (its content is not the one the earlier scan read)"
+        return f"--metadata: {'a table' if before else 'none'} then, {'a table' if now else 'none'} now"
+    if isinstance(before, dict) or isinstance(now, dict):  # a config table: [scoring]
+        before, now = before or {}, now or {}
+        return "; ".join(f"[{key}] {k}: {_shown(before.get(k))} then, {_shown(now.get(k))} now"
+                         for k in sorted(set(before) | set(now)) if before.get(k) != now.get(k))
+    if isinstance(before, bool) or isinstance(now, bool):
+        typed = key not in ON_BY_DEFAULT  # the value an option given on the command line sets
+        flag = "--" + ("" if typed else "no-") + key.replace("_", "-")
+        return f"{flag} then, not now" if bool(before) == typed else f"{flag} now, not then"
+    if key == "shard":
+        before, now = ("/".join(map(str, v)) if v else v for v in (before, now))
+    return f"--{key.replace('_', '-')}: {_shown(before)} then, {_shown(now)} now"
 
 
 class Journal:

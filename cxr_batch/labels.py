@@ -208,7 +208,7 @@ def mismatch_lines(summary: dict, listed_in: str | None = None) -> list[str]:
              ("labelled files were not scored", not_scored))  # with why: a link, a loop, a bad file
     counted = (("label rows have no file", len(summary["labels_without_file"])),
                ("file names occur more than once (left out)", len(summary["ambiguous_names"])))
-    where = f" (names in {listed_in})" if listed_in else ""
+    where = (f" ({listed_in})" if listed_in.startswith("names:") else f" (names in {listed_in})") if listed_in else ""
     for what, items in named:
         if items:
             listed = ", ".join(items[:5]) + (f" and {len(items) - 5} more" if len(items) > 5 else "")

@@ -16,7 +16,7 @@ import logging
 import re
 import os
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from .patient import PatientData, patient_from_values
 from .readers import open_regular
@@ -197,6 +197,7 @@ class MetadataMatch:
     table_rows: int
     unmatched_example: str = ""  # a file name without a row
     table_example: str = ""  # a name the table has
+    without_extension: bool = False  # the table names the unmatched example without its extension
 
     def problem(self) -> str | None:
         """A warning line when some files get nothing from the table, with how to fix it."""
@@ -211,11 +212,15 @@ class MetadataMatch:
                     if example == named else f"while the table names files like {named!r}")
         fix = ("its 'Image Index' holds paths ({named!r}), and rows are matched by file name: write each image's "
                "file name alone" if "/" in self.table_example or "\\" in self.table_example else
+               # labels match such a name (evaluate, calibrate), patient data do not: said, not silent
+               "its 'Image Index' names files without their extension ({named!r} for {example!r}), and rows are "
+               "matched by the whole file name: write each file's name with its extension"
+               if self.without_extension else
                "give the table of these images, or name the images as the table does")
         return (f"--metadata {self.table} has a row for {self.matched} of {self.files} files (matched by file name, "
                 f"'Image Index'): {missing} get no patient data from it and are scored with what their header or "
                 f"sidecar says, else unknown, which can change their triage; e.g. file {example!r} has no row, "
-                f"{contrast}. Fix: {fix.format(named=named)} (DICOM files need no row: their header has the "
+                f"{contrast}{'' if contrast.endswith('?') else '.'} Fix: {fix.format(named=named, example=example)} (DICOM files need no row: their header has the "
                 f"patient data)")
 
     def to_dict(self) -> dict:
@@ -233,7 +238,10 @@ def load_metadata_for(path: Path, names: list[str], counted: list[str] | None = 
     counted = names if counted is None else counted
     unmatched = next((n for n in counted if n not in rows), "")
     example = next((n for n in table["file"] if n), "")
-    return rows, MetadataMatch(str(path), len(counted), sum(n in rows for n in counted), len(table), unmatched, example)
+    stem = PurePosixPath(unmatched).stem
+    without_extension = bool(unmatched) and stem != unmatched and stem in set(table["file"])
+    return rows, MetadataMatch(str(path), len(counted), sum(n in rows for n in counted), len(table), unmatched,
+                               stem if without_extension else example, without_extension)
 
 
 def patient_from_metadata(row: MetadataRow) -> PatientData:

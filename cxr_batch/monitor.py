@@ -386,6 +386,11 @@ def run_monitor(results_dir: Path, out: Path, reference_path: Path | None = None
     csv = results_dir / "results.csv"
     if not csv.is_file():
         raise MonitorError(f"{results_dir} holds no results.csv")
+    if reference_path is not None and Path(reference_path).resolve() == results_dir.resolve():
+        raise MonitorError(f"--reference {reference_path} is RESULTS itself: every window would be compared with "
+                           f"the studies it holds, and no drift could be seen; give a results folder of earlier "
+                           f"studies (a site baseline) or a bundle, or leave --reference out for the reference of "
+                           f"the bundle that scored them")
     refuse_output_in_bundle(out, reference_path if reference_path and is_bundle(Path(reference_path))
                             else DEFAULT_BUNDLE)
     require_columns(csv)

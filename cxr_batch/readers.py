@@ -143,6 +143,18 @@ def open_regular(path: Path):
         raise
 
 
+# Formats an export or a digitiser may leave beside the studies, by their first bytes
+OTHER_FORMATS = ((b"II*\x00", "a TIFF image"), (b"MM\x00*", "a TIFF image"), (b"GIF8", "a GIF image"),
+                 (b"%PDF-", "a PDF document"), (b"PK\x03\x04", "a ZIP archive"), (b"\x1f\x8b", "a gzip archive"))
+
+
+def other_format(head: bytes) -> str:
+    """What a file that is not read is, from its first bytes ("a TIFF image"), or ""."""
+    if head[:2] == b"BM" and len(head) >= 10 and head[6:10] == bytes(4):  # BMP: its reserved fields are zero
+        return "a BMP image"
+    return next((name for magic, name in OTHER_FORMATS if head.startswith(magic)), "")
+
+
 def read_study(path: Path, rules: ScoringRules = ScoringRules(), min_side: int = 0,
                identity: tuple[int, int] | None = None) -> StudyImage:
     """Read one file, recognised by its content whatever its name. Raises ReadError or
@@ -176,6 +188,10 @@ def read_study(path: Path, rules: ScoringRules = ScoringRules(), min_side: int =
 
         if kind == "dicom" or dicom.looks_like_dicom(source):
             return check_image(dicom.read_dicom(source, rules, min_side))
+    other = other_format(head)
+    if other:  # a format that is not read, said as such: not taken for a broken file
+        raise ReadError(f"{other}: only PNG, JPEG and DICOM files are read"
+                        + ("; convert it to PNG to have it scored" if other.endswith("image") else ""))
     if is_text(head):
         raise SkipStudy("not an image: a text file")
     named = f" (named {path.suffix.lower()})" if path.suffix.lower() in IMAGE_SUFFIXES else ""

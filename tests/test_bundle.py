@@ -84,3 +84,18 @@ def test_weights_given_a_folder_of_bundles_or_no_bundle_name_the_weights_not_the
     code, err = cli_here("scan", studies, "--out", tmp_path / "o2", "--weights", tmp_path)
     assert code == 1 and "has no manifest.json" in err and "is the weights bundle" not in err, err
     assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()
+
+
+def test_a_results_folder_given_as_weights_is_said_to_be_one(small_bundle, studies, tmp_path):
+    # `--weights RESULTS` (a scan's or an evaluation's folder, the one beside it) said only "weights
+    # bundle RESULTS has no manifest.json": neither what the folder is nor what --weights takes
+    from tests.test_evaluate_calibrate import cli_here
+
+    results = tmp_path / "results"
+    results.mkdir()
+    (results / "results.csv").write_text("file,status\n")
+    code, err = cli_here("scan", studies, "--out", tmp_path / "o1", "--weights", results)
+    assert code == 1 and f"{results} is a results folder (results.csv), not a weights bundle" in err, err
+    (tmp_path / "empty").mkdir()
+    code, err = cli_here("scan", studies, "--out", tmp_path / "o2", "--weights", tmp_path / "empty")
+    assert code == 1 and "has no manifest.json: --weights takes a bundle folder (manifest.json, model.pt)" in err, err

@@ -158,3 +158,15 @@ def test_studies_of_fewer_patients_than_folds_keep_the_calibration_and_say_why(m
     assert not report.accepted and not any(f.changed for f in report.fits)
     assert all(f.reason == "fewer than 5 patients" for f in report.fits)
     json.dumps(report.record(), allow_nan=False)
+
+
+def test_a_finding_kept_for_no_clear_gain_says_what_its_figures_are():
+    # calibrate printed "kept: no clear gain for this finding (0.2603 -> 0.2542)": two numbers
+    # with no name, the second lower, beside "no clear gain"
+    z, y, groups = synthetic(600, 0.6, 0.8, seed=1)
+    rng = np.random.default_rng(5)
+    y[:, 13] = rng.random(600) < expit(z[:, 13])  # this finding is calibrated already
+    report = fit_findings(z, y, groups, "platt")
+    assert report.accepted and not report.fits[13].changed
+    reason = report.fits[13].reason
+    assert reason.startswith("no clear gain for this finding (held-out log-loss ") and "standard error" in reason, reason

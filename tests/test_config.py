@@ -128,3 +128,18 @@ def test_a_list_of_the_wrong_kind_is_said_in_plain_words():
         load_dataclass(ScoringRules, {"views": "PA"}, "scoring")
     with pytest.raises(ConfigError, match="expected a list of 2 values|expected a list of integers"):
         load_dataclass(ScanConfig, {"shard": "0/4"}, "scan")
+
+
+@pytest.mark.parametrize("table, words", [
+    # README's [scan] table took "any option above": out = "..." was "unknown option 'out'" with
+    # the list of known ones, leaving the operator to guess it is a command-line option
+    ({"out": "/srv/results"}, ["'out' is given on the command line (--out)"]),
+    ({"resume": True}, ["'resume' is given on the command line (--resume)"]),
+    # --no-pdf copied as no_pdf = true: "did you mean 'pdf'?" left the value to guess
+    ({"no_pdf": True}, ["'no_pdf'", "pdf = false"]),
+])
+def test_a_command_line_option_written_in_a_table_says_how_to_give_it(table, words):
+    with pytest.raises(ConfigError) as e:
+        load_dataclass(ScanConfig, table, "scan")
+    for word in words:
+        assert word in str(e.value), str(e.value)

@@ -86,6 +86,14 @@ def test_closed_port_fails_quickly_and_is_worth_retrying(sr):
     assert "no association" in result.reason and time.monotonic() - start < 5
 
 
+def test_a_host_name_nothing_resolves_is_said_as_such(sr):
+    # docs/node.toml's placeholder send_to (PACS@pacs.example.org:104) logged "cannot connect:
+    # gaierror: [Errno -2] Name or service not known" at every back-off
+    result = send_dataset(sr, Destination("PACS", "no-such-host.invalid", 104), timeout=5)
+    assert not result.ok and result.transient
+    assert "host 'no-such-host.invalid' not found" in result.reason and "gaierror" not in result.reason, result.reason
+
+
 def test_a_peer_that_is_down_is_said_once_by_us_not_by_pynetdicom_too(sr, caplog):
     # a node sending to a PACS that is down logged, at every back-off, pynetdicom's "Association
     # request failed" and "TCP Initialisation Error" above its own "not sent ... no association"

@@ -102,6 +102,15 @@ def test_an_object_the_archive_refuses_is_rejected(orthanc, tmp_path):
     assert orthanc.instances() == []
 
 
+def test_an_archive_host_name_nothing_resolves_is_said_as_such(results, tmp_path):
+    # "cannot reach https://nohost: ConnectionError: HTTPSConnectionPool(host='nohost', port=443): Max
+    # retries exceeded with url: /dicomweb/studies (Caused by NameResolutionError(..." at every try
+    _, srs = results
+    delivery = store_dataset(srs[0], _config(tmp_path, "https://no-such-host.invalid/dicom-web/", timeout=2))
+    assert delivery.outcome == "retry" and "host 'no-such-host.invalid' not found" in delivery.reason, delivery
+    assert "HTTPSConnectionPool" not in delivery.reason
+
+
 def test_no_archive_or_a_silent_one_is_retried_within_the_timeout(results, tmp_path):
     _, srs = results
     closed = f"http://127.0.0.1:{free_port()}/dicom-web/"

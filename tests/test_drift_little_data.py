@@ -80,6 +80,14 @@ def test_a_site_baseline_smaller_than_min_studies_is_refused(scored, tmp_path):
     assert "3 scored studies" in stderr and "--min-studies" in stderr, stderr
 
 
+def test_results_given_as_their_own_reference_are_refused(scored, tmp_path):
+    # `monitor RESULTS --reference RESULTS` compared every window with the studies it holds and
+    # reported "0 alarm(s)", exit 0: a check that cannot alarm, read as "no drift"
+    code, stderr = here("monitor", scored, "--out", tmp_path / "m", "--reference", scored / ".")
+    assert code == exit_codes.FATAL and "is RESULTS itself" in stderr, stderr
+    assert not (tmp_path / "m").exists()
+
+
 def test_only_failed_studies_say_how_many_failed(scored, tmp_path):
     failed = tmp_path / "failed"
     failed.mkdir()

@@ -111,6 +111,17 @@ def test_evaluate_refuses_labels_that_match_nothing(tmp_path, studies, small_bun
     assert code == 1 and "no labelled study was scored" in err and "Traceback" not in err
 
 
+def test_calibrate_on_labels_that_match_nothing_says_where_the_names_can_be_listed(tmp_path, studies, small_bundle):
+    # it said "(names in the evaluation.json of 'cxr-batch evaluate' on the same studies and
+    # labels)", a file no command had written, as if it were there
+    labels = tmp_path / "labels.csv"
+    labels.write_text("Image Index,Finding Labels\nother.png,Mass\n")
+    code, err = cli_here("calibrate", studies, "--labels", labels, "--out", tmp_path / "new", "--weights",
+                         small_bundle, "--device", "cpu", "--workers", 0)
+    assert code == 1 and "no labelled study was scored" in err, err
+    assert "(names: run 'cxr-batch evaluate' on the same studies and labels; its evaluation.json lists them)" in err, err
+
+
 def test_evaluate_of_one_study_says_what_it_cannot_measure(tmp_path, nih, nih_images, small_bundle):
     studies = folder_of(tmp_path, nih_images[:1], "one")
     code, err = cli_here("evaluate", studies, "--labels", nih / "labels.csv", "--out", tmp_path / "eval",

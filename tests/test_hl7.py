@@ -210,6 +210,14 @@ def test_no_ris_listening_means_retry(scored):
     assert delivery.outcome == "retry" and "cannot connect" in delivery.reason
 
 
+def test_a_ris_host_name_nothing_resolves_is_said_as_such(scored):
+    records, bundle = scored
+    delivery = send_message(oru_r01(records["plain.dcm"], thresholds=bundle.thresholds),
+                            Endpoint("no-such-host.invalid", 2575), timeout=2)
+    assert delivery.outcome == "retry" and "host 'no-such-host.invalid' not found" in delivery.reason, delivery.reason
+    assert "gaierror" not in delivery.reason
+
+
 def test_records_without_what_the_ris_matches_on_get_no_message(scored):
     records, _ = scored
     record = records["plain.dcm"]

@@ -129,6 +129,7 @@ def test_a_table_of_other_images_named_alike_is_said_to_be_of_other_images(nih, 
     line = match.problem()
     assert "has a row for 0 of 4 files" in line and "names files like" not in line
     assert "named the same way ('99999999_999.png')" in line and "table of other images" in line
+    assert "?." not in line, line  # "is it the table of other images?. Fix:"
     assert not any(name in line for name in others + list(table["Image Index"].iloc[:3]))
 
 
@@ -189,3 +190,20 @@ def test_a_table_of_paths_is_told_to_hold_file_names(nih, tmp_path):
     assert "has a row for 0 of 3 files" in line
     assert "'Image Index' holds paths ('xxxxxx/99999999_999.png')" in line
     assert "write each image's file name alone" in line and "give the table of these images" not in line
+
+
+def test_a_table_of_names_without_their_extension_is_told_to_add_it(nih, tmp_path):
+    # an Image Index of '00000001_000' for 00000001_000.png: evaluate matched the labels (by the
+    # name without its extension) and silently scored every study without the table's patient
+    # data, the warning saying "give the table of these images, or name the images as the table does"
+    from cxr_batch.metadata import load_metadata_for
+
+    table = pd.read_csv(nih / "labels.csv", dtype=str).iloc[:3]
+    names = list(table["Image Index"])
+    table["Image Index"] = table["Image Index"].str.replace(".png", "", regex=False)
+    table.to_csv(tmp_path / "stems.csv", index=False)
+    _, match = load_metadata_for(tmp_path / "stems.csv", names)
+    line = match.problem()
+    assert "has a row for 0 of 3 files" in line
+    assert "names files without their extension ('99999999_999' for '99999999_999.png')" in line, line
+    assert "write each file's name with its extension" in line and "give the table of these images" not in line

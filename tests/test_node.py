@@ -146,6 +146,9 @@ def test_a_rejected_association_says_what_to_change(listener, caplog):
     stranger, wrong_called = [r.getMessage() for r in caplog.records if "rejected" in r.getMessage()][:2]
     assert "ECHOSCU" in stranger and "allow-list (--allow, allow): MODALITY1, PACS" in stranger
     assert "must call us as CXRBATCH (--ae-title)" in wrong_called
+    # ...and the title it called, which is what the operator corrects at the sender (dcmtk's
+    # storescu without -aec calls ANY-SCP)
+    assert "it called SOMEONE" in wrong_called, wrong_called
 
 
 @needs_dcmtk

@@ -678,3 +678,58 @@ def test_ctrl_c_before_a_command_starts_its_work_exits_130_with_one_line(monkeyp
     assert result.exit_code == 130, (result.exit_code, result.output)
     assert "interrupted (Ctrl-C)" in result.output and "Aborted!" not in result.output, result.output
     assert not (tmp_path / "e").exists()
+
+
+def test_resuming_with_other_settings_names_them_as_the_options_are_typed(studies, tmp_path, nih, small_bundle):
+    # `--resume --metadata labels.csv` after a scan without one said "(metadata_sha256: None then,
+    # 'bd8c7c...' now)" and a --no-pdf forgotten "(pdf: False then, True now)": the journal's keys,
+    # not the options the operator gives
+    from cxr_batch.journal import EarlierResults
+
+    out = tmp_path / "out"
+    run_scan(studies, out, quick(small_bundle, pdf=False))
+    with pytest.raises(EarlierResults) as refused:
+        run_scan(studies, out, quick(small_bundle, metadata=str(nih / "labels.csv"), urgent=("Pneumonia",),
+                                     shard=(0, 2), scoring={"views": ["PA"]}), earlier="resume")
+    message = str(refused.value)
+    assert "--metadata: none then, a table now" in message, message
+    assert "--no-pdf then, not now" in message, message
+    assert "--urgent: Pneumothorax then, Pneumonia now" in message, message
+    assert "--shard: none then, 0/2 now" in message, message
+    assert "[scoring] views: PA, AP then, PA now" in message, message
+    assert "None" not in message and "sha256" not in message and "True" not in message, message
+
+
+@pytest.fixture()
+def read_only(tmp_path):
+    """A folder nothing can be written in: a read-only tmpfs as root (whom modes do not stop),
+    else a folder of mode 0555."""
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    if os.geteuid() == 0:
+        if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(folder)],
+                          capture_output=True).returncode != 0:
+            pytest.skip("mounting a read-only tmpfs is not allowed here")
+        yield folder
+        subprocess.run(["umount", "-l", str(folder)], capture_output=True)
+    else:
+        folder.chmod(0o555)
+        yield folder
+        folder.chmod(0o755)
+
+
+def test_an_out_that_cannot_be_written_is_named_as_out(studies, tmp_path, nih, small_bundle, read_only):
+    # a read-only --out said "/srv/ro/.cxr-batch.lock: Read-only file system" (a lock file the
+    # operator never made) or, for calibrate, "/srv/ro/.new.vdjfbgz3.tmp: ..."; a parent that is a
+    # file "/srv/file/out: Not a directory": never which option to change
+    (tmp_path / "file").write_text("not a folder")
+    labels = ["--labels", nih / "labels.csv"]
+    run_scan(studies, tmp_path / "scanned", quick(small_bundle, pdf=False))
+    for command, out in ((["scan", studies], read_only), (["scan", studies], tmp_path / "file" / "out"),
+                         (["evaluate", studies, *labels], read_only / "eval"),
+                         (["calibrate", studies, *labels], read_only / "new"),
+                         (["watch", studies], read_only), (["monitor", tmp_path / "scanned"], read_only / "m")):
+        weights = [] if command[0] == "monitor" else ["--weights", small_bundle, "--device", "cpu"]
+        proc = cli(*command, "--out", out, *weights, timeout=120)
+        assert proc.returncode == 1 and f"cannot write --out {out}: " in proc.stderr, (command, proc.stderr)
+        assert "give a folder this user can write to" in proc.stderr and LOADED not in proc.stderr, proc.stderr

@@ -330,6 +330,13 @@ def test_a_pacs_that_refuses_us_or_is_down_is_said_before_the_model_loads(make_o
     assert done.returncode == 1 and "no association with the PACS" in done.stderr and "Traceback" not in done.stderr
 
 
+def test_a_pacs_host_name_nothing_resolves_is_said_as_such(tmp_path):
+    # "cannot reach the PACS PACS@nohost:104: gaierror: [Errno -2] Name or service not known"
+    done = cli("pull", "--from", "PACS@no-such-host.invalid:104", "--out", tmp_path / "a", timeout=120)
+    assert done.returncode == 1 and "host 'no-such-host.invalid' not found" in done.stderr, done.stderr
+    assert "gaierror" not in done.stderr
+
+
 def test_a_pacs_down_or_refusing_us_is_one_error_line_without_the_librarys_own(tmp_path):
     # pynetdicom logged its own "Association request failed" / "TCP Initialisation Error" (or
     # "Association Rejected" and its result) above cxr-batch's error, which says all of it

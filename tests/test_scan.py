@@ -7,6 +7,7 @@ import sys
 
 import numpy as np
 import pandas as pd
+import pytest
 
 from cxr_batch.findings import FINDINGS
 from cxr_batch.record import COLUMNS
@@ -212,3 +213,29 @@ def test_the_closing_lines_count_one_of_a_thing_in_the_singular(tmp_path):
     assert describe(tmp_path, 1) == "an unfinished scan (SIGINT: 1 study scored, 1 file not scored yet)"
     (tmp_path / "run.json").write_text(json.dumps({"complete": True, "counts": {"ok": 1}}))
     assert describe(tmp_path, 1) == "the results of an earlier scan (1 row)"
+
+
+def test_an_image_in_a_format_not_read_is_named_with_what_to_do(tmp_path, nih_images):
+    # a TIFF from a film digitiser, a BMP, a PDF requisition in the export all read "unrecognised
+    # content: not a PNG, JPEG or DICOM file": the operator could not tell a format from a broken file
+    from PIL import Image
+
+    from cxr_batch.readers import ReadError, read_study
+
+    grey = Image.open(nih_images[0])
+    grey.save(tmp_path / "film.tif")
+    grey.save(tmp_path / "film.bmp")
+    (tmp_path / "request.pdf").write_bytes(b"%PDF-1.7\n%\xe2\xe3\xcf\xd3\n1 0 obj\n" + bytes(range(256)) * 4)
+    for name, said in (("film.tif", "a TIFF image"), ("film.bmp", "a BMP image"), ("request.pdf", "a PDF document")):
+        with pytest.raises(ReadError) as e:
+            read_study(tmp_path / name)
+        assert str(e.value).startswith(f"{said}: only PNG, JPEG and DICOM files are read"), str(e.value)
+
+
+def test_the_summary_of_one_file_says_one_file(tmp_path, small_bundle):
+    # "1 files: 0 scored (...), 1 skipped"
+    folder = tmp_path / "one"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("not an image")
+    summary = scan(folder, tmp_path / "out", small_bundle)
+    assert summary.line().startswith("1 file: 0 scored"), summary.line()

@@ -9,6 +9,7 @@ treats C-STORE, HL7 and STOW-RS alike.
 
 from __future__ import annotations
 
+import socket
 from dataclasses import dataclass
 from typing import Literal
 
@@ -28,6 +29,18 @@ def shown(text: str, limit: int = REASON_LIMIT) -> str:
     """``text`` from a receiver, fit for one line: cut to ``limit`` characters, controls escaped."""
     text = str(text)
     return (text[:limit] + "..." if len(text) > limit else text).translate(_CONTROLS)
+
+
+def connect_error(e: BaseException, host: str) -> str:
+    """Why no connection to ``host`` was made, in words: a name nothing resolves (a placeholder
+    left in a configuration, pacs.example.org) is said as such, not "gaierror: [Errno -2] ..."."""
+    cause, seen = e, set()
+    while cause is not None and id(cause) not in seen:  # requests wraps it three deep
+        if isinstance(cause, socket.gaierror):
+            return f"host {host!r} not found ({cause.strerror or cause}): check the name"
+        seen.add(id(cause))
+        cause = cause.__cause__ or cause.__context__
+    return f"{type(e).__name__}: {e}"
 
 
 @dataclass(frozen=True)

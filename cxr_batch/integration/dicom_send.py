@@ -23,7 +23,7 @@ import pydicom
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
-from .delivery import HOST_PORT, shown
+from .delivery import HOST_PORT, connect_error, shown
 
 log = logging.getLogger("cxr_batch")
 
@@ -161,7 +161,7 @@ def send_dataset(dataset: Dataset | str | Path, destination: Destination, *, cal
                                  tls_args=(tls, destination.host) if tls is not None else None,
                                  evt_handlers=[(evt.EVT_CONN_OPEN, tcp_no_delay)])
     except Exception as e:  # a bad host name, an unreachable network
-        return _failed(uid, destination, f"cannot connect: {type(e).__name__}: {e}", transient=True, unsent=True)
+        return _failed(uid, destination, f"cannot connect: {connect_error(e, destination.host)}", transient=True, unsent=True)
     if not assoc.is_established:
         if assoc.is_rejected:
             rsp = assoc.acceptor.primitive

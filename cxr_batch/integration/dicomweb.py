@@ -44,7 +44,7 @@ from pydicom.datadict import dictionary_VR
 from pydicom.dataset import Dataset
 
 from ..config import ConfigError, bounded, load_dataclass, read_toml, validate
-from .delivery import Delivery, shown
+from .delivery import Delivery, connect_error, shown
 # STOW-RS Failure Reasons are C-STORE statuses (PS3.18 / PS3.4): read as C-STORE reads them
 from .dicom_send import DUPLICATE_SOP_INSTANCE, failure_is_transient
 
@@ -214,7 +214,8 @@ class StowClient:
         except requests.Timeout:
             return self._failed(uid, Delivery.retry(f"no answer from {self._where} within {self.config.timeout:g} s"))
         except requests.RequestException as e:  # connection refused, DNS, TLS
-            return self._failed(uid, Delivery.retry(f"cannot reach {self._where}: {type(e).__name__}: {e}"))
+            return self._failed(uid, Delivery.retry(f"cannot reach {self._where}: "
+                                                    f"{connect_error(e, urlsplit(self.config.url).hostname)}"))
         except (ValueError, TypeError, AttributeError, KeyError) as e:  # a body dicomweb-client cannot read
             return self._failed(uid, Delivery.retry(f"unreadable STOW-RS response: {type(e).__name__}: {e}"))
         status = self.last_response.status_code if self.last_response is not None else 200

@@ -49,7 +49,7 @@ from dataclasses import dataclass
 from ..display import is_dicom_date
 from ..findings import DEFAULT_URGENT, FINDINGS
 from ..record import StudyRecord
-from .delivery import HOST_PORT, Delivery, shown
+from .delivery import HOST_PORT, Delivery, connect_error, shown
 
 log = logging.getLogger("cxr_batch")
 
@@ -467,7 +467,7 @@ def _exchange(data: bytes, endpoint: Endpoint, timeout: float) -> bytes | Delive
     try:
         sock = socket.create_connection((endpoint.host, endpoint.port), timeout=timeout)
     except OSError as e:
-        return Delivery.retry(f"cannot connect to {endpoint}: {type(e).__name__}: {e}", unsent=True)
+        return Delivery.retry(f"cannot connect to {endpoint}: {connect_error(e, endpoint.host)}", unsent=True)
     with sock:
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)

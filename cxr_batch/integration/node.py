@@ -548,16 +548,20 @@ class StorageSCP:
         rsp = event.assoc.acceptor.primitive
         reason = getattr(rsp, "reason_str", "") if rsp is not None else ""
         log.warning("association from %s at %s rejected: %s%s", self.shown(event.assoc.requestor.ae_title, 16),
-                    self.shown(event.assoc.requestor.address), reason or "refused", self._rejection_hint(reason))
+                    self.shown(event.assoc.requestor.address), reason or "refused",
+                    self._rejection_hint(reason, event.assoc.requestor.primitive))
 
-    def _rejection_hint(self, reason: str) -> str:
-        """What to change for the two rejections an operator's configuration causes."""
+    def _rejection_hint(self, reason: str, request) -> str:
+        """What to change for the two rejections an operator's configuration causes; for a wrong
+        called title, the one the sender called (dcmtk's storescu without -aec calls ANY-SCP)."""
         reason = reason.lower()
         if "calling ae title" in reason:
             return (f" (not in the allow-list (--allow, allow): {', '.join(self.cfg.allow)}; add the sender's "
                     f"title there, or have it call as one of those)")
         if "called ae title" in reason:
-            return f" (the sender must call us as {self.cfg.ae_title} (--ae-title))"
+            called = getattr(request, "called_ae_title", None)
+            said = f"it called {self.shown(called, 16)}: " if called else ""
+            return f" ({said}the sender must call us as {self.cfg.ae_title} (--ae-title))"
         return ""
 
     def on_close(self, event) -> None:

@@ -44,6 +44,7 @@ from typing import Literal
 
 from ..config import ConfigError, bounded
 from ..exit_codes import FATAL, OK, SOME_FAILED
+from .delivery import connect_error
 from .dicom_send import Destination, association_failures_said_by_us, tcp_no_delay
 from .node import ListenConfig, Node, escape_library_log, printable, valid_uid
 
@@ -279,7 +280,7 @@ class Source:
                 assoc = ae.associate(self.pacs.host, self.pacs.port, ae_title=self.pacs.ae_title, ext_neg=roles,
                                      evt_handlers=handlers)
         except Exception as e:  # a bad host name
-            raise PullError(f"cannot reach the PACS {self.pacs}: {type(e).__name__}: {e}") from None
+            raise PullError(f"cannot reach the PACS {self.pacs}: {connect_error(e, self.pacs.host)}") from None
         if assoc.is_rejected:
             rsp = assoc.acceptor.primitive
             raise PullError(f"the PACS {self.pacs} rejected the association ({rsp.result_str}: {rsp.reason_str}): "
