@@ -19,7 +19,7 @@ from cxr_batch.integration.dicom_send import Destination
 from cxr_batch.integration.outbound import Sender
 from cxr_batch.ledger import Ledger, outbound_entry
 from cxr_batch.record import Scores, StudyRecord
-from cxr_batch.sr import build_sr
+from cxr_batch.sr import build_sr, sr_bytes
 
 from .test_node import objects, queue_srs  # noqa: F401 (fixture)
 from .watchkit import free_port, wait_for
@@ -263,3 +263,33 @@ def test_a_result_due_far_ahead_by_a_clock_that_ran_ahead_before_a_restart_waits
         sender.drain(time.time() + 10, ledger)
         assert len(ris.received) == 1
     ledger.close()
+
+
+@pytest.mark.parametrize("cut", ["inside the content", "before the content"])
+def test_an_object_file_cut_short_is_never_sent_and_is_kept_aside(results, cut):
+    """pydicom reads a DICOM file cut anywhere without a word (a value shorter than its length,
+    a sequence never closed): half an SR would reach the PACS under the result's own UID."""
+    out, ledger, uids = results
+    whole = out / "dicom" / "rle.sr.dcm"
+    data = whole.read_bytes()
+    if cut == "inside the content":
+        cut_short = data[:len(data) * 2 // 3]
+    else:  # at the boundary of the top-level element before the ContentSequence: a well-formed file
+        ds = pydicom.dcmread(whole)
+        del ds.ContentSequence
+        cut_short = sr_bytes(ds)
+        assert data.startswith(cut_short)
+    whole.write_bytes(cut_short)
+    pacs = Pacs()
+    sender = start_sender(out, pacs)
+    try:
+        assert wait_for(lambda: ledger.outbound_stats(time.time())["delivered"] == 1, timeout=30)
+        assert wait_for(lambda: ledger.outbound_stats(time.time())["refused"] == 1, timeout=30)
+    finally:
+        sender.stop()
+        pacs.stop()
+    assert list(pacs.stored) == [uids[0]]  # the whole one only
+    stats = ledger.outbound_stats(time.time())
+    assert any("rle.sr.dcm is cut short or damaged" in r for r in stats["waiting_because"]), stats
+    aside = out / "dicom" / "rle.sr.dcm.damaged"
+    assert aside.read_bytes() == cut_short and not whole.exists()  # kept for the operator, made again at a start

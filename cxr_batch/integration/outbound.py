@@ -48,6 +48,7 @@ from ..ledger import Ledger, OutboundItem
 
 log = logging.getLogger("cxr_batch")
 IDLE_WAIT = 5.0  # seconds between looks at the queue when nothing woke the sender
+DAMAGED = ".damaged"  # added to the name of an object file that is not whole: kept aside, never sent
 CLOCK_STEP = 1.0  # the system clock set back more than this (against the monotonic clock) is a jump
 
 
@@ -245,12 +246,44 @@ class Sender:
 
     def send_one(self, item: OutboundItem) -> Delivery:
         path = self.results_dir / item.path
+        aside = path.with_name(path.name + DAMAGED)
         if not path.is_file():
-            return Delivery.rejected(f"object file {item.path} is missing")
+            kept = f" (its damaged copy is kept as {aside.name})" if aside.is_file() else ""
+            return Delivery.rejected(f"object file {item.path} is missing{kept}")
         try:
+            if path.suffix == ".dcm" and not whole_dicom_file(path):
+                # moved aside, never sent: a daemon makes the result's file again at its next
+                # start (as for a missing one), under the same SOPInstanceUID
+                path.replace(aside)
+                return Delivery.rejected(f"object file {item.path} is cut short or damaged: not sent, kept as "
+                                         f"{aside.name}")
             return self.channel.send(path)
         except Exception as e:  # unreadable: a refusal of the object (offered again slowly, or dropped)
             return Delivery.rejected(f"object file {item.path} cannot be read: {type(e).__name__}")
+
+
+def whole_dicom_file(path: Path) -> bool:
+    """Whether ``path`` holds a whole DICOM object of ours (SR or Encapsulated PDF). pydicom
+    reads a file cut anywhere without a word (a value shorter than its length, a sequence never
+    closed), and what it read would go to the PACS under the result's own SOPInstanceUID: the
+    file must be what pydicom writes again from it, and hold the object's content."""
+    import io
+    import warnings
+
+    import pydicom
+    from pydicom.uid import EncapsulatedPDFStorage
+
+    data = path.read_bytes()
+    try:
+        with warnings.catch_warnings():  # what a damaged file makes pydicom say is ours to say
+            warnings.simplefilter("ignore")
+            ds = pydicom.dcmread(io.BytesIO(data))
+            again = io.BytesIO()
+            ds.save_as(again, enforce_file_format=False)  # as it was read
+    except Exception:
+        return False
+    content = "EncapsulatedDocument" if ds.get("SOPClassUID") == EncapsulatedPDFStorage else "ContentSequence"
+    return again.getvalue() == data and content in ds
 
 
 def _ago(seconds: float) -> str:
