@@ -232,8 +232,9 @@ def test_endpoint_and_framing():
     assert frame("MSH|x\r") == b"\x0bMSH|x\r\x1c\x0d"
 
 
-def _raw_peer(chunks: list[bytes]):
-    """A TCP peer that reads one MLLP message, sends ``chunks`` one by one, and closes."""
+def _raw_peer(chunks: list[bytes], received: list[bytes] | None = None):
+    """A TCP peer that reads one MLLP message (kept in ``received``), sends ``chunks`` one by
+    one, and closes."""
     server = socket.socket()
     server.bind(("127.0.0.1", 0))
     server.listen(1)
@@ -248,6 +249,8 @@ def _raw_peer(chunks: list[bytes]):
                 if not piece:
                     return
                 data += piece
+            if received is not None:
+                received.append(data)
             try:
                 for chunk in chunks:
                     conn.sendall(chunk)
@@ -721,3 +724,22 @@ def test_a_scan_s_oru_never_names_a_patient_from_a_file_changed_since_the_scan(t
     assert not any("Other" in message for message in ris.received)
     said = [r.getMessage() for r in caplog.records if "names no patient" in r.getMessage()]
     assert len(said) == 3 and not any(n in " ".join(said) for n in ("Alpha", "Beta", "Gamma", "Other")), said
+
+
+def test_a_queued_message_reaches_the_ris_with_its_segments_ended_by_cr(scored, tmp_path):
+    """HL7 v2 ends every segment with CR (0x0D), and a RIS reading so sees one segment where
+    they end with LF: the file the queue keeps is sent as its bytes, not read as text (Python's
+    universal newlines make each CR an LF)."""
+    from cxr_batch.integration.outbox import HL7Channel
+
+    records, bundle = scored
+    message = oru_r01(records["plain.dcm"], thresholds=bundle.thresholds, created=CREATED)
+    path = tmp_path / f"{message_control_id(message)}.hl7"
+    path.write_bytes(message.encode("utf-8"))  # as Outbox.entries writes it
+    received: list[bytes] = []
+    server, thread = _raw_peer([ack(message_control_id(message), "AA").encode()], received)
+    with server:
+        delivery = HL7Channel(Endpoint("127.0.0.1", server.getsockname()[1]), 5.0).send(path)
+        thread.join(10)
+    assert delivery.ok, delivery
+    assert received == [frame(message)] and b"\n" not in received[0]

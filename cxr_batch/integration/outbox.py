@@ -86,7 +86,8 @@ class HL7Channel:
     def send(self, path: Path) -> Delivery:
         from .hl7 import send_message
 
-        return send_message(path.read_text(encoding="utf-8"), self.endpoint, timeout=self.timeout)
+        # its bytes: read as text, Python's universal newlines made every segment's CR an LF
+        return send_message(path.read_bytes().decode("utf-8"), self.endpoint, timeout=self.timeout)
 
 
 class StowChannel:
