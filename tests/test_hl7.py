@@ -743,3 +743,42 @@ def test_a_queued_message_reaches_the_ris_with_its_segments_ended_by_cr(scored, 
         thread.join(10)
     assert delivery.ok, delivery
     assert received == [frame(message)] and b"\n" not in received[0]
+
+
+@pytest.mark.parametrize("cut", ["at a segment's end", "inside a field", "before the last CR"])
+def test_a_queued_message_cut_short_never_reaches_the_ris_and_is_kept_aside(scored, tmp_path, cut):
+    """An ORU file cut short (a failed disk or copy) is still an HL7 message: a RIS would take a
+    result with findings missing and answer AA."""
+    from cxr_batch.integration.outbound import Sender
+    from cxr_batch.integration.outbox import HL7Channel
+    from cxr_batch.ledger import Ledger, outbound_entry
+
+    records, bundle = scored
+    (tmp_path / "hl7").mkdir()
+    endpoint = Endpoint("127.0.0.1", free_port())
+    queued, paths = [], []
+    for k in range(2):
+        message = oru_r01(records["plain.dcm"], thresholds=bundle.thresholds, revision=f"study-{k}")
+        control = message_control_id(message)
+        paths.append(tmp_path / "hl7" / f"{control}.hl7")
+        paths[-1].write_bytes(message.encode("utf-8"))
+        queued.append((f"uid:{k}", outbound_entry(control, f"hl7/{control}.hl7", "hl7", str(endpoint))))
+    whole = paths[1].read_bytes().decode("utf-8")
+    cut_short = {"at a segment's end": whole[:whole.index("\rOBX|9|") + 1], "inside a field": whole[:len(whole) * 2 // 3],
+                 "before the last CR": whole[:-1]}[cut]
+    paths[1].write_bytes(cut_short.encode("utf-8"))
+    ledger_path = tmp_path / "ledger.sqlite"
+    ledger = Ledger(ledger_path)
+    try:
+        ledger.queue_outbound(queued)
+        with RIS("AA", port=endpoint.port) as ris:
+            Sender(ledger_path, tmp_path, HL7Channel(endpoint, 5.0), retry_max=2.0).drain(time.time() + 30)
+            received = [message_control_id(m) for m in ris.received]
+        assert received == [queued[0][1][0]]
+        stats = ledger.outbound_stats(time.time(), "hl7")
+        assert stats["delivered"] == 1 and stats["refused"] == 1
+        assert any("is cut short or damaged" in r for r in stats["waiting_because"]), stats
+    finally:
+        ledger.close()
+    aside = paths[1].with_name(paths[1].name + ".damaged")
+    assert aside.read_bytes().decode("utf-8") == cut_short and not paths[1].exists()

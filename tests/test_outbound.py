@@ -209,6 +209,9 @@ def test_a_schema_4_queue_becomes_the_dicom_channel_and_a_result_can_go_to_sever
     assert not sqlite3.connect(path).execute("SELECT name FROM sqlite_master WHERE name = 'outbound_v4'").fetchall()
 
 
+LAST_OBX = "OBX|16|NM|ORDER^Worklist order within the priority^99CXRBATCH||0.5||||||P\r"  # a whole ORU's end
+
+
 def test_a_clock_set_back_never_holds_the_queue_for_the_time_it_went_back(tmp_path, monkeypatch):
     """The RIS down, then the system clock set back an hour (NTP correcting a clock that ran
     ahead, a VM resumed): the waiting ORU was due at a time of the old clock, so it waited an
@@ -223,7 +226,7 @@ def test_a_clock_set_back_never_holds_the_queue_for_the_time_it_went_back(tmp_pa
     ledger = Ledger(out / ".cxr-batch" / "ledger.sqlite")
     (out / "hl7").mkdir()
     (out / "hl7" / "CTRL1.hl7").write_text("MSH|^~\\&|CXR-BATCH|FAC|RIS|FAC|20240101120000||ORU^R01^ORU_R01|CTRL1|P|2.5\r"
-                                          "PID|1||P001\r")
+                                          "PID|1||P001\r" + LAST_OBX)
     port = free_port()
     ledger.queue_outbound([("k", outbound_entry("CTRL1", "hl7/CTRL1.hl7", "hl7", f"127.0.0.1:{port}"))])
     sender = Sender(ledger.path, out, HL7Channel(Endpoint.parse(f"127.0.0.1:{port}"), 2.0), retry_max=30.0)
@@ -254,7 +257,7 @@ def test_a_result_due_far_ahead_by_a_clock_that_ran_ahead_before_a_restart_waits
     ledger = Ledger(out / ".cxr-batch" / "ledger.sqlite")
     (out / "hl7").mkdir()
     (out / "hl7" / "CTRL2.hl7").write_text("MSH|^~\\&|CXR-BATCH|FAC|RIS|FAC|20240101120000||ORU^R01^ORU_R01|CTRL2|P|2.5\r"
-                                          "PID|1||P001\r")
+                                          "PID|1||P001\r" + LAST_OBX)
     with RIS() as ris:
         where = f"127.0.0.1:{ris.endpoint.port}"
         ledger.queue_outbound([("k", outbound_entry("CTRL2", "hl7/CTRL2.hl7", "hl7", where))])

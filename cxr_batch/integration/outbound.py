@@ -251,7 +251,7 @@ class Sender:
             kept = f" (its damaged copy is kept as {aside.name})" if aside.is_file() else ""
             return Delivery.rejected(f"object file {item.path} is missing{kept}")
         try:
-            if path.suffix == ".dcm" and not whole_dicom_file(path):
+            if not whole_object_file(path, item.uid):
                 # moved aside, never sent: a daemon makes the result's file again at its next
                 # start (as for a missing one), under the same SOPInstanceUID
                 path.replace(aside)
@@ -260,6 +260,19 @@ class Sender:
             return self.channel.send(path)
         except Exception as e:  # unreadable: a refusal of the object (offered again slowly, or dropped)
             return Delivery.rejected(f"object file {item.path} cannot be read: {type(e).__name__}")
+
+
+def whole_object_file(path: Path, uid: str) -> bool:
+    """Whether the queued file at ``path`` is a whole object: an ORU^R01 (MSH-10 ``uid``), an SR
+    or an Encapsulated PDF."""
+    if path.suffix == ".hl7":
+        from .hl7 import whole_message
+
+        try:
+            return whole_message(path.read_bytes().decode("utf-8"), uid)
+        except UnicodeDecodeError:
+            return False
+    return whole_dicom_file(path)
 
 
 def whole_dicom_file(path: Path) -> bool:
