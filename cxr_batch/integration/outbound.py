@@ -251,15 +251,25 @@ class Sender:
             kept = f" (its damaged copy is kept as {aside.name})" if aside.is_file() else ""
             return Delivery.rejected(f"object file {item.path} is missing{kept}")
         try:
-            if not whole_object_file(path, item.uid):
-                # moved aside, never sent: a daemon makes the result's file again at its next
-                # start (as for a missing one), under the same SOPInstanceUID
-                path.replace(aside)
+            if put_aside(path, item.uid) is not None:
+                # never sent: a daemon makes the result's file again at its next start (as for a
+                # missing one), under the same SOPInstanceUID or MSH-10
                 return Delivery.rejected(f"object file {item.path} is cut short or damaged: not sent, kept as "
                                          f"{aside.name}")
             return self.channel.send(path)
         except Exception as e:  # unreadable: a refusal of the object (offered again slowly, or dropped)
             return Delivery.rejected(f"object file {item.path} cannot be read: {type(e).__name__}")
+
+
+def put_aside(path: Path, uid: str) -> Path | None:
+    """The queued file of object ``uid`` at ``path`` moved to NAME.damaged when it is not whole
+    (:func:`whole_object_file`): kept for the operator, never sent. Where it went; None when it
+    is whole."""
+    if whole_object_file(path, uid):
+        return None
+    aside = path.with_name(path.name + DAMAGED)
+    path.replace(aside)
+    return aside
 
 
 def whole_object_file(path: Path, uid: str) -> bool:
