@@ -296,3 +296,29 @@ def test_an_object_file_cut_short_is_never_sent_and_is_kept_aside(results, cut):
     assert any("rle.sr.dcm is cut short or damaged" in r for r in stats["waiting_because"]), stats
     aside = out / "dicom" / "rle.sr.dcm.damaged"
     assert aside.read_bytes() == cut_short and not whole.exists()  # kept for the operator, made again at a start
+
+
+def test_a_receiver_down_for_a_day_still_backs_off_by_retry_max_and_says_why(tmp_path):
+    """The back-off doubled without bound: after 1,024 failures in a row (17 hours of a RIS
+    down, at a retry_max of 60 s) 2.0 ** 1024 raised OverflowError, and the sender logged
+    'unexpected OverflowError' every 10 s in place of why the result waits."""
+    from cxr_batch.integration.hl7 import Endpoint
+    from cxr_batch.integration.outbox import HL7Channel
+
+    out = tmp_path / "out"
+    ledger = Ledger(out / ".cxr-batch" / "ledger.sqlite")
+    (out / "hl7").mkdir()
+    (out / "hl7" / "CTRL3.hl7").write_text("MSH|^~\\&|CXR-BATCH|FAC|RIS|FAC|20240101120000||ORU^R01^ORU_R01|CTRL3|P|2.5\r"
+                                          "PID|1||P001\r" + LAST_OBX)
+    where = f"127.0.0.1:{free_port()}"  # nothing listens
+    ledger.queue_outbound([("k", outbound_entry("CTRL3", "hl7/CTRL3.hl7", "hl7", where))])
+    sender = Sender(ledger.path, out, HL7Channel(Endpoint.parse(where), 2.0), retry_max=60.0)
+    sender.link_failures = 24 * 60  # a day of tries a minute apart
+    try:
+        before = time.time()
+        sender.send_due(ledger, until=before)
+        due = ledger.next_due("hl7")
+        assert before + 59 <= due <= time.time() + 60
+        assert "cannot connect" in sender.status()["last_error"] and sender.status()["peer"] == "unreachable"
+    finally:
+        ledger.close()

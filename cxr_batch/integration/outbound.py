@@ -182,7 +182,8 @@ class Sender:
                 log.info("sent %s to %s", item.uid, where)
             elif result.transient:
                 self.link_failures += 1
-                delay = min(self.retry_max, 2.0 ** (self.link_failures - 1))
+                # the exponent bounded: 2.0 ** 1024 (17 hours down at a retry_max of 60 s) overflows
+                delay = min(self.retry_max, 2.0 ** min(self.link_failures - 1, 62))
                 self.last_error = result.reason
                 failed_at = time.time()
                 if result.unsent:  # the link is down: the whole queue waits, in its order
