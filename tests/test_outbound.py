@@ -322,3 +322,37 @@ def test_a_receiver_down_for_a_day_still_backs_off_by_retry_max_and_says_why(tmp
         assert "cannot connect" in sender.status()["last_error"] and sender.status()["peer"] == "unreachable"
     finally:
         ledger.close()
+
+
+def test_a_delivery_the_full_disk_keeps_from_recording_is_not_sent_again_and_again(small_disk):
+    """The RIS acknowledged, then the ledger could not record it (the disk full): the sender's
+    next look at the queue (every few seconds) found it still waiting and sent it again, so the
+    RIS got the same ORU each time for as long as the disk stayed full. The delivery waits in
+    memory to be recorded."""
+    from cxr_batch.integration.hl7 import Endpoint
+    from cxr_batch.integration.outbox import HL7Channel
+
+    from .ris import RIS
+    from .test_watch_faults import fill
+
+    out = small_disk / "out"
+    ledger = Ledger(out / ".cxr-batch" / "ledger.sqlite")  # the sender's connection, open before the disk fills
+    (out / "hl7").mkdir()
+    (out / "hl7" / "CTRL4.hl7").write_text("MSH|^~\\&|CXR-BATCH|FAC|RIS|FAC|20240101120000||ORU^R01^ORU_R01|CTRL4|P|2.5\r"
+                                          "PID|1||P001\r" + LAST_OBX)
+    try:
+        with RIS() as ris:
+            ledger.queue_outbound([("k", outbound_entry("CTRL4", "hl7/CTRL4.hl7", "hl7", str(ris.endpoint)))])
+            filler = fill(small_disk)
+            sender = Sender(ledger.path, out, HL7Channel(ris.endpoint, 2.0), retry_max=0.2)
+            for _ in range(3):  # as the sender's loop does, a few seconds apart
+                with pytest.raises(sqlite3.OperationalError, match="full"):
+                    sender.send_due(ledger)
+            assert len(ris.received) == 1
+            filler.unlink()
+            sender.send_due(ledger)
+            assert ledger.outbound_stats(time.time(), "hl7")["delivered"] == 1
+            assert not sender.send_due(ledger)
+            assert len(ris.received) == 1
+    finally:
+        ledger.close()

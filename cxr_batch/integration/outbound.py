@@ -107,6 +107,9 @@ class Sender:
         self.halt, self.wakeup = threading.Event(), threading.Event()
         self.link_failures = 0  # consecutive passing failures: the back-off's exponent
         self.last_error = ""
+        # delivered, but not yet recorded (the ledger could not be written: a full disk): never
+        # sent again while it waits to be recorded, as the queue would have it
+        self.unrecorded: set[str] = set()
         self.thread: threading.Thread | None = None
         self.clock_offset = time.time() - time.monotonic()  # wall clock less monotonic: changes when the clock is set
 
@@ -168,6 +171,9 @@ class Sender:
         waits out the back-off (or a stop, or an operator's retry, or ``until``, epoch
         seconds) and returns, so the queue is read afresh."""
         name, where = self.channel.name, str(self.channel)
+        for uid in sorted(self.unrecorded):  # raises while the ledger still cannot be written
+            ledger.outbound_delivered(uid, where, name)
+            self.unrecorded.discard(uid)
         self._follow_the_clock(ledger)
         items = ledger.due_outbound(time.time(), channel=name)
         for item in items:
@@ -175,7 +181,9 @@ class Sender:
                 break
             result = self.send_one(item)
             if result.ok:
+                self.unrecorded.add(item.uid)
                 ledger.outbound_delivered(item.uid, where, name)
+                self.unrecorded.discard(item.uid)
                 if self.link_failures:
                     log.info("%s answers again: sending the queue", where)
                 self.link_failures, self.last_error = 0, ""
