@@ -440,8 +440,8 @@ def open_queue(path: Path) -> Ledger:
     try:
         return Ledger(path)
     except LedgerError as e:
-        if Path(path).name != SCAN_QUEUE:
-            raise
+        if Path(path).name != SCAN_QUEUE or isinstance(e.__context__, sqlite3.OperationalError):
+            raise  # a daemon's ledger, or a queue that cannot be opened now (a full disk): said as it is
         raise LedgerError(f"{path} is not a readable queue ({e.__context__ or e}). results.csv is kept as it is; "
                           f"move it aside, then the same scan with --resume queues and sends its results again "
                           f"(a RIS drops a message it had by its MSH-10, an archive keeps one copy of an SR)") from None
