@@ -356,3 +356,36 @@ def test_a_delivery_the_full_disk_keeps_from_recording_is_not_sent_again_and_aga
             assert len(ris.received) == 1
     finally:
         ledger.close()
+
+
+def test_a_full_disk_while_a_scan_s_results_are_sent_ends_that_channel_saying_so(small_disk, caplog):
+    """Where no daemon runs (after a scan, `outbound send`), each channel drains the queue in a
+    thread of its own, with a ledger connection of its own: one the full disk kept from opening
+    (or from recording a delivery) raised out of the thread, a Python traceback on the user's
+    terminal, and nothing said why the results were not sent."""
+    import threading
+
+    from cxr_batch.integration.hl7 import Endpoint
+    from cxr_batch.integration.outbox import HL7Channel, Outbox
+
+    from .test_watch_faults import fill
+
+    out = small_disk / "out"
+    ledger = Ledger(out / ".cxr-batch" / "ledger.sqlite")
+    (out / "hl7").mkdir()
+    (out / "hl7" / "CTRL5.hl7").write_text("MSH|^~\\&|CXR-BATCH|FAC|RIS|FAC|20240101120000||ORU^R01^ORU_R01|CTRL5|P|2.5\r"
+                                          "PID|1||P001\r" + LAST_OBX)
+    where = Endpoint("127.0.0.1", free_port())
+    ledger.queue_outbound([("k", outbound_entry("CTRL5", "hl7/CTRL5.hl7", "hl7", str(where)))])
+    ledger.close()
+    filler = fill(small_disk)
+    raised = []
+    hook, threading.excepthook = threading.excepthook, raised.append
+    try:
+        Outbox(out, out / ".cxr-batch" / "ledger.sqlite", [HL7Channel(where, 2.0)], retry_max=0.2,
+               refused_retry=60.0).drain(time.time() + 30)
+    finally:
+        threading.excepthook = hook
+        filler.unlink()
+    assert not raised, raised
+    assert "hl7 results not sent" in caplog.text and "full disk" in caplog.text, caplog.text

@@ -44,7 +44,7 @@ from typing import Protocol
 
 from .delivery import Delivery
 from .dicom_send import CALLING_AE_TITLE, Destination, send_dataset
-from ..ledger import Ledger, OutboundItem
+from ..ledger import Ledger, LedgerError, OutboundItem
 
 log = logging.getLogger("cxr_batch")
 IDLE_WAIT = 5.0  # seconds between looks at the queue when nothing woke the sender
@@ -215,11 +215,16 @@ class Sender:
         until none waits or none is due before ``until`` (epoch seconds). ``ledger``: a
         connection of this thread (default: one of its own)."""
         if ledger is None:
-            ledger = Ledger(self.ledger_path)
             try:
-                return self.drain(until, ledger)
-            finally:
-                ledger.close()
+                ledger = Ledger(self.ledger_path)
+                try:
+                    return self.drain(until, ledger)
+                finally:
+                    ledger.close()
+            except (LedgerError, sqlite3.Error, OSError) as e:  # a full disk: said, not a traceback from the thread
+                self.last_error = f"outbound queue not updated: {e}"
+                log.error("%s results not sent: %s", self.channel.name, self.last_error)
+                return
         while not self.halt.is_set() and time.time() < until:
             self.send_due(ledger, until)
             due = ledger.next_due(self.channel.name)
