@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sqlite3
 import time
 from dataclasses import dataclass
@@ -92,6 +93,7 @@ CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
 # Waiting: neither delivered nor dropped by an operator (an object the peer refused still waits:
 # failed_at is when it last did).
 _WAITING = "delivered_at IS NULL AND dropped_at IS NULL"
+FULL_DISK = 1 << 20  # bytes free below which a ledger that cannot be opened is said to be on a full disk
 FILE_MODE = 0o640  # the ledger holds the same identifiers as results.csv
 CHANNELS = ("dicom", "hl7", "stow")  # C-STORE, HL7 v2 over MLLP, STOW-RS
 _OUTBOUND_COLUMNS = ("uid, channel, key, path, queued_at, due_at, attempts, delivered_at, failed_at, destination, "
@@ -160,6 +162,10 @@ class Ledger:
             if check != "ok":
                 raise sqlite3.DatabaseError(check)
             self._migrate()
+        except sqlite3.OperationalError as e:  # a full disk, a lock, no permission: not a broken ledger
+            full = " on a full disk" if shutil.disk_usage(self.path.parent).free < FULL_DISK else ""
+            raise LedgerError(f"{self.path} cannot be opened now ({e}{full}); it is kept as it is: once the disk has "
+                              f"room (or the ledger can be written), run the same command again") from None
         except sqlite3.DatabaseError as e:
             raise LedgerError(f"{self.path} is not a readable ledger ({e}). results.csv is kept as it is; "
                               f"move the ledger aside and the daemon rebuilds one from results.csv") from None

@@ -528,14 +528,21 @@ class Watcher:
 
     def remake_queued_objects(self) -> None:
         """Results waiting to be sent whose file is gone (with a results folder removed, or an
-        hl7/ or dicom/ folder cleaned by hand): made again from the study's record under the
+        hl7/ or dicom/ folder cleaned by hand) or cut short (kept aside): made again from the study's record under the
         same SOPInstanceUID or MSH-10, and due now. They were refused as 'object file missing'
         and offered again every refused_retry for ever: never delivered."""
         from .sr import SR_FOLDER
 
+        from .integration.outbound import put_aside
+
         missing: dict[str, list[dict]] = {}
         for row in self.ledger.outbound_rows():
-            if not (self.out / row["path"]).is_file():
+            path = self.out / row["path"]
+            if not path.is_file():
+                missing.setdefault(row["key"], []).append(row)
+            elif (aside := put_aside(path, row["uid"])) is not None:  # cut short by a failed disk or copy
+                log.warning("%s waiting to be sent is cut short or damaged: kept as %s, made again", row["path"],
+                            aside.name)
                 missing.setdefault(row["key"], []).append(row)
         made = []
         for key, rows in missing.items():

@@ -240,8 +240,9 @@ def test_endpoint_and_framing():
     assert frame("MSH|x\r") == b"\x0bMSH|x\r\x1c\x0d"
 
 
-def _raw_peer(chunks: list[bytes]):
-    """A TCP peer that reads one MLLP message, sends ``chunks`` one by one, and closes."""
+def _raw_peer(chunks: list[bytes], received: list[bytes] | None = None):
+    """A TCP peer that reads one MLLP message (kept in ``received``), sends ``chunks`` one by
+    one, and closes."""
     server = socket.socket()
     server.bind(("127.0.0.1", 0))
     server.listen(1)
@@ -256,6 +257,8 @@ def _raw_peer(chunks: list[bytes]):
                 if not piece:
                     return
                 data += piece
+            if received is not None:
+                received.append(data)
             try:
                 for chunk in chunks:
                     conn.sendall(chunk)
@@ -729,3 +732,61 @@ def test_a_scan_s_oru_never_names_a_patient_from_a_file_changed_since_the_scan(t
     assert not any("Other" in message for message in ris.received)
     said = [r.getMessage() for r in caplog.records if "names no patient" in r.getMessage()]
     assert len(said) == 3 and not any(n in " ".join(said) for n in ("Alpha", "Beta", "Gamma", "Other")), said
+
+
+def test_a_queued_message_reaches_the_ris_with_its_segments_ended_by_cr(scored, tmp_path):
+    """HL7 v2 ends every segment with CR (0x0D), and a RIS reading so sees one segment where
+    they end with LF: the file the queue keeps is sent as its bytes, not read as text (Python's
+    universal newlines make each CR an LF)."""
+    from cxr_batch.integration.outbox import HL7Channel
+
+    records, bundle = scored
+    message = oru_r01(records["plain.dcm"], thresholds=bundle.thresholds, created=CREATED)
+    path = tmp_path / f"{message_control_id(message)}.hl7"
+    path.write_bytes(message.encode("utf-8"))  # as Outbox.entries writes it
+    received: list[bytes] = []
+    server, thread = _raw_peer([ack(message_control_id(message), "AA").encode()], received)
+    with server:
+        delivery = HL7Channel(Endpoint("127.0.0.1", server.getsockname()[1]), 5.0).send(path)
+        thread.join(10)
+    assert delivery.ok, delivery
+    assert received == [frame(message)] and b"\n" not in received[0]
+
+
+@pytest.mark.parametrize("cut", ["at a segment's end", "inside a field", "before the last CR"])
+def test_a_queued_message_cut_short_never_reaches_the_ris_and_is_kept_aside(scored, tmp_path, cut):
+    """An ORU file cut short (a failed disk or copy) is still an HL7 message: a RIS would take a
+    result with findings missing and answer AA."""
+    from cxr_batch.integration.outbound import Sender
+    from cxr_batch.integration.outbox import HL7Channel
+    from cxr_batch.ledger import Ledger, outbound_entry
+
+    records, bundle = scored
+    (tmp_path / "hl7").mkdir()
+    endpoint = Endpoint("127.0.0.1", free_port())
+    queued, paths = [], []
+    for k in range(2):
+        message = oru_r01(records["plain.dcm"], thresholds=bundle.thresholds, revision=f"study-{k}")
+        control = message_control_id(message)
+        paths.append(tmp_path / "hl7" / f"{control}.hl7")
+        paths[-1].write_bytes(message.encode("utf-8"))
+        queued.append((f"uid:{k}", outbound_entry(control, f"hl7/{control}.hl7", "hl7", str(endpoint))))
+    whole = paths[1].read_bytes().decode("utf-8")
+    cut_short = {"at a segment's end": whole[:whole.index("\rOBX|9|") + 1], "inside a field": whole[:len(whole) * 2 // 3],
+                 "before the last CR": whole[:-1]}[cut]
+    paths[1].write_bytes(cut_short.encode("utf-8"))
+    ledger_path = tmp_path / "ledger.sqlite"
+    ledger = Ledger(ledger_path)
+    try:
+        ledger.queue_outbound(queued)
+        with RIS("AA", port=endpoint.port) as ris:
+            Sender(ledger_path, tmp_path, HL7Channel(endpoint, 5.0), retry_max=2.0).drain(time.time() + 30)
+            received = [message_control_id(m) for m in ris.received]
+        assert received == [queued[0][1][0]]
+        stats = ledger.outbound_stats(time.time(), "hl7")
+        assert stats["delivered"] == 1 and stats["refused"] == 1
+        assert any("is cut short or damaged" in r for r in stats["waiting_because"]), stats
+    finally:
+        ledger.close()
+    aside = paths[1].with_name(paths[1].name + ".damaged")
+    assert aside.read_bytes().decode("utf-8") == cut_short and not paths[1].exists()

@@ -169,3 +169,23 @@ def test_failed_corrections_leave_one_note_on_the_result_that_stands(tmp_path):
     assert out[0].action == "replaced"
     (row,) = [r.to_row() for r in ledger.records()]
     assert row["patient_id"] == "P1-corrected" and "could not be read" not in row["notes"]
+
+
+def test_a_ledger_on_a_full_disk_is_not_called_unreadable(small_disk):
+    """SQLite cannot open its WAL on a full disk: that was 'not a readable ledger ... move the
+    ledger aside and the daemon rebuilds one', advice that throws away a whole ledger (and the
+    results waiting in its outbound queue) for want of free space."""
+    from cxr_batch.integration.outbox import SCAN_QUEUE, open_queue
+
+    from .test_watch_faults import fill
+
+    for name in ("ledger.sqlite", SCAN_QUEUE):  # a daemon's ledger, a scan's queue
+        Ledger(small_disk / name).close()
+    filler = fill(small_disk)
+    for opening in (Ledger, open_queue):
+        for name in ("ledger.sqlite", SCAN_QUEUE):
+            with pytest.raises(LedgerError) as raised:
+                opening(small_disk / name)
+            assert "full disk" in str(raised.value) and "aside" not in str(raised.value), raised.value
+    filler.unlink()
+    Ledger(small_disk / "ledger.sqlite").close()

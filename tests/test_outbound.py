@@ -19,7 +19,7 @@ from cxr_batch.integration.dicom_send import Destination
 from cxr_batch.integration.outbound import Sender
 from cxr_batch.ledger import Ledger, outbound_entry
 from cxr_batch.record import Scores, StudyRecord
-from cxr_batch.sr import build_sr
+from cxr_batch.sr import build_sr, sr_bytes
 
 from .test_node import objects, queue_srs  # noqa: F401 (fixture)
 from .watchkit import free_port, wait_for
@@ -209,6 +209,9 @@ def test_a_schema_4_queue_becomes_the_dicom_channel_and_a_result_can_go_to_sever
     assert not sqlite3.connect(path).execute("SELECT name FROM sqlite_master WHERE name = 'outbound_v4'").fetchall()
 
 
+LAST_OBX = "OBX|16|NM|ORDER^Worklist order within the priority^99CXRBATCH||0.5||||||P\r"  # a whole ORU's end
+
+
 def test_a_clock_set_back_never_holds_the_queue_for_the_time_it_went_back(tmp_path, monkeypatch):
     """The RIS down, then the system clock set back an hour (NTP correcting a clock that ran
     ahead, a VM resumed): the waiting ORU was due at a time of the old clock, so it waited an
@@ -223,7 +226,7 @@ def test_a_clock_set_back_never_holds_the_queue_for_the_time_it_went_back(tmp_pa
     ledger = Ledger(out / ".cxr-batch" / "ledger.sqlite")
     (out / "hl7").mkdir()
     (out / "hl7" / "CTRL1.hl7").write_text("MSH|^~\\&|CXR-BATCH|FAC|RIS|FAC|20240101120000||ORU^R01^ORU_R01|CTRL1|P|2.5\r"
-                                          "PID|1||P001\r")
+                                          "PID|1||P001\r" + LAST_OBX)
     port = free_port()
     ledger.queue_outbound([("k", outbound_entry("CTRL1", "hl7/CTRL1.hl7", "hl7", f"127.0.0.1:{port}"))])
     sender = Sender(ledger.path, out, HL7Channel(Endpoint.parse(f"127.0.0.1:{port}"), 2.0), retry_max=30.0)
@@ -254,7 +257,7 @@ def test_a_result_due_far_ahead_by_a_clock_that_ran_ahead_before_a_restart_waits
     ledger = Ledger(out / ".cxr-batch" / "ledger.sqlite")
     (out / "hl7").mkdir()
     (out / "hl7" / "CTRL2.hl7").write_text("MSH|^~\\&|CXR-BATCH|FAC|RIS|FAC|20240101120000||ORU^R01^ORU_R01|CTRL2|P|2.5\r"
-                                          "PID|1||P001\r")
+                                          "PID|1||P001\r" + LAST_OBX)
     with RIS() as ris:
         where = f"127.0.0.1:{ris.endpoint.port}"
         ledger.queue_outbound([("k", outbound_entry("CTRL2", "hl7/CTRL2.hl7", "hl7", where))])
@@ -263,3 +266,126 @@ def test_a_result_due_far_ahead_by_a_clock_that_ran_ahead_before_a_restart_waits
         sender.drain(time.time() + 10, ledger)
         assert len(ris.received) == 1
     ledger.close()
+
+
+@pytest.mark.parametrize("cut", ["inside the content", "before the content"])
+def test_an_object_file_cut_short_is_never_sent_and_is_kept_aside(results, cut):
+    """pydicom reads a DICOM file cut anywhere without a word (a value shorter than its length,
+    a sequence never closed): half an SR would reach the PACS under the result's own UID."""
+    out, ledger, uids = results
+    whole = out / "dicom" / "rle.sr.dcm"
+    data = whole.read_bytes()
+    if cut == "inside the content":
+        cut_short = data[:len(data) * 2 // 3]
+    else:  # at the boundary of the top-level element before the ContentSequence: a well-formed file
+        ds = pydicom.dcmread(whole)
+        del ds.ContentSequence
+        cut_short = sr_bytes(ds)
+        assert data.startswith(cut_short)
+    whole.write_bytes(cut_short)
+    pacs = Pacs()
+    sender = start_sender(out, pacs)
+    try:
+        assert wait_for(lambda: ledger.outbound_stats(time.time())["delivered"] == 1, timeout=30)
+        assert wait_for(lambda: ledger.outbound_stats(time.time())["refused"] == 1, timeout=30)
+    finally:
+        sender.stop()
+        pacs.stop()
+    assert list(pacs.stored) == [uids[0]]  # the whole one only
+    stats = ledger.outbound_stats(time.time())
+    assert any("rle.sr.dcm is cut short or damaged" in r for r in stats["waiting_because"]), stats
+    aside = out / "dicom" / "rle.sr.dcm.damaged"
+    assert aside.read_bytes() == cut_short and not whole.exists()  # kept for the operator, made again at a start
+
+
+def test_a_receiver_down_for_a_day_still_backs_off_by_retry_max_and_says_why(tmp_path):
+    """The back-off doubled without bound: after 1,024 failures in a row (17 hours of a RIS
+    down, at a retry_max of 60 s) 2.0 ** 1024 raised OverflowError, and the sender logged
+    'unexpected OverflowError' every 10 s in place of why the result waits."""
+    from cxr_batch.integration.hl7 import Endpoint
+    from cxr_batch.integration.outbox import HL7Channel
+
+    out = tmp_path / "out"
+    ledger = Ledger(out / ".cxr-batch" / "ledger.sqlite")
+    (out / "hl7").mkdir()
+    (out / "hl7" / "CTRL3.hl7").write_text("MSH|^~\\&|CXR-BATCH|FAC|RIS|FAC|20240101120000||ORU^R01^ORU_R01|CTRL3|P|2.5\r"
+                                          "PID|1||P001\r" + LAST_OBX)
+    where = f"127.0.0.1:{free_port()}"  # nothing listens
+    ledger.queue_outbound([("k", outbound_entry("CTRL3", "hl7/CTRL3.hl7", "hl7", where))])
+    sender = Sender(ledger.path, out, HL7Channel(Endpoint.parse(where), 2.0), retry_max=60.0)
+    sender.link_failures = 24 * 60  # a day of tries a minute apart
+    try:
+        before = time.time()
+        sender.send_due(ledger, until=before)
+        due = ledger.next_due("hl7")
+        assert before + 59 <= due <= time.time() + 60
+        assert "cannot connect" in sender.status()["last_error"] and sender.status()["peer"] == "unreachable"
+    finally:
+        ledger.close()
+
+
+def test_a_delivery_the_full_disk_keeps_from_recording_is_not_sent_again_and_again(small_disk):
+    """The RIS acknowledged, then the ledger could not record it (the disk full): the sender's
+    next look at the queue (every few seconds) found it still waiting and sent it again, so the
+    RIS got the same ORU each time for as long as the disk stayed full. The delivery waits in
+    memory to be recorded."""
+    from cxr_batch.integration.hl7 import Endpoint
+    from cxr_batch.integration.outbox import HL7Channel
+
+    from .ris import RIS
+    from .test_watch_faults import fill
+
+    out = small_disk / "out"
+    ledger = Ledger(out / ".cxr-batch" / "ledger.sqlite")  # the sender's connection, open before the disk fills
+    (out / "hl7").mkdir()
+    (out / "hl7" / "CTRL4.hl7").write_text("MSH|^~\\&|CXR-BATCH|FAC|RIS|FAC|20240101120000||ORU^R01^ORU_R01|CTRL4|P|2.5\r"
+                                          "PID|1||P001\r" + LAST_OBX)
+    try:
+        with RIS() as ris:
+            ledger.queue_outbound([("k", outbound_entry("CTRL4", "hl7/CTRL4.hl7", "hl7", str(ris.endpoint)))])
+            filler = fill(small_disk)
+            sender = Sender(ledger.path, out, HL7Channel(ris.endpoint, 2.0), retry_max=0.2)
+            for _ in range(3):  # as the sender's loop does, a few seconds apart
+                with pytest.raises(sqlite3.OperationalError, match="full"):
+                    sender.send_due(ledger)
+            assert len(ris.received) == 1
+            filler.unlink()
+            sender.send_due(ledger)
+            assert ledger.outbound_stats(time.time(), "hl7")["delivered"] == 1
+            assert not sender.send_due(ledger)
+            assert len(ris.received) == 1
+    finally:
+        ledger.close()
+
+
+def test_a_full_disk_while_a_scan_s_results_are_sent_ends_that_channel_saying_so(small_disk, caplog):
+    """Where no daemon runs (after a scan, `outbound send`), each channel drains the queue in a
+    thread of its own, with a ledger connection of its own: one the full disk kept from opening
+    (or from recording a delivery) raised out of the thread, a Python traceback on the user's
+    terminal, and nothing said why the results were not sent."""
+    import threading
+
+    from cxr_batch.integration.hl7 import Endpoint
+    from cxr_batch.integration.outbox import HL7Channel, Outbox
+
+    from .test_watch_faults import fill
+
+    out = small_disk / "out"
+    ledger = Ledger(out / ".cxr-batch" / "ledger.sqlite")
+    (out / "hl7").mkdir()
+    (out / "hl7" / "CTRL5.hl7").write_text("MSH|^~\\&|CXR-BATCH|FAC|RIS|FAC|20240101120000||ORU^R01^ORU_R01|CTRL5|P|2.5\r"
+                                          "PID|1||P001\r" + LAST_OBX)
+    where = Endpoint("127.0.0.1", free_port())
+    ledger.queue_outbound([("k", outbound_entry("CTRL5", "hl7/CTRL5.hl7", "hl7", str(where)))])
+    ledger.close()
+    filler = fill(small_disk)
+    raised = []
+    hook, threading.excepthook = threading.excepthook, raised.append
+    try:
+        Outbox(out, out / ".cxr-batch" / "ledger.sqlite", [HL7Channel(where, 2.0)], retry_max=0.2,
+               refused_retry=60.0).drain(time.time() + 30)
+    finally:
+        threading.excepthook = hook
+        filler.unlink()
+    assert not raised, raised
+    assert "hl7 results not sent" in caplog.text and "full disk" in caplog.text, caplog.text

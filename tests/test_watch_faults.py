@@ -839,3 +839,39 @@ def test_rows_appended_on_a_full_disk_are_written_whole_or_not_at_all(studies, t
     with pytest.raises(OSError):
         append_rows(results, records * 3)  # more than the last block holds
     assert results.read_bytes() == before
+
+
+def test_a_queued_message_cut_short_before_a_restart_is_made_again_and_reaches_the_ris_whole(tmp_path, nih_images,
+                                                                                             small_bundle):
+    """The RIS down, the daemon killed, then a queued ORU file cut short (a failed disk): at the
+    next start it is kept aside and made again under the same MSH-10, and the RIS gets both
+    results whole, instead of half a result (or, kept aside by the sender alone, none until
+    another restart)."""
+    from cxr_batch.integration.hl7 import whole_message
+
+    from .ris import RIS
+    from .watchkit import free_port
+
+    incoming, out, port = tmp_path / "in", tmp_path / "out", free_port()
+    incoming.mkdir()
+    good_dicoms(incoming, nih_images, 2)
+    config = watch_config(tmp_path / "w.toml", retry_max=1.0)
+    daemon = start_daemon(incoming, out, small_bundle, config, "--hl7-to", f"127.0.0.1:{port}")
+    try:
+        assert wait_for(lambda: len(ok_rows(out)) == 2 and len(list((out / "hl7").glob("*.hl7"))) == 2)
+    finally:
+        daemon.kill()
+        daemon.wait(timeout=30)
+    cut = sorted((out / "hl7").glob("*.hl7"))[0]
+    cut_short = cut.read_bytes()[:-200]
+    cut.write_bytes(cut_short)
+    with RIS(port=port) as ris:
+        daemon = start_daemon(incoming, out, small_bundle, config, "--hl7-to", f"127.0.0.1:{port}")
+        try:
+            assert wait_for(lambda: len(ris.received) >= 2, timeout=60), status(out)
+        finally:
+            assert stop(daemon) == 0
+        received = {m.split("\r")[0].split("|")[9]: m for m in ris.received}
+    assert sorted(received) == sorted(p.stem for p in (out / "hl7").glob("*.hl7"))
+    assert all(whole_message(m + "\r" * (not m.endswith("\r")), control) for control, m in received.items())
+    assert (out / "hl7" / (cut.name + ".damaged")).read_bytes() == cut_short

@@ -349,6 +349,21 @@ def message_control_id(message: str) -> str:
     return fields[9]
 
 
+def whole_message(message: str, control: str) -> bool:
+    """Whether ``message`` is a whole ORU^R01 of :func:`oru_r01` with MSH-10 ``control``: an ORU
+    file cut short (a failed disk or copy) is still HL7, and a RIS would take a result with
+    findings missing. It ends with the CR of its last observation (the worklist order, or
+    P(any finding) after it), OBX-11 included."""
+    try:
+        if message_control_id(message) != control or not message.endswith("\r"):
+            return False
+    except ValueError:
+        return False
+    last = message[:-1].rsplit("\r", 1)[-1].split("|")
+    return (len(last) == 12 and last[0] == "OBX" and last[11] == "P"
+            and last[3] in (ORDER_OBSERVATION, ANY_FINDING_OBSERVATION))
+
+
 # ------------------------------------------------------------------ MLLP
 @dataclass(frozen=True)
 class Ack:

@@ -44,10 +44,11 @@ from typing import Protocol
 
 from .delivery import Delivery
 from .dicom_send import CALLING_AE_TITLE, Destination, send_dataset
-from ..ledger import Ledger, OutboundItem
+from ..ledger import Ledger, LedgerError, OutboundItem
 
 log = logging.getLogger("cxr_batch")
 IDLE_WAIT = 5.0  # seconds between looks at the queue when nothing woke the sender
+DAMAGED = ".damaged"  # added to the name of an object file that is not whole: kept aside, never sent
 CLOCK_STEP = 1.0  # the system clock set back more than this (against the monotonic clock) is a jump
 
 
@@ -106,6 +107,9 @@ class Sender:
         self.halt, self.wakeup = threading.Event(), threading.Event()
         self.link_failures = 0  # consecutive passing failures: the back-off's exponent
         self.last_error = ""
+        # delivered, but not yet recorded (the ledger could not be written: a full disk): never
+        # sent again while it waits to be recorded, as the queue would have it
+        self.unrecorded: set[str] = set()
         self.thread: threading.Thread | None = None
         self.clock_offset = time.time() - time.monotonic()  # wall clock less monotonic: changes when the clock is set
 
@@ -167,6 +171,9 @@ class Sender:
         waits out the back-off (or a stop, or an operator's retry, or ``until``, epoch
         seconds) and returns, so the queue is read afresh."""
         name, where = self.channel.name, str(self.channel)
+        for uid in sorted(self.unrecorded):  # raises while the ledger still cannot be written
+            ledger.outbound_delivered(uid, where, name)
+            self.unrecorded.discard(uid)
         self._follow_the_clock(ledger)
         items = ledger.due_outbound(time.time(), channel=name)
         for item in items:
@@ -174,14 +181,17 @@ class Sender:
                 break
             result = self.send_one(item)
             if result.ok:
+                self.unrecorded.add(item.uid)
                 ledger.outbound_delivered(item.uid, where, name)
+                self.unrecorded.discard(item.uid)
                 if self.link_failures:
                     log.info("%s answers again: sending the queue", where)
                 self.link_failures, self.last_error = 0, ""
                 log.info("sent %s to %s", item.uid, where)
             elif result.transient:
                 self.link_failures += 1
-                delay = min(self.retry_max, 2.0 ** (self.link_failures - 1))
+                # the exponent bounded: 2.0 ** 1024 (17 hours down at a retry_max of 60 s) overflows
+                delay = min(self.retry_max, 2.0 ** min(self.link_failures - 1, 62))
                 self.last_error = result.reason
                 failed_at = time.time()
                 if result.unsent:  # the link is down: the whole queue waits, in its order
@@ -205,11 +215,16 @@ class Sender:
         until none waits or none is due before ``until`` (epoch seconds). ``ledger``: a
         connection of this thread (default: one of its own)."""
         if ledger is None:
-            ledger = Ledger(self.ledger_path)
             try:
-                return self.drain(until, ledger)
-            finally:
-                ledger.close()
+                ledger = Ledger(self.ledger_path)
+                try:
+                    return self.drain(until, ledger)
+                finally:
+                    ledger.close()
+            except (LedgerError, sqlite3.Error, OSError) as e:  # a full disk: said, not a traceback from the thread
+                self.last_error = f"outbound queue not updated: {e}"
+                log.error("%s results not sent: %s", self.channel.name, self.last_error)
+                return
         while not self.halt.is_set() and time.time() < until:
             self.send_due(ledger, until)
             due = ledger.next_due(self.channel.name)
@@ -245,12 +260,67 @@ class Sender:
 
     def send_one(self, item: OutboundItem) -> Delivery:
         path = self.results_dir / item.path
+        aside = path.with_name(path.name + DAMAGED)
         if not path.is_file():
-            return Delivery.rejected(f"object file {item.path} is missing")
+            kept = f" (its damaged copy is kept as {aside.name})" if aside.is_file() else ""
+            return Delivery.rejected(f"object file {item.path} is missing{kept}")
         try:
+            if put_aside(path, item.uid) is not None:
+                # never sent: a daemon makes the result's file again at its next start (as for a
+                # missing one), under the same SOPInstanceUID or MSH-10
+                return Delivery.rejected(f"object file {item.path} is cut short or damaged: not sent, kept as "
+                                         f"{aside.name}")
             return self.channel.send(path)
         except Exception as e:  # unreadable: a refusal of the object (offered again slowly, or dropped)
             return Delivery.rejected(f"object file {item.path} cannot be read: {type(e).__name__}")
+
+
+def put_aside(path: Path, uid: str) -> Path | None:
+    """The queued file of object ``uid`` at ``path`` moved to NAME.damaged when it is not whole
+    (:func:`whole_object_file`): kept for the operator, never sent. Where it went; None when it
+    is whole."""
+    if whole_object_file(path, uid):
+        return None
+    aside = path.with_name(path.name + DAMAGED)
+    path.replace(aside)
+    return aside
+
+
+def whole_object_file(path: Path, uid: str) -> bool:
+    """Whether the queued file at ``path`` is a whole object: an ORU^R01 (MSH-10 ``uid``), an SR
+    or an Encapsulated PDF."""
+    if path.suffix == ".hl7":
+        from .hl7 import whole_message
+
+        try:
+            return whole_message(path.read_bytes().decode("utf-8"), uid)
+        except UnicodeDecodeError:
+            return False
+    return whole_dicom_file(path)
+
+
+def whole_dicom_file(path: Path) -> bool:
+    """Whether ``path`` holds a whole DICOM object of ours (SR or Encapsulated PDF). pydicom
+    reads a file cut anywhere without a word (a value shorter than its length, a sequence never
+    closed), and what it read would go to the PACS under the result's own SOPInstanceUID: the
+    file must be what pydicom writes again from it, and hold the object's content."""
+    import io
+    import warnings
+
+    import pydicom
+    from pydicom.uid import EncapsulatedPDFStorage
+
+    data = path.read_bytes()
+    try:
+        with warnings.catch_warnings():  # what a damaged file makes pydicom say is ours to say
+            warnings.simplefilter("ignore")
+            ds = pydicom.dcmread(io.BytesIO(data))
+            again = io.BytesIO()
+            ds.save_as(again, enforce_file_format=False)  # as it was read
+    except Exception:
+        return False
+    content = "EncapsulatedDocument" if ds.get("SOPClassUID") == EncapsulatedPDFStorage else "ContentSequence"
+    return again.getvalue() == data and content in ds
 
 
 def _ago(seconds: float) -> str:

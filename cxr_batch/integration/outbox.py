@@ -86,7 +86,8 @@ class HL7Channel:
     def send(self, path: Path) -> Delivery:
         from .hl7 import send_message
 
-        return send_message(path.read_text(encoding="utf-8"), self.endpoint, timeout=self.timeout)
+        # its bytes: read as text, Python's universal newlines made every segment's CR an LF
+        return send_message(path.read_bytes().decode("utf-8"), self.endpoint, timeout=self.timeout)
 
 
 class StowChannel:
@@ -439,8 +440,8 @@ def open_queue(path: Path) -> Ledger:
     try:
         return Ledger(path)
     except LedgerError as e:
-        if Path(path).name != SCAN_QUEUE:
-            raise
+        if Path(path).name != SCAN_QUEUE or isinstance(e.__context__, sqlite3.OperationalError):
+            raise  # a daemon's ledger, or a queue that cannot be opened now (a full disk): said as it is
         raise LedgerError(f"{path} is not a readable queue ({e.__context__ or e}). results.csv is kept as it is; "
                           f"move it aside, then the same scan with --resume queues and sends its results again "
                           f"(a RIS drops a message it had by its MSH-10, an archive keeps one copy of an SR)") from None
