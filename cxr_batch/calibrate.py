@@ -457,9 +457,12 @@ def choose_thresholds(rule: str, scores: "LabelledScores", p: np.ndarray, moved:
     fold = patient_folds(scores.groups, 5, seed)
     if name == "sensitivity":  # aim higher in sample until the out-of-fold sensitivity reaches S
         inner, reached = raised_sensitivity_targets(y, p, fold, target, enough)
+        hidden = ((y == 1) & (p <= 0)).sum(axis=0)  # positives in the normal bucket: never flagged
         for k in np.flatnonzero(enough & (reached < target - 1e-9)):
             lines.append(f"{FINDINGS[k]}: sensitivity {target:.2f} cannot be reached out of fold on these studies "
-                         f"(at most {reached[k]:.2f}, with every positive flagged in sample)")
+                         f"(at most {reached[k]:.2f}, with every positive flagged in sample"
+                         + (f" but the {hidden[k]} in the normal bucket, which carries no flag" if hidden[k] else "")
+                         + ")")
 
         def rule_fn(yy, pp):
             return np.where(enough, [at_sensitivity(yy[:, [k]], pp[:, [k]], inner[k])[0] for k in range(len(inner))],
