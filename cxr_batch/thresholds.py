@@ -80,12 +80,15 @@ def floor_significant(x: float, digits: int = 4) -> float:
 def at_sensitivity(y_true: np.ndarray, y_prob: np.ndarray, target: float = 0.90) -> np.ndarray:
     """Per class, the highest threshold (floored to 4 significant digits) whose flags ``p >= t``
     catch at least ``target`` of the positives; 0.5 where a class has no positives. Clipped into
-    (0, 1), as :func:`at_specificity` (a threshold of 0 would flag every study)."""
+    (0, 1), as :func:`at_specificity` (a threshold of 0 would flag every study). A positive at
+    probability 0 is flagged by no threshold in (0, 1) (calibrate gives that to one whose flag the
+    normal bucket never writes): a target beyond the others gets the lowest of them, not a
+    threshold that flags every study (unless no positive is above 0)."""
     out = np.full(y_true.shape[1], 0.5)
     for c in range(y_true.shape[1]):
         positives = np.sort(y_prob[y_true[:, c] == 1, c])[::-1]
         if len(positives):
-            k = max(1, int(np.ceil(target * len(positives) - 1e-9)))
+            k = min(max(1, int(np.ceil(target * len(positives) - 1e-9))), max(1, int((positives > 0).sum())))
             out[c] = floor_significant(float(positives[k - 1]))
     return np.clip(out, 1e-6, 1 - 1e-6)
 

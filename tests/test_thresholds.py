@@ -32,3 +32,16 @@ def test_a_sensitivity_threshold_stays_strictly_between_0_and_1():
     y = np.array([[1], [1], [0]])
     assert 0 < at_sensitivity(y, np.array([[0.0], [0.0], [0.5]]), 0.9)[0] < 1e-5
     assert 0.99 < at_sensitivity(y, np.array([[1.0], [1.0], [0.5]]), 0.9)[0] < 1
+
+
+def test_a_positive_no_threshold_can_flag_does_not_pull_the_threshold_to_zero():
+    """calibrate gives a positive in the normal bucket probability 0 (its flag is never written).
+    sensitivity:0.8 on 759 real NIH studies raised Nodule's goal to 1.0 and, aiming at those
+    positives too, set its threshold to 1e-06: a nodule flag on every study out of the normal
+    bucket (in sample 0.957 of nodules, 7.4 flags per study). The most a threshold can catch is
+    every positive it can flag: the lowest of those is the threshold."""
+    y = np.array([[1], [1], [1], [0], [0], [0]])
+    p = np.array([[0.9], [0.6], [0.0], [0.5], [0.1], [0.0]])
+    for target, expected in ((1.0, 0.6), (0.5, 0.6), (0.3, 0.9)):  # 0.5: 2 of 3, the second positive
+        assert at_sensitivity(y, p, target)[0] == pytest.approx(expected, rel=1e-3)
+    assert (p[:, 0] >= at_sensitivity(y, p, 1.0)[0]).tolist() == [True, True, False, False, False, False]
