@@ -259,6 +259,8 @@ def check_jpeg_restarts(data: bytes) -> None:
         if marker == 0xD9:  # end of image
             return
         (length,) = struct.unpack(">H", data[pos + 2:pos + 4])
+        if pos + 2 + length > len(data) or (marker == 0xDD and length != 4):
+            raise CodestreamError(f"a marker segment at byte {pos} runs past the end of the frame or is malformed")
         if marker == 0xDD:
             (interval,) = struct.unpack(">H", data[pos + 4:pos + 6])
         elif marker in _SOF and marker != 0xF7 and pos + 10 <= len(data):

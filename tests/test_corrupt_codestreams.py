@@ -221,3 +221,26 @@ def test_a_header_size_the_frame_does_not_have_is_refused(encoded, tmp_path, nam
     ds.save_as(tmp_path / "resized.dcm", enforce_file_format=True)
     with pytest.raises(ReadError, match="header says|cannot be decoded"):
         read_study(tmp_path / "resized.dcm", RULES)
+
+
+def _segment_length_set(frame: bytes, marker: bytes, length: int) -> bytes:
+    at = frame.index(marker)
+    return frame[:at + 2] + struct.pack(">H", length) + frame[at + 4:]
+
+
+# a marker segment whose length runs past the frame: a start-of-scan length overwritten, and a
+# restart interval segment cut by the end of the frame
+OVERRUNS = {"sos-length": lambda f: _segment_length_set(f, b"\xff\xda", 0xFFFF),
+            "dri-at-the-end": lambda f: f.rstrip(b"\x00")[:-2] + b"\xff\xdd\xff\xd9"}
+
+
+@needs_dcmtk_gdcm
+@pytest.mark.parametrize("damage", OVERRUNS)
+def test_a_segment_running_past_the_frame_is_refused_as_corrupt_with_its_study_named(encoded, tmp_path, damage):
+    """The restart check read such a frame into a ValueError or struct.error: the row said
+    'unexpected error while reading' and lost the header (no patient, no accession number)."""
+    name = "jpeg-restarts-img2dcm"
+    path = _with_frame(encoded[name], tmp_path / "overrun.dcm", OVERRUNS[damage](_frame(encoded[name])))
+    with pytest.raises(ReadError, match="corrupt or truncated") as caught:
+        read_study(path, RULES)
+    assert caught.value.header is not None and caught.value.header.patient.sex == "F"
