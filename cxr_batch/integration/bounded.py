@@ -214,6 +214,15 @@ class BoundedServer(ThreadedAssociationServer):
         self.monitor.dropped("busy", peer_name(client_address), reason)
         return False
 
+    def process_request(self, request, client_address) -> None:
+        try:
+            super().process_request(request, client_address)  # the connection's thread, started
+        except BaseException:
+            # no thread for it (the thread limit): verify_request counted it in its host's
+            # handshake places and no handler will count it out (per_host of these locked the host out)
+            self.handshake_done(request)
+            raise
+
     def handshake_done(self, request) -> None:
         with self._pending_lock:
             host = self._pending.pop(request, None)
