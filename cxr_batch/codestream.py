@@ -249,6 +249,7 @@ def check_jpeg_restarts(data: bytes) -> None:
     import numpy as np
 
     pos, interval, units, components = 2, 0, 0, 0
+    ff = follower = is_rst = ends = None  # the frame's FF bytes, what follows each, found at its first scan
     while pos + 4 <= len(data):
         if data[pos] != 0xFF:
             raise CodestreamError(f"expected a marker at byte {pos}")
@@ -271,20 +272,23 @@ def check_jpeg_restarts(data: bytes) -> None:
         if marker != 0xDA:
             continue
         # the scan's coded data: up to the first FF that is neither stuffing (FF00), a restart
-        # marker (FFD0-FFD7) nor fill (FFFF)
-        coded = np.frombuffer(data, np.uint8, offset=pos)
-        ff = np.flatnonzero(coded[:-1] == 0xFF)
-        follower = coded[ff + 1]
-        is_rst = (follower >= 0xD0) & (follower <= 0xD7)
-        ends = np.flatnonzero((follower != 0x00) & (follower != 0xFF) & ~is_rst)
-        if len(ends) == 0:
+        # marker (FFD0-FFD7) nor fill (FFFF); the frame's FFs are found once, not from each scan
+        # on to the end of the frame (a frame of many tiny scans took minutes)
+        if ff is None:
+            ff = np.flatnonzero(np.frombuffer(data, np.uint8)[:-1] == 0xFF)
+            follower = np.frombuffer(data, np.uint8)[ff + 1]
+            is_rst = (follower >= 0xD0) & (follower <= 0xD7)
+            ends = ff[(follower != 0x00) & (follower != 0xFF) & ~is_rst]
+        first = np.searchsorted(ends, pos)
+        if first == len(ends):
             raise CodestreamError("a scan runs to the end of the frame without a marker after it")
-        end = int(ff[ends[0]])
+        end = int(ends[first])
         if interval:
-            rst = follower[:ends[0]][is_rst[:ends[0]]].astype(np.int64) - 0xD0
+            inside = slice(np.searchsorted(ff, pos), np.searchsorted(ff, end))
+            rst = follower[inside][is_rst[inside]].astype(np.int64) - 0xD0
             if np.any(rst != np.arange(len(rst)) % 8):
                 raise CodestreamError("restart markers out of sequence: coded data lost or overwritten")
             if components == 1 and units and len(rst) != -(-units // interval) - 1:
                 raise CodestreamError(f"a scan holds {len(rst)} restart markers where its "
                                       f"{units} MCUs need {-(-units // interval) - 1}: coded data lost or overwritten")
-        pos += end
+        pos = end
