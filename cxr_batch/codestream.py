@@ -9,6 +9,7 @@ or without the JP2 box wrapper, and the RLE header) and return what it declares.
 
 from __future__ import annotations
 
+import bisect
 import struct
 from dataclasses import dataclass
 
@@ -238,6 +239,21 @@ def jpeg_restart_interval(data: bytes) -> int:
     return 0
 
 
+def _scan_markers(data: bytes) -> tuple[list[int], list[int], list[int], list[int]]:
+    """Where a JPEG frame's FF bytes end a scan's coded data (any marker but stuffing FF00, a
+    restart marker or fill FFFF), where its restart markers are and their numbers (0-7), and,
+    per restart marker, how many before it and itself do not follow the one before in sequence."""
+    import numpy as np
+
+    ff = np.flatnonzero(np.frombuffer(data, np.uint8)[:-1] == 0xFF)
+    follower = np.frombuffer(data, np.uint8)[ff + 1]
+    is_rst = (follower >= 0xD0) & (follower <= 0xD7)
+    number = follower[is_rst].astype(np.int64) - 0xD0
+    breaks = np.concatenate(([0], np.cumsum(number[1:] != (number[:-1] + 1) % 8)))
+    return (ff[(follower != 0x00) & (follower != 0xFF) & ~is_rst].tolist(), ff[is_rst].tolist(), number.tolist(),
+            breaks.tolist())
+
+
 def check_jpeg_restarts(data: bytes) -> None:
     """Raise CodestreamError unless, in a JPEG (T.81) codestream with a restart interval, every
     scan's restart markers run RST0, RST1 ... RST7, RST0 ... without a gap and, for a
@@ -246,10 +262,8 @@ def check_jpeg_restarts(data: bytes) -> None:
     a marker, shows as a gap or a count off, where libjpeg decodes the rest and fills the
     image. Damage between two markers stays unseen. Without a restart interval nothing is
     checked."""
-    import numpy as np
-
     pos, interval, units, components = 2, 0, 0, 0
-    ff = follower = is_rst = ends = None  # the frame's FF bytes, what follows each, found at its first scan
+    markers = None  # the frame's markers (_scan_markers), found at its first scan
     while pos + 4 <= len(data):
         if data[pos] != 0xFF:
             raise CodestreamError(f"expected a marker at byte {pos}")
@@ -272,23 +286,20 @@ def check_jpeg_restarts(data: bytes) -> None:
         if marker != 0xDA:
             continue
         # the scan's coded data: up to the first FF that is neither stuffing (FF00), a restart
-        # marker (FFD0-FFD7) nor fill (FFFF); the frame's FFs are found once, not from each scan
-        # on to the end of the frame (a frame of many tiny scans took minutes)
-        if ff is None:
-            ff = np.flatnonzero(np.frombuffer(data, np.uint8)[:-1] == 0xFF)
-            follower = np.frombuffer(data, np.uint8)[ff + 1]
-            is_rst = (follower >= 0xD0) & (follower <= 0xD7)
-            ends = ff[(follower != 0x00) & (follower != 0xFF) & ~is_rst]
-        first = np.searchsorted(ends, pos)
+        # marker (FFD0-FFD7) nor fill (FFFF); the frame's markers are found once, not from each
+        # scan on to the end of the frame (a frame of many tiny scans took minutes)
+        if markers is None:
+            markers = _scan_markers(data)
+        ends, rst_at, rst_number, rst_breaks = markers
+        first = bisect.bisect_left(ends, pos)
         if first == len(ends):
             raise CodestreamError("a scan runs to the end of the frame without a marker after it")
-        end = int(ends[first])
+        end = ends[first]
         if interval:
-            inside = slice(np.searchsorted(ff, pos), np.searchsorted(ff, end))
-            rst = follower[inside][is_rst[inside]].astype(np.int64) - 0xD0
-            if np.any(rst != np.arange(len(rst)) % 8):
+            i, j = bisect.bisect_left(rst_at, pos), bisect.bisect_left(rst_at, end)  # the scan's restart markers
+            if j > i and (rst_number[i] != 0 or rst_breaks[j - 1] != rst_breaks[i]):
                 raise CodestreamError("restart markers out of sequence: coded data lost or overwritten")
-            if components == 1 and units and len(rst) != -(-units // interval) - 1:
-                raise CodestreamError(f"a scan holds {len(rst)} restart markers where its "
+            if components == 1 and units and j - i != -(-units // interval) - 1:
+                raise CodestreamError(f"a scan holds {j - i} restart markers where its "
                                       f"{units} MCUs need {-(-units // interval) - 1}: coded data lost or overwritten")
         pos = end
