@@ -9,7 +9,6 @@ or without the JP2 box wrapper, and the RLE header) and return what it declares.
 
 from __future__ import annotations
 
-import bisect
 import struct
 from dataclasses import dataclass
 
@@ -239,10 +238,11 @@ def jpeg_restart_interval(data: bytes) -> int:
     return 0
 
 
-def _scan_markers(data: bytes) -> tuple[list[int], list[int], list[int], list[int]]:
+def _scan_markers(data: bytes) -> tuple:
     """Where a JPEG frame's FF bytes end a scan's coded data (any marker but stuffing FF00, a
     restart marker or fill FFFF), where its restart markers are and their numbers (0-7), and,
-    per restart marker, how many before it and itself do not follow the one before in sequence."""
+    per restart marker, how many before it and itself do not follow the one before in sequence
+    (arrays: a hostile frame holds millions of markers)."""
     import numpy as np
 
     ff = np.flatnonzero(np.frombuffer(data, np.uint8)[:-1] == 0xFF)
@@ -250,8 +250,7 @@ def _scan_markers(data: bytes) -> tuple[list[int], list[int], list[int], list[in
     is_rst = (follower >= 0xD0) & (follower <= 0xD7)
     number = follower[is_rst].astype(np.int64) - 0xD0
     breaks = np.concatenate(([0], np.cumsum(number[1:] != (number[:-1] + 1) % 8)))
-    return (ff[(follower != 0x00) & (follower != 0xFF) & ~is_rst].tolist(), ff[is_rst].tolist(), number.tolist(),
-            breaks.tolist())
+    return ff[(follower != 0x00) & (follower != 0xFF) & ~is_rst], ff[is_rst], number, breaks
 
 
 def check_jpeg_restarts(data: bytes) -> None:
@@ -291,12 +290,12 @@ def check_jpeg_restarts(data: bytes) -> None:
         if markers is None:
             markers = _scan_markers(data)
         ends, rst_at, rst_number, rst_breaks = markers
-        first = bisect.bisect_left(ends, pos)
+        first = int(ends.searchsorted(pos))
         if first == len(ends):
             raise CodestreamError("a scan runs to the end of the frame without a marker after it")
-        end = ends[first]
+        end = int(ends[first])
         if interval:
-            i, j = bisect.bisect_left(rst_at, pos), bisect.bisect_left(rst_at, end)  # the scan's restart markers
+            i, j = rst_at.searchsorted((pos, end)).tolist()  # the scan's restart markers
             if j > i and (rst_number[i] != 0 or rst_breaks[j - 1] != rst_breaks[i]):
                 raise CodestreamError("restart markers out of sequence: coded data lost or overwritten")
             if components == 1 and units and j - i != -(-units // interval) - 1:
