@@ -215,11 +215,16 @@ class BoundedServer(ThreadedAssociationServer):
         return False
 
     def process_request(self, request, client_address) -> None:
+        # verify_request counted the connection in its host's handshake places; when its thread
+        # cannot start (the thread limit) no handler counts it out: per_host of these locked the
+        # host out until a restart
         try:
             super().process_request(request, client_address)  # the connection's thread, started
+        except RuntimeError as e:
+            self.handshake_done(request)
+            self.monitor.dropped("busy", peer_name(client_address), f"no thread could be started for it ({e})")
+            self.shutdown_request(request)
         except BaseException:
-            # no thread for it (the thread limit): verify_request counted it in its host's
-            # handshake places and no handler will count it out (per_host of these locked the host out)
             self.handshake_done(request)
             raise
 
