@@ -159,6 +159,25 @@ def first_fragment(pixel_data: bytes, limit: int = 1 << 16) -> bytes:
     raise CodestreamError("encapsulated pixel data holds no fragment")
 
 
+def frame_head(pixel_data: bytes, limit: int = 1 << 16) -> bytes:
+    """The first ``limit`` bytes of single-frame encapsulated pixel data, read on across its
+    fragments: a frame split in small fragments (gdcmconv --split) holding a large APP or COM
+    segment has its frame header in a later one. CodestreamError as :func:`first_fragment`."""
+    first = first_fragment(pixel_data, limit)
+    pos, items, parts, size = 0, 0, [], 0
+    while pos + 8 <= len(pixel_data) and size < limit:
+        group, element, length = struct.unpack("<HHI", pixel_data[pos:pos + 8])
+        if (group, element) != (0xFFFE, 0xE000) or length == 0xFFFFFFFF:
+            break  # the sequence delimiter, or something malformed: the decoder judges it
+        pos += 8
+        if items > 0:
+            parts.append(pixel_data[pos:pos + min(length, limit - size)])
+            size += len(parts[-1])
+        pos += length
+        items += 1
+    return first if len(parts) == 1 else b"".join(parts)
+
+
 def frame_bytes(pixel_data: bytes) -> bytes:
     """The whole frame of single-frame encapsulated pixel data: every fragment after the basic
     offset table, joined (PS3.5 A.4; one fragment is returned without a copy of its items)."""

@@ -59,6 +59,9 @@ def encoded(tmp_path_factory, nih_images):
         "jp2-pillow": _j2k_by_pillow(ds, d / "jp2.dcm"),  # the JP2 file format, as some old converters wrote
         "jpeg-restarts-img2dcm": _jpeg_with_restarts(nih_images[0], d),
         "jpeg-restarts-fragments": tool("rstf.dcm", "gdcmconv", "--split", "2048", source=d / "rst.dcm"),
+        # a 6 KB comment before the frame header, split in 2 KB fragments: the header is in the fourth
+        "jpeg-comment-fragments": tool("comf.dcm", "gdcmconv", "--split", "2048",
+                                       source=_jpeg_with_restarts(nih_images[0], d, "com", comment=b"x" * 6000)),
     }
 
 
@@ -78,14 +81,15 @@ def _j2k_by_pillow(ds, path, **options):
     return path
 
 
-def _jpeg_with_restarts(png, d):
+def _jpeg_with_restarts(png, d, name="rst", **options):
     """A JPEG with a restart marker after every MCU row (as many modalities write), wrapped by
-    dcmtk's img2dcm."""
+    dcmtk's img2dcm; ``options`` for Pillow's encoder."""
     from PIL import Image
 
-    Image.open(png).convert("L").save(d / "rst.jpg", quality=95, restart_marker_rows=1)
-    run("img2dcm", "-k", "PatientAge=057Y", "-k", "PatientSex=F", "-k", "ViewPosition=PA", d / "rst.jpg", d / "rst.dcm")
-    return d / "rst.dcm"
+    Image.open(png).convert("L").save(d / f"{name}.jpg", quality=95, restart_marker_rows=1, **options)
+    run("img2dcm", "-k", "PatientAge=057Y", "-k", "PatientSex=F", "-k", "ViewPosition=PA", d / f"{name}.jpg",
+        d / f"{name}.dcm")
+    return d / f"{name}.dcm"
 
 
 def _frame(path) -> bytes:
