@@ -159,6 +159,25 @@ def first_fragment(pixel_data: bytes, limit: int = 1 << 16) -> bytes:
     raise CodestreamError("encapsulated pixel data holds no fragment")
 
 
+def frame_head(pixel_data: bytes, limit: int = 1 << 16) -> bytes:
+    """The first ``limit`` bytes of single-frame encapsulated pixel data, read on across its
+    fragments: a frame split in small fragments (gdcmconv --split) holding a large APP or COM
+    segment has its frame header in a later one. CodestreamError as :func:`first_fragment`."""
+    first = first_fragment(pixel_data, limit)
+    pos, items, parts, size = 0, 0, [], 0
+    while pos + 8 <= len(pixel_data) and size < limit:
+        group, element, length = struct.unpack("<HHI", pixel_data[pos:pos + 8])
+        if (group, element) != (0xFFFE, 0xE000) or length == 0xFFFFFFFF:
+            break  # the sequence delimiter, or something malformed: the decoder judges it
+        pos += 8
+        if items > 0:
+            parts.append(pixel_data[pos:pos + min(length, limit - size)])
+            size += len(parts[-1])
+        pos += length
+        items += 1
+    return first if len(parts) == 1 else b"".join(parts)
+
+
 def frame_bytes(pixel_data: bytes) -> bytes:
     """The whole frame of single-frame encapsulated pixel data: every fragment after the basic
     offset table, joined (PS3.5 A.4; one fragment is returned without a copy of its items)."""
@@ -238,6 +257,21 @@ def jpeg_restart_interval(data: bytes) -> int:
     return 0
 
 
+def _scan_markers(data: bytes) -> tuple:
+    """Where a JPEG frame's FF bytes end a scan's coded data (any marker but stuffing FF00, a
+    restart marker or fill FFFF), where its restart markers are and their numbers (0-7), and,
+    per restart marker, how many before it and itself do not follow the one before in sequence
+    (arrays: a hostile frame holds millions of markers)."""
+    import numpy as np
+
+    ff = np.flatnonzero(np.frombuffer(data, np.uint8)[:-1] == 0xFF)
+    follower = np.frombuffer(data, np.uint8)[ff + 1]
+    is_rst = (follower >= 0xD0) & (follower <= 0xD7)
+    number = follower[is_rst].astype(np.int64) - 0xD0
+    breaks = np.concatenate(([0], np.cumsum(number[1:] != (number[:-1] + 1) % 8)))
+    return ff[(follower != 0x00) & (follower != 0xFF) & ~is_rst], ff[is_rst], number, breaks
+
+
 def check_jpeg_restarts(data: bytes) -> None:
     """Raise CodestreamError unless, in a JPEG (T.81) codestream with a restart interval, every
     scan's restart markers run RST0, RST1 ... RST7, RST0 ... without a gap and, for a
@@ -246,9 +280,8 @@ def check_jpeg_restarts(data: bytes) -> None:
     a marker, shows as a gap or a count off, where libjpeg decodes the rest and fills the
     image. Damage between two markers stays unseen. Without a restart interval nothing is
     checked."""
-    import numpy as np
-
     pos, interval, units, components = 2, 0, 0, 0
+    markers = None  # the frame's markers (_scan_markers), found at its first scan
     while pos + 4 <= len(data):
         if data[pos] != 0xFF:
             raise CodestreamError(f"expected a marker at byte {pos}")
@@ -259,6 +292,8 @@ def check_jpeg_restarts(data: bytes) -> None:
         if marker == 0xD9:  # end of image
             return
         (length,) = struct.unpack(">H", data[pos + 2:pos + 4])
+        if pos + 2 + length > len(data) or (marker == 0xDD and length != 4):
+            raise CodestreamError(f"a marker segment at byte {pos} runs past the end of the frame or is malformed")
         if marker == 0xDD:
             (interval,) = struct.unpack(">H", data[pos + 4:pos + 6])
         elif marker in _SOF and marker != 0xF7 and pos + 10 <= len(data):
@@ -269,20 +304,20 @@ def check_jpeg_restarts(data: bytes) -> None:
         if marker != 0xDA:
             continue
         # the scan's coded data: up to the first FF that is neither stuffing (FF00), a restart
-        # marker (FFD0-FFD7) nor fill (FFFF)
-        coded = np.frombuffer(data, np.uint8, offset=pos)
-        ff = np.flatnonzero(coded[:-1] == 0xFF)
-        follower = coded[ff + 1]
-        is_rst = (follower >= 0xD0) & (follower <= 0xD7)
-        ends = np.flatnonzero((follower != 0x00) & (follower != 0xFF) & ~is_rst)
-        if len(ends) == 0:
+        # marker (FFD0-FFD7) nor fill (FFFF); the frame's markers are found once, not from each
+        # scan on to the end of the frame (a frame of many tiny scans took minutes)
+        if markers is None:
+            markers = _scan_markers(data)
+        ends, rst_at, rst_number, rst_breaks = markers
+        first = int(ends.searchsorted(pos))
+        if first == len(ends):
             raise CodestreamError("a scan runs to the end of the frame without a marker after it")
-        end = int(ff[ends[0]])
+        end = int(ends[first])
         if interval:
-            rst = follower[:ends[0]][is_rst[:ends[0]]].astype(np.int64) - 0xD0
-            if np.any(rst != np.arange(len(rst)) % 8):
+            i, j = rst_at.searchsorted((pos, end)).tolist()  # the scan's restart markers
+            if j > i and (rst_number[i] != 0 or rst_breaks[j - 1] != rst_breaks[i]):
                 raise CodestreamError("restart markers out of sequence: coded data lost or overwritten")
-            if components == 1 and units and len(rst) != -(-units // interval) - 1:
-                raise CodestreamError(f"a scan holds {len(rst)} restart markers where its "
+            if components == 1 and units and j - i != -(-units // interval) - 1:
+                raise CodestreamError(f"a scan holds {j - i} restart markers where its "
                                       f"{units} MCUs need {-(-units // interval) - 1}: coded data lost or overwritten")
-        pos += end
+        pos = end

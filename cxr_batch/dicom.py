@@ -29,7 +29,7 @@ from pydicom.uid import UID
 
 from . import acquisition
 from .codestream import (CodestreamError, check_j2k_tile_parts, check_jpeg_restarts, ends_with_eoi, first_fragment,
-                         frame_bytes, j2k_frame, jpeg_frame, jpeg_restart_interval, rle_segments)
+                         frame_bytes, frame_head, j2k_frame, jpeg_frame, jpeg_restart_interval, rle_segments)
 from .display import format_date
 from .greyscale import robust_range, window_to_uint8
 from .patient import PatientData, patient_from_values
@@ -296,7 +296,7 @@ def _check_codestream(ds, rules: ScoringRules) -> None:
     if kind is None:
         return
     try:
-        head = first_fragment(ds.PixelData)
+        head = frame_head(ds.PixelData)  # across fragments: a small first one may not hold the frame header
         if kind == "rle":
             segments = rle_segments(head)
             expected = int(ds.get("SamplesPerPixel", 1) or 1) * max(1, int(ds.get("BitsAllocated", 8) or 8) // 8)

@@ -59,6 +59,9 @@ def encoded(tmp_path_factory, nih_images):
         "jp2-pillow": _j2k_by_pillow(ds, d / "jp2.dcm"),  # the JP2 file format, as some old converters wrote
         "jpeg-restarts-img2dcm": _jpeg_with_restarts(nih_images[0], d),
         "jpeg-restarts-fragments": tool("rstf.dcm", "gdcmconv", "--split", "2048", source=d / "rst.dcm"),
+        # a 6 KB comment before the frame header, split in 2 KB fragments: the header is in the fourth
+        "jpeg-comment-fragments": tool("comf.dcm", "gdcmconv", "--split", "2048",
+                                       source=_jpeg_with_restarts(nih_images[0], d, "com", comment=b"x" * 6000)),
     }
 
 
@@ -78,14 +81,15 @@ def _j2k_by_pillow(ds, path, **options):
     return path
 
 
-def _jpeg_with_restarts(png, d):
+def _jpeg_with_restarts(png, d, name="rst", **options):
     """A JPEG with a restart marker after every MCU row (as many modalities write), wrapped by
-    dcmtk's img2dcm."""
+    dcmtk's img2dcm; ``options`` for Pillow's encoder."""
     from PIL import Image
 
-    Image.open(png).convert("L").save(d / "rst.jpg", quality=95, restart_marker_rows=1)
-    run("img2dcm", "-k", "PatientAge=057Y", "-k", "PatientSex=F", "-k", "ViewPosition=PA", d / "rst.jpg", d / "rst.dcm")
-    return d / "rst.dcm"
+    Image.open(png).convert("L").save(d / f"{name}.jpg", quality=95, restart_marker_rows=1, **options)
+    run("img2dcm", "-k", "PatientAge=057Y", "-k", "PatientSex=F", "-k", "ViewPosition=PA", d / f"{name}.jpg",
+        d / f"{name}.dcm")
+    return d / f"{name}.dcm"
 
 
 def _frame(path) -> bytes:
@@ -221,3 +225,44 @@ def test_a_header_size_the_frame_does_not_have_is_refused(encoded, tmp_path, nam
     ds.save_as(tmp_path / "resized.dcm", enforce_file_format=True)
     with pytest.raises(ReadError, match="header says|cannot be decoded"):
         read_study(tmp_path / "resized.dcm", RULES)
+
+
+def _segment_length_set(frame: bytes, marker: bytes, length: int) -> bytes:
+    at = frame.index(marker)
+    return frame[:at + 2] + struct.pack(">H", length) + frame[at + 4:]
+
+
+# a marker segment whose length runs past the frame: a start-of-scan length overwritten, and a
+# restart interval segment cut by the end of the frame
+OVERRUNS = {"sos-length": lambda f: _segment_length_set(f, b"\xff\xda", 0xFFFF),
+            "dri-at-the-end": lambda f: f.rstrip(b"\x00")[:-2] + b"\xff\xdd\xff\xd9"}
+
+
+@needs_dcmtk_gdcm
+@pytest.mark.parametrize("damage", OVERRUNS)
+def test_a_segment_running_past_the_frame_is_refused_as_corrupt_with_its_study_named(encoded, tmp_path, damage):
+    """The restart check read such a frame into a ValueError or struct.error: the row said
+    'unexpected error while reading' and lost the header (no patient, no accession number)."""
+    name = "jpeg-restarts-img2dcm"
+    path = _with_frame(encoded[name], tmp_path / "overrun.dcm", OVERRUNS[damage](_frame(encoded[name])))
+    with pytest.raises(ReadError, match="corrupt or truncated") as caught:
+        read_study(path, RULES)
+    assert caught.value.header is not None and caught.value.header.patient.sex == "F"
+
+
+def test_a_frame_of_many_tiny_scans_is_checked_in_moments():
+    """Each scan's coded data was looked for from its start to the end of the frame: a 2 MB
+    frame of 180,000 one-byte scans (a restart interval set, so it is checked) took minutes of
+    a core, and a sender could keep the node's readers busy at the reading time limit per file."""
+    import time
+
+    from cxr_batch.codestream import CodestreamError, check_jpeg_restarts
+
+    sof = b"\xff\xc0" + struct.pack(">HBHHB", 11, 8, 8, 8, 1) + b"\x01\x11\x00"
+    scan = b"\xff\xda\x00\x08\x01\x01\x00\x00\x3f\x00" + b"\x00"
+    frame = b"\xff\xd8\xff\xdd\x00\x04\x00\x01" + sof + scan * 180_000 + b"\xff\xd9"
+    t0 = time.monotonic()
+    check_jpeg_restarts(frame)  # each scan well formed: nothing to refuse
+    with pytest.raises(CodestreamError, match="out of sequence"):
+        check_jpeg_restarts(frame[:-2] + b"\xff\xda\x00\x08\x01\x01\x00\x00\x3f\x00\x00\xff\xd1\x00\xff\xd9")
+    assert time.monotonic() - t0 < 10

@@ -745,3 +745,32 @@ def test_ipv4_and_ipv4_mapped_ipv6_count_as_one_host(listener, caplog):
             sock.close()
     assert "at 127.0.0.2:" in caplog.text and "127.0.0.2 already holds 2 associations" in caplog.text
     assert "STRANGER at 127.0.0.1 rejected" in caplog.text and "ffff" not in caplog.text
+
+
+def test_a_connection_whose_thread_cannot_start_gives_its_host_s_handshake_place_back(listener, monkeypatch, caplog,
+                                                                                    capfd):
+    """At the thread limit (ulimit -u, memory) a connection's thread fails to start after it was
+    counted in its host's handshake places, and was never counted out: per_host such failures
+    locked that host (a modality) out of the node until it was restarted. Each is counted and
+    logged as a connection closed, not a traceback on stderr."""
+    import threading
+
+    scp, _, _ = listener(max_associations_per_host=2, **FAST)
+    caplog.set_level(logging.WARNING, logger="cxr_batch")
+    start = threading.Thread.start
+
+    def cannot_start(thread):
+        raise RuntimeError("can't start new thread")
+
+    monkeypatch.setattr(threading.Thread, "start", cannot_start)
+    try:
+        for _ in range(3):
+            sock = connect(scp.cfg.port, source="127.0.0.2")
+            assert closed_by_peer(sock, within=5) is not None
+            sock.close()
+    finally:
+        monkeypatch.setattr(threading.Thread, "start", start)
+    sock = associate(scp.cfg.port, source="127.0.0.2")  # the thread limit passed: its host gets through
+    sock.close()
+    assert scp.status()["dropped_busy"] == 3 and "no thread could be started" in caplog.text
+    assert "Traceback" not in capfd.readouterr().err

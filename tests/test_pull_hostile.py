@@ -673,3 +673,19 @@ def test_a_pacs_ignoring_the_study_asked_below_the_study_level_is_pulled_without
     assert len(_rows(out)) == 3
     assert pacs.levels().count("IMAGE") == 3, pacs.levels()
     assert "other stud" in done.stderr, done.stderr[-3000:]
+
+
+@pytest.mark.parametrize("name", ["Straße^Jürgen", "Yılmaz^Ayşe", "Ōkubo^ﬁona"])
+def test_names_whose_letters_upper_case_to_ascii_are_not_another_patient_when_read_as_latin_1(name):
+    """str.upper() turns some letters outside ASCII into ASCII ones ('ß' -> 'SS', Turkish 'ı' ->
+    'I', the ligature 'ﬁ' -> 'FI'): the object read right and the answer read as Latin-1 (no
+    SpecificCharacterSet) kept different letters, and the image was refused as another patient's."""
+    from cxr_batch.integration.pull import Patient
+
+    def patient(value):
+        ds = pydicom.Dataset()
+        ds.PatientID, ds.PatientName = "P1", value
+        return Patient.of(ds)
+
+    assert not patient(name.encode().decode("latin-1")).differs(patient(name))
+    assert not patient(name).differs(patient(name.encode().decode("latin-1")))

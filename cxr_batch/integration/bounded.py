@@ -214,6 +214,20 @@ class BoundedServer(ThreadedAssociationServer):
         self.monitor.dropped("busy", peer_name(client_address), reason)
         return False
 
+    def process_request(self, request, client_address) -> None:
+        # verify_request counted the connection in its host's handshake places; when its thread
+        # cannot start (the thread limit) no handler counts it out: per_host of these locked the
+        # host out until a restart
+        try:
+            super().process_request(request, client_address)  # the connection's thread, started
+        except RuntimeError as e:
+            self.handshake_done(request)
+            self.monitor.dropped("busy", peer_name(client_address), f"no thread could be started for it ({e})")
+            self.shutdown_request(request)
+        except BaseException:
+            self.handshake_done(request)
+            raise
+
     def handshake_done(self, request) -> None:
         with self._pending_lock:
             host = self._pending.pop(request, None)

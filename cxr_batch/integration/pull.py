@@ -159,8 +159,9 @@ class Patient:
 
         # a PACS's answer and the object may differ in case, in spaces and the empty components a
         # name ends with, in the ideographic and phonetic groups one of them leaves out, and in
-        # the letters outside ASCII (an answer without SpecificCharacterSet read as Latin-1)
-        components = [re.sub(r"[^A-Z0-9]", "", c.upper()) for c in text("PatientName").split("=")[0].split("^")]
+        # the letters outside ASCII (an answer without SpecificCharacterSet read as Latin-1), taken
+        # out before upper case: upper() makes ASCII of some ('ß' -> 'SS', 'ı' -> 'I') on one side only
+        components = [re.sub(r"[^A-Za-z0-9]", "", c).upper() for c in text("PatientName").split("=")[0].split("^")]
         while components and not components[-1]:
             components.pop()
         return cls(text("PatientID"), text("IssuerOfPatientID"), "^".join(components))
