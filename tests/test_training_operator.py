@@ -173,3 +173,52 @@ def test_a_misspelt_finding_names_the_table_and_the_known_findings_before_any_wo
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert f"{metadata}: unknown finding 'Cardiomegally'" in proc.stderr and "Pneumothorax" in proc.stderr
     assert not (tmp_path / "run" / "prepared.csv").exists()
+
+
+def nih_rows(nih, n):
+    """The header and the first ``n`` rows of the NIH labels table, as lists of fields."""
+    rows = list(csv.reader((nih / "labels.csv").read_text().splitlines()))
+    return rows[0], rows[1:n + 1]
+
+
+def write_csv(path, header, rows):
+    path.write_text("\n".join(",".join(row) for row in [header, *rows]) + "\n")
+    return path
+
+
+def test_split_lists_that_put_a_patient_or_an_image_on_both_sides_are_refused_as_leakage(nih, tmp_path):
+    """A hospital's own train_val/test lists: an image in both, or two images of one patient
+    split across them, would score the test on what training saw. Refused before any work,
+    naming them (was a traceback for the patient, and silence for the image: trained on and
+    dropped from the test)."""
+    header, rows = nih_rows(nih, 60)
+    names = [row[0] for row in rows]
+    train_val = tmp_path / "train_val_list.txt"
+    test = tmp_path / "test_list.txt"
+    train_val.write_text("\n".join(names[:45] + names[-2:]) + "\n")  # the test list's last two images too
+    test.write_text("\n".join(names[45:]) + "\n")
+    proc = train(nih / "images", nih / "labels.csv", tmp_path / "run", "--limit", 60, "--split-lists", train_val, test)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert "2 images are in both --split-lists files" in proc.stderr and names[-1] in proc.stderr, proc.stderr
+    assert not (tmp_path / "run" / "prepared.csv").exists()
+
+    train_val.write_text("\n".join(names[:45]) + "\n")
+    shared = rows[50][3]  # a test image's patient given to a training image too
+    leaked = [row[:3] + [shared] + row[4:] if i == 0 else row for i, row in enumerate(rows)]
+    metadata = write_csv(tmp_path / "labels.csv", header, leaked)
+    proc = train(nih / "images", metadata, tmp_path / "run", "--limit", 60, "--split-lists", train_val, test)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert f"1 patient has images in both --split-lists files ({shared})" in proc.stderr, proc.stderr
+    assert not (tmp_path / "run" / "prepared.csv").exists()
+
+
+def test_an_image_named_on_two_rows_of_the_metadata_is_refused(nih, tmp_path):
+    """Two rows for one image (a table concatenated twice, a re-export under other patient IDs)
+    put the same pixels in training and in the test. Refused before any work, naming them."""
+    header, rows = nih_rows(nih, 60)
+    again = [row[:3] + [str(900000 + i)] + row[4:] for i, row in enumerate(rows[:3])]
+    metadata = write_csv(tmp_path / "labels.csv", header, rows + again)
+    proc = train(nih / "images", metadata, tmp_path / "run", "--limit", 100)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert f"{metadata}: 3 images are on more than one row" in proc.stderr and rows[0][0] in proc.stderr, proc.stderr
+    assert not (tmp_path / "run" / "prepared.csv").exists()

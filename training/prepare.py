@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 from sklearn.model_selection import GroupShuffleSplit, StratifiedGroupKFold
 
+from cxr_batch.display import plural
 from cxr_batch.findings import FINDINGS, NO_FINDING
 from cxr_batch.labels import multi_hot
 from cxr_batch.metadata import NIH_COLUMNS
@@ -39,6 +40,13 @@ def read_nih_metadata(path: Path) -> pd.DataFrame:
     if missing:
         raise ValueError(f"{path}: missing column(s) {missing}")
     out = table[need].rename(columns={**NIH_COLUMNS, "Image Index": "image", "Finding Labels": "labels"})
+    # one image on two rows (a table pasted twice, a re-export under other patient IDs) could be
+    # split onto both sides: the test would score pixels training saw
+    repeated = out.loc[out["image"].duplicated(), "image"].unique()
+    if len(repeated):
+        raise ValueError(f"{path}: {plural(len(repeated), 'image')} {'is' if len(repeated) == 1 else 'are'} on more "
+                         f"than one row ({', '.join(repeated[:5])}{', ...' if len(repeated) > 5 else ''}): "
+                         "keep one row per image")
     return out.reset_index(drop=True)
 
 
@@ -96,6 +104,22 @@ def split_from_lists(df: pd.DataFrame, train_val: set[str], test: set[str], val_
         inner = split_by_patient(df.iloc[tv].reset_index(drop=True), 0.0, val_fraction, seed)
         split.iloc[tv[inner.to_numpy() == "val"]] = "val"
     return split
+
+
+def list_leaks(df: pd.DataFrame, train_val: set[str], test: set[str]) -> list[str]:
+    """Why a site's own split lists would test on what training saw: an image in both lists, or
+    a patient of ``df`` with images in both. Empty when the lists keep them apart (NIH's do)."""
+    problems = []
+    both = sorted(train_val & test)
+    if both:
+        problems.append(f"{plural(len(both), 'image')} {'is' if len(both) == 1 else 'are'} in both --split-lists "
+                        f"files ({', '.join(both[:5])}{', ...' if len(both) > 5 else ''})")
+    sides = df[df["image"].isin(train_val)]["patient_id"], df[df["image"].isin(test)]["patient_id"]
+    shared = sorted(set(sides[0]) & set(sides[1]))
+    if shared:
+        problems.append(f"{plural(len(shared), 'patient')} {'has' if len(shared) == 1 else 'have'} images in both "
+                        f"--split-lists files ({', '.join(shared[:5])}{', ...' if len(shared) > 5 else ''})")
+    return problems
 
 
 def assert_patient_disjoint(df: pd.DataFrame) -> None:
@@ -196,6 +220,10 @@ def prepare(cfg: TrainConfig, out: Path) -> pd.DataFrame:
         # The official test list is a fixed benchmark: split first and thin only the training
         # side, so results compare with published official-split numbers.
         lists = [set(Path(p).read_text().split()) for p in cfg.split_lists]
+        leaks = list_leaks(df, *lists)
+        if leaks:
+            raise ValueError("; ".join(leaks) + ": the test would score images training saw (leakage). Each image, "
+                             "and every image of a patient, belongs in one list")
         df["split"] = split_from_lists(df, lists[0], lists[1], cfg.val_fraction, cfg.seed)
         fitting = df["split"].isin(["train", "val"])
         df = pd.concat([undersample(df[fitting].reset_index(drop=True), cfg.keep_no_finding, cfg.keep_only, rng),
