@@ -222,3 +222,16 @@ def test_an_image_named_on_two_rows_of_the_metadata_is_refused(nih, tmp_path):
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert f"{metadata}: 3 images are on more than one row" in proc.stderr and rows[0][0] in proc.stderr, proc.stderr
     assert not (tmp_path / "run" / "prepared.csv").exists()
+
+
+def test_a_disk_full_for_the_checkpoint_names_the_file_and_resume(nih, small_disk):
+    """The run's disk fills when the first weights are written (a DenseNet-121 is ~30 MB; the
+    data stages fit in the 4 MiB): one line naming the file, the full disk and --resume (was
+    'error: [Errno 28] No space left on device'), and no temporary file left taking the space."""
+    run = small_disk / "run"
+    proc = train(nih / "images", nih / "labels.csv", run)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    error = [line for line in proc.stderr.splitlines() if line.startswith("cxr-batch: error:")]
+    assert len(error) == 1 and f"{run}/" in error[0] and "No space left on device" in error[0], proc.stderr
+    assert "--resume" in error[0], error
+    assert not [p for p in run.iterdir() if p.name.endswith(".tmp")]

@@ -130,7 +130,17 @@ def save_atomic(obj, path: Path) -> None:
     a checkpoint is written must not cost the epochs it holds (``--resume`` reads it)."""
     buffer = io.BytesIO()
     torch.save(obj, buffer)
-    atomic_write_bytes(path, buffer.getvalue())
+    write_run_file(path, buffer.getvalue())
+
+
+def write_run_file(path: Path, data: bytes) -> None:
+    """``atomic_write_bytes`` that says, on a full disk, which file and how to go on (the bare
+    error named neither): the checkpoint written last is whole, so ``--resume`` continues from it."""
+    try:
+        atomic_write_bytes(path, data)
+    except OSError as e:
+        raise OSError(f"cannot write {path} ({e.strerror or e}): the last whole checkpoint.pt in {path.parent}, if "
+                      "any, is kept; free space there and run the same command with --resume to continue") from None
 
 
 def check_out_folder(out: Path, resume: bool) -> None:
@@ -277,7 +287,7 @@ def main(cfg: TrainConfig, resume: bool = False) -> Path:
                          "lr_scheduler": scheduler.state_dict(), "ema": ema.state_dict() if ema is not None else None,
                          "epoch": epoch, "best": best, "history": history, "args": cfg.to_dict()}, ckpt_path)
             save_atomic(optimizer.state_dict(), out / "optimizer_classification.pt")
-            atomic_write_bytes(out / HISTORY, (json.dumps(history, indent=2) + "\n").encode())
+            write_run_file(out / HISTORY, (json.dumps(history, indent=2) + "\n").encode())
         out_of_time = cfg.time_limit_minutes and time.monotonic() - started > 60 * cfg.time_limit_minutes
         if world > 1:  # every rank must leave the loop together
             flag = torch.tensor([float(bool(out_of_time))], device=device if device.type == "cuda" else "cpu")
