@@ -5,6 +5,7 @@ left half-written. Tiny real runs (quick.toml, 64 px, 1-2 epochs)."""
 
 import csv
 import hashlib
+import json
 import os
 import shutil
 import signal
@@ -235,3 +236,39 @@ def test_a_disk_full_for_the_checkpoint_names_the_file_and_resume(nih, small_dis
     assert len(error) == 1 and f"{run}/" in error[0] and "No space left on device" in error[0], proc.stderr
     assert "--resume" in error[0], error
     assert not [p for p in run.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_dicom_and_16_bit_png_training_images_are_read_as_a_scan_reads_them(nih, tmp_path):
+    """A site's labelled studies are DICOM files and PNGs of any depth, named in the table as they
+    are on disk. Training reads them with the scan's reader (was: every non-PNG file 'not in'
+    the folder, left out), and a held-out image is scored from the same pixels a scan sees."""
+    import numpy as np
+    from PIL import Image
+
+    from cxr_batch.readers import read_study
+    from training.cache import decode_resized
+
+    from .dicomgen import grey, write
+
+    header, rows = nih_rows(nih, 48)
+    images = tmp_path / "images"
+    images.mkdir()
+    for i, row in enumerate(rows):
+        source = nih / "images" / row[0]
+        if i < 6:  # 12-bit DICOM, stored as x16 like a detector's output
+            row[0] = row[0].replace(".png", ".dcm")
+            write(images / row[0], grey(source).astype(np.uint16) * 16, BitsStored=12, HighBit=11)
+        elif i < 10:  # 16-bit PNG
+            Image.fromarray(grey(source).astype(np.uint16) * 257).save(images / row[0])
+        else:
+            (images / row[0]).symlink_to(source)
+    metadata = write_csv(tmp_path / "labels.csv", header, rows)
+    run = tmp_path / "run"
+    proc = train(images, metadata, run, "--epochs", 0)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "not in" not in proc.stderr, proc.stderr
+    assert json.loads((run / "prepare.json").read_text())["rows_read"] == 48  # none left out
+    for row in rows[:6]:  # a 12-bit DICOM without VOI decodes to its PNG's exact grey levels, as in a scan
+        png = nih / "images" / row[0].replace(".dcm", ".png")
+        assert np.array_equal(read_study(images / row[0]).grey, grey(png))
+        assert np.array_equal(decode_resized(images / row[0], 72), decode_resized(png, 72))

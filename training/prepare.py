@@ -201,7 +201,7 @@ def prepare(cfg: TrainConfig, out: Path) -> pd.DataFrame:
     """Run the stage and write ``out/prepared.csv`` and ``out/prepare.json``."""
     rng = np.random.default_rng(cfg.seed)
     df = read_nih_metadata(Path(cfg.metadata))
-    present = {p.name for p in Path(cfg.images).iterdir() if p.suffix.lower() == ".png"}
+    present = {p.name for p in Path(cfg.images).iterdir()}  # any name: the cache reads PNG, JPEG and DICOM
     n_rows = len(df)
     df = df[df["image"].isin(present)].reset_index(drop=True)
     if df.empty:
