@@ -272,3 +272,21 @@ def test_dicom_and_16_bit_png_training_images_are_read_as_a_scan_reads_them(nih,
         png = nih / "images" / row[0].replace(".dcm", ".png")
         assert np.array_equal(read_study(images / row[0]).grey, grey(png))
         assert np.array_equal(decode_resized(images / row[0], 72), decode_resized(png, 72))
+
+
+@pytest.mark.slow
+def test_a_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(nih, tmp_path):
+    """Stopped after epoch 1 and resumed, a run must end where the same run without a stop ends
+    (the same seed on the same CPU): the random state of the shuffling and the augmentation is
+    part of the checkpoint (was re-seeded from the start: another epoch 2, other weights)."""
+    import torch
+
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    assert train(nih / "images", nih / "labels.csv", whole, "--epochs", 2).returncode == 0
+    assert train(nih / "images", nih / "labels.csv", parts, "--epochs", 1).returncode == 0
+    resumed = train(nih / "images", nih / "labels.csv", parts, "--epochs", 2, "--resume")
+    assert resumed.returncode == 0 and "resumed after epoch 1" in resumed.stderr, resumed.stderr[-2000:]
+    # the last epoch's weights (the bundle holds the best epoch's, which may be epoch 1 in both)
+    a, b = (torch.load(run / "checkpoint.pt", weights_only=True) for run in (whole, parts))
+    assert [e["train_loss"] for e in a["history"]] == [e["train_loss"] for e in b["history"]]
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])

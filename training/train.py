@@ -143,6 +143,19 @@ def write_run_file(path: Path, data: bytes) -> None:
                       "any, is kept; free space there and run the same command with --resume to continue") from None
 
 
+def rng_state() -> dict:
+    """The random state the next epoch draws its shuffling, augmentation and dropout from: in
+    the checkpoint, so a resumed run trains the epochs an uninterrupted one would have."""
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None}
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
 def check_out_folder(out: Path, resume: bool) -> None:
     """Refuse an --out that would overwrite weights: a bundle or a folder of bundles (such as the
     bundled ``weights/``), or an earlier run's checkpoint or bundle unless ``--resume`` says to
@@ -256,6 +269,8 @@ def main(cfg: TrainConfig, resume: bool = False) -> Path:
         if ema is not None and ckpt.get("ema") is not None:
             ema.load_state_dict(ckpt["ema"])
         start_epoch, best, history = ckpt["epoch"] + 1, ckpt["best"], ckpt["history"]
+        if is_main and ckpt.get("rng") is not None:  # the rank that saved it (other ranks keep their own seeds)
+            set_rng_state(ckpt["rng"])
         if is_main:
             log.info("resumed after epoch %d", ckpt["epoch"] + 1)
 
@@ -285,7 +300,8 @@ def main(cfg: TrainConfig, resume: bool = False) -> Path:
                 save_atomic(scored.state_dict(), out / "model_classification.pt")
             save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                          "lr_scheduler": scheduler.state_dict(), "ema": ema.state_dict() if ema is not None else None,
-                         "epoch": epoch, "best": best, "history": history, "args": cfg.to_dict()}, ckpt_path)
+                         "epoch": epoch, "best": best, "history": history, "args": cfg.to_dict(),
+                         "rng": rng_state()}, ckpt_path)
             save_atomic(optimizer.state_dict(), out / "optimizer_classification.pt")
             write_run_file(out / HISTORY, (json.dumps(history, indent=2) + "\n").encode())
         out_of_time = cfg.time_limit_minutes and time.monotonic() - started > 60 * cfg.time_limit_minutes
