@@ -290,3 +290,19 @@ def test_a_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(nih, tmp_pa
     a, b = (torch.load(run / "checkpoint.pt", weights_only=True) for run in (whole, parts))
     assert [e["train_loss"] for e in a["history"]] == [e["train_loss"] for e in b["history"]]
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
+def test_images_in_neither_split_list_are_counted_not_dropped_silently(nih, tmp_path):
+    """A site's lists that forget images: the run says how many it leaves out and records the
+    lists it split by (prepare.json said 'official lists' of any files, and nothing of these)."""
+    header, rows = nih_rows(nih, 60)
+    names = [row[0] for row in rows]
+    train_val, test = tmp_path / "mine_train.txt", tmp_path / "mine_test.txt"
+    train_val.write_text("\n".join(names[:40]) + "\n")
+    test.write_text("\n".join(names[45:]) + "\n")  # 40-44 in neither
+    run = tmp_path / "run"
+    proc = train(nih / "images", nih / "labels.csv", run, "--limit", 60, "--epochs", 0, "--split-lists", train_val, test)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "5 images are in neither --split-lists file: left out" in proc.stderr, proc.stderr
+    info = json.loads((run / "prepare.json").read_text())
+    assert "mine_train.txt" in info["split"] and "mine_test.txt" in info["split"] and info["not_in_lists"] == 5

@@ -225,14 +225,19 @@ def prepare(cfg: TrainConfig, out: Path) -> pd.DataFrame:
             raise ValueError("; ".join(leaks) + ": the test would score images training saw (leakage). Each image, "
                              "and every image of a patient, belongs in one list")
         df["split"] = split_from_lists(df, lists[0], lists[1], cfg.val_fraction, cfg.seed)
+        not_in_lists = int((df["split"] == "unused").sum())
+        if not_in_lists:  # NIH's lists cover its table; a site's that miss images should be seen to
+            log.warning("%s in neither --split-lists file: left out", plural(not_in_lists, "image is", "images are"))
         fitting = df["split"].isin(["train", "val"])
         df = pd.concat([undersample(df[fitting].reset_index(drop=True), cfg.keep_no_finding, cfg.keep_only, rng),
                         df[~fitting]], ignore_index=True)
-        split_kind, undersampled = "official lists", "train and validation only (the official test list is whole)"
+        split_kind = "lists " + ", ".join(Path(p).name for p in cfg.split_lists)
+        undersampled = "train and validation only (the official test list is whole)"
     else:
         df = undersample(df, cfg.keep_no_finding, cfg.keep_only, rng)
         df["split"] = split_by_patient(df, cfg.test_fraction, cfg.val_fraction, cfg.seed)
         split_kind, undersampled = f"by patient, seed {cfg.seed}", "all images, before the split (the study's order)"
+        not_in_lists = 0
     assert_patient_disjoint(df)
     problems = split_problems(df)
     if problems and not cfg.allow_degenerate_split:
@@ -251,7 +256,7 @@ def prepare(cfg: TrainConfig, out: Path) -> pd.DataFrame:
         "rows_read": n_read, "after_undersampling": len(df), "undersampled": undersampled, "split": split_kind,
         "images": {s: int((df["split"] == s).sum()) for s in ("train", "val", "test")},
         "patients": {s: int(df.loc[df["split"] == s, "patient_id"].nunique()) for s in ("train", "val", "test")},
-        "train_examples_after_balancing": len(balanced), "mirror_below": mirror_below, "replicate_to": replicate_to,
+        "not_in_lists": not_in_lists, "train_examples_after_balancing": len(balanced), "mirror_below": mirror_below, "replicate_to": replicate_to,
     }
     (out / "prepare.json").write_text(json.dumps(info, indent=2) + "\n")
     return table
