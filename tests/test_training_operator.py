@@ -306,3 +306,24 @@ def test_images_in_neither_split_list_are_counted_not_dropped_silently(nih, tmp_
     assert "5 images are in neither --split-lists file: left out" in proc.stderr, proc.stderr
     info = json.loads((run / "prepare.json").read_text())
     assert "mine_train.txt" in info["split"] and "mine_test.txt" in info["split"] and info["not_in_lists"] == 5
+
+
+def test_resume_with_other_settings_or_data_is_refused_before_any_work(nih, tmp_path):
+    """--resume continues the checkpoint's run: given another image size or another table, it
+    went on training those weights on other inputs and the bundle described only the last
+    command's. Refused before the data stages rewrite the run folder, naming what differs;
+    --epochs may grow (that is what resuming a finished run is for)."""
+    run = tmp_path / "run"
+    assert train(nih / "images", nih / "labels.csv", run, "--epochs", 1).returncode == 0
+    prepared = (run / "prepared.csv").read_bytes()
+    header, rows = nih_rows(nih, 60)
+    other = write_csv(tmp_path / "other.csv", header, rows[10:])
+    for extra, said in ((("--image-size", 32), "preprocessing.image_size 64 (this command: 32)"),
+                        (("--metadata", other), f"metadata {nih / 'labels.csv'} (this command: {other})")):
+        cmd = train_cmd(nih / "images", nih / "labels.csv", run, "--epochs", 2, "--resume")
+        flag = cmd.index(extra[0]) if extra[0] in cmd else None
+        cmd = cmd[:flag] + cmd[flag + 2:] if flag is not None else cmd
+        proc = subprocess.run(cmd + [extra[0], str(extra[1])], capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+        assert said in proc.stderr and "another --out" in proc.stderr, proc.stderr
+        assert (run / "prepared.csv").read_bytes() == prepared

@@ -156,6 +156,35 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+# settings a resumed run may change: how long and where it runs, not what it learns from
+RESUME_MAY_CHANGE = {"epochs", "time_limit_minutes", "device", "workers", "out", "bootstrap"}
+
+
+def settings(args: dict) -> dict:
+    """A run's configuration as {'lr': .., 'preprocessing.image_size': ..}: its tables' keys by name."""
+    flat = {}
+    for key, value in json.loads(json.dumps(args)).items():  # through JSON: tuples and lists alike
+        if key in ("model", "preprocessing") and isinstance(value, dict):
+            flat.update({f"{key}.{k}": v for k, v in value.items()})
+        else:
+            flat[key] = value
+    return flat
+
+
+def check_resumable(path: Path, cfg: TrainConfig) -> None:
+    """Refuse to resume the checkpoint at ``path`` under settings it was not trained with (another
+    image size, table, image folder, recipe): the weights would go on learning from other inputs
+    and the bundle would describe only this command's. Raises ValueError before any work."""
+    if not path.is_file():
+        return
+    saved, now = settings(load_checkpoint(path, "cpu").get("args") or {}), settings(cfg.to_dict())
+    differ = [k for k in now if k.split(".")[0] not in RESUME_MAY_CHANGE and k in saved and saved[k] != now[k]]
+    if differ:
+        raise ValueError(f"--resume: the checkpoint in {path.parent} was trained with "
+                         + "; ".join(f"{k} {saved[k]} (this command: {now[k]})" for k in differ[:4])
+                         + ": resume with its settings, or choose another --out to train anew")
+
+
 def check_out_folder(out: Path, resume: bool) -> None:
     """Refuse an --out that would overwrite weights: a bundle or a folder of bundles (such as the
     bundled ``weights/``), or an earlier run's checkpoint or bundle unless ``--resume`` says to
@@ -207,6 +236,8 @@ def main(cfg: TrainConfig, resume: bool = False) -> Path:
         cfg = replace(cfg, preprocessing=replace(cfg.preprocessing, mean=backbone.mean, std=backbone.std))
         log.info("backbone from %s (%s format): input normalised with mean %s, std %s", backbone.source,
                  backbone.format, backbone.mean, backbone.std)
+    if resume:
+        check_resumable(out / "checkpoint.pt", cfg)
     prep = cfg.preprocessing
     encoding = PatientEncoding()
     ctx = Context(cfg, prep, encoding, device, amp)
