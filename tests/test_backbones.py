@@ -158,3 +158,15 @@ def test_train_with_a_pretrained_backbone_puts_its_normalisation_in_the_bundle(n
     bundle = load_bundle(run / "bundle")
     conv0 = bundle.model.backbone.conv0.weight
     assert torch.allclose(conv0, net.features.conv0.weight.repeat(1, 3, 1, 1) / 3, atol=1e-3)  # float16 bundle
+
+
+def test_another_densenet_is_refused_when_read_before_any_work(tmp_path):
+    """A DenseNet-169 has DenseNet-121's key names with other shapes: it was read as a
+    torchvision backbone, then the data stages ran and loading it ended in a traceback of
+    hundreds of 'size mismatch' lines. Refused when the file is read, naming one weight."""
+    from torchvision.models import densenet169
+
+    torch.save(densenet169(weights=None).state_dict(), tmp_path / "densenet169.pth")
+    with pytest.raises(ValueError, match=r"not a DenseNet-121 backbone: \d+ weights have other shapes "
+                                         r"\(transition3.norm.weight is \(1280,\) where DenseNet-121.s is \(1024,\)"):
+        read_backbone(tmp_path / "densenet169.pth")

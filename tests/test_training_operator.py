@@ -5,6 +5,7 @@ left half-written. Tiny real runs (quick.toml, 64 px, 1-2 epochs)."""
 
 import csv
 import hashlib
+import json
 import os
 import shutil
 import signal
@@ -173,3 +174,156 @@ def test_a_misspelt_finding_names_the_table_and_the_known_findings_before_any_wo
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert f"{metadata}: unknown finding 'Cardiomegally'" in proc.stderr and "Pneumothorax" in proc.stderr
     assert not (tmp_path / "run" / "prepared.csv").exists()
+
+
+def nih_rows(nih, n):
+    """The header and the first ``n`` rows of the NIH labels table, as lists of fields."""
+    rows = list(csv.reader((nih / "labels.csv").read_text().splitlines()))
+    return rows[0], rows[1:n + 1]
+
+
+def write_csv(path, header, rows):
+    path.write_text("\n".join(",".join(row) for row in [header, *rows]) + "\n")
+    return path
+
+
+def test_split_lists_that_put_a_patient_or_an_image_on_both_sides_are_refused_as_leakage(nih, tmp_path):
+    """A hospital's own train_val/test lists: an image in both, or two images of one patient
+    split across them, would score the test on what training saw. Refused before any work,
+    naming them (was a traceback for the patient, and silence for the image: trained on and
+    dropped from the test)."""
+    header, rows = nih_rows(nih, 60)
+    names = [row[0] for row in rows]
+    train_val = tmp_path / "train_val_list.txt"
+    test = tmp_path / "test_list.txt"
+    train_val.write_text("\n".join(names[:45] + names[-2:]) + "\n")  # the test list's last two images too
+    test.write_text("\n".join(names[45:]) + "\n")
+    proc = train(nih / "images", nih / "labels.csv", tmp_path / "run", "--limit", 60, "--split-lists", train_val, test)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert "2 images are in both --split-lists files" in proc.stderr and names[-1] in proc.stderr, proc.stderr
+    assert not (tmp_path / "run" / "prepared.csv").exists()
+
+    train_val.write_text("\n".join(names[:45]) + "\n")
+    shared = rows[50][3]  # a test image's patient given to a training image too
+    leaked = [row[:3] + [shared] + row[4:] if i == 0 else row for i, row in enumerate(rows)]
+    metadata = write_csv(tmp_path / "labels.csv", header, leaked)
+    proc = train(nih / "images", metadata, tmp_path / "run", "--limit", 60, "--split-lists", train_val, test)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert f"1 patient has images in both --split-lists files ({shared})" in proc.stderr, proc.stderr
+    assert not (tmp_path / "run" / "prepared.csv").exists()
+
+
+def test_an_image_named_on_two_rows_of_the_metadata_is_refused(nih, tmp_path):
+    """Two rows for one image (a table concatenated twice, a re-export under other patient IDs)
+    put the same pixels in training and in the test. Refused before any work, naming them."""
+    header, rows = nih_rows(nih, 60)
+    again = [row[:3] + [str(900000 + i)] + row[4:] for i, row in enumerate(rows[:3])]
+    metadata = write_csv(tmp_path / "labels.csv", header, rows + again)
+    proc = train(nih / "images", metadata, tmp_path / "run", "--limit", 100)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert f"{metadata}: 3 images are on more than one row" in proc.stderr and rows[0][0] in proc.stderr, proc.stderr
+    assert not (tmp_path / "run" / "prepared.csv").exists()
+
+
+def test_a_disk_full_for_the_checkpoint_names_the_file_and_resume(nih, small_disk):
+    """The run's disk fills when the first weights are written (a DenseNet-121 is ~30 MB; the
+    data stages fit in the 4 MiB): one line naming the file, the full disk and --resume (was
+    'error: [Errno 28] No space left on device'), and no temporary file left taking the space."""
+    run = small_disk / "run"
+    proc = train(nih / "images", nih / "labels.csv", run)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    error = [line for line in proc.stderr.splitlines() if line.startswith("cxr-batch: error:")]
+    assert len(error) == 1 and f"{run}/" in error[0] and "No space left on device" in error[0], proc.stderr
+    assert "--resume" in error[0], error
+    assert not [p for p in run.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_dicom_and_16_bit_png_training_images_are_read_as_a_scan_reads_them(nih, tmp_path):
+    """A site's labelled studies are DICOM files and PNGs of any depth, named in the table as they
+    are on disk. Training reads them with the scan's reader (was: every non-PNG file 'not in'
+    the folder, left out), and a held-out image is scored from the same pixels a scan sees."""
+    import numpy as np
+    from PIL import Image
+
+    from cxr_batch.readers import read_study
+    from training.cache import decode_resized
+
+    from .dicomgen import grey, write
+
+    header, rows = nih_rows(nih, 48)
+    images = tmp_path / "images"
+    images.mkdir()
+    for i, row in enumerate(rows):
+        source = nih / "images" / row[0]
+        if i < 6:  # 12-bit DICOM, stored as x16 like a detector's output
+            row[0] = row[0].replace(".png", ".dcm")
+            write(images / row[0], grey(source).astype(np.uint16) * 16, BitsStored=12, HighBit=11)
+        elif i < 10:  # 16-bit PNG
+            Image.fromarray(grey(source).astype(np.uint16) * 257).save(images / row[0])
+        else:
+            (images / row[0]).symlink_to(source)
+    metadata = write_csv(tmp_path / "labels.csv", header, rows)
+    run = tmp_path / "run"
+    proc = train(images, metadata, run, "--epochs", 0)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "not in" not in proc.stderr, proc.stderr
+    assert json.loads((run / "prepare.json").read_text())["rows_read"] == 48  # none left out
+    for row in rows[:6]:  # a 12-bit DICOM without VOI decodes to its PNG's exact grey levels, as in a scan
+        png = nih / "images" / row[0].replace(".dcm", ".png")
+        assert np.array_equal(read_study(images / row[0]).grey, grey(png))
+        assert np.array_equal(decode_resized(images / row[0], 72), decode_resized(png, 72))
+
+
+@pytest.mark.slow
+def test_a_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(nih, tmp_path):
+    """Stopped after epoch 1 and resumed, a run must end where the same run without a stop ends
+    (the same seed on the same CPU): the random state of the shuffling and the augmentation is
+    part of the checkpoint (was re-seeded from the start: another epoch 2, other weights)."""
+    import torch
+
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    assert train(nih / "images", nih / "labels.csv", whole, "--epochs", 2).returncode == 0
+    assert train(nih / "images", nih / "labels.csv", parts, "--epochs", 1).returncode == 0
+    resumed = train(nih / "images", nih / "labels.csv", parts, "--epochs", 2, "--resume")
+    assert resumed.returncode == 0 and "resumed after epoch 1" in resumed.stderr, resumed.stderr[-2000:]
+    # the last epoch's weights (the bundle holds the best epoch's, which may be epoch 1 in both)
+    a, b = (torch.load(run / "checkpoint.pt", weights_only=True) for run in (whole, parts))
+    assert [e["train_loss"] for e in a["history"]] == [e["train_loss"] for e in b["history"]]
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
+def test_images_in_neither_split_list_are_counted_not_dropped_silently(nih, tmp_path):
+    """A site's lists that forget images: the run says how many it leaves out and records the
+    lists it split by (prepare.json said 'official lists' of any files, and nothing of these)."""
+    header, rows = nih_rows(nih, 60)
+    names = [row[0] for row in rows]
+    train_val, test = tmp_path / "mine_train.txt", tmp_path / "mine_test.txt"
+    train_val.write_text("\n".join(names[:40]) + "\n")
+    test.write_text("\n".join(names[45:]) + "\n")  # 40-44 in neither
+    run = tmp_path / "run"
+    proc = train(nih / "images", nih / "labels.csv", run, "--limit", 60, "--epochs", 0, "--split-lists", train_val, test)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "5 images are in neither --split-lists file: left out" in proc.stderr, proc.stderr
+    info = json.loads((run / "prepare.json").read_text())
+    assert "mine_train.txt" in info["split"] and "mine_test.txt" in info["split"] and info["not_in_lists"] == 5
+
+
+def test_resume_with_other_settings_or_data_is_refused_before_any_work(nih, tmp_path):
+    """--resume continues the checkpoint's run: given another image size or another table, it
+    went on training those weights on other inputs and the bundle described only the last
+    command's. Refused before the data stages rewrite the run folder, naming what differs;
+    --epochs may grow (that is what resuming a finished run is for)."""
+    run = tmp_path / "run"
+    assert train(nih / "images", nih / "labels.csv", run, "--epochs", 1).returncode == 0
+    prepared = (run / "prepared.csv").read_bytes()
+    header, rows = nih_rows(nih, 60)
+    other = write_csv(tmp_path / "other.csv", header, rows[10:])
+    for extra, said in ((("--image-size", 32), "preprocessing.image_size 64 (this command: 32)"),
+                        (("--metadata", other), f"metadata {nih / 'labels.csv'} (this command: {other})")):
+        cmd = train_cmd(nih / "images", nih / "labels.csv", run, "--epochs", 2, "--resume")
+        flag = cmd.index(extra[0]) if extra[0] in cmd else None
+        cmd = cmd[:flag] + cmd[flag + 2:] if flag is not None else cmd
+        proc = subprocess.run(cmd + [extra[0], str(extra[1])], capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+        assert said in proc.stderr and "another --out" in proc.stderr, proc.stderr
+        assert (run / "prepared.csv").read_bytes() == prepared

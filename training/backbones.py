@@ -102,7 +102,22 @@ def read_backbone(path: Path | str, fmt: str = "auto") -> BackboneInit:
         mean, std = IMAGENET_MEAN, IMAGENET_STD
     else:
         raise ValueError(f"{path}: the first convolution takes {channels} channels; a DenseNet-121 takes 1 or 3")
+    # another DenseNet (169, 201) shares the key names with other shapes: refused here, before
+    # the data stages, not as hundreds of 'size mismatch' lines when it is loaded
+    shapes = densenet121_shapes()
+    other = [k for k, v in features.items() if k in shapes and v.shape != shapes[k]]
+    if other:
+        raise ValueError(f"{path}: not a DenseNet-121 backbone: {len(other)} weights have other shapes ({other[0]} is "
+                         f"{tuple(features[other[0]].shape)} where DenseNet-121's is {tuple(shapes[other[0]])})")
     return BackboneInit(features, mean, std, fmt, str(path))
+
+
+def densenet121_shapes() -> dict[str, torch.Size]:
+    """The shape of every weight of torchvision's DenseNet-121 ``features``, without allocating them."""
+    from torchvision.models import densenet121
+
+    with torch.device("meta"):
+        return {k: v.shape for k, v in densenet121(weights=None).features.state_dict().items()}
 
 
 def load_backbone(model, init: BackboneInit) -> None:

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from cxr_batch.preprocess import Preprocessing, model_view, resize, to_unit_tensor
-from cxr_batch.readers import ScoringRules, read_pil
+from cxr_batch.readers import read_study
 from cxr_batch.study import StudyFailure
 
 UNREADABLE = "unreadable_images.txt"  # the images a cache could not decode, by name, with why
@@ -28,10 +28,15 @@ def cache_size_for(prep: Preprocessing) -> int:
     return int(np.ceil(prep.image_size / prep.crop_fraction))
 
 
+def read_grey(path: Path) -> np.ndarray:
+    """One training image (PNG of any depth, JPEG or DICOM, known by its content) -> uint8 grey,
+    decoded by the scan's own reader: a site's DICOM studies train on the pixels a scan sees."""
+    return read_study(Path(path)).grey
+
+
 def decode_resized(path: Path, size: int) -> np.ndarray:
     """One image file -> uint8 [size, size] (bilinear, antialiased, like inference)."""
-    torch.set_num_threads(1)
-    grey = read_pil(Path(path), ScoringRules())
+    grey = read_grey(path)
     out = resize(to_unit_tensor(grey), size)[0]
     return (out.clamp(0, 1) * 255 + 0.5).to(torch.uint8).numpy()
 
@@ -40,8 +45,7 @@ def decode_view(path: Path, prep: Preprocessing) -> np.ndarray:
     """One image file -> float32 [S, S]: the model's view of it exactly as inference makes it
     (``cxr_batch.preprocess.model_view``: crop the decoded image, then resize), before the
     normalisation."""
-    torch.set_num_threads(1)
-    return model_view(read_pil(Path(path), ScoringRules()), prep)[0].numpy()
+    return model_view(read_grey(path), prep)[0].numpy()
 
 
 def decode_or_reason(path: Path, size: int, decode=None) -> tuple[np.ndarray | None, str | None]:
@@ -112,7 +116,9 @@ def _build(images_dir, names: list[str], out: Path, spec: tuple, decode, workers
     arr = np.memmap(data_path, dtype=dtype, mode="w+", shape=shape)
     paths = [Path(images_dir[n]) if isinstance(images_dir, dict) else Path(images_dir) / n for n in names]
     if workers > 1:
-        with ProcessPoolExecutor(workers) as pool:
+        # one thread per decoding process, set there: set in this process it would leave training
+        # single-threaded after a cache was built, and not after one was reused (a resumed run)
+        with ProcessPoolExecutor(workers, initializer=torch.set_num_threads, initargs=(1,)) as pool:
             bad = store_decoded(arr, names, pool.map(decode, paths, chunksize=8))
     else:
         bad = store_decoded(arr, names, (decode(p) for p in paths))

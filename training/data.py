@@ -16,10 +16,9 @@ from torch.utils.data import Dataset
 from cxr_batch.findings import FINDINGS
 from cxr_batch.patient import PatientEncoding, patient_from_values
 from cxr_batch.preprocess import Preprocessing, eval_transform
-from cxr_batch.readers import read_pil
-from cxr_batch.study import ScoringRules
 
 from .augment import eval_transform_batch
+from .cache import read_grey
 from .config import TrainConfig
 from .prepare import PREPARED, multi_hot
 
@@ -62,7 +61,7 @@ class CachedImages(Dataset):
 
 class DecodedImages(Dataset):
     """Rows of the prepared table decoded from their files and transformed exactly as inference
-    does (``read_pil`` + ``eval_transform``): (image [3,S,S], tabular, y, mirror). Thresholds,
+    does (the scan's reader + ``eval_transform``): (image [3,S,S], tabular, y, mirror). Thresholds,
     the patient prior's weight and the test evaluation use it, so what they measure is what a
     scan computes; the uint8 cache resizes before cropping, which moved inputs by about a grey
     level (benchmarks/eval_input_gap.py). Per-epoch validation keeps the faster cache: it only
@@ -80,7 +79,7 @@ class DecodedImages(Dataset):
         return len(self.paths)
 
     def __getitem__(self, i):
-        image = eval_transform(read_pil(self.paths[i], ScoringRules()), self.prep)
+        image = eval_transform(read_grey(self.paths[i]), self.prep)
         return image, self.tabular[i], self.y[i], torch.tensor(False)
 
 

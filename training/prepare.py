@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 from sklearn.model_selection import GroupShuffleSplit, StratifiedGroupKFold
 
+from cxr_batch.display import plural
 from cxr_batch.findings import FINDINGS, NO_FINDING
 from cxr_batch.labels import multi_hot
 from cxr_batch.metadata import NIH_COLUMNS
@@ -39,6 +40,13 @@ def read_nih_metadata(path: Path) -> pd.DataFrame:
     if missing:
         raise ValueError(f"{path}: missing column(s) {missing}")
     out = table[need].rename(columns={**NIH_COLUMNS, "Image Index": "image", "Finding Labels": "labels"})
+    # one image on two rows (a table pasted twice, a re-export under other patient IDs) could be
+    # split onto both sides: the test would score pixels training saw
+    repeated = out.loc[out["image"].duplicated(), "image"].unique()
+    if len(repeated):
+        raise ValueError(f"{path}: {plural(len(repeated), 'image')} {'is' if len(repeated) == 1 else 'are'} on more "
+                         f"than one row ({', '.join(repeated[:5])}{', ...' if len(repeated) > 5 else ''}): "
+                         "keep one row per image")
     return out.reset_index(drop=True)
 
 
@@ -96,6 +104,22 @@ def split_from_lists(df: pd.DataFrame, train_val: set[str], test: set[str], val_
         inner = split_by_patient(df.iloc[tv].reset_index(drop=True), 0.0, val_fraction, seed)
         split.iloc[tv[inner.to_numpy() == "val"]] = "val"
     return split
+
+
+def list_leaks(df: pd.DataFrame, train_val: set[str], test: set[str]) -> list[str]:
+    """Why a site's own split lists would test on what training saw: an image in both lists, or
+    a patient of ``df`` with images in both. Empty when the lists keep them apart (NIH's do)."""
+    problems = []
+    both = sorted(train_val & test)
+    if both:
+        problems.append(f"{plural(len(both), 'image')} {'is' if len(both) == 1 else 'are'} in both --split-lists "
+                        f"files ({', '.join(both[:5])}{', ...' if len(both) > 5 else ''})")
+    sides = df[df["image"].isin(train_val)]["patient_id"], df[df["image"].isin(test)]["patient_id"]
+    shared = sorted(set(sides[0]) & set(sides[1]))
+    if shared:
+        problems.append(f"{plural(len(shared), 'patient')} {'has' if len(shared) == 1 else 'have'} images in both "
+                        f"--split-lists files ({', '.join(shared[:5])}{', ...' if len(shared) > 5 else ''})")
+    return problems
 
 
 def assert_patient_disjoint(df: pd.DataFrame) -> None:
@@ -177,7 +201,7 @@ def prepare(cfg: TrainConfig, out: Path) -> pd.DataFrame:
     """Run the stage and write ``out/prepared.csv`` and ``out/prepare.json``."""
     rng = np.random.default_rng(cfg.seed)
     df = read_nih_metadata(Path(cfg.metadata))
-    present = {p.name for p in Path(cfg.images).iterdir() if p.suffix.lower() == ".png"}
+    present = {p.name for p in Path(cfg.images).iterdir()}  # any name: the cache reads PNG, JPEG and DICOM
     n_rows = len(df)
     df = df[df["image"].isin(present)].reset_index(drop=True)
     if df.empty:
@@ -196,15 +220,24 @@ def prepare(cfg: TrainConfig, out: Path) -> pd.DataFrame:
         # The official test list is a fixed benchmark: split first and thin only the training
         # side, so results compare with published official-split numbers.
         lists = [set(Path(p).read_text().split()) for p in cfg.split_lists]
+        leaks = list_leaks(df, *lists)
+        if leaks:
+            raise ValueError("; ".join(leaks) + ": the test would score images training saw (leakage). Each image, "
+                             "and every image of a patient, belongs in one list")
         df["split"] = split_from_lists(df, lists[0], lists[1], cfg.val_fraction, cfg.seed)
+        not_in_lists = int((df["split"] == "unused").sum())
+        if not_in_lists:  # NIH's lists cover its table; a site's that miss images should be seen to
+            log.warning("%s in neither --split-lists file: left out", plural(not_in_lists, "image is", "images are"))
         fitting = df["split"].isin(["train", "val"])
         df = pd.concat([undersample(df[fitting].reset_index(drop=True), cfg.keep_no_finding, cfg.keep_only, rng),
                         df[~fitting]], ignore_index=True)
-        split_kind, undersampled = "official lists", "train and validation only (the official test list is whole)"
+        split_kind = "lists " + ", ".join(Path(p).name for p in cfg.split_lists)
+        undersampled = "train and validation only (the official test list is whole)"
     else:
         df = undersample(df, cfg.keep_no_finding, cfg.keep_only, rng)
         df["split"] = split_by_patient(df, cfg.test_fraction, cfg.val_fraction, cfg.seed)
         split_kind, undersampled = f"by patient, seed {cfg.seed}", "all images, before the split (the study's order)"
+        not_in_lists = 0
     assert_patient_disjoint(df)
     problems = split_problems(df)
     if problems and not cfg.allow_degenerate_split:
@@ -223,7 +256,7 @@ def prepare(cfg: TrainConfig, out: Path) -> pd.DataFrame:
         "rows_read": n_read, "after_undersampling": len(df), "undersampled": undersampled, "split": split_kind,
         "images": {s: int((df["split"] == s).sum()) for s in ("train", "val", "test")},
         "patients": {s: int(df.loc[df["split"] == s, "patient_id"].nunique()) for s in ("train", "val", "test")},
-        "train_examples_after_balancing": len(balanced), "mirror_below": mirror_below, "replicate_to": replicate_to,
+        "not_in_lists": not_in_lists, "train_examples_after_balancing": len(balanced), "mirror_below": mirror_below, "replicate_to": replicate_to,
     }
     (out / "prepare.json").write_text(json.dumps(info, indent=2) + "\n")
     return table

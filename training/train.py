@@ -130,7 +130,59 @@ def save_atomic(obj, path: Path) -> None:
     a checkpoint is written must not cost the epochs it holds (``--resume`` reads it)."""
     buffer = io.BytesIO()
     torch.save(obj, buffer)
-    atomic_write_bytes(path, buffer.getvalue())
+    write_run_file(path, buffer.getvalue())
+
+
+def write_run_file(path: Path, data: bytes) -> None:
+    """``atomic_write_bytes`` that says, on a full disk, which file and how to go on (the bare
+    error named neither): the checkpoint written last is whole, so ``--resume`` continues from it."""
+    try:
+        atomic_write_bytes(path, data)
+    except OSError as e:
+        raise OSError(f"cannot write {path} ({e.strerror or e}): the last whole checkpoint.pt in {path.parent}, if "
+                      "any, is kept; free space there and run the same command with --resume to continue") from None
+
+
+def rng_state() -> dict:
+    """The random state the next epoch draws its shuffling, augmentation and dropout from: in
+    the checkpoint, so a resumed run trains the epochs an uninterrupted one would have."""
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None}
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# settings a resumed run may change: how long and where it runs, not what it learns from
+RESUME_MAY_CHANGE = {"epochs", "time_limit_minutes", "device", "workers", "out", "bootstrap"}
+
+
+def settings(args: dict) -> dict:
+    """A run's configuration as {'lr': .., 'preprocessing.image_size': ..}: its tables' keys by name."""
+    flat = {}
+    for key, value in json.loads(json.dumps(args)).items():  # through JSON: tuples and lists alike
+        if key in ("model", "preprocessing") and isinstance(value, dict):
+            flat.update({f"{key}.{k}": v for k, v in value.items()})
+        else:
+            flat[key] = value
+    return flat
+
+
+def check_resumable(path: Path, cfg: TrainConfig) -> None:
+    """Refuse to resume the checkpoint at ``path`` under settings it was not trained with (another
+    image size, table, image folder, recipe): the weights would go on learning from other inputs
+    and the bundle would describe only this command's. Raises ValueError before any work."""
+    if not path.is_file():
+        return
+    saved, now = settings(load_checkpoint(path, "cpu").get("args") or {}), settings(cfg.to_dict())
+    differ = [k for k in now if k.split(".")[0] not in RESUME_MAY_CHANGE and k in saved and saved[k] != now[k]]
+    if differ:
+        raise ValueError(f"--resume: the checkpoint in {path.parent} was trained with "
+                         + "; ".join(f"{k} {saved[k]} (this command: {now[k]})" for k in differ[:4])
+                         + ": resume with its settings, or choose another --out to train anew")
 
 
 def check_out_folder(out: Path, resume: bool) -> None:
@@ -184,6 +236,8 @@ def main(cfg: TrainConfig, resume: bool = False) -> Path:
         cfg = replace(cfg, preprocessing=replace(cfg.preprocessing, mean=backbone.mean, std=backbone.std))
         log.info("backbone from %s (%s format): input normalised with mean %s, std %s", backbone.source,
                  backbone.format, backbone.mean, backbone.std)
+    if resume:
+        check_resumable(out / "checkpoint.pt", cfg)
     prep = cfg.preprocessing
     encoding = PatientEncoding()
     ctx = Context(cfg, prep, encoding, device, amp)
@@ -246,6 +300,8 @@ def main(cfg: TrainConfig, resume: bool = False) -> Path:
         if ema is not None and ckpt.get("ema") is not None:
             ema.load_state_dict(ckpt["ema"])
         start_epoch, best, history = ckpt["epoch"] + 1, ckpt["best"], ckpt["history"]
+        if is_main and ckpt.get("rng") is not None:  # the rank that saved it (other ranks keep their own seeds)
+            set_rng_state(ckpt["rng"])
         if is_main:
             log.info("resumed after epoch %d", ckpt["epoch"] + 1)
 
@@ -275,9 +331,10 @@ def main(cfg: TrainConfig, resume: bool = False) -> Path:
                 save_atomic(scored.state_dict(), out / "model_classification.pt")
             save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                          "lr_scheduler": scheduler.state_dict(), "ema": ema.state_dict() if ema is not None else None,
-                         "epoch": epoch, "best": best, "history": history, "args": cfg.to_dict()}, ckpt_path)
+                         "epoch": epoch, "best": best, "history": history, "args": cfg.to_dict(),
+                         "rng": rng_state()}, ckpt_path)
             save_atomic(optimizer.state_dict(), out / "optimizer_classification.pt")
-            atomic_write_bytes(out / HISTORY, (json.dumps(history, indent=2) + "\n").encode())
+            write_run_file(out / HISTORY, (json.dumps(history, indent=2) + "\n").encode())
         out_of_time = cfg.time_limit_minutes and time.monotonic() - started > 60 * cfg.time_limit_minutes
         if world > 1:  # every rank must leave the loop together
             flag = torch.tensor([float(bool(out_of_time))], device=device if device.type == "cuda" else "cpu")
