@@ -137,6 +137,7 @@ class Watcher:
         # mounted on: never taken for OUT (results written there are hidden when the share is back)
         self.out_mount = os.path.ismount(self.out)
         self.out_away = False  # OUT was a mount point and is not now: nothing is written until it is again
+        self.status_file = StatusFile(self.out / "status.json")
         self.lock = FolderLock(self.out, self.command).acquire()
         try:
             self.state_dir = private_dir(self.out / STATE_DIR)
@@ -975,7 +976,7 @@ class Watcher:
             pass
         status["drift"] = self.drift.status()
         status.update(self.extra_status())
-        write_status(self.out / "status.json", status)
+        self.status_file.write(status)
 
     def extra_status(self) -> dict:
         """More for status.json: the outbound queues (the DICOM node adds its listener)."""
@@ -1032,19 +1033,38 @@ def tagged_name(name: str, tag: str) -> str:
     return f"{name_bytes(stem)[:room].decode('utf-8', 'surrogateescape')}.{tag}{suffix}"
 
 
-def write_status(path: Path, status: dict) -> None:
+def write_status(path: Path, status: dict) -> str:
     """status.json, exactly the JSON, written atomically (a temp file and a rename: a monitor
     reads the old state or the new one). On a full disk the temp file cannot be written: the
     file is then rewritten in place within the blocks it already has (a few hundred bytes in a
-    block of 4 KiB), so monitoring still reads "degraded: disk full"."""
+    block of 4 KiB), so monitoring still reads "degraded: disk full". Returns why it was not
+    written ("" when it was, or when the disk is full: the daemon's state says that)."""
     data = (json.dumps(status, indent=2) + "\n").encode()
     try:
         atomic_write_bytes(path, data)
     except OSError as e:
-        if e.errno == errno.ENOSPC and _rewrite_in_place(path, data):
-            return
-        if e.errno != errno.ENOSPC:  # the log still says what happened
-            log.error("status.json not written: %s", e.strerror or e)
+        if e.errno == errno.ENOSPC:
+            _rewrite_in_place(path, data)
+            return ""
+        return str(e.strerror or e)
+    return ""
+
+
+class StatusFile:
+    """status.json of a daemon, rewritten at each heartbeat: a failure is logged once until its
+    reason changes (OUT replaced by a file logged the same line every 5 s, burying the line
+    that said what went wrong), and the first write after it is said."""
+
+    def __init__(self, path: Path):
+        self.path, self.failing = path, ""
+
+    def write(self, status: dict) -> None:
+        why = write_status(self.path, status)
+        if why and why != self.failing:
+            log.error("status.json not written: %s", why)
+        elif not why and self.failing:
+            log.info("status.json written again")
+        self.failing = why
 
 
 def _rewrite_in_place(path: Path, data: bytes) -> bool:

@@ -733,3 +733,27 @@ def test_an_out_that_cannot_be_written_is_named_as_out(studies, tmp_path, nih, s
         proc = cli(*command, "--out", out, *weights, timeout=120)
         assert proc.returncode == 1 and f"cannot write --out {out}: " in proc.stderr, (command, proc.stderr)
         assert "give a folder this user can write to" in proc.stderr and LOADED not in proc.stderr, proc.stderr
+
+
+def test_a_status_json_that_cannot_be_written_is_said_once_until_it_changes(tmp_path, caplog):
+    # OUT replaced by a file, or status.json by a folder: every heartbeat (5 s) logged
+    # "status.json not written" again, burying the line that said what went wrong
+    import logging
+
+    from cxr_batch.watch import StatusFile
+
+    path = tmp_path / "status.json"
+    path.mkdir()  # a folder where the file goes: the rename over it fails
+    status = StatusFile(path)
+    with caplog.at_level(logging.INFO, logger="cxr_batch"):
+        for _ in range(5):
+            status.write({"state": "running"})
+    said = [r.getMessage() for r in caplog.records if "status.json" in r.getMessage()]
+    assert len(said) == 1 and said[0].startswith("status.json not written: "), said
+    path.rmdir()
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="cxr_batch"):
+        status.write({"state": "running"})
+        status.write({"state": "running"})
+    assert json.loads(path.read_text()) == {"state": "running"}
+    assert [r.getMessage() for r in caplog.records if "status.json" in r.getMessage()] == ["status.json written again"]
