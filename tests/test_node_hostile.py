@@ -774,3 +774,28 @@ def test_a_connection_whose_thread_cannot_start_gives_its_host_s_handshake_place
     sock.close()
     assert scp.status()["dropped_busy"] == 3 and "no thread could be started" in caplog.text
     assert "Traceback" not in capfd.readouterr().err
+
+
+def test_a_spool_that_cannot_be_written_is_said_as_such_not_as_an_undecodable_message():
+    # OUT replaced by a file under the node: each C-STORE's temp file could not be made and the
+    # log said "a DIMSE message that cannot be decoded (NotADirectoryError)", counted as the
+    # peer's protocol error, where the fault is this side's disk
+    import types
+
+    from cxr_batch.integration.bounded import _guarded
+
+    drops = []
+    sock = types.SimpleNamespace(drop_undecodable=lambda error: drops.append(("protocol", error)),
+                                 drop_unstorable=lambda error: drops.append(("spool", error)))
+
+    def failing(error):
+        def receive_primitive(primitive):
+            raise error
+        return types.SimpleNamespace(message=None, receive_primitive=receive_primitive)
+
+    primitive = types.SimpleNamespace(presentation_data_value_list=[])
+    _guarded(failing(NotADirectoryError(20, "Not a directory")), sock)(primitive)
+    _guarded(failing(OSError(28, "No space left on device")), sock)(primitive)
+    _guarded(failing(KeyError("(0000,1000)")), sock)(primitive)
+    assert drops == [("spool", "NotADirectoryError: Not a directory"), ("spool", "OSError: No space left on device"),
+                     ("protocol", "KeyError")]

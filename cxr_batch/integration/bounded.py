@@ -395,6 +395,9 @@ def _guarded(dimse, sock: "BoundedSocket"):
                     return
         try:
             receive_primitive(primitive)
+        except OSError as e:  # this side's disk: the data set's temp file in the spool (OUT a file, full)
+            sock.drop_unstorable(f"{type(e).__name__}: {e.strerror or e}")
+            return
         except Exception as e:
             # the type only: a decoder's message may quote the peer's bytes
             sock.drop_undecodable(type(e).__name__)
@@ -506,6 +509,12 @@ class BoundedSocket(AssociationSocket):
         association is aborted and the connection closed, which ends it as any drop does."""
         self._drop("protocol", f"a DIMSE message that cannot be decoded ({error}): association aborted",
                    abort=True)
+
+    def drop_unstorable(self, error: str) -> None:
+        """A C-STORE's data set that the spool cannot take (``error``: this side's file system,
+        e.g. OUT replaced by a file): aborted, so the sender keeps the object and sends it again."""
+        self._drop("spool", f"the spool cannot be written ({error}): association aborted, the sender keeps "
+                            f"the object to send again", abort=True)
 
     def drop_interleaved(self, what: str) -> None:
         """``what`` arrived in the middle of a data set."""

@@ -50,7 +50,7 @@ SPOOL = "spool"  # under RESULTS_DIR/.cxr-batch
 # or aborted for an oversize object, connections dropped (cxr_batch.integration.bounded), and
 # identifiers from the network that had to be escaped before they could be logged.
 COUNTS = ("received", "refused", "rejected_associations", "aborted_oversize", "dropped_timeout",
-          "dropped_oversize_pdu", "dropped_protocol", "dropped_tls", "dropped_busy", "dropped_slow",
+          "dropped_oversize_pdu", "dropped_protocol", "dropped_tls", "dropped_busy", "dropped_slow", "dropped_spool",
           "escaped_identifiers")
 # C-STORE statuses (PS3.4 B.2.3, PS3.7 C): stored; refused, out of resources (the sender retries
 # later); processing failure; invalid SOP instance; SOP class not supported.
