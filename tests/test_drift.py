@@ -284,7 +284,7 @@ def test_monitor_usage_and_unusable_inputs(tmp_path, streams, v2_with_reference)
     (cut / "results.csv").write_text(text + last[: last.index("0.", len(last) // 3) + 3] + "\n")
     done, report = monitor(cut, tmp_path / "m3")
     assert done.returncode in (exit_codes.OK, exit_codes.DRIFT_ALARM), done.stderr
-    assert report["studies"] == {"rows": 41, "scored": 40} and "1 rows of results.csv could not be read" in \
+    assert report["studies"] == {"rows": 41, "scored": 40} and "1 row of results.csv that could not be read" in \
         " ".join(report["notes"])
     done = here("monitor", streams["same"], "--out", v2_with_reference / "drift", "--reference", v2_with_reference)
     assert done.returncode == exit_codes.FATAL and "a bundle is never written to" in done.stderr

@@ -65,7 +65,7 @@ def test_a_value_typed_over_is_left_out_naming_its_row_and_column(scored, tmp_pa
     code, stderr = here("monitor", folder, "--out", tmp_path / "m")
     assert code in (exit_codes.OK, exit_codes.DRIFT_ALARM), stderr
     # said on the terminal, not only inside monitor.json
-    assert "note: 1 rows of results.csv could not be read" in stderr and "row 4: p_Mass 'high' is not a number" \
+    assert "note: left out: 1 row of results.csv that could not be read" in stderr and "row 4: p_Mass 'high' is not a number" \
         in stderr, stderr
     report = report_of(tmp_path / "m")
     assert report["studies"] == {"rows": 25, "scored": 24}
