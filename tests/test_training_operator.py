@@ -346,3 +346,9 @@ def test_resume_with_the_same_inputs_named_otherwise_goes_on(nih, tmp_path):
                           timeout=600, cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO)})
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "resumed after epoch 1" in proc.stderr, proc.stderr[-2000:]
+    header, rows = nih_rows(nih, 60)
+    write_csv(moved, header, rows[10:])  # edited in place: another table under the same name
+    proc = subprocess.run(train_cmd(nih / "images", moved, run, "--epochs", 3, "--resume"), capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 1 and f"metadata {moved} (this command: the same path, other content)" in proc.stderr, \
+        proc.stderr[-2000:]

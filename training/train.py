@@ -201,13 +201,16 @@ def check_resumable(path: Path, cfg: TrainConfig) -> None:
         return
     ckpt = load_checkpoint(path, "cpu")
     saved, now = settings(ckpt.get("args") or {}), settings(cfg.to_dict())
-    same = ckpt.get("inputs") or {}
-    same = {k for k, v in input_identity(cfg).items() if k in same and json.loads(json.dumps(v)) == same[k]}
-    differ = [k for k in now if k.split(".")[0] not in RESUME_MAY_CHANGE and k in saved and saved[k] != now[k]
-              and k not in same]
+    inputs = ckpt.get("inputs") or {}
+    named = {k: json.loads(json.dumps(v)) == inputs[k] for k, v in input_identity(cfg).items() if k in inputs}
+    # by what a path names where the checkpoint says (a table edited in place is another table)
+    differ = [k for k in now if k.split(".")[0] not in RESUME_MAY_CHANGE and k in saved
+              and (not named[k] if k in named else saved[k] != now[k])]
     if differ:
         raise ValueError(f"--resume: the checkpoint in {path.parent} was trained with "
-                         + "; ".join(f"{k} {saved[k]} (this command: {now[k]})" for k in differ[:4])
+                         + "; ".join(f"{k} {saved[k]} (this command: "
+                                     f"{now[k] if saved[k] != now[k] else 'the same path, other content'})"
+                                     for k in differ[:4])
                          + ": resume with its settings, or choose another --out to train anew")
 
 
