@@ -471,6 +471,14 @@ def choose_thresholds(rule: str, scores: "LabelledScores", p: np.ndarray, moved:
     if name == "keep":
         return ThresholdChoice(dict(moved), [])
     y, lines = scores.y, list(fallback_lines)
+    # every positive in the normal bucket (no flag written): no threshold catches one, and a rule
+    # aiming at them would flag the finding on every other study (sensitivity: 1e-06)
+    hopeless = enough & (y == 1).any(axis=0) & ~((y == 1) & (p > 0)).any(axis=0)
+    for k in np.flatnonzero(hopeless):
+        lines.append(f"{FINDINGS[k]}: every one of its {plural(int(y[:, k].sum()), 'positive')} is in the normal "
+                     f"bucket, which carries no {FINDINGS[k]} flag: no threshold catches one, kept the bundle's "
+                     f"operating point")
+    enough = enough & ~hopeless
     fold = patient_folds(scores.groups, 5, seed)
     if name == "sensitivity":  # aim higher in sample until the out-of-fold sensitivity reaches S
         inner, reached = raised_sensitivity_targets(y, p, fold, target, enough)

@@ -100,7 +100,7 @@ class Earlier:
         for cand in candidates:
             entry = self.entries.get(cand.rel)
             if entry is not None and cand.problem is None and entry.bundle_sha256 == bundle_sha256 and (
-                    not need_report or self._has_report(entry.record)):
+                    not need_report or self._has_report(entry.record)) and not self._put_aside(entry.record):
                 try:
                     same = content_sha256(cand.path) == entry.sha256
                 except Exception:  # unreadable now: read again, its row says why
@@ -113,6 +113,17 @@ class Earlier:
 
     def _has_report(self, record: StudyRecord) -> bool:
         return bool(record.report) and (self.out / "reports" / record.report).is_file()
+
+    def _put_aside(self, record: StudyRecord) -> bool:
+        """Whether the study's SR or Encapsulated PDF was kept aside as damaged by the outbound
+        sender (NAME.damaged, never sent): scored again, the study's objects are made again and
+        queued, under the same UIDs."""
+        from .integration.outbound import DAMAGED
+        from .reports import report_name
+
+        stem = report_name(record.file).removesuffix(".pdf")
+        objects = (self.out / "dicom" / f"{stem}.sr.dcm", self.out / "reports" / f"{stem}.dcm")
+        return any(not p.is_file() and p.with_name(p.name + DAMAGED).is_file() for p in objects)
 
     def remove_outputs(self) -> int:
         """``--overwrite``: the earlier scan's files, named by cxr-batch only (a user's own

@@ -319,3 +319,23 @@ def test_evidence_of_a_finding_whose_threshold_the_site_could_not_choose_is_not_
     kept = dict(new["Mass"])  # the base point kept: the base's evidence, which says whose it is
     assert kept.pop("measured_on").startswith("the base bundle's figures") and kept == table["findings"]["Mass"]
     assert new["Atelectasis"]["positives"] == int(y[:, 0].sum()) and new["Atelectasis"]["ppv_at_nih_prevalence"] is None
+
+
+def test_a_finding_whose_positives_are_all_in_the_normal_bucket_keeps_its_operating_point():
+    """Every Nodule positive of a site in the normal bucket, which carries no Nodule flag: no
+    threshold catches one. sensitivity:0.9 chose 1e-06, so Nodule was flagged on every study
+    outside the normal bucket, catching nothing."""
+    rng = np.random.default_rng(3)
+    n = 200
+    y = (rng.random((n, 14)) < 0.15).astype(int)
+    p = expit(-2 + 1.2 * y + rng.normal(0, 1, (n, 14)))
+    k = FINDINGS.index("Nodule")
+    normal = rng.random(n) < 0.5
+    y[:, k] = 0
+    y[np.flatnonzero(normal)[:12], k] = 1
+    written = np.ones((n, 14), dtype=bool)
+    written[normal, k] = False  # Nodule is not urgent: no flag of it in the normal bucket
+    choice = choose_thresholds("sensitivity:0.9", scores(y, np.arange(n).astype(str)), p, {f: 0.5 for f in FINDINGS},
+                               np.ones(14, dtype=bool), written=written)
+    assert choice.thresholds["Nodule"] == 0.5, choice.thresholds["Nodule"]
+    assert choice.cv_flags[:, k].mean() < 0.5

@@ -389,3 +389,32 @@ def test_a_full_disk_while_a_scan_s_results_are_sent_ends_that_channel_saying_so
         filler.unlink()
     assert not raised, raised
     assert "hl7 results not sent" in caplog.text and "full disk" in caplog.text, caplog.text
+
+
+def test_a_scan_s_sr_kept_aside_as_damaged_is_made_again_by_the_same_scan_with_resume(tmp_path, small_bundle):
+    """A scan's SR cut short in its queue is kept aside as NAME.damaged and never sent; only
+    watch/listen made it again (at their start). `scan --resume` kept the study's row without its
+    SR, so the result never reached the archive, while the closing lines said it waited to be sent."""
+    from .conftest import REPO
+
+    out, config = tmp_path / "out", tmp_path / "scan.toml"
+    config.write_text("[scan]\nsend_wait = 1.0\n")  # the archive is down: no minute of retries
+    scan = [sys.executable, "-m", "cxr_batch", "scan", str(REPO / "examples" / "studies" / "dicom"), "--out", str(out),
+            "--weights", str(small_bundle), "--device", "cpu", "--no-pdf", "--stow-to", f"http://127.0.0.1:{free_port()}/",
+            "--config", str(config)]
+    assert subprocess.run(scan, capture_output=True, text=True, timeout=300).returncode == 3  # results wait
+    srs = sorted((out / "dicom").glob("*.sr.dcm"))
+    whole = srs[0].read_bytes()
+    srs[0].write_bytes(whole[:len(whole) // 2])
+    sent = outbound("send", "--out", out, "--wait", 1)
+    assert "is cut short or damaged" in sent.stderr and "--resume" in sent.stderr, sent.stderr
+    assert not srs[0].exists()
+    again = subprocess.run(scan + ["--resume"], capture_output=True, text=True, timeout=300)
+    assert again.returncode == 3, again.stderr[-2000:]
+    from cxr_batch.integration.outbound import whole_dicom_file
+
+    assert whole_dicom_file(srs[0])  # made again under the same SOPInstanceUID, and queued
+    assert pydicom.dcmread(srs[0]).SOPInstanceUID == pydicom.dcmread(srs[0].with_name(srs[0].name + ".damaged"),
+                                                                     force=True).SOPInstanceUID
+    listed = outbound("list", "--out", out).stdout
+    assert "damaged" not in listed and "missing" not in listed, listed

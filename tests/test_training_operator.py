@@ -327,3 +327,28 @@ def test_resume_with_other_settings_or_data_is_refused_before_any_work(nih, tmp_
         assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
         assert said in proc.stderr and "another --out" in proc.stderr, proc.stderr
         assert (run / "prepared.csv").read_bytes() == prepared
+
+
+def test_resume_with_the_same_inputs_named_otherwise_goes_on(nih, tmp_path):
+    """The same run resumed from another folder: the image folder given relative where it was
+    absolute, the same table moved to another place. Nothing the weights learn from differs, and
+    --resume refused it ('metadata A (this command: B)'), leaving the operator to retrain."""
+    table = tmp_path / "first" / "labels.csv"
+    table.parent.mkdir()
+    shutil.copy(nih / "labels.csv", table)
+    run = tmp_path / "run"
+    assert train(nih / "images", table, run, "--epochs", 1).returncode == 0
+    moved = tmp_path / "moved" / "labels.csv"
+    moved.parent.mkdir()
+    table.rename(moved)
+    images = os.path.relpath(nih / "images", tmp_path)
+    proc = subprocess.run(train_cmd(images, moved, run, "--epochs", 2, "--resume"), capture_output=True, text=True,
+                          timeout=600, cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "resumed after epoch 1" in proc.stderr, proc.stderr[-2000:]
+    header, rows = nih_rows(nih, 60)
+    write_csv(moved, header, rows[10:])  # edited in place: another table under the same name
+    proc = subprocess.run(train_cmd(nih / "images", moved, run, "--epochs", 3, "--resume"), capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 1 and f"metadata {moved} (this command: the same path, other content)" in proc.stderr, \
+        proc.stderr[-2000:]

@@ -171,17 +171,46 @@ def settings(args: dict) -> dict:
     return flat
 
 
+# settings that name a file or folder: the same one named otherwise (relative, then absolute; a
+# table moved) is the same input
+PATH_SETTINGS = ("images", "metadata", "split_lists", "init_backbone", "imagenet", "init_weights")
+
+
+def input_identity(cfg: TrainConfig) -> dict:
+    """What each path setting names, however it was given: a file by its content's sha256, a
+    folder by its real path (its images are not hashed), anything else as given."""
+    from cxr_batch.bundle import sha256_file
+
+    def identity(value):
+        if isinstance(value, (list, tuple)):
+            return [identity(v) for v in value]
+        if isinstance(value, str) and value and Path(value).is_file():
+            return f"sha256:{sha256_file(Path(value))}"
+        if isinstance(value, str) and value and Path(value).is_dir():
+            return os.path.realpath(value)
+        return value
+
+    return {k: identity(getattr(cfg, k)) for k in PATH_SETTINGS}
+
+
 def check_resumable(path: Path, cfg: TrainConfig) -> None:
     """Refuse to resume the checkpoint at ``path`` under settings it was not trained with (another
     image size, table, image folder, recipe): the weights would go on learning from other inputs
     and the bundle would describe only this command's. Raises ValueError before any work."""
     if not path.is_file():
         return
-    saved, now = settings(load_checkpoint(path, "cpu").get("args") or {}), settings(cfg.to_dict())
-    differ = [k for k in now if k.split(".")[0] not in RESUME_MAY_CHANGE and k in saved and saved[k] != now[k]]
+    ckpt = load_checkpoint(path, "cpu")
+    saved, now = settings(ckpt.get("args") or {}), settings(cfg.to_dict())
+    inputs = ckpt.get("inputs") or {}
+    named = {k: json.loads(json.dumps(v)) == inputs[k] for k, v in input_identity(cfg).items() if k in inputs}
+    # by what a path names where the checkpoint says (a table edited in place is another table)
+    differ = [k for k in now if k.split(".")[0] not in RESUME_MAY_CHANGE and k in saved
+              and (not named[k] if k in named else saved[k] != now[k])]
     if differ:
         raise ValueError(f"--resume: the checkpoint in {path.parent} was trained with "
-                         + "; ".join(f"{k} {saved[k]} (this command: {now[k]})" for k in differ[:4])
+                         + "; ".join(f"{k} {saved[k]} (this command: "
+                                     f"{now[k] if saved[k] != now[k] else 'the same path, other content'})"
+                                     for k in differ[:4])
                          + ": resume with its settings, or choose another --out to train anew")
 
 
@@ -238,6 +267,7 @@ def main(cfg: TrainConfig, resume: bool = False) -> Path:
                  backbone.format, backbone.mean, backbone.std)
     if resume:
         check_resumable(out / "checkpoint.pt", cfg)
+    inputs = input_identity(cfg)  # in each checkpoint: what a --resume compares its inputs with
     prep = cfg.preprocessing
     encoding = PatientEncoding()
     ctx = Context(cfg, prep, encoding, device, amp)
@@ -332,7 +362,7 @@ def main(cfg: TrainConfig, resume: bool = False) -> Path:
             save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                          "lr_scheduler": scheduler.state_dict(), "ema": ema.state_dict() if ema is not None else None,
                          "epoch": epoch, "best": best, "history": history, "args": cfg.to_dict(),
-                         "rng": rng_state()}, ckpt_path)
+                         "inputs": inputs, "rng": rng_state()}, ckpt_path)
             save_atomic(optimizer.state_dict(), out / "optimizer_classification.pt")
             write_run_file(out / HISTORY, (json.dumps(history, indent=2) + "\n").encode())
         out_of_time = cfg.time_limit_minutes and time.monotonic() - started > 60 * cfg.time_limit_minutes

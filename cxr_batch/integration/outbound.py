@@ -49,6 +49,7 @@ from ..ledger import Ledger, LedgerError, OutboundItem
 log = logging.getLogger("cxr_batch")
 IDLE_WAIT = 5.0  # seconds between looks at the queue when nothing woke the sender
 DAMAGED = ".damaged"  # added to the name of an object file that is not whole: kept aside, never sent
+MADE_AGAIN = "made again by watch/listen at their next start, or by the same scan with --resume"
 CLOCK_STEP = 1.0  # the system clock set back more than this (against the monotonic clock) is a jump
 
 
@@ -262,14 +263,14 @@ class Sender:
         path = self.results_dir / item.path
         aside = path.with_name(path.name + DAMAGED)
         if not path.is_file():
-            kept = f" (its damaged copy is kept as {aside.name})" if aside.is_file() else ""
+            kept = f" (its damaged copy is kept as {aside.name}; {MADE_AGAIN})" if aside.is_file() else ""
             return Delivery.rejected(f"object file {item.path} is missing{kept}")
         try:
             if put_aside(path, item.uid) is not None:
                 # never sent: a daemon makes the result's file again at its next start (as for a
                 # missing one), under the same SOPInstanceUID or MSH-10
                 return Delivery.rejected(f"object file {item.path} is cut short or damaged: not sent, kept as "
-                                         f"{aside.name}")
+                                         f"{aside.name}; {MADE_AGAIN}")
             return self.channel.send(path)
         except Exception as e:  # unreadable: a refusal of the object (offered again slowly, or dropped)
             return Delivery.rejected(f"object file {item.path} cannot be read: {type(e).__name__}")
