@@ -11,6 +11,7 @@ SIGTERM, every study scored until then written.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import functools
 import logging
 import math
@@ -87,9 +88,11 @@ def os_error_line(e: OSError, out: Path | None = None) -> str:
     names the option and what it needs: its lock or temp file alone ("OUT/.cxr-batch.lock:
     Read-only file system") named a file the operator never made."""
     if out is not None and e.filename and _in_out(Path(os.path.abspath(e.filename)), Path(os.path.abspath(out))):
-        where = "" if Path(e.filename) == Path(out) else f" ({e.filename})"
-        return (f"cannot write --out {out}: {e.strerror or e}{where}; give a folder this user can write to, on a "
-                f"volume with room")
+        where = "" if Path(e.filename) == Path(out) else f"{e.filename}: "
+        # a full disk needs room, not another folder: what was written stays (the same command goes on)
+        advice = ("free space on its volume, or give a folder on a volume with room" if e.errno == errno.ENOSPC
+                  else "give a folder this user can write to, on a volume with room")
+        return f"cannot write --out {out}: {where}{e.strerror or e}; {advice}"
     return f"{e.filename or ''}: {e.strerror or e}"
 
 
