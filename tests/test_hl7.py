@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import datetime as dt
 import socket
+import struct
 import threading
 import time
 from dataclasses import replace
@@ -790,3 +791,29 @@ def test_a_queued_message_cut_short_never_reaches_the_ris_and_is_kept_aside(scor
         ledger.close()
     aside = paths[1].with_name(paths[1].name + ".damaged")
     assert aside.read_bytes().decode("utf-8") == cut_short and not paths[1].exists()
+
+
+def test_a_wrong_port_that_answers_then_resets_is_still_named(scored):
+    # an SMTP or SSH server at --hl7-to greets at once and resets the connection on the HL7 bytes
+    # it never reads: the reset threw away what it had said ("connection ... failed:
+    # ConnectionResetError" where "not HL7 over MLLP, check the RIS's MLLP port" was meant)
+    records, bundle = scored
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(1)
+
+    def greet_and_reset():
+        conn, _ = server.accept()
+        conn.sendall(b"220 mail.example.org ESMTP\r\n")
+        time.sleep(0.2)  # the HL7 bytes arrive unread: closing now resets the connection
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        conn.close()
+
+    thread = threading.Thread(target=greet_and_reset, daemon=True)
+    thread.start()
+    with server:
+        delivery = send_message(oru_r01(records["plain.dcm"], thresholds=bundle.thresholds),
+                                Endpoint("127.0.0.1", server.getsockname()[1]), timeout=10)
+        thread.join(10)
+    assert delivery.outcome == "retry"
+    assert "not HL7 over MLLP" in delivery.reason and "MLLP port" in delivery.reason, delivery.reason

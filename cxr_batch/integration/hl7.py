@@ -483,11 +483,11 @@ def _exchange(data: bytes, endpoint: Endpoint, timeout: float) -> bytes | Delive
         sock = socket.create_connection((endpoint.host, endpoint.port), timeout=timeout)
     except OSError as e:
         return Delivery.retry(f"cannot connect to {endpoint}: {connect_error(e, endpoint.host)}", unsent=True)
+    reader, block = MllpReader(), None
     with sock:
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             sock.sendall(data)
-            reader, block = MllpReader(), None
             while block is None:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
@@ -505,8 +505,9 @@ def _exchange(data: bytes, endpoint: Endpoint, timeout: float) -> bytes | Delive
                     return Delivery.retry(f"{endpoint} sent over {MAX_ACK_BYTES} bytes without an MLLP block")
         except socket.timeout:
             return Delivery.retry(_not_mllp(reader, endpoint) or f"no ACK from {endpoint} within {timeout:g} s")
-        except OSError as e:
-            return Delivery.retry(f"connection to {endpoint} failed: {type(e).__name__}: {e}")
+        except OSError as e:  # a wrong port's server may reset the connection once it has answered
+            return Delivery.retry(_not_mllp(reader, endpoint) or f"connection to {endpoint} failed: "
+                                                                 f"{type(e).__name__}: {e}")
     return block
 
 
