@@ -728,3 +728,25 @@ def test_objects_acknowledged_but_not_scored_when_the_results_folder_goes_are_sc
     if how == "removed":
         text = log.read_text()
         assert "not scored" in text and all(ds.SOPInstanceUID in text.split("not scored")[-1] for ds in sent), text
+
+
+def test_a_results_folder_replaced_by_a_file_answers_out_of_resources_so_the_sender_retries(listener, tmp_path,
+                                                                                            caplog):
+    """OUT replaced by a file while the node runs: the C-STORE's temp file could not be made and
+    the association was aborted (dropped_spool), so the sender never heard a status and a
+    modality may count the object as failed for good. It is answered 0xA700 (out of resources):
+    the sender keeps its copy and sends it again; once OUT is a folder again it is stored."""
+    import shutil
+
+    out = tmp_path / "out"
+    scp, spool, stored = listener(spool_dir=out / ".cxr-batch" / "spool")
+    shutil.rmtree(out)
+    out.write_text("an operator's file where the results folder was")
+    ds = pydicom.dcmread(write(tmp_path / "x.dcm", grey_square()))
+    assert _send_with_pynetdicom(scp.cfg.port, ds) == 0xA700
+    status = scp.status()
+    assert status["refused"] == 1 and status["dropped_spool"] == 0 and not stored
+    assert ("not stored: the spool cannot be written (Not a directory); answered 0xA700 (out of resources): the "
+            "sender retries") in caplog.text
+    out.unlink()  # the operator puts it right: the sender's retry is stored
+    assert _send_with_pynetdicom(scp.cfg.port, ds) == 0x0000 and [p.parent for p in stored] == [spool]

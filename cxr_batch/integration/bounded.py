@@ -48,6 +48,7 @@ import ssl
 import struct
 import threading
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from tempfile import NamedTemporaryFile
@@ -511,8 +512,10 @@ class BoundedSocket(AssociationSocket):
                    abort=True)
 
     def drop_unstorable(self, error: str) -> None:
-        """A C-STORE's data set that the spool cannot take (``error``: this side's file system,
-        e.g. OUT replaced by a file): aborted, so the sender keeps the object and sends it again."""
+        """A C-STORE's data set that the spool cannot take (``error``: this side's file system)
+        where no status can be answered (a spool that cannot hold its temp file is answered
+        0xA700: :meth:`_ReceiveFile.refused`): aborted, so the sender keeps the object and sends
+        it again."""
         self._drop("spool", f"the spool cannot be written ({error}): association aborted, the sender keeps "
                             f"the object to send again", abort=True)
 
@@ -566,6 +569,18 @@ class _ReceiveFile:
     def __init__(self, inner):
         self._inner, self.name, self.file = inner, inner.name, self
 
+    @classmethod
+    def refused(cls, name: str, error: OSError) -> "_ReceiveFile":
+        """No file at all (``error``: the spool could not hold one, e.g. OUT replaced by a file
+        or made unwritable): the data set is read and dropped, and the C-STORE handler answers
+        "out of resources" as for a full disk. Aborting the association instead left the
+        sender without a status, and a modality may take that as a failure for good."""
+        refused = cls.__new__(cls)
+        refused._inner, refused.name, refused.file = None, name, refused
+        with _failed_lock:  # said as this side's fault, not the full disk's alone
+            _failed_receives[name] = OSError(error.errno, f"the spool cannot be written ({error.strerror or error})")
+        return refused
+
     def write(self, data) -> int:
         if self.name not in _failed_receives:
             try:
@@ -582,6 +597,8 @@ class _ReceiveFile:
                 self._failed(e)
 
     def close(self) -> None:
+        if self._inner is None:
+            return
         try:
             self._inner.close()
         except OSError:  # what was buffered cannot be written: the object is refused anyway
@@ -634,7 +651,14 @@ def _receive_file(*args, **kwargs):
             except OSError:
                 pass
         kwargs.update(dir=folder, prefix=RECEIVE_PREFIX, suffix=RECEIVE_SUFFIX)
-    received = _ReceiveFile(NamedTemporaryFile(*args, **kwargs))
+    try:
+        received = _ReceiveFile(NamedTemporaryFile(*args, **kwargs))
+    except OSError as e:
+        if folder is None:
+            raise
+        # the name only keys the error for the handler; no file is made under it
+        received = _ReceiveFile.refused(os.path.join(folder, f"{RECEIVE_PREFIX}unwritable-{uuid.uuid4().hex}"
+                                                             f"{RECEIVE_SUFFIX}"), e)
     if folder is not None:
         with _failed_lock:
             _unhanded.setdefault(id(assoc), set()).add(received.name)
