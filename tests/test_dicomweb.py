@@ -5,7 +5,9 @@ refused, 202 with failed instances, 409, 503, no answer) become delivered / retr
 
 from __future__ import annotations
 
+import datetime as dt
 import json
+import logging
 import re
 import socket
 import subprocess
@@ -22,7 +24,7 @@ from cxr_batch.integration.dicomweb import DicomWebConfig, StowClient, load_dico
 from cxr_batch.scan import ScanConfig, run_scan
 from tests.dicomgen import grey, have, write
 from tests.orthanc import make_orthanc, orthanc  # noqa: F401  (fixtures)
-from tests.watchkit import free_port
+from tests.watchkit import free_port, wait_for
 
 PASSWORD = "s3cret|&^~pw"
 
@@ -146,6 +148,8 @@ class _Archive(BaseHTTPRequestHandler):
         self.send_response(status)
         self.send_header("Content-Type", server.content_type)
         self.send_header("Content-Length", str(len(payload)))
+        for name, value in getattr(server, "headers", {}).items():
+            self.send_header(name, value)
         self.end_headers()
         self.wfile.write(payload)
 
@@ -157,7 +161,7 @@ class _Archive(BaseHTTPRequestHandler):
 def archive():
     server = ThreadingHTTPServer(("127.0.0.1", 0), _Archive)
     server.token, server.answer, server.seen, server.hosts, server.strict_host = "", (200, None), [], [], False
-    server.content_type = "application/dicom+json"
+    server.content_type, server.headers = "application/dicom+json", {}
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
     yield server
@@ -423,3 +427,92 @@ def test_an_odd_value_the_status_does_not_depend_on_does_not_make_the_answer_unr
     archive.answer, archive.content_type = (200, _xml_with(ds, "00081199", tag, vr, value)), "application/dicom+xml"
     delivery = store_dataset(ds, _config(tmp_path, f"http://127.0.0.1:{archive.server_address[1]}/dicom-web"))
     assert delivery.outcome == "delivered", delivery
+
+
+# ------------------------------------------------------------------ Retry-After (RFC 9110 10.2.3)
+@pytest.mark.parametrize("status, header, asked", [
+    (503, "120", 120.0),  # delay-seconds
+    (429, "0", 0.0),
+    (503, "in a while", None),  # not understood: the queue's own back-off
+])
+def test_the_wait_a_busy_archive_asks_for_is_read(results, archive, tmp_path, status, header, asked):
+    _, srs = results
+    archive.answer, archive.headers = (status, None), {"Retry-After": header}
+    delivery = store_dataset(srs[0], _config(tmp_path, f"http://127.0.0.1:{archive.server_address[1]}/dicom-web"))
+    assert delivery.outcome == "retry" and delivery.retry_after == asked, delivery
+    assert f"HTTP {status}" in delivery.reason and f"Retry-After {header!r}" in delivery.reason
+
+
+@pytest.mark.parametrize("form", ["IMF-fixdate", "rfc850-date", "asctime-date"])
+def test_a_retry_after_date_in_each_form_of_rfc_9110_is_read(form):
+    from email.utils import format_datetime
+
+    from cxr_batch.integration.dicomweb import retry_after_seconds
+
+    now = 1_700_000_000.0  # Tue, 14 Nov 2023 22:13:20 GMT
+    when = dt.datetime.fromtimestamp(now + 600, dt.timezone.utc)
+    text = {"IMF-fixdate": format_datetime(when, usegmt=True),
+            "rfc850-date": when.strftime("%A, %d-%b-%y %H:%M:%S GMT"),
+            "asctime-date": when.strftime("%a %b %e %H:%M:%S %Y")}[form]
+    assert retry_after_seconds(text, now) == 600.0
+    assert retry_after_seconds(text, now + 3600) == 0.0  # a date gone by: now
+    assert retry_after_seconds("-5", now) is None and retry_after_seconds("", now) is None
+
+
+def _stow_sender(results, archive, tmp_path, **options):
+    """A sender of the STOW-RS channel whose queue holds the first SR, for the ``archive``."""
+    from cxr_batch.integration.outbound import Sender
+    from cxr_batch.integration.outbox import StowChannel
+    from cxr_batch.ledger import Ledger, outbound_entry
+
+    _, srs = results
+    out = srs[0].parent.parent
+    url = f"http://127.0.0.1:{archive.server_address[1]}/dicom-web"
+    ledger = Ledger(tmp_path / "ledger.sqlite")
+    uid = pydicom.dcmread(srs[0]).SOPInstanceUID
+    ledger.queue_outbound([("k", outbound_entry(uid, srs[0].relative_to(out).as_posix(), "stow", url))])
+    return ledger, Sender(ledger.path, out, StowChannel(_config(tmp_path, url)), **({"retry_max": 1.0} | options))
+
+
+def test_an_archive_asking_to_wait_is_not_tried_again_before_then(results, archive, tmp_path, caplog):
+    """HTTP 429/503 with Retry-After: 300 was tried again within the queue's own back-off (1 s
+    doubling to retry_max), hammering an archive that had said when to come back."""
+    caplog.set_level(logging.INFO, "cxr_batch")
+    archive.answer, archive.headers = (429, None), {"Retry-After": "300"}
+    ledger, sender = _stow_sender(results, archive, tmp_path)
+    try:
+        before = time.time()
+        sender.drain(before + 5, ledger)  # five seconds of trying: one POST, the wait asked is kept
+        assert len(archive.seen) == 1
+        assert before + 299 <= ledger.next_due("stow") <= time.time() + 300
+        assert "asked to wait 300 s (Retry-After): next try in 300 s" in caplog.text
+    finally:
+        ledger.close()
+
+
+def test_an_archive_asking_to_wait_for_years_is_tried_again_within_the_hour_saying_so(results, archive, tmp_path,
+                                                                                       caplog):
+    from cxr_batch.integration.delivery import RETRY_AFTER_MAX
+
+    archive.answer, archive.headers = (503, None), {"Retry-After": str(10 * 365 * 86400)}
+    ledger, sender = _stow_sender(results, archive, tmp_path)
+    try:
+        before = time.time()
+        sender.send_due(ledger, until=before)
+        assert before + RETRY_AFTER_MAX - 1 <= ledger.next_due("stow") <= time.time() + RETRY_AFTER_MAX
+        assert (f"asked to wait 315360000 s (Retry-After), longer than the {RETRY_AFTER_MAX:.0f} s cxr-batch waits "
+                f"at most: next try in {RETRY_AFTER_MAX:.0f} s") in caplog.text
+    finally:
+        ledger.close()
+
+
+def test_a_sender_waiting_out_a_retry_after_stops_at_once(results, archive, tmp_path):
+    archive.answer, archive.headers = (503, None), {"Retry-After": "3000"}
+    ledger, sender = _stow_sender(results, archive, tmp_path)
+    ledger.close()
+    sender.start()
+    try:
+        assert wait_for(lambda: archive.seen, timeout=30)
+    finally:
+        sender.stop(timeout=15)  # a stop (SIGTERM, Ctrl-C) waits no Retry-After out
+    assert not sender.thread.is_alive()

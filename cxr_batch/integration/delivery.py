@@ -17,6 +17,12 @@ Outcome = Literal["delivered", "retry", "rejected"]
 # HOST:PORT of a receiver (RIS, PACS): an IPv6 address in brackets or a host name of ASCII letters,
 # digits, . _ - (and the port's digits ASCII too, with re.ASCII: \d alone takes any script's digits)
 HOST_PORT = r"(?P<host>\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+):(?P<port>\d{1,5})"
+# The longest wait a receiver's "try again in N seconds" (HTTP Retry-After) is granted. An archive
+# in maintenance or rate-limiting asks for seconds to minutes; one asking for more than an hour is
+# misconfigured or hostile (a year would park every result unseen), and triage results must not
+# wait longer unnoticed: after the hour the next try (one request an hour is no hammering) comes,
+# and the log says what was asked.
+RETRY_AFTER_MAX = 3600.0
 REASON_LIMIT = 300  # characters of a reason kept: one line in a log, status.json and `outbound list`
 # C0 and C1 control characters as text (\x1b, \n): a receiver's words (an ACK's MSA-3, an HTTP
 # reason phrase) cannot end a line, clear or retitle the operator's terminal. The backslash is
@@ -53,6 +59,9 @@ class Delivery:
     # the reason without the receiver's own words (an ACK's MSA-3, a C-STORE Error Comment),
     # which may quote the patient: what a log line says. None: the reason says nothing of theirs
     log_reason: str | None = None
+    # a retry the receiver asked to come back for no sooner than this many seconds from now (an
+    # HTTP 429/503's Retry-After), as it asked: the queue bounds it by RETRY_AFTER_MAX
+    retry_after: float | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "reason", shown(self.reason))
@@ -64,8 +73,9 @@ class Delivery:
         return cls("delivered", note)
 
     @classmethod
-    def retry(cls, reason: str, unsent: bool = False, log_reason: str | None = None) -> "Delivery":
-        return cls("retry", reason, unsent, log_reason)
+    def retry(cls, reason: str, unsent: bool = False, log_reason: str | None = None,
+              retry_after: float | None = None) -> "Delivery":
+        return cls("retry", reason, unsent, log_reason, retry_after)
 
     @classmethod
     def rejected(cls, reason: str, log_reason: str | None = None) -> "Delivery":

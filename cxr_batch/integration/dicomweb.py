@@ -8,7 +8,8 @@ raising:
   without a warning), answers 200 without a body, or refuses it as a duplicate (0x0111): the
   SOP Instance UID is derived from the image and the bundle, so what is there is this result
   (archives that keep the first copy, Orthanc among them, answer a re-store as a success);
-- retry: no connection, a timeout, 408/429/5xx, 401/403/404 (credentials or URL wrong: fixed in
+- retry: no connection, a timeout, 408/429/5xx (a 429/503's Retry-After kept as the Delivery's
+  ``retry_after``, :func:`retry_after_seconds`), 401/403/404 (credentials or URL wrong: fixed in
   the configuration, the queued results then go), a failure reason "out of resources" (0xA7xx),
   "resource limitation" (0x0213) or "processing failure" (0x0110), as for C-STORE;
 - rejected: the archive refuses this object (400, 409, 413, 415, 422 or a failure reason such
@@ -28,6 +29,7 @@ queue retries with back-off, and a worker never sleeps inside a request.
 
 from __future__ import annotations
 
+import datetime as dt
 import io
 import ipaddress
 import logging
@@ -53,6 +55,9 @@ log = logging.getLogger("cxr_batch")
 CONFIG_TABLE = "dicomweb"
 # HTTP statuses that refuse this object: sending it again cannot help
 REJECTING_STATUSES = {400, 409, 413, 415, 422}
+# HTTP statuses whose Retry-After says when to come back (RFC 9110 15.6.4, RFC 6585 4): Too Many
+# Requests, Service Unavailable
+ASKING_TO_WAIT = {429, 503}
 # a STOW-RS answer lists the instances stored (one here): kilobytes. A peer streaming more is no
 # archive, and requests would otherwise hold all of it in memory
 MAX_RESPONSE_BYTES = 16 << 20
@@ -310,7 +315,11 @@ class StowClient:
             return self._failed(uid, Delivery.rejected(f"{reason}: the archive refused the object"))
         hint = " (check the [dicomweb] credentials)" if status in (401, 403) else \
             " (check the URL)" if status in (404, 405) else ""
-        return self._failed(uid, Delivery.retry(reason + hint))
+        asked = None
+        if status in ASKING_TO_WAIT and (said := response.headers.get("Retry-After")) is not None:
+            asked = retry_after_seconds(said, time.time())
+            hint += f"; Retry-After {shown(said, 40)!r}" + (" not understood" if asked is None else "")
+        return self._failed(uid, Delivery.retry(reason + hint, retry_after=asked))
 
     def _failed(self, uid: str, delivery: Delivery) -> Delivery:
         if delivery.ok:
@@ -318,6 +327,25 @@ class StowClient:
         else:
             log.warning("not stored %s on %s: %s", uid, self._where, delivery.reason)
         return delivery
+
+
+def retry_after_seconds(value: str, now: float) -> float | None:
+    """Seconds from ``now`` (epoch seconds) that an HTTP Retry-After ``value`` asks a client to
+    wait (RFC 9110 10.2.3): delay-seconds (digits only) or an HTTP-date in any of its three
+    forms (IMF-fixdate, the obsolete RFC 850 and asctime dates; always GMT); a date gone by is
+    0. None when it is neither (the queue's own back-off then)."""
+    from email.utils import parsedate_to_datetime
+
+    value = value.strip()
+    if value.isascii() and value.isdigit():
+        return float(value)
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None
+    if when.tzinfo is None:  # asctime-date names no zone: HTTP dates are GMT
+        when = when.replace(tzinfo=dt.timezone.utc)
+    return max(0.0, when.timestamp() - now)
 
 
 def _session(ca_bundle: str):

@@ -14,7 +14,9 @@ and records each answer (a :class:`~.delivery.Delivery`):
   object goes to the back of the queue, so one object the peer keeps refusing "for now" cannot
   hold up the others; but where the object never reached the peer (no connection, no
   association: a Delivery's ``unsent``) every waiting object waits out the back-off in its
-  place, so after an outage the queue goes in the order it was queued (the oldest first);
+  place, so after an outage the queue goes in the order it was queued (the oldest first); a
+  receiver that says when to come back (an archive's HTTP 429/503 ``Retry-After``: a Delivery's
+  ``retry_after``) has the whole channel wait that long instead, bounded by RETRY_AFTER_MAX;
 - a refusal of the object (the peer does not store that kind of object, or answers a failure
   status; an HL7 ``AE`` or ``CR``; an HTTP 400/409/415), or an object file that is gone or unreadable:
   the object waits with the reason and is
@@ -42,7 +44,7 @@ import time
 from pathlib import Path
 from typing import Protocol
 
-from .delivery import Delivery
+from .delivery import RETRY_AFTER_MAX, Delivery
 from .dicom_send import CALLING_AE_TITLE, Destination, send_dataset
 from ..ledger import Ledger, LedgerError, OutboundItem
 
@@ -193,9 +195,12 @@ class Sender:
                 self.link_failures += 1
                 # the exponent bounded: 2.0 ** 1024 (17 hours down at a retry_max of 60 s) overflows
                 delay = min(self.retry_max, 2.0 ** min(self.link_failures - 1, 62))
+                if result.retry_after is not None:
+                    delay = self._asked_wait(result.retry_after, delay)
                 self.last_error = result.reason
                 failed_at = time.time()
-                if result.unsent:  # the link is down: the whole queue waits, in its order
+                # the link is down, or the receiver said when to come back: the whole queue waits, in its order
+                if result.unsent or result.retry_after is not None:
                     ledger.outbound_link_down(item.uid, failed_at + delay, result.reason, name)
                 else:  # the receiver answered "not now" about this object: it goes to the back
                     ledger.outbound_retry(item.uid, failed_at + delay, result.reason, name)
@@ -210,6 +215,18 @@ class Sender:
                           "(cxr-batch outbound list|retry|drop)", item.uid, where, result.logged,
                           self.refused_retry)
         return bool(items)
+
+    def _asked_wait(self, asked: float, delay: float) -> float:
+        """The back-off after a receiver asked to wait ``asked`` seconds (Retry-After): as long
+        as asked, but at most RETRY_AFTER_MAX, and never shorter than the queue's own
+        ``delay``. Said in the log, with what was asked."""
+        granted = max(delay, min(asked, RETRY_AFTER_MAX))
+        if asked > RETRY_AFTER_MAX:
+            log.warning("%s asked to wait %.0f s (Retry-After), longer than the %.0f s cxr-batch waits at most: next "
+                        "try in %.0f s", self.channel, asked, RETRY_AFTER_MAX, granted)
+        else:
+            log.info("%s asked to wait %.0f s (Retry-After): next try in %.0f s", self.channel, asked, granted)
+        return granted
 
     def drain(self, until: float, ledger: Ledger | None = None) -> None:
         """Send this channel's waiting objects in the calling thread, with the same back-off,
@@ -247,7 +264,8 @@ class Sender:
                         self.channel.name)
         # set back while no sender ran (a restart with the right time after a clock that ran
         # ahead): no wait is longer than the longest a sender sets
-        longest = max(self.retry_max, self.refused_retry) + CLOCK_STEP
+        longest = max(self.retry_max, self.refused_retry,
+                      RETRY_AFTER_MAX if getattr(self.channel, "may_ask_to_wait", False) else 0.0) + CLOCK_STEP
         if ledger.outbound_due_by(time.time() + longest, self.channel.name):
             log.warning("waiting %s object(s) were due further ahead than any wait (the clock ran ahead): due within "
                         "%.0f s", self.channel.name, longest)

@@ -94,6 +94,7 @@ class StowChannel:
     """Result objects to a DICOMweb archive by STOW-RS (cxr_batch.integration.dicomweb)."""
 
     name = "stow"
+    may_ask_to_wait = True  # an archive's Retry-After sets waits up to RETRY_AFTER_MAX (Sender)
 
     def __init__(self, config):
         self.config = config
