@@ -39,7 +39,7 @@ from typing import Mapping, Sequence
 
 from .record import UNREAD_VERSION, StudyRecord
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 OUTBOUND = """
 CREATE TABLE IF NOT EXISTS outbound (
     uid TEXT NOT NULL,
@@ -54,6 +54,7 @@ CREATE TABLE IF NOT EXISTS outbound (
     destination TEXT NOT NULL DEFAULT '',
     last_error TEXT NOT NULL DEFAULT '',
     dropped_at REAL,
+    sha256 TEXT NOT NULL DEFAULT '',
     PRIMARY KEY (uid, channel)
 );
 CREATE INDEX IF NOT EXISTS outbound_due ON outbound (channel, due_at) WHERE delivered_at IS NULL AND dropped_at IS NULL;
@@ -141,13 +142,17 @@ class OutboundItem:
     attempts: int  # tries so far
     channel: str = "dicom"
     destination: str = ""  # where it was queued for
+    sha256: str = ""  # of the file's bytes as queued (an HL7 message), else "": checked before it is sent
 
 
-def outbound_entry(uid: str, path: str, channel: str = "dicom", destination: str = "") -> tuple[str, str, str, str]:
-    """One object to queue with :meth:`Ledger.commit` or :meth:`Ledger.queue_outbound`."""
+def outbound_entry(uid: str, path: str, channel: str = "dicom", destination: str = "",
+                   sha256: str = "") -> tuple[str, str, str, str, str]:
+    """One object to queue with :meth:`Ledger.commit` or :meth:`Ledger.queue_outbound`;
+    ``sha256``: of the file's bytes as written, when the file cannot tell a cut copy from a
+    whole one itself (an HL7 message cut between two segments is still a message)."""
     if channel not in CHANNELS:
         raise ValueError(f"unknown outbound channel {channel!r}")
-    return uid, path, channel, destination
+    return uid, path, channel, destination, sha256
 
 
 class Ledger:
@@ -203,6 +208,10 @@ class Ledger:
             except BaseException:
                 self.db.execute("ROLLBACK")
                 raise
+        columns = {r[1] for r in self.db.execute("PRAGMA table_info(outbound)")}
+        if columns and "sha256" not in columns:
+            # Schema 5 and older: no digest of the queued file; those rows are checked as before
+            self.db.execute("ALTER TABLE outbound ADD COLUMN sha256 TEXT NOT NULL DEFAULT ''")
         self.db.executescript(SCHEMA)
         if old:
             now = time.time()
@@ -341,16 +350,18 @@ class Ledger:
         self.db.execute("UPDATE studies SET record = ?, published = 0 WHERE key = ?",
                         (json.dumps(record.to_json()), key))
 
-    def _queue(self, key: str, now: float, uid: str, path: str, channel: str = "dicom", destination: str = "") -> None:
+    def _queue(self, key: str, now: float, uid: str, path: str, channel: str = "dicom", destination: str = "",
+               sha256: str = "") -> None:
         """Queue (or queue again, as new) the object ``uid`` on ``channel``."""
-        self.db.execute("INSERT INTO outbound (uid, channel, key, path, queued_at, due_at, destination) "
-                        "VALUES (?, ?, ?, ?, ?, ?, ?) "
+        self.db.execute("INSERT INTO outbound (uid, channel, key, path, queued_at, due_at, destination, sha256) "
+                        "VALUES (?, ?, ?, ?, ?, ?, ?, ?) "
                         "ON CONFLICT (uid, channel) DO UPDATE SET key = excluded.key, path = excluded.path, "
                         "queued_at = excluded.queued_at, due_at = excluded.due_at, attempts = 0, "
                         "delivered_at = NULL, failed_at = NULL, dropped_at = NULL, destination = excluded.destination, "
-                        "last_error = ''", (uid, channel, key, path, now, now, destination))
+                        "last_error = '', sha256 = excluded.sha256", (uid, channel, key, path, now, now, destination,
+                                                                      sha256))
 
-    def queue_outbound(self, items: Sequence[tuple[str, tuple[str, str, str, str]]]) -> int:
+    def queue_outbound(self, items: Sequence[tuple[str, tuple[str, str, str, str, str]]]) -> int:
         """Queue ``items`` ((study key, :func:`outbound_entry`), ...) outside a study's commit
         (after a scan). An object already delivered from the same file to the same destination
         is not queued again: the same scan made twice sends nothing twice. Returns how many
@@ -359,12 +370,12 @@ class Ledger:
         queued = 0
         with self.db:
             self.db.execute("BEGIN IMMEDIATE")
-            for key, (uid, path, channel, destination) in items:
+            for key, (uid, path, channel, destination, sha256) in items:
                 done = self.db.execute("SELECT 1 FROM outbound WHERE uid = ? AND channel = ? AND path = ? AND "
                                        "destination = ? AND delivered_at IS NOT NULL",
                                        (uid, channel, path, destination)).fetchone()
                 if done is None:
-                    self._queue(key, now, uid, path, channel, destination)
+                    self._queue(key, now, uid, path, channel, destination, sha256)
                     queued += 1
         return queued
 
@@ -397,7 +408,8 @@ class Ledger:
     # ------------------------------------------------------------------ the outbound queue
     def due_outbound(self, now: float, limit: int = 32, channel: str = "dicom") -> list[OutboundItem]:
         """Waiting objects of ``channel`` due at ``now`` (epoch seconds), the longest-due first."""
-        rows = self.db.execute(f"SELECT uid, key, path, attempts, channel, destination FROM outbound WHERE {_WAITING} "
+        rows = self.db.execute("SELECT uid, key, path, attempts, channel, destination, sha256 FROM outbound "
+                               f"WHERE {_WAITING} "
                                "AND channel = ? AND due_at <= ? ORDER BY due_at, queued_at, rowid LIMIT ?",
                                (channel, now, limit)).fetchall()
         return [OutboundItem(*row) for row in rows]
@@ -406,6 +418,11 @@ class Ledger:
         """When the next waiting object of ``channel`` is due (epoch seconds); None: none waits."""
         return self.db.execute(f"SELECT MIN(due_at) FROM outbound WHERE {_WAITING} AND channel = ?",
                                (channel,)).fetchone()[0]
+
+    def outbound_rewritten(self, uid: str, channel: str, sha256: str) -> None:
+        """The queued file of ``uid`` written again (the same message, made anew): its digest."""
+        with self.db:
+            self.db.execute("UPDATE outbound SET sha256 = ? WHERE uid = ? AND channel = ?", (sha256, uid, channel))
 
     def outbound_delivered(self, uid: str, destination: str, channel: str = "dicom") -> None:
         with self.db:
@@ -480,7 +497,8 @@ class Ledger:
         ``everything`` the delivered and dropped ones too; of one ``channel`` or all."""
         conditions = ([] if everything else [_WAITING]) + ([] if channel is None else ["channel = ?"])
         where = f"WHERE {' AND '.join(conditions)}" if conditions else ""
-        cursor = self.db.execute(f"SELECT {_OUTBOUND_COLUMNS} FROM outbound {where} ORDER BY queued_at, uid, channel",
+        cursor = self.db.execute(f"SELECT {_OUTBOUND_COLUMNS}, sha256 FROM outbound {where} "
+                                 "ORDER BY queued_at, uid, channel",
                                  () if channel is None else (channel,))
         names = [d[0] for d in cursor.description]
         return [dict(zip(names, row)) for row in cursor.fetchall()]

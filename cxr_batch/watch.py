@@ -541,7 +541,7 @@ class Watcher:
             path = self.out / row["path"]
             if not path.is_file():
                 missing.setdefault(row["key"], []).append(row)
-            elif (aside := put_aside(path, row["uid"])) is not None:  # cut short by a failed disk or copy
+            elif (aside := put_aside(path, row["uid"], row["sha256"])) is not None:  # cut short: a failed disk or copy
                 log.warning("%s waiting to be sent is cut short or damaged: kept as %s, made again", row["path"],
                             aside.name)
                 missing.setdefault(row["key"], []).append(row)
@@ -553,7 +553,8 @@ class Watcher:
             revision = known.content if self.ledger.has_superseded(key) else ""
             for row in rows:
                 if row["channel"] == "hl7":
-                    if self.outbox.remake_message(record, revision, row["path"]):
+                    if (digest := self.outbox.remake_message(record, revision, row["path"])) is not None:
+                        self.ledger.outbound_rewritten(row["uid"], "hl7", digest)
                         made.append(row)
                 elif row["path"].startswith(f"{SR_FOLDER}/") and self.srs is not None:
                     extra = {"revision": revision, "predecessor": None} if revision else {}

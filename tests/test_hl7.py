@@ -818,3 +818,42 @@ def test_a_wrong_port_that_answers_then_resets_is_still_named(scored):
         thread.join(10)
     assert delivery.outcome == "retry"
     assert "not HL7 over MLLP" in delivery.reason and "MLLP port" in delivery.reason, delivery.reason
+
+
+def test_a_queued_message_cut_between_its_last_two_observations_never_reaches_the_ris(scored, tmp_path, caplog):
+    """An ORU file cut right after its worklist-order OBX (P(any finding) lost) ends, as a
+    message of a bundle without a triage table does, with a whole last observation: it passed
+    the whole-message check and the RIS got a shorter result, silently. The queue records the
+    message's sha256 when it is written and sends only those bytes."""
+    from cxr_batch.integration.outbound import Sender
+    from cxr_batch.integration.outbox import HL7Channel, Outbox
+    from cxr_batch.ledger import Ledger
+
+    records, bundle = scored
+    out, endpoint = tmp_path / "out", Endpoint("127.0.0.1", free_port())
+    ledger_path = out / ".cxr-batch" / "ledger.sqlite"
+    outbox = Outbox(out, ledger_path, [HL7Channel(endpoint, 5.0)], retry_max=2.0, refused_retry=900.0, bundle=bundle)
+    entries = outbox.entries([("uid:plain", "plain.dcm", records["plain.dcm"], ""),
+                              ("uid:hostile", "hostile.dcm", records["hostile.dcm"], "")])
+    (plain,), (hostile,) = entries["uid:plain"], entries["uid:hostile"]
+    path = out / hostile[1]
+    whole = path.read_bytes().decode("utf-8")
+    segments = whole.split("\r")
+    assert segments[-2].startswith("OBX|17|") and segments[-3].startswith("OBX|16|")  # ends with P(any finding)
+    cut_short = whole[:whole.index("\rOBX|17|") + 1]
+    path.write_bytes(cut_short.encode("utf-8"))
+    ledger = Ledger(ledger_path)
+    try:
+        ledger.queue_outbound([(key, entry) for key, items in entries.items() for entry in items])
+        with RIS("AA", port=endpoint.port) as ris:
+            Sender(ledger_path, out, HL7Channel(endpoint, 5.0), retry_max=2.0).drain(time.time() + 30)
+            received = [message_control_id(m) for m in ris.received]
+        assert received == [plain[0]]
+        stats = ledger.outbound_stats(time.time(), "hl7")
+        assert stats["delivered"] == 1 and stats["refused"] == 1
+    finally:
+        ledger.close()
+    aside = path.with_name(path.name + ".damaged")
+    assert aside.read_bytes().decode("utf-8") == cut_short and not path.exists()
+    (line,) = [r.getMessage() for r in caplog.records if hostile[0] in r.getMessage()]
+    assert "is not the message queued" in line and "kept as" in line, line

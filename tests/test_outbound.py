@@ -418,3 +418,34 @@ def test_a_scan_s_sr_kept_aside_as_damaged_is_made_again_by_the_same_scan_with_r
                                                                      force=True).SOPInstanceUID
     listed = outbound("list", "--out", out).stdout
     assert "damaged" not in listed and "missing" not in listed, listed
+
+
+def test_a_schema_5_queue_gets_a_digest_column_and_its_messages_are_checked_as_before(tmp_path):
+    """Schema 6 records the sha256 of each queued ORU; a schema 5 queue's rows have none and
+    their files are checked by their own structure, as they were."""
+    path = tmp_path / "ledger.sqlite"
+    db = sqlite3.connect(path)
+    db.executescript("""
+        CREATE TABLE meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
+        INSERT INTO meta VALUES ('schema', '5');
+        CREATE TABLE outbound (uid TEXT NOT NULL, channel TEXT NOT NULL DEFAULT 'dicom', key TEXT NOT NULL,
+            path TEXT NOT NULL, queued_at REAL NOT NULL, due_at REAL NOT NULL, attempts INTEGER NOT NULL DEFAULT 0,
+            delivered_at REAL, failed_at REAL, destination TEXT NOT NULL DEFAULT '', last_error TEXT NOT NULL DEFAULT '',
+            dropped_at REAL, PRIMARY KEY (uid, channel));
+        INSERT INTO outbound (uid, channel, key, path, queued_at, due_at) VALUES ('CTRL5', 'hl7', 'k', 'hl7/CTRL5.hl7', 1, 1);
+    """)
+    db.close()
+    ledger = Ledger(path)
+    try:
+        (item,) = ledger.due_outbound(time.time(), channel="hl7")
+        assert (item.uid, item.sha256) == ("CTRL5", "")
+        ledger.queue_outbound([("k", outbound_entry("CTRL6", "hl7/CTRL6.hl7", "hl7", "ris:2575", "ab" * 32))])
+        assert {r["uid"]: r["sha256"] for r in ledger.outbound_rows()} == {"CTRL5": "", "CTRL6": "ab" * 32}
+    finally:
+        ledger.close()
+    from cxr_batch.integration.outbound import whole_object_file
+
+    message = tmp_path / "CTRL5.hl7"
+    message.write_bytes(("MSH|^~\\&|CXR-BATCH|FAC|RIS|FAC|20240101120000||ORU^R01^ORU_R01|CTRL5|P|2.5\r"
+                         "PID|1||P001\r" + LAST_OBX).encode())
+    assert whole_object_file(message, "CTRL5") and not whole_object_file(message, "CTRL5", "ab" * 32)

@@ -36,6 +36,7 @@ queue is empty or a deadline passes.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import sqlite3
 import ssl
@@ -284,30 +285,35 @@ class Sender:
             kept = f" (its damaged copy is kept as {aside.name}; {MADE_AGAIN})" if aside.is_file() else ""
             return Delivery.rejected(f"object file {item.path} is missing{kept}")
         try:
-            if put_aside(path, item.uid) is not None:
+            if put_aside(path, item.uid, item.sha256) is not None:
                 # never sent: a daemon makes the result's file again at its next start (as for a
                 # missing one), under the same SOPInstanceUID or MSH-10
-                return Delivery.rejected(f"object file {item.path} is cut short or damaged: not sent, kept as "
-                                         f"{aside.name}; {MADE_AGAIN}")
+                what = "is not the message queued (its sha256 differs: cut short or changed)" if item.sha256 else \
+                    "is cut short or damaged"
+                return Delivery.rejected(f"object file {item.path} {what}: not sent, kept as {aside.name}; "
+                                         f"{MADE_AGAIN}")
             return self.channel.send(path)
         except Exception as e:  # unreadable: a refusal of the object (offered again slowly, or dropped)
             return Delivery.rejected(f"object file {item.path} cannot be read: {type(e).__name__}")
 
 
-def put_aside(path: Path, uid: str) -> Path | None:
+def put_aside(path: Path, uid: str, sha256: str = "") -> Path | None:
     """The queued file of object ``uid`` at ``path`` moved to NAME.damaged when it is not whole
     (:func:`whole_object_file`): kept for the operator, never sent. Where it went; None when it
     is whole."""
-    if whole_object_file(path, uid):
+    if whole_object_file(path, uid, sha256):
         return None
     aside = path.with_name(path.name + DAMAGED)
     path.replace(aside)
     return aside
 
 
-def whole_object_file(path: Path, uid: str) -> bool:
+def whole_object_file(path: Path, uid: str, sha256: str = "") -> bool:
     """Whether the queued file at ``path`` is a whole object: an ORU^R01 (MSH-10 ``uid``), an SR
-    or an Encapsulated PDF."""
+    or an Encapsulated PDF; with ``sha256`` (recorded when it was queued) its bytes must be
+    those: an ORU cut between two of its segments is an ORU still, with a whole last segment."""
+    if sha256 and hashlib.sha256(path.read_bytes()).hexdigest() != sha256:
+        return False
     if path.suffix == ".hl7":
         from .hl7 import whole_message
 

@@ -21,6 +21,7 @@ or accession number to match the order by) gets a note in results.csv saying so.
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import logging
 import sqlite3
 import threading
@@ -207,7 +208,8 @@ class Outbox:
             if hl7 is not None:
                 message = self._message(record, revision)
                 if message is not None:
-                    items.append(outbound_entry(*message, "hl7", str(hl7)))
+                    control, path, digest = message
+                    items.append(outbound_entry(control, path, "hl7", str(hl7), digest))
             if items:
                 queued[key] = items
         return queued
@@ -222,9 +224,10 @@ class Outbox:
             files.append(self.out / "reports" / (record.report.removesuffix(".pdf") + ".dcm"))
         return [f for f in files if f.is_file()]
 
-    def _message(self, record: StudyRecord, revision: str) -> tuple[str, str] | None:
-        """The study's ORU^R01 written to OUT/hl7 (control id, path), or None with a note on the
-        record saying why there is none."""
+    def _message(self, record: StudyRecord, revision: str) -> tuple[str, str, str] | None:
+        """The study's ORU^R01 written to OUT/hl7 (control id, path, sha256 of its bytes: the
+        queue sends only those, a copy cut between two segments being a message still), or None
+        with a note on the record saying why there is none."""
         from .hl7 import HL7NotMade, control_id, oru_r01
 
         try:
@@ -236,14 +239,16 @@ class Outbox:
             return None
         control = control_id(record, revision)
         path = private_dir(self.out / HL7_FOLDER) / f"{control}.hl7"
-        atomic_write_bytes(path, text.encode("utf-8"))
-        return control, path.relative_to(self.out).as_posix()
+        data = text.encode("utf-8")
+        atomic_write_bytes(path, data)
+        return control, path.relative_to(self.out).as_posix(), hashlib.sha256(data).hexdigest()
 
-    def remake_message(self, record: StudyRecord, revision: str, path: str) -> bool:
+    def remake_message(self, record: StudyRecord, revision: str, path: str) -> str | None:
         """The ORU^R01 queued as ``path`` (relative to the results folder) written again from
-        ``record``: the same MSH-10, so a RIS that had it drops the copy. Whether it was."""
+        ``record``: the same MSH-10, so a RIS that had it drops the copy. The sha256 of its new
+        bytes (its time stamp is new: the queue must record it), or None when it was not."""
         made = self._message(record, revision)
-        return made is not None and made[1] == path
+        return made[2] if made is not None and made[1] == path else None
 
     # ------------------------------------------------------------------ sending
     def start(self) -> None:
