@@ -220,7 +220,7 @@ class StowClient:
             return self._failed(uid, Delivery.retry(f"no answer from {self._where} within {self.config.timeout:g} s"))
         except requests.RequestException as e:  # connection refused, DNS, TLS
             return self._failed(uid, Delivery.retry(f"cannot reach {self._where}: "
-                                                    f"{connect_error(e, urlsplit(self.config.url).hostname)}"))
+                                                    f"{unreachable(e, urlsplit(self.config.url).hostname)}"))
         except (ValueError, TypeError, AttributeError, KeyError) as e:  # a body dicomweb-client cannot read
             return self._failed(uid, Delivery.retry(f"unreadable STOW-RS response: {type(e).__name__}: {e}"))
         status = self.last_response.status_code if self.last_response is not None else 200
@@ -327,6 +327,31 @@ class StowClient:
         else:
             log.warning("not stored %s on %s: %s", uid, self._where, delivery.reason)
         return delivery
+
+
+def unreachable(e: BaseException, host: str, limit: int = 200) -> str:
+    """Why requests reached no archive at ``host``, in a few words: the system's own error under
+    requests' and urllib3's wrapping (``ConnectionRefusedError: Connection refused``, not
+    "HTTPConnectionPool(host=..., port=...): Max retries exceeded with url: ... (Caused by
+    NewConnectionError(...", cut mid-word by the reason's length limit), a host name nothing
+    resolves as :func:`~.delivery.connect_error` says it; else requests' text, cut between
+    words to ``limit`` characters. The caller names the archive's host and port."""
+    import socket
+
+    cause, seen, system = e, set(), None
+    while cause is not None and id(cause) not in seen:
+        if isinstance(cause, socket.gaierror):
+            return connect_error(cause, host)
+        if isinstance(cause, OSError) and type(cause).__module__ == "builtins":
+            system = cause  # the innermost is the system's word
+        seen.add(id(cause))
+        cause = cause.__cause__ or cause.__context__
+    if system is not None:
+        return f"{type(system).__name__}: {system.strerror or system}"
+    text = f"{type(e).__name__}: {e}"
+    if len(text) <= limit:
+        return text
+    return text[:limit - 4].rsplit(" ", 1)[0] + " ..."
 
 
 def retry_after_seconds(value: str, now: float) -> float | None:
