@@ -377,6 +377,9 @@ class Ledger:
                 if done is None:
                     self._queue(key, now, uid, path, channel, destination, sha256)
                     queued += 1
+                elif sha256:  # its file written again (the same message, a new time stamp): resent as that
+                    self.db.execute("UPDATE outbound SET sha256 = ? WHERE uid = ? AND channel = ?",
+                                    (sha256, uid, channel))
         return queued
 
     def update_record(self, key: str, record: StudyRecord) -> None:

@@ -441,6 +441,12 @@ def test_a_schema_5_queue_gets_a_digest_column_and_its_messages_are_checked_as_b
         assert (item.uid, item.sha256) == ("CTRL5", "")
         ledger.queue_outbound([("k", outbound_entry("CTRL6", "hl7/CTRL6.hl7", "hl7", "ris:2575", "ab" * 32))])
         assert {r["uid"]: r["sha256"] for r in ledger.outbound_rows()} == {"CTRL5": "", "CTRL6": "ab" * 32}
+        # delivered, then written again by the same scan run again: not queued, but an operator's
+        # `outbound retry` of it sends the bytes now in its file
+        ledger.outbound_delivered("CTRL6", "ris:2575", "hl7")
+        again = outbound_entry("CTRL6", "hl7/CTRL6.hl7", "hl7", "ris:2575", "cd" * 32)
+        assert ledger.queue_outbound([("k", again)]) == 0
+        assert {r["uid"]: r["sha256"] for r in ledger.outbound_rows(everything=True)}["CTRL6"] == "cd" * 32
     finally:
         ledger.close()
     from cxr_batch.integration.outbound import whole_object_file
