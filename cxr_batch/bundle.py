@@ -7,7 +7,10 @@ measured metrics, the sha256 of ``model.pt`` and ``bundle_sha256``, the sha256 o
 itself (which holds the weights' sha256): a bundle is one thing, and its ``bundle_sha256``,
 written in every result row, identifies the model's behaviour (weights *and* thresholds,
 calibration, preprocessing, encoding). Optionally a per-finding ``calibration`` of the logits
-(:mod:`cxr_batch.calibration`) that inference applies. Loading verifies both hashes and refuses
+(:mod:`cxr_batch.calibration`) that inference applies, and ``training_images.csv``, the images
+the weights were made from, named with its sha256 in the manifest (:mod:`cxr_batch.provenance`;
+in the manifest, so covered by ``bundle_sha256`` like the rest of the training record). Loading
+verifies the hashes (the list's too, when there is one) and refuses
 a bundle that was altered, whose thresholds are not finite numbers strictly between 0 and 1,
 whose calibration is invalid or whose findings differ.
 """
