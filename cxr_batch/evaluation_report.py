@@ -133,7 +133,7 @@ def _overlap_lines(fig: Figure, y: float, said: dict | None) -> float:
         return y
     if not said["checked"]:
         return _text(fig, y, f"Training images: {said['message']}.", 9)
-    y = _text(fig, y - 0.004, f"In-sample: {said['message']}.", 10, "bold")
+    y = _text(fig, y - 0.004, f"In-sample: {said['message']}.", 10, "bold", width=90)  # bold is wider
     fig.texts[-1].set_color("#b00000")
     rest = said.get("without_them")
     if rest:
