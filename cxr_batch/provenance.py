@@ -48,10 +48,9 @@ def write_training_images(folder: Path, rows) -> dict:
     table = {}
     for row in rows:
         image, patient, role = (row[c] for c in COLUMNS) if isinstance(row, dict) else row
-        image = PurePosixPath(str(image)).name
-        if table.get(image, (str(patient), role)) != (str(patient), role):
+        image, entry = PurePosixPath(str(image)).name, (str(patient).strip(), str(role))
+        if table.setdefault(image, entry) != entry:
             raise ValueError(f"{image} is listed twice, with other patient IDs or roles")
-        table[image] = (str(patient).strip(), str(role))
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(COLUMNS)
