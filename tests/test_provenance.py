@@ -14,7 +14,8 @@ from cxr_batch.findings import FINDINGS
 from cxr_batch.model import ModelConfig, build_model
 from cxr_batch.patient import PatientEncoding
 from cxr_batch.preprocess import Preprocessing
-from cxr_batch.provenance import NOT_RECORDED, TRAINING_IMAGES_FILE, image_key, read_training_images
+from cxr_batch.provenance import (NOT_RECORDED, TRAINING_IMAGES_FILE, TrainingImages, image_key, overlap,
+                                  read_training_images)
 from training.record_images import FOLDS, check_against_manifest, development_rows
 
 from .test_evaluate_calibrate import cli, folder_of
@@ -134,3 +135,18 @@ def test_an_altered_or_missing_list_is_refused_and_calibrate_carries_it(nih, nih
     (bundle / TRAINING_IMAGES_FILE).unlink()
     with pytest.raises(BundleError, match="missing from the bundle"):
         load_bundle(bundle)
+
+
+def test_overlap_counts_images_by_name_without_extension_and_other_images_of_training_patients():
+    """A training image exported as DICOM is still that image; another image of a training
+    patient is counted apart (patient IDs can coincide across sites); unknown patients never match."""
+    training = TrainingImages(frozenset({"00000001_000", "00000002_000"}), frozenset({"1", "2", "7"}))
+    files = ["a/00000001_000.dcm", "renamed.png", "00000007_003.png", "00000009_000.png", "00000010_000.png"]
+    labelled_as = ["00000001_000.png", "00000002_000.png", "00000007_003.png", "00000009_000.png", "00000010_000.png"]
+    record, in_sample = overlap(training, files, labelled_as, ["1", "2", "7", "9", ""])
+    assert in_sample == [True, True, True, False, False]
+    assert (record["images_in_training"], record["other_images_of_training_patients"],
+            record["patients_in_training"], record["in_sample_studies"]) == (2, 1, 3, 3)
+    assert record["message"].startswith("2 of 5 studies are images the model was trained or tuned on and 1 more is "
+                                        "another image of its training patients")
+    assert overlap(training, files[3:], labelled_as[3:], ["9", ""])[0]["message"] is None
