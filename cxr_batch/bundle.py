@@ -7,7 +7,10 @@ measured metrics, the sha256 of ``model.pt`` and ``bundle_sha256``, the sha256 o
 itself (which holds the weights' sha256): a bundle is one thing, and its ``bundle_sha256``,
 written in every result row, identifies the model's behaviour (weights *and* thresholds,
 calibration, preprocessing, encoding). Optionally a per-finding ``calibration`` of the logits
-(:mod:`cxr_batch.calibration`) that inference applies. Loading verifies both hashes and refuses
+(:mod:`cxr_batch.calibration`) that inference applies, and ``training_images.csv``, the images
+the weights were made from, named with its sha256 in the manifest (:mod:`cxr_batch.provenance`;
+in the manifest, so covered by ``bundle_sha256`` like the rest of the training record). Loading
+verifies the hashes (the list's too, when there is one) and refuses
 a bundle that was altered, whose thresholds are not finite numbers strictly between 0 and 1,
 whose calibration is invalid or whose findings differ.
 """
@@ -91,11 +94,14 @@ def save_bundle(
     metrics: dict | None = None,
     half: bool = False,
     intended_use: str | None = None,
+    training_images=None,
 ) -> Path:
     """Write a bundle folder. ``half`` stores floating-point weights as float16 (half the size;
     loading casts back to float32). ``intended_use``: one sentence every report prints (what
     the weights are for and, if so, why not for clinical use; see :mod:`cxr_batch.evidence`).
-    Returns the folder."""
+    ``training_images``: rows (image, patient_id, role) of every image training used, written to
+    ``training_images.csv`` with its sha256 in the manifest, so that an evaluation on them is
+    named in-sample (:mod:`cxr_batch.provenance`). Returns the folder."""
     missing = [f for f in FINDINGS if f not in thresholds]
     if missing:
         raise BundleError(f"thresholds missing for {missing}")
@@ -133,6 +139,10 @@ def save_bundle(
         "weights_dtype": "float16" if half else "float32",
         "sha256": sha256_file(weights_path),
     }
+    if training_images is not None:
+        from .provenance import write_training_images  # it imports this module
+
+        manifest["training_images"] = write_training_images(folder, training_images)
     write_manifest(folder, manifest)
     return folder
 
@@ -197,7 +207,8 @@ def read_manifest(folder: Path) -> dict:
 MANIFEST_TYPES = {"findings": list, "model_config": dict, "preprocessing": dict, "patient_encoding": dict,
                   "thresholds": dict, "sha256": str, "metrics": dict, "training": dict, "calibration": dict,
                   "intended_use": str, "name": str, "version": str, "weights_file": str, "triage": dict,
-                  "reference": dict}  # reference: what drift monitoring compares with (cxr_batch.drift)
+                  "reference": dict,  # reference: what drift monitoring compares with (cxr_batch.drift)
+                  "training_images": dict}  # the list of training images (cxr_batch.provenance)
 _TYPE_NAMES = {list: "a list", dict: "a table (JSON object)", str: "a string"}
 
 
@@ -270,6 +281,9 @@ def load_bundle(folder: Path | str | None = None) -> Bundle:
     if manifest_sha256(manifest) != recorded:
         raise BundleError(f"{folder / MANIFEST_FILE} fails its checksum (bundle_sha256 {recorded}): the manifest "
                           f"was edited after the bundle was made; refusing to use it")
+    from .provenance import read_training_images  # it imports this module
+
+    read_training_images(folder, manifest)  # a list the manifest names must be there, unaltered
     where = folder / MANIFEST_FILE
     settings = {}
     for key, parse in (("model_config", ModelConfig.from_dict), ("preprocessing", Preprocessing.from_dict),

@@ -46,12 +46,15 @@ from .folders import refuse_overlap
 from .inference import BatchOptions, Engine, score_batches
 from .labels import LabelsError, LabelTable, Matching, match_labels
 from .metadata import load_metadata_csv
+from .provenance import overlap, read_training_images
 from .runtime import make_policy
 from .thresholds import at_sensitivity, by_rule, parse_rule
 from .triage import sensitivity_ladder
 
 log = logging.getLogger("cxr_batch")
 # calibrate writes no file that names the studies: where a user finds the names its output counts
+IN_SAMPLE_FIT = ("a calibration and thresholds fitted on {these} learn how sure the model is of images it has seen, "
+                 "not of new ones: fit on studies it was not trained on")
 CALIBRATE_NAMES = "names: run 'cxr-batch evaluate' on the same studies and labels; its evaluation.json lists them"
 
 
@@ -141,6 +144,9 @@ def write_bundle(base: Bundle, out: Path, manifest: dict) -> Path:
             raise OSError(e.errno, e.strerror, str(tmp / WEIGHTS_FILE)) from None
         if sha256_file(tmp / WEIGHTS_FILE) != base.manifest["sha256"]:
             raise BundleError("the copied weights differ from the base bundle's; nothing written")
+        listed = (manifest.get("training_images") or {}).get("file")
+        if listed:  # the same weights, trained on the same images: the list comes along (load_bundle checks it)
+            shutil.copyfile(base.path / listed, tmp / listed)
         manifest = {**manifest, "weights_file": WEIGHTS_FILE}
         write_manifest(tmp, manifest)
         load_bundle(tmp)  # the new bundle must load and verify before it is put in place
@@ -185,6 +191,18 @@ def calibration_record(report: FitReport, calibration: Calibration, opts: Calibr
         **report.record(),
         "per_finding": per_finding,
     }
+
+
+def training_overlap(base: Bundle, labels: LabelTable, scores: LabelledScores) -> dict:
+    """Whether the base bundle was trained on the fitting studies, said once: a calibration fitted
+    on them learns how sure the model is of images it has seen. Counts only (calibrate writes no
+    file that names studies), for the new bundle's provenance."""
+    patients = [g if not g.startswith("file:") else "" for g in scores.groups]  # file: no Patient ID
+    said, _ = overlap(read_training_images(base.path, base.manifest), scores.files,
+                      [labels.files[j] for _, j in scores.matching.pairs], patients, IN_SAMPLE_FIT)
+    if said["message"]:
+        (log.warning if said["checked"] else log.info)("%s%s", "warning: " if said["checked"] else "", said["message"])
+    return {k: v for k, v in said.items() if k != "in_sample_files"}
 
 
 def provenance_record(base: Bundle, labels: LabelTable, studies: Path, report: FitReport,
@@ -247,6 +265,7 @@ def run_calibrate(studies: Path, labels: LabelTable, out: Path, opts: CalibrateO
     if len(scores.files) == 0:
         raise LabelsError("no labelled study was scored: " + "; ".join(scores.matching.problems(CALIBRATE_NAMES)
                                                                       or ["no studies"]))
+    training = training_overlap(base, labels, scores)
     report = fit_findings(scores.logits, scores.y, scores.groups, opts.method, opts.min_positives, PULL, FOLDS,
                           opts.seed)
     on_top = from_fits(report, opts.method)
@@ -279,7 +298,7 @@ def run_calibrate(studies: Path, labels: LabelTable, out: Path, opts: CalibrateO
                     if k != "per_finding" or name == "keep"}
     manifest = {**base.manifest, "thresholds": thresholds, "metrics": base_metrics,
                 "calibration": calibration_record(report, calibration, opts, enough, scores),
-                "provenance": provenance_record(base, labels, studies, report, date)}
+                "provenance": {**provenance_record(base, labels, studies, report, date), "training_overlap": training}}
     triage_table = calibrated_triage(base.manifest.get("triage"), on_top, choice, opts.thresholds, len(scores.files),
                                      base_policy.p_any(p_before), scores.y.max(axis=1))
     if triage_table is not None:

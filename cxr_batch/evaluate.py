@@ -24,6 +24,7 @@ from .evidence import bundle_evidence
 from .findings import FINDINGS
 from .journal import STATE_DIR, EarlierResults
 from .labels import LabelsError, LabelTable, Matching, match_labels
+from .provenance import TrainingImages, overlap, read_training_images
 from .results import read_results
 from .scan import ScanConfig, ScanSummary, run_scan
 
@@ -53,6 +54,9 @@ DEFINITIONS = {
     "brier_training_prevalence": "the same with the bundle's training prevalence (null when its manifest has none)",
     "operating_point": "sensitivity, specificity, PPV, NPV of the flags at the bundle's thresholds; null when the "
                        "denominator is zero; flag_rate: the share of all studies flagged for the finding",
+    "training_overlap": "a study is in-sample when its file name or the Image Index it matched, without the "
+                        "extension, is in the bundle's training_images.csv, or its Patient ID (as written) is one of "
+                        "the patients there; without_them: the headline numbers on the other studies",
     "triage": "study-level rates from results.csv as written: the share of studies in each bucket (priority), among "
               "all studies, those with a finding (any of the 14) and those without; flags per study; worklist AUROC: "
               "how well the order of worklist_rank (1 = read first) puts studies with a finding before those "
@@ -72,6 +76,8 @@ class LabelledResults:
     flags: np.ndarray  # [N, 14] 0/1 as written
     groups: np.ndarray  # [N] patient keys
     matching: Matching
+    labelled_as: list[str]  # [N] the label row's Image Index each study matched
+    patient_ids: list[str]  # [N] the Patient ID (labels', else the scan's), '' when unknown
 
 
 def labelled_results(rows: list[dict], labels: LabelTable) -> LabelledResults:
@@ -81,7 +87,19 @@ def labelled_results(rows: list[dict], labels: LabelTable) -> LabelledResults:
     p = np.array([[float(r[f"p_{f}"]) for f in FINDINGS] for r in picked], dtype=float).reshape(shape)
     flags = np.array([[int(r[f"flag_{f}"]) for f in FINDINGS] for r in picked], dtype=int).reshape(shape)
     y = labels.y[[j for _, j in matching.pairs]].astype(int).reshape(shape)
-    return LabelledResults(picked, y, p, flags, np.array(matching.groups, dtype=str), matching)
+    return LabelledResults(picked, y, p, flags, np.array(matching.groups, dtype=str), matching,
+                           [labels.files[j] for _, j in matching.pairs],
+                           [labels.patient_ids[j] or rows[i].get("patient_id") or "" for i, j in matching.pairs])
+
+
+def training_overlap(data: LabelledResults, training: TrainingImages | None) -> dict:
+    """evaluation.json's ``training_overlap``: how many studies (and patients) the bundle was
+    trained or tuned on, and the headline numbers without them (the out-of-sample part)."""
+    record, in_sample = overlap(training, [r["file"] for r in data.rows], data.labelled_as, data.patient_ids)
+    if record["checked"] and record["in_sample_studies"]:
+        rest = ~np.array(in_sample, dtype=bool)
+        record["without_them"] = summary_of(data.y[rest], data.p[rest], data.groups[rest]) if rest.any() else None
+    return record
 
 
 def age_band(age: str) -> str:
@@ -189,8 +207,10 @@ def mean_auroc_interval(y, p, groups, n_bootstrap: int, seed: int) -> metrics.In
     return metrics.mean_auroc_interval(y, p, groups, n_bootstrap, seed)
 
 
-def evaluation(data: LabelledResults, manifest: dict, n_bootstrap: int = 1000, seed: int = 0) -> dict:
-    """Every number of evaluation.json from the labelled results and the bundle's manifest."""
+def evaluation(data: LabelledResults, manifest: dict, n_bootstrap: int = 1000, seed: int = 0,
+               training: TrainingImages | None = None) -> dict:
+    """Every number of evaluation.json from the labelled results and the bundle's manifest;
+    ``training``: the bundle's training images (:func:`cxr_batch.provenance.read_training_images`)."""
     y, p, groups = data.y, data.p, data.groups
     overall = mean_auroc_interval(y, p, groups, n_bootstrap, seed)
     aucs = metrics.auroc_per_finding(y, p)
@@ -202,6 +222,8 @@ def evaluation(data: LabelledResults, manifest: dict, n_bootstrap: int = 1000, s
         "bundle_sha256": manifest.get("bundle_sha256"), "weights_sha256": manifest["sha256"],
         "calibrated": "calibration" in manifest,
         "n_studies": int(len(y)), "n_patients": int(len(set(groups))),
+        # studies the model was trained or tuned on: its figures on them are in-sample
+        "training_overlap": training_overlap(data, training),
         "mean_auroc": _finite(metrics.mean_auroc(y, p)), "mean_auroc_ci95": overall.to_dict()["ci"],
         "mean_auroc_ci_note": overall.note,
         "mean_auroc_findings": [f for f, a in zip(FINDINGS, aucs) if math.isfinite(a)],
@@ -265,8 +287,12 @@ def run_evaluate(studies: Path, labels: LabelTable, out: Path, cfg: ScanConfig =
     if len(data.y) == 0:
         listed = f"{summary.results}'s file column and {labels.path}"
         raise LabelsError("no labelled study was scored: " + "; ".join(data.matching.problems(listed) or ["no studies"]))
-    manifest = read_manifest(Path(cfg.weights) if cfg.weights else DEFAULT_BUNDLE)
-    result = evaluation(data, manifest, n_bootstrap, seed)
+    folder = Path(cfg.weights) if cfg.weights else DEFAULT_BUNDLE
+    manifest = read_manifest(folder)
+    result = evaluation(data, manifest, n_bootstrap, seed, read_training_images(folder, manifest))
+    said = result["training_overlap"]
+    if said["message"]:  # once per evaluation; a bundle without the list is no error
+        (log.warning if said["checked"] else log.info)("%s%s", "warning: " if said["checked"] else "", said["message"])
     result["labels"] = {"file": str(labels.path), "sha256": labels.sha256}
     result["results_csv"] = str(summary.results)
     text = json.dumps(result, indent=2, allow_nan=False) + "\n"

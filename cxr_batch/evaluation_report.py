@@ -75,6 +75,7 @@ def summary_page(ev: dict) -> Figure:
               f"{len(m['labelled_not_scored'])} labelled but skipped or failed, "
               f"{plural(len(m['labels_without_file']), 'label')} without a file, "
               f"{plural(len(m['ambiguous_names']), 'label')} matching several files (lists in evaluation.json).")
+    y = _overlap_lines(fig, y, ev.get("training_overlap"))
     y -= 0.008
     auc = ev["mean_auroc"]
     ci = f"95% CI {_ci(ev['mean_auroc_ci95'])}" if ev["mean_auroc_ci95"] else "no 95% CI"  # why: its note below
@@ -123,6 +124,26 @@ def summary_page(ev: dict) -> Figure:
     if ev["mean_auroc_ci_note"]:
         _text(fig, y, f"Mean AUROC interval: {ev['mean_auroc_ci_note']}.", 8, width=130)
     return fig
+
+
+def _overlap_lines(fig: Figure, y: float, said: dict | None) -> float:
+    """Whether the model was trained on these studies: in bold red with the figures without them
+    when it was, one plain line when the bundle cannot say."""
+    if not said or not said.get("message"):
+        return y
+    if not said["checked"]:
+        return _text(fig, y, f"Training images: {said['message']}.", 9)
+    y = _text(fig, y - 0.004, f"In-sample: {said['message']}.", 10, "bold", width=90)  # bold is wider
+    fig.texts[-1].set_color("#b00000")
+    rest = said.get("without_them")
+    if rest:
+        y = _text(fig, y, f"Without them ({plural(rest['n'], 'study')} of {plural(rest['patients'], 'patient')}): "
+                  f"mean AUROC {_auroc(rest['mean_auroc'])} over {plural(rest['findings_in_mean'], 'finding')}, ECE "
+                  f"{_f(rest['ece'])}, Brier {_f(rest['brier'], 4)} (no interval; evaluation.json lists the "
+                  f"in-sample files).", 9)
+    else:
+        y = _text(fig, y, "Every study here is in-sample: nothing on this page measures the model on new studies.", 9)
+    return y
 
 
 def roc_page(ev: dict, y: np.ndarray, p: np.ndarray) -> Figure:

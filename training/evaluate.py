@@ -159,7 +159,16 @@ def inherited_history(cfg) -> tuple[list, str]:
     return history, f"init_weights {cfg.init_weights}" if history else ""
 
 
-def export_bundle(cfg, ctx: Context, model, chosen: np.ndarray, results: dict, record: dict, out: Path) -> Path:
+def used_images(parts: dict) -> list[tuple[str, str, str]]:
+    """(image, patient_id, role) of every image the bundle was made from: the training part
+    (weights) and the validation part (checkpoint, patient prior's weight, thresholds); not the
+    test part, which only measured it."""
+    return [(image, patient, role) for split, role in (("train", "train"), ("val", "validation"))
+            for image, patient in unique_training_images(parts[split])[["image", "patient_id"]].itertuples(index=False)]
+
+
+def export_bundle(cfg, ctx: Context, model, chosen: np.ndarray, results: dict, record: dict, out: Path,
+                  parts: dict) -> Path:
     """Stage 6: the weights bundle, with its recipe, data, training record (``record``: epoch
     history, patient prior, training prevalence) and measured metrics."""
     prepare_info = json.loads((out / "prepare.json").read_text())
@@ -167,7 +176,7 @@ def export_bundle(cfg, ctx: Context, model, chosen: np.ndarray, results: dict, r
     return save_bundle(
         out / "bundle", model.cpu().float(), name=cfg.model_name, version=cfg.version, preprocessing=ctx.prep,
         encoding=ctx.encoding, thresholds={f: float(t) for f, t in zip(FINDINGS, chosen)}, half=cfg.half_bundle,
-        intended_use=cfg.intended_use,
+        intended_use=cfg.intended_use, training_images=used_images(parts),
         training={"data": prepare_info, "config": cfg.to_dict(), "threshold_method": cfg.threshold_method, **record},
         metrics={"test_mean_auc": test["mean_auc"], "test_mean_auc_ci95": ci["mean_auc"],
                  "test_f1_macro": test["f1_macro"], "test_f1_macro_ci95": ci["f1_macro"],
@@ -207,7 +216,7 @@ def evaluate_run(cfg, out: Path, ctx: Context) -> dict:
     roc_curves(multi_hot(parts["test"]["labels"]), p_test, figures / "roc_test.png")
     training_curves(history, figures / "training_curves.png")
     example_predictions(parts["test"], loaders["test"].dataset, p_test, chosen, figures / "example_predictions.png")
-    export_bundle(cfg, ctx, model, chosen, results, record, out)
+    export_bundle(cfg, ctx, model, chosen, results, record, out, parts)
     ci, image_only = results["test_ci95"], results["test_image_only"]
     log.info("test mean AUC %s, macro F1 %.3f; image only AUC %s; patient-data-only logistic regression AUC %s "
              "-> %s", auc_text(test["mean_auc"], ci["mean_auc"]), test["f1_macro"], auc_text(image_only["mean_auc"]),

@@ -216,7 +216,9 @@ def main(argv=None) -> None:
                     f"cross-validated mean AUROC {m['mean_auc']:.2f} (95% CI {lo:.2f}-{hi:.2f}), far below "
                     f"published models.")
     save_bundle(bundle, model.cpu().float(), name="cxr-fpn", version=args.version, preprocessing=prep, encoding=enc,
-                thresholds=thresholds, training=training, metrics=metrics, half=True, intended_use=intended_use)
+                thresholds=thresholds, training=training, metrics=metrics, half=True, intended_use=intended_use,
+                # the final model trained on every image, and the cross-validation chose on all of them
+                training_images=[(i, p, "development") for i, p in zip(labels["image"], labels["patient_id"])])
     loaded = load_bundle(bundle)
     with torch.inference_mode():
         half_p = []

@@ -38,6 +38,7 @@ from .crossval import ConfigError, CVConfig, build_v2_model, image_logits, image
 from .export_v2 import copy_artifacts, device_name, fold_in_sample_moments
 from .fuse import combined_logits_formula, fold_combination, freeze_tabular_proj
 from .prepare import multi_hot
+from .record_images import development_rows
 from .table_prior import encode_rows, read_table
 
 log = logging.getLogger("cxr_batch.export_v3")
@@ -238,7 +239,8 @@ def main(argv=None) -> None:
     intended_use = (f"Research and software testing only, not for clinical use: trained from scratch on {n_dev} public "
                     f"NIH ChestX-ray14 radiographs at {variant.image_size} px; far below published models.")
     save_bundle(bundle, model.cpu().float(), name="cxr-fpn", version=args.version, preprocessing=prep, encoding=enc,
-                thresholds=thresholds, training=training, metrics=metrics, half=True, intended_use=intended_use)
+                thresholds=thresholds, training=training, metrics=metrics, half=True, intended_use=intended_use,
+                training_images=development_rows(folds_df))
     manifest = json.loads((bundle / "manifest.json").read_text())
     manifest["triage"] = triage_table
     from cxr_batch.bundle import write_manifest

@@ -1,0 +1,139 @@
+"""Which images (and patients) a bundle's weights, thresholds and choices were made from, and
+whether a site's labelled studies are among them.
+
+A bundle may hold ``training_images.csv`` (``image,patient_id,role``, one row per image, sorted),
+named with its sha256 in the manifest's ``training_images``. ``image`` is the name the training
+table gave the file (NIH's Image Index, e.g. ``00000001_000.png``): the name a labels table
+gives it at evaluation time, the only key a scan of the same image can match whatever format it
+was exported to (a DICOM copy has new bytes and a new SOP Instance UID, not a new Image Index).
+Images are compared by that name without its extension, so ``00000001_000.dcm`` matches.
+``patient_id`` is the training table's Patient ID; patients are compared as written.
+
+``evaluate`` and ``calibrate`` use :func:`overlap` to say how many studies are the model's own
+training images (or of its training patients): figures measured on them are in-sample.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+from .bundle import MANIFEST_FILE, BundleError, sha256_file
+from .display import plural
+from .files import atomic_write_bytes
+
+TRAINING_IMAGES_FILE = "training_images.csv"
+COLUMNS = ("image", "patient_id", "role")
+WHAT = ("every image whose pixels or labels shaped the weights, the thresholds or a choice made in training "
+        "(roles: train, validation, development); the held-out test images are not listed")
+NOT_RECORDED = "the bundle does not record its training images; overlap cannot be checked"
+
+
+@dataclass(frozen=True)
+class TrainingImages:
+    images: frozenset[str]  # names without their extension
+    patients: frozenset[str]
+
+
+def image_key(name: str) -> str:
+    """How an image is compared: its file name without folders and without its extension."""
+    return PurePosixPath(str(name).replace("\\", "/")).stem
+
+
+def write_training_images(folder: Path, rows) -> dict:
+    """Write ``folder/training_images.csv`` from ``rows`` (dicts or tuples of image, patient_id,
+    role; one per image) and return the manifest's ``training_images`` record."""
+    table = {}
+    for row in rows:
+        image, patient, role = (row[c] for c in COLUMNS) if isinstance(row, dict) else row
+        image, entry = PurePosixPath(str(image)).name, (str(patient).strip(), str(role))
+        if table.setdefault(image, entry) != entry:
+            raise ValueError(f"{image} is listed twice, with other patient IDs or roles")
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(COLUMNS)
+    for image in sorted(table):
+        writer.writerow((image, *table[image]))
+    data = buffer.getvalue().encode()
+    atomic_write_bytes(Path(folder) / TRAINING_IMAGES_FILE, data, mode=0o644)
+    roles: dict[str, int] = {}
+    for _, role in table.values():
+        roles[role] = roles.get(role, 0) + 1
+    return {"file": TRAINING_IMAGES_FILE, "sha256": sha256_file(Path(folder) / TRAINING_IMAGES_FILE),
+            "images": len(table), "patients": len({p for p, _ in table.values() if p}), "roles": roles,
+            "what": WHAT, "matched_by": "image name without its extension (NIH Image Index); Patient ID as written"}
+
+
+def read_training_images(folder: Path, manifest: dict) -> TrainingImages | None:
+    """The bundle's training images, or None when its manifest records none. Raises BundleError
+    when the manifest names a list that is missing or fails its checksum (an altered bundle)."""
+    record = manifest.get("training_images")
+    if not record:
+        return None
+    where = Path(folder) / MANIFEST_FILE
+    if not isinstance(record.get("file"), str) or not isinstance(record.get("sha256"), str) \
+            or PurePosixPath(record["file"]).name != record["file"]:
+        raise BundleError(f"{where}: 'training_images' must name a file in the bundle and its sha256")
+    path = Path(folder) / record["file"]
+    if not path.is_file():
+        raise BundleError(f"{where} names {record['file']}, which is missing from the bundle: the bundle is incomplete")
+    if sha256_file(path) != record["sha256"]:
+        raise BundleError(f"{path} fails its checksum (manifest sha256 {record['sha256']}): the list of training "
+                          f"images was altered after the bundle was made; refusing to use it")
+    with open(path, newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    return TrainingImages(frozenset(image_key(r["image"]) for r in rows),
+                          frozenset(r["patient_id"].strip() for r in rows if r.get("patient_id", "").strip()))
+
+
+IN_SAMPLE = "figures on {these} are in-sample (too good), not a test of the model"
+
+
+def overlap(training: TrainingImages | None, files: list[str], labelled_as: list[str],
+            patients: list[str], consequence: str = IN_SAMPLE) -> tuple[dict, list[bool]]:
+    """Which of the evaluated studies the bundle was trained on. ``files``: each study's scanned
+    file; ``labelled_as``: the label row's Image Index it matched; ``patients``: its Patient ID
+    ('' when unknown); ``consequence``: what the message says follows ({these}: the in-sample studies).
+    Returns (the record evaluation.json keeps, one bool per study: in-sample)."""
+    n = len(files)
+    if training is None:
+        return {"checked": False, "n_studies": n, "message": NOT_RECORDED}, [False] * n
+    by_image = [image_key(f) in training.images or image_key(label) in training.images
+                for f, label in zip(files, labelled_as)]
+    by_patient = [bool(p) and p.strip() in training.patients for p in patients]
+    in_sample = [a or b for a, b in zip(by_image, by_patient)]
+    record = {
+        "checked": True, "n_studies": n,
+        "training_images": len(training.images), "training_patients": len(training.patients),
+        "images_in_training": sum(by_image),
+        "studies_of_training_patients": sum(by_patient),
+        # the same patient's other images: in-sample for what the model learnt of that patient
+        "other_images_of_training_patients": sum(b and not a for a, b in zip(by_image, by_patient)),
+        "patients_in_training": len({p.strip() for p, hit in zip(patients, by_patient) if hit}),
+        "in_sample_studies": sum(in_sample),
+        "in_sample_files": [f for f, hit in zip(files, in_sample) if hit],
+    }
+    record["message"] = overlap_message(record, consequence)
+    return record, in_sample
+
+
+def overlap_message(record: dict, consequence: str = IN_SAMPLE) -> str | None:
+    """One sentence for the console and the report; None when nothing overlaps."""
+    if not record["checked"]:
+        return record["message"]
+    if not record["in_sample_studies"]:
+        return None
+    n, images, others = record["n_studies"], record["images_in_training"], record["other_images_of_training_patients"]
+
+    def are(k, one, many):
+        return f"is {one}" if k == 1 else f"are {many}"
+
+    said = f"{images} of {plural(n, 'study')} {are(images, 'an image', 'images')} the model was trained or tuned on" \
+        if images else ""
+    if others:
+        said += (f" and {others} more" if said else f"{others} of {plural(n, 'study')}") \
+            + f" {are(others, 'another image', 'other images')} of its training patients (Patient ID as written)"
+    k = record["in_sample_studies"]
+    return said + ": " + consequence.format(these="this one" if k == 1 else f"these {k}")

@@ -1,0 +1,152 @@
+"""A bundle records the images it was trained on; evaluate and calibrate say when a site's
+"held-out" studies are among them (figures on them are in-sample)."""
+
+import csv
+import json
+import subprocess
+
+import pandas as pd
+import pytest
+import torch
+
+from cxr_batch.bundle import DEFAULT_BUNDLE, BundleError, load_bundle, read_manifest, save_bundle
+from cxr_batch.findings import FINDINGS
+from cxr_batch.model import ModelConfig, build_model
+from cxr_batch.patient import PatientEncoding
+from cxr_batch.preprocess import Preprocessing
+from cxr_batch.provenance import (NOT_RECORDED, TRAINING_IMAGES_FILE, TrainingImages, image_key, overlap,
+                                  read_training_images)
+from training.record_images import FOLDS, check_against_manifest, development_rows
+
+from .test_evaluate_calibrate import cli, folder_of
+from .test_training_run import train
+
+
+CPU = ("--device", "cpu", "--batch-size", 8, "--workers", 0)
+
+
+def listed(bundle):
+    with open(bundle / TRAINING_IMAGES_FILE, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def labels_of(nih, images, path):
+    table = pd.read_csv(nih / "labels.csv", dtype=str)
+    table[table["Image Index"].isin([p.name for p in images])].to_csv(path, index=False)
+    return path
+
+
+def evaluate(tmp_path, nih, images, bundle, name):
+    studies = folder_of(tmp_path, images, f"{name}_studies")
+    out = tmp_path / name
+    proc = cli("evaluate", studies, "--labels", labels_of(nih, images, tmp_path / f"{name}.csv"), "--weights", bundle,
+               "--out", out, "--bootstrap", 0, *CPU)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc.stderr, json.loads((out / "evaluation.json").read_text()), out
+
+
+@pytest.mark.slow
+def test_a_trained_bundle_lists_its_images_and_evaluate_names_the_overlap(nih, nih_images, tmp_path):
+    run = tmp_path / "run"
+    proc = train(nih, run)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    bundle = run / "bundle"
+    rows = listed(bundle)
+    # what training read: the training and validation rows of prepared.csv (balancing may leave
+    # some of the training split out), never the test part, which only measured the bundle
+    prepared = pd.read_csv(run / "prepared.csv", dtype=str)
+    assert {r["image"] for r in rows} == set(prepared.loc[prepared["split"] != "test", "image"])
+    assert not {r["image"] for r in rows} & set(prepared.loc[prepared["split"] == "test", "image"])
+    assert {r["role"] for r in rows} == {"train", "validation"}
+    assert read_manifest(bundle)["training_images"]["images"] == len(rows)
+    by_name = {p.name: p for p in nih_images}
+    trained = [by_name[r["image"]] for r in rows if r["role"] == "train"][:5]
+    patients = {r["patient_id"] for r in rows}
+    table = pd.read_csv(nih / "labels.csv", dtype=str)
+    unseen = [by_name[i] for i, p in zip(table["Image Index"], table["Patient ID"])
+              if p not in patients and i in by_name][:7]
+
+    stderr, ev, out = evaluate(tmp_path, nih, trained + unseen, bundle, "overlap")
+    said = ev["training_overlap"]
+    assert said["checked"] and said["images_in_training"] == 5 and said["in_sample_studies"] == 5
+    assert sorted(said["in_sample_files"]) == sorted(p.name for p in trained)
+    assert said["without_them"]["n"] == 7
+    assert stderr.count("5 of 12 studies are images the model was trained or tuned on") == 1
+    assert "in-sample" in stderr
+    text = subprocess.run(["pdftotext", "-layout", str(out / "evaluation.pdf"), "-"], capture_output=True,
+                          text=True).stdout
+    assert "In-sample: 5 of 12 studies are images the model was trained or" in text
+    assert "Without them (7 studies" in text
+
+    stderr, ev, out = evaluate(tmp_path, nih, unseen, bundle, "disjoint")
+    said = ev["training_overlap"]
+    assert said["checked"] and said["in_sample_studies"] == 0 and said["message"] is None
+    assert "in-sample" not in stderr.lower() and "trained or tuned on" not in stderr
+    text = subprocess.run(["pdftotext", "-layout", str(out / "evaluation.pdf"), "-"], capture_output=True,
+                          text=True).stdout
+    assert "In-sample" not in text
+
+
+def test_a_bundle_without_the_list_says_so_once_and_evaluates(nih, nih_images, tmp_path, small_bundle):
+    stderr, ev, _ = evaluate(tmp_path, nih, nih_images[:4], small_bundle, "unlisted")
+    assert ev["training_overlap"] == {"checked": False, "n_studies": 4, "message": NOT_RECORDED}
+    assert stderr.count(NOT_RECORDED) == 1 and "error" not in stderr.lower()
+
+
+def test_bundled_v3_lists_exactly_its_development_images(nih):
+    """v3's list is its folds.csv's development rows: the manifest's 1250 images of 967 patients,
+    none of its 313 held-out test images; 394 of the 480 shared NIH images are among them."""
+    manifest = read_manifest(DEFAULT_BUNDLE)
+    folds = pd.read_csv(DEFAULT_BUNDLE / FOLDS, dtype={"patient_id": str, "image": str})
+    check_against_manifest(folds, manifest)
+    rows = listed(DEFAULT_BUNDLE)
+    assert [(r["image"], r["patient_id"], r["role"]) for r in rows] == sorted(development_rows(folds))
+    training = read_training_images(DEFAULT_BUNDLE, manifest)
+    assert len(training.images) == 1250 and len(training.patients) == 967
+    assert not training.images & {image_key(i) for i in manifest["training"]["data"]["held_out_test_images"]}
+    shared = pd.read_csv(nih / "labels.csv", dtype=str)["Image Index"]
+    assert sum(image_key(i) in training.images for i in shared) == 394
+
+
+def test_an_altered_or_missing_list_is_refused_and_calibrate_carries_it(nih, nih_images, tmp_path):
+    torch.manual_seed(0)
+    names = [p.name for p in nih_images[:3]]
+    table = pd.read_csv(nih / "labels.csv", dtype=str).set_index("Image Index")
+    bundle = save_bundle(tmp_path / "b", build_model(ModelConfig(tabular_skip=True)), name="listed", version="t",
+                         preprocessing=Preprocessing(image_size=64), encoding=PatientEncoding(),
+                         thresholds={f: 0.5 for f in FINDINGS},
+                         training_images=[(n, table.loc[n, "Patient ID"], "train") for n in names])
+    assert load_bundle(bundle).manifest["training_images"]["images"] == 3
+
+    images = nih_images[:40]
+    studies = folder_of(tmp_path, images, "fit")
+    proc = cli("calibrate", studies, "--labels", labels_of(nih, images, tmp_path / "fit.csv"), "--weights", bundle,
+               "--out", tmp_path / "calibrated", *CPU)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stderr.count("3 of 40 studies are images the model was trained or tuned on") == 1
+    calibrated = load_bundle(tmp_path / "calibrated")  # the list came along, verified
+    assert calibrated.manifest["provenance"]["training_overlap"]["in_sample_studies"] == 3
+    assert (tmp_path / "calibrated" / TRAINING_IMAGES_FILE).read_bytes() == (bundle / TRAINING_IMAGES_FILE).read_bytes()
+
+    with open(bundle / TRAINING_IMAGES_FILE, "a") as f:
+        f.write("00099999_000.png,99999,train\n")
+    with pytest.raises(BundleError, match="fails its checksum"):
+        load_bundle(bundle)
+    (bundle / TRAINING_IMAGES_FILE).unlink()
+    with pytest.raises(BundleError, match="missing from the bundle"):
+        load_bundle(bundle)
+
+
+def test_overlap_counts_images_by_name_without_extension_and_other_images_of_training_patients():
+    """A training image exported as DICOM is still that image; another image of a training
+    patient is counted apart (patient IDs can coincide across sites); unknown patients never match."""
+    training = TrainingImages(frozenset({"00000001_000", "00000002_000"}), frozenset({"1", "2", "7"}))
+    files = ["a/00000001_000.dcm", "renamed.png", "00000007_003.png", "00000009_000.png", "00000010_000.png"]
+    labelled_as = ["00000001_000.png", "00000002_000.png", "00000007_003.png", "00000009_000.png", "00000010_000.png"]
+    record, in_sample = overlap(training, files, labelled_as, ["1", "2", "7", "9", ""])
+    assert in_sample == [True, True, True, False, False]
+    assert (record["images_in_training"], record["other_images_of_training_patients"],
+            record["patients_in_training"], record["in_sample_studies"]) == (2, 1, 3, 3)
+    assert record["message"].startswith("2 of 5 studies are images the model was trained or tuned on and 1 more is "
+                                        "another image of its training patients")
+    assert overlap(training, files[3:], labelled_as[3:], ["9", ""])[0]["message"] is None
