@@ -35,6 +35,18 @@ def format_date(raw: str | None) -> str | None:
         return None
 
 
+def format_time(moment: dt.datetime) -> str:
+    """``2024-04-15 10:32:05 CEST (UTC+02:00)`` or ``... UTC+00:00``: the time with its zone's
+    name and offset, so readers in other zones are not misled (a naive time is taken as local)."""
+    if moment.tzinfo is None:
+        moment = moment.astimezone()
+    offset = moment.strftime("%z")
+    zone, name = f"UTC{offset[:3]}:{offset[3:]}", moment.tzname() or ""
+    if not name or name.startswith(("UTC", "GMT", "+", "-")):  # no abbreviation: the offset says it all
+        return f"{moment:%Y-%m-%d %H:%M:%S} {zone}"
+    return f"{moment:%Y-%m-%d %H:%M:%S} {name} ({zone})"
+
+
 def is_dicom_date(text: str) -> bool:
     """8 ASCII digits of a real date: what a DICOM DA or an HL7 date may be written as
     (strptime alone takes '2024311' and '1950 2 3')."""

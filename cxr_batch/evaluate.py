@@ -10,6 +10,7 @@ the numbers and their definitions; ``DIR/evaluation.pdf`` shows them to a clinic
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import json
 import logging
 import math
@@ -269,6 +270,8 @@ def run_evaluate(studies: Path, labels: LabelTable, out: Path, cfg: ScanConfig =
     result = evaluation(data, manifest, n_bootstrap, seed)
     result["labels"] = {"file": str(labels.path), "sha256": labels.sha256}
     result["results_csv"] = str(summary.results)
+    generated = dt.datetime.now().astimezone().replace(microsecond=0)  # the moment both files name
+    result["generated"] = generated.isoformat()
     text = json.dumps(result, indent=2, allow_nan=False) + "\n"
     from .evaluation_report import write_evaluation_pdf  # matplotlib only when the report is drawn
 
@@ -277,7 +280,7 @@ def run_evaluate(studies: Path, labels: LabelTable, out: Path, cfg: ScanConfig =
     # here describes other results)
     writing = out / "evaluation.pdf"
     try:
-        write_evaluation_pdf(result, data.y, data.p, writing)
+        write_evaluation_pdf(result, data.y, data.p, writing, generated)
         writing = out / "evaluation.json"
         atomic_write_bytes(writing, text.encode(), mode=0o640)
     except BaseException as e:

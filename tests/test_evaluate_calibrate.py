@@ -361,6 +361,28 @@ def test_evaluation_pdf_of_a_bundle_without_a_cutoff_has_no_low_probability_buck
     assert "The no-finding-flagged bucket held" in first
 
 
+@pytest.mark.skipif(not shutil.which("pdftotext"), reason="poppler-utils not installed")
+def test_evaluation_pdf_says_when_it_was_generated_as_the_study_reports_do(tmp_path, nih, nih_images, small_bundle):
+    """The study reports and the worklist print 'Generated 2024-04-15 10:32:05 CEST (UTC+02:00)';
+    evaluation.pdf printed no time at all, so two evaluations of one site could not be told apart
+    on paper. evaluation.json records the same moment."""
+    import datetime as dt
+
+    from cxr_batch.display import format_time
+
+    studies = folder_of(tmp_path, nih_images[:8], "studies")
+    out = tmp_path / "eval"
+    before = dt.datetime.now().astimezone().replace(microsecond=0)
+    code, err = cli_here("evaluate", studies, "--labels", nih / "labels.csv", "--out", out, "--weights",
+                         small_bundle, "--device", "cpu", "--workers", 0, "--bootstrap", 0)
+    assert code == 0, err[-2000:]
+    generated = dt.datetime.fromisoformat(json.loads((out / "evaluation.json").read_text())["generated"])
+    assert before <= generated <= dt.datetime.now().astimezone()
+    first = " ".join(subprocess.run(["pdftotext", "-f", "1", "-l", "1", out / "evaluation.pdf", "-"],
+                                    capture_output=True, text=True, check=True).stdout.split())
+    assert f"Generated {format_time(generated)} by cxr-batch." in first, first[:600]
+
+
 def test_a_site_calibration_that_keeps_the_operating_points_keeps_the_held_out_catch_on_its_reports(
         tmp_path, nih, nih_images, small_bundle):
     """v3 calibrated with the default --thresholds keep flags exactly the studies v3 flags, yet its

@@ -237,7 +237,7 @@ def test_evaluation_pdf_names_findings_as_the_reports_do_and_says_what_a_flag_is
     from cxr_batch.evaluation_report import roc_page, summary_page
 
     ev = evaluation_summary()
-    fig = summary_page(ev)
+    fig = summary_page(ev, NOW)
     texts = " ".join(t.get_text() for t in fig.texts).replace("\n", " ")
     cells = [c.get_text().get_text() for ax in fig.axes for table in ax.tables for c in table.get_celld().values()]
     assert "Pleural thickening" in cells and "Pleural Thickening" not in cells
