@@ -251,7 +251,7 @@ def run_evaluate(studies: Path, labels: LabelTable, out: Path, cfg: ScanConfig =
                              f"evaluation would replace them; choose another --out (or remove that results.csv "
                              f"if it is left from an evaluation that was stopped)")
     try:
-        summary = run_scan(studies, out, cfg, earlier="overwrite")  # an earlier evaluation here is replaced
+        summary = run_scan(studies, out, cfg, earlier="overwrite", metadata_option="--labels")  # an earlier evaluation here is replaced
     except BaseException as e:
         # stopped during the scan (Ctrl-C, a full disk): a results.csv there now is this scan's, so
         # marked as an evaluation's the same command replaces it, not refuses it as a scan's
