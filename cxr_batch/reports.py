@@ -764,7 +764,7 @@ def worklist_pdf(records: list[StudyRecord], options: ReportOptions, info: Model
                                      st["small_warn"]))
         order = heatmap_order(r, info.thresholds, options.urgent)
         colour = PRIORITY_COLOURS[r.priority].hexval()[2:]
-        data.append([Paragraph(str(i), st["cell"]),
+        data.append([fitted(str(i), st["cell"], widths[0] - 2 * PAD, one_line=True),  # row 1000 shrinks, unbroken
                      Paragraph(f'<font color="#{colour}"><b>{bucket_words(r.priority, info)[1]}</b></font>', st["cell"]), patient,
                      cell(format_age(p.age), 3, missing="unknown"), cell(p.sex, 4),
                      cell(_date_text(r.ids.study_date), 5), cell(r.ids.accession_number, 6),
