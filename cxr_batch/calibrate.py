@@ -95,7 +95,7 @@ def score_labelled(studies: Path, labels: LabelTable, bundle: Bundle, opts: Cali
     candidates = find_candidates(studies, follow_links=opts.follow_links)
     metadata = None
     if labels.has_patient_data:
-        metadata = load_metadata_csv(labels.path, only={c.path.name for c in candidates})
+        metadata = load_metadata_csv(labels.path, only={c.path.name for c in candidates}, option="--labels")
     engine = Engine(bundle, make_policy(opts.device, "fp32"))
     batches = BatchOptions(batch_size=opts.batch_size, workers=opts.workers, progress=opts.progress)
     rows, logits = [], {}

@@ -23,7 +23,7 @@ from pathlib import Path
 import click
 
 from . import exit_codes
-from .display import plural
+from .display import plural, visible
 from .findings import check_findings
 
 # Heavy modules (torch, pydicom, reportlab) are imported inside the commands that use them:
@@ -34,9 +34,21 @@ EXIT_FATAL, EXIT_USAGE = exit_codes.FATAL, exit_codes.USAGE
 log = logging.getLogger("cxr_batch")
 
 
+class VisibleFormatter(logging.Formatter):
+    """Log lines whose message shows control characters as text (:func:`visible`): a line names
+    paths and peers' words, which a hostile folder name or reply could fill with escapes that
+    clear or retitle the operator's terminal. A traceback (--debug) keeps its lines."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        record.message = visible(record.message)
+        return super().formatMessage(record)
+
+
 def setup_logging(quiet: bool, debug: bool) -> None:
     level = logging.DEBUG if debug else (logging.WARNING if quiet else logging.INFO)
-    logging.basicConfig(level=level, format="cxr-batch: %(message)s", stream=sys.stderr, force=True)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(VisibleFormatter("cxr-batch: %(message)s"))
+    logging.basicConfig(level=level, handlers=[handler], force=True)
     # Libraries log a line per DICOM message (pynetdicom) or per object made (highdicom): warnings
     # only, unless --debug
     for library in ("pynetdicom", "highdicom", "dicomweb_client"):
@@ -71,10 +83,15 @@ def bootstrap_resamples(_ctx, _param, value):
     return value
 
 
+def say(text: str, err: bool = False) -> None:
+    """Print one line of output, control characters shown as text as the log's are."""
+    click.echo(visible(text), err=err)
+
+
 def fail(message: str, debug: bool, code: int = EXIT_FATAL):
     if debug:
         raise
-    click.echo(f"cxr-batch: error: {message}", err=True)
+    say(f"cxr-batch: error: {message}", err=True)
     sys.exit(code)
 
 
@@ -147,7 +164,7 @@ def parse_urgent(_ctx, _param, value):
     try:
         return tuple(check_findings(names))
     except ValueError as e:
-        raise click.BadParameter(str(e)) from None
+        raise click.BadParameter(visible(e)) from None
 
 
 class PathOrHint(click.Path):
@@ -161,7 +178,7 @@ class PathOrHint(click.Path):
     def convert(self, value, param, ctx):
         path = Path(os.fsdecode(value))
         if (not self.file_okay and path.is_file()) or (not self.dir_okay and path.is_dir()):
-            self.fail(self.hint(path), param, ctx)
+            self.fail(visible(self.hint(path)), param, ctx)
         return super().convert(value, param, ctx)
 
 
@@ -248,7 +265,7 @@ class Commands(click.Group):
 
 
 def interrupted():
-    click.echo(INTERRUPTED_LINE, err=True)
+    say(INTERRUPTED_LINE, err=True)
     raise click.exceptions.Exit(exit_codes.INTERRUPTED)
 
 
@@ -360,7 +377,7 @@ def scan(studies, out, config_file, weights, metadata, device, precision, worker
         summary = run_fatal_errors(debug, lambda: run_scan(studies, out, cfg, earlier, stop), out)
     finally:
         stop.restore()
-    click.echo(("cxr-batch: " if summary.stopped_by else "") + summary.line(), err=True)
+    say(("cxr-batch: " if summary.stopped_by else "") + summary.line(), err=True)
     if summary.stopped_by:  # stopped: the results go out when --resume finishes the scan
         sys.exit(summary.exit_code)
     sys.exit(send_scan_results(out, cfg, summary.exit_code, debug, studies))
@@ -378,7 +395,7 @@ def send_scan_results(out: Path, cfg, code: int, debug: bool, studies: Path | No
     checkpoint("send")  # results.csv and run.json written, nothing queued yet
     lines = run_fatal_errors(debug, lambda: send_after_scan(out, cfg, Path(studies) if studies else None))
     for line in lines:
-        click.echo(f"cxr-batch: {line}", err=True)
+        say(f"cxr-batch: {line}", err=True)
     return exit_codes.SOME_FAILED if lines and code == exit_codes.OK else code
 
 
@@ -399,8 +416,8 @@ def merge(inputs, out, allow_partial):
     from .results import MergeError, merge_results
 
     if out.endswith(("/", os.sep)):  # Path() drops the slash: a file named after the folder was written
-        raise click.BadParameter(f"{out} names a folder; merge writes one file: give its name, e.g. "
-                                 f"{out}results.csv", param_hint="'--out'")
+        raise click.BadParameter(visible(f"{out} names a folder; merge writes one file: give its name, e.g. "
+                                         f"{out}results.csv"), param_hint="'--out'")
     out = Path(out)
     setup_logging(False, False)
     try:
@@ -409,7 +426,7 @@ def merge(inputs, out, allow_partial):
         fail(str(e), False)
     except OSError as e:  # a parent that is a file, a read-only or full volume: nothing is written
         fail(f"cannot merge into {out}: {e.strerror or e} ({e.filename or out})", False)
-    click.echo(f"{plural(n, 'row')} from {plural(len(inputs), 'file')} -> {out}", err=True)
+    say(f"{plural(n, 'row')} from {plural(len(inputs), 'file')} -> {out}", err=True)
     from .bundle import BundleError
     from .reports import MERGED_WORKLIST, is_our_worklist, write_merged_worklist
     from .results import read_run_info
@@ -427,7 +444,7 @@ def merge(inputs, out, allow_partial):
         log.warning("no worklist.pdf for the merged results: %s (results.csv is written; its worklist_rank is "
                     "the order to read in)", e)
     if worklist is not None:
-        click.echo(f"worklist in worklist_rank order -> {worklist}", err=True)
+        say(f"worklist in worklist_rank order -> {worklist}", err=True)
     elif beside.is_file():
         # an earlier merge's, beside the results.csv just written: other studies in another
         # order, which a reader would take for these
@@ -662,9 +679,9 @@ def outbound_list(out, everything, channel):
     ledger = open_outbound(out)
     rows = ledger.outbound_rows(everything, channel)
     for line in queue_lines(rows, time.time()):
-        click.echo(line)
+        say(line)
     stats = ledger.outbound_stats(time.time(), channel)
-    click.echo(f"{stats['queued']} waiting ({stats['refused']} refused by the peer), {stats['delivered']} delivered, "
+    say(f"{stats['queued']} waiting ({stats['refused']} refused by the peer), {stats['delivered']} delivered, "
                f"{stats['dropped']} dropped", err=True)
 
 
@@ -675,7 +692,7 @@ def outbound_list(out, everything, channel):
 def outbound_retry(out, channel, uids):
     """Send now: every waiting object, or the UIDS named (dropped or delivered ones are queued again)."""
     n = open_outbound(out).outbound_send_now(list(uids) or None, channel)
-    click.echo(f"{plural(n, 'object')} due now; a running daemon sends them within seconds (else: cxr-batch outbound send)",
+    say(f"{plural(n, 'object')} due now; a running daemon sends them within seconds (else: cxr-batch outbound send)",
                err=True)
     if uids and n < len(set(uids)):
         fail(f"{len(set(uids)) - n} of the UIDs named are not in the queue", False)
@@ -688,7 +705,7 @@ def outbound_retry(out, channel, uids):
 def outbound_drop(out, channel, uids):
     """Stop sending the waiting objects UIDS (they stay listed with --all; retry queues them again)."""
     n = open_outbound(out).outbound_drop(list(uids), channel)
-    click.echo(f"{plural(n, 'object')} dropped", err=True)
+    say(f"{plural(n, 'object')} dropped", err=True)
     if n < len(set(uids)):
         fail(f"{len(set(uids)) - n} of the UIDs named are not waiting in the queue", False)
 
@@ -721,10 +738,10 @@ def outbound_send(out, send_to, hl7_to, stow_to, ae_title, config_file, wait, de
         fail(str(e), debug, EXIT_USAGE)
     lines = run_fatal_errors(debug, lambda: send_queue(out, channels, time.time() + wait))
     for line in lines:
-        click.echo(f"cxr-batch: {line}", err=True)
+        say(f"cxr-batch: {line}", err=True)
     if lines:
         sys.exit(exit_codes.SOME_FAILED)
-    click.echo("cxr-batch: every queued result was delivered", err=True)
+    say("cxr-batch: every queued result was delivered", err=True)
 
 
 def parse_rule(_ctx, _param, value):
@@ -733,7 +750,7 @@ def parse_rule(_ctx, _param, value):
     try:
         parse(value)
     except ValueError as e:
-        raise click.BadParameter(str(e)) from None
+        raise click.BadParameter(visible(e)) from None
     return value
 
 
@@ -785,11 +802,11 @@ def evaluate(studies, labels, weights, device, batch_size, workers, follow_links
                      follow_links=follow_links, progress=not quiet)
     result, summary = run_fatal_errors(debug, lambda: run_evaluate(studies, read_labels(labels), out, cfg,
                                                                    bootstrap, seed), out)
-    click.echo(summary.line(), err=True)
+    say(summary.line(), err=True)
     for line in mismatch_lines(result["matching"], str(out / "evaluation.json")):
-        click.echo(f"cxr-batch: {line}", err=True)
+        say(f"cxr-batch: {line}", err=True)
     ci, auroc = result["mean_auroc_ci95"], result["mean_auroc"]
-    click.echo(f"{plural(result['n_studies'], 'study')} of {plural(result['n_patients'], 'patient')}: mean AUROC "
+    say(f"{plural(result['n_studies'], 'study')} of {plural(result['n_patients'], 'patient')}: mean AUROC "
                + (_number(auroc, 3) if auroc is not None else "n/a (no finding has both positive and negative studies)")
                + (f" (95% CI {ci[0]:.3f}-{ci[1]:.3f})" if ci else " (no CI)" if auroc is not None else "")
                + f", ECE {_number(result['ece'], 3)}, Brier {_number(result['brier'], 4)}"
@@ -826,12 +843,12 @@ def calibrate(studies, labels, weights, device, batch_size, workers, follow_link
                             follow_links=follow_links, progress=not quiet)
     result = run_fatal_errors(debug, lambda: run_calibrate(studies, read_labels(labels), out, opts), out)
     for line in result.matching.problems(CALIBRATE_NAMES):
-        click.echo(f"cxr-batch: {line}", err=True)
+        say(f"cxr-batch: {line}", err=True)
     for line in result.lines:
-        click.echo(line, err=True)
-    click.echo(f"ECE on the {plural(len(result.matching.pairs), 'fitting study')} {result.ece_before:.4f} -> "
+        say(line, err=True)
+    say(f"ECE on the {plural(len(result.matching.pairs), 'fitting study')} {result.ece_before:.4f} -> "
                f"{result.ece_after:.4f} (in-sample: check with 'cxr-batch evaluate' on other studies)", err=True)
-    click.echo(f"new bundle {result.version} -> {result.bundle}", err=True)
+    say(f"new bundle {result.version} -> {result.bundle}", err=True)
 
 
 def parse_window(_ctx, _param, value):
@@ -840,7 +857,7 @@ def parse_window(_ctx, _param, value):
     try:
         return WindowSpec.parse(value)
     except ValueError as e:
-        raise click.BadParameter(str(e)) from None
+        raise click.BadParameter(visible(e)) from None
 
 
 ALARM_LINES = 20  # monitor: alarms printed on the terminal at most
@@ -896,23 +913,23 @@ def monitor(results, out, reference, window, alpha, min_studies, debug):
 
     report = run_fatal_errors(debug, action, out)  # bad bundles, unreadable files: exit 1, said plainly
     for note in report["notes"] + [n for m in report["models"] for n in m["notes"]]:  # rows left out, what was not compared
-        click.echo(f"cxr-batch: note: {note}", err=True)
+        say(f"cxr-batch: note: {note}", err=True)
     # a drift lasting months alarms in nearly every window: the newest are printed, the summary
     # line stays in sight, and monitor.json / monitor.pdf hold every one
     alarms = report["alarms"]
     shown = sorted(sorted(range(len(alarms)), key=lambda i: _alarm_age(alarms[i]["window"]))[:ALARM_LINES])
     if len(alarms) > len(shown):
-        click.echo(f"cxr-batch: {plural(len(alarms) - len(shown), 'earlier alarm')} not printed: monitor.json lists "
+        say(f"cxr-batch: {plural(len(alarms) - len(shown), 'earlier alarm')} not printed: monitor.json lists "
                    f"every one, "
                    f"monitor.pdf draws them; the newest {len(shown)}:", err=True)
     for i in shown:
-        click.echo(f"cxr-batch: ALARM {alarms[i]['model']}: {alarm_line(alarms[i])}", err=True)
+        say(f"cxr-batch: ALARM {alarms[i]['model']}: {alarm_line(alarms[i])}", err=True)
     if report.get("problem"):
-        click.echo(f"cxr-batch: error: {report['problem']}", err=True)
+        say(f"cxr-batch: error: {report['problem']}", err=True)
     windows = [w for m in report["models"] for w in m["windows"]]
     small = sum(w["too_small"] for w in windows)
     too_small = f", {small} too small (under --min-studies {min_studies})" if small else ""
-    click.echo(f"{plural(report['studies']['scored'], 'scored study')}, "
+    say(f"{plural(report['studies']['scored'], 'scored study')}, "
                f"{plural(len(windows) - small, 'window')} tested{too_small}: {plural(len(report['alarms']), 'alarm')} "
                f"-> {out / 'monitor.json'}, {out / 'monitor.pdf'}", err=True)
     sys.exit(report["exit_code"])
@@ -973,7 +990,7 @@ def train(images, metadata, out, split_lists, config_file, epochs, image_size, b
     except KeyboardInterrupt:  # checkpoint.pt holds the last finished epoch; a bundle is written only at the end
         fail(f"interrupted (Ctrl-C): no bundle was written; the same command with --resume continues {out} "
              "from its last finished epoch", debug, exit_codes.INTERRUPTED)
-    click.echo(f"run written to {run}; bundle: {run / 'bundle'}", err=True)
+    say(f"run written to {run}; bundle: {run / 'bundle'}", err=True)
 
 
 if __name__ == "__main__":

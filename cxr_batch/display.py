@@ -1,4 +1,5 @@
-"""How values read to a person: finding names, dates, ages, person names, right-to-left text.
+"""How values read to a person: finding names, dates, ages, person names, right-to-left text,
+and any text from outside (a path, a header value, a peer's reply) on a console or log line.
 
 Reports and the worklist show values through these functions only, so a finding, a date or an
 age reads the same everywhere a person sees it. results.csv keeps the raw values (its study
@@ -33,6 +34,18 @@ def format_date(raw: str | None) -> str | None:
         return dt.date(*map(int, match.groups())).isoformat()
     except ValueError:  # 2024-02-30 and the like
         return None
+
+
+def format_time(moment: dt.datetime) -> str:
+    """``2024-04-15 10:32:05 CEST (UTC+02:00)`` or ``... UTC+00:00``: the time with its zone's
+    name and offset, so readers in other zones are not misled (a naive time is taken as local)."""
+    if moment.tzinfo is None:
+        moment = moment.astimezone()
+    offset = moment.strftime("%z")
+    zone, name = f"UTC{offset[:3]}:{offset[3:]}", moment.tzname() or ""
+    if not name or name.startswith(("UTC", "GMT", "+", "-")):  # no abbreviation: the offset says it all
+        return f"{moment:%Y-%m-%d %H:%M:%S} {zone}"
+    return f"{moment:%Y-%m-%d %H:%M:%S} {name} ({zone})"
 
 
 def is_dicom_date(text: str) -> bool:
@@ -112,3 +125,17 @@ def visual_order(text: str) -> str:
     # from report fonts (DejaVu Sans), and a name is shown letter by letter as it was written
     reshaper = arabic_reshaper.ArabicReshaper(configuration={"ARABIC LIGATURE ALLAH": False})
     return get_display(reshaper.reshape(text))
+
+
+# C0 and C1 control characters and DEL as text (\x1b, \n): a folder named '\x1b[2J' or a
+# peer's reply cannot clear or retitle the terminal, or a log viewer reading 2>file, nor end a
+# line and forge the next. The backslash itself is kept: text made visible once is not changed again.
+_CONTROLS = {**{c: f"\\x{c:02x}" for c in (*range(0x20), *range(0x7F, 0xA0))}, 0x0A: "\\n", 0x0D: "\\r",
+             0x09: "\\t"}
+
+
+def visible(text) -> str:
+    """``text`` fit for one console or log line: its control characters shown as escapes
+    (``\\x1b[2J``), anything else, accented or right-to-left letters included, as it is."""
+    return str(text).translate(_CONTROLS)
+

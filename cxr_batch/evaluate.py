@@ -10,6 +10,7 @@ the numbers and their definitions; ``DIR/evaluation.pdf`` shows them to a clinic
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import json
 import logging
 import math
@@ -272,7 +273,7 @@ def run_evaluate(studies: Path, labels: LabelTable, out: Path, cfg: ScanConfig =
                              f"evaluation would replace them; choose another --out (or remove that results.csv "
                              f"if it is left from an evaluation that was stopped)")
     try:
-        summary = run_scan(studies, out, cfg, earlier="overwrite")  # an earlier evaluation here is replaced
+        summary = run_scan(studies, out, cfg, earlier="overwrite", metadata_option="--labels")  # an earlier evaluation here is replaced
     except BaseException as e:
         # stopped during the scan (Ctrl-C, a full disk): a results.csv there now is this scan's, so
         # marked as an evaluation's the same command replaces it, not refuses it as a scan's
@@ -295,6 +296,8 @@ def run_evaluate(studies: Path, labels: LabelTable, out: Path, cfg: ScanConfig =
         (log.warning if said["checked"] else log.info)("%s%s", "warning: " if said["checked"] else "", said["message"])
     result["labels"] = {"file": str(labels.path), "sha256": labels.sha256}
     result["results_csv"] = str(summary.results)
+    generated = dt.datetime.now().astimezone().replace(microsecond=0)  # the moment both files name
+    result["generated"] = generated.isoformat()
     text = json.dumps(result, indent=2, allow_nan=False) + "\n"
     from .evaluation_report import write_evaluation_pdf  # matplotlib only when the report is drawn
 
@@ -303,7 +306,7 @@ def run_evaluate(studies: Path, labels: LabelTable, out: Path, cfg: ScanConfig =
     # here describes other results)
     writing = out / "evaluation.pdf"
     try:
-        write_evaluation_pdf(result, data.y, data.p, writing)
+        write_evaluation_pdf(result, data.y, data.p, writing, generated)
         writing = out / "evaluation.json"
         atomic_write_bytes(writing, text.encode(), mode=0o640)
     except BaseException as e:

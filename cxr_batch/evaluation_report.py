@@ -7,6 +7,7 @@ band. Every number comes from the evaluation dict that evaluation.json holds.
 
 from __future__ import annotations
 
+import datetime as dt
 import gc
 import io
 import textwrap
@@ -21,7 +22,7 @@ from matplotlib.backends.backend_pdf import PdfPages  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from sklearn.metrics import roc_curve  # noqa: E402
 
-from .display import finding_label, plural  # noqa: E402
+from .display import finding_label, format_time, plural  # noqa: E402
 from .files import atomic_write_bytes  # noqa: E402
 from .findings import FINDINGS  # noqa: E402
 
@@ -63,13 +64,13 @@ def _table(ax, header: list[str], rows: list[list[str]], widths: list[float], si
             cell.set_facecolor("#e8e8e8")
 
 
-def summary_page(ev: dict) -> Figure:
+def summary_page(ev: dict, generated: dt.datetime) -> Figure:
     fig = Figure(figsize=A4)
     y = _text(fig, 0.965, "Evaluation on local labelled studies", 15, "bold")
     m = ev["matching"]
     y = _text(fig, y - 0.005, f"Model {ev['model']} (bundle sha256 {(ev.get('bundle_sha256') or ev['weights_sha256'])[:16]}...)"
               f"{', site-calibrated' if ev['calibrated'] else ''}. Labels: {Path(ev['labels']['file']).name} "
-              f"(sha256 {ev['labels']['sha256'][:16]}...).")
+              f"(sha256 {ev['labels']['sha256'][:16]}...). Generated {format_time(generated)} by cxr-batch.")
     y = _text(fig, y, f"{plural(ev['n_studies'], 'study')} of {plural(ev['n_patients'], 'patient')} scored and "
               f"labelled. Not used: {len(m['scored_without_label'])} scored without a label, "
               f"{len(m['labelled_not_scored'])} labelled but skipped or failed, "
@@ -210,9 +211,10 @@ def calibration_page(ev: dict) -> Figure:
     return fig
 
 
-def write_evaluation_pdf(ev: dict, y: np.ndarray, p: np.ndarray, path: Path) -> Path:
-    """Write the three pages to ``path`` (via a temp file and a rename)."""
-    return save_pages([summary_page(ev), roc_page(ev, y, p), calibration_page(ev)], path,
+def write_evaluation_pdf(ev: dict, y: np.ndarray, p: np.ndarray, path: Path, generated: dt.datetime) -> Path:
+    """Write the three pages to ``path`` (via a temp file and a rename); ``generated`` (the moment
+    evaluation.json records) is printed as the study reports print theirs."""
+    return save_pages([summary_page(ev, generated), roc_page(ev, y, p), calibration_page(ev)], path,
                       f"cxr-batch evaluation of {ev['model']}")
 
 

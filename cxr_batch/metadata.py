@@ -117,17 +117,20 @@ def first_non_utf8(raw: bytes, compressed: bool = False) -> str:
         return f"byte {raw[e.start:e.start + 1].hex()} on line {line}, offset {e.start}"
 
 
-def load_metadata_csv(path: Path, only: set[str] | None = None) -> dict[str, MetadataRow]:
+def load_metadata_csv(path: Path, only: set[str] | None = None, option: str = "--metadata") -> dict[str, MetadataRow]:
     """Read an NIH-style table (CSV, or gzip-compressed CSV) into {image file name: row}.
     ``only`` keeps just those names (a scan needs the rows of its own files, not all 112,120
-    of the NIH table). MetadataError names the file and what is wrong with it."""
-    return _rows(_read_table(path), only)
+    of the NIH table). MetadataError names the file and what is wrong with it. ``option``: the
+    option that gave the table (evaluate and calibrate read their ``--labels`` as patient data),
+    as its messages name it."""
+    return _rows(_read_table(path, option), only)
 
 
-def _read_table(path: Path):
+def _read_table(path: Path, option: str = "--metadata"):
     import pandas as pd  # only when a table is given: it costs the start-up of every command otherwise
 
     path = Path(path)
+    kind = f"{option.removeprefix('--')} file"  # "metadata file", "labels file": the option the user typed
     expected = "expected a comma-separated text table with the NIH Data_Entry columns"
     try:
         with open(path, "rb") as f:
@@ -135,31 +138,31 @@ def _read_table(path: Path):
         compressed = head.startswith(GZIP_MAGIC)
         what = None if compressed else not_csv(head)
         if what:
-            raise MetadataError(f"metadata file {path} is not a CSV file: it is {what}; {expected}"
+            raise MetadataError(f"{kind} {path} is not a CSV file: it is {what}; {expected}"
                                 + (f"; {SAVE_AS_UTF8}" if "text" in what else ""))
         table = pd.read_csv(path, dtype=str, keep_default_na=False, compression="gzip" if compressed else "infer")
     except FileNotFoundError:
-        raise MetadataError(f"metadata file {path} does not exist") from None
+        raise MetadataError(f"{kind} {path} does not exist") from None
     except UnicodeDecodeError:
         where = first_non_utf8(path.read_bytes(), compressed)
-        raise MetadataError(f"metadata file {path} is not a CSV file: it is not UTF-8 text ({where}); {expected}; "
+        raise MetadataError(f"{kind} {path} is not a CSV file: it is not UTF-8 text ({where}); {expected}; "
                             f"{SAVE_AS_UTF8}") from None
     except (pd.errors.ParserError, pd.errors.EmptyDataError, OSError, EOFError) as e:
-        raise MetadataError(f"metadata file {path} is not a readable CSV: {e}") from None
+        raise MetadataError(f"{kind} {path} is not a readable CSV: {e}") from None
     table.columns = [c.strip() for c in table.columns]
     # the columns a table has are used; a column it lacks is unknown for every row (said once)
     missing = [c for c in NIH_COLUMNS if c not in table.columns]
     delimiter = other_delimiter(table.columns, {"Image Index"}) if "Image Index" in missing else None
     if delimiter:  # a spreadsheet's locale chose the separator: the columns are there, in one
-        raise MetadataError(f"metadata file {path} is separated by {delimiter}, not by commas: save it as a "
+        raise MetadataError(f"{kind} {path} is separated by {delimiter}, not by commas: save it as a "
                             f"comma-separated CSV")
     if "Image Index" in missing or len(missing) == len(NIH_PATIENT_COLUMNS):
-        raise MetadataError(f"metadata file {path} lacks column(s) {', '.join(map(repr, missing))}; expected the NIH "
+        raise MetadataError(f"{kind} {path} lacks column(s) {', '.join(map(repr, missing))}; expected the NIH "
                             f"Data_Entry columns (Image Index and at least one of {', '.join(NIH_PATIENT_COLUMNS)})"
                             + rename_hint(missing, table.columns))
     if missing:
-        log.warning("metadata file %s has no column(s) %s: unknown for its rows unless a header or sidecar gives "
-                    "them%s", path, ", ".join(f"'{c}'" for c in missing), rename_hint(missing, table.columns))
+        log.warning("%s %s has no column(s) %s: unknown for its rows unless a header or sidecar gives "
+                    "them%s", kind, path, ", ".join(f"'{c}'" for c in missing), rename_hint(missing, table.columns))
     for column in missing:
         table[column] = ""
     table = table[list(NIH_COLUMNS)].rename(columns=NIH_COLUMNS)
@@ -198,6 +201,7 @@ class MetadataMatch:
     unmatched_example: str = ""  # a file name without a row
     table_example: str = ""  # a name the table has
     without_extension: bool = False  # the table names the unmatched example without its extension
+    option: str = "--metadata"  # the option that gave the table, as the warning names it (evaluate's --labels)
 
     def problem(self) -> str | None:
         """A warning line when some files get nothing from the table, with how to fix it."""
@@ -217,7 +221,7 @@ class MetadataMatch:
                "matched by the whole file name: write each file's name with its extension"
                if self.without_extension else
                "give the table of these images, or name the images as the table does")
-        return (f"--metadata {self.table} has a row for {self.matched} of {self.files} files (matched by file name, "
+        return (f"{self.option} {self.table} has a row for {self.matched} of {self.files} files (matched by file name, "
                 f"'Image Index'): {missing} get no patient data from it and are scored with what their header or "
                 f"sidecar says, else unknown, which can change their triage; e.g. file {example!r} has no row, "
                 f"{contrast}{'' if contrast.endswith('?') else '.'} Fix: {fix.format(named=named, example=example)} (DICOM files need no row: their header has the "
@@ -228,12 +232,13 @@ class MetadataMatch:
                 "unmatched_example": self.unmatched_example, "table_example": self.table_example}
 
 
-def load_metadata_for(path: Path, names: list[str], counted: list[str] | None = None
+def load_metadata_for(path: Path, names: list[str], counted: list[str] | None = None, option: str = "--metadata"
                       ) -> tuple[dict[str, MetadataRow], MetadataMatch]:
     """The table's rows for the files named ``names`` (base names, one per file) and how well
     the table matches the files of ``counted`` (default: all of them; a scan counts only the
-    files whose content has no header of its own). MetadataError as :func:`load_metadata_csv`."""
-    table = _read_table(path)
+    files whose content has no header of its own). MetadataError and ``option`` as
+    :func:`load_metadata_csv`."""
+    table = _read_table(path, option)
     rows = _rows(table, set(names))
     counted = names if counted is None else counted
     unmatched = next((n for n in counted if n not in rows), "")
@@ -241,7 +246,7 @@ def load_metadata_for(path: Path, names: list[str], counted: list[str] | None = 
     stem = PurePosixPath(unmatched).stem
     without_extension = bool(unmatched) and stem != unmatched and stem in set(table["file"])
     return rows, MetadataMatch(str(path), len(counted), sum(n in rows for n in counted), len(table), unmatched,
-                               stem if without_extension else example, without_extension)
+                               stem if without_extension else example, without_extension, option)
 
 
 def patient_from_metadata(row: MetadataRow) -> PatientData:

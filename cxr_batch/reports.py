@@ -42,7 +42,7 @@ from reportlab.platypus import Image, KeepInFrame, Paragraph, SimpleDocTemplate,
 from xml.sax.saxutils import escape
 
 from .files import FILE_MODE, atomic_write_bytes, private_dir
-from .display import finding_label, format_age, format_date, person_name, plural, visual_order
+from .display import finding_label, format_age, format_date, format_time, person_name, plural, visual_order
 from .evidence import Evidence, bundle_evidence
 from .findings import DEFAULT_URGENT, FINDINGS
 from .record import StudyRecord, log_name, name_bytes
@@ -253,18 +253,6 @@ def _header(names, widths, st: dict) -> list[Paragraph]:
         return cells
     style = ParagraphStyle("label-row", parent=st["label"], fontSize=size, leading=size * 1.2)
     return [fitted(name, style, w - 2 * PAD, one_line=True) for name, w in zip(names, widths)]
-
-
-def format_time(moment: dt.datetime) -> str:
-    """``2024-04-15 10:32:05 CEST (UTC+02:00)`` or ``... UTC+00:00``: the time with its zone's
-    name and offset, so readers in other zones are not misled (a naive time is taken as local)."""
-    if moment.tzinfo is None:
-        moment = moment.astimezone()
-    offset = moment.strftime("%z")
-    zone, name = f"UTC{offset[:3]}:{offset[3:]}", moment.tzname() or ""
-    if not name or name.startswith(("UTC", "GMT", "+", "-")):  # no abbreviation: the offset says it all
-        return f"{moment:%Y-%m-%d %H:%M:%S} {zone}"
-    return f"{moment:%Y-%m-%d %H:%M:%S} {name} ({zone})"
 
 
 def _date_text(raw: str) -> str:
@@ -485,6 +473,12 @@ def _patient_table(record: StudyRecord, width: float, st: dict) -> Table:
                   [GRID, ("SPAN", (3, 2), (5, 2)), *fills])
 
 
+def _counted(ev: Evidence, finding: str) -> bool:
+    """Whether the held-out counts give ``finding`` a sensitivity (images that had it were counted)."""
+    counts = ev.counts.get(finding)
+    return counts is not None and counts.positives > 0
+
+
 def _findings_table(record: StudyRecord, info: ModelInfo, urgent, width: float, st: dict) -> Table:
     widths = [width * w for w in (0.30, 0.16, 0.14, 0.15, 0.25)]  # "Pleural thickening" on one line
     # "FLAGGED" in bold on one line (beside a page-wide radiograph it broke into "FLAGGE" / "D"),
@@ -505,6 +499,9 @@ def _findings_table(record: StudyRecord, info: ModelInfo, urgent, width: float, 
             flag, trust = "never flagged", "chance-level ranking"
         elif point is not None and point.sensitivity is not None:
             trust = f"{point.sensitivity:.2f} / {point.ppv:.2f}" if point.ppv is not None else f"{point.sensitivity:.2f} / -"
+        elif point is None and _counted(info.evidence, f):  # no triage table (v1): the catch the banner quotes
+            counts = info.evidence.counts[f]
+            trust = f"{counts.tp / counts.positives:.2f} ({counts.tp} of {counts.positives}) / -"
         else:
             trust = "not measured"
         texts = (escape(finding_label(f)), probability_text(record.scores.prob(f)), probability_text(info.thresholds[f]),
@@ -557,11 +554,16 @@ def _findings_and_image(record: StudyRecord, grey: np.ndarray | None, info: Mode
     ev = info.evidence
     where = f" ({ev.triage_source})" if ev.triage_source else ""
     prevalence = "this site's" if any(p.ppv_at_site for p in ev.operating_points.values()) else "NIH"
-    legend = Paragraph(escape(
-        "A flag's sens. / PPV: of the validation studies that had the finding, the share it flagged; of the studies "
-        f"it flagged, the share that had it, at {prevalence} prevalence{where}." + _own_sources(ev) + (
-            " Never flagged: its validation ranking was no better than chance." if any(
-                not p.flagged for p in ev.operating_points.values()) else "")), st["small"])
+    if not ev.operating_points and any(_counted(ev, f) for f in FINDINGS):  # v1: the held-out counts alone
+        legend_text = (f"A flag's sens.: of the {'out-of-fold' if ev.how else 'held-out'} images that had the "
+                       "finding, the share it flagged (of how many); its PPV was not measured for these weights.")
+    else:
+        legend_text = (
+            "A flag's sens. / PPV: of the validation studies that had the finding, the share it flagged; of the "
+            f"studies it flagged, the share that had it, at {prevalence} prevalence{where}." + _own_sources(ev) + (
+                " Never flagged: its validation ranking was no better than chance." if any(
+                    not p.flagged for p in ev.operating_points.values()) else ""))
+    legend = Paragraph(escape(legend_text), st["small"])
     return _table([[[_findings_table(record, info, urgent, table_w - PAD, st), legend],
                     # its size: a 64-px input enlarged to the tile looks blurred, not by the radiograph's fault
                     [picture, Paragraph("Radiograph as the model saw it" + (
@@ -762,7 +764,7 @@ def worklist_pdf(records: list[StudyRecord], options: ReportOptions, info: Model
                                      st["small_warn"]))
         order = heatmap_order(r, info.thresholds, options.urgent)
         colour = PRIORITY_COLOURS[r.priority].hexval()[2:]
-        data.append([Paragraph(str(i), st["cell"]),
+        data.append([fitted(str(i), st["cell"], widths[0] - 2 * PAD, one_line=True),  # row 1000 shrinks, unbroken
                      Paragraph(f'<font color="#{colour}"><b>{bucket_words(r.priority, info)[1]}</b></font>', st["cell"]), patient,
                      cell(format_age(p.age), 3, missing="unknown"), cell(p.sex, 4),
                      cell(_date_text(r.ids.study_date), 5), cell(r.ids.accession_number, 6),

@@ -102,11 +102,13 @@ class ScanSummary:
 
 
 def run_scan(studies: Path, out: Path, cfg: ScanConfig = ScanConfig(), earlier: str = "refuse",
-             stop: StopSignal | None = None) -> ScanSummary:
+             stop: StopSignal | None = None, metadata_option: str = "--metadata") -> ScanSummary:
     """Scan ``studies`` into ``out/results.csv``, and PDF reports into ``out/reports`` when
     ``cfg.pdf``. ``earlier``: what to do with an earlier scan's results in ``out`` ("refuse",
     "resume" or "overwrite", cxr_batch.journal); ``stop``: set (by SIGINT/SIGTERM) to end
     after the current batch, every study scored so far written and run.json marked incomplete.
+    ``metadata_option``: the option that gave ``cfg.metadata``, as warnings about the table name it
+    (evaluate's ``--labels``).
 
     Every refusal that needs no model comes first: the results folder inside the studies (or
     the reverse) or in a weights bundle (FolderOverlap, BundleError), a bad device
@@ -130,7 +132,8 @@ def run_scan(studies: Path, out: Path, cfg: ScanConfig = ScanConfig(), earlier: 
         # (a header's gaps are still filled from the table); an empty or text file is never scored.
         names = [c.path.name for c in candidates if not c.problem]
         metadata, match = load_metadata_for(cfg.metadata, names, [c.path.name for c in candidates if not c.problem
-                                                                  and content_kind(c.path) in ("png", "jpeg")])
+                                                                  and content_kind(c.path) in ("png", "jpeg")],
+                                            metadata_option)
     settings = journal.row_settings(to_plain(cfg), content_sha256(cfg.metadata) if cfg.metadata else None)
     created = not out.exists()
     checkpoint("created")

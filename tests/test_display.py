@@ -4,7 +4,7 @@ import unicodedata
 
 import pytest
 
-from cxr_batch.display import finding_label, format_age, format_date, person_name, plural, visual_order
+from cxr_batch.display import finding_label, format_age, format_date, person_name, plural, visible, visual_order
 from cxr_batch.findings import FINDINGS
 from cxr_batch.patient import parse_age
 
@@ -73,3 +73,12 @@ def test_right_to_left_names_are_reordered_and_shaped():
     shaped = visual_order("بب")
     assert [unicodedata.name(c) for c in shaped] == ["ARABIC LETTER BEH FINAL FORM", "ARABIC LETTER BEH INITIAL FORM"]
     assert visual_order("DOE, JANE") == "DOE, JANE"
+
+
+def test_visible_shows_controls_as_text_and_keeps_every_letter():
+    """A console line names paths and peers' words: C0 and C1 controls (ESC, BEL, CSI 0x9b) and
+    line ends become text; accents, right-to-left letters and backslashes stay as they are, so
+    a reason made visible once reads the same when made visible again."""
+    assert visible("a\x1b[2J\x1b]0;t\x07\x9b31m\r\nb\tc\x7f") == "a\\x1b[2J\\x1b]0;t\\x07\\x9b31m\\r\\nb\\tc\\x7f"
+    assert visible("Müller שלום C:\\x") == "Müller שלום C:\\x"
+    assert visible(visible("\x1b")) == visible("\x1b")

@@ -277,6 +277,29 @@ def test_calibrate_on_three_patients_moves_nothing(tmp_path, nih, nih_images, sm
         assert manifest["thresholds"] == load_bundle(small_bundle).thresholds
 
 
+def test_evaluate_and_calibrate_name_the_labels_table_by_the_option_the_user_typed(tmp_path, nih, nih_images,
+                                                                                  small_bundle):
+    """The labels table also serves as patient data, and its warnings were the scan's: 'cxr-batch:
+    --metadata labels.csv has a row for 3 of 4 files' and 'metadata file labels.csv has no
+    column(s) 'Patient Age'', an option evaluate and calibrate do not have: the user typed --labels."""
+    studies = folder_of(tmp_path, nih_images[:3], "three")
+    shutil.copy(nih_images[20], studies / "unlabelled.png")
+    table = pd.read_csv(nih / "labels.csv", dtype=str).drop(columns=["Patient Age"])
+    labels = tmp_path / "labels.csv"
+    table.to_csv(labels, index=False)
+    code, err = cli_here("evaluate", studies, "--labels", labels, "--out", tmp_path / "eval", "--weights",
+                         small_bundle, "--device", "cpu", "--workers", 0, "--bootstrap", 0)
+    assert code == 0, err[-2000:]
+    assert f"--labels {labels} has a row for 3 of 4 files" in err, err
+    assert f"labels file {labels} has no column(s) 'Patient Age'" in err, err
+    assert "--metadata" not in err and "metadata file" not in err, err
+    code, err = cli_here("calibrate", studies, "--labels", labels, "--out", tmp_path / "site", "--weights",
+                         small_bundle, "--device", "cpu", "--workers", 0)
+    assert code == 0, err[-2000:]
+    assert f"labels file {labels} has no column(s) 'Patient Age'" in err, err
+    assert "--metadata" not in err and "metadata file" not in err, err
+
+
 @pytest.mark.parametrize("size", [8, 9, 10, 12])
 def test_evaluation_pdf_text_is_wrapped_inside_the_page_at_every_font_size(size):
     """evaluation.pdf's 'Worklist: ...' paragraph (size 10, wrapped at 110 characters) ran past
@@ -359,6 +382,28 @@ def test_evaluation_pdf_of_a_bundle_without_a_cutoff_has_no_low_probability_buck
     assert "low probability" not in first and "low-probability" not in first and "cutoff" not in first
     assert "buckets urgent / abnormal / no finding flagged" in first
     assert "The no-finding-flagged bucket held" in first
+
+
+@pytest.mark.skipif(not shutil.which("pdftotext"), reason="poppler-utils not installed")
+def test_evaluation_pdf_says_when_it_was_generated_as_the_study_reports_do(tmp_path, nih, nih_images, small_bundle):
+    """The study reports and the worklist print 'Generated 2024-04-15 10:32:05 CEST (UTC+02:00)';
+    evaluation.pdf printed no time at all, so two evaluations of one site could not be told apart
+    on paper. evaluation.json records the same moment."""
+    import datetime as dt
+
+    from cxr_batch.display import format_time
+
+    studies = folder_of(tmp_path, nih_images[:8], "studies")
+    out = tmp_path / "eval"
+    before = dt.datetime.now().astimezone().replace(microsecond=0)
+    code, err = cli_here("evaluate", studies, "--labels", nih / "labels.csv", "--out", out, "--weights",
+                         small_bundle, "--device", "cpu", "--workers", 0, "--bootstrap", 0)
+    assert code == 0, err[-2000:]
+    generated = dt.datetime.fromisoformat(json.loads((out / "evaluation.json").read_text())["generated"])
+    assert before <= generated <= dt.datetime.now().astimezone()
+    first = " ".join(subprocess.run(["pdftotext", "-f", "1", "-l", "1", out / "evaluation.pdf", "-"],
+                                    capture_output=True, text=True, check=True).stdout.split())
+    assert f"Generated {format_time(generated)} by cxr-batch." in first, first[:600]
 
 
 def test_a_site_calibration_that_keeps_the_operating_points_keeps_the_held_out_catch_on_its_reports(

@@ -139,3 +139,39 @@ def test_file_names_that_are_not_utf8_are_scored(tmp_path, nih_images, small_bun
         ("M\ufffdller/IM1.dcm", "ok"), ("linebreak.dcm", "ok")]
     assert all((tmp_path / "out" / "reports" / r["report"]).is_file() for r in rows)
     assert run_scan(studies, tmp_path / "out", cfg, earlier="resume").kept == 2
+
+
+HOSTILE = "\x1b[2J\x1b]0;title\x07\x9b31m"  # clear the screen, retitle the window, a C1 CSI
+
+
+def test_paths_with_terminal_escapes_are_printed_visibly(tmp_path, nih_images, small_bundle):
+    """A folder named with '\\x1b[2J' (clear the screen) or '\\x1b]0;title\\x07' (retitle the
+    window) was printed as given in the log lines that name paths ('N candidate files under
+    ...', '-> OUT/results.csv', 'cxr-batch: error: ...'): click strips escapes only on a
+    terminal, so a log kept with 2>file replayed them at whoever read it. Every line shows them
+    as text ('\\x1b[2J'); none carries a control character."""
+    import subprocess
+    import sys
+
+    studies, out = tmp_path / f"studies{HOSTILE}", tmp_path / f"out{HOSTILE}"
+    studies.mkdir()
+    shutil.copy(nih_images[0], studies / f"a{HOSTILE}.png")
+    (studies / f"b{HOSTILE}.dcm").write_bytes(b"\x00" * 200)  # a failed row
+    (tmp_path / f"file{HOSTILE}").write_text("not a folder")
+
+    def stderr_of(*args):
+        proc = subprocess.run([sys.executable, "-m", "cxr_batch", *map(str, args), "--weights", str(small_bundle),
+                               "--device", "cpu", "--workers", "0"], capture_output=True, text=True, timeout=600)
+        return proc.returncode, proc.stderr
+
+    runs = [stderr_of("scan", studies, "--out", out),  # the summary names OUT
+            stderr_of("scan", studies, "--out", tmp_path / "o2", "--metadata", studies / f"a{HOSTILE}.png"),
+            stderr_of("scan", studies, "--out", tmp_path / f"file{HOSTILE}" / "out")]
+    assert [code for code, _ in runs] == [3, 1, 1], runs
+    visible = "\\x1b[2J\\x1b]0;title\\x07\\x9b31m"
+    for code, err in runs:
+        assert not any(ch in err for ch in "\x1b\x07\x9b"), repr(err[-2000:])
+    assert f"under {tmp_path / 'studies'}{visible}" in runs[0][1], runs[0][1]
+    assert f"-> {tmp_path / 'out'}{visible}" in runs[0][1], runs[0][1]
+    assert f"cxr-batch: error: metadata file {studies}".replace(HOSTILE, visible) in runs[1][1], runs[1][1]
+    assert f"file{visible}" in runs[2][1], runs[2][1]

@@ -248,7 +248,6 @@ def test_a_result_due_far_ahead_by_a_clock_that_ran_ahead_before_a_restart_waits
     that clock), then the machine restarted with the right time: no running sender saw the jump,
     and the result waited a day. A due time beyond the longest wait a sender sets is its longest
     wait from now."""
-    from cxr_batch.integration.hl7 import Endpoint
     from cxr_batch.integration.outbox import HL7Channel
 
     from .ris import RIS
@@ -329,7 +328,6 @@ def test_a_delivery_the_full_disk_keeps_from_recording_is_not_sent_again_and_aga
     next look at the queue (every few seconds) found it still waiting and sent it again, so the
     RIS got the same ORU each time for as long as the disk stayed full. The delivery waits in
     memory to be recorded."""
-    from cxr_batch.integration.hl7 import Endpoint
     from cxr_batch.integration.outbox import HL7Channel
 
     from .ris import RIS

@@ -237,7 +237,7 @@ def test_evaluation_pdf_names_findings_as_the_reports_do_and_says_what_a_flag_is
     from cxr_batch.evaluation_report import roc_page, summary_page
 
     ev = evaluation_summary()
-    fig = summary_page(ev)
+    fig = summary_page(ev, NOW)
     texts = " ".join(t.get_text() for t in fig.texts).replace("\n", " ")
     cells = [c.get_text().get_text() for ax in fig.axes for table in ax.tables for c in table.get_celld().values()]
     assert "Pleural thickening" in cells and "Pleural Thickening" not in cells
@@ -402,3 +402,27 @@ def test_cross_validated_counts_are_not_called_held_out():
     assert "held-out images" not in line and "flagged 10 of 34 out-of-fold images that had it" in line
     # v3's held-out test is called so
     assert V3_PNEUMOTHORAX in _v3_info().evidence.sensitivity("Pneumothorax")
+
+
+def test_a_v1_report_gives_its_table_the_held_out_catch_its_banner_quotes():
+    """v1 has no triage table, only the held-out counts of its training run: the banner read
+    'Pneumothorax: sensitivity 0.20 at its threshold (flagged 1 of 5 held-out images that had
+    it)' above a table whose 'A flag's sens. / PPV' said 'not measured' on every row, Pneumothorax's
+    included. The table gives the same sensitivity, with its counts, and says the PPV is not
+    measured."""
+    from cxr_batch.bundle import read_manifest
+    from tests.conftest import V1_BUNDLE
+
+    manifest = read_manifest(V1_BUNDLE)
+    info = ModelInfo("cxr-fpn@1", "0" * 64, manifest["thresholds"], bundle_evidence(manifest, V1_BUNDLE))
+    assert not info.evidence.operating_points and info.evidence.counts["Pneumothorax"].positives == 5
+    p = tuple(0.116 if f == "Pleural_Thickening" else 0.005 for f in FINDINGS)
+    flags = tuple(int(f == "Pleural_Thickening") for f in FINDINGS)
+    study = StudyRecord(file="a.png", scores=Scores(p, flags, "abnormal", 0.452, 0.452))
+    txt = text_of(study_pdf(study, GREY, {}, info, ReportOptions(), NOW))
+    assert "Pneumothorax: sensitivity 0.20 at its threshold (flagged 1 of 5 held-out images that had it)" in txt
+    assert "Pneumothorax 0.005 0.100 - 0.20 (1 of 5) / -" in txt, txt
+    assert "Pleural thickening 0.116 0.100 FLAGGED 0.23 (3 of 13) / -" in txt, txt
+    assert "not measured" not in txt.split("A flag's sens.")[0].split("Finding Probability")[1]
+    assert "A flag's sens.: of the held-out images that had the finding, the share it flagged" in txt, txt
+    assert "its PPV was not measured for these weights" in txt

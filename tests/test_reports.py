@@ -702,3 +702,40 @@ def test_a_worklist_of_one_study_says_one_file():
     txt = re.sub(r"\s+", " ", "\n".join(p.extract_text() for p in PdfReader(__import__("io").BytesIO(worklist_pdf(
         [scored({"Effusion": 0.8})], ReportOptions(), model_info(), NOW))).pages))
     assert "1 file: 1 scored" in txt and "1 of 1 studies have" not in txt and "1 of 1 study has a flagged finding" in txt
+
+
+@pytest.mark.skipif(not shutil.which("pdftotext"), reason="poppler-utils not installed")
+def test_no_worklist_value_runs_into_the_next_column(tmp_path):
+    """A worklist of 1,000 studies printed its last row number as '100' over '0' (a 4-digit
+    number is wider than the '#' column); 64-character Patient IDs, accession numbers and UIDs
+    with no space must stay in their cells too, a UID broken at its dots. Every word of the
+    table's numbers lies within one column (pdftotext's word boxes)."""
+    from reportlab.lib.units import mm
+
+    from cxr_batch.reports import PAD, WORKLIST_COLUMNS, WORKLIST_MARGINS
+
+    uid = "1.2.826.0.1.3680043.8.498.1" + "2" * 37  # 64 characters, the longest a UID may be
+    records = [scored({"Effusion": 0.8 - i * 1e-4}, file=f"{i}.png", patient_id=str(i)) for i in range(1000)]
+    records[0].ids.patient_id, records[0].ids.accession_number, records[0].report = "7" * 64, "8" * 64, uid
+    info = ModelInfo("m@1", "ab" * 32, {f: 0.5 for f in FINDINGS}, bundle_evidence({}))
+    (tmp_path / "w.pdf").write_bytes(worklist_pdf(records, ReportOptions(), info, NOW))
+    words = subprocess.run(["pdftotext", "-bbox", tmp_path / "w.pdf", "-"], capture_output=True, text=True,
+                           check=True).stdout
+    numbers, top, edges, bottom = [], None, None, 0.0
+    for line in words.splitlines():
+        match = re.search(r'xMin="([\d.]+)" yMin="([\d.]+)" xMax="([\d.]+)" yMax="[\d.]+">(.*)</word>', line)
+        if match is None:
+            if "<page" in line:  # each page repeats the heading row; its footer is below the table
+                top, bottom = None, float(re.search(r'height="([\d.]+)"', line)[1]) - WORKLIST_MARGINS["bottomMargin"]
+            continue
+        x0, y0, x1, text = float(match[1]), float(match[2]), float(match[3]), match[4]
+        if text == "#" and edges is None:  # the heading of the first column: where the table starts
+            edges = np.cumsum([x0 - PAD] + [w * mm for _, w in WORKLIST_COLUMNS])
+        elif text == "Priority":
+            top = y0
+        elif top is not None and top < y0 < bottom and re.fullmatch(r"[\d.]+", text):  # a number in a table row
+            column = int(np.searchsorted(edges, x0, side="right")) - 1
+            numbers.append(text)
+            assert x1 <= edges[column + 1], f"{text!r} runs from column {column} into the next"
+    assert "1000" in numbers  # the last row number whole, not "100" over "0"
+    assert "1.2.826.0.1.3680043.8.498." in numbers  # the UID broken after a dot

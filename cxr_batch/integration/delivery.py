@@ -13,6 +13,8 @@ import socket
 from dataclasses import dataclass
 from typing import Literal
 
+from ..display import visible
+
 Outcome = Literal["delivered", "retry", "rejected"]
 # HOST:PORT of a receiver (RIS, PACS): an IPv6 address in brackets or a host name of ASCII letters,
 # digits, . _ - (and the port's digits ASCII too, with re.ASCII: \d alone takes any script's digits)
@@ -24,17 +26,13 @@ HOST_PORT = r"(?P<host>\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+):(?P<port>\d{1,5})"
 # and the log says what was asked.
 RETRY_AFTER_MAX = 3600.0
 REASON_LIMIT = 300  # characters of a reason kept: one line in a log, status.json and `outbound list`
-# C0 and C1 control characters as text (\x1b, \n): a receiver's words (an ACK's MSA-3, an HTTP
-# reason phrase) cannot end a line, clear or retitle the operator's terminal. The backslash is
-# not doubled, so a reason made from another one is not escaped twice.
-_CONTROLS = {**{c: f"\\x{c:02x}" for c in (*range(0x20), *range(0x7F, 0xA0))}, 0x0A: "\\n", 0x0D: "\\r",
-             0x09: "\\t"}
 
 
 def shown(text: str, limit: int = REASON_LIMIT) -> str:
-    """``text`` from a receiver, fit for one line: cut to ``limit`` characters, controls escaped."""
+    """``text`` from a receiver (an ACK's MSA-3, an HTTP reason phrase), fit for one line: cut to
+    ``limit`` characters, controls escaped (:func:`cxr_batch.display.visible`)."""
     text = str(text)
-    return (text[:limit] + "..." if len(text) > limit else text).translate(_CONTROLS)
+    return visible(text[:limit] + "..." if len(text) > limit else text)
 
 
 def connect_error(e: BaseException, host: str) -> str:
