@@ -407,7 +407,13 @@ def unflagged_over_threshold(record: StudyRecord, info: ModelInfo) -> list[str]:
 def _flag_phrase(finding: str, info: ModelInfo) -> str:
     """A flagged finding with what its flag is worth: 'Effusion (sens. 0.45, PPV 0.31)'."""
     point = info.evidence.operating_points.get(finding)
-    return finding_label(finding) + (f" ({point.trust()})" if point is not None else "")
+    if point is not None:
+        return f"{finding_label(finding)} ({point.trust()})"
+    if _counted(info.evidence, finding):  # no triage table (v1): the held-out catch its reports quote
+        counts = info.evidence.counts[finding]
+        where = "out-of-fold" if info.evidence.how else "held-out"  # v2.1's counts are cross-validated
+        return f"{finding_label(finding)} ({where} sens. {counts.tp / counts.positives:.2f}, {counts.tp} of {counts.positives})"
+    return finding_label(finding)
 
 
 def _banner(record: StudyRecord, info: ModelInfo, options: ReportOptions, order: list[str], width: float,
@@ -749,7 +755,9 @@ def worklist_pdf(records: list[StudyRecord], options: ReportOptions, info: Model
 
     headings = [h for h, _ in WORKLIST_COLUMNS]
     if not info.evidence.operating_points:  # the bundle measured none (v2.1): said, not left blank
-        headings[7] = "Flagged findings (sens. / PPV not measured)"
+        counted = any(_counted(info.evidence, f) for f in FINDINGS)
+        headings[7] = (f"Flagged findings ({'out-of-fold' if info.evidence.how else 'held-out'} sens.; PPV not measured)"
+                       if counted else "Flagged findings (sens. / PPV not measured)")
     data = [_header(headings, widths, st)]
     commands = [GRID, ("BACKGROUND", (0, 0), (-1, 0), HEADER_FILL), ("VALIGN", (0, 0), (-1, -1), "TOP")]
     for i, r in enumerate(scored, start=1):

@@ -426,3 +426,38 @@ def test_a_v1_report_gives_its_table_the_held_out_catch_its_banner_quotes():
     assert "not measured" not in txt.split("A flag's sens.")[0].split("Finding Probability")[1]
     assert "A flag's sens.: of the held-out images that had the finding, the share it flagged" in txt, txt
     assert "its PPV was not measured for these weights" in txt
+
+
+def test_a_v1_worklist_gives_each_flag_the_held_out_catch_its_reports_quote():
+    """The v1 worklist's flags column was headed '(sens. / PPV not measured)' beside a line
+    quoting v1's held-out counts, while the study report's table gives 'Pleural thickening 0.23
+    (3 of 13)': the worklist's flags carry the same held-out sensitivity, and the heading says
+    what is and is not measured."""
+    from cxr_batch.bundle import read_manifest
+    from tests.conftest import V1_BUNDLE
+
+    manifest = read_manifest(V1_BUNDLE)
+    info = ModelInfo("cxr-fpn@1", "0" * 64, manifest["thresholds"], bundle_evidence(manifest, V1_BUNDLE))
+    p = tuple(0.116 if f == "Pleural_Thickening" else 0.005 for f in FINDINGS)
+    flags = tuple(int(f == "Pleural_Thickening") for f in FINDINGS)
+    study = StudyRecord(file="a.png", scores=Scores(p, flags, "abnormal", 0.452, 0.452))
+    wl = " ".join(text_of(worklist_pdf([study], ReportOptions(), info, NOW)).split())
+    assert "sens. / PPV not measured" not in wl, wl
+    assert "Pleural thickening (held-out sens. 0.23, 3 of 13)" in wl, wl
+    assert "held-out sens.; PPV not measured" in wl, wl
+
+
+def test_a_v2_worklist_calls_its_cross_validated_catch_out_of_fold():
+    """v2.1's counts come from its cross-validation, not a held-out test: its worklist says so."""
+    from cxr_batch.bundle import read_manifest
+    from tests.conftest import V1_BUNDLE
+
+    v2 = V1_BUNDLE.parent / "cxr-fpn-v2"
+    manifest = read_manifest(v2)
+    info = ModelInfo("cxr-fpn@2.1", "0" * 64, manifest["thresholds"], bundle_evidence(manifest, v2))
+    assert info.evidence.how and not info.evidence.operating_points
+    flags = tuple(int(f == "Effusion") for f in FINDINGS)
+    study = StudyRecord(file="a.png", scores=Scores(tuple(0.9 * x + 0.01 for x in flags), flags, "abnormal", 0.9, 0.9))
+    wl = " ".join(text_of(worklist_pdf([study], ReportOptions(), info, NOW)).split())
+    assert "out-of-fold sens.; PPV not measured" in wl and "Effusion (out-of-fold sens. 0." in wl, wl
+    assert "held-out sens." not in wl, wl
