@@ -283,11 +283,12 @@ class Ledger:
         rows = self.db.execute(
             "SELECT key, status, json_extract(record, '$.ids.patient_id'), "
             "json_extract(record, '$.ids.issuer_of_patient_id'), json_extract(record, '$.ids.patient_name'), "
-            "json_extract(record, '$.ids.patient_birth_date') FROM studies "
+            "json_extract(record, '$.ids.patient_birth_date'), json_extract(record, '$.ids.patient_sex') FROM studies "
             "WHERE json_extract(record, '$.ids.study_uid') = ? ORDER BY seq", (study_uid,)).fetchall()
         return [(key, status, Identifiers(patient_id=pid or "", issuer_of_patient_id=issuer or "",
-                                          patient_name=name or "", patient_birth_date=birth or ""))
-                for key, status, pid, issuer, name, birth in rows]
+                                          patient_name=name or "", patient_birth_date=birth or "",
+                                          patient_sex=sex or ""))
+                for key, status, pid, issuer, name, birth, sex in rows]
 
     def record(self, key: str) -> StudyRecord | None:
         """The current record of ``key``."""

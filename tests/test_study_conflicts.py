@@ -79,15 +79,19 @@ def test_listen_holds_back_a_study_two_patients_are_sent_under(shared_study, sma
 
 
 @needs_dcmtk
-def test_listen_holds_back_images_of_one_patient_id_with_another_birth_date(shared_study, small_bundle, tmp_path,
-                                                                            nih_images):
-    """The same patient ID, another birth date, in one study (two patients with one hospital's
-    number, e.g. a mother and her newborn): held back, sent in one association together."""
+@pytest.mark.parametrize("other, said", [(dict(PatientBirthDate="20240101"), "two birth dates"),
+                                         (dict(PatientSex="M"), "two sexes")])
+def test_listen_holds_back_images_of_one_patient_id_with_another_birth_date_or_sex(shared_study, small_bundle,
+                                                                                   tmp_path, nih_images, other, said):
+    """The same patient ID with another birth date (two patients with one hospital's number, a
+    mother and her newborn), or a frontal and a lateral whose sex disagrees, in one study: held
+    back, sent in one association together."""
     from tests.test_node import listening
 
-    first = shared_study["a1"]
-    twin = _image(tmp_path / "images", nih_images[4], "twin", PatientID="P-A", PatientName="DOE^JANE",
-                  PatientBirthDate="20240101", StudyInstanceUID=pydicom.dcmread(first).StudyInstanceUID)
+    first = shared_study["a1"]  # PatientSex F (tests.dicomgen.HEADER)
+    twin = _image(tmp_path / "images", nih_images[4], "twin", **{
+        **dict(PatientID="P-A", PatientName="DOE^JANE", PatientBirthDate="19600101", ViewPosition="LL",
+               StudyInstanceUID=pydicom.dcmread(first).StudyInstanceUID), **other})
     out, log, port = tmp_path / "out", tmp_path / "node.log", free_port()
     node = start_node(out, small_bundle, node_config(tmp_path / "node.toml", max_wait=2.0), "--port", port, "--no-pdf",
                       log=log)
@@ -99,9 +103,10 @@ def test_listen_holds_back_images_of_one_patient_id_with_another_birth_date(shar
         assert wait_for(lambda: len(rows_now(out)) == 2, timeout=60), log.read_text()[-3000:]
     finally:
         assert stop(node) == 0, log.read_text()[-3000:]
-    rows = rows_now(out)
-    assert [r["status"] for r in rows] == ["skipped", "skipped"], rows
-    assert all("two patients" in r["reason"] and "birth date" in r["reason"] for r in rows), rows
+    rows = _by_uid(out)
+    assert rows[_uid(twin)]["status"] == "skipped", rows  # a lateral: not scored in any case
+    held = rows[_uid(first)]
+    assert held["status"] == "skipped" and "two patients" in held["reason"] and said in held["reason"], held
     assert not list((out / ".cxr-batch").rglob("*.sr.dcm"))
 
 

@@ -725,7 +725,7 @@ class Node(Watcher):
 
     def held_back(self, ids: dict[str, tuple[str, str]]) -> dict[str, str]:
         """The batch's images of a study that holds two patients (these and those of the ledger:
-        the same Study Instance UID sent for another patient ID, issuer, name or birth date, on
+        the same Study Instance UID sent for another patient ID, issuer, name, birth date or sex, on
         one association or two, now or before): held back, never scored. Scored, one patient's
         result would be filed in the other's study (the SR in the PACS, the ORU to the RIS). Said
         once per study and batch with both patient IDs, never a name; a version of an instance
@@ -773,7 +773,7 @@ def patient_header(path: Path):
     try:
         ds = pydicom.dcmread(path, stop_before_pixels=True,
                              specific_tags=["SpecificCharacterSet", "StudyInstanceUID", "PatientID",
-                                            "IssuerOfPatientID", "PatientName", "PatientBirthDate"])
+                                            "IssuerOfPatientID", "PatientName", "PatientBirthDate", "PatientSex"])
         ids = identifiers(ds)
     except Exception:  # RecursionError included: a header nested past reading
         return "", Patient()

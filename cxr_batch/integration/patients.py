@@ -36,6 +36,7 @@ class Patient:
     issuer: str = ""
     name: str = ""  # as compared (_name_key): "DOE^JANE"
     birth_date: str = ""  # DA, YYYYMMDD
+    sex: str = ""  # M, F or O (a frontal and a lateral of one study that disagree are two patients)
 
     @classmethod
     def of(cls, ds) -> "Patient":
@@ -48,17 +49,18 @@ class Patient:
                 return ""
 
         return cls(text("PatientID"), text("IssuerOfPatientID"), _name_key(text("PatientName")),
-                   text("PatientBirthDate"))
+                   text("PatientBirthDate"), text("PatientSex").upper())
 
     @classmethod
     def of_ids(cls, ids) -> "Patient":
         """The patient of a record's :class:`~cxr_batch.study.Identifiers`."""
-        return cls(ids.patient_id, ids.issuer_of_patient_id, _name_key(ids.patient_name), ids.patient_birth_date)
+        return cls(ids.patient_id, ids.issuer_of_patient_id, _name_key(ids.patient_name), ids.patient_birth_date,
+                   ids.patient_sex.upper())
 
     def _first_difference(self, other: "Patient") -> str:
         """The first key both give with different values ("" when none): a value empty on
         either side is not compared (a PACS answering no issuer, an object without a name)."""
-        for key in ("id", "issuer", "name", "birth_date"):
+        for key in ("id", "issuer", "name", "birth_date", "sex"):
             a, b = getattr(self, key), getattr(other, key)
             if a and b and a != b:
                 return key
@@ -75,8 +77,9 @@ class Patient:
                     f"'{printable(self.issuer)}' (patient ID '{printable(self.id or other.id)}')")
         if key == "name":
             return f"another patient name than the C-FIND answered (patient ID '{printable(self.id or other.id)}')"
-        if key == "birth_date":
-            return f"another birth date than the C-FIND answered (patient ID '{printable(self.id or other.id)}')"
+        if key in ("birth_date", "sex"):
+            return (f"another {key.replace('_', ' ')} than the C-FIND answered (patient ID "
+                    f"'{printable(self.id or other.id)}')")
         return ""
 
     def apart(self, other: "Patient") -> str:
@@ -85,13 +88,13 @@ class Patient:
         key = self._first_difference(other)
         if not key:
             return ""
-        first, second = sorted((self, other), key=lambda p: (p.id, p.issuer, p.name, p.birth_date))
+        first, second = sorted((self, other), key=lambda p: (p.id, p.issuer, p.name, p.birth_date, p.sex))
         if key == "id":
             return f"patient IDs '{printable(first.id)}' and '{printable(second.id)}'"
         same = f"patient ID '{printable(self.id or other.id)}'"
         if key == "issuer":
             return f"{same} of two issuers, '{printable(first.issuer)}' and '{printable(second.issuer)}'"
-        return f"{same} with two {'names' if key == 'name' else 'birth dates'}"
+        return f"{same} with two {dict(name='names', birth_date='birth dates', sex='sexes')[key]}"
 
 
 def two_patients(patients) -> str:

@@ -484,7 +484,7 @@ def pydicom_header(path):
 
     return pydicom.dcmread(path, stop_before_pixels=True,
                            specific_tags=["SpecificCharacterSet", "SOPInstanceUID", "StudyInstanceUID", "PatientID",
-                                          "IssuerOfPatientID", "PatientName", "PatientBirthDate"])
+                                          "IssuerOfPatientID", "PatientName", "PatientBirthDate", "PatientSex"])
 
 
 def study_day(answer) -> str | None:
@@ -769,7 +769,7 @@ class Puller(Node):
             ds.StudyInstanceUID = ""
             ds.ModalitiesInStudy = list(self.cfg.modalities) if with_modalities else ""
             # whose: each object arriving is checked
-            ds.PatientID = ds.IssuerOfPatientID = ds.PatientName = ds.PatientBirthDate = ""
+            ds.PatientID = ds.IssuerOfPatientID = ds.PatientName = ds.PatientBirthDate = ds.PatientSex = ""
             return self.source.find(ds, cap)
 
         try:
@@ -894,6 +894,7 @@ class Puller(Node):
         if p.series_patient_keys is not False:
             asked = copy.deepcopy(ds)  # Dataset.copy() shares its elements
             asked.PatientID = asked.IssuerOfPatientID = asked.PatientName = asked.PatientBirthDate = ""
+            asked.PatientSex = ""
             try:
                 found = self.source.find(asked)
                 p.series_patient_keys = True
