@@ -354,10 +354,11 @@ class StorageSCP:
         self._lock = threading.Lock()
         self._bytes: dict[int, int] = {}  # bytes received per association since its last C-STORE
         self._aborted: set[int] = set()  # associations aborted for an oversize object
-        # refusal(event) -> None, or (why an arriving object is not wanted, whether to log it): a pull takes
-        # only what it asked for, and says the first few it refuses in one retrieval;
+        # refusal(event) -> None, or (why an arriving object is not wanted, whether to log it): here an
+        # object that is another instance than announced; a pull takes only what it asked for, and says
+        # the first few it refuses in one retrieval;
         # taken(uid): told once one is stored, before another copy of that instance is looked at
-        self.refusal = None
+        self.refusal = another_instance
         self.taken = None
         self.receiving = KeyedLock()  # SOP Instance UIDs being checked and stored
 
@@ -570,6 +571,31 @@ class StorageSCP:
         discard_partial_object(event.assoc)  # an object cut off mid-way: its temp file in the spool
         self._bytes.pop(id(event.assoc), None)
         self._aborted.discard(id(event.assoc))
+
+
+def another_instance(event) -> tuple[str, bool] | None:
+    """Why a C-STORE whose data set is another SOP instance than it announces is refused: it is
+    keyed by the announced UID and its result named by the header's, so an image sent under
+    another image's UID got a second result for that UID, and an SR with the UID derived from it
+    (the PACS kept one of the two and answered the other "duplicate"). None when they agree, or
+    the header cannot be read (its row says so)."""
+    import pydicom
+
+    announced = str(event.request.AffectedSOPInstanceUID or "")
+    try:
+        try:
+            path = event.dataset_path
+        except AttributeError:  # held in memory
+            path = None
+        header = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SOPInstanceUID"]) if path \
+            else event.dataset
+        said = str(header.get("SOPInstanceUID", "") or "")
+    except Exception:
+        return None
+    if said == announced:
+        return None
+    return (f"its data set is instance {printable(said)}, not the one its C-STORE announces (not stored: its "
+            f"result would be filed under another image's UID)", True)
 
 
 def check_address(host: str, port: int) -> None:
