@@ -578,7 +578,7 @@ def another_instance(event) -> tuple[str, bool] | None:
     keyed by the announced UID and its result named by the header's, so an image sent under
     another image's UID got a second result for that UID, and an SR with the UID derived from it
     (the PACS kept one of the two and answered the other "duplicate"). None when they agree, or
-    the header cannot be read (its row says so)."""
+    the header cannot be read or names no instance (its row says so)."""
     import pydicom
 
     announced = str(event.request.AffectedSOPInstanceUID or "")
@@ -592,7 +592,7 @@ def another_instance(event) -> tuple[str, bool] | None:
         said = str(header.get("SOPInstanceUID", "") or "")
     except Exception:
         return None
-    if said == announced:
+    if not said or said == announced:  # none: read, its row says why (it names no other image)
         return None
     return (f"its data set is instance {printable(said)}, not the one its C-STORE announces (not stored: its "
             f"result would be filed under another image's UID)", True)
