@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 from .record import UNREAD_VERSION, StudyRecord
+from .study import Identifiers
 
 SCHEMA_VERSION = 6
 OUTBOUND = """
@@ -72,6 +73,7 @@ CREATE TABLE IF NOT EXISTS studies (
 );
 CREATE INDEX IF NOT EXISTS studies_seq ON studies (seq);
 CREATE INDEX IF NOT EXISTS studies_reported_at ON studies (reported_at);
+CREATE INDEX IF NOT EXISTS studies_study_uid ON studies (json_extract(record, '$.ids.study_uid'));
 CREATE TABLE IF NOT EXISTS superseded (
     key TEXT NOT NULL,
     seq INTEGER NOT NULL,
@@ -283,6 +285,19 @@ class Ledger:
                                + ("DESC" if newest else "ASC") + " LIMIT ?", (weights_sha256, limit)).fetchall()
         out = [(seq, StudyRecord.from_json(json.loads(r))) for seq, r in rows]
         return out[::-1] if newest else out
+
+    def study_patients(self, study_uid: str) -> list[tuple[str, str, Identifiers]]:
+        """(key, status, identifiers: the patient's alone) of every current record of the study
+        ``study_uid``, in the order reported."""
+        rows = self.db.execute(
+            "SELECT key, status, json_extract(record, '$.ids.patient_id'), "
+            "json_extract(record, '$.ids.issuer_of_patient_id'), json_extract(record, '$.ids.patient_name'), "
+            "json_extract(record, '$.ids.patient_birth_date'), json_extract(record, '$.ids.patient_sex') FROM studies "
+            "WHERE json_extract(record, '$.ids.study_uid') = ? ORDER BY seq", (study_uid,)).fetchall()
+        return [(key, status, Identifiers(patient_id=pid or "", issuer_of_patient_id=issuer or "",
+                                          patient_name=name or "", patient_birth_date=birth or "",
+                                          patient_sex=sex or ""))
+                for key, status, pid, issuer, name, birth, sex in rows]
 
     def record(self, key: str) -> StudyRecord | None:
         """The current record of ``key``."""

@@ -157,6 +157,13 @@ class StudyRecord:
         """A later version of this instance came and could not be read: this result stands for it."""
         return any(n.startswith(UNREAD_VERSION) for n in self.patient.notes)
 
+    def hold_back(self, reason: str) -> None:
+        """Not to be scored after all (its scores, if the model ran, dropped): skipped, ``reason``
+        saying why."""
+        self.status, self.reason = "skipped", reason
+        self.scores = self.image_stats = None
+        self.scored_at = ""
+
     def add_note(self, note: str) -> None:
         if note not in self.patient.notes:
             self.patient.notes.append(note)

@@ -726,6 +726,7 @@ class Watcher:
     def process(self, rels: list[str]) -> None:
         now = time.monotonic()
         ids, duplicates = self.identify(rels)
+        held = self.held_back(ids)
         candidates = [Candidate(self.watch_dir / rel, rel) for rel in ids]
         metadata = None
         if self.metadata_csv is not None and candidates:
@@ -739,6 +740,8 @@ class Watcher:
                 if record.status == "error" and now - p.changed_at < self.cfg.broken_deadline:
                     defer.append(record.file)  # maybe still being written: try again later
                     continue
+                if record.ok and record.file in held:
+                    record.hold_back(held[record.file])
                 if record.ok:
                     self.write_report(f"{key}:{content}", record, scored.inputs(pos))
                     self.write_sr(f"{key}:{content}", record)
@@ -778,6 +781,11 @@ class Watcher:
             p = self.pending.pop(rel, None)
             log.info("duplicate %s: the same instance was already reported", log_name(rel))
             self.move(rel, "duplicate", (p.size, p.mtime_ns) if p else None)
+
+    def held_back(self, ids: dict[str, tuple[str, str]]) -> dict[str, str]:
+        """{rel: why} of the batch's files (``ids``: {rel: (key, content)}) that are not to be
+        scored whatever they hold: none here (the DICOM node holds back a study of two patients)."""
+        return {}
 
     def outbound_objects(self, studies: list[tuple[str, str, StudyRecord]]) -> dict[str, list[tuple]]:
         """Results to queue for sending with the batch's commit (cxr_batch.integration.outbox):

@@ -799,3 +799,34 @@ def test_a_spool_that_cannot_be_written_is_said_as_such_not_as_an_undecodable_me
     _guarded(failing(KeyError("(0000,1000)")), sock)(primitive)
     assert drops == [("spool", "NotADirectoryError: Not a directory"), ("spool", "OSError: No space left on device"),
                      ("protocol", "KeyError")]
+
+
+def test_an_object_whose_header_names_another_instance_than_its_c_store_is_refused(listener, nih_images, tmp_path,
+                                                                                  monkeypatch):
+    """A C-STORE announcing instance Y whose data set is instance X (a hostile sender sending
+    another image under a real image's UID, or a broken modality): it was stored under Y, its
+    result named X and its SR took the UID derived from X, so the PACS kept whichever of the two
+    SRs of X came first and answered the other "duplicate" (counted as delivered): the real
+    image could show the other image's result. Refused (0x0117), as a pull refuses it."""
+    from pydicom.uid import generate_uid
+    from pynetdicom import AE, _config
+
+    from .test_node import grey
+
+    monkeypatch.setattr(_config, "STORE_SEND_CHUNKED_DATASET", True)  # a file sent as it is, its meta's UID announced
+
+    scp, spool, stored = listener()
+    ds = pydicom.dcmread(write(tmp_path / "x.dcm", grey(nih_images[0])))
+    ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()  # what the C-STORE announces
+    path = tmp_path / "y.dcm"
+    ds.save_as(path)
+    ae = AE(ae_title="MODALITY")
+    ae.add_requested_context(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)
+    assoc = ae.associate("127.0.0.1", scp.cfg.port, ae_title="CXRBATCH")
+    try:
+        answer = assoc.send_c_store(path)
+    finally:
+        assoc.release()
+    assert int(answer.Status) == 0x0117 and stored == [], stored
+    assert not [p for p in spool.iterdir() if not p.name.startswith(".")]
+    assert scp.status()["refused"] == 1

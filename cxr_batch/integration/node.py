@@ -354,10 +354,11 @@ class StorageSCP:
         self._lock = threading.Lock()
         self._bytes: dict[int, int] = {}  # bytes received per association since its last C-STORE
         self._aborted: set[int] = set()  # associations aborted for an oversize object
-        # refusal(event) -> None, or (why an arriving object is not wanted, whether to log it): a pull takes
-        # only what it asked for, and says the first few it refuses in one retrieval;
+        # refusal(event) -> None, or (why an arriving object is not wanted, whether to log it): here an
+        # object that is another instance than announced; a pull takes only what it asked for, and says
+        # the first few it refuses in one retrieval;
         # taken(uid): told once one is stored, before another copy of that instance is looked at
-        self.refusal = None
+        self.refusal = another_instance
         self.taken = None
         self.receiving = KeyedLock()  # SOP Instance UIDs being checked and stored
 
@@ -572,6 +573,31 @@ class StorageSCP:
         self._aborted.discard(id(event.assoc))
 
 
+def another_instance(event) -> tuple[str, bool] | None:
+    """Why a C-STORE whose data set is another SOP instance than it announces is refused: it is
+    keyed by the announced UID and its result named by the header's, so an image sent under
+    another image's UID got a second result for that UID, and an SR with the UID derived from it
+    (the PACS kept one of the two and answered the other "duplicate"). None when they agree, or
+    the header cannot be read or names no instance (its row says so)."""
+    import pydicom
+
+    announced = str(event.request.AffectedSOPInstanceUID or "")
+    try:
+        try:
+            path = event.dataset_path
+        except AttributeError:  # held in memory
+            path = None
+        header = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SOPInstanceUID"]) if path \
+            else event.dataset
+        said = str(header.get("SOPInstanceUID", "") or "")
+    except Exception:
+        return None
+    if not said or said == announced:  # none: read, its row says why (it names no other image)
+        return None
+    return (f"its data set is instance {printable(said)}, not the one its C-STORE announces (not stored: its "
+            f"result would be filed under another image's UID)", True)
+
+
 def check_address(host: str, port: int) -> None:
     """Refuse (NodeError) an address the node could not listen on, a port another program
     holds, before the model loads and before the results folder is made. The listener binds
@@ -609,6 +635,7 @@ class Node(Watcher):
         self.not_scored: list[str] = []  # SOPInstanceUIDs of objects acknowledged and lost with OUT
         self.spool_fd = os.open(self.watch_dir, os.O_RDONLY | os.O_DIRECTORY)  # follows the spool if OUT moves
         self.scp = StorageSCP(cfg, self.spool, self.stored, tls)
+        self.two_patient_studies = 0  # studies held back since the start: images of two patients
 
     def stored(self, path: Path) -> None:
         """An object answered as stored (called in a network thread)."""
@@ -722,6 +749,58 @@ class Node(Watcher):
         with self.acknowledged_lock:
             self.acknowledged.difference_update(rels)  # committed as errors: reported
 
+    def held_back(self, ids: dict[str, tuple[str, str]]) -> dict[str, str]:
+        """The batch's images of a study that holds two patients (these and those of the ledger:
+        the same Study Instance UID sent for another patient ID, issuer, name, birth date or sex, on
+        one association or two, now or before): held back, never scored. Scored, one patient's
+        result would be filed in the other's study (the SR in the PACS, the ORU to the RIS). Said
+        once per study and batch with both patient IDs, never a name; a version of an instance
+        in the batch is compared without the result it replaces (a correction of the patient)."""
+        from .patients import Patient, two_patients
+
+        batch: dict[str, list[tuple[str, str, Patient]]] = {}  # study UID: [(rel, key, patient)]
+        for rel, (key, _) in ids.items():
+            study, patient = patient_header(self.watch_dir / rel)
+            if valid_uid(study):
+                batch.setdefault(study, []).append((rel, key, patient))
+        held = {}
+        for study, images in batch.items():
+            keys = {key for _, key, _ in images}
+            earlier = [(status, Patient.of_ids(ids)) for key, status, ids in self.ledger.study_patients(study)
+                       if key not in keys]
+            said = two_patients([*(p for _, p in earlier), *(p for _, _, p in images)])
+            if not said:
+                continue
+            self.two_patient_studies += 1
+            scored = sum(status == "ok" for status, _ in earlier)
+            log.error("study %s holds images of two patients, %s: %s held back, not scored%s; resolve the study in "
+                      "the PACS (split or merge it), then send its images again", study, said,
+                      plural(len(images), "image"),
+                      f" ({plural(scored, 'result')} of the study scored before stand: check them)" if scored else "")
+            held.update({rel: f"held back: study {study} holds images of two patients, {said} (a Study Instance "
+                              f"UID collision or a mis-merged study); resolve the study in the PACS and send its "
+                              f"images again" for rel, _, _ in images})
+        return held
+
     def extra_status(self) -> dict:
         lost = {"not_scored": self.not_scored} if self.not_scored else {}
-        return {"listen": self.scp.status(), **lost, **super().extra_status()}
+        held = {"two_patient_studies": self.two_patient_studies} if self.two_patient_studies else {}
+        return {"listen": self.scp.status(), **lost, **held, **super().extra_status()}
+
+
+def patient_header(path: Path):
+    """(Study Instance UID, :class:`~.patients.Patient`) of a received object's header, as its
+    record will have them; ("", empty) when it cannot be read (its row will say why)."""
+    import pydicom
+
+    from ..dicom import identifiers
+    from .patients import Patient
+
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=True,
+                             specific_tags=["SpecificCharacterSet", "StudyInstanceUID", "PatientID",
+                                            "IssuerOfPatientID", "PatientName", "PatientBirthDate", "PatientSex"])
+        ids = identifiers(ds)
+    except Exception:  # RecursionError included: a header nested past reading
+        return "", Patient()
+    return ids.study_uid, Patient.of_ids(ids)

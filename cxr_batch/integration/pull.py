@@ -24,11 +24,13 @@ a silent trial over last month's studies), once.
   next pull or ``cxr-batch outbound send`` sends it).
 
 Logs name counts, AE titles and SOP Instance UIDs, never a patient's name; patient IDs only
-where an arriving object names another patient than the C-FIND answered for its study.
+where an arriving object names another patient than the C-FIND answered for its study, or the
+PACS answers a study for two patients (held back: :mod:`.patients`).
 """
 
 from __future__ import annotations
 
+import copy
 import datetime as dt
 import logging
 import os
@@ -46,7 +48,8 @@ from ..config import ConfigError, bounded
 from ..exit_codes import FATAL, OK, SOME_FAILED
 from .delivery import connect_error
 from .dicom_send import Destination, association_failures_said_by_us, tcp_no_delay
-from .node import ListenConfig, Node, escape_library_log, printable, valid_uid
+from .node import ListenConfig, Node, escape_library_log, valid_uid
+from .patients import Patient, two_patients
 
 log = logging.getLogger("cxr_batch")
 
@@ -139,51 +142,6 @@ class PullConfig(ListenConfig):
 
 
 # ---------------------------------------------------------------------- talking to the PACS
-@dataclass(frozen=True)
-class Patient:
-    """Whom a study belongs to, as the study-level C-FIND answered it, or an object's header."""
-
-    id: str = ""
-    issuer: str = ""
-    name: str = ""  # the alphabetic group's ASCII letters and digits, upper case, per component: "DOE^JANE"
-
-    @classmethod
-    def of(cls, ds) -> "Patient":
-        """The patient keys of a C-FIND answer or an object's header; a value with no usable
-        text is empty."""
-        def text(key: str) -> str:
-            try:
-                return str(ds.get(key, "") or "").strip()
-            except Exception:  # a value its character set cannot decode
-                return ""
-
-        # a PACS's answer and the object may differ in case, in spaces and the empty components a
-        # name ends with, in the ideographic and phonetic groups one of them leaves out, and in
-        # the letters outside ASCII (an answer without SpecificCharacterSet read as Latin-1), taken
-        # out before upper case: upper() makes ASCII of some ('ß' -> 'SS', 'ı' -> 'I') on one side only
-        components = [re.sub(r"[^A-Za-z0-9]", "", c).upper() for c in text("PatientName").split("=")[0].split("^")]
-        while components and not components[-1]:
-            components.pop()
-        return cls(text("PatientID"), text("IssuerOfPatientID"), "^".join(components))
-
-    def differs(self, other: "Patient") -> str:
-        """How ``other`` (an arriving object's header) names another patient than this one (the
-        C-FIND's answer), for a log line: the two IDs quoted, never a name; "" when it does not.
-        A value empty on either side is not compared (a PACS answering no issuer, an object
-        without a name)."""
-        def given(a: str, b: str) -> bool:
-            return bool(a) and bool(b) and a != b
-
-        if given(self.id, other.id):
-            return f"patient ID '{printable(other.id)}' where the C-FIND answered '{printable(self.id)}'"
-        if given(self.issuer, other.issuer):
-            return (f"issuer of patient ID '{printable(other.issuer)}' where the C-FIND answered "
-                    f"'{printable(self.issuer)}' (patient ID '{printable(self.id or other.id)}')")
-        if given(self.name, other.name):
-            return f"another patient name than the C-FIND answered (patient ID '{printable(self.id or other.id)}')"
-        return ""
-
-
 @dataclass(frozen=True)
 class Study:
     uid: str
@@ -526,7 +484,7 @@ def pydicom_header(path):
 
     return pydicom.dcmread(path, stop_before_pixels=True,
                            specific_tags=["SpecificCharacterSet", "SOPInstanceUID", "StudyInstanceUID", "PatientID",
-                                          "IssuerOfPatientID", "PatientName"])
+                                          "IssuerOfPatientID", "PatientName", "PatientBirthDate", "PatientSex"])
 
 
 def study_day(answer) -> str | None:
@@ -588,6 +546,8 @@ class Progress:
     retrieval_failures: int = 0
     not_asked: int = 0  # objects the PACS sent that this pull had not asked for: refused, never scored
     other_patient: int = 0  # of those, objects of the study asked for naming another patient than its C-FIND
+    two_patients: int = 0  # studies answered for two patients: held back, not retrieved
+    series_patient_keys: bool | None = None  # whether the PACS takes patient keys in a series-level C-FIND
     not_retrievable: int = 0  # objects of a class C-GET does not ask for (an SR in a DX series): not retrieved
     more_match: bool = False  # max_studies reached: a next pull does the rest
     error: str = ""
@@ -603,6 +563,8 @@ class Progress:
                 + (f", {self.other_patient} object(s) naming another patient than the C-FIND answered refused"
                    if self.other_patient else "")
                 + (f", {self.not_retrievable} object(s) of a class C-GET does not take left" if self.not_retrievable
+                   else "")
+                + (f", {self.two_patients} stud(ies) answered for two patients held back" if self.two_patients
                    else ""))
 
 
@@ -741,7 +703,7 @@ class Puller(Node):
         elif self.interrupt:
             log.warning("pull: stopped before the end; run the same pull again to finish")
             self.exit_code = SOME_FAILED
-        elif status["error"] or p.retrieval_failures or undelivered:
+        elif status["error"] or p.retrieval_failures or undelivered or p.two_patients or self.two_patient_studies:
             self.exit_code = SOME_FAILED
 
     def run(self) -> int:
@@ -806,7 +768,8 @@ class Puller(Node):
             ds.StudyDate = dates
             ds.StudyInstanceUID = ""
             ds.ModalitiesInStudy = list(self.cfg.modalities) if with_modalities else ""
-            ds.PatientID = ds.IssuerOfPatientID = ds.PatientName = ""  # whose: each object arriving is checked
+            # whose: each object arriving is checked
+            ds.PatientID = ds.IssuerOfPatientID = ds.PatientName = ds.PatientBirthDate = ds.PatientSex = ""
             return self.source.find(ds, cap)
 
         try:
@@ -821,28 +784,46 @@ class Puller(Node):
         studies, wanted = [], set(self.cfg.modalities)
         first, _, last = dates.partition("-")
         outside = 0
+        patients: dict[str, list[Patient]] = {}  # each study's patients as answered
         for answer in answers:
             uid = str(answer.get("StudyInstanceUID", "") or "")
             if not valid_uid(uid):
                 log.warning("pull: a study answered without a valid Study Instance UID: skipped")
                 continue
-            if uid in self.seen_studies:  # answered twice (in this page or an earlier one): looked at once
+            if uid in self.seen_studies:  # answered in an earlier page: looked at once
                 continue
             day = study_day(answer)
             if day is not None and (day < first or (last and day > last)):  # a PACS ignoring the dates asked
                 outside += 1
                 continue
-            self.seen_studies.add(uid)
+            if uid in patients:  # answered twice in this page: looked at once, each patient answered kept
+                patients[uid].append(Patient.of(answer))
+                continue
+            patients[uid] = [Patient.of(answer)]
             value = answer.get("ModalitiesInStudy") or []
             modalities = tuple(str(m).upper() for m in ([value] if isinstance(value, str) else value) if m)
             if not (set(modalities) & wanted) and not self.progress.ignores_modalities_in_study:
                 log.info("pull: the PACS ignores ModalitiesInStudy: studies are filtered by their series' Modality")
                 self.progress.ignores_modalities_in_study = True
             studies.append(Study(uid, modalities, Patient.of(answer)))
+        self.seen_studies.update(patients)
         if outside:
             log.warning("pull: %d stud%s dated outside %s answered (the PACS ignores the dates asked?): skipped",
                         outside, "y" if outside == 1 else "ies", dates)
-        return studies
+        return [study for study in studies if not self._two_patients(study.uid, patients[study.uid])]
+
+    def _two_patients(self, study: str, patients: list[Patient]) -> bool:
+        """Whether the PACS answered ``study`` for two patients (Orthanc keeps one study per
+        patient and Study Instance UID: a UID collision, a mis-merge, or a hostile PACS). Then
+        nothing of it is retrieved: scored under the one UID, one patient's results would be
+        filed in the other's study (and, asked as the first answer's, the other's images were
+        refused on every pull). Said for a person to resolve in the PACS; the pull exits 3."""
+        said = two_patients(patients)
+        if said:
+            self.progress.two_patients += 1
+            log.error("pull: study %s is answered for two patients, %s: held back, none of its images retrieved or "
+                      "scored; resolve the study in the PACS (split or merge it), then pull again", study, said)
+        return bool(said)
 
     def _pull_study(self, ledger, study: Study) -> None:
         from pydicom.dataset import Dataset
@@ -855,13 +836,15 @@ class Puller(Node):
         ds.Modality = ""
         wanted = set(self.cfg.modalities)
         try:
-            found = self.source.find(ds)
+            found = self._find_series(ds)
         except (QueryRefused, TooMany) as e:  # this study only: the others are still pulled
             log.warning("pull: study %s could not be listed (%s): skipped; the next pull tries it again", study.uid,
                         e or "too many series")
             p.retrieval_failures += 1
             return
         found = self._of_study(found, study.uid, "series")
+        if self._two_patients(study.uid, [study.patient, *map(Patient.of, found)]):
+            return
         # each series once: a PACS answering one series many times would have it listed as often
         series = list({str(s.SeriesInstanceUID): s for s in found if str(s.get("Modality", "") or "").upper() in wanted
                        and valid_uid(str(s.get("SeriesInstanceUID", "") or ""))}.values())
@@ -900,6 +883,31 @@ class Puller(Node):
                     self._retrieve(study, ds.SeriesInstanceUID, uid, [uid])
         if retrieved_any:
             p.studies_retrieved += 1
+
+    def _find_series(self, ds) -> list:
+        """A series-level C-FIND, the patient keys asked too (a PACS answering one study per
+        patient and Study Instance UID answers ModalitiesInStudy's study-level C-FIND once, for one
+        of them: their series say the other); without them where the PACS refuses them (a
+        refusal before any query with them was answered: asked again without; answered so, the
+        keys are left out from then on)."""
+        p = self.progress
+        if p.series_patient_keys is not False:
+            asked = copy.deepcopy(ds)  # Dataset.copy() shares its elements
+            asked.PatientID = asked.IssuerOfPatientID = asked.PatientName = asked.PatientBirthDate = ""
+            asked.PatientSex = ""
+            try:
+                found = self.source.find(asked)
+                p.series_patient_keys = True
+                return found
+            except QueryRefused as e:
+                if p.series_patient_keys:  # they were answered before: this study's refusal
+                    raise
+                found = self.source.find(ds)
+                log.warning("pull: the PACS refused patient keys in a series-level C-FIND (%s): asked without them "
+                            "from now on; a study it holds for two patients is found as its images arrive", e)
+                p.series_patient_keys = False
+                return found
+        return self.source.find(ds)
 
     def _of_study(self, answers: list, study: str, level: str, series: str = "") -> list:
         """The answers of a series- or image-level C-FIND that belong to the study (and series)

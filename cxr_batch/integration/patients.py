@@ -1,0 +1,108 @@
+"""Whom an object belongs to, as a DICOM peer says it, and when two say different patients.
+
+A pull checks each arriving object against the patient its study's C-FIND answered
+(cxr_batch.integration.pull); the node (listen, pull) holds back a study whose images name two
+patients (:func:`two_patients`): scored under one Study Instance UID, one patient's result would be
+filed in the other's study. Log lines name patient IDs, never a name or a birth date.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from .node import printable
+
+
+def _name_key(text: str) -> str:
+    """A person name as compared: the alphabetic group's ASCII letters and digits, upper case,
+    per component, trailing empty components dropped ("doe^jane^^" and "DOE^JANE" are one name).
+
+    A PACS's answer and the object may differ in case, in spaces and the empty components a name
+    ends with, in the ideographic and phonetic groups one of them leaves out, and in the letters
+    outside ASCII (an answer without SpecificCharacterSet read as Latin-1), taken out before upper
+    case: upper() makes ASCII of some ('ß' -> 'SS', 'ı' -> 'I') on one side only."""
+    components = [re.sub(r"[^A-Za-z0-9]", "", c).upper() for c in text.split("=")[0].split("^")]
+    while components and not components[-1]:
+        components.pop()
+    return "^".join(components)
+
+
+@dataclass(frozen=True)
+class Patient:
+    """Whom a study belongs to, as a C-FIND answered it, an object's header or a scored record."""
+
+    id: str = ""
+    issuer: str = ""
+    name: str = ""  # as compared (_name_key): "DOE^JANE"
+    birth_date: str = ""  # DA, YYYYMMDD
+    sex: str = ""  # M, F or O (a frontal and a lateral of one study that disagree are two patients)
+
+    @classmethod
+    def of(cls, ds) -> "Patient":
+        """The patient keys of a C-FIND answer or an object's header; a value with no usable
+        text is empty."""
+        def text(key: str) -> str:
+            try:
+                return str(ds.get(key, "") or "").strip()
+            except Exception:  # a value its character set cannot decode
+                return ""
+
+        return cls(text("PatientID"), text("IssuerOfPatientID"), _name_key(text("PatientName")),
+                   text("PatientBirthDate"), text("PatientSex").upper())
+
+    @classmethod
+    def of_ids(cls, ids) -> "Patient":
+        """The patient of a record's :class:`~cxr_batch.study.Identifiers`."""
+        return cls(ids.patient_id, ids.issuer_of_patient_id, _name_key(ids.patient_name), ids.patient_birth_date,
+                   ids.patient_sex.upper())
+
+    def _first_difference(self, other: "Patient") -> str:
+        """The first key both give with different values ("" when none): a value empty on
+        either side is not compared (a PACS answering no issuer, an object without a name)."""
+        for key in ("id", "issuer", "name", "birth_date", "sex"):
+            a, b = getattr(self, key), getattr(other, key)
+            if a and b and a != b:
+                return key
+        return ""
+
+    def differs(self, other: "Patient") -> str:
+        """How ``other`` (an arriving object's header) names another patient than this one (the
+        C-FIND's answer), for a log line: the two IDs quoted, never a name; "" when it does not."""
+        key = self._first_difference(other)
+        if key == "id":
+            return f"patient ID '{printable(other.id)}' where the C-FIND answered '{printable(self.id)}'"
+        if key == "issuer":
+            return (f"issuer of patient ID '{printable(other.issuer)}' where the C-FIND answered "
+                    f"'{printable(self.issuer)}' (patient ID '{printable(self.id or other.id)}')")
+        if key == "name":
+            return f"another patient name than the C-FIND answered (patient ID '{printable(self.id or other.id)}')"
+        if key in ("birth_date", "sex"):
+            return (f"another {key.replace('_', ' ')} than the C-FIND answered (patient ID "
+                    f"'{printable(self.id or other.id)}')")
+        return ""
+
+    def apart(self, other: "Patient") -> str:
+        """How this patient and ``other`` are two, said alike whichever came first: "patient
+        IDs 'A' and 'B'", or the one ID and what differs; "" when they may be one patient."""
+        key = self._first_difference(other)
+        if not key:
+            return ""
+        first, second = sorted((self, other), key=lambda p: (p.id, p.issuer, p.name, p.birth_date, p.sex))
+        if key == "id":
+            return f"patient IDs '{printable(first.id)}' and '{printable(second.id)}'"
+        same = f"patient ID '{printable(self.id or other.id)}'"
+        if key == "issuer":
+            return f"{same} of two issuers, '{printable(first.issuer)}' and '{printable(second.issuer)}'"
+        return f"{same} with two {dict(name='names', birth_date='birth dates', sex='sexes')[key]}"
+
+
+def two_patients(patients) -> str:
+    """How ``patients`` (of one study) hold two patients (:meth:`Patient.apart` of the first
+    pair found), "" when they may all be one."""
+    patients = list(dict.fromkeys(patients))  # a study of many images of one patient: one
+    for i, one in enumerate(patients):
+        for other in patients[i + 1:]:
+            if said := one.apart(other):
+                return said
+    return ""
