@@ -18,6 +18,7 @@ from cxr_batch.integration.dicom_send import Destination, send_dataset
 from cxr_batch.record import Scores, StudyRecord
 from cxr_batch.sr import build_sr
 from tests.dicomgen import grey, have, write
+from tests.orthanc import make_orthanc  # noqa: F401
 
 
 def free_port() -> int:
@@ -234,3 +235,14 @@ def test_the_pacs_s_error_comment_is_kept_with_the_status(sr, refusing_scp, tmp_
     assert delivery.outcome == "rejected" and "0xA900" in delivery.reason, delivery
     assert "Patient ID mismatch" in delivery.reason and "\x1b" not in delivery.reason, delivery
     assert "0xA900" in delivery.logged and "mismatch" not in delivery.logged  # what the log says
+
+
+def test_a_pacs_that_does_not_know_our_ae_title_is_said_as_such(sr, make_orthanc):
+    # Orthanc (DicomAlwaysAllowStore false, our AE title not in its DicomModalities) accepts the
+    # association, then aborts it on our C-STORE: the queue said only "no C-STORE response", and
+    # an operator looked for a PACS that was down while it was its configuration that lacked us
+    pacs = make_orthanc(dicomweb=False, extra={"DicomAlwaysAllowStore": False})
+    result = send_dataset(sr, Destination(pacs.aet, "127.0.0.1", pacs.dicom_port), calling_ae="CXRNODE", timeout=10)
+    assert not result.ok and result.transient and result.status is None
+    assert "aborted the association" in result.reason and "'CXRNODE'" in result.reason, result.reason
+    assert "DicomModalities" in result.reason and pacs.sop_instance_uids() == []

@@ -155,11 +155,17 @@ def send_dataset(dataset: Dataset | str | Path, destination: Destination, *, cal
     # Both uncompressed syntaxes: pynetdicom converts between them, so any peer that stores this
     # SOP class at all can take the object.
     ae.add_requested_context(dataset.SOPClassUID, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+    peer_aborted: list[bool] = []  # an A-ABORT came from the peer (not ours after a timeout)
+
+    def note_peer_abort(event) -> None:
+        if type(event.pdu).__name__ == "A_ABORT_RQ":
+            peer_aborted.append(True)
+
     try:
         with association_failures_said_by_us():
             assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title,
                                  tls_args=(tls, destination.host) if tls is not None else None,
-                                 evt_handlers=[(evt.EVT_CONN_OPEN, tcp_no_delay)])
+                                 evt_handlers=[(evt.EVT_CONN_OPEN, tcp_no_delay), (evt.EVT_PDU_RECV, note_peer_abort)])
     except Exception as e:  # a bad host name, an unreachable network
         return _failed(uid, destination, f"cannot connect: {connect_error(e, destination.host)}", transient=True, unsent=True)
     if not assoc.is_established:
@@ -181,6 +187,12 @@ def send_dataset(dataset: Dataset | str | Path, destination: Destination, *, cal
     status = int(answer.Status) if "Status" in answer else None
     if assoc.is_established:
         assoc.release()
+    if status is None and peer_aborted:
+        # Orthanc answers a store from an AE title it does not know so (its log: "Rejected Store
+        # request"), after accepting the association: the fix is in the PACS's configuration
+        return _failed(uid, destination, f"the PACS aborted the association instead of answering our C-STORE: "
+                       f"it may not accept objects from our AE title {calling_ae!r} at this address; add us to its "
+                       f"DICOM nodes (Orthanc: DicomModalities, or DicomAlwaysAllowStore) and see its log", transient=True)
     if status is None:  # no response within the timeout, or the association was aborted
         return _failed(uid, destination, "no C-STORE response", transient=True)
     note = "" if status == 0x0000 else f"warning 0x{status:04X}" if status in _WARNINGS else \
