@@ -15,6 +15,7 @@ import logging
 import re
 import socket
 import ssl
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -155,17 +156,11 @@ def send_dataset(dataset: Dataset | str | Path, destination: Destination, *, cal
     # Both uncompressed syntaxes: pynetdicom converts between them, so any peer that stores this
     # SOP class at all can take the object.
     ae.add_requested_context(dataset.SOPClassUID, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
-    peer_aborted: list[bool] = []  # an A-ABORT came from the peer (not ours after a timeout)
-
-    def note_peer_abort(event) -> None:
-        if type(event.pdu).__name__ == "A_ABORT_RQ":
-            peer_aborted.append(True)
-
     try:
         with association_failures_said_by_us():
             assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title,
                                  tls_args=(tls, destination.host) if tls is not None else None,
-                                 evt_handlers=[(evt.EVT_CONN_OPEN, tcp_no_delay), (evt.EVT_PDU_RECV, note_peer_abort)])
+                                 evt_handlers=[(evt.EVT_CONN_OPEN, tcp_no_delay)])
     except Exception as e:  # a bad host name, an unreachable network
         return _failed(uid, destination, f"cannot connect: {connect_error(e, destination.host)}", transient=True, unsent=True)
     if not assoc.is_established:
@@ -179,6 +174,7 @@ def send_dataset(dataset: Dataset | str | Path, destination: Destination, *, cal
         what = f"no presentation context accepted: the peer does not store {named}" \
             if assoc.is_aborted and assoc.rejected_contexts else "no association (peer down, unreachable or not answering)"
         return _failed(uid, destination, what, transient=not assoc.rejected_contexts, unsent=True)
+    started = time.monotonic()
     try:
         answer = assoc.send_c_store(dataset)
     except Exception as e:  # a dataset pynetdicom cannot encode
@@ -187,9 +183,10 @@ def send_dataset(dataset: Dataset | str | Path, destination: Destination, *, cal
     status = int(answer.Status) if "Status" in answer else None
     if assoc.is_established:
         assoc.release()
-    if status is None and peer_aborted:
-        # Orthanc answers a store from an AE title it does not know so (its log: "Rejected Store
-        # request"), after accepting the association: the fix is in the PACS's configuration
+    if status is None and time.monotonic() - started < 0.9 * timeout:
+        # no answer, and not for want of time: the PACS ended the association (an A-ABORT, or the
+        # connection closed before pynetdicom read one). Orthanc answers so a store from an AE title
+        # it does not know (its log: "Rejected Store request"): the fix is in its configuration
         return _failed(uid, destination, f"the PACS aborted the association instead of answering our C-STORE: "
                        f"it may not accept objects from our AE title {calling_ae!r} at this address; add us to its "
                        f"DICOM nodes (Orthanc: DicomModalities, or DicomAlwaysAllowStore) and see its log", transient=True)
