@@ -19,9 +19,11 @@ class FolderBusy(Exception):
 
 
 class FolderLock:
-    def __init__(self, folder: Path, what: str):
+    def __init__(self, folder: Path, what: str, advice: str = "stop it first, or choose another --out"):
+        """``advice``: what to do when another process holds the folder, for the message."""
         self.path = Path(folder) / LOCK_NAME
         self.what = what
+        self.advice = advice
         self._fd: int | None = None
 
     def acquire(self) -> "FolderLock":
@@ -32,7 +34,7 @@ class FolderLock:
             holder = os.pread(fd, 200, 0).decode("utf-8", "replace").strip() or "an unknown process"
             os.close(fd)
             raise FolderBusy(f"{self.path.parent} is in use by {holder}; one cxr-batch process writes a results "
-                             f"folder at a time (stop it first, or choose another --out)") from None
+                             f"folder at a time ({self.advice})") from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"cxr-batch {self.what} (PID {os.getpid()})\n".encode(), 0)
         self._fd = fd

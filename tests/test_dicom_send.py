@@ -18,6 +18,7 @@ from cxr_batch.integration.dicom_send import Destination, send_dataset
 from cxr_batch.record import Scores, StudyRecord
 from cxr_batch.sr import build_sr
 from tests.dicomgen import grey, have, write
+from tests.orthanc import make_orthanc  # noqa: F401
 
 
 def free_port() -> int:
@@ -234,3 +235,47 @@ def test_the_pacs_s_error_comment_is_kept_with_the_status(sr, refusing_scp, tmp_
     assert delivery.outcome == "rejected" and "0xA900" in delivery.reason, delivery
     assert "Patient ID mismatch" in delivery.reason and "\x1b" not in delivery.reason, delivery
     assert "0xA900" in delivery.logged and "mismatch" not in delivery.logged  # what the log says
+
+
+def test_a_pacs_that_does_not_know_our_ae_title_is_said_as_such(sr, make_orthanc):
+    # Orthanc (DicomAlwaysAllowStore false, our AE title not in its DicomModalities) accepts the
+    # association, then aborts it on our C-STORE: the queue said only "no C-STORE response", and
+    # an operator looked for a PACS that was down while it was its configuration that lacked us
+    pacs = make_orthanc(dicomweb=False, extra={"DicomAlwaysAllowStore": False})
+    result = send_dataset(sr, Destination(pacs.aet, "127.0.0.1", pacs.dicom_port), calling_ae="CXRNODE", timeout=10)
+    assert not result.ok and result.transient and result.status is None
+    assert "aborted the association" in result.reason and "'CXRNODE'" in result.reason, result.reason
+    assert "DicomModalities" in result.reason and pacs.sop_instance_uids() == []
+
+
+def test_the_readme_s_storescu_commands_send_the_srs_and_pdfs_of_a_results_folder(sr, storescp, tmp_path):
+    # README's `storescu -aec PACS pacs.example.org 104 +sd RESULTS_DIR/dicom` failed: dcmtk's
+    # storescu does not propose Comprehensive 3D SR unless asked for the files' own classes (-R)
+    # ("No presentation context for: (SR3)"), and nothing said how to send the --dicom-pdf reports,
+    # which lie beside PDFs that storescu cannot read
+    import re
+    from pathlib import Path
+
+    from cxr_batch.dicom_build import encapsulated_pdf
+
+    if not Path("/usr/bin/storescu").exists():
+        pytest.skip("dcmtk storescu not installed")
+    destination, folder = storescp
+    out = tmp_path / "results"
+    (out / "dicom").mkdir(parents=True)
+    (out / "reports").mkdir()
+    sr.save_as(out / "dicom" / "cxr_0a.sr.dcm", enforce_file_format=True)
+    pdf = encapsulated_pdf(b"%PDF-1.4 report", {"PatientID": "P1", "StudyInstanceUID": sr.StudyInstanceUID}, "report")
+    pdf.save_as(out / "reports" / "cxr_0a.dcm", enforce_file_format=True)
+    (out / "reports" / "cxr_0a.pdf").write_bytes(b"%PDF-1.4 report")
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    section = readme[readme.index("### DICOM SR"):readme.index("## Watching a PACS export folder")]
+    commands = re.findall(r"`(storescu [^`]*RESULTS_DIR[^`]*)`", section)
+    assert any("RESULTS_DIR/dicom" in c for c in commands) and any("RESULTS_DIR/reports" in c for c in commands), commands
+    for command in commands:
+        argv = command.replace("pacs.example.org 104", f"127.0.0.1 {destination.port}") \
+            .replace("RESULTS_DIR", str(out)).replace("'", "").split()
+        run = subprocess.run(["/usr/bin/storescu", *argv[1:]], capture_output=True, text=True, timeout=60)
+        assert run.returncode == 0 and "E:" not in run.stderr, (command, run.stderr)
+    stored = {pydicom.dcmread(p).SOPInstanceUID for p in folder.iterdir()}
+    assert stored == {sr.SOPInstanceUID, pdf.SOPInstanceUID}

@@ -535,3 +535,18 @@ def test_why_an_archive_cannot_be_reached_is_said_whole_or_cut_between_words():
     said, whole = unreachable(long, "pacs"), f"ConnectionError: {long}"
     kept = said.removesuffix(" ...")
     assert len(said) <= 200 and kept != said and whole.startswith(kept) and whole[len(kept)] == " ", said
+
+
+def test_an_archive_that_cannot_be_reached_keeps_the_queue_in_its_order(results, tmp_path):
+    # `watch --stow-to` with the archive down sent each waiting SR to the back of the queue at each
+    # failed connection (the log named another SR at every try), while C-STORE and HL7 keep the
+    # queue's order: after an outage the results went out in any order, urgent ones not first
+    _, srs = results
+    refused = store_dataset(srs[0], _config(tmp_path, f"http://127.0.0.1:{free_port()}/dicom-web/", timeout=2))
+    unknown = store_dataset(srs[0], _config(tmp_path, "http://no-such-host.invalid/dicom-web/", timeout=2))
+    assert refused.outcome == unknown.outcome == "retry" and refused.unsent and unknown.unsent, (refused, unknown)
+    with socket.socket() as silent:  # connected: the request may have reached it
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(4)
+        answered = store_dataset(srs[0], _config(tmp_path, f"http://127.0.0.1:{silent.getsockname()[1]}/dw", timeout=1))
+    assert answered.outcome == "retry" and not answered.unsent, answered

@@ -453,3 +453,16 @@ def test_a_schema_5_queue_gets_a_digest_column_and_its_messages_are_checked_as_b
     message.write_bytes(("MSH|^~\\&|CXR-BATCH|FAC|RIS|FAC|20240101120000||ORU^R01^ORU_R01|CTRL5|P|2.5\r"
                          "PID|1||P001\r" + LAST_OBX).encode())
     assert whole_object_file(message, "CTRL5") and not whole_object_file(message, "CTRL5", "ab" * 32)
+
+
+def test_outbound_send_on_a_running_daemon_s_folder_says_to_use_retry(results):
+    # `outbound send --out OUT` while `cxr-batch listen` runs there said "stop it first, or
+    # choose another --out": stopping the node stops receiving studies, and the node sends its
+    # queue itself; `outbound retry` is what makes its waiting results due now
+    from cxr_batch.folderlock import FolderLock
+
+    out, _ledger, _uids = results
+    with FolderLock(out, "listen"):
+        sent = outbound("send", "--out", out, "--wait", 1)
+    assert sent.returncode == 1 and "is in use by cxr-batch listen" in sent.stderr, sent.stderr
+    assert f"cxr-batch outbound retry --out {out}" in sent.stderr and "stop it first" not in sent.stderr, sent.stderr

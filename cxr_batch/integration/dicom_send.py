@@ -15,6 +15,7 @@ import logging
 import re
 import socket
 import ssl
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -173,6 +174,7 @@ def send_dataset(dataset: Dataset | str | Path, destination: Destination, *, cal
         what = f"no presentation context accepted: the peer does not store {named}" \
             if assoc.is_aborted and assoc.rejected_contexts else "no association (peer down, unreachable or not answering)"
         return _failed(uid, destination, what, transient=not assoc.rejected_contexts, unsent=True)
+    started = time.monotonic()
     try:
         answer = assoc.send_c_store(dataset)
     except Exception as e:  # a dataset pynetdicom cannot encode
@@ -181,6 +183,13 @@ def send_dataset(dataset: Dataset | str | Path, destination: Destination, *, cal
     status = int(answer.Status) if "Status" in answer else None
     if assoc.is_established:
         assoc.release()
+    if status is None and time.monotonic() - started < 0.9 * timeout:
+        # no answer, and not for want of time: the PACS ended the association (an A-ABORT, or the
+        # connection closed before pynetdicom read one). Orthanc answers so a store from an AE title
+        # it does not know (its log: "Rejected Store request"): the fix is in its configuration
+        return _failed(uid, destination, f"the PACS aborted the association instead of answering our C-STORE: "
+                       f"it may not accept objects from our AE title {calling_ae!r} at this address; add us to its "
+                       f"DICOM nodes (Orthanc: DicomModalities, or DicomAlwaysAllowStore) and see its log", transient=True)
     if status is None:  # no response within the timeout, or the association was aborted
         return _failed(uid, destination, "no C-STORE response", transient=True)
     note = "" if status == 0x0000 else f"warning 0x{status:04X}" if status in _WARNINGS else \

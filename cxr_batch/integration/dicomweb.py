@@ -220,7 +220,8 @@ class StowClient:
             return self._failed(uid, Delivery.retry(f"no answer from {self._where} within {self.config.timeout:g} s"))
         except requests.RequestException as e:  # connection refused, DNS, TLS
             return self._failed(uid, Delivery.retry(f"cannot reach {self._where}: "
-                                                    f"{unreachable(e, urlsplit(self.config.url).hostname)}"))
+                                                    f"{unreachable(e, urlsplit(self.config.url).hostname)}",
+                                                    unsent=never_connected(e)))
         except (ValueError, TypeError, AttributeError, KeyError) as e:  # a body dicomweb-client cannot read
             return self._failed(uid, Delivery.retry(f"unreadable STOW-RS response: {type(e).__name__}: {e}"))
         status = self.last_response.status_code if self.last_response is not None else 200
@@ -327,6 +328,20 @@ class StowClient:
         else:
             log.warning("not stored %s on %s: %s", uid, self._where, delivery.reason)
         return delivery
+
+
+def never_connected(e: BaseException) -> bool:
+    """Whether requests failed before any connection was made (refused, a name nothing resolves):
+    the object never reached the archive, so the queue keeps its order (as C-STORE and HL7 do)."""
+    from urllib3.exceptions import NewConnectionError  # NameResolutionError is one too
+
+    cause, seen = e, set()
+    while cause is not None and id(cause) not in seen:  # requests wraps it in MaxRetryError
+        if isinstance(cause, NewConnectionError):
+            return True
+        seen.add(id(cause))
+        cause = cause.__cause__ or cause.__context__ or getattr(cause, "reason", None)
+    return False
 
 
 def unreachable(e: BaseException, host: str, limit: int = 200) -> str:

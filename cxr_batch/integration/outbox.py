@@ -425,7 +425,9 @@ def send_queue(out: Path, channels: list[Channel], until: float, refused_retry: 
 
     out = Path(out)
     lines = []
-    with FolderLock(out, "outbound send"):
+    # a daemon there sends its queue itself: stopping it would stop the studies coming in too
+    with FolderLock(out, "outbound send", advice="a daemon running there sends its queue itself; "
+                    f"'cxr-batch outbound retry --out {out}' makes what waits due now"):
         for path in queue_paths(out):
             ledger = open_queue(path)
             try:
