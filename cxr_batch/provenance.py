@@ -89,6 +89,23 @@ def read_training_images(folder: Path, manifest: dict) -> TrainingImages | None:
 
 
 IN_SAMPLE = "figures on {these} are in-sample (too good), not a test of the model"
+# calibrate copies the base bundle's list (the same weights, the same training images) and names
+# no study it fitted on; its provenance keeps the sha256 of the labels table it was given
+CALIBRATED_ON = ("this bundle was calibrated on these labels (the same table, sha256 as in its provenance): its "
+                 "calibration and thresholds were fitted on these studies, so ECE, Brier and the flags' sensitivity "
+                 "and specificity here are in-sample (AUROC is not changed by calibration); evaluate it on studies it "
+                 "was not calibrated on")
+
+
+def calibration_labels(manifest: dict, labels_sha256: str) -> dict | None:
+    """evaluation.json's ``calibrated_on``: whether a site-calibrated bundle is evaluated with
+    the very labels table it was calibrated with (same sha256); None for a bundle not calibrated.
+    A subset or an edited copy of that table is another file: not recognised."""
+    recorded = ((manifest.get("provenance") or {}).get("labels") or {}).get("sha256")
+    if "calibration" not in manifest or not isinstance(recorded, str):
+        return None
+    same = recorded == labels_sha256
+    return {"labels_sha256": recorded, "same_labels": same, "message": CALIBRATED_ON if same else None}
 
 
 def overlap(training: TrainingImages | None, files: list[str], labelled_as: list[str],

@@ -150,3 +150,34 @@ def test_overlap_counts_images_by_name_without_extension_and_other_images_of_tra
     assert record["message"].startswith("2 of 5 studies are images the model was trained or tuned on and 1 more is "
                                         "another image of its training patients")
     assert overlap(training, files[3:], labelled_as[3:], ["9", ""])[0]["message"] is None
+
+
+def test_a_calibrated_bundle_evaluated_on_its_own_calibration_labels_says_so(nih, nih_images, tmp_path, small_bundle):
+    """calibrate fits the calibration and thresholds on its studies but copies the base bundle's
+    training list unchanged: evaluating the calibrated bundle on the very studies and labels it
+    was calibrated on said nothing, and its ECE, Brier and operating point read as a test."""
+    images = nih_images[:40]
+    studies = folder_of(tmp_path, images, "fit")
+    labels = labels_of(nih, images, tmp_path / "fit.csv")
+    proc = cli("calibrate", studies, "--labels", labels, "--weights", small_bundle, "--out", tmp_path / "calibrated",
+               *CPU)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = tmp_path / "ev"
+    proc = cli("evaluate", studies, "--labels", labels, "--weights", tmp_path / "calibrated", "--out", out,
+               "--bootstrap", 0, *CPU)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    said = json.loads((out / "evaluation.json").read_text())["calibrated_on"]
+    assert said["same_labels"] and said["labels_sha256"] == load_bundle(tmp_path / "calibrated").manifest[
+        "provenance"]["labels"]["sha256"]
+    assert proc.stderr.count("was calibrated on these labels") == 1, proc.stderr[-2000:]
+    text = subprocess.run(["pdftotext", "-layout", str(out / "evaluation.pdf"), "-"], capture_output=True,
+                          text=True).stdout
+    assert "calibrated on these labels" in " ".join(text.split())
+
+    other = labels_of(nih, nih_images[40:60], tmp_path / "other.csv")  # a held-out set: nothing said
+    out = tmp_path / "ev_other"
+    proc = cli("evaluate", folder_of(tmp_path, nih_images[40:60], "other"), "--labels", other, "--weights",
+               tmp_path / "calibrated", "--out", out, "--bootstrap", 0, *CPU)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert not json.loads((out / "evaluation.json").read_text())["calibrated_on"]["same_labels"]
+    assert "calibrated on these labels" not in proc.stderr
