@@ -82,10 +82,21 @@ def read_training_images(folder: Path, manifest: dict) -> TrainingImages | None:
     if sha256_file(path) != record["sha256"]:
         raise BundleError(f"{path} fails its checksum (manifest sha256 {record['sha256']}): the list of training "
                           f"images was altered after the bundle was made; refusing to use it")
-    with open(path, newline="", encoding="utf-8") as f:
-        rows = list(csv.DictReader(f))
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            rows = list(reader)
+        if reader.fieldnames is None or not set(COLUMNS) <= set(reader.fieldnames):
+            raise ValueError(f"its columns are {reader.fieldnames}, not {', '.join(COLUMNS)}")
+        short = next((i for i, r in enumerate(rows, 2) if any(r[c] is None for c in COLUMNS)), None)
+        if short is not None:
+            raise ValueError(f"line {short} has fewer than {len(COLUMNS)} fields")
+    except (UnicodeDecodeError, csv.Error, ValueError) as e:  # sealed as it is: made by another tool or by hand
+        raise BundleError(f"{path} is not a list of training images ({e}): the bundle cannot say what it was trained "
+                          f"on; make the list again (python -m training.record_images) or remove it and its "
+                          f"'training_images' entry from the manifest") from None
     return TrainingImages(frozenset(image_key(r["image"]) for r in rows),
-                          frozenset(r["patient_id"].strip() for r in rows if r.get("patient_id", "").strip()))
+                          frozenset(r["patient_id"].strip() for r in rows if r["patient_id"].strip()))
 
 
 IN_SAMPLE = "figures on {these} are in-sample (too good), not a test of the model"

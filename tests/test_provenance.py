@@ -181,3 +181,26 @@ def test_a_calibrated_bundle_evaluated_on_its_own_calibration_labels_says_so(nih
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert not json.loads((out / "evaluation.json").read_text())["calibrated_on"]["same_labels"]
     assert "calibrated on these labels" not in proc.stderr
+
+
+@pytest.mark.parametrize("text", [
+    b"image,patient_id,role\n00000001_000.png\n",  # a short row: patient_id None
+    b"name,pid\n00000001_000.png,1\n",  # not the list's columns
+    b"image,patient_id,role\n\xff\xfe.png,1,train\n",  # not UTF-8
+])
+def test_a_sealed_but_malformed_training_list_is_a_bundle_error_not_a_crash(small_bundle, tmp_path, text):
+    """A list written by another tool (or by hand) and sealed into the manifest with its sha256:
+    load_bundle, so every scan, watch and evaluate, died with AttributeError, KeyError or
+    UnicodeDecodeError and a traceback instead of saying which file of the bundle is wrong."""
+    import shutil
+
+    from cxr_batch.bundle import sha256_file, write_manifest
+
+    bundle = tmp_path / "hand_made"
+    shutil.copytree(small_bundle, bundle)
+    (bundle / TRAINING_IMAGES_FILE).write_bytes(text)
+    manifest = read_manifest(bundle)
+    manifest["training_images"] = {"file": TRAINING_IMAGES_FILE, "sha256": sha256_file(bundle / TRAINING_IMAGES_FILE)}
+    write_manifest(bundle, manifest)
+    with pytest.raises(BundleError, match=f"{TRAINING_IMAGES_FILE} is not a list of training images"):
+        load_bundle(bundle)
