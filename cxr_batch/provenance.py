@@ -6,7 +6,8 @@ named with its sha256 in the manifest's ``training_images``. ``image`` is the na
 table gave the file (NIH's Image Index, e.g. ``00000001_000.png``): the name a labels table
 gives it at evaluation time, the only key a scan of the same image can match whatever format it
 was exported to (a DICOM copy has new bytes and a new SOP Instance UID, not a new Image Index).
-Images are compared by that name without its extension, so ``00000001_000.dcm`` matches.
+Images are compared by that name without its image extension (any case), so ``00000001_000.dcm``
+matches; a name without one (a DICOM file named by its UID) is compared whole.
 ``patient_id`` is the training table's Patient ID; patients are compared as written.
 
 ``evaluate`` and ``calibrate`` use :func:`overlap` to say how many studies are the model's own
@@ -23,6 +24,7 @@ from pathlib import Path, PurePosixPath
 from .bundle import MANIFEST_FILE, BundleError, sha256_file
 from .display import plural
 from .files import atomic_write_bytes
+from .readers import image_stem
 
 TRAINING_IMAGES_FILE = "training_images.csv"
 COLUMNS = ("image", "patient_id", "role")
@@ -38,8 +40,9 @@ class TrainingImages:
 
 
 def image_key(name: str) -> str:
-    """How an image is compared: its file name without folders and without its extension."""
-    return PurePosixPath(str(name).replace("\\", "/")).stem
+    """How an image is compared: its file name without folders and without its image extension
+    (a DICOM file named by its UID has none: its last dot is the UID's)."""
+    return image_stem(name)
 
 
 def write_training_images(folder: Path, rows) -> dict:

@@ -204,3 +204,15 @@ def test_a_sealed_but_malformed_training_list_is_a_bundle_error_not_a_crash(smal
     write_manifest(bundle, manifest)
     with pytest.raises(BundleError, match=f"{TRAINING_IMAGES_FILE} is not a list of training images"):
         load_bundle(bundle)
+
+
+def test_images_named_by_uid_are_compared_whole_and_extensions_in_any_case():
+    """A bundle trained on a PACS export (files named by SOP Instance UID, no extension): the
+    UID's last component was dropped as an 'extension', so every other instance of the series
+    (…100.2 beside the trained …100.1) counted as a training image. An upper-case extension or
+    a folder still matches."""
+    training = TrainingImages(frozenset({image_key("1.2.826.0.1.3680043.100.1"), image_key("00000001_000.png")}),
+                              frozenset())
+    files = ["1.2.826.0.1.3680043.100.2", "1.2.826.0.1.3680043.100.1", "site/00000001_000.PNG", "x\\00000001_000.DCM"]
+    _, in_sample = overlap(training, files, files, [""] * 4)
+    assert in_sample == [False, True, True, True]
