@@ -216,3 +216,27 @@ def test_images_named_by_uid_are_compared_whole_and_extensions_in_any_case():
     files = ["1.2.826.0.1.3680043.100.2", "1.2.826.0.1.3680043.100.1", "site/00000001_000.PNG", "x\\00000001_000.DCM"]
     _, in_sample = overlap(training, files, files, [""] * 4)
     assert in_sample == [False, True, True, True]
+
+
+def test_monitor_says_why_studies_scored_before_the_list_was_added_have_no_reference(nih_images, tmp_path):
+    """v3's bundle_sha256 changed when its training-image list was added (10420af2... ->
+    e8447f67...), its weights did not: a daemon's results.csv then holds the same model under two
+    hashes, and monitor gave the older rows no reference ('no reference for this model') without
+    saying why or which bundle they probably are."""
+    from cxr_batch.monitor import MonitorOptions, WindowSpec, run_monitor
+    from cxr_batch.scan import ScanConfig, run_scan
+
+    studies = folder_of(tmp_path, nih_images[:12], "stream")
+    run_scan(studies, tmp_path / "results", ScanConfig(device="cpu", pdf=False, progress=False, workers=0))
+    csv_path = tmp_path / "results" / "results.csv"
+    table = pd.read_csv(csv_path, dtype=str, keep_default_na=False)
+    before = "10420af232e50742c4dc3d3971f5d0150a77f7868e4b0cbb123ed1c53d82866d"
+    table.loc[:5, "weights_sha256"] = before  # scored before the upgrade
+    table.to_csv(csv_path, index=False)
+    report = run_monitor(tmp_path / "results", tmp_path / "m", None,
+                         MonitorOptions(window=WindowSpec.parse("6"), min_studies=6))
+    old = next(m for m in report["models"] if m["weights_sha256"] == before)
+    said = " ".join(old["notes"])
+    assert (f"no bundle here has the bundle_sha256 {before[:8]}... that scored these studies; {DEFAULT_BUNDLE} is "
+            f"cxr-fpn@3.0 too") in said, said
+    assert f"--reference {DEFAULT_BUNDLE}" in said
