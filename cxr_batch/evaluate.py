@@ -25,7 +25,7 @@ from .evidence import bundle_evidence
 from .findings import FINDINGS
 from .journal import STATE_DIR, EarlierResults
 from .labels import LabelsError, LabelTable, Matching, match_labels
-from .provenance import TrainingImages, overlap, read_training_images
+from .provenance import TrainingImages, calibration_labels, overlap, read_training_images
 from .results import read_results
 from .scan import ScanConfig, ScanSummary, run_scan
 
@@ -58,6 +58,8 @@ DEFINITIONS = {
     "training_overlap": "a study is in-sample when its file name or the Image Index it matched, without the "
                         "extension, is in the bundle's training_images.csv, or its Patient ID (as written) is one of "
                         "the patients there; without_them: the headline numbers on the other studies",
+    "calibrated_on": "for a site-calibrated bundle, whether these labels are the table it was calibrated with (the "
+                     "same sha256): its calibration and thresholds were fitted on them; null for a bundle not calibrated",
     "triage": "study-level rates from results.csv as written: the share of studies in each bucket (priority), among "
               "all studies, those with a finding (any of the 14) and those without; flags per study; worklist AUROC: "
               "how well the order of worklist_rank (1 = read first) puts studies with a finding before those "
@@ -295,6 +297,9 @@ def run_evaluate(studies: Path, labels: LabelTable, out: Path, cfg: ScanConfig =
     if said["message"]:  # once per evaluation; a bundle without the list is no error
         (log.warning if said["checked"] else log.info)("%s%s", "warning: " if said["checked"] else "", said["message"])
     result["labels"] = {"file": str(labels.path), "sha256": labels.sha256}
+    result["calibrated_on"] = calibration_labels(manifest, labels.sha256)
+    if result["calibrated_on"] and result["calibrated_on"]["message"]:
+        log.warning("warning: %s", result["calibrated_on"]["message"])
     result["results_csv"] = str(summary.results)
     generated = dt.datetime.now().astimezone().replace(microsecond=0)  # the moment both files name
     result["generated"] = generated.isoformat()

@@ -77,6 +77,9 @@ def summary_page(ev: dict, generated: dt.datetime) -> Figure:
               f"{plural(len(m['labels_without_file']), 'label')} without a file, "
               f"{plural(len(m['ambiguous_names']), 'label')} matching several files (lists in evaluation.json).")
     y = _overlap_lines(fig, y, ev.get("training_overlap"))
+    if (ev.get("calibrated_on") or {}).get("message"):
+        y = _text(fig, y - 0.004, f"In-sample: {ev['calibrated_on']['message']}.", 10, "bold", width=90)
+        fig.texts[-1].set_color("#b00000")
     y -= 0.008
     auc = ev["mean_auroc"]
     ci = f"95% CI {_ci(ev['mean_auroc_ci95'])}" if ev["mean_auroc_ci95"] else "no 95% CI"  # why: its note below

@@ -22,6 +22,7 @@ import pandas as pd
 
 from .findings import FINDINGS, NO_FINDING, resolve_finding
 from .metadata import NIH_PATIENT_COLUMNS, SAVE_AS_UTF8, first_non_utf8, not_csv, other_delimiter, rename_hint
+from .readers import image_stem
 from .record import log_name
 from .study import clean_text
 
@@ -231,7 +232,7 @@ def match_labels(rows: list[dict], labels: LabelTable) -> Matching:
     index = labels.index()
     by_stem: dict[str, list[str]] = {}
     for name in labels.files:
-        by_stem.setdefault(PurePosixPath(name).stem, []).append(name)
+        by_stem.setdefault(image_stem(name), []).append(name)
 
     def label_of(file: str) -> str | None:
         name = PurePosixPath(file).name
@@ -239,7 +240,7 @@ def match_labels(rows: list[dict], labels: LabelTable) -> Matching:
             return name
         if name.lower().endswith(".json"):  # a sidecar (or a stray JSON file) is never the study itself
             return None
-        same_stem = by_stem.get(PurePosixPath(name).stem, [])
+        same_stem = by_stem.get(image_stem(name), [])
         return same_stem[0] if len(same_stem) == 1 else None
 
     found: dict[str, list[int]] = {}

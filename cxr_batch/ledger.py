@@ -210,10 +210,19 @@ class Ledger:
             except BaseException:
                 self.db.execute("ROLLBACK")
                 raise
-        columns = {r[1] for r in self.db.execute("PRAGMA table_info(outbound)")}
-        if columns and "sha256" not in columns:
-            # Schema 5 and older: no digest of the queued file; those rows are checked as before
-            self.db.execute("ALTER TABLE outbound ADD COLUMN sha256 TEXT NOT NULL DEFAULT ''")
+        if "sha256" not in {r[1] for r in self.db.execute("PRAGMA table_info(outbound)")}:
+            # Schema 5 and older: no digest of the queued file; those rows are checked as before.
+            # Checked again inside the write lock: another process opening the same ledger (the
+            # daemon restarting after an upgrade, an operator's `outbound list`) may have added it
+            self.db.execute("BEGIN IMMEDIATE")
+            try:
+                columns = {r[1] for r in self.db.execute("PRAGMA table_info(outbound)")}
+                if columns and "sha256" not in columns:
+                    self.db.execute("ALTER TABLE outbound ADD COLUMN sha256 TEXT NOT NULL DEFAULT ''")
+                self.db.execute("COMMIT")
+            except BaseException:
+                self.db.execute("ROLLBACK")
+                raise
         self.db.executescript(SCHEMA)
         if old:
             now = time.time()

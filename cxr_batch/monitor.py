@@ -317,6 +317,25 @@ def find_manifest(sha: str, candidates: list[Path]) -> tuple[Path, dict] | None:
     return None
 
 
+def same_model_elsewhere(label: str, sha: str, candidates: list[Path]) -> str | None:
+    """Why no bundle was found for studies of model ``label`` (``name@version``) scored under
+    bundle_sha256 ``sha``, when a verified bundle among ``candidates`` has that name and version
+    under another hash: a bundle sealed again (its training-image list or reference added, an
+    edit) changes its bundle_sha256, and nothing here can tell whether its weights changed."""
+    for folder in candidates:
+        try:
+            manifest = verified_manifest(folder)
+        except (BundleError, OSError):
+            continue
+        if f"{manifest.get('name')}@{manifest.get('version')}" == label and manifest.get("bundle_sha256") != sha:
+            return (f"no bundle here has the bundle_sha256 {sha[:8]}... that scored these studies; {folder} is {label} "
+                    f"too, under {manifest['bundle_sha256'][:8]}... (a bundle sealed again, e.g. when its list of "
+                    f"training images was added, gets a new bundle_sha256 while its weights may be the same; the "
+                    f"README says which shipped bundles were): if it is the same model, monitor with --reference "
+                    f"{folder} to compare these studies with its reference")
+    return None
+
+
 # ---------------------------------------------------------------------------- monitoring
 @dataclass
 class MonitorOptions:
@@ -437,6 +456,8 @@ def run_monitor(results_dir: Path, out: Path, reference_path: Path | None = None
                 reference = bundle_reference(found[0])
             except DriftError as e:
                 notes.append(str(e))
+        if found is None and explicit is None and (why := same_model_elsewhere(records[0].model, sha, candidates)):
+            notes.append(why)
         windows, left_out = split_windows(records, numbers, opts.window)
         untimed, any_window = untimed + left_out, any_window or bool(windows)
         if left_out:

@@ -6,7 +6,8 @@ named with its sha256 in the manifest's ``training_images``. ``image`` is the na
 table gave the file (NIH's Image Index, e.g. ``00000001_000.png``): the name a labels table
 gives it at evaluation time, the only key a scan of the same image can match whatever format it
 was exported to (a DICOM copy has new bytes and a new SOP Instance UID, not a new Image Index).
-Images are compared by that name without its extension, so ``00000001_000.dcm`` matches.
+Images are compared by that name without its image extension (any case), so ``00000001_000.dcm``
+matches; a name without one (a DICOM file named by its UID) is compared whole.
 ``patient_id`` is the training table's Patient ID; patients are compared as written.
 
 ``evaluate`` and ``calibrate`` use :func:`overlap` to say how many studies are the model's own
@@ -23,6 +24,7 @@ from pathlib import Path, PurePosixPath
 from .bundle import MANIFEST_FILE, BundleError, sha256_file
 from .display import plural
 from .files import atomic_write_bytes
+from .readers import image_stem
 
 TRAINING_IMAGES_FILE = "training_images.csv"
 COLUMNS = ("image", "patient_id", "role")
@@ -38,8 +40,9 @@ class TrainingImages:
 
 
 def image_key(name: str) -> str:
-    """How an image is compared: its file name without folders and without its extension."""
-    return PurePosixPath(str(name).replace("\\", "/")).stem
+    """How an image is compared: its file name without folders and without its image extension
+    (a DICOM file named by its UID has none: its last dot is the UID's)."""
+    return image_stem(name)
 
 
 def write_training_images(folder: Path, rows) -> dict:
@@ -82,13 +85,41 @@ def read_training_images(folder: Path, manifest: dict) -> TrainingImages | None:
     if sha256_file(path) != record["sha256"]:
         raise BundleError(f"{path} fails its checksum (manifest sha256 {record['sha256']}): the list of training "
                           f"images was altered after the bundle was made; refusing to use it")
-    with open(path, newline="", encoding="utf-8") as f:
-        rows = list(csv.DictReader(f))
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            rows = list(reader)
+        if reader.fieldnames is None or not set(COLUMNS) <= set(reader.fieldnames):
+            raise ValueError(f"its columns are {reader.fieldnames}, not {', '.join(COLUMNS)}")
+        short = next((i for i, r in enumerate(rows, 2) if any(r[c] is None for c in COLUMNS)), None)
+        if short is not None:
+            raise ValueError(f"line {short} has fewer than {len(COLUMNS)} fields")
+    except (UnicodeDecodeError, csv.Error, ValueError) as e:  # sealed as it is: made by another tool or by hand
+        raise BundleError(f"{path} is not a list of training images ({e}): the bundle cannot say what it was trained "
+                          f"on; make the list again (python -m training.record_images) or remove it and its "
+                          f"'training_images' entry from the manifest") from None
     return TrainingImages(frozenset(image_key(r["image"]) for r in rows),
-                          frozenset(r["patient_id"].strip() for r in rows if r.get("patient_id", "").strip()))
+                          frozenset(r["patient_id"].strip() for r in rows if r["patient_id"].strip()))
 
 
 IN_SAMPLE = "figures on {these} are in-sample (too good), not a test of the model"
+# calibrate copies the base bundle's list (the same weights, the same training images) and names
+# no study it fitted on; its provenance keeps the sha256 of the labels table it was given
+CALIBRATED_ON = ("this bundle was calibrated on these labels (the same table, sha256 as in its provenance): its "
+                 "calibration and thresholds were fitted on these studies, so ECE, Brier and the flags' sensitivity "
+                 "and specificity here are in-sample (AUROC is not changed by calibration); evaluate it on studies it "
+                 "was not calibrated on")
+
+
+def calibration_labels(manifest: dict, labels_sha256: str) -> dict | None:
+    """evaluation.json's ``calibrated_on``: whether a site-calibrated bundle is evaluated with
+    the very labels table it was calibrated with (same sha256); None for a bundle not calibrated.
+    A subset or an edited copy of that table is another file: not recognised."""
+    recorded = ((manifest.get("provenance") or {}).get("labels") or {}).get("sha256")
+    if "calibration" not in manifest or not isinstance(recorded, str):
+        return None
+    same = recorded == labels_sha256
+    return {"labels_sha256": recorded, "same_labels": same, "message": CALIBRATED_ON if same else None}
 
 
 def overlap(training: TrainingImages | None, files: list[str], labelled_as: list[str],

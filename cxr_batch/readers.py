@@ -14,7 +14,7 @@ import logging
 import os
 import stat
 import warnings
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 from PIL import Image
@@ -28,6 +28,14 @@ JPEG_SIGNATURE = b"\xff\xd8\xff"
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".dcm", ".dicom", ".dic"}
 
 log = logging.getLogger("cxr_batch")
+
+
+def image_stem(name: str) -> str:
+    """A file name without its image extension (any case: ``a.PNG`` -> ``a``), the name an image
+    keeps when exported to another format. A name without one is kept whole: a DICOM file named
+    by its SOP Instance UID (``1.2.826.0.1.100.2``) has no extension, its last dot is the UID's."""
+    path = PurePosixPath(str(name).replace("\\", "/"))
+    return path.stem if path.suffix.lower() in IMAGE_SUFFIXES else path.name
 
 
 def sniff(head: bytes) -> str | None:

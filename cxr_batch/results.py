@@ -175,12 +175,18 @@ def check_shards(inputs: list[Path], allow_partial: bool = False) -> None:
             problems.append(f"shard {shard[0]}/{shard[1]} is given twice: {shards[tuple(shard)]} and {path}")
         else:
             shards[tuple(shard)] = path
-            weights.setdefault(run.get("weights_sha256"), path)
+            weights.setdefault(run.get("weights_sha256"), (path, run.get("model")))
     counts = {n for _, n in shards}
     if len(counts) > 1:
         problems.append(f"shards of different splits (N = {', '.join(map(str, sorted(counts)))})")
     if len(weights) > 1:
-        problems.append(f"shards scored with different weights: {', '.join(map(str, weights.values()))}")
+        named = ", ".join(f"{path} ({model}, bundle_sha256 {str(sha)[:8]}...)" for sha, (path, model) in weights.items())
+        models = {model for _, model in weights.values()}
+        # a bundle sealed again (v3's and v2.1's with their training-image list) keeps its name and version
+        same = (" (the same model name and version under two bundle_sha256s: its bundle was sealed again, e.g. "
+                "when its list of training images was added, or edited; its weights may be the same, but the merge "
+                "cannot tell: scan the shards again with one bundle)") if len(models) == 1 else ""
+        problems.append(f"shards scored with different weights or bundles: {named}{same}")
     if len(counts) == 1:
         n = counts.pop()
         absent = [f"{i}/{n}" for i in range(n) if (i, n) not in shards]

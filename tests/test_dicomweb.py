@@ -550,3 +550,22 @@ def test_an_archive_that_cannot_be_reached_keeps_the_queue_in_its_order(results,
         silent.listen(4)
         answered = store_dataset(srs[0], _config(tmp_path, f"http://127.0.0.1:{silent.getsockname()[1]}/dw", timeout=1))
     assert answered.outcome == "retry" and not answered.unsent, answered
+
+
+def test_status_says_the_archive_asked_to_wait_and_until_when(results, archive, tmp_path):
+    """While the STOW channel waits out an archive's Retry-After, status.json said `peer`
+    "unreachable" (the archive had answered) and nowhere when the queue would move again."""
+    archive.answer, archive.headers = (503, None), {"Retry-After": "600"}
+    ledger, sender = _stow_sender(results, archive, tmp_path)
+    try:
+        before = time.time()
+        sender.send_due(ledger, until=before)
+        said = sender.status()
+        assert said["peer"] == "asked to wait (Retry-After)", said
+        assert before + 599 <= said["next_try_at"] <= time.time() + 600, said
+        archive.answer, archive.headers = (200, None), {}
+        ledger.outbound_send_now()  # the operator's retry: it answers, the wait is over
+        sender.send_due(ledger)
+        assert sender.status()["peer"] == "ok" and "next_try_at" not in sender.status()
+    finally:
+        ledger.close()

@@ -202,3 +202,16 @@ def test_a_labels_column_named_otherwise_is_named_with_what_to_rename(nih, tmp_p
         tmp_path / "l.csv", index=False)
     with pytest.raises(LabelsError, match="rename 'Filename' to 'Image Index', 'Finding Label' to 'Finding Labels'"):
         read_labels(tmp_path / "l.csv")
+
+
+def test_dicom_files_named_by_their_uid_are_not_matched_by_a_uid_prefix(tmp_path):
+    """A PACS export names each file by its SOP Instance UID, without an extension: the part
+    after the UID's last dot was taken for an extension, so an unlabelled lateral (…100.2) matched
+    the label of the PA beside it (…100.1), which then had two files and left the evaluation
+    as ambiguous."""
+    labels = read_labels(write(tmp_path, ["1.2.826.0.1.3680043.100.1,Mass,0,7,50,M,PA"]))
+    rows = [{"file": "1.2.826.0.1.3680043.100.1", "status": "ok", "reason": "", "patient_id": ""},
+            {"file": "1.2.826.0.1.3680043.100.2", "status": "ok", "reason": "", "patient_id": ""}]
+    m = match_labels(rows, labels)
+    assert m.pairs == [(0, 0)] and not m.ambiguous, m
+    assert m.scored_without_label == ["1.2.826.0.1.3680043.100.2"]

@@ -189,3 +189,37 @@ def test_a_ledger_on_a_full_disk_is_not_called_unreadable(small_disk):
             assert "full disk" in str(raised.value) and "aside" not in str(raised.value), raised.value
     filler.unlink()
     Ledger(small_disk / "ledger.sqlite").close()
+
+
+def test_two_processes_upgrading_a_schema_5_ledger_at_once_both_open_it(tmp_path, monkeypatch):
+    """The sha256 column (schema 6) was added after a check made outside any transaction: a
+    process that saw a schema-5 ledger while another (the daemon restarting after an upgrade,
+    an operator's `outbound list`) added the column between its check and its ALTER failed with
+    'duplicate column name: sha256' and could not open the ledger."""
+    path = tmp_path / "ledger.sqlite"
+    Ledger(path).close()
+    db = sqlite3.connect(path, isolation_level=None, timeout=0)  # the other process
+    db.execute("ALTER TABLE outbound DROP COLUMN sha256")  # the ledger as schema 5 left it
+    db.execute("INSERT OR REPLACE INTO meta VALUES ('schema', '5')")
+
+    connect = sqlite3.connect
+
+    def other_process_upgrades_first(*args, **kwargs):
+        conn = connect(*args, **kwargs)
+
+        def trace(statement):  # just before this process adds the column, the other one tries to
+            if statement.startswith("ALTER TABLE outbound ADD COLUMN sha256"):
+                conn.set_trace_callback(None)
+                try:
+                    db.execute("ALTER TABLE outbound ADD COLUMN sha256 TEXT NOT NULL DEFAULT ''")
+                except sqlite3.OperationalError:  # locked: this process holds the upgrade's transaction
+                    pass
+        conn.set_trace_callback(trace)
+        return conn
+
+    monkeypatch.setattr(sqlite3, "connect", other_process_upgrades_first)
+    ledger = Ledger(path)
+    monkeypatch.setattr(sqlite3, "connect", connect)
+    assert "sha256" in {r[1] for r in ledger.db.execute("PRAGMA table_info(outbound)")}
+    ledger.close()
+    db.close()

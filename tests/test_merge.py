@@ -203,3 +203,18 @@ def test_a_merged_worklist_of_a_scan_without_an_urgent_bucket_has_none(tmp_path,
     assert "urgent bucket's catch" not in text
     shard = " ".join(page.extract_text() for page in PdfReader(tmp_path / "s0" / "reports" / "worklist.pdf").pages)
     assert "urgent bucket's catch" not in shard
+
+
+def test_shards_of_one_model_under_two_bundle_hashes_are_refused_saying_so(shards, tmp_path):
+    """A shard scanned before an upgrade that sealed its bundle again (v3's bundle_sha256 changed
+    when its training-image list was added, its weights did not): 'different weights' named two
+    paths and sent the operator looking for another model. It names each shard's model and hash,
+    and says that one model under two hashes is a bundle sealed again or edited."""
+    run = json.loads((shards[1].parent / "run.json").read_text())
+    (shards[1].parent / "run.json").write_text(json.dumps({**run, "weights_sha256": "f" * 64}))
+    with pytest.raises(MergeError) as refused:
+        merge_results(shards, tmp_path / "m.csv")
+    said = str(refused.value)
+    assert f"{shards[1]} ({run['model']}, bundle_sha256 ffffffff...)" in said, said
+    assert f"{shards[0]} ({run['model']}, bundle_sha256 {run['weights_sha256'][:8]}...)" in said, said
+    assert "the same model name and version under two bundle_sha256s" in said and "scan" in said

@@ -94,7 +94,8 @@ def test_a_bundle_given_by_a_relative_path_is_found_from_any_folder(tmp_path, ni
     site = tmp_path / "scanned-here"
     bundle = site / "site-bundle"  # a bundle of its own (another bundle_sha256) that carries a reference
     bundle.mkdir(parents=True)
-    shutil.copy(DEFAULT_BUNDLE / "model.pt", bundle / "model.pt")
+    for name in ("model.pt", "training_images.csv"):  # the manifest names its list: a copy without it is refused
+        shutil.copy(DEFAULT_BUNDLE / name, bundle / name)
     manifest = json.loads((DEFAULT_BUNDLE / "manifest.json").read_text())
     manifest["version"] += "+copy"
     manifest["bundle_sha256"] = manifest_sha256(manifest)

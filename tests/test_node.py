@@ -750,3 +750,25 @@ def test_a_results_folder_replaced_by_a_file_answers_out_of_resources_so_the_sen
             "sender retries") in caplog.text
     out.unlink()  # the operator puts it right: the sender's retry is stored
     assert _send_with_pynetdicom(scp.cfg.port, ds) == 0x0000 and [p.parent for p in stored] == [spool]
+
+
+def test_a_spool_that_stays_unwritable_is_logged_once_not_once_per_image(listener, tmp_path, caplog):
+    """A modality retrying a study while OUT is a file: every C-STORE of every retry wrote the
+    same error line (hundreds an hour for a CT-sized study), burying what else the log says. The
+    first is an error naming the cause; the next ones with the same cause are counted in
+    status.json (refused), not logged, until a C-STORE is stored again, which the log says."""
+    import shutil
+
+    caplog.set_level(logging.INFO, "cxr_batch")
+    out = tmp_path / "out"
+    scp, spool, stored = listener(spool_dir=out / ".cxr-batch" / "spool")
+    shutil.rmtree(out)
+    out.write_text("an operator's file where the results folder was")
+    datasets = [pydicom.dcmread(write(tmp_path / f"x{i}.dcm", grey_square() + i)) for i in range(3)]
+    for ds in datasets:
+        assert _send_with_pynetdicom(scp.cfg.port, ds) == 0xA700
+    assert scp.status()["refused"] == 3
+    assert caplog.text.count("the spool cannot be written (Not a directory)") == 1, caplog.text
+    out.unlink()
+    assert _send_with_pynetdicom(scp.cfg.port, datasets[0]) == 0x0000
+    assert "the spool can be written again: storing (2 more C-STOREs were refused meanwhile)" in caplog.text

@@ -150,3 +150,93 @@ def test_overlap_counts_images_by_name_without_extension_and_other_images_of_tra
     assert record["message"].startswith("2 of 5 studies are images the model was trained or tuned on and 1 more is "
                                         "another image of its training patients")
     assert overlap(training, files[3:], labelled_as[3:], ["9", ""])[0]["message"] is None
+
+
+def test_a_calibrated_bundle_evaluated_on_its_own_calibration_labels_says_so(nih, nih_images, tmp_path, small_bundle):
+    """calibrate fits the calibration and thresholds on its studies but copies the base bundle's
+    training list unchanged: evaluating the calibrated bundle on the very studies and labels it
+    was calibrated on said nothing, and its ECE, Brier and operating point read as a test."""
+    images = nih_images[:40]
+    studies = folder_of(tmp_path, images, "fit")
+    labels = labels_of(nih, images, tmp_path / "fit.csv")
+    proc = cli("calibrate", studies, "--labels", labels, "--weights", small_bundle, "--out", tmp_path / "calibrated",
+               *CPU)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = tmp_path / "ev"
+    proc = cli("evaluate", studies, "--labels", labels, "--weights", tmp_path / "calibrated", "--out", out,
+               "--bootstrap", 0, *CPU)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    said = json.loads((out / "evaluation.json").read_text())["calibrated_on"]
+    assert said["same_labels"] and said["labels_sha256"] == load_bundle(tmp_path / "calibrated").manifest[
+        "provenance"]["labels"]["sha256"]
+    assert proc.stderr.count("was calibrated on these labels") == 1, proc.stderr[-2000:]
+    text = subprocess.run(["pdftotext", "-layout", str(out / "evaluation.pdf"), "-"], capture_output=True,
+                          text=True).stdout
+    assert "calibrated on these labels" in " ".join(text.split())
+
+    other = labels_of(nih, nih_images[40:60], tmp_path / "other.csv")  # a held-out set: nothing said
+    out = tmp_path / "ev_other"
+    proc = cli("evaluate", folder_of(tmp_path, nih_images[40:60], "other"), "--labels", other, "--weights",
+               tmp_path / "calibrated", "--out", out, "--bootstrap", 0, *CPU)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert not json.loads((out / "evaluation.json").read_text())["calibrated_on"]["same_labels"]
+    assert "calibrated on these labels" not in proc.stderr
+
+
+@pytest.mark.parametrize("text", [
+    b"image,patient_id,role\n00000001_000.png\n",  # a short row: patient_id None
+    b"name,pid\n00000001_000.png,1\n",  # not the list's columns
+    b"image,patient_id,role\n\xff\xfe.png,1,train\n",  # not UTF-8
+])
+def test_a_sealed_but_malformed_training_list_is_a_bundle_error_not_a_crash(small_bundle, tmp_path, text):
+    """A list written by another tool (or by hand) and sealed into the manifest with its sha256:
+    load_bundle, so every scan, watch and evaluate, died with AttributeError, KeyError or
+    UnicodeDecodeError and a traceback instead of saying which file of the bundle is wrong."""
+    import shutil
+
+    from cxr_batch.bundle import sha256_file, write_manifest
+
+    bundle = tmp_path / "hand_made"
+    shutil.copytree(small_bundle, bundle)
+    (bundle / TRAINING_IMAGES_FILE).write_bytes(text)
+    manifest = read_manifest(bundle)
+    manifest["training_images"] = {"file": TRAINING_IMAGES_FILE, "sha256": sha256_file(bundle / TRAINING_IMAGES_FILE)}
+    write_manifest(bundle, manifest)
+    with pytest.raises(BundleError, match=f"{TRAINING_IMAGES_FILE} is not a list of training images"):
+        load_bundle(bundle)
+
+
+def test_images_named_by_uid_are_compared_whole_and_extensions_in_any_case():
+    """A bundle trained on a PACS export (files named by SOP Instance UID, no extension): the
+    UID's last component was dropped as an 'extension', so every other instance of the series
+    (…100.2 beside the trained …100.1) counted as a training image. An upper-case extension or
+    a folder still matches."""
+    training = TrainingImages(frozenset({image_key("1.2.826.0.1.3680043.100.1"), image_key("00000001_000.png")}),
+                              frozenset())
+    files = ["1.2.826.0.1.3680043.100.2", "1.2.826.0.1.3680043.100.1", "site/00000001_000.PNG", "x\\00000001_000.DCM"]
+    _, in_sample = overlap(training, files, files, [""] * 4)
+    assert in_sample == [False, True, True, True]
+
+
+def test_monitor_says_why_studies_scored_before_the_list_was_added_have_no_reference(nih_images, tmp_path):
+    """v3's bundle_sha256 changed when its training-image list was added (10420af2... ->
+    e8447f67...), its weights did not: a daemon's results.csv then holds the same model under two
+    hashes, and monitor gave the older rows no reference ('no reference for this model') without
+    saying why or which bundle they probably are."""
+    from cxr_batch.monitor import MonitorOptions, WindowSpec, run_monitor
+    from cxr_batch.scan import ScanConfig, run_scan
+
+    studies = folder_of(tmp_path, nih_images[:12], "stream")
+    run_scan(studies, tmp_path / "results", ScanConfig(device="cpu", pdf=False, progress=False, workers=0))
+    csv_path = tmp_path / "results" / "results.csv"
+    table = pd.read_csv(csv_path, dtype=str, keep_default_na=False)
+    before = "10420af232e50742c4dc3d3971f5d0150a77f7868e4b0cbb123ed1c53d82866d"
+    table.loc[:5, "weights_sha256"] = before  # scored before the upgrade
+    table.to_csv(csv_path, index=False)
+    report = run_monitor(tmp_path / "results", tmp_path / "m", None,
+                         MonitorOptions(window=WindowSpec.parse("6"), min_studies=6))
+    old = next(m for m in report["models"] if m["weights_sha256"] == before)
+    said = " ".join(old["notes"])
+    assert (f"no bundle here has the bundle_sha256 {before[:8]}... that scored these studies; {DEFAULT_BUNDLE} is "
+            f"cxr-fpn@3.0 too") in said, said
+    assert f"--reference {DEFAULT_BUNDLE}" in said

@@ -339,6 +339,10 @@ class StorageSCP:
         self.max_object = cfg.scoring.max_file_bytes  # anything larger would get an error row anyway
         self.min_free = cfg.min_free_mb << 20
         self.low_on_space = False
+        # why the spool could not be written and how many C-STOREs were refused since it was
+        # logged: a sender retrying a study while it stays so is not logged once per image
+        self.unwritable: tuple[str, int] | None = None
+        self.unwritable_lock = threading.Lock()
         ae = AE(ae_title=cfg.ae_title)
         ae.require_called_aet = True
         ae.require_calling_aet = list(cfg.allow)
@@ -504,14 +508,23 @@ class StorageSCP:
             path = self.spool.take(uid, received) if received else self.spool.write(uid, event.encoded_dataset())
         except OSError as e:
             self._count("refused")
-            log.error("%s from %s not stored: %s; answered 0xA700 (out of resources): the sender retries",
-                      shown, peer, e.strerror or e)
+            why = str(e.strerror or e)
+            with self.unwritable_lock:
+                again = self.unwritable is not None and self.unwritable[0] == why
+                self.unwritable = (why, self.unwritable[1] + 1 if again else 0)
+            if not again:
+                log.error("%s from %s not stored: %s; answered 0xA700 (out of resources): the sender retries (further "
+                          "C-STOREs refused for this reason are counted in status.json, not logged)", shown, peer, why)
             return OUT_OF_RESOURCES
         except Exception as e:  # a bug: the peer is told, and may retry
             self._count("refused")
             log.error("%s from %s not stored: unexpected %s", shown, peer, type(e).__name__,
                       exc_info=log.isEnabledFor(logging.DEBUG))
             return PROCESSING_FAILURE
+        with self.unwritable_lock:
+            refused, self.unwritable = self.unwritable, None
+        if refused is not None:
+            log.info("the spool can be written again: storing (%d more C-STOREs were refused meanwhile)", refused[1])
         self._count("received")
         log.info("received %s from %s", shown, peer)
         if self.taken is not None:

@@ -111,6 +111,8 @@ class Sender:
         self.halt, self.wakeup = threading.Event(), threading.Event()
         self.link_failures = 0  # consecutive passing failures: the back-off's exponent
         self.last_error = ""
+        # until when (epoch seconds) the receiver asked the channel to wait (Retry-After); None: it did not
+        self.held_until: float | None = None
         # delivered, but not yet recorded (the ledger could not be written: a full disk): never
         # sent again while it waits to be recorded, as the queue would have it
         self.unrecorded: set[str] = set()
@@ -143,9 +145,12 @@ class Sender:
             self.thread.join(timeout if timeout is not None else 4 * self.timeout + 5)
 
     def status(self) -> dict:
+        held = self.held_until is not None and self.link_failures > 0
         return {"destination": str(self.channel), "tls": self.tls,
-                "peer": "unreachable" if self.link_failures else "ok",
-                "last_error": self.last_error[:200]}
+                # an archive that asked to wait answered: said apart from one that cannot be reached
+                "peer": "asked to wait (Retry-After)" if held else "unreachable" if self.link_failures else "ok",
+                "last_error": self.last_error[:200],
+                **({"next_try_at": self.held_until} if held else {})}
 
     # ------------------------------------------------------------------ the loop
     def _run(self) -> None:
@@ -190,7 +195,7 @@ class Sender:
                 self.unrecorded.discard(item.uid)
                 if self.link_failures:
                     log.info("%s answers again: sending the queue", where)
-                self.link_failures, self.last_error = 0, ""
+                self.link_failures, self.last_error, self.held_until = 0, "", None
                 log.info("sent %s to %s", item.uid, where)
             elif result.transient:
                 self.link_failures += 1
@@ -200,6 +205,7 @@ class Sender:
                     delay = self._asked_wait(result.retry_after, delay)
                 self.last_error = result.reason
                 failed_at = time.time()
+                self.held_until = failed_at + delay if result.retry_after is not None else None
                 # the link is down, or the receiver said when to come back: the whole queue waits, in its order
                 if result.unsent or result.retry_after is not None:
                     ledger.outbound_link_down(item.uid, failed_at + delay, result.reason, name)
