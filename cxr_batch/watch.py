@@ -57,6 +57,7 @@ from .runconfig import RunConfig
 from .runtime import default_workers, make_policy
 from .sandbox import StudyReader
 from .stopping import StopSignal
+from .study import ReadError
 from .triage import worklist_key
 
 log = logging.getLogger("cxr_batch")
@@ -750,8 +751,9 @@ class Watcher:
         checkpoint("reports")
         entries = [(r.file, key, r.status) for key, _, r in studies] + [(rel, "", "duplicate") for rel in duplicates]
         handled = [e for e in (self._file_entry(*entry) for entry in entries) if e is not None]
+        replaces = {key: old for key, _, r in studies if (old := self.cut_short_error(r.file, key))}
         try:
-            outcomes = self.ledger.commit(studies, handled, self.outbound_objects(studies))
+            outcomes = self.ledger.commit(studies, handled, self.outbound_objects(studies), replaces)
         except Exception as e:
             if _is_output_fault(e):
                 raise OutputError(f"the ledger cannot be written: {e}") from None
@@ -777,6 +779,25 @@ class Watcher:
             p = self.pending.pop(rel, None)
             log.info("duplicate %s: the same instance was already reported", log_name(rel))
             self.move(rel, "duplicate", (p.size, p.mtime_ns) if p else None)
+
+    def cut_short_error(self, rel: str, key: str) -> str | None:
+        """The key of the provisional error row this file got while its copy was cut short (a
+        copy that stalled past ``broken_deadline``): the file's earlier state had another key
+        (a PNG's is its content) and was the beginning of what the file holds now. The whole
+        file's record replaces that error; results.csv had both rows, an error for a file that
+        reads. An earlier state that was not its beginning (another file at the same path) keeps
+        its row."""
+        handled = self.ledger.last_handled(rel)
+        if handled is None or handled[2] != "error" or handled[1] == key:
+            return None
+        size, old_key, _ = handled
+        known = self.ledger.known(old_key)
+        if known is None or known.status != "error" or not known.content:
+            return None
+        try:
+            return old_key if content_sha256(self.watch_dir / rel, limit=size) == known.content else None
+        except (OSError, ReadError):  # gone or replaced by a FIFO since it was read: its error stays
+            return None
 
     def outbound_objects(self, studies: list[tuple[str, str, StudyRecord]]) -> dict[str, list[tuple]]:
         """Results to queue for sending with the batch's commit (cxr_batch.integration.outbox):
