@@ -359,7 +359,10 @@ def scan(studies, out, config_file, weights, metadata, device, precision, worker
             fail(str(e), debug, EXIT_USAGE)
         summary = run_fatal_errors(debug, lambda: run_scan(studies, out, cfg, earlier, stop), out)
     finally:
-        stop.restore()
+        if stop.signum is None:
+            stop.restore()
+        else:  # stopping: a Ctrl-C pressed again (torch's clean-up at exit takes a while) printed a traceback
+            stop.ignore_ctrl_c()
     click.echo(("cxr-batch: " if summary.stopped_by else "") + summary.line(), err=True)
     if summary.stopped_by:  # stopped: the results go out when --resume finishes the scan
         sys.exit(summary.exit_code)
