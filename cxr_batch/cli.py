@@ -475,6 +475,8 @@ def run_daemon(build, out: Path, debug: bool):
         code = daemon.run()
     except NodeError as e:  # the node's port cannot be bound
         fail(str(e), debug)
+    if stop.signum is not None:  # stopped by a signal: a Ctrl-C pressed again while Python exits killed it (not 0)
+        stop.ignore_ctrl_c()
     sys.exit(code)
 
 

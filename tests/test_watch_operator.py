@@ -2,6 +2,11 @@
 in slowly, stalled copies, Ctrl-C at any moment, odd folders. Each test runs the daemon as a
 user starts it and reads what a user reads: results.csv, the reports, status.json."""
 
+import os
+import shutil
+import signal
+import threading
+
 import pytest
 
 from .watchkit import rows_now, start_daemon, status, stop, wait_for, watch_config
@@ -30,3 +35,35 @@ def test_a_png_whose_copy_stalled_past_the_deadline_ends_with_one_ok_row(tmp_pat
     rows = rows_now(out)
     assert [(r["file"], r["status"]) for r in rows] == [("slow.png", "ok")]
     assert (out / "reports" / rows[0]["report"]).is_file()
+
+
+def test_ctrl_c_pressed_again_and_again_stops_the_daemon_cleanly(tmp_path, nih_images, small_bundle):
+    """A terminal's Ctrl-C goes to the daemon and its reading workers, and an operator presses
+    it more than once: the daemon stops as after one, exit 0 and status.json "stopped" (the
+    presses after the first, while Python exited, killed it by SIGINT)."""
+    incoming, out = tmp_path / "in", tmp_path / "out"
+    incoming.mkdir()
+    for p in nih_images[:4]:
+        shutil.copy(p, incoming / p.name)
+    daemon = start_daemon(incoming, out, small_bundle, watch_config(tmp_path / "w.toml"), start_new_session=True)
+    done = threading.Event()
+
+    def press_ctrl_c():  # as a terminal does: to the whole foreground process group, every 20 ms
+        while not done.wait(0.02):
+            try:
+                os.killpg(daemon.pid, signal.SIGINT)
+            except ProcessLookupError:
+                return
+
+    try:
+        assert wait_for(lambda: len(rows_now(out)) >= 1)
+        threading.Thread(target=press_ctrl_c).start()
+        _, stderr = daemon.communicate(timeout=120)
+    finally:
+        done.set()
+        if daemon.poll() is None:
+            daemon.kill()
+    assert daemon.returncode == 0, stderr
+    assert "Traceback" not in stderr and "error" not in stderr, stderr
+    assert status(out)["state"] == "stopped"
+    assert len({r["file"] for r in rows_now(out)}) == len(rows_now(out))
