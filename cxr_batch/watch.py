@@ -940,7 +940,10 @@ class Watcher:
         if not outcomes:
             return
         self.worklist_due = True
-        if self.csv_whole or any(o.action == "replaced" or o.annotated for o in outcomes):
+        # results.csv deleted or moved away by someone: made again whole (appended to, it was
+        # made with the new rows alone, every study before them missing from it)
+        gone = not (self.out / "results.csv").exists()
+        if self.csv_whole or gone or any(o.action == "replaced" or o.annotated for o in outcomes):
             self.publish_whole()
             return
         fresh = [(o.key, o.record) for o in outcomes if o.action == "new"]

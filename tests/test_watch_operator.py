@@ -67,3 +67,23 @@ def test_ctrl_c_pressed_again_and_again_stops_the_daemon_cleanly(tmp_path, nih_i
     assert "Traceback" not in stderr and "error" not in stderr, stderr
     assert status(out)["state"] == "stopped"
     assert len({r["file"] for r in rows_now(out)}) == len(rows_now(out))
+
+
+def test_results_csv_deleted_under_the_daemon_comes_back_with_every_study(tmp_path, nih_images, small_bundle):
+    """An operator deletes (or moves away) results.csv while the daemon runs: the next study's
+    row made a new results.csv holding that row alone, every study before it gone from it
+    until the next restart."""
+    incoming, out = tmp_path / "in", tmp_path / "out"
+    incoming.mkdir()
+    for p in nih_images[:2]:
+        shutil.copy(p, incoming / p.name)
+    daemon = start_daemon(incoming, out, small_bundle, watch_config(tmp_path / "w.toml"))
+    try:
+        assert wait_for(lambda: len(rows_now(out)) == 2)
+        (out / "results.csv").unlink()
+        shutil.copy(nih_images[2], incoming / nih_images[2].name)
+        assert wait_for(lambda: status(out).get("studies_reported") == 3 and status(out).get("pending") == 0)
+        assert len(rows_now(out)) == 3  # published before the heartbeat said 3
+    finally:
+        assert stop(daemon) == 0
+    assert sorted(r["file"] for r in rows_now(out)) == sorted(p.name for p in nih_images[:3])
