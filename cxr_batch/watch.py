@@ -594,16 +594,28 @@ class Watcher:
                 return
             inputs = None
             source = self.watch_dir / record.file
-            if source.is_file():
+            content = self.ledger.known(key).content
+            if source.is_file() and self.scored_from(source, key, content):
                 study = self.reader.read_one(Candidate(source, record.file), self.bundle.preprocessing.min_side)
                 loaded = model_inputs(study, self.bundle.preprocessing, self.bundle.encoding)
                 if loaded.image is not None:
                     inputs = (loaded.image, loaded.tabular)
             if inputs is None:
-                record.add_note("report made again without the image (source file no longer in the watched folder)")
-            self.write_report(f"{key}:{self.ledger.known(key).content}", record, inputs)
+                record.add_note("report made again without the image (the file it was scored from is no longer in the watched folder)")
+            self.write_report(f"{key}:{content}", record, inputs)
             self.ledger.update_record(key, record)
         self.csv_whole = True
+
+    def scored_from(self, source: Path, key: str, content: str) -> bool:
+        """Whether ``source`` is still the file the study ``key`` was scored from (its content
+        sha256; the same instance when the ledger, rebuilt from results.csv, has no content).
+        PACS exports reuse names (IM0001.dcm): a report made again from whatever file is at the
+        study's path showed another patient's image in this patient's report."""
+        try:
+            now_key, now_content = study_key(source, self.cfg.scoring)
+        except Exception:  # unreadable now: not known to be the same file
+            return False
+        return now_content == content if content else now_key == key
 
     # ------------------------------------------------------------------ finding complete files
     def track(self, path: Path) -> None:

@@ -6,9 +6,11 @@ import os
 import shutil
 import signal
 import threading
+from pathlib import Path
 
 import pytest
 
+from .dicomgen import grey, write
 from .watchkit import rows_now, start_daemon, status, stop, wait_for, watch_config
 
 pytestmark = pytest.mark.slow
@@ -87,3 +89,46 @@ def test_results_csv_deleted_under_the_daemon_comes_back_with_every_study(tmp_pa
     finally:
         assert stop(daemon) == 0
     assert sorted(r["file"] for r in rows_now(out)) == sorted(p.name for p in nih_images[:3])
+
+
+def embedded_images(pdf, tmp_path) -> set[str]:
+    """The sha256 of each image a PDF embeds (poppler's pdfimages)."""
+    import hashlib
+    import subprocess
+    import tempfile
+
+    folder = Path(tempfile.mkdtemp(dir=tmp_path))
+    subprocess.run(["pdfimages", "-png", str(pdf), str(folder / "i")], check=True, timeout=60)
+    return {hashlib.sha256(p.read_bytes()).hexdigest() for p in folder.iterdir()}
+
+
+@pytest.mark.skipif(shutil.which("pdfimages") is None, reason="poppler's pdfimages not installed")
+def test_a_report_made_again_never_shows_the_image_now_at_the_studys_path(tmp_path, nih_images, small_bundle):
+    """PACS exports reuse names (IM0001.dcm). A report missing at start (deleted, or the results
+    folder removed) is made again from the file at the study's path: when another patient's
+    image has since been exported under that name, it went into this patient's report."""
+    incoming, out = tmp_path / "in", tmp_path / "out"
+    incoming.mkdir()
+    write(incoming / "IM0001.dcm", grey(nih_images[0]), PatientID="FIRST")
+    config = watch_config(tmp_path / "w.toml")
+    daemon = start_daemon(incoming, out, small_bundle, config)
+    try:
+        assert wait_for(lambda: len(rows_now(out)) == 1)
+        write(incoming / "IM0001.dcm", grey(nih_images[1]), PatientID="SECOND")  # another study, the same name
+        assert wait_for(lambda: len(rows_now(out)) == 2)
+    finally:
+        assert stop(daemon) == 0
+    rows = {r["patient_id"]: r for r in rows_now(out)}
+    first_report = out / "reports" / rows["FIRST"]["report"]
+    first_image = embedded_images(first_report, tmp_path)
+    first_report.unlink()
+    daemon = start_daemon(incoming, out, small_bundle, config)
+    try:
+        assert wait_for(lambda: first_report.exists() and status(out).get("state") == "running")
+    finally:
+        assert stop(daemon) == 0
+    second_image = embedded_images(out / "reports" / rows["SECOND"]["report"], tmp_path)
+    assert not embedded_images(first_report, tmp_path) & second_image
+    assert first_image and not first_image & second_image  # the check can tell the two apart
+    row = {r["patient_id"]: r for r in rows_now(out)}["FIRST"]
+    assert "without the image" in row["notes"]
