@@ -376,7 +376,10 @@ def scan(studies, out, config_file, weights, metadata, device, precision, worker
             fail(str(e), debug, EXIT_USAGE)
         summary = run_fatal_errors(debug, lambda: run_scan(studies, out, cfg, earlier, stop), out)
     finally:
-        stop.restore()
+        if stop.signum is None:
+            stop.restore()
+        else:  # stopping: a Ctrl-C pressed again (torch's clean-up at exit takes a while) printed a traceback
+            stop.ignore_ctrl_c()
     say(("cxr-batch: " if summary.stopped_by else "") + summary.line(), err=True)
     if summary.stopped_by:  # stopped: the results go out when --resume finishes the scan
         sys.exit(summary.exit_code)
@@ -489,6 +492,8 @@ def run_daemon(build, out: Path, debug: bool):
         code = daemon.run()
     except NodeError as e:  # the node's port cannot be bound
         fail(str(e), debug)
+    if stop.signum is not None:  # stopped by a signal: a Ctrl-C pressed again while Python exits killed it (not 0)
+        stop.ignore_ctrl_c()
     sys.exit(code)
 
 

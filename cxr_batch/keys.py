@@ -36,13 +36,16 @@ def study_key(path: Path, rules: ScoringRules) -> tuple[str, str]:
     return (f"uid:{uid}" if uid else f"sha256:{content}"), content
 
 
-def content_sha256(path: Path) -> str:
+def content_sha256(path: Path, limit: int | None = None) -> str:
     """The sha256 of a regular file's whole content (what a resumed scan compares to know that
-    a file is the one it scored). Raises OSError, or ReadError for a FIFO or device."""
+    a file is the one it scored), or of its first ``limit`` bytes (whether an earlier state of
+    the file was its beginning). Raises OSError, or ReadError for a FIFO or device."""
     with open_regular(path) as f:
         h = hashlib.sha256()
-        for chunk in iter(lambda: f.read(HASH_CHUNK), b""):
+        left = float("inf") if limit is None else limit
+        while left > 0 and (chunk := f.read(int(min(HASH_CHUNK, left)))):
             h.update(chunk)
+            left -= len(chunk)
     return h.hexdigest()
 
 

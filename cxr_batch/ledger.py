@@ -265,6 +265,11 @@ class Ledger:
                               (stored_name(path),)).fetchone()
         return (row[2], row[3]) if row is not None and (row[0], row[1]) == (size, mtime_ns) else None
 
+    def last_handled(self, path: str) -> tuple[int, str, str] | None:
+        """(size, key, outcome) of the file last handled at ``path``, whatever it holds now."""
+        row = self.db.execute("SELECT size, key, outcome FROM files WHERE path = ?", (stored_name(path),)).fetchone()
+        return tuple(row) if row is not None else None
+
     def iter_records(self):
         """Every study's current record, in the order they were reported, one at a time."""
         for (r,) in self.db.execute("SELECT record FROM studies ORDER BY seq"):
@@ -329,11 +334,14 @@ class Ledger:
 
     # ------------------------------------------------------------------ writing
     def commit(self, studies: list[tuple[str, str, StudyRecord]], files: list[tuple[str, int, int, str, str]],
-               outbound: Mapping[str, Sequence[tuple[str, str]]] | None = None) -> list[Outcome]:
+               outbound: Mapping[str, Sequence[tuple[str, str]]] | None = None,
+               replaces: Mapping[str, str] | None = None) -> list[Outcome]:
         """In one transaction: studies (key, content sha256, record), handled files (path,
         size, mtime, key, outcome) and the result objects to send, ``outbound``: {key: [(uid,
         path) or :func:`outbound_entry`, ...]}, queued for the studies this commit records (not
-        for those it keeps)."""
+        for those it keeps). ``replaces``: {key: key of a provisional error under another key
+        that this study's record replaces} (the same file read while its copy was cut short: a
+        PNG's key is its content, so the whole file has another key than its beginning had)."""
         now = time.time()
         outcomes = []
         with self.db:
@@ -349,6 +357,10 @@ class Ledger:
                         self._note_unread_version(key, record.reason)
                     outcomes.append(Outcome(key, record, "kept", annotated))
                     continue
+                withdrawn = (replaces or {}).get(key)
+                if withdrawn is not None and self.db.execute("DELETE FROM studies WHERE key = ? AND status = 'error'",
+                                                             (withdrawn,)).rowcount:
+                    old = old or Known("error", "", record.file)  # published as a replaced row: results.csv rewritten
                 if old is not None and old.status != "error":
                     self.db.execute("INSERT INTO superseded SELECT key, seq, file, content, record, reported_at, ? "
                                     "FROM studies WHERE key = ?", (now, key))

@@ -24,6 +24,7 @@ from collections import deque
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from concurrent.futures.process import BrokenProcessPool
+from multiprocessing import resource_tracker
 from dataclasses import dataclass
 from typing import Iterable, Iterator
 
@@ -125,11 +126,22 @@ class StudyReader:
     def _start(self) -> None:
         ctx = multiprocessing.get_context("forkserver")
         ctx.set_forkserver_preload(["cxr_batch.assemble"])
-        self._pool = ProcessPoolExecutor(self.workers, mp_context=ctx, initializer=_worker_init,
-                                         initargs=(self.limits.memory_mb << 20, os.getpid()))
-        # workers start on the first task: start them now, while the caller loads the model
-        for _ in range(self.workers):
-            self._pool.submit(int)
+        # A Ctrl-C goes to the terminal's whole process group: one that reached the fork server
+        # while it started (before it ignores SIGINT) or a worker before _worker_init killed it,
+        # and the scan died of "unexpected EOF" (exit 1) instead of stopping. They are started
+        # with SIGINT blocked, which they keep (the mask is inherited through fork and exec);
+        # a Ctrl-C meanwhile waits and reaches this process's handler once they are started.
+        # The resource tracker first: starting, it unblocks SIGINT in this process.
+        resource_tracker.ensure_running()
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        try:
+            self._pool = ProcessPoolExecutor(self.workers, mp_context=ctx, initializer=_worker_init,
+                                             initargs=(self.limits.memory_mb << 20, os.getpid()))
+            # workers start on the first task: start them now, while the caller loads the model
+            for _ in range(self.workers):
+                self._pool.submit(int)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
     def _restart(self) -> None:
         """Kill every worker (one may be stuck) and start a fresh pool."""

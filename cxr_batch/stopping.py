@@ -30,6 +30,11 @@ class StopSignal:
         for s, handler in getattr(self, "_previous", {}).items():
             signal.signal(s, handler)
 
+    def ignore_ctrl_c(self) -> None:
+        """SIGINT ignored from now on: the process is stopping as it was asked to, and a Ctrl-C
+        pressed again while it exits was a KeyboardInterrupt traceback."""
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+
     def _on_signal(self, signum, _frame) -> None:
         if not self.event.is_set():
             self.signum = signum

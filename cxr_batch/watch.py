@@ -57,6 +57,7 @@ from .runconfig import RunConfig
 from .runtime import default_workers, make_policy
 from .sandbox import StudyReader
 from .stopping import StopSignal
+from .study import ReadError
 from .triage import worklist_key
 
 log = logging.getLogger("cxr_batch")
@@ -594,16 +595,28 @@ class Watcher:
                 return
             inputs = None
             source = self.watch_dir / record.file
-            if source.is_file():
+            content = self.ledger.known(key).content
+            if source.is_file() and self.scored_from(source, key, content):
                 study = self.reader.read_one(Candidate(source, record.file), self.bundle.preprocessing.min_side)
                 loaded = model_inputs(study, self.bundle.preprocessing, self.bundle.encoding)
                 if loaded.image is not None:
                     inputs = (loaded.image, loaded.tabular)
             if inputs is None:
-                record.add_note("report made again without the image (source file no longer in the watched folder)")
-            self.write_report(f"{key}:{self.ledger.known(key).content}", record, inputs)
+                record.add_note("report made again without the image (the file it was scored from is no longer in the watched folder)")
+            self.write_report(f"{key}:{content}", record, inputs)
             self.ledger.update_record(key, record)
         self.csv_whole = True
+
+    def scored_from(self, source: Path, key: str, content: str) -> bool:
+        """Whether ``source`` is still the file the study ``key`` was scored from (its content
+        sha256; the same instance when the ledger, rebuilt from results.csv, has no content).
+        PACS exports reuse names (IM0001.dcm): a report made again from whatever file is at the
+        study's path showed another patient's image in this patient's report."""
+        try:
+            now_key, now_content = study_key(source, self.cfg.scoring)
+        except Exception:  # unreadable now: not known to be the same file
+            return False
+        return now_content == content if content else now_key == key
 
     # ------------------------------------------------------------------ finding complete files
     def track(self, path: Path) -> None:
@@ -754,8 +767,9 @@ class Watcher:
         checkpoint("reports")
         entries = [(r.file, key, r.status) for key, _, r in studies] + [(rel, "", "duplicate") for rel in duplicates]
         handled = [e for e in (self._file_entry(*entry) for entry in entries) if e is not None]
+        replaces = {key: old for key, _, r in studies if (old := self.cut_short_error(r.file, key))}
         try:
-            outcomes = self.ledger.commit(studies, handled, self.outbound_objects(studies))
+            outcomes = self.ledger.commit(studies, handled, self.outbound_objects(studies), replaces)
         except Exception as e:
             if _is_output_fault(e):
                 raise OutputError(f"the ledger cannot be written: {e}") from None
@@ -786,6 +800,25 @@ class Watcher:
         """{rel: why} of the batch's files (``ids``: {rel: (key, content)}) that are not to be
         scored whatever they hold: none here (the DICOM node holds back a study of two patients)."""
         return {}
+
+    def cut_short_error(self, rel: str, key: str) -> str | None:
+        """The key of the provisional error row this file got while its copy was cut short (a
+        copy that stalled past ``broken_deadline``): the file's earlier state had another key
+        (a PNG's is its content) and was the beginning of what the file holds now. The whole
+        file's record replaces that error; results.csv had both rows, an error for a file that
+        reads. An earlier state that was not its beginning (another file at the same path) keeps
+        its row."""
+        handled = self.ledger.last_handled(rel)
+        if handled is None or handled[2] != "error" or handled[1] == key:
+            return None
+        size, old_key, _ = handled
+        known = self.ledger.known(old_key)
+        if known is None or known.status != "error" or not known.content:
+            return None
+        try:
+            return old_key if content_sha256(self.watch_dir / rel, limit=size) == known.content else None
+        except (OSError, ReadError):  # gone or replaced by a FIFO since it was read: its error stays
+            return None
 
     def outbound_objects(self, studies: list[tuple[str, str, StudyRecord]]) -> dict[str, list[tuple]]:
         """Results to queue for sending with the batch's commit (cxr_batch.integration.outbox):
@@ -928,7 +961,10 @@ class Watcher:
         if not outcomes:
             return
         self.worklist_due = True
-        if self.csv_whole or any(o.action == "replaced" or o.annotated for o in outcomes):
+        # results.csv deleted or moved away by someone: made again whole (appended to, it was
+        # made with the new rows alone, every study before them missing from it)
+        gone = not (self.out / "results.csv").exists()
+        if self.csv_whole or gone or any(o.action == "replaced" or o.annotated for o in outcomes):
             self.publish_whole()
             return
         fresh = [(o.key, o.record) for o in outcomes if o.action == "new"]

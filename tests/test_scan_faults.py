@@ -3,13 +3,19 @@ a receiver that goes away. What the operator is told, what is kept, and that --r
 the rows a scan without the fault writes."""
 
 import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import threading
 
 from cxr_batch.journal import read_journal
 from cxr_batch.results import read_results
 from cxr_batch.scan import run_scan
 
 from .test_operator import JOURNAL, cli, copies, quick, scored_as
+from .watchkit import wait_for
 
 
 def same_numbers(results):
@@ -98,3 +104,40 @@ def test_a_scan_killed_before_its_results_were_queued_says_so_and_resume_sends_t
         assert done.returncode == 0, done.stderr
         assert sorted(m.split("|")[9] for m in map(str, ris.received)) == sorted(
             {m.split("|")[9] for m in map(str, ris.received)}) and len(ris.received) == 3
+
+
+def test_ctrl_c_pressed_again_and_again_while_the_reading_workers_start_is_a_clean_stop(tmp_path, nih_images,
+                                                                                       small_bundle):
+    """A terminal's Ctrl-C reaches the whole process group, the reading workers and their fork
+    server too: one that reached the fork server while it started killed it, and the scan ended
+    with "error: unexpected EOFError" (exit 1, no run.json to --resume from); one pressed again
+    while the stopped scan exited printed a KeyboardInterrupt traceback."""
+    studies, out, pause = copies(tmp_path, nih_images[:4]), tmp_path / "out", tmp_path / "pause"
+    pause.touch()
+    scan = subprocess.Popen([sys.executable, "-m", "cxr_batch", "scan", studies, "--out", out, "--weights", small_bundle,
+                             "--device", "cpu", "--workers", "2", "--quiet"], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            env={**os.environ, "CXR_BATCH_PAUSE_AT": "created", "CXR_BATCH_PAUSE_FILE": str(pause)})
+    done = threading.Event()
+
+    def press_ctrl_c():  # as a terminal does: to the whole foreground process group, every 20 ms
+        while not done.wait(0.02):
+            try:
+                os.killpg(scan.pid, signal.SIGINT)
+            except ProcessLookupError:
+                return
+
+    try:
+        assert wait_for(pause.with_name("pause.here").exists)  # the workers start next
+        pause.unlink()
+        pressing = threading.Thread(target=press_ctrl_c)
+        pressing.start()
+        _, stderr = scan.communicate(timeout=300)
+    finally:
+        done.set()
+        if scan.poll() is None:
+            scan.kill()
+    assert scan.returncode == 130, stderr
+    assert "Traceback" not in stderr and "error" not in stderr, stderr
+    assert "stopped by SIGINT" in stderr and "--resume" in stderr
+    assert json.loads((out / "run.json").read_text())["complete"] is False

@@ -31,12 +31,14 @@ def watch_config(path, **values) -> str:
                                           rescan_interval=2.0, heartbeat_interval=0.5, worklist_interval=0.0), values)
 
 
-def start_daemon(incoming, out, bundle, config, *extra, env=None):
+def start_daemon(incoming, out, bundle, config, *extra, env=None, start_new_session=False):
+    """``cxr-batch watch``; ``start_new_session``: in a process group of its own, as a terminal
+    runs a command (``os.killpg`` then reaches its reading workers too, as a Ctrl-C does)."""
     return subprocess.Popen([sys.executable, "-m", "cxr_batch", "watch", str(incoming), "--out", str(out),
                              "--weights", str(bundle), "--device", "cpu", "--config", str(config), "--no-heatmaps",
                              *map(str, extra)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, **(env or {})})
+                            env={**os.environ, **(env or {})}, start_new_session=start_new_session)
 
 
 def rows_now(out):
