@@ -105,3 +105,37 @@ def test_v3_held_out_figures_are_recomputed_from_its_held_out_predictions():
     assert (held.loc[normal, "findings"] == "").all()  # a normal study carries no flag
     assert "not for clinical use" in bundle.manifest["intended_use"]
     assert "reference" in bundle.manifest  # drift monitoring has something to compare with
+
+
+def test_v3_held_out_predictions_are_what_the_bundle_scores_now(nih, tmp_path):
+    """Every held-out figure of the v3 card is recomputed from training_run/heldout_predictions.csv
+    (above); those predictions must be what `cxr-batch evaluate` gives with the shipped bundle
+    today, or the card describes another model. Twelve of the held-out images of ../shared/data/nih,
+    scored as training.heldout scores them (float32, with their patient data)."""
+    import subprocess
+    import sys
+
+    import pandas as pd
+
+    from cxr_batch.bundle import DEFAULT_BUNDLE
+
+    held = pd.read_csv(DEFAULT_BUNDLE / "training_run" / "heldout_predictions.csv", dtype=str, keep_default_na=False)
+    table = pd.read_csv(nih / "labels.csv", dtype=str, keep_default_na=False)
+    names = sorted(set(held["image"]) & set(table["Image Index"]))[:12]
+    assert len(names) == 12
+    studies = tmp_path / "studies"
+    studies.mkdir()
+    for name in names:
+        (studies / name).symlink_to(nih / "images" / name)
+    labels = tmp_path / "labels.csv"
+    table[table["Image Index"].isin(names)][["Image Index", "Finding Labels", "Patient ID", "Patient Age",
+                                               "Patient Gender", "View Position"]].to_csv(labels, index=False)
+    done = subprocess.run([sys.executable, "-m", "cxr_batch", "evaluate", studies, "--labels", labels,
+                           "--out", tmp_path / "eval", "--device", "cpu", "--precision", "fp32", "--bootstrap", "0",
+                           "--follow-links", "--quiet"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    now = pd.read_csv(tmp_path / "eval" / "results.csv", dtype=str, keep_default_na=False).set_index("file").loc[names]
+    shipped = held.set_index("image").loc[names]
+    p = [f"p_{f}" for f in FINDINGS] + ["p_any"]
+    assert np.abs(now[p].astype(float).to_numpy() - shipped[p].astype(float).to_numpy()).max() < 5e-5
+    assert list(now["priority"]) == list(shipped["priority"]) and list(now["findings"]) == list(shipped["findings"])
