@@ -569,3 +569,20 @@ def test_status_says_the_archive_asked_to_wait_and_until_when(results, archive, 
         assert sender.status()["peer"] == "ok" and "next_try_at" not in sender.status()
     finally:
         ledger.close()
+
+
+def test_a_retry_after_of_hundreds_of_digits_is_said_as_a_number_not_inf(results, archive, tmp_path, caplog):
+    """A Retry-After of 400 nines was read as float infinity: capped rightly at the hour, but the
+    log said 'asked to wait inf s'."""
+    from cxr_batch.integration.delivery import RETRY_AFTER_MAX
+
+    archive.answer, archive.headers = (503, None), {"Retry-After": "9" * 400}
+    ledger, sender = _stow_sender(results, archive, tmp_path)
+    try:
+        before = time.time()
+        sender.send_due(ledger, until=before)
+        assert before + RETRY_AFTER_MAX - 1 <= ledger.next_due("stow") <= time.time() + RETRY_AFTER_MAX
+        assert "inf" not in caplog.text, caplog.text
+        assert "asked to wait more than 1000000000 s (Retry-After)" in caplog.text, caplog.text
+    finally:
+        ledger.close()

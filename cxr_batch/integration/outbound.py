@@ -50,6 +50,7 @@ from .dicom_send import CALLING_AE_TITLE, Destination, send_dataset
 from ..ledger import Ledger, LedgerError, OutboundItem
 
 log = logging.getLogger("cxr_batch")
+ASKED_SHOWN_MAX = 1e9  # seconds (about 32 years): a longer Retry-After is said as "more than" this
 IDLE_WAIT = 5.0  # seconds between looks at the queue when nothing woke the sender
 DAMAGED = ".damaged"  # added to the name of an object file that is not whole: kept aside, never sent
 MADE_AGAIN = "made again by watch/listen at their next start, or by the same scan with --resume"
@@ -229,8 +230,10 @@ class Sender:
         ``delay``. Said in the log, with what was asked."""
         granted = max(delay, min(asked, RETRY_AFTER_MAX))
         if asked > RETRY_AFTER_MAX:
-            log.warning("%s asked to wait %.0f s (Retry-After), longer than the %.0f s cxr-batch waits at most: next "
-                        "try in %.0f s", self.channel, asked, RETRY_AFTER_MAX, granted)
+            # a Retry-After of hundreds of digits reads as float infinity: said as a number
+            said = f"{asked:.0f} s" if asked <= ASKED_SHOWN_MAX else f"more than {ASKED_SHOWN_MAX:.0f} s"
+            log.warning("%s asked to wait %s (Retry-After), longer than the %.0f s cxr-batch waits at most: next "
+                        "try in %.0f s", self.channel, said, RETRY_AFTER_MAX, granted)
         else:
             log.info("%s asked to wait %.0f s (Retry-After): next try in %.0f s", self.channel, asked, granted)
         return granted
