@@ -1,8 +1,8 @@
-"""How values read to a person: finding names, dates, ages, person names, right-to-left text.
+"""How values read to a person: finding names, dates, times, ages, person names, right-to-left text.
 
-Reports and the worklist show values through these functions only, so a finding, a date or an
-age reads the same everywhere a person sees it. results.csv keeps the raw values (its study
-date is written with format_date too: YYYY-MM-DD).
+Reports, the worklist and monitor.pdf show values through these functions only, so a finding, a
+date, a time or an age reads the same everywhere a person sees it. results.csv keeps the raw
+values (its study date is written with format_date too: YYYY-MM-DD).
 """
 
 from __future__ import annotations
@@ -49,6 +49,18 @@ def plural(n: int, noun: str, nouns: str = "") -> str:
     if not nouns:
         nouns = noun[:-1] + "ies" if noun.endswith("y") and noun[-2:-1] not in "aeiou" else noun + "s"
     return f"{n} {nouns}"
+
+
+def format_time(moment: dt.datetime) -> str:
+    """``2024-04-15 10:32:05 CEST (UTC+02:00)`` or ``... UTC+00:00``: the time with its zone's
+    name and offset, so readers in other zones are not misled (a naive time is taken as local)."""
+    if moment.tzinfo is None:
+        moment = moment.astimezone()
+    offset = moment.strftime("%z")
+    zone, name = f"UTC{offset[:3]}:{offset[3:]}", moment.tzname() or ""
+    if not name or name.startswith(("UTC", "GMT", "+", "-")):  # no abbreviation: the offset says it all
+        return f"{moment:%Y-%m-%d %H:%M:%S} {zone}"
+    return f"{moment:%Y-%m-%d %H:%M:%S} {name} ({zone})"
 
 
 def format_age(years: float | None) -> str | None:

@@ -42,7 +42,7 @@ from reportlab.platypus import Image, KeepInFrame, Paragraph, SimpleDocTemplate,
 from xml.sax.saxutils import escape
 
 from .files import FILE_MODE, atomic_write_bytes, private_dir
-from .display import finding_label, format_age, format_date, person_name, plural, visual_order
+from .display import finding_label, format_age, format_date, format_time, person_name, plural, visual_order
 from .evidence import Evidence, bundle_evidence
 from .findings import DEFAULT_URGENT, FINDINGS
 from .record import StudyRecord, log_name, name_bytes
@@ -253,18 +253,6 @@ def _header(names, widths, st: dict) -> list[Paragraph]:
         return cells
     style = ParagraphStyle("label-row", parent=st["label"], fontSize=size, leading=size * 1.2)
     return [fitted(name, style, w - 2 * PAD, one_line=True) for name, w in zip(names, widths)]
-
-
-def format_time(moment: dt.datetime) -> str:
-    """``2024-04-15 10:32:05 CEST (UTC+02:00)`` or ``... UTC+00:00``: the time with its zone's
-    name and offset, so readers in other zones are not misled (a naive time is taken as local)."""
-    if moment.tzinfo is None:
-        moment = moment.astimezone()
-    offset = moment.strftime("%z")
-    zone, name = f"UTC{offset[:3]}:{offset[3:]}", moment.tzname() or ""
-    if not name or name.startswith(("UTC", "GMT", "+", "-")):  # no abbreviation: the offset says it all
-        return f"{moment:%Y-%m-%d %H:%M:%S} {zone}"
-    return f"{moment:%Y-%m-%d %H:%M:%S} {name} ({zone})"
 
 
 def _date_text(raw: str) -> str:

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from cxr_batch.display import format_time
 from cxr_batch.findings import FINDINGS
 from cxr_batch.image_stats import COLUMNS as IMAGE_COLUMNS
 from cxr_batch.record import COLUMNS
@@ -124,7 +125,7 @@ def monitored(tmp_path: Path, case: str) -> dict:
     options = [site if o == "SITE" else o for o in CASES[case]]
     code, stderr = here("monitor", results, "--out", tmp_path / "out", *options)
     report = json.loads((tmp_path / "out" / "monitor.json").read_text())
-    generated = dt.datetime.fromisoformat(report.pop("generated"))
+    generated = dt.datetime.fromisoformat(report.pop("generated")).astimezone()
     for model in report["models"]:
         if model["reference"]:
             model["reference"].pop("created")  # made from results as monitor runs
@@ -132,7 +133,10 @@ def monitored(tmp_path: Path, case: str) -> dict:
                          check=True).stdout
     # the text's lines break where the temporary folder's length puts them: compared without spaces
     pdf = re.sub(r"\s+", "", pdf).replace(re.sub(r"\s+", "", str(tmp_path)), "TMP")
-    pdf = pdf.replace(generated.isoformat(timespec="seconds"), "GENERATED")
+    # the moment it ran is printed as the study reports and the worklist print theirs
+    shown = re.sub(r"\s+", "", format_time(generated))
+    assert shown in pdf and generated.isoformat() not in pdf
+    pdf = pdf.replace(shown, "GENERATED")
     return {"exit_code": code, "report": _replaced(report, str(tmp_path), "TMP"), "pdf": pdf,
             "terminal": stderr.replace(str(tmp_path), "TMP")}
 
