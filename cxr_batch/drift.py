@@ -529,9 +529,10 @@ def _examples(q: Quantity, e: dict, reference: dict, scored: list[tuple[int, Stu
     picked = []
     if q.kind == "continuous":
         ref = np.sort(reference_sample(reference["quantities"][q.name]))
-        scoredv = [(abs(np.searchsorted(ref, v) / ref.size - 0.5), i, r, v) for i, r in scored
-                   if _finite(v := q.value(r))]
-        picked = [(i, r, v) for _, i, r, v in sorted(scoredv, key=lambda t: -t[0])]
+        known = [(i, r, v) for i, r in scored if _finite(v := q.value(r))]
+        if known:  # furthest into the tails first; equally far: in the window's order (a stable sort)
+            tail = np.abs(np.searchsorted(ref, np.array([v for _, _, v in known], dtype=float)) / ref.size - 0.5)
+            picked = [known[k] for k in np.argsort(-tail, kind="stable")[:EXAMPLES]]
     elif q.kind == "categorical":
         picked = [(i, r, v) for i, r in scored if str(v := q.value(r)) == e.get("grew")]
     else:
