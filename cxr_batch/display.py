@@ -1,9 +1,9 @@
-"""How values read to a person: finding names, dates, ages, person names, right-to-left text,
-and any text from outside (a path, a header value, a peer's reply) on a console or log line.
+"""How values read to a person: finding names, dates, times, ages, person names, right-to-left
+text, and any text from outside (a path, a header value, a peer's reply) on a console or log line.
 
-Reports and the worklist show values through these functions only, so a finding, a date or an
-age reads the same everywhere a person sees it. results.csv keeps the raw values (its study
-date is written with format_date too: YYYY-MM-DD).
+Reports, the worklist and monitor.pdf show values through these functions only, so a finding, a
+date, a time or an age reads the same everywhere a person sees it. results.csv keeps the raw
+values (its study date is written with format_date too: YYYY-MM-DD).
 """
 
 from __future__ import annotations

@@ -30,6 +30,7 @@ model does: that needs labels (``cxr-batch evaluate``).
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import hashlib
 import json
 import math
@@ -296,22 +297,71 @@ def _psi(ref: np.ndarray, win: np.ndarray) -> float | None:
     return float(np.sum((w - r) * np.log(w / r)))
 
 
-def _continuous(s: dict, values: list) -> dict:
+# The tests' p-values depend on a few whole numbers only (a table's counts; the two sample sizes
+# and their distance): a year of windows of one site asks the same ones again and again, and
+# scipy's exact computations were most of the time ``cxr-batch monitor`` spent testing windows
+# (``benchmarks/monitor_large.py --phases``). Kept here, each is computed once per process.
+MEMO_SIZE = 65536
+_KS_RESULTS: dict[tuple[int, int, float], tuple[float, float]] = {}
+
+
+def ks_distance(ref: np.ndarray, win: np.ndarray) -> float:
+    """The two-sample Kolmogorov-Smirnov distance, computed as ``scipy.stats.ks_2samp`` computes
+    it (the same operations in the same order: the same float), of which with the two sizes its
+    statistic and p-value are a function."""
+    data1, data2 = np.sort(ref), np.sort(win)
+    data_all = np.concatenate([data1, data2])
+    cddiffs = (np.searchsorted(data1, data_all, side="right") / data1.shape[0]
+               - np.searchsorted(data2, data_all, side="right") / data2.shape[0])
+    min_s, max_s = np.clip(-cddiffs[np.argmin(cddiffs)], 0, 1), cddiffs[np.argmax(cddiffs)]
+    return float(min_s if min_s > max_s else max_s)
+
+
+def ks_test(ref: np.ndarray, win: np.ndarray) -> tuple[float, float]:
+    """``scipy.stats.ks_2samp(ref, win)``'s statistic and p-value (two-sided, its automatic
+    method), each (sizes, distance) computed once."""
     from scipy.stats import ks_2samp
 
+    key = (int(ref.size), int(win.size), ks_distance(ref, win))
+    if key not in _KS_RESULTS:
+        if len(_KS_RESULTS) >= MEMO_SIZE:
+            _KS_RESULTS.clear()
+        with warnings.catch_warnings():
+            # scipy falls back from the exact p-value to the asymptotic one when the exact sum fails
+            # (a window much like its reference: p near 1) and says so on stderr, once per quantity;
+            # the fallback is the right answer, and the operator's terminal is no place for it
+            warnings.filterwarnings("ignore", "ks_2samp: Exact calculation unsuccessful", RuntimeWarning)
+            ks = ks_2samp(ref, win)
+        _KS_RESULTS[key] = (float(ks.statistic), float(ks.pvalue))
+    return _KS_RESULTS[key]
+
+
+@functools.lru_cache(maxsize=MEMO_SIZE)
+def fisher_p(table: tuple[int, int, int, int]) -> float:
+    """Fisher's exact test's two-sided p-value of the 2 x 2 table ((a, b), (c, d))."""
+    from scipy.stats import fisher_exact
+
+    a, b, c, d = table
+    return float(fisher_exact([[a, b], [c, d]])[1])
+
+
+@functools.lru_cache(maxsize=MEMO_SIZE)
+def chi_square_p(reference: tuple[int, ...], window: tuple[int, ...]) -> float:
+    """The chi-square test's p-value of the 2 x k table of reference and window counts."""
+    from scipy.stats import chi2_contingency
+
+    return float(chi2_contingency(np.vstack([np.array(reference, dtype=float), np.array(window, dtype=float)]))[1])
+
+
+def _continuous(s: dict, values: list) -> dict:
     win = np.array([float(v) for v in values if _finite(v)], dtype=float)
     ref = reference_sample(s)
     out = {"n_window": int(win.size), "n_reference": int(ref.size), "missing_window": len(values) - int(win.size)}
     if not win.size or not ref.size:
         out["not_tested"] = "no known values in the window" if ref.size else "the reference has no known values"
         return out
-    with warnings.catch_warnings():
-        # scipy falls back from the exact p-value to the asymptotic one when the exact sum fails
-        # (a window much like its reference: p near 1) and says so on stderr, once per quantity;
-        # the fallback is the right answer, and the operator's terminal is no place for it
-        warnings.filterwarnings("ignore", "ks_2samp: Exact calculation unsuccessful", RuntimeWarning)
-        ks = ks_2samp(ref, win)
-    out.update(effect=float(ks.statistic), p_value=float(ks.pvalue), psi=_psi(ref, win),
+    statistic, p_value = ks_test(ref, win)
+    out.update(effect=statistic, p_value=p_value, psi=_psi(ref, win),
                reference_median=_round(float(np.median(ref))), window_median=_round(float(np.median(win))),
                reference_mean=_round(float(ref.mean())), window_mean=_round(float(win.mean())),
                reference_iqr=[_round(v) for v in np.quantile(ref, [0.25, 0.75])],
@@ -326,8 +376,6 @@ SPARSE_TEST = "Fisher's exact, each category against the rest, Bonferroni over t
 
 
 def _categorical(s: dict, values: list) -> dict:
-    from scipy.stats import chi2_contingency, fisher_exact
-
     ref_counts = dict(s["counts"])
     win_counts: dict[str, int] = {}
     for v in values:
@@ -351,13 +399,13 @@ def _categorical(s: dict, values: list) -> dict:
     if len(cats) < 2:
         p = 1.0
     elif expected.min() >= SPARSE:
-        p = float(chi2_contingency(np.vstack([r, w]))[1])
+        p = chi_square_p(tuple(int(c) for c in r), tuple(int(c) for c in w))
     else:
         # a rare category (an urgent priority at 2%, a vendor with 1% of the studies) in a window of
         # 20: chi-square's p-value fell below alpha / 53 thirty to sixty times as often as it says,
         # false alarms beyond alpha. Each category's exact test against the rest is exact; the
         # Bonferroni bound over the categories keeps their smallest p-value a valid one
-        p = min(1.0, len(cats) * min(float(fisher_exact([[wc, n_win - wc], [rc, n_ref - rc]])[1])
+        p = min(1.0, len(cats) * min(fisher_p((int(wc), int(n_win - wc), int(rc), int(n_ref - rc)))
                                      for rc, wc in zip(r, w)))
         out["test"] = SPARSE_TEST
     grew = cats[int(np.argmax(share_w - share_r))]
@@ -368,6 +416,7 @@ def _categorical(s: dict, values: list) -> dict:
     return out
 
 
+@functools.lru_cache(maxsize=MEMO_SIZE)
 def clopper_pearson(k: int, n: int, level: float = 0.95) -> tuple[float, float]:
     """The exact (Clopper-Pearson) interval of k successes in n, from the beta distribution's
     quantiles: scipy's ``binomtest(k, n).proportion_ci(method="exact")`` to 1e-12, without its
@@ -382,8 +431,6 @@ def clopper_pearson(k: int, n: int, level: float = 0.95) -> tuple[float, float]:
 
 
 def _proportion(s: dict, values: list) -> dict:
-    from scipy.stats import fisher_exact
-
     known = [bool(v) for v in values if v is not None]
     n_win, k_win, n_ref, k_ref = len(known), int(sum(known)), int(s["n"]), int(s["k"])
     out = {"n_window": n_win, "n_reference": n_ref}
@@ -393,7 +440,7 @@ def _proportion(s: dict, values: list) -> dict:
     rate_w, rate_r = k_win / n_win, k_ref / n_ref
     low, high = clopper_pearson(k_win, n_win)
     h = abs(2 * math.asin(math.sqrt(rate_w)) - 2 * math.asin(math.sqrt(rate_r)))
-    p = float(fisher_exact([[k_win, n_win - k_win], [k_ref, n_ref - k_ref]])[1])
+    p = fisher_p((k_win, n_win - k_win, k_ref, n_ref - k_ref))
     out.update(effect=h, p_value=p, reference_rate=_round(rate_r), window_rate=_round(rate_w),
                window_ci95=[_round(low), _round(high)], k_window=k_win, k_reference=k_ref)
     out["shift"] = f"{rate_r:.1%} -> {rate_w:.1%} (95% CI {low:.1%}-{high:.1%})"
@@ -482,9 +529,10 @@ def _examples(q: Quantity, e: dict, reference: dict, scored: list[tuple[int, Stu
     picked = []
     if q.kind == "continuous":
         ref = np.sort(reference_sample(reference["quantities"][q.name]))
-        scoredv = [(abs(np.searchsorted(ref, v) / ref.size - 0.5), i, r, v) for i, r in scored
-                   if _finite(v := q.value(r))]
-        picked = [(i, r, v) for _, i, r, v in sorted(scoredv, key=lambda t: -t[0])]
+        known = [(i, r, v) for i, r in scored if _finite(v := q.value(r))]
+        if known:  # furthest into the tails first; equally far: in the window's order (a stable sort)
+            tail = np.abs(np.searchsorted(ref, np.array([v for _, _, v in known], dtype=float)) / ref.size - 0.5)
+            picked = [known[k] for k in np.argsort(-tail, kind="stable")[:EXAMPLES]]
     elif q.kind == "categorical":
         picked = [(i, r, v) for i, r in scored if str(v := q.value(r)) == e.get("grew")]
     else:

@@ -10,6 +10,7 @@ number comes from the report that monitor.json holds.
 
 from __future__ import annotations
 
+import datetime as dt
 import itertools
 import textwrap
 from collections.abc import Iterator
@@ -20,7 +21,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only, no screen
 from matplotlib.figure import Figure  # noqa: E402
 
-from .display import plural  # noqa: E402
+from .display import format_time, plural  # noqa: E402
 from .drift import GROUPS, QUANTITIES  # noqa: E402
 from .evaluation_report import save_pages  # noqa: E402
 
@@ -44,7 +45,9 @@ def summary_page(report: dict) -> Figure:
     fig = Figure(figsize=A4)
     y = _text(fig, 0.965, "Drift monitoring: do the inputs still look like the reference?", 14, "bold")
     y = _text(fig, y - 0.004, f"Results {report['results']}: {plural(report['studies']['scored'], 'scored study')} of "
-              f"{plural(report['studies']['rows'], 'row')}. Windows of {report['window']}; generated {report['generated']}.")
+              f"{plural(report['studies']['rows'], 'row')}. Windows of {report['window']}; generated "
+              # as the study reports and the worklist print it: in this computer's zone, named
+              f"{format_time(dt.datetime.fromisoformat(report['generated']).astimezone())}.")
     alarms = report["alarms"]
     y -= 0.01
     if report.get("problem"):

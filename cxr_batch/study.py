@@ -118,6 +118,11 @@ class Identifiers:
     patient_id_type: str = ""
 
     def __setattr__(self, name: str, value) -> None:
+        if isinstance(value, str) and not value:
+            # every cleaning leaves an empty value empty, and most of a record's identifiers are:
+            # cleaning them was a third of reading back a results.csv row (cxr-batch monitor)
+            super().__setattr__(name, value)
+            return
         if name in UID_FIELDS:
             value = clean_uid(value)
         elif name in DATE_FIELDS:

@@ -492,3 +492,30 @@ def test_a_window_much_like_its_reference_is_tested_without_a_scipy_warning():
         warnings.simplefilter("error")
         result = TESTS["continuous"][1](summarise_values("continuous", list(reference)), list(window))
     assert result["effect"] < 0.01 and result["p_value"] > 0.99
+
+
+def test_the_remembered_tests_say_what_scipy_says():
+    """The drift tests keep each p-value they computed (keyed by what it depends on): what they
+    return is scipy's answer for these very samples and tables, ties and sample sizes that take
+    scipy's exact and asymptotic methods included."""
+    from scipy.stats import chi2_contingency, fisher_exact, ks_2samp
+
+    from cxr_batch.drift import chi_square_p, fisher_p, ks_test
+
+    rng = np.random.default_rng(0)
+    for n1, n2, shift, rounding in [(480, 490, 0.0, 2), (480, 490, 0.3, 6), (480, 20, 1.0, 1), (500, 500, 0.1, 3),
+                                    (12000, 300, 0.05, 4), (101, 7, 0.0, 0)] * 3:
+        ref, win = np.round(rng.normal(size=n1), rounding), np.round(rng.normal(shift, size=n2), rounding)
+        for a, b in ((ref, win), (ref, win[::-1])):  # the same samples again: remembered
+            ks = ks_2samp(a, b)
+            assert ks_test(a, b) == (float(ks.statistic), float(ks.pvalue))
+    for _ in range(200):
+        table = tuple(int(v) for v in rng.integers(0, 60, 4))
+        assert fisher_p(table) == float(fisher_exact([table[:2], table[2:]])[1])
+        r, w = tuple(int(v) for v in rng.integers(1, 80, 4)), tuple(int(v) for v in rng.integers(1, 80, 4))
+        assert chi_square_p(r, w) == float(chi2_contingency(np.vstack([r, w]).astype(float))[1])
+    # other samples at the same distance: the remembered answer is scipy's for them too
+    base = np.arange(40.0)
+    for offset in (0.5, 0.25, 0.75):
+        ks = ks_2samp(base, base[5:] + offset)
+        assert ks_test(base, base[5:] + offset) == (float(ks.statistic), float(ks.pvalue))
