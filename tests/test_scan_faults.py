@@ -5,17 +5,15 @@ the rows a scan without the fault writes."""
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import threading
 
 from cxr_batch.journal import read_journal
 from cxr_batch.results import read_results
 from cxr_batch.scan import run_scan
 
 from .test_operator import JOURNAL, cli, copies, quick, scored_as
-from .watchkit import wait_for
+from .watchkit import ctrl_c_pressed_again_and_again, wait_for
 
 
 def same_numbers(results):
@@ -118,23 +116,12 @@ def test_ctrl_c_pressed_again_and_again_while_the_reading_workers_start_is_a_cle
                              "--device", "cpu", "--workers", "2", "--quiet"], stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True, start_new_session=True,
                             env={**os.environ, "CXR_BATCH_PAUSE_AT": "created", "CXR_BATCH_PAUSE_FILE": str(pause)})
-    done = threading.Event()
-
-    def press_ctrl_c():  # as a terminal does: to the whole foreground process group, every 20 ms
-        while not done.wait(0.02):
-            try:
-                os.killpg(scan.pid, signal.SIGINT)
-            except ProcessLookupError:
-                return
-
     try:
         assert wait_for(pause.with_name("pause.here").exists)  # the workers start next
         pause.unlink()
-        pressing = threading.Thread(target=press_ctrl_c)
-        pressing.start()
-        _, stderr = scan.communicate(timeout=300)
+        with ctrl_c_pressed_again_and_again(scan):
+            _, stderr = scan.communicate(timeout=300)
     finally:
-        done.set()
         if scan.poll() is None:
             scan.kill()
     assert scan.returncode == 130, stderr

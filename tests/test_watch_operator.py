@@ -2,16 +2,13 @@
 in slowly, stalled copies, Ctrl-C at any moment, odd folders. Each test runs the daemon as a
 user starts it and reads what a user reads: results.csv, the reports, status.json."""
 
-import os
 import shutil
-import signal
-import threading
 from pathlib import Path
 
 import pytest
 
 from .dicomgen import grey, write
-from .watchkit import rows_now, start_daemon, status, stop, wait_for, watch_config
+from .watchkit import ctrl_c_pressed_again_and_again, rows_now, start_daemon, status, stop, wait_for, watch_config
 
 pytestmark = pytest.mark.slow
 
@@ -48,21 +45,11 @@ def test_ctrl_c_pressed_again_and_again_stops_the_daemon_cleanly(tmp_path, nih_i
     for p in nih_images[:4]:
         shutil.copy(p, incoming / p.name)
     daemon = start_daemon(incoming, out, small_bundle, watch_config(tmp_path / "w.toml"), start_new_session=True)
-    done = threading.Event()
-
-    def press_ctrl_c():  # as a terminal does: to the whole foreground process group, every 20 ms
-        while not done.wait(0.02):
-            try:
-                os.killpg(daemon.pid, signal.SIGINT)
-            except ProcessLookupError:
-                return
-
     try:
         assert wait_for(lambda: len(rows_now(out)) >= 1)
-        threading.Thread(target=press_ctrl_c).start()
-        _, stderr = daemon.communicate(timeout=120)
+        with ctrl_c_pressed_again_and_again(daemon):
+            _, stderr = daemon.communicate(timeout=120)
     finally:
-        done.set()
         if daemon.poll() is None:
             daemon.kill()
     assert daemon.returncode == 0, stderr

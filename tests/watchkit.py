@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 from cxr_batch.results import read_results
@@ -121,3 +124,25 @@ def seen_by(proc, folder):
 def in_namespace(proc, *cmd) -> None:
     """Run ``cmd`` in the mount namespace of process ``proc`` (nsenter)."""
     subprocess.run(["nsenter", "-t", str(proc.pid), "-m", *map(str, cmd)], check=True, capture_output=True, timeout=30)
+
+
+@contextlib.contextmanager
+def ctrl_c_pressed_again_and_again(proc):
+    """Within the block, SIGINT to ``proc``'s process group every 20 ms, as a terminal sends an
+    operator's Ctrl-C to the whole foreground group (``proc`` started with start_new_session)."""
+    done = threading.Event()
+
+    def press():
+        while not done.wait(0.02):
+            try:
+                os.killpg(proc.pid, signal.SIGINT)
+            except ProcessLookupError:
+                return
+
+    pressing = threading.Thread(target=press)
+    pressing.start()
+    try:
+        yield
+    finally:
+        done.set()
+        pressing.join()
