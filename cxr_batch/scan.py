@@ -6,7 +6,7 @@ import json
 import logging
 import time
 from collections import Counter, deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from . import exit_codes, journal
@@ -19,7 +19,7 @@ from .display import plural
 from .evidence import bundle_evidence
 from .folders import refuse_overlap
 from .inference import Engine, score_batches
-from .keys import content_sha256
+from .keys import content_sha256, uid_conflicts
 from .metadata import load_metadata_for
 from .folderlock import LOCK_NAME, FolderBusy, FolderLock
 from .record import log_name
@@ -123,6 +123,12 @@ def run_scan(studies: Path, out: Path, cfg: ScanConfig = ScanConfig(), earlier: 
     policy = make_policy(cfg.device, cfg.precision)
     candidates = find_candidates(studies, exclude=[out], follow_links=cfg.follow_links)
     files_found = len(candidates)
+    # before --shard: two files of one UID in two shards are found all the same
+    conflicts = uid_conflicts(candidates, cfg.scoring)
+    if conflicts:
+        log.warning("%s share a SOP Instance UID with a file of other content: not scored (their rows say which)",
+                    plural(len(conflicts), "file"))
+        candidates = [replace(c, problem=conflicts[c.rel]) if c.rel in conflicts else c for c in candidates]
     if cfg.shard is not None:
         index, count = cfg.shard
         candidates = [c for i, c in enumerate(candidates) if i % count == index]
