@@ -58,12 +58,12 @@ def instance_uid(path: Path, rules: ScoringRules) -> str:
     return _dataset_uid(head) if _may_be_dicom(head) else ""
 
 
-def uid_conflicts(candidates, rules: ScoringRules) -> dict[str, str]:
-    """{rel: reason} for every candidate whose SOPInstanceUID another candidate with other
-    content claims too. Scored, such files get SRs of one derived UID and a PACS keeps only the
-    first it is sent, perhaps of the other image: which file is the instance is for a person to
-    decide. The same bytes under two names are left alone (one image, one result). Reads 64 KiB
-    of each file; only files that share a UID are hashed whole."""
+def uid_conflicts(candidates, rules: ScoringRules) -> dict[str, tuple[str, list[str]]]:
+    """{rel: (uid, the other files' rels)} for every candidate whose SOPInstanceUID another
+    candidate with other content claims too. Scored, such files get SRs of one derived UID and a
+    PACS keeps only the first it is sent, perhaps of the other image: which file is the instance
+    is for a person to decide. The same bytes under two names are left alone (one image, one
+    result). Reads 64 KiB of each file; only files that share a UID are hashed whole."""
     by_uid = defaultdict(list)
     for cand in candidates:
         if cand.problem is None:
@@ -72,16 +72,12 @@ def uid_conflicts(candidates, rules: ScoringRules) -> dict[str, str]:
             except Exception:  # unreadable: its own row says why when it is read
                 continue
             if uid:
-                by_uid[uid].append(cand)
+                by_uid[uid].append(cand.rel)
+    paths = {c.rel: c.path for c in candidates}
     conflicts = {}
     for uid, group in by_uid.items():
-        if len(group) < 2 or len({_sha256_or_none(c.path) for c in group}) == 1:
-            continue
-        for rel in (c.rel for c in group):
-            others = ", ".join(c.rel for c in group if c.rel != rel)
-            conflicts[rel] = (f"{len(group)} files claim SOP Instance UID {uid} with different content (this one and "
-                              f"{others}): not scored, since their results would share one SR UID and a PACS keeps "
-                              f"only one of them; a person must decide which is the image")
+        if len(group) > 1 and len({_sha256_or_none(paths[rel]) for rel in group}) > 1:
+            conflicts.update((rel, (uid, [r for r in group if r != rel])) for rel in group)
     return conflicts
 
 
