@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+from collections import defaultdict
 from pathlib import Path
 
 from .readers import open_regular, sniff
@@ -49,19 +50,68 @@ def content_sha256(path: Path, limit: int | None = None) -> str:
     return h.hexdigest()
 
 
-def _dicom_uid(f, head: bytes) -> str:
-    kind = sniff(head[:132])
-    if kind in ("png", "jpeg"):
-        return ""
-    from . import dicom  # pydicom only for what may be DICOM
+def instance_uid(path: Path, rules: ScoringRules) -> str:
+    """The SOPInstanceUID of a DICOM file's data set, the one its SR's UID is derived from (the
+    file meta group may name another), from its first 64 KiB; "" for a file without one (a PNG,
+    a broken header, a file over the size limit). Raises OSError."""
+    with open_regular(path) as f:
+        if os.fstat(f.fileno()).st_size > rules.max_file_bytes:
+            return ""
+        head = f.read(1 << 16)
+    return _dataset_uid(head) if _may_be_dicom(head) else ""
 
-    if kind == "dicom":
+
+def uid_conflicts(candidates, rules: ScoringRules) -> dict[str, tuple[str, list[str]]]:
+    """{rel: (uid, the other files' rels)} for every candidate whose SOPInstanceUID another
+    candidate with other content claims too. Scored, such files get SRs of one derived UID and a
+    PACS keeps only the first it is sent, perhaps of the other image: which file is the instance
+    is for a person to decide. The same bytes under two names are left alone (one image, one
+    result). Reads 64 KiB of each file; only files that share a UID are hashed whole."""
+    by_uid = defaultdict(list)
+    for cand in candidates:
+        if cand.problem is None:
+            try:
+                uid = instance_uid(cand.path, rules)
+            except Exception:  # unreadable: its own row says why when it is read
+                continue
+            if uid:
+                by_uid[uid].append(cand.rel)
+    paths = {c.rel: c.path for c in candidates}
+    conflicts = {}
+    for uid, group in by_uid.items():
+        if len(group) > 1 and len({_sha256_or_none(paths[rel]) for rel in group}) > 1:
+            conflicts.update((rel, (uid, [r for r in group if r != rel])) for rel in group)
+    return conflicts
+
+
+def _sha256_or_none(path: Path) -> str | None:
+    try:
+        return content_sha256(path)
+    except Exception:  # unreadable now: not known to be the same image
+        return None
+
+
+def _dicom_uid(f, head: bytes) -> str:
+    if not _may_be_dicom(head):
+        return ""
+    if sniff(head[:132]) == "dicom":
+        from . import dicom  # pydicom only for what may be DICOM
+
         meta, _ = dicom.read_file_meta(f)
         uid = clean_uid(meta.get("MediaStorageSOPInstanceUID", ""))
         if uid:
             return uid
-    elif not (len(head) >= 8 and head[1] == 0 and head[0] in (0x02, 0x08) and head[3] == 0):
-        return ""  # neither preamble nor a first element of group 0002/0008: not parsed at all
+    return _dataset_uid(head)
+
+
+def _may_be_dicom(head: bytes) -> bool:
+    """A DICOM preamble, or a first element of group 0002/0008 (a file without preamble)."""
+    kind = sniff(head[:132])
+    return kind == "dicom" or (kind not in ("png", "jpeg") and len(head) >= 8 and head[1] == 0
+                               and head[0] in (0x02, 0x08) and head[3] == 0)
+
+
+def _dataset_uid(head: bytes) -> str:
     try:
         import pydicom
 

@@ -6,7 +6,7 @@ import json
 import logging
 import time
 from collections import Counter, deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from . import exit_codes, journal
@@ -19,7 +19,7 @@ from .display import plural
 from .evidence import bundle_evidence
 from .folders import refuse_overlap
 from .inference import Engine, score_batches
-from .keys import content_sha256
+from .keys import content_sha256, uid_conflicts
 from .metadata import load_metadata_for
 from .folderlock import LOCK_NAME, FolderBusy, FolderLock
 from .record import log_name
@@ -123,6 +123,13 @@ def run_scan(studies: Path, out: Path, cfg: ScanConfig = ScanConfig(), earlier: 
     policy = make_policy(cfg.device, cfg.precision)
     candidates = find_candidates(studies, exclude=[out], follow_links=cfg.follow_links)
     files_found = len(candidates)
+    # before --shard: two files of one UID in two shards are found all the same
+    conflicts = uid_conflicts(candidates, cfg.scoring)
+    if conflicts:
+        log.warning("%s share a SOP Instance UID with a file of other content: not scored (their rows say which)",
+                    plural(len(conflicts), "file"))
+        candidates = [replace(c, problem=uid_conflict_reason(*conflicts[c.rel])) if c.rel in conflicts else c
+                      for c in candidates]
     if cfg.shard is not None:
         index, count = cfg.shard
         candidates = [c for i, c in enumerate(candidates) if i % count == index]
@@ -156,7 +163,7 @@ def run_scan(studies: Path, out: Path, cfg: ScanConfig = ScanConfig(), earlier: 
                                 "known; every report says so", bundle.label, evidence.problem)
                 if previous.found and previous.mode == "overwrite":
                     log.warning("%s of the earlier scan deleted", plural(previous.remove_outputs(), "file"))
-                run = ScanRun(studies, out, cfg, bundle, policy, reader, previous, stop)
+                run = ScanRun(studies, out, cfg, bundle, policy, reader, previous, stop, conflicts)
                 return run.scan(candidates, files_found, metadata, match, settings, evidence.problem)
     except FolderBusy:  # the folder is another process's (it may have made it a moment ago): not touched
         raise
@@ -164,6 +171,14 @@ def run_scan(studies: Path, out: Path, cfg: ScanConfig = ScanConfig(), earlier: 
         if created:  # a scan that could not start leaves no empty results folder behind
             remove_if_unused(out)
         raise
+
+
+def uid_conflict_reason(uid: str, others: list[str]) -> str:
+    """The row reason of a file whose UID files of other content claim too. The other files are
+    named in the row's notes, which are not logged (a file name may name the patient)."""
+    return (f"{len(others) + 1} files claim SOP Instance UID {uid} with different content (the others are in "
+            f"notes): not scored, since their results would share one SR UID and a PACS keeps only one of "
+            f"them; a person must decide which is the image")
 
 
 def remove_if_unused(out: Path) -> None:
@@ -179,9 +194,11 @@ def remove_if_unused(out: Path) -> None:
 class ScanRun:
     """One scan's work once the model has loaded: score, write rows and reports, record the run."""
 
-    def __init__(self, studies: Path, out: Path, cfg: ScanConfig, bundle, policy, reader, previous, stop):
+    def __init__(self, studies: Path, out: Path, cfg: ScanConfig, bundle, policy, reader, previous, stop,
+                 uid_conflicts: dict[str, tuple[str, list[str]]] | None = None):
         self.studies, self.out, self.cfg, self.bundle, self.policy = studies, out, cfg, bundle, policy
         self.reader, self.previous, self.stop = reader, previous, stop
+        self.uid_conflicts = uid_conflicts or {}  # rel: (uid, the other files), cxr_batch.keys.uid_conflicts
         self.options = cfg.batch_options(cfg.progress)
         self.summary = ScanSummary(results=out / "results.csv", device=policy.describe(),
                                    normal_below=bundle.triage_policy().normal_below)
@@ -262,6 +279,9 @@ class ScanRun:
                     for pos, record in enumerate(batch.records):
                         while waiting and waiting[0][0] < record.file:
                             write(waiting.popleft()[1], False)
+                        if record.file in self.uid_conflicts:
+                            others = self.uid_conflicts[record.file][1]
+                            record.add_note("the same SOP Instance UID, other content: " + ", ".join(others))
                         self.outputs(record, batch.inputs(pos))
                         write(record, True)
                         if record.ok:

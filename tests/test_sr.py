@@ -10,8 +10,10 @@ import re
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import highdicom as hd
+import numpy as np
 import pydicom
 import pytest
 from pydicom.sr.codedict import codes
@@ -501,3 +503,66 @@ def test_the_sr_says_the_held_out_catch_the_pdfs_say():
     v1 = trust_lines(load_bundle(V1_BUNDLE))[FINDINGS.index("Pneumothorax")]
     assert v1 == ("Pneumothorax: sensitivity 0.20 (flagged 1 of 5 held-out images that had it) at "
                   "threshold 0.1; PPV not measured")
+
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "studies" / "dicom"
+
+
+def test_two_files_claiming_one_uid_with_other_pixels_get_no_colliding_sr(tmp_path, small_bundle, caplog):
+    """A folder holding two different images under one SOP Instance UID: scored, both SRs had
+    the same derived UID, and a PACS kept only the first one sent, perhaps for the other image.
+    Neither is scored; both rows name the UID and the other file. The same bytes under two
+    names stay two plain rows, each with its SR (the one object a PACS keeps is right for both)."""
+    studies = tmp_path / "studies"
+    source = EXAMPLE / "NIH01511" / "STUDY1" / "SERIES1" / "IM0001"
+    (studies / "a").mkdir(parents=True)
+    shutil.copy(source, studies / "a" / "IM0001")
+    ds = pydicom.dcmread(source)
+    ds.decompress(generate_instance_uid=False)  # pydicom would give it a UID of its own
+    ds.PixelData = np.ascontiguousarray(ds.pixel_array[:, ::-1]).tobytes()  # the same UID, other pixels
+    (studies / "b").mkdir()
+    ds.save_as(studies / "b" / "IM0001", enforce_file_format=True)
+    ds.PixelData = np.ascontiguousarray(ds.pixel_array[::-1]).tobytes()
+    ds.file_meta.MediaStorageSOPInstanceUID = "1.2.3.4"  # its file meta names another: the SR is of the data set's
+    ds.save_as(studies / "c.dcm", enforce_file_format=True)
+    twin = EXAMPLE / "NIH00574" / "STUDY1" / "SERIES1" / "IM0001"
+    shutil.copy(twin, studies / "twin1.dcm")
+    shutil.copy(twin, studies / "twin2.dcm")
+    out = tmp_path / "out"
+    summary = _scan(studies, out, small_bundle)
+    rows = {r["file"]: r for r in read_results(out / "results.csv")}
+    uid = pydicom.dcmread(source).SOPInstanceUID
+    claims = ["a/IM0001", "b/IM0001", "c.dcm"]
+    for name in claims:
+        assert rows[name]["status"] == "error" and uid in rows[name]["reason"]
+        assert all(other in rows[name]["notes"] for other in claims if other != name)
+        assert name not in caplog.text  # the log names no file (a name may be the patient's)
+        assert "a person must decide which is the image" in rows[name]["reason"]
+        assert not _sr_path(out, rows[name]).exists()
+    assert rows["twin1.dcm"]["status"] == rows["twin2.dcm"]["status"] == "ok"
+    srs = [pydicom.dcmread(p) for p in (out / "dicom").iterdir()]
+    assert len(srs) == 2 and len({s.SOPInstanceUID for s in srs}) == 1  # the twins' one object
+    assert summary.counts == {"ok": 2, "error": 3} and summary.exit_code == 3
+
+
+def test_a_resumed_scan_takes_back_the_sr_of_a_file_whose_uid_another_now_claims(tmp_path, small_bundle):
+    """Scored alone, a file has its SR; an image of other pixels under its UID arrives, and the
+    resumed scan scores neither: the first one's SR is removed with its ok row, not kept."""
+    studies = tmp_path / "studies"
+    studies.mkdir()
+    source = EXAMPLE / "NIH01511" / "STUDY1" / "SERIES1" / "IM0001"
+    shutil.copy(source, studies / "first.dcm")
+    out = tmp_path / "out"
+    _scan(studies, out, small_bundle)
+    assert len(list((out / "dicom").iterdir())) == 1
+    ds = pydicom.dcmread(source)
+    ds.decompress(generate_instance_uid=False)
+    ds.PixelData = np.ascontiguousarray(ds.pixel_array[:, ::-1]).tobytes()
+    ds.save_as(studies / "second.dcm", enforce_file_format=True)
+    cfg = ScanConfig(weights=str(small_bundle), device="cpu", precision="fp32", progress=False, batch_size=4,
+                     workers=0, pdf=False, dicom_sr=True)
+    summary = run_scan(studies, out, cfg, earlier="resume")
+    rows = {r["file"]: r for r in read_results(out / "results.csv")}
+    assert rows["first.dcm"]["status"] == rows["second.dcm"]["status"] == "error"
+    assert "second.dcm" in rows["first.dcm"]["notes"] and summary.kept == 0
+    assert list((out / "dicom").iterdir()) == []
