@@ -11,8 +11,11 @@ sha256 of the file it came from:
   instance was changed and re-sent); the old record moves to ``superseded``;
 - the same bytes again are a duplicate and change nothing.
 
-``files`` remembers every file already handled (by path, size and mtime) so a rescan does not
-read it again. ``published`` marks the rows already appended to results.csv.
+``files`` remembers every file already handled (by path, size, mtime and ctime) so a rescan
+does not read it again. The ctime tells a file from another one put at the same path with the
+same size and mtime (a correction renamed over it, or copied in place, by ``cp -p`` or
+``rsync -t``): writing or renaming a file sets it, and no copy carries it over. Files recorded
+before schema 7 have none and are known by size and mtime alone, as then. ``published`` marks the rows already appended to results.csv.
 
 ``outbound`` is the queue of results to send: SRs (and Encapsulated PDFs with ``--dicom-pdf``)
 back to the PACS by C-STORE (channel ``dicom``) or to a DICOMweb archive by STOW-RS (``stow``),
@@ -40,7 +43,7 @@ from typing import Mapping, Sequence
 from .record import UNREAD_VERSION, StudyRecord
 from .study import Identifiers
 
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 OUTBOUND = """
 CREATE TABLE IF NOT EXISTS outbound (
     uid TEXT NOT NULL,
@@ -89,7 +92,8 @@ CREATE TABLE IF NOT EXISTS files (
     mtime_ns INTEGER NOT NULL,
     key TEXT NOT NULL,
     outcome TEXT NOT NULL,
-    handled_at REAL NOT NULL
+    handled_at REAL NOT NULL,
+    ctime_ns INTEGER
 );
 CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
 """ + OUTBOUND
@@ -210,19 +214,10 @@ class Ledger:
             except BaseException:
                 self.db.execute("ROLLBACK")
                 raise
-        if "sha256" not in {r[1] for r in self.db.execute("PRAGMA table_info(outbound)")}:
-            # Schema 5 and older: no digest of the queued file; those rows are checked as before.
-            # Checked again inside the write lock: another process opening the same ledger (the
-            # daemon restarting after an upgrade, an operator's `outbound list`) may have added it
-            self.db.execute("BEGIN IMMEDIATE")
-            try:
-                columns = {r[1] for r in self.db.execute("PRAGMA table_info(outbound)")}
-                if columns and "sha256" not in columns:
-                    self.db.execute("ALTER TABLE outbound ADD COLUMN sha256 TEXT NOT NULL DEFAULT ''")
-                self.db.execute("COMMIT")
-            except BaseException:
-                self.db.execute("ROLLBACK")
-                raise
+        # Schema 5 and older: no digest of the queued file; those rows are checked as before.
+        self._add_column("outbound", "sha256", "TEXT NOT NULL DEFAULT ''")
+        # Schema 6 and older: files known by size and mtime; those rows are matched as before.
+        self._add_column("files", "ctime_ns", "INTEGER")
         self.db.executescript(SCHEMA)
         if old:
             now = time.time()
@@ -233,6 +228,22 @@ class Ledger:
                                 (key, seq, file, "", record.status, json.dumps(record.to_json()), at or now))
             self.db.execute("DROP TABLE studies_v1")
         self.db.execute("INSERT OR REPLACE INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
+
+    def _add_column(self, table: str, column: str, declaration: str) -> None:
+        """Add ``column`` to ``table`` of an older ledger (a new one gets it from SCHEMA).
+        Checked again inside the write lock: another process opening the same ledger (the daemon
+        restarting after an upgrade, an operator's `outbound list`) may have added it since."""
+        if column in {r[1] for r in self.db.execute(f"PRAGMA table_info({table})")}:
+            return
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            columns = {r[1] for r in self.db.execute(f"PRAGMA table_info({table})")}
+            if columns and column not in columns:
+                self.db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {declaration}")
+            self.db.execute("COMMIT")
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
 
     def close(self) -> None:
         self.db.close()
@@ -256,14 +267,18 @@ class Ledger:
                 f"SELECT key FROM studies WHERE status != 'error' AND key IN ({', '.join('?' * len(chunk))})", chunk))
         return found
 
-    def file_handled(self, path: str, size: int, mtime_ns: int) -> bool:
-        return self.file_outcome(path, size, mtime_ns) is not None
+    def file_handled(self, path: str, stamp: tuple[int, int, int]) -> bool:
+        return self.file_outcome(path, stamp) is not None
 
-    def file_outcome(self, path: str, size: int, mtime_ns: int) -> tuple[str, str] | None:
-        """(key, outcome) of a file handled with this size and mtime, else None."""
-        row = self.db.execute("SELECT size, mtime_ns, key, outcome FROM files WHERE path = ?",
+    def file_outcome(self, path: str, stamp: tuple[int, int, int]) -> tuple[str, str] | None:
+        """(key, outcome) of the file handled at ``path`` if it had this ``stamp`` (size,
+        mtime_ns, ctime_ns), else None. A file recorded without a ctime (before schema 7) is
+        matched by size and mtime, as it was then: an upgrade reads no handled file again."""
+        row = self.db.execute("SELECT size, mtime_ns, ctime_ns, key, outcome FROM files WHERE path = ?",
                               (stored_name(path),)).fetchone()
-        return (row[2], row[3]) if row is not None and (row[0], row[1]) == (size, mtime_ns) else None
+        if row is None or (row[0], row[1]) != stamp[:2] or row[2] not in (None, stamp[2]):
+            return None
+        return row[3], row[4]
 
     def last_handled(self, path: str) -> tuple[int, str, str] | None:
         """(size, key, outcome) of the file last handled at ``path``, whatever it holds now."""
@@ -333,11 +348,11 @@ class Ledger:
         return self.db.execute("SELECT COUNT(*) FROM superseded").fetchone()[0]
 
     # ------------------------------------------------------------------ writing
-    def commit(self, studies: list[tuple[str, str, StudyRecord]], files: list[tuple[str, int, int, str, str]],
+    def commit(self, studies: list[tuple[str, str, StudyRecord]], files: list[tuple[str, int, int, int, str, str]],
                outbound: Mapping[str, Sequence[tuple[str, str]]] | None = None,
                replaces: Mapping[str, str] | None = None) -> list[Outcome]:
         """In one transaction: studies (key, content sha256, record), handled files (path,
-        size, mtime, key, outcome) and the result objects to send, ``outbound``: {key: [(uid,
+        size, mtime_ns, ctime_ns, key, outcome) and the result objects to send, ``outbound``: {key: [(uid,
         path) or :func:`outbound_entry`, ...]}, queued for the studies this commit records (not
         for those it keeps). ``replaces``: {key: key of a provisional error under another key
         that this study's record replaces} (the same file read while its copy was cut short: a
@@ -370,7 +385,8 @@ class Ledger:
                 outcomes.append(Outcome(key, record, "new" if old is None else "replaced"))
                 for entry in (outbound or {}).get(key, ()):
                     self._queue(key, now, *entry)
-            self.db.executemany("INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?, ?, ?)",
+            self.db.executemany("INSERT OR REPLACE INTO files (path, size, mtime_ns, ctime_ns, key, outcome, "
+                                "handled_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
                                 [(stored_name(f[0]), *f[1:], now) for f in files])
         return outcomes
 

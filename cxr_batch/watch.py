@@ -3,7 +3,7 @@ never stops for one study or one fault.
 
 - Events from watchdog (inotify, or polling for network shares) plus a periodic rescan, so a
   missed event is never a missed study; files present at start are processed.
-- A file is taken once complete: size and mtime unchanged for ``settle`` seconds, and it reads
+- A file is taken once complete: size and times unchanged for ``settle`` seconds, and it reads
   to the end. A file that still does not read is retried until ``broken_deadline`` seconds after
   its last change, then gets an error row. Temporary names (.part, .tmp, hidden) are ignored
   until renamed.
@@ -70,7 +70,7 @@ class WatchConfig(RunConfig):
 
     batch_size: int = bounded(8, min=1, max=4096)
     max_wait: float = bounded(0.5, min=0.0)  # seconds a ready study waits for its batch to fill
-    settle: float = bounded(1.0, min=0.0)  # size and mtime unchanged this long: the writer is done
+    settle: float = bounded(1.0, min=0.0)  # size and times unchanged this long: the writer is done
     broken_deadline: float = bounded(60.0, min=0.0)  # unreadable this long after its last change: an error row
     rescan_interval: float = bounded(30.0, gt=0.0)  # full rescan, the safety net for missed events
     polling: bool = False  # PollingObserver, for network shares where inotify sees nothing
@@ -101,13 +101,27 @@ def _is_output_fault(e: BaseException) -> bool:
                                       and any(w in str(e) for w in ("full", "disk", "I/O", "readonly", "locked")))
 
 
+def file_stamp(st: os.stat_result) -> tuple[int, int, int]:
+    """What tells one version of a file from another at the same path: (size, mtime_ns,
+    ctime_ns). Size and mtime alone do not: a correction of the same size copied with its times
+    kept (``cp -p``, ``rsync -t``, an export tool that keeps them), renamed over the file or
+    written into it, has both; its ctime is when it was written or renamed here (setting the
+    times sets it too, and no copy carries it over)."""
+    return st.st_size, st.st_mtime_ns, st.st_ctime_ns
+
+
 @dataclass
 class Pending:
     size: int
     mtime_ns: int
-    changed_at: float  # monotonic time the size/mtime last changed
+    ctime_ns: int
+    changed_at: float  # monotonic time the stamp last changed
     ready_at: float | None = None  # when it was found complete (latency starts here)
     retry_at: float = 0.0
+
+    @property
+    def stamp(self) -> tuple[int, int, int]:
+        return self.size, self.mtime_ns, self.ctime_ns
 
 
 def _inside(path: Path, folder: Path) -> bool:
@@ -572,7 +586,7 @@ class Watcher:
         return bool(self.cfg.archive_dir or self.cfg.quarantine_dir)
 
     def sweep_handled(self) -> None:
-        """Files the ledger has as handled (same path, size and mtime) that are still here: a
+        """Files the ledger has as handled (same path, size and times) that are still here: a
         stop came between their study's commit and their move. Moved now, as they would have
         been; rescans skip handled files, so nothing else would ever move them."""
         for cand in find_candidates(self.watch_dir, exclude=self.exclude, follow_links=self.cfg.follow_links):
@@ -580,7 +594,7 @@ class Watcher:
                 st = cand.path.stat()
             except OSError:
                 continue
-            handled = None if cand.problem else self.ledger.file_outcome(cand.rel, st.st_size, st.st_mtime_ns)
+            handled = None if cand.problem else self.ledger.file_outcome(cand.rel, file_stamp(st))
             if handled is not None:
                 self.move(cand.rel, handled[1])
 
@@ -639,11 +653,11 @@ class Watcher:
         except OSError:
             self.pending.pop(rel, None)  # gone (renamed or deleted)
             return
-        if not path.is_file() or self.ledger.file_handled(rel, st.st_size, st.st_mtime_ns):
+        if not path.is_file() or self.ledger.file_handled(rel, file_stamp(st)):
             return
         current = self.pending.get(rel)
-        if current is None or (current.size, current.mtime_ns) != (st.st_size, st.st_mtime_ns):
-            self.pending[rel] = Pending(st.st_size, st.st_mtime_ns, time.monotonic())
+        if current is None or current.stamp != file_stamp(st):
+            self.pending[rel] = Pending(*file_stamp(st), time.monotonic())
 
     def rescan(self) -> None:
         for cand in find_candidates(self.watch_dir, exclude=self.exclude, follow_links=self.cfg.follow_links):
@@ -672,8 +686,8 @@ class Watcher:
             except OSError:
                 del self.pending[rel]
                 continue
-            if (st.st_size, st.st_mtime_ns) != (p.size, p.mtime_ns):
-                self.pending[rel] = Pending(st.st_size, st.st_mtime_ns, now)
+            if file_stamp(st) != p.stamp:
+                self.pending[rel] = Pending(*file_stamp(st), now)
                 continue
             if now - p.changed_at >= self.cfg.settle and now >= p.retry_at:
                 p.ready_at = p.ready_at or now
@@ -783,7 +797,7 @@ class Watcher:
         for outcome in outcomes:
             record = outcome.record
             p = self.pending.pop(record.file, None)
-            taken = (p.size, p.mtime_ns) if p else None
+            taken = p.stamp if p else None
             latency = done - p.ready_at if p and p.ready_at else 0.0
             note = {"replaced": " (replaces an earlier result)", "kept": " (an earlier result is kept)"}.get(
                 outcome.action, "")
@@ -794,7 +808,7 @@ class Watcher:
         for rel in duplicates:
             p = self.pending.pop(rel, None)
             log.info("duplicate %s: the same instance was already reported", log_name(rel))
-            self.move(rel, "duplicate", (p.size, p.mtime_ns) if p else None)
+            self.move(rel, "duplicate", p.stamp if p else None)
 
     def held_back(self, ids: dict[str, tuple[str, str]]) -> dict[str, str]:
         """{rel: why} of the batch's files (``ids``: {rel: (key, content)}) that are not to be
@@ -906,19 +920,18 @@ class Watcher:
             self.publish(self.ledger.commit(studies, handled))
 
     def _file_entry(self, rel: str, key: str, outcome: str):
-        """The file as handled: its size and time when it was taken for its batch, not now (a
-        version written over it while the batch was processed is another file, read next)."""
+        """The file as handled: its stamp when it was taken for its batch, not now (a version
+        written over it while the batch was processed is another file, read next)."""
         try:
             st = (self.watch_dir / rel).stat()
         except OSError:
             return None
         taken = self.pending.get(rel)
-        size, mtime_ns = (taken.size, taken.mtime_ns) if taken is not None else (st.st_size, st.st_mtime_ns)
-        return rel, size, mtime_ns, key, outcome
+        return rel, *(taken.stamp if taken is not None else file_stamp(st)), key, outcome
 
-    def move(self, rel: str, status: str, taken: tuple[int, int] | None = None) -> None:
+    def move(self, rel: str, status: str, taken: tuple[int, int, int] | None = None) -> None:
         """Archive (or quarantine) a processed file under a name made unique by its content, so a
-        later file at the same path never overwrites it. ``taken``: its (size, mtime_ns) when
+        later file at the same path never overwrites it. ``taken``: its :func:`file_stamp` when
         it was taken for its batch; a file written over since is another version, left in place
         to be read (archived, it would never be)."""
         target = self.cfg.quarantine_dir if status == "error" else self.cfg.archive_dir
@@ -930,7 +943,7 @@ class Watcher:
                 st = source.stat()
             except OSError:
                 return  # gone: nothing to move
-            if (st.st_size, st.st_mtime_ns) != taken:
+            if file_stamp(st) != taken:
                 log.info("%s changed while it was processed: left in place, to be read again", log_name(rel))
                 return
         try:

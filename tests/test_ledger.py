@@ -28,9 +28,11 @@ def test_new_studies_and_files_survive_reopening(tmp_path):
     path = tmp_path / "ledger.sqlite"
     ledger = Ledger(path)
     a = ok("a.dcm", patient_id="P1", patient_name="DOE^JANE")
-    out = ledger.commit([("uid:1", "c1", a)], [("a.dcm", 10, 111, "uid:1", "ok")])
+    out = ledger.commit([("uid:1", "c1", a)], [("a.dcm", 10, 111, 5, "uid:1", "ok")])
     assert [o.action for o in out] == ["new"]
-    assert ledger.file_handled("a.dcm", 10, 111) and not ledger.file_handled("a.dcm", 10, 112)
+    assert ledger.file_handled("a.dcm", (10, 111, 5)) and not ledger.file_handled("a.dcm", (10, 112, 5))
+    # the same size and mtime, another ctime: another file put there (a correction renamed over it)
+    assert not ledger.file_handled("a.dcm", (10, 111, 6))
     ledger.close()
     again = Ledger(path)
     (back,) = again.records()
@@ -92,6 +94,26 @@ def test_first_release_ledger_is_migrated(tmp_path):
     (record,) = ledger.records()
     assert record.ids.patient_id == "P9" and record.patient.age == 57.0 and record.scores.probs[0] == 0.25
     assert ledger.known("sha256:x").status == "ok"
+
+
+def test_files_handled_before_schema_7_are_known_by_size_and_mtime_as_then(tmp_path):
+    """A ledger of schema 6 recorded no ctime: opened by this release, its files gain the column
+    empty and are matched by size and mtime as before (a restart after the upgrade reads none
+    of them again); files handled from then on are matched by their ctime too."""
+    path = tmp_path / "ledger.sqlite"
+    Ledger(path).close()
+    db = sqlite3.connect(path, isolation_level=None)
+    db.execute("ALTER TABLE files DROP COLUMN ctime_ns")  # the files table as schema 6 left it
+    db.execute("INSERT INTO files VALUES ('old.dcm', 10, 111, 'uid:1', 'ok', 1.0)")
+    db.execute("INSERT OR REPLACE INTO meta VALUES ('schema', '6')")
+    db.close()
+    ledger = Ledger(path)
+    assert ledger.db.execute("SELECT value FROM meta WHERE name = 'schema'").fetchone() == ("7",)
+    assert ledger.file_outcome("old.dcm", (10, 111, 987654321)) == ("uid:1", "ok")
+    assert not ledger.file_handled("old.dcm", (10, 112, 987654321))
+    ledger.commit([], [("new.dcm", 20, 222, 333, "uid:2", "ok")])
+    assert ledger.file_handled("new.dcm", (20, 222, 333)) and not ledger.file_handled("new.dcm", (20, 222, 334))
+    ledger.close()
 
 
 def test_corrupt_ledger_is_a_clear_error(tmp_path):

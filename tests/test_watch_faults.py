@@ -3,6 +3,7 @@ changed instances, a kill between any two steps, a full disk, a second daemon, a
 corrupt ledger, and operator mistakes in the configuration."""
 
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -19,6 +20,7 @@ from .test_drift import pdf_text
 from .watchkit import rows_now, start_daemon, status, stop, wait_for, watch_config
 
 pytestmark = pytest.mark.slow
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "studies"
 
 
 def ok_rows(out):
@@ -111,6 +113,51 @@ def test_changed_instance_with_the_same_uid_supersedes_the_old_result(tmp_path, 
     assert len(rows) == 1 and rows[0]["sop_uid"] == uid
     assert rows[0]["report"] != old_report and (out / "reports" / old_report).is_file()
     assert status(out)["superseded"] == 1
+
+
+def test_a_correction_with_the_same_size_and_times_renamed_over_the_study_is_read(tmp_path, small_bundle):
+    """A corrected export renamed over a file already handled, with the same size and
+    modification time (``cp -p``, ``rsync -t``, an export tool that keeps times) was never read:
+    'handled' was decided from size and mtime, so the old patient's result stood. Its ctime (a
+    rename or a write sets it; no copy carries it over) tells it from the file handled, also
+    when it is copied into the file in place (the same inode). A restart with nothing changed
+    reads nothing again."""
+    incoming, out = tmp_path / "in", tmp_path / "out"
+    incoming.mkdir()
+    study = incoming / "IM0001.dcm"
+    shutil.copy2(EXAMPLES / "dicom" / "NIH00100" / "STUDY1" / "SERIES1" / "IM0001.dcm", study)
+    config = watch_config(tmp_path / "w.toml")
+    daemon = start_daemon(incoming, out, small_bundle, config)
+    try:
+        assert wait_for(lambda: [r["patient_id"] for r in ok_rows(out)] == ["NIH00100"])
+        ds = pydicom.dcmread(study)
+        ds.PatientID = "NIH00999"  # another patient, an ID of the same length: the same size
+        ds.save_as(incoming / "IM0001.dcm.part")
+        before = study.stat()
+        os.utime(incoming / "IM0001.dcm.part", ns=(before.st_atime_ns, before.st_mtime_ns))
+        after = (incoming / "IM0001.dcm.part").stat()
+        assert (after.st_size, after.st_mtime_ns) == (before.st_size, before.st_mtime_ns)
+        os.replace(incoming / "IM0001.dcm.part", study)
+        assert wait_for(lambda: [r["patient_id"] for r in ok_rows(out)] == ["NIH00999"], timeout=30), rows_now(out)
+        ds.PatientID = "NIH00777"  # and one copied into it in place, by `cp -p`: the same inode too
+        ds.save_as(tmp_path / "IM0001.dcm")
+        os.utime(tmp_path / "IM0001.dcm", ns=(before.st_atime_ns, before.st_mtime_ns))
+        subprocess.run(["cp", "-p", tmp_path / "IM0001.dcm", study], check=True)
+        now = study.stat()
+        assert (now.st_ino, now.st_size, now.st_mtime_ns) == (after.st_ino, after.st_size, after.st_mtime_ns)
+        assert wait_for(lambda: [r["patient_id"] for r in ok_rows(out)] == ["NIH00777"], timeout=30), rows_now(out)
+    finally:
+        assert stop(daemon) == 0
+    assert status(out)["superseded"] == 2
+    again = start_daemon(incoming, out, small_bundle, config)
+    try:
+        assert wait_for(lambda: status(out).get("state") == "running" and status(out)["pid"] == again.pid)
+        time.sleep(3)  # a rescan or two
+    finally:
+        assert stop(again) == 0
+    log = again.stderr.read()
+    assert "IM0001" not in log, log[-2000:]  # not read again: neither scored nor a duplicate
+    assert [r["patient_id"] for r in rows_now(out)] == ["NIH00777"]
 
 
 @pytest.mark.parametrize("step", ["reports", "commit", "publish"])

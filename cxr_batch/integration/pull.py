@@ -46,6 +46,7 @@ from typing import Literal
 
 from ..config import ConfigError, bounded
 from ..exit_codes import FATAL, OK, SOME_FAILED
+from ..watch import file_stamp
 from .delivery import connect_error
 from .dicom_send import Destination, association_failures_said_by_us, tcp_no_delay
 from .node import ListenConfig, Node, escape_library_log, valid_uid
@@ -670,7 +671,7 @@ class Puller(Node):
         for entry in os.scandir(self.spool.folder):
             if entry.name.endswith(".dcm") and not entry.name.startswith("."):
                 st = entry.stat()
-                if not self.ledger.file_handled(entry.name, st.st_size, st.st_mtime_ns):
+                if not self.ledger.file_handled(entry.name, file_stamp(st)):
                     n += 1
         return n
 
