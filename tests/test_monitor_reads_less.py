@@ -17,6 +17,7 @@ import subprocess
 import pytest
 
 import cxr_batch.monitor as monitor
+from cxr_batch.display import format_time
 from cxr_batch.findings import FINDINGS
 from cxr_batch.image_stats import COLUMNS as IMAGE_COLUMNS
 
@@ -93,7 +94,8 @@ def monitored_output(out, stderr):
             model["reference"].pop("created")  # made from results as monitor runs
     pdf = subprocess.run(["pdftotext", "-layout", str(out / "monitor.pdf"), "-"], capture_output=True, text=True,
                          check=True).stdout
-    return report, pdf.replace(generated, "GENERATED"), stderr.replace(str(out), "OUT")
+    shown = format_time(dt.datetime.fromisoformat(generated))  # monitor.pdf prints it as every report does
+    return report, pdf.replace(shown, "GENERATED"), stderr.replace(str(out), "OUT")
 
 
 @pytest.mark.parametrize("options", [("--window", "50"), ("--window", "14d"), ("--window", "60", "--reference", None)],
