@@ -120,7 +120,7 @@ def test_a_baseline_window_smaller_than_min_studies_compares_nothing(scored, tmp
                                                  MonitorOptions(window=WindowSpec(count=22)))
     assert results == [] and reference["too_small"] and not reference["outputs_compared"]
     assert any("holds 3 scored studies, fewer than --min-studies (20)" in n for n in notes), notes
-    report = {"results": str(scored), "generated": "now", "window": "22", "alpha": 0.001, "min_studies": 20,
+    report = {"results": str(scored), "generated": "2026-12-07T05:00:00+00:00", "window": "22", "alpha": 0.001, "min_studies": 20,
               "method": METHOD, "min_effect": MIN_EFFECT,
               "studies": {"rows": 25, "scored": 25}, "alarms": [], "notes": [], "problem": "nothing was compared",
               "models": [{"model": records[0].model, "weights_sha256": records[0].weights_sha256, "n": 25,
