@@ -12,6 +12,7 @@ import re
 import unicodedata
 from dataclasses import dataclass
 
+from ..display import format_date
 from .node import printable
 
 
@@ -65,6 +66,13 @@ def _same_name(a: str, b: str) -> bool:
     return bool(fewer)
 
 
+def _date_key(text: str) -> str:
+    """A birth date as compared: DA (YYYYMMDD) when a date can be read from it; else empty, not
+    compared (a modality's 00000000 for a date not given, a year alone)."""
+    iso = format_date(text)
+    return iso.replace("-", "") if iso else ""
+
+
 def _sex_key(text: str) -> str:
     """M or F as compared; "O" (other, what a modality writes when none was given) and anything
     else is not compared."""
@@ -79,7 +87,7 @@ class Patient:
     id: str = ""
     issuer: str = ""
     name: str = ""  # as compared (_name_key): "DOE^JANE"
-    birth_date: str = ""  # DA, YYYYMMDD
+    birth_date: str = ""  # DA, YYYYMMDD, or "" (_date_key)
     sex: str = ""  # M, F or "" (a frontal and a lateral of one study that disagree are two patients)
 
     @classmethod
@@ -93,12 +101,12 @@ class Patient:
                 return ""
 
         return cls(text("PatientID"), text("IssuerOfPatientID"), _name_key(text("PatientName")),
-                   text("PatientBirthDate"), _sex_key(text("PatientSex")))
+                   _date_key(text("PatientBirthDate")), _sex_key(text("PatientSex")))
 
     @classmethod
     def of_ids(cls, ids) -> "Patient":
         """The patient of a record's :class:`~cxr_batch.study.Identifiers`."""
-        return cls(ids.patient_id, ids.issuer_of_patient_id, _name_key(ids.patient_name), ids.patient_birth_date,
+        return cls(ids.patient_id, ids.issuer_of_patient_id, _name_key(ids.patient_name), _date_key(ids.patient_birth_date),
                    _sex_key(ids.patient_sex))
 
     def _first_difference(self, other: "Patient") -> str:
