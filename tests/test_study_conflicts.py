@@ -171,3 +171,115 @@ def test_a_pacs_refusing_patient_keys_below_the_study_is_asked_without_them(shar
     assert done.returncode == 0 and len(rows) == 2, done.stderr[-3000:]
     assert done.stderr.count("refused patient keys in a series-level C-FIND") == 1, done.stderr[-3000:]
     assert [q.QueryRetrieveLevel for q in pacs.queries].count("SERIES") == 3  # one refused, two answered
+
+
+# One patient as modalities and PACSs write them: the same patient ID, the name, birth date, sex
+# and issuer written otherwise, or left out, by one image of the study (a frontal from the DR room,
+# a second view from another modality). Each is one patient: held back, the study is not triaged.
+ONE_PATIENT = dict(PatientID="P-A", PatientName="MÜLLER^JÖRG", PatientBirthDate="19600101", PatientSex="M",
+                   SpecificCharacterSet="ISO_IR 100")
+ONE_PATIENT_OTHERWISE = {
+    "trailing empty components": dict(PatientName="MÜLLER^JÖRG^^^"),
+    "another case": dict(PatientName="müller^jörg"),
+    "extra spaces": dict(PatientName=" MÜLLER ^ JÖRG "),
+    "ideographic and phonetic groups": dict(PatientName="MÜLLER^JÖRG=ミュラー^ヨルク=みゅらー^よるく",
+                                            SpecificCharacterSet="ISO_IR 192"),
+    "UTF-8 for Latin-1": dict(SpecificCharacterSet="ISO_IR 192"),
+    "umlauts transliterated": dict(PatientName="MUELLER^JOERG", SpecificCharacterSet=None),
+    "umlauts dropped": dict(PatientName="MULLER^JORG", SpecificCharacterSet=None),
+    "a middle name": dict(PatientName="MÜLLER^JÖRG^K"),
+    "a prefix": dict(PatientName="MÜLLER^JÖRG^^DR"),
+    "family name alone": dict(PatientName="MÜLLER"),
+    "typed with a space": dict(PatientName="MÜLLER JÖRG"),
+    "typed with a comma": dict(PatientName="MÜLLER, JÖRG"),
+    "no birth date": dict(PatientBirthDate=""),
+    "birth date unknown as zeros": dict(PatientBirthDate="00000000"),
+    "birth year alone": dict(PatientBirthDate="1960"),
+    "no sex": dict(PatientSex=""),
+    "sex O": dict(PatientSex="O"),
+    "an issuer": dict(IssuerOfPatientID="HOSP-1"),
+    "ID with spaces": dict(PatientID=" P-A "),
+    "another age": dict(PatientAge="065Y"),
+}
+TWO_PATIENTS = {"another ID": (dict(PatientID="P-B"), "patient IDs 'P-A' and 'P-B'"),
+                "another birth date": (dict(PatientBirthDate="19600102"), "patient ID 'P-A' with two birth dates"),
+                "another sex": (dict(PatientSex="F"), "patient ID 'P-A' with two sexes"),
+                "another given name": (dict(PatientName="MÜLLER^JENS"), "patient ID 'P-A' with two names"),
+                "another issuer": ((dict(IssuerOfPatientID="HOSP-1"), dict(IssuerOfPatientID="HOSP-2")),
+                                   "patient ID 'P-A' of two issuers, 'HOSP-1' and 'HOSP-2'")}
+
+
+@needs_dcmtk
+def test_listen_scores_a_study_whose_images_write_one_patient_otherwise(small_bundle, tmp_path, nih_images):
+    """Each study: a PA and an AP of one patient, the AP's header written as another modality or
+    PACS writes it. Every one is scored; the studies of two patients are held back (one image at
+    least: the other may be scored before it is seen), the reason saying which of the patient's
+    keys differs."""
+    from tests.test_node import listening
+
+    folder, files, expect = tmp_path / "images", [], {}
+    cases = {**{k: ({}, v, "") for k, v in ONE_PATIENT_OTHERWISE.items()},
+             **{k: ((({}, other) if isinstance(other, dict) else other) + (said,))
+                for k, (other, said) in TWO_PATIENTS.items()}}
+    for n, (case, (first, second, said)) in enumerate(cases.items()):
+        study = generate_uid()
+        for view, extra in (("PA", first), ("AP", second)):
+            header = {k: v for k, v in {**ONE_PATIENT, **extra}.items() if v is not None}
+            path = _image(folder, nih_images[n % len(nih_images)], f"{n}{view}", ViewPosition=view,
+                          StudyInstanceUID=study, **header)
+            files.append(path)
+            expect[_uid(path)] = (case, said)
+    out, log, port = tmp_path / "out", tmp_path / "node.log", free_port()
+    node = start_node(out, small_bundle, node_config(tmp_path / "node.toml", max_wait=2.0), "--port", port, "--no-pdf",
+                      log=log)
+    try:
+        assert wait_for(lambda: listening(log, node.pid) or node.poll() is not None), log.read_text()
+        sent = subprocess.run(["storescu", "-aec", "CXRBATCH", "127.0.0.1", str(port), *files],
+                              capture_output=True, text=True, timeout=120)
+        assert sent.returncode == 0, sent.stderr
+        assert wait_for(lambda: len(rows_now(out)) == len(files), timeout=240), log.read_text()[-3000:]
+    finally:
+        assert stop(node) == 0, log.read_text()[-3000:]
+    wrong, held = [], set()
+    for uid, row in _by_uid(out).items():
+        case, said = expect[uid]
+        if said and row["status"] == "skipped" and said in row["reason"]:
+            held.add(case)
+        elif row["status"] != "ok":  # of two patients: scored before the other image was seen
+            wrong.append(f"{case}: {row['status']} {row['reason']}")
+    wrong += [f"{case}: not held back as '{said}'" for case, said in set(expect.values()) if said and case not in held]
+    assert not wrong, "\n".join(sorted(set(wrong)))
+
+
+@needs_dcmtk
+def test_listen_scores_a_study_whose_patient_is_corrected_image_by_image(small_bundle, tmp_path, nih_images):
+    """An emergency study registered under a temporary ID, reconciled in the PACS to the
+    patient's own and sent again, one image per association (as many PACSs forward): each image
+    is a corrected version of itself, scored, not held back against the other image's version
+    that still names the temporary ID until it comes too."""
+    from tests.test_node import listening
+
+    study, folder = generate_uid(), tmp_path / "images"
+    trauma = dict(PatientID="TRAUMA-1", PatientName="UNKNOWN^TRAUMA", StudyInstanceUID=study)
+    first = {view: _image(folder, nih_images[n], f"t{view}", ViewPosition=view, **trauma)
+             for n, view in enumerate(("PA", "AP"))}
+    corrected = {}
+    for view, path in first.items():
+        ds = pydicom.dcmread(path)
+        ds.PatientID, ds.PatientName, ds.PatientBirthDate = "P-A", "DOE^JANE", "19600101"
+        ds.save_as(corrected.setdefault(view, folder / f"c{view}.dcm"))
+    out, log, port = tmp_path / "out", tmp_path / "node.log", free_port()
+    node = start_node(out, small_bundle, node_config(tmp_path / "node.toml", max_wait=1.0), "--port", port, "--no-pdf",
+                      log=log)
+    try:
+        assert wait_for(lambda: listening(log, node.pid) or node.poll() is not None), log.read_text()
+        for pid, path in [*(("TRAUMA-1", p) for p in first.values()), *(("P-A", p) for p in corrected.values())]:
+            sent = subprocess.run(["storescu", "-aec", "CXRBATCH", "127.0.0.1", str(port), path],
+                                  capture_output=True, text=True, timeout=60)
+            assert sent.returncode == 0, sent.stderr
+            assert wait_for(lambda: _by_uid(out).get(_uid(path), {}).get("patient_id") == pid, timeout=60), \
+                log.read_text()[-3000:]
+    finally:
+        assert stop(node) == 0, log.read_text()[-3000:]
+    rows = _by_uid(out)
+    assert [rows[_uid(p)]["status"] for p in corrected.values()] == ["ok", "ok"], [rows[_uid(p)] for p in corrected.values()]

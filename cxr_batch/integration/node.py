@@ -768,7 +768,8 @@ class Node(Watcher):
         one association or two, now or before): held back, never scored. Scored, one patient's
         result would be filed in the other's study (the SR in the PACS, the ORU to the RIS). Said
         once per study and batch with both patient IDs, never a name; a version of an instance
-        in the batch is compared without the result it replaces (a correction of the patient)."""
+        in the batch is compared without the result it replaces (a correction of the patient),
+        and without the study's other results naming the patient it replaces."""
         from .patients import Patient, two_patients
 
         batch: dict[str, list[tuple[str, str, Patient]]] = {}  # study UID: [(rel, key, patient)]
@@ -779,8 +780,14 @@ class Node(Watcher):
         held = {}
         for study, images in batch.items():
             keys = {key for _, key, _ in images}
-            earlier = [(status, Patient.of_ids(ids)) for key, status, ids in self.ledger.study_patients(study)
-                       if key not in keys]
+            records = [(key, status, Patient.of_ids(ids)) for key, status, ids in self.ledger.study_patients(study)]
+            # a version naming another patient than the one it replaces corrects the patient (a
+            # temporary ID reconciled in the PACS): the study's images still naming the one it
+            # replaces are versions not sent again yet, not a second patient
+            corrected = [old for key, _, old in records if key in keys and old.id
+                         and any(old.apart(new) for _, _, new in images)]
+            earlier = [(status, p) for key, status, p in records
+                       if key not in keys and all(old.apart(p) for old in corrected)]
             said = two_patients([*(p for _, p in earlier), *(p for _, _, p in images)])
             if not said:
                 continue

@@ -9,23 +9,75 @@ filed in the other's study. Log lines name patient IDs, never a name or a birth 
 from __future__ import annotations
 
 import re
+import unicodedata
 from dataclasses import dataclass
 
+from ..display import format_date
 from .node import printable
 
 
 def _name_key(text: str) -> str:
-    """A person name as compared: the alphabetic group's ASCII letters and digits, upper case,
-    per component, trailing empty components dropped ("doe^jane^^" and "DOE^JANE" are one name).
+    """A person name as compared (:func:`_same_name`): the alphabetic group alone, its
+    components split on "^" and their words on anything not a letter or digit, upper case,
+    trailing empty components dropped ("doe^jane^^" and "DOE^JANE" are one name). A word with a
+    letter outside ASCII keeps its ASCII letters and digits, marked "~": such a word is written
+    otherwise by another system ('MÜLLER' as 'MULLER', 'MUELLER', or read as Latin-1 from UTF-8
+    'MÃ\x9cLLER'), and upper() makes ASCII of some ('ß' -> 'SS') on one side only."""
+    def word(w: str) -> str:
+        ascii_part = re.sub(r"[^A-Za-z0-9]", "", w).upper()
+        return ascii_part if w.isascii() else f"~{ascii_part}"
 
-    A PACS's answer and the object may differ in case, in spaces and the empty components a name
-    ends with, in the ideographic and phonetic groups one of them leaves out, and in the letters
-    outside ASCII (an answer without SpecificCharacterSet read as Latin-1), taken out before upper
-    case: upper() makes ASCII of some ('ß' -> 'SS', 'ı' -> 'I') on one side only."""
-    components = [re.sub(r"[^A-Za-z0-9]", "", c).upper() for c in text.split("=")[0].split("^")]
+    alphabetic = unicodedata.normalize("NFC", text.split("=")[0])  # "Ü" as one letter, not "U" and its mark
+    components = [" ".join(word(w) for w in re.findall(r"[^\W_]+", c)) for c in alphabetic.split("^")]
     while components and not components[-1]:
         components.pop()
     return "^".join(components)
+
+
+def _same_word(a: str, b: str) -> bool:
+    """Whether two words of :func:`_name_key` may be one: equal, or a marked word's ASCII
+    letters in order within the other's (MLLER in MUELLER, MULLER and MLLER)."""
+    def within(short: str, long: str) -> bool:
+        rest = iter(long)
+        return all(ch in rest for ch in short)
+
+    marked_a, marked_b = a.startswith("~"), b.startswith("~")
+    a, b = a.lstrip("~"), b.lstrip("~")
+    return a == b or (marked_a and within(a, b)) or (marked_b and within(b, a))
+
+
+def _same_name(a: str, b: str) -> bool:
+    """Whether two names of :func:`_name_key` may be one person's: each component both give
+    agrees (a middle name, a prefix or a given name one system leaves out is not compared); or,
+    typed without "^" on one side ("DOE JOHN", "DOE, JOHN"), each word of the one with fewer
+    matches another word of the other, in any order."""
+    def glued(component: str) -> str:
+        words = component.split()
+        return ("~" if any(w.startswith("~") for w in words) else "") + "".join(w.lstrip("~") for w in words)
+
+    if all(_same_word(glued(x), glued(y)) for x, y in zip(a.split("^"), b.split("^")) if x and y):
+        return True
+    fewer, more = sorted((a.replace("^", " ").split(), b.replace("^", " ").split()), key=len)
+    for w in fewer:
+        match = next((i for i, m in enumerate(more) if _same_word(w, m)), None)
+        if match is None:
+            return False
+        del more[match]
+    return bool(fewer)
+
+
+def _date_key(text: str) -> str:
+    """A birth date as compared: DA (YYYYMMDD) when a date can be read from it; else empty, not
+    compared (a modality's 00000000 for a date not given, a year alone)."""
+    iso = format_date(text)
+    return iso.replace("-", "") if iso else ""
+
+
+def _sex_key(text: str) -> str:
+    """M or F as compared; "O" (other, what a modality writes when none was given) and anything
+    else is not compared."""
+    sex = text.strip().upper()
+    return sex if sex in ("M", "F") else ""
 
 
 @dataclass(frozen=True)
@@ -35,8 +87,8 @@ class Patient:
     id: str = ""
     issuer: str = ""
     name: str = ""  # as compared (_name_key): "DOE^JANE"
-    birth_date: str = ""  # DA, YYYYMMDD
-    sex: str = ""  # M, F or O (a frontal and a lateral of one study that disagree are two patients)
+    birth_date: str = ""  # DA, YYYYMMDD, or "" (_date_key)
+    sex: str = ""  # M, F or "" (a frontal and a lateral of one study that disagree are two patients)
 
     @classmethod
     def of(cls, ds) -> "Patient":
@@ -49,20 +101,20 @@ class Patient:
                 return ""
 
         return cls(text("PatientID"), text("IssuerOfPatientID"), _name_key(text("PatientName")),
-                   text("PatientBirthDate"), text("PatientSex").upper())
+                   _date_key(text("PatientBirthDate")), _sex_key(text("PatientSex")))
 
     @classmethod
     def of_ids(cls, ids) -> "Patient":
         """The patient of a record's :class:`~cxr_batch.study.Identifiers`."""
-        return cls(ids.patient_id, ids.issuer_of_patient_id, _name_key(ids.patient_name), ids.patient_birth_date,
-                   ids.patient_sex.upper())
+        return cls(ids.patient_id, ids.issuer_of_patient_id, _name_key(ids.patient_name), _date_key(ids.patient_birth_date),
+                   _sex_key(ids.patient_sex))
 
     def _first_difference(self, other: "Patient") -> str:
         """The first key both give with different values ("" when none): a value empty on
         either side is not compared (a PACS answering no issuer, an object without a name)."""
         for key in ("id", "issuer", "name", "birth_date", "sex"):
             a, b = getattr(self, key), getattr(other, key)
-            if a and b and a != b:
+            if a and b and a != b and not (key == "name" and _same_name(a, b)):
                 return key
         return ""
 
