@@ -61,12 +61,14 @@ def instance_uid(path: Path, rules: ScoringRules) -> str:
     return _dataset_uid(head) if _may_be_dicom(head) else ""
 
 
-def uid_conflicts(candidates, rules: ScoringRules) -> dict[str, tuple[str, list[str]]]:
-    """{rel: (uid, the other files' rels)} for every candidate whose SOPInstanceUID another
-    candidate with other content claims too. Scored, such files get SRs of one derived UID and a
-    PACS keeps only the first it is sent, perhaps of the other image: which file is the instance
-    is for a person to decide. The same bytes under two names are left alone (one image, one
-    result). Reads 64 KiB of each file; only files that share a UID are hashed whole."""
+def uid_conflicts(candidates, rules: ScoringRules) -> dict[str, tuple[str, list[str], str]]:
+    """{rel: (uid, the other files' rels, its content sha256)} for every candidate whose
+    SOPInstanceUID another candidate with other content claims too. Their SRs, derived from the
+    UID alone, would share one UID and a PACS keeps only the first it is sent, perhaps of the
+    other image: the scan gives each its own (cxr_batch.sr.sr_uids' revision: the content) and
+    says which file is the instance is for a person to decide. The same bytes under two names
+    are left alone (one image, one result). Reads 64 KiB of each file; only files that share a
+    UID are hashed whole."""
     by_uid = defaultdict(list)
     for cand in candidates:
         if cand.problem is None:
@@ -79,8 +81,11 @@ def uid_conflicts(candidates, rules: ScoringRules) -> dict[str, tuple[str, list[
     paths = {c.rel: c.path for c in candidates}
     conflicts = {}
     for uid, group in by_uid.items():
-        if len(group) > 1 and len({_sha256_or_none(paths[rel]) for rel in group}) > 1:
-            conflicts.update((rel, (uid, [r for r in group if r != rel])) for rel in group)
+        if len(group) < 2:
+            continue
+        digests = {rel: _sha256_or_none(paths[rel]) for rel in group}
+        if len(set(digests.values())) > 1:
+            conflicts.update((rel, (uid, [r for r in group if r != rel], digests[rel] or "")) for rel in group)
     return conflicts
 
 

@@ -6,7 +6,7 @@ import json
 import logging
 import time
 from collections import Counter, deque
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import exit_codes, journal
@@ -125,11 +125,10 @@ def run_scan(studies: Path, out: Path, cfg: ScanConfig = ScanConfig(), earlier: 
     files_found = len(candidates)
     # before --shard: two files of one UID in two shards are found all the same
     conflicts = uid_conflicts(candidates, cfg.scoring)
-    if conflicts:
-        log.warning("%s share a SOP Instance UID with a file of other content: not scored (their rows say which)",
+    if conflicts:  # each scored for its own pixels (a damaged copy still fails on its own reason)
+        log.warning("%s share a SOP Instance UID with a file of other content: each is scored with an SR UID of "
+                    "its own; their rows' notes name the others, and a person must decide which is the image",
                     plural(len(conflicts), "file"))
-        candidates = [replace(c, problem=uid_conflict_reason(*conflicts[c.rel])) if c.rel in conflicts else c
-                      for c in candidates]
     if cfg.shard is not None:
         index, count = cfg.shard
         candidates = [c for i, c in enumerate(candidates) if i % count == index]
@@ -173,14 +172,6 @@ def run_scan(studies: Path, out: Path, cfg: ScanConfig = ScanConfig(), earlier: 
         raise
 
 
-def uid_conflict_reason(uid: str, others: list[str]) -> str:
-    """The row reason of a file whose UID files of other content claim too. The other files are
-    named in the row's notes, which are not logged (a file name may name the patient)."""
-    return (f"{len(others) + 1} files claim SOP Instance UID {uid} with different content (the others are in "
-            f"notes): not scored, since their results would share one SR UID and a PACS keeps only one of "
-            f"them; a person must decide which is the image")
-
-
 def remove_if_unused(out: Path) -> None:
     """Remove a results folder this scan made when it holds nothing but its lock."""
     try:
@@ -195,10 +186,10 @@ class ScanRun:
     """One scan's work once the model has loaded: score, write rows and reports, record the run."""
 
     def __init__(self, studies: Path, out: Path, cfg: ScanConfig, bundle, policy, reader, previous, stop,
-                 uid_conflicts: dict[str, tuple[str, list[str]]] | None = None):
+                 uid_conflicts: dict[str, tuple[str, list[str], str]] | None = None):
         self.studies, self.out, self.cfg, self.bundle, self.policy = studies, out, cfg, bundle, policy
         self.reader, self.previous, self.stop = reader, previous, stop
-        self.uid_conflicts = uid_conflicts or {}  # rel: (uid, the other files), cxr_batch.keys.uid_conflicts
+        self.uid_conflicts = uid_conflicts or {}  # rel: (uid, the other files, content), cxr_batch.keys.uid_conflicts
         self.options = cfg.batch_options(cfg.progress)
         self.summary = ScanSummary(results=out / "results.csv", device=policy.describe(),
                                    normal_below=bundle.triage_policy().normal_below)
@@ -280,8 +271,10 @@ class ScanRun:
                         while waiting and waiting[0][0] < record.file:
                             write(waiting.popleft()[1], False)
                         if record.file in self.uid_conflicts:
-                            others = self.uid_conflicts[record.file][1]
-                            record.add_note("the same SOP Instance UID, other content: " + ", ".join(others))
+                            uid, others, _ = self.uid_conflicts[record.file]
+                            record.add_note(f"SOP Instance UID {uid} is claimed by other content too (a person must "
+                                            "decide which is the image; its SR has a UID of its own): "
+                                            + ", ".join(others))
                         self.outputs(record, batch.inputs(pos))
                         write(record, True)
                         if record.ok:
@@ -321,7 +314,10 @@ class ScanRun:
             return
         if self.reports is not None and not self.reports.report(record, inputs):
             self.summary.reports_failed += 1
-        if self.srs is not None and self.srs.report(record) is not None:
+        # a file whose UID other content claims too: an SR UID of its own (sr.sr_uids' revision), not one a PACS
+        # would take for the other's and drop as a duplicate
+        revision = {"revision": self.uid_conflicts[record.file][2]} if record.file in self.uid_conflicts else {}
+        if self.srs is not None and self.srs.report(record, **revision) is not None:
             self.summary.srs += 1
 
     def _sha256(self, record) -> str:

@@ -511,8 +511,9 @@ EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "studies" / "dicom"
 def test_two_files_claiming_one_uid_with_other_pixels_get_no_colliding_sr(tmp_path, small_bundle, caplog):
     """A folder holding two different images under one SOP Instance UID: scored, both SRs had
     the same derived UID, and a PACS kept only the first one sent, perhaps for the other image.
-    Neither is scored; both rows name the UID and the other file. The same bytes under two
-    names stay two plain rows, each with its SR (the one object a PACS keeps is right for both)."""
+    Each is scored for its own pixels with an SR UID of its own; each row's notes name the UID
+    and the other files (a person decides which is the image). The same bytes under two names
+    stay two plain rows, each with its SR (the one object a PACS keeps is right for both)."""
     studies = tmp_path / "studies"
     source = EXAMPLE / "NIH01511" / "STUDY1" / "SERIES1" / "IM0001"
     (studies / "a").mkdir(parents=True)
@@ -534,20 +535,22 @@ def test_two_files_claiming_one_uid_with_other_pixels_get_no_colliding_sr(tmp_pa
     uid = pydicom.dcmread(source).SOPInstanceUID
     claims = ["a/IM0001", "b/IM0001", "c.dcm"]
     for name in claims:
-        assert rows[name]["status"] == "error" and uid in rows[name]["reason"]
+        assert rows[name]["status"] == "ok" and uid in rows[name]["notes"]
         assert all(other in rows[name]["notes"] for other in claims if other != name)
         assert name not in caplog.text  # the log names no file (a name may be the patient's)
-        assert "a person must decide which is the image" in rows[name]["reason"]
-        assert not _sr_path(out, rows[name]).exists()
+        assert "a person must decide which is the image" in rows[name]["notes"]
+    claimed = {pydicom.dcmread(_sr_path(out, rows[name])).SOPInstanceUID for name in claims}
+    assert len(claimed) == 3  # three images, three SR objects a PACS keeps
     assert rows["twin1.dcm"]["status"] == rows["twin2.dcm"]["status"] == "ok"
-    srs = [pydicom.dcmread(p) for p in (out / "dicom").iterdir()]
-    assert len(srs) == 2 and len({s.SOPInstanceUID for s in srs}) == 1  # the twins' one object
-    assert summary.counts == {"ok": 2, "error": 3} and summary.exit_code == 3
+    twins = {pydicom.dcmread(_sr_path(out, rows[name])).SOPInstanceUID for name in ("twin1.dcm", "twin2.dcm")}
+    assert len(twins) == 1 and not twins & claimed  # the twins' one object
+    assert summary.counts == {"ok": 5}
 
 
-def test_a_resumed_scan_takes_back_the_sr_of_a_file_whose_uid_another_now_claims(tmp_path, small_bundle):
+def test_a_resumed_scan_gives_an_image_arriving_under_a_scored_uid_an_sr_of_its_own(tmp_path, small_bundle):
     """Scored alone, a file has its SR; an image of other pixels under its UID arrives, and the
-    resumed scan scores neither: the first one's SR is removed with its ok row, not kept."""
+    resumed scan scores it with an SR UID of its own: the PACS keeps both, and its row's notes
+    name the first file."""
     studies = tmp_path / "studies"
     studies.mkdir()
     source = EXAMPLE / "NIH01511" / "STUDY1" / "SERIES1" / "IM0001"
@@ -563,6 +566,7 @@ def test_a_resumed_scan_takes_back_the_sr_of_a_file_whose_uid_another_now_claims
                      workers=0, pdf=False, dicom_sr=True)
     summary = run_scan(studies, out, cfg, earlier="resume")
     rows = {r["file"]: r for r in read_results(out / "results.csv")}
-    assert rows["first.dcm"]["status"] == rows["second.dcm"]["status"] == "error"
-    assert "second.dcm" in rows["first.dcm"]["notes"] and summary.kept == 0
-    assert list((out / "dicom").iterdir()) == []
+    assert rows["first.dcm"]["status"] == rows["second.dcm"]["status"] == "ok" and summary.kept == 1
+    assert "first.dcm" in rows["second.dcm"]["notes"]
+    uids = {pydicom.dcmread(p).SOPInstanceUID for p in (out / "dicom").iterdir()}
+    assert len(uids) == 2
