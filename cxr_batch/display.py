@@ -130,12 +130,12 @@ def visual_order(text: str) -> str:
 # C0 and C1 control characters and DEL as text (\x1b, \n): a folder named '\x1b[2J' or a
 # peer's reply cannot clear or retitle the terminal, or a log viewer reading 2>file, nor end a
 # line and forge the next. The backslash itself is kept: text made visible once is not changed again.
-_CONTROLS = {**{c: f"\\x{c:02x}" for c in (*range(0x20), *range(0x7F, 0xA0))}, 0x0A: "\\n", 0x0D: "\\r",
+CONTROL_ESCAPES = {**{c: f"\\x{c:02x}" for c in (*range(0x20), *range(0x7F, 0xA0))}, 0x0A: "\\n", 0x0D: "\\r",
              0x09: "\\t"}
 
 
 def visible(text) -> str:
     """``text`` fit for one console or log line: its control characters shown as escapes
     (``\\x1b[2J``), anything else, accented or right-to-left letters included, as it is."""
-    return str(text).translate(_CONTROLS)
+    return str(text).translate(CONTROL_ESCAPES)
 

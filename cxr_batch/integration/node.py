@@ -37,7 +37,7 @@ from pathlib import Path
 from pydicom.uid import RE_VALID_UID
 
 from ..config import ConfigError, bounded
-from ..display import plural
+from ..display import CONTROL_ESCAPES, plural
 from ..dicom import DECODED_TRANSFER_SYNTAXES
 from .dicom_send import Destination, check_ae_title, tcp_no_delay
 from ..files import FILE_MODE, atomic_write_bytes, private_dir
@@ -165,9 +165,9 @@ def printable(text: str | bytes, limit: int = 64) -> str:
     return str(text)[:limit].translate(_ESCAPES).encode("ascii", "backslashreplace").decode("ascii")
 
 
-# Control characters and the backslash itself; backslashreplace then escapes what is not ASCII.
-_ESCAPES = {**{c: f"\\x{c:02x}" for c in range(0x20)}, 0x7F: "\\x7f", 0x5C: "\\\\", 0x0A: "\\n", 0x0D: "\\r",
-            0x09: "\\t"}
+# Control characters (as every console line shows them) and the backslash itself, so the escape is
+# unambiguous; backslashreplace then escapes what is not ASCII.
+_ESCAPES = {**CONTROL_ESCAPES, 0x5C: "\\\\"}
 
 
 class EscapedLibraryLog(logging.Filter):
