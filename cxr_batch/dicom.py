@@ -170,11 +170,12 @@ def identifiers(ds) -> Identifiers:
         study_id=_text(ds, "StudyID"),
         referring_physician=_text(ds, "ReferringPhysicianName"),
         issuer_of_patient_id=_text(ds, "IssuerOfPatientID"),
-        **_issuer_qualifiers(ds),
+        other_patient_ids=other_patient_ids(ds),
+        **issuer_qualifiers(ds),
     )
 
 
-def _issuer_qualifiers(ds) -> dict[str, str]:
+def issuer_qualifiers(ds) -> dict[str, str]:
     """The first IssuerOfPatientIDQualifiersSequence item's universal ID, its type and the
     identifier's type (the sequence holds one item); none from a sequence that cannot be read."""
     try:
@@ -187,6 +188,20 @@ def _issuer_qualifiers(ds) -> dict[str, str]:
                 "patient_id_type": _text(item, "IdentifierTypeCode")}
     except Exception:  # a broken sequence in a hostile header: the ID goes without its qualifiers
         return {}
+
+
+def other_patient_ids(ds) -> str:
+    """The header's Other Patient IDs, "\\"-joined: each OtherPatientIDsSequence item's PatientID,
+    then the retired OtherPatientIDs; none from a value that cannot be read."""
+    ids = []
+    try:
+        for item in ds.get("OtherPatientIDsSequence") or []:
+            if hasattr(item, "get"):
+                ids.append(_text(item, "PatientID"))
+    except Exception:  # a broken sequence in a hostile header: the ID goes without the others
+        pass
+    ids += _text(ds, "OtherPatientIDs").split("\\")
+    return "\\".join(dict.fromkeys(i.strip() for i in ids if i.strip()))
 
 
 def check_scored(ds, rules: ScoringRules) -> None:

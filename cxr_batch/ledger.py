@@ -321,12 +321,14 @@ class Ledger:
         rows = self.db.execute(
             "SELECT key, status, json_extract(record, '$.ids.patient_id'), "
             "json_extract(record, '$.ids.issuer_of_patient_id'), json_extract(record, '$.ids.patient_name'), "
-            "json_extract(record, '$.ids.patient_birth_date'), json_extract(record, '$.ids.patient_sex') FROM studies "
-            "WHERE json_extract(record, '$.ids.study_uid') = ? ORDER BY seq", (study_uid,)).fetchall()
+            "json_extract(record, '$.ids.patient_birth_date'), json_extract(record, '$.ids.patient_sex'), "
+            "json_extract(record, '$.ids.issuer_universal_id'), json_extract(record, '$.ids.other_patient_ids') "
+            "FROM studies WHERE json_extract(record, '$.ids.study_uid') = ? ORDER BY seq", (study_uid,)).fetchall()
         return [(key, status, Identifiers(patient_id=pid or "", issuer_of_patient_id=issuer or "",
                                           patient_name=name or "", patient_birth_date=birth or "",
-                                          patient_sex=sex or ""))
-                for key, status, pid, issuer, name, birth, sex in rows]
+                                          patient_sex=sex or "", issuer_universal_id=issuer_uid or "",
+                                          other_patient_ids=others or ""))
+                for key, status, pid, issuer, name, birth, sex, issuer_uid, others in rows]
 
     def record(self, key: str) -> StudyRecord | None:
         """The current record of ``key``."""

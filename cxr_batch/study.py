@@ -45,13 +45,17 @@ MAX_LENGTH = {
     "issuer_universal_id": 199,
     "issuer_universal_id_type": 16,
     "patient_id_type": 16,
+    # Other Patient IDs (PS3.3 C.7.1.1): the IDs other issuers know the patient by, "\\"-joined
+    # (16 of LO's 64): an image whose other IDs hold the patient ID of another image of its study
+    # names one patient with it (cxr_batch.integration.patients)
+    "other_patient_ids": 16 * 65,
 }
 
 
 UID_FIELDS = ("study_uid", "series_uid", "sop_uid", "sop_class_uid")
 # Identifiers a receiver matches on whose cut value could be another's (another order's accession
 # number): one longer than its MAX_LENGTH is left empty, as an over-long UID is replaced (clean_uid)
-NOT_CUT = ("accession_number", "issuer_of_patient_id", "issuer_universal_id")
+NOT_CUT = ("accession_number", "issuer_of_patient_id", "issuer_universal_id", "other_patient_ids")
 # Dates held as DICOM DA (YYYYMMDD) whatever spelling they came in (an ACR-NEMA header's
 # 2024.03.01, a metadata table's ISO 2024-03-01): cutting those to DA's 8 characters made
 # "2024.03." (read nowhere as a date) and a bad value such as 2024-13-45 into "2024-13-".
@@ -116,6 +120,7 @@ class Identifiers:
     issuer_universal_id: str = ""
     issuer_universal_id_type: str = ""
     patient_id_type: str = ""
+    other_patient_ids: str = ""  # as MAX_LENGTH says
 
     def __setattr__(self, name: str, value) -> None:
         if isinstance(value, str) and not value:

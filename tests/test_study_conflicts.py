@@ -173,6 +173,24 @@ def test_a_pacs_refusing_patient_keys_below_the_study_is_asked_without_them(shar
     assert [q.QueryRetrieveLevel for q in pacs.queries].count("SERIES") == 3  # one refused, two answered
 
 
+def _item(**values) -> pydicom.Dataset:
+    item = pydicom.Dataset()
+    for keyword, value in values.items():
+        setattr(item, keyword, value)
+    return item
+
+
+def _universal(uid: str) -> dict:
+    """The issuer's qualifiers (PS3.3 C.7.1.1): its universal ID, an ISO OID."""
+    return dict(IssuerOfPatientIDQualifiersSequence=[_item(UniversalEntityID=uid, UniversalEntityIDType="ISO")])
+
+
+def _japanese(name: str) -> dict:
+    return dict(PatientName=name, SpecificCharacterSet="ISO_IR 192")
+
+
+_UNIVERSAL = _universal("1.2.826.0.1.3680043.2.1")
+
 # One patient as modalities and PACSs write them: the same patient ID, the name, birth date, sex
 # and issuer written otherwise, or left out, by one image of the study (a frontal from the DR room,
 # a second view from another modality). Each is one patient: held back, the study is not triaged.
@@ -200,13 +218,74 @@ ONE_PATIENT_OTHERWISE = {
     "an issuer": dict(IssuerOfPatientID="HOSP-1"),
     "ID with spaces": dict(PatientID=" P-A "),
     "another age": dict(PatientAge="065Y"),
+    # a value of the pair's first image, then the second's
+    "issuer in another case": (dict(IssuerOfPatientID="HOSP"), dict(IssuerOfPatientID="hosp")),
+    "issuer padded with NUL": (dict(IssuerOfPatientID="HOSP"), dict(IssuerOfPatientID="HOSP\x00")),
+    "issuer's universal ID in one image": (dict(IssuerOfPatientID="HOSP"), dict(IssuerOfPatientID="HOSP", **_UNIVERSAL)),
+    "one universal ID, two local names": ({**_UNIVERSAL, "IssuerOfPatientID": "HOSP"},
+                                          {**_UNIVERSAL, "IssuerOfPatientID": "St Elsewhere"}),
+    "ID with leading zeros": (dict(PatientID="00012345"), dict(PatientID="12345")),
+    "ID padded with NUL": dict(PatientID="P-A\x00"),
+    "another romanisation beside one ideographic name": (_japanese("Yamada^Tarou=山田^太郎=やまだ^たろう"),
+                                                         _japanese("YAMADA^TARO=山田^太郎")),
+    "ISO 2022 IR 87 and UTF-8": ({**_japanese("Yamada^Tarou=山田^太郎=やまだ^たろう"),
+                                  "SpecificCharacterSet": ["", "ISO 2022 IR 87"]},
+                                 _japanese("Yamada^Tarou=山田^太郎=やまだ^たろう")),
+    "phonetic in katakana and in hiragana": (_japanese("Yamada^Tarou==ヤマダ^タロウ"), _japanese("Yamada^Taro==やまだ^たろう")),
+    "an ideographic name alone": (_japanese("=山田^太郎"), _japanese("YAMADA^TAROU")),
+    "a long vowel romanised otherwise": (_japanese("OHNO^YUUKI"), _japanese("ONO^YUKI")),
+    "filed under another issuer's ID": (dict(PatientID="EXT-77", IssuerOfPatientID="ELSEWHERE"),
+                                        dict(PatientID="P-A", IssuerOfPatientID="HOSP",
+                                             OtherPatientIDsSequence=[_item(PatientID="EXT-77",
+                                                                            IssuerOfPatientID="ELSEWHERE")])),
 }
 TWO_PATIENTS = {"another ID": (dict(PatientID="P-B"), "patient IDs 'P-A' and 'P-B'"),
                 "another birth date": (dict(PatientBirthDate="19600102"), "patient ID 'P-A' with two birth dates"),
                 "another sex": (dict(PatientSex="F"), "patient ID 'P-A' with two sexes"),
                 "another given name": (dict(PatientName="MÜLLER^JENS"), "patient ID 'P-A' with two names"),
                 "another issuer": ((dict(IssuerOfPatientID="HOSP-1"), dict(IssuerOfPatientID="HOSP-2")),
-                                   "patient ID 'P-A' of two issuers, 'HOSP-1' and 'HOSP-2'")}
+                                   "patient ID 'P-A' of two issuers, 'HOSP-1' and 'HOSP-2'"),
+                "another universal ID of the issuer": (({**_UNIVERSAL, "IssuerOfPatientID": "HOSP"},
+                                                        {**_universal("2.16.840.1.113883.3.99"),
+                                                         "IssuerOfPatientID": "HOSP"}),
+                                                       "patient ID 'P-A' of two issuers, '1.2.826.0.1.3680043.2.1' "
+                                                       "and '2.16.840.1.113883.3.99'"),
+                "another ideographic name": ((_japanese("Yamada^Tarou=山田^太郎"), _japanese("Sato^Hanako=佐藤^花子")),
+                                             "patient ID 'P-A' with two names"),
+                "other IDs naming a third patient": ((dict(PatientID="P-B"),
+                                                      dict(OtherPatientIDsSequence=[_item(PatientID="P-C")])),
+                                                     "patient IDs 'P-A' and 'P-B'")}
+
+
+def _pairs() -> dict[str, tuple[dict, dict, str]]:
+    """Each case of ONE_PATIENT_OTHERWISE and TWO_PATIENTS: (the first image's header values over
+    ONE_PATIENT, the second's, what a hold-back says or "")."""
+    def pair(values) -> tuple[dict, dict]:
+        return ({}, values) if isinstance(values, dict) else values
+
+    return {**{k: pair(v) + ("",) for k, v in ONE_PATIENT_OTHERWISE.items()},
+            **{k: pair(other) + (said,) for k, (other, said) in TWO_PATIENTS.items()}}
+
+
+def test_the_patients_of_a_pair_of_images_are_told_apart_as_a_pacs_administrator_would(tmp_path, nih_images):
+    """Each pair of ONE_PATIENT_OTHERWISE and TWO_PATIENTS written to DICOM files and read back,
+    as listen reads an arriving object's header and pull a retrieved one: one patient or the
+    two said, whichever image comes first."""
+    from cxr_batch.integration.node import patient_header
+    from cxr_batch.integration.patients import Patient, two_patients
+    from cxr_batch.integration.pull import pydicom_header
+
+    wrong = []
+    for n, (case, (first, second, said)) in enumerate(_pairs().items()):
+        paths = [_image(tmp_path, nih_images[0], f"{n}{view}", **{k: v for k, v in {**ONE_PATIENT, **extra}.items()
+                                                                   if v is not None})
+                 for view, extra in (("PA", first), ("AP", second))]
+        for read in (lambda p: patient_header(p)[1], lambda p: Patient.of(pydicom_header(p))):
+            one, other = map(read, paths)
+            for got in (two_patients([one, other]), two_patients([other, one])):
+                if got != said:
+                    wrong.append(f"{case}: {got!r}, not {said!r}")
+    assert not wrong, "\n".join(sorted(set(wrong)))
 
 
 @needs_dcmtk
@@ -218,9 +297,7 @@ def test_listen_scores_a_study_whose_images_write_one_patient_otherwise(small_bu
     from tests.test_node import listening
 
     folder, files, expect = tmp_path / "images", [], {}
-    cases = {**{k: ({}, v, "") for k, v in ONE_PATIENT_OTHERWISE.items()},
-             **{k: ((({}, other) if isinstance(other, dict) else other) + (said,))
-                for k, (other, said) in TWO_PATIENTS.items()}}
+    cases = _pairs()
     for n, (case, (first, second, said)) in enumerate(cases.items()):
         study = generate_uid()
         for view, extra in (("PA", first), ("AP", second)):
@@ -283,3 +360,64 @@ def test_listen_scores_a_study_whose_patient_is_corrected_image_by_image(small_b
         assert stop(node) == 0, log.read_text()[-3000:]
     rows = _by_uid(out)
     assert [rows[_uid(p)]["status"] for p in corrected.values()] == ["ok", "ok"], [rows[_uid(p)] for p in corrected.values()]
+
+
+def test_other_patient_ids_of_one_image_hold_for_every_image_of_its_patient_id(tmp_path, nih_images):
+    """A frontal filed under the hospital's ID naming the outside ID among its Other Patient IDs,
+    a lateral under the hospital's ID alone, an image under the outside ID: one patient,
+    whichever comes first; an image under a third ID is another patient."""
+    from cxr_batch.integration.node import patient_header
+    from cxr_batch.integration.patients import two_patients
+
+    hospital = dict(PatientID="P-A", IssuerOfPatientID="HOSP")
+    outside = dict(PatientID="EXT-77", IssuerOfPatientID="ELSEWHERE")
+    headers = {"frontal": {**hospital, "OtherPatientIDsSequence": [_item(**outside)]}, "lateral": hospital,
+               "outside": outside, "third": dict(PatientID="P-C")}
+    patients = {name: patient_header(_image(tmp_path, nih_images[0], name, **{**ONE_PATIENT, **header}))[1]
+                for name, header in headers.items()}
+    for order in (["frontal", "lateral", "outside"], ["outside", "lateral", "frontal"], ["lateral", "outside", "frontal"]):
+        assert two_patients([patients[n] for n in order]) == "", order
+    assert two_patients([patients[n] for n in ("frontal", "lateral", "outside", "third")]).startswith("patient IDs")
+
+
+@needs_dcmtk
+def test_listen_tells_one_patient_of_two_issuers_from_two_patients_across_associations(small_bundle, tmp_path):
+    """The example study sent again image by image as other systems file it (copies made with
+    dcmodify, each scored before the next is sent, so the node compares it with the results in
+    its ledger): the hospital's image naming the outside ID, the outside system's image, the
+    hospital's ID under its issuer written in lower case: scored; the same ID under an issuer of
+    another universal ID: held back, the reason naming both universal IDs."""
+    from tests.test_node import listening
+
+    example = Path(__file__).parent.parent / "examples/studies/dicom/NIH00100/STUDY1/SERIES1/IM0001.dcm"
+    universal = "(0010,0024)[0].(0040,0032)"
+    edits = {"hospital": ["IssuerOfPatientID=HOSP", f"{universal}=1.2.826.0.1.3680043.2.1",
+                          "(0010,0024)[0].(0040,0033)=ISO", "(0010,1002)[0].(0010,0020)=EXT-77",
+                          "(0010,1002)[0].(0010,0021)=ELSEWHERE"],
+             "outside": ["PatientID=EXT-77", "IssuerOfPatientID=ELSEWHERE", "PatientName=poe^edgar^^"],
+             "lower case issuer": ["IssuerOfPatientID=hosp"],
+             "another authority": ["IssuerOfPatientID=HOSP", f"{universal}=2.16.840.1.113883.3.99"]}
+    files = {}
+    for name, values in edits.items():
+        files[name] = tmp_path / f"{name.replace(' ', '_')}.dcm"
+        files[name].write_bytes(example.read_bytes())
+        subprocess.run(["dcmodify", "-nb", "-gin", *(a for v in values for a in ("-i", v)), files[name]], check=True,
+                       capture_output=True, timeout=60)
+    out, log, port = tmp_path / "out", tmp_path / "node.log", free_port()
+    node = start_node(out, small_bundle, node_config(tmp_path / "node.toml", max_wait=1.0), "--port", port, "--no-pdf",
+                      log=log)
+    try:
+        assert wait_for(lambda: listening(log, node.pid) or node.poll() is not None), log.read_text()
+        for path in files.values():
+            sent = subprocess.run(["storescu", "-R", "-xt", "-aec", "CXRBATCH", "127.0.0.1", str(port), path],
+                                  capture_output=True, text=True, timeout=60)  # as stored: JPEG-LS lossless
+            assert sent.returncode == 0, sent.stderr
+            assert wait_for(lambda: _uid(path) in _by_uid(out), timeout=120), log.read_text()[-3000:]
+    finally:
+        assert stop(node) == 0, log.read_text()[-3000:]
+    rows = _by_uid(out)
+    got = {name: (rows[_uid(path)]["status"], rows[_uid(path)]["reason"]) for name, path in files.items()}
+    assert [got[n][0] for n in ("hospital", "outside", "lower case issuer")] == ["ok"] * 3, got
+    assert got["another authority"][0] == "skipped", got
+    assert ("patient ID 'NIH00100' of two issuers, '1.2.826.0.1.3680043.2.1' and '2.16.840.1.113883.3.99'"
+            in got["another authority"][1]), got

@@ -819,7 +819,8 @@ def patient_header(path: Path):
     try:
         ds = pydicom.dcmread(path, stop_before_pixels=True,
                              specific_tags=["SpecificCharacterSet", "StudyInstanceUID", "PatientID",
-                                            "IssuerOfPatientID", "PatientName", "PatientBirthDate", "PatientSex"])
+                                            "IssuerOfPatientID", "PatientName", "PatientBirthDate", "PatientSex",
+                                            "IssuerOfPatientIDQualifiersSequence", "OtherPatientIDs", "OtherPatientIDsSequence"])
         ids = identifiers(ds)
     except Exception:  # RecursionError included: a header nested past reading
         return "", Patient()

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 import unicodedata
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from ..display import format_date
 from .node import printable
@@ -34,16 +34,45 @@ def _name_key(text: str) -> str:
     return "^".join(components)
 
 
+def _group_keys(text: str) -> tuple[str, str]:
+    """The ideographic and phonetic groups of a person name ("Yamada^Tarou=山田^太郎=やまだ^たろう"),
+    as compared: NFKC (half-width kana and full-width letters as their usual forms), hiragana as
+    katakana (one reading), upper case, without spaces or punctuation, trailing empty
+    components dropped; "" for a group not given."""
+    def key(group: str) -> str:
+        group = unicodedata.normalize("NFKC", group).upper()
+        group = "".join(chr(ord(ch) + 0x60) if "\u3041" <= ch <= "\u3096" else ch for ch in group)
+        components = [re.sub(r"[\W_]+", "", c) for c in group.split("^")]
+        while components and not components[-1]:
+            components.pop()
+        return "^".join(components)
+
+    groups = text.split("=")[1:3]
+    return tuple(key(g) for g in groups) + ("",) * (2 - len(groups))
+
+
+def _id_key(text: str) -> str:
+    """A patient ID as compared (padding is stripped when read): an ID of digits alone without
+    its leading zeros, as a system keeping the number writes it where the issuer pads it to a
+    width ("00012345" and "12345" are one ID); any other ID as written."""
+    return (text.lstrip("0") or "0") if text.isascii() and text.isdigit() else text
+
+
 def _same_word(a: str, b: str) -> bool:
-    """Whether two words of :func:`_name_key` may be one: equal, or a marked word's ASCII
-    letters in order within the other's (MLLER in MUELLER, MULLER and MLLER)."""
+    """Whether two words of :func:`_name_key` may be one: equal, equal but for a Japanese long
+    vowel's romanisation (TAROU, TAROH, TARO), or a marked word's ASCII letters in order within
+    the other's (MLLER in MUELLER, MULLER and MLLER)."""
     def within(short: str, long: str) -> bool:
         rest = iter(long)
         return all(ch in rest for ch in short)
 
+    def long_vowels(w: str) -> str:  # Hepburn's long vowel romanised otherwise: ŌNO, OHNO, OONO, ONO; YUUKI, YUKI
+        return re.sub(r"UU", "U", re.sub(r"O[UOH](?![AEIOU])", "O", w))
+
     marked_a, marked_b = a.startswith("~"), b.startswith("~")
     a, b = a.lstrip("~"), b.lstrip("~")
-    return a == b or (marked_a and within(a, b)) or (marked_b and within(b, a))
+    return (a == b or long_vowels(a) == long_vowels(b) or (marked_a and within(a, b))
+            or (marked_b and within(b, a)))
 
 
 def _same_name(a: str, b: str) -> bool:
@@ -85,36 +114,72 @@ class Patient:
     """Whom a study belongs to, as a C-FIND answered it, an object's header or a scored record."""
 
     id: str = ""
-    issuer: str = ""
+    issuer: str = ""  # IssuerOfPatientID as written; compared in any case ("HOSP" and "hosp": one issuer)
     name: str = ""  # as compared (_name_key): "DOE^JANE"
     birth_date: str = ""  # DA, YYYYMMDD, or "" (_date_key)
     sex: str = ""  # M, F or "" (a frontal and a lateral of one study that disagree are two patients)
+    issuer_uid: str = ""  # the issuer's universal ID (IssuerOfPatientIDQualifiersSequence): an OID, a URI
+    other_ids: frozenset = frozenset()  # Other Patient IDs, as compared (_id_key)
+    name_groups: tuple = ("", "")  # ideographic and phonetic groups of the name, as compared (_group_keys)
 
     @classmethod
     def of(cls, ds) -> "Patient":
         """The patient keys of a C-FIND answer or an object's header; a value with no usable
         text is empty."""
+        from ..dicom import issuer_qualifiers, other_patient_ids
+
         def text(key: str) -> str:
             try:
                 return str(ds.get(key, "") or "").strip()
             except Exception:  # a value its character set cannot decode
                 return ""
 
-        return cls(text("PatientID"), text("IssuerOfPatientID"), _name_key(text("PatientName")),
-                   _date_key(text("PatientBirthDate")), _sex_key(text("PatientSex")))
+        return cls._made(text("PatientID"), text("IssuerOfPatientID"), text("PatientName"),
+                         text("PatientBirthDate"), text("PatientSex"),
+                         issuer_qualifiers(ds).get("issuer_universal_id", ""), other_patient_ids(ds))
 
     @classmethod
     def of_ids(cls, ids) -> "Patient":
         """The patient of a record's :class:`~cxr_batch.study.Identifiers`."""
-        return cls(ids.patient_id, ids.issuer_of_patient_id, _name_key(ids.patient_name), _date_key(ids.patient_birth_date),
-                   _sex_key(ids.patient_sex))
+        return cls._made(ids.patient_id, ids.issuer_of_patient_id, ids.patient_name, ids.patient_birth_date,
+                         ids.patient_sex, ids.issuer_universal_id, ids.other_patient_ids)
+
+    @classmethod
+    def _made(cls, pid: str, issuer: str, name: str, birth_date: str, sex: str, issuer_uid: str,
+              other_ids: str) -> "Patient":
+        return cls(pid, issuer, _name_key(name), _date_key(birth_date), _sex_key(sex), issuer_uid.strip(),
+                   frozenset(_id_key(i.strip()) for i in other_ids.split("\\") if i.strip()), _group_keys(name))
+
+    def _linked(self, other: "Patient") -> bool:
+        """Whether one of the two gives the other's patient ID among its Other Patient IDs (an
+        image filed under the ID another issuer gave the patient, naming the ID of this one)."""
+        return _id_key(other.id) in self.other_ids or _id_key(self.id) in other.other_ids
+
+    def _issuer_said(self, other: "Patient") -> tuple[str, str]:
+        """The two issuers as compared: the universal IDs when both give one (the issuer's own
+        identity, whatever local name each writes), else the IssuerOfPatientIDs."""
+        if self.issuer_uid and other.issuer_uid:
+            return self.issuer_uid, other.issuer_uid
+        return self.issuer, other.issuer
 
     def _first_difference(self, other: "Patient") -> str:
         """The first key both give with different values ("" when none): a value empty on
         either side is not compared (a PACS answering no issuer, an object without a name)."""
+        linked = bool(self.id and other.id) and _id_key(self.id) != _id_key(other.id) and self._linked(other)
         for key in ("id", "issuer", "name", "birth_date", "sex"):
-            a, b = getattr(self, key), getattr(other, key)
-            if a and b and a != b and not (key == "name" and _same_name(a, b)):
+            a, b = self._issuer_said(other) if key == "issuer" else (getattr(self, key), getattr(other, key))
+            if not (a and b) or (linked and key in ("id", "issuer")):  # the other ID is another issuer's
+                continue
+            if key == "id":
+                differ = _id_key(a) != _id_key(b)
+            elif key == "issuer":
+                differ = a.casefold() != b.casefold()
+            elif key == "name":
+                differ = not _same_name(a, b) and not any(x and x == y for x, y in zip(self.name_groups,
+                                                                                        other.name_groups))
+            else:
+                differ = a != b
+            if differ:
                 return key
         return ""
 
@@ -125,8 +190,9 @@ class Patient:
         if key == "id":
             return f"patient ID '{printable(other.id)}' where the C-FIND answered '{printable(self.id)}'"
         if key == "issuer":
-            return (f"issuer of patient ID '{printable(other.issuer)}' where the C-FIND answered "
-                    f"'{printable(self.issuer)}' (patient ID '{printable(self.id or other.id)}')")
+            mine, theirs = self._issuer_said(other)
+            return (f"issuer of patient ID '{printable(theirs)}' where the C-FIND answered "
+                    f"'{printable(mine)}' (patient ID '{printable(self.id or other.id)}')")
         if key == "name":
             return f"another patient name than the C-FIND answered (patient ID '{printable(self.id or other.id)}')"
         if key in ("birth_date", "sex"):
@@ -140,19 +206,26 @@ class Patient:
         key = self._first_difference(other)
         if not key:
             return ""
-        first, second = sorted((self, other), key=lambda p: (p.id, p.issuer, p.name, p.birth_date, p.sex))
+        first, second = sorted((self, other), key=lambda p: (p.id, p.issuer_uid, p.issuer, p.name, p.birth_date, p.sex))
         if key == "id":
             return f"patient IDs '{printable(first.id)}' and '{printable(second.id)}'"
         same = f"patient ID '{printable(self.id or other.id)}'"
         if key == "issuer":
-            return f"{same} of two issuers, '{printable(first.issuer)}' and '{printable(second.issuer)}'"
+            return f"{same} of two issuers, '{printable(first._issuer_said(second)[0])}' and " \
+                   f"'{printable(first._issuer_said(second)[1])}'"
         return f"{same} with two {dict(name='names', birth_date='birth dates', sex='sexes')[key]}"
 
 
 def two_patients(patients) -> str:
     """How ``patients`` (of one study) hold two patients (:meth:`Patient.apart` of the first
-    pair found), "" when they may all be one."""
-    patients = list(dict.fromkeys(patients))  # a study of many images of one patient: one
+    pair found), "" when they may all be one. The Other Patient IDs one image gives hold for
+    every image of its patient ID: a frontal filed under the hospital's ID naming the outside
+    one, a lateral under the hospital's ID alone and an image under the outside ID are one."""
+    patients = list(patients)
+    others: dict[str, frozenset] = {}
+    for p in patients:
+        others[_id_key(p.id)] = others.get(_id_key(p.id), frozenset()) | p.other_ids
+    patients = list(dict.fromkeys(replace(p, other_ids=others[_id_key(p.id)]) if p.id else p for p in patients))
     for i, one in enumerate(patients):
         for other in patients[i + 1:]:
             if said := one.apart(other):

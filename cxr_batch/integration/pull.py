@@ -485,7 +485,8 @@ def pydicom_header(path):
 
     return pydicom.dcmread(path, stop_before_pixels=True,
                            specific_tags=["SpecificCharacterSet", "SOPInstanceUID", "StudyInstanceUID", "PatientID",
-                                          "IssuerOfPatientID", "PatientName", "PatientBirthDate", "PatientSex"])
+                                          "IssuerOfPatientID", "PatientName", "PatientBirthDate", "PatientSex",
+                                          "IssuerOfPatientIDQualifiersSequence", "OtherPatientIDs", "OtherPatientIDsSequence"])
 
 
 def study_day(answer) -> str | None:
