@@ -252,6 +252,13 @@ TWO_PATIENTS = {"another ID": (dict(PatientID="P-B"), "patient IDs 'P-A' and 'P-
                                                        "and '2.16.840.1.113883.3.99'"),
                 "another ideographic name": ((_japanese("Yamada^Tarou=山田^太郎"), _japanese("Sato^Hanako=佐藤^花子")),
                                              "patient ID 'P-A' with two names"),
+                "another issuer's ID of another name": ((dict(PatientID="EXT-77", PatientName="ROE^RICHARD"),
+                                                         dict(OtherPatientIDsSequence=[_item(PatientID="EXT-77")])),
+                                                        "patient IDs 'EXT-77' and 'P-A' (one patient's) with two names"),
+                "ID with leading zeros of another birth date": ((dict(PatientID="00012345"),
+                                                                 dict(PatientID="12345", PatientBirthDate="19600102")),
+                                                                "patient IDs '00012345' and '12345' (one patient's) "
+                                                                "with two birth dates"),
                 "other IDs naming a third patient": ((dict(PatientID="P-B"),
                                                       dict(OtherPatientIDsSequence=[_item(PatientID="P-C")])),
                                                      "patient IDs 'P-A' and 'P-B'")}
@@ -270,7 +277,8 @@ def _pairs() -> dict[str, tuple[dict, dict, str]]:
 def test_the_patients_of_a_pair_of_images_are_told_apart_as_a_pacs_administrator_would(tmp_path, nih_images):
     """Each pair of ONE_PATIENT_OTHERWISE and TWO_PATIENTS written to DICOM files and read back,
     as listen reads an arriving object's header and pull a retrieved one: one patient or the
-    two said, whichever image comes first."""
+    two said, whichever image comes first; a pull takes the second image for the first's study
+    when they are one patient, refuses it when two."""
     from cxr_batch.integration.node import patient_header
     from cxr_batch.integration.patients import Patient, two_patients
     from cxr_batch.integration.pull import pydicom_header
@@ -285,6 +293,9 @@ def test_the_patients_of_a_pair_of_images_are_told_apart_as_a_pacs_administrator
             for got in (two_patients([one, other]), two_patients([other, one])):
                 if got != said:
                     wrong.append(f"{case}: {got!r}, not {said!r}")
+            if bool(one.differs(other)) != bool(said):  # pull: the C-FIND answered one, the header is the other
+                wrong.append(f"{case}: pull refuses the object: {one.differs(other)!r}" if not said else
+                             f"{case}: pull takes the object")
     assert not wrong, "\n".join(sorted(set(wrong)))
 
 

@@ -183,6 +183,15 @@ class Patient:
                 return key
         return ""
 
+    def _ids_said(self, other: "Patient") -> str:
+        """The patient ID of two found one patient's, for a line saying what else differs: as
+        each writes it when they write it otherwise ("00012345" and "12345", an ID and another
+        issuer's of its Other Patient IDs), in one order whichever came first."""
+        ids = sorted({p.id for p in (self, other) if p.id})
+        if len(ids) > 1:
+            return f"patient IDs '{printable(ids[0])}' and '{printable(ids[1])}' (one patient's)"
+        return f"patient ID '{printable(ids[0] if ids else '')}'"
+
     def differs(self, other: "Patient") -> str:
         """How ``other`` (an arriving object's header) names another patient than this one (the
         C-FIND's answer), for a log line: the two IDs quoted, never a name; "" when it does not."""
@@ -192,12 +201,11 @@ class Patient:
         if key == "issuer":
             mine, theirs = self._issuer_said(other)
             return (f"issuer of patient ID '{printable(theirs)}' where the C-FIND answered "
-                    f"'{printable(mine)}' (patient ID '{printable(self.id or other.id)}')")
+                    f"'{printable(mine)}' ({self._ids_said(other)})")
         if key == "name":
-            return f"another patient name than the C-FIND answered (patient ID '{printable(self.id or other.id)}')"
+            return f"another patient name than the C-FIND answered ({self._ids_said(other)})"
         if key in ("birth_date", "sex"):
-            return (f"another {key.replace('_', ' ')} than the C-FIND answered (patient ID "
-                    f"'{printable(self.id or other.id)}')")
+            return f"another {key.replace('_', ' ')} than the C-FIND answered ({self._ids_said(other)})"
         return ""
 
     def apart(self, other: "Patient") -> str:
@@ -209,11 +217,10 @@ class Patient:
         first, second = sorted((self, other), key=lambda p: (p.id, p.issuer_uid, p.issuer, p.name, p.birth_date, p.sex))
         if key == "id":
             return f"patient IDs '{printable(first.id)}' and '{printable(second.id)}'"
-        same = f"patient ID '{printable(self.id or other.id)}'"
         if key == "issuer":
-            return f"{same} of two issuers, '{printable(first._issuer_said(second)[0])}' and " \
-                   f"'{printable(first._issuer_said(second)[1])}'"
-        return f"{same} with two {dict(name='names', birth_date='birth dates', sex='sexes')[key]}"
+            one, two = first._issuer_said(second)
+            return f"{self._ids_said(other)} of two issuers, '{printable(one)}' and '{printable(two)}'"
+        return f"{self._ids_said(other)} with two {dict(name='names', birth_date='birth dates', sex='sexes')[key]}"
 
 
 def two_patients(patients) -> str:
