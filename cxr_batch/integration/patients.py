@@ -3,7 +3,10 @@
 A pull checks each arriving object against the patient its study's C-FIND answered
 (cxr_batch.integration.pull); the node (listen, pull) holds back a study whose images name two
 patients (:func:`two_patients`): scored under one Study Instance UID, one patient's result would be
-filed in the other's study. Log lines name patient IDs, never a name or a birth date.
+filed in the other's study. Held back, no radiologist sees the study in the worklist: what a PACS
+administrator takes for one patient written otherwise by another system (padding, case, leading
+zeros, another romanisation or character set, another issuer's ID named among the Other Patient
+IDs) is one patient. Log lines name patient IDs, never a name or a birth date.
 """
 
 from __future__ import annotations
@@ -164,7 +167,10 @@ class Patient:
 
     def _first_difference(self, other: "Patient") -> str:
         """The first key both give with different values ("" when none): a value empty on
-        either side is not compared (a PACS answering no issuer, an object without a name)."""
+        either side is not compared (a PACS answering no issuer, an object without a name). IDs
+        compare as :func:`_id_key`, issuers as :meth:`_issuer_said` in any case, names as
+        :func:`_same_name` or by an ideographic or phonetic group both give alike; an ID the
+        other gives among its Other Patient IDs is the same patient's, its issuer another's."""
         linked = bool(self.id and other.id) and _id_key(self.id) != _id_key(other.id) and self._linked(other)
         for key in ("id", "issuer", "name", "birth_date", "sex"):
             a, b = self._issuer_said(other) if key == "issuer" else (getattr(self, key), getattr(other, key))
