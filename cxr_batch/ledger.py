@@ -15,7 +15,8 @@ sha256 of the file it came from:
 does not read it again. The ctime tells a file from another one put at the same path with the
 same size and mtime (a correction renamed over it, or copied in place, by ``cp -p`` or
 ``rsync -t``): writing or renaming a file sets it, and no copy carries it over. Files recorded
-before schema 7 have none and are known by size and mtime alone, as then. ``published`` marks the rows already appended to results.csv.
+before schema 7 have none and are known by size and mtime alone, as then, until first seen again: their ctime then
+is recorded. ``published`` marks the rows already appended to results.csv.
 
 ``outbound`` is the queue of results to send: SRs (and Encapsulated PDFs with ``--dicom-pdf``)
 back to the PACS by C-STORE (channel ``dicom``) or to a DICOMweb archive by STOW-RS (``stow``),
@@ -273,11 +274,16 @@ class Ledger:
     def file_outcome(self, path: str, stamp: tuple[int, int, int]) -> tuple[str, str] | None:
         """(key, outcome) of the file handled at ``path`` if it had this ``stamp`` (size,
         mtime_ns, ctime_ns), else None. A file recorded without a ctime (before schema 7) is
-        matched by size and mtime, as it was then: an upgrade reads no handled file again."""
+        matched by size and mtime, as it was then: an upgrade reads no handled file again. The
+        ctime it has when first matched is recorded, or a correction renamed over it later with
+        the same size and mtime would match for ever."""
         row = self.db.execute("SELECT size, mtime_ns, ctime_ns, key, outcome FROM files WHERE path = ?",
                               (stored_name(path),)).fetchone()
         if row is None or (row[0], row[1]) != stamp[:2] or row[2] not in (None, stamp[2]):
             return None
+        if row[2] is None:  # once per such file; lost in a crash, it is recorded at the next look
+            self.db.execute("UPDATE files SET ctime_ns = ? WHERE path = ? AND ctime_ns IS NULL",
+                            (stamp[2], stored_name(path)))
         return row[3], row[4]
 
     def last_handled(self, path: str) -> tuple[int, str, str] | None:
