@@ -35,7 +35,9 @@ def good_dicoms(folder, nih_images, n, start=0):
 def fill(volume):
     """A file that fills ``volume`` to its last block; its path."""
     filler = volume / "filler"
-    with open(filler, "wb") as f:
+    # unbuffered: a buffered file kept the bytes the disk had no room for, and raised ENOSPC again
+    # when closed, as the free space left a part of the buffer over (one ledger page more did it)
+    with open(filler, "wb", buffering=0) as f:
         try:
             while True:
                 f.write(b"\0" * 65536)
