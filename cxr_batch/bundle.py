@@ -25,18 +25,23 @@ import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from .calibration import Calibration, CalibrationError
 from .files import atomic_write_bytes
 from .findings import FINDINGS
-from .model import ARCHITECTURE, CxrFusionNet, ModelConfig
 from .patient import PatientEncoding
-from .preprocess import Preprocessing
 from .triage import TriageError, TriagePolicy
 
+# torch takes seconds to import: only loading or saving weights needs it (load_bundle, save_bundle),
+# not reading a manifest (monitor, run from cron, reads manifests alone)
+if TYPE_CHECKING:
+    from .model import CxrFusionNet
+    from .preprocess import Preprocessing
+
 FORMAT_VERSION = 2  # 2: bundle_sha256 over the manifest
+# the model cxr_batch.model builds, as manifests name it: here, so that reading a manifest needs no torch
+ARCHITECTURE = "densenet121-fpn-fusion"
 WEIGHTS_FILE = "model.pt"
 MANIFEST_FILE = "manifest.json"
 DEFAULT_BUNDLE = Path(__file__).resolve().parent.parent / "weights" / "cxr-fpn-v3"
@@ -102,6 +107,8 @@ def save_bundle(
     ``training_images``: rows (image, patient_id, role) of every image training used, written to
     ``training_images.csv`` with its sha256 in the manifest, so that an evaluation on them is
     named in-sample (:mod:`cxr_batch.provenance`). Returns the folder."""
+    import torch
+
     missing = [f for f in FINDINGS if f not in thresholds]
     if missing:
         raise BundleError(f"thresholds missing for {missing}")
@@ -263,6 +270,11 @@ def refuse_output_in_bundle(out: Path, bundle: Path, what: str = "--out") -> Non
 
 def load_bundle(folder: Path | str | None = None) -> Bundle:
     """Load and verify a bundle (default: the bundled weights). Raises BundleError."""
+    import torch
+
+    from .model import CxrFusionNet, ModelConfig
+    from .preprocess import Preprocessing
+
     folder = Path(folder) if folder is not None else DEFAULT_BUNDLE
     manifest = read_manifest(folder)
     weights_path = folder / manifest.get("weights_file", WEIGHTS_FILE)

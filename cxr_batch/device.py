@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # torch only to pick a device: every command's error handling imports DeviceError
+    import torch
 
 
 class DeviceError(Exception):
@@ -13,6 +15,8 @@ class DeviceError(Exception):
 
 def pick_device(spec: str = "auto") -> torch.device:
     """'auto' (CUDA when present), 'cpu', 'cuda' or 'cuda:N'."""
+    import torch
+
     spec = spec.strip().lower()
     if spec == "auto":
         return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")

@@ -57,7 +57,9 @@ DEFINITIONS = {
                        "denominator is zero; flag_rate: the share of all studies flagged for the finding",
     "training_overlap": "a study is in-sample when its file name or the Image Index it matched, without the "
                         "extension, is in the bundle's training_images.csv, or its Patient ID (as written) is one of "
-                        "the patients there; without_them: the headline numbers on the other studies",
+                        "the patients there; without_them: the headline numbers on the other studies, or too_few "
+                        f"(why not) when fewer than {metrics.MIN_CI_PATIENTS} of their patients have a positive, "
+                        "or a negative, of the findings in the mean",
     "calibrated_on": "for a site-calibrated bundle, whether these labels are the table it was calibrated with (the "
                      "same sha256): its calibration and thresholds were fitted on them; null for a bundle not calibrated",
     "triage": "study-level rates from results.csv as written: the share of studies in each bucket (priority), among "
@@ -101,8 +103,21 @@ def training_overlap(data: LabelledResults, training: TrainingImages | None) -> 
     record, in_sample = overlap(training, [r["file"] for r in data.rows], data.labelled_as, data.patient_ids)
     if record["checked"] and record["in_sample_studies"]:
         rest = ~np.array(in_sample, dtype=bool)
-        record["without_them"] = summary_of(data.y[rest], data.p[rest], data.groups[rest]) if rest.any() else None
+        record["without_them"] = out_of_sample(data.y[rest], data.p[rest], data.groups[rest]) if rest.any() else None
     return record
+
+
+def out_of_sample(y: np.ndarray, p: np.ndarray, groups: np.ndarray) -> dict:
+    """``without_them``: the headline numbers of the studies left out of the training list; of
+    too few to measure (the rule of the mean AUROC's interval: at least MIN_CI_PATIENTS patients
+    with a positive and with a negative of the findings in the mean), their counts and
+    ``too_few``, saying why, instead: a mean AUROC of two studies reads as a finding."""
+    short = patients_short(y, groups)
+    if short is None:
+        return summary_of(y, p, groups)
+    return {"n": int(len(y)), "patients": int(len(set(groups))),
+            "too_few": f"{short} for the findings in the mean, too few to measure (needs "
+                       f"{metrics.MIN_CI_PATIENTS} positive and {metrics.MIN_CI_PATIENTS} negative)"}
 
 
 def age_band(age: str) -> str:
@@ -195,18 +210,29 @@ def training_prevalence(manifest: dict) -> np.ndarray | None:
     return np.array([float(record[f]) for f in FINDINGS])
 
 
+def patients_short(y: np.ndarray, groups: np.ndarray) -> str | None:
+    """Whether the findings in the mean AUROC (those with both labels) rest on too few patients:
+    "K positive patient(s)" (or negative) when fewer than MIN_CI_PATIENTS have a positive (a
+    negative) of them, "no finding with both labels" when there is none; None when enough.
+    ``y`` [N, 14], ``groups`` [N] the patient of each study."""
+    cols = [c for c in range(y.shape[1]) if metrics.has_both_labels(y[:, c])]
+    if not cols:
+        return "no finding with both positive and negative studies"
+    pos = metrics.patients_per_label(y[:, cols].max(axis=1), groups)[0]
+    neg = metrics.patients_per_label(y[:, cols].min(axis=1), groups)[1]
+    if min(pos, neg) < metrics.MIN_CI_PATIENTS:
+        return f"{pos} positive patient(s)" if pos < metrics.MIN_CI_PATIENTS else f"{neg} negative patient(s)"
+    return None
+
+
 def mean_auroc_interval(y, p, groups, n_bootstrap: int, seed: int) -> metrics.Interval:
     """The mean AUROC's interval under each finding's rule: none when fewer than
     MIN_CI_PATIENTS patients have a positive (or a negative) of the findings in the mean (three
     labelled studies gave "95% CI 0.000-0.500" from resamples of three patients)."""
-    cols = [c for c in range(y.shape[1]) if metrics.has_both_labels(y[:, c])]
-    if cols:
-        pos = metrics.patients_per_label(y[:, cols].max(axis=1), groups)[0]
-        neg = metrics.patients_per_label(y[:, cols].min(axis=1), groups)[1]
-        if min(pos, neg) < metrics.MIN_CI_PATIENTS:
-            which = f"{pos} positive" if pos < metrics.MIN_CI_PATIENTS else f"{neg} negative"
-            return metrics.Interval(None, None, 0, 0, f"{which} patient(s) for the findings in the mean: no CI "
-                                                      f"(needs {metrics.MIN_CI_PATIENTS})")
+    short = patients_short(y, groups)
+    if short is not None and any(metrics.has_both_labels(y[:, c]) for c in range(y.shape[1])):
+        return metrics.Interval(None, None, 0, 0, f"{short} for the findings in the mean: no CI "
+                                                  f"(needs {metrics.MIN_CI_PATIENTS})")
     return metrics.mean_auroc_interval(y, p, groups, n_bootstrap, seed)
 
 

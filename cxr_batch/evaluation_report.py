@@ -140,7 +140,10 @@ def _overlap_lines(fig: Figure, y: float, said: dict | None) -> float:
     y = _text(fig, y - 0.004, f"In-sample: {said['message']}.", 10, "bold", width=90)  # bold is wider
     fig.texts[-1].set_color("#b00000")
     rest = said.get("without_them")
-    if rest:
+    if rest and rest.get("too_few"):
+        y = _text(fig, y, f"Without them ({plural(rest['n'], 'study')} of {plural(rest['patients'], 'patient')}): "
+                  f"{rest['too_few']}; evaluation.json lists the in-sample files.", 9)
+    elif rest:
         y = _text(fig, y, f"Without them ({plural(rest['n'], 'study')} of {plural(rest['patients'], 'patient')}): "
                   f"mean AUROC {_auroc(rest['mean_auroc'])} over {plural(rest['findings_in_mean'], 'finding')}, ECE "
                   f"{_f(rest['ece'])}, Brier {_f(rest['brier'], 4)} (no interval; evaluation.json lists the "

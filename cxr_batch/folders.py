@@ -48,3 +48,17 @@ def refuse_overlap(output: Path | str | None, inputs: dict[str, Path | str | Non
         raise FolderOverlap(f"{option} {out} {relation} {what} {folder}: results and inputs must be kept apart "
                             f"(what is written would be read again as input, or the input hidden with the "
                             f"results); choose a folder outside it, e.g. {option} {beside}")
+
+
+def refuse_out_in_state(out: Path) -> None:
+    """``--out`` inside a results folder's ``.cxr-batch`` (its ledger, its spool): a node's
+    spool would take our results for received objects. ConfigError (exit 2), before any work."""
+    from .journal import STATE_DIR
+
+    resolved = Path(out).resolve()
+    for folder in (resolved, *resolved.parents):
+        if folder.name == STATE_DIR:
+            raise ConfigError(f"--out {out} lies inside {folder}, the state folder (ledger, spool) of the results "
+                              f"folder {folder.parent}: what is written there would be read as received objects; "
+                              f"choose a folder outside it, e.g. --out "
+                              f"{folder.parent.parent / (folder.parent.name + '-' + resolved.name)}")

@@ -15,7 +15,8 @@ sha256 of the file it came from:
 does not read it again. The ctime tells a file from another one put at the same path with the
 same size and mtime (a correction renamed over it, or copied in place, by ``cp -p`` or
 ``rsync -t``): writing or renaming a file sets it, and no copy carries it over. Files recorded
-before schema 7 have none and are known by size and mtime alone, as then. ``published`` marks the rows already appended to results.csv.
+before schema 7 have none and are known by size and mtime alone, as then, until first seen again: their ctime then
+is recorded. ``published`` marks the rows already appended to results.csv.
 
 ``outbound`` is the queue of results to send: SRs (and Encapsulated PDFs with ``--dicom-pdf``)
 back to the PACS by C-STORE (channel ``dicom``) or to a DICOMweb archive by STOW-RS (``stow``),
@@ -27,6 +28,11 @@ the receiver stored (acknowledged) it. Nothing leaves the queue otherwise but by
 outbound drop``: an object the peer refused waits (``failed_at`` set, ``last_error`` saying
 why) and is offered again later. A study committed again (an error replaced, a changed
 instance) queues its objects again under their UIDs (a changed result's SR has a UID of its own).
+``outbound_hold`` is a channel's wait after a failed try (its back-off, or a receiver's
+Retry-After): no object of the channel is due before it ends, whenever it was queued, so `outbound
+list` gives the time the sender will try, and a sender started meanwhile keeps the wait. A
+delivery or an operator's retry ends it. (A table added to schema 7 where missing; older releases
+ignore it.)
 """
 
 from __future__ import annotations
@@ -62,6 +68,11 @@ CREATE TABLE IF NOT EXISTS outbound (
     PRIMARY KEY (uid, channel)
 );
 CREATE INDEX IF NOT EXISTS outbound_due ON outbound (channel, due_at) WHERE delivered_at IS NULL AND dropped_at IS NULL;
+CREATE TABLE IF NOT EXISTS outbound_hold (
+    channel TEXT PRIMARY KEY,
+    held_until REAL NOT NULL,
+    reason TEXT NOT NULL
+);
 """
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS studies (
@@ -273,11 +284,16 @@ class Ledger:
     def file_outcome(self, path: str, stamp: tuple[int, int, int]) -> tuple[str, str] | None:
         """(key, outcome) of the file handled at ``path`` if it had this ``stamp`` (size,
         mtime_ns, ctime_ns), else None. A file recorded without a ctime (before schema 7) is
-        matched by size and mtime, as it was then: an upgrade reads no handled file again."""
+        matched by size and mtime, as it was then: an upgrade reads no handled file again. The
+        ctime it has when first matched is recorded, or a correction renamed over it later with
+        the same size and mtime would match for ever."""
         row = self.db.execute("SELECT size, mtime_ns, ctime_ns, key, outcome FROM files WHERE path = ?",
                               (stored_name(path),)).fetchone()
         if row is None or (row[0], row[1]) != stamp[:2] or row[2] not in (None, stamp[2]):
             return None
+        if row[2] is None:  # once per such file; lost in a crash, it is recorded at the next look
+            self.db.execute("UPDATE files SET ctime_ns = ? WHERE path = ? AND ctime_ns IS NULL",
+                            (stamp[2], stored_name(path)))
         return row[3], row[4]
 
     def last_handled(self, path: str) -> tuple[int, str, str] | None:
@@ -464,7 +480,11 @@ class Ledger:
 
     # ------------------------------------------------------------------ the outbound queue
     def due_outbound(self, now: float, limit: int = 32, channel: str = "dicom") -> list[OutboundItem]:
-        """Waiting objects of ``channel`` due at ``now`` (epoch seconds), the longest-due first."""
+        """Waiting objects of ``channel`` due at ``now`` (epoch seconds), the longest-due first;
+        none while the channel waits (:meth:`outbound_hold`)."""
+        held = self.outbound_held(channel)
+        if held is not None and held[0] > now:
+            return []
         rows = self.db.execute("SELECT uid, key, path, attempts, channel, destination, sha256 FROM outbound "
                                f"WHERE {_WAITING} "
                                "AND channel = ? AND due_at <= ? ORDER BY due_at, queued_at, rowid LIMIT ?",
@@ -472,9 +492,23 @@ class Ledger:
         return [OutboundItem(*row) for row in rows]
 
     def next_due(self, channel: str) -> float | None:
-        """When the next waiting object of ``channel`` is due (epoch seconds); None: none waits."""
-        return self.db.execute(f"SELECT MIN(due_at) FROM outbound WHERE {_WAITING} AND channel = ?",
-                               (channel,)).fetchone()[0]
+        """When the next waiting object of ``channel`` is due (epoch seconds), the channel's wait
+        included; None: none waits."""
+        due = self.db.execute(f"SELECT MIN(due_at) FROM outbound WHERE {_WAITING} AND channel = ?",
+                              (channel,)).fetchone()[0]
+        held = self.outbound_held(channel)
+        return due if due is None or held is None else max(due, held[0])
+
+    def outbound_hold(self, channel: str, until: float, reason: str) -> None:
+        """The sender of ``channel`` tries nothing before ``until`` (epoch seconds): its back-off
+        after a failed try, or the wait a receiver asked for; ``reason`` says which."""
+        with self.db:
+            self.db.execute("INSERT OR REPLACE INTO outbound_hold VALUES (?, ?, ?)", (channel, until, reason))
+
+    def outbound_held(self, channel: str) -> tuple[float, str] | None:
+        """(until, reason) of ``channel``'s wait (:meth:`outbound_hold`), ended or not; None: none."""
+        row = self.db.execute("SELECT held_until, reason FROM outbound_hold WHERE channel = ?", (channel,)).fetchone()
+        return tuple(row) if row is not None else None
 
     def outbound_rewritten(self, uid: str, channel: str, sha256: str) -> None:
         """The queued file of ``uid`` written again (the same message, made anew): its digest."""
@@ -482,9 +516,11 @@ class Ledger:
             self.db.execute("UPDATE outbound SET sha256 = ? WHERE uid = ? AND channel = ?", (sha256, uid, channel))
 
     def outbound_delivered(self, uid: str, destination: str, channel: str = "dicom") -> None:
+        """The receiver stored ``uid``: done, and the channel's wait, if any, is over."""
         with self.db:
             self.db.execute("UPDATE outbound SET delivered_at = ?, destination = ?, attempts = attempts + 1, "
                             "last_error = '' WHERE uid = ? AND channel = ?", (time.time(), destination, uid, channel))
+            self.db.execute("DELETE FROM outbound_hold WHERE channel = ?", (channel,))
 
     def outbound_retry(self, uid: str, due_at: float, error: str, channel: str = "dicom") -> None:
         """A try that failed for a passing reason (peer down or busy): due again at ``due_at``."""
@@ -515,6 +551,7 @@ class Ledger:
         queued that much earlier, so each keeps the wait it had (and the queue its order) instead
         of waiting out the clock's jump too. Returns how many."""
         with self.db:
+            self.db.execute("UPDATE outbound_hold SET held_until = held_until - ? WHERE channel = ?", (seconds, channel))
             return self.db.execute(f"UPDATE outbound SET due_at = due_at - ?, queued_at = queued_at - ? "
                                    f"WHERE {_WAITING} AND channel = ?", (seconds, seconds, channel)).rowcount
 
@@ -522,6 +559,8 @@ class Ledger:
         """Waiting objects of ``channel`` due after ``latest`` (epoch seconds) are due then:
         a due time further ahead than any wait can only come from a clock that ran ahead."""
         with self.db:
+            self.db.execute("UPDATE outbound_hold SET held_until = ? WHERE channel = ? AND held_until > ?",
+                            (latest, channel, latest))
             return self.db.execute(f"UPDATE outbound SET due_at = ? WHERE {_WAITING} AND channel = ? AND due_at > ?",
                                    (latest, channel, latest)).rowcount
 
@@ -551,10 +590,12 @@ class Ledger:
     # ------------------------------------------------------------------ the outbound queue, by an operator
     def outbound_rows(self, everything: bool = False, channel: str | None = None) -> list[dict]:
         """The queue for ``cxr-batch outbound list``: waiting objects, oldest first; with
-        ``everything`` the delivered and dropped ones too; of one ``channel`` or all."""
+        ``everything`` the delivered and dropped ones too; of one ``channel`` or all. Each with
+        its channel's wait (``held_until``, ``held_because``; None: none)."""
         conditions = ([] if everything else [_WAITING]) + ([] if channel is None else ["channel = ?"])
         where = f"WHERE {' AND '.join(conditions)}" if conditions else ""
-        cursor = self.db.execute(f"SELECT {_OUTBOUND_COLUMNS}, sha256 FROM outbound {where} "
+        cursor = self.db.execute(f"SELECT {_OUTBOUND_COLUMNS}, sha256, held_until, reason AS held_because "
+                                 f"FROM outbound LEFT JOIN outbound_hold USING (channel) {where} "
                                  "ORDER BY queued_at, uid, channel",
                                  () if channel is None else (channel,))
         names = [d[0] for d in cursor.description]
@@ -568,6 +609,7 @@ class Ledger:
         now = time.time()
         where, args = ("", ()) if channel is None else (" AND channel = ?", (channel,))
         with self.db:
+            self.db.execute(f"DELETE FROM outbound_hold WHERE 1{where}", args)  # the channels' waits end too
             if uids is None:
                 n = self.db.execute(f"UPDATE outbound SET due_at = ? WHERE {_WAITING}{where}", (now, *args)).rowcount
             else:

@@ -73,7 +73,6 @@ def _torchvision_parts():
     return densenet121, FeaturePyramidNetwork
 
 
-ARCHITECTURE = "densenet121-fpn-fusion"
 TAPS = ("denseblock2", "denseblock3", "denseblock4")
 TAP_CHANNELS = (512, 1024, 1024)
 

@@ -399,7 +399,7 @@ def run_monitor(results_dir: Path, out: Path, reference_path: Path | None = None
     (its ``exit_code`` says how it went). Raises MonitorError/DriftError when nothing can be
     done."""
     results_dir, out = Path(results_dir), Path(out)
-    from .integration.pull import refuse_out_in_state  # a node's spool reads what lands there (ConfigError: exit 2)
+    from .folders import refuse_out_in_state  # a node's spool reads what lands there (ConfigError: exit 2)
 
     refuse_out_in_state(out)
     csv = results_dir / "results.csv"

@@ -586,3 +586,50 @@ def test_a_retry_after_of_hundreds_of_digits_is_said_as_a_number_not_inf(results
         assert "asked to wait more than 1000000000 s (Retry-After)" in caplog.text, caplog.text
     finally:
         ledger.close()
+
+
+def test_outbound_list_says_when_a_channel_waiting_out_a_retry_after_tries_a_result_queued_since(results, archive,
+                                                                                                 tmp_path):
+    """`cxr-batch outbound list` said NEXT TRY "now" for a result queued while the STOW channel
+    waited out the archive's Retry-After: the sender would not try it for ten minutes. The list
+    gives the time the sender uses, and why; an operator's retry ends the wait."""
+    import shutil
+    import sys
+
+    from cxr_batch.integration.outbound import Sender
+    from cxr_batch.integration.outbox import StowChannel
+    from cxr_batch.ledger import Ledger, outbound_entry
+
+    _, srs = results
+    out = tmp_path / "out"
+    (out / "dicom").mkdir(parents=True)
+    for sr in srs:
+        shutil.copy(sr, out / "dicom" / sr.name)
+    uids = [pydicom.dcmread(sr).SOPInstanceUID for sr in srs]
+    url = f"http://127.0.0.1:{archive.server_address[1]}/dicom-web"
+    ledger = Ledger(out / ".cxr-batch" / "ledger.sqlite")
+    sender = Sender(ledger.path, out, StowChannel(_config(tmp_path, url)), retry_max=1.0)
+
+    def listed():
+        done = subprocess.run([sys.executable, "-m", "cxr_batch", "outbound", "list", "--out", str(out)],
+                              capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+        return {uid: line for line in done.stdout.splitlines() for uid in uids if line.startswith(uid)}
+
+    try:
+        archive.answer, archive.headers = (503, None), {"Retry-After": "600"}
+        ledger.queue_outbound([("k0", outbound_entry(uids[0], f"dicom/{srs[0].name}", "stow", url))])
+        sender.send_due(ledger, until=time.time())  # one POST: the archive asks for ten minutes
+        ledger.queue_outbound([("k1", outbound_entry(uids[1], f"dicom/{srs[1].name}", "stow", url))])
+        line = listed()[uids[1]]
+        assert " now " not in line and re.search(r"\bin (10m|9m|599s|600s)\b", line), line
+        assert "Retry-After" in line, line  # why it waits: not an error of its own
+        sender.send_due(ledger)  # the sender keeps the wait it listed
+        assert len(archive.seen) == 1
+        archive.answer, archive.headers = (200, None), {}
+        ledger.outbound_send_now()  # the operator's retry: the wait ends, for the list as for the sender
+        assert " now " in listed()[uids[1]]
+        sender.send_due(ledger)
+        assert len(archive.seen) == 3 and ledger.outbound_stats(time.time(), "stow")["delivered"] == 2
+    finally:
+        ledger.close()

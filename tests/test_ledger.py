@@ -116,6 +116,27 @@ def test_files_handled_before_schema_7_are_known_by_size_and_mtime_as_then(tmp_p
     ledger.close()
 
 
+def test_a_file_handled_before_schema_7_keeps_the_ctime_it_is_first_seen_with(tmp_path):
+    """Upgraded from schema 6, a handled file was matched by size and mtime for ever: a
+    correction renamed over it later with the same size and mtime (``cp -p``, ``rsync -t``) was
+    never read. The file as first seen after the upgrade is the one handled (as schema 6 held
+    it); its ctime is kept from then on, and it is still not read again."""
+    path = tmp_path / "ledger.sqlite"
+    Ledger(path).close()
+    db = sqlite3.connect(path, isolation_level=None)
+    db.execute("ALTER TABLE files DROP COLUMN ctime_ns")
+    db.execute("INSERT INTO files VALUES ('old.dcm', 10, 111, 'uid:1', 'ok', 1.0)")
+    db.execute("INSERT OR REPLACE INTO meta VALUES ('schema', '6')")
+    db.close()
+    ledger = Ledger(path)
+    assert ledger.file_outcome("old.dcm", (10, 111, 500)) == ("uid:1", "ok")  # the first look after the upgrade
+    ledger.close()
+    ledger = Ledger(path)  # a restart: still handled
+    assert ledger.file_handled("old.dcm", (10, 111, 500))
+    assert not ledger.file_handled("old.dcm", (10, 111, 501))  # a correction renamed over it
+    ledger.close()
+
+
 def test_corrupt_ledger_is_a_clear_error(tmp_path):
     path = tmp_path / "l.sqlite"
     path.write_bytes(b"SQLite format 3\x00" + os.urandom(4000))

@@ -132,3 +132,24 @@ def test_the_records_monitor_keeps_hold_no_identifiers(scored, tmp_path):
     assert whole[0][1].ids.patient_id and whole[0][1].patient.notes
     assert not kept[0][1].ids.patient_id and not kept[0][1].patient.notes
     assert kept[0][1].ids.study_date == whole[0][1].ids.study_date
+
+
+def test_monitor_runs_without_importing_torch(scored, tmp_path):
+    """`cxr-batch monitor` reads results.csv and bundle manifests only, yet importing it imported
+    torch (through the bundle module): seconds of start-up each cron run paid for nothing."""
+    import sys
+
+    command = ["monitor", str(scored), "--out", str(tmp_path / "out"), "--min-studies", "5"]
+    probe = ("import sys\n"
+             "import cxr_batch.monitor, cxr_batch.monitor_report, cxr_batch.drift\n"
+             "imported = 'torch' in sys.modules\n"
+             "from cxr_batch.cli import main\n"
+             "try:\n"
+             f"    main({command!r})\n"
+             "except SystemExit as e:\n"
+             "    print(imported, 'torch' in sys.modules, e.code)\n")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300)
+    imported, after_run, code = done.stdout.split() or ["", "", ""]
+    assert code in ("0", "5"), (done.stdout, done.stderr[-2000:])  # no alarm, or an alarm: a verdict
+    assert (imported, after_run) == ("False", "False"), done.stdout
+    assert (tmp_path / "out" / "monitor.json").is_file() and (tmp_path / "out" / "monitor.pdf").is_file()

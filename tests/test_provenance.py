@@ -240,3 +240,46 @@ def test_monitor_says_why_studies_scored_before_the_list_was_added_have_no_refer
     assert (f"no bundle here has the bundle_sha256 {before[:8]}... that scored these studies; {DEFAULT_BUNDLE} is "
             f"cxr-fpn@3.0 too") in said, said
     assert f"--reference {DEFAULT_BUNDLE}" in said
+
+
+def test_two_studies_left_out_of_the_training_list_are_too_few_to_measure(nih, nih_images, tmp_path):
+    """Four of six studies in-sample: evaluation.json and evaluation.pdf gave a mean AUROC, ECE
+    and Brier "without them", of two studies, read as the model's figures on new studies."""
+    torch.manual_seed(0)
+    images = nih_images[:6]
+    table = pd.read_csv(nih / "labels.csv", dtype=str).set_index("Image Index")
+    trained = [p.name for p in images[:4]]
+    bundle = save_bundle(tmp_path / "b", build_model(ModelConfig(tabular_skip=True)), name="listed", version="t",
+                         preprocessing=Preprocessing(image_size=64), encoding=PatientEncoding(),
+                         thresholds={f: 0.5 for f in FINDINGS},
+                         training_images=[(n, table.loc[n, "Patient ID"], "train") for n in trained])
+    _, ev, out = evaluate(tmp_path, nih, images, bundle, "two_left")
+    rest = ev["training_overlap"]["without_them"]
+    assert rest["n"] == 2 and "mean_auroc" not in rest and "ece" not in rest and "brier" not in rest, rest
+    assert "too few to measure (needs 5 positive and 5 negative)" in rest["too_few"], rest
+    text = " ".join(subprocess.run(["pdftotext", "-layout", str(out / "evaluation.pdf"), "-"], capture_output=True,
+                                   text=True).stdout.split())
+    said = text[text.index("Without them"):text.index("lists the in-sample files")]
+    assert said.startswith("Without them (2 studies of 2 patients):") and "too few to measure" in said, said
+    assert "AUROC" not in said and "ECE" not in said and "Brier" not in said, said
+
+
+def test_the_studies_left_out_are_measured_from_as_many_patients_as_an_interval_needs():
+    """The rule of the mean AUROC's interval (metrics.MIN_CI_PATIENTS positive and negative
+    patients of the findings in the mean), applied to the out-of-sample rest."""
+    import numpy as np
+
+    from cxr_batch.evaluate import out_of_sample
+    from cxr_batch.metrics import MIN_CI_PATIENTS
+
+    def rest(positives, negatives):
+        y = np.zeros((positives + negatives, len(FINDINGS)), dtype=int)
+        y[:positives, 0] = 1
+        p = np.linspace(0.1, 0.9, len(y))[:, None].repeat(len(FINDINGS), axis=1)
+        return out_of_sample(y, p, np.array([f"P{i}" for i in range(len(y))]))
+
+    enough = rest(MIN_CI_PATIENTS, MIN_CI_PATIENTS)
+    assert enough["n"] == 2 * MIN_CI_PATIENTS and enough["mean_auroc"] is not None and "too_few" not in enough
+    short = rest(MIN_CI_PATIENTS - 1, 20)
+    assert "mean_auroc" not in short and short["too_few"].startswith(f"{MIN_CI_PATIENTS - 1} positive patient(s)")
+    assert "too_few" in rest(0, 20)  # no finding with both labels: nothing measured either

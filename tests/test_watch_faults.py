@@ -35,7 +35,9 @@ def good_dicoms(folder, nih_images, n, start=0):
 def fill(volume):
     """A file that fills ``volume`` to its last block; its path."""
     filler = volume / "filler"
-    with open(filler, "wb") as f:
+    # unbuffered: a buffered file kept the bytes the disk had no room for, and raised ENOSPC again
+    # when closed, as the free space left a part of the buffer over (one ledger page more did it)
+    with open(filler, "wb", buffering=0) as f:
         try:
             while True:
                 f.write(b"\0" * 65536)
@@ -158,6 +160,47 @@ def test_a_correction_with_the_same_size_and_times_renamed_over_the_study_is_rea
     log = again.stderr.read()
     assert "IM0001" not in log, log[-2000:]  # not read again: neither scored nor a duplicate
     assert [r["patient_id"] for r in rows_now(out)] == ["NIH00777"]
+
+
+def test_a_schema_6_ledger_upgraded_reads_nothing_again_and_then_reads_a_correction(tmp_path, small_bundle):
+    """A results folder of the release before ctimes (schema 6): the daemon of this release
+    reads none of its handled files again, and a correction renamed over one of them later
+    with the same size and modification time is read (its schema-6 row, matched by size and
+    mtime alone for ever, hid every such correction)."""
+    import sqlite3
+
+    incoming, out = tmp_path / "in", tmp_path / "out"
+    incoming.mkdir()
+    study = incoming / "IM0001.dcm"
+    shutil.copy2(EXAMPLES / "dicom" / "NIH00100" / "STUDY1" / "SERIES1" / "IM0001.dcm", study)
+    shutil.copy2(EXAMPLES / "dicom" / "NIH00574" / "STUDY1" / "SERIES1" / "IM0001", incoming / "other.dcm")
+    config = watch_config(tmp_path / "w.toml")
+    daemon = start_daemon(incoming, out, small_bundle, config)
+    try:
+        assert wait_for(lambda: len(ok_rows(out)) == 2), rows_now(out)
+    finally:
+        assert stop(daemon) == 0
+    db = sqlite3.connect(out / ".cxr-batch" / "ledger.sqlite", isolation_level=None)
+    db.execute("ALTER TABLE files DROP COLUMN ctime_ns")  # the ledger as schema 6 wrote it
+    db.execute("INSERT OR REPLACE INTO meta VALUES ('schema', '6')")
+    db.close()
+    upgraded = start_daemon(incoming, out, small_bundle, config)
+    try:
+        assert wait_for(lambda: status(out).get("state") == "running" and status(out)["pid"] == upgraded.pid)
+        time.sleep(3)  # a rescan or two: nothing read again
+        ds = pydicom.dcmread(study)
+        ds.PatientID = "NIH00999"  # a correction of the same size, its mtime kept, renamed over the study
+        ds.save_as(incoming / "IM0001.dcm.part")
+        before = study.stat()
+        os.utime(incoming / "IM0001.dcm.part", ns=(before.st_atime_ns, before.st_mtime_ns))
+        os.replace(incoming / "IM0001.dcm.part", study)
+        assert wait_for(lambda: "NIH00999" in [r["patient_id"] for r in ok_rows(out)], timeout=30), rows_now(out)
+    finally:
+        assert stop(upgraded) == 0
+    log = upgraded.stderr.read()
+    assert "other.dcm" not in log, log[-2000:]  # the unchanged study was not scored again
+    assert sorted(r["patient_id"] for r in ok_rows(out)) == ["NIH00574", "NIH00999"]
+    assert status(out)["superseded"] == 1
 
 
 @pytest.mark.parametrize("step", ["reports", "commit", "publish"])

@@ -22,6 +22,10 @@ and records each answer (a :class:`~.delivery.Delivery`):
   the object waits with the reason and is
   offered again after ``refused_retry`` seconds; the others go on.
 
+A channel's wait (its back-off, or the receiver's Retry-After) is recorded in the ledger
+(:meth:`~cxr_batch.ledger.Ledger.outbound_hold`): an object queued meanwhile waits it out too,
+``outbound list`` says when the next try comes, and a sender started meanwhile keeps it.
+
 Nothing is given up silently: an object leaves the queue only when the peer stored it or an
 operator dropped it (``cxr-batch outbound list|retry|drop``, :func:`queue_lines`); status.json
 counts the waiting ones and says why they wait. ``outbound retry`` also cuts a back-off short.
@@ -207,6 +211,9 @@ class Sender:
                 self.last_error = result.reason
                 failed_at = time.time()
                 self.held_until = failed_at + delay if result.retry_after is not None else None
+                # recorded: every object of the channel waits it out, one queued since too
+                ledger.outbound_hold(name, failed_at + delay, "the receiver asked to wait (Retry-After)"
+                                     if result.retry_after is not None else f"back-off after: {result.logged}")
                 # the link is down, or the receiver said when to come back: the whole queue waits, in its order
                 if result.unsent or result.retry_after is not None:
                     ledger.outbound_link_down(item.uid, failed_at + delay, result.reason, name)
@@ -367,18 +374,24 @@ def _ago(seconds: float) -> str:
 
 def queue_lines(rows: list[dict], now: float) -> list[str]:
     """``cxr-batch outbound list``: one line per object (Ledger.outbound_rows), its state, tries,
-    next try, age, file and why it waits."""
+    next try (the later of its own and its channel's wait: when the sender will try it), age,
+    file and why it waits."""
     lines = [f"{'SOP INSTANCE UID / HL7 ID':<44}  {'CHANNEL':<7}  {'STATE':<9}  {'TRIES':>5}  {'NEXT TRY':<9}  "
              f"{'QUEUED':<7}  FILE / LAST ERROR"]
     for r in rows:
+        held = False
         if r["delivered_at"] is not None:
             state, due = "delivered", "-"
         elif r["dropped_at"] is not None:
             state, due = "dropped", "-"
         else:
             state = "refused" if r["failed_at"] is not None else ("retrying" if r["attempts"] else "queued")
-            due = "now" if r["due_at"] <= now else f"in {_ago(r['due_at'] - now)}"
+            held = r["held_until"] is not None and r["held_until"] > max(now, r["due_at"])
+            next_try = r["held_until"] if held else r["due_at"]
+            due = "now" if next_try <= now else f"in {_ago(next_try - now)}"
         detail = r["path"] + (f"  ({r['last_error']})" if r["last_error"] else "")
+        if held:
+            detail += f"  (the {r['channel']} channel waits: {r['held_because']})"
         lines.append(f"{r['uid']:<44}  {r['channel']:<7}  {state:<9}  {r['attempts']:>5}  {due:<9}  {_ago(now - r['queued_at']):<7}  "
                      f"{detail}")
     return lines

@@ -46,6 +46,7 @@ from typing import Literal
 
 from ..config import ConfigError, bounded
 from ..exit_codes import FATAL, OK, SOME_FAILED
+from ..folders import refuse_out_in_state
 from ..watch import file_stamp
 from .delivery import connect_error
 from .dicom_send import Destination, association_failures_said_by_us, tcp_no_delay
@@ -1052,21 +1053,6 @@ class Puller(Node):
                 return
             self.progress.state = "scoring"
             time.sleep(0.2)
-
-
-def refuse_out_in_state(out: Path) -> None:
-    """``--out`` inside a results folder's ``.cxr-batch`` (its ledger, its spool): a node's
-    spool would take our results for received objects. ConfigError (exit 2), before any work.
-    (A minimal check: the shared check of output folders against inputs is issue 21's.)"""
-    from ..watch import STATE_DIR
-
-    resolved = Path(out).resolve()
-    for folder in (resolved, *resolved.parents):
-        if folder.name == STATE_DIR:
-            raise ConfigError(f"--out {out} lies inside {folder}, the state folder (ledger, spool) of the results "
-                              f"folder {folder.parent}: what is written there would be read as received objects; "
-                              f"choose a folder outside it, e.g. --out "
-                              f"{folder.parent.parent / (folder.parent.name + '-' + resolved.name)}")
 
 
 def run_pull(out, cfg: PullConfig, stop=None) -> Puller:
