@@ -46,7 +46,7 @@ from .folders import refuse_overlap
 from .inference import BatchOptions, Engine, score_batches
 from .labels import LabelsError, LabelTable, Matching, match_labels
 from .metadata import load_metadata_csv
-from .provenance import CALIBRATION, image_list, overlap, read_rows, read_training_images
+from .provenance import CALIBRATION, PIXELS, image_list, overlap, pixel_key, read_rows, read_training_images
 from .runtime import make_policy
 from .thresholds import at_sensitivity, by_rule, parse_rule
 from .triage import sensitivity_ladder
@@ -207,15 +207,18 @@ def training_overlap(base: Bundle, labels: LabelTable, scores: LabelledScores) -
     return {k: v for k, v in said.items() if k != "in_sample_files"}
 
 
-def calibration_rows(base: Bundle, labels: LabelTable, scores: LabelledScores) -> list[tuple[str, str, str]]:
+def calibration_rows(base: Bundle, labels: LabelTable, studies: Path,
+                     scores: LabelledScores) -> list[tuple[str, str, str, str]]:
     """The new bundle's ``calibration_images.csv``: the studies fitted on here, by the Image Index
-    and Patient ID (else the scan's) of their label rows, and the base bundle's own, whose
-    calibration the new one keeps under its own (an image in both keeps the earlier row)."""
-    rows = {r["image"]: (r["image"], r["patient_id"], r["role"])
+    and Patient ID (else the scan's) of their label rows and their pixels' hash (read again:
+    a few milliseconds a study), and the base bundle's own, whose calibration the new one keeps
+    under its own (an image in both keeps the earlier row)."""
+    rows = {r["image"]: (r["image"], r["patient_id"], r["role"], r.get(PIXELS) or "")
             for r in read_rows(base.path, base.manifest, CALIBRATION) or []}
-    for (_, j), group in zip(scores.matching.pairs, scores.groups):
-        rows.setdefault(labels.files[j], (labels.files[j], "" if group.startswith("file:") else group,
-                                          CALIBRATION.kind))
+    for file, (_, j), group in zip(scores.files, scores.matching.pairs, scores.groups):
+        if labels.files[j] not in rows:
+            rows[labels.files[j]] = (labels.files[j], "" if group.startswith("file:") else group, CALIBRATION.kind,
+                                     pixel_key(Path(studies) / file))
     return list(rows.values())
 
 
@@ -311,7 +314,7 @@ def run_calibrate(studies: Path, labels: LabelTable, out: Path, opts: CalibrateO
     base_metrics = {k: v for k, v in (base.manifest.get("metrics") or {}).items()
                     if k != "per_finding" or name == "keep"}
     # evaluate names these studies when the new bundle is evaluated on them (cxr_batch.provenance)
-    calibration_list, listed = image_list(calibration_rows(base, labels, scores), CALIBRATION)
+    calibration_list, listed = image_list(calibration_rows(base, labels, studies, scores), CALIBRATION)
     manifest = {**base.manifest, "thresholds": thresholds, "metrics": base_metrics, "calibration_images": listed,
                 "calibration": calibration_record(report, calibration, opts, enough, scores),
                 "provenance": {**provenance_record(base, labels, studies, report, date), "training_overlap": training}}

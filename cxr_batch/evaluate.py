@@ -25,7 +25,7 @@ from .evidence import bundle_evidence
 from .findings import FINDINGS
 from .journal import STATE_DIR, EarlierResults
 from .labels import LabelsError, LabelTable, Matching, match_labels
-from .provenance import (CALIBRATION, CALIBRATION_IN_SAMPLE, TrainingImages, calibration_labels, overlap,
+from .provenance import (CALIBRATION, CALIBRATION_IN_SAMPLE, TrainingImages, calibration_labels, overlap, pixel_key,
                          read_training_images)
 from .results import read_results
 from .scan import ScanConfig, ScanSummary, run_scan
@@ -58,7 +58,9 @@ DEFINITIONS = {
                        "denominator is zero; flag_rate: the share of all studies flagged for the finding",
     "training_overlap": "a study is in-sample when its file name or the Image Index it matched, without the "
                         "extension, is in the bundle's training_images.csv, or its Patient ID (as written) is one of "
-                        "the patients there; without_them: the headline numbers on the studies in-sample in no way "
+                        "the patients there, or its decoded pixels' sha256 is the pixels_sha256 of a row there (a "
+                        "copy under another name or format; renamed_copies counts them, null when the list has no "
+                        "pixels_sha256); without_them: the headline numbers on the studies in-sample in no way "
                         "(neither training nor calibration studies)",
     "calibration_overlap": "for a site-calibrated bundle: the same check against its calibration_images.csv, the "
                            "studies its calibration and thresholds were fitted on; null for a bundle not calibrated",
@@ -85,6 +87,7 @@ class LabelledResults:
     matching: Matching
     labelled_as: list[str]  # [N] the label row's Image Index each study matched
     patient_ids: list[str]  # [N] the Patient ID (labels', else the scan's), '' when unknown
+    pixels: list[str] | None = None  # [N] each file's provenance.pixel_key, when a list to compare has them
 
 
 def labelled_results(rows: list[dict], labels: LabelTable) -> LabelledResults:
@@ -105,11 +108,11 @@ def in_sample_overlaps(data: LabelledResults, training: TrainingImages | None, c
     calibrated): how many studies (and patients) the bundle was trained or tuned on, and
     calibrated on, each with the headline numbers on the studies in neither (the out-of-sample part)."""
     files = [r["file"] for r in data.rows]
-    training_said, in_training = overlap(training, files, data.labelled_as, data.patient_ids)
+    training_said, in_training = overlap(training, files, data.labelled_as, data.patient_ids, pixels=data.pixels)
     calibration_said, in_calibration = None, [False] * len(files)
     if calibrated:
         calibration_said, in_calibration = overlap(calibration, files, data.labelled_as, data.patient_ids,
-                                                   CALIBRATION_IN_SAMPLE, CALIBRATION)
+                                                   CALIBRATION_IN_SAMPLE, CALIBRATION, data.pixels)
     rest = ~(np.array(in_training, dtype=bool) | np.array(in_calibration, dtype=bool))
     for said in (training_said, calibration_said):
         if said and said["checked"] and said["in_sample_studies"]:
@@ -306,8 +309,10 @@ def run_evaluate(studies: Path, labels: LabelTable, out: Path, cfg: ScanConfig =
         raise LabelsError("no labelled study was scored: " + "; ".join(data.matching.problems(listed) or ["no studies"]))
     folder = Path(cfg.weights) if cfg.weights else DEFAULT_BUNDLE
     manifest = read_manifest(folder)
-    result = evaluation(data, manifest, n_bootstrap, seed, read_training_images(folder, manifest),
-                        read_training_images(folder, manifest, CALIBRATION))
+    training, calibration = read_training_images(folder, manifest), read_training_images(folder, manifest, CALIBRATION)
+    if any(listed and listed.pixels for listed in (training, calibration)):  # read again: milliseconds a study
+        data = replace(data, pixels=[pixel_key(Path(studies) / r["file"]) for r in data.rows])
+    result = evaluation(data, manifest, n_bootstrap, seed, training, calibration)
     for said in (result["training_overlap"], result["calibration_overlap"]):
         if said and said["message"]:  # once per evaluation; a bundle without the list is no error
             (log.warning if said["checked"] else log.info)("%s%s", "warning: " if said["checked"] else "",

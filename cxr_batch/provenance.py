@@ -8,7 +8,10 @@ gives it at evaluation time, the only key a scan of the same image can match wha
 was exported to (a DICOM copy has new bytes and a new SOP Instance UID, not a new Image Index).
 Images are compared by that name without its image extension (any case), so ``00000001_000.dcm``
 matches; a name without one (a DICOM file named by its UID) is compared whole.
-``patient_id`` is the training table's Patient ID; patients are compared as written.
+``patient_id`` is the training table's Patient ID; patients are compared as written. A list may
+also have ``pixels_sha256`` (:func:`pixel_key`: the decoded pixels' hash), which catches a copy
+under another name or a lossless conversion (PNG to DICOM); ``calibrate`` writes it. The bundled
+v3 and v2.1 lists lack it: adding it would change their sha256 and so their ``bundle_sha256``.
 
 A bundle made by ``calibrate`` also holds ``calibration_images.csv``, the same format (role
 ``calibration``), named in the manifest's ``calibration_images``: the studies its calibration
@@ -27,14 +30,18 @@ import io
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
+import numpy as np
+
 from .bundle import MANIFEST_FILE, BundleError, sha256_file
 from .display import plural
 from .files import atomic_write_bytes
-from .readers import image_stem
+from .readers import image_stem, read_study
+from .study import StudyFailure
 
 TRAINING_IMAGES_FILE = "training_images.csv"
 CALIBRATION_IMAGES_FILE = "calibration_images.csv"
 COLUMNS = ("image", "patient_id", "role")
+PIXELS = "pixels_sha256"  # optional column: an image's pixel_key
 WHAT = ("every image whose pixels or labels shaped the weights, the thresholds or a choice made in training "
         "(roles: train, validation, development); the held-out test images are not listed")
 NOT_RECORDED = "the bundle does not record its training images; overlap cannot be checked"
@@ -72,6 +79,19 @@ class TrainingImages:
 
     images: frozenset[str]  # names without their extension
     patients: frozenset[str]
+    pixels: frozenset[str] = frozenset()  # pixel_key of the images whose list row has one
+
+
+def pixel_key(path: Path) -> str:
+    """The sha256 of an image's decoded grey pixels at their stored size (with that size): the
+    same for a copy under another name and for a lossless conversion of the same pixels (an 8-bit
+    PNG made a DICOM file), not for a resized, recompressed or re-windowed export. '' when the
+    file cannot be read now."""
+    try:
+        grey = np.ascontiguousarray(read_study(Path(path)).grey, dtype=np.uint8)
+    except (StudyFailure, OSError, ValueError):
+        return ""
+    return hashlib.sha256(f"{grey.shape[0]}x{grey.shape[1]}:".encode() + grey.tobytes()).hexdigest()
 
 
 def image_key(name: str) -> str:
@@ -81,26 +101,33 @@ def image_key(name: str) -> str:
 
 
 def image_list(rows, kind: ImageList = TRAINING) -> tuple[bytes, dict]:
-    """The CSV of ``rows`` (dicts or tuples of image, patient_id, role; one per image) and the
-    manifest's record of it (``training_images`` or ``calibration_images``)."""
-    table = {}
+    """The CSV of ``rows`` (dicts or tuples of image, patient_id, role and optionally
+    pixels_sha256; one per image) and the manifest's record of it (``training_images`` or
+    ``calibration_images``). The pixels_sha256 column is written when a row has one."""
+    table, with_pixels = {}, False
     for row in rows:
-        image, patient, role = (row[c] for c in COLUMNS) if isinstance(row, dict) else row
-        image, entry = PurePosixPath(str(image)).name, (str(patient).strip(), str(role))
+        if isinstance(row, dict):
+            row = (*(row[c] for c in COLUMNS), *([row[PIXELS]] if PIXELS in row else []))
+        image, patient, role, *pixels = row
+        with_pixels |= bool(pixels)
+        image, entry = PurePosixPath(str(image)).name, (str(patient).strip(), str(role), *map(str, pixels))
         if table.setdefault(image, entry) != entry:
-            raise ValueError(f"{image} is listed twice, with other patient IDs or roles")
+            raise ValueError(f"{image} is listed twice, with other patient IDs, roles or pixels")
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(COLUMNS)
+    writer.writerow(COLUMNS + ((PIXELS,) if with_pixels else ()))
     for image in sorted(table):
-        writer.writerow((image, *table[image]))
+        writer.writerow((image, *table[image], *([""] if with_pixels and len(table[image]) < 3 else [])))
     data = buffer.getvalue().encode()
     roles: dict[str, int] = {}
-    for _, role in table.values():
+    for _, role, *_ in table.values():
         roles[role] = roles.get(role, 0) + 1
+    matched_by = "image name without its extension (NIH Image Index); Patient ID as written"
+    if with_pixels:
+        matched_by += "; the decoded pixels' sha256 (pixels_sha256), whatever the file's name or format"
     return data, {"file": kind.file, "sha256": hashlib.sha256(data).hexdigest(), "images": len(table),
-                  "patients": len({p for p, _ in table.values() if p}), "roles": roles, "what": kind.what,
-                  "matched_by": "image name without its extension (NIH Image Index); Patient ID as written"}
+                  "patients": len({p for p, *_ in table.values() if p}), "roles": roles, "what": kind.what,
+                  "matched_by": matched_by}
 
 
 def write_training_images(folder: Path, rows, kind: ImageList = TRAINING) -> dict:
@@ -150,7 +177,8 @@ def read_training_images(folder: Path, manifest: dict, kind: ImageList = TRAININ
     if rows is None:
         return None
     return TrainingImages(frozenset(image_key(r["image"]) for r in rows),
-                          frozenset(r["patient_id"].strip() for r in rows if r["patient_id"].strip()))
+                          frozenset(r["patient_id"].strip() for r in rows if r["patient_id"].strip()),
+                          frozenset(r[PIXELS] for r in rows if r.get(PIXELS)))
 
 
 IN_SAMPLE = "figures on {these} are in-sample (too good), not a test of the model"
@@ -180,24 +208,30 @@ def calibration_labels(manifest: dict, labels_sha256: str) -> dict | None:
 
 
 def overlap(training: TrainingImages | None, files: list[str], labelled_as: list[str],
-            patients: list[str], consequence: str = IN_SAMPLE, kind: ImageList = TRAINING) -> tuple[dict, list[bool]]:
+            patients: list[str], consequence: str = IN_SAMPLE, kind: ImageList = TRAINING,
+            pixels: list[str] | None = None) -> tuple[dict, list[bool]]:
     """Which of the evaluated studies are in the bundle's ``kind`` list (``training``: its images
     and patients, :func:`read_training_images`). ``files``: each study's scanned file;
     ``labelled_as``: the label row's Image Index it matched; ``patients``: its Patient ID ('' when
-    unknown); ``consequence``: what the message says follows ({these}: the in-sample studies).
-    Returns (the record evaluation.json keeps, its keys named after ``kind``; one bool per
-    study: in-sample)."""
+    unknown); ``consequence``: what the message says follows ({these}: the in-sample studies);
+    ``pixels``: each study's :func:`pixel_key` ('' when unknown; None: not computed), compared
+    with the list's where it has them. Returns (the record evaluation.json keeps, its keys named
+    after ``kind``; one bool per study: in-sample)."""
     n, of = len(files), kind.kind
     if training is None:
         return {"checked": False, "n_studies": n, "message": kind.not_recorded}, [False] * n
-    by_image = [image_key(f) in training.images or image_key(label) in training.images
-                for f, label in zip(files, labelled_as)]
+    by_name = [image_key(f) in training.images or image_key(label) in training.images
+               for f, label in zip(files, labelled_as)]
+    by_pixels = [bool(key) and key in training.pixels for key in (pixels or [""] * n)]
+    by_image = [a or b for a, b in zip(by_name, by_pixels)]
     by_patient = [bool(p) and p.strip() in training.patients for p in patients]
     in_sample = [a or b for a, b in zip(by_image, by_patient)]
     record = {
         "checked": True, "n_studies": n,
         f"{of}_images": len(training.images), f"{of}_patients": len(training.patients),
         f"images_in_{of}": sum(by_image),
+        # a copy under another name, or the same pixels in another format (None: the list has no pixels_sha256)
+        "renamed_copies": sum(b and not a for a, b in zip(by_name, by_pixels)) if training.pixels else None,
         f"studies_of_{of}_patients": sum(by_patient),
         # the same patient's other images: in-sample for what the model learnt of that patient
         f"other_images_of_{of}_patients": sum(b and not a for a, b in zip(by_image, by_patient)),
@@ -222,6 +256,8 @@ def overlap_message(record: dict, consequence: str = IN_SAMPLE, kind: ImageList 
         return f"is {one}" if k == 1 else f"are {many}"
 
     said = f"{images} of {plural(n, 'study')} {are(images, 'an image', 'images')} {kind.seen}" if images else ""
+    if record.get("renamed_copies"):
+        said += f" ({record['renamed_copies']} under another name or format, matched by their pixels)"
     if others:
         said += (f" and {others} more" if said else f"{others} of {plural(n, 'study')}") \
             + f" {are(others, 'another image', 'other images')} of {kind.patients} (Patient ID as written)"

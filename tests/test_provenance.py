@@ -3,6 +3,7 @@
 
 import csv
 import json
+import shutil
 import subprocess
 
 import pandas as pd
@@ -221,8 +222,6 @@ def test_a_sealed_but_malformed_training_list_is_a_bundle_error_not_a_crash(smal
     """A list written by another tool (or by hand) and sealed into the manifest with its sha256:
     load_bundle, so every scan, watch and evaluate, died with AttributeError, KeyError or
     UnicodeDecodeError and a traceback instead of saying which file of the bundle is wrong."""
-    import shutil
-
     from cxr_batch.bundle import sha256_file, write_manifest
 
     bundle = tmp_path / "hand_made"
@@ -312,3 +311,46 @@ def test_a_calibrated_bundle_names_its_calibration_studies_and_evaluate_finds_th
         f.write("00099999_000.png,99999,calibration\n")
     with pytest.raises(BundleError, match="fails its checksum"):
         load_bundle(tmp_path / "calibrated")
+
+
+@pytest.mark.skipif(shutil.which("img2dcm") is None, reason="dcmtk's img2dcm is not installed")
+def test_a_calibration_study_copied_under_another_name_or_made_dicom_is_still_found(
+        nih, nih_images, tmp_path, small_bundle):
+    """A calibration study copied under a new name (an accession number), or converted to DICOM
+    with the same pixels, in a labels table without Patient IDs matched no name and no patient:
+    its in-sample figures read as a test. The calibration list keeps each study's decoded
+    pixels' hash, and evaluate compares it."""
+    from PIL import Image
+
+    fitted = nih_images[:12]
+    proc = cli("calibrate", folder_of(tmp_path, fitted, "fit"), "--labels",
+               labels_of(nih, fitted, tmp_path / "fit.csv"), "--weights", small_bundle, "--out",
+               tmp_path / "calibrated", *CPU)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    table = pd.read_csv(nih / "labels.csv", dtype=str).set_index("Image Index")
+    studies = tmp_path / "site"
+    studies.mkdir()
+    renamed = {}
+    for k, p in enumerate(fitted[:2]):  # the same file under an accession number
+        shutil.copy(p, studies / f"ACC{k:04d}.png")
+        renamed[f"ACC{k:04d}.png"] = p.name
+    bmp = tmp_path / "converted.bmp"  # img2dcm reads BMP, not PNG: the same 8-bit grey pixels
+    Image.open(fitted[2]).convert("L").save(bmp)
+    subprocess.run(["img2dcm", "-i", "BMP", str(bmp), str(studies / "1.2.826.0.1.3680043.8.498.1.dcm")], check=True)
+    renamed["1.2.826.0.1.3680043.8.498.1.dcm"] = fitted[2].name
+    for p in nih_images[40:43]:  # studies it was not calibrated on
+        shutil.copy(p, studies / p.name)
+        renamed[p.name] = p.name
+    labels = tmp_path / "site.csv"  # no Patient ID: no patient to match
+    pd.DataFrame({"Image Index": list(renamed), "Finding Labels": [table.loc[n, "Finding Labels"] for n in
+                                                                     renamed.values()]}).to_csv(labels, index=False)
+    out = tmp_path / "ev"
+    proc = cli("evaluate", studies, "--labels", labels, "--weights", tmp_path / "calibrated", "--out", out,
+               "--bootstrap", 0, *CPU)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    said = json.loads((out / "evaluation.json").read_text())["calibration_overlap"]
+    assert said["images_in_calibration"] == 3 and said["renamed_copies"] == 3, said
+    assert sorted(said["in_sample_files"]) == sorted(list(renamed)[:3])
+    assert said["without_them"]["n"] == 3
+    assert proc.stderr.count("3 of 6 studies are images this bundle was calibrated on (3 under another name or "
+                             "format, matched by their pixels)") == 1, proc.stderr[-2000:]
