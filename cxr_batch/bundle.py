@@ -9,8 +9,9 @@ written in every result row, identifies the model's behaviour (weights *and* thr
 calibration, preprocessing, encoding). Optionally a per-finding ``calibration`` of the logits
 (:mod:`cxr_batch.calibration`) that inference applies, and ``training_images.csv``, the images
 the weights were made from, named with its sha256 in the manifest (:mod:`cxr_batch.provenance`;
-in the manifest, so covered by ``bundle_sha256`` like the rest of the training record). Loading
-verifies the hashes (the list's too, when there is one) and refuses
+in the manifest, so covered by ``bundle_sha256`` like the rest of the training record), and
+likewise ``calibration_images.csv``, the studies ``calibrate`` fitted on. Loading
+verifies the hashes (the lists' too, when there are any) and refuses
 a bundle that was altered, whose thresholds are not finite numbers strictly between 0 and 1,
 whose calibration is invalid or whose findings differ.
 """
@@ -215,7 +216,8 @@ MANIFEST_TYPES = {"findings": list, "model_config": dict, "preprocessing": dict,
                   "thresholds": dict, "sha256": str, "metrics": dict, "training": dict, "calibration": dict,
                   "intended_use": str, "name": str, "version": str, "weights_file": str, "triage": dict,
                   "reference": dict,  # reference: what drift monitoring compares with (cxr_batch.drift)
-                  "training_images": dict}  # the list of training images (cxr_batch.provenance)
+                  "training_images": dict,  # the list of training images (cxr_batch.provenance)
+                  "calibration_images": dict}  # and of the studies calibrate fitted on
 _TYPE_NAMES = {list: "a list", dict: "a table (JSON object)", str: "a string"}
 
 
@@ -293,9 +295,10 @@ def load_bundle(folder: Path | str | None = None) -> Bundle:
     if manifest_sha256(manifest) != recorded:
         raise BundleError(f"{folder / MANIFEST_FILE} fails its checksum (bundle_sha256 {recorded}): the manifest "
                           f"was edited after the bundle was made; refusing to use it")
-    from .provenance import read_training_images  # it imports this module
+    from .provenance import CALIBRATION, TRAINING, read_rows  # it imports this module
 
-    read_training_images(folder, manifest)  # a list the manifest names must be there, unaltered
+    for kind in (TRAINING, CALIBRATION):
+        read_rows(folder, manifest, kind)  # a list the manifest names must be there, unaltered
     where = folder / MANIFEST_FILE
     settings = {}
     for key, parse in (("model_config", ModelConfig.from_dict), ("preprocessing", Preprocessing.from_dict),

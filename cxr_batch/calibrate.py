@@ -46,13 +46,13 @@ from .folders import refuse_overlap
 from .inference import BatchOptions, Engine, score_batches
 from .labels import LabelsError, LabelTable, Matching, match_labels
 from .metadata import load_metadata_csv
-from .provenance import overlap, read_training_images
+from .provenance import CALIBRATION, PIXELS, image_list, overlap, pixel_key, read_rows, read_training_images
 from .runtime import make_policy
 from .thresholds import at_sensitivity, by_rule, parse_rule
 from .triage import sensitivity_ladder
 
 log = logging.getLogger("cxr_batch")
-# calibrate writes no file that names the studies: where a user finds the names its output counts
+# the studies calibrate could not use are named nowhere it writes: where a user finds their names
 IN_SAMPLE_FIT = ("a calibration and thresholds fitted on {these} learn how sure the model is of images it has seen, "
                  "not of new ones: fit on studies it was not trained on")
 CALIBRATE_NAMES = "names: run 'cxr-batch evaluate' on the same studies and labels; its evaluation.json lists them"
@@ -131,9 +131,9 @@ def check_destination(out: Path, base: Path) -> None:
         raise BundleError(f"--out {out} already exists and is not an empty folder; choose a new folder")
 
 
-def write_bundle(base: Bundle, out: Path, manifest: dict) -> Path:
-    """Copy the base weights and write ``manifest`` in a temporary folder beside ``out``, check
-    that it loads, then rename it to ``out``."""
+def write_bundle(base: Bundle, out: Path, manifest: dict, files: dict[str, bytes] | None = None) -> Path:
+    """Copy the base weights, write ``files`` (name -> bytes: lists the manifest seals) and
+    ``manifest`` in a temporary folder beside ``out``, check that it loads, then rename it to ``out``."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
@@ -147,6 +147,8 @@ def write_bundle(base: Bundle, out: Path, manifest: dict) -> Path:
         listed = (manifest.get("training_images") or {}).get("file")
         if listed:  # the same weights, trained on the same images: the list comes along (load_bundle checks it)
             shutil.copyfile(base.path / listed, tmp / listed)
+        for name, data in (files or {}).items():
+            (tmp / name).write_bytes(data)
         manifest = {**manifest, "weights_file": WEIGHTS_FILE}
         write_manifest(tmp, manifest)
         load_bundle(tmp)  # the new bundle must load and verify before it is put in place
@@ -195,14 +197,29 @@ def calibration_record(report: FitReport, calibration: Calibration, opts: Calibr
 
 def training_overlap(base: Bundle, labels: LabelTable, scores: LabelledScores) -> dict:
     """Whether the base bundle was trained on the fitting studies, said once: a calibration fitted
-    on them learns how sure the model is of images it has seen. Counts only (calibrate writes no
-    file that names studies), for the new bundle's provenance."""
+    on them learns how sure the model is of images it has seen. Counts only, for the new bundle's
+    provenance."""
     patients = [g if not g.startswith("file:") else "" for g in scores.groups]  # file: no Patient ID
     said, _ = overlap(read_training_images(base.path, base.manifest), scores.files,
                       [labels.files[j] for _, j in scores.matching.pairs], patients, IN_SAMPLE_FIT)
     if said["message"]:
         (log.warning if said["checked"] else log.info)("%s%s", "warning: " if said["checked"] else "", said["message"])
     return {k: v for k, v in said.items() if k != "in_sample_files"}
+
+
+def calibration_rows(base: Bundle, labels: LabelTable, studies: Path,
+                     scores: LabelledScores) -> list[tuple[str, str, str, str]]:
+    """The new bundle's ``calibration_images.csv``: the studies fitted on here, by the Image Index
+    and Patient ID (else the scan's) of their label rows and their pixels' hash (read again:
+    a few milliseconds a study), and the base bundle's own, whose calibration the new one keeps
+    under its own (an image in both keeps the earlier row)."""
+    rows = {r["image"]: (r["image"], r["patient_id"], r["role"], r.get(PIXELS) or "")
+            for r in read_rows(base.path, base.manifest, CALIBRATION) or []}
+    for file, (_, j), group in zip(scores.files, scores.matching.pairs, scores.groups):
+        if labels.files[j] not in rows:
+            rows[labels.files[j]] = (labels.files[j], "" if group.startswith("file:") else group, CALIBRATION.kind,
+                                     pixel_key(Path(studies) / file))
+    return list(rows.values())
 
 
 def provenance_record(base: Bundle, labels: LabelTable, studies: Path, report: FitReport,
@@ -296,7 +313,9 @@ def run_calibrate(studies: Path, labels: LabelTable, out: Path, opts: CalibrateO
     # out of fold, flagged 0 of 10 held out)
     base_metrics = {k: v for k, v in (base.manifest.get("metrics") or {}).items()
                     if k != "per_finding" or name == "keep"}
-    manifest = {**base.manifest, "thresholds": thresholds, "metrics": base_metrics,
+    # evaluate names these studies when the new bundle is evaluated on them (cxr_batch.provenance)
+    calibration_list, listed = image_list(calibration_rows(base, labels, studies, scores), CALIBRATION)
+    manifest = {**base.manifest, "thresholds": thresholds, "metrics": base_metrics, "calibration_images": listed,
                 "calibration": calibration_record(report, calibration, opts, enough, scores),
                 "provenance": {**provenance_record(base, labels, studies, report, date), "training_overlap": training}}
     triage_table = calibrated_triage(base.manifest.get("triage"), on_top, choice, opts.thresholds, len(scores.files),
@@ -310,7 +329,7 @@ def run_calibrate(studies: Path, labels: LabelTable, out: Path, opts: CalibrateO
     content = manifest_sha256({k: v for k, v in manifest.items() if k != "version"})
     version = opts.version or f"{base.version}+site.{date:%Y%m%d}.{content[:8]}"
     manifest["version"] = version
-    written = write_bundle(base, Path(out), manifest)
+    written = write_bundle(base, Path(out), manifest, {CALIBRATION.file: calibration_list})
     lines = summary_lines(report, calibration, base, thresholds) + choice.lines
     return CalibrateResult(written, version, lines, scores.matching,
                            metrics.ece(scores.y, p_before), metrics.ece(scores.y, p_after))

@@ -25,7 +25,8 @@ from .evidence import bundle_evidence
 from .findings import FINDINGS
 from .journal import STATE_DIR, EarlierResults
 from .labels import LabelsError, LabelTable, Matching, match_labels
-from .provenance import TrainingImages, calibration_labels, overlap, read_training_images
+from .provenance import (CALIBRATION, CALIBRATION_IN_SAMPLE, TrainingImages, calibration_labels, overlap, pixel_key,
+                         read_training_images)
 from .results import read_results
 from .scan import ScanConfig, ScanSummary, run_scan
 
@@ -57,9 +58,14 @@ DEFINITIONS = {
                        "denominator is zero; flag_rate: the share of all studies flagged for the finding",
     "training_overlap": "a study is in-sample when its file name or the Image Index it matched, without the "
                         "extension, is in the bundle's training_images.csv, or its Patient ID (as written) is one of "
-                        "the patients there; without_them: the headline numbers on the other studies, or too_few "
-                        f"(why not) when fewer than {metrics.MIN_CI_PATIENTS} of their patients have a positive, "
-                        "or a negative, of the findings in the mean",
+                        "the patients there, or its decoded pixels' sha256 is the pixels_sha256 of a row there (a "
+                        "copy under another name or format; renamed_copies counts them, null when the list has no "
+                        "pixels_sha256); without_them: the headline numbers on the studies in-sample in no way "
+                        "(neither training nor calibration studies), or too_few (why not) when fewer than "
+                        f"{metrics.MIN_CI_PATIENTS} of their patients have a positive, or a negative, of the "
+                        "findings in the mean",
+    "calibration_overlap": "for a site-calibrated bundle: the same check against its calibration_images.csv, the "
+                           "studies its calibration and thresholds were fitted on; null for a bundle not calibrated",
     "calibrated_on": "for a site-calibrated bundle, whether these labels are the table it was calibrated with (the "
                      "same sha256): its calibration and thresholds were fitted on them; null for a bundle not calibrated",
     "triage": "study-level rates from results.csv as written: the share of studies in each bucket (priority), among "
@@ -83,6 +89,7 @@ class LabelledResults:
     matching: Matching
     labelled_as: list[str]  # [N] the label row's Image Index each study matched
     patient_ids: list[str]  # [N] the Patient ID (labels', else the scan's), '' when unknown
+    pixels: list[str] | None = None  # [N] each file's provenance.pixel_key, when a list to compare has them
 
 
 def labelled_results(rows: list[dict], labels: LabelTable) -> LabelledResults:
@@ -97,18 +104,26 @@ def labelled_results(rows: list[dict], labels: LabelTable) -> LabelledResults:
                            [labels.patient_ids[j] or rows[i].get("patient_id") or "" for i, j in matching.pairs])
 
 
-def training_overlap(data: LabelledResults, training: TrainingImages | None) -> dict:
-    """evaluation.json's ``training_overlap``: how many studies (and patients) the bundle was
-    trained or tuned on, and the headline numbers without them (the out-of-sample part)."""
-    record, in_sample = overlap(training, [r["file"] for r in data.rows], data.labelled_as, data.patient_ids)
-    if record["checked"] and record["in_sample_studies"]:
-        rest = ~np.array(in_sample, dtype=bool)
-        record["without_them"] = out_of_sample(data.y[rest], data.p[rest], data.groups[rest]) if rest.any() else None
-    return record
+def in_sample_overlaps(data: LabelledResults, training: TrainingImages | None, calibrated: bool,
+                       calibration: TrainingImages | None) -> tuple[dict, dict | None]:
+    """evaluation.json's ``training_overlap`` and ``calibration_overlap`` (None for a bundle not
+    calibrated): how many studies (and patients) the bundle was trained or tuned on, and
+    calibrated on, each with the headline numbers on the studies in neither (the out-of-sample part)."""
+    files = [r["file"] for r in data.rows]
+    training_said, in_training = overlap(training, files, data.labelled_as, data.patient_ids, pixels=data.pixels)
+    calibration_said, in_calibration = None, [False] * len(files)
+    if calibrated:
+        calibration_said, in_calibration = overlap(calibration, files, data.labelled_as, data.patient_ids,
+                                                   CALIBRATION_IN_SAMPLE, CALIBRATION, data.pixels)
+    rest = ~(np.array(in_training, dtype=bool) | np.array(in_calibration, dtype=bool))
+    for said in (training_said, calibration_said):
+        if said and said["checked"] and said["in_sample_studies"]:
+            said["without_them"] = out_of_sample(data.y[rest], data.p[rest], data.groups[rest]) if rest.any() else None
+    return training_said, calibration_said
 
 
 def out_of_sample(y: np.ndarray, p: np.ndarray, groups: np.ndarray) -> dict:
-    """``without_them``: the headline numbers of the studies left out of the training list; of
+    """``without_them``: the headline numbers of the studies in neither the training nor the calibration list; of
     too few to measure (the rule of the mean AUROC's interval: at least MIN_CI_PATIENTS patients
     with a positive and with a negative of the findings in the mean), their counts and
     ``too_few``, saying why, instead: a mean AUROC of two studies reads as a finding."""
@@ -237,22 +252,24 @@ def mean_auroc_interval(y, p, groups, n_bootstrap: int, seed: int) -> metrics.In
 
 
 def evaluation(data: LabelledResults, manifest: dict, n_bootstrap: int = 1000, seed: int = 0,
-               training: TrainingImages | None = None) -> dict:
+               training: TrainingImages | None = None, calibration: TrainingImages | None = None) -> dict:
     """Every number of evaluation.json from the labelled results and the bundle's manifest;
-    ``training``: the bundle's training images (:func:`cxr_batch.provenance.read_training_images`)."""
+    ``training``, ``calibration``: the bundle's training images and calibration studies
+    (:func:`cxr_batch.provenance.read_training_images`)."""
     y, p, groups = data.y, data.p, data.groups
     overall = mean_auroc_interval(y, p, groups, n_bootstrap, seed)
     aucs = metrics.auroc_per_finding(y, p)
     train_prev = training_prevalence(manifest)
     brier, brier_prev = metrics.brier(y, p), metrics.brier_of_constant(y, y.mean(axis=0))
+    training_said, calibration_said = in_sample_overlaps(data, training, "calibration" in manifest, calibration)
     return {
         "model": f"{manifest.get('name', '')}@{manifest.get('version', '')}",
         # the bundle's identity (weights, thresholds, calibration: what results.csv names), and its weights file's
         "bundle_sha256": manifest.get("bundle_sha256"), "weights_sha256": manifest["sha256"],
         "calibrated": "calibration" in manifest,
         "n_studies": int(len(y)), "n_patients": int(len(set(groups))),
-        # studies the model was trained or tuned on: its figures on them are in-sample
-        "training_overlap": training_overlap(data, training),
+        # studies the model was trained or tuned on, or calibrated on: its figures on them are in-sample
+        "training_overlap": training_said, "calibration_overlap": calibration_said,
         "mean_auroc": _finite(metrics.mean_auroc(y, p)), "mean_auroc_ci95": overall.to_dict()["ci"],
         "mean_auroc_ci_note": overall.note,
         "mean_auroc_findings": [f for f, a in zip(FINDINGS, aucs) if math.isfinite(a)],
@@ -318,10 +335,14 @@ def run_evaluate(studies: Path, labels: LabelTable, out: Path, cfg: ScanConfig =
         raise LabelsError("no labelled study was scored: " + "; ".join(data.matching.problems(listed) or ["no studies"]))
     folder = Path(cfg.weights) if cfg.weights else DEFAULT_BUNDLE
     manifest = read_manifest(folder)
-    result = evaluation(data, manifest, n_bootstrap, seed, read_training_images(folder, manifest))
-    said = result["training_overlap"]
-    if said["message"]:  # once per evaluation; a bundle without the list is no error
-        (log.warning if said["checked"] else log.info)("%s%s", "warning: " if said["checked"] else "", said["message"])
+    training, calibration = read_training_images(folder, manifest), read_training_images(folder, manifest, CALIBRATION)
+    if any(listed and listed.pixels for listed in (training, calibration)):  # read again: milliseconds a study
+        data = replace(data, pixels=[pixel_key(Path(studies) / r["file"]) for r in data.rows])
+    result = evaluation(data, manifest, n_bootstrap, seed, training, calibration)
+    for said in (result["training_overlap"], result["calibration_overlap"]):
+        if said and said["message"]:  # once per evaluation; a bundle without the list is no error
+            (log.warning if said["checked"] else log.info)("%s%s", "warning: " if said["checked"] else "",
+                                                           said["message"])
     result["labels"] = {"file": str(labels.path), "sha256": labels.sha256}
     result["calibrated_on"] = calibration_labels(manifest, labels.sha256)
     if result["calibrated_on"] and result["calibrated_on"]["message"]:

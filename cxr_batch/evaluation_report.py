@@ -76,7 +76,11 @@ def summary_page(ev: dict, generated: dt.datetime) -> Figure:
               f"{len(m['labelled_not_scored'])} labelled but skipped or failed, "
               f"{plural(len(m['labels_without_file']), 'label')} without a file, "
               f"{plural(len(m['ambiguous_names']), 'label')} matching several files (lists in evaluation.json).")
-    y = _overlap_lines(fig, y, ev.get("training_overlap"))
+    # each in-sample kind in red; the figures on the studies in neither once, under the last
+    said = [(ev.get("training_overlap"), "Training images"), (ev.get("calibration_overlap"), "Calibration studies")]
+    last = max((k for k, (s, _) in enumerate(said) if s and s.get("checked") and s.get("message")), default=None)
+    for k, (s, what) in enumerate(said):
+        y = _overlap_lines(fig, y, s, what, figures_without=k == last)
     if (ev.get("calibrated_on") or {}).get("message"):
         y = _text(fig, y - 0.004, f"In-sample: {ev['calibrated_on']['message']}.", 10, "bold", width=90)
         fig.texts[-1].set_color("#b00000")
@@ -130,15 +134,18 @@ def summary_page(ev: dict, generated: dt.datetime) -> Figure:
     return fig
 
 
-def _overlap_lines(fig: Figure, y: float, said: dict | None) -> float:
-    """Whether the model was trained on these studies: in bold red with the figures without them
-    when it was, one plain line when the bundle cannot say."""
+def _overlap_lines(fig: Figure, y: float, said: dict | None, what: str, figures_without: bool = True) -> float:
+    """Whether the model was trained (or the bundle calibrated) on these studies: in bold red,
+    with the figures without them when ``figures_without``, when it was; one plain line when
+    the bundle cannot say (``what``: the list it lacks)."""
     if not said or not said.get("message"):
         return y
     if not said["checked"]:
-        return _text(fig, y, f"Training images: {said['message']}.", 9)
+        return _text(fig, y, f"{what}: {said['message']}.", 9)
     y = _text(fig, y - 0.004, f"In-sample: {said['message']}.", 10, "bold", width=90)  # bold is wider
     fig.texts[-1].set_color("#b00000")
+    if not figures_without:
+        return y
     rest = said.get("without_them")
     if rest and rest.get("too_few"):
         y = _text(fig, y, f"Without them ({plural(rest['n'], 'study')} of {plural(rest['patients'], 'patient')}): "

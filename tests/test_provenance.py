@@ -3,6 +3,7 @@
 
 import csv
 import json
+import shutil
 import subprocess
 
 import pandas as pd
@@ -14,8 +15,8 @@ from cxr_batch.findings import FINDINGS
 from cxr_batch.model import ModelConfig, build_model
 from cxr_batch.patient import PatientEncoding
 from cxr_batch.preprocess import Preprocessing
-from cxr_batch.provenance import (NOT_RECORDED, TRAINING_IMAGES_FILE, TrainingImages, image_key, overlap,
-                                  read_training_images)
+from cxr_batch.provenance import (CALIBRATION_IMAGES_FILE, NOT_RECORDED, TRAINING_IMAGES_FILE, TrainingImages,
+                                  image_key, overlap, read_training_images)
 from training.record_images import FOLDS, check_against_manifest, development_rows
 
 from .test_evaluate_calibrate import cli, folder_of
@@ -155,7 +156,13 @@ def test_overlap_counts_images_by_name_without_extension_and_other_images_of_tra
 def test_a_calibrated_bundle_evaluated_on_its_own_calibration_labels_says_so(nih, nih_images, tmp_path, small_bundle):
     """calibrate fits the calibration and thresholds on its studies but copies the base bundle's
     training list unchanged: evaluating the calibrated bundle on the very studies and labels it
-    was calibrated on said nothing, and its ECE, Brier and operating point read as a test."""
+    was calibrated on said nothing, and its ECE, Brier and operating point read as a test. A
+    bundle that lists its calibration studies says it once, with them counted; one calibrated
+    before the list existed still says it from the labels table's sha256."""
+    import shutil
+
+    from cxr_batch.bundle import write_manifest
+
     images = nih_images[:40]
     studies = folder_of(tmp_path, images, "fit")
     labels = labels_of(nih, images, tmp_path / "fit.csv")
@@ -166,10 +173,31 @@ def test_a_calibrated_bundle_evaluated_on_its_own_calibration_labels_says_so(nih
     proc = cli("evaluate", studies, "--labels", labels, "--weights", tmp_path / "calibrated", "--out", out,
                "--bootstrap", 0, *CPU)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    said = json.loads((out / "evaluation.json").read_text())["calibrated_on"]
+    ev = json.loads((out / "evaluation.json").read_text())
+    said = ev["calibrated_on"]
     assert said["same_labels"] and said["labels_sha256"] == load_bundle(tmp_path / "calibrated").manifest[
         "provenance"]["labels"]["sha256"]
+    assert ev["calibration_overlap"]["in_sample_studies"] == 40 and ev["calibration_overlap"]["without_them"] is None
+    assert proc.stderr.count("40 of 40 studies are images this bundle was calibrated on") == 1, proc.stderr[-2000:]
+    assert "calibrated on these labels" not in proc.stderr  # said once, not twice
+    text = " ".join(subprocess.run(["pdftotext", "-layout", str(out / "evaluation.pdf"), "-"], capture_output=True,
+                                   text=True).stdout.split())
+    assert "In-sample: 40 of 40 studies are images this bundle was calibrated on" in text
+    assert "Every study here is in-sample" in text
+
+    older = tmp_path / "calibrated_before_the_list"  # as calibrate made it before calibration_images.csv
+    shutil.copytree(tmp_path / "calibrated", older)
+    (older / CALIBRATION_IMAGES_FILE).unlink()
+    manifest = read_manifest(older)
+    del manifest["calibration_images"]
+    write_manifest(older, manifest)
+    out = tmp_path / "ev_older"
+    proc = cli("evaluate", studies, "--labels", labels, "--weights", older, "--out", out, "--bootstrap", 0, *CPU)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    ev = json.loads((out / "evaluation.json").read_text())
+    assert not ev["calibration_overlap"]["checked"]
     assert proc.stderr.count("was calibrated on these labels") == 1, proc.stderr[-2000:]
+    assert proc.stderr.count("does not record the studies it was calibrated on") == 1
     text = subprocess.run(["pdftotext", "-layout", str(out / "evaluation.pdf"), "-"], capture_output=True,
                           text=True).stdout
     assert "calibrated on these labels" in " ".join(text.split())
@@ -179,8 +207,10 @@ def test_a_calibrated_bundle_evaluated_on_its_own_calibration_labels_says_so(nih
     proc = cli("evaluate", folder_of(tmp_path, nih_images[40:60], "other"), "--labels", other, "--weights",
                tmp_path / "calibrated", "--out", out, "--bootstrap", 0, *CPU)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert not json.loads((out / "evaluation.json").read_text())["calibrated_on"]["same_labels"]
-    assert "calibrated on these labels" not in proc.stderr
+    ev = json.loads((out / "evaluation.json").read_text())
+    assert not ev["calibrated_on"]["same_labels"]
+    assert ev["calibration_overlap"]["checked"] and ev["calibration_overlap"]["message"] is None
+    assert "calibrated on" not in proc.stderr  # other patients too: no study of theirs was fitted on
 
 
 @pytest.mark.parametrize("text", [
@@ -192,8 +222,6 @@ def test_a_sealed_but_malformed_training_list_is_a_bundle_error_not_a_crash(smal
     """A list written by another tool (or by hand) and sealed into the manifest with its sha256:
     load_bundle, so every scan, watch and evaluate, died with AttributeError, KeyError or
     UnicodeDecodeError and a traceback instead of saying which file of the bundle is wrong."""
-    import shutil
-
     from cxr_batch.bundle import sha256_file, write_manifest
 
     bundle = tmp_path / "hand_made"
@@ -283,3 +311,89 @@ def test_the_studies_left_out_are_measured_from_as_many_patients_as_an_interval_
     short = rest(MIN_CI_PATIENTS - 1, 20)
     assert "mean_auroc" not in short and short["too_few"].startswith(f"{MIN_CI_PATIENTS - 1} positive patient(s)")
     assert "too_few" in rest(0, 20)  # no finding with both labels: nothing measured either
+
+
+def test_a_calibrated_bundle_names_its_calibration_studies_and_evaluate_finds_them_in_another_table(
+        nih, nih_images, tmp_path, small_bundle):
+    """calibrate fitted offsets and thresholds on its studies but recorded only the labels file's
+    sha256: evaluating the calibrated bundle on some of those studies under a new labels table (a
+    subset, or the same studies beside new ones) gave in-sample ECE, Brier and operating points
+    with no warning. The bundle now lists them, sealed, and evaluate names them apart from
+    training images, with the figures without them."""
+    fitted = nih_images[:40]
+    proc = cli("calibrate", folder_of(tmp_path, fitted, "fit"), "--labels",
+               labels_of(nih, fitted, tmp_path / "fit.csv"), "--weights", small_bundle, "--out",
+               tmp_path / "calibrated", *CPU)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    calibrated = load_bundle(tmp_path / "calibrated")
+    table = pd.read_csv(nih / "labels.csv", dtype=str).set_index("Image Index")
+    with open(tmp_path / "calibrated" / CALIBRATION_IMAGES_FILE, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["image"], r["patient_id"], r["role"]) for r in rows] == \
+        [(p.name, table.loc[p.name, "Patient ID"], "calibration") for p in fitted]
+    assert calibrated.manifest["calibration_images"]["images"] == 40
+
+    mixed = fitted[20:] + nih_images[40:60]  # half of them fitted on, in a table of its own (another sha256)
+    calibration_patients = {table.loc[p.name, "Patient ID"] for p in fitted}
+    others = sum(table.loc[p.name, "Patient ID"] in calibration_patients for p in nih_images[40:60])
+    stderr, ev, out = evaluate(tmp_path, nih, mixed, tmp_path / "calibrated", "mixed")
+    assert not ev["calibrated_on"]["same_labels"]
+    said = ev["calibration_overlap"]
+    assert said["checked"] and said["images_in_calibration"] == 20
+    assert said["other_images_of_calibration_patients"] == others
+    assert said["in_sample_studies"] == 20 + others and len(said["in_sample_files"]) == 20 + others
+    assert said["without_them"]["n"] == 40 - 20 - others
+    assert stderr.count("20 of 40 studies are images this bundle was calibrated on") == 1, stderr[-2000:]
+    assert not ev["training_overlap"]["checked"]  # small_bundle lists no training images: said apart
+    text = " ".join(subprocess.run(["pdftotext", "-layout", str(out / "evaluation.pdf"), "-"], capture_output=True,
+                                   text=True).stdout.split())
+    assert "In-sample: 20 of 40 studies are images this bundle was calibrated on" in text
+    assert f"Without them ({40 - 20 - others} studies" in text
+
+    with open(tmp_path / "calibrated" / CALIBRATION_IMAGES_FILE, "a") as f:
+        f.write("00099999_000.png,99999,calibration\n")
+    with pytest.raises(BundleError, match="fails its checksum"):
+        load_bundle(tmp_path / "calibrated")
+
+
+@pytest.mark.skipif(shutil.which("img2dcm") is None, reason="dcmtk's img2dcm is not installed")
+def test_a_calibration_study_copied_under_another_name_or_made_dicom_is_still_found(
+        nih, nih_images, tmp_path, small_bundle):
+    """A calibration study copied under a new name (an accession number), or converted to DICOM
+    with the same pixels, in a labels table without Patient IDs matched no name and no patient:
+    its in-sample figures read as a test. The calibration list keeps each study's decoded
+    pixels' hash, and evaluate compares it."""
+    from PIL import Image
+
+    fitted = nih_images[:12]
+    proc = cli("calibrate", folder_of(tmp_path, fitted, "fit"), "--labels",
+               labels_of(nih, fitted, tmp_path / "fit.csv"), "--weights", small_bundle, "--out",
+               tmp_path / "calibrated", *CPU)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    table = pd.read_csv(nih / "labels.csv", dtype=str).set_index("Image Index")
+    studies = tmp_path / "site"
+    studies.mkdir()
+    renamed = {}
+    for k, p in enumerate(fitted[:2]):  # the same file under an accession number
+        shutil.copy(p, studies / f"ACC{k:04d}.png")
+        renamed[f"ACC{k:04d}.png"] = p.name
+    bmp = tmp_path / "converted.bmp"  # img2dcm reads BMP, not PNG: the same 8-bit grey pixels
+    Image.open(fitted[2]).convert("L").save(bmp)
+    subprocess.run(["img2dcm", "-i", "BMP", str(bmp), str(studies / "1.2.826.0.1.3680043.8.498.1.dcm")], check=True)
+    renamed["1.2.826.0.1.3680043.8.498.1.dcm"] = fitted[2].name
+    for p in nih_images[40:43]:  # studies it was not calibrated on
+        shutil.copy(p, studies / p.name)
+        renamed[p.name] = p.name
+    labels = tmp_path / "site.csv"  # no Patient ID: no patient to match
+    pd.DataFrame({"Image Index": list(renamed), "Finding Labels": [table.loc[n, "Finding Labels"] for n in
+                                                                     renamed.values()]}).to_csv(labels, index=False)
+    out = tmp_path / "ev"
+    proc = cli("evaluate", studies, "--labels", labels, "--weights", tmp_path / "calibrated", "--out", out,
+               "--bootstrap", 0, *CPU)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    said = json.loads((out / "evaluation.json").read_text())["calibration_overlap"]
+    assert said["images_in_calibration"] == 3 and said["renamed_copies"] == 3, said
+    assert sorted(said["in_sample_files"]) == sorted(list(renamed)[:3])
+    assert said["without_them"]["n"] == 3
+    assert proc.stderr.count("3 of 6 studies are images this bundle was calibrated on (3 under another name or "
+                             "format, matched by their pixels)") == 1, proc.stderr[-2000:]
