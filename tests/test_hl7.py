@@ -857,3 +857,35 @@ def test_a_queued_message_cut_between_its_last_two_observations_never_reaches_th
     assert aside.read_bytes().decode("utf-8") == cut_short and not path.exists()
     (line,) = [r.getMessage() for r in caplog.records if hostile[0] in r.getMessage()]
     assert "is not the message queued" in line and "kept as" in line, line
+
+
+def test_every_flag_the_ris_gets_says_what_it_is_worth(tmp_path, nih):
+    """A RIS showed 'Pneumothorax 0.089 AA' from the ORU with nothing else, where the PDF and
+    the SR of the same study say that flag has sensitivity 0.23 and PPV 0.10 out of fold and
+    caught 0 of 10 held-out pneumothoraces. Each flagged finding's OBX is followed by an NTE with
+    the SR's line for it (a held-out v3 radiograph, NIH 00013704_000, flags pneumothorax)."""
+    from cxr_batch.bundle import DEFAULT_BUNDLE, load_bundle
+    from cxr_batch.sr import trust_lines
+
+    studies, out = tmp_path / "studies", tmp_path / "out"
+    write(studies / "ptx.dcm", grey(nih / "images" / "00013704_000.png"), PatientAge="047Y", PatientSex="F",
+          ViewPosition="PA", PatientID="P13704", AccessionNumber="A13704")
+    from cxr_batch.integration.outbox import send_after_scan
+
+    cfg = ScanConfig(device="cpu", progress=False, workers=0, pdf=False, hl7_to=f"127.0.0.1:{free_port()}",
+                     send_wait=0.0)
+    run_scan(studies, out, cfg)
+    send_after_scan(out, cfg)  # writes the ORU; nothing listens there, so it waits in the queue
+    (path,) = (out / "hl7").glob("*.hl7")
+    order = _parse(path.read_bytes().decode("utf-8")).oru_r01_patient_result.oru_r01_order_observation
+    lines = dict(zip(FINDINGS, trust_lines(load_bundle(DEFAULT_BUNDLE))))
+    flagged = 0
+    for finding, group in zip(FINDINGS, order.oru_r01_observation[1:15]):
+        notes = [unescape(n.nte_3.value) for n in group.nte]
+        if group.obx.obx_8.value in ("A", "AA"):
+            flagged += 1
+            assert notes == [lines[finding]]
+        else:
+            assert notes == []
+    assert flagged and order.oru_r01_observation[8].obx.obx_8.value == "AA"  # Pneumothorax, urgent
+    assert "flagged 0 of 10 held-out images" in lines["Pneumothorax"]
