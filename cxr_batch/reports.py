@@ -485,14 +485,26 @@ def _counted(ev: Evidence, finding: str) -> bool:
     return counts is not None and counts.positives > 0
 
 
+def held_out_column(ev: Evidence) -> bool:
+    """Whether the findings table gives each finding's held-out catch in a column of its own: a
+    bundle with operating points (whose figures are out of fold) and a held-out test that
+    counted the catch (v3). The SR and the ORU give both; a report with only the first read as
+    if Atelectasis's flag caught 11% where it caught 0 of 33 held-out images. v1's trust column
+    is its held-out catch already; v2.1's counts are out of fold (no held-out test)."""
+    return bool(ev.operating_points) and not ev.how and any(_counted(ev, f) for f in FINDINGS)
+
+
 def _findings_table(record: StudyRecord, info: ModelInfo, urgent, width: float, st: dict) -> Table:
-    widths = [width * w for w in (0.30, 0.16, 0.14, 0.15, 0.25)]  # "Pleural thickening" on one line
+    held_out = held_out_column(info.evidence)
+    shares = (0.25, 0.14, 0.13, 0.13, 0.21, 0.14) if held_out else (0.30, 0.16, 0.14, 0.15, 0.25)
+    widths = [width * w for w in shares]  # "Pleural thickening" on one line
     # "FLAGGED" in bold on one line (beside a page-wide radiograph it broke into "FLAGGE" / "D"),
     # its room taken from the last column, whose figures are short
     short = pdfmetrics.stringWidth("FLAGGED", _fonts()[1], st["centre"].fontSize) + 2 * PAD + 1 - widths[3]
     if short > 0:
         widths[3], widths[4] = widths[3] + short, widths[4] - short
-    data = [_header(("Finding", "Probability", "Threshold", "Flag", "A flag's sens. / PPV"), widths, st)]
+    data = [_header(("Finding", "Probability", "Threshold", "Flag", "A flag's sens. / PPV")
+                    + (("Held out",) if held_out else ()), widths, st)]
     commands = [GRID, ("BACKGROUND", (0, 0), (-1, 0), HEADER_FILL)]
     points = info.evidence.operating_points
     held_back = unflagged_over_threshold(record, info)
@@ -512,8 +524,16 @@ def _findings_table(record: StudyRecord, info: ModelInfo, urgent, width: float, 
             trust = "not measured"
         texts = (escape(finding_label(f)), probability_text(record.scores.prob(f)), probability_text(info.thresholds[f]),
                  flag, trust)
+        if held_out:
+            counts = info.evidence.counts.get(f)
+            texts += ("-" if point is not None and not point.flagged else
+                      f"{counts.tp} of {counts.positives}" if _counted(info.evidence, f) else "not measured",)
         data.append([Paragraph(f'<font color="#{colour}">{f"<b>{t}</b>" if flagged else t}</font>',
                                st["centre"] if i else st["cell"]) for i, t in enumerate(texts)])
+        if held_out:  # "30 of 103" on one line: a count broken over two lines reads as two numbers
+            style = ParagraphStyle("held-out", parent=st["centre"], textColor=colors.HexColor(f"#{colour}"),
+                                   fontName=_fonts()[1] if flagged else st["centre"].fontName)
+            data[-1][5] = fitted(texts[5], style, widths[5] - 2 * PAD, one_line=True)
         if f in held_back:  # over its threshold in the low-probability bucket: the banner says why
             data[-1][3] = fitted("not flagged", st["centre"], widths[3] - 2 * PAD, one_line=True)
         if flagged:
@@ -554,6 +574,8 @@ def _own_sources(ev: Evidence) -> str:
 def _findings_and_image(record: StudyRecord, grey: np.ndarray | None, info: ModelInfo, urgent, side: float,
                         width: float, st: dict) -> Table:
     """The 14 findings beside the radiograph as the model saw it (``side`` wide)."""
+    if held_out_column(info.evidence):  # the held-out column's room from the picture, not from the values
+        side -= 20 * mm
     table_w = width - side - 6 * mm
     picture = (Image(_png((grey * 255).astype(np.uint8)), side, side) if grey is not None
                else Paragraph("<i>Image not available</i>", st["cell"]))
@@ -569,6 +591,9 @@ def _findings_and_image(record: StudyRecord, grey: np.ndarray | None, info: Mode
             f"studies it flagged, the share that had it, at {prevalence} prevalence{where}." + _own_sources(ev) + (
                 " Never flagged: its validation ranking was no better than chance." if any(
                     not p.flagged for p in ev.operating_points.values()) else ""))
+        if held_out_column(ev):
+            legend_text += (f" Held out: of the images that had the finding among the {ev.images:,} held-out images "
+                            "no model trained on, how many its flag caught.")
     legend = Paragraph(escape(legend_text), st["small"])
     return _table([[[_findings_table(record, info, urgent, table_w - PAD, st), legend],
                     # its size: a 64-px input enlarged to the tile looks blurred, not by the radiograph's fault

@@ -98,14 +98,14 @@ def test_every_study_reaches_the_ris_with_its_ids_priority_and_14_findings(score
                 record.scores.p_any, abs=5e-7)
         assert priority.obx_2.value == "CE" and priority.obx_3.value == "PRIORITY^Triage priority^99CXRBATCH"
         assert priority.obx_5.value.split("^")[0] == record.priority.upper()
-        assert priority.obx_8.value == {"urgent": "AA", "abnormal": "A", "normal": "N"}[record.priority]
+        assert priority.obx_8.value == {"urgent": "AA", "abnormal": "A", "normal": ""}[record.priority]
         for k, (finding, obx) in enumerate(zip(FINDINGS, findings)):
             code = FINDING_CODES[finding]
             assert obx.obx_3.value == f"{code.value}^{code.meaning}^{code.scheme_designator}"
             assert obx.obx_2.value == "NM" and obx.obx_11.value == "P"
             assert float(obx.obx_5.value) == pytest.approx(record.scores.probs[k], abs=5e-7)
             assert obx.obx_7.value == f"<{bundle.thresholds[finding]:.6f}"
-            expected = ("AA" if finding == "Pneumothorax" else "A") if record.scores.flags[k] else "N"
+            expected = ("AA" if finding == "Pneumothorax" else "A") if record.scores.flags[k] else ""
             assert obx.obx_8.value == expected
 
 
@@ -889,3 +889,22 @@ def test_every_flag_the_ris_gets_says_what_it_is_worth(tmp_path, nih):
             assert notes == []
     assert flagged and order.oru_r01_observation[8].obx.obx_8.value == "AA"  # Pneumothorax, urgent
     assert "flagged 0 of 10 held-out images" in lines["Pneumothorax"]
+
+
+def test_nothing_the_model_did_not_flag_reads_normal_at_the_ris(scored):
+    """OBX-8 'N' is 'Normal' in HL7 v2.5 table 0078: a RIS showed 'Pneumothorax 0.066 N' (normal)
+    for a finding merely under its threshold, from a model that caught 0 of 10 held-out
+    pneumothoraces, and 'N' beside the priority 'Low probability of any finding: not a normal
+    result'. A finding not flagged and the low-probability priority carry no abnormal flag at all
+    (table 0078: empty, normal ranges do not apply); flags stay A / AA."""
+    records, bundle = scored
+    probs = tuple(0.9 if f == "Effusion" else 0.1 for f in FINDINGS)
+    for priority, flags in (("normal", (0,) * 14), ("abnormal", tuple(int(f == "Effusion") for f in FINDINGS))):
+        record = replace(records["plain.dcm"], scores=Scores(probs, flags, priority, 0.3, 0.3))
+        observations = _parse(oru_r01(record, thresholds=bundle.thresholds)) \
+            .oru_r01_patient_result.oru_r01_order_observation.oru_r01_observation
+        marks = {f: g.obx.obx_8.value for f, g in zip(("priority",) + FINDINGS, observations[:15])}
+        assert "N" not in marks.values()
+        assert marks.pop("priority") == ("" if priority == "normal" else "A")
+        assert marks.pop("Effusion") == ("A" if flags[FINDINGS.index("Effusion")] else "")
+        assert set(marks.values()) == {""}

@@ -739,3 +739,24 @@ def test_no_worklist_value_runs_into_the_next_column(tmp_path):
             assert x1 <= edges[column + 1], f"{text!r} runs from column {column} into the next"
     assert "1000" in numbers  # the last row number whole, not "100" over "0"
     assert "1.2.826.0.1.3680043.8.498." in numbers  # the UID broken after a dot
+
+
+@pytest.mark.skipif(not shutil.which("pdftotext"), reason="poppler-utils not installed")
+def test_each_finding_row_gives_its_held_out_catch_as_the_sr_and_the_ris_get_it(tmp_path):
+    """v3's report said beside an Atelectasis flag 'sens. 0.11' (out of fold) and nothing else,
+    while the SR and the ORU of the same study say that flag caught 0 of 33 held-out images
+    with atelectasis (Nodule 1 of 15 against 0.23; Hernia 4 of 4 against 0.35): each row of the
+    findings table gives the held-out catch beside the out-of-fold figures."""
+    from cxr_batch.bundle import DEFAULT_BUNDLE
+
+    info = ModelInfo.from_bundle(load_bundle(DEFAULT_BUNDLE))
+    record = scored({"Atelectasis": 0.9, "Pneumothorax": 0.9})
+    (tmp_path / "r.pdf").write_bytes(study_pdf(record, GREY, {}, info, ReportOptions(), NOW))
+    text = subprocess.run(["pdftotext", "-layout", tmp_path / "r.pdf", "-"], capture_output=True, text=True,
+                          check=True).stdout
+    rows = {line.split()[0]: line for line in text.splitlines() if line.strip()}
+    assert "Held out" in text
+    assert re.search(r"0\.11 / 0\.10\s+0 of 33", rows["Atelectasis"])
+    assert re.search(r"0\.23 / 0\.12\s+1 of 15", rows["Nodule"])
+    assert re.search(r"0\.35 / 0\.01\s+4 of 4", rows["Hernia"])
+    assert len(PdfReader(tmp_path / "r.pdf").pages) == 1

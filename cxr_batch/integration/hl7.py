@@ -13,10 +13,11 @@ fields, structure, lengths), from its :class:`~cxr_batch.record.StudyRecord`:
   IHE Scheduled Workflow maps to DICOM's Accession Number; OBR-4 the imaging procedure, OBR-7
   the study date/time, OBR-25 ``P`` (preliminary: no radiologist has read it); two NTEs name
   the model (name@version, bundle sha256) and say it is decision support;
-- OBX 1: the triage priority (CE), OBX-8 ``AA`` urgent, ``A`` abnormal, ``N`` normal;
+- OBX 1: the triage priority (CE), OBX-8 ``AA`` urgent, ``A`` abnormal, empty for the
+  low-probability bucket (``N`` is "Normal" in table 0078: it is not a normal result);
 - OBX 2-15: per finding, the probability (NM, 6 decimals as in results.csv), the threshold as
   reference range (``<t``: flagged at t or above), OBX-8 ``AA`` for a flagged urgent finding,
-  ``A`` for another flagged one, ``N`` otherwise; OBX-11 ``P``; a flagged finding's OBX is
+  ``A`` for another flagged one, empty otherwise (not flagged is not normal); OBX-11 ``P``; a flagged finding's OBX is
   followed by an NTE saying what its flag is worth (``trust``: the SR's line for it, sensitivity
   and PPV at its operating point and the held-out catch), as the PDF and the SR say beside it;
 - OBX 16: what orders the study inside its priority on the worklist (the urgent finding's
@@ -65,7 +66,10 @@ PROCEDURE = "399208008^Plain chest X-ray^SCT"  # as the SR's Procedure Reported
 PRIORITY_OBSERVATION = f"PRIORITY^Triage priority^{LOCAL_CODES}"
 ORDER_OBSERVATION = f"ORDER^Worklist order within the priority^{LOCAL_CODES}"
 ANY_FINDING_OBSERVATION = f"PANY^Probability of any finding^{LOCAL_CODES}"
-PRIORITY_FLAGS = {"urgent": "AA", "abnormal": "A", "normal": "N"}
+# OBX-8 (HL7 v2.5 table 0078): "N" is "Normal", which a RIS shows beside the value; nothing the
+# model did not flag is normal (v3 caught 0 of 10 held-out pneumothoraces), so the low-probability
+# priority and a finding not flagged carry no flag (empty: "normal ranges don't apply")
+PRIORITY_FLAGS = {"urgent": "AA", "abnormal": "A", "normal": ""}
 # HL7 v2.5 2.9.2.2 and table 0008: AE, an error in processing this message (an order the RIS
 # does not know, a value it refuses): this message waits, the others go on; AR, a failure
 # "unrelated to its content or format (system down, internal error)" the RIS is likely to get
@@ -196,7 +200,7 @@ def _person_names(pn: str) -> list[str]:
 
 
 def _flag(flagged: bool, urgent: bool) -> str:
-    return ("AA" if urgent else "A") if flagged else "N"
+    return ("AA" if urgent else "A") if flagged else ""
 
 
 def oru_r01(record: StudyRecord, *, thresholds: Mapping[str, float] | None = None,
