@@ -908,3 +908,27 @@ def test_nothing_the_model_did_not_flag_reads_normal_at_the_ris(scored):
         assert marks.pop("priority") == ("" if priority == "normal" else "A")
         assert marks.pop("Effusion") == ("A" if flags[FINDINGS.index("Effusion")] else "")
         assert set(marks.values()) == {""}
+
+
+def test_the_ris_names_the_bucket_as_the_sr_and_the_pdf_do(tmp_path, nih):
+    """A low-probability study (held-out NIH 00004599_000 under v3) read 'LOW PROBABILITY OF ANY
+    FINDING' on its PDF and 'Low probability of any finding: not a normal result' in its SR, but
+    'No finding flagged: not a normal result' at the RIS: one study, two names for its bucket."""
+    from cxr_batch.integration.outbox import send_after_scan
+
+    studies, out = tmp_path / "studies", tmp_path / "out"
+    write(studies / "low.dcm", grey(nih / "images" / "00004599_000.png"), PatientAge="071Y", PatientSex="F",
+          ViewPosition="PA", PatientID="P4599", AccessionNumber="A4599")
+    cfg = ScanConfig(device="cpu", progress=False, workers=0, pdf=False, dicom_sr=True,
+                     hl7_to=f"127.0.0.1:{free_port()}", send_wait=0.0)
+    run_scan(studies, out, cfg)
+    send_after_scan(out, cfg)
+    (row,) = read_results(out / "results.csv")
+    assert row["priority"] == "normal"
+    (path,) = (out / "hl7").glob("*.hl7")
+    priority = _parse(path.read_bytes().decode("utf-8")).oru_r01_patient_result.oru_r01_order_observation \
+        .oru_r01_observation[0].obx
+    (sr_path,) = (out / "dicom").glob("*.sr.dcm")
+    sr_code = pydicom.dcmread(sr_path).ContentSequence[-1].ContentSequence[0].ConceptCodeSequence[0]
+    assert sr_code.CodeMeaning == "Low probability of any finding: not a normal result"
+    assert priority.obx_5.value == f"NORMAL^{sr_code.CodeMeaning}^99CXRBATCH"

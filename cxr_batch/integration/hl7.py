@@ -207,17 +207,18 @@ def oru_r01(record: StudyRecord, *, thresholds: Mapping[str, float] | None = Non
             urgent: Sequence[str] = DEFAULT_URGENT, sending_application: str = SENDING_APPLICATION,
             sending_facility: str = "", receiving_application: str = "", receiving_facility: str = "",
             processing_id: str = "P", created: dt.datetime | None = None, revision: str = "",
-            trust: Mapping[str, str] | None = None) -> str:
+            trust: Mapping[str, str] | None = None, normal_below: float | None = None) -> str:
     """The ORU^R01 of a scored ``record`` as ER7 text (segments ended by CR), validated by
     hl7apy; HL7NotMade when the record cannot have one (not scored, no patient ID or accession
     number to match the order by, a value the standard's lengths refuse). ``revision``: see
     :func:`control_id`. ``trust``: per finding, what its flag is worth (:func:`cxr_batch.sr.trust_lines`),
-    noted under each flagged finding's OBX."""
+    noted under each flagged finding's OBX. ``normal_below``: the bundle's P(any) cutoff, which
+    names the low-probability bucket as the SR and the PDF do."""
     from hl7apy.consts import VALIDATION_LEVEL
     from hl7apy.core import Message
     from hl7apy.exceptions import HL7apyException
 
-    from ..sr import FINDING_CODES, PRIORITY_CODES
+    from ..sr import FINDING_CODES, priority_code
 
     scores, ids = record.scores, record.ids
     if not record.ok or scores is None:
@@ -263,7 +264,7 @@ def oru_r01(record: StudyRecord, *, thresholds: Mapping[str, float] | None = Non
                                   f"{record.weights_sha256 or 'unknown'}", _disclaimer()), start=1):
             note = order.add_segment("NTE")
             note.nte_1, note.nte_3 = str(k), escape(text)
-        code = PRIORITY_CODES[scores.priority]
+        code = priority_code(scores.priority, normal_below)  # the SR's words for the bucket
         _observation(order, 1, "CE", PRIORITY_OBSERVATION,
                      f"{escape(code.value)}^{escape(code.meaning)}^{LOCAL_CODES}", PRIORITY_FLAGS[scores.priority])
         for k, finding in enumerate(FINDINGS):

@@ -243,7 +243,8 @@ class Outbox:
 
         try:
             text = oru_r01(record, thresholds=self.bundle.thresholds, urgent=self.urgent,
-                           created=dt.datetime.now(), revision=revision, trust=self._trust(), **self.msh)
+                           created=dt.datetime.now(), revision=revision, trust=self._trust(),
+                           normal_below=self.bundle.triage_policy().normal_below, **self.msh)
         except HL7NotMade as e:
             record.add_note(f"no HL7 result: {e}")
             log.warning("%s: no HL7 result: %s", log_name(record.file), e)
