@@ -351,8 +351,8 @@ def heatmap_grid(grey: np.ndarray, maps: dict[int, np.ndarray], strength: dict[i
         label = f"<b>{escape(finding_label(f))}</b>" + (" (urgent)" if f in urgent else "")
         # non-breaking spaces: a narrow tile wraps between a value and the next, never inside one
         # ("threshold" on one line, "0.085" on the next; "map" alone on the last)
-        caption = (f"{label}<br/>p&nbsp;{probability_text(record.scores.prob(f))}, "
-                   f"threshold&nbsp;{probability_text(info.thresholds[f])}<br/>"
+        p_text, t_text = probability_pair(record.scores.prob(f), info.thresholds[f])
+        caption = (f"{label}<br/>p&nbsp;{p_text}, threshold&nbsp;{t_text}<br/>"
                    f"strength&nbsp;{strength[k]:.2f} of&nbsp;the&nbsp;strongest&nbsp;map")
         tiles.append([Image(_png(overlay(grey, heat)), side, side), Paragraph(caption, st["caption"])])
     rows = []
@@ -393,6 +393,19 @@ def probability_text(x: float) -> str:
     return f"{x:.3f}" if x >= 0.001 or x == 0 else f"{x:.1e}"
 
 
+def probability_pair(x: float, limit: float) -> tuple[str, str]:
+    """``x`` and the threshold or cutoff ``limit`` it is compared with, as printed side by side:
+    :func:`probability_text` each, with as many more digits as it takes (up to 6) when the two
+    would print alike on either side of each other. v3's Edema at 0.06965 under its 0.06968
+    threshold read "0.070 0.070 -", a probability at its threshold left unflagged."""
+    texts = probability_text(x), probability_text(limit)
+    for digits in range(4, 7):
+        if texts[0] != texts[1] or x == limit:
+            break
+        texts = tuple(f"{v:.{digits}f}" if v >= 0.001 or v == 0 else f"{v:.{digits - 2}e}" for v in (x, limit))
+    return texts
+
+
 def unflagged_over_threshold(record: StudyRecord, info: ModelInfo) -> list[str]:
     """Findings of a low-probability study at or over their threshold: triage clears a
     low-probability study's flags (cxr_batch.triage), so the page must say why a probability
@@ -421,9 +434,11 @@ def _banner(record: StudyRecord, info: ModelInfo, options: ReportOptions, order:
     priority = record.priority or "normal"
     lines = [Paragraph(bucket_words(priority, info)[0], st["banner"])]
     ev, p_any = info.evidence, record.scores.p_any if record.scores else None
-    # printed as probabilities are (3 decimals), so P(any) never reads equal to the cutoff it is on one side of
-    any_text = f"P(any finding) {probability_text(p_any)}" if p_any is not None else ""
     cut = ev.study_level.normal_below
+    # P(any) and the cutoff printed as a pair (probability_pair): never alike on either side of each other
+    p_any_text, cut_text = probability_pair(p_any, cut) if p_any is not None and cut is not None else (
+        probability_text(p_any) if p_any is not None else "", probability_text(cut) if cut is not None else "")
+    any_text = f"P(any finding) {p_any_text}" if p_any is not None else ""
     # every banner says the urgent findings' catch, held out too: under URGENT how far the flag can
     # be trusted, under ABNORMAL (as under LOW) that "not urgent" is not "no pneumothorax" (v3: 0 of 10)
     urgent_catch = " " + "; ".join(ev.sensitivity(f) for f in options.urgent) + "." if options.urgent else ""
@@ -432,18 +447,19 @@ def _banner(record: StudyRecord, info: ModelInfo, options: ReportOptions, order:
         lines.append(Paragraph(escape(text + urgent_catch), st["banner2"]))
     elif priority == "abnormal":  # above the normal bucket without a single finding over its operating point
         lines.append(Paragraph(escape(f"No single finding over its operating point, but {any_text}"
-                                      + (f", above the low-probability cutoff {probability_text(cut)}"
+                                      + (f", above the low-probability cutoff {cut_text}"
                                          if cut is not None else "") + "." + urgent_catch),
                                st["banner2"]))
     else:  # what "normal" means for this model: what the bucket misses, and the urgent findings' sensitivity
         missed = ev.study_level.normal_share_of_abnormal
-        below = f", below the low-probability cutoff {probability_text(cut)}" if cut is not None and any_text else ""
+        below = f", below the low-probability cutoff {cut_text}" if cut is not None and any_text else ""
         text = "Not a normal result. " + (f"{any_text}{below}. " if any_text else "")
         over = unflagged_over_threshold(record, info)
         if over:
             text += ("Over its threshold but not flagged (P(any finding) below the cutoff): " + ", ".join(
-                f"{finding_label(f)} ({probability_text(record.scores.prob(f))}, threshold "
-                f"{probability_text(info.thresholds[f])})" for f in over) + ". ")
+                "{} ({}, threshold {})".format(finding_label(f), *probability_pair(record.scores.prob(f),
+                                                                                   info.thresholds[f]))
+                for f in over) + ". ")
         if missed is not None:
             text += f"In validation {missed:.0%} of studies with a finding fell in this bucket. "
         text = text.rstrip() + urgent_catch
@@ -522,8 +538,7 @@ def _findings_table(record: StudyRecord, info: ModelInfo, urgent, width: float, 
             trust = f"{counts.tp / counts.positives:.2f} ({counts.tp} of {counts.positives}) / -"
         else:
             trust = "not measured"
-        texts = (escape(finding_label(f)), probability_text(record.scores.prob(f)), probability_text(info.thresholds[f]),
-                 flag, trust)
+        texts = (escape(finding_label(f)), *probability_pair(record.scores.prob(f), info.thresholds[f]), flag, trust)
         if held_out:
             counts = info.evidence.counts.get(f)
             texts += ("-" if point is not None and not point.flagged else

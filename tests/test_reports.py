@@ -760,3 +760,23 @@ def test_each_finding_row_gives_its_held_out_catch_as_the_sr_and_the_ris_get_it(
     assert re.search(r"0\.23 / 0\.12\s+1 of 15", rows["Nodule"])
     assert re.search(r"0\.35 / 0\.01\s+4 of 4", rows["Hernia"])
     assert len(PdfReader(tmp_path / "r.pdf").pages) == 1
+
+
+def test_a_probability_just_under_its_threshold_never_prints_equal_to_it():
+    """v3's Edema threshold is 0.06968: a study at 0.06965 is not flagged, and its row read
+    "0.070 0.070 -", a probability at its threshold left unflagged (42 of the 4,382 held-out
+    probability/threshold pairs print alike at 3 decimals). Where the pair prints alike it gets
+    the decimals that tell them apart; so does P(any) beside the low-probability cutoff."""
+    import io
+
+    from cxr_batch.bundle import DEFAULT_BUNDLE
+
+    info = ModelInfo.from_bundle(load_bundle(DEFAULT_BUNDLE))
+    record = scored({"Edema": 0.06965, "Atelectasis": 0.05})
+    record.scores.flags = (0,) * 14
+    record.scores.priority, record.scores.p_any = "normal", 0.40801  # the cutoff is 0.408155
+    txt = re.sub(r"\s+", " ", PdfReader(io.BytesIO(study_pdf(record, GREY, {}, info, ReportOptions(), NOW)))
+                 .pages[0].extract_text())
+    assert "Edema 0.06965 0.06968 -" in txt
+    assert "Atelectasis 0.050 0.137 -" in txt  # a pair that differs keeps 3 decimals
+    assert "P(any finding) 0.4080, below the low-probability cutoff 0.4082" in txt
