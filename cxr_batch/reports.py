@@ -421,7 +421,12 @@ def _flag_phrase(finding: str, info: ModelInfo) -> str:
     """A flagged finding with what its flag is worth: 'Effusion (sens. 0.45, PPV 0.31)'."""
     point = info.evidence.operating_points.get(finding)
     if point is not None:
-        return f"{finding_label(finding)} ({point.trust()})"
+        # the held-out catch beside the out-of-fold figures, as the findings table, SR and ORU give it
+        # (v3's atelectasis flag: sens. 0.11 out of fold, 0 of 33 held out)
+        counts = info.evidence.counts.get(finding)
+        held_out = (f"; held out {counts.tp}/{counts.positives}"  # one word: a line never breaks inside the count
+                    if point.flagged and held_out_column(info.evidence) and _counted(info.evidence, finding) else "")
+        return f"{finding_label(finding)} ({point.trust()}{held_out})"
     if _counted(info.evidence, finding):  # no triage table (v1): the held-out catch its reports quote
         counts = info.evidence.counts[finding]
         where = "out-of-fold" if info.evidence.how else "held-out"  # v2.1's counts are cross-validated

@@ -780,3 +780,22 @@ def test_a_probability_just_under_its_threshold_never_prints_equal_to_it():
     assert "Edema 0.06965 0.06968 -" in txt
     assert "Atelectasis 0.050 0.137 -" in txt  # a pair that differs keeps 3 decimals
     assert "P(any finding) 0.4080, below the low-probability cutoff 0.4082" in txt
+
+
+def test_the_worklist_gives_each_flag_its_held_out_catch_too():
+    """The worklist (and the banner) said 'Atelectasis (sens. 0.11, PPV 0.10)' of v3's flag, which
+    caught 0 of 33 held-out images with atelectasis, as the study's findings table, SR and ORU
+    now say: each flag's phrase carries its held-out catch."""
+    import io
+
+    from cxr_batch.bundle import DEFAULT_BUNDLE
+
+    info = ModelInfo.from_bundle(load_bundle(DEFAULT_BUNDLE))
+    record = scored({"Atelectasis": 0.9})
+    record.scores.p_any = 0.7
+    wl = re.sub(r"\s+", " ", " ".join(p.extract_text() for p in PdfReader(io.BytesIO(worklist_pdf(
+        [record], ReportOptions(), info, NOW))).pages))
+    assert "Atelectasis (sens. 0.11, PPV 0.10; held out 0/33)" in wl, wl
+    txt = re.sub(r"\s+", " ", PdfReader(io.BytesIO(study_pdf(record, GREY, {}, info, ReportOptions(), NOW)))
+                 .pages[0].extract_text())
+    assert "Atelectasis (sens. 0.11, PPV 0.10; held out 0/33)" in txt
