@@ -351,8 +351,8 @@ def heatmap_grid(grey: np.ndarray, maps: dict[int, np.ndarray], strength: dict[i
         label = f"<b>{escape(finding_label(f))}</b>" + (" (urgent)" if f in urgent else "")
         # non-breaking spaces: a narrow tile wraps between a value and the next, never inside one
         # ("threshold" on one line, "0.085" on the next; "map" alone on the last)
-        caption = (f"{label}<br/>p&nbsp;{probability_text(record.scores.prob(f))}, "
-                   f"threshold&nbsp;{probability_text(info.thresholds[f])}<br/>"
+        p_text, t_text = probability_pair(record.scores.prob(f), info.thresholds[f])
+        caption = (f"{label}<br/>p&nbsp;{p_text}, threshold&nbsp;{t_text}<br/>"
                    f"strength&nbsp;{strength[k]:.2f} of&nbsp;the&nbsp;strongest&nbsp;map")
         tiles.append([Image(_png(overlay(grey, heat)), side, side), Paragraph(caption, st["caption"])])
     rows = []
@@ -393,6 +393,19 @@ def probability_text(x: float) -> str:
     return f"{x:.3f}" if x >= 0.001 or x == 0 else f"{x:.1e}"
 
 
+def probability_pair(x: float, limit: float) -> tuple[str, str]:
+    """``x`` and the threshold or cutoff ``limit`` it is compared with, as printed side by side:
+    :func:`probability_text` each, with as many more digits as it takes (up to 6) when the two
+    would print alike on either side of each other. v3's Edema at 0.06965 under its 0.06968
+    threshold read "0.070 0.070 -", a probability at its threshold left unflagged."""
+    texts = probability_text(x), probability_text(limit)
+    for digits in range(4, 7):
+        if texts[0] != texts[1] or x == limit:
+            break
+        texts = tuple(f"{v:.{digits}f}" if v >= 0.001 or v == 0 else f"{v:.{digits - 2}e}" for v in (x, limit))
+    return texts
+
+
 def unflagged_over_threshold(record: StudyRecord, info: ModelInfo) -> list[str]:
     """Findings of a low-probability study at or over their threshold: triage clears a
     low-probability study's flags (cxr_batch.triage), so the page must say why a probability
@@ -408,7 +421,12 @@ def _flag_phrase(finding: str, info: ModelInfo) -> str:
     """A flagged finding with what its flag is worth: 'Effusion (sens. 0.45, PPV 0.31)'."""
     point = info.evidence.operating_points.get(finding)
     if point is not None:
-        return f"{finding_label(finding)} ({point.trust()})"
+        # the held-out catch beside the out-of-fold figures, as the findings table, SR and ORU give it
+        # (v3's atelectasis flag: sens. 0.11 out of fold, 0 of 33 held out)
+        counts = info.evidence.counts.get(finding)
+        held_out = (f"; held out {counts.tp}/{counts.positives}"  # one word: a line never breaks inside the count
+                    if point.flagged and held_out_column(info.evidence) and _counted(info.evidence, finding) else "")
+        return f"{finding_label(finding)} ({point.trust()}{held_out})"
     if _counted(info.evidence, finding):  # no triage table (v1): the held-out catch its reports quote
         counts = info.evidence.counts[finding]
         where = "out-of-fold" if info.evidence.how else "held-out"  # v2.1's counts are cross-validated
@@ -421,9 +439,11 @@ def _banner(record: StudyRecord, info: ModelInfo, options: ReportOptions, order:
     priority = record.priority or "normal"
     lines = [Paragraph(bucket_words(priority, info)[0], st["banner"])]
     ev, p_any = info.evidence, record.scores.p_any if record.scores else None
-    # printed as probabilities are (3 decimals), so P(any) never reads equal to the cutoff it is on one side of
-    any_text = f"P(any finding) {probability_text(p_any)}" if p_any is not None else ""
     cut = ev.study_level.normal_below
+    # P(any) and the cutoff printed as a pair (probability_pair): never alike on either side of each other
+    p_any_text, cut_text = probability_pair(p_any, cut) if p_any is not None and cut is not None else (
+        probability_text(p_any) if p_any is not None else "", probability_text(cut) if cut is not None else "")
+    any_text = f"P(any finding) {p_any_text}" if p_any is not None else ""
     # every banner says the urgent findings' catch, held out too: under URGENT how far the flag can
     # be trusted, under ABNORMAL (as under LOW) that "not urgent" is not "no pneumothorax" (v3: 0 of 10)
     urgent_catch = " " + "; ".join(ev.sensitivity(f) for f in options.urgent) + "." if options.urgent else ""
@@ -432,18 +452,19 @@ def _banner(record: StudyRecord, info: ModelInfo, options: ReportOptions, order:
         lines.append(Paragraph(escape(text + urgent_catch), st["banner2"]))
     elif priority == "abnormal":  # above the normal bucket without a single finding over its operating point
         lines.append(Paragraph(escape(f"No single finding over its operating point, but {any_text}"
-                                      + (f", above the low-probability cutoff {probability_text(cut)}"
+                                      + (f", above the low-probability cutoff {cut_text}"
                                          if cut is not None else "") + "." + urgent_catch),
                                st["banner2"]))
     else:  # what "normal" means for this model: what the bucket misses, and the urgent findings' sensitivity
         missed = ev.study_level.normal_share_of_abnormal
-        below = f", below the low-probability cutoff {probability_text(cut)}" if cut is not None and any_text else ""
+        below = f", below the low-probability cutoff {cut_text}" if cut is not None and any_text else ""
         text = "Not a normal result. " + (f"{any_text}{below}. " if any_text else "")
         over = unflagged_over_threshold(record, info)
         if over:
             text += ("Over its threshold but not flagged (P(any finding) below the cutoff): " + ", ".join(
-                f"{finding_label(f)} ({probability_text(record.scores.prob(f))}, threshold "
-                f"{probability_text(info.thresholds[f])})" for f in over) + ". ")
+                "{} ({}, threshold {})".format(finding_label(f), *probability_pair(record.scores.prob(f),
+                                                                                   info.thresholds[f]))
+                for f in over) + ". ")
         if missed is not None:
             text += f"In validation {missed:.0%} of studies with a finding fell in this bucket. "
         text = text.rstrip() + urgent_catch
@@ -485,14 +506,26 @@ def _counted(ev: Evidence, finding: str) -> bool:
     return counts is not None and counts.positives > 0
 
 
+def held_out_column(ev: Evidence) -> bool:
+    """Whether the findings table gives each finding's held-out catch in a column of its own: a
+    bundle with operating points (whose figures are out of fold) and a held-out test that
+    counted the catch (v3). The SR and the ORU give both; a report with only the first read as
+    if Atelectasis's flag caught 11% where it caught 0 of 33 held-out images. v1's trust column
+    is its held-out catch already; v2.1's counts are out of fold (no held-out test)."""
+    return bool(ev.operating_points) and not ev.how and any(_counted(ev, f) for f in FINDINGS)
+
+
 def _findings_table(record: StudyRecord, info: ModelInfo, urgent, width: float, st: dict) -> Table:
-    widths = [width * w for w in (0.30, 0.16, 0.14, 0.15, 0.25)]  # "Pleural thickening" on one line
+    held_out = held_out_column(info.evidence)
+    shares = (0.25, 0.14, 0.13, 0.13, 0.21, 0.14) if held_out else (0.30, 0.16, 0.14, 0.15, 0.25)
+    widths = [width * w for w in shares]  # "Pleural thickening" on one line
     # "FLAGGED" in bold on one line (beside a page-wide radiograph it broke into "FLAGGE" / "D"),
     # its room taken from the last column, whose figures are short
     short = pdfmetrics.stringWidth("FLAGGED", _fonts()[1], st["centre"].fontSize) + 2 * PAD + 1 - widths[3]
     if short > 0:
         widths[3], widths[4] = widths[3] + short, widths[4] - short
-    data = [_header(("Finding", "Probability", "Threshold", "Flag", "A flag's sens. / PPV"), widths, st)]
+    data = [_header(("Finding", "Probability", "Threshold", "Flag", "A flag's sens. / PPV")
+                    + (("Held out",) if held_out else ()), widths, st)]
     commands = [GRID, ("BACKGROUND", (0, 0), (-1, 0), HEADER_FILL)]
     points = info.evidence.operating_points
     held_back = unflagged_over_threshold(record, info)
@@ -510,10 +543,17 @@ def _findings_table(record: StudyRecord, info: ModelInfo, urgent, width: float, 
             trust = f"{counts.tp / counts.positives:.2f} ({counts.tp} of {counts.positives}) / -"
         else:
             trust = "not measured"
-        texts = (escape(finding_label(f)), probability_text(record.scores.prob(f)), probability_text(info.thresholds[f]),
-                 flag, trust)
+        texts = (escape(finding_label(f)), *probability_pair(record.scores.prob(f), info.thresholds[f]), flag, trust)
+        if held_out:
+            counts = info.evidence.counts.get(f)
+            texts += ("-" if point is not None and not point.flagged else
+                      f"{counts.tp} of {counts.positives}" if _counted(info.evidence, f) else "not measured",)
         data.append([Paragraph(f'<font color="#{colour}">{f"<b>{t}</b>" if flagged else t}</font>',
                                st["centre"] if i else st["cell"]) for i, t in enumerate(texts)])
+        if held_out:  # "30 of 103" on one line: a count broken over two lines reads as two numbers
+            style = ParagraphStyle("held-out", parent=st["centre"], textColor=colors.HexColor(f"#{colour}"),
+                                   fontName=_fonts()[1] if flagged else st["centre"].fontName)
+            data[-1][5] = fitted(texts[5], style, widths[5] - 2 * PAD, one_line=True)
         if f in held_back:  # over its threshold in the low-probability bucket: the banner says why
             data[-1][3] = fitted("not flagged", st["centre"], widths[3] - 2 * PAD, one_line=True)
         if flagged:
@@ -554,6 +594,8 @@ def _own_sources(ev: Evidence) -> str:
 def _findings_and_image(record: StudyRecord, grey: np.ndarray | None, info: ModelInfo, urgent, side: float,
                         width: float, st: dict) -> Table:
     """The 14 findings beside the radiograph as the model saw it (``side`` wide)."""
+    if held_out_column(info.evidence):  # the held-out column's room from the picture, not from the values
+        side -= 20 * mm
     table_w = width - side - 6 * mm
     picture = (Image(_png((grey * 255).astype(np.uint8)), side, side) if grey is not None
                else Paragraph("<i>Image not available</i>", st["cell"]))
@@ -569,6 +611,9 @@ def _findings_and_image(record: StudyRecord, grey: np.ndarray | None, info: Mode
             f"studies it flagged, the share that had it, at {prevalence} prevalence{where}." + _own_sources(ev) + (
                 " Never flagged: its validation ranking was no better than chance." if any(
                     not p.flagged for p in ev.operating_points.values()) else ""))
+        if held_out_column(ev):
+            legend_text += (f" Held out: of the images that had the finding among the {ev.images:,} held-out images "
+                            "no model trained on, how many its flag caught.")
     legend = Paragraph(escape(legend_text), st["small"])
     return _table([[[_findings_table(record, info, urgent, table_w - PAD, st), legend],
                     # its size: a 64-px input enlarged to the tile looks blurred, not by the radiograph's fault

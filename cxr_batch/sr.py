@@ -11,8 +11,9 @@ IHE AI Results (AIR) asks of an AI result:
   X-ray" (the imaging procedure, not the algorithm); the Image Library (111028) with the source;
 - one measurement group (TID 1501) per finding, in FINDINGS order: tracking identifier = the
   NIH label and a tracking UID (112040), the finding type as a code, the probability and the
-  bundle's threshold as measurements, present/absent at that threshold as a qualitative
-  evaluation, the algorithm (TID 4019: bundle name, version, weights sha256), and the source
+  bundle's threshold as measurements, whether the model flagged it as a qualitative evaluation
+  (private codes "Flagged by the model: to be confirmed" / "Not flagged by the model: not ruled
+  out", never SNOMED's Present/Absent, which a viewer shows as a finding's presence), the algorithm (TID 4019: bundle name, version, weights sha256), and the source
   image (SOP class and instance);
 - the triage priority and the decision-support statement as qualitative evaluations.
 
@@ -97,6 +98,13 @@ PRIORITY_CODES = {
     "abnormal": _private("ABNORMAL", "Abnormal: read with priority"),
     "normal": _private("NORMAL", "No finding flagged: not a normal result"),
 }
+
+
+# Whether the model flagged a finding, by flag (True/False). SNOMED's "Present"/"Absent" read as
+# the finding's presence: a viewer listed "Pneumothorax: Absent" for v3, which flagged none of 10
+# held-out pneumothoraces, and "Present" for a flag with a PPV of 0.10.
+FLAG_CODES = {True: _private("FLAGGED", "Flagged by the model: to be confirmed"),
+              False: _private("NOTFLAGGED", "Not flagged by the model: not ruled out")}
 
 
 def priority_code(priority: str, normal_below: float | None) -> hd.sr.CodedConcept:
@@ -270,7 +278,7 @@ class StudyValues:
     referring_physician: str
     tracking_uids: tuple[str, ...]  # per finding, FINDINGS order
     probabilities: tuple[float, ...]  # 6 decimals, as in results.csv
-    flag_codes: tuple[hd.sr.CodedConcept, ...]  # Present / Absent
+    flag_codes: tuple[hd.sr.CodedConcept, ...]  # FLAG_CODES: flagged / not flagged
     priority_code: hd.sr.CodedConcept
     created: dt.datetime  # instance creation, content and contribution date/time
 
@@ -299,7 +307,7 @@ def study_values(record: StudyRecord, bundle, created: dt.datetime | None = None
         referring_physician=_person_name(ids.referring_physician),
         tracking_uids=tuple(derived_uid("tracking", sr_uid, f) for f in FINDINGS),
         probabilities=tuple(round(float(p), 6) for p in scores.probs),
-        flag_codes=tuple(codes.cid240.Present if flag else codes.cid240.Absent for flag in scores.flags),
+        flag_codes=tuple(FLAG_CODES[bool(flag)] for flag in scores.flags),
         priority_code=priority_code(scores.priority, bundle.triage_policy().normal_below),
         created=created or dt.datetime.now(),
     )
@@ -582,7 +590,7 @@ def _probe_values(sop_class_uid: str) -> StudyValues:
         patient_age=None, accession_number="A", study_id="", study_date="20260102", study_time="",
         referring_physician="", tracking_uids=tuple(f"2.25.{700 + k}" for k in range(n)),
         probabilities=tuple(round(k / (n + 1), 6) for k in range(n)),
-        flag_codes=tuple(codes.cid240.Present if k % 3 == 0 else codes.cid240.Absent for k in range(n)),
+        flag_codes=tuple(FLAG_CODES[k % 3 == 0] for k in range(n)),
         priority_code=PRIORITY_CODES["urgent"], created=dt.datetime(2001, 2, 3, 4, 5, 6),
     )
 

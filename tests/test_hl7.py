@@ -98,14 +98,14 @@ def test_every_study_reaches_the_ris_with_its_ids_priority_and_14_findings(score
                 record.scores.p_any, abs=5e-7)
         assert priority.obx_2.value == "CE" and priority.obx_3.value == "PRIORITY^Triage priority^99CXRBATCH"
         assert priority.obx_5.value.split("^")[0] == record.priority.upper()
-        assert priority.obx_8.value == {"urgent": "AA", "abnormal": "A", "normal": "N"}[record.priority]
+        assert priority.obx_8.value == {"urgent": "AA", "abnormal": "A", "normal": ""}[record.priority]
         for k, (finding, obx) in enumerate(zip(FINDINGS, findings)):
             code = FINDING_CODES[finding]
             assert obx.obx_3.value == f"{code.value}^{code.meaning}^{code.scheme_designator}"
             assert obx.obx_2.value == "NM" and obx.obx_11.value == "P"
             assert float(obx.obx_5.value) == pytest.approx(record.scores.probs[k], abs=5e-7)
             assert obx.obx_7.value == f"<{bundle.thresholds[finding]:.6f}"
-            expected = ("AA" if finding == "Pneumothorax" else "A") if record.scores.flags[k] else "N"
+            expected = ("AA" if finding == "Pneumothorax" else "A") if record.scores.flags[k] else ""
             assert obx.obx_8.value == expected
 
 
@@ -857,3 +857,78 @@ def test_a_queued_message_cut_between_its_last_two_observations_never_reaches_th
     assert aside.read_bytes().decode("utf-8") == cut_short and not path.exists()
     (line,) = [r.getMessage() for r in caplog.records if hostile[0] in r.getMessage()]
     assert "is not the message queued" in line and "kept as" in line, line
+
+
+def test_every_flag_the_ris_gets_says_what_it_is_worth(tmp_path, nih):
+    """A RIS showed 'Pneumothorax 0.089 AA' from the ORU with nothing else, where the PDF and
+    the SR of the same study say that flag has sensitivity 0.23 and PPV 0.10 out of fold and
+    caught 0 of 10 held-out pneumothoraces. Each flagged finding's OBX is followed by an NTE with
+    the SR's line for it (a held-out v3 radiograph, NIH 00013704_000, flags pneumothorax)."""
+    from cxr_batch.bundle import DEFAULT_BUNDLE, load_bundle
+    from cxr_batch.sr import trust_lines
+
+    studies, out = tmp_path / "studies", tmp_path / "out"
+    write(studies / "ptx.dcm", grey(nih / "images" / "00013704_000.png"), PatientAge="047Y", PatientSex="F",
+          ViewPosition="PA", PatientID="P13704", AccessionNumber="A13704")
+    from cxr_batch.integration.outbox import send_after_scan
+
+    cfg = ScanConfig(device="cpu", progress=False, workers=0, pdf=False, hl7_to=f"127.0.0.1:{free_port()}",
+                     send_wait=0.0)
+    run_scan(studies, out, cfg)
+    send_after_scan(out, cfg)  # writes the ORU; nothing listens there, so it waits in the queue
+    (path,) = (out / "hl7").glob("*.hl7")
+    order = _parse(path.read_bytes().decode("utf-8")).oru_r01_patient_result.oru_r01_order_observation
+    lines = dict(zip(FINDINGS, trust_lines(load_bundle(DEFAULT_BUNDLE))))
+    flagged = 0
+    for finding, group in zip(FINDINGS, order.oru_r01_observation[1:15]):
+        notes = [unescape(n.nte_3.value) for n in group.nte]
+        if group.obx.obx_8.value in ("A", "AA"):
+            flagged += 1
+            assert notes == [lines[finding]]
+        else:
+            assert notes == []
+    assert flagged and order.oru_r01_observation[8].obx.obx_8.value == "AA"  # Pneumothorax, urgent
+    assert "flagged 0 of 10 held-out images" in lines["Pneumothorax"]
+
+
+def test_nothing_the_model_did_not_flag_reads_normal_at_the_ris(scored):
+    """OBX-8 'N' is 'Normal' in HL7 v2.5 table 0078: a RIS showed 'Pneumothorax 0.066 N' (normal)
+    for a finding merely under its threshold, from a model that caught 0 of 10 held-out
+    pneumothoraces, and 'N' beside the priority 'Low probability of any finding: not a normal
+    result'. A finding not flagged and the low-probability priority carry no abnormal flag at all
+    (table 0078: empty, normal ranges do not apply); flags stay A / AA."""
+    records, bundle = scored
+    probs = tuple(0.9 if f == "Effusion" else 0.1 for f in FINDINGS)
+    for priority, flags in (("normal", (0,) * 14), ("abnormal", tuple(int(f == "Effusion") for f in FINDINGS))):
+        record = replace(records["plain.dcm"], scores=Scores(probs, flags, priority, 0.3, 0.3))
+        observations = _parse(oru_r01(record, thresholds=bundle.thresholds)) \
+            .oru_r01_patient_result.oru_r01_order_observation.oru_r01_observation
+        marks = {f: g.obx.obx_8.value for f, g in zip(("priority",) + FINDINGS, observations[:15])}
+        assert "N" not in marks.values()
+        assert marks.pop("priority") == ("" if priority == "normal" else "A")
+        assert marks.pop("Effusion") == ("A" if flags[FINDINGS.index("Effusion")] else "")
+        assert set(marks.values()) == {""}
+
+
+def test_the_ris_names_the_bucket_as_the_sr_and_the_pdf_do(tmp_path, nih):
+    """A low-probability study (held-out NIH 00004599_000 under v3) read 'LOW PROBABILITY OF ANY
+    FINDING' on its PDF and 'Low probability of any finding: not a normal result' in its SR, but
+    'No finding flagged: not a normal result' at the RIS: one study, two names for its bucket."""
+    from cxr_batch.integration.outbox import send_after_scan
+
+    studies, out = tmp_path / "studies", tmp_path / "out"
+    write(studies / "low.dcm", grey(nih / "images" / "00004599_000.png"), PatientAge="071Y", PatientSex="F",
+          ViewPosition="PA", PatientID="P4599", AccessionNumber="A4599")
+    cfg = ScanConfig(device="cpu", progress=False, workers=0, pdf=False, dicom_sr=True,
+                     hl7_to=f"127.0.0.1:{free_port()}", send_wait=0.0)
+    run_scan(studies, out, cfg)
+    send_after_scan(out, cfg)
+    (row,) = read_results(out / "results.csv")
+    assert row["priority"] == "normal"
+    (path,) = (out / "hl7").glob("*.hl7")
+    priority = _parse(path.read_bytes().decode("utf-8")).oru_r01_patient_result.oru_r01_order_observation \
+        .oru_r01_observation[0].obx
+    (sr_path,) = (out / "dicom").glob("*.sr.dcm")
+    sr_code = pydicom.dcmread(sr_path).ContentSequence[-1].ContentSequence[0].ConceptCodeSequence[0]
+    assert sr_code.CodeMeaning == "Low probability of any finding: not a normal result"
+    assert priority.obx_5.value == f"NORMAL^{sr_code.CodeMeaning}^99CXRBATCH"

@@ -739,3 +739,63 @@ def test_no_worklist_value_runs_into_the_next_column(tmp_path):
             assert x1 <= edges[column + 1], f"{text!r} runs from column {column} into the next"
     assert "1000" in numbers  # the last row number whole, not "100" over "0"
     assert "1.2.826.0.1.3680043.8.498." in numbers  # the UID broken after a dot
+
+
+@pytest.mark.skipif(not shutil.which("pdftotext"), reason="poppler-utils not installed")
+def test_each_finding_row_gives_its_held_out_catch_as_the_sr_and_the_ris_get_it(tmp_path):
+    """v3's report said beside an Atelectasis flag 'sens. 0.11' (out of fold) and nothing else,
+    while the SR and the ORU of the same study say that flag caught 0 of 33 held-out images
+    with atelectasis (Nodule 1 of 15 against 0.23; Hernia 4 of 4 against 0.35): each row of the
+    findings table gives the held-out catch beside the out-of-fold figures."""
+    from cxr_batch.bundle import DEFAULT_BUNDLE
+
+    info = ModelInfo.from_bundle(load_bundle(DEFAULT_BUNDLE))
+    record = scored({"Atelectasis": 0.9, "Pneumothorax": 0.9})
+    (tmp_path / "r.pdf").write_bytes(study_pdf(record, GREY, {}, info, ReportOptions(), NOW))
+    text = subprocess.run(["pdftotext", "-layout", tmp_path / "r.pdf", "-"], capture_output=True, text=True,
+                          check=True).stdout
+    rows = {line.split()[0]: line for line in text.splitlines() if line.strip()}
+    assert "Held out" in text
+    assert re.search(r"0\.11 / 0\.10\s+0 of 33", rows["Atelectasis"])
+    assert re.search(r"0\.23 / 0\.12\s+1 of 15", rows["Nodule"])
+    assert re.search(r"0\.35 / 0\.01\s+4 of 4", rows["Hernia"])
+    assert len(PdfReader(tmp_path / "r.pdf").pages) == 1
+
+
+def test_a_probability_just_under_its_threshold_never_prints_equal_to_it():
+    """v3's Edema threshold is 0.06968: a study at 0.06965 is not flagged, and its row read
+    "0.070 0.070 -", a probability at its threshold left unflagged (42 of the 4,382 held-out
+    probability/threshold pairs print alike at 3 decimals). Where the pair prints alike it gets
+    the decimals that tell them apart; so does P(any) beside the low-probability cutoff."""
+    import io
+
+    from cxr_batch.bundle import DEFAULT_BUNDLE
+
+    info = ModelInfo.from_bundle(load_bundle(DEFAULT_BUNDLE))
+    record = scored({"Edema": 0.06965, "Atelectasis": 0.05})
+    record.scores.flags = (0,) * 14
+    record.scores.priority, record.scores.p_any = "normal", 0.40801  # the cutoff is 0.408155
+    txt = re.sub(r"\s+", " ", PdfReader(io.BytesIO(study_pdf(record, GREY, {}, info, ReportOptions(), NOW)))
+                 .pages[0].extract_text())
+    assert "Edema 0.06965 0.06968 -" in txt
+    assert "Atelectasis 0.050 0.137 -" in txt  # a pair that differs keeps 3 decimals
+    assert "P(any finding) 0.4080, below the low-probability cutoff 0.4082" in txt
+
+
+def test_the_worklist_gives_each_flag_its_held_out_catch_too():
+    """The worklist (and the banner) said 'Atelectasis (sens. 0.11, PPV 0.10)' of v3's flag, which
+    caught 0 of 33 held-out images with atelectasis, as the study's findings table, SR and ORU
+    now say: each flag's phrase carries its held-out catch."""
+    import io
+
+    from cxr_batch.bundle import DEFAULT_BUNDLE
+
+    info = ModelInfo.from_bundle(load_bundle(DEFAULT_BUNDLE))
+    record = scored({"Atelectasis": 0.9})
+    record.scores.p_any = 0.7
+    wl = re.sub(r"\s+", " ", " ".join(p.extract_text() for p in PdfReader(io.BytesIO(worklist_pdf(
+        [record], ReportOptions(), info, NOW))).pages))
+    assert "Atelectasis (sens. 0.11, PPV 0.10; held out 0/33)" in wl, wl
+    txt = re.sub(r"\s+", " ", PdfReader(io.BytesIO(study_pdf(record, GREY, {}, info, ReportOptions(), NOW)))
+                 .pages[0].extract_text())
+    assert "Atelectasis (sens. 0.11, PPV 0.10; held out 0/33)" in txt

@@ -25,8 +25,8 @@ from cxr_batch.record import Scores, StudyRecord
 from cxr_batch.reports import report_name
 from cxr_batch.results import read_results
 from cxr_batch.scan import ScanConfig, run_scan
-from cxr_batch.sr import (FINDING_CODES, PRIORITY_CODES, PROBABILITY_UNIT, SRFactory, SRNotMade, build_sr, device_uid,
-                          source_image, sr_bytes, sr_uids)
+from cxr_batch.sr import (FINDING_CODES, FLAG_CODES, PRIORITY_CODES, PROBABILITY_UNIT, SRFactory, SRNotMade, build_sr,
+                          device_uid, source_image, sr_bytes, sr_uids)
 from tests.dicomgen import HEADER, grey, have, pydicom_checking, write
 
 # pydicom warns, rightly, whenever the hostile source's values are read (by the scan too)
@@ -110,7 +110,7 @@ def test_every_finding_probability_flag_threshold_and_the_priority_read_back(sr_
             assert threshold.name == codes.DCM.ThresholdValue and threshold.value == 0.5
             (evaluation,) = group.get_qualitative_evaluations()
             assert evaluation.name == FINDING_CODES[finding]
-            present = evaluation.value == codes.cid240.Present
+            present = evaluation.value == FLAG_CODES[True]
             assert present == (row[f"flag_{finding}"] == "1") == (probability.value >= threshold.value)
             assert _text_items(group[0], "Algorithm Name") == ["small"]
             assert _text_items(group[0], "Algorithm Version") == ["test"]
@@ -409,7 +409,7 @@ def test_the_template_writes_the_bytes_highdicom_writes(sr_scan, small_bundle):
     sr = pydicom.dcmread(io.BytesIO(factory.sr_bytes(record)))
     assert str(sr.PatientName) == UTF8_NAME
     groups = hd.sr.Comprehensive3DSR.from_dataset(sr).content.get_image_measurement_groups()
-    assert all(g.get_qualitative_evaluations()[0].value == codes.cid240.Present for g in groups)
+    assert all(g.get_qualitative_evaluations()[0].value == FLAG_CODES[True] for g in groups)
 
 
 def test_a_template_that_would_write_other_bytes_is_not_used(sr_scan, small_bundle, monkeypatch, caplog):
@@ -570,3 +570,24 @@ def test_a_resumed_scan_gives_an_image_arriving_under_a_scored_uid_an_sr_of_its_
     assert "first.dcm" in rows["second.dcm"]["notes"]
     uids = {pydicom.dcmread(p).SOPInstanceUID for p in (out / "dicom").iterdir()}
     assert len(uids) == 2
+
+
+def test_a_finding_not_flagged_reads_not_ruled_out_never_absent(sr_scan):
+    """A PACS viewer lists each finding's qualitative evaluation by its code meaning. The SR said
+    SNOMED 'Absent' for every finding under its threshold, so a viewer showed 'Pneumothorax:
+    Absent' for v3, which flagged none of 10 held-out pneumothoraces, and 'Present' for a flag
+    whose PPV is 0.10. The evaluation says what the model did: flagged (to be confirmed) or not
+    flagged (not ruled out)."""
+    _, out, rows, _ = sr_scan
+    for file in ("full.dcm", "utf8/IM0001"):
+        row = rows[file]
+        path = _sr_path(out, row)
+        groups = hd.sr.Comprehensive3DSR.from_dataset(pydicom.dcmread(path)).content.get_image_measurement_groups()
+        for finding, group in zip(FINDINGS, groups):
+            (evaluation,) = group.get_qualitative_evaluations()
+            assert evaluation.value == FLAG_CODES[row[f"flag_{finding}"] == "1"]
+        if have("dsrdump"):
+            shown = subprocess.run(["dsrdump", str(path)], capture_output=True, text=True, timeout=60).stdout
+            assert '"Absent"' not in shown and '"Present"' not in shown
+            assert shown.count('"Not flagged by the model: not ruled out"') == sum(
+                row[f"flag_{f}"] != "1" for f in FINDINGS)

@@ -13,10 +13,13 @@ fields, structure, lengths), from its :class:`~cxr_batch.record.StudyRecord`:
   IHE Scheduled Workflow maps to DICOM's Accession Number; OBR-4 the imaging procedure, OBR-7
   the study date/time, OBR-25 ``P`` (preliminary: no radiologist has read it); two NTEs name
   the model (name@version, bundle sha256) and say it is decision support;
-- OBX 1: the triage priority (CE), OBX-8 ``AA`` urgent, ``A`` abnormal, ``N`` normal;
+- OBX 1: the triage priority (CE), OBX-8 ``AA`` urgent, ``A`` abnormal, empty for the
+  low-probability bucket (``N`` is "Normal" in table 0078: it is not a normal result);
 - OBX 2-15: per finding, the probability (NM, 6 decimals as in results.csv), the threshold as
   reference range (``<t``: flagged at t or above), OBX-8 ``AA`` for a flagged urgent finding,
-  ``A`` for another flagged one, ``N`` otherwise; OBX-11 ``P``;
+  ``A`` for another flagged one, empty otherwise (not flagged is not normal); OBX-11 ``P``; a flagged finding's OBX is
+  followed by an NTE saying what its flag is worth (``trust``: the SR's line for it, sensitivity
+  and PPV at its operating point and the held-out catch), as the PDF and the SR say beside it;
 - OBX 16: what orders the study inside its priority on the worklist (the urgent finding's
   probability, or P(any finding)); OBX 17: P(any finding), when the bundle has one.
 
@@ -63,7 +66,10 @@ PROCEDURE = "399208008^Plain chest X-ray^SCT"  # as the SR's Procedure Reported
 PRIORITY_OBSERVATION = f"PRIORITY^Triage priority^{LOCAL_CODES}"
 ORDER_OBSERVATION = f"ORDER^Worklist order within the priority^{LOCAL_CODES}"
 ANY_FINDING_OBSERVATION = f"PANY^Probability of any finding^{LOCAL_CODES}"
-PRIORITY_FLAGS = {"urgent": "AA", "abnormal": "A", "normal": "N"}
+# OBX-8 (HL7 v2.5 table 0078): "N" is "Normal", which a RIS shows beside the value; nothing the
+# model did not flag is normal (v3 caught 0 of 10 held-out pneumothoraces), so the low-probability
+# priority and a finding not flagged carry no flag (empty: "normal ranges don't apply")
+PRIORITY_FLAGS = {"urgent": "AA", "abnormal": "A", "normal": ""}
 # HL7 v2.5 2.9.2.2 and table 0008: AE, an error in processing this message (an order the RIS
 # does not know, a value it refuses): this message waits, the others go on; AR, a failure
 # "unrelated to its content or format (system down, internal error)" the RIS is likely to get
@@ -194,22 +200,25 @@ def _person_names(pn: str) -> list[str]:
 
 
 def _flag(flagged: bool, urgent: bool) -> str:
-    return ("AA" if urgent else "A") if flagged else "N"
+    return ("AA" if urgent else "A") if flagged else ""
 
 
 def oru_r01(record: StudyRecord, *, thresholds: Mapping[str, float] | None = None,
             urgent: Sequence[str] = DEFAULT_URGENT, sending_application: str = SENDING_APPLICATION,
             sending_facility: str = "", receiving_application: str = "", receiving_facility: str = "",
-            processing_id: str = "P", created: dt.datetime | None = None, revision: str = "") -> str:
+            processing_id: str = "P", created: dt.datetime | None = None, revision: str = "",
+            trust: Mapping[str, str] | None = None, normal_below: float | None = None) -> str:
     """The ORU^R01 of a scored ``record`` as ER7 text (segments ended by CR), validated by
     hl7apy; HL7NotMade when the record cannot have one (not scored, no patient ID or accession
     number to match the order by, a value the standard's lengths refuse). ``revision``: see
-    :func:`control_id`."""
+    :func:`control_id`. ``trust``: per finding, what its flag is worth (:func:`cxr_batch.sr.trust_lines`),
+    noted under each flagged finding's OBX. ``normal_below``: the bundle's P(any) cutoff, which
+    names the low-probability bucket as the SR and the PDF do."""
     from hl7apy.consts import VALIDATION_LEVEL
     from hl7apy.core import Message
     from hl7apy.exceptions import HL7apyException
 
-    from ..sr import FINDING_CODES, PRIORITY_CODES
+    from ..sr import FINDING_CODES, priority_code
 
     scores, ids = record.scores, record.ids
     if not record.ok or scores is None:
@@ -255,16 +264,21 @@ def oru_r01(record: StudyRecord, *, thresholds: Mapping[str, float] | None = Non
                                   f"{record.weights_sha256 or 'unknown'}", _disclaimer()), start=1):
             note = order.add_segment("NTE")
             note.nte_1, note.nte_3 = str(k), escape(text)
-        code = PRIORITY_CODES[scores.priority]
+        code = priority_code(scores.priority, normal_below)  # the SR's words for the bucket
         _observation(order, 1, "CE", PRIORITY_OBSERVATION,
                      f"{escape(code.value)}^{escape(code.meaning)}^{LOCAL_CODES}", PRIORITY_FLAGS[scores.priority])
         for k, finding in enumerate(FINDINGS):
             code = FINDING_CODES[finding]
             threshold = None if thresholds is None else thresholds.get(finding)
-            _observation(order, k + 2, "NM",
-                         f"{escape(code.value)}^{escape(code.meaning)}^{escape(code.scheme_designator)}",
-                         f"{float(scores.probs[k]):.6f}", _flag(bool(scores.flags[k]), finding in urgent),
-                         reference_range=None if threshold is None else f"<{float(threshold):.6f}")
+            group = _observation(order, k + 2, "NM",
+                                 f"{escape(code.value)}^{escape(code.meaning)}^{escape(code.scheme_designator)}",
+                                 f"{float(scores.probs[k]):.6f}", _flag(bool(scores.flags[k]), finding in urgent),
+                                 reference_range=None if threshold is None else f"<{float(threshold):.6f}")
+            if scores.flags[k] and trust and trust.get(finding):
+                # a RIS showed a bare "A"/"AA" where the PDF and the SR say the flag's sensitivity
+                # and PPV (v3's pneumothorax: 0 of 10 held out): the ORU says it beside the flag too
+                note = group.add_segment("NTE")
+                note.nte_1, note.nte_3 = "1", escape(trust[finding])
         # what orders the study inside its priority, as on the worklist (cxr_batch.triage): a RIS
         # that sorts by priority, then by this, reads the studies in cxr-batch's worklist order
         _observation(order, len(FINDINGS) + 2, "NM", ORDER_OBSERVATION, f"{float(scores.triage_score):.6f}", "")
@@ -328,8 +342,10 @@ def _disclaimer() -> str:
 
 
 def _observation(order, set_id: int, value_type: str, identifier: str, value: str, flag: str,
-                 reference_range: str | None = None) -> None:
-    obx = order.add_group("ORU_R01_OBSERVATION").obx
+                 reference_range: str | None = None):
+    """An OBX in an observation group of its own; the group (for an NTE under it)."""
+    group = order.add_group("ORU_R01_OBSERVATION")
+    obx = group.obx
     obx.obx_1, obx.obx_2, obx.obx_3, obx.obx_5 = str(set_id), value_type, identifier, value
     if value_type == "NM":
         obx.obx_6 = "{probability}^probability^UCUM"
@@ -338,6 +354,7 @@ def _observation(order, set_id: int, value_type: str, identifier: str, value: st
     if flag:
         obx.obx_8 = flag
     obx.obx_11 = "P"
+    return group
 
 
 def message_control_id(message: str) -> str:

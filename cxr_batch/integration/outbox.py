@@ -171,6 +171,7 @@ class Outbox:
                  msh: dict[str, str] | None = None):
         self.out, self.ledger_path, self.channels = Path(out), Path(ledger_path), channels
         self.bundle, self.urgent, self.dicom_pdf = bundle, tuple(urgent), dicom_pdf
+        self._trust_lines: dict[str, str] | None = None
         self.msh = dict(msh or {})  # oru_r01's MSH options (facilities, receiving application, processing id)
         self.senders = [Sender(self.ledger_path, self.out, channel, retry_max=retry_max, refused_retry=refused_retry)
                         for channel in channels]
@@ -224,6 +225,16 @@ class Outbox:
             files.append(self.out / "reports" / (record.report.removesuffix(".pdf") + ".dcm"))
         return [f for f in files if f.is_file()]
 
+    def _trust(self) -> dict[str, str]:
+        """Per finding, what its flag is worth, as the SR says it (the same for every message of
+        the bundle: read once)."""
+        if self._trust_lines is None:
+            from ..findings import FINDINGS
+            from ..sr import trust_lines
+
+            self._trust_lines = dict(zip(FINDINGS, trust_lines(self.bundle)))
+        return self._trust_lines
+
     def _message(self, record: StudyRecord, revision: str) -> tuple[str, str, str] | None:
         """The study's ORU^R01 written to OUT/hl7 (control id, path, sha256 of its bytes: the
         queue sends only those, a copy cut between two segments being a message still), or None
@@ -232,7 +243,8 @@ class Outbox:
 
         try:
             text = oru_r01(record, thresholds=self.bundle.thresholds, urgent=self.urgent,
-                           created=dt.datetime.now(), revision=revision, **self.msh)
+                           created=dt.datetime.now(), revision=revision, trust=self._trust(),
+                           normal_below=self.bundle.triage_policy().normal_below, **self.msh)
         except HL7NotMade as e:
             record.add_note(f"no HL7 result: {e}")
             log.warning("%s: no HL7 result: %s", log_name(record.file), e)
