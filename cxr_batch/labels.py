@@ -21,12 +21,17 @@ import numpy as np
 import pandas as pd
 
 from .findings import FINDINGS, NO_FINDING, resolve_finding
-from .metadata import NIH_PATIENT_COLUMNS, SAVE_AS_UTF8, first_non_utf8, not_csv, other_delimiter, rename_hint
+from .metadata import (NIH_PATIENT_COLUMNS, SAVE_AS_UTF8, first_non_utf8, named_twice, not_csv, other_delimiter,
+                       rename_hint)
+from .patient import parse_sex
 from .readers import image_stem
 from .record import log_name
 from .study import clean_text
 
 FILE_COLUMN, LABEL_COLUMN, PATIENT_COLUMN = "Image Index", "Finding Labels", "Patient ID"
+# what spreadsheets and data-frame exports write in an empty cell: as a Patient ID, one such text
+# would make every study without a known patient one patient
+MISSING_VALUE_MARKS = {"nan", "na", "n/a", "#n/a", "none", "null"}
 
 
 class LabelsError(Exception):
@@ -104,6 +109,9 @@ def read_labels(path: Path | str) -> LabelTable:
     except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError) as e:
         raise LabelsError(f"labels file {path} is not a readable CSV: {e}") from None
     table.columns = [c.strip() for c in table.columns]
+    twice = named_twice(table.columns, [FILE_COLUMN, LABEL_COLUMN, *NIH_PATIENT_COLUMNS])
+    if twice:
+        raise LabelsError(f"labels file {path} names the column {twice} twice: keep the one that is meant")
     missing = [c for c in (FILE_COLUMN, LABEL_COLUMN) if c not in table.columns]
     delimiter = other_delimiter(table.columns, {FILE_COLUMN, LABEL_COLUMN}) if missing else None
     if delimiter:  # a spreadsheet's locale chose the separator: every column is there, in one
@@ -152,12 +160,38 @@ def read_labels(path: Path | str) -> LabelTable:
         raise LabelsError(f"labels file {path}: the same file with different labels or patient data "
                           f"({', '.join(c for c in NIH_PATIENT_COLUMNS if c in table.columns) or 'none'}) in "
                           f"{_problem_rows(dup, where)}")
+    _check_patients(path, patients, table, where)  # after: one file's rows that disagree are said as such
     first = ~names.duplicated().to_numpy()  # a row repeated word for word counts once
     return LabelTable(
         path=path, sha256=hashlib.sha256(raw).hexdigest(), files=list(names[first]), y=y[first],
         patient_ids=list(patients[first]),
         has_patient_data=any(c in table.columns for c in NIH_PATIENT_COLUMNS),
     )
+
+
+def _check_patients(path: Path, patients: pd.Series, table: pd.DataFrame, where: pd.Series) -> None:
+    """Studies are grouped by Patient ID (the intervals resample patients, calibrate folds by
+    them): an ID that is no patient's, or one ID for two people, would group them wrongly."""
+    marked = patients.str.lower().isin(MISSING_VALUE_MARKS)
+    if marked.any():
+        values = ", ".join(map(repr, dict.fromkeys(patients[marked])))
+        raise LabelsError(f"labels file {path}: '{PATIENT_COLUMN}' {values} in {_problem_rows(marked, where)} marks a "
+                          f"missing value, and as an ID it would make all those studies one patient: leave the cell "
+                          f"empty where the patient is not known (each such study then counts as its own patient)")
+    if "Patient Gender" not in table.columns:
+        return
+    # one person's studies have one sex; a blank or unrecognised sex says nothing either way
+    sexes = table["Patient Gender"].map(lambda value: parse_sex(value)[0])
+    known = (patients != "") & sexes.notna()
+    mixed = pd.DataFrame({"patient": patients[known], "sex": sexes[known]}).groupby("patient", sort=False)["sex"].nunique()
+    mixed = mixed[mixed > 1]
+    if len(mixed):
+        patient = mixed.index[0]
+        rows = known & (patients == patient)
+        raise LabelsError(f"labels file {path}: {PATIENT_COLUMN} {shown(patient)!r} is given to studies of different "
+                          f"sex ({', '.join(dict.fromkeys(sexes[rows]))}) in {_problem_rows(rows, where)}: two people "
+                          f"share that ID (patients numbered apart, then merged) or a sex is wrong; give each person "
+                          f"an ID of their own" + (f" ({len(mixed) - 1} more such IDs)" if len(mixed) > 1 else ""))
 
 
 def _closest(name: str) -> str:
