@@ -120,7 +120,7 @@ def read_labels(path: Path | str) -> LabelTable:
     if missing:
         raise LabelsError(f"labels file {path} lacks column(s) {', '.join(map(repr, missing))}; expected the NIH "
                           f"Data_Entry columns '{FILE_COLUMN}' and '{LABEL_COLUMN}'"
-                          + rename_hint(missing, table.columns))
+                          + rename_hint(missing, table.columns) + _one_column_per_finding(table.columns))
     # a blank line, or a spreadsheet's empty row exported as ',,,,': no label, and no mistake
     table = table[~table.apply(lambda column: column.str.strip() == "").all(axis=1)]
     rows_in_file = table.index  # every line after the header counted, blank ones too
@@ -167,6 +167,22 @@ def read_labels(path: Path | str) -> LabelTable:
         patient_ids=list(patients[first]),
         has_patient_data=any(c in table.columns for c in NIH_PATIENT_COLUMNS),
     )
+
+
+def _one_column_per_finding(columns) -> str:
+    """What to write instead when a table has a column per finding (a CheXpert-style export), or
+    "". Their values are not read: whether 2 or -1 (uncertain) is a positive is the site's call."""
+    def is_finding(column: str) -> bool:
+        try:
+            return column.lower() == NO_FINDING.lower() or bool(resolve_finding(column))
+        except ValueError:
+            return False
+
+    named = [c for c in columns if is_finding(c)]
+    if len(named) < 2:
+        return ""
+    return (f"; its columns {', '.join(map(repr, named))} hold one finding each: write each row's findings in one "
+            f"'{LABEL_COLUMN}' column, joined by '|' (Atelectasis|Effusion), or '{NO_FINDING}'")
 
 
 def _check_patients(path: Path, patients: pd.Series, table: pd.DataFrame, where: pd.Series) -> None:

@@ -81,3 +81,17 @@ def test_the_whole_nih_table_is_refused_nothing(nih):
     """NIH's own 112,120 rows (30,805 patients, each of one sex) pass every check above."""
     labels = read_labels(nih / "metadata" / "Data_Entry_2017_v2020.csv.gz")
     assert len(labels.files) == 112120 and len(set(labels.patient_ids)) == 30805
+
+
+@pytest.mark.parametrize("yes", ["1", "1.0", "TRUE", "yes", "2"])
+def test_a_table_of_one_column_per_finding_is_told_how_to_write_finding_labels(tmp_path, yes):
+    """A CheXpert-style export (a column per finding holding 1.0, TRUE, yes...) was refused as
+    lacking 'Finding Labels' and nothing more: what those columns are, and what to write instead,
+    is said. Their values are not guessed at (is 2 a positive? -1 an uncertain one?)."""
+    path = write(tmp_path, "Image Index,Patient ID,Atelectasis,Pleural Thickening,effusion,No Finding",
+                 [f"a.png,1,{yes},0,0,0", f"b.png,2,0,0,0,{yes}"])
+    with pytest.raises(LabelsError, match=re.escape(
+            "its columns 'Atelectasis', 'Pleural Thickening', 'effusion', 'No Finding' hold one finding each: "
+            "write each row's findings in one 'Finding Labels' column, joined by '|' (Atelectasis|Effusion), "
+            "or 'No Finding'")):
+        read_labels(path)
