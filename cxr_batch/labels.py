@@ -21,8 +21,8 @@ import numpy as np
 import pandas as pd
 
 from .findings import FINDINGS, NO_FINDING, resolve_finding
-from .metadata import (NIH_PATIENT_COLUMNS, SAVE_AS_UTF8, first_non_utf8, named_twice, not_csv, other_delimiter,
-                       rename_hint)
+from .metadata import (NIH_PATIENT_COLUMNS, SAVE_AS_UTF8, SEPARATOR_LINE, excel_separator_line, first_non_utf8,
+                       named_twice, not_csv, other_delimiter, rename_hint)
 from .patient import parse_sex
 from .readers import image_stem
 from .record import log_name
@@ -90,6 +90,9 @@ def read_labels(path: Path | str) -> LabelTable:
             raise LabelsError(f"labels file {path} is not a CSV file: it is {what}; expected a comma-separated "
                               f"text table with the NIH Data_Entry columns '{FILE_COLUMN}' and '{LABEL_COLUMN}'"
                               + (f"; {SAVE_AS_UTF8}" if "text" in what else ""))
+        hint = None if path.suffix == ".gz" else excel_separator_line(raw[:4096])
+        if hint:
+            raise LabelsError(f"labels file {path}: its first line {hint!r} {SEPARATOR_LINE}")
         # index_col=False: a data row with a trailing comma must not turn the first column
         # into the index (every column would shift by one); what lies beyond the header's
         # columns has no name and is not read (pandas warns about it; nothing is lost here)
@@ -136,6 +139,7 @@ def read_labels(path: Path | str) -> LabelTable:
         # nothing as patient data, and the study was scored without age, sex and view
         (names.str.contains(r"[/\\]"), f"a path, not a file name, in '{FILE_COLUMN}' (write the file's name "
                                          f"alone, as the NIH table does)"),
+        ((names == FILE_COLUMN) & (labels == LABEL_COLUMN), "the header again (tables pasted one under another?)"),
         (labels == "", f"an empty '{LABEL_COLUMN}' (write '{NO_FINDING}' for a normal study)"),
         (labels.str.contains(NO_FINDING, regex=False) & (labels != NO_FINDING), f"'{NO_FINDING}' together with a finding"),
     )

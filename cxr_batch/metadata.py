@@ -140,6 +140,9 @@ def _read_table(path: Path, option: str = "--metadata"):
         if what:
             raise MetadataError(f"{kind} {path} is not a CSV file: it is {what}; {expected}"
                                 + (f"; {SAVE_AS_UTF8}" if "text" in what else ""))
+        hint = None if compressed else excel_separator_line(head)
+        if hint:
+            raise MetadataError(f"{kind} {path}: its first line {hint!r} {SEPARATOR_LINE}")
         table = pd.read_csv(path, dtype=str, keep_default_na=False, compression="gzip" if compressed else "infer")
     except FileNotFoundError:
         raise MetadataError(f"{kind} {path} does not exist") from None
@@ -181,6 +184,16 @@ def other_delimiter(columns, required: set[str]) -> str | None:
         if required <= {c.strip() for c in header.split(sep)}:
             return name
     return None
+
+
+def excel_separator_line(head: bytes) -> str | None:
+    """The first line of a table when it is Excel's separator hint ('sep=;', which Excel writes
+    and reads above the header), else None: read as the header, it hid the columns below it."""
+    first = head.removeprefix(b"\xef\xbb\xbf").split(b"\n", 1)[0].strip()
+    return first.decode("latin-1") if re.fullmatch(rb"sep=.?", first, re.IGNORECASE) else None
+
+
+SEPARATOR_LINE = "is Excel's separator hint, not the header: delete that line"
 
 
 def named_twice(columns, wanted) -> str | None:

@@ -95,3 +95,23 @@ def test_a_table_of_one_column_per_finding_is_told_how_to_write_finding_labels(t
             "write each row's findings in one 'Finding Labels' column, joined by '|' (Atelectasis|Effusion), "
             "or 'No Finding'")):
         read_labels(path)
+
+
+@pytest.mark.parametrize("sep", [",", ";"])
+def test_excels_separator_line_is_named_rather_than_said_to_lack_the_columns(tmp_path, sep):
+    """Excel's 'sep=,' first line made the table "lack" the columns plainly on its next line."""
+    path = tmp_path / "labels.csv"
+    path.write_bytes(f"sep={sep}\r\n{HEADER}\r\na.png,No Finding,1,50,M,PA\r\n".replace(",", sep).encode())
+    hint = re.escape(f"its first line 'sep={sep}' is Excel's separator hint, not the header: delete that line")
+    with pytest.raises(LabelsError, match=hint):
+        read_labels(path)
+    with pytest.raises(MetadataError, match=hint):
+        load_metadata_csv(path)
+
+
+def test_a_header_repeated_inside_the_table_is_named_as_such(tmp_path):
+    """Two exports pasted one under the other: the second header was an unknown finding
+    'Finding Labels' of a file named 'Image Index'."""
+    path = write(tmp_path, HEADER, ["a.png,No Finding,1,50,M,PA", HEADER, "b.png,Mass,2,60,F,PA"])
+    with pytest.raises(LabelsError, match=re.escape("the header again (tables pasted one under another?) in row 3")):
+        read_labels(path)
