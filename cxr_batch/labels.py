@@ -120,6 +120,11 @@ def read_labels(path: Path | str) -> LabelTable:
     if delimiter:  # a spreadsheet's locale chose the separator: every column is there, in one
         raise LabelsError(f"labels file {path} is separated by {delimiter}, not by commas: save it as a "
                           f"comma-separated CSV (the same table serves as patient data, which is read as CSV)")
+    if missing and {"findings", "weights_sha256", *(f"p_{f}" for f in FINDINGS)} <= set(table.columns):
+        # never the rename hint ('findings' to 'Finding Labels'): the model measured against itself
+        raise LabelsError(f"labels file {path} is a cxr-batch results table (the model's own output), not labels: "
+                          f"evaluate and calibrate measure the model against a reader's findings, in the NIH "
+                          f"Data_Entry columns '{FILE_COLUMN}' and '{LABEL_COLUMN}'")
     if missing:
         raise LabelsError(f"labels file {path} lacks column(s) {', '.join(map(repr, missing))}; expected the NIH "
                           f"Data_Entry columns '{FILE_COLUMN}' and '{LABEL_COLUMN}'"

@@ -115,3 +115,17 @@ def test_a_header_repeated_inside_the_table_is_named_as_such(tmp_path):
     path = write(tmp_path, HEADER, ["a.png,No Finding,1,50,M,PA", HEADER, "b.png,Mass,2,60,F,PA"])
     with pytest.raises(LabelsError, match=re.escape("the header again (tables pasted one under another?) in row 3")):
         read_labels(path)
+
+
+def test_a_results_table_given_as_labels_is_never_told_to_rename_its_findings(tmp_path, studies, small_bundle):
+    """A scan's results.csv given as --labels was told "rename 'findings' to 'Finding Labels'":
+    the model's own flags as the reference, an evaluation of the model against itself."""
+    from cxr_batch.scan import ScanConfig, run_scan
+
+    summary = run_scan(studies, tmp_path / "scan", ScanConfig(weights=str(small_bundle), device="cpu", workers=0,
+                                                              progress=False, pdf=False))
+    with pytest.raises(LabelsError) as refused:
+        read_labels(summary.results)
+    said = str(refused.value)
+    assert "is a cxr-batch results table (the model's own output)" in said and "a reader's" in said
+    assert "rename" not in said
