@@ -144,7 +144,9 @@ def read_labels(path: Path | str) -> LabelTable:
         # nothing as patient data, and the study was scored without age, sex and view
         (names.str.contains(r"[/\\]"), f"a path, not a file name, in '{FILE_COLUMN}' (write the file's name "
                                          f"alone, as the NIH table does)"),
-        ((names == FILE_COLUMN) & (labels == LABEL_COLUMN), "the header again (tables pasted one under another?)"),
+        # (a second export's header may start with its byte-order mark: `cat a.csv b.csv`)
+        ((names.str.lstrip("\ufeff") == FILE_COLUMN) & (labels == LABEL_COLUMN),
+         "the header again (tables pasted one under another?)"),
         (labels == "", f"an empty '{LABEL_COLUMN}' (write '{NO_FINDING}' for a normal study)"),
         (labels.str.contains(NO_FINDING, regex=False) & (labels != NO_FINDING), f"'{NO_FINDING}' together with a finding"),
     )
@@ -203,6 +205,13 @@ def _check_patients(path: Path, patients: pd.Series, table: pd.DataFrame, where:
         raise LabelsError(f"labels file {path}: '{PATIENT_COLUMN}' {values} in {_problem_rows(marked, where)} marks a "
                           f"missing value, and as an ID it would make all those studies one patient: leave the cell "
                           f"empty where the patient is not known (each such study then counts as its own patient)")
+    # 123456789012 shown by Excel as 1.23457E+11 is saved so: patients a few apart become one
+    rounded = patients.str.fullmatch(r"\d(\.\d+)?E\+\d+", case=False)
+    if rounded.any():
+        values = ", ".join(map(repr, dict.fromkeys(patients[rounded])))
+        raise LabelsError(f"labels file {path}: '{PATIENT_COLUMN}' {values} in {_problem_rows(rounded, where)} is a "
+                          f"number in Excel's scientific notation, rounded: different patients' IDs become the same; "
+                          f"export the table again from its source, with that column formatted as Text")
     if "Patient Gender" not in table.columns:
         return
     # one person's studies have one sex; a blank or unrecognised sex says nothing either way

@@ -129,3 +129,22 @@ def test_a_results_table_given_as_labels_is_never_told_to_rename_its_findings(tm
     said = str(refused.value)
     assert "is a cxr-batch results table (the model's own output)" in said and "a reader's" in said
     assert "rename" not in said
+
+
+def test_patient_ids_excel_rounded_into_scientific_notation_are_refused(tmp_path):
+    """Excel shows a 12-digit ID as 1.23457E+11 and saves it so: patients 123456789012 and
+    123456789099 became one patient, and nothing said so."""
+    path = write(tmp_path, HEADER, ["a.png,No Finding,1.23457E+11,50,M,PA", "b.png,Mass,1.23457E+11,60,M,PA",
+                                    "c.png,Mass,7,60,F,PA"])
+    with pytest.raises(LabelsError, match=re.escape("'Patient ID' '1.23457E+11' in row 2 (a.png), row 3 (b.png) is "
+                                                    "a number in Excel's scientific notation")):
+        read_labels(path)
+
+
+def test_a_second_table_pasted_with_its_byte_order_mark_is_named_as_a_repeated_header(tmp_path):
+    """`cat a.csv b.csv` of two UTF-8 exports: the second header starts with a byte-order mark."""
+    path = tmp_path / "labels.csv"
+    one = ("\ufeff" + HEADER + "\r\na.png,No Finding,1,50,M,PA\r\n").encode()
+    path.write_bytes(one + one.replace(b"a.png", b"b.png"))
+    with pytest.raises(LabelsError, match=re.escape("the header again (tables pasted one under another?) in row 3")):
+        read_labels(path)
