@@ -21,12 +21,17 @@ import numpy as np
 import pandas as pd
 
 from .findings import FINDINGS, NO_FINDING, resolve_finding
-from .metadata import NIH_PATIENT_COLUMNS, SAVE_AS_UTF8, first_non_utf8, not_csv, other_delimiter, rename_hint
+from .metadata import (NIH_PATIENT_COLUMNS, SAVE_AS_UTF8, SEPARATOR_LINE, excel_separator_line, first_non_utf8,
+                       named_twice, not_csv, other_delimiter, rename_hint)
+from .patient import parse_sex
 from .readers import image_stem
 from .record import log_name
 from .study import clean_text
 
 FILE_COLUMN, LABEL_COLUMN, PATIENT_COLUMN = "Image Index", "Finding Labels", "Patient ID"
+# what spreadsheets and data-frame exports write in an empty cell: as a Patient ID, one such text
+# would make every study without a known patient one patient
+MISSING_VALUE_MARKS = {"nan", "na", "n/a", "#n/a", "none", "null"}
 
 
 class LabelsError(Exception):
@@ -85,6 +90,9 @@ def read_labels(path: Path | str) -> LabelTable:
             raise LabelsError(f"labels file {path} is not a CSV file: it is {what}; expected a comma-separated "
                               f"text table with the NIH Data_Entry columns '{FILE_COLUMN}' and '{LABEL_COLUMN}'"
                               + (f"; {SAVE_AS_UTF8}" if "text" in what else ""))
+        hint = None if path.suffix == ".gz" else excel_separator_line(raw[:4096])
+        if hint:
+            raise LabelsError(f"labels file {path}: its first line {hint!r} {SEPARATOR_LINE}")
         # index_col=False: a data row with a trailing comma must not turn the first column
         # into the index (every column would shift by one); what lies beyond the header's
         # columns has no name and is not read (pandas warns about it; nothing is lost here)
@@ -104,15 +112,23 @@ def read_labels(path: Path | str) -> LabelTable:
     except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError) as e:
         raise LabelsError(f"labels file {path} is not a readable CSV: {e}") from None
     table.columns = [c.strip() for c in table.columns]
+    twice = named_twice(table.columns, [FILE_COLUMN, LABEL_COLUMN, *NIH_PATIENT_COLUMNS])
+    if twice:
+        raise LabelsError(f"labels file {path} names the column {twice} twice: keep the one that is meant")
     missing = [c for c in (FILE_COLUMN, LABEL_COLUMN) if c not in table.columns]
     delimiter = other_delimiter(table.columns, {FILE_COLUMN, LABEL_COLUMN}) if missing else None
     if delimiter:  # a spreadsheet's locale chose the separator: every column is there, in one
         raise LabelsError(f"labels file {path} is separated by {delimiter}, not by commas: save it as a "
                           f"comma-separated CSV (the same table serves as patient data, which is read as CSV)")
+    if missing and {"findings", "weights_sha256", *(f"p_{f}" for f in FINDINGS)} <= set(table.columns):
+        # never the rename hint ('findings' to 'Finding Labels'): the model measured against itself
+        raise LabelsError(f"labels file {path} is a cxr-batch results table (the model's own output), not labels: "
+                          f"evaluate and calibrate measure the model against a reader's findings, in the NIH "
+                          f"Data_Entry columns '{FILE_COLUMN}' and '{LABEL_COLUMN}'")
     if missing:
         raise LabelsError(f"labels file {path} lacks column(s) {', '.join(map(repr, missing))}; expected the NIH "
                           f"Data_Entry columns '{FILE_COLUMN}' and '{LABEL_COLUMN}'"
-                          + rename_hint(missing, table.columns))
+                          + rename_hint(missing, table.columns) + _one_column_per_finding(table.columns))
     # a blank line, or a spreadsheet's empty row exported as ',,,,': no label, and no mistake
     table = table[~table.apply(lambda column: column.str.strip() == "").all(axis=1)]
     rows_in_file = table.index  # every line after the header counted, blank ones too
@@ -128,6 +144,9 @@ def read_labels(path: Path | str) -> LabelTable:
         # nothing as patient data, and the study was scored without age, sex and view
         (names.str.contains(r"[/\\]"), f"a path, not a file name, in '{FILE_COLUMN}' (write the file's name "
                                          f"alone, as the NIH table does)"),
+        # (a second export's header may start with its byte-order mark: `cat a.csv b.csv`)
+        ((names.str.lstrip("\ufeff") == FILE_COLUMN) & (labels == LABEL_COLUMN),
+         "the header again (tables pasted one under another?)"),
         (labels == "", f"an empty '{LABEL_COLUMN}' (write '{NO_FINDING}' for a normal study)"),
         (labels.str.contains(NO_FINDING, regex=False) & (labels != NO_FINDING), f"'{NO_FINDING}' together with a finding"),
     )
@@ -152,12 +171,61 @@ def read_labels(path: Path | str) -> LabelTable:
         raise LabelsError(f"labels file {path}: the same file with different labels or patient data "
                           f"({', '.join(c for c in NIH_PATIENT_COLUMNS if c in table.columns) or 'none'}) in "
                           f"{_problem_rows(dup, where)}")
+    _check_patients(path, patients, table, where)  # after: one file's rows that disagree are said as such
     first = ~names.duplicated().to_numpy()  # a row repeated word for word counts once
     return LabelTable(
         path=path, sha256=hashlib.sha256(raw).hexdigest(), files=list(names[first]), y=y[first],
         patient_ids=list(patients[first]),
         has_patient_data=any(c in table.columns for c in NIH_PATIENT_COLUMNS),
     )
+
+
+def _one_column_per_finding(columns) -> str:
+    """What to write instead when a table has a column per finding (a CheXpert-style export), or
+    "". Their values are not read: whether 2 or -1 (uncertain) is a positive is the site's call."""
+    def is_finding(column: str) -> bool:
+        try:
+            return column.lower() == NO_FINDING.lower() or bool(resolve_finding(column))
+        except ValueError:
+            return False
+
+    named = [c for c in columns if is_finding(c)]
+    if len(named) < 2:
+        return ""
+    return (f"; its columns {', '.join(map(repr, named))} hold one finding each: write each row's findings in one "
+            f"'{LABEL_COLUMN}' column, joined by '|' (Atelectasis|Effusion), or '{NO_FINDING}'")
+
+
+def _check_patients(path: Path, patients: pd.Series, table: pd.DataFrame, where: pd.Series) -> None:
+    """Studies are grouped by Patient ID (the intervals resample patients, calibrate folds by
+    them): an ID that is no patient's, or one ID for two people, would group them wrongly."""
+    marked = patients.str.lower().isin(MISSING_VALUE_MARKS)
+    if marked.any():
+        values = ", ".join(map(repr, dict.fromkeys(patients[marked])))
+        raise LabelsError(f"labels file {path}: '{PATIENT_COLUMN}' {values} in {_problem_rows(marked, where)} marks a "
+                          f"missing value, and as an ID it would make all those studies one patient: leave the cell "
+                          f"empty where the patient is not known (each such study then counts as its own patient)")
+    # 123456789012 shown by Excel as 1.23457E+11 is saved so: patients a few apart become one
+    rounded = patients.str.fullmatch(r"\d(\.\d+)?E\+\d+", case=False)
+    if rounded.any():
+        values = ", ".join(map(repr, dict.fromkeys(patients[rounded])))
+        raise LabelsError(f"labels file {path}: '{PATIENT_COLUMN}' {values} in {_problem_rows(rounded, where)} is a "
+                          f"number in Excel's scientific notation, rounded: different patients' IDs become the same; "
+                          f"export the table again from its source, with that column formatted as Text")
+    if "Patient Gender" not in table.columns:
+        return
+    # one person's studies have one sex; a blank or unrecognised sex says nothing either way
+    sexes = table["Patient Gender"].map(lambda value: parse_sex(value)[0])
+    known = (patients != "") & sexes.notna()
+    mixed = pd.DataFrame({"patient": patients[known], "sex": sexes[known]}).groupby("patient", sort=False)["sex"].nunique()
+    mixed = mixed[mixed > 1]
+    if len(mixed):
+        patient = mixed.index[0]
+        rows = known & (patients == patient)
+        raise LabelsError(f"labels file {path}: {PATIENT_COLUMN} {shown(patient)!r} is given to studies of different "
+                          f"sex ({', '.join(dict.fromkeys(sexes[rows]))}) in {_problem_rows(rows, where)}: two people "
+                          f"share that ID (patients numbered apart, then merged) or a sex is wrong; give each person "
+                          f"an ID of their own" + (f" ({len(mixed) - 1} more such IDs)" if len(mixed) > 1 else ""))
 
 
 def _closest(name: str) -> str:

@@ -140,6 +140,9 @@ def _read_table(path: Path, option: str = "--metadata"):
         if what:
             raise MetadataError(f"{kind} {path} is not a CSV file: it is {what}; {expected}"
                                 + (f"; {SAVE_AS_UTF8}" if "text" in what else ""))
+        hint = None if compressed else excel_separator_line(head)
+        if hint:
+            raise MetadataError(f"{kind} {path}: its first line {hint!r} {SEPARATOR_LINE}")
         table = pd.read_csv(path, dtype=str, keep_default_na=False, compression="gzip" if compressed else "infer")
     except FileNotFoundError:
         raise MetadataError(f"{kind} {path} does not exist") from None
@@ -150,6 +153,9 @@ def _read_table(path: Path, option: str = "--metadata"):
     except (pd.errors.ParserError, pd.errors.EmptyDataError, OSError, EOFError) as e:
         raise MetadataError(f"{kind} {path} is not a readable CSV: {e}") from None
     table.columns = [c.strip() for c in table.columns]
+    twice = named_twice(table.columns, NIH_COLUMNS)
+    if twice:
+        raise MetadataError(f"{kind} {path} names the column {twice} twice: keep the one that is meant")
     # the columns a table has are used; a column it lacks is unknown for every row (said once)
     missing = [c for c in NIH_COLUMNS if c not in table.columns]
     delimiter = other_delimiter(table.columns, {"Image Index"}) if "Image Index" in missing else None
@@ -177,6 +183,28 @@ def other_delimiter(columns, required: set[str]) -> str | None:
     for sep, name in ((";", "';'"), ("\t", "tab")):
         if required <= {c.strip() for c in header.split(sep)}:
             return name
+    return None
+
+
+def excel_separator_line(head: bytes) -> str | None:
+    """The first line of a table when it is Excel's separator hint ('sep=;', which Excel writes
+    and reads above the header), else None: read as the header, it hid the columns below it."""
+    first = head.removeprefix(b"\xef\xbb\xbf").split(b"\n", 1)[0].strip()
+    return first.decode("latin-1") if re.fullmatch(rb"sep=.?", first, re.IGNORECASE) else None
+
+
+SEPARATOR_LINE = "is Excel's separator hint, not the header: delete that line"
+
+
+def named_twice(columns, wanted) -> str | None:
+    """The first of the ``wanted`` columns that a header (names stripped) holds more than once,
+    said with where ("'Finding Labels' (columns 2 and 7)"), else None. pandas reads a second 'X'
+    as 'X.1' and a second ' X' as another 'X': either way only one of them would be read, and
+    which one the person meant is not known (a revised column added at the end under the same name)."""
+    for name in wanted:
+        at = [i + 1 for i, c in enumerate(columns) if c == name or re.fullmatch(re.escape(name) + r"\.\d+", c)]
+        if len(at) > 1:
+            return f"{name!r} (columns {', '.join(map(str, at[:-1]))} and {at[-1]})"
     return None
 
 
