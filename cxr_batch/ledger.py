@@ -172,6 +172,7 @@ class Ledger:
             check = self.db.execute("PRAGMA quick_check").fetchone()[0]
             if check != "ok":
                 raise sqlite3.DatabaseError(check)
+            self._refuse_newer()
             self._migrate()
         except sqlite3.OperationalError as e:  # a full disk, a lock, no permission: not a broken ledger
             full = " on a full disk" if shutil.disk_usage(self.path.parent).free < FULL_DISK else ""
@@ -184,6 +185,21 @@ class Ledger:
             target = Path(f"{self.path}{suffix}")
             if target.exists():
                 os.chmod(target, FILE_MODE)
+
+    def _refuse_newer(self) -> None:
+        """A ledger of a newer release (the daemon rolled back after an upgrade) is refused before
+        anything is written: migrating it would stamp it with this schema, and the rows it
+        rewrites from it would lose what the newer release records."""
+        if not self.db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta'").fetchone():
+            return  # a new ledger, or the first release's
+        row = self.db.execute("SELECT value FROM meta WHERE name = 'schema'").fetchone()
+        schema = "" if row is None else str(row[0])
+        if row is not None and not (schema.isdigit() and int(schema) <= SCHEMA_VERSION):
+            self.db.close()
+            said = f"schema {int(schema)}" if schema.isdigit() else "a schema this version does not know"
+            raise LedgerError(f"{self.path} was written by a newer cxr-batch (ledger {said}; this version reads "
+                              f"schema {SCHEMA_VERSION} and older); it is kept as it is: run the newer cxr-batch on "
+                              f"this results folder, or give this one another --out")
 
     def _migrate(self) -> None:
         tables = {r[0] for r in self.db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}

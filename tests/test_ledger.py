@@ -116,6 +116,25 @@ def test_files_handled_before_schema_7_are_known_by_size_and_mtime_as_then(tmp_p
     ledger.close()
 
 
+def test_a_ledger_of_a_newer_release_is_refused_and_left_as_it_is(tmp_path):
+    """A results folder a newer cxr-batch wrote (the daemon rolled back after an upgrade): its
+    ledger was opened, stamped with this release's schema number and read with this release's
+    columns; it is refused, naming both schemas, and not written."""
+    path = tmp_path / "ledger.sqlite"
+    Ledger(path).close()
+    db = sqlite3.connect(path, isolation_level=None)
+    db.execute("INSERT OR REPLACE INTO meta VALUES ('schema', '99')")
+    db.execute("CREATE TABLE later_release (x TEXT)")
+    db.close()
+    before = path.read_bytes()
+    with pytest.raises(LedgerError, match="newer cxr-batch.*schema 99.*schema 7"):
+        Ledger(path)
+    db = sqlite3.connect(path)
+    assert db.execute("SELECT value FROM meta WHERE name = 'schema'").fetchone() == ("99",)
+    db.close()
+    assert path.read_bytes() == before
+
+
 def test_corrupt_ledger_is_a_clear_error(tmp_path):
     path = tmp_path / "l.sqlite"
     path.write_bytes(b"SQLite format 3\x00" + os.urandom(4000))
