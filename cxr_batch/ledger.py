@@ -319,6 +319,16 @@ class Ledger:
                                (since, limit)).fetchall()
         return [StudyRecord.from_json(json.loads(r[0])) for r in reversed(rows)]
 
+    def last_seq(self) -> int:
+        """The order number of the last study recorded (0: none): :meth:`reported_after` it
+        gives those recorded since, whatever the wall clock did meanwhile."""
+        return self.db.execute("SELECT COALESCE(MAX(seq), 0) FROM studies").fetchone()[0]
+
+    def reported_after(self, seq: int) -> list[StudyRecord]:
+        """The records reported (or reported again) after :meth:`last_seq` gave ``seq``, in order."""
+        rows = self.db.execute("SELECT record FROM studies WHERE seq > ? ORDER BY seq", (seq,)).fetchall()
+        return [StudyRecord.from_json(json.loads(r[0])) for r in rows]
+
     def scored_records(self, weights_sha256: str, limit: int, newest: bool = True) -> list[tuple[int, StudyRecord]]:
         """(seq, record) of the scored studies of one model (its bundle_sha256) that carry image
         statistics (scored since drift monitoring): the newest ``limit`` or, with
