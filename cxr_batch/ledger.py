@@ -587,7 +587,7 @@ class Ledger:
     def outbound_send_now(self, uids: Sequence[str] | None = None, channel: str | None = None) -> int:
         """Due now: every waiting object (``uids`` None), or the objects named, whatever their
         state (a dropped one is queued again; a delivered one is sent again); of one
-        ``channel`` or all. The running sender sees :meth:`outbound_nudged` and stops any
+        ``channel`` or all. The running sender sees :meth:`outbound_nudge` change and stops any
         back-off. Returns how many."""
         now = time.time()
         where, args = ("", ()) if channel is None else (" AND channel = ?", (channel,))
@@ -608,7 +608,9 @@ class Ledger:
             return sum(self.db.execute(f"UPDATE outbound SET dropped_at = ? WHERE uid = ? AND {_WAITING}{where}",
                                        (now, uid, *args)).rowcount for uid in uids)
 
-    def outbound_nudged(self, since: float) -> bool:
-        """Whether an operator asked for sending now after ``since`` (epoch seconds)."""
+    def outbound_nudge(self) -> str | None:
+        """The mark of the operator's last ask to send now (None: never): one that differs from a
+        mark read earlier is an ask since, whatever the clock did (set back after a failure, an
+        ask at an earlier wall-clock time than the failure was missed)."""
         row = self.db.execute("SELECT value FROM meta WHERE name = 'outbound_nudge'").fetchone()
-        return row is not None and float(row[0]) > since
+        return None if row is None else str(row[0])

@@ -182,6 +182,7 @@ class Sender:
         seconds) and returns, so the queue is read afresh."""
         name, where = self.channel.name, str(self.channel)
         deadline = None if until is None else time.monotonic() + (until - time.time())  # a clock's jump aside
+        asked = ledger.outbound_nudge()  # an operator's retry from now on ends a back-off
         for uid in sorted(self.unrecorded):  # raises while the ledger still cannot be written
             ledger.outbound_delivered(uid, where, name)
             self.unrecorded.discard(uid)
@@ -215,7 +216,7 @@ class Sender:
                     ledger.outbound_retry(item.uid, failed_at + delay, result.reason, name)
                 if deadline is not None:
                     delay = min(delay, max(0.0, deadline - time.monotonic()))
-                self._back_off(ledger, delay, failed_at)
+                self._back_off(ledger, delay, asked)
                 return True
             else:
                 self.last_error = result.reason
@@ -287,11 +288,12 @@ class Sender:
             log.warning("waiting %s object(s) were due further ahead than any wait (the clock ran ahead): due within "
                         "%.0f s", self.channel.name, longest)
 
-    def _back_off(self, ledger: Ledger, delay: float, since: float) -> None:
-        """Wait ``delay`` seconds, less if we are stopped or an operator asks for a retry."""
+    def _back_off(self, ledger: Ledger, delay: float, asked: str | None) -> None:
+        """Wait ``delay`` seconds, less if we are stopped or an operator asks for a retry (the
+        ledger's :meth:`~Ledger.outbound_nudge` is no longer ``asked``)."""
         end = time.monotonic() + delay
         while (left := end - time.monotonic()) > 0 and not self.halt.is_set():
-            if self.halt.wait(min(left, IDLE_WAIT)) or ledger.outbound_nudged(since):
+            if self.halt.wait(min(left, IDLE_WAIT)) or ledger.outbound_nudge() != asked:
                 return
 
     def send_one(self, item: OutboundItem) -> Delivery:
