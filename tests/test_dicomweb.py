@@ -593,6 +593,22 @@ def test_status_says_the_archive_asked_to_wait_and_until_when(results, archive, 
         ledger.close()
 
 
+def test_status_s_next_try_follows_the_clock_set_back(results, archive, tmp_path, monkeypatch):
+    """The archive asked to wait 10 minutes, then the clock was set back an hour (NTP): the queue
+    kept its 10 minutes, but status.json's next_try_at said an hour and 10 minutes from now."""
+    archive.answer, archive.headers = (503, None), {"Retry-After": "600"}
+    ledger, sender = _stow_sender(results, archive, tmp_path)
+    try:
+        sender.send_due(ledger, until=time.time())
+        real = time.time
+        monkeypatch.setattr(time, "time", lambda: real() - 3600)
+        assert not sender.send_due(ledger)  # the sender sees the jump; nothing is due yet
+        said = sender.status()
+        assert said["peer"] == "asked to wait (Retry-After)" and said["next_try_at"] <= time.time() + 600, said
+    finally:
+        ledger.close()
+
+
 def test_a_retry_after_of_hundreds_of_digits_is_said_as_a_number_not_inf(results, archive, tmp_path, caplog):
     """A Retry-After of 400 nines was read as float infinity: capped rightly at the hour, but the
     log said 'asked to wait inf s'."""

@@ -278,6 +278,8 @@ class Sender:
         back, self.clock_offset = self.clock_offset - offset, offset
         if back > CLOCK_STEP:
             n = ledger.outbound_clock_back(back, self.channel.name)
+            if self.held_until is not None:  # status.json's next try: moved back with the queue
+                self.held_until -= back
             log.warning("the system clock went back %.0f s: the %d waiting %s object(s) keep their wait", back, n,
                         self.channel.name)
         # set back while no sender ran (a restart with the right time after a clock that ran
