@@ -119,6 +119,10 @@ class LedgerError(Exception):
     """A ledger that cannot be opened or read (corrupt, or of an unknown schema)."""
 
 
+class NewerLedger(LedgerError):
+    """A ledger of a newer cxr-batch: whole, kept as it is (never to be moved aside)."""
+
+
 @dataclass(frozen=True)
 class Known:
     """What the ledger holds for a key."""
@@ -197,7 +201,7 @@ class Ledger:
         if row is not None and not (schema.isdigit() and int(schema) <= SCHEMA_VERSION):
             self.db.close()
             said = f"schema {int(schema)}" if schema.isdigit() else "a schema this version does not know"
-            raise LedgerError(f"{self.path} was written by a newer cxr-batch (ledger {said}; this version reads "
+            raise NewerLedger(f"{self.path} was written by a newer cxr-batch (ledger {said}; this version reads "
                               f"schema {SCHEMA_VERSION} and older); it is kept as it is: run the newer cxr-batch on "
                               f"this results folder, or give this one another --out")
 
