@@ -190,6 +190,12 @@ def read_manifest(folder: Path) -> dict:
         raise BundleError(f"{folder / MANIFEST_FILE} is not valid JSON: {e}") from None
     if not isinstance(manifest, dict):
         raise BundleError(f"{folder / MANIFEST_FILE} is not a JSON object")
+    made = manifest.get("format_version", FORMAT_VERSION)
+    if not (type(made) is int and made <= FORMAT_VERSION):
+        # settings a newer format adds (a preprocessing step) would be skipped: wrong scores, no word
+        said = f"format {made}" if type(made) is int else "a format this version does not know"
+        raise BundleError(f"weights bundle {folder} was made by a newer cxr-batch (bundle {said}; this version reads "
+                          f"format {FORMAT_VERSION} and older): use that version, or a bundle made for this one")
     for key in ("findings", "model_config", "preprocessing", "patient_encoding", "thresholds", "sha256"):
         if key not in manifest:
             raise BundleError(f"{folder / MANIFEST_FILE} lacks '{key}'")

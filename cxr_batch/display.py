@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import datetime as dt
 import math
+import os
 import re
+import time
 import unicodedata
+import zoneinfo
 
 DAYS_PER_YEAR = 365.25
 _DATE = re.compile(r"^(\d{4})[-.]?(\d{2})[-.]?(\d{2})$")  # DICOM DA, ACR-NEMA YYYY.MM.DD, ISO
@@ -43,9 +46,25 @@ def format_time(moment: dt.datetime) -> str:
         moment = moment.astimezone()
     offset = moment.strftime("%z")
     zone, name = f"UTC{offset[:3]}:{offset[3:]}", moment.tzname() or ""
+    if name in time.tzname and not _local_zone_known():
+        name = ""  # TZ=Europe/Berln: UTC, under the name "Europe"
     if not name or name.startswith(("UTC", "GMT", "+", "-")):  # no abbreviation: the offset says it all
         return f"{moment:%Y-%m-%d %H:%M:%S} {zone}"
     return f"{moment:%Y-%m-%d %H:%M:%S} {name} ({zone})"
+
+
+def _local_zone_known() -> bool:
+    """Whether the local zone's abbreviation means something: TZ unset, a file (``:path``), a
+    POSIX rule (its offset has digits) or a zone the system has. A mistyped zone name is UTC to
+    the C library, named after its first word."""
+    tz = os.environ.get("TZ")
+    if tz is None or tz.startswith(":") or any(c.isdigit() for c in tz):
+        return True
+    try:
+        zoneinfo.ZoneInfo(tz)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+        return False
+    return True
 
 
 def is_dicom_date(text: str) -> bool:

@@ -238,6 +238,13 @@ def plan(out: Path, mode: str, studies: Path, settings: dict) -> Earlier:
     if header is None:
         raise EarlierResults(f"cannot resume in {out}: its results were not written by a scan of this version (no "
                              f"journal of what each row was scored from); use --overwrite or another --out")
+    made = header.get("journal")
+    if not (type(made) is int and made <= FORMAT):
+        # its rows kept as this version reads them, results.csv written again without the newer columns
+        said = f"format {made}" if type(made) is int else "a format this version does not know"
+        raise EarlierResults(f"cannot resume in {out}: its results were written by a newer cxr-batch (scan journal "
+                             f"{said}; this version reads format {FORMAT}); resume with that version, or use "
+                             f"--overwrite or another --out")
     if header.get("studies") != str(Path(studies).resolve()):
         raise EarlierResults(f"cannot resume in {out}: its earlier scan was of {header.get('studies')}, not "
                              f"{Path(studies).resolve()}; use --overwrite or another --out")

@@ -130,6 +130,10 @@ class LedgerError(Exception):
     """A ledger that cannot be opened or read (corrupt, or of an unknown schema)."""
 
 
+class NewerLedger(LedgerError):
+    """A ledger of a newer cxr-batch: whole, kept as it is (never to be moved aside)."""
+
+
 @dataclass(frozen=True)
 class Known:
     """What the ledger holds for a key."""
@@ -183,6 +187,7 @@ class Ledger:
             check = self.db.execute("PRAGMA quick_check").fetchone()[0]
             if check != "ok":
                 raise sqlite3.DatabaseError(check)
+            self._refuse_newer()
             self._migrate()
         except sqlite3.OperationalError as e:  # a full disk, a lock, no permission: not a broken ledger
             full = " on a full disk" if shutil.disk_usage(self.path.parent).free < FULL_DISK else ""
@@ -195,6 +200,21 @@ class Ledger:
             target = Path(f"{self.path}{suffix}")
             if target.exists():
                 os.chmod(target, FILE_MODE)
+
+    def _refuse_newer(self) -> None:
+        """A ledger of a newer release (the daemon rolled back after an upgrade) is refused before
+        anything is written: migrating it would stamp it with this schema, and the rows it
+        rewrites from it would lose what the newer release records."""
+        if not self.db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta'").fetchone():
+            return  # a new ledger, or the first release's
+        row = self.db.execute("SELECT value FROM meta WHERE name = 'schema'").fetchone()
+        schema = "" if row is None else str(row[0])
+        if row is not None and not (schema.isdigit() and int(schema) <= SCHEMA_VERSION):
+            self.db.close()
+            said = f"schema {int(schema)}" if schema.isdigit() else "a schema this version does not know"
+            raise NewerLedger(f"{self.path} was written by a newer cxr-batch (ledger {said}; this version reads "
+                              f"schema {SCHEMA_VERSION} and older); it is kept as it is: run the newer cxr-batch on "
+                              f"this results folder, or give this one another --out")
 
     def _migrate(self) -> None:
         tables = {r[0] for r in self.db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
@@ -318,6 +338,16 @@ class Ledger:
         rows = self.db.execute("SELECT record FROM studies WHERE reported_at >= ? ORDER BY seq DESC LIMIT ?",
                                (since, limit)).fetchall()
         return [StudyRecord.from_json(json.loads(r[0])) for r in reversed(rows)]
+
+    def last_seq(self) -> int:
+        """The order number of the last study recorded (0: none): :meth:`reported_after` it
+        gives those recorded since, whatever the wall clock did meanwhile."""
+        return self.db.execute("SELECT COALESCE(MAX(seq), 0) FROM studies").fetchone()[0]
+
+    def reported_after(self, seq: int) -> list[StudyRecord]:
+        """The records reported (or reported again) after :meth:`last_seq` gave ``seq``, in order."""
+        rows = self.db.execute("SELECT record FROM studies WHERE seq > ? ORDER BY seq", (seq,)).fetchall()
+        return [StudyRecord.from_json(json.loads(r[0])) for r in rows]
 
     def scored_records(self, weights_sha256: str, limit: int, newest: bool = True) -> list[tuple[int, StudyRecord]]:
         """(seq, record) of the scored studies of one model (its bundle_sha256) that carry image
@@ -604,7 +634,7 @@ class Ledger:
     def outbound_send_now(self, uids: Sequence[str] | None = None, channel: str | None = None) -> int:
         """Due now: every waiting object (``uids`` None), or the objects named, whatever their
         state (a dropped one is queued again; a delivered one is sent again); of one
-        ``channel`` or all. The running sender sees :meth:`outbound_nudged` and stops any
+        ``channel`` or all. The running sender sees :meth:`outbound_nudge` change and stops any
         back-off. Returns how many."""
         now = time.time()
         where, args = ("", ()) if channel is None else (" AND channel = ?", (channel,))
@@ -626,7 +656,9 @@ class Ledger:
             return sum(self.db.execute(f"UPDATE outbound SET dropped_at = ? WHERE uid = ? AND {_WAITING}{where}",
                                        (now, uid, *args)).rowcount for uid in uids)
 
-    def outbound_nudged(self, since: float) -> bool:
-        """Whether an operator asked for sending now after ``since`` (epoch seconds)."""
+    def outbound_nudge(self) -> str | None:
+        """The mark of the operator's last ask to send now (None: never): one that differs from a
+        mark read earlier is an ask since, whatever the clock did (set back after a failure, an
+        ask at an earlier wall-clock time than the failure was missed)."""
         row = self.db.execute("SELECT value FROM meta WHERE name = 'outbound_nudge'").fetchone()
-        return row is not None and float(row[0]) > since
+        return None if row is None else str(row[0])

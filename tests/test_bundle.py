@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from cxr_batch.bundle import BundleError, load_bundle, save_bundle
+from cxr_batch.bundle import BundleError, load_bundle, save_bundle, write_manifest
 from cxr_batch.findings import FINDINGS
 from cxr_batch.model import build_model
 from cxr_batch.patient import PatientEncoding
@@ -44,6 +44,23 @@ def test_tampered_weights_are_refused(small_bundle, tmp_path):
     data[-100] ^= 0xFF
     (copy / "model.pt").write_bytes(bytes(data))
     with pytest.raises(BundleError, match="checksum"):
+        load_bundle(copy)
+
+
+def test_a_bundle_of_a_newer_format_is_refused_naming_both_formats(small_bundle, tmp_path):
+    """A bundle exported by a newer cxr-batch may carry settings this version does not read (a
+    preprocessing step it would skip): its scores would be wrong without a word. It is refused."""
+    copy = tmp_path / "newer"
+    shutil.copytree(small_bundle, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["format_version"] = 3
+    manifest["preprocessing"]["invert"] = True  # a step this version would not apply
+    write_manifest(copy, manifest)  # sealed as the newer version would have sealed it
+    with pytest.raises(BundleError, match="newer cxr-batch.*format 3.*format 2"):
+        load_bundle(copy)
+    manifest["format_version"] = "3.0"
+    write_manifest(copy, manifest)
+    with pytest.raises(BundleError, match="newer cxr-batch"):
         load_bundle(copy)
 
 

@@ -461,6 +461,28 @@ def test_a_retry_after_date_in_each_form_of_rfc_9110_is_read(form):
     assert retry_after_seconds("-5", now) is None and retry_after_seconds("", now) is None
 
 
+def test_a_retry_after_date_is_read_against_the_archive_s_clock_not_ours(results, archive, tmp_path, monkeypatch):
+    """An archive asking to wait two minutes by a date (Retry-After: <HTTP-date>), to a sender
+    whose clock runs an hour ahead of it: the date was gone by, the archive tried again at once
+    (an hour behind: an hour's wait). The date is read against the answer's Date, the archive's clock."""
+    import time
+    from email.utils import format_datetime
+
+    _, srs = results
+    when = dt.datetime.fromtimestamp(time.time() + 120, dt.timezone.utc)  # the archive's clock: the real one
+    archive.answer, archive.headers = (503, None), {"Retry-After": format_datetime(when, usegmt=True)}
+    url = f"http://127.0.0.1:{archive.server_address[1]}/dicom-web"
+    real = time.time
+    for ahead in (3600.0, -3600.0):
+        # the archive (a thread of this process) dates its answers by the real clock
+        monkeypatch.setattr(_Archive, "date_time_string",
+                            lambda self, timestamp=None: format_datetime(dt.datetime.now(dt.timezone.utc), usegmt=True))
+        monkeypatch.setattr(time, "time", lambda: real() + ahead)
+        delivery = store_dataset(srs[0], _config(tmp_path, url))
+        monkeypatch.undo()
+        assert delivery.outcome == "retry" and 100 <= delivery.retry_after <= 121, (ahead, delivery)
+
+
 def _stow_sender(results, archive, tmp_path, **options):
     """A sender of the STOW-RS channel whose queue holds the first SR, for the ``archive``."""
     from cxr_batch.integration.outbound import Sender
@@ -567,6 +589,22 @@ def test_status_says_the_archive_asked_to_wait_and_until_when(results, archive, 
         ledger.outbound_send_now()  # the operator's retry: it answers, the wait is over
         sender.send_due(ledger)
         assert sender.status()["peer"] == "ok" and "next_try_at" not in sender.status()
+    finally:
+        ledger.close()
+
+
+def test_status_s_next_try_follows_the_clock_set_back(results, archive, tmp_path, monkeypatch):
+    """The archive asked to wait 10 minutes, then the clock was set back an hour (NTP): the queue
+    kept its 10 minutes, but status.json's next_try_at said an hour and 10 minutes from now."""
+    archive.answer, archive.headers = (503, None), {"Retry-After": "600"}
+    ledger, sender = _stow_sender(results, archive, tmp_path)
+    try:
+        sender.send_due(ledger, until=time.time())
+        real = time.time
+        monkeypatch.setattr(time, "time", lambda: real() - 3600)
+        assert not sender.send_due(ledger)  # the sender sees the jump; nothing is due yet
+        said = sender.status()
+        assert said["peer"] == "asked to wait (Retry-After)" and said["next_try_at"] <= time.time() + 600, said
     finally:
         ledger.close()
 

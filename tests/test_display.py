@@ -82,3 +82,22 @@ def test_visible_shows_controls_as_text_and_keeps_every_letter():
     assert visible("a\x1b[2J\x1b]0;t\x07\x9b31m\r\nb\tc\x7f") == "a\\x1b[2J\\x1b]0;t\\x07\\x9b31m\\r\\nb\\tc\\x7f"
     assert visible("Müller שלום C:\\x") == "Müller שלום C:\\x"
     assert visible(visible("\x1b")) == visible("\x1b")
+
+
+@pytest.mark.parametrize("tz, shown", [
+    ("Europe/Berlin", "2026-10-25 02:30:00 CET (UTC+01:00)"),  # the second 02:30 of the autumn change
+    ("UTC", "2026-10-25 01:30:00 UTC+00:00"),
+    ("<+0530>-5:30", "2026-10-25 07:00:00 UTC+05:30"),  # a POSIX rule
+    # a zone name mistyped (a service's Environment=TZ=...): the C library keeps UTC under the
+    # first word, and every report said "Europe (UTC+00:00)", as if it were a European time
+    ("Europe/Berln", "2026-10-25 01:30:00 UTC+00:00"),
+])
+def test_a_time_names_its_zone_only_when_the_system_knows_it(tz, shown):
+    import os
+    import subprocess
+    import sys
+
+    code = ("import datetime as dt; from cxr_batch.display import format_time; "
+            "print(format_time(dt.datetime(2026, 10, 25, 1, 30, tzinfo=dt.timezone.utc).astimezone()))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, "TZ": tz})
+    assert done.stdout.strip() == shown, done.stderr

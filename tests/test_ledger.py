@@ -137,6 +137,40 @@ def test_a_file_handled_before_schema_7_keeps_the_ctime_it_is_first_seen_with(tm
     ledger.close()
 
 
+def test_a_ledger_of_a_newer_release_is_refused_and_left_as_it_is(tmp_path):
+    """A results folder a newer cxr-batch wrote (the daemon rolled back after an upgrade): its
+    ledger was opened, stamped with this release's schema number and read with this release's
+    columns; it is refused, naming both schemas, and not written."""
+    path = tmp_path / "ledger.sqlite"
+    Ledger(path).close()
+    db = sqlite3.connect(path, isolation_level=None)
+    db.execute("INSERT OR REPLACE INTO meta VALUES ('schema', '99')")
+    db.execute("CREATE TABLE later_release (x TEXT)")
+    db.close()
+    before = path.read_bytes()
+    with pytest.raises(LedgerError, match="newer cxr-batch.*schema 99.*schema 7"):
+        Ledger(path)
+    db = sqlite3.connect(path)
+    assert db.execute("SELECT value FROM meta WHERE name = 'schema'").fetchone() == ("99",)
+    db.close()
+    assert path.read_bytes() == before
+
+
+def test_a_scan_queue_of_a_newer_release_is_not_called_unreadable(tmp_path):
+    """A scan's queue (outbound.sqlite) a newer cxr-batch wrote was 'not a readable queue ... move
+    it aside', advice that throws the newer release's queue away; it is said to be newer."""
+    from cxr_batch.integration.outbox import SCAN_QUEUE, open_queue
+
+    path = tmp_path / SCAN_QUEUE
+    Ledger(path).close()
+    db = sqlite3.connect(path, isolation_level=None)
+    db.execute("INSERT OR REPLACE INTO meta VALUES ('schema', '8')")
+    db.close()
+    with pytest.raises(LedgerError) as raised:
+        open_queue(path)
+    assert "newer cxr-batch" in str(raised.value) and "aside" not in str(raised.value), raised.value
+
+
 def test_corrupt_ledger_is_a_clear_error(tmp_path):
     path = tmp_path / "l.sqlite"
     path.write_bytes(b"SQLite format 3\x00" + os.urandom(4000))

@@ -246,6 +246,21 @@ def test_resume_and_overwrite_together_are_a_usage_error_that_keeps_the_first_sc
         assert (listing(out), (out / "results.csv").read_bytes()) == before
 
 
+def test_resume_of_a_scan_by_a_newer_release_is_refused_and_keeps_its_results(studies, tmp_path, small_bundle):
+    # cxr-batch rolled back after an upgrade: --resume kept the newer scan's rows as this version
+    # reads them and wrote results.csv again with this version's columns (the newer ones lost)
+    out = tmp_path / "out"
+    run_scan(studies, out, quick(small_bundle, pdf=False))
+    journal = out.joinpath(*JOURNAL)
+    header, rest = journal.read_text().split("\n", 1)
+    journal.write_text(json.dumps({**json.loads(header), "journal": 2}) + "\n" + rest)
+    before = listing(out), (out / "results.csv").read_bytes(), journal.read_bytes()
+    code, err = cli_here("scan", studies, "--out", out, "--weights", small_bundle, "--device", "cpu", "--no-pdf",
+                         "--no-heatmaps", "--resume")
+    assert code == 1 and "written by a newer cxr-batch (scan journal format 2" in err and LOADED not in err, err
+    assert (listing(out), (out / "results.csv").read_bytes(), journal.read_bytes()) == before
+
+
 def test_a_daemon_never_takes_over_a_scans_results_folder(studies, tmp_path, small_bundle):
     # `watch DIR --out RESULTS_OF_A_SCAN` rebuilt a ledger from the scan's results.csv and
     # appended its own studies to it: one results.csv, two runs, a run.json describing neither

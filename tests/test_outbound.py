@@ -242,6 +242,76 @@ def test_a_clock_set_back_never_holds_the_queue_for_the_time_it_went_back(tmp_pa
     ledger.close()
 
 
+def test_a_clock_set_back_while_a_scan_sends_never_makes_it_wait_the_jump(tmp_path, monkeypatch):
+    """`scan --hl7-to` with the RIS down sends for send_wait seconds, then says what waits: with
+    the system clock set back an hour during that wait (NTP), the scan went on trying for an
+    hour more, its end measured on the wall clock. The wait is its length, whatever the clock."""
+    import threading
+
+    from cxr_batch.integration.hl7 import Endpoint
+    from cxr_batch.integration.outbox import HL7Channel
+
+    out = tmp_path / "out"
+    ledger = Ledger(out / ".cxr-batch" / "ledger.sqlite")
+    (out / "hl7").mkdir()
+    (out / "hl7" / "CTRL3.hl7").write_text("MSH|^~\\&|CXR-BATCH|FAC|RIS|FAC|20240101120000||ORU^R01^ORU_R01|CTRL3|P|2.5\r"
+                                          "PID|1||P001\r" + LAST_OBX)
+    port = free_port()  # nothing listens: the RIS is down
+    ledger.queue_outbound([("k", outbound_entry("CTRL3", "hl7/CTRL3.hl7", "hl7", f"127.0.0.1:{port}"))])
+    ledger.close()
+    sender = Sender(ledger.path, out, HL7Channel(Endpoint.parse(f"127.0.0.1:{port}"), 2.0), retry_max=0.5)
+    offset, real, send_one = [0.0], time.time, sender.send_one
+    monkeypatch.setattr(time, "time", lambda: real() + offset[0])
+
+    def set_back_at_the_first_try(item):
+        offset[0] = -3600.0
+        return send_one(item)
+
+    sender.send_one = set_back_at_the_first_try
+    drain = threading.Thread(target=sender.drain, args=(time.time() + 2.0,), daemon=True)
+    drain.start()
+    drain.join(timeout=120)  # a two-second wait: an hour when the clock's jump is waited out
+    sender.halt.set()
+    assert offset[0] == -3600.0 and not drain.is_alive()
+
+
+def test_an_operators_retry_ends_a_back_off_begun_before_the_clock_was_set_back(tmp_path, monkeypatch):
+    """The RIS down for long (a back-off of an hour), the clock then set back (NTP), the RIS back and
+    the operator runs `outbound retry`: the sender took only a retry asked at a later wall-clock
+    time than its failure for one, so it went on waiting out the hour. Any retry asked ends it."""
+    import threading
+
+    from cxr_batch.integration.hl7 import Endpoint
+    from cxr_batch.integration.outbox import HL7Channel
+
+    out = tmp_path / "out"
+    ledger = Ledger(out / ".cxr-batch" / "ledger.sqlite")
+    (out / "hl7").mkdir()
+    (out / "hl7" / "CTRL4.hl7").write_text("MSH|^~\\&|CXR-BATCH|FAC|RIS|FAC|20240101120000||ORU^R01^ORU_R01|CTRL4|P|2.5\r"
+                                          "PID|1||P001\r" + LAST_OBX)
+    port = free_port()  # nothing listens: the RIS is down
+    ledger.queue_outbound([("k", outbound_entry("CTRL4", "hl7/CTRL4.hl7", "hl7", f"127.0.0.1:{port}"))])
+    sender = Sender(ledger.path, out, HL7Channel(Endpoint.parse(f"127.0.0.1:{port}"), 2.0), retry_max=3600.0)
+    sender.link_failures = 20  # down for long: the next back-off is retry_max
+    offset, real = [0.0], time.time
+    monkeypatch.setattr(time, "time", lambda: real() + offset[0])
+
+    def send_once():
+        mine = Ledger(ledger.path)
+        sender.send_due(mine)
+        mine.close()
+
+    backing_off = threading.Thread(target=send_once, daemon=True)
+    backing_off.start()
+    assert wait_for(lambda: ledger.outbound_rows(False, "hl7")[0]["attempts"] == 1)  # failed: an hour's back-off
+    offset[0] = -3600.0  # the clock set back
+    ledger.outbound_send_now()  # `cxr-batch outbound retry`
+    backing_off.join(timeout=60)  # the sender looks for a retry every IDLE_WAIT (5 s)
+    sender.halt.set()
+    assert not backing_off.is_alive()
+    ledger.close()
+
+
 def test_a_result_due_far_ahead_by_a_clock_that_ran_ahead_before_a_restart_waits_no_longer_than_its_back_off(
         tmp_path):
     """The clock ran a day ahead while the RIS refused a result (due again at refused_retry by

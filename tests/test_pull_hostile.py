@@ -689,3 +689,82 @@ def test_names_whose_letters_upper_case_to_ascii_are_not_another_patient_when_re
 
     assert not patient(name.encode().decode("latin-1")).differs(patient(name))
     assert not patient(name).differs(patient(name.encode().decode("latin-1")))
+
+
+# ---------------------------------------------------------------------- pull: the system clock set back
+def _puller_at_the_end(ledger, send_wait=60.0):
+    """A pull whose retrieval is done and whose studies are all scored, at its completion check
+    and summary (the parts of a running Puller these use; its ledger real)."""
+    import queue
+    import threading
+    from types import SimpleNamespace
+
+    from cxr_batch.integration.pull import Progress, Puller
+
+    puller = Puller.__new__(Puller)
+    puller.retrieved_all, puller.pending, puller.events = threading.Event(), {}, queue.Queue()
+    puller.retrieved_all.set()
+    puller._unscored = lambda: 0
+    puller.scored_at, puller.progress, puller.ledger = None, Progress(), ledger
+    puller.outbox = SimpleNamespace(names=["hl7"], undelivered_lines=lambda ledger, out: [])
+    puller.cfg = SimpleNamespace(send_wait=send_wait, max_studies=10, first_day=lambda: dt.date(2024, 3, 1))
+    puller.source = SimpleNamespace(pacs="PACS@127.0.0.1:104")
+    puller.interrupt, puller.two_patient_studies, puller.exit_code, puller.out = False, 0, 0, Path(".")
+    puller.heartbeat = lambda: None
+    return puller
+
+
+def _clocks(monkeypatch):
+    """The wall and monotonic clocks of this process, each moved by the returned offsets."""
+    import time
+
+    wall, mono = [0.0], [0.0]
+    real_time, real_monotonic = time.time, time.monotonic
+    monkeypatch.setattr(time, "time", lambda: real_time() + wall[0])
+    monkeypatch.setattr(time, "monotonic", lambda: real_monotonic() + mono[0])
+    return wall, mono
+
+
+def test_a_pull_s_send_wait_lasts_send_wait_with_the_clock_set_back(tmp_path, monkeypatch):
+    """A pull done scoring sends its results for send_wait seconds with the RIS down: the system
+    clock set back an hour then (NTP) held the pull an hour more, its end measured on the wall clock."""
+    import time
+
+    from cxr_batch.ledger import Ledger, outbound_entry
+
+    wall, mono = _clocks(monkeypatch)
+    ledger = Ledger(tmp_path / "ledger.sqlite")
+    ledger.queue_outbound([("k", outbound_entry("CTRL1", "hl7/CTRL1.hl7", "hl7", "127.0.0.1:2575"))])
+    ledger.outbound_retry("CTRL1", time.time() + 5, "connection refused", "hl7")  # the RIS is down
+    puller = _puller_at_the_end(ledger)
+    assert not puller._check_complete()  # sending, for at most send_wait
+    wall[0] -= 3600.0
+    ledger.outbound_clock_back(3600.0, "hl7")  # what the sender does on seeing the jump
+    wall[0] += 61.0
+    mono[0] += 61.0  # send_wait has passed
+    assert puller._check_complete()
+    ledger.close()
+
+
+def test_a_pull_s_summary_counts_the_studies_scored_after_the_clock_was_set_back(tmp_path, monkeypatch, caplog):
+    """The pull's summary and exit code came from the studies reported since its start, by the
+    wall clock: set back an hour during the pull, it said '0 image(s) scored, 0 failed' and
+    exited 0 over a failed study."""
+    import logging
+
+    from cxr_batch.integration.pull import Puller
+    from cxr_batch.ledger import Ledger
+    from cxr_batch.record import StudyRecord
+
+    wall, _ = _clocks(monkeypatch)
+    ledger = Ledger(tmp_path / "ledger.sqlite")
+    ledger.commit([("uid:old", "c0", StudyRecord(file="old.dcm", status="error", reason="a pull before"))], [])
+    puller = _puller_at_the_end(ledger)
+    Puller.begin_summary(puller)
+    wall[0] -= 3600.0
+    ledger.commit([("uid:1", "c1", StudyRecord(file="a.dcm", status="error", reason="truncated"))], [])
+    with caplog.at_level(logging.INFO, logger="cxr_batch"):
+        puller.finish(5.0)
+    assert "0 image(s) scored (0 urgent, 0 abnormal, 0 normal), 0 skipped, 1 failed" in caplog.text
+    assert puller.exit_code == 3
+    ledger.close()

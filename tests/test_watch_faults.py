@@ -4,6 +4,7 @@ corrupt ledger, and operator mistakes in the configuration."""
 
 import os
 import shutil
+import sqlite3
 import subprocess
 import sys
 import time
@@ -292,6 +293,27 @@ def test_lost_ledger_keeps_results_and_a_corrupt_one_is_a_clear_error(tmp_path, 
     err = broken.stderr.read()
     assert "not a readable ledger" in err and "Traceback" not in err
     assert (out / "results.csv").read_bytes() == before
+
+
+def test_a_results_folder_of_a_newer_release_is_refused_and_not_rewritten(tmp_path, small_bundle):
+    """cxr-batch rolled back after an upgrade: the daemon stamped the newer ledger with its own
+    schema and rewrote results.csv from it with its own columns. It stops, saying why."""
+    from cxr_batch.ledger import Ledger
+
+    incoming, out = tmp_path / "in", tmp_path / "out"
+    incoming.mkdir()
+    ledger = out / ".cxr-batch" / "ledger.sqlite"
+    Ledger(ledger).close()
+    db = sqlite3.connect(ledger, isolation_level=None)
+    db.execute("INSERT OR REPLACE INTO meta VALUES ('schema', '8')")
+    db.close()
+    (out / "results.csv").write_text("file,status,a_later_column\r\na.dcm,ok,x\r\n")
+    before = {p: p.read_bytes() for p in (ledger, out / "results.csv")}
+    daemon = start_daemon(incoming, out, small_bundle, watch_config(tmp_path / "w.toml"))
+    assert daemon.wait(timeout=120) == 1
+    err = daemon.stderr.read()
+    assert "written by a newer cxr-batch (ledger schema 8" in err and "Traceback" not in err
+    assert {p: p.read_bytes() for p in before} == before
 
 
 def test_zero_filled_giant_and_operator_mistakes(tmp_path, nih_images, small_bundle):

@@ -318,7 +318,7 @@ class StowClient:
             " (check the URL)" if status in (404, 405) else ""
         asked = None
         if status in ASKING_TO_WAIT and (said := response.headers.get("Retry-After")) is not None:
-            asked = retry_after_seconds(said, time.time())
+            asked = retry_after_seconds(said, answered_at(response.headers.get("Date")))
             hint += f"; Retry-After {shown(said, 40)!r}" + (" not understood" if asked is None else "")
         return self._failed(uid, Delivery.retry(reason + hint, retry_after=asked))
 
@@ -367,6 +367,21 @@ def unreachable(e: BaseException, host: str, limit: int = 200) -> str:
     if len(text) <= limit:
         return text
     return text[:limit - 4].rsplit(" ", 1)[0] + " ..."
+
+
+def answered_at(date: str | None) -> float:
+    """When an answer was made, by the clock of the server that made it (its Date header), else
+    by ours, in epoch seconds: a Retry-After date is of that clock, and ours may be an hour off it
+    (the date was gone by and the archive was asked again at once, or an hour late)."""
+    from email.utils import parsedate_to_datetime
+
+    try:
+        when = parsedate_to_datetime(date or "")
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return time.time()
+    if when.tzinfo is None:  # asctime-date names no zone: HTTP dates are GMT
+        when = when.replace(tzinfo=dt.timezone.utc)
+    return when.timestamp()
 
 
 def retry_after_seconds(value: str, now: float) -> float | None:

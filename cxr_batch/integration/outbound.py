@@ -185,6 +185,8 @@ class Sender:
         waits out the back-off (or a stop, or an operator's retry, or ``until``, epoch
         seconds) and returns, so the queue is read afresh."""
         name, where = self.channel.name, str(self.channel)
+        deadline = None if until is None else time.monotonic() + (until - time.time())  # a clock's jump aside
+        asked = ledger.outbound_nudge()  # an operator's retry from now on ends a back-off
         for uid in sorted(self.unrecorded):  # raises while the ledger still cannot be written
             ledger.outbound_delivered(uid, where, name)
             self.unrecorded.discard(uid)
@@ -219,9 +221,9 @@ class Sender:
                     ledger.outbound_link_down(item.uid, failed_at + delay, result.reason, name)
                 else:  # the receiver answered "not now" about this object: it goes to the back
                     ledger.outbound_retry(item.uid, failed_at + delay, result.reason, name)
-                if until is not None:
-                    delay = min(delay, max(0.0, until - failed_at))
-                self._back_off(ledger, delay, failed_at)
+                if deadline is not None:
+                    delay = min(delay, max(0.0, deadline - time.monotonic()))
+                self._back_off(ledger, delay, asked)
                 return True
             else:
                 self.last_error = result.reason
@@ -247,8 +249,9 @@ class Sender:
 
     def drain(self, until: float, ledger: Ledger | None = None) -> None:
         """Send this channel's waiting objects in the calling thread, with the same back-off,
-        until none waits or none is due before ``until`` (epoch seconds). ``ledger``: a
-        connection of this thread (default: one of its own)."""
+        until none waits or none is due before ``until`` (epoch seconds, read at the call: the
+        wait lasts as long whatever the system clock does then). ``ledger``: a connection of
+        this thread (default: one of its own)."""
         if ledger is None:
             try:
                 ledger = Ledger(self.ledger_path)
@@ -260,13 +263,18 @@ class Sender:
                 self.last_error = f"outbound queue not updated: {e}"
                 log.error("%s results not sent: %s", self.channel.name, self.last_error)
                 return
-        while not self.halt.is_set() and time.time() < until:
-            self.send_due(ledger, until)
+        # the wait is measured on the monotonic clock: the system clock set back (NTP) while the
+        # receiver is down kept a scan trying for as long as the clock went back (an hour: an hour)
+        deadline = time.monotonic() + (until - time.time())
+        while not self.halt.is_set() and (left := deadline - time.monotonic()) > 0:
+            self.send_due(ledger, time.time() + left)
             due = ledger.next_due(self.channel.name)
-            if due is None or due >= until:
+            left = deadline - time.monotonic()
+            # due times are of the wall clock (they outlive the process): how far ahead, now
+            if due is None or due - time.time() >= left:
                 return
             if due > time.time():
-                self.halt.wait(min(due, until) - time.time())
+                self.halt.wait(min(due - time.time(), left))
 
     def _follow_the_clock(self, ledger: Ledger) -> None:
         """Due times are of the wall clock (they outlive the process): when it was set back (NTP
@@ -277,6 +285,8 @@ class Sender:
         back, self.clock_offset = self.clock_offset - offset, offset
         if back > CLOCK_STEP:
             n = ledger.outbound_clock_back(back, self.channel.name)
+            if self.held_until is not None:  # status.json's next try: moved back with the queue
+                self.held_until -= back
             log.warning("the system clock went back %.0f s: the %d waiting %s object(s) keep their wait", back, n,
                         self.channel.name)
         # set back while no sender ran (a restart with the right time after a clock that ran
@@ -287,11 +297,12 @@ class Sender:
             log.warning("waiting %s object(s) were due further ahead than any wait (the clock ran ahead): due within "
                         "%.0f s", self.channel.name, longest)
 
-    def _back_off(self, ledger: Ledger, delay: float, since: float) -> None:
-        """Wait ``delay`` seconds, less if we are stopped or an operator asks for a retry."""
+    def _back_off(self, ledger: Ledger, delay: float, asked: str | None) -> None:
+        """Wait ``delay`` seconds, less if we are stopped or an operator asks for a retry (the
+        ledger's :meth:`~Ledger.outbound_nudge` is no longer ``asked``)."""
         end = time.monotonic() + delay
         while (left := end - time.monotonic()) > 0 and not self.halt.is_set():
-            if self.halt.wait(min(left, IDLE_WAIT)) or ledger.outbound_nudged(since):
+            if self.halt.wait(min(left, IDLE_WAIT)) or ledger.outbound_nudge() != asked:
                 return
 
     def send_one(self, item: OutboundItem) -> Delivery:

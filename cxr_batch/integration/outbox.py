@@ -455,13 +455,14 @@ def send_queue(out: Path, channels: list[Channel], until: float, refused_retry: 
 def open_queue(path: Path) -> Ledger:
     """The outbound queue at ``path``: a daemon's ledger or a scan's queue. LedgerError when it
     cannot be read, saying what to do; a scan has no daemon to rebuild its queue."""
-    from ..ledger import LedgerError
+    from ..ledger import LedgerError, NewerLedger
 
     try:
         return Ledger(path)
     except LedgerError as e:
-        if Path(path).name != SCAN_QUEUE or isinstance(e.__context__, sqlite3.OperationalError):
-            raise  # a daemon's ledger, or a queue that cannot be opened now (a full disk): said as it is
+        if Path(path).name != SCAN_QUEUE or isinstance(e, NewerLedger) or \
+                isinstance(e.__context__, sqlite3.OperationalError):
+            raise  # a daemon's ledger, a newer release's queue, or one that cannot be opened now (a full disk): as it is
         raise LedgerError(f"{path} is not a readable queue ({e.__context__ or e}). results.csv is kept as it is; "
                           f"move it aside, then the same scan with --resume queues and sends its results again "
                           f"(a RIS drops a message it had by its MSH-10, an archive keeps one copy of an SR)") from None

@@ -606,11 +606,16 @@ class Puller(Node):
         self.stop = _StopWhenDone(self.stop, self._complete)
         self.retrieval: threading.Thread | None = None
         self.retrieved_all = threading.Event()
-        self.scored_at: float | None = None  # when everything retrieved was scored
-        self.pull_started = time.time()
+        self.scored_at: float | None = None  # when everything retrieved was scored (time.monotonic)
+        self.begin_summary()
         self.exit_code = OK
         self._checked = 0.0
         self._complete_cache = False
+
+    def begin_summary(self) -> None:
+        """The studies this pull reports are those the ledger records from now: known by their
+        order in it, not by the wall clock (set back during the pull, its studies were not counted)."""
+        self.first_seq = self.ledger.last_seq()
 
     # ------------------------------------------------------------------ the daemon's hooks
     def receives_on_port(self, cfg: PullConfig) -> bool:
@@ -656,16 +661,18 @@ class Puller(Node):
         if not self.retrieved_all.is_set() or self.pending or not self.events.empty() or self._unscored():
             return False
         if self.scored_at is None:
-            self.scored_at = time.time()
+            self.scored_at = time.monotonic()
             if self.outbox:
                 self.progress.state = "sending"
                 log.info("pull: everything retrieved is scored; delivering the results (at most %.0f s more)",
                          self.cfg.send_wait)
         if not self.outbox:
             return True
-        until = self.scored_at + self.cfg.send_wait
+        # send_wait on the monotonic clock (the system clock set back an hour: an hour more);
+        # the due times are of the wall clock (they outlive the process): how far ahead, now
+        left = self.scored_at + self.cfg.send_wait - time.monotonic()
         due = [d for d in (self.ledger.next_due(name) for name in self.outbox.names) if d is not None]
-        return not due or min(due) >= until or time.time() >= until
+        return not due or min(due) - time.time() >= left or left <= 0
 
     def _unscored(self) -> int:
         """Objects in the spool not yet committed."""
@@ -680,7 +687,7 @@ class Puller(Node):
     def finish(self, seconds: float) -> None:
         """The summary and the exit code, while the ledger is open."""
         p = self.progress
-        records = self.ledger.recent(self.pull_started, 10 ** 9)
+        records = self.ledger.reported_after(self.first_seq)
         status = Counter(r.status for r in records)
         priorities = Counter(r.priority for r in records if r.ok)
         undelivered = self.outbox.undelivered_lines(self.ledger, self.out) if self.outbox else []
