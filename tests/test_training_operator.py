@@ -7,6 +7,7 @@ import csv
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -352,3 +353,17 @@ def test_resume_with_the_same_inputs_named_otherwise_goes_on(nih, tmp_path):
                           text=True, timeout=600)
     assert proc.returncode == 1 and f"metadata {moved} (this command: the same path, other content)" in proc.stderr, \
         proc.stderr[-2000:]
+
+
+def test_a_disk_full_while_the_image_cache_is_written_is_one_line_not_a_bus_error(nih, small_disk):
+    """The cache is a run's largest file (about 7 GB for the full NIH set at 224 px) and was
+    written through a memory map of a sparse file: on a full disk the process died of SIGBUS
+    (exit 135) with no word said. Now its space is taken before any pixel is written: one line
+    naming the file, its size and the full disk."""
+    run = small_disk / "run"
+    proc = train(nih / "images", nih / "labels.csv", run, "--image-size", 300)  # 48 x 334 x 334 bytes > 4 MiB
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, (proc.returncode, proc.stderr[-2000:])
+    error = [line for line in proc.stderr.splitlines() if line.startswith("cxr-batch: error:")]
+    assert len(error) == 1 and f"{run}/cache_334.u8" in error[0] and "No space left on device" in error[0], proc.stderr
+    assert re.search(r"it needs \d+\.\d MB", error[0]) and "Errno" not in error[0], error
+    assert not (run / "cache_334.u8").exists()  # not left holding the space
