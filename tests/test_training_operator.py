@@ -367,3 +367,26 @@ def test_a_disk_full_while_the_image_cache_is_written_is_one_line_not_a_bus_erro
     assert len(error) == 1 and f"{run}/cache_334.u8" in error[0] and "No space left on device" in error[0], proc.stderr
     assert re.search(r"it needs \d+\.\d MB", error[0]) and "Errno" not in error[0], error
     assert not (run / "cache_334.u8").exists()  # not left holding the space
+
+
+def test_an_imagenet_file_that_is_cut_off_or_not_imagenet_weights_is_one_line_before_any_work(nih, tmp_path):
+    """`--imagenet FILE` was loaded without the checks `--init-backbone` makes: a cut-off
+    download was a traceback, and a TorchXRayVision file a traceback of 'size mismatch' after
+    the data stages had run."""
+    import torch
+    from torchvision.models import densenet121
+
+    torch.save(densenet121(weights=None).state_dict(), tmp_path / "tv.pth")
+    data = (tmp_path / "tv.pth").read_bytes()
+    (tmp_path / "cut.pth").write_bytes(data[: len(data) // 2])
+    one_channel = densenet121(weights=None).state_dict()
+    one_channel["features.conv0.weight"] = one_channel["features.conv0.weight"][:, :1]
+    torch.save(one_channel, tmp_path / "xrv.pt")
+    for name, why in (("cut.pth", "cut off"), ("xrv.pt", "TorchXRayVision backbone (one input channel), not ImageNet "
+                                                          "weights: pass it as --init-backbone")):
+        run = tmp_path / f"run_{name}"
+        proc = train(nih / "images", nih / "labels.csv", run, "--imagenet", tmp_path / name)
+        assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+        error = [line for line in proc.stderr.splitlines() if line.startswith("cxr-batch: error:")]
+        assert len(error) == 1 and why in error[0], proc.stderr
+        assert not (run / "prepared.csv").exists()  # refused before the data was touched

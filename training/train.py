@@ -31,8 +31,8 @@ from cxr_batch.patient import PatientEncoding
 from . import metrics
 from .augment import train_transform
 from .config import TrainConfig
-from .data import (FINAL_WEIGHTS, HISTORY, PRIOR_INFO, Context, encode_patients, evaluation_loader, load_splits,
-                   predict, unique_training_images)
+from .data import (FINAL_WEIGHTS, HISTORY, INIT_INFO, PRIOR_INFO, Context, encode_patients, evaluation_loader,
+                   load_splits, predict, unique_training_images)
 from .evaluate import auc_text, evaluate_run
 from .prepare import PREPARED, multi_hot, prepare
 from .prior import apply_patient_prior, fit_patient_logistic, init_skip_from_logistic
@@ -235,6 +235,26 @@ def check_out_folder(out: Path, resume: bool) -> None:
                          "or choose another --out to start over")
 
 
+def initialisation(cfg: TrainConfig, imagenet, backbone) -> dict:
+    """What the weights started from, for the bundle's ``training.initialised_from``: each file by
+    its content and the format it was read as (the configuration keeps only the path given and
+    ``init_format``, often "auto"); ``{"random": true}`` when nothing was loaded."""
+    from cxr_batch.bundle import read_manifest, sha256_file
+
+    started = {}
+    if cfg.imagenet == "torchvision":
+        started["imagenet"] = {"torchvision": "DenseNet121_Weights.IMAGENET1K_V1"}
+    elif imagenet is not None:
+        started["imagenet"] = imagenet.record()
+    if backbone is not None:  # loaded after the ImageNet weights: its backbone is the one trained on
+        started["backbone"] = backbone.record()
+    if cfg.init_weights:  # loaded last, over the whole model
+        path = Path(cfg.init_weights)
+        started["weights"] = ({"bundle": str(path), "bundle_sha256": read_manifest(path).get("bundle_sha256")}
+                              if path.is_dir() else {"file": str(path), "sha256": sha256_file(path)})
+    return started or {"random": True}
+
+
 def setup_distributed() -> tuple[int, int]:
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
@@ -247,8 +267,15 @@ def main(cfg: TrainConfig, resume: bool = False) -> Path:
     """Run every stage; returns the run folder. Rank 0 writes all files."""
     out = Path(cfg.out)
     check_out_folder(out, resume)
-    # read before any work: a download that cannot happen fails now, not after the data stages
-    imagenet = imagenet_backbone_state(cfg.imagenet) if cfg.imagenet else None
+    # read before any work: a download that cannot happen, or a file that is no DenseNet-121,
+    # fails now, not after the data stages
+    imagenet = None
+    if cfg.imagenet == "torchvision":
+        imagenet = imagenet_backbone_state(cfg.imagenet)
+    elif cfg.imagenet:
+        from .backbones import read_imagenet
+
+        imagenet = read_imagenet(cfg.imagenet)
     rank, world = setup_distributed()
     torch.manual_seed(cfg.seed + rank)
     np.random.seed(cfg.seed)
@@ -278,6 +305,7 @@ def main(cfg: TrainConfig, resume: bool = False) -> Path:
         out.mkdir(parents=True, exist_ok=True)
         if not (resume and (out / PREPARED).exists()):
             prepare(cfg, out)
+        (out / INIT_INFO).write_text(json.dumps(initialisation(cfg, imagenet, backbone), indent=2) + "\n")
         load_splits(cfg, out, prep, encoding)
     if world > 1:
         dist.barrier()
@@ -292,7 +320,7 @@ def main(cfg: TrainConfig, resume: bool = False) -> Path:
     # model, loss, optimizer, scheduler
     model = build_model(cfg.model)
     if imagenet is not None:
-        load_imagenet_backbone(model, imagenet)
+        load_imagenet_backbone(model, imagenet if isinstance(imagenet, dict) else imagenet.state)
     if backbone is not None:
         from .backbones import load_backbone
 
