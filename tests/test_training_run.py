@@ -37,6 +37,7 @@ def test_quick_run_writes_all_artifacts_and_a_bundle_that_scans(nih, tmp_path, s
     assert len(metrics["test_ci95"]["auc"]) == 14 and "notes" in metrics["test_ci95"]
     training = json.loads((run / "bundle" / "manifest.json").read_text())["training"]
     assert len(training["history"]) == 1 and training["history_from"] == "this run"
+    assert training["initialised_from"] == {"random": True}
     assert training["patient_prior"] == {"method": "none"} and set(training["prevalence"]) == set(FINDINGS)
     summary = run_scan(studies, tmp_path / "out", ScanConfig(weights=str(run / "bundle"), device="cpu", batch_size=4,
                                                              workers=0, progress=False, pdf=False))
@@ -72,6 +73,9 @@ def test_the_bundle_records_the_patient_prior_and_keeps_the_history_through_an_e
     second = json.loads((tmp_path / "export" / "bundle" / "manifest.json").read_text())["training"]
     assert second["history"] == first["history"] and len(second["history"]) == 1
     assert second["history_from"].startswith("init_weights")
+    first_sha = json.loads((tmp_path / "first" / "bundle" / "manifest.json").read_text())["bundle_sha256"]
+    assert second["initialised_from"] == {"weights": {"bundle": str(tmp_path / "first" / "bundle"),
+                                                      "bundle_sha256": first_sha}}
 
 
 @pytest.mark.slow
