@@ -40,7 +40,8 @@ def test_an_out_that_is_a_bundle_or_a_folder_of_bundles_is_refused_and_left_as_i
     weights = tmp_path / "weights"
     shutil.copytree(REPO / "weights" / "cxr-fpn-v1", weights / "cxr-fpn-v1")
     before = folder_digest(weights)
-    for out in (weights / "cxr-fpn-v1", weights):
+    # and a folder inside a bundle: v1's training_run holds the metrics and thresholds its card cites
+    for out in (weights / "cxr-fpn-v1", weights, weights / "cxr-fpn-v1" / "training_run"):
         for extra in ((), ("--resume",)):
             proc = train(nih / "images", nih / "labels.csv", out, *extra)
             assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]

@@ -215,12 +215,17 @@ def check_resumable(path: Path, cfg: TrainConfig) -> None:
 
 
 def check_out_folder(out: Path, resume: bool) -> None:
-    """Refuse an --out that would overwrite weights: a bundle or a folder of bundles (such as the
-    bundled ``weights/``), or an earlier run's checkpoint or bundle unless ``--resume`` says to
+    """Refuse an --out that would overwrite weights: a bundle, a folder in one or a folder of bundles
+    (such as the bundled ``weights/``), or an earlier run's checkpoint or bundle unless ``--resume`` says to
     continue it. Raises ValueError before anything is read or written."""
     from cxr_batch.bundle import MANIFEST_FILE
 
     bundles = [p.parent for p in out.glob(f"*/{MANIFEST_FILE}") if p.parent.name != "bundle"]
+    # a folder inside a bundle, such as v1's training_run: its metrics and thresholds are what the card cites
+    around = [p for p in Path(os.path.abspath(out)).parents if (p / MANIFEST_FILE).is_file()]
+    if around:
+        raise ValueError(f"--out {out} is inside the weights bundle {around[0]}: training would overwrite files there; "
+                         "choose another --out (a new run folder)")
     if (out / MANIFEST_FILE).is_file() or bundles:
         named = ", ".join(p.name for p in bundles[:3]) or out.name
         raise ValueError(f"--out {out} is a weights bundle or holds bundles ({named}): training would overwrite "
