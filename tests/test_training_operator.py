@@ -391,3 +391,23 @@ def test_an_imagenet_file_that_is_cut_off_or_not_imagenet_weights_is_one_line_be
         error = [line for line in proc.stderr.splitlines() if line.startswith("cxr-batch: error:")]
         assert len(error) == 1 and why in error[0], proc.stderr
         assert not (run / "prepared.csv").exists()  # refused before the data was touched
+
+
+def test_a_run_killed_while_writing_its_checkpoint_leaves_no_temporary_file_behind_its_resume(nih, tmp_path):
+    """SIGKILL in the middle of writing checkpoint.pt leaves its temporary file (a DenseNet-121
+    with Adam's state: about 100 MB), and no later run removed it. The run folder is now one
+    run's at a time (a second is refused while the first runs, its files left alone) and a
+    run starting there removes what a killed one left."""
+    from cxr_batch.folderlock import FolderLock
+
+    run = tmp_path / "run"
+    run.mkdir()
+    stale = run / ".checkpoint.pt.k1ll3d.tmp"
+    stale.write_bytes(b"\0" * 1000)
+    with FolderLock(run, "train"):  # another run is writing there
+        busy = train(nih / "images", nih / "labels.csv", run, "--epochs", 0, "--image-size", 32)
+    assert busy.returncode == 1 and "Traceback" not in busy.stderr, busy.stderr[-2000:]
+    assert "in use by cxr-batch train" in busy.stderr and stale.exists(), busy.stderr
+    proc = train(nih / "images", nih / "labels.csv", run, "--epochs", 0, "--image-size", 32, "--resume")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert not stale.exists() and (run / "bundle" / "manifest.json").is_file()

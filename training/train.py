@@ -260,6 +260,23 @@ def initialisation(cfg: TrainConfig, imagenet, backbone) -> dict:
     return started or {"random": True}
 
 
+def hold_run_folder(out: Path):
+    """The run folder's lock, for as long as this run writes there, then the temporary files a
+    killed run left (SIGKILL while checkpoint.pt was written leaves a ~100 MB one that no
+    later run would remove). A second run into the same folder is refused: both would write
+    the same checkpoint. Raises ValueError naming the process that holds it."""
+    from cxr_batch.files import remove_stale_temp
+    from cxr_batch.folderlock import FolderBusy, FolderLock
+
+    try:
+        lock = FolderLock(out, "train", "wait for it to finish, or choose another --out").acquire()
+    except FolderBusy as e:
+        raise ValueError(str(e)) from None
+    if removed := remove_stale_temp(out):
+        log.info("removed %d temporary file(s) an interrupted run left in %s", removed, out)
+    return lock
+
+
 def setup_distributed() -> tuple[int, int]:
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
@@ -308,6 +325,7 @@ def main(cfg: TrainConfig, resume: bool = False) -> Path:
     # data: prepare (stage 1) and cache (stage 2) on rank 0, the others wait and read
     if is_main:
         out.mkdir(parents=True, exist_ok=True)
+        lock = hold_run_folder(out)
         if not (resume and (out / PREPARED).exists()):
             prepare(cfg, out)
         (out / INIT_INFO).write_text(json.dumps(initialisation(cfg, imagenet, backbone), indent=2) + "\n")
@@ -430,6 +448,7 @@ def main(cfg: TrainConfig, resume: bool = False) -> Path:
 
     # stages 4-6 read what the stages above wrote
     evaluate_run(cfg, out, ctx)
+    lock.release()
     if world > 1:
         dist.destroy_process_group()
     return out
