@@ -155,6 +155,12 @@ def test_train_with_a_pretrained_backbone_puts_its_normalisation_in_the_bundle(n
     manifest = json.loads((run / "bundle" / "manifest.json").read_text())
     assert manifest["preprocessing"]["mean"] == [0.5] * 3
     assert manifest["preprocessing"]["std"] == pytest.approx([1 / 2048] * 3)
+    # what it was initialised from, by content and the format it was read as (the config
+    # alone kept the path given and init_format "auto")
+    from cxr_batch.bundle import sha256_file
+
+    started = manifest["training"]["initialised_from"]
+    assert started["backbone"]["format"] == "xrv" and started["backbone"]["sha256"] == sha256_file(tmp_path / "xrv.pt")
     bundle = load_bundle(run / "bundle")
     conv0 = bundle.model.backbone.conv0.weight
     assert torch.allclose(conv0, net.features.conv0.weight.repeat(1, 3, 1, 1) / 3, atol=1e-3)  # float16 bundle
@@ -170,3 +176,20 @@ def test_another_densenet_is_refused_when_read_before_any_work(tmp_path):
     with pytest.raises(ValueError, match=r"not a DenseNet-121 backbone: \d+ weights have other shapes "
                                          r"\(transition3.norm.weight is \(1280,\) where DenseNet-121.s is \(1024,\)"):
         read_backbone(tmp_path / "densenet169.pth")
+
+
+def test_a_cut_off_download_or_a_pickled_model_is_refused_in_words_the_operator_can_act_on(tmp_path):
+    """torch's own messages were cut to 200 characters: a truncated file ended mid-sentence
+    ('... your checkpoint file is'), and a whole model saved with torch.save(model) told the
+    operator to load it with weights_only=False, i.e. to let the file run code."""
+    net = densenet121(weights=None)
+    torch.save(net.state_dict(), tmp_path / "tv.pth")
+    data = (tmp_path / "tv.pth").read_bytes()
+    (tmp_path / "cut.pth").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="cut off") as cut:
+        read_backbone(tmp_path / "cut.pth")
+    assert "download it again" in str(cut.value)
+    torch.save(net, tmp_path / "model.pth")
+    with pytest.raises(ValueError, match=r"state_dict\(\)") as whole:
+        read_backbone(tmp_path / "model.pth")
+    assert "weights_only" not in str(whole.value) and "can run code" in str(whole.value)

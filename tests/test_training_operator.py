@@ -7,6 +7,7 @@ import csv
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -39,7 +40,8 @@ def test_an_out_that_is_a_bundle_or_a_folder_of_bundles_is_refused_and_left_as_i
     weights = tmp_path / "weights"
     shutil.copytree(REPO / "weights" / "cxr-fpn-v1", weights / "cxr-fpn-v1")
     before = folder_digest(weights)
-    for out in (weights / "cxr-fpn-v1", weights):
+    # and a folder inside a bundle: v1's training_run holds the metrics and thresholds its card cites
+    for out in (weights / "cxr-fpn-v1", weights, weights / "cxr-fpn-v1" / "training_run"):
         for extra in ((), ("--resume",)):
             proc = train(nih / "images", nih / "labels.csv", out, *extra)
             assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
@@ -352,3 +354,60 @@ def test_resume_with_the_same_inputs_named_otherwise_goes_on(nih, tmp_path):
                           text=True, timeout=600)
     assert proc.returncode == 1 and f"metadata {moved} (this command: the same path, other content)" in proc.stderr, \
         proc.stderr[-2000:]
+
+
+def test_a_disk_full_while_the_image_cache_is_written_is_one_line_not_a_bus_error(nih, small_disk):
+    """The cache is a run's largest file (about 7 GB for the full NIH set at 224 px) and was
+    written through a memory map of a sparse file: on a full disk the process died of SIGBUS
+    (exit 135) with no word said. Now its space is taken before any pixel is written: one line
+    naming the file, its size and the full disk."""
+    run = small_disk / "run"
+    proc = train(nih / "images", nih / "labels.csv", run, "--image-size", 300)  # 48 x 334 x 334 bytes > 4 MiB
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, (proc.returncode, proc.stderr[-2000:])
+    error = [line for line in proc.stderr.splitlines() if line.startswith("cxr-batch: error:")]
+    assert len(error) == 1 and f"{run}/cache_334.u8" in error[0] and "No space left on device" in error[0], proc.stderr
+    assert re.search(r"it needs \d+\.\d MB", error[0]) and "Errno" not in error[0], error
+    assert not (run / "cache_334.u8").exists()  # not left holding the space
+
+
+def test_an_imagenet_file_that_is_cut_off_or_not_imagenet_weights_is_one_line_before_any_work(nih, tmp_path):
+    """`--imagenet FILE` was loaded without the checks `--init-backbone` makes: a cut-off
+    download was a traceback, and a TorchXRayVision file a traceback of 'size mismatch' after
+    the data stages had run."""
+    import torch
+    from torchvision.models import densenet121
+
+    torch.save(densenet121(weights=None).state_dict(), tmp_path / "tv.pth")
+    data = (tmp_path / "tv.pth").read_bytes()
+    (tmp_path / "cut.pth").write_bytes(data[: len(data) // 2])
+    one_channel = densenet121(weights=None).state_dict()
+    one_channel["features.conv0.weight"] = one_channel["features.conv0.weight"][:, :1]
+    torch.save(one_channel, tmp_path / "xrv.pt")
+    for name, why in (("cut.pth", "cut off"), ("xrv.pt", "TorchXRayVision backbone (one input channel), not ImageNet "
+                                                          "weights: pass it as --init-backbone")):
+        run = tmp_path / f"run_{name}"
+        proc = train(nih / "images", nih / "labels.csv", run, "--imagenet", tmp_path / name)
+        assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+        error = [line for line in proc.stderr.splitlines() if line.startswith("cxr-batch: error:")]
+        assert len(error) == 1 and why in error[0], proc.stderr
+        assert not (run / "prepared.csv").exists()  # refused before the data was touched
+
+
+def test_a_run_killed_while_writing_its_checkpoint_leaves_no_temporary_file_behind_its_resume(nih, tmp_path):
+    """SIGKILL in the middle of writing checkpoint.pt leaves its temporary file (a DenseNet-121
+    with Adam's state: about 100 MB), and no later run removed it. The run folder is now one
+    run's at a time (a second is refused while the first runs, its files left alone) and a
+    run starting there removes what a killed one left."""
+    from cxr_batch.folderlock import FolderLock
+
+    run = tmp_path / "run"
+    run.mkdir()
+    stale = run / ".checkpoint.pt.k1ll3d.tmp"
+    stale.write_bytes(b"\0" * 1000)
+    with FolderLock(run, "train"):  # another run is writing there
+        busy = train(nih / "images", nih / "labels.csv", run, "--epochs", 0, "--image-size", 32)
+    assert busy.returncode == 1 and "Traceback" not in busy.stderr, busy.stderr[-2000:]
+    assert "in use by cxr-batch train" in busy.stderr and stale.exists(), busy.stderr
+    proc = train(nih / "images", nih / "labels.csv", run, "--epochs", 0, "--image-size", 32, "--resume")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert not stale.exists() and (run / "bundle" / "manifest.json").is_file()

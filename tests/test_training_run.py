@@ -37,6 +37,7 @@ def test_quick_run_writes_all_artifacts_and_a_bundle_that_scans(nih, tmp_path, s
     assert len(metrics["test_ci95"]["auc"]) == 14 and "notes" in metrics["test_ci95"]
     training = json.loads((run / "bundle" / "manifest.json").read_text())["training"]
     assert len(training["history"]) == 1 and training["history_from"] == "this run"
+    assert training["initialised_from"] == {"random": True}
     assert training["patient_prior"] == {"method": "none"} and set(training["prevalence"]) == set(FINDINGS)
     summary = run_scan(studies, tmp_path / "out", ScanConfig(weights=str(run / "bundle"), device="cpu", batch_size=4,
                                                              workers=0, progress=False, pdf=False))
@@ -72,6 +73,9 @@ def test_the_bundle_records_the_patient_prior_and_keeps_the_history_through_an_e
     second = json.loads((tmp_path / "export" / "bundle" / "manifest.json").read_text())["training"]
     assert second["history"] == first["history"] and len(second["history"]) == 1
     assert second["history_from"].startswith("init_weights")
+    first_sha = json.loads((tmp_path / "first" / "bundle" / "manifest.json").read_text())["bundle_sha256"]
+    assert second["initialised_from"] == {"weights": {"bundle": str(tmp_path / "first" / "bundle"),
+                                                      "bundle_sha256": first_sha}}
 
 
 @pytest.mark.slow
@@ -102,3 +106,19 @@ def test_a_degenerate_split_allowed_for_tests_gives_no_raw_warnings(nih, tmp_pat
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "Warning" not in proc.stderr and "nan" not in proc.stderr
     assert "test mean AUC not measurable" in proc.stderr
+
+
+def test_a_finding_without_positives_in_the_whole_table_is_named_as_such(nih, tmp_path):
+    """A site's labels without a single Hernia: the refusal listed the parts without one and
+    advised more images or other fractions, and no fraction can put a Hernia in a part."""
+    lines = (nih / "labels.csv").read_text().splitlines()
+    labels = tmp_path / "labels.csv"
+    labels.write_text("\n".join([lines[0]] + [line for line in lines[1:] if "Hernia" not in line]) + "\n")
+    strict = tmp_path / "strict.toml"
+    strict.write_text(QUICK.read_text().replace("allow_degenerate_split = true", "").replace("limit = 48", ""))
+    proc = subprocess.run([sys.executable, "-m", "cxr_batch", "train", "--images", str(nih / "images"), "--metadata",
+                           str(labels), "--out", str(tmp_path / "run"), "--config", str(strict), "--device", "cpu"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert f"{labels} has no positive image of Hernia" in proc.stderr, proc.stderr
+    assert "label more studies with it" in proc.stderr

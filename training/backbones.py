@@ -25,6 +25,7 @@ weights each: on three equal channels it sums to the original (zero padding is t
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,7 +50,12 @@ class BackboneInit:
     source: str
 
     def record(self) -> dict:
-        return {"file": self.source, "format": self.format, "mean": list(self.mean), "std": list(self.std)}
+        """What the bundle's ``training.initialised_from`` says of it: the file by its content
+        too (a path names whatever is there later), and the format it was read as."""
+        from cxr_batch.bundle import sha256_file
+
+        return {"file": self.source, "sha256": sha256_file(Path(self.source)), "format": self.format,
+                "mean": list(self.mean), "std": list(self.std)}
 
 
 def _strip(key: str) -> str:
@@ -69,11 +75,7 @@ def read_backbone(path: Path | str, fmt: str = "auto") -> BackboneInit:
     if fmt not in FORMATS:
         raise ValueError(f"--init-format {fmt!r}: one of {', '.join(FORMATS)}")
     path = Path(path)
-    try:
-        blob = torch.load(path, map_location="cpu", weights_only=True)  # data only: a file cannot run code
-    except Exception as e:
-        raise ValueError(f"{path}: not a PyTorch state dict or checkpoint that loads as data ({type(e).__name__}: "
-                         f"{str(e).splitlines()[0][:200]})") from None
+    blob = load_as_data(path)
     checkpoint = isinstance(blob, dict) and isinstance(blob.get("state_dict"), dict)
     state = blob["state_dict"] if checkpoint else blob
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
@@ -110,6 +112,38 @@ def read_backbone(path: Path | str, fmt: str = "auto") -> BackboneInit:
         raise ValueError(f"{path}: not a DenseNet-121 backbone: {len(other)} weights have other shapes ({other[0]} is "
                          f"{tuple(features[other[0]].shape)} where DenseNet-121's is {tuple(shapes[other[0]])})")
     return BackboneInit(features, mean, std, fmt, str(path))
+
+
+def read_imagenet(path: Path | str) -> BackboneInit:
+    """``--imagenet FILE``: a torchvision (or CheXNet) DenseNet-121 file, with the checks
+    :func:`read_backbone` makes, before any work. A TorchXRayVision file is refused: it needs its
+    own input normalisation, which only ``--init-backbone`` carries into the bundle."""
+    init = read_backbone(path)
+    if init.format == "xrv":
+        raise ValueError(f"{path}: a TorchXRayVision backbone (one input channel), not ImageNet weights: pass it as "
+                         "--init-backbone, which also takes its input normalisation")
+    return init
+
+
+def load_as_data(path: Path):
+    """``torch.load`` of tensors and plain containers only: a file cannot run code. Raises
+    ValueError saying what the file is in words an operator can act on (torch's own messages
+    end mid-sentence when cut to a line, or advise loading with ``weights_only=False``)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        text = str(e)
+        if "Unsupported global" in text:  # a pickled object: torch.save(model), not its state_dict()
+            named = re.search(r"GLOBAL (\S+)", text)
+            raise ValueError(f"{path}: holds Python objects{f' ({named.group(1)})' if named else ''}, not only tensors "
+                             "(a whole model saved with torch.save(model)?): refused, since loading it can run code; "
+                             "save the model's state_dict() instead") from None
+        if isinstance(e, EOFError) or "central directory" in text or "truncated" in text:
+            raise ValueError(f"{path}: cut off (the file ends before its data does, as an interrupted download "
+                             "does): download it again") from None
+        # torch's first line, unless it is the advice to load with weights_only=False
+        why = "" if "weights_only" in text or not text else f" ({type(e).__name__}: {text.splitlines()[0][:200]})"
+        raise ValueError(f"{path}: not a PyTorch state dict or checkpoint that loads as data{why}") from None
 
 
 def densenet121_shapes() -> dict[str, torch.Size]:

@@ -10,6 +10,7 @@ inference-exact model views (:func:`build_views`).
 from __future__ import annotations
 
 import json
+import os
 from concurrent.futures import ProcessPoolExecutor
 from functools import partial
 from pathlib import Path
@@ -113,7 +114,8 @@ def _build(images_dir, names: list[str], out: Path, spec: tuple, decode, workers
     if _built(out, names, spec):
         return np.memmap(data_path, dtype=dtype, mode="r", shape=shape), {n: i for i, n in enumerate(names)}
     index_path.unlink(missing_ok=True)  # rewritten below: until then the data is no cache of anything
-    arr = np.memmap(data_path, dtype=dtype, mode="w+", shape=shape)
+    reserve(data_path, int(np.prod(shape)) * np.dtype(dtype).itemsize)
+    arr = np.memmap(data_path, dtype=dtype, mode="r+", shape=shape)
     paths = [Path(images_dir[n]) if isinstance(images_dir, dict) else Path(images_dir) / n for n in names]
     if workers > 1:
         # one thread per decoding process, set there: set in this process it would leave training
@@ -132,6 +134,21 @@ def _build(images_dir, names: list[str], out: Path, spec: tuple, decode, workers
     (out / UNREADABLE).unlink(missing_ok=True)  # an earlier run's list, since fixed
     index_path.write_text(json.dumps({**meta, "names": names}))
     return np.memmap(data_path, dtype=dtype, mode="r", shape=shape), {n: i for i, n in enumerate(names)}
+
+
+def reserve(path: Path, nbytes: int) -> None:
+    """Create ``path`` with ``nbytes`` of disk space taken. A memory map of a sparse file (what
+    ``np.memmap(mode="w+")`` makes) finds a full disk only when a page is written back, and the
+    process dies of SIGBUS without a word; taken up front, the disk says no here, as an OSError
+    that names the file and what it needs."""
+    try:
+        with open(path, "wb") as f:
+            if nbytes:
+                os.posix_fallocate(f.fileno(), 0, nbytes)
+    except OSError as e:
+        path.unlink(missing_ok=True)  # a partly taken file would only hold the space
+        raise OSError(f"cannot write the image cache {path} ({e.strerror or e}; it needs "
+                               f"{nbytes / 1e6:.1f} MB): free space there, or choose another --out, and run again") from None
 
 
 def store_decoded(arr: np.memmap, names: list[str], decoded) -> list[tuple[str, str]]:

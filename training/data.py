@@ -25,6 +25,7 @@ from .prepare import PREPARED, multi_hot
 # The run folder's files that one stage writes and a later one reads.
 HISTORY = "history.json"  # training loop -> evaluation (epoch table, figures)
 FINAL_WEIGHTS = "model_final.pt"  # best checkpoint plus patient prior -> evaluation and export
+INIT_INFO = "initialisation.json"  # what the weights started from -> the bundle's manifest
 PRIOR_INFO = "prior.json"  # what the patient prior added -> metrics and the bundle's manifest
 
 

@@ -20,8 +20,8 @@ from cxr_batch.findings import FINDINGS
 from cxr_batch.model import build_model
 
 from . import metrics, thresholds
-from .data import (FINAL_WEIGHTS, HISTORY, PRIOR_INFO, Context, encode_patients, evaluation_loader, predict,
-                   prepared_parts, unique_training_images)
+from .data import (FINAL_WEIGHTS, HISTORY, INIT_INFO, PRIOR_INFO, Context, encode_patients, evaluation_loader,
+                   predict, prepared_parts, unique_training_images)
 from .figures import example_predictions, roc_curves, training_curves
 from .prepare import multi_hot
 
@@ -200,11 +200,12 @@ def evaluate_run(cfg, out: Path, ctx: Context) -> dict:
     if not history:
         history, history_from = inherited_history(cfg)
     prior = json.loads((out / PRIOR_INFO).read_text()) if (out / PRIOR_INFO).exists() else {}
+    started = json.loads((out / INIT_INFO).read_text()) if (out / INIT_INFO).exists() else {}
 
     p_val, y_val, _ = predict(model, loaders["val"], ctx)
     chosen = choose_thresholds(cfg, y_val, p_val, out)
     results, test, p_test = evaluate_test(cfg, ctx, model, loaders, parts, chosen, y_val, p_val)
-    record = {"history": history, "history_from": history_from, "patient_prior": prior,
+    record = {"initialised_from": started, "history": history, "history_from": history_from, "patient_prior": prior,
               "prevalence": training_prevalence(parts["train"])}
     results.update(record)
     metrics_table(test).to_csv(out / f"validation_metrics_{cfg.model_name}.csv", index=False)

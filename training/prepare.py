@@ -180,6 +180,21 @@ def scaled_balance_counts(cfg: TrainConfig, n_train: int) -> tuple[int, int]:
     return max(1, round(cfg.mirror_below * factor)), max(1, round(cfg.replicate_to * factor))
 
 
+def scarce_findings(df: pd.DataFrame, table) -> list[str]:
+    """Findings of the rows used (after --limit and undersampling) with fewer than one positive
+    image for each of training, validation and test: no fraction or seed can split them, only
+    more labelled studies can."""
+    y = multi_hot(df.loc[df["split"] != "unused", "labels"])
+    problems = []
+    for finding, n in zip(FINDINGS, y.sum(axis=0)):
+        if n < 3:
+            count = "no positive image" if n == 0 else f"{int(n)} positive image{'' if n == 1 else 's'}"
+            problems.append(f"{table} has {count} of {finding} among the {len(y)} rows used (after --limit and "
+                            "undersampling), where training, validation and test need one each: label more "
+                            "studies with it")
+    return problems
+
+
 def split_problems(df: pd.DataFrame, min_images: int = MIN_EVAL_IMAGES) -> list[str]:
     """Why the validation and test parts of a split cannot be evaluated: a part under
     ``min_images`` images, or a finding with no positive or no negative image in it (its
@@ -239,7 +254,7 @@ def prepare(cfg: TrainConfig, out: Path) -> pd.DataFrame:
         split_kind, undersampled = f"by patient, seed {cfg.seed}", "all images, before the split (the study's order)"
         not_in_lists = 0
     assert_patient_disjoint(df)
-    problems = split_problems(df)
+    problems = split_problems(df) + scarce_findings(df, cfg.metadata)
     if problems and not cfg.allow_degenerate_split:
         raise ValueError("this split cannot be evaluated: " + "; ".join(problems) + ". Use more images (--limit, "
                          "--metadata) or other test_fraction/val_fraction; allow_degenerate_split = true trains "

@@ -31,8 +31,8 @@ from cxr_batch.patient import PatientEncoding
 from . import metrics
 from .augment import train_transform
 from .config import TrainConfig
-from .data import (FINAL_WEIGHTS, HISTORY, PRIOR_INFO, Context, encode_patients, evaluation_loader, load_splits,
-                   predict, unique_training_images)
+from .data import (FINAL_WEIGHTS, HISTORY, INIT_INFO, PRIOR_INFO, Context, encode_patients, evaluation_loader,
+                   load_splits, predict, unique_training_images)
 from .evaluate import auc_text, evaluate_run
 from .prepare import PREPARED, multi_hot, prepare
 from .prior import apply_patient_prior, fit_patient_logistic, init_skip_from_logistic
@@ -215,12 +215,17 @@ def check_resumable(path: Path, cfg: TrainConfig) -> None:
 
 
 def check_out_folder(out: Path, resume: bool) -> None:
-    """Refuse an --out that would overwrite weights: a bundle or a folder of bundles (such as the
-    bundled ``weights/``), or an earlier run's checkpoint or bundle unless ``--resume`` says to
+    """Refuse an --out that would overwrite weights: a bundle, a folder in one or a folder of bundles
+    (such as the bundled ``weights/``), or an earlier run's checkpoint or bundle unless ``--resume`` says to
     continue it. Raises ValueError before anything is read or written."""
     from cxr_batch.bundle import MANIFEST_FILE
 
     bundles = [p.parent for p in out.glob(f"*/{MANIFEST_FILE}") if p.parent.name != "bundle"]
+    # a folder inside a bundle, such as v1's training_run: its metrics and thresholds are what the card cites
+    around = [p for p in Path(os.path.abspath(out)).parents if (p / MANIFEST_FILE).is_file()]
+    if around:
+        raise ValueError(f"--out {out} is inside the weights bundle {around[0]}: training would overwrite files there; "
+                         "choose another --out (a new run folder)")
     if (out / MANIFEST_FILE).is_file() or bundles:
         named = ", ".join(p.name for p in bundles[:3]) or out.name
         raise ValueError(f"--out {out} is a weights bundle or holds bundles ({named}): training would overwrite "
@@ -235,6 +240,43 @@ def check_out_folder(out: Path, resume: bool) -> None:
                          "or choose another --out to start over")
 
 
+def initialisation(cfg: TrainConfig, imagenet, backbone) -> dict:
+    """What the weights started from, for the bundle's ``training.initialised_from``: each file by
+    its content and the format it was read as (the configuration keeps only the path given and
+    ``init_format``, often "auto"); ``{"random": true}`` when nothing was loaded."""
+    from cxr_batch.bundle import read_manifest, sha256_file
+
+    started = {}
+    if cfg.imagenet == "torchvision":
+        started["imagenet"] = {"torchvision": "DenseNet121_Weights.IMAGENET1K_V1"}
+    elif imagenet is not None:
+        started["imagenet"] = imagenet.record()
+    if backbone is not None:  # loaded after the ImageNet weights: its backbone is the one trained on
+        started["backbone"] = backbone.record()
+    if cfg.init_weights:  # loaded last, over the whole model
+        path = Path(cfg.init_weights)
+        started["weights"] = ({"bundle": str(path), "bundle_sha256": read_manifest(path).get("bundle_sha256")}
+                              if path.is_dir() else {"file": str(path), "sha256": sha256_file(path)})
+    return started or {"random": True}
+
+
+def hold_run_folder(out: Path):
+    """The run folder's lock, for as long as this run writes there, then the temporary files a
+    killed run left (SIGKILL while checkpoint.pt was written leaves a ~100 MB one that no
+    later run would remove). A second run into the same folder is refused: both would write
+    the same checkpoint. Raises ValueError naming the process that holds it."""
+    from cxr_batch.files import remove_stale_temp
+    from cxr_batch.folderlock import FolderBusy, FolderLock
+
+    try:
+        lock = FolderLock(out, "train", "wait for it to finish, or choose another --out").acquire()
+    except FolderBusy as e:
+        raise ValueError(str(e)) from None
+    if removed := remove_stale_temp(out):
+        log.info("removed %d temporary file(s) an interrupted run left in %s", removed, out)
+    return lock
+
+
 def setup_distributed() -> tuple[int, int]:
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
@@ -247,8 +289,15 @@ def main(cfg: TrainConfig, resume: bool = False) -> Path:
     """Run every stage; returns the run folder. Rank 0 writes all files."""
     out = Path(cfg.out)
     check_out_folder(out, resume)
-    # read before any work: a download that cannot happen fails now, not after the data stages
-    imagenet = imagenet_backbone_state(cfg.imagenet) if cfg.imagenet else None
+    # read before any work: a download that cannot happen, or a file that is no DenseNet-121,
+    # fails now, not after the data stages
+    imagenet = None
+    if cfg.imagenet == "torchvision":
+        imagenet = imagenet_backbone_state(cfg.imagenet)
+    elif cfg.imagenet:
+        from .backbones import read_imagenet
+
+        imagenet = read_imagenet(cfg.imagenet)
     rank, world = setup_distributed()
     torch.manual_seed(cfg.seed + rank)
     np.random.seed(cfg.seed)
@@ -276,8 +325,10 @@ def main(cfg: TrainConfig, resume: bool = False) -> Path:
     # data: prepare (stage 1) and cache (stage 2) on rank 0, the others wait and read
     if is_main:
         out.mkdir(parents=True, exist_ok=True)
+        lock = hold_run_folder(out)
         if not (resume and (out / PREPARED).exists()):
             prepare(cfg, out)
+        (out / INIT_INFO).write_text(json.dumps(initialisation(cfg, imagenet, backbone), indent=2) + "\n")
         load_splits(cfg, out, prep, encoding)
     if world > 1:
         dist.barrier()
@@ -292,7 +343,7 @@ def main(cfg: TrainConfig, resume: bool = False) -> Path:
     # model, loss, optimizer, scheduler
     model = build_model(cfg.model)
     if imagenet is not None:
-        load_imagenet_backbone(model, imagenet)
+        load_imagenet_backbone(model, imagenet if isinstance(imagenet, dict) else imagenet.state)
     if backbone is not None:
         from .backbones import load_backbone
 
@@ -397,6 +448,7 @@ def main(cfg: TrainConfig, resume: bool = False) -> Path:
 
     # stages 4-6 read what the stages above wrote
     evaluate_run(cfg, out, ctx)
+    lock.release()
     if world > 1:
         dist.destroy_process_group()
     return out
