@@ -242,6 +242,16 @@ def test_a_clock_set_back_never_holds_the_queue_for_the_time_it_went_back(tmp_pa
     ledger.close()
 
 
+def one_oru_queued(out, control: str, port: int) -> Ledger:
+    """A results folder whose ledger (returned open) queues one ORU, ``control``, for 127.0.0.1:``port``."""
+    ledger = Ledger(out / ".cxr-batch" / "ledger.sqlite")
+    (out / "hl7").mkdir()
+    (out / "hl7" / f"{control}.hl7").write_text("MSH|^~\\&|CXR-BATCH|FAC|RIS|FAC|20240101120000||ORU^R01^ORU_R01|"
+                                                 f"{control}|P|2.5\rPID|1||P001\r" + LAST_OBX)
+    ledger.queue_outbound([("k", outbound_entry(control, f"hl7/{control}.hl7", "hl7", f"127.0.0.1:{port}"))])
+    return ledger
+
+
 def test_a_clock_set_back_while_a_scan_sends_never_makes_it_wait_the_jump(tmp_path, monkeypatch):
     """`scan --hl7-to` with the RIS down sends for send_wait seconds, then says what waits: with
     the system clock set back an hour during that wait (NTP), the scan went on trying for an
@@ -252,12 +262,8 @@ def test_a_clock_set_back_while_a_scan_sends_never_makes_it_wait_the_jump(tmp_pa
     from cxr_batch.integration.outbox import HL7Channel
 
     out = tmp_path / "out"
-    ledger = Ledger(out / ".cxr-batch" / "ledger.sqlite")
-    (out / "hl7").mkdir()
-    (out / "hl7" / "CTRL3.hl7").write_text("MSH|^~\\&|CXR-BATCH|FAC|RIS|FAC|20240101120000||ORU^R01^ORU_R01|CTRL3|P|2.5\r"
-                                          "PID|1||P001\r" + LAST_OBX)
     port = free_port()  # nothing listens: the RIS is down
-    ledger.queue_outbound([("k", outbound_entry("CTRL3", "hl7/CTRL3.hl7", "hl7", f"127.0.0.1:{port}"))])
+    ledger = one_oru_queued(out, "CTRL3", port)
     ledger.close()
     sender = Sender(ledger.path, out, HL7Channel(Endpoint.parse(f"127.0.0.1:{port}"), 2.0), retry_max=0.5)
     offset, real, send_one = [0.0], time.time, sender.send_one
@@ -285,12 +291,8 @@ def test_an_operators_retry_ends_a_back_off_begun_before_the_clock_was_set_back(
     from cxr_batch.integration.outbox import HL7Channel
 
     out = tmp_path / "out"
-    ledger = Ledger(out / ".cxr-batch" / "ledger.sqlite")
-    (out / "hl7").mkdir()
-    (out / "hl7" / "CTRL4.hl7").write_text("MSH|^~\\&|CXR-BATCH|FAC|RIS|FAC|20240101120000||ORU^R01^ORU_R01|CTRL4|P|2.5\r"
-                                          "PID|1||P001\r" + LAST_OBX)
     port = free_port()  # nothing listens: the RIS is down
-    ledger.queue_outbound([("k", outbound_entry("CTRL4", "hl7/CTRL4.hl7", "hl7", f"127.0.0.1:{port}"))])
+    ledger = one_oru_queued(out, "CTRL4", port)
     sender = Sender(ledger.path, out, HL7Channel(Endpoint.parse(f"127.0.0.1:{port}"), 2.0), retry_max=3600.0)
     sender.link_failures = 20  # down for long: the next back-off is retry_max
     offset, real = [0.0], time.time
