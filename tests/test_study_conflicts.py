@@ -250,6 +250,7 @@ ONE_PATIENT_OTHERWISE = {
     "Greek with and without accents": (dict(PatientName="ΝΙΚΟΛΑΟΥ^ΜΑΡΙΑ", SpecificCharacterSet="ISO_IR 126"),
                                        dict(PatientName="Νικολάου^Μαρία", SpecificCharacterSet="ISO_IR 192")),
     "kanji in the alphabetic group and romanised": (_japanese("山田^太郎"), _japanese("YAMADA^TARO")),
+    "kanji typed without '^'": (_japanese("山田^太郎"), _japanese("山田太郎")),
     "filed under another issuer's ID": (dict(PatientID="EXT-77", IssuerOfPatientID="ELSEWHERE"),
                                         dict(PatientID="P-A", IssuerOfPatientID="HOSP",
                                              OtherPatientIDsSequence=[_item(PatientID="EXT-77",

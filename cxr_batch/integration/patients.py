@@ -104,7 +104,8 @@ def _same_name(a: str, b: str) -> bool:
     """Whether two names of :func:`_name_key` may be one person's: each component both give
     agrees (a middle name, a prefix or a given name one system leaves out is not compared); or,
     typed without "^" on one side ("DOE JOHN", "DOE, JOHN"), each word of the one with fewer
-    matches another word of the other, in any order."""
+    matches another word of the other, in any order, or the letters of the two are one run
+    (a script written without spaces: "李^明" typed "李明")."""
     def glued(component: str) -> str:
         words = component.split()
         if words and all(w.startswith("!") for w in words):
@@ -113,6 +114,8 @@ def _same_name(a: str, b: str) -> bool:
         return ("~" if any(w[:1] in "~!" for w in words) else "") + "".join(ascii_words)
 
     if all(_same_word(glued(x), glued(y)) for x, y in zip(a.split("^"), b.split("^")) if x and y):
+        return True
+    if re.sub(r"[\^ ~!]", "", a) == re.sub(r"[\^ ~!]", "", b):
         return True
     fewer, more = sorted((a.replace("^", " ").split(), b.replace("^", " ").split()), key=len)
     for w in fewer:
