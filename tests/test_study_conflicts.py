@@ -78,20 +78,29 @@ def test_listen_holds_back_a_study_two_patients_are_sent_under(shared_study, sma
     assert "DOE" not in text and "ROE" not in text
 
 
+_CYRILLIC = dict(SpecificCharacterSet="ISO_IR 144")
+
+
 @needs_dcmtk
-@pytest.mark.parametrize("other, said", [(dict(PatientBirthDate="20240101"), "two birth dates"),
-                                         (dict(PatientSex="M"), "two sexes")])
-def test_listen_holds_back_images_of_one_patient_id_with_another_birth_date_or_sex(shared_study, small_bundle,
-                                                                                   tmp_path, nih_images, other, said):
+@pytest.mark.parametrize("mine, other, said", [
+    ({}, dict(PatientBirthDate="20240101"), "two birth dates"),
+    ({}, dict(PatientSex="M"), "two sexes"),
+    ({**_CYRILLIC, "PatientName": "ИВАНОВА^АННА"}, {**_CYRILLIC, "PatientName": "ПЕТРОВА^ОЛЬГА"}, "two names")])
+def test_listen_holds_back_images_of_one_patient_id_with_another_birth_date_sex_or_name(
+        shared_study, small_bundle, tmp_path, nih_images, mine, other, said):
     """The same patient ID with another birth date (two patients with one hospital's number, a
-    mother and her newborn), or a frontal and a lateral whose sex disagrees, in one study: held
-    back, sent in one association together."""
+    mother and her newborn), a frontal and a lateral whose sex disagrees, or two names written
+    in Cyrillic, in one study: held back, sent in one association together."""
     from tests.test_node import listening
 
     first = shared_study["a1"]  # PatientSex F (tests.dicomgen.HEADER)
+    study = pydicom.dcmread(first).StudyInstanceUID
+    if mine:
+        first = _image(tmp_path / "images", nih_images[0], "mine", **dict(
+            PatientID="P-A", PatientBirthDate="19600101", StudyInstanceUID=study, **mine))
     twin = _image(tmp_path / "images", nih_images[4], "twin", **{
         **dict(PatientID="P-A", PatientName="DOE^JANE", PatientBirthDate="19600101", ViewPosition="LL",
-               StudyInstanceUID=pydicom.dcmread(first).StudyInstanceUID), **other})
+               StudyInstanceUID=study), **other})
     out, log, port = tmp_path / "out", tmp_path / "node.log", free_port()
     node = start_node(out, small_bundle, node_config(tmp_path / "node.toml", max_wait=2.0), "--port", port, "--no-pdf",
                       log=log)
@@ -234,6 +243,14 @@ ONE_PATIENT_OTHERWISE = {
     "phonetic in katakana and in hiragana": (_japanese("Yamada^Tarou==ヤマダ^タロウ"), _japanese("Yamada^Taro==やまだ^たろう")),
     "an ideographic name alone": (_japanese("=山田^太郎"), _japanese("YAMADA^TAROU")),
     "a long vowel romanised otherwise": (_japanese("OHNO^YUUKI"), _japanese("ONO^YUKI")),
+    "a Cyrillic name and its transliteration": (dict(PatientName="ИВАНОВ^ИВАН", SpecificCharacterSet="ISO_IR 144"),
+                                                dict(PatientName="IVANOV^IVAN", SpecificCharacterSet=None)),
+    "Cyrillic Ё written Е": (dict(PatientName="СЕМЁНОВ^ПЁТР", SpecificCharacterSet="ISO_IR 144"),
+                             dict(PatientName="Семенов^Петр", SpecificCharacterSet="ISO_IR 144")),
+    "Greek with and without accents": (dict(PatientName="ΝΙΚΟΛΑΟΥ^ΜΑΡΙΑ", SpecificCharacterSet="ISO_IR 126"),
+                                       dict(PatientName="Νικολάου^Μαρία", SpecificCharacterSet="ISO_IR 192")),
+    "kanji in the alphabetic group and romanised": (_japanese("山田^太郎"), _japanese("YAMADA^TARO")),
+    "kanji typed without '^'": (_japanese("山田^太郎"), _japanese("山田太郎")),
     "filed under another issuer's ID": (dict(PatientID="EXT-77", IssuerOfPatientID="ELSEWHERE"),
                                         dict(PatientID="P-A", IssuerOfPatientID="HOSP",
                                              OtherPatientIDsSequence=[_item(PatientID="EXT-77",
@@ -252,6 +269,18 @@ TWO_PATIENTS = {"another ID": (dict(PatientID="P-B"), "patient IDs 'P-A' and 'P-
                                                        "and '2.16.840.1.113883.3.99'"),
                 "another ideographic name": ((_japanese("Yamada^Tarou=山田^太郎"), _japanese("Sato^Hanako=佐藤^花子")),
                                              "patient ID 'P-A' with two names"),
+                "another name in Cyrillic": ((dict(PatientName="ИВАНОВ^ИВАН", SpecificCharacterSet="ISO_IR 144"),
+                                              dict(PatientName="ПЕТРОВ^ПЁТР", SpecificCharacterSet="ISO_IR 144")),
+                                             "patient ID 'P-A' with two names"),
+                "another name in Greek": ((dict(PatientName="ΠΑΠΑΔΟΠΟΥΛΟΣ^ΓΙΑΝΝΗΣ", SpecificCharacterSet="ISO_IR 126"),
+                                           dict(PatientName="ΝΙΚΟΛΑΟΥ^ΜΑΡΙΑ", SpecificCharacterSet="ISO_IR 126")),
+                                          "patient ID 'P-A' with two names"),
+                "another name in kanji in the alphabetic group": ((_japanese("山田^太郎"), _japanese("佐藤^花子")),
+                                                                  "patient ID 'P-A' with two names"),
+                "another ideographic name alone": ((_japanese("=山田^太郎"), _japanese("=佐藤^花子")),
+                                                   "patient ID 'P-A' with two names"),
+                "another phonetic name alone": ((_japanese("==やまだ^たろう"), _japanese("==サトウ^ハナコ")),
+                                                "patient ID 'P-A' with two names"),
                 "another issuer's ID of another name": ((dict(PatientID="EXT-77", PatientName="ROE^RICHARD"),
                                                          dict(OtherPatientIDsSequence=[_item(PatientID="EXT-77")])),
                                                         "patient IDs 'EXT-77' and 'P-A' (one patient's) with two names"),

@@ -25,16 +25,35 @@ def _name_key(text: str) -> str:
     trailing empty components dropped ("doe^jane^^" and "DOE^JANE" are one name). A word with a
     letter outside ASCII keeps its ASCII letters and digits, marked "~": such a word is written
     otherwise by another system ('MÜLLER' as 'MULLER', 'MUELLER', or read as Latin-1 from UTF-8
-    'MÃ\x9cLLER'), and upper() makes ASCII of some ('ß' -> 'SS') on one side only."""
+    'MÃ\x9cLLER'), and upper() makes ASCII of some ('ß' -> 'SS') on one side only. A word
+    without an ASCII letter or digit (Cyrillic, Greek, kanji written in the alphabetic group)
+    keeps its letters, marked "!" (:func:`_script_word`): 'ИВАНОВ' and 'ПЕТРОВ' are two names,
+    not two words with nothing to compare."""
     def word(w: str) -> str:
         ascii_part = re.sub(r"[^A-Za-z0-9]", "", w).upper()
-        return ascii_part if w.isascii() else f"~{ascii_part}"
+        if w.isascii():
+            return ascii_part
+        return f"~{ascii_part}" if ascii_part else f"!{_script_word(w)}"
 
     alphabetic = unicodedata.normalize("NFC", text.split("=")[0])  # "Ü" as one letter, not "U" and its mark
     components = [" ".join(word(w) for w in re.findall(r"[^\W_]+", c)) for c in alphabetic.split("^")]
     while components and not components[-1]:
         components.pop()
     return "^".join(components)
+
+
+def _script_word(word: str) -> str:
+    """A word of another script than Latin as compared: NFKC, upper case, hiragana as katakana
+    (one reading), without accents and other combining marks ('СЕМЁНОВ' as 'СЕМЕНОВ', 'ΝΊΚΟΣ' as
+    'ΝΙΚΟΣ', as one system writes and another leaves out) but the kana's voicing marks ('ダ' is not
+    'タ')."""
+    word = _kana_as_katakana(unicodedata.normalize("NFKC", word).upper())
+    return unicodedata.normalize("NFC", "".join(ch for ch in unicodedata.normalize("NFD", word)
+                                                 if not unicodedata.combining(ch) or ch in "\u3099\u309a"))
+
+
+def _kana_as_katakana(text: str) -> str:
+    return "".join(chr(ord(ch) + 0x60) if "\u3041" <= ch <= "\u3096" else ch for ch in text)
 
 
 def _group_keys(text: str) -> tuple[str, str]:
@@ -44,7 +63,7 @@ def _group_keys(text: str) -> tuple[str, str]:
     components dropped; "" for a group not given."""
     def key(group: str) -> str:
         group = unicodedata.normalize("NFKC", group).upper()
-        group = "".join(chr(ord(ch) + 0x60) if "\u3041" <= ch <= "\u3096" else ch for ch in group)
+        group = _kana_as_katakana(group)
         components = [re.sub(r"[\W_]+", "", c) for c in group.split("^")]
         while components and not components[-1]:
             components.pop()
@@ -64,7 +83,8 @@ def _id_key(text: str) -> str:
 def _same_word(a: str, b: str) -> bool:
     """Whether two words of :func:`_name_key` may be one: equal, equal but for a Japanese long
     vowel's romanisation (TAROU, TAROH, TARO), or a marked word's ASCII letters in order within
-    the other's (MLLER in MUELLER, MULLER and MLLER)."""
+    the other's (MLLER in MUELLER, MULLER and MLLER); words of another script than Latin
+    (marked "!") equal, beside a Latin word always (a transliteration, not compared)."""
     def within(short: str, long: str) -> bool:
         rest = iter(long)
         return all(ch in rest for ch in short)
@@ -72,6 +92,8 @@ def _same_word(a: str, b: str) -> bool:
     def long_vowels(w: str) -> str:  # Hepburn's long vowel romanised otherwise: ŌNO, OHNO, OONO, ONO; YUUKI, YUKI
         return re.sub(r"UU", "U", re.sub(r"O[UOH](?![AEIOU])", "O", w))
 
+    if a.startswith("!") or b.startswith("!"):
+        return a == b or not (a.startswith("!") and b.startswith("!"))
     marked_a, marked_b = a.startswith("~"), b.startswith("~")
     a, b = a.lstrip("~"), b.lstrip("~")
     return (a == b or long_vowels(a) == long_vowels(b) or (marked_a and within(a, b))
@@ -82,12 +104,18 @@ def _same_name(a: str, b: str) -> bool:
     """Whether two names of :func:`_name_key` may be one person's: each component both give
     agrees (a middle name, a prefix or a given name one system leaves out is not compared); or,
     typed without "^" on one side ("DOE JOHN", "DOE, JOHN"), each word of the one with fewer
-    matches another word of the other, in any order."""
+    matches another word of the other, in any order, or the letters of the two are one run
+    (a script written without spaces: "李^明" typed "李明")."""
     def glued(component: str) -> str:
         words = component.split()
-        return ("~" if any(w.startswith("~") for w in words) else "") + "".join(w.lstrip("~") for w in words)
+        if words and all(w.startswith("!") for w in words):
+            return "!" + "".join(w[1:] for w in words)
+        ascii_words = ["" if w.startswith("!") else w.lstrip("~") for w in words]  # another script's: no ASCII
+        return ("~" if any(w[:1] in "~!" for w in words) else "") + "".join(ascii_words)
 
     if all(_same_word(glued(x), glued(y)) for x, y in zip(a.split("^"), b.split("^")) if x and y):
+        return True
+    if re.sub(r"[\^ ~!]", "", a) == re.sub(r"[\^ ~!]", "", b):
         return True
     fewer, more = sorted((a.replace("^", " ").split(), b.replace("^", " ").split()), key=len)
     for w in fewer:
@@ -169,25 +197,38 @@ class Patient:
         """The first key both give with different values ("" when none): a value empty on
         either side is not compared (a PACS answering no issuer, an object without a name). IDs
         compare as :func:`_id_key`, issuers as :meth:`_issuer_said` in any case, names as
-        :func:`_same_name` or by an ideographic or phonetic group both give alike; an ID the
+        :meth:`_names_differ`; an ID the
         other gives among its Other Patient IDs is the same patient's, its issuer another's."""
         linked = bool(self.id and other.id) and _id_key(self.id) != _id_key(other.id) and self._linked(other)
         for key in ("id", "issuer", "name", "birth_date", "sex"):
             a, b = self._issuer_said(other) if key == "issuer" else (getattr(self, key), getattr(other, key))
+            if key == "name":
+                if self._names_differ(other):
+                    return key
+                continue
             if not (a and b) or (linked and key in ("id", "issuer")):  # the other ID is another issuer's
                 continue
             if key == "id":
                 differ = _id_key(a) != _id_key(b)
             elif key == "issuer":
                 differ = a.casefold() != b.casefold()
-            elif key == "name":
-                differ = not _same_name(a, b) and not any(x and x == y for x, y in zip(self.name_groups,
-                                                                                        other.name_groups))
             else:
                 differ = a != b
             if differ:
                 return key
         return ""
+
+    def _names_differ(self, other: "Patient") -> bool:
+        """Whether the two names are two people's: an ideographic or phonetic group both give
+        alike is one person's; else the alphabetic groups as :func:`_same_name` when both give
+        one, else the groups both give ("=山田^太郎" and "=佐藤^花子", with no alphabetic group,
+        are two names; "=山田^太郎" and "YAMADA^TARO" have nothing to compare)."""
+        groups = [(x, y) for x, y in zip(self.name_groups, other.name_groups) if x and y]
+        if any(x == y for x, y in groups):
+            return False
+        if self.name and other.name:
+            return not _same_name(self.name, other.name)
+        return bool(groups)
 
     def _ids_said(self, other: "Patient") -> str:
         """The patient ID of two found one patient's, for a line saying what else differs: as
