@@ -453,3 +453,42 @@ def test_a_killed_run_s_decoding_workers_do_not_keep_its_run_folder_locked(tmp_p
                 os.kill(w, signal.SIGKILL)
             except OSError:
                 pass
+
+
+def test_a_killed_run_s_decoding_workers_end_with_it(tmp_path):
+    """SIGKILL of a run while its image cache was decoded left the pool's forked workers asleep
+    for ever (each holding the memory it had mapped): they now end once the run is gone."""
+    from pathlib import Path
+
+    script = ("import time\n"
+              "from training.cache import decoding_pool\n"
+              "pool = decoding_pool(2)\n"
+              "print(*pool.map(abs, [-1, -2]), flush=True)\n"
+              "time.sleep(600)\n")
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, cwd=REPO)
+    workers = []
+    try:
+        assert proc.stdout.readline().split() == ["1", "2"]  # the workers run
+        workers = [int(p) for p in (Path("/proc") / str(proc.pid) / "task" / str(proc.pid) / "children")
+                   .read_text().split()]
+        assert workers
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+
+        def alive(pid):  # ended once it is gone or a zombie (whoever adopted it reaps it)
+            try:
+                return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+            except OSError:
+                return False
+
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and any(alive(w) for w in workers):
+            time.sleep(0.2)
+        assert not any(alive(w) for w in workers)
+    finally:
+        proc.kill()
+        for w in workers:
+            try:
+                os.kill(w, signal.SIGKILL)
+            except OSError:
+                pass
