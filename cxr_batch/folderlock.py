@@ -2,16 +2,37 @@
 
 A second daemon (or a scan into the same folder) would score everything twice and race on
 results.csv; it stops at once instead, naming the process that holds the folder. The lock is
-released by the kernel when the holder exits, however it exits (SIGKILL included).
+released by the kernel when the holder exits, however it exits (SIGKILL included). A forked
+child (a decoding worker) does not keep it: the workers of a process killed with SIGKILL can
+outlive it, and while they held the folder every later run was refused, naming the dead process.
 """
 
 from __future__ import annotations
 
 import fcntl
 import os
+import weakref
 from pathlib import Path
 
 LOCK_NAME = ".cxr-batch.lock"
+
+
+# The locks this process holds, and whether forked children are told to let go of them.
+_HELD: "weakref.WeakSet[FolderLock]" = weakref.WeakSet()
+_at_fork = False
+
+
+def _let_go_in_child() -> None:
+    """In a forked child: close its copies of the lock files. The lock belongs to the open
+    file, which the parent keeps open, so the parent still holds it; the child no longer does."""
+    for lock in list(_HELD):
+        if lock._fd is not None:
+            try:
+                os.close(lock._fd)
+            except OSError:
+                pass
+            lock._fd = None
+    _HELD.clear()
 
 
 class FolderBusy(Exception):
@@ -38,6 +59,11 @@ class FolderLock:
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"cxr-batch {self.what} (PID {os.getpid()})\n".encode(), 0)
         self._fd = fd
+        global _at_fork
+        if not _at_fork:
+            os.register_at_fork(after_in_child=_let_go_in_child)
+            _at_fork = True
+        _HELD.add(self)
         return self
 
     def held_folder(self) -> tuple[int, int] | None:
@@ -56,6 +82,7 @@ class FolderLock:
         return folder.st_dev, folder.st_ino
 
     def release(self) -> None:
+        _HELD.discard(self)
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None

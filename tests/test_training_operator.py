@@ -411,3 +411,84 @@ def test_a_run_killed_while_writing_its_checkpoint_leaves_no_temporary_file_behi
     proc = train(nih / "images", nih / "labels.csv", run, "--epochs", 0, "--image-size", 32, "--resume")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert not stale.exists() and (run / "bundle" / "manifest.json").is_file()
+
+
+def test_a_killed_run_s_decoding_workers_do_not_keep_its_run_folder_locked(tmp_path):
+    """The image cache is decoded by a pool of forked workers; SIGKILL of the run (the OOM
+    killer, a lost session) left them behind asleep, and as forked children they held the run
+    folder's lock: the next run and --resume were refused, 'in use by cxr-batch train' naming
+    the dead process, for as long as the orphans lived (for ever)."""
+    from pathlib import Path
+
+    from cxr_batch.folderlock import FolderBusy, FolderLock
+
+    run = tmp_path / "run"
+    run.mkdir()
+    # the run as far as its cache: the folder held, then a pool of forked decoding workers
+    script = ("import sys, time\n"
+              "from concurrent.futures import ProcessPoolExecutor\n"
+              "from pathlib import Path\n"
+              "from training.train import hold_run_folder\n"
+              "lock = hold_run_folder(Path(sys.argv[1]))\n"
+              "pool = ProcessPoolExecutor(2)\n"
+              "print(*pool.map(abs, [-1, -2]), flush=True)\n"
+              "time.sleep(600)\n")
+    proc = subprocess.Popen([sys.executable, "-c", script, str(run)], stdout=subprocess.PIPE, text=True, cwd=REPO)
+    try:
+        assert proc.stdout.readline().split() == ["1", "2"]  # the workers run
+        workers = [int(p) for p in (Path("/proc") / str(proc.pid) / "task" / str(proc.pid) / "children")
+                   .read_text().split()]
+        assert workers
+        with pytest.raises(FolderBusy):  # the run holds its folder while its workers decode
+            FolderLock(run, "train").acquire()
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+        assert all(Path(f"/proc/{w}").exists() for w in workers)  # orphaned, still there
+        with FolderLock(run, "train"):  # the next run (or --resume) takes the folder
+            pass
+    finally:
+        proc.kill()
+        for w in locals().get("workers", []):
+            try:
+                os.kill(w, signal.SIGKILL)
+            except OSError:
+                pass
+
+
+def test_a_killed_run_s_decoding_workers_end_with_it(tmp_path):
+    """SIGKILL of a run while its image cache was decoded left the pool's forked workers asleep
+    for ever (each holding the memory it had mapped): they now end once the run is gone."""
+    from pathlib import Path
+
+    script = ("import time\n"
+              "from training.cache import decoding_pool\n"
+              "pool = decoding_pool(2)\n"
+              "print(*pool.map(abs, [-1, -2]), flush=True)\n"
+              "time.sleep(600)\n")
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, cwd=REPO)
+    workers = []
+    try:
+        assert proc.stdout.readline().split() == ["1", "2"]  # the workers run
+        workers = [int(p) for p in (Path("/proc") / str(proc.pid) / "task" / str(proc.pid) / "children")
+                   .read_text().split()]
+        assert workers
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+
+        def alive(pid):  # ended once it is gone or a zombie (whoever adopted it reaps it)
+            try:
+                return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+            except OSError:
+                return False
+
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and any(alive(w) for w in workers):
+            time.sleep(0.2)
+        assert not any(alive(w) for w in workers)
+    finally:
+        proc.kill()
+        for w in workers:
+            try:
+                os.kill(w, signal.SIGKILL)
+            except OSError:
+                pass

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import os
+import threading
+import time
 from concurrent.futures import ProcessPoolExecutor
 from functools import partial
 from pathlib import Path
@@ -118,9 +120,7 @@ def _build(images_dir, names: list[str], out: Path, spec: tuple, decode, workers
     arr = np.memmap(data_path, dtype=dtype, mode="r+", shape=shape)
     paths = [Path(images_dir[n]) if isinstance(images_dir, dict) else Path(images_dir) / n for n in names]
     if workers > 1:
-        # one thread per decoding process, set there: set in this process it would leave training
-        # single-threaded after a cache was built, and not after one was reused (a resumed run)
-        with ProcessPoolExecutor(workers, initializer=torch.set_num_threads, initargs=(1,)) as pool:
+        with decoding_pool(workers) as pool:
             bad = store_decoded(arr, names, pool.map(decode, paths, chunksize=8))
     else:
         bad = store_decoded(arr, names, (decode(p) for p in paths))
@@ -134,6 +134,26 @@ def _build(images_dir, names: list[str], out: Path, spec: tuple, decode, workers
     (out / UNREADABLE).unlink(missing_ok=True)  # an earlier run's list, since fixed
     index_path.write_text(json.dumps({**meta, "names": names}))
     return np.memmap(data_path, dtype=dtype, mode="r", shape=shape), {n: i for i, n in enumerate(names)}
+
+
+def decoding_pool(workers: int) -> ProcessPoolExecutor:
+    """``workers`` processes that decode, each with one thread, each ending when this process
+    is gone: forked, they outlived a run killed with SIGKILL, asleep for ever."""
+    return ProcessPoolExecutor(workers, initializer=_decoding_worker, initargs=(os.getpid(),))
+
+
+def _decoding_worker(parent: int) -> None:
+    # one thread per decoding process, set there: set in the parent it would leave training
+    # single-threaded after a cache was built, and not after one was reused (a resumed run)
+    torch.set_num_threads(1)
+    threading.Thread(target=_end_without, args=(parent,), daemon=True, name="cxr-follow").start()
+
+
+def _end_without(parent: int) -> None:
+    """End this worker once ``parent`` is gone (it is then another process's child)."""
+    while os.getppid() == parent:
+        time.sleep(1.0)
+    os._exit(0)
 
 
 def reserve(path: Path, nbytes: int) -> None:
