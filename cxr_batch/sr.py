@@ -46,7 +46,7 @@ from pydicom.sr.codedict import codes
 from pydicom.uid import RE_VALID_UID
 from pydicom.valuerep import DA, DS, DT, TM, PersonName
 
-from . import __version__
+from . import __version__, clock
 from .display import is_dicom_date
 from .files import FILE_MODE, atomic_write_bytes, private_dir
 from .findings import FINDINGS
@@ -280,12 +280,13 @@ class StudyValues:
     probabilities: tuple[float, ...]  # 6 decimals, as in results.csv
     flag_codes: tuple[hd.sr.CodedConcept, ...]  # FLAG_CODES: flagged / not flagged
     priority_code: hd.sr.CodedConcept
-    created: dt.datetime  # instance creation, content and contribution date/time
+    created: dt.datetime  # instance creation, content and contribution date/time; aware (its UTC offset)
 
 
 def study_values(record: StudyRecord, bundle, created: dt.datetime | None = None, revision: str = "") -> StudyValues:
     """The SR values of a scored DICOM ``record`` by ``bundle`` (the one that scored it);
-    SRNotMade when the record cannot have an SR."""
+    SRNotMade when the record cannot have an SR. ``created``: when it is made (default: now,
+    from :mod:`cxr_batch.clock`); a naive time is read as local time."""
     if record.weights_sha256 and record.weights_sha256 != bundle.sha256:
         raise SRNotMade(f"scored by other weights ({record.weights_sha256[:12]}...) than this bundle's")
     source = source_image(record)
@@ -309,7 +310,7 @@ def study_values(record: StudyRecord, bundle, created: dt.datetime | None = None
         probabilities=tuple(round(float(p), 6) for p in scores.probs),
         flag_codes=tuple(FLAG_CODES[bool(flag)] for flag in scores.flags),
         priority_code=priority_code(scores.priority, bundle.triage_policy().normal_below),
-        created=created or dt.datetime.now(),
+        created=clock.aware(created) if created is not None else clock.local_now(),
     )
 
 
@@ -482,6 +483,10 @@ def _highdicom_sr(values: StudyValues, bundle, predecessor: Dataset | None = Non
     # One moment for every date/time of the object (highdicom reads its own clock for the
     # instance creation and its contribution): the same values give the same bytes.
     sr.InstanceCreationDate, sr.InstanceCreationTime = DA(created.date()), TM(created.time())
+    # The UTC offset of those local dates and times (PS3.3 C.12.1.1.8), the one in force when
+    # the SR was made: the night a DST clock goes back, a correction made at 02:15 +0100 is
+    # later than the original it replaces, made at 02:30 +0200. The DT says it too.
+    sr.TimezoneOffsetFromUTC = _created_offset(created)
     for item in sr.ContributingEquipmentSequence:
         if "ContributionDateTime" in item:
             item.ContributionDateTime = DT(created)
@@ -530,6 +535,10 @@ def _created_datetime(created: dt.datetime) -> DT:
     return DT(created)
 
 
+def _created_offset(created: dt.datetime) -> str:
+    return clock.utc_offset(created)
+
+
 def _number(value: float) -> DS:
     return DS(value, auto_format=True)  # as highdicom's NUM content item writes it
 
@@ -575,7 +584,7 @@ def _sentinel_values(sop_class_uid: str) -> StudyValues:
         probabilities=tuple(round(0.123401 + k * 1e-6, 6) for k in range(n)),
         flag_codes=tuple(hd.sr.CodedConcept(f"ZQFLAGV{k}", f"99ZQFLAG{k}", f"ZQ flag meaning {k}") for k in range(n)),
         priority_code=hd.sr.CodedConcept("ZQPRIOV", "99ZQPRIO", "ZQ priority meaning"),
-        created=dt.datetime(1903, 3, 3, 3, 3, 3, 30303),
+        created=dt.datetime(1903, 3, 3, 3, 3, 3, 30303, tzinfo=dt.timezone(-dt.timedelta(hours=3, minutes=17))),
     )
 
 
@@ -591,7 +600,8 @@ def _probe_values(sop_class_uid: str) -> StudyValues:
         referring_physician="", tracking_uids=tuple(f"2.25.{700 + k}" for k in range(n)),
         probabilities=tuple(round(k / (n + 1), 6) for k in range(n)),
         flag_codes=tuple(FLAG_CODES[k % 3 == 0] for k in range(n)),
-        priority_code=PRIORITY_CODES["urgent"], created=dt.datetime(2001, 2, 3, 4, 5, 6),
+        priority_code=PRIORITY_CODES["urgent"],
+        created=dt.datetime(2001, 2, 3, 4, 5, 6, tzinfo=dt.timezone(dt.timedelta(hours=5, minutes=30))),
     )
 
 
@@ -604,14 +614,14 @@ def _matcher(sentinel: StudyValues):
     forms: dict[tuple[str, object], tuple[str, object]] = {}
     for name, value in _atoms(sentinel).items():
         if name == "created":
-            for transform in (_created_date, _created_time, _created_datetime):
+            for transform in (_created_date, _created_time, _created_datetime, _created_offset):
                 forms[("text", str(transform(value)))] = (name, transform)
         elif name.startswith("probability."):
             forms[("DS", str(_number(value)))] = (name, _number)
             forms[("FD", value)] = (name, None)
         else:
             forms[("text", value)] = (name, None)
-    if len(forms) != len(_atoms(sentinel)) + len(FINDINGS) + 2:
+    if len(forms) != len(_atoms(sentinel)) + len(FINDINGS) + 3:
         raise TemplateError("two sentinel values look alike")
 
     def match(elem):

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -82,3 +84,26 @@ def small_disk(tmp_path) -> Path:
         pytest.skip("mounting a small tmpfs is not allowed here")
     yield mount
     subprocess.run(["umount", "-l", str(mount)], capture_output=True)
+
+
+# The night Europe/Berlin's clock goes back (2026-10-25, 03:00 CEST -> 02:00 CET at 01:00 UTC):
+# a result made at 00:30 UTC reads 02:30 (+0200), its correction at 01:15 UTC reads 02:15 (+0100)
+DST_NIGHT_BEFORE = dt.datetime(2026, 10, 25, 0, 30, tzinfo=dt.timezone.utc)
+DST_NIGHT_AFTER = dt.datetime(2026, 10, 25, 1, 15, tzinfo=dt.timezone.utc)
+
+
+@pytest.fixture()
+def berlin(monkeypatch):
+    """The local zone is Europe/Berlin (DST) for this test; the clock cxr-batch reads its times
+    from (:mod:`cxr_batch.clock`) is set with ``berlin(moment)``, a UTC moment."""
+    import cxr_batch.clock as clock
+
+    monkeypatch.setenv("TZ", "Europe/Berlin")
+    time.tzset()
+
+    def set_clock(moment: dt.datetime) -> None:
+        monkeypatch.setattr(clock, "utc_now", lambda: moment)
+
+    yield set_clock
+    monkeypatch.undo()
+    time.tzset()

@@ -28,7 +28,7 @@ from tests.dicomgen import grey, write
 from tests.ris import RIS, ack
 from tests.watchkit import free_port
 
-CREATED = dt.datetime(2026, 5, 4, 3, 2, 1)
+CREATED = dt.datetime(2026, 5, 4, 3, 2, 1, tzinfo=dt.timezone.utc)
 HOSTILE = dict(PatientName="O'Brien|Smith^Ann~Marie&Co\\X", PatientID="ID|7^&~\\9", AccessionNumber="ACC^&|~1")
 
 
@@ -72,7 +72,7 @@ def test_every_study_reaches_the_ris_with_its_ids_priority_and_14_findings(score
         msh = m.msh
         assert (msh.msh_9.value, msh.msh_11.value, msh.msh_12.value) == ("ORU^R01^ORU_R01", "P", "2.5")
         assert msh.msh_10.value == control_id(record) and len(control_id(record)) <= 20
-        assert msh.msh_7.value == "20260504030201" and msh.msh_18.value == "UNICODE UTF-8"
+        assert msh.msh_7.value == "20260504030201+0000" and msh.msh_18.value == "UNICODE UTF-8"
         result = m.oru_r01_patient_result
         pid = result.oru_r01_patient.pid
         assert unescape(pid.pid_3.cx_1.value) == record.ids.patient_id
@@ -932,3 +932,29 @@ def test_the_ris_names_the_bucket_as_the_sr_and_the_pdf_do(tmp_path, nih):
     sr_code = pydicom.dcmread(sr_path).ContentSequence[-1].ContentSequence[0].ConceptCodeSequence[0]
     assert sr_code.CodeMeaning == "Low probability of any finding: not a normal result"
     assert priority.obx_5.value == f"NORMAL^{sr_code.CodeMeaning}^99CXRBATCH"
+
+
+def test_the_ris_gets_each_time_with_its_utc_offset_the_night_the_clock_goes_back(scored, berlin, tmp_path,
+                                                                                  nih_images, small_bundle):
+    """MSH-7 and OBR-22 were local times without an offset: on the night the clock goes back,
+    a corrected result sent at 02:15 (after the change) read as older than the original sent at
+    02:30 (before). Each TS now carries the offset in force when the message was made (HL7
+    v2.5 TS: YYYYMMDDHHMMSS+ZZZZ), hl7apy's strict validation passes, and a scan's ORUs (built
+    by the outbox) carry it too."""
+    from tests.conftest import DST_NIGHT_AFTER, DST_NIGHT_BEFORE
+
+    records, bundle = scored
+    stamps = []
+    for moment, expected in ((DST_NIGHT_BEFORE, "20261025023000+0200"), (DST_NIGHT_AFTER, "20261025021500+0100")):
+        berlin(moment)
+        m = _parse(oru_r01(records["plain.dcm"], thresholds=bundle.thresholds))
+        obr = m.oru_r01_patient_result.oru_r01_order_observation.obr
+        assert m.msh.msh_7.value == obr.obr_22.value == expected
+        stamps.append(dt.datetime.strptime(expected, "%Y%m%d%H%M%S%z"))
+    assert stamps[1] - stamps[0] == dt.timedelta(minutes=45)  # the correction is the later one
+    studies = tmp_path / "studies"
+    write(studies / "a.dcm", grey(nih_images[0]), PatientID="P1", AccessionNumber="A1")
+    (message,) = _scanned_to_ris(studies, tmp_path / "out", small_bundle)
+    m = _parse(message)
+    assert m.msh.msh_7.value == m.oru_r01_patient_result.oru_r01_order_observation.obr.obr_22.value == (
+        "20261025021500+0100")

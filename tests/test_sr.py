@@ -591,3 +591,48 @@ def test_a_finding_not_flagged_reads_not_ruled_out_never_absent(sr_scan):
             assert '"Absent"' not in shown and '"Present"' not in shown
             assert shown.count('"Not flagged by the model: not ruled out"') == sum(
                 row[f"flag_{f}"] != "1" for f in FINDINGS)
+
+
+def test_an_sr_made_the_night_the_clock_goes_back_says_its_utc_offset(sr_scan, small_bundle, berlin, tmp_path):
+    """The SR's content, creation and contribution times were local times without an offset:
+    on the night the clock goes back, a corrected result made at 02:15 (after the change)
+    read as older than the original it corrects, made at 02:30 (before). Each SR now says the
+    offset in force when it was made (Timezone Offset From UTC, PS3.3 C.12.1.1.8), the template
+    and highdicom alike, and dciodvfy still finds no error."""
+    from cxr_batch.bundle import load_bundle
+    from tests.conftest import DST_NIGHT_AFTER, DST_NIGHT_BEFORE
+
+    studies, _, rows, _ = sr_scan
+    bundle = load_bundle(small_bundle)
+    record = _variants(studies, rows)["as scored"]
+    factory = SRFactory(bundle)
+    made = []
+    for moment in (DST_NIGHT_BEFORE, DST_NIGHT_AFTER):
+        berlin(moment)
+        data = factory.sr_bytes(record)
+        assert data == sr_bytes(build_sr(record, bundle))  # the template writes what highdicom writes
+        made.append(pydicom.dcmread(io.BytesIO(data)))
+    assert factory.template(DX_PRESENTATION) is not None
+    original, correction = made
+    assert (original.ContentDate, original.ContentTime, original.TimezoneOffsetFromUTC) == ("20261025", "023000", "+0200")
+    assert (correction.ContentDate, correction.ContentTime, correction.TimezoneOffsetFromUTC) == (
+        "20261025", "021500", "+0100")
+    for sr in made:
+        assert (sr.InstanceCreationDate, sr.InstanceCreationTime) == (sr.ContentDate, sr.ContentTime)
+        stamps = [e.ContributionDateTime for e in sr.ContributingEquipmentSequence if "ContributionDateTime" in e]
+        assert stamps and set(stamps) == {sr.ContentDate + sr.ContentTime + sr.TimezoneOffsetFromUTC}
+
+    def moment(sr):
+        return dt.datetime.strptime(sr.ContentDate + sr.ContentTime + sr.TimezoneOffsetFromUTC, "%Y%m%d%H%M%S%z")
+
+    assert moment(correction) - moment(original) == dt.timedelta(minutes=45)
+    if have("dciodvfy"):
+        for k, sr in enumerate(made):
+            path = tmp_path / f"{k}.sr.dcm"
+            path.write_bytes(sr_bytes(sr))
+            done = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, timeout=60)
+            lines = (done.stdout + done.stderr).splitlines()
+            assert not [x for x in lines if x.startswith("Error")], lines
+            unexpected = [w for w in lines if w.startswith("Warning")
+                          and not any(re.search(a, w) for a in ACCEPTED_DCIODVFY_WARNINGS)]
+            assert not unexpected, unexpected

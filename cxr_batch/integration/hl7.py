@@ -11,7 +11,9 @@ fields, structure, lengths), from its :class:`~cxr_batch.record.StudyRecord`:
   or phonetic one; ``""``, HL7's explicit null, when the record has none), PID-7 birth date, PID-8 sex;
 - ORC/OBR: the accession number as filler order number (ORC-3, OBR-3) and in OBR-18, the field
   IHE Scheduled Workflow maps to DICOM's Accession Number; OBR-4 the imaging procedure, OBR-7
-  the study date/time, OBR-25 ``P`` (preliminary: no radiologist has read it); two NTEs name
+  the study date/time as the DICOM header has it (no offset: the modality's is not known), OBR-22
+  the time the message was made (as MSH-7, with the UTC offset then in force: ``+0100``,
+  ``+0200``), OBR-25 ``P`` (preliminary: no radiologist has read it); two NTEs name
   the model (name@version, bundle sha256) and say it is decision support;
 - OBX 1: the triage priority (CE), OBX-8 ``AA`` urgent, ``A`` abnormal, empty for the
   low-probability bucket (``N`` is "Normal" in table 0078: it is not a normal result);
@@ -49,6 +51,7 @@ import unicodedata
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from .. import clock
 from ..display import is_dicom_date
 from ..findings import DEFAULT_URGENT, FINDINGS
 from ..record import StudyRecord
@@ -213,7 +216,9 @@ def oru_r01(record: StudyRecord, *, thresholds: Mapping[str, float] | None = Non
     number to match the order by, a value the standard's lengths refuse). ``revision``: see
     :func:`control_id`. ``trust``: per finding, what its flag is worth (:func:`cxr_batch.sr.trust_lines`),
     noted under each flagged finding's OBX. ``normal_below``: the bundle's P(any) cutoff, which
-    names the low-probability bucket as the SR and the PDF do."""
+    names the low-probability bucket as the SR and the PDF do. ``created``: when the message is
+    made (MSH-7, OBR-22; default: now, from :mod:`cxr_batch.clock`; a naive time is read as
+    local time), written with its UTC offset."""
     from hl7apy.consts import VALIDATION_LEVEL
     from hl7apy.core import Message
     from hl7apy.exceptions import HL7apyException
@@ -231,7 +236,11 @@ def oru_r01(record: StudyRecord, *, thresholds: Mapping[str, float] | None = Non
         raise HL7NotMade("the scores are not one probability per finding and a known priority")
     if processing_id not in PROCESSING_IDS:
         raise HL7NotMade(f"processing id {processing_id!r} is not P, D or T (HL7 table 0103)")
-    when = (created or dt.datetime.now()).strftime("%Y%m%d%H%M%S")
+    # MSH-7 and OBR-22 with the UTC offset in force when the message was made (TS:
+    # YYYYMMDDHHMMSS+ZZZZ): the night a DST clock goes back, a correction made at 02:15 +0100
+    # is later than the original it replaces, made at 02:30 +0200
+    when = clock.aware(created) if created is not None else clock.local_now()
+    when = when.strftime("%Y%m%d%H%M%S") + clock.utc_offset(when)
     accession = escape(ids.accession_number)
     try:
         m = Message("ORU_R01", version=VERSION, validation_level=VALIDATION_LEVEL.STRICT)

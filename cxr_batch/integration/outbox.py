@@ -20,7 +20,6 @@ or accession number to match the order by) gets a note in results.csv saying so.
 
 from __future__ import annotations
 
-import datetime as dt
 import hashlib
 import logging
 import sqlite3
@@ -243,7 +242,7 @@ class Outbox:
 
         try:
             text = oru_r01(record, thresholds=self.bundle.thresholds, urgent=self.urgent,
-                           created=dt.datetime.now(), revision=revision, trust=self._trust(),
+                           revision=revision, trust=self._trust(),
                            normal_below=self.bundle.triage_policy().normal_below, **self.msh)
         except HL7NotMade as e:
             record.add_note(f"no HL7 result: {e}")

@@ -1,0 +1,35 @@
+"""The clock the times cxr-batch sends out are read from: the DICOM SR's dates and times and
+the HL7 ORU's time stamps. One place to read it (and to set it in tests).
+
+Each time goes out with the UTC offset in force at the moment it was read (DICOM's Timezone
+Offset From UTC, HL7's ``+ZZZZ``), never alone: on the night a DST clock goes back, a corrected
+result made at 02:15 (+0100) is later than the original made at 02:30 (+0200); without the
+offset it reads as the older of the two.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+
+
+def utc_now() -> dt.datetime:
+    """Now, in UTC (aware)."""
+    return dt.datetime.now(dt.timezone.utc)
+
+
+def local_now() -> dt.datetime:
+    """Now as a local time with the offset in force at this moment (aware). Taken from the UTC
+    moment, so the hour a DST clock goes back, which the local time alone names twice, gets
+    the right one of its two offsets."""
+    return utc_now().astimezone()
+
+
+def aware(moment: dt.datetime) -> dt.datetime:
+    """``moment`` with its UTC offset: an aware one as it is, a naive one read as local time."""
+    return moment if moment.tzinfo is not None else moment.astimezone()
+
+
+def utc_offset(moment: dt.datetime) -> str:
+    """The ``+HHMM`` / ``-HHMM`` offset of an aware ``moment`` (DICOM's Timezone Offset From
+    UTC and HL7's TS write it so)."""
+    return moment.strftime("%z")[:5]
