@@ -333,10 +333,18 @@ class Ledger:
         return [(k, StudyRecord.from_json(json.loads(r)))
                 for k, r in self.db.execute("SELECT key, record FROM studies ORDER BY seq")]
 
-    def recent(self, since: float, limit: int) -> list[StudyRecord]:
-        """The records reported at or after ``since`` (epoch seconds), the newest ``limit``."""
-        rows = self.db.execute("SELECT record FROM studies WHERE reported_at >= ? ORDER BY seq DESC LIMIT ?",
-                               (since, limit)).fetchall()
+    def recent(self, since: float, limit: int, after_seq: int | None = None) -> list[StudyRecord]:
+        """The records reported at or after ``since`` (epoch seconds), with every one recorded
+        after the first of them and after ``after_seq`` (see :meth:`last_seq`), the newest
+        ``limit``. The wall-clock stamps alone lose studies to a clock step: a clock a day slow,
+        then corrected, stamped minutes-old studies a day old; the ledger's order is the order
+        they arrived in, whatever the clock said."""
+        first = self.db.execute("SELECT MIN(seq) FROM studies WHERE reported_at >= ?", (since,)).fetchone()[0]
+        starts = [seq for seq in (first, None if after_seq is None else after_seq + 1) if seq is not None]
+        if not starts:
+            return []
+        rows = self.db.execute("SELECT record FROM studies WHERE seq >= ? ORDER BY seq DESC LIMIT ?",
+                               (min(starts), limit)).fetchall()
         return [StudyRecord.from_json(json.loads(r[0])) for r in reversed(rows)]
 
     def last_seq(self) -> int:

@@ -34,6 +34,7 @@ import shutil
 import sqlite3
 import stat
 import time
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -132,6 +133,28 @@ def _inside(path: Path, folder: Path) -> bool:
         return False
 
 
+class ArrivalWindow:
+    """Which of the ledger's studies arrived in the last hours, by the monotonic clock, which no
+    one sets: the worklist window by wall-clock stamps alone lost studies to a clock step (a
+    daemon started with the clock a day slow stamped its studies a day old, and once the clock
+    was corrected they fell off the worklist minutes old). ``marks``: (monotonic time, the
+    ledger's last seq then), the run's start and each worklist since."""
+
+    def __init__(self, first_seq: int, now: float):
+        self.marks: deque[tuple[float, int]] = deque([(now, first_seq)])
+
+    def mark(self, now: float, last_seq: int) -> None:
+        self.marks.append((now, last_seq))
+
+    def after(self, hours: float, now: float) -> int:
+        """A seq every study recorded after which arrived in the last ``hours`` (or at most one
+        mark earlier): the last mark at or before the window's start, else the run's start."""
+        start = now - 3600 * hours
+        while len(self.marks) > 1 and self.marks[1][0] <= start:
+            self.marks.popleft()  # the window has passed it: the next mark bounds it closer
+        return self.marks[0][1]
+
+
 class Watcher:
     command = "watch"  # names this program in the results folder's lock
     folder_name = "the watched folder"  # in the log and status.json (the listen node's is its spool)
@@ -161,6 +184,7 @@ class Watcher:
             self.ledger = Ledger(ledger_path)
             if fresh:
                 self.rebuild_ledger()
+            self.arrivals = ArrivalWindow(self.ledger.last_seq(), time.monotonic())
             self.bundle = load_bundle(cfg.weights)
             self.policy = make_policy(cfg.device, cfg.precision)
             self.drift = DriftWatch(self.ledger, self.bundle, self.out, every=cfg.drift_every, window=cfg.drift_window,
@@ -1007,11 +1031,16 @@ class Watcher:
         self.csv_whole = False
 
     def write_worklist(self) -> None:
-        """The worklist over the window (``worklist_hours``, at most ``worklist_max``)."""
+        """The worklist over the window (``worklist_hours``, at most ``worklist_max``): the
+        studies that arrived in it, by the wall clock's stamps and, for this run's, by the
+        monotonic clock (:class:`ArrivalWindow`), so a clock step drops none of them."""
         self.worklist_due = False
         if self.reports is None:
             return
-        records = self.ledger.recent(time.time() - 3600 * self.cfg.worklist_hours, self.cfg.worklist_max)
+        last, now = self.ledger.last_seq(), time.monotonic()  # every study up to ``last`` arrived by ``now``
+        records = self.ledger.recent(time.time() - 3600 * self.cfg.worklist_hours, self.cfg.worklist_max,
+                                     after_seq=self.arrivals.after(self.cfg.worklist_hours, now))
+        self.arrivals.mark(now, last)
         try:
             self.reports.write_worklist(records, alarm=self.drift.worklist_line())
         except Exception as e:

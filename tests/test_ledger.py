@@ -300,3 +300,39 @@ def test_two_processes_upgrading_a_schema_5_ledger_at_once_both_open_it(tmp_path
     assert "sha256" in {r[1] for r in ledger.db.execute("PRAGMA table_info(outbound)")}
     ledger.close()
     db.close()
+
+
+def test_studies_stamped_by_a_clock_a_day_slow_stay_in_the_window_once_it_is_corrected(tmp_path, monkeypatch):
+    """The worklist's window (the studies of the last N hours) went by the wall-clock time each
+    study was recorded at: a clock a day slow, then corrected, stamped minutes-old studies a
+    day old and the next worklist dropped them. A study recorded after (in the ledger's order)
+    one in the window is in the window, whatever its stamp; and so is every study recorded after
+    ``after_seq`` (the daemon's: the last one recorded before the window began, by its
+    monotonic clock), so one before which no study is in the window stays there too."""
+    import types
+
+    import cxr_batch.ledger as ledger_module
+
+    now = 1_800_000_000.0
+    clock = [now - 3 * 86400]
+    fake_time = types.SimpleNamespace(**{k: getattr(time, k) for k in dir(time) if not k.startswith("_")})
+    fake_time.time = lambda: clock[0]
+    monkeypatch.setattr(ledger_module, "time", fake_time)
+    ledger = Ledger(tmp_path / "l.sqlite")
+    ledger.commit([("uid:0", "c0", ok("OLD"))], [])  # three days ago: out of the window
+    clock[0] = now - 2 * 3600
+    ledger.commit([("uid:1", "c1", ok("A"))], [])  # two hours ago, the clock right
+    last_before = ledger.last_seq()
+    for k, late in ((2, 86400 + 600), (3, 86400 + 300)):  # minutes ago, the clock a day slow
+        clock[0] = now - late
+        ledger.commit([(f"uid:{k}", f"c{k}", ok("BC"[k - 2]))], [])
+    clock[0] = now  # corrected
+    ledger.commit([("uid:4", "c4", ok("D"))], [])
+    since = now - 8 * 3600
+    assert [r.file for r in ledger.recent(since, 100)] == ["A", "B", "C", "D"]
+    assert [r.file for r in ledger.recent(since, 3)] == ["B", "C", "D"]  # the newest, as before
+    # no study before them in the window: those recorded after the daemon's mark stay
+    assert [r.file for r in ledger.recent(since, 100, after_seq=last_before)] == ["A", "B", "C", "D"]
+    ledger.db.execute("DELETE FROM studies WHERE key IN ('uid:0', 'uid:1')")
+    assert [r.file for r in ledger.recent(since, 100)] == ["D"]
+    assert [r.file for r in ledger.recent(since, 100, after_seq=last_before)] == ["B", "C", "D"]

@@ -68,3 +68,101 @@ def test_storescp_stream_with_sigkill_restart_is_exactly_once(tmp_path, nih_imag
     leftovers = [p for p in out.rglob("*") if p.name.endswith(".tmp") or p.name.startswith(".results")]
     assert leftovers == []
     assert (out / "reports" / "worklist.pdf").exists() and status(out)["state"] == "stopped"
+
+
+def test_the_worklist_keeps_this_run_s_studies_of_the_last_hours_whatever_the_wall_clock_did(tmp_path):
+    """A daemon started with the clock a day slow (a dead RTC battery, NTP not yet synced)
+    stamped its studies a day old; once the clock was corrected, the next worklist went by
+    those stamps and dropped them, minutes old. The daemon knows, by its monotonic clock,
+    which of the ledger's studies (by order) arrived in the last ``worklist_hours``: those stay,
+    those that arrived earlier go, whatever their stamps."""
+    import types
+
+    from cxr_batch.ledger import Ledger
+    from cxr_batch.watch import ArrivalWindow, Watcher
+
+    from .test_ledger import ok
+
+    hours = 8.0
+    window = ArrivalWindow(first_seq=0, now=1000.0)  # the run starts; no study in the ledger
+    assert window.after(hours, now=1000.0) == 0
+    window.mark(1100.0, 3)  # a worklist written: 3 studies recorded by then
+    window.mark(1200.0, 5)
+    assert window.after(hours, now=1300.0) == 0  # the run is younger than the window: all of it
+    assert window.after(hours, now=1100.0 + hours * 3600) == 3  # arrived by 1100: older than the window
+    assert window.after(hours, now=1150.0 + hours * 3600) == 3  # at most one mark's studies too many, never fewer
+    assert window.after(hours, now=1200.0 + hours * 3600 + 1) == 5
+    window.mark(1200.0 + hours * 3600 + 2, 9)
+    assert len(window.marks) == 2  # the marks older than the window's start, but the last, are let go
+
+    ledger = Ledger(tmp_path / "l.sqlite")
+    written = []
+    daemon = types.SimpleNamespace(
+        ledger=ledger, cfg=types.SimpleNamespace(worklist_hours=hours, worklist_max=500),
+        reports=types.SimpleNamespace(write_worklist=lambda records, alarm: written.append([r.file for r in records])),
+        drift=types.SimpleNamespace(worklist_line=lambda: None), worklist_due=True, worklist_built=0.0,
+        arrivals=ArrivalWindow(first_seq=ledger.last_seq(), now=time.monotonic()))
+    slow = time.time() - 86400
+    ledger.commit([("uid:1", "c1", ok("A"))], [])
+    ledger.db.execute("UPDATE studies SET reported_at = ?", (slow,))  # recorded with the clock a day slow
+    ledger.db.commit()
+    ledger.commit([("uid:2", "c2", ok("B"))], [])  # the clock corrected
+    Watcher.write_worklist(daemon)
+    assert written == [["A", "B"]]
+    Watcher.write_worklist(daemon)
+    assert written[-1] == ["A", "B"] and len(daemon.arrivals.marks) == 3
+
+
+_SHIFTED_CLOCK = '''
+import os, time
+_real, _offset_file, _read = time.time, os.environ["CXR_TEST_CLOCK_OFFSET"], [0.0, -1e9]
+
+
+def _shifted():  # the wall clock, off by the seconds the test's file says (re-read every 0.2 s)
+    if time.monotonic() - _read[1] > 0.2:
+        try:
+            _read[0] = float(open(_offset_file).read())
+        except (OSError, ValueError):
+            pass
+        _read[1] = time.monotonic()
+    return _real() + _read[0]
+
+
+time.time = _shifted
+'''
+
+
+def test_studies_stamped_while_the_clock_was_a_day_slow_stay_on_the_worklist_once_it_is_corrected(
+        tmp_path, nih_images, small_bundle):
+    """The daemon ran with the wall clock a day slow (a dead RTC battery, NTP not yet synced),
+    then the clock was corrected: the next study's worklist, built over the last 8 hours by the
+    stamps, dropped the two studies of minutes before. The worklist keeps them (the daemon's
+    time.time is a day slow, then right: a sitecustomize sets it)."""
+    import os
+
+    from .test_drift import pdf_text
+    from .watchkit import stop, watch_config
+
+    incoming, out, shim = tmp_path / "in", tmp_path / "out", tmp_path / "shim"
+    incoming.mkdir()
+    shim.mkdir()
+    (shim / "sitecustomize.py").write_text(_SHIFTED_CLOCK)
+    offset = tmp_path / "offset"
+    offset.write_text("-86400")
+    env = {"CXR_TEST_CLOCK_OFFSET": str(offset),
+           "PYTHONPATH": os.pathsep.join([str(shim)] + [p for p in [os.environ.get("PYTHONPATH")] if p])}
+    daemon = start_daemon(incoming, out, small_bundle, watch_config(tmp_path / "w.toml", worklist_hours=8.0), env=env)
+    worklist = out / "reports" / "worklist.pdf"
+    try:
+        for k in range(2):
+            write(incoming / f"{k}.dcm", grey(nih_images[k]), PatientID=f"SLOW{k}")
+        assert wait_for(lambda: "SLOW0" in pdf_text(worklist) and "SLOW1" in pdf_text(worklist)), \
+            daemon.stderr.read() if daemon.poll() is not None else pdf_text(worklist)
+        offset.write_text("0")
+        time.sleep(1)  # the daemon reads the corrected clock
+        write(incoming / "2.dcm", grey(nih_images[2]), PatientID="RIGHT2")
+        assert wait_for(lambda: "RIGHT2" in pdf_text(worklist)), pdf_text(worklist)
+        text = pdf_text(worklist)
+        assert "SLOW0" in text and "SLOW1" in text, text
+    finally:
+        assert stop(daemon) == 0
