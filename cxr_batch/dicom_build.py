@@ -18,6 +18,8 @@ from pydicom.uid import (
     generate_uid,
 )
 
+from . import clock
+
 DX_FOR_PRESENTATION = UID("1.2.840.10008.5.1.4.1.1.1.1")
 CR_IMAGE = UID("1.2.840.10008.5.1.4.1.1.1")
 SECONDARY_CAPTURE = UID("1.2.840.10008.5.1.4.1.1.7")
@@ -127,9 +129,12 @@ def encapsulated_pdf(pdf: bytes, study: dict, title: str, sop_instance_uid: str 
         if study.get(keyword):
             setattr(ds, keyword, study[keyword])
     ds.StudyInstanceUID = valid_uid(study.get("StudyInstanceUID"))
-    now = dt.datetime.now()
+    now = clock.local_now()
     ds.Modality, ds.SeriesNumber, ds.InstanceNumber = "DOC", 999, 1
     ds.ContentDate, ds.ContentTime = now.strftime("%Y%m%d"), now.strftime("%H%M%S")
+    # the UTC offset in force when it was made (PS3.3 C.12.1.1.8), as the SR says its own: the
+    # night the clock goes back, a report made at 02:15 +0100 is later than one made at 02:30 +0200
+    ds.TimezoneOffsetFromUTC = clock.utc_offset(now)
     ds.ConversionType, ds.BurnedInAnnotation = "WSD", "YES"
     ds.DocumentTitle, ds.MIMETypeOfEncapsulatedDocument = title[:64], "application/pdf"
     ds.SeriesDescription = "cxr-batch triage report (decision support)"

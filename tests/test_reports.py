@@ -799,3 +799,25 @@ def test_the_worklist_gives_each_flag_its_held_out_catch_too():
     txt = re.sub(r"\s+", " ", PdfReader(io.BytesIO(study_pdf(record, GREY, {}, info, ReportOptions(), NOW)))
                  .pages[0].extract_text())
     assert "Atelectasis (sens. 0.11, PPV 0.10; held out 0/33)" in txt
+
+
+def test_the_encapsulated_pdf_made_the_night_the_clock_goes_back_says_its_utc_offset(berlin, tmp_path):
+    """The --dicom-pdf object's content date/time was a local time without an offset, as the SR's
+    was: on the night the clock goes back, a report made at 02:15 (after) read as older than
+    one made at 02:30 (before). It says the offset in force when it was made (Timezone Offset
+    From UTC), and dciodvfy finds no error in it."""
+    from cxr_batch.dicom_build import encapsulated_pdf
+    from tests.conftest import DST_NIGHT_AFTER, DST_NIGHT_BEFORE
+    from tests.dicomgen import have
+
+    said = []
+    for moment in (DST_NIGHT_BEFORE, DST_NIGHT_AFTER):
+        berlin(moment)
+        ds = encapsulated_pdf(b"%PDF-1.4 x", {"PatientID": "P1", "StudyInstanceUID": "1.2.3.4"}, "report")
+        ds.save_as(tmp_path / "r.dcm", enforce_file_format=True)
+        back = pydicom.dcmread(tmp_path / "r.dcm")
+        said.append((back.ContentDate, back.ContentTime, back.get("TimezoneOffsetFromUTC")))
+        if have("dciodvfy"):
+            done = subprocess.run(["dciodvfy", str(tmp_path / "r.dcm")], capture_output=True, text=True, timeout=60)
+            assert not [x for x in (done.stdout + done.stderr).splitlines() if x.startswith("Error")]
+    assert said == [("20261025", "023000", "+0200"), ("20261025", "021500", "+0100")]
