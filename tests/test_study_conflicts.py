@@ -461,3 +461,61 @@ def test_listen_tells_one_patient_of_two_issuers_from_two_patients_across_associ
     assert got["another authority"][0] == "skipped", got
     assert ("patient ID 'NIH00100' of two issuers, '1.2.826.0.1.3680043.2.1' and '2.16.840.1.113883.3.99'"
             in got["another authority"][1]), got
+
+
+def _scan(folder: Path, out: Path, bundle: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "cxr_batch", "scan", str(folder), "--out", str(out), "--no-pdf",
+                           "--weights", str(bundle), "--device", "cpu", "--workers", "0"],
+                          capture_output=True, text=True, timeout=600)
+
+
+def _files(out: Path) -> dict[str, dict]:
+    return {Path(row["file"]).name: row for row in rows_now(out)}
+
+
+def test_scan_holds_back_a_study_whose_images_name_two_patients(shared_study, small_bundle, tmp_path):
+    """A folder where one image of P-B is misfiled into P-A's study: scan scored the three images
+    under the one study and wrote P-B's result in P-A's study (exit 0). Now, as listen and pull
+    decide (cxr_batch.integration.patients): none of the study's images is scored, each row
+    says why (the study, both IDs, its files), the log says it once, the exit code is 3 (some
+    files not scored); the image of P-A in another study is scored as ever."""
+    done = _scan(shared_study["a1"].parent, tmp_path / "out", small_bundle)
+    assert done.returncode == 3, done.stderr[-3000:]
+    rows = _files(tmp_path / "out")
+    study = pydicom.dcmread(shared_study["a1"]).StudyInstanceUID
+    assert rows["other.dcm"]["status"] == "ok", rows["other.dcm"]
+    for name in ("a1.dcm", "b.dcm", "a2.dcm"):
+        row = rows[name]
+        assert row["status"] == "skipped" and row["p_Pneumothorax"] == "" and row["priority"] == "", row
+        for said in ("two patients", "patient IDs 'P-A' and 'P-B'", study, "a1.dcm", "a2.dcm", "b.dcm"):
+            assert said in row["reason"], (said, row["reason"])
+    conflicts = [line for line in done.stderr.splitlines() if "holds images of two patients" in line
+                 and "row " not in line]
+    assert len(conflicts) == 1 and study in conflicts[0] and "'P-A' and 'P-B'" in conflicts[0], done.stderr[-3000:]
+    assert "3 held back" in done.stderr.splitlines()[-1], done.stderr.splitlines()[-1]
+    assert "DOE" not in done.stderr and "ROE" not in done.stderr
+
+
+def test_scan_scores_a_study_whose_images_write_one_patient_otherwise(small_bundle, tmp_path, nih_images):
+    """Each pair of ONE_PATIENT_OTHERWISE and TWO_PATIENTS as two images of one study in a folder:
+    scan decides as listen does (test_listen_scores_a_study_whose_images_write_one_patient_otherwise),
+    with the same code: one patient written otherwise is scored, two patients held back, the reason
+    saying which of the patient's keys differs."""
+    folder, expect = tmp_path / "images", {}
+    for n, (case, (first, second, said)) in enumerate(_pairs().items()):
+        study = generate_uid()
+        for view, extra in (("PA", first), ("AP", second)):
+            header = {k: v for k, v in {**ONE_PATIENT, **extra}.items() if v is not None}
+            path = _image(folder, nih_images[n % len(nih_images)], f"{n}{view}", ViewPosition=view,
+                          StudyInstanceUID=study, **header)
+            expect[path.name] = (case, said)
+    done = _scan(folder, tmp_path / "out", small_bundle)
+    assert done.returncode == 3, done.stderr[-3000:]  # the pairs of two patients
+    wrong = []
+    for name, row in _files(tmp_path / "out").items():
+        case, said = expect[name]
+        if said and not (row["status"] == "skipped" and said in row["reason"]):
+            wrong.append(f"{case}: {row['status']} {row['reason']}, not held back as '{said}'")
+        elif not said and row["status"] != "ok":
+            wrong.append(f"{case}: {row['status']} {row['reason']}")
+    assert not wrong, "\n".join(sorted(set(wrong)))
