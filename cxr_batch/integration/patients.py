@@ -320,4 +320,4 @@ def files_said(images, for_log: bool) -> str:
 def folder_remedy(images, again: str, for_log: bool = False) -> str:
     """What to do with a held study of a folder (scan, watch): its files named (:func:`files_said`),
     ``again``: how it is then scored."""
-    return f"correct or remove the misfiled image among its files {files_said(images, for_log)}, {again}"
+    return f"correct or remove the misfiled image among its files {files_said(images, for_log)}; {again}"
