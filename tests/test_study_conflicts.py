@@ -494,6 +494,7 @@ def test_scan_holds_back_a_study_whose_images_name_two_patients(shared_study, sm
     assert len(conflicts) == 1 and study in conflicts[0] and "'P-A' and 'P-B'" in conflicts[0], done.stderr[-3000:]
     assert "3 held back" in done.stderr.splitlines()[-1], done.stderr.splitlines()[-1]
     assert "DOE" not in done.stderr and "ROE" not in done.stderr
+    assert "a1.dcm" not in done.stderr and "b.dcm" not in done.stderr  # files by their hash, as every log line
 
 
 def test_scan_scores_a_study_whose_images_write_one_patient_otherwise(small_bundle, tmp_path, nih_images):
