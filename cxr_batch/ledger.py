@@ -46,7 +46,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
 
-from .record import UNREAD_VERSION, StudyRecord
+from .record import HELD_BACK, UNREAD_VERSION, StudyRecord
 from .study import Identifiers
 
 SCHEMA_VERSION = 7
@@ -126,6 +126,10 @@ def stored_name(path: str) -> str:
     return path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
+# A record held back (cxr_batch.record.StudyRecord.held), in SQL
+_HELD = f"(status = 'skipped' AND json_extract(record, '$.reason') LIKE '{HELD_BACK}%')"
+
+
 class LedgerError(Exception):
     """A ledger that cannot be opened or read (corrupt, or of an unknown schema)."""
 
@@ -141,6 +145,9 @@ class Known:
     status: str
     content: str
     file: str
+    # held back (cxr_batch.record.HELD_BACK: two patients in its study): no result, provisional
+    # as an error is, so the same bytes again are read again, not dropped as a duplicate
+    held: bool = False
 
 
 @dataclass(frozen=True)
@@ -281,8 +288,8 @@ class Ledger:
 
     # ------------------------------------------------------------------ reading
     def known(self, key: str) -> Known | None:
-        row = self.db.execute("SELECT status, content, file FROM studies WHERE key = ?", (key,)).fetchone()
-        return Known(*row) if row else None
+        row = self.db.execute(f"SELECT status, content, file, {_HELD} FROM studies WHERE key = ?", (key,)).fetchone()
+        return Known(*row[:3], bool(row[3])) if row else None
 
     def is_reported(self, key: str) -> bool:
         return self.known(key) is not None
@@ -369,20 +376,25 @@ class Ledger:
         out = [(seq, StudyRecord.from_json(json.loads(r))) for seq, r in rows]
         return out[::-1] if newest else out
 
-    def study_patients(self, study_uid: str) -> list[tuple[str, str, Identifiers]]:
-        """(key, status, identifiers: the patient's alone) of every current record of the study
-        ``study_uid``, in the order reported."""
+    def study_patients(self, study_uid: str) -> list[tuple[str, str, str, bool, Identifiers]]:
+        """(key, status, file, held, identifiers: the patient's alone) of every current record of
+        the study ``study_uid``, in the order reported."""
         rows = self.db.execute(
-            "SELECT key, status, json_extract(record, '$.ids.patient_id'), "
+            f"SELECT key, status, json_extract(record, '$.file'), {_HELD}, json_extract(record, '$.ids.patient_id'), "
             "json_extract(record, '$.ids.issuer_of_patient_id'), json_extract(record, '$.ids.patient_name'), "
             "json_extract(record, '$.ids.patient_birth_date'), json_extract(record, '$.ids.patient_sex'), "
             "json_extract(record, '$.ids.issuer_universal_id'), json_extract(record, '$.ids.other_patient_ids') "
             "FROM studies WHERE json_extract(record, '$.ids.study_uid') = ? ORDER BY seq", (study_uid,)).fetchall()
-        return [(key, status, Identifiers(patient_id=pid or "", issuer_of_patient_id=issuer or "",
-                                          patient_name=name or "", patient_birth_date=birth or "",
-                                          patient_sex=sex or "", issuer_universal_id=issuer_uid or "",
-                                          other_patient_ids=others or ""))
-                for key, status, pid, issuer, name, birth, sex, issuer_uid, others in rows]
+        return [(key, status, file or "", bool(held),
+                 Identifiers(patient_id=pid or "", issuer_of_patient_id=issuer or "", patient_name=name or "",
+                             patient_birth_date=birth or "", patient_sex=sex or "",
+                             issuer_universal_id=issuer_uid or "", other_patient_ids=others or ""))
+                for key, status, file, held, pid, issuer, name, birth, sex, issuer_uid, others in rows]
+
+    def held_studies(self) -> list[str]:
+        """The Study Instance UIDs of the studies with records held back (two patients)."""
+        return [uid for (uid,) in self.db.execute(
+            f"SELECT DISTINCT json_extract(record, '$.ids.study_uid') FROM studies WHERE {_HELD}") if uid]
 
     def record(self, key: str) -> StudyRecord | None:
         """The current record of ``key``."""
@@ -420,7 +432,8 @@ class Ledger:
             seq = self.db.execute("SELECT COALESCE(MAX(seq), 0) FROM studies").fetchone()[0]
             for key, content, record in studies:
                 old = self.known(key)
-                if old is not None and old.status != "error" and (record.status == "error" or old.content == content):
+                if old is not None and old.status != "error" and not old.held and (record.status == "error"
+                                                                                    or old.content == content):
                     # a result is never replaced by an error; a changed version that failed (a
                     # correction cut short) is said on the row that stands, or it looks current
                     annotated = record.status == "error" and old.content != content
@@ -432,7 +445,7 @@ class Ledger:
                 if withdrawn is not None and self.db.execute("DELETE FROM studies WHERE key = ? AND status = 'error'",
                                                              (withdrawn,)).rowcount:
                     old = old or Known("error", "", record.file)  # published as a replaced row: results.csv rewritten
-                if old is not None and old.status != "error":
+                if old is not None and old.status != "error" and not old.held:  # a held study had no result
                     self.db.execute("INSERT INTO superseded SELECT key, seq, file, content, record, reported_at, ? "
                                     "FROM studies WHERE key = ?", (now, key))
                 seq += 1

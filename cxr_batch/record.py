@@ -100,6 +100,9 @@ def _dicom_date(text: str) -> str:
 # The note on a result that a watch/listen daemon kept because a later version of the same
 # instance could not be read (cxr_batch.ledger)
 UNREAD_VERSION = "a later version of this instance could not be read"
+# How the reason of a study held back begins (images of two patients under one Study Instance UID,
+# cxr_batch.integration.patients): not a result, provisional as an error is (cxr_batch.ledger)
+HELD_BACK = "held back: "
 
 @dataclass
 class Scores:
@@ -159,10 +162,15 @@ class StudyRecord:
 
     def hold_back(self, reason: str) -> None:
         """Not to be scored after all (its scores, if the model ran, dropped): skipped, ``reason``
-        saying why."""
+        (beginning with :data:`HELD_BACK`) saying why."""
         self.status, self.reason = "skipped", reason
         self.scores = self.image_stats = None
         self.scored_at = ""
+
+    @property
+    def held(self) -> bool:
+        """Held back (:meth:`hold_back`): a study of two patients, for a person to resolve."""
+        return self.status == "skipped" and self.reason.startswith(HELD_BACK)
 
     def add_note(self, note: str) -> None:
         if note not in self.patient.notes:

@@ -59,6 +59,7 @@ class ScanSummary:
     worklist: Path | None = None
     srs: int = 0  # DICOM SRs written
     reports_failed: int = 0  # studies scored whose PDF could not be written
+    held: int = 0  # files not scored: their study's images name two patients (skipped rows)
     worklist_failed: bool = False
     files_found: int = 0  # candidate files under the folder, before --shard
     without_patient_data: int = 0  # scored with age, sex and view all unknown
@@ -74,7 +75,8 @@ class ScanSummary:
             return 128 + self.signum if self.signum else exit_codes.INTERRUPTED
         if self.files_found == 0:
             return exit_codes.NO_FILES
-        failed = self.counts["error"] or self.reports_failed or self.worklist_failed
+        # a study held back is not scored, as pull says of one (a person must resolve it)
+        failed = self.counts["error"] or self.reports_failed or self.worklist_failed or self.held
         return exit_codes.SOME_FAILED if failed else exit_codes.OK
 
     def line(self) -> str:
@@ -96,8 +98,9 @@ class ScanSummary:
                        + " could not be written (see the log)")
         kept = f"{self.kept} kept from the earlier scan; " if self.kept else ""
         bare = self.without_patient_data
+        held = f" ({self.held} held back: two patients in one study)" if self.held else ""
         return (f"{plural(n, 'file')}: {self.counts['ok']} scored ({kept}{pr}; {bare} without patient data), "
-                f"{self.counts['skipped']} skipped, {self.counts['error']} failed in {self.seconds:.1f} s "
+                f"{self.counts['skipped']} skipped{held}, {self.counts['error']} failed in {self.seconds:.1f} s "
                 f"({rate:.1f} images/s){outputs} -> {self.results}")
 
 
@@ -129,6 +132,7 @@ def run_scan(studies: Path, out: Path, cfg: ScanConfig = ScanConfig(), earlier: 
         log.warning("%s share a SOP Instance UID with a file of other content: each is scored with an SR UID of "
                     "its own; their rows' notes name the others, and a person must decide which is the image",
                     plural(len(conflicts), "file"))
+    held = two_patient_studies(candidates)  # before --shard too: a study's files may be in two shards
     if cfg.shard is not None:
         index, count = cfg.shard
         candidates = [c for i, c in enumerate(candidates) if i % count == index]
@@ -162,7 +166,7 @@ def run_scan(studies: Path, out: Path, cfg: ScanConfig = ScanConfig(), earlier: 
                                 "known; every report says so", bundle.label, evidence.problem)
                 if previous.found and previous.mode == "overwrite":
                     log.warning("%s of the earlier scan deleted", plural(previous.remove_outputs(), "file"))
-                run = ScanRun(studies, out, cfg, bundle, policy, reader, previous, stop, conflicts)
+                run = ScanRun(studies, out, cfg, bundle, policy, reader, previous, stop, conflicts, held)
                 return run.scan(candidates, files_found, metadata, match, settings, evidence.problem)
     except FolderBusy:  # the folder is another process's (it may have made it a moment ago): not touched
         raise
@@ -170,6 +174,32 @@ def run_scan(studies: Path, out: Path, cfg: ScanConfig = ScanConfig(), earlier: 
         if created:  # a scan that could not start leaves no empty results folder behind
             remove_if_unused(out)
         raise
+
+
+def two_patient_studies(candidates) -> dict[str, tuple[str, str]]:
+    """{rel: (reason, as the log says it: files by their hash)} of the DICOM files of each study whose images name two patients (one Study
+    Instance UID, a misfiled image): decided over the whole folder as listen and pull decide
+    (cxr_batch.integration.patients), none of them to be scored; one scored would put one
+    patient's result in the other's study. Reads each DICOM file's header."""
+    from .integration.node import patient_header, valid_uid
+    from .integration.patients import folder_remedy, held_reason, two_patients
+
+    by_study: dict[str, list] = {}
+    for cand in candidates:
+        if cand.problem is None and content_kind(cand.path) == "dicom":
+            study, patient = patient_header(cand.path)
+            if valid_uid(study):
+                by_study.setdefault(study, []).append((cand.rel, patient))
+    held = {}
+    for study, images in by_study.items():
+        said = two_patients(p for _, p in images)
+        if said:
+            logged = folder_remedy(images, "then scan again", for_log=True)
+            log.error("study %s holds images of two patients, %s: %s held back, not scored; %s", study, said,
+                      plural(len(images), "image"), logged)
+            reasons = held_reason(study, said, folder_remedy(images, "then scan again")), held_reason(study, said, logged)
+            held.update((rel, reasons) for rel, _ in images)
+    return held
 
 
 def remove_if_unused(out: Path) -> None:
@@ -186,10 +216,12 @@ class ScanRun:
     """One scan's work once the model has loaded: score, write rows and reports, record the run."""
 
     def __init__(self, studies: Path, out: Path, cfg: ScanConfig, bundle, policy, reader, previous, stop,
-                 uid_conflicts: dict[str, tuple[str, list[str], str]] | None = None):
+                 uid_conflicts: dict[str, tuple[str, list[str], str]] | None = None,
+                 held: dict[str, tuple[str, str]] | None = None):
         self.studies, self.out, self.cfg, self.bundle, self.policy = studies, out, cfg, bundle, policy
         self.reader, self.previous, self.stop = reader, previous, stop
         self.uid_conflicts = uid_conflicts or {}  # rel: (uid, the other files, content), cxr_batch.keys.uid_conflicts
+        self.held = held or {}  # rel: why it is not scored, for its row and the log (two_patient_studies)
         self.options = cfg.batch_options(cfg.progress)
         self.summary = ScanSummary(results=out / "results.csv", device=policy.describe(),
                                    normal_below=bundle.triage_policy().normal_below)
@@ -250,15 +282,16 @@ class ScanRun:
         done = 0
         with AtomicCsvWriter(summary.results) as writer:
             def write(record, fresh: bool):
+                self.hold(record)  # a row kept from an earlier scan too
                 writer.write(record)
                 summary.counts[record.status] += 1
                 if record.ok:
                     summary.priorities[record.priority] += 1
                     summary.without_patient_data += record.patient.all_unknown
                     scored_files.add(record.file)
-                elif fresh:
+                elif fresh:  # a held study's files named by their hash, as every log line names a file
                     log.warning("row %d (%s): %s: %s", writer.count, log_name(record.file), record.status,
-                                record.reason)
+                                self.held[record.file][1] if record.held else record.reason)
                 if self.reports is not None:
                     records.append(record)
 
@@ -275,6 +308,7 @@ class ScanRun:
                             record.add_note(f"SOP Instance UID {uid} is claimed by other content too (a person must "
                                             "decide which is the image; its SR has a UID of its own): "
                                             + ", ".join(others))
+                        self.hold(record)  # before its PDF and SR: none is made
                         self.outputs(record, batch.inputs(pos))
                         write(record, True)
                         if record.ok:
@@ -307,6 +341,12 @@ class ScanRun:
                         "on the image alone", plural(summary.without_patient_data, "study"))
         self.write_run_json(engine, cfg, settings, evidence_problem, match)
         return summary
+
+    def hold(self, record) -> None:
+        """Hold back a record of a study of two patients (scored, the model ran: its scores dropped)."""
+        if record.ok and record.file in self.held:
+            record.hold_back(self.held[record.file][0])
+            self.summary.held += 1
 
     def outputs(self, record, inputs) -> None:
         """The study's PDF and SR, before its row (the row names its report)."""

@@ -229,6 +229,7 @@ class Watcher:
         self.watch_real = self.watch_dir  # its path, links resolved (watch_target)
         self.fault = ""  # why writing fails (degrade), apart from a missing watched folder
         self.said: set[tuple[str, str]] = set()  # (file, problem) of entries not read, said in the log
+        self.two_patient_studies = 0  # studies held back since the start: images of two patients
 
     def check_folders(self) -> None:
         """The results, archive and quarantine folders are apart from the watched folder
@@ -684,6 +685,7 @@ class Watcher:
             self.pending[rel] = Pending(*file_stamp(st), time.monotonic())
 
     def rescan(self) -> None:
+        self.release_held()
         for cand in find_candidates(self.watch_dir, exclude=self.exclude, follow_links=self.cfg.follow_links):
             if cand.problem is None:
                 self.track(cand.path)
@@ -763,7 +765,8 @@ class Watcher:
         for key, group in versions.items():
             group.sort(key=lambda v: v[2])  # stable: equal times keep the batch's order
             known = self.ledger.known(key)
-            current = known.content if known is not None and known.status != "error" else None
+            # an error or a study held back (two patients) is provisional: the same bytes are read again
+            current = known.content if known is not None and known.status != "error" and not known.held else None
             chosen = False
             for rel, content, _ in group:
                 if content == current:
@@ -835,9 +838,89 @@ class Watcher:
             self.move(rel, "duplicate", p.stamp if p else None)
 
     def held_back(self, ids: dict[str, tuple[str, str]]) -> dict[str, str]:
-        """{rel: why} of the batch's files (``ids``: {rel: (key, content)}) that are not to be
-        scored whatever they hold: none here (the DICOM node holds back a study of two patients)."""
-        return {}
+        """{rel: why} of the batch's files (``ids``: {rel: (key, content)}) of a study that holds two
+        patients (these and those of the ledger: the same Study Instance UID for another patient ID,
+        issuer, name, birth date or sex, in one batch or two, now or before; decided by
+        cxr_batch.integration.patients, for listen, pull, watch and scan alike): held back, never
+        scored. Scored, one patient's result would be filed in the other's study (the SR in the
+        PACS, the ORU to the RIS). Said once per study and batch with both patient IDs, never a
+        name; a version of an instance in the batch is compared without the result it replaces (a
+        correction of the patient), and without the study's other results naming the patient it
+        replaces; a held image withdrawn (:meth:`withdrawn`) is not compared."""
+        from .integration.node import patient_header, valid_uid
+        from .integration.patients import Patient, held_reason, two_patients
+
+        batch: dict[str, list[tuple[str, str, Patient]]] = {}  # study UID: [(rel, key, patient)]
+        for rel, (key, _) in ids.items():
+            study, patient = patient_header(self.watch_dir / rel)
+            if valid_uid(study):
+                batch.setdefault(study, []).append((rel, key, patient))
+        held = {}
+        for study, images in batch.items():
+            keys = {key for _, key, _ in images}
+            records = [(key, status, file, Patient.of_ids(ids)) for key, status, file, on_hold, ids
+                       in self.ledger.study_patients(study) if not (on_hold and self.withdrawn(key, file))]
+            # a version naming another patient than the one it replaces corrects the patient (a
+            # temporary ID reconciled in the PACS): the study's images still naming the one it
+            # replaces are versions not sent again yet, not a second patient
+            corrected = [old for key, _, _, old in records if key in keys and old.id
+                         and any(old.apart(new) for _, _, new in images)]
+            earlier = [(status, file, p) for key, status, file, p in records
+                       if key not in keys and all(old.apart(p) for old in corrected)]
+            said = two_patients([*(p for _, _, p in earlier), *(p for _, _, p in images)])
+            if not said:
+                continue
+            self.two_patient_studies += 1
+            scored = sum(status == "ok" for status, _, _ in earlier)
+            files = [(file, p) for _, file, p in earlier] + [(rel, p) for rel, _, p in images]
+            log.error("study %s holds images of two patients, %s: %s held back, not scored%s; %s", study, said,
+                      plural(len(images), "image"),
+                      f" ({plural(scored, 'result')} of the study scored before stand: check them)" if scored else "",
+                      self.held_remedy(files, for_log=True))
+            reason = held_reason(study, said, self.held_remedy(files, for_log=False))
+            held.update({rel: reason for rel, _, _ in images})
+        return held
+
+    def held_remedy(self, files: list, for_log: bool) -> str:
+        """What a person does with a study held back, whose files are ``files`` ([(file,
+        Patient)]); the DICOM node's study is resolved in the PACS."""
+        from .integration.patients import folder_remedy
+
+        return folder_remedy(files, "the study is then read again", for_log)
+
+    def withdrawn(self, key: str, file: str) -> bool:
+        """Whether the held image ``key`` (never scored) was taken away from its study: its file,
+        left in the watched folder, removed, or replaced by another instance. A folder whose
+        handled files are moved away (archive, quarantine, the node's spool) says nothing of it."""
+        if self.moves_handled_files():
+            return False
+        try:
+            if not (self.watch_dir / file).is_file():
+                return True
+        except (OSError, ValueError):  # a name the file system refuses
+            return True
+        handled = self.ledger.last_handled(file)
+        return handled is not None and handled[1] != key
+
+    def release_held(self) -> None:
+        """Held studies that hold one patient now (a misfiled image removed, or replaced by its
+        correction, as :meth:`withdrawn` says, or its correction scored): their held files still
+        in the folder are read again, to be scored. A folder whose handled files are moved away
+        keeps its held studies held (their files are no longer there to read)."""
+        from .integration.patients import Patient, two_patients
+
+        if self.moves_handled_files():
+            return
+        for study in self.ledger.held_studies():
+            records = [(key, file, on_hold, Patient.of_ids(ids)) for key, _, file, on_hold, ids
+                       in self.ledger.study_patients(study) if not (on_hold and self.withdrawn(key, file))]
+            if two_patients(p for *_, p in records):
+                continue
+            for key, file, on_hold, _ in records:
+                path = self.watch_dir / file
+                if on_hold and file not in self.pending and path.is_file():
+                    log.info("%s: its study %s holds one patient now: read again", log_name(file), study)
+                    self.pending[file] = Pending(*file_stamp(path.stat()), time.monotonic())
 
     def cut_short_error(self, rel: str, key: str) -> str | None:
         """The key of the provisional error row this file got while its copy was cut short (a
@@ -873,7 +956,8 @@ class Watcher:
         """``content`` when this study replaces a result of a different file with the same key (a
         changed instance: its results need identifiers of their own), else ""."""
         earlier = self.ledger.known(key)
-        return content if earlier is not None and earlier.status != "error" and earlier.content != content else ""
+        return content if (earlier is not None and earlier.status != "error" and not earlier.held
+                           and earlier.content != content) else ""
 
     def write_report(self, name_key: str, record: StudyRecord, inputs) -> None:
         """A scored study's PDF, named from its key and content (a changed instance gets a new
@@ -1067,10 +1151,11 @@ class Watcher:
 
     def extra_status(self) -> dict:
         """More for status.json: the outbound queues (the DICOM node adds its listener)."""
+        held = {"two_patient_studies": self.two_patient_studies} if self.two_patient_studies else {}
         try:
-            return self.outbox.status(self.ledger)
+            return {**held, **self.outbox.status(self.ledger)}
         except sqlite3.Error:
-            return {}
+            return held
 
 
 def _identity(path: Path) -> tuple[int, int] | None:

@@ -461,3 +461,136 @@ def test_listen_tells_one_patient_of_two_issuers_from_two_patients_across_associ
     assert got["another authority"][0] == "skipped", got
     assert ("patient ID 'NIH00100' of two issuers, '1.2.826.0.1.3680043.2.1' and '2.16.840.1.113883.3.99'"
             in got["another authority"][1]), got
+
+
+def _scan(folder: Path, out: Path, bundle: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "cxr_batch", "scan", str(folder), "--out", str(out), "--no-pdf",
+                           "--weights", str(bundle), "--device", "cpu", "--workers", "0"],
+                          capture_output=True, text=True, timeout=600)
+
+
+def _files(out: Path) -> dict[str, dict]:
+    return {Path(row["file"]).name: row for row in rows_now(out)}
+
+
+def test_scan_holds_back_a_study_whose_images_name_two_patients(shared_study, small_bundle, tmp_path):
+    """A folder where one image of P-B is misfiled into P-A's study: scan scored the three images
+    under the one study and wrote P-B's result in P-A's study (exit 0). Now, as listen and pull
+    decide (cxr_batch.integration.patients): none of the study's images is scored, each row
+    says why (the study, both IDs, its files), the log says it once, the exit code is 3 (some
+    files not scored); the image of P-A in another study is scored as ever."""
+    done = _scan(shared_study["a1"].parent, tmp_path / "out", small_bundle)
+    assert done.returncode == 3, done.stderr[-3000:]
+    rows = _files(tmp_path / "out")
+    study = pydicom.dcmread(shared_study["a1"]).StudyInstanceUID
+    assert rows["other.dcm"]["status"] == "ok", rows["other.dcm"]
+    for name in ("a1.dcm", "b.dcm", "a2.dcm"):
+        row = rows[name]
+        assert row["status"] == "skipped" and row["p_Pneumothorax"] == "" and row["priority"] == "", row
+        for said in ("two patients", "patient IDs 'P-A' and 'P-B'", study, "a1.dcm", "a2.dcm", "b.dcm"):
+            assert said in row["reason"], (said, row["reason"])
+    conflicts = [line for line in done.stderr.splitlines() if "holds images of two patients" in line
+                 and "row " not in line]
+    assert len(conflicts) == 1 and study in conflicts[0] and "'P-A' and 'P-B'" in conflicts[0], done.stderr[-3000:]
+    assert "3 held back" in done.stderr.splitlines()[-1], done.stderr.splitlines()[-1]
+    assert "DOE" not in done.stderr and "ROE" not in done.stderr
+    assert "a1.dcm" not in done.stderr and "b.dcm" not in done.stderr  # files by their hash, as every log line
+
+
+def test_scan_scores_a_study_whose_images_write_one_patient_otherwise(small_bundle, tmp_path, nih_images):
+    """Each pair of ONE_PATIENT_OTHERWISE and TWO_PATIENTS as two images of one study in a folder:
+    scan decides as listen does (test_listen_scores_a_study_whose_images_write_one_patient_otherwise),
+    with the same code: one patient written otherwise is scored, two patients held back, the reason
+    saying which of the patient's keys differs."""
+    folder, expect = tmp_path / "images", {}
+    for n, (case, (first, second, said)) in enumerate(_pairs().items()):
+        study = generate_uid()
+        for view, extra in (("PA", first), ("AP", second)):
+            header = {k: v for k, v in {**ONE_PATIENT, **extra}.items() if v is not None}
+            path = _image(folder, nih_images[n % len(nih_images)], f"{n}{view}", ViewPosition=view,
+                          StudyInstanceUID=study, **header)
+            expect[path.name] = (case, said)
+    done = _scan(folder, tmp_path / "out", small_bundle)
+    assert done.returncode == 3, done.stderr[-3000:]  # the pairs of two patients
+    wrong = []
+    for name, row in _files(tmp_path / "out").items():
+        case, said = expect[name]
+        if said and not (row["status"] == "skipped" and said in row["reason"]):
+            wrong.append(f"{case}: {row['status']} {row['reason']}, not held back as '{said}'")
+        elif not said and row["status"] != "ok":
+            wrong.append(f"{case}: {row['status']} {row['reason']}")
+    assert not wrong, "\n".join(sorted(set(wrong)))
+
+
+@pytest.mark.parametrize("correction", ["removed", "replaced"])
+def test_watch_holds_back_a_study_of_two_patients_until_its_misfiled_image_is_corrected(
+        shared_study, small_bundle, tmp_path, correction):
+    """A PACS export folder where P-B's image is misfiled in P-A's study: watch scored the three
+    under the one study. Now, as listen decides: the study's images are held (skipped rows naming
+    the study, both IDs and the files; status.json counts it; the log says it, never a name),
+    the rest is scored; once the misfiled file is removed, or replaced by its corrected version
+    (P-A's), the study is read again and its images scored."""
+    from tests.watchkit import start_daemon, status, watch_config
+
+    incoming, out = shared_study["a1"].parent, tmp_path / "out"
+    study = pydicom.dcmread(shared_study["a1"]).StudyInstanceUID
+    daemon = start_daemon(incoming, out, small_bundle, watch_config(tmp_path / "w.toml", rescan_interval=1.0),
+                          "--no-pdf")
+    try:
+        assert wait_for(lambda: len(rows_now(out)) == 4, timeout=120)
+        rows = _files(out)
+        assert rows["other.dcm"]["status"] == "ok", rows["other.dcm"]
+        for name in ("a1.dcm", "b.dcm", "a2.dcm"):
+            row = rows[name]
+            assert row["status"] == "skipped" and row["p_Pneumothorax"] == "", row
+            for said in ("two patients", "patient IDs 'P-A' and 'P-B'", study, "a1.dcm", "a2.dcm", "b.dcm"):
+                assert said in row["reason"], (said, row["reason"])
+        assert wait_for(lambda: status(out).get("two_patient_studies") == 1, timeout=30), status(out)
+        b = shared_study["b"]
+        if correction == "removed":
+            b.unlink()
+        else:
+            ds = pydicom.dcmread(b)
+            ds.PatientID, ds.PatientName, ds.PatientBirthDate = "P-A", "DOE^JANE", "19600101"
+            ds.save_as(tmp_path / "b.dcm")
+            (tmp_path / "b.dcm").replace(b)
+        scored = ("a1.dcm", "a2.dcm") + (("b.dcm",) if correction == "replaced" else ())
+        assert wait_for(lambda: all(_files(out)[n]["status"] == "ok" for n in scored), timeout=120), _files(out)
+    finally:
+        assert stop(daemon) == 0
+    text = daemon.stderr.read()
+    conflicts = [line for line in text.splitlines() if "holds images of two patients" in line]
+    assert len(conflicts) == 1 and study in conflicts[0] and "'P-A' and 'P-B'" in conflicts[0], text[-3000:]
+    assert "DOE" not in text and "ROE" not in text
+    assert {r["patient_id"] for r in _files(out).values() if r["status"] == "ok"} == {"P-A"}
+
+
+@needs_dcmtk
+def test_listen_scores_a_held_image_sent_again_once_its_study_is_resolved(shared_study, small_bundle, tmp_path):
+    """The README's way out of a held study: resolve it in the PACS, send its images again. P-B's
+    misfiled image corrected to P-A and sent (a new version: scored), then P-A's held image sent
+    again unchanged: it was dropped as a duplicate of its held row, so the study stayed held for
+    ever; now a held row is provisional, as an error row is, and the image is scored."""
+    from tests.test_node import listening
+
+    corrected = tmp_path / "b-corrected.dcm"
+    ds = pydicom.dcmread(shared_study["b"])
+    ds.PatientID, ds.PatientName, ds.PatientBirthDate = "P-A", "DOE^JANE", "19600101"
+    ds.save_as(corrected)
+    out, log, port = tmp_path / "out", tmp_path / "node.log", free_port()
+    node = start_node(out, small_bundle, node_config(tmp_path / "node.toml"), "--port", port, "--no-pdf", log=log)
+    a2 = _uid(shared_study["a2"])
+    try:
+        assert wait_for(lambda: listening(log, node.pid) or node.poll() is not None), log.read_text()
+        for path, (uid, status) in ((shared_study["a1"], (_uid(shared_study["a1"]), "ok")),
+                                    (shared_study["b"], (_uid(shared_study["b"]), "skipped")),
+                                    (shared_study["a2"], (a2, "skipped")), (corrected, (_uid(corrected), "ok")),
+                                    (shared_study["a2"], (a2, "ok"))):
+            sent = subprocess.run(["storescu", "-aec", "CXRBATCH", "127.0.0.1", str(port), path],
+                                  capture_output=True, text=True, timeout=60)
+            assert sent.returncode == 0, sent.stderr
+            assert wait_for(lambda: _by_uid(out).get(uid, {}).get("status") == status, timeout=60), \
+                (path.name, _by_uid(out).get(uid), log.read_text()[-3000:])
+    finally:
+        assert stop(node) == 0, log.read_text()[-3000:]
+    assert {row["status"] for row in _by_uid(out).values()} == {"ok"}

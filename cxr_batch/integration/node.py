@@ -648,7 +648,6 @@ class Node(Watcher):
         self.not_scored: list[str] = []  # SOPInstanceUIDs of objects acknowledged and lost with OUT
         self.spool_fd = os.open(self.watch_dir, os.O_RDONLY | os.O_DIRECTORY)  # follows the spool if OUT moves
         self.scp = StorageSCP(cfg, self.spool, self.stored, tls)
-        self.two_patient_studies = 0  # studies held back since the start: images of two patients
 
     def stored(self, path: Path) -> None:
         """An object answered as stored (called in a network thread)."""
@@ -762,50 +761,14 @@ class Node(Watcher):
         with self.acknowledged_lock:
             self.acknowledged.difference_update(rels)  # committed as errors: reported
 
-    def held_back(self, ids: dict[str, tuple[str, str]]) -> dict[str, str]:
-        """The batch's images of a study that holds two patients (these and those of the ledger:
-        the same Study Instance UID sent for another patient ID, issuer, name, birth date or sex, on
-        one association or two, now or before): held back, never scored. Scored, one patient's
-        result would be filed in the other's study (the SR in the PACS, the ORU to the RIS). Said
-        once per study and batch with both patient IDs, never a name; a version of an instance
-        in the batch is compared without the result it replaces (a correction of the patient),
-        and without the study's other results naming the patient it replaces."""
-        from .patients import Patient, two_patients
-
-        batch: dict[str, list[tuple[str, str, Patient]]] = {}  # study UID: [(rel, key, patient)]
-        for rel, (key, _) in ids.items():
-            study, patient = patient_header(self.watch_dir / rel)
-            if valid_uid(study):
-                batch.setdefault(study, []).append((rel, key, patient))
-        held = {}
-        for study, images in batch.items():
-            keys = {key for _, key, _ in images}
-            records = [(key, status, Patient.of_ids(ids)) for key, status, ids in self.ledger.study_patients(study)]
-            # a version naming another patient than the one it replaces corrects the patient (a
-            # temporary ID reconciled in the PACS): the study's images still naming the one it
-            # replaces are versions not sent again yet, not a second patient
-            corrected = [old for key, _, old in records if key in keys and old.id
-                         and any(old.apart(new) for _, _, new in images)]
-            earlier = [(status, p) for key, status, p in records
-                       if key not in keys and all(old.apart(p) for old in corrected)]
-            said = two_patients([*(p for _, p in earlier), *(p for _, _, p in images)])
-            if not said:
-                continue
-            self.two_patient_studies += 1
-            scored = sum(status == "ok" for status, _ in earlier)
-            log.error("study %s holds images of two patients, %s: %s held back, not scored%s; resolve the study in "
-                      "the PACS (split or merge it), then send its images again", study, said,
-                      plural(len(images), "image"),
-                      f" ({plural(scored, 'result')} of the study scored before stand: check them)" if scored else "")
-            held.update({rel: f"held back: study {study} holds images of two patients, {said} (a Study Instance "
-                              f"UID collision or a mis-merged study); resolve the study in the PACS and send its "
-                              f"images again" for rel, _, _ in images})
-        return held
+    def held_remedy(self, files: list, for_log: bool) -> str:
+        """A study held back (:meth:`Watcher.held_back`) is resolved in the PACS: its spool files
+        are named by nothing a person knows."""
+        return "resolve the study in the PACS (split or merge it) and send its images again"
 
     def extra_status(self) -> dict:
         lost = {"not_scored": self.not_scored} if self.not_scored else {}
-        held = {"two_patient_studies": self.two_patient_studies} if self.two_patient_studies else {}
-        return {"listen": self.scp.status(), **lost, **held, **super().extra_status()}
+        return {"listen": self.scp.status(), **lost, **super().extra_status()}
 
 
 def patient_header(path: Path):

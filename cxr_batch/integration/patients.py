@@ -285,3 +285,39 @@ def two_patients(patients) -> str:
             if said := one.apart(other):
                 return said
     return ""
+
+
+def held_reason(study: str, said: str, remedy: str) -> str:
+    """The reason on the row of each held image of ``study`` (:func:`two_patients` ``said`` how it
+    holds two patients), as listen, pull, watch and scan give it; ``remedy``: what a person does."""
+    from ..record import HELD_BACK
+
+    return (f"{HELD_BACK}study {study} holds images of two patients, {said} (a Study Instance UID collision or a "
+            f"mis-merged study); {remedy}")
+
+
+MAX_FILES_SAID = 20  # a study's files named in a reason; more are counted
+
+
+def files_said(images, for_log: bool) -> str:
+    """A study's files and the patient ID each names, for a person to find the misfiled one:
+    ``images``: [(file, :class:`Patient`)] -> "a1.dcm ('P-A'), b.dcm ('P-B')"; ``for_log``: each
+    file named by the hash a log names it by (cxr_batch.record.log_name: a folder or file name may
+    name the patient), else as results.csv's file column has it."""
+    from ..record import log_name, name_bytes
+
+    def named(file: str) -> str:
+        if for_log:
+            return log_name(file)
+        return "".join(ch if ch.isprintable() else "?" for ch in name_bytes(file).decode("utf-8", "backslashreplace"))
+
+    images = list(images)
+    said = [f"{named(file)} ('{printable(p.id)}')" for file, p in images[:MAX_FILES_SAID]]
+    more = len(images) - len(said)
+    return ", ".join(said) + (f" and {more} more" if more else "")
+
+
+def folder_remedy(images, again: str, for_log: bool = False) -> str:
+    """What to do with a held study of a folder (scan, watch): its files named (:func:`files_said`),
+    ``again``: how it is then scored."""
+    return f"correct or remove the misfiled image among its files {files_said(images, for_log)}; {again}"
