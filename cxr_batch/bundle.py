@@ -45,6 +45,9 @@ FORMAT_VERSION = 2  # 2: bundle_sha256 over the manifest
 ARCHITECTURE = "densenet121-fpn-fusion"
 WEIGHTS_FILE = "model.pt"
 MANIFEST_FILE = "manifest.json"
+# a bundle's model card, when its manifest names one (``model_card``: file and sha256, as for the
+# weights): what `cxr-batch train` measured, sealed so that an edited card is refused
+MODEL_CARD_FILE = "MODEL_CARD.md"
 DEFAULT_BUNDLE = Path(__file__).resolve().parent.parent / "weights" / "cxr-fpn-v3"
 
 
@@ -101,13 +104,15 @@ def save_bundle(
     half: bool = False,
     intended_use: str | None = None,
     training_images=None,
+    model_card: str | None = None,
 ) -> Path:
     """Write a bundle folder. ``half`` stores floating-point weights as float16 (half the size;
     loading casts back to float32). ``intended_use``: one sentence every report prints (what
     the weights are for and, if so, why not for clinical use; see :mod:`cxr_batch.evidence`).
     ``training_images``: rows (image, patient_id, role) of every image training used, written to
     ``training_images.csv`` with its sha256 in the manifest, so that an evaluation on them is
-    named in-sample (:mod:`cxr_batch.provenance`). Returns the folder."""
+    named in-sample (:mod:`cxr_batch.provenance`). ``model_card``: the text of MODEL_CARD.md,
+    written with its sha256 in the manifest (``model_card``), which loading verifies. Returns the folder."""
     import torch
 
     missing = [f for f in FINDINGS if f not in thresholds]
@@ -151,6 +156,10 @@ def save_bundle(
         from .provenance import write_training_images  # it imports this module
 
         manifest["training_images"] = write_training_images(folder, training_images)
+    if model_card is not None:
+        data = model_card.encode("utf-8")
+        atomic_write_bytes(folder / MODEL_CARD_FILE, data, mode=0o644)
+        manifest["model_card"] = {"file": MODEL_CARD_FILE, "sha256": hashlib.sha256(data).hexdigest()}
     write_manifest(folder, manifest)
     return folder
 
@@ -223,6 +232,7 @@ MANIFEST_TYPES = {"findings": list, "model_config": dict, "preprocessing": dict,
                   "intended_use": str, "name": str, "version": str, "weights_file": str, "triage": dict,
                   "reference": dict,  # reference: what drift monitoring compares with (cxr_batch.drift)
                   "training_images": dict,  # the list of training images (cxr_batch.provenance)
+                  "model_card": dict,  # MODEL_CARD.md's file and sha256 (check_model_card)
                   "calibration_images": dict}  # and of the studies calibrate fitted on
 _TYPE_NAMES = {list: "a list", dict: "a table (JSON object)", str: "a string"}
 
@@ -255,6 +265,25 @@ def check_thresholds(thresholds, where) -> None:
         t = thresholds[f]
         if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or not 0.0 < t < 1.0:
             raise BundleError(f"{where}: threshold for {f} is {t!r}; it must be a number strictly between 0 and 1")
+
+
+def check_model_card(folder: Path, manifest: dict) -> None:
+    """The model card the manifest names must be there, unaltered: its figures are the ones the
+    weights were measured with, and an edited card would report others. A bundle whose manifest
+    names none (the bundled weights' cards are not sealed) passes. Raises BundleError."""
+    record = manifest.get("model_card")
+    if record is None:
+        return
+    where = Path(folder) / MANIFEST_FILE
+    if not isinstance(record.get("file"), str) or not isinstance(record.get("sha256"), str) \
+            or Path(record["file"]).name != record["file"]:
+        raise BundleError(f"{where}: 'model_card' must name a file in the bundle and its sha256")
+    path = Path(folder) / record["file"]
+    if not path.is_file():
+        raise BundleError(f"{path}, the model card {where} names, is missing")
+    if sha256_file(path) != record["sha256"]:
+        raise BundleError(f"{path} fails its checksum (manifest sha256 {record['sha256']}): the model card was edited "
+                          "after the bundle was made; refusing to use it")
 
 
 def is_bundle(folder: Path) -> bool:
@@ -305,6 +334,7 @@ def load_bundle(folder: Path | str | None = None) -> Bundle:
 
     for kind in (TRAINING, CALIBRATION):
         read_rows(folder, manifest, kind)  # a list the manifest names must be there, unaltered
+    check_model_card(folder, manifest)
     where = folder / MANIFEST_FILE
     settings = {}
     for key, parse in (("model_config", ModelConfig.from_dict), ("preprocessing", Preprocessing.from_dict),

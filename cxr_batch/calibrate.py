@@ -315,7 +315,9 @@ def run_calibrate(studies: Path, labels: LabelTable, out: Path, opts: CalibrateO
                     if k != "per_finding" or name == "keep"}
     # evaluate names these studies when the new bundle is evaluated on them (cxr_batch.provenance)
     calibration_list, listed = image_list(calibration_rows(base, labels, studies, scores), CALIBRATION)
-    manifest = {**base.manifest, "thresholds": thresholds, "metrics": base_metrics, "calibration_images": listed,
+    # not the base's model card: its thresholds and figures are the base's (provenance names the base)
+    manifest = {**{k: v for k, v in base.manifest.items() if k != "model_card"},
+                "thresholds": thresholds, "metrics": base_metrics, "calibration_images": listed,
                 "calibration": calibration_record(report, calibration, opts, enough, scores),
                 "provenance": {**provenance_record(base, labels, studies, report, date), "training_overlap": training}}
     triage_table = calibrated_triage(base.manifest.get("triage"), on_top, choice, opts.thresholds, len(scores.files),

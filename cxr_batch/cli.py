@@ -25,6 +25,7 @@ import click
 from . import exit_codes
 from .display import plural, visible
 from .findings import check_findings
+from .metrics import MIN_RESAMPLES  # the same minimum train's configuration holds to
 
 # Heavy modules (torch, pydicom, reportlab) are imported inside the commands that use them:
 # `--help` stays fast, and processes that import this module (the reading workers of
@@ -71,14 +72,11 @@ def finite(_ctx, _param, value):
     return value
 
 
-MIN_BOOTSTRAP = 200  # a 95% percentile interval from fewer resamples rests on a handful in each tail
-
-
 def bootstrap_resamples(_ctx, _param, value):
     """--bootstrap: 0 (no intervals) or enough resamples for a 95% interval ('--bootstrap 1'
     printed "95% CI 0.583-0.583" beside a mean AUROC of 0.574)."""
-    if 0 < value < MIN_BOOTSTRAP:
-        raise click.BadParameter(f"{value} resamples cannot make a 95% interval: give at least {MIN_BOOTSTRAP} "
+    if 0 < value < MIN_RESAMPLES:
+        raise click.BadParameter(f"{value} resamples cannot make a 95% interval: give at least {MIN_RESAMPLES} "
                                  f"(0: no intervals)")
     return value
 
@@ -793,7 +791,7 @@ def _number(value, digits: int) -> str:
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto", show_default=True)
 @click.option("--bootstrap", type=click.IntRange(0, 100_000), default=1000, show_default=True,
               callback=bootstrap_resamples, help="Bootstrap resamples (by patient) for the intervals: 0 (none) or "
-                                                 "at least 200.")
+                                                 f"at least {MIN_RESAMPLES}.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the bootstrap.")
 def evaluate(studies, labels, weights, device, batch_size, workers, follow_links, quiet, debug, out, precision,
              bootstrap, seed):

@@ -281,6 +281,10 @@ class StudyValues:
     flag_codes: tuple[hd.sr.CodedConcept, ...]  # FLAG_CODES: flagged / not flagged
     priority_code: hd.sr.CodedConcept
     created: dt.datetime  # instance creation, content and contribution date/time; aware (its UTC offset)
+    # an accession number too long for AccessionNumber (SH, 16) but whole in an LO (64): the
+    # order's filler number in the Referenced Request Sequence, as the ORU sends it (ORC-3, OBR-3),
+    # so the SR can still be matched to the order; None when AccessionNumber holds it (or none fits)
+    filler_order_number: str | None = None
 
 
 def study_values(record: StudyRecord, bundle, created: dt.datetime | None = None, revision: str = "") -> StudyValues:
@@ -304,6 +308,8 @@ def study_values(record: StudyRecord, bundle, created: dt.datetime | None = None
         patient_birth_date=_date(ids.patient_birth_date), patient_sex=_sex(ids.patient_sex),
         patient_age=_age(ids.patient_age) or None,
         accession_number=_identifier(ids.accession_number, 16), study_id=_string(ids.study_id, 16),
+        filler_order_number=(None if _identifier(ids.accession_number, 16) else
+                             _identifier(ids.accession_number, 64) or None),
         study_date=_date(ids.study_date), study_time=_time(ids.study_time),
         referring_physician=_person_name(ids.referring_physician),
         tracking_uids=tuple(derived_uid("tracking", sr_uid, f) for f in FINDINGS),
@@ -335,6 +341,23 @@ def _evidence(values: StudyValues) -> Dataset:
     ds.StudyTime = values.study_time
     ds.ReferringPhysicianName = values.referring_physician
     return ds
+
+
+def _requested_procedure(values: StudyValues) -> Dataset:
+    """The order the SR answers, for an accession number AccessionNumber (SH) cannot hold
+    whole: an item of the Referenced Request Sequence with it as Filler Order Number / Imaging
+    Service Request (LO), the value the ORU sends as the filler order number; its type 2
+    attributes empty (AccessionNumber among them: cut, it could be another order's)."""
+    item = Dataset()
+    item.StudyInstanceUID = values.source.study_uid
+    item.ReferencedStudySequence = []
+    item.AccessionNumber = ""
+    item.PlacerOrderNumberImagingServiceRequest = ""
+    item.FillerOrderNumberImagingServiceRequest = values.filler_order_number
+    item.RequestedProcedureID = ""
+    item.RequestedProcedureDescription = ""
+    item.RequestedProcedureCodeSequence = []
+    return item
 
 
 # ------------------------------------------------------------------ content
@@ -468,6 +491,7 @@ def _highdicom_sr(values: StudyValues, bundle, predecessor: Dataset | None = Non
             series_number=SERIES_NUMBER,
             sop_instance_uid=values.sr_uid,
             previous_versions=[predecessor] if predecessor is not None else None,
+            requested_procedures=[_requested_procedure(values)] if values.filler_order_number else None,
             instance_number=1,
             manufacturer=MANUFACTURER,
             manufacturer_model_name=_string(bundle.label, 64),
@@ -675,7 +699,9 @@ class SRFactory:
         that supersedes another (``predecessor``: a rare, changed result) has a sequence the
         template lacks: highdicom builds that one."""
         values = study_values(record, self.bundle, created, revision)
-        template = None if predecessor is not None else self.template(values.source.sop_class_uid)
+        # a long accession number's request sequence is not in the template either: rare, built by highdicom
+        rare = predecessor is not None or values.filler_order_number
+        template = None if rare else self.template(values.source.sop_class_uid)
         if template is None:
             return sr_bytes(_highdicom_sr(values, self.bundle, predecessor))
         return template.render(_atoms(values))
@@ -718,6 +744,9 @@ class SRWriter:
         replaced = source_image(record).replaced
         if replaced:
             record.add_note(f"DICOM SR: invalid source {', '.join(replaced)} replaced by a derived UID")
+        if not _identifier(record.ids.accession_number, 16) and _identifier(record.ids.accession_number, 64):
+            record.add_note("DICOM SR: accession number over 16 characters (AccessionNumber, SH, left empty) kept "
+                            "whole in the Referenced Request Sequence as Filler Order Number, as the ORU's ORC-3")
         return path
 
     def report_records(self, records: list[StudyRecord]) -> int:

@@ -193,3 +193,52 @@ def test_a_cut_off_download_or_a_pickled_model_is_refused_in_words_the_operator_
     with pytest.raises(ValueError, match=r"state_dict\(\)") as whole:
         read_backbone(tmp_path / "model.pth")
     assert "weights_only" not in str(whole.value) and "can run code" in str(whole.value)
+
+
+def stand_in(kind: str) -> dict:
+    """A small stand-in for each format's file, in its own key layout (a few of DenseNet-121's
+    weights at their real shapes; nothing is downloaded): what a format is told by."""
+    conv0 = torch.randn(64, 1 if kind == "xrv" else 3, 7, 7)
+    features = {"features.conv0.weight": conv0, "features.norm0.weight": torch.ones(64),
+                "features.denseblock1.denselayer1.norm.1.weight": torch.ones(64)}  # pre-0.3 name, as all three keep
+    if kind == "torchvision":  # torchvision's ImageNet densenet121: features.*, a 1000-class classifier
+        return {**features, "classifier.weight": torch.zeros(1000, 1024), "classifier.bias": torch.zeros(1000)}
+    if kind == "xrv":
+        return {**features, "classifier.weight": torch.zeros(18, 1024), "op_threshs": torch.zeros(18)}
+    # CheXNet: a training checkpoint of a DataParallel model around torchvision's densenet121, 14 outputs
+    state = {f"module.densenet121.{k}": v for k, v in features.items()}
+    state["module.densenet121.classifier.0.weight"] = torch.zeros(14, 1024)
+    return {"epoch": 7, "arch": "densenet121", "state_dict": state}
+
+
+@pytest.mark.parametrize("actual", ["torchvision", "xrv", "chexnet"])
+def test_an_init_format_the_file_is_not_is_refused_naming_what_it_is(tmp_path, actual):
+    """`--init-format chexnet` with a plain torchvision state dict was recorded as chexnet in the
+    bundle's training.initialised_from: the file's keys say what it is, and a format that
+    contradicts them is refused, naming the format that fits."""
+    torch.save(stand_in(actual), tmp_path / f"{actual}.pt")
+    assert read_backbone(tmp_path / f"{actual}.pt").format == actual  # auto reads it as what it is
+    assert read_backbone(tmp_path / f"{actual}.pt", actual).format == actual
+    for given in {"torchvision", "xrv", "chexnet"} - {actual}:
+        with pytest.raises(ValueError, match=f"--init-format {given} but") as refused:
+            read_backbone(tmp_path / f"{actual}.pt", given)
+        said = str(refused.value)
+        assert f"--init-format {actual} (or auto)" in said, said
+        assert {"torchvision": "torchvision", "xrv": "TorchXRayVision", "chexnet": "CheXNet"}[actual] in said, said
+
+
+def test_train_with_an_init_format_the_file_is_not_stops_before_any_work(nih, tmp_path):
+    from .conftest import REPO
+
+    torch.save(stand_in("torchvision"), tmp_path / "densenet121.pth")
+    run = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-m", "cxr_batch", "train", "--images", str(nih / "images"), "--metadata",
+                           str(nih / "labels.csv"), "--out", str(run), "--config",
+                           str(REPO / "training" / "configs" / "quick.toml"), "--device", "cpu",
+                           "--init-backbone", str(tmp_path / "densenet121.pth"), "--init-format", "chexnet"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    error = [line for line in proc.stderr.splitlines() if line.startswith("cxr-batch: error:")]
+    assert len(error) == 1 and "--init-format chexnet but" in error[0], proc.stderr
+    assert "--init-format torchvision (or auto)" in error[0]
+    assert not (run / "prepared.csv").exists() and not (run / "bundle").exists()

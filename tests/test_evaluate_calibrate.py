@@ -461,3 +461,28 @@ def test_sensitivity_rule_holds_for_the_flags_a_site_sees_not_only_for_p_over_th
     short = {f: round(ev["per_finding"][f]["sensitivity"], 3) for f in chosen
              if f not in cannot and ev["per_finding"][f]["sensitivity"] < 0.8}
     assert not short, f"sensitivity of the written flags below the 0.8 asked for, in sample: {short}"
+
+
+def test_calibrate_of_a_bundle_with_a_sealed_model_card_writes_a_bundle_that_loads(tmp_path, nih, nih_images):
+    """A trained bundle's manifest seals its MODEL_CARD.md; calibrate copied that manifest into the
+    new bundle without the card, so the new bundle would not load. The card's thresholds and
+    figures are the base's: the new bundle does not name it (its provenance names the base)."""
+    import torch
+
+    from cxr_batch.bundle import save_bundle
+    from cxr_batch.model import ModelConfig, build_model
+    from cxr_batch.patient import PatientEncoding
+    from cxr_batch.preprocess import Preprocessing
+
+    torch.manual_seed(0)
+    base = save_bundle(tmp_path / "base", build_model(ModelConfig(tabular_skip=True)), name="small", version="test",
+                       preprocessing=Preprocessing(image_size=96), encoding=PatientEncoding(),
+                       thresholds={f: 0.5 for f in FINDINGS}, model_card="# Model card: small test\n")
+    assert load_bundle(base).manifest["model_card"]["file"] == "MODEL_CARD.md"
+    studies = folder_of(tmp_path, nih_images[:3], "three")
+    code, err = cli_here("calibrate", studies, "--labels", nih / "labels.csv", "--out", tmp_path / "new",
+                         "--weights", base, "--device", "cpu", "--workers", 0)
+    assert code == 0, err[-2000:]
+    new = load_bundle(tmp_path / "new")
+    assert "model_card" not in new.manifest and not (tmp_path / "new" / "MODEL_CARD.md").exists()
+    assert new.manifest["provenance"]["base"]["bundle_sha256"] == load_bundle(base).sha256

@@ -636,3 +636,34 @@ def test_an_sr_made_the_night_the_clock_goes_back_says_its_utc_offset(sr_scan, s
             unexpected = [w for w in lines if w.startswith("Warning")
                           and not any(re.search(a, w) for a in ACCEPTED_DCIODVFY_WARNINGS)]
             assert not unexpected, unexpected
+
+
+def test_an_accession_number_over_16_characters_is_kept_whole_as_the_order_s_filler_number(sr_scan, small_bundle):
+    """The SR left an accession number over 16 characters (not a valid SH) empty, while the ORU
+    sends it whole as the order's filler number (ORC-3, OBR-3): the SR could not be matched to
+    the order by it. AccessionNumber stays empty (cut, it could be another order's); the whole
+    number goes into the Referenced Request Sequence as Filler Order Number / Imaging Service
+    Request (LO, 64), and the row's notes say where. dciodvfy accepts it
+    (test_real_dicom_tools_accept_every_sr reads this SR too)."""
+    from cxr_batch.bundle import load_bundle
+    from cxr_batch.integration.hl7 import oru_r01
+
+    studies, out, rows, _ = sr_scan
+    row = rows["hostile.dcm"]
+    sr = pydicom.dcmread(_sr_path(out, row))
+    assert sr.AccessionNumber == "" and row["accession_number"] == "A" * 40
+    assert len(sr.ReferencedRequestSequence) == 1
+    request = sr.ReferencedRequestSequence[0]
+    assert request.FillerOrderNumberImagingServiceRequest == "A" * 40 and request.AccessionNumber == ""
+    assert request.StudyInstanceUID == sr.StudyInstanceUID
+    assert "accession number over 16 characters" in row["notes"] and "Filler Order Number" in row["notes"]
+    # the ORU's filler order number is the same value
+    record = _variants(studies, rows)["long values and invalid uids, none flagged"]
+    segments = {s.split("|")[0]: s.split("|") for s in oru_r01(record).split("\r") if s}
+    assert segments["ORC"][3] == request.FillerOrderNumberImagingServiceRequest
+    # the template path writes the same SR (this one is built by highdicom: the template has no such sequence)
+    bundle = load_bundle(small_bundle)
+    assert SRFactory(bundle).sr_bytes(record, CREATED[0]) == sr_bytes(build_sr(record, bundle, CREATED[0]))
+    # an accession number that fits stays where it was, with no request sequence
+    full = pydicom.dcmread(_sr_path(out, rows["full.dcm"]))
+    assert full.AccessionNumber == "A123" and "ReferencedRequestSequence" not in full

@@ -492,3 +492,42 @@ def test_a_killed_run_s_decoding_workers_end_with_it(tmp_path):
                 os.kill(w, signal.SIGKILL)
             except OSError:
                 pass
+
+
+@pytest.mark.parametrize("resamples", [1, 50, 199])
+def test_too_few_bootstrap_resamples_for_a_95_interval_are_refused_before_any_work(nih, tmp_path, resamples):
+    """`bootstrap = 50` trained, then printed a "95% CI" from 50 resamples, which `cxr-batch evaluate
+    --bootstrap 50` refuses to make: the same minimum holds for both, before any work."""
+    from cxr_batch.metrics import MIN_RESAMPLES
+
+    config = tmp_path / "few.toml"
+    config.write_text(re.sub(r"(?m)^bootstrap = \d+.*$", f"bootstrap = {resamples}", QUICK.read_text()))
+    assert f"bootstrap = {resamples}\n" in config.read_text()
+    cmd = train_cmd(nih / "images", nih / "labels.csv", tmp_path / "run")
+    cmd[cmd.index(str(QUICK))] = str(config)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    error = [line for line in proc.stderr.splitlines() if line.startswith("cxr-batch: error:")]
+    assert len(error) == 1 and f"bootstrap = {resamples}" in error[0], proc.stderr
+    assert f"at least {MIN_RESAMPLES}" in error[0] and "0" in error[0], error
+    assert not (tmp_path / "run").exists()  # refused before the run folder was made
+
+
+def test_train_and_evaluate_share_one_minimum_of_bootstrap_resamples(tmp_path):
+    from click.testing import CliRunner
+
+    from cxr_batch.cli import main
+    from cxr_batch.config import ConfigError
+    from cxr_batch.metrics import MIN_RESAMPLES
+    from training.config import TrainConfig
+
+    for n in (0, MIN_RESAMPLES, 2000):
+        assert TrainConfig(bootstrap=n).bootstrap == n
+    with pytest.raises(ConfigError, match=f"at least {MIN_RESAMPLES}"):
+        TrainConfig(bootstrap=MIN_RESAMPLES - 1)
+    (tmp_path / "labels.csv").write_text("Image Index,Finding Labels\n")
+    refused = CliRunner().invoke(main, ["evaluate", str(tmp_path), "--labels", str(tmp_path / "labels.csv"), "--out",
+                                        str(tmp_path / "out"), "--bootstrap", str(MIN_RESAMPLES - 1)])
+    assert refused.exit_code == 2 and f"at least {MIN_RESAMPLES}" in refused.output, refused.output
+    text = " ".join(CliRunner().invoke(main, ["evaluate", "--help"]).output.split())
+    assert f"at least {MIN_RESAMPLES}" in text

@@ -122,3 +122,101 @@ def test_a_finding_without_positives_in_the_whole_table_is_named_as_such(nih, tm
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert f"{labels} has no positive image of Hernia" in proc.stderr, proc.stderr
     assert "label more studies with it" in proc.stderr
+
+
+def card_number(value, digits=3):
+    return "not measurable" if value is None or value != value else f"{value:.{digits}f}"
+
+
+def card_interval(ci):
+    return "" if not ci or None in ci else f" (95% CI {ci[0]:.3f}-{ci[1]:.3f})"
+
+
+def numeric_leaves(obj):
+    if isinstance(obj, bool):
+        return
+    if isinstance(obj, (int, float)):
+        yield obj
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            yield from numeric_leaves(v)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            yield from numeric_leaves(v)
+
+
+@pytest.mark.slow
+def test_a_trained_bundle_has_a_model_card_of_the_run_s_own_figures(nih, tmp_path):
+    """A bundle from `cxr-batch train` had no MODEL_CARD.md, while the bundled weights have one:
+    its card gives the run's own figures (those of metrics.json, prepare.json, thresholds.json),
+    says which are the test part's and which validation's and that no evaluation on other
+    studies was made, and is sealed in the manifest: an edited card is refused."""
+    import hashlib
+    import re
+
+    from cxr_batch.bundle import BundleError, load_bundle
+    from cxr_batch.evidence import MIN_VALIDATION_IMAGES
+    from training.config import TrainConfig
+
+    run = tmp_path / "run"
+    proc = train(nih, run)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    card_path = run / "bundle" / "MODEL_CARD.md"
+    card = card_path.read_text()
+    manifest = json.loads((run / "bundle" / "manifest.json").read_text())
+    assert manifest["model_card"] == {"file": "MODEL_CARD.md", "sha256": hashlib.sha256(card.encode()).hexdigest()}
+    m = json.loads((run / "metrics.json").read_text())
+    data = json.loads((run / "prepare.json").read_text())
+    thresholds = json.loads((run / "thresholds.json").read_text())["thresholds"]
+    assert thresholds == manifest["thresholds"]
+
+    test, ci = m["test"], m["test_ci95"]
+    for line in (f"| mean AUROC, with patient data | {card_number(test['mean_auc'])}{card_interval(ci['mean_auc'])} |",
+                 f"| mean AUROC, image only (patient data unknown) | {card_number(m['test_image_only']['mean_auc'])}"
+                 f"{card_interval(m['test_image_only']['ci95']['mean_auc'])} |",
+                 f"| mean AUROC, patient data alone (logistic regression on age, sex and view) | "
+                 f"{card_number(m['patient_only_logistic_regression']['mean_auc'])}"
+                 f"{card_interval(m['patient_only_logistic_regression']['ci95'])} |",
+                 f"| macro F1 at the thresholds | {card_number(test['f1_macro'])}{card_interval(ci['f1_macro'])} |",
+                 f"| share of test studies with at least one flag | "
+                 f"{card_number(m['threshold_methods']['dynamic']['studies_flagged'])} |",
+                 f"## Test ({test['n']} images, held out by the split)"):
+        assert line in card, line
+    rows = {}
+    for line in card.splitlines():
+        if line.startswith("| "):
+            cells = [c.strip() for c in line.strip().strip("|").split("|")]
+            rows[cells[0]] = cells[1:]
+    for k, f in enumerate(FINDINGS):
+        c = m["test_counts"][f]
+        assert rows[f] == [card_number(m["prevalence"][f]), f"{thresholds[f]:g}", card_number(test["auc"][k]),
+                           str(c["tp"]), str(c["fn"]), str(c["fp"]), str(c["tn"])], f
+    for key, name in (("train", "training"), ("val", "validation"), ("test", "test")):
+        assert rows[name] == [str(data["images"][key]), str(data["patients"][key])], name
+    for group, g in m["by_group"].items():
+        assert rows[group] == [str(g["n"]), card_number(g["mean_auc"]), card_number(g["f1_macro"])], group
+    for h in m["history"]:
+        assert rows[str(h["epoch"])] == [card_number(h["train_loss"], 4), card_number(h["val_loss"], 4),
+                                         card_number(h["f1_macro"]), card_number(h["mean_auc"])]
+    assert f"{data['images']['test']} images of {data['patients']['test']} patients, held out by patient" in card
+    assert f"**validation**: {m['validation_n']} images" in card
+    assert "No evaluation on other studies has been done yet" in card and "cxr-batch evaluate" in card
+    assert "lack validation evidence" in card and f"{test['n']} held-out images" in card  # 10 test images
+    assert "Initialised from random weights" in card
+
+    # no number the run did not measure or was not configured with (code spans, paths and hashes, aside)
+    cfg = TrainConfig.load(QUICK).to_dict()
+    allowed = {"95", str(MIN_VALIDATION_IMAGES)}
+    for x in numeric_leaves([m, data, thresholds, cfg]):
+        allowed |= {str(x), f"{x:g}", f"{x:.3f}", f"{x:.4f}"}
+    prose = re.sub(r"`[^`]*`", "", card)
+    shown = re.findall(r"(?<![\w.])\d+(?:\.\d+)?(?![\w])", prose)
+    assert shown and not [x for x in shown if x not in allowed], [x for x in shown if x not in allowed]
+
+    load_bundle(run / "bundle")  # it verifies
+    card_path.write_text(card.replace(card_number(test["mean_auc"]), "0.990", 1))
+    with pytest.raises(BundleError, match="MODEL_CARD.md fails its checksum"):
+        load_bundle(run / "bundle")
+    card_path.unlink()
+    with pytest.raises(BundleError, match="MODEL_CARD.md, the model card .* names, is missing"):
+        load_bundle(run / "bundle")

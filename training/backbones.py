@@ -34,6 +34,7 @@ import torch
 from cxr_batch.model import LEGACY_DENSE_KEY, current_densenet_key
 
 FORMATS = ("auto", "torchvision", "xrv", "chexnet")
+NAMES = {"torchvision": "torchvision", "xrv": "TorchXRayVision", "chexnet": "CheXNet"}
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 XRV_MEAN, XRV_STD = (0.5, 0.5, 0.5), (1 / 2048, 1 / 2048, 1 / 2048)
 # torchvision's own conversion of pre-0.3 DenseNet keys ('denselayer1.norm.1.weight' -> 'norm1')
@@ -92,11 +93,15 @@ def read_backbone(path: Path | str, fmt: str = "auto") -> BackboneInit:
     if conv0 is None:
         raise ValueError(f"{path}: no DenseNet-121 features (no 'features.conv0.weight' among {len(state)} keys)")
     channels = conv0.shape[1]
-    detected = "xrv" if channels == 1 else "chexnet" if (checkpoint or wrapped) else "torchvision"
-    if fmt != "auto" and (fmt == "xrv") != (detected == "xrv"):
-        raise ValueError(f"{path}: --init-format {fmt} but the first convolution takes {channels} channel(s), "
-                         f"which is {'TorchXRayVision' if channels == 1 else 'torchvision or CheXNet'}'s")
-    fmt = detected if fmt == "auto" else fmt
+    detected, layout = file_format(channels, checkpoint, wrapped)
+    if fmt != "auto" and fmt != detected:
+        # the bundle's training.initialised_from records the format: it must be what the file is
+        if (fmt == "xrv") != (detected == "xrv"):
+            said = f"the first convolution takes {channels} channel(s), which is {NAMES[detected]}'s"
+            layout = said if detected == "xrv" else f"{said}; {layout}"
+        raise ValueError(f"{path}: --init-format {fmt} but {layout}: pass --init-format {detected} (or auto), "
+                         "or the file you meant to give")
+    fmt = detected
     if channels == 1:
         features["conv0.weight"] = conv0.repeat(1, 3, 1, 1) / 3  # three equal channels sum to the one
         mean, std = XRV_MEAN, XRV_STD
@@ -112,6 +117,21 @@ def read_backbone(path: Path | str, fmt: str = "auto") -> BackboneInit:
         raise ValueError(f"{path}: not a DenseNet-121 backbone: {len(other)} weights have other shapes ({other[0]} is "
                          f"{tuple(features[other[0]].shape)} where DenseNet-121's is {tuple(shapes[other[0]])})")
     return BackboneInit(features, mean, std, fmt, str(path))
+
+
+def file_format(channels: int, checkpoint: bool, wrapped: bool) -> tuple[str, str]:
+    """The format a file's key layout says it is, and those words for an operator: one input
+    channel is TorchXRayVision's; a training checkpoint ('state_dict' inside) or CheXNet's
+    DataParallel names ('module.densenet121.') is CheXNet's; ``features.*`` alone is torchvision's
+    (its ImageNet file keeps the pre-0.3 names CheXNet has, so those tell nothing)."""
+    if channels == 1:
+        return "xrv", "a TorchXRayVision DenseNet-121 (one input channel)"
+    if checkpoint:
+        return "chexnet", "it is a training checkpoint (a 'state_dict' inside), as CheXNet's is"
+    if wrapped:
+        return "chexnet", "its keys are CheXNet's ('module.densenet121.' or 'densenet121.' before 'features.')"
+    return "torchvision", ("it is a plain torchvision DenseNet-121 state dict ('features.*' keys, no CheXNet "
+                           "checkpoint or 'module.densenet121.' names)")
 
 
 def read_imagenet(path: Path | str) -> BackboneInit:

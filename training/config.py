@@ -14,6 +14,7 @@ from typing import Literal
 
 from cxr_batch.config import ConfigError, bounded, load_dataclass, read_toml, to_plain, validate
 from cxr_batch.findings import FINDINGS
+from cxr_batch.metrics import MIN_RESAMPLES
 from cxr_batch.model import ModelConfig
 from cxr_batch.preprocess import Preprocessing
 
@@ -75,7 +76,7 @@ class TrainConfig:
     dynamic_precision_min: float = bounded(0.40, min=0.0, max=1.0)
     dynamic_f1_floor: float = bounded(0.30, min=0.0, max=1.0)
     dynamic_step: float = bounded(0.05, min=0.0, max=0.5)
-    bootstrap: int = bounded(1000, min=0)
+    bootstrap: int = bounded(1000, min=0)  # 0 (no intervals) or at least MIN_RESAMPLES, as evaluate takes
     # runtime
     device: str = "auto"
     workers: int = bounded(2, min=0, max=64)
@@ -98,6 +99,9 @@ class TrainConfig:
         if self.preprocessing.image_size < MIN_TRAIN_IMAGE_SIZE:  # --image-size has the same bound
             raise ConfigError(f"train.preprocessing.image_size = {self.preprocessing.image_size}: at least "
                               f"{MIN_TRAIN_IMAGE_SIZE} (DenseNet-121 halves it five times)")
+        if 0 < self.bootstrap < MIN_RESAMPLES:  # the run would print a "95% CI" that evaluate refuses to make
+            raise ConfigError(f"train.bootstrap = {self.bootstrap}: too few resamples for a 95% interval; give at least "
+                              f"{MIN_RESAMPLES} (as cxr-batch evaluate --bootstrap does), or 0 for no intervals")
         needs_skip = [k for k in ("skip_init", "patient_prior") if getattr(self, k) == "logistic"]
         if needs_skip and not self.model.tabular_skip:
             raise ConfigError(f"train.{needs_skip[0]} = 'logistic' needs model.tabular_skip = true")

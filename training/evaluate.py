@@ -171,19 +171,27 @@ def export_bundle(cfg, ctx: Context, model, chosen: np.ndarray, results: dict, r
                   parts: dict) -> Path:
     """Stage 6: the weights bundle, with its recipe, data, training record (``record``: epoch
     history, patient prior, training prevalence) and measured metrics."""
+    from cxr_batch.evidence import bundle_evidence
+
+    from .model_card import model_card
+
     prepare_info = json.loads((out / "prepare.json").read_text())
     test, ci, image_only = results["test"], results["test_ci95"], results["test_image_only"]
+    measured = {"test_mean_auc": test["mean_auc"], "test_mean_auc_ci95": ci["mean_auc"],
+                "test_f1_macro": test["f1_macro"], "test_f1_macro_ci95": ci["f1_macro"],
+                "test_image_only_mean_auc": image_only["mean_auc"],
+                "test_image_only_mean_auc_ci95": image_only["ci95"]["mean_auc"], "test_n": test["n"],
+                "test_patient_only_lr_mean_auc": results["patient_only_logistic_regression"]["mean_auc"],
+                "by_group": results["by_group"], "per_finding": results["test_counts"]}
+    thresholds = {f: float(t) for f, t in zip(FINDINGS, chosen)}
+    # the card says whether every report will warn of missing validation evidence, by the rule reports use
+    card = model_card(cfg, results, prepare_info, thresholds, bundle_evidence({"metrics": measured}).problem)
     return save_bundle(
         out / "bundle", model.cpu().float(), name=cfg.model_name, version=cfg.version, preprocessing=ctx.prep,
-        encoding=ctx.encoding, thresholds={f: float(t) for f, t in zip(FINDINGS, chosen)}, half=cfg.half_bundle,
+        encoding=ctx.encoding, thresholds=thresholds, half=cfg.half_bundle,
         intended_use=cfg.intended_use, training_images=used_images(parts),
         training={"data": prepare_info, "config": cfg.to_dict(), "threshold_method": cfg.threshold_method, **record},
-        metrics={"test_mean_auc": test["mean_auc"], "test_mean_auc_ci95": ci["mean_auc"],
-                 "test_f1_macro": test["f1_macro"], "test_f1_macro_ci95": ci["f1_macro"],
-                 "test_image_only_mean_auc": image_only["mean_auc"],
-                 "test_image_only_mean_auc_ci95": image_only["ci95"]["mean_auc"], "test_n": test["n"],
-                 "test_patient_only_lr_mean_auc": results["patient_only_logistic_regression"]["mean_auc"],
-                 "by_group": results["by_group"], "per_finding": results["test_counts"]},
+        metrics=measured, model_card=card,
     )
 
 
