@@ -987,3 +987,42 @@ def test_a_queued_message_cut_short_before_a_restart_is_made_again_and_reaches_t
     assert sorted(received) == sorted(p.stem for p in (out / "hl7").glob("*.hl7"))
     assert all(whole_message(m + "\r" * (not m.endswith("\r")), control) for control, m in received.items())
     assert (out / "hl7" / (cut.name + ".damaged")).read_bytes() == cut_short
+
+
+def test_a_second_daemon_on_a_folder_another_empties_is_refused_and_two_that_only_read_it_run(
+        tmp_path, nih_images, small_bundle):
+    """Two daemons on one export folder (a second results site, a new model run in its shadow)
+    where one archives what it scored: the other silently got the studies the first had not yet
+    moved away (4 of 12, no log line). Refused at start (exit 1, before its results folder is
+    made), whichever starts first; two that leave the files in place both score every study."""
+    incoming = tmp_path / "in"
+    incoming.mkdir()
+    config = watch_config(tmp_path / "w.toml")
+
+    def refused(out, *extra):
+        proc = start_daemon(incoming, out, small_bundle, config, *extra)
+        try:
+            code = proc.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            stop(proc)
+            return False, "still running"
+        return code == 1 and not out.exists(), proc.stderr.read()
+
+    mover = start_daemon(incoming, tmp_path / "a", small_bundle, config, "--archive-dir", tmp_path / "archive")
+    try:
+        assert wait_for(lambda: status(tmp_path / "a").get("state") == "running")
+        ok, err = refused(tmp_path / "b")
+        assert ok and "moves the files it scored out of it" in err, err
+        ok, err = refused(tmp_path / "b", "--quarantine-dir", tmp_path / "q")
+        assert ok, err
+    finally:
+        assert stop(mover) == 0
+    readers = [start_daemon(incoming, tmp_path / name, small_bundle, config) for name in ("c", "d")]
+    try:
+        assert all(wait_for(lambda: status(tmp_path / name).get("state") == "running") for name in ("c", "d"))
+        ok, err = refused(tmp_path / "e", "--archive-dir", tmp_path / "archive")
+        assert ok and "another cxr-batch daemon watches" in err, err
+        good_dicoms(incoming, nih_images, 2)
+        assert all(wait_for(lambda: len(ok_rows(tmp_path / name)) == 2) for name in ("c", "d"))
+    finally:
+        assert all(stop(proc) == 0 for proc in readers)
