@@ -1026,3 +1026,28 @@ def test_a_second_daemon_on_a_folder_another_empties_is_refused_and_two_that_onl
         assert all(wait_for(lambda: len(ok_rows(tmp_path / name)) == 2) for name in ("c", "d"))
     finally:
         assert all(stop(proc) == 0 for proc in readers)
+
+
+def test_a_reading_worker_killed_while_the_daemon_waits_costs_no_study(tmp_path, nih_images, small_bundle):
+    """The OOM killer (or an operator) killing an idle reading worker of a running daemon: every
+    study after it got an error row, "internal error while processing (BrokenProcessPool)", and
+    was marked handled, never read again."""
+    from .test_sandbox import descendants
+
+    incoming, out = tmp_path / "in", tmp_path / "out"
+    incoming.mkdir()
+    good_dicoms(incoming, nih_images, 1)
+    daemon = start_daemon(incoming, out, small_bundle, watch_config(tmp_path / "w.toml"))
+    try:
+        assert wait_for(lambda: len(ok_rows(out)) == 1)
+        # the workers: the fork server's children (it and the resource tracker are the daemon's)
+        children = {pid for pid in descendants(daemon.pid)}
+        workers = children - {p for p in children if int(open(f"/proc/{p}/stat").read().split()[3]) == daemon.pid}
+        assert workers
+        for pid in workers:
+            os.kill(pid, 9)
+        good_dicoms(incoming, nih_images, 3, start=1)
+        assert wait_for(lambda: len(rows_now(out)) == 4)
+    finally:
+        assert stop(daemon) == 0
+    assert [r["status"] for r in rows_now(out)] == ["ok"] * 4, [r["reason"] for r in rows_now(out)]
