@@ -96,6 +96,10 @@ class OutputError(Exception):
     """Writing an output (report, ledger, results.csv) failed: the daemon degrades and retries."""
 
 
+# inotify's limits, met when the file-system watch is set up: instances (EMFILE), watches (ENOSPC)
+_WATCH_LIMITS = (errno.EMFILE, errno.ENOSPC, errno.ENOMEM)
+
+
 def _is_output_fault(e: BaseException) -> bool:
     return isinstance(e, OSError) or (isinstance(e, sqlite3.OperationalError)
                                       and any(w in str(e) for w in ("full", "disk", "I/O", "readonly", "locked")))
@@ -238,8 +242,7 @@ class Watcher:
         observer = None
         try:
             self.recover()
-            observer = self.observer = self._observer()
-            observer.start()
+            observer = self.observer = self.start_observer()
             log.info("watching %s -> %s (model %s on %s)", self.watch_dir, self.out, self.bundle.label,
                      self.policy.describe())
             self.outbox.start()
@@ -471,7 +474,34 @@ class Watcher:
         if self.observer is not None:
             self.observer.unschedule_all()
             self.watched = self.watch_identity()
-            self.observer.schedule(self.handler, str(self.watch_target()), recursive=True)
+            try:
+                self.observer.schedule(self.handler, str(self.watch_target()), recursive=True)
+            except OSError as e:
+                if e.errno not in _WATCH_LIMITS:
+                    raise
+                self.no_watch(e)
+
+    def start_observer(self):
+        """The file-system watch, started; None when the kernel gives none (its inotify limits
+        reached: the instances of the user, shared by all its programs, or the watches, one a
+        folder): the rescan finds the new studies then. The daemon died at start of it."""
+        observer = None
+        try:
+            observer = self._observer()
+            observer.start()
+            return observer
+        except OSError as e:
+            if e.errno not in _WATCH_LIMITS:
+                raise
+            if observer is not None and observer.is_alive():
+                observer.stop()
+            self.no_watch(e)
+            return None
+
+    def no_watch(self, e: OSError) -> None:
+        log.warning("no file-system watch on %s (%s: raise fs.inotify.max_user_instances or max_user_watches, or use "
+                    "--polling): new studies are found by the rescan, every %g s", self.folder_name, e.strerror or e,
+                    self.cfg.rescan_interval)
 
     def recovered(self) -> None:
         if self.watch_missing:  # writing works again, but nothing new can be seen: still degraded

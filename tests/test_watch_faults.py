@@ -1051,3 +1051,62 @@ def test_a_reading_worker_killed_while_the_daemon_waits_costs_no_study(tmp_path,
     finally:
         assert stop(daemon) == 0
     assert [r["status"] for r in rows_now(out)] == ["ok"] * 4, [r["reason"] for r in rows_now(out)]
+
+
+HOG_INOTIFY = """
+import ctypes, sys, time
+libc = ctypes.CDLL(None, use_errno=True)
+held = 0
+while libc.inotify_init1(0) >= 0:
+    held += 1
+print(held, flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_daemon_the_kernel_gives_no_file_system_watch_finds_studies_by_its_rescan(tmp_path, nih_images,
+                                                                                   small_bundle):
+    """Every inotify instance of the daemon's user taken (fs.inotify.max_user_instances, 128 by
+    default, shared by all its programs; max_user_watches is met the same way by a tree of many
+    folders): the daemon died at start with a traceback, status.json saying "stopped". Run as a
+    user of its own, so the instances of no other program are taken."""
+    import tempfile
+
+    if os.geteuid() != 0 or not shutil.which("setpriv"):
+        pytest.skip("needs root and setpriv, to run the daemon as another user")
+    user = ["setpriv", "--reuid=54321", "--regid=54321", "--clear-groups"]
+    base = Path(tempfile.mkdtemp(prefix="cxr-inotify-", dir="/tmp"))
+    try:
+        base.chmod(0o777)
+        incoming, out = base / "in", base / "out"
+        incoming.mkdir(mode=0o777)
+        incoming.chmod(0o777)
+        bundle = shutil.copytree(small_bundle, base / "bundle")
+        config = watch_config(base / "w.toml", workers=0, rescan_interval=1.0)
+        for p in [bundle, *bundle.rglob("*"), Path(config)]:
+            p.chmod(0o755 if p.is_dir() else 0o644)
+        hog = subprocess.Popen([*user, sys.executable, "-c", HOG_INOTIFY], stdout=subprocess.PIPE, text=True)
+        try:
+            assert int(hog.stdout.readline()) > 0
+            env = {**os.environ, "HOME": str(base), "PYTHONPATH": os.pathsep.join(sys.path)}
+            daemon = subprocess.Popen([*user, sys.executable, "-m", "cxr_batch", "watch", str(incoming), "--out",
+                                       str(out), "--weights", str(bundle), "--device", "cpu", "--config", config,
+                                       "--no-heatmaps"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                      text=True, env=env)
+            try:
+                assert wait_for(lambda: status(out).get("state") in ("running", "stopped")), "never started"
+                for i, image in enumerate(good_dicoms(base, nih_images, 2)):
+                    image.chmod(0o644)
+                    shutil.move(image, incoming / image.name)
+                ok = wait_for(lambda: len(ok_rows(out)) == 2 or daemon.poll() is not None, timeout=90)
+                assert ok and daemon.poll() is None, daemon.stderr.read() if daemon.poll() is not None else "no rows"
+            finally:
+                code = stop(daemon)
+            err = daemon.stderr.read()
+            assert code == 0 and "Traceback" not in err, err
+            assert "max_user_instances" in err  # what to raise, said once
+        finally:
+            hog.kill()
+            hog.wait()
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
