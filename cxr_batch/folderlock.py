@@ -35,6 +35,15 @@ def _let_go_in_child() -> None:
     _HELD.clear()
 
 
+def _hold(lock: "FolderLock") -> None:
+    """Record a lock taken, so that forked children let go of it."""
+    global _at_fork
+    if not _at_fork:
+        os.register_at_fork(after_in_child=_let_go_in_child)
+        _at_fork = True
+    _HELD.add(lock)
+
+
 class FolderBusy(Exception):
     """Another process writes to this results folder."""
 
@@ -59,11 +68,7 @@ class FolderLock:
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"cxr-batch {self.what} (PID {os.getpid()})\n".encode(), 0)
         self._fd = fd
-        global _at_fork
-        if not _at_fork:
-            os.register_at_fork(after_in_child=_let_go_in_child)
-            _at_fork = True
-        _HELD.add(self)
+        _hold(self)
         return self
 
     def held_folder(self) -> tuple[int, int] | None:
@@ -92,3 +97,41 @@ class FolderLock:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+class WatchedFolderClaim(FolderLock):
+    """A watch daemon's claim on the folder it watches (a lock on the folder itself, which may
+    be a read-only export share): shared by daemons that leave its files in place, exclusive for
+    one that moves them out (``--archive-dir``, ``--quarantine-dir``). Two daemons on one export
+    folder (a second results site, a new model run in the shadow of the old) are fine while
+    both only read it; beside one that archives what it scored, the other silently got only
+    the studies not yet moved away. Not checked where the file system locks no folders (some
+    network shares) or the folder is not there yet (its heartbeat says so)."""
+
+    def __init__(self, folder: Path, moves: bool):
+        self.path = Path(folder)
+        self.moves = moves
+        self._fd = None
+
+    def acquire(self) -> "WatchedFolderClaim":
+        try:
+            fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY)
+        except OSError:
+            return self
+        try:
+            fcntl.flock(fd, (fcntl.LOCK_EX if self.moves else fcntl.LOCK_SH) | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            if self.moves:
+                raise FolderBusy(f"another cxr-batch daemon watches {self.path}: this one would move the files it "
+                                 f"scored out of it (--archive-dir, --quarantine-dir), and the other would never see "
+                                 f"them; stop it first, or leave the files in place") from None
+            raise FolderBusy(f"another cxr-batch daemon watches {self.path} and moves the files it scored out of it "
+                             f"(--archive-dir, --quarantine-dir): this one would get only the studies not yet moved "
+                             f"away; stop it first, or run it without those options") from None
+        except OSError:
+            os.close(fd)
+            return self
+        self._fd = fd
+        _hold(self)
+        return self

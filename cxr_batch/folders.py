@@ -10,6 +10,7 @@ folders and a place that works.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from .config import ConfigError
@@ -29,6 +30,33 @@ def _relation(output: Path, source: Path) -> str | None:
     return None
 
 
+def _relation_by_identity(output: Path, source: Path) -> str | None:
+    """:func:`_relation` by (device, inode): the input folder mounted again at another path
+    (``mount --bind``) is the same folder, which no comparison of paths sees. ``output`` may
+    not exist yet: its nearest existing folder is compared."""
+    try:
+        folder = source.stat()
+    except OSError:
+        return None
+    for candidate in (output, *output.parents):
+        try:
+            if os.path.samestat(candidate.stat(), folder):
+                return "is" if candidate == output else "lies inside"
+        except OSError:
+            continue
+    try:
+        out = output.stat()
+    except OSError:
+        return None
+    for candidate in source.parents:
+        try:
+            if os.path.samestat(candidate.stat(), out):
+                return "contains"
+        except OSError:
+            continue
+    return None
+
+
 def refuse_overlap(output: Path | str | None, inputs: dict[str, Path | str | None], option: str = "--out") -> None:
     """Raise :class:`FolderOverlap` when ``output`` is, lies inside or contains any folder of
     ``inputs`` ({what the folder is, e.g. "the scanned folder": path}; None entries are
@@ -42,6 +70,8 @@ def refuse_overlap(output: Path | str | None, inputs: dict[str, Path | str | Non
             continue
         folder = Path(source).resolve()
         relation = _relation(out, folder)
+        if relation is None and (relation := _relation_by_identity(out, folder)) is not None:
+            relation += " (through another mount point of it)"
         if relation is None:
             continue
         beside = folder.parent / f"{folder.name}-results"  # a sibling of the input is always apart from it

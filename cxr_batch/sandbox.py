@@ -154,7 +154,14 @@ class StudyReader:
 
     def _submit(self, cand: Candidate) -> Future:
         row = self.metadata.get(cand.path.name) if self.metadata else None
-        return self._pool.submit(_read, cand, self.rules, row, self.min_side)
+        try:
+            return self._pool.submit(_read, cand, self.rules, row, self.min_side)
+        except BrokenProcessPool:
+            # A worker died while the pool waited (the OOM killer, an operator's kill): no file is
+            # to blame. Unrestarted, every later study of a daemon got an error row, for ever.
+            log.warning("a reading worker had ended while it waited (killed?): the readers are started again")
+            self._restart()
+            return self._pool.submit(_read, cand, self.rules, row, self.min_side)
 
     def read_one(self, cand: Candidate, min_side: int = 0) -> AssembledStudy:
         """One candidate's study (nothing else in flight)."""

@@ -45,7 +45,7 @@ from .discover import Candidate, find_candidates, is_ignored_name, leaves_folder
 from .drift_watch import DriftWatch
 from .display import plural
 from .files import FILE_MODE, atomic_write_bytes, private_dir, remove_stale_temp
-from .folderlock import FolderBusy, FolderLock
+from .folderlock import FolderBusy, FolderLock, WatchedFolderClaim
 from .folders import refuse_overlap
 from .inference import Engine, model_inputs, score_batches
 from .journal import refuse_scan_results
@@ -95,6 +95,10 @@ class WatchConfig(RunConfig):
 
 class OutputError(Exception):
     """Writing an output (report, ledger, results.csv) failed: the daemon degrades and retries."""
+
+
+# inotify's limits, met when the file-system watch is set up: instances (EMFILE), watches (ENOSPC)
+_WATCH_LIMITS = (errno.EMFILE, errno.ENOSPC, errno.ENOMEM)
 
 
 def _is_output_fault(e: BaseException) -> bool:
@@ -167,16 +171,21 @@ class Watcher:
         self.stop, self._install_stop = (stop, False) if stop is not None else (StopSignal(), True)
         self.check_folders()  # before any folder is made or the model loads
         refuse_scan_results(self.out, self.command)
+        self.claim = self.claim_watched_folder()  # before the results folder is made
         # The results folder is skipped when it lies inside the watched folder; the DICOM node
         # watches a spool inside its results folder, so there nothing is skipped.
         self.exclude = [] if _inside(self.watch_dir, self.out) else [self.out]
-        private_dir(self.out)
-        # a share mounted at OUT (NFS at /mnt/results) and unmounted later leaves the folder it was
-        # mounted on: never taken for OUT (results written there are hidden when the share is back)
-        self.out_mount = os.path.ismount(self.out)
-        self.out_away = False  # OUT was a mount point and is not now: nothing is written until it is again
-        self.status_file = StatusFile(self.out / "status.json")
-        self.lock = FolderLock(self.out, self.command).acquire()
+        try:
+            private_dir(self.out)
+            # a share mounted at OUT (NFS at /mnt/results) and unmounted later leaves the folder it was
+            # mounted on: never taken for OUT (results written there are hidden when the share is back)
+            self.out_mount = os.path.ismount(self.out)
+            self.out_away = False  # OUT was a mount point and is not now: nothing is written until it is again
+            self.status_file = StatusFile(self.out / "status.json")
+            self.lock = FolderLock(self.out, self.command).acquire()
+        except BaseException:
+            self.claim.release()
+            raise
         try:
             self.state_dir = private_dir(self.out / STATE_DIR)
             ledger_path = self.state_dir / "ledger.sqlite"
@@ -195,6 +204,7 @@ class Watcher:
             self.outbox = Outbox.for_run(self.out, self.ledger.path, self.bundle, cfg)
         except BaseException:
             self.lock.release()
+            self.claim.release()
             raise
         self.results_id = self.results_identity()  # the folder and ledger this daemon writes
         self.results_lost = False  # removed or moved while the daemon ran, not yet made again
@@ -238,6 +248,11 @@ class Watcher:
         refuse_overlap(self.out, {"the watched folder": self.watch_dir})
         self.check_moves("the watched folder")
 
+    def claim_watched_folder(self) -> WatchedFolderClaim:
+        """Refuse (FolderBusy) a watched folder another daemon empties, or to empty one another
+        daemon watches: either would see only what the other had not yet moved away."""
+        return WatchedFolderClaim(self.watch_dir, bool(self.cfg.archive_dir or self.cfg.quarantine_dir)).acquire()
+
     def check_moves(self, what: str) -> None:
         for name in ("archive_dir", "quarantine_dir"):
             refuse_overlap(getattr(self.cfg, name), {what: self.watch_dir}, f"--{name.replace('_', '-')}")
@@ -252,8 +267,7 @@ class Watcher:
         observer = None
         try:
             self.recover()
-            observer = self.observer = self._observer()
-            observer.start()
+            observer = self.observer = self.start_observer()
             log.info("watching %s -> %s (model %s on %s)", self.watch_dir, self.out, self.bundle.label,
                      self.policy.describe())
             self.outbox.start()
@@ -270,6 +284,7 @@ class Watcher:
             self.heartbeat()
             self.ledger.close()
             self.lock.release()
+            self.claim.release()
         log.info("stopped after %s", plural(self.processed, "study"))
         return 0
 
@@ -484,7 +499,34 @@ class Watcher:
         if self.observer is not None:
             self.observer.unschedule_all()
             self.watched = self.watch_identity()
-            self.observer.schedule(self.handler, str(self.watch_target()), recursive=True)
+            try:
+                self.observer.schedule(self.handler, str(self.watch_target()), recursive=True)
+            except OSError as e:
+                if e.errno not in _WATCH_LIMITS:
+                    raise
+                self.no_watch(e)
+
+    def start_observer(self):
+        """The file-system watch, started; None when the kernel gives none (its inotify limits
+        reached: the instances of the user, shared by all its programs, or the watches, one a
+        folder): the rescan finds the new studies then. The daemon died at start of it."""
+        observer = None
+        try:
+            observer = self._observer()
+            observer.start()
+            return observer
+        except OSError as e:
+            if e.errno not in _WATCH_LIMITS:
+                raise
+            if observer is not None and observer.is_alive():
+                observer.stop()
+            self.no_watch(e)
+            return None
+
+    def no_watch(self, e: OSError) -> None:
+        log.warning("no file-system watch on %s (%s: raise fs.inotify.max_user_instances or max_user_watches, or use "
+                    "--polling): new studies are found by the rescan, every %g s", self.folder_name, e.strerror or e,
+                    self.cfg.rescan_interval)
 
     def recovered(self) -> None:
         if self.watch_missing:  # writing works again, but nothing new can be seen: still degraded

@@ -772,3 +772,31 @@ def test_a_status_json_that_cannot_be_written_is_said_once_until_it_changes(tmp_
         status.write({"state": "running"})
     assert json.loads(path.read_text()) == {"state": "running"}
     assert [r.getMessage() for r in caplog.records if "status.json" in r.getMessage()] == ["status.json written again"]
+
+
+@pytest.fixture()
+def bound(studies, tmp_path):
+    """``studies`` mounted again at another path (``mount --bind``, as an export folder is
+    reached through a second mount point); needs root, skipped otherwise."""
+    mount = tmp_path / "export"
+    mount.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "--bind", str(studies), str(mount)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("a bind mount is not allowed here")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], capture_output=True)
+
+
+def test_results_in_the_input_folder_reached_through_another_mount_are_refused(studies, bound, tmp_path,
+                                                                             small_bundle):
+    """The watched folder reached through a bind mount of the results' parent: the paths differ,
+    so the check by path let it through, and each append to results.csv was read as a new study,
+    a "skipped" row appended, without end (58 rows in a minute)."""
+    config = watch_config(tmp_path / "w.toml")
+    before = listing(studies)
+    for command, out in (("watch", studies / "results"), ("scan", studies / "results"), ("watch", studies)):
+        proc = cli(command, bound, "--out", out, "--weights", small_bundle, "--device", "cpu",
+                   *(["--config", config] if command == "watch" else []), timeout=120)
+        assert proc.returncode == 2, proc.stderr
+        assert "choose a folder outside it" in proc.stderr and LOADED not in proc.stderr
+    assert listing(studies) == before

@@ -59,3 +59,22 @@ def test_memory_ceiling_costs_one_row_and_reading_goes_on(tmp_path, nih_images):
         studies = list(reader.read([Candidate(big, big.name), Candidate(small, small.name)]))
     assert studies[0].record.status == "error" and "memory" in studies[0].record.reason
     assert studies[1].record.status == "ok" and studies[1].grey is not None
+
+
+def test_a_worker_killed_between_reads_costs_no_study(tmp_path, nih_images):
+    """A reading worker that dies while the pool is idle (the OOM killer, an operator's kill):
+    the next submit raised BrokenProcessPool, and a watch daemon or listen node gave every later
+    study an error row ("internal error while processing"), for as long as it ran."""
+    from .dicomgen import grey
+
+    files = [write(tmp_path / f"s{i}.dcm", grey(p)) for i, p in enumerate(nih_images[:2])]
+    with StudyReader(1, ScoringRules()) as reader:
+        assert reader.read_one(Candidate(files[0], files[0].name)).record.status == "ok"
+        for proc in list(reader._pool._processes.values()):
+            proc.kill()
+            proc.join()
+        deadline = time.time() + 30
+        while not reader._pool._broken and time.time() < deadline:  # as a daemon waiting for files sees it
+            time.sleep(0.05)
+        studies = list(reader.read([Candidate(f, f.name) for f in files]))
+    assert [s.record.status for s in studies] == ["ok", "ok"], [s.record.reason for s in studies]

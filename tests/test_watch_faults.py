@@ -987,3 +987,126 @@ def test_a_queued_message_cut_short_before_a_restart_is_made_again_and_reaches_t
     assert sorted(received) == sorted(p.stem for p in (out / "hl7").glob("*.hl7"))
     assert all(whole_message(m + "\r" * (not m.endswith("\r")), control) for control, m in received.items())
     assert (out / "hl7" / (cut.name + ".damaged")).read_bytes() == cut_short
+
+
+def test_a_second_daemon_on_a_folder_another_empties_is_refused_and_two_that_only_read_it_run(
+        tmp_path, nih_images, small_bundle):
+    """Two daemons on one export folder (a second results site, a new model run in its shadow)
+    where one archives what it scored: the other silently got the studies the first had not yet
+    moved away (4 of 12, no log line). Refused at start (exit 1, before its results folder is
+    made), whichever starts first; two that leave the files in place both score every study."""
+    incoming = tmp_path / "in"
+    incoming.mkdir()
+    config = watch_config(tmp_path / "w.toml")
+
+    def refused(out, *extra):
+        proc = start_daemon(incoming, out, small_bundle, config, *extra)
+        try:
+            code = proc.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            stop(proc)
+            return False, "still running"
+        return code == 1 and not out.exists(), proc.stderr.read()
+
+    mover = start_daemon(incoming, tmp_path / "a", small_bundle, config, "--archive-dir", tmp_path / "archive")
+    try:
+        assert wait_for(lambda: status(tmp_path / "a").get("state") == "running")
+        ok, err = refused(tmp_path / "b")
+        assert ok and "moves the files it scored out of it" in err, err
+        ok, err = refused(tmp_path / "b", "--quarantine-dir", tmp_path / "q")
+        assert ok, err
+    finally:
+        assert stop(mover) == 0
+    readers = [start_daemon(incoming, tmp_path / name, small_bundle, config) for name in ("c", "d")]
+    try:
+        assert all(wait_for(lambda: status(tmp_path / name).get("state") == "running") for name in ("c", "d"))
+        ok, err = refused(tmp_path / "e", "--archive-dir", tmp_path / "archive")
+        assert ok and "another cxr-batch daemon watches" in err, err
+        good_dicoms(incoming, nih_images, 2)
+        assert all(wait_for(lambda: len(ok_rows(tmp_path / name)) == 2) for name in ("c", "d"))
+    finally:
+        assert all(stop(proc) == 0 for proc in readers)
+
+
+def test_a_reading_worker_killed_while_the_daemon_waits_costs_no_study(tmp_path, nih_images, small_bundle):
+    """The OOM killer (or an operator) killing an idle reading worker of a running daemon: every
+    study after it got an error row, "internal error while processing (BrokenProcessPool)", and
+    was marked handled, never read again."""
+    from .test_sandbox import descendants
+
+    incoming, out = tmp_path / "in", tmp_path / "out"
+    incoming.mkdir()
+    good_dicoms(incoming, nih_images, 1)
+    daemon = start_daemon(incoming, out, small_bundle, watch_config(tmp_path / "w.toml"))
+    try:
+        assert wait_for(lambda: len(ok_rows(out)) == 1)
+        # the workers: the fork server's children (it and the resource tracker are the daemon's)
+        children = {pid for pid in descendants(daemon.pid)}
+        workers = children - {p for p in children if int(open(f"/proc/{p}/stat").read().split()[3]) == daemon.pid}
+        assert workers
+        for pid in workers:
+            os.kill(pid, 9)
+        good_dicoms(incoming, nih_images, 3, start=1)
+        assert wait_for(lambda: len(rows_now(out)) == 4)
+    finally:
+        assert stop(daemon) == 0
+    assert [r["status"] for r in rows_now(out)] == ["ok"] * 4, [r["reason"] for r in rows_now(out)]
+
+
+HOG_INOTIFY = """
+import ctypes, sys, time
+libc = ctypes.CDLL(None, use_errno=True)
+held = 0
+while libc.inotify_init1(0) >= 0:
+    held += 1
+print(held, flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_daemon_the_kernel_gives_no_file_system_watch_finds_studies_by_its_rescan(tmp_path, nih_images,
+                                                                                   small_bundle):
+    """Every inotify instance of the daemon's user taken (fs.inotify.max_user_instances, 128 by
+    default, shared by all its programs; max_user_watches is met the same way by a tree of many
+    folders): the daemon died at start with a traceback, status.json saying "stopped". Run as a
+    user of its own, so the instances of no other program are taken."""
+    import tempfile
+
+    if os.geteuid() != 0 or not shutil.which("setpriv"):
+        pytest.skip("needs root and setpriv, to run the daemon as another user")
+    user = ["setpriv", "--reuid=54321", "--regid=54321", "--clear-groups"]
+    base = Path(tempfile.mkdtemp(prefix="cxr-inotify-", dir="/tmp"))
+    try:
+        base.chmod(0o777)
+        incoming, out = base / "in", base / "out"
+        incoming.mkdir(mode=0o777)
+        incoming.chmod(0o777)
+        bundle = shutil.copytree(small_bundle, base / "bundle")
+        config = watch_config(base / "w.toml", workers=0, rescan_interval=1.0)
+        for p in [bundle, *bundle.rglob("*"), Path(config)]:
+            p.chmod(0o755 if p.is_dir() else 0o644)
+        hog = subprocess.Popen([*user, sys.executable, "-c", HOG_INOTIFY], stdout=subprocess.PIPE, text=True)
+        try:
+            assert int(hog.stdout.readline()) > 0
+            env = {**os.environ, "HOME": str(base), "PYTHONPATH": os.pathsep.join(sys.path)}
+            daemon = subprocess.Popen([*user, sys.executable, "-m", "cxr_batch", "watch", str(incoming), "--out",
+                                       str(out), "--weights", str(bundle), "--device", "cpu", "--config", config,
+                                       "--no-heatmaps"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                      text=True, env=env)
+            try:
+                assert wait_for(lambda: status(out).get("state") in ("running", "stopped")), "never started"
+                for i, image in enumerate(good_dicoms(base, nih_images, 2)):
+                    image.chmod(0o644)
+                    shutil.move(image, incoming / image.name)
+                ok = wait_for(lambda: len(ok_rows(out)) == 2 or daemon.poll() is not None, timeout=90)
+                assert ok and daemon.poll() is None, daemon.stderr.read() if daemon.poll() is not None else "no rows"
+            finally:
+                code = stop(daemon)
+            err = daemon.stderr.read()
+            assert code == 0 and "Traceback" not in err, err
+            assert "max_user_instances" in err  # what to raise, said once
+        finally:
+            hog.kill()
+            hog.wait()
+    finally:
+        shutil.rmtree(base, ignore_errors=True)

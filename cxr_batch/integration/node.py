@@ -41,6 +41,7 @@ from ..display import CONTROL_ESCAPES, plural
 from ..dicom import DECODED_TRANSFER_SYNTAXES
 from .dicom_send import Destination, check_ae_title, tcp_no_delay
 from ..files import FILE_MODE, atomic_write_bytes, private_dir
+from ..folderlock import WatchedFolderClaim
 from ..record import log_name
 from ..watch import STATE_DIR, WatchConfig, Watcher
 
@@ -660,6 +661,10 @@ class Node(Watcher):
         return True
 
     # ------------------------------------------------------------------ lifecycle hooks
+    def claim_watched_folder(self) -> WatchedFolderClaim:
+        """The spool is inside the results folder, whose lock keeps other daemons away."""
+        return WatchedFolderClaim(self.watch_dir, moves=True)  # not taken: nothing to release
+
     def check_folders(self) -> None:
         """The spool lies inside the results folder by design; archive and quarantine folders
         must be apart from it."""
