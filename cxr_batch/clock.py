@@ -21,12 +21,23 @@ def local_now() -> dt.datetime:
     """Now as a local time with the offset in force at this moment (aware). Taken from the UTC
     moment, so the hour a DST clock goes back, which the local time alone names twice, gets
     the right one of its two offsets."""
-    return utc_now().astimezone()
+    return whole_minutes(utc_now().astimezone())
 
 
 def aware(moment: dt.datetime) -> dt.datetime:
     """``moment`` with its UTC offset: an aware one as it is, a naive one read as local time."""
-    return moment if moment.tzinfo is not None else moment.astimezone()
+    return whole_minutes(moment if moment.tzinfo is not None else moment.astimezone())
+
+
+def whole_minutes(moment: dt.datetime) -> dt.datetime:
+    """The same moment with an offset of whole minutes, all DICOM and HL7 can write: a zone's
+    offset had seconds before 1972 (Africa/Monrovia -00:44:30; a clock reset to 1970 by a dead
+    RTC battery reads it), and the offset cut to -0044 beside a local time that kept the 30
+    seconds named another moment than the one meant."""
+    offset = moment.utcoffset()
+    if offset is None or offset.seconds % 60 == 0 and not offset.microseconds:
+        return moment
+    return moment.astimezone(dt.timezone(dt.timedelta(minutes=round(offset.total_seconds() / 60))))
 
 
 def utc_offset(moment: dt.datetime) -> str:

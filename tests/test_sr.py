@@ -636,3 +636,34 @@ def test_an_sr_made_the_night_the_clock_goes_back_says_its_utc_offset(sr_scan, s
             unexpected = [w for w in lines if w.startswith("Warning")
                           and not any(re.search(a, w) for a in ACCEPTED_DCIODVFY_WARNINGS)]
             assert not unexpected, unexpected
+
+
+def test_an_sr_made_in_a_zone_whose_offset_had_seconds_says_one_moment(sr_scan, small_bundle, monkeypatch):
+    """A clock reset to 1970 (a dead RTC battery) in Africa/Monrovia, whose offset then was
+    -00:44:30: the SR's Timezone Offset From UTC said -0044 (the seconds cut off), its
+    ContributionDateTime -0045 (pydicom's rounding) and its local time kept the 30 seconds, so
+    the SR named two moments, neither of them right. Its time is written with a whole-minute
+    offset: content time, offset and DT name the moment it was made (to the minute's rounding)."""
+    import time
+
+    import cxr_batch.clock as clock
+    from cxr_batch.bundle import load_bundle
+
+    moment = dt.datetime(1970, 1, 1, 0, 0, 5, tzinfo=dt.timezone.utc)
+    monkeypatch.setenv("TZ", "Africa/Monrovia")
+    time.tzset()
+    monkeypatch.setattr(clock, "utc_now", lambda: moment)
+    try:
+        studies, _, rows, _ = sr_scan
+        bundle = load_bundle(small_bundle)
+        record = _variants(studies, rows)["as scored"]
+        data = SRFactory(bundle).sr_bytes(record)
+        assert data == sr_bytes(build_sr(record, bundle))
+        sr = pydicom.dcmread(io.BytesIO(data))
+    finally:
+        monkeypatch.undo()
+        time.tzset()
+    stamps = {e.ContributionDateTime for e in sr.ContributingEquipmentSequence if "ContributionDateTime" in e}
+    assert stamps == {sr.ContentDate + sr.ContentTime + sr.TimezoneOffsetFromUTC}
+    said = dt.datetime.strptime(sr.ContentDate + sr.ContentTime[:6] + sr.TimezoneOffsetFromUTC, "%Y%m%d%H%M%S%z")
+    assert said == moment
