@@ -667,3 +667,37 @@ def test_an_sr_made_in_a_zone_whose_offset_had_seconds_says_one_moment(sr_scan, 
     assert stamps == {sr.ContentDate + sr.ContentTime + sr.TimezoneOffsetFromUTC}
     said = dt.datetime.strptime(sr.ContentDate + sr.ContentTime[:6] + sr.TimezoneOffsetFromUTC, "%Y%m%d%H%M%S%z")
     assert said == moment
+
+
+def test_an_sr_for_a_source_that_says_its_utc_offset_writes_its_times_at_that_offset(sr_scan, small_bundle, berlin):
+    """A modality in New York says its study time is at -0500 (Timezone Offset From UTC); the
+    SR and the Encapsulated PDF, made in Berlin, copied that study time and wrote their own
+    offset, +0100, beside it: one offset for every time of the object (PS3.3 C.12.1.1.8), so
+    the study read as made six hours away from when it was. The objects say the source's offset,
+    and their own times, the same moments, at it."""
+    from cxr_batch.bundle import load_bundle
+    from cxr_batch.dicom_build import encapsulated_pdf
+    from cxr_batch.sr import report_header
+    from tests.conftest import DST_NIGHT_AFTER
+
+    studies, _, rows, _ = sr_scan
+    source = pydicom.dcmread(studies / "full.dcm")
+    source.TimezoneOffsetFromUTC = "-0500"
+    ids = identifiers(source)
+    record = _variants(studies, rows)["as scored"]
+    record.ids = ids
+    bundle = load_bundle(small_bundle)
+    berlin(DST_NIGHT_AFTER)  # 02:15 +0100 in Berlin: 20:15 -0500 the evening before in New York
+    data = SRFactory(bundle).sr_bytes(record)
+    assert data == sr_bytes(build_sr(record, bundle))
+    sr = pydicom.dcmread(io.BytesIO(data))
+    assert (sr.StudyDate, sr.StudyTime) == (source.StudyDate, source.StudyTime)
+    assert (sr.TimezoneOffsetFromUTC, sr.ContentDate, sr.ContentTime) == ("-0500", "20261024", "201500")
+    assert {e.ContributionDateTime for e in sr.ContributingEquipmentSequence if "ContributionDateTime" in e} == {
+        "20261024201500-0500"}
+    pdf = encapsulated_pdf(b"%PDF-1.4 x", {**report_header(ids), "StudyInstanceUID": ids.study_uid}, "report")
+    assert (pdf.TimezoneOffsetFromUTC, pdf.ContentDate, pdf.ContentTime) == ("-0500", "20261024", "201500")
+    source.TimezoneOffsetFromUTC = "+2500"  # not an offset: the objects say their own
+    record.ids = identifiers(source)
+    sr = pydicom.dcmread(io.BytesIO(SRFactory(bundle).sr_bytes(record)))
+    assert (sr.TimezoneOffsetFromUTC, sr.ContentDate, sr.ContentTime) == ("+0100", "20261025", "021500")
