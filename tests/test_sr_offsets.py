@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import datetime as dt
 import io
+import re
+import subprocess
 
 import pydicom
 
 from cxr_batch.dicom import identifiers
 from cxr_batch.sr import SRFactory, build_sr, sr_bytes
 from tests import test_sr
-from tests.test_sr import _variants
+from tests.dicomgen import have
+from tests.test_sr import ACCEPTED_DCIODVFY_WARNINGS, _variants
 
 sr_scan = test_sr.sr_scan  # the fixture: its scan, shared with tests/test_sr.py
 
@@ -47,7 +50,8 @@ def test_an_sr_made_in_a_zone_whose_offset_had_seconds_says_one_moment(sr_scan, 
     assert said == moment
 
 
-def test_an_sr_for_a_source_that_says_its_utc_offset_writes_its_times_at_that_offset(sr_scan, small_bundle, berlin):
+def test_an_sr_for_a_source_that_says_its_utc_offset_writes_its_times_at_that_offset(sr_scan, small_bundle, berlin,
+                                                                                    tmp_path):
     """A modality in New York says its study time is at -0500 (Timezone Offset From UTC); the
     SR and the Encapsulated PDF, made in Berlin, copied that study time and wrote their own
     offset, +0100, beside it: one offset for every time of the object (PS3.3 C.12.1.1.8), so
@@ -71,6 +75,14 @@ def test_an_sr_for_a_source_that_says_its_utc_offset_writes_its_times_at_that_of
     sr = pydicom.dcmread(io.BytesIO(data))
     assert (sr.StudyDate, sr.StudyTime) == (source.StudyDate, source.StudyTime)
     assert (sr.TimezoneOffsetFromUTC, sr.ContentDate, sr.ContentTime) == ("-0500", "20261024", "201500")
+    if have("dciodvfy"):
+        path = tmp_path / "sr.dcm"
+        path.write_bytes(data)
+        done = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, timeout=60)
+        lines = (done.stdout + done.stderr).splitlines()
+        assert not [x for x in lines if x.startswith("Error")], lines
+        assert not [w for w in lines if w.startswith("Warning")
+                    and not any(re.search(a, w) for a in ACCEPTED_DCIODVFY_WARNINGS)], lines
     assert {e.ContributionDateTime for e in sr.ContributingEquipmentSequence if "ContributionDateTime" in e} == {
         "20261024201500-0500"}
     pdf = encapsulated_pdf(b"%PDF-1.4 x", {**report_header(ids), "StudyInstanceUID": ids.study_uid}, "report")
