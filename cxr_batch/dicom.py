@@ -171,6 +171,7 @@ def identifiers(ds) -> Identifiers:
         referring_physician=_text(ds, "ReferringPhysicianName"),
         issuer_of_patient_id=_text(ds, "IssuerOfPatientID"),
         other_patient_ids=other_patient_ids(ds),
+        timezone_offset=_text(ds, "TimezoneOffsetFromUTC"),
         **issuer_qualifiers(ds),
     )
 

@@ -129,7 +129,8 @@ def encapsulated_pdf(pdf: bytes, study: dict, title: str, sop_instance_uid: str 
         if study.get(keyword):
             setattr(ds, keyword, study[keyword])
     ds.StudyInstanceUID = valid_uid(study.get("StudyInstanceUID"))
-    now = clock.local_now()
+    # at the source's offset when it says one (the study date/time copied is at it), else local
+    now = clock.at_offset(clock.local_now(), study.get("TimezoneOffsetFromUTC") or "")
     ds.Modality, ds.SeriesNumber, ds.InstanceNumber = "DOC", 999, 1
     ds.ContentDate, ds.ContentTime = now.strftime("%Y%m%d"), now.strftime("%H%M%S")
     # the UTC offset in force when it was made (PS3.3 C.12.1.1.8), as the SR says its own: the

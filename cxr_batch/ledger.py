@@ -341,12 +341,18 @@ class Ledger:
                 for k, r in self.db.execute("SELECT key, record FROM studies ORDER BY seq")]
 
     def recent(self, since: float, limit: int, after_seq: int | None = None) -> list[StudyRecord]:
-        """The records reported at or after ``since`` (epoch seconds), with every one recorded
-        after the first of them and after ``after_seq`` (see :meth:`last_seq`), the newest
+        """The records reported at or after ``since`` (epoch seconds; a stamp as far ahead of now
+        as now is from ``since`` at most), with every one recorded after the first of them and
+        after ``after_seq`` (see :meth:`last_seq`), the newest
         ``limit``. The wall-clock stamps alone lose studies to a clock step: a clock a day slow,
         then corrected, stamped minutes-old studies a day old; the ledger's order is the order
         they arrived in, whatever the clock said."""
-        first = self.db.execute("SELECT MIN(seq) FROM studies WHERE reported_at >= ?", (since,)).fetchone()[0]
+        # A stamp further ahead of now than the window is long is no evidence: a clock set a year
+        # fast, then corrected, kept every study recorded since on the list for a year. One a few
+        # hours ahead (a hardware clock kept in local time, then set right by NTP) still counts.
+        now = time.time()
+        first = self.db.execute("SELECT MIN(seq) FROM studies WHERE reported_at >= ? AND reported_at <= ?",
+                                (since, now + max(now - since, 0.0))).fetchone()[0]
         starts = [seq for seq in (first, None if after_seq is None else after_seq + 1) if seq is not None]
         if not starts:
             return []

@@ -21,6 +21,12 @@ from .image_stats import COLUMNS as IMAGE_COLUMNS, ImageStats
 from .patient import SOURCE_UNKNOWN, PatientData
 from .study import CSV_IDENTIFIERS, Identifiers
 
+# Identifiers newer than the ledger's readers before them: written apart from "ids" ("ids_more"),
+# which those releases build their Identifiers from whole and would stop at (a downgrade's
+# daemon could not open the ledger); they ignore a key they do not know beside it.
+IDS_APART = ("timezone_offset",)
+_ID_FIELDS = frozenset(Identifiers.__dataclass_fields__)
+
 Status = Literal["ok", "skipped", "error"]
 STATUSES: tuple[str, ...] = ("ok", "skipped", "error")
 
@@ -243,7 +249,8 @@ class StudyRecord:
         """Everything, the patient name included, as JSON-ready values."""
         nested = ("ids", "patient", "scores", "acquisition", "image_stats")
         out = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in nested}
-        out["ids"] = {f.name: getattr(self.ids, f.name) for f in fields(self.ids)}
+        out["ids"] = {f.name: getattr(self.ids, f.name) for f in fields(self.ids) if f.name not in IDS_APART}
+        out["ids_more"] = {name: getattr(self.ids, name) for name in IDS_APART}
         p = self.patient
         out["patient"] = {"age": p.age, "age_source": p.age_source, "sex": p.sex, "sex_source": p.sex_source,
                           "view": p.view, "view_source": p.view_source, "notes": list(p.notes)}
@@ -260,7 +267,7 @@ class StudyRecord:
         s = data.get("scores")
         return cls(
             file=data["file"], status=data["status"], reason=data.get("reason", ""),
-            ids=Identifiers(**data.get("ids", {})), patient=PatientData(**data.get("patient", {})),
+            ids=_identifiers({**data.get("ids", {}), **data.get("ids_more", {})}), patient=PatientData(**data.get("patient", {})),
             scores=None if s is None else Scores(tuple(s["probs"]), tuple(s["flags"]), s["priority"],
                                                  s["triage_score"], s.get("p_any")),
             report=data.get("report", ""), model=data.get("model", ""),
@@ -268,3 +275,9 @@ class StudyRecord:
             acquisition=acq.Acquisition.from_json(data.get("acquisition")),
             image_stats=ImageStats.from_json(data.get("image_stats")), scored_at=data.get("scored_at", ""),
         )
+
+
+def _identifiers(values: dict) -> Identifiers:
+    """The ledger's identifiers; one this release does not know (a later release wrote it) is
+    left out rather than stopping the daemon that reads it."""
+    return Identifiers(**{k: v for k, v in values.items() if k in _ID_FIELDS})

@@ -237,7 +237,8 @@ def report_header(ids) -> dict:
             "PatientBirthDate": _date(ids.patient_birth_date), "PatientSex": _sex(ids.patient_sex),
             "PatientAge": _age(ids.patient_age), "StudyDate": _date(ids.study_date), "StudyTime": _time(ids.study_time),
             "StudyID": _string(ids.study_id, 16), "AccessionNumber": _identifier(ids.accession_number, 16),
-            "ReferringPhysicianName": _person_name(ids.referring_physician)}
+            "ReferringPhysicianName": _person_name(ids.referring_physician),
+            "TimezoneOffsetFromUTC": ids.timezone_offset if clock.valid_offset(ids.timezone_offset) else ""}
 
 
 def _time(value: str) -> str:
@@ -316,7 +317,9 @@ def study_values(record: StudyRecord, bundle, created: dt.datetime | None = None
         probabilities=tuple(round(float(p), 6) for p in scores.probs),
         flag_codes=tuple(FLAG_CODES[bool(flag)] for flag in scores.flags),
         priority_code=priority_code(scores.priority, bundle.triage_policy().normal_below),
-        created=clock.aware(created) if created is not None else clock.local_now(),
+        # at the source's offset when it says one: the SR's one offset is also its study time's
+        created=clock.at_offset(clock.aware(created) if created is not None else clock.local_now(),
+                                record.ids.timezone_offset),
     )
 
 

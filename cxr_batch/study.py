@@ -34,6 +34,7 @@ MAX_LENGTH = {
     "sop_class_uid": 64,  # UI
     "patient_birth_date": 32,  # DA, as study_date
     "patient_sex": 16,  # CS
+    "timezone_offset": 16,  # SH
     "patient_age": 4,  # AS
     "study_time": 16,  # TM
     "study_id": 16,  # SH
@@ -121,6 +122,9 @@ class Identifiers:
     issuer_universal_id_type: str = ""
     patient_id_type: str = ""
     other_patient_ids: str = ""  # as MAX_LENGTH says
+    # the source's Timezone Offset From UTC (+HHMM): the SR and the Encapsulated PDF copy its
+    # study date/time and write their own times at that offset, one for every time of an object
+    timezone_offset: str = ""
 
     def __setattr__(self, name: str, value) -> None:
         if isinstance(value, str) and not value:

@@ -958,3 +958,23 @@ def test_the_ris_gets_each_time_with_its_utc_offset_the_night_the_clock_goes_bac
     m = _parse(message)
     assert m.msh.msh_7.value == m.oru_r01_patient_result.oru_r01_order_observation.obr.obr_22.value == (
         "20261025021500+0100")
+
+
+def test_obr_7_says_the_utc_offset_the_modality_gave_its_study_time(scored, berlin):
+    """A modality in New York says its study time is at -0500 (Timezone Offset From UTC): OBR-7
+    carried the time alone, which HL7 reads in the sender's zone (Berlin, MSH-7's +0100), six
+    hours from when the study was made. It carries the modality's offset; a time without one
+    (or an offset that is none) goes as before."""
+    from tests.conftest import DST_NIGHT_AFTER
+
+    records, bundle = scored
+    record = replace(records["plain.dcm"], ids=replace(records["plain.dcm"].ids, timezone_offset="-0500"))
+    berlin(DST_NIGHT_AFTER)
+    m = _parse(oru_r01(record, thresholds=bundle.thresholds))
+    obr = m.oru_r01_patient_result.oru_r01_order_observation.obr
+    assert obr.obr_7.value == record.ids.study_date + "101500-0500"
+    assert m.msh.msh_7.value == "20261025021500+0100"
+    for offset in ("", "+2500"):
+        plain = replace(record, ids=replace(record.ids, timezone_offset=offset))
+        obr = _parse(oru_r01(plain, thresholds=bundle.thresholds)).oru_r01_patient_result.oru_r01_order_observation.obr
+        assert obr.obr_7.value == record.ids.study_date + "101500"

@@ -336,3 +336,27 @@ def test_studies_stamped_by_a_clock_a_day_slow_stay_in_the_window_once_it_is_cor
     ledger.db.execute("DELETE FROM studies WHERE key IN ('uid:0', 'uid:1')")
     assert [r.file for r in ledger.recent(since, 100)] == ["D"]
     assert [r.file for r in ledger.recent(since, 100, after_seq=last_before)] == ["B", "C", "D"]
+
+
+def test_a_study_stamped_by_a_clock_a_year_fast_does_not_keep_days_of_studies_in_the_window(tmp_path, monkeypatch):
+    """A clock set a year fast (a mistyped date), then corrected: the study recorded meanwhile
+    is stamped a year ahead, and a window that kept every study recorded after the first one
+    stamped in it kept, for a year, every study since (days of them, up to ``worklist_max``) on
+    a worklist of the "last N hours". A stamp in the future is no evidence of when a study
+    arrived: the studies of days ago stay out."""
+    import types
+
+    import cxr_batch.ledger as ledger_module
+
+    now = 1_800_000_000.0
+    clock = [now - 4 * 86400 + 365 * 86400]
+    fake_time = types.SimpleNamespace(**{k: getattr(time, k) for k in dir(time) if not k.startswith("_")})
+    fake_time.time = lambda: clock[0]
+    monkeypatch.setattr(ledger_module, "time", fake_time)
+    ledger = Ledger(tmp_path / "l.sqlite")
+    ledger.commit([("uid:0", "c0", ok("FAST"))], [])  # four days ago, the clock a year fast
+    for k, (name, ago) in enumerate((("OLD1", 3 * 86400), ("OLD2", 2 * 86400), ("NEW", 3600)), start=1):
+        clock[0] = now - ago  # corrected
+        ledger.commit([(f"uid:{k}", f"c{k}", ok(name))], [])
+    clock[0] = now
+    assert [r.file for r in ledger.recent(now - 24 * 3600, 500)] == ["NEW"]

@@ -79,3 +79,25 @@ def test_commas_and_quotes_survive_and_control_characters_do_not():
     (row,) = list(csv.DictReader(io.StringIO(buf.getvalue()), fieldnames=list(COLUMNS)))
     assert row["file"] == "odd, namewith newline.png" and row["reason"] == record.reason
     assert buf.getvalue().count("\n") == 1  # one line per row, whatever the file is called
+
+
+def test_a_ledger_record_with_the_source_s_utc_offset_still_opens_in_the_release_before():
+    """The source's Timezone Offset From UTC (Identifiers.timezone_offset) is new: the release
+    before builds its Identifiers from the record's "ids" whole, and a ledger written by this
+    one stopped it (TypeError: unexpected keyword 'timezone_offset') after a downgrade. The
+    identifiers it knows stay in "ids", the new one goes apart and comes back whole; and an
+    identifier this release does not know (a later one's) no longer stops it."""
+    from dataclasses import replace
+
+    record = scored_record()
+    record.ids = replace(record.ids, timezone_offset="-0500")
+    data = record.to_json()
+    before = {"patient_id", "patient_name", "study_uid", "series_uid", "sop_uid", "accession_number", "study_date",
+              "institution", "sop_class_uid", "patient_birth_date", "patient_sex", "patient_age", "study_time",
+              "study_id", "referring_physician", "issuer_of_patient_id", "issuer_universal_id",
+              "issuer_universal_id_type", "patient_id_type", "other_patient_ids"}  # Identifiers at 8b26ece
+    assert set(data["ids"]) <= before
+    back = StudyRecord.from_json(data)
+    assert back == record and back.ids.timezone_offset == "-0500"
+    later = {**data, "ids": {**data["ids"], "some_later_identifier": "x"}}
+    assert StudyRecord.from_json(later) == record

@@ -11,7 +11,8 @@ fields, structure, lengths), from its :class:`~cxr_batch.record.StudyRecord`:
   or phonetic one; ``""``, HL7's explicit null, when the record has none), PID-7 birth date, PID-8 sex;
 - ORC/OBR: the accession number as filler order number (ORC-3, OBR-3) and in OBR-18, the field
   IHE Scheduled Workflow maps to DICOM's Accession Number; OBR-4 the imaging procedure, OBR-7
-  the study date/time as the DICOM header has it (no offset: the modality's is not known), OBR-22
+  the study date/time as the DICOM header has it (with its Timezone Offset From UTC when it has
+  one), OBR-22
   the time the message was made (as MSH-7, with the UTC offset then in force: ``+0100``,
   ``+0200``), OBR-25 ``P`` (preliminary: no radiologist has read it); two NTEs name
   the model (name@version, bundle sha256) and say it is decision support;
@@ -170,11 +171,14 @@ def _date(value: str) -> str:
 
 
 def _study_datetime(record: StudyRecord) -> str:
-    """OBR-7 from the DICOM study date and time (HL7 TS: YYYYMMDD[HHMM[SS]])."""
+    """OBR-7 from the DICOM study date and time (HL7 TS: YYYYMMDD[HHMM[SS]][+/-ZZZZ]), with the
+    UTC offset the source gave them (Timezone Offset From UTC): without one HL7 reads the time
+    in the sender's zone, MSH-7's, not the modality's."""
     date = _date(record.ids.study_date)
     time_of_day = record.ids.study_time.split(".")[0]
     if date and re.fullmatch(r"([01]\d|2[0-3])[0-5]\d([0-5]\d)?", time_of_day):
-        return date + time_of_day
+        offset = record.ids.timezone_offset
+        return date + time_of_day + (offset if clock.valid_offset(offset) else "")
     return date
 
 
