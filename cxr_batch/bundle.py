@@ -148,9 +148,9 @@ def save_bundle(
         "sha256": sha256_file(weights_path),
     }
     if training_images is not None:
-        from .provenance import write_training_images  # it imports this module
+        from .provenance import write_image_list  # it imports this module
 
-        manifest["training_images"] = write_training_images(folder, training_images)
+        manifest["training_images"] = write_image_list(folder, training_images)
     write_manifest(folder, manifest)
     return folder
 

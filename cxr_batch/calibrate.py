@@ -46,7 +46,7 @@ from .folders import refuse_overlap
 from .inference import BatchOptions, Engine, score_batches
 from .labels import LabelsError, LabelTable, Matching, match_labels
 from .metadata import load_metadata_csv
-from .provenance import CALIBRATION, PIXELS, image_list, overlap, pixel_key, read_rows, read_training_images
+from .provenance import CALIBRATION, PIXELS, image_list, overlap, pixel_key, read_image_list, read_rows
 from .runtime import make_policy
 from .thresholds import at_sensitivity, by_rule, parse_rule
 from .triage import sensitivity_ladder
@@ -200,7 +200,7 @@ def training_overlap(base: Bundle, labels: LabelTable, scores: LabelledScores) -
     on them learns how sure the model is of images it has seen. Counts only, for the new bundle's
     provenance."""
     patients = [g if not g.startswith("file:") else "" for g in scores.groups]  # file: no Patient ID
-    said, _ = overlap(read_training_images(base.path, base.manifest), scores.files,
+    said, _ = overlap(read_image_list(base.path, base.manifest), scores.files,
                       [labels.files[j] for _, j in scores.matching.pairs], patients, IN_SAMPLE_FIT)
     if said["message"]:
         (log.warning if said["checked"] else log.info)("%s%s", "warning: " if said["checked"] else "", said["message"])

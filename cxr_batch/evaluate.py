@@ -26,7 +26,7 @@ from .findings import FINDINGS
 from .journal import STATE_DIR, EarlierResults
 from .labels import LabelsError, LabelTable, Matching, match_labels
 from .provenance import (CALIBRATION, CALIBRATION_IN_SAMPLE, TrainingImages, calibration_labels, overlap, pixel_key,
-                         read_training_images)
+                         read_image_list)
 from .results import read_results
 from .scan import ScanConfig, ScanSummary, run_scan
 
@@ -255,7 +255,7 @@ def evaluation(data: LabelledResults, manifest: dict, n_bootstrap: int = 1000, s
                training: TrainingImages | None = None, calibration: TrainingImages | None = None) -> dict:
     """Every number of evaluation.json from the labelled results and the bundle's manifest;
     ``training``, ``calibration``: the bundle's training images and calibration studies
-    (:func:`cxr_batch.provenance.read_training_images`)."""
+    (:func:`cxr_batch.provenance.read_image_list`)."""
     y, p, groups = data.y, data.p, data.groups
     overall = mean_auroc_interval(y, p, groups, n_bootstrap, seed)
     aucs = metrics.auroc_per_finding(y, p)
@@ -335,7 +335,7 @@ def run_evaluate(studies: Path, labels: LabelTable, out: Path, cfg: ScanConfig =
         raise LabelsError("no labelled study was scored: " + "; ".join(data.matching.problems(listed) or ["no studies"]))
     folder = Path(cfg.weights) if cfg.weights else DEFAULT_BUNDLE
     manifest = read_manifest(folder)
-    training, calibration = read_training_images(folder, manifest), read_training_images(folder, manifest, CALIBRATION)
+    training, calibration = read_image_list(folder, manifest), read_image_list(folder, manifest, CALIBRATION)
     if any(listed and listed.pixels for listed in (training, calibration)):  # read again: milliseconds a study
         data = replace(data, pixels=[pixel_key(Path(studies) / r["file"]) for r in data.rows])
     result = evaluation(data, manifest, n_bootstrap, seed, training, calibration)

@@ -16,7 +16,7 @@ from cxr_batch.model import ModelConfig, build_model
 from cxr_batch.patient import PatientEncoding
 from cxr_batch.preprocess import Preprocessing
 from cxr_batch.provenance import (CALIBRATION_IMAGES_FILE, NOT_RECORDED, TRAINING_IMAGES_FILE, TrainingImages,
-                                  image_key, overlap, read_training_images)
+                                  image_key, overlap, read_image_list)
 from training.record_images import FOLDS, check_against_manifest, development_rows
 
 from .test_evaluate_calibrate import cli, folder_of
@@ -102,7 +102,7 @@ def test_bundled_v3_lists_exactly_its_development_images(nih):
     check_against_manifest(folds, manifest)
     rows = listed(DEFAULT_BUNDLE)
     assert [(r["image"], r["patient_id"], r["role"]) for r in rows] == sorted(development_rows(folds))
-    training = read_training_images(DEFAULT_BUNDLE, manifest)
+    training = read_image_list(DEFAULT_BUNDLE, manifest)
     assert len(training.images) == 1250 and len(training.patients) == 967
     assert not training.images & {image_key(i) for i in manifest["training"]["data"]["held_out_test_images"]}
     shared = pd.read_csv(nih / "labels.csv", dtype=str)["Image Index"]
@@ -397,3 +397,18 @@ def test_a_calibration_study_copied_under_another_name_or_made_dicom_is_still_fo
     assert said["without_them"]["n"] == 3
     assert proc.stderr.count("3 of 6 studies are images this bundle was calibrated on (3 under another name or "
                              "format, matched by their pixels)") == 1, proc.stderr[-2000:]
+
+
+def test_a_calibration_list_is_written_and_read_back_as_an_image_list(tmp_path):
+    """write_training_images/read_training_images served the calibration list too (kind=CALIBRATION)
+    under a name that said training: the functions say image list, whichever kind it is."""
+    from cxr_batch.provenance import CALIBRATION, read_image_list, write_image_list
+
+    rows = [("00000001_000.png", " 7 ", "calibration", "ab" * 32), ("00000002_000.png", "", "calibration", "")]
+    record = write_image_list(tmp_path, rows, CALIBRATION)
+    assert record["file"] == CALIBRATION_IMAGES_FILE and (tmp_path / CALIBRATION_IMAGES_FILE).is_file()
+    assert not (tmp_path / TRAINING_IMAGES_FILE).exists()
+    listed_images = read_image_list(tmp_path, {"calibration_images": record}, CALIBRATION)
+    assert listed_images == TrainingImages(frozenset({"00000001_000", "00000002_000"}), frozenset({"7"}),
+                                           frozenset({"ab" * 32}))
+    assert read_image_list(tmp_path, {"calibration_images": record}) is None  # no training list recorded
