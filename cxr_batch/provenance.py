@@ -30,13 +30,11 @@ import io
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-import numpy as np
-
 from .bundle import MANIFEST_FILE, BundleError, sha256_file
 from .display import plural
 from .files import atomic_write_bytes
 from .readers import image_stem, read_study
-from .study import StudyFailure
+from .study import StudyFailure, pixels_sha256
 
 TRAINING_IMAGES_FILE = "training_images.csv"
 CALIBRATION_IMAGES_FILE = "calibration_images.csv"
@@ -88,10 +86,9 @@ def pixel_key(path: Path) -> str:
     PNG made a DICOM file), not for a resized, recompressed or re-windowed export. '' when the
     file cannot be read now."""
     try:
-        grey = np.ascontiguousarray(read_study(Path(path)).grey, dtype=np.uint8)
+        return pixels_sha256(read_study(Path(path)).grey)
     except (StudyFailure, OSError, ValueError):
         return ""
-    return hashlib.sha256(f"{grey.shape[0]}x{grey.shape[1]}:".encode() + grey.tobytes()).hexdigest()
 
 
 def image_key(name: str) -> str:
