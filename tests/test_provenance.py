@@ -475,3 +475,45 @@ def test_evaluate_decodes_each_study_once_and_still_finds_a_renamed_or_converted
     said = json.loads((out / "evaluation.json").read_text())["calibration_overlap"]
     assert said["images_in_calibration"] == 4 and said["renamed_copies"] == 4, said
     assert sorted(said["in_sample_files"]) == sorted(list(renamed)[:4])
+
+
+def test_calibrate_decodes_each_study_once_and_lists_the_pixels_of_each(nih, nih_images, tmp_path, small_bundle,
+                                                                       monkeypatch):
+    """`calibrate` decoded every study a second time after scoring it, to hash its pixels for
+    calibration_images.csv. The scoring hands back each study's pixels' hash; a JPEG it decoded
+    smaller than stored (all the model needs) alone is read again, and the list holds for
+    every study the hash of its pixels as stored."""
+    import os
+
+    from PIL import Image
+
+    import cxr_batch.dicom
+    import cxr_batch.readers
+    from cxr_batch.provenance import pixel_key
+
+    from .test_evaluate_calibrate import cli_here
+
+    fitted = nih_images[:12]
+    fit = folder_of(tmp_path, fitted, "fit")
+    jpeg = fit / fitted[3].with_suffix(".jpg").name  # its labels' row: by the name without its extension
+    Image.open(fitted[3]).convert("L").save(jpeg, quality=95)
+    (fit / fitted[3].name).unlink()
+    decoded = []  # the file each decode was of (decoders are given /proc/self/fd/N: the open file)
+
+    def counted(decoder):
+        def decode(path, *args, **kwargs):
+            decoded.append(os.path.basename(os.path.realpath(path)))
+            return decoder(path, *args, **kwargs)
+        return decode
+
+    monkeypatch.setattr(cxr_batch.readers, "read_pil_study", counted(cxr_batch.readers.read_pil_study))
+    monkeypatch.setattr(cxr_batch.dicom, "read_dicom", counted(cxr_batch.dicom.read_dicom))
+    code, stderr = cli_here("calibrate", fit, "--labels", labels_of(nih, fitted, tmp_path / "fit.csv"), "--weights",
+                            small_bundle, "--out", tmp_path / "calibrated", *CPU)  # --workers 0: counted here
+    assert code == 0, stderr[-2000:]
+    files = sorted(p.name for p in fit.iterdir())
+    assert sorted(decoded) == sorted([*files, jpeg.name]), decoded  # the JPEG: smaller, then as stored
+    monkeypatch.undo()
+    with open(tmp_path / "calibrated" / CALIBRATION_IMAGES_FILE, newline="") as f:
+        listed_pixels = {r["image"]: r["pixels_sha256"] for r in csv.DictReader(f)}
+    assert listed_pixels == {p.name: pixel_key(jpeg if p == fitted[3] else p) for p in fitted}
