@@ -18,7 +18,7 @@ from .discover import Candidate
 from .metadata import MetadataRow, patient_from_metadata, read_sidecar
 from .readers import read_study
 from .record import StudyRecord
-from .study import ReadError, ScoringRules, StudyFailure, StudyHeader, check_view
+from .study import ReadError, ScoringRules, StudyFailure, StudyHeader, check_view, pixels_sha256
 
 log = logging.getLogger("cxr_batch")
 
@@ -27,6 +27,16 @@ log = logging.getLogger("cxr_batch")
 class AssembledStudy:
     record: StudyRecord  # status ok (to be scored), skipped or error
     grey: np.ndarray | None = None  # uint8 [H, W] for studies to score, else None
+
+    def pixel_key(self) -> str:
+        """The file's cxr_batch.provenance.pixel_key from the pixels read here, without decoding
+        it again; '' when there are none (not scored) or they were decoded smaller than stored
+        (a JPEG's DCT scaling, a JPEG 2000 resolution level: all the model needs), which that
+        key is not of."""
+        stored = self.record.acquisition
+        if self.grey is None or self.grey.shape != (stored.image_rows, stored.image_columns):
+            return ""
+        return pixels_sha256(self.grey)
 
 
 def assemble_study(cand: Candidate, rules: ScoringRules, metadata: dict[str, MetadataRow] | None = None,

@@ -153,9 +153,9 @@ def save_bundle(
         "sha256": sha256_file(weights_path),
     }
     if training_images is not None:
-        from .provenance import write_training_images  # it imports this module
+        from .provenance import write_image_list  # it imports this module
 
-        manifest["training_images"] = write_training_images(folder, training_images)
+        manifest["training_images"] = write_image_list(folder, training_images)
     if model_card is not None:
         data = model_card.encode("utf-8")
         atomic_write_bytes(folder / MODEL_CARD_FILE, data, mode=0o644)

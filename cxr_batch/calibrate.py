@@ -46,7 +46,7 @@ from .folders import refuse_overlap
 from .inference import BatchOptions, Engine, score_batches
 from .labels import LabelsError, LabelTable, Matching, match_labels
 from .metadata import load_metadata_csv
-from .provenance import CALIBRATION, PIXELS, image_list, overlap, pixel_key, read_rows, read_training_images
+from .provenance import CALIBRATION, PIXELS, image_list, overlap, pixel_key, read_image_list, read_rows
 from .runtime import make_policy
 from .thresholds import at_sensitivity, by_rule, parse_rule
 from .triage import sensitivity_ladder
@@ -87,6 +87,8 @@ class LabelledScores:
     y: np.ndarray  # [N, 14] 0/1
     groups: np.ndarray  # [N] patient keys
     matching: Matching
+    # [N] each study's provenance.pixel_key from the pixels scored, '' where they were decoded smaller than stored
+    pixels: list[str] | None = None
 
 
 def score_labelled(studies: Path, labels: LabelTable, bundle: Bundle, opts: CalibrateOptions) -> LabelledScores:
@@ -98,20 +100,22 @@ def score_labelled(studies: Path, labels: LabelTable, bundle: Bundle, opts: Cali
         metadata = load_metadata_csv(labels.path, only={c.path.name for c in candidates}, option="--labels")
     engine = Engine(bundle, make_policy(opts.device, "fp32"))
     batches = BatchOptions(batch_size=opts.batch_size, workers=opts.workers, progress=opts.progress)
-    rows, logits = [], {}
-    for scored in score_batches(candidates, engine, batches, metadata):
+    rows, logits, pixels = [], {}, []
+    # the pixel keys calibration_images.csv lists: from the decoding done for scoring
+    for scored in score_batches(candidates, engine, batches, metadata, pixel_keys=True):
         for pos, record in enumerate(scored.records):
             if pos in scored.ok:
                 logits[len(rows)] = scored.logits[scored.ok.index(pos)].double().numpy()
             rows.append({"file": record.file, "status": record.status, "reason": record.reason,
                          "patient_id": record.ids.patient_id})
+            pixels.append(scored.pixel_keys[pos])
     matching = match_labels(rows, labels)
     rows_idx = [i for i, _ in matching.pairs]
     return LabelledScores(
         files=[rows[i]["file"] for i in rows_idx],
         logits=np.array([logits[i] for i in rows_idx]).reshape(-1, len(FINDINGS)),
         y=labels.y[[j for _, j in matching.pairs]].astype(int).reshape(-1, len(FINDINGS)),
-        groups=np.array(matching.groups, dtype=str), matching=matching,
+        groups=np.array(matching.groups, dtype=str), matching=matching, pixels=[pixels[i] for i in rows_idx],
     )
 
 
@@ -200,7 +204,7 @@ def training_overlap(base: Bundle, labels: LabelTable, scores: LabelledScores) -
     on them learns how sure the model is of images it has seen. Counts only, for the new bundle's
     provenance."""
     patients = [g if not g.startswith("file:") else "" for g in scores.groups]  # file: no Patient ID
-    said, _ = overlap(read_training_images(base.path, base.manifest), scores.files,
+    said, _ = overlap(read_image_list(base.path, base.manifest), scores.files,
                       [labels.files[j] for _, j in scores.matching.pairs], patients, IN_SAMPLE_FIT)
     if said["message"]:
         (log.warning if said["checked"] else log.info)("%s%s", "warning: " if said["checked"] else "", said["message"])
@@ -210,15 +214,16 @@ def training_overlap(base: Bundle, labels: LabelTable, scores: LabelledScores) -
 def calibration_rows(base: Bundle, labels: LabelTable, studies: Path,
                      scores: LabelledScores) -> list[tuple[str, str, str, str]]:
     """The new bundle's ``calibration_images.csv``: the studies fitted on here, by the Image Index
-    and Patient ID (else the scan's) of their label rows and their pixels' hash (read again:
-    a few milliseconds a study), and the base bundle's own, whose calibration the new one keeps
-    under its own (an image in both keeps the earlier row)."""
+    and Patient ID (else the scan's) of their label rows and their pixels' hash (the scoring's,
+    else read again: a few milliseconds a study), and the base bundle's own, whose calibration
+    the new one keeps under its own (an image in both keeps the earlier row)."""
     rows = {r["image"]: (r["image"], r["patient_id"], r["role"], r.get(PIXELS) or "")
             for r in read_rows(base.path, base.manifest, CALIBRATION) or []}
-    for file, (_, j), group in zip(scores.files, scores.matching.pairs, scores.groups):
+    pixels = scores.pixels or [""] * len(scores.files)
+    for file, (_, j), group, key in zip(scores.files, scores.matching.pairs, scores.groups, pixels):
         if labels.files[j] not in rows:
             rows[labels.files[j]] = (labels.files[j], "" if group.startswith("file:") else group, CALIBRATION.kind,
-                                     pixel_key(Path(studies) / file))
+                                     key or pixel_key(Path(studies) / file))
     return list(rows.values())
 
 

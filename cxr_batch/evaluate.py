@@ -26,7 +26,7 @@ from .findings import FINDINGS
 from .journal import STATE_DIR, EarlierResults
 from .labels import LabelsError, LabelTable, Matching, match_labels
 from .provenance import (CALIBRATION, CALIBRATION_IN_SAMPLE, TrainingImages, calibration_labels, overlap, pixel_key,
-                         read_training_images)
+                         read_image_list)
 from .results import read_results
 from .scan import ScanConfig, ScanSummary, run_scan
 
@@ -255,7 +255,7 @@ def evaluation(data: LabelledResults, manifest: dict, n_bootstrap: int = 1000, s
                training: TrainingImages | None = None, calibration: TrainingImages | None = None) -> dict:
     """Every number of evaluation.json from the labelled results and the bundle's manifest;
     ``training``, ``calibration``: the bundle's training images and calibration studies
-    (:func:`cxr_batch.provenance.read_training_images`)."""
+    (:func:`cxr_batch.provenance.read_image_list`)."""
     y, p, groups = data.y, data.p, data.groups
     overall = mean_auroc_interval(y, p, groups, n_bootstrap, seed)
     aucs = metrics.auroc_per_finding(y, p)
@@ -317,8 +317,14 @@ def run_evaluate(studies: Path, labels: LabelTable, out: Path, cfg: ScanConfig =
         raise EarlierResults(f"{out} holds the results of a scan (results.csv without evaluation.json): an "
                              f"evaluation would replace them; choose another --out (or remove that results.csv "
                              f"if it is left from an evaluation that was stopped)")
+    folder = Path(cfg.weights) if cfg.weights else DEFAULT_BUNDLE
+    manifest = read_manifest(folder)
+    training, calibration = read_image_list(folder, manifest), read_image_list(folder, manifest, CALIBRATION)
+    # the studies' pixel keys, where a list has them to compare: from the scan's own decoding
+    pixels = any(listed and listed.pixels for listed in (training, calibration))
     try:
-        summary = run_scan(studies, out, cfg, earlier="overwrite", metadata_option="--labels")  # an earlier evaluation here is replaced
+        summary = run_scan(studies, out, cfg, earlier="overwrite", metadata_option="--labels",  # an earlier evaluation here is replaced
+                           pixel_keys=pixels)
     except BaseException as e:
         # stopped during the scan (Ctrl-C, a full disk): a results.csv there now is this scan's, so
         # marked as an evaluation's the same command replaces it, not refuses it as a scan's
@@ -333,11 +339,9 @@ def run_evaluate(studies: Path, labels: LabelTable, out: Path, cfg: ScanConfig =
     if len(data.y) == 0:
         listed = f"{summary.results}'s file column and {labels.path}"
         raise LabelsError("no labelled study was scored: " + "; ".join(data.matching.problems(listed) or ["no studies"]))
-    folder = Path(cfg.weights) if cfg.weights else DEFAULT_BUNDLE
-    manifest = read_manifest(folder)
-    training, calibration = read_training_images(folder, manifest), read_training_images(folder, manifest, CALIBRATION)
-    if any(listed and listed.pixels for listed in (training, calibration)):  # read again: milliseconds a study
-        data = replace(data, pixels=[pixel_key(Path(studies) / r["file"]) for r in data.rows])
+    if pixels:  # a study whose pixels the scan decoded smaller than stored is read again (milliseconds)
+        data = replace(data, pixels=[summary.pixel_keys.get(r["file"]) or pixel_key(Path(studies) / r["file"])
+                                     for r in data.rows])
     result = evaluation(data, manifest, n_bootstrap, seed, training, calibration)
     for said in (result["training_overlap"], result["calibration_overlap"]):
         if said and said["message"]:  # once per evaluation; a bundle without the list is no error

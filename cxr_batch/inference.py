@@ -179,6 +179,7 @@ class ScoredBatch:
     images: torch.Tensor | None  # the model inputs of records[ok[i]], for heatmaps and reports
     tabular: torch.Tensor | None
     logits: torch.Tensor | None = None  # [len(ok), 14] calibrated logits (calibrate fits on them)
+    pixel_keys: list[str] | None = None  # [len(records)] AssembledStudy.pixel_key, when asked for
 
     def inputs(self, position: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The model inputs (image [3, S, S], tabular [3]) of records[position], if scored."""
@@ -208,9 +209,11 @@ def attach_scores(batch: Batch, probs: np.ndarray | None, bundle: Bundle, urgent
 
 def score_batches(candidates: list[Candidate], engine: Engine, options: BatchOptions,
                   metadata: dict[str, MetadataRow] | None = None,
-                  reader: StudyReader | None = None) -> Iterator[ScoredBatch]:
+                  reader: StudyReader | None = None, pixel_keys: bool = False) -> Iterator[ScoredBatch]:
     """Read, preprocess and score ``candidates`` in order, one batch at a time. ``reader``: a
-    running StudyReader to use (the watch daemon keeps one); by default one is started here."""
+    running StudyReader to use (the watch daemon keeps one); by default one is started here.
+    ``pixel_keys``: each batch also has its studies' pixel keys (cxr_batch.provenance.pixel_key),
+    from the pixels decoded for scoring, so whoever compares them need not decode them again."""
     if not candidates:
         return
     workers = default_workers(engine.policy.device) if options.workers is None else options.workers
@@ -231,6 +234,8 @@ def score_batches(candidates: list[Candidate], engine: Engine, options: BatchOpt
     on_gpu = engine.policy.device.type == "cuda"
     try:
         while chunk := list(islice(studies, options.batch_size)):
+            # hashed in the threads (hashlib lets go of the GIL), before the batch is made
+            keys = list(threads.map(AssembledStudy.pixel_key, chunk)) if pixel_keys else None
             if on_gpu:
                 batch = collate_on_device(chunk, prep, encoding, engine.policy.device)
             else:
@@ -238,7 +243,7 @@ def score_batches(candidates: list[Candidate], engine: Engine, options: BatchOpt
             logits = engine.score(batch.images, batch.tabular) if batch.ok else None
             probs = torch.sigmoid(logits).numpy() if batch.ok else None
             records = attach_scores(batch, probs, engine.bundle, options.urgent)
-            yield ScoredBatch(records, batch.ok, batch.images, batch.tabular, logits)
+            yield ScoredBatch(records, batch.ok, batch.images, batch.tabular, logits, keys)
             if progress is not None:
                 progress.update(len(records))
     finally:

@@ -30,13 +30,11 @@ import io
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-import numpy as np
-
 from .bundle import MANIFEST_FILE, BundleError, sha256_file
 from .display import plural
 from .files import atomic_write_bytes
 from .readers import image_stem, read_study
-from .study import StudyFailure
+from .study import StudyFailure, pixels_sha256
 
 TRAINING_IMAGES_FILE = "training_images.csv"
 CALIBRATION_IMAGES_FILE = "calibration_images.csv"
@@ -88,10 +86,9 @@ def pixel_key(path: Path) -> str:
     PNG made a DICOM file), not for a resized, recompressed or re-windowed export. '' when the
     file cannot be read now."""
     try:
-        grey = np.ascontiguousarray(read_study(Path(path)).grey, dtype=np.uint8)
+        return pixels_sha256(read_study(Path(path)).grey)
     except (StudyFailure, OSError, ValueError):
         return ""
-    return hashlib.sha256(f"{grey.shape[0]}x{grey.shape[1]}:".encode() + grey.tobytes()).hexdigest()
 
 
 def image_key(name: str) -> str:
@@ -130,9 +127,9 @@ def image_list(rows, kind: ImageList = TRAINING) -> tuple[bytes, dict]:
                   "matched_by": matched_by}
 
 
-def write_training_images(folder: Path, rows, kind: ImageList = TRAINING) -> dict:
-    """Write ``folder/training_images.csv`` (``kind``'s file) from ``rows`` (:func:`image_list`)
-    and return the manifest's record of it."""
+def write_image_list(folder: Path, rows, kind: ImageList = TRAINING) -> dict:
+    """Write ``kind``'s list (``training_images.csv``, ``calibration_images.csv``) in ``folder``
+    from ``rows`` (:func:`image_list`) and return the manifest's record of it."""
     data, record = image_list(rows, kind)
     atomic_write_bytes(Path(folder) / kind.file, data, mode=0o644)
     return record
@@ -170,7 +167,7 @@ def read_rows(folder: Path, manifest: dict, kind: ImageList = TRAINING) -> list[
     return rows
 
 
-def read_training_images(folder: Path, manifest: dict, kind: ImageList = TRAINING) -> TrainingImages | None:
+def read_image_list(folder: Path, manifest: dict, kind: ImageList = TRAINING) -> TrainingImages | None:
     """The images and patients of the bundle's ``kind`` list (training by default), or None when
     its manifest records none; raises as :func:`read_rows`."""
     rows = read_rows(folder, manifest, kind)
@@ -211,7 +208,7 @@ def overlap(training: TrainingImages | None, files: list[str], labelled_as: list
             patients: list[str], consequence: str = IN_SAMPLE, kind: ImageList = TRAINING,
             pixels: list[str] | None = None) -> tuple[dict, list[bool]]:
     """Which of the evaluated studies are in the bundle's ``kind`` list (``training``: its images
-    and patients, :func:`read_training_images`). ``files``: each study's scanned file;
+    and patients, :func:`read_image_list`). ``files``: each study's scanned file;
     ``labelled_as``: the label row's Image Index it matched; ``patients``: its Patient ID ('' when
     unknown); ``consequence``: what the message says follows ({these}: the in-sample studies);
     ``pixels``: each study's :func:`pixel_key` ('' when unknown; None: not computed), compared

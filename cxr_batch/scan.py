@@ -68,6 +68,9 @@ class ScanSummary:
     stopped_by: str = ""  # the signal's name (SIGINT, SIGTERM); empty for a complete scan
     signum: int | None = None
     normal_below: float | None = None  # the bundle's P(any) cutoff: how the "normal" bucket is named
+    # run_scan's pixel_keys: {file: its provenance.pixel_key} of the studies scored here, '' where
+    # their pixels were decoded smaller than stored
+    pixel_keys: dict[str, str] = field(default_factory=dict)
 
     @property
     def exit_code(self) -> int:
@@ -105,13 +108,15 @@ class ScanSummary:
 
 
 def run_scan(studies: Path, out: Path, cfg: ScanConfig = ScanConfig(), earlier: str = "refuse",
-             stop: StopSignal | None = None, metadata_option: str = "--metadata") -> ScanSummary:
+             stop: StopSignal | None = None, metadata_option: str = "--metadata",
+             pixel_keys: bool = False) -> ScanSummary:
     """Scan ``studies`` into ``out/results.csv``, and PDF reports into ``out/reports`` when
     ``cfg.pdf``. ``earlier``: what to do with an earlier scan's results in ``out`` ("refuse",
     "resume" or "overwrite", cxr_batch.journal); ``stop``: set (by SIGINT/SIGTERM) to end
     after the current batch, every study scored so far written and run.json marked incomplete.
     ``metadata_option``: the option that gave ``cfg.metadata``, as warnings about the table name it
-    (evaluate's ``--labels``).
+    (evaluate's ``--labels``). ``pixel_keys``: the summary's ``pixel_keys`` are filled in, from
+    the pixels decoded for scoring (evaluate compares them with a bundle's image lists).
 
     Every refusal that needs no model comes first: the results folder inside the studies (or
     the reverse) or in a weights bundle (FolderOverlap, BundleError), a bad device
@@ -166,7 +171,7 @@ def run_scan(studies: Path, out: Path, cfg: ScanConfig = ScanConfig(), earlier: 
                                 "known; every report says so", bundle.label, evidence.problem)
                 if previous.found and previous.mode == "overwrite":
                     log.warning("%s of the earlier scan deleted", plural(previous.remove_outputs(), "file"))
-                run = ScanRun(studies, out, cfg, bundle, policy, reader, previous, stop, conflicts, held)
+                run = ScanRun(studies, out, cfg, bundle, policy, reader, previous, stop, conflicts, held, pixel_keys)
                 return run.scan(candidates, files_found, metadata, match, settings, evidence.problem)
     except FolderBusy:  # the folder is another process's (it may have made it a moment ago): not touched
         raise
@@ -217,9 +222,9 @@ class ScanRun:
 
     def __init__(self, studies: Path, out: Path, cfg: ScanConfig, bundle, policy, reader, previous, stop,
                  uid_conflicts: dict[str, tuple[str, list[str], str]] | None = None,
-                 held: dict[str, tuple[str, str]] | None = None):
+                 held: dict[str, tuple[str, str]] | None = None, pixel_keys: bool = False):
         self.studies, self.out, self.cfg, self.bundle, self.policy = studies, out, cfg, bundle, policy
-        self.reader, self.previous, self.stop = reader, previous, stop
+        self.reader, self.previous, self.stop, self.pixel_keys = reader, previous, stop, pixel_keys
         self.uid_conflicts = uid_conflicts or {}  # rel: (uid, the other files, content), cxr_batch.keys.uid_conflicts
         self.held = held or {}  # rel: why it is not scored, for its row and the log (two_patient_studies)
         self.options = cfg.batch_options(cfg.progress)
@@ -297,7 +302,8 @@ class ScanRun:
 
             # a stop asked for while the model loaded: no batch is begun (Ctrl-C at start-up means
             # "not this scan", not "after one more batch")
-            batches = () if self.stop else score_batches(todo, engine, self.options, metadata, reader=self.reader)
+            batches = () if self.stop else score_batches(todo, engine, self.options, metadata, reader=self.reader,
+                                                         pixel_keys=self.pixel_keys)
             try:
                 for batch in batches:
                     for pos, record in enumerate(batch.records):
@@ -311,6 +317,8 @@ class ScanRun:
                         self.hold(record)  # before its PDF and SR: none is made
                         self.outputs(record, batch.inputs(pos))
                         write(record, True)
+                        if batch.pixel_keys is not None and record.ok:
+                            summary.pixel_keys[record.file] = batch.pixel_keys[pos]
                         if record.ok:
                             checkpoint("journal")
                             record_log.add(record, self._sha256(record), self.bundle.sha256)

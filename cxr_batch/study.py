@@ -8,6 +8,7 @@ before the failure, the :class:`StudyHeader` so the study's row still says which
 
 from __future__ import annotations
 
+import hashlib
 import uuid
 from dataclasses import dataclass, field
 
@@ -197,6 +198,14 @@ class StudyImage:
     grey: np.ndarray
     kind: str  # "png", "jpeg" or "dicom"
     header: StudyHeader = field(default_factory=StudyHeader)
+
+
+def pixels_sha256(grey: np.ndarray) -> str:
+    """The sha256 of decoded grey pixels [H, W], with their size (cxr_batch.provenance.pixel_key)."""
+    grey = np.ascontiguousarray(grey, dtype=np.uint8)
+    digest = hashlib.sha256(f"{grey.shape[0]}x{grey.shape[1]}:".encode())
+    digest.update(grey)  # not a copy of the image
+    return digest.hexdigest()
 
 
 @dataclass(frozen=True)

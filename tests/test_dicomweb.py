@@ -582,13 +582,13 @@ def test_status_says_the_archive_asked_to_wait_and_until_when(results, archive, 
     try:
         before = time.time()
         sender.send_due(ledger, until=before)
-        said = sender.status()
+        said = sender.status(ledger)
         assert said["peer"] == "asked to wait (Retry-After)", said
         assert before + 599 <= said["next_try_at"] <= time.time() + 600, said
         archive.answer, archive.headers = (200, None), {}
         ledger.outbound_send_now()  # the operator's retry: it answers, the wait is over
         sender.send_due(ledger)
-        assert sender.status()["peer"] == "ok" and "next_try_at" not in sender.status()
+        assert sender.status(ledger)["peer"] == "ok" and "next_try_at" not in sender.status(ledger)
     finally:
         ledger.close()
 
@@ -603,7 +603,7 @@ def test_status_s_next_try_follows_the_clock_set_back(results, archive, tmp_path
         real = time.time
         monkeypatch.setattr(time, "time", lambda: real() - 3600)
         assert not sender.send_due(ledger)  # the sender sees the jump; nothing is due yet
-        said = sender.status()
+        said = sender.status(ledger)
         assert said["peer"] == "asked to wait (Retry-After)" and said["next_try_at"] <= time.time() + 600, said
     finally:
         ledger.close()
@@ -669,5 +669,47 @@ def test_outbound_list_says_when_a_channel_waiting_out_a_retry_after_tries_a_res
         assert " now " in listed()[uids[1]]
         sender.send_due(ledger)
         assert len(archive.seen) == 3 and ledger.outbound_stats(time.time(), "stow")["delivered"] == 2
+    finally:
+        ledger.close()
+
+
+def test_status_json_s_next_try_is_the_queue_s_wait(results, archive, tmp_path):
+    """status.json's next_try_at was kept by the sender apart from the queue's wait in the ledger,
+    and the two disagreed: after `cxr-batch outbound retry` ended the archive's Retry-After (the
+    queue due now, as `outbound list` said), status.json still said the next try was ten minutes
+    away; and a daemon restarted while the archive's wait lasted said `peer` "ok" and no next try,
+    while it sent nothing for those ten minutes. status.json reads the queue's wait."""
+    import shutil
+    import sys
+
+    from cxr_batch.integration.outbox import Outbox, StowChannel
+    from cxr_batch.ledger import Ledger, outbound_entry
+
+    _, srs = results
+    out = tmp_path / "out"
+    (out / "dicom").mkdir(parents=True)
+    shutil.copy(srs[0], out / "dicom" / srs[0].name)
+    uid = pydicom.dcmread(srs[0]).SOPInstanceUID
+    url = f"http://127.0.0.1:{archive.server_address[1]}/dicom-web"
+    ledger = Ledger(out / ".cxr-batch" / "ledger.sqlite")
+
+    def outbox() -> Outbox:  # a daemon's channels, started anew
+        return Outbox(out, ledger.path, [StowChannel(_config(tmp_path, url))], retry_max=1.0, refused_retry=900.0)
+
+    try:
+        archive.answer, archive.headers = (503, None), {"Retry-After": "600"}
+        ledger.queue_outbound([("k", outbound_entry(uid, f"dicom/{srs[0].name}", "stow", url))])
+        running = outbox()
+        running.senders[0].send_due(ledger, until=time.time())  # one POST: the archive asks for ten minutes
+        until, _ = ledger.outbound_held("stow")
+        said = running.status(ledger)["outbound_stow"]
+        assert said["peer"] == "asked to wait (Retry-After)" and said["next_try_at"] == until, said
+        restarted = outbox().status(ledger)["outbound_stow"]  # the wait outlives the daemon: said so
+        assert restarted["peer"] == "asked to wait (Retry-After)" and restarted["next_try_at"] == until, restarted
+        done = subprocess.run([sys.executable, "-m", "cxr_batch", "outbound", "retry", "--out", str(out)],
+                              capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+        said = running.status(ledger)["outbound_stow"]  # the operator ended the wait: no next try ahead
+        assert "next_try_at" not in said and said["peer"] != "asked to wait (Retry-After)", said
     finally:
         ledger.close()

@@ -343,7 +343,7 @@ def test_sender_backs_off_while_the_pacs_is_down_then_drains_the_queue(queued_sr
     pacs = None
     try:
         assert wait_for(lambda: ledger.outbound_stats(time.time())["retrying"] >= 1, timeout=30)
-        assert sender.status()["peer"] == "unreachable" and "no association" in sender.status()["last_error"]
+        assert sender.status(ledger)["peer"] == "unreachable" and "no association" in sender.status(ledger)["last_error"]
         assert ledger.outbound_stats(time.time())["queued"] == 2
         pacs = subprocess.Popen(["storescp", "-aet", "PACS", "-od", str(pacs_dir), str(port)],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -355,7 +355,7 @@ def test_sender_backs_off_while_the_pacs_is_down_then_drains_the_queue(queued_sr
             pacs.wait(timeout=10)
     assert sorted(pydicom.dcmread(p).SOPInstanceUID for p in pacs_dir.iterdir()) == sorted(uids)
     stats = ledger.outbound_stats(time.time())
-    assert stats["queued"] == 0 and stats["refused"] == 0 and sender.status()["peer"] == "ok"
+    assert stats["queued"] == 0 and stats["refused"] == 0 and sender.status(ledger)["peer"] == "ok"
 
 
 @pytest.mark.skipif(not have("openssl", "storescp"), reason="openssl or dcmtk not installed")
@@ -386,7 +386,7 @@ def test_results_go_to_the_pacs_over_tls_only_to_a_trusted_certificate(queued_sr
         pacs.terminate()
         pacs.wait(timeout=10)
     assert sorted(pydicom.dcmread(p).SOPInstanceUID for p in pacs_dir.iterdir()) == sorted(uids)
-    assert sender.status()["tls"]
+    assert sender.status(ledger)["tls"]
 
 
 def test_a_peer_that_refuses_the_object_keeps_it_queued_at_a_slow_pace(queued_srs):

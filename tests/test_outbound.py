@@ -390,7 +390,7 @@ def test_a_receiver_down_for_a_day_still_backs_off_by_retry_max_and_says_why(tmp
         sender.send_due(ledger, until=before)
         due = ledger.next_due("hl7")
         assert before + 59 <= due <= time.time() + 60
-        assert "cannot connect" in sender.status()["last_error"] and sender.status()["peer"] == "unreachable"
+        assert "cannot connect" in sender.status(ledger)["last_error"] and sender.status(ledger)["peer"] == "unreachable"
     finally:
         ledger.close()
 

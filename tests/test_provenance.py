@@ -16,7 +16,7 @@ from cxr_batch.model import ModelConfig, build_model
 from cxr_batch.patient import PatientEncoding
 from cxr_batch.preprocess import Preprocessing
 from cxr_batch.provenance import (CALIBRATION_IMAGES_FILE, NOT_RECORDED, TRAINING_IMAGES_FILE, TrainingImages,
-                                  image_key, overlap, read_training_images)
+                                  image_key, overlap, read_image_list)
 from training.record_images import FOLDS, check_against_manifest, development_rows
 
 from .test_evaluate_calibrate import cli, folder_of
@@ -102,7 +102,7 @@ def test_bundled_v3_lists_exactly_its_development_images(nih):
     check_against_manifest(folds, manifest)
     rows = listed(DEFAULT_BUNDLE)
     assert [(r["image"], r["patient_id"], r["role"]) for r in rows] == sorted(development_rows(folds))
-    training = read_training_images(DEFAULT_BUNDLE, manifest)
+    training = read_image_list(DEFAULT_BUNDLE, manifest)
     assert len(training.images) == 1250 and len(training.patients) == 967
     assert not training.images & {image_key(i) for i in manifest["training"]["data"]["held_out_test_images"]}
     shared = pd.read_csv(nih / "labels.csv", dtype=str)["Image Index"]
@@ -397,3 +397,123 @@ def test_a_calibration_study_copied_under_another_name_or_made_dicom_is_still_fo
     assert said["without_them"]["n"] == 3
     assert proc.stderr.count("3 of 6 studies are images this bundle was calibrated on (3 under another name or "
                              "format, matched by their pixels)") == 1, proc.stderr[-2000:]
+
+
+def test_a_calibration_list_is_written_and_read_back_as_an_image_list(tmp_path):
+    """write_training_images/read_training_images served the calibration list too (kind=CALIBRATION)
+    under a name that said training: the functions say image list, whichever kind it is."""
+    from cxr_batch.provenance import CALIBRATION, read_image_list, write_image_list
+
+    rows = [("00000001_000.png", " 7 ", "calibration", "ab" * 32), ("00000002_000.png", "", "calibration", "")]
+    record = write_image_list(tmp_path, rows, CALIBRATION)
+    assert record["file"] == CALIBRATION_IMAGES_FILE and (tmp_path / CALIBRATION_IMAGES_FILE).is_file()
+    assert not (tmp_path / TRAINING_IMAGES_FILE).exists()
+    listed_images = read_image_list(tmp_path, {"calibration_images": record}, CALIBRATION)
+    assert listed_images == TrainingImages(frozenset({"00000001_000", "00000002_000"}), frozenset({"7"}),
+                                           frozenset({"ab" * 32}))
+    assert read_image_list(tmp_path, {"calibration_images": record}) is None  # no training list recorded
+
+
+def test_evaluate_decodes_each_study_once_and_still_finds_a_renamed_or_converted_calibration_study(
+        nih, nih_images, tmp_path, small_bundle, monkeypatch):
+    """`evaluate` with a bundle whose list has pixels_sha256 decoded every study a second time,
+    after its scan, to hash its pixels: twice the decoding for a check the scan's own decode
+    could answer. The scan hands back each study's pixels' hash; a renamed copy and a DICOM
+    conversion of a calibration study are still found, and a JPEG's copy too, though the scan
+    decoded it smaller than stored (all the model needs): that one alone is read again."""
+    import os
+
+    from PIL import Image
+
+    import cxr_batch.dicom
+    import cxr_batch.readers
+    from tests.dicomgen import grey, write
+
+    from .test_evaluate_calibrate import cli_here
+
+    fitted = nih_images[:12]
+    fit = folder_of(tmp_path, fitted, "fit")
+    jpeg = fit / fitted[3].with_suffix(".jpg").name  # a calibration study that is a JPEG (its labels' row: by stem)
+    Image.open(fitted[3]).convert("L").save(jpeg, quality=95)
+    (fit / fitted[3].name).unlink()
+    code, stderr = cli_here("calibrate", fit, "--labels", labels_of(nih, fitted, tmp_path / "fit.csv"), "--weights",
+                            small_bundle, "--out", tmp_path / "calibrated", *CPU)
+    assert code == 0, stderr[-2000:]
+    table = pd.read_csv(nih / "labels.csv", dtype=str).set_index("Image Index")
+    studies = tmp_path / "site"
+    studies.mkdir()
+    renamed = {}
+    for k, p in enumerate(fitted[:2]):  # the same file under an accession number
+        shutil.copy(p, studies / f"ACC{k:04d}.png")
+        renamed[f"ACC{k:04d}.png"] = p.name
+    write(studies / "converted.dcm", grey(fitted[2]))  # the same 8-bit grey pixels as DICOM
+    renamed["converted.dcm"] = fitted[2].name
+    shutil.copy(jpeg, studies / "ACC0003.jpg")
+    renamed["ACC0003.jpg"] = fitted[3].name
+    for p in nih_images[40:43]:  # studies it was not calibrated on
+        shutil.copy(p, studies / p.name)
+        renamed[p.name] = p.name
+    labels = tmp_path / "site.csv"  # no Patient ID: no patient to match
+    pd.DataFrame({"Image Index": list(renamed), "Finding Labels": [table.loc[n, "Finding Labels"] for n in
+                                                                     renamed.values()]}).to_csv(labels, index=False)
+
+    decoded = []  # the file each decode was of (decoders are given /proc/self/fd/N: the open file)
+
+    def counted(decoder):
+        def decode(path, *args, **kwargs):
+            decoded.append(os.path.basename(os.path.realpath(path)))
+            return decoder(path, *args, **kwargs)
+        return decode
+
+    monkeypatch.setattr(cxr_batch.readers, "read_pil_study", counted(cxr_batch.readers.read_pil_study))
+    monkeypatch.setattr(cxr_batch.dicom, "read_dicom", counted(cxr_batch.dicom.read_dicom))
+    out = tmp_path / "ev"
+    code, stderr = cli_here("evaluate", studies, "--labels", labels, "--weights", tmp_path / "calibrated", "--out",
+                            out, "--bootstrap", 0, *CPU)  # --workers 0: decoded in this process, where they are counted
+    assert code == 0, stderr[-2000:]
+    assert sorted(decoded) == sorted([*renamed, "ACC0003.jpg"]), decoded  # the JPEG: smaller, then as stored
+    said = json.loads((out / "evaluation.json").read_text())["calibration_overlap"]
+    assert said["images_in_calibration"] == 4 and said["renamed_copies"] == 4, said
+    assert sorted(said["in_sample_files"]) == sorted(list(renamed)[:4])
+
+
+def test_calibrate_decodes_each_study_once_and_lists_the_pixels_of_each(nih, nih_images, tmp_path, small_bundle,
+                                                                       monkeypatch):
+    """`calibrate` decoded every study a second time after scoring it, to hash its pixels for
+    calibration_images.csv. The scoring hands back each study's pixels' hash; a JPEG it decoded
+    smaller than stored (all the model needs) alone is read again, and the list holds for
+    every study the hash of its pixels as stored."""
+    import os
+
+    from PIL import Image
+
+    import cxr_batch.dicom
+    import cxr_batch.readers
+    from cxr_batch.provenance import pixel_key
+
+    from .test_evaluate_calibrate import cli_here
+
+    fitted = nih_images[:12]
+    fit = folder_of(tmp_path, fitted, "fit")
+    jpeg = fit / fitted[3].with_suffix(".jpg").name  # its labels' row: by the name without its extension
+    Image.open(fitted[3]).convert("L").save(jpeg, quality=95)
+    (fit / fitted[3].name).unlink()
+    decoded = []  # the file each decode was of (decoders are given /proc/self/fd/N: the open file)
+
+    def counted(decoder):
+        def decode(path, *args, **kwargs):
+            decoded.append(os.path.basename(os.path.realpath(path)))
+            return decoder(path, *args, **kwargs)
+        return decode
+
+    monkeypatch.setattr(cxr_batch.readers, "read_pil_study", counted(cxr_batch.readers.read_pil_study))
+    monkeypatch.setattr(cxr_batch.dicom, "read_dicom", counted(cxr_batch.dicom.read_dicom))
+    code, stderr = cli_here("calibrate", fit, "--labels", labels_of(nih, fitted, tmp_path / "fit.csv"), "--weights",
+                            small_bundle, "--out", tmp_path / "calibrated", *CPU)  # --workers 0: counted here
+    assert code == 0, stderr[-2000:]
+    files = sorted(p.name for p in fit.iterdir())
+    assert sorted(decoded) == sorted([*files, jpeg.name]), decoded  # the JPEG: smaller, then as stored
+    monkeypatch.undo()
+    with open(tmp_path / "calibrated" / CALIBRATION_IMAGES_FILE, newline="") as f:
+        listed_pixels = {r["image"]: r["pixels_sha256"] for r in csv.DictReader(f)}
+    assert listed_pixels == {p.name: pixel_key(jpeg if p == fitted[3] else p) for p in fitted}

@@ -531,3 +531,23 @@ def test_train_and_evaluate_share_one_minimum_of_bootstrap_resamples(tmp_path):
     assert refused.exit_code == 2 and f"at least {MIN_RESAMPLES}" in refused.output, refused.output
     text = " ".join(CliRunner().invoke(main, ["evaluate", "--help"]).output.split())
     assert f"at least {MIN_RESAMPLES}" in text
+
+
+def test_a_run_that_fails_in_process_lets_go_of_its_run_folder(nih, tmp_path):
+    """training.train.main took the run folder's lock without letting go of it when the run
+    raised: called in-process (a notebook, a test, a caller's retry loop), the same call made
+    again, the data fixed or not, was refused 'in use by cxr-batch train' naming this very
+    process, until the process ended."""
+    from cxr_batch.folderlock import FolderLock
+    from training.config import TrainConfig
+    from training.train import main
+
+    (tmp_path / "images").mkdir()  # none of the table's images: the run stops after taking the folder
+    cfg = TrainConfig.load(QUICK, images=str(tmp_path / "images"), metadata=str(nih / "labels.csv"),
+                           out=str(tmp_path / "run"), device="cpu")
+    for _ in range(2):  # the second call fails for the same reason, not for the lock
+        with pytest.raises(ValueError, match="no image of") as failed:
+            main(cfg)
+        assert "in use" not in str(failed.value)
+    with FolderLock(tmp_path / "run", "train"):  # free for the next run, in this process or another
+        pass

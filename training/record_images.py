@@ -21,7 +21,7 @@ from pathlib import Path
 import pandas as pd
 
 from cxr_batch.bundle import load_bundle, read_manifest, write_manifest
-from cxr_batch.provenance import write_training_images
+from cxr_batch.provenance import write_image_list
 
 FOLDS = Path("training_run") / "folds.csv"
 
@@ -52,7 +52,7 @@ def record(bundle: Path) -> dict:
     manifest = read_manifest(bundle)
     folds = pd.read_csv(bundle / FOLDS, dtype={"patient_id": str, "image": str})
     check_against_manifest(folds, manifest)
-    manifest["training_images"] = write_training_images(bundle, development_rows(folds))
+    manifest["training_images"] = write_image_list(bundle, development_rows(folds))
     write_manifest(bundle, manifest)
     load_bundle(bundle)  # verifies the weights, the manifest and the list
     return manifest["training_images"]

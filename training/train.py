@@ -7,6 +7,7 @@ DistributedDataParallel (NCCL on CUDA, gloo on CPU); rank 0 alone writes files.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
@@ -287,6 +288,14 @@ def setup_distributed() -> tuple[int, int]:
 
 def main(cfg: TrainConfig, resume: bool = False) -> Path:
     """Run every stage; returns the run folder. Rank 0 writes all files."""
+    # the run folder's lock is let go however the run ends: called in-process, a run that raised
+    # kept it, and the same call made again was refused ("in use") until the process ended
+    with contextlib.ExitStack() as held:
+        return run_stages(cfg, resume, held)
+
+
+def run_stages(cfg: TrainConfig, resume: bool, held: contextlib.ExitStack) -> Path:
+    """:func:`main`'s stages; ``held`` lets go of the run folder's lock when the run ends."""
     out = Path(cfg.out)
     check_out_folder(out, resume)
     # read before any work: a download that cannot happen, or a file that is no DenseNet-121,
@@ -325,7 +334,7 @@ def main(cfg: TrainConfig, resume: bool = False) -> Path:
     # data: prepare (stage 1) and cache (stage 2) on rank 0, the others wait and read
     if is_main:
         out.mkdir(parents=True, exist_ok=True)
-        lock = hold_run_folder(out)
+        held.callback(hold_run_folder(out).release)
         if not (resume and (out / PREPARED).exists()):
             prepare(cfg, out)
         (out / INIT_INFO).write_text(json.dumps(initialisation(cfg, imagenet, backbone), indent=2) + "\n")
@@ -448,7 +457,6 @@ def main(cfg: TrainConfig, resume: bool = False) -> Path:
 
     # stages 4-6 read what the stages above wrote
     evaluate_run(cfg, out, ctx)
-    lock.release()
     if world > 1:
         dist.destroy_process_group()
     return out

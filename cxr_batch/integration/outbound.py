@@ -59,6 +59,7 @@ IDLE_WAIT = 5.0  # seconds between looks at the queue when nothing woke the send
 DAMAGED = ".damaged"  # added to the name of an object file that is not whole: kept aside, never sent
 MADE_AGAIN = "made again by watch/listen at their next start, or by the same scan with --resume"
 CLOCK_STEP = 1.0  # the system clock set back more than this (against the monotonic clock) is a jump
+ASKED_TO_WAIT = "the receiver asked to wait (Retry-After)"  # the reason of a channel's wait a receiver asked for
 
 
 class Channel(Protocol):
@@ -116,8 +117,6 @@ class Sender:
         self.halt, self.wakeup = threading.Event(), threading.Event()
         self.link_failures = 0  # consecutive passing failures: the back-off's exponent
         self.last_error = ""
-        # until when (epoch seconds) the receiver asked the channel to wait (Retry-After); None: it did not
-        self.held_until: float | None = None
         # delivered, but not yet recorded (the ledger could not be written: a full disk): never
         # sent again while it waits to be recorded, as the queue would have it
         self.unrecorded: set[str] = set()
@@ -149,13 +148,18 @@ class Sender:
         if self.thread is not None:
             self.thread.join(timeout if timeout is not None else 4 * self.timeout + 5)
 
-    def status(self) -> dict:
-        held = self.held_until is not None and self.link_failures > 0
+    def status(self, ledger: Ledger) -> dict:
+        """status.json's record of the channel. Its wait is read from ``ledger`` (a connection of
+        the calling thread), the one the queue keeps: a wait kept here too went on being said
+        after an operator's retry ended it, and a daemon restarted during a receiver's wait said
+        none while it waited."""
+        held = ledger.outbound_held(self.channel.name)
+        asked = held is not None and held[1] == ASKED_TO_WAIT and held[0] > time.time()
         return {"destination": str(self.channel), "tls": self.tls,
                 # an archive that asked to wait answered: said apart from one that cannot be reached
-                "peer": "asked to wait (Retry-After)" if held else "unreachable" if self.link_failures else "ok",
+                "peer": "asked to wait (Retry-After)" if asked else "unreachable" if self.link_failures else "ok",
                 "last_error": self.last_error[:200],
-                **({"next_try_at": self.held_until} if held else {})}
+                **({"next_try_at": held[0]} if asked else {})}
 
     # ------------------------------------------------------------------ the loop
     def _run(self) -> None:
@@ -202,7 +206,7 @@ class Sender:
                 self.unrecorded.discard(item.uid)
                 if self.link_failures:
                     log.info("%s answers again: sending the queue", where)
-                self.link_failures, self.last_error, self.held_until = 0, "", None
+                self.link_failures, self.last_error = 0, ""
                 log.info("sent %s to %s", item.uid, where)
             elif result.transient:
                 self.link_failures += 1
@@ -212,9 +216,9 @@ class Sender:
                     delay = self._asked_wait(result.retry_after, delay)
                 self.last_error = result.reason
                 failed_at = time.time()
-                self.held_until = failed_at + delay if result.retry_after is not None else None
-                # recorded: every object of the channel waits it out, one queued since too
-                ledger.outbound_hold(name, failed_at + delay, "the receiver asked to wait (Retry-After)"
+                # recorded: every object of the channel waits it out, one queued since too (and
+                # status.json says until when)
+                ledger.outbound_hold(name, failed_at + delay, ASKED_TO_WAIT
                                      if result.retry_after is not None else f"back-off after: {result.logged}")
                 # the link is down, or the receiver said when to come back: the whole queue waits, in its order
                 if result.unsent or result.retry_after is not None:
@@ -284,9 +288,7 @@ class Sender:
         offset = time.time() - time.monotonic()
         back, self.clock_offset = self.clock_offset - offset, offset
         if back > CLOCK_STEP:
-            n = ledger.outbound_clock_back(back, self.channel.name)
-            if self.held_until is not None:  # status.json's next try: moved back with the queue
-                self.held_until -= back
+            n = ledger.outbound_clock_back(back, self.channel.name)  # the channel's wait too
             log.warning("the system clock went back %.0f s: the %d waiting %s object(s) keep their wait", back, n,
                         self.channel.name)
         # set back while no sender ran (a restart with the right time after a clock that ran

@@ -298,7 +298,7 @@ class Outbox:
         now = time.time()
         status = {}
         for sender in self.senders:
-            status[_status_key(sender.channel.name)] = {**sender.status(),
+            status[_status_key(sender.channel.name)] = {**sender.status(ledger),
                                                         **ledger.outbound_stats(now, sender.channel.name)}
         for name in ledger.outbound_channels():
             if name not in self.names:
