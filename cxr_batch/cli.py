@@ -195,6 +195,7 @@ def bundle_folder() -> PathOrHint:
 # Tables a --config file may hold: each command reads its own and [scoring]; one file can
 # configure every command.
 CONFIG_TABLES = ("scan", "watch", "listen", "scoring", "pull", "dicomweb")
+COMMAND_TABLES = ("scan", "watch", "listen", "pull")  # the tables of one command each
 
 
 def load_config(cls, config_file: Path | None, table: str, **options):
@@ -202,11 +203,19 @@ def load_config(cls, config_file: Path | None, table: str, **options):
     command-line ``options`` (None = not given) on top, with ``--hl7-to``/``--stow-to``
     (:func:`delivery_options`). A ``[dicomweb]`` table holds the STOW-RS credentials (and may
     name the archive); they are checked here, before any work. ConfigError names the bad key."""
-    from .config import check_tables, load_dataclass, read_toml
+    from .config import ConfigError, check_tables, load_dataclass, read_toml
 
     data = read_toml(config_file) if config_file is not None else {}
     where = str(config_file) if config_file is not None else "options"
     check_tables(data, CONFIG_TABLES, where, {f.name: table for f in dataclasses.fields(cls) if f.init})
+    # a command reads only its own table: another command's file (docs/watch.toml given to listen)
+    # would start it with every setting there silently at its default
+    others = [name for name in COMMAND_TABLES if name != table and name in data]
+    if others and table not in data:
+        raise ConfigError(f"{where} has no [{table}] table, only {', '.join(f'[{o}]' for o in others)}: '{table}' "
+                          f"reads [{table}] and [scoring], so nothing of {' or '.join(others)}'s would be used; "
+                          f"write {table}'s settings below a [{table}] line (an empty [{table}] line to use only "
+                          f"[scoring])")
     values = dict(data.get(table, {}))
     if "scoring" in data:  # checked as the table the file has, so that a mistake is named there
         scoring_type = typing.get_type_hints(cls)["scoring"]
