@@ -705,11 +705,13 @@ def outbound_list(out, everything, channel):
 @click.argument("uids", nargs=-1)
 def outbound_retry(out, channel, uids):
     """Send now: every waiting object, or the UIDS named (dropped or delivered ones are queued again)."""
-    n = open_outbound(out).outbound_send_now(list(uids) or None, channel)
+    ledger = open_outbound(out)
+    n = ledger.outbound_send_now(list(uids) or None, channel)
     say(f"{plural(n, 'object')} due now; a running daemon sends them within seconds (else: cxr-batch outbound send)",
                err=True)
     if uids and n < len(set(uids)):
-        fail(f"{len(set(uids)) - n} of the UIDs named are not in the queue", False)
+        fail(f"{len(set(uids)) - n} of the UIDs named are not in the queue: "
+             + _uids_not_found(ledger.outbound_rows(True, channel), uids, waiting=False), False)
 
 
 @outbound.command("drop")
@@ -718,10 +720,33 @@ def outbound_retry(out, channel, uids):
 @click.argument("uids", nargs=-1, required=True)
 def outbound_drop(out, channel, uids):
     """Stop sending the waiting objects UIDS (they stay listed with --all; retry queues them again)."""
-    n = open_outbound(out).outbound_drop(list(uids), channel)
+    ledger = open_outbound(out)
+    rows = ledger.outbound_rows(True, channel)  # before the drop: what each UID was
+    n = ledger.outbound_drop(list(uids), channel)
     say(f"{plural(n, 'object')} dropped", err=True)
     if n < len(set(uids)):
-        fail(f"{len(set(uids)) - n} of the UIDs named are not waiting in the queue", False)
+        fail(f"{len(set(uids)) - n} of the UIDs named are not waiting in the queue: "
+             + _uids_not_found(rows, uids, waiting=True), False)
+
+
+def _uids_not_found(rows: list[dict], uids, waiting: bool) -> str:
+    """Which of ``uids`` the queue's ``rows`` (Ledger.outbound_rows, everything) lack, each with
+    the queued one it is closest to (a UID or control id is 20-64 characters typed or pasted by
+    hand), or, ``waiting``, that it was delivered or dropped already. Printed through :func:`fail`,
+    which shows control characters as text."""
+    import difflib
+
+    known = {r["uid"]: r for r in rows}
+    said = []
+    for uid in dict.fromkeys(uids):
+        row = known.get(uid)
+        if row is None:
+            close = difflib.get_close_matches(uid, list(known), n=1, cutoff=0.8)
+            said.append(f"{uid!r} is not in the queue" + (f" (did you mean {close[0]!r}?)" if close else ""))
+        elif waiting and (row["delivered_at"] is not None or row["dropped_at"] is not None):
+            said.append(f"{uid!r} is not waiting: "
+                        + ("delivered" if row["delivered_at"] is not None else "dropped") + " already")
+    return "; ".join(said) + " ('cxr-batch outbound list --all' lists every one)"
 
 
 @outbound.command("send")
