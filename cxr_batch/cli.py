@@ -193,6 +193,7 @@ def bundle_folder() -> PathOrHint:
 # Tables a --config file may hold: each command reads its own and [scoring]; one file can
 # configure every command.
 CONFIG_TABLES = ("scan", "watch", "listen", "scoring", "pull", "dicomweb")
+COMMAND_TABLES = ("scan", "watch", "listen", "pull")  # the tables of one command each
 
 
 def load_config(cls, config_file: Path | None, table: str, **options):
@@ -200,11 +201,19 @@ def load_config(cls, config_file: Path | None, table: str, **options):
     command-line ``options`` (None = not given) on top, with ``--hl7-to``/``--stow-to``
     (:func:`delivery_options`). A ``[dicomweb]`` table holds the STOW-RS credentials (and may
     name the archive); they are checked here, before any work. ConfigError names the bad key."""
-    from .config import check_tables, load_dataclass, read_toml
+    from .config import ConfigError, check_tables, load_dataclass, read_toml
 
     data = read_toml(config_file) if config_file is not None else {}
     where = str(config_file) if config_file is not None else "options"
     check_tables(data, CONFIG_TABLES, where, {f.name: table for f in dataclasses.fields(cls) if f.init})
+    # a command reads only its own table: another command's file (docs/watch.toml given to listen)
+    # would start it with every setting there silently at its default
+    others = [name for name in COMMAND_TABLES if name != table and name in data]
+    if others and table not in data:
+        raise ConfigError(f"{where} has no [{table}] table, only {', '.join(f'[{o}]' for o in others)}: '{table}' "
+                          f"reads [{table}] and [scoring], so nothing of {' or '.join(others)}'s would be used; "
+                          f"write {table}'s settings below a [{table}] line (an empty [{table}] line to use only "
+                          f"[scoring])")
     values = dict(data.get(table, {}))
     if "scoring" in data:  # checked as the table the file has, so that a mistake is named there
         scoring_type = typing.get_type_hints(cls)["scoring"]
@@ -694,11 +703,13 @@ def outbound_list(out, everything, channel):
 @click.argument("uids", nargs=-1)
 def outbound_retry(out, channel, uids):
     """Send now: every waiting object, or the UIDS named (dropped or delivered ones are queued again)."""
-    n = open_outbound(out).outbound_send_now(list(uids) or None, channel)
+    ledger = open_outbound(out)
+    n = ledger.outbound_send_now(list(uids) or None, channel)
     say(f"{plural(n, 'object')} due now; a running daemon sends them within seconds (else: cxr-batch outbound send)",
                err=True)
     if uids and n < len(set(uids)):
-        fail(f"{len(set(uids)) - n} of the UIDs named are not in the queue", False)
+        fail(f"{len(set(uids)) - n} of the UIDs named are not in the queue: "
+             + _uids_not_found(ledger.outbound_rows(True, channel), uids, waiting=False), False)
 
 
 @outbound.command("drop")
@@ -707,10 +718,33 @@ def outbound_retry(out, channel, uids):
 @click.argument("uids", nargs=-1, required=True)
 def outbound_drop(out, channel, uids):
     """Stop sending the waiting objects UIDS (they stay listed with --all; retry queues them again)."""
-    n = open_outbound(out).outbound_drop(list(uids), channel)
+    ledger = open_outbound(out)
+    rows = ledger.outbound_rows(True, channel)  # before the drop: what each UID was
+    n = ledger.outbound_drop(list(uids), channel)
     say(f"{plural(n, 'object')} dropped", err=True)
     if n < len(set(uids)):
-        fail(f"{len(set(uids)) - n} of the UIDs named are not waiting in the queue", False)
+        fail(f"{len(set(uids)) - n} of the UIDs named are not waiting in the queue: "
+             + _uids_not_found(rows, uids, waiting=True), False)
+
+
+def _uids_not_found(rows: list[dict], uids, waiting: bool) -> str:
+    """Which of ``uids`` the queue's ``rows`` (Ledger.outbound_rows, everything) lack, each with
+    the queued one it is closest to (a UID or control id is 20-64 characters typed or pasted by
+    hand), or, ``waiting``, that it was delivered or dropped already. Printed through :func:`fail`,
+    which shows control characters as text."""
+    import difflib
+
+    known = {r["uid"]: r for r in rows}
+    said = []
+    for uid in dict.fromkeys(uids):
+        row = known.get(uid)
+        if row is None:
+            close = difflib.get_close_matches(uid, list(known), n=1, cutoff=0.8)
+            said.append(f"{uid!r} is not in the queue" + (f" (did you mean {close[0]!r}?)" if close else ""))
+        elif waiting and (row["delivered_at"] is not None or row["dropped_at"] is not None):
+            said.append(f"{uid!r} is not waiting: "
+                        + ("delivered" if row["delivered_at"] is not None else "dropped") + " already")
+    return "; ".join(said) + " ('cxr-batch outbound list --all' lists every one)"
 
 
 @outbound.command("send")

@@ -305,9 +305,33 @@ def read_sidecar(image_path: Path) -> StudyHeader | None:
         return next((raw[k] for k in _SIDECAR_KEYS[name] if raw.get(k) not in (None, "")), None)
 
     data = patient_from_values(pick("age"), pick("sex"), pick("view"), "sidecar")
+    misspelt = _misspelt_sidecar_keys(raw)
+    if misspelt:
+        data.notes.append(f"sidecar {path.name}: keys not read: " + ", ".join(
+            f"{key!r} (did you mean {meant!r}?)" for key, meant in misspelt.items()))
     ids = {k: str(pick(k)) for k in ("patient_id", "patient_name", "study_date", "accession_number", "study_uid")
            if pick(k) is not None}
     return StudyHeader(Identifiers(**ids), data)
+
+
+def _squeezed(key: str) -> str:
+    return "".join(c for c in key.lower() if c.isalnum())
+
+
+def _misspelt_sidecar_keys(raw: dict) -> dict[str, str]:
+    """{key: the DICOM keyword meant} for the sidecar's keys that no name of _SIDECAR_KEYS reads
+    but one nearly is ("Age", "Sex", "View", "Patient_Age"): such a sidecar was read as no
+    patient data without a word. Keys of nothing read here ("Modality") are left alone."""
+    known = {name for names in _SIDECAR_KEYS.values() for name in names}
+    meant = {_squeezed(name): names[0] for names in _SIDECAR_KEYS.values() for name in names}
+    out = {}
+    for key in raw:
+        if not isinstance(key, str) or key in known:
+            continue
+        close = difflib.get_close_matches(_squeezed(key), list(meant), n=1, cutoff=0.8)
+        if close:
+            out[key] = meant[close[0]]
+    return out
 
 
 def _sidecar_bytes(path: Path, image_path: Path) -> bytes:

@@ -550,9 +550,13 @@ def _findings_table(record: StudyRecord, info: ModelInfo, urgent, width: float, 
                       f"{counts.tp} of {counts.positives}" if _counted(info.evidence, f) else "not measured",)
         data.append([Paragraph(f'<font color="#{colour}">{f"<b>{t}</b>" if flagged else t}</font>',
                                st["centre"] if i else st["cell"]) for i, t in enumerate(texts)])
-        if held_out:  # "30 of 103" on one line: a count broken over two lines reads as two numbers
-            style = ParagraphStyle("held-out", parent=st["centre"], textColor=colors.HexColor(f"#{colour}"),
-                                   fontName=_fonts()[1] if flagged else st["centre"].fontName)
+        # "30 of 103" on one line: a count broken over two lines reads as two numbers (v1's trust
+        # column, "0.83 (15 of 18) / -", broke before its "-")
+        style = ParagraphStyle("one-line", parent=st["centre"], textColor=colors.HexColor(f"#{colour}"),
+                               fontName=_fonts()[1] if flagged else st["centre"].fontName)
+        if "(" in trust:
+            data[-1][4] = fitted(trust, style, widths[4] - 2 * PAD, one_line=True)
+        if held_out:
             data[-1][5] = fitted(texts[5], style, widths[5] - 2 * PAD, one_line=True)
         if f in held_back:  # over its threshold in the low-probability bucket: the banner says why
             data[-1][3] = fitted("not flagged", st["centre"], widths[3] - 2 * PAD, one_line=True)

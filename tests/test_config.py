@@ -143,3 +143,21 @@ def test_a_command_line_option_written_in_a_table_says_how_to_give_it(table, wor
         load_dataclass(ScanConfig, table, "scan")
     for word in words:
         assert word in str(e.value), str(e.value)
+
+
+@pytest.mark.parametrize("command, config", [
+    (["listen"], "docs/watch.toml"),        # README's watch file given to the node: its institution,
+    (["watch", "STUDIES"], "docs/node.toml"),  # batch size and drift settings were dropped without a word
+    (["pull"], "docs/node.toml"),
+    (["scan", "STUDIES"], "docs/watch.toml"),
+])
+def test_a_file_without_the_command_s_table_but_another_s_is_refused(tmp_path, command, config):
+    # each command reads only its own table and [scoring]: `listen --config docs/watch.toml` started
+    # with every [watch] setting silently at its default
+    table = command[0]
+    args = [str(tmp_path) if a == "STUDIES" else a for a in command]
+    proc = subprocess.run([sys.executable, "-m", "cxr_batch", *args, "--out", str(tmp_path / "o"),
+                           "--config", config], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert f"{config} has no [{table}] table" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    assert f"an empty [{table}] line" in proc.stderr and not (tmp_path / "o").exists()

@@ -207,3 +207,19 @@ def test_a_table_of_names_without_their_extension_is_told_to_add_it(nih, tmp_pat
     assert "has a row for 0 of 3 files" in line
     assert "names files without their extension ('99999999_999' for '99999999_999.png')" in line, line
     assert "write each file's name with its extension" in line and "give the table of these images" not in line
+
+
+def test_a_sidecar_key_spelt_otherwise_is_named_in_the_notes(tmp_path):
+    # {"Age": 57, "Sex": "F", "View": "PA"} (the words of the report, capitalised) was read as no
+    # patient data at all, with no note: the study was scored on the image alone without a word why
+    (tmp_path / "x.json").write_text(json.dumps({"PatientID": "18", "Age": 57, "Sex": "F", "View": "PA",
+                                                 "Patient_Age": "57", "Modality": "DX"}))
+    header = read_sidecar(tmp_path / "x.png")
+    assert header.ids.patient_id == "18" and header.patient.age is None
+    notes = " ".join(header.patient.notes)
+    for key, meant in (("Age", "PatientAge"), ("Sex", "PatientSex"), ("View", "ViewPosition"),
+                       ("Patient_Age", "PatientAge")):
+        assert f"'{key}' (did you mean '{meant}'?)" in notes, notes
+    assert "Modality" not in notes  # a key of no patient datum, not a misspelt one, is no mistake
+    (tmp_path / "x.json").write_text(json.dumps({"PatientAge": "057Y", "sex": "F"}))
+    assert read_sidecar(tmp_path / "x.png").patient.notes == []

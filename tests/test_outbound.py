@@ -538,3 +538,19 @@ def test_outbound_send_on_a_running_daemon_s_folder_says_to_use_retry(results):
         sent = outbound("send", "--out", out, "--wait", 1)
     assert sent.returncode == 1 and "is in use by cxr-batch listen" in sent.stderr, sent.stderr
     assert f"cxr-batch outbound retry --out {out}" in sent.stderr and "stop it first" not in sent.stderr, sent.stderr
+
+
+def test_a_uid_mistyped_for_drop_or_retry_is_named_with_the_one_meant(tmp_path):
+    # "1 of the UIDs named are not waiting in the queue" left the operator to find which of the
+    # 20-64 character identifiers he had mistyped, and for drop, whether it was gone already
+    out = tmp_path / "out"
+    one_oru_queued(out, "1F0B0A4F8C1FAB520740", free_port()).close()
+    done = outbound("drop", "--out", out, "1F0B0A4F8C1FAB52074")
+    assert done.returncode == 1
+    assert "'1F0B0A4F8C1FAB52074' is not in the queue (did you mean '1F0B0A4F8C1FAB520740'?)" in done.stderr
+    done = outbound("retry", "--out", out, "1F0B0A4F8C1FAB520741", "NOSUCH")
+    assert done.returncode == 1 and "(did you mean '1F0B0A4F8C1FAB520740'?)" in done.stderr, done.stderr
+    assert "'NOSUCH' is not in the queue" in done.stderr
+    assert outbound("drop", "--out", out, "1F0B0A4F8C1FAB520740").returncode == 0
+    done = outbound("drop", "--out", out, "1F0B0A4F8C1FAB520740")  # twice: no longer waiting
+    assert done.returncode == 1 and "'1F0B0A4F8C1FAB520740' is not waiting: dropped already" in done.stderr

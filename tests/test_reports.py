@@ -821,3 +821,21 @@ def test_the_encapsulated_pdf_made_the_night_the_clock_goes_back_says_its_utc_of
             done = subprocess.run(["dciodvfy", str(tmp_path / "r.dcm")], capture_output=True, text=True, timeout=60)
             assert not [x for x in (done.stdout + done.stderr).splitlines() if x.startswith("Error")]
     assert said == [("20261025", "023000", "+0200"), ("20261025", "021500", "+0100")]
+
+
+@pytest.mark.skipif(not shutil.which("pdftotext"), reason="poppler-utils not installed")
+def test_a_flag_s_held_out_catch_stays_on_one_line(tmp_path):
+    """v1's report (its trust column is the held-out catch) gave Infiltration's as "0.83 (15 of
+    18) /" over a "-" on a line of its own, the row twice as tall as the others; a count broken
+    over two lines reads as two numbers. The cell shrinks to stay on one line, as "Held out" does."""
+    info = ModelInfo.from_bundle(load_bundle(V1_BUNDLE))
+    for probs in ({}, {"Infiltration": 0.9, "Pneumothorax": 0.9}):  # plain, and bold beside a heatmap
+        record = scored(probs)
+        maps = blob_maps(record) if probs else {}
+        (tmp_path / "r.pdf").write_bytes(study_pdf(record, GREY, maps, info, ReportOptions(), NOW))
+        text = subprocess.run(["pdftotext", "-layout", tmp_path / "r.pdf", "-"], capture_output=True, text=True,
+                              check=True).stdout
+        # the table's rows (the name, then its probability), not the banner or a map's caption
+        rows = {m[1]: m[0] for m in re.finditer(r"^ *(\w+) +\d\.\d.*$", text, re.M)}
+        for finding in ("Infiltration", "Pneumothorax", "Atelectasis"):
+            assert re.search(r"\d\.\d\d \(\d+ of \d+\) / -", rows[finding]), (probs, rows[finding])
