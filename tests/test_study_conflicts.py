@@ -594,3 +594,19 @@ def test_listen_scores_a_held_image_sent_again_once_its_study_is_resolved(shared
     finally:
         assert stop(node) == 0, log.read_text()[-3000:]
     assert {row["status"] for row in _by_uid(out).values()} == {"ok"}
+
+
+def test_scan_holds_back_a_study_of_two_patients_written_without_the_preamble(shared_study, small_bundle, tmp_path):
+    """An export that writes DICOM without the 128-byte preamble and 'DICM' (the scan reads such
+    files, cxr_batch.readers.content_kind): the study's header pass read preamble files only, so
+    P-B's misfiled image was scored with P-A's under the one study, exit 0. Now held back as a
+    study of preamble files is."""
+    for path in shared_study.values():
+        path.write_bytes(path.read_bytes()[132:])
+    done = _scan(shared_study["a1"].parent, tmp_path / "out", small_bundle)
+    rows = _files(tmp_path / "out")
+    assert rows["other.dcm"]["status"] == "ok", rows["other.dcm"]
+    for name in ("a1.dcm", "b.dcm", "a2.dcm"):
+        row = rows[name]
+        assert row["status"] == "skipped" and "patient IDs 'P-A' and 'P-B'" in row["reason"], row
+    assert done.returncode == 3, done.stderr[-3000:]

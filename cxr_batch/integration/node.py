@@ -773,17 +773,29 @@ class Node(Watcher):
 
 def patient_header(path: Path):
     """(Study Instance UID, :class:`~.patients.Patient`) of a received object's header, as its
-    record will have them; ("", empty) when it cannot be read (its row will say why)."""
+    record will have them; ("", empty) when it cannot be read (its row will say why). A DICOM
+    file without the 128-byte preamble, which scan and watch score (cxr_batch.dicom reads with
+    force), is read too: left out, its study's second patient went unseen."""
     import pydicom
+    from pydicom.errors import InvalidDicomError
 
-    from ..dicom import identifiers
+    from ..dicom import identifiers, looks_like_dicom
     from .patients import Patient
 
+    def read(force: bool):
+        return pydicom.dcmread(path, force=force, stop_before_pixels=True,
+                               specific_tags=["SpecificCharacterSet", "StudyInstanceUID", "PatientID",
+                                              "IssuerOfPatientID", "PatientName", "PatientBirthDate", "PatientSex",
+                                              "IssuerOfPatientIDQualifiersSequence", "OtherPatientIDs",
+                                              "OtherPatientIDsSequence"])
+
     try:
-        ds = pydicom.dcmread(path, stop_before_pixels=True,
-                             specific_tags=["SpecificCharacterSet", "StudyInstanceUID", "PatientID",
-                                            "IssuerOfPatientID", "PatientName", "PatientBirthDate", "PatientSex",
-                                            "IssuerOfPatientIDQualifiersSequence", "OtherPatientIDs", "OtherPatientIDsSequence"])
+        try:
+            ds = read(force=False)
+        except InvalidDicomError:  # no preamble: forced only for what the scan takes for DICOM, not a PNG
+            if not looks_like_dicom(path):
+                return "", Patient()
+            ds = read(force=True)
         ids = identifiers(ds)
     except Exception:  # RecursionError included: a header nested past reading
         return "", Patient()
