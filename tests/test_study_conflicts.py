@@ -610,3 +610,24 @@ def test_scan_holds_back_a_study_of_two_patients_written_without_the_preamble(sh
         row = rows[name]
         assert row["status"] == "skipped" and "patient IDs 'P-A' and 'P-B'" in row["reason"], row
     assert done.returncode == 3, done.stderr[-3000:]
+
+
+def test_the_reason_of_a_large_held_study_names_its_misfiled_image(tmp_path, nih_images):
+    """A study of 30 images of P-A and one misfiled image of P-B whose name sorts last: the
+    reason named the first 20 files ('correct or remove the misfiled image among its files
+    a00.dcm ('P-A'), ... and 11 more') and not the misfiled one, so a person had to open the
+    study's files one by one to find it. The image of the patient with fewest images is named
+    first; only the study's files are held, the other study is not."""
+    from cxr_batch.discover import find_candidates
+    from cxr_batch.scan import two_patient_studies
+
+    folder, study = tmp_path / "images", generate_uid()
+    for n in range(30):
+        _image(folder, nih_images[n % len(nih_images)], f"a{n:02d}", PatientID="P-A", StudyInstanceUID=study)
+    _image(folder, nih_images[0], "z-misfiled", PatientID="P-B", StudyInstanceUID=study)
+    _image(folder, nih_images[1], "other", PatientID="P-C", StudyInstanceUID=generate_uid())
+    held = two_patient_studies(find_candidates(folder))
+    assert sorted(held) == sorted(f"a{n:02d}.dcm" for n in range(30)) + ["z-misfiled.dcm"], sorted(held)
+    reason, logged = held["a00.dcm"]
+    assert "z-misfiled.dcm ('P-B')" in reason, reason
+    assert "z-misfiled" not in logged and "('P-B')" in logged, logged
