@@ -631,3 +631,37 @@ def test_the_reason_of_a_large_held_study_names_its_misfiled_image(tmp_path, nih
     reason, logged = held["a00.dcm"]
     assert "z-misfiled.dcm ('P-B')" in reason, reason
     assert "z-misfiled" not in logged and "('P-B')" in logged, logged
+
+
+def test_scan_resume_holds_back_a_study_scored_before_its_misfiled_image_came(shared_study, small_bundle, tmp_path):
+    """P-A's study scored with its PDFs; P-B's image is then misfiled into it and the scan run
+    again with --resume: the rows kept from the earlier scan are held back too (not left 'ok'
+    beside a held row), their PDFs no longer in the results folder; once the misfiled image is
+    removed, --resume scores the study again, each row with its PDF."""
+    folder, out = shared_study["a1"].parent, tmp_path / "out"
+    b = shared_study["b"].rename(tmp_path / "b.dcm")
+
+    def scan(*extra):
+        return subprocess.run([sys.executable, "-m", "cxr_batch", "scan", str(folder), "--out", str(out),
+                               "--weights", str(small_bundle), "--device", "cpu", "--workers", "0", *extra],
+                              capture_output=True, text=True, timeout=600)
+
+    done = scan()
+    assert done.returncode == 0, done.stderr[-3000:]
+    first = _files(out)
+    assert all(first[n]["status"] == "ok" and (out / "reports" / first[n]["report"]).is_file() for n in ("a1.dcm", "a2.dcm"))
+    b.rename(folder / "b.dcm")
+    done = scan("--resume")
+    assert done.returncode == 3, done.stderr[-3000:]
+    rows = _files(out)
+    for name in ("a1.dcm", "a2.dcm", "b.dcm"):
+        assert rows[name]["status"] == "skipped" and "'P-A' and 'P-B'" in rows[name]["reason"], rows[name]
+        assert rows[name]["report"] == "", rows[name]
+    assert not (out / "reports" / first["a1.dcm"]["report"]).exists() and not (out / "reports" / first["a2.dcm"]["report"]).exists()
+    assert rows["other.dcm"]["status"] == "ok" and (out / "reports" / rows["other.dcm"]["report"]).is_file()
+    assert "3 held back" in done.stderr.splitlines()[-1], done.stderr.splitlines()[-1]
+    (folder / "b.dcm").unlink()
+    done = scan("--resume")
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = _files(out)
+    assert all(rows[n]["status"] == "ok" and (out / "reports" / rows[n]["report"]).is_file() for n in ("a1.dcm", "a2.dcm")), rows
