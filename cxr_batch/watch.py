@@ -229,7 +229,10 @@ class Watcher:
         self.watch_real = self.watch_dir  # its path, links resolved (watch_target)
         self.fault = ""  # why writing fails (degrade), apart from a missing watched folder
         self.said: set[tuple[str, str]] = set()  # (file, problem) of entries not read, said in the log
-        self.two_patient_studies = 0  # studies held back since the start: images of two patients
+        # the Study Instance UIDs of the studies held back now (images of two patients), counted in
+        # status.json: from the ledger at each rescan (release_held), so a restart does not forget one
+        self.held_studies: set[str] = set()
+        self.two_patient_studies = 0  # studies held back by this run (pull's exit code)
 
     def check_folders(self) -> None:
         """The results, archive and quarantine folders are apart from the watched folder
@@ -871,6 +874,7 @@ class Watcher:
             if not said:
                 continue
             self.two_patient_studies += 1
+            self.held_studies.add(study)
             scored = sum(status == "ok" for status, _, _ in earlier)
             files = [(file, p) for _, file, p in earlier] + [(rel, p) for rel, _, p in images]
             log.error("study %s holds images of two patients, %s: %s held back, not scored%s; %s", study, said,
@@ -906,21 +910,24 @@ class Watcher:
         """Held studies that hold one patient now (a misfiled image removed, or replaced by its
         correction, as :meth:`withdrawn` says, or its correction scored): their held files still
         in the folder are read again, to be scored. A folder whose handled files are moved away
-        keeps its held studies held (their files are no longer there to read)."""
+        keeps its held studies held (their files are no longer there to read). The studies with
+        held files still there (or moved away) are counted for status.json."""
         from .integration.patients import Patient, two_patients
 
-        if self.moves_handled_files():
-            return
+        held = set()  # the studies still held: status.json's count, from the ledger (a restart included)
         for study in self.ledger.held_studies():
             records = [(key, file, on_hold, Patient.of_ids(ids)) for key, _, file, on_hold, ids
                        in self.ledger.study_patients(study) if not (on_hold and self.withdrawn(key, file))]
-            if two_patients(p for *_, p in records):
+            if any(on_hold for _, _, on_hold, _ in records):
+                held.add(study)
+            if self.moves_handled_files() or two_patients(p for *_, p in records):
                 continue
             for key, file, on_hold, _ in records:
                 path = self.watch_dir / file
                 if on_hold and file not in self.pending and path.is_file():
                     log.info("%s: its study %s holds one patient now: read again", log_name(file), study)
                     self.pending[file] = Pending(*file_stamp(path.stat()), time.monotonic())
+        self.held_studies = held
 
     def cut_short_error(self, rel: str, key: str) -> str | None:
         """The key of the provisional error row this file got while its copy was cut short (a
@@ -1151,7 +1158,7 @@ class Watcher:
 
     def extra_status(self) -> dict:
         """More for status.json: the outbound queues (the DICOM node adds its listener)."""
-        held = {"two_patient_studies": self.two_patient_studies} if self.two_patient_studies else {}
+        held = {"two_patient_studies": len(self.held_studies)} if self.held_studies else {}
         try:
             return {**held, **self.outbox.status(self.ledger)}
         except sqlite3.Error:

@@ -665,3 +665,36 @@ def test_scan_resume_holds_back_a_study_scored_before_its_misfiled_image_came(sh
     assert done.returncode == 0, done.stderr[-3000:]
     rows = _files(out)
     assert all(rows[n]["status"] == "ok" and (out / "reports" / rows[n]["report"]).is_file() for n in ("a1.dcm", "a2.dcm")), rows
+
+
+def test_watch_killed_while_a_study_is_held_says_it_is_held_when_it_starts_again(shared_study, small_bundle,
+                                                                                 tmp_path):
+    """watch is killed (SIGKILL: a crash, an OOM kill) while P-A's study is held by P-B's
+    misfiled image, and started again: its files were handled, so nothing was read again and
+    status.json said no study was held (the count was of this run's holds) while the study still
+    was. Now status.json counts the studies held now, from the ledger: 1 after the restart,
+    and none once the misfiled image is removed and the study scored."""
+    import signal
+
+    from tests.watchkit import start_daemon, status, watch_config
+
+    incoming, out = shared_study["a1"].parent, tmp_path / "out"
+    config = watch_config(tmp_path / "w.toml", rescan_interval=1.0, heartbeat_interval=1.0)
+    daemon = start_daemon(incoming, out, small_bundle, config, "--no-pdf")
+    try:
+        assert wait_for(lambda: len(rows_now(out)) == 4, timeout=120)
+        assert wait_for(lambda: status(out).get("two_patient_studies") == 1, timeout=30), status(out)
+    finally:
+        daemon.send_signal(signal.SIGKILL)
+        daemon.wait(timeout=60)
+    daemon = start_daemon(incoming, out, small_bundle, config, "--no-pdf")
+    try:
+        assert wait_for(lambda: status(out).get("pid") == daemon.pid and status(out).get("state") == "running",
+                        timeout=120), status(out)
+        assert status(out).get("two_patient_studies") == 1, status(out)
+        shared_study["b"].unlink()
+        assert wait_for(lambda: all(_files(out)[n]["status"] == "ok" for n in ("a1.dcm", "a2.dcm")), timeout=120), \
+            _files(out)
+        assert wait_for(lambda: not status(out).get("two_patient_studies"), timeout=30), status(out)
+    finally:
+        assert stop(daemon) == 0
