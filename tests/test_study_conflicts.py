@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pydicom
@@ -698,3 +699,37 @@ def test_watch_killed_while_a_study_is_held_says_it_is_held_when_it_starts_again
         assert wait_for(lambda: not status(out).get("two_patient_studies"), timeout=30), status(out)
     finally:
         assert stop(daemon) == 0
+
+
+def test_watch_keeps_a_study_held_while_its_misfiled_image_is_renamed_and_scores_it_once_replaced(
+        shared_study, small_bundle, tmp_path, nih_images):
+    """An operator renames P-B's misfiled image in the watched folder (b.dcm to b-wrong.dcm: the
+    same bytes, the same instance): the study stays held (the renamed file is still in it). Then,
+    in one moment, the renamed file is removed and a new image of P-A's study added: the three
+    images of P-A are scored, nothing of P-B."""
+    from tests.watchkit import start_daemon, status, watch_config
+
+    incoming, out = shared_study["a1"].parent, tmp_path / "out"
+    study = pydicom.dcmread(shared_study["a1"]).StudyInstanceUID
+    daemon = start_daemon(incoming, out, small_bundle, watch_config(tmp_path / "w.toml", rescan_interval=1.0,
+                                                                    heartbeat_interval=1.0), "--no-pdf")
+    try:
+        assert wait_for(lambda: len(rows_now(out)) == 4, timeout=120)
+        wrong = shared_study["b"].rename(incoming / "b-wrong.dcm")
+        assert wait_for(lambda: "b-wrong.dcm" in _files(out), timeout=60), _files(out)
+        time.sleep(3)  # three rescans: nothing of the study is scored
+        rows = _files(out)
+        for name in ("a1.dcm", "a2.dcm", "b-wrong.dcm"):
+            assert rows[name]["status"] == "skipped" and "'P-A' and 'P-B'" in rows[name]["reason"], rows[name]
+        assert status(out).get("two_patient_studies") == 1, status(out)
+        a3 = _image(tmp_path / "new", nih_images[5], "a3", PatientID="P-A", PatientName="DOE^JANE",
+                    PatientBirthDate="19600101", StudyInstanceUID=study)
+        wrong.unlink()
+        a3.replace(incoming / "a3.dcm")
+        scored = ("a1.dcm", "a2.dcm", "a3.dcm")
+        assert wait_for(lambda: all(_files(out).get(n, {}).get("status") == "ok" for n in scored), timeout=120), \
+            _files(out)
+        assert wait_for(lambda: not status(out).get("two_patient_studies"), timeout=30), status(out)
+    finally:
+        assert stop(daemon) == 0
+    assert {r["patient_id"] for r in _files(out).values() if r["status"] == "ok"} == {"P-A"}
