@@ -613,6 +613,12 @@ class Watcher:
         """Whether handled files leave the watched folder (the DICOM node's spool always does)."""
         return bool(self.cfg.archive_dir or self.cfg.quarantine_dir)
 
+    def moves_held_files(self) -> bool:
+        """Whether a held file (a skipped row) leaves the watched folder: archived (:meth:`move`:
+        a quarantine folder takes failures only, so with it alone a held study's files stay in
+        place, to be read again once it is resolved)."""
+        return bool(self.cfg.archive_dir)
+
     def sweep_handled(self) -> None:
         """Files the ledger has as handled (same path, size and times) that are still here: a
         stop came between their study's commit and their move. Moved now, as they would have
@@ -895,8 +901,8 @@ class Watcher:
     def withdrawn(self, key: str, file: str) -> bool:
         """Whether the held image ``key`` (never scored) was taken away from its study: its file,
         left in the watched folder, removed, or replaced by another instance. A folder whose
-        handled files are moved away (archive, quarantine, the node's spool) says nothing of it."""
-        if self.moves_handled_files():
+        held files are moved away (archive, the node's spool) says nothing of it."""
+        if self.moves_held_files():
             return False
         try:
             if not (self.watch_dir / file).is_file():
@@ -909,9 +915,9 @@ class Watcher:
     def release_held(self) -> None:
         """Held studies that hold one patient now (a misfiled image removed, or replaced by its
         correction, as :meth:`withdrawn` says, or its correction scored): their held files still
-        in the folder are read again, to be scored. A folder whose handled files are moved away
-        keeps its held studies held (their files are no longer there to read). The studies with
-        held files still there (or moved away) are counted for status.json."""
+        in the folder are read again, to be scored. A folder whose held files are moved away
+        (archived) keeps its held studies held (their files are no longer there to read). The
+        studies with held files still there (or moved away) are counted for status.json."""
         from .integration.patients import Patient, two_patients
 
         held = set()  # the studies still held: status.json's count, from the ledger (a restart included)
@@ -920,7 +926,7 @@ class Watcher:
                        in self.ledger.study_patients(study) if not (on_hold and self.withdrawn(key, file))]
             if any(on_hold for _, _, on_hold, _ in records):
                 held.add(study)
-            if self.moves_handled_files() or two_patients(p for *_, p in records):
+            if self.moves_held_files() or two_patients(p for *_, p in records):
                 continue
             for key, file, on_hold, _ in records:
                 path = self.watch_dir / file

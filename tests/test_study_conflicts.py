@@ -733,3 +733,26 @@ def test_watch_keeps_a_study_held_while_its_misfiled_image_is_renamed_and_scores
     finally:
         assert stop(daemon) == 0
     assert {r["patient_id"] for r in _files(out).values() if r["status"] == "ok"} == {"P-A"}
+
+
+def test_watch_with_a_quarantine_folder_alone_scores_a_held_study_once_its_misfiled_image_is_removed(
+        shared_study, small_bundle, tmp_path):
+    """watch --quarantine-dir (failures moved apart, the rest left in place): a held study's files
+    stay in the watched folder (a quarantine takes failures only), but the watcher took them for
+    moved away, so removing the misfiled image as the row says left the study held for ever.
+    Now it is read again and scored, as without the quarantine folder."""
+    from tests.watchkit import start_daemon, status, watch_config
+
+    incoming, out = shared_study["a1"].parent, tmp_path / "out"
+    daemon = start_daemon(incoming, out, small_bundle, watch_config(tmp_path / "w.toml", rescan_interval=1.0,
+                                                                    heartbeat_interval=1.0),
+                          "--no-pdf", "--quarantine-dir", tmp_path / "quarantine")
+    try:
+        assert wait_for(lambda: len(rows_now(out)) == 4, timeout=120)
+        assert _files(out)["a1.dcm"]["status"] == "skipped" and shared_study["a1"].is_file()
+        shared_study["b"].unlink()
+        assert wait_for(lambda: all(_files(out)[n]["status"] == "ok" for n in ("a1.dcm", "a2.dcm")), timeout=60), \
+            _files(out)
+        assert wait_for(lambda: not status(out).get("two_patient_studies"), timeout=30), status(out)
+    finally:
+        assert stop(daemon) == 0

@@ -674,6 +674,9 @@ class Node(Watcher):
     def moves_handled_files(self) -> bool:
         return True  # the spool is emptied: committed objects are deleted when not archived
 
+    def moves_held_files(self) -> bool:
+        return True  # held objects too
+
     def check_watch_dir(self) -> None:
         """The spool is the node's own folder: one removed by someone (a clean-up of
         OUT/.cxr-batch) is made again at the next heartbeat, as a C-STORE makes it again, not
