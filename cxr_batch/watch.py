@@ -894,8 +894,11 @@ class Watcher:
     def held_remedy(self, files: list, for_log: bool) -> str:
         """What a person does with a study held back, whose files are ``files`` ([(file,
         Patient)]); the DICOM node's study is resolved in the PACS."""
-        from .integration.patients import folder_remedy
+        from .integration.patients import files_said, folder_remedy
 
+        if self.moves_held_files():  # archived: nothing left in the folder to correct, remove or read again
+            return (f"its files {files_said(files, for_log)} are archived (--archive-dir): put the misfiled image, "
+                    "corrected (its patient or its study), in the watched folder, then the study's other images again")
         return folder_remedy(files, "the study is then read again", for_log)
 
     def withdrawn(self, key: str, file: str) -> bool:

@@ -756,3 +756,34 @@ def test_watch_with_a_quarantine_folder_alone_scores_a_held_study_once_its_misfi
         assert wait_for(lambda: not status(out).get("two_patient_studies"), timeout=30), status(out)
     finally:
         assert stop(daemon) == 0
+
+
+def test_watch_with_an_archive_says_how_a_held_study_is_scored_and_scores_it_so(shared_study, small_bundle,
+                                                                                 tmp_path):
+    """watch --archive-dir: a held study's files are archived. Its rows said 'correct or remove
+    the misfiled image among its files ...; the study is then read again', but nothing is left in
+    the folder to correct, remove or read again. Now the row says what works there, and it does:
+    the corrected image put in the folder is scored, then the study's other images put there
+    again are scored too."""
+    from tests.watchkit import start_daemon, watch_config
+
+    incoming, out, archive = shared_study["a1"].parent, tmp_path / "out", tmp_path / "archive"
+    kept = {n: shared_study[n].read_bytes() for n in ("a1", "a2")}
+    daemon = start_daemon(incoming, out, small_bundle, watch_config(tmp_path / "w.toml", rescan_interval=1.0),
+                          "--no-pdf", "--archive-dir", archive)
+    try:
+        assert wait_for(lambda: len(rows_now(out)) == 4, timeout=120)
+        reason = _files(out)["a1.dcm"]["reason"]
+        assert "then read again" not in reason and "archive" in reason, reason
+        assert not shared_study["b"].exists()  # archived
+        ds = pydicom.dcmread(next(archive.rglob("b*.dcm")))
+        ds.PatientID, ds.PatientName, ds.PatientBirthDate = "P-A", "DOE^JANE", "19600101"
+        ds.save_as(tmp_path / "b.dcm")
+        (tmp_path / "b.dcm").replace(incoming / "b.dcm")
+        assert wait_for(lambda: _files(out)["b.dcm"]["status"] == "ok", timeout=60), _files(out)
+        for n, data in kept.items():
+            (incoming / f"{n}.dcm").write_bytes(data)
+        assert wait_for(lambda: all(_files(out)[n]["status"] == "ok" for n in ("a1.dcm", "a2.dcm")), timeout=60), \
+            _files(out)
+    finally:
+        assert stop(daemon) == 0
