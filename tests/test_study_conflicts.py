@@ -787,3 +787,21 @@ def test_watch_with_an_archive_says_how_a_held_study_is_scored_and_scores_it_so(
             _files(out)
     finally:
         assert stop(daemon) == 0
+
+
+def test_two_shards_of_a_scan_agree_on_a_study_of_two_patients(shared_study, small_bundle, tmp_path):
+    """--shard 0/2 and 1/2: the study's images fall in both shards (a1, b in one, a2 in the
+    other, or so): each shard holds its part of the study (the whole folder is compared before
+    sharding), neither scores an image of it, both exit 3; other.dcm is scored in its shard."""
+    folder, rows = shared_study["a1"].parent, {}
+    for index in (0, 1):
+        out = tmp_path / f"out{index}"
+        done = subprocess.run([sys.executable, "-m", "cxr_batch", "scan", str(folder), "--out", str(out), "--no-pdf",
+                               "--weights", str(small_bundle), "--device", "cpu", "--workers", "0",
+                               "--shard", f"{index}/2"], capture_output=True, text=True, timeout=600)
+        assert done.returncode == 3, (index, done.stderr[-3000:])
+        rows.update(_files(out))
+    assert sorted(rows) == ["a1.dcm", "a2.dcm", "b.dcm", "other.dcm"], rows
+    assert rows["other.dcm"]["status"] == "ok"
+    assert all(rows[n]["status"] == "skipped" and "'P-A' and 'P-B'" in rows[n]["reason"]
+               for n in ("a1.dcm", "a2.dcm", "b.dcm")), rows
