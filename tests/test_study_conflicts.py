@@ -805,3 +805,26 @@ def test_two_shards_of_a_scan_agree_on_a_study_of_two_patients(shared_study, sma
     assert rows["other.dcm"]["status"] == "ok"
     assert all(rows[n]["status"] == "skipped" and "'P-A' and 'P-B'" in rows[n]["reason"]
                for n in ("a1.dcm", "a2.dcm", "b.dcm")), rows
+
+
+def test_the_study_header_pass_does_not_block_on_a_fifo_swapped_in(tmp_path):
+    """The header pass of scan and watch (patient_header) opened each file by its name after it
+    was found to be DICOM: a FIFO swapped in since (by anyone who may write to the folder) blocked
+    it for ever, the scan or the watch daemon with it, before any reading worker and its time
+    limit. Now a file that is not a regular one is not read (its study is compared without it)."""
+    import os
+    import threading
+
+    from cxr_batch.integration.node import patient_header
+
+    fifo = tmp_path / "swapped.dcm"
+    os.mkfifo(fifo)
+    got = []
+    reader = threading.Thread(target=lambda: got.append(patient_header(fifo)), daemon=True)
+    reader.start()
+    reader.join(timeout=10)
+    if reader.is_alive():  # let the blocked open return, so the test ends
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        reader.join(timeout=10)
+        pytest.fail("patient_header blocked on a FIFO")
+    assert got and got[0][0] == "", got

@@ -778,27 +778,32 @@ def patient_header(path: Path):
     """(Study Instance UID, :class:`~.patients.Patient`) of a received object's header, as its
     record will have them; ("", empty) when it cannot be read (its row will say why). A DICOM
     file without the 128-byte preamble, which scan and watch score (cxr_batch.dicom reads with
-    force), is read too: left out, its study's second patient went unseen."""
+    force), is read too: left out, its study's second patient went unseen. Only a regular file is
+    read, through one open file: a FIFO swapped in since the file was read would block the scan or
+    the daemon for ever."""
     import pydicom
     from pydicom.errors import InvalidDicomError
 
     from ..dicom import identifiers, looks_like_dicom
+    from ..readers import open_regular, pinned
     from .patients import Patient
 
-    def read(force: bool):
-        return pydicom.dcmread(path, force=force, stop_before_pixels=True,
+    def read(f, force: bool):
+        f.seek(0)
+        return pydicom.dcmread(f, force=force, stop_before_pixels=True,
                                specific_tags=["SpecificCharacterSet", "StudyInstanceUID", "PatientID",
                                               "IssuerOfPatientID", "PatientName", "PatientBirthDate", "PatientSex",
                                               "IssuerOfPatientIDQualifiersSequence", "OtherPatientIDs",
                                               "OtherPatientIDsSequence"])
 
     try:
-        try:
-            ds = read(force=False)
-        except InvalidDicomError:  # no preamble: forced only for what the scan takes for DICOM, not a PNG
-            if not looks_like_dicom(path):
-                return "", Patient()
-            ds = read(force=True)
+        with open_regular(path) as f:
+            try:
+                ds = read(f, force=False)
+            except InvalidDicomError:  # no preamble: forced only for what the scan takes for DICOM, not a PNG
+                if not looks_like_dicom(pinned(path, f)):
+                    return "", Patient()
+                ds = read(f, force=True)
         ids = identifiers(ds)
     except Exception:  # RecursionError included: a header nested past reading
         return "", Patient()
