@@ -828,3 +828,29 @@ def test_the_study_header_pass_does_not_block_on_a_fifo_swapped_in(tmp_path):
         reader.join(timeout=10)
         pytest.fail("patient_header blocked on a FIFO")
     assert got and got[0][0] == "", got
+
+
+def test_watch_scores_a_held_study_once_its_misfiled_image_is_corrected_in_place(shared_study, small_bundle,
+                                                                                  tmp_path):
+    """P-B's misfiled image corrected where it lies (its PatientID, name and birth date rewritten
+    into the same file, as an editor saving over it does: the same path and inode, new bytes):
+    the study is read again and its three images scored under P-A."""
+    from tests.watchkit import start_daemon, status, watch_config
+
+    incoming, out = shared_study["a1"].parent, tmp_path / "out"
+    daemon = start_daemon(incoming, out, small_bundle, watch_config(tmp_path / "w.toml", rescan_interval=1.0,
+                                                                    heartbeat_interval=1.0), "--no-pdf")
+    try:
+        assert wait_for(lambda: len(rows_now(out)) == 4, timeout=120)
+        assert _files(out)["b.dcm"]["status"] == "skipped", _files(out)["b.dcm"]
+        ds = pydicom.dcmread(shared_study["b"])
+        ds.PatientID, ds.PatientName, ds.PatientBirthDate = "P-A", "DOE^JANE", "19600101"
+        with open(shared_study["b"], "r+b") as f:  # the same inode
+            ds.save_as(f)
+            f.truncate()
+        scored = ("a1.dcm", "a2.dcm", "b.dcm")
+        assert wait_for(lambda: all(_files(out)[n]["status"] == "ok" for n in scored), timeout=120), _files(out)
+        assert wait_for(lambda: not status(out).get("two_patient_studies"), timeout=30), status(out)
+    finally:
+        assert stop(daemon) == 0
+    assert {r["patient_id"] for r in _files(out).values() if r["status"] == "ok"} == {"P-A"}
