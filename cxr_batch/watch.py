@@ -886,20 +886,23 @@ class Watcher:
             log.error("study %s holds images of two patients, %s: %s held back, not scored%s; %s", study, said,
                       plural(len(images), "image"),
                       f" ({plural(scored, 'result')} of the study scored before stand: check them)" if scored else "",
-                      self.held_remedy(files, for_log=True))
-            reason = held_reason(study, said, self.held_remedy(files, for_log=False))
+                      self.held_remedy(files, for_log=True, scored=scored))
+            reason = held_reason(study, said, self.held_remedy(files, for_log=False, scored=scored))
             held.update({rel: reason for rel, _, _ in images})
         return held
 
-    def held_remedy(self, files: list, for_log: bool) -> str:
+    def held_remedy(self, files: list, for_log: bool, scored: int = 0) -> str:
         """What a person does with a study held back, whose files are ``files`` ([(file,
-        Patient)]); the DICOM node's study is resolved in the PACS."""
+        Patient)]), ``scored`` of them scored before; the DICOM node's study is resolved in the PACS."""
         from .integration.patients import files_said, folder_remedy
 
         if self.moves_held_files():  # archived: nothing left in the folder to correct, remove or read again
             return (f"its files {files_said(files, for_log)} are archived (--archive-dir): put the misfiled image, "
                     "corrected (its patient or its study), in the watched folder, then the study's other images again")
-        return folder_remedy(files, "the study is then read again", for_log)
+        # a scored image's result stands when its file is removed (a scored study cleaned away is
+        # still compared): the misfiled image scored first is corrected where it lies, not removed
+        scored_said = "; a scored image stays in the study when removed: correct it where it lies" if scored else ""
+        return folder_remedy(files, f"the study is then read again{scored_said}", for_log)
 
     def withdrawn(self, key: str, file: str) -> bool:
         """Whether the held image ``key`` (never scored) was taken away from its study: its file,

@@ -854,3 +854,36 @@ def test_watch_scores_a_held_study_once_its_misfiled_image_is_corrected_in_place
     finally:
         assert stop(daemon) == 0
     assert {r["patient_id"] for r in _files(out).values() if r["status"] == "ok"} == {"P-A"}
+
+
+def test_watch_says_how_to_release_a_study_whose_misfiled_image_was_scored_first(shared_study, small_bundle,
+                                                                                  tmp_path):
+    """P-B's misfiled image comes first and is scored (nothing to compare it with yet); P-A's
+    images of the study then come and are held. Their rows said 'correct or remove the misfiled
+    image', but removing the scored one leaves its result in the study, which stays held (a
+    scored image whose file is gone is not taken away: its result stands). Now they say to
+    correct a scored image where it lies, and that releases the study."""
+    from tests.watchkit import start_daemon, watch_config
+
+    incoming, out, park = shared_study["a1"].parent, tmp_path / "out", tmp_path / "park"
+    park.mkdir()
+    for n in ("a1", "a2", "other"):
+        shared_study[n].rename(park / f"{n}.dcm")
+    daemon = start_daemon(incoming, out, small_bundle, watch_config(tmp_path / "w.toml", rescan_interval=1.0),
+                          "--no-pdf")
+    try:
+        assert wait_for(lambda: _files(out).get("b.dcm", {}).get("status") == "ok", timeout=120), _files(out)
+        for n in ("a1", "a2"):
+            (park / f"{n}.dcm").rename(incoming / f"{n}.dcm")
+        assert wait_for(lambda: len(rows_now(out)) == 3, timeout=120)
+        reason = _files(out)["a1.dcm"]["reason"]
+        assert _files(out)["a1.dcm"]["status"] == "skipped" and "correct it where it lies" in reason, reason
+        ds = pydicom.dcmread(shared_study["b"])
+        ds.PatientID, ds.PatientName, ds.PatientBirthDate = "P-A", "DOE^JANE", "19600101"
+        ds.save_as(tmp_path / "b.dcm")
+        (tmp_path / "b.dcm").replace(shared_study["b"])
+        scored = ("a1.dcm", "a2.dcm", "b.dcm")
+        assert wait_for(lambda: all(_files(out)[n]["status"] == "ok" and _files(out)[n]["patient_id"] == "P-A"
+                                    for n in scored), timeout=120), _files(out)
+    finally:
+        assert stop(daemon) == 0

@@ -764,7 +764,7 @@ class Node(Watcher):
         with self.acknowledged_lock:
             self.acknowledged.difference_update(rels)  # committed as errors: reported
 
-    def held_remedy(self, files: list, for_log: bool) -> str:
+    def held_remedy(self, files: list, for_log: bool, scored: int = 0) -> str:
         """A study held back (:meth:`Watcher.held_back`) is resolved in the PACS: its spool files
         are named by nothing a person knows."""
         return "resolve the study in the PACS (split or merge it) and send its images again"
