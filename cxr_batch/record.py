@@ -170,8 +170,9 @@ class StudyRecord:
         """Not to be scored after all (its scores, if the model ran, dropped): skipped, ``reason``
         (beginning with :data:`HELD_BACK`) saying why."""
         self.status, self.reason = "skipped", reason
-        self.scores = self.image_stats = None
-        self.scored_at = ""
+        self.scores = self.image_stats = self.worklist_rank = None
+        # a row a resumed scan kept named its PDF, which the scan then removes (not scored now)
+        self.scored_at = self.report = ""
 
     @property
     def held(self) -> bool:

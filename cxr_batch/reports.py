@@ -782,8 +782,12 @@ def worklist_pdf(records: list[StudyRecord], options: ReportOptions, info: Model
     low = f"low-probability studies (P(any finding) below {probability_text(cut)})" if cut is not None else \
         "studies with no finding flagged"
     low_count = "low probability" if cut is not None else "with no finding flagged"
+    # a study held back (two patients in it) is not triaged: counted apart from laterals and the like,
+    # and said above the list, which lacks it (an urgent study blocked by one misfiled image)
+    held = sum(r.held for r in others)
+    held_count = f" ({held} held back: two patients in one study)" if held else ""
     summary = (f"{plural(len(records), 'file')}: {len(scored)} scored ({counts['urgent']} urgent, {counts['abnormal']} abnormal, "
-               f"{counts['normal']} {low_count}), {sum(r.status == 'skipped' for r in others)} skipped, "
+               f"{counts['normal']} {low_count}), {sum(r.status == 'skipped' for r in others)} skipped{held_count}, "
                f"{sum(r.status == 'error' for r in others)} failed; {bare} scored without patient data (marked *: "
                f"the model saw the image alone). "
                + (f"{flagged} of {len(scored)} {'study has' if len(scored) == 1 else 'studies have'} a flagged "
@@ -796,6 +800,11 @@ def worklist_pdf(records: list[StudyRecord], options: ReportOptions, info: Model
         story.append(Paragraph(escape(base_rates), st["body"]))
     if options.urgent:  # beside the rows' out-of-fold "sens.": the held-out catch (v3's pneumothorax: 0 of 10)
         story.append(Paragraph(escape(_urgent_catch(info, options.urgent)), st["body"]))
+    if held:
+        story.append(Paragraph(escape(
+            f"{plural(held, 'file')} held back, not triaged (not on this list, whatever they show): their study "
+            "holds images of two patients; see Not scored below for the study and its files. Read them unscored, or "
+            "correct the misfiled image for them to be scored."), st["warn"]))
     story += [*_evidence_lines(info, st), *([Paragraph(escape(alarm), st["warn"])] if alarm else []),
               Spacer(1, 2 * mm)]
 

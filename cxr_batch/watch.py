@@ -239,7 +239,10 @@ class Watcher:
         self.watch_real = self.watch_dir  # its path, links resolved (watch_target)
         self.fault = ""  # why writing fails (degrade), apart from a missing watched folder
         self.said: set[tuple[str, str]] = set()  # (file, problem) of entries not read, said in the log
-        self.two_patient_studies = 0  # studies held back since the start: images of two patients
+        # the Study Instance UIDs of the studies held back now (images of two patients), counted in
+        # status.json: from the ledger at each rescan (release_held), so a restart does not forget one
+        self.held_studies: set[str] = set()
+        self.two_patient_studies = 0  # studies held back by this run (pull's exit code)
 
     def check_folders(self) -> None:
         """The results, archive and quarantine folders are apart from the watched folder
@@ -652,6 +655,12 @@ class Watcher:
         """Whether handled files leave the watched folder (the DICOM node's spool always does)."""
         return bool(self.cfg.archive_dir or self.cfg.quarantine_dir)
 
+    def moves_held_files(self) -> bool:
+        """Whether a held file (a skipped row) leaves the watched folder: archived (:meth:`move`:
+        a quarantine folder takes failures only, so with it alone a held study's files stay in
+        place, to be read again once it is resolved)."""
+        return bool(self.cfg.archive_dir)
+
     def sweep_handled(self) -> None:
         """Files the ledger has as handled (same path, size and times) that are still here: a
         stop came between their study's commit and their move. Moved now, as they would have
@@ -913,28 +922,35 @@ class Watcher:
             if not said:
                 continue
             self.two_patient_studies += 1
+            self.held_studies.add(study)
             scored = sum(status == "ok" for status, _, _ in earlier)
             files = [(file, p) for _, file, p in earlier] + [(rel, p) for rel, _, p in images]
             log.error("study %s holds images of two patients, %s: %s held back, not scored%s; %s", study, said,
                       plural(len(images), "image"),
                       f" ({plural(scored, 'result')} of the study scored before stand: check them)" if scored else "",
-                      self.held_remedy(files, for_log=True))
-            reason = held_reason(study, said, self.held_remedy(files, for_log=False))
+                      self.held_remedy(files, for_log=True, scored=scored))
+            reason = held_reason(study, said, self.held_remedy(files, for_log=False, scored=scored))
             held.update({rel: reason for rel, _, _ in images})
         return held
 
-    def held_remedy(self, files: list, for_log: bool) -> str:
+    def held_remedy(self, files: list, for_log: bool, scored: int = 0) -> str:
         """What a person does with a study held back, whose files are ``files`` ([(file,
-        Patient)]); the DICOM node's study is resolved in the PACS."""
-        from .integration.patients import folder_remedy
+        Patient)]), ``scored`` of them scored before; the DICOM node's study is resolved in the PACS."""
+        from .integration.patients import files_said, folder_remedy
 
-        return folder_remedy(files, "the study is then read again", for_log)
+        if self.moves_held_files():  # archived: nothing left in the folder to correct, remove or read again
+            return (f"its files {files_said(files, for_log)} are archived (--archive-dir): put the misfiled image, "
+                    "corrected (its patient or its study), in the watched folder, then the study's other images again")
+        # a scored image's result stands when its file is removed (a scored study cleaned away is
+        # still compared): the misfiled image scored first is corrected where it lies, not removed
+        scored_said = "; a scored image stays in the study when removed: correct it where it lies" if scored else ""
+        return folder_remedy(files, f"the study is then read again{scored_said}", for_log)
 
     def withdrawn(self, key: str, file: str) -> bool:
         """Whether the held image ``key`` (never scored) was taken away from its study: its file,
         left in the watched folder, removed, or replaced by another instance. A folder whose
-        handled files are moved away (archive, quarantine, the node's spool) says nothing of it."""
-        if self.moves_handled_files():
+        held files are moved away (archive, the node's spool) says nothing of it."""
+        if self.moves_held_files():
             return False
         try:
             if not (self.watch_dir / file).is_file():
@@ -947,22 +963,25 @@ class Watcher:
     def release_held(self) -> None:
         """Held studies that hold one patient now (a misfiled image removed, or replaced by its
         correction, as :meth:`withdrawn` says, or its correction scored): their held files still
-        in the folder are read again, to be scored. A folder whose handled files are moved away
-        keeps its held studies held (their files are no longer there to read)."""
+        in the folder are read again, to be scored. A folder whose held files are moved away
+        (archived) keeps its held studies held (their files are no longer there to read). The
+        studies with held files still there (or moved away) are counted for status.json."""
         from .integration.patients import Patient, two_patients
 
-        if self.moves_handled_files():
-            return
+        held = set()  # the studies still held: status.json's count, from the ledger (a restart included)
         for study in self.ledger.held_studies():
             records = [(key, file, on_hold, Patient.of_ids(ids)) for key, _, file, on_hold, ids
                        in self.ledger.study_patients(study) if not (on_hold and self.withdrawn(key, file))]
-            if two_patients(p for *_, p in records):
+            if any(on_hold for _, _, on_hold, _ in records):
+                held.add(study)
+            if self.moves_held_files() or two_patients(p for *_, p in records):
                 continue
             for key, file, on_hold, _ in records:
                 path = self.watch_dir / file
                 if on_hold and file not in self.pending and path.is_file():
                     log.info("%s: its study %s holds one patient now: read again", log_name(file), study)
                     self.pending[file] = Pending(*file_stamp(path.stat()), time.monotonic())
+        self.held_studies = held
 
     def cut_short_error(self, rel: str, key: str) -> str | None:
         """The key of the provisional error row this file got while its copy was cut short (a
@@ -1193,7 +1212,7 @@ class Watcher:
 
     def extra_status(self) -> dict:
         """More for status.json: the outbound queues (the DICOM node adds its listener)."""
-        held = {"two_patient_studies": self.two_patient_studies} if self.two_patient_studies else {}
+        held = {"two_patient_studies": len(self.held_studies)} if self.held_studies else {}
         try:
             return {**held, **self.outbox.status(self.ledger)}
         except sqlite3.Error:

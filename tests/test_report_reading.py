@@ -461,3 +461,23 @@ def test_a_v2_worklist_calls_its_cross_validated_catch_out_of_fold():
     wl = " ".join(text_of(worklist_pdf([study], ReportOptions(), info, NOW)).split())
     assert "out-of-fold sens.; PPV not measured" in wl and "Effusion (out-of-fold sens. 0." in wl, wl
     assert "held-out sens." not in wl, wl
+
+
+def test_the_worklist_says_above_its_list_that_studies_are_held_back_not_triaged():
+    """A hostile or unlucky sender files one image of another patient into an urgent study: the
+    study is held back (two patients, cxr_batch.integration.patients), not triaged. The worklist
+    counted its images among the 'skipped' (laterals, files that are no X-ray) and named them on
+    its last page, under Not scored: the radiologist read a list without the urgent study and no
+    word above it that one was missing. Now the summary counts them apart and a line under it
+    says they are not triaged and why."""
+    from cxr_batch.integration.patients import held_reason
+
+    held = [StudyRecord(file=f"a{i}.dcm") for i in range(2)]
+    for r in held:
+        r.hold_back(held_reason("1.2.3", "patient IDs 'P-A' and 'P-B'", "correct or remove the misfiled image"))
+    lateral = StudyRecord(file="lat.dcm", status="skipped", reason="lateral view: not scored")
+    scored = record("normal", 0.2, {}, file="c.png")
+    txt = text_of(worklist_pdf([scored, *held, lateral], ReportOptions(), v3_like_info(), NOW))
+    assert "3 skipped (2 held back: two patients in one study)" in txt, txt
+    above = txt[:txt.index("Not scored")]
+    assert "2 files held back, not triaged" in above and "two patients" in above, above

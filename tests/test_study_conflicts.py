@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pydicom
@@ -594,3 +595,295 @@ def test_listen_scores_a_held_image_sent_again_once_its_study_is_resolved(shared
     finally:
         assert stop(node) == 0, log.read_text()[-3000:]
     assert {row["status"] for row in _by_uid(out).values()} == {"ok"}
+
+
+def test_scan_holds_back_a_study_of_two_patients_written_without_the_preamble(shared_study, small_bundle, tmp_path):
+    """An export that writes DICOM without the 128-byte preamble and 'DICM' (the scan reads such
+    files, cxr_batch.readers.content_kind): the study's header pass read preamble files only, so
+    P-B's misfiled image was scored with P-A's under the one study, exit 0. Now held back as a
+    study of preamble files is."""
+    for path in shared_study.values():
+        path.write_bytes(path.read_bytes()[132:])
+    done = _scan(shared_study["a1"].parent, tmp_path / "out", small_bundle)
+    rows = _files(tmp_path / "out")
+    assert rows["other.dcm"]["status"] == "ok", rows["other.dcm"]
+    for name in ("a1.dcm", "b.dcm", "a2.dcm"):
+        row = rows[name]
+        assert row["status"] == "skipped" and "patient IDs 'P-A' and 'P-B'" in row["reason"], row
+    assert done.returncode == 3, done.stderr[-3000:]
+
+
+def test_the_reason_of_a_large_held_study_names_its_misfiled_image(tmp_path, nih_images):
+    """A study of 30 images of P-A and one misfiled image of P-B whose name sorts last: the
+    reason named the first 20 files ('correct or remove the misfiled image among its files
+    a00.dcm ('P-A'), ... and 11 more') and not the misfiled one, so a person had to open the
+    study's files one by one to find it. The image of the patient with fewest images is named
+    first; only the study's files are held, the other study is not."""
+    from cxr_batch.discover import find_candidates
+    from cxr_batch.scan import two_patient_studies
+
+    folder, study = tmp_path / "images", generate_uid()
+    for n in range(30):
+        _image(folder, nih_images[n % len(nih_images)], f"a{n:02d}", PatientID="P-A", StudyInstanceUID=study)
+    _image(folder, nih_images[0], "z-misfiled", PatientID="P-B", StudyInstanceUID=study)
+    _image(folder, nih_images[1], "other", PatientID="P-C", StudyInstanceUID=generate_uid())
+    held = two_patient_studies(find_candidates(folder))
+    assert sorted(held) == sorted(f"a{n:02d}.dcm" for n in range(30)) + ["z-misfiled.dcm"], sorted(held)
+    reason, logged = held["a00.dcm"]
+    assert "z-misfiled.dcm ('P-B')" in reason, reason
+    assert "z-misfiled" not in logged and "('P-B')" in logged, logged
+
+
+def test_scan_resume_holds_back_a_study_scored_before_its_misfiled_image_came(shared_study, small_bundle, tmp_path):
+    """P-A's study scored with its PDFs; P-B's image is then misfiled into it and the scan run
+    again with --resume: the rows kept from the earlier scan are held back too (not left 'ok'
+    beside a held row), their PDFs no longer in the results folder; once the misfiled image is
+    removed, --resume scores the study again, each row with its PDF."""
+    folder, out = shared_study["a1"].parent, tmp_path / "out"
+    b = shared_study["b"].rename(tmp_path / "b.dcm")
+
+    def scan(*extra):
+        return subprocess.run([sys.executable, "-m", "cxr_batch", "scan", str(folder), "--out", str(out),
+                               "--weights", str(small_bundle), "--device", "cpu", "--workers", "0", *extra],
+                              capture_output=True, text=True, timeout=600)
+
+    done = scan()
+    assert done.returncode == 0, done.stderr[-3000:]
+    first = _files(out)
+    assert all(first[n]["status"] == "ok" and (out / "reports" / first[n]["report"]).is_file() for n in ("a1.dcm", "a2.dcm"))
+    b.rename(folder / "b.dcm")
+    done = scan("--resume")
+    assert done.returncode == 3, done.stderr[-3000:]
+    rows = _files(out)
+    for name in ("a1.dcm", "a2.dcm", "b.dcm"):
+        assert rows[name]["status"] == "skipped" and "'P-A' and 'P-B'" in rows[name]["reason"], rows[name]
+        assert rows[name]["report"] == "", rows[name]
+    assert not (out / "reports" / first["a1.dcm"]["report"]).exists() and not (out / "reports" / first["a2.dcm"]["report"]).exists()
+    assert rows["other.dcm"]["status"] == "ok" and (out / "reports" / rows["other.dcm"]["report"]).is_file()
+    assert "3 held back" in done.stderr.splitlines()[-1], done.stderr.splitlines()[-1]
+    (folder / "b.dcm").unlink()
+    done = scan("--resume")
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = _files(out)
+    assert all(rows[n]["status"] == "ok" and (out / "reports" / rows[n]["report"]).is_file() for n in ("a1.dcm", "a2.dcm")), rows
+
+
+def test_watch_killed_while_a_study_is_held_says_it_is_held_when_it_starts_again(shared_study, small_bundle,
+                                                                                 tmp_path):
+    """watch is killed (SIGKILL: a crash, an OOM kill) while P-A's study is held by P-B's
+    misfiled image, and started again: its files were handled, so nothing was read again and
+    status.json said no study was held (the count was of this run's holds) while the study still
+    was. Now status.json counts the studies held now, from the ledger: 1 after the restart,
+    and none once the misfiled image is removed and the study scored."""
+    import signal
+
+    from tests.watchkit import start_daemon, status, watch_config
+
+    incoming, out = shared_study["a1"].parent, tmp_path / "out"
+    config = watch_config(tmp_path / "w.toml", rescan_interval=1.0, heartbeat_interval=1.0)
+    daemon = start_daemon(incoming, out, small_bundle, config, "--no-pdf")
+    try:
+        assert wait_for(lambda: len(rows_now(out)) == 4, timeout=120)
+        assert wait_for(lambda: status(out).get("two_patient_studies") == 1, timeout=30), status(out)
+    finally:
+        daemon.send_signal(signal.SIGKILL)
+        daemon.wait(timeout=60)
+    daemon = start_daemon(incoming, out, small_bundle, config, "--no-pdf")
+    try:
+        assert wait_for(lambda: status(out).get("pid") == daemon.pid and status(out).get("state") == "running",
+                        timeout=120), status(out)
+        assert status(out).get("two_patient_studies") == 1, status(out)
+        shared_study["b"].unlink()
+        assert wait_for(lambda: all(_files(out)[n]["status"] == "ok" for n in ("a1.dcm", "a2.dcm")), timeout=120), \
+            _files(out)
+        assert wait_for(lambda: not status(out).get("two_patient_studies"), timeout=30), status(out)
+    finally:
+        assert stop(daemon) == 0
+
+
+def test_watch_keeps_a_study_held_while_its_misfiled_image_is_renamed_and_scores_it_once_replaced(
+        shared_study, small_bundle, tmp_path, nih_images):
+    """An operator renames P-B's misfiled image in the watched folder (b.dcm to b-wrong.dcm: the
+    same bytes, the same instance): the study stays held (the renamed file is still in it). Then,
+    in one moment, the renamed file is removed and a new image of P-A's study added: the three
+    images of P-A are scored, nothing of P-B."""
+    from tests.watchkit import start_daemon, status, watch_config
+
+    incoming, out = shared_study["a1"].parent, tmp_path / "out"
+    study = pydicom.dcmread(shared_study["a1"]).StudyInstanceUID
+    daemon = start_daemon(incoming, out, small_bundle, watch_config(tmp_path / "w.toml", rescan_interval=1.0,
+                                                                    heartbeat_interval=1.0), "--no-pdf")
+    try:
+        assert wait_for(lambda: len(rows_now(out)) == 4, timeout=120)
+        wrong = shared_study["b"].rename(incoming / "b-wrong.dcm")
+        assert wait_for(lambda: "b-wrong.dcm" in _files(out), timeout=60), _files(out)
+        time.sleep(3)  # three rescans: nothing of the study is scored
+        rows = _files(out)
+        for name in ("a1.dcm", "a2.dcm", "b-wrong.dcm"):
+            assert rows[name]["status"] == "skipped" and "'P-A' and 'P-B'" in rows[name]["reason"], rows[name]
+        assert status(out).get("two_patient_studies") == 1, status(out)
+        a3 = _image(tmp_path / "new", nih_images[5], "a3", PatientID="P-A", PatientName="DOE^JANE",
+                    PatientBirthDate="19600101", StudyInstanceUID=study)
+        wrong.unlink()
+        a3.replace(incoming / "a3.dcm")
+        scored = ("a1.dcm", "a2.dcm", "a3.dcm")
+        assert wait_for(lambda: all(_files(out).get(n, {}).get("status") == "ok" for n in scored), timeout=120), \
+            _files(out)
+        assert wait_for(lambda: not status(out).get("two_patient_studies"), timeout=30), status(out)
+    finally:
+        assert stop(daemon) == 0
+    assert {r["patient_id"] for r in _files(out).values() if r["status"] == "ok"} == {"P-A"}
+
+
+def test_watch_with_a_quarantine_folder_alone_scores_a_held_study_once_its_misfiled_image_is_removed(
+        shared_study, small_bundle, tmp_path):
+    """watch --quarantine-dir (failures moved apart, the rest left in place): a held study's files
+    stay in the watched folder (a quarantine takes failures only), but the watcher took them for
+    moved away, so removing the misfiled image as the row says left the study held for ever.
+    Now it is read again and scored, as without the quarantine folder."""
+    from tests.watchkit import start_daemon, status, watch_config
+
+    incoming, out = shared_study["a1"].parent, tmp_path / "out"
+    daemon = start_daemon(incoming, out, small_bundle, watch_config(tmp_path / "w.toml", rescan_interval=1.0,
+                                                                    heartbeat_interval=1.0),
+                          "--no-pdf", "--quarantine-dir", tmp_path / "quarantine")
+    try:
+        assert wait_for(lambda: len(rows_now(out)) == 4, timeout=120)
+        assert _files(out)["a1.dcm"]["status"] == "skipped" and shared_study["a1"].is_file()
+        shared_study["b"].unlink()
+        assert wait_for(lambda: all(_files(out)[n]["status"] == "ok" for n in ("a1.dcm", "a2.dcm")), timeout=60), \
+            _files(out)
+        assert wait_for(lambda: not status(out).get("two_patient_studies"), timeout=30), status(out)
+    finally:
+        assert stop(daemon) == 0
+
+
+def test_watch_with_an_archive_says_how_a_held_study_is_scored_and_scores_it_so(shared_study, small_bundle,
+                                                                                 tmp_path):
+    """watch --archive-dir: a held study's files are archived. Its rows said 'correct or remove
+    the misfiled image among its files ...; the study is then read again', but nothing is left in
+    the folder to correct, remove or read again. Now the row says what works there, and it does:
+    the corrected image put in the folder is scored, then the study's other images put there
+    again are scored too."""
+    from tests.watchkit import start_daemon, watch_config
+
+    incoming, out, archive = shared_study["a1"].parent, tmp_path / "out", tmp_path / "archive"
+    kept = {n: shared_study[n].read_bytes() for n in ("a1", "a2")}
+    daemon = start_daemon(incoming, out, small_bundle, watch_config(tmp_path / "w.toml", rescan_interval=1.0),
+                          "--no-pdf", "--archive-dir", archive)
+    try:
+        assert wait_for(lambda: len(rows_now(out)) == 4, timeout=120)
+        reason = _files(out)["a1.dcm"]["reason"]
+        assert "then read again" not in reason and "archive" in reason, reason
+        assert not shared_study["b"].exists()  # archived
+        ds = pydicom.dcmread(next(archive.rglob("b*.dcm")))
+        ds.PatientID, ds.PatientName, ds.PatientBirthDate = "P-A", "DOE^JANE", "19600101"
+        ds.save_as(tmp_path / "b.dcm")
+        (tmp_path / "b.dcm").replace(incoming / "b.dcm")
+        assert wait_for(lambda: _files(out)["b.dcm"]["status"] == "ok", timeout=60), _files(out)
+        for n, data in kept.items():
+            (incoming / f"{n}.dcm").write_bytes(data)
+        assert wait_for(lambda: all(_files(out)[n]["status"] == "ok" for n in ("a1.dcm", "a2.dcm")), timeout=60), \
+            _files(out)
+    finally:
+        assert stop(daemon) == 0
+
+
+def test_two_shards_of_a_scan_agree_on_a_study_of_two_patients(shared_study, small_bundle, tmp_path):
+    """--shard 0/2 and 1/2: the study's images fall in both shards (a1, b in one, a2 in the
+    other, or so): each shard holds its part of the study (the whole folder is compared before
+    sharding), neither scores an image of it, both exit 3; other.dcm is scored in its shard."""
+    folder, rows = shared_study["a1"].parent, {}
+    for index in (0, 1):
+        out = tmp_path / f"out{index}"
+        done = subprocess.run([sys.executable, "-m", "cxr_batch", "scan", str(folder), "--out", str(out), "--no-pdf",
+                               "--weights", str(small_bundle), "--device", "cpu", "--workers", "0",
+                               "--shard", f"{index}/2"], capture_output=True, text=True, timeout=600)
+        assert done.returncode == 3, (index, done.stderr[-3000:])
+        rows.update(_files(out))
+    assert sorted(rows) == ["a1.dcm", "a2.dcm", "b.dcm", "other.dcm"], rows
+    assert rows["other.dcm"]["status"] == "ok"
+    assert all(rows[n]["status"] == "skipped" and "'P-A' and 'P-B'" in rows[n]["reason"]
+               for n in ("a1.dcm", "a2.dcm", "b.dcm")), rows
+
+
+def test_the_study_header_pass_does_not_block_on_a_fifo_swapped_in(tmp_path):
+    """The header pass of scan and watch (patient_header) opened each file by its name after it
+    was found to be DICOM: a FIFO swapped in since (by anyone who may write to the folder) blocked
+    it for ever, the scan or the watch daemon with it, before any reading worker and its time
+    limit. Now a file that is not a regular one is not read (its study is compared without it)."""
+    import os
+    import threading
+
+    from cxr_batch.integration.node import patient_header
+
+    fifo = tmp_path / "swapped.dcm"
+    os.mkfifo(fifo)
+    got = []
+    reader = threading.Thread(target=lambda: got.append(patient_header(fifo)), daemon=True)
+    reader.start()
+    reader.join(timeout=10)
+    if reader.is_alive():  # let the blocked open return, so the test ends
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        reader.join(timeout=10)
+        pytest.fail("patient_header blocked on a FIFO")
+    assert got and got[0][0] == "", got
+
+
+def test_watch_scores_a_held_study_once_its_misfiled_image_is_corrected_in_place(shared_study, small_bundle,
+                                                                                  tmp_path):
+    """P-B's misfiled image corrected where it lies (its PatientID, name and birth date rewritten
+    into the same file, as an editor saving over it does: the same path and inode, new bytes):
+    the study is read again and its three images scored under P-A."""
+    from tests.watchkit import start_daemon, status, watch_config
+
+    incoming, out = shared_study["a1"].parent, tmp_path / "out"
+    daemon = start_daemon(incoming, out, small_bundle, watch_config(tmp_path / "w.toml", rescan_interval=1.0,
+                                                                    heartbeat_interval=1.0), "--no-pdf")
+    try:
+        assert wait_for(lambda: len(rows_now(out)) == 4, timeout=120)
+        assert _files(out)["b.dcm"]["status"] == "skipped", _files(out)["b.dcm"]
+        ds = pydicom.dcmread(shared_study["b"])
+        ds.PatientID, ds.PatientName, ds.PatientBirthDate = "P-A", "DOE^JANE", "19600101"
+        with open(shared_study["b"], "r+b") as f:  # the same inode
+            ds.save_as(f)
+            f.truncate()
+        scored = ("a1.dcm", "a2.dcm", "b.dcm")
+        assert wait_for(lambda: all(_files(out)[n]["status"] == "ok" for n in scored), timeout=120), _files(out)
+        assert wait_for(lambda: not status(out).get("two_patient_studies"), timeout=30), status(out)
+    finally:
+        assert stop(daemon) == 0
+    assert {r["patient_id"] for r in _files(out).values() if r["status"] == "ok"} == {"P-A"}
+
+
+def test_watch_says_how_to_release_a_study_whose_misfiled_image_was_scored_first(shared_study, small_bundle,
+                                                                                  tmp_path):
+    """P-B's misfiled image comes first and is scored (nothing to compare it with yet); P-A's
+    images of the study then come and are held. Their rows said 'correct or remove the misfiled
+    image', but removing the scored one leaves its result in the study, which stays held (a
+    scored image whose file is gone is not taken away: its result stands). Now they say to
+    correct a scored image where it lies, and that releases the study."""
+    from tests.watchkit import start_daemon, watch_config
+
+    incoming, out, park = shared_study["a1"].parent, tmp_path / "out", tmp_path / "park"
+    park.mkdir()
+    for n in ("a1", "a2", "other"):
+        shared_study[n].rename(park / f"{n}.dcm")
+    daemon = start_daemon(incoming, out, small_bundle, watch_config(tmp_path / "w.toml", rescan_interval=1.0),
+                          "--no-pdf")
+    try:
+        assert wait_for(lambda: _files(out).get("b.dcm", {}).get("status") == "ok", timeout=120), _files(out)
+        for n in ("a1", "a2"):
+            (park / f"{n}.dcm").rename(incoming / f"{n}.dcm")
+        assert wait_for(lambda: len(rows_now(out)) == 3, timeout=120)
+        reason = _files(out)["a1.dcm"]["reason"]
+        assert _files(out)["a1.dcm"]["status"] == "skipped" and "correct it where it lies" in reason, reason
+        ds = pydicom.dcmread(shared_study["b"])
+        ds.PatientID, ds.PatientName, ds.PatientBirthDate = "P-A", "DOE^JANE", "19600101"
+        ds.save_as(tmp_path / "b.dcm")
+        (tmp_path / "b.dcm").replace(shared_study["b"])
+        scored = ("a1.dcm", "a2.dcm", "b.dcm")
+        assert wait_for(lambda: all(_files(out)[n]["status"] == "ok" and _files(out)[n]["patient_id"] == "P-A"
+                                    for n in scored), timeout=120), _files(out)
+    finally:
+        assert stop(daemon) == 0

@@ -679,6 +679,9 @@ class Node(Watcher):
     def moves_handled_files(self) -> bool:
         return True  # the spool is emptied: committed objects are deleted when not archived
 
+    def moves_held_files(self) -> bool:
+        return True  # held objects too
+
     def check_watch_dir(self) -> None:
         """The spool is the node's own folder: one removed by someone (a clean-up of
         OUT/.cxr-batch) is made again at the next heartbeat, as a C-STORE makes it again, not
@@ -766,7 +769,7 @@ class Node(Watcher):
         with self.acknowledged_lock:
             self.acknowledged.difference_update(rels)  # committed as errors: reported
 
-    def held_remedy(self, files: list, for_log: bool) -> str:
+    def held_remedy(self, files: list, for_log: bool, scored: int = 0) -> str:
         """A study held back (:meth:`Watcher.held_back`) is resolved in the PACS: its spool files
         are named by nothing a person knows."""
         return "resolve the study in the PACS (split or merge it) and send its images again"
@@ -778,17 +781,34 @@ class Node(Watcher):
 
 def patient_header(path: Path):
     """(Study Instance UID, :class:`~.patients.Patient`) of a received object's header, as its
-    record will have them; ("", empty) when it cannot be read (its row will say why)."""
+    record will have them; ("", empty) when it cannot be read (its row will say why). A DICOM
+    file without the 128-byte preamble, which scan and watch score (cxr_batch.dicom reads with
+    force), is read too: left out, its study's second patient went unseen. Only a regular file is
+    read, through one open file: a FIFO swapped in since the file was read would block the scan or
+    the daemon for ever."""
     import pydicom
+    from pydicom.errors import InvalidDicomError
 
-    from ..dicom import identifiers
+    from ..dicom import identifiers, looks_like_dicom
+    from ..readers import open_regular, pinned
     from .patients import Patient
 
+    def read(f, force: bool):
+        f.seek(0)
+        return pydicom.dcmread(f, force=force, stop_before_pixels=True,
+                               specific_tags=["SpecificCharacterSet", "StudyInstanceUID", "PatientID",
+                                              "IssuerOfPatientID", "PatientName", "PatientBirthDate", "PatientSex",
+                                              "IssuerOfPatientIDQualifiersSequence", "OtherPatientIDs",
+                                              "OtherPatientIDsSequence"])
+
     try:
-        ds = pydicom.dcmread(path, stop_before_pixels=True,
-                             specific_tags=["SpecificCharacterSet", "StudyInstanceUID", "PatientID",
-                                            "IssuerOfPatientID", "PatientName", "PatientBirthDate", "PatientSex",
-                                            "IssuerOfPatientIDQualifiersSequence", "OtherPatientIDs", "OtherPatientIDsSequence"])
+        with open_regular(path) as f:
+            try:
+                ds = read(f, force=False)
+            except InvalidDicomError:  # no preamble: forced only for what the scan takes for DICOM, not a PNG
+                if not looks_like_dicom(pinned(path, f)):
+                    return "", Patient()
+                ds = read(f, force=True)
         ids = identifiers(ds)
     except Exception:  # RecursionError included: a header nested past reading
         return "", Patient()

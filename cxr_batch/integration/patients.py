@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import re
 import unicodedata
+from collections import Counter
 from dataclasses import dataclass, replace
 
 from ..display import format_date
@@ -300,10 +301,11 @@ MAX_FILES_SAID = 20  # a study's files named in a reason; more are counted
 
 
 def files_said(images, for_log: bool) -> str:
-    """A study's files and the patient ID each names, for a person to find the misfiled one:
-    ``images``: [(file, :class:`Patient`)] -> "a1.dcm ('P-A'), b.dcm ('P-B')"; ``for_log``: each
-    file named by the hash a log names it by (cxr_batch.record.log_name: a folder or file name may
-    name the patient), else as results.csv's file column has it."""
+    """A study's files and the patient ID each names, for a person to find the misfiled one, the
+    patient with fewest images first: ``images``: [(file, :class:`Patient`)] -> "b.dcm ('P-B'),
+    a1.dcm ('P-A'), a2.dcm ('P-A')"; ``for_log``: each file named by the hash a log names it by
+    (cxr_batch.record.log_name: a folder or file name may name the patient), else as
+    results.csv's file column has it."""
     from ..record import log_name, name_bytes
 
     def named(file: str) -> str:
@@ -312,6 +314,10 @@ def files_said(images, for_log: bool) -> str:
         return "".join(ch if ch.isprintable() else "?" for ch in name_bytes(file).decode("utf-8", "backslashreplace"))
 
     images = list(images)
+    # the patient with fewest images first (stable): in a study of 200, the misfiled image is
+    # named, not cut off among the "and 180 more"
+    count = Counter(p for _, p in images)
+    images.sort(key=lambda image: count[image[1]])
     said = [f"{named(file)} ('{printable(p.id)}')" for file, p in images[:MAX_FILES_SAID]]
     more = len(images) - len(said)
     return ", ".join(said) + (f" and {more} more" if more else "")
