@@ -181,8 +181,8 @@ def run_scan(studies: Path, out: Path, cfg: ScanConfig = ScanConfig(), earlier: 
         raise
 
 
-def two_patient_studies(candidates) -> dict[str, tuple[str, str]]:
-    """{rel: (reason, as the log says it: files by their hash)} of the DICOM files of each study whose images name two patients (one Study
+def two_patient_studies(candidates) -> dict[str, str]:
+    """{rel: reason} of the DICOM files of each study whose images name two patients (one Study
     Instance UID, a misfiled image): decided over the whole folder as listen and pull decide
     (cxr_batch.integration.patients), none of them to be scored; one scored would put one
     patient's result in the other's study. Reads each DICOM file's header."""
@@ -202,8 +202,8 @@ def two_patient_studies(candidates) -> dict[str, tuple[str, str]]:
             logged = folder_remedy(images, "then scan again", for_log=True)
             log.error("study %s holds images of two patients, %s: %s held back, not scored; %s", study, said,
                       plural(len(images), "image"), logged)
-            reasons = held_reason(study, said, folder_remedy(images, "then scan again")), held_reason(study, said, logged)
-            held.update((rel, reasons) for rel, _ in images)
+            reason = held_reason(study, said, folder_remedy(images, "then scan again"))
+            held.update((rel, reason) for rel, _ in images)
     return held
 
 
@@ -222,7 +222,7 @@ class ScanRun:
 
     def __init__(self, studies: Path, out: Path, cfg: ScanConfig, bundle, policy, reader, previous, stop,
                  uid_conflicts: dict[str, tuple[str, list[str], str]] | None = None,
-                 held: dict[str, tuple[str, str]] | None = None, pixel_keys: bool = False):
+                 held: dict[str, str] | None = None, pixel_keys: bool = False):
         self.studies, self.out, self.cfg, self.bundle, self.policy = studies, out, cfg, bundle, policy
         self.reader, self.previous, self.stop, self.pixel_keys = reader, previous, stop, pixel_keys
         self.uid_conflicts = uid_conflicts or {}  # rel: (uid, the other files, content), cxr_batch.keys.uid_conflicts
@@ -294,9 +294,10 @@ class ScanRun:
                     summary.priorities[record.priority] += 1
                     summary.without_patient_data += record.patient.all_unknown
                     scored_files.add(record.file)
-                elif fresh:  # a held study's files named by their hash, as every log line names a file
+                elif fresh:  # a held study's files were named, by their hash, once in its study's line
                     log.warning("row %d (%s): %s: %s", writer.count, log_name(record.file), record.status,
-                                self.held[record.file][1] if record.held else record.reason)
+                                "held back: its study holds images of two patients (said above)"
+                                if record.held else record.reason)
                 if self.reports is not None:
                     records.append(record)
 
@@ -353,7 +354,7 @@ class ScanRun:
     def hold(self, record) -> None:
         """Hold back a record of a study of two patients (scored, the model ran: its scores dropped)."""
         if record.ok and record.file in self.held:
-            record.hold_back(self.held[record.file][0])
+            record.hold_back(self.held[record.file])
             self.summary.held += 1
 
     def outputs(self, record, inputs) -> None:

@@ -7,6 +7,7 @@ retried on every pull."""
 
 from __future__ import annotations
 
+import logging
 import subprocess
 import sys
 import time
@@ -496,6 +497,9 @@ def test_scan_holds_back_a_study_whose_images_name_two_patients(shared_study, sm
     assert "3 held back" in done.stderr.splitlines()[-1], done.stderr.splitlines()[-1]
     assert "DOE" not in done.stderr and "ROE" not in done.stderr
     assert "a1.dcm" not in done.stderr and "b.dcm" not in done.stderr  # files by their hash, as every log line
+    # the study's files are named once, in its line: each row's line only points to it
+    held_rows = [line for line in done.stderr.splitlines() if "row " in line and "held back" in line]
+    assert len(held_rows) == 3 and all("file#" not in line.split("held back", 1)[1] for line in held_rows), held_rows
 
 
 def test_scan_scores_a_study_whose_images_write_one_patient_otherwise(small_bundle, tmp_path, nih_images):
@@ -613,7 +617,7 @@ def test_scan_holds_back_a_study_of_two_patients_written_without_the_preamble(sh
     assert done.returncode == 3, done.stderr[-3000:]
 
 
-def test_the_reason_of_a_large_held_study_names_its_misfiled_image(tmp_path, nih_images):
+def test_the_reason_of_a_large_held_study_names_its_misfiled_image(caplog, tmp_path, nih_images):
     """A study of 30 images of P-A and one misfiled image of P-B whose name sorts last: the
     reason named the first 20 files ('correct or remove the misfiled image among its files
     a00.dcm ('P-A'), ... and 11 more') and not the misfiled one, so a person had to open the
@@ -627,11 +631,13 @@ def test_the_reason_of_a_large_held_study_names_its_misfiled_image(tmp_path, nih
         _image(folder, nih_images[n % len(nih_images)], f"a{n:02d}", PatientID="P-A", StudyInstanceUID=study)
     _image(folder, nih_images[0], "z-misfiled", PatientID="P-B", StudyInstanceUID=study)
     _image(folder, nih_images[1], "other", PatientID="P-C", StudyInstanceUID=generate_uid())
-    held = two_patient_studies(find_candidates(folder))
+    with caplog.at_level(logging.ERROR, logger="cxr_batch"):
+        held = two_patient_studies(find_candidates(folder))
     assert sorted(held) == sorted(f"a{n:02d}.dcm" for n in range(30)) + ["z-misfiled.dcm"], sorted(held)
-    reason, logged = held["a00.dcm"]
+    reason = held["a00.dcm"]
     assert "z-misfiled.dcm ('P-B')" in reason, reason
-    assert "z-misfiled" not in logged and "('P-B')" in logged, logged
+    logged = [r.getMessage() for r in caplog.records if "holds images of two patients" in r.getMessage()]
+    assert len(logged) == 1 and "z-misfiled" not in logged[0] and "('P-B')" in logged[0], logged
 
 
 def test_scan_resume_holds_back_a_study_scored_before_its_misfiled_image_came(shared_study, small_bundle, tmp_path):
