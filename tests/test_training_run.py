@@ -220,3 +220,33 @@ def test_a_trained_bundle_has_a_model_card_of_the_run_s_own_figures(nih, tmp_pat
     card_path.unlink()
     with pytest.raises(BundleError, match="MODEL_CARD.md, the model card .* names, is missing"):
         load_bundle(run / "bundle")
+
+
+@pytest.mark.slow
+def test_a_site_that_edits_its_model_card_is_told_how_to_get_its_bundle_back(nih, tmp_path):
+    """A site that added a line to MODEL_CARD.md to record a local decision had its bundle refused
+    ('refusing to use it') with no word of how to recover, and train kept no other copy of the
+    card. The refusal stays (the card is what the bundle was approved on, inside bundle_sha256),
+    but train leaves a copy in the run folder and the error says to restore the card and keep
+    the site's notes in another file of the folder, which loading does not read."""
+    import shutil
+
+    from cxr_batch.bundle import BundleError, load_bundle
+
+    run = tmp_path / "run"
+    proc = train(nih, run)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    installed = tmp_path / "site" / "cxr-fpn-quick"
+    shutil.copytree(run / "bundle", installed)
+    assert (run / "MODEL_CARD.md").read_bytes() == (installed / "MODEL_CARD.md").read_bytes()
+    with (installed / "MODEL_CARD.md").open("a") as card:
+        card.write("\nLocal decision 2026-12-07: used for PA views only.\n")
+    with pytest.raises(BundleError) as refused:
+        load_bundle(installed)
+    said = str(refused.value)
+    assert "edited after the bundle was made" in said, said
+    assert "MODEL_CARD.md in the run folder" in said and "SITE_NOTES.md" in said, said
+    shutil.copyfile(run / "MODEL_CARD.md", installed / "MODEL_CARD.md")  # what the error says to do
+    (installed / "SITE_NOTES.md").write_text("Local decision 2026-12-07: used for PA views only.\n")
+    assert load_bundle(installed).manifest["model_card"]["file"] == "MODEL_CARD.md"
+
