@@ -282,8 +282,13 @@ def check_model_card(folder: Path, manifest: dict) -> None:
     if not path.is_file():
         raise BundleError(f"{path}, the model card {where} names, is missing")
     if sha256_file(path) != record["sha256"]:
+        # refused, not warned of: the card is what the bundle was approved on (inside bundle_sha256);
+        # a site's own notes belong in another file, and the error says how to get the bundle back
         raise BundleError(f"{path} fails its checksum (manifest sha256 {record['sha256']}): the model card was edited "
-                          "after the bundle was made; refusing to use it")
+                          f"after the bundle was made; refusing to use it. Put back the card as made (the copy "
+                          f"`cxr-batch train` left as {record['file']} in the run folder, or the bundle as delivered) "
+                          f"and keep the site's own notes in another file of the folder (e.g. SITE_NOTES.md), "
+                          f"which loading does not read")
 
 
 def is_bundle(folder: Path) -> bool:

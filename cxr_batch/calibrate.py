@@ -19,6 +19,7 @@ base bundle is only read; the new folder appears whole or not at all.
 from __future__ import annotations
 
 import datetime
+import hashlib
 import json
 import logging
 import math
@@ -33,8 +34,8 @@ import numpy as np
 from scipy.special import expit, logit
 
 from . import __version__, metrics
-from .bundle import (DEFAULT_BUNDLE, WEIGHTS_FILE, Bundle, BundleError, is_bundle, load_bundle, manifest_sha256,
-                     sha256_file, write_manifest)
+from .bundle import (DEFAULT_BUNDLE, MODEL_CARD_FILE, WEIGHTS_FILE, Bundle, BundleError, is_bundle, load_bundle,
+                     manifest_sha256, sha256_file, write_manifest)
 from .calibration import (FINDING_MARGIN_SE, FOLDS, MARGIN_SE, METHODS, MIN_POSITIVES, PULL, Calibration,
                           FitReport, fit_findings, from_fits)
 from .config import ConfigError
@@ -244,6 +245,23 @@ def provenance_record(base: Bundle, labels: LabelTable, studies: Path, report: F
     }
 
 
+def calibrated_card(base: Bundle, provenance: dict, n_studies: int) -> str:
+    """MODEL_CARD.md of a bundle calibrated from one that has a sealed card: which base, on what,
+    and that the base's card does not describe it."""
+    labels = provenance["labels"]
+    return "\n".join([
+        f"# Model card: {base.name}, calibrated by `cxr-batch calibrate`", "",
+        f"**Not the base's card.** These are the weights of {base.name} {base.version} (bundle_sha256 "
+        f"`{base.sha256}`), recalibrated on {n_studies} studies of `{provenance['studies']}` labelled by "
+        f"`{labels['file']}` (sha256 `{labels['sha256']}`) on {provenance['date']}. The base's MODEL_CARD.md "
+        "does not describe this bundle: its AUROCs still hold, its thresholds, F1, per-finding counts and "
+        f"shares of studies flagged do not. In `manifest.json`: {provenance['metrics_note']}.", "",
+        "The figures `cxr-batch calibrate` printed were measured on the studies it was fitted on (in-sample). "
+        "Before use, run `cxr-batch evaluate STUDIES --labels LABELS --weights BUNDLE` (BUNDLE: this folder) on "
+        "other labelled studies of the site.", "",
+        "This card is sealed in `manifest.json` (`model_card`: its sha256): loading refuses an edited card."]) + "\n"
+
+
 def summary_lines(report: FitReport, calibration: Calibration, base: Bundle, thresholds: dict) -> list[str]:
     verdict = "findings may move" if report.accepted else "no calibration changes"
     if math.isfinite(report.pooled_se):
@@ -320,7 +338,8 @@ def run_calibrate(studies: Path, labels: LabelTable, out: Path, opts: CalibrateO
                     if k != "per_finding" or name == "keep"}
     # evaluate names these studies when the new bundle is evaluated on them (cxr_batch.provenance)
     calibration_list, listed = image_list(calibration_rows(base, labels, studies, scores), CALIBRATION)
-    # not the base's model card: its thresholds and figures are the base's (provenance names the base)
+    # not the base's model card: its thresholds and figures are the base's (provenance names the
+    # base); a card of this bundle's own is added below
     manifest = {**{k: v for k, v in base.manifest.items() if k != "model_card"},
                 "thresholds": thresholds, "metrics": base_metrics, "calibration_images": listed,
                 "calibration": calibration_record(report, calibration, opts, enough, scores),
@@ -333,10 +352,17 @@ def run_calibrate(studies: Path, labels: LabelTable, out: Path, opts: CalibrateO
     # on one day under different --thresholds (or methods, or bases) differ there, so results.csv's
     # model column, the reports and the worklist tell their bundles apart; the labels file is named
     # in provenance
+    files = {CALIBRATION.file: calibration_list}
+    if "model_card" in base.manifest:
+        # a card of its own, sealed like the base's: without one a newcomer went to the base's card,
+        # whose thresholds, F1 and counts are not this bundle's (it names no version: that hashes this)
+        card = calibrated_card(base, manifest["provenance"], len(scores.files)).encode("utf-8")
+        files[MODEL_CARD_FILE] = card
+        manifest["model_card"] = {"file": MODEL_CARD_FILE, "sha256": hashlib.sha256(card).hexdigest()}
     content = manifest_sha256({k: v for k, v in manifest.items() if k != "version"})
     version = opts.version or f"{base.version}+site.{date:%Y%m%d}.{content[:8]}"
     manifest["version"] = version
-    written = write_bundle(base, Path(out), manifest, {CALIBRATION.file: calibration_list})
+    written = write_bundle(base, Path(out), manifest, files)
     lines = summary_lines(report, calibration, base, thresholds) + choice.lines
     return CalibrateResult(written, version, lines, scores.matching,
                            metrics.ece(scores.y, p_before), metrics.ece(scores.y, p_after))

@@ -196,11 +196,15 @@ def test_a_cut_off_download_or_a_pickled_model_is_refused_in_words_the_operator_
 
 
 def stand_in(kind: str) -> dict:
-    """A small stand-in for each format's file, in its own key layout (a few of DenseNet-121's
+    """A stand-in for each format's file, in its own key layout (DenseNet-121's random
     weights at their real shapes; nothing is downloaded): what a format is told by."""
+    import re
+
     conv0 = torch.randn(64, 1 if kind == "xrv" else 3, 7, 7)
-    features = {"features.conv0.weight": conv0, "features.norm0.weight": torch.ones(64),
-                "features.denseblock1.denselayer1.norm.1.weight": torch.ones(64)}  # pre-0.3 name, as all three keep
+    # every DenseNet-121 weight (a file missing some is refused), by its pre-0.3 name, as all three keep
+    features = {"features." + re.sub(r"(denselayer\d+)\.(norm|conv)(\d)", r"\1.\2.\3", k): v
+                for k, v in densenet121(weights=None).features.state_dict().items()}
+    features["features.conv0.weight"] = conv0
     if kind == "torchvision":  # torchvision's ImageNet densenet121: features.*, a 1000-class classifier
         return {**features, "classifier.weight": torch.zeros(1000, 1024), "classifier.bias": torch.zeros(1000)}
     if kind == "xrv":
@@ -242,3 +246,24 @@ def test_train_with_an_init_format_the_file_is_not_stops_before_any_work(nih, tm
     assert len(error) == 1 and "--init-format chexnet but" in error[0], proc.stderr
     assert "--init-format torchvision (or auto)" in error[0]
     assert not (run / "prepared.csv").exists() and not (run / "bundle").exists()
+
+
+def test_a_backbone_missing_weights_or_with_extra_ones_is_refused_when_read_before_any_work(tmp_path):
+    """A torchvision file without its last dense block (a partial export) passed read_backbone,
+    so `train` prepared and cached every image before load_backbone refused it: refused when the
+    file is read, naming what is missing (norm5, unused by the pyramid, may be absent) or extra.
+    A classifier of another size is no part of the backbone: it is not read, and does not matter."""
+    state = densenet121(weights=None).state_dict()
+    torch.save({k: v for k, v in state.items() if "denseblock4" not in k}, tmp_path / "cut.pth")
+    with pytest.raises(ValueError, match=r"not a DenseNet-121 backbone: \d+ weights missing \(features.denseblock4"):
+        read_backbone(tmp_path / "cut.pth")
+    torch.save({**state, "features.denseblock4.denselayer17.conv1.weight": torch.zeros(128, 1024, 1, 1)},
+               tmp_path / "extra.pth")
+    with pytest.raises(ValueError, match=r"not a DenseNet-121 backbone: 1 weight\(s\) DenseNet-121 has not "
+                                         r"\(features.denseblock4.denselayer17.conv1.weight"):
+        read_backbone(tmp_path / "extra.pth")
+    torch.save({k: v for k, v in state.items() if not k.startswith("features.norm5")}, tmp_path / "no_norm5.pth")
+    torch.save({**state, "classifier.weight": torch.zeros(14, 1024), "classifier.bias": torch.zeros(14)},
+               tmp_path / "classifier14.pth")
+    for name in ("no_norm5.pth", "classifier14.pth"):
+        load_backbone(CxrFusionNet(ModelConfig()), read_backbone(tmp_path / name))

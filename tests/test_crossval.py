@@ -394,3 +394,26 @@ def test_the_logits_a_cross_validation_keeps_are_those_a_scan_computes(tmp_path,
     with torch.inference_mode():
         scan = model(x, torch.full((len(x), 3), 0.5)).numpy()
     assert len(test) > 0 and np.allclose(preds["ema_test"][0], scan, atol=1e-4)
+
+
+def test_too_few_bootstrap_resamples_for_a_95_interval_are_refused_before_any_work(tmp_path):
+    """`python -m training.crossval` with bootstrap = 50 ran the folds and wrote 95% intervals
+    (and the paired differences the choice rests on) from 50 resamples, which `cxr-batch
+    evaluate` and `cxr-batch train` refuse: the same minimum (cxr_batch.metrics.MIN_RESAMPLES),
+    refused when the config is read."""
+    import re
+
+    from cxr_batch.metrics import MIN_RESAMPLES
+    from training.crossval import CVConfig, ConfigError
+
+    from .conftest import REPO
+
+    text = (REPO / "training" / "configs" / "v3.toml").read_text()
+    assert re.search(r"(?m)^bootstrap = \d+", text)
+    for n, refused in ((50, True), (MIN_RESAMPLES - 1, True), (MIN_RESAMPLES, False)):
+        (tmp_path / "cv.toml").write_text(re.sub(r"(?m)^bootstrap = \d+", f"bootstrap = {n}", text))
+        if refused:
+            with pytest.raises(ConfigError, match=f"bootstrap = {n}: at least {MIN_RESAMPLES} resamples"):
+                CVConfig.from_toml(tmp_path / "cv.toml")
+        else:
+            assert CVConfig.from_toml(tmp_path / "cv.toml").bootstrap == MIN_RESAMPLES

@@ -484,5 +484,38 @@ def test_calibrate_of_a_bundle_with_a_sealed_model_card_writes_a_bundle_that_loa
                          "--weights", base, "--device", "cpu", "--workers", 0)
     assert code == 0, err[-2000:]
     new = load_bundle(tmp_path / "new")
-    assert "model_card" not in new.manifest and not (tmp_path / "new" / "MODEL_CARD.md").exists()
+    # its own card (test_a_calibrated_bundle_of_a_carded_base_says_the_base_s_card_does_not_describe_it), not the base's
+    assert new.manifest["model_card"]["sha256"] != load_bundle(base).manifest["model_card"]["sha256"]
     assert new.manifest["provenance"]["base"]["bundle_sha256"] == load_bundle(base).sha256
+
+
+def test_a_calibrated_bundle_of_a_carded_base_says_the_base_s_card_does_not_describe_it(tmp_path, nih, nih_images):
+    """Calibrate of a trained bundle dropped the base's MODEL_CARD.md and said nothing in its
+    place: a newcomer opening the new bundle found no card, and the base's (its thresholds, F1 and
+    counts) is what they would go and read. The new bundle has a sealed card of its own that names
+    the base, says the base's card does not describe its thresholds, and that its figures are
+    in-sample until `cxr-batch evaluate` is run on other studies."""
+    import torch
+
+    from cxr_batch.bundle import BundleError, save_bundle
+    from cxr_batch.model import ModelConfig, build_model
+    from cxr_batch.patient import PatientEncoding
+    from cxr_batch.preprocess import Preprocessing
+
+    torch.manual_seed(0)
+    base = save_bundle(tmp_path / "base", build_model(ModelConfig(tabular_skip=True)), name="small", version="test",
+                       preprocessing=Preprocessing(image_size=96), encoding=PatientEncoding(),
+                       thresholds={f: 0.5 for f in FINDINGS}, model_card="# Model card: small test\n")
+    studies = folder_of(tmp_path, nih_images[:3], "three")
+    code, err = cli_here("calibrate", studies, "--labels", nih / "labels.csv", "--out", tmp_path / "new",
+                         "--weights", base, "--device", "cpu", "--workers", 0)
+    assert code == 0, err[-2000:]
+    new = load_bundle(tmp_path / "new")
+    card = (tmp_path / "new" / "MODEL_CARD.md").read_text()
+    assert new.manifest["model_card"]["file"] == "MODEL_CARD.md"
+    assert load_bundle(base).sha256 in card and "small test" in card
+    assert "does not describe this bundle" in card and "cxr-batch evaluate" in card, card
+    assert new.manifest["provenance"]["metrics_note"] in card
+    (tmp_path / "new" / "MODEL_CARD.md").write_text(card + "edited\n")
+    with pytest.raises(BundleError, match="model card was edited"):
+        load_bundle(tmp_path / "new")

@@ -171,10 +171,12 @@ def test_a_trained_bundle_has_a_model_card_of_the_run_s_own_figures(nih, tmp_pat
     assert thresholds == manifest["thresholds"]
 
     test, ci = m["test"], m["test_ci95"]
-    for line in (f"| mean AUROC, with patient data | {card_number(test['mean_auc'])}{card_interval(ci['mean_auc'])} |",
-                 f"| mean AUROC, image only (patient data unknown) | {card_number(m['test_image_only']['mean_auc'])}"
+    measured = sum(1 for a in test["auc"] if a is not None and a == a)  # the findings with an AUROC
+    over = f"mean AUROC over the {measured} of {len(FINDINGS)} findings with test positives and negatives"
+    for line in (f"| {over}, with patient data | {card_number(test['mean_auc'])}{card_interval(ci['mean_auc'])} |",
+                 f"| {over}, image only (patient data unknown) | {card_number(m['test_image_only']['mean_auc'])}"
                  f"{card_interval(m['test_image_only']['ci95']['mean_auc'])} |",
-                 f"| mean AUROC, patient data alone (logistic regression on age, sex and view) | "
+                 f"| {over}, patient data alone (logistic regression on age, sex and view) | "
                  f"{card_number(m['patient_only_logistic_regression']['mean_auc'])}"
                  f"{card_interval(m['patient_only_logistic_regression']['ci95'])} |",
                  f"| macro F1 at the thresholds | {card_number(test['f1_macro'])}{card_interval(ci['f1_macro'])} |",
@@ -206,7 +208,7 @@ def test_a_trained_bundle_has_a_model_card_of_the_run_s_own_figures(nih, tmp_pat
 
     # no number the run did not measure or was not configured with (code spans, paths and hashes, aside)
     cfg = TrainConfig.load(QUICK).to_dict()
-    allowed = {"95", str(MIN_VALIDATION_IMAGES)}
+    allowed = {"95", str(MIN_VALIDATION_IMAGES), str(measured), str(len(FINDINGS))}
     for x in numeric_leaves([m, data, thresholds, cfg]):
         allowed |= {str(x), f"{x:g}", f"{x:.3f}", f"{x:.4f}"}
     prose = re.sub(r"`[^`]*`", "", card)
@@ -220,3 +222,57 @@ def test_a_trained_bundle_has_a_model_card_of_the_run_s_own_figures(nih, tmp_pat
     card_path.unlink()
     with pytest.raises(BundleError, match="MODEL_CARD.md, the model card .* names, is missing"):
         load_bundle(run / "bundle")
+
+
+@pytest.mark.slow
+def test_a_site_that_edits_its_model_card_is_told_how_to_get_its_bundle_back(nih, tmp_path):
+    """A site that added a line to MODEL_CARD.md to record a local decision had its bundle refused
+    ('refusing to use it') with no word of how to recover, and train kept no other copy of the
+    card. The refusal stays (the card is what the bundle was approved on, inside bundle_sha256),
+    but train leaves a copy in the run folder and the error says to restore the card and keep
+    the site's notes in another file of the folder, which loading does not read."""
+    import shutil
+
+    from cxr_batch.bundle import BundleError, load_bundle
+
+    run = tmp_path / "run"
+    proc = train(nih, run)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    installed = tmp_path / "site" / "cxr-fpn-quick"
+    shutil.copytree(run / "bundle", installed)
+    assert (run / "MODEL_CARD.md").read_bytes() == (installed / "MODEL_CARD.md").read_bytes()
+    with (installed / "MODEL_CARD.md").open("a") as card:
+        card.write("\nLocal decision 2026-12-07: used for PA views only.\n")
+    with pytest.raises(BundleError) as refused:
+        load_bundle(installed)
+    said = str(refused.value)
+    assert "edited after the bundle was made" in said, said
+    assert "MODEL_CARD.md in the run folder" in said and "SITE_NOTES.md" in said, said
+    shutil.copyfile(run / "MODEL_CARD.md", installed / "MODEL_CARD.md")  # what the error says to do
+    (installed / "SITE_NOTES.md").write_text("Local decision 2026-12-07: used for PA views only.\n")
+    assert load_bundle(installed).manifest["model_card"]["file"] == "MODEL_CARD.md"
+
+
+@pytest.mark.slow
+def test_the_model_card_of_a_run_with_a_tiny_test_part_says_its_figures_are_too_few(nih, tmp_path):
+    """quick.toml's run tests 10 images: its card printed 'mean AUROC 0.412 (95% CI 0.363-0.516)'
+    as if measured closely, over the findings that happened to have a test positive, unnamed,
+    while metrics.json said that 4697 of 4897 resamples were drawn again to keep each finding's
+    one positive patient in. The card says the test part is too small to judge the weights by,
+    over how many findings the mean is, and quotes the interval's note."""
+    import math
+
+    from cxr_batch.evidence import MIN_VALIDATION_IMAGES
+
+    run = tmp_path / "run"
+    proc = train(nih, run)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    card = (run / "bundle" / "MODEL_CARD.md").read_text()
+    m = json.loads((run / "metrics.json").read_text())
+    n, measured = m["test"]["n"], sum(1 for a in m["test"]["auc"] if a is not None and math.isfinite(a))
+    assert n < MIN_VALIDATION_IMAGES
+    assert f"**Too few test images to judge these weights by**: {n} images" in card, card
+    assert f"| mean AUROC over the {measured} of {len(FINDINGS)} findings with test positives and negatives, " \
+           "with patient data |" in card, card
+    note = m["test_ci95"]["notes"]["mean_auc"]
+    assert note and f"`{note}`" in card, card

@@ -116,6 +116,16 @@ def read_backbone(path: Path | str, fmt: str = "auto") -> BackboneInit:
     if other:
         raise ValueError(f"{path}: not a DenseNet-121 backbone: {len(other)} weights have other shapes ({other[0]} is "
                          f"{tuple(features[other[0]].shape)} where DenseNet-121's is {tuple(shapes[other[0]])})")
+    # a file with weights missing (a partial export) or unknown ones was refused only by
+    # load_backbone, after the data stages: refused here too (norm5, unused by the pyramid, may be absent)
+    missing = sorted(k for k in shapes if k not in features and not k.startswith("norm5"))
+    if missing:
+        raise ValueError(f"{path}: not a DenseNet-121 backbone: {len(missing)} weights missing "
+                         f"(features.{missing[0]}, ...)")
+    extra = sorted(k for k in features if k not in shapes)
+    if extra:
+        raise ValueError(f"{path}: not a DenseNet-121 backbone: {len(extra)} weight(s) DenseNet-121 has not "
+                         f"(features.{extra[0]}, ...)")
     return BackboneInit(features, mean, std, fmt, str(path))
 
 

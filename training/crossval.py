@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from cxr_batch.findings import FINDINGS
+from cxr_batch.metrics import MIN_RESAMPLES
 from cxr_batch.model import ModelConfig, build_model
 from cxr_batch.patient import PatientEncoding
 from cxr_batch.preprocess import Preprocessing, normalise
@@ -141,8 +142,13 @@ class CVConfig:
             if self.max_cost <= 0 or (cheapest is not None and self.max_cost < cheapest):
                 out.append(f"max_cost = {self.max_cost}: must be > 0 and at least the cheapest variant's cost "
                            f"({cheapest})")
-        if self.bootstrap < 1 or self.crossfit_repeats < 0 or self.ece_bins < 1:
-            out.append("bootstrap >= 1, crossfit_repeats >= 0 and ece_bins >= 1")
+        if self.crossfit_repeats < 0 or self.ece_bins < 1:
+            out.append("crossfit_repeats >= 0 and ece_bins >= 1")
+        # the minimum `cxr-batch evaluate` and `train` hold a 95% interval to (fewer: each tail
+        # rests on a handful of resamples); the intervals and paired differences here need one
+        if self.bootstrap < MIN_RESAMPLES:
+            out.append(f"bootstrap = {self.bootstrap}: at least {MIN_RESAMPLES} resamples "
+                       "(cxr_batch.metrics.MIN_RESAMPLES) for the 95% intervals")
         bad = set(self.overrides) - {"image", "prior", "combine", "thresholds"}
         if bad:
             out.append(f"[overrides]: unknown {sorted(bad)} (image, prior, combine or thresholds)")

@@ -16,6 +16,7 @@ import pandas as pd
 import torch
 
 from cxr_batch.bundle import save_bundle
+from cxr_batch.files import atomic_write_bytes
 from cxr_batch.findings import FINDINGS
 from cxr_batch.model import build_model
 
@@ -173,7 +174,7 @@ def export_bundle(cfg, ctx: Context, model, chosen: np.ndarray, results: dict, r
     history, patient prior, training prevalence) and measured metrics."""
     from cxr_batch.evidence import bundle_evidence
 
-    from .model_card import model_card
+    from .model_card import CARD_FILE, model_card
 
     prepare_info = json.loads((out / "prepare.json").read_text())
     test, ci, image_only = results["test"], results["test_ci95"], results["test_image_only"]
@@ -186,6 +187,8 @@ def export_bundle(cfg, ctx: Context, model, chosen: np.ndarray, results: dict, r
     thresholds = {f: float(t) for f, t in zip(FINDINGS, chosen)}
     # the card says whether every report will warn of missing validation evidence, by the rule reports use
     card = model_card(cfg, results, prepare_info, thresholds, bundle_evidence({"metrics": measured}).problem)
+    # a copy beside the bundle: a site that edits the installed card restores it from here (check_model_card says so)
+    atomic_write_bytes(out / CARD_FILE, card.encode("utf-8"), mode=0o644)
     return save_bundle(
         out / "bundle", model.cpu().float(), name=cfg.model_name, version=cfg.version, preprocessing=ctx.prep,
         encoding=ctx.encoding, thresholds=thresholds, half=cfg.half_bundle,
