@@ -29,9 +29,9 @@ from pathlib import Path
 from . import exit_codes
 from .bundle import (DEFAULT_BUNDLE, MANIFEST_FILE, BundleError, is_bundle, manifest_sha256, read_manifest,
                      refuse_output_in_bundle)
-from .drift import (DEFAULT_ALPHA, DEFAULT_MIN_STUDIES, EFFECT_NAMES, MIN_EFFECT, PATIENT_MIX_EFFECT, SPARSE_TEST,
-                    TESTS, DriftError, check_reference, compare, make_reference, monitored, output_fingerprint,
-                    outputs_comparable)
+from .drift import (DEFAULT_ALPHA, DEFAULT_MIN_STUDIES, EFFECT_NAMES, MIN_EFFECT, OTHER_FORMAT, PATIENT_MIX_EFFECT,
+                    SPARSE_TEST, TESTS, DriftError, check_reference, compare, make_reference, monitored,
+                    output_fingerprint, outputs_comparable)
 from .display import plural
 from .files import atomic_write_bytes, private_dir
 from .findings import FINDINGS
@@ -374,6 +374,10 @@ def evaluate_windows(windows: list[Window], reference: Reference | None, sha: st
         result = compare(reference.data, w.records, alpha=opts.alpha, min_studies=opts.min_studies, outputs=outputs,
                          rows=w.rows)
         out.append({"window": w.describe(), **result})
+    # said once, not only in each window's statistics: the quality manager reads the notes
+    why = [w["statistics"]["format"].get("not_tested", "") for w in out]
+    for reason in sorted({r for r in why if r.startswith(OTHER_FORMAT)}):
+        notes.append(f"acquisition not compared in {plural(why.count(reason), 'window')}: {reason}")
     return out, reference.describe() | {"outputs_compared": outputs}, notes
 
 

@@ -1,0 +1,69 @@
+"""``cxr-batch monitor`` as a hospital's quality manager runs it: real NIH radiographs sent as a
+hospital's archive sends them (DX DICOM files, patient data in the header), scored by the
+bundled weights, and results.csv files as operators leave them (concatenated twice, a week
+missing). Each test is a way the monitor misled its reader (``benchmarks/drift_scenarios.py``
+measures the rest)."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cxr_batch import exit_codes
+from cxr_batch.dicom_build import radiograph, save
+from cxr_batch.scan import ScanConfig, run_scan
+
+from .test_evaluate_calibrate import cli_here as here
+
+N = 30
+
+
+@pytest.fixture(scope="module")
+def dicom_site(tmp_path_factory, nih, nih_images):
+    """30 NIH radiographs as a hospital's DX DICOM files (8 bits, MONOCHROME2, a vendor, the NIH
+    table's age, sex and view in the header), scored by the default bundle in fp32."""
+    root = tmp_path_factory.mktemp("dicom_site")
+    with open(nih / "labels.csv", newline="") as f:
+        labels = {r["Image Index"]: r for r in csv.DictReader(f)}
+    files = root / "files"
+    files.mkdir()
+    for p in nih_images[::16][:N]:
+        label = labels[p.name]
+        ds = radiograph(np.asarray(Image.open(p).convert("L")), PatientID=f"P{label['Patient ID']}",
+                        PatientAge=f"{int(label['Patient Age']):03d}Y", PatientSex=label["Patient Gender"],
+                        ViewPosition=label["View Position"], Manufacturer="Vendor A", ManufacturerModelName="DR-1",
+                        PixelSpacing=[0.286, 0.286])
+        save(ds, files / f"{p.stem}.dcm")
+    out = root / "results"
+    run_scan(files, out, ScanConfig(precision="fp32", pdf=False, progress=False, workers=0))
+    return out
+
+
+def report_of(out):
+    return json.loads((out / "monitor.json").read_text())
+
+
+def test_a_dicom_site_is_not_alarmed_for_being_dicom_against_a_reference_of_png_files(dicom_site, tmp_path):
+    """The bundled reference was made from the NIH PNG files. A hospital sending the very same
+    radiographs as DICOM got an alarm in every window, forever: 'file format: dicom 0% -> 100%',
+    'DICOM modality: DX 0% -> 100%', 'manufacturer: Vendor A 0% -> 100%', ... (60 alarms over 12
+    weeks of `benchmarks/drift_scenarios.py`'s site): nothing the quality manager could act on but
+    to stop reading them. A reference holding no study of the window's file format cannot say
+    what a header, matrix or bit depth of that format should be: those are not compared with it,
+    and the note says how to watch them (a site baseline); the images and outputs still are."""
+    code, stderr = here("monitor", dicom_site, "--out", tmp_path / "m")
+    report = report_of(tmp_path / "m")
+    assert [a["quantity"] for a in report["alarms"] if a["group"] == "acquisition"] == [], report["alarms"]
+    assert code == exit_codes.OK, stderr
+    (window,) = report["models"][0]["windows"]
+    stats = window["statistics"]
+    assert "png" in stats["format"]["not_tested"] and "dicom" in stats["format"]["not_tested"]
+    assert "p_value" in stats["inversion_cue"] and "p_value" in stats["age"]  # the images and patients still are
+    note = " ".join(report["models"][0]["notes"])
+    assert "--reference RESULTS_DIR" in note and "site baseline" in note
+    assert "--reference RESULTS_DIR" in stderr
+
