@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -67,3 +68,25 @@ def test_a_dicom_site_is_not_alarmed_for_being_dicom_against_a_reference_of_png_
     assert "--reference RESULTS_DIR" in note and "site baseline" in note
     assert "--reference RESULTS_DIR" in stderr
 
+
+def test_a_results_csv_appended_to_itself_counts_each_study_once(dicom_site, tmp_path):
+    """An operator merging exports appended a results.csv to itself: every study counted twice, a
+    window's tests saw twice the studies they had, and their p-values shrank as if twice the
+    evidence were there. 12 weeks of a site's studies, no change, monitored against a site baseline
+    with --window 7d: 0 alarms as written, 2 (flag_Effusion) with the rows doubled
+    (`benchmarks/drift_scenarios.py`'s pools), and nothing said. A row that repeats an earlier one in
+    every column is a copy, not a study: counted once, and said."""
+    doubled = tmp_path / "doubled"
+    doubled.mkdir()
+    shutil.copy(dicom_site / "run.json", doubled / "run.json")
+    lines = (dicom_site / "results.csv").read_text().splitlines(keepends=True)
+    (doubled / "results.csv").write_text("".join(lines + lines[1:]))
+    code, stderr = here("monitor", doubled, "--out", tmp_path / "m")
+    report = report_of(tmp_path / "m")
+    assert report["studies"]["scored"] == N and report["models"][0]["windows"][0]["n"] == N, report["studies"]
+    assert any(f"{N} rows repeat an earlier row" in n for n in report["notes"]), report["notes"]
+    assert f"{N} rows repeat an earlier row" in stderr
+    # the same site's results compared with themselves as written: identical statistics
+    code2, _ = here("monitor", dicom_site, "--out", tmp_path / "m2")
+    once = report_of(tmp_path / "m2")
+    assert report["models"][0]["windows"][0]["statistics"] == once["models"][0]["windows"][0]["statistics"]
