@@ -33,7 +33,7 @@ from .bundle import (DEFAULT_BUNDLE, MANIFEST_FILE, BundleError, is_bundle, mani
 from .drift import (DEFAULT_ALPHA, DEFAULT_MIN_STUDIES, EFFECT_NAMES, MIN_EFFECT, OTHER_FORMAT, PATIENT_MIX_EFFECT,
                     SPARSE_TEST, TESTS, DriftError, check_reference, compare, make_reference, monitored,
                     output_fingerprint, outputs_comparable)
-from .display import plural
+from .display import format_time, plural
 from .files import atomic_write_bytes, private_dir
 from .findings import FINDINGS
 from .patient import MAX_PLAUSIBLE_AGE
@@ -134,6 +134,17 @@ def split_windows(records: list[StudyRecord], rows: list[int], spec: WindowSpec)
             chunk = groups[k]
             windows.append(Window(len(windows), [c[0] for c in chunk], [c[1] for c in chunk], [c[2] for c in chunk]))
     return windows, left_out
+
+
+def empty_periods(windows: list[Window], spec: WindowSpec) -> list[tuple[dt.datetime, dt.datetime]]:
+    """The periods of a time ``spec`` between the first window and the last that hold no study
+    (from, to): the windows either side are numbered one after the other, and a week a daemon was
+    stopped (or whose results were lost) would read as no week at all."""
+    if spec.period is None or len(windows) < 2:
+        return []
+    origin = min(t for t in windows[0].times if t is not None)
+    bins = [int((min(t for t in w.times if t is not None) - origin) / spec.period) for w in windows]
+    return [(origin + (a + 1) * spec.period, origin + b * spec.period) for a, b in zip(bins, bins[1:]) if b > a + 1]
 
 
 # ---------------------------------------------------------------------------- references
@@ -493,6 +504,11 @@ def run_monitor(results_dir: Path, out: Path, reference_path: Path | None = None
         untimed, any_window = untimed + left_out, any_window or bool(windows)
         if left_out:
             notes.append(f"left out of time windows: {plural(left_out, 'study')} without a time (scored_at or study date)")
+        if gaps := empty_periods(windows, opts.window):
+            notes.append("no study was scored from " + "; from ".join(
+                f"{format_time(a)} to {format_time(b)}" for a, b in gaps[:5]) + (" and more" if len(gaps) > 5 else "")
+                + f" ({plural(len(gaps), 'period')} of {opts.window} without a window: a daemon stopped, or results "
+                  f"missing?)")
         results, ref_info, more = evaluate_windows(windows, reference, sha, fingerprint, opts)
         notes += more
         tested_any = tested_any or any(conclusive(w) for w in results)

@@ -7,6 +7,7 @@ measures the rest)."""
 from __future__ import annotations
 
 import csv
+import datetime as dt
 import json
 import shutil
 
@@ -90,3 +91,29 @@ def test_a_results_csv_appended_to_itself_counts_each_study_once(dicom_site, tmp
     code2, _ = here("monitor", dicom_site, "--out", tmp_path / "m2")
     once = report_of(tmp_path / "m2")
     assert report["models"][0]["windows"][0]["statistics"] == once["models"][0]["windows"][0]["statistics"]
+
+
+def test_a_week_without_any_study_is_said_not_skipped_in_silence(dicom_site, tmp_path):
+    """A daemon stopped for a week (or a week's results lost when exports were merged): monitor
+    --window 7d numbered the windows either side consecutively, and the report, the trends and
+    the terminal read as weeks without a break; the quality manager, who signs off every week, was
+    never told one was never checked. A period without any study is named."""
+    gap = tmp_path / "gap"
+    gap.mkdir()
+    shutil.copy(dicom_site / "run.json", gap / "run.json")
+    with open(dicom_site / "results.csv", newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        fields, rows = reader.fieldnames, list(reader)
+    start = dt.datetime(2026, 1, 5, 8, tzinfo=dt.timezone.utc)
+    for k, row in enumerate(rows):  # 15 studies in the week of 5 January, 15 in that of 19 January
+        row["scored_at"] = (start + dt.timedelta(days=(k % 15) * 0.4 + (14 if k >= 15 else 0))).isoformat()
+    with open(gap / "results.csv", "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
+    code, stderr = here("monitor", gap, "--out", tmp_path / "m", "--window", "7d", "--min-studies", "10")
+    report = report_of(tmp_path / "m")
+    assert len(report["models"][0]["windows"]) == 2, stderr
+    said = [n for n in report["models"][0]["notes"] if "no study was scored" in n]
+    assert said and "2026-01-12" in said[0] and "2026-01-19" in said[0], report["models"][0]["notes"]
+    assert "no study was scored" in stderr
