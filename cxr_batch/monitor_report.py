@@ -125,6 +125,14 @@ def _panel(ax, name: str, entries: list[tuple[int, dict]]) -> None:
         ax.vlines(at, [e["window_iqr"][0] for _, e in tested], [e["window_iqr"][1] for _, e in tested],
                   colors=colours, lw=1)
         ax.scatter(at, [e["window_median"] for _, e in tested], **dot)
+        # one detector, one pixel spacing: every value the same, and the axis, spread over float
+        # rounding, read '1e-13+2.86e-1'; the value is shown, with room around it
+        drawn = [*e0["reference_iqr"], *(v for _, e in tested for v in (*e["window_iqr"], e["window_median"]))]
+        low, high = min(drawn), max(drawn)
+        if high - low <= 1e-9 * max(1.0, abs(high)):
+            pad = 0.05 * abs(high) or 1.0
+            ax.set_ylim(low - pad, high + pad)
+        ax.ticklabel_format(axis="y", useOffset=False)
     elif kind == "proportion":
         ax.axhline(tested[0][1]["reference_rate"], color=REF, lw=0.8)
         ax.vlines(at, [e["window_ci95"][0] for _, e in tested], [e["window_ci95"][1] for _, e in tested],

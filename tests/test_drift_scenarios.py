@@ -117,3 +117,26 @@ def test_a_week_without_any_study_is_said_not_skipped_in_silence(dicom_site, tmp
     said = [n for n in report["models"][0]["notes"] if "no study was scored" in n]
     assert said and "2026-01-12" in said[0] and "2026-01-19" in said[0], report["models"][0]["notes"]
     assert "no study was scored" in stderr
+
+
+def test_a_quantity_every_study_shares_is_drawn_with_its_value_not_an_offset():
+    """One detector, one pixel spacing: every window's median and quartiles 0.286, and monitor.pdf's
+    trend panel labelled its axis '1e-13+2.86e-1' with ticks at rounding noise, which a quality
+    manager cannot read as 'pixel spacing 0.286, unchanged'."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    from cxr_batch.monitor_report import _trend_page
+
+    entry = {"kind": "continuous", "reference_iqr": [0.286, 0.286], "reference_median": 0.286,
+             "window_iqr": [0.286, 0.286], "window_median": 0.286}
+    model = {"model": "cxr-fpn@3.0", "weights_sha256": "a" * 64,
+             "windows": [{"window": {"index": i}, "statistics": {"pixel_spacing": entry}} for i in range(12)]}
+    fig = _trend_page(model, ["pixel_spacing"])
+    FigureCanvasAgg(fig)
+    fig.canvas.draw()
+    ax = fig.axes[0]
+    assert ax.yaxis.get_major_formatter().get_offset() == ""
+    low, high = ax.get_ylim()
+    assert low < 0.286 < high and high - low > 0.01, (low, high)
+    labels = [t.get_text() for t in ax.get_yticklabels() if t.get_text()]
+    assert labels and all(len(t) <= 6 for t in labels), labels
