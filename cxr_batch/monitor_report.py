@@ -60,6 +60,14 @@ def summary_page(report: dict) -> Figure:
     else:
         y = _text(fig, y, "No alarm: no quantity moved beyond its minimum shift with a corrected p-value below "
                   f"{report['alpha']:g}.", 11, "bold", colour=OK_COLOUR)
+    if alarms:
+        y = _text(fig, y - 0.004, "What moved", 10, "bold")
+        moved = what_moved(report)
+        for line in moved[:MOVED_LINES]:
+            y = _text(fig, y, f"- {line}", 8, width=125)
+        if len(moved) > MOVED_LINES:
+            y = _text(fig, y, f"... and {plural(len(moved) - MOVED_LINES, 'more quantity')} in monitor.json.", 8)
+        y = _text(fig, y - 0.006, "Alarms, window by window", 10, "bold")
     shown = 0
     for a in alarms:
         if y < 0.42:
@@ -98,6 +106,34 @@ def summary_page(report: dict) -> Figure:
     for line in lines:
         y = _text(fig, y, line, 8, width=125)
     return fig
+
+
+MOVED_LINES = 10  # quantities listed under "What moved" at most
+
+
+def what_moved(report: dict) -> list[str]:
+    """Each quantity that alarmed, once, inputs first: its shift in its first alarmed window (from
+    which date) and in how many of the windows tested since it alarmed. A flood of AP films
+    alarmed on the view and a dozen output flags in window after window: listed alarm by alarm,
+    the one thing the wards could be asked about was a line among forty."""
+    by: dict[tuple[str, str, str], list[dict]] = {}
+    for a in report["alarms"]:
+        by.setdefault((a["model"], a.get("weights_sha256"), a["quantity"]), []).append(a)
+    several = len(report["models"]) > 1
+    lines = []
+    def when(a: dict) -> tuple:  # each model numbers its windows from 0: by time first
+        return (a["window"].get("first") or "", a["window"]["index"])
+
+    for (model, sha, _), items in sorted(by.items(), key=lambda kv: (GROUPS.index(kv[1][0]["group"]),
+                                                                      min(when(a) for a in kv[1]))):
+        first = min(items, key=when)
+        tested = [w for m in report["models"] if m.get("weights_sha256") == sha for w in m["windows"]
+                  if not w.get("too_small") and w.get("window", {}).get("index", 0) >= first["window"]["index"]]
+        since = f" ({first['window']['first'][:10]})" if first["window"].get("first") else ""
+        lines.append(f"{model + ': ' if several else ''}{first['label']}: {first['shift']} from window "
+                     f"{first['window']['index']}{since}; in {len(items)} of the {plural(len(tested), 'window')} "
+                     f"tested since")
+    return lines
 
 
 def _panel(ax, name: str, entries: list[tuple[int, dict]]) -> None:

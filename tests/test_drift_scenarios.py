@@ -140,3 +140,33 @@ def test_a_quantity_every_study_shares_is_drawn_with_its_value_not_an_offset():
     assert low < 0.286 < high and high - low > 0.01, (low, high)
     labels = [t.get_text() for t in ax.get_yticklabels() if t.get_text()]
     assert labels and all(len(t) <= 6 for t in labels), labels
+
+
+def test_monitor_pdf_says_once_per_quantity_what_moved_and_since_when(tmp_path):
+    """An ICU flood of AP films (`benchmarks/drift_scenarios.py`): page 1 opened on '44 ALARMS (3 on
+    inputs, 41 on outputs)' and fifteen lines of window after window, output flag after flag; the
+    view position, the one thing the quality manager could go and ask the wards about, was one
+    line among them and its recurrence had to be counted by eye. Page 1 now says, once per
+    quantity and inputs first, what moved, from which window and date, and in how many windows
+    since."""
+    import subprocess
+
+    from .test_monitor_same_output import synthetic_results
+
+    results = synthetic_results(tmp_path / "results", 330, seed=0, shift_from=200, odd=False)
+    code, stderr = here("monitor", results, "--out", tmp_path / "m", "--window", "40")
+    assert code == exit_codes.DRIFT_ALARM, stderr
+    report = report_of(tmp_path / "m")
+    text = subprocess.run(["pdftotext", "-f", "1", "-l", "1", str(tmp_path / "m" / "monitor.pdf"), "-"],
+                          capture_output=True, text=True, check=True).stdout
+    flat = " ".join(text.split())
+    assert "What moved" in flat
+    block = flat[flat.index("What moved"):]
+    photometric = [a for a in report["alarms"] if a["quantity"] == "photometric"]
+    first = min(photometric, key=lambda a: a["window"]["index"])
+    assert (f"photometric interpretation: {first['shift']} from window {first['window']['index']} "
+            f"({first['window']['first'][:10]}); in {len(photometric)} of the") in block, block[:800]
+    inputs, outputs = block.index("photometric interpretation:"), block.find("output:")
+    assert outputs == -1 or inputs < outputs  # what the wards can be asked about first
+    assert len({a["quantity"] for a in report["alarms"]}) > 10 and "more quantities in monitor.json" in block
+
