@@ -477,6 +477,27 @@ def outputs_comparable(reference: dict, weights_sha256: str, fingerprint: str | 
     return bool(fingerprint) and reference.get("outputs_for") == fingerprint
 
 
+OTHER_FORMAT = "the reference holds no"  # how other_format's reason begins
+
+
+def other_format(reference: dict, records: list[StudyRecord]) -> str:
+    """Why the acquisition quantities of ``records`` cannot be compared with ``reference``, or ''.
+    A reference holding no study of the window's file format (the bundled ones were made from
+    NIH PNG files; a hospital sends DICOM) cannot say what that format's header, matrix and bit
+    depth should be: every window of a DICOM site alarmed on format, modality, photometric
+    interpretation, manufacturer and model, for ever, and an alarm that never ends is one nobody
+    reads. The images, patients and outputs are still compared."""
+    counts = (reference["quantities"].get("format") or {}).get("counts") or {}
+    known = {f for f, c in counts.items() if c and f != OTHER}
+    formats = {str(BY_NAME["format"].value(r)) for r in records}
+    if not known or not formats or formats & known or OTHER in counts:
+        return ""
+    return (f"{OTHER_FORMAT} {'/'.join(sorted(formats))} studies (it was made from {'/'.join(sorted(known))} files): "
+            f"the header, matrix and bit depth of these studies cannot be compared with it; to watch them (a new "
+            f"detector, vendor or export setting), give a site baseline, --reference RESULTS_DIR of studies scored "
+            f"here while all was well")
+
+
 def compare(reference: dict, records: list[StudyRecord], *, alpha: float = DEFAULT_ALPHA,
             min_studies: int = DEFAULT_MIN_STUDIES, outputs: bool = True,
             rows: list[int] | None = None) -> dict:
@@ -485,6 +506,7 @@ def compare(reference: dict, records: list[StudyRecord], *, alpha: float = DEFAU
     tested). ``rows``: each record's row in results.csv, to name the studies behind an alarm.
     Returns {"n", "too_small", "statistics": {name: {...}}, "alarms": [...]}."""
     scored = [(i, r) for i, r in enumerate(records) if monitored(r)]
+    foreign = other_format(reference, [r for _, r in scored])
     stats: dict[str, dict] = {}
     for q in QUANTITIES:
         s = reference["quantities"].get(q.name)
@@ -492,6 +514,8 @@ def compare(reference: dict, records: list[StudyRecord], *, alpha: float = DEFAU
                  "effect_name": EFFECT_NAMES[q.kind], "min_effect": q.floor}
         if q.group == "output" and not outputs:
             entry["not_tested"] = "the reference's outputs are of another model (inputs still compared)"
+        elif q.group == "acquisition" and foreign:
+            entry["not_tested"] = foreign
         elif s is None:
             entry["not_tested"] = "not in the reference"
         else:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import csv as _csv
 import datetime as dt
+import hashlib
 import json
 import logging
 import re
@@ -29,10 +30,10 @@ from pathlib import Path
 from . import exit_codes
 from .bundle import (DEFAULT_BUNDLE, MANIFEST_FILE, BundleError, is_bundle, manifest_sha256, read_manifest,
                      refuse_output_in_bundle)
-from .drift import (DEFAULT_ALPHA, DEFAULT_MIN_STUDIES, EFFECT_NAMES, MIN_EFFECT, PATIENT_MIX_EFFECT, SPARSE_TEST,
-                    TESTS, DriftError, check_reference, compare, make_reference, monitored, output_fingerprint,
-                    outputs_comparable)
-from .display import plural
+from .drift import (DEFAULT_ALPHA, DEFAULT_MIN_STUDIES, EFFECT_NAMES, MIN_EFFECT, OTHER_FORMAT, PATIENT_MIX_EFFECT,
+                    SPARSE_TEST, TESTS, DriftError, check_reference, compare, make_reference, monitored,
+                    output_fingerprint, outputs_comparable)
+from .display import format_time, plural
 from .files import atomic_write_bytes, private_dir
 from .findings import FINDINGS
 from .patient import MAX_PLAUSIBLE_AGE
@@ -135,6 +136,17 @@ def split_windows(records: list[StudyRecord], rows: list[int], spec: WindowSpec)
     return windows, left_out
 
 
+def empty_periods(windows: list[Window], spec: WindowSpec) -> list[tuple[dt.datetime, dt.datetime]]:
+    """The periods of a time ``spec`` between the first window and the last that hold no study
+    (from, to): the windows either side are numbered one after the other, and a week a daemon was
+    stopped (or whose results were lost) would read as no week at all."""
+    if spec.period is None or len(windows) < 2:
+        return []
+    origin = min(t for t in windows[0].times if t is not None)
+    bins = [int((min(t for t in w.times if t is not None) - origin) / spec.period) for w in windows]
+    return [(origin + (a + 1) * spec.period, origin + b * spec.period) for a, b in zip(bins, bins[1:]) if b > a + 1]
+
+
 # ---------------------------------------------------------------------------- references
 @dataclass
 class Reference:
@@ -177,19 +189,29 @@ NOT_MONITORED = ("reason", "patient_id", "study_uid", "series_uid", "sop_uid", "
 MONITORED_COLUMNS = tuple(c for c in COLUMNS if c not in NOT_MONITORED)
 
 
-def readable_records(csv: Path, columns: tuple[str, ...] | None = MONITORED_COLUMNS
-                     ) -> tuple[list[tuple[int, StudyRecord]], list[str]]:
+def readable_records(csv: Path, columns: tuple[str, ...] | None = MONITORED_COLUMNS,
+                     repeats: list[int] | None = None) -> tuple[list[tuple[int, StudyRecord]], list[str]]:
     """(row number, record) of each row of a results.csv that reads (1: the first row after the
     header), and why each other row did not ("row 7: ..."): a row cut short by a crash mid-append
     or read while a daemon writes it, or a value edited by hand, costs itself, not the monitoring.
-    The records hold ``columns`` only (None: every column)."""
-    records, bad = [], []
+    The records hold ``columns`` only (None: every column). A row the same as an earlier one in
+    every column (its scored_at to the second included) is a copy, not a study (a results.csv
+    appended to itself): left out, its number added to ``repeats``; counted twice, every study
+    doubled the evidence the tests saw and shrank their p-values."""
+    records, bad, seen = [], [], set()
     keep = None if columns is None else frozenset(columns)
     for i, row in enumerate(_rows(csv), start=1):
         if None in row or None in row.values():  # csv's restkey / restval: not the header's number of fields
             bad.append(f"row {i}: {'more' if None in row else 'fewer'} fields than the header (cut short while "
                        f"written, or edited by hand)")
             continue
+        # a digest, not the row: a year of a daemon's rows is read without holding them
+        digest = hashlib.blake2b("\x1f".join(row.values()).encode(), digest_size=16).digest()
+        if digest in seen:
+            if repeats is not None:
+                repeats.append(i)
+            continue
+        seen.add(digest)
         if keep is not None:
             row = {k: v for k, v in row.items() if k in keep}
         try:
@@ -243,6 +265,18 @@ def _impossible_value(record: StudyRecord) -> str:
     if age is not None and not 0.0 <= age <= MAX_PLAUSIBLE_AGE:
         return f"age {age:g} is not a plausible age (scan writes such an age as unknown)"
     return ""
+
+
+def _ranges(numbers: list[int], most: int = 5) -> str:
+    """Row numbers in short: '31-60, 75' (the first ``most`` runs, then 'and more')."""
+    runs: list[list[int]] = []
+    for n in numbers:
+        if runs and n == runs[-1][1] + 1:
+            runs[-1][1] = n
+        else:
+            runs.append([n, n])
+    text = ", ".join(f"{a}-{b}" if b > a else str(a) for a, b in runs[:most])
+    return text + (" and more" if len(runs) > most else "")
 
 
 def _not_utf8(csv: Path, e: UnicodeDecodeError) -> DriftError:
@@ -374,6 +408,10 @@ def evaluate_windows(windows: list[Window], reference: Reference | None, sha: st
         result = compare(reference.data, w.records, alpha=opts.alpha, min_studies=opts.min_studies, outputs=outputs,
                          rows=w.rows)
         out.append({"window": w.describe(), **result})
+    # said once, not only in each window's statistics: the quality manager reads the notes
+    why = [w["statistics"]["format"].get("not_tested", "") for w in out]
+    for reason in sorted({r for r in why if r.startswith(OTHER_FORMAT)}):
+        notes.append(f"acquisition not compared in {plural(why.count(reason), 'window')}: {reason}")
     return out, reference.describe() | {"outputs_compared": outputs}, notes
 
 
@@ -413,7 +451,8 @@ def run_monitor(results_dir: Path, out: Path, reference_path: Path | None = None
     refuse_output_in_bundle(out, reference_path if reference_path and is_bundle(Path(reference_path))
                             else DEFAULT_BUNDLE)
     require_columns(csv)
-    rows, unreadable = readable_records(csv)
+    repeats: list[int] = []
+    rows, unreadable = readable_records(csv, repeats=repeats)
     explicit = load_reference(reference_path) if reference_path is not None else None
     if explicit is not None and (small := reference_too_small(explicit, opts.min_studies)):
         raise MonitorError(f"--reference {reference_path}: {small}")
@@ -441,6 +480,9 @@ def run_monitor(results_dir: Path, out: Path, reference_path: Path | None = None
     if older:
         report["notes"].append(f"left out: {plural(older, 'scored study')} without drift data (scored by an earlier "
                                f"cxr-batch)")
+    if repeats:
+        report["notes"].append(f"counted once: {plural(len(repeats), 'row')} repeat an earlier row of results.csv in "
+                               f"every column (rows {_ranges(repeats)}; a results.csv appended to itself?)")
     candidates = known_bundles(results_dir)
     if explicit is not None and explicit.kind == "bundle" and reference_path is not None:
         candidates = [Path(reference_path)] + candidates
@@ -462,6 +504,11 @@ def run_monitor(results_dir: Path, out: Path, reference_path: Path | None = None
         untimed, any_window = untimed + left_out, any_window or bool(windows)
         if left_out:
             notes.append(f"left out of time windows: {plural(left_out, 'study')} without a time (scored_at or study date)")
+        if gaps := empty_periods(windows, opts.window):
+            notes.append("no study was scored from " + "; from ".join(
+                f"{format_time(a)} to {format_time(b)}" for a, b in gaps[:5]) + (" and more" if len(gaps) > 5 else "")
+                + f" ({plural(len(gaps), 'period')} of {opts.window} without a window: a daemon stopped, or results "
+                  f"missing?)")
         results, ref_info, more = evaluate_windows(windows, reference, sha, fingerprint, opts)
         notes += more
         tested_any = tested_any or any(conclusive(w) for w in results)

@@ -60,6 +60,14 @@ def summary_page(report: dict) -> Figure:
     else:
         y = _text(fig, y, "No alarm: no quantity moved beyond its minimum shift with a corrected p-value below "
                   f"{report['alpha']:g}.", 11, "bold", colour=OK_COLOUR)
+    if alarms:
+        y = _text(fig, y - 0.004, "What moved", 10, "bold")
+        moved = what_moved(report)
+        for line in moved[:MOVED_LINES]:
+            y = _text(fig, y, f"- {line}", 8, width=125)
+        if len(moved) > MOVED_LINES:
+            y = _text(fig, y, f"... and {plural(len(moved) - MOVED_LINES, 'more quantity')} in monitor.json.", 8)
+        y = _text(fig, y - 0.006, "Alarms, window by window", 10, "bold")
     shown = 0
     for a in alarms:
         if y < 0.42:
@@ -100,6 +108,34 @@ def summary_page(report: dict) -> Figure:
     return fig
 
 
+MOVED_LINES = 10  # quantities listed under "What moved" at most
+
+
+def what_moved(report: dict) -> list[str]:
+    """Each quantity that alarmed, once, inputs first: its shift in its first alarmed window (from
+    which date) and in how many of the windows tested since it alarmed. A flood of AP films
+    alarmed on the view and a dozen output flags in window after window: listed alarm by alarm,
+    the one thing the wards could be asked about was a line among forty."""
+    by: dict[tuple[str, str, str], list[dict]] = {}
+    for a in report["alarms"]:
+        by.setdefault((a["model"], a.get("weights_sha256"), a["quantity"]), []).append(a)
+    several = len(report["models"]) > 1
+    lines = []
+    def when(a: dict) -> tuple:  # each model numbers its windows from 0: by time first
+        return (a["window"].get("first") or "", a["window"]["index"])
+
+    for (model, sha, _), items in sorted(by.items(), key=lambda kv: (GROUPS.index(kv[1][0]["group"]),
+                                                                      min(when(a) for a in kv[1]))):
+        first = min(items, key=when)
+        tested = [w for m in report["models"] if m.get("weights_sha256") == sha for w in m["windows"]
+                  if not w.get("too_small") and w.get("window", {}).get("index", 0) >= first["window"]["index"]]
+        since = f" ({first['window']['first'][:10]})" if first["window"].get("first") else ""
+        lines.append(f"{model + ': ' if several else ''}{first['label']}: {first['shift']} from window "
+                     f"{first['window']['index']}{since}; in {len(items)} of the {plural(len(tested), 'window')} "
+                     f"tested since")
+    return lines
+
+
 def _panel(ax, name: str, entries: list[tuple[int, dict]]) -> None:
     """One quantity over the windows: value against the reference, alarms in red. Each kind of
     mark is drawn in one call and the axis numbers about six windows: a year of windows drawn
@@ -125,6 +161,14 @@ def _panel(ax, name: str, entries: list[tuple[int, dict]]) -> None:
         ax.vlines(at, [e["window_iqr"][0] for _, e in tested], [e["window_iqr"][1] for _, e in tested],
                   colors=colours, lw=1)
         ax.scatter(at, [e["window_median"] for _, e in tested], **dot)
+        # one detector, one pixel spacing: every value the same, and the axis, spread over float
+        # rounding, read '1e-13+2.86e-1'; the value is shown, with room around it
+        drawn = [*e0["reference_iqr"], *(v for _, e in tested for v in (*e["window_iqr"], e["window_median"]))]
+        low, high = min(drawn), max(drawn)
+        if high - low <= 1e-9 * max(1.0, abs(high)):
+            pad = 0.05 * abs(high) or 1.0
+            ax.set_ylim(low - pad, high + pad)
+        ax.ticklabel_format(axis="y", useOffset=False)
     elif kind == "proportion":
         ax.axhline(tested[0][1]["reference_rate"], color=REF, lw=0.8)
         ax.vlines(at, [e["window_ci95"][0] for _, e in tested], [e["window_ci95"][1] for _, e in tested],
