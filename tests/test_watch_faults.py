@@ -1110,3 +1110,28 @@ def test_a_daemon_the_kernel_gives_no_file_system_watch_finds_studies_by_its_res
             hog.wait()
     finally:
         shutil.rmtree(base, ignore_errors=True)
+
+
+def test_a_daemon_holds_no_open_file_on_the_folder_it_watches_so_its_share_can_be_unmounted(tmp_path, small_bundle):
+    """The claim on the watched folder was an open descriptor of the folder itself: with it an
+    export share mounted there could no longer be unmounted while the daemon ran (``umount``:
+    "target is busy"), though the daemon is made to wait for a share unmounted and back. Nothing
+    the daemon keeps open may lie in the watched folder, whether it leaves the files or moves them."""
+    incoming = tmp_path / "in"
+    incoming.mkdir()
+    config = watch_config(tmp_path / "w.toml")
+    for out, extra in ((tmp_path / "a", ()), (tmp_path / "b", ("--archive-dir", tmp_path / "archive"))):
+        proc = start_daemon(incoming, out, small_bundle, config, *extra)
+        try:
+            assert wait_for(lambda: status(out).get("state") == "running")
+            held = []
+            for fd in Path(f"/proc/{proc.pid}/fd").iterdir():
+                try:
+                    target = os.readlink(fd)
+                except OSError:
+                    continue
+                if target == str(incoming.resolve()) or target.startswith(f"{incoming.resolve()}/"):
+                    held.append(target)
+            assert held == []
+        finally:
+            assert stop(proc) == 0
