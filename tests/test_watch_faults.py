@@ -1135,3 +1135,29 @@ def test_a_daemon_holds_no_open_file_on_the_folder_it_watches_so_its_share_can_b
             assert held == []
         finally:
             assert stop(proc) == 0
+
+
+def test_a_daemon_whose_folder_was_replaced_claims_the_new_one(tmp_path, small_bundle):
+    """The claim stayed on the folder watched at the start: once another was mounted over it
+    (the export share mounted after the daemon started) or it was made again, a daemon started
+    later beside it with --archive-dir ran too, and the first got only the studies not yet moved
+    away. The claim follows the folder watched now."""
+    incoming, other = tmp_path / "in", tmp_path / "other"
+    incoming.mkdir()
+    other.mkdir()
+    config = watch_config(tmp_path / "w.toml")
+    first = start_daemon(incoming, tmp_path / "a", small_bundle, config)
+    try:
+        assert wait_for(lambda: status(tmp_path / "a").get("state") == "running")
+        incoming.rmdir()
+        other.rename(incoming)  # another folder (inode) at the watched path
+        time.sleep(3)  # a few heartbeats
+        assert status(tmp_path / "a").get("state") == "running"
+        mover = start_daemon(incoming, tmp_path / "b", small_bundle, config, "--archive-dir", tmp_path / "archive")
+        try:
+            code = mover.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            code = stop(mover)
+        assert code == 1 and "another cxr-batch daemon watches" in mover.stderr.read()
+    finally:
+        assert stop(first) == 0
