@@ -257,13 +257,11 @@ class Watcher:
         """The claim follows the folder watched now (a share mounted after the start, a folder
         made again): on the one that was there before, another daemon started since could
         move this one's studies away, or this one another's, unseen."""
-        old = self.claim
+        self.claim.release()  # first: the folder back may be the same one, whose claim is this one's
         try:
             self.claim = self.claim_watched_folder()
         except FolderBusy as e:
             log.error("%s (found now that %s is watched again)", e, self.folder_name)
-            return
-        old.release()
 
     def check_moves(self, what: str) -> None:
         for name in ("archive_dir", "quarantine_dir"):

@@ -1161,3 +1161,27 @@ def test_a_daemon_whose_folder_was_replaced_claims_the_new_one(tmp_path, small_b
         assert code == 1 and "another cxr-batch daemon watches" in mover.stderr.read()
     finally:
         assert stop(first) == 0
+
+
+def test_a_daemon_that_moves_files_keeps_its_folder_moved_away_and_back_without_a_false_alarm(tmp_path, small_bundle):
+    """The watched folder moved away and back (the same folder, the same claim): a daemon with
+    --archive-dir must not take its own claim for another daemon's."""
+    incoming = tmp_path / "in"
+    incoming.mkdir()
+    config = watch_config(tmp_path / "w.toml")
+    mover = start_daemon(incoming, tmp_path / "a", small_bundle, config, "--archive-dir", tmp_path / "archive")
+    try:
+        assert wait_for(lambda: status(tmp_path / "a").get("state") == "running")
+        incoming.rename(tmp_path / "away")
+        assert wait_for(lambda: status(tmp_path / "a").get("state") == "degraded")
+        (tmp_path / "away").rename(incoming)
+        assert wait_for(lambda: status(tmp_path / "a").get("state") == "running")
+        reader = start_daemon(incoming, tmp_path / "b", small_bundle, config)
+        try:
+            code = reader.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            code = stop(reader)
+        assert code == 1  # the claim is still held
+    finally:
+        assert stop(mover) == 0
+    assert "another cxr-batch daemon watches" not in mover.stderr.read()
