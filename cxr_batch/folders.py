@@ -100,11 +100,19 @@ def _relation_by_mount(output: Path, source: Path) -> str | None:
         return None
     if place is None or place[0] != src[0]:
         return None
-    inside = place[1] == src[1] or place[1].startswith(src[1].rstrip("/") + "/")
-    if inside:
-        return "is" if candidate == output and place[1] == src[1] else "lies inside"
-    if candidate == output and src[1].startswith(place[1].rstrip("/") + "/"):
-        return "contains"
+
+    def same(a: Path, b: Path) -> bool:  # confirmed on the folders (a share's mounts may not say their root)
+        try:
+            return os.path.samestat(a.stat(), b.stat())
+        except OSError:
+            return False
+
+    if place[1] == src[1] or place[1].startswith(src[1].rstrip("/") + "/"):
+        if same(source / os.path.relpath(place[1], src[1]), candidate):
+            return "is" if candidate == output and place[1] == src[1] else "lies inside"
+    elif candidate == output and src[1].startswith(place[1].rstrip("/") + "/"):
+        if same(output / os.path.relpath(src[1], place[1]), source):
+            return "contains"
     return None
 
 
