@@ -99,23 +99,39 @@ class FolderLock:
         self.release()
 
 
-class WatchedFolderClaim(FolderLock):
-    """A watch daemon's claim on the folder it watches (a lock on the folder itself, which may
-    be a read-only export share): shared by daemons that leave its files in place, exclusive for
-    one that moves them out (``--archive-dir``, ``--quarantine-dir``). Two daemons on one export
-    folder (a second results site, a new model run in the shadow of the old) are fine while
-    both only read it; beside one that archives what it scored, the other silently got only
-    the studies not yet moved away. Not checked where the file system locks no folders (some
-    network shares) or the folder is not there yet (its heartbeat says so)."""
+# Where the claims on watched folders are kept: shared by every user and service of the host
+# (/tmp may be a service's own, systemd's PrivateTmp), on every Linux. Not in the folder, which
+# may be read-only, nor on it: an open descriptor of the folder kept the share mounted there
+# busy (``umount``: "target is busy") for as long as the daemon ran.
+CLAIM_DIR = Path("/dev/shm")
 
-    def __init__(self, folder: Path, moves: bool):
+
+class WatchedFolderClaim(FolderLock):
+    """A watch daemon's claim on the folder it watches: shared by daemons that leave its files
+    in place, exclusive for one that moves them out (``--archive-dir``, ``--quarantine-dir``).
+    Two daemons on one export folder (a second results site, a new model run in the shadow of
+    the old) are fine while both only read it; beside one that archives what it scored, the
+    other silently got only the studies not yet moved away. The lock is on a file of
+    :data:`CLAIM_DIR` named by the folder's device and inode (the same folder by any path or
+    mount of it on this host); never removed (another daemon may hold it open). Not checked
+    where that file cannot be made or opened, or the folder is not there yet."""
+
+    def __init__(self, folder: Path, moves: bool, claim_dir: Path = CLAIM_DIR):
         self.path = Path(folder)
         self.moves = moves
+        self.claim_dir = claim_dir
         self._fd = None
 
     def acquire(self) -> "WatchedFolderClaim":
         try:
-            fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY)
+            st = os.stat(self.path)
+            name = self.claim_dir / f"cxr-batch-watch-{st.st_dev:x}-{st.st_ino:x}.lock"
+            try:  # readable by all: a daemon of another user locks the same file
+                fd = os.open(name, os.O_RDWR | os.O_CREAT, 0o644)
+                if os.fstat(fd).st_uid == os.getuid():
+                    os.fchmod(fd, 0o644)  # past a umask of 077
+            except PermissionError:  # another user's (or protected_regular): read, all flock needs
+                fd = os.open(name, os.O_RDONLY)
         except OSError:
             return self
         try:

@@ -11,6 +11,7 @@ folders and a place that works.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 from .config import ConfigError
@@ -57,6 +58,64 @@ def _relation_by_identity(output: Path, source: Path) -> str | None:
     return None
 
 
+def _place(path: Path) -> tuple[int, str] | None:
+    """(device, path inside its file system) of an existing folder, from /proc/self/mountinfo:
+    the same by any mount of it (``mount --bind`` of it or of a folder above it); None where
+    that is not known (no mountinfo, a device it does not name, as btrfs subvolumes)."""
+    try:
+        st = path.stat()
+        lines = Path("/proc/self/mountinfo").read_text().splitlines()
+    except (OSError, ValueError):
+        return None
+    text = str(path)
+    found = None
+    for line in lines:  # the last, longest mount point the path lies under: the one it is on
+        f = line.split()
+        if len(f) < 5:
+            continue
+        root, point = (re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), x) for x in (f[3], f[4]))
+        if (text == point or text.startswith(point.rstrip("/") + "/")) and (found is None or len(point) >= len(found[1])):
+            found = (f[2], point, root)
+    if found is None:
+        return None
+    major, _, minor = found[0].partition(":")
+    if (os.major(st.st_dev), os.minor(st.st_dev)) != (int(major), int(minor)):
+        return None
+    rel = os.path.relpath(text, found[1])
+    return st.st_dev, os.path.normpath(os.path.join(found[2], "" if rel == "." else rel))
+
+
+def _relation_by_mount(output: Path, source: Path) -> str | None:
+    """:func:`_relation` by place in the file system: an output on a mount of a folder inside
+    the input (or of one above it) is not seen by walking up its path. ``output`` may not exist
+    yet: its nearest existing folder is compared."""
+    src = _place(source)
+    if src is None:
+        return None
+    for candidate in (output, *output.parents):
+        if candidate.exists():
+            place = _place(candidate)
+            break
+    else:
+        return None
+    if place is None or place[0] != src[0]:
+        return None
+
+    def same(a: Path, b: Path) -> bool:  # confirmed on the folders (a share's mounts may not say their root)
+        try:
+            return os.path.samestat(a.stat(), b.stat())
+        except OSError:
+            return False
+
+    if place[1] == src[1] or place[1].startswith(src[1].rstrip("/") + "/"):
+        if same(source / os.path.relpath(place[1], src[1]), candidate):
+            return "is" if candidate == output and place[1] == src[1] else "lies inside"
+    elif candidate == output and src[1].startswith(place[1].rstrip("/") + "/"):
+        if same(output / os.path.relpath(src[1], place[1]), source):
+            return "contains"
+    return None
+
+
 def refuse_overlap(output: Path | str | None, inputs: dict[str, Path | str | None], option: str = "--out") -> None:
     """Raise :class:`FolderOverlap` when ``output`` is, lies inside or contains any folder of
     ``inputs`` ({what the folder is, e.g. "the scanned folder": path}; None entries are
@@ -70,7 +129,8 @@ def refuse_overlap(output: Path | str | None, inputs: dict[str, Path | str | Non
             continue
         folder = Path(source).resolve()
         relation = _relation(out, folder)
-        if relation is None and (relation := _relation_by_identity(out, folder)) is not None:
+        if relation is None and (relation := (_relation_by_identity(out, folder)
+                                              or _relation_by_mount(out, folder))) is not None:
             relation += " (through another mount point of it)"
         if relation is None:
             continue

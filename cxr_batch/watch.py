@@ -256,6 +256,16 @@ class Watcher:
         daemon watches: either would see only what the other had not yet moved away."""
         return WatchedFolderClaim(self.watch_dir, bool(self.cfg.archive_dir or self.cfg.quarantine_dir)).acquire()
 
+    def reclaim(self) -> None:
+        """The claim follows the folder watched now (a share mounted after the start, a folder
+        made again): on the one that was there before, another daemon started since could
+        move this one's studies away, or this one another's, unseen."""
+        self.claim.release()  # first: the folder back may be the same one, whose claim is this one's
+        try:
+            self.claim = self.claim_watched_folder()
+        except FolderBusy as e:
+            log.error("%s (found now that %s is watched again)", e, self.folder_name)
+
     def check_moves(self, what: str) -> None:
         for name in ("archive_dir", "quarantine_dir"):
             refuse_overlap(getattr(self.cfg, name), {what: self.watch_dir}, f"--{name.replace('_', '-')}")
@@ -373,11 +383,13 @@ class Watcher:
                       self.folder_name, self.watch_dir)
         elif present and self.watch_missing:
             log.info("%s %s is back: watching it again", self.folder_name, self.watch_dir)
+            self.reclaim()
             self.contained(self.rewatch)
             self.contained(self.rescan)
         elif present and (identity != self.watched or self.watch_lost()):
             log.info("%s %s was replaced (removed and made again, replaced by a link, or its link pointed elsewhere): watching it again",
                      self.folder_name, self.watch_dir)
+            self.reclaim()
             self.contained(self.rewatch)
             self.contained(self.rescan)
         self.watch_missing = not present

@@ -800,3 +800,27 @@ def test_results_in_the_input_folder_reached_through_another_mount_are_refused(s
         assert proc.returncode == 2, proc.stderr
         assert "choose a folder outside it" in proc.stderr and LOADED not in proc.stderr
     assert listing(studies) == before
+
+
+def test_results_on_a_mount_of_a_folder_inside_the_input_are_refused(studies, tmp_path, small_bundle):
+    """``--out /mnt/results``, /mnt/results a bind mount of a folder inside the watched one: the
+    comparison by inode walked up the output's path (/mnt, /), never the folder it really lies
+    in, and results.csv was written into the watched tree, each append read as a new study."""
+    inside = studies / "results"
+    inside.mkdir()
+    mount = tmp_path / "results"
+    mount.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "--bind", str(inside), str(mount)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("a bind mount is not allowed here")
+    try:
+        config = watch_config(tmp_path / "w.toml")
+        before = listing(studies)
+        for out in (mount, mount / "new"):
+            proc = cli("watch", studies, "--out", out, "--weights", small_bundle, "--device", "cpu",
+                       "--config", config, timeout=120)
+            assert proc.returncode == 2, proc.stderr
+            assert "choose a folder outside it" in proc.stderr and LOADED not in proc.stderr
+        assert listing(studies) == before
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], capture_output=True)

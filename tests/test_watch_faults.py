@@ -1110,3 +1110,78 @@ def test_a_daemon_the_kernel_gives_no_file_system_watch_finds_studies_by_its_res
             hog.wait()
     finally:
         shutil.rmtree(base, ignore_errors=True)
+
+
+def test_a_daemon_holds_no_open_file_on_the_folder_it_watches_so_its_share_can_be_unmounted(tmp_path, small_bundle):
+    """The claim on the watched folder was an open descriptor of the folder itself: with it an
+    export share mounted there could no longer be unmounted while the daemon ran (``umount``:
+    "target is busy"), though the daemon is made to wait for a share unmounted and back. Nothing
+    the daemon keeps open may lie in the watched folder, whether it leaves the files or moves them."""
+    incoming = tmp_path / "in"
+    incoming.mkdir()
+    config = watch_config(tmp_path / "w.toml")
+    for out, extra in ((tmp_path / "a", ()), (tmp_path / "b", ("--archive-dir", tmp_path / "archive"))):
+        proc = start_daemon(incoming, out, small_bundle, config, *extra)
+        try:
+            assert wait_for(lambda: status(out).get("state") == "running")
+            held = []
+            for fd in Path(f"/proc/{proc.pid}/fd").iterdir():
+                try:
+                    target = os.readlink(fd)
+                except OSError:
+                    continue
+                if target == str(incoming.resolve()) or target.startswith(f"{incoming.resolve()}/"):
+                    held.append(target)
+            assert held == []
+        finally:
+            assert stop(proc) == 0
+
+
+def test_a_daemon_whose_folder_was_replaced_claims_the_new_one(tmp_path, small_bundle):
+    """The claim stayed on the folder watched at the start: once another was mounted over it
+    (the export share mounted after the daemon started) or it was made again, a daemon started
+    later beside it with --archive-dir ran too, and the first got only the studies not yet moved
+    away. The claim follows the folder watched now."""
+    incoming, other = tmp_path / "in", tmp_path / "other"
+    incoming.mkdir()
+    other.mkdir()
+    config = watch_config(tmp_path / "w.toml")
+    first = start_daemon(incoming, tmp_path / "a", small_bundle, config)
+    try:
+        assert wait_for(lambda: status(tmp_path / "a").get("state") == "running")
+        incoming.rmdir()
+        other.rename(incoming)  # another folder (inode) at the watched path
+        time.sleep(3)  # a few heartbeats
+        assert status(tmp_path / "a").get("state") == "running"
+        mover = start_daemon(incoming, tmp_path / "b", small_bundle, config, "--archive-dir", tmp_path / "archive")
+        try:
+            code = mover.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            code = stop(mover)
+        assert code == 1 and "another cxr-batch daemon watches" in mover.stderr.read()
+    finally:
+        assert stop(first) == 0
+
+
+def test_a_daemon_that_moves_files_keeps_its_folder_moved_away_and_back_without_a_false_alarm(tmp_path, small_bundle):
+    """The watched folder moved away and back (the same folder, the same claim): a daemon with
+    --archive-dir must not take its own claim for another daemon's."""
+    incoming = tmp_path / "in"
+    incoming.mkdir()
+    config = watch_config(tmp_path / "w.toml")
+    mover = start_daemon(incoming, tmp_path / "a", small_bundle, config, "--archive-dir", tmp_path / "archive")
+    try:
+        assert wait_for(lambda: status(tmp_path / "a").get("state") == "running")
+        incoming.rename(tmp_path / "away")
+        assert wait_for(lambda: status(tmp_path / "a").get("state") == "degraded")
+        (tmp_path / "away").rename(incoming)
+        assert wait_for(lambda: status(tmp_path / "a").get("state") == "running")
+        reader = start_daemon(incoming, tmp_path / "b", small_bundle, config)
+        try:
+            code = reader.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            code = stop(reader)
+        assert code == 1  # the claim is still held
+    finally:
+        assert stop(mover) == 0
+    assert "another cxr-batch daemon watches" not in mover.stderr.read()
