@@ -421,12 +421,8 @@ def test_evaluate_decodes_each_study_once_and_still_finds_a_renamed_or_converted
     could answer. The scan hands back each study's pixels' hash; a renamed copy and a DICOM
     conversion of a calibration study are still found, and a JPEG's copy too, though the scan
     decoded it smaller than stored (all the model needs): that one alone is read again."""
-    import os
-
     from PIL import Image
 
-    import cxr_batch.dicom
-    import cxr_batch.readers
     from tests.dicomgen import grey, write
 
     from .test_evaluate_calibrate import cli_here
@@ -457,16 +453,7 @@ def test_evaluate_decodes_each_study_once_and_still_finds_a_renamed_or_converted
     pd.DataFrame({"Image Index": list(renamed), "Finding Labels": [table.loc[n, "Finding Labels"] for n in
                                                                      renamed.values()]}).to_csv(labels, index=False)
 
-    decoded = []  # the file each decode was of (decoders are given /proc/self/fd/N: the open file)
-
-    def counted(decoder):
-        def decode(path, *args, **kwargs):
-            decoded.append(os.path.basename(os.path.realpath(path)))
-            return decoder(path, *args, **kwargs)
-        return decode
-
-    monkeypatch.setattr(cxr_batch.readers, "read_pil_study", counted(cxr_batch.readers.read_pil_study))
-    monkeypatch.setattr(cxr_batch.dicom, "read_dicom", counted(cxr_batch.dicom.read_dicom))
+    decoded = count_decodes(monkeypatch)
     out = tmp_path / "ev"
     code, stderr = cli_here("evaluate", studies, "--labels", labels, "--weights", tmp_path / "calibrated", "--out",
                             out, "--bootstrap", 0, *CPU)  # --workers 0: decoded in this process, where they are counted
@@ -483,12 +470,8 @@ def test_calibrate_decodes_each_study_once_and_lists_the_pixels_of_each(nih, nih
     calibration_images.csv. The scoring hands back each study's pixels' hash; a JPEG it decoded
     smaller than stored (all the model needs) alone is read again, and the list holds for
     every study the hash of its pixels as stored."""
-    import os
-
     from PIL import Image
 
-    import cxr_batch.dicom
-    import cxr_batch.readers
     from cxr_batch.provenance import pixel_key
 
     from .test_evaluate_calibrate import cli_here
@@ -498,16 +481,7 @@ def test_calibrate_decodes_each_study_once_and_lists_the_pixels_of_each(nih, nih
     jpeg = fit / fitted[3].with_suffix(".jpg").name  # its labels' row: by the name without its extension
     Image.open(fitted[3]).convert("L").save(jpeg, quality=95)
     (fit / fitted[3].name).unlink()
-    decoded = []  # the file each decode was of (decoders are given /proc/self/fd/N: the open file)
-
-    def counted(decoder):
-        def decode(path, *args, **kwargs):
-            decoded.append(os.path.basename(os.path.realpath(path)))
-            return decoder(path, *args, **kwargs)
-        return decode
-
-    monkeypatch.setattr(cxr_batch.readers, "read_pil_study", counted(cxr_batch.readers.read_pil_study))
-    monkeypatch.setattr(cxr_batch.dicom, "read_dicom", counted(cxr_batch.dicom.read_dicom))
+    decoded = count_decodes(monkeypatch)
     code, stderr = cli_here("calibrate", fit, "--labels", labels_of(nih, fitted, tmp_path / "fit.csv"), "--weights",
                             small_bundle, "--out", tmp_path / "calibrated", *CPU)  # --workers 0: counted here
     assert code == 0, stderr[-2000:]
@@ -517,3 +491,24 @@ def test_calibrate_decodes_each_study_once_and_lists_the_pixels_of_each(nih, nih
     with open(tmp_path / "calibrated" / CALIBRATION_IMAGES_FILE, newline="") as f:
         listed_pixels = {r["image"]: r["pixels_sha256"] for r in csv.DictReader(f)}
     assert listed_pixels == {p.name: pixel_key(jpeg if p == fitted[3] else p) for p in fitted}
+
+
+def count_decodes(monkeypatch) -> list[str]:
+    """The name of each file the PNG/JPEG and DICOM decoders are given, in order, as they decode
+    (they are given /proc/self/fd/N, the open file: its real path names it)."""
+    import os
+
+    import cxr_batch.dicom
+    import cxr_batch.readers
+
+    decoded = []
+
+    def counted(decoder):
+        def decode(path, *args, **kwargs):
+            decoded.append(os.path.basename(os.path.realpath(path)))
+            return decoder(path, *args, **kwargs)
+        return decode
+
+    monkeypatch.setattr(cxr_batch.readers, "read_pil_study", counted(cxr_batch.readers.read_pil_study))
+    monkeypatch.setattr(cxr_batch.dicom, "read_dicom", counted(cxr_batch.dicom.read_dicom))
+    return decoded
