@@ -128,7 +128,14 @@ def test_the_drift_reports_headline_stays_on_the_page(monkeypatch):
               "min_studies": 20, "models": [], "notes": [],
               "method": {"windows": "w", "tests": {"continuous": "KS"}, "effect": {"continuous": "KS >= 0.3"},
                          "alarm": "a", "scope": "s"}}
-    for alarms in ([], [{"group": "input", "model": "m@1"}] * 12, [{"group": "output", "model": "m@1"}]):
+    def alarm(group: str, k: int) -> dict:  # as monitor.json holds one, its longest kind of shift
+        return {"group": group, "model": "m@1", "weights_sha256": "a" * 64, "quantity": f"q{k}", "label": "image intensity: 95th percentile",
+                "shift": "median 0.896 -> 0.0969, mean 0.897 -> 0.0965",
+                "window": {"index": 5, "first": "2026-03-26T08:00:00+00:00"}}
+
+    report["models"] = [{"model": "m@1", "weights_sha256": "a" * 64, "n": 480, "reference": None, "notes": [],
+                         "windows": [{"window": {"index": i}} for i in range(8)]}]
+    for alarms in ([], [alarm("image", k) for k in range(12)], [alarm("output", 0)]):
         fig = summary_page({**report, "alarms": alarms})
         renderer = FigureCanvasAgg(fig).get_renderer()
         texts = [t for t in fig.texts if t.get_text()]
