@@ -1075,6 +1075,11 @@ def test_a_daemon_the_kernel_gives_no_file_system_watch_finds_studies_by_its_res
     if os.geteuid() != 0 or not shutil.which("setpriv"):
         pytest.skip("needs root and setpriv, to run the daemon as another user")
     user = ["setpriv", "--reuid=54321", "--regid=54321", "--clear-groups"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    if subprocess.run([*user, sys.executable, "-c", "import torch, cxr_batch.watch"], env=env,
+                      capture_output=True, timeout=300).returncode != 0:
+        # a virtual environment in a folder only its owner may enter (mktemp -d: 0700)
+        pytest.skip("this Python's packages cannot be read by another user, to run the daemon as one")
     base = Path(tempfile.mkdtemp(prefix="cxr-inotify-", dir="/tmp"))
     try:
         base.chmod(0o777)
