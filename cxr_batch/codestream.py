@@ -221,8 +221,12 @@ def check_j2k_tile_parts(data: bytes) -> None:
         (length,) = struct.unpack(">H", data[pos + 2:pos + 4])
         pos += 2 + length
     tile_parts = 0
-    while pos + 10 <= end and data[pos:pos + 2] == b"\xff\x90":
-        (psot,) = struct.unpack(">I", data[pos + 6:pos + 10])
+    parts: dict[int, list[int]] = {}  # tile index (Isot) -> [tile-parts seen, tile-parts it declares (TNsot)]
+    while pos + 12 <= end and data[pos:pos + 2] == b"\xff\x90":
+        isot, psot, _tpsot, tnsot = struct.unpack(">HIBB", data[pos + 4:pos + 12])
+        seen = parts.setdefault(isot, [0, 0])
+        seen[0] += 1
+        seen[1] = seen[1] or tnsot  # TNsot may be 0 (unknown) in all but one of a tile's tile-parts
         tile_parts += 1
         if psot == 0:  # the last tile-part, running to EOC
             pos = end - 2
@@ -233,6 +237,27 @@ def check_j2k_tile_parts(data: bytes) -> None:
     if pos != end - 2 or data[pos:pos + 2] != b"\xff\xd9":
         raise CodestreamError("its tile-part lengths do not end at its end-of-codestream marker: bytes cut, lost "
                               "or zeroed")
+    # Whole tile-parts dropped keep the chain intact: openjpeg decodes the tiles that are missing
+    # as black, and so does a SIZ enlarged beyond the coded tiles (with Rows/Columns lying to
+    # match). Every tile of SIZ's grid must be there, with every tile-part it declares.
+    tiles = _j2k_tile_count(data)
+    missing = tiles - sum(1 for i in parts if i < tiles)
+    if missing or len(parts) != tiles:
+        raise CodestreamError(f"its image has {tiles} tiles of which {missing} are missing" if missing else
+                              f"it holds tiles beyond the {tiles} of its image")
+    short = [i for i, (seen, declared) in parts.items() if declared and seen != declared]
+    if short:
+        raise CodestreamError(f"tile {short[0]} has {parts[short[0]][0]} of its {parts[short[0]][1]} tile-parts")
+
+
+def _j2k_tile_count(data: bytes) -> int:
+    """How many tiles the SIZ of a codestream (not a JP2 file) divides its image into."""
+    if len(data) < 4 + 38 or data[:4] != b"\xff\x4f\xff\x51":
+        raise CodestreamError("no JPEG 2000 SOC/SIZ markers")
+    xsiz, ysiz, _xosiz, _yosiz, xtsiz, ytsiz, xtosiz, ytosiz = struct.unpack(">IIIIIIII", data[8:40])
+    if xtsiz == 0 or ytsiz == 0 or xtosiz >= xsiz or ytosiz >= ysiz:
+        raise CodestreamError("JPEG 2000 SIZ declares an invalid tile grid")
+    return -(-(xsiz - xtosiz) // xtsiz) * -(-(ysiz - ytosiz) // ytsiz)
 
 
 # Lossless JPEG processes (SOF3, SOF7, SOF11, SOF15): a data unit is one sample, not an 8 x 8 block.

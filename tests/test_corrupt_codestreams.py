@@ -269,3 +269,76 @@ def test_a_frame_of_many_tiny_scans_is_searched_for_markers_once(monkeypatch):
     with pytest.raises(CodestreamError, match="out of sequence"):
         check_jpeg_restarts(frame[:-2] + b"\xff\xda\x00\x08\x01\x01\x00\x00\x3f\x00\x00\xff\xd1\x00\xff\xd9")
     assert len(passes) == 2
+
+
+def _j2k_tile_parts(frame: bytes) -> tuple[bytes, list[tuple[int, bytes]]]:
+    """A JPEG 2000 codestream's main header and its tile-parts as (tile index, bytes)."""
+    pos = 2
+    while frame[pos + 1] != 0x90:
+        pos += 2 + struct.unpack(">H", frame[pos + 2:pos + 4])[0]
+    main, parts = frame[:pos], []
+    while frame[pos:pos + 2] == b"\xff\x90":
+        isot, psot = struct.unpack(">HI", frame[pos + 4:pos + 10])
+        parts.append((isot, frame[pos:pos + psot]))
+        pos += psot
+    return main, parts
+
+
+def _enlarged(path, out, factor: int = 2):
+    """``path``'s codestream with its SIZ image size multiplied by ``factor`` and Rows/Columns
+    lying to match: the coded tiles cover only the first 1/factor^2 of the image declared."""
+    ds = pydicom.dcmread(path)
+    frame = bytearray(_frame(path))
+    siz = frame.index(b"\xff\x4f\xff\x51") + 8  # Xsiz, Ysiz (in a JP2 file, inside its codestream box)
+    columns, rows = struct.unpack(">II", frame[siz:siz + 8])
+    struct.pack_into(">II", frame, siz, columns * factor, rows * factor)
+    ds.Rows, ds.Columns = rows * factor, columns * factor
+    ds.SOPInstanceUID = pydicom.uid.generate_uid()  # another image, not a second version of the original
+    ds.PixelData = encapsulate([bytes(frame) + b"\x00" * (len(frame) % 2)])
+    ds.save_as(out, enforce_file_format=True)
+    return out
+
+
+@needs_dcmtk_gdcm
+@pytest.mark.parametrize("name", ["j2k-tiled-pillow", "j2k-gdcmconv", "j2k-pydicom", "jp2-pillow"])
+def test_a_j2k_codestream_enlarged_beyond_its_tiles_is_refused_not_scored_black(encoded, tmp_path, name):
+    """A SIZ that declares a larger image than its coded tiles cover, with Rows/Columns edited to
+    agree (a hostile sender, or a converter that rewrote the size): openjpeg decoded the tiles
+    that are not there as black, and the study was scored on a radiograph three quarters black."""
+    path = _enlarged(encoded[name], tmp_path / "enlarged.dcm")
+    for side in (0, 64):
+        with pytest.raises(ReadError, match="corrupt or truncated .*tiles of which .* are missing"):
+            read_study(path, RULES, min_side=side)
+
+
+TILE_LOSSES = {"two-middle-tiles": lambda parts: [p for p in parts if p[0] not in (5, 6)],
+               "the-last-tiles": lambda parts: parts[:-2],
+               "a-tile-twice": lambda parts: [parts[3] if p[0] == 5 else p for p in parts]}
+
+
+@needs_dcmtk_gdcm
+@pytest.mark.parametrize("loss", TILE_LOSSES)
+def test_a_j2k_codestream_with_whole_tiles_missing_is_refused_not_scored_black(encoded, tmp_path, loss):
+    """Whole tile-parts lost (the chain of tile-part lengths still runs to the end marker, so the
+    check of the chain passed): openjpeg decoded the missing tiles as black squares."""
+    main, parts = _j2k_tile_parts(_frame(encoded["j2k-tiled-pillow"]))
+    assert len(parts) == 16
+    frame = main + b"".join(p for _, p in TILE_LOSSES[loss](parts)) + b"\xff\xd9"
+    path = _with_frame(encoded["j2k-tiled-pillow"], tmp_path / "lost-tiles.dcm", frame)
+    for side in (0, 64):
+        with pytest.raises(ReadError, match="corrupt or truncated|cannot be decoded"):
+            read_study(path, RULES, min_side=side)
+
+
+@needs_dcmtk_gdcm
+def test_a_scan_gives_an_enlarged_j2k_an_error_row_not_a_score(encoded, tmp_path, small_bundle):
+    """As a user saw it: the enlarged file was scored 'ok', mostly black."""
+    studies = tmp_path / "studies"
+    studies.mkdir()
+    _enlarged(encoded["j2k-tiled-pillow"], studies / "enlarged.dcm")
+    (studies / "whole.dcm").write_bytes(encoded["j2k-tiled-pillow"].read_bytes())
+    run_scan(studies, tmp_path / "out", ScanConfig(weights=str(small_bundle), device="cpu", batch_size=4, workers=1,
+                                                   progress=False, pdf=False))
+    rows = {r["file"]: r for r in read_results(tmp_path / "out" / "results.csv")}
+    assert rows["whole.dcm"]["status"] == "ok"
+    assert rows["enlarged.dcm"]["status"] == "error" and "64 tiles of which 48 are missing" in rows["enlarged.dcm"]["reason"]
