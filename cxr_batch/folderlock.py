@@ -61,15 +61,33 @@ class FolderLock:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.pread(fd, 200, 0).decode("utf-8", "replace").strip() or "an unknown process"
-            os.close(fd)
-            raise FolderBusy(f"{self.path.parent} is in use by {holder}; one cxr-batch process writes a results "
-                             f"folder at a time ({self.advice})") from None
+            self._busy(fd)
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"cxr-batch {self.what} (PID {os.getpid()})\n".encode(), 0)
         self._fd = fd
         _hold(self)
         return self
+
+    def check_free(self) -> None:
+        """Raise FolderBusy, as :meth:`acquire` would, when another process holds the folder;
+        nothing is made or written (the folder may not be there yet). For a check that must come
+        before another one: the DICOM node's port, which a second node on the same
+        configuration found taken and named no holder."""
+        try:
+            fd = os.open(self.path, os.O_RDONLY)
+        except OSError:
+            return  # no lock file, or none this process can open: acquire says so later
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._busy(fd)
+        os.close(fd)
+
+    def _busy(self, fd: int) -> None:
+        holder = os.pread(fd, 200, 0).decode("utf-8", "replace").strip() or "an unknown process"
+        os.close(fd)
+        raise FolderBusy(f"{self.path.parent} is in use by {holder}; one cxr-batch process writes a results "
+                         f"folder at a time ({self.advice})") from None
 
     def held_folder(self) -> tuple[int, int] | None:
         """(device, inode) of the folder holding the lock file this lock is on (it may have been
@@ -106,6 +124,20 @@ class FolderLock:
 CLAIM_DIR = Path("/dev/shm")
 
 
+def _sole_holder(fd: int) -> str:
+    """Who holds a claim file alone ("" when daemons share it, or it names no one): only a
+    daemon that moves files out holds it alone, and it writes its name there; the names left by
+    earlier holders are stale while others share it."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return os.pread(fd, 200, 0).decode("utf-8", "replace").strip()
+    except OSError:
+        return ""
+    fcntl.flock(fd, fcntl.LOCK_UN)
+    return ""
+
+
 class WatchedFolderClaim(FolderLock):
     """A watch daemon's claim on the folder it watches: shared by daemons that leave its files
     in place, exclusive for one that moves them out (``--archive-dir``, ``--quarantine-dir``).
@@ -116,10 +148,13 @@ class WatchedFolderClaim(FolderLock):
     mount of it on this host); never removed (another daemon may hold it open). Not checked
     where that file cannot be made or opened, or the folder is not there yet."""
 
-    def __init__(self, folder: Path, moves: bool, claim_dir: Path = CLAIM_DIR):
+    def __init__(self, folder: Path, moves: bool, claim_dir: Path = CLAIM_DIR, what: str = "watch"):
+        """``what``: the command, written in the claim by a daemon that moves files out (it holds
+        it alone), so that a daemon refused beside it names it."""
         self.path = Path(folder)
         self.moves = moves
         self.claim_dir = claim_dir
+        self.what = what
         self._fd = None
 
     def acquire(self) -> "WatchedFolderClaim":
@@ -137,17 +172,30 @@ class WatchedFolderClaim(FolderLock):
         try:
             fcntl.flock(fd, (fcntl.LOCK_EX if self.moves else fcntl.LOCK_SH) | fcntl.LOCK_NB)
         except BlockingIOError:
+            holder = _sole_holder(fd)
             os.close(fd)
+            if holder.startswith(("cxr-batch listen", "cxr-batch pull")):  # a node's spool
+                raise FolderBusy(f"{self.path} is the spool of {holder}, which deletes each object once it is "
+                                 f"scored: another daemon there would score the node's studies while they are "
+                                 f"deleted under it; read the node's results instead") from None
             if self.moves:
-                raise FolderBusy(f"another cxr-batch daemon watches {self.path}: this one would move the files it "
-                                 f"scored out of it (--archive-dir, --quarantine-dir), and the other would never see "
-                                 f"them; stop it first, or leave the files in place") from None
-            raise FolderBusy(f"another cxr-batch daemon watches {self.path} and moves the files it scored out of it "
-                             f"(--archive-dir, --quarantine-dir): this one would get only the studies not yet moved "
-                             f"away; stop it first, or run it without those options") from None
+                raise FolderBusy(f"another cxr-batch daemon{f' ({holder})' if holder else ''} watches {self.path}: "
+                                 f"this one would move the files it scored out of it (--archive-dir, "
+                                 f"--quarantine-dir), and the other would never see them; stop it first, or leave "
+                                 f"the files in place") from None
+            raise FolderBusy(f"another cxr-batch daemon{f' ({holder})' if holder else ''} watches {self.path} and "
+                             f"moves the files it scored out of it (--archive-dir, --quarantine-dir): this one would "
+                             f"get only the studies not yet moved away; stop it first, or run it without those "
+                             f"options") from None
         except OSError:
             os.close(fd)
             return self
+        if self.moves:
+            try:
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, f"cxr-batch {self.what} (PID {os.getpid()})\n".encode(), 0)
+            except OSError:
+                pass  # another user's claim file, opened read-only: held, not named
         self._fd = fd
         _hold(self)
         return self

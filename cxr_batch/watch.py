@@ -254,7 +254,8 @@ class Watcher:
     def claim_watched_folder(self) -> WatchedFolderClaim:
         """Refuse (FolderBusy) a watched folder another daemon empties, or to empty one another
         daemon watches: either would see only what the other had not yet moved away."""
-        return WatchedFolderClaim(self.watch_dir, bool(self.cfg.archive_dir or self.cfg.quarantine_dir)).acquire()
+        return WatchedFolderClaim(self.watch_dir, bool(self.cfg.archive_dir or self.cfg.quarantine_dir),
+                                  what=self.command).acquire()
 
     def reclaim(self) -> None:
         """The claim follows the folder watched now (a share mounted after the start, a folder

@@ -772,3 +772,40 @@ def test_a_spool_that_stays_unwritable_is_logged_once_not_once_per_image(listene
     out.unlink()
     assert _send_with_pynetdicom(scp.cfg.port, datasets[0]) == 0x0000
     assert "the spool can be written again: storing (2 more C-STOREs were refused meanwhile)" in caplog.text
+
+
+@needs_dcmtk
+def test_a_second_listen_or_a_watch_on_its_spool_is_refused_naming_the_node(tmp_path, objects, small_bundle):
+    """Two daemons on one node's files: a second `listen` on the same OUT and port (a systemd
+    unit and a manual run from the same config) was refused as "cannot listen on ...: Address
+    already in use (another program ... may hold the port)", not naming the node that holds the
+    results folder; and a `watch` pointed at the spool (OUT/.cxr-batch/spool) ran beside the
+    node: it scored the node's studies into another results folder while the node deleted them
+    under it, as each study was committed (the spool took no claim, so neither was refused).
+    Both now stop before the model loads naming the node's PID, and the node goes on scoring."""
+    from .watchkit import start_daemon, watch_config
+
+    scored, _ = objects
+    out, log, port = tmp_path / "out", tmp_path / "node.log", free_port()
+    config = node_config(tmp_path / "node.toml")
+    node = start_node(out, small_bundle, config, "--port", port, "--no-pdf", log=log)
+    try:
+        assert wait_for(lambda: listening(log, node.pid) or node.poll() is not None, timeout=90), log.read_text()
+        holder = f"cxr-batch listen (PID {node.pid})"
+        second = start_node(out, small_bundle, config, "--port", port, "--no-pdf", log=tmp_path / "second.log")
+        assert second.wait(timeout=120) == 1
+        said = (tmp_path / "second.log").read_text()
+        assert f"{out} is in use by {holder}" in said and "Address already in use" not in said, said
+        watch = start_daemon(out / ".cxr-batch" / "spool", tmp_path / "other", small_bundle,
+                             watch_config(tmp_path / "watch.toml"))
+        try:
+            _, err = watch.communicate(timeout=120)
+        except subprocess.TimeoutExpired:
+            stop(watch)
+            raise AssertionError("a watch daemon ran on the node's spool")
+        assert watch.returncode == 1 and holder in err and "spool" in err, err
+        assert not (tmp_path / "other").exists()
+        assert store(port, list(scored.values())[:1]).returncode == 0
+        assert wait_for(lambda: [r["status"] for r in rows_now(out)] == ["ok"], timeout=60), log.read_text()[-2000:]
+    finally:
+        assert stop(node) == 0, log.read_text()[-3000:]

@@ -41,7 +41,7 @@ from ..display import CONTROL_ESCAPES, plural
 from ..dicom import DECODED_TRANSFER_SYNTAXES
 from .dicom_send import Destination, check_ae_title, tcp_no_delay
 from ..files import FILE_MODE, atomic_write_bytes, private_dir
-from ..folderlock import WatchedFolderClaim
+from ..folderlock import FolderLock, WatchedFolderClaim
 from ..record import log_name
 from ..watch import STATE_DIR, WatchConfig, Watcher
 
@@ -638,10 +638,19 @@ class Node(Watcher):
     def __init__(self, out: Path, cfg: ListenConfig, stop=None):
         tls = cfg.tls_context()  # bad files stop the start before the model loads
         cfg.send_tls_context()
+        # a results folder in use first: a second node on the same configuration (a systemd unit
+        # and a manual run) found the port taken and could not say by whom
+        FolderLock(Path(out), self.command).check_free()
         if self.receives_on_port(cfg):
             check_address(cfg.host, cfg.port)  # ...and so does a port in use, before any folder is made
         super().__init__(Path(out) / STATE_DIR / SPOOL, out, cfg, stop)
         self.spool = Spool(self.watch_dir)
+        if self.claim._fd is None:  # the spool made just now: claimed once it is there
+            try:
+                self.claim = self.claim_watched_folder()
+            except BaseException:
+                self.lock.release()
+                raise
         # Objects answered as stored and not yet committed (spool file names; added by network
         # threads): if OUT goes with them, each is moved to the new spool or named (not_scored).
         self.acknowledged = {p.name for p in self.watch_dir.iterdir() if not p.name.startswith(".")}
@@ -662,8 +671,10 @@ class Node(Watcher):
 
     # ------------------------------------------------------------------ lifecycle hooks
     def claim_watched_folder(self) -> WatchedFolderClaim:
-        """The spool is inside the results folder, whose lock keeps other daemons away."""
-        return WatchedFolderClaim(self.watch_dir, moves=True)  # not taken: nothing to release
+        """The spool alone, as a daemon that empties its folder: another node is kept away by
+        the results folder's lock, but a watch daemon pointed at the spool ran beside the node,
+        scoring its studies elsewhere as the node deleted them."""
+        return WatchedFolderClaim(self.watch_dir, moves=True, what=self.command).acquire()
 
     def check_folders(self) -> None:
         """The spool lies inside the results folder by design; archive and quarantine folders
