@@ -465,6 +465,12 @@ class Ledger:
                                 [(stored_name(f[0]), *f[1:], now) for f in files])
         return outcomes
 
+    def content_grew(self, key: str, old: str, new: str) -> None:
+        """``key``'s file grew after its result was made from its beginning (content ``old``):
+        the result stands for the whole file's content, ``new``."""
+        with self.db:
+            self.db.execute("UPDATE studies SET content = ? WHERE key = ? AND content = ?", (new, key, old))
+
     def _note_unread_version(self, key: str, reason: str) -> None:
         """Note on ``key``'s standing result that a later version could not be read (to be
         published again: results.csv rewritten)."""

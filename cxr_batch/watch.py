@@ -835,6 +835,9 @@ class Watcher:
             for rel, content, _ in group:
                 if content == current:
                     duplicates.append(rel)
+                elif not chosen and current is not None and self.grew_after_scoring(rel, key, current, content):
+                    duplicates.append(rel)  # the rest of the copy that was scored: not another version
+                    current = content
                 elif not chosen:
                     ids[rel], current, chosen = (key, content), content, True  # its resends that follow: duplicates
                 else:
@@ -995,6 +998,29 @@ class Watcher:
                     log.info("%s: its study %s holds one patient now: read again", log_name(file), study)
                     self.pending[file] = Pending(*file_stamp(path.stat()), time.monotonic())
         self.held_studies = held
+
+    def grew_after_scoring(self, rel: str, key: str, scored: str, content: str) -> bool:
+        """Whether the file at ``rel`` is the one whose beginning was scored as ``key`` (content
+        ``scored``), grown since: a copy that paused past ``settle`` right after its pixel data
+        (the elements after it, trailing padding or digital signatures, written later) read as
+        a whole radiograph, and the rest made it another version, scored again as a correction
+        (a second SR and ORU). What the result was read from is unchanged, so it stands; the
+        study's content becomes the whole file's (recorded now: a crash before the batch's
+        commit reads the file again as a duplicate), so a copy of it sent later is a duplicate
+        too. Only a changed version of a scored instance is looked at: new arrivals cost nothing."""
+        handled = self.ledger.last_handled(rel)
+        if handled is None or handled[1] != key or handled[2] == "error":
+            return False
+        size = handled[0]
+        try:
+            if (self.watch_dir / rel).stat().st_size <= size or content_sha256(self.watch_dir / rel, limit=size) != scored:
+                return False
+        except (OSError, ReadError):
+            return False
+        self.ledger.content_grew(key, scored, content)
+        log.info("%s grew after it was scored (its copy paused after the pixel data): the same image, its result "
+                 "stands", log_name(rel))
+        return True
 
     def cut_short_error(self, rel: str, key: str) -> str | None:
         """The key of the provisional error row this file got while its copy was cut short (a

@@ -1190,3 +1190,39 @@ def test_a_daemon_that_moves_files_keeps_its_folder_moved_away_and_back_without_
     finally:
         assert stop(mover) == 0
     assert "another cxr-batch daemon watches" not in mover.stderr.read()
+
+
+def test_a_copy_that_pauses_after_its_pixel_data_is_scored_once_not_corrected(tmp_path, nih_images, small_bundle):
+    """A copy into the watched folder written in two steps: up to the end of its pixel data, a
+    pause past ``settle``, then the rest (the elements a file may hold after its pixel data:
+    trailing padding, digital signatures). Its beginning reads as a whole radiograph and is
+    scored; the rest made it another file of the same instance, scored again as a correction:
+    a second result and report, the first superseded (and, with --send-to or --hl7-to, a
+    second SR and ORU). The file grew from what was scored: its result stands, and a copy of
+    the whole file sent later is a duplicate, not a third version."""
+    incoming, out, source = tmp_path / "in", tmp_path / "out", tmp_path / "source"
+    incoming.mkdir()
+    ds = pydicom.dcmread(write(source / "IM1.dcm", grey(nih_images[0])))
+    ds.add_new(0xFFFCFFFC, "OB", b"\x00" * 4096)  # data set trailing padding, after the pixel data
+    ds.save_as(source / "IM1.dcm", enforce_file_format=True)
+    data = (source / "IM1.dcm").read_bytes()
+    cut = data.index(b"\xfc\xff\xfc\xff")
+    daemon = start_daemon(incoming, out, small_bundle, watch_config(tmp_path / "w.toml", settle=0.3))
+    try:
+        with open(incoming / "IM1.dcm", "wb") as f:
+            f.write(data[:cut])
+            f.flush()
+            assert wait_for(lambda: len(ok_rows(out)) == 1, timeout=60)  # the pause: its beginning is scored
+            f.write(data[cut:])
+        time.sleep(4)  # settle, a batch
+        shutil.copy(source / "IM1.dcm", incoming / "IM1_again.dcm")  # the whole file sent again
+        time.sleep(3)
+        assert wait_for(lambda: status(out).get("pending") == 0, timeout=30)
+    finally:
+        assert stop(daemon) == 0
+    rows = rows_now(out)
+    assert len(rows) == 1 and rows[0]["status"] == "ok", rows
+    assert status(out)["superseded"] == 0
+    assert len(list((out / "reports").glob("cxr_*.pdf"))) == 1
+    said = daemon.stderr.read()
+    assert "grew after it was scored" in said, said
