@@ -243,7 +243,7 @@ def check_j2k_tile_parts(data: bytes) -> None:
     tiles = _j2k_tile_count(data)
     missing = tiles - sum(1 for i in parts if i < tiles)
     if missing or len(parts) != tiles:
-        raise CodestreamError(f"its image has {tiles} tiles of which {missing} are missing" if missing else
+        raise CodestreamError(f"its image has {tiles} tiles of which {missing} {'is' if missing == 1 else 'are'} missing" if missing else
                               f"it holds tiles beyond the {tiles} of its image")
     short = [i for i, (seen, declared) in parts.items() if declared and seen != declared]
     if short:
