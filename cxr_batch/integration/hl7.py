@@ -58,7 +58,7 @@ from .. import clock
 from ..display import is_dicom_date
 from ..findings import DEFAULT_URGENT, FINDINGS
 from ..record import StudyRecord
-from .delivery import HOST_PORT, Delivery, connect_error, shown
+from .delivery import HOST_PORT, Delivery, connect_error, host_problem, shown
 
 log = logging.getLogger("cxr_batch")
 
@@ -131,6 +131,8 @@ class Endpoint:
         port = int(m["port"])
         if not 1 <= port <= 65535:
             raise ValueError(f"{text!r}: port {port} is not 1-65535")
+        if problem := host_problem(m["host"].strip("[]")):
+            raise ValueError(f"{text!r}: {problem}")
         return cls(m["host"].strip("[]"), port)
 
     def __str__(self) -> str:
@@ -556,7 +558,7 @@ def _exchange(data: bytes, endpoint: Endpoint, timeout: float) -> bytes | Delive
     deadline = time.monotonic() + timeout
     try:
         sock = socket.create_connection((endpoint.host, endpoint.port), timeout=timeout)
-    except OSError as e:
+    except (OSError, UnicodeError) as e:  # UnicodeError: a name the IDNA codec refuses
         return Delivery.retry(f"cannot connect to {endpoint}: {connect_error(e, endpoint.host)}", unsent=True)
     reader, block = MllpReader(), None
     with sock:
