@@ -172,6 +172,8 @@ def identifiers(ds) -> Identifiers:
         issuer_of_patient_id=_text(ds, "IssuerOfPatientID"),
         other_patient_ids=other_patient_ids(ds),
         timezone_offset=_text(ds, "TimezoneOffsetFromUTC"),
+        acquisition_datetime=_text(ds, "AcquisitionDateTime") or (
+            _text(ds, "AcquisitionDate") + _text(ds, "AcquisitionTime") if _text(ds, "AcquisitionDate") else ""),
         **issuer_qualifiers(ds),
     )
 

@@ -24,7 +24,7 @@ from .study import CSV_IDENTIFIERS, Identifiers
 # Identifiers newer than the ledger's readers before them: written apart from "ids" ("ids_more"),
 # which those releases build their Identifiers from whole and would stop at (a downgrade's
 # daemon could not open the ledger); they ignore a key they do not know beside it.
-IDS_APART = ("timezone_offset",)
+IDS_APART = ("timezone_offset", "acquisition_datetime")
 _ID_FIELDS = frozenset(Identifiers.__dataclass_fields__)
 
 Status = Literal["ok", "skipped", "error"]

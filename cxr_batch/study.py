@@ -36,6 +36,7 @@ MAX_LENGTH = {
     "patient_birth_date": 32,  # DA, as study_date
     "patient_sex": 16,  # CS
     "timezone_offset": 16,  # SH
+    "acquisition_datetime": 26,  # DT
     "patient_age": 4,  # AS
     "study_time": 16,  # TM
     "study_id": 16,  # SH
@@ -126,6 +127,9 @@ class Identifiers:
     # the source's Timezone Offset From UTC (+HHMM): the SR and the Encapsulated PDF copy its
     # study date/time and write their own times at that offset, one for every time of an object
     timezone_offset: str = ""
+    # when the image was acquired (AcquisitionDateTime, else AcquisitionDate + AcquisitionTime),
+    # as DICOM DT (YYYYMMDDHHMMSS[.F][+ZZZZ]): the ORU's OBX-14 (cxr_batch.integration.hl7)
+    acquisition_datetime: str = ""
 
     def __setattr__(self, name: str, value) -> None:
         if isinstance(value, str) and not value:

@@ -137,15 +137,24 @@ def _inside(path: Path, folder: Path) -> bool:
         return False
 
 
-class ArrivalWindow:
-    """Which of the ledger's studies arrived in the last hours, by the monotonic clock, which no
-    one sets: the worklist window by wall-clock stamps alone lost studies to a clock step (a
-    daemon started with the clock a day slow stamped its studies a day old, and once the clock
-    was corrected they fell off the worklist minutes old). ``marks``: (monotonic time, the
-    ledger's last seq then), the run's start and each worklist since."""
+def uptime() -> float:
+    """Seconds on a clock no one sets that counts a suspend: CLOCK_BOOTTIME (Linux), else the
+    monotonic clock. time.monotonic() stops while the machine sleeps: a reading workstation
+    suspended overnight woke with yesterday's studies still inside the worklist's window."""
+    boottime = getattr(time, "CLOCK_BOOTTIME", None)
+    return time.monotonic() if boottime is None else time.clock_gettime(boottime)
 
-    def __init__(self, first_seq: int, now: float):
-        self.marks: deque[tuple[float, int]] = deque([(now, first_seq)])
+
+class ArrivalWindow:
+    """Which of the ledger's studies arrived in the last hours, by a clock no one sets
+    (``clock``, :func:`uptime`): the worklist window by wall-clock stamps alone lost studies to a
+    clock step (a daemon started with the clock a day slow stamped its studies a day old, and
+    once the clock was corrected they fell off the worklist minutes old). ``marks``: (``clock``
+    time, the ledger's last seq then), the run's start and each worklist since."""
+
+    def __init__(self, first_seq: int, now: float | None = None, clock=uptime):
+        self.clock = clock
+        self.marks: deque[tuple[float, int]] = deque([(clock() if now is None else now, first_seq)])
 
     def mark(self, now: float, last_seq: int) -> None:
         self.marks.append((now, last_seq))
@@ -193,7 +202,7 @@ class Watcher:
             self.ledger = Ledger(ledger_path)
             if fresh:
                 self.rebuild_ledger()
-            self.arrivals = ArrivalWindow(self.ledger.last_seq(), time.monotonic())
+            self.arrivals = ArrivalWindow(self.ledger.last_seq())
             self.bundle = load_bundle(cfg.weights)
             self.policy = make_policy(cfg.device, cfg.precision)
             self.drift = DriftWatch(self.ledger, self.bundle, self.out, every=cfg.drift_every, window=cfg.drift_window,
@@ -1216,12 +1225,12 @@ class Watcher:
 
     def write_worklist(self) -> None:
         """The worklist over the window (``worklist_hours``, at most ``worklist_max``): the
-        studies that arrived in it, by the wall clock's stamps and, for this run's, by the
-        monotonic clock (:class:`ArrivalWindow`), so a clock step drops none of them."""
+        studies that arrived in it, by the wall clock's stamps and, for this run's, by a clock no
+        one sets (:class:`ArrivalWindow`), so a clock step drops none of them."""
         self.worklist_due = False
         if self.reports is None:
             return
-        last, now = self.ledger.last_seq(), time.monotonic()  # every study up to ``last`` arrived by ``now``
+        last, now = self.ledger.last_seq(), self.arrivals.clock()  # every study up to ``last`` arrived by ``now``
         records = self.ledger.recent(time.time() - 3600 * self.cfg.worklist_hours, self.cfg.worklist_max,
                                      after_seq=self.arrivals.after(self.cfg.worklist_hours, now))
         self.arrivals.mark(now, last)

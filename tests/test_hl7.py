@@ -978,3 +978,48 @@ def test_obr_7_says_the_utc_offset_the_modality_gave_its_study_time(scored, berl
         plain = replace(record, ids=replace(record.ids, timezone_offset=offset))
         obr = _parse(oru_r01(plain, thresholds=bundle.thresholds)).oru_r01_patient_result.oru_r01_order_observation.obr
         assert obr.obr_7.value == record.ids.study_date + "101500"
+
+
+def _observations(m):
+    return [g.obx for g in m.oru_r01_patient_result.oru_r01_order_observation.oru_r01_observation]
+
+
+def test_every_obx_says_when_the_image_was_acquired_and_when_the_result_was_made(scored, berlin, tmp_path,
+                                                                                 nih_images, small_bundle):
+    """OBX-14 (Date/Time of the Observation) was empty: a RIS interface engine filing results by
+    it had none to file by. HL7 v2.5.1 7.4.2.14: for an observation made on the patient (an
+    X-ray image) it is when the observation was performed, the image acquired; OBX-19 (Date/Time
+    of the Analysis) is when the result was made. Every OBX carries both, each with a UTC
+    offset: the acquisition's own, else the source's Timezone Offset From UTC, else the local
+    zone's at that moment (what HL7 reads a time without one as); without an acquisition time,
+    the study date/time (OBR-7, the closest approximation); without that, when the result was
+    made. A scan's ORU (built from results.csv) reads them from the scanned file's header."""
+    from tests.conftest import DST_NIGHT_AFTER
+
+    records, bundle = scored
+    berlin(DST_NIGHT_AFTER)
+    made = "20261025021500+0100"
+    record = records["plain.dcm"]
+    assert record.ids.study_date == "20240301"
+    cases = (({"acquisition_datetime": "20240301101233", "timezone_offset": "-0500"}, "20240301101233-0500"),
+             ({"acquisition_datetime": "20240301101233.123+0900", "timezone_offset": "-0500"}, "20240301101233+0900"),
+             ({"acquisition_datetime": "20240301101233"}, "20240301101233+0100"),  # Berlin in March: +0100
+             ({"acquisition_datetime": "20240701101233"}, "20240701101233+0200"),  # Berlin in July: +0200
+             ({"acquisition_datetime": "not a time", "timezone_offset": "-0500"}, "20240301101500-0500"),
+             ({}, "20240301101500+0100"),
+             ({"study_time": ""}, made))
+    for changes, expected in cases:
+        ids = replace(record.ids, **{"acquisition_datetime": "", "timezone_offset": "", **changes})
+        m = _parse(oru_r01(replace(record, ids=ids), thresholds=bundle.thresholds))
+        assert m.msh.msh_7.value == made
+        observations = _observations(m)
+        assert len(observations) >= 16
+        assert {o.obx_14.value for o in observations} == {expected}, changes
+        assert {o.obx_19.value for o in observations} == {made}
+    studies = tmp_path / "studies"
+    write(studies / "a.dcm", grey(nih_images[0]), PatientID="P1", AccessionNumber="A1", StudyDate="20240301",
+          StudyTime="101500", AcquisitionDate="20240301", AcquisitionTime="101233", TimezoneOffsetFromUTC="-0500")
+    (message,) = _scanned_to_ris(studies, tmp_path / "out", small_bundle)
+    m = _parse(message)
+    assert {o.obx_14.value for o in _observations(m)} == {"20240301101233-0500"}
+    assert m.oru_r01_patient_result.oru_r01_order_observation.obr.obr_7.value == "20240301101500-0500"

@@ -554,3 +554,57 @@ def test_a_uid_mistyped_for_drop_or_retry_is_named_with_the_one_meant(tmp_path):
     assert outbound("drop", "--out", out, "1F0B0A4F8C1FAB520740").returncode == 0
     done = outbound("drop", "--out", out, "1F0B0A4F8C1FAB520740")  # twice: no longer waiting
     assert done.returncode == 1 and "'1F0B0A4F8C1FAB520740' is not waiting: dropped already" in done.stderr
+
+
+def test_a_ris_that_answers_each_message_slowly_never_keeps_a_scan_past_its_send_wait(tmp_path):
+    """A RIS answering every message AA, each just inside the timeout (an overloaded interface
+    engine): a scan's send_wait bounded the back-off only, and the queue went on sending every
+    due message, so 6 messages at 1.5 s kept a scan with send_wait = 2 s nine seconds (100 at
+    29 s: 48 minutes for a 60 s send_wait). Sending stops at the deadline (the message in flight
+    finished); what was not sent waits in the queue, none lost."""
+    import socket
+    import threading
+
+    from cxr_batch.integration.hl7 import Endpoint
+    from cxr_batch.integration.outbox import HL7Channel
+
+    from .ris import ack
+
+    server = socket.create_server(("127.0.0.1", 0))
+    answered = []
+
+    def slow_ris():
+        server.settimeout(30)
+        while True:
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                return
+            with conn:
+                got = b""
+                while b"\x1c\r" not in got and (piece := conn.recv(65536)):
+                    got += piece
+                control = got.split(b"\r")[0].split(b"|")[9].decode()
+                time.sleep(1.5)
+                conn.sendall(ack(control, "AA").encode())
+                answered.append(control)
+
+    thread = threading.Thread(target=slow_ris, daemon=True)
+    thread.start()
+    out = tmp_path / "out"
+    (out / "hl7").mkdir(parents=True)
+    ledger = Ledger(out / ".cxr-batch" / "ledger.sqlite")
+    where = Endpoint("127.0.0.1", server.getsockname()[1])
+    for k in range(6):
+        (out / "hl7" / f"CTRL{k}.hl7").write_text(f"MSH|^~\\&|CXRBATCH||||20240101120000||ORU^R01^ORU_R01|CTRL{k}|P|"
+                                                 "2.5\rPID|1||P001\r" + LAST_OBX)
+        ledger.queue_outbound([(f"k{k}", outbound_entry(f"CTRL{k}", f"hl7/CTRL{k}.hl7", "hl7", str(where)))])
+    sender = Sender(ledger.path, out, HL7Channel(where, 5.0), retry_max=30.0)
+    started = time.monotonic()
+    sender.drain(time.time() + 2.0, ledger)
+    took = time.monotonic() - started
+    server.close()
+    stats = ledger.outbound_stats(time.time(), "hl7")
+    assert took < 2.0 + 1.5 + 1.0, took  # the deadline, and the message in flight then
+    assert stats["delivered"] == len(answered) < 6 and stats["queued"] == 6 - len(answered)
+    ledger.close()

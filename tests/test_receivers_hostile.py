@@ -488,3 +488,43 @@ def test_an_oru_half_written_when_a_scan_was_killed_is_removed_by_the_next(tmp_p
     stale.write_text("MSH|^~\\&|CXRBATCH|||||||ORU^R01^ORU_R01|0123456789ABCDEF0123|P|2.5\rPID|1||P0")
     run_scan(studies, out, cfg, "resume")
     assert not stale.exists()
+
+
+@pytest.mark.parametrize("host", ["ris..example.org", ".ris", "r" * 64 + ".example.org"])
+def test_a_ris_host_name_with_an_empty_or_overlong_label_is_refused_and_never_blamed_on_the_file(tmp_path, host):
+    """``--hl7-to ris..example.org:2575`` (a doubled dot) was taken; every ORU then failed in
+    Python's IDNA codec (UnicodeError, not an OSError), which the queue reported as "object file
+    hl7/X.hl7 cannot be read: UnicodeError" and refused for 900 s each: the operator was sent to
+    a file that was whole. The address is refused before any work, as a port out of range is;
+    one already queued (by a release that took it) is a retry naming the host, the file kept."""
+    from cxr_batch.integration.outbound import Sender
+    from cxr_batch.integration.outbox import HL7Channel
+    from cxr_batch.ledger import Ledger, outbound_entry
+
+    from .test_outbound import LAST_OBX
+
+    with pytest.raises(ValueError, match="label"):
+        Endpoint.parse(f"{host}:2575")
+    with pytest.raises(ValueError, match="label"):
+        Destination.parse(f"PACS@{host}:104")
+    assert Endpoint.parse("r" * 63 + ".example.org:2575").port == 2575  # 63 is DNS's longest label
+    (tmp_path / "in").mkdir()
+    done = subprocess.run([sys.executable, "-m", "cxr_batch", "scan", str(tmp_path / "in"), "-o",
+                           str(tmp_path / "out"), "--hl7-to", f"{host}:2575"], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 2 and "hl7_to" in done.stderr and "Traceback" not in done.stderr, done.stderr
+
+    out = tmp_path / "queued"
+    (out / "hl7").mkdir(parents=True)
+    (out / "hl7" / "CTRL1.hl7").write_text("MSH|^~\\&|CXRBATCH||||20240101120000||ORU^R01^ORU_R01|CTRL1|P|2.5\r"
+                                          "PID|1||P001\r" + LAST_OBX)
+    ledger = Ledger(out / ".cxr-batch" / "ledger.sqlite")
+    where = Endpoint(host, 2575)  # as a queue of an earlier release recorded it
+    ledger.queue_outbound([("k", outbound_entry("CTRL1", "hl7/CTRL1.hl7", "hl7", str(where)))])
+    sender = Sender(ledger.path, out, HL7Channel(where, 2.0), retry_max=30.0)
+    sender.send_due(ledger, until=time.time())
+    assert "cannot be read" not in sender.last_error and "not a valid host name" in sender.last_error, \
+        sender.last_error
+    stats = ledger.outbound_stats(time.time(), "hl7")
+    assert stats["queued"] == 1 and stats["refused"] == 0 and (out / "hl7" / "CTRL1.hl7").is_file()
+    ledger.close()

@@ -101,7 +101,7 @@ def test_the_worklist_keeps_this_run_s_studies_of_the_last_hours_whatever_the_wa
         ledger=ledger, cfg=types.SimpleNamespace(worklist_hours=hours, worklist_max=500),
         reports=types.SimpleNamespace(write_worklist=lambda records, alarm: written.append([r.file for r in records])),
         drift=types.SimpleNamespace(worklist_line=lambda: None), worklist_due=True, worklist_built=0.0,
-        arrivals=ArrivalWindow(first_seq=ledger.last_seq(), now=time.monotonic()))
+        arrivals=ArrivalWindow(first_seq=ledger.last_seq()))
     slow = time.time() - 86400
     ledger.commit([("uid:1", "c1", ok("A"))], [])
     ledger.db.execute("UPDATE studies SET reported_at = ?", (slow,))  # recorded with the clock a day slow
@@ -166,3 +166,46 @@ def test_studies_stamped_while_the_clock_was_a_day_slow_stay_on_the_worklist_onc
         assert "SLOW0" in text and "SLOW1" in text, text
     finally:
         assert stop(daemon) == 0
+
+
+def test_a_workstation_that_slept_overnight_lets_yesterday_s_studies_go(tmp_path, monkeypatch):
+    """The arrival window went by time.monotonic(), which stops while the machine is suspended:
+    a reading workstation asleep overnight (its daemon with it) woke with the night not counted,
+    and yesterday's studies stayed on the worklist as if minutes old. The window goes by a clock
+    that counts the suspend (CLOCK_BOOTTIME on Linux, else the monotonic clock), and
+    write_worklist reads the window's own clock."""
+    import types
+
+    import cxr_batch.watch as watch
+    from cxr_batch.ledger import Ledger
+    from cxr_batch.watch import ArrivalWindow, Watcher
+
+    from .test_ledger import ok
+
+    if hasattr(time, "CLOCK_BOOTTIME"):
+        real = time.clock_gettime
+        monkeypatch.setattr(time, "clock_gettime",
+                            lambda which: 5e6 if which == time.CLOCK_BOOTTIME else real(which))
+        assert watch.uptime() == 5e6
+        monkeypatch.undo()
+    monkeypatch.delattr(time, "CLOCK_BOOTTIME", raising=False)  # macOS, Windows: the monotonic clock
+    assert abs(watch.uptime() - time.monotonic()) < 1.0
+    monkeypatch.undo()
+
+    hours, awake = 8.0, [1000.0]  # the clock that counts the suspend
+    ledger = Ledger(tmp_path / "l.sqlite")
+    written = []
+    daemon = types.SimpleNamespace(
+        ledger=ledger, cfg=types.SimpleNamespace(worklist_hours=hours, worklist_max=500),
+        reports=types.SimpleNamespace(write_worklist=lambda records, alarm: written.append([r.file for r in records])),
+        drift=types.SimpleNamespace(worklist_line=lambda: None), worklist_due=True, worklist_built=0.0,
+        arrivals=ArrivalWindow(first_seq=ledger.last_seq(), now=awake[0], clock=lambda: awake[0]))
+    ledger.commit([("uid:1", "c1", ok("YESTERDAY"))], [])
+    Watcher.write_worklist(daemon)
+    assert written[-1] == ["YESTERDAY"]
+    awake[0] += 14 * 3600  # the night asleep; time.monotonic() did not move
+    ledger.db.execute("UPDATE studies SET reported_at = ?", (time.time() - 14 * 3600,))  # the wall clock ran on
+    ledger.db.commit()
+    ledger.commit([("uid:2", "c2", ok("TODAY"))], [])
+    Watcher.write_worklist(daemon)
+    assert written[-1] == ["TODAY"]

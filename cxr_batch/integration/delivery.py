@@ -35,9 +35,24 @@ def shown(text: str, limit: int = REASON_LIMIT) -> str:
     return visible(text[:limit] + "..." if len(text) > limit else text)
 
 
+def host_problem(host: str) -> str | None:
+    """What makes ``host`` (HOST_PORT's, brackets stripped) no name a connection can be made
+    to, or None: a label (between dots) empty or over DNS's 63 characters (``ris..example.org``,
+    a doubled dot) fails in Python's IDNA codec at every connection, not in DNS; one trailing
+    dot (a fully qualified name) is fine."""
+    if ":" in host:  # an IPv6 address
+        return None
+    labels = host[:-1].split(".") if host.endswith(".") else host.split(".")
+    if not all(1 <= len(label) <= 63 for label in labels) or len(host) > 253:
+        return f"host {host!r} is not a valid host name (a label between dots is empty or over 63 characters)"
+    return None
+
+
 def connect_error(e: BaseException, host: str) -> str:
     """Why no connection to ``host`` was made, in words: a name nothing resolves (a placeholder
     left in a configuration, pacs.example.org) is said as such, not "gaierror: [Errno -2] ..."."""
+    if isinstance(e, UnicodeError):  # the IDNA codec refused the name (HOST_PORT took it: an older queue's)
+        return host_problem(host) or f"host {host!r} is not a valid host name ({e})"
     cause, seen = e, set()
     while cause is not None and id(cause) not in seen:  # requests wraps it three deep
         if isinstance(cause, socket.gaierror):

@@ -24,7 +24,7 @@ import pydicom
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
-from .delivery import HOST_PORT, connect_error, shown
+from .delivery import HOST_PORT, connect_error, host_problem, shown
 
 log = logging.getLogger("cxr_batch")
 
@@ -82,6 +82,8 @@ class Destination:
             raise ValueError(f"{text!r}: {e}") from None
         if not 1 <= port <= 65535:
             raise ValueError(f"{text!r}: port {port} is not 1-65535")
+        if problem := host_problem(m["host"].strip("[]")):
+            raise ValueError(f"{text!r}: {problem}")
         return cls(ae_title, m["host"].strip("[]"), port)
 
     def __str__(self) -> str:

@@ -25,6 +25,8 @@ fields, structure, lengths), from its :class:`~cxr_batch.record.StudyRecord`:
   and PPV at its operating point and the held-out catch), as the PDF and the SR say beside it;
 - OBX 16: what orders the study inside its priority on the worklist (the urgent finding's
   probability, or P(any finding)); OBX 17: P(any finding), when the bundle has one.
+- every OBX: OBX-14 when the image was acquired (:func:`_observation_time`), OBX-19 when the
+  result was made (MSH-7), each with its UTC offset.
 
 Every value from outside (IDs, names) is escaped (``\\F\\``, ``\\S\\``, ``\\T\\``, ``\\R\\``,
 ``\\E\\``), so a ``|^~\\&`` in a name cannot break the message. The MSH's application and
@@ -56,7 +58,7 @@ from .. import clock
 from ..display import is_dicom_date
 from ..findings import DEFAULT_URGENT, FINDINGS
 from ..record import StudyRecord
-from .delivery import HOST_PORT, Delivery, connect_error, shown
+from .delivery import HOST_PORT, Delivery, connect_error, host_problem, shown
 
 log = logging.getLogger("cxr_batch")
 
@@ -129,6 +131,8 @@ class Endpoint:
         port = int(m["port"])
         if not 1 <= port <= 65535:
             raise ValueError(f"{text!r}: port {port} is not 1-65535")
+        if problem := host_problem(m["host"].strip("[]")):
+            raise ValueError(f"{text!r}: {problem}")
         return cls(m["host"].strip("[]"), port)
 
     def __str__(self) -> str:
@@ -180,6 +184,35 @@ def _study_datetime(record: StudyRecord) -> str:
         offset = record.ids.timezone_offset
         return date + time_of_day + (offset if clock.valid_offset(offset) else "")
     return date
+
+
+# a DICOM DT to the second (YYYYMMDDHHMM[SS][.F][+ZZZZ]): an acquisition time
+_DICOM_DT = re.compile(r"(\d{8})([01]\d|2[0-3])([0-5]\d)([0-5]\d)?(?:\.\d{1,6})?([+-]\d{4})?")
+
+
+def _observation_time(record: StudyRecord, made: dt.datetime) -> str:
+    """OBX-14, Date/Time of the Observation (HL7 TS with its UTC offset). HL7 v2.5.1 7.4.2.14:
+    "the physiologically relevant date-time or the closest approximation to that date-time";
+    for an observation made on the patient (an X-ray image), when it was performed. The model's
+    probabilities describe the chest as imaged, so it is when the image was acquired (the
+    header's AcquisitionDateTime, or AcquisitionDate + AcquisitionTime), else the study's date
+    and time (OBR-7, which HL7 reads in OBX-14's place), else ``made``, the time of the result
+    (the latest the image can have been made; OBX-19 says it in every OBX). The offset is the
+    time's own, else the source's Timezone Offset From UTC, else the local zone's at that moment:
+    what HL7 reads a time without one as, said, so an engine filing by it compares like with
+    like."""
+    ids = record.ids
+    m = _DICOM_DT.fullmatch(ids.acquisition_datetime)
+    if m is None or not _date(m[1]):
+        m = _DICOM_DT.fullmatch(_date(ids.study_date) + ids.study_time.split(".")[0])
+    if m is None or not _date(m[1]):
+        return made.strftime("%Y%m%d%H%M%S") + clock.utc_offset(made)
+    moment = m[1] + m[2] + m[3] + (m[4] or "")
+    offset = next((o for o in (m[5], ids.timezone_offset) if clock.valid_offset(o or "")), None)
+    if offset is None:
+        naive = dt.datetime.strptime(m[1] + m[2] + m[3], "%Y%m%d%H%M")
+        offset = clock.utc_offset(clock.aware(naive))
+    return moment + offset
 
 
 # XPN-8, name representation code (HL7 table 4000), of DICOM PN's component groups in their order
@@ -243,8 +276,10 @@ def oru_r01(record: StudyRecord, *, thresholds: Mapping[str, float] | None = Non
     # MSH-7 and OBR-22 with the UTC offset in force when the message was made (TS:
     # YYYYMMDDHHMMSS+ZZZZ): the night a DST clock goes back, a correction made at 02:15 +0100
     # is later than the original it replaces, made at 02:30 +0200
-    when = clock.aware(created) if created is not None else clock.local_now()
-    when = when.strftime("%Y%m%d%H%M%S") + clock.utc_offset(when)
+    made = clock.aware(created) if created is not None else clock.local_now()
+    when = made.strftime("%Y%m%d%H%M%S") + clock.utc_offset(made)
+    # OBX-14 and OBX-19 of every OBX: when the image was acquired, when this result was made
+    times = (_observation_time(record, made), when)
     accession = escape(ids.accession_number)
     try:
         m = Message("ORU_R01", version=VERSION, validation_level=VALIDATION_LEVEL.STRICT)
@@ -279,14 +314,16 @@ def oru_r01(record: StudyRecord, *, thresholds: Mapping[str, float] | None = Non
             note.nte_1, note.nte_3 = str(k), escape(text)
         code = priority_code(scores.priority, normal_below)  # the SR's words for the bucket
         _observation(order, 1, "CE", PRIORITY_OBSERVATION,
-                     f"{escape(code.value)}^{escape(code.meaning)}^{LOCAL_CODES}", PRIORITY_FLAGS[scores.priority])
+                     f"{escape(code.value)}^{escape(code.meaning)}^{LOCAL_CODES}", PRIORITY_FLAGS[scores.priority],
+                     times=times)
         for k, finding in enumerate(FINDINGS):
             code = FINDING_CODES[finding]
             threshold = None if thresholds is None else thresholds.get(finding)
             group = _observation(order, k + 2, "NM",
                                  f"{escape(code.value)}^{escape(code.meaning)}^{escape(code.scheme_designator)}",
                                  f"{float(scores.probs[k]):.6f}", _flag(bool(scores.flags[k]), finding in urgent),
-                                 reference_range=None if threshold is None else f"<{float(threshold):.6f}")
+                                 reference_range=None if threshold is None else f"<{float(threshold):.6f}",
+                                 times=times)
             if scores.flags[k] and trust and trust.get(finding):
                 # a RIS showed a bare "A"/"AA" where the PDF and the SR say the flag's sensitivity
                 # and PPV (v3's pneumothorax: 0 of 10 held out): the ORU says it beside the flag too
@@ -294,9 +331,11 @@ def oru_r01(record: StudyRecord, *, thresholds: Mapping[str, float] | None = Non
                 note.nte_1, note.nte_3 = "1", escape(trust[finding])
         # what orders the study inside its priority, as on the worklist (cxr_batch.triage): a RIS
         # that sorts by priority, then by this, reads the studies in cxr-batch's worklist order
-        _observation(order, len(FINDINGS) + 2, "NM", ORDER_OBSERVATION, f"{float(scores.triage_score):.6f}", "")
+        _observation(order, len(FINDINGS) + 2, "NM", ORDER_OBSERVATION, f"{float(scores.triage_score):.6f}", "",
+                     times=times)
         if scores.p_any is not None:
-            _observation(order, len(FINDINGS) + 3, "NM", ANY_FINDING_OBSERVATION, f"{float(scores.p_any):.6f}", "")
+            _observation(order, len(FINDINGS) + 3, "NM", ANY_FINDING_OBSERVATION, f"{float(scores.p_any):.6f}", "",
+                         times=times)
         m.validate()
         return m.to_er7() + "\r"
     except (HL7apyException, ValueError) as e:  # hl7apy says ValueError of a date it refuses
@@ -355,8 +394,9 @@ def _disclaimer() -> str:
 
 
 def _observation(order, set_id: int, value_type: str, identifier: str, value: str, flag: str,
-                 reference_range: str | None = None):
-    """An OBX in an observation group of its own; the group (for an NTE under it)."""
+                 reference_range: str | None = None, times: tuple[str, str] = ("", "")):
+    """An OBX in an observation group of its own; the group (for an NTE under it). ``times``:
+    OBX-14 (when observed) and OBX-19 (when analysed), HL7 TS."""
     group = order.add_group("ORU_R01_OBSERVATION")
     obx = group.obx
     obx.obx_1, obx.obx_2, obx.obx_3, obx.obx_5 = str(set_id), value_type, identifier, value
@@ -367,6 +407,11 @@ def _observation(order, set_id: int, value_type: str, identifier: str, value: st
     if flag:
         obx.obx_8 = flag
     obx.obx_11 = "P"
+    observed, analysed = times
+    if observed:
+        obx.obx_14 = observed
+    if analysed:
+        obx.obx_19 = analysed
     return group
 
 
@@ -383,15 +428,17 @@ def whole_message(message: str, control: str) -> bool:
     """Whether ``message`` is a whole ORU^R01 of :func:`oru_r01` with MSH-10 ``control``: an ORU
     file cut short (a failed disk or copy) is still HL7, and a RIS would take a result with
     findings missing. It ends with the CR of its last observation (the worklist order, or
-    P(any finding) after it), OBX-11 included."""
+    P(any finding) after it), OBX-11 included, and OBX-19 (its time stamp with its offset)
+    where the message has one (one queued by a release before OBX-14 and OBX-19 ends at OBX-11)."""
     try:
         if message_control_id(message) != control or not message.endswith("\r"):
             return False
     except ValueError:
         return False
     last = message[:-1].rsplit("\r", 1)[-1].split("|")
-    return (len(last) == 12 and last[0] == "OBX" and last[11] == "P"
-            and last[3] in (ORDER_OBSERVATION, ANY_FINDING_OBSERVATION))
+    whole_last = len(last) == 12 or len(last) == 20 and re.fullmatch(r"\d{14}[+-]\d{4}", last[19])
+    return bool(whole_last and last[0] == "OBX" and last[11] == "P"
+                and last[3] in (ORDER_OBSERVATION, ANY_FINDING_OBSERVATION))
 
 
 # ------------------------------------------------------------------ MLLP
@@ -511,7 +558,7 @@ def _exchange(data: bytes, endpoint: Endpoint, timeout: float) -> bytes | Delive
     deadline = time.monotonic() + timeout
     try:
         sock = socket.create_connection((endpoint.host, endpoint.port), timeout=timeout)
-    except OSError as e:
+    except (OSError, UnicodeError) as e:  # UnicodeError: a name the IDNA codec refuses
         return Delivery.retry(f"cannot connect to {endpoint}: {connect_error(e, endpoint.host)}", unsent=True)
     reader, block = MllpReader(), None
     with sock:

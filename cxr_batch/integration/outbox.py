@@ -423,7 +423,8 @@ def _patient_from_header(record: StudyRecord, studies: Path) -> None:
     if header.sop_uid != record.ids.sop_uid or header.patient_id != record.ids.patient_id:
         return without("its file holds another instance or patient since the scan")
     for name in ("patient_name", "patient_birth_date", "patient_sex", "issuer_of_patient_id", "issuer_universal_id",
-                 "issuer_universal_id_type", "patient_id_type"):
+                 "issuer_universal_id_type", "patient_id_type", "study_time", "timezone_offset",
+                 "acquisition_datetime"):  # the times: OBR-7 and OBX-14
         if not getattr(record.ids, name):
             setattr(record.ids, name, getattr(header, name))
 
