@@ -690,14 +690,15 @@ class Watcher:
                 self.move(cand.rel, handled[1])
 
     def regenerate_reports(self) -> None:
-        missing = [(k, r) for k, r in self.ledger.keyed_records()
-                   if r.ok and (not r.report or not (self.out / "reports" / r.report).exists())]
+        missing = [k for k, report in self.ledger.scored_reports()
+                   if not report or not (self.out / "reports" / report).exists()]
         if not missing:
             return
         log.info("making %s again", plural(len(missing), "missing report"))
-        for key, record in missing:
+        for key in missing:
             if self.stop:
                 return
+            record = self.ledger.record(key)
             inputs = None
             source = self.watch_dir / record.file
             content = self.ledger.known(key).content
@@ -710,6 +711,7 @@ class Watcher:
                 record.add_note("report made again without the image (the file it was scored from is no longer in the watched folder)")
             self.write_report(f"{key}:{content}", record, inputs)
             self.ledger.update_record(key, record)
+            checkpoint("report remade")
         self.csv_whole = True
 
     def scored_from(self, source: Path, key: str, content: str) -> bool:

@@ -67,3 +67,29 @@ def test_a_kill_between_appending_rows_and_marking_them_published_loses_none_and
         assert Counter(r["patient_id"] for r in rows) == {f"G{i:02d}": 1 for i in range(start + n)}
     with sqlite3.connect(out / ".cxr-batch" / "ledger.sqlite") as db:
         assert db.execute("SELECT COUNT(*), SUM(published) FROM studies").fetchone() == (4, 4)
+
+
+def test_a_kill_after_a_report_is_made_again_still_puts_its_note_in_results_csv(tmp_path, nih_images,
+                                                                                small_bundle):
+    """A report missing at a start is made again (here without the image: its file is gone) and
+    its row gets a note saying so; the daemon is killed before results.csv is rewritten. The
+    next start keeps a results.csv the ledger last wrote, but this row changed since: rewritten,
+    the note in it."""
+    incoming, out = tmp_path / "in", tmp_path / "out"
+    incoming.mkdir()
+    (source,) = good_dicoms(incoming, nih_images, 1)
+    config = watch_config(tmp_path / "w.toml")
+    first = start_daemon(incoming, out, small_bundle, config)
+    try:
+        assert wait_for(lambda: len(ok_rows(out)) == 1), first.stderr.read() if first.poll() is not None else ""
+    finally:
+        assert stop(first) == 0
+    (row,) = ok_rows(out)
+    (out / "reports" / row["report"]).unlink()
+    source.unlink()
+    killed = start_daemon(incoming, out, small_bundle, config, env={"CXR_BATCH_KILL_AT": "report remade"})
+    assert killed.wait(timeout=180) == -9
+    assert (out / "reports" / row["report"]).is_file()
+    _run_until_running(incoming, out, small_bundle, config)
+    (row,) = ok_rows(out)
+    assert "without the image" in row["notes"], row["notes"]
