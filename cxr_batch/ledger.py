@@ -37,6 +37,7 @@ ignore it.)
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -46,7 +47,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
 
-from .record import HELD_BACK, UNREAD_VERSION, StudyRecord
+from .record import COLUMNS, HELD_BACK, UNREAD_VERSION, StudyRecord
 from .study import Identifiers
 
 SCHEMA_VERSION = 7
@@ -74,7 +75,9 @@ CREATE TABLE IF NOT EXISTS outbound_hold (
     reason TEXT NOT NULL
 );
 """
-SCHEMA = """
+# A record held back (cxr_batch.record.StudyRecord.held), in SQL
+_HELD = f"(status = 'skipped' AND json_extract(record, '$.reason') LIKE '{HELD_BACK}%')"
+SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS studies (
     key TEXT PRIMARY KEY,
     seq INTEGER NOT NULL,
@@ -88,6 +91,11 @@ CREATE TABLE IF NOT EXISTS studies (
 CREATE INDEX IF NOT EXISTS studies_seq ON studies (seq);
 CREATE INDEX IF NOT EXISTS studies_reported_at ON studies (reported_at);
 CREATE INDEX IF NOT EXISTS studies_study_uid ON studies (json_extract(record, '$.ids.study_uid'));
+-- the held studies, which every rescan looks at (release_held): without it, each rescan read
+-- every record of a year's ledger (215 MiB at 100,000 studies) to find a few dozen
+-- the rows not yet in results.csv: a few, or none, however long the ledger (csv_current)
+CREATE INDEX IF NOT EXISTS studies_unpublished ON studies (seq) WHERE published = 0;
+CREATE INDEX IF NOT EXISTS studies_held ON studies (json_extract(record, '$.ids.study_uid')) WHERE {_HELD};
 CREATE TABLE IF NOT EXISTS superseded (
     key TEXT NOT NULL,
     seq INTEGER NOT NULL,
@@ -126,8 +134,17 @@ def stored_name(path: str) -> str:
     return path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
-# A record held back (cxr_batch.record.StudyRecord.held), in SQL
-_HELD = f"(status = 'skipped' AND json_extract(record, '$.reason') LIKE '{HELD_BACK}%')"
+
+def results_stamp(path: Path) -> str | None:
+    """What tells one state of results.csv from another (its inode, size and times, and the
+    columns this release writes: a release with another column rewrites the file), for
+    :meth:`Ledger.csv_current`; None: no such file."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    columns = hashlib.sha256(",".join(COLUMNS).encode()).hexdigest()[:16]
+    return f"{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}:{columns}"
 
 
 class LedgerError(Exception):
@@ -336,6 +353,12 @@ class Ledger:
     def records(self) -> list[StudyRecord]:
         return list(self.iter_records())
 
+    def scored_reports(self) -> list[tuple[str, str]]:
+        """(key, report file name, "" when none) of every scored study, in the order reported:
+        read without reading the records whole (a year's ledger, 100,000 of them, at every start)."""
+        return self.db.execute("SELECT key, COALESCE(json_extract(record, '$.report'), '') FROM studies "
+                               "WHERE status = 'ok' ORDER BY seq").fetchall()
+
     def keyed_records(self) -> list[tuple[str, StudyRecord]]:
         return [(k, StudyRecord.from_json(json.loads(r)))
                 for k, r in self.db.execute("SELECT key, record FROM studies ORDER BY seq")]
@@ -516,17 +539,31 @@ class Ledger:
         return queued
 
     def update_record(self, key: str, record: StudyRecord) -> None:
-        """A study's record after its report was (re)made; order and status unchanged."""
+        """A study's record after its report was (re)made; order and status unchanged, its row
+        to be published again (results.csv is rewritten at a start only when a row waits)."""
         with self.db:
-            self.db.execute("UPDATE studies SET record = ? WHERE key = ?", (json.dumps(record.to_json()), key))
+            self.db.execute("UPDATE studies SET record = ?, published = 0 WHERE key = ?",
+                            (json.dumps(record.to_json()), key))
 
-    def mark_published(self, keys: list[str] | None = None) -> None:
-        """Rows now in results.csv: ``keys``, or every row (after a full rewrite)."""
+    def mark_published(self, keys: list[str] | None = None, csv_stamp: str | None = None) -> None:
+        """Rows now in results.csv: ``keys``, or every row (after a full rewrite); ``csv_stamp``:
+        the file's :func:`results_stamp` once they are in it (:meth:`csv_current`)."""
         with self.db:
             if keys is None:
-                self.db.execute("UPDATE studies SET published = 1")
+                self.db.execute("UPDATE studies SET published = 1 WHERE published = 0")
             else:
                 self.db.executemany("UPDATE studies SET published = 1 WHERE key = ?", [(k,) for k in keys])
+            if csv_stamp is not None:
+                self.db.execute("INSERT OR REPLACE INTO meta VALUES ('results_csv', ?)", (csv_stamp,))
+
+    def csv_current(self, csv_stamp: str | None) -> bool:
+        """Whether results.csv, whose :func:`results_stamp` is ``csv_stamp`` now (None: there is
+        none), is the file this ledger last wrote, every row in it: no row waits to be published
+        (a kill between an append and its mark leaves one) and nobody (nor an older release)
+        wrote it since."""
+        row = self.db.execute("SELECT value FROM meta WHERE name = 'results_csv'").fetchone()
+        return (csv_stamp is not None and row is not None and row[0] == csv_stamp
+                and self.db.execute("SELECT 1 FROM studies WHERE published = 0 LIMIT 1").fetchone() is None)
 
     def import_rows(self, rows: list[tuple[str, str, StudyRecord]]) -> int:
         """Rebuild from results.csv after the ledger was lost: (key, content, record) rows,

@@ -85,7 +85,9 @@ def clean_uid(value) -> str:
     """A UID as text: control characters and spaces removed. One over the UI maximum of 64
     characters is replaced by a UID derived from all of it: cutting it would make another,
     valid-looking UID that could belong to a different image."""
-    text = "".join(ch for ch in ("" if value is None else str(value)) if ch.isprintable() and not ch.isspace())
+    text = "" if value is None else str(value)
+    if not text.isprintable() or " " in text:  # a space is the one printable character that is a space
+        text = "".join(ch for ch in text if ch.isprintable() and not ch.isspace())
     return text if len(text) <= 64 else derived_uid("over-long", text)
 
 
@@ -93,7 +95,8 @@ def clean_text(value, limit: int) -> str:
     """A header value as plain text: control characters (tab, CR, LF, NUL, ESC...) removed,
     surrounding spaces stripped, at most ``limit`` characters."""
     text = "" if value is None else str(value)
-    text = "".join(ch for ch in text if ch.isprintable())
+    if not text.isprintable():  # most values are printable throughout: taken whole
+        text = "".join(ch for ch in text if ch.isprintable())
     return text.strip()[:limit].strip()
 
 

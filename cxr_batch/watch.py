@@ -50,7 +50,7 @@ from .folders import refuse_overlap
 from .inference import Engine, model_inputs, score_batches
 from .journal import refuse_scan_results
 from .keys import content_sha256, study_key
-from .ledger import Ledger, Outcome
+from .ledger import Ledger, Outcome, results_stamp
 from .metadata import load_metadata_csv
 from .record import StudyRecord, log_name, name_bytes
 from .results import AtomicCsvWriter, append_rows, read_results
@@ -623,9 +623,12 @@ class Watcher:
         log.warning("the ledger was missing: rebuilt with %s from results.csv", plural(n, "study"))
 
     def recover(self) -> None:
-        """After any stop: results.csv rewritten from the ledger, missing reports made again,
-        files handled but not yet moved (archive or quarantine) moved."""
-        self.contained(self.publish_whole)
+        """After any stop: results.csv rewritten from the ledger (unless it is the file the
+        ledger last wrote, every row in it: rewritten at every start, a year's results.csv,
+        100,000 rows, kept the daemon from scoring for a minute or more), missing reports made
+        again, files handled but not yet moved (archive or quarantine) moved."""
+        if not self.ledger.csv_current(results_stamp(self.out / "results.csv")):
+            self.contained(self.publish_whole)
         if self.reports is not None:
             self.contained(self.regenerate_reports)
         self.contained(self.remake_queued_objects)
@@ -697,14 +700,15 @@ class Watcher:
                 self.move(cand.rel, handled[1])
 
     def regenerate_reports(self) -> None:
-        missing = [(k, r) for k, r in self.ledger.keyed_records()
-                   if r.ok and (not r.report or not (self.out / "reports" / r.report).exists())]
+        missing = [k for k, report in self.ledger.scored_reports()
+                   if not report or not (self.out / "reports" / report).exists()]
         if not missing:
             return
         log.info("making %s again", plural(len(missing), "missing report"))
-        for key, record in missing:
+        for key in missing:
             if self.stop:
                 return
+            record = self.ledger.record(key)
             inputs = None
             source = self.watch_dir / record.file
             content = self.ledger.known(key).content
@@ -717,6 +721,7 @@ class Watcher:
                 record.add_note("report made again without the image (the file it was scored from is no longer in the watched folder)")
             self.write_report(f"{key}:{content}", record, inputs)
             self.ledger.update_record(key, record)
+            checkpoint("report remade")
         self.csv_whole = True
 
     def scored_from(self, source: Path, key: str, content: str) -> bool:
@@ -1202,7 +1207,8 @@ class Watcher:
             return
         try:
             append_rows(self.out / "results.csv", [r for _, r in fresh])
-            self.ledger.mark_published([k for k, _ in fresh])
+            checkpoint("append")
+            self.ledger.mark_published([k for k, _ in fresh], results_stamp(self.out / "results.csv"))
         except Exception as e:
             if _is_output_fault(e):
                 self.csv_whole = True
@@ -1215,7 +1221,7 @@ class Watcher:
             with AtomicCsvWriter(self.out / "results.csv", rank=False) as writer:
                 for record in self.ledger.iter_records():
                     writer.write(record)
-            self.ledger.mark_published()
+            self.ledger.mark_published(csv_stamp=results_stamp(self.out / "results.csv"))
         except Exception as e:
             if _is_output_fault(e):
                 self.csv_whole = True

@@ -6,6 +6,7 @@ import os
 import sqlite3
 import stat
 import time
+from pathlib import Path
 
 import pytest
 
@@ -360,3 +361,78 @@ def test_a_study_stamped_by_a_clock_a_year_fast_does_not_keep_days_of_studies_in
         ledger.commit([(f"uid:{k}", f"c{k}", ok(name))], [])
     clock[0] = now
     assert [r.file for r in ledger.recent(now - 24 * 3600, 500)] == ["NEW"]
+
+
+def _sqlite_steps(ledger, action) -> int:
+    """SQLite virtual-machine steps (in thousands) that ``action`` costs on ``ledger``."""
+    steps = [0]
+
+    def count():
+        steps[0] += 1
+        return 0
+
+    ledger.db.set_progress_handler(count, 1000)
+    try:
+        action()
+    finally:
+        ledger.db.set_progress_handler(None, 0)
+    return steps[0]
+
+
+def test_finding_the_held_studies_costs_the_same_in_a_ledger_of_a_year(tmp_path):
+    """Every rescan of the watch daemon asks the ledger for its held studies (release_held).
+    It read every record to find them: a year's ledger (100,000 studies, 215 MiB) was read
+    whole every 30 s to find a few dozen. Now the held ones are indexed: the same cost for a
+    ledger 20 times as long, and the same studies found."""
+    from cxr_batch.record import HELD_BACK
+
+    def held(study, image):
+        return StudyRecord(file=f"{study}/{image}.dcm", status="skipped", reason=f"{HELD_BACK}two patients",
+                           ids=Identifiers(study_uid=f"1.2.9.{study}", patient_id=f"P{image}"))
+
+    costs = []
+    for scored in (200, 4000):
+        ledger = Ledger(tmp_path / f"l{scored}.sqlite")
+        ledger.commit([(f"uid:{i}", f"c{i}", ok(f"s{i}.dcm", study_uid=f"1.2.1.{i}")) for i in range(scored)], [])
+        ledger.commit([(f"uid:h{s}.{k}", f"h{s}.{k}", held(s, k)) for s in range(3) for k in range(2)], [])
+        assert sorted(ledger.held_studies()) == ["1.2.9.0", "1.2.9.1", "1.2.9.2"]
+        costs.append(_sqlite_steps(ledger, ledger.held_studies))
+        ledger.close()
+    assert costs[1] <= costs[0] + 1, costs  # thousands of steps: not 20 times as many
+
+
+def test_a_kill_while_an_upgrade_indexes_a_long_ledger_keeps_every_row(tmp_path):
+    """The first start after an upgrade indexes the held and unpublished studies of the ledger
+    (seconds for a year's). SIGKILL at any moment of it, then a start: every row is there, the
+    held studies found, the indexes made."""
+    import subprocess
+    import sys
+
+    from cxr_batch.record import HELD_BACK
+
+    path = tmp_path / "l.sqlite"
+    ledger = Ledger(path)
+    for start in range(0, 20000, 5000):
+        ledger.commit([(f"uid:{i}", f"c{i}", ok(f"s{i}.dcm", study_uid=f"1.2.1.{i}"))
+                       for i in range(start, start + 5000)], [])
+    held = StudyRecord(file="h.dcm", status="skipped", reason=f"{HELD_BACK}two patients",
+                       ids=Identifiers(study_uid="1.2.9"))
+    ledger.commit([("uid:h", "h", held)], [])
+    ledger.mark_published()
+    ledger.close()
+    opening = f"import sys; sys.path.insert(0, {str(Path(__file__).resolve().parent.parent)!r}); " \
+              f"from cxr_batch.ledger import Ledger; Ledger({str(path)!r}).close()"
+    for delay in (0.0, 0.05, 0.1, 0.2, 0.4, 0.8):
+        with sqlite3.connect(path) as db:  # the ledger as the release before left it
+            db.execute("DROP INDEX IF EXISTS studies_held")
+            db.execute("DROP INDEX IF EXISTS studies_unpublished")
+        child = subprocess.Popen([sys.executable, "-c", opening])
+        time.sleep(delay)
+        child.kill()
+        child.wait()
+        again = Ledger(path)
+        assert again.count() == 20001 and again.held_studies() == ["1.2.9"]
+        assert again.csv_current(None) is False and not again.unpublished()
+        indexes = {r[0] for r in again.db.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
+        assert {"studies_held", "studies_unpublished"} <= indexes
+        again.close()
