@@ -77,6 +77,9 @@ class CalibrateOptions:
         if self.method not in METHODS:
             raise ValueError(f"method {self.method!r}: expected one of {', '.join(METHODS)}")
         parse_rule(self.thresholds)  # a bad rule fails before any scoring
+        # recorded as written in the manifest, where 'keep' is looked for: 'KEEP' must read as 'keep'
+        name, colon, target = self.thresholds.strip().partition(":")
+        self.thresholds = name.strip().lower() + colon + target.strip()
 
 
 @dataclass
