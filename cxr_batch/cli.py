@@ -224,7 +224,14 @@ def load_config(cls, config_file: Path | None, table: str, **options):
         values.setdefault("dicomweb_file", str(config_file))
         if isinstance(data["dicomweb"], dict) and data["dicomweb"].get("url"):
             values.setdefault("stow_to", data["dicomweb"]["url"])
-    cfg = load_dataclass(cls, values, f"{where} [{table}]" if config_file else table, **options)
+    try:
+        cfg = load_dataclass(cls, values, f"{where} [{table}]" if config_file else table, **options)
+    except ConfigError as e:
+        # the checks in the configuration's own __post_init__ (urgent findings) know only their table:
+        # name the file too, as every other mistake in it is named ("c.toml [scan].urgent: ...")
+        if config_file is not None and table in data and str(e).startswith(f"{table}."):
+            raise ConfigError(f"{where} [{table}]{str(e)[len(table):]}") from None
+        raise
     if getattr(cfg, "stow_to", None):
         from .integration.outbox import dicomweb_config
 
