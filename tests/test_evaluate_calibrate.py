@@ -519,3 +519,18 @@ def test_a_calibrated_bundle_of_a_carded_base_says_the_base_s_card_does_not_desc
     (tmp_path / "new" / "MODEL_CARD.md").write_text(card + "edited\n")
     with pytest.raises(BundleError, match="model card was edited"):
         load_bundle(tmp_path / "new")
+
+
+def test_evaluate_without_patient_data_names_its_labels_not_a_metadata_option(tmp_path, studies, nih, small_bundle):
+    """Labels whose Image Index lost the extension match every study's label but give none its
+    patient data: the closing warning said "nor the --metadata table gives any" to a user who
+    gave no --metadata, only --labels."""
+    labels = pd.read_csv(nih / "labels.csv")
+    labels = labels[labels["Image Index"].isin([p.name for p in studies.glob("*.png")])]
+    labels["Image Index"] = labels["Image Index"].str.removesuffix(".png")
+    labels.to_csv(tmp_path / "labels.csv", index=False)
+    code, err = cli_here("evaluate", studies, "--labels", tmp_path / "labels.csv", "--out", tmp_path / "e",
+                         "--weights", small_bundle, "--device", "cpu", "--bootstrap", 0, "-q")
+    said = [line for line in err.splitlines() if "without any patient data" in line]
+    assert code == 0 and len(said) == 1, err
+    assert "--labels" in said[0] and "--metadata" not in said[0], said[0]
