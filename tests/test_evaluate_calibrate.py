@@ -534,3 +534,25 @@ def test_evaluate_without_patient_data_names_its_labels_not_a_metadata_option(tm
     said = [line for line in err.splitlines() if "without any patient data" in line]
     assert code == 0 and len(said) == 1, err
     assert "--labels" in said[0] and "--metadata" not in said[0], said[0]
+
+
+@pytest.mark.skipif(not shutil.which("pdftotext"), reason="poppler-utils not installed")
+def test_evaluation_pdf_with_the_bootstrap_off_says_so_not_too_few_patients(tmp_path, nih, nih_images,
+                                                                             small_bundle):
+    """`evaluate --bootstrap 0` on 40 NIH studies printed "no CI: 7 pos. patients" beside
+    Atelectasis, as if 7 were too few (5 are enough; with the bootstrap on it had 0.37-0.78):
+    evaluation.json's note said "bootstrap off". The table says why there is no interval."""
+    studies = folder_of(tmp_path, nih_images[:24], "studies")
+    out = tmp_path / "eval"
+    code, err = cli_here("evaluate", studies, "--labels", nih / "labels.csv", "--out", out, "--weights",
+                         small_bundle, "--device", "cpu", "--workers", 0, "--bootstrap", 0)
+    assert code == 0, err[-2000:]
+    first = subprocess.run(["pdftotext", "-layout", "-f", "1", "-l", "1", out / "evaluation.pdf", "-"],
+                           capture_output=True, text=True, check=True).stdout
+    ev = json.loads((out / "evaluation.json").read_text())
+    measured = [f for f, r in ev["per_finding"].items() if r["auroc"] is not None]
+    assert measured
+    from cxr_batch.display import finding_label
+    for f in measured:
+        row = next(line for line in first.splitlines() if line.split()[:1] == finding_label(f).split()[:1])
+        assert "bootstrap off" in row and "pos. patient" not in row, row
