@@ -556,3 +556,39 @@ def test_evaluation_pdf_with_the_bootstrap_off_says_so_not_too_few_patients(tmp_
     for f in measured:
         row = next(line for line in first.splitlines() if line.split()[:1] == finding_label(f).split()[:1])
         assert "bootstrap off" in row and "pos. patient" not in row, row
+
+
+@pytest.mark.parametrize("n_studies, min_positives", [(4, 10), (40, 50)])
+def test_a_threshold_rule_that_moves_no_operating_point_keeps_the_base_s_held_out_catch(
+        tmp_path, nih, nih_images, small_bundle, n_studies, min_positives):
+    """`calibrate --thresholds youden` on 4 NIH studies (fewer than 5 patients: no threshold can
+    be checked out of fold) or on studies with too few positives of every finding kept every
+    operating point of the base, yet the bundle recorded 'thresholds: youden', so its reports
+    dropped the base's held-out catch (v3's pneumothorax: flagged 0 of 10) for figures that
+    were not replaced. A rule that moved nothing makes the bundle that 'keep' makes."""
+    import io
+
+    from pypdf import PdfReader
+
+    from cxr_batch.record import Scores, StudyRecord
+    from cxr_batch.reports import ModelInfo, ReportOptions, study_pdf
+
+    base = tmp_path / "base"
+    shutil.copytree(small_bundle, base)
+    sealed = json.loads((base / "manifest.json").read_text())
+    sealed["metrics"] = {**sealed.get("metrics", {}), "test_n": 300,
+                         "per_finding": {f: {"tp": 0, "fn": 10, "fp": 5, "tn": 285} for f in FINDINGS}}
+    write_manifest(base, sealed)
+    studies = folder_of(tmp_path, nih_images[:n_studies], "site")
+    labels = read_labels(nih / "labels.csv")
+    ruled = run_calibrate(studies, labels, tmp_path / "ruled", CalibrateOptions(
+        weights=str(base), min_positives=min_positives, thresholds="youden", **FAST))
+    bundle = load_bundle(ruled.bundle)
+    assert bundle.thresholds == load_bundle(base).thresholds  # nothing moved (prevalence: nothing fitted)
+    assert bundle.manifest["calibration"]["rules"]["thresholds"] == "keep"
+    assert any("youden moved no operating point" in line for line in ruled.lines), ruled.lines
+    record = StudyRecord(file="a.png", scores=Scores(tuple([0.01] * 14), tuple([0] * 14), "normal", 0.1, 0.1))
+    pdf = study_pdf(record, None, {}, ModelInfo.from_bundle(bundle), ReportOptions(),
+                    __import__("datetime").datetime.now().astimezone())
+    assert "Pneumothorax: sensitivity 0.00 at its threshold (flagged 0 of 10 held-out images that had it)" in \
+        " ".join(PdfReader(io.BytesIO(pdf)).pages[0].extract_text().split())
