@@ -592,3 +592,20 @@ def test_a_threshold_rule_that_moves_no_operating_point_keeps_the_base_s_held_ou
                     __import__("datetime").datetime.now().astimezone())
     assert "Pneumothorax: sensitivity 0.00 at its threshold (flagged 0 of 10 held-out images that had it)" in \
         " ".join(PdfReader(io.BytesIO(pdf)).pages[0].extract_text().split())
+
+
+@pytest.mark.parametrize("args, said", [
+    (["evaluate", "--labels", "L", "--metadata", "L"], "evaluate reads patient data from --labels"),
+    (["calibrate", "--labels", "L", "--metadata", "L"], "calibrate reads patient data from --labels"),
+    (["scan", "--labels", "L"], "scan takes no labels: patient data go in --metadata"),
+])
+def test_an_option_of_the_other_command_says_which_one_is_meant(tmp_path, args, said):
+    """A newcomer who read that the labels "serve as patient data, as --metadata does" gave
+    evaluate --metadata and was told only "No such option '--metadata'"; scan --labels the same."""
+    (tmp_path / "in").mkdir()
+    (tmp_path / "L").write_text("Image Index,Finding Labels\na.png,No Finding\n")
+    command, *rest = args
+    rest = [str(tmp_path / a) if a == "L" else a for a in rest]
+    code, err = cli_here(command, tmp_path / "in", *rest, "--out", tmp_path / "o")
+    assert code == 2 and said in err and "Traceback" not in err, err
+    assert not (tmp_path / "o").exists()
