@@ -27,7 +27,7 @@ import os
 import shutil
 import sys
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -77,6 +77,9 @@ class CalibrateOptions:
         if self.method not in METHODS:
             raise ValueError(f"method {self.method!r}: expected one of {', '.join(METHODS)}")
         parse_rule(self.thresholds)  # a bad rule fails before any scoring
+        # recorded as written in the manifest, where 'keep' is looked for: 'KEEP' must read as 'keep'
+        name, colon, target = self.thresholds.strip().partition(":")
+        self.thresholds = name.strip().lower() + colon + target.strip()
 
 
 @dataclass
@@ -327,6 +330,16 @@ def run_calibrate(studies: Path, labels: LabelTable, out: Path, opts: CalibrateO
         choice = choose_thresholds(opts.thresholds, scores, p_after, moved, enough, opts.seed, fallback, fallback_at,
                                    written_flags(base_policy, p_before, rescued))
     thresholds = choice.thresholds
+    if name != "keep" and all(abs(thresholds[f] - moved[f]) < 1e-12 for f in FINDINGS):
+        # the rule moved no operating point (fewer than 5 patients, too few positives of every
+        # finding): the bundle is what 'keep' makes and says so; recorded as the rule, its reports
+        # dropped the base's held-out catch (v3's pneumothorax: flagged 0 of 10) for nothing
+        asked, name = opts.thresholds, "keep"
+        opts = replace(opts, thresholds="keep")
+        choice = ThresholdChoice(dict(moved), choice.lines + [
+            f"{asked} moved no operating point: the new bundle keeps the bundle's operating points (moved with the "
+            f"calibration) and their validation figures, as --thresholds keep does"])
+        thresholds = choice.thresholds
 
     date = datetime.datetime.now(datetime.timezone.utc)
     # the base's per-finding counts were measured at its thresholds on its probabilities: at a

@@ -224,7 +224,14 @@ def load_config(cls, config_file: Path | None, table: str, **options):
         values.setdefault("dicomweb_file", str(config_file))
         if isinstance(data["dicomweb"], dict) and data["dicomweb"].get("url"):
             values.setdefault("stow_to", data["dicomweb"]["url"])
-    cfg = load_dataclass(cls, values, f"{where} [{table}]" if config_file else table, **options)
+    try:
+        cfg = load_dataclass(cls, values, f"{where} [{table}]" if config_file else table, **options)
+    except ConfigError as e:
+        # the checks in the configuration's own __post_init__ (urgent findings) know only their table:
+        # name the file too, as every other mistake in it is named ("c.toml [scan].urgent: ...")
+        if config_file is not None and table in data and str(e).startswith(f"{table}."):
+            raise ConfigError(f"{where} [{table}]{str(e)[len(table):]}") from None
+        raise
     if getattr(cfg, "stow_to", None):
         from .integration.outbox import dicomweb_config
 
@@ -335,6 +342,18 @@ def options(table):
 run_options = options(RUN_OPTIONS)
 
 
+def misplaced_option(name: str, why: str):
+    """A hidden option that only says which one is meant: a newcomer gives evaluate the
+    --metadata that scan takes (the README says its labels serve "as --metadata does"), and
+    click's "No such option" said nothing of where the patient data go. Exit 2, before any work."""
+    def refuse(ctx, _param, value):
+        if value is not None:
+            raise click.UsageError(f"{name} is not an option of '{ctx.info_name}': "
+                                   f"{why.format(command=ctx.info_name)}", ctx)
+
+    return click.option(name, hidden=True, expose_value=False, callback=refuse)
+
+
 @main.command()
 @click.argument("studies", type=studies_folder())
 @click.option("--out", "-o", required=True, type=click.Path(file_okay=False, path_type=Path),
@@ -352,6 +371,8 @@ run_options = options(RUN_OPTIONS)
               help="OUT holds an earlier scan: delete its results.csv, run.json and reports, and scan again.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar, warnings only.")
 @DEBUG_OPTION
+@misplaced_option("--labels", "scan takes no labels: patient data go in --metadata; labelled studies are for "
+                              "'cxr-batch evaluate' and 'cxr-batch calibrate'")
 def scan(studies, out, config_file, weights, metadata, device, precision, workers, urgent, pdf, heatmaps, dicom_pdf,
          dicom_sr, title, institution, follow_links, batch_size, shard, resume, overwrite, quiet, debug):
     """Score every frontal chest radiograph under STUDIES into OUT/results.csv.
@@ -809,6 +830,9 @@ LABELLED_OPTIONS = (
                       "and are not followed)."),
     click.option("--quiet", "-q", is_flag=True, help="No progress bar, warnings only."),
     DEBUG_OPTION,
+    misplaced_option(
+        "--metadata", "{command} reads patient data from --labels (its Patient ID, Patient Age, Patient Gender and View "
+                      "Position columns): put them in that table"),
 )
 labelled_options = options(LABELLED_OPTIONS)
 

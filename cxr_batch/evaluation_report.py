@@ -116,9 +116,12 @@ def summary_page(ev: dict, generated: dt.datetime) -> Figure:
               "positives they are noise. Decision support only: every study still needs a radiologist.", 9)
     header = ["finding", "pos", "AUROC", "95% CI", "thresh.", "sens.", "spec.", "PPV", "NPV", "ECE"]
     rows = []
+    resamples = (ev.get("bootstrap") or {}).get("resamples", 1)
     for f in FINDINGS:
         r = ev["per_finding"][f]
-        ci = _ci(r["auroc_ci95"]) if r["auroc_ci95"] else f"no CI: {plural(r['positive_patients'], 'pos. patient')}"
+        # no interval: with --bootstrap 0 say so, not a count of patients that reads as the reason
+        ci = (_ci(r["auroc_ci95"]) if r["auroc_ci95"] else "no CI: bootstrap off" if not resamples
+              else f"no CI: {plural(r['positive_patients'], 'pos. patient')}")
         if r["auroc"] is None:
             ci = "one label value"
         rows.append([finding_label(f), str(r["positives"]), _auroc(r["auroc"]), ci, _f(r["threshold"], 3),

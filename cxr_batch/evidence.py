@@ -150,6 +150,8 @@ class Evidence:
             return f"{name}: never flagged by these weights ({point.why or 'validation ranking no better than chance'})"
         if point is not None and point.sensitivity is not None and counts is None:
             where = point.source or self.triage_source or "validation"
+            if point.ppv_at_site and point.positives:  # a site's few positives: 0.67 was 2 of 3
+                where = f"flagged {round(point.sensitivity * point.positives)} of {point.positives} that had it; {where}"
             return f"{name}: sensitivity {point.sensitivity:.2f} at its threshold ({where})"
         if counts is None:
             return f"{name}: sensitivity at its threshold not measured for these weights"

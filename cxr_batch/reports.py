@@ -554,6 +554,15 @@ def _findings_table(record: StudyRecord, info: ModelInfo, urgent, width: float, 
         # column, "0.83 (15 of 18) / -", broke before its "-")
         style = ParagraphStyle("one-line", parent=st["centre"], textColor=colors.HexColor(f"#{colour}"),
                                fontName=_fonts()[1] if flagged else st["centre"].fontName)
+        # the probability and threshold whole too: with the digits that tell them apart, a site
+        # calibration's bold "0.015053" broke into "0.01505" over "3" in the narrower Threshold column
+        # (both at one size: the pair is read side by side)
+        pair = [fitted(texts[i], style, widths[i] - 2 * PAD, one_line=True) for i in (1, 2)]
+        size = min(c.style.fontSize for c in pair)
+        if size < style.fontSize:
+            small = ParagraphStyle("one-line-pair", parent=style, fontSize=size, leading=size * 1.2)
+            pair = [fitted(texts[i], small, widths[i] - 2 * PAD, one_line=True) for i in (1, 2)]
+        data[-1][1:3] = pair
         if "(" in trust:
             data[-1][4] = fitted(trust, style, widths[4] - 2 * PAD, one_line=True)
         if held_out:

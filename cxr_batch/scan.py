@@ -346,8 +346,11 @@ class ScanRun:
         if not summary.stopped_by:
             journal.remove_unlisted_outputs(self.out, scored_files)  # reports of files gone or changed since
         if summary.without_patient_data:
+            # say how to give them: a newcomer's first scan of PNGs is without --metadata
+            how = (f"neither their header, a sidecar nor the {match.option} table gives any" if match else
+                   "give them with --metadata (an NIH Data_Entry table) or a <stem>.json sidecar beside each image")
             log.warning("%s scored without any patient data (age, sex and view unknown): their results rest "
-                        "on the image alone", plural(summary.without_patient_data, "study"))
+                        "on the image alone; %s", plural(summary.without_patient_data, "study"), how)
         self.write_run_json(engine, cfg, settings, evidence_problem, match)
         return summary
 

@@ -113,9 +113,20 @@ def parse_rule(text: str) -> tuple[str, float | None]:
     (precision >= 0.30), 'precision_f1:P', 'youden', 'sensitivity:S' or 'specificity:S' ->
     (name, parameter). Raises ValueError."""
     name, _, value = text.strip().partition(":")
+    name = name.strip().lower()  # 'Specificity:0.9' is no other rule than 'specificity:0.9'
     defaults = {"keep": None, "precision_f1": 0.30, "youden": None, "sensitivity": None, "specificity": None}
     if name not in defaults:
-        raise ValueError(f"{text!r}: expected keep, precision_f1[:P], youden, sensitivity:S or specificity:S")
+        import difflib
+
+        from .findings import resolve_finding
+
+        close = difflib.get_close_matches(name, list(defaults), n=1, cutoff=0.6)
+        try:  # 'Pneumothorax:0.9': a newcomer expecting a threshold per finding
+            resolve_finding(name)
+            hint = " (a rule is one rule for every finding, not a finding's threshold)"
+        except ValueError:
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ValueError(f"{text!r}{hint}: expected keep, precision_f1[:P], youden, sensitivity:S or specificity:S")
     if name in ("youden", "keep"):
         if value:
             raise ValueError(f"{text!r}: {name} takes no parameter")

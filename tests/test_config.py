@@ -161,3 +161,18 @@ def test_a_file_without_the_command_s_table_but_another_s_is_refused(tmp_path, c
     assert proc.returncode == 2, proc.stderr
     assert f"{config} has no [{table}] table" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
     assert f"an empty [{table}] line" in proc.stderr and not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("command", ["scan", "watch"])
+def test_a_misspelt_urgent_finding_in_a_file_names_the_file_and_its_table(tmp_path, command):
+    # 'scan.urgent: unknown finding ...' named neither the file nor its [scan] table, where every
+    # other mistake in a file reads "c.toml [scan]: ..."
+    config = tmp_path / "c.toml"
+    config.write_text(f"[{command}]\nurgent = [\"Pnemothorax\"]\n")
+    (tmp_path / "in").mkdir()
+    proc = subprocess.run([sys.executable, "-m", "cxr_batch", command, str(tmp_path / "in"), "--out",
+                           str(tmp_path / "o"), "--config", str(config)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert (f"{config} [{command}].urgent: unknown finding 'Pnemothorax' (did you mean Pneumothorax"
+            in proc.stderr), proc.stderr
+    assert "Traceback" not in proc.stderr

@@ -519,3 +519,93 @@ def test_a_calibrated_bundle_of_a_carded_base_says_the_base_s_card_does_not_desc
     (tmp_path / "new" / "MODEL_CARD.md").write_text(card + "edited\n")
     with pytest.raises(BundleError, match="model card was edited"):
         load_bundle(tmp_path / "new")
+
+
+def test_evaluate_without_patient_data_names_its_labels_not_a_metadata_option(tmp_path, studies, nih, small_bundle):
+    """Labels whose Image Index lost the extension match every study's label but give none its
+    patient data: the closing warning said "nor the --metadata table gives any" to a user who
+    gave no --metadata, only --labels."""
+    labels = pd.read_csv(nih / "labels.csv")
+    labels = labels[labels["Image Index"].isin([p.name for p in studies.glob("*.png")])]
+    labels["Image Index"] = labels["Image Index"].str.removesuffix(".png")
+    labels.to_csv(tmp_path / "labels.csv", index=False)
+    code, err = cli_here("evaluate", studies, "--labels", tmp_path / "labels.csv", "--out", tmp_path / "e",
+                         "--weights", small_bundle, "--device", "cpu", "--bootstrap", 0, "-q")
+    said = [line for line in err.splitlines() if "without any patient data" in line]
+    assert code == 0 and len(said) == 1, err
+    assert "--labels" in said[0] and "--metadata" not in said[0], said[0]
+
+
+@pytest.mark.skipif(not shutil.which("pdftotext"), reason="poppler-utils not installed")
+def test_evaluation_pdf_with_the_bootstrap_off_says_so_not_too_few_patients(tmp_path, nih, nih_images,
+                                                                             small_bundle):
+    """`evaluate --bootstrap 0` on 40 NIH studies printed "no CI: 7 pos. patients" beside
+    Atelectasis, as if 7 were too few (5 are enough; with the bootstrap on it had 0.37-0.78):
+    evaluation.json's note said "bootstrap off". The table says why there is no interval."""
+    studies = folder_of(tmp_path, nih_images[:24], "studies")
+    out = tmp_path / "eval"
+    code, err = cli_here("evaluate", studies, "--labels", nih / "labels.csv", "--out", out, "--weights",
+                         small_bundle, "--device", "cpu", "--workers", 0, "--bootstrap", 0)
+    assert code == 0, err[-2000:]
+    first = subprocess.run(["pdftotext", "-layout", "-f", "1", "-l", "1", out / "evaluation.pdf", "-"],
+                           capture_output=True, text=True, check=True).stdout
+    ev = json.loads((out / "evaluation.json").read_text())
+    measured = [f for f, r in ev["per_finding"].items() if r["auroc"] is not None]
+    assert measured
+    from cxr_batch.display import finding_label
+    for f in measured:
+        row = next(line for line in first.splitlines() if line.split()[:1] == finding_label(f).split()[:1])
+        assert "bootstrap off" in row and "pos. patient" not in row, row
+
+
+@pytest.mark.parametrize("n_studies, min_positives", [(4, 10), (40, 50)])
+def test_a_threshold_rule_that_moves_no_operating_point_keeps_the_base_s_held_out_catch(
+        tmp_path, nih, nih_images, small_bundle, n_studies, min_positives):
+    """`calibrate --thresholds youden` on 4 NIH studies (fewer than 5 patients: no threshold can
+    be checked out of fold) or on studies with too few positives of every finding kept every
+    operating point of the base, yet the bundle recorded 'thresholds: youden', so its reports
+    dropped the base's held-out catch (v3's pneumothorax: flagged 0 of 10) for figures that
+    were not replaced. A rule that moved nothing makes the bundle that 'keep' makes."""
+    import io
+
+    from pypdf import PdfReader
+
+    from cxr_batch.record import Scores, StudyRecord
+    from cxr_batch.reports import ModelInfo, ReportOptions, study_pdf
+
+    base = tmp_path / "base"
+    shutil.copytree(small_bundle, base)
+    sealed = json.loads((base / "manifest.json").read_text())
+    sealed["metrics"] = {**sealed.get("metrics", {}), "test_n": 300,
+                         "per_finding": {f: {"tp": 0, "fn": 10, "fp": 5, "tn": 285} for f in FINDINGS}}
+    write_manifest(base, sealed)
+    studies = folder_of(tmp_path, nih_images[:n_studies], "site")
+    labels = read_labels(nih / "labels.csv")
+    ruled = run_calibrate(studies, labels, tmp_path / "ruled", CalibrateOptions(
+        weights=str(base), min_positives=min_positives, thresholds="youden", **FAST))
+    bundle = load_bundle(ruled.bundle)
+    assert bundle.thresholds == load_bundle(base).thresholds  # nothing moved (prevalence: nothing fitted)
+    assert bundle.manifest["calibration"]["rules"]["thresholds"] == "keep"
+    assert any("youden moved no operating point" in line for line in ruled.lines), ruled.lines
+    record = StudyRecord(file="a.png", scores=Scores(tuple([0.01] * 14), tuple([0] * 14), "normal", 0.1, 0.1))
+    pdf = study_pdf(record, None, {}, ModelInfo.from_bundle(bundle), ReportOptions(),
+                    __import__("datetime").datetime.now().astimezone())
+    assert "Pneumothorax: sensitivity 0.00 at its threshold (flagged 0 of 10 held-out images that had it)" in \
+        " ".join(PdfReader(io.BytesIO(pdf)).pages[0].extract_text().split())
+
+
+@pytest.mark.parametrize("args, said", [
+    (["evaluate", "--labels", "L", "--metadata", "L"], "evaluate reads patient data from --labels"),
+    (["calibrate", "--labels", "L", "--metadata", "L"], "calibrate reads patient data from --labels"),
+    (["scan", "--labels", "L"], "scan takes no labels: patient data go in --metadata"),
+])
+def test_an_option_of_the_other_command_says_which_one_is_meant(tmp_path, args, said):
+    """A newcomer who read that the labels "serve as patient data, as --metadata does" gave
+    evaluate --metadata and was told only "No such option '--metadata'"; scan --labels the same."""
+    (tmp_path / "in").mkdir()
+    (tmp_path / "L").write_text("Image Index,Finding Labels\na.png,No Finding\n")
+    command, *rest = args
+    rest = [str(tmp_path / a) if a == "L" else a for a in rest]
+    code, err = cli_here(command, tmp_path / "in", *rest, "--out", tmp_path / "o")
+    assert code == 2 and said in err and "Traceback" not in err, err
+    assert not (tmp_path / "o").exists()

@@ -121,3 +121,20 @@ def test_a_site_calibrated_ppv_is_marked_as_the_sites_not_nihs():
     assert bundle_evidence(site).operating_points["Effusion"].ppv_at_site
     assert bundle_evidence(site).operating_points["Effusion"].ppv == 0.4
     assert not bundle_evidence(nih).operating_points["Effusion"].ppv_at_site
+
+
+def test_a_site_measured_sensitivity_gives_its_count_of_positives():
+    """A bundle calibrated with `--thresholds specificity:0.8 --min-positives 3` on 40 NIH
+    studies printed on every urgent banner and worklist "Pneumothorax: sensitivity 0.67 at its
+    threshold (cross-validated on the 40 labelled studies ...)": two of three pneumothoraces,
+    read as two thirds of them all. The urgent finding's catch measured at the site says its count."""
+    row = {"flagged": True, "sensitivity": 2 / 3, "specificity": 0.78, "positives": 3, "ppv_at_nih_prevalence": None,
+           "ppv_at_site": 0.2, "measured_on": "cross-validated on the 40 labelled studies of this site's calibration"}
+    ev = bundle_evidence({"triage": {"findings": {"Pneumothorax": row}}})
+    said = ev.sensitivity("Pneumothorax")
+    assert said.startswith("Pneumothorax: sensitivity 0.67 at its threshold (flagged 2 of 3 that had it; "
+                           "cross-validated on the 40 labelled studies"), said
+    # a figure from the bundle's own development images (NIH prevalence) stays as it was
+    base = {**row, "ppv_at_nih_prevalence": 0.1, "ppv_at_site": None, "measured_on": "out of fold"}
+    assert bundle_evidence({"triage": {"findings": {"Pneumothorax": base}}}).sensitivity("Pneumothorax") == (
+        "Pneumothorax: sensitivity 0.67 at its threshold (out of fold)")

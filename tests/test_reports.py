@@ -839,3 +839,24 @@ def test_a_flag_s_held_out_catch_stays_on_one_line(tmp_path):
         rows = {m[1]: m[0] for m in re.finditer(r"^ *(\w+) +\d\.\d.*$", text, re.M)}
         for finding in ("Infiltration", "Pneumothorax", "Atelectasis"):
             assert re.search(r"\d\.\d\d \(\d+ of \d+\) / -", rows[finding]), (probs, rows[finding])
+
+
+@pytest.mark.skipif(not shutil.which("pdftotext"), reason="poppler-utils not installed")
+def test_a_probability_and_threshold_that_need_six_digits_are_never_broken_inside(tmp_path):
+    """A bundle calibrated with `--thresholds specificity:0.8` on 40 NIH studies moved v3's
+    Pneumonia threshold to 0.0150528; a study at 0.015054 got "0.015054 0.015053" (the digits
+    that tell them apart), and in that bundle's narrower Threshold column (no held-out column)
+    the bold threshold broke into "0.01505" over "3": a radiologist reads 0.01505 and a 3.
+    Both numbers shrink to stay whole on one line, as the other cells of the table do."""
+    import dataclasses
+
+    info = ModelInfo.from_bundle(load_bundle(REPO / "weights" / "cxr-fpn-v2"))  # no held-out column
+    info = dataclasses.replace(info, thresholds={**info.thresholds, "Pneumonia": 0.0150528})
+    record = scored({"Pneumonia": 0.015054})
+    record.scores.flags = tuple(int(f == "Pneumonia") for f in FINDINGS)
+    record.scores.priority = "abnormal"
+    (tmp_path / "r.pdf").write_bytes(study_pdf(record, GREY, {}, info, ReportOptions(), NOW))
+    text = subprocess.run(["pdftotext", "-layout", tmp_path / "r.pdf", "-"], capture_output=True, text=True,
+                          check=True).stdout
+    rows = [line for line in text.splitlines() if re.match(r"^\s*Pneumonia\s+\d", line)]
+    assert len(rows) == 1 and re.search(r"\b0\.015054\s+0\.015053\s+FLAGGED\b", rows[0]), text

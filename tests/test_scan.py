@@ -239,3 +239,13 @@ def test_the_summary_of_one_file_says_one_file(tmp_path, small_bundle):
     (folder / "notes.txt").write_text("not an image")
     summary = scan(folder, tmp_path / "out", small_bundle)
     assert summary.line().startswith("1 file: 0 scored"), summary.line()
+
+
+def test_a_png_folder_scanned_without_metadata_is_told_how_to_give_patient_data(studies, tmp_path, small_bundle,
+                                                                                  caplog):
+    # a newcomer's first scan of NIH PNGs without --metadata: the warning must say what to add
+    with caplog.at_level("WARNING", logger="cxr_batch"):
+        summary = scan(studies, tmp_path / "o", small_bundle)
+    assert summary.exit_code == 0 and summary.without_patient_data == 6
+    said = [r.getMessage() for r in caplog.records if "without any patient data" in r.getMessage()]
+    assert len(said) == 1 and "--metadata" in said[0] and "sidecar" in said[0], said

@@ -45,3 +45,33 @@ def test_a_positive_no_threshold_can_flag_does_not_pull_the_threshold_to_zero():
     for target, expected in ((1.0, 0.6), (0.5, 0.6), (0.3, 0.9)):  # 0.5: 2 of 3, the second positive
         assert at_sensitivity(y, p, target)[0] == pytest.approx(expected, rel=1e-3)
     assert (p[:, 0] >= at_sensitivity(y, p, 1.0)[0]).tolist() == [True, True, False, False, False, False]
+
+
+@pytest.mark.parametrize("typed, said", [
+    ("specifity:0.9", "(did you mean 'specificity'?)"),
+    ("youdin", "(did you mean 'youden'?)"),
+    # a newcomer who expects one threshold per finding: say the rule is for every finding
+    ("Pneumothorax:0.9", "one rule for every finding, not a finding's threshold"),
+])
+def test_a_misspelt_threshold_rule_names_the_one_meant(typed, said):
+    from cxr_batch.thresholds import parse_rule
+
+    with pytest.raises(ValueError) as raised:
+        parse_rule(typed)
+    assert said in str(raised.value)
+    assert "expected keep, precision_f1[:P], youden, sensitivity:S or specificity:S" in str(raised.value)
+
+
+def test_a_threshold_rule_is_read_in_any_case():
+    from cxr_batch.thresholds import parse_rule
+
+    assert parse_rule("Specificity:0.9") == ("specificity", 0.9)
+    assert parse_rule(" YOUDEN ") == ("youden", None)
+
+
+def test_a_threshold_rule_in_capitals_is_recorded_as_the_rule_it_is():
+    from cxr_batch.calibrate import CalibrateOptions
+
+    # the manifest's calibration.rules.thresholds is compared with 'keep' (cxr_batch/evidence.py)
+    assert CalibrateOptions(thresholds=" KEEP ").thresholds == "keep"
+    assert CalibrateOptions(thresholds="Specificity: 0.8").thresholds == "specificity:0.8"
