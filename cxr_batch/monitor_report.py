@@ -62,7 +62,8 @@ def summary_page(report: dict) -> Figure:
                   f"{report['alpha']:g}.", 11, "bold", colour=OK_COLOUR)
     inverted = inverted_lines(report)
     if alarms or inverted:
-        y = _text(fig, y - 0.004, "What moved", 10, "bold")
+        # no alarm: a few images that look inverted are worth a look, not something that moved
+        y = _text(fig, y - 0.004, "What moved" if alarms else "Worth a look", 10, "bold")
         moved = what_moved(report)
         for line in moved[:MOVED_LINES]:
             y = _text(fig, y, f"- {line}", 8, width=125)
@@ -161,7 +162,7 @@ def inverted_lines(report: dict) -> list[str]:
         parts = []
         for w in sorted(shown, key=lambda w: w["window"]["index"]):
             c, when = w["looks_inverted"], f" ({w['window']['first'][:10]})" if w["window"].get("first") else ""
-            parts.append(f"window {w['window']['index']}{when} {c['count']} of {plural(c['n'], 'study')} "
+            parts.append(f"window {w['window']['index']}{when}: {c['count']} of {plural(c['n'], 'study')} "
                          f"({c['count'] / c['n']:.1%}){', ALARM' if c['alarm'] else ''}")
         more = len(hit) - len(shown)
         lines.append(f"{m['model'] + ': ' if several else ''}images that look inverted (band and orientation cues "
