@@ -42,7 +42,7 @@ import numpy as np
 
 from .acquisition import NUMBER_FORMAT
 from .findings import FINDINGS
-from .image_stats import COLUMNS as IMAGE_COLUMNS, VALUE_FORMAT
+from .image_stats import COLUMNS as IMAGE_COLUMNS, VALUE_FORMAT, looks_inverted
 from .record import AGE_FORMAT, PROBABILITY_FORMAT, StudyRecord, log_name
 
 REFERENCE_FORMAT = 1
@@ -64,6 +64,17 @@ EXACT_LIMIT = 100  # a continuous quantity with at most this many distinct value
 CATEGORY_LIMIT = 40  # categories kept by name in a reference; the rest are "(other)"
 NONE, OTHER, UNKNOWN = "(none)", "(other)", "unknown"
 EXAMPLES = 10  # studies named in an alarm
+# Images that look inverted, counted study by study (image_stats.looks_inverted): a tenth of the
+# studies inverted moves each distribution by a KS distance of about 0.1, under the 0.3 that
+# alarms, while a count says "N studies this week look inverted". By chance at most
+# INVERTED_RATE of the studies look inverted (measured: 0.4% of the NIH radiographs shown right,
+# 0.8% of nih_extra's, benchmarks/inversion_check.py): a window alarms when its count is
+# significantly above that (exact binomial test, in the window's Holm family) and at least
+# INVERTED_LEVEL of its studies.
+INVERTED = "looks_inverted"
+INVERTED_RATE = 0.01
+INVERTED_LEVEL = 0.05
+INVERTED_LABEL = "images that look inverted (grey levels negated?)"
 
 
 class DriftError(Exception):
@@ -521,9 +532,17 @@ def compare(reference: dict, records: list[StudyRecord], *, alpha: float = DEFAU
         else:
             entry.update(TESTS[q.kind][1](written_summary(q, s), [q.as_written(q.value(r)) for _, r in scored]))
         stats[q.name] = entry
-    adjusted = holm({n: e["p_value"] for n, e in stats.items() if "p_value" in e})
+    inverted = inverted_count(scored, rows)
+    adjusted = holm({n: e["p_value"] for n, e in stats.items() if "p_value" in e} | {INVERTED: inverted["p_value"]})
     too_small = len(scored) < min_studies
     alarms = []
+    inverted["p_holm"] = adjusted.pop(INVERTED)
+    inverted["alarm"] = bool(inverted["p_holm"] < alpha and inverted["share"] >= INVERTED_LEVEL and not too_small)
+    if inverted["alarm"]:
+        alarms.append({"quantity": INVERTED, "group": "image", "label": INVERTED_LABEL, "kind": "count",
+                       "effect_name": "share", "effect": round(inverted["share"], 4), "shift": inverted["shift"],
+                       "p_value": inverted["p_value"], "p_holm": inverted["p_holm"], "test": inverted["test"],
+                       "studies": {"n": inverted["count"], "examples": inverted["studies"]}})
     for name, e in stats.items():
         if name not in adjusted:
             continue
@@ -533,7 +552,25 @@ def compare(reference: dict, records: list[StudyRecord], *, alpha: float = DEFAU
         if e["alarm"]:
             alarms.append(_alarm(BY_NAME[name], e, reference, scored, rows))
     alarms.sort(key=lambda a: (GROUPS.index(a["group"]), -a["effect"]))
-    return {"n": len(scored), "too_small": too_small, "statistics": stats, "alarms": alarms}
+    return {"n": len(scored), "too_small": too_small, "statistics": stats, "looks_inverted": inverted,
+            "alarms": alarms}
+
+
+def inverted_count(scored: list[tuple[int, StudyRecord]], rows: list[int] | None) -> dict:
+    """How many of a window's scored studies look inverted, their share, the exact binomial
+    p-value of so many if each looked inverted with chance INVERTED_RATE, and the first
+    EXAMPLES of them (results.csv row and ``file#<hash>``)."""
+    from scipy.stats import binom
+
+    found = [(i, r) for i, r in scored if looks_inverted(r.image_stats)]
+    n, k = len(scored), len(found)
+    share = k / n if n else 0.0
+    studies = [{"study": log_name(r.file), **({"row": rows[i]} if rows is not None else {})}
+               for i, r in found[:EXAMPLES]]
+    return {"n": n, "count": k, "share": _round(share), "level": INVERTED_LEVEL, "chance_rate": INVERTED_RATE,
+            "p_value": float(binom.sf(k - 1, n, INVERTED_RATE)) if k else 1.0,
+            "test": f"exact binomial, one-sided, against {INVERTED_RATE:.0%} by chance",
+            "shift": f"{k} of {n} studies ({share:.1%}) look inverted", "studies": studies}
 
 
 def _alarm(q: Quantity, e: dict, reference: dict, scored: list[tuple[int, StudyRecord]],

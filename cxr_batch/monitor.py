@@ -30,8 +30,8 @@ from pathlib import Path
 from . import exit_codes
 from .bundle import (DEFAULT_BUNDLE, MANIFEST_FILE, BundleError, is_bundle, manifest_sha256, read_manifest,
                      refuse_output_in_bundle)
-from .drift import (DEFAULT_ALPHA, DEFAULT_MIN_STUDIES, EFFECT_NAMES, MIN_EFFECT, OTHER_FORMAT, PATIENT_MIX_EFFECT,
-                    SPARSE_TEST, TESTS, DriftError, check_reference, compare, make_reference, monitored,
+from .drift import (DEFAULT_ALPHA, DEFAULT_MIN_STUDIES, EFFECT_NAMES, INVERTED_LEVEL, INVERTED_RATE, MIN_EFFECT,
+                    OTHER_FORMAT, PATIENT_MIX_EFFECT, SPARSE_TEST, TESTS, DriftError, check_reference, compare, make_reference, monitored,
                     output_fingerprint, outputs_comparable)
 from .display import format_time, plural
 from .files import atomic_write_bytes, private_dir
@@ -47,7 +47,9 @@ METHOD = {
     "windows": "scored studies of one model in the order they were scored (scored_at, else study date, else row); "
                "'N': consecutive N studies; 'Nd'/'Nh': consecutive periods of N days/hours from the first study",
     "tests": {**{kind: test for kind, (test, _) in TESTS.items()},
-              "categorical, a category expected fewer than 5 times": SPARSE_TEST},
+              "categorical, a category expected fewer than 5 times": SPARSE_TEST,
+              "images that look inverted (inversion_cue + top_bottom < 0), counted": f"exact binomial against "
+              f"{INVERTED_RATE:.0%} by chance; at least {INVERTED_LEVEL:.0%} of a window's studies alarms"},
     "effect": {**{kind: f"{EFFECT_NAMES[kind]} >= {MIN_EFFECT[kind]}" for kind in MIN_EFFECT},
                "sex, view": f"{EFFECT_NAMES['categorical']} >= {PATIENT_MIX_EFFECT}"},
     "alarm": "Holm-adjusted p-value (over every quantity tested in the window) below alpha AND the effect at least "
@@ -483,6 +485,9 @@ def run_monitor(results_dir: Path, out: Path, reference_path: Path | None = None
     if repeats:
         report["notes"].append(f"counted once: {plural(len(repeats), 'row')} repeat an earlier row of results.csv in "
                                f"every column (rows {_ranges(repeats)}; a results.csv appended to itself?)")
+    report["mixed_models"] = mixed_periods(by_model, opts.window)
+    if report["mixed_models"]:
+        report["notes"].append(mixed_note(report["mixed_models"]))
     candidates = known_bundles(results_dir)
     if explicit is not None and explicit.kind == "bundle" and reference_path is not None:
         candidates = [Path(reference_path)] + candidates
@@ -542,6 +547,46 @@ def run_monitor(results_dir: Path, out: Path, reference_path: Path | None = None
                            exit_codes.DRIFT_ALARM if report["alarms"] else exit_codes.OK)
     write_outputs(report, out)
     return report
+
+
+def mixed_periods(by_model: dict[str, list[tuple[StudyRecord, int]]], spec: WindowSpec) -> list[dict]:
+    """The windows of the site's timeline (every model's scored studies together, cut as
+    ``spec`` cuts them) that more than one model scored: a site that swapped bundles mid-week, or
+    two nodes running different bundles. Each model is compared on its own, but that period's
+    flag rates and worklist mix two models. Each: the window (n, rows, first, last) and its
+    models (bundle_sha256, name@version, studies), in the order they first scored in it."""
+    items = [item for model in by_model.values() for item in model]
+    periods, _ = split_windows([r for r, _ in items], [i for _, i in items], spec)
+    out = []
+    for w in periods:
+        counts: dict[str, list] = {}
+        for r in w.records:
+            counts.setdefault(r.weights_sha256, [r.model, 0])[1] += 1
+        if len(counts) > 1:
+            described = {k: v for k, v in w.describe().items() if k != "index"}  # not a model's window number
+            out.append(described | {"models": [{"weights_sha256": sha, "model": label, "n": n}
+                                               for sha, (label, n) in counts.items()]})
+    return out
+
+
+MIXED_SHOWN = 3  # periods named in the note; monitor.json lists all
+
+
+def mixed_note(mixed: list[dict]) -> str:
+    """The periods more than one model scored, in words: when, and each bundle_sha256 with its
+    studies."""
+    def one(p: dict) -> str:
+        when = f"{p['first'][:10]} to {p['last'][:10]}" if p.get("first") else f"{plural(p['n'], 'study')}"
+        models = ", ".join(f"{m['weights_sha256'][:12]}... ({m['model']}) {plural(m['n'], 'study')}"
+                           for m in p["models"])
+        return f"{when} (rows {p['rows'][0]}-{p['rows'][1]}): {models}"
+
+    more = len(mixed) - MIXED_SHOWN
+    return (f"models scored side by side in {plural(len(mixed), 'window')} of the site's studies: "
+            + "; ".join(one(p) for p in mixed[:MIXED_SHOWN]) + (f"; and {more} more (monitor.json: mixed_models)"
+                                                                if more > 0 else "")
+            + ": each model is compared with its reference on its own, but these periods' flag rates and worklist "
+              "mix models (a bundle swapped mid-period, or nodes running different bundles?)")
 
 
 def write_outputs(report: dict, out: Path) -> None:

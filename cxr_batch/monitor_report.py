@@ -60,13 +60,19 @@ def summary_page(report: dict) -> Figure:
     else:
         y = _text(fig, y, "No alarm: no quantity moved beyond its minimum shift with a corrected p-value below "
                   f"{report['alpha']:g}.", 11, "bold", colour=OK_COLOUR)
-    if alarms:
-        y = _text(fig, y - 0.004, "What moved", 10, "bold")
+    inverted = inverted_lines(report)
+    if alarms or inverted:
+        # no alarm: a few images that look inverted are worth a look, not something that moved
+        y = _text(fig, y - 0.004, "What moved" if alarms else "Worth a look", 10, "bold")
         moved = what_moved(report)
         for line in moved[:MOVED_LINES]:
             y = _text(fig, y, f"- {line}", 8, width=125)
         if len(moved) > MOVED_LINES:
             y = _text(fig, y, f"... and {plural(len(moved) - MOVED_LINES, 'more quantity')} in monitor.json.", 8)
+        # counted study by study, alarmed or not: "N studies this week look inverted"
+        for line in inverted:
+            y = _text(fig, y, f"- {line}", 8, width=125)
+    if alarms:
         y = _text(fig, y - 0.006, "Alarms, window by window", 10, "bold")
     shown = 0
     for a in alarms:
@@ -133,6 +139,37 @@ def what_moved(report: dict) -> list[str]:
         lines.append(f"{model + ': ' if several else ''}{first['label']}: {first['shift']} from window "
                      f"{first['window']['index']}{since}; in {len(items)} of the {plural(len(tested), 'window')} "
                      f"tested since")
+    return lines
+
+
+INVERTED_WINDOWS = 3  # windows named with their count of images that look inverted; monitor.json has all
+
+
+def inverted_lines(report: dict) -> list[str]:
+    """Per model, the windows holding studies whose image looks inverted (the newest, alarmed
+    ones first), with their count and share: a tenth of the studies inverted moves no
+    distribution enough to alarm, yet a radiologist wants to know "12 studies this week look
+    inverted". [] when no study does."""
+    from .drift import INVERTED_LEVEL, INVERTED_RATE
+
+    several = len(report["models"]) > 1
+    lines = []
+    for m in report["models"]:
+        hit = [w for w in m["windows"] if w.get("looks_inverted", {}).get("count")]
+        if not hit:
+            continue
+        shown = sorted(hit, key=lambda w: (w["looks_inverted"]["alarm"], w["window"]["index"]))[-INVERTED_WINDOWS:]
+        parts = []
+        for w in sorted(shown, key=lambda w: w["window"]["index"]):
+            c, when = w["looks_inverted"], f" ({w['window']['first'][:10]})" if w["window"].get("first") else ""
+            parts.append(f"window {w['window']['index']}{when}: {c['count']} of {plural(c['n'], 'study')} "
+                         f"({c['count'] / c['n']:.1%}){', ALARM' if c['alarm'] else ''}")
+        more = len(hit) - len(shown)
+        lines.append(f"{m['model'] + ': ' if several else ''}images that look inverted (band and orientation cues "
+                     f"both reversed; about {INVERTED_RATE:.0%} of radiographs shown right do, {INVERTED_LEVEL:.0%} of a "
+                     f"window alarms): " + "; ".join(parts)
+                     + (f"; and {plural(more, 'more window')} (monitor.json)" if more else "")
+                     + ". Look at those studies (rows in monitor.json)")
     return lines
 
 
