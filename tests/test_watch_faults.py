@@ -1255,3 +1255,32 @@ def test_a_scored_file_grown_by_elements_that_change_its_image_or_patient_is_sco
         assert stop(daemon) == 0
     assert status(out)["superseded"] == 1
     assert "grew after it was scored" not in daemon.stderr.read()
+
+
+def test_a_png_copy_that_pauses_before_its_end_chunk_is_scored_once(tmp_path, nih_images, small_bundle):
+    """A PNG copied into the watched folder that paused past ``settle`` before its last 12 bytes
+    (the IEND chunk): Pillow decodes a PNG without IEND, so its beginning was scored, and the
+    whole file, other bytes and so another study (a PNG is known by its content), was scored
+    again: two results and two reports for one radiograph. A PNG without its end is refused
+    as truncated, retried while the copy may still be going on."""
+    incoming, out = tmp_path / "in", tmp_path / "out"
+    incoming.mkdir()
+    shutil.copy(nih_images[1], incoming / "warm.png")
+    data = Path(nih_images[0]).read_bytes()
+    assert data.endswith(b"IEND\xaeB`\x82")
+    daemon = start_daemon(incoming, out, small_bundle, watch_config(tmp_path / "w.toml", settle=0.3,
+                                                                     broken_deadline=30.0))
+    try:
+        assert wait_for(lambda: len(ok_rows(out)) == 1, timeout=60)  # the daemon is up and scoring
+        with open(incoming / "IM1.png", "wb") as f:
+            f.write(data[:-12])
+            f.flush()
+            time.sleep(4)  # the pause: settle, a batch
+            f.write(data[-12:])
+        time.sleep(2)
+        assert wait_for(lambda: status(out).get("pending") == 0, timeout=30)
+    finally:
+        assert stop(daemon) == 0
+    rows = rows_now(out)
+    assert sorted((r["file"], r["status"]) for r in rows) == [("IM1.png", "ok"), ("warm.png", "ok")], rows
+    assert len(list((out / "reports").glob("cxr_*.pdf"))) == 2
