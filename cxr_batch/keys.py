@@ -17,6 +17,7 @@ from .readers import open_regular, sniff
 from .study import ScoringRules, clean_uid
 
 HASH_CHUNK = 1 << 20
+PIXEL_DATA = 0x7FE00010  # the last element a reader uses
 
 
 def study_key(path: Path, rules: ScoringRules) -> tuple[str, str]:
@@ -48,6 +49,25 @@ def content_sha256(path: Path, limit: int | None = None) -> str:
             h.update(chunk)
             left -= len(chunk)
     return h.hexdigest()
+
+
+def reads_as_its_beginning(path: Path, size: int) -> bool:
+    """Whether the DICOM file at ``path`` reads, whole, as its first ``size`` bytes did: the
+    same elements up to and including the pixel data, the ones a reader uses. Bytes appended
+    after the pixel data may be trailing padding or digital signatures, or a second Pixel Data
+    or Patient ID: pydicom takes the last of two elements with one tag, so the grown file would
+    show another image of another patient than its beginning did. Parses the file twice (within
+    the size limit); only a scored file that grew is looked at. Raises OSError."""
+    import pydicom
+
+    with open_regular(path) as f:
+        data = f.read()
+    try:
+        whole, head = (pydicom.dcmread(io.BytesIO(b), force=True) for b in (data, data[:size]))
+        used = [{t: ds[t] for t in ds.keys() if t <= PIXEL_DATA} for ds in (whole, head)]
+        return used[0] == used[1]
+    except Exception:  # unreadable whole: not the file that was scored
+        return False
 
 
 def instance_uid(path: Path, rules: ScoringRules) -> str:

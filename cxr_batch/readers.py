@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import stat
+import struct
 import warnings
 from pathlib import Path, PurePosixPath
 
@@ -93,6 +94,10 @@ def read_pil_study(path: Path, rules: ScoringRules, min_side: int = 0, kind: str
                     if k:
                         im.draft(im.mode, (-(-w // 2 ** k), -(-h // 2 ** k)))
                 im.load()
+                if im.format == "PNG" and not png_has_end(path):
+                    # Pillow decodes a PNG without its IEND chunk: a copy that paused before its
+                    # last 12 bytes was scored, and the whole file scored again as another study
+                    raise ReadError("truncated PNG image (no IEND chunk)")
                 return StudyImage(grey=pil_to_grey(im), kind=kind or what.lower(), header=made)
     except ReadError:
         raise
@@ -101,6 +106,19 @@ def read_pil_study(path: Path, rules: ScoringRules, min_side: int = 0, kind: str
     except (OSError, SyntaxError, ValueError, EOFError) as e:  # PIL's errors for truncated/corrupt files
         log.debug("%s: %s", type(e).__name__, e)
         raise ReadError(f"corrupt or truncated {what} image") from None
+
+
+def png_has_end(path: Path) -> bool:
+    """Whether a PNG file's chunks, followed by their lengths from the signature on, reach an
+    IEND chunk (what follows it is ignored, as by every reader)."""
+    with open_regular(path) as f:
+        pos = 8
+        while len(head := os.pread(f.fileno(), 8, pos)) == 8:
+            length, kind = struct.unpack(">I4s", head)
+            if kind == b"IEND":
+                return True
+            pos += 12 + length
+    return False
 
 
 def pil_to_grey(im: Image.Image) -> np.ndarray:

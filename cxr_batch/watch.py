@@ -49,7 +49,7 @@ from .folderlock import FolderBusy, FolderLock, WatchedFolderClaim
 from .folders import refuse_overlap
 from .inference import Engine, model_inputs, score_batches
 from .journal import refuse_scan_results
-from .keys import content_sha256, study_key
+from .keys import content_sha256, reads_as_its_beginning, study_key
 from .ledger import Ledger, Outcome, results_stamp
 from .metadata import load_metadata_csv
 from .record import StudyRecord, log_name, name_bytes
@@ -1029,6 +1029,8 @@ class Watcher:
         try:
             if (self.watch_dir / rel).stat().st_size <= size or content_sha256(self.watch_dir / rel, limit=size) != scored:
                 return False
+            if not reads_as_its_beginning(self.watch_dir / rel, size):
+                return False  # what it holds after its pixel data changes what it shows: another version
         except (OSError, ReadError):
             return False
         self.ledger.content_grew(key, scored, content)

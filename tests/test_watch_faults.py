@@ -1226,3 +1226,61 @@ def test_a_copy_that_pauses_after_its_pixel_data_is_scored_once_not_corrected(tm
     assert len(list((out / "reports").glob("cxr_*.pdf"))) == 1
     said = daemon.stderr.read()
     assert "grew after it was scored" in said, said
+
+
+def test_a_scored_file_grown_by_elements_that_change_its_image_or_patient_is_scored_again(tmp_path, nih_images,
+                                                                                           small_bundle):
+    """A file that grows after it was scored is the rest of the same copy only when what was
+    read from it is unchanged. pydicom takes the last of two elements with one tag: a sender who
+    appends, after a scored radiograph's pixel data, a second Pixel Data (another patient's
+    radiograph) and a Patient ID makes the whole file read as another image of another patient.
+    It was kept as a duplicate: the first image's result stood for the file, under its patient,
+    and nothing was scored from what the file now shows."""
+    incoming, out, source = tmp_path / "in", tmp_path / "out", tmp_path / "source"
+    incoming.mkdir()
+    first = write(source / "IM1.dcm", grey(nih_images[0]), PatientID="P001")
+    other = pydicom.dcmread(write(source / "other.dcm", grey(nih_images[1]), PatientID="P002"))
+    pixels = other.PixelData
+    appended = (b"\xe0\x7f\x10\x00OW\x00\x00" + len(pixels).to_bytes(4, "little") + pixels
+                + b"\x10\x00\x20\x00LO\x04\x00P002")
+    daemon = start_daemon(incoming, out, small_bundle, watch_config(tmp_path / "w.toml", settle=0.3))
+    try:
+        with open(incoming / "IM1.dcm", "wb") as f:
+            f.write(first.read_bytes())
+            f.flush()
+            assert wait_for(lambda: len(ok_rows(out)) == 1, timeout=60)
+            f.write(appended)
+        assert wait_for(lambda: [r["patient_id"] for r in ok_rows(out)] == ["P002"], timeout=60), rows_now(out)
+    finally:
+        assert stop(daemon) == 0
+    assert status(out)["superseded"] == 1
+    assert "grew after it was scored" not in daemon.stderr.read()
+
+
+def test_a_png_copy_that_pauses_before_its_end_chunk_is_scored_once(tmp_path, nih_images, small_bundle):
+    """A PNG copied into the watched folder that paused past ``settle`` before its last 12 bytes
+    (the IEND chunk): Pillow decodes a PNG without IEND, so its beginning was scored, and the
+    whole file, other bytes and so another study (a PNG is known by its content), was scored
+    again: two results and two reports for one radiograph. A PNG without its end is refused
+    as truncated, retried while the copy may still be going on."""
+    incoming, out = tmp_path / "in", tmp_path / "out"
+    incoming.mkdir()
+    shutil.copy(nih_images[1], incoming / "warm.png")
+    data = Path(nih_images[0]).read_bytes()
+    assert data.endswith(b"IEND\xaeB`\x82")
+    daemon = start_daemon(incoming, out, small_bundle, watch_config(tmp_path / "w.toml", settle=0.3,
+                                                                     broken_deadline=30.0))
+    try:
+        assert wait_for(lambda: len(ok_rows(out)) == 1, timeout=60)  # the daemon is up and scoring
+        with open(incoming / "IM1.png", "wb") as f:
+            f.write(data[:-12])
+            f.flush()
+            time.sleep(4)  # the pause: settle, a batch
+            f.write(data[-12:])
+        time.sleep(2)
+        assert wait_for(lambda: status(out).get("pending") == 0, timeout=30)
+    finally:
+        assert stop(daemon) == 0
+    rows = rows_now(out)
+    assert sorted((r["file"], r["status"]) for r in rows) == [("IM1.png", "ok"), ("warm.png", "ok")], rows
+    assert len(list((out / "reports").glob("cxr_*.pdf"))) == 2
