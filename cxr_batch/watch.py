@@ -145,6 +145,10 @@ def uptime() -> float:
     return time.monotonic() if boottime is None else time.clock_gettime(boottime)
 
 
+# the most a scored DICOM file may grow by and still be the rest of its copy (grew_after_scoring)
+TRAILING_BYTES_MAX = 1 << 20
+
+
 class ArrivalWindow:
     """Which of the ledger's studies arrived in the last hours, by a clock no one sets
     (``clock``, :func:`uptime`): the worklist window by wall-clock stamps alone lost studies to a
@@ -1027,7 +1031,10 @@ class Watcher:
             return False
         size = handled[0]
         try:
-            if (self.watch_dir / rel).stat().st_size <= size or content_sha256(self.watch_dir / rel, limit=size) != scored:
+            grown = (self.watch_dir / rel).stat().st_size - size
+            # what follows the pixel data of a copy that paused is small (padding, signatures):
+            # more is another version, scored again without this process parsing all of it
+            if not 0 < grown <= TRAILING_BYTES_MAX or content_sha256(self.watch_dir / rel, limit=size) != scored:
                 return False
             if not reads_as_its_beginning(self.watch_dir / rel, size):
                 return False  # what it holds after its pixel data changes what it shows: another version

@@ -1284,3 +1284,30 @@ def test_a_png_copy_that_pauses_before_its_end_chunk_is_scored_once(tmp_path, ni
     rows = rows_now(out)
     assert sorted((r["file"], r["status"]) for r in rows) == [("IM1.png", "ok"), ("warm.png", "ok")], rows
     assert len(list((out / "reports").glob("cxr_*.pdf"))) == 2
+
+
+def test_a_scored_file_that_grows_by_more_than_trailing_bytes_is_scored_again_unparsed(tmp_path, nih_images,
+                                                                                      small_bundle):
+    """What follows the pixel data of a copy that paused is a few bytes of padding or a
+    signature. Growth past a mebibyte is taken as another version and scored again (in the
+    sandbox), never parsed whole by the daemon itself: a sender growing a scored file towards
+    the size limit made the daemon read and parse all of it, twice."""
+    incoming, out, source = tmp_path / "in", tmp_path / "out", tmp_path / "source"
+    incoming.mkdir()
+    ds = pydicom.dcmread(write(source / "IM1.dcm", grey(nih_images[0])))
+    ds.add_new(0xFFFCFFFC, "OB", b"\x00" * (2 << 20))  # two MiB of trailing padding
+    ds.save_as(source / "IM1.dcm", enforce_file_format=True)
+    data = (source / "IM1.dcm").read_bytes()
+    cut = data.index(b"\xfc\xff\xfc\xff")
+    daemon = start_daemon(incoming, out, small_bundle, watch_config(tmp_path / "w.toml", settle=0.3))
+    try:
+        with open(incoming / "IM1.dcm", "wb") as f:
+            f.write(data[:cut])
+            f.flush()
+            assert wait_for(lambda: len(ok_rows(out)) == 1, timeout=60)
+            f.write(data[cut:])
+        assert wait_for(lambda: status(out).get("superseded") == 1, timeout=60), rows_now(out)
+    finally:
+        assert stop(daemon) == 0
+    assert [r["status"] for r in rows_now(out)] == ["ok"]
+    assert "grew after it was scored" not in daemon.stderr.read()
