@@ -15,6 +15,7 @@ from pydicom.uid import generate_uid
 from cxr_batch.integration.pull import FIND_CAP, PullError, TooMany, study_pages
 from tests.dicomgen import write
 from tests.fakepacs import ScriptedPACS
+from tests.watchkit import free_port
 
 
 def cli(*args, timeout=300) -> subprocess.CompletedProcess:
@@ -768,3 +769,56 @@ def test_a_pull_s_summary_counts_the_studies_scored_after_the_clock_was_set_back
     assert "0 image(s) scored (0 urgent, 0 abnormal, 0 normal), 0 skipped, 1 failed" in caplog.text
     assert puller.exit_code == 3
     ledger.close()
+
+
+# ---------------------------------------------------------------------- pull: a real Orthanc that changes under it
+from tests.orthanc import make_orthanc  # noqa: E402,F401,F811  (fixture: skips where Orthanc is absent)
+
+
+def test_studies_deleted_from_orthanc_between_query_and_retrieval_are_said_gone_not_a_wrong_destination(
+        radiographs, small_bundle, make_orthanc, tmp_path, monkeypatch, caplog):
+    """Two of three studies deleted in Orthanc (a radiographer merging or removing them), and one
+    image of the third, after the pull listed their images and before its C-MOVE: Orthanc answers 0xC000 without sending
+    anything, as it does for a move destination it does not know. Read as that, the pull failed
+    (exit 1) telling the operator to add us to DicomModalities, which Orthanc already had, and the
+    third study was never pulled (the image deleted from it counted a retrieval failure: exit 3 on
+    a pull with nothing left to retry). Now each is said to be gone from the PACS, the rest is
+    pulled."""
+    import logging
+
+    from cxr_batch.integration.pull import PullConfig, Puller
+
+    port = free_port()
+    pacs = make_orthanc(dicomweb=False, modalities={"cxrbatch": ("CXRBATCH", "127.0.0.1", port)})
+    second = pydicom.dcmread(radiographs[2])  # the third study holds two images in one series
+    second.SOPInstanceUID = second.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    second.save_as(tmp_path / "second.dcm")
+    for f in [*radiographs, tmp_path / "second.dcm"]:
+        pacs.rest("POST", "/instances", data=Path(f).read_bytes())
+    deleted = []
+    retrieve = Puller._retrieve
+
+    def deleting(self, study, *args):  # each gone between its image-level C-FIND and its C-MOVE
+        if study.uid == second.StudyInstanceUID:  # one image of it
+            (found,) = pacs.rest("POST", "/tools/lookup", data=second.SOPInstanceUID)
+            pacs.rest("DELETE", found["Path"])
+        elif len(deleted) < 2 and study.uid not in deleted:  # two whole studies
+            (found,) = pacs.rest("POST", "/tools/lookup", data=study.uid)
+            pacs.rest("DELETE", found["Path"])
+            deleted.append(study.uid)
+        return retrieve(self, study, *args)
+
+    monkeypatch.setattr(Puller, "_retrieve", deleting)
+    cfg = PullConfig(source=f"{pacs.aet}@127.0.0.1:{pacs.dicom_port}", port=port, since="2000-01-01",
+                     weights=str(small_bundle), device="cpu", precision="fp32", workers=0, pdf=False)
+    out = tmp_path / "out"
+    with caplog.at_level(logging.INFO):
+        code = Puller(out, cfg).run()
+    said = caplog.text
+    assert "DicomModalities" not in said and len(deleted) == 2, said[-3000:]
+    assert code == 0, said[-3000:]  # nothing is left to retrieve: the next pull has nothing to do again
+    assert said.count("asked for is no longer in the PACS") == 2, said[-3000:]
+    assert "1 of 2 object(s) asked for no longer in the PACS" in said and "did not send" not in said, said[-3000:]
+    rows = _rows(out)
+    assert len(rows) == 1 and radiographs[2].name and pydicom.dcmread(radiographs[2]).SOPInstanceUID in rows[0]
+
