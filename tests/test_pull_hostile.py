@@ -822,3 +822,52 @@ def test_studies_deleted_from_orthanc_between_query_and_retrieval_are_said_gone_
     rows = _rows(out)
     assert len(rows) == 1 and radiographs[2].name and pydicom.dcmread(radiographs[2]).SOPInstanceUID in rows[0]
 
+
+
+def test_orthanc_killed_mid_pull_then_restarted_the_same_pull_finishes_once(radiographs, small_bundle, make_orthanc,
+                                                                           tmp_path, monkeypatch, caplog):
+    """Orthanc killed (SIGKILL) after the first study came, before the second's C-MOVE, while the
+    first's SR goes back to it: the pull ends saying the PACS went away, with the first study
+    scored; Orthanc restarted, the same pull sends what waited, retrieves the two others, scores
+    nothing twice and leaves one SR per image in Orthanc."""
+    import logging
+
+    from cxr_batch.integration.pull import PullConfig, Puller
+
+    port = free_port()
+    pacs = make_orthanc(dicomweb=False, modalities={"cxrbatch": ("CXRBATCH", "127.0.0.1", port)})
+    for f in radiographs:
+        pacs.rest("POST", "/instances", data=f.read_bytes())
+    retrieve, studies = Puller._retrieve, []
+
+    def killing(self, study, *args):
+        studies.append(study.uid)
+        if len(studies) == 2:
+            pacs._process.kill()
+            pacs.stop()
+        return retrieve(self, study, *args)
+
+    monkeypatch.setattr(Puller, "_retrieve", killing)
+    address = f"{pacs.aet}@127.0.0.1:{pacs.dicom_port}"
+    cfg = PullConfig(source=address, port=port, since="2000-01-01", send_to=address, send_wait=3,
+                     weights=str(small_bundle), device="cpu", precision="fp32", workers=0, pdf=False)
+    out = tmp_path / "out"
+    with caplog.at_level(logging.INFO, logger="cxr_batch"):
+        code = Puller(out, cfg).run()
+    first = caplog.text
+    assert code in (1, 3) and "Traceback" not in first, first[-3000:]
+    assert "no association with the PACS" in first, first[-3000:]
+    assert len(_rows(out)) == 1, first[-3000:]
+    monkeypatch.undo()
+    caplog.clear()
+    pacs.start()  # the same ports and storage
+    with caplog.at_level(logging.INFO, logger="cxr_batch"):
+        code = Puller(out, cfg).run()
+    second = caplog.text
+    assert code == 0, second[-3000:]
+    rows = _rows(out)
+    images = [pydicom.dcmread(f).SOPInstanceUID for f in radiographs]
+    assert len(rows) == 3 and all(sum(uid in r for r in rows) == 1 for uid in images), rows
+    assert "1 already scored" in second, second[-3000:]
+    held = pacs.sop_instance_uids()
+    assert len(held) == 6 and len(set(held)) == 6  # three images, one SR each
