@@ -997,11 +997,13 @@ class Puller(Node):
         refused = self.progress.not_asked
         self.arrived, self.unfit, self.refused_now = set(), set(), 0
         self.asked, self.asked_study, self.asked_patient = frozenset(asked), study.uid, study.patient
+        answered = True  # the PACS gave the retrieval a final answer
         try:
             completed, failed = self.source.retrieve(ds, lambda: len(self.arrived))
         except Overdue as e:
             log.warning("pull: %s; what arrived is scored, the rest is retrieved by the next pull", e)
             completed, failed = len(self.arrived), len(asked) - len(self.arrived)
+            answered = False
         except Gone as e:  # nothing lost, nothing to try again
             log.warning("pull: study %s, series %s: %s: skipped, not a retrieval failure", study.uid, series, e)
             self.progress.gone += len(asked)
@@ -1018,9 +1020,10 @@ class Puller(Node):
             log.warning("pull: no final answer to a retrieval (none within %.0f s, or the PACS dropped the "
                         "association); what arrived is scored, the rest is retrieved by the next pull",
                         self.cfg.query_timeout)
-            failed = len(asked)
+            failed, answered = len(asked), False
         absent = set(asked) - self.arrived
-        held = self.source.still_held(ds) if absent and not self.source.stopped else None
+        # asked only of a PACS that answered: one hung or gone would cost another association's timeout
+        held = self.source.still_held(ds) if absent and answered and not self.source.stopped else None
         gone = absent - held if held is not None else set()
         if gone:  # deleted since listed (Orthanc moves what the series holds now): nothing to try again
             log.warning("pull: study %s, series %s: %d of %d object(s) asked for no longer in the PACS (deleted, "
