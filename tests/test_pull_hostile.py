@@ -798,7 +798,7 @@ def test_studies_deleted_from_orthanc_between_query_and_retrieval_are_said_gone_
     deleted = []
     retrieve = Puller._retrieve
 
-    def deleting(self, study, *args):  # each gone between its image-level C-FIND and its C-MOVE
+    def deleting(self, study, *args, **kwargs):  # each gone between its image-level C-FIND and its C-MOVE
         if study.uid == second.StudyInstanceUID:  # one image of it
             (found,) = pacs.rest("POST", "/tools/lookup", data=second.SOPInstanceUID)
             pacs.rest("DELETE", found["Path"])
@@ -806,7 +806,7 @@ def test_studies_deleted_from_orthanc_between_query_and_retrieval_are_said_gone_
             (found,) = pacs.rest("POST", "/tools/lookup", data=study.uid)
             pacs.rest("DELETE", found["Path"])
             deleted.append(study.uid)
-        return retrieve(self, study, *args)
+        return retrieve(self, study, *args, **kwargs)
 
     monkeypatch.setattr(Puller, "_retrieve", deleting)
     cfg = PullConfig(source=f"{pacs.aet}@127.0.0.1:{pacs.dicom_port}", port=port, since="2000-01-01",
@@ -840,12 +840,12 @@ def test_orthanc_killed_mid_pull_then_restarted_the_same_pull_finishes_once(radi
         pacs.rest("POST", "/instances", data=f.read_bytes())
     retrieve, studies = Puller._retrieve, []
 
-    def killing(self, study, *args):
+    def killing(self, study, *args, **kwargs):
         studies.append(study.uid)
         if len(studies) == 2:
             pacs._process.kill()
             pacs.stop()
-        return retrieve(self, study, *args)
+        return retrieve(self, study, *args, **kwargs)
 
     monkeypatch.setattr(Puller, "_retrieve", killing)
     address = f"{pacs.aet}@127.0.0.1:{pacs.dicom_port}"
@@ -871,3 +871,42 @@ def test_orthanc_killed_mid_pull_then_restarted_the_same_pull_finishes_once(radi
     assert "1 already scored" in second, second[-3000:]
     held = pacs.sop_instance_uids()
     assert len(held) == 6 and len(set(held)) == 6  # three images, one SR each
+
+
+def test_an_image_added_to_a_series_between_query_and_retrieval_does_not_cost_the_series(
+        radiographs, small_bundle, make_orthanc, tmp_path, monkeypatch, caplog):
+    """An image added to a series in Orthanc after the pull listed it, before its C-MOVE: Orthanc
+    sent it first, it was refused (not asked for), and Orthanc ends a C-MOVE at its first refused
+    sub-operation: the image asked for never came, the pull exited 3 and only the next one had it.
+    Now what did not come is asked for image by image at once; the added image waits for the next
+    pull, which takes it alone."""
+    import logging
+
+    from cxr_batch.integration.pull import PullConfig, Puller
+
+    port = free_port()
+    pacs = make_orthanc(dicomweb=False, modalities={"cxrbatch": ("CXRBATCH", "127.0.0.1", port)})
+    pacs.rest("POST", "/instances", data=radiographs[0].read_bytes())
+    added = pydicom.dcmread(radiographs[0])
+    added.SOPInstanceUID = added.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    added.save_as(tmp_path / "added.dcm")
+    retrieve = Puller._retrieve
+
+    def adding(self, study, *args, **kwargs):
+        if len(pacs.instances()) == 1:
+            pacs.rest("POST", "/instances", data=(tmp_path / "added.dcm").read_bytes())
+        return retrieve(self, study, *args, **kwargs)
+
+    monkeypatch.setattr(Puller, "_retrieve", adding)
+    cfg = PullConfig(source=f"{pacs.aet}@127.0.0.1:{pacs.dicom_port}", port=port, since="2000-01-01",
+                     weights=str(small_bundle), device="cpu", precision="fp32", workers=0, pdf=False)
+    out = tmp_path / "out"
+    with caplog.at_level(logging.INFO, logger="cxr_batch"):
+        code = Puller(out, cfg).run()
+    assert code == 0, caplog.text[-3000:]
+    rows = _rows(out)
+    assert len(rows) == 1 and pydicom.dcmread(radiographs[0]).SOPInstanceUID in rows[0]
+    monkeypatch.undo()
+    assert Puller(out, cfg).run() == 0
+    rows = _rows(out)
+    assert len(rows) == 2 and added.SOPInstanceUID in rows[1]

@@ -918,12 +918,13 @@ class Puller(Node):
                 continue
             retrieved_any = True
             p.state = "retrieving"
-            if len(new) == len(listed) and len(new) <= self.cfg.max_spooled:  # the whole series: one request
-                self._retrieve(study, ds.SeriesInstanceUID, None, new)
-            else:  # some were scored before (a pull cut short), or more than the spool may hold: one by one,
-                # each when there is room (a series of thousands came whole into the spool)
-                for uid in new:
-                    self._retrieve(study, ds.SeriesInstanceUID, uid, [uid])
+            if len(new) == len(listed) and len(new) <= self.cfg.max_spooled:  # the whole series: one request,
+                # then one by one what it did not bring because of an object we refused
+                new = self._retrieve(study, ds.SeriesInstanceUID, None, new, whole=True)
+            # else some were scored before (a pull cut short), or more than the spool may hold: one by one,
+            # each when there is room (a series of thousands came whole into the spool)
+            for uid in new:
+                self._retrieve(study, ds.SeriesInstanceUID, uid, [uid])
         if retrieved_any:
             p.studies_retrieved += 1
 
@@ -984,7 +985,13 @@ class Puller(Node):
         self.progress.not_retrievable += sum(len(u) for u in left.values())
         return {u for uids in left.values() for u in uids}
 
-    def _retrieve(self, study: Study, series: str, instance: str | None, asked: list[str]) -> None:
+    def _retrieve(self, study: Study, series: str, instance: str | None, asked: list[str],
+                  whole: bool = False) -> list[str]:
+        """Retrieve ``asked`` (the series', or the one ``instance``), counting what failed. For a
+        ``whole`` series cut short after an object we refused (Orthanc ends a C-MOVE at its first
+        refused sub-operation: an image added to the series since it was listed, sent first, cost
+        every image asked for), what did not come is returned, not counted, to be asked for one by
+        one; otherwise []."""
         from pydicom.dataset import Dataset
 
         self._wait_for_room()
@@ -1007,7 +1014,7 @@ class Puller(Node):
         except Gone as e:  # nothing lost, nothing to try again
             log.warning("pull: study %s, series %s: %s: skipped, not a retrieval failure", study.uid, series, e)
             self.progress.gone += len(asked)
-            return
+            return []
         finally:
             self.asked = frozenset()
         if self.refused_now > REFUSALS_SAID:
@@ -1032,6 +1039,12 @@ class Puller(Node):
             self.progress.gone += len(gone)
             asked = [u for u in asked if u not in gone]
             failed = max(0, failed - len(gone))
+        left = sorted(set(asked) - self.arrived - self.unfit)
+        if whole and left and self.refused_now and answered:
+            log.info("pull: study %s, series %s: %d of %d object(s) not sent after one we refused (the PACS ends a "
+                     "retrieval at a refused object): asked for one by one", study.uid, series, len(left), len(asked))
+            self.progress.images_retrieved += len(self.arrived)
+            return left
         missing = len(set(asked) - self.arrived)  # a PACS's "success" is not what arrived
         if missing > failed:
             unsent = missing - failed - len(self.unfit)  # those refused for their header were said
@@ -1044,6 +1057,7 @@ class Puller(Node):
             self.progress.retrieval_failures += failed
             log.warning("pull: %d of %d object(s) of a series could not be retrieved; the next pull tries again",
                         failed, len(asked))
+        return []
 
     def _not_asked(self, event) -> tuple[str, bool] | None:
         """Why an arriving object is refused: only the instances the retrieval in progress asked
@@ -1086,6 +1100,8 @@ class Puller(Node):
         if uid in self.asked and uid not in self.arrived:
             self.unfit.add(uid)
         self.refused_now += 1
+        if self.asked:  # the PACS reached us: whatever it answers, it knows our move destination
+            self.source.moved_any = True
         if self.refused_now == REFUSALS_SAID:
             why += "; further objects refused in this retrieval are counted, not logged"
         return why, self.refused_now <= REFUSALS_SAID
