@@ -15,6 +15,7 @@ from pydicom.uid import generate_uid
 from cxr_batch.integration.pull import FIND_CAP, PullError, TooMany, study_pages
 from tests.dicomgen import write
 from tests.fakepacs import ScriptedPACS
+from tests.watchkit import free_port
 
 
 def cli(*args, timeout=300) -> subprocess.CompletedProcess:
@@ -768,3 +769,144 @@ def test_a_pull_s_summary_counts_the_studies_scored_after_the_clock_was_set_back
     assert "0 image(s) scored (0 urgent, 0 abnormal, 0 normal), 0 skipped, 1 failed" in caplog.text
     assert puller.exit_code == 3
     ledger.close()
+
+
+# ---------------------------------------------------------------------- pull: a real Orthanc that changes under it
+from tests.orthanc import make_orthanc  # noqa: E402,F401,F811  (fixture: skips where Orthanc is absent)
+
+
+def test_studies_deleted_from_orthanc_between_query_and_retrieval_are_said_gone_not_a_wrong_destination(
+        radiographs, small_bundle, make_orthanc, tmp_path, monkeypatch, caplog):
+    """Two of three studies deleted in Orthanc (a radiographer merging or removing them), and one
+    image of the third, after the pull listed their images and before its C-MOVE: Orthanc answers 0xC000 without sending
+    anything, as it does for a move destination it does not know. Read as that, the pull failed
+    (exit 1) telling the operator to add us to DicomModalities, which Orthanc already had, and the
+    third study was never pulled (the image deleted from it counted a retrieval failure: exit 3 on
+    a pull with nothing left to retry). Now each is said to be gone from the PACS, the rest is
+    pulled."""
+    import logging
+
+    from cxr_batch.integration.pull import PullConfig, Puller
+
+    port = free_port()
+    pacs = make_orthanc(dicomweb=False, modalities={"cxrbatch": ("CXRBATCH", "127.0.0.1", port)})
+    second = pydicom.dcmread(radiographs[2])  # the third study holds two images in one series
+    second.SOPInstanceUID = second.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    second.save_as(tmp_path / "second.dcm")
+    for f in [*radiographs, tmp_path / "second.dcm"]:
+        pacs.rest("POST", "/instances", data=Path(f).read_bytes())
+    deleted = []
+    retrieve = Puller._retrieve
+
+    def deleting(self, study, *args, **kwargs):  # each gone between its image-level C-FIND and its C-MOVE
+        if study.uid == second.StudyInstanceUID:  # one image of it
+            (found,) = pacs.rest("POST", "/tools/lookup", data=second.SOPInstanceUID)
+            pacs.rest("DELETE", found["Path"])
+        elif len(deleted) < 2 and study.uid not in deleted:  # two whole studies
+            (found,) = pacs.rest("POST", "/tools/lookup", data=study.uid)
+            pacs.rest("DELETE", found["Path"])
+            deleted.append(study.uid)
+        return retrieve(self, study, *args, **kwargs)
+
+    monkeypatch.setattr(Puller, "_retrieve", deleting)
+    cfg = PullConfig(source=f"{pacs.aet}@127.0.0.1:{pacs.dicom_port}", port=port, since="2000-01-01",
+                     weights=str(small_bundle), device="cpu", precision="fp32", workers=0, pdf=False)
+    out = tmp_path / "out"
+    with caplog.at_level(logging.INFO):
+        code = Puller(out, cfg).run()
+    said = caplog.text
+    assert "DicomModalities" not in said and len(deleted) == 2, said[-3000:]
+    assert code == 0, said[-3000:]  # nothing is left to retrieve: the next pull has nothing to do again
+    assert said.count("asked for is no longer in the PACS") == 2, said[-3000:]
+    assert "1 of 2 object(s) asked for no longer in the PACS" in said and "did not send" not in said, said[-3000:]
+    rows = _rows(out)
+    assert len(rows) == 1 and radiographs[2].name and pydicom.dcmread(radiographs[2]).SOPInstanceUID in rows[0]
+
+
+
+def test_orthanc_killed_mid_pull_then_restarted_the_same_pull_finishes_once(radiographs, small_bundle, make_orthanc,
+                                                                           tmp_path, monkeypatch, caplog):
+    """Orthanc killed (SIGKILL) after the first study came, before the second's C-MOVE, while the
+    first's SR goes back to it: the pull ends saying the PACS went away, with the first study
+    scored; Orthanc restarted, the same pull sends what waited, retrieves the two others, scores
+    nothing twice and leaves one SR per image in Orthanc."""
+    import logging
+
+    from cxr_batch.integration.pull import PullConfig, Puller
+
+    port = free_port()
+    pacs = make_orthanc(dicomweb=False, modalities={"cxrbatch": ("CXRBATCH", "127.0.0.1", port)})
+    for f in radiographs:
+        pacs.rest("POST", "/instances", data=f.read_bytes())
+    retrieve, studies = Puller._retrieve, []
+
+    def killing(self, study, *args, **kwargs):
+        studies.append(study.uid)
+        if len(studies) == 2:
+            pacs._process.kill()
+            pacs.stop()
+        return retrieve(self, study, *args, **kwargs)
+
+    monkeypatch.setattr(Puller, "_retrieve", killing)
+    address = f"{pacs.aet}@127.0.0.1:{pacs.dicom_port}"
+    cfg = PullConfig(source=address, port=port, since="2000-01-01", send_to=address, send_wait=3,
+                     weights=str(small_bundle), device="cpu", precision="fp32", workers=0, pdf=False)
+    out = tmp_path / "out"
+    with caplog.at_level(logging.INFO, logger="cxr_batch"):
+        code = Puller(out, cfg).run()
+    first = caplog.text
+    assert code in (1, 3) and "Traceback" not in first, first[-3000:]
+    assert "no association with the PACS" in first, first[-3000:]
+    assert len(_rows(out)) == 1, first[-3000:]
+    monkeypatch.undo()
+    caplog.clear()
+    pacs.start()  # the same ports and storage
+    with caplog.at_level(logging.INFO, logger="cxr_batch"):
+        code = Puller(out, cfg).run()
+    second = caplog.text
+    assert code == 0, second[-3000:]
+    rows = _rows(out)
+    images = [pydicom.dcmread(f).SOPInstanceUID for f in radiographs]
+    assert len(rows) == 3 and all(sum(uid in r for r in rows) == 1 for uid in images), rows
+    assert "1 already scored" in second, second[-3000:]
+    held = pacs.sop_instance_uids()
+    assert len(held) == 6 and len(set(held)) == 6  # three images, one SR each
+
+
+def test_an_image_added_to_a_series_between_query_and_retrieval_does_not_cost_the_series(
+        radiographs, small_bundle, make_orthanc, tmp_path, monkeypatch, caplog):
+    """An image added to a series in Orthanc after the pull listed it, before its C-MOVE: Orthanc
+    sent it first, it was refused (not asked for), and Orthanc ends a C-MOVE at its first refused
+    sub-operation: the image asked for never came, the pull exited 3 and only the next one had it.
+    Now what did not come is asked for image by image at once; the added image waits for the next
+    pull, which takes it alone."""
+    import logging
+
+    from cxr_batch.integration.pull import PullConfig, Puller
+
+    port = free_port()
+    pacs = make_orthanc(dicomweb=False, modalities={"cxrbatch": ("CXRBATCH", "127.0.0.1", port)})
+    pacs.rest("POST", "/instances", data=radiographs[0].read_bytes())
+    added = pydicom.dcmread(radiographs[0])
+    added.SOPInstanceUID = added.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    added.save_as(tmp_path / "added.dcm")
+    retrieve = Puller._retrieve
+
+    def adding(self, study, *args, **kwargs):
+        if len(pacs.instances()) == 1:
+            pacs.rest("POST", "/instances", data=(tmp_path / "added.dcm").read_bytes())
+        return retrieve(self, study, *args, **kwargs)
+
+    monkeypatch.setattr(Puller, "_retrieve", adding)
+    cfg = PullConfig(source=f"{pacs.aet}@127.0.0.1:{pacs.dicom_port}", port=port, since="2000-01-01",
+                     weights=str(small_bundle), device="cpu", precision="fp32", workers=0, pdf=False)
+    out = tmp_path / "out"
+    with caplog.at_level(logging.INFO, logger="cxr_batch"):
+        code = Puller(out, cfg).run()
+    assert code == 0, caplog.text[-3000:]
+    rows = _rows(out)
+    assert len(rows) == 1 and pydicom.dcmread(radiographs[0]).SOPInstanceUID in rows[0]
+    monkeypatch.undo()
+    assert Puller(out, cfg).run() == 0
+    rows = _rows(out)
+    assert len(rows) == 2 and added.SOPInstanceUID in rows[1]

@@ -164,6 +164,11 @@ class Overdue(Exception):
     association was aborted. ``str(e)`` says so."""
 
 
+class Gone(Exception):
+    """What a retrieval asked for is no longer in the PACS (deleted, merged or split between the
+    query and the retrieval): nothing to retrieve now or later. ``str(e)`` says so."""
+
+
 class Stopped(Exception):
     """The pull was told to stop (SIGTERM, SIGINT): no new association is opened."""
 
@@ -382,6 +387,13 @@ class Source:
         completed = sum(int(status.get(f"Number{k}Suboperations", 0) or 0) for k in ("OfCompleted", "OfWarning"))
         failed = int(status.get("NumberOfFailedSuboperations", 0) or 0)
         failure = code not in (SUCCESS, WARNING_SUBOPS, CANCELLED) and code not in PENDING
+        if failure and not completed and not failed and code != UNKNOWN_MOVE_DESTINATION \
+                and self.still_held(identifier) == set():
+            # Orthanc answers a retrieval of what it no longer holds with 0xC000, as it answers an
+            # unknown move destination: a study deleted between the query and the retrieval was
+            # read as that, and the pull failed telling the operator to add us to DicomModalities
+            raise Gone(f"the {identifier.QueryRetrieveLevel.lower()} asked for is no longer in the PACS {self.pacs} "
+                       f"(status 0x{code:04X}; deleted, merged or split since it was listed)")
         if self.cfg.retrieve == "move":
             if code == UNKNOWN_MOVE_DESTINATION:
                 raise PullError(self.unknown_destination(code))
@@ -400,6 +412,25 @@ class Source:
                         self.pacs, code, failed, hint)
             return completed, max(failed, 1)
         return completed, failed
+
+    def still_held(self, identifier) -> set[str] | None:
+        """The SOP Instance UIDs the PACS still lists of the series (or the one instance)
+        ``identifier`` names, by an image-level C-FIND; None when it cannot say (the query failed)."""
+        from pydicom.dataset import Dataset
+
+        query = Dataset()
+        query.QueryRetrieveLevel = "IMAGE"
+        query.StudyInstanceUID = str(identifier.StudyInstanceUID)
+        query.SeriesInstanceUID = str(identifier.SeriesInstanceUID)
+        query.SOPInstanceUID = str(identifier.get("SOPInstanceUID", "") or "")
+        try:
+            answers = self.find(query)
+        except (PullError, TooMany, Stopped):
+            return None
+        # a PACS ignoring the keys answers other studies' images: those do not count
+        asked = {k: str(query[k].value or "") for k in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")}
+        return {str(a.get("SOPInstanceUID", "") or "") for a in answers
+                if all(not uid or str(a.get(k, "") or "").strip() in ("", uid) for k, uid in asked.items())}
 
     def unknown_destination(self, code: int) -> str:
         """A C-MOVE refused before any image was sent: 0xA801 says the destination is unknown;
@@ -552,6 +583,7 @@ class Progress:
     two_patients: int = 0  # studies answered for two patients: held back, not retrieved
     series_patient_keys: bool | None = None  # whether the PACS takes patient keys in a series-level C-FIND
     not_retrievable: int = 0  # objects of a class C-GET does not ask for (an SR in a DX series): not retrieved
+    gone: int = 0  # objects listed, then no longer in the PACS when retrieved: nothing to retry
     more_match: bool = False  # max_studies reached: a next pull does the rest
     error: str = ""
     ignores_modalities_in_study: bool = False
@@ -568,7 +600,8 @@ class Progress:
                 + (f", {self.not_retrievable} object(s) of a class C-GET does not take left" if self.not_retrievable
                    else "")
                 + (f", {self.two_patients} stud(ies) answered for two patients held back" if self.two_patients
-                   else ""))
+                   else "")
+                + (f", {self.gone} object(s) no longer in the PACS when retrieved" if self.gone else ""))
 
 
 class _StopWhenDone:
@@ -885,12 +918,13 @@ class Puller(Node):
                 continue
             retrieved_any = True
             p.state = "retrieving"
-            if len(new) == len(listed) and len(new) <= self.cfg.max_spooled:  # the whole series: one request
-                self._retrieve(study, ds.SeriesInstanceUID, None, new)
-            else:  # some were scored before (a pull cut short), or more than the spool may hold: one by one,
-                # each when there is room (a series of thousands came whole into the spool)
-                for uid in new:
-                    self._retrieve(study, ds.SeriesInstanceUID, uid, [uid])
+            if len(new) == len(listed) and len(new) <= self.cfg.max_spooled:  # the whole series: one request,
+                # then one by one what it did not bring because of an object we refused
+                new = self._retrieve(study, ds.SeriesInstanceUID, None, new, whole=True)
+            # else some were scored before (a pull cut short), or more than the spool may hold: one by one,
+            # each when there is room (a series of thousands came whole into the spool)
+            for uid in new:
+                self._retrieve(study, ds.SeriesInstanceUID, uid, [uid])
         if retrieved_any:
             p.studies_retrieved += 1
 
@@ -951,7 +985,13 @@ class Puller(Node):
         self.progress.not_retrievable += sum(len(u) for u in left.values())
         return {u for uids in left.values() for u in uids}
 
-    def _retrieve(self, study: Study, series: str, instance: str | None, asked: list[str]) -> None:
+    def _retrieve(self, study: Study, series: str, instance: str | None, asked: list[str],
+                  whole: bool = False) -> list[str]:
+        """Retrieve ``asked`` (the series', or the one ``instance``), counting what failed. For a
+        ``whole`` series cut short after an object we refused (Orthanc ends a C-MOVE at its first
+        refused sub-operation: an image added to the series since it was listed, sent first, cost
+        every image asked for), what did not come is returned, not counted, to be asked for one by
+        one; otherwise []."""
         from pydicom.dataset import Dataset
 
         self._wait_for_room()
@@ -964,11 +1004,17 @@ class Puller(Node):
         refused = self.progress.not_asked
         self.arrived, self.unfit, self.refused_now = set(), set(), 0
         self.asked, self.asked_study, self.asked_patient = frozenset(asked), study.uid, study.patient
+        answered = True  # the PACS gave the retrieval a final answer
         try:
             completed, failed = self.source.retrieve(ds, lambda: len(self.arrived))
         except Overdue as e:
             log.warning("pull: %s; what arrived is scored, the rest is retrieved by the next pull", e)
             completed, failed = len(self.arrived), len(asked) - len(self.arrived)
+            answered = False
+        except Gone as e:  # nothing lost, nothing to try again
+            log.warning("pull: study %s, series %s: %s: skipped, not a retrieval failure", study.uid, series, e)
+            self.progress.gone += len(asked)
+            return []
         finally:
             self.asked = frozenset()
         if self.refused_now > REFUSALS_SAID:
@@ -981,7 +1027,24 @@ class Puller(Node):
             log.warning("pull: no final answer to a retrieval (none within %.0f s, or the PACS dropped the "
                         "association); what arrived is scored, the rest is retrieved by the next pull",
                         self.cfg.query_timeout)
-            failed = len(asked)
+            failed, answered = len(asked), False
+        absent = set(asked) - self.arrived
+        # asked only of a PACS that answered: one hung or gone would cost another association's timeout
+        held = self.source.still_held(ds) if absent and answered and not self.source.stopped else None
+        gone = absent - held if held is not None else set()
+        if gone:  # deleted since listed (Orthanc moves what the series holds now): nothing to try again
+            log.warning("pull: study %s, series %s: %d of %d object(s) asked for no longer in the PACS (deleted, "
+                        "merged or split since it was listed): skipped, not a retrieval failure", study.uid, series,
+                        len(gone), len(asked))
+            self.progress.gone += len(gone)
+            asked = [u for u in asked if u not in gone]
+            failed = max(0, failed - len(gone))
+        left = sorted(set(asked) - self.arrived - self.unfit)
+        if whole and left and self.refused_now and answered:
+            log.info("pull: study %s, series %s: %d of %d object(s) not sent after one we refused (the PACS ends a "
+                     "retrieval at a refused object): asked for one by one", study.uid, series, len(left), len(asked))
+            self.progress.images_retrieved += len(self.arrived)
+            return left
         missing = len(set(asked) - self.arrived)  # a PACS's "success" is not what arrived
         if missing > failed:
             unsent = missing - failed - len(self.unfit)  # those refused for their header were said
@@ -994,6 +1057,7 @@ class Puller(Node):
             self.progress.retrieval_failures += failed
             log.warning("pull: %d of %d object(s) of a series could not be retrieved; the next pull tries again",
                         failed, len(asked))
+        return []
 
     def _not_asked(self, event) -> tuple[str, bool] | None:
         """Why an arriving object is refused: only the instances the retrieval in progress asked
@@ -1036,6 +1100,8 @@ class Puller(Node):
         if uid in self.asked and uid not in self.arrived:
             self.unfit.add(uid)
         self.refused_now += 1
+        if self.asked:  # the PACS reached us: whatever it answers, it knows our move destination
+            self.source.moved_any = True
         if self.refused_now == REFUSALS_SAID:
             why += "; further objects refused in this retrieval are counted, not logged"
         return why, self.refused_now <= REFUSALS_SAID
