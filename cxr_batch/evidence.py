@@ -140,6 +140,19 @@ class Evidence:
             return f"flagged {counts.tp} of {counts.positives} out-of-fold images that had it; no held-out test"
         return f"flagged {counts.tp} of {counts.positives} held-out images that had it"
 
+    def measured(self, finding: str, default: str | None = None) -> str | None:
+        """Where ``finding``'s operating point was measured (its own source, else the triage
+        table's, else ``default``), led by its count when a calibrating site's few positives
+        measured its sensitivity: 'flagged 2 of 3 that had it; cross-validated on the 40 ...'
+        (0.67 alone reads as two thirds of them all). The one wording of the PDFs' urgent catch,
+        the SR's line per finding and the ORU's note beside a flag."""
+        point = self.operating_points.get(finding)
+        where = (point.source if point is not None else None) or self.triage_source or default
+        if point is not None and point.ppv_at_site and point.positives and point.sensitivity is not None:
+            count = f"flagged {round(point.sensitivity * point.positives)} of {point.positives} that had it"
+            where = f"{count}; {where}" if where else count
+        return where
+
     def sensitivity(self, finding: str) -> str:
         """The model's sensitivity for ``finding`` at its operating point, with its counts, or
         an honest 'not measured'."""
@@ -149,10 +162,7 @@ class Evidence:
         if point is not None and not point.flagged:
             return f"{name}: never flagged by these weights ({point.why or 'validation ranking no better than chance'})"
         if point is not None and point.sensitivity is not None and counts is None:
-            where = point.source or self.triage_source or "validation"
-            if point.ppv_at_site and point.positives:  # a site's few positives: 0.67 was 2 of 3
-                where = f"flagged {round(point.sensitivity * point.positives)} of {point.positives} that had it; {where}"
-            return f"{name}: sensitivity {point.sensitivity:.2f} at its threshold ({where})"
+            return f"{name}: sensitivity {point.sensitivity:.2f} at its threshold ({self.measured(finding, 'validation')})"
         if counts is None:
             return f"{name}: sensitivity at its threshold not measured for these weights"
         if counts.positives == 0:

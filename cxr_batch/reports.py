@@ -38,7 +38,7 @@ from reportlab.lib.units import mm
 from reportlab.pdfbase import pdfmetrics
 from reportlab.pdfbase.ttfonts import TTFont
 from reportlab.pdfgen.canvas import Canvas
-from reportlab.platypus import Image, KeepInFrame, Paragraph, SimpleDocTemplate, Spacer, Table, TableStyle
+from reportlab.platypus import Flowable, Image, KeepInFrame, Paragraph, SimpleDocTemplate, Spacer, Table, TableStyle
 from xml.sax.saxutils import escape
 
 from .files import FILE_MODE, atomic_write_bytes, private_dir
@@ -850,8 +850,9 @@ def worklist_pdf(records: list[StudyRecord], options: ReportOptions, info: Model
     else:  # said, so an empty list does not read as one that failed to print
         story.append(Paragraph("<b>No study to read: every file was skipped or failed (see Not scored below).</b>"
                                if others else "<b>No study to read.</b>", st["body"]))
+    heading = []  # the Not scored table's heading, kept with its first rows
     if others:
-        story += [Spacer(1, 3 * mm), Paragraph("Not scored", st["h"]), Spacer(1, 1 * mm)]
+        heading = [Spacer(1, 3 * mm), Paragraph("Not scored", st["h"]), Spacer(1, 1 * mm)]
         other_widths = [80 * mm, 27 * mm, 18 * mm, sum(widths) - 125 * mm]
         odata = [_header(("File", "Accession", "Status", "Reason"), other_widths, st)] + [
             [fitted(r.file, st["cell"], other_widths[0] - 2 * PAD),
@@ -859,10 +860,42 @@ def worklist_pdf(records: list[StudyRecord], options: ReportOptions, info: Model
              Paragraph(r.status, st["cell"]), fitted(r.reason, st["cell"], other_widths[3] - 2 * PAD)] for r in others]
         story.append(_table(odata, other_widths, [GRID, ("BACKGROUND", (0, 0), (-1, 0), HEADER_FILL),
                                                   ("VALIGN", (0, 0), (-1, -1), "TOP")], repeatRows=1))
-    story += [Spacer(1, 3 * mm), Paragraph(escape(DISCLAIMER), st["body"]),
-              Paragraph(escape(_model_line(info, generated)), st["small"])]
+    # the closing lines stay with the last rows above them: a table that filled its page exactly
+    # left them alone on one more page (a 40-study NIH worklist), a sheet that holds no study
+    story.append(WithLastRows(story.pop(), [Spacer(1, 3 * mm), Paragraph(escape(DISCLAIMER), st["body"]),
+                                            Paragraph(escape(_model_line(info, generated)), st["small"])], heading))
     doc.build(story, onFirstPage=_footer, onLaterPages=_footer, canvasmaker=PageCountCanvas)
     return buf.getvalue()
+
+
+class WithLastRows(Flowable):
+    """A flowable (a table) followed by ``tail``, never a page of ``tail`` alone: where the tail
+    does not fit below the flowable's end, the flowable's last rows (or lines) go over with it.
+    ``lead`` (a heading) stays with its first rows. Like KeepTogether, but a table longer than a
+    page still starts where it stands."""
+
+    def __init__(self, body: Flowable, tail: list[Flowable], lead: list[Flowable] = ()):
+        super().__init__()
+        self.body, self.tail, self.lead = body, list(tail), list(lead)
+
+    def wrap(self, aW, aH):
+        return aW, 0xFFFFFF  # always split, as KeepTogether does: the parts are laid out by the frame
+
+    def split(self, aW, aH):
+        def height(flowables):
+            return sum(f.wrap(aW, aH)[1] + f.getSpaceBefore() + f.getSpaceAfter() for f in flowables)
+
+        body, room = self.body.wrap(aW, aH)[1], aH - height(self.lead)
+        if body + height(self.tail) <= room:
+            return [*self.lead, self.body, *self.tail]
+        # the body fits but not the tail: split the body just short of its end, so its last row
+        # goes over with the tail (a table repeats its header there); else split it where the page ends
+        parts = self.body.split(aW, body - 1 if body <= room else room)
+        if len(parts) == 2:
+            return [*self.lead, parts[0], WithLastRows(parts[1], self.tail)]
+        # no row fits with the header here: all of it to the next page, unless at the top of one already
+        at_top = getattr(getattr(self, "_frame", None), "_atTop", False)
+        return [*self.lead, self.body, *self.tail] if at_top else []
 
 
 def _none_flagged(record: StudyRecord, info: ModelInfo) -> str:

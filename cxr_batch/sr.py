@@ -405,12 +405,12 @@ def _image_library(source: SourceImage) -> hd.sr.ContainerContentItem:
 def trust_lines(bundle) -> list[str]:
     """What a flag of each finding is worth, from the bundle's evidence (one line per finding,
     the same in every SR of the bundle): 'Pneumothorax: a flag has sensitivity 0.45 and PPV
-    0.21 at threshold 0.12 (out of fold on ...)'."""
+    0.21 at threshold 0.12 (out of fold on ...)', where measured in the PDFs' words
+    (:meth:`cxr_batch.evidence.Evidence.measured`: a site's count, a finding's own source)."""
     from .display import finding_label
     from .evidence import bundle_evidence
 
     ev = bundle_evidence(bundle.manifest, bundle.path)
-    where = f" ({ev.triage_source})" if ev.triage_source else ""
     lines = []
     for f in FINDINGS:
         point, counts, catch = ev.operating_points.get(f), ev.counts.get(f), ev.catch(f)
@@ -422,6 +422,7 @@ def trust_lines(bundle) -> list[str]:
         elif not point.flagged:
             text = f"never flagged by this model: {point.why or 'validation ranking no better than chance'}"
         else:
+            where = f" ({ev.measured(f)})" if ev.measured(f) else ""
             text = f"a flag has {point.trust().replace('sens.', 'sensitivity')} at threshold {bundle.thresholds[f]:.4g}{where}"
             text += f"; {held_out}" if held_out else ""
         lines.append(_string(f"{finding_label(f)}: {text}", 1024))

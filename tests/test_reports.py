@@ -860,3 +860,29 @@ def test_a_probability_and_threshold_that_need_six_digits_are_never_broken_insid
                           check=True).stdout
     rows = [line for line in text.splitlines() if re.match(r"^\s*Pneumonia\s+\d", line)]
     assert len(rows) == 1 and re.search(r"\b0\.015054\s+0\.015053\s+FLAGGED\b", rows[0]), text
+
+
+@pytest.mark.skipif(not shutil.which("pdftotext"), reason="poppler-utils not installed")
+def test_no_worklist_page_holds_only_the_closing_lines(tmp_path):
+    """A worklist whose table filled its last page exactly (15 rows here, 33, 51: every 18th
+    study; a 40-study NIH scan did it too) put the decision-support statement and the model line
+    alone on one more page: a page to print that holds no study, read by who picks up the last
+    sheet as the list's end. The closing lines keep the table's last rows with them, and a study
+    not scored, listed below the table, keeps them too."""
+    from cxr_batch.reports import worklist_pdf
+
+    def pages_of(records) -> list[str]:
+        (tmp_path / "w.pdf").write_bytes(worklist_pdf(records, ReportOptions(), model_info(), NOW))
+        count = len(PdfReader(tmp_path / "w.pdf").pages)
+        return [subprocess.run(["pdftotext", "-layout", "-f", str(k), "-l", str(k), tmp_path / "w.pdf", "-"],
+                               capture_output=True, text=True, check=True).stdout for k in range(1, count + 1)]
+
+    for n in (14, 15, 16, 33):
+        records = [scored({"Effusion": 0.2 + i / 1000}, file=f"s{i:03d}.png", patient_id=f"P{i}") for i in range(n)]
+        text = pages_of(records)
+        rows = [len(re.findall(r"P\(any\) 0\.\d", page)) for page in text]
+        assert sum(rows) == n and all(rows), (n, rows)  # every page holds studies
+        assert "Decision support only" in text[-1] and "Model m@1" in text[-1], (n, text[-1])
+    failed = StudyRecord(file="bad.png", status="error", reason="could not be read")
+    text = pages_of(records[:14] + [failed])
+    assert "Not scored" in text[-1] and "bad.png" in text[-1] and "Decision support only" in text[-1]

@@ -667,3 +667,62 @@ def test_an_accession_number_over_16_characters_is_kept_whole_as_the_order_s_fil
     # an accession number that fits stays where it was, with no request sequence
     full = pydicom.dcmread(_sr_path(out, rows["full.dcm"]))
     assert full.AccessionNumber == "A123" and "ReferencedRequestSequence" not in full
+
+
+def test_a_site_measured_sensitivity_gives_its_count_in_the_sr_and_the_oru_as_on_the_pdfs(nih_images, small_bundle,
+                                                                                          tmp_path):
+    """A bundle calibrated with `--thresholds specificity:0.8` on 40 studies, 3 of them with a
+    pneumothorax: the PDFs say 'sensitivity 0.67 at its threshold (flagged 2 of 3 that had it;
+    cross-validated ...)', but the SR a radiologist opens in the PACS viewer (and the ORU's note
+    under the flag, the same line) said 'a flag has sensitivity 0.67, PPV 0.20': two thirds of
+    all pneumothoraces, read from two of three. The SR says the count in the PDFs' words, and a
+    finding the calibration left at the base's figures names the base as their source, as the PDFs do."""
+    from cxr_batch.bundle import load_bundle, write_manifest
+    from cxr_batch.evidence import bundle_evidence
+    from cxr_batch.integration.hl7 import oru_r01
+    from cxr_batch.sr import trust_lines
+
+    folder = tmp_path / "site"
+    shutil.copytree(small_bundle, folder)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    site = "cross-validated on the 40 labelled studies of this site's calibration (specificity:0.8)"
+    base = "the base bundle's figures (out of fold): too few positives at this site"
+    # the triage table as calibrate leaves it (cxr_batch.calibrate): the site's source for the table, the
+    # base's figures (and their source) for findings with too few positives there
+    manifest["triage"] = {"measured_on": site, "findings": {
+        **{f: {"flagged": True, "sensitivity": 0.5, "ppv_at_nih_prevalence": 0.25, "measured_on": base}
+           for f in FINDINGS},
+        # as calibrate writes a finding measured on the site's studies
+        "Pneumothorax": {"flagged": True, "sensitivity": 2 / 3, "specificity": 0.78, "ppv_at_nih_prevalence": None,
+                         "ppv_at_site": 0.2, "flag_rate": 0.25, "positives": 3}}}
+    write_manifest(folder, manifest)
+    bundle = load_bundle(folder)
+    pdf_words = bundle_evidence(bundle.manifest, bundle.path).sensitivity("Pneumothorax")
+    assert pdf_words == f"Pneumothorax: sensitivity 0.67 at its threshold (flagged 2 of 3 that had it; {site})"
+
+    write(tmp_path / "studies" / "a.dcm", grey(nih_images[0]), AccessionNumber="ACC1", **FULL)
+    ids = identifiers(pydicom.dcmread(tmp_path / "studies" / "a.dcm"))
+    k = FINDINGS.index("Pneumothorax")
+    probs, flags = [0.01] * 14, [0] * 14
+    probs[k], flags[k] = 0.9, 1
+    record = StudyRecord(file="a.dcm", ids=ids, scores=Scores(tuple(probs), tuple(flags), "urgent", 0.9, 0.9))
+    path = tmp_path / "a.sr.dcm"
+    path.write_bytes(sr_bytes(build_sr(record, bundle)))
+    sr = pydicom.dcmread(path)
+    comments = [i.TextValue for i in sr.ContentSequence[-1].ContentSequence if i.ValueType == "TEXT"]
+    said = f"Pneumothorax: a flag has sensitivity 0.67, PPV 0.20 at threshold 0.5 (flagged 2 of 3 that had it; {site})"
+    assert comments[k] == said, comments[k]
+    assert comments[FINDINGS.index("Effusion")] == f"Effusion: a flag has sensitivity 0.50, PPV 0.25 at threshold 0.5 ({base})"
+    if have("dsrdump"):
+        done = subprocess.run(["dsrdump", "+Pl", str(path)], capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0 and f'"{said}"' in done.stdout, done.stderr  # as a viewer shows it
+    if have("dciodvfy"):
+        done = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, timeout=60)
+        lines = (done.stdout + done.stderr).splitlines()
+        assert not [x for x in lines if x.startswith("Error")], lines
+        unexpected = [w for w in lines if w.startswith("Warning")
+                      and not any(re.search(a, w) for a in ACCEPTED_DCIODVFY_WARNINGS)]
+        assert not unexpected, unexpected
+    oru = oru_r01(record, thresholds=bundle.thresholds, trust=dict(zip(FINDINGS, trust_lines(bundle))))
+    notes = [s for s in oru.split("\r") if s.startswith("NTE|1||Pneumothorax")]
+    assert notes == [f"NTE|1||{said}"], notes
