@@ -138,11 +138,16 @@ def stored_name(path: str) -> str:
 def results_stamp(path: Path) -> str | None:
     """What tells one state of results.csv from another (its inode, size and times, and the
     columns this release writes: a release with another column rewrites the file), for
-    :meth:`Ledger.csv_current`; None: no such file."""
+    :meth:`Ledger.csv_current`; None: no such file, or one on a file system whose times are
+    whole milliseconds or coarser (ext4 with 128-byte inodes, vfat, HFS+, many NFS and SMB
+    shares): there, the file edited in place within the tick of the daemon's last write, to the
+    same size, has the same stamp, so it is rewritten at every start, as it always was."""
     try:
         st = os.stat(path)
     except OSError:
         return None
+    if st.st_mtime_ns % 1_000_000 == 0 and st.st_ctime_ns % 1_000_000 == 0:
+        return None  # by chance on a finer file system: one start in 10^12 rewrites it
     columns = hashlib.sha256(",".join(COLUMNS).encode()).hexdigest()[:16]
     return f"{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}:{columns}"
 
