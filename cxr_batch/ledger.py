@@ -552,7 +552,9 @@ class Ledger:
 
     def mark_published(self, keys: list[str] | None = None, csv_stamp: str | None = None) -> None:
         """Rows now in results.csv: ``keys``, or every row (after a full rewrite); ``csv_stamp``:
-        the file's :func:`results_stamp` once they are in it (:meth:`csv_current`)."""
+        the file's :func:`results_stamp` once they are in it (:meth:`csv_current`); None: a file
+        that cannot be told apart from another, so the next start rewrites it (a stamp of an
+        earlier file kept would have every append taken for someone else's change)."""
         with self.db:
             if keys is None:
                 self.db.execute("UPDATE studies SET published = 1 WHERE published = 0")
@@ -560,14 +562,20 @@ class Ledger:
                 self.db.executemany("UPDATE studies SET published = 1 WHERE key = ?", [(k,) for k in keys])
             if csv_stamp is not None:
                 self.db.execute("INSERT OR REPLACE INTO meta VALUES ('results_csv', ?)", (csv_stamp,))
+            else:
+                self.db.execute("DELETE FROM meta WHERE name = 'results_csv'")
+
+    def csv_stamp(self) -> str | None:
+        """The :func:`results_stamp` of results.csv as this ledger last wrote it; None: unknown."""
+        row = self.db.execute("SELECT value FROM meta WHERE name = 'results_csv'").fetchone()
+        return None if row is None else row[0]
 
     def csv_current(self, csv_stamp: str | None) -> bool:
         """Whether results.csv, whose :func:`results_stamp` is ``csv_stamp`` now (None: there is
         none), is the file this ledger last wrote, every row in it: no row waits to be published
         (a kill between an append and its mark leaves one) and nobody (nor an older release)
         wrote it since."""
-        row = self.db.execute("SELECT value FROM meta WHERE name = 'results_csv'").fetchone()
-        return (csv_stamp is not None and row is not None and row[0] == csv_stamp
+        return (csv_stamp is not None and self.csv_stamp() == csv_stamp
                 and self.db.execute("SELECT 1 FROM studies WHERE published = 0 LIMIT 1").fetchone() is None)
 
     def import_rows(self, rows: list[tuple[str, str, StudyRecord]]) -> int:
