@@ -138,11 +138,16 @@ def stored_name(path: str) -> str:
 def results_stamp(path: Path) -> str | None:
     """What tells one state of results.csv from another (its inode, size and times, and the
     columns this release writes: a release with another column rewrites the file), for
-    :meth:`Ledger.csv_current`; None: no such file."""
+    :meth:`Ledger.csv_current`; None: no such file, or one on a file system whose times are
+    whole milliseconds or coarser (ext4 with 128-byte inodes, vfat, HFS+, many NFS and SMB
+    shares): there, the file edited in place within the tick of the daemon's last write, to the
+    same size, has the same stamp, so it is rewritten at every start, as it always was."""
     try:
         st = os.stat(path)
     except OSError:
         return None
+    if st.st_mtime_ns % 1_000_000 == 0 and st.st_ctime_ns % 1_000_000 == 0:
+        return None  # by chance on a finer file system: one start in 10^12 rewrites it
     columns = hashlib.sha256(",".join(COLUMNS).encode()).hexdigest()[:16]
     return f"{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}:{columns}"
 
@@ -547,7 +552,9 @@ class Ledger:
 
     def mark_published(self, keys: list[str] | None = None, csv_stamp: str | None = None) -> None:
         """Rows now in results.csv: ``keys``, or every row (after a full rewrite); ``csv_stamp``:
-        the file's :func:`results_stamp` once they are in it (:meth:`csv_current`)."""
+        the file's :func:`results_stamp` once they are in it (:meth:`csv_current`); None: a file
+        that cannot be told apart from another, so the next start rewrites it (a stamp of an
+        earlier file kept would have every append taken for someone else's change)."""
         with self.db:
             if keys is None:
                 self.db.execute("UPDATE studies SET published = 1 WHERE published = 0")
@@ -555,14 +562,20 @@ class Ledger:
                 self.db.executemany("UPDATE studies SET published = 1 WHERE key = ?", [(k,) for k in keys])
             if csv_stamp is not None:
                 self.db.execute("INSERT OR REPLACE INTO meta VALUES ('results_csv', ?)", (csv_stamp,))
+            else:
+                self.db.execute("DELETE FROM meta WHERE name = 'results_csv'")
+
+    def csv_stamp(self) -> str | None:
+        """The :func:`results_stamp` of results.csv as this ledger last wrote it; None: unknown."""
+        row = self.db.execute("SELECT value FROM meta WHERE name = 'results_csv'").fetchone()
+        return None if row is None else row[0]
 
     def csv_current(self, csv_stamp: str | None) -> bool:
         """Whether results.csv, whose :func:`results_stamp` is ``csv_stamp`` now (None: there is
         none), is the file this ledger last wrote, every row in it: no row waits to be published
         (a kill between an append and its mark leaves one) and nobody (nor an older release)
         wrote it since."""
-        row = self.db.execute("SELECT value FROM meta WHERE name = 'results_csv'").fetchone()
-        return (csv_stamp is not None and row is not None and row[0] == csv_stamp
+        return (csv_stamp is not None and self.csv_stamp() == csv_stamp
                 and self.db.execute("SELECT 1 FROM studies WHERE published = 0 LIMIT 1").fetchone() is None)
 
     def import_rows(self, rows: list[tuple[str, str, StudyRecord]]) -> int:

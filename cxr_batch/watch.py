@@ -1206,9 +1206,15 @@ class Watcher:
             return
         self.worklist_due = True
         # results.csv deleted or moved away by someone: made again whole (appended to, it was
-        # made with the new rows alone, every study before them missing from it)
-        gone = not (self.out / "results.csv").exists()
-        if self.csv_whole or gone or any(o.action == "replaced" or o.annotated for o in outcomes):
+        # made with the new rows alone, every study before them missing from it). One put in its
+        # place since the ledger last wrote it (a backup put back, a sync client, a spreadsheet's
+        # save), too: appended to, it was recorded as the ledger's file and kept by every start,
+        # the rows it lacked lost for good
+        csv = self.out / "results.csv"
+        gone = not csv.exists()
+        written = self.ledger.csv_stamp()
+        replaced = written is not None and results_stamp(csv) != written
+        if self.csv_whole or gone or replaced or any(o.action == "replaced" or o.annotated for o in outcomes):
             self.publish_whole()
             return
         fresh = [(o.key, o.record) for o in outcomes if o.action == "new"]

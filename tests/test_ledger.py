@@ -436,3 +436,42 @@ def test_a_kill_while_an_upgrade_indexes_a_long_ledger_keeps_every_row(tmp_path)
         indexes = {r[0] for r in again.db.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
         assert {"studies_held", "studies_unpublished"} <= indexes
         again.close()
+
+
+def test_results_csv_edited_in_place_on_a_file_system_with_coarse_times_is_not_taken_as_the_ledger_s(
+        tmp_path, monkeypatch):
+    """On a file system that keeps times to the second (ext4 with 128-byte inodes, as mkfs makes
+    for small or old file systems; vfat, HFS+, many NFS and SMB shares), results.csv edited in
+    place within the second the daemon last wrote it (`systemctl stop; fix.py; systemctl start`),
+    to the same size, has the same inode, size, mtime and ctime: the daemon kept the edited
+    file. Times that coarse cannot tell the two apart: such a results.csv is rewritten at every
+    start, as it always was."""
+    import cxr_batch.ledger as ledger_module
+    from cxr_batch.ledger import results_stamp
+
+    real_stat = os.stat
+
+    def to_the_second(path, *args, **kwargs):  # what such a file system keeps
+        st = real_stat(path, *args, **kwargs)
+        fields = list(st)
+        fields[stat.ST_MTIME], fields[stat.ST_CTIME] = st.st_mtime_ns // 10**9, st.st_ctime_ns // 10**9
+        return os.stat_result(fields, {"st_mtime_ns": st.st_mtime_ns // 10**9 * 10**9,
+                                       "st_ctime_ns": st.st_ctime_ns // 10**9 * 10**9})
+
+    monkeypatch.setattr(ledger_module.os, "stat", to_the_second)
+    csv = tmp_path / "results.csv"
+    ledger = Ledger(tmp_path / "ledger.sqlite")
+    ledger.commit([("uid:1", "c1", ok("a.dcm", patient_id="P1"))], [])
+    csv.write_text("file,patient_id\na.dcm,P1\n")
+    ledger.mark_published(csv_stamp=results_stamp(csv))
+    before = real_stat(csv)
+    with open(csv, "r+b") as f:  # P1 -> P9, in place, the same second
+        f.seek(len("file,patient_id\na.dcm,P"))
+        f.write(b"9")
+    if real_stat(csv).st_ctime_ns // 10**9 != before.st_ctime_ns // 10**9:
+        pytest.skip("the edit fell in the next second")
+    assert not ledger.csv_current(results_stamp(csv)), "the edited results.csv would be kept"
+    # on a file system with finer times (ext4, XFS, btrfs, tmpfs) the file is still kept
+    monkeypatch.setattr(ledger_module.os, "stat", real_stat)
+    ledger.mark_published(csv_stamp=results_stamp(csv))
+    assert ledger.csv_current(results_stamp(csv))

@@ -93,3 +93,34 @@ def test_a_kill_after_a_report_is_made_again_still_puts_its_note_in_results_csv(
     _run_until_running(incoming, out, small_bundle, config)
     (row,) = ok_rows(out)
     assert "without the image" in row["notes"], row["notes"]
+
+
+def test_results_csv_replaced_while_the_daemon_runs_is_made_whole_by_its_next_rows(tmp_path, nih_images,
+                                                                                  small_bundle):
+    """results.csv put back from a backup while the daemon runs (an operator's cp -p, a sync
+    client): the daemon appended its next rows to that file and recorded it as the file it last
+    wrote, so every later start kept it, the rows since the backup missing for good (before, the
+    next start rewrote it). Now rows are appended only to the file the ledger last wrote: another
+    is made whole again."""
+    incoming, out = tmp_path / "in", tmp_path / "out"
+    incoming.mkdir()
+    good_dicoms(incoming, nih_images, 1)
+    config = watch_config(tmp_path / "w.toml")
+    daemon = start_daemon(incoming, out, small_bundle, config)
+    try:
+        assert wait_for(lambda: len(ok_rows(out)) == 1), daemon.stderr.read() if daemon.poll() is not None else ""
+        csv = out / "results.csv"
+        backup = tmp_path / "results.backup.csv"
+        backup.write_bytes(csv.read_bytes())
+        good_dicoms(incoming, nih_images, 1, start=1)
+        assert wait_for(lambda: len(ok_rows(out)) == 2)
+        tmp = out / "results.csv.restored"  # rsync -t: a copy renamed over it
+        tmp.write_bytes(backup.read_bytes())
+        tmp.replace(csv)
+        good_dicoms(incoming, nih_images, 1, start=2)
+        assert wait_for(lambda: any(r["patient_id"] == "G02" for r in ok_rows(out)))
+        time.sleep(1.0)
+    finally:
+        assert stop(daemon) == 0
+    _run_until_running(incoming, out, small_bundle, config)
+    assert Counter(r["patient_id"] for r in ok_rows(out)) == {"G00": 1, "G01": 1, "G02": 1}
