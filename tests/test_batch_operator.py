@@ -1,0 +1,82 @@
+"""An unlucky operator's faults on the batch commands (monitor, evaluate): a disk that fills up
+under --out is said as such, naming the folder and the file, and never leaves a report beside a
+summary of other results; the advice given is one the same command accepts."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+
+from .test_evaluate_calibrate import cli_here as here
+from .test_monitor_same_output import synthetic_results
+
+
+def fill(disk, leave: int) -> None:
+    """Fill the tmpfs ``disk`` until only about ``leave`` bytes are free."""
+    filler = disk / "filler"
+    with open(filler, "wb") as f:
+        try:
+            while True:
+                f.write(b"\0" * 65536)
+                f.flush()
+        except OSError:
+            pass
+    size = filler.stat().st_size
+    os.truncate(filler, max(size - leave, 0))
+
+
+def hashes(folder):
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
+
+
+def test_monitor_on_a_full_disk_names_out_and_keeps_the_last_pair_of_reports(small_disk, tmp_path):
+    results = synthetic_results(tmp_path / "results", 120, seed=0, shift_from=80)
+    out = small_disk / "monitor"
+    code, _ = here("monitor", results, "--out", out, "--window", "40")
+    assert code == 5 and {"monitor.json", "monitor.pdf"} <= set(os.listdir(out))
+    before = hashes(out)
+    # room for a new monitor.json, not for its PDF: the new summary beside the last run's PDF
+    # would describe other windows than the PDF shows
+    fill(small_disk, (out / "monitor.json").stat().st_size + 16384)
+    code, stderr = here("monitor", results, "--out", out, "--window", "30")
+    assert code == 1
+    assert f"cannot write --out {out}" in stderr and "No space left on device" in stderr
+    assert ": : " not in stderr
+    assert hashes(out) == before  # the last complete pair, no temp file
+
+
+def test_evaluate_stopped_by_a_full_disk_mid_scan_gives_advice_evaluate_accepts(small_disk, studies, nih,
+                                                                                small_bundle):
+    out = small_disk / "evaluation"
+    fill(small_disk, 4096)
+    code, stderr = here("evaluate", studies, "--labels", nih / "labels.csv", "--weights", small_bundle, "--out", out,
+                        "--bootstrap", "0", "--workers", "0", "-q")
+    assert code == 1 and "No space left on device" in stderr
+    assert "--resume" not in stderr  # evaluate has no such option ("No such option '--resume'")
+    assert "the same command" in stderr
+    (small_disk / "filler").unlink()
+    code, stderr = here("evaluate", studies, "--labels", nih / "labels.csv", "--weights", small_bundle, "--out", out,
+                        "--bootstrap", "0", "--workers", "0", "-q")
+    assert code == 0, stderr
+    assert {"evaluation.json", "evaluation.pdf", "results.csv"} <= set(os.listdir(out))
+
+
+def test_scan_overwrite_stopped_by_a_full_disk_gives_advice_the_command_line_accepts(small_disk, studies,
+                                                                                     small_bundle, tmp_path):
+    out = small_disk / "results"
+    one = tmp_path / "one"
+    one.mkdir()
+    shutil.copy(next(studies.iterdir()), one)
+    options = ("--weights", small_bundle, "--out", out, "--no-pdf", "--workers", "0", "-q")
+    assert here("scan", one, *options)[0] == 0  # what --overwrite deletes leaves too little room for 6 rows
+    scan = ("scan", studies, *options)
+    fill(small_disk, 0)
+    code, stderr = here(*scan, "--overwrite")
+    assert code == 1 and "No space left on device" in stderr
+    # the same command with --resume added is a usage error (--resume and --overwrite together)
+    assert "--resume in place of --overwrite" in stderr
+    (small_disk / "filler").unlink()
+    code, stderr = here(*scan, "--resume")
+    assert code == 0, stderr
+    assert len((out / "results.csv").read_text().splitlines()) == 1 + 6
