@@ -324,7 +324,7 @@ def run_evaluate(studies: Path, labels: LabelTable, out: Path, cfg: ScanConfig =
     pixels = any(listed and listed.pixels for listed in (training, calibration))
     try:
         summary = run_scan(studies, out, cfg, earlier="overwrite", metadata_option="--labels",  # an earlier evaluation here is replaced
-                           pixel_keys=pixels)
+                           pixel_keys=pixels, resumable=False)
     except BaseException as e:
         # stopped during the scan (Ctrl-C, a full disk): a results.csv there now is this scan's, so
         # marked as an evaluation's the same command replaces it, not refuses it as a scan's
