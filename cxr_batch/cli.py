@@ -94,8 +94,10 @@ def fail(message: str, debug: bool, code: int = EXIT_FATAL):
 
 
 def _in_out(name: Path, out: Path) -> bool:
-    """``name`` is ``out``, inside it, or a temp file beside it that becomes it (calibrate's bundle)."""
-    return name == out or out in name.parents or (name.parent == out.parent and name.name.startswith(f".{out.name}."))
+    """``name`` is ``out``, inside it, or a temp file or folder beside it that becomes it, or a
+    file in that folder (calibrate's bundle: TEMP/model.pt)."""
+    return name == out or out in name.parents or any(
+        p.parent == out.parent and p.name.startswith(f".{out.name}.") for p in (name, *name.parents))
 
 
 def os_error_line(e: OSError, out: Path | None = None) -> str:

@@ -80,3 +80,16 @@ def test_scan_overwrite_stopped_by_a_full_disk_gives_advice_the_command_line_acc
     code, stderr = here(*scan, "--resume")
     assert code == 0, stderr
     assert len((out / "results.csv").read_text().splitlines()) == 1 + 6
+
+
+def test_calibrate_on_a_full_disk_names_out_not_its_temporary_folder(small_disk, studies, nih, small_bundle):
+    """The weights are copied into a temporary folder beside --out first: a full disk there was
+    said as 'error: DISK/.site.sr9uessp.tmp/model.pt: No space left on device', a folder the
+    operator never made, with no word of what to do."""
+    fill(small_disk, 0)
+    out = small_disk / "site"
+    code, stderr = here("calibrate", studies, "--labels", nih / "labels.csv", "--weights", small_bundle, "--out", out,
+                        "--workers", "0", "-q")
+    assert code == 1 and f"cannot write --out {out}" in stderr and "No space left on device" in stderr
+    assert "free space on its volume" in stderr
+    assert os.listdir(small_disk) == ["filler"]  # no bundle, no temporary folder
