@@ -551,3 +551,35 @@ def test_a_run_that_fails_in_process_lets_go_of_its_run_folder(nih, tmp_path):
         assert "in use" not in str(failed.value)
     with FolderLock(tmp_path / "run", "train"):  # free for the next run, in this process or another
         pass
+
+
+@pytest.fixture()
+def disk_60m(tmp_path):
+    """A 60 MiB tmpfs: room for one DenseNet's weights (~39 MB), not two (needs root)."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=60m", "tmpfs", str(mount)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("mounting a tmpfs is not allowed here")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], capture_output=True)
+
+
+def test_a_disk_full_after_the_epochs_is_one_line_and_leaves_no_half_weights(nih, disk_60m):
+    """The disk fills after training, while the run's final weights are written (model_final.pt,
+    then the bundle): was a torch RuntimeError traceback ('unexpected pos 33353408 vs 33353296')
+    and a model_final.pt cut off at 34 of its 39 MB. Now one line naming the file and --resume,
+    no half file; with room again the same command with --resume ends with a bundle that loads."""
+    run = disk_60m / "run"
+    proc = train(nih / "images", nih / "labels.csv", run, "--epochs", 0)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    error = [line for line in proc.stderr.splitlines() if line.startswith("cxr-batch: error:")]
+    assert len(error) == 1 and f"{run}/" in error[0] and "No space left on device" in error[0], proc.stderr
+    assert "--resume" in error[0], error
+    assert not [p for p in run.rglob("*") if p.name.endswith(".tmp")]
+    assert not (run / "model_final.pt").exists() and not (run / "bundle" / "model.pt").exists()
+    subprocess.run(["mount", "-o", "remount,size=200m", str(disk_60m)], check=True)
+    proc = train(nih / "images", nih / "labels.csv", run, "--epochs", 0, "--resume")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    from cxr_batch.bundle import load_bundle
+    load_bundle(run / "bundle")

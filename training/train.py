@@ -441,8 +441,10 @@ def run_stages(cfg: TrainConfig, resume: bool, held: contextlib.ExitStack) -> Pa
         return out
 
     # the model to evaluate and export: the best checkpoint, plus the patient prior if configured
+    # every file from here on whole or not at all, a full disk said as such (torch.save straight to
+    # a full disk raised a RuntimeError traceback and left a model_final.pt cut off)
     if not (out / "model_classification.pt").exists():  # epochs = 0: evaluate/export the initial weights
-        torch.save((ema.module if ema is not None else model).state_dict(), out / "model_classification.pt")
+        save_atomic((ema.module if ema is not None else model).state_dict(), out / "model_classification.pt")
     final = build_model(cfg.model).to(device, memory_format=torch.channels_last)
     final.load_state_dict(torch.load(out / "model_classification.pt", map_location=device, weights_only=True))
     prior_info = {"method": cfg.patient_prior}
@@ -450,13 +452,17 @@ def run_stages(cfg: TrainConfig, resume: bool, held: contextlib.ExitStack) -> Pa
         exact_val = evaluation_loader(cfg, parts["val"], prep, encoding)  # as inference preprocesses
         prior_info = apply_patient_prior(final, encode_patients(unique_train, encoding),
                                          multi_hot(unique_train["labels"]), exact_val, ctx.exact())
-    (out / PRIOR_INFO).write_text(json.dumps(prior_info, indent=2) + "\n")
+    write_run_file(out / PRIOR_INFO, (json.dumps(prior_info, indent=2) + "\n").encode())
     if not (out / HISTORY).exists():
-        (out / HISTORY).write_text(json.dumps(history, indent=2) + "\n")
-    torch.save(final.state_dict(), out / FINAL_WEIGHTS)
+        write_run_file(out / HISTORY, (json.dumps(history, indent=2) + "\n").encode())
+    save_atomic(final.state_dict(), out / FINAL_WEIGHTS)
 
     # stages 4-6 read what the stages above wrote
-    evaluate_run(cfg, out, ctx)
+    try:
+        evaluate_run(cfg, out, ctx)
+    except OSError as e:  # a full disk while the reports and the bundle are written: the weights stay
+        raise OSError(f"cannot write {e.filename or out} ({e.strerror or e}): the trained weights in {out} are "
+                      "kept; free space there and run the same command with --resume to finish the run") from None
     if world > 1:
         dist.destroy_process_group()
     return out
