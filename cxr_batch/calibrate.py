@@ -19,6 +19,7 @@ base bundle is only read; the new folder appears whole or not at all.
 from __future__ import annotations
 
 import datetime
+import errno
 import hashlib
 import json
 import logging
@@ -158,9 +159,18 @@ def write_bundle(base: Bundle, out: Path, manifest: dict, files: dict[str, bytes
         write_manifest(tmp, manifest)
         load_bundle(tmp)  # the new bundle must load and verify before it is put in place
         os.chmod(tmp, 0o755)
-        if out.exists():
-            out.rmdir()  # empty, checked before any work
-        os.rename(tmp, out)
+        try:
+            if out.exists():
+                out.rmdir()  # empty, checked before any work
+            os.rename(tmp, out)
+        except OSError as e:
+            if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                raise
+            # found empty before the scoring, filled since (two calibrations given one --out):
+            # what is there now is left as it is
+            raise BundleError(f"--out {out} was empty when this calibration started and holds files now (another "
+                              "command wrote there meanwhile?): it is left as it is and this bundle was not "
+                              "written; run again with another --out") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -93,3 +93,29 @@ def test_calibrate_on_a_full_disk_names_out_not_its_temporary_folder(small_disk,
     assert code == 1 and f"cannot write --out {out}" in stderr and "No space left on device" in stderr
     assert "free space on its volume" in stderr
     assert os.listdir(small_disk) == ["filler"]  # no bundle, no temporary folder
+
+
+def test_calibrate_whose_out_another_calibration_filled_meanwhile_says_so_and_keeps_that_bundle(
+        tmp_path, studies, nih, small_bundle, monkeypatch):
+    """Two calibrations given the same --out at once: both find it free, and the one that ends
+    second was told 'cannot write --out OUT: Directory not empty; give a folder this user can
+    write to', advice that does not fit. It must say that another bundle is there now, keep that
+    bundle as it is, and leave no temporary folder."""
+    import cxr_batch.calibrate
+
+    out = tmp_path / "site"
+    scored = cxr_batch.calibrate.score_labelled
+
+    def meanwhile(*args, **kwargs):  # the other calibration puts its bundle in place while this one scores
+        result = scored(*args, **kwargs)
+        shutil.copytree(small_bundle, out, dirs_exist_ok=True)
+        return result
+
+    monkeypatch.setattr(cxr_batch.calibrate, "score_labelled", meanwhile)
+    code, stderr = here("calibrate", studies, "--labels", nih / "labels.csv", "--weights", small_bundle, "--out", out,
+                        "--workers", "0", "-q")
+    assert code == 1
+    assert "Directory not empty" not in stderr and "can write to" not in stderr, stderr
+    assert f"--out {out}" in stderr and "meanwhile" in stderr and "another --out" in stderr, stderr
+    assert hashes(out) == hashes(small_bundle)
+    assert sorted(os.listdir(tmp_path)) == ["site", "studies"]
