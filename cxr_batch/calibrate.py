@@ -46,7 +46,7 @@ from .display import plural
 from .findings import FINDINGS
 from .folders import refuse_overlap
 from .inference import BatchOptions, Engine, score_batches
-from .labels import LabelsError, LabelTable, Matching, match_labels
+from .labels import LabelsError, LabelTable, Matching, NoStudyFiles, match_labels
 from .metadata import load_metadata_csv
 from .provenance import CALIBRATION, PIXELS, image_list, overlap, pixel_key, read_image_list, read_rows
 from .runtime import make_policy
@@ -97,6 +97,8 @@ def score_labelled(studies: Path, labels: LabelTable, bundle: Bundle, opts: Cali
     """Score every study under ``studies`` in float32 (the labels' patient columns as patient
     data) and keep the logits of the ones that have labels."""
     candidates = find_candidates(studies, follow_links=opts.follow_links)
+    if not candidates:  # not the labels' fault: said as scan says it, with its exit code
+        raise NoStudyFiles(f"no files under {studies}: nothing to calibrate on (an unmounted share or a wrong path?)")
     metadata = None
     if labels.has_patient_data:
         metadata = load_metadata_csv(labels.path, only={c.path.name for c in candidates}, option="--labels")

@@ -133,7 +133,7 @@ def run_fatal_errors(debug: bool, action, out: Path | None = None):
         fail(str(e), debug, EXIT_USAGE)
     except (BundleError, FolderBusy, MetadataError, LabelsError, EarlierResults, LedgerError,
             ResultsNotWritten) as e:
-        fail(str(e), debug)
+        fail(str(e), debug, getattr(e, "exit_code", EXIT_FATAL))  # an empty studies folder: 4
     except KeyboardInterrupt as e:  # a command without a graceful stop (scan has one): nothing half-written
         fail(str(e) or "interrupted (Ctrl-C): stopped; nothing was written", debug, exit_codes.INTERRUPTED)
     except OSError as e:

@@ -119,3 +119,16 @@ def test_calibrate_whose_out_another_calibration_filled_meanwhile_says_so_and_ke
     assert f"--out {out}" in stderr and "meanwhile" in stderr and "another --out" in stderr, stderr
     assert hashes(out) == hashes(small_bundle)
     assert sorted(os.listdir(tmp_path)) == ["site", "studies"]
+
+
+def test_evaluate_and_calibrate_of_an_empty_folder_exit_4_as_scan_does(tmp_path, nih, small_bundle):
+    """An unmounted share or a wrong path: scan says 'no files' and exits 4; evaluate and
+    calibrate exited 1 with '30 label rows have no file', as if the labels were wrong."""
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for command, out in (("evaluate", tmp_path / "evaluation"), ("calibrate", tmp_path / "site")):
+        code, stderr = here(command, empty, "--labels", nih / "labels.csv", "--weights", small_bundle, "--out", out,
+                            "--workers", "0", "-q")
+        assert code == 4, (command, stderr)
+        assert f"error: no files under {empty}" in stderr, stderr
+        assert not (out / "evaluation.json").exists() and not (out / "manifest.json").exists()
