@@ -583,3 +583,18 @@ def test_a_disk_full_after_the_epochs_is_one_line_and_leaves_no_half_weights(nih
     assert proc.returncode == 0, proc.stderr[-3000:]
     from cxr_batch.bundle import load_bundle
     load_bundle(run / "bundle")
+
+
+def test_a_run_killed_while_its_bundle_was_written_leaves_no_temporary_file_in_the_bundle(tmp_path):
+    """SIGKILL while bundle/model.pt is written leaves a ~39 MB temporary file in bundle/: the
+    next run into the folder (--resume) removed those of the run folder only, so it stayed in
+    the bundle that is then shipped."""
+    from training.train import hold_run_folder
+
+    run = tmp_path / "run"
+    (run / "bundle").mkdir(parents=True)
+    left = run / "bundle" / ".model.pt.k3j2h1.tmp"
+    left.write_bytes(b"\0" * 1024)
+    (run / "bundle" / "model.pt").write_bytes(b"weights")
+    hold_run_folder(run).release()
+    assert not left.exists() and (run / "bundle" / "model.pt").exists()

@@ -273,7 +273,7 @@ def hold_run_folder(out: Path):
         lock = FolderLock(out, "train", "wait for it to finish, or choose another --out").acquire()
     except FolderBusy as e:
         raise ValueError(str(e)) from None
-    if removed := remove_stale_temp(out):
+    if removed := remove_stale_temp(out, out / "bundle"):  # bundle/: its weights, written last
         log.info("removed %d temporary file(s) an interrupted run left in %s", removed, out)
     return lock
 
