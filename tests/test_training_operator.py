@@ -598,3 +598,18 @@ def test_a_run_killed_while_its_bundle_was_written_leaves_no_temporary_file_in_t
     (run / "bundle" / "model.pt").write_bytes(b"weights")
     hold_run_folder(run).release()
     assert not left.exists() and (run / "bundle" / "model.pt").exists()
+
+
+def test_resume_of_a_finished_run_is_refused_and_keeps_its_bundle(nih, tmp_path, small_bundle):
+    """--resume on a run whose bundle was written, with no epoch left to train (here an --epochs 0
+    run's), trained nothing and wrote the bundle again:
+    a new model.pt and manifest, so a new bundle_sha256, and the results scored with the
+    bundle no longer named it (monitor finds a results.csv's bundle by it)."""
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copytree(small_bundle, run / "bundle")  # as an --epochs 0 run leaves it: no checkpoint
+    before = folder_digest(run)
+    proc = train(nih / "images", nih / "labels.csv", run, "--resume")
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert "holds a finished run" in proc.stderr and "nothing to resume" in proc.stderr, proc.stderr
+    assert folder_digest(run) == before

@@ -197,10 +197,22 @@ def input_identity(cfg: TrainConfig) -> dict:
 def check_resumable(path: Path, cfg: TrainConfig) -> None:
     """Refuse to resume the checkpoint at ``path`` under settings it was not trained with (another
     image size, table, image folder, recipe): the weights would go on learning from other inputs
-    and the bundle would describe only this command's. Raises ValueError before any work."""
+    and the bundle would describe only this command's; or a finished run (its bundle written)
+    with no epoch left to train: resumed, it wrote its bundle again (a new bundle_sha256, which
+    the results scored with it no longer name). Raises ValueError before any work."""
+    from cxr_batch.bundle import MANIFEST_FILE
+
+    bundle = path.parent / "bundle"
+    finished = (f"--out {path.parent} holds a finished run (its bundle in {bundle}): nothing to resume"
+                if (bundle / MANIFEST_FILE).is_file() else "")
     if not path.is_file():
+        if finished:
+            raise ValueError(f"{finished}; choose another --out, or remove that folder to train there again")
         return
     ckpt = load_checkpoint(path, "cpu")
+    if finished and ckpt["epoch"] + 1 >= cfg.epochs:  # more epochs train it on: a new bundle is meant then
+        raise ValueError(f"{finished} (it trained {ckpt['epoch'] + 1} of {cfg.epochs} epochs); give a larger --epochs "
+                         "to train it on, or choose another --out")
     saved, now = settings(ckpt.get("args") or {}), settings(cfg.to_dict())
     inputs = ckpt.get("inputs") or {}
     named = {k: json.loads(json.dumps(v)) == inputs[k] for k, v in input_identity(cfg).items() if k in inputs}
