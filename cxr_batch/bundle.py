@@ -20,10 +20,9 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import json
 import math
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -125,15 +124,11 @@ def save_bundle(
         for k, v in model.state_dict().items()
     }
     weights_path = folder / WEIGHTS_FILE
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".model.", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(state, tmp)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, weights_path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    # serialised in memory, then written whole: torch.save straight to a full disk raised a
+    # RuntimeError ('unexpected pos ...'), not an OSError naming the file
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    atomic_write_bytes(weights_path, buffer.getvalue(), mode=0o644)
     manifest = {
         "format_version": FORMAT_VERSION,
         "name": name,

@@ -19,6 +19,7 @@ base bundle is only read; the new folder appears whole or not at all.
 from __future__ import annotations
 
 import datetime
+import errno
 import hashlib
 import json
 import logging
@@ -45,7 +46,7 @@ from .display import plural
 from .findings import FINDINGS
 from .folders import refuse_overlap
 from .inference import BatchOptions, Engine, score_batches
-from .labels import LabelsError, LabelTable, Matching, match_labels
+from .labels import LabelsError, LabelTable, Matching, NoStudyFiles, match_labels
 from .metadata import load_metadata_csv
 from .provenance import CALIBRATION, PIXELS, image_list, overlap, pixel_key, read_image_list, read_rows
 from .runtime import make_policy
@@ -99,6 +100,8 @@ def score_labelled(studies: Path, labels: LabelTable, bundle: Bundle, opts: Cali
     """Score every study under ``studies`` in float32 (the labels' patient columns as patient
     data) and keep the logits of the ones that have labels."""
     candidates = find_candidates(studies, follow_links=opts.follow_links)
+    if not candidates:  # not the labels' fault: said as scan says it, with its exit code
+        raise NoStudyFiles(f"no files under {studies}: nothing to calibrate on (an unmounted share or a wrong path?)")
     metadata = None
     if labels.has_patient_data:
         metadata = load_metadata_csv(labels.path, only={c.path.name for c in candidates}, option="--labels")
@@ -161,9 +164,18 @@ def write_bundle(base: Bundle, out: Path, manifest: dict, files: dict[str, bytes
         write_manifest(tmp, manifest)
         load_bundle(tmp)  # the new bundle must load and verify before it is put in place
         os.chmod(tmp, 0o755)
-        if out.exists():
-            out.rmdir()  # empty, checked before any work
-        os.rename(tmp, out)
+        try:
+            if out.exists():
+                out.rmdir()  # empty, checked before any work
+            os.rename(tmp, out)
+        except OSError as e:
+            if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                raise
+            # found empty before the scoring, filled since (two calibrations given one --out):
+            # what is there now is left as it is
+            raise BundleError(f"--out {out} was empty when this calibration started and holds files now (another "
+                              "command wrote there meanwhile?): it is left as it is and this bundle was not "
+                              "written; run again with another --out") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -94,8 +94,10 @@ def fail(message: str, debug: bool, code: int = EXIT_FATAL):
 
 
 def _in_out(name: Path, out: Path) -> bool:
-    """``name`` is ``out``, inside it, or a temp file beside it that becomes it (calibrate's bundle)."""
-    return name == out or out in name.parents or (name.parent == out.parent and name.name.startswith(f".{out.name}."))
+    """``name`` is ``out``, inside it, or a temp file or folder beside it that becomes it, or a
+    file in that folder (calibrate's bundle: TEMP/model.pt)."""
+    return name == out or out in name.parents or any(
+        p.parent == out.parent and p.name.startswith(f".{out.name}.") for p in (name, *name.parents))
 
 
 def os_error_line(e: OSError, out: Path | None = None) -> str:
@@ -131,7 +133,7 @@ def run_fatal_errors(debug: bool, action, out: Path | None = None):
         fail(str(e), debug, EXIT_USAGE)
     except (BundleError, FolderBusy, MetadataError, LabelsError, EarlierResults, LedgerError,
             ResultsNotWritten) as e:
-        fail(str(e), debug)
+        fail(str(e), debug, getattr(e, "exit_code", EXIT_FATAL))  # an empty studies folder: 4
     except KeyboardInterrupt as e:  # a command without a graceful stop (scan has one): nothing half-written
         fail(str(e) or "interrupted (Ctrl-C): stopped; nothing was written", debug, exit_codes.INTERRUPTED)
     except OSError as e:

@@ -24,7 +24,7 @@ from .bundle import DEFAULT_BUNDLE, atomic_write_bytes, read_manifest, sha256_fi
 from .evidence import bundle_evidence
 from .findings import FINDINGS
 from .journal import STATE_DIR, EarlierResults
-from .labels import LabelsError, LabelTable, Matching, match_labels
+from .labels import LabelsError, LabelTable, Matching, NoStudyFiles, match_labels
 from .provenance import (CALIBRATION, CALIBRATION_IN_SAMPLE, TrainingImages, calibration_labels, overlap, pixel_key,
                          read_image_list)
 from .results import read_results
@@ -324,7 +324,7 @@ def run_evaluate(studies: Path, labels: LabelTable, out: Path, cfg: ScanConfig =
     pixels = any(listed and listed.pixels for listed in (training, calibration))
     try:
         summary = run_scan(studies, out, cfg, earlier="overwrite", metadata_option="--labels",  # an earlier evaluation here is replaced
-                           pixel_keys=pixels)
+                           pixel_keys=pixels, resumable=False)
     except BaseException as e:
         # stopped during the scan (Ctrl-C, a full disk): a results.csv there now is this scan's, so
         # marked as an evaluation's the same command replaces it, not refuses it as a scan's
@@ -335,6 +335,8 @@ def run_evaluate(studies: Path, labels: LabelTable, out: Path, cfg: ScanConfig =
                                     f"scored, no evaluation was written; the same command evaluates again") from None
         raise
     _mark_as_evaluated(out)
+    if summary.files_found == 0:  # not the labels' fault: said as scan says it, with its exit code
+        raise NoStudyFiles(f"no files under {studies}: nothing to evaluate (an unmounted share or a wrong path?)")
     data = labelled_results(read_results(summary.results), labels)
     if len(data.y) == 0:
         listed = f"{summary.results}'s file column and {labels.path}"

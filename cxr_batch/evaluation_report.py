@@ -236,9 +236,15 @@ def write_evaluation_pdf(ev: dict, y: np.ndarray, p: np.ndarray, path: Path, gen
 
 def save_pages(figures: Iterable[Figure], path: Path, title: str) -> Path:
     """Write ``figures`` as the pages of one PDF at ``path``, mode 0640, via a temp file and a
-    rename: a reader never sees half a report. Drawn in memory first: matplotlib writing to a
-    full disk as it draws hid the OSError behind a zlib error ('inconsistent stream state').
-    ``figures`` may be made one at a time (a generator): each is freed once written."""
+    rename: a reader never sees half a report."""
+    atomic_write_bytes(Path(path), pdf_pages(figures, title), mode=0o640)
+    return Path(path)
+
+
+def pdf_pages(figures: Iterable[Figure], title: str) -> bytes:
+    """``figures`` as the pages of one PDF. Drawn in memory: matplotlib writing to a full disk as
+    it draws hid the OSError behind a zlib error ('inconsistent stream state'). ``figures`` may
+    be made one at a time (a generator): each is freed once written."""
     buffer = io.BytesIO()
     # what the caller holds (monitor: every window's statistics of a year of studies) is set aside
     # from the collections below, which then walk only the pages' objects: walking it on every page
@@ -252,5 +258,4 @@ def save_pages(figures: Iterable[Figure], path: Path, title: str) -> Path:
                 gc.collect()
     finally:
         gc.unfreeze()
-    atomic_write_bytes(Path(path), buffer.getvalue(), mode=0o640)
-    return Path(path)
+    return buffer.getvalue()

@@ -60,17 +60,35 @@ def append_whole(fd: int, data: bytes) -> None:
 def atomic_write_bytes(path: Path, data: bytes, mode: int = FILE_MODE) -> None:
     """Write ``data`` to ``path`` via a temp file in the same folder, fsync and a rename: a
     reader sees the old file or the new one, never half of one."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    atomic_write_files({Path(path): data}, mode)
+
+
+def atomic_write_files(files: dict[Path, bytes], mode: int = FILE_MODE) -> None:
+    """Write each ``{path: data}`` via a temp file beside it, and rename them into place only
+    once every one is whole on disk: files that describe one run together (monitor.json and
+    monitor.pdf) are all new or all as they were, never a new one beside an old one, when the
+    disk fills up or the folder cannot be written. An OSError names the file it met (a write's
+    own carries no name: "error: : No space left on device")."""
+    temps: dict[Path, str] = {}
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
+        for path, data in files.items():
+            path = Path(path)
+            fd, temps[path] = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.chmod(temps[path], mode)
+            except OSError as e:
+                if not e.filename:
+                    e.filename = str(path)
+                raise
+        for path, tmp in temps.items():
+            os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        for tmp in temps.values():
+            Path(tmp).unlink(missing_ok=True)
         raise
 
 

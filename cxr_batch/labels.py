@@ -20,6 +20,7 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 import pandas as pd
 
+from . import exit_codes
 from .findings import FINDINGS, NO_FINDING, resolve_finding
 from .metadata import (NIH_PATIENT_COLUMNS, SAVE_AS_UTF8, SEPARATOR_LINE, excel_separator_line, first_non_utf8,
                        named_twice, not_csv, other_delimiter, rename_hint)
@@ -36,6 +37,14 @@ MISSING_VALUE_MARKS = {"nan", "na", "n/a", "#n/a", "none", "null"}
 
 class LabelsError(Exception):
     """A labels table that cannot be used; the message names the file and rows."""
+
+    exit_code = exit_codes.FATAL
+
+
+class NoStudyFiles(LabelsError):
+    """The studies folder of evaluate or calibrate held no file at all (exit 4, as scan's)."""
+
+    exit_code = exit_codes.NO_FILES
 
 
 def multi_hot(labels) -> np.ndarray:

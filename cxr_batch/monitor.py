@@ -34,7 +34,7 @@ from .drift import (DEFAULT_ALPHA, DEFAULT_MIN_STUDIES, EFFECT_NAMES, INVERTED_L
                     OTHER_FORMAT, PATIENT_MIX_EFFECT, SPARSE_TEST, TESTS, DriftError, check_reference, compare, make_reference, monitored,
                     output_fingerprint, outputs_comparable)
 from .display import format_time, plural
-from .files import atomic_write_bytes, private_dir
+from .files import atomic_write_files, private_dir
 from .findings import FINDINGS
 from .patient import MAX_PLAUSIBLE_AGE
 from .record import COLUMNS, DRIFT_COLUMNS, StudyRecord
@@ -590,11 +590,13 @@ def mixed_note(mixed: list[dict]) -> str:
 
 
 def write_outputs(report: dict, out: Path) -> None:
-    from .monitor_report import write_monitor_pdf
+    from .monitor_report import monitor_pdf
 
     private_dir(out)
-    atomic_write_bytes(out / "monitor.json", (json.dumps(report, indent=2) + "\n").encode())
-    write_monitor_pdf(report, out / "monitor.pdf")
+    # both in place or neither: a new monitor.json beside the last run's PDF (a full disk, a kill
+    # between the two) described windows the PDF did not show
+    atomic_write_files({out / "monitor.pdf": monitor_pdf(report),
+                        out / "monitor.json": (json.dumps(report, indent=2) + "\n").encode()})
 
 
 def chance_of_false_alarms(report: dict) -> str:

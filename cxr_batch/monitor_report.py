@@ -14,7 +14,6 @@ import datetime as dt
 import itertools
 import textwrap
 from collections.abc import Iterator
-from pathlib import Path
 
 import matplotlib
 
@@ -23,7 +22,7 @@ from matplotlib.figure import Figure  # noqa: E402
 
 from .display import format_time, plural  # noqa: E402
 from .drift import GROUPS, QUANTITIES  # noqa: E402
-from .evaluation_report import save_pages  # noqa: E402
+from .evaluation_report import pdf_pages  # noqa: E402
 
 A4 = (8.27, 11.69)
 ALARM, OK_COLOUR, REF = "#c0392b", "#1f5fa8", "#999999"
@@ -231,7 +230,7 @@ def _window_ticks(ax, xs: list[int]) -> None:
 
 def trend_pages(report: dict) -> Iterator[Figure]:
     """The trend pages one at a time: a page of a year of windows holds tens of thousands of
-    artists, so each is written (:func:`save_pages`) before the next is drawn, not all held."""
+    artists, so each is written (:func:`pdf_pages`) before the next is drawn, not all held."""
     per_page = PANELS[0] * PANELS[1]
     names = [q.name for q in sorted(QUANTITIES, key=lambda q: GROUPS.index(q.group))]
     for m in report["models"]:
@@ -259,7 +258,7 @@ def _trend_page(m: dict, names: list[str]) -> Figure:
     return fig
 
 
-def write_monitor_pdf(report: dict, path: Path) -> Path:
-    """Write the summary and trend pages to ``path`` (via a temp file and a rename)."""
-    return save_pages(itertools.chain([summary_page(report)], trend_pages(report)), path,
-                      "cxr-batch drift monitoring")
+def monitor_pdf(report: dict) -> bytes:
+    """The summary and trend pages, as a PDF's bytes."""
+    return pdf_pages(itertools.chain([summary_page(report)], trend_pages(report)), "cxr-batch drift monitoring")
+

@@ -109,7 +109,7 @@ class ScanSummary:
 
 def run_scan(studies: Path, out: Path, cfg: ScanConfig = ScanConfig(), earlier: str = "refuse",
              stop: StopSignal | None = None, metadata_option: str = "--metadata",
-             pixel_keys: bool = False) -> ScanSummary:
+             pixel_keys: bool = False, resumable: bool = True) -> ScanSummary:
     """Scan ``studies`` into ``out/results.csv``, and PDF reports into ``out/reports`` when
     ``cfg.pdf``. ``earlier``: what to do with an earlier scan's results in ``out`` ("refuse",
     "resume" or "overwrite", cxr_batch.journal); ``stop``: set (by SIGINT/SIGTERM) to end
@@ -117,6 +117,8 @@ def run_scan(studies: Path, out: Path, cfg: ScanConfig = ScanConfig(), earlier: 
     ``metadata_option``: the option that gave ``cfg.metadata``, as warnings about the table name it
     (evaluate's ``--labels``). ``pixel_keys``: the summary's ``pixel_keys`` are filled in, from
     the pixels decoded for scoring (evaluate compares them with a bundle's image lists).
+    ``resumable``: the command has --resume (evaluate has not: it scans again), as a stop by a
+    full disk says what to run next.
 
     Every refusal that needs no model comes first: the results folder inside the studies (or
     the reverse) or in a weights bundle (FolderOverlap, BundleError), a bad device
@@ -171,7 +173,8 @@ def run_scan(studies: Path, out: Path, cfg: ScanConfig = ScanConfig(), earlier: 
                                 "known; every report says so", bundle.label, evidence.problem)
                 if previous.found and previous.mode == "overwrite":
                     log.warning("%s of the earlier scan deleted", plural(previous.remove_outputs(), "file"))
-                run = ScanRun(studies, out, cfg, bundle, policy, reader, previous, stop, conflicts, held, pixel_keys)
+                run = ScanRun(studies, out, cfg, bundle, policy, reader, previous, stop, conflicts, held, pixel_keys,
+                              resumable)
                 return run.scan(candidates, files_found, metadata, match, settings, evidence.problem)
     except FolderBusy:  # the folder is another process's (it may have made it a moment ago): not touched
         raise
@@ -222,8 +225,9 @@ class ScanRun:
 
     def __init__(self, studies: Path, out: Path, cfg: ScanConfig, bundle, policy, reader, previous, stop,
                  uid_conflicts: dict[str, tuple[str, list[str], str]] | None = None,
-                 held: dict[str, str] | None = None, pixel_keys: bool = False):
+                 held: dict[str, str] | None = None, pixel_keys: bool = False, resumable: bool = True):
         self.studies, self.out, self.cfg, self.bundle, self.policy = studies, out, cfg, bundle, policy
+        self.resumable = resumable
         self.reader, self.previous, self.stop, self.pixel_keys = reader, previous, stop, pixel_keys
         self.uid_conflicts = uid_conflicts or {}  # rel: (uid, the other files, content), cxr_batch.keys.uid_conflicts
         self.held = held or {}  # rel: why it is not scored, for its row and the log (two_patient_studies)
@@ -253,14 +257,19 @@ class ScanRun:
 
     def not_written(self, e: OSError) -> str:
         what = f"{e.strerror or e} ({e.filename or 'the results folder'})"
+        if not self.resumable:  # evaluate: the same command replaces this scan (it has no --resume)
+            return (f"results not written: {what}; the scan stopped. Once the disk has room (or the folder can be "
+                    f"written), run the same command: it scans the studies again")
+        # the same command with --overwrite and --resume is a usage error
+        resume = "--resume in place of --overwrite" if self.previous.mode == "overwrite" else "--resume"
         if self.csv_done:
             return (f"results.csv is complete, but run.json could not be written: {what}; once the folder can be "
-                    f"written, the same command with --resume writes it (every row is kept)")
+                    f"written, the same command with {resume} writes it (every row is kept)")
         saved = self.kept + (self.record_log.written if self.record_log is not None else 0)
         return (f"results not written: {what}; the scan stopped. The {plural(saved, 'study')} scored so far "
                 f"{'is' if saved == 1 else 'are'} kept in its journal ({self.out / journal.STATE_DIR / journal.JOURNAL}): "
                 f"once the disk has room (or the folder "
-                f"can be written), run the same command with --resume to keep them and score the rest")
+                f"can be written), run the same command with {resume} to keep them and score the rest")
 
     def _scan(self, candidates, files_found: int, metadata, match, settings: dict,
               evidence_problem: str) -> ScanSummary:

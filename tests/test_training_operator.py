@@ -551,3 +551,65 @@ def test_a_run_that_fails_in_process_lets_go_of_its_run_folder(nih, tmp_path):
         assert "in use" not in str(failed.value)
     with FolderLock(tmp_path / "run", "train"):  # free for the next run, in this process or another
         pass
+
+
+@pytest.fixture()
+def disk_60m(tmp_path):
+    """A 60 MiB tmpfs: room for one DenseNet's weights (~39 MB), not two (needs root)."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=60m", "tmpfs", str(mount)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("mounting a tmpfs is not allowed here")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], capture_output=True)
+
+
+def test_a_disk_full_after_the_epochs_is_one_line_and_leaves_no_half_weights(nih, disk_60m):
+    """The disk fills after training, while the run's final weights are written (model_final.pt,
+    then the bundle): was a torch RuntimeError traceback ('unexpected pos 33353408 vs 33353296')
+    and a model_final.pt cut off at 34 of its 39 MB. Now one line naming the file and --resume,
+    no half file; with room again the same command with --resume ends with a bundle that loads."""
+    run = disk_60m / "run"
+    proc = train(nih / "images", nih / "labels.csv", run, "--epochs", 0)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    error = [line for line in proc.stderr.splitlines() if line.startswith("cxr-batch: error:")]
+    assert len(error) == 1 and f"{run}/" in error[0] and "No space left on device" in error[0], proc.stderr
+    assert "--resume" in error[0], error
+    assert not [p for p in run.rglob("*") if p.name.endswith(".tmp")]
+    assert not (run / "model_final.pt").exists() and not (run / "bundle" / "model.pt").exists()
+    subprocess.run(["mount", "-o", "remount,size=200m", str(disk_60m)], check=True)
+    proc = train(nih / "images", nih / "labels.csv", run, "--epochs", 0, "--resume")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    from cxr_batch.bundle import load_bundle
+    load_bundle(run / "bundle")
+
+
+def test_a_run_killed_while_its_bundle_was_written_leaves_no_temporary_file_in_the_bundle(tmp_path):
+    """SIGKILL while bundle/model.pt is written leaves a ~39 MB temporary file in bundle/: the
+    next run into the folder (--resume) removed those of the run folder only, so it stayed in
+    the bundle that is then shipped."""
+    from training.train import hold_run_folder
+
+    run = tmp_path / "run"
+    (run / "bundle").mkdir(parents=True)
+    left = run / "bundle" / ".model.pt.k3j2h1.tmp"
+    left.write_bytes(b"\0" * 1024)
+    (run / "bundle" / "model.pt").write_bytes(b"weights")
+    hold_run_folder(run).release()
+    assert not left.exists() and (run / "bundle" / "model.pt").exists()
+
+
+def test_resume_of_a_finished_run_is_refused_and_keeps_its_bundle(nih, tmp_path, small_bundle):
+    """--resume on a run whose bundle was written, with no epoch left to train (here an --epochs 0
+    run's), trained nothing and wrote the bundle again:
+    a new model.pt and manifest, so a new bundle_sha256, and the results scored with the
+    bundle no longer named it (monitor finds a results.csv's bundle by it)."""
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copytree(small_bundle, run / "bundle")  # as an --epochs 0 run leaves it: no checkpoint
+    before = folder_digest(run)
+    proc = train(nih / "images", nih / "labels.csv", run, "--resume")
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert "holds a finished run" in proc.stderr and "nothing to resume" in proc.stderr, proc.stderr
+    assert folder_digest(run) == before

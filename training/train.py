@@ -197,10 +197,22 @@ def input_identity(cfg: TrainConfig) -> dict:
 def check_resumable(path: Path, cfg: TrainConfig) -> None:
     """Refuse to resume the checkpoint at ``path`` under settings it was not trained with (another
     image size, table, image folder, recipe): the weights would go on learning from other inputs
-    and the bundle would describe only this command's. Raises ValueError before any work."""
+    and the bundle would describe only this command's; or a finished run (its bundle written)
+    with no epoch left to train: resumed, it wrote its bundle again (a new bundle_sha256, which
+    the results scored with it no longer name). Raises ValueError before any work."""
+    from cxr_batch.bundle import MANIFEST_FILE
+
+    bundle = path.parent / "bundle"
+    finished = (f"--out {path.parent} holds a finished run (its bundle in {bundle}): nothing to resume"
+                if (bundle / MANIFEST_FILE).is_file() else "")
     if not path.is_file():
+        if finished:
+            raise ValueError(f"{finished}; choose another --out, or remove that folder to train there again")
         return
     ckpt = load_checkpoint(path, "cpu")
+    if finished and ckpt["epoch"] + 1 >= cfg.epochs:  # more epochs train it on: a new bundle is meant then
+        raise ValueError(f"{finished} (it trained {ckpt['epoch'] + 1} of {cfg.epochs} epochs); give a larger --epochs "
+                         "to train it on, or choose another --out")
     saved, now = settings(ckpt.get("args") or {}), settings(cfg.to_dict())
     inputs = ckpt.get("inputs") or {}
     named = {k: json.loads(json.dumps(v)) == inputs[k] for k, v in input_identity(cfg).items() if k in inputs}
@@ -273,7 +285,7 @@ def hold_run_folder(out: Path):
         lock = FolderLock(out, "train", "wait for it to finish, or choose another --out").acquire()
     except FolderBusy as e:
         raise ValueError(str(e)) from None
-    if removed := remove_stale_temp(out):
+    if removed := remove_stale_temp(out, out / "bundle"):  # bundle/: its weights, written last
         log.info("removed %d temporary file(s) an interrupted run left in %s", removed, out)
     return lock
 
@@ -441,8 +453,10 @@ def run_stages(cfg: TrainConfig, resume: bool, held: contextlib.ExitStack) -> Pa
         return out
 
     # the model to evaluate and export: the best checkpoint, plus the patient prior if configured
+    # every file from here on whole or not at all, a full disk said as such (torch.save straight to
+    # a full disk raised a RuntimeError traceback and left a model_final.pt cut off)
     if not (out / "model_classification.pt").exists():  # epochs = 0: evaluate/export the initial weights
-        torch.save((ema.module if ema is not None else model).state_dict(), out / "model_classification.pt")
+        save_atomic((ema.module if ema is not None else model).state_dict(), out / "model_classification.pt")
     final = build_model(cfg.model).to(device, memory_format=torch.channels_last)
     final.load_state_dict(torch.load(out / "model_classification.pt", map_location=device, weights_only=True))
     prior_info = {"method": cfg.patient_prior}
@@ -450,13 +464,17 @@ def run_stages(cfg: TrainConfig, resume: bool, held: contextlib.ExitStack) -> Pa
         exact_val = evaluation_loader(cfg, parts["val"], prep, encoding)  # as inference preprocesses
         prior_info = apply_patient_prior(final, encode_patients(unique_train, encoding),
                                          multi_hot(unique_train["labels"]), exact_val, ctx.exact())
-    (out / PRIOR_INFO).write_text(json.dumps(prior_info, indent=2) + "\n")
+    write_run_file(out / PRIOR_INFO, (json.dumps(prior_info, indent=2) + "\n").encode())
     if not (out / HISTORY).exists():
-        (out / HISTORY).write_text(json.dumps(history, indent=2) + "\n")
-    torch.save(final.state_dict(), out / FINAL_WEIGHTS)
+        write_run_file(out / HISTORY, (json.dumps(history, indent=2) + "\n").encode())
+    save_atomic(final.state_dict(), out / FINAL_WEIGHTS)
 
     # stages 4-6 read what the stages above wrote
-    evaluate_run(cfg, out, ctx)
+    try:
+        evaluate_run(cfg, out, ctx)
+    except OSError as e:  # a full disk while the reports and the bundle are written: the weights stay
+        raise OSError(f"cannot write {e.filename or out} ({e.strerror or e}): the trained weights in {out} are "
+                      "kept; free space there and run the same command with --resume to finish the run") from None
     if world > 1:
         dist.destroy_process_group()
     return out
