@@ -1023,3 +1023,49 @@ def test_every_obx_says_when_the_image_was_acquired_and_when_the_result_was_made
     m = _parse(message)
     assert {o.obx_14.value for o in _observations(m)} == {"20240301101233-0500"}
     assert m.oru_r01_patient_result.oru_r01_order_observation.obr.obr_7.value == "20240301101500-0500"
+
+
+@pytest.mark.parametrize("acquired", ["00010101000000", "99991231235959", "00010101000000+1400"])
+def test_an_acquisition_time_at_the_end_of_the_calendar_is_no_obx_14_not_a_lost_result(tmp_path, nih_images,
+                                                                                        small_bundle, acquired,
+                                                                                        monkeypatch):
+    """An acquisition time without an offset is read in the local zone: one at the first or last
+    moment of the calendar (a modality's clock reset, a hostile header) is out of the range a
+    local time can be converted in (ValueError 'year 0 is out of range', OverflowError west of
+    UTC), raised outside what the ORU's maker catches: the scan's sending stopped at it, and the
+    study reached no RIS. Such a time is none: OBX-14 falls back to the study date/time."""
+    monkeypatch.setenv("TZ", "America/New_York")
+    time.tzset()
+    try:
+        studies = tmp_path / "studies"
+        write(studies / "a.dcm", grey(nih_images[0]), PatientID="P1", AccessionNumber="A1", StudyDate="20240301",
+              StudyTime="101500", AcquisitionDateTime=acquired)
+        (message,) = _scanned_to_ris(studies, tmp_path / "out", small_bundle)
+    finally:
+        monkeypatch.undo()
+        time.tzset()
+    m = _parse(message)
+    assert {o.obx_14.value for o in _observations(m)} == {"20240301101500-0500"}
+
+
+def test_an_acquisition_time_after_the_result_was_made_is_not_obx_14(scored, berlin):
+    """A modality whose clock is years ahead (or a hostile header) said an image was acquired in
+    2099: OBX-14 said so beside an OBX-19 of 2026, the result made 73 years before the image it
+    describes, and a RIS filing by OBX-14 filed the study in 2099. No image is acquired after its
+    result was made: such a time is none, the study date/time (else when the result was made)
+    stands in for it."""
+    from tests.conftest import DST_NIGHT_AFTER
+
+    records, bundle = scored
+    berlin(DST_NIGHT_AFTER)
+    made = "20261025021500+0100"
+    record = records["plain.dcm"]
+    cases = (({"acquisition_datetime": "20990101120000"}, "20240301101500+0100"),
+             ({"acquisition_datetime": "20261025021600+0100"}, "20240301101500+0100"),  # a minute after
+             ({"acquisition_datetime": "20261025021500+0100"}, made),  # the same moment
+             ({"acquisition_datetime": "20990101120000", "study_date": "20990101"}, made),
+             ({"acquisition_datetime": "18000101120000"}, "20240301101500+0100"))  # before X-rays
+    for changes, expected in cases:
+        ids = replace(record.ids, **{"acquisition_datetime": "", "timezone_offset": "", **changes})
+        m = _parse(oru_r01(replace(record, ids=ids), thresholds=bundle.thresholds))
+        assert {o.obx_14.value for o in _observations(m)} == {expected}, changes
