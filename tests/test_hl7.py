@@ -1069,3 +1069,20 @@ def test_an_acquisition_time_after_the_result_was_made_is_not_obx_14(scored, ber
         ids = replace(record.ids, **{"acquisition_datetime": "", "timezone_offset": "", **changes})
         m = _parse(oru_r01(replace(record, ids=ids), thresholds=bundle.thresholds))
         assert {o.obx_14.value for o in _observations(m)} == {expected}, changes
+
+
+def test_a_date_in_the_first_millennium_is_left_out_not_the_result(scored):
+    """A study or birth date of 00010101 (a modality's clock reset, a hostile header) is a real
+    date, but hl7apy writes a year before 1000 without its leading zeros ('10101'): it refused its
+    own message (HL7NotMade) and the study reached no RIS. Such a date is left out of OBR-7 and
+    PID-7 (OBX-14 then says when the result was made); the rest of the message stands."""
+    records, bundle = scored
+    record = records["plain.dcm"]
+    for changes in ({"study_date": "00010101"}, {"patient_birth_date": "00010101"},
+                    {"study_date": "09991231", "study_time": ""}):
+        ids = replace(record.ids, **{"acquisition_datetime": "", **changes})
+        m = _parse(oru_r01(replace(record, ids=ids), thresholds=bundle.thresholds))
+        order = m.oru_r01_patient_result.oru_r01_order_observation
+        assert not order.obr.obr_7.value.startswith(("0", "1010", "9991")), changes
+        assert not m.oru_r01_patient_result.oru_r01_patient.pid.pid_7.value.startswith(("0", "1010")), changes
+        assert len(_observations(m)) >= 16

@@ -170,8 +170,10 @@ def control_id(record: StudyRecord, revision: str = "") -> str:
 
 
 def _date(value: str) -> str:
-    """HL7 DT from a DICOM DA: 8 digits of a real date, else empty."""
-    return value if is_dicom_date(value) else ""
+    """HL7 DT from a DICOM DA: 8 digits of a real date, else empty. One before the year 1000
+    (00010101, a modality's clock reset) is none: hl7apy writes its year without the leading
+    zeros ('10101101500' in OBR-7, no TS), a message no RIS parses."""
+    return value if is_dicom_date(value) and value >= "1000" else ""
 
 
 def _study_datetime(record: StudyRecord) -> str:
