@@ -1086,3 +1086,85 @@ def test_a_date_in_the_first_millennium_is_left_out_not_the_result(scored):
         assert not order.obr.obr_7.value.startswith(("0", "1010", "9991")), changes
         assert not m.oru_r01_patient_result.oru_r01_patient.pid.pid_7.value.startswith(("0", "1010")), changes
         assert len(_observations(m)) >= 16
+
+
+# a hostile or broken modality's acquisition times (AcquisitionDateTime, else AcquisitionDate +
+# AcquisitionTime) and Timezone Offset From UTC, each with the OBX-14 it gives (the study was
+# at 20240301 101500, in New York: -0500 that day)
+_ACQUIRED = [
+    ({"AcquisitionDateTime": ""}, "20240301101500+0100"),
+    ({"AcquisitionDateTime": "0000"}, "20240301101500+0100"),
+    ({"AcquisitionDateTime": "99999999"}, "20240301101500+0100"),
+    ({"AcquisitionDate": "20261301", "AcquisitionTime": "101233"}, "20240301101500+0100"),
+    ({"AcquisitionDateTime": "2026"}, "20240301101500+0100"),
+    ({"AcquisitionDate": "20240301", "AcquisitionTime": "101233.123456"}, "20240301101233+0100"),
+    ({"AcquisitionDate": "20240301", "AcquisitionTime": "24:00"}, "20240301101500+0100"),
+    ({"AcquisitionDate": "20240301", "AcquisitionTime": "2400"}, "20240301101500+0100"),
+    ({"AcquisitionDateTime": "20240301101233+9999"}, "20240301101233+0100"),
+    ({"AcquisitionDateTime": "20240301101233-1500"}, "20240301101233+0100"),
+    ({"AcquisitionDateTime": "20240301101233+0560"}, "20240301101233+0100"),
+    ({"AcquisitionDateTime": "20240301101233-0330"}, "20240301101233-0330"),  # its own offset wins
+    ({"AcquisitionDateTime": "2024\u00b2301101233"}, "20240301101500+0100"),  # a superscript 2
+    ({"AcquisitionDateTime": ["20240301101233", "20240302101233"]}, "20240301101500+0100"),
+    ({"AcquisitionDateTime": "20240301101233|OBX\rZZZ"}, "20240301101500+0100"),
+    ({"AcquisitionDateTime": "21240301101233"}, "20240301101500+0100"),  # years after the study, and now
+    ({"AcquisitionDate": "240301", "AcquisitionTime": "101233"}, "20240301101500+0100"),  # a 2-digit year
+    ({"AcquisitionDateTime": "20240301101233", "TimezoneOffsetFromUTC": "+9999"}, "20240301101233-0500"),
+    ({"AcquisitionDateTime": "20240301101233", "TimezoneOffsetFromUTC": "-1500"}, "20240301101233-0500"),
+    ({"AcquisitionDateTime": "20240301101233", "TimezoneOffsetFromUTC": "+0560"}, "20240301101233-0500"),
+    # an Arabic-Indic digit (a UTF-8 header's SH), which Python's \d and int() take for a digit
+    ({"AcquisitionDateTime": "20240301101233", "TimezoneOffsetFromUTC": "+0\u066100",
+      "SpecificCharacterSet": "ISO_IR 192"}, "20240301101233-0500"),
+]
+
+
+def test_every_malformed_acquisition_time_gives_a_valid_obx_14_and_the_whole_message(tmp_path, nih_images,
+                                                                                   small_bundle, monkeypatch):
+    """A scan of studies whose headers say when they were acquired in every broken way a
+    modality or a hostile sender has (empty, a date only, no real date, fractions, 24:00, an
+    offset out of range or with 60 minutes, non-ASCII digits, two values, CR and '|', a 2-digit
+    year, a time a century ahead): each study's ORU reaches the RIS whole (every finding's OBX),
+    passes hl7apy's STRICT validation, and OBX-14 is the acquisition time where the header's is
+    one, else the study's; never a lost result or a segment of the header's making."""
+    monkeypatch.setenv("TZ", "America/New_York")
+    time.tzset()
+    try:
+        studies = tmp_path / "studies"
+        for k, (header, _) in enumerate(_ACQUIRED):
+            write(studies / f"{k:02d}.dcm", grey(nih_images[k % len(nih_images)]), PatientID=f"P{k}",
+                  AccessionNumber=f"A{k}", StudyDate="20240301", StudyTime="101500",
+                  **{"TimezoneOffsetFromUTC": "+0100", **header})
+        messages = _scanned_to_ris(studies, tmp_path / "out", small_bundle)
+    finally:
+        monkeypatch.undo()
+        time.tzset()
+    seen = {}
+    for message in messages:
+        assert "ZZZ" not in message and message.count("\rOBX|") >= len(FINDINGS) + 1
+        m = _parse(message)
+        order = m.oru_r01_patient_result.oru_r01_order_observation
+        seen[order.obr.obr_18.value] = {o.obx_14.value for o in _observations(m)}
+    assert seen == {f"A{k}": {expected} for k, (_, expected) in enumerate(_ACQUIRED)}
+
+
+def test_a_time_in_another_script_s_digits_is_none_not_a_lost_result(scored, berlin):
+    """Python's \\d (and int()) takes any script's digit: a Timezone Offset From UTC with an
+    Arabic-Indic one (a UTF-8 header's SH, '+0\u066000') passed as an offset, went into OBR-7
+    as it was, and hl7apy refused the message: the study reached no RIS. An offset, a study
+    time and an acquisition time are of ASCII digits, as DICOM writes them; another is none."""
+    from tests.conftest import DST_NIGHT_AFTER
+
+    records, bundle = scored
+    berlin(DST_NIGHT_AFTER)
+    record = records["plain.dcm"]
+    arabic_zero = "\u0660"
+    for changes, obr_7, obx_14 in (
+            ({"timezone_offset": f"+0{arabic_zero}00"}, "20240301101500", "20240301101500+0100"),
+            ({"study_time": f"1{arabic_zero}1500"}, "20240301", "20261025021500+0100"),
+            ({"acquisition_datetime": f"202403011{arabic_zero}1233"}, "20240301101500", "20240301101500+0100"),
+            ({"acquisition_datetime": f"20240301101233+0{arabic_zero}00"}, "20240301101500",
+             "20240301101500+0100")):
+        ids = replace(record.ids, **{"acquisition_datetime": "", "timezone_offset": "", **changes})
+        m = _parse(oru_r01(replace(record, ids=ids), thresholds=bundle.thresholds))
+        assert m.oru_r01_patient_result.oru_r01_order_observation.obr.obr_7.value == obr_7, changes
+        assert {o.obx_14.value for o in _observations(m)} == {obx_14}, changes

@@ -182,14 +182,14 @@ def _study_datetime(record: StudyRecord) -> str:
     in the sender's zone, MSH-7's, not the modality's."""
     date = _date(record.ids.study_date)
     time_of_day = record.ids.study_time.split(".")[0]
-    if date and re.fullmatch(r"([01]\d|2[0-3])[0-5]\d([0-5]\d)?", time_of_day):
+    if date and re.fullmatch(r"([01]\d|2[0-3])[0-5]\d([0-5]\d)?", time_of_day, re.ASCII):
         offset = record.ids.timezone_offset
         return date + time_of_day + (offset if clock.valid_offset(offset) else "")
     return date
 
 
 # a DICOM DT to the second (YYYYMMDDHHMM[SS][.F][+ZZZZ]): an acquisition time
-_DICOM_DT = re.compile(r"(\d{8})([01]\d|2[0-3])([0-5]\d)([0-5]\d)?(?:\.\d{1,6})?([+-]\d{4})?")
+_DICOM_DT = re.compile(r"(\d{8})([01]\d|2[0-3])([0-5]\d)([0-5]\d)?(?:\.\d{1,6})?([+-]\d{4})?", re.ASCII)
 
 
 def _observation_time(record: StudyRecord, made: dt.datetime) -> str:
