@@ -12,8 +12,10 @@ from __future__ import annotations
 import datetime as dt
 import re
 
-# DICOM's Timezone Offset From UTC (PS3.3 C.12.1.1.8): -1200 to +1400
-_OFFSET = re.compile(r"([+-])(0\d|1[0-4])([0-5]\d)")
+# DICOM's Timezone Offset From UTC (PS3.3 C.12.1.1.8): -1200 to +1400. ASCII digits only: a
+# str pattern's \d (and int()) takes any script's ('+0\u066100' in a UTF-8 header's SH), which
+# went out as is in OBR-7 and the SR, and hl7apy refused the ORU: the study reached no RIS
+_OFFSET = re.compile(r"([+-])(0\d|1[0-4])([0-5]\d)", re.ASCII)
 
 
 def utc_now() -> dt.datetime:

@@ -1023,3 +1023,148 @@ def test_every_obx_says_when_the_image_was_acquired_and_when_the_result_was_made
     m = _parse(message)
     assert {o.obx_14.value for o in _observations(m)} == {"20240301101233-0500"}
     assert m.oru_r01_patient_result.oru_r01_order_observation.obr.obr_7.value == "20240301101500-0500"
+
+
+@pytest.mark.parametrize("acquired", ["00010101000000", "99991231235959", "00010101000000+1400"])
+def test_an_acquisition_time_at_the_end_of_the_calendar_is_no_obx_14_not_a_lost_result(tmp_path, nih_images,
+                                                                                        small_bundle, acquired,
+                                                                                        monkeypatch):
+    """An acquisition time without an offset is read in the local zone: one at the first or last
+    moment of the calendar (a modality's clock reset, a hostile header) is out of the range a
+    local time can be converted in (ValueError 'year 0 is out of range', OverflowError west of
+    UTC), raised outside what the ORU's maker catches: the scan's sending stopped at it, and the
+    study reached no RIS. Such a time is none: OBX-14 falls back to the study date/time."""
+    monkeypatch.setenv("TZ", "America/New_York")
+    time.tzset()
+    try:
+        studies = tmp_path / "studies"
+        write(studies / "a.dcm", grey(nih_images[0]), PatientID="P1", AccessionNumber="A1", StudyDate="20240301",
+              StudyTime="101500", AcquisitionDateTime=acquired)
+        (message,) = _scanned_to_ris(studies, tmp_path / "out", small_bundle)
+    finally:
+        monkeypatch.undo()
+        time.tzset()
+    m = _parse(message)
+    assert {o.obx_14.value for o in _observations(m)} == {"20240301101500-0500"}
+
+
+def test_an_acquisition_time_after_the_result_was_made_is_not_obx_14(scored, berlin):
+    """A modality whose clock is years ahead (or a hostile header) said an image was acquired in
+    2099: OBX-14 said so beside an OBX-19 of 2026, the result made 73 years before the image it
+    describes, and a RIS filing by OBX-14 filed the study in 2099. No image is acquired after its
+    result was made: such a time is none, the study date/time (else when the result was made)
+    stands in for it."""
+    from tests.conftest import DST_NIGHT_AFTER
+
+    records, bundle = scored
+    berlin(DST_NIGHT_AFTER)
+    made = "20261025021500+0100"
+    record = records["plain.dcm"]
+    cases = (({"acquisition_datetime": "20990101120000"}, "20240301101500+0100"),
+             ({"acquisition_datetime": "20261025021600+0100"}, "20240301101500+0100"),  # a minute after
+             ({"acquisition_datetime": "20261025021500+0100"}, made),  # the same moment
+             ({"acquisition_datetime": "20990101120000", "study_date": "20990101"}, made),
+             ({"acquisition_datetime": "18000101120000"}, "20240301101500+0100"))  # before X-rays
+    for changes, expected in cases:
+        ids = replace(record.ids, **{"acquisition_datetime": "", "timezone_offset": "", **changes})
+        m = _parse(oru_r01(replace(record, ids=ids), thresholds=bundle.thresholds))
+        assert {o.obx_14.value for o in _observations(m)} == {expected}, changes
+
+
+def test_a_date_in_the_first_millennium_is_left_out_not_the_result(scored):
+    """A study or birth date of 00010101 (a modality's clock reset, a hostile header) is a real
+    date, but hl7apy writes a year before 1000 without its leading zeros ('10101'): it refused its
+    own message (HL7NotMade) and the study reached no RIS. Such a date is left out of OBR-7 and
+    PID-7 (OBX-14 then says when the result was made); the rest of the message stands."""
+    records, bundle = scored
+    record = records["plain.dcm"]
+    for changes in ({"study_date": "00010101"}, {"patient_birth_date": "00010101"},
+                    {"study_date": "09991231", "study_time": ""}):
+        ids = replace(record.ids, **{"acquisition_datetime": "", **changes})
+        m = _parse(oru_r01(replace(record, ids=ids), thresholds=bundle.thresholds))
+        order = m.oru_r01_patient_result.oru_r01_order_observation
+        assert not order.obr.obr_7.value.startswith(("0", "1010", "9991")), changes
+        assert not m.oru_r01_patient_result.oru_r01_patient.pid.pid_7.value.startswith(("0", "1010")), changes
+        assert len(_observations(m)) >= 16
+
+
+# a hostile or broken modality's acquisition times (AcquisitionDateTime, else AcquisitionDate +
+# AcquisitionTime) and Timezone Offset From UTC, each with the OBX-14 it gives (the study was
+# at 20240301 101500, in New York: -0500 that day)
+_ACQUIRED = [
+    ({"AcquisitionDateTime": ""}, "20240301101500+0100"),
+    ({"AcquisitionDateTime": "0000"}, "20240301101500+0100"),
+    ({"AcquisitionDateTime": "99999999"}, "20240301101500+0100"),
+    ({"AcquisitionDate": "20261301", "AcquisitionTime": "101233"}, "20240301101500+0100"),
+    ({"AcquisitionDateTime": "2026"}, "20240301101500+0100"),
+    ({"AcquisitionDate": "20240301", "AcquisitionTime": "101233.123456"}, "20240301101233+0100"),
+    ({"AcquisitionDate": "20240301", "AcquisitionTime": "24:00"}, "20240301101500+0100"),
+    ({"AcquisitionDate": "20240301", "AcquisitionTime": "2400"}, "20240301101500+0100"),
+    ({"AcquisitionDateTime": "20240301101233+9999"}, "20240301101233+0100"),
+    ({"AcquisitionDateTime": "20240301101233-1500"}, "20240301101233+0100"),
+    ({"AcquisitionDateTime": "20240301101233+0560"}, "20240301101233+0100"),
+    ({"AcquisitionDateTime": "20240301101233-0330"}, "20240301101233-0330"),  # its own offset wins
+    ({"AcquisitionDateTime": "2024\u00b2301101233"}, "20240301101500+0100"),  # a superscript 2
+    ({"AcquisitionDateTime": ["20240301101233", "20240302101233"]}, "20240301101500+0100"),
+    ({"AcquisitionDateTime": "20240301101233|OBX\rZZZ"}, "20240301101500+0100"),
+    ({"AcquisitionDateTime": "21240301101233"}, "20240301101500+0100"),  # years after the study, and now
+    ({"AcquisitionDate": "240301", "AcquisitionTime": "101233"}, "20240301101500+0100"),  # a 2-digit year
+    ({"AcquisitionDateTime": "20240301101233", "TimezoneOffsetFromUTC": "+9999"}, "20240301101233-0500"),
+    ({"AcquisitionDateTime": "20240301101233", "TimezoneOffsetFromUTC": "-1500"}, "20240301101233-0500"),
+    ({"AcquisitionDateTime": "20240301101233", "TimezoneOffsetFromUTC": "+0560"}, "20240301101233-0500"),
+    # an Arabic-Indic digit (a UTF-8 header's SH), which Python's \d and int() take for a digit
+    ({"AcquisitionDateTime": "20240301101233", "TimezoneOffsetFromUTC": "+0\u066100",
+      "SpecificCharacterSet": "ISO_IR 192"}, "20240301101233-0500"),
+]
+
+
+def test_every_malformed_acquisition_time_gives_a_valid_obx_14_and_the_whole_message(tmp_path, nih_images,
+                                                                                   small_bundle, monkeypatch):
+    """A scan of studies whose headers say when they were acquired in every broken way a
+    modality or a hostile sender has (empty, a date only, no real date, fractions, 24:00, an
+    offset out of range or with 60 minutes, non-ASCII digits, two values, CR and '|', a 2-digit
+    year, a time a century ahead): each study's ORU reaches the RIS whole (every finding's OBX),
+    passes hl7apy's STRICT validation, and OBX-14 is the acquisition time where the header's is
+    one, else the study's; never a lost result or a segment of the header's making."""
+    monkeypatch.setenv("TZ", "America/New_York")
+    time.tzset()
+    try:
+        studies = tmp_path / "studies"
+        for k, (header, _) in enumerate(_ACQUIRED):
+            write(studies / f"{k:02d}.dcm", grey(nih_images[k % len(nih_images)]), PatientID=f"P{k}",
+                  AccessionNumber=f"A{k}", StudyDate="20240301", StudyTime="101500",
+                  **{"TimezoneOffsetFromUTC": "+0100", **header})
+        messages = _scanned_to_ris(studies, tmp_path / "out", small_bundle)
+    finally:
+        monkeypatch.undo()
+        time.tzset()
+    seen = {}
+    for message in messages:
+        assert "ZZZ" not in message and message.count("\rOBX|") >= len(FINDINGS) + 1
+        m = _parse(message)
+        order = m.oru_r01_patient_result.oru_r01_order_observation
+        seen[order.obr.obr_18.value] = {o.obx_14.value for o in _observations(m)}
+    assert seen == {f"A{k}": {expected} for k, (_, expected) in enumerate(_ACQUIRED)}
+
+
+def test_a_time_in_another_script_s_digits_is_none_not_a_lost_result(scored, berlin):
+    """Python's \\d (and int()) takes any script's digit: a Timezone Offset From UTC with an
+    Arabic-Indic one (a UTF-8 header's SH, '+0\u066000') passed as an offset, went into OBR-7
+    as it was, and hl7apy refused the message: the study reached no RIS. An offset, a study
+    time and an acquisition time are of ASCII digits, as DICOM writes them; another is none."""
+    from tests.conftest import DST_NIGHT_AFTER
+
+    records, bundle = scored
+    berlin(DST_NIGHT_AFTER)
+    record = records["plain.dcm"]
+    arabic_zero = "\u0660"
+    for changes, obr_7, obx_14 in (
+            ({"timezone_offset": f"+0{arabic_zero}00"}, "20240301101500", "20240301101500+0100"),
+            ({"study_time": f"1{arabic_zero}1500"}, "20240301", "20261025021500+0100"),
+            ({"acquisition_datetime": f"202403011{arabic_zero}1233"}, "20240301101500", "20240301101500+0100"),
+            ({"acquisition_datetime": f"20240301101233+0{arabic_zero}00"}, "20240301101500",
+             "20240301101500+0100")):
+        ids = replace(record.ids, **{"acquisition_datetime": "", "timezone_offset": "", **changes})
+        m = _parse(oru_r01(replace(record, ids=ids), thresholds=bundle.thresholds))
+        assert m.oru_r01_patient_result.oru_r01_order_observation.obr.obr_7.value == obr_7, changes
+        assert {o.obx_14.value for o in _observations(m)} == {obx_14}, changes

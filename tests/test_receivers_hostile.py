@@ -528,3 +528,25 @@ def test_a_ris_host_name_with_an_empty_or_overlong_label_is_refused_and_never_bl
     stats = ledger.outbound_stats(time.time(), "hl7")
     assert stats["queued"] == 1 and stats["refused"] == 0 and (out / "hl7" / "CTRL1.hl7").is_file()
     ledger.close()
+
+
+@pytest.mark.parametrize("host", ["[::1]", "[::ffff:127.0.0.1]", "127.0.0.1", "localhost", "LOCALHOST.",
+                                  "ris.example.org.", "RIS.Example.ORG", "xn--mller-kva.de", "ris_1.local",
+                                  ("r" * 63 + ".") * 3 + "r" * 61, ("r" * 63 + ".") * 3 + "r" * 61 + "."])
+def test_a_receiver_host_a_connection_can_be_made_to_is_taken(host):
+    """The host check refuses only what Python's IDNA codec refuses at every connection: an IPv6
+    literal, an IPv4 address, a name in capitals, with a trailing dot (fully qualified) or in
+    its internationalised (xn--) form are taken. DNS's 253 characters are the name's without the
+    trailing dot: a 253-character name written fully qualified (254 with its dot) was refused as
+    'a label between dots is empty or over 63 characters', which none was."""
+    assert Endpoint.parse(f"{host}:2575").host == host.strip("[]")
+    assert Destination.parse(f"PACS@{host}:104").host == host.strip("[]")
+    host.strip("[]").encode("idna")  # what a connection does with it
+
+
+def test_a_receiver_host_name_over_253_characters_is_refused_saying_so():
+    """A name longer than DNS's 253 characters (its trailing dot aside) is refused for its
+    length, not for a label it does not have."""
+    host = ("r" * 63 + ".") * 4
+    with pytest.raises(ValueError, match="253"):
+        Endpoint.parse(f"{host}:2575")

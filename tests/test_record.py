@@ -101,3 +101,20 @@ def test_a_ledger_record_with_the_source_s_utc_offset_still_opens_in_the_release
     assert back == record and back.ids.timezone_offset == "-0500"
     later = {**data, "ids": {**data["ids"], "some_later_identifier": "x"}}
     assert StudyRecord.from_json(later) == record
+
+
+def test_a_ledger_record_keeps_when_its_image_was_acquired_and_one_written_before_still_opens():
+    """The acquisition time (OBX-14's source) is kept apart in "ids_more" with the offset, so a
+    daemon restarted on its ledger resends an ORU with the same OBX-14; a record written before
+    it existed (no "ids_more", or one with the offset alone) opens with none, and the release
+    before this one (which knows only "ids") finds nothing in "ids" it does not know."""
+    from dataclasses import replace
+
+    record = scored_record()
+    record.ids = replace(record.ids, timezone_offset="-0500", acquisition_datetime="20240301101233.5+0900")
+    data = record.to_json()
+    assert "acquisition_datetime" not in data["ids"]
+    assert StudyRecord.from_json(data).ids.acquisition_datetime == "20240301101233.5+0900"
+    for older in ({k: v for k, v in data.items() if k != "ids_more"}, {**data, "ids_more": {"timezone_offset": "-0500"}}):
+        back = StudyRecord.from_json(older)
+        assert back.ids.acquisition_datetime == "" and back.ids.patient_id == record.ids.patient_id

@@ -42,9 +42,11 @@ def host_problem(host: str) -> str | None:
     dot (a fully qualified name) is fine."""
     if ":" in host:  # an IPv6 address
         return None
-    labels = host[:-1].split(".") if host.endswith(".") else host.split(".")
-    if not all(1 <= len(label) <= 63 for label in labels) or len(host) > 253:
+    name = host[:-1] if host.endswith(".") else host
+    if not all(1 <= len(label) <= 63 for label in name.split(".")):
         return f"host {host!r} is not a valid host name (a label between dots is empty or over 63 characters)"
+    if len(name) > 253:  # DNS's longest name, its trailing dot aside (a 253-character name may have one)
+        return f"host {host!r} is not a valid host name (over 253 characters)"
     return None
 
 

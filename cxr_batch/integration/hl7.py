@@ -170,8 +170,10 @@ def control_id(record: StudyRecord, revision: str = "") -> str:
 
 
 def _date(value: str) -> str:
-    """HL7 DT from a DICOM DA: 8 digits of a real date, else empty."""
-    return value if is_dicom_date(value) else ""
+    """HL7 DT from a DICOM DA: 8 digits of a real date, else empty. One before the year 1000
+    (00010101, a modality's clock reset) is none: hl7apy writes its year without the leading
+    zeros ('10101101500' in OBR-7, no TS), a message no RIS parses."""
+    return value if is_dicom_date(value) and value >= "1000" else ""
 
 
 def _study_datetime(record: StudyRecord) -> str:
@@ -180,14 +182,14 @@ def _study_datetime(record: StudyRecord) -> str:
     in the sender's zone, MSH-7's, not the modality's."""
     date = _date(record.ids.study_date)
     time_of_day = record.ids.study_time.split(".")[0]
-    if date and re.fullmatch(r"([01]\d|2[0-3])[0-5]\d([0-5]\d)?", time_of_day):
+    if date and re.fullmatch(r"([01]\d|2[0-3])[0-5]\d([0-5]\d)?", time_of_day, re.ASCII):
         offset = record.ids.timezone_offset
         return date + time_of_day + (offset if clock.valid_offset(offset) else "")
     return date
 
 
 # a DICOM DT to the second (YYYYMMDDHHMM[SS][.F][+ZZZZ]): an acquisition time
-_DICOM_DT = re.compile(r"(\d{8})([01]\d|2[0-3])([0-5]\d)([0-5]\d)?(?:\.\d{1,6})?([+-]\d{4})?")
+_DICOM_DT = re.compile(r"(\d{8})([01]\d|2[0-3])([0-5]\d)([0-5]\d)?(?:\.\d{1,6})?([+-]\d{4})?", re.ASCII)
 
 
 def _observation_time(record: StudyRecord, made: dt.datetime) -> str:
@@ -197,22 +199,46 @@ def _observation_time(record: StudyRecord, made: dt.datetime) -> str:
     probabilities describe the chest as imaged, so it is when the image was acquired (the
     header's AcquisitionDateTime, or AcquisitionDate + AcquisitionTime), else the study's date
     and time (OBR-7, which HL7 reads in OBX-14's place), else ``made``, the time of the result
-    (the latest the image can have been made; OBX-19 says it in every OBX). The offset is the
+    (the latest the image can have been made; OBX-19 says it in every OBX): a time after it,
+    or before X-rays were, is none (:func:`_observed`). The offset is the
     time's own, else the source's Timezone Offset From UTC, else the local zone's at that moment:
     what HL7 reads a time without one as, said, so an engine filing by it compares like with
     like."""
     ids = record.ids
-    m = _DICOM_DT.fullmatch(ids.acquisition_datetime)
+    for text in (ids.acquisition_datetime, _date(ids.study_date) + ids.study_time.split(".")[0]):
+        observed = _observed(text, ids.timezone_offset, made)
+        if observed:
+            return observed
+    return made.strftime("%Y%m%d%H%M%S") + clock.utc_offset(made)
+
+
+_FIRST_X_RAY = dt.datetime(1895, 11, 8, tzinfo=dt.timezone.utc)
+
+
+def _observed(text: str, timezone_offset: str, made: dt.datetime) -> str:
+    """A DICOM DT as HL7 TS (to the minute or second, its fraction left out) with its UTC
+    offset: its own, else the source's ``timezone_offset``, else the local zone's at that
+    moment. Empty when it is not when an image of a result made at ``made`` was acquired: not a
+    DT, after ``made`` or before X-rays were (a modality's clock reset or wrong, a hostile
+    header). A local time at the ends of the calendar cannot be converted (ValueError 'year 0
+    is out of range' stopped the ORUs of a whole scan), and a year before 1000 came out of
+    hl7apy without its leading zeros (00010101 as 10101: no TS)."""
+    m = _DICOM_DT.fullmatch(text)
     if m is None or not _date(m[1]):
-        m = _DICOM_DT.fullmatch(_date(ids.study_date) + ids.study_time.split(".")[0])
-    if m is None or not _date(m[1]):
-        return made.strftime("%Y%m%d%H%M%S") + clock.utc_offset(made)
+        return ""
     moment = m[1] + m[2] + m[3] + (m[4] or "")
-    offset = next((o for o in (m[5], ids.timezone_offset) if clock.valid_offset(o or "")), None)
-    if offset is None:
-        naive = dt.datetime.strptime(m[1] + m[2] + m[3], "%Y%m%d%H%M")
-        offset = clock.utc_offset(clock.aware(naive))
-    return moment + offset
+    offset = next((o for o in (m[5], timezone_offset) if clock.valid_offset(o or "")), None)
+    try:
+        naive = dt.datetime.strptime(moment.ljust(14, "0"), "%Y%m%d%H%M%S")
+        if offset is None:
+            observed = clock.aware(naive)
+        else:
+            observed = naive.replace(tzinfo=dt.datetime.strptime(offset, "%z").tzinfo)
+        if not _FIRST_X_RAY <= observed <= made:
+            return ""
+    except (ValueError, OverflowError):
+        return ""
+    return moment + clock.utc_offset(observed)
 
 
 # XPN-8, name representation code (HL7 table 4000), of DICOM PN's component groups in their order
