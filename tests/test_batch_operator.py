@@ -10,20 +10,13 @@ import shutil
 
 from .test_evaluate_calibrate import cli_here as here
 from .test_monitor_same_output import synthetic_results
+from .test_watch_faults import fill as fill_volume
 
 
 def fill(disk, leave: int) -> None:
     """Fill the tmpfs ``disk`` until only about ``leave`` bytes are free."""
-    filler = disk / "filler"
-    with open(filler, "wb") as f:
-        try:
-            while True:
-                f.write(b"\0" * 65536)
-                f.flush()
-        except OSError:
-            pass
-    size = filler.stat().st_size
-    os.truncate(filler, max(size - leave, 0))
+    filler = fill_volume(disk)
+    os.truncate(filler, max(filler.stat().st_size - leave, 0))
 
 
 def hashes(folder):

@@ -1201,19 +1201,8 @@ def test_a_copy_that_pauses_after_its_pixel_data_is_scored_once_not_corrected(tm
     second SR and ORU). The file grew from what was scored: its result stands, and a copy of
     the whole file sent later is a duplicate, not a third version."""
     incoming, out, source = tmp_path / "in", tmp_path / "out", tmp_path / "source"
-    incoming.mkdir()
-    ds = pydicom.dcmread(write(source / "IM1.dcm", grey(nih_images[0])))
-    ds.add_new(0xFFFCFFFC, "OB", b"\x00" * 4096)  # data set trailing padding, after the pixel data
-    ds.save_as(source / "IM1.dcm", enforce_file_format=True)
-    data = (source / "IM1.dcm").read_bytes()
-    cut = data.index(b"\xfc\xff\xfc\xff")
-    daemon = start_daemon(incoming, out, small_bundle, watch_config(tmp_path / "w.toml", settle=0.3))
+    daemon = copy_pausing_after_pixel_data(tmp_path, nih_images[0], small_bundle, padding=4096)
     try:
-        with open(incoming / "IM1.dcm", "wb") as f:
-            f.write(data[:cut])
-            f.flush()
-            assert wait_for(lambda: len(ok_rows(out)) == 1, timeout=60)  # the pause: its beginning is scored
-            f.write(data[cut:])
         time.sleep(4)  # settle, a batch
         shutil.copy(source / "IM1.dcm", incoming / "IM1_again.dcm")  # the whole file sent again
         time.sleep(3)
@@ -1292,10 +1281,23 @@ def test_a_scored_file_that_grows_by_more_than_trailing_bytes_is_scored_again_un
     signature. Growth past a mebibyte is taken as another version and scored again (in the
     sandbox), never parsed whole by the daemon itself: a sender growing a scored file towards
     the size limit made the daemon read and parse all of it, twice."""
+    out = tmp_path / "out"
+    daemon = copy_pausing_after_pixel_data(tmp_path, nih_images[0], small_bundle, padding=2 << 20)
+    try:
+        assert wait_for(lambda: status(out).get("superseded") == 1, timeout=60), rows_now(out)
+    finally:
+        assert stop(daemon) == 0
+    assert [r["status"] for r in rows_now(out)] == ["ok"]
+    assert "grew after it was scored" not in daemon.stderr.read()
+
+
+def copy_pausing_after_pixel_data(tmp_path, image, small_bundle, padding: int):
+    """A daemon on tmp_path/in, and a DICOM copy into it written up to the end of its pixel
+    data, scored, then the rest written (``padding`` bytes of data set trailing padding)."""
     incoming, out, source = tmp_path / "in", tmp_path / "out", tmp_path / "source"
     incoming.mkdir()
-    ds = pydicom.dcmread(write(source / "IM1.dcm", grey(nih_images[0])))
-    ds.add_new(0xFFFCFFFC, "OB", b"\x00" * (2 << 20))  # two MiB of trailing padding
+    ds = pydicom.dcmread(write(source / "IM1.dcm", grey(image)))
+    ds.add_new(0xFFFCFFFC, "OB", b"\x00" * padding)  # data set trailing padding, after the pixel data
     ds.save_as(source / "IM1.dcm", enforce_file_format=True)
     data = (source / "IM1.dcm").read_bytes()
     cut = data.index(b"\xfc\xff\xfc\xff")
@@ -1304,10 +1306,9 @@ def test_a_scored_file_that_grows_by_more_than_trailing_bytes_is_scored_again_un
         with open(incoming / "IM1.dcm", "wb") as f:
             f.write(data[:cut])
             f.flush()
-            assert wait_for(lambda: len(ok_rows(out)) == 1, timeout=60)
+            assert wait_for(lambda: len(ok_rows(out)) == 1, timeout=60)  # the pause: its beginning is scored
             f.write(data[cut:])
-        assert wait_for(lambda: status(out).get("superseded") == 1, timeout=60), rows_now(out)
-    finally:
-        assert stop(daemon) == 0
-    assert [r["status"] for r in rows_now(out)] == ["ok"]
-    assert "grew after it was scored" not in daemon.stderr.read()
+    except BaseException:
+        stop(daemon)
+        raise
+    return daemon
