@@ -80,7 +80,8 @@ class CalibrateOptions:
         parse_rule(self.thresholds)  # a bad rule fails before any scoring
         # recorded as written in the manifest, where 'keep' is looked for: 'KEEP' must read as 'keep'
         name, colon, target = self.thresholds.strip().partition(":")
-        self.thresholds = name.strip().lower() + colon + target.strip()
+        # 'keep:' is keep: recorded as 'keep:', reports took it for a rule that chose new points
+        self.thresholds = name.strip().lower() + (colon + target.strip() if target.strip() else "")
 
 
 @dataclass
