@@ -80,7 +80,8 @@ class CalibrateOptions:
         parse_rule(self.thresholds)  # a bad rule fails before any scoring
         # recorded as written in the manifest, where 'keep' is looked for: 'KEEP' must read as 'keep'
         name, colon, target = self.thresholds.strip().partition(":")
-        self.thresholds = name.strip().lower() + colon + target.strip()
+        # 'keep:' is keep: recorded as 'keep:', reports took it for a rule that chose new points
+        self.thresholds = name.strip().lower() + (colon + target.strip() if target.strip() else "")
 
 
 @dataclass
@@ -254,8 +255,9 @@ def provenance_record(base: Bundle, labels: LabelTable, studies: Path, report: F
         "date": date.isoformat(timespec="seconds"),
         "tool": f"cxr-batch {__version__} calibrate",
         "command": " ".join(sys.argv),
-        "metrics_note": "'metrics' are the base bundle's, measured before this calibration, without its per-finding "
-                        "counts (measured at its thresholds); AUROC is unchanged by calibration "
+        "metrics_note": "'metrics' are the base bundle's, measured before this calibration, with its per-finding "
+                        "counts (measured at its thresholds) only for the findings whose threshold is the base's moved "
+                        "with the calibration (the same studies flag); AUROC is unchanged by calibration "
                         "(slopes are positive), thresholds and flags are not",
     }
 
@@ -359,8 +361,16 @@ def run_calibrate(studies: Path, labels: LabelTable, out: Path, opts: CalibrateO
     # the thresholds with the calibration so the same studies flag: the counts still hold, and
     # dropping them left reports with only the kinder out-of-fold figure (v3's pneumothorax: 0.23
     # out of fold, flagged 0 of 10 held out)
-    base_metrics = {k: v for k, v in (base.manifest.get("metrics") or {}).items()
-                    if k != "per_finding" or name == "keep"}
+    # A rule that moved only some findings leaves the others at the base's points moved with the
+    # calibration: their counts still hold (dropped with the rest, a pneumothorax left at the base's
+    # point lost its 'flagged 0 of 10 held-out images' on every report)
+    base_metrics = dict(base.manifest.get("metrics") or {})
+    if isinstance(base_metrics.get("per_finding"), dict):
+        held = {f: row for f, row in base_metrics["per_finding"].items()
+                if f in thresholds and abs(thresholds[f] - moved[f]) < 1e-12}
+        base_metrics.pop("per_finding")
+        if held:
+            base_metrics["per_finding"] = held
     # evaluate names these studies when the new bundle is evaluated on them (cxr_batch.provenance)
     calibration_list, listed = image_list(calibration_rows(base, labels, studies, scores), CALIBRATION)
     # not the base's model card: its thresholds and figures are the base's (provenance names the

@@ -855,9 +855,9 @@ def worklist_pdf(records: list[StudyRecord], options: ReportOptions, info: Model
         heading = [Spacer(1, 3 * mm), Paragraph("Not scored", st["h"]), Spacer(1, 1 * mm)]
         other_widths = [80 * mm, 27 * mm, 18 * mm, sum(widths) - 125 * mm]
         odata = [_header(("File", "Accession", "Status", "Reason"), other_widths, st)] + [
-            [fitted(r.file, st["cell"], other_widths[0] - 2 * PAD),
+            [fitted(_cut(r.file), st["cell"], other_widths[0] - 2 * PAD),
              fitted(r.ids.accession_number, st["cell"], other_widths[1] - 2 * PAD, missing="-"),
-             Paragraph(r.status, st["cell"]), fitted(r.reason, st["cell"], other_widths[3] - 2 * PAD)] for r in others]
+             Paragraph(r.status, st["cell"]), fitted(_cut(r.reason), st["cell"], other_widths[3] - 2 * PAD)] for r in others]
         story.append(_table(odata, other_widths, [GRID, ("BACKGROUND", (0, 0), (-1, 0), HEADER_FILL),
                                                   ("VALIGN", (0, 0), (-1, -1), "TOP")], repeatRows=1))
     # the closing lines stay with the last rows above them: a table that filled its page exactly
@@ -866,6 +866,17 @@ def worklist_pdf(records: list[StudyRecord], options: ReportOptions, info: Model
                                             Paragraph(escape(_model_line(info, generated)), st["small"])], heading))
     doc.build(story, onFirstPage=_footer, onLaterPages=_footer, canvasmaker=PageCountCanvas)
     return buf.getvalue()
+
+
+def _cut(text: str | None, limit: int = 600) -> str | None:
+    """A Not scored cell's text cut in its middle beyond ``limit`` characters, its start and end
+    kept (a path's folders and file name, an error's kind and its detail): a file 90 folders deep
+    or a reason of thousands of characters made a row taller than a page, which reportlab cannot
+    lay out (LayoutError: the scan lost its worklist). results.csv keeps it whole."""
+    if text is None or len(text) <= limit:
+        return text
+    half = limit // 2
+    return f"{text[:half]} [... {len(text) - 2 * half} characters, whole in results.csv ...] {text[-half:]}"
 
 
 class WithLastRows(Flowable):

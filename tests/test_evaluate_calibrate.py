@@ -411,7 +411,7 @@ def test_a_site_calibration_that_keeps_the_operating_points_keeps_the_held_out_c
     """v3 calibrated with the default --thresholds keep flags exactly the studies v3 flags, yet its
     reports lost 'Pneumothorax: sensitivity 0.00 at its threshold (flagged 0 of 10 held-out images
     that had it)' and printed only the out-of-fold 0.23: the site's calibration made the urgent
-    finding look better caught than it is. Under a rule (new thresholds) the counts do not apply."""
+    finding look better caught than it is. Under a rule the counts hold only where it kept the point."""
     import io
 
     from pypdf import PdfReader
@@ -440,7 +440,13 @@ def test_a_site_calibration_that_keeps_the_operating_points_keeps_the_held_out_c
 
     assert "Pneumothorax: sensitivity 0.00 at its threshold (flagged 0 of 10 held-out images that had it)" \
         in banner(kept.bundle)
-    assert "flagged 0 of 10 held-out" not in banner(ruled.bundle)
+    # under a rule, a finding with too few positives here (3 pneumothoraces of 40 studies) stays at
+    # the base's point moved with the calibration: its counts still hold (the findings the rule moved
+    # lose theirs: test_a_threshold_rule_that_moves_some_operating_points_keeps_the_base_s_catch...)
+    rules = load_bundle(ruled.bundle).manifest["calibration"]["per_finding"]
+    assert rules["Pneumothorax"]["threshold_rule"] == "kept from the base bundle"
+    assert "Pneumothorax: sensitivity 0.00 at its threshold (flagged 0 of 10 held-out images that had it)" \
+        in banner(ruled.bundle)
 
 
 def test_sensitivity_rule_holds_for_the_flags_a_site_sees_not_only_for_p_over_threshold(tmp_path, nih, nih_images):
@@ -609,3 +615,34 @@ def test_an_option_of_the_other_command_says_which_one_is_meant(tmp_path, args, 
     code, err = cli_here(command, tmp_path / "in", *rest, "--out", tmp_path / "o")
     assert code == 2 and said in err and "Traceback" not in err, err
     assert not (tmp_path / "o").exists()
+
+
+def test_a_threshold_rule_that_moves_some_operating_points_keeps_the_base_s_catch_for_the_others(
+        tmp_path, nih, nih_images, small_bundle):
+    """`calibrate --thresholds youden` on 40 NIH studies moved the few findings with enough
+    positives there, yet dropped the base's held-out counts of every finding: a finding left at
+    the base's operating point (moved with the calibration, so the same studies flag) lost its
+    'flagged 0 of 10 held-out images that had it' on every report, as a rule that moved nothing
+    did before it was made 'keep'."""
+    base = tmp_path / "base"
+    shutil.copytree(small_bundle, base)
+    sealed = json.loads((base / "manifest.json").read_text())
+    sealed["metrics"] = {**sealed.get("metrics", {}), "test_n": 300,
+                         "per_finding": {f: {"tp": 0, "fn": 10, "fp": 5, "tn": 285} for f in FINDINGS}}
+    write_manifest(base, sealed)
+    studies = folder_of(tmp_path, nih_images[:40], "site")
+    ruled = run_calibrate(studies, read_labels(nih / "labels.csv"), tmp_path / "ruled", CalibrateOptions(
+        weights=str(base), min_positives=3, thresholds="youden", **FAST))
+    bundle = load_bundle(ruled.bundle)
+    rules = {f: r["threshold_rule"] for f, r in bundle.manifest["calibration"]["per_finding"].items()}
+    # too few positives here: the base's point, moved with the calibration; the others chosen by
+    # the rule, unless a safeguard kept the base's point (said in a line of its own)
+    kept = [f for f in FINDINGS if rules[f] == "kept from the base bundle"]
+    chosen = [f for f in FINDINGS if rules[f] == "youden"
+              and not any(line.startswith(f + ":") for line in ruled.lines)]
+    assert kept and chosen, (rules, ruled.lines)
+    evidence = bundle_evidence(bundle.manifest, bundle.path)
+    for f in kept:
+        assert evidence.catch(f) == "flagged 0 of 10 held-out images that had it", (f, evidence.counts)
+    for f in chosen:  # the base's counts were measured at a threshold this bundle no longer has
+        assert evidence.catch(f) == "", (f, evidence.counts)

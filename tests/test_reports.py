@@ -886,3 +886,26 @@ def test_no_worklist_page_holds_only_the_closing_lines(tmp_path):
     failed = StudyRecord(file="bad.png", status="error", reason="could not be read")
     text = pages_of(records[:14] + [failed])
     assert "Not scored" in text[-1] and "bad.png" in text[-1] and "Decision support only" in text[-1]
+
+
+def test_a_not_scored_file_with_a_very_long_path_or_reason_keeps_the_worklist(tmp_path):
+    """A file not scored at a deep path (90 folders, 4,147 characters) or with a reason of
+    thousands of characters made a row taller than a page: worklist_pdf raised reportlab's
+    LayoutError, and the scan lost its worklist; a row just short of a page put the Not scored
+    heading alone on one page and the closing lines alone on another. The worklist cuts such a
+    cell in its middle (results.csv keeps it whole): its start and its end stay."""
+    from cxr_batch.reports import worklist_pdf
+
+    deep = "/".join(f"d{k:03d}_" + "x" * 40 for k in range(90)) + "/img_end.png"
+    reason = " ".join(f"w{k}" for k in range(2000))
+    records = [scored({"Effusion": 0.3}, file="s.png", patient_id="P1"),
+               StudyRecord(file=deep, status="error", reason="could not be read"),
+               StudyRecord(file="b.dcm", status="error", reason=reason)]
+    (tmp_path / "w.pdf").write_bytes(worklist_pdf(records, ReportOptions(), model_info(), NOW))
+    count = len(PdfReader(tmp_path / "w.pdf").pages)
+    text = [subprocess.run(["pdftotext", "-f", str(k), "-l", str(k), tmp_path / "w.pdf", "-"],
+                           capture_output=True, text=True, check=True).stdout for k in range(1, count + 1)]
+    whole = "".join("".join(page.split()) for page in text)
+    assert count == 1, count
+    for kept in ("d000_", "img_end.png", "w0w1w2", "w1998w1999", "b.dcm", "couldnotberead", "Decisionsupportonly"):
+        assert kept in whole, kept

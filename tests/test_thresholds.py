@@ -75,3 +75,22 @@ def test_a_threshold_rule_in_capitals_is_recorded_as_the_rule_it_is():
     # the manifest's calibration.rules.thresholds is compared with 'keep' (cxr_batch/evidence.py)
     assert CalibrateOptions(thresholds=" KEEP ").thresholds == "keep"
     assert CalibrateOptions(thresholds="Specificity: 0.8").thresholds == "specificity:0.8"
+
+
+def test_a_threshold_rule_with_an_empty_parameter_is_recorded_as_the_rule_it_is():
+    """`calibrate --thresholds keep:` was read as keep but recorded as 'keep:', which
+    cxr_batch/evidence.py, looking for 'keep', took for a rule that chose new operating points:
+    every report of the bundle then said each finding's figures were the base's 'too few
+    positives at this site', though every threshold was the base's moved with the calibration."""
+    from cxr_batch.calibrate import CalibrateOptions
+    from cxr_batch.evidence import bundle_evidence
+    from cxr_batch.findings import FINDINGS
+
+    assert CalibrateOptions(thresholds="keep:").thresholds == "keep"
+    assert CalibrateOptions(thresholds="Youden : ").thresholds == "youden"
+    assert CalibrateOptions(thresholds="precision_f1:").thresholds == "precision_f1"
+    manifest = {"calibration": {"rules": {"thresholds": CalibrateOptions(thresholds="keep:").thresholds}},
+                "provenance": {"base": {"name": "cxr-fpn", "version": "3.0"}},
+                "triage": {"measured_on": "its validation",
+                           "findings": {f: {"sensitivity": 0.5, "ppv_at_nih_prevalence": 0.2} for f in FINDINGS}}}
+    assert "too few positives" not in (bundle_evidence(manifest).measured("Pneumothorax") or "")
