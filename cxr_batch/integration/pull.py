@@ -388,7 +388,7 @@ class Source:
         failed = int(status.get("NumberOfFailedSuboperations", 0) or 0)
         failure = code not in (SUCCESS, WARNING_SUBOPS, CANCELLED) and code not in PENDING
         if failure and not completed and not failed and code != UNKNOWN_MOVE_DESTINATION \
-                and self.still_held(identifier) == set():
+                and self._gone(identifier):
             # Orthanc answers a retrieval of what it no longer holds with 0xC000, as it answers an
             # unknown move destination: a study deleted between the query and the retrieval was
             # read as that, and the pull failed telling the operator to add us to DicomModalities
@@ -413,24 +413,41 @@ class Source:
             return completed, max(failed, 1)
         return completed, failed
 
+    def _gone(self, identifier) -> bool:
+        """Whether the PACS lists the series ``identifier`` names (or its one instance) no more."""
+        held = self.still_held(identifier)
+        instance = str(identifier.get("SOPInstanceUID", "") or "")
+        return held is not None and (instance not in held if instance else not held)
+
     def still_held(self, identifier) -> set[str] | None:
-        """The SOP Instance UIDs the PACS still lists of the series (or the one instance)
-        ``identifier`` names, by an image-level C-FIND; None when it cannot say (the query failed)."""
+        """The SOP Instance UIDs the PACS still lists of the series ``identifier`` names (of its
+        one instance too: the series asked for), by the image-level C-FIND that listed them; None
+        when it cannot say. What is not in a successful answer is gone, with nothing to try again:
+        so any doubt is None (a failure the next pull retries): the query failed, or an answer
+        names another study or series, or no SOP Instance UID (a PACS ignoring the keys, or not
+        returning them, says nothing of these images). Asked for the one instance, a PACS without
+        single-value matching on SOPInstanceUID answered none: every image was gone."""
         from pydicom.dataset import Dataset
 
         query = Dataset()
         query.QueryRetrieveLevel = "IMAGE"
         query.StudyInstanceUID = str(identifier.StudyInstanceUID)
         query.SeriesInstanceUID = str(identifier.SeriesInstanceUID)
-        query.SOPInstanceUID = str(identifier.get("SOPInstanceUID", "") or "")
+        query.SOPInstanceUID = ""
         try:
             answers = self.find(query)
         except (PullError, TooMany, Stopped):
             return None
-        # a PACS ignoring the keys answers other studies' images: those do not count
-        asked = {k: str(query[k].value or "") for k in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")}
-        return {str(a.get("SOPInstanceUID", "") or "") for a in answers
-                if all(not uid or str(a.get(k, "") or "").strip() in ("", uid) for k, uid in asked.items())}
+        held = set()
+        for a in answers:
+            if any(str(a.get(k, "") or "").strip() not in ("", str(query[k].value))
+                   for k in ("StudyInstanceUID", "SeriesInstanceUID")):
+                return None
+            uid = str(a.get("SOPInstanceUID", "") or "").strip()
+            if not valid_uid(uid):
+                return None
+            held.add(uid)
+        return held
 
     def unknown_destination(self, code: int) -> str:
         """A C-MOVE refused before any image was sent: 0xA801 says the destination is unknown;
