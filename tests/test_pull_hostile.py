@@ -3,6 +3,7 @@ that ignores the dates, answers out of resources for ever, duplicates or garbage
 
 from __future__ import annotations
 
+import copy
 import datetime as dt
 import subprocess
 import sys
@@ -982,3 +983,46 @@ def test_a_retrieval_refused_is_not_gone_when_the_pacs_does_not_positively_list_
     assert "no longer in the PACS" not in done.stderr, done.stderr[-3000:]
     assert "3 retrieval failure(s)" in done.stderr, done.stderr[-3000:]
     assert json.loads((out / "status.json").read_text())["pull"]["gone"] == 0
+
+
+class _RefusingOneByOnePACS(ScriptedPACS):
+    """One series of ``n`` images. Its whole retrieval sends another study's object first, then
+    fails (the series is asked for image by image); each image's retrieval fails before sending
+    anything."""
+
+    def __init__(self, file, n, stranger):
+        super().__init__([file])
+        first = self.datasets[0]
+        self.datasets = []
+        for _ in range(n):
+            ds = copy.deepcopy(first)
+            ds.SOPInstanceUID = generate_uid()
+            self.datasets.append(ds)
+        self.stranger, self.singles = pydicom.dcmread(stranger), 0
+
+    def get(self, event):
+        if event.identifier.get("SOPInstanceUID"):
+            self.singles += 1
+            raise RuntimeError("refused")
+        yield len(self.datasets)
+        yield 0xFF00, self.stranger
+        yield 0xA702, None
+
+
+def test_a_series_whose_every_image_is_refused_one_by_one_is_not_asked_for_image_by_image_to_its_end(
+        radiographs, small_bundle, tmp_path, nih_images):
+    """A series of 40 images cut short by an object we refused, then each image refused: 40
+    retrievals and 40 image-level C-FINDs of the whole series (a series of 10,000: 10,000 of each,
+    10^8 answers). After a few images in a row fail, the rest count as failures the next pull retries."""
+    stranger = write(tmp_path / "stranger.dcm", _pixels(nih_images[3]), PatientID="P9", AccessionNumber="A9")
+    pacs = _RefusingOneByOnePACS(radiographs[0], 40, stranger)
+    out = tmp_path / "out"
+    try:
+        done = _pull(pacs, out, small_bundle, "--retrieve", "get", timeout=300)
+    finally:
+        pacs.close()
+    assert "Traceback" not in done.stderr, done.stderr[-3000:]
+    assert done.returncode == 3, done.stderr[-3000:]
+    assert "40 retrieval failure(s)" in done.stderr, done.stderr[-3000:]
+    assert pacs.singles <= 5, pacs.singles
+    assert pacs.levels().count("IMAGE") <= 7, pacs.levels()

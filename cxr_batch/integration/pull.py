@@ -65,6 +65,7 @@ ANSWER_BYTES_MAX = 1 << 20  # one answer's data set (a C-FIND answer), or one co
 C_STORE_RQ, P_DATA_TF = 0x0001, b"\x04"
 ANSWER_VALUE_MAX = 1024  # bytes of one key of an answer (a UID is 64, a date range 17): longer is left out
 PROGRESS_EVERY = 5.0  # seconds between progress lines
+ONE_BY_ONE_FAILURES = 5  # images of a series in a row whose retrieval failed: the rest is left to the next pull
 REFUSALS_SAID = 10  # objects refused in one retrieval with a line each; the others are counted
 # Storage classes asked for by C-GET (each needs a presentation context and an SCP role: at most
 # 128 in all): the radiographs, and what a CR/DX series may also hold.
@@ -181,6 +182,7 @@ class Source:
         self.cfg, self.pacs = cfg, cfg.source_pacs
         self.on_store = on_store
         self.oversize = ""  # why the association was aborted for a data set too large, if it was
+        self.held = None  # (study, series) and still_held's answer, since the last retrieval began
         self.assoc = None
         self.moved_any = False  # a C-MOVE of this pull sent us something: the PACS knows us
         self.silent_failures, self.silent_code = 0, 0  # C-MOVEs refused before sending anything
@@ -361,6 +363,7 @@ class Source:
         from pynetdicom.sop_class import (StudyRootQueryRetrieveInformationModelGet,
                                           StudyRootQueryRetrieveInformationModelMove)
 
+        self.held = None  # a still_held answer is of the retrieval it follows
         assoc = self.connect()
         if self.cfg.retrieve == "move":
             answers = assoc.send_c_move(identifier, self.cfg.ae_title, StudyRootQueryRetrieveInformationModelMove,
@@ -434,6 +437,10 @@ class Source:
         query.StudyInstanceUID = str(identifier.StudyInstanceUID)
         query.SeriesInstanceUID = str(identifier.SeriesInstanceUID)
         query.SOPInstanceUID = ""
+        key = (query.StudyInstanceUID, query.SeriesInstanceUID)
+        if self.held is not None and self.held[0] == key:  # asked already after this retrieval: once will do
+            return self.held[1]
+        self.held = (key, None)  # a query failed (timed out) is not asked twice either
         try:
             answers = self.find(query)
         except (PullError, TooMany, Stopped):
@@ -447,6 +454,7 @@ class Source:
             if not valid_uid(uid):
                 return None
             held.add(uid)
+        self.held = (key, held)
         return held
 
     def unknown_destination(self, code: int) -> str:
@@ -940,8 +948,18 @@ class Puller(Node):
                 new = self._retrieve(study, ds.SeriesInstanceUID, None, new, whole=True)
             # else some were scored before (a pull cut short), or more than the spool may hold: one by one,
             # each when there is room (a series of thousands came whole into the spool)
-            for uid in new:
+            failing = 0  # images in a row whose retrieval failed
+            for k, uid in enumerate(new):
+                before = p.retrieval_failures
                 self._retrieve(study, ds.SeriesInstanceUID, uid, [uid])
+                failing = failing + 1 if p.retrieval_failures > before else 0
+                if failing >= ONE_BY_ONE_FAILURES and k + 1 < len(new):  # a PACS refusing each: a retrieval
+                    # and a C-FIND of the series per image (a series of 10,000: 10^8 answers); the rest next pull
+                    p.retrieval_failures += len(new) - k - 1
+                    log.warning("pull: study %s, series %s: %d image(s) in a row could not be retrieved: the other %d "
+                                "not asked for; the next pull tries again", study.uid, ds.SeriesInstanceUID, failing,
+                                len(new) - k - 1)
+                    break
         if retrieved_any:
             p.studies_retrieved += 1
 
