@@ -1026,3 +1026,29 @@ def test_a_series_whose_every_image_is_refused_one_by_one_is_not_asked_for_image
     assert "40 retrieval failure(s)" in done.stderr, done.stderr[-3000:]
     assert pacs.singles <= 5, pacs.singles
     assert pacs.levels().count("IMAGE") <= 7, pacs.levels()
+
+
+class _NoImageLevelPACS(ScriptedPACS):
+    """Answers an image-level C-FIND with success and no match (a PACS that answers study- and
+    series-level queries only, or restricts image-level ones)."""
+
+    def find(self, event):
+        if event.identifier.QueryRetrieveLevel == "IMAGE":
+            self.queries.append(event.identifier)
+            return
+        yield from super().find(event)
+
+
+def test_a_series_listed_without_images_is_a_retrieval_failure_not_nothing_to_do(radiographs, small_bundle,
+                                                                                tmp_path):
+    """Each study's series listed, none of its images: nothing retrieved, nothing said, exit 0:
+    the studies were never triaged and the operator never told."""
+    pacs = _NoImageLevelPACS(radiographs)
+    out = tmp_path / "out"
+    try:
+        done = _pull(pacs, out, small_bundle, "--retrieve", "get", timeout=300)
+    finally:
+        pacs.close()
+    assert "Traceback" not in done.stderr, done.stderr[-3000:]
+    assert done.returncode == 3, done.stderr[-3000:]
+    assert "3 retrieval failure(s)" in done.stderr and "no image" in done.stderr, done.stderr[-3000:]

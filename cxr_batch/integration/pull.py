@@ -933,6 +933,13 @@ class Puller(Node):
                 continue
             images = self._of_study(images, study.uid, "image", ds.SeriesInstanceUID)
             listed = sorted({u for u in (str(i.get("SOPInstanceUID", "") or "") for i in images) if valid_uid(u)})
+            if not listed:  # a series without images is no series: a PACS answering no image-level query had
+                # every study looked at, none retrieved, exit 0 and nothing said
+                log.warning("pull: series %s of study %s was listed, but no image of it (does the PACS answer "
+                            "image-level C-FINDs?): skipped; the next pull tries it again", ds.SeriesInstanceUID,
+                            study.uid)
+                p.retrieval_failures += 1
+                continue
             uids = sorted(set(listed) - self._not_retrievable(images, study.uid))
             p.images_listed += len(uids)
             done = ledger.settled([f"uid:{u}" for u in uids])
