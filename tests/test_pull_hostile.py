@@ -3,6 +3,7 @@ that ignores the dates, answers out of resources for ever, duplicates or garbage
 
 from __future__ import annotations
 
+import copy
 import datetime as dt
 import subprocess
 import sys
@@ -910,3 +911,144 @@ def test_an_image_added_to_a_series_between_query_and_retrieval_does_not_cost_th
     assert Puller(out, cfg).run() == 0
     rows = _rows(out)
     assert len(rows) == 2 and added.SOPInstanceUID in rows[1]
+
+
+# ---------------------------------------------------------------------- pull: "gone" only when the PACS says so
+class _DoubtfulPACS(ScriptedPACS):
+    """Fails every retrieval before sending anything (an exception in its handler: 0xC411, no
+    sub-operation counted, as Orthanc's 0xC000 for what it no longer holds), then answers the
+    image-level C-FIND that asks whether the images are still there in a way that says nothing:
+    - "other": with images of another series (a PACS ignoring the keys, or answering some of
+      its archive);
+    - "nouid": its answers without SOPInstanceUID (a PACS not returning the key);
+    - "single": the whole series' retrieval sends another study's object, then ends (the series
+      is asked for image by image); a query for one SOP Instance UID is answered with no match (a
+      PACS without single-value matching on it), the series' listing as before."""
+
+    def __init__(self, files, how, stranger):
+        super().__init__(files)
+        self.how, self.stranger, self.listed = how, pydicom.dcmread(stranger), set()
+
+    def get(self, event):
+        if self.how == "single" and not event.identifier.get("SOPInstanceUID"):
+            yield 1
+            yield 0xFF00, self.stranger
+            return
+        raise RuntimeError("refused")
+
+    def find(self, event):
+        query = event.identifier
+        if query.QueryRetrieveLevel != "IMAGE":
+            yield from super().find(event)
+            return
+        self.queries.append(query)
+        series = str(query.SeriesInstanceUID)
+        if self.how == "single":
+            if not query.get("SOPInstanceUID"):
+                self.queries.pop()
+                yield from super().find(event)
+            return
+        if series not in self.listed:  # the listing: as it is
+            self.listed.add(series)
+            self.queries.pop()
+            yield from super().find(event)
+            return
+        answer = pydicom.Dataset()
+        answer.QueryRetrieveLevel = "IMAGE"
+        answer.StudyInstanceUID = query.StudyInstanceUID
+        answer.SeriesInstanceUID = generate_uid() if self.how == "other" else series
+        if self.how == "other":
+            answer.SOPInstanceUID = generate_uid()
+        yield 0xFF00, answer
+
+
+@pytest.mark.parametrize("how", ["other", "nouid", "single"])
+def test_a_retrieval_refused_is_not_gone_when_the_pacs_does_not_positively_list_the_series_without_it(
+        how, radiographs, small_bundle, tmp_path, nih_images):
+    """Each study was counted "no longer in the PACS" and skipped: exit 0, nothing scored, nothing
+    failed, and a radiologist's studies never triaged. Only a PACS's successful answer to the
+    query that listed the images, listing the series without them, makes them gone; any doubt is
+    a retrieval failure the next pull tries again."""
+    import json
+
+    stranger = write(tmp_path / "stranger.dcm", _pixels(nih_images[3]), PatientID="P9", AccessionNumber="A9")
+    pacs = _DoubtfulPACS(radiographs, how, stranger)
+    out = tmp_path / "out"
+    try:
+        done = _pull(pacs, out, small_bundle, "--retrieve", "get", timeout=300)
+    finally:
+        pacs.close()
+    assert "Traceback" not in done.stderr, done.stderr[-3000:]
+    assert done.returncode == 3, done.stderr[-3000:]
+    assert "no longer in the PACS" not in done.stderr, done.stderr[-3000:]
+    assert "3 retrieval failure(s)" in done.stderr, done.stderr[-3000:]
+    assert json.loads((out / "status.json").read_text())["pull"]["gone"] == 0
+
+
+class _RefusingOneByOnePACS(ScriptedPACS):
+    """One series of ``n`` images. Its whole retrieval sends another study's object first, then
+    fails (the series is asked for image by image); each image's retrieval fails before sending
+    anything."""
+
+    def __init__(self, file, n, stranger):
+        super().__init__([file])
+        first = self.datasets[0]
+        self.datasets = []
+        for _ in range(n):
+            ds = copy.deepcopy(first)
+            ds.SOPInstanceUID = generate_uid()
+            self.datasets.append(ds)
+        self.stranger, self.singles = pydicom.dcmread(stranger), 0
+
+    def get(self, event):
+        if event.identifier.get("SOPInstanceUID"):
+            self.singles += 1
+            raise RuntimeError("refused")
+        yield len(self.datasets)
+        yield 0xFF00, self.stranger
+        yield 0xA702, None
+
+
+def test_a_series_whose_every_image_is_refused_one_by_one_is_not_asked_for_image_by_image_to_its_end(
+        radiographs, small_bundle, tmp_path, nih_images):
+    """A series of 40 images cut short by an object we refused, then each image refused: 40
+    retrievals and 40 image-level C-FINDs of the whole series (a series of 10,000: 10,000 of each,
+    10^8 answers). After a few images in a row fail, the rest count as failures the next pull retries."""
+    stranger = write(tmp_path / "stranger.dcm", _pixels(nih_images[3]), PatientID="P9", AccessionNumber="A9")
+    pacs = _RefusingOneByOnePACS(radiographs[0], 40, stranger)
+    out = tmp_path / "out"
+    try:
+        done = _pull(pacs, out, small_bundle, "--retrieve", "get", timeout=300)
+    finally:
+        pacs.close()
+    assert "Traceback" not in done.stderr, done.stderr[-3000:]
+    assert done.returncode == 3, done.stderr[-3000:]
+    assert "40 retrieval failure(s)" in done.stderr, done.stderr[-3000:]
+    assert pacs.singles <= 5, pacs.singles
+    assert pacs.levels().count("IMAGE") <= 7, pacs.levels()
+
+
+class _NoImageLevelPACS(ScriptedPACS):
+    """Answers an image-level C-FIND with success and no match (a PACS that answers study- and
+    series-level queries only, or restricts image-level ones)."""
+
+    def find(self, event):
+        if event.identifier.QueryRetrieveLevel == "IMAGE":
+            self.queries.append(event.identifier)
+            return
+        yield from super().find(event)
+
+
+def test_a_series_listed_without_images_is_a_retrieval_failure_not_nothing_to_do(radiographs, small_bundle,
+                                                                                tmp_path):
+    """Each study's series listed, none of its images: nothing retrieved, nothing said, exit 0:
+    the studies were never triaged and the operator never told."""
+    pacs = _NoImageLevelPACS(radiographs)
+    out = tmp_path / "out"
+    try:
+        done = _pull(pacs, out, small_bundle, "--retrieve", "get", timeout=300)
+    finally:
+        pacs.close()
+    assert "Traceback" not in done.stderr, done.stderr[-3000:]
+    assert done.returncode == 3, done.stderr[-3000:]
+    assert "3 retrieval failure(s)" in done.stderr and "no image" in done.stderr, done.stderr[-3000:]

@@ -65,6 +65,7 @@ ANSWER_BYTES_MAX = 1 << 20  # one answer's data set (a C-FIND answer), or one co
 C_STORE_RQ, P_DATA_TF = 0x0001, b"\x04"
 ANSWER_VALUE_MAX = 1024  # bytes of one key of an answer (a UID is 64, a date range 17): longer is left out
 PROGRESS_EVERY = 5.0  # seconds between progress lines
+ONE_BY_ONE_FAILURES = 5  # images of a series in a row whose retrieval failed: the rest is left to the next pull
 REFUSALS_SAID = 10  # objects refused in one retrieval with a line each; the others are counted
 # Storage classes asked for by C-GET (each needs a presentation context and an SCP role: at most
 # 128 in all): the radiographs, and what a CR/DX series may also hold.
@@ -181,6 +182,7 @@ class Source:
         self.cfg, self.pacs = cfg, cfg.source_pacs
         self.on_store = on_store
         self.oversize = ""  # why the association was aborted for a data set too large, if it was
+        self.held = None  # (study, series) and still_held's answer, since the last retrieval began
         self.assoc = None
         self.moved_any = False  # a C-MOVE of this pull sent us something: the PACS knows us
         self.silent_failures, self.silent_code = 0, 0  # C-MOVEs refused before sending anything
@@ -361,6 +363,7 @@ class Source:
         from pynetdicom.sop_class import (StudyRootQueryRetrieveInformationModelGet,
                                           StudyRootQueryRetrieveInformationModelMove)
 
+        self.held = None  # a still_held answer is of the retrieval it follows
         assoc = self.connect()
         if self.cfg.retrieve == "move":
             answers = assoc.send_c_move(identifier, self.cfg.ae_title, StudyRootQueryRetrieveInformationModelMove,
@@ -388,7 +391,7 @@ class Source:
         failed = int(status.get("NumberOfFailedSuboperations", 0) or 0)
         failure = code not in (SUCCESS, WARNING_SUBOPS, CANCELLED) and code not in PENDING
         if failure and not completed and not failed and code != UNKNOWN_MOVE_DESTINATION \
-                and self.still_held(identifier) == set():
+                and self._gone(identifier):
             # Orthanc answers a retrieval of what it no longer holds with 0xC000, as it answers an
             # unknown move destination: a study deleted between the query and the retrieval was
             # read as that, and the pull failed telling the operator to add us to DicomModalities
@@ -413,24 +416,46 @@ class Source:
             return completed, max(failed, 1)
         return completed, failed
 
+    def _gone(self, identifier) -> bool:
+        """Whether the PACS lists the series ``identifier`` names (or its one instance) no more."""
+        held = self.still_held(identifier)
+        instance = str(identifier.get("SOPInstanceUID", "") or "")
+        return held is not None and (instance not in held if instance else not held)
+
     def still_held(self, identifier) -> set[str] | None:
-        """The SOP Instance UIDs the PACS still lists of the series (or the one instance)
-        ``identifier`` names, by an image-level C-FIND; None when it cannot say (the query failed)."""
+        """The SOP Instance UIDs the PACS still lists of the series ``identifier`` names (of its
+        one instance too: the series asked for), by the image-level C-FIND that listed them; None
+        when it cannot say. What is not in a successful answer is gone, with nothing to try again:
+        so any doubt is None (a failure the next pull retries): the query failed, or an answer
+        names another study or series, or no SOP Instance UID (a PACS ignoring the keys, or not
+        returning them, says nothing of these images). Asked for the one instance, a PACS without
+        single-value matching on SOPInstanceUID answered none: every image was gone."""
         from pydicom.dataset import Dataset
 
         query = Dataset()
         query.QueryRetrieveLevel = "IMAGE"
         query.StudyInstanceUID = str(identifier.StudyInstanceUID)
         query.SeriesInstanceUID = str(identifier.SeriesInstanceUID)
-        query.SOPInstanceUID = str(identifier.get("SOPInstanceUID", "") or "")
+        query.SOPInstanceUID = ""
+        key = (query.StudyInstanceUID, query.SeriesInstanceUID)
+        if self.held is not None and self.held[0] == key:  # asked already after this retrieval: once will do
+            return self.held[1]
+        self.held = (key, None)  # a query failed (timed out) is not asked twice either
         try:
             answers = self.find(query)
         except (PullError, TooMany, Stopped):
             return None
-        # a PACS ignoring the keys answers other studies' images: those do not count
-        asked = {k: str(query[k].value or "") for k in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")}
-        return {str(a.get("SOPInstanceUID", "") or "") for a in answers
-                if all(not uid or str(a.get(k, "") or "").strip() in ("", uid) for k, uid in asked.items())}
+        held = set()
+        for a in answers:
+            if any(str(a.get(k, "") or "").strip() not in ("", str(query[k].value))
+                   for k in ("StudyInstanceUID", "SeriesInstanceUID")):
+                return None
+            uid = str(a.get("SOPInstanceUID", "") or "").strip()
+            if not valid_uid(uid):
+                return None
+            held.add(uid)
+        self.held = (key, held)
+        return held
 
     def unknown_destination(self, code: int) -> str:
         """A C-MOVE refused before any image was sent: 0xA801 says the destination is unknown;
@@ -908,6 +933,13 @@ class Puller(Node):
                 continue
             images = self._of_study(images, study.uid, "image", ds.SeriesInstanceUID)
             listed = sorted({u for u in (str(i.get("SOPInstanceUID", "") or "") for i in images) if valid_uid(u)})
+            if not listed:  # a series without images is no series: a PACS answering no image-level query had
+                # every study looked at, none retrieved, exit 0 and nothing said
+                log.warning("pull: series %s of study %s was listed, but no image of it (does the PACS answer "
+                            "image-level C-FINDs?): skipped; the next pull tries it again", ds.SeriesInstanceUID,
+                            study.uid)
+                p.retrieval_failures += 1
+                continue
             uids = sorted(set(listed) - self._not_retrievable(images, study.uid))
             p.images_listed += len(uids)
             done = ledger.settled([f"uid:{u}" for u in uids])
@@ -923,8 +955,18 @@ class Puller(Node):
                 new = self._retrieve(study, ds.SeriesInstanceUID, None, new, whole=True)
             # else some were scored before (a pull cut short), or more than the spool may hold: one by one,
             # each when there is room (a series of thousands came whole into the spool)
-            for uid in new:
+            failing = 0  # images in a row whose retrieval failed
+            for k, uid in enumerate(new):
+                before = p.retrieval_failures
                 self._retrieve(study, ds.SeriesInstanceUID, uid, [uid])
+                failing = failing + 1 if p.retrieval_failures > before else 0
+                if failing >= ONE_BY_ONE_FAILURES and k + 1 < len(new):  # a PACS refusing each: a retrieval
+                    # and a C-FIND of the series per image (a series of 10,000: 10^8 answers); the rest next pull
+                    p.retrieval_failures += len(new) - k - 1
+                    log.warning("pull: study %s, series %s: %d image(s) in a row could not be retrieved: the other %d "
+                                "not asked for; the next pull tries again", study.uid, ds.SeriesInstanceUID, failing,
+                                len(new) - k - 1)
+                    break
         if retrieved_any:
             p.studies_retrieved += 1
 
