@@ -84,8 +84,35 @@ def atomic_write_files(files: dict[Path, bytes], mode: int = FILE_MODE) -> None:
                 if not e.filename:
                     e.filename = str(path)
                 raise
-        for path, tmp in temps.items():
-            os.replace(tmp, path)
+        # the old files kept under a second name (a hard link, no copy) until every rename is done: a
+        # later rename refused (a share refuses to replace a file open in a viewer) puts back the ones
+        # already renamed, not a new monitor.pdf beside the last run's monitor.json
+        olds: dict[Path, str | None] = {}  # None: there was no old file
+        try:
+            for path in temps if len(temps) > 1 else ():
+                olds[path] = None
+                if path.exists():
+                    olds[path] = f"{temps[path]}.old.tmp"  # ends .tmp: a killed run's is removed as stale
+                    try:
+                        os.link(path, olds[path])
+                    except OSError:  # no hard links here (vfat, some shares): written as before, no way back
+                        olds[path] = ""
+            renamed = []
+            try:
+                for path, tmp in temps.items():
+                    os.replace(tmp, path)
+                    renamed.append(path)
+            except BaseException:
+                for path in renamed:
+                    if olds.get(path) is None:
+                        path.unlink(missing_ok=True)
+                    elif olds[path]:
+                        os.replace(olds[path], path)
+                raise
+        finally:
+            for old in olds.values():
+                if old:
+                    Path(old).unlink(missing_ok=True)
     except BaseException:
         for tmp in temps.values():
             Path(tmp).unlink(missing_ok=True)

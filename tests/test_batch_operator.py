@@ -8,6 +8,8 @@ import hashlib
 import os
 import shutil
 
+import pytest
+
 from .test_evaluate_calibrate import cli_here as here
 from .test_monitor_same_output import synthetic_results
 from .test_watch_faults import fill as fill_volume
@@ -125,3 +127,28 @@ def test_evaluate_and_calibrate_of_an_empty_folder_exit_4_as_scan_does(tmp_path,
         assert code == 4, (command, stderr)
         assert f"error: no files under {empty}" in stderr, stderr
         assert not (out / "evaluation.json").exists() and not (out / "manifest.json").exists()
+
+
+def test_files_written_together_stay_as_they_were_when_the_second_cannot_be_renamed(tmp_path, monkeypatch):
+    """atomic_write_files renamed monitor.pdf into place, then failed renaming monitor.json over
+    the last run's (a share refuses to replace a file open in a viewer: PermissionError): a new PDF
+    beside the last run's json, the mixed pair the function is there to prevent."""
+    import cxr_batch.files
+    from cxr_batch.files import atomic_write_files
+
+    pdf, js = tmp_path / "monitor.pdf", tmp_path / "monitor.json"
+    pdf.write_bytes(b"old pdf")
+    js.write_bytes(b"old json")
+    real_replace = os.replace
+
+    def replace(src, dst):  # monitor.pdf is renamed first
+        if os.fspath(dst) == os.fspath(js):
+            raise PermissionError(13, "Permission denied", str(dst))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(cxr_batch.files.os, "replace", replace)
+    with pytest.raises(PermissionError):
+        atomic_write_files({pdf: b"new pdf", js: b"new json"})
+    monkeypatch.undo()
+    assert (pdf.read_bytes(), js.read_bytes()) == (b"old pdf", b"old json")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["monitor.json", "monitor.pdf"]  # no temp file left

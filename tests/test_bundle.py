@@ -116,3 +116,18 @@ def test_a_results_folder_given_as_weights_is_said_to_be_one(small_bundle, studi
     (tmp_path / "empty").mkdir()
     code, err = cli_here("scan", studies, "--out", tmp_path / "o2", "--weights", tmp_path / "empty")
     assert code == 1 and "has no manifest.json: --weights takes a bundle folder (manifest.json, model.pt)" in err, err
+
+
+def test_the_same_weights_saved_twice_make_the_same_bundle_sha256(tmp_path):
+    """model.pt was written by torch.save to a temp file of a random name, which torch puts in the
+    archive's every entry (.model.k3j2h1/data.pkl): each save of the same weights was another
+    file and another bundle_sha256, so a bundle made again could not be told the same one."""
+    from cxr_batch.bundle import read_manifest
+    from cxr_batch.model import ModelConfig
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(tabular_skip=True))
+    made = [read_manifest(save_bundle(tmp_path / name, model, name="x", version="t", preprocessing=Preprocessing(),
+                                      encoding=PatientEncoding(), thresholds={f: 0.5 for f in FINDINGS}))
+            for name in ("one", "two")]
+    assert made[0]["sha256"] == made[1]["sha256"] and made[0]["bundle_sha256"] == made[1]["bundle_sha256"]

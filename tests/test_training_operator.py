@@ -613,3 +613,25 @@ def test_resume_of_a_finished_run_is_refused_and_keeps_its_bundle(nih, tmp_path,
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert "holds a finished run" in proc.stderr and "nothing to resume" in proc.stderr, proc.stderr
     assert folder_digest(run) == before
+
+
+@pytest.mark.slow
+def test_a_run_trained_on_and_killed_before_its_new_bundle_is_finished_by_resume(nih, tmp_path):
+    """A finished 1-epoch run trained on with --resume --epochs 2 and killed after its second epoch,
+    before the new bundle's manifest was written, keeps the first bundle's manifest: --resume
+    --epochs 2 was refused as 'a finished run ... it trained 2 of 2 epochs', so the only ways on
+    were to train more epochs or to lose the run. The bundle of the first finish is not this
+    checkpoint's: the same command finishes the run, a bundle with both epochs."""
+    run = tmp_path / "run"
+    assert train(nih / "images", nih / "labels.csv", run).returncode == 0
+    first = tmp_path / "first_bundle"
+    shutil.copytree(run / "bundle", first)
+    assert train(nih / "images", nih / "labels.csv", run, "--resume", "--epochs", 2).returncode == 0
+    shutil.rmtree(run / "bundle")  # as the kill left it: the first finish's manifest
+    shutil.copytree(first, run / "bundle")
+    proc = train(nih / "images", nih / "labels.csv", run, "--resume", "--epochs", 2)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    manifest = json.loads((run / "bundle" / "manifest.json").read_text())
+    assert [r["epoch"] for r in manifest["training"]["history"]] == [1, 2]
+    proc = train(nih / "images", nih / "labels.csv", run, "--resume", "--epochs", 2)  # now it is finished
+    assert proc.returncode == 1 and "holds a finished run" in proc.stderr, proc.stderr[-2000:]

@@ -210,6 +210,12 @@ def check_resumable(path: Path, cfg: TrainConfig) -> None:
             raise ValueError(f"{finished}; choose another --out, or remove that folder to train there again")
         return
     ckpt = load_checkpoint(path, "cpu")
+    if finished:  # a bundle of an earlier finish, the run trained on since and killed before its new one: finish it
+        try:
+            made = json.loads((bundle / MANIFEST_FILE).read_text())["training"]["history"]
+            finished = finished if [r["epoch"] for r in made] == [r["epoch"] for r in ckpt["history"]] else ""
+        except (OSError, ValueError, KeyError, TypeError):
+            finished = ""  # a manifest that says no history is no bundle of this checkpoint
     if finished and ckpt["epoch"] + 1 >= cfg.epochs:  # more epochs train it on: a new bundle is meant then
         raise ValueError(f"{finished} (it trained {ckpt['epoch'] + 1} of {cfg.epochs} epochs); give a larger --epochs "
                          "to train it on, or choose another --out")
