@@ -28,10 +28,10 @@ from cxr_batch.preprocess import eval_transform  # noqa: E402
 from cxr_batch.readers import read_study  # noqa: E402
 
 
-def stats_of(paths: list[Path], prep, invert: bool) -> list:
+def stats_of(paths: list[Path], prep, invert: bool, flip: bool = False) -> list:
     out = []
     for start in range(0, len(paths), 32):
-        greys = [read_study(p).grey for p in paths[start:start + 32]]
+        greys = [read_study(p).grey[::-1].copy() if flip else read_study(p).grey for p in paths[start:start + 32]]
         x = torch.stack([eval_transform(255 - g if invert else g, prep) for g in greys])
         out += image_statistics(x, prep.mean[0], prep.std[0])
     return out
@@ -54,8 +54,11 @@ def main() -> None:
             for t in (0.0, -0.02, -0.05, -0.1):
                 print(f"   < {t:+.2f}: flags {np.mean(a < t):.1%} shown right, catches {np.mean(b < t):.1%} inverted")
         fp, tp = sum(map(looks_inverted, right)), sum(map(looks_inverted, inverted))
-        print(f"looks_inverted (inversion_cue + top_bottom < 0): flags {fp} of {len(right)} shown right "
+        print(f"looks_inverted (inversion_cue < 0 and intensity_skew > 0): flags {fp} of {len(right)} shown right "
               f"({fp / len(right):.1%}), catches {tp} of {len(inverted)} inverted ({tp / len(inverted):.1%})")
+        # a film upside down is not inverted (an orientation cue in the rule counted 72% of them)
+        flip = sum(map(looks_inverted, stats_of(paths, prep, False, flip=True)))
+        print(f"   upside down (grey levels right): flags {flip} of {len(paths)} ({flip / len(paths):.1%})")
 
 
 if __name__ == "__main__":

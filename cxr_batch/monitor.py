@@ -48,7 +48,7 @@ METHOD = {
                "'N': consecutive N studies; 'Nd'/'Nh': consecutive periods of N days/hours from the first study",
     "tests": {**{kind: test for kind, (test, _) in TESTS.items()},
               "categorical, a category expected fewer than 5 times": SPARSE_TEST,
-              "images that look inverted (inversion_cue + top_bottom < 0), counted": f"exact binomial against "
+              "images that look inverted (inversion_cue < 0 and intensity_skew > 0), counted": f"exact binomial against "
               f"{INVERTED_RATE:.0%} by chance; at least {INVERTED_LEVEL:.0%} of a window's studies alarms"},
     "effect": {**{kind: f"{EFFECT_NAMES[kind]} >= {MIN_EFFECT[kind]}" for kind in MIN_EFFECT},
                "sex, view": f"{EFFECT_NAMES['categorical']} >= {PATIENT_MIX_EFFECT}"},

@@ -164,8 +164,8 @@ def inverted_lines(report: dict) -> list[str]:
             parts.append(f"window {w['window']['index']}{when}: {c['count']} of {plural(c['n'], 'study')} "
                          f"({c['count'] / c['n']:.1%}){', ALARM' if c['alarm'] else ''}")
         more = len(hit) - len(shown)
-        lines.append(f"{m['model'] + ': ' if several else ''}images that look inverted (band and orientation cues "
-                     f"both reversed; about {INVERTED_RATE:.0%} of radiographs shown right do, {INVERTED_LEVEL:.0%} of a "
+        lines.append(f"{m['model'] + ': ' if several else ''}images that look inverted (band cue and grey-level "
+                     f"asymmetry both reversed; about {INVERTED_RATE:.0%} of radiographs shown right do, {INVERTED_LEVEL:.0%} of a "
                      f"window alarms): " + "; ".join(parts)
                      + (f"; and {plural(more, 'more window')} (monitor.json)" if more else "")
                      + ". Look at those studies (rows in monitor.json)")

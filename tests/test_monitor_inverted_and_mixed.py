@@ -39,13 +39,13 @@ def real_stats(nih_images):
 
 
 def test_the_per_image_check_tells_inverted_radiographs_from_ones_shown_right(real_stats):
-    """Measured on every image of nih and nih_extra (`benchmarks/inversion_check.py`): 0.4% and
-    0.8% of the radiographs shown right look inverted, 99.6% and 99.2% of the inverted ones do."""
+    """Measured on every image of nih and nih_extra (`benchmarks/inversion_check.py`): 0.6% and
+    1.6% of the radiographs shown right look inverted, 75.6% and 73.6% of the inverted ones do."""
     from cxr_batch.image_stats import looks_inverted
 
     right, inverted = real_stats
     assert sum(map(looks_inverted, right)) <= 1
-    assert sum(map(looks_inverted, inverted)) >= 58
+    assert sum(map(looks_inverted, inverted)) >= 40
 
 
 def with_real_stats(folder, right, inverted, inverted_rows=()):
@@ -132,3 +132,25 @@ def test_a_model_swap_between_periods_is_not_a_mix(tmp_path):
     here("monitor", results, "--out", tmp_path / "m", "--window", "7d")
     report = json.loads((tmp_path / "m" / "monitor.json").read_text())
     assert report["mixed_models"] == []
+
+
+def test_a_film_upside_down_is_not_counted_as_inverted(nih_images):
+    """A film hung upside down (a cassette turned over, a rotated export) has its grey levels right:
+    it is not inverted. The orientation cue top_bottom changes sign with it, and the rule
+    inversion_cue + top_bottom < 0 counted 72% of the NIH radiographs upside down as inverted: a
+    site sending a few such films a week got a weekly 'images that look inverted' alarm for a
+    fault it does not have. Real NIH radiographs: upside down, at most 3% look inverted; the same
+    upright with grey levels negated, most still do."""
+    from cxr_batch.image_stats import looks_inverted
+
+    prep = load_bundle(DEFAULT_BUNDLE).preprocessing
+    greys = [read_study(p).grey for p in nih_images[::8][:60]]
+
+    def flagged(transform):
+        x = torch.stack([eval_transform(transform(g), prep) for g in greys])
+        return sum(map(looks_inverted, image_statistics(x, prep.mean[0], prep.std[0]))) / len(greys)
+
+    assert flagged(lambda g: g[::-1].copy()) <= 0.03
+    assert flagged(lambda g: (255 - g)[::-1].copy()) >= 0.6
+    assert flagged(lambda g: 255 - g) >= 0.6
+    assert flagged(lambda g: g) <= 0.03
