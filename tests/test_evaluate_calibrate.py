@@ -419,12 +419,7 @@ def test_a_site_calibration_that_keeps_the_operating_points_keeps_the_held_out_c
     from cxr_batch.reports import ModelInfo, ReportOptions, study_pdf
     from cxr_batch.record import Scores, StudyRecord
 
-    base = tmp_path / "base"
-    shutil.copytree(small_bundle, base)
-    sealed = json.loads((base / "manifest.json").read_text())
-    sealed["metrics"] = {**sealed.get("metrics", {}), "test_n": 300,
-                         "per_finding": {f: {"tp": 0, "fn": 10, "fp": 5, "tn": 285} for f in FINDINGS}}
-    write_manifest(base, sealed)
+    base = base_that_caught_none_of_ten(tmp_path, small_bundle)
     studies = folder_of(tmp_path, nih_images[:40], "site")
     labels = read_labels(nih / "labels.csv")
     kept = run_calibrate(studies, labels, tmp_path / "kept", CalibrateOptions(weights=str(base), min_positives=5,
@@ -579,12 +574,7 @@ def test_a_threshold_rule_that_moves_no_operating_point_keeps_the_base_s_held_ou
     from cxr_batch.record import Scores, StudyRecord
     from cxr_batch.reports import ModelInfo, ReportOptions, study_pdf
 
-    base = tmp_path / "base"
-    shutil.copytree(small_bundle, base)
-    sealed = json.loads((base / "manifest.json").read_text())
-    sealed["metrics"] = {**sealed.get("metrics", {}), "test_n": 300,
-                         "per_finding": {f: {"tp": 0, "fn": 10, "fp": 5, "tn": 285} for f in FINDINGS}}
-    write_manifest(base, sealed)
+    base = base_that_caught_none_of_ten(tmp_path, small_bundle)
     studies = folder_of(tmp_path, nih_images[:n_studies], "site")
     labels = read_labels(nih / "labels.csv")
     ruled = run_calibrate(studies, labels, tmp_path / "ruled", CalibrateOptions(
@@ -624,12 +614,7 @@ def test_a_threshold_rule_that_moves_some_operating_points_keeps_the_base_s_catc
     the base's operating point (moved with the calibration, so the same studies flag) lost its
     'flagged 0 of 10 held-out images that had it' on every report, as a rule that moved nothing
     did before it was made 'keep'."""
-    base = tmp_path / "base"
-    shutil.copytree(small_bundle, base)
-    sealed = json.loads((base / "manifest.json").read_text())
-    sealed["metrics"] = {**sealed.get("metrics", {}), "test_n": 300,
-                         "per_finding": {f: {"tp": 0, "fn": 10, "fp": 5, "tn": 285} for f in FINDINGS}}
-    write_manifest(base, sealed)
+    base = base_that_caught_none_of_ten(tmp_path, small_bundle)
     studies = folder_of(tmp_path, nih_images[:40], "site")
     ruled = run_calibrate(studies, read_labels(nih / "labels.csv"), tmp_path / "ruled", CalibrateOptions(
         weights=str(base), min_positives=3, thresholds="youden", **FAST))
@@ -646,3 +631,15 @@ def test_a_threshold_rule_that_moves_some_operating_points_keeps_the_base_s_catc
         assert evidence.catch(f) == "flagged 0 of 10 held-out images that had it", (f, evidence.counts)
     for f in chosen:  # the base's counts were measured at a threshold this bundle no longer has
         assert evidence.catch(f) == "", (f, evidence.counts)
+
+
+def base_that_caught_none_of_ten(tmp_path, small_bundle):
+    """A copy of the small bundle whose held-out test caught none of 10 images of each finding
+    (300 test images): the catch a site's reports must keep where its thresholds stand."""
+    base = tmp_path / "base"
+    shutil.copytree(small_bundle, base)
+    sealed = json.loads((base / "manifest.json").read_text())
+    sealed["metrics"] = {**sealed.get("metrics", {}), "test_n": 300,
+                         "per_finding": {f: {"tp": 0, "fn": 10, "fp": 5, "tn": 285} for f in FINDINGS}}
+    write_manifest(base, sealed)
+    return base
